@@ -1,0 +1,2 @@
+//! The `telcoflow` command.
+fn main() {}

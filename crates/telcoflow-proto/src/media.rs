@@ -1,0 +1,366 @@
+//! Media connection frames: one WebSocket per call.
+//!
+//! Text frames are JSON `{"type": ..., "data": {...}}`. Binary frames are audio: one channel byte
+//! followed by PCM s16le mono at the control connection's sample rate (see [`AudioFrame`]).
+//!
+//! Flow control is pull-based: the server asks for agent audio with
+//! [`MediaServerFrame::BufferRequest`], and the client answers each request, in order, with binary
+//! frames of `prefer_audio_frame_bytes` until `requested_bytes` have been sent.
+
+use crate::{DecodeError, ErrorCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Path prefix of media WebSocket endpoints; the full path is `{MEDIA_PATH}/{call_id}`.
+pub const MEDIA_PATH: &str = "/v1/agent/media";
+
+/// Channel 0: the call as the agent hears it, every other party mixed.
+pub const CHANNEL_MIXED: u8 = 0;
+/// Channel 1 (isolated mode): the caller alone.
+pub const CHANNEL_CALLER: u8 = 1;
+/// Channel 2 (isolated mode): the connected callee alone.
+pub const CHANNEL_CALLEE: u8 = 2;
+
+/// Frame size the client uses when a `buffer_request` names none.
+pub const DEFAULT_PREFER_FRAME_BYTES: usize = 960;
+
+/// Lowest and highest ring time `call.connect` accepts, in seconds.
+pub const RING_TIME_RANGE: std::ops::RangeInclusive<u32> = 1..=120;
+
+/// A call command name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandName {
+    /// `call.answer`: pick the call up.
+    Answer,
+    /// `call.connect`: ring the call's destination and bridge it in.
+    Connect,
+    /// `agent.whisper`: the agent is heard by the connected party only.
+    Whisper,
+    /// `agent.barge`: the agent is heard by both parties.
+    Barge,
+    /// `agent.spy`: the agent listens and is heard by nobody.
+    Spy,
+    /// `call.disconnect`: end the call for everyone.
+    Disconnect,
+    /// `call.close`: the agent leaves (the call ends unless it was connected).
+    Close,
+    /// `agent.interrupt`: drop every byte of agent audio not yet played.
+    Interrupt,
+}
+
+impl CommandName {
+    /// Every command.
+    pub const ALL: [Self; 8] = [
+        Self::Answer,
+        Self::Connect,
+        Self::Whisper,
+        Self::Barge,
+        Self::Spy,
+        Self::Disconnect,
+        Self::Close,
+        Self::Interrupt,
+    ];
+
+    /// The name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Answer => "call.answer",
+            Self::Connect => "call.connect",
+            Self::Whisper => "agent.whisper",
+            Self::Barge => "agent.barge",
+            Self::Spy => "agent.spy",
+            Self::Disconnect => "call.disconnect",
+            Self::Close => "call.close",
+            Self::Interrupt => "agent.interrupt",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+}
+
+impl fmt::Display for CommandName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command as sent by the client. `command` stays a string so that an unknown command can be
+/// answered with a clear error instead of failing to decode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Id echoed in the response.
+    pub command_id: String,
+    /// Command name, see [`CommandName`].
+    pub command: String,
+    /// The client's deadline; the server answers `TIMEOUT` rather than let it pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Command arguments (`call.connect`: [`ConnectData`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+}
+
+/// Arguments of `call.connect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectData {
+    /// How long to ring the destination, 1..=120 seconds.
+    pub ring_time_seconds: u32,
+}
+
+/// Text frames the client sends on a media connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum MediaClientFrame {
+    /// A call command.
+    #[serde(rename = "command")]
+    Command(Command),
+}
+
+impl MediaClientFrame {
+    /// Decodes a text frame.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Encodes the frame as JSON text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// Text frames the server sends on a media connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum MediaServerFrame {
+    /// The outcome of a command.
+    #[serde(rename = "command_response")]
+    CommandResponse(CommandResponse),
+    /// The server wants more agent audio.
+    #[serde(rename = "buffer_request")]
+    BufferRequest(BufferRequest),
+    /// Something happened to the call.
+    #[serde(rename = "call_event")]
+    CallEvent(CallEvent),
+}
+
+impl MediaServerFrame {
+    /// Decodes a text frame.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Encodes the frame as JSON text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// `command_response` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    /// The command's id.
+    pub command_id: String,
+    /// Whether it succeeded.
+    pub success: bool,
+    /// Result payload, on success.
+    #[serde(default)]
+    pub result: Option<Value>,
+    /// Error code, on failure (a string so that unknown codes still decode).
+    #[serde(default)]
+    pub error_code: Option<String>,
+    /// Human-readable reason, on failure.
+    #[serde(default)]
+    pub error_message: Option<String>,
+}
+
+impl CommandResponse {
+    /// A success with an optional result.
+    pub fn ok(command_id: impl Into<String>, result: Option<Value>) -> Self {
+        Self {
+            command_id: command_id.into(),
+            success: true,
+            result,
+            error_code: None,
+            error_message: None,
+        }
+    }
+
+    /// A failure.
+    pub fn error(
+        command_id: impl Into<String>,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            command_id: command_id.into(),
+            success: false,
+            result: None,
+            error_code: Some(code.as_str().to_owned()),
+            error_message: Some(message.into()),
+        }
+    }
+}
+
+/// `buffer_request` body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferRequest {
+    /// How many bytes of agent audio the server wants.
+    pub requested_bytes: u32,
+    /// The size of each binary frame the server would like (20 ms).
+    #[serde(default)]
+    pub prefer_audio_frame_bytes: u32,
+    /// The channel the audio is for (only 0 carries agent audio).
+    #[serde(rename = "channelId", default)]
+    pub channel_id: u8,
+}
+
+/// `call_event` body: an event name plus any extra fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CallEvent {
+    /// Event name, e.g. [`CallEvent::TERMINATED`].
+    pub event: String,
+    /// Every other field of the event.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+impl CallEvent {
+    /// The call ended; the media connection closes next.
+    pub const TERMINATED: &'static str = "call.terminated";
+    /// Something failed on the call; it may go on.
+    pub const ERROR: &'static str = "call.error";
+    /// The caller pressed a key (RFC 4733).
+    pub const DTMF: &'static str = "call.dtmf";
+    /// The connected destination answered or hung up (`state`: `answered` / `ended`).
+    pub const CONNECTED_LEG: &'static str = "call.connected_leg";
+
+    /// `call.terminated` with the party that ended the call.
+    pub fn terminated(reason: &str) -> Self {
+        let mut fields = Map::new();
+        fields.insert("reason".into(), Value::from(reason));
+        Self {
+            event: Self::TERMINATED.into(),
+            fields,
+        }
+    }
+
+    /// `call.error` with a code and message.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut fields = Map::new();
+        fields.insert("error_code".into(), Value::from(code.as_str()));
+        fields.insert("error_message".into(), Value::from(message.into()));
+        Self {
+            event: Self::ERROR.into(),
+            fields,
+        }
+    }
+
+    /// `call.dtmf` for one key press.
+    pub fn dtmf(digit: char, duration_ms: u32) -> Self {
+        let mut fields = Map::new();
+        fields.insert("digit".into(), Value::from(digit.to_string()));
+        fields.insert("duration_ms".into(), Value::from(duration_ms));
+        Self {
+            event: Self::DTMF.into(),
+            fields,
+        }
+    }
+
+    /// A string field of the event.
+    pub fn str_field(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).and_then(Value::as_str)
+    }
+}
+
+/// A binary audio frame: channel id plus PCM payload, borrowed from the received bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioFrame<'a> {
+    /// Channel id (see [`CHANNEL_MIXED`]).
+    pub channel: u8,
+    /// PCM s16le mono.
+    pub pcm: &'a [u8],
+}
+
+impl<'a> AudioFrame<'a> {
+    /// Splits a binary frame into channel and PCM. Frames shorter than 2 bytes carry no audio.
+    pub fn decode(frame: &'a [u8]) -> Result<Self, DecodeError> {
+        match frame {
+            [channel, pcm @ ..] if !pcm.is_empty() => Ok(Self {
+                channel: *channel,
+                pcm,
+            }),
+            _ => Err(DecodeError::ShortAudio(frame.len())),
+        }
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        out.reserve(1 + self.pcm.len());
+        out.push(self.channel);
+        out.extend_from_slice(self.pcm);
+    }
+
+    /// The encoded frame as a new vector.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + self.pcm.len());
+        self.encode_into(&mut out);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn command_from_reference_client() {
+        let text = r#"{"type":"command","data":{"command_id":"c1","command":"call.connect","timeout_ms":30000,"data":{"ringTimeSeconds":30}}}"#;
+        let MediaClientFrame::Command(cmd) = MediaClientFrame::decode(text).unwrap();
+        assert_eq!(CommandName::parse(&cmd.command), Some(CommandName::Connect));
+        assert_eq!(cmd.timeout_ms, Some(30_000));
+        let data: ConnectData = serde_json::from_value(cmd.data.unwrap()).unwrap();
+        assert_eq!(data.ring_time_seconds, 30);
+        assert_eq!(CommandName::parse("call.fly"), None);
+    }
+
+    #[test]
+    fn server_frames_shape() {
+        let req = MediaServerFrame::BufferRequest(BufferRequest {
+            requested_bytes: 1920,
+            prefer_audio_frame_bytes: 640,
+            channel_id: 0,
+        });
+        let v: Value = serde_json::from_str(&req.encode()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"buffer_request","data":{"requested_bytes":1920,"prefer_audio_frame_bytes":640,"channelId":0}})
+        );
+        let ev = MediaServerFrame::CallEvent(CallEvent::dtmf('5', 120));
+        let v: Value = serde_json::from_str(&ev.encode()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"call_event","data":{"event":"call.dtmf","digit":"5","duration_ms":120}})
+        );
+        let resp = MediaServerFrame::CommandResponse(CommandResponse::error(
+            "c",
+            ErrorCode::CallUnanswered,
+            "nobody answered",
+        ));
+        assert_eq!(MediaServerFrame::decode(&resp.encode()).unwrap(), resp);
+    }
+
+    #[test]
+    fn audio_frame_bounds() {
+        assert!(AudioFrame::decode(&[]).is_err());
+        assert!(AudioFrame::decode(&[0]).is_err());
+        let f = AudioFrame::decode(&[2, 1, 0]).unwrap();
+        assert_eq!((f.channel, f.pcm), (2, &[1u8, 0][..]));
+        assert_eq!(f.to_vec(), vec![2, 1, 0]);
+    }
+}

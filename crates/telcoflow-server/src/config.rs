@@ -1,0 +1,293 @@
+//! Server configuration: listen address, connectors and their numbers, limits, timers.
+//!
+//! Read from TOML (see `docs/config.md`), or [`Config::development`] for the embedded defaults:
+//! one development connector with well-known credentials that every number is routed to.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// API key of the development connector.
+pub const DEV_API_KEY: &str = "dev-api-key";
+/// UUID of the development connector.
+pub const DEV_CONNECTOR_UUID: &str = "00000000-0000-4000-8000-000000000001";
+/// Where `call.connect` rings by default in development: a simulated phone registered here.
+pub const DEV_CONNECT_DESTINATION: &str = "+15550100";
+
+/// Everything the server needs to run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the HTTP/WebSocket listener. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Base URL that clients use to reach this server (`ws://host:port`), used in the media URLs
+    /// handed out in `call.in`. Default: derived from the bound listen address.
+    pub public_url: Option<String>,
+    /// How long a call may ring before it is given up (unclaimed or unanswered), in seconds.
+    /// Default 30.
+    pub ring_timeout_secs: u64,
+    /// How long a media token stays valid after `call.in`, in seconds. Default 300.
+    pub media_token_ttl_secs: u64,
+    /// Secret that signs media tokens. Default: random per process.
+    pub token_secret: Option<String>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// The connectors (applications) this server serves.
+    pub connectors: Vec<ConnectorConfig>,
+}
+
+/// One connector: credentials, the numbers routed to it and where `call.connect` rings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    /// Connector UUID (`x-connector-uuid`).
+    pub uuid: String,
+    /// API key (`x-api-key`).
+    pub api_key: String,
+    /// Display name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Called numbers routed to this connector; `"*"` routes every number no other connector
+    /// claims.
+    #[serde(default)]
+    pub numbers: Vec<String>,
+    /// `call.connect` destination per called number.
+    #[serde(default)]
+    pub connect: BTreeMap<String, String>,
+    /// `call.connect` destination for called numbers not in `connect`.
+    #[serde(default)]
+    pub connect_default: Option<String>,
+    /// Number used as the caller id of outbound calls (`session.create`).
+    #[serde(default)]
+    pub outbound_caller_id: Option<String>,
+}
+
+/// Resource limits. Each one, when reached, gives a clear error rather than a panic or an
+/// unbounded queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest control-connection frame accepted, in bytes. Default 64 KiB.
+    pub max_control_frame_bytes: usize,
+    /// Largest media-connection frame accepted, in bytes. Default 256 KiB.
+    pub max_media_frame_bytes: usize,
+    /// Control connections one connector may hold open at once. Default 32.
+    pub max_control_connections_per_connector: usize,
+    /// Calls one connector may have at once. Default 1000.
+    pub max_calls_per_connector: usize,
+    /// Commands one call may have waiting for an outcome (e.g. `call.connect`). Default 16.
+    pub max_pending_commands_per_call: usize,
+    /// Frames queued towards one control connection before it is dropped as too slow.
+    /// Default 1024.
+    pub control_send_queue: usize,
+    /// Frames queued towards one media connection; beyond it the agent is told it is too slow.
+    /// Default 512 (about 10 s of audio).
+    pub media_send_queue: usize,
+    /// Agent audio the server holds beyond what it asked for, in milliseconds. Default 1000.
+    pub max_playout_ms: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_control_frame_bytes: 64 * 1024,
+            max_media_frame_bytes: 256 * 1024,
+            max_control_connections_per_connector: 32,
+            max_calls_per_connector: 1000,
+            max_pending_commands_per_call: 16,
+            control_send_queue: 1024,
+            media_send_queue: 512,
+            max_playout_ms: 1000,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            ring_timeout_secs: 30,
+            media_token_ttl_secs: 300,
+            token_secret: None,
+            limits: Limits::default(),
+            connectors: Vec::new(),
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("invalid configuration: {0}")]
+    Toml(#[from] toml::de::Error),
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// The embedded defaults: one development connector ([`DEV_API_KEY`],
+    /// [`DEV_CONNECTOR_UUID`]) that every number is routed to, with `call.connect` ringing
+    /// [`DEV_CONNECT_DESTINATION`].
+    pub fn development() -> Self {
+        Self {
+            connectors: vec![ConnectorConfig::development(
+                DEV_API_KEY,
+                DEV_CONNECTOR_UUID,
+            )],
+            ..Self::default()
+        }
+    }
+
+    /// Reads and validates a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.ring_timeout_secs == 0 {
+            return invalid("ring_timeout_secs must be at least 1".into());
+        }
+        if self.media_token_ttl_secs == 0 {
+            return invalid("media_token_ttl_secs must be at least 1".into());
+        }
+        if self.connectors.is_empty() {
+            return invalid("at least one [[connectors]] entry is required".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.connectors {
+            if c.uuid.is_empty() || c.api_key.is_empty() {
+                return invalid("every connector needs a non-empty uuid and api_key".into());
+            }
+            if !seen.insert(c.uuid.as_str()) {
+                return invalid(format!("connector {} is listed twice", c.uuid));
+            }
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("max_control_frame_bytes", l.max_control_frame_bytes),
+            ("max_media_frame_bytes", l.max_media_frame_bytes),
+            (
+                "max_control_connections_per_connector",
+                l.max_control_connections_per_connector,
+            ),
+            ("max_calls_per_connector", l.max_calls_per_connector),
+            (
+                "max_pending_commands_per_call",
+                l.max_pending_commands_per_call,
+            ),
+            ("control_send_queue", l.control_send_queue),
+            ("media_send_queue", l.media_send_queue),
+        ] {
+            if v == 0 {
+                return invalid(format!("limits.{name} must be at least 1"));
+            }
+        }
+        if l.max_playout_ms < 100 {
+            return invalid("limits.max_playout_ms must be at least 100".into());
+        }
+        Ok(())
+    }
+
+    /// Ring timeout as a duration.
+    pub fn ring_timeout(&self) -> Duration {
+        Duration::from_secs(self.ring_timeout_secs)
+    }
+
+    /// Media token lifetime as a duration.
+    pub fn media_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.media_token_ttl_secs)
+    }
+}
+
+impl ConnectorConfig {
+    /// A connector that takes every number and connects to [`DEV_CONNECT_DESTINATION`].
+    pub fn development(api_key: &str, uuid: &str) -> Self {
+        Self {
+            uuid: uuid.to_owned(),
+            api_key: api_key.to_owned(),
+            name: Some("development".into()),
+            numbers: vec!["*".into()],
+            connect: BTreeMap::new(),
+            connect_default: Some(DEV_CONNECT_DESTINATION.into()),
+            outbound_caller_id: Some("+15550000".into()),
+        }
+    }
+
+    /// Where `call.connect` rings for a call to `called`.
+    pub fn connect_destination(&self, called: &str) -> Option<&str> {
+        self.connect
+            .get(called)
+            .or(self.connect_default.as_ref())
+            .map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_toml_with_defaults() {
+        let config = Config::from_toml(
+            r#"
+            listen = "127.0.0.1:9000"
+            ring_timeout_secs = 5
+            [limits]
+            max_calls_per_connector = 2
+            [[connectors]]
+            uuid = "u1"
+            api_key = "k1"
+            numbers = ["+100"]
+            connect = { "+100" = "+200" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 9000);
+        assert_eq!(config.limits.max_calls_per_connector, 2);
+        assert_eq!(config.limits.max_pending_commands_per_call, 16);
+        assert_eq!(
+            config.connectors[0].connect_destination("+100"),
+            Some("+200")
+        );
+        assert_eq!(config.connectors[0].connect_destination("+101"), None);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        assert!(
+            Config::from_toml("ring_timeout_secs = 0\n[[connectors]]\nuuid='u'\napi_key='k'")
+                .is_err()
+        );
+        assert!(Config::from_toml("bogus = 1").is_err());
+        assert!(Config::from_toml("").is_err(), "no connectors");
+        Config::development().validate().unwrap();
+    }
+}

@@ -1,0 +1,115 @@
+//! The Telcoflow server.
+//!
+//! - [`config`]: TOML configuration and the embedded development defaults.
+//!
+//! Start one with [`Server::start`]; it serves the control plane
+//! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
+//! (`/public/v1/...`) and the simulated phone network (`/v1/sim/phone`) on one listener.
+
+pub mod config;
+
+pub use config::{Config, ConfigError};
+
+use std::net::SocketAddr;
+use tokio_util::sync::CancellationToken;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Entry point: `Server::start(config)`.
+#[derive(Debug)]
+pub struct Server;
+
+impl Server {
+    /// Binds the listener and starts serving in the background.
+    pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+        config.validate()?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let base_url = config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("ws://{local_addr}"));
+        let shutdown = CancellationToken::new();
+        let app = axum::Router::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+        });
+        Ok(RunningServer {
+            local_addr,
+            base_url,
+            shutdown,
+            task,
+        })
+    }
+}
+
+/// A server running in the background. Dropping it does not stop it; call
+/// [`RunningServer::shutdown`].
+#[derive(Debug)]
+pub struct RunningServer {
+    local_addr: SocketAddr,
+    base_url: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// WebSocket base URL, e.g. `ws://127.0.0.1:8080`; SDKs take it as `base_url`.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// HTTP base URL of the same listener, e.g. `http://127.0.0.1:8080`.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.local_addr)
+    }
+
+    /// Stops accepting, closes every connection and waits for the server task to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+
+    /// Waits until the server stops (after [`RunningServer::shutdown`] from a clone of the
+    /// token, or a fatal error).
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}

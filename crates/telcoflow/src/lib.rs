@@ -1,0 +1,1 @@
+//! The Telcoflow Rust SDK (work in progress).
