@@ -1,11 +1,13 @@
 //! The Telcoflow server.
 //!
 //! - [`config`]: TOML configuration and the embedded development defaults.
+//! - [`audio`]: sample-rate conversion.
 //!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
 //! (`/public/v1/...`) and the simulated phone network (`/v1/sim/phone`) on one listener.
 
+pub mod audio;
 pub mod config;
 
 pub use config::{Config, ConfigError};
