@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: TOML configuration and the embedded development defaults.
 //! - [`audio`]: sample-rate conversion.
+//! - [`sim`]: the simulated phone network (server endpoint and client phone).
 //!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
@@ -9,6 +10,7 @@
 
 pub mod audio;
 pub mod config;
+pub mod sim;
 
 pub use config::{Config, ConfigError};
 

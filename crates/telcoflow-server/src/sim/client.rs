@@ -1,0 +1,1 @@
+//! A simulated phone: dials a number or waits at one, streams PCM and hears the call.

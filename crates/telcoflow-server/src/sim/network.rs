@@ -1,0 +1,1 @@
+//! Server side of the simulated phone network.
