@@ -7,6 +7,7 @@
 mod wav;
 
 use clap::Parser;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 /// Declares the subcommands: the `cmd` module tree, the clap enum and the dispatch.
@@ -60,6 +61,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command.run().await {
         Ok(code) => code,
