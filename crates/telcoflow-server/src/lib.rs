@@ -3,6 +3,8 @@
 //! - [`config`]: TOML configuration and the embedded development defaults.
 //! - [`audio`]: sample-rate conversion.
 //! - [`sim`]: the simulated phone network (server endpoint and client phone).
+//! - [`sip`]: sans-IO SIP building blocks: messages, SDP offer/answer, transactions, digest auth.
+//! - [`rtp`]: sans-IO RTP building blocks: G.711, RTP/RTCP/RFC 4733 packets, the jitter buffer.
 //!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
@@ -10,7 +12,9 @@
 
 pub mod audio;
 pub mod config;
+pub mod rtp;
 pub mod sim;
+pub mod sip;
 
 pub use config::{Config, ConfigError};
 

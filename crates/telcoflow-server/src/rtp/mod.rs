@@ -1,0 +1,7 @@
+//! RTP media building blocks for SIP calls, all sans-IO (no sockets, no clock reads):
+//!
+//! - [`g711`]: PCMU / PCMA encode and decode.
+//!
+//! A media task owns a socket and feeds datagrams and the current time into these types.
+
+pub mod g711;

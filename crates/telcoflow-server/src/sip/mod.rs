@@ -1,0 +1,4 @@
+//! SIP signalling building blocks, all sans-IO (no sockets, no clock reads, no spawning).
+//!
+//! A transport task owns the UDP/TCP sockets, feeds datagrams or stream bytes and the current
+//! time into these types, and sends what they ask it to send.
