@@ -1,7 +1,9 @@
 //! RTP media building blocks for SIP calls, all sans-IO (no sockets, no clock reads):
 //!
 //! - [`g711`]: PCMU / PCMA encode and decode.
+//! - [`packet`]: RTP header, RFC 4733 telephone events, RTCP sender/receiver reports.
 //!
 //! A media task owns a socket and feeds datagrams and the current time into these types.
 
 pub mod g711;
+pub mod packet;
