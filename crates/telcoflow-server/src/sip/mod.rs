@@ -2,3 +2,7 @@
 //!
 //! A transport task owns the UDP/TCP sockets, feeds datagrams or stream bytes and the current
 //! time into these types, and sends what they ask it to send.
+//!
+//! - [`sdp`]: SDP parse/generate and audio offer/answer (PCMU, PCMA, telephone-event).
+
+pub mod sdp;
