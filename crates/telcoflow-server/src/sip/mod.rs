@@ -3,6 +3,8 @@
 //! A transport task owns the UDP/TCP sockets, feeds datagrams or stream bytes and the current
 //! time into these types, and sends what they ask it to send.
 //!
+//! - [`message`]: SIP requests and responses: parse, stream framing, build, serialise.
 //! - [`sdp`]: SDP parse/generate and audio offer/answer (PCMU, PCMA, telephone-event).
 
+pub mod message;
 pub mod sdp;
