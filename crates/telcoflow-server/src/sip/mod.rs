@@ -5,6 +5,8 @@
 //!
 //! - [`message`]: SIP requests and responses: parse, stream framing, build, serialise.
 //! - [`sdp`]: SDP parse/generate and audio offer/answer (PCMU, PCMA, telephone-event).
+//! - [`transaction`]: RFC 3261 client and server transactions with their timers.
 
 pub mod message;
 pub mod sdp;
+pub mod transaction;
