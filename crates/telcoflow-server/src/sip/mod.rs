@@ -5,8 +5,10 @@
 //!
 //! - [`message`]: SIP requests and responses: parse, stream framing, build, serialise.
 //! - [`sdp`]: SDP parse/generate and audio offer/answer (PCMU, PCMA, telephone-event).
+//! - [`digest`]: digest authentication answers to 401/407 challenges (dialling out).
 //! - [`transaction`]: RFC 3261 client and server transactions with their timers.
 
+pub mod digest;
 pub mod message;
 pub mod sdp;
 pub mod transaction;
