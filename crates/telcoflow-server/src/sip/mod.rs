@@ -7,8 +7,10 @@
 //! - [`sdp`]: SDP parse/generate and audio offer/answer (PCMU, PCMA, telephone-event).
 //! - [`digest`]: digest authentication answers to 401/407 challenges (dialling out).
 //! - [`transaction`]: RFC 3261 client and server transactions with their timers.
+//! - [`uas`]: the user agent server for incoming calls: call-level events and actions.
 
 pub mod digest;
 pub mod message;
 pub mod sdp;
 pub mod transaction;
+pub mod uas;

@@ -284,6 +284,22 @@ impl InviteServerTransaction {
         }
     }
 
+    /// Starts on an INVITE answered at once with a final response (a 400, 488, 491...), so
+    /// no `100 Trying` precedes it.
+    pub fn with_final_response(
+        request: Request,
+        response: Response,
+        reliable: bool,
+        timers: Timers,
+        now: Instant,
+    ) -> Self {
+        let mut tx = Self::new(request, reliable, timers, now);
+        tx.core.transmits.clear();
+        tx.last_response = None;
+        tx.send_response(response, now);
+        tx
+    }
+
     drain_methods!();
 
     /// The INVITE that started the transaction.
@@ -853,6 +869,22 @@ Content-Length: 0\r\n\r\n"
         assert_eq!(log.len(), 10);
         assert_eq!(tx.poll_event(), Some(TransactionEvent::Timeout));
         assert!(tx.is_terminated());
+    }
+
+    #[test]
+    fn invite_server_immediate_final_has_no_trying() {
+        let t0 = Instant::now();
+        let invite = request("INVITE");
+        let resp = Response::to_request(&invite, 488, Some("s"));
+        let mut tx = InviteServerTransaction::with_final_response(
+            invite,
+            resp,
+            false,
+            Timers::default(),
+            t0,
+        );
+        assert_eq!(statuses(&mut tx), vec![488]);
+        assert_eq!(tx.state(), InviteServerState::Completed);
     }
 
     #[test]
