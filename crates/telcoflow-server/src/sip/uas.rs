@@ -39,42 +39,10 @@ use super::transaction::{
     InviteServerState, InviteServerTransaction, NonInviteClientTransaction,
     NonInviteServerTransaction, Timers, TransactionEvent, TransactionKey,
 };
+use super::{Transmit, Transport};
 
 /// Methods we answer, for `Allow` headers.
 const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
-
-/// The transport a message came over or must leave by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// UDP (unreliable: the transactions retransmit).
-    Udp,
-    /// TCP (reliable). Send on the connection from `destination`.
-    Tcp,
-}
-
-impl Transport {
-    fn reliable(self) -> bool {
-        self == Self::Tcp
-    }
-
-    fn via_name(self) -> &'static str {
-        match self {
-            Self::Udp => "UDP",
-            Self::Tcp => "TCP",
-        }
-    }
-}
-
-/// Bytes to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    /// Transport to use.
-    pub transport: Transport,
-    /// Peer address (for TCP: the connection to that peer).
-    pub destination: SocketAddr,
-    /// A serialised SIP message.
-    pub payload: Vec<u8>,
-}
 
 /// Identifies a call within one [`Uas`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
