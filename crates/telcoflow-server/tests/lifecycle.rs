@@ -27,11 +27,17 @@ async fn caller_hangup_terminates_media_then_closes_the_session() {
 async fn close_without_connect_ends_the_call() {
     let (server, mut control, mut phone, mut media) = answered_call(dev_config(), RATE).await;
     assert_eq!(media.command("call.close", None).await["success"], true);
-    assert_eq!(media.ws.expect_type("call_event").await["data"]["event"], "call.terminated");
+    assert_eq!(
+        media.ws.expect_type("call_event").await["data"]["event"],
+        "call.terminated"
+    );
     media.ws.closed().await;
     assert_eq!(phone.event("hangup").await["reason"], "remote");
     phone.ws.closed().await;
-    assert_eq!(control.ws.expect_type("session.closed").await["reason"], "SDK_REQUEST");
+    assert_eq!(
+        control.ws.expect_type("session.closed").await["reason"],
+        "SDK_REQUEST"
+    );
     server.shutdown().await;
 }
 
@@ -39,11 +45,17 @@ async fn close_without_connect_ends_the_call() {
 async fn disconnect_ends_the_call_for_everyone() {
     let (server, mut control, mut phone, mut media) = answered_call(dev_config(), RATE).await;
     let mut callee = connect_callee(&server, &mut media).await;
-    assert_eq!(media.command("call.disconnect", None).await["success"], true);
+    assert_eq!(
+        media.command("call.disconnect", None).await["success"],
+        true
+    );
     assert_eq!(phone.event("hangup").await["reason"], "remote");
     assert_eq!(callee.event("hangup").await["reason"], "remote");
     media.ws.closed().await;
-    assert_eq!(control.ws.expect_type("session.closed").await["reason"], "SDK_REQUEST");
+    assert_eq!(
+        control.ws.expect_type("session.closed").await["reason"],
+        "SDK_REQUEST"
+    );
     server.shutdown().await;
 }
 
@@ -66,7 +78,10 @@ async fn close_after_connect_leaves_caller_and_destination_talking() {
     let mut callee = connect_callee(&server, &mut media).await;
     assert_eq!(media.command("call.close", None).await["success"], true);
     media.ws.closed().await;
-    assert_eq!(control.ws.expect_type("session.closed").await["reason"], "SDK_REQUEST");
+    assert_eq!(
+        control.ws.expect_type("session.closed").await["reason"],
+        "SDK_REQUEST"
+    );
     // The two parties still hear each other through the server.
     let mut last = (0, 0);
     for _ in 0..15 {
@@ -121,7 +136,11 @@ async fn isolated_mode_delivers_each_leg_on_its_own_channel() {
         callee.send_level(20, FRAME).await;
         phone.ws.binary().await;
         callee.ws.binary().await;
-        got = (media.audio(0).await[0], media.audio(1).await[0], media.audio(2).await[0]);
+        got = (
+            media.audio(0).await[0],
+            media.audio(1).await[0],
+            media.audio(2).await[0],
+        );
     }
     assert_eq!(got, (30, 10, 20));
     server.shutdown().await;
@@ -176,10 +195,17 @@ async fn a_narrowband_phone_reaches_a_24khz_agent_resampled() {
     server.shutdown().await;
 }
 
-async fn http(server: &telcoflow_server::RunningServer, method: &str, path: &str, auth: bool) -> (u16, Value) {
+async fn http(
+    server: &telcoflow_server::RunningServer,
+    method: &str,
+    path: &str,
+    auth: bool,
+) -> (u16, Value) {
     // A minimal HTTP/1.1 client over a raw socket keeps the test dependencies small.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(server.local_addr()).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
     let headers = if auth {
         format!("x-api-key: {DEV_API_KEY}\r\nx-connector-uuid: {DEV_CONNECTOR_UUID}\r\n")
     } else {
@@ -210,28 +236,58 @@ async fn http_lists_and_closes_sessions() {
     assert_eq!(body["code"], "UNAUTHORIZED");
     assert_eq!(body["message"], "missing x-api-key header");
 
-    let (status, body) = http(&server, "GET", "/public/v1/sessions?state=OPEN&channel=TELCO", true).await;
+    let (status, body) = http(
+        &server,
+        "GET",
+        "/public/v1/sessions?state=OPEN&channel=TELCO",
+        true,
+    )
+    .await;
     assert_eq!(status, 200);
     let items = body["items"].as_array().unwrap();
     assert_eq!(items.len(), 1);
     let session_id = items[0]["id"].as_str().unwrap().to_owned();
     assert_eq!(items[0]["remoteAddress"], "+15551230001");
     assert_eq!(items[0]["state"], "OPEN");
-    let (status, body) = http(&server, "GET", "/public/v1/sessions?remoteAddress=%2B1999", true).await;
+    let (status, body) = http(
+        &server,
+        "GET",
+        "/public/v1/sessions?remoteAddress=%2B1999",
+        true,
+    )
+    .await;
     assert_eq!((status, body["items"].as_array().unwrap().len()), (200, 0));
     let (status, body) = http(&server, "GET", "/public/v1/sessions?state=MAYBE", true).await;
     assert_eq!(status, 400);
     assert_eq!(body["code"], "INVALID_REQUEST");
 
-    let (status, body) = http(&server, "POST", &format!("/public/v1/sessions/{session_id}/close"), true).await;
+    let (status, body) = http(
+        &server,
+        "POST",
+        &format!("/public/v1/sessions/{session_id}/close"),
+        true,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["reason"], "SDK_REQUEST");
     assert!(body["closedAt"].as_u64().unwrap() > 1_600_000_000);
     assert_eq!(phone.event("hangup").await["reason"], "remote");
-    assert_eq!(media.ws.expect_type("call_event").await["data"]["event"], "call.terminated");
-    assert_eq!(control.ws.expect_type("session.closed").await["sessionId"], session_id.as_str());
+    assert_eq!(
+        media.ws.expect_type("call_event").await["data"]["event"],
+        "call.terminated"
+    );
+    assert_eq!(
+        control.ws.expect_type("session.closed").await["sessionId"],
+        session_id.as_str()
+    );
 
-    let (status, body) = http(&server, "POST", &format!("/public/v1/sessions/{session_id}/close"), true).await;
+    let (status, body) = http(
+        &server,
+        "POST",
+        &format!("/public/v1/sessions/{session_id}/close"),
+        true,
+    )
+    .await;
     assert_eq!(status, 404);
     assert_eq!(body["code"], "SESSION_NOT_FOUND");
     let (_, body) = http(&server, "GET", "/public/v1/sessions?state=CLOSED", true).await;

@@ -93,6 +93,8 @@ pub(crate) struct MediaLink {
 #[derive(Debug)]
 pub(crate) enum MediaOut {
     Text(String),
+    /// A `command_response`: the media connection counts commands in flight by these.
+    Response(String),
     Audio(Bytes),
     /// Close the connection (after sending what is queued).
     Close,
@@ -873,7 +875,7 @@ impl CallActor {
     }
 
     fn respond(&mut self, response: CommandResponse) {
-        self.send_media(MediaOut::Text(
+        self.send_media(MediaOut::Response(
             MediaServerFrame::CommandResponse(response).encode(),
         ));
     }
