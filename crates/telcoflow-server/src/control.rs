@@ -294,11 +294,19 @@ impl Conn {
         {
             return self.reply_ok(req_id, json!({ "sessionId": existing, "created": false }));
         }
-        self.reply_err(
-            req_id,
-            ErrorCode::ChannelNotConfigured,
-            "outbound calls are not configured on this server",
-        );
+        match crate::call::spawn_outbound(
+            &self.shared,
+            self.connector.clone(),
+            &self.sm_ws_id,
+            self.link.setup,
+            remote,
+        ) {
+            Ok(call) => self.reply_ok(
+                req_id,
+                json!({ "sessionId": call.session_id.as_ref(), "created": true }),
+            ),
+            Err((code, message)) => self.reply_err(req_id, code, message),
+        }
     }
 
     fn call_in(&self, call: &CallHandle) -> ServerFrame {
