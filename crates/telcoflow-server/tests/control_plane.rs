@@ -211,7 +211,10 @@ async fn session_create_places_an_outbound_call_answered_when_the_far_end_picks_
     let again = a
         .request(json!({"type": "session.create", "channel": "TELCO", "remoteAddress": "+1777"}))
         .await;
-    assert_eq!(again["content"], json!({"sessionId": session_id, "created": false}));
+    assert_eq!(
+        again["content"],
+        json!({"sessionId": session_id, "created": false})
+    );
 
     let opened = a.open(&session_id).await;
     assert_eq!(opened["content"]["session"]["initiator"], "SDK");
