@@ -31,8 +31,8 @@ use telcoflow_proto::control::{
     Channel, CloseReason, Initiator, SessionInfo, SessionState, SetupData,
 };
 use telcoflow_proto::media::{
-    AudioFrame, BufferRequest, CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, Command,
-    CommandName, CommandResponse, ConnectData, MediaServerFrame, RING_TIME_RANGE,
+    BufferRequest, CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, Command, CommandName,
+    CommandResponse, ConnectData, MediaServerFrame, RING_TIME_RANGE,
 };
 use telcoflow_proto::sim::HangupReason;
 use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
@@ -868,10 +868,14 @@ impl CallActor {
                     self.caller.enqueue(&self.scratch, frame);
                 } else if !self.scratch.is_empty() {
                     // Alone with the agent: forward at once, no clock wait.
-                    let pcm = to_pcm(&self.scratch);
-                    self.send_audio(CHANNEL_MIXED, &pcm);
+                    let frame = audio_frame(CHANNEL_MIXED, &self.scratch);
                     if self.setup.audio_mode == AudioMode::Isolated {
-                        self.send_audio(CHANNEL_CALLER, &pcm);
+                        let mut caller = Vec::from(&frame[..]);
+                        caller[0] = CHANNEL_CALLER;
+                        self.send_media(MediaOut::Audio(frame));
+                        self.send_media(MediaOut::Audio(Bytes::from(caller)));
+                    } else {
+                        self.send_media(MediaOut::Audio(frame));
                     }
                 }
             }
@@ -942,13 +946,13 @@ impl CallActor {
                 self.mix.clear();
                 self.mix.extend_from_slice(&self.caller_frame);
                 mix_into(&mut self.mix, &self.callee_frame);
-                let mixed = to_pcm(&self.mix);
-                self.send_audio(CHANNEL_MIXED, &mixed);
+                let mixed = audio_frame(CHANNEL_MIXED, &self.mix);
+                self.send_media(MediaOut::Audio(mixed));
                 if self.setup.audio_mode == AudioMode::Isolated {
-                    let caller = to_pcm(&self.caller_frame);
-                    let callee = to_pcm(&self.callee_frame);
-                    self.send_audio(CHANNEL_CALLER, &caller);
-                    self.send_audio(CHANNEL_CALLEE, &callee);
+                    let caller = audio_frame(CHANNEL_CALLER, &self.caller_frame);
+                    let callee = audio_frame(CHANNEL_CALLEE, &self.callee_frame);
+                    self.send_media(MediaOut::Audio(caller));
+                    self.send_media(MediaOut::Audio(callee));
                 }
             }
         }
@@ -985,11 +989,6 @@ impl CallActor {
 
     fn send_event(&mut self, event: CallEvent) {
         self.send_media(MediaOut::Text(MediaServerFrame::CallEvent(event).encode()));
-    }
-
-    fn send_audio(&mut self, channel: u8, pcm: &[u8]) {
-        let frame = AudioFrame { channel, pcm }.to_vec();
-        self.send_media(MediaOut::Audio(Bytes::from(frame)));
     }
 
     /// Queues a frame for the media connection without waiting. A connection that cannot keep
@@ -1070,8 +1069,10 @@ impl CallActor {
     }
 }
 
-fn to_pcm(samples: &[i16]) -> Vec<u8> {
-    let mut pcm = Vec::with_capacity(samples.len() * 2);
-    samples_to_pcm(samples, &mut pcm);
-    pcm
+/// A binary media frame (channel byte + s16le PCM) built in one allocation.
+fn audio_frame(channel: u8, samples: &[i16]) -> Bytes {
+    let mut frame = Vec::with_capacity(1 + samples.len() * 2);
+    frame.push(channel);
+    samples_to_pcm(samples, &mut frame);
+    Bytes::from(frame)
 }
