@@ -3,22 +3,35 @@
 //! - [`config`]: TOML configuration and the embedded development defaults.
 //! - [`audio`]: sample-rate conversion.
 //! - [`sim`]: the simulated phone network (server endpoint and client phone).
-//! - [`sip`]: sans-IO SIP building blocks: messages, SDP offer/answer, transactions, digest auth.
-//! - [`rtp`]: sans-IO RTP building blocks: G.711, RTP/RTCP/RFC 4733 packets, the jitter buffer.
+//! - [`sip`]: sans-IO SIP building blocks: messages, SDP offer/answer, transactions, digest
+//!   auth, the user agent server (incoming calls) and client (outgoing calls).
+//! - [`rtp`]: sans-IO RTP building blocks: G.711, RTP/RTCP/RFC 4733 packets, jitter buffer,
+//!   per-leg RTP session.
 //!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
 //! (`/public/v1/...`) and the simulated phone network (`/v1/sim/phone`) on one listener.
 
 pub mod audio;
+mod auth;
+mod call;
 pub mod config;
+mod control;
+mod http;
+mod media;
+mod registry;
 pub mod rtp;
 pub mod sim;
 pub mod sip;
+mod state;
+mod token;
 
 pub use config::{Config, ConfigError};
 
+use axum::Router;
+use axum::routing::{get, post};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// Why the server could not start.
@@ -61,14 +74,22 @@ impl Server {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("ws://{local_addr}"));
-        let shutdown = CancellationToken::new();
-        let app = axum::Router::new();
-        let token = shutdown.clone();
+        let shared = Arc::new(state::Shared::new(config, base_url.clone()));
+        let shutdown = shared.shutdown.clone();
+        let app = router(shared.clone());
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
+            let token = shared.shutdown.clone();
+            let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { token.cancelled().await })
                 .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "server failed");
+            }
+            // Upgraded connections and calls are not tracked by axum; wait for them too.
+            shared.tasks.close();
+            shared.tasks.wait().await;
         });
+        tracing::info!(url = %base_url, "telcoflow server listening");
         Ok(RunningServer {
             local_addr,
             base_url,
@@ -120,4 +141,27 @@ impl RunningServer {
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+}
+
+fn router(shared: Arc<state::Shared>) -> Router {
+    use telcoflow_proto::{control::CONTROL_PATH, media::MEDIA_PATH, sim::SIM_PATH};
+    let prune = shared.clone();
+    // Closed sessions stay listed for an hour, then are forgotten.
+    shared.tasks.spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = every.tick() => prune.registry.prune_closed(3600),
+                () = prune.shutdown.cancelled() => break,
+            }
+        }
+    });
+    Router::new()
+        .route(CONTROL_PATH, get(control::control_ws))
+        .route(&format!("{MEDIA_PATH}/{{call_id}}"), get(media::media_ws))
+        .route(SIM_PATH, get(sim::network::phone_ws))
+        .route("/public/v1/sessions", get(http::list_sessions))
+        .route("/public/v1/sessions/{id}/close", post(http::close_session))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(shared)
 }

@@ -1,1 +1,388 @@
-//! Server side of the simulated phone network.
+//! Server side of the simulated phone network: the `/v1/sim/phone` endpoint.
+//!
+//! A dialling phone becomes the caller leg of a new call routed to a connector like any
+//! incoming call. A registered phone sits in the [`Directory`] and becomes the destination leg
+//! when `call.connect` rings its number.
+
+use crate::call::{self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
+use crate::state::Shared;
+use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::SampleRate;
+use telcoflow_proto::sim::{HangupReason, NetworkFrame, PhoneFrame};
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info_span, warn};
+
+/// How long a phone has to say what it wants after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued towards one phone (a second of audio).
+const PHONE_QUEUE: usize = 64;
+/// Largest frame a phone may send: a second of 24 kHz PCM.
+const MAX_PHONE_FRAME: usize = 64 * 1024;
+
+/// A ring for a registered phone.
+#[derive(Debug)]
+pub(crate) struct RingRequest {
+    call: CallHandle,
+    leg: LegId,
+}
+
+#[derive(Debug)]
+struct RegisteredPhone {
+    conn_id: u64,
+    rate: SampleRate,
+    rings: mpsc::Sender<RingRequest>,
+    leg_tx: mpsc::Sender<LegOutput>,
+}
+
+/// Why a number could not be rung.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RingError {
+    #[error("no phone is registered at that number")]
+    NotRegistered,
+    #[error("the phone is busy")]
+    Busy,
+}
+
+/// Registered simulated phones by number.
+#[derive(Debug, Default)]
+pub(crate) struct Directory {
+    phones: Mutex<HashMap<String, RegisteredPhone>>,
+}
+
+impl Directory {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RegisteredPhone>> {
+        // Only plain map operations happen under this lock; a poisoned map is still consistent.
+        self.phones.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rings the phone at `number` for `call`; the phone's answer arrives as a leg event.
+    pub(crate) fn ring(
+        &self,
+        number: &str,
+        call: &CallHandle,
+        leg: LegId,
+    ) -> Result<LegLink, RingError> {
+        let phones = self.lock();
+        let phone = phones.get(number).ok_or(RingError::NotRegistered)?;
+        phone
+            .rings
+            .try_send(RingRequest {
+                call: call.clone(),
+                leg,
+            })
+            .map_err(|_| RingError::Busy)?;
+        Ok(LegLink {
+            rate: phone.rate,
+            tx: phone.leg_tx.clone(),
+        })
+    }
+}
+
+/// `GET /v1/sim/phone`: upgrade to a simulated phone.
+pub(crate) async fn phone_ws(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+    let token = shared.tasks.token();
+    ws.max_message_size(MAX_PHONE_FRAME)
+        .on_upgrade(move |socket| async move {
+            let conn_id = shared.next_conn_id();
+            run_phone(shared, socket, conn_id)
+                .instrument(info_span!("phone", conn_id))
+                .await;
+            drop(token);
+        })
+}
+
+async fn send(socket: &mut WebSocket, frame: NetworkFrame) -> bool {
+    socket
+        .send(Message::Text(frame.encode().into()))
+        .await
+        .is_ok()
+}
+
+async fn run_phone(shared: Arc<Shared>, mut socket: WebSocket, conn_id: u64) {
+    let hello = tokio::select! {
+        r = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()) => r,
+        () = shared.shutdown.cancelled() => return,
+    };
+    let hello = match hello {
+        Ok(Some(Ok(Message::Text(text)))) => PhoneFrame::decode(&text),
+        Ok(Some(Ok(_))) => {
+            let message = "the first frame must be a text dial or register frame".to_owned();
+            send(&mut socket, NetworkFrame::Error { message }).await;
+            return;
+        }
+        _ => return,
+    };
+    match hello {
+        Ok(PhoneFrame::Dial {
+            from,
+            to,
+            sample_rate,
+        }) => dial(shared, socket, from, to, sample_rate).await,
+        Ok(PhoneFrame::Register {
+            number,
+            sample_rate,
+        }) => {
+            register(shared, socket, conn_id, number, sample_rate).await;
+        }
+        Ok(other) => {
+            let message = format!("expected dial or register first, got {other:?}");
+            send(&mut socket, NetworkFrame::Error { message }).await;
+        }
+        Err(e) => {
+            send(
+                &mut socket,
+                NetworkFrame::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await;
+        }
+    }
+}
+
+async fn dial(
+    shared: Arc<Shared>,
+    mut socket: WebSocket,
+    from: String,
+    to: String,
+    rate: SampleRate,
+) {
+    let Some(connector) = shared.route(&to) else {
+        debug!(%to, "dialled number is not routed");
+        let reason = HangupReason::NotFound;
+        send(
+            &mut socket,
+            NetworkFrame::Hangup {
+                call_id: None,
+                reason,
+            },
+        )
+        .await;
+        return;
+    };
+    let (leg_tx, mut leg_rx) = mpsc::channel(PHONE_QUEUE);
+    let call =
+        match call::spawn_incoming(&shared, connector, &from, &to, LegLink { rate, tx: leg_tx }) {
+            Ok(call) => call,
+            Err(code) => {
+                let reason = if code == ErrorCode::QuotaExceeded {
+                    HangupReason::Busy
+                } else {
+                    HangupReason::Error
+                };
+                send(
+                    &mut socket,
+                    NetworkFrame::Hangup {
+                        call_id: None,
+                        reason,
+                    },
+                )
+                .await;
+                return;
+            }
+        };
+    let call_id = call.call_id.to_string();
+    if !send(
+        &mut socket,
+        NetworkFrame::Trying {
+            call_id: call_id.clone(),
+        },
+    )
+    .await
+    {
+        call.send_data(leg_input(LegId::CALLER, LegEvent::Hangup))
+            .await;
+        return;
+    }
+    loop {
+        tokio::select! {
+            // Cancel-safe: WebSocket::recv is a stream poll.
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(pcm))) => {
+                    call.send_data(leg_input(LegId::CALLER, LegEvent::Audio(pcm))).await;
+                }
+                Some(Ok(Message::Text(text))) => match PhoneFrame::decode(&text) {
+                    Ok(PhoneFrame::Hangup) => {
+                        call.send_data(leg_input(LegId::CALLER, LegEvent::Hangup)).await;
+                    }
+                    Ok(PhoneFrame::Dtmf { digit, duration_ms }) => {
+                        call.send_data(leg_input(LegId::CALLER, LegEvent::Dtmf { digit, duration_ms })).await;
+                    }
+                    Ok(other) => {
+                        let message = format!("{other:?} is not valid for a dialling phone");
+                        send(&mut socket, NetworkFrame::Error { message }).await;
+                    }
+                    Err(e) => {
+                        send(&mut socket, NetworkFrame::Error { message: e.to_string() }).await;
+                    }
+                },
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    call.send_data(leg_input(LegId::CALLER, LegEvent::Hangup)).await;
+                    return;
+                }
+            },
+            // Cancel-safe: mpsc recv.
+            out = leg_rx.recv() => {
+                let Some(out) = out else { return };
+                let done = matches!(out, LegOutput::Hangup(_));
+                if !forward(&mut socket, &call_id, out).await || done {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn register(
+    shared: Arc<Shared>,
+    mut socket: WebSocket,
+    conn_id: u64,
+    number: String,
+    rate: SampleRate,
+) {
+    let (leg_tx, mut leg_rx) = mpsc::channel(PHONE_QUEUE);
+    // One pending ring at a time: a second call while one rings finds the phone busy.
+    let (ring_tx, mut ring_rx) = mpsc::channel(1);
+    let taken = {
+        let mut phones = shared.phones.lock();
+        let taken = phones.contains_key(&number);
+        if !taken {
+            let phone = RegisteredPhone {
+                conn_id,
+                rate,
+                rings: ring_tx,
+                leg_tx,
+            };
+            phones.insert(number.clone(), phone);
+        }
+        taken
+    };
+    if taken {
+        let message = format!("{number} is already registered by another phone");
+        send(&mut socket, NetworkFrame::Error { message }).await;
+        return;
+    }
+    let mut current: Option<(CallHandle, LegId)> = None;
+    if send(
+        &mut socket,
+        NetworkFrame::Registered {
+            number: number.clone(),
+        },
+    )
+    .await
+    {
+        loop {
+            tokio::select! {
+                // Cancel-safe: mpsc recv.
+                Some(ring) = ring_rx.recv() => {
+                    if current.as_ref().is_some_and(|(c, _)| !c.is_ended()) {
+                        ring.call.send_data(leg_input(ring.leg, LegEvent::Rejected)).await;
+                        continue;
+                    }
+                    let frame = NetworkFrame::Incoming {
+                        call_id: ring.call.call_id.to_string(),
+                        from: ring.call.from.to_string(),
+                        to: number.clone(),
+                    };
+                    current = Some((ring.call, ring.leg));
+                    if !send(&mut socket, frame).await {
+                        break;
+                    }
+                }
+                // Cancel-safe: WebSocket::recv is a stream poll.
+                msg = socket.recv() => match msg {
+                    Some(Ok(Message::Binary(pcm))) => {
+                        if let Some((call, leg)) = &current {
+                            call.send_data(leg_input(*leg, LegEvent::Audio(pcm))).await;
+                        }
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        let event = match PhoneFrame::decode(&text) {
+                            Ok(PhoneFrame::Answer) => Some(LegEvent::Answered),
+                            Ok(PhoneFrame::Reject) => Some(LegEvent::Rejected),
+                            Ok(PhoneFrame::Hangup) => Some(LegEvent::Hangup),
+                            Ok(PhoneFrame::Dtmf { digit, duration_ms }) => Some(LegEvent::Dtmf { digit, duration_ms }),
+                            Ok(other) => {
+                                let message = format!("{other:?} is not valid for a registered phone");
+                                send(&mut socket, NetworkFrame::Error { message }).await;
+                                None
+                            }
+                            Err(e) => {
+                                send(&mut socket, NetworkFrame::Error { message: e.to_string() }).await;
+                                None
+                            }
+                        };
+                        if let (Some(event), Some((call, leg))) = (event, &current) {
+                            let ends = matches!(event, LegEvent::Rejected | LegEvent::Hangup);
+                            call.send_data(leg_input(*leg, event)).await;
+                            if ends {
+                                current = None;
+                            }
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+                // Cancel-safe: mpsc recv.
+                Some(out) = leg_rx.recv() => {
+                    let Some((call, _)) = &current else { continue };
+                    let call_id = call.call_id.to_string();
+                    let ends = matches!(out, LegOutput::Hangup(_));
+                    if !forward(&mut socket, &call_id, out).await {
+                        break;
+                    }
+                    if ends {
+                        current = None;
+                    }
+                }
+                // Cancel-safe: only observes the token.
+                () = shared.shutdown.cancelled() => break,
+            }
+        }
+    }
+    if let Some((call, leg)) = current {
+        call.send_data(leg_input(leg, LegEvent::Hangup)).await;
+    }
+    let mut phones = shared.phones.lock();
+    if phones.get(&number).is_some_and(|p| p.conn_id == conn_id) {
+        phones.remove(&number);
+    }
+    drop(phones);
+}
+
+/// Sends one leg output to the phone. Returns false if the socket is gone.
+async fn forward(socket: &mut WebSocket, call_id: &str, out: LegOutput) -> bool {
+    let call_id = call_id.to_owned();
+    let msg = match out {
+        LegOutput::Audio(pcm) => Message::Binary(pcm),
+        LegOutput::Ringing => Message::Text(NetworkFrame::Ringing { call_id }.encode().into()),
+        LegOutput::Answered => Message::Text(NetworkFrame::Answered { call_id }.encode().into()),
+        LegOutput::Hangup(reason) => Message::Text(
+            NetworkFrame::Hangup {
+                call_id: Some(call_id),
+                reason,
+            }
+            .encode()
+            .into(),
+        ),
+    };
+    match socket.send(msg).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "phone socket failed");
+            false
+        }
+    }
+}
+
+fn leg_input(leg: LegId, event: LegEvent) -> CallInput {
+    CallInput::Leg { leg, event }
+}

@@ -1,0 +1,1080 @@
+//! The call: one actor task per call that owns its legs, its agent media link, the playout
+//! buffer and the mixing, and runs the 20 ms media clock.
+//!
+//! Inputs arrive on two bounded queues: `control` for rare lifecycle events sent from code that
+//! cannot wait (the registry, under its lock), and `data` for audio and commands, where senders
+//! wait, which is the backpressure. Everything the call does to the outside (legs, media
+//! connection, registry) goes out without awaiting, so one slow peer cannot stall the call.
+//!
+//! Audio paths, all at the agent's sample rate inside the call:
+//! - caller alone: caller audio is forwarded to the agent the moment it arrives (no clock wait);
+//!   agent audio is played to the caller one frame per tick from the playout buffer.
+//! - after `call.connect`: each tick mixes one frame of every party; the agent hears both legs,
+//!   and the legs hear each other plus the agent as whisper / barge / spy decide.
+
+mod leg;
+mod playout;
+
+pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput};
+
+use crate::audio::Resampler;
+use crate::config::ConnectorConfig;
+use crate::state::Shared;
+use bytes::Bytes;
+use playout::Playout;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use telcoflow_proto::audio::{mix_into, pcm_to_samples, samples_to_pcm};
+use telcoflow_proto::control::{
+    Channel, CloseReason, Initiator, SessionInfo, SessionState, SetupData,
+};
+use telcoflow_proto::media::{
+    BufferRequest, CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, Command, CommandName,
+    CommandResponse, ConnectData, MediaServerFrame, RING_TIME_RANGE,
+};
+use telcoflow_proto::sim::HangupReason;
+use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// Capacity of a call's lifecycle queue. Lifecycle events are few per call.
+const CONTROL_QUEUE: usize = 64;
+/// Capacity of a call's audio/command queue: a few frames from each party.
+const DATA_QUEUE: usize = 64;
+/// Frames of leg audio held for mixing before the oldest is dropped (and counted).
+const LEG_QUEUE_FRAMES: usize = 10;
+/// How long a call waits for its agent to reconnect after the media connection drops.
+const MEDIA_GRACE: Duration = Duration::from_secs(10);
+
+/// A way to reach a call's actor. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct CallHandle {
+    pub(crate) call_id: Arc<str>,
+    pub(crate) session_id: Arc<str>,
+    pub(crate) from: Arc<str>,
+    pub(crate) to: Arc<str>,
+    control: mpsc::Sender<CallInput>,
+    data: mpsc::Sender<CallInput>,
+}
+
+impl CallHandle {
+    /// Queues a lifecycle input without waiting. Returns false if the call has ended.
+    pub(crate) fn send(&self, input: CallInput) -> bool {
+        match self.control.try_send(input) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(call_id = %self.call_id, "call lifecycle queue full");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues audio or a command, waiting for room. Returns false if the call has ended.
+    pub(crate) async fn send_data(&self, input: CallInput) -> bool {
+        self.data.send(input).await.is_ok()
+    }
+
+    /// Whether the call's actor has finished.
+    pub(crate) fn is_ended(&self) -> bool {
+        self.control.is_closed()
+    }
+}
+
+/// How a call reaches its agent's media connection.
+#[derive(Debug)]
+pub(crate) struct MediaLink {
+    pub(crate) conn_id: u64,
+    pub(crate) tx: mpsc::Sender<MediaOut>,
+}
+
+/// From a call to its media connection.
+#[derive(Debug)]
+pub(crate) enum MediaOut {
+    Text(String),
+    /// A `command_response`: the media connection counts commands in flight by these.
+    Response(String),
+    Audio(Bytes),
+    /// Close the connection (after sending what is queued).
+    Close,
+}
+
+/// Why a media connection could not attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AttachError {
+    #[error("a media connection is already open for this call")]
+    AlreadyAttached,
+    #[error("the agent has left this call")]
+    AgentLeft,
+}
+
+/// Everything a call reacts to.
+#[derive(Debug)]
+pub(crate) enum CallInput {
+    /// A control connection claimed the session; its setup fixes the agent's audio format.
+    Claimed { setup: SetupData },
+    /// A media connection wants to attach.
+    MediaAttach {
+        link: MediaLink,
+        reply: oneshot::Sender<Result<(), AttachError>>,
+    },
+    /// A media connection went away.
+    MediaDetach { conn_id: u64 },
+    /// A command from the media connection.
+    Command { conn_id: u64, command: Command },
+    /// Agent audio (channel 0) from the media connection.
+    AgentAudio { conn_id: u64, pcm: Bytes },
+    /// Something from a leg.
+    Leg { leg: LegId, event: LegEvent },
+    /// End the call from outside (HTTP close); `done` hears when it has ended.
+    Close {
+        reason: CloseReason,
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+/// Starts a call for an incoming leg, registers its session and notifies the connector.
+pub(crate) fn spawn_incoming(
+    shared: &Arc<Shared>,
+    connector: Arc<ConnectorConfig>,
+    from: &str,
+    to: &str,
+    caller: LegLink,
+) -> Result<CallHandle, ErrorCode> {
+    let (handle, queues) = new_handle(from, to);
+    let info = session_info(&handle, Initiator::Connector, from, to);
+    let connector_id: Arc<str> = connector.uuid.as_str().into();
+    // The actor must exist before the registry can notify anyone about it: a claim arriving
+    // right after the notification sends `Claimed` to its queue.
+    let actor = CallActor::new(shared.clone(), connector, handle.clone(), caller, None);
+    shared.registry.open_call_session(
+        &connector_id,
+        shared.config.limits.max_calls_per_connector,
+        info,
+        handle.clone(),
+        None,
+    )?;
+    run_actor(shared, actor, queues);
+    Ok(handle)
+}
+
+/// Starts an outbound call for `session.create`: rings `remote` and registers the session as
+/// already held by the creating control connection. The app's `call.answer` completes when the
+/// far end picks up.
+pub(crate) fn spawn_outbound(
+    shared: &Arc<Shared>,
+    connector: Arc<ConnectorConfig>,
+    sm_ws_id: &str,
+    setup: SetupData,
+    remote: &str,
+) -> Result<CallHandle, (ErrorCode, String)> {
+    let caller_id = connector.outbound_caller_id.clone().unwrap_or_default();
+    let (handle, queues) = new_handle(&caller_id, remote);
+    let link = shared
+        .phones
+        .ring(remote, &handle, LegId::CALLER)
+        .map_err(|e| {
+            (
+                ErrorCode::NoRoute,
+                format!("{remote} cannot be reached: {e}"),
+            )
+        })?;
+    let info = session_info(&handle, Initiator::Sdk, remote, &caller_id);
+    let connector_id: Arc<str> = connector.uuid.as_str().into();
+    let actor = CallActor::new(
+        shared.clone(),
+        connector,
+        handle.clone(),
+        link.clone(),
+        Some(setup),
+    );
+    if let Err(code) = shared.registry.open_call_session(
+        &connector_id,
+        shared.config.limits.max_calls_per_connector,
+        info,
+        handle.clone(),
+        Some(sm_ws_id.to_owned()),
+    ) {
+        let _ = link.tx.try_send(LegOutput::Hangup(HangupReason::Busy));
+        return Err((code, "the connector's call limit is reached".into()));
+    }
+    run_actor(shared, actor, queues);
+    Ok(handle)
+}
+
+type Queues = (mpsc::Receiver<CallInput>, mpsc::Receiver<CallInput>);
+
+fn new_handle(from: &str, to: &str) -> (CallHandle, Queues) {
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+    let handle = CallHandle {
+        call_id: uuid::Uuid::new_v4().to_string().into(),
+        session_id: uuid::Uuid::new_v4().to_string().into(),
+        from: from.into(),
+        to: to.into(),
+        control: control_tx,
+        data: data_tx,
+    };
+    (handle, (control_rx, data_rx))
+}
+
+fn session_info(
+    handle: &CallHandle,
+    initiator: Initiator,
+    remote: &str,
+    local: &str,
+) -> SessionInfo {
+    SessionInfo {
+        id: handle.session_id.to_string(),
+        channel: Channel::Telco,
+        initiator,
+        state: SessionState::Open,
+        remote_address: remote.to_owned(),
+        local_address: local.to_owned(),
+        opened_at: crate::token::unix_now(),
+        closed_at: None,
+    }
+}
+
+fn run_actor(shared: &Arc<Shared>, actor: CallActor, (control, data): Queues) {
+    let handle = &actor.handle;
+    shared.registry.index_call(handle);
+    let span = info_span!("call", call_id = %handle.call_id);
+    shared
+        .tasks
+        .spawn(actor.run(control, data).instrument(span));
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Ringing,
+    Answered,
+}
+
+/// Who hears the agent once a destination is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AgentMode {
+    /// Heard by both parties (the default after connect).
+    Barge,
+    /// Heard by the connected party only.
+    Whisper,
+    /// Heard by nobody.
+    Spy,
+}
+
+struct Leg {
+    id: LegId,
+    link: LegLink,
+    up: bool,
+    /// Leg rate -> agent rate.
+    from_leg: Resampler,
+    /// Agent rate -> leg rate.
+    to_leg: Resampler,
+    /// Received audio at the agent rate, waiting for the mixing tick.
+    queue: VecDeque<i16>,
+    dropped_samples: u64,
+}
+
+impl Leg {
+    fn new(id: LegId, link: LegLink, agent_rate: SampleRate) -> Self {
+        let (from_leg, to_leg) = resamplers(link.rate, agent_rate);
+        Self {
+            id,
+            link,
+            up: false,
+            from_leg,
+            to_leg,
+            queue: VecDeque::with_capacity(LEG_QUEUE_FRAMES * agent_rate.frame_samples()),
+            dropped_samples: 0,
+        }
+    }
+
+    fn set_agent_rate(&mut self, agent_rate: SampleRate) {
+        (self.from_leg, self.to_leg) = resamplers(self.link.rate, agent_rate);
+        self.queue.clear();
+    }
+
+    fn send(&self, out: LegOutput) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.link.tx.try_send(out) {
+            debug!(leg = self.id.0, "leg is not reading; frame dropped");
+        }
+    }
+
+    /// Converts agent-rate samples to the leg's rate and sends them as one frame.
+    fn play(&mut self, samples: &[i16], scratch: &mut Vec<i16>) {
+        scratch.clear();
+        self.to_leg.process(samples, scratch);
+        if scratch.is_empty() {
+            return;
+        }
+        let mut pcm = Vec::with_capacity(scratch.len() * 2);
+        samples_to_pcm(scratch, &mut pcm);
+        self.send(LegOutput::Audio(Bytes::from(pcm)));
+    }
+
+    /// Queues agent-rate samples for the next ticks, keeping at most `LEG_QUEUE_FRAMES`.
+    fn enqueue(&mut self, samples: &[i16], frame_samples: usize) {
+        self.queue.extend(samples);
+        let cap = LEG_QUEUE_FRAMES * frame_samples;
+        if self.queue.len() > cap {
+            let excess = self.queue.len() - cap;
+            self.queue.drain(..excess);
+            self.dropped_samples += excess as u64;
+            debug!(
+                leg = self.id.0,
+                excess, "leg sent faster than real time; oldest audio dropped"
+            );
+        }
+    }
+
+    fn take_frame(&mut self, out: &mut [i16]) {
+        let n = out.len().min(self.queue.len());
+        for (o, s) in out.iter_mut().zip(self.queue.drain(..n)) {
+            *o = s;
+        }
+        out[n..].fill(0);
+    }
+}
+
+fn resamplers(leg: SampleRate, agent: SampleRate) -> (Resampler, Resampler) {
+    // Supported rates are all multiples of 8 kHz, which the FFT resampler handles; a failure
+    // here would be a bug, and pass-through keeps audio flowing rather than killing the call.
+    let make = |from: SampleRate, to: SampleRate| {
+        Resampler::new(from.hz(), to.hz()).unwrap_or_else(|e| {
+            warn!(error = %e, "resampler unavailable; passing audio through");
+            Resampler::new(from.hz(), from.hz()).unwrap_or_else(|_| unreachable_passthrough())
+        })
+    };
+    (make(leg, agent), make(agent, leg))
+}
+
+fn unreachable_passthrough() -> Resampler {
+    // `Resampler::new(r, r)` never fails: equal rates take the pass-through branch.
+    unreachable!("equal-rate resampler is a pass-through")
+}
+
+struct PendingConnect {
+    command_id: String,
+    leg: LegId,
+    destination: String,
+    ring_deadline: Instant,
+    reply_deadline: Option<Instant>,
+}
+
+struct CallActor {
+    shared: Arc<Shared>,
+    connector: Arc<ConnectorConfig>,
+    handle: CallHandle,
+    phase: Phase,
+    setup: SetupData,
+    caller: Leg,
+    callee: Option<Leg>,
+    next_leg: u32,
+    connect: Option<PendingConnect>,
+    mode: AgentMode,
+    /// The agent left with `call.close` after connecting; the legs talk on without it.
+    agent_left: bool,
+    media: Option<MediaLink>,
+    media_lost_at: Option<Instant>,
+    playout: Playout,
+    ring_deadline: Instant,
+    claimed: bool,
+    /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
+    /// waits for it to pick up.
+    outbound: bool,
+    pending_answer: Option<String>,
+    ended: bool,
+    // Scratch buffers reused every tick.
+    agent_frame: Vec<i16>,
+    caller_frame: Vec<i16>,
+    callee_frame: Vec<i16>,
+    mix: Vec<i16>,
+    scratch: Vec<i16>,
+    leg_samples: Vec<i16>,
+    slow_media_reported: bool,
+}
+
+impl CallActor {
+    fn new(
+        shared: Arc<Shared>,
+        connector: Arc<ConnectorConfig>,
+        handle: CallHandle,
+        caller: LegLink,
+        outbound: Option<SetupData>,
+    ) -> Self {
+        let setup = outbound.unwrap_or_default();
+        let rate = setup.sample_rate;
+        let max_playout =
+            rate.bytes_per_second() * shared.config.limits.max_playout_ms as usize / 1000;
+        let ring_deadline = Instant::now() + shared.config.ring_timeout();
+        Self {
+            playout: Playout::new(rate.frame_bytes(), max_playout),
+            caller: Leg::new(LegId::CALLER, caller, rate),
+            shared,
+            connector,
+            handle,
+            phase: Phase::Ringing,
+            setup,
+            callee: None,
+            next_leg: 1,
+            connect: None,
+            mode: AgentMode::Barge,
+            agent_left: false,
+            media: None,
+            media_lost_at: None,
+            ring_deadline,
+            claimed: outbound.is_some(),
+            outbound: outbound.is_some(),
+            pending_answer: None,
+            ended: false,
+            agent_frame: Vec::new(),
+            caller_frame: Vec::new(),
+            callee_frame: Vec::new(),
+            mix: Vec::new(),
+            scratch: Vec::new(),
+            leg_samples: Vec::new(),
+            slow_media_reported: false,
+        }
+    }
+
+    fn rate(&self) -> SampleRate {
+        self.setup.sample_rate
+    }
+
+    async fn run(
+        mut self,
+        mut control: mpsc::Receiver<CallInput>,
+        mut data: mpsc::Receiver<CallInput>,
+    ) {
+        info!(from = %self.handle.from, to = %self.handle.to, "call started");
+        let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(
+            telcoflow_proto::audio::FRAME_MS,
+        )));
+        // Catch up after a stall so that the legs keep receiving real-time audio.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        let shutdown = self.shared.shutdown.clone();
+        while !self.ended {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                // Cancel-safe: `cancelled` only observes the token.
+                () = shutdown.cancelled() => self.finish(CloseReason::ForceClose, HangupReason::Error),
+                // Cancel-safe: `recv` loses nothing when another branch wins.
+                Some(input) = control.recv() => self.on_input(input),
+                Some(input) = data.recv() => self.on_input(input),
+                // Cancel-safe: a missed tick is replayed by the interval (Burst).
+                _ = ticker.tick(), if self.phase == Phase::Answered => self.on_tick(),
+                // Cancel-safe: recomputed every loop.
+                () = tokio::time::sleep_until(deadline) => self.on_deadline(Instant::now()),
+            }
+        }
+        self.shared.registry.unindex_call(&self.handle.call_id);
+        if self.caller.dropped_samples > 0 {
+            debug!(
+                dropped = self.caller.dropped_samples,
+                "caller audio dropped for running ahead"
+            );
+        }
+        info!("call ended");
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let mut deadline = far;
+        if self.phase == Phase::Ringing {
+            deadline = deadline.min(self.ring_deadline);
+        }
+        if let Some(c) = &self.connect {
+            deadline = deadline.min(c.ring_deadline);
+            if let Some(r) = c.reply_deadline {
+                deadline = deadline.min(r);
+            }
+        }
+        if let Some(lost) = self.media_lost_at {
+            deadline = deadline.min(lost + MEDIA_GRACE);
+        }
+        deadline
+    }
+
+    fn on_deadline(&mut self, now: Instant) {
+        if self.phase == Phase::Ringing && now >= self.ring_deadline {
+            info!("nobody answered in time");
+            if let Some(id) = self.pending_answer.take() {
+                self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::CallUnanswered,
+                    format!("{} did not answer", self.handle.to),
+                ));
+            }
+            self.finish(CloseReason::CallTerminated, HangupReason::NoAnswer);
+            return;
+        }
+        if let Some(c) = &self.connect {
+            if now >= c.ring_deadline {
+                let c = self.connect.take().expect("checked above");
+                self.drop_callee(c.leg, HangupReason::NoAnswer);
+                self.respond(CommandResponse::error(
+                    c.command_id,
+                    ErrorCode::CallUnanswered,
+                    format!("{} did not answer", c.destination),
+                ));
+            } else if c.reply_deadline.is_some_and(|r| now >= r) {
+                let c = self.connect.take().expect("checked above");
+                self.drop_callee(c.leg, HangupReason::Remote);
+                self.respond(CommandResponse::error(
+                    c.command_id,
+                    ErrorCode::Timeout,
+                    "no answer from the destination before the command's timeout_ms",
+                ));
+            }
+        }
+        if self
+            .media_lost_at
+            .is_some_and(|lost| now >= lost + MEDIA_GRACE)
+        {
+            info!("agent did not come back; ending the call");
+            self.finish(CloseReason::CallTerminated, HangupReason::Remote);
+        }
+    }
+
+    fn on_input(&mut self, input: CallInput) {
+        match input {
+            CallInput::Claimed { setup } => self.on_claimed(setup),
+            CallInput::MediaAttach { link, reply } => {
+                let result = self.attach(link);
+                let _ = reply.send(result);
+            }
+            CallInput::MediaDetach { conn_id } => {
+                if self.media.as_ref().is_some_and(|m| m.conn_id == conn_id) {
+                    self.media = None;
+                    self.shared
+                        .registry
+                        .set_media_attached(&self.handle.session_id, false);
+                    if !self.agent_left {
+                        info!("media connection lost; waiting for the agent to reconnect");
+                        self.media_lost_at = Some(Instant::now());
+                    }
+                }
+            }
+            CallInput::Command { conn_id, command } => {
+                if self.is_current_media(conn_id) {
+                    self.on_command(command);
+                }
+            }
+            CallInput::AgentAudio { conn_id, pcm } => {
+                if self.is_current_media(conn_id) && !self.agent_left {
+                    let pushed = self.playout.push(&pcm);
+                    if pushed.overflow > 0 {
+                        self.send_event(CallEvent::error(
+                            ErrorCode::BufferOverflow,
+                            format!("{} bytes of agent audio beyond what the server asked for were refused", pushed.overflow),
+                        ));
+                    }
+                }
+            }
+            CallInput::Leg { leg, event } => self.on_leg(leg, event),
+            CallInput::Close { reason, done } => {
+                self.finish(reason, HangupReason::Remote);
+                if let Some(done) = done {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
+    fn is_current_media(&self, conn_id: u64) -> bool {
+        self.media.as_ref().is_some_and(|m| m.conn_id == conn_id)
+    }
+
+    fn on_claimed(&mut self, setup: SetupData) {
+        if setup.sample_rate != self.setup.sample_rate {
+            let rate = setup.sample_rate;
+            self.caller.set_agent_rate(rate);
+            if let Some(callee) = &mut self.callee {
+                callee.set_agent_rate(rate);
+            }
+            self.playout.reset(rate.frame_bytes());
+        }
+        self.setup = setup;
+        if !self.claimed && self.phase == Phase::Ringing {
+            self.caller.send(LegOutput::Ringing);
+        }
+        self.claimed = true;
+    }
+
+    fn attach(&mut self, link: MediaLink) -> Result<(), AttachError> {
+        if self.agent_left {
+            return Err(AttachError::AgentLeft);
+        }
+        if self.media.is_some() {
+            return Err(AttachError::AlreadyAttached);
+        }
+        debug!(conn_id = link.conn_id, "media connection attached");
+        self.media = Some(link);
+        self.media_lost_at = None;
+        self.slow_media_reported = false;
+        self.playout.forget_requests();
+        self.shared
+            .registry
+            .set_media_attached(&self.handle.session_id, true);
+        self.request_audio();
+        Ok(())
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let Some(name) = CommandName::parse(&cmd.command) else {
+            let known: Vec<&str> = CommandName::ALL.iter().map(|c| c.as_str()).collect();
+            self.respond(CommandResponse::error(
+                cmd.command_id,
+                ErrorCode::UnknownCommand,
+                format!(
+                    "unknown command '{}'; known commands: {}",
+                    cmd.command,
+                    known.join(", ")
+                ),
+            ));
+            return;
+        };
+        debug!(command = %name, "command");
+        let id = cmd.command_id;
+        match name {
+            CommandName::Answer if self.outbound && self.phase == Phase::Ringing => {
+                if self.pending_answer.is_some() {
+                    return self.respond(CommandResponse::error(
+                        id,
+                        ErrorCode::InvalidState,
+                        "an answer is already waiting for the far end",
+                    ));
+                }
+                self.pending_answer = Some(id);
+            }
+            CommandName::Answer => {
+                let already = self.phase == Phase::Answered;
+                if !already {
+                    self.phase = Phase::Answered;
+                    self.caller.up = true;
+                    self.caller.send(LegOutput::Answered);
+                    info!("answered");
+                }
+                self.respond(CommandResponse::ok(
+                    id,
+                    Some(json!({ "alreadyAnswered": already })),
+                ));
+            }
+            CommandName::Connect => self.on_connect(id, cmd.data, cmd.timeout_ms),
+            CommandName::Whisper | CommandName::Barge | CommandName::Spy => {
+                if !self.callee.as_ref().is_some_and(|c| c.up) {
+                    self.respond(CommandResponse::error(
+                        id,
+                        ErrorCode::NotConnected,
+                        format!("{name} needs a connected destination: call.connect first"),
+                    ));
+                    return;
+                }
+                self.mode = match name {
+                    CommandName::Whisper => AgentMode::Whisper,
+                    CommandName::Spy => AgentMode::Spy,
+                    _ => AgentMode::Barge,
+                };
+                self.respond(CommandResponse::ok(id, None));
+            }
+            CommandName::Interrupt => {
+                let dropped = self.playout.clear();
+                debug!(dropped, "interrupt");
+                self.respond(CommandResponse::ok(
+                    id,
+                    Some(json!({ "droppedBytes": dropped })),
+                ));
+            }
+            CommandName::Disconnect => {
+                self.respond(CommandResponse::ok(id, None));
+                self.finish(CloseReason::SdkRequest, HangupReason::Remote);
+            }
+            CommandName::Close => {
+                self.respond(CommandResponse::ok(id, None));
+                if self.callee.as_ref().is_some_and(|c| c.up) {
+                    info!("agent left; caller and destination stay connected");
+                    self.agent_left = true;
+                    self.playout.clear();
+                    self.send_event(CallEvent::terminated("agent_left"));
+                    self.close_media();
+                    self.shared
+                        .registry
+                        .close(&self.handle.session_id, CloseReason::SdkRequest);
+                } else {
+                    self.finish(CloseReason::SdkRequest, HangupReason::Remote);
+                }
+            }
+        }
+    }
+
+    fn on_connect(&mut self, id: String, data: Option<Value>, timeout_ms: Option<u64>) {
+        let ring_time = match data.map(serde_json::from_value::<ConnectData>) {
+            Some(Ok(d)) if RING_TIME_RANGE.contains(&d.ring_time_seconds) => d.ring_time_seconds,
+            Some(Ok(d)) => {
+                return self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "ringTimeSeconds must be 1..=120, got {}",
+                        d.ring_time_seconds
+                    ),
+                ));
+            }
+            _ => {
+                return self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    "call.connect needs data {\"ringTimeSeconds\": 1..=120}",
+                ));
+            }
+        };
+        if self.phase != Phase::Answered {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::InvalidState,
+                "answer the call before connecting it",
+            ));
+        }
+        if self.callee.is_some() || self.connect.is_some() {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::InvalidState,
+                "the call is already connected or connecting",
+            ));
+        }
+        let Some(destination) = self
+            .connector
+            .connect_destination(&self.handle.to)
+            .map(str::to_owned)
+        else {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::NoRoute,
+                format!(
+                    "no connect destination is configured for {}",
+                    self.handle.to
+                ),
+            ));
+        };
+        let leg = LegId(self.next_leg);
+        self.next_leg += 1;
+        let link = match self.shared.phones.ring(&destination, &self.handle, leg) {
+            Ok(link) => link,
+            Err(e) => {
+                return self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::CallRejected,
+                    format!("{destination} cannot be reached: {e}"),
+                ));
+            }
+        };
+        info!(%destination, ring_time, "connecting");
+        let now = Instant::now();
+        self.callee = Some(Leg::new(leg, link, self.rate()));
+        self.connect = Some(PendingConnect {
+            command_id: id,
+            leg,
+            destination,
+            ring_deadline: now + Duration::from_secs(u64::from(ring_time)),
+            reply_deadline: timeout_ms.map(|ms| now + Duration::from_millis(ms)),
+        });
+    }
+
+    fn on_leg(&mut self, id: LegId, event: LegEvent) {
+        if id == LegId::CALLER {
+            return self.on_caller(event);
+        }
+        if !self.callee.as_ref().is_some_and(|c| c.id == id) {
+            return; // a leg we already gave up on
+        }
+        match event {
+            LegEvent::Answered => {
+                if let Some(callee) = &mut self.callee {
+                    callee.up = true;
+                    callee.send(LegOutput::Answered);
+                }
+                self.mode = AgentMode::Barge;
+                if let Some(c) = self.connect.take() {
+                    info!(destination = %c.destination, "destination answered");
+                    self.respond(CommandResponse::ok(
+                        c.command_id,
+                        Some(json!({ "destination": c.destination })),
+                    ));
+                }
+            }
+            LegEvent::Rejected | LegEvent::Hangup => {
+                let was_up = self.callee.as_ref().is_some_and(|c| c.up);
+                self.callee = None;
+                if let Some(c) = self.connect.take() {
+                    // Declined is, to the application, one more way of not being answered: apps
+                    // written for the reference SDK test for CALL_UNANSWERED alone.
+                    self.respond(CommandResponse::error(
+                        c.command_id,
+                        ErrorCode::CallUnanswered,
+                        format!("{} declined the call", c.destination),
+                    ));
+                } else if was_up {
+                    info!("destination hung up");
+                    if self.agent_left {
+                        self.finish(CloseReason::CallTerminated, HangupReason::Remote);
+                    } else {
+                        let mut ev = CallEvent {
+                            event: CallEvent::CONNECTED_LEG.into(),
+                            fields: Default::default(),
+                        };
+                        ev.fields.insert("state".into(), Value::from("ended"));
+                        self.send_event(ev);
+                    }
+                }
+            }
+            LegEvent::Audio(pcm) => {
+                if self.phase == Phase::Answered {
+                    let frame = self.rate().frame_samples();
+                    pcm_to_samples(&pcm, &mut self.leg_samples);
+                    if let Some(callee) = &mut self.callee {
+                        if callee.up {
+                            self.scratch.clear();
+                            callee
+                                .from_leg
+                                .process(&self.leg_samples, &mut self.scratch);
+                            callee.enqueue(&self.scratch, frame);
+                        }
+                    }
+                }
+            }
+            LegEvent::Dtmf { .. } => {}
+        }
+    }
+
+    fn on_caller(&mut self, event: LegEvent) {
+        match event {
+            LegEvent::Hangup | LegEvent::Rejected => {
+                info!("caller hung up");
+                self.finish(CloseReason::CallTerminated, HangupReason::Local);
+            }
+            LegEvent::Audio(pcm) => {
+                if self.phase != Phase::Answered {
+                    return; // nobody listens before the call is answered
+                }
+                pcm_to_samples(&pcm, &mut self.leg_samples);
+                self.scratch.clear();
+                self.caller
+                    .from_leg
+                    .process(&self.leg_samples, &mut self.scratch);
+                if self.callee.as_ref().is_some_and(|c| c.up) {
+                    let frame = self.rate().frame_samples();
+                    self.caller.enqueue(&self.scratch, frame);
+                } else if !self.scratch.is_empty() {
+                    // Alone with the agent: forward at once, no clock wait.
+                    let frame = audio_frame(CHANNEL_MIXED, &self.scratch);
+                    if self.setup.audio_mode == AudioMode::Isolated {
+                        let mut caller = Vec::from(&frame[..]);
+                        caller[0] = CHANNEL_CALLER;
+                        self.send_media(MediaOut::Audio(frame));
+                        self.send_media(MediaOut::Audio(Bytes::from(caller)));
+                    } else {
+                        self.send_media(MediaOut::Audio(frame));
+                    }
+                }
+            }
+            LegEvent::Dtmf { digit, duration_ms } => {
+                self.send_event(CallEvent::dtmf(digit, duration_ms));
+            }
+            LegEvent::Answered if self.outbound && self.phase == Phase::Ringing => {
+                info!("far end answered");
+                self.phase = Phase::Answered;
+                self.caller.up = true;
+                self.caller.send(LegOutput::Answered);
+                if let Some(id) = self.pending_answer.take() {
+                    self.respond(CommandResponse::ok(
+                        id,
+                        Some(json!({ "alreadyAnswered": false })),
+                    ));
+                }
+            }
+            LegEvent::Answered => {}
+        }
+    }
+
+    /// One 20 ms step of the media clock.
+    fn on_tick(&mut self) {
+        let n = self.rate().frame_samples();
+        self.agent_frame.resize(n, 0);
+        let agent_speaks = !self.agent_left && self.playout.pop_frame(&mut self.agent_frame);
+        let callee_up = self.callee.as_ref().is_some_and(|c| c.up);
+        if !callee_up {
+            // Caller alone with the agent.
+            let mut frame = std::mem::take(&mut self.agent_frame);
+            self.caller.play(&frame, &mut self.scratch);
+            frame.clear();
+            self.agent_frame = frame;
+        } else {
+            self.caller_frame.resize(n, 0);
+            self.callee_frame.resize(n, 0);
+            self.caller.take_frame(&mut self.caller_frame);
+            if let Some(callee) = &mut self.callee {
+                callee.take_frame(&mut self.callee_frame);
+            }
+            let hears_agent = |mode: AgentMode, is_callee: bool| {
+                agent_speaks
+                    && match mode {
+                        AgentMode::Barge => true,
+                        AgentMode::Whisper => is_callee,
+                        AgentMode::Spy => false,
+                    }
+            };
+            // The caller hears the destination (+ agent).
+            self.mix.clear();
+            self.mix.extend_from_slice(&self.callee_frame);
+            if hears_agent(self.mode, false) {
+                mix_into(&mut self.mix, &self.agent_frame);
+            }
+            self.caller.play(&self.mix, &mut self.scratch);
+            // The destination hears the caller (+ agent).
+            self.mix.clear();
+            self.mix.extend_from_slice(&self.caller_frame);
+            if hears_agent(self.mode, true) {
+                mix_into(&mut self.mix, &self.agent_frame);
+            }
+            if let Some(callee) = &mut self.callee {
+                callee.play(&self.mix, &mut self.scratch);
+            }
+            // The agent hears both.
+            if self.media.is_some() {
+                self.mix.clear();
+                self.mix.extend_from_slice(&self.caller_frame);
+                mix_into(&mut self.mix, &self.callee_frame);
+                let mixed = audio_frame(CHANNEL_MIXED, &self.mix);
+                self.send_media(MediaOut::Audio(mixed));
+                if self.setup.audio_mode == AudioMode::Isolated {
+                    let caller = audio_frame(CHANNEL_CALLER, &self.caller_frame);
+                    let callee = audio_frame(CHANNEL_CALLEE, &self.callee_frame);
+                    self.send_media(MediaOut::Audio(caller));
+                    self.send_media(MediaOut::Audio(callee));
+                }
+            }
+        }
+        self.request_audio();
+    }
+
+    fn request_audio(&mut self) {
+        if self.media.is_none() || self.agent_left {
+            return;
+        }
+        if let Some(bytes) = self.playout.want() {
+            let frame = MediaServerFrame::BufferRequest(BufferRequest {
+                requested_bytes: bytes as u32,
+                prefer_audio_frame_bytes: self.playout.frame_bytes() as u32,
+                channel_id: CHANNEL_MIXED,
+            });
+            if self.send_media(MediaOut::Text(frame.encode())) {
+                self.playout.requested(bytes);
+            }
+        }
+    }
+
+    fn drop_callee(&mut self, leg: LegId, reason: HangupReason) {
+        if let Some(callee) = self.callee.take_if(|c| c.id == leg) {
+            callee.send(LegOutput::Hangup(reason));
+        }
+    }
+
+    fn respond(&mut self, response: CommandResponse) {
+        self.send_media(MediaOut::Response(
+            MediaServerFrame::CommandResponse(response).encode(),
+        ));
+    }
+
+    fn send_event(&mut self, event: CallEvent) {
+        self.send_media(MediaOut::Text(MediaServerFrame::CallEvent(event).encode()));
+    }
+
+    /// Queues a frame for the media connection without waiting. A connection that cannot keep
+    /// up loses audio frames (reported once as `SLOW_CONSUMER`); one that cannot even take a
+    /// text frame is closed, since commands and events must not be lost.
+    fn send_media(&mut self, out: MediaOut) -> bool {
+        let Some(media) = &self.media else {
+            return false;
+        };
+        let is_audio = matches!(out, MediaOut::Audio(_));
+        match media.tx.try_send(out) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) if is_audio => {
+                if !self.slow_media_reported {
+                    self.slow_media_reported = true;
+                    warn!("agent is not reading its audio; frames are being dropped");
+                    let ev = MediaServerFrame::CallEvent(CallEvent::error(
+                        ErrorCode::SlowConsumer,
+                        "the application is not reading audio fast enough; frames were dropped",
+                    ));
+                    let _ = media.tx.try_send(MediaOut::Text(ev.encode()));
+                }
+                false
+            }
+            Err(_) => {
+                warn!("media connection cannot take a control frame; closing it");
+                let _ = media.tx.try_send(MediaOut::Close);
+                self.media = None;
+                self.media_lost_at = Some(Instant::now());
+                false
+            }
+        }
+    }
+
+    fn close_media(&mut self) {
+        if let Some(media) = self.media.take() {
+            let _ = media.tx.try_send(MediaOut::Close);
+        }
+        self.shared
+            .registry
+            .set_media_attached(&self.handle.session_id, false);
+    }
+
+    /// Ends the call for everyone: legs, agent, session.
+    fn finish(&mut self, reason: CloseReason, caller_reason: HangupReason) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        if let Some(c) = self.connect.take() {
+            self.respond(CommandResponse::error(
+                c.command_id,
+                ErrorCode::CallTerminated,
+                "the call ended while connecting",
+            ));
+        }
+        if let Some(id) = self.pending_answer.take() {
+            self.respond(CommandResponse::error(
+                id,
+                ErrorCode::CallRejected,
+                "the far end did not take the call",
+            ));
+        }
+        self.caller.send(LegOutput::Hangup(caller_reason));
+        if let Some(callee) = self.callee.take() {
+            callee.send(LegOutput::Hangup(HangupReason::Remote));
+        }
+        let who = match (reason, caller_reason) {
+            (_, HangupReason::Local) => "caller",
+            (_, HangupReason::NoAnswer) => "no_answer",
+            (CloseReason::SdkRequest, _) => "agent",
+            (CloseReason::ForceClose, _) => "server",
+            (CloseReason::CallTerminated, _) => "network",
+        };
+        self.send_event(CallEvent::terminated(who));
+        self.close_media();
+        self.shared.registry.close(&self.handle.session_id, reason);
+    }
+}
+
+/// A binary media frame (channel byte + s16le PCM) built in one allocation.
+fn audio_frame(channel: u8, samples: &[i16]) -> Bytes {
+    let mut frame = Vec::with_capacity(1 + samples.len() * 2);
+    frame.push(channel);
+    samples_to_pcm(samples, &mut frame);
+    Bytes::from(frame)
+}

@@ -1,0 +1,324 @@
+//! The control plane: `/v1/agent/session-manager`, one persistent WebSocket per application
+//! process.
+//!
+//! After authentication on upgrade, the client must send `setup`; the connection then joins its
+//! connector in the registry and receives `session.notify` for every new session. Requests
+//! (`session.open`, `session.create`, ...) are answered with `response` frames carrying their
+//! `reqId`. Frames the server cannot decode are answered with `INVALID_REQUEST` when they carry
+//! a `reqId`, and otherwise logged; the connection stays up either way.
+
+use crate::auth::authenticate;
+use crate::call::CallHandle;
+use crate::config::ConnectorConfig;
+use crate::registry::{ControlLink, ReadyOutcome};
+use crate::state::Shared;
+use axum::extract::State;
+use axum::extract::ws::{
+    CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code,
+    rejection::WebSocketUpgradeRejection,
+};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::control::{
+    CallIn, Channel, ClientFrame, FrameHeader, Response as Reply, ServerFrame, SetupData,
+};
+use telcoflow_proto::media::MEDIA_PATH;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+/// How long a new connection has to send `setup`.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET /v1/agent/session-manager`.
+pub(crate) async fn control_ws(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let connector = match authenticate(&shared, &headers) {
+        Ok(c) => c,
+        Err(e) => return (StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let limit = shared.config.limits.max_control_connections_per_connector;
+    if shared.registry.control_count(&connector.uuid) >= limit {
+        let body = format!(
+            "connector already has {limit} control connections (limits.max_control_connections_per_connector)"
+        );
+        return (StatusCode::TOO_MANY_REQUESTS, body).into_response();
+    }
+    let token = shared.tasks.token();
+    ws.max_message_size(shared.config.limits.max_control_frame_bytes)
+        .max_frame_size(shared.config.limits.max_control_frame_bytes)
+        .on_upgrade(move |socket| async move {
+            let sm_ws_id = uuid::Uuid::new_v4().to_string();
+            let span = info_span!("control", sm_ws_id = %sm_ws_id, connector = %connector.uuid);
+            run(shared, connector, socket, sm_ws_id)
+                .instrument(span)
+                .await;
+            drop(token);
+        })
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    connector: Arc<ConnectorConfig>,
+    mut socket: WebSocket,
+    sm_ws_id: String,
+) {
+    let Some(setup) = wait_for_setup(&shared, &mut socket).await else {
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel(shared.config.limits.control_send_queue);
+    let kill = CancellationToken::new();
+    let done = ServerFrame::SetupDone {
+        sm_ws_id: sm_ws_id.clone(),
+    };
+    if socket
+        .send(Message::Text(done.encode().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    shared.registry.add_control(
+        &sm_ws_id,
+        ControlLink {
+            connector: connector.uuid.as_str().into(),
+            setup,
+            tx: tx.clone(),
+            kill: kill.clone(),
+        },
+    );
+    info!(
+        sample_rate = setup.sample_rate.hz(),
+        audio_mode = setup.audio_mode.as_str(),
+        "control connection ready"
+    );
+    let mut conn = Conn {
+        shared: shared.clone(),
+        connector,
+        sm_ws_id: sm_ws_id.clone(),
+        link: ControlLink {
+            connector: "".into(),
+            setup,
+            tx,
+            kill: kill.clone(),
+        },
+    };
+    loop {
+        tokio::select! {
+            // Cancel-safe: WebSocket::recv is a stream poll.
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Text(text))) => conn.on_text(&text),
+                Some(Ok(Message::Binary(_))) => debug!("binary frame on the control connection ignored"),
+                Some(Ok(_)) => {} // ping/pong are answered by the WebSocket layer
+                Some(Err(e)) => {
+                    debug!(error = %e, "control connection failed");
+                    break;
+                }
+                None => break,
+            },
+            // Cancel-safe: mpsc recv. `None` cannot happen while `conn.tx` lives.
+            Some(frame) = rx.recv() => {
+                if socket.send(Message::Text(frame.encode().into())).await.is_err() {
+                    break;
+                }
+            }
+            // Cancel-safe: only observes the token.
+            () = kill.cancelled() => {
+                let close = CloseFrame {
+                    code: close_code::POLICY,
+                    reason: "send queue full: the client is not reading its frames".into(),
+                };
+                let _ = socket.send(Message::Close(Some(close))).await;
+                break;
+            }
+            // Cancel-safe: only observes the token.
+            () = shared.shutdown.cancelled() => {
+                let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
+        }
+    }
+    shared.registry.remove_control(&sm_ws_id);
+    info!("control connection closed");
+}
+
+async fn wait_for_setup(shared: &Shared, socket: &mut WebSocket) -> Option<SetupData> {
+    let deadline = tokio::time::Instant::now() + SETUP_TIMEOUT;
+    loop {
+        let msg = tokio::select! {
+            r = tokio::time::timeout_at(deadline, socket.recv()) => r,
+            () = shared.shutdown.cancelled() => return None,
+        };
+        match msg {
+            Ok(Some(Ok(Message::Text(text)))) => match ClientFrame::decode(&text) {
+                Ok(ClientFrame::Setup { data }) => return Some(data),
+                Ok(frame) => {
+                    if let Some(req_id) = frame.req_id() {
+                        let reply = Reply::error(
+                            Some(req_id.to_owned()),
+                            ErrorCode::InvalidRequest,
+                            json!({"message": "send setup first"}),
+                        );
+                        let _ = socket
+                            .send(Message::Text(ServerFrame::Response(reply).encode().into()))
+                            .await;
+                    }
+                }
+                Err(e) => debug!(error = %e, "undecodable frame before setup"),
+            },
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => return None,
+            Err(_) => {
+                warn!("no setup within {SETUP_TIMEOUT:?}; closing");
+                let _ = socket.send(Message::Close(None)).await;
+                return None;
+            }
+        }
+    }
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    connector: Arc<ConnectorConfig>,
+    sm_ws_id: String,
+    link: ControlLink,
+}
+
+impl Conn {
+    fn send(&self, frame: ServerFrame) {
+        self.link.send(frame);
+    }
+
+    fn reply_ok(&self, req_id: Option<String>, content: serde_json::Value) {
+        self.send(ServerFrame::Response(Reply::ok(req_id, content)));
+    }
+
+    fn reply_err(&self, req_id: Option<String>, code: ErrorCode, message: impl Into<String>) {
+        let content = json!({ "message": message.into() });
+        self.send(ServerFrame::Response(Reply::error(req_id, code, content)));
+    }
+
+    fn on_text(&mut self, text: &str) {
+        let frame = match ClientFrame::decode(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                let header = FrameHeader::peek(text).unwrap_or_default();
+                debug!(kind = ?header.kind, error = %e, "undecodable control frame");
+                if header.req_id.is_some() {
+                    let what = header.kind.as_deref().unwrap_or("(no type)");
+                    self.reply_err(
+                        header.req_id,
+                        ErrorCode::InvalidRequest,
+                        format!("cannot decode '{what}' frame: {e}"),
+                    );
+                }
+                return;
+            }
+        };
+        debug!(?frame, "control frame");
+        match frame {
+            ClientFrame::Setup { .. } => debug!("repeated setup ignored"),
+            ClientFrame::SessionOpen { session_id, req_id } => {
+                match self.shared.registry.claim(&self.sm_ws_id, &session_id) {
+                    Ok(info) => self.reply_ok(req_id, json!({ "session": info })),
+                    Err(e) => {
+                        let content = match &e {
+                            crate::registry::ClaimError::Busy { bound_sm_ws_id } => {
+                                json!({ "boundSmWsId": bound_sm_ws_id })
+                            }
+                            _ => {
+                                json!({ "message": format!("session {session_id} cannot be opened") })
+                            }
+                        };
+                        self.send(ServerFrame::Response(Reply::error(
+                            req_id,
+                            e.code(),
+                            content,
+                        )));
+                    }
+                }
+            }
+            ClientFrame::SessionReady { session_id } => {
+                match self.shared.registry.ready(&self.sm_ws_id, &session_id) {
+                    ReadyOutcome::Call(call) => self.send(self.call_in(&call)),
+                    ReadyOutcome::NotOpen => {
+                        debug!(%session_id, "session.ready for a session this connection does not hold")
+                    }
+                    ReadyOutcome::Nothing => {}
+                }
+            }
+            ClientFrame::SessionCreate {
+                channel,
+                remote_address,
+                req_id,
+            } => {
+                self.on_create(channel, &remote_address, req_id);
+            }
+            ClientFrame::CallFlowSetup { req_id, .. } => {
+                // Every inbound call is offered to the connector; the flow is accepted as is.
+                self.reply_ok(req_id, json!({}));
+            }
+            ClientFrame::WaMsgOut { req_id, .. } => {
+                self.reply_err(
+                    req_id,
+                    ErrorCode::ChannelNotConfigured,
+                    "messaging (WA) is not configured on this server",
+                );
+            }
+        }
+    }
+
+    fn on_create(&self, channel: Channel, remote: &str, req_id: Option<String>) {
+        if channel != Channel::Telco {
+            return self.reply_err(
+                req_id,
+                ErrorCode::ChannelNotConfigured,
+                "messaging (WA) is not configured on this server",
+            );
+        }
+        if let Some(existing) =
+            self.shared
+                .registry
+                .open_session_for(&self.connector.uuid, channel, remote)
+        {
+            return self.reply_ok(req_id, json!({ "sessionId": existing, "created": false }));
+        }
+        match crate::call::spawn_outbound(
+            &self.shared,
+            self.connector.clone(),
+            &self.sm_ws_id,
+            self.link.setup,
+            remote,
+        ) {
+            Ok(call) => self.reply_ok(
+                req_id,
+                json!({ "sessionId": call.session_id.as_ref(), "created": true }),
+            ),
+            Err((code, message)) => self.reply_err(req_id, code, message),
+        }
+    }
+
+    fn call_in(&self, call: &CallHandle) -> ServerFrame {
+        let token = self.shared.signer.issue(&call.call_id, SystemTime::now());
+        ServerFrame::CallIn(CallIn {
+            session_id: call.session_id.to_string(),
+            call_id: call.call_id.to_string(),
+            org_uuid: self.connector.uuid.clone(),
+            from: call.from.to_string(),
+            to: call.to.to_string(),
+            url: format!("{}{}/{}", self.shared.public_url, MEDIA_PATH, call.call_id),
+            token,
+        })
+    }
+}

@@ -1,0 +1,134 @@
+//! The HTTP API under `/public/v1`, authenticated like the control plane. Errors are JSON
+//! `{code, message}` with the protocol's error codes, mapped to a status in one place
+//! ([`ApiError`]).
+
+use crate::auth::authenticate;
+use crate::call::CallInput;
+use crate::state::Shared;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::control::{Channel, CloseReason, SessionState};
+
+/// An API failure.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self.code {
+            ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::SessionNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "code": self.code, "message": self.message });
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+fn auth(
+    shared: &Shared,
+    headers: &HeaderMap,
+) -> Result<Arc<crate::config::ConnectorConfig>, ApiError> {
+    authenticate(shared, headers).map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
+}
+
+/// Query of `GET /public/v1/sessions`. Values are strings so that a bad one gets our own
+/// message rather than a generic extractor error.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ListQuery {
+    channel: Option<String>,
+    remote_address: Option<String>,
+    state: Option<String>,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    name: &str,
+    value: &str,
+    allowed: &str,
+) -> Result<T, ApiError> {
+    serde_json::from_value(serde_json::Value::from(value)).map_err(|_| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{name} must be one of {allowed}, got '{value}'"),
+        )
+    })
+}
+
+/// `GET /public/v1/sessions?channel=&remoteAddress=&state=`.
+pub(crate) async fn list_sessions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let connector = auth(&shared, &headers)?;
+    let Query(query) =
+        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let channel: Option<Channel> = query
+        .channel
+        .as_deref()
+        .map(|c| parse("channel", c, "TELCO, WA"))
+        .transpose()?;
+    let state: Option<SessionState> = query
+        .state
+        .as_deref()
+        .map(|s| parse("state", s, "OPEN, CLOSED"))
+        .transpose()?;
+    let items = shared.registry.list(
+        &connector.uuid,
+        channel,
+        query.remote_address.as_deref(),
+        state,
+    );
+    Ok(Json(json!({ "items": items })))
+}
+
+/// `POST /public/v1/sessions/{id}/close`: ends the session's call for everyone.
+pub(crate) async fn close_session(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(session_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let connector = auth(&shared, &headers)?;
+    let Some(call) = shared.registry.call_of(&connector.uuid, &session_id) else {
+        return Err(ApiError::new(
+            ErrorCode::SessionNotFound,
+            format!("no open session {session_id}"),
+        ));
+    };
+    let reason = CloseReason::SdkRequest;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    call.send(CallInput::Close {
+        reason,
+        done: Some(done_tx),
+    });
+    // The sender drops without a value if the call ended on its own meanwhile: closed either way.
+    let _ = done_rx.await;
+    Ok(Json(
+        json!({ "closedAt": crate::token::unix_now(), "reason": reason }),
+    ))
+}

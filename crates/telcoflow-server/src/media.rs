@@ -1,0 +1,212 @@
+//! The media plane: `/v1/agent/media/{call_id}`, one WebSocket per call.
+//!
+//! The bearer token from `call.in` must be valid for this call and unexpired; anything else gets
+//! 401 with a body saying why. Once attached, text frames carry commands (forwarded to the call
+//! actor, which answers each with a `command_response`) and binary frames carry the agent's
+//! audio on channel 0. Malformed frames are logged and ignored; the connection stays up.
+
+use crate::call::{CallInput, MediaLink, MediaOut};
+use crate::state::Shared;
+use axum::extract::ws::{
+    Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::SystemTime;
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::media::{
+    AudioFrame, CHANNEL_MIXED, CommandResponse, MediaClientFrame, MediaServerFrame,
+};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{Instrument, debug, info_span};
+
+/// `GET /v1/agent/media/{call_id}`.
+pub(crate) async fn media_ws(
+    State(shared): State<Arc<Shared>>,
+    Path(call_id): Path<String>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let token = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <token> header",
+        )
+            .into_response();
+    };
+    if let Err(e) = shared.signer.verify(token, &call_id, SystemTime::now()) {
+        return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
+    }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let Some(call) = shared.registry.call_by_id(&call_id) else {
+        return (
+            StatusCode::NOT_FOUND,
+            "the call has ended or does not exist",
+        )
+            .into_response();
+    };
+    let conn_id = shared.next_conn_id();
+    let (tx, rx) = mpsc::channel(shared.config.limits.media_send_queue);
+    let (reply_tx, reply_rx) = oneshot::channel();
+    call.send(CallInput::MediaAttach {
+        link: MediaLink { conn_id, tx },
+        reply: reply_tx,
+    });
+    match reply_rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),
+        Err(_) => return (StatusCode::NOT_FOUND, "the call has ended").into_response(),
+    }
+    let max = shared.config.limits.max_media_frame_bytes;
+    let tracker = shared.tasks.token();
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_failed_upgrade({
+            let call = call.clone();
+            move |_| {
+                call.send(CallInput::MediaDetach { conn_id });
+            }
+        })
+        .on_upgrade(move |socket| async move {
+            let span = info_span!("media", call_id = %call.call_id, conn_id);
+            run(shared, call, socket, conn_id, rx)
+                .instrument(span)
+                .await;
+            drop(tracker);
+        })
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    call: crate::call::CallHandle,
+    mut socket: WebSocket,
+    conn_id: u64,
+    mut rx: mpsc::Receiver<MediaOut>,
+) {
+    debug!("media connection open");
+    // Commands sent to the call and not yet answered. Bounded so that a client cannot pile up
+    // work faster than the call answers it.
+    let max_in_flight = shared.config.limits.max_pending_commands_per_call;
+    let mut in_flight = 0usize;
+    loop {
+        tokio::select! {
+            biased;
+            // Cancel-safe: mpsc recv. Outgoing first so responses are not held behind audio input.
+            out = rx.recv() => {
+                let msg = match out {
+                    Some(MediaOut::Text(text)) => Message::Text(text.into()),
+                    Some(MediaOut::Response(text)) => {
+                        in_flight = in_flight.saturating_sub(1);
+                        Message::Text(text.into())
+                    }
+                    Some(MediaOut::Audio(frame)) => Message::Binary(frame),
+                    Some(MediaOut::Close) | None => {
+                        let _ = socket.send(Message::Close(None)).await;
+                        break;
+                    }
+                };
+                if socket.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            // Cancel-safe: WebSocket::recv is a stream poll.
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    match decode_command(&text, conn_id, &mut socket).await {
+                        Some(CallInput::Command { command, .. }) if in_flight >= max_in_flight => {
+                            let resp = CommandResponse::error(
+                                command.command_id,
+                                ErrorCode::QuotaExceeded,
+                                format!("{max_in_flight} commands are already waiting for an answer (limits.max_pending_commands_per_call)"),
+                            );
+                            let text = MediaServerFrame::CommandResponse(resp).encode();
+                            if socket.send(Message::Text(text.into())).await.is_err() {
+                                break;
+                            }
+                        }
+                        Some(input) => {
+                            in_flight += 1;
+                            if !call.send_data(input).await {
+                                break;
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                Some(Ok(Message::Binary(frame))) => match AudioFrame::decode(&frame) {
+                    Ok(audio) if audio.channel == CHANNEL_MIXED => {
+                        let pcm = frame.slice(1..);
+                        if !call.send_data(CallInput::AgentAudio { conn_id, pcm }).await {
+                            break;
+                        }
+                    }
+                    Ok(audio) => debug!(channel = audio.channel, "agent audio for a channel other than 0 ignored"),
+                    Err(e) => debug!(error = %e, "binary frame ignored"),
+                },
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    debug!(error = %e, "media connection failed");
+                    break;
+                }
+                None => break,
+            },
+            // Cancel-safe: only observes the token.
+            () = shared.shutdown.cancelled() => {
+                // The call actor ends the call and sends its last frames; drain them briefly.
+                while let Ok(Some(out)) = tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await {
+                    match out {
+                        MediaOut::Text(text) | MediaOut::Response(text) => {
+                            let _ = socket.send(Message::Text(text.into())).await;
+                        }
+                        MediaOut::Audio(_) => {}
+                        MediaOut::Close => break,
+                    }
+                }
+                let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
+        }
+    }
+    call.send(CallInput::MediaDetach { conn_id });
+    debug!("media connection closed");
+}
+
+/// Decodes a text frame into a command. A frame that is not a command but names a
+/// `command_id` is answered with `INVALID_REQUEST`; anything else is logged and ignored.
+async fn decode_command(text: &str, conn_id: u64, socket: &mut WebSocket) -> Option<CallInput> {
+    match MediaClientFrame::decode(text) {
+        Ok(MediaClientFrame::Command(command)) => Some(CallInput::Command { conn_id, command }),
+        Err(e) => {
+            debug!(error = %e, "malformed media frame ignored");
+            let command_id = serde_json::from_str::<Value>(text).ok().and_then(|v| {
+                v.get("data")
+                    .and_then(|d| d.get("command_id"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+            if let Some(command_id) = command_id {
+                let resp = CommandResponse::error(
+                    command_id,
+                    ErrorCode::InvalidRequest,
+                    format!("malformed command: {e}"),
+                );
+                let _ = socket
+                    .send(Message::Text(
+                        MediaServerFrame::CommandResponse(resp).encode().into(),
+                    ))
+                    .await;
+            }
+            None
+        }
+    }
+}

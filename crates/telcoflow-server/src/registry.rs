@@ -1,0 +1,388 @@
+//! The call/session registry: which sessions exist, which control connection holds each, and
+//! which control connections each connector has.
+//!
+//! This is the one piece of shared state of the server, kept behind a narrow interface so that it
+//! can later live in a distributed store (NATS JetStream KV for records, subjects for the
+//! notifications) without touching the planes around it. Every method is synchronous and holds
+//! the lock only for map updates; frames to control connections are queued with `try_send` on
+//! bounded queues, never awaited under the lock.
+
+use crate::call::{CallHandle, CallInput};
+use crate::token::unix_now;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::control::{
+    Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState, SetupData,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+/// How a control connection is reached.
+#[derive(Debug, Clone)]
+pub(crate) struct ControlLink {
+    pub(crate) connector: Arc<str>,
+    pub(crate) setup: SetupData,
+    pub(crate) tx: mpsc::Sender<ServerFrame>,
+    /// Cancelled when the connection cannot take a frame: it is not reading and gets closed.
+    pub(crate) kill: CancellationToken,
+}
+
+impl ControlLink {
+    /// Queues a frame; a full queue closes the connection rather than lose frames silently.
+    pub(crate) fn send(&self, frame: ServerFrame) {
+        if let Err(e) = self.tx.try_send(frame) {
+            warn!(error = %e, "control connection is not reading; closing it");
+            self.kill.cancel();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SessionRecord {
+    info: SessionInfo,
+    connector: Arc<str>,
+    bound: Option<String>,
+    ready: bool,
+    /// Media connected: the session no longer depends on its control connection.
+    media_attached: bool,
+    call: Option<CallHandle>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    controls: HashMap<String, ControlLink>,
+    sessions: HashMap<String, SessionRecord>,
+    /// Open calls per connector.
+    calls: HashMap<Arc<str>, usize>,
+    /// Running calls by call id, for the media plane.
+    by_call_id: HashMap<Arc<str>, CallHandle>,
+}
+
+/// Why a session could not be claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClaimError {
+    Busy { bound_sm_ws_id: String },
+    NotFound,
+    Closed,
+}
+
+impl ClaimError {
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Self::Busy { .. } => ErrorCode::SessionBusy,
+            Self::NotFound => ErrorCode::SessionNotFound,
+            Self::Closed => ErrorCode::SessionClosed,
+        }
+    }
+}
+
+/// What to do after a session was marked ready.
+#[derive(Debug)]
+pub(crate) enum ReadyOutcome {
+    /// Send `call.in` for this call (the registry does not build media URLs).
+    Call(CallHandle),
+    /// The session was not claimed by this connection.
+    NotOpen,
+    /// Nothing to deliver (already ready, or no call).
+    Nothing,
+}
+
+/// The registry. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Registry {
+    state: Arc<Mutex<State>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug in the few lines of map code below;
+        // the maps stay consistent between statements, so recovering the guard is sound.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn control_count(&self, connector: &str) -> usize {
+        self.lock()
+            .controls
+            .values()
+            .filter(|c| &*c.connector == connector)
+            .count()
+    }
+
+    /// Adds a control connection after `setup` and offers it every session of its connector that
+    /// nobody holds.
+    pub(crate) fn add_control(&self, sm_ws_id: &str, link: ControlLink) {
+        let mut state = self.lock();
+        let now = unix_now();
+        for s in state.sessions.values() {
+            if s.connector == link.connector && offerable(s) {
+                let activity = if s.info.initiator == Initiator::Connector && !s.ready {
+                    Activity::NewIncomingCall
+                } else {
+                    Activity::Resume
+                };
+                link.send(notify(&s.info, activity, now));
+            }
+        }
+        state.controls.insert(sm_ws_id.to_owned(), link);
+    }
+
+    /// Removes a control connection. Sessions it held whose media is not connected yet are
+    /// offered again (`RESUME`) to the connector's other connections.
+    pub(crate) fn remove_control(&self, sm_ws_id: &str) {
+        let mut state = self.lock();
+        let Some(link) = state.controls.remove(sm_ws_id) else {
+            return;
+        };
+        let now = unix_now();
+        let mut resumed = Vec::new();
+        for s in state.sessions.values_mut() {
+            if s.bound.as_deref() == Some(sm_ws_id) {
+                s.bound = None;
+                if s.info.state == SessionState::Open && !s.media_attached {
+                    s.ready = false;
+                    resumed.push(notify(&s.info, Activity::Resume, now));
+                }
+            }
+        }
+        for frame in resumed {
+            debug!(?frame, "offering session again");
+            broadcast(&state.controls, &link.connector, &frame);
+        }
+    }
+
+    /// Registers a new call session and notifies every control connection of the connector.
+    /// Fails with `QUOTA_EXCEEDED` at the connector's call limit.
+    pub(crate) fn open_call_session(
+        &self,
+        connector: &Arc<str>,
+        max_calls: usize,
+        info: SessionInfo,
+        call: CallHandle,
+        bound: Option<String>,
+    ) -> Result<(), ErrorCode> {
+        let mut state = self.lock();
+        let count = state.calls.entry(connector.clone()).or_default();
+        if *count >= max_calls {
+            return Err(ErrorCode::QuotaExceeded);
+        }
+        *count += 1;
+        if bound.is_none() {
+            let frame = notify(&info, Activity::NewIncomingCall, unix_now());
+            broadcast(&state.controls, connector, &frame);
+        }
+        state.sessions.insert(
+            info.id.clone(),
+            SessionRecord {
+                info,
+                connector: connector.clone(),
+                bound,
+                ready: false,
+                media_attached: false,
+                call: Some(call),
+            },
+        );
+        Ok(())
+    }
+
+    /// Makes a running call reachable by its id.
+    pub(crate) fn index_call(&self, call: &CallHandle) {
+        self.lock()
+            .by_call_id
+            .insert(call.call_id.clone(), call.clone());
+    }
+
+    /// Forgets a finished call.
+    pub(crate) fn unindex_call(&self, call_id: &str) {
+        self.lock().by_call_id.remove(call_id);
+    }
+
+    /// A running call by id.
+    pub(crate) fn call_by_id(&self, call_id: &str) -> Option<CallHandle> {
+        self.lock().by_call_id.get(call_id).cloned()
+    }
+
+    /// `session.open`: claims a session for a control connection.
+    pub(crate) fn claim(
+        &self,
+        sm_ws_id: &str,
+        session_id: &str,
+    ) -> Result<SessionInfo, ClaimError> {
+        let mut state = self.lock();
+        let Some(link) = state.controls.get(sm_ws_id).cloned() else {
+            return Err(ClaimError::NotFound);
+        };
+        // Another connector's session is reported as not found: its existence is not ours to see.
+        let Some(s) = state
+            .sessions
+            .get_mut(session_id)
+            .filter(|s| s.connector == link.connector)
+        else {
+            return Err(ClaimError::NotFound);
+        };
+        if s.info.state == SessionState::Closed {
+            return Err(ClaimError::Closed);
+        }
+        match &s.bound {
+            Some(holder) if holder != sm_ws_id => {
+                return Err(ClaimError::Busy {
+                    bound_sm_ws_id: holder.clone(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                s.bound = Some(sm_ws_id.to_owned());
+                if let Some(call) = &s.call {
+                    call.send(CallInput::Claimed { setup: link.setup });
+                }
+            }
+        }
+        Ok(s.info.clone())
+    }
+
+    /// `session.ready`.
+    pub(crate) fn ready(&self, sm_ws_id: &str, session_id: &str) -> ReadyOutcome {
+        let mut state = self.lock();
+        if !state.controls.contains_key(sm_ws_id) {
+            return ReadyOutcome::NotOpen;
+        }
+        match state.sessions.get_mut(session_id) {
+            Some(s)
+                if s.bound.as_deref() == Some(sm_ws_id) && s.info.state == SessionState::Open =>
+            {
+                if s.ready {
+                    return ReadyOutcome::Nothing;
+                }
+                s.ready = true;
+                match &s.call {
+                    Some(call) => ReadyOutcome::Call(call.clone()),
+                    None => ReadyOutcome::Nothing,
+                }
+            }
+            _ => ReadyOutcome::NotOpen,
+        }
+    }
+
+    /// The media connection of a session's call is up (or down again).
+    pub(crate) fn set_media_attached(&self, session_id: &str, attached: bool) {
+        if let Some(s) = self.lock().sessions.get_mut(session_id) {
+            s.media_attached = attached;
+        }
+    }
+
+    /// Closes a session: tells its holder with `session.closed` and frees the call slot.
+    /// Returns false if it was already closed.
+    pub(crate) fn close(&self, session_id: &str, reason: CloseReason) -> bool {
+        let mut state = self.lock();
+        let State {
+            controls,
+            sessions,
+            calls,
+            ..
+        } = &mut *state;
+        let Some(s) = sessions.get_mut(session_id) else {
+            return false;
+        };
+        if s.info.state == SessionState::Closed {
+            return false;
+        }
+        s.info.state = SessionState::Closed;
+        s.info.closed_at = Some(unix_now());
+        s.call = None;
+        if let Some(count) = calls.get_mut(&s.connector) {
+            *count = count.saturating_sub(1);
+        }
+        if let Some(link) = s.bound.as_ref().and_then(|id| controls.get(id)) {
+            link.send(ServerFrame::SessionClosed {
+                session_id: session_id.to_owned(),
+                reason,
+            });
+        }
+        true
+    }
+
+    /// Forgets closed sessions older than `keep_secs`, so the registry does not grow forever.
+    pub(crate) fn prune_closed(&self, keep_secs: u64) {
+        let now = unix_now();
+        self.lock().sessions.retain(|_, s| {
+            s.info.state == SessionState::Open
+                || s.info
+                    .closed_at
+                    .is_some_and(|t| now.saturating_sub(t) < keep_secs)
+        });
+    }
+
+    /// Sessions of a connector, for the HTTP API.
+    pub(crate) fn list(
+        &self,
+        connector: &str,
+        channel: Option<Channel>,
+        remote_address: Option<&str>,
+        state: Option<SessionState>,
+    ) -> Vec<SessionInfo> {
+        let mut items: Vec<SessionInfo> = self
+            .lock()
+            .sessions
+            .values()
+            .filter(|s| &*s.connector == connector)
+            .filter(|s| channel.is_none_or(|c| s.info.channel == c))
+            .filter(|s| remote_address.is_none_or(|r| s.info.remote_address == r))
+            .filter(|s| state.is_none_or(|st| s.info.state == st))
+            .map(|s| s.info.clone())
+            .collect();
+        items.sort_by(|a, b| a.opened_at.cmp(&b.opened_at).then_with(|| a.id.cmp(&b.id)));
+        items
+    }
+
+    /// The call of an open session of `connector`, for HTTP close.
+    pub(crate) fn call_of(&self, connector: &str, session_id: &str) -> Option<CallHandle> {
+        self.lock()
+            .sessions
+            .get(session_id)
+            .filter(|s| &*s.connector == connector && s.info.state == SessionState::Open)
+            .and_then(|s| s.call.clone())
+    }
+
+    /// An open session of `connector` with this far party, for `session.create` idempotency.
+    pub(crate) fn open_session_for(
+        &self,
+        connector: &str,
+        channel: Channel,
+        remote: &str,
+    ) -> Option<String> {
+        self.lock()
+            .sessions
+            .values()
+            .find(|s| {
+                &*s.connector == connector
+                    && s.info.channel == channel
+                    && s.info.state == SessionState::Open
+                    && s.info.remote_address == remote
+            })
+            .map(|s| s.info.id.clone())
+    }
+}
+
+fn offerable(s: &SessionRecord) -> bool {
+    s.info.state == SessionState::Open && s.bound.is_none() && !s.media_attached && s.call.is_some()
+}
+
+fn notify(info: &SessionInfo, activity: Activity, now: u64) -> ServerFrame {
+    ServerFrame::SessionNotify {
+        session_id: info.id.clone(),
+        channel: info.channel,
+        remote_address: info.remote_address.clone(),
+        local_address: info.local_address.clone(),
+        activity,
+        created_at: now,
+    }
+}
+
+fn broadcast(controls: &HashMap<String, ControlLink>, connector: &str, frame: &ServerFrame) {
+    for link in controls.values().filter(|l| &*l.connector == connector) {
+        link.send(frame.clone());
+    }
+}

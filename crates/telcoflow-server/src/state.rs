@@ -1,0 +1,72 @@
+//! What every task of the server shares: configuration, connectors, the registry, the phone
+//! networks, the token signer and the shutdown signal.
+
+use crate::config::{Config, ConnectorConfig};
+use crate::registry::Registry;
+use crate::sim::network::Directory;
+use crate::token::TokenSigner;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    connectors: HashMap<String, Arc<ConnectorConfig>>,
+    pub(crate) registry: Registry,
+    pub(crate) phones: Directory,
+    pub(crate) signer: TokenSigner,
+    /// Base URL (`ws://host:port`) used in the media URLs of `call.in`.
+    pub(crate) public_url: String,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, public_url: String) -> Self {
+        let signer = match &config.token_secret {
+            Some(secret) => TokenSigner::new(secret.as_bytes(), config.media_token_ttl()),
+            None => TokenSigner::random(config.media_token_ttl()),
+        };
+        let connectors = config
+            .connectors
+            .iter()
+            .map(|c| (c.uuid.clone(), Arc::new(c.clone())))
+            .collect();
+        Self {
+            config,
+            connectors,
+            registry: Registry::default(),
+            phones: Directory::default(),
+            signer,
+            public_url,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn connector(&self, uuid: &str) -> Option<&Arc<ConnectorConfig>> {
+        self.connectors.get(uuid)
+    }
+
+    /// The connector a called number is routed to: an exact number first, then a `"*"`.
+    pub(crate) fn route(&self, called: &str) -> Option<Arc<ConnectorConfig>> {
+        let by = |pred: &dyn Fn(&str) -> bool| {
+            self.config
+                .connectors
+                .iter()
+                .find(|c| c.numbers.iter().any(|n| pred(n)))
+                .and_then(|c| self.connectors.get(&c.uuid).cloned())
+        };
+        by(&|n| n == called).or_else(|| by(&|n| n == "*"))
+    }
+
+    /// A process-unique id for a connection.
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+}
