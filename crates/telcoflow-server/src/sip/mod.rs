@@ -17,6 +17,9 @@ pub mod transaction;
 pub mod uac;
 pub mod uas;
 
+#[cfg(test)]
+mod pair_tests;
+
 use std::net::SocketAddr;
 
 /// The transport a message came over or must leave by.
