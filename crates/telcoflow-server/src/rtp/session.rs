@@ -660,4 +660,66 @@ mod tests {
         // No new packets in this interval: nothing lost in it.
         assert_eq!(sr.reports[0].fraction_lost, 0);
     }
+
+    /// Two sessions back to back: audio crosses with loss and reordering, and each side's
+    /// RTCP tells the other what it lost.
+    #[test]
+    fn pair_exchanges_audio_and_reports_loss() {
+        let t0 = Instant::now();
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let mut a = RtpSession::new(SessionConfig::new(G711::Pcma, 0xA, 1, 1), b_addr, t0);
+        let mut b_config = SessionConfig::new(G711::Pcma, 0xB, 2, 2);
+        b_config.jitter.min_delay = Duration::from_millis(60);
+        let mut b = RtpSession::new(b_config, a_addr, t0);
+        let mut buf = [0u8; 1500];
+        let mut in_flight: Vec<Vec<u8>> = Vec::new();
+        let mut heard: Vec<i16> = Vec::new();
+        let frame = |n: u32| -> Vec<i16> {
+            (0..160)
+                .map(|i| ((n * 160 + i) % 200) as i16 * 50)
+                .collect()
+        };
+        for tick in 0..200u32 {
+            let now = t0 + FRAME_DURATION * tick;
+            let len = a.write_audio(&frame(tick), &mut buf).unwrap();
+            // Drop every 25th packet; swap every 10th pair.
+            if tick % 25 != 24 {
+                in_flight.push(buf[..len].to_vec());
+            }
+            if tick % 10 == 9 && in_flight.len() >= 2 {
+                let n = in_flight.len();
+                in_flight.swap(n - 1, n - 2);
+            }
+            if tick % 2 == 1 {
+                for p in in_flight.drain(..) {
+                    assert_eq!(b.handle_datagram(a_addr, &p, now), Received::Audio);
+                }
+            }
+            let f = b.pop_frame(now);
+            if f.kind == FrameKind::Audio {
+                heard.extend_from_slice(f.samples);
+            }
+        }
+        // Audio frames are the sent frames after A-law quantisation, in order.
+        assert!(heard.len() >= 160 * 180, "{}", heard.len());
+        let first = heard[0];
+        let quantised: Vec<i16> = (0..200)
+            .flat_map(frame)
+            .map(|s| G711::Pcma.decode_sample(G711::Pcma.encode_sample(s)))
+            .collect();
+        let offset = quantised.iter().position(|&s| s == first).unwrap();
+        assert_eq!(&heard[..160], &quantised[offset..offset + 160]);
+        assert_eq!(b.jitter_buffer().stats().concealed, 7);
+        // B reports to A: 8 dropped, but the last (tick 199) is beyond the highest sequence B
+        // has seen, so it is not known lost yet.
+        let now = t0 + Duration::from_secs(5);
+        let n = b
+            .poll_rtcp(now, Duration::from_secs(1), &mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.handle_datagram(b_addr, &buf[..n], now), Received::Rtcp);
+        assert_eq!(a.stats().remote_lost, 7);
+        assert_eq!(a.remote(), b_addr);
+    }
 }
