@@ -135,7 +135,7 @@ impl Reception {
             let delta = seq.wrapping_sub(self.max_seq);
             if delta < 3000 {
                 if seq < self.max_seq {
-                    self.cycles += 1 << 16;
+                    self.cycles = self.cycles.wrapping_add(1 << 16);
                 }
                 self.max_seq = seq;
             } else if delta <= u16::MAX - 100 {
