@@ -40,6 +40,8 @@ struct Pair {
     wire: Vec<(u64, &'static str, String)>,
     uac_events: Vec<UacEvent>,
     uas_events: Vec<UasEvent>,
+    /// Every payload that crossed the wire, in order.
+    payloads: Vec<Vec<u8>>,
 }
 
 impl Pair {
@@ -79,6 +81,7 @@ impl Pair {
             wire: Vec::new(),
             uac_events: Vec::new(),
             uas_events: Vec::new(),
+            payloads: Vec::new(),
         }
     }
 
@@ -100,6 +103,7 @@ impl Pair {
                 moved = true;
                 let what = describe(&t.payload);
                 let ms = (self.now - self.start).as_millis() as u64;
+                self.payloads.push(t.payload.clone());
                 if self.dropped(&what) {
                     self.wire.push((ms, "uac->uas dropped", what));
                     continue;
@@ -114,6 +118,7 @@ impl Pair {
                 assert_eq!(t.destination, UAC_ADDR.parse().unwrap());
                 let what = describe(&t.payload);
                 let ms = (self.now - self.start).as_millis() as u64;
+                self.payloads.push(t.payload.clone());
                 if self.dropped(&what) {
                     self.wire.push((ms, "uas->uac dropped", what));
                     continue;
@@ -308,25 +313,17 @@ fn mutated_messages_never_panic() {
         .handle_action(call, UasAction::Ringing, p.now)
         .unwrap();
     p.answer(call);
-    // Collect a real exchange to mutate.
-    let mut samples: Vec<Vec<u8>> = Vec::new();
-    let mut probe = Pair::new();
-    probe.progress();
-    while let Some(t) = probe.uac.poll_transmit() {
-        samples.push(t.payload);
-    }
-    let ic = match probe.uas_events.first() {
-        Some(UasEvent::IncomingCall(ic)) => ic.call,
-        other => panic!("{other:?}"),
-    };
-    probe
-        .uas
-        .handle_action(ic, UasAction::Ringing, probe.now)
+    // A whole call's messages to mutate: INVITE, 100, 180, 200, ACK, BYE, 200.
+    let mut real = Pair::new();
+    let c = real.incoming_call();
+    real.uas
+        .handle_action(c, UasAction::Ringing, real.now)
         .unwrap();
-    while let Some(t) = probe.uas.poll_transmit() {
-        samples.push(t.payload);
-    }
-    assert!(samples.len() >= 3, "INVITE, 100 and 180 to mutate");
+    real.answer(c);
+    real.uac.hangup(real.now);
+    real.progress();
+    let samples = real.payloads;
+    assert_eq!(samples.len(), 7);
     let mut seed = 99u32;
     let mut next = move || {
         seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
