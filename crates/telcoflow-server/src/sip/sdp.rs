@@ -26,6 +26,9 @@ pub enum SdpError {
     /// The body does not start with `v=0`.
     #[error("SDP must start with v=0")]
     MissingVersion,
+    /// The body is not UTF-8 text.
+    #[error("SDP is not UTF-8")]
+    NotUtf8,
     /// A line is not `<letter>=<value>`.
     #[error("line {line}: not a <type>=<value> line")]
     BadLine {
@@ -240,6 +243,11 @@ fn parse_connection(v: &str, line: usize) -> Result<IpAddr, SdpError> {
 }
 
 impl SessionDescription {
+    /// Parses a message body.
+    pub fn parse_bytes(body: &[u8]) -> Result<Self, SdpError> {
+        Self::parse(std::str::from_utf8(body).map_err(|_| SdpError::NotUtf8)?)
+    }
+
     /// Parses SDP text (CRLF or LF line ends).
     pub fn parse(text: &str) -> Result<Self, SdpError> {
         let mut lines = text
@@ -875,6 +883,10 @@ a=rtpmap:96 H264/90000\r\n";
     #[test]
     fn malformed_sdp_is_a_typed_error() {
         assert_eq!(SessionDescription::parse(""), Err(SdpError::MissingVersion));
+        assert_eq!(
+            SessionDescription::parse_bytes(b"v=0\r\ns=\xff\r\n"),
+            Err(SdpError::NotUtf8)
+        );
         assert_eq!(
             SessionDescription::parse("v=1\r\n"),
             Err(SdpError::MissingVersion)

@@ -418,10 +418,8 @@ impl OutgoingCall {
         if !matches!(self.state, State::Calling | State::Ringing) {
             return;
         }
-        let negotiated = std::str::from_utf8(&r.body)
-            .ok()
-            .and_then(|t| SessionDescription::parse(t).ok())
-            .ok_or(sdp::NegotiationError::NoAudio)
+        let negotiated = SessionDescription::parse_bytes(&r.body)
+            .map_err(sdp::NegotiationError::from)
             .and_then(|sd| sdp::accept_answer(&self.media, &sd));
         match (negotiated, self.cancelled) {
             (Ok(negotiated), false) => {
@@ -571,9 +569,8 @@ impl OutgoingCall {
             now,
         );
         self.media.session_version += 1;
-        let outcome = std::str::from_utf8(&request.body)
-            .map_err(|_| sdp::NegotiationError::NoAudio)
-            .and_then(|t| SessionDescription::parse(t).map_err(Into::into))
+        let outcome = SessionDescription::parse_bytes(&request.body)
+            .map_err(sdp::NegotiationError::from)
             .and_then(|offer| sdp::answer(&offer, &self.media));
         let response = match outcome {
             Ok((sd, negotiated)) => {

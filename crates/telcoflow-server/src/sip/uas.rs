@@ -499,9 +499,8 @@ impl Uas {
                 self.reply(transport, source, request, 415, None, now);
                 return;
             }
-            let parsed = std::str::from_utf8(&request.body)
-                .map_err(|_| NegotiationError::Malformed(sdp::SdpError::MissingVersion))
-                .and_then(|text| SessionDescription::parse(text).map_err(Into::into))
+            let parsed = SessionDescription::parse_bytes(&request.body)
+                .map_err(NegotiationError::from)
                 .and_then(|sd| {
                     // Check now that an answer is possible, so a 488 goes out before
                     // anyone is notified.
@@ -622,9 +621,7 @@ impl Uas {
         call.state = CallState::Confirmed;
         let answer = if call.awaiting_answer_in_ack {
             call.awaiting_answer_in_ack = false;
-            let parsed = std::str::from_utf8(&request.body)
-                .ok()
-                .and_then(|t| SessionDescription::parse(t).ok());
+            let parsed = SessionDescription::parse_bytes(&request.body).ok();
             match (parsed, &call.media) {
                 (Some(sd), Some(media)) => sdp::accept_answer(media, &sd).ok(),
                 _ => None,
@@ -661,9 +658,7 @@ impl Uas {
             return;
         };
         let answer = if pending.awaiting_answer {
-            let parsed = std::str::from_utf8(&ack.body)
-                .ok()
-                .and_then(|t| SessionDescription::parse(t).ok());
+            let parsed = SessionDescription::parse_bytes(&ack.body).ok();
             match (parsed, &call.media) {
                 (Some(sd), Some(media)) => sdp::accept_answer(media, &sd).ok(),
                 _ => None,
@@ -723,9 +718,8 @@ impl Uas {
             // Offerless re-INVITE: offer our current media; the ACK carries the answer.
             Ok((sdp::offer(&media), None))
         } else {
-            std::str::from_utf8(&request.body)
-                .map_err(|_| NegotiationError::Malformed(sdp::SdpError::MissingVersion))
-                .and_then(|t| SessionDescription::parse(t).map_err(Into::into))
+            SessionDescription::parse_bytes(&request.body)
+                .map_err(NegotiationError::from)
                 .and_then(|offer| sdp::answer(&offer, &media))
                 .map(|(sd, n)| (sd, Some(n)))
         };
