@@ -361,6 +361,44 @@ impl Uas {
         }
     }
 
+    fn reply_unsupported(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        unsupported: &str,
+        now: Instant,
+    ) {
+        let Ok(key) = TransactionKey::for_request(&request) else {
+            return;
+        };
+        let tag = self.token();
+        let mut response = Response::to_request(&request, 420, Some(&tag));
+        response.headers.push("Unsupported", unsupported);
+        response
+            .headers
+            .push("Server", self.config.user_agent.clone());
+        let tx = if request.method == Method::Invite {
+            ServerTx::Invite(InviteServerTransaction::with_final_response(
+                request,
+                response,
+                transport.reliable(),
+                self.config.timers,
+                now,
+            ))
+        } else {
+            let mut tx = NonInviteServerTransaction::new(
+                request,
+                transport.reliable(),
+                self.config.timers,
+                now,
+            );
+            tx.send_response(response, now);
+            ServerTx::NonInvite(tx)
+        };
+        self.insert_server(key, tx, None, source, transport);
+    }
+
     fn insert_server(
         &mut self,
         key: TransactionKey,
@@ -425,6 +463,19 @@ impl Uas {
         if request.max_forwards().ok().flatten() == Some(0) && request.method != Method::Ack {
             self.reply(transport, source, request, 483, None, now);
             return;
+        }
+        // We implement no extensions: a request that requires one is refused with the list
+        // (RFC 3261 8.2.2.3). ACK and CANCEL never carry Require meaningfully.
+        if !matches!(request.method, Method::Ack | Method::Cancel) {
+            let required: Vec<String> = request
+                .headers
+                .values("Require")
+                .map(str::to_string)
+                .collect();
+            if !required.is_empty() {
+                self.reply_unsupported(transport, source, request, &required.join(", "), now);
+                return;
+            }
         }
         let in_dialog = request
             .header_to()
@@ -1470,6 +1521,36 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         h.feed_raw("hello");
         assert!(h.sent().is_empty());
         assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn required_extensions_are_refused_with_420() {
+        let mut h = Harness::new();
+        let text = Req::new("INVITE", "inv1", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text()
+            .replace(
+                "Max-Forwards: 70\r\n",
+                "Max-Forwards: 70\r\nRequire: 100rel, timer\r\n",
+            );
+        h.feed_raw(&text);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 420);
+        assert_eq!(r.headers.get("Unsupported"), Some("100rel, timer"));
+        assert!(h.events().is_empty());
+        // Supported (not required) extensions are fine.
+        let text = Req::new("INVITE", "inv2", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text()
+            .replace(
+                "Max-Forwards: 70\r\n",
+                "Max-Forwards: 70\r\nSupported: 100rel, timer\r\n",
+            );
+        h.feed_raw(&text);
+        assert_eq!(h.statuses(), vec![100]);
     }
 
     #[test]
