@@ -12,7 +12,8 @@
 //!
 //! What it does on its own: `100 Trying` for every INVITE; `488` when an offer has no codec we
 //! support (no event then); `400` with the parse error as reason for malformed requests;
-//! `200` to OPTIONS; `481` for requests in unknown dialogs; `200` + `487` for CANCEL before
+//! `200` to OPTIONS; `420` when a required extension is asked; `481` for requests in
+//! unknown dialogs; `200` + `487` for CANCEL before
 //! the answer; `200` to BYE; re-INVITE answered from the call's [`LocalMedia`] (hold and
 //! resume, `491` while another is pending); 2xx retransmission until ACK, and BYE when the ACK
 //! never comes.
