@@ -805,6 +805,35 @@ impl Request {
         Ok(())
     }
 
+    /// Records in the top Via where the request really came from (`received`, and `rport`
+    /// when asked: RFC 3261 18.2.1, RFC 3581), so responses copying it carry the address.
+    /// A missing or unreadable Via is left alone.
+    pub fn stamp_source(&mut self, source: SocketAddr) {
+        let Some(index) = self
+            .headers
+            .0
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case("Via"))
+        else {
+            return;
+        };
+        let line = self.headers.0[index].1.clone();
+        let mut values = split_commas(&line);
+        let Some(first) = values.next() else {
+            return;
+        };
+        let Ok(mut via) = Via::parse(first) else {
+            return;
+        };
+        via.stamp_source(source);
+        let mut rebuilt = via.to_string();
+        for rest in values {
+            rebuilt.push_str(", ");
+            rebuilt.push_str(rest);
+        }
+        self.headers.0[index].1 = rebuilt;
+    }
+
     /// Serialises the request; Content-Length is always written from the body.
     pub fn to_bytes(&self) -> Vec<u8> {
         let start = format!("{} {} SIP/2.0", self.method, self.uri);
@@ -1415,6 +1444,25 @@ l: 0\r\n\r\n";
         assert!(Via::parse("SIP/2.0/UDP").is_err());
         assert!(Via::parse("HTTP/1.1/TCP host").is_err());
         assert!(Via::parse("SIP/2.0/UDP host:port").is_err());
+    }
+
+    #[test]
+    fn request_stamp_source_touches_only_the_top_via() {
+        let mut r = invite();
+        r.headers.set(
+            "Via",
+            "SIP/2.0/UDP 10.0.0.5:5062;branch=z9hG4bKa;rport, SIP/2.0/UDP proxy;branch=z9hG4bKb",
+        );
+        r.headers.push("Via", "SIP/2.0/UDP last;branch=z9hG4bKc");
+        r.stamp_source("203.0.113.9:40000".parse().unwrap());
+        let vias = r.vias().unwrap();
+        assert_eq!(vias.len(), 3);
+        assert_eq!(vias[0].received(), Some("203.0.113.9"));
+        assert_eq!(vias[0].rport(), Some(40000));
+        assert_eq!(vias[1].received(), None);
+        assert_eq!(vias[2].host, "last");
+        let ok = Response::to_request(&r, 200, Some("t"));
+        assert_eq!(ok.top_via().unwrap().rport(), Some(40000));
     }
 
     #[test]

@@ -424,9 +424,10 @@ impl Uas {
         &mut self,
         transport: Transport,
         source: SocketAddr,
-        request: Request,
+        mut request: Request,
         now: Instant,
     ) {
+        request.stamp_source(source);
         if request.top_via().is_err() {
             tracing::debug!(%source, "dropping SIP request without a usable Via");
             return;
@@ -1409,6 +1410,10 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         // The same To tag as the 180: one dialog.
         assert_eq!(ok.header_to().unwrap().tag(), Some(tag.as_str()));
         assert_eq!(ok.content_type(), Some("application/sdp"));
+        // The Via says where the INVITE really came from (RFC 3581).
+        let via = ok.top_via().unwrap();
+        assert_eq!(via.received(), Some("192.0.2.50"));
+        assert_eq!(via.rport(), Some(5062));
         let body = String::from_utf8(ok.body.clone()).unwrap();
         assert!(body.contains("m=audio 30000 RTP/AVP 0 101\r\n"), "{body}");
         assert!(body.contains("c=IN IP4 203.0.113.1\r\n"));
