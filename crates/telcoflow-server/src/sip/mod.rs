@@ -10,6 +10,21 @@
 //! - [`uas`]: the user agent server for incoming calls: call-level events and actions.
 //! - [`uac`]: one outgoing call (dialling out): INVITE, auth retry, CANCEL, BYE.
 
+//!
+//! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
+//!
+//! | call side | incoming call ([`uas::Uas`]) | outgoing call ([`uac::OutgoingCall`]) |
+//! |---|---|---|
+//! | new call | `UasEvent::IncomingCall` (Reject 404 if the number has no route) | `OutgoingCall::new` |
+//! | ringing | `LegOutput::Ringing` -> `UasAction::Ringing` | `UacEvent::Progress` |
+//! | answered | `LegOutput::Answered` -> `UasAction::Answer` | `UacEvent::Answered` -> `LegEvent::Answered` |
+//! | refused | ring timeout -> `UasAction::Reject { status: 480 }` | `UacEvent::Failed` -> `LegEvent::Rejected` |
+//! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` -> `LegEvent::Hangup` |
+//! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
+//! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `write_audio` (8 kHz) | same |
+//! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
+//! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
+
 pub mod digest;
 pub mod message;
 pub mod sdp;
