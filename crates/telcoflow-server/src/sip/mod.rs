@@ -4,6 +4,7 @@
 //! time into these types, and sends what they ask it to send.
 //!
 //! - [`message`]: SIP requests and responses: parse, stream framing, build, serialise.
+//! - [`stream`]: cutting a TCP byte stream into messages and keep-alives.
 //! - [`sdp`]: SDP parse/generate and audio offer/answer (PCMU, PCMA, telephone-event).
 //! - [`digest`]: digest authentication answers to 401/407 challenges (dialling out).
 //! - [`transaction`]: RFC 3261 client and server transactions with their timers.
@@ -28,6 +29,7 @@
 pub mod digest;
 pub mod message;
 pub mod sdp;
+pub mod stream;
 pub mod transaction;
 pub mod uac;
 pub mod uas;
