@@ -11,7 +11,8 @@
 //!
 //! The ring timeout is the owner's: call [`OutgoingCall::cancel`] when it expires. A CANCEL
 //! asked before any provisional response waits for one (RFC 3261 9.1); if none comes, the
-//! INVITE's Timer B ends the call with a 408.
+//! INVITE's Timer B ends the call with a 408. If no final response follows a CANCEL within
+//! 64·T1 the call ends with 487, and an answer arriving later still is ACKed and ended.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -119,6 +120,8 @@ pub struct OutgoingCall {
     ack: Option<Request>,
     cancel_pending: bool,
     cancelled: bool,
+    /// After a CANCEL, when to stop waiting for the INVITE's final response (RFC 3261 9.1).
+    give_up_at: Option<Instant>,
     clients: Vec<NonInviteClientTransaction>,
     servers: Vec<(TransactionKey, NonInviteServerTransaction)>,
     reinvites: Vec<(TransactionKey, InviteServerTransaction)>,
@@ -152,6 +155,7 @@ impl OutgoingCall {
             ack: None,
             cancel_pending: false,
             cancelled: false,
+            give_up_at: None,
             clients: Vec::new(),
             servers: Vec::new(),
             reinvites: Vec::new(),
@@ -203,6 +207,7 @@ impl OutgoingCall {
             .chain(self.clients.iter().filter_map(|t| t.poll_timeout()))
             .chain(self.servers.iter().filter_map(|(_, t)| t.poll_timeout()))
             .chain(self.reinvites.iter().filter_map(|(_, t)| t.poll_timeout()))
+            .chain(self.give_up_at.filter(|_| self.is_ringing()))
             .min()
     }
 
@@ -395,8 +400,13 @@ impl OutgoingCall {
         self.fail(status, &r.reason);
     }
 
+    fn is_ringing(&self) -> bool {
+        matches!(self.state, State::Calling | State::Ringing)
+    }
+
     fn on_2xx(&mut self, r: Response) {
-        if self.ack.is_none() {
+        let first = self.ack.is_none();
+        if first {
             // The first 2xx establishes the dialog.
             self.remote_tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
             self.remote_target = r.contact().ok().flatten().map(|c| c.uri);
@@ -415,7 +425,11 @@ impl OutgoingCall {
         if let Some(ack) = &self.ack {
             self.transmits.push_back(Message::Request(ack.clone()));
         }
-        if !matches!(self.state, State::Calling | State::Ringing) {
+        if !self.is_ringing() {
+            if first && self.cancelled {
+                // An answer after we gave up on a CANCEL: end the call it opened.
+                self.send_bye(true);
+            }
             return;
         }
         let negotiated = SessionDescription::parse_bytes(&r.body)
@@ -614,6 +628,7 @@ impl OutgoingCall {
             return;
         }
         self.cancelled = true;
+        self.give_up_at = Some(now + self.config.timers.t1 * 64);
         if self.state == State::Ringing {
             self.send_cancel();
         } else {
@@ -635,6 +650,10 @@ impl OutgoingCall {
     /// Runs due timers.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_now = now;
+        if self.is_ringing() && self.give_up_at.is_some_and(|t| t <= now) {
+            // The callee never answered the INVITE after our CANCEL.
+            self.fail(487, "Request Terminated");
+        }
         if let Some(invite) = &mut self.invite {
             if invite.poll_timeout().is_some_and(|t| t <= now) {
                 invite.handle_timeout(now);
@@ -963,6 +982,30 @@ Content-Length: {}\r\n\r\n{body}",
                 UacEvent::Failed { status: 487, .. }
             ]
         ));
+    }
+
+    #[test]
+    fn cancel_without_any_final_response_gives_up_after_64_t1() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        h.respond(&invite, 180, None);
+        h.call.cancel(h.now);
+        h.sent();
+        // The callee never answers the CANCEL nor the INVITE.
+        h.run_until(40_000);
+        assert!(matches!(
+            h.events().as_slice(),
+            [
+                UacEvent::Progress { .. },
+                UacEvent::Failed { status: 487, .. }
+            ]
+        ));
+        assert!(h.call.is_finished());
+        // A very late 200 is ACKed and ended with BYE.
+        h.respond(&invite, 200, Some(callee_sdp("sendrecv")));
+        let methods: Vec<Method> = h.sent().into_iter().map(|r| r.method).collect();
+        assert_eq!(methods, vec![Method::Ack, Method::Bye]);
+        assert!(h.events().is_empty());
     }
 
     #[test]
