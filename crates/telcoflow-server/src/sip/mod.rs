@@ -23,6 +23,7 @@
 //! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` -> `LegEvent::Hangup` |
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
 //! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `write_audio` (8 kHz) | same |
+//! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
 //! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
 

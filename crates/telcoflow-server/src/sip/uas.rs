@@ -84,6 +84,49 @@ pub enum UasEvent {
         /// The call.
         call: CallHandle,
     },
+    /// A key press sent as SIP INFO (`application/dtmf-relay` or `application/dtmf`), which
+    /// some phones use instead of RFC 4733 packets.
+    Dtmf {
+        /// The call.
+        call: CallHandle,
+        /// `0`-`9`, `*`, `#`, `A`-`D`.
+        digit: char,
+        /// Key-press length in milliseconds (0 when the phone does not say).
+        duration_ms: u32,
+    },
+}
+
+/// Reads a DTMF digit from an INFO body: `application/dtmf-relay` (`Signal=5` and
+/// `Duration=160` lines) or `application/dtmf` (the digit alone).
+fn info_dtmf(request: &Request) -> Option<(char, u32)> {
+    let ctype = request.content_type()?.to_ascii_lowercase();
+    let body = std::str::from_utf8(&request.body).ok()?;
+    let valid = |c: char| {
+        let c = c.to_ascii_uppercase();
+        (c.is_ascii_digit() || matches!(c, '*' | '#' | 'A'..='D')).then_some(c)
+    };
+    if ctype.starts_with("application/dtmf-relay") {
+        let mut digit = None;
+        let mut duration = 0;
+        for line in body.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let value = value.trim();
+            match key.trim().to_ascii_lowercase().as_str() {
+                "signal" => digit = value.chars().next().and_then(valid),
+                "duration" => duration = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        return digit.map(|d| (d, duration));
+    }
+    if ctype.starts_with("application/dtmf") {
+        let mut chars = body.trim().chars();
+        let d = chars.next().and_then(valid)?;
+        return chars.next().is_none().then_some((d, 0));
+    }
+    None
 }
 
 /// A new call, as reported by [`UasEvent::IncomingCall`].
@@ -494,15 +537,18 @@ impl Uas {
             (Method::Bye, Some(tag)) => self.handle_bye(transport, source, request, &tag, now),
             (Method::Options, _) => self.reply(transport, source, request, 200, None, now),
             (Method::Info, Some(tag)) => {
-                let known = self.find_dialog(&request, &tag).is_some();
-                self.reply(
-                    transport,
-                    source,
-                    request,
-                    if known { 200 } else { 481 },
-                    None,
-                    now,
-                )
+                let call = self.find_dialog(&request, &tag);
+                if let Some(call) = call {
+                    if let Some((digit, duration_ms)) = info_dtmf(&request) {
+                        self.events.push_back(UasEvent::Dtmf {
+                            call,
+                            digit,
+                            duration_ms,
+                        });
+                    }
+                }
+                let status = if call.is_some() { 200 } else { 481 };
+                self.reply(transport, source, request, status, None, now)
             }
             (Method::Bye | Method::Info, None) => {
                 self.reply(transport, source, request, 481, None, now)
@@ -1557,6 +1603,49 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             );
         h.feed_raw(&text);
         assert_eq!(h.statuses(), vec![100]);
+    }
+
+    #[test]
+    fn dtmf_by_sip_info() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        for (branch, ctype, body, expect) in [
+            (
+                "i1",
+                "application/dtmf-relay",
+                "Signal=5\r\nDuration=160\r\n",
+                Some(('5', 160)),
+            ),
+            (
+                "i2",
+                "application/dtmf-relay",
+                "Signal=#\r\n",
+                Some(('#', 0)),
+            ),
+            ("i3", "application/dtmf", "a", Some(('A', 0))),
+            ("i4", "application/dtmf-relay", "Signal=x\r\n", None),
+            ("i5", "text/plain", "5", None),
+        ] {
+            let text = Req::new("INFO", branch, 3)
+                .tag(&tag)
+                .body(body.into())
+                .text()
+                .replace("application/sdp", ctype);
+            h.feed_raw(&text);
+            assert_eq!(h.statuses(), vec![200], "{body}");
+            let expected: Vec<UasEvent> = expect
+                .map(|(digit, duration_ms)| UasEvent::Dtmf {
+                    call,
+                    digit,
+                    duration_ms,
+                })
+                .into_iter()
+                .collect();
+            assert_eq!(h.events(), expected, "{body}");
+        }
     }
 
     #[test]
