@@ -1117,7 +1117,7 @@ impl Uas {
 
     /// Runs every due timer.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<TransactionKey> = self
+        let mut due: Vec<TransactionKey> = self
             .server
             .iter()
             .filter(|(_, e)| {
@@ -1129,6 +1129,8 @@ impl Uas {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        // Map order is random; a fixed order keeps output deterministic.
+        due.sort_by(|a, b| a.branch.cmp(&b.branch));
         for key in due {
             if let Some(entry) = self.server.get_mut(&key) {
                 match &mut entry.tx {
@@ -1141,12 +1143,13 @@ impl Uas {
                 self.send_bye(handle, now);
             }
         }
-        let due: Vec<TransactionKey> = self
+        let mut due: Vec<TransactionKey> = self
             .client
             .iter()
             .filter(|(_, e)| e.tx.poll_timeout().is_some_and(|t| t <= now))
             .map(|(k, _)| k.clone())
             .collect();
+        due.sort_by(|a, b| a.branch.cmp(&b.branch));
         for key in due {
             if let Some(entry) = self.client.get_mut(&key) {
                 entry.tx.handle_timeout(now);
