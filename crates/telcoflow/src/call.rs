@@ -304,8 +304,21 @@ struct Channels {
     dropped_total: u64,
 }
 
+impl Channels {
+    /// Ends every stream: handed-out streams end after what they hold; a stream not handed
+    /// out yet keeps its buffered audio for a later `audio_stream`.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.slots.retain(|_, slot| slot.rx.is_some());
+        for slot in self.slots.values_mut() {
+            slot.tx = None;
+        }
+    }
+}
+
 struct ChannelSlot {
-    tx: mpsc::Sender<Bytes>,
+    /// `None` once the call has ended, which ends the stream after what it holds.
+    tx: Option<mpsc::Sender<Bytes>>,
     /// Receiver not handed out yet (channel 0 buffers from the start).
     rx: Option<mpsc::Receiver<Bytes>>,
     overflowing: bool,
@@ -347,7 +360,7 @@ impl ActiveCall {
         slots.insert(
             media::CHANNEL_MIXED,
             ChannelSlot {
-                tx: tx0,
+                tx: Some(tx0),
                 rx: Some(rx0),
                 overflowing: false,
             },
@@ -598,12 +611,6 @@ impl ActiveCall {
     /// [`CallEvent::AudioOverflow`].
     pub fn audio_stream(&self, channel: u8) -> AudioStream {
         let mut ch = self.core.channels.lock();
-        if ch.finished {
-            let (_, rx) = mpsc::channel(1);
-            return AudioStream {
-                inner: ReceiverStream::new(rx),
-            };
-        }
         if let Some(slot) = ch.slots.get_mut(&channel) {
             if let Some(rx) = slot.rx.take() {
                 return AudioStream {
@@ -611,11 +618,17 @@ impl ActiveCall {
                 };
             }
         }
+        if ch.finished {
+            let (_, rx) = mpsc::channel(1);
+            return AudioStream {
+                inner: ReceiverStream::new(rx),
+            };
+        }
         let (tx, rx) = mpsc::channel(self.core.settings.audio_channel_capacity);
         ch.slots.insert(
             channel,
             ChannelSlot {
-                tx,
+                tx: Some(tx),
                 rx: None,
                 overflowing: false,
             },
@@ -699,11 +712,7 @@ impl ActiveCall {
             }
             None => {
                 // No media driver will run to end the streams: end them here.
-                {
-                    let mut ch = self.core.channels.lock();
-                    ch.finished = true;
-                    ch.slots.clear();
-                }
+                self.core.channels.lock().finish();
                 if changed {
                     emit(&self.core, CallEvent::Terminated { reason: None });
                 }
@@ -859,11 +868,7 @@ async fn drive_media(
             let _ = tx.send(Err(Error::CallClosed));
         }
     }
-    {
-        let mut ch = core.channels.lock();
-        ch.finished = true;
-        ch.slots.clear();
-    }
+    core.channels.lock().finish();
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     if changed {
         emit(&core, CallEvent::Terminated { reason: None });
@@ -945,7 +950,10 @@ fn on_audio(core: &CallCore, data: Bytes) {
     let Some(slot) = ch.slots.get_mut(&channel) else {
         return;
     };
-    match slot.tx.try_send(data.slice(1..)) {
+    let Some(tx) = slot.tx.as_ref() else {
+        return;
+    };
+    match tx.try_send(data.slice(1..)) {
         Ok(()) => slot.overflowing = false,
         Err(mpsc::error::TrySendError::Closed(_)) => {
             ch.slots.remove(&channel);

@@ -395,3 +395,63 @@ async fn client_events_report_connection() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn unread_audio_overflow_is_counted_and_reported() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(
+        builder(server.base_url())
+            .audio_channel_capacity(4)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    let mut call_events = call.events();
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    // Ten frames to a channel nobody reads that holds four.
+    phone.speak(&pattern(3200, 2)).await;
+    let (channel, dropped) = next_event(&mut events, |ev| match ev {
+        ClientEvent::AudioOverflow {
+            call_id,
+            channel,
+            dropped,
+        } if call_id == call.id() => Some((channel, dropped)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (channel, dropped),
+        (0, 1),
+        "reported once, at the first loss"
+    );
+    let ev = tokio::time::timeout(WAIT, call_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev,
+        telcoflow::CallEvent::AudioOverflow {
+            channel: 0,
+            dropped: 1
+        }
+    );
+    phone.send(PhoneFrame::Hangup).await;
+    tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    assert_eq!(call.audio_dropped(), 6);
+    // The four oldest chunks are still there, in order, then the stream ends.
+    let mut audio = call.audio_stream(0);
+    let mut kept = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(WAIT, audio.next()).await.unwrap() {
+        kept.extend_from_slice(&chunk);
+    }
+    assert_eq!(kept, pattern(3200, 2)[..4 * 640]);
+    client.shutdown().await;
+    server.shutdown().await;
+}
