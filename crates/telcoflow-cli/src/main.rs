@@ -1,8 +1,11 @@
-//! The `telcoflow` command: run voice agents on the Telcoflow SDK and try it end to end.
+//! The `telcoflow` command: run a server, place and take simulated phone calls, run voice
+//! agents on the Telcoflow SDK and try the whole path end to end.
 //!
 //! Each subcommand lives in `src/cmd/<name>.rs` and exposes `Args` (a `clap::Args`) and
 //! `async fn run(Args) -> anyhow::Result<ExitCode>`. Adding one is one line in [`commands!`]
 //! below.
+
+mod wav;
 
 use clap::Parser;
 use std::io::IsTerminal;
@@ -33,6 +36,12 @@ macro_rules! commands {
 }
 
 commands! {
+    /// Run a Telcoflow server (development connector unless --config is given).
+    Serve => serve,
+    /// Dial a number as a simulated caller; play a WAV, record what the caller hears.
+    Call => call,
+    /// Wait at a number as a simulated phone (e.g. the destination of call.connect).
+    Phone => phone,
     /// Run a voice agent on a server: echo the caller, or speak a WAV file.
     Agent => agent,
     /// Start a server, an echo agent and a simulated caller in this process; show the call.

@@ -281,6 +281,22 @@ mod tests {
     }
 
     #[test]
+    fn documented_example_parses() {
+        let doc = include_str!("../../../docs/config.md");
+        let start = doc
+            .find("```toml")
+            .expect("docs/config.md has a toml block")
+            + "```toml".len();
+        let end = start + doc[start..].find("```").expect("closed block");
+        let config = Config::from_toml(&doc[start..end]).expect("documented example is valid");
+        assert_eq!(
+            config.connectors[0].connect_destination("+4420700000002"),
+            Some("+4420700000098")
+        );
+        assert_eq!(config.limits.max_media_frame_bytes, 262_144);
+    }
+
+    #[test]
     fn rejects_bad_values() {
         assert!(
             Config::from_toml("ring_timeout_secs = 0\n[[connectors]]\nuuid='u'\napi_key='k'")

@@ -9,7 +9,7 @@
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,7 +95,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             conn,
         } => {
             let rate = SampleRate::from_hz(conn.sample_rate)?;
-            let samples = read_wav(&file, rate.hz())?;
+            let samples = crate::wav::read_mono(&file, rate.hz())?;
             let mut pcm = Vec::with_capacity(samples.len() * 2);
             samples_to_pcm(&samples, &mut pcm);
             let pcm: Arc<[u8]> = pcm.into();
@@ -276,52 +276,21 @@ pub(crate) fn mean_level(samples: &[i16]) -> u32 {
     u32::try_from(sum / samples.len() as u64).unwrap_or(u32::MAX)
 }
 
-/// Reads a WAV file as mono s16 at `rate` Hz.
-pub(crate) fn read_wav(path: &Path, rate: u32) -> anyhow::Result<Vec<i16>> {
-    let reader =
-        hound::WavReader::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    decode_wav(reader, rate).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// Decodes WAV bytes as mono s16 at `rate` Hz.
+/// Decodes an in-memory 16-bit WAV (the bundled sample) as mono s16 at `rate` Hz.
 pub(crate) fn decode_wav_bytes(bytes: &[u8], rate: u32) -> anyhow::Result<Vec<i16>> {
-    decode_wav(hound::WavReader::new(std::io::Cursor::new(bytes))?, rate)
-}
-
-fn decode_wav<R: std::io::Read>(reader: hound::WavReader<R>, rate: u32) -> anyhow::Result<Vec<i16>> {
+    let reader = hound::WavReader::new(std::io::Cursor::new(bytes))?;
     let spec = reader.spec();
+    anyhow::ensure!(
+        spec.bits_per_sample == 16 && spec.sample_format == hound::SampleFormat::Int,
+        "only 16-bit integer WAV data is supported here"
+    );
     let channels = usize::from(spec.channels.max(1));
-    let interleaved: Vec<f32> = match spec.sample_format {
-        hound::SampleFormat::Float => reader.into_samples::<f32>().collect::<Result<_, _>>()?,
-        hound::SampleFormat::Int => {
-            let scale = 1.0 / (1u64 << (spec.bits_per_sample.clamp(1, 32) - 1)) as f32;
-            reader
-                .into_samples::<i32>()
-                .map(|s| s.map(|v| v as f32 * scale))
-                .collect::<Result<_, _>>()?
-        }
-    };
+    let interleaved: Vec<i16> = reader.into_samples::<i16>().collect::<Result<_, _>>()?;
     let mono: Vec<i16> = interleaved
         .chunks(channels)
-        .map(|frame| {
-            let v = frame.iter().sum::<f32>() / frame.len() as f32;
-            (v * 32767.0).clamp(-32768.0, 32767.0) as i16
-        })
+        .map(|f| (f.iter().map(|&s| i32::from(s)).sum::<i32>() / f.len() as i32) as i16)
         .collect();
-    if spec.sample_rate == rate {
-        return Ok(mono);
-    }
-    let mut resampler = telcoflow_server::audio::Resampler::new(spec.sample_rate, rate)?;
-    let mut out = Vec::with_capacity(mono.len() * rate as usize / spec.sample_rate as usize + 1);
-    resampler.process(&mono, &mut out);
-    // Push the tail through the converter's fixed chunks and its delay.
-    let flush = vec![0i16; spec.sample_rate as usize / 10 + resampler.delay()];
-    resampler.process(&flush, &mut out);
-    let want = (mono.len() as u64 * u64::from(rate) / u64::from(spec.sample_rate)) as usize;
-    let delay_out = resampler.delay() * rate as usize / spec.sample_rate as usize;
-    let start = delay_out.min(out.len());
-    let end = (start + want).min(out.len());
-    Ok(out[start..end].to_vec())
+    crate::wav::resample(&mono, spec.sample_rate, rate)
 }
 
 #[cfg(test)]

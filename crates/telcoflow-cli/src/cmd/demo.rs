@@ -5,7 +5,7 @@
 //! Prints what happened (answered, round trip, bytes both ways) and writes what the caller
 //! heard to a WAV file.
 
-use super::agent::{EchoStats, decode_wav_bytes, echo, mean_level, read_wav};
+use super::agent::{EchoStats, decode_wav_bytes, echo, mean_level};
 use anyhow::{Context as _, bail};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
@@ -57,7 +57,7 @@ struct CallerReport {
 /// Runs `telcoflow demo`.
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let speech = match &args.play {
-        Some(path) => read_wav(path, RATE.hz())?,
+        Some(path) => crate::wav::read_mono(path, RATE.hz())?,
         None => decode_wav_bytes(HELLO_WAV, RATE.hz()).context("bundled speech sample")?,
     };
     let mut speech_pcm = Vec::with_capacity(speech.len() * 2);
@@ -112,7 +112,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     });
     let mut heard = Vec::new();
     pcm_to_samples(&report.heard, &mut heard);
-    write_wav(&record, RATE.hz(), &heard)?;
+    crate::wav::write_mono(&record, RATE.hz(), &heard)?;
 
     let secs = |bytes: usize| bytes as f64 / RATE.bytes_per_second() as f64;
     let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
@@ -239,20 +239,4 @@ async fn caller(base_url: &str, from: &str, to: &str, pcm: &[u8]) -> anyhow::Res
         }
     }
     Ok(report)
-}
-
-fn write_wav(path: &std::path::Path, rate: u32, samples: &[i16]) -> anyhow::Result<()> {
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut w = hound::WavWriter::create(path, spec)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    for s in samples {
-        w.write_sample(*s)?;
-    }
-    w.finalize()?;
-    Ok(())
 }

@@ -1,0 +1,337 @@
+//! Test helpers: a server on 127.0.0.1:0 and raw WebSocket clients that speak the wire frames
+//! directly, so the tests check the protocol itself rather than any SDK's view of it.
+#![allow(dead_code, unreachable_pub)]
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::time::Duration;
+use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
+use telcoflow_server::{Config, RunningServer, Server};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Longest any single expected event may take before the test fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub fn dev_config() -> Config {
+    let mut config = Config::development();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
+pub async fn start(config: Config) -> RunningServer {
+    Server::start(config).await.expect("server starts")
+}
+
+pub struct Ws {
+    inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// An upgrade the server refused: status and body.
+#[derive(Debug)]
+pub struct Refused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Ws {
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Self, Refused> {
+        let mut request = url.into_client_request().unwrap();
+        for (name, value) in headers {
+            let name: tokio_tungstenite::tungstenite::http::HeaderName = name.parse().unwrap();
+            request.headers_mut().insert(name, value.parse().unwrap());
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((inner, _)) => Ok(Self { inner }),
+            Err(WsError::Http(resp)) => Err(Refused {
+                status: resp.status().as_u16(),
+                body: String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default())
+                    .into_owned(),
+            }),
+            Err(e) => panic!("connect {url}: {e}"),
+        }
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.inner.send(Message::Text(text.into())).await.unwrap();
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        self.inner.send(Message::Binary(data.into())).await.unwrap();
+    }
+
+    /// The next message of any kind; `None` when the connection closed.
+    pub async fn next(&mut self) -> Option<Message> {
+        loop {
+            match tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("message in time")
+            {
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(m)) => return Some(m),
+            }
+        }
+    }
+
+    /// The next text frame as JSON, skipping binary frames.
+    pub async fn text(&mut self) -> Value {
+        loop {
+            match self.next().await.expect("connection open") {
+                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                Message::Binary(_) => continue,
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    /// The next text frame whose `type` is `kind`, skipping others and binary frames.
+    pub async fn expect_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.text().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// The next binary frame, skipping text frames.
+    pub async fn binary(&mut self) -> Vec<u8> {
+        loop {
+            match self.next().await.expect("connection open") {
+                Message::Binary(b) => return b.to_vec(),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Waits until the server closes the connection, skipping whatever comes first.
+    pub async fn closed(&mut self) {
+        while self.next().await.is_some() {}
+    }
+
+    pub async fn ping(&mut self) -> bool {
+        self.inner
+            .send(Message::Ping(b"hi".to_vec().into()))
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("pong in time")
+            {
+                Some(Ok(Message::Pong(p))) => return &p[..] == b"hi",
+                Some(Ok(_)) => continue,
+                _ => return false,
+            }
+        }
+    }
+}
+
+pub fn auth_headers<'a>(key: &'a str, uuid: &'a str) -> [(&'static str, &'a str); 2] {
+    [("x-api-key", key), ("x-connector-uuid", uuid)]
+}
+
+/// A control connection after `setup` / `setup.done`.
+pub struct Control {
+    pub ws: Ws,
+    pub id: String,
+}
+
+pub async fn control(server: &RunningServer, rate: u32, mode: &str) -> Control {
+    control_as(server, DEV_API_KEY, DEV_CONNECTOR_UUID, rate, mode).await
+}
+
+pub async fn control_as(
+    server: &RunningServer,
+    key: &str,
+    uuid: &str,
+    rate: u32,
+    mode: &str,
+) -> Control {
+    let url = format!("{}/v1/agent/session-manager", server.base_url());
+    let mut ws = Ws::connect(&url, &auth_headers(key, uuid))
+        .await
+        .expect("control upgrade");
+    ws.send_json(json!({"type": "setup", "data": {"sampleRate": rate, "audioMode": mode}}))
+        .await;
+    let done = ws.expect_type("setup.done").await;
+    let id = done["smWsId"].as_str().unwrap().to_owned();
+    Control { ws, id }
+}
+
+impl Control {
+    /// Sends a request with a fresh reqId and returns its response.
+    pub async fn request(&mut self, mut frame: Value) -> Value {
+        let req_id = uuid::Uuid::new_v4().to_string();
+        frame["reqId"] = json!(req_id);
+        self.ws.send_json(frame).await;
+        loop {
+            let v = self.ws.expect_type("response").await;
+            if v["reqId"] == req_id {
+                return v;
+            }
+        }
+    }
+
+    pub async fn open(&mut self, session_id: &str) -> Value {
+        self.request(json!({"type": "session.open", "sessionId": session_id}))
+            .await
+    }
+
+    pub async fn ready(&mut self, session_id: &str) {
+        self.ws
+            .send_json(json!({"type": "session.ready", "sessionId": session_id}))
+            .await;
+    }
+
+    /// Claims and readies the next notified session; returns the `call.in` frame.
+    pub async fn take_call(&mut self) -> Value {
+        let notify = self.ws.expect_type("session.notify").await;
+        let session_id = notify["sessionId"].as_str().unwrap().to_owned();
+        let resp = self.open(&session_id).await;
+        assert_eq!(resp["ok"], true, "{resp}");
+        self.ready(&session_id).await;
+        self.ws.expect_type("call.in").await
+    }
+}
+
+/// A simulated phone speaking the raw sim frames.
+pub struct Phone {
+    pub ws: Ws,
+    pub call_id: Option<String>,
+}
+
+pub async fn dial(server: &RunningServer, from: &str, to: &str, rate: u32) -> Phone {
+    let url = format!("{}/v1/sim/phone", server.base_url());
+    let mut ws = Ws::connect(&url, &[]).await.expect("phone connects");
+    ws.send_json(json!({"type": "dial", "from": from, "to": to, "sampleRate": rate}))
+        .await;
+    let first = ws.text().await;
+    let call_id = first["callId"].as_str().map(str::to_owned);
+    if call_id.is_none() {
+        // A refused call: keep the frame for the test to inspect via a fresh look.
+        return Phone {
+            ws,
+            call_id: first["reason"].as_str().map(|r| format!("refused:{r}")),
+        };
+    }
+    assert_eq!(first["type"], "trying", "{first}");
+    Phone { ws, call_id }
+}
+
+pub async fn register(server: &RunningServer, number: &str, rate: u32) -> Phone {
+    let url = format!("{}/v1/sim/phone", server.base_url());
+    let mut ws = Ws::connect(&url, &[]).await.expect("phone connects");
+    ws.send_json(json!({"type": "register", "number": number, "sampleRate": rate}))
+        .await;
+    let v = ws.expect_type("registered").await;
+    assert_eq!(v["number"], number);
+    Phone { ws, call_id: None }
+}
+
+impl Phone {
+    pub async fn event(&mut self, kind: &str) -> Value {
+        self.ws.expect_type(kind).await
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.ws.send_json(v).await;
+    }
+
+    /// Sends one frame of constant samples.
+    pub async fn send_level(&mut self, level: i16, samples: usize) {
+        self.ws.send_binary(pcm_level(level, samples)).await;
+    }
+}
+
+/// A media connection.
+pub struct Media {
+    pub ws: Ws,
+}
+
+pub async fn media(call_in: &Value) -> Media {
+    let url = call_in["url"].as_str().unwrap();
+    let token = format!("Bearer {}", call_in["token"].as_str().unwrap());
+    let ws = Ws::connect(url, &[("authorization", &token)])
+        .await
+        .expect("media upgrade");
+    Media { ws }
+}
+
+impl Media {
+    /// Sends a command and waits for its response, skipping other frames.
+    pub async fn command(&mut self, name: &str, data: Option<Value>) -> Value {
+        self.command_with_timeout(name, data, 10_000).await
+    }
+
+    pub async fn command_with_timeout(
+        &mut self,
+        name: &str,
+        data: Option<Value>,
+        timeout_ms: u64,
+    ) -> Value {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut cmd = json!({"command_id": id, "command": name, "timeout_ms": timeout_ms});
+        if let Some(d) = data {
+            cmd["data"] = d;
+        }
+        self.ws
+            .send_json(json!({"type": "command", "data": cmd}))
+            .await;
+        loop {
+            let v = self.ws.expect_type("command_response").await;
+            if v["data"]["command_id"] == id {
+                return v["data"].clone();
+            }
+        }
+    }
+
+    /// Next audio frame on `channel`: its samples.
+    pub async fn audio(&mut self, channel: u8) -> Vec<i16> {
+        loop {
+            let frame = self.ws.binary().await;
+            if frame[0] == channel {
+                return samples(&frame[1..]);
+            }
+        }
+    }
+
+    pub async fn send_audio(&mut self, pcm: &[u8]) {
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(pcm);
+        self.ws.send_binary(frame).await;
+    }
+}
+
+pub fn pcm_level(level: i16, samples: usize) -> Vec<u8> {
+    std::iter::repeat_n(level.to_le_bytes(), samples)
+        .flatten()
+        .collect()
+}
+
+pub fn samples(pcm: &[u8]) -> Vec<i16> {
+    pcm.chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]))
+        .collect()
+}
+
+/// Builds a server with one established call: phone dialled, agent claimed, media open,
+/// answered. Returns (server, control, phone, media).
+pub async fn answered_call(config: Config, rate: u32) -> (RunningServer, Control, Phone, Media) {
+    let server = start(config).await;
+    let mut control = control(&server, rate, "mixed").await;
+    let mut phone = dial(&server, "+15551230001", "+15559990001", rate).await;
+    let call_in = control.take_call().await;
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+    (server, control, phone, media)
+}

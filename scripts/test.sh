@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every check: formatting, lints, Rust tests, then the official Python SDK against our server.
+# Needs what `.ci/run` installs (sox, a .venv with telcoflow==1.0.0, pytest, pytest-asyncio);
+# PYTHON overrides the interpreter (default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON="${PYTHON:-.venv/bin/python}"
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace
+
+step "build the telcoflow binary for the SDK tests"
+cargo build -p telcoflow-cli
+export TELCOFLOW_BIN="${TELCOFLOW_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/telcoflow}"
+
+step "Python SDK tests"
+# A hung server must fail the run, not stall it; each test has its own shorter deadlines too.
+set +e
+timeout --signal=TERM --kill-after=30 1200 "$PYTHON" -m pytest tests/python -v -rA
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no tests: failing" >&2
+    exit 1
+fi
+exit "$rc"
