@@ -610,6 +610,25 @@ mod tests {
     }
 
     #[test]
+    fn mtls_needs_wss_and_the_tls_feature() {
+        let b = TelcoflowClientConfig::builder().mtls("client.pem", "client.key");
+        let e = b.clone().base_url("ws://h").build().unwrap_err();
+        let expected = if cfg!(feature = "tls") {
+            "base_url"
+        } else {
+            "auth"
+        };
+        assert_eq!(field_of(e), expected);
+        let r = b.base_url("wss://h").build();
+        assert_eq!(r.is_ok(), cfg!(feature = "tls"));
+        let c = TelcoflowClientConfig::builder()
+            .mtls("", "k")
+            .base_url("wss://h")
+            .build();
+        assert_eq!(field_of(c.unwrap_err()), "cert_path");
+    }
+
+    #[test]
     fn debug_hides_the_api_key() {
         let c = TelcoflowClientConfig::local("super-secret-key", "conn").unwrap();
         let text = format!(
