@@ -327,6 +327,90 @@ mod tests {
         assert!(mean_level(&down) > 3000, "the tone survives conversion");
     }
 
+    /// The caller talks over the file: the agent stops and the caller hears silence.
+    #[tokio::test]
+    async fn speak_stops_the_moment_the_caller_speaks() {
+        use telcoflow_proto::sim::NetworkFrame;
+        use telcoflow_server::sim::client::SimPhone;
+        const WAIT: Duration = Duration::from_secs(20);
+
+        let mut config = telcoflow_server::Config::development();
+        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = telcoflow_server::Server::start(config).await.unwrap();
+        let client = TelcoflowClient::connect(
+            TelcoflowClientConfig::builder()
+                .api_key(
+                    telcoflow_server::config::DEV_API_KEY,
+                    telcoflow_server::config::DEV_CONNECTOR_UUID,
+                )
+                .base_url(server.base_url())
+                .build()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        // Ten seconds of a steady tone to speak.
+        let tone: Vec<i16> = (0..160_000)
+            .map(|i| ((i as f32 * 0.07).sin() * 6000.0) as i16)
+            .collect();
+        let mut pcm = Vec::new();
+        samples_to_pcm(&tone, &mut pcm);
+        let pcm: Arc<[u8]> = pcm.into();
+        let (outcome_tx, mut outcome_rx) = tokio::sync::mpsc::channel(1);
+        let serving = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .serve(move |call| {
+                        let pcm = pcm.clone();
+                        let outcome_tx = outcome_tx.clone();
+                        async move {
+                            let outcome = speak(call, &pcm, 600).await;
+                            let _ = outcome_tx.send(outcome).await;
+                        }
+                    })
+                    .await
+            })
+        };
+        let mut phone = SimPhone::dial(server.base_url(), "+1", "+2", SampleRate::Hz16000)
+            .await
+            .unwrap();
+        phone
+            .events()
+            .wait_for(WAIT, |f| matches!(f, NetworkFrame::Answered { .. }))
+            .await
+            .unwrap();
+        // The agent is speaking.
+        loop {
+            let frame = tokio::time::timeout(WAIT, phone.audio().recv()).await.unwrap().unwrap();
+            if mean_level(&frame) > 1000 {
+                break;
+            }
+        }
+        // The caller talks: a loud 200 ms.
+        let shout = vec![8000i16; 3200];
+        let played = phone.control().play(shout).unwrap();
+        assert!(played.finished().await);
+        // Within a couple of seconds of frames, the caller hears the agent stop for good.
+        let mut silent = 0;
+        let mut frames = 0;
+        while silent < 25 {
+            let frame = tokio::time::timeout(WAIT, phone.audio().recv()).await.unwrap().unwrap();
+            silent = if mean_level(&frame) == 0 { silent + 1 } else { 0 };
+            frames += 1;
+            assert!(frames < 100, "the agent kept speaking");
+        }
+        phone.control().hangup().unwrap();
+        let outcome = tokio::time::timeout(WAIT, outcome_rx.recv()).await.unwrap().unwrap();
+        match outcome {
+            Ok(SpeakOutcome::Interrupted { dropped }) => assert!(dropped > 100_000, "{dropped}"),
+            other => panic!("{other:?}"),
+        }
+        client.shutdown().await;
+        serving.await.unwrap().unwrap();
+        server.shutdown().await;
+    }
+
     #[test]
     fn bundled_sample_decodes() {
         let s = decode_wav_bytes(include_bytes!("../../assets/hello.wav"), 16000).unwrap();

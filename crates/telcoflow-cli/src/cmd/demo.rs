@@ -240,3 +240,27 @@ async fn caller(base_url: &str, from: &str, to: &str, pcm: &[u8]) -> anyhow::Res
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn demo_call_is_answered_and_echoed() {
+        let record = std::env::temp_dir().join(format!("telcoflow-demo-test-{}.wav", std::process::id()));
+        let code = run(Args {
+            record: Some(record.clone()),
+            play: None,
+            json: true,
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, ExitCode::SUCCESS, "answered and heard back");
+        let heard = hound::WavReader::open(&record).unwrap();
+        assert_eq!(heard.spec().sample_rate, 16000);
+        // The caller heard at least as long as they spoke (the echo plus silence).
+        let spoken = decode_wav_bytes(HELLO_WAV, RATE.hz()).unwrap().len() as u32;
+        assert!(heard.duration() >= spoken, "{} < {spoken}", heard.duration());
+        let _ = std::fs::remove_file(record);
+    }
+}
