@@ -229,6 +229,19 @@ async fn connect_unanswered_gives_call_unanswered_and_the_call_goes_on() {
     assert_eq!(callee.event("hangup").await["reason"], "no_answer");
     phone.send_level(42, FRAME).await;
     assert_eq!(media.audio(0).await[0], 42);
+
+    // A destination that declines is not answered either; the message says which it was.
+    let connect = media.command("call.connect", Some(json!({"ringTimeSeconds": 10})));
+    let decline = async {
+        callee.event("incoming").await;
+        callee.send_json(json!({"type": "reject"})).await;
+    };
+    let (resp, ()) = tokio::join!(connect, decline);
+    assert_eq!(resp["error_code"], "CALL_UNANSWERED");
+    assert!(
+        resp["error_message"].as_str().unwrap().contains("declined"),
+        "{resp}"
+    );
     server.shutdown().await;
 }
 
