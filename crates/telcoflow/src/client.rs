@@ -670,7 +670,11 @@ async fn connect_and_setup(config: &TelcoflowClientConfig) -> Result<(Ws, String
             match msg {
                 Ok(Message::Text(t)) => match ServerFrame::decode(t.as_str()) {
                     Ok(ServerFrame::SetupDone { sm_ws_id }) => return Ok(sm_ws_id),
-                    Ok(other) => debug!(frame = ?other, "frame before setup.done ignored"),
+                    // Only the kind: a frame such as `call.in` carries a media token.
+                    Ok(_) => debug!(
+                        kind = ?control::FrameHeader::peek(t.as_str()).and_then(|h| h.kind),
+                        "frame before setup.done ignored"
+                    ),
                     Err(e) => debug!(error = %e, "undecodable frame before setup.done"),
                 },
                 Ok(Message::Close(f)) => {
