@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::{
-    self, CallIn, ClientFrame, Response, ServerFrame, SessionInfo, SetupData,
+    self, CallIn, Channel, ClientFrame, Response, ServerFrame, SessionInfo, SetupData,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -552,7 +552,9 @@ impl Driver {
             } => {
                 debug!(%session_id, ?activity, "session.notify");
                 match self.config.session_mode {
-                    SessionMode::Auto => {
+                    // Calls only: a messaging session claimed here would be lost to the
+                    // connector's other clients, since this SDK does not handle messages.
+                    SessionMode::Auto if channel == Channel::Telco => {
                         let Ok(id) = self.register(pending, Pending::AutoClaim(session_id.clone()))
                         else {
                             warn!(%session_id, "too many requests in flight; session not claimed");
@@ -564,7 +566,7 @@ impl Driver {
                         };
                         Self::send_frame(ws, &frame).await?;
                     }
-                    SessionMode::Manual => {
+                    SessionMode::Auto | SessionMode::Manual => {
                         self.emit(ClientEvent::SessionNotification(SessionNotification {
                             session_id,
                             channel,

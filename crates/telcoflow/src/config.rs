@@ -55,7 +55,9 @@ impl fmt::Debug for Auth {
 /// Whether the client claims sessions itself or leaves it to the application.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SessionMode {
-    /// Claim every notified session, mark it ready and deliver its calls (the default).
+    /// Claim every notified call session, mark it ready and deliver its calls (the default).
+    /// Messaging sessions are left unclaimed and reported as
+    /// [`ClientEvent::SessionNotification`](crate::ClientEvent).
     #[default]
     Auto,
     /// Deliver each notification as [`ClientEvent::SessionNotification`](crate::ClientEvent);

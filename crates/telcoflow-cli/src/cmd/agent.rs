@@ -411,6 +411,72 @@ mod tests {
         server.shutdown().await;
     }
 
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        use clap::{Args as _, FromArgMatches as _};
+        let cmd = Args::augment_args(clap::Command::new("agent"));
+        Args::from_arg_matches(&cmd.try_get_matches_from(args)?)
+    }
+
+    #[test]
+    fn flags_parse_and_credentials_are_required() {
+        let args = parse(&[
+            "agent", "echo", "--server", "ws://10.0.0.1:9", "--api-key", "k",
+            "--connector-uuid", "u", "--sample-rate", "24000", "--max-calls", "3",
+        ])
+        .unwrap();
+        let Mode::Echo { conn } = args.mode else { panic!("echo") };
+        assert_eq!(conn.server, "ws://10.0.0.1:9");
+        assert_eq!(conn.max_calls, Some(3));
+        assert_eq!(conn.config().unwrap().sample_rate(), SampleRate::Hz24000);
+        let args = parse(&["agent", "speak", "x.wav", "--api-key", "k", "--connector-uuid", "u"]).unwrap();
+        let Mode::Speak { file, conn, .. } = args.mode else { panic!("speak") };
+        assert_eq!(file, PathBuf::from("x.wav"));
+        if std::env::var_os("TELCOFLOW_BASE_URL").is_none() {
+            assert_eq!(conn.server, "ws://127.0.0.1:8080");
+        }
+        if std::env::var_os("TELCOFLOW_API_KEY").is_none() {
+            assert!(parse(&["agent", "echo", "--connector-uuid", "u"]).is_err());
+        }
+        let bad = Connection { sample_rate: 44100, ..conn };
+        assert!(bad.config().is_err());
+    }
+
+    #[tokio::test]
+    async fn echo_agent_stops_after_max_calls() {
+        use telcoflow_proto::sim::NetworkFrame;
+        use telcoflow_server::sim::client::SimPhone;
+        let mut config = telcoflow_server::Config::development();
+        config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = telcoflow_server::Server::start(config).await.unwrap();
+        let agent = tokio::spawn(run(Args {
+            mode: Mode::Echo {
+                conn: Connection {
+                    server: server.base_url().to_owned(),
+                    api_key: telcoflow_server::config::DEV_API_KEY.into(),
+                    connector_uuid: telcoflow_server::config::DEV_CONNECTOR_UUID.into(),
+                    sample_rate: 16000,
+                    max_calls: Some(1),
+                },
+            },
+        }));
+        let mut phone = SimPhone::dial(server.base_url(), "+1", "+2", SampleRate::Hz16000)
+            .await
+            .unwrap();
+        phone
+            .events()
+            .wait_for(Duration::from_secs(20), |f| matches!(f, NetworkFrame::Answered { .. }))
+            .await
+            .unwrap();
+        phone.control().hangup().unwrap();
+        let code = tokio::time::timeout(Duration::from_secs(20), agent)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(code, ExitCode::SUCCESS);
+        server.shutdown().await;
+    }
+
     #[test]
     fn bundled_sample_decodes() {
         let s = decode_wav_bytes(include_bytes!("../../assets/hello.wav"), 16000).unwrap();
