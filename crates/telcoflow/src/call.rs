@@ -476,7 +476,18 @@ impl ActiveCall {
         let mut rx = self.core.state.subscribe();
         // `wait_for` only fails when the sender is gone, which cannot happen while `self`
         // holds the core; either way the call is over.
-        let _ = rx.wait_for(|s| *s == CallState::Terminated).await;
+        let cancelled = tokio::select! {
+            _ = rx.wait_for(|s| *s == CallState::Terminated) => false,
+            () = self.core.cancel.cancelled() => true,
+        };
+        if cancelled {
+            // The client shut down. A call whose media never opened has no driver to end it,
+            // so end it here; an open one ends when its driver stops.
+            if self.core.media.lock().is_none() {
+                self.finish_locally();
+            }
+            let _ = rx.wait_for(|s| *s == CallState::Terminated).await;
+        }
     }
 
     /// Opens the media connection if it is not open yet. Commands and sends do this
@@ -752,8 +763,15 @@ impl ActiveCall {
                 Ok(media)
             }
             Err(e) => {
-                // Back to NEW so that a retry or a hand-off stays possible.
-                self.core.state.send_replace(CallState::New);
+                // Back to NEW so that a retry or a hand-off stays possible, unless the call
+                // was ended meanwhile.
+                self.core.state.send_if_modified(|st| {
+                    let opening = *st == CallState::Opening;
+                    if opening {
+                        *st = CallState::New;
+                    }
+                    opening
+                });
                 Err(e)
             }
         }

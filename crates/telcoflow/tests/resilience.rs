@@ -368,3 +368,29 @@ async fn a_live_call_keeps_running_while_the_control_connection_reconnects() {
     proxy.task.abort();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_ends_calls_that_never_opened_media() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(
+        builder(server.base_url())
+            .auto_connect_media(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let _phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert_eq!(call.state(), CallState::New);
+    let waiting = {
+        let call = call.clone();
+        tokio::spawn(async move { call.terminated().await })
+    };
+    client.shutdown().await;
+    tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(call.state(), CallState::Terminated);
+    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
+    server.shutdown().await;
+}
