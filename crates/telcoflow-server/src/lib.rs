@@ -18,7 +18,10 @@ mod media;
 mod registry;
 pub mod sim;
 mod state;
+mod tls;
 mod token;
+
+pub use tls::fingerprint as certificate_fingerprint;
 
 pub use config::{Config, ConfigError};
 
@@ -64,18 +67,33 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         let base_url = config
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("ws://{local_addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
         let shared = Arc::new(state::Shared::new(config, base_url.clone()));
         let shutdown = shared.shutdown.clone();
-        let app = router(shared.clone());
+        let app = router(shared.clone()).into_make_service_with_connect_info::<tls::PeerInfo>();
         let task = tokio::spawn(async move {
             let token = shared.shutdown.clone();
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
+            let stop = async move { token.cancelled().await };
+            let served = match tls {
+                Some(tls) => match tls::TlsListener::new(listener, tls, shared.shutdown.clone()) {
+                    Ok(listener) => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "server failed");
             }
