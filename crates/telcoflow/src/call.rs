@@ -9,7 +9,7 @@ use crate::Error;
 use crate::config::TelcoflowClientConfig;
 use crate::event::ClientEvent;
 use crate::ring::RingBuffer;
-use crate::transport::{self, Ws};
+use crate::transport::{self, Tls, Ws};
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
@@ -199,6 +199,7 @@ fn telco() -> String {
 pub(crate) struct CallSettings {
     pub(crate) buffer_size: usize,
     pub(crate) audio_channel_capacity: usize,
+    pub(crate) tls: Tls,
 }
 
 impl From<&TelcoflowClientConfig> for CallSettings {
@@ -206,6 +207,7 @@ impl From<&TelcoflowClientConfig> for CallSettings {
         Self {
             buffer_size: c.buffer_size,
             audio_channel_capacity: c.audio_channel_capacity,
+            tls: c.media_tls.clone(),
         }
     }
 }
@@ -794,7 +796,7 @@ async fn open_media(core: &CallCore) -> Result<Ws, Error> {
     transport::add_secret(&mut req, "authorization", &format!("Bearer {}", core.token))?;
     debug!("opening media connection");
     tokio::select! {
-        r = transport::connect(req, None) => r,
+        r = transport::connect(req, &core.settings.tls) => r,
         () = core.cancel.cancelled() => Err(Error::Shutdown),
     }
 }
