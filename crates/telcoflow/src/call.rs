@@ -1007,6 +1007,9 @@ fn on_audio(core: &CallCore, data: Bytes) {
 /// Answers buffer requests in order with frames of the preferred size, waiting for the
 /// application's audio for each frame. Ends when the ring buffer closes.
 async fn flow_control(media: &Media) {
+    // A frame never exceeds the ring buffer, whatever the server asks for: the buffer could
+    // never fill it, and a hostile size must not drive the allocation below.
+    let max_frame = media.ring.capacity();
     loop {
         let req = loop {
             if let Some(r) = media.requests.lock().pop_front() {
@@ -1023,7 +1026,7 @@ async fn flow_control(media: &Media) {
         };
         let mut remaining = req.requested_bytes as usize;
         while remaining > 0 {
-            let want = frame_bytes.min(remaining);
+            let want = frame_bytes.min(remaining).min(max_frame);
             let mut buf = Vec::with_capacity(1 + want);
             buf.push(media::CHANNEL_MIXED);
             let n = media.ring.read(want, want, &mut buf).await;
