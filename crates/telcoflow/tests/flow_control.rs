@@ -209,3 +209,70 @@ async fn a_control_request_without_response_times_out() {
     client.shutdown().await;
     peer.await.unwrap();
 }
+
+#[tokio::test]
+async fn hostile_media_frames_do_not_break_the_call() {
+    init_tracing();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "ws://{}/v1/agent/media/call-1",
+        listener.local_addr().unwrap()
+    );
+    let peer = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let Message::Text(t) = ws.next().await.unwrap().unwrap() else {
+            panic!("command")
+        };
+        let MediaClientFrame::Command(cmd) = MediaClientFrame::decode(t.as_str()).unwrap();
+        let resp = MediaServerFrame::CommandResponse(CommandResponse::ok(cmd.command_id, None));
+        ws.send(Message::Text(resp.encode().into())).await.unwrap();
+        for text in [
+            "not json",
+            r#"{"type":"nope","data":{}}"#,
+            r#"{"type":"buffer_request","data":{"requested_bytes":-1}}"#,
+            r#"{"type":"command_response","data":{"command_id":"unknown","success":true}}"#,
+            r#"{"type":"call_event","data":{"event":"call.dtmf","digit":5}}"#,
+        ] {
+            ws.send(Message::Text(text.into())).await.unwrap();
+        }
+        ws.send(Message::Binary(vec![7].into())).await.unwrap();
+        ws.send(Message::Binary(Vec::new().into())).await.unwrap();
+        let huge = MediaServerFrame::BufferRequest(BufferRequest {
+            requested_bytes: u32::MAX,
+            prefer_audio_frame_bytes: u32::MAX,
+            channel_id: 0,
+        });
+        ws.send(Message::Text(huge.encode().into())).await.unwrap();
+        // The audio the application queued arrives in frames no larger than its buffer.
+        let Message::Binary(frame) = ws.next().await.unwrap().unwrap() else {
+            panic!("audio")
+        };
+        let ended =
+            MediaServerFrame::CallEvent(telcoflow_proto::media::CallEvent::terminated("caller"));
+        ws.send(Message::Text(ended.encode().into())).await.unwrap();
+        let _ = ws.close(None).await;
+        frame.len()
+    });
+    let config = builder("ws://127.0.0.1:1")
+        .buffer_size(4096)
+        .build()
+        .unwrap();
+    let call = ActiveCall::from_json(&call_json(&url), &config).unwrap();
+    let mut events = call.events();
+    assert!(call.answer().await.unwrap().success);
+    call.send_audio(&[3; 4096]).await.unwrap();
+    assert_eq!(peer.await.unwrap(), 1 + 4096);
+    tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(ev) = tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+        seen.push(ev);
+    }
+    // The malformed key press is passed on as-is rather than guessed at.
+    assert!(matches!(&seen[0], telcoflow::CallEvent::Other { name, .. } if name == "call.dtmf"));
+    assert!(matches!(
+        &seen[1],
+        telcoflow::CallEvent::Terminated { reason: Some(r) } if r == "caller"
+    ));
+    assert_eq!(seen.len(), 2);
+}
