@@ -628,7 +628,18 @@ impl Driver {
                             () = shutdown.cancelled() => {}
                         }
                     }
-                    Err(e) => warn!(error = %e, "media connection failed; call not delivered"),
+                    Err(e) => {
+                        warn!(error = %e, "media connection failed; call not delivered");
+                        let ev = ClientEvent::CallError {
+                            call_id: call.id().to_owned(),
+                            code: None,
+                            message: Some(format!("media connection failed: {e}")),
+                        };
+                        tokio::select! {
+                            _ = events.send(ev) => {}
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
                 }
             }
             .instrument(span),

@@ -62,7 +62,8 @@ pub enum ClientEvent {
         /// Why.
         reason: CloseReason,
     },
-    /// The server reported an error on a call; the call may go on.
+    /// The server reported an error on a call (the call may go on), or a call's media
+    /// connection could not be opened (the call is not delivered; `code` is `None`).
     CallError {
         /// The call.
         call_id: String,

@@ -62,6 +62,7 @@ async fn auto_mode_speaks_the_reference_frames_and_survives_garbage() {
         let _ = ws.close(None).await;
     });
 
+    let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
     let control_peer = tokio::spawn(async move {
         let (tcp, _) = control.accept().await.unwrap();
         let mut headers = None;
@@ -126,6 +127,20 @@ async fn auto_mode_speaks_the_reference_frames_and_survives_garbage() {
         ws.send(Message::Text(call_in.encode().into()))
             .await
             .unwrap();
+        // A call whose media connection cannot be opened.
+        second_rx.await.unwrap();
+        let unreachable = ServerFrame::CallIn(CallIn {
+            session_id: "s2".into(),
+            call_id: "c2".into(),
+            org_uuid: String::new(),
+            from: "+49111".into(),
+            to: "+49222".into(),
+            url: "ws://127.0.0.1:1/v1/agent/media/c2".into(),
+            token: "t2".into(),
+        });
+        ws.send(Message::Text(unreachable.encode().into()))
+            .await
+            .unwrap();
         // Stay up until the client leaves.
         while let Some(Ok(m)) = ws.next().await {
             if m.is_close() {
@@ -167,6 +182,19 @@ async fn auto_mode_speaks_the_reference_frames_and_survives_garbage() {
     assert_eq!(code.as_deref(), Some("INTERNAL_ERROR"));
     assert_eq!(message.as_deref(), Some("tts failed"));
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    second_tx.send(()).unwrap();
+    let (call_id, code, message) = next_event(&mut events, |ev| match ev {
+        ClientEvent::IncomingCall(c) => panic!("undeliverable call delivered: {c:?}"),
+        ClientEvent::CallError {
+            call_id,
+            code,
+            message,
+        } => Some((call_id, code, message)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((call_id.as_str(), code), ("c2", None));
+    assert!(message.unwrap().contains("media connection failed"));
     client.shutdown().await;
     media_peer.await.unwrap();
     control_peer.await.unwrap();
