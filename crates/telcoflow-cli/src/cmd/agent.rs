@@ -50,12 +50,30 @@ struct Connection {
     /// Server WebSocket base URL.
     #[arg(long, env = "TELCOFLOW_BASE_URL", default_value = "ws://127.0.0.1:8080")]
     server: String,
-    /// API key of the connector.
-    #[arg(long, env = "TELCOFLOW_API_KEY", hide_env_values = true)]
-    api_key: String,
-    /// Connector UUID.
-    #[arg(long, env = "TELCOFLOW_CONNECTOR_UUID")]
-    connector_uuid: String,
+    /// API key of the connector (with --connector-uuid).
+    #[arg(
+        long,
+        env = "TELCOFLOW_API_KEY",
+        hide_env_values = true,
+        required_unless_present = "client_cert"
+    )]
+    api_key: Option<String>,
+    /// Connector UUID (with --api-key).
+    #[arg(
+        long,
+        env = "TELCOFLOW_CONNECTOR_UUID",
+        required_unless_present = "client_cert"
+    )]
+    connector_uuid: Option<String>,
+    /// PEM client certificate: authenticate with mTLS instead of an API key (wss:// only).
+    #[arg(long, requires = "client_key", conflicts_with = "api_key")]
+    client_cert: Option<PathBuf>,
+    /// PEM private key of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// PEM root certificates to trust besides the public ones (a private server's CA).
+    #[arg(long, env = "TELCOFLOW_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// PCM sample rate of the calls: 8000, 16000 or 24000.
     #[arg(long, default_value_t = 16000)]
     sample_rate: u32,
@@ -67,11 +85,18 @@ struct Connection {
 impl Connection {
     fn config(&self) -> anyhow::Result<TelcoflowClientConfig> {
         let rate = SampleRate::from_hz(self.sample_rate)?;
-        Ok(TelcoflowClientConfig::builder()
-            .api_key(&self.api_key, &self.connector_uuid)
+        let mut builder = TelcoflowClientConfig::builder()
             .base_url(&self.server)
-            .sample_rate(rate)
-            .build()?)
+            .sample_rate(rate);
+        builder = match (&self.client_cert, &self.client_key, &self.api_key, &self.connector_uuid) {
+            (Some(cert), Some(key), _, _) => builder.mtls(cert, key),
+            (_, _, Some(api_key), Some(uuid)) => builder.api_key(api_key, uuid),
+            _ => anyhow::bail!("give --api-key and --connector-uuid, or --client-cert and --client-key"),
+        };
+        if let Some(ca) = &self.ca_cert {
+            builder = builder.ca_cert(ca);
+        }
+        Ok(builder.build()?)
     }
 }
 
@@ -437,8 +462,22 @@ mod tests {
         if std::env::var_os("TELCOFLOW_API_KEY").is_none() {
             assert!(parse(&["agent", "echo", "--connector-uuid", "u"]).is_err());
         }
-        let bad = Connection { sample_rate: 44100, ..conn };
+        let bad = Connection {
+            sample_rate: 44100,
+            ..conn
+        };
         assert!(bad.config().is_err());
+        // mTLS instead of an API key: the files are read when the config is built.
+        let args = parse(&[
+            "agent", "echo", "--server", "wss://h", "--client-cert", "/nonexistent/c.pem",
+            "--client-key", "/nonexistent/c.key",
+        ]);
+        if std::env::var_os("TELCOFLOW_API_KEY").is_none() {
+            let Mode::Echo { conn } = args.unwrap().mode else { panic!("echo") };
+            let e = conn.config().unwrap_err().to_string();
+            assert!(e.contains("cert_path"), "{e}");
+        }
+        assert!(parse(&["agent", "echo", "--client-cert", "c.pem", "--connector-uuid", "u"]).is_err());
     }
 
     #[tokio::test]
@@ -452,8 +491,11 @@ mod tests {
             mode: Mode::Echo {
                 conn: Connection {
                     server: server.base_url().to_owned(),
-                    api_key: telcoflow_server::config::DEV_API_KEY.into(),
-                    connector_uuid: telcoflow_server::config::DEV_CONNECTOR_UUID.into(),
+                    api_key: Some(telcoflow_server::config::DEV_API_KEY.into()),
+                    connector_uuid: Some(telcoflow_server::config::DEV_CONNECTOR_UUID.into()),
+                    client_cert: None,
+                    client_key: None,
+                    ca_cert: None,
                     sample_rate: 16000,
                     max_calls: Some(1),
                 },
