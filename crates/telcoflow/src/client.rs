@@ -328,11 +328,12 @@ impl Driver {
                     continue;
                 }
             };
+            info!(%sm_ws_id, "control connection up");
+            // Set before `connect` returns, so that `sm_ws_id()` is known at once.
+            self.sm_ws_id.send_replace(Some(sm_ws_id.clone()));
             if let Some(f) = first.take() {
                 let _ = f.send(Ok(()));
             }
-            info!(%sm_ws_id, "control connection up");
-            self.sm_ws_id.send_replace(Some(sm_ws_id.clone()));
             if !self
                 .emit(ClientEvent::Connected {
                     sm_ws_id: sm_ws_id.clone(),

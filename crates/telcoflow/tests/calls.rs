@@ -376,13 +376,14 @@ async fn client_events_report_connection() {
     let client = TelcoflowClient::connect(config(server.base_url()))
         .await
         .unwrap();
+    let known = client.sm_ws_id().expect("known as soon as connect returns");
     let mut events = client.events();
     let id = next_event(&mut events, |ev| match ev {
         ClientEvent::Connected { sm_ws_id } => Some(sm_ws_id),
         _ => None,
     })
     .await;
-    assert_eq!(client.sm_ws_id().as_deref(), Some(id.as_str()));
+    assert_eq!(known, id);
     client.shutdown().await;
     assert!(
         tokio::time::timeout(WAIT, events.next())
