@@ -12,10 +12,12 @@ use crate::call::CallHandle;
 use crate::config::ConnectorConfig;
 use crate::registry::{ControlLink, ReadyOutcome};
 use crate::state::Shared;
-use axum::extract::State;
+use crate::tls::PeerInfo;
 use axum::extract::ws::{
-    Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+    CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code,
+    rejection::WebSocketUpgradeRejection,
 };
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -27,6 +29,7 @@ use telcoflow_proto::control::{
 };
 use telcoflow_proto::media::MEDIA_PATH;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 /// How long a new connection has to send `setup`.
@@ -35,10 +38,11 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// `GET /v1/agent/session-manager`.
 pub(crate) async fn control_ws(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let connector = match authenticate(&shared, &headers) {
+    let connector = match authenticate(&shared, &headers, &peer) {
         Ok(c) => c,
         Err(e) => return (StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
     };
@@ -76,6 +80,7 @@ async fn run(
         return;
     };
     let (tx, mut rx) = mpsc::channel(shared.config.limits.control_send_queue);
+    let kill = CancellationToken::new();
     let done = ServerFrame::SetupDone {
         sm_ws_id: sm_ws_id.clone(),
     };
@@ -92,6 +97,7 @@ async fn run(
             connector: connector.uuid.as_str().into(),
             setup,
             tx: tx.clone(),
+            kill: kill.clone(),
         },
     );
     info!(
@@ -103,7 +109,12 @@ async fn run(
         shared: shared.clone(),
         connector,
         sm_ws_id: sm_ws_id.clone(),
-        tx,
+        link: ControlLink {
+            connector: "".into(),
+            setup,
+            tx,
+            kill: kill.clone(),
+        },
     };
     loop {
         tokio::select! {
@@ -123,6 +134,15 @@ async fn run(
                 if socket.send(Message::Text(frame.encode().into())).await.is_err() {
                     break;
                 }
+            }
+            // Cancel-safe: only observes the token.
+            () = kill.cancelled() => {
+                let close = CloseFrame {
+                    code: close_code::POLICY,
+                    reason: "send queue full: the client is not reading its frames".into(),
+                };
+                let _ = socket.send(Message::Close(Some(close))).await;
+                break;
             }
             // Cancel-safe: only observes the token.
             () = shared.shutdown.cancelled() => {
@@ -174,14 +194,12 @@ struct Conn {
     shared: Arc<Shared>,
     connector: Arc<ConnectorConfig>,
     sm_ws_id: String,
-    tx: mpsc::Sender<ServerFrame>,
+    link: ControlLink,
 }
 
 impl Conn {
     fn send(&self, frame: ServerFrame) {
-        if self.tx.try_send(frame).is_err() {
-            warn!("control send queue full; frame dropped");
-        }
+        self.link.send(frame);
     }
 
     fn reply_ok(&self, req_id: Option<String>, content: serde_json::Value) {
@@ -278,11 +296,19 @@ impl Conn {
         {
             return self.reply_ok(req_id, json!({ "sessionId": existing, "created": false }));
         }
-        self.reply_err(
-            req_id,
-            ErrorCode::ChannelNotConfigured,
-            "outbound calls are not configured on this server",
-        );
+        match crate::call::spawn_outbound(
+            &self.shared,
+            self.connector.clone(),
+            &self.sm_ws_id,
+            self.link.setup,
+            remote,
+        ) {
+            Ok(call) => self.reply_ok(
+                req_id,
+                json!({ "sessionId": call.session_id.as_ref(), "created": true }),
+            ),
+            Err((code, message)) => self.reply_err(req_id, code, message),
+        }
     }
 
     fn call_in(&self, call: &CallHandle) -> ServerFrame {

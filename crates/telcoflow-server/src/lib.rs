@@ -3,6 +3,10 @@
 //! - [`config`]: TOML configuration and the embedded development defaults.
 //! - [`audio`]: sample-rate conversion.
 //! - [`sim`]: the simulated phone network (server endpoint and client phone).
+//! - [`sip`]: sans-IO SIP building blocks: messages, SDP offer/answer, transactions, digest
+//!   auth, the user agent server (incoming calls) and client (outgoing calls).
+//! - [`rtp`]: sans-IO RTP building blocks: G.711, RTP/RTCP/RFC 4733 packets, jitter buffer,
+//!   per-leg RTP session.
 //!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
@@ -16,9 +20,14 @@ mod control;
 mod http;
 mod media;
 mod registry;
+pub mod rtp;
 pub mod sim;
+pub mod sip;
 mod state;
+mod tls;
 mod token;
+
+pub use tls::fingerprint as certificate_fingerprint;
 
 pub use config::{Config, ConfigError};
 
@@ -64,18 +73,33 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         let base_url = config
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("ws://{local_addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
         let shared = Arc::new(state::Shared::new(config, base_url.clone()));
         let shutdown = shared.shutdown.clone();
-        let app = router(shared.clone());
+        let app = router(shared.clone()).into_make_service_with_connect_info::<tls::PeerInfo>();
         let task = tokio::spawn(async move {
             let token = shared.shutdown.clone();
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
+            let stop = async move { token.cancelled().await };
+            let served = match tls {
+                Some(tls) => match tls::TlsListener::new(listener, tls, shared.shutdown.clone()) {
+                    Ok(listener) => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
+                }
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "server failed");
             }

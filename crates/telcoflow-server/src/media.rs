@@ -94,6 +94,10 @@ async fn run(
     mut rx: mpsc::Receiver<MediaOut>,
 ) {
     debug!("media connection open");
+    // Commands sent to the call and not yet answered. Bounded so that a client cannot pile up
+    // work faster than the call answers it.
+    let max_in_flight = shared.config.limits.max_pending_commands_per_call;
+    let mut in_flight = 0usize;
     loop {
         tokio::select! {
             biased;
@@ -101,6 +105,10 @@ async fn run(
             out = rx.recv() => {
                 let msg = match out {
                     Some(MediaOut::Text(text)) => Message::Text(text.into()),
+                    Some(MediaOut::Response(text)) => {
+                        in_flight = in_flight.saturating_sub(1);
+                        Message::Text(text.into())
+                    }
                     Some(MediaOut::Audio(frame)) => Message::Binary(frame),
                     Some(MediaOut::Close) | None => {
                         let _ = socket.send(Message::Close(None)).await;
@@ -114,10 +122,25 @@ async fn run(
             // Cancel-safe: WebSocket::recv is a stream poll.
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Text(text))) => {
-                    if let Some(input) = decode_command(&text, conn_id, &mut socket).await {
-                        if !call.send_data(input).await {
-                            break;
+                    match decode_command(&text, conn_id, &mut socket).await {
+                        Some(CallInput::Command { command, .. }) if in_flight >= max_in_flight => {
+                            let resp = CommandResponse::error(
+                                command.command_id,
+                                ErrorCode::QuotaExceeded,
+                                format!("{max_in_flight} commands are already waiting for an answer (limits.max_pending_commands_per_call)"),
+                            );
+                            let text = MediaServerFrame::CommandResponse(resp).encode();
+                            if socket.send(Message::Text(text.into())).await.is_err() {
+                                break;
+                            }
                         }
+                        Some(input) => {
+                            in_flight += 1;
+                            if !call.send_data(input).await {
+                                break;
+                            }
+                        }
+                        None => {}
                     }
                 }
                 Some(Ok(Message::Binary(frame))) => match AudioFrame::decode(&frame) {
@@ -142,7 +165,9 @@ async fn run(
                 // The call actor ends the call and sends its last frames; drain them briefly.
                 while let Ok(Some(out)) = tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await {
                     match out {
-                        MediaOut::Text(text) => { let _ = socket.send(Message::Text(text.into())).await; }
+                        MediaOut::Text(text) | MediaOut::Response(text) => {
+                            let _ = socket.send(Message::Text(text.into())).await;
+                        }
                         MediaOut::Audio(_) => {}
                         MediaOut::Close => break,
                     }

@@ -16,6 +16,7 @@ use telcoflow_proto::control::{
     Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState, SetupData,
 };
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 /// How a control connection is reached.
@@ -24,6 +25,18 @@ pub(crate) struct ControlLink {
     pub(crate) connector: Arc<str>,
     pub(crate) setup: SetupData,
     pub(crate) tx: mpsc::Sender<ServerFrame>,
+    /// Cancelled when the connection cannot take a frame: it is not reading and gets closed.
+    pub(crate) kill: CancellationToken,
+}
+
+impl ControlLink {
+    /// Queues a frame; a full queue closes the connection rather than lose frames silently.
+    pub(crate) fn send(&self, frame: ServerFrame) {
+        if let Err(e) = self.tx.try_send(frame) {
+            warn!(error = %e, "control connection is not reading; closing it");
+            self.kill.cancel();
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -111,7 +124,7 @@ impl Registry {
                 } else {
                     Activity::Resume
                 };
-                let _ = link.tx.try_send(notify(&s.info, activity, now));
+                link.send(notify(&s.info, activity, now));
             }
         }
         state.controls.insert(sm_ws_id.to_owned(), link);
@@ -283,7 +296,7 @@ impl Registry {
             *count = count.saturating_sub(1);
         }
         if let Some(link) = s.bound.as_ref().and_then(|id| controls.get(id)) {
-            let _ = link.tx.try_send(ServerFrame::SessionClosed {
+            link.send(ServerFrame::SessionClosed {
                 session_id: session_id.to_owned(),
                 reason,
             });
@@ -369,9 +382,7 @@ fn notify(info: &SessionInfo, activity: Activity, now: u64) -> ServerFrame {
 }
 
 fn broadcast(controls: &HashMap<String, ControlLink>, connector: &str, frame: &ServerFrame) {
-    for (id, link) in controls.iter().filter(|(_, l)| &*l.connector == connector) {
-        if let Err(e) = link.tx.try_send(frame.clone()) {
-            warn!(sm_ws_id = %id, error = %e, "control connection cannot take more frames");
-        }
+    for link in controls.values().filter(|l| &*l.connector == connector) {
+        link.send(frame.clone());
     }
 }

@@ -195,3 +195,48 @@ async fn unknown_number_is_not_found_for_the_phone() {
     phone.ws.closed().await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn session_create_places_an_outbound_call_answered_when_the_far_end_picks_up() {
+    let server = start(dev_config()).await;
+    let mut a = control(&server, 16000, "mixed").await;
+    let mut far = register(&server, "+1777", 16000).await;
+    let resp = a
+        .request(json!({"type": "session.create", "channel": "TELCO", "remoteAddress": "+1777"}))
+        .await;
+    assert_eq!(resp["ok"], true, "{resp}");
+    assert_eq!(resp["content"]["created"], true);
+    let session_id = resp["content"]["sessionId"].as_str().unwrap().to_owned();
+    // Creating again for the same far party returns the open session.
+    let again = a
+        .request(json!({"type": "session.create", "channel": "TELCO", "remoteAddress": "+1777"}))
+        .await;
+    assert_eq!(
+        again["content"],
+        json!({"sessionId": session_id, "created": false})
+    );
+
+    let opened = a.open(&session_id).await;
+    assert_eq!(opened["content"]["session"]["initiator"], "SDK");
+    a.ready(&session_id).await;
+    let call_in = a.ws.expect_type("call.in").await;
+    assert_eq!(call_in["to"], "+1777");
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None);
+    let pick_up = async {
+        let incoming = far.event("incoming").await;
+        assert_eq!(incoming["to"], "+1777");
+        far.send_json(json!({"type": "answer"})).await;
+        far.event("answered").await;
+    };
+    let (answer, ()) = tokio::join!(answer, pick_up);
+    assert_eq!(answer["success"], true, "{answer}");
+    far.send_level(321, 320).await;
+    assert_eq!(media.audio(0).await[0], 321);
+
+    let unreachable = a
+        .request(json!({"type": "session.create", "channel": "TELCO", "remoteAddress": "+1888"}))
+        .await;
+    assert_eq!(unreachable["errorCode"], "NO_ROUTE");
+    server.shutdown().await;
+}

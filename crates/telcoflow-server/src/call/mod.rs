@@ -27,10 +27,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::audio::{mix_into, pcm_to_samples, samples_to_pcm};
-use telcoflow_proto::control::{CloseReason, SetupData};
+use telcoflow_proto::control::{
+    Channel, CloseReason, Initiator, SessionInfo, SessionState, SetupData,
+};
 use telcoflow_proto::media::{
-    AudioFrame, BufferRequest, CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, Command,
-    CommandName, CommandResponse, ConnectData, MediaServerFrame, RING_TIME_RANGE,
+    BufferRequest, CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, Command, CommandName,
+    CommandResponse, ConnectData, MediaServerFrame, RING_TIME_RANGE,
 };
 use telcoflow_proto::sim::HangupReason;
 use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
@@ -93,6 +95,8 @@ pub(crate) struct MediaLink {
 #[derive(Debug)]
 pub(crate) enum MediaOut {
     Text(String),
+    /// A `command_response`: the media connection counts commands in flight by these.
+    Response(String),
     Audio(Bytes),
     /// Close the connection (after sending what is queued).
     Close,
@@ -140,6 +144,70 @@ pub(crate) fn spawn_incoming(
     to: &str,
     caller: LegLink,
 ) -> Result<CallHandle, ErrorCode> {
+    let (handle, queues) = new_handle(from, to);
+    let info = session_info(&handle, Initiator::Connector, from, to);
+    let connector_id: Arc<str> = connector.uuid.as_str().into();
+    // The actor must exist before the registry can notify anyone about it: a claim arriving
+    // right after the notification sends `Claimed` to its queue.
+    let actor = CallActor::new(shared.clone(), connector, handle.clone(), caller, None);
+    shared.registry.open_call_session(
+        &connector_id,
+        shared.config.limits.max_calls_per_connector,
+        info,
+        handle.clone(),
+        None,
+    )?;
+    run_actor(shared, actor, queues);
+    Ok(handle)
+}
+
+/// Starts an outbound call for `session.create`: rings `remote` and registers the session as
+/// already held by the creating control connection. The app's `call.answer` completes when the
+/// far end picks up.
+pub(crate) fn spawn_outbound(
+    shared: &Arc<Shared>,
+    connector: Arc<ConnectorConfig>,
+    sm_ws_id: &str,
+    setup: SetupData,
+    remote: &str,
+) -> Result<CallHandle, (ErrorCode, String)> {
+    let caller_id = connector.outbound_caller_id.clone().unwrap_or_default();
+    let (handle, queues) = new_handle(&caller_id, remote);
+    let link = shared
+        .phones
+        .ring(remote, &handle, LegId::CALLER)
+        .map_err(|e| {
+            (
+                ErrorCode::NoRoute,
+                format!("{remote} cannot be reached: {e}"),
+            )
+        })?;
+    let info = session_info(&handle, Initiator::Sdk, remote, &caller_id);
+    let connector_id: Arc<str> = connector.uuid.as_str().into();
+    let actor = CallActor::new(
+        shared.clone(),
+        connector,
+        handle.clone(),
+        link.clone(),
+        Some(setup),
+    );
+    if let Err(code) = shared.registry.open_call_session(
+        &connector_id,
+        shared.config.limits.max_calls_per_connector,
+        info,
+        handle.clone(),
+        Some(sm_ws_id.to_owned()),
+    ) {
+        let _ = link.tx.try_send(LegOutput::Hangup(HangupReason::Busy));
+        return Err((code, "the connector's call limit is reached".into()));
+    }
+    run_actor(shared, actor, queues);
+    Ok(handle)
+}
+
+type Queues = (mpsc::Receiver<CallInput>, mpsc::Receiver<CallInput>);
+
+fn new_handle(from: &str, to: &str) -> (CallHandle, Queues) {
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
     let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
     let handle = CallHandle {
@@ -150,33 +218,34 @@ pub(crate) fn spawn_incoming(
         control: control_tx,
         data: data_tx,
     };
-    let info = telcoflow_proto::control::SessionInfo {
+    (handle, (control_rx, data_rx))
+}
+
+fn session_info(
+    handle: &CallHandle,
+    initiator: Initiator,
+    remote: &str,
+    local: &str,
+) -> SessionInfo {
+    SessionInfo {
         id: handle.session_id.to_string(),
-        channel: telcoflow_proto::control::Channel::Telco,
-        initiator: telcoflow_proto::control::Initiator::Connector,
-        state: telcoflow_proto::control::SessionState::Open,
-        remote_address: from.to_owned(),
-        local_address: to.to_owned(),
+        channel: Channel::Telco,
+        initiator,
+        state: SessionState::Open,
+        remote_address: remote.to_owned(),
+        local_address: local.to_owned(),
         opened_at: crate::token::unix_now(),
         closed_at: None,
-    };
-    let connector_id: Arc<str> = connector.uuid.as_str().into();
-    // The actor must exist before the registry can notify anyone about it: a claim arriving
-    // right after the notification sends `Claimed` to its queue.
-    let actor = CallActor::new(shared.clone(), connector, handle.clone(), caller);
-    shared.registry.open_call_session(
-        &connector_id,
-        shared.config.limits.max_calls_per_connector,
-        info,
-        handle.clone(),
-        None,
-    )?;
-    shared.registry.index_call(&handle);
+    }
+}
+
+fn run_actor(shared: &Arc<Shared>, actor: CallActor, (control, data): Queues) {
+    let handle = &actor.handle;
+    shared.registry.index_call(handle);
     let span = info_span!("call", call_id = %handle.call_id);
     shared
         .tasks
-        .spawn(actor.run(control_rx, data_rx).instrument(span));
-    Ok(handle)
+        .spawn(actor.run(control, data).instrument(span));
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,6 +382,10 @@ struct CallActor {
     playout: Playout,
     ring_deadline: Instant,
     claimed: bool,
+    /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
+    /// waits for it to pick up.
+    outbound: bool,
+    pending_answer: Option<String>,
     ended: bool,
     // Scratch buffers reused every tick.
     agent_frame: Vec<i16>,
@@ -330,8 +403,9 @@ impl CallActor {
         connector: Arc<ConnectorConfig>,
         handle: CallHandle,
         caller: LegLink,
+        outbound: Option<SetupData>,
     ) -> Self {
-        let setup = SetupData::default();
+        let setup = outbound.unwrap_or_default();
         let rate = setup.sample_rate;
         let max_playout =
             rate.bytes_per_second() * shared.config.limits.max_playout_ms as usize / 1000;
@@ -352,7 +426,9 @@ impl CallActor {
             media: None,
             media_lost_at: None,
             ring_deadline,
-            claimed: false,
+            claimed: outbound.is_some(),
+            outbound: outbound.is_some(),
+            pending_answer: None,
             ended: false,
             agent_frame: Vec::new(),
             caller_frame: Vec::new(),
@@ -426,6 +502,13 @@ impl CallActor {
     fn on_deadline(&mut self, now: Instant) {
         if self.phase == Phase::Ringing && now >= self.ring_deadline {
             info!("nobody answered in time");
+            if let Some(id) = self.pending_answer.take() {
+                self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::CallUnanswered,
+                    format!("{} did not answer", self.handle.to),
+                ));
+            }
             self.finish(CloseReason::CallTerminated, HangupReason::NoAnswer);
             return;
         }
@@ -558,6 +641,16 @@ impl CallActor {
         debug!(command = %name, "command");
         let id = cmd.command_id;
         match name {
+            CommandName::Answer if self.outbound && self.phase == Phase::Ringing => {
+                if self.pending_answer.is_some() {
+                    return self.respond(CommandResponse::error(
+                        id,
+                        ErrorCode::InvalidState,
+                        "an answer is already waiting for the far end",
+                    ));
+                }
+                self.pending_answer = Some(id);
+            }
             CommandName::Answer => {
                 let already = self.phase == Phase::Answered;
                 if !already {
@@ -717,10 +810,12 @@ impl CallActor {
                 let was_up = self.callee.as_ref().is_some_and(|c| c.up);
                 self.callee = None;
                 if let Some(c) = self.connect.take() {
+                    // Declined is, to the application, one more way of not being answered: apps
+                    // written for the reference SDK test for CALL_UNANSWERED alone.
                     self.respond(CommandResponse::error(
                         c.command_id,
-                        ErrorCode::CallRejected,
-                        format!("{} refused the call", c.destination),
+                        ErrorCode::CallUnanswered,
+                        format!("{} declined the call", c.destination),
                     ));
                 } else if was_up {
                     info!("destination hung up");
@@ -775,15 +870,31 @@ impl CallActor {
                     self.caller.enqueue(&self.scratch, frame);
                 } else if !self.scratch.is_empty() {
                     // Alone with the agent: forward at once, no clock wait.
-                    let pcm = to_pcm(&self.scratch);
-                    self.send_audio(CHANNEL_MIXED, &pcm);
+                    let frame = audio_frame(CHANNEL_MIXED, &self.scratch);
                     if self.setup.audio_mode == AudioMode::Isolated {
-                        self.send_audio(CHANNEL_CALLER, &pcm);
+                        let mut caller = Vec::from(&frame[..]);
+                        caller[0] = CHANNEL_CALLER;
+                        self.send_media(MediaOut::Audio(frame));
+                        self.send_media(MediaOut::Audio(Bytes::from(caller)));
+                    } else {
+                        self.send_media(MediaOut::Audio(frame));
                     }
                 }
             }
             LegEvent::Dtmf { digit, duration_ms } => {
                 self.send_event(CallEvent::dtmf(digit, duration_ms));
+            }
+            LegEvent::Answered if self.outbound && self.phase == Phase::Ringing => {
+                info!("far end answered");
+                self.phase = Phase::Answered;
+                self.caller.up = true;
+                self.caller.send(LegOutput::Answered);
+                if let Some(id) = self.pending_answer.take() {
+                    self.respond(CommandResponse::ok(
+                        id,
+                        Some(json!({ "alreadyAnswered": false })),
+                    ));
+                }
             }
             LegEvent::Answered => {}
         }
@@ -837,13 +948,13 @@ impl CallActor {
                 self.mix.clear();
                 self.mix.extend_from_slice(&self.caller_frame);
                 mix_into(&mut self.mix, &self.callee_frame);
-                let mixed = to_pcm(&self.mix);
-                self.send_audio(CHANNEL_MIXED, &mixed);
+                let mixed = audio_frame(CHANNEL_MIXED, &self.mix);
+                self.send_media(MediaOut::Audio(mixed));
                 if self.setup.audio_mode == AudioMode::Isolated {
-                    let caller = to_pcm(&self.caller_frame);
-                    let callee = to_pcm(&self.callee_frame);
-                    self.send_audio(CHANNEL_CALLER, &caller);
-                    self.send_audio(CHANNEL_CALLEE, &callee);
+                    let caller = audio_frame(CHANNEL_CALLER, &self.caller_frame);
+                    let callee = audio_frame(CHANNEL_CALLEE, &self.callee_frame);
+                    self.send_media(MediaOut::Audio(caller));
+                    self.send_media(MediaOut::Audio(callee));
                 }
             }
         }
@@ -873,18 +984,13 @@ impl CallActor {
     }
 
     fn respond(&mut self, response: CommandResponse) {
-        self.send_media(MediaOut::Text(
+        self.send_media(MediaOut::Response(
             MediaServerFrame::CommandResponse(response).encode(),
         ));
     }
 
     fn send_event(&mut self, event: CallEvent) {
         self.send_media(MediaOut::Text(MediaServerFrame::CallEvent(event).encode()));
-    }
-
-    fn send_audio(&mut self, channel: u8, pcm: &[u8]) {
-        let frame = AudioFrame { channel, pcm }.to_vec();
-        self.send_media(MediaOut::Audio(Bytes::from(frame)));
     }
 
     /// Queues a frame for the media connection without waiting. A connection that cannot keep
@@ -941,6 +1047,13 @@ impl CallActor {
                 "the call ended while connecting",
             ));
         }
+        if let Some(id) = self.pending_answer.take() {
+            self.respond(CommandResponse::error(
+                id,
+                ErrorCode::CallRejected,
+                "the far end did not take the call",
+            ));
+        }
         self.caller.send(LegOutput::Hangup(caller_reason));
         if let Some(callee) = self.callee.take() {
             callee.send(LegOutput::Hangup(HangupReason::Remote));
@@ -958,8 +1071,10 @@ impl CallActor {
     }
 }
 
-fn to_pcm(samples: &[i16]) -> Vec<u8> {
-    let mut pcm = Vec::with_capacity(samples.len() * 2);
-    samples_to_pcm(samples, &mut pcm);
-    pcm
+/// A binary media frame (channel byte + s16le PCM) built in one allocation.
+fn audio_frame(channel: u8, samples: &[i16]) -> Bytes {
+    let mut frame = Vec::with_capacity(1 + samples.len() * 2);
+    frame.push(channel);
+    samples_to_pcm(samples, &mut frame);
+    Bytes::from(frame)
 }

@@ -1,0 +1,1174 @@
+//! [`ActiveCall`]: one phone call, its commands, its audio and its media connection.
+//!
+//! The media connection is one WebSocket per call. A driver task owns it: it reads audio and
+//! events, answers the server's `buffer_request`s from the call's [`RingBuffer`] (pull-based
+//! flow control) and writes commands. The [`ActiveCall`] handle talks to it through a bounded
+//! queue and shared state.
+
+use crate::Error;
+use crate::config::TelcoflowClientConfig;
+use crate::event::ClientEvent;
+use crate::ring::RingBuffer;
+use crate::transport::{self, Tls, Ws};
+use bytes::Bytes;
+use futures_util::{SinkExt, Stream, StreamExt};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use telcoflow_proto::media::{
+    self, AudioFrame, BufferRequest, Command, CommandName, CommandResponse, ConnectData,
+    MediaClientFrame, MediaServerFrame,
+};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, debug_span, trace, warn};
+
+/// Client-side deadline of every command but `call.connect`.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How much longer than the server's deadline the client waits for a command response.
+const COMMAND_GRACE: Duration = Duration::from_secs(5);
+/// Frames queued towards the media WebSocket (commands and audio).
+const OUT_QUEUE: usize = 32;
+/// Buffer requests kept in order before further ones are merged into the last one.
+const MAX_QUEUED_REQUESTS: usize = 256;
+/// Call events buffered for the application before further ones are dropped (and logged).
+const CALL_EVENT_CAPACITY: usize = 64;
+
+/// Where a call is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallState {
+    /// Known, media connection not opened: may still be handed to another process.
+    New,
+    /// The media connection is being opened.
+    Opening,
+    /// The media connection is open.
+    Live,
+    /// The call has ended.
+    Terminated,
+}
+
+/// The outcome of a command the server answered, or timed out on its side.
+///
+/// Operational failures (`success: false`, e.g. `CALL_UNANSWERED`, or `TIMEOUT` from the
+/// server) are results, not errors; a closed call or a lost connection is an [`Error`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandResult {
+    /// Whether the command succeeded.
+    pub success: bool,
+    /// The server's error code on failure.
+    pub error_code: Option<String>,
+    /// The server's message on failure.
+    pub error_message: Option<String>,
+    /// The result payload on success.
+    pub payload: Option<Value>,
+}
+
+impl CommandResult {
+    fn ok() -> Self {
+        Self {
+            success: true,
+            error_code: None,
+            error_message: None,
+            payload: None,
+        }
+    }
+
+    /// The payload on success, [`Error::CommandFailed`] otherwise.
+    pub fn into_result(self) -> Result<Option<Value>, Error> {
+        if self.success {
+            Ok(self.payload)
+        } else {
+            Err(Error::CommandFailed {
+                code: self.error_code.unwrap_or_default(),
+                message: self.error_message.unwrap_or_default(),
+            })
+        }
+    }
+}
+
+impl From<CommandResponse> for CommandResult {
+    fn from(r: CommandResponse) -> Self {
+        Self {
+            success: r.success,
+            error_code: r.error_code,
+            error_message: r.error_message,
+            payload: r.result,
+        }
+    }
+}
+
+/// Something that happened on a call, from [`ActiveCall::events`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum CallEvent {
+    /// The call ended (`reason` as the server gave it, if any).
+    Terminated {
+        /// E.g. `caller_hangup`.
+        reason: Option<String>,
+    },
+    /// Something failed on the call; it may go on.
+    Error {
+        /// E.g. `TTS_SESSION_ERROR`.
+        code: Option<String>,
+        /// The server's message.
+        message: Option<String>,
+    },
+    /// The caller pressed a key.
+    Dtmf {
+        /// The key (`0`-`9`, `*`, `#`, `A`-`D`).
+        digit: String,
+        /// How long it was held.
+        duration_ms: u32,
+    },
+    /// Received audio was dropped because the application did not read a channel fast enough.
+    AudioOverflow {
+        /// The channel.
+        channel: u8,
+        /// Chunks dropped on this call so far.
+        dropped: u64,
+    },
+    /// An event this SDK has no variant for.
+    Other {
+        /// The event name.
+        name: String,
+        /// Its other fields.
+        fields: Map<String, Value>,
+    },
+}
+
+impl CallEvent {
+    fn from_wire(ev: media::CallEvent) -> Self {
+        let str_field = |n: &str| ev.fields.get(n).and_then(Value::as_str).map(str::to_owned);
+        match ev.event.as_str() {
+            media::CallEvent::TERMINATED => Self::Terminated {
+                reason: str_field("reason"),
+            },
+            media::CallEvent::ERROR => Self::Error {
+                code: str_field("error_code"),
+                message: str_field("error_message"),
+            },
+            media::CallEvent::DTMF => {
+                let digit = str_field("digit");
+                let duration = ev.fields.get("duration_ms").and_then(Value::as_u64);
+                match (digit, duration) {
+                    (Some(digit), Some(d)) => Self::Dtmf {
+                        digit,
+                        duration_ms: u32::try_from(d).unwrap_or(u32::MAX),
+                    },
+                    _ => Self::Other {
+                        name: ev.event,
+                        fields: ev.fields,
+                    },
+                }
+            }
+            _ => Self::Other {
+                name: ev.event,
+                fields: ev.fields,
+            },
+        }
+    }
+}
+
+/// The JSON a NEW call is handed over in; the keys are the reference client's.
+#[derive(Serialize, Deserialize)]
+struct HandOff {
+    #[serde(default = "telco")]
+    channel: String,
+    id: String,
+    caller: String,
+    callee: String,
+    session_url: String,
+    session_token: String,
+}
+
+fn telco() -> String {
+    "TELCO".into()
+}
+
+/// Settings a call takes from the client configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct CallSettings {
+    pub(crate) buffer_size: usize,
+    pub(crate) audio_channel_capacity: usize,
+    pub(crate) tls: Tls,
+}
+
+impl From<&TelcoflowClientConfig> for CallSettings {
+    fn from(c: &TelcoflowClientConfig) -> Self {
+        Self {
+            buffer_size: c.buffer_size,
+            audio_channel_capacity: c.audio_channel_capacity,
+            tls: c.media_tls.clone(),
+        }
+    }
+}
+
+/// What the server told about a call.
+pub(crate) struct CallParams {
+    pub(crate) id: String,
+    pub(crate) session_id: Option<String>,
+    pub(crate) caller: String,
+    pub(crate) callee: String,
+    pub(crate) url: String,
+    pub(crate) token: String,
+}
+
+/// Where a call reports to its client, if it has one.
+#[derive(Clone, Default)]
+pub(crate) struct CallLinks {
+    /// Client events (call errors, overflow); weak so that calls do not keep the client's
+    /// event stream open.
+    pub(crate) client_events: Option<mpsc::WeakSender<ClientEvent>>,
+    /// Cancelled when the client shuts down.
+    pub(crate) shutdown: Option<CancellationToken>,
+    /// The client's task tracker.
+    pub(crate) tracker: Option<TaskTracker>,
+}
+
+/// One phone call. Cheap to clone; every clone is the same call.
+///
+/// Delivered by [`TelcoflowClient`](crate::TelcoflowClient) as
+/// [`ClientEvent::IncomingCall`] (by default already [`CallState::Live`]), or rebuilt from
+/// another process's [`ActiveCall::to_json`] with [`ActiveCall::from_json`]. The media
+/// connection opens on the first command or send if it is not open yet. When the last clone is
+/// dropped the media connection is closed.
+///
+/// ```no_run
+/// use futures_util::StreamExt;
+/// use telcoflow::{ActiveCall, Error};
+///
+/// async fn echo(call: ActiveCall) -> Result<(), Error> {
+///     call.answer().await?.into_result()?;
+///     let mut audio = call.audio_stream(0);
+///     while let Some(chunk) = audio.next().await {
+///         // Play the caller's own voice back; a full buffer just drops this chunk.
+///         match call.send_audio(&chunk).await {
+///             Ok(()) | Err(Error::BufferFull { .. }) => {}
+///             Err(e) => return Err(e),
+///         }
+///     }
+///     Ok(())
+/// }
+/// ```
+#[derive(Clone)]
+pub struct ActiveCall {
+    core: Arc<CallCore>,
+    _guard: Arc<DropGuard>,
+}
+
+impl fmt::Debug for ActiveCall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActiveCall")
+            .field("id", &self.core.id)
+            .field("session_id", &self.core.session_id)
+            .field("caller", &self.core.caller)
+            .field("callee", &self.core.callee)
+            .field("state", &*self.core.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+struct CallCore {
+    id: String,
+    session_id: Option<String>,
+    caller: String,
+    callee: String,
+    url: String,
+    token: String,
+    settings: CallSettings,
+    links: CallLinks,
+    /// Cancelled when the call must stop (last handle dropped, client shutdown).
+    cancel: CancellationToken,
+    state: watch::Sender<CallState>,
+    /// Serialises opening the media connection.
+    open_lock: tokio::sync::Mutex<()>,
+    media: Mutex<Option<Arc<Media>>>,
+    channels: Mutex<Channels>,
+    /// Dropped when the call ends, which ends the application's event stream.
+    events_tx: Mutex<Option<mpsc::Sender<CallEvent>>>,
+    events_rx: Mutex<Option<mpsc::Receiver<CallEvent>>>,
+    tracker: TaskTracker,
+}
+
+struct Channels {
+    slots: HashMap<u8, ChannelSlot>,
+    /// The media connection has ended: new streams end at once.
+    finished: bool,
+    dropped_total: u64,
+}
+
+impl Channels {
+    /// Ends every stream: handed-out streams end after what they hold; a stream not handed
+    /// out yet keeps its buffered audio for a later `audio_stream`.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.slots.retain(|_, slot| slot.rx.is_some());
+        for slot in self.slots.values_mut() {
+            slot.tx = None;
+        }
+    }
+}
+
+struct ChannelSlot {
+    /// `None` once the call has ended, which ends the stream after what it holds.
+    tx: Option<mpsc::Sender<Bytes>>,
+    /// Receiver not handed out yet (channel 0 buffers from the start).
+    rx: Option<mpsc::Receiver<Bytes>>,
+    overflowing: bool,
+}
+
+/// State shared between the handle and the media driver of an open media connection.
+struct Media {
+    ring: RingBuffer,
+    out: mpsc::Sender<Message>,
+    pending: Mutex<Pending>,
+    requests: Mutex<VecDeque<BufferRequest>>,
+    requests_changed: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    map: HashMap<String, oneshot::Sender<Result<CommandResponse, Error>>>,
+    closed: bool,
+}
+
+impl ActiveCall {
+    pub(crate) fn new(params: CallParams, settings: CallSettings, links: CallLinks) -> Self {
+        let CallParams {
+            id,
+            session_id,
+            caller,
+            callee,
+            url,
+            token,
+        } = params;
+        let cancel = links
+            .shutdown
+            .as_ref()
+            .map_or_else(CancellationToken::new, CancellationToken::child_token);
+        let tracker = links.tracker.clone().unwrap_or_default();
+        let (events_tx, events_rx) = mpsc::channel(CALL_EVENT_CAPACITY);
+        let (tx0, rx0) = mpsc::channel(settings.audio_channel_capacity);
+        let mut slots = HashMap::new();
+        slots.insert(
+            media::CHANNEL_MIXED,
+            ChannelSlot {
+                tx: Some(tx0),
+                rx: Some(rx0),
+                overflowing: false,
+            },
+        );
+        let core = Arc::new(CallCore {
+            id,
+            session_id,
+            caller,
+            callee,
+            url,
+            token,
+            settings,
+            links,
+            cancel: cancel.clone(),
+            state: watch::Sender::new(CallState::New),
+            open_lock: tokio::sync::Mutex::new(()),
+            media: Mutex::new(None),
+            channels: Mutex::new(Channels {
+                slots,
+                finished: false,
+                dropped_total: 0,
+            }),
+            events_tx: Mutex::new(Some(events_tx)),
+            events_rx: Mutex::new(Some(events_rx)),
+            tracker,
+        });
+        Self {
+            core,
+            _guard: Arc::new(cancel.drop_guard()),
+        }
+    }
+
+    /// Rebuilds a NEW call from [`ActiveCall::to_json`] output, using this process's audio
+    /// settings. The media connection is not opened until the first command or send.
+    pub fn from_json(json: &str, config: &TelcoflowClientConfig) -> Result<Self, Error> {
+        let h: HandOff = serde_json::from_str(json)
+            .map_err(|e| Error::Protocol(format!("invalid call JSON: {e}")))?;
+        if h.channel != "TELCO" {
+            return Err(Error::Protocol(format!(
+                "channel {} is not a call",
+                h.channel
+            )));
+        }
+        Ok(Self::new(
+            CallParams {
+                id: h.id,
+                session_id: None,
+                caller: h.caller,
+                callee: h.callee,
+                url: h.session_url,
+                token: h.session_token,
+            },
+            config.into(),
+            CallLinks::default(),
+        ))
+    }
+
+    /// Serialises a NEW call (keys `channel`, `id`, `caller`, `callee`, `session_url`,
+    /// `session_token`) so that another process can take it over with
+    /// [`ActiveCall::from_json`]. The JSON holds the media token: treat it as a secret.
+    ///
+    /// Fails with [`Error::InvalidState`] once the media connection is opening or open.
+    pub fn to_json(&self) -> Result<String, Error> {
+        let state = self.state();
+        if state != CallState::New {
+            return Err(Error::InvalidState(format!(
+                "to_json needs a NEW call, this one is {state:?}"
+            )));
+        }
+        let h = HandOff {
+            channel: telco(),
+            id: self.core.id.clone(),
+            caller: self.core.caller.clone(),
+            callee: self.core.callee.clone(),
+            session_url: self.core.url.clone(),
+            session_token: self.core.token.clone(),
+        };
+        serde_json::to_string(&h).map_err(|e| Error::Protocol(e.to_string()))
+    }
+
+    /// The call id.
+    pub fn id(&self) -> &str {
+        &self.core.id
+    }
+
+    /// The session the call belongs to (unknown for calls rebuilt with `from_json`).
+    pub fn session_id(&self) -> Option<&str> {
+        self.core.session_id.as_deref()
+    }
+
+    /// The caller's number.
+    pub fn caller(&self) -> &str {
+        &self.core.caller
+    }
+
+    /// The called number.
+    pub fn callee(&self) -> &str {
+        &self.core.callee
+    }
+
+    /// The current state.
+    pub fn state(&self) -> CallState {
+        *self.core.state.borrow()
+    }
+
+    /// A receiver that sees every state change.
+    pub fn watch_state(&self) -> watch::Receiver<CallState> {
+        self.core.state.subscribe()
+    }
+
+    /// Resolves once the call is [`CallState::Terminated`].
+    pub async fn terminated(&self) {
+        let mut rx = self.core.state.subscribe();
+        // `wait_for` only fails when the sender is gone, which cannot happen while `self`
+        // holds the core; either way the call is over.
+        let cancelled = tokio::select! {
+            _ = rx.wait_for(|s| *s == CallState::Terminated) => false,
+            () = self.core.cancel.cancelled() => true,
+        };
+        if cancelled {
+            // The client shut down. A call whose media never opened has no driver to end it,
+            // so end it here; an open one ends when its driver stops.
+            if self.core.media.lock().is_none() {
+                self.finish_locally();
+            }
+            let _ = rx.wait_for(|s| *s == CallState::Terminated).await;
+        }
+    }
+
+    /// Opens the media connection if it is not open yet. Commands and sends do this
+    /// themselves; call it to choose the moment.
+    pub async fn connect_media(&self) -> Result<(), Error> {
+        self.media().await.map(drop)
+    }
+
+    /// Picks the call up (`call.answer`, 10 s).
+    pub async fn answer(&self) -> Result<CommandResult, Error> {
+        self.command(CommandName::Answer, None, COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// Rings the call's configured destination for `ring_time` (1..=120 s, whole seconds) and
+    /// bridges it in (`call.connect`). An unanswered destination gives a result with
+    /// `error_code` `CALL_UNANSWERED`.
+    pub async fn connect(&self, ring_time: Duration) -> Result<CommandResult, Error> {
+        let secs = u32::try_from(ring_time.as_secs()).unwrap_or(u32::MAX);
+        if !media::RING_TIME_RANGE.contains(&secs) || ring_time.subsec_nanos() != 0 {
+            return Err(Error::config(
+                "ring_time",
+                format!("{ring_time:?} is not a whole number of seconds in 1..=120"),
+            ));
+        }
+        let data = serde_json::to_value(ConnectData {
+            ring_time_seconds: secs,
+        })
+        .ok();
+        self.command(CommandName::Connect, data, ring_time).await
+    }
+
+    /// The agent is heard by the connected party only (`agent.whisper`; needs `connect`).
+    pub async fn whisper(&self) -> Result<CommandResult, Error> {
+        self.command(CommandName::Whisper, None, COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// The agent is heard by both parties (`agent.barge`; needs `connect`).
+    pub async fn barge(&self) -> Result<CommandResult, Error> {
+        self.command(CommandName::Barge, None, COMMAND_TIMEOUT)
+            .await
+    }
+
+    /// The agent listens and is heard by nobody (`agent.spy`; needs `connect`).
+    pub async fn spy(&self) -> Result<CommandResult, Error> {
+        self.command(CommandName::Spy, None, COMMAND_TIMEOUT).await
+    }
+
+    /// Ends the call for everyone (`call.disconnect`). Succeeds at once if it already ended.
+    pub async fn disconnect(&self) -> Result<CommandResult, Error> {
+        if self.state() == CallState::Terminated {
+            return Ok(CommandResult::ok());
+        }
+        let r = self
+            .command(CommandName::Disconnect, None, COMMAND_TIMEOUT)
+            .await?;
+        if r.success {
+            self.finish_locally();
+        }
+        Ok(r)
+    }
+
+    /// The agent leaves (`call.close`): after `connect` the two parties stay connected,
+    /// otherwise the call ends. A call whose media connection never opened is only marked
+    /// terminated here. Succeeds at once if the call already ended.
+    pub async fn close(&self) -> Result<CommandResult, Error> {
+        let state = self.state();
+        if state == CallState::Terminated {
+            return Ok(CommandResult::ok());
+        }
+        if state == CallState::New {
+            self.finish_locally();
+            return Ok(CommandResult::ok());
+        }
+        let r = self
+            .command(CommandName::Close, None, COMMAND_TIMEOUT)
+            .await?;
+        if r.success {
+            self.finish_locally();
+        }
+        Ok(r)
+    }
+
+    /// Queues PCM (s16le mono at the configured rate) for the caller. All or nothing:
+    /// [`Error::BufferFull`] when it does not fit, [`Error::BufferClosed`] after the call ended.
+    /// The server pulls the audio at its playout pace.
+    pub async fn send_audio(&self, pcm: &[u8]) -> Result<(), Error> {
+        match self.state() {
+            CallState::Terminated => return Err(Error::BufferClosed),
+            CallState::Live => {
+                if let Some(m) = self.core.media.lock().clone() {
+                    return m.ring.write_all(pcm);
+                }
+            }
+            CallState::New | CallState::Opening => {}
+        }
+        let media = self.media().await.map_err(|e| match e {
+            Error::CallClosed => Error::BufferClosed,
+            e => e,
+        })?;
+        media.ring.write_all(pcm)
+    }
+
+    /// Bytes queued for the caller and not yet sent (0 before the media connection opens).
+    pub fn send_audio_buffer_size(&self) -> usize {
+        self.core.media.lock().as_ref().map_or(0, |m| m.ring.len())
+    }
+
+    /// Drops every queued byte and tells the server to drop what it has not played yet
+    /// (`agent.interrupt`). Returns the bytes dropped here. Use it when the caller starts
+    /// talking over the agent.
+    pub async fn clear_send_audio_buffer(&self) -> Result<usize, Error> {
+        if self.state() == CallState::Terminated {
+            return Err(Error::CallClosed);
+        }
+        let media = self.media().await?;
+        let dropped = media.ring.clear();
+        let r = self
+            .command(CommandName::Interrupt, None, COMMAND_TIMEOUT)
+            .await?;
+        if !r.success {
+            debug!(call_id = %self.core.id, code = ?r.error_code, "agent.interrupt refused");
+        }
+        Ok(dropped)
+    }
+
+    /// PCM received on `channel` (0 = the call mixed; 1, 2 = single legs in isolated mode),
+    /// as a stream that ends when the call ends. Channel 0 buffers from the moment the call
+    /// is created; other channels from the moment they are asked for. Asking for the same
+    /// channel again ends the earlier stream. A slow reader loses chunks, reported as
+    /// [`CallEvent::AudioOverflow`].
+    pub fn audio_stream(&self, channel: u8) -> AudioStream {
+        let mut ch = self.core.channels.lock();
+        if let Some(slot) = ch.slots.get_mut(&channel) {
+            if let Some(rx) = slot.rx.take() {
+                return AudioStream {
+                    inner: ReceiverStream::new(rx),
+                };
+            }
+        }
+        if ch.finished {
+            let (_, rx) = mpsc::channel(1);
+            return AudioStream {
+                inner: ReceiverStream::new(rx),
+            };
+        }
+        let (tx, rx) = mpsc::channel(self.core.settings.audio_channel_capacity);
+        ch.slots.insert(
+            channel,
+            ChannelSlot {
+                tx: Some(tx),
+                rx: None,
+                overflowing: false,
+            },
+        );
+        AudioStream {
+            inner: ReceiverStream::new(rx),
+        }
+    }
+
+    /// Received audio chunks dropped so far because a channel was not read fast enough.
+    pub fn audio_dropped(&self) -> u64 {
+        self.core.channels.lock().dropped_total
+    }
+
+    /// The call's events (errors, key presses, termination, ...). The first call takes the
+    /// stream; later calls get one that ends at once.
+    pub fn events(&self) -> CallEvents {
+        let rx = self
+            .core
+            .events_rx
+            .lock()
+            .take()
+            .unwrap_or_else(|| mpsc::channel(1).1);
+        CallEvents {
+            inner: ReceiverStream::new(rx),
+        }
+    }
+
+    async fn command(
+        &self,
+        name: CommandName,
+        data: Option<Value>,
+        timeout: Duration,
+    ) -> Result<CommandResult, Error> {
+        let media = self.media().await?;
+        let command_id = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = media.pending.lock();
+            if p.closed {
+                return Err(Error::CallClosed);
+            }
+            p.map.insert(command_id.clone(), tx);
+        }
+        let frame = MediaClientFrame::Command(Command {
+            command_id: command_id.clone(),
+            command: name.as_str().to_owned(),
+            timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+            data,
+        });
+        debug!(call_id = %self.core.id, command = %name, %command_id, "command");
+        if media
+            .out
+            .send(Message::Text(frame.encode().into()))
+            .await
+            .is_err()
+        {
+            media.pending.lock().map.remove(&command_id);
+            return Err(Error::CallClosed);
+        }
+        match tokio::time::timeout(timeout + COMMAND_GRACE, rx).await {
+            Err(_) => {
+                media.pending.lock().map.remove(&command_id);
+                Err(Error::CommandTimeout)
+            }
+            Ok(Err(_)) => Err(Error::CallClosed),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Ok(Ok(resp))) => Ok(resp.into()),
+        }
+    }
+
+    /// Marks the call terminated after a successful `close`/`disconnect`; the server closes
+    /// the media connection next.
+    fn finish_locally(&self) {
+        let changed = set_terminated(&self.core);
+        let media = self.core.media.lock().clone();
+        match media {
+            Some(m) => {
+                m.ring.close();
+                m.requests_changed.notify_one();
+            }
+            None => {
+                // No media driver will run to end the streams: end them here.
+                self.core.channels.lock().finish();
+                if changed {
+                    emit(&self.core, CallEvent::Terminated { reason: None });
+                }
+                self.core.events_tx.lock().take();
+            }
+        }
+    }
+
+    /// The open media connection, opening it first if needed.
+    async fn media(&self) -> Result<Arc<Media>, Error> {
+        if let Some(m) = self.live_media()? {
+            return Ok(m);
+        }
+        let _guard = self.core.open_lock.lock().await;
+        if let Some(m) = self.live_media()? {
+            return Ok(m);
+        }
+        self.core.state.send_replace(CallState::Opening);
+        let span = debug_span!("call", call_id = %self.core.id);
+        match open_media(&self.core).instrument(span.clone()).await {
+            Ok(ws) => {
+                let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+                let media = Arc::new(Media {
+                    ring: RingBuffer::new(self.core.settings.buffer_size),
+                    out,
+                    pending: Mutex::new(Pending::default()),
+                    requests: Mutex::new(VecDeque::new()),
+                    requests_changed: Notify::new(),
+                });
+                *self.core.media.lock() = Some(media.clone());
+                self.core.state.send_replace(CallState::Live);
+                let core = self.core.clone();
+                let m = media.clone();
+                self.core
+                    .tracker
+                    .spawn(drive_media(core, m, ws, out_rx).instrument(span));
+                Ok(media)
+            }
+            Err(e) => {
+                // Back to NEW so that a retry or a hand-off stays possible, unless the call
+                // was ended meanwhile.
+                self.core.state.send_if_modified(|st| {
+                    let opening = *st == CallState::Opening;
+                    if opening {
+                        *st = CallState::New;
+                    }
+                    opening
+                });
+                Err(e)
+            }
+        }
+    }
+
+    fn live_media(&self) -> Result<Option<Arc<Media>>, Error> {
+        match self.state() {
+            CallState::Terminated => Err(Error::CallClosed),
+            CallState::Live => Ok(self.core.media.lock().clone()),
+            CallState::New | CallState::Opening => Ok(None),
+        }
+    }
+}
+
+async fn open_media(core: &CallCore) -> Result<Ws, Error> {
+    if core.cancel.is_cancelled() {
+        return Err(Error::Shutdown);
+    }
+    let mut req = transport::request(&core.url)?;
+    transport::add_secret(&mut req, "authorization", &format!("Bearer {}", core.token))?;
+    debug!("opening media connection");
+    tokio::select! {
+        r = transport::connect(req, &core.settings.tls) => r,
+        () = core.cancel.cancelled() => Err(Error::Shutdown),
+    }
+}
+
+/// Moves the call to TERMINATED; true if it was not there yet.
+fn set_terminated(core: &CallCore) -> bool {
+    core.state.send_if_modified(|s| {
+        let changed = *s != CallState::Terminated;
+        *s = CallState::Terminated;
+        changed
+    })
+}
+
+fn emit(core: &CallCore, ev: CallEvent) {
+    if let Some(tx) = core.events_tx.lock().as_ref() {
+        if tx.try_send(ev).is_err() {
+            trace!("call event dropped: the call's event queue is full or unread");
+        }
+    }
+}
+
+fn emit_client(core: &CallCore, ev: ClientEvent) {
+    if let Some(tx) = core.links.client_events.as_ref().and_then(|w| w.upgrade()) {
+        if tx.try_send(ev).is_err() {
+            warn!("client event dropped: the event queue is full");
+        }
+    }
+}
+
+/// Owns the media WebSocket until it closes, the call ends or the client shuts down.
+async fn drive_media(
+    core: Arc<CallCore>,
+    media: Arc<Media>,
+    ws: Ws,
+    mut out_rx: mpsc::Receiver<Message>,
+) {
+    debug!("media connection open");
+    let (mut sink, mut stream) = ws.split();
+    // The three loops borrow the socket halves; they are dropped at the end of this block so
+    // that the sink can be closed afterwards.
+    let reason = {
+        let reader = async {
+            loop {
+                // Cancel-safe: `next()` on a WebSocket stream loses no frame when dropped.
+                let msg = tokio::select! {
+                    m = stream.next() => m,
+                    () = core.cancel.cancelled() => return "shutdown",
+                };
+                match msg {
+                    None => return "closed by server",
+                    Some(Err(e)) => {
+                        debug!(error = %e, "media connection failed");
+                        return "connection error";
+                    }
+                    Some(Ok(Message::Binary(data))) => on_audio(&core, data),
+                    // After `call.terminated` keep reading until the server closes, so that
+                    // frames already sent still land.
+                    Some(Ok(Message::Text(text))) => on_text(&core, &media, text.as_str()),
+                    Some(Ok(Message::Close(_))) => return "closed by server",
+                    Some(Ok(_)) => {}
+                }
+            }
+        };
+        let writer = async {
+            // `recv` is cancel-safe; the queue only closes when every sender is gone.
+            while let Some(m) = out_rx.recv().await {
+                if let Err(e) = sink.send(m).await {
+                    debug!(error = %e, "media send failed");
+                    break;
+                }
+            }
+        };
+        let flow = flow_control(&media);
+        tokio::pin!(reader, writer, flow);
+        tokio::select! {
+            r = &mut reader => r,
+            () = &mut writer => "send failed",
+            () = &mut flow => "flow control ended",
+        }
+    };
+    debug!(reason, "media connection closing");
+    let changed = set_terminated(&core);
+    media.ring.close();
+    media.requests_changed.notify_one();
+    {
+        let mut p = media.pending.lock();
+        p.closed = true;
+        for (_, tx) in p.map.drain() {
+            let _ = tx.send(Err(Error::CallClosed));
+        }
+    }
+    core.channels.lock().finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    if changed {
+        emit(&core, CallEvent::Terminated { reason: None });
+    }
+    core.events_tx.lock().take();
+}
+
+/// Handles one text frame.
+fn on_text(core: &CallCore, media: &Media, text: &str) {
+    let frame = match MediaServerFrame::decode(text) {
+        Ok(f) => f,
+        Err(e) => {
+            debug!(error = %e, "ignoring undecodable media frame");
+            return;
+        }
+    };
+    match frame {
+        MediaServerFrame::CommandResponse(resp) => {
+            debug!(command_id = %resp.command_id, success = resp.success, code = ?resp.error_code, "command response");
+            if let Some(tx) = media.pending.lock().map.remove(&resp.command_id) {
+                let _ = tx.send(Ok(resp));
+            }
+        }
+        MediaServerFrame::BufferRequest(req) => {
+            trace!(
+                requested = req.requested_bytes,
+                frame = req.prefer_audio_frame_bytes,
+                channel = req.channel_id,
+                "buffer request"
+            );
+            if req.channel_id != media::CHANNEL_MIXED || req.requested_bytes == 0 {
+                // Only channel 0 carries agent audio.
+                return;
+            }
+            let mut q = media.requests.lock();
+            let full = q.len() >= MAX_QUEUED_REQUESTS;
+            match q.back_mut() {
+                // Past the cap, merge into the last request so the queue stays bounded; the
+                // bytes owed are the same, only frame boundaries may differ.
+                Some(last) if full => {
+                    last.requested_bytes = last.requested_bytes.saturating_add(req.requested_bytes);
+                }
+                _ => q.push_back(req),
+            }
+            drop(q);
+            media.requests_changed.notify_one();
+        }
+        MediaServerFrame::CallEvent(ev) => {
+            let ev = CallEvent::from_wire(ev);
+            debug!(event = ?ev, "call event");
+            let ended = matches!(ev, CallEvent::Terminated { .. });
+            if let CallEvent::Error { code, message } = &ev {
+                emit_client(
+                    core,
+                    ClientEvent::CallError {
+                        call_id: core.id.clone(),
+                        code: code.clone(),
+                        message: message.clone(),
+                    },
+                );
+            }
+            if ended {
+                set_terminated(core);
+                media.ring.close();
+                media.requests_changed.notify_one();
+            }
+            emit(core, ev);
+        }
+    }
+}
+
+fn on_audio(core: &CallCore, data: Bytes) {
+    let frame = match AudioFrame::decode(&data) {
+        Ok(f) => f,
+        Err(_) => return,
+    };
+    let channel = frame.channel;
+    let mut ch = core.channels.lock();
+    let Some(slot) = ch.slots.get_mut(&channel) else {
+        return;
+    };
+    let Some(tx) = slot.tx.as_ref() else {
+        return;
+    };
+    match tx.try_send(data.slice(1..)) {
+        Ok(()) => slot.overflowing = false,
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            ch.slots.remove(&channel);
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let first = !slot.overflowing;
+            slot.overflowing = true;
+            ch.dropped_total += 1;
+            let dropped = ch.dropped_total;
+            drop(ch);
+            if first {
+                // Report once per overflow episode, not per chunk.
+                warn!(
+                    channel,
+                    dropped, "received audio dropped: channel not read fast enough"
+                );
+                emit(core, CallEvent::AudioOverflow { channel, dropped });
+                emit_client(
+                    core,
+                    ClientEvent::AudioOverflow {
+                        call_id: core.id.clone(),
+                        channel,
+                        dropped,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Answers buffer requests in order with frames of the preferred size, waiting for the
+/// application's audio for each frame. Ends when the ring buffer closes.
+async fn flow_control(media: &Media) {
+    // A frame never exceeds the ring buffer, whatever the server asks for: the buffer could
+    // never fill it, and a hostile size must not drive the allocation below.
+    let max_frame = media.ring.capacity();
+    loop {
+        let req = loop {
+            if let Some(r) = media.requests.lock().pop_front() {
+                break r;
+            }
+            if media.ring.is_closed() {
+                return;
+            }
+            media.requests_changed.notified().await;
+        };
+        let frame_bytes = match req.prefer_audio_frame_bytes as usize {
+            0 => media::DEFAULT_PREFER_FRAME_BYTES,
+            n => n,
+        };
+        let mut remaining = req.requested_bytes as usize;
+        while remaining > 0 {
+            let want = frame_bytes.min(remaining).min(max_frame);
+            let mut buf = Vec::with_capacity(1 + want);
+            buf.push(media::CHANNEL_MIXED);
+            let n = media.ring.read(want, want, &mut buf).await;
+            if n == 0 {
+                return;
+            }
+            trace!(bytes = n, "audio frame");
+            if media.out.send(Message::Binary(buf.into())).await.is_err() {
+                return;
+            }
+            remaining -= n;
+        }
+    }
+}
+
+/// PCM chunks of one channel of a call; ends when the call ends.
+#[derive(Debug)]
+pub struct AudioStream {
+    inner: ReceiverStream<Bytes>,
+}
+
+impl Stream for AudioStream {
+    type Item = Bytes;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+/// The events of one call; ends when the call ends.
+#[derive(Debug)]
+pub struct CallEvents {
+    inner: ReceiverStream<CallEvent>,
+}
+
+impl Stream for CallEvents {
+    type Item = CallEvent;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<CallEvent>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> TelcoflowClientConfig {
+        TelcoflowClientConfig::local("k", "u").unwrap()
+    }
+
+    #[test]
+    fn json_hand_off_keeps_reference_keys() {
+        let call = ActiveCall::new(
+            CallParams {
+                id: "c1".into(),
+                session_id: Some("s1".into()),
+                caller: "+1".into(),
+                callee: "+2".into(),
+                url: "ws://h/v1/agent/media/c1".into(),
+                token: "tok".into(),
+            },
+            (&config()).into(),
+            CallLinks::default(),
+        );
+        let json = call.to_json().unwrap();
+        let v: Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"channel":"TELCO","id":"c1","caller":"+1","callee":"+2",
+                "session_url":"ws://h/v1/agent/media/c1","session_token":"tok"})
+        );
+        let back = ActiveCall::from_json(&json, &config()).unwrap();
+        assert_eq!(
+            (back.id(), back.caller(), back.callee()),
+            ("c1", "+1", "+2")
+        );
+        assert_eq!(back.state(), CallState::New);
+        assert!(!format!("{back:?}").contains("tok"));
+        assert!(ActiveCall::from_json("{}", &config()).is_err());
+    }
+
+    #[tokio::test]
+    async fn close_of_a_new_call_is_local() {
+        let call = ActiveCall::from_json(
+            r#"{"channel":"TELCO","id":"c","caller":"a","callee":"b","session_url":"ws://127.0.0.1:9/x","session_token":"t"}"#,
+            &config(),
+        )
+        .unwrap();
+        let mut audio = call.audio_stream(0);
+        assert!(call.close().await.unwrap().success);
+        assert_eq!(call.state(), CallState::Terminated);
+        assert!(call.to_json().is_err());
+        assert!(matches!(call.answer().await, Err(Error::CallClosed)));
+        assert!(matches!(
+            call.send_audio(&[0, 0]).await,
+            Err(Error::BufferClosed)
+        ));
+        assert!(audio.next().await.is_none());
+        call.terminated().await;
+    }
+
+    #[tokio::test]
+    async fn connect_validates_ring_time() {
+        let call = ActiveCall::from_json(
+            r#"{"id":"c","caller":"a","callee":"b","session_url":"ws://127.0.0.1:9/x","session_token":"t"}"#,
+            &config(),
+        )
+        .unwrap();
+        for bad in [
+            Duration::ZERO,
+            Duration::from_secs(121),
+            Duration::from_millis(1500),
+        ] {
+            assert!(matches!(
+                call.connect(bad).await,
+                Err(Error::InvalidConfig {
+                    field: "ring_time",
+                    ..
+                })
+            ));
+        }
+        assert_eq!(call.state(), CallState::New);
+    }
+
+    #[test]
+    fn wire_events_map_to_variants() {
+        let ev = CallEvent::from_wire(media::CallEvent::dtmf('7', 80));
+        assert_eq!(
+            ev,
+            CallEvent::Dtmf {
+                digit: "7".into(),
+                duration_ms: 80
+            }
+        );
+        let ev = CallEvent::from_wire(media::CallEvent::error(
+            telcoflow_proto::ErrorCode::InternalError,
+            "x",
+        ));
+        assert!(matches!(ev, CallEvent::Error { code: Some(c), .. } if c == "INTERNAL_ERROR"));
+        let ev = CallEvent::from_wire(media::CallEvent {
+            event: "call.connected_leg".into(),
+            fields: Map::new(),
+        });
+        assert!(matches!(ev, CallEvent::Other { name, .. } if name == "call.connected_leg"));
+    }
+}

@@ -1,0 +1,710 @@
+//! [`TelcoflowClient`]: the persistent control connection and the calls it delivers.
+//!
+//! One driver task owns the control WebSocket: it sends `setup`, claims sessions, keeps the
+//! connection alive with pings, reconnects with backoff and turns server frames into
+//! [`ClientEvent`]s. Handles talk to it over a bounded queue. Calls whose media connection is
+//! open do not depend on the control connection and go on while it reconnects.
+
+use crate::Error;
+use crate::call::{ActiveCall, CallLinks, CallParams, CallState};
+use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
+use crate::event::{ClientEvent, ClientEvents, SessionNotification};
+use crate::transport::{self, Ws};
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::control::{
+    self, CallIn, Channel, ClientFrame, Response, ServerFrame, SessionInfo, SetupData,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, debug_span, info, warn};
+
+/// Requests from handles queued towards the driver.
+const COMMAND_QUEUE: usize = 64;
+
+/// A connection to a Telcoflow server for one connector. Cheap to clone.
+///
+/// ```no_run
+/// use futures_util::StreamExt;
+/// use telcoflow::{ClientEvent, TelcoflowClient, TelcoflowClientConfig};
+///
+/// # async fn run() -> Result<(), telcoflow::Error> {
+/// let client = TelcoflowClient::connect(TelcoflowClientConfig::local("key", "connector")?).await?;
+/// let mut events = client.events();
+/// while let Some(event) = events.next().await {
+///     match event {
+///         ClientEvent::IncomingCall(call) => {
+///             // Already connected: answer and talk.
+///             tokio::spawn(async move {
+///                 let _ = call.answer().await;
+///                 call.terminated().await;
+///             });
+///         }
+///         ClientEvent::Disconnected { reason } => eprintln!("control connection lost: {reason}"),
+///         _ => {}
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct TelcoflowClient {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for TelcoflowClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelcoflowClient")
+            .field("config", &self.inner.config)
+            .field("sm_ws_id", &*self.inner.sm_ws_id.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+struct ClientInner {
+    config: Arc<TelcoflowClientConfig>,
+    commands: mpsc::Sender<DriverCommand>,
+    events: Mutex<Option<mpsc::Receiver<ClientEvent>>>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    sm_ws_id: watch::Receiver<Option<String>>,
+    /// Stops everything when the last handle is dropped without `shutdown`.
+    _guard: DropGuard,
+}
+
+enum DriverCommand {
+    Request {
+        frame: ClientFrame,
+        reply: oneshot::Sender<Result<Response, Error>>,
+    },
+    Send(ClientFrame),
+}
+
+enum Pending {
+    /// An application request waiting for its response.
+    Waiter(oneshot::Sender<Result<Response, Error>>),
+    /// An automatic `session.open`; on success the client sends `session.ready`.
+    AutoClaim(String),
+}
+
+impl TelcoflowClient {
+    /// Connects, sends `setup` and waits for `setup.done`. Fails if this first attempt fails
+    /// ([`Error::Authentication`] with the server's message on refused credentials); after
+    /// that the client reconnects by itself, forever, until [`TelcoflowClient::shutdown`].
+    pub async fn connect(config: TelcoflowClientConfig) -> Result<Self, Error> {
+        let config = Arc::new(config);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity);
+        let (id_tx, id_rx) = watch::channel(None);
+        let (first_tx, first_rx) = oneshot::channel();
+        let driver = Driver {
+            config: config.clone(),
+            commands: cmd_rx,
+            events: ev_tx,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+            sm_ws_id: id_tx,
+        };
+        tracker.spawn(driver.run(first_tx).instrument(debug_span!("control")));
+        let client = Self {
+            inner: Arc::new(ClientInner {
+                config,
+                commands: cmd_tx,
+                events: Mutex::new(Some(ev_rx)),
+                shutdown: shutdown.clone(),
+                tracker,
+                sm_ws_id: id_rx,
+                _guard: shutdown.drop_guard(),
+            }),
+        };
+        match first_rx.await {
+            Ok(Ok(())) => Ok(client),
+            Ok(Err(e)) => {
+                client.shutdown().await;
+                Err(e)
+            }
+            Err(_) => {
+                client.shutdown().await;
+                Err(Error::connection("the client stopped while connecting"))
+            }
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TelcoflowClientConfig {
+        &self.inner.config
+    }
+
+    /// The server's id of the current control connection, if connected.
+    pub fn sm_ws_id(&self) -> Option<String> {
+        self.inner.sm_ws_id.borrow().clone()
+    }
+
+    /// The event stream. The first call takes it; later calls get a stream that ends at once.
+    /// Read it promptly: when its buffer (`event_capacity`) is full the control connection
+    /// waits.
+    pub fn events(&self) -> ClientEvents {
+        let rx = self
+            .inner
+            .events
+            .lock()
+            .take()
+            .unwrap_or_else(|| mpsc::channel(1).1);
+        ClientEvents::new(rx)
+    }
+
+    /// Runs `handler` for every incoming call, each in its own task, until the client shuts
+    /// down. When a handler returns while its call is still up, the call is closed. Takes the
+    /// event stream (see [`TelcoflowClient::events`]); other events are only logged.
+    pub async fn serve<F, Fut>(&self, handler: F) -> Result<(), Error>
+    where
+        F: Fn(ActiveCall) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let mut events = self.events();
+        while let Some(ev) = events.next().await {
+            match ev {
+                ClientEvent::IncomingCall(call) => {
+                    let span = debug_span!("call", call_id = %call.id());
+                    let fut = handler(call.clone());
+                    self.inner.tracker.spawn(
+                        async move {
+                            fut.await;
+                            if call.state() != CallState::Terminated {
+                                if let Err(e) = call.close().await {
+                                    debug!(error = %e, "closing the call after its handler");
+                                }
+                            }
+                        }
+                        .instrument(span),
+                    );
+                }
+                other => debug!(event = ?other, "event"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims a notified session (manual mode). [`Error::SessionBusy`] means another
+    /// connection was first: a normal outcome with several workers.
+    pub async fn open_session(&self, session_id: &str) -> Result<SessionInfo, Error> {
+        let r = self
+            .request(ClientFrame::SessionOpen {
+                session_id: session_id.to_owned(),
+                req_id: None,
+            })
+            .await?;
+        if !r.ok {
+            return Err(response_error(r));
+        }
+        let session = r
+            .content
+            .as_ref()
+            .and_then(|c| c.get("session"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        serde_json::from_value(session)
+            .map_err(|e| Error::Protocol(format!("session.open response: {e}")))
+    }
+
+    /// Tells the server this connection is ready for the claimed session's call (manual
+    /// mode).
+    pub async fn ready(&self, session_id: &str) -> Result<(), Error> {
+        self.inner
+            .commands
+            .send(DriverCommand::Send(ClientFrame::SessionReady {
+                session_id: session_id.to_owned(),
+            }))
+            .await
+            .map_err(|_| Error::Shutdown)
+    }
+
+    /// Sends a control request and waits for its `response` (at most `request_timeout`).
+    async fn request(&self, frame: ClientFrame) -> Result<Response, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(DriverCommand::Request { frame, reply: tx })
+            .await
+            .map_err(|_| Error::Shutdown)?;
+        match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
+            Err(_) => Err(Error::CommandTimeout),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    /// Closes the control connection and every call's media connection, then waits for every
+    /// task of the client, call handlers included, to finish.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+}
+
+fn response_error(r: Response) -> Error {
+    let code = r.error_code.unwrap_or_default();
+    if code == ErrorCode::SessionBusy.as_str() {
+        let bound = r
+            .error_content
+            .as_ref()
+            .and_then(|c| c.get("boundSmWsId"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        return Error::SessionBusy {
+            bound_sm_ws_id: bound,
+        };
+    }
+    let message = match r.error_content {
+        Some(Value::String(s)) => s,
+        Some(Value::Object(o)) => o
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| Value::Object(o).to_string()),
+        Some(v) => v.to_string(),
+        None => String::new(),
+    };
+    Error::RequestFailed { code, message }
+}
+
+/// Why a connection ended.
+enum Exit {
+    Shutdown,
+    Lost(String),
+}
+
+struct Driver {
+    config: Arc<TelcoflowClientConfig>,
+    commands: mpsc::Receiver<DriverCommand>,
+    events: mpsc::Sender<ClientEvent>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    sm_ws_id: watch::Sender<Option<String>>,
+}
+
+impl Driver {
+    async fn run(mut self, first: oneshot::Sender<Result<(), Error>>) {
+        let mut first = Some(first);
+        let mut attempt: u32 = 0;
+        let mut connected_before = false;
+        loop {
+            if attempt > 0 {
+                let delay = self.config.reconnect_delay(attempt);
+                debug!(attempt, ?delay, "reconnecting");
+                if !self
+                    .emit(ClientEvent::Reconnecting { attempt, delay })
+                    .await
+                    || !self.wait_disconnected(delay).await
+                {
+                    break;
+                }
+            }
+            let connected = tokio::select! {
+                r = connect_and_setup(&self.config) => r,
+                () = self.shutdown.cancelled() => break,
+            };
+            let (ws, sm_ws_id) = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    if let Some(f) = first.take() {
+                        let _ = f.send(Err(e));
+                        return;
+                    }
+                    warn!(error = %e, attempt, "control connection attempt failed");
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+            };
+            info!(%sm_ws_id, "control connection up");
+            // Set before `connect` returns, so that `sm_ws_id()` is known at once.
+            self.sm_ws_id.send_replace(Some(sm_ws_id.clone()));
+            if let Some(f) = first.take() {
+                let _ = f.send(Ok(()));
+            }
+            if !self
+                .emit(ClientEvent::Connected {
+                    sm_ws_id: sm_ws_id.clone(),
+                })
+                .await
+            {
+                break;
+            }
+            if connected_before && !self.emit(ClientEvent::Reconnected).await {
+                break;
+            }
+            connected_before = true;
+            let span = debug_span!("connection", %sm_ws_id);
+            let exit = self.run_connection(ws).instrument(span).await;
+            self.sm_ws_id.send_replace(None);
+            match exit {
+                Exit::Shutdown => break,
+                Exit::Lost(reason) => {
+                    warn!(%reason, "control connection lost");
+                    if !self.emit(ClientEvent::Disconnected { reason }).await {
+                        break;
+                    }
+                    attempt = 1;
+                }
+            }
+        }
+        // Requests still queued get an answer instead of waiting for their timeout.
+        self.commands.close();
+        while let Ok(cmd) = self.commands.try_recv() {
+            if let DriverCommand::Request { reply, .. } = cmd {
+                let _ = reply.send(Err(Error::Shutdown));
+            }
+        }
+        debug!("control driver stopped");
+    }
+
+    /// Delivers an event; false if the client is shutting down.
+    async fn emit(&self, ev: ClientEvent) -> bool {
+        tokio::select! {
+            // A closed receiver (the application dropped the stream) is not a reason to stop.
+            _ = self.events.send(ev) => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Sleeps for the backoff delay, refusing requests meanwhile; false on shutdown.
+    async fn wait_disconnected(&mut self, delay: Duration) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => return true,
+                () = self.shutdown.cancelled() => return false,
+                cmd = self.commands.recv() => match cmd {
+                    Some(DriverCommand::Request { reply, .. }) => {
+                        let _ = reply.send(Err(Error::connection("not connected")));
+                    }
+                    Some(DriverCommand::Send(_)) => {}
+                    None => return false,
+                },
+            }
+        }
+    }
+
+    async fn run_connection(&mut self, mut ws: Ws) -> Exit {
+        let mut pending: HashMap<String, Pending> = HashMap::new();
+        let hb = self.config.heartbeat_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pong_deadline: Option<Instant> = None;
+        let exit = loop {
+            let deadline = pong_deadline;
+            // Every branch is cancel-safe: `recv`, `next`, `tick`, `sleep_until` and
+            // `cancelled` lose nothing when another branch wins.
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                    break Exit::Shutdown;
+                }
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { break Exit::Shutdown };
+                    if let Err(e) = self.on_command(&mut ws, &mut pending, cmd).await {
+                        break Exit::Lost(e);
+                    }
+                }
+                msg = ws.next() => match msg {
+                    None => break Exit::Lost("closed by server".into()),
+                    Some(Err(e)) => break Exit::Lost(format!("read failed: {e}")),
+                    Some(Ok(Message::Text(text))) => {
+                        if let Err(e) = self.on_frame(&mut ws, &mut pending, text.as_str()).await {
+                            break Exit::Lost(e);
+                        }
+                    }
+                    Some(Ok(Message::Pong(_))) => pong_deadline = None,
+                    Some(Ok(Message::Close(frame))) => {
+                        break Exit::Lost(match frame {
+                            Some(f) => format!("closed by server: {} {}", f.code, f.reason),
+                            None => "closed by server".into(),
+                        });
+                    }
+                    Some(Ok(_)) => {}
+                },
+                _ = ping.tick() => {
+                    if let Err(e) = ws.send(Message::Ping(Default::default())).await {
+                        break Exit::Lost(format!("ping failed: {e}"));
+                    }
+                    if pong_deadline.is_none() {
+                        pong_deadline = Some(Instant::now() + self.config.heartbeat_timeout);
+                    }
+                }
+                () = async { if let Some(d) = deadline { tokio::time::sleep_until(d).await } }, if deadline.is_some() => {
+                    break Exit::Lost("heartbeat timeout: no pong".into());
+                }
+            }
+        };
+        for (_, p) in pending.drain() {
+            if let Pending::Waiter(tx) = p {
+                let _ = tx.send(Err(Error::connection("control connection lost")));
+            }
+        }
+        exit
+    }
+
+    async fn send_frame(ws: &mut Ws, frame: &ClientFrame) -> Result<(), String> {
+        ws.send(Message::Text(frame.encode().into()))
+            .await
+            .map_err(|e| format!("send failed: {e}"))
+    }
+
+    /// Registers a pending request under a fresh id; gives it back when the table is full.
+    fn register(
+        &self,
+        pending: &mut HashMap<String, Pending>,
+        p: Pending,
+    ) -> Result<String, Pending> {
+        if pending.len() >= self.config.max_pending_requests {
+            // Waiters that gave up (timed out) hold a slot for nothing.
+            pending.retain(|_, p| !matches!(p, Pending::Waiter(tx) if tx.is_closed()));
+            if pending.len() >= self.config.max_pending_requests {
+                return Err(p);
+            }
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        pending.insert(id.clone(), p);
+        Ok(id)
+    }
+
+    async fn on_command(
+        &self,
+        ws: &mut Ws,
+        pending: &mut HashMap<String, Pending>,
+        cmd: DriverCommand,
+    ) -> Result<(), String> {
+        match cmd {
+            DriverCommand::Send(frame) => Self::send_frame(ws, &frame).await,
+            DriverCommand::Request { mut frame, reply } => {
+                let id = match self.register(pending, Pending::Waiter(reply)) {
+                    Ok(id) => id,
+                    Err(p) => {
+                        if let Pending::Waiter(reply) = p {
+                            let _ = reply.send(Err(Error::TooManyRequests));
+                        }
+                        return Ok(());
+                    }
+                };
+                set_req_id(&mut frame, id.clone());
+                debug!(req_id = %id, "request");
+                Self::send_frame(ws, &frame).await
+            }
+        }
+    }
+
+    async fn on_frame(
+        &self,
+        ws: &mut Ws,
+        pending: &mut HashMap<String, Pending>,
+        text: &str,
+    ) -> Result<(), String> {
+        let frame = match ServerFrame::decode(text) {
+            Ok(f) => f,
+            Err(e) => {
+                debug!(error = %e, "ignoring undecodable control frame");
+                return Ok(());
+            }
+        };
+        match frame {
+            ServerFrame::SetupDone { .. } => debug!("late setup.done ignored"),
+            ServerFrame::Response(r) => {
+                let Some(id) = r.req_id.clone() else {
+                    debug!("response without reqId ignored");
+                    return Ok(());
+                };
+                match pending.remove(&id) {
+                    Some(Pending::Waiter(tx)) => {
+                        let _ = tx.send(Ok(r));
+                    }
+                    Some(Pending::AutoClaim(session_id)) => {
+                        if r.ok {
+                            debug!(%session_id, "session claimed");
+                            Self::send_frame(ws, &ClientFrame::SessionReady { session_id }).await?;
+                        } else if r.error_code.as_deref() == Some(ErrorCode::SessionBusy.as_str()) {
+                            debug!(%session_id, "session claimed by another connection");
+                        } else {
+                            warn!(%session_id, code = ?r.error_code, "session.open refused");
+                        }
+                    }
+                    None => debug!(req_id = %id, "response to an unknown request"),
+                }
+            }
+            ServerFrame::SessionNotify {
+                session_id,
+                channel,
+                remote_address,
+                local_address,
+                activity,
+                created_at,
+            } => {
+                debug!(%session_id, ?activity, "session.notify");
+                match self.config.session_mode {
+                    // Calls only: a messaging session claimed here would be lost to the
+                    // connector's other clients, since this SDK does not handle messages.
+                    SessionMode::Auto if channel == Channel::Telco => {
+                        let Ok(id) = self.register(pending, Pending::AutoClaim(session_id.clone()))
+                        else {
+                            warn!(%session_id, "too many requests in flight; session not claimed");
+                            return Ok(());
+                        };
+                        let frame = ClientFrame::SessionOpen {
+                            session_id,
+                            req_id: Some(id),
+                        };
+                        Self::send_frame(ws, &frame).await?;
+                    }
+                    SessionMode::Auto | SessionMode::Manual => {
+                        self.emit(ClientEvent::SessionNotification(SessionNotification {
+                            session_id,
+                            channel,
+                            remote_address,
+                            local_address,
+                            activity,
+                            created_at,
+                        }))
+                        .await;
+                    }
+                }
+            }
+            ServerFrame::CallIn(call_in) => self.on_call_in(call_in).await,
+            ServerFrame::SessionClosed { session_id, reason } => {
+                debug!(%session_id, ?reason, "session.closed");
+                self.emit(ClientEvent::SessionClosed { session_id, reason })
+                    .await;
+            }
+            ServerFrame::WaMsgIn { session_id, .. } => {
+                debug!(%session_id, "message ignored: messaging is not supported by this SDK");
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_call_in(&self, c: CallIn) {
+        let span = debug_span!("call", call_id = %c.call_id);
+        span.in_scope(|| debug!(session_id = %c.session_id, "call.in"));
+        let call = ActiveCall::new(
+            CallParams {
+                id: c.call_id,
+                session_id: Some(c.session_id),
+                caller: c.from,
+                callee: c.to,
+                url: c.url,
+                token: c.token,
+            },
+            (&*self.config).into(),
+            CallLinks {
+                client_events: Some(self.events.downgrade()),
+                shutdown: Some(self.shutdown.clone()),
+                tracker: Some(self.tracker.clone()),
+            },
+        );
+        if !self.config.auto_connect_media {
+            self.emit(ClientEvent::IncomingCall(call)).await;
+            return;
+        }
+        // Opening the media connection takes a round trip: do it beside the driver so the
+        // control connection keeps flowing.
+        let events = self.events.clone();
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(
+            async move {
+                match call.connect_media().await {
+                    Ok(()) => {
+                        tokio::select! {
+                            _ = events.send(ClientEvent::IncomingCall(call)) => {}
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "media connection failed; call not delivered");
+                        let ev = ClientEvent::CallError {
+                            call_id: call.id().to_owned(),
+                            code: None,
+                            message: Some(format!("media connection failed: {e}")),
+                        };
+                        tokio::select! {
+                            _ = events.send(ev) => {}
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+fn set_req_id(frame: &mut ClientFrame, id: String) {
+    match frame {
+        ClientFrame::SessionOpen { req_id, .. }
+        | ClientFrame::SessionCreate { req_id, .. }
+        | ClientFrame::CallFlowSetup { req_id, .. }
+        | ClientFrame::WaMsgOut { req_id, .. } => *req_id = Some(id),
+        ClientFrame::Setup { .. } | ClientFrame::SessionReady { .. } => {}
+    }
+}
+
+/// Opens the control WebSocket and completes `setup`.
+async fn connect_and_setup(config: &TelcoflowClientConfig) -> Result<(Ws, String), Error> {
+    let mut req = transport::request(&config.control_url())?;
+    if let Auth::ApiKey {
+        api_key,
+        connector_uuid,
+    } = &config.auth
+    {
+        transport::add_secret(&mut req, control::API_KEY_HEADER, api_key)?;
+        transport::add_secret(&mut req, control::CONNECTOR_HEADER, connector_uuid)?;
+    }
+    let mut ws = transport::connect(req, &config.control_tls).await?;
+    let setup = ClientFrame::Setup {
+        data: SetupData {
+            sample_rate: config.sample_rate,
+            audio_mode: config.audio_mode,
+        },
+    };
+    ws.send(Message::Text(setup.encode().into()))
+        .await
+        .map_err(|e| Error::connection_with("cannot send setup", e))?;
+    let wait = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Text(t)) => match ServerFrame::decode(t.as_str()) {
+                    Ok(ServerFrame::SetupDone { sm_ws_id }) => return Ok(sm_ws_id),
+                    // Only the kind: a frame such as `call.in` carries a media token.
+                    Ok(_) => debug!(
+                        kind = ?control::FrameHeader::peek(t.as_str()).and_then(|h| h.kind),
+                        "frame before setup.done ignored"
+                    ),
+                    Err(e) => debug!(error = %e, "undecodable frame before setup.done"),
+                },
+                Ok(Message::Close(f)) => {
+                    return Err(Error::connection(format!(
+                        "closed during setup{}",
+                        f.map(|f| format!(": {}", f.reason)).unwrap_or_default()
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) => return Err(Error::connection_with("setup failed", e)),
+            }
+        }
+        Err(Error::connection("closed during setup"))
+    };
+    let sm_ws_id = tokio::time::timeout(config.setup_timeout, wait)
+        .await
+        .map_err(|_| Error::connection("no setup.done in time"))??;
+    Ok((ws, sm_ws_id))
+}

@@ -1,0 +1,189 @@
+//! Opening WebSockets: headers, TLS and mapping refusals to [`Error`].
+
+use crate::Error;
+#[cfg(feature = "tls")]
+use crate::config::Auth;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A client WebSocket, plain or TLS.
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Builds an upgrade request for `url` with the SDK version header.
+pub(crate) fn request(url: &str) -> Result<Request, Error> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| Error::connection_with(format!("invalid URL {url}"), e))?;
+    req.headers_mut().insert(
+        telcoflow_proto::control::SDK_VERSION_HEADER,
+        HeaderValue::from_static(telcoflow_proto::PROTOCOL_VERSION),
+    );
+    Ok(req)
+}
+
+/// Adds a secret header. The value is marked sensitive so that `http`'s `Debug` hides it.
+pub(crate) fn add_secret(req: &mut Request, name: &'static str, value: &str) -> Result<(), Error> {
+    let mut v = HeaderValue::from_str(value)
+        .map_err(|_| Error::connection(format!("header {name} has an invalid value")))?;
+    v.set_sensitive(true);
+    req.headers_mut().insert(name, v);
+    Ok(())
+}
+
+/// How `wss://` connections are made: the default roots, or a prepared rustls configuration
+/// (extra roots, a client certificate). Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Tls {
+    #[cfg(feature = "tls")]
+    connector: Option<tokio_tungstenite::Connector>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+impl Tls {
+    /// The connectors for the control connection (with the client certificate, if any) and
+    /// for media connections (extra roots only), read from the files once.
+    #[cfg(feature = "tls")]
+    pub(crate) fn build(
+        auth: &Auth,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<(Self, Self), Error> {
+        let client = match auth {
+            Auth::Mtls {
+                cert_path,
+                key_path,
+            } => Some((cert_path.as_path(), key_path.as_path())),
+            Auth::ApiKey { .. } => None,
+        };
+        if client.is_none() && ca_cert.is_none() {
+            return Ok((Self::default(), Self::default()));
+        }
+        let control = tls::connector(ca_cert, client)?;
+        let media = tls::connector(ca_cert, None)?;
+        Ok((
+            Self {
+                connector: Some(control),
+            },
+            Self {
+                connector: Some(media),
+            },
+        ))
+    }
+}
+
+/// Opens the WebSocket.
+pub(crate) async fn connect(req: Request, tls: &Tls) -> Result<Ws, Error> {
+    #[cfg(feature = "tls")]
+    let result = match &tls.connector {
+        Some(c) => {
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(c.clone()))
+                .await
+        }
+        None => tokio_tungstenite::connect_async(req).await,
+    };
+    #[cfg(not(feature = "tls"))]
+    let result = {
+        let _ = tls;
+        tokio_tungstenite::connect_async(req).await
+    };
+    match result {
+        Ok((ws, _response)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let status = resp.status();
+            let body = resp
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).trim().to_owned())
+                .unwrap_or_default();
+            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+                Err(Error::Authentication {
+                    message: if body.is_empty() {
+                        status.to_string()
+                    } else {
+                        body
+                    },
+                })
+            } else {
+                Err(Error::connection(format!(
+                    "server answered {status}: {body}"
+                )))
+            }
+        }
+        Err(e) => Err(Error::connection_with("cannot open WebSocket", e)),
+    }
+}
+
+#[cfg(feature = "tls")]
+mod tls {
+    //! The rustls client configuration for mTLS.
+    use crate::Error;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::path::Path;
+    use std::sync::Arc;
+    use tokio_tungstenite::Connector;
+
+    /// A rustls connector trusting the webpki roots plus `ca_cert`, presenting `client` if
+    /// given. Errors name the config field; key material never reaches a message.
+    pub(super) fn connector(
+        ca_cert: Option<&Path>,
+        client: Option<(&Path, &Path)>,
+    ) -> Result<Connector, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(ca) = ca_cert {
+            for cert in read_certs(ca, "ca_cert")? {
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::config("ca_cert", format!("{}: {e}", ca.display())))?;
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::connection_with("TLS setup failed", e))?
+        .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert_path, key_path)) => {
+                let certs = read_certs(cert_path, "cert_path")?;
+                let key = PrivateKeyDer::from_pem_file(key_path).map_err(|_| {
+                    Error::config(
+                        "key_path",
+                        format!("cannot read a private key from {}", key_path.display()),
+                    )
+                })?;
+                builder.with_client_auth_cert(certs, key).map_err(|_| {
+                    Error::config("key_path", "the key does not match the certificate")
+                })?
+            }
+        };
+        Ok(Connector::Rustls(Arc::new(config)))
+    }
+
+    fn read_certs(path: &Path, field: &'static str) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|_| {
+                Error::config(
+                    field,
+                    format!("cannot read certificates from {}", path.display()),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err(Error::config(
+                field,
+                format!("no certificate in {}", path.display()),
+            ));
+        }
+        Ok(certs)
+    }
+}

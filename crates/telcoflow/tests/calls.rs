@@ -1,0 +1,458 @@
+//! The SDK against the real server, in process, with simulated phones as callers.
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use std::time::Duration;
+use telcoflow::{CallState, ClientEvent, Error, TelcoflowClient};
+use telcoflow_proto::sim::NetworkFrame;
+use telcoflow_server::config::DEV_CONNECT_DESTINATION;
+
+#[tokio::test]
+async fn incoming_call_is_delivered_already_connected() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert_eq!(call.state(), CallState::Live);
+    assert_eq!(call.caller(), "+4912345");
+    assert_eq!(call.callee(), "+4900001");
+    assert!(call.session_id().is_some());
+    assert!(call.to_json().is_err(), "a live call cannot be handed off");
+    let r = call.answer().await.unwrap();
+    assert!(r.success, "{r:?}");
+    let answered = phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    assert!(matches!(answered, NetworkFrame::Answered { call_id } if call_id == call.id()));
+    // The caller hangs up: the call ends and its audio stream ends.
+    let mut audio = call.audio_stream(0);
+    phone.hangup();
+    tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    tokio::time::timeout(WAIT, async { while audio.next().await.is_some() {} })
+        .await
+        .unwrap();
+    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
+    assert!(matches!(
+        call.send_audio(&[0; 64]).await,
+        Err(Error::BufferClosed)
+    ));
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn echo_round_trip_returns_the_same_audio() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let serving = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .serve(|call| async move {
+                    call.answer().await.unwrap().into_result().unwrap();
+                    let mut audio = call.audio_stream(0);
+                    while let Some(chunk) = audio.next().await {
+                        if call.send_audio(&chunk).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+                .await
+        })
+    };
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    let spoken = pattern(16_000, 3); // one second at 16 kHz
+    phone.speak(&spoken).await;
+    // Wait until the whole second has come back (silence before it is fine).
+    loop {
+        phone.hear(phone.heard.len() + 640).await;
+        if contains(&phone.heard, &spoken[spoken.len() - 640..]) {
+            break;
+        }
+    }
+    // Playout may insert silence where the echo was late (jitter), but every 20 ms frame
+    // comes back intact and in order.
+    let voiced: Vec<u8> = phone
+        .heard
+        .chunks(640)
+        .filter(|f| energy(f) > 0)
+        .flatten()
+        .copied()
+        .collect();
+    assert_eq!(voiced.len(), spoken.len());
+    assert!(voiced == spoken, "the caller hears exactly what they said");
+    phone.hangup();
+    client.shutdown().await;
+    serving.await.unwrap().unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn commands_and_their_error_paths() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut caller = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+
+    // Before answer: connect is refused by the server, as a result, not an error.
+    let r = call.connect(Duration::from_secs(5)).await.unwrap();
+    assert!(!r.success);
+    assert_eq!(r.error_code.as_deref(), Some("INVALID_STATE"));
+    assert!(
+        matches!(r.clone().into_result(), Err(Error::CommandFailed { code, .. }) if code == "INVALID_STATE")
+    );
+    // Ring time is validated before anything is sent.
+    assert!(matches!(
+        call.connect(Duration::from_secs(121)).await,
+        Err(Error::InvalidConfig {
+            field: "ring_time",
+            ..
+        })
+    ));
+
+    assert!(call.answer().await.unwrap().success);
+    caller
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+
+    // whisper / barge / spy need a connected destination.
+    for r in [call.whisper().await, call.barge().await, call.spy().await] {
+        let r = r.unwrap();
+        assert_eq!(r.error_code.as_deref(), Some("NOT_CONNECTED"), "{r:?}");
+    }
+    // Nobody registered at the destination: rejected.
+    let r = call.connect(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(r.error_code.as_deref(), Some("CALL_REJECTED"), "{r:?}");
+
+    // A registered destination that does not pick up: unanswered after the ring time.
+    let mut callee = Phone::register(server.base_url(), DEV_CONNECT_DESTINATION).await;
+    let r = call.connect(Duration::from_secs(1)).await.unwrap();
+    assert!(!r.success);
+    assert!(
+        matches!(
+            r.error_code.as_deref(),
+            Some("CALL_UNANSWERED") | Some("TIMEOUT")
+        ),
+        "{r:?}"
+    );
+    callee
+        .wait_for(|f| matches!(f, NetworkFrame::Incoming { .. }))
+        .await;
+    callee
+        .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+        .await;
+
+    // Now the destination answers.
+    let connecting = {
+        let call = call.clone();
+        tokio::spawn(async move { call.connect(Duration::from_secs(10)).await })
+    };
+    callee
+        .wait_for(|f| matches!(f, NetworkFrame::Incoming { .. }))
+        .await;
+    callee.control().answer().unwrap();
+    let r = connecting.await.unwrap().unwrap();
+    assert!(r.success, "{r:?}");
+    for r in [call.whisper().await, call.barge().await, call.spy().await] {
+        assert!(r.unwrap().success);
+    }
+    // close after connect: the agent leaves, caller and callee stay connected.
+    assert!(call.close().await.unwrap().success);
+    assert_eq!(call.state(), CallState::Terminated);
+    assert!(call.close().await.unwrap().success, "close is idempotent");
+    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
+    let spoken = pattern(3200, 9);
+    caller.speak(&spoken).await;
+    loop {
+        callee.hear(callee.heard.len() + 640).await;
+        if energy(&callee.heard[callee.heard.len() - 640..]) > 0 {
+            break;
+        }
+    }
+    caller.hangup();
+    callee
+        .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+        .await;
+
+    // disconnect ends the call for everyone.
+    let mut caller2 = Phone::dial(server.base_url(), "+4912346", "+4900001").await;
+    let call2 = next_call(&mut events).await;
+    assert!(call2.answer().await.unwrap().success);
+    assert!(call2.disconnect().await.unwrap().success);
+    assert_eq!(call2.state(), CallState::Terminated);
+    caller2
+        .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+        .await;
+    assert!(matches!(call2.whisper().await, Err(Error::CallClosed)));
+
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn interrupt_drops_queued_audio_and_the_caller_hears_it_stop() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    // Ten seconds of speech queued at once.
+    let speech = pattern(160_000, 1);
+    call.send_audio(&speech).await.unwrap();
+    // The caller starts hearing it.
+    loop {
+        phone.hear(phone.heard.len() + 640).await;
+        if energy(&phone.heard[phone.heard.len() - 640..]) > 0 {
+            break;
+        }
+    }
+    let dropped = call.clear_send_audio_buffer().await.unwrap();
+    assert!(
+        dropped > 100_000,
+        "most of the ten seconds was still queued: {dropped}"
+    );
+    assert_eq!(call.send_audio_buffer_size(), 0);
+    // Within a few frames in flight the caller hears silence, and it stays silent.
+    let before = phone.heard.len();
+    let mut silent_run = 0;
+    while silent_run < 25 {
+        phone.hear(phone.heard.len() + 640).await;
+        let frame = &phone.heard[phone.heard.len() - 640..];
+        silent_run = if energy(frame) == 0 {
+            silent_run + 1
+        } else {
+            0
+        };
+        assert!(
+            phone.heard.len() - before < 640 * 100,
+            "still hearing audio two seconds after the interrupt"
+        );
+    }
+    let heard_speech = phone.heard.chunks(640).filter(|f| energy(f) > 0).count();
+    assert!(
+        heard_speech < 250,
+        "heard {heard_speech} frames of 500 queued"
+    );
+    phone.hangup();
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_write_that_does_not_fit_fails_whole() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(
+        builder(server.base_url())
+            .buffer_size(4096)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    // Not answered: the server asks for no audio yet, so the buffer only fills.
+    match call.send_audio(&[1; 4097]).await {
+        Err(Error::BufferFull {
+            requested: 4097,
+            free: 4096,
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        call.send_audio_buffer_size(),
+        0,
+        "nothing of a failed write is kept"
+    );
+    call.send_audio(&[1; 3000]).await.unwrap();
+    assert!(matches!(
+        call.send_audio(&[1; 1097]).await,
+        Err(Error::BufferFull { .. })
+    ));
+    assert_eq!(call.send_audio_buffer_size(), 3000);
+    call.send_audio(&[1; 1096]).await.unwrap();
+    phone.hangup();
+    tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    assert!(matches!(
+        call.send_audio(&[1; 2]).await,
+        Err(Error::BufferClosed)
+    ));
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn dtmf_arrives_as_a_call_event() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    let mut call_events = call.events();
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    phone
+        .control()
+        .dtmf('7', Duration::from_millis(100))
+        .unwrap();
+    let ev = tokio::time::timeout(WAIT, call_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev,
+        telcoflow::CallEvent::Dtmf {
+            digit: "7".into(),
+            duration_ms: 100
+        }
+    );
+    phone.hangup();
+    let ev = tokio::time::timeout(WAIT, call_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(ev, telcoflow::CallEvent::Terminated { .. }),
+        "{ev:?}"
+    );
+    assert!(
+        tokio::time::timeout(WAIT, call_events.next())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_credentials_give_the_servers_message() {
+    let server = start_server().await;
+    let config = telcoflow::TelcoflowClientConfig::builder()
+        .api_key("wrong-key", telcoflow_server::config::DEV_CONNECTOR_UUID)
+        .base_url(server.base_url())
+        .build()
+        .unwrap();
+    match TelcoflowClient::connect(config).await {
+        Err(Error::Authentication { message }) => {
+            assert!(!message.is_empty());
+            assert!(
+                !message.contains("wrong-key"),
+                "the key is not echoed: {message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_events_report_connection() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let known = client.sm_ws_id().expect("known as soon as connect returns");
+    let mut events = client.events();
+    let id = next_event(&mut events, |ev| match ev {
+        ClientEvent::Connected { sm_ws_id } => Some(sm_ws_id),
+        _ => None,
+    })
+    .await;
+    assert_eq!(known, id);
+    client.shutdown().await;
+    assert!(
+        tokio::time::timeout(WAIT, events.next())
+            .await
+            .unwrap()
+            .is_none(),
+        "stream ends after shutdown"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unread_audio_overflow_is_counted_and_reported() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(
+        builder(server.base_url())
+            .audio_channel_capacity(4)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    let mut call_events = call.events();
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    // Ten frames and more (the phone sends silence while quiet) to a channel nobody reads
+    // that holds four.
+    phone.speak(&pattern(3200, 2)).await;
+    let (channel, dropped) = next_event(&mut events, |ev| match ev {
+        ClientEvent::AudioOverflow {
+            call_id,
+            channel,
+            dropped,
+        } if call_id == call.id() => Some((channel, dropped)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (channel, dropped),
+        (0, 1),
+        "reported once, at the first loss"
+    );
+    let ev = tokio::time::timeout(WAIT, call_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev,
+        telcoflow::CallEvent::AudioOverflow {
+            channel: 0,
+            dropped: 1
+        }
+    );
+    phone.hangup();
+    tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    assert!(call.audio_dropped() >= 6, "{}", call.audio_dropped());
+    // The four oldest chunks are still there, then the stream ends.
+    let mut audio = call.audio_stream(0);
+    let mut kept = 0;
+    while let Some(chunk) = tokio::time::timeout(WAIT, audio.next()).await.unwrap() {
+        assert_eq!(chunk.len(), 640);
+        kept += 1;
+    }
+    assert_eq!(kept, 4);
+    client.shutdown().await;
+    server.shutdown().await;
+}

@@ -1,0 +1,396 @@
+//! Heartbeat, reconnection, hand-off between processes and worker pools.
+
+mod common;
+
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::time::Duration;
+use telcoflow::{CallState, ClientEvent, Error, SessionMode, TelcoflowClient};
+use telcoflow_proto::control::{ClientFrame, ServerFrame};
+use telcoflow_proto::sim::NetworkFrame;
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A peer that completes setup, then stops reading (so it never answers a ping).
+#[tokio::test]
+async fn heartbeat_detects_a_peer_that_stops_answering_pings() {
+    init_tracing();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
+    let peer = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let setup = ws.next().await.unwrap().unwrap();
+        let frame = ClientFrame::decode(setup.to_text().unwrap()).unwrap();
+        assert!(matches!(frame, ClientFrame::Setup { .. }));
+        let done = ServerFrame::SetupDone {
+            sm_ws_id: "fake-1".into(),
+        };
+        ws.send(Message::Text(done.encode().into())).await.unwrap();
+        // Hold the socket open but never read again: pings go unanswered.
+        let _ = stalled_tx.send(());
+        let _kept_open = ws;
+        tokio::time::sleep(WAIT).await;
+    });
+    let config = builder(&url)
+        .heartbeat_interval(Duration::from_millis(100))
+        .heartbeat_timeout(Duration::from_millis(300))
+        .reconnect_delay_fn(|_| Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let client = TelcoflowClient::connect(config).await.unwrap();
+    let mut events = client.events();
+    stalled_rx.await.unwrap();
+    let reason = next_event(&mut events, |ev| match ev {
+        ClientEvent::Disconnected { reason } => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("heartbeat"), "{reason}");
+    let (attempt, delay) = next_event(&mut events, |ev| match ev {
+        ClientEvent::Reconnecting { attempt, delay } => Some((attempt, delay)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (attempt, delay),
+        (1, Duration::from_secs(3600)),
+        "the injected delay is used"
+    );
+    client.shutdown().await;
+    peer.abort();
+}
+
+#[tokio::test]
+async fn server_restart_mid_call_then_reconnect_and_take_the_next_call() {
+    let server = start_server().await;
+    let addr = server.local_addr();
+    let url = server.base_url().to_owned();
+    let config = builder(&url)
+        .reconnect_delay_fn(|_| Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let client = TelcoflowClient::connect(config).await.unwrap();
+    let mut events = client.events();
+    let first_id = next_event(&mut events, |ev| match ev {
+        ClientEvent::Connected { sm_ws_id } => Some(sm_ws_id),
+        _ => None,
+    })
+    .await;
+    let _phone = Phone::dial(&url, "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert!(call.answer().await.unwrap().success);
+
+    server.shutdown().await;
+    next_event(&mut events, |ev| {
+        matches!(ev, ClientEvent::Disconnected { .. }).then_some(())
+    })
+    .await;
+    tokio::time::timeout(WAIT, call.terminated())
+        .await
+        .expect("the call ends with its server");
+    // At least one failed attempt while the server is down.
+    next_event(&mut events, |ev| match ev {
+        ClientEvent::Reconnecting { attempt, .. } if attempt >= 2 => Some(()),
+        _ => None,
+    })
+    .await;
+
+    let server = start_server_on(addr).await;
+    let second_id = next_event(&mut events, |ev| match ev {
+        ClientEvent::Connected { sm_ws_id } => Some(sm_ws_id),
+        _ => None,
+    })
+    .await;
+    assert_ne!(first_id, second_id);
+    next_event(&mut events, |ev| {
+        matches!(ev, ClientEvent::Reconnected).then_some(())
+    })
+    .await;
+
+    let mut phone = Phone::dial(&url, "+4912399", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert_eq!(call.caller(), "+4912399");
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_call_is_handed_to_another_client_with_json() {
+    let server = start_server().await;
+    let front = TelcoflowClient::connect(
+        builder(server.base_url())
+            .auto_connect_media(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    // The worker claims nothing by itself: calls reach it only by hand-off.
+    let worker = TelcoflowClient::connect(
+        builder(server.base_url())
+            .session_mode(SessionMode::Manual)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = front.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert_eq!(call.state(), CallState::New);
+    let json = call.to_json().unwrap();
+    drop(call);
+
+    // The other process rebuilds the call and opens the media connection itself.
+    let taken = telcoflow::ActiveCall::from_json(&json, worker.config()).unwrap();
+    assert_eq!(taken.state(), CallState::New);
+    assert_eq!(taken.caller(), "+4912345");
+    let mut audio = taken.audio_stream(0);
+    assert!(taken.answer().await.unwrap().success);
+    assert_eq!(taken.state(), CallState::Live);
+    assert!(matches!(taken.to_json(), Err(Error::InvalidState(_))));
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    let spoken = pattern(640, 5);
+    phone.speak(&spoken).await;
+    let chunk = first_voiced(&mut audio).await;
+    assert_eq!(&chunk[..], &spoken[..chunk.len()]);
+    assert!(taken.disconnect().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+        .await;
+    front.shutdown().await;
+    worker.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn worker_pool_shares_calls_with_none_lost_or_answered_twice() {
+    const CALLS: usize = 8;
+    let server = start_server().await;
+    let (answered_tx, mut answered_rx) = tokio::sync::mpsc::channel::<(String, usize)>(CALLS * 2);
+    let mut workers = Vec::new();
+    let mut serving = Vec::new();
+    for w in 0..2 {
+        let client = TelcoflowClient::connect(config(server.base_url()))
+            .await
+            .unwrap();
+        let answered_tx = answered_tx.clone();
+        let c = client.clone();
+        serving.push(tokio::spawn(async move {
+            c.serve(move |call| {
+                let answered_tx = answered_tx.clone();
+                async move {
+                    if call.answer().await.map(|r| r.success).unwrap_or(false) {
+                        let _ = answered_tx.send((call.id().to_owned(), w)).await;
+                    }
+                    call.terminated().await;
+                }
+            })
+            .await
+        }));
+        workers.push(client);
+    }
+    let mut phones = Vec::new();
+    for i in 0..CALLS {
+        phones.push(Phone::dial(server.base_url(), &format!("+49100{i}"), "+4900001").await);
+    }
+    let mut ids = Vec::new();
+    for p in &mut phones {
+        p.wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+            .await;
+        ids.push(p.call_id.clone().unwrap());
+    }
+    let mut answered: HashMap<String, Vec<usize>> = HashMap::new();
+    for _ in 0..CALLS {
+        let (id, w) = tokio::time::timeout(WAIT, answered_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        answered.entry(id).or_default().push(w);
+    }
+    assert_eq!(answered.len(), CALLS, "every call answered: {answered:?}");
+    for id in &ids {
+        assert_eq!(answered[id].len(), 1, "call {id} answered once");
+    }
+    for p in &mut phones {
+        p.hangup();
+    }
+    for w in &workers {
+        w.shutdown().await;
+    }
+    for s in serving {
+        s.await.unwrap().unwrap();
+    }
+    // Nothing was answered twice after the count above either.
+    drop(answered_tx);
+    assert!(answered_rx.recv().await.is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn manual_mode_claims_and_session_busy_is_an_outcome() {
+    let server = start_server().await;
+    let manual = || {
+        builder(server.base_url())
+            .session_mode(SessionMode::Manual)
+            .build()
+            .unwrap()
+    };
+    let a = TelcoflowClient::connect(manual()).await.unwrap();
+    let b = TelcoflowClient::connect(manual()).await.unwrap();
+    let mut ea = a.events();
+    let mut eb = b.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let na = next_event(&mut ea, |ev| match ev {
+        ClientEvent::SessionNotification(n) => Some(n),
+        _ => None,
+    })
+    .await;
+    let nb = next_event(&mut eb, |ev| match ev {
+        ClientEvent::SessionNotification(n) => Some(n),
+        _ => None,
+    })
+    .await;
+    assert_eq!(na.session_id, nb.session_id);
+    assert_eq!(na.remote_address, "+4912345");
+    let info = a.open_session(&na.session_id).await.unwrap();
+    assert_eq!(info.id, na.session_id);
+    match b.open_session(&nb.session_id).await {
+        Err(Error::SessionBusy { bound_sm_ws_id }) => {
+            assert_eq!(Some(bound_sm_ws_id), a.sm_ws_id());
+        }
+        other => panic!("{other:?}"),
+    }
+    a.ready(&na.session_id).await.unwrap();
+    let call = next_call(&mut ea).await;
+    assert_eq!(call.session_id(), Some(na.session_id.as_str()));
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    phone.hangup();
+    let closed = next_event(&mut ea, |ev| match ev {
+        ClientEvent::SessionClosed { session_id, .. } => Some(session_id),
+        _ => None,
+    })
+    .await;
+    assert_eq!(closed, na.session_id);
+    a.shutdown().await;
+    b.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A TCP proxy in front of the server's control endpoint whose connections can be cut.
+struct Proxy {
+    url: String,
+    cut: tokio::sync::watch::Sender<u32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (mut inbound, _) = listener.accept().await.unwrap();
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.mark_unchanged();
+                conns.spawn(async move {
+                    let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { url, cut, task }
+    }
+
+    /// Drops every connection open through the proxy.
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test]
+async fn a_live_call_keeps_running_while_the_control_connection_reconnects() {
+    let server = start_server().await;
+    let proxy = Proxy::start(server.local_addr()).await;
+    // Control goes through the proxy; media URLs from call.in point at the server itself.
+    let config = builder(&proxy.url)
+        .reconnect_delay_fn(|_| Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let client = TelcoflowClient::connect(config).await.unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    let mut audio = call.audio_stream(0);
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+
+    proxy.cut();
+    next_event(&mut events, |ev| {
+        matches!(ev, ClientEvent::Disconnected { .. }).then_some(())
+    })
+    .await;
+    next_event(&mut events, |ev| {
+        matches!(ev, ClientEvent::Reconnected).then_some(())
+    })
+    .await;
+
+    // The call did not notice: commands and audio still work.
+    assert_eq!(call.state(), CallState::Live);
+    let spoken = pattern(640, 11);
+    phone.speak(&spoken).await;
+    let chunk = first_voiced(&mut audio).await;
+    assert_eq!(&chunk[..], &spoken[..chunk.len()]);
+    assert!(call.disconnect().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+        .await;
+    client.shutdown().await;
+    proxy.task.abort();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_calls_that_never_opened_media() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(
+        builder(server.base_url())
+            .auto_connect_media(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let _phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert_eq!(call.state(), CallState::New);
+    let waiting = {
+        let call = call.clone();
+        tokio::spawn(async move { call.terminated().await })
+    };
+    client.shutdown().await;
+    tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(call.state(), CallState::Terminated);
+    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
+    server.shutdown().await;
+}
