@@ -78,6 +78,17 @@ async fn dialled_call_carries_audio_both_ways_and_hangs_up() {
     }
     assert!(playback.finished().await, "the clip was played to the end");
 
+    // A key press reaches the application as a call event.
+    phone
+        .control()
+        .dtmf('5', Duration::from_millis(120))
+        .unwrap();
+    let event = tokio::time::timeout(WAIT, media.ws.expect_type("call_event"))
+        .await
+        .expect("dtmf event in time");
+    assert_eq!(event["data"]["digit"], "5", "{event}");
+    assert_eq!(event["data"]["duration_ms"], 120, "{event}");
+
     phone.control().hangup().unwrap();
     let hangup = phone
         .events()
