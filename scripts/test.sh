@@ -15,7 +15,7 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo doc (warnings are errors: broken links, missing docs)"
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p telcoflow -p telcoflow-proto -p telcoflow-server
 
 step "cargo test"
 cargo test --workspace
