@@ -41,6 +41,11 @@ commands! {
     Call => call,
     /// Wait at a number as a simulated phone (e.g. the destination of call.connect).
     Phone => phone,
+    /// Measure calls end to end: N callers against echo agents; CPU, memory, latency, losses.
+    Bench => bench,
+    /// The echo agent `telcoflow bench --agent rust` runs (Rust SDK).
+    #[command(hide = true)]
+    BenchAgent => bench_agent,
 }
 
 /// Telcoflow: connect voice applications to phone calls.
