@@ -124,7 +124,7 @@ async def main() -> int:
                 "frames": stats.frames,
                 "handle_us_p50": stats.percentile(50),
                 "handle_us_p99": stats.percentile(99),
-                "handle_us_max": stats.max_us,
+                "handle_us_max": round(stats.max_us),
             }
         ),
         flush=True,

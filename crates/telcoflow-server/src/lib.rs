@@ -24,6 +24,7 @@ pub use config::{Config, ConfigError};
 
 use axum::Router;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +74,13 @@ impl Server {
         let app = router(shared.clone());
         let task = tokio::spawn(async move {
             let token = shared.shutdown.clone();
+            // Audio frames are small writes that must leave at once: without TCP_NODELAY, Nagle's
+            // algorithm holds one behind an unacknowledged one (up to a delayed-ACK timeout, ~40 ms).
+            let listener = listener.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+            });
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { token.cancelled().await })
                 .await;

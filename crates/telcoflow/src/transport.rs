@@ -41,10 +41,10 @@ pub(crate) async fn connect(req: Request, auth: Option<&Auth>) -> Result<Ws, Err
             key_path,
         }) => {
             let connector = tls::mtls_connector(cert_path, key_path)?;
-            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
-                .await
+            tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(connector)).await
         }
-        _ => tokio_tungstenite::connect_async(req).await,
+        // TCP_NODELAY: 20 ms audio frames must not wait behind Nagle's algorithm.
+        _ => tokio_tungstenite::connect_async_with_config(req, None, true).await,
     };
     match result {
         Ok((ws, _response)) => Ok(ws),

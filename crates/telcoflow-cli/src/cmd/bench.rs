@@ -530,7 +530,7 @@ fn print_table(r: &RunResult) {
     );
     if let Some(h) = &r.agent_handling {
         println!(
-            "  agent handling per frame  p50 {} us  p99 {} us  max {} us",
+            "  agent handling per frame  p50 {:.0} us  p99 {:.0} us  max {:.0} us",
             h.handle_us_p50, h.handle_us_p99, h.handle_us_max
         );
     }

@@ -279,7 +279,10 @@ impl SimPhone {
         options: &PhoneOptions,
     ) -> Result<Self, SimError> {
         let url = sim_url(base_url)?;
-        let (mut ws, _response) = match tokio_tungstenite::connect_async(url.as_str()).await {
+        // TCP_NODELAY: 20 ms audio frames must not wait behind Nagle's algorithm.
+        let connected =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await;
+        let (mut ws, _response) = match connected {
             Ok(ok) => ok,
             Err(tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();

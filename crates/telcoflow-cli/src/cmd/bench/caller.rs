@@ -132,7 +132,8 @@ type Ws =
 async fn drive(plan: &CallPlan, progress: &Progress, report: &mut CallReport) -> Result<(), String> {
     let url = telcoflow_server::sim::client::sim_url(&plan.base_url).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+    // TCP_NODELAY, like a real media client: frames must not wait behind Nagle's algorithm.
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let dial = PhoneFrame::Dial {
