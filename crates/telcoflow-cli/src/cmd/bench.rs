@@ -108,6 +108,17 @@ pub(crate) struct AgentHandling {
     handle_us_max: f64,
 }
 
+/// How busy the machine was during the CPU window.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct MachineLoad {
+    /// CPUs available.
+    cores: usize,
+    /// Cores busy on average, every process included (from `/proc/stat`).
+    busy_cores: f64,
+    /// 1-minute load average at the end of the window.
+    loadavg_1m: f64,
+}
+
 /// The figures of one run.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct RunResult {
@@ -137,6 +148,8 @@ pub(crate) struct RunResult {
     pub(crate) agent: Option<ProcCost>,
     /// CPU of this process (the callers), in cores.
     callers_cpu_cores: f64,
+    /// The whole machine during the CPU window: other work competes with the bench.
+    machine: MachineLoad,
     /// CPU window used for the per-call-minute figures, seconds.
     window_s: f64,
     /// The first few call failures.
@@ -353,6 +366,7 @@ async fn run_once(
     let window_end_sleep = tokio::time::sleep_until(window_end);
     tokio::pin!(window_start_sleep, window_end_sleep);
     let mut start_done = false;
+    let mut load = None;
     let mut end_done = false;
     while reports.len() < n {
         tokio::select! {
@@ -363,11 +377,12 @@ async fn run_once(
             },
             () = &mut window_start_sleep, if !start_done => {
                 start_done = true;
-                start_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me)));
+                start_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s()));
             }
             () = &mut window_end_sleep, if !end_done => {
                 end_done = true;
-                end_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me)));
+                end_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s()));
+                load = stats::loadavg();
             }
             _ = tick.tick() => {
                 let p = &progress;
@@ -410,8 +425,8 @@ async fn run_once(
     }
 
     let answered = reports.iter().filter(|r| r.answered).count();
-    let (server_cost, agent_cost, callers_cpu, window) = match (start_reading, end_reading) {
-        (Some((t0, s0, a0, m0)), Some((t1, s1, a1, m1))) => {
+    let (server_cost, agent_cost, callers_cpu, machine, window) = match (start_reading, end_reading) {
+        (Some((t0, s0, a0, m0, b0)), Some((t1, s1, a1, m1, b1))) => {
             let window = t1 - t0;
             let cost = |idle: Option<ProcSample>, a: Option<ProcSample>, b: Option<ProcSample>| {
                 Some(ProcCost::new(idle?, a?, b?, window, answered))
@@ -420,9 +435,18 @@ async fn run_once(
                 (Some(a), Some(b)) => round3((b.cpu_s - a.cpu_s) / window.as_secs_f64()),
                 _ => 0.0,
             };
-            (cost(idle.0, s0, s1), cost(idle.1, a0, a1), callers, window)
+            let machine = match (b0, b1) {
+                (Some(a), Some(b)) => round3((b - a) / window.as_secs_f64()),
+                _ => 0.0,
+            };
+            (cost(idle.0, s0, s1), cost(idle.1, a0, a1), callers, machine, window)
         }
-        _ => (None, None, 0.0, Duration::ZERO),
+        _ => (None, None, 0.0, 0.0, Duration::ZERO),
+    };
+    let machine = MachineLoad {
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        busy_cores: machine,
+        loadavg_1m: load.unwrap_or(0.0),
     };
     Ok(summarise(
         args,
@@ -435,6 +459,7 @@ async fn run_once(
         server_cost,
         agent_cost,
         callers_cpu,
+        machine,
         window,
     ))
 }
@@ -451,6 +476,7 @@ fn summarise(
     server: Option<ProcCost>,
     agent: Option<ProcCost>,
     callers_cpu_cores: f64,
+    machine: MachineLoad,
     window: Duration,
 ) -> RunResult {
     let mut setup: Vec<u32> = reports.iter().filter_map(|r| r.setup_us).collect();
@@ -483,6 +509,7 @@ fn summarise(
         server,
         agent,
         callers_cpu_cores,
+        machine,
         window_s: round3(window.as_secs_f64()),
         failures: reports
             .iter()
@@ -537,6 +564,16 @@ fn print_table(r: &RunResult) {
     println!("  server  {}", cost(&r.server));
     println!("  agent   {}", cost(&r.agent));
     println!("  callers {:.2} cores (this process)", r.callers_cpu_cores);
+    let ours = r.callers_cpu_cores
+        + r.server.map_or(0.0, |c| c.cpu_cores)
+        + r.agent.map_or(0.0, |c| c.cpu_cores);
+    println!(
+        "  machine {:.2} of {} cores busy, {:.2} by other work; load average {:.2}",
+        r.machine.busy_cores,
+        r.machine.cores,
+        (r.machine.busy_cores - ours).max(0.0),
+        r.machine.loadavg_1m
+    );
     for f in &r.failures {
         println!("  failure: {f}");
     }

@@ -133,7 +133,7 @@ async fn drive(plan: &CallPlan, progress: &Progress, report: &mut CallReport) ->
     let url = telcoflow_server::sim::client::sim_url(&plan.base_url).map_err(|e| e.to_string())?;
     let started = Instant::now();
     // TCP_NODELAY, like a real media client: frames must not wait behind Nagle's algorithm.
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let dial = PhoneFrame::Dial {
@@ -180,6 +180,11 @@ async fn drive(plan: &CallPlan, progress: &Progress, report: &mut CallReport) ->
     let _ = ws.send(Message::text(PhoneFrame::Hangup.encode())).await;
     let _ = ws.close(None).await;
     result
+}
+
+/// A small read buffer: tungstenite zero-fills the free part of it before every socket read.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
 }
 
 async fn send_text(ws: &mut Ws, text: String) -> Result<(), String> {

@@ -85,6 +85,36 @@ impl ProcSample {
     }
 }
 
+/// CPU seconds the whole machine has been busy (all cores: everything but idle and iowait),
+/// from the first line of `/proc/stat`. Compared with the bench's own processes it shows how
+/// much of the machine other work took during a run.
+pub(crate) fn machine_busy_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_busy(stat.lines().next()?)
+}
+
+fn parse_machine_busy(cpu_line: &str) -> Option<f64> {
+    let mut fields = cpu_line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<f64> = fields.map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).unwrap_or(&0.0);
+    Some((total - idle) / USER_HZ)
+}
+
+/// The 1-minute load average.
+pub(crate) fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// utime + stime in seconds. The command name (field 2) may hold spaces and parentheses, so
 /// fields are counted after its closing parenthesis.
 fn parse_stat_cpu(stat: &str) -> Option<f64> {
@@ -158,6 +188,9 @@ mod tests {
         let stat = "1234 (tel coflow) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 8 0 100 0 0";
         assert_eq!(parse_stat_cpu(stat), Some(3.0));
         assert_eq!(parse_status_rss_kib("Name:\tx\nVmRSS:\t   2048 kB\n"), Some(2048.0));
+        assert_eq!(parse_machine_busy("cpu  100 0 50 1000 30 0 0 0 0 0"), Some(1.5));
+        assert_eq!(parse_machine_busy("cpu0 1 2 3"), None);
+        assert!(machine_busy_s().is_some() && loadavg().is_some());
         let me = ProcSample::read(std::process::id()).expect("own /proc entry");
         assert!(me.rss_mib > 0.0);
     }
