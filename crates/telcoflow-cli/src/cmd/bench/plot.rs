@@ -94,7 +94,8 @@ pub(crate) fn draw(path: &Path, runs: &[RunResult]) -> anyhow::Result<()> {
         let mut chart = builder.build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
         let mut mesh = chart.configure_mesh();
         if text {
-            mesh.x_desc("concurrent calls");
+            mesh.x_desc("concurrent calls")
+                .x_label_formatter(&|x| format!("{x:.0}"));
         } else {
             mesh.x_labels(0).y_labels(0);
         }
