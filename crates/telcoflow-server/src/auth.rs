@@ -3,6 +3,7 @@
 
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
+use crate::tls::PeerInfo;
 use axum::http::HeaderMap;
 use std::sync::Arc;
 use telcoflow_proto::control::{API_KEY_HEADER, CONNECTOR_HEADER};
@@ -16,11 +17,14 @@ pub(crate) enum AuthError {
     MissingConnector,
     #[error("unknown connector or wrong API key")]
     Rejected,
+    #[error("the client certificate is not registered for any connector")]
+    UnknownCertificate,
 }
 
 pub(crate) fn authenticate(
     shared: &Shared,
     headers: &HeaderMap,
+    peer: &PeerInfo,
 ) -> Result<Arc<ConnectorConfig>, AuthError> {
     let header = |name| {
         headers
@@ -28,7 +32,15 @@ pub(crate) fn authenticate(
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
     };
-    let key = header(API_KEY_HEADER).ok_or(AuthError::MissingKey)?;
+    let Some(key) = header(API_KEY_HEADER) else {
+        // No API key: a pinned client certificate may stand in for it.
+        return match &peer.cert_sha256 {
+            Some(fp) => shared
+                .connector_by_cert(fp)
+                .ok_or(AuthError::UnknownCertificate),
+            None => Err(AuthError::MissingKey),
+        };
+    };
     let uuid = header(CONNECTOR_HEADER).ok_or(AuthError::MissingConnector)?;
     // One message for both an unknown connector and a wrong key, so that a caller cannot probe
     // which connector ids exist; the key comparison takes the same time wherever it differs.

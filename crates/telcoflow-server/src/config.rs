@@ -32,10 +32,27 @@ pub struct Config {
     pub media_token_ttl_secs: u64,
     /// Secret that signs media tokens. Default: random per process.
     pub token_secret: Option<String>,
+    /// TLS for the listener; with it the server serves `wss://` and `https://` only.
+    pub tls: Option<TlsConfig>,
     /// Resource limits.
     pub limits: Limits,
     /// The connectors (applications) this server serves.
     pub connectors: Vec<ConnectorConfig>,
+}
+
+/// Certificate and key of the listener, and optionally the CA that client certificates must
+/// chain to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: std::path::PathBuf,
+    /// PEM private key.
+    pub key: std::path::PathBuf,
+    /// PEM CA certificates for client certificates (mTLS). Without it, client certificates are
+    /// matched by fingerprint alone.
+    #[serde(default)]
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 /// One connector: credentials, the numbers routed to it and where `call.connect` rings.
@@ -59,6 +76,10 @@ pub struct ConnectorConfig {
     /// `call.connect` destination for called numbers not in `connect`.
     #[serde(default)]
     pub connect_default: Option<String>,
+    /// SHA-256 fingerprint (hex) of a client certificate that authenticates as this connector
+    /// over mTLS, instead of the API key.
+    #[serde(default)]
+    pub client_cert_sha256: Option<String>,
     /// Number used as the caller id of outbound calls (`session.create`).
     #[serde(default)]
     pub outbound_caller_id: Option<String>,
@@ -112,6 +133,7 @@ impl Default for Config {
             ring_timeout_secs: 30,
             media_token_ttl_secs: 300,
             token_secret: None,
+            tls: None,
             limits: Limits::default(),
             connectors: Vec::new(),
         }
@@ -237,6 +259,7 @@ impl ConnectorConfig {
             numbers: vec!["*".into()],
             connect: BTreeMap::new(),
             connect_default: Some(DEV_CONNECT_DESTINATION.into()),
+            client_cert_sha256: None,
             outbound_caller_id: Some("+15550000".into()),
         }
     }

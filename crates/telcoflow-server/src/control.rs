@@ -12,11 +12,12 @@ use crate::call::CallHandle;
 use crate::config::ConnectorConfig;
 use crate::registry::{ControlLink, ReadyOutcome};
 use crate::state::Shared;
-use axum::extract::State;
+use crate::tls::PeerInfo;
 use axum::extract::ws::{
     CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code,
     rejection::WebSocketUpgradeRejection,
 };
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -37,10 +38,11 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// `GET /v1/agent/session-manager`.
 pub(crate) async fn control_ws(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let connector = match authenticate(&shared, &headers) {
+    let connector = match authenticate(&shared, &headers, &peer) {
         Ok(c) => c,
         Err(e) => return (StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
     };

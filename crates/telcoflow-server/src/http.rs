@@ -5,8 +5,9 @@
 use crate::auth::authenticate;
 use crate::call::CallInput;
 use crate::state::Shared;
+use crate::tls::PeerInfo;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -52,8 +53,10 @@ impl IntoResponse for ApiError {
 fn auth(
     shared: &Shared,
     headers: &HeaderMap,
+    peer: &PeerInfo,
 ) -> Result<Arc<crate::config::ConnectorConfig>, ApiError> {
-    authenticate(shared, headers).map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
+    authenticate(shared, headers, peer)
+        .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
 }
 
 /// Query of `GET /public/v1/sessions`. Values are strings so that a bad one gets our own
@@ -82,10 +85,11 @@ fn parse<T: serde::de::DeserializeOwned>(
 /// `GET /public/v1/sessions?channel=&remoteAddress=&state=`.
 pub(crate) async fn list_sessions(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let connector = auth(&shared, &headers)?;
+    let connector = auth(&shared, &headers, &peer)?;
     let Query(query) =
         query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
     let channel: Option<Channel> = query
@@ -110,10 +114,11 @@ pub(crate) async fn list_sessions(
 /// `POST /public/v1/sessions/{id}/close`: ends the session's call for everyone.
 pub(crate) async fn close_session(
     State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
     Path(session_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let connector = auth(&shared, &headers)?;
+    let connector = auth(&shared, &headers, &peer)?;
     let Some(call) = shared.registry.call_of(&connector.uuid, &session_id) else {
         return Err(ApiError::new(
             ErrorCode::SessionNotFound,

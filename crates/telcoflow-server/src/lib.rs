@@ -3,6 +3,10 @@
 //! - [`config`]: TOML configuration and the embedded development defaults.
 //! - [`audio`]: sample-rate conversion.
 //! - [`sim`]: the simulated phone network (server endpoint and client phone).
+//! - [`sip`]: sans-IO SIP building blocks: messages, SDP offer/answer, transactions, digest
+//!   auth, the user agent server (incoming calls) and client (outgoing calls).
+//! - [`rtp`]: sans-IO RTP building blocks: G.711, RTP/RTCP/RFC 4733 packets, jitter buffer,
+//!   per-leg RTP session.
 //!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
@@ -16,15 +20,19 @@ mod control;
 mod http;
 mod media;
 mod registry;
+pub mod rtp;
 pub mod sim;
+pub mod sip;
 mod state;
+mod tls;
 mod token;
+
+pub use tls::fingerprint as certificate_fingerprint;
 
 pub use config::{Config, ConfigError};
 
 use axum::Router;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -70,25 +78,35 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
         let base_url = config
             .public_url
             .clone()
-            .unwrap_or_else(|| format!("ws://{local_addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
         let shared = Arc::new(state::Shared::new(config, base_url.clone()));
         let shutdown = shared.shutdown.clone();
-        let app = router(shared.clone());
+        let app = router(shared.clone()).into_make_service_with_connect_info::<tls::PeerInfo>();
         let task = tokio::spawn(async move {
             let token = shared.shutdown.clone();
-            // Audio frames are small writes that must leave at once: without TCP_NODELAY, Nagle's
-            // algorithm holds one behind an unacknowledged one (up to a delayed-ACK timeout, ~40 ms).
-            let listener = listener.tap_io(|tcp| {
-                if let Err(e) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            let stop = async move { token.cancelled().await };
+            let served = match tls {
+                Some(tls) => match tls::TlsListener::new(listener, tls, shared.shutdown.clone()) {
+                    Ok(listener) => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stop)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => {
+                    // TCP_NODELAY on every accepted socket (the TLS listener sets it too).
+                    let listener = tls::NoDelayListener(listener);
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop)
+                        .await
                 }
-            });
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
+            };
             if let Err(e) = served {
                 tracing::error!(error = %e, "server failed");
             }

@@ -15,6 +15,8 @@ use tokio_util::task::TaskTracker;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     connectors: HashMap<String, Arc<ConnectorConfig>>,
+    /// Connectors by the normalised fingerprint of their pinned client certificate.
+    cert_pins: HashMap<String, Arc<ConnectorConfig>>,
     pub(crate) registry: Registry,
     pub(crate) phones: Directory,
     pub(crate) signer: TokenSigner,
@@ -31,14 +33,22 @@ impl Shared {
             Some(secret) => TokenSigner::new(secret.as_bytes(), config.media_token_ttl()),
             None => TokenSigner::random(config.media_token_ttl()),
         };
-        let connectors = config
+        let connectors: HashMap<String, Arc<ConnectorConfig>> = config
             .connectors
             .iter()
             .map(|c| (c.uuid.clone(), Arc::new(c.clone())))
             .collect();
+        let cert_pins = connectors
+            .values()
+            .filter_map(|c| {
+                let pin = c.client_cert_sha256.as_deref()?;
+                Some((normalize_fingerprint(pin), c.clone()))
+            })
+            .collect();
         Self {
             config,
             connectors,
+            cert_pins,
             registry: Registry::default(),
             phones: Directory::default(),
             signer,
@@ -51,6 +61,11 @@ impl Shared {
 
     pub(crate) fn connector(&self, uuid: &str) -> Option<&Arc<ConnectorConfig>> {
         self.connectors.get(uuid)
+    }
+
+    /// The connector whose pinned client certificate has this fingerprint.
+    pub(crate) fn connector_by_cert(&self, sha256: &str) -> Option<Arc<ConnectorConfig>> {
+        self.cert_pins.get(&normalize_fingerprint(sha256)).cloned()
     }
 
     /// The connector a called number is routed to: an exact number first, then a `"*"`.
@@ -69,4 +84,13 @@ impl Shared {
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// Fingerprints compare without case and without `:` separators (`AB:CD:..` as tools print
+/// them, or plain hex).
+fn normalize_fingerprint(fp: &str) -> String {
+    fp.chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
 }

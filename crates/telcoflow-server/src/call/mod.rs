@@ -478,7 +478,11 @@ impl CallActor {
                 "caller audio dropped for running ahead"
             );
         }
-        info!("call ended");
+        info!(
+            playout_gaps = self.playout.gaps(),
+            prebuffer_frames = self.playout.prebuffer_frames(),
+            "call ended"
+        );
     }
 
     fn next_deadline(&self) -> Instant {
@@ -810,10 +814,12 @@ impl CallActor {
                 let was_up = self.callee.as_ref().is_some_and(|c| c.up);
                 self.callee = None;
                 if let Some(c) = self.connect.take() {
+                    // Declined is, to the application, one more way of not being answered: apps
+                    // written for the reference SDK test for CALL_UNANSWERED alone.
                     self.respond(CommandResponse::error(
                         c.command_id,
-                        ErrorCode::CallRejected,
-                        format!("{} refused the call", c.destination),
+                        ErrorCode::CallUnanswered,
+                        format!("{} declined the call", c.destination),
                     ));
                 } else if was_up {
                     info!("destination hung up");

@@ -335,3 +335,42 @@ pub async fn answered_call(config: Config, rate: u32) -> (RunningServer, Control
     phone.event("answered").await;
     (server, control, phone, media)
 }
+
+/// Keeps the caller, a connected destination and (optionally) the agent each sending a constant
+/// level until what each hears matches `expect` (caller, destination, agent). Every party first
+/// sends a few frames ahead, so the mixing tick always finds audio queued, then one frame per
+/// frame received. Returns the last readings as the error if they never match.
+pub async fn talk_until(
+    phone: &mut Phone,
+    callee: &mut Phone,
+    mut media: Option<&mut Media>,
+    send: (i16, i16, i16),
+    expect: (i16, i16, Option<i16>),
+    frame: usize,
+) -> Result<(), (i16, i16, Option<i16>)> {
+    const AHEAD: usize = 3;
+    const ROUNDS: usize = 150;
+    let mut last = (0, 0, None);
+    for round in 0..ROUNDS {
+        let n = if round == 0 { AHEAD } else { 1 };
+        for _ in 0..n {
+            phone.send_level(send.0, frame).await;
+            callee.send_level(send.1, frame).await;
+            if let Some(m) = media.as_deref_mut() {
+                m.send_audio(&pcm_level(send.2, frame)).await;
+            }
+        }
+        last = (
+            samples(&phone.ws.binary().await)[frame / 2],
+            samples(&callee.ws.binary().await)[frame / 2],
+            match media.as_deref_mut() {
+                Some(m) => Some(m.audio(0).await[frame / 2]),
+                None => None,
+            },
+        );
+        if last == expect {
+            return Ok(());
+        }
+    }
+    Err(last)
+}

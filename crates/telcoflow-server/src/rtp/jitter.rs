@@ -1,0 +1,804 @@
+//! Adaptive jitter buffer for 20 ms G.711 frames.
+//!
+//! Contract (sans-IO, no clock reads, no allocation after [`JitterBuffer::new`]):
+//!
+//! - Call [`JitterBuffer::push`] with every RTP packet of the audio payload types as it
+//!   arrives, and the arrival time. Packets of other payload types (telephone-event, comfort
+//!   noise) are refused with [`Push::Unsupported`]; route them elsewhere first.
+//! - Call [`JitterBuffer::pop`] once per 20 ms playout tick. It always yields exactly one
+//!   frame of [`FRAME_SAMPLES`] 8 kHz samples, borrowed from the buffer until the next call.
+//!
+//! Behaviour:
+//!
+//! - Packets are stored by sequence number in a fixed ring of preallocated slots, so arrival
+//!   order does not matter within the ring's span; 16-bit sequence wrap is handled with
+//!   wrapping arithmetic. Duplicates are dropped and counted.
+//! - Playout starts once the buffered span reaches the target depth. Each tick then plays the
+//!   next sequence number. A missing frame with later frames present is a loss: the last good
+//!   frame is repeated with a falling gain for [`FADE_FRAMES`] ticks, then silence, and the tick
+//!   counts as concealed. A packet arriving after its tick has passed is late: dropped, counted.
+//! - When nothing at all is buffered (underrun) playout does not advance, so a delayed packet
+//!   still plays; this is how the delay grows. If the packet that ends the underrun is ahead
+//!   of the held position, the held ticks count towards the gap so lost frames are not
+//!   concealed twice. After [`JitterConfig::max_delay`] of underrun the
+//!   buffer starts over (a new talk spurt, or the peer stopped sending, e.g. on hold).
+//! - The target depth follows the RFC 3550 interarrival jitter estimate `J`:
+//!   `1 frame + 3 J`, rounded up to whole frames and clamped to `[min_delay, max_delay]`.
+//!   When the depth exceeds the target by more than two frames, one frame per tick is dropped
+//!   (oldest first) to bring latency back down; these count as discarded.
+//! - A packet too far ahead for the ring (a burst after a stall) makes room by dropping the
+//!   oldest frames, counted as overflow. A large sequence jump or an SSRC change restarts.
+
+use std::time::{Duration, Instant};
+
+use super::g711::G711;
+use super::packet::RtpPacket;
+
+/// Samples in one 20 ms frame at 8 kHz.
+pub const FRAME_SAMPLES: usize = 160;
+/// Duration of one frame.
+pub const FRAME_DURATION: Duration = Duration::from_millis(20);
+/// Concealed ticks that repeat the last frame (with decreasing gain) before silence.
+pub const FADE_FRAMES: u32 = 3;
+/// A sequence jump this large (either direction) is treated as a new stream (RFC 3550 A.1
+/// uses the same dropout bound).
+const MAX_DROPOUT: i32 = 3000;
+
+/// Jitter buffer settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JitterConfig {
+    /// Lowest target delay. Default 40 ms. Rounded up to whole frames, at least one.
+    pub min_delay: Duration,
+    /// Highest target delay, and how long an underrun lasts before the buffer restarts.
+    /// Default 200 ms. Raised to `min_delay` if lower.
+    pub max_delay: Duration,
+    /// Number of frame slots (the span of sequence numbers held). Default 64 (1.28 s).
+    /// Rounded up to a power of two and to at least twice `max_delay`.
+    pub capacity: usize,
+}
+
+impl Default for JitterConfig {
+    fn default() -> Self {
+        Self {
+            min_delay: Duration::from_millis(40),
+            max_delay: Duration::from_millis(200),
+            capacity: 64,
+        }
+    }
+}
+
+/// What [`JitterBuffer::push`] did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Stored for playout.
+    Buffered,
+    /// Already stored; dropped.
+    Duplicate,
+    /// Its tick has passed; dropped.
+    Late,
+    /// Not PCMU or PCMA; ignored.
+    Unsupported(u8),
+}
+
+/// Where a frame came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// Received audio.
+    Audio,
+    /// Concealment for a lost or late frame (faded repeat, then silence).
+    Concealed,
+    /// Silence while buffering before playout starts (nothing was lost).
+    Silence,
+}
+
+/// One 20 ms frame of playout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame<'a> {
+    /// Where it came from.
+    pub kind: FrameKind,
+    /// [`FRAME_SAMPLES`] samples at 8 kHz.
+    pub samples: &'a [i16],
+}
+
+/// Counters since creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct JitterStats {
+    /// Packets stored.
+    pub received: u64,
+    /// Frames played from received audio.
+    pub played: u64,
+    /// Ticks concealed (loss or lateness while playing).
+    pub concealed: u64,
+    /// Packets dropped because their tick had passed.
+    pub late: u64,
+    /// Duplicate packets dropped.
+    pub duplicates: u64,
+    /// Frames dropped to make room for a burst.
+    pub overflow: u64,
+    /// Frames dropped to bring latency down to the target.
+    pub discarded: u64,
+    /// Times the buffer started over (long underrun, stream restart, SSRC change).
+    pub restarts: u64,
+    /// Packets whose payload was not 160 bytes (padded with silence or truncated).
+    pub size_mismatch: u64,
+}
+
+struct Slot {
+    filled: bool,
+    seq: u16,
+    samples: [i16; FRAME_SAMPLES],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for enough frames; `next` is the lowest sequence buffered, if any.
+    Buffering,
+    /// Playing; `next` is the sequence of the coming tick.
+    Playing,
+}
+
+/// The jitter buffer. See the module docs for its contract.
+pub struct JitterBuffer {
+    slots: Box<[Slot]>,
+    mask: usize,
+    state: State,
+    /// Next sequence to play (Playing) or lowest buffered (Buffering with `any`).
+    next: u16,
+    /// Highest sequence buffered, valid when `any`.
+    highest: u16,
+    any: bool,
+    ssrc: Option<u32>,
+    min_frames: u32,
+    max_frames: u32,
+    target_frames: u32,
+    underrun_ticks: u32,
+    concealed_run: u32,
+    last_good: [i16; FRAME_SAMPLES],
+    out: [i16; FRAME_SAMPLES],
+    // RFC 3550 A.8 interarrival jitter, in timestamp units scaled by 16.
+    epoch: Option<Instant>,
+    last_transit: Option<i64>,
+    jitter_q4: u64,
+    stats: JitterStats,
+}
+
+impl std::fmt::Debug for JitterBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JitterBuffer")
+            .field("state", &self.state)
+            .field("next", &self.next)
+            .field("target_frames", &self.target_frames)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+fn frames(d: Duration) -> u32 {
+    let ms = d.as_millis().min(60_000) as u32;
+    ms.div_ceil(20).max(1)
+}
+
+/// `a - b` on the 16-bit sequence circle, as a signed distance.
+fn seq_diff(a: u16, b: u16) -> i32 {
+    i32::from(a.wrapping_sub(b) as i16)
+}
+
+impl JitterBuffer {
+    /// Creates a buffer; all memory is allocated here.
+    pub fn new(config: JitterConfig) -> Self {
+        let min_frames = frames(config.min_delay);
+        let max_frames = frames(config.max_delay).max(min_frames);
+        let capacity = config
+            .capacity
+            .max(2 * max_frames as usize)
+            .max(4)
+            .next_power_of_two();
+        let slots = (0..capacity)
+            .map(|_| Slot {
+                filled: false,
+                seq: 0,
+                samples: [0; FRAME_SAMPLES],
+            })
+            .collect();
+        Self {
+            slots,
+            mask: capacity - 1,
+            state: State::Buffering,
+            next: 0,
+            highest: 0,
+            any: false,
+            ssrc: None,
+            min_frames,
+            max_frames,
+            target_frames: min_frames,
+            underrun_ticks: 0,
+            concealed_run: 0,
+            last_good: [0; FRAME_SAMPLES],
+            out: [0; FRAME_SAMPLES],
+            epoch: None,
+            last_transit: None,
+            jitter_q4: 0,
+            stats: JitterStats::default(),
+        }
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> JitterStats {
+        self.stats
+    }
+
+    /// The RFC 3550 interarrival jitter estimate, in 8 kHz timestamp units (for RTCP reports).
+    pub fn jitter(&self) -> u32 {
+        (self.jitter_q4 >> 4).min(u64::from(u32::MAX)) as u32
+    }
+
+    /// The current target delay.
+    pub fn target_delay(&self) -> Duration {
+        FRAME_DURATION * self.target_frames
+    }
+
+    /// Frames buffered ahead of playout (including gaps), i.e. the current delay in frames.
+    pub fn depth(&self) -> u32 {
+        if !self.any {
+            return 0;
+        }
+        let d = seq_diff(self.highest, self.next) + 1;
+        d.max(0) as u32
+    }
+
+    fn restart(&mut self) {
+        for slot in self.slots.iter_mut() {
+            slot.filled = false;
+        }
+        self.state = State::Buffering;
+        self.any = false;
+        self.underrun_ticks = 0;
+        // Transit times of the old stream say nothing about the new one.
+        self.last_transit = None;
+        self.stats.restarts += 1;
+    }
+
+    fn clear_slot(&mut self, seq: u16) -> bool {
+        let slot = &mut self.slots[usize::from(seq) & self.mask];
+        let was = slot.filled && slot.seq == seq;
+        if was {
+            slot.filled = false;
+        }
+        was
+    }
+
+    /// Stores one packet that arrived at `now`.
+    pub fn push(&mut self, packet: &RtpPacket<'_>, now: Instant) -> Push {
+        let h = &packet.header;
+        let Some(law) = G711::from_payload_type(h.payload_type) else {
+            return Push::Unsupported(h.payload_type);
+        };
+        if self.ssrc != Some(h.ssrc) {
+            if self.ssrc.is_some() {
+                self.restart();
+            }
+            self.ssrc = Some(h.ssrc);
+        }
+        let seq = h.sequence;
+        if self.any {
+            let mut from_next = seq_diff(seq, self.next);
+            if from_next > 0 && self.underrun_ticks > 0 {
+                // Playout was held for `underrun_ticks` concealed ticks waiting for `next`.
+                // Those ticks already covered that many missing frames: skip them rather
+                // than conceal them a second time.
+                let skip = from_next.min(self.underrun_ticks as i32);
+                self.next = self.next.wrapping_add(skip as u16);
+                self.underrun_ticks = 0;
+                from_next -= skip;
+            }
+            if from_next.abs() > MAX_DROPOUT {
+                self.restart();
+            } else if from_next < 0 {
+                let span_if_lowered = seq_diff(self.highest, seq) + 1;
+                if self.state == State::Buffering && span_if_lowered <= self.slots.len() as i32 {
+                    // Reordered before playout started: this becomes the first frame.
+                    self.next = seq;
+                } else {
+                    self.stats.late += 1;
+                    return Push::Late;
+                }
+            } else if from_next >= self.slots.len() as i32 {
+                // Burst far ahead: drop the oldest frames to make room.
+                let new_next = seq.wrapping_sub(self.slots.len() as u16 - 1);
+                while self.next != new_next {
+                    if self.clear_slot(self.next) {
+                        self.stats.overflow += 1;
+                    }
+                    self.next = self.next.wrapping_add(1);
+                }
+            }
+        }
+        let idx = usize::from(seq) & self.mask;
+        let slot = &mut self.slots[idx];
+        if self.any && slot.filled && slot.seq == seq {
+            self.stats.duplicates += 1;
+            return Push::Duplicate;
+        }
+        let n = law.decode(packet.payload, &mut slot.samples);
+        if n != FRAME_SAMPLES {
+            slot.samples[n..].fill(0);
+            self.stats.size_mismatch += 1;
+        }
+        slot.filled = true;
+        slot.seq = seq;
+        if !self.any {
+            self.any = true;
+            self.next = seq;
+            self.highest = seq;
+        } else if seq_diff(seq, self.highest) > 0 {
+            self.highest = seq;
+        }
+        self.stats.received += 1;
+        self.update_jitter(h.timestamp, now);
+        Push::Buffered
+    }
+
+    fn update_jitter(&mut self, timestamp: u32, now: Instant) {
+        let epoch = *self.epoch.get_or_insert(now);
+        let arrival = now.saturating_duration_since(epoch).as_micros() as i64
+            * i64::from(G711::CLOCK_RATE)
+            / 1_000_000;
+        // Transit in timestamp units; only differences matter, so wrap to 32 bits.
+        let transit = i64::from((arrival as u32).wrapping_sub(timestamp) as i32);
+        if let Some(last) = self.last_transit {
+            let d = i64::from((transit - last) as i32).unsigned_abs();
+            // J += (|D| - J) / 16, kept scaled by 16 (RFC 3550 A.8).
+            self.jitter_q4 = self.jitter_q4 + d - ((self.jitter_q4 + 8) >> 4);
+        }
+        self.last_transit = Some(transit);
+        let jitter = self.jitter_q4 >> 4;
+        let wanted = 1 + (3 * jitter).div_ceil(FRAME_SAMPLES as u64);
+        self.target_frames =
+            (wanted.min(u64::from(u32::MAX)) as u32).clamp(self.min_frames, self.max_frames);
+    }
+
+    /// Produces the frame for this 20 ms tick.
+    pub fn pop(&mut self, _now: Instant) -> Frame<'_> {
+        if self.state == State::Buffering {
+            if self.any && self.depth() >= self.target_frames {
+                self.state = State::Playing;
+                self.underrun_ticks = 0;
+            } else {
+                self.out.fill(0);
+                return Frame {
+                    kind: FrameKind::Silence,
+                    samples: &self.out,
+                };
+            }
+        }
+        // Latency above target: drop one frame per tick, oldest first.
+        if self.depth() > self.target_frames + 2 {
+            if self.clear_slot(self.next) {
+                self.stats.discarded += 1;
+            }
+            self.next = self.next.wrapping_add(1);
+        }
+        let idx = usize::from(self.next) & self.mask;
+        let slot = &mut self.slots[idx];
+        if slot.filled && slot.seq == self.next {
+            slot.filled = false;
+            self.out.copy_from_slice(&slot.samples);
+            self.last_good.copy_from_slice(&slot.samples);
+            self.next = self.next.wrapping_add(1);
+            self.concealed_run = 0;
+            self.underrun_ticks = 0;
+            self.stats.played += 1;
+            return Frame {
+                kind: FrameKind::Audio,
+                samples: &self.out,
+            };
+        }
+        if self.depth() > 1 {
+            // Later frames are here: this one is lost (or late); move past it.
+            self.next = self.next.wrapping_add(1);
+            self.underrun_ticks = 0;
+        } else {
+            // Nothing ahead: hold playout so a delayed packet can still play.
+            self.underrun_ticks += 1;
+            if self.underrun_ticks > self.max_frames {
+                self.restart();
+            }
+        }
+        self.stats.concealed += 1;
+        self.concealed_run += 1;
+        if self.concealed_run <= FADE_FRAMES {
+            let gain = (FADE_FRAMES + 1 - self.concealed_run) as i32;
+            for (o, &s) in self.out.iter_mut().zip(self.last_good.iter()) {
+                *o = (i32::from(s) * gain / (FADE_FRAMES as i32 + 1)) as i16;
+            }
+        } else {
+            self.out.fill(0);
+        }
+        Frame {
+            kind: FrameKind::Concealed,
+            samples: &self.out,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rtp::packet::RtpHeader;
+
+    /// Builds a PCMU packet whose samples all decode to a value identifying `seq`.
+    struct Src {
+        buf: [u8; 200],
+    }
+
+    /// mu-law code for a distinct, exactly representable level per sequence number.
+    fn code_for(seq: u16) -> u8 {
+        // Codes 0x80..=0xFE are positive levels; avoid 0xFF (zero).
+        0x80 + (seq % 127) as u8
+    }
+
+    impl Src {
+        fn new() -> Self {
+            Self { buf: [0; 200] }
+        }
+        fn packet(&mut self, seq: u16) -> RtpPacket<'_> {
+            self.packet_ts(seq, u32::from(seq).wrapping_mul(160))
+        }
+        fn packet_ts(&mut self, seq: u16, ts: u32) -> RtpPacket<'_> {
+            let h = RtpHeader::new(0, seq, ts, 0xABCD);
+            let payload = [code_for(seq); 160];
+            let n = h.write_packet(&payload, &mut self.buf).unwrap();
+            RtpPacket::parse(&self.buf[..n]).unwrap()
+        }
+    }
+
+    fn level(seq: u16) -> i16 {
+        G711::Pcmu.decode_sample(code_for(seq))
+    }
+
+    struct Harness {
+        jb: JitterBuffer,
+        src: Src,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new(config: JitterConfig) -> Self {
+            Self {
+                jb: JitterBuffer::new(config),
+                src: Src::new(),
+                now: Instant::now(),
+            }
+        }
+        fn push(&mut self, seq: u16) -> Push {
+            let p = self.src.packet(seq);
+            self.jb.push(&p, self.now)
+        }
+        /// Advances one tick and pops: (kind, first sample).
+        fn pop(&mut self) -> (FrameKind, i16) {
+            self.now += FRAME_DURATION;
+            let f = self.jb.pop(self.now);
+            assert_eq!(f.samples.len(), FRAME_SAMPLES);
+            (f.kind, f.samples[0])
+        }
+    }
+
+    fn fixed(frames: u64) -> JitterConfig {
+        JitterConfig {
+            min_delay: FRAME_DURATION * frames as u32,
+            max_delay: Duration::from_millis(200),
+            capacity: 64,
+        }
+    }
+
+    #[test]
+    fn buffers_to_target_then_plays_in_order() {
+        let mut h = Harness::new(fixed(2));
+        assert_eq!(h.pop().0, FrameKind::Silence);
+        assert_eq!(h.push(10), Push::Buffered);
+        assert_eq!(h.pop().0, FrameKind::Silence);
+        assert_eq!(h.push(11), Push::Buffered);
+        for seq in 10..40u16 {
+            assert_eq!(h.pop(), (FrameKind::Audio, level(seq)));
+            assert_eq!(h.push(seq + 2), Push::Buffered);
+        }
+        let s = h.jb.stats();
+        assert_eq!(s.played, 30);
+        assert_eq!(s.concealed, 0);
+        assert_eq!(h.jb.jitter(), 0);
+        assert_eq!(h.jb.target_delay(), Duration::from_millis(40));
+    }
+
+    #[test]
+    fn reorders_by_sequence() {
+        let mut h = Harness::new(fixed(3));
+        for seq in [102, 100, 101, 104, 103] {
+            assert_eq!(h.push(seq), Push::Buffered);
+        }
+        for seq in 100..105 {
+            assert_eq!(h.pop(), (FrameKind::Audio, level(seq)));
+        }
+        assert_eq!(h.jb.stats().concealed, 0);
+        assert_eq!(h.jb.stats().late, 0);
+    }
+
+    #[test]
+    fn conceals_loss_with_fade_then_silence() {
+        let mut h = Harness::new(fixed(1));
+        h.push(1);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(1)));
+        // 2..=6 are lost; 7 arrives on time after their five ticks.
+        let full = i32::from(level(1));
+        let mut concealed = Vec::new();
+        for _ in 2..7 {
+            let (kind, s) = h.pop();
+            assert_eq!(kind, FrameKind::Concealed);
+            concealed.push(i32::from(s));
+        }
+        assert_eq!(concealed, vec![full * 3 / 4, full * 2 / 4, full / 4, 0, 0]);
+        assert_eq!(h.push(7), Push::Buffered);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(7)));
+        assert_eq!(h.jb.stats().concealed, 5);
+        assert_eq!(h.jb.stats().played, 2);
+    }
+
+    #[test]
+    fn loss_longer_than_the_hold_is_concealed_once() {
+        let mut h = Harness::new(fixed(1));
+        h.push(1);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(1)));
+        assert_eq!(h.pop().0, FrameKind::Concealed); // held waiting for 2
+        h.push(4); // 2 and 3 lost: one held tick covers 2, 3 still to conceal
+        assert_eq!(h.pop().0, FrameKind::Concealed);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(4)));
+        assert_eq!(h.jb.stats().concealed, 2);
+    }
+
+    #[test]
+    fn loss_with_later_frames_buffered() {
+        let mut h = Harness::new(fixed(3));
+        for seq in [1, 2, 4, 5] {
+            h.push(seq);
+        }
+        assert_eq!(h.pop(), (FrameKind::Audio, level(1)));
+        assert_eq!(h.pop(), (FrameKind::Audio, level(2)));
+        assert_eq!(h.pop().0, FrameKind::Concealed);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(4)));
+        assert_eq!(h.pop(), (FrameKind::Audio, level(5)));
+        assert_eq!(h.jb.stats().concealed, 1);
+    }
+
+    #[test]
+    fn drops_duplicates() {
+        let mut h = Harness::new(fixed(2));
+        assert_eq!(h.push(5), Push::Buffered);
+        assert_eq!(h.push(5), Push::Duplicate);
+        assert_eq!(h.push(6), Push::Buffered);
+        assert_eq!(h.push(6), Push::Duplicate);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(5)));
+        assert_eq!(h.pop(), (FrameKind::Audio, level(6)));
+        // A duplicate of an already played frame is late, not replayed.
+        assert_eq!(h.push(6), Push::Late);
+        assert_eq!(h.jb.stats().duplicates, 2);
+        assert_eq!(h.jb.stats().received, 2);
+    }
+
+    #[test]
+    fn late_packet_after_its_slot_was_played() {
+        let mut h = Harness::new(fixed(1));
+        h.push(1);
+        h.push(3);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(1)));
+        assert_eq!(h.pop().0, FrameKind::Concealed); // 2 missing, 3 present
+        assert_eq!(h.push(2), Push::Late);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(3)));
+        assert_eq!(h.jb.stats().late, 1);
+        assert_eq!(h.jb.stats().concealed, 1);
+    }
+
+    #[test]
+    fn underrun_holds_playout_for_a_delayed_packet() {
+        let mut h = Harness::new(fixed(1));
+        h.push(1);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(1)));
+        // Packet 2 is 40 ms late; nothing else is buffered.
+        assert_eq!(h.pop().0, FrameKind::Concealed);
+        assert_eq!(h.pop().0, FrameKind::Concealed);
+        assert_eq!(h.push(2), Push::Buffered);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(2)));
+        assert_eq!(h.jb.stats().late, 0);
+    }
+
+    #[test]
+    fn burst_beyond_capacity_drops_oldest() {
+        let mut h = Harness::new(JitterConfig {
+            min_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+            capacity: 16,
+        });
+        h.push(0);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(0)));
+        // A stall then 40 packets at once: only the newest 16 fit.
+        for seq in 1..=40 {
+            assert_eq!(h.push(seq), Push::Buffered);
+        }
+        let s = h.jb.stats();
+        assert_eq!(s.overflow, 24);
+        assert_eq!(h.jb.depth(), 16);
+        // Latency is then brought down towards the target, one frame per tick.
+        let mut played = Vec::new();
+        for _ in 0..16 {
+            let (kind, v) = h.pop();
+            if kind == FrameKind::Audio {
+                played.push(v);
+            }
+        }
+        assert!(h.jb.stats().discarded > 0);
+        assert_eq!(played.last(), Some(&level(40)));
+        assert!(h.jb.depth() <= h.jb.target_frames + 2);
+    }
+
+    #[test]
+    fn sequence_wraps() {
+        let mut h = Harness::new(fixed(2));
+        let start = 65530u16;
+        h.push(start);
+        h.push(start.wrapping_add(1));
+        for i in 0..20u16 {
+            let seq = start.wrapping_add(i);
+            assert_eq!(h.pop(), (FrameKind::Audio, level(seq)), "seq {seq}");
+            // Deliver out of order across the wrap: +3 before +2 on odd steps.
+            if i % 2 == 0 {
+                h.push(seq.wrapping_add(3));
+                h.push(seq.wrapping_add(2));
+            }
+        }
+        let s = h.jb.stats();
+        assert_eq!(s.concealed, 0);
+        assert_eq!(s.late, 0);
+        assert_eq!(s.restarts, 0);
+    }
+
+    #[test]
+    fn jitter_raises_target_delay_within_bounds() {
+        let mut h = Harness::new(JitterConfig::default());
+        assert_eq!(h.jb.target_delay(), Duration::from_millis(40));
+        // Packets every 20 ms of media time, arriving alternately 0 and 60 ms late.
+        let base = h.now;
+        for seq in 0..200u16 {
+            let delay = if seq % 2 == 0 { 0 } else { 60 };
+            let at = base + FRAME_DURATION * u32::from(seq) + Duration::from_millis(delay);
+            let p = h.src.packet(seq);
+            h.jb.push(&p, at);
+        }
+        // |D| = 480 timestamp units each packet: J converges to 480.
+        assert!((460..=480).contains(&h.jb.jitter()), "{}", h.jb.jitter());
+        // 1 + ceil(3 * 480 / 160) = 10 frames = 200 ms, the default maximum.
+        assert_eq!(h.jb.target_delay(), Duration::from_millis(200));
+
+        let mut small = Harness::new(JitterConfig::default());
+        for seq in 0..200u16 {
+            let delay = if seq % 2 == 0 { 0 } else { 10 };
+            let at = base + FRAME_DURATION * u32::from(seq) + Duration::from_millis(delay);
+            let p = small.src.packet(seq);
+            small.jb.push(&p, at);
+        }
+        // J ~ 80: 1 + ceil(240 / 160) = 3 frames.
+        assert_eq!(small.jb.target_delay(), Duration::from_millis(60));
+    }
+
+    #[test]
+    fn long_silence_restarts_playout() {
+        let mut h = Harness::new(fixed(2));
+        h.push(1);
+        h.push(2);
+        assert_eq!(h.pop().0, FrameKind::Audio);
+        assert_eq!(h.pop().0, FrameKind::Audio);
+        for _ in 0..20 {
+            h.pop();
+        }
+        assert_eq!(h.jb.stats().restarts, 1);
+        // After a restart the buffer waits for the target depth again.
+        h.push(500);
+        assert_eq!(h.pop().0, FrameKind::Silence);
+        h.push(501);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(500)));
+    }
+
+    #[test]
+    fn ssrc_change_and_big_jump_restart() {
+        let mut h = Harness::new(fixed(1));
+        h.push(1);
+        assert_eq!(h.pop().0, FrameKind::Audio);
+        assert_eq!(h.push(30_000), Push::Buffered);
+        assert_eq!(h.jb.stats().restarts, 1);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(30_000)));
+        let mut buf = [0u8; 200];
+        let other = RtpHeader::new(0, 7, 0, 0x9999);
+        let n = other.write_packet(&[code_for(7); 160], &mut buf).unwrap();
+        let p = RtpPacket::parse(&buf[..n]).unwrap();
+        assert_eq!(h.jb.push(&p, h.now), Push::Buffered);
+        assert_eq!(h.jb.stats().restarts, 2);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(7)));
+    }
+
+    #[test]
+    fn other_payload_types_and_odd_sizes() {
+        let mut jb = JitterBuffer::new(fixed(1));
+        let mut buf = [0u8; 200];
+        let n = RtpHeader::new(101, 1, 0, 1)
+            .write_packet(&[1, 0x80, 0, 160], &mut buf)
+            .unwrap();
+        let p = RtpPacket::parse(&buf[..n]).unwrap();
+        assert_eq!(jb.push(&p, Instant::now()), Push::Unsupported(101));
+        // 80-byte PCMA payload: padded with silence.
+        let n = RtpHeader::new(8, 1, 0, 1)
+            .write_packet(&[0xAA; 80], &mut buf)
+            .unwrap();
+        let p = RtpPacket::parse(&buf[..n]).unwrap();
+        assert_eq!(jb.push(&p, Instant::now()), Push::Buffered);
+        let f = jb.pop(Instant::now());
+        assert_eq!(f.kind, FrameKind::Audio);
+        assert_eq!(f.samples[0], 32256);
+        assert_eq!(f.samples[159], 0);
+        assert_eq!(jb.stats().size_mismatch, 1);
+    }
+
+    /// Random reorder, duplication and loss within the buffer's reach: every frame that is
+    /// played is played once, in sequence order, and every tick yields one frame.
+    #[test]
+    fn randomised_network_keeps_order_and_accounting() {
+        let mut seed = 0x00C0_FFEEu32;
+        let mut rand = move |n: u32| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) % n
+        };
+        let mut h = Harness::new(JitterConfig::default());
+        let start_seq = 65_000u16; // wraps during the run
+        let total = 3000u16;
+        // (arrival tick, seq) for each delivered copy.
+        let mut arrivals: Vec<(u32, u16)> = Vec::new();
+        for i in 0..total {
+            let seq = start_seq.wrapping_add(i);
+            if rand(100) < 3 {
+                continue; // lost
+            }
+            let delay = rand(4); // 0..=60 ms of jitter
+            arrivals.push((u32::from(i) + delay, seq));
+            if rand(100) < 2 {
+                arrivals.push((u32::from(i) + delay + rand(3), seq)); // duplicate
+            }
+        }
+        arrivals.sort_by_key(|(t, _)| *t);
+        let mut next = 0;
+        let mut played: Vec<i16> = Vec::new();
+        let mut ticks = 0u64;
+        let mut silent = 0u64;
+        for tick in 0..u32::from(total) + 20 {
+            while next < arrivals.len() && arrivals[next].0 <= tick {
+                h.push(arrivals[next].1);
+                next += 1;
+            }
+            let (kind, v) = h.pop();
+            ticks += 1;
+            match kind {
+                FrameKind::Audio => played.push(v),
+                FrameKind::Silence => silent += 1,
+                FrameKind::Concealed => {}
+            }
+        }
+        let s = h.jb.stats();
+        assert_eq!(s.played as usize, played.len());
+        assert_eq!(s.played + s.concealed + silent, ticks);
+        // Frames come out in sequence order: the level pattern repeats every 127 sequence
+        // numbers, so consecutive played frames step forward by 1..=126 positions.
+        let pos = |v: i16| (0..127u16).find(|k| level(*k) == v).unwrap();
+        for w in played.windows(2) {
+            let step = (pos(w[1]) + 127 - pos(w[0])) % 127;
+            assert!(step >= 1, "frame repeated or out of order");
+        }
+        // Most of what arrived was played; losses were concealed, not skipped silently.
+        assert!(played.len() > usize::from(total) * 9 / 10, "{s:?}");
+        assert!(s.duplicates > 0 && s.concealed > 0, "{s:?}");
+    }
+}

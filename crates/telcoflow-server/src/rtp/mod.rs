@@ -1,0 +1,15 @@
+//! RTP media building blocks for SIP calls, all sans-IO (no sockets, no clock reads):
+//!
+//! - [`g711`]: PCMU / PCMA encode and decode.
+//! - [`packet`]: RTP header, RFC 4733 telephone events, RTCP sender/receiver reports.
+//! - [`jitter`]: adaptive jitter buffer for 20 ms G.711 frames.
+//! - [`ports`]: even RTP ports of the configured range, handed out round-robin.
+//! - [`session`]: one call leg's RTP session: symmetric RTP, send/receive, DTMF, RTCP, timeout.
+//!
+//! A media task owns a socket and feeds datagrams and the current time into these types.
+
+pub mod g711;
+pub mod jitter;
+pub mod packet;
+pub mod ports;
+pub mod session;

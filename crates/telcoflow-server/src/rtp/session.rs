@@ -1,0 +1,831 @@
+//! One call leg's RTP session, sans-IO: symmetric RTP, the receive path into the jitter
+//! buffer and DTMF, the send path with sequence/timestamp/SSRC, RTCP reports and the RTP
+//! inactivity timeout.
+//!
+//! Contract (no sockets, no clock reads, no allocation per packet):
+//!
+//! - [`RtpSession::handle_datagram`] with every datagram read from the call's RTP port, its
+//!   source and arrival time. Audio goes into the jitter buffer; the return value tells the
+//!   owner about DTMF digits and RTCP.
+//! - Every 20 ms tick: [`RtpSession::pop_frame`] for the 160 samples to play towards the
+//!   agent, and [`RtpSession::write_audio`] to packetise 160 samples from the agent into a
+//!   buffer the owner sends to [`RtpSession::remote`].
+//! - [`RtpSession::poll_rtcp`] writes a compound SR/RR + SDES packet when one is due (every
+//!   [`SessionConfig::rtcp_interval`]); it takes the wall clock as an argument for the NTP
+//!   timestamp. Send it from the RTCP port (ours + 1) to [`RtpSession::rtcp_remote`], and
+//!   feed what that port receives to [`RtpSession::handle_rtcp_datagram`]. A peer that
+//!   multiplexes RTCP on its RTP port (RFC 5761) is answered the same way.
+//! - [`RtpSession::timed_out`] says whether no packet arrived for
+//!   [`SessionConfig::rtp_timeout`]; [`RtpSession::set_receiving`] pauses that check while the
+//!   peer holds the call.
+//!
+//! Symmetric RTP (RFC 4961): packets go to the SDP address until the first valid RTP packet
+//! arrives, then to that packet's source, which NAT'd phones need. Once latched, packets
+//! from other sources are ignored until [`RtpSession::set_remote`] (a new SDP) unlatches.
+//! RTCP latches the same way, separately.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::g711::G711;
+use super::jitter::{FRAME_SAMPLES, Frame, JitterBuffer, JitterConfig};
+use super::packet::{
+    Dtmf, DtmfReceiver, PacketError, ReceiverReport, ReportBlock, RtcpPacket, RtpHeader, RtpPacket,
+    SenderReport, TelephoneEvent, is_rtcp, ntp_timestamp, write_sdes_cname,
+};
+
+/// Session parameters, from the SDP negotiation and the server config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    /// Codec to send (received audio is decoded by its own payload type).
+    pub codec: G711,
+    /// Payload type to send audio with.
+    pub payload_type: u8,
+    /// Payload type of received telephone-events, if negotiated.
+    pub telephone_event: Option<u8>,
+    /// Our SSRC (random per session).
+    pub ssrc: u32,
+    /// First sequence number (random per session, RFC 3550 5.1).
+    pub initial_sequence: u16,
+    /// First timestamp (random per session).
+    pub initial_timestamp: u32,
+    /// RTCP CNAME.
+    pub cname: String,
+    /// No packet for this long ends the call. Default 30 s.
+    pub rtp_timeout: Duration,
+    /// Time between RTCP reports. Default 5 s (RFC 3550's minimum).
+    pub rtcp_interval: Duration,
+    /// Jitter buffer settings.
+    pub jitter: JitterConfig,
+}
+
+impl SessionConfig {
+    /// Defaults for a codec; pass random `ssrc`, `initial_sequence` and `initial_timestamp`.
+    pub fn new(codec: G711, ssrc: u32, initial_sequence: u16, initial_timestamp: u32) -> Self {
+        Self {
+            codec,
+            payload_type: codec.payload_type(),
+            telephone_event: None,
+            ssrc,
+            initial_sequence,
+            initial_timestamp,
+            cname: "telcoflow".into(),
+            rtp_timeout: Duration::from_secs(30),
+            rtcp_interval: Duration::from_secs(5),
+            jitter: JitterConfig::default(),
+        }
+    }
+}
+
+/// What a received datagram was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// Audio, now in the jitter buffer (or dropped as late/duplicate).
+    Audio,
+    /// A finished DTMF key press.
+    Dtmf(Dtmf),
+    /// A telephone-event packet that completes nothing yet (or a repeat).
+    DtmfProgress,
+    /// An RTCP packet (statistics updated).
+    Rtcp,
+    /// From a source other than the latched one; ignored.
+    WrongSource,
+    /// A payload type we did not negotiate (e.g. comfort noise); ignored.
+    UnknownPayload(u8),
+    /// Not a valid packet.
+    Malformed(PacketError),
+}
+
+/// Counters for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SessionStats {
+    /// RTP packets sent.
+    pub packets_sent: u32,
+    /// Payload octets sent.
+    pub octets_sent: u32,
+    /// RTP packets received from the peer (all payload types).
+    pub packets_received: u64,
+    /// Packets the peer reports lost (cumulative, from its last RTCP report).
+    pub remote_lost: i32,
+    /// Interarrival jitter the peer reports, in timestamp units.
+    pub remote_jitter: u32,
+}
+
+/// RFC 3550 appendix A.1/A.3 reception statistics for one source.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reception {
+    ssrc: u32,
+    started: bool,
+    base_seq: u32,
+    max_seq: u16,
+    cycles: u32,
+    received: u32,
+    expected_prior: u32,
+    received_prior: u32,
+}
+
+impl Reception {
+    fn update(&mut self, ssrc: u32, seq: u16) {
+        if !self.started || ssrc != self.ssrc {
+            *self = Self {
+                ssrc,
+                started: true,
+                base_seq: u32::from(seq),
+                max_seq: seq,
+                ..Self::default()
+            };
+        } else {
+            let delta = seq.wrapping_sub(self.max_seq);
+            if delta < 3000 {
+                if seq < self.max_seq {
+                    self.cycles = self.cycles.wrapping_add(1 << 16);
+                }
+                self.max_seq = seq;
+            } else if delta <= u16::MAX - 100 {
+                // A big jump: restart counting from here (the peer restarted its stream).
+                *self = Self {
+                    ssrc,
+                    started: true,
+                    base_seq: u32::from(seq),
+                    max_seq: seq,
+                    ..Self::default()
+                };
+            }
+            // Else: a duplicate or reordered packet within 100 behind; counted below.
+        }
+        self.received += 1;
+    }
+
+    fn extended_max(&self) -> u32 {
+        self.cycles + u32::from(self.max_seq)
+    }
+
+    fn block(&mut self, jitter: u32, last_sr: Option<(u32, Instant)>, now: Instant) -> ReportBlock {
+        let expected = self.extended_max().wrapping_sub(self.base_seq) + 1;
+        let lost = i64::from(expected) - i64::from(self.received);
+        let expected_interval = expected.wrapping_sub(self.expected_prior);
+        let received_interval = self.received.wrapping_sub(self.received_prior);
+        self.expected_prior = expected;
+        self.received_prior = self.received;
+        let lost_interval = i64::from(expected_interval) - i64::from(received_interval);
+        let fraction_lost = if expected_interval == 0 || lost_interval <= 0 {
+            0
+        } else {
+            ((lost_interval << 8) / i64::from(expected_interval)).min(255) as u8
+        };
+        let (lsr, dlsr) = match last_sr {
+            Some((middle, at)) => {
+                let d = now.saturating_duration_since(at);
+                let units =
+                    d.as_secs() * 65536 + u64::from(d.subsec_nanos()) * 65536 / 1_000_000_000;
+                (middle, units.min(u64::from(u32::MAX)) as u32)
+            }
+            None => (0, 0),
+        };
+        ReportBlock {
+            ssrc: self.ssrc,
+            fraction_lost,
+            cumulative_lost: lost.clamp(-0x80_0000, 0x7F_FFFF) as i32,
+            highest_sequence: self.extended_max(),
+            jitter,
+            last_sr: lsr,
+            delay_since_last_sr: dlsr,
+        }
+    }
+}
+
+/// One call leg's RTP session. See the module docs.
+#[derive(Debug)]
+pub struct RtpSession {
+    config: SessionConfig,
+    remote: SocketAddr,
+    latched: bool,
+    rtcp_remote: SocketAddr,
+    rtcp_latched: bool,
+    /// The peer sent RTCP on its RTP port: send ours there too.
+    rtcp_mux: bool,
+    jitter: JitterBuffer,
+    dtmf: DtmfReceiver,
+    reception: Reception,
+    sequence: u16,
+    timestamp: u32,
+    sent_first: bool,
+    last_received: Instant,
+    receiving: bool,
+    next_rtcp: Instant,
+    last_sr: Option<(u32, Instant)>,
+    stats: SessionStats,
+    encode_buf: [u8; FRAME_SAMPLES],
+}
+
+impl RtpSession {
+    /// Starts a session towards the SDP addresses for RTP and RTCP (see
+    /// [`Negotiated`](crate::sip::sdp::Negotiated)).
+    pub fn new(
+        config: SessionConfig,
+        remote: SocketAddr,
+        remote_rtcp: SocketAddr,
+        now: Instant,
+    ) -> Self {
+        let jitter = JitterBuffer::new(config.jitter);
+        Self {
+            remote,
+            latched: false,
+            rtcp_remote: remote_rtcp,
+            rtcp_latched: false,
+            rtcp_mux: false,
+            jitter,
+            dtmf: DtmfReceiver::default(),
+            reception: Reception::default(),
+            sequence: config.initial_sequence,
+            timestamp: config.initial_timestamp,
+            sent_first: false,
+            last_received: now,
+            receiving: true,
+            next_rtcp: now + config.rtcp_interval,
+            last_sr: None,
+            stats: SessionStats::default(),
+            encode_buf: [0; FRAME_SAMPLES],
+            config,
+        }
+    }
+
+    /// Where to send RTP and RTCP now.
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// The jitter buffer (for its statistics).
+    pub fn jitter_buffer(&self) -> &JitterBuffer {
+        &self.jitter
+    }
+
+    /// Where to send RTCP now.
+    pub fn rtcp_remote(&self) -> SocketAddr {
+        if self.rtcp_mux {
+            self.remote
+        } else {
+            self.rtcp_remote
+        }
+    }
+
+    /// A new SDP changed the peer's addresses or codec: send there and latch afresh.
+    pub fn set_remote(
+        &mut self,
+        remote: SocketAddr,
+        remote_rtcp: SocketAddr,
+        codec: G711,
+        payload_type: u8,
+    ) {
+        self.remote = remote;
+        self.latched = false;
+        self.rtcp_remote = remote_rtcp;
+        self.rtcp_latched = false;
+        self.rtcp_mux = false;
+        self.config.codec = codec;
+        self.config.payload_type = payload_type;
+    }
+
+    /// Whether the peer is expected to send (false while it holds the call); the timeout
+    /// only runs while true and restarts when set.
+    pub fn set_receiving(&mut self, receiving: bool, now: Instant) {
+        self.receiving = receiving;
+        self.last_received = now;
+    }
+
+    /// Whether the RTP timeout has passed without a packet.
+    pub fn timed_out(&self, now: Instant) -> bool {
+        self.receiving
+            && now.saturating_duration_since(self.last_received) >= self.config.rtp_timeout
+    }
+
+    /// When [`RtpSession::timed_out`] will become true if nothing arrives (None on hold).
+    pub fn timeout_at(&self) -> Option<Instant> {
+        self.receiving
+            .then(|| self.last_received + self.config.rtp_timeout)
+    }
+
+    /// Handles one datagram from the RTP port (RTCP may share it, RFC 5761).
+    pub fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], now: Instant) -> Received {
+        if self.latched && source != self.remote {
+            return Received::WrongSource;
+        }
+        if is_rtcp(data) {
+            return match RtcpPacket::parse_compound(data) {
+                Ok(packets) => {
+                    self.latch(source);
+                    self.rtcp_mux = true;
+                    for p in packets {
+                        self.handle_rtcp(p, now);
+                    }
+                    Received::Rtcp
+                }
+                Err(e) => Received::Malformed(e),
+            };
+        }
+        let packet = match RtpPacket::parse(data) {
+            Ok(p) => p,
+            Err(e) => return Received::Malformed(e),
+        };
+        let pt = packet.header.payload_type;
+        let is_dtmf = self.config.telephone_event == Some(pt);
+        if !is_dtmf && G711::from_payload_type(pt).is_none() {
+            return Received::UnknownPayload(pt);
+        }
+        self.latch(source);
+        self.last_received = now;
+        self.stats.packets_received += 1;
+        self.reception
+            .update(packet.header.ssrc, packet.header.sequence);
+        if is_dtmf {
+            return match TelephoneEvent::parse(packet.payload) {
+                Ok(ev) => match self
+                    .dtmf
+                    .handle(packet.header.timestamp, &ev, G711::CLOCK_RATE)
+                {
+                    Some(d) => Received::Dtmf(d),
+                    None => Received::DtmfProgress,
+                },
+                Err(e) => Received::Malformed(e),
+            };
+        }
+        self.jitter.push(&packet, now);
+        Received::Audio
+    }
+
+    fn latch(&mut self, source: SocketAddr) {
+        if !self.latched {
+            self.remote = source;
+            self.latched = true;
+        }
+    }
+
+    /// Handles one datagram from the RTCP port. RTCP does not count as activity for the RTP
+    /// timeout: a peer that stopped sending media is gone even if its RTCP goes on.
+    pub fn handle_rtcp_datagram(
+        &mut self,
+        source: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Received {
+        if self.rtcp_latched && source != self.rtcp_remote {
+            return Received::WrongSource;
+        }
+        match RtcpPacket::parse_compound(data) {
+            Ok(packets) => {
+                if !self.rtcp_latched {
+                    self.rtcp_remote = source;
+                    self.rtcp_latched = true;
+                }
+                for p in packets {
+                    self.handle_rtcp(p, now);
+                }
+                Received::Rtcp
+            }
+            Err(e) => Received::Malformed(e),
+        }
+    }
+
+    fn handle_rtcp(&mut self, packet: RtcpPacket, now: Instant) {
+        let reports = match packet {
+            RtcpPacket::SenderReport(sr) => {
+                // Middle 32 bits of the NTP timestamp, for LSR (RFC 3550 6.4.1).
+                self.last_sr = Some(((sr.ntp_timestamp >> 16) as u32, now));
+                sr.reports
+            }
+            RtcpPacket::ReceiverReport(rr) => rr.reports,
+            _ => return,
+        };
+        if let Some(block) = reports.iter().find(|b| b.ssrc == self.config.ssrc) {
+            self.stats.remote_lost = block.cumulative_lost;
+            self.stats.remote_jitter = block.jitter;
+        }
+    }
+
+    /// The frame to play this tick.
+    pub fn pop_frame(&mut self, now: Instant) -> Frame<'_> {
+        self.jitter.pop(now)
+    }
+
+    /// Packetises one 20 ms frame (`FRAME_SAMPLES` samples; shorter input is padded with
+    /// silence) into `out` and returns the packet length. Send it to [`RtpSession::remote`].
+    pub fn write_audio(&mut self, pcm: &[i16], out: &mut [u8]) -> Result<usize, PacketError> {
+        let n = self.config.codec.encode(pcm, &mut self.encode_buf);
+        self.encode_buf[n..].fill(self.config.codec.silence_byte());
+        let mut header = RtpHeader::new(
+            self.config.payload_type,
+            self.sequence,
+            self.timestamp,
+            self.config.ssrc,
+        );
+        // The first packet starts a talk spurt (RFC 3551 4.1).
+        header.marker = !self.sent_first;
+        let len = header.write_packet(&self.encode_buf, out)?;
+        self.sent_first = true;
+        self.sequence = self.sequence.wrapping_add(1);
+        self.timestamp = self.timestamp.wrapping_add(FRAME_SAMPLES as u32);
+        self.stats.packets_sent = self.stats.packets_sent.wrapping_add(1);
+        self.stats.octets_sent = self.stats.octets_sent.wrapping_add(FRAME_SAMPLES as u32);
+        Ok(len)
+    }
+
+    /// Advances the send clock by one frame without sending (the agent was silent and we
+    /// send nothing): the next packet's timestamp then shows the gap, and it carries the
+    /// marker as the start of a new talk spurt.
+    pub fn skip_frame(&mut self) {
+        self.timestamp = self.timestamp.wrapping_add(FRAME_SAMPLES as u32);
+        self.sent_first = false;
+    }
+
+    /// When the next RTCP report is due.
+    pub fn rtcp_due(&self) -> Instant {
+        self.next_rtcp
+    }
+
+    /// Writes a compound RTCP packet into `out` if one is due at `now`: an SR if we have
+    /// sent, else an RR; a report block if we have received; SDES CNAME. `unix_time` is the
+    /// wall clock (for the SR's NTP timestamp).
+    pub fn poll_rtcp(
+        &mut self,
+        now: Instant,
+        unix_time: Duration,
+        out: &mut [u8],
+    ) -> Result<Option<usize>, PacketError> {
+        if now < self.next_rtcp {
+            return Ok(None);
+        }
+        self.next_rtcp = now + self.config.rtcp_interval;
+        let block = self.reception.started.then(|| {
+            self.reception
+                .block(self.jitter.jitter(), self.last_sr, now)
+        });
+        let reports: Vec<ReportBlock> = block.into_iter().collect();
+        let mut len = if self.stats.packets_sent > 0 {
+            SenderReport {
+                ssrc: self.config.ssrc,
+                ntp_timestamp: ntp_timestamp(unix_time),
+                rtp_timestamp: self.timestamp,
+                packet_count: self.stats.packets_sent,
+                octet_count: self.stats.octets_sent,
+                reports,
+            }
+            .write(out)?
+        } else {
+            ReceiverReport {
+                ssrc: self.config.ssrc,
+                reports,
+            }
+            .write(out)?
+        };
+        len += write_sdes_cname(self.config.ssrc, &self.config.cname, &mut out[len..])?;
+        Ok(Some(len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rtp::jitter::{FRAME_DURATION, FrameKind};
+
+    const PEER_SDP: &str = "192.0.2.50:40000";
+    const PEER_SDP_RTCP: &str = "192.0.2.50:40001";
+    const PEER_NAT: &str = "198.51.100.7:61000";
+
+    fn session(now: Instant) -> RtpSession {
+        let mut config = SessionConfig::new(G711::Pcmu, 0x1111, 100, 5000);
+        config.telephone_event = Some(101);
+        config.jitter.min_delay = Duration::from_millis(20);
+        RtpSession::new(
+            config,
+            PEER_SDP.parse().unwrap(),
+            PEER_SDP_RTCP.parse().unwrap(),
+            now,
+        )
+    }
+
+    fn rtp(pt: u8, seq: u16, ts: u32, payload: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; 12 + payload.len()];
+        RtpHeader::new(pt, seq, ts, 0x2222)
+            .write_packet(payload, &mut buf)
+            .unwrap();
+        buf
+    }
+
+    #[test]
+    fn sends_with_increasing_sequence_and_timestamp() {
+        let now = Instant::now();
+        let mut s = session(now);
+        let mut out = [0u8; 200];
+        let mut headers = Vec::new();
+        for _ in 0..3 {
+            let n = s.write_audio(&[1000; 160], &mut out).unwrap();
+            assert_eq!(n, 172);
+            let p = RtpPacket::parse(&out[..n]).unwrap();
+            assert_eq!(p.payload[0], G711::Pcmu.encode_sample(1000));
+            headers.push(p.header);
+        }
+        assert!(headers[0].marker);
+        assert!(!headers[1].marker);
+        assert_eq!(
+            headers
+                .iter()
+                .map(|h| (h.sequence, h.timestamp))
+                .collect::<Vec<_>>(),
+            vec![(100, 5000), (101, 5160), (102, 5320)]
+        );
+        assert!(
+            headers
+                .iter()
+                .all(|h| h.ssrc == 0x1111 && h.payload_type == 0)
+        );
+        // A silent gap moves the timestamp on and marks the next packet.
+        s.skip_frame();
+        let n = s.write_audio(&[0; 80], &mut out).unwrap();
+        let p = RtpPacket::parse(&out[..n]).unwrap();
+        assert_eq!((p.header.sequence, p.header.timestamp), (103, 5640));
+        assert!(p.header.marker);
+        // Short input is padded with silence.
+        assert_eq!(p.payload[159], 0xFF);
+        assert_eq!(s.stats().packets_sent, 4);
+    }
+
+    #[test]
+    fn symmetric_rtp_latches_to_the_first_source() {
+        let now = Instant::now();
+        let mut s = session(now);
+        assert_eq!(s.remote(), PEER_SDP.parse().unwrap());
+        let nat: SocketAddr = PEER_NAT.parse().unwrap();
+        assert_eq!(
+            s.handle_datagram(nat, &rtp(0, 1, 0, &[0xFF; 160]), now),
+            Received::Audio
+        );
+        assert_eq!(s.remote(), nat);
+        // Others are ignored once latched.
+        let other: SocketAddr = "203.0.113.66:4000".parse().unwrap();
+        assert_eq!(
+            s.handle_datagram(other, &rtp(0, 2, 160, &[0xFF; 160]), now),
+            Received::WrongSource
+        );
+        // A new SDP unlatches.
+        s.set_remote(other, other, G711::Pcma, 8);
+        assert_eq!(
+            s.handle_datagram(other, &rtp(8, 3, 320, &[0xD5; 160]), now),
+            Received::Audio
+        );
+        assert_eq!(s.remote(), other);
+    }
+
+    #[test]
+    fn audio_reaches_the_jitter_buffer_and_dtmf_is_reported_once() {
+        let now = Instant::now();
+        let mut s = session(now);
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        let code = G711::Pcmu.encode_sample(4000);
+        s.handle_datagram(src, &rtp(0, 1, 0, &[code; 160]), now);
+        let f = s.pop_frame(now + FRAME_DURATION);
+        assert_eq!(f.kind, FrameKind::Audio);
+        assert_eq!(f.samples[0], G711::Pcmu.decode_sample(code));
+        let ev = |end: bool, dur: u16| {
+            let mut p = [0u8; 4];
+            TelephoneEvent {
+                event: 5,
+                end,
+                volume: 10,
+                duration: dur,
+            }
+            .write(&mut p)
+            .unwrap();
+            p
+        };
+        assert_eq!(
+            s.handle_datagram(src, &rtp(101, 2, 160, &ev(false, 160)), now),
+            Received::DtmfProgress
+        );
+        let mut digits = Vec::new();
+        for seq in 3..6 {
+            if let Received::Dtmf(d) =
+                s.handle_datagram(src, &rtp(101, seq, 160, &ev(true, 960)), now)
+            {
+                digits.push(d);
+            }
+        }
+        assert_eq!(
+            digits,
+            vec![Dtmf {
+                digit: '5',
+                duration_ms: 120
+            }]
+        );
+        assert_eq!(
+            s.handle_datagram(src, &rtp(13, 9, 0, &[0]), now),
+            Received::UnknownPayload(13)
+        );
+        assert!(matches!(
+            s.handle_datagram(src, &[0x80, 0x00, 1], now),
+            Received::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn rtcp_port_latching_and_mux() {
+        let now = Instant::now();
+        let mut s = session(now);
+        assert_eq!(s.rtcp_remote(), PEER_SDP_RTCP.parse().unwrap());
+        let rr = ReceiverReport {
+            ssrc: 0x2222,
+            reports: vec![],
+        };
+        let mut buf = [0u8; 64];
+        let n = rr.write(&mut buf).unwrap();
+        let nat: SocketAddr = "198.51.100.7:61001".parse().unwrap();
+        assert_eq!(s.handle_rtcp_datagram(nat, &buf[..n], now), Received::Rtcp);
+        assert_eq!(s.rtcp_remote(), nat);
+        let other: SocketAddr = "203.0.113.1:9".parse().unwrap();
+        assert_eq!(
+            s.handle_rtcp_datagram(other, &buf[..n], now),
+            Received::WrongSource
+        );
+        assert!(matches!(
+            s.handle_rtcp_datagram(nat, &[1, 2, 3], now),
+            Received::Malformed(_)
+        ));
+        // RTCP alone does not keep the RTP timeout away.
+        assert!(s.timed_out(now + Duration::from_secs(30)));
+        // A peer muxing RTCP on its RTP port gets ours there.
+        let mut m = session(now);
+        let rtp_src: SocketAddr = PEER_NAT.parse().unwrap();
+        assert_eq!(m.handle_datagram(rtp_src, &buf[..n], now), Received::Rtcp);
+        assert_eq!(m.rtcp_remote(), rtp_src);
+    }
+
+    #[test]
+    fn rtp_timeout_and_hold() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        assert_eq!(s.timeout_at(), Some(t0 + Duration::from_secs(30)));
+        s.handle_datagram(
+            src,
+            &rtp(0, 1, 0, &[0xFF; 160]),
+            t0 + Duration::from_secs(10),
+        );
+        assert!(!s.timed_out(t0 + Duration::from_secs(39)));
+        assert!(s.timed_out(t0 + Duration::from_secs(40)));
+        s.set_receiving(false, t0 + Duration::from_secs(40));
+        assert!(!s.timed_out(t0 + Duration::from_secs(400)));
+        assert_eq!(s.timeout_at(), None);
+        s.set_receiving(true, t0 + Duration::from_secs(400));
+        assert!(!s.timed_out(t0 + Duration::from_secs(401)));
+        assert!(s.timed_out(t0 + Duration::from_secs(430)));
+    }
+
+    #[test]
+    fn rtcp_reports_loss_and_reads_the_peer_report() {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        let mut out = [0u8; 512];
+        assert_eq!(
+            s.poll_rtcp(t0, Duration::from_secs(1), &mut out).unwrap(),
+            None
+        );
+        // Receive 1..=10 without 4 and 7: 2 lost of 10. Across a sequence wrap.
+        for i in (0u16..10).filter(|i| *i != 3 && *i != 6) {
+            let seq = 65530u16.wrapping_add(i);
+            s.handle_datagram(src, &rtp(0, seq, u32::from(i) * 160, &[0xFF; 160]), t0);
+        }
+        // The peer's SR arrives, about us.
+        let peer_sr = SenderReport {
+            ssrc: 0x2222,
+            ntp_timestamp: 0x0000_1234_5678_0000,
+            rtp_timestamp: 0,
+            packet_count: 10,
+            octet_count: 1600,
+            reports: vec![ReportBlock {
+                ssrc: 0x1111,
+                cumulative_lost: 3,
+                jitter: 40,
+                ..ReportBlock::default()
+            }],
+        };
+        let mut buf = [0u8; 128];
+        let n = peer_sr.write(&mut buf).unwrap();
+        assert_eq!(s.handle_datagram(src, &buf[..n], t0), Received::Rtcp);
+        assert_eq!(s.stats().remote_lost, 3);
+        assert_eq!(s.stats().remote_jitter, 40);
+
+        let at = t0 + Duration::from_secs(5);
+        let n = s
+            .poll_rtcp(at, Duration::from_secs(1_700_000_000), &mut out)
+            .unwrap()
+            .unwrap();
+        let packets = RtcpPacket::parse_compound(&out[..n]).unwrap();
+        // Nothing sent yet: a receiver report, then SDES.
+        let RtcpPacket::ReceiverReport(rr) = &packets[0] else {
+            panic!("{packets:?}");
+        };
+        assert_eq!(rr.ssrc, 0x1111);
+        let b = rr.reports[0];
+        assert_eq!(b.ssrc, 0x2222);
+        assert_eq!(b.cumulative_lost, 2);
+        assert_eq!(b.fraction_lost, (2 * 256 / 10) as u8);
+        assert_eq!(b.highest_sequence, (1 << 16) | 3);
+        assert_eq!(b.last_sr, 0x1234_5678);
+        assert_eq!(b.delay_since_last_sr, 5 * 65536);
+        assert!(matches!(packets[1], RtcpPacket::Other { packet_type: 202 }));
+        // Not due again until the interval passes.
+        assert_eq!(s.poll_rtcp(at, Duration::ZERO, &mut out).unwrap(), None);
+        assert_eq!(s.rtcp_due(), at + Duration::from_secs(5));
+        // Once we send, it is a sender report.
+        s.write_audio(&[0; 160], &mut [0u8; 200]).unwrap();
+        let n = s
+            .poll_rtcp(
+                at + Duration::from_secs(5),
+                Duration::from_secs(1),
+                &mut out,
+            )
+            .unwrap()
+            .unwrap();
+        let packets = RtcpPacket::parse_compound(&out[..n]).unwrap();
+        let RtcpPacket::SenderReport(sr) = &packets[0] else {
+            panic!("{packets:?}");
+        };
+        assert_eq!((sr.packet_count, sr.octet_count), (1, 160));
+        // No new packets in this interval: nothing lost in it.
+        assert_eq!(sr.reports[0].fraction_lost, 0);
+    }
+
+    /// Two sessions back to back: audio crosses with loss and reordering, and each side's
+    /// RTCP tells the other what it lost.
+    #[test]
+    fn pair_exchanges_audio_and_reports_loss() {
+        let t0 = Instant::now();
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let b_rtcp: SocketAddr = "10.0.0.2:30001".parse().unwrap();
+        let mut a = RtpSession::new(
+            SessionConfig::new(G711::Pcma, 0xA, 1, 1),
+            b_addr,
+            b_rtcp,
+            t0,
+        );
+        let mut b_config = SessionConfig::new(G711::Pcma, 0xB, 2, 2);
+        b_config.jitter.min_delay = Duration::from_millis(60);
+        let a_rtcp: SocketAddr = "10.0.0.1:20001".parse().unwrap();
+        let mut b = RtpSession::new(b_config, a_addr, a_rtcp, t0);
+        let mut buf = [0u8; 1500];
+        let mut in_flight: Vec<Vec<u8>> = Vec::new();
+        let mut heard: Vec<i16> = Vec::new();
+        let frame = |n: u32| -> Vec<i16> {
+            (0..160)
+                .map(|i| ((n * 160 + i) % 200) as i16 * 50)
+                .collect()
+        };
+        for tick in 0..200u32 {
+            let now = t0 + FRAME_DURATION * tick;
+            let len = a.write_audio(&frame(tick), &mut buf).unwrap();
+            // Drop every 25th packet; swap every 10th pair.
+            if tick % 25 != 24 {
+                in_flight.push(buf[..len].to_vec());
+            }
+            if tick % 10 == 9 && in_flight.len() >= 2 {
+                let n = in_flight.len();
+                in_flight.swap(n - 1, n - 2);
+            }
+            if tick % 2 == 1 {
+                for p in in_flight.drain(..) {
+                    assert_eq!(b.handle_datagram(a_addr, &p, now), Received::Audio);
+                }
+            }
+            let f = b.pop_frame(now);
+            if f.kind == FrameKind::Audio {
+                heard.extend_from_slice(f.samples);
+            }
+        }
+        // Audio frames are the sent frames after A-law quantisation, in order.
+        assert!(heard.len() >= 160 * 180, "{}", heard.len());
+        let first = heard[0];
+        let quantised: Vec<i16> = (0..200)
+            .flat_map(frame)
+            .map(|s| G711::Pcma.decode_sample(G711::Pcma.encode_sample(s)))
+            .collect();
+        let offset = quantised.iter().position(|&s| s == first).unwrap();
+        assert_eq!(&heard[..160], &quantised[offset..offset + 160]);
+        assert_eq!(b.jitter_buffer().stats().concealed, 7);
+        // B reports to A: 8 dropped, but the last (tick 199) is beyond the highest sequence B
+        // has seen, so it is not known lost yet.
+        let now = t0 + Duration::from_secs(5);
+        let n = b
+            .poll_rtcp(now, Duration::from_secs(1), &mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.handle_datagram(b_addr, &buf[..n], now), Received::Rtcp);
+        assert_eq!(a.stats().remote_lost, 7);
+        assert_eq!(a.remote(), b_addr);
+    }
+}

@@ -1,0 +1,958 @@
+//! SDP (RFC 4566) for audio calls and the offer/answer rules (RFC 3264) the server needs.
+//!
+//! Contract: [`SessionDescription::parse`] accepts any text and returns a typed
+//! [`SdpError`] for malformed input (never panics); unknown lines and attributes are kept or
+//! skipped, as RFC 4566 asks. [`answer`] negotiates an incoming offer (an INVITE or
+//! re-INVITE body): it picks the offerer's first codec we support among PCMU (0) and PCMA (8),
+//! accepts RFC 4733 `telephone-event` with the offerer's payload type, answers `ptime:20`, and
+//! reports hold (`a=sendonly`, `a=inactive`, or the older `c=0.0.0.0`). No common codec gives
+//! [`NegotiationError::NoCommonCodec`], whose [`NegotiationError::status_code`] is 488.
+//! [`offer`] and [`accept_answer`] are the same rules for calls we place.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use crate::rtp::g711::G711;
+
+/// Packetisation time we send and ask for, in milliseconds.
+pub const PTIME_MS: u32 = 20;
+/// Payload type we offer for telephone-event when we make the offer.
+pub const DEFAULT_TELEPHONE_EVENT_PT: u8 = 101;
+
+/// Why SDP text could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SdpError {
+    /// The body does not start with `v=0`.
+    #[error("SDP must start with v=0")]
+    MissingVersion,
+    /// The body is not UTF-8 text.
+    #[error("SDP is not UTF-8")]
+    NotUtf8,
+    /// A line is not `<letter>=<value>`.
+    #[error("line {line}: not a <type>=<value> line")]
+    BadLine {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// A known line has a value we cannot read.
+    #[error("line {line}: invalid {what}")]
+    BadValue {
+        /// 1-based line number.
+        line: usize,
+        /// Which field.
+        what: &'static str,
+    },
+}
+
+/// Why an offer or answer cannot be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NegotiationError {
+    /// The body is not valid SDP.
+    #[error("invalid SDP: {0}")]
+    Malformed(#[from] SdpError),
+    /// No audio stream with a usable port.
+    #[error("no audio stream offered")]
+    NoAudio,
+    /// Audio is offered, but with none of PCMU and PCMA.
+    #[error("no common codec (we support PCMU and PCMA)")]
+    NoCommonCodec,
+    /// The audio stream has no connection address.
+    #[error("audio stream has no connection address")]
+    NoConnection,
+}
+
+impl NegotiationError {
+    /// The SIP status to reject the INVITE with: 400 for unreadable SDP, 488 (Not Acceptable
+    /// Here) otherwise.
+    pub fn status_code(&self) -> u16 {
+        match self {
+            Self::Malformed(_) => 400,
+            _ => 488,
+        }
+    }
+}
+
+/// Media direction attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// `a=sendrecv` (the default).
+    #[default]
+    SendRecv,
+    /// `a=sendonly`.
+    SendOnly,
+    /// `a=recvonly`.
+    RecvOnly,
+    /// `a=inactive`.
+    Inactive,
+}
+
+impl Direction {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "sendrecv" => Some(Self::SendRecv),
+            "sendonly" => Some(Self::SendOnly),
+            "recvonly" => Some(Self::RecvOnly),
+            "inactive" => Some(Self::Inactive),
+            _ => None,
+        }
+    }
+
+    /// The attribute name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SendRecv => "sendrecv",
+            Self::SendOnly => "sendonly",
+            Self::RecvOnly => "recvonly",
+            Self::Inactive => "inactive",
+        }
+    }
+
+    /// The direction an answerer uses for this offered direction (RFC 3264 6.1).
+    pub fn reversed(self) -> Self {
+        match self {
+            Self::SendOnly => Self::RecvOnly,
+            Self::RecvOnly => Self::SendOnly,
+            d => d,
+        }
+    }
+
+    /// Whether the side using this direction sends media.
+    pub fn sends(self) -> bool {
+        matches!(self, Self::SendRecv | Self::SendOnly)
+    }
+
+    /// Whether the side using this direction receives media.
+    pub fn receives(self) -> bool {
+        matches!(self, Self::SendRecv | Self::RecvOnly)
+    }
+}
+
+/// An `a=rtpmap` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RtpMap {
+    /// Payload type.
+    pub payload_type: u8,
+    /// Encoding name as written (compare case-insensitively).
+    pub encoding: String,
+    /// Clock rate in Hz.
+    pub clock_rate: u32,
+    /// Channels, if given.
+    pub channels: Option<u8>,
+}
+
+/// The `o=` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// User name (`-` when none).
+    pub username: String,
+    /// Session id.
+    pub session_id: u64,
+    /// Session version; an answerer increments it in each new answer of a session.
+    pub session_version: u64,
+    /// Address of the originator.
+    pub address: IpAddr,
+}
+
+/// One `m=` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaDescription {
+    /// Media type (`audio`, `video`, ...).
+    pub media: String,
+    /// Transport port (0 = rejected or disabled stream).
+    pub port: u16,
+    /// Transport protocol (`RTP/AVP`, ...).
+    pub protocol: String,
+    /// Format list as written (payload type numbers for RTP).
+    pub formats: Vec<String>,
+    /// Media-level `c=` address.
+    pub connection: Option<IpAddr>,
+    /// `a=rtpmap` entries.
+    pub rtpmaps: Vec<RtpMap>,
+    /// `a=fmtp` entries: payload type and parameters.
+    pub fmtps: Vec<(u8, String)>,
+    /// `a=ptime`, in milliseconds.
+    pub ptime: Option<u32>,
+    /// `a=rtcp` port (RFC 3605), when RTCP is not on the RTP port + 1.
+    pub rtcp_port: Option<u16>,
+    /// Direction attribute, if present at media level.
+    pub direction: Option<Direction>,
+    /// Other attributes, verbatim without `a=`.
+    pub other: Vec<String>,
+}
+
+impl MediaDescription {
+    /// Payload types in the format list that parse as numbers, in order.
+    pub fn payload_types(&self) -> impl Iterator<Item = u8> + '_ {
+        self.formats.iter().filter_map(|f| f.parse().ok())
+    }
+
+    /// The rtpmap of a payload type.
+    pub fn rtpmap(&self, pt: u8) -> Option<&RtpMap> {
+        self.rtpmaps.iter().find(|m| m.payload_type == pt)
+    }
+
+    /// The G.711 law a payload type stands for here: static 0/8 unless remapped, or a
+    /// dynamic type mapped to PCMU/PCMA at 8000 Hz.
+    pub fn g711_for(&self, pt: u8) -> Option<G711> {
+        match self.rtpmap(pt) {
+            Some(map) if map.clock_rate == 8000 => [G711::Pcmu, G711::Pcma]
+                .into_iter()
+                .find(|law| map.encoding.eq_ignore_ascii_case(law.encoding_name())),
+            Some(_) => None,
+            None => G711::from_payload_type(pt),
+        }
+    }
+
+    /// The payload type of `telephone-event/8000`, if offered.
+    pub fn telephone_event(&self) -> Option<u8> {
+        self.rtpmaps
+            .iter()
+            .find(|m| m.encoding.eq_ignore_ascii_case("telephone-event") && m.clock_rate == 8000)
+            .map(|m| m.payload_type)
+    }
+}
+
+/// A session description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionDescription {
+    /// `o=`.
+    pub origin: Origin,
+    /// `s=`.
+    pub session_name: String,
+    /// Session-level `c=` address.
+    pub connection: Option<IpAddr>,
+    /// Session-level direction attribute.
+    pub direction: Option<Direction>,
+    /// Media sections in order.
+    pub media: Vec<MediaDescription>,
+}
+
+fn parse_connection(v: &str, line: usize) -> Result<IpAddr, SdpError> {
+    let bad = SdpError::BadValue {
+        line,
+        what: "connection",
+    };
+    let mut parts = v.split_ascii_whitespace();
+    let (Some("IN"), Some(_addrtype), Some(addr)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad);
+    };
+    // Multicast addresses carry "/ttl"; keep the address.
+    let addr = addr.split('/').next().unwrap_or(addr);
+    addr.parse().map_err(|_| bad)
+}
+
+impl SessionDescription {
+    /// Parses a message body.
+    pub fn parse_bytes(body: &[u8]) -> Result<Self, SdpError> {
+        Self::parse(std::str::from_utf8(body).map_err(|_| SdpError::NotUtf8)?)
+    }
+
+    /// Parses SDP text (CRLF or LF line ends).
+    pub fn parse(text: &str) -> Result<Self, SdpError> {
+        let mut lines = text
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .enumerate()
+            .filter(|(_, l)| !l.is_empty());
+        match lines.next() {
+            Some((_, "v=0")) => {}
+            _ => return Err(SdpError::MissingVersion),
+        }
+        let mut sd = Self {
+            origin: Origin {
+                username: "-".into(),
+                session_id: 0,
+                session_version: 0,
+                address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            },
+            session_name: "-".into(),
+            connection: None,
+            direction: None,
+            media: Vec::new(),
+        };
+        for (i, l) in lines {
+            let line = i + 1;
+            let (kind, value) = match l.split_once('=') {
+                Some((k, v)) if k.len() == 1 => (k, v.trim()),
+                _ => return Err(SdpError::BadLine { line }),
+            };
+            let media = sd.media.last_mut();
+            match (kind, media) {
+                ("o", _) => {
+                    let f: Vec<&str> = value.split_ascii_whitespace().collect();
+                    let bad = SdpError::BadValue {
+                        line,
+                        what: "origin",
+                    };
+                    if f.len() != 6 {
+                        return Err(bad);
+                    }
+                    sd.origin = Origin {
+                        username: f[0].to_string(),
+                        session_id: f[1].parse().map_err(|_| bad.clone())?,
+                        session_version: f[2].parse().map_err(|_| bad.clone())?,
+                        address: f[5].parse().map_err(|_| bad)?,
+                    };
+                }
+                ("s", _) => sd.session_name = value.to_string(),
+                ("c", None) => sd.connection = Some(parse_connection(value, line)?),
+                ("c", Some(m)) => m.connection = Some(parse_connection(value, line)?),
+                ("m", _) => {
+                    let mut f = value.split_ascii_whitespace();
+                    let bad = SdpError::BadValue {
+                        line,
+                        what: "media",
+                    };
+                    let (Some(media), Some(port), Some(protocol)) = (f.next(), f.next(), f.next())
+                    else {
+                        return Err(bad);
+                    };
+                    // "port/count" is allowed; we use the first port.
+                    let port = port.split('/').next().unwrap_or(port);
+                    sd.media.push(MediaDescription {
+                        media: media.to_string(),
+                        port: port.parse().map_err(|_| bad)?,
+                        protocol: protocol.to_string(),
+                        formats: f.map(str::to_string).collect(),
+                        connection: None,
+                        rtpmaps: Vec::new(),
+                        fmtps: Vec::new(),
+                        ptime: None,
+                        rtcp_port: None,
+                        direction: None,
+                        other: Vec::new(),
+                    });
+                }
+                ("a", m) => {
+                    let (name, arg) = match value.split_once(':') {
+                        Some((n, a)) => (n, Some(a.trim())),
+                        None => (value, None),
+                    };
+                    if let Some(dir) = Direction::parse(name) {
+                        match m {
+                            Some(m) => m.direction = Some(dir),
+                            None => sd.direction = Some(dir),
+                        }
+                        continue;
+                    }
+                    let Some(m) = m else { continue };
+                    match (name, arg) {
+                        ("rtpmap", Some(arg)) => {
+                            m.rtpmaps.push(parse_rtpmap(arg).ok_or(SdpError::BadValue {
+                                line,
+                                what: "rtpmap",
+                            })?)
+                        }
+                        ("fmtp", Some(arg)) => {
+                            let (pt, params) = arg.split_once(' ').unwrap_or((arg, ""));
+                            let pt = pt
+                                .parse()
+                                .map_err(|_| SdpError::BadValue { line, what: "fmtp" })?;
+                            m.fmtps.push((pt, params.trim().to_string()));
+                        }
+                        ("ptime", Some(arg)) => m.ptime = arg.parse().ok(),
+                        ("rtcp", Some(arg)) => {
+                            // "port [nettype addrtype address]": the port is what we use.
+                            let port = arg.split_ascii_whitespace().next().unwrap_or(arg);
+                            m.rtcp_port = port.parse().ok();
+                        }
+                        _ => m.other.push(value.to_string()),
+                    }
+                }
+                // v, t, b, k, i, u, e, p, z, r lines carry nothing we act on.
+                _ => {}
+            }
+        }
+        Ok(sd)
+    }
+
+    /// The connection address of a media section (media level, else session level).
+    pub fn connection_for(&self, media: &MediaDescription) -> Option<IpAddr> {
+        media.connection.or(self.connection)
+    }
+
+    /// The direction of a media section (media level, else session level, else sendrecv).
+    pub fn direction_for(&self, media: &MediaDescription) -> Direction {
+        media.direction.or(self.direction).unwrap_or_default()
+    }
+}
+
+fn parse_rtpmap(arg: &str) -> Option<RtpMap> {
+    let (pt, rest) = arg.split_once(' ')?;
+    let mut parts = rest.trim().split('/');
+    let encoding = parts.next()?.to_string();
+    let clock_rate = parts.next()?.parse().ok()?;
+    let channels = match parts.next() {
+        Some(c) => Some(c.parse().ok()?),
+        None => None,
+    };
+    Some(RtpMap {
+        payload_type: pt.parse().ok()?,
+        encoding,
+        clock_rate,
+        channels,
+    })
+}
+
+fn addr_line(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("IN IP4 {a}"),
+        IpAddr::V6(a) => format!("IN IP6 {a}"),
+    }
+}
+
+impl std::fmt::Display for SessionDescription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::with_capacity(256);
+        let o = &self.origin;
+        // Writing into a String cannot fail; the results are ignored for that reason.
+        let _ = write!(
+            s,
+            "v=0\r\no={} {} {} {}\r\ns={}\r\n",
+            o.username,
+            o.session_id,
+            o.session_version,
+            addr_line(o.address),
+            self.session_name
+        );
+        if let Some(c) = self.connection {
+            let _ = write!(s, "c={}\r\n", addr_line(c));
+        }
+        s.push_str("t=0 0\r\n");
+        if let Some(d) = self.direction {
+            let _ = write!(s, "a={}\r\n", d.as_str());
+        }
+        for m in &self.media {
+            let _ = write!(s, "m={} {} {}", m.media, m.port, m.protocol);
+            for fmt in &m.formats {
+                let _ = write!(s, " {fmt}");
+            }
+            s.push_str("\r\n");
+            if let Some(c) = m.connection {
+                let _ = write!(s, "c={}\r\n", addr_line(c));
+            }
+            for r in &m.rtpmaps {
+                let _ = write!(
+                    s,
+                    "a=rtpmap:{} {}/{}",
+                    r.payload_type, r.encoding, r.clock_rate
+                );
+                if let Some(ch) = r.channels {
+                    let _ = write!(s, "/{ch}");
+                }
+                s.push_str("\r\n");
+            }
+            for (pt, params) in &m.fmtps {
+                let _ = write!(s, "a=fmtp:{pt} {params}\r\n");
+            }
+            if let Some(p) = m.ptime {
+                let _ = write!(s, "a=ptime:{p}\r\n");
+            }
+            if let Some(p) = m.rtcp_port {
+                let _ = write!(s, "a=rtcp:{p}\r\n");
+            }
+            for a in &m.other {
+                let _ = write!(s, "a={a}\r\n");
+            }
+            if let Some(d) = m.direction {
+                let _ = write!(s, "a={}\r\n", d.as_str());
+            }
+        }
+        f.write_str(&s)
+    }
+}
+
+/// Our side of a negotiation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalMedia {
+    /// Address peers send RTP to (the public IP when configured).
+    pub address: IpAddr,
+    /// Our RTP port for this call.
+    pub port: u16,
+    /// Codecs we accept, in our order of preference when we offer. Default both.
+    pub codecs: Vec<G711>,
+    /// `o=` session id, fixed for the call.
+    pub session_id: u64,
+    /// `o=` version; increment for every new offer or answer in the same call.
+    pub session_version: u64,
+    /// Whether we put the call on hold ourselves (offer/answer `sendonly`).
+    pub hold: bool,
+}
+
+impl LocalMedia {
+    /// Both codecs, PCMU first, not on hold.
+    pub fn new(address: IpAddr, port: u16, session_id: u64) -> Self {
+        Self {
+            address,
+            port,
+            codecs: vec![G711::Pcmu, G711::Pcma],
+            session_id,
+            session_version: session_id,
+            hold: false,
+        }
+    }
+
+    fn session(&self, media: Vec<MediaDescription>) -> SessionDescription {
+        SessionDescription {
+            origin: Origin {
+                username: "telcoflow".into(),
+                session_id: self.session_id,
+                session_version: self.session_version,
+                address: self.address,
+            },
+            session_name: "telcoflow".into(),
+            connection: Some(self.address),
+            direction: None,
+            media,
+        }
+    }
+}
+
+/// The outcome of a negotiation: how to send and receive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The codec.
+    pub codec: G711,
+    /// Payload type carrying it (the offerer's number).
+    pub payload_type: u8,
+    /// Payload type of telephone-event, if both sides use it.
+    pub telephone_event: Option<u8>,
+    /// Where to send RTP (until symmetric RTP learns the real source).
+    pub remote: SocketAddr,
+    /// Where to send RTCP: the `a=rtcp` port, else the RTP port + 1 (RFC 3550 11).
+    pub remote_rtcp: SocketAddr,
+    /// Our direction for this stream.
+    pub direction: Direction,
+    /// The peer put the call on hold (sendonly, inactive, or c=0.0.0.0).
+    pub remote_hold: bool,
+    /// Index of the audio section in the SDP.
+    pub media_index: usize,
+}
+
+fn rtcp_addr(addr: IpAddr, m: &MediaDescription) -> SocketAddr {
+    let port = m.rtcp_port.unwrap_or_else(|| m.port.saturating_add(1));
+    SocketAddr::new(addr, port)
+}
+
+fn is_unspecified(addr: IpAddr) -> bool {
+    addr.is_unspecified()
+}
+
+fn audio_media(
+    local: &LocalMedia,
+    pt: u8,
+    codec: G711,
+    te: Option<u8>,
+    direction: Direction,
+) -> MediaDescription {
+    let mut formats = vec![pt.to_string()];
+    let mut rtpmaps = vec![RtpMap {
+        payload_type: pt,
+        encoding: codec.encoding_name().into(),
+        clock_rate: G711::CLOCK_RATE,
+        channels: None,
+    }];
+    let mut fmtps = Vec::new();
+    if let Some(te) = te {
+        formats.push(te.to_string());
+        rtpmaps.push(RtpMap {
+            payload_type: te,
+            encoding: "telephone-event".into(),
+            clock_rate: G711::CLOCK_RATE,
+            channels: None,
+        });
+        fmtps.push((te, "0-15".to_string()));
+    }
+    MediaDescription {
+        media: "audio".into(),
+        port: local.port,
+        protocol: "RTP/AVP".into(),
+        formats,
+        connection: None,
+        rtpmaps,
+        fmtps,
+        ptime: Some(PTIME_MS),
+        rtcp_port: None,
+        direction: Some(direction),
+        other: Vec::new(),
+    }
+}
+
+/// Answers an offer (RFC 3264 section 6): the first audio stream with a codec we support is
+/// accepted with the offerer's first such codec; every other stream is rejected (port 0).
+pub fn answer(
+    offer: &SessionDescription,
+    local: &LocalMedia,
+) -> Result<(SessionDescription, Negotiated), NegotiationError> {
+    let mut chosen: Option<Negotiated> = None;
+    let mut saw_audio = false;
+    let mut media = Vec::with_capacity(offer.media.len());
+    for (index, m) in offer.media.iter().enumerate() {
+        let rejected = MediaDescription {
+            media: m.media.clone(),
+            port: 0,
+            protocol: m.protocol.clone(),
+            formats: m.formats.iter().take(1).cloned().collect(),
+            connection: None,
+            rtpmaps: Vec::new(),
+            fmtps: Vec::new(),
+            ptime: None,
+            rtcp_port: None,
+            direction: None,
+            other: Vec::new(),
+        };
+        let usable_audio = m.media == "audio" && m.port != 0 && m.protocol == "RTP/AVP";
+        if chosen.is_some() || !usable_audio {
+            media.push(rejected);
+            continue;
+        }
+        saw_audio = true;
+        let pick = m.payload_types().find_map(|pt| {
+            m.g711_for(pt)
+                .filter(|c| local.codecs.contains(c))
+                .map(|c| (pt, c))
+        });
+        let Some((pt, codec)) = pick else {
+            media.push(rejected);
+            continue;
+        };
+        let addr = offer
+            .connection_for(m)
+            .ok_or(NegotiationError::NoConnection)?;
+        let offered = offer.direction_for(m);
+        let remote_hold = is_unspecified(addr) || !offered.receives();
+        let mut direction = if is_unspecified(addr) {
+            // RFC 2543 hold: the peer cannot receive; we only listen.
+            Direction::RecvOnly
+        } else {
+            offered.reversed()
+        };
+        if local.hold {
+            direction = match direction {
+                Direction::SendRecv | Direction::SendOnly => Direction::SendOnly,
+                _ => Direction::Inactive,
+            };
+        }
+        let te = m
+            .telephone_event()
+            .filter(|te| m.payload_types().any(|p| p == *te));
+        media.push(audio_media(local, pt, codec, te, direction));
+        chosen = Some(Negotiated {
+            codec,
+            payload_type: pt,
+            telephone_event: te,
+            remote: SocketAddr::new(addr, m.port),
+            remote_rtcp: rtcp_addr(addr, m),
+            direction,
+            remote_hold,
+            media_index: index,
+        });
+    }
+    match chosen {
+        Some(n) => Ok((local.session(media), n)),
+        None if saw_audio => Err(NegotiationError::NoCommonCodec),
+        None => Err(NegotiationError::NoAudio),
+    }
+}
+
+/// Builds our offer for an outgoing call: one audio stream with our codecs in order,
+/// telephone-event as payload type 101 and ptime 20.
+pub fn offer(local: &LocalMedia) -> SessionDescription {
+    let direction = if local.hold {
+        Direction::SendOnly
+    } else {
+        Direction::SendRecv
+    };
+    let mut m = audio_media(
+        local,
+        0,
+        G711::Pcmu,
+        Some(DEFAULT_TELEPHONE_EVENT_PT),
+        direction,
+    );
+    m.formats.clear();
+    m.rtpmaps
+        .retain(|r| r.payload_type == DEFAULT_TELEPHONE_EVENT_PT);
+    for (i, codec) in local.codecs.iter().enumerate() {
+        m.formats.insert(i, codec.payload_type().to_string());
+        m.rtpmaps.insert(
+            i,
+            RtpMap {
+                payload_type: codec.payload_type(),
+                encoding: codec.encoding_name().into(),
+                clock_rate: G711::CLOCK_RATE,
+                channels: None,
+            },
+        );
+    }
+    m.formats.push(DEFAULT_TELEPHONE_EVENT_PT.to_string());
+    local.session(vec![m])
+}
+
+/// Reads the answer to an offer made with [`offer`]: the answerer's first codec that we
+/// offered wins.
+pub fn accept_answer(
+    local: &LocalMedia,
+    answer: &SessionDescription,
+) -> Result<Negotiated, NegotiationError> {
+    let (index, m) = answer
+        .media
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.media == "audio" && m.port != 0)
+        .ok_or(NegotiationError::NoAudio)?;
+    let (pt, codec) = m
+        .payload_types()
+        .find_map(|pt| {
+            m.g711_for(pt)
+                .filter(|c| local.codecs.contains(c))
+                .map(|c| (pt, c))
+        })
+        .ok_or(NegotiationError::NoCommonCodec)?;
+    let addr = answer
+        .connection_for(m)
+        .ok_or(NegotiationError::NoConnection)?;
+    let answered = answer.direction_for(m);
+    Ok(Negotiated {
+        codec,
+        payload_type: pt,
+        telephone_event: m
+            .telephone_event()
+            .filter(|te| m.payload_types().any(|p| p == *te)),
+        remote: SocketAddr::new(addr, m.port),
+        remote_rtcp: rtcp_addr(addr, m),
+        direction: answered.reversed(),
+        remote_hold: is_unspecified(addr) || !answered.receives(),
+        media_index: index,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINPHONE_OFFER: &str = "v=0\r\n\
+o=alice 2890844526 2890844526 IN IP4 192.0.2.10\r\n\
+s=Talk\r\n\
+c=IN IP4 192.0.2.10\r\n\
+t=0 0\r\n\
+m=audio 49170 RTP/AVP 9 8 0 101\r\n\
+a=rtpmap:9 G722/8000\r\n\
+a=rtpmap:8 PCMA/8000\r\n\
+a=rtpmap:0 PCMU/8000\r\n\
+a=rtpmap:101 telephone-event/8000\r\n\
+a=fmtp:101 0-16\r\n\
+a=ptime:20\r\n\
+a=sendrecv\r\n\
+m=video 51372 RTP/AVP 96\r\n\
+a=rtpmap:96 H264/90000\r\n";
+
+    fn local() -> LocalMedia {
+        LocalMedia::new("198.51.100.1".parse().unwrap(), 20000, 42)
+    }
+
+    #[test]
+    fn parses_a_real_offer() {
+        let sd = SessionDescription::parse(LINPHONE_OFFER).unwrap();
+        assert_eq!(sd.origin.username, "alice");
+        assert_eq!(sd.origin.session_version, 2890844526);
+        assert_eq!(sd.connection, Some("192.0.2.10".parse().unwrap()));
+        assert_eq!(sd.media.len(), 2);
+        let a = &sd.media[0];
+        assert_eq!(a.port, 49170);
+        assert_eq!(a.payload_types().collect::<Vec<_>>(), vec![9, 8, 0, 101]);
+        assert_eq!(a.g711_for(9), None);
+        assert_eq!(a.g711_for(8), Some(G711::Pcma));
+        assert_eq!(a.telephone_event(), Some(101));
+        assert_eq!(a.fmtps, vec![(101, "0-16".to_string())]);
+        assert_eq!(a.ptime, Some(20));
+        assert_eq!(sd.direction_for(a), Direction::SendRecv);
+    }
+
+    #[test]
+    fn answer_picks_offerers_first_supported_codec() {
+        let offer = SessionDescription::parse(LINPHONE_OFFER).unwrap();
+        let (answer, n) = answer(&offer, &local()).unwrap();
+        // G722 is first but unsupported; PCMA is the offerer's next choice.
+        assert_eq!(n.codec, G711::Pcma);
+        assert_eq!(n.payload_type, 8);
+        assert_eq!(n.telephone_event, Some(101));
+        assert_eq!(n.remote, "192.0.2.10:49170".parse().unwrap());
+        assert_eq!(n.remote_rtcp, "192.0.2.10:49171".parse().unwrap());
+        assert!(!n.remote_hold);
+        let text = answer.to_string();
+        assert!(text.contains("m=audio 20000 RTP/AVP 8 101\r\n"), "{text}");
+        assert!(text.contains("a=rtpmap:8 PCMA/8000\r\n"));
+        assert!(text.contains("a=rtpmap:101 telephone-event/8000\r\n"));
+        assert!(text.contains("a=fmtp:101 0-15\r\n"));
+        assert!(text.contains("a=ptime:20\r\n"));
+        assert!(text.contains("a=sendrecv\r\n"));
+        assert!(text.contains("c=IN IP4 198.51.100.1\r\n"));
+        // The video stream is declined with port 0, keeping the m-line count.
+        assert!(text.contains("m=video 0 RTP/AVP 96\r\n"));
+        // Our answer parses back to the same thing.
+        assert_eq!(SessionDescription::parse(&text).unwrap(), answer);
+    }
+
+    #[test]
+    fn answer_respects_pcmu_first() {
+        let text = LINPHONE_OFFER.replace("RTP/AVP 9 8 0 101", "RTP/AVP 0 8 101");
+        let offer = SessionDescription::parse(&text).unwrap();
+        let (_, n) = answer(&offer, &local()).unwrap();
+        assert_eq!(n.codec, G711::Pcmu);
+        // Local support limits the choice.
+        let mut only_a = local();
+        only_a.codecs = vec![G711::Pcma];
+        assert_eq!(answer(&offer, &only_a).unwrap().1.codec, G711::Pcma);
+    }
+
+    #[test]
+    fn static_types_without_rtpmap_and_no_telephone_event() {
+        let text =
+            "v=0\no=- 1 1 IN IP4 10.0.0.1\ns=-\nc=IN IP4 10.0.0.1\nt=0 0\nm=audio 4000 RTP/AVP 0\n";
+        let offer = SessionDescription::parse(text).unwrap();
+        let (sdp, n) = answer(&offer, &local()).unwrap();
+        assert_eq!(n.codec, G711::Pcmu);
+        assert_eq!(n.telephone_event, None);
+        assert!(!sdp.to_string().contains("telephone-event"));
+    }
+
+    #[test]
+    fn rtcp_attribute_sets_the_rtcp_port() {
+        let text = LINPHONE_OFFER.replace(
+            "a=ptime:20\r\n",
+            "a=ptime:20\r\na=rtcp:53020 IN IP4 192.0.2.10\r\n",
+        );
+        let offer = SessionDescription::parse(&text).unwrap();
+        assert_eq!(offer.media[0].rtcp_port, Some(53020));
+        let (_, n) = answer(&offer, &local()).unwrap();
+        assert_eq!(n.remote_rtcp, "192.0.2.10:53020".parse().unwrap());
+        let mut with = offer.clone();
+        with.media[0].rtcp_port = Some(7);
+        assert!(with.to_string().contains("a=rtcp:7\r\n"));
+    }
+
+    #[test]
+    fn no_common_codec_maps_to_488() {
+        let text = LINPHONE_OFFER.replace("RTP/AVP 9 8 0 101", "RTP/AVP 9 101");
+        let offer = SessionDescription::parse(&text).unwrap();
+        let err = answer(&offer, &local()).unwrap_err();
+        assert_eq!(err, NegotiationError::NoCommonCodec);
+        assert_eq!(err.status_code(), 488);
+        let video_only = "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=video 5000 RTP/AVP 96\r\n";
+        let err = answer(&SessionDescription::parse(video_only).unwrap(), &local()).unwrap_err();
+        assert_eq!(err, NegotiationError::NoAudio);
+        assert_eq!(err.status_code(), 488);
+        assert_eq!(
+            NegotiationError::from(SdpError::MissingVersion).status_code(),
+            400
+        );
+    }
+
+    #[test]
+    fn hold_detection() {
+        for (attr, ours) in [
+            ("a=sendonly", Direction::RecvOnly),
+            ("a=inactive", Direction::Inactive),
+        ] {
+            let text = LINPHONE_OFFER.replace("a=sendrecv", attr);
+            let (sdp, n) = answer(&SessionDescription::parse(&text).unwrap(), &local()).unwrap();
+            assert!(n.remote_hold, "{attr}");
+            assert_eq!(n.direction, ours);
+            assert!(
+                sdp.to_string()
+                    .contains(&format!("a={}\r\n", ours.as_str()))
+            );
+        }
+        // Session-level direction applies to media without their own.
+        let text = LINPHONE_OFFER
+            .replace("a=sendrecv\r\n", "")
+            .replace("t=0 0\r\n", "t=0 0\r\na=sendonly\r\n");
+        let (_, n) = answer(&SessionDescription::parse(&text).unwrap(), &local()).unwrap();
+        assert!(n.remote_hold);
+        // RFC 2543 style: connection address 0.0.0.0.
+        let text = LINPHONE_OFFER.replace("c=IN IP4 192.0.2.10", "c=IN IP4 0.0.0.0");
+        let (_, n) = answer(&SessionDescription::parse(&text).unwrap(), &local()).unwrap();
+        assert!(n.remote_hold);
+        assert_eq!(n.direction, Direction::RecvOnly);
+        // Resume.
+        let (_, n) = answer(
+            &SessionDescription::parse(LINPHONE_OFFER).unwrap(),
+            &local(),
+        )
+        .unwrap();
+        assert!(!n.remote_hold);
+        assert_eq!(n.direction, Direction::SendRecv);
+    }
+
+    #[test]
+    fn our_offer_and_their_answer() {
+        let l = local();
+        let o = offer(&l).to_string();
+        assert!(o.contains("m=audio 20000 RTP/AVP 0 8 101\r\n"), "{o}");
+        assert!(o.contains(
+            "a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+        ));
+        assert!(o.contains("a=fmtp:101 0-15\r\n"));
+        // The callee answers with what it picked, seen from its side.
+        let callee = LocalMedia::new("192.0.2.20".parse().unwrap(), 30000, 7);
+        let (ans, theirs) = answer(&SessionDescription::parse(&o).unwrap(), &callee).unwrap();
+        assert_eq!(theirs.remote, "198.51.100.1:20000".parse().unwrap());
+        let ours =
+            accept_answer(&l, &SessionDescription::parse(&ans.to_string()).unwrap()).unwrap();
+        assert_eq!(ours.codec, G711::Pcmu);
+        assert_eq!(ours.telephone_event, Some(101));
+        assert_eq!(ours.remote, "192.0.2.20:30000".parse().unwrap());
+        assert_eq!(ours.direction, Direction::SendRecv);
+    }
+
+    #[test]
+    fn local_hold_offers_sendonly() {
+        let mut l = local();
+        l.hold = true;
+        assert!(offer(&l).to_string().contains("a=sendonly\r\n"));
+        let (_, n) = answer(&SessionDescription::parse(LINPHONE_OFFER).unwrap(), &l).unwrap();
+        assert_eq!(n.direction, Direction::SendOnly);
+    }
+
+    #[test]
+    fn malformed_sdp_is_a_typed_error() {
+        assert_eq!(SessionDescription::parse(""), Err(SdpError::MissingVersion));
+        assert_eq!(
+            SessionDescription::parse_bytes(b"v=0\r\ns=\xff\r\n"),
+            Err(SdpError::NotUtf8)
+        );
+        assert_eq!(
+            SessionDescription::parse("v=1\r\n"),
+            Err(SdpError::MissingVersion)
+        );
+        assert_eq!(
+            SessionDescription::parse("v=0\r\nbogus\r\n"),
+            Err(SdpError::BadLine { line: 2 })
+        );
+        assert!(matches!(
+            SessionDescription::parse("v=0\r\nm=audio x RTP/AVP 0\r\n"),
+            Err(SdpError::BadValue { what: "media", .. })
+        ));
+        assert!(matches!(
+            SessionDescription::parse("v=0\r\nc=IN IP4 not-an-ip\r\n"),
+            Err(SdpError::BadValue {
+                what: "connection",
+                ..
+            })
+        ));
+        assert!(matches!(
+            SessionDescription::parse("v=0\r\nm=audio 1 RTP/AVP 0\r\na=rtpmap:zero PCMU/8000\r\n"),
+            Err(SdpError::BadValue { what: "rtpmap", .. })
+        ));
+        // No connection address at all.
+        let text = "v=0\r\no=- 1 1 IN IP4 10.0.0.1\r\ns=-\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+        assert_eq!(
+            answer(&SessionDescription::parse(text).unwrap(), &local()).unwrap_err(),
+            NegotiationError::NoConnection
+        );
+    }
+}

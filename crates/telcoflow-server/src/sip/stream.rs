@@ -1,0 +1,138 @@
+//! Reassembly of SIP messages from a TCP byte stream.
+//!
+//! Contract: [`StreamDecoder::extend`] with bytes as they are read; then call
+//! [`StreamDecoder::next_item`] until it returns `Ok(None)` (more bytes needed). Each item is a
+//! whole message (decode it with [`Message::parse`](super::message::Message::parse) or hand it
+//! to [`Uas::handle_input`](super::uas::Uas::handle_input)) or a keep-alive to answer. An
+//! error means the stream cannot be resynchronised (no Content-Length, oversized message):
+//! close the connection. The buffer never holds more than
+//! [`MAX_MESSAGE_LEN`](super::message::MAX_MESSAGE_LEN) plus one read.
+
+use bytes::{Buf as _, Bytes, BytesMut};
+
+use super::message::{Framing, ParseError, frame};
+
+/// One unit taken off a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamItem {
+    /// A whole message.
+    Message(Bytes),
+    /// A double-CRLF keep-alive ping (RFC 5626 4.4.1): answer with a single CRLF.
+    Ping,
+    /// A single-CRLF pong; nothing to do.
+    Pong,
+}
+
+/// Accumulates stream bytes and cuts them into messages.
+#[derive(Debug, Default)]
+pub struct StreamDecoder {
+    buf: BytesMut,
+}
+
+impl StreamDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self {
+            // One typical INVITE with SDP fits without growing.
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Appends bytes read from the connection.
+    pub fn extend(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes buffered and not yet returned.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole item, `Ok(None)` if more bytes are needed.
+    pub fn next_item(&mut self) -> Result<Option<StreamItem>, ParseError> {
+        match frame(&self.buf)? {
+            Framing::Incomplete => Ok(None),
+            Framing::KeepAlive(n) => {
+                let ping = self.buf[..n].windows(4).any(|w| w == b"\r\n\r\n");
+                // CRLFs at the end of the buffer may be a ping still arriving: wait until more
+                // bytes show how the run ends (a pong needs no answer, so waiting costs nothing).
+                if !ping && self.buf.len() == n {
+                    return Ok(None);
+                }
+                self.buf.advance(n);
+                Ok(Some(if ping {
+                    StreamItem::Ping
+                } else {
+                    StreamItem::Pong
+                }))
+            }
+            Framing::Message(n) => Ok(Some(StreamItem::Message(self.buf.split_to(n).freeze()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sip::message::{MAX_MESSAGE_LEN, Message};
+
+    const OPTIONS: &[u8] = b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\n\
+Content-Length: 5\r\n\r\nhello";
+
+    #[test]
+    fn messages_split_across_reads_and_back_to_back() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(b"\r\n\r\n");
+        stream.extend_from_slice(OPTIONS);
+        stream.extend_from_slice(OPTIONS);
+        stream.extend_from_slice(b"\r\n");
+        let mut d = StreamDecoder::new();
+        let mut items = Vec::new();
+        // Feed in awkward 7-byte reads.
+        for chunk in stream.chunks(7) {
+            d.extend(chunk);
+            while let Some(item) = d.next_item().unwrap() {
+                items.push(item);
+            }
+        }
+        // The trailing CRLF could still become a ping: it stays buffered.
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0], StreamItem::Ping);
+        for item in &items[1..3] {
+            let StreamItem::Message(m) = item else {
+                panic!("{item:?}");
+            };
+            assert_eq!(&m[..], OPTIONS);
+            assert!(matches!(Message::parse(m).unwrap(), Message::Request(_)));
+        }
+        assert_eq!(d.buffered(), 2);
+    }
+
+    #[test]
+    fn unframeable_streams_are_errors() {
+        let mut d = StreamDecoder::new();
+        d.extend(b"OPTIONS sip:x SIP/2.0\r\nVia: x\r\n\r\n");
+        assert_eq!(d.next_item(), Err(ParseError::MissingContentLength));
+        let mut d = StreamDecoder::new();
+        d.extend(&vec![b'A'; MAX_MESSAGE_LEN + 1]);
+        assert_eq!(d.next_item(), Err(ParseError::TooLarge));
+    }
+
+    #[test]
+    fn a_ping_split_across_reads_is_one_ping() {
+        let mut d = StreamDecoder::new();
+        d.extend(b"\r");
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(b"\n");
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(b"\r\n");
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Ping)));
+        assert_eq!(d.next_item(), Ok(None));
+        // A pong is reported once something follows it.
+        d.extend(b"\r\n");
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(OPTIONS);
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Pong)));
+        assert!(matches!(d.next_item(), Ok(Some(StreamItem::Message(_)))));
+    }
+}

@@ -1,0 +1,1069 @@
+//! One outgoing call as a SIP user agent client, sans-IO: INVITE with our SDP offer, digest
+//! authentication retry on 401/407, ringing, answer with ACK, CANCEL, BYE in both directions.
+//!
+//! Run loop: [`OutgoingCall::new`] queues the INVITE. Feed every message whose Call-ID is
+//! [`OutgoingCall::call_id`] to [`OutgoingCall::handle_input`] (responses to our requests and
+//! the callee's in-dialog requests), actions to [`OutgoingCall::cancel`] and
+//! [`OutgoingCall::hangup`], and timers to [`OutgoingCall::handle_timeout`] at
+//! [`OutgoingCall::poll_timeout`]. After each, drain [`OutgoingCall::poll_transmit`] (always
+//! towards the configured destination over the given transport) and
+//! [`OutgoingCall::poll_event`]. Drop the call once [`OutgoingCall::is_finished`].
+//!
+//! The ring timeout is the owner's: call [`OutgoingCall::cancel`] when it expires. A CANCEL
+//! asked before any provisional response waits for one (RFC 3261 9.1); if none comes, the
+//! INVITE's Timer B ends the call with a 408. If no final response follows a CANCEL within
+//! 64·T1 the call ends with 487, and an answer arriving later still is ACKed and ended.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+
+use super::digest::{self, Credentials};
+use super::message::{BRANCH_MAGIC, CSeq, Message, Method, Request, Response, SipHeaders};
+use super::sdp::{self, LocalMedia, Negotiated, SessionDescription};
+use super::transaction::{
+    InviteClientTransaction, InviteServerTransaction, NonInviteClientTransaction,
+    NonInviteServerTransaction, Timers, TransactionEvent, TransactionKey,
+};
+use super::{Transmit, Transport};
+
+/// How many times one call answers authentication challenges before giving up.
+const MAX_AUTH_ATTEMPTS: u32 = 2;
+
+/// Settings for an outgoing call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UacConfig {
+    /// Request-URI and To, e.g. `sip:+15550100@trunk.example`.
+    pub target: String,
+    /// Where to send (the trunk or phone; resolved by the owner).
+    pub destination: SocketAddr,
+    /// Transport to use.
+    pub transport: Transport,
+    /// Our From URI (the caller id), e.g. `sip:+15550199@telcoflow.example`.
+    pub from: String,
+    /// Our Contact URI.
+    pub contact: String,
+    /// Our Via sent-by, `host:port`.
+    pub sent_by: String,
+    /// Credentials for 401/407 challenges.
+    pub credentials: Option<Credentials>,
+    /// Transaction timers.
+    pub timers: Timers,
+    /// `User-Agent` header value.
+    pub user_agent: String,
+}
+
+/// What the owner must act on.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum UacEvent {
+    /// A provisional response (180 Ringing, 183 Session Progress).
+    Progress {
+        /// Its status.
+        status: u16,
+    },
+    /// The callee answered; media parameters are negotiated. ACK has been sent.
+    Answered {
+        /// Media parameters.
+        negotiated: Negotiated,
+    },
+    /// The call failed before being answered: the final status (408 for no response, 487
+    /// after our CANCEL, 488 for an unusable answer). The call is finished.
+    Failed {
+        /// Final status.
+        status: u16,
+        /// Reason phrase.
+        reason: String,
+    },
+    /// The callee re-negotiated media (re-INVITE).
+    MediaUpdated {
+        /// New parameters.
+        negotiated: Negotiated,
+    },
+    /// The callee hung up. The call is finished.
+    RemoteHangup,
+    /// Our BYE completed (answered or timed out). The call is finished.
+    HungUp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Calling,
+    Ringing,
+    Answered,
+    Terminating,
+    Finished,
+}
+
+/// One outgoing call. See the module docs.
+#[derive(Debug)]
+pub struct OutgoingCall {
+    config: UacConfig,
+    media: LocalMedia,
+    rng: StdRng,
+    state: State,
+    call_id: String,
+    local_tag: String,
+    remote_tag: Option<String>,
+    remote_target: Option<String>,
+    route_set: Vec<String>,
+    cseq: u32,
+    auth_attempts: u32,
+    /// The current INVITE transaction (a new one per authentication retry). Only `None`
+    /// while `new` builds the first request.
+    invite: Option<InviteClientTransaction>,
+    /// Time of the latest input, for transactions created while handling it.
+    last_now: Instant,
+    ack: Option<Request>,
+    cancel_pending: bool,
+    cancelled: bool,
+    /// After a CANCEL, when to stop waiting for the INVITE's final response (RFC 3261 9.1).
+    give_up_at: Option<Instant>,
+    clients: Vec<NonInviteClientTransaction>,
+    servers: Vec<(TransactionKey, NonInviteServerTransaction)>,
+    reinvites: Vec<(TransactionKey, InviteServerTransaction)>,
+    transmits: VecDeque<Message>,
+    events: VecDeque<UacEvent>,
+}
+
+impl OutgoingCall {
+    /// Starts the call: queues the INVITE with an offer for `media`. `seed` drives the
+    /// Call-ID, tags and branches.
+    pub fn new(config: UacConfig, media: LocalMedia, seed: u64, now: Instant) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let host = config.sent_by.split(':').next().unwrap_or("telcoflow");
+        let call_id = format!("{:016x}@{host}", rng.random::<u64>());
+        let local_tag = format!("{:016x}", rng.random::<u64>());
+        let cseq = rng.random_range(1..10_000);
+        let mut call = Self {
+            invite: None,
+            last_now: now,
+            config,
+            media,
+            rng,
+            state: State::Calling,
+            call_id,
+            local_tag,
+            remote_tag: None,
+            remote_target: None,
+            route_set: Vec::new(),
+            cseq,
+            auth_attempts: 0,
+            ack: None,
+            cancel_pending: false,
+            cancelled: false,
+            give_up_at: None,
+            clients: Vec::new(),
+            servers: Vec::new(),
+            reinvites: Vec::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        };
+        let invite = call.build_invite(None);
+        call.invite = Some(InviteClientTransaction::new(
+            invite,
+            call.config.transport.reliable(),
+            call.config.timers,
+            now,
+        ));
+        call.drain_invite();
+        call
+    }
+
+    /// The SIP Call-ID (route incoming messages by it).
+    pub fn call_id(&self) -> &str {
+        &self.call_id
+    }
+
+    /// Whether the call is over and its last requests (ACK, BYE) are done, so it can be
+    /// dropped.
+    pub fn is_finished(&self) -> bool {
+        self.state == State::Finished && self.clients.is_empty()
+    }
+
+    /// The next message to send to [`UacConfig::destination`].
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front().map(|m| Transmit {
+            transport: self.config.transport,
+            destination: self.config.destination,
+            payload: m.to_bytes(),
+        })
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<UacEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`OutgoingCall::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.invite
+            .as_ref()
+            .and_then(InviteClientTransaction::poll_timeout)
+            .into_iter()
+            .chain(self.clients.iter().filter_map(|t| t.poll_timeout()))
+            .chain(self.servers.iter().filter_map(|(_, t)| t.poll_timeout()))
+            .chain(self.reinvites.iter().filter_map(|(_, t)| t.poll_timeout()))
+            .chain(self.give_up_at.filter(|_| self.is_ringing()))
+            .min()
+    }
+
+    fn branch(&mut self) -> String {
+        format!("{BRANCH_MAGIC}{:016x}", self.rng.random::<u64>())
+    }
+
+    fn via(&mut self) -> String {
+        let branch = self.branch();
+        format!(
+            "SIP/2.0/{} {};branch={branch};rport",
+            self.config.transport.via_name(),
+            self.config.sent_by
+        )
+    }
+
+    fn local_party(&self) -> String {
+        format!("<{}>;tag={}", self.config.from, self.local_tag)
+    }
+
+    fn remote_party(&self) -> String {
+        match &self.remote_tag {
+            Some(tag) => format!("<{}>;tag={tag}", self.config.target),
+            None => format!("<{}>", self.config.target),
+        }
+    }
+
+    fn build_invite(&mut self, authorization: Option<(&'static str, String)>) -> Request {
+        let via = self.via();
+        let mut r = Request::new(Method::Invite, self.config.target.clone());
+        r.headers.push("Via", via);
+        r.headers.push("Max-Forwards", "70");
+        r.headers.push("From", self.local_party());
+        r.headers.push("To", self.remote_party());
+        r.headers.push("Call-ID", self.call_id.clone());
+        r.headers.push(
+            "CSeq",
+            CSeq {
+                seq: self.cseq,
+                method: Method::Invite,
+            }
+            .to_string(),
+        );
+        r.headers
+            .push("Contact", format!("<{}>", self.config.contact));
+        r.headers
+            .push("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO");
+        r.headers.push("User-Agent", self.config.user_agent.clone());
+        if let Some((name, value)) = authorization {
+            r.headers.push(name, value);
+        }
+        r.with_body("application/sdp", sdp::offer(&self.media).to_string())
+    }
+
+    /// An in-dialog request (ACK, BYE) per RFC 3261 12.2.1.1.
+    fn dialog_request(&mut self, method: Method, seq: u32) -> Request {
+        let via = self.via();
+        let uri = self
+            .remote_target
+            .clone()
+            .unwrap_or_else(|| self.config.target.clone());
+        let mut r = Request::new(method.clone(), uri);
+        r.headers.push("Via", via);
+        r.headers.push("Max-Forwards", "70");
+        r.headers.push("From", self.local_party());
+        r.headers.push("To", self.remote_party());
+        r.headers.push("Call-ID", self.call_id.clone());
+        r.headers.push("CSeq", CSeq { seq, method }.to_string());
+        for route in &self.route_set {
+            r.headers.push("Route", route.clone());
+        }
+        r.headers.push("User-Agent", self.config.user_agent.clone());
+        r
+    }
+
+    /// Handles one received message for this call.
+    pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
+        self.last_now = now;
+        match Message::parse(bytes) {
+            Ok(Message::Response(r)) => self.handle_response(r, now),
+            Ok(Message::Request(r)) => self.handle_request(r, now),
+            Err(err) => tracing::debug!(cause = %err, "dropping unparseable SIP message"),
+        }
+    }
+
+    fn handle_response(&mut self, response: Response, now: Instant) {
+        let Ok(key) = TransactionKey::for_response(&response) else {
+            return;
+        };
+        if let Some(invite) = &mut self.invite {
+            if TransactionKey::for_sent_request(invite.request()).ok() == Some(key.clone()) {
+                invite.handle_response(response, now);
+                self.drain_invite();
+                return;
+            }
+        }
+        if let Some(tx) = self
+            .clients
+            .iter_mut()
+            .find(|t| TransactionKey::for_sent_request(t.request()).ok().as_ref() == Some(&key))
+        {
+            tx.handle_response(response, now);
+        }
+        self.drain_clients();
+    }
+
+    fn drain_invite(&mut self) {
+        let Some(invite) = &mut self.invite else {
+            return;
+        };
+        let mut events = Vec::new();
+        while let Some(m) = invite.poll_transmit() {
+            self.transmits.push_back(m);
+        }
+        while let Some(event) = invite.poll_event() {
+            events.push(event);
+        }
+        for event in events {
+            match event {
+                TransactionEvent::Response(r) => self.on_invite_response(r),
+                TransactionEvent::Timeout => self.fail(408, "Request Timeout"),
+                _ => {}
+            }
+        }
+    }
+
+    fn fail(&mut self, status: u16, reason: &str) {
+        if matches!(self.state, State::Calling | State::Ringing) {
+            self.state = State::Finished;
+            self.events.push_back(UacEvent::Failed {
+                status,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    fn on_invite_response(&mut self, r: Response) {
+        let status = r.status;
+        if status < 200 {
+            if self.state == State::Calling {
+                self.state = State::Ringing;
+            }
+            if self.cancel_pending {
+                self.cancel_pending = false;
+                self.send_cancel();
+            }
+            if status > 100 {
+                self.events.push_back(UacEvent::Progress { status });
+            }
+            return;
+        }
+        if status < 300 {
+            self.on_2xx(r);
+            return;
+        }
+        if (status == 401 || status == 407)
+            && !self.cancelled
+            && self.auth_attempts < MAX_AUTH_ATTEMPTS
+        {
+            if let (Some(creds), Some((header, challenge))) =
+                (self.config.credentials.clone(), digest::challenge_of(&r))
+            {
+                self.auth_attempts += 1;
+                self.cseq += 1;
+                let cnonce = format!("{:016x}", self.rng.random::<u64>());
+                let value = digest::authorize(
+                    &challenge,
+                    &creds,
+                    &Method::Invite,
+                    &self.config.target,
+                    &cnonce,
+                    1,
+                );
+                let invite = self.build_invite(Some((header, value)));
+                // The old transaction has ACKed the 401/407 itself; its remaining job (absorbing
+                // resent challenges) is not worth keeping it for.
+                let mut tx = InviteClientTransaction::new(
+                    invite,
+                    self.config.transport.reliable(),
+                    self.config.timers,
+                    self.last_now,
+                );
+                while let Some(m) = tx.poll_transmit() {
+                    self.transmits.push_back(m);
+                }
+                self.invite = Some(tx);
+                return;
+            }
+        }
+        self.fail(status, &r.reason);
+    }
+
+    fn is_ringing(&self) -> bool {
+        matches!(self.state, State::Calling | State::Ringing)
+    }
+
+    fn on_2xx(&mut self, r: Response) {
+        let first = self.ack.is_none();
+        if first {
+            // The first 2xx establishes the dialog.
+            self.remote_tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
+            self.remote_target = r.contact().ok().flatten().map(|c| c.uri);
+            // A UAC takes the Record-Route set in reverse (RFC 3261 12.1.2).
+            let mut routes: Vec<String> = r
+                .headers
+                .values("Record-Route")
+                .map(str::to_string)
+                .collect();
+            routes.reverse();
+            self.route_set = routes;
+            let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
+            self.ack = Some(self.dialog_request(Method::Ack, seq));
+        }
+        // Every 2xx, first or resent, gets the ACK (13.2.2.4).
+        if let Some(ack) = &self.ack {
+            self.transmits.push_back(Message::Request(ack.clone()));
+        }
+        if !self.is_ringing() {
+            if first && self.cancelled {
+                // An answer after we gave up on a CANCEL: end the call it opened.
+                self.send_bye(true);
+            }
+            return;
+        }
+        let negotiated = SessionDescription::parse_bytes(&r.body)
+            .map_err(sdp::NegotiationError::from)
+            .and_then(|sd| sdp::accept_answer(&self.media, &sd));
+        match (negotiated, self.cancelled) {
+            (Ok(negotiated), false) => {
+                self.state = State::Answered;
+                self.events.push_back(UacEvent::Answered { negotiated });
+            }
+            (Err(err), false) => {
+                // Answered with something we cannot use: confirm, then end it.
+                self.fail(err.status_code(), &err.to_string());
+                self.send_bye(true);
+            }
+            (_, true) => {
+                // Our CANCEL lost the race with the answer: end the call.
+                self.fail(487, "Request Terminated");
+                self.send_bye(true);
+            }
+        }
+    }
+
+    fn send_cancel(&mut self) {
+        let Some(invite) = &self.invite else {
+            return;
+        };
+        let cancel = invite.request().cancel();
+        let tx = NonInviteClientTransaction::new(
+            cancel,
+            self.config.transport.reliable(),
+            self.config.timers,
+            self.last_now,
+        );
+        self.clients.push(tx);
+        self.drain_clients();
+    }
+
+    fn send_bye(&mut self, silent: bool) {
+        self.cseq += 1;
+        let bye = self.dialog_request(Method::Bye, self.cseq);
+        let tx = NonInviteClientTransaction::new(
+            bye,
+            self.config.transport.reliable(),
+            self.config.timers,
+            self.last_now,
+        );
+        self.clients.push(tx);
+        if !silent {
+            self.state = State::Terminating;
+        }
+        self.drain_clients();
+    }
+
+    fn drain_clients(&mut self) {
+        let mut finished_bye = false;
+        for tx in &mut self.clients {
+            while let Some(m) = tx.poll_transmit() {
+                self.transmits.push_back(m);
+            }
+            while let Some(event) = tx.poll_event() {
+                let done = match event {
+                    TransactionEvent::Response(r) => r.status >= 200,
+                    TransactionEvent::Timeout => true,
+                    _ => false,
+                };
+                if done && tx.request().method == Method::Bye {
+                    finished_bye = true;
+                }
+            }
+        }
+        self.clients.retain(|t| !t.is_terminated());
+        if finished_bye && self.state == State::Terminating {
+            self.state = State::Finished;
+            self.events.push_back(UacEvent::HungUp);
+        }
+    }
+
+    fn handle_request(&mut self, request: Request, now: Instant) {
+        self.last_now = now;
+        let Ok(key) = TransactionKey::for_request(&request) else {
+            return;
+        };
+        // Retransmissions.
+        if let Some((_, tx)) = self.servers.iter_mut().find(|(k, _)| *k == key) {
+            tx.handle_request(request, now);
+            self.drain_servers();
+            return;
+        }
+        if let Some((_, tx)) = self.reinvites.iter_mut().find(|(k, _)| *k == key) {
+            tx.handle_request(request, now);
+            self.drain_servers();
+            return;
+        }
+        let ours = request
+            .header_to()
+            .ok()
+            .and_then(|t| t.tag().map(str::to_string))
+            == Some(self.local_tag.clone())
+            && request
+                .header_from()
+                .ok()
+                .and_then(|f| f.tag().map(str::to_string))
+                == self.remote_tag;
+        if request.method == Method::Ack {
+            // ACK for a re-INVITE 2xx we sent: stop its retransmissions.
+            let seq = request.cseq().map(|c| c.seq).ok();
+            for (_, tx) in &mut self.reinvites {
+                if tx.request().cseq().map(|c| c.seq).ok() == seq {
+                    tx.handle_request(request.clone(), now);
+                }
+            }
+            self.drain_servers();
+            return;
+        }
+        let status = if !ours || request.validate().is_err() {
+            481
+        } else {
+            match request.method {
+                Method::Bye => 200,
+                Method::Invite => {
+                    self.handle_reinvite(key, request, now);
+                    return;
+                }
+                Method::Options | Method::Info => 200,
+                _ => 405,
+            }
+        };
+        let response = Response::to_request(&request, status, Some(&self.local_tag));
+        let is_bye = request.method == Method::Bye;
+        let mut tx = NonInviteServerTransaction::new(
+            request,
+            self.config.transport.reliable(),
+            self.config.timers,
+            now,
+        );
+        tx.send_response(response, now);
+        self.servers.push((key, tx));
+        self.drain_servers();
+        if is_bye && status == 200 && self.state == State::Answered {
+            self.state = State::Finished;
+            self.events.push_back(UacEvent::RemoteHangup);
+        }
+    }
+
+    fn handle_reinvite(&mut self, key: TransactionKey, request: Request, now: Instant) {
+        let mut tx = InviteServerTransaction::new(
+            request.clone(),
+            self.config.transport.reliable(),
+            self.config.timers,
+            now,
+        );
+        self.media.session_version += 1;
+        let outcome = SessionDescription::parse_bytes(&request.body)
+            .map_err(sdp::NegotiationError::from)
+            .and_then(|offer| sdp::answer(&offer, &self.media));
+        let response = match outcome {
+            Ok((sd, negotiated)) => {
+                self.events.push_back(UacEvent::MediaUpdated { negotiated });
+                let mut r = Response::to_request(&request, 200, Some(&self.local_tag))
+                    .with_body("application/sdp", sd.to_string());
+                r.headers
+                    .push("Contact", format!("<{}>", self.config.contact));
+                r
+            }
+            Err(err) => Response::to_request(&request, err.status_code(), Some(&self.local_tag))
+                .with_reason(err.to_string()),
+        };
+        tx.send_response(response, now);
+        self.reinvites.push((key, tx));
+        self.drain_servers();
+    }
+
+    fn drain_servers(&mut self) {
+        for (_, tx) in &mut self.servers {
+            while let Some(m) = tx.poll_transmit() {
+                self.transmits.push_back(m);
+            }
+            while tx.poll_event().is_some() {}
+        }
+        for (_, tx) in &mut self.reinvites {
+            while let Some(m) = tx.poll_transmit() {
+                self.transmits.push_back(m);
+            }
+            while tx.poll_event().is_some() {}
+        }
+        self.servers.retain(|(_, t)| !t.is_terminated());
+        self.reinvites.retain(|(_, t)| !t.is_terminated());
+    }
+
+    /// Gives up ringing (ring timeout, or the app cancelled): CANCEL now, or once the first
+    /// provisional response arrives. The call ends with `Failed { status: 487 }`.
+    pub fn cancel(&mut self, now: Instant) {
+        self.last_now = now;
+        if self.cancelled || !matches!(self.state, State::Calling | State::Ringing) {
+            return;
+        }
+        self.cancelled = true;
+        self.give_up_at = Some(now + self.config.timers.t1 * 64);
+        if self.state == State::Ringing {
+            self.send_cancel();
+        } else {
+            self.cancel_pending = true;
+        }
+    }
+
+    /// Ends an answered call with BYE (finishes with [`UacEvent::HungUp`]); before the
+    /// answer, the same as [`OutgoingCall::cancel`].
+    pub fn hangup(&mut self, now: Instant) {
+        self.last_now = now;
+        match self.state {
+            State::Calling | State::Ringing => self.cancel(now),
+            State::Answered => self.send_bye(false),
+            State::Terminating | State::Finished => {}
+        }
+    }
+
+    /// Runs due timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = now;
+        if self.is_ringing() && self.give_up_at.is_some_and(|t| t <= now) {
+            // The callee never answered the INVITE after our CANCEL.
+            self.fail(487, "Request Terminated");
+        }
+        if let Some(invite) = &mut self.invite {
+            if invite.poll_timeout().is_some_and(|t| t <= now) {
+                invite.handle_timeout(now);
+                self.drain_invite();
+            }
+        }
+        for tx in &mut self.clients {
+            if tx.poll_timeout().is_some_and(|t| t <= now) {
+                tx.handle_timeout(now);
+            }
+        }
+        self.drain_clients();
+        for (_, tx) in &mut self.servers {
+            if tx.poll_timeout().is_some_and(|t| t <= now) {
+                tx.handle_timeout(now);
+            }
+        }
+        for (_, tx) in &mut self.reinvites {
+            if tx.poll_timeout().is_some_and(|t| t <= now) {
+                tx.handle_timeout(now);
+            }
+        }
+        self.drain_servers();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rtp::g711::G711;
+    use crate::sip::sdp::Direction;
+    use std::time::Duration;
+
+    const TRUNK: &str = "192.0.2.80:5060";
+
+    fn config(credentials: Option<Credentials>) -> UacConfig {
+        UacConfig {
+            target: "sip:+15550100@trunk.example".into(),
+            destination: TRUNK.parse().unwrap(),
+            transport: Transport::Udp,
+            from: "sip:+15550199@telcoflow.example".into(),
+            contact: "sip:telcoflow@203.0.113.1:5060".into(),
+            sent_by: "203.0.113.1:5060".into(),
+            credentials,
+            timers: Timers::default(),
+            user_agent: "telcoflow".into(),
+        }
+    }
+
+    fn media() -> LocalMedia {
+        LocalMedia::new("203.0.113.1".parse().unwrap(), 30000, 5)
+    }
+
+    fn callee_sdp(direction: &str) -> String {
+        format!(
+            "v=0\r\no=callee 1 1 IN IP4 192.0.2.90\r\ns=-\r\nc=IN IP4 192.0.2.90\r\nt=0 0\r\n\
+m=audio 50000 RTP/AVP 8 101\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
+a={direction}\r\n"
+        )
+    }
+
+    struct Harness {
+        call: OutgoingCall,
+        now: Instant,
+        start: Instant,
+    }
+
+    impl Harness {
+        fn new(credentials: Option<Credentials>) -> Self {
+            let now = Instant::now();
+            Self {
+                call: OutgoingCall::new(config(credentials), media(), 3, now),
+                now,
+                start: now,
+            }
+        }
+        fn sent(&mut self) -> Vec<Request> {
+            std::iter::from_fn(|| self.call.poll_transmit())
+                .map(|t| {
+                    assert_eq!(t.destination, TRUNK.parse().unwrap());
+                    match Message::parse(&t.payload).unwrap() {
+                        Message::Request(r) => r,
+                        Message::Response(r) => panic!("unexpected response {}", r.status),
+                    }
+                })
+                .collect()
+        }
+        fn sent_responses(&mut self) -> Vec<u16> {
+            std::iter::from_fn(|| self.call.poll_transmit())
+                .map(|t| match Message::parse(&t.payload).unwrap() {
+                    Message::Response(r) => r.status,
+                    Message::Request(r) => panic!("unexpected request {}", r.method),
+                })
+                .collect()
+        }
+        fn events(&mut self) -> Vec<UacEvent> {
+            std::iter::from_fn(|| self.call.poll_event()).collect()
+        }
+        fn respond(&mut self, to: &Request, status: u16, body: Option<String>) {
+            let mut r = Response::to_request(to, status, Some("callee9"));
+            r.headers.push("Contact", "<sip:callee@192.0.2.90:5070>");
+            r.headers
+                .push("Record-Route", "<sip:p1.example;lr>, <sip:p2.example;lr>");
+            if let Some(b) = body {
+                r = r.with_body("application/sdp", b);
+            }
+            self.call.handle_input(&r.to_bytes(), self.now);
+        }
+        fn request_from_callee(&mut self, method: &str, cseq: u32, body: Option<String>) {
+            let body = body.unwrap_or_default();
+            let text = format!(
+                "{method} sip:telcoflow@203.0.113.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 192.0.2.90:5070;branch=z9hG4bKcallee{cseq}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15550100@trunk.example>;tag=callee9\r\n\
+To: <sip:+15550199@telcoflow.example>;tag={}\r\n\
+Call-ID: {}\r\n\
+CSeq: {cseq} {method}\r\n\
+Content-Type: application/sdp\r\n\
+Content-Length: {}\r\n\r\n{body}",
+                self.call.local_tag,
+                self.call.call_id,
+                body.len()
+            );
+            self.call.handle_input(text.as_bytes(), self.now);
+        }
+        fn run_until(&mut self, ms: u64) -> Vec<(u64, Request)> {
+            let until = self.start + Duration::from_millis(ms);
+            let mut out = Vec::new();
+            while let Some(at) = self.call.poll_timeout() {
+                if at > until {
+                    break;
+                }
+                self.now = at;
+                self.call.handle_timeout(at);
+                for r in self.sent() {
+                    out.push(((at - self.start).as_millis() as u64, r));
+                }
+            }
+            self.now = until;
+            out
+        }
+        /// Runs the call to the answer; returns the INVITE.
+        fn answered(&mut self) -> Request {
+            let invite = self.sent().remove(0);
+            self.respond(&invite, 180, None);
+            self.respond(&invite, 200, Some(callee_sdp("sendrecv")));
+            self.sent();
+            self.events();
+            invite
+        }
+    }
+
+    #[test]
+    fn dial_ring_answer_ack_hangup() {
+        let mut h = Harness::new(None);
+        let sent = h.sent();
+        let [invite] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        invite.validate().unwrap();
+        assert_eq!(invite.uri, "sip:+15550100@trunk.example");
+        assert_eq!(invite.header_to().unwrap().tag(), None);
+        assert!(invite.header_from().unwrap().tag().is_some());
+        assert_eq!(invite.call_id().unwrap(), h.call.call_id());
+        let body = String::from_utf8(invite.body.clone()).unwrap();
+        assert!(body.contains("m=audio 30000 RTP/AVP 0 8 101"), "{body}");
+
+        h.respond(invite, 100, None);
+        h.respond(invite, 180, None);
+        assert_eq!(h.events(), vec![UacEvent::Progress { status: 180 }]);
+        h.respond(invite, 200, Some(callee_sdp("sendrecv")));
+        let events = h.events();
+        let [UacEvent::Answered { negotiated }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert_eq!(negotiated.codec, G711::Pcma);
+        assert_eq!(negotiated.remote, "192.0.2.90:50000".parse().unwrap());
+        let sent = h.sent();
+        let [ack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(ack.uri, "sip:callee@192.0.2.90:5070");
+        assert_eq!(ack.header_to().unwrap().tag(), Some("callee9"));
+        assert_eq!(ack.cseq().unwrap().seq, invite.cseq().unwrap().seq);
+        assert_ne!(
+            ack.top_via().unwrap().branch(),
+            invite.top_via().unwrap().branch()
+        );
+        // Routes in reverse order of Record-Route.
+        let routes: Vec<&str> = ack.headers.values("Route").collect();
+        assert_eq!(routes, vec!["<sip:p2.example;lr>", "<sip:p1.example;lr>"]);
+        // A resent 200 is ACKed again, without a new event.
+        h.respond(invite, 200, Some(callee_sdp("sendrecv")));
+        assert_eq!(h.sent().len(), 1);
+        assert!(h.events().is_empty());
+
+        h.call.hangup(h.now);
+        let sent = h.sent();
+        let [bye] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(bye.method, Method::Bye);
+        assert!(bye.cseq().unwrap().seq > invite.cseq().unwrap().seq);
+        let ok = Response::to_request(bye, 200, None);
+        h.call.handle_input(&ok.to_bytes(), h.now);
+        assert_eq!(h.events(), vec![UacEvent::HungUp]);
+        // Finished once Timer K has absorbed late responses.
+        assert!(!h.call.is_finished());
+        h.run_until(10_000);
+        assert!(h.call.is_finished());
+    }
+
+    #[test]
+    fn digest_challenge_is_answered_once_per_attempt() {
+        let creds = Credentials {
+            username: "1000".into(),
+            password: "secret".into(),
+        };
+        let mut h = Harness::new(Some(creds));
+        let invite = h.sent().remove(0);
+        let mut challenge = Response::to_request(&invite, 407, Some("trunk"));
+        challenge.headers.push(
+            "Proxy-Authenticate",
+            "Digest realm=\"trunk.example\", nonce=\"n1\", qop=\"auth\"",
+        );
+        h.call.handle_input(&challenge.to_bytes(), h.now);
+        let sent = h.sent();
+        let [ack, retry] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(retry.method, Method::Invite);
+        assert_eq!(retry.cseq().unwrap().seq, invite.cseq().unwrap().seq + 1);
+        let auth = retry.headers.get("Proxy-Authorization").unwrap();
+        assert!(
+            auth.starts_with("Digest username=\"1000\", realm=\"trunk.example\", nonce=\"n1\"")
+        );
+        assert!(auth.contains("qop=auth"));
+        assert!(h.events().is_empty());
+        // The retry is challenged again, then once more: give up after two attempts.
+        let mut again = Response::to_request(retry, 407, Some("trunk"));
+        again.headers.push(
+            "Proxy-Authenticate",
+            "Digest realm=\"trunk.example\", nonce=\"n2\"",
+        );
+        h.call.handle_input(&again.to_bytes(), h.now);
+        let third = h.sent().pop().unwrap();
+        assert_eq!(third.method, Method::Invite);
+        let mut last = Response::to_request(&third, 407, Some("trunk"));
+        last.headers.push(
+            "Proxy-Authenticate",
+            "Digest realm=\"trunk.example\", nonce=\"n3\"",
+        );
+        h.call.handle_input(&last.to_bytes(), h.now);
+        assert_eq!(h.sent().len(), 1); // only the ACK
+        assert_eq!(
+            h.events(),
+            vec![UacEvent::Failed {
+                status: 407,
+                reason: "Proxy Authentication Required".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn challenge_without_credentials_fails() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        let mut challenge = Response::to_request(&invite, 401, Some("trunk"));
+        challenge
+            .headers
+            .push("WWW-Authenticate", "Digest realm=\"r\", nonce=\"n\"");
+        h.call.handle_input(&challenge.to_bytes(), h.now);
+        assert!(matches!(
+            h.events().as_slice(),
+            [UacEvent::Failed { status: 401, .. }]
+        ));
+    }
+
+    #[test]
+    fn cancel_waits_for_a_provisional_then_ends_with_487() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        h.call.cancel(h.now);
+        assert!(
+            h.sent().is_empty(),
+            "no CANCEL before a provisional response"
+        );
+        h.respond(&invite, 180, None);
+        let sent = h.sent();
+        let [cancel] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(cancel.method, Method::Cancel);
+        assert_eq!(
+            cancel.top_via().unwrap().branch(),
+            invite.top_via().unwrap().branch()
+        );
+        assert_eq!(cancel.cseq().unwrap().seq, invite.cseq().unwrap().seq);
+        h.call
+            .handle_input(&Response::to_request(cancel, 200, None).to_bytes(), h.now);
+        h.respond(&invite, 487, None);
+        let sent = h.sent();
+        assert!(matches!(sent.as_slice(), [ack] if ack.method == Method::Ack));
+        let events = h.events();
+        assert_eq!(events[0], UacEvent::Progress { status: 180 });
+        assert!(matches!(events[1], UacEvent::Failed { status: 487, .. }));
+    }
+
+    #[test]
+    fn answer_racing_a_cancel_is_acked_and_ended() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        h.respond(&invite, 180, None);
+        h.call.cancel(h.now);
+        h.sent();
+        h.respond(&invite, 200, Some(callee_sdp("sendrecv")));
+        let methods: Vec<Method> = h.sent().into_iter().map(|r| r.method).collect();
+        assert_eq!(methods, vec![Method::Ack, Method::Bye]);
+        assert!(matches!(
+            h.events().as_slice(),
+            [
+                UacEvent::Progress { .. },
+                UacEvent::Failed { status: 487, .. }
+            ]
+        ));
+    }
+
+    #[test]
+    fn cancel_without_any_final_response_gives_up_after_64_t1() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        h.respond(&invite, 180, None);
+        h.call.cancel(h.now);
+        h.sent();
+        // The callee never answers the CANCEL nor the INVITE.
+        h.run_until(40_000);
+        assert!(matches!(
+            h.events().as_slice(),
+            [
+                UacEvent::Progress { .. },
+                UacEvent::Failed { status: 487, .. }
+            ]
+        ));
+        assert!(h.call.is_finished());
+        // A very late 200 is ACKed and ended with BYE.
+        h.respond(&invite, 200, Some(callee_sdp("sendrecv")));
+        let methods: Vec<Method> = h.sent().into_iter().map(|r| r.method).collect();
+        assert_eq!(methods, vec![Method::Ack, Method::Bye]);
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn no_response_times_out_with_408() {
+        let mut h = Harness::new(None);
+        h.sent();
+        let log = h.run_until(40_000);
+        let resends: Vec<u64> = log.iter().map(|(t, _)| *t).collect();
+        assert_eq!(resends, vec![500, 1500, 3500, 7500, 15500, 31500]);
+        assert!(matches!(
+            h.events().as_slice(),
+            [UacEvent::Failed { status: 408, .. }]
+        ));
+        assert!(h.call.is_finished());
+    }
+
+    #[test]
+    fn busy_is_acked_and_reported() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        h.respond(&invite, 486, None);
+        assert!(matches!(h.sent().as_slice(), [ack] if ack.method == Method::Ack));
+        assert_eq!(
+            h.events(),
+            vec![UacEvent::Failed {
+                status: 486,
+                reason: "Busy Here".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn callee_hangs_up() {
+        let mut h = Harness::new(None);
+        h.answered();
+        h.request_from_callee("BYE", 50, None);
+        assert_eq!(h.sent_responses(), vec![200]);
+        assert_eq!(h.events(), vec![UacEvent::RemoteHangup]);
+        // A resent BYE gets the same answer.
+        h.request_from_callee("BYE", 50, None);
+        assert_eq!(h.sent_responses(), vec![200]);
+        assert!(h.call.is_finished());
+    }
+
+    #[test]
+    fn callee_puts_the_call_on_hold() {
+        let mut h = Harness::new(None);
+        h.answered();
+        h.request_from_callee("INVITE", 51, Some(callee_sdp("sendonly")));
+        assert_eq!(h.sent_responses(), vec![100, 200]);
+        let events = h.events();
+        let [UacEvent::MediaUpdated { negotiated }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert!(negotiated.remote_hold);
+        assert_eq!(negotiated.direction, Direction::RecvOnly);
+        // Its ACK stops the 200 retransmissions.
+        h.request_from_callee("ACK", 51, None);
+        assert!(h.run_until(40_000).is_empty());
+    }
+}

@@ -1,0 +1,1881 @@
+//! The SIP user agent server for incoming calls: a sans-IO endpoint that owns every server
+//! transaction and dialog of one SIP listener and speaks in call-level events and actions.
+//!
+//! Run loop (same shape as the transactions it drives):
+//!
+//! 1. Feed each received message with [`Uas::handle_input`] (one UDP datagram, or one message
+//!    framed off a TCP stream with [`super::message::frame`]), the transport, the source
+//!    address and the time. Feed the application's decisions with [`Uas::handle_action`].
+//! 2. Drain [`Uas::poll_transmit`] (bytes and where to send them) and [`Uas::poll_event`]
+//!    until `None`.
+//! 3. Sleep until [`Uas::poll_timeout`], call [`Uas::handle_timeout`], drain again.
+//!
+//! What it does on its own: `100 Trying` for every INVITE; `488` when an offer has no codec we
+//! support (no event then); `400` with the parse error as reason for malformed requests;
+//! `200` to OPTIONS; `420` when a required extension is asked; `481` for requests in
+//! unknown dialogs; `200` + `487` for CANCEL before
+//! the answer; `200` to BYE; re-INVITE answered from the call's [`LocalMedia`] (hold and
+//! resume, `491` while another is pending); 2xx retransmission until ACK, and BYE when the ACK
+//! never comes.
+//!
+//! What it leaves to its owner, through [`UasEvent::IncomingCall`]: routing the number (answer
+//! [`UasAction::Reject`] with 404 when unknown), ringing, answering with a local RTP address,
+//! rejecting (480 on ring timeout) and hanging up.
+//!
+//! Requests we send in a dialog (BYE) go to the address the INVITE came from, over the same
+//! transport: that reaches phones behind NAT and record-routing proxies alike.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+
+use super::message::{
+    BRANCH_MAGIC, CSeq, Message, Method, NameAddr, Request, Response, SipHeaders,
+};
+use super::sdp::{self, LocalMedia, Negotiated, NegotiationError, SessionDescription};
+use super::transaction::{
+    InviteServerState, InviteServerTransaction, NonInviteClientTransaction,
+    NonInviteServerTransaction, Timers, TransactionEvent, TransactionKey,
+};
+use super::{Transmit, Transport};
+
+/// Methods we answer, for `Allow` headers.
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
+
+/// Identifies a call within one [`Uas`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallHandle(pub u64);
+
+/// What the owner must act on.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum UasEvent {
+    /// A new call. Answer with [`UasAction`]s: Reject(404) for an unknown number, Ringing,
+    /// then Answer or Reject.
+    IncomingCall(Box<IncomingCall>),
+    /// The caller cancelled before the answer (487 sent). The call is gone.
+    Cancelled {
+        /// The call.
+        call: CallHandle,
+    },
+    /// The ACK for our 200 arrived: the call is established.
+    Ack {
+        /// The call.
+        call: CallHandle,
+    },
+    /// Media parameters changed: a re-INVITE was answered (hold, resume, new address), or an
+    /// offerless INVITE's ACK carried the answer.
+    MediaUpdated {
+        /// The call.
+        call: CallHandle,
+        /// The new parameters.
+        negotiated: Negotiated,
+    },
+    /// The caller hung up (BYE answered with 200). The call is gone.
+    Bye {
+        /// The call.
+        call: CallHandle,
+    },
+    /// No ACK came for our 200 within 64·T1; we sent BYE. The call is gone.
+    AckTimeout {
+        /// The call.
+        call: CallHandle,
+    },
+    /// A key press sent as SIP INFO (`application/dtmf-relay` or `application/dtmf`), which
+    /// some phones use instead of RFC 4733 packets.
+    Dtmf {
+        /// The call.
+        call: CallHandle,
+        /// `0`-`9`, `*`, `#`, `A`-`D`.
+        digit: char,
+        /// Key-press length in milliseconds (0 when the phone does not say).
+        duration_ms: u32,
+    },
+}
+
+/// Reads a DTMF digit from an INFO body: `application/dtmf-relay` (`Signal=5` and
+/// `Duration=160` lines) or `application/dtmf` (the digit alone).
+fn info_dtmf(request: &Request) -> Option<(char, u32)> {
+    let ctype = request.content_type()?.to_ascii_lowercase();
+    let body = std::str::from_utf8(&request.body).ok()?;
+    let valid = |c: char| {
+        let c = c.to_ascii_uppercase();
+        (c.is_ascii_digit() || matches!(c, '*' | '#' | 'A'..='D')).then_some(c)
+    };
+    if ctype.starts_with("application/dtmf-relay") {
+        let mut digit = None;
+        let mut duration = 0;
+        for line in body.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let value = value.trim();
+            match key.trim().to_ascii_lowercase().as_str() {
+                "signal" => digit = value.chars().next().and_then(valid),
+                "duration" => duration = value.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        return digit.map(|d| (d, duration));
+    }
+    if ctype.starts_with("application/dtmf") {
+        let mut chars = body.trim().chars();
+        let d = chars.next().and_then(valid)?;
+        return chars.next().is_none().then_some((d, 0));
+    }
+    None
+}
+
+/// A new call, as reported by [`UasEvent::IncomingCall`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingCall {
+    /// The call.
+    pub call: CallHandle,
+    /// The dialled number: the Request-URI user part (else To's).
+    pub number: String,
+    /// The caller (From).
+    pub from: NameAddr,
+    /// The callee (To, without our tag).
+    pub to: NameAddr,
+    /// The SIP Call-ID, for logs.
+    pub call_id: String,
+    /// The caller's SDP offer; `None` for an offerless INVITE (we offer in the 200).
+    pub offer: Option<SessionDescription>,
+    /// Where the INVITE came from.
+    pub source: SocketAddr,
+}
+
+/// What the owner decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UasAction {
+    /// Send 180 Ringing.
+    Ringing,
+    /// Send 200 OK with an SDP answer for this local RTP address.
+    Answer {
+        /// Our media address, port and codecs.
+        media: LocalMedia,
+    },
+    /// Send a final error response (4xx-6xx), e.g. 404, 480, 486.
+    Reject {
+        /// Status code.
+        status: u16,
+    },
+    /// End the call: BYE once answered, 480 before.
+    Hangup,
+}
+
+/// Why an action could not be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ActionError {
+    /// No such call (ended, or never existed).
+    #[error("unknown call")]
+    UnknownCall,
+    /// The action does not fit the call's state (e.g. Ringing after the answer).
+    #[error("action not valid in this call state")]
+    InvalidState,
+    /// A Reject status outside 300..=699.
+    #[error("invalid final status {0}")]
+    InvalidStatus(u16),
+    /// The answer could not be negotiated; the call was rejected with the error's status.
+    #[error(transparent)]
+    Negotiation(#[from] NegotiationError),
+}
+
+/// Endpoint settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UasConfig {
+    /// Our Contact URI, e.g. `sip:telcoflow@203.0.113.1:5060` (the public address).
+    pub contact: String,
+    /// Our Via sent-by, `host:port`.
+    pub sent_by: String,
+    /// Transaction timers.
+    pub timers: Timers,
+    /// Value of `Server` / `User-Agent` headers.
+    pub user_agent: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallState {
+    /// INVITE received, no final response yet.
+    Early,
+    /// 200 sent, waiting for ACK.
+    Answered,
+    /// ACK received.
+    Confirmed,
+    /// BYE sent, waiting for its response.
+    Terminating,
+}
+
+#[derive(Debug)]
+struct Call {
+    state: CallState,
+    call_id: String,
+    local_tag: String,
+    /// Our party with tag (To of the INVITE + tag).
+    local: String,
+    /// The caller with tag (From of the INVITE).
+    remote: String,
+    remote_target: String,
+    route_set: Vec<String>,
+    peer: SocketAddr,
+    transport: Transport,
+    local_cseq: u32,
+    invite_key: TransactionKey,
+    invite_cseq: u32,
+    offer: Option<SessionDescription>,
+    media: Option<LocalMedia>,
+    /// We sent an offer in the 200 (offerless INVITE); the ACK carries the answer.
+    awaiting_answer_in_ack: bool,
+    /// Hangup was asked while waiting for ACK; send BYE once it comes (RFC 3261 15).
+    hangup_after_ack: bool,
+    /// A re-INVITE answered with 2xx and waiting for its ACK.
+    reinvite: Option<PendingReinvite>,
+}
+
+#[derive(Debug)]
+struct PendingReinvite {
+    key: TransactionKey,
+    cseq: u32,
+    /// Offerless re-INVITE: our 200 carried an offer, the ACK carries the answer.
+    awaiting_answer: bool,
+}
+
+#[derive(Debug)]
+enum ServerTx {
+    Invite(InviteServerTransaction),
+    NonInvite(NonInviteServerTransaction),
+}
+
+#[derive(Debug)]
+struct ServerEntry {
+    tx: ServerTx,
+    call: Option<CallHandle>,
+    peer: SocketAddr,
+    transport: Transport,
+}
+
+#[derive(Debug)]
+struct ClientEntry {
+    tx: NonInviteClientTransaction,
+    call: CallHandle,
+    peer: SocketAddr,
+    transport: Transport,
+}
+
+/// The SIP UAS endpoint. See the module docs for the run loop.
+#[derive(Debug)]
+pub struct Uas {
+    config: UasConfig,
+    rng: StdRng,
+    next_call: u64,
+    calls: HashMap<CallHandle, Call>,
+    /// (Call-ID, our tag) -> call.
+    dialogs: HashMap<(String, String), CallHandle>,
+    server: HashMap<TransactionKey, ServerEntry>,
+    client: HashMap<TransactionKey, ClientEntry>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<UasEvent>,
+}
+
+impl Uas {
+    /// Creates an endpoint. `seed` drives tags and branches (use a random seed in production,
+    /// a fixed one in tests).
+    pub fn new(config: UasConfig, seed: u64) -> Self {
+        Self {
+            config,
+            rng: StdRng::seed_from_u64(seed),
+            next_call: 1,
+            calls: HashMap::new(),
+            dialogs: HashMap::new(),
+            server: HashMap::new(),
+            client: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The next datagram or stream write.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<UasEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Uas::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let server = self.server.values().filter_map(|e| match &e.tx {
+            ServerTx::Invite(t) => t.poll_timeout(),
+            ServerTx::NonInvite(t) => t.poll_timeout(),
+        });
+        let client = self.client.values().filter_map(|e| e.tx.poll_timeout());
+        server.chain(client).min()
+    }
+
+    /// Number of calls being tracked (for metrics and tests).
+    pub fn call_count(&self) -> usize {
+        self.calls.len()
+    }
+
+    fn token(&mut self) -> String {
+        format!("{:016x}", self.rng.random::<u64>())
+    }
+
+    /// Handles one received message.
+    pub fn handle_input(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+    ) {
+        let message = match Message::parse(bytes) {
+            Ok(m) => m,
+            Err(err) => {
+                // Without headers there is nobody to answer.
+                tracing::debug!(%source, cause = %err, "dropping unparseable SIP message");
+                return;
+            }
+        };
+        match message {
+            Message::Response(r) => self.handle_response(r, now),
+            Message::Request(r) => self.handle_request(transport, source, r, now),
+        }
+    }
+
+    fn handle_response(&mut self, response: Response, now: Instant) {
+        let Ok(key) = TransactionKey::for_response(&response) else {
+            return;
+        };
+        if let Some(entry) = self.client.get_mut(&key) {
+            entry.tx.handle_response(response, now);
+            self.drain_client(&key);
+        }
+    }
+
+    fn reply(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        status: u16,
+        reason: Option<String>,
+        now: Instant,
+    ) {
+        // A stateless-looking answer still goes through a transaction so retransmitted
+        // requests get the same response.
+        let Ok(key) = TransactionKey::for_request(&request) else {
+            return;
+        };
+        let tag = self.token();
+        let mut response = Response::to_request(&request, status, Some(&tag));
+        if let Some(reason) = reason {
+            response = response.with_reason(reason);
+        }
+        if status == 405 || request.method == Method::Options {
+            response.headers.push("Allow", ALLOW);
+        }
+        response
+            .headers
+            .push("Server", self.config.user_agent.clone());
+        if request.method == Method::Invite {
+            let tx = InviteServerTransaction::with_final_response(
+                request,
+                response,
+                transport.reliable(),
+                self.config.timers,
+                now,
+            );
+            self.insert_server(key, ServerTx::Invite(tx), None, source, transport);
+        } else {
+            let mut tx = NonInviteServerTransaction::new(
+                request,
+                transport.reliable(),
+                self.config.timers,
+                now,
+            );
+            tx.send_response(response, now);
+            self.insert_server(key, ServerTx::NonInvite(tx), None, source, transport);
+        }
+    }
+
+    fn reply_unsupported(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        unsupported: &str,
+        now: Instant,
+    ) {
+        let Ok(key) = TransactionKey::for_request(&request) else {
+            return;
+        };
+        let tag = self.token();
+        let mut response = Response::to_request(&request, 420, Some(&tag));
+        response.headers.push("Unsupported", unsupported);
+        response
+            .headers
+            .push("Server", self.config.user_agent.clone());
+        let tx = if request.method == Method::Invite {
+            ServerTx::Invite(InviteServerTransaction::with_final_response(
+                request,
+                response,
+                transport.reliable(),
+                self.config.timers,
+                now,
+            ))
+        } else {
+            let mut tx = NonInviteServerTransaction::new(
+                request,
+                transport.reliable(),
+                self.config.timers,
+                now,
+            );
+            tx.send_response(response, now);
+            ServerTx::NonInvite(tx)
+        };
+        self.insert_server(key, tx, None, source, transport);
+    }
+
+    fn insert_server(
+        &mut self,
+        key: TransactionKey,
+        tx: ServerTx,
+        call: Option<CallHandle>,
+        peer: SocketAddr,
+        transport: Transport,
+    ) {
+        self.server.insert(
+            key.clone(),
+            ServerEntry {
+                tx,
+                call,
+                peer,
+                transport,
+            },
+        );
+        self.drain_server(&key);
+    }
+
+    fn handle_request(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        mut request: Request,
+        now: Instant,
+    ) {
+        request.stamp_source(source);
+        if request.top_via().is_err() {
+            tracing::debug!(%source, "dropping SIP request without a usable Via");
+            return;
+        }
+        let key = match TransactionKey::for_request(&request) {
+            Ok(k) => k,
+            Err(err) => {
+                if request.method != Method::Ack {
+                    self.reply(transport, source, request, 400, Some(err.reason()), now);
+                }
+                return;
+            }
+        };
+        // Retransmissions, and ACKs for non-2xx finals, belong to an existing transaction.
+        // (A CANCEL's key differs from its INVITE's by method, so it is not caught here.)
+        if self.server.contains_key(&key) {
+            let is_2xx_ack = request.method == Method::Ack && self.ack_for_accepted(&key);
+            if !is_2xx_ack {
+                if let Some(entry) = self.server.get_mut(&key) {
+                    match &mut entry.tx {
+                        ServerTx::Invite(t) => t.handle_request(request, now),
+                        ServerTx::NonInvite(t) => t.handle_request(request, now),
+                    }
+                }
+                self.drain_server(&key);
+                return;
+            }
+        }
+        if let Err(err) = request.validate() {
+            if request.method != Method::Ack {
+                self.reply(transport, source, request, 400, Some(err.reason()), now);
+            }
+            return;
+        }
+        if request.max_forwards().ok().flatten() == Some(0) && request.method != Method::Ack {
+            self.reply(transport, source, request, 483, None, now);
+            return;
+        }
+        // We implement no extensions: a request that requires one is refused with the list
+        // (RFC 3261 8.2.2.3). ACK and CANCEL never carry Require meaningfully.
+        if !matches!(request.method, Method::Ack | Method::Cancel) {
+            let required: Vec<String> = request
+                .headers
+                .values("Require")
+                .map(str::to_string)
+                .collect();
+            if !required.is_empty() {
+                self.reply_unsupported(transport, source, request, &required.join(", "), now);
+                return;
+            }
+        }
+        let in_dialog = request
+            .header_to()
+            .ok()
+            .and_then(|to| to.tag().map(str::to_string));
+        match (&request.method, in_dialog) {
+            (Method::Ack, Some(tag)) => self.handle_ack(request, &tag, now),
+            (Method::Ack, None) => {}
+            (Method::Invite, None) => self.handle_invite(transport, source, key, request, now),
+            (Method::Invite, Some(tag)) => {
+                self.handle_reinvite(transport, source, key, request, &tag, now)
+            }
+            (Method::Cancel, _) => self.handle_cancel(transport, source, key, request, now),
+            (Method::Bye, Some(tag)) => self.handle_bye(transport, source, request, &tag, now),
+            (Method::Options, _) => self.reply(transport, source, request, 200, None, now),
+            (Method::Info, Some(tag)) => {
+                let call = self.find_dialog(&request, &tag);
+                if let Some(call) = call {
+                    if let Some((digit, duration_ms)) = info_dtmf(&request) {
+                        self.events.push_back(UasEvent::Dtmf {
+                            call,
+                            digit,
+                            duration_ms,
+                        });
+                    }
+                }
+                let status = if call.is_some() { 200 } else { 481 };
+                self.reply(transport, source, request, status, None, now)
+            }
+            (Method::Bye | Method::Info, None) => {
+                self.reply(transport, source, request, 481, None, now)
+            }
+            _ => self.reply(transport, source, request, 405, None, now),
+        }
+    }
+
+    /// Whether `key` is an INVITE transaction that sent a 2xx (its ACK has another branch
+    /// normally, but some peers reuse the INVITE's).
+    fn ack_for_accepted(&self, key: &TransactionKey) -> bool {
+        matches!(
+            self.server.get(key).map(|e| &e.tx),
+            Some(ServerTx::Invite(t)) if t.state() == InviteServerState::Accepted
+        )
+    }
+
+    fn find_dialog(&self, request: &Request, local_tag: &str) -> Option<CallHandle> {
+        let call_id = request.call_id().ok()?;
+        let handle = *self
+            .dialogs
+            .get(&(call_id.to_string(), local_tag.to_string()))?;
+        let call = self.calls.get(&handle)?;
+        // The remote tag must match too (RFC 3261 12.2.2).
+        let from_tag = request.header_from().ok()?.tag().map(str::to_string);
+        let remote_tag = NameAddr::parse(&call.remote, "From")
+            .ok()
+            .and_then(|n| n.tag().map(str::to_string));
+        (from_tag == remote_tag).then_some(handle)
+    }
+
+    fn handle_invite(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        key: TransactionKey,
+        request: Request,
+        now: Instant,
+    ) {
+        let offer = if request.body.is_empty() {
+            None
+        } else {
+            let is_sdp = request
+                .content_type()
+                .is_none_or(|t| t.to_ascii_lowercase().starts_with("application/sdp"));
+            if !is_sdp {
+                self.reply(transport, source, request, 415, None, now);
+                return;
+            }
+            let parsed = SessionDescription::parse_bytes(&request.body)
+                .map_err(NegotiationError::from)
+                .and_then(|sd| {
+                    // Check now that an answer is possible, so a 488 goes out before
+                    // anyone is notified.
+                    let probe = LocalMedia::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9, 0);
+                    sdp::answer(&sd, &probe).map(|_| sd)
+                });
+            match parsed {
+                Ok(sd) => Some(sd),
+                Err(err) => {
+                    let reason = err.to_string();
+                    self.reply(
+                        transport,
+                        source,
+                        request,
+                        err.status_code(),
+                        Some(reason),
+                        now,
+                    );
+                    return;
+                }
+            }
+        };
+        let (Ok(from), Ok(to), Ok(call_id), Ok(cseq)) = (
+            request.header_from(),
+            request.header_to(),
+            request.call_id().map(str::to_string),
+            request.cseq(),
+        ) else {
+            return; // validate() checked these
+        };
+        let number = super::message::SipUri::parse(&request.uri)
+            .ok()
+            .and_then(|u| u.user)
+            .or_else(|| to.sip_uri().ok().and_then(|u| u.user))
+            .unwrap_or_default();
+        let remote_target = match request.contact() {
+            Ok(Some(c)) => c.uri,
+            _ => from.uri.clone(),
+        };
+        let route_set = request
+            .headers
+            .values("Record-Route")
+            .map(str::to_string)
+            .collect();
+        let local_tag = self.token();
+        let local = format!(
+            "{};tag={local_tag}",
+            request.headers.get("To").unwrap_or_default()
+        );
+        let handle = CallHandle(self.next_call);
+        self.next_call += 1;
+        let tx = InviteServerTransaction::new(
+            request.clone(),
+            transport.reliable(),
+            self.config.timers,
+            now,
+        );
+        self.insert_server(
+            key.clone(),
+            ServerTx::Invite(tx),
+            Some(handle),
+            source,
+            transport,
+        );
+        self.dialogs
+            .insert((call_id.clone(), local_tag.clone()), handle);
+        self.calls.insert(
+            handle,
+            Call {
+                state: CallState::Early,
+                call_id: call_id.clone(),
+                local_tag,
+                local,
+                remote: request.headers.get("From").unwrap_or_default().to_string(),
+                remote_target,
+                route_set,
+                peer: source,
+                transport,
+                local_cseq: self.rng.random_range(1..10_000),
+                invite_key: key,
+                invite_cseq: cseq.seq,
+                offer: offer.clone(),
+                media: None,
+                awaiting_answer_in_ack: false,
+                hangup_after_ack: false,
+                reinvite: None,
+            },
+        );
+        self.events
+            .push_back(UasEvent::IncomingCall(Box::new(IncomingCall {
+                call: handle,
+                number,
+                from,
+                to,
+                call_id,
+                offer,
+                source,
+            })));
+    }
+
+    fn handle_ack(&mut self, request: Request, tag: &str, now: Instant) {
+        let Some(handle) = self.find_dialog(&request, tag) else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&handle) else {
+            return;
+        };
+        let seq = request.cseq().map(|c| c.seq).ok();
+        if call.state == CallState::Confirmed
+            && call.reinvite.as_ref().is_some_and(|r| Some(r.cseq) == seq)
+        {
+            self.handle_reinvite_ack(handle, request, now);
+            return;
+        }
+        if call.state != CallState::Answered || seq != Some(call.invite_cseq) {
+            return; // a retransmitted ACK
+        }
+        call.state = CallState::Confirmed;
+        let answer = if call.awaiting_answer_in_ack {
+            call.awaiting_answer_in_ack = false;
+            let parsed = SessionDescription::parse_bytes(&request.body).ok();
+            match (parsed, &call.media) {
+                (Some(sd), Some(media)) => sdp::accept_answer(media, &sd).ok(),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        let hangup = call.hangup_after_ack;
+        let key = call.invite_key.clone();
+        if let Some(entry) = self.server.get_mut(&key) {
+            if let ServerTx::Invite(t) = &mut entry.tx {
+                t.handle_request(request, now);
+            }
+        }
+        // drain_server drops the transaction's own Ack event: it is reported per call here.
+        self.drain_server(&key);
+        self.events.push_back(UasEvent::Ack { call: handle });
+        if let Some(negotiated) = answer {
+            self.events.push_back(UasEvent::MediaUpdated {
+                call: handle,
+                negotiated,
+            });
+        }
+        if hangup {
+            self.send_bye(handle, now);
+        }
+    }
+
+    fn handle_reinvite_ack(&mut self, handle: CallHandle, ack: Request, now: Instant) {
+        let Some(call) = self.calls.get_mut(&handle) else {
+            return;
+        };
+        let Some(pending) = call.reinvite.take() else {
+            return;
+        };
+        let answer = if pending.awaiting_answer {
+            let parsed = SessionDescription::parse_bytes(&ack.body).ok();
+            match (parsed, &call.media) {
+                (Some(sd), Some(media)) => sdp::accept_answer(media, &sd).ok(),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some(entry) = self.server.get_mut(&pending.key) {
+            if let ServerTx::Invite(t) = &mut entry.tx {
+                t.handle_request(ack, now);
+            }
+        }
+        self.drain_server(&pending.key);
+        if let Some(negotiated) = answer {
+            self.events.push_back(UasEvent::MediaUpdated {
+                call: handle,
+                negotiated,
+            });
+        }
+    }
+
+    fn handle_reinvite(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        key: TransactionKey,
+        request: Request,
+        tag: &str,
+        now: Instant,
+    ) {
+        let Some(handle) = self.find_dialog(&request, tag) else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        let pending = self
+            .calls
+            .get(&handle)
+            .is_none_or(|c| c.state != CallState::Confirmed || c.reinvite.is_some());
+        if pending {
+            self.reply(transport, source, request, 491, None, now);
+            return;
+        }
+        let Some(call) = self.calls.get_mut(&handle) else {
+            return;
+        };
+        let Some(mut media) = call.media.clone() else {
+            return;
+        };
+        media.session_version += 1;
+        let mut tx = InviteServerTransaction::new(
+            request.clone(),
+            transport.reliable(),
+            self.config.timers,
+            now,
+        );
+        let outcome = if request.body.is_empty() {
+            // Offerless re-INVITE: offer our current media; the ACK carries the answer.
+            Ok((sdp::offer(&media), None))
+        } else {
+            SessionDescription::parse_bytes(&request.body)
+                .map_err(NegotiationError::from)
+                .and_then(|offer| sdp::answer(&offer, &media))
+                .map(|(sd, n)| (sd, Some(n)))
+        };
+        let cseq = request.cseq().map(|c| c.seq).unwrap_or(0);
+        match outcome {
+            Ok((sd, negotiated)) => {
+                call.reinvite = Some(PendingReinvite {
+                    key: key.clone(),
+                    cseq,
+                    awaiting_answer: negotiated.is_none(),
+                });
+                call.media = Some(media);
+                let response = self.ok_with_sdp(&request, handle, &sd);
+                tx.send_response(response, now);
+                if let Some(negotiated) = negotiated {
+                    self.events.push_back(UasEvent::MediaUpdated {
+                        call: handle,
+                        negotiated,
+                    });
+                }
+            }
+            Err(err) => {
+                let local_tag = call.local_tag.clone();
+                let response = Response::to_request(&request, err.status_code(), Some(&local_tag))
+                    .with_reason(err.to_string());
+                tx.send_response(response, now);
+            }
+        }
+        self.insert_server(key, ServerTx::Invite(tx), None, source, transport);
+    }
+
+    fn ok_with_sdp(
+        &self,
+        request: &Request,
+        handle: CallHandle,
+        sd: &SessionDescription,
+    ) -> Response {
+        let tag = self
+            .calls
+            .get(&handle)
+            .map(|c| c.local_tag.clone())
+            .unwrap_or_default();
+        let mut response = Response::to_request(request, 200, Some(&tag))
+            .with_body("application/sdp", sd.to_string());
+        response
+            .headers
+            .push("Contact", format!("<{}>", self.config.contact));
+        response.headers.push("Allow", ALLOW);
+        response
+            .headers
+            .push("Server", self.config.user_agent.clone());
+        for rr in request.headers.get_all("Record-Route") {
+            response.headers.push("Record-Route", rr);
+        }
+        response
+    }
+
+    fn handle_cancel(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        key: TransactionKey,
+        request: Request,
+        now: Instant,
+    ) {
+        let invite_key = TransactionKey {
+            method: Method::Invite,
+            ..key
+        };
+        let target = self.server.get(&invite_key).and_then(|e| match &e.tx {
+            ServerTx::Invite(t) => Some((t.state(), e.call)),
+            ServerTx::NonInvite(_) => None,
+        });
+        let Some((state, call)) = target else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        self.reply(transport, source, request, 200, None, now);
+        if state != InviteServerState::Proceeding {
+            return; // already answered or rejected: CANCEL has no effect
+        }
+        let Some(handle) = call else { return };
+        let Some(call) = self.calls.get(&handle) else {
+            return;
+        };
+        if call.state != CallState::Early {
+            return;
+        }
+        self.final_response(handle, 487, now);
+        self.events.push_back(UasEvent::Cancelled { call: handle });
+    }
+
+    fn handle_bye(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        tag: &str,
+        now: Instant,
+    ) {
+        let Some(handle) = self.find_dialog(&request, tag) else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        self.reply(transport, source, request, 200, None, now);
+        if self
+            .calls
+            .get(&handle)
+            .is_some_and(|c| c.state == CallState::Early)
+        {
+            // BYE in an early dialog ends the INVITE too.
+            self.final_response(handle, 487, now);
+        }
+        self.forget(handle);
+        self.events.push_back(UasEvent::Bye { call: handle });
+    }
+
+    /// Sends a final non-2xx to the call's INVITE and forgets the call (the transaction
+    /// stays to absorb the ACK).
+    fn final_response(&mut self, handle: CallHandle, status: u16, now: Instant) {
+        let Some(call) = self.calls.get(&handle) else {
+            return;
+        };
+        let key = call.invite_key.clone();
+        let tag = call.local_tag.clone();
+        if let Some(entry) = self.server.get_mut(&key) {
+            if let ServerTx::Invite(t) = &mut entry.tx {
+                let response = Response::to_request(t.request(), status, Some(&tag));
+                t.send_response(response, now);
+            }
+            entry.call = None;
+        }
+        self.drain_server(&key);
+        self.forget(handle);
+    }
+
+    fn forget(&mut self, handle: CallHandle) {
+        if let Some(call) = self.calls.remove(&handle) {
+            self.dialogs.remove(&(call.call_id, call.local_tag));
+        }
+    }
+
+    /// Applies the owner's decision for a call. `Answer` returns the negotiated media (None
+    /// for an offerless INVITE: it comes as [`UasEvent::MediaUpdated`] with the ACK).
+    pub fn handle_action(
+        &mut self,
+        handle: CallHandle,
+        action: UasAction,
+        now: Instant,
+    ) -> Result<Option<Negotiated>, ActionError> {
+        let state = self
+            .calls
+            .get(&handle)
+            .ok_or(ActionError::UnknownCall)?
+            .state;
+        match (action, state) {
+            (UasAction::Ringing, CallState::Early) => {
+                self.provisional(handle, 180, now);
+                Ok(None)
+            }
+            (UasAction::Answer { media }, CallState::Early) => self.answer(handle, media, now),
+            (UasAction::Reject { status }, CallState::Early) => {
+                if !(300..=699).contains(&status) {
+                    return Err(ActionError::InvalidStatus(status));
+                }
+                self.final_response(handle, status, now);
+                Ok(None)
+            }
+            (UasAction::Hangup, CallState::Early) => {
+                self.final_response(handle, 480, now);
+                Ok(None)
+            }
+            (UasAction::Hangup, CallState::Answered) => {
+                if let Some(call) = self.calls.get_mut(&handle) {
+                    call.hangup_after_ack = true;
+                }
+                Ok(None)
+            }
+            (UasAction::Hangup, CallState::Confirmed) => {
+                self.send_bye(handle, now);
+                Ok(None)
+            }
+            (UasAction::Hangup, CallState::Terminating) => Ok(None),
+            _ => Err(ActionError::InvalidState),
+        }
+    }
+
+    fn provisional(&mut self, handle: CallHandle, status: u16, now: Instant) {
+        let Some(call) = self.calls.get(&handle) else {
+            return;
+        };
+        let key = call.invite_key.clone();
+        let tag = call.local_tag.clone();
+        let contact = format!("<{}>", self.config.contact);
+        if let Some(entry) = self.server.get_mut(&key) {
+            if let ServerTx::Invite(t) = &mut entry.tx {
+                let mut response = Response::to_request(t.request(), status, Some(&tag));
+                response.headers.push("Contact", contact);
+                t.send_response(response, now);
+            }
+        }
+        self.drain_server(&key);
+    }
+
+    fn answer(
+        &mut self,
+        handle: CallHandle,
+        media: LocalMedia,
+        now: Instant,
+    ) -> Result<Option<Negotiated>, ActionError> {
+        let Some(call) = self.calls.get(&handle) else {
+            return Err(ActionError::UnknownCall);
+        };
+        let (sd, negotiated) = match &call.offer {
+            Some(offer) => match sdp::answer(offer, &media) {
+                Ok((sd, n)) => (sd, Some(n)),
+                Err(err) => {
+                    self.final_response(handle, err.status_code(), now);
+                    return Err(err.into());
+                }
+            },
+            None => (sdp::offer(&media), None),
+        };
+        let key = call.invite_key.clone();
+        let Some(request) = self.server.get(&key).and_then(|e| match &e.tx {
+            ServerTx::Invite(t) => Some(t.request().clone()),
+            ServerTx::NonInvite(_) => None,
+        }) else {
+            return Err(ActionError::InvalidState);
+        };
+        let response = self.ok_with_sdp(&request, handle, &sd);
+        if let Some(entry) = self.server.get_mut(&key) {
+            if let ServerTx::Invite(t) = &mut entry.tx {
+                t.send_response(response, now);
+            }
+        }
+        if let Some(call) = self.calls.get_mut(&handle) {
+            call.state = CallState::Answered;
+            call.awaiting_answer_in_ack = call.offer.is_none();
+            call.media = Some(media);
+        }
+        self.drain_server(&key);
+        Ok(negotiated)
+    }
+
+    fn send_bye(&mut self, handle: CallHandle, now: Instant) {
+        let branch = format!("{BRANCH_MAGIC}{}", self.token());
+        let Some(call) = self.calls.get_mut(&handle) else {
+            return;
+        };
+        call.state = CallState::Terminating;
+        call.local_cseq += 1;
+        let mut bye = Request::new(Method::Bye, call.remote_target.clone());
+        bye.headers.push(
+            "Via",
+            format!(
+                "SIP/2.0/{} {};branch={branch};rport",
+                call.transport.via_name(),
+                self.config.sent_by
+            ),
+        );
+        bye.headers.push("Max-Forwards", "70");
+        bye.headers.push("From", call.local.clone());
+        bye.headers.push("To", call.remote.clone());
+        bye.headers.push("Call-ID", call.call_id.clone());
+        bye.headers.push(
+            "CSeq",
+            CSeq {
+                seq: call.local_cseq,
+                method: Method::Bye,
+            }
+            .to_string(),
+        );
+        for route in &call.route_set {
+            bye.headers.push("Route", route.clone());
+        }
+        bye.headers
+            .push("User-Agent", self.config.user_agent.clone());
+        let Ok(key) = TransactionKey::for_sent_request(&bye) else {
+            return;
+        };
+        let (peer, transport) = (call.peer, call.transport);
+        let tx =
+            NonInviteClientTransaction::new(bye, transport.reliable(), self.config.timers, now);
+        self.client.insert(
+            key.clone(),
+            ClientEntry {
+                tx,
+                call: handle,
+                peer,
+                transport,
+            },
+        );
+        self.drain_client(&key);
+    }
+
+    /// Runs every due timer.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let mut due: Vec<TransactionKey> = self
+            .server
+            .iter()
+            .filter(|(_, e)| {
+                let t = match &e.tx {
+                    ServerTx::Invite(t) => t.poll_timeout(),
+                    ServerTx::NonInvite(t) => t.poll_timeout(),
+                };
+                t.is_some_and(|t| t <= now)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        // Map order is random; a fixed order keeps output deterministic.
+        due.sort_by(|a, b| a.branch.cmp(&b.branch));
+        for key in due {
+            if let Some(entry) = self.server.get_mut(&key) {
+                match &mut entry.tx {
+                    ServerTx::Invite(t) => t.handle_timeout(now),
+                    ServerTx::NonInvite(t) => t.handle_timeout(now),
+                }
+            }
+            if let Some(handle) = self.drain_server(&key) {
+                // Timer H on an answered call: end it with BYE (RFC 3261 13.3.1.4).
+                self.send_bye(handle, now);
+            }
+        }
+        let mut due: Vec<TransactionKey> = self
+            .client
+            .iter()
+            .filter(|(_, e)| e.tx.poll_timeout().is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        due.sort_by(|a, b| a.branch.cmp(&b.branch));
+        for key in due {
+            if let Some(entry) = self.client.get_mut(&key) {
+                entry.tx.handle_timeout(now);
+            }
+            self.drain_client(&key);
+        }
+    }
+
+    /// Forwards a server transaction's output; returns the call whose 2xx was never ACKed.
+    fn drain_server(&mut self, key: &TransactionKey) -> Option<CallHandle> {
+        let entry = self.server.get_mut(key)?;
+        let (peer, transport, call) = (entry.peer, entry.transport, entry.call);
+        let mut timed_out = false;
+        loop {
+            let (msg, event, terminated) = match &mut entry.tx {
+                ServerTx::Invite(t) => (t.poll_transmit(), t.poll_event(), t.is_terminated()),
+                ServerTx::NonInvite(t) => (t.poll_transmit(), t.poll_event(), t.is_terminated()),
+            };
+            if let Some(m) = &msg {
+                self.transmits.push_back(Transmit {
+                    transport,
+                    destination: peer,
+                    payload: m.to_bytes(),
+                });
+            }
+            if event == Some(TransactionEvent::Timeout) {
+                timed_out = true;
+            }
+            if msg.is_none() && event.is_none() {
+                if terminated {
+                    self.server.remove(key);
+                }
+                break;
+            }
+        }
+        let handle = call.filter(|_| timed_out)?;
+        let answered = self
+            .calls
+            .get(&handle)
+            .is_some_and(|c| c.state == CallState::Answered);
+        answered.then(|| {
+            self.events.push_back(UasEvent::AckTimeout { call: handle });
+            handle
+        })
+    }
+
+    fn drain_client(&mut self, key: &TransactionKey) {
+        let Some(entry) = self.client.get_mut(key) else {
+            return;
+        };
+        let (peer, transport, handle) = (entry.peer, entry.transport, entry.call);
+        let mut done = false;
+        while let Some(m) = entry.tx.poll_transmit() {
+            self.transmits.push_back(Transmit {
+                transport,
+                destination: peer,
+                payload: m.to_bytes(),
+            });
+        }
+        while let Some(event) = entry.tx.poll_event() {
+            match event {
+                TransactionEvent::Response(r) if r.status >= 200 => done = true,
+                TransactionEvent::Timeout => done = true,
+                _ => {}
+            }
+        }
+        if entry.tx.is_terminated() {
+            self.client.remove(key);
+        }
+        if done {
+            // Our BYE is answered (or gave up): the call is over.
+            self.forget(handle);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rtp::g711::G711;
+    use crate::sip::sdp::Direction;
+    use std::time::Duration;
+
+    const PHONE: &str = "192.0.2.50:5062";
+
+    fn offer_sdp(codecs: &str, direction: &str) -> String {
+        format!(
+            "v=0\r\no=phone 1 1 IN IP4 192.0.2.50\r\ns=-\r\nc=IN IP4 192.0.2.50\r\nt=0 0\r\n\
+m=audio 40000 RTP/AVP {codecs}\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n\
+a=ptime:20\r\na={direction}\r\n"
+        )
+    }
+
+    struct Req<'a> {
+        method: &'a str,
+        branch: &'a str,
+        cseq: u32,
+        to_tag: Option<&'a str>,
+        body: Option<String>,
+    }
+
+    impl<'a> Req<'a> {
+        fn new(method: &'a str, branch: &'a str, cseq: u32) -> Self {
+            Self {
+                method,
+                branch,
+                cseq,
+                to_tag: None,
+                body: None,
+            }
+        }
+        fn tag(mut self, tag: &'a str) -> Self {
+            self.to_tag = Some(tag);
+            self
+        }
+        fn body(mut self, body: String) -> Self {
+            self.body = Some(body);
+            self
+        }
+        fn text(&self) -> String {
+            let to_tag = self.to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+            let body = self.body.clone().unwrap_or_default();
+            let ctype = if body.is_empty() {
+                String::new()
+            } else {
+                "Content-Type: application/sdp\r\n".to_string()
+            };
+            let cseq_method = if self.method == "ACK" && self.to_tag.is_none() {
+                "ACK"
+            } else {
+                self.method
+            };
+            format!(
+                "{} sip:+15550100@203.0.113.1 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 192.0.2.50:5062;branch=z9hG4bK{};rport\r\n\
+Max-Forwards: 70\r\n\
+From: \"Alice\" <sip:alice@192.0.2.50>;tag=alice1\r\n\
+To: <sip:+15550100@203.0.113.1>{to_tag}\r\n\
+Call-ID: call-abc@192.0.2.50\r\n\
+CSeq: {} {cseq_method}\r\n\
+Contact: <sip:alice@192.0.2.50:5062>\r\n\
+{ctype}Content-Length: {}\r\n\r\n{body}",
+                self.method,
+                self.branch,
+                self.cseq,
+                body.len()
+            )
+        }
+    }
+
+    struct Harness {
+        uas: Uas,
+        now: Instant,
+        start: Instant,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            let now = Instant::now();
+            Self {
+                uas: Uas::new(
+                    UasConfig {
+                        contact: "sip:telcoflow@203.0.113.1:5060".into(),
+                        sent_by: "203.0.113.1:5060".into(),
+                        timers: Timers::default(),
+                        user_agent: "telcoflow".into(),
+                    },
+                    7,
+                ),
+                now,
+                start: now,
+            }
+        }
+        fn feed(&mut self, req: &Req<'_>) {
+            self.uas.handle_input(
+                Transport::Udp,
+                PHONE.parse().unwrap(),
+                req.text().as_bytes(),
+                self.now,
+            );
+        }
+        fn feed_raw(&mut self, text: &str) {
+            self.uas.handle_input(
+                Transport::Udp,
+                PHONE.parse().unwrap(),
+                text.as_bytes(),
+                self.now,
+            );
+        }
+        fn sent(&mut self) -> Vec<Message> {
+            std::iter::from_fn(|| self.uas.poll_transmit())
+                .map(|t| {
+                    assert_eq!(t.destination, PHONE.parse().unwrap());
+                    assert_eq!(t.transport, Transport::Udp);
+                    Message::parse(&t.payload).unwrap()
+                })
+                .collect()
+        }
+        fn statuses(&mut self) -> Vec<u16> {
+            self.sent()
+                .into_iter()
+                .map(|m| match m {
+                    Message::Response(r) => r.status,
+                    Message::Request(r) => panic!("unexpected request {}", r.method),
+                })
+                .collect()
+        }
+        fn events(&mut self) -> Vec<UasEvent> {
+            std::iter::from_fn(|| self.uas.poll_event()).collect()
+        }
+        /// Runs timers up to `until` ms after start, returning (ms, message) sent.
+        fn run_until(&mut self, until_ms: u64) -> Vec<(u64, Message)> {
+            let until = self.start + Duration::from_millis(until_ms);
+            let mut out = Vec::new();
+            while let Some(at) = self.uas.poll_timeout() {
+                if at > until {
+                    break;
+                }
+                self.now = at;
+                self.uas.handle_timeout(at);
+                let ms = (at - self.start).as_millis() as u64;
+                for m in self.sent() {
+                    out.push((ms, m));
+                }
+            }
+            self.now = until;
+            out
+        }
+        /// INVITE with a PCMU/PCMA offer; returns the call and the 100.
+        fn incoming(&mut self) -> CallHandle {
+            self.feed(&Req::new("INVITE", "inv1", 1).body(offer_sdp("0 8 101", "sendrecv")));
+            assert_eq!(self.statuses(), vec![100]);
+            match self.events().as_slice() {
+                [UasEvent::IncomingCall(ic)] => ic.call,
+                other => panic!("unexpected events {other:?}"),
+            }
+        }
+        fn media(&self) -> LocalMedia {
+            LocalMedia::new("203.0.113.1".parse().unwrap(), 30000, 99)
+        }
+        /// Answers and returns our To tag.
+        fn answer(&mut self, call: CallHandle) -> String {
+            let media = self.media();
+            let n = self
+                .uas
+                .handle_action(call, UasAction::Answer { media }, self.now)
+                .unwrap()
+                .unwrap();
+            assert_eq!(n.codec, G711::Pcmu);
+            let sent = self.sent();
+            let [Message::Response(ok)] = sent.as_slice() else {
+                panic!("expected one response, got {sent:?}");
+            };
+            assert_eq!(ok.status, 200);
+            ok.header_to().unwrap().tag().unwrap().to_string()
+        }
+    }
+
+    #[test]
+    fn call_in_ring_answer_ack_bye() {
+        let mut h = Harness::new();
+        h.feed(&Req::new("INVITE", "inv1", 1).body(offer_sdp("0 8 101", "sendrecv")));
+        assert_eq!(h.statuses(), vec![100]);
+        let events = h.events();
+        let [UasEvent::IncomingCall(ic)] = events.as_slice() else {
+            panic!("unexpected events {events:?}");
+        };
+        let IncomingCall {
+            call,
+            number,
+            from,
+            offer,
+            source,
+            ..
+        } = ic.as_ref();
+        let call = *call;
+        assert_eq!(number, "+15550100");
+        assert_eq!(from.display.as_deref(), Some("Alice"));
+        assert!(offer.is_some());
+        assert_eq!(*source, PHONE.parse().unwrap());
+
+        h.uas
+            .handle_action(call, UasAction::Ringing, h.now)
+            .unwrap();
+        let sent = h.sent();
+        let [Message::Response(ringing)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ringing.status, 180);
+        let tag = ringing.header_to().unwrap().tag().unwrap().to_string();
+        assert!(ringing.contact().unwrap().is_some());
+
+        let media = h.media();
+        let n = h
+            .uas
+            .handle_action(call, UasAction::Answer { media }, h.now)
+            .unwrap()
+            .unwrap();
+        assert_eq!(n.codec, G711::Pcmu);
+        assert_eq!(n.telephone_event, Some(101));
+        assert_eq!(n.remote, "192.0.2.50:40000".parse().unwrap());
+        let sent = h.sent();
+        let [Message::Response(ok)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ok.status, 200);
+        // The same To tag as the 180: one dialog.
+        assert_eq!(ok.header_to().unwrap().tag(), Some(tag.as_str()));
+        assert_eq!(ok.content_type(), Some("application/sdp"));
+        // The Via says where the INVITE really came from (RFC 3581).
+        let via = ok.top_via().unwrap();
+        assert_eq!(via.received(), Some("192.0.2.50"));
+        assert_eq!(via.rport(), Some(5062));
+        let body = String::from_utf8(ok.body.clone()).unwrap();
+        assert!(body.contains("m=audio 30000 RTP/AVP 0 101\r\n"), "{body}");
+        assert!(body.contains("c=IN IP4 203.0.113.1\r\n"));
+
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        assert_eq!(h.events(), vec![UasEvent::Ack { call }]);
+        assert_eq!(h.sent(), vec![]);
+        // Nothing is retransmitted after the ACK.
+        assert!(h.run_until(40_000).is_empty());
+
+        h.feed(&Req::new("BYE", "bye1", 2).tag(&tag));
+        assert_eq!(h.statuses(), vec![200]);
+        assert_eq!(h.events(), vec![UasEvent::Bye { call }]);
+        assert_eq!(h.uas.call_count(), 0);
+        assert_eq!(
+            h.uas.handle_action(call, UasAction::Hangup, h.now),
+            Err(ActionError::UnknownCall)
+        );
+    }
+
+    #[test]
+    fn lost_ack_resends_200_then_ends_the_call_with_bye() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        let log = h.run_until(40_000);
+        let oks: Vec<u64> = log
+            .iter()
+            .filter(|(_, m)| matches!(m, Message::Response(r) if r.status == 200))
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(
+            oks,
+            vec![
+                500, 1500, 3500, 7500, 11500, 15500, 19500, 23500, 27500, 31500
+            ]
+        );
+        assert_eq!(h.events(), vec![UasEvent::AckTimeout { call }]);
+        let byes: Vec<&Request> = log
+            .iter()
+            .filter_map(|(t, m)| match m {
+                Message::Request(r) if *t == 32_000 => Some(r),
+                _ => None,
+            })
+            .collect();
+        let bye = byes.first().expect("BYE at Timer H");
+        assert_eq!(bye.method, Method::Bye);
+        assert_eq!(bye.uri, "sip:alice@192.0.2.50:5062");
+        assert_eq!(bye.header_from().unwrap().tag(), Some(tag.as_str()));
+        assert_eq!(bye.header_to().unwrap().tag(), Some("alice1"));
+        assert_eq!(bye.call_id().unwrap(), "call-abc@192.0.2.50");
+        assert_eq!(bye.cseq().unwrap().method, Method::Bye);
+        bye.validate().unwrap();
+        // The phone answers the BYE: the call is forgotten.
+        let ok = Response::to_request(bye, 200, None);
+        h.feed_raw(&String::from_utf8(ok.to_bytes()).unwrap());
+        assert_eq!(h.uas.call_count(), 0);
+    }
+
+    #[test]
+    fn cancel_before_answer() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        h.uas
+            .handle_action(call, UasAction::Ringing, h.now)
+            .unwrap();
+        h.sent();
+        h.feed(&Req::new("CANCEL", "inv1", 1));
+        assert_eq!(h.statuses(), vec![200, 487]);
+        assert_eq!(h.events(), vec![UasEvent::Cancelled { call }]);
+        // The ACK for the 487 is absorbed by the INVITE transaction.
+        h.feed(&Req::new("ACK", "inv1", 1).tag("whatever"));
+        assert_eq!(h.sent(), vec![]);
+        assert_eq!(h.uas.call_count(), 0);
+        assert_eq!(
+            h.uas
+                .handle_action(call, UasAction::Answer { media: h.media() }, h.now),
+            Err(ActionError::UnknownCall)
+        );
+        // A CANCEL for an unknown transaction gets 481.
+        h.feed(&Req::new("CANCEL", "nope", 1));
+        assert_eq!(h.statuses(), vec![481]);
+    }
+
+    #[test]
+    fn no_common_codec_is_488_without_an_event() {
+        let mut h = Harness::new();
+        h.feed(&Req::new("INVITE", "inv1", 1).body(offer_sdp("9 101", "sendrecv")));
+        assert_eq!(h.statuses(), vec![488]);
+        assert!(h.events().is_empty());
+        assert_eq!(h.uas.call_count(), 0);
+    }
+
+    #[test]
+    fn malformed_request_is_400_with_reason() {
+        let mut h = Harness::new();
+        let text = Req::new("INVITE", "inv1", 1)
+            .text()
+            .replace("Call-ID: call-abc@192.0.2.50\r\n", "");
+        h.feed_raw(&text);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 400);
+        assert_eq!(r.reason, "Missing Call-ID header");
+        // Bad SDP is a 400 too.
+        h.feed(&Req::new("INVITE", "inv2", 1).body("v=0\r\nm=audio x\r\n".into()));
+        assert_eq!(h.statuses(), vec![400]);
+        // Garbage without headers is dropped.
+        h.feed_raw("hello");
+        assert!(h.sent().is_empty());
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn required_extensions_are_refused_with_420() {
+        let mut h = Harness::new();
+        let text = Req::new("INVITE", "inv1", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text()
+            .replace(
+                "Max-Forwards: 70\r\n",
+                "Max-Forwards: 70\r\nRequire: 100rel, timer\r\n",
+            );
+        h.feed_raw(&text);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 420);
+        assert_eq!(r.headers.get("Unsupported"), Some("100rel, timer"));
+        assert!(h.events().is_empty());
+        // Supported (not required) extensions are fine.
+        let text = Req::new("INVITE", "inv2", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text()
+            .replace(
+                "Max-Forwards: 70\r\n",
+                "Max-Forwards: 70\r\nSupported: 100rel, timer\r\n",
+            );
+        h.feed_raw(&text);
+        assert_eq!(h.statuses(), vec![100]);
+    }
+
+    #[test]
+    fn dtmf_by_sip_info() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        for (branch, ctype, body, expect) in [
+            (
+                "i1",
+                "application/dtmf-relay",
+                "Signal=5\r\nDuration=160\r\n",
+                Some(('5', 160)),
+            ),
+            (
+                "i2",
+                "application/dtmf-relay",
+                "Signal=#\r\n",
+                Some(('#', 0)),
+            ),
+            ("i3", "application/dtmf", "a", Some(('A', 0))),
+            ("i4", "application/dtmf-relay", "Signal=x\r\n", None),
+            ("i5", "text/plain", "5", None),
+        ] {
+            let text = Req::new("INFO", branch, 3)
+                .tag(&tag)
+                .body(body.into())
+                .text()
+                .replace("application/sdp", ctype);
+            h.feed_raw(&text);
+            assert_eq!(h.statuses(), vec![200], "{body}");
+            let expected: Vec<UasEvent> = expect
+                .map(|(digit, duration_ms)| UasEvent::Dtmf {
+                    call,
+                    digit,
+                    duration_ms,
+                })
+                .into_iter()
+                .collect();
+            assert_eq!(h.events(), expected, "{body}");
+        }
+    }
+
+    #[test]
+    fn options_and_unknown_methods() {
+        let mut h = Harness::new();
+        h.feed(&Req::new("OPTIONS", "o1", 1));
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 200);
+        assert!(r.headers.get("Allow").unwrap().contains("INVITE"));
+        h.feed(&Req::new("REGISTER", "r1", 1));
+        assert_eq!(h.statuses(), vec![405]);
+        h.feed(&Req::new("BYE", "b1", 1).tag("unknown"));
+        assert_eq!(h.statuses(), vec![481]);
+    }
+
+    #[test]
+    fn unknown_number_is_rejected_by_the_owner() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        h.uas
+            .handle_action(call, UasAction::Reject { status: 404 }, h.now)
+            .unwrap();
+        assert_eq!(h.statuses(), vec![404]);
+        assert_eq!(h.uas.call_count(), 0);
+        assert_eq!(
+            h.uas
+                .handle_action(call, UasAction::Reject { status: 404 }, h.now),
+            Err(ActionError::UnknownCall)
+        );
+        let other = h.incoming_second();
+        assert_eq!(
+            h.uas
+                .handle_action(other, UasAction::Reject { status: 200 }, h.now),
+            Err(ActionError::InvalidStatus(200))
+        );
+        // Ring timeout.
+        h.uas
+            .handle_action(other, UasAction::Reject { status: 480 }, h.now)
+            .unwrap();
+        assert_eq!(h.statuses(), vec![480]);
+    }
+
+    impl Harness {
+        fn incoming_second(&mut self) -> CallHandle {
+            let text = Req::new("INVITE", "inv9", 1)
+                .body(offer_sdp("8", "sendrecv"))
+                .text()
+                .replace("call-abc", "call-second");
+            self.feed_raw(&text);
+            assert_eq!(self.statuses(), vec![100]);
+            match self.events().as_slice() {
+                [UasEvent::IncomingCall(ic)] => ic.call,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn retransmitted_invite_is_absorbed() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        h.uas
+            .handle_action(call, UasAction::Ringing, h.now)
+            .unwrap();
+        h.sent();
+        h.feed(&Req::new("INVITE", "inv1", 1).body(offer_sdp("0 8 101", "sendrecv")));
+        // The last provisional again, and no second call.
+        assert_eq!(h.statuses(), vec![180]);
+        assert!(h.events().is_empty());
+        assert_eq!(h.uas.call_count(), 1);
+    }
+
+    #[test]
+    fn hangup_sends_bye() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        // Hangup before the ACK waits for it (RFC 3261 15).
+        h.uas.handle_action(call, UasAction::Hangup, h.now).unwrap();
+        assert!(h.sent().is_empty());
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        assert_eq!(h.events(), vec![UasEvent::Ack { call }]);
+        let sent = h.sent();
+        let [Message::Request(bye)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(bye.method, Method::Bye);
+        // Unanswered BYE is retransmitted (Timer E) until the phone answers.
+        let log = h.run_until(600);
+        assert_eq!(log.len(), 1);
+        let ok = Response::to_request(bye, 200, None);
+        h.feed_raw(&String::from_utf8(ok.to_bytes()).unwrap());
+        assert_eq!(h.uas.call_count(), 0);
+        // Hangup before the answer rejects with 480.
+        let mut h = Harness::new();
+        let call = h.incoming();
+        h.uas.handle_action(call, UasAction::Hangup, h.now).unwrap();
+        assert_eq!(h.statuses(), vec![480]);
+    }
+
+    #[test]
+    fn reinvite_hold_and_resume() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        // Re-INVITE before the dialog is confirmed would be 491; here it is confirmed.
+        h.feed(
+            &Req::new("INVITE", "re1", 2)
+                .tag(&tag)
+                .body(offer_sdp("0 101", "sendonly")),
+        );
+        let sent = h.sent();
+        let [Message::Response(trying), Message::Response(ok)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!((trying.status, ok.status), (100, 200));
+        let body = String::from_utf8(ok.body.clone()).unwrap();
+        assert!(body.contains("a=recvonly\r\n"), "{body}");
+        // The o= version moved on from the first answer.
+        assert!(body.contains("o=telcoflow 99 100 "), "{body}");
+        let events = h.events();
+        let [
+            UasEvent::MediaUpdated {
+                call: c,
+                negotiated,
+            },
+        ] = events.as_slice()
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!(*c, call);
+        assert!(negotiated.remote_hold);
+        assert_eq!(negotiated.direction, Direction::RecvOnly);
+        // A second re-INVITE before the ACK of the first: 491.
+        h.feed(
+            &Req::new("INVITE", "re2", 3)
+                .tag(&tag)
+                .body(offer_sdp("0", "sendrecv")),
+        );
+        assert_eq!(h.statuses(), vec![491]);
+        // Its ACK (same branch, non-2xx) stops the 491 retransmissions.
+        h.feed(&Req::new("ACK", "re2", 3).tag(&tag));
+        assert!(h.sent().is_empty());
+        h.feed(&Req::new("ACK", "ack2", 2).tag(&tag));
+        assert!(h.sent().is_empty());
+        // Resume, now that the first is acknowledged; the 200 stops after the ACK.
+        h.feed(
+            &Req::new("INVITE", "re3", 4)
+                .tag(&tag)
+                .body(offer_sdp("0", "sendrecv")),
+        );
+        assert_eq!(h.statuses(), vec![100, 200]);
+        let events = h.events();
+        let [UasEvent::MediaUpdated { negotiated, .. }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert!(!negotiated.remote_hold);
+        h.feed(&Req::new("ACK", "ack3", 4).tag(&tag));
+        assert!(h.run_until(40_000).is_empty());
+        // A re-INVITE without a common codec fails alone; the call goes on.
+        h.feed(
+            &Req::new("INVITE", "re4", 5)
+                .tag(&tag)
+                .body(offer_sdp("9", "sendrecv")),
+        );
+        assert_eq!(h.statuses(), vec![100, 488]);
+        assert_eq!(h.uas.call_count(), 1);
+    }
+
+    #[test]
+    fn offerless_invite_gets_our_offer_and_the_ack_answers() {
+        let mut h = Harness::new();
+        h.feed(&Req::new("INVITE", "inv1", 1));
+        assert_eq!(h.statuses(), vec![100]);
+        let events = h.events();
+        let [UasEvent::IncomingCall(ic)] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert_eq!(ic.offer, None);
+        let call = ic.call;
+        let media = h.media();
+        let n = h
+            .uas
+            .handle_action(call, UasAction::Answer { media }, h.now)
+            .unwrap();
+        assert_eq!(n, None);
+        let sent = h.sent();
+        let [Message::Response(ok)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        let body = String::from_utf8(ok.body.clone()).unwrap();
+        assert!(body.contains("m=audio 30000 RTP/AVP 0 8 101"), "{body}");
+        let tag = ok.header_to().unwrap().tag().unwrap().to_string();
+        h.feed(
+            &Req::new("ACK", "ack1", 1)
+                .tag(&tag)
+                .body(offer_sdp("8 101", "sendrecv")),
+        );
+        let events = h.events();
+        let [
+            UasEvent::Ack { .. },
+            UasEvent::MediaUpdated { negotiated, .. },
+        ] = events.as_slice()
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!(negotiated.codec, G711::Pcma);
+    }
+
+    #[test]
+    fn actions_in_the_wrong_state() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let _ = h.answer(call);
+        assert_eq!(
+            h.uas.handle_action(call, UasAction::Ringing, h.now),
+            Err(ActionError::InvalidState)
+        );
+        assert_eq!(
+            h.uas
+                .handle_action(CallHandle(999), UasAction::Ringing, h.now),
+            Err(ActionError::UnknownCall)
+        );
+    }
+}
