@@ -1,10 +1,12 @@
 //! The server's per-frame audio work: sample-rate conversion between a leg's rate and the
-//! agent's (rubato FFT resampler, 20 ms chunks). Mixing is benchmarked with the proto crate's
+//! agent's (rubato FFT resampler, 20 ms chunks) and G.711 for SIP/RTP legs (one 20 ms packet,
+//! 160 samples at 8 kHz). Mixing is benchmarked with the proto crate's
 //! `mix_into` in `telcoflow-proto/benches/frames.rs`. Run with `cargo bench -p telcoflow-server`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use telcoflow_server::audio::Resampler;
+use telcoflow_server::rtp::g711::G711;
 
 fn tone(rate: u32, samples: usize) -> Vec<i16> {
     (0..samples)
@@ -43,5 +45,24 @@ fn resample(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, resample);
+fn g711(c: &mut Criterion) {
+    let pcm = tone(8000, 160);
+    let mut g = c.benchmark_group("g711_20ms_packet");
+    g.throughput(Throughput::Elements(pcm.len() as u64));
+    for law in [G711::Pcmu, G711::Pcma] {
+        let mut payload = vec![0u8; pcm.len()];
+        law.encode(&pcm, &mut payload);
+        g.bench_function(format!("{law:?}/encode"), |b| {
+            let mut out = vec![0u8; pcm.len()];
+            b.iter(|| black_box(law.encode(black_box(&pcm), &mut out)))
+        });
+        g.bench_function(format!("{law:?}/decode"), |b| {
+            let mut out = vec![0i16; pcm.len()];
+            b.iter(|| black_box(law.decode(black_box(&payload), &mut out)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, resample, g711);
 criterion_main!(benches);
