@@ -59,6 +59,7 @@ pub(crate) async fn control_ws(
     }
     let token = shared.tasks.token();
     ws.max_message_size(shared.config.limits.max_control_frame_bytes)
+        .read_buffer_size(crate::WS_READ_BUFFER)
         .max_frame_size(shared.config.limits.max_control_frame_bytes)
         .on_upgrade(move |socket| async move {
             let sm_ws_id = uuid::Uuid::new_v4().to_string();
