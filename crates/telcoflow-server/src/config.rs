@@ -32,6 +32,11 @@ pub struct Config {
     pub media_token_ttl_secs: u64,
     /// Secret that signs media tokens. Default: random per process.
     pub token_secret: Option<String>,
+    /// How often the server pings each control connection, in seconds. Default 30.
+    pub control_ping_interval_secs: u64,
+    /// A control connection with no frame and no pong for this long is closed as dead, in
+    /// seconds. Default 75.
+    pub control_idle_timeout_secs: u64,
     /// TLS for the listener; with it the server serves `wss://` and `https://` only.
     pub tls: Option<TlsConfig>,
     /// Resource limits.
@@ -133,6 +138,8 @@ impl Default for Config {
             ring_timeout_secs: 30,
             media_token_ttl_secs: 300,
             token_secret: None,
+            control_ping_interval_secs: 30,
+            control_idle_timeout_secs: 75,
             tls: None,
             limits: Limits::default(),
             connectors: Vec::new(),
@@ -200,6 +207,12 @@ impl Config {
         if self.media_token_ttl_secs == 0 {
             return invalid("media_token_ttl_secs must be at least 1".into());
         }
+        if self.control_ping_interval_secs == 0 || self.control_idle_timeout_secs == 0 {
+            return invalid(
+                "control_ping_interval_secs and control_idle_timeout_secs must be at least 1"
+                    .into(),
+            );
+        }
         if self.connectors.is_empty() {
             return invalid("at least one [[connectors]] entry is required".into());
         }
@@ -241,6 +254,16 @@ impl Config {
     /// Ring timeout as a duration.
     pub fn ring_timeout(&self) -> Duration {
         Duration::from_secs(self.ring_timeout_secs)
+    }
+
+    /// Control ping interval as a duration.
+    pub fn control_ping_interval(&self) -> Duration {
+        Duration::from_secs(self.control_ping_interval_secs)
+    }
+
+    /// Control idle timeout as a duration.
+    pub fn control_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.control_idle_timeout_secs)
     }
 
     /// Media token lifetime as a duration.

@@ -97,6 +97,7 @@ async fn run(
         setup,
         tx,
         kill: kill.clone(),
+        inbound_calls: true,
     };
     shared.registry.add_control(&sm_ws_id, link.clone());
     info!(
@@ -110,10 +111,20 @@ async fn run(
         sm_ws_id: sm_ws_id.clone(),
         link,
     };
+    // The server pings too, so that a client that never sends anything still proves it is
+    // alive with pongs; a connection silent past the idle timeout is dead (no FIN arrived)
+    // and is dropped, which offers its waiting sessions to the others.
+    let mut ping = tokio::time::interval(shared.config.control_ping_interval());
+    ping.reset();
+    let idle_timeout = shared.config.control_idle_timeout();
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             // Cancel-safe: WebSocket::recv is a stream poll.
-            msg = socket.recv() => match msg {
+            msg = socket.recv() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                match msg {
                 Some(Ok(Message::Text(text))) => conn.on_text(&text),
                 Some(Ok(Message::Binary(_))) => debug!("binary frame on the control connection ignored"),
                 Some(Ok(_)) => {} // ping/pong are answered by the WebSocket layer
@@ -122,7 +133,24 @@ async fn run(
                     break;
                 }
                 None => break,
-            },
+                }
+            }
+            // Cancel-safe: a missed tick is just late.
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
+            }
+            // Cancel-safe: the sleep is pinned and only reset.
+            () = &mut idle => {
+                warn!("nothing heard from the client for {idle_timeout:?}; closing");
+                let close = CloseFrame {
+                    code: close_code::AWAY,
+                    reason: "idle: no frame or pong within the idle timeout".into(),
+                };
+                let _ = socket.send(Message::Close(Some(close))).await;
+                break;
+            }
             // Cancel-safe: mpsc recv. `None` cannot happen while `conn.tx` lives.
             Some(frame) = rx.recv() => {
                 if socket.send(Message::Text(frame.encode().into())).await.is_err() {
@@ -261,10 +289,7 @@ impl Conn {
             } => {
                 self.on_create(channel, &remote_address, req_id);
             }
-            ClientFrame::CallFlowSetup { req_id, .. } => {
-                // Every inbound call is offered to the connector; the flow is accepted as is.
-                self.reply_ok(req_id, json!({}));
-            }
+            ClientFrame::CallFlowSetup { data, req_id } => self.on_call_flow(&data, req_id),
             ClientFrame::WaMsgOut { req_id, .. } => {
                 self.reply_err(
                     req_id,
@@ -273,6 +298,27 @@ impl Conn {
                 );
             }
         }
+    }
+
+    /// `call_flow.setup`: `inboundCall` "NO" stops incoming calls being offered to this
+    /// connection; "ALL" (and "MISSED_ONLY", which this server treats as "ALL": it has no
+    /// human queue for calls to be missed by) offers them. The other keys are accepted as is.
+    fn on_call_flow(&self, data: &serde_json::Value, req_id: Option<String>) {
+        let inbound = match data.get("inboundCall").and_then(serde_json::Value::as_str) {
+            None | Some("ALL" | "MISSED_ONLY") => true,
+            Some("NO") => false,
+            Some(other) => {
+                return self.reply_err(
+                    req_id,
+                    ErrorCode::InvalidRequest,
+                    format!("inboundCall must be ALL, MISSED_ONLY or NO, got '{other}'"),
+                );
+            }
+        };
+        self.shared
+            .registry
+            .set_inbound_calls(&self.sm_ws_id, inbound);
+        self.reply_ok(req_id, json!({}));
     }
 
     fn on_create(&self, channel: Channel, remote: &str, req_id: Option<String>) {

@@ -127,10 +127,16 @@ pub(crate) async fn close_session(
     };
     let reason = CloseReason::SdkRequest;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    call.send(CallInput::Close {
+    let close = CallInput::Close {
         reason,
         done: Some(done_tx),
-    });
+    };
+    if !call.send_wait(close).await {
+        return Err(ApiError::new(
+            ErrorCode::SessionNotFound,
+            format!("session {session_id} has just ended"),
+        ));
+    }
     // The sender drops without a value if the call ended on its own meanwhile: closed either way.
     let _ = done_rx.await;
     Ok(Json(

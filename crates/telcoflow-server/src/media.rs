@@ -58,10 +58,13 @@ pub(crate) async fn media_ws(
     let conn_id = shared.next_conn_id();
     let (tx, rx) = mpsc::channel(shared.config.limits.media_send_queue);
     let (reply_tx, reply_rx) = oneshot::channel();
-    call.send(CallInput::MediaAttach {
+    let attach = CallInput::MediaAttach {
         link: MediaLink { conn_id, tx },
         reply: reply_tx,
-    });
+    };
+    if !call.send_wait(attach).await {
+        return (StatusCode::NOT_FOUND, "the call has ended").into_response();
+    }
     match reply_rx.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),

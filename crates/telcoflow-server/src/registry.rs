@@ -27,6 +27,9 @@ pub(crate) struct ControlLink {
     pub(crate) tx: mpsc::Sender<ServerFrame>,
     /// Cancelled when the connection cannot take a frame: it is not reading and gets closed.
     pub(crate) kill: CancellationToken,
+    /// Whether incoming calls are offered to it (`call_flow.setup` `inboundCall: "NO"` turns
+    /// this off).
+    pub(crate) inbound_calls: bool,
 }
 
 impl ControlLink {
@@ -118,7 +121,8 @@ impl Registry {
         let mut state = self.lock();
         let now = unix_now();
         for s in state.sessions.values() {
-            if s.connector == link.connector && offerable(s) {
+            let inbound = s.info.initiator == Initiator::Connector;
+            if s.connector == link.connector && offerable(s) && (link.inbound_calls || !inbound) {
                 let activity = if s.info.initiator == Initiator::Connector && !s.ready {
                     Activity::NewIncomingCall
                 } else {
@@ -130,8 +134,15 @@ impl Registry {
         state.controls.insert(sm_ws_id.to_owned(), link);
     }
 
+    /// `call_flow.setup`: whether incoming calls are offered to this connection.
+    pub(crate) fn set_inbound_calls(&self, sm_ws_id: &str, inbound_calls: bool) {
+        if let Some(link) = self.lock().controls.get_mut(sm_ws_id) {
+            link.inbound_calls = inbound_calls;
+        }
+    }
+
     /// Removes a control connection. Sessions it held whose media is not connected yet are
-    /// offered again (`RESUME`) to the connector's other connections.
+    /// offered again (`RESUME`) to the connector's other connections; the others stay held.
     pub(crate) fn remove_control(&self, sm_ws_id: &str) {
         let mut state = self.lock();
         let Some(link) = state.controls.remove(sm_ws_id) else {
@@ -139,18 +150,22 @@ impl Registry {
         };
         let now = unix_now();
         let mut resumed = Vec::new();
+        // A session whose media is up stays held by the departed connection: its agent is
+        // still on the call, and another claimant must get SESSION_BUSY, not the call.
         for s in state.sessions.values_mut() {
-            if s.bound.as_deref() == Some(sm_ws_id) {
+            if s.bound.as_deref() == Some(sm_ws_id)
+                && s.info.state == SessionState::Open
+                && !s.media_attached
+            {
                 s.bound = None;
-                if s.info.state == SessionState::Open && !s.media_attached {
-                    s.ready = false;
-                    resumed.push(notify(&s.info, Activity::Resume, now));
-                }
+                s.ready = false;
+                let inbound = s.info.initiator == Initiator::Connector;
+                resumed.push((notify(&s.info, Activity::Resume, now), inbound));
             }
         }
-        for frame in resumed {
+        for (frame, inbound) in resumed {
             debug!(?frame, "offering session again");
-            broadcast(&state.controls, &link.connector, &frame);
+            broadcast(&state.controls, &link.connector, &frame, inbound);
         }
     }
 
@@ -172,7 +187,8 @@ impl Registry {
         *count += 1;
         if bound.is_none() {
             let frame = notify(&info, Activity::NewIncomingCall, unix_now());
-            broadcast(&state.controls, connector, &frame);
+            let inbound = info.initiator == Initiator::Connector;
+            broadcast(&state.controls, connector, &frame, inbound);
         }
         state.sessions.insert(
             info.id.clone(),
@@ -381,8 +397,17 @@ fn notify(info: &SessionInfo, activity: Activity, now: u64) -> ServerFrame {
     }
 }
 
-fn broadcast(controls: &HashMap<String, ControlLink>, connector: &str, frame: &ServerFrame) {
-    for link in controls.values().filter(|l| &*l.connector == connector) {
+/// Offers a session to every connection of the connector that takes it.
+fn broadcast(
+    controls: &HashMap<String, ControlLink>,
+    connector: &str,
+    frame: &ServerFrame,
+    inbound: bool,
+) {
+    for link in controls
+        .values()
+        .filter(|l| &*l.connector == connector && (l.inbound_calls || !inbound))
+    {
         link.send(frame.clone());
     }
 }

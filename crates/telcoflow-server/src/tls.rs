@@ -29,6 +29,8 @@ use tracing::debug;
 
 /// A handshake that takes longer than this is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once.
+const MAX_HANDSHAKES: usize = 256;
 /// Completed handshakes waiting for the HTTP server to take them.
 const ACCEPT_QUEUE: usize = 128;
 
@@ -191,8 +193,18 @@ impl TlsListener {
         let local_addr = tcp.local_addr()?;
         let (tx, ready) = mpsc::channel(ACCEPT_QUEUE);
         let acceptor = TlsAcceptor::from(config);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                // At most MAX_HANDSHAKES at once: beyond, connections wait in the kernel's
+                // backlog instead of each holding a task and TLS state.
+                let permit = tokio::select! {
+                    permit = handshakes.clone().acquire_owned() => match permit {
+                        Ok(p) => p,
+                        Err(_) => break, // never closed
+                    },
+                    () = shutdown.cancelled() => break,
+                };
                 let (stream, addr) = tokio::select! {
                     accepted = tcp.accept() => match accepted {
                         Ok(a) => a,
@@ -212,6 +224,7 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, addr)).await;

@@ -38,7 +38,7 @@ use telcoflow_proto::sim::HangupReason;
 use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, trace, warn};
 
 /// Capacity of a call's lifecycle queue. Lifecycle events are few per call.
 const CONTROL_QUEUE: usize = 64;
@@ -48,6 +48,11 @@ const DATA_QUEUE: usize = 64;
 const LEG_QUEUE_FRAMES: usize = 10;
 /// How long a call waits for its agent to reconnect after the media connection drops.
 const MEDIA_GRACE: Duration = Duration::from_secs(10);
+/// Slots of a media connection's queue kept free of audio, so that responses and events
+/// always fit even when the agent reads audio too slowly.
+const MEDIA_TEXT_RESERVE: usize = 16;
+/// Slots of a leg's queue kept free of audio for ringing / answered / hang-up.
+const LEG_CONTROL_RESERVE: usize = 4;
 
 /// A way to reach a call's actor. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -71,6 +76,12 @@ impl CallHandle {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Queues a lifecycle input, waiting for room: for async callers that must not lose it.
+    /// Returns false if the call has ended.
+    pub(crate) async fn send_wait(&self, input: CallInput) -> bool {
+        self.control.send(input).await.is_ok()
     }
 
     /// Queues audio or a command, waiting for room. Returns false if the call has ended.
@@ -297,9 +308,19 @@ impl Leg {
         self.queue.clear();
     }
 
+    /// Sends to the leg without waiting. Audio only goes while the queue has room beyond a
+    /// reserve, so that call-state outputs (ringing, answered, hang-up) are never the ones lost.
     fn send(&self, out: LegOutput) {
+        let is_audio = matches!(out, LegOutput::Audio(_));
+        if is_audio && self.link.tx.capacity() <= LEG_CONTROL_RESERVE {
+            trace!(leg = self.id.0, "leg is not reading; audio frame dropped");
+            return;
+        }
         if let Err(mpsc::error::TrySendError::Full(_)) = self.link.tx.try_send(out) {
-            debug!(leg = self.id.0, "leg is not reading; frame dropped");
+            warn!(
+                leg = self.id.0,
+                "leg is not reading; call-state output dropped"
+            );
         }
     }
 
@@ -385,7 +406,11 @@ struct CallActor {
     /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
     /// waits for it to pick up.
     outbound: bool,
-    pending_answer: Option<String>,
+    /// An outbound call's `call.answer` waiting for the far end: command id and the client's
+    /// deadline.
+    pending_answer: Option<(String, Option<Instant>)>,
+    /// Unrequested agent audio was refused and reported; reset once audio fits again.
+    overflow_reported: bool,
     ended: bool,
     // Scratch buffers reused every tick.
     agent_frame: Vec<i16>,
@@ -429,6 +454,7 @@ impl CallActor {
             claimed: outbound.is_some(),
             outbound: outbound.is_some(),
             pending_answer: None,
+            overflow_reported: false,
             ended: false,
             agent_frame: Vec::new(),
             caller_frame: Vec::new(),
@@ -456,8 +482,24 @@ impl CallActor {
         // Catch up after a stall so that the legs keep receiving real-time audio.
         ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let shutdown = self.shared.shutdown.clone();
+        // One timer for every deadline, moved only when the earliest deadline changes.
+        let mut armed = self.next_deadline();
+        let sleep = tokio::time::sleep_until(armed.unwrap_or_else(Instant::now));
+        tokio::pin!(sleep);
+        let mut ticking = false;
         while !self.ended {
+            if self.phase == Phase::Answered && !ticking {
+                // The clock starts at the answer; ticks "missed" while ringing must not burst.
+                ticker.reset();
+                ticking = true;
+            }
             let deadline = self.next_deadline();
+            if deadline != armed {
+                armed = deadline;
+                if let Some(at) = deadline {
+                    sleep.as_mut().reset(at);
+                }
+            }
             tokio::select! {
                 biased;
                 // Cancel-safe: `cancelled` only observes the token.
@@ -466,9 +508,12 @@ impl CallActor {
                 Some(input) = control.recv() => self.on_input(input),
                 Some(input) = data.recv() => self.on_input(input),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
-                _ = ticker.tick(), if self.phase == Phase::Answered => self.on_tick(),
-                // Cancel-safe: recomputed every loop.
-                () = tokio::time::sleep_until(deadline) => self.on_deadline(Instant::now()),
+                _ = ticker.tick(), if ticking => self.on_tick(),
+                // Cancel-safe: the sleep is pinned outside the loop and only re-armed.
+                () = &mut sleep, if armed.is_some() => {
+                    armed = None;
+                    self.on_deadline(Instant::now());
+                }
             }
         }
         self.shared.registry.unindex_call(&self.handle.call_id);
@@ -485,28 +530,26 @@ impl CallActor {
         );
     }
 
-    fn next_deadline(&self) -> Instant {
-        let far = Instant::now() + Duration::from_secs(3600);
-        let mut deadline = far;
-        if self.phase == Phase::Ringing {
-            deadline = deadline.min(self.ring_deadline);
-        }
-        if let Some(c) = &self.connect {
-            deadline = deadline.min(c.ring_deadline);
-            if let Some(r) = c.reply_deadline {
-                deadline = deadline.min(r);
-            }
-        }
-        if let Some(lost) = self.media_lost_at {
-            deadline = deadline.min(lost + MEDIA_GRACE);
-        }
-        deadline
+    /// The earliest time something must happen without any input.
+    fn next_deadline(&self) -> Option<Instant> {
+        let ringing = (self.phase == Phase::Ringing).then_some(self.ring_deadline);
+        let connect = self
+            .connect
+            .iter()
+            .flat_map(|c| [Some(c.ring_deadline), c.reply_deadline]);
+        let answer = self.pending_answer.as_ref().and_then(|(_, d)| *d);
+        let media = self.media_lost_at.map(|lost| lost + MEDIA_GRACE);
+        [ringing, answer, media]
+            .into_iter()
+            .chain(connect)
+            .flatten()
+            .min()
     }
 
     fn on_deadline(&mut self, now: Instant) {
         if self.phase == Phase::Ringing && now >= self.ring_deadline {
             info!("nobody answered in time");
-            if let Some(id) = self.pending_answer.take() {
+            if let Some((id, _)) = self.pending_answer.take() {
                 self.respond(CommandResponse::error(
                     id,
                     ErrorCode::CallUnanswered,
@@ -515,6 +558,21 @@ impl CallActor {
             }
             self.finish(CloseReason::CallTerminated, HangupReason::NoAnswer);
             return;
+        }
+        if self
+            .pending_answer
+            .as_ref()
+            .is_some_and(|(_, d)| d.is_some_and(|d| now >= d))
+        {
+            // The app stops waiting at its deadline; the call keeps ringing and a new
+            // call.answer may wait again.
+            if let Some((id, _)) = self.pending_answer.take() {
+                self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::Timeout,
+                    format!("{} has not answered yet", self.handle.to),
+                ));
+            }
         }
         if let Some(c) = &self.connect {
             if now >= c.ring_deadline {
@@ -552,15 +610,9 @@ impl CallActor {
                 let _ = reply.send(result);
             }
             CallInput::MediaDetach { conn_id } => {
-                if self.media.as_ref().is_some_and(|m| m.conn_id == conn_id) {
-                    self.media = None;
-                    self.shared
-                        .registry
-                        .set_media_attached(&self.handle.session_id, false);
-                    if !self.agent_left {
-                        info!("media connection lost; waiting for the agent to reconnect");
-                        self.media_lost_at = Some(Instant::now());
-                    }
+                if self.is_current_media(conn_id) {
+                    info!("media connection lost; waiting for the agent to reconnect");
+                    self.detach_media();
                 }
             }
             CallInput::Command { conn_id, command } => {
@@ -571,11 +623,17 @@ impl CallActor {
             CallInput::AgentAudio { conn_id, pcm } => {
                 if self.is_current_media(conn_id) && !self.agent_left {
                     let pushed = self.playout.push(&pcm);
-                    if pushed.overflow > 0 {
-                        self.send_event(CallEvent::error(
-                            ErrorCode::BufferOverflow,
-                            format!("{} bytes of agent audio beyond what the server asked for were refused", pushed.overflow),
-                        ));
+                    if pushed.overflow == 0 {
+                        self.overflow_reported = false;
+                    } else if !self.overflow_reported {
+                        // Once per episode: a client flooding audio must not also get an
+                        // event per frame.
+                        self.overflow_reported = true;
+                        let message = format!(
+                            "{} bytes of agent audio beyond what the server asked for were refused",
+                            pushed.overflow
+                        );
+                        self.send_event(CallEvent::error(ErrorCode::BufferOverflow, message));
                     }
                 }
             }
@@ -594,6 +652,11 @@ impl CallActor {
     }
 
     fn on_claimed(&mut self, setup: SetupData) {
+        if self.media.is_some() {
+            // The agent's media connection fixed the format; a claim cannot change it under it.
+            self.claimed = true;
+            return;
+        }
         if setup.sample_rate != self.setup.sample_rate {
             let rate = setup.sample_rate;
             self.caller.set_agent_rate(rate);
@@ -653,7 +716,10 @@ impl CallActor {
                         "an answer is already waiting for the far end",
                     ));
                 }
-                self.pending_answer = Some(id);
+                let deadline = cmd
+                    .timeout_ms
+                    .map(|ms| Instant::now() + Duration::from_millis(ms));
+                self.pending_answer = Some((id, deadline));
             }
             CommandName::Answer => {
                 let already = self.phase == Phase::Answered;
@@ -893,7 +959,7 @@ impl CallActor {
                 self.phase = Phase::Answered;
                 self.caller.up = true;
                 self.caller.send(LegOutput::Answered);
-                if let Some(id) = self.pending_answer.take() {
+                if let Some((id, _)) = self.pending_answer.take() {
                     self.respond(CommandResponse::ok(
                         id,
                         Some(json!({ "alreadyAnswered": false })),
@@ -1004,28 +1070,45 @@ impl CallActor {
         let Some(media) = &self.media else {
             return false;
         };
-        let is_audio = matches!(out, MediaOut::Audio(_));
+        if matches!(out, MediaOut::Audio(_)) && media.tx.capacity() <= MEDIA_TEXT_RESERVE {
+            if !self.slow_media_reported {
+                self.slow_media_reported = true;
+                warn!("agent is not reading its audio; frames are being dropped");
+                let ev = MediaServerFrame::CallEvent(CallEvent::error(
+                    ErrorCode::SlowConsumer,
+                    "the application is not reading audio fast enough; frames were dropped",
+                ));
+                // The reserve guarantees room for this.
+                let _ = media.tx.try_send(MediaOut::Text(ev.encode()));
+            }
+            return false;
+        }
         match media.tx.try_send(out) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) if is_audio => {
-                if !self.slow_media_reported {
-                    self.slow_media_reported = true;
-                    warn!("agent is not reading its audio; frames are being dropped");
-                    let ev = MediaServerFrame::CallEvent(CallEvent::error(
-                        ErrorCode::SlowConsumer,
-                        "the application is not reading audio fast enough; frames were dropped",
-                    ));
-                    let _ = media.tx.try_send(MediaOut::Text(ev.encode()));
-                }
-                false
-            }
-            Err(_) => {
-                warn!("media connection cannot take a control frame; closing it");
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!("media connection cannot take even a control frame; closing it");
                 let _ = media.tx.try_send(MediaOut::Close);
-                self.media = None;
-                self.media_lost_at = Some(Instant::now());
+                self.detach_media();
                 false
             }
+            // The connection's task has ended; its detach notice is on the way.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                debug!("media connection already gone");
+                self.detach_media();
+                false
+            }
+        }
+    }
+
+    /// The media connection is gone without the agent leaving: the call waits for it to come
+    /// back with the same URL and token, for [`MEDIA_GRACE`].
+    fn detach_media(&mut self) {
+        self.media = None;
+        self.shared
+            .registry
+            .set_media_attached(&self.handle.session_id, false);
+        if !self.agent_left {
+            self.media_lost_at = Some(Instant::now());
         }
     }
 
@@ -1051,7 +1134,7 @@ impl CallActor {
                 "the call ended while connecting",
             ));
         }
-        if let Some(id) = self.pending_answer.take() {
+        if let Some((id, _)) = self.pending_answer.take() {
             self.respond(CommandResponse::error(
                 id,
                 ErrorCode::CallRejected,
