@@ -240,3 +240,85 @@ async fn session_create_places_an_outbound_call_answered_when_the_far_end_picks_
     assert_eq!(unreachable["errorCode"], "NO_ROUTE");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn call_flow_inbound_no_stops_offers_to_that_connection() {
+    let server = start(dev_config()).await;
+    let mut outbound_only = control(&server, 16000, "mixed").await;
+    let mut b = control(&server, 16000, "mixed").await;
+    let resp = outbound_only
+        .request(json!({"type": "call_flow.setup", "data": {"inboundCall": "NO", "outboundCall": "ALL"}}))
+        .await;
+    assert_eq!(resp["ok"], true);
+    let bad = outbound_only
+        .request(json!({"type": "call_flow.setup", "data": {"inboundCall": "SOMETIMES"}}))
+        .await;
+    assert_eq!(bad["errorCode"], "INVALID_REQUEST");
+    let _phone = dial(&server, "+1", "+2", 16000).await;
+    b.ws.expect_type("session.notify").await;
+    // Offers go to both queues at once; had one been queued for the outbound-only
+    // connection, it would arrive before the response to this later request.
+    outbound_only
+        .ws
+        .send_json(json!({"type": "call_flow.setup", "reqId": "r-after", "data": {}}))
+        .await;
+    let next = outbound_only.ws.text().await;
+    assert_eq!(next["type"], "response", "no offer before it: {next}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_live_call_stays_held_when_its_control_connection_drops() {
+    let server = start(dev_config()).await;
+    let mut a = control(&server, 16000, "mixed").await;
+    let _phone = dial(&server, "+1", "+2", 16000).await;
+    let call_in = a.take_call().await;
+    let session_id = call_in["sessionId"].as_str().unwrap().to_owned();
+    let _media = media(&call_in).await;
+    let a_id = a.id.clone();
+    drop(a);
+    let mut b = control(&server, 16000, "mixed").await;
+    // The claim must fail for as long as A's media is up, whenever B's connection notices.
+    let resp = b.open(&session_id).await;
+    assert_eq!(resp["errorCode"], "SESSION_BUSY", "{resp}");
+    assert_eq!(resp["errorContent"]["boundSmWsId"], a_id.as_str());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_control_connection_is_closed_as_dead() {
+    let mut config = dev_config();
+    config.control_idle_timeout_secs = 1;
+    config.control_ping_interval_secs = 3600;
+    let server = start(config).await;
+    let mut a = control(&server, 16000, "mixed").await;
+    // The client sends nothing; the server gives up on it after the idle timeout.
+    a.ws.closed().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn outbound_answer_honours_timeout_ms_and_can_wait_again() {
+    let server = start(dev_config()).await;
+    let mut a = control(&server, 16000, "mixed").await;
+    let mut far = register(&server, "+1777", 16000).await;
+    let resp = a
+        .request(json!({"type": "session.create", "channel": "TELCO", "remoteAddress": "+1777"}))
+        .await;
+    let session_id = resp["content"]["sessionId"].as_str().unwrap().to_owned();
+    assert_eq!(a.open(&session_id).await["ok"], true);
+    a.ready(&session_id).await;
+    let call_in = a.ws.expect_type("call.in").await;
+    let mut media = media(&call_in).await;
+    far.event("incoming").await;
+    let early = media.command_with_timeout("call.answer", None, 200).await;
+    assert_eq!(early["error_code"], "TIMEOUT", "{early}");
+    // Still ringing: a new answer waits for the pick-up.
+    let answer = media.command("call.answer", None);
+    let pick_up = async {
+        far.send_json(json!({"type": "answer"})).await;
+    };
+    let (answer, ()) = tokio::join!(answer, pick_up);
+    assert_eq!(answer["success"], true, "{answer}");
+    server.shutdown().await;
+}
