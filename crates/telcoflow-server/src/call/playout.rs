@@ -9,20 +9,23 @@
 //! Playout adapts to the agent's delivery jitter: when the clock finds no audio (an underrun)
 //! and audio arrives again within a few ticks (a gap, not the end of an utterance), the next
 //! start waits for one more frame to be buffered (up to [`MAX_PREBUFFER_FRAMES`]); after a stretch of smooth playout the
-//! pre-buffer shrinks again. A steady agent thus costs no extra delay and a jittery one gets
+//! pre-buffer shrinks again. The request target grows with gaps the same way (up to
+//! [`MAX_TARGET_FRAMES`]), which is what feeds an agent whose answers take a long round trip. A steady agent thus costs no extra delay and a jittery one gets
 //! just enough to stop the stutter.
 
 use std::collections::VecDeque;
 
-/// Target of buffered plus requested audio, in frames (80 ms).
+/// Starting target of buffered plus requested audio, in frames (80 ms).
 const TARGET_FRAMES: usize = 4;
+/// Highest the target grows to (500 ms): enough for an agent half a second of round trip away.
+const MAX_TARGET_FRAMES: usize = 25;
 /// Ask again only when at least this many frames are missing, so that a steady stream costs
 /// one request per 40 ms rather than one per frame.
 const REQUEST_FRAMES: usize = 2;
 /// Deepest pre-buffer the adaptation goes to (60 ms); below the request target.
 pub(crate) const MAX_PREBUFFER_FRAMES: usize = 3;
 /// Audio arriving within this many ticks of running dry means the dry spell was a gap.
-const GAP_TICKS: u64 = 3;
+const GAP_TICKS: u64 = 10;
 /// Ticks of smooth playout (5 s) after which the pre-buffer shrinks by a frame.
 const SMOOTH_TICKS: u32 = 250;
 
@@ -37,6 +40,10 @@ pub(crate) struct Playout {
     primed: bool,
     /// Frames to hold before (re)starting playout.
     prebuffer_frames: usize,
+    /// Frames of audio to keep buffered or requested. Starts small and grows with gaps, so
+    /// that an agent far away (whose answers to requests take a long round trip) still keeps
+    /// the buffer fed.
+    target_frames: usize,
     /// Ticks spent waiting with some audio buffered but less than the pre-buffer.
     waited: usize,
     tick: u64,
@@ -62,6 +69,7 @@ impl Playout {
             max_bytes: max_bytes.max(frame_bytes * TARGET_FRAMES),
             primed: false,
             prebuffer_frames: 1,
+            target_frames: TARGET_FRAMES,
             waited: 0,
             tick: 0,
             dry_at: None,
@@ -100,6 +108,9 @@ impl Playout {
             if self.tick - dry_at <= GAP_TICKS {
                 self.gaps += 1;
                 self.prebuffer_frames = (self.prebuffer_frames + 1).min(MAX_PREBUFFER_FRAMES);
+                let max_target =
+                    (self.max_bytes / self.frame_bytes).clamp(TARGET_FRAMES, MAX_TARGET_FRAMES);
+                self.target_frames = (self.target_frames + 2).min(max_target);
             }
         }
         self.outstanding = self.outstanding.saturating_sub(pcm.len());
@@ -113,7 +124,7 @@ impl Playout {
 
     /// How many bytes to request now, if any.
     pub(crate) fn want(&self) -> Option<usize> {
-        let target = TARGET_FRAMES * self.frame_bytes;
+        let target = self.target_frames * self.frame_bytes;
         let have = self.buf.len() + self.outstanding;
         let missing = target.saturating_sub(have);
         (missing >= REQUEST_FRAMES * self.frame_bytes).then(|| missing - missing % self.frame_bytes)
@@ -163,8 +174,9 @@ impl Playout {
         }
         out[filled..].fill(0);
         self.smooth_ticks += 1;
-        if self.smooth_ticks >= SMOOTH_TICKS && self.prebuffer_frames > 1 {
-            self.prebuffer_frames -= 1;
+        if self.smooth_ticks >= SMOOTH_TICKS {
+            self.prebuffer_frames = (self.prebuffer_frames - 1).max(1);
+            self.target_frames = (self.target_frames - 1).max(TARGET_FRAMES);
             self.smooth_ticks = 0;
         }
         true
@@ -264,7 +276,7 @@ mod tests {
         assert!(p.pop_frame(&mut out));
         assert!(p.pop_frame(&mut out));
         // Audio that comes back long after running dry is a new utterance, not a gap.
-        for _ in 0..10 {
+        for _ in 0..(GAP_TICKS + 5) {
             p.pop_frame(&mut out);
         }
         p.push(&frame);
@@ -289,6 +301,39 @@ mod tests {
             assert!(p.pop_frame(&mut out));
         }
         assert_eq!((p.gaps(), p.prebuffer_frames()), (0, 1));
+    }
+
+    #[test]
+    fn a_far_agent_gets_a_larger_request_target() {
+        // The agent answers each request 6 ticks (120 ms) after it is made: more than the
+        // starting 80 ms target covers. Gaps grow the target until playout runs smoothly.
+        let frame_bytes = 4;
+        let mut p = Playout::new(frame_bytes, 10_000);
+        let mut in_flight: std::collections::VecDeque<(u64, usize)> = Default::default();
+        let mut out = [0i16; 2];
+        let mut late_gaps = 0;
+        for tick in 0..400u64 {
+            while in_flight.front().is_some_and(|(due, _)| *due <= tick) {
+                let (_, bytes) = in_flight.pop_front().unwrap();
+                p.push(&vec![1u8; bytes]);
+            }
+            if let Some(bytes) = p.want() {
+                p.requested(bytes);
+                in_flight.push_back((tick + 6, bytes));
+            }
+            let before = p.gaps();
+            p.pop_frame(&mut out);
+            if tick > 200 && p.gaps() > before {
+                late_gaps += 1;
+            }
+        }
+        assert!(
+            p.target_frames > TARGET_FRAMES,
+            "target grew: {}",
+            p.target_frames
+        );
+        assert!(p.gaps() > 0);
+        assert_eq!(late_gaps, 0, "once adapted, playout runs without gaps");
     }
 
     #[test]
