@@ -1,0 +1,104 @@
+//! `call.connect` dialling out over SIP: the caller is a simulated phone, the destination is
+//! SIPp playing a SIP phone, so one call has a phone of each network on its two ends.
+
+mod common;
+mod sipp;
+
+use common::*;
+use serde_json::json;
+
+const CALLED: &str = "+15559990001";
+
+fn connect_config(ports: sipp::Ports) -> telcoflow_server::Config {
+    let mut config = sipp::sip_config(ports);
+    config.connectors[0].connect.insert(
+        CALLED.into(),
+        format!("sip:+15550200@127.0.0.1:{}", ports.sipp_sip),
+    );
+    config
+}
+
+#[tokio::test]
+async fn sip_connect_rings_a_sip_phone_that_answers_and_audio_flows() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(10);
+    let dir = sipp::work_dir("connect-answer");
+    let mut args = sipp::uas_args(ports, "uas_answer.xml");
+    // The SIP phone sends back whatever it hears, so the caller hears itself through it.
+    args.push("-rtp_echo".into());
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let (server, _control, mut phone, mut media) = answered_call(connect_config(ports), 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+
+    // Barge (the default): the caller hears the destination, here its own voice echoed back
+    // over RTP by the SIP phone.
+    let frame = 160;
+    let level: i16 = 5000;
+    let mut heard = 0;
+    for round in 0..150 {
+        let n = if round == 0 { 3 } else { 1 };
+        for _ in 0..n {
+            phone.send_level(level, frame).await;
+        }
+        let samples = samples(&phone.ws.binary().await);
+        heard = i32::from(samples[frame / 2]);
+        if (heard - i32::from(level)).abs() < 500 {
+            break;
+        }
+    }
+    assert!(
+        (heard - i32::from(level)).abs() < 500,
+        "the caller heard {heard} through the SIP phone, expected about {level}"
+    );
+    // The app hangs up: the SIP phone gets a BYE and its scenario completes.
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    sip_phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_connect_to_a_phone_that_never_answers_is_call_unanswered() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(11);
+    let dir = sipp::work_dir("connect-noanswer");
+    let args = sipp::uas_args(ports, "uas_noanswer.xml");
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let (server, _control, _phone, mut media) = answered_call(connect_config(ports), 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 1})))
+        .await;
+    assert_eq!(resp["success"], false, "{resp}");
+    assert_eq!(resp["error_code"], "CALL_UNANSWERED", "{resp}");
+    // The server gave up with CANCEL; SIPp saw CANCEL, answered 487 and got the ACK.
+    sip_phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_connect_without_sip_configured_is_refused() {
+    let mut config = dev_config();
+    config.connectors[0]
+        .connect
+        .insert(CALLED.into(), "sip:+15550200@127.0.0.1:5999".into());
+    let (server, _control, _phone, mut media) = answered_call(config, 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 1})))
+        .await;
+    assert_eq!(resp["success"], false, "{resp}");
+    assert_eq!(resp["error_code"], "CALL_REJECTED", "{resp}");
+    assert!(
+        resp["error_message"].as_str().unwrap().contains("[sip]"),
+        "{resp}"
+    );
+    server.shutdown().await;
+}
