@@ -315,3 +315,78 @@ async fn sip_twenty_concurrent_calls_are_all_answered() {
     phones.await.unwrap().assert_passed();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_reinvite_hold_is_answered_recvonly_and_the_call_goes_on() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(12);
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("hold");
+    let args = sipp::uac_args(&server, ports, "uac_hold.xml", "+15559990001", 1);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut media = answer_next(&mut control).await;
+    // The hold does not end the call: it ends with SIPp's BYE, after the re-INVITE.
+    let ended = terminated(&mut media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_rtp_timeout_ends_the_call_with_bye() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(13);
+    let mut config = sipp::sip_config(ports);
+    config.sip.as_mut().unwrap().rtp_timeout_secs = 1;
+    let server = start(config).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("rtp-timeout");
+    let args = sipp::uac_args(&server, ports, "uac_rtp_silent.xml", "+15559990001", 1);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut media = answer_next(&mut control).await;
+    let ended = terminated(&mut media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    // SIPp got the server's BYE and answered it.
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_options_gets_200_and_malformed_request_gets_400_with_reason() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(14);
+    let server = start(sipp::sip_config(ports)).await;
+    let dir = sipp::work_dir("options");
+    let args = sipp::uac_args(&server, ports, "options.xml", "+15559990001", 1);
+    sipp::run(&dir, &args).await.assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_call_over_tcp_is_answered_and_ended() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(15);
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("tcp");
+    let mut args = sipp::uac_args(&server, ports, "uac_short.xml", "+15559990001", 1);
+    args.extend(["-t".into(), "t1".into()]);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut media = answer_next(&mut control).await;
+    let ended = terminated(&mut media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}

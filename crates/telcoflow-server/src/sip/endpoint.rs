@@ -742,3 +742,65 @@ impl Endpoint {
             .spawn(task.instrument(info_span!("sip_tcp", %peer)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(low: u16, high: u16) -> Arc<MediaEnv> {
+        Arc::new(MediaEnv {
+            pool: Mutex::new(PortPool::new(low, high).unwrap()),
+            bind_ip: IpAddr::from([127, 0, 0, 1]),
+            advertised: IpAddr::from([127, 0, 0, 1]),
+            rtp_timeout: Duration::from_secs(30),
+        })
+    }
+
+    #[test]
+    fn rtp_ports_come_from_the_range_and_go_back_on_drop() {
+        let env = env(41000, 41003); // two even ports: 41000, 41002
+        let (a_sock, a) = env.bind().expect("first port");
+        let (b_sock, b) = env.bind().expect("second port");
+        assert_ne!(a.port, b.port);
+        for (sock, guard) in [(&a_sock, &a), (&b_sock, &b)] {
+            assert_eq!(sock.local_addr().unwrap().port(), guard.port);
+            assert!((41000..=41003).contains(&guard.port) && guard.port % 2 == 0);
+        }
+        assert!(env.bind().is_none(), "the range is used up");
+        drop((a_sock, a));
+        let (_sock, c) = env.bind().expect("a released port is reused");
+        assert_eq!(env.lock().in_use(), 2);
+        drop(c);
+        drop((b_sock, b));
+        assert_eq!(env.lock().in_use(), 0);
+    }
+
+    #[test]
+    fn a_port_taken_by_another_process_is_skipped() {
+        let env = env(41010, 41013);
+        let squatter = std::net::UdpSocket::bind(("127.0.0.1", 41010)).unwrap();
+        let (_sock, guard) = env.bind().expect("the other port");
+        assert_eq!(guard.port, 41012);
+        assert_eq!(
+            env.lock().in_use(),
+            1,
+            "the busy port went back to the pool"
+        );
+        drop(squatter);
+    }
+
+    #[test]
+    fn destinations_resolve() {
+        assert_eq!(
+            resolve("127.0.0.1", 5070).unwrap(),
+            "127.0.0.1:5070".parse().unwrap()
+        );
+        assert_eq!(
+            resolve("[::1]", 5060).unwrap(),
+            "[::1]:5060".parse().unwrap()
+        );
+        assert_eq!(resolve("localhost", 5060).unwrap().port(), 5060);
+        assert_eq!(host_literal("::1".parse().unwrap()), "[::1]");
+        assert_eq!(host_literal("10.0.0.1".parse().unwrap()), "10.0.0.1");
+    }
+}
