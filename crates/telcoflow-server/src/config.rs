@@ -466,6 +466,24 @@ mod tests {
     }
 
     #[test]
+    fn documented_sip_example_parses() {
+        let doc = include_str!("../../../docs/sip.md");
+        let start = doc.find("```toml").expect("docs/sip.md has a toml block") + "```toml".len();
+        let end = start + doc[start..].find("```").expect("closed block");
+        let config = Config::from_toml(&doc[start..end]).expect("documented example is valid");
+        let sip = config.sip.as_ref().expect("[sip] section");
+        assert_eq!(sip.rtp_port_range().unwrap(), (20000, 20999));
+        assert_eq!(
+            sip.trunk_for("sip.carrier.example").map(|t| t.username.as_str()),
+            Some("acme")
+        );
+        assert_eq!(
+            config.connectors[0].connect_destination("+4420700000002"),
+            Some("+15550100")
+        );
+    }
+
+    #[test]
     fn rejects_bad_sip_values() {
         let base = "[[connectors]]\nuuid='u'\napi_key='k'\n";
         for bad in [
