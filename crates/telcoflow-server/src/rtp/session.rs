@@ -12,7 +12,9 @@
 //!   buffer the owner sends to [`RtpSession::remote`].
 //! - [`RtpSession::poll_rtcp`] writes a compound SR/RR + SDES packet when one is due (every
 //!   [`SessionConfig::rtcp_interval`]); it takes the wall clock as an argument for the NTP
-//!   timestamp.
+//!   timestamp. Send it from the RTCP port (ours + 1) to [`RtpSession::rtcp_remote`], and
+//!   feed what that port receives to [`RtpSession::handle_rtcp_datagram`]. A peer that
+//!   multiplexes RTCP on its RTP port (RFC 5761) is answered the same way.
 //! - [`RtpSession::timed_out`] says whether no packet arrived for
 //!   [`SessionConfig::rtp_timeout`]; [`RtpSession::set_receiving`] pauses that check while the
 //!   peer holds the call.
@@ -20,6 +22,7 @@
 //! Symmetric RTP (RFC 4961): packets go to the SDP address until the first valid RTP packet
 //! arrives, then to that packet's source, which NAT'd phones need. Once latched, packets
 //! from other sources are ignored until [`RtpSession::set_remote`] (a new SDP) unlatches.
+//! RTCP latches the same way, separately.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -197,6 +200,10 @@ pub struct RtpSession {
     config: SessionConfig,
     remote: SocketAddr,
     latched: bool,
+    rtcp_remote: SocketAddr,
+    rtcp_latched: bool,
+    /// The peer sent RTCP on its RTP port: send ours there too.
+    rtcp_mux: bool,
     jitter: JitterBuffer,
     dtmf: DtmfReceiver,
     reception: Reception,
@@ -212,12 +219,21 @@ pub struct RtpSession {
 }
 
 impl RtpSession {
-    /// Starts a session towards the SDP address `remote`.
-    pub fn new(config: SessionConfig, remote: SocketAddr, now: Instant) -> Self {
+    /// Starts a session towards the SDP addresses for RTP and RTCP (see
+    /// [`Negotiated`](crate::sip::sdp::Negotiated)).
+    pub fn new(
+        config: SessionConfig,
+        remote: SocketAddr,
+        remote_rtcp: SocketAddr,
+        now: Instant,
+    ) -> Self {
         let jitter = JitterBuffer::new(config.jitter);
         Self {
             remote,
             latched: false,
+            rtcp_remote: remote_rtcp,
+            rtcp_latched: false,
+            rtcp_mux: false,
             jitter,
             dtmf: DtmfReceiver::default(),
             reception: Reception::default(),
@@ -249,10 +265,28 @@ impl RtpSession {
         &self.jitter
     }
 
-    /// A new SDP changed the peer's address or codec: send there and latch afresh.
-    pub fn set_remote(&mut self, remote: SocketAddr, codec: G711, payload_type: u8) {
+    /// Where to send RTCP now.
+    pub fn rtcp_remote(&self) -> SocketAddr {
+        if self.rtcp_mux {
+            self.remote
+        } else {
+            self.rtcp_remote
+        }
+    }
+
+    /// A new SDP changed the peer's addresses or codec: send there and latch afresh.
+    pub fn set_remote(
+        &mut self,
+        remote: SocketAddr,
+        remote_rtcp: SocketAddr,
+        codec: G711,
+        payload_type: u8,
+    ) {
         self.remote = remote;
         self.latched = false;
+        self.rtcp_remote = remote_rtcp;
+        self.rtcp_latched = false;
+        self.rtcp_mux = false;
         self.config.codec = codec;
         self.config.payload_type = payload_type;
     }
@@ -284,7 +318,8 @@ impl RtpSession {
         if is_rtcp(data) {
             return match RtcpPacket::parse_compound(data) {
                 Ok(packets) => {
-                    self.note_source(source, now);
+                    self.latch(source);
+                    self.rtcp_mux = true;
                     for p in packets {
                         self.handle_rtcp(p, now);
                     }
@@ -302,7 +337,8 @@ impl RtpSession {
         if !is_dtmf && G711::from_payload_type(pt).is_none() {
             return Received::UnknownPayload(pt);
         }
-        self.note_source(source, now);
+        self.latch(source);
+        self.last_received = now;
         self.stats.packets_received += 1;
         self.reception
             .update(packet.header.ssrc, packet.header.sequence);
@@ -322,11 +358,36 @@ impl RtpSession {
         Received::Audio
     }
 
-    fn note_source(&mut self, source: SocketAddr, now: Instant) {
-        self.last_received = now;
+    fn latch(&mut self, source: SocketAddr) {
         if !self.latched {
             self.remote = source;
             self.latched = true;
+        }
+    }
+
+    /// Handles one datagram from the RTCP port. RTCP does not count as activity for the RTP
+    /// timeout: a peer that stopped sending media is gone even if its RTCP goes on.
+    pub fn handle_rtcp_datagram(
+        &mut self,
+        source: SocketAddr,
+        data: &[u8],
+        now: Instant,
+    ) -> Received {
+        if self.rtcp_latched && source != self.rtcp_remote {
+            return Received::WrongSource;
+        }
+        match RtcpPacket::parse_compound(data) {
+            Ok(packets) => {
+                if !self.rtcp_latched {
+                    self.rtcp_remote = source;
+                    self.rtcp_latched = true;
+                }
+                for p in packets {
+                    self.handle_rtcp(p, now);
+                }
+                Received::Rtcp
+            }
+            Err(e) => Received::Malformed(e),
         }
     }
 
@@ -432,13 +493,19 @@ mod tests {
     use crate::rtp::jitter::{FRAME_DURATION, FrameKind};
 
     const PEER_SDP: &str = "192.0.2.50:40000";
+    const PEER_SDP_RTCP: &str = "192.0.2.50:40001";
     const PEER_NAT: &str = "198.51.100.7:61000";
 
     fn session(now: Instant) -> RtpSession {
         let mut config = SessionConfig::new(G711::Pcmu, 0x1111, 100, 5000);
         config.telephone_event = Some(101);
         config.jitter.min_delay = Duration::from_millis(20);
-        RtpSession::new(config, PEER_SDP.parse().unwrap(), now)
+        RtpSession::new(
+            config,
+            PEER_SDP.parse().unwrap(),
+            PEER_SDP_RTCP.parse().unwrap(),
+            now,
+        )
     }
 
     fn rtp(pt: u8, seq: u16, ts: u32, payload: &[u8]) -> Vec<u8> {
@@ -505,7 +572,7 @@ mod tests {
             Received::WrongSource
         );
         // A new SDP unlatches.
-        s.set_remote(other, G711::Pcma, 8);
+        s.set_remote(other, other, G711::Pcma, 8);
         assert_eq!(
             s.handle_datagram(other, &rtp(8, 3, 320, &[0xD5; 160]), now),
             Received::Audio
@@ -562,6 +629,38 @@ mod tests {
             s.handle_datagram(src, &[0x80, 0x00, 1], now),
             Received::Malformed(_)
         ));
+    }
+
+    #[test]
+    fn rtcp_port_latching_and_mux() {
+        let now = Instant::now();
+        let mut s = session(now);
+        assert_eq!(s.rtcp_remote(), PEER_SDP_RTCP.parse().unwrap());
+        let rr = ReceiverReport {
+            ssrc: 0x2222,
+            reports: vec![],
+        };
+        let mut buf = [0u8; 64];
+        let n = rr.write(&mut buf).unwrap();
+        let nat: SocketAddr = "198.51.100.7:61001".parse().unwrap();
+        assert_eq!(s.handle_rtcp_datagram(nat, &buf[..n], now), Received::Rtcp);
+        assert_eq!(s.rtcp_remote(), nat);
+        let other: SocketAddr = "203.0.113.1:9".parse().unwrap();
+        assert_eq!(
+            s.handle_rtcp_datagram(other, &buf[..n], now),
+            Received::WrongSource
+        );
+        assert!(matches!(
+            s.handle_rtcp_datagram(nat, &[1, 2, 3], now),
+            Received::Malformed(_)
+        ));
+        // RTCP alone does not keep the RTP timeout away.
+        assert!(s.timed_out(now + Duration::from_secs(30)));
+        // A peer muxing RTCP on its RTP port gets ours there.
+        let mut m = session(now);
+        let rtp_src: SocketAddr = PEER_NAT.parse().unwrap();
+        assert_eq!(m.handle_datagram(rtp_src, &buf[..n], now), Received::Rtcp);
+        assert_eq!(m.rtcp_remote(), rtp_src);
     }
 
     #[test]
@@ -668,10 +767,17 @@ mod tests {
         let t0 = Instant::now();
         let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
         let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
-        let mut a = RtpSession::new(SessionConfig::new(G711::Pcma, 0xA, 1, 1), b_addr, t0);
+        let b_rtcp: SocketAddr = "10.0.0.2:30001".parse().unwrap();
+        let mut a = RtpSession::new(
+            SessionConfig::new(G711::Pcma, 0xA, 1, 1),
+            b_addr,
+            b_rtcp,
+            t0,
+        );
         let mut b_config = SessionConfig::new(G711::Pcma, 0xB, 2, 2);
         b_config.jitter.min_delay = Duration::from_millis(60);
-        let mut b = RtpSession::new(b_config, a_addr, t0);
+        let a_rtcp: SocketAddr = "10.0.0.1:20001".parse().unwrap();
+        let mut b = RtpSession::new(b_config, a_addr, a_rtcp, t0);
         let mut buf = [0u8; 1500];
         let mut in_flight: Vec<Vec<u8>> = Vec::new();
         let mut heard: Vec<i16> = Vec::new();

@@ -26,7 +26,7 @@
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
 //! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `write_audio` (8 kHz) | same |
 //! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
-//! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
+//! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
 
 pub mod digest;

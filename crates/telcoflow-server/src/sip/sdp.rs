@@ -174,6 +174,8 @@ pub struct MediaDescription {
     pub fmtps: Vec<(u8, String)>,
     /// `a=ptime`, in milliseconds.
     pub ptime: Option<u32>,
+    /// `a=rtcp` port (RFC 3605), when RTCP is not on the RTP port + 1.
+    pub rtcp_port: Option<u16>,
     /// Direction attribute, if present at media level.
     pub direction: Option<Direction>,
     /// Other attributes, verbatim without `a=`.
@@ -319,6 +321,7 @@ impl SessionDescription {
                         rtpmaps: Vec::new(),
                         fmtps: Vec::new(),
                         ptime: None,
+                        rtcp_port: None,
                         direction: None,
                         other: Vec::new(),
                     });
@@ -351,6 +354,11 @@ impl SessionDescription {
                             m.fmtps.push((pt, params.trim().to_string()));
                         }
                         ("ptime", Some(arg)) => m.ptime = arg.parse().ok(),
+                        ("rtcp", Some(arg)) => {
+                            // "port [nettype addrtype address]": the port is what we use.
+                            let port = arg.split_ascii_whitespace().next().unwrap_or(arg);
+                            m.rtcp_port = port.parse().ok();
+                        }
                         _ => m.other.push(value.to_string()),
                     }
                 }
@@ -443,6 +451,9 @@ impl std::fmt::Display for SessionDescription {
             if let Some(p) = m.ptime {
                 let _ = write!(s, "a=ptime:{p}\r\n");
             }
+            if let Some(p) = m.rtcp_port {
+                let _ = write!(s, "a=rtcp:{p}\r\n");
+            }
             for a in &m.other {
                 let _ = write!(s, "a={a}\r\n");
             }
@@ -511,12 +522,19 @@ pub struct Negotiated {
     pub telephone_event: Option<u8>,
     /// Where to send RTP (until symmetric RTP learns the real source).
     pub remote: SocketAddr,
+    /// Where to send RTCP: the `a=rtcp` port, else the RTP port + 1 (RFC 3550 11).
+    pub remote_rtcp: SocketAddr,
     /// Our direction for this stream.
     pub direction: Direction,
     /// The peer put the call on hold (sendonly, inactive, or c=0.0.0.0).
     pub remote_hold: bool,
     /// Index of the audio section in the SDP.
     pub media_index: usize,
+}
+
+fn rtcp_addr(addr: IpAddr, m: &MediaDescription) -> SocketAddr {
+    let port = m.rtcp_port.unwrap_or_else(|| m.port.saturating_add(1));
+    SocketAddr::new(addr, port)
 }
 
 fn is_unspecified(addr: IpAddr) -> bool {
@@ -557,6 +575,7 @@ fn audio_media(
         rtpmaps,
         fmtps,
         ptime: Some(PTIME_MS),
+        rtcp_port: None,
         direction: Some(direction),
         other: Vec::new(),
     }
@@ -581,6 +600,7 @@ pub fn answer(
             rtpmaps: Vec::new(),
             fmtps: Vec::new(),
             ptime: None,
+            rtcp_port: None,
             direction: None,
             other: Vec::new(),
         };
@@ -625,6 +645,7 @@ pub fn answer(
             payload_type: pt,
             telephone_event: te,
             remote: SocketAddr::new(addr, m.port),
+            remote_rtcp: rtcp_addr(addr, m),
             direction,
             remote_hold,
             media_index: index,
@@ -702,6 +723,7 @@ pub fn accept_answer(
             .telephone_event()
             .filter(|te| m.payload_types().any(|p| p == *te)),
         remote: SocketAddr::new(addr, m.port),
+        remote_rtcp: rtcp_addr(addr, m),
         direction: answered.reversed(),
         remote_hold: is_unspecified(addr) || !answered.receives(),
         media_index: index,
@@ -759,6 +781,7 @@ a=rtpmap:96 H264/90000\r\n";
         assert_eq!(n.payload_type, 8);
         assert_eq!(n.telephone_event, Some(101));
         assert_eq!(n.remote, "192.0.2.10:49170".parse().unwrap());
+        assert_eq!(n.remote_rtcp, "192.0.2.10:49171".parse().unwrap());
         assert!(!n.remote_hold);
         let text = answer.to_string();
         assert!(text.contains("m=audio 20000 RTP/AVP 8 101\r\n"), "{text}");
@@ -795,6 +818,21 @@ a=rtpmap:96 H264/90000\r\n";
         assert_eq!(n.codec, G711::Pcmu);
         assert_eq!(n.telephone_event, None);
         assert!(!sdp.to_string().contains("telephone-event"));
+    }
+
+    #[test]
+    fn rtcp_attribute_sets_the_rtcp_port() {
+        let text = LINPHONE_OFFER.replace(
+            "a=ptime:20\r\n",
+            "a=ptime:20\r\na=rtcp:53020 IN IP4 192.0.2.10\r\n",
+        );
+        let offer = SessionDescription::parse(&text).unwrap();
+        assert_eq!(offer.media[0].rtcp_port, Some(53020));
+        let (_, n) = answer(&offer, &local()).unwrap();
+        assert_eq!(n.remote_rtcp, "192.0.2.10:53020".parse().unwrap());
+        let mut with = offer.clone();
+        with.media[0].rtcp_port = Some(7);
+        assert!(with.to_string().contains("a=rtcp:7\r\n"));
     }
 
     #[test]
