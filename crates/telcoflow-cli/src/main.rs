@@ -1,4 +1,5 @@
-//! The `telcoflow` command: run a server, place and take simulated phone calls.
+//! The `telcoflow` command: run a server, place and take simulated phone calls, run voice
+//! agents on the Telcoflow SDK and try the whole path end to end.
 //!
 //! Each subcommand lives in `src/cmd/<name>.rs` and exposes `Args` (a `clap::Args`) and
 //! `async fn run(Args) -> anyhow::Result<ExitCode>`. Adding one is one line in [`commands!`]
@@ -41,6 +42,10 @@ commands! {
     Call => call,
     /// Wait at a number as a simulated phone (e.g. the destination of call.connect).
     Phone => phone,
+    /// Run a voice agent on a server: echo the caller, or speak a WAV file.
+    Agent => agent,
+    /// Start a server, an echo agent and a simulated caller in this process; show the call.
+    Demo => demo,
 }
 
 /// Telcoflow: connect voice applications to phone calls.

@@ -9,7 +9,7 @@ use crate::Error;
 use crate::config::TelcoflowClientConfig;
 use crate::event::ClientEvent;
 use crate::ring::RingBuffer;
-use crate::transport::{self, Ws};
+use crate::transport::{self, Tls, Ws};
 use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
@@ -199,6 +199,7 @@ fn telco() -> String {
 pub(crate) struct CallSettings {
     pub(crate) buffer_size: usize,
     pub(crate) audio_channel_capacity: usize,
+    pub(crate) tls: Tls,
 }
 
 impl From<&TelcoflowClientConfig> for CallSettings {
@@ -206,6 +207,7 @@ impl From<&TelcoflowClientConfig> for CallSettings {
         Self {
             buffer_size: c.buffer_size,
             audio_channel_capacity: c.audio_channel_capacity,
+            tls: c.media_tls.clone(),
         }
     }
 }
@@ -304,8 +306,21 @@ struct Channels {
     dropped_total: u64,
 }
 
+impl Channels {
+    /// Ends every stream: handed-out streams end after what they hold; a stream not handed
+    /// out yet keeps its buffered audio for a later `audio_stream`.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.slots.retain(|_, slot| slot.rx.is_some());
+        for slot in self.slots.values_mut() {
+            slot.tx = None;
+        }
+    }
+}
+
 struct ChannelSlot {
-    tx: mpsc::Sender<Bytes>,
+    /// `None` once the call has ended, which ends the stream after what it holds.
+    tx: Option<mpsc::Sender<Bytes>>,
     /// Receiver not handed out yet (channel 0 buffers from the start).
     rx: Option<mpsc::Receiver<Bytes>>,
     overflowing: bool,
@@ -347,7 +362,7 @@ impl ActiveCall {
         slots.insert(
             media::CHANNEL_MIXED,
             ChannelSlot {
-                tx: tx0,
+                tx: Some(tx0),
                 rx: Some(rx0),
                 overflowing: false,
             },
@@ -463,7 +478,18 @@ impl ActiveCall {
         let mut rx = self.core.state.subscribe();
         // `wait_for` only fails when the sender is gone, which cannot happen while `self`
         // holds the core; either way the call is over.
-        let _ = rx.wait_for(|s| *s == CallState::Terminated).await;
+        let cancelled = tokio::select! {
+            _ = rx.wait_for(|s| *s == CallState::Terminated) => false,
+            () = self.core.cancel.cancelled() => true,
+        };
+        if cancelled {
+            // The client shut down. A call whose media never opened has no driver to end it,
+            // so end it here; an open one ends when its driver stops.
+            if self.core.media.lock().is_none() {
+                self.finish_locally();
+            }
+            let _ = rx.wait_for(|s| *s == CallState::Terminated).await;
+        }
     }
 
     /// Opens the media connection if it is not open yet. Commands and sends do this
@@ -598,12 +624,6 @@ impl ActiveCall {
     /// [`CallEvent::AudioOverflow`].
     pub fn audio_stream(&self, channel: u8) -> AudioStream {
         let mut ch = self.core.channels.lock();
-        if ch.finished {
-            let (_, rx) = mpsc::channel(1);
-            return AudioStream {
-                inner: ReceiverStream::new(rx),
-            };
-        }
         if let Some(slot) = ch.slots.get_mut(&channel) {
             if let Some(rx) = slot.rx.take() {
                 return AudioStream {
@@ -611,11 +631,17 @@ impl ActiveCall {
                 };
             }
         }
+        if ch.finished {
+            let (_, rx) = mpsc::channel(1);
+            return AudioStream {
+                inner: ReceiverStream::new(rx),
+            };
+        }
         let (tx, rx) = mpsc::channel(self.core.settings.audio_channel_capacity);
         ch.slots.insert(
             channel,
             ChannelSlot {
-                tx,
+                tx: Some(tx),
                 rx: None,
                 overflowing: false,
             },
@@ -699,11 +725,7 @@ impl ActiveCall {
             }
             None => {
                 // No media driver will run to end the streams: end them here.
-                {
-                    let mut ch = self.core.channels.lock();
-                    ch.finished = true;
-                    ch.slots.clear();
-                }
+                self.core.channels.lock().finish();
                 if changed {
                     emit(&self.core, CallEvent::Terminated { reason: None });
                 }
@@ -743,8 +765,15 @@ impl ActiveCall {
                 Ok(media)
             }
             Err(e) => {
-                // Back to NEW so that a retry or a hand-off stays possible.
-                self.core.state.send_replace(CallState::New);
+                // Back to NEW so that a retry or a hand-off stays possible, unless the call
+                // was ended meanwhile.
+                self.core.state.send_if_modified(|st| {
+                    let opening = *st == CallState::Opening;
+                    if opening {
+                        *st = CallState::New;
+                    }
+                    opening
+                });
                 Err(e)
             }
         }
@@ -767,7 +796,7 @@ async fn open_media(core: &CallCore) -> Result<Ws, Error> {
     transport::add_secret(&mut req, "authorization", &format!("Bearer {}", core.token))?;
     debug!("opening media connection");
     tokio::select! {
-        r = transport::connect(req, None) => r,
+        r = transport::connect(req, &core.settings.tls) => r,
         () = core.cancel.cancelled() => Err(Error::Shutdown),
     }
 }
@@ -859,11 +888,7 @@ async fn drive_media(
             let _ = tx.send(Err(Error::CallClosed));
         }
     }
-    {
-        let mut ch = core.channels.lock();
-        ch.finished = true;
-        ch.slots.clear();
-    }
+    core.channels.lock().finish();
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     if changed {
         emit(&core, CallEvent::Terminated { reason: None });
@@ -945,7 +970,10 @@ fn on_audio(core: &CallCore, data: Bytes) {
     let Some(slot) = ch.slots.get_mut(&channel) else {
         return;
     };
-    match slot.tx.try_send(data.slice(1..)) {
+    let Some(tx) = slot.tx.as_ref() else {
+        return;
+    };
+    match tx.try_send(data.slice(1..)) {
         Ok(()) => slot.overflowing = false,
         Err(mpsc::error::TrySendError::Closed(_)) => {
             ch.slots.remove(&channel);
@@ -979,6 +1007,9 @@ fn on_audio(core: &CallCore, data: Bytes) {
 /// Answers buffer requests in order with frames of the preferred size, waiting for the
 /// application's audio for each frame. Ends when the ring buffer closes.
 async fn flow_control(media: &Media) {
+    // A frame never exceeds the ring buffer, whatever the server asks for: the buffer could
+    // never fill it, and a hostile size must not drive the allocation below.
+    let max_frame = media.ring.capacity();
     loop {
         let req = loop {
             if let Some(r) = media.requests.lock().pop_front() {
@@ -995,7 +1026,7 @@ async fn flow_control(media: &Media) {
         };
         let mut remaining = req.requested_bytes as usize;
         while remaining > 0 {
-            let want = frame_bytes.min(remaining);
+            let want = frame_bytes.min(remaining).min(max_frame);
             let mut buf = Vec::with_capacity(1 + want);
             buf.push(media::CHANNEL_MIXED);
             let n = media.ring.read(want, want, &mut buf).await;

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::{
-    self, CallIn, ClientFrame, Response, ServerFrame, SessionInfo, SetupData,
+    self, CallIn, Channel, ClientFrame, Response, ServerFrame, SessionInfo, SetupData,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -328,11 +328,12 @@ impl Driver {
                     continue;
                 }
             };
+            info!(%sm_ws_id, "control connection up");
+            // Set before `connect` returns, so that `sm_ws_id()` is known at once.
+            self.sm_ws_id.send_replace(Some(sm_ws_id.clone()));
             if let Some(f) = first.take() {
                 let _ = f.send(Ok(()));
             }
-            info!(%sm_ws_id, "control connection up");
-            self.sm_ws_id.send_replace(Some(sm_ws_id.clone()));
             if !self
                 .emit(ClientEvent::Connected {
                     sm_ws_id: sm_ws_id.clone(),
@@ -552,7 +553,9 @@ impl Driver {
             } => {
                 debug!(%session_id, ?activity, "session.notify");
                 match self.config.session_mode {
-                    SessionMode::Auto => {
+                    // Calls only: a messaging session claimed here would be lost to the
+                    // connector's other clients, since this SDK does not handle messages.
+                    SessionMode::Auto if channel == Channel::Telco => {
                         let Ok(id) = self.register(pending, Pending::AutoClaim(session_id.clone()))
                         else {
                             warn!(%session_id, "too many requests in flight; session not claimed");
@@ -564,7 +567,7 @@ impl Driver {
                         };
                         Self::send_frame(ws, &frame).await?;
                     }
-                    SessionMode::Manual => {
+                    SessionMode::Auto | SessionMode::Manual => {
                         self.emit(ClientEvent::SessionNotification(SessionNotification {
                             session_id,
                             channel,
@@ -626,7 +629,18 @@ impl Driver {
                             () = shutdown.cancelled() => {}
                         }
                     }
-                    Err(e) => warn!(error = %e, "media connection failed; call not delivered"),
+                    Err(e) => {
+                        warn!(error = %e, "media connection failed; call not delivered");
+                        let ev = ClientEvent::CallError {
+                            call_id: call.id().to_owned(),
+                            code: None,
+                            message: Some(format!("media connection failed: {e}")),
+                        };
+                        tokio::select! {
+                            _ = events.send(ev) => {}
+                            () = shutdown.cancelled() => {}
+                        }
+                    }
                 }
             }
             .instrument(span),
@@ -655,7 +669,7 @@ async fn connect_and_setup(config: &TelcoflowClientConfig) -> Result<(Ws, String
         transport::add_secret(&mut req, control::API_KEY_HEADER, api_key)?;
         transport::add_secret(&mut req, control::CONNECTOR_HEADER, connector_uuid)?;
     }
-    let mut ws = transport::connect(req, Some(&config.auth)).await?;
+    let mut ws = transport::connect(req, &config.control_tls).await?;
     let setup = ClientFrame::Setup {
         data: SetupData {
             sample_rate: config.sample_rate,
@@ -670,7 +684,11 @@ async fn connect_and_setup(config: &TelcoflowClientConfig) -> Result<(Ws, String
             match msg {
                 Ok(Message::Text(t)) => match ServerFrame::decode(t.as_str()) {
                     Ok(ServerFrame::SetupDone { sm_ws_id }) => return Ok(sm_ws_id),
-                    Ok(other) => debug!(frame = ?other, "frame before setup.done ignored"),
+                    // Only the kind: a frame such as `call.in` carries a media token.
+                    Ok(_) => debug!(
+                        kind = ?control::FrameHeader::peek(t.as_str()).and_then(|h| h.kind),
+                        "frame before setup.done ignored"
+                    ),
                     Err(e) => debug!(error = %e, "undecodable frame before setup.done"),
                 },
                 Ok(Message::Close(f)) => {

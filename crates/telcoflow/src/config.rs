@@ -1,6 +1,7 @@
 //! Client configuration: credentials, server URL, audio settings, timers and reconnection.
 
 use crate::Error;
+use crate::transport::Tls;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,7 +56,9 @@ impl fmt::Debug for Auth {
 /// Whether the client claims sessions itself or leaves it to the application.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SessionMode {
-    /// Claim every notified session, mark it ready and deliver its calls (the default).
+    /// Claim every notified call session, mark it ready and deliver its calls (the default).
+    /// Messaging sessions are left unclaimed and reported as
+    /// [`ClientEvent::SessionNotification`](crate::ClientEvent).
     #[default]
     Auto,
     /// Deliver each notification as [`ClientEvent::SessionNotification`](crate::ClientEvent);
@@ -145,6 +148,11 @@ pub struct TelcoflowClientConfig {
     pub(crate) auto_connect_media: bool,
     pub(crate) backoff: Backoff,
     pub(crate) delay_fn: Option<DelayFn>,
+    pub(crate) ca_cert: Option<PathBuf>,
+    /// TLS for the control connection (carries the client certificate, if any).
+    pub(crate) control_tls: Tls,
+    /// TLS for media connections.
+    pub(crate) media_tls: Tls,
 }
 
 impl fmt::Debug for TelcoflowClientConfig {
@@ -160,6 +168,7 @@ impl fmt::Debug for TelcoflowClientConfig {
             .field("session_mode", &self.session_mode)
             .field("auto_connect_media", &self.auto_connect_media)
             .field("backoff", &self.backoff)
+            .field("ca_cert", &self.ca_cert)
             .finish_non_exhaustive()
     }
 }
@@ -265,6 +274,7 @@ pub struct TelcoflowClientConfigBuilder {
     auto_connect_media: bool,
     backoff: Backoff,
     delay_fn: Option<DelayFn>,
+    ca_cert: Option<PathBuf>,
 }
 
 impl fmt::Debug for TelcoflowClientConfigBuilder {
@@ -295,6 +305,7 @@ impl Default for TelcoflowClientConfigBuilder {
             auto_connect_media: true,
             backoff: Backoff::default(),
             delay_fn: None,
+            ca_cert: None,
         }
     }
 }
@@ -320,6 +331,13 @@ impl TelcoflowClientConfigBuilder {
             cert_path: cert_path.into(),
             key_path: key_path.into(),
         });
+        self
+    }
+
+    /// A PEM file of root certificates to trust for `wss://` besides the public webpki roots
+    /// (a private deployment's CA). Needs the `tls` feature. Default: none.
+    pub fn ca_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_cert = Some(path.into());
         self
     }
 
@@ -518,6 +536,18 @@ impl TelcoflowClientConfigBuilder {
         if !(b.jitter.is_finite() && (0.0..=1.0).contains(&b.jitter)) {
             return Err(Error::config("backoff", "jitter must be within 0.0..=1.0"));
         }
+        if let Some(ca) = &self.ca_cert {
+            if ca.as_os_str().is_empty() {
+                return Err(Error::config("ca_cert", "must not be empty"));
+            }
+            if !cfg!(feature = "tls") {
+                return Err(Error::config("ca_cert", "needs the `tls` feature"));
+            }
+        }
+        #[cfg(feature = "tls")]
+        let (control_tls, media_tls) = Tls::build(&auth, self.ca_cert.as_deref())?;
+        #[cfg(not(feature = "tls"))]
+        let (control_tls, media_tls) = (Tls::default(), Tls::default());
         Ok(TelcoflowClientConfig {
             auth,
             base_url,
@@ -535,6 +565,9 @@ impl TelcoflowClientConfigBuilder {
             auto_connect_media: self.auto_connect_media,
             backoff: self.backoff,
             delay_fn: self.delay_fn,
+            ca_cert: self.ca_cert,
+            control_tls,
+            media_tls,
         })
     }
 }
@@ -607,6 +640,31 @@ mod tests {
         let e = b().buffer_size(3).build().unwrap_err();
         assert!(e.to_string().contains("buffer_size"), "{e}");
         assert!(b().buffer_size(4096).build().is_ok());
+    }
+
+    #[test]
+    fn mtls_needs_wss_and_the_tls_feature() {
+        let b = TelcoflowClientConfig::builder().mtls("client.pem", "client.key");
+        let e = b.clone().base_url("ws://h").build().unwrap_err();
+        let expected = if cfg!(feature = "tls") {
+            "base_url"
+        } else {
+            "auth"
+        };
+        assert_eq!(field_of(e), expected);
+        // The files are read at build time: a missing certificate is named.
+        let e = b.base_url("wss://h").build().unwrap_err();
+        let expected = if cfg!(feature = "tls") {
+            "cert_path"
+        } else {
+            "auth"
+        };
+        assert_eq!(field_of(e), expected);
+        let c = TelcoflowClientConfig::builder()
+            .mtls("", "k")
+            .base_url("wss://h")
+            .build();
+        assert_eq!(field_of(c.unwrap_err()), "cert_path");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use telcoflow_proto::control::{Activity, Channel, CloseReason};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// A session offered to this connector, delivered in [`SessionMode::Manual`](crate::SessionMode).
+/// A session offered to this connector (see [`ClientEvent::SessionNotification`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionNotification {
     /// Session id, for [`TelcoflowClient::open_session`](crate::TelcoflowClient::open_session).
@@ -52,7 +52,8 @@ pub enum ClientEvent {
     /// A call for this client: its media connection is already open unless
     /// `auto_connect_media(false)` was configured.
     IncomingCall(ActiveCall),
-    /// A session waits to be claimed ([`SessionMode::Manual`](crate::SessionMode) only).
+    /// A session waits to be claimed: every session in [`SessionMode::Manual`](crate::SessionMode),
+    /// messaging sessions only in `Auto`.
     SessionNotification(SessionNotification),
     /// A session ended.
     SessionClosed {
@@ -61,7 +62,8 @@ pub enum ClientEvent {
         /// Why.
         reason: CloseReason,
     },
-    /// The server reported an error on a call; the call may go on.
+    /// The server reported an error on a call (the call may go on), or a call's media
+    /// connection could not be opened (the call is not delivered; `code` is `None`).
     CallError {
         /// The call.
         call_id: String,

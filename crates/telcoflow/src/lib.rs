@@ -13,6 +13,18 @@
 //! - [`ring`]: the outgoing audio [`RingBuffer`](ring::RingBuffer).
 //! - [`error`]: the one [`Error`] type.
 //!
+//! # Features
+//!
+//! - `tls` (default): `wss://` URLs, a private CA ([`TelcoflowClientConfigBuilder::ca_cert`])
+//!   and mTLS client certificates ([`TelcoflowClientConfigBuilder::mtls`]), with rustls.
+//!
+//! # Tasks
+//!
+//! The client runs one task for the control connection and one per open media connection;
+//! [`TelcoflowClient::serve`] adds one per call handler. All of them belong to the client and
+//! [`TelcoflowClient::shutdown`] waits for them. Read [`TelcoflowClient::events`] (or use
+//! `serve`) promptly: when the event buffer is full the control connection waits.
+//!
 //! ```no_run
 //! use futures_util::StreamExt;
 //! use telcoflow::{ActiveCall, TelcoflowClient, TelcoflowClientConfig};
@@ -31,6 +43,8 @@
 //!     .await?;
 //! # Ok(()) }
 //! ```
+
+#![warn(missing_docs)]
 
 pub mod call;
 pub mod client;

@@ -1,6 +1,7 @@
 //! Opening WebSockets: headers, TLS and mapping refusals to [`Error`].
 
 use crate::Error;
+#[cfg(feature = "tls")]
 use crate::config::Auth;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -32,19 +33,65 @@ pub(crate) fn add_secret(req: &mut Request, name: &'static str, value: &str) -> 
     Ok(())
 }
 
-/// Opens the WebSocket. `auth` selects an mTLS client certificate when it is one.
-pub(crate) async fn connect(req: Request, auth: Option<&Auth>) -> Result<Ws, Error> {
-    let result = match auth {
-        #[cfg(feature = "tls")]
-        Some(Auth::Mtls {
-            cert_path,
-            key_path,
-        }) => {
-            let connector = tls::mtls_connector(cert_path, key_path)?;
-            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
+/// How `wss://` connections are made: the default roots, or a prepared rustls configuration
+/// (extra roots, a client certificate). Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct Tls {
+    #[cfg(feature = "tls")]
+    connector: Option<tokio_tungstenite::Connector>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+impl Tls {
+    /// The connectors for the control connection (with the client certificate, if any) and
+    /// for media connections (extra roots only), read from the files once.
+    #[cfg(feature = "tls")]
+    pub(crate) fn build(
+        auth: &Auth,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<(Self, Self), Error> {
+        let client = match auth {
+            Auth::Mtls {
+                cert_path,
+                key_path,
+            } => Some((cert_path.as_path(), key_path.as_path())),
+            Auth::ApiKey { .. } => None,
+        };
+        if client.is_none() && ca_cert.is_none() {
+            return Ok((Self::default(), Self::default()));
+        }
+        let control = tls::connector(ca_cert, client)?;
+        let media = tls::connector(ca_cert, None)?;
+        Ok((
+            Self {
+                connector: Some(control),
+            },
+            Self {
+                connector: Some(media),
+            },
+        ))
+    }
+}
+
+/// Opens the WebSocket.
+pub(crate) async fn connect(req: Request, tls: &Tls) -> Result<Ws, Error> {
+    #[cfg(feature = "tls")]
+    let result = match &tls.connector {
+        Some(c) => {
+            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(c.clone()))
                 .await
         }
-        _ => tokio_tungstenite::connect_async(req).await,
+        None => tokio_tungstenite::connect_async(req).await,
+    };
+    #[cfg(not(feature = "tls"))]
+    let result = {
+        let _ = tls;
+        tokio_tungstenite::connect_async(req).await
     };
     match result {
         Ok((ws, _response)) => Ok(ws),
@@ -83,32 +130,60 @@ mod tls {
     use std::sync::Arc;
     use tokio_tungstenite::Connector;
 
-    pub(super) fn mtls_connector(cert_path: &Path, key_path: &Path) -> Result<Connector, Error> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
-            .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|_| {
-                Error::config(
-                    "cert_path",
-                    format!("cannot read certificates from {}", cert_path.display()),
-                )
-            })?;
-        // The key's content never reaches an error message; only its path does.
-        let key = PrivateKeyDer::from_pem_file(key_path).map_err(|_| {
-            Error::config(
-                "key_path",
-                format!("cannot read a private key from {}", key_path.display()),
-            )
-        })?;
+    /// A rustls connector trusting the webpki roots plus `ca_cert`, presenting `client` if
+    /// given. Errors name the config field; key material never reaches a message.
+    pub(super) fn connector(
+        ca_cert: Option<&Path>,
+        client: Option<(&Path, &Path)>,
+    ) -> Result<Connector, Error> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        if let Some(ca) = ca_cert {
+            for cert in read_certs(ca, "ca_cert")? {
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::config("ca_cert", format!("{}: {e}", ca.display())))?;
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::connection_with("TLS setup failed", e))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key)
-        .map_err(|_| Error::config("key_path", "the key does not match the certificate"))?;
+        .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert_path, key_path)) => {
+                let certs = read_certs(cert_path, "cert_path")?;
+                let key = PrivateKeyDer::from_pem_file(key_path).map_err(|_| {
+                    Error::config(
+                        "key_path",
+                        format!("cannot read a private key from {}", key_path.display()),
+                    )
+                })?;
+                builder.with_client_auth_cert(certs, key).map_err(|_| {
+                    Error::config("key_path", "the key does not match the certificate")
+                })?
+            }
+        };
         Ok(Connector::Rustls(Arc::new(config)))
+    }
+
+    fn read_certs(path: &Path, field: &'static str) -> Result<Vec<CertificateDer<'static>>, Error> {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|_| {
+                Error::config(
+                    field,
+                    format!("cannot read certificates from {}", path.display()),
+                )
+            })?;
+        if certs.is_empty() {
+            return Err(Error::config(
+                field,
+                format!("no certificate in {}", path.display()),
+            ));
+        }
+        Ok(certs)
     }
 }

@@ -6,7 +6,7 @@ use common::*;
 use futures_util::StreamExt;
 use std::time::Duration;
 use telcoflow::{CallState, ClientEvent, Error, TelcoflowClient};
-use telcoflow_proto::sim::{NetworkFrame, PhoneFrame};
+use telcoflow_proto::sim::NetworkFrame;
 use telcoflow_server::config::DEV_CONNECT_DESTINATION;
 
 #[tokio::test]
@@ -31,7 +31,7 @@ async fn incoming_call_is_delivered_already_connected() {
     assert!(matches!(answered, NetworkFrame::Answered { call_id } if call_id == call.id()));
     // The caller hangs up: the call ends and its audio stream ends.
     let mut audio = call.audio_stream(0);
-    phone.send(PhoneFrame::Hangup).await;
+    phone.hangup();
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
     tokio::time::timeout(WAIT, async { while audio.next().await.is_some() {} })
         .await
@@ -91,7 +91,7 @@ async fn echo_round_trip_returns_the_same_audio() {
         .collect();
     assert_eq!(voiced.len(), spoken.len());
     assert!(voiced == spoken, "the caller hears exactly what they said");
-    phone.send(PhoneFrame::Hangup).await;
+    phone.hangup();
     client.shutdown().await;
     serving.await.unwrap().unwrap();
     server.shutdown().await;
@@ -163,7 +163,7 @@ async fn commands_and_their_error_paths() {
     callee
         .wait_for(|f| matches!(f, NetworkFrame::Incoming { .. }))
         .await;
-    callee.send(PhoneFrame::Answer).await;
+    callee.control().answer().unwrap();
     let r = connecting.await.unwrap().unwrap();
     assert!(r.success, "{r:?}");
     for r in [call.whisper().await, call.barge().await, call.spy().await] {
@@ -182,7 +182,7 @@ async fn commands_and_their_error_paths() {
             break;
         }
     }
-    caller.send(PhoneFrame::Hangup).await;
+    caller.hangup();
     callee
         .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
         .await;
@@ -252,7 +252,7 @@ async fn interrupt_drops_queued_audio_and_the_caller_hears_it_stop() {
         heard_speech < 250,
         "heard {heard_speech} frames of 500 queued"
     );
-    phone.send(PhoneFrame::Hangup).await;
+    phone.hangup();
     client.shutdown().await;
     server.shutdown().await;
 }
@@ -269,7 +269,7 @@ async fn a_write_that_does_not_fit_fails_whole() {
     .await
     .unwrap();
     let mut events = client.events();
-    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
     let call = next_call(&mut events).await;
     // Not answered: the server asks for no audio yet, so the buffer only fills.
     match call.send_audio(&[1; 4097]).await {
@@ -291,7 +291,7 @@ async fn a_write_that_does_not_fit_fails_whole() {
     ));
     assert_eq!(call.send_audio_buffer_size(), 3000);
     call.send_audio(&[1; 1096]).await.unwrap();
-    phone.send(PhoneFrame::Hangup).await;
+    phone.hangup();
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
     assert!(matches!(
         call.send_audio(&[1; 2]).await,
@@ -316,11 +316,9 @@ async fn dtmf_arrives_as_a_call_event() {
         .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
         .await;
     phone
-        .send(PhoneFrame::Dtmf {
-            digit: '7',
-            duration_ms: 100,
-        })
-        .await;
+        .control()
+        .dtmf('7', Duration::from_millis(100))
+        .unwrap();
     let ev = tokio::time::timeout(WAIT, call_events.next())
         .await
         .unwrap()
@@ -332,7 +330,7 @@ async fn dtmf_arrives_as_a_call_event() {
             duration_ms: 100
         }
     );
-    phone.send(PhoneFrame::Hangup).await;
+    phone.hangup();
     let ev = tokio::time::timeout(WAIT, call_events.next())
         .await
         .unwrap()
@@ -378,13 +376,14 @@ async fn client_events_report_connection() {
     let client = TelcoflowClient::connect(config(server.base_url()))
         .await
         .unwrap();
+    let known = client.sm_ws_id().expect("known as soon as connect returns");
     let mut events = client.events();
     let id = next_event(&mut events, |ev| match ev {
         ClientEvent::Connected { sm_ws_id } => Some(sm_ws_id),
         _ => None,
     })
     .await;
-    assert_eq!(client.sm_ws_id().as_deref(), Some(id.as_str()));
+    assert_eq!(known, id);
     client.shutdown().await;
     assert!(
         tokio::time::timeout(WAIT, events.next())
@@ -393,5 +392,67 @@ async fn client_events_report_connection() {
             .is_none(),
         "stream ends after shutdown"
     );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unread_audio_overflow_is_counted_and_reported() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(
+        builder(server.base_url())
+            .audio_channel_capacity(4)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    let mut call_events = call.events();
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    // Ten frames and more (the phone sends silence while quiet) to a channel nobody reads
+    // that holds four.
+    phone.speak(&pattern(3200, 2)).await;
+    let (channel, dropped) = next_event(&mut events, |ev| match ev {
+        ClientEvent::AudioOverflow {
+            call_id,
+            channel,
+            dropped,
+        } if call_id == call.id() => Some((channel, dropped)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(
+        (channel, dropped),
+        (0, 1),
+        "reported once, at the first loss"
+    );
+    let ev = tokio::time::timeout(WAIT, call_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev,
+        telcoflow::CallEvent::AudioOverflow {
+            channel: 0,
+            dropped: 1
+        }
+    );
+    phone.hangup();
+    tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    assert!(call.audio_dropped() >= 6, "{}", call.audio_dropped());
+    // The four oldest chunks are still there, then the stream ends.
+    let mut audio = call.audio_stream(0);
+    let mut kept = 0;
+    while let Some(chunk) = tokio::time::timeout(WAIT, audio.next()).await.unwrap() {
+        assert_eq!(chunk.len(), 640);
+        kept += 1;
+    }
+    assert_eq!(kept, 4);
+    client.shutdown().await;
     server.shutdown().await;
 }

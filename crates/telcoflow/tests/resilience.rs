@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use telcoflow::{CallState, ClientEvent, Error, SessionMode, TelcoflowClient};
 use telcoflow_proto::control::{ClientFrame, ServerFrame};
-use telcoflow_proto::sim::{NetworkFrame, PhoneFrame};
+use telcoflow_proto::sim::NetworkFrame;
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -161,10 +161,7 @@ async fn a_new_call_is_handed_to_another_client_with_json() {
         .await;
     let spoken = pattern(640, 5);
     phone.speak(&spoken).await;
-    let chunk = tokio::time::timeout(WAIT, audio.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let chunk = first_voiced(&mut audio).await;
     assert_eq!(&chunk[..], &spoken[..chunk.len()]);
     assert!(taken.disconnect().await.unwrap().success);
     phone
@@ -225,7 +222,7 @@ async fn worker_pool_shares_calls_with_none_lost_or_answered_twice() {
         assert_eq!(answered[id].len(), 1, "call {id} answered once");
     }
     for p in &mut phones {
-        p.send(PhoneFrame::Hangup).await;
+        p.hangup();
     }
     for w in &workers {
         w.shutdown().await;
@@ -280,7 +277,7 @@ async fn manual_mode_claims_and_session_busy_is_an_outcome() {
     phone
         .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
         .await;
-    phone.send(PhoneFrame::Hangup).await;
+    phone.hangup();
     let closed = next_event(&mut ea, |ev| match ev {
         ClientEvent::SessionClosed { session_id, .. } => Some(session_id),
         _ => None,
@@ -361,10 +358,7 @@ async fn a_live_call_keeps_running_while_the_control_connection_reconnects() {
     assert_eq!(call.state(), CallState::Live);
     let spoken = pattern(640, 11);
     phone.speak(&spoken).await;
-    let chunk = tokio::time::timeout(WAIT, audio.next())
-        .await
-        .unwrap()
-        .unwrap();
+    let chunk = first_voiced(&mut audio).await;
     assert_eq!(&chunk[..], &spoken[..chunk.len()]);
     assert!(call.disconnect().await.unwrap().success);
     phone
@@ -372,5 +366,31 @@ async fn a_live_call_keeps_running_while_the_control_connection_reconnects() {
         .await;
     client.shutdown().await;
     proxy.task.abort();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_calls_that_never_opened_media() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(
+        builder(server.base_url())
+            .auto_connect_media(false)
+            .build()
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let _phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert_eq!(call.state(), CallState::New);
+    let waiting = {
+        let call = call.clone();
+        tokio::spawn(async move { call.terminated().await })
+    };
+    client.shutdown().await;
+    tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(call.state(), CallState::Terminated);
+    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
     server.shutdown().await;
 }

@@ -1,17 +1,16 @@
 //! Test helpers: an in-process server, client configs and a simulated phone.
 #![allow(dead_code, unreachable_pub)]
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::time::Duration;
 use telcoflow::{ClientEvent, ClientEvents, TelcoflowClientConfig, TelcoflowClientConfigBuilder};
 use telcoflow_proto::SampleRate;
-use telcoflow_proto::sim::{NetworkFrame, PhoneFrame, SIM_PATH};
+use telcoflow_proto::audio::{pcm_to_samples, samples_to_pcm};
+use telcoflow_proto::sim::NetworkFrame;
 use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
+use telcoflow_server::sim::client::{PhoneControl, SimPhone};
 use telcoflow_server::{Config, RunningServer, Server};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Upper bound for any single wait in these tests; reaching it is a failure, not a pace.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -71,25 +70,18 @@ pub async fn next_call(events: &mut ClientEvents) -> telcoflow::ActiveCall {
     .await
 }
 
-/// A simulated phone on the server's `/v1/sim/phone` endpoint.
+/// A simulated phone (the server crate's `SimPhone`) with what it heard kept as bytes.
 pub struct Phone {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    /// PCM heard so far.
+    phone: SimPhone,
+    /// PCM heard so far (s16le at 16 kHz), from the moment the call is up.
     pub heard: Vec<u8>,
     pub call_id: Option<String>,
 }
 
 impl Phone {
-    async fn open(base_url: &str, hello: PhoneFrame) -> Self {
-        let url = format!("{base_url}{SIM_PATH}");
-        let (mut ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("phone connects");
-        ws.send(Message::Text(hello.encode().into()))
-            .await
-            .expect("hello");
+    fn new(phone: SimPhone) -> Self {
         Self {
-            ws,
+            phone,
             heard: Vec::new(),
             call_id: None,
         }
@@ -97,62 +89,35 @@ impl Phone {
 
     /// Dials `to` from `from` at 16 kHz.
     pub async fn dial(base_url: &str, from: &str, to: &str) -> Self {
-        Self::open(
-            base_url,
-            PhoneFrame::Dial {
-                from: from.into(),
-                to: to.into(),
-                sample_rate: SampleRate::Hz16000,
-            },
+        Self::new(
+            SimPhone::dial(base_url, from, to, SampleRate::Hz16000)
+                .await
+                .expect("phone dials"),
         )
-        .await
     }
 
     /// Registers at `number` (a `call.connect` destination).
     pub async fn register(base_url: &str, number: &str) -> Self {
-        let mut p = Self::open(
-            base_url,
-            PhoneFrame::Register {
-                number: number.into(),
-                sample_rate: SampleRate::Hz16000,
-            },
-        )
-        .await;
-        p.wait_for(|f| matches!(f, NetworkFrame::Registered { .. }))
-            .await;
-        p
-    }
-
-    /// Next network text frame; audio received meanwhile goes to `heard`. `None` once closed.
-    pub async fn next_frame(&mut self) -> Option<NetworkFrame> {
-        loop {
-            match tokio::time::timeout(WAIT, self.ws.next())
+        Self::new(
+            SimPhone::register(base_url, number, SampleRate::Hz16000)
                 .await
-                .expect("phone hears something in time")
-            {
-                Some(Ok(Message::Binary(pcm))) => self.heard.extend_from_slice(&pcm),
-                Some(Ok(Message::Text(t))) => {
-                    let f = NetworkFrame::decode(t.as_str()).expect("network frame");
-                    match &f {
-                        NetworkFrame::Trying { call_id }
-                        | NetworkFrame::Ringing { call_id }
-                        | NetworkFrame::Answered { call_id } => {
-                            self.call_id = Some(call_id.clone())
-                        }
-                        _ => {}
-                    }
-                    return Some(f);
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return None,
-            }
-        }
+                .expect("phone registers"),
+        )
     }
 
-    /// Waits for a frame matching `pred` and returns it.
+    /// Waits for a network event matching `pred` and returns it (earlier ones are skipped).
     pub async fn wait_for(&mut self, pred: impl Fn(&NetworkFrame) -> bool) -> NetworkFrame {
         loop {
-            let f = self.next_frame().await.expect("phone connection open");
+            let f = tokio::time::timeout(WAIT, self.phone.events().next())
+                .await
+                .expect("phone event in time")
+                .expect("phone connection open");
+            match &f {
+                NetworkFrame::Trying { call_id }
+                | NetworkFrame::Ringing { call_id }
+                | NetworkFrame::Answered { call_id } => self.call_id = Some(call_id.clone()),
+                _ => {}
+            }
             if pred(&f) {
                 return f;
             }
@@ -162,34 +127,48 @@ impl Phone {
     /// Reads until at least `bytes` of audio have been heard in total.
     pub async fn hear(&mut self, bytes: usize) {
         while self.heard.len() < bytes {
-            match tokio::time::timeout(WAIT, self.ws.next())
+            let frame = tokio::time::timeout(WAIT, self.phone.audio().recv())
                 .await
                 .expect("audio in time")
-            {
-                Some(Ok(Message::Binary(pcm))) => self.heard.extend_from_slice(&pcm),
-                Some(Ok(_)) => {}
-                Some(Err(e)) => panic!("phone connection failed: {e}"),
-                None => panic!("phone connection closed after {} bytes", self.heard.len()),
+                .unwrap_or_else(|| panic!("phone closed after {} bytes", self.heard.len()));
+            samples_to_pcm(&frame, &mut self.heard);
+        }
+    }
+
+    /// Says `pcm` (s16le) in real time and waits until the last frame is sent.
+    pub async fn speak(&mut self, pcm: &[u8]) {
+        let mut samples = Vec::new();
+        pcm_to_samples(pcm, &mut samples);
+        let playback = self.phone.control().play(samples).expect("phone plays");
+        assert!(
+            tokio::time::timeout(WAIT, playback.finished())
+                .await
+                .expect("playback in time"),
+            "playback cut short"
+        );
+    }
+
+    pub fn control(&self) -> &PhoneControl {
+        self.phone.control()
+    }
+
+    pub fn hangup(&self) {
+        self.control().hangup().expect("phone hangs up");
+    }
+}
+
+/// The first chunk of `audio` that is not silence (the phone sends silence while quiet).
+pub async fn first_voiced(audio: &mut telcoflow::AudioStream) -> bytes::Bytes {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let chunk = audio.next().await.expect("audio stream open");
+            if energy(&chunk) > 0 {
+                return chunk;
             }
         }
-    }
-
-    /// Sends PCM in 20 ms (640-byte) frames.
-    pub async fn speak(&mut self, pcm: &[u8]) {
-        for frame in pcm.chunks(640) {
-            self.ws
-                .send(Message::Binary(frame.to_vec().into()))
-                .await
-                .expect("phone sends audio");
-        }
-    }
-
-    pub async fn send(&mut self, frame: PhoneFrame) {
-        self.ws
-            .send(Message::Text(frame.encode().into()))
-            .await
-            .expect("phone sends");
-    }
+    })
+    .await
+    .expect("voiced audio in time")
 }
 
 /// A recognisable, never-silent PCM pattern of `samples` samples.
