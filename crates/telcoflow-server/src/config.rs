@@ -474,7 +474,8 @@ mod tests {
         let sip = config.sip.as_ref().expect("[sip] section");
         assert_eq!(sip.rtp_port_range().unwrap(), (20000, 20999));
         assert_eq!(
-            sip.trunk_for("sip.carrier.example").map(|t| t.username.as_str()),
+            sip.trunk_for("sip.carrier.example")
+                .map(|t| t.username.as_str()),
             Some("acme")
         );
         assert_eq!(

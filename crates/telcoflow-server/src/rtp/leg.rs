@@ -18,7 +18,7 @@
 use super::jitter::FRAME_SAMPLES;
 use super::session::{Received, RtpSession, SessionConfig};
 use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
-use crate::sip::endpoint::{Command, LegKey, PortGuard, SipEvent};
+use crate::sip::endpoint::{Command, LegKey, PortGuard, RtpSockets, SipEvent};
 use crate::sip::sdp::{LocalMedia, Negotiated};
 use crate::state::Shared;
 use bytes::BytesMut;
@@ -56,8 +56,7 @@ pub(crate) struct LegParams {
     pub(crate) leg: LegId,
     pub(crate) key: LegKey,
     pub(crate) direction: Direction,
-    pub(crate) socket: std::net::UdpSocket,
-    pub(crate) port: PortGuard,
+    pub(crate) sockets: RtpSockets,
     pub(crate) media: LocalMedia,
     pub(crate) rtp_timeout: Duration,
     pub(crate) commands: mpsc::Sender<Command>,
@@ -85,7 +84,8 @@ impl PendingLeg {
         self,
         params: LegParams,
     ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
-        let socket = UdpSocket::from_std(params.socket)?;
+        let socket = UdpSocket::from_std(params.sockets.rtp)?;
+        let rtcp = UdpSocket::from_std(params.sockets.rtcp)?;
         let leg = RtpLeg {
             shared: params.shared,
             call: params.call,
@@ -93,7 +93,8 @@ impl PendingLeg {
             key: params.key,
             direction: params.direction,
             socket,
-            _port: params.port,
+            rtcp,
+            _port: params.sockets.guard,
             media: params.media,
             rtp_timeout: params.rtp_timeout,
             commands: params.commands,
@@ -114,6 +115,8 @@ struct RtpLeg {
     key: LegKey,
     direction: Direction,
     socket: UdpSocket,
+    /// RTCP on the RTP port + 1 (RFC 3550 11).
+    rtcp: UdpSocket,
     /// Held for the task's lifetime: the port returns to the pool when the task ends.
     _port: PortGuard,
     media: LocalMedia,
@@ -142,6 +145,7 @@ impl RtpLeg {
         let mut ticker = tokio::time::interval(super::jitter::FRAME_DURATION);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut datagram = vec![0u8; DATAGRAM];
+        let mut rtcp_datagram = vec![0u8; DATAGRAM];
         let shutdown = self.shared.shutdown.clone();
         loop {
             let flow = tokio::select! {
@@ -175,6 +179,18 @@ impl RtpLeg {
                         Flow::Continue
                     }
                 },
+                // Cancel-safe: a datagram is returned whole or left in the socket.
+                r = self.rtcp.recv_from(&mut rtcp_datagram) => {
+                    if let (Ok((n, source)), Some(session)) = (r, &mut self.session) {
+                        let now = Instant::now().into_std();
+                        if let Received::Malformed(e) =
+                            session.handle_rtcp_datagram(source, &rtcp_datagram[..n], now)
+                        {
+                            debug!(error = %e, %source, "malformed RTCP");
+                        }
+                    }
+                    Flow::Continue
+                }
                 // Cancel-safe: a missed tick is replayed later by the interval.
                 _ = ticker.tick(), if self.session.is_some() => self.on_tick().await,
             };
@@ -274,7 +290,12 @@ impl RtpLeg {
             }
             SipEvent::MediaUpdated(negotiated) => match &mut self.session {
                 Some(s) => {
-                    s.set_remote(negotiated.remote, negotiated.codec, negotiated.payload_type);
+                    s.set_remote(
+                        negotiated.remote,
+                        negotiated.remote_rtcp,
+                        negotiated.codec,
+                        negotiated.payload_type,
+                    );
                     s.set_receiving(!negotiated.remote_hold, now);
                     debug!(remote = %negotiated.remote, hold = negotiated.remote_hold, "media updated");
                 }
@@ -304,7 +325,7 @@ impl RtpLeg {
         config.telephone_event = n.telephone_event;
         config.rtp_timeout = self.rtp_timeout;
         config.cname = format!("telcoflow-{}", self.call.call_id);
-        let mut session = RtpSession::new(config, n.remote, now);
+        let mut session = RtpSession::new(config, n.remote, n.remote_rtcp, now);
         if n.remote_hold {
             session.set_receiving(false, now);
         }
@@ -347,8 +368,14 @@ impl RtpLeg {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         if let Ok(Some(len)) = session.poll_rtcp(now, unix, &mut self.packet) {
-            let to = session.remote();
-            let _ = self.socket.send_to(&self.packet[..len], to).await;
+            let to = session.rtcp_remote();
+            // A peer multiplexing RTCP on its RTP port hears it from our RTP port.
+            let from = if to == session.remote() {
+                &self.socket
+            } else {
+                &self.rtcp
+            };
+            let _ = from.send_to(&self.packet[..len], to).await;
         }
         let Some(session) = &mut self.session else {
             return Flow::Continue;

@@ -122,21 +122,27 @@ pub(crate) struct MediaEnv {
 }
 
 impl MediaEnv {
-    /// Binds an RTP socket on a free port of the range. The port returns to the pool when the
-    /// guard drops.
-    pub(crate) fn bind(self: &Arc<Self>) -> Option<(std::net::UdpSocket, PortGuard)> {
+    /// Binds an RTP socket on a free even port of the range and its RTCP socket on the next
+    /// port. The ports return to the pool when the guard drops.
+    pub(crate) fn bind(self: &Arc<Self>) -> Option<RtpSockets> {
         for _ in 0..BIND_ATTEMPTS {
             let port = self.lock().allocate()?;
-            match std::net::UdpSocket::bind((self.bind_ip, port)) {
-                Ok(sock) if sock.set_nonblocking(true).is_ok() => {
+            let bind = |p: u16| {
+                let sock = std::net::UdpSocket::bind((self.bind_ip, p)).ok()?;
+                sock.set_nonblocking(true).ok()?;
+                Some(sock)
+            };
+            // The pool only hands out even ports whose odd neighbour is in the range.
+            match (bind(port), port.checked_add(1).and_then(bind)) {
+                (Some(rtp), Some(rtcp)) => {
                     let guard = PortGuard {
                         env: self.clone(),
                         port,
                     };
-                    return Some((sock, guard));
+                    return Some(RtpSockets { rtp, rtcp, guard });
                 }
-                Ok(_) | Err(_) => {
-                    debug!(port, "RTP port busy; trying another");
+                _ => {
+                    debug!(port, "RTP port pair busy; trying another");
                     self.lock().release(port);
                 }
             }
@@ -150,7 +156,15 @@ impl MediaEnv {
     }
 }
 
-/// An allocated RTP port, released on drop.
+/// A call's bound RTP and RTCP sockets.
+#[derive(Debug)]
+pub(crate) struct RtpSockets {
+    pub(crate) rtp: std::net::UdpSocket,
+    pub(crate) rtcp: std::net::UdpSocket,
+    pub(crate) guard: PortGuard,
+}
+
+/// An allocated RTP port pair, released on drop.
 #[derive(Debug)]
 pub(crate) struct PortGuard {
     env: Arc<MediaEnv>,
@@ -211,11 +225,11 @@ impl SipHandle {
         } else {
             &call.from
         };
-        let (socket, guard) = self.media.bind().ok_or(DialError::NoPort)?;
+        let sockets = self.media.bind().ok_or(DialError::NoPort)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let media = LocalMedia::new(
             self.media.advertised,
-            guard.port,
+            sockets.guard.port,
             rand::random::<u32>().into(),
         );
         let config = UacConfig {
@@ -238,8 +252,7 @@ impl SipHandle {
                 leg,
                 key: LegKey::Out(key),
                 direction: Direction::Outgoing,
-                socket,
-                port: guard,
+                sockets,
                 media: media.clone(),
                 rtp_timeout: self.media.rtp_timeout,
                 commands: self.commands.clone(),
@@ -627,7 +640,7 @@ impl Endpoint {
             info!(%number, sip_call_id = %incoming.call_id, "no connector for the number: 404");
             return reject(&mut self.uas, 404);
         };
-        let Some((socket, guard)) = self.media.bind() else {
+        let Some(sockets) = self.media.bind() else {
             warn!("no free RTP port: 503");
             return reject(&mut self.uas, 503);
         };
@@ -639,7 +652,7 @@ impl Endpoint {
             .unwrap_or_default();
         let media = LocalMedia::new(
             self.media.advertised,
-            guard.port,
+            sockets.guard.port,
             rand::random::<u32>().into(),
         );
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
@@ -664,8 +677,7 @@ impl Endpoint {
             leg: LegId::CALLER,
             key: LegKey::In(call),
             direction: Direction::Incoming,
-            socket,
-            port: guard,
+            sockets,
             media,
             rtp_timeout: self.media.rtp_timeout,
             commands: self.commands.clone(),
@@ -759,28 +771,30 @@ mod tests {
     #[test]
     fn rtp_ports_come_from_the_range_and_go_back_on_drop() {
         let env = env(41000, 41003); // two even ports: 41000, 41002
-        let (a_sock, a) = env.bind().expect("first port");
-        let (b_sock, b) = env.bind().expect("second port");
-        assert_ne!(a.port, b.port);
-        for (sock, guard) in [(&a_sock, &a), (&b_sock, &b)] {
-            assert_eq!(sock.local_addr().unwrap().port(), guard.port);
-            assert!((41000..=41003).contains(&guard.port) && guard.port % 2 == 0);
+        let a = env.bind().expect("first pair");
+        let b = env.bind().expect("second pair");
+        assert_ne!(a.guard.port, b.guard.port);
+        for s in [&a, &b] {
+            assert_eq!(s.rtp.local_addr().unwrap().port(), s.guard.port);
+            assert_eq!(s.rtcp.local_addr().unwrap().port(), s.guard.port + 1);
+            assert!((41000..=41003).contains(&s.guard.port) && s.guard.port % 2 == 0);
         }
         assert!(env.bind().is_none(), "the range is used up");
-        drop((a_sock, a));
-        let (_sock, c) = env.bind().expect("a released port is reused");
+        drop(a);
+        let c = env.bind().expect("a released pair is reused");
         assert_eq!(env.lock().in_use(), 2);
         drop(c);
-        drop((b_sock, b));
+        drop(b);
         assert_eq!(env.lock().in_use(), 0);
     }
 
     #[test]
     fn a_port_taken_by_another_process_is_skipped() {
         let env = env(41010, 41013);
-        let squatter = std::net::UdpSocket::bind(("127.0.0.1", 41010)).unwrap();
-        let (_sock, guard) = env.bind().expect("the other port");
-        assert_eq!(guard.port, 41012);
+        // Another process holds the RTCP port of the first pair.
+        let squatter = std::net::UdpSocket::bind(("127.0.0.1", 41011)).unwrap();
+        let sockets = env.bind().expect("the other pair");
+        assert_eq!(sockets.guard.port, 41012);
         assert_eq!(
             env.lock().in_use(),
             1,
