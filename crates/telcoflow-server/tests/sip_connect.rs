@@ -102,3 +102,106 @@ async fn sip_connect_without_sip_configured_is_refused() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_callee_hanging_up_ends_its_leg_and_the_call_goes_on() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(16);
+    let dir = sipp::work_dir("connect-bye");
+    let args = sipp::uas_args(ports, "uas_answer_bye.xml");
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let (server, _control, _phone, mut media) = answered_call(connect_config(ports), 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+    // The SIP phone hangs up: the app hears that the connected leg ended, the call stays.
+    let event = loop {
+        let v = media.ws.expect_type("call_event").await;
+        assert_ne!(v["data"]["event"], "call.terminated", "{v}");
+        if v["data"]["state"] == "ended" {
+            break v;
+        }
+    };
+    assert_eq!(event["data"]["state"], "ended", "{event}");
+    sip_phone.await.unwrap().assert_passed();
+    // The caller and the agent are still on the call.
+    let resp = media.command("agent.interrupt", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_callee_hears_the_agent_as_whisper_barge_and_spy_say_and_stays_after_close() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(17);
+    let dir = sipp::work_dir("connect-modes");
+    let mut args = sipp::uas_args(ports, "uas_answer.xml");
+    // The SIP phone echoes what it hears, so the caller learns what the callee heard.
+    args.push("-rtp_echo".into());
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let (server, _control, mut phone, mut media) = answered_call(connect_config(ports), 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+
+    // The caller is silent and the agent speaks at 4000. What the caller hears:
+    // barge: the agent directly + the agent echoed by the callee; whisper: only the echo (the
+    // callee heard the agent); spy: nothing (nobody hears the agent).
+    let frame = 160;
+    let agent: i16 = 4000;
+    for (mode, expect) in [
+        ("agent.barge", 8000),
+        ("agent.whisper", 4000),
+        ("agent.spy", 0),
+    ] {
+        let resp = media.command(mode, None).await;
+        assert_eq!(resp["success"], true, "{mode}: {resp}");
+        let mut heard = i32::MIN;
+        for round in 0..250 {
+            let n = if round == 0 { 3 } else { 1 };
+            for _ in 0..n {
+                media.send_audio(&pcm_level(agent, frame)).await;
+                phone.send_level(0, frame).await;
+            }
+            heard = i32::from(samples(&phone.ws.binary().await)[frame / 2]);
+            if (heard - expect).abs() < 500 {
+                break;
+            }
+        }
+        assert!(
+            (heard - expect).abs() < 500,
+            "{mode}: the caller heard {heard}, expected about {expect}"
+        );
+    }
+    // The agent leaves: caller and SIP phone go on talking through the server.
+    let resp = media.command("call.close", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    let caller: i16 = 3000;
+    let mut heard = 0;
+    for round in 0..250 {
+        let n = if round == 0 { 3 } else { 1 };
+        for _ in 0..n {
+            phone.send_level(caller, frame).await;
+        }
+        heard = i32::from(samples(&phone.ws.binary().await)[frame / 2]);
+        if (heard - i32::from(caller)).abs() < 400 {
+            break;
+        }
+    }
+    assert!(
+        (heard - i32::from(caller)).abs() < 400,
+        "after call.close the caller heard {heard}, expected its echo of about {caller}"
+    );
+    // The caller hangs up: the SIP phone gets its BYE.
+    phone.send_json(json!({"type": "hangup"})).await;
+    sip_phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
