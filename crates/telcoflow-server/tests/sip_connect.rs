@@ -205,3 +205,38 @@ async fn sip_callee_hears_the_agent_as_whisper_barge_and_spy_say_and_stays_after
     sip_phone.await.unwrap().assert_passed();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_connect_through_a_trunk_answers_its_digest_challenge() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(18);
+    let dir = sipp::work_dir("connect-auth");
+    let args = sipp::uas_args(ports, "uas_auth.xml");
+    let trunk = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut config = connect_config(ports);
+    config
+        .sip
+        .as_mut()
+        .unwrap()
+        .trunks
+        .push(telcoflow_server::config::SipTrunk {
+            host: format!("127.0.0.1:{}", ports.sipp_sip),
+            username: "acme".into(),
+            password: "s3cret".into(),
+        });
+    let (server, _control, _phone, mut media) = answered_call(config, 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(
+        resp["success"], true,
+        "the trunk refused the credentials: {resp}"
+    );
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    trunk.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
