@@ -240,3 +240,55 @@ async fn sip_connect_through_a_trunk_answers_its_digest_challenge() {
     trunk.await.unwrap().assert_passed();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_session_create_calls_a_sip_uri_and_audio_flows() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(19);
+    let dir = sipp::work_dir("outbound");
+    let mut args = sipp::uas_args(ports, "uas_answer.xml");
+    args.push("-rtp_echo".into());
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 16000, "mixed").await;
+    let remote = format!("sip:+15550300@127.0.0.1:{}", ports.sipp_sip);
+    let resp = control
+        .request(json!({"type": "session.create", "channel": "TELCO", "remoteAddress": remote}))
+        .await;
+    assert_eq!(resp["ok"], true, "{resp}");
+    let session_id = resp["content"]["sessionId"].as_str().unwrap().to_owned();
+    let opened = control.open(&session_id).await;
+    assert_eq!(opened["ok"], true, "{opened}");
+    control.ready(&session_id).await;
+    let call_in = control.ws.expect_type("call.in").await;
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+
+    // The SIP phone echoes: the agent hears itself.
+    let frame = 320;
+    let level: i16 = 5000;
+    let mut heard = 0;
+    for round in 0..150 {
+        let n = if round == 0 { 5 } else { 1 };
+        for _ in 0..n {
+            media.send_audio(&pcm_level(level, frame)).await;
+        }
+        let samples = media.audio(0).await;
+        heard = i32::from(samples[samples.len() / 2]);
+        if (heard - i32::from(level)).abs() < 500 {
+            break;
+        }
+    }
+    assert!(
+        (heard - i32::from(level)).abs() < 500,
+        "the agent heard {heard} back from the SIP phone, expected about {level}"
+    );
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    sip_phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
