@@ -390,3 +390,27 @@ async fn sip_call_over_tcp_is_answered_and_ended() {
     phone.await.unwrap().assert_passed();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_server_shutdown_sends_bye_to_calls_in_progress() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(21);
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("shutdown");
+    // The phone sends no RTP and waits for a BYE; the RTP timeout (30 s) is far beyond the
+    // scenario's 10 s wait, so only the shutdown can send it.
+    let args = sipp::uac_args(&server, ports, "uac_rtp_silent.xml", "+15559990001", 1);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut media = answer_next(&mut control).await;
+    // A BYE may only follow the phone's ACK, which SIPp sends the moment our 200 arrives; ten
+    // frames of audio at the agent (200 ms of the call's clock) leave ample room for it.
+    for _ in 0..10 {
+        media.audio(0).await;
+    }
+    server.shutdown().await;
+    phone.await.unwrap().assert_passed();
+}

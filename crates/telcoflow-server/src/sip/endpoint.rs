@@ -422,8 +422,34 @@ impl Endpoint {
             }
             self.drain().await;
         }
-        // Calls end with the server: their legs see the shutdown themselves.
+        self.hang_up_all().await;
         debug!("SIP endpoint stopped");
+    }
+
+    /// On shutdown: BYE (or a final response, or CANCEL) for every call, sent once. The
+    /// endpoint stops right after, so there are no retransmissions; peers that miss it end
+    /// the call by their RTP timeout.
+    async fn hang_up_all(&mut self) {
+        let now = Self::now();
+        let calls: Vec<uas::CallHandle> = self.legs.keys().copied().collect();
+        for call in calls {
+            let _ = self.uas.handle_action(call, UasAction::Hangup, now);
+        }
+        for o in self.outgoing.values_mut() {
+            o.call.hangup(now);
+        }
+        while let Some(t) = self.uas.poll_transmit() {
+            self.transmit(t).await;
+        }
+        let mut transmits = Vec::new();
+        for o in self.outgoing.values_mut() {
+            while let Some(t) = o.call.poll_transmit() {
+                transmits.push(t);
+            }
+        }
+        for t in transmits {
+            self.transmit(t).await;
+        }
     }
 
     fn now() -> std::time::Instant {
