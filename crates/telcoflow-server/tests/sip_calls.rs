@@ -35,16 +35,14 @@ async fn terminated(media: &mut Media) -> Value {
     }
 }
 
-#[tokio::test]
-async fn sip_call_in_hears_rtp_audio_and_bye_ends_the_call() {
-    if !sipp::available() {
-        return;
-    }
-    let ports = sipp::ports(0);
+/// SIPp calls in with `scenario` and plays recorded speech; the agent must hear it, then the
+/// phone's BYE ends the call.
+async fn agent_hears_speech(index: u16, scenario: &str) {
+    let ports = sipp::ports(index);
     let server = start(sipp::sip_config(ports)).await;
     let mut control = control(&server, 8000, "mixed").await;
-    let dir = sipp::work_dir("audio");
-    let args = sipp::uac_args(&server, ports, "uac_audio.xml", "+15559990001", 1);
+    let dir = sipp::work_dir(scenario);
+    let args = sipp::uac_args(&server, ports, scenario, "+15559990001", 1);
     let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
 
     let mut media = answer_next(&mut control).await;
@@ -66,6 +64,20 @@ async fn sip_call_in_hears_rtp_audio_and_bye_ends_the_call() {
     control.ws.expect_type("session.closed").await;
     phone.await.unwrap().assert_passed();
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_call_in_hears_rtp_audio_and_bye_ends_the_call() {
+    if sipp::available() {
+        agent_hears_speech(0, "uac_audio.xml").await;
+    }
+}
+
+#[tokio::test]
+async fn sip_offerless_invite_is_offered_in_200_and_answered_in_ack() {
+    if sipp::available() {
+        agent_hears_speech(22, "uac_late_offer.xml").await;
+    }
 }
 
 #[tokio::test]
