@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every check: formatting, lints, Rust tests, then the official Python SDK against our server.
 # Needs what `.ci/run` installs (sox, a .venv with telcoflow==1.0.0, pytest, pytest-asyncio);
-# PYTHON overrides the interpreter (default .venv/bin/python).
+# PYTHON overrides the interpreter (default .venv/bin/python); the Rust SDK's parity test uses it too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-PYTHON="${PYTHON:-.venv/bin/python}"
+export PYTHON="${PYTHON:-$PWD/.venv/bin/python}"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "cargo fmt --check"
@@ -13,6 +13,9 @@ cargo fmt --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo doc (warnings are errors: broken links, missing docs)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p telcoflow -p telcoflow-proto -p telcoflow-server
 
 step "cargo test"
 cargo test --workspace

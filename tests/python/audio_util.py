@@ -89,39 +89,41 @@ def tone_ratio(rate: int, samples: list[int], hz: float) -> float:
     return 2 * goertzel_power(rate, samples, hz) / total
 
 
-def longest_active_run(rate: int, samples: list[int], threshold: float = 1000.0) -> tuple[int, int]:
-    """(start frame, length in frames) of the longest run of active frames."""
-    best = (0, 0)
-    start = None
-    act = active_frames(rate, samples, threshold) + [False]
-    for i, a in enumerate(act):
-        if a and start is None:
-            start = i
-        elif not a and start is not None:
-            if i - start > best[1]:
-                best = (start, i - start)
-            start = None
-    return best
-
-
 def assert_tone(rate: int, samples: list[int], hz: float, min_seconds: float) -> tuple[int, int]:
-    """Asserts that `samples` hold at least `min_seconds` of a steady `hz` tone; returns the
-    (start frame, frames) of the run."""
-    start, length = longest_active_run(rate, samples)
-    frame = rate * FRAME_MS // 1000
-    seconds = length * FRAME_MS / 1000
+    """Asserts that `samples` hold at least `min_seconds` of a clean `hz` tone and returns the
+    (first, last) index of the 20 ms frames that carry it.
+
+    Live audio may have short dropouts (a playout buffer running dry for a frame under load),
+    so the tone is counted frame by frame rather than as one unbroken run; but nearly every
+    non-silent frame must be the tone, so distortion or foreign audio fails.
+    """
+    fr = frames(rate, samples)
+    active = [i for i, f in enumerate(fr) if rms(f) > 1000]
+    tonal = [i for i in active if tone_ratio(rate, fr[i], hz) > 0.8]
+    seconds = len(tonal) * FRAME_MS / 1000
     assert seconds >= min_seconds, (
-        f"expected >= {min_seconds:.2f} s of tone, longest active run is {seconds:.2f} s "
-        f"(recording {len(samples) / rate:.2f} s, overall rms {rms(samples):.0f})"
+        f"expected >= {min_seconds:.2f} s of {hz} Hz, found {seconds:.2f} s "
+        f"({len(active)} active frames, recording {len(samples) / rate:.2f} s, rms {rms(samples):.0f})"
     )
-    # Judge the middle of the run, away from fades at its edges.
-    lo = (start + length // 4) * frame
-    hi = (start + length - length // 4) * frame
-    middle = samples[lo:hi]
-    est = zero_crossing_hz(rate, middle)
+    # Frames cut by a dropout are partly silent; anything beyond a few percent is not the tone.
+    assert len(tonal) >= 0.9 * len(active) - 3, (
+        f"only {len(tonal)} of {len(active)} active frames are a clean {hz} Hz tone"
+    )
+    # Frequency by zero crossings over the longest unbroken stretch of tone frames.
+    best_start, best_len, run_start = 0, 0, None
+    tonal_set = set(tonal)
+    for i in range(len(fr) + 1):
+        if i in tonal_set:
+            run_start = i if run_start is None else run_start
+        elif run_start is not None:
+            if i - run_start > best_len:
+                best_start, best_len = run_start, i - run_start
+            run_start = None
+    frame = rate * FRAME_MS // 1000
+    assert best_len >= 10, f"no unbroken 200 ms of tone (longest {best_len * FRAME_MS} ms)"
+    stretch = samples[best_start * frame : (best_start + best_len) * frame]
+    est = zero_crossing_hz(rate, stretch)
     assert abs(est - hz) <= hz * 0.03, f"expected {hz} Hz, zero crossings say {est:.1f} Hz"
-    ratio = tone_ratio(rate, middle, hz)
-    assert ratio > 0.8, f"only {ratio:.2f} of the power is at {hz} Hz"
-    level = rms(middle)
+    level = rms([x for i in tonal for x in fr[i]])
     assert level > 2000, f"tone too quiet: rms {level:.0f}"
-    return start, length
+    return tonal[0], tonal[-1]

@@ -38,6 +38,8 @@ async def test_connect_unanswered_then_call_goes_on(server, tmp_path, phone_mode
 
     connect = results["connect"]
     assert not connect, "connect to a phone that does not answer must fail"
+    # The reference SDK documents CALL_UNANSWERED as the outcome of a connect nobody picks up;
+    # applications written for it test for that code, whether the phone rang out or refused.
     assert connect.error_code == "CALL_UNANSWERED", (connect.error_code, connect.error_message)
     assert ring["event"] == "call" and ring["to"] == DESTINATION, ring
     assert ring["answered"] is False, ring

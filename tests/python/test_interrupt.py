@@ -39,13 +39,13 @@ async def test_interrupt_stops_queued_audio(server, tmp_path):
     assert timing["cleared"] > 0, timing
 
     rate, heard = audio_util.read_wav(out)
-    start, length = audio_util.assert_tone(rate, heard, 440.0, min_seconds=0.4)
-    played = length * audio_util.FRAME_MS / 1000
+    first, last = audio_util.assert_tone(rate, heard, 440.0, min_seconds=0.4)
+    played = (last - first + 1) * audio_util.FRAME_MS / 1000
     spoke_for = timing["interrupt_at"] - timing["queued_at"]
     print(f"tone played {played:.2f} s, interrupt {spoke_for:.2f} s after queueing, {timing['cleared']} bytes cleared")
     # Without the interrupt the tone would run on for seconds (the rest of the queue plus what
     # the server holds for playout); allow a quarter second for transport and frame rounding.
     assert played <= spoke_for + 0.25, f"tone lasted {played:.2f} s, interrupt after {spoke_for:.2f} s"
-    tail = heard[(start + length) * rate * audio_util.FRAME_MS // 1000 :]
+    tail = heard[(last + 1) * rate * audio_util.FRAME_MS // 1000 :]
     assert len(tail) / rate >= 1.0, f"only {len(tail) / rate:.2f} s recorded after the tone"
     assert audio_util.active_span(rate, tail) is None, "audio came back after the interrupt"

@@ -279,53 +279,45 @@ async fn connect_then_barge_whisper_spy_mix_as_specified() {
     // Caller says 1000, destination 2000, agent 300; each hears the others as the mode says,
     // and the agent always hears both parties.
     const SAY: (i16, i16, i16) = (1000, 2000, 300);
-    // Default after connect is barge: everybody hears everybody.
-    let heard = talk_until(
-        &mut phone,
-        &mut callee,
-        Some(&mut media),
-        SAY,
-        (2300, 1300, Some(3000)),
-        FRAME,
-    )
-    .await;
-    assert_eq!(heard, Ok(()), "barge");
-    assert_eq!(media.command("agent.whisper", None).await["success"], true);
-    let heard = talk_until(
-        &mut phone,
-        &mut callee,
-        Some(&mut media),
-        SAY,
-        (2000, 1300, Some(3000)),
-        FRAME,
-    )
-    .await;
-    assert_eq!(
-        heard,
-        Ok(()),
-        "whisper: only the destination hears the agent"
-    );
-    assert_eq!(media.command("agent.spy", None).await["success"], true);
-    let heard = talk_until(
-        &mut phone,
-        &mut callee,
-        Some(&mut media),
-        SAY,
-        (2000, 1000, Some(3000)),
-        FRAME,
-    )
-    .await;
-    assert_eq!(heard, Ok(()), "spy: nobody hears the agent");
-    assert_eq!(media.command("agent.barge", None).await["success"], true);
-    let heard = talk_until(
-        &mut phone,
-        &mut callee,
-        Some(&mut media),
-        SAY,
-        (2300, 1300, Some(3000)),
-        FRAME,
-    )
-    .await;
-    assert_eq!(heard, Ok(()), "barge again");
+    for (command, expect, what) in [
+        (
+            None,
+            (2300, 1300, Some(3000)),
+            "barge is the default after connect",
+        ),
+        (
+            Some("agent.whisper"),
+            (2000, 1300, Some(3000)),
+            "whisper: only the destination hears the agent",
+        ),
+        (
+            Some("agent.spy"),
+            (2000, 1000, Some(3000)),
+            "spy: nobody hears the agent",
+        ),
+        (
+            Some("agent.barge"),
+            (2300, 1300, Some(3000)),
+            "barge: everybody hears everybody",
+        ),
+    ] {
+        if let Some(command) = command {
+            assert_eq!(
+                media.command(command, None).await["success"],
+                true,
+                "{command}"
+            );
+        }
+        let heard = talk_until(
+            &mut phone,
+            &mut callee,
+            Some(&mut media),
+            SAY,
+            expect,
+            FRAME,
+        )
+        .await;
+        assert_eq!(heard, Ok(()), "{what}");
+    }
     server.shutdown().await;
 }

@@ -127,7 +127,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         };
         match event {
-            Some(NetworkFrame::Trying { call_id: id } | NetworkFrame::Ringing { call_id: id }) => {
+            Some(NetworkFrame::Trying { call_id: id }) => {
+                info!(call_id = %id, "trying");
+                call_id = Some(id);
+            }
+            Some(NetworkFrame::Ringing { call_id: id }) => {
                 info!(call_id = %id, "ringing");
                 call_id = Some(id);
             }

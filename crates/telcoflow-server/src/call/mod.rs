@@ -475,7 +475,11 @@ impl CallActor {
                 "caller audio dropped for running ahead"
             );
         }
-        info!("call ended");
+        info!(
+            playout_gaps = self.playout.gaps(),
+            prebuffer_frames = self.playout.prebuffer_frames(),
+            "call ended"
+        );
     }
 
     fn next_deadline(&self) -> Instant {

@@ -5,6 +5,12 @@
 //! 20 ms frame per tick, in real time; when it runs dry the caller hears silence. Because the
 //! server never asks for more than the target, the delay this buffer adds is bounded by it, and
 //! an interrupt ([`Playout::clear`]) silences the agent at the next tick.
+//!
+//! Playout adapts to the agent's delivery jitter: when it runs dry and audio arrives again
+//! within a few ticks (a gap, not the end of an utterance), the next start waits for one more
+//! frame to be buffered (up to [`MAX_PREBUFFER_FRAMES`]); after a stretch of smooth playout the
+//! pre-buffer shrinks again. A steady agent thus costs no extra delay and a jittery one gets
+//! just enough to stop the stutter.
 
 use std::collections::VecDeque;
 
@@ -13,6 +19,12 @@ const TARGET_FRAMES: usize = 4;
 /// Ask again only when at least this many frames are missing, so that a steady stream costs
 /// one request per 40 ms rather than one per frame.
 const REQUEST_FRAMES: usize = 2;
+/// Deepest pre-buffer the adaptation goes to (60 ms); below the request target.
+pub(crate) const MAX_PREBUFFER_FRAMES: usize = 3;
+/// Audio arriving within this many ticks of running dry means the dry spell was a gap.
+const GAP_TICKS: u64 = 3;
+/// Ticks of smooth playout (5 s) after which the pre-buffer shrinks by a frame.
+const SMOOTH_TICKS: u32 = 250;
 
 #[derive(Debug)]
 pub(crate) struct Playout {
@@ -21,6 +33,17 @@ pub(crate) struct Playout {
     outstanding: usize,
     frame_bytes: usize,
     max_bytes: usize,
+    /// Playing out (as opposed to waiting for the pre-buffer to fill).
+    primed: bool,
+    /// Frames to hold before (re)starting playout.
+    prebuffer_frames: usize,
+    /// Ticks spent waiting with some audio buffered but less than the pre-buffer.
+    waited: usize,
+    tick: u64,
+    /// Tick at which playout last ran dry.
+    dry_at: Option<u64>,
+    smooth_ticks: u32,
+    gaps: u64,
 }
 
 /// What [`Playout::push`] did with the audio.
@@ -37,6 +60,13 @@ impl Playout {
             outstanding: 0,
             frame_bytes,
             max_bytes: max_bytes.max(frame_bytes * TARGET_FRAMES),
+            primed: false,
+            prebuffer_frames: 1,
+            waited: 0,
+            tick: 0,
+            dry_at: None,
+            smooth_ticks: 0,
+            gaps: 0,
         }
     }
 
@@ -44,6 +74,8 @@ impl Playout {
     pub(crate) fn reset(&mut self, frame_bytes: usize) {
         self.buf.clear();
         self.outstanding = 0;
+        self.primed = false;
+        self.dry_at = None;
         self.frame_bytes = frame_bytes;
         self.max_bytes = self.max_bytes.max(frame_bytes * TARGET_FRAMES);
     }
@@ -64,6 +96,12 @@ impl Playout {
 
     /// Agent audio arrived.
     pub(crate) fn push(&mut self, pcm: &[u8]) -> Pushed {
+        if let Some(dry_at) = self.dry_at.take() {
+            if self.tick - dry_at <= GAP_TICKS {
+                self.gaps += 1;
+                self.prebuffer_frames = (self.prebuffer_frames + 1).min(MAX_PREBUFFER_FRAMES);
+            }
+        }
         self.outstanding = self.outstanding.saturating_sub(pcm.len());
         let room = self.max_bytes.saturating_sub(self.buf.len());
         let take = pcm.len().min(room);
@@ -88,6 +126,25 @@ impl Playout {
     /// Takes the next frame into `out` as samples, padding with silence. Returns whether any
     /// agent audio was in it.
     pub(crate) fn pop_frame(&mut self, out: &mut [i16]) -> bool {
+        self.tick += 1;
+        if !self.primed {
+            if self.buf.len() < 2 {
+                out.fill(0);
+                return false;
+            }
+            // Start once the pre-buffer is full, or once the audio has waited as many ticks
+            // as the pre-buffer is deep (the end of an utterance must not wait forever).
+            if self.buf.len() >= self.prebuffer_frames * self.frame_bytes
+                || self.waited >= self.prebuffer_frames
+            {
+                self.primed = true;
+                self.waited = 0;
+            } else {
+                self.waited += 1;
+                out.fill(0);
+                return false;
+            }
+        }
         let bytes = (out.len() * 2).min(self.buf.len() & !1);
         let mut filled = 0;
         {
@@ -98,13 +155,38 @@ impl Playout {
             }
         }
         out[filled..].fill(0);
+        if self.buf.len() < 2 {
+            self.primed = false;
+            self.dry_at = Some(self.tick);
+            self.smooth_ticks = 0;
+        } else {
+            self.smooth_ticks += 1;
+            if self.smooth_ticks >= SMOOTH_TICKS && self.prebuffer_frames > 1 {
+                self.prebuffer_frames -= 1;
+                self.smooth_ticks = 0;
+            }
+        }
         filled > 0
+    }
+
+    /// Frames currently held before playout (re)starts.
+    pub(crate) fn prebuffer_frames(&self) -> usize {
+        self.prebuffer_frames
+    }
+
+    /// Gaps seen: playout ran dry and audio came back within a few ticks.
+    pub(crate) fn gaps(&self) -> u64 {
+        self.gaps
     }
 
     /// Drops every unplayed byte; returns how many.
     pub(crate) fn clear(&mut self) -> usize {
         let n = self.buf.len();
         self.buf.clear();
+        // Silence after an interrupt is wanted, not a gap to adapt to.
+        self.primed = false;
+        self.dry_at = None;
+        self.waited = 0;
         n
     }
 }
@@ -119,7 +201,7 @@ mod tests {
         assert_eq!(p.want(), Some(4 * 640));
         p.requested(4 * 640);
         assert_eq!(p.want(), None);
-        p.push(&[0; 640]);
+        p.push(&[0; 2 * 640]);
         assert_eq!(p.want(), None, "received audio is buffered, not missing");
         let mut frame = [0i16; 320];
         assert!(p.pop_frame(&mut frame));
@@ -128,8 +210,7 @@ mod tests {
             None,
             "one frame missing is below the request threshold"
         );
-        p.push(&[0; 640]);
-        p.pop_frame(&mut frame);
+        assert!(p.pop_frame(&mut frame));
         assert_eq!(p.want(), Some(2 * 640));
     }
 
@@ -140,6 +221,7 @@ mod tests {
         let mut frame = [9i16; 2];
         assert!(p.pop_frame(&mut frame));
         assert_eq!(frame, [1, 2]);
+        // Once playing, a partial frame plays at once, padded.
         assert!(p.pop_frame(&mut frame));
         assert_eq!(frame, [3, 0]);
         assert!(!p.pop_frame(&mut frame));
@@ -147,15 +229,65 @@ mod tests {
     }
 
     #[test]
-    fn odd_byte_waits_for_its_partner() {
+    fn partial_frame_waits_a_tick_then_plays() {
         let mut p = Playout::new(4, 1000);
         p.push(&[1, 0, 2]);
-        let mut frame = [0i16; 2];
-        p.pop_frame(&mut frame);
+        let mut frame = [9i16; 2];
+        assert!(
+            !p.pop_frame(&mut frame),
+            "less than a frame waits one tick for the rest"
+        );
+        assert_eq!(frame, [0, 0]);
+        assert!(p.pop_frame(&mut frame));
         assert_eq!(frame, [1, 0]);
         p.push(&[0]);
-        p.pop_frame(&mut frame);
-        assert_eq!(frame, [2, 0]);
+        let played = (0..3).any(|_| p.pop_frame(&mut frame));
+        assert!(played);
+        assert_eq!(frame, [2, 0], "the odd byte waited for its partner");
+    }
+
+    #[test]
+    fn gaps_deepen_the_prebuffer_and_smooth_playout_shrinks_it() {
+        let frame = [7u8, 0, 7, 0];
+        let mut out = [0i16; 2];
+        let mut p = Playout::new(4, 10_000);
+        // A frame, a dry tick, then audio again at once: a gap.
+        p.push(&frame);
+        assert!(p.pop_frame(&mut out));
+        assert!(!p.pop_frame(&mut out));
+        p.push(&frame);
+        assert_eq!((p.gaps(), p.prebuffer_frames()), (1, 2));
+        // Now playout waits for two frames (or two ticks) before starting again.
+        assert!(!p.pop_frame(&mut out));
+        p.push(&frame);
+        assert!(p.pop_frame(&mut out));
+        assert!(p.pop_frame(&mut out));
+        // Audio that comes back long after running dry is a new utterance, not a gap.
+        for _ in 0..10 {
+            p.pop_frame(&mut out);
+        }
+        p.push(&frame);
+        assert_eq!(p.gaps(), 1);
+        // Five seconds of smooth playout shrink the pre-buffer again.
+        for _ in 0..(SMOOTH_TICKS + 5) {
+            p.push(&frame);
+            p.pop_frame(&mut out);
+        }
+        assert_eq!(p.prebuffer_frames(), 1);
+    }
+
+    #[test]
+    fn an_interrupt_is_not_a_gap() {
+        let frame = [7u8, 0, 7, 0];
+        let mut out = [0i16; 2];
+        let mut p = Playout::new(4, 10_000);
+        p.push(&frame);
+        p.push(&frame);
+        p.pop_frame(&mut out);
+        assert_eq!(p.clear(), 4);
+        p.pop_frame(&mut out);
+        p.push(&frame);
+        assert_eq!((p.gaps(), p.prebuffer_frames()), (0, 1));
     }
 
     #[test]
