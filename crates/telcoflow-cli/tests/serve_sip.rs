@@ -26,7 +26,7 @@ fn serve_with_sip_prints_the_sip_address_and_answers_options() {
                 "--sip",
                 "127.0.0.1:0",
                 "--rtp-ports",
-                "34000-34099",
+                "39000-39099",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

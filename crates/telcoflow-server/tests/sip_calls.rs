@@ -121,16 +121,13 @@ async fn sip_agent_audio_reaches_the_phone_over_rtp() {
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn sip_rfc4733_dtmf_reaches_the_app_as_call_dtmf() {
-    if !sipp::available() {
-        return;
-    }
-    let ports = sipp::ports(2);
+/// SIPp calls in with `scenario`, which presses one key; the app must get it as `call.dtmf`.
+async fn app_gets_digit(index: u16, scenario: &str, digit: &str) {
+    let ports = sipp::ports(index);
     let server = start(sipp::sip_config(ports)).await;
     let mut control = control(&server, 8000, "mixed").await;
-    let dir = sipp::work_dir("dtmf");
-    let args = sipp::uac_args(&server, ports, "uac_dtmf.xml", "+15559990001", 1);
+    let dir = sipp::work_dir(scenario);
+    let args = sipp::uac_args(&server, ports, scenario, "+15559990001", 1);
     let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
 
     let mut media = answer_next(&mut control).await;
@@ -144,11 +141,25 @@ async fn sip_rfc4733_dtmf_reaches_the_app_as_call_dtmf() {
             break v;
         }
     };
-    assert_eq!(dtmf["data"]["digit"], "5", "{dtmf}");
+    assert_eq!(dtmf["data"]["digit"], digit, "{dtmf}");
     assert!(dtmf["data"]["duration_ms"].as_u64().unwrap() > 0, "{dtmf}");
     terminated(&mut media).await;
     phone.await.unwrap().assert_passed();
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sip_rfc4733_dtmf_reaches_the_app_as_call_dtmf() {
+    if sipp::available() {
+        app_gets_digit(2, "uac_dtmf.xml", "5").await;
+    }
+}
+
+#[tokio::test]
+async fn sip_info_dtmf_reaches_the_app_as_call_dtmf() {
+    if sipp::available() {
+        app_gets_digit(23, "uac_info_dtmf.xml", "7").await;
+    }
 }
 
 #[tokio::test]

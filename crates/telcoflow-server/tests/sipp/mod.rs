@@ -36,7 +36,7 @@ pub fn available() -> bool {
     found
 }
 
-/// Ports one test uses, apart from every other test's: `index` is unique per test.
+/// Ports one test uses, apart from every other test's: `index` is unique per test (0..=29).
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     /// SIPp's own SIP port (when it plays a phone that the server dials).
