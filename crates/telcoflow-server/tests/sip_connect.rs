@@ -292,3 +292,32 @@ async fn sip_session_create_calls_a_sip_uri_and_audio_flows() {
     sip_phone.await.unwrap().assert_passed();
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_connect_over_tcp_rings_answers_and_hangs_up() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(24);
+    let dir = sipp::work_dir("connect-tcp");
+    let mut args = sipp::uas_args(ports, "uas_answer.xml");
+    args.extend(["-t".into(), "t1".into()]);
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut config = sipp::sip_config(ports);
+    config.connectors[0].connect.insert(
+        CALLED.into(),
+        format!("sip:+15550200@127.0.0.1:{};transport=tcp", ports.sipp_sip),
+    );
+    // Over TCP nothing is retransmitted: dial only once SIPp listens.
+    sipp::wait_tcp(ports.sipp_sip).await;
+    let (server, _control, _phone, mut media) = answered_call(config, 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    sip_phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}

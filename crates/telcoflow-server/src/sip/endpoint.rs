@@ -43,6 +43,8 @@ pub(crate) const LEG_EVENT_QUEUE: usize = 16;
 const TCP_INBOX: usize = 256;
 /// Messages queued towards one TCP connection.
 const TCP_OUTBOX: usize = 64;
+/// How long opening a TCP connection for an outgoing call may take.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts to find a free RTP port before giving up on a call.
 const BIND_ATTEMPTS: usize = 8;
 /// `User-Agent` / `Server` header value.
@@ -215,8 +217,7 @@ impl SipHandle {
             .get("transport")
             .is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
         {
-            warn!(%uri, "dialling over TCP is not supported; using UDP");
-            Transport::Udp
+            Transport::Tcp
         } else {
             Transport::Udp
         };
@@ -338,6 +339,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, config: SipConfig) -> std::io::R
         outgoing: HashMap::new(),
         by_call_id: HashMap::new(),
         tcp_conns: HashMap::new(),
+        next_conn: 0,
         tcp_tx,
         commands: cmd_tx,
     };
@@ -360,7 +362,7 @@ fn host_literal(ip: IpAddr) -> String {
 /// Something a TCP reader task passes to the endpoint.
 enum TcpInput {
     Message(SocketAddr, bytes::Bytes),
-    Closed(SocketAddr),
+    Closed(SocketAddr, u64),
 }
 
 struct Outgoing {
@@ -379,7 +381,9 @@ struct Endpoint {
     outgoing: HashMap<u64, Outgoing>,
     /// SIP Call-ID -> outgoing key.
     by_call_id: HashMap<String, u64>,
-    tcp_conns: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    /// Open TCP connections by peer: (connection number, write queue).
+    tcp_conns: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>,
+    next_conn: u64,
     tcp_tx: mpsc::Sender<TcpInput>,
     commands: mpsc::Sender<Command>,
 }
@@ -413,7 +417,12 @@ impl Endpoint {
                 // Cancel-safe: mpsc recv.
                 Some(input) = tcp_rx.recv() => match input {
                     TcpInput::Message(peer, bytes) => self.on_message(Transport::Tcp, peer, &bytes),
-                    TcpInput::Closed(peer) => { self.tcp_conns.remove(&peer); }
+                    TcpInput::Closed(peer, id) => {
+                        // A newer connection to the same peer may have replaced this one.
+                        if self.tcp_conns.get(&peer).is_some_and(|(c, _)| *c == id) {
+                            self.tcp_conns.remove(&peer);
+                        }
+                    }
                 },
                 // Cancel-safe: mpsc recv.
                 Some(cmd) = cmd_rx.recv() => self.on_command(cmd),
@@ -624,14 +633,17 @@ impl Endpoint {
                     debug!(error = %e, to = %t.destination, "SIP UDP send failed");
                 }
             }
-            Transport::Tcp => match self.tcp_conns.get(&t.destination) {
-                Some(tx) => {
-                    if tx.try_send(t.payload).is_err() {
-                        warn!(to = %t.destination, "SIP TCP connection not draining; message dropped");
-                    }
+            Transport::Tcp => {
+                let tx = match self.tcp_conns.get(&t.destination) {
+                    Some((_, tx)) => tx.clone(),
+                    // Only an outgoing call sends first over TCP: open the connection. (A
+                    // response whose connection is gone is lost either way.)
+                    None => self.spawn_tcp(t.destination, TcpOrigin::Connect),
+                };
+                if tx.try_send(t.payload).is_err() {
+                    warn!(to = %t.destination, "SIP TCP connection not draining; message dropped");
                 }
-                None => debug!(to = %t.destination, "no TCP connection for SIP message"),
-            },
+            }
         }
     }
 
@@ -729,11 +741,40 @@ impl Endpoint {
     }
 
     fn add_tcp(&mut self, stream: TcpStream, peer: SocketAddr) {
+        self.spawn_tcp(peer, TcpOrigin::Accepted(stream));
+    }
+
+    /// Starts the task of one TCP connection (accepted, or to be opened to `peer` for an
+    /// outgoing call) and returns the queue of what to write on it.
+    fn spawn_tcp(&mut self, peer: SocketAddr, origin: TcpOrigin) -> mpsc::Sender<Vec<u8>> {
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(TCP_OUTBOX);
-        self.tcp_conns.insert(peer, out_tx.clone());
+        self.next_conn += 1;
+        let id = self.next_conn;
+        self.tcp_conns.insert(peer, (id, out_tx.clone()));
         let inbox = self.tcp_tx.clone();
         let shutdown = self.shared.shutdown.clone();
+        let pings = out_tx.clone();
         let task = async move {
+            let stream = match origin {
+                TcpOrigin::Accepted(stream) => stream,
+                TcpOrigin::Connect => {
+                    let connect =
+                        tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(peer));
+                    match connect.await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            warn!(%peer, error = %e, "SIP TCP connect failed");
+                            let _ = inbox.send(TcpInput::Closed(peer, id)).await;
+                            return;
+                        }
+                        Err(_) => {
+                            warn!(%peer, "SIP TCP connect timed out");
+                            let _ = inbox.send(TcpInput::Closed(peer, id)).await;
+                            return;
+                        }
+                    }
+                }
+            };
             let (mut rd, mut wr) = stream.into_split();
             let mut decoder = StreamDecoder::new();
             let mut buf = vec![0u8; 8192];
@@ -753,13 +794,13 @@ impl Endpoint {
                                     }
                                 }
                                 Ok(Some(StreamItem::Ping)) => {
-                                    let _ = out_tx.try_send(b"\r\n".to_vec());
+                                    let _ = pings.try_send(b"\r\n".to_vec());
                                 }
                                 Ok(Some(StreamItem::Pong)) => {}
                                 Ok(None) => break,
                                 Err(e) => {
                                     debug!(%peer, error = %e, "SIP TCP stream unusable; closing");
-                                    let _ = inbox.send(TcpInput::Closed(peer)).await;
+                                    let _ = inbox.send(TcpInput::Closed(peer, id)).await;
                                     return;
                                 }
                             }
@@ -773,12 +814,21 @@ impl Endpoint {
                     }
                 }
             }
-            let _ = inbox.send(TcpInput::Closed(peer)).await;
+            let _ = inbox.send(TcpInput::Closed(peer, id)).await;
         };
         self.shared
             .tasks
             .spawn(task.instrument(info_span!("sip_tcp", %peer)));
+        out_tx
     }
+}
+
+/// Where a TCP connection comes from.
+enum TcpOrigin {
+    /// A peer connected to our listener.
+    Accepted(TcpStream),
+    /// We connect, to send an outgoing call's requests.
+    Connect,
 }
 
 #[cfg(test)]

@@ -188,3 +188,21 @@ pub fn uas_args(ports: Ports, scenario_file: &str) -> Vec<String> {
         "-trace_err".into(),
     ]
 }
+
+/// Waits until SIPp accepts TCP connections on `port` (it takes a moment to start).
+pub async fn wait_tcp(port: u16) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "SIPp never listened on TCP port {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
