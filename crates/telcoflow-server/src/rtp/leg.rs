@@ -18,7 +18,7 @@
 use super::jitter::FRAME_SAMPLES;
 use super::session::{Received, RtpSession, SessionConfig};
 use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
-use crate::sip::endpoint::{Command, LegKey, PortGuard, RtpSockets, SipEvent};
+use crate::sip::endpoint::{Command, LegKey, OutgoingDial, PortGuard, RtpSockets, SipEvent};
 use crate::sip::sdp::{LocalMedia, Negotiated};
 use crate::state::Shared;
 use bytes::BytesMut;
@@ -61,6 +61,8 @@ pub(crate) struct LegParams {
     pub(crate) rtp_timeout: Duration,
     pub(crate) commands: mpsc::Sender<Command>,
     pub(crate) events: mpsc::Receiver<SipEvent>,
+    /// For an outgoing leg: what to dial once the task runs.
+    pub(crate) dial: Option<OutgoingDial>,
 }
 
 /// The receiving end of a [`LegLink`], waiting for its task.
@@ -104,7 +106,7 @@ impl PendingLeg {
             packet: vec![0u8; DATAGRAM],
             frames: BytesMut::with_capacity(FRAME_POOL * FRAME_SAMPLES * 2),
         };
-        Ok(leg.run(self.rx, params.events))
+        Ok(leg.run(self.rx, params.events, params.dial))
     }
 }
 
@@ -141,7 +143,18 @@ impl RtpLeg {
         mut self,
         mut outputs: mpsc::Receiver<LegOutput>,
         mut events: mpsc::Receiver<SipEvent>,
+        dial: Option<OutgoingDial>,
     ) {
+        if let Some(dial) = dial {
+            match dial.into_command().await {
+                Ok(cmd) => self.command(cmd).await,
+                Err(e) => {
+                    info!(error = %e, "cannot dial");
+                    self.to_call(LegEvent::Rejected).await;
+                    return;
+                }
+            }
+        }
         let mut ticker = tokio::time::interval(super::jitter::FRAME_DURATION);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut datagram = vec![0u8; DATAGRAM];

@@ -108,8 +108,6 @@ pub(crate) enum DialError {
     Resolve(String),
     #[error("no RTP port is free")]
     NoPort,
-    #[error("the SIP endpoint is overloaded or stopped")]
-    Unavailable,
 }
 
 /// RTP resources shared by the endpoint and the ring dispatcher.
@@ -203,7 +201,15 @@ impl SipHandle {
     ) -> Result<LegLink, DialError> {
         let parsed = SipUri::parse(uri).map_err(|_| DialError::BadUri(uri.to_owned()))?;
         let port = parsed.port.unwrap_or(5060);
-        let destination = resolve(&parsed.host, port)?;
+        // A literal address is used as is; a name is resolved by the leg task, so that the
+        // call actor calling this never waits on DNS.
+        let (destination, resolve) = match parsed.host.trim_matches(['[', ']']).parse::<IpAddr>() {
+            Ok(ip) => (SocketAddr::new(ip, port), None),
+            Err(_) => (
+                SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
+                Some((parsed.host.clone(), port)),
+            ),
+        };
         let host_port = match parsed.port {
             Some(p) => format!("{}:{p}", parsed.host),
             None => parsed.host.clone(),
@@ -221,11 +227,7 @@ impl SipHandle {
         } else {
             Transport::Udp
         };
-        let from_user = if call.from.is_empty() {
-            "telcoflow"
-        } else {
-            &call.from
-        };
+        let from_user = sip_user(&call.from);
         let sockets = self.media.bind().ok_or(DialError::NoPort)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let media = LocalMedia::new(
@@ -258,16 +260,15 @@ impl SipHandle {
                 rtp_timeout: self.media.rtp_timeout,
                 commands: self.commands.clone(),
                 events: events_rx,
+                dial: Some(OutgoingDial {
+                    key,
+                    config: Box::new(config),
+                    media,
+                    events: events_tx,
+                    resolve,
+                }),
             })
             .map_err(|_| DialError::NoPort)?;
-        self.commands
-            .try_send(Command::Dial {
-                key,
-                config: Box::new(config),
-                media,
-                events: events_tx,
-            })
-            .map_err(|_| DialError::Unavailable)?;
         shared
             .tasks
             .spawn(task.instrument(info_span!("sip_out", call_id = %call.call_id, %uri)));
@@ -275,17 +276,48 @@ impl SipHandle {
     }
 }
 
-fn resolve(host: &str, port: u16) -> Result<SocketAddr, DialError> {
-    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
+/// What an outgoing leg's task asks the endpoint to dial once it runs.
+#[derive(Debug)]
+pub(crate) struct OutgoingDial {
+    pub(crate) key: u64,
+    pub(crate) config: Box<UacConfig>,
+    pub(crate) media: LocalMedia,
+    pub(crate) events: mpsc::Sender<SipEvent>,
+    /// A host name to resolve into `config.destination` first, with its port.
+    pub(crate) resolve: Option<(String, u16)>,
+}
+
+impl OutgoingDial {
+    /// Resolves the destination if needed and gives the command for the endpoint.
+    pub(crate) async fn into_command(mut self) -> Result<Command, DialError> {
+        if let Some((host, port)) = self.resolve.take() {
+            let addr = tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(DialError::Resolve(host))?;
+            self.config.destination = addr;
+        }
+        Ok(Command::Dial {
+            key: self.key,
+            config: self.config,
+            media: self.media,
+            events: self.events,
+        })
     }
-    // Names resolve through the system resolver (blocking but brief; rare, at dial time).
-    use std::net::ToSocketAddrs as _;
-    (host, port)
-        .to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| DialError::Resolve(host.to_owned()))
+}
+
+/// A caller id made safe for the user part of a SIP URI (digits, letters, `+-_.`).
+fn sip_user(from: &str) -> String {
+    let user: String = from
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '_' | '.'))
+        .collect();
+    if user.is_empty() {
+        "telcoflow".into()
+    } else {
+        user
+    }
 }
 
 /// Binds the SIP sockets and starts the endpoint task. Returns the bound address.
@@ -720,6 +752,7 @@ impl Endpoint {
             rtp_timeout: self.media.rtp_timeout,
             commands: self.commands.clone(),
             events: events_rx,
+            dial: None,
         });
         match task {
             Ok(task) => {
@@ -880,17 +913,42 @@ mod tests {
     }
 
     #[test]
-    fn destinations_resolve() {
-        assert_eq!(
-            resolve("127.0.0.1", 5070).unwrap(),
-            "127.0.0.1:5070".parse().unwrap()
-        );
-        assert_eq!(
-            resolve("[::1]", 5060).unwrap(),
-            "[::1]:5060".parse().unwrap()
-        );
-        assert_eq!(resolve("localhost", 5060).unwrap().port(), 5060);
+    fn caller_ids_become_safe_sip_users() {
+        assert_eq!(sip_user("+15551230001"), "+15551230001");
+        assert_eq!(sip_user("Alice <a@b>"), "Aliceab");
+        assert_eq!(sip_user(""), "telcoflow");
+        assert_eq!(sip_user(" ;"), "telcoflow");
         assert_eq!(host_literal("::1".parse().unwrap()), "[::1]");
         assert_eq!(host_literal("10.0.0.1".parse().unwrap()), "10.0.0.1");
+    }
+
+    #[tokio::test]
+    async fn dial_names_resolve_in_the_leg() {
+        // Only `localhost` (from the hosts file): tests send nothing beyond this machine.
+        let (events, _rx) = mpsc::channel(1);
+        let dial = |resolve| OutgoingDial {
+            key: 1,
+            config: Box::new(UacConfig {
+                target: "sip:x@localhost:5070".into(),
+                destination: "0.0.0.0:5070".parse().unwrap(),
+                transport: Transport::Udp,
+                from: "sip:a@127.0.0.1".into(),
+                contact: "sip:a@127.0.0.1".into(),
+                sent_by: "127.0.0.1:5060".into(),
+                credentials: None,
+                timers: Timers::default(),
+                user_agent: USER_AGENT.into(),
+            }),
+            media: LocalMedia::new(IpAddr::from([127, 0, 0, 1]), 20000, 1),
+            events: events.clone(),
+            resolve,
+        };
+        match dial(Some(("localhost".into(), 5070))).into_command().await {
+            Ok(Command::Dial { config, .. }) => {
+                assert!(config.destination.ip().is_loopback());
+                assert_eq!(config.destination.port(), 5070);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
