@@ -174,3 +174,58 @@ async fn sip_rtp_packets_have_steady_sequence_timestamp_and_ssrc_and_rtcp_report
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_call_beyond_the_connectors_limit_gets_486() {
+    let mut config = dev_config();
+    config.limits.max_calls_per_connector = 1;
+    config.sip = Some(SipConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        rtp_ports: "37100-37199".into(),
+        ..SipConfig::default()
+    });
+    let server = start(config).await;
+    let sip = server.sip_addr().unwrap();
+    let phone = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = phone.local_addr().unwrap();
+    let invite = |call: &str| {
+        let sdp = "v=0\r\no=phone 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+                   m=audio 36998 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n";
+        format!(
+            "INVITE sip:+15559990001@{sip} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {me};branch=z9hG4bK-{call}\r\n\
+             From: <sip:+15551230001@{me}>;tag={call}\r\n\
+             To: <sip:+15559990001@{sip}>\r\n\
+             Call-ID: {call}\r\n\
+             CSeq: 1 INVITE\r\n\
+             Contact: <sip:phone@{me}>\r\n\
+             Max-Forwards: 70\r\n\
+             Content-Type: application/sdp\r\n\
+             Content-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        )
+    };
+    // The first call rings (nobody takes it); the second finds the connector full.
+    phone
+        .send_to(invite("busy-1").as_bytes(), sip)
+        .await
+        .unwrap();
+    loop {
+        let msg = recv_sip(&phone).await;
+        if header(&msg, "Call-ID") == "busy-1" && msg.starts_with("SIP/2.0 100") {
+            break;
+        }
+    }
+    phone
+        .send_to(invite("busy-2").as_bytes(), sip)
+        .await
+        .unwrap();
+    let refused = loop {
+        let msg = recv_sip(&phone).await;
+        if header(&msg, "Call-ID") == "busy-2" && !msg.starts_with("SIP/2.0 1") {
+            break msg;
+        }
+    };
+    assert!(refused.starts_with("SIP/2.0 486"), "{refused}");
+    server.shutdown().await;
+}
