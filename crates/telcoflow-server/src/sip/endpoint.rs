@@ -322,10 +322,7 @@ fn sip_user(from: &str) -> String {
 
 /// Binds the SIP sockets and starts the endpoint task. Returns the bound address.
 pub(crate) async fn start(shared: &Arc<Shared>, config: SipConfig) -> std::io::Result<SocketAddr> {
-    let udp = UdpSocket::bind(config.listen).await?;
-    let local = udp.local_addr()?;
-    // TCP on the same port as UDP (port 0 picks the UDP socket's port).
-    let tcp = TcpListener::bind(local).await?;
+    let (udp, tcp, local) = bind_udp_tcp(config.listen).await?;
     let (low, high) = config
         .rtp_port_range()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -382,6 +379,23 @@ pub(crate) async fn start(shared: &Arc<Shared>, config: SipConfig) -> std::io::R
     );
     info!(%local, "SIP listening on udp+tcp");
     Ok(local)
+}
+
+/// Binds UDP and TCP on one port. With port 0 the UDP socket picks it, and if that number is
+/// taken for TCP (an outgoing connection's ephemeral port, say), another is tried.
+async fn bind_udp_tcp(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener, SocketAddr)> {
+    const ATTEMPTS: usize = 16;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let udp = UdpSocket::bind(listen).await?;
+        let local = udp.local_addr()?;
+        match TcpListener::bind(local).await {
+            Ok(tcp) => return Ok((udp, tcp, local)),
+            Err(e) if listen.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
 }
 
 fn host_literal(ip: IpAddr) -> String {
