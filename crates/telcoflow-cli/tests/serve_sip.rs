@@ -26,7 +26,7 @@ fn serve_with_sip_prints_the_sip_address_and_answers_options() {
                 "--sip",
                 "127.0.0.1:0",
                 "--rtp-ports",
-                "39000-39099",
+                "18000-18099",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

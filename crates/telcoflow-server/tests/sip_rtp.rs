@@ -11,14 +11,14 @@ use tokio::net::UdpSocket;
 
 /// Binds an RTP socket on an even port and its RTCP socket on the next one.
 async fn rtp_pair() -> (UdpSocket, UdpSocket) {
-    for port in (36000..36400).step_by(2) {
+    for port in (17000..17400).step_by(2) {
         if let Ok(rtp) = UdpSocket::bind(("127.0.0.1", port)).await {
             if let Ok(rtcp) = UdpSocket::bind(("127.0.0.1", port + 1)).await {
                 return (rtp, rtcp);
             }
         }
     }
-    panic!("no free RTP port pair in 36000-36399");
+    panic!("no free RTP port pair in 17000-17399");
 }
 
 async fn recv_sip(sock: &UdpSocket) -> String {
@@ -44,7 +44,7 @@ async fn sip_rtp_packets_have_steady_sequence_timestamp_and_ssrc_and_rtcp_report
     let mut config = dev_config();
     config.sip = Some(SipConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        rtp_ports: "37000-37099".into(),
+        rtp_ports: "16000-16099".into(),
         ..SipConfig::default()
     });
     let server = start(config).await;
@@ -181,7 +181,7 @@ async fn sip_call_beyond_the_connectors_limit_gets_486() {
     config.limits.max_calls_per_connector = 1;
     config.sip = Some(SipConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        rtp_ports: "37100-37199".into(),
+        rtp_ports: "16100-16199".into(),
         ..SipConfig::default()
     });
     let server = start(config).await;

@@ -52,8 +52,8 @@ pub fn ports(index: u16) -> Ports {
     Ports {
         sipp_sip: 25060 + index * 10,
         sipp_media: 26000 + index * 10,
-        rtp_low: 30000 + index * 200,
-        rtp_high: 30000 + index * 200 + 199,
+        rtp_low: 10000 + index * 200,
+        rtp_high: 10000 + index * 200 + 199,
     }
 }
 
