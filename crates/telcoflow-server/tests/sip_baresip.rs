@@ -37,7 +37,12 @@ fn tools_available() -> bool {
             "{missing:?} not installed (apt-get install baresip sox); the baresip test needs them in CI"
         );
     }
-    eprintln!("NOTICE: {missing:?} not installed; skipping the baresip test");
+    // Straight to stderr: the test harness captures eprintln!, and the notice must show.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "NOTICE: {missing:?} not installed; skipping the baresip test"
+    );
     false
 }
 

@@ -29,7 +29,10 @@ pub fn available() -> bool {
                 "sipp is not installed (apt-get install sip-tester); the SIP tests need it in CI"
             );
         }
-        eprintln!(
+        // Straight to stderr: the test harness captures eprintln!, and the notice must show.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
             "NOTICE: sipp is not installed; skipping this SIP test (apt-get install sip-tester)"
         );
     }
