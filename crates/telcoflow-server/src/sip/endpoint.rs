@@ -329,6 +329,12 @@ pub(crate) async fn start(shared: &Arc<Shared>, config: SipConfig) -> std::io::R
     let pool = PortPool::new(low, high)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let advertised = config.advertised_ip();
+    if config.listen.ip().is_unspecified() && config.public_ip.is_none() {
+        warn!(
+            %advertised,
+            "SIP listens on all interfaces without public_ip: SDP and Contact announce {advertised}; set public_ip (--public-ip) for peers on other machines"
+        );
+    }
     let sent_by = format!("{}:{}", host_literal(advertised), local.port());
     let contact = format!("sip:telcoflow@{sent_by}");
     let media = Arc::new(MediaEnv {
