@@ -1,6 +1,6 @@
 //! baresip, a real softphone, calls in and plays a 440 Hz tone (made with sox); an echo agent
-//! (raw frames, 16 kHz) answers and plays back what it hears; baresip's recording of what it
-//! heard must hold the tone.
+//! written with the Rust SDK (16 kHz) answers and plays back what it hears; baresip's recording
+//! of what it heard must hold the tone.
 //!
 //! Needs `baresip` and `sox`: the test fails without them when `CI` is set and otherwise skips
 //! with a notice.
@@ -9,8 +9,11 @@ mod common;
 mod sipp;
 
 use common::*;
+use futures_util::StreamExt as _;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 const TONE_HZ: f64 = 440.0;
@@ -118,7 +121,45 @@ async fn baresip_hears_its_tone_back_through_an_echo_agent() {
     let dir = sipp::work_dir("baresip");
     // baresip's own RTP ports, apart from every SIPp media port.
     write_config(&dir, 29000);
-    let mut control = control(&server, 16000, "mixed").await;
+    let config = telcoflow::TelcoflowClientConfig::builder()
+        .api_key(
+            telcoflow_server::config::DEV_API_KEY,
+            telcoflow_server::config::DEV_CONNECTOR_UUID,
+        )
+        .base_url(server.base_url())
+        .sample_rate(telcoflow::SampleRate::Hz16000)
+        .build()
+        .expect("SDK config");
+    let client = telcoflow::TelcoflowClient::connect(config)
+        .await
+        .expect("the agent connects");
+    let echoed = Arc::new(AtomicUsize::new(0));
+    let agent = {
+        let client = client.clone();
+        let echoed = echoed.clone();
+        tokio::spawn(async move {
+            client
+                .serve(move |call: telcoflow::ActiveCall| {
+                    let echoed = echoed.clone();
+                    async move {
+                        if call.answer().await.and_then(|r| r.into_result()).is_err() {
+                            return;
+                        }
+                        let mut audio = call.audio_stream(0);
+                        while let Some(chunk) = audio.next().await {
+                            match call.send_audio(&chunk).await {
+                                Ok(()) => {
+                                    echoed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(telcoflow::Error::BufferFull { .. }) => {}
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                })
+                .await
+        })
+    };
 
     // baresip hangs up when the 3 s tone ends; -t stops the process soon after.
     let phone = tokio::process::Command::new("baresip")
@@ -131,29 +172,6 @@ async fn baresip_hears_its_tone_back_through_an_echo_agent() {
         .kill_on_drop(true)
         .spawn()
         .expect("baresip starts");
-
-    let call_in = control.take_call().await;
-    let mut media = media(&call_in).await;
-    let answer = media.command("call.answer", None).await;
-    assert_eq!(answer["success"], true, "{answer}");
-    // Echo: every frame heard goes straight back.
-    let mut echoed = 0;
-    loop {
-        match media.ws.next().await {
-            Some(tokio_tungstenite::tungstenite::Message::Binary(frame)) if frame[0] == 0 => {
-                media.send_audio(&frame[1..]).await;
-                echoed += 1;
-            }
-            Some(tokio_tungstenite::tungstenite::Message::Text(t)) => {
-                if t.contains("call.terminated") {
-                    break;
-                }
-            }
-            Some(_) => {}
-            None => break,
-        }
-    }
-    assert!(echoed > 50, "the agent heard only {echoed} frames");
 
     let out = tokio::time::timeout(Duration::from_secs(20), phone.wait_with_output())
         .await
@@ -180,5 +198,9 @@ async fn baresip_hears_its_tone_back_through_an_echo_agent() {
         tone > 1000.0 && tone > 20.0 * other,
         "the recording does not hold the tone: 440 Hz level {tone:.0}, 1 kHz level {other:.0}"
     );
+    let echoed = echoed.load(Ordering::Relaxed);
+    assert!(echoed > 50, "the agent echoed only {echoed} chunks");
+    client.shutdown().await;
+    let _ = agent.await;
     server.shutdown().await;
 }
