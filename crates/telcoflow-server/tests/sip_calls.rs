@@ -273,69 +273,75 @@ async fn sip_lost_ack_makes_the_server_resend_200() {
 }
 
 #[tokio::test]
-async fn sip_twenty_concurrent_calls_are_all_answered() {
+async fn sip_twenty_concurrent_calls_are_all_answered_and_their_ports_reused() {
     if !sipp::available() {
         return;
     }
     const CALLS: usize = 20;
     let ports = sipp::ports(8);
-    let server = start(sipp::sip_config(ports)).await;
+    let mut config = sipp::sip_config(ports);
+    // 25 RTP/RTCP pairs: the second batch of 20 calls only fits if the first one's ports went
+    // back to the pool.
+    config.sip.as_mut().unwrap().rtp_ports = format!("{}-{}", ports.rtp_low, ports.rtp_low + 49);
+    let server = start(config).await;
     let mut control = control(&server, 8000, "mixed").await;
-    let dir = sipp::work_dir("load");
-    let args = sipp::uac_args(
-        &server,
-        ports,
-        "uac_short.xml",
-        "+15559990001",
-        CALLS as u32,
-    );
-    let phones = tokio::spawn(async move { sipp::run(&dir, &args).await });
+    for batch in 0..2 {
+        let dir = sipp::work_dir(&format!("load-{batch}"));
+        let args = sipp::uac_args(
+            &server,
+            ports,
+            "uac_short.xml",
+            "+15559990001",
+            CALLS as u32,
+        );
+        let phones = tokio::spawn(async move { sipp::run(&dir, &args).await });
 
-    // One control connection takes every call; each call's media runs in its own task.
-    let mut calls = tokio::task::JoinSet::new();
-    let mut pending_open = std::collections::HashMap::new();
-    let mut answered = 0;
-    while answered < CALLS {
-        let v = control.ws.text().await;
-        match v["type"].as_str() {
-            Some("session.notify") => {
-                let session_id = v["sessionId"].as_str().unwrap().to_owned();
-                let req_id = uuid::Uuid::new_v4().to_string();
-                control
+        // One control connection takes every call; each call's media runs in its own task.
+        let mut calls = tokio::task::JoinSet::new();
+        let mut pending_open = std::collections::HashMap::new();
+        let mut answered = 0;
+        while answered < CALLS {
+            let v = control.ws.text().await;
+            match v["type"].as_str() {
+                Some("session.notify") => {
+                    let session_id = v["sessionId"].as_str().unwrap().to_owned();
+                    let req_id = uuid::Uuid::new_v4().to_string();
+                    control
                     .ws
                     .send_json(
                         json!({"type": "session.open", "sessionId": session_id, "reqId": req_id}),
                     )
                     .await;
-                pending_open.insert(req_id, session_id);
-            }
-            Some("response") => {
-                let req_id = v["reqId"].as_str().unwrap_or_default();
-                if let Some(session_id) = pending_open.remove(req_id) {
-                    assert_eq!(v["ok"], true, "{v}");
-                    control.ready(&session_id).await;
+                    pending_open.insert(req_id, session_id);
                 }
+                Some("response") => {
+                    let req_id = v["reqId"].as_str().unwrap_or_default();
+                    if let Some(session_id) = pending_open.remove(req_id) {
+                        assert_eq!(v["ok"], true, "{v}");
+                        control.ready(&session_id).await;
+                    }
+                }
+                Some("call.in") => {
+                    answered += 1;
+                    calls.spawn(async move {
+                        let mut media = media(&v).await;
+                        let answer = media.command("call.answer", None).await;
+                        assert_eq!(answer["success"], true, "{answer}");
+                        terminated(&mut media).await
+                    });
+                }
+                _ => {}
             }
-            Some("call.in") => {
-                answered += 1;
-                calls.spawn(async move {
-                    let mut media = media(&v).await;
-                    let answer = media.command("call.answer", None).await;
-                    assert_eq!(answer["success"], true, "{answer}");
-                    terminated(&mut media).await
-                });
-            }
-            _ => {}
         }
+        let mut ended = 0;
+        while let Some(r) = calls.join_next().await {
+            let v = r.expect("call task");
+            assert_eq!(v["data"]["reason"], "caller", "{v}");
+            ended += 1;
+        }
+        assert_eq!(ended, CALLS);
+        phones.await.unwrap().assert_passed();
     }
-    let mut ended = 0;
-    while let Some(r) = calls.join_next().await {
-        let v = r.expect("call task");
-        assert_eq!(v["data"]["reason"], "caller", "{v}");
-        ended += 1;
-    }
-    assert_eq!(ended, CALLS);
-    phones.await.unwrap().assert_passed();
     server.shutdown().await;
 }
 
