@@ -46,6 +46,11 @@ commands! {
     Agent => agent,
     /// Start a server, an echo agent and a simulated caller in this process; show the call.
     Demo => demo,
+    /// Measure calls end to end: N callers against echo agents; CPU, memory, latency, losses.
+    Bench => bench,
+    /// The echo agent `telcoflow bench --agent rust` runs (Rust SDK).
+    #[command(hide = true)]
+    BenchAgent => bench_agent,
 }
 
 /// Telcoflow: connect voice applications to phone calls.

@@ -59,6 +59,7 @@ pub(crate) async fn control_ws(
     }
     let token = shared.tasks.token();
     ws.max_message_size(shared.config.limits.max_control_frame_bytes)
+        .read_buffer_size(crate::WS_READ_BUFFER)
         .max_frame_size(shared.config.limits.max_control_frame_bytes)
         .on_upgrade(move |socket| async move {
             let sm_ws_id = uuid::Uuid::new_v4().to_string();
@@ -91,15 +92,13 @@ async fn run(
     {
         return;
     }
-    shared.registry.add_control(
-        &sm_ws_id,
-        ControlLink {
-            connector: connector.uuid.as_str().into(),
-            setup,
-            tx: tx.clone(),
-            kill: kill.clone(),
-        },
-    );
+    let link = ControlLink {
+        connector: connector.uuid.as_str().into(),
+        setup,
+        tx,
+        kill: kill.clone(),
+    };
+    shared.registry.add_control(&sm_ws_id, link.clone());
     info!(
         sample_rate = setup.sample_rate.hz(),
         audio_mode = setup.audio_mode.as_str(),
@@ -109,12 +108,7 @@ async fn run(
         shared: shared.clone(),
         connector,
         sm_ws_id: sm_ws_id.clone(),
-        link: ControlLink {
-            connector: "".into(),
-            setup,
-            tx,
-            kill: kill.clone(),
-        },
+        link,
     };
     loop {
         tokio::select! {

@@ -40,6 +40,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Read buffer of every WebSocket the server accepts. tungstenite zero-fills the free part of
+/// its read buffer before each socket read, so the default (128 KiB) cost a 128 KiB memset per
+/// 20 ms audio frame; 4 KiB holds a few frames at 24 kHz and larger messages still grow it.
+pub(crate) const WS_READ_BUFFER: usize = 4096;
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -121,6 +126,8 @@ impl Server {
                     Err(e) => Err(e),
                 },
                 None => {
+                    // TCP_NODELAY on every accepted socket (the TLS listener sets it too).
+                    let listener = tls::NoDelayListener(listener);
                     axum::serve(listener, app)
                         .with_graceful_shutdown(stop)
                         .await

@@ -70,6 +70,7 @@ pub(crate) async fn media_ws(
     let max = shared.config.limits.max_media_frame_bytes;
     let tracker = shared.tasks.token();
     ws.max_message_size(max)
+        .read_buffer_size(crate::WS_READ_BUFFER)
         .max_frame_size(max)
         .on_failed_upgrade({
             let call = call.clone();

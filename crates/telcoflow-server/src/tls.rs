@@ -45,6 +45,12 @@ impl Connected<IncomingStream<'_, TcpListener>> for PeerInfo {
     }
 }
 
+impl Connected<IncomingStream<'_, NoDelayListener>> for PeerInfo {
+    fn connect_info(_: IncomingStream<'_, NoDelayListener>) -> Self {
+        Self { cert_sha256: None }
+    }
+}
+
 impl Connected<IncomingStream<'_, TlsListener>> for PeerInfo {
     fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
         let cert = stream
@@ -199,6 +205,10 @@ impl TlsListener {
                     },
                     () = shutdown.cancelled() => break,
                 };
+                // Audio frames must not wait behind Nagle's algorithm.
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(error = %e, "cannot set TCP_NODELAY");
+                }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
@@ -213,6 +223,29 @@ impl TlsListener {
             }
         });
         Ok(Self { ready, local_addr })
+    }
+}
+
+/// Plain TCP with TCP_NODELAY on every accepted socket: audio frames are small writes that
+/// must leave at once, and Nagle's algorithm would hold one behind an unacknowledged one (up to
+/// the peer's delayed-ACK timeout, ~40 ms).
+#[derive(Debug)]
+pub(crate) struct NoDelayListener(pub(crate) TcpListener);
+
+impl Listener for NoDelayListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = Listener::accept(&mut self.0).await;
+        if let Err(e) = io.set_nodelay(true) {
+            debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        (io, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Listener::local_addr(&self.0)
     }
 }
 

@@ -140,6 +140,12 @@ impl RingBuffer {
                     out.extend_from_slice(&s.buf[..n - first]);
                     s.head = (s.head + n) & s.mask();
                     s.len -= n;
+                    if s.len == 0 {
+                        // Start again at the front: a steady stream then reuses the same few
+                        // pages instead of walking through (and making resident) all of the
+                        // buffer, which is 1 MiB per call by default.
+                        s.head = 0;
+                    }
                     return n;
                 }
             }

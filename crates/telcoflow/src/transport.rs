@@ -78,20 +78,36 @@ impl Tls {
     }
 }
 
+/// Read buffer of the SDK's WebSockets. tungstenite zero-fills the free part of its read
+/// buffer before every socket read, so the 128 KiB default cost a 128 KiB memset per 20 ms
+/// audio frame; larger messages still grow the buffer. Connections also set TCP_NODELAY: 20 ms
+/// audio frames must not wait behind Nagle's algorithm.
+const WS_READ_BUFFER: usize = 4096;
+
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+}
+
 /// Opens the WebSocket.
 pub(crate) async fn connect(req: Request, tls: &Tls) -> Result<Ws, Error> {
     #[cfg(feature = "tls")]
     let result = match &tls.connector {
         Some(c) => {
-            tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(c.clone()))
-                .await
+            tokio_tungstenite::connect_async_tls_with_config(
+                req,
+                Some(ws_config()),
+                true,
+                Some(c.clone()),
+            )
+            .await
         }
-        None => tokio_tungstenite::connect_async(req).await,
+        None => tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true).await,
     };
     #[cfg(not(feature = "tls"))]
     let result = {
         let _ = tls;
-        tokio_tungstenite::connect_async(req).await
+        tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true).await
     };
     match result {
         Ok((ws, _response)) => Ok(ws),

@@ -6,9 +6,9 @@
 //! server never asks for more than the target, the delay this buffer adds is bounded by it, and
 //! an interrupt ([`Playout::clear`]) silences the agent at the next tick.
 //!
-//! Playout adapts to the agent's delivery jitter: when it runs dry and audio arrives again
-//! within a few ticks (a gap, not the end of an utterance), the next start waits for one more
-//! frame to be buffered (up to [`MAX_PREBUFFER_FRAMES`]); after a stretch of smooth playout the
+//! Playout adapts to the agent's delivery jitter: when the clock finds no audio (an underrun)
+//! and audio arrives again within a few ticks (a gap, not the end of an utterance), the next
+//! start waits for one more frame to be buffered (up to [`MAX_PREBUFFER_FRAMES`]); after a stretch of smooth playout the
 //! pre-buffer shrinks again. A steady agent thus costs no extra delay and a jittery one gets
 //! just enough to stop the stutter.
 
@@ -40,7 +40,7 @@ pub(crate) struct Playout {
     /// Ticks spent waiting with some audio buffered but less than the pre-buffer.
     waited: usize,
     tick: u64,
-    /// Tick at which playout last ran dry.
+    /// Tick at which playout last found no audio while playing.
     dry_at: Option<u64>,
     smooth_ticks: u32,
     gaps: u64,
@@ -127,11 +127,18 @@ impl Playout {
     /// agent audio was in it.
     pub(crate) fn pop_frame(&mut self, out: &mut [i16]) -> bool {
         self.tick += 1;
-        if !self.primed {
-            if self.buf.len() < 2 {
-                out.fill(0);
-                return false;
+        if self.buf.len() < 2 {
+            if self.primed {
+                // The clock wanted a frame and none was there: an underrun. Whether it was a
+                // gap or the end of an utterance shows when (if) audio comes back.
+                self.primed = false;
+                self.dry_at = Some(self.tick);
+                self.smooth_ticks = 0;
             }
+            out.fill(0);
+            return false;
+        }
+        if !self.primed {
             // Start once the pre-buffer is full, or once the audio has waited as many ticks
             // as the pre-buffer is deep (the end of an utterance must not wait forever).
             if self.buf.len() >= self.prebuffer_frames * self.frame_bytes
@@ -155,18 +162,12 @@ impl Playout {
             }
         }
         out[filled..].fill(0);
-        if self.buf.len() < 2 {
-            self.primed = false;
-            self.dry_at = Some(self.tick);
+        self.smooth_ticks += 1;
+        if self.smooth_ticks >= SMOOTH_TICKS && self.prebuffer_frames > 1 {
+            self.prebuffer_frames -= 1;
             self.smooth_ticks = 0;
-        } else {
-            self.smooth_ticks += 1;
-            if self.smooth_ticks >= SMOOTH_TICKS && self.prebuffer_frames > 1 {
-                self.prebuffer_frames -= 1;
-                self.smooth_ticks = 0;
-            }
         }
-        filled > 0
+        true
     }
 
     /// Frames currently held before playout (re)starts.
@@ -274,6 +275,20 @@ mod tests {
             p.pop_frame(&mut out);
         }
         assert_eq!(p.prebuffer_frames(), 1);
+    }
+
+    #[test]
+    fn a_steady_agent_that_keeps_pace_causes_no_gaps() {
+        // One frame arrives between every two ticks, as an echo agent delivers: the buffer is
+        // empty after each tick, but the clock never finds it empty.
+        let frame = [7u8, 0, 7, 0];
+        let mut out = [0i16; 2];
+        let mut p = Playout::new(4, 10_000);
+        for _ in 0..100 {
+            p.push(&frame);
+            assert!(p.pop_frame(&mut out));
+        }
+        assert_eq!((p.gaps(), p.prebuffer_frames()), (0, 1));
     }
 
     #[test]

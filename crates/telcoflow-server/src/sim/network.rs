@@ -92,6 +92,7 @@ impl Directory {
 pub(crate) async fn phone_ws(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
     let token = shared.tasks.token();
     ws.max_message_size(MAX_PHONE_FRAME)
+        .read_buffer_size(crate::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let conn_id = shared.next_conn_id();
             run_phone(shared, socket, conn_id)

@@ -1,0 +1,604 @@
+//! `telcoflow bench`: N simulated callers against echo agents, measured end to end.
+//!
+//! The server runs as a child process (`telcoflow serve` on a free port) unless `--server` is
+//! given, and the agents as another (`telcoflow bench-agent` on the Rust SDK, or
+//! `bench/python_echo_agent.py` on the official Python SDK), so that each one's CPU and memory
+//! can be read from `/proc/<pid>` on its own. The callers run in this process: each streams
+//! marked speech in real time (see [`marker`]) and measures every frame's round trip, losses
+//! and lateness, and barge-in latency with interrupt probes (see [`caller`]).
+//!
+//! CPU is measured over a steady window (all calls up: after the ramp plus one second, until
+//! the callers stop sending); memory per call is RSS at the end of the window minus RSS before
+//! the first call, divided by the calls answered.
+
+pub(crate) mod caller;
+pub(crate) mod marker;
+mod plot;
+pub(crate) mod stats;
+
+use anyhow::{Context, bail};
+use caller::{CallPlan, CallReport, Progress};
+use serde::Serialize;
+use stats::{Percentiles, ProcCost, ProcSample, round3};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use telcoflow_proto::SampleRate;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::time::Instant;
+
+/// How long a child may take to print its ready line.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a child may take to exit after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Settling time between the last call set up and the start of the CPU window.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Which agents answer the calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AgentKind {
+    /// `telcoflow bench-agent`: an echo agent on the Rust SDK, as a child process.
+    Rust,
+    /// `bench/python_echo_agent.py` on the official Python SDK, as a child process.
+    Python,
+    /// Agents already connected to the server.
+    External,
+}
+
+/// Arguments of `telcoflow bench`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Concurrent calls.
+    #[arg(long, default_value_t = 10)]
+    calls: usize,
+    /// Run several call counts one after the other (e.g. 10,50,100); overrides --calls.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Seconds every call stays up together, after the ramp.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds over which the calls are dialled, evenly spread.
+    #[arg(long, default_value_t = 2.0)]
+    ramp: f64,
+    /// Sample rate of callers and agents: 8000, 16000 or 24000.
+    #[arg(long, default_value_t = 24000)]
+    sample_rate: u32,
+    /// Which agents answer.
+    #[arg(long, value_enum, default_value_t = AgentKind::Rust)]
+    agent: AgentKind,
+    /// An already running server (ws://host:port); by default one is started as a child.
+    #[arg(long)]
+    server: Option<String>,
+    /// Process id of the --server, to measure its CPU and memory.
+    #[arg(long, requires = "server")]
+    server_pid: Option<u32>,
+    /// Process id of the external agents, to measure their CPU and memory.
+    #[arg(long)]
+    agent_pid: Option<u32>,
+    /// Python interpreter for --agent python (a venv with telcoflow==1.0.0).
+    #[arg(long, env = "TELCOFLOW_PYTHON", default_value = ".venv/bin/python")]
+    python: PathBuf,
+    /// The Python echo agent script.
+    #[arg(long, default_value = "bench/python_echo_agent.py")]
+    python_agent: PathBuf,
+    /// Callers over SIP/RTP instead of the simulated network.
+    #[arg(long)]
+    sip: bool,
+    /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw CPU, RSS and p99 round trip against the number of calls into this PNG.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// CPU and memory of one process, per call.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct AgentHandling {
+    /// Frames the agent handled.
+    frames: u64,
+    /// Receipt to `send_audio` returning, microseconds.
+    handle_us_p50: f64,
+    handle_us_p99: f64,
+    handle_us_max: f64,
+}
+
+/// How busy the machine was during the CPU window.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct MachineLoad {
+    /// CPUs available.
+    cores: usize,
+    /// Cores busy on average, every process included (from `/proc/stat`).
+    busy_cores: f64,
+    /// 1-minute load average at the end of the window.
+    loadavg_1m: f64,
+}
+
+/// The figures of one run.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RunResult {
+    pub(crate) calls: usize,
+    sample_rate: u32,
+    duration_s: f64,
+    ramp_s: f64,
+    agent_kind: AgentKind,
+    calls_answered: usize,
+    calls_failed: usize,
+    frames_sent: u64,
+    frames_lost: u64,
+    frames_duplicated: u64,
+    frames_reordered: u64,
+    frames_late: u64,
+    setup_ms: Percentiles,
+    pub(crate) round_trip_ms: Percentiles,
+    /// Round trip minus the agent's own handling time (p50): what server, sockets and the
+    /// server's 20 ms media clock add.
+    server_added_ms: Percentiles,
+    interrupt_ms: Percentiles,
+    interrupts_failed: u64,
+    /// Frames heard carrying another call's marker: crossed audio, always 0 when correct.
+    frames_crossed: u64,
+    agent_handling: Option<AgentHandling>,
+    pub(crate) server: Option<ProcCost>,
+    pub(crate) agent: Option<ProcCost>,
+    /// CPU of this process (the callers), in cores.
+    callers_cpu_cores: f64,
+    /// The whole machine during the CPU window: other work competes with the bench.
+    machine: MachineLoad,
+    /// CPU window used for the per-call-minute figures, seconds.
+    window_s: f64,
+    /// The first few call failures.
+    failures: Vec<String>,
+}
+
+/// Runs the bench.
+pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if args.sip {
+        bail!("--sip is not available yet: the SIP edge does not exist; use the simulated network");
+    }
+    let rate = SampleRate::from_hz(args.sample_rate)?;
+    let duration = super::call::secs_arg("duration", args.duration)?;
+    let ramp = super::call::secs_arg("ramp", args.ramp)?;
+    let sizes = if args.sweep.is_empty() {
+        vec![args.calls]
+    } else {
+        args.sweep.clone()
+    };
+    if sizes.contains(&0) {
+        bail!("the number of calls must be at least 1");
+    }
+    if sizes.iter().any(|&n| n > usize::from(u16::MAX)) {
+        bail!("at most {} calls", u16::MAX);
+    }
+    if duration < Duration::from_secs(1) {
+        bail!("--duration must be at least 1 second");
+    }
+    let mut runs = Vec::new();
+    for &n in &sizes {
+        let r = run_once(&args, n, rate, duration, ramp).await?;
+        print_table(&r);
+        runs.push(r);
+    }
+    if runs.len() > 1 {
+        print_sweep(&runs);
+    }
+    if let Some(path) = &args.json {
+        let json = if args.sweep.is_empty() {
+            serde_json::to_string_pretty(&runs[0])?
+        } else {
+            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?
+        };
+        std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        plot::draw(path, &runs)?;
+    }
+    let all_answered = runs.iter().all(|r| r.calls_failed == 0);
+    Ok(if all_answered {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// A child process and its stdout lines.
+struct ChildProc {
+    name: &'static str,
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
+    pid: u32,
+}
+
+impl ChildProc {
+    fn spawn(name: &'static str, mut cmd: Command) -> anyhow::Result<Self> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if std::env::var_os("RUST_LOG").is_none() {
+            // Per-call info logs from hundreds of calls would drown the progress line.
+            cmd.env("RUST_LOG", "warn");
+        }
+        let mut child = cmd.spawn().with_context(|| format!("cannot start the {name}"))?;
+        let pid = child.id().context("child exited at once")?;
+        let stdout = child.stdout.take().context("child stdout not piped")?;
+        Ok(Self {
+            name,
+            child,
+            lines: BufReader::new(stdout).lines(),
+            pid,
+        })
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest of it.
+    async fn wait_line(&mut self, prefix: &str) -> anyhow::Result<String> {
+        let name = self.name;
+        let found = tokio::time::timeout(READY_TIMEOUT, async {
+            while let Some(line) = self.lines.next_line().await? {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return Ok(rest.to_owned());
+                }
+            }
+            bail!("the {name} exited before it was ready")
+        })
+        .await;
+        match found {
+            Ok(r) => r,
+            Err(_) => bail!("the {name} was not ready within {READY_TIMEOUT:?}"),
+        }
+    }
+
+    /// Sends SIGTERM, collects the last stdout line that parses as JSON, waits for the exit.
+    async fn stop(mut self) -> Option<serde_json::Value> {
+        // SIGTERM through kill(1): the workspace forbids unsafe code, so no libc::kill.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid.to_string())
+            .status()
+            .await;
+        let mut last = None;
+        let read = tokio::time::timeout(STOP_TIMEOUT, async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    last = Some(v);
+                }
+            }
+        })
+        .await;
+        if read.is_err() {
+            tracing::warn!(process = self.name, "did not exit after SIGTERM; killing it");
+            let _ = self.child.kill().await;
+        }
+        let _ = self.child.wait().await;
+        last
+    }
+}
+
+async fn run_once(
+    args: &Args,
+    n: usize,
+    rate: SampleRate,
+    duration: Duration,
+    ramp: Duration,
+) -> anyhow::Result<RunResult> {
+    let exe = std::env::current_exe().context("cannot find the telcoflow binary")?;
+    let mut server_child = None;
+    let (base_url, server_pid) = match &args.server {
+        Some(url) => (url.clone(), args.server_pid),
+        None => {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+            let mut child = ChildProc::spawn("server", cmd)?;
+            let url = child.wait_line(super::serve::READY_PREFIX).await?;
+            let pid = child.pid;
+            server_child = Some(child);
+            (url, Some(pid))
+        }
+    };
+    let mut agent_child = match args.agent {
+        AgentKind::External => None,
+        AgentKind::Rust => {
+            let mut cmd = Command::new(&exe);
+            cmd.arg("bench-agent")
+                .args(["--server", &base_url])
+                .args(["--sample-rate", &rate.hz().to_string()]);
+            Some(ChildProc::spawn("agent", cmd)?)
+        }
+        AgentKind::Python => {
+            if !args.python.exists() {
+                bail!(
+                    "{} not found: create the venv (python3 -m venv .venv && .venv/bin/pip install telcoflow==1.0.0) or pass --python",
+                    args.python.display()
+                );
+            }
+            let mut cmd = Command::new(&args.python);
+            cmd.arg(&args.python_agent)
+                .args(["--server", &base_url])
+                .args(["--sample-rate", &rate.hz().to_string()]);
+            Some(ChildProc::spawn("agent", cmd)?)
+        }
+    };
+    if let Some(agent) = &mut agent_child {
+        agent.wait_line("ready").await?;
+    }
+    let agent_pid = agent_child.as_ref().map(|a| a.pid).or(args.agent_pid);
+
+    let sample = |pid: Option<u32>| pid.and_then(ProcSample::read);
+    // Let the children finish starting up before the idle reading.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle = (sample(server_pid), sample(agent_pid));
+    let me = std::process::id();
+
+    let epoch = Instant::now();
+    let first_dial = epoch + Duration::from_millis(100);
+    let end_at = first_dial + ramp + duration;
+    let window_start = (first_dial + ramp + SETTLE).min(end_at - Duration::from_millis(500));
+    let window_end = end_at - Duration::from_millis(100);
+    let progress = Arc::new(Progress::default());
+    let speech = caller::speech_for(rate);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let offset = ramp.mul_f64(i as f64 / n as f64);
+        let plan = CallPlan {
+            base_url: base_url.clone(),
+            index: i,
+            rate,
+            epoch,
+            dial_at: first_dial + offset,
+            end_at,
+            speech: speech.clone(),
+        };
+        calls.spawn(caller::run(plan, progress.clone()));
+    }
+
+    // Progress line and the CPU window readings.
+    let tty = std::io::stderr().is_terminal();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut start_reading = None;
+    let mut end_reading = None;
+    let mut reports: Vec<CallReport> = Vec::with_capacity(n);
+    let window_start_sleep = tokio::time::sleep_until(window_start);
+    let window_end_sleep = tokio::time::sleep_until(window_end);
+    tokio::pin!(window_start_sleep, window_end_sleep);
+    let mut start_done = false;
+    let mut load = None;
+    let mut end_done = false;
+    while reports.len() < n {
+        tokio::select! {
+            r = calls.join_next() => match r {
+                Some(Ok(report)) => reports.push(report),
+                Some(Err(e)) => bail!("a caller task failed: {e}"),
+                None => break,
+            },
+            () = &mut window_start_sleep, if !start_done => {
+                start_done = true;
+                start_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s()));
+            }
+            () = &mut window_end_sleep, if !end_done => {
+                end_done = true;
+                end_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s()));
+                load = stats::loadavg();
+            }
+            _ = tick.tick() => {
+                let p = &progress;
+                let line = format!(
+                    "bench: N={n} t={:>4.1}s dialled {} answered {} failed {} ended {} | frames sent {} heard {}",
+                    epoch.elapsed().as_secs_f64(),
+                    p.dialled.load(Ordering::Relaxed),
+                    p.answered.load(Ordering::Relaxed),
+                    p.failed.load(Ordering::Relaxed),
+                    p.ended.load(Ordering::Relaxed),
+                    p.frames_sent.load(Ordering::Relaxed),
+                    p.frames_heard.load(Ordering::Relaxed),
+                );
+                if tty {
+                    eprint!("\r{line}\x1b[K");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+
+    let handling = match agent_child {
+        Some(agent) => agent.stop().await.and_then(|v| {
+            let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+            Some(AgentHandling {
+                frames: f("frames")? as u64,
+                handle_us_p50: f("handle_us_p50")?,
+                handle_us_p99: f("handle_us_p99")?,
+                handle_us_max: f("handle_us_max")?,
+            })
+        }),
+        None => None,
+    };
+    if let Some(server) = server_child {
+        server.stop().await;
+    }
+
+    let answered = reports.iter().filter(|r| r.answered).count();
+    let (server_cost, agent_cost, callers_cpu, machine, window) = match (start_reading, end_reading) {
+        (Some((t0, s0, a0, m0, b0)), Some((t1, s1, a1, m1, b1))) => {
+            let window = t1 - t0;
+            let cost = |idle: Option<ProcSample>, a: Option<ProcSample>, b: Option<ProcSample>| {
+                Some(ProcCost::new(idle?, a?, b?, window, answered))
+            };
+            let callers = match (m0, m1) {
+                (Some(a), Some(b)) => round3((b.cpu_s - a.cpu_s) / window.as_secs_f64()),
+                _ => 0.0,
+            };
+            let machine = match (b0, b1) {
+                (Some(a), Some(b)) => round3((b - a) / window.as_secs_f64()),
+                _ => 0.0,
+            };
+            (cost(idle.0, s0, s1), cost(idle.1, a0, a1), callers, machine, window)
+        }
+        _ => (None, None, 0.0, 0.0, Duration::ZERO),
+    };
+    let machine = MachineLoad {
+        cores: std::thread::available_parallelism().map_or(0, usize::from),
+        busy_cores: machine,
+        loadavg_1m: load.unwrap_or(0.0),
+    };
+    Ok(summarise(
+        args,
+        n,
+        rate,
+        duration,
+        ramp,
+        reports,
+        handling,
+        server_cost,
+        agent_cost,
+        callers_cpu,
+        machine,
+        window,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summarise(
+    args: &Args,
+    n: usize,
+    rate: SampleRate,
+    duration: Duration,
+    ramp: Duration,
+    reports: Vec<CallReport>,
+    handling: Option<AgentHandling>,
+    server: Option<ProcCost>,
+    agent: Option<ProcCost>,
+    callers_cpu_cores: f64,
+    machine: MachineLoad,
+    window: Duration,
+) -> RunResult {
+    let mut setup: Vec<u32> = reports.iter().filter_map(|r| r.setup_us).collect();
+    let mut rtt: Vec<u32> = reports.iter().flat_map(|r| r.rtt_us.iter().copied()).collect();
+    let mut interrupt: Vec<u32> = reports.iter().flat_map(|r| r.interrupt_us.iter().copied()).collect();
+    let sum = |f: fn(&CallReport) -> u64| reports.iter().map(f).sum::<u64>();
+    let round_trip = Percentiles::from_us(&mut rtt);
+    let agent_ms = handling.map_or(0.0, |h| h.handle_us_p50 / 1000.0);
+    let answered = reports.iter().filter(|r| r.answered).count();
+    RunResult {
+        calls: n,
+        sample_rate: rate.hz(),
+        duration_s: duration.as_secs_f64(),
+        ramp_s: ramp.as_secs_f64(),
+        agent_kind: args.agent,
+        calls_answered: answered,
+        calls_failed: n - answered,
+        frames_sent: sum(|r| r.frames_sent),
+        frames_lost: sum(|r| r.frames_lost),
+        frames_duplicated: sum(|r| r.frames_duplicated),
+        frames_reordered: sum(|r| r.frames_reordered),
+        frames_late: sum(|r| r.frames_late),
+        setup_ms: Percentiles::from_us(&mut setup),
+        round_trip_ms: round_trip,
+        server_added_ms: round_trip.minus(agent_ms),
+        interrupt_ms: Percentiles::from_us(&mut interrupt),
+        interrupts_failed: sum(|r| r.probes_failed),
+        frames_crossed: sum(|r| r.crossed),
+        agent_handling: handling,
+        server,
+        agent,
+        callers_cpu_cores,
+        machine,
+        window_s: round3(window.as_secs_f64()),
+        failures: reports
+            .iter()
+            .filter_map(|r| r.failure.clone())
+            .take(5)
+            .collect(),
+    }
+}
+
+fn pct(p: &Percentiles) -> String {
+    format!("{:>8.2} {:>8.2} {:>8.2} {:>8.2}", p.p50, p.p95, p.p99, p.max)
+}
+
+fn cost(c: &Option<ProcCost>) -> String {
+    match c {
+        Some(c) => format!(
+            "{:>8.3} CPU s/call-min {:>8.3} MiB/call  ({:.2} cores, RSS {:.1} -> {:.1} MiB)",
+            c.cpu_s_per_call_min, c.rss_mib_per_call, c.cpu_cores, c.rss_mib_idle, c.rss_mib_loaded
+        ),
+        None => "not measured".into(),
+    }
+}
+
+fn print_table(r: &RunResult) {
+    println!();
+    println!(
+        "telcoflow bench: {} calls, {} Hz, {:?} agent, {} s + {} s ramp",
+        r.calls, r.sample_rate, r.agent_kind, r.duration_s, r.ramp_s
+    );
+    println!("  calls answered / failed   {:>8} / {}", r.calls_answered, r.calls_failed);
+    println!(
+        "  frames sent {}  lost {}  duplicated {}  reordered {}  late(>40ms) {}  crossed {}",
+        r.frames_sent, r.frames_lost, r.frames_duplicated, r.frames_reordered, r.frames_late, r.frames_crossed
+    );
+    println!("  {:<24}{:>8} {:>8} {:>8} {:>8}", "ms", "p50", "p95", "p99", "max");
+    println!("  {:<24}{}", "setup (dial->answer)", pct(&r.setup_ms));
+    println!("  {:<24}{}", "round trip", pct(&r.round_trip_ms));
+    println!("  {:<24}{}", "  server-added (est.)", pct(&r.server_added_ms));
+    println!(
+        "  {:<24}{}   ({} probes, {} failed)",
+        "interrupt -> silence",
+        pct(&r.interrupt_ms),
+        r.interrupt_ms.n,
+        r.interrupts_failed
+    );
+    if let Some(h) = &r.agent_handling {
+        println!(
+            "  agent handling per frame  p50 {:.0} us  p99 {:.0} us  max {:.0} us",
+            h.handle_us_p50, h.handle_us_p99, h.handle_us_max
+        );
+    }
+    println!("  server  {}", cost(&r.server));
+    println!("  agent   {}", cost(&r.agent));
+    println!("  callers {:.2} cores (this process)", r.callers_cpu_cores);
+    let ours = r.callers_cpu_cores
+        + r.server.map_or(0.0, |c| c.cpu_cores)
+        + r.agent.map_or(0.0, |c| c.cpu_cores);
+    println!(
+        "  machine {:.2} of {} cores busy, {:.2} by other work; load average {:.2}",
+        r.machine.busy_cores,
+        r.machine.cores,
+        (r.machine.busy_cores - ours).max(0.0),
+        r.machine.loadavg_1m
+    );
+    for f in &r.failures {
+        println!("  failure: {f}");
+    }
+}
+
+fn print_sweep(runs: &[RunResult]) {
+    println!();
+    println!(
+        "{:>6} {:>8} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "calls", "answered", "lost", "late", "rtt p50", "rtt p99", "srv cores", "srv MiB", "agt cores", "agt MiB"
+    );
+    for r in runs {
+        let c = |c: &Option<ProcCost>, f: fn(&ProcCost) -> f64| c.as_ref().map_or(f64::NAN, f);
+        println!(
+            "{:>6} {:>8} {:>6} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.1} {:>9.2} {:>9.1}",
+            r.calls,
+            r.calls_answered,
+            r.frames_lost,
+            r.frames_late,
+            r.round_trip_ms.p50,
+            r.round_trip_ms.p99,
+            c(&r.server, |c| c.cpu_cores),
+            c(&r.server, |c| c.rss_mib_loaded),
+            c(&r.agent, |c| c.cpu_cores),
+            c(&r.agent, |c| c.rss_mib_loaded),
+        );
+    }
+}

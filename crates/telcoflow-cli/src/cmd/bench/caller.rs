@@ -1,0 +1,419 @@
+//! One bench caller: dials over the simulated phone network, streams marked speech in real
+//! time, reads the echo and runs interrupt probes.
+//!
+//! The caller speaks the simulated network protocol ([`telcoflow_proto::sim`]) directly rather
+//! than through `telcoflow_server::sim::client`, because the measurement needs to stamp each
+//! frame with the instant it is actually written to the socket and to choose each frame's
+//! kind at that instant; the reusable phone paces queued clips on its own clock.
+//!
+//! # Interrupt probe
+//!
+//! Every few seconds the caller sends one [`Kind::Speak`] frame and then [`Kind::Probe`]
+//! frames. Once it has heard the agent's tone for [`TONE_HEARD`], it sends [`Kind::Stop`] and
+//! times how long until the first frame that is not tone arrives (silence or echo). Frames
+//! sent during a probe are echoed but excluded from loss, lateness and round trip figures,
+//! since the agent's buffer clear drops them on purpose.
+
+use super::marker::{Kind, Marker, Scanner, is_tone, speech};
+use super::stats::us;
+use futures_util::{SinkExt, StreamExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use telcoflow_proto::SampleRate;
+use telcoflow_proto::audio::{pcm_to_samples, samples_to_pcm};
+use telcoflow_proto::sim::{NetworkFrame, PhoneFrame};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a call may take to be answered.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the caller keeps listening after its last frame, so echoes in flight arrive.
+const DRAIN: Duration = Duration::from_millis(600);
+/// First probe this long after answer, then every [`PROBE_EVERY`].
+const FIRST_PROBE: Duration = Duration::from_secs(1);
+/// Time between probe starts.
+const PROBE_EVERY: Duration = Duration::from_secs(4);
+/// Tone heard this long before the caller barges in.
+const TONE_HEARD: Duration = Duration::from_millis(200);
+/// A probe that sees no tone, or no end of tone, within this is given up (counted).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A probe starts only if the call has at least this long left (tone, barge-in, settle).
+const PROBE_ROOM: Duration = Duration::from_millis(1500);
+/// After the tone stops, probe frames continue this long so that the counted stream restarts
+/// cleanly behind anything the clear dropped.
+const PROBE_SETTLE: Duration = Duration::from_millis(100);
+/// A frame arriving this much later than the call's typical (median) round trip is late: a
+/// phone's 40 ms jitter buffer would already have played a gap in its place.
+pub(crate) const LATE: Duration = Duration::from_millis(40);
+
+/// What one call is asked to do.
+#[derive(Debug, Clone)]
+pub(crate) struct CallPlan {
+    pub(crate) base_url: String,
+    pub(crate) index: usize,
+    pub(crate) rate: SampleRate,
+    /// Run epoch: frame stamps are microseconds since this instant.
+    pub(crate) epoch: Instant,
+    /// When to dial.
+    pub(crate) dial_at: Instant,
+    /// When to stop sending.
+    pub(crate) end_at: Instant,
+    /// Pre-made speech, looped.
+    pub(crate) speech: Arc<Vec<i16>>,
+}
+
+/// Live counters shared by every caller, for the progress line.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    pub(crate) dialled: AtomicU64,
+    pub(crate) answered: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) ended: AtomicU64,
+    pub(crate) frames_sent: AtomicU64,
+    pub(crate) frames_heard: AtomicU64,
+}
+
+/// What one call measured.
+#[derive(Debug, Default)]
+pub(crate) struct CallReport {
+    pub(crate) answered: bool,
+    pub(crate) failure: Option<String>,
+    pub(crate) setup_us: Option<u32>,
+    /// Counted (data) frames sent.
+    pub(crate) frames_sent: u64,
+    /// All frames sent, probes included.
+    pub(crate) frames_sent_all: u64,
+    pub(crate) frames_lost: u64,
+    pub(crate) frames_duplicated: u64,
+    pub(crate) frames_reordered: u64,
+    pub(crate) frames_late: u64,
+    /// Round trip of every counted frame heard back.
+    pub(crate) rtt_us: Vec<u32>,
+    /// Stop sent -> first non-tone frame, per completed probe.
+    pub(crate) interrupt_us: Vec<u32>,
+    pub(crate) probes_failed: u64,
+    /// Frames heard that carried another caller's marker (should never happen).
+    pub(crate) crossed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ProbeState {
+    Idle { next: Instant },
+    /// Speak sent; waiting for the tone.
+    WaitTone { since: Instant },
+    /// Tone heard at `heard`; stop goes out at `heard + TONE_HEARD`.
+    Hearing { heard: Instant },
+    /// Stop sent at `at`; waiting for a frame that is not tone.
+    Stopped { at: Instant },
+    /// Tone gone; counted frames resume at `until`.
+    Settle { until: Instant },
+}
+
+/// Runs one call to its end. Never fails: problems are recorded in the report.
+pub(crate) async fn run(plan: CallPlan, progress: Arc<Progress>) -> CallReport {
+    let mut report = CallReport::default();
+    tokio::time::sleep_until(plan.dial_at).await;
+    progress.dialled.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = drive(&plan, &progress, &mut report).await {
+        report.failure = Some(e);
+    }
+    if report.answered {
+        progress.ended.fetch_add(1, Ordering::Relaxed);
+    } else {
+        progress.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    report
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn drive(plan: &CallPlan, progress: &Progress, report: &mut CallReport) -> Result<(), String> {
+    let url = telcoflow_server::sim::client::sim_url(&plan.base_url).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    // TCP_NODELAY, like a real media client: frames must not wait behind Nagle's algorithm.
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let dial = PhoneFrame::Dial {
+        from: format!("+1555{:07}", plan.index),
+        to: "+15550009999".into(),
+        sample_rate: plan.rate,
+    };
+    send_text(&mut ws, dial.encode()).await?;
+
+    // Until answered.
+    let answer_deadline = started + ANSWER_TIMEOUT;
+    loop {
+        let msg = tokio::select! {
+            // Cancel-safe: WebSocketStream::next keeps partial frames inside the stream.
+            m = ws.next() => m,
+            () = tokio::time::sleep_until(answer_deadline) => {
+                let _ = ws.close(None).await;
+                return Err("not answered in time".into());
+            }
+        };
+        match msg {
+            Some(Ok(Message::Text(t))) => match NetworkFrame::decode(t.as_str()) {
+                Ok(NetworkFrame::Answered { .. }) => break,
+                Ok(NetworkFrame::Hangup { reason, .. }) => {
+                    return Err(format!("hung up before answer: {}", reason.as_str()));
+                }
+                Ok(NetworkFrame::Error { message }) => return Err(format!("refused: {message}")),
+                Ok(_) => {}
+                Err(e) => return Err(format!("bad frame from the network: {e}")),
+            },
+            Some(Ok(Message::Close(_))) | None => return Err("closed before answer".into()),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(format!("connection failed: {e}")),
+        }
+    }
+    let answered_at = Instant::now();
+    report.answered = true;
+    report.setup_us = Some(us(answered_at - started));
+    progress.answered.fetch_add(1, Ordering::Relaxed);
+
+    let mut stream = Stream::new(plan, answered_at);
+    let result = stream.run(&mut ws, progress).await;
+    stream.finish(report);
+    let _ = ws.send(Message::text(PhoneFrame::Hangup.encode())).await;
+    let _ = ws.close(None).await;
+    result
+}
+
+/// A small read buffer: tungstenite zero-fills the free part of it before every socket read.
+fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
+}
+
+async fn send_text(ws: &mut Ws, text: String) -> Result<(), String> {
+    ws.send(Message::text(text))
+        .await
+        .map_err(|e| format!("send failed: {e}"))
+}
+
+/// The streaming phase of a call.
+struct Stream<'a> {
+    plan: &'a CallPlan,
+    seq: u32,
+    speech_pos: usize,
+    frame: Vec<i16>,
+    pcm: Vec<u8>,
+    rx: Vec<i16>,
+    scanner: Scanner,
+    probe: ProbeState,
+    /// Per data sequence number: times heard.
+    heard: Vec<u8>,
+    is_data: Vec<bool>,
+    highest: Option<u32>,
+    /// Round trip of each counted frame heard, microseconds.
+    rtt_us: Vec<u32>,
+    interrupt_us: Vec<u32>,
+    probes_failed: u64,
+    crossed: u64,
+    duplicated: u64,
+    reordered: u64,
+    sent_all: u64,
+}
+
+impl<'a> Stream<'a> {
+    fn new(plan: &'a CallPlan, answered_at: Instant) -> Self {
+        let n = plan.rate.frame_samples();
+        let frames = (plan.end_at.saturating_duration_since(answered_at).as_millis() / 20) as usize + 8;
+        Self {
+            plan,
+            seq: 0,
+            speech_pos: (plan.index * 997) % plan.speech.len().max(1),
+            frame: vec![0; n],
+            pcm: Vec::with_capacity(n * 2),
+            rx: Vec::with_capacity(n),
+            scanner: Scanner::default(),
+            probe: ProbeState::Idle {
+                next: answered_at + FIRST_PROBE,
+            },
+            heard: Vec::with_capacity(frames),
+            is_data: Vec::with_capacity(frames),
+            highest: None,
+            rtt_us: Vec::with_capacity(frames),
+            interrupt_us: Vec::new(),
+            probes_failed: 0,
+            crossed: 0,
+            duplicated: 0,
+            reordered: 0,
+            sent_all: 0,
+        }
+    }
+
+    async fn run(&mut self, ws: &mut Ws, progress: &Progress) -> Result<(), String> {
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        // Like a microphone that fell behind: send late rather than in a burst.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let end_at = self.plan.end_at;
+        let mut sending = true;
+        let mut drain_until = end_at + DRAIN;
+        loop {
+            tokio::select! {
+                // Cancel-safe: WebSocketStream::next keeps partial frames inside the stream.
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Binary(b))) => {
+                        progress.frames_heard.fetch_add(1, Ordering::Relaxed);
+                        self.on_audio(&b);
+                    }
+                    Some(Ok(Message::Text(t))) => {
+                        if let Ok(NetworkFrame::Hangup { reason, .. }) = NetworkFrame::decode(t.as_str()) {
+                            return Err(format!("hung up by the network: {}", reason.as_str()));
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None => return Err("network closed the call".into()),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(format!("connection failed: {e}")),
+                },
+                // Cancel-safe: Interval::tick. Guard: only while sending.
+                _ = ticker.tick(), if sending => {
+                    let now = Instant::now();
+                    if now >= end_at {
+                        sending = false;
+                        drain_until = now + DRAIN;
+                        continue;
+                    }
+                    self.send_frame(ws, now).await?;
+                    progress.frames_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                () = tokio::time::sleep_until(drain_until), if !sending => return Ok(()),
+            }
+        }
+    }
+
+    fn kind_now(&mut self, now: Instant) -> Kind {
+        match self.probe {
+            ProbeState::Idle { next } if now >= next && now + PROBE_ROOM < self.plan.end_at => {
+                self.probe = ProbeState::WaitTone { since: now };
+                Kind::Speak
+            }
+            ProbeState::Idle { .. } => Kind::Data,
+            ProbeState::WaitTone { since } if now - since > PROBE_TIMEOUT => self.give_up(now),
+            ProbeState::Hearing { heard } if now - heard >= TONE_HEARD => {
+                self.probe = ProbeState::Stopped { at: now };
+                Kind::Stop
+            }
+            ProbeState::Stopped { at } if now - at > PROBE_TIMEOUT => self.give_up(now),
+            ProbeState::Settle { until } if now >= until => {
+                self.probe = ProbeState::Idle {
+                    next: now + PROBE_EVERY,
+                };
+                Kind::Data
+            }
+            _ => Kind::Probe,
+        }
+    }
+
+    fn give_up(&mut self, now: Instant) -> Kind {
+        self.probes_failed += 1;
+        self.probe = ProbeState::Settle {
+            until: now + Duration::from_secs(1),
+        };
+        Kind::Probe
+    }
+
+    async fn send_frame(&mut self, ws: &mut Ws, now: Instant) -> Result<(), String> {
+        let kind = self.kind_now(now);
+        let speech = &self.plan.speech;
+        for s in self.frame.iter_mut() {
+            *s = speech[self.speech_pos];
+            self.speech_pos = (self.speech_pos + 1) % speech.len();
+        }
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        Marker {
+            kind,
+            caller: self.plan.index as u16,
+            seq,
+            sent_us: us(now - self.plan.epoch),
+        }
+        .write(&mut self.frame);
+        self.heard.push(0);
+        self.is_data.push(kind == Kind::Data);
+        self.pcm.clear();
+        samples_to_pcm(&self.frame, &mut self.pcm);
+        self.sent_all += 1;
+        ws.send(Message::binary(self.pcm.clone()))
+            .await
+            .map_err(|e| format!("send failed: {e}"))
+    }
+
+    fn on_audio(&mut self, bytes: &[u8]) {
+        let now = Instant::now();
+        self.rx.clear();
+        pcm_to_samples(bytes, &mut self.rx);
+        let tone = is_tone(&self.rx);
+        match self.probe {
+            ProbeState::WaitTone { .. } if tone => self.probe = ProbeState::Hearing { heard: now },
+            ProbeState::Stopped { at } if !tone => {
+                self.interrupt_us.push(us(now - at));
+                self.probe = ProbeState::Settle {
+                    until: now + PROBE_SETTLE,
+                };
+            }
+            _ => {}
+        }
+        let now_us = us(now - self.plan.epoch);
+        let me = self.plan.index as u16;
+        let rx = std::mem::take(&mut self.rx);
+        let mut found = Vec::new();
+        self.scanner.scan(&rx, |m| found.push(m));
+        self.rx = rx;
+        for m in found {
+            if m.caller != me {
+                self.crossed += 1;
+                continue;
+            }
+            let i = m.seq as usize;
+            if m.kind != Kind::Data || self.is_data.get(i) != Some(&true) {
+                continue;
+            }
+            self.heard[i] = self.heard[i].saturating_add(1);
+            if self.heard[i] > 1 {
+                self.duplicated += 1;
+                continue;
+            }
+            match self.highest {
+                Some(h) if m.seq < h => self.reordered += 1,
+                _ => self.highest = Some(m.seq),
+            }
+            self.rtt_us.push(now_us.wrapping_sub(m.sent_us));
+        }
+    }
+
+    fn finish(&self, report: &mut CallReport) {
+        let data = self.is_data.iter().filter(|&&d| d).count() as u64;
+        let heard = self
+            .is_data
+            .iter()
+            .zip(&self.heard)
+            .filter(|&(&d, &h)| d && h > 0)
+            .count() as u64;
+        report.frames_sent = data;
+        report.frames_sent_all = self.sent_all;
+        report.frames_lost = data - heard;
+        report.frames_duplicated = self.duplicated;
+        report.frames_reordered = self.reordered;
+        report.rtt_us = self.rtt_us.clone();
+        let mut sorted = report.rtt_us.clone();
+        sorted.sort_unstable();
+        let typical = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
+        let late = us(LATE);
+        report.frames_late = sorted
+            .iter()
+            .filter(|&&r| r.saturating_sub(typical) > late)
+            .count() as u64;
+        report.interrupt_us = self.interrupt_us.clone();
+        report.probes_failed = self.probes_failed;
+        report.crossed = self.crossed;
+    }
+}
+
+/// The speech every caller loops over (from its own offset): 3.1 s, so that calls differ.
+pub(crate) fn speech_for(rate: SampleRate) -> Arc<Vec<i16>> {
+    Arc::new(speech(rate.hz(), rate.hz() as usize * 31 / 10))
+}

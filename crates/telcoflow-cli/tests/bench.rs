@@ -1,0 +1,84 @@
+//! `telcoflow bench` end to end: a 5-call, 3-second run with Rust SDK agents (server and agent
+//! as child processes) writes well-formed, plausible figures. No timing thresholds beyond
+//! plausibility: the machine may be loaded.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    let mut cur = v;
+    for key in path {
+        cur = cur
+            .get(key)
+            .unwrap_or_else(|| panic!("missing key {path:?} in {v:#}"));
+    }
+    cur.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} is not a number in {v:#}"))
+}
+
+#[test]
+fn five_calls_three_seconds_rust_agent() {
+    let dir = std::env::temp_dir().join(format!("telcoflow-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let plot_path = dir.join("bench.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+        .args(["bench", "--calls", "5", "--duration", "3", "--ramp", "0.5"])
+        .args(["--agent", "rust", "--sample-rate", "16000"])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--plot")
+        .arg(&plot_path)
+        .output()
+        .expect("run telcoflow bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("round trip"),
+        "no table on stdout:\n{stdout}"
+    );
+    let png = std::fs::read(&plot_path).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "the plot is not a PNG");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+
+    assert_eq!(num(&v, &["calls"]), 5.0);
+    assert_eq!(num(&v, &["calls_answered"]), 5.0, "{v:#}");
+    assert_eq!(num(&v, &["calls_failed"]), 0.0);
+    // 3 s of 20 ms frames per call, minus the probe frames (not counted).
+    let sent = num(&v, &["frames_sent"]);
+    assert!(
+        (5.0 * 50.0..=5.0 * 250.0).contains(&sent),
+        "frames_sent {sent}"
+    );
+    assert_eq!(num(&v, &["frames_lost"]), 0.0, "{v:#}");
+    assert_eq!(num(&v, &["frames_crossed"]), 0.0);
+    let late = num(&v, &["frames_late"]);
+    assert!((0.0..=sent).contains(&late));
+    for key in ["setup_ms", "round_trip_ms", "interrupt_ms"] {
+        let (p50, p95, p99, max) = (
+            num(&v, &[key, "p50"]),
+            num(&v, &[key, "p95"]),
+            num(&v, &[key, "p99"]),
+            num(&v, &[key, "max"]),
+        );
+        assert!(
+            0.0 < p50 && p50 <= p95 && p95 <= p99 && p99 <= max && max < 1000.0,
+            "{key}: {p50} {p95} {p99} {max}"
+        );
+    }
+    // Each call runs one interrupt probe in 3 s.
+    assert!(num(&v, &["interrupt_ms", "n"]) >= 1.0, "{v:#}");
+    for who in ["server", "agent"] {
+        let cpu = num(&v, &[who, "cpu_s_per_call_min"]);
+        let rss = num(&v, &[who, "rss_mib_per_call"]);
+        assert!((0.0..60.0).contains(&cpu), "{who} cpu {cpu}");
+        assert!((0.0..100.0).contains(&rss), "{who} rss {rss}");
+        assert!(num(&v, &[who, "rss_mib_loaded"]) > 0.0);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
