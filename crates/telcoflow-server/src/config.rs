@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -43,6 +43,97 @@ pub struct Config {
     pub limits: Limits,
     /// The connectors (applications) this server serves.
     pub connectors: Vec<ConnectorConfig>,
+    /// The SIP/RTP edge; without it the server takes calls from simulated phones only.
+    pub sip: Option<SipConfig>,
+}
+
+/// The SIP user agent (`[sip]`): where it listens, its RTP ports, and trunks for dialling out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SipConfig {
+    /// UDP and TCP address of the SIP listener (the same port for both). Default
+    /// `127.0.0.1:5060`.
+    pub listen: SocketAddr,
+    /// RTP port range `LOW-HIGH`; each call takes one even port. Default `20000-20999`.
+    pub rtp_ports: String,
+    /// Address announced in SDP and Contact (the NAT's public address). Default: the listen
+    /// address (127.0.0.1 when listening on all interfaces).
+    pub public_ip: Option<IpAddr>,
+    /// A call whose peer sends no RTP for this long ends, in seconds. Default 30.
+    pub rtp_timeout_secs: u64,
+    /// Trunks `call.connect` may dial through, with their digest credentials.
+    pub trunks: Vec<SipTrunk>,
+}
+
+/// A SIP trunk: `sip:` connect destinations whose host is `host` authenticate with these
+/// credentials when challenged.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipTrunk {
+    /// `host` or `host:port`, as written in the destination URIs.
+    pub host: String,
+    /// Digest user name.
+    pub username: String,
+    /// Digest password.
+    pub password: String,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            rtp_ports: "20000-20999".into(),
+            public_ip: None,
+            rtp_timeout_secs: 30,
+            trunks: Vec::new(),
+        }
+    }
+}
+
+impl SipConfig {
+    /// The RTP port range as `(low, high)`.
+    pub fn rtp_port_range(&self) -> Result<(u16, u16), ConfigError> {
+        let bad = || {
+            ConfigError::Invalid(format!(
+                "sip.rtp_ports must be LOW-HIGH with 1024 <= LOW < HIGH <= 65535, got {:?}",
+                self.rtp_ports
+            ))
+        };
+        let (low, high) = self.rtp_ports.split_once('-').ok_or_else(bad)?;
+        let low: u16 = low.trim().parse().map_err(|_| bad())?;
+        let high: u16 = high.trim().parse().map_err(|_| bad())?;
+        if low < 1024 || low >= high {
+            return Err(bad());
+        }
+        Ok((low, high))
+    }
+
+    /// RTP inactivity timeout as a duration.
+    pub fn rtp_timeout(&self) -> Duration {
+        Duration::from_secs(self.rtp_timeout_secs)
+    }
+
+    /// The address put in SDP and Contact.
+    pub fn advertised_ip(&self) -> IpAddr {
+        match self.public_ip {
+            Some(ip) => ip,
+            None if self.listen.ip().is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            None => self.listen.ip(),
+        }
+    }
+
+    /// The trunk whose host matches a destination URI's `host[:port]`.
+    pub fn trunk_for(&self, host_port: &str) -> Option<&SipTrunk> {
+        let host_only = host_port.split(':').next().unwrap_or(host_port);
+        self.trunks
+            .iter()
+            .find(|t| t.host.eq_ignore_ascii_case(host_port))
+            .or_else(|| {
+                self.trunks
+                    .iter()
+                    .find(|t| t.host.eq_ignore_ascii_case(host_only))
+            })
+    }
 }
 
 /// Certificate and key of the listener, and optionally the CA that client certificates must
@@ -75,7 +166,8 @@ pub struct ConnectorConfig {
     /// claims.
     #[serde(default)]
     pub numbers: Vec<String>,
-    /// `call.connect` destination per called number.
+    /// `call.connect` destination per called number: a simulated phone's number, or a SIP URI
+    /// (`sip:+200@pbx.example:5060`) dialled through the `[sip]` user agent.
     #[serde(default)]
     pub connect: BTreeMap<String, String>,
     /// `call.connect` destination for called numbers not in `connect`.
@@ -143,6 +235,7 @@ impl Default for Config {
             tls: None,
             limits: Limits::default(),
             connectors: Vec::new(),
+            sip: None,
         }
     }
 }
@@ -248,6 +341,17 @@ impl Config {
         if l.max_playout_ms < 100 {
             return invalid("limits.max_playout_ms must be at least 100".into());
         }
+        if let Some(sip) = &self.sip {
+            sip.rtp_port_range()?;
+            if sip.rtp_timeout_secs == 0 {
+                return invalid("sip.rtp_timeout_secs must be at least 1".into());
+            }
+            for t in &sip.trunks {
+                if t.host.is_empty() || t.username.is_empty() {
+                    return invalid("every [[sip.trunks]] needs a host and a username".into());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -340,6 +444,83 @@ mod tests {
             Some("+4420700000098")
         );
         assert_eq!(config.limits.max_media_frame_bytes, 262_144);
+    }
+
+    #[test]
+    fn parses_sip_section() {
+        let config = Config::from_toml(
+            r#"
+            [sip]
+            listen = "127.0.0.1:5070"
+            rtp_ports = "30000-30100"
+            public_ip = "203.0.113.7"
+            rtp_timeout_secs = 10
+            [[sip.trunks]]
+            host = "trunk.example:5080"
+            username = "acme"
+            password = "secret"
+            [[connectors]]
+            uuid = "u1"
+            api_key = "k1"
+            numbers = ["+100", "+101"]
+            connect = { "+100" = "sip:+200@127.0.0.1:5070", "+101" = "+201" }
+            "#,
+        )
+        .unwrap();
+        let sip = config.sip.as_ref().unwrap();
+        assert_eq!(sip.listen.port(), 5070);
+        assert_eq!(sip.rtp_port_range().unwrap(), (30000, 30100));
+        assert_eq!(sip.advertised_ip().to_string(), "203.0.113.7");
+        assert_eq!(sip.rtp_timeout(), Duration::from_secs(10));
+        assert_eq!(
+            sip.trunk_for("trunk.example:5080").unwrap().username,
+            "acme"
+        );
+        assert!(sip.trunk_for("other.example").is_none());
+        let c = &config.connectors[0];
+        assert_eq!(
+            c.connect_destination("+100"),
+            Some("sip:+200@127.0.0.1:5070")
+        );
+        assert_eq!(c.connect_destination("+101"), Some("+201"));
+        let defaults = SipConfig::default();
+        assert_eq!(defaults.rtp_port_range().unwrap(), (20000, 20999));
+        assert_eq!(defaults.rtp_timeout_secs, 30);
+    }
+
+    #[test]
+    fn documented_sip_example_parses() {
+        let doc = include_str!("../../../docs/sip.md");
+        let start = doc.find("```toml").expect("docs/sip.md has a toml block") + "```toml".len();
+        let end = start + doc[start..].find("```").expect("closed block");
+        let config = Config::from_toml(&doc[start..end]).expect("documented example is valid");
+        let sip = config.sip.as_ref().expect("[sip] section");
+        assert_eq!(sip.rtp_port_range().unwrap(), (20000, 20999));
+        assert_eq!(
+            sip.trunk_for("sip.carrier.example")
+                .map(|t| t.username.as_str()),
+            Some("acme")
+        );
+        assert_eq!(
+            config.connectors[0].connect_destination("+4420700000002"),
+            Some("+15550100")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_sip_values() {
+        let base = "[[connectors]]\nuuid='u'\napi_key='k'\n";
+        for bad in [
+            "rtp_ports = '2000'",
+            "rtp_ports = '3000-2000'",
+            "rtp_ports = '80-90'",
+            "rtp_timeout_secs = 0",
+        ] {
+            let text = format!("[sip]\n{bad}\n{base}");
+            assert!(Config::from_toml(&text).is_err(), "{bad}");
+        }
+        let ok = format!("[sip]\nrtp_ports = '20000-20010'\n{base}");
+        Config::from_toml(&ok).unwrap();
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! - [`rtp`]: sans-IO RTP building blocks: G.711, RTP/RTCP/RFC 4733 packets, jitter buffer,
 //!   per-leg RTP session.
 //!
+//! With `[sip]` configured, a SIP user agent (UDP and TCP on one port) takes calls from phones
+//! and trunks and dials `sip:` destinations for `call.connect`; each call's audio runs over RTP.
+//!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
 //! (`/public/v1/...`) and the simulated phone network (`/v1/sim/phone`) on one listener.
@@ -49,6 +52,15 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The SIP listener could not be bound.
+    #[error("cannot start SIP on {addr}: {source}")]
+    SipBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -84,7 +96,21 @@ impl Server {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
+        let sip_config = config.sip.clone();
         let shared = Arc::new(state::Shared::new(config, base_url.clone()));
+        let sip_addr = match sip_config {
+            Some(sip) => {
+                let addr = sip.listen;
+                match sip::endpoint::start(&shared, sip).await {
+                    Ok(bound) => Some(bound),
+                    Err(source) => {
+                        shared.shutdown.cancel();
+                        return Err(StartError::SipBind { addr, source });
+                    }
+                }
+            }
+            None => None,
+        };
         let shutdown = shared.shutdown.clone();
         let app = router(shared.clone()).into_make_service_with_connect_info::<tls::PeerInfo>();
         let task = tokio::spawn(async move {
@@ -117,6 +143,7 @@ impl Server {
         tracing::info!(url = %base_url, "telcoflow server listening");
         Ok(RunningServer {
             local_addr,
+            sip_addr,
             base_url,
             shutdown,
             task,
@@ -129,6 +156,7 @@ impl Server {
 #[derive(Debug)]
 pub struct RunningServer {
     local_addr: SocketAddr,
+    sip_addr: Option<SocketAddr>,
     base_url: String,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -138,6 +166,11 @@ impl RunningServer {
     /// The bound address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound SIP address (UDP and TCP), when `[sip]` is configured.
+    pub fn sip_addr(&self) -> Option<SocketAddr> {
+        self.sip_addr
     }
 
     /// WebSocket base URL, e.g. `ws://127.0.0.1:8080`; SDKs take it as `base_url`.

@@ -5,23 +5,27 @@
 //! ```text
 //! connector uuid=00000000-0000-4000-8000-000000000001 api_key=dev-api-key
 //! telcoflow server listening on ws://127.0.0.1:8080
+//! telcoflow sip listening on udp+tcp 127.0.0.1:5060
 //! ```
 //!
 //! The credentials line appears for the development connector only (a config file's keys are
 //! not echoed); the `listening` line is printed once the listener is bound, so a script can
-//! wait for it and read the URL (the real port when `--listen` used port 0).
+//! wait for it and read the URL (the real port when `--listen` used port 0). The `sip` line
+//! follows it when `--sip` (or a config file's `[sip]`) turns the SIP edge on.
 
 use anyhow::Context;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use telcoflow_server::config::{ConnectorConfig, DEV_API_KEY, DEV_CONNECTOR_UUID};
+use telcoflow_server::config::{ConnectorConfig, DEV_API_KEY, DEV_CONNECTOR_UUID, SipConfig};
 use telcoflow_server::{Config, Server};
 use tracing::{info, warn};
 
 /// Prefix of the ready line; the URL follows it.
 pub(crate) const READY_PREFIX: &str = "telcoflow server listening on ";
+/// Prefix of the SIP ready line; the address follows it.
+pub(crate) const SIP_READY_PREFIX: &str = "telcoflow sip listening on udp+tcp ";
 
 /// How long a graceful shutdown may take before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -42,6 +46,33 @@ pub(crate) struct Args {
     /// TOML configuration file (connectors, numbers, limits).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Take SIP calls on this address, UDP and TCP (e.g. 127.0.0.1:5060) [default: the
+    /// config file's `[sip] listen`, else SIP is off].
+    #[arg(long)]
+    sip: Option<SocketAddr>,
+    /// RTP port range for SIP calls, LOW-HIGH [default: 20000-20999].
+    #[arg(long, value_name = "LOW-HIGH")]
+    rtp_ports: Option<String>,
+    /// Address announced to SIP peers in SDP and Contact (a NAT's public address).
+    #[arg(long)]
+    public_ip: Option<IpAddr>,
+}
+
+/// Applies the SIP flags: any of them turns SIP on (with defaults for the rest).
+fn apply_sip_flags(config: &mut Config, args: &Args) {
+    if args.sip.is_none() && args.rtp_ports.is_none() && args.public_ip.is_none() {
+        return;
+    }
+    let sip = config.sip.get_or_insert_with(SipConfig::default);
+    if let Some(addr) = args.sip {
+        sip.listen = addr;
+    }
+    if let Some(ports) = &args.rtp_ports {
+        sip.rtp_ports = ports.clone();
+    }
+    if let Some(ip) = args.public_ip {
+        sip.public_ip = Some(ip);
+    }
 }
 
 /// Runs the server until a signal arrives or it stops by itself.
@@ -61,6 +92,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    apply_sip_flags(&mut config, &args);
+    config.validate()?;
     let connectors: Vec<(String, String)> = config
         .connectors
         .iter()
@@ -76,6 +109,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     println!("{READY_PREFIX}ws://{}", server.local_addr());
+    if let Some(sip) = server.sip_addr() {
+        println!("{SIP_READY_PREFIX}{sip}");
+    }
     info!(base_url = server.base_url(), http = %server.http_url(), "serving");
 
     let by_signal = tokio::select! {
@@ -115,4 +151,49 @@ async fn shutdown_signal() -> anyhow::Result<()> {
         .await
         .context("cannot listen for Ctrl-C")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn config_for(argv: &[&str]) -> Config {
+        let cli = Cli::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .expect("flags parse");
+        let mut config = Config::development();
+        apply_sip_flags(&mut config, &cli.args);
+        config
+    }
+
+    #[test]
+    fn sip_flags_turn_sip_on() {
+        assert!(config_for(&[]).sip.is_none(), "SIP stays off without flags");
+        let config = config_for(&[
+            "--sip",
+            "127.0.0.1:5070",
+            "--rtp-ports",
+            "30000-30010",
+            "--public-ip",
+            "203.0.113.9",
+        ]);
+        let sip = config.sip.expect("SIP on");
+        assert_eq!(sip.listen, "127.0.0.1:5070".parse().unwrap());
+        assert_eq!(sip.rtp_port_range().unwrap(), (30000, 30010));
+        assert_eq!(sip.advertised_ip().to_string(), "203.0.113.9");
+        let only_addr = config_for(&["--sip", "127.0.0.1:0"]).sip.unwrap();
+        assert_eq!(only_addr.rtp_ports, "20000-20999");
+    }
+
+    #[test]
+    fn bad_rtp_range_is_refused() {
+        let config = config_for(&["--sip", "127.0.0.1:0", "--rtp-ports", "9-8"]);
+        assert!(config.validate().is_err());
+    }
 }

@@ -184,15 +184,12 @@ pub(crate) fn spawn_outbound(
 ) -> Result<CallHandle, (ErrorCode, String)> {
     let caller_id = connector.outbound_caller_id.clone().unwrap_or_default();
     let (handle, queues) = new_handle(&caller_id, remote);
-    let link = shared
-        .phones
-        .ring(remote, &handle, LegId::CALLER)
-        .map_err(|e| {
-            (
-                ErrorCode::NoRoute,
-                format!("{remote} cannot be reached: {e}"),
-            )
-        })?;
+    let link = shared.ring(remote, &handle, LegId::CALLER).map_err(|e| {
+        (
+            ErrorCode::NoRoute,
+            format!("{remote} cannot be reached: {e}"),
+        )
+    })?;
     let info = session_info(&handle, Initiator::Sdk, remote, &caller_id);
     let connector_id: Arc<str> = connector.uuid.as_str().into();
     let actor = CallActor::new(
@@ -832,7 +829,8 @@ impl CallActor {
         };
         let leg = LegId(self.next_leg);
         self.next_leg += 1;
-        let link = match self.shared.phones.ring(&destination, &self.handle, leg) {
+        // `Shared::ring` picks the network: SIP for `sip:` URIs, else the simulated phones.
+        let link = match self.shared.ring(&destination, &self.handle, leg) {
             Ok(link) => link,
             Err(e) => {
                 return self.respond(CommandResponse::error(

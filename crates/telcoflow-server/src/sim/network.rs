@@ -41,12 +41,16 @@ struct RegisteredPhone {
 }
 
 /// Why a number could not be rung.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RingError {
     #[error("no phone is registered at that number")]
     NotRegistered,
     #[error("the phone is busy")]
     Busy,
+    #[error("SIP destinations need the [sip] section (or --sip)")]
+    NoSip,
+    #[error("{0}")]
+    Sip(String),
 }
 
 /// Registered simulated phones by number.

@@ -10,6 +10,8 @@
 //! - [`transaction`]: RFC 3261 client and server transactions with their timers.
 //! - [`uas`]: the user agent server for incoming calls: call-level events and actions.
 //! - [`uac`]: one outgoing call (dialling out): INVITE, auth retry, CANCEL, BYE.
+//! - `endpoint` (crate-internal, does I/O): the task that owns the SIP sockets and drives the
+//!   above, and the `call.connect` dialler.
 
 //!
 //! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
@@ -28,6 +30,7 @@
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
 
 pub mod digest;
+pub(crate) mod endpoint;
 pub mod message;
 pub mod sdp;
 pub mod stream;

@@ -1,0 +1,431 @@
+//! The RTP leg task: one per SIP call, the I/O half of [`super::session::RtpSession`].
+//!
+//! It owns the call's RTP port (one UDP socket, RTCP multiplexed on it), and joins three
+//! parties: the call actor (as a [`LegLink`] at 8 kHz, the call resamples to the agent's rate),
+//! the SIP endpoint (signalling, [`Command`] / [`SipEvent`]) and the phone (RTP).
+//!
+//! - Every 20 ms it pops a frame from the jitter buffer and hands it to the call as
+//!   `LegEvent::Audio`; RTCP reports go out when due; no packet for the RTP timeout ends the
+//!   call.
+//! - Each `LegOutput::Audio` frame from the call (paced by the call's own 20 ms clock) becomes
+//!   one RTP packet.
+//! - RFC 4733 events and SIP INFO digits become `LegEvent::Dtmf`.
+//!
+//! Hot path buffers (datagram, packet, samples, the frames handed to the call) are allocated
+//! once per leg; frames to the call are split off one `BytesMut` whose storage is reused once
+//! the call has consumed earlier frames.
+
+use super::jitter::FRAME_SAMPLES;
+use super::session::{Received, RtpSession, SessionConfig};
+use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
+use crate::sip::endpoint::{Command, LegKey, OutgoingDial, PortGuard, RtpSockets, SipEvent};
+use crate::sip::sdp::{LocalMedia, Negotiated};
+use crate::state::Shared;
+use bytes::BytesMut;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use telcoflow_proto::SampleRate;
+use telcoflow_proto::sim::HangupReason;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info};
+
+/// Frames queued from the call to the leg (a few hundred ms).
+const LEG_QUEUE: usize = 16;
+/// Largest datagram we read: RTP for G.711 at 20 ms is 172 bytes; leave room for odd peers.
+const DATAGRAM: usize = 2048;
+/// Frames' worth of storage in the buffer that audio for the call is split from.
+const FRAME_POOL: usize = 32;
+
+/// Which side placed the SIP call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    /// A phone called us (UAS): we answer when the agent does.
+    Incoming,
+    /// We dialled (UAC) for `call.connect`: the callee answers.
+    Outgoing,
+}
+
+/// Everything a leg task needs.
+pub(crate) struct LegParams {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) call: CallHandle,
+    pub(crate) leg: LegId,
+    pub(crate) key: LegKey,
+    pub(crate) direction: Direction,
+    pub(crate) sockets: RtpSockets,
+    pub(crate) media: LocalMedia,
+    pub(crate) rtp_timeout: Duration,
+    pub(crate) commands: mpsc::Sender<Command>,
+    pub(crate) events: mpsc::Receiver<SipEvent>,
+    /// For an outgoing leg: what to dial once the task runs.
+    pub(crate) dial: Option<OutgoingDial>,
+}
+
+/// The receiving end of a [`LegLink`], waiting for its task.
+pub(crate) struct PendingLeg {
+    rx: mpsc::Receiver<LegOutput>,
+}
+
+/// A link for the call (8 kHz) and the receiver the leg task will read.
+pub(crate) fn link() -> (LegLink, PendingLeg) {
+    let (tx, rx) = mpsc::channel(LEG_QUEUE);
+    let link = LegLink {
+        rate: SampleRate::Hz8000,
+        tx,
+    };
+    (link, PendingLeg { rx })
+}
+
+impl PendingLeg {
+    /// The leg task's future (spawn it). Fails if the socket cannot join the runtime.
+    pub(crate) fn start(
+        self,
+        params: LegParams,
+    ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+        let socket = UdpSocket::from_std(params.sockets.rtp)?;
+        let rtcp = UdpSocket::from_std(params.sockets.rtcp)?;
+        let leg = RtpLeg {
+            shared: params.shared,
+            call: params.call,
+            leg: params.leg,
+            key: params.key,
+            direction: params.direction,
+            socket,
+            rtcp,
+            _port: params.sockets.guard,
+            media: params.media,
+            rtp_timeout: params.rtp_timeout,
+            commands: params.commands,
+            session: None,
+            answered: false,
+            samples: Vec::with_capacity(FRAME_SAMPLES),
+            packet: vec![0u8; DATAGRAM],
+            frames: BytesMut::with_capacity(FRAME_POOL * FRAME_SAMPLES * 2),
+        };
+        Ok(leg.run(self.rx, params.events, params.dial))
+    }
+}
+
+struct RtpLeg {
+    shared: Arc<Shared>,
+    call: CallHandle,
+    leg: LegId,
+    key: LegKey,
+    direction: Direction,
+    socket: UdpSocket,
+    /// RTCP on the RTP port + 1 (RFC 3550 11).
+    rtcp: UdpSocket,
+    /// Held for the task's lifetime: the port returns to the pool when the task ends.
+    _port: PortGuard,
+    media: LocalMedia,
+    rtp_timeout: Duration,
+    commands: mpsc::Sender<Command>,
+    session: Option<RtpSession>,
+    /// The SIP call is answered.
+    answered: bool,
+    samples: Vec<i16>,
+    packet: Vec<u8>,
+    frames: BytesMut,
+}
+
+/// How the leg loop goes on.
+enum Flow {
+    Continue,
+    Stop,
+}
+
+impl RtpLeg {
+    async fn run(
+        mut self,
+        mut outputs: mpsc::Receiver<LegOutput>,
+        mut events: mpsc::Receiver<SipEvent>,
+        dial: Option<OutgoingDial>,
+    ) {
+        if let Some(dial) = dial {
+            match dial.into_command().await {
+                Ok(cmd) => self.command(cmd).await,
+                Err(e) => {
+                    info!(error = %e, "cannot dial");
+                    self.to_call(LegEvent::Rejected).await;
+                    return;
+                }
+            }
+        }
+        let mut ticker = tokio::time::interval(super::jitter::FRAME_DURATION);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut datagram = vec![0u8; DATAGRAM];
+        let mut rtcp_datagram = vec![0u8; DATAGRAM];
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            let flow = tokio::select! {
+                // Cancel-safe: only observes the token.
+                () = shutdown.cancelled() => {
+                    self.command(Command::Hangup(self.key)).await;
+                    Flow::Stop
+                }
+                // Cancel-safe: mpsc recv.
+                out = outputs.recv() => match out {
+                    Some(out) => self.on_output(out).await,
+                    None => {
+                        self.command(Command::Hangup(self.key)).await;
+                        Flow::Stop
+                    }
+                },
+                // Cancel-safe: mpsc recv.
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_sip(ev).await,
+                    None => {
+                        self.to_call(LegEvent::Hangup).await;
+                        Flow::Stop
+                    }
+                },
+                // Cancel-safe: a datagram is returned whole or left in the socket.
+                r = self.socket.recv_from(&mut datagram) => match r {
+                    Ok((n, source)) => self.on_datagram(source, &datagram[..n]).await,
+                    Err(e) => {
+                        // ICMP errors from a peer that went away surface here; not fatal.
+                        debug!(error = %e, "RTP receive failed");
+                        Flow::Continue
+                    }
+                },
+                // Cancel-safe: a datagram is returned whole or left in the socket.
+                r = self.rtcp.recv_from(&mut rtcp_datagram) => {
+                    if let (Ok((n, source)), Some(session)) = (r, &mut self.session) {
+                        let now = Instant::now().into_std();
+                        if let Received::Malformed(e) =
+                            session.handle_rtcp_datagram(source, &rtcp_datagram[..n], now)
+                        {
+                            debug!(error = %e, %source, "malformed RTCP");
+                        }
+                    }
+                    Flow::Continue
+                }
+                // Cancel-safe: a missed tick is replayed later by the interval.
+                _ = ticker.tick(), if self.session.is_some() => self.on_tick().await,
+            };
+            if matches!(flow, Flow::Stop) {
+                break;
+            }
+        }
+        if let Some(s) = &self.session {
+            let stats = s.stats();
+            let jitter = s.jitter_buffer().stats();
+            info!(
+                sent = stats.packets_sent,
+                received = stats.packets_received,
+                concealed = jitter.concealed,
+                "RTP leg ended"
+            );
+        }
+        let _ = self.commands.send(Command::Gone(self.key)).await;
+    }
+
+    async fn command(&self, cmd: Command) {
+        if self.commands.send(cmd).await.is_err() {
+            debug!("SIP endpoint gone");
+        }
+    }
+
+    async fn to_call(&self, event: LegEvent) {
+        self.call
+            .send_data(CallInput::Leg {
+                leg: self.leg,
+                event,
+            })
+            .await;
+    }
+
+    async fn on_output(&mut self, out: LegOutput) -> Flow {
+        match out {
+            LegOutput::Ringing => {
+                if let LegKey::In(call) = self.key {
+                    self.command(Command::Ringing(call)).await;
+                }
+            }
+            LegOutput::Answered => {
+                if let LegKey::In(call) = self.key {
+                    if !self.answered {
+                        self.answered = true;
+                        let media = self.media.clone();
+                        self.command(Command::Answer { call, media }).await;
+                    }
+                }
+            }
+            LegOutput::Audio(pcm) => self.send_audio(&pcm).await,
+            LegOutput::Hangup(reason) => {
+                let cmd = match (self.key, self.answered) {
+                    (LegKey::In(call), false) => Command::Reject {
+                        call,
+                        status: reject_status(reason),
+                    },
+                    (key, _) => Command::Hangup(key),
+                };
+                self.command(cmd).await;
+                return Flow::Stop;
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn send_audio(&mut self, pcm: &[u8]) {
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        self.samples.clear();
+        self.samples.extend(
+            pcm.chunks_exact(2)
+                .map(|b| i16::from_le_bytes([b[0], b[1]])),
+        );
+        match session.write_audio(&self.samples, &mut self.packet) {
+            Ok(len) => {
+                let to = session.remote();
+                if let Err(e) = self.socket.send_to(&self.packet[..len], to).await {
+                    debug!(error = %e, %to, "RTP send failed");
+                }
+            }
+            Err(e) => debug!(error = %e, "RTP packet not written"),
+        }
+    }
+
+    async fn on_sip(&mut self, event: SipEvent) -> Flow {
+        let now = Instant::now().into_std();
+        match event {
+            SipEvent::Answered(negotiated) => {
+                self.answered = true;
+                self.open_session(&negotiated, now);
+                if self.direction == Direction::Outgoing {
+                    self.to_call(LegEvent::Answered).await;
+                }
+            }
+            SipEvent::MediaUpdated(negotiated) => match &mut self.session {
+                Some(s) => {
+                    s.set_remote(
+                        negotiated.remote,
+                        negotiated.remote_rtcp,
+                        negotiated.codec,
+                        negotiated.payload_type,
+                    );
+                    s.set_receiving(!negotiated.remote_hold, now);
+                    debug!(remote = %negotiated.remote, hold = negotiated.remote_hold, "media updated");
+                }
+                // An offerless INVITE: the ACK carried the answer.
+                None => self.open_session(&negotiated, now),
+            },
+            SipEvent::Failed(status) => {
+                info!(status, "SIP call failed");
+                self.to_call(LegEvent::Rejected).await;
+                return Flow::Stop;
+            }
+            SipEvent::Ended => {
+                self.to_call(LegEvent::Hangup).await;
+                return Flow::Stop;
+            }
+            SipEvent::Dtmf { digit, duration_ms } => {
+                self.to_call(LegEvent::Dtmf { digit, duration_ms }).await;
+            }
+        }
+        Flow::Continue
+    }
+
+    fn open_session(&mut self, n: &Negotiated, now: std::time::Instant) {
+        let mut config =
+            SessionConfig::new(n.codec, rand::random(), rand::random(), rand::random());
+        config.payload_type = n.payload_type;
+        config.telephone_event = n.telephone_event;
+        config.rtp_timeout = self.rtp_timeout;
+        config.cname = format!("telcoflow-{}", self.call.call_id);
+        let mut session = RtpSession::new(config, n.remote, n.remote_rtcp, now);
+        if n.remote_hold {
+            session.set_receiving(false, now);
+        }
+        debug!(remote = %n.remote, codec = ?n.codec, "RTP session open");
+        self.session = Some(session);
+    }
+
+    async fn on_datagram(&mut self, source: SocketAddr, data: &[u8]) -> Flow {
+        let Some(session) = &mut self.session else {
+            return Flow::Continue; // early media before our answer: nothing listens yet
+        };
+        let now = Instant::now().into_std();
+        match session.handle_datagram(source, data, now) {
+            Received::Dtmf(d) => {
+                debug!(digit = %d.digit, duration_ms = d.duration_ms, "DTMF");
+                self.to_call(LegEvent::Dtmf {
+                    digit: d.digit,
+                    duration_ms: d.duration_ms,
+                })
+                .await;
+            }
+            Received::Malformed(e) => debug!(error = %e, %source, "malformed RTP"),
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    async fn on_tick(&mut self) -> Flow {
+        let now = Instant::now().into_std();
+        let Some(session) = &mut self.session else {
+            return Flow::Continue;
+        };
+        if session.timed_out(now) {
+            info!(timeout = ?self.rtp_timeout, "no RTP from the phone; ending the call");
+            self.command(Command::Hangup(self.key)).await;
+            self.to_call(LegEvent::Hangup).await;
+            return Flow::Stop;
+        }
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        if let Ok(Some(len)) = session.poll_rtcp(now, unix, &mut self.packet) {
+            let to = session.rtcp_remote();
+            // A peer multiplexing RTCP on its RTP port hears it from our RTP port.
+            let from = if to == session.remote() {
+                &self.socket
+            } else {
+                &self.rtcp
+            };
+            let _ = from.send_to(&self.packet[..len], to).await;
+        }
+        let Some(session) = &mut self.session else {
+            return Flow::Continue;
+        };
+        let frame = session.pop_frame(now);
+        // Reuses the pool's storage once the call has dropped earlier frames.
+        self.frames.reserve(frame.samples.len() * 2);
+        for s in frame.samples {
+            self.frames.extend_from_slice(&s.to_le_bytes());
+        }
+        let pcm = self.frames.split().freeze();
+        self.to_call(LegEvent::Audio(pcm)).await;
+        Flow::Continue
+    }
+}
+
+/// The final response for an unanswered incoming call the server gives up on.
+fn reject_status(reason: HangupReason) -> u16 {
+    match reason {
+        HangupReason::NoAnswer | HangupReason::Remote | HangupReason::Local => 480,
+        HangupReason::Busy => 486,
+        HangupReason::NotFound => 404,
+        HangupReason::Rejected => 603,
+        HangupReason::Error => 500,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unanswered_calls_map_to_sip_statuses() {
+        assert_eq!(reject_status(HangupReason::NoAnswer), 480);
+        assert_eq!(reject_status(HangupReason::Remote), 480);
+        assert_eq!(reject_status(HangupReason::Busy), 486);
+        assert_eq!(reject_status(HangupReason::Rejected), 603);
+        assert_eq!(reject_status(HangupReason::Error), 500);
+    }
+}

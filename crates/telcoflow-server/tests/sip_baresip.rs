@@ -1,0 +1,206 @@
+//! baresip, a real softphone, calls in and plays a 440 Hz tone (made with sox); an echo agent
+//! written with the Rust SDK (16 kHz) answers and plays back what it hears; baresip's recording
+//! of what it heard must hold the tone.
+//!
+//! Needs `baresip` and `sox`: the test fails without them when `CI` is set and otherwise skips
+//! with a notice.
+
+mod common;
+mod sipp;
+
+use common::*;
+use futures_util::StreamExt as _;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+const TONE_HZ: f64 = 440.0;
+
+fn tools_available() -> bool {
+    let has = |tool: &str, arg: &str| {
+        std::process::Command::new(tool)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    let missing: Vec<&str> = [("baresip", "-h"), ("sox", "--version")]
+        .into_iter()
+        .filter(|(t, a)| !has(t, a))
+        .map(|(t, _)| t)
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!(
+            "{missing:?} not installed (apt-get install baresip sox); the baresip test needs them in CI"
+        );
+    }
+    // Straight to stderr: the test harness captures eprintln!, and the notice must show.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "NOTICE: {missing:?} not installed; skipping the baresip test"
+    );
+    false
+}
+
+/// Goertzel magnitude of `freq` in `samples` (8 kHz), normalised by length.
+fn tone_level(samples: &[i16], freq: f64) -> f64 {
+    let k = 2.0 * (2.0 * std::f64::consts::PI * freq / 8000.0).cos();
+    let (mut a, mut b) = (0.0f64, 0.0f64);
+    for &s in samples {
+        (a, b) = (f64::from(s) + k * a - b, a);
+    }
+    (a * a + b * b - k * a * b).sqrt() / samples.len() as f64
+}
+
+/// Samples of a 16-bit mono WAV file (the data chunk, found by its tag).
+fn wav_samples(path: &Path) -> Vec<i16> {
+    let bytes = std::fs::read(path).unwrap();
+    let data = bytes
+        .windows(4)
+        .position(|w| w == b"data")
+        .expect("a data chunk");
+    samples(&bytes[data + 8..])
+}
+
+fn write_config(dir: &Path, rtp_low: u16) {
+    let tone = dir.join("tone.wav");
+    let rec = dir.join("rec");
+    std::fs::create_dir_all(&rec).unwrap();
+    let status = std::process::Command::new("sox")
+        .args(["-n", "-r", "8000", "-c", "1", "-b", "16"])
+        .arg(&tone)
+        .args(["synth", "3", "sine", "440", "vol", "0.5"])
+        .status()
+        .expect("sox runs");
+    assert!(status.success(), "sox made the tone");
+    // No sound card: audio comes from the WAV (aufile) and what baresip hears is recorded by
+    // the sndfile filter; the player is a bridge that goes nowhere.
+    let config = format!(
+        "poll_method epoll\n\
+         sip_listen 127.0.0.1:0\n\
+         net_interface 127.0.0.1\n\
+         audio_player aubridge,none\n\
+         audio_alert aubridge,none\n\
+         audio_source aufile,{tone}\n\
+         rtp_ports {rtp_low}-{rtp_high}\n\
+         module_path /usr/lib/baresip/modules\n\
+         module g711.so\n\
+         module aufile.so\n\
+         module aubridge.so\n\
+         module sndfile.so\n\
+         module menu.so\n\
+         module_app account.so\n\
+         snd_path {rec}\n",
+        tone = tone.display(),
+        rec = rec.display(),
+        rtp_high = rtp_low + 99,
+    );
+    std::fs::write(dir.join("config"), config).unwrap();
+    std::fs::write(
+        dir.join("accounts"),
+        "<sip:baresip@127.0.0.1>;regint=0;audio_codecs=PCMU\n",
+    )
+    .unwrap();
+}
+
+#[tokio::test]
+async fn baresip_hears_its_tone_back_through_an_echo_agent() {
+    if !tools_available() {
+        return;
+    }
+    let ports = sipp::ports(20);
+    let server = start(sipp::sip_config(ports)).await;
+    let sip = server.sip_addr().unwrap();
+    let dir = sipp::work_dir("baresip");
+    // baresip's own RTP ports, apart from every SIPp media port.
+    write_config(&dir, 29000);
+    let config = telcoflow::TelcoflowClientConfig::builder()
+        .api_key(
+            telcoflow_server::config::DEV_API_KEY,
+            telcoflow_server::config::DEV_CONNECTOR_UUID,
+        )
+        .base_url(server.base_url())
+        .sample_rate(telcoflow::SampleRate::Hz16000)
+        .build()
+        .expect("SDK config");
+    let client = telcoflow::TelcoflowClient::connect(config)
+        .await
+        .expect("the agent connects");
+    let echoed = Arc::new(AtomicUsize::new(0));
+    let agent = {
+        let client = client.clone();
+        let echoed = echoed.clone();
+        tokio::spawn(async move {
+            client
+                .serve(move |call: telcoflow::ActiveCall| {
+                    let echoed = echoed.clone();
+                    async move {
+                        if call.answer().await.and_then(|r| r.into_result()).is_err() {
+                            return;
+                        }
+                        let mut audio = call.audio_stream(0);
+                        while let Some(chunk) = audio.next().await {
+                            match call.send_audio(&chunk).await {
+                                Ok(()) => {
+                                    echoed.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(telcoflow::Error::BufferFull { .. }) => {}
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                })
+                .await
+        })
+    };
+
+    // baresip hangs up when the 3 s tone ends; -t stops the process soon after.
+    let phone = tokio::process::Command::new("baresip")
+        .arg("-f")
+        .arg(&dir)
+        .args(["-e", &format!("/dial sip:+15559990001@{sip}"), "-t", "6"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("baresip starts");
+
+    let out = tokio::time::timeout(Duration::from_secs(20), phone.wait_with_output())
+        .await
+        .expect("baresip exits")
+        .expect("baresip output");
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        log.contains("Call established"),
+        "baresip never got through:\n{log}"
+    );
+    let recording = std::fs::read_dir(dir.join("rec"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
+        .unwrap_or_else(|| panic!("baresip recorded what it heard:\n{log}"));
+    let heard = wav_samples(&recording);
+    // The second second: past the echo's start-up delay, before the hang-up.
+    assert!(heard.len() >= 16000, "recording too short: {}", heard.len());
+    let window = &heard[8000..16000];
+    let tone = tone_level(window, TONE_HZ);
+    let other = tone_level(window, 1000.0);
+    assert!(
+        tone > 1000.0 && tone > 20.0 * other,
+        "the recording does not hold the tone: 440 Hz level {tone:.0}, 1 kHz level {other:.0}"
+    );
+    let echoed = echoed.load(Ordering::Relaxed);
+    assert!(echoed > 50, "the agent echoed only {echoed} chunks");
+    client.shutdown().await;
+    let _ = agent.await;
+    server.shutdown().await;
+}
