@@ -19,6 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use telcoflow_proto::media::{
@@ -42,6 +43,11 @@ const OUT_QUEUE: usize = 32;
 const MAX_QUEUED_REQUESTS: usize = 256;
 /// Call events buffered for the application before further ones are dropped (and logged).
 const CALL_EVENT_CAPACITY: usize = 64;
+/// How long the media connection keeps reading after the call ended (`call.terminated`,
+/// `close`, `disconnect`) while waiting for the server to close it: frames already in flight,
+/// such as the server's `call.terminated` or answers to concurrent commands, still land, and
+/// a server that never closes cannot hold the connection open.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Where a call is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -200,6 +206,8 @@ pub(crate) struct CallSettings {
     pub(crate) buffer_size: usize,
     pub(crate) audio_channel_capacity: usize,
     pub(crate) tls: Tls,
+    /// Limit on opening the media WebSocket.
+    pub(crate) connect_timeout: Duration,
 }
 
 impl From<&TelcoflowClientConfig> for CallSettings {
@@ -208,6 +216,7 @@ impl From<&TelcoflowClientConfig> for CallSettings {
             buffer_size: c.buffer_size,
             audio_channel_capacity: c.audio_channel_capacity,
             tls: c.media_tls.clone(),
+            connect_timeout: c.connect_timeout,
         }
     }
 }
@@ -333,6 +342,8 @@ struct Media {
     pending: Mutex<Pending>,
     requests: Mutex<VecDeque<BufferRequest>>,
     requests_changed: Notify,
+    /// The server's `call.terminated` has been delivered to the call's events.
+    terminated_seen: AtomicBool,
 }
 
 #[derive(Default)]
@@ -754,6 +765,7 @@ impl ActiveCall {
                     pending: Mutex::new(Pending::default()),
                     requests: Mutex::new(VecDeque::new()),
                     requests_changed: Notify::new(),
+                    terminated_seen: AtomicBool::new(false),
                 });
                 *self.core.media.lock() = Some(media.clone());
                 self.core.state.send_replace(CallState::Live);
@@ -796,7 +808,7 @@ async fn open_media(core: &CallCore) -> Result<Ws, Error> {
     transport::add_secret(&mut req, "authorization", &format!("Bearer {}", core.token))?;
     debug!("opening media connection");
     tokio::select! {
-        r = transport::connect(req, &core.settings.tls) => r,
+        r = transport::connect(req, &core.settings.tls, core.settings.connect_timeout) => r,
         () = core.cancel.cancelled() => Err(Error::Shutdown),
     }
 }
@@ -869,16 +881,26 @@ async fn drive_media(
                 }
             }
         };
-        let flow = flow_control(&media);
-        tokio::pin!(reader, writer, flow);
+        // Flow control returns once the ring buffer closes, that is once the call has ended;
+        // the reader and writer go on until the server closes the connection, for at most
+        // the grace period.
+        let ending = async {
+            flow_control(&media).await;
+            debug!("call ended; waiting for the server to close the media connection");
+            tokio::time::sleep(CLOSE_GRACE).await;
+        };
+        tokio::pin!(reader, writer, ending);
+        // Reader first: frames that have arrived are taken before the grace period can end
+        // the connection.
         tokio::select! {
+            biased;
             r = &mut reader => r,
             () = &mut writer => "send failed",
-            () = &mut flow => "flow control ended",
+            () = &mut ending => "server did not close after the call ended",
         }
     };
     debug!(reason, "media connection closing");
-    let changed = set_terminated(&core);
+    set_terminated(&core);
     media.ring.close();
     media.requests_changed.notify_one();
     {
@@ -890,7 +912,9 @@ async fn drive_media(
     }
     core.channels.lock().finish();
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-    if changed {
+    // The server's own `call.terminated` (with its reason) was already delivered if it came;
+    // otherwise the stream still ends with one.
+    if !media.terminated_seen.load(Ordering::Acquire) {
         emit(&core, CallEvent::Terminated { reason: None });
     }
     core.events_tx.lock().take();
@@ -951,6 +975,7 @@ fn on_text(core: &CallCore, media: &Media, text: &str) {
                 );
             }
             if ended {
+                media.terminated_seen.store(true, Ordering::Release);
                 set_terminated(core);
                 media.ring.close();
                 media.requests_changed.notify_one();

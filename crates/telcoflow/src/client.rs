@@ -669,7 +669,7 @@ async fn connect_and_setup(config: &TelcoflowClientConfig) -> Result<(Ws, String
         transport::add_secret(&mut req, control::API_KEY_HEADER, api_key)?;
         transport::add_secret(&mut req, control::CONNECTOR_HEADER, connector_uuid)?;
     }
-    let mut ws = transport::connect(req, &config.control_tls).await?;
+    let mut ws = transport::connect(req, &config.control_tls, config.connect_timeout).await?;
     let setup = ClientFrame::Setup {
         data: SetupData {
             sample_rate: config.sample_rate,

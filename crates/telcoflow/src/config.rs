@@ -139,6 +139,7 @@ pub struct TelcoflowClientConfig {
     pub(crate) buffer_size: usize,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) heartbeat_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     pub(crate) setup_timeout: Duration,
     pub(crate) request_timeout: Duration,
     pub(crate) max_pending_requests: usize,
@@ -165,6 +166,7 @@ impl fmt::Debug for TelcoflowClientConfig {
             .field("buffer_size", &self.buffer_size)
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("session_mode", &self.session_mode)
             .field("auto_connect_media", &self.auto_connect_media)
             .field("backoff", &self.backoff)
@@ -237,6 +239,10 @@ impl TelcoflowClientConfig {
     pub fn heartbeat_timeout(&self) -> Duration {
         self.heartbeat_timeout
     }
+    /// How long opening a WebSocket (TCP, TLS and HTTP upgrade) may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
 
     /// The delay before reconnection attempt `attempt` (1-based).
     pub fn reconnect_delay(&self, attempt: u32) -> Duration {
@@ -265,6 +271,7 @@ pub struct TelcoflowClientConfigBuilder {
     buffer_size: usize,
     heartbeat_interval: Duration,
     heartbeat_timeout: Duration,
+    connect_timeout: Duration,
     setup_timeout: Duration,
     request_timeout: Duration,
     max_pending_requests: usize,
@@ -296,6 +303,7 @@ impl Default for TelcoflowClientConfigBuilder {
             buffer_size: 1 << 20,
             heartbeat_interval: Duration::from_secs(30),
             heartbeat_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             setup_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_pending_requests: 1024,
@@ -375,6 +383,15 @@ impl TelcoflowClientConfigBuilder {
     /// How long to wait for a pong before the control connection counts as dead. Default 10 s.
     pub fn heartbeat_timeout(mut self, timeout: Duration) -> Self {
         self.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// How long opening a WebSocket (TCP connect, TLS handshake and HTTP upgrade) may take,
+    /// for the control connection and for every media connection. Default 10 s. A peer that
+    /// accepts the TCP connection but never completes the upgrade then fails the attempt with
+    /// [`Error::Connection`] instead of holding it forever.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
         self
     }
 
@@ -510,6 +527,7 @@ impl TelcoflowClientConfigBuilder {
         for (field, d) in [
             ("heartbeat_interval", self.heartbeat_interval),
             ("heartbeat_timeout", self.heartbeat_timeout),
+            ("connect_timeout", self.connect_timeout),
             ("setup_timeout", self.setup_timeout),
             ("request_timeout", self.request_timeout),
         ] {
@@ -556,6 +574,7 @@ impl TelcoflowClientConfigBuilder {
             buffer_size: self.buffer_size,
             heartbeat_interval: self.heartbeat_interval,
             heartbeat_timeout: self.heartbeat_timeout,
+            connect_timeout: self.connect_timeout,
             setup_timeout: self.setup_timeout,
             request_timeout: self.request_timeout,
             max_pending_requests: self.max_pending_requests,
@@ -599,6 +618,7 @@ mod tests {
         assert_eq!(c.sample_rate(), SampleRate::Hz16000);
         assert_eq!(c.heartbeat_interval(), Duration::from_secs(30));
         assert_eq!(c.heartbeat_timeout(), Duration::from_secs(10));
+        assert_eq!(c.connect_timeout(), Duration::from_secs(10));
         assert_eq!(c.session_mode(), SessionMode::Auto);
     }
 
@@ -624,6 +644,10 @@ mod tests {
         assert_eq!(
             field_of(b().heartbeat_timeout(Duration::ZERO).build().unwrap_err()),
             "heartbeat_timeout"
+        );
+        assert_eq!(
+            field_of(b().connect_timeout(Duration::ZERO).build().unwrap_err()),
+            "connect_timeout"
         );
         assert_eq!(
             field_of(b().api_key("", "u").build().unwrap_err()),

@@ -3,6 +3,7 @@
 use crate::Error;
 #[cfg(feature = "tls")]
 use crate::config::Auth;
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
@@ -89,8 +90,18 @@ fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
         .read_buffer_size(WS_READ_BUFFER)
 }
 
-/// Opens the WebSocket.
-pub(crate) async fn connect(req: Request, tls: &Tls) -> Result<Ws, Error> {
+/// Opens the WebSocket, giving up after `timeout`: a peer that accepts the TCP connection but
+/// stalls the TLS handshake or the HTTP upgrade must not hold the caller forever.
+pub(crate) async fn connect(req: Request, tls: &Tls, timeout: Duration) -> Result<Ws, Error> {
+    match tokio::time::timeout(timeout, open(req, tls)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::connection(format!(
+            "timed out opening WebSocket after {timeout:?}"
+        ))),
+    }
+}
+
+async fn open(req: Request, tls: &Tls) -> Result<Ws, Error> {
     #[cfg(feature = "tls")]
     let result = match &tls.connector {
         Some(c) => {

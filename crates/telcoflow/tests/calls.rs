@@ -456,3 +456,90 @@ async fn unread_audio_overflow_is_counted_and_reported() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+/// The call's events, read until the stream ends; the `Terminated` ones among them.
+async fn terminations(events: telcoflow::CallEvents) -> Vec<telcoflow::CallEvent> {
+    let all: Vec<telcoflow::CallEvent> = tokio::time::timeout(WAIT, events.collect())
+        .await
+        .expect("the event stream ends after the call");
+    all.into_iter()
+        .filter(|e| matches!(e, telcoflow::CallEvent::Terminated { .. }))
+        .collect()
+}
+
+/// After `disconnect()` the media connection keeps reading until the server closes it, so
+/// the server's own `call.terminated` (reason "agent") lands. Repeated because losing it
+/// depended on timing.
+#[tokio::test]
+async fn disconnect_delivers_the_servers_terminated_with_its_reason() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    for i in 0..5 {
+        let mut caller = Phone::dial(server.base_url(), &format!("+49123{i}"), "+4900001").await;
+        let call = next_call(&mut events).await;
+        let call_events = call.events();
+        assert!(call.answer().await.unwrap().success);
+        assert!(call.disconnect().await.unwrap().success);
+        assert_eq!(call.state(), CallState::Terminated);
+        assert_eq!(
+            terminations(call_events).await,
+            [telcoflow::CallEvent::Terminated {
+                reason: Some("agent".into())
+            }],
+            "exactly the server's termination, with its reason"
+        );
+        caller
+            .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+            .await;
+    }
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// A command still waiting when `close()` ends the call gets the server's answer (here
+/// CALL_TERMINATED for a pending `call.connect`), not `CallClosed`.
+#[tokio::test]
+async fn a_command_pending_during_close_gets_the_servers_answer() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut callee = Phone::register(server.base_url(), DEV_CONNECT_DESTINATION).await;
+    for i in 0..5 {
+        let _caller = Phone::dial(server.base_url(), &format!("+49123{i}"), "+4900001").await;
+        let call = next_call(&mut events).await;
+        let call_events = call.events();
+        assert!(call.answer().await.unwrap().success);
+        let connecting = {
+            let call = call.clone();
+            tokio::spawn(async move { call.connect(Duration::from_secs(30)).await })
+        };
+        // The destination rings: `call.connect` is pending at the server.
+        callee
+            .wait_for(|f| matches!(f, NetworkFrame::Incoming { .. }))
+            .await;
+        assert!(call.close().await.unwrap().success);
+        let r = tokio::time::timeout(WAIT, connecting)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("the server answered the pending command");
+        assert!(!r.success);
+        assert_eq!(r.error_code.as_deref(), Some("CALL_TERMINATED"), "{r:?}");
+        assert_eq!(
+            terminations(call_events).await,
+            [telcoflow::CallEvent::Terminated {
+                reason: Some("agent".into())
+            }]
+        );
+        callee
+            .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+            .await;
+    }
+    client.shutdown().await;
+    server.shutdown().await;
+}

@@ -394,3 +394,129 @@ async fn shutdown_ends_calls_that_never_opened_media() {
     assert!(matches!(call.answer().await, Err(Error::CallClosed)));
     server.shutdown().await;
 }
+
+/// Accepts TCP connections and never answers on them (no TLS, no HTTP upgrade). Every
+/// accepted socket is kept open and its arrival reported on the returned channel.
+async fn stalling_listener() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::Receiver<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            kept.push(tcp);
+            let _ = tx.try_send(());
+        }
+    });
+    (addr, rx, task)
+}
+
+fn assert_connect_timeout(e: &Error) {
+    match e {
+        Error::Connection { message, .. } => {
+            assert!(message.contains("timed out"), "{message}");
+        }
+        other => panic!("expected a connection timeout, got {other:?}"),
+    }
+}
+
+/// A peer that accepts TCP but never completes the upgrade fails the first connection
+/// attempt after `connect_timeout` instead of holding it forever.
+#[tokio::test]
+async fn connect_times_out_on_a_peer_that_stalls_the_upgrade() {
+    init_tracing();
+    let (addr, mut accepted, peer) = stalling_listener().await;
+    let config = builder(&format!("ws://{addr}"))
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let e = tokio::time::timeout(WAIT, TelcoflowClient::connect(config))
+        .await
+        .expect("connect gives up by itself")
+        .unwrap_err();
+    assert_connect_timeout(&e);
+    tokio::time::timeout(WAIT, accepted.recv())
+        .await
+        .expect("the peer accepted the TCP connection");
+    peer.abort();
+}
+
+/// After losing the control connection, a reconnection attempt to a stalling peer times out
+/// and the driver goes on with the next attempt.
+#[tokio::test]
+async fn control_driver_retries_after_a_stalled_reconnection() {
+    init_tracing();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(16);
+    let peer = tokio::spawn(async move {
+        // First connection: complete setup, then drop it.
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let _setup = ws.next().await.unwrap().unwrap();
+        let done = ServerFrame::SetupDone {
+            sm_ws_id: "fake-1".into(),
+        };
+        ws.send(Message::Text(done.encode().into())).await.unwrap();
+        drop(ws);
+        // Later connections: accept and never answer.
+        let mut kept = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            kept.push(tcp);
+            let _ = accepted_tx.try_send(());
+        }
+    });
+    let config = builder(&url)
+        .connect_timeout(Duration::from_millis(200))
+        .reconnect_delay_fn(|_| Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let client = TelcoflowClient::connect(config).await.unwrap();
+    let mut events = client.events();
+    next_event(&mut events, |ev| {
+        matches!(ev, ClientEvent::Disconnected { .. }).then_some(())
+    })
+    .await;
+    // Attempt 1 reaches the stalling peer; only its timeout lets attempt 2 start.
+    let attempt = next_event(&mut events, |ev| match ev {
+        ClientEvent::Reconnecting { attempt, .. } if attempt >= 2 => Some(attempt),
+        _ => None,
+    })
+    .await;
+    assert_eq!(attempt, 2);
+    tokio::time::timeout(WAIT, accepted.recv())
+        .await
+        .expect("attempt 1 reached the peer");
+    client.shutdown().await;
+    peer.abort();
+}
+
+/// Opening a call's media connection against a stalling peer fails with a timeout and
+/// leaves the call in NEW (not stuck in OPENING).
+#[tokio::test]
+async fn media_open_times_out_and_the_call_returns_to_new() {
+    init_tracing();
+    let (addr, mut accepted, peer) = stalling_listener().await;
+    let config = builder("ws://127.0.0.1:1")
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let json = format!(
+        r#"{{"channel":"TELCO","id":"c1","caller":"+1","callee":"+2","session_url":"ws://{addr}/media","session_token":"t"}}"#
+    );
+    let call = telcoflow::ActiveCall::from_json(&json, &config).unwrap();
+    let e = tokio::time::timeout(WAIT, call.connect_media())
+        .await
+        .expect("opening gives up by itself")
+        .unwrap_err();
+    assert_connect_timeout(&e);
+    assert_eq!(call.state(), CallState::New);
+    tokio::time::timeout(WAIT, accepted.recv())
+        .await
+        .expect("the peer accepted the TCP connection");
+    peer.abort();
+}
