@@ -16,7 +16,7 @@ use telcoflow_proto::ErrorCode;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::{HangupReason, NetworkFrame, PhoneFrame};
 use tokio::sync::mpsc;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 
 /// How long a phone has to say what it wants after connecting.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -382,7 +382,7 @@ async fn forward(socket: &mut WebSocket, call_id: &str, out: LegOutput) -> bool 
     match socket.send(msg).await {
         Ok(()) => true,
         Err(e) => {
-            warn!(error = %e, "phone socket failed");
+            debug!(error = %e, "phone socket failed");
             false
         }
     }
