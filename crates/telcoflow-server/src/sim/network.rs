@@ -30,6 +30,9 @@ const MAX_PHONE_FRAME: usize = 64 * 1024;
 pub(crate) struct RingRequest {
     call: CallHandle,
     leg: LegId,
+    /// What this call sends the phone. Each ring has its own channel, so that a late output
+    /// of one call can never be taken for another's.
+    outputs: mpsc::Receiver<LegOutput>,
 }
 
 #[derive(Debug)]
@@ -37,7 +40,6 @@ struct RegisteredPhone {
     conn_id: u64,
     rate: SampleRate,
     rings: mpsc::Sender<RingRequest>,
-    leg_tx: mpsc::Sender<LegOutput>,
 }
 
 /// Why a number could not be rung.
@@ -74,16 +76,18 @@ impl Directory {
     ) -> Result<LegLink, RingError> {
         let phones = self.lock();
         let phone = phones.get(number).ok_or(RingError::NotRegistered)?;
+        let (tx, outputs) = mpsc::channel(PHONE_QUEUE);
         phone
             .rings
             .try_send(RingRequest {
                 call: call.clone(),
                 leg,
+                outputs,
             })
             .map_err(|_| RingError::Busy)?;
         Ok(LegLink {
             rate: phone.rate,
-            tx: phone.leg_tx.clone(),
+            tx,
         })
     }
 }
@@ -253,7 +257,6 @@ async fn register(
     number: String,
     rate: SampleRate,
 ) {
-    let (leg_tx, mut leg_rx) = mpsc::channel(PHONE_QUEUE);
     // One pending ring at a time: a second call while one rings finds the phone busy.
     let (ring_tx, mut ring_rx) = mpsc::channel(1);
     let taken = {
@@ -264,7 +267,6 @@ async fn register(
                 conn_id,
                 rate,
                 rings: ring_tx,
-                leg_tx,
             };
             phones.insert(number.clone(), phone);
         }
@@ -275,7 +277,8 @@ async fn register(
         send(&mut socket, NetworkFrame::Error { message }).await;
         return;
     }
-    let mut current: Option<(CallHandle, LegId)> = None;
+    // The call this phone is on: its handle, our leg id in it, and what it sends us.
+    let mut current: Option<(CallHandle, LegId, mpsc::Receiver<LegOutput>)> = None;
     if send(
         &mut socket,
         NetworkFrame::Registered {
@@ -288,7 +291,7 @@ async fn register(
             tokio::select! {
                 // Cancel-safe: mpsc recv.
                 Some(ring) = ring_rx.recv() => {
-                    if current.as_ref().is_some_and(|(c, _)| !c.is_ended()) {
+                    if current.as_ref().is_some_and(|(c, _, _)| !c.is_ended()) {
                         ring.call.send_data(leg_input(ring.leg, LegEvent::Rejected)).await;
                         continue;
                     }
@@ -297,7 +300,7 @@ async fn register(
                         from: ring.call.from.to_string(),
                         to: number.clone(),
                     };
-                    current = Some((ring.call, ring.leg));
+                    current = Some((ring.call, ring.leg, ring.outputs));
                     if !send(&mut socket, frame).await {
                         break;
                     }
@@ -305,7 +308,7 @@ async fn register(
                 // Cancel-safe: WebSocket::recv is a stream poll.
                 msg = socket.recv() => match msg {
                     Some(Ok(Message::Binary(pcm))) => {
-                        if let Some((call, leg)) = &current {
+                        if let Some((call, leg, _)) = &current {
                             call.send_data(leg_input(*leg, LegEvent::Audio(pcm))).await;
                         }
                     }
@@ -325,7 +328,7 @@ async fn register(
                                 None
                             }
                         };
-                        if let (Some(event), Some((call, leg))) = (event, &current) {
+                        if let (Some(event), Some((call, leg, _))) = (event, &current) {
                             let ends = matches!(event, LegEvent::Rejected | LegEvent::Hangup);
                             call.send_data(leg_input(*leg, event)).await;
                             if ends {
@@ -336,9 +339,18 @@ async fn register(
                     Some(Ok(_)) => {}
                     Some(Err(_)) | None => break,
                 },
-                // Cancel-safe: mpsc recv.
-                Some(out) = leg_rx.recv() => {
-                    let Some((call, _)) = &current else { continue };
+                // Cancel-safe: mpsc recv; pending while the phone is on no call.
+                out = async {
+                    match current.as_mut() {
+                        Some((_, _, outputs)) => outputs.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let (Some(out), Some((call, _, _))) = (out, &current) else {
+                        // The call ended without a word to us: the phone is free again.
+                        current = None;
+                        continue;
+                    };
                     let call_id = call.call_id.to_string();
                     let ends = matches!(out, LegOutput::Hangup(_));
                     if !forward(&mut socket, &call_id, out).await {
@@ -353,7 +365,7 @@ async fn register(
             }
         }
     }
-    if let Some((call, leg)) = current {
+    if let Some((call, leg, _)) = current {
         call.send_data(leg_input(leg, LegEvent::Hangup)).await;
     }
     let mut phones = shared.phones.lock();
