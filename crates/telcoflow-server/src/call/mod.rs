@@ -20,13 +20,13 @@ pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput};
 use crate::audio::Resampler;
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use playout::Playout;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-use telcoflow_proto::audio::{mix_into, pcm_to_samples, samples_to_pcm};
+use telcoflow_proto::audio::{mix_into, pcm_to_samples};
 use telcoflow_proto::control::{
     Channel, CloseReason, Initiator, SessionInfo, SessionState, SetupData,
 };
@@ -284,6 +284,8 @@ struct Leg {
     /// Received audio at the agent rate, waiting for the mixing tick.
     queue: VecDeque<i16>,
     dropped_samples: u64,
+    /// Storage the frames sent to the leg are split from (see [`frame_bytes`]).
+    pool: BytesMut,
 }
 
 impl Leg {
@@ -297,6 +299,7 @@ impl Leg {
             to_leg,
             queue: VecDeque::with_capacity(LEG_QUEUE_FRAMES * agent_rate.frame_samples()),
             dropped_samples: 0,
+            pool: BytesMut::new(),
         }
     }
 
@@ -328,9 +331,8 @@ impl Leg {
         if scratch.is_empty() {
             return;
         }
-        let mut pcm = Vec::with_capacity(scratch.len() * 2);
-        samples_to_pcm(scratch, &mut pcm);
-        self.send(LegOutput::Audio(Bytes::from(pcm)));
+        let pcm = frame_bytes(&mut self.pool, None, scratch);
+        self.send(LegOutput::Audio(pcm));
     }
 
     /// Queues agent-rate samples for the next ticks, keeping at most `LEG_QUEUE_FRAMES`.
@@ -417,6 +419,8 @@ struct CallActor {
     scratch: Vec<i16>,
     leg_samples: Vec<i16>,
     slow_media_reported: bool,
+    /// Storage the frames sent to the media connection are split from.
+    media_pool: BytesMut,
 }
 
 impl CallActor {
@@ -460,6 +464,7 @@ impl CallActor {
             scratch: Vec::new(),
             leg_samples: Vec::new(),
             slow_media_reported: false,
+            media_pool: BytesMut::new(),
         }
     }
 
@@ -938,14 +943,13 @@ impl CallActor {
                     self.caller.enqueue(&self.scratch, frame);
                 } else if !self.scratch.is_empty() {
                     // Alone with the agent: forward at once, no clock wait.
-                    let frame = audio_frame(CHANNEL_MIXED, &self.scratch);
+                    let frame =
+                        frame_bytes(&mut self.media_pool, Some(CHANNEL_MIXED), &self.scratch);
+                    self.send_media(MediaOut::Audio(frame));
                     if self.setup.audio_mode == AudioMode::Isolated {
-                        let mut caller = Vec::from(&frame[..]);
-                        caller[0] = CHANNEL_CALLER;
-                        self.send_media(MediaOut::Audio(frame));
-                        self.send_media(MediaOut::Audio(Bytes::from(caller)));
-                    } else {
-                        self.send_media(MediaOut::Audio(frame));
+                        let caller =
+                            frame_bytes(&mut self.media_pool, Some(CHANNEL_CALLER), &self.scratch);
+                        self.send_media(MediaOut::Audio(caller));
                     }
                 }
             }
@@ -1016,11 +1020,19 @@ impl CallActor {
                 self.mix.clear();
                 self.mix.extend_from_slice(&self.caller_frame);
                 mix_into(&mut self.mix, &self.callee_frame);
-                let mixed = audio_frame(CHANNEL_MIXED, &self.mix);
+                let mixed = frame_bytes(&mut self.media_pool, Some(CHANNEL_MIXED), &self.mix);
                 self.send_media(MediaOut::Audio(mixed));
                 if self.setup.audio_mode == AudioMode::Isolated {
-                    let caller = audio_frame(CHANNEL_CALLER, &self.caller_frame);
-                    let callee = audio_frame(CHANNEL_CALLEE, &self.callee_frame);
+                    let caller = frame_bytes(
+                        &mut self.media_pool,
+                        Some(CHANNEL_CALLER),
+                        &self.caller_frame,
+                    );
+                    let callee = frame_bytes(
+                        &mut self.media_pool,
+                        Some(CHANNEL_CALLEE),
+                        &self.callee_frame,
+                    );
                     self.send_media(MediaOut::Audio(caller));
                     self.send_media(MediaOut::Audio(callee));
                 }
@@ -1156,10 +1168,47 @@ impl CallActor {
     }
 }
 
-/// A binary media frame (channel byte + s16le PCM) built in one allocation.
-fn audio_frame(channel: u8, samples: &[i16]) -> Bytes {
-    let mut frame = Vec::with_capacity(1 + samples.len() * 2);
-    frame.push(channel);
-    samples_to_pcm(samples, &mut frame);
-    Bytes::from(frame)
+/// Frames a pool's block holds before a new block is needed.
+const POOL_FRAMES: usize = 64;
+
+/// An s16le frame (with a channel byte first, for the media connection) split off `pool`.
+/// Frames come out of one block of [`POOL_FRAMES`] frames, so the allocator is asked once per
+/// block instead of once per frame; once every frame of a block has been sent and dropped,
+/// `reserve` takes the block back.
+fn frame_bytes(pool: &mut BytesMut, channel: Option<u8>, samples: &[i16]) -> Bytes {
+    let len = usize::from(channel.is_some()) + samples.len() * 2;
+    if pool.capacity() < len {
+        pool.reserve(len * POOL_FRAMES);
+    }
+    if let Some(channel) = channel {
+        pool.put_u8(channel);
+    }
+    for s in samples {
+        pool.put_i16_le(*s);
+    }
+    pool.split().freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_split_from_one_block() {
+        let mut pool = BytesMut::new();
+        let samples = [1i16, -2, 3];
+        let first = frame_bytes(&mut pool, Some(CHANNEL_CALLER), &samples);
+        assert_eq!(&first[..], &[1, 1, 0, 0xfe, 0xff, 3, 0]);
+        let second = frame_bytes(&mut pool, None, &samples);
+        assert_eq!(&second[..], &[1, 0, 0xfe, 0xff, 3, 0]);
+        // Both came out of the same block: the second starts where the first ends.
+        assert_eq!(first.as_ptr().wrapping_add(first.len()), second.as_ptr());
+        // A block holds POOL_FRAMES frames before the allocator is asked again.
+        let mut last = second;
+        for _ in 2..POOL_FRAMES {
+            let next = frame_bytes(&mut pool, None, &samples);
+            assert_eq!(last.as_ptr().wrapping_add(last.len()), next.as_ptr());
+            last = next;
+        }
+    }
 }
