@@ -40,10 +40,15 @@ pub struct ResampleError {
 }
 
 impl Resampler {
+    /// A converter that passes samples through unchanged.
+    pub fn passthrough() -> Self {
+        Self { inner: None }
+    }
+
     /// A converter from `from_hz` to `to_hz`. Equal rates give a pass-through.
     pub fn new(from_hz: u32, to_hz: u32) -> Result<Self, ResampleError> {
         if from_hz == to_hz {
-            return Ok(Self { inner: None });
+            return Ok(Self::passthrough());
         }
         let err = |reason: String| ResampleError {
             from: from_hz,

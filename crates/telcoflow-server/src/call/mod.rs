@@ -365,15 +365,10 @@ fn resamplers(leg: SampleRate, agent: SampleRate) -> (Resampler, Resampler) {
     let make = |from: SampleRate, to: SampleRate| {
         Resampler::new(from.hz(), to.hz()).unwrap_or_else(|e| {
             warn!(error = %e, "resampler unavailable; passing audio through");
-            Resampler::new(from.hz(), from.hz()).unwrap_or_else(|_| unreachable_passthrough())
+            Resampler::passthrough()
         })
     };
     (make(leg, agent), make(agent, leg))
-}
-
-fn unreachable_passthrough() -> Resampler {
-    // `Resampler::new(r, r)` never fails: equal rates take the pass-through branch.
-    unreachable!("equal-rate resampler is a pass-through")
 }
 
 struct PendingConnect {

@@ -162,40 +162,32 @@ async fn dial(
     to: String,
     rate: SampleRate,
 ) {
-    let Some(connector) = shared.route(&to) else {
-        debug!(%to, "dialled number is not routed");
-        let reason = HangupReason::NotFound;
-        send(
-            &mut socket,
-            NetworkFrame::Hangup {
-                call_id: None,
-                reason,
-            },
-        )
-        .await;
-        return;
-    };
     let (leg_tx, mut leg_rx) = mpsc::channel(PHONE_QUEUE);
-    let call =
-        match call::spawn_incoming(&shared, connector, &from, &to, LegLink { rate, tx: leg_tx }) {
-            Ok(call) => call,
-            Err(code) => {
-                let reason = if code == ErrorCode::QuotaExceeded {
+    let started = match shared.route(&to) {
+        None => Err(HangupReason::NotFound),
+        Some(connector) => {
+            let caller = LegLink { rate, tx: leg_tx };
+            call::spawn_incoming(&shared, connector, &from, &to, caller).map_err(|code| {
+                if code == ErrorCode::QuotaExceeded {
                     HangupReason::Busy
                 } else {
                     HangupReason::Error
-                };
-                send(
-                    &mut socket,
-                    NetworkFrame::Hangup {
-                        call_id: None,
-                        reason,
-                    },
-                )
-                .await;
-                return;
-            }
-        };
+                }
+            })
+        }
+    };
+    let call = match started {
+        Ok(call) => call,
+        Err(reason) => {
+            debug!(%to, ?reason, "call refused");
+            let hangup = NetworkFrame::Hangup {
+                call_id: None,
+                reason,
+            };
+            send(&mut socket, hangup).await;
+            return;
+        }
+    };
     let call_id = call.call_id.to_string();
     if !send(
         &mut socket,
