@@ -8,7 +8,7 @@
 use crate::call::{CallInput, MediaLink, MediaOut};
 use crate::state::Shared;
 use axum::extract::ws::{
-    Message, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
+    Message, Utf8Bytes, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
@@ -109,6 +109,13 @@ async fn run(
             out = rx.recv() => {
                 let msg = match out {
                     Some(MediaOut::Text(text)) => Message::Text(text.into()),
+                    Some(MediaOut::Json(json)) => match Utf8Bytes::try_from(json) {
+                        Ok(text) => Message::Text(text),
+                        Err(e) => {
+                            debug!(error = %e, "text frame that is not UTF-8 dropped");
+                            continue;
+                        }
+                    },
                     Some(MediaOut::Response(text)) => {
                         in_flight = in_flight.saturating_sub(1);
                         Message::Text(text.into())
@@ -171,6 +178,11 @@ async fn run(
                     match out {
                         MediaOut::Text(text) | MediaOut::Response(text) => {
                             let _ = socket.send(Message::Text(text.into())).await;
+                        }
+                        MediaOut::Json(json) => {
+                            if let Ok(text) = Utf8Bytes::try_from(json) {
+                                let _ = socket.send(Message::Text(text)).await;
+                            }
                         }
                         MediaOut::Audio(_) => {}
                         MediaOut::Close => break,

@@ -7,6 +7,7 @@
 //! on the wire).
 
 use crate::Error;
+use bytes::BufMut;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -120,11 +121,11 @@ impl RingBuffer {
     }
 
     /// Waits until at least `min` bytes are queued (or the buffer is closed), then appends up to
-    /// `max` of them to `out` and returns how many. Returns 0 only once closed and empty.
-    /// `min` is clamped to `1..=capacity` and to `max`.
+    /// `max` of them to `out` (a `Vec<u8>`, a `BytesMut`, ...) and returns how many. Returns 0
+    /// only once closed and empty. `min` is clamped to `1..=capacity` and to `max`.
     ///
     /// Cancel-safe: bytes are only taken in the same poll that returns them.
-    pub async fn read(&self, min: usize, max: usize, out: &mut Vec<u8>) -> usize {
+    pub async fn read(&self, min: usize, max: usize, out: &mut impl BufMut) -> usize {
         if max == 0 {
             return 0;
         }
@@ -136,8 +137,8 @@ impl RingBuffer {
                     let n = s.len.min(max);
                     let cap = s.buf.len();
                     let first = n.min(cap - s.head);
-                    out.extend_from_slice(&s.buf[s.head..s.head + first]);
-                    out.extend_from_slice(&s.buf[..n - first]);
+                    out.put_slice(&s.buf[s.head..s.head + first]);
+                    out.put_slice(&s.buf[..n - first]);
                     s.head = (s.head + n) & s.mask();
                     s.len -= n;
                     if s.len == 0 {

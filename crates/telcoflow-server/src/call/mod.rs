@@ -106,6 +106,9 @@ pub(crate) struct MediaLink {
 #[derive(Debug)]
 pub(crate) enum MediaOut {
     Text(String),
+    /// A text frame already encoded as JSON (so valid UTF-8), split from pooled storage: the
+    /// `buffer_request`s, which go out every 40 ms, cost no allocation.
+    Json(Bytes),
     /// A `command_response`: the media connection counts commands in flight by these.
     Response(String),
     Audio(Bytes),
@@ -416,6 +419,8 @@ struct CallActor {
     slow_media_reported: bool,
     /// Storage the frames sent to the media connection are split from.
     media_pool: BytesMut,
+    /// Storage the `buffer_request` texts are encoded into.
+    text_pool: BytesMut,
 }
 
 impl CallActor {
@@ -460,6 +465,7 @@ impl CallActor {
             leg_samples: Vec::new(),
             slow_media_reported: false,
             media_pool: BytesMut::new(),
+            text_pool: BytesMut::new(),
         }
     }
 
@@ -1046,7 +1052,8 @@ impl CallActor {
                 prefer_audio_frame_bytes: self.playout.frame_bytes() as u32,
                 channel_id: CHANNEL_MIXED,
             });
-            if self.send_media(MediaOut::Text(frame.encode())) {
+            let json = json_bytes(&mut self.text_pool, &frame);
+            if self.send_media(MediaOut::Json(json)) {
                 self.playout.requested(bytes);
             }
         }
@@ -1184,9 +1191,43 @@ fn frame_bytes(pool: &mut BytesMut, channel: Option<u8>, samples: &[i16]) -> Byt
     pool.split().freeze()
 }
 
+/// Bytes of a text pool's block: some 40 `buffer_request`s (about 100 bytes each).
+const TEXT_POOL_BYTES: usize = 4096;
+/// Room a text pool must have left to encode a `buffer_request` without growing.
+const TEXT_FRAME_ROOM: usize = 256;
+
+/// `frame` as JSON, split off `pool` like [`frame_bytes`] does for audio.
+fn json_bytes(pool: &mut BytesMut, frame: &MediaServerFrame) -> Bytes {
+    if pool.capacity() < TEXT_FRAME_ROOM {
+        pool.reserve(TEXT_POOL_BYTES);
+    }
+    if serde_json::to_writer((&mut *pool).writer(), frame).is_err() {
+        // Cannot happen (the writer is memory, every map key is a string); send what
+        // `MediaServerFrame::encode` sends in that case.
+        pool.clear();
+        pool.put_slice(b"{}");
+    }
+    pool.split().freeze()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_encoded_into_the_pool() {
+        let mut pool = BytesMut::new();
+        let frame = MediaServerFrame::BufferRequest(BufferRequest {
+            requested_bytes: 1920,
+            prefer_audio_frame_bytes: 960,
+            channel_id: CHANNEL_MIXED,
+        });
+        let first = json_bytes(&mut pool, &frame);
+        assert_eq!(&first[..], frame.encode().as_bytes());
+        let second = json_bytes(&mut pool, &frame);
+        assert_eq!(first, second);
+        assert_eq!(first.as_ptr().wrapping_add(first.len()), second.as_ptr());
+    }
 
     #[test]
     fn frames_are_split_from_one_block() {

@@ -343,9 +343,8 @@ async fn register(
                         current = None;
                         continue;
                     };
-                    let call_id = call.call_id.to_string();
                     let ends = matches!(out, LegOutput::Hangup(_));
-                    if !forward(&mut socket, &call_id, out).await {
+                    if !forward(&mut socket, &call.call_id, out).await {
                         break;
                     }
                     if ends {
@@ -369,14 +368,22 @@ async fn register(
 
 /// Sends one leg output to the phone. Returns false if the socket is gone.
 async fn forward(socket: &mut WebSocket, call_id: &str, out: LegOutput) -> bool {
-    let call_id = call_id.to_owned();
+    // The call id is copied only into the rare text frames: audio frames pass through as
+    // they are, with no allocation.
+    let call_id = || call_id.to_owned();
     let msg = match out {
         LegOutput::Audio(pcm) => Message::Binary(pcm),
-        LegOutput::Ringing => Message::Text(NetworkFrame::Ringing { call_id }.encode().into()),
-        LegOutput::Answered => Message::Text(NetworkFrame::Answered { call_id }.encode().into()),
+        LegOutput::Ringing => {
+            Message::Text(NetworkFrame::Ringing { call_id: call_id() }.encode().into())
+        }
+        LegOutput::Answered => Message::Text(
+            NetworkFrame::Answered { call_id: call_id() }
+                .encode()
+                .into(),
+        ),
         LegOutput::Hangup(reason) => Message::Text(
             NetworkFrame::Hangup {
-                call_id: Some(call_id),
+                call_id: Some(call_id()),
                 reason,
             }
             .encode()

@@ -1,0 +1,364 @@
+//! Proof that an audio frame costs no heap allocation, anywhere in the echo path.
+//!
+//! One process holds all of it: the real server (started in-process), a real Rust SDK echo
+//! agent (`serve`, `audio_stream` -> `send_audio`) and a simulated caller that speaks the
+//! simulated network's protocol over a real WebSocket, all over loopback. A counting global
+//! allocator (private to this test binary, which holds nothing else) counts every `alloc`,
+//! `alloc_zeroed` and `realloc` in the process: server, SDK and caller together.
+//!
+//! After a warm-up (call answered, audio echoed both ways) the count is taken, a few hundred
+//! more 20 ms frames make the round trip caller -> server -> agent -> server -> caller, and
+//! the count is taken again. Each echoed frame is four WebSocket messages (caller to server,
+//! server to agent, agent to server, server to caller) plus half a `buffer_request` (one
+//! every 40 ms), a call-actor hop each way and the SDK's ring buffer; the figure printed is
+//! allocations per echoed frame over the whole window, and the test fails if any of it
+//! allocates per frame.
+//!
+//! The caller side is written to be allocation-free itself (one prebuilt frame, sent as a
+//! shared `Bytes`; received frames are inspected in place), so nothing needs to be excluded
+//! from the count. Some allocations are not per frame and still fall into the window: buffer
+//! pools that are refilled once per many frames (the server's frame pool takes a new block
+//! once per 64 frames if an older one is still in use), channel blocks that tokio cannot
+//! recycle, and timers. The bound leaves room for those and no more: one allocation in
+//! every twenty frames.
+//!
+//! Run it with the figures shown: `cargo test -p telcoflow --test allocations -- --nocapture`.
+//! With `ALLOC_TRACE=N` in the environment, the first N allocations inside the window are
+//! printed with their backtraces, which is how a new per-frame allocation is found.
+// A global allocator is an `unsafe` trait; this file's allocator only forwards to `System`.
+#![allow(unsafe_code)]
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+use telcoflow::{Error, TelcoflowClient, TelcoflowClientConfig};
+use telcoflow_proto::SampleRate;
+use telcoflow_proto::sim::{NetworkFrame, PhoneFrame, SIM_PATH};
+use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
+use telcoflow_server::{Config, Server};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// Frames echoed before the count starts: the call is up and every buffer and pool has
+/// reached its working size.
+const WARMUP_FRAMES: u64 = 50;
+/// Frames echoed while counting (5 s of audio).
+const MEASURED_FRAMES: u64 = 250;
+/// Allocations per echoed frame the test accepts: room for the occasional pool refill in the
+/// window, far below one per frame on any of the paths.
+const MAX_ALLOCS_PER_FRAME: f64 = 0.05;
+/// Upper bound for any single wait; reaching it is a failure, not a pace.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Counts allocation calls of the whole process.
+struct Counting;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+/// Backtraces still to be printed for allocations inside the window (`ALLOC_TRACE`).
+static TRACE_LEFT: AtomicUsize = AtomicUsize::new(0);
+static TRACES: Mutex<Vec<std::backtrace::Backtrace>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// Set while this thread records a backtrace, whose own allocations are not traced.
+    static TRACING: Cell<bool> = const { Cell::new(false) };
+}
+
+impl Counting {
+    fn note() {
+        if TRACING.get() {
+            // The recording of a backtrace, not the code under test.
+            return;
+        }
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        if TRACE_LEFT.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        TRACING.set(true);
+        if TRACE_LEFT
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let trace = std::backtrace::Backtrace::force_capture();
+            if let Ok(mut traces) = TRACES.lock() {
+                traces.push(trace);
+            }
+        }
+        TRACING.set(false);
+    }
+}
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged; counting
+// touches only atomics and a thread-local flag.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::note();
+        // SAFETY: forwarded unchanged.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::note();
+        // SAFETY: forwarded unchanged.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Self::note();
+        // SAFETY: forwarded unchanged.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The scenarios share the process-wide counter, so they run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+#[test]
+fn echo_frames_do_not_allocate_at_the_agent_rate() {
+    run(SampleRate::Hz24000, SampleRate::Hz24000);
+}
+
+#[test]
+fn echo_frames_do_not_allocate_when_resampled() {
+    run(SampleRate::Hz8000, SampleRate::Hz24000);
+}
+
+fn run(caller_rate: SampleRate, agent_rate: SampleRate) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    // Logging as a deployment runs it (info, formatted, written nowhere): per-frame code must
+    // not cost allocations through spans or events either.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::sink)
+        .try_init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let m = runtime
+        .block_on(async { tokio::time::timeout(WAIT * 2, measure(caller_rate, agent_rate)).await })
+        .expect("the scenario finishes in time");
+    let per_frame = m.allocs as f64 / m.frames as f64;
+    println!(
+        "caller {} Hz, agent {} Hz: {} allocations over {} echoed frames ({} frames sent) = {per_frame:.3} per frame",
+        caller_rate.hz(),
+        agent_rate.hz(),
+        m.allocs,
+        m.frames,
+        m.sent,
+    );
+    print_traces();
+    assert!(
+        per_frame < MAX_ALLOCS_PER_FRAME,
+        "{per_frame:.3} allocations per echoed frame (limit {MAX_ALLOCS_PER_FRAME}); \
+         run with ALLOC_TRACE=20 to see where"
+    );
+}
+
+struct Measured {
+    allocs: u64,
+    frames: u64,
+    sent: u64,
+}
+
+async fn measure(caller_rate: SampleRate, agent_rate: SampleRate) -> Measured {
+    let mut config = Config::development();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let server = Server::start(config).await.expect("server starts");
+
+    let client_config = TelcoflowClientConfig::builder()
+        .api_key(DEV_API_KEY, DEV_CONNECTOR_UUID)
+        .base_url(server.base_url())
+        .sample_rate(agent_rate)
+        .build()
+        .expect("valid config");
+    let client = TelcoflowClient::connect(client_config)
+        .await
+        .expect("client connects");
+    let serving = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .serve(|call| async move {
+                    if call.answer().await.and_then(|r| r.into_result()).is_err() {
+                        return;
+                    }
+                    let mut audio = call.audio_stream(0);
+                    while let Some(chunk) = audio.next().await {
+                        match call.send_audio(&chunk).await {
+                            Ok(()) | Err(Error::BufferFull { .. }) => {}
+                            Err(_) => break,
+                        }
+                    }
+                })
+                .await
+        })
+    };
+
+    let url = format!("{}{SIM_PATH}", server.base_url());
+    let ws_config = WebSocketConfig::default().read_buffer_size(4096);
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true)
+        .await
+        .expect("phone connects");
+    let dial = PhoneFrame::Dial {
+        from: "+4912345".into(),
+        to: "+4900001".into(),
+        sample_rate: caller_rate,
+    };
+    ws.send(Message::text(dial.encode())).await.expect("dial");
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("answered in time")
+            .expect("phone connection open")
+            .expect("phone connection healthy");
+        if let Message::Text(text) = msg {
+            match NetworkFrame::decode(text.as_str()).expect("network frame") {
+                NetworkFrame::Answered { .. } => break,
+                NetworkFrame::Hangup { reason, .. } => panic!("call ended: {reason:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    // One frame of a never-silent tone, built once; every send shares it.
+    let samples = caller_rate.frame_samples();
+    let frame: Bytes = (0..samples)
+        .flat_map(|i| (2000 + (i as i16 % 50) * 100).to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into();
+    // The first clone of a `Bytes` made from a `Vec` sets up its sharing (one allocation);
+    // do it outside the window.
+    drop(frame.clone());
+
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut echoed = 0u64;
+    let mut sent = 0u64;
+    let mut start: Option<(u64, u64)> = None;
+    let trace = std::env::var("ALLOC_TRACE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let measured = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                ws.send(Message::Binary(frame.clone())).await.expect("phone sends");
+                sent += 1;
+            }
+            msg = ws.next() => {
+                let msg = msg.expect("phone connection open").expect("phone connection healthy");
+                match msg {
+                    Message::Binary(pcm) if voiced(&pcm) => {
+                        echoed += 1;
+                        if echoed == WARMUP_FRAMES {
+                            start = Some((ALLOCS.load(Ordering::SeqCst), sent));
+                            TRACE_LEFT.store(trace, Ordering::SeqCst);
+                        } else if echoed == WARMUP_FRAMES + MEASURED_FRAMES {
+                            let allocs = ALLOCS.load(Ordering::SeqCst);
+                            TRACE_LEFT.store(0, Ordering::SeqCst);
+                            let (before, sent_before) = start.expect("window started");
+                            break Measured {
+                                allocs: allocs - before,
+                                frames: MEASURED_FRAMES,
+                                sent: sent - sent_before,
+                            };
+                        }
+                    }
+                    Message::Text(text) => {
+                        if let Ok(NetworkFrame::Hangup { reason, .. }) = NetworkFrame::decode(text.as_str()) {
+                            panic!("call ended while measuring: {reason:?}");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+
+    ws.send(Message::text(PhoneFrame::Hangup.encode()))
+        .await
+        .expect("hang up");
+    drop(ws);
+    client.shutdown().await;
+    serving
+        .await
+        .expect("serve task")
+        .expect("serve ends cleanly");
+    server.shutdown().await;
+    measured
+}
+
+/// Whether a received frame carries the tone rather than the silence played while the
+/// agent's audio is not there yet.
+fn voiced(pcm: &[u8]) -> bool {
+    pcm.chunks_exact(2)
+        .any(|s| i16::from_le_bytes([s[0], s[1]]).unsigned_abs() > 500)
+}
+
+/// Prints the recorded allocations grouped by where they happened: the innermost frame of
+/// the project or of a WebSocket, byte or serialisation crate, and the innermost project frame.
+fn print_traces() {
+    let traces = std::mem::take(&mut *TRACES.lock().unwrap_or_else(|p| p.into_inner()));
+    if traces.is_empty() {
+        return;
+    }
+    let mut sites = std::collections::BTreeMap::<String, usize>::new();
+    for trace in &traces {
+        let text = trace.to_string();
+        let symbols: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter_map(|l| l.split_once(": ").map(|(_, sym)| sym))
+            .filter(|sym| !sym.contains("allocations::Counting") && !sym.contains("__rust"))
+            .collect();
+        let interesting = |sym: &&&str| {
+            [
+                "telcoflow",
+                "tungstenite",
+                "bytes::",
+                "serde",
+                "tokio::",
+                "axum",
+                "hyper",
+                "tracing",
+                "allocations::",
+            ]
+            .iter()
+            .any(|k| sym.contains(k))
+        };
+        let first = symbols.iter().find(interesting).copied().unwrap_or("?");
+        let ours = symbols
+            .iter()
+            .find(|s| s.contains("telcoflow") || s.contains("allocations::"))
+            .copied()
+            .unwrap_or("?");
+        *sites
+            .entry(format!("{first}\n      in {ours}"))
+            .or_default() += 1;
+    }
+    println!(
+        "{} allocations recorded in the window, by site:",
+        traces.len()
+    );
+    for (site, n) in sites {
+        println!("{n:6}  {site}");
+    }
+    if std::env::var_os("ALLOC_TRACE_FULL").is_some() {
+        for (i, t) in traces.iter().enumerate() {
+            println!("--- allocation {i} ---\n{t}");
+        }
+    }
+}
