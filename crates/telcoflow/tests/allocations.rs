@@ -6,25 +6,36 @@
 //! allocator (private to this test binary, which holds nothing else) counts every `alloc`,
 //! `alloc_zeroed` and `realloc` in the process: server, SDK and caller together.
 //!
-//! After a warm-up (call answered, audio echoed both ways) the count is taken, a few hundred
-//! more 20 ms frames make the round trip caller -> server -> agent -> server -> caller, and
-//! the count is taken again. Each echoed frame is four WebSocket messages (caller to server,
+//! After a warm-up (call answered, 100 frames echoed) the count is taken, 200 more
+//! 20 ms frames make the round trip caller -> server -> agent -> server -> caller, and the
+//! count is taken again. Each echoed frame is four WebSocket messages (caller to server,
 //! server to agent, agent to server, server to caller) plus half a `buffer_request` (one
-//! every 40 ms), a call-actor hop each way and the SDK's ring buffer; the figure printed is
-//! allocations per echoed frame over the whole window, and the test fails if any of it
-//! allocates per frame.
+//! every 40 ms), a call-actor hop each way and the SDK's ring buffer. The caller side is
+//! allocation-free itself (one prebuilt frame, sent as a shared `Bytes`; received frames are
+//! inspected in place), so nothing is excluded from the count.
 //!
-//! The caller side is written to be allocation-free itself (one prebuilt frame, sent as a
-//! shared `Bytes`; received frames are inspected in place), so nothing needs to be excluded
-//! from the count. Some allocations are not per frame and still fall into the window: buffer
-//! pools that are refilled once per many frames (the server's frame pool takes a new block
-//! once per 64 frames if an older one is still in use), channel blocks that tokio cannot
-//! recycle, and timers. The bound leaves room for those and no more: one allocation in
-//! every twenty frames.
+//! On a machine that keeps up the window sees no allocation at all. Two kinds can still
+//! happen now and then, never per frame, and the bounds leave room for them:
+//!
+//! - Buffer pools (the SDK's and the server's outgoing frames and texts) take a new block
+//!   when frames of the block they would reuse are still queued, that is when a peer is far
+//!   behind: at most two allocations per block of 17-32 frames. These count as ours: fewer
+//!   than one allocation in twenty frames in all ([`MAX_OURS_PER_FRAME`]).
+//! - tungstenite's read buffer (a dependency): each WebSocket reads into a 4 KiB `BytesMut`
+//!   and hands out every message as a `Bytes` split off it, which is free. When a message's
+//!   header arrives and the block has no room left, tungstenite reserves the whole payload;
+//!   the block is taken back in place if nothing else holds it and the data fits, otherwise
+//!   it allocates a new one (two allocations). That happens when a message of the block is
+//!   still on its way through the call (the reader ran ahead of the code it feeds) or
+//!   several messages piled up in the socket: on a loaded machine, a few times in 200
+//!   frames. These are told apart by their backtrace (`FrameCodec::read_frame`) and allowed
+//!   up to one in four frames ([`MAX_READ_BUFFER_PER_FRAME`]); a message kept alive for
+//!   long by our code would show up here at about one in two frames per socket.
 //!
 //! Run it with the figures shown: `cargo test -p telcoflow --test allocations -- --nocapture`.
-//! With `ALLOC_TRACE=N` in the environment, the first N allocations inside the window are
-//! printed with their backtraces, which is how a new per-frame allocation is found.
+//! With `ALLOC_TRACE=1` in the environment the allocations of the window are listed by
+//! where they happened (also printed when a bound is exceeded); `ALLOC_TRACE_FULL=1` adds
+//! their backtraces.
 // A global allocator is an `unsafe` trait; this file's allocator only forwards to `System`.
 #![allow(unsafe_code)]
 
@@ -44,14 +55,23 @@ use telcoflow_server::{Config, Server};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-/// Frames echoed before the count starts: the call is up and every buffer and pool has
-/// reached its working size.
-const WARMUP_FRAMES: u64 = 50;
-/// Frames echoed while counting (5 s of audio).
-const MEASURED_FRAMES: u64 = 250;
-/// Allocations per echoed frame the test accepts: room for the occasional pool refill in the
-/// window, far below one per frame on any of the paths.
-const MAX_ALLOCS_PER_FRAME: f64 = 0.05;
+/// Frames echoed before the count starts (2 s): the call is up and every buffer and pool has
+/// reached its working size (the server's pools take their second block after 32 frames or
+/// some 20 buffer requests).
+const WARMUP_FRAMES: u64 = 100;
+/// Frames echoed while counting (4 s of audio).
+const MEASURED_FRAMES: u64 = 200;
+/// Allocations of our own code per echoed frame the test accepts: room for an occasional
+/// pool refill on a loaded machine, far below one per frame on any of the paths.
+const MAX_OURS_PER_FRAME: f64 = 0.05;
+/// Allocations of tungstenite's read buffers per echoed frame the test accepts (see the
+/// module documentation).
+const MAX_READ_BUFFER_PER_FRAME: f64 = 0.25;
+/// Allocations of the window whose backtrace is recorded (so that they can be told apart);
+/// beyond these, allocations count as ours.
+const MAX_RECORDED: usize = 256;
+/// The frame every allocation of tungstenite's read buffer comes through.
+const READ_BUFFER_FRAME: &str = "tungstenite::protocol::frame::FrameCodec::read_frame";
 /// Upper bound for any single wait; reaching it is a failure, not a pace.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -59,7 +79,7 @@ const WAIT: Duration = Duration::from_secs(20);
 struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
-/// Backtraces still to be printed for allocations inside the window (`ALLOC_TRACE`).
+/// Backtraces still to be recorded for allocations inside the window.
 static TRACE_LEFT: AtomicUsize = AtomicUsize::new(0);
 static TRACES: Mutex<Vec<std::backtrace::Backtrace>> = Mutex::new(Vec::new());
 
@@ -125,17 +145,45 @@ static GLOBAL: Counting = Counting;
 /// The scenarios share the process-wide counter, so they run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// One call's set-up: the caller's and the agent's rates, and how many received chunks the
+/// echo agent gathers before it sends them back in one `send_audio`.
+#[derive(Clone, Copy)]
+struct Scenario {
+    caller_rate: SampleRate,
+    agent_rate: SampleRate,
+    batch: usize,
+}
+
 #[test]
 fn echo_frames_do_not_allocate_at_the_agent_rate() {
-    run(SampleRate::Hz24000, SampleRate::Hz24000);
+    run(Scenario {
+        caller_rate: SampleRate::Hz24000,
+        agent_rate: SampleRate::Hz24000,
+        batch: 1,
+    });
 }
 
 #[test]
 fn echo_frames_do_not_allocate_when_resampled() {
-    run(SampleRate::Hz8000, SampleRate::Hz24000);
+    run(Scenario {
+        caller_rate: SampleRate::Hz8000,
+        agent_rate: SampleRate::Hz24000,
+        batch: 1,
+    });
 }
 
-fn run(caller_rate: SampleRate, agent_rate: SampleRate) {
+/// The agent queues 100 ms at a time, as a speech synthesiser does: its SDK then answers each
+/// `buffer_request` with frames back to back, and the server reads them back to back.
+#[test]
+fn echo_frames_do_not_allocate_when_the_agent_sends_in_bursts() {
+    run(Scenario {
+        caller_rate: SampleRate::Hz16000,
+        agent_rate: SampleRate::Hz16000,
+        batch: 5,
+    });
+}
+
+fn run(scenario: Scenario) {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     // Logging as a deployment runs it (info, formatted, written nowhere): per-frame code must
     // not cost allocations through spans or events either.
@@ -149,22 +197,43 @@ fn run(caller_rate: SampleRate, agent_rate: SampleRate) {
         .build()
         .expect("runtime");
     let m = runtime
-        .block_on(async { tokio::time::timeout(WAIT * 2, measure(caller_rate, agent_rate)).await })
+        .block_on(async { tokio::time::timeout(WAIT * 2, measure(scenario)).await })
         .expect("the scenario finishes in time");
-    let per_frame = m.allocs as f64 / m.frames as f64;
+    let traces = std::mem::take(&mut *TRACES.lock().unwrap_or_else(|p| p.into_inner()));
+    let texts: Vec<String> = traces.iter().map(ToString::to_string).collect();
+    let read_buffer = texts
+        .iter()
+        .filter(|t| t.contains(READ_BUFFER_FRAME))
+        .count() as u64;
+    let ours = m.allocs - read_buffer;
+    let frames = m.frames as f64;
+    let (ours_per_frame, read_buffer_per_frame) =
+        (ours as f64 / frames, read_buffer as f64 / frames);
     println!(
-        "caller {} Hz, agent {} Hz: {} allocations over {} echoed frames ({} frames sent) = {per_frame:.3} per frame",
-        caller_rate.hz(),
-        agent_rate.hz(),
+        "caller {} Hz, agent {} Hz, agent sends {} frame(s) at a time: {} allocations over {} echoed \
+         frames ({} sent) = {:.3} per frame; ours {ours} ({ours_per_frame:.3} per frame), \
+         tungstenite read buffers {read_buffer} ({read_buffer_per_frame:.3} per frame)",
+        scenario.caller_rate.hz(),
+        scenario.agent_rate.hz(),
+        scenario.batch,
         m.allocs,
         m.frames,
         m.sent,
+        m.allocs as f64 / frames,
     );
-    print_traces();
+    let within =
+        ours_per_frame < MAX_OURS_PER_FRAME && read_buffer_per_frame < MAX_READ_BUFFER_PER_FRAME;
+    if !within || std::env::var_os("ALLOC_TRACE").is_some() {
+        print_sites(&texts);
+    }
     assert!(
-        per_frame < MAX_ALLOCS_PER_FRAME,
-        "{per_frame:.3} allocations per echoed frame (limit {MAX_ALLOCS_PER_FRAME}); \
-         run with ALLOC_TRACE=20 to see where"
+        ours_per_frame < MAX_OURS_PER_FRAME,
+        "{ours_per_frame:.3} allocations per echoed frame (limit {MAX_OURS_PER_FRAME})"
+    );
+    assert!(
+        read_buffer_per_frame < MAX_READ_BUFFER_PER_FRAME,
+        "{read_buffer_per_frame:.3} read-buffer allocations per echoed frame \
+         (limit {MAX_READ_BUFFER_PER_FRAME})"
     );
 }
 
@@ -174,7 +243,12 @@ struct Measured {
     sent: u64,
 }
 
-async fn measure(caller_rate: SampleRate, agent_rate: SampleRate) -> Measured {
+async fn measure(scenario: Scenario) -> Measured {
+    let Scenario {
+        caller_rate,
+        agent_rate,
+        batch,
+    } = scenario;
     let mut config = Config::development();
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     let server = Server::start(config).await.expect("server starts");
@@ -192,16 +266,26 @@ async fn measure(caller_rate: SampleRate, agent_rate: SampleRate) -> Measured {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .serve(|call| async move {
+                .serve(move |call| async move {
                     if call.answer().await.and_then(|r| r.into_result()).is_err() {
                         return;
                     }
                     let mut audio = call.audio_stream(0);
+                    // Sized once: the chunks are 20 ms at the agent's rate.
+                    let mut gathered = Vec::with_capacity(batch * agent_rate.frame_bytes());
+                    let mut chunks = 0;
                     while let Some(chunk) = audio.next().await {
-                        match call.send_audio(&chunk).await {
+                        gathered.extend_from_slice(&chunk);
+                        chunks += 1;
+                        if chunks < batch {
+                            continue;
+                        }
+                        chunks = 0;
+                        match call.send_audio(&gathered).await {
                             Ok(()) | Err(Error::BufferFull { .. }) => {}
                             Err(_) => break,
                         }
+                        gathered.clear();
                     }
                 })
                 .await
@@ -248,10 +332,6 @@ async fn measure(caller_rate: SampleRate, agent_rate: SampleRate) -> Measured {
     let mut echoed = 0u64;
     let mut sent = 0u64;
     let mut start: Option<(u64, u64)> = None;
-    let trace = std::env::var("ALLOC_TRACE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0);
     let measured = loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -265,7 +345,7 @@ async fn measure(caller_rate: SampleRate, agent_rate: SampleRate) -> Measured {
                         echoed += 1;
                         if echoed == WARMUP_FRAMES {
                             start = Some((ALLOCS.load(Ordering::SeqCst), sent));
-                            TRACE_LEFT.store(trace, Ordering::SeqCst);
+                            TRACE_LEFT.store(MAX_RECORDED, Ordering::SeqCst);
                         } else if echoed == WARMUP_FRAMES + MEASURED_FRAMES {
                             let allocs = ALLOCS.load(Ordering::SeqCst);
                             TRACE_LEFT.store(0, Ordering::SeqCst);
@@ -309,16 +389,12 @@ fn voiced(pcm: &[u8]) -> bool {
 }
 
 /// Prints the recorded allocations grouped by where they happened: the innermost frame of
-/// the project or of a WebSocket, byte or serialisation crate, and the innermost project frame.
-fn print_traces() {
-    let traces = std::mem::take(&mut *TRACES.lock().unwrap_or_else(|p| p.into_inner()));
-    if traces.is_empty() {
-        return;
-    }
+/// the project or of a WebSocket, byte, serialisation or runtime crate, and the innermost
+/// project frame.
+fn print_sites(traces: &[String]) {
     let mut sites = std::collections::BTreeMap::<String, usize>::new();
-    for trace in &traces {
-        let text = trace.to_string();
-        let symbols: Vec<&str> = text
+    for trace in traces {
+        let symbols: Vec<&str> = trace
             .lines()
             .map(str::trim)
             .filter_map(|l| l.split_once(": ").map(|(_, sym)| sym))
@@ -346,7 +422,7 @@ fn print_traces() {
             .copied()
             .unwrap_or("?");
         *sites
-            .entry(format!("{first}\n      in {ours}"))
+            .entry(format!("{first}\n        in {ours}"))
             .or_default() += 1;
     }
     println!(

@@ -288,7 +288,7 @@ struct Leg {
     queue: VecDeque<i16>,
     dropped_samples: u64,
     /// Storage the frames sent to the leg are split from (see [`frame_bytes`]).
-    pool: BytesMut,
+    pool: FramePool,
 }
 
 impl Leg {
@@ -302,7 +302,7 @@ impl Leg {
             to_leg,
             queue: VecDeque::with_capacity(LEG_QUEUE_FRAMES * agent_rate.frame_samples()),
             dropped_samples: 0,
-            pool: BytesMut::new(),
+            pool: FramePool::default(),
         }
     }
 
@@ -418,9 +418,9 @@ struct CallActor {
     leg_samples: Vec<i16>,
     slow_media_reported: bool,
     /// Storage the frames sent to the media connection are split from.
-    media_pool: BytesMut,
+    media_pool: FramePool,
     /// Storage the `buffer_request` texts are encoded into.
-    text_pool: BytesMut,
+    text_pool: FramePool,
 }
 
 impl CallActor {
@@ -464,8 +464,8 @@ impl CallActor {
             scratch: Vec::new(),
             leg_samples: Vec::new(),
             slow_media_reported: false,
-            media_pool: BytesMut::new(),
-            text_pool: BytesMut::new(),
+            media_pool: FramePool::default(),
+            text_pool: FramePool::default(),
         }
     }
 
@@ -1170,44 +1170,63 @@ impl CallActor {
     }
 }
 
-/// Frames a pool's block holds before a new block is needed.
-const POOL_FRAMES: usize = 64;
+/// Frames a pool's block holds. Each pool has two blocks, so frames must be gone within 32
+/// frames (640 ms) of being sent for the blocks to be reused.
+const POOL_FRAMES: usize = 32;
 
-/// An s16le frame (with a channel byte first, for the media connection) split off `pool`.
-/// Frames come out of one block of [`POOL_FRAMES`] frames, so the allocator is asked once per
-/// block instead of once per frame; once every frame of a block has been sent and dropped,
-/// `reserve` takes the block back.
-fn frame_bytes(pool: &mut BytesMut, channel: Option<u8>, samples: &[i16]) -> Bytes {
-    let len = usize::from(channel.is_some()) + samples.len() * 2;
-    if pool.capacity() < len {
-        pool.reserve(len * POOL_FRAMES);
-    }
-    if let Some(channel) = channel {
-        pool.put_u8(channel);
-    }
-    for s in samples {
-        pool.put_i16_le(*s);
-    }
-    pool.split().freeze()
+/// Storage outgoing frames are split from, so that a steady stream costs no allocation per
+/// frame: frames are written into the current block and split off as shared `Bytes`. When it
+/// is used up the two blocks swap: the other block's frames went out long ago and were
+/// dropped, so `reserve` takes it back in place. (Reclaiming the block just used up often
+/// fails: its last frame may still be queued for a socket.) A new block is allocated only
+/// while frames of the old one are still alive, that is when a peer is far behind.
+#[derive(Default)]
+struct FramePool {
+    current: BytesMut,
+    spare: BytesMut,
 }
 
-/// Bytes of a text pool's block: some 40 `buffer_request`s (about 100 bytes each).
-const TEXT_POOL_BYTES: usize = 4096;
+impl FramePool {
+    /// The block to write the next frame into, with room for `len` bytes; a new or reclaimed
+    /// block has room for `block` bytes.
+    fn with_room(&mut self, len: usize, block: usize) -> &mut BytesMut {
+        if self.current.capacity() < len {
+            std::mem::swap(&mut self.current, &mut self.spare);
+            self.current.reserve(block.max(len));
+        }
+        &mut self.current
+    }
+}
+
+/// An s16le frame (with a channel byte first, for the media connection) split off `pool`,
+/// whose blocks hold [`POOL_FRAMES`] frames.
+fn frame_bytes(pool: &mut FramePool, channel: Option<u8>, samples: &[i16]) -> Bytes {
+    let len = usize::from(channel.is_some()) + samples.len() * 2;
+    let block = pool.with_room(len, len * POOL_FRAMES);
+    if let Some(channel) = channel {
+        block.put_u8(channel);
+    }
+    for s in samples {
+        block.put_i16_le(*s);
+    }
+    block.split().freeze()
+}
+
+/// Bytes of a text pool's block: some 20 `buffer_request`s (about 90 bytes each).
+const TEXT_POOL_BYTES: usize = 2048;
 /// Room a text pool must have left to encode a `buffer_request` without growing.
 const TEXT_FRAME_ROOM: usize = 256;
 
 /// `frame` as JSON, split off `pool` like [`frame_bytes`] does for audio.
-fn json_bytes(pool: &mut BytesMut, frame: &MediaServerFrame) -> Bytes {
-    if pool.capacity() < TEXT_FRAME_ROOM {
-        pool.reserve(TEXT_POOL_BYTES);
-    }
-    if serde_json::to_writer((&mut *pool).writer(), frame).is_err() {
+fn json_bytes(pool: &mut FramePool, frame: &MediaServerFrame) -> Bytes {
+    let block = pool.with_room(TEXT_FRAME_ROOM, TEXT_POOL_BYTES);
+    if serde_json::to_writer((&mut *block).writer(), frame).is_err() {
         // Cannot happen (the writer is memory, every map key is a string); send what
         // `MediaServerFrame::encode` sends in that case.
-        pool.clear();
-        pool.put_slice(b"{}");
+        block.clear();
+        block.put_slice(b"{}");
     }
-    pool.split().freeze()
+    block.split().freeze()
 }
 
 #[cfg(test)]
@@ -1216,7 +1235,7 @@ mod tests {
 
     #[test]
     fn json_is_encoded_into_the_pool() {
-        let mut pool = BytesMut::new();
+        let mut pool = FramePool::default();
         let frame = MediaServerFrame::BufferRequest(BufferRequest {
             requested_bytes: 1920,
             prefer_audio_frame_bytes: 960,
@@ -1230,8 +1249,36 @@ mod tests {
     }
 
     #[test]
+    fn pool_blocks_are_reused_once_their_frames_are_gone() {
+        let mut pool = FramePool::default();
+        let samples = [5i16; 480];
+        let mut take = || frame_bytes(&mut pool, None, &samples);
+        // Frames are dropped at once, as they are once sent; a block holds POOL_FRAMES.
+        let a = take().as_ptr();
+        for _ in 1..POOL_FRAMES {
+            take();
+        }
+        let b = take().as_ptr();
+        for _ in 1..POOL_FRAMES {
+            take();
+        }
+        assert_eq!(take().as_ptr(), a, "block A is taken back");
+        for _ in 1..POOL_FRAMES {
+            take();
+        }
+        let held = take();
+        assert_eq!(held.as_ptr(), b, "then block B");
+        for _ in 1..2 * POOL_FRAMES {
+            take();
+        }
+        // A frame of B is still alive (a peer far behind): a new block takes B's place.
+        assert_ne!(take().as_ptr(), b);
+        assert_eq!(&held[..2], &[5, 0]);
+    }
+
+    #[test]
     fn frames_are_split_from_one_block() {
-        let mut pool = BytesMut::new();
+        let mut pool = FramePool::default();
         let samples = [1i16, -2, 3];
         let first = frame_bytes(&mut pool, Some(CHANNEL_CALLER), &samples);
         assert_eq!(&first[..], &[1, 1, 0, 0xfe, 0xff, 3, 0]);
