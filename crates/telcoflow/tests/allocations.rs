@@ -50,7 +50,7 @@ use std::time::Duration;
 use telcoflow::{Error, TelcoflowClient, TelcoflowClientConfig};
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::{NetworkFrame, PhoneFrame, SIM_PATH};
-use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
+use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECT_DESTINATION, DEV_CONNECTOR_UUID};
 use telcoflow_server::{Config, Server};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -152,6 +152,9 @@ struct Scenario {
     caller_rate: SampleRate,
     agent_rate: SampleRate,
     batch: usize,
+    /// The agent connects a destination phone (`call.connect`), which talks too: every tick
+    /// then mixes caller, destination and agent.
+    connect: bool,
 }
 
 #[test]
@@ -160,6 +163,7 @@ fn echo_frames_do_not_allocate_at_the_agent_rate() {
         caller_rate: SampleRate::Hz24000,
         agent_rate: SampleRate::Hz24000,
         batch: 1,
+        connect: false,
     });
 }
 
@@ -169,6 +173,7 @@ fn echo_frames_do_not_allocate_when_resampled() {
         caller_rate: SampleRate::Hz8000,
         agent_rate: SampleRate::Hz24000,
         batch: 1,
+        connect: false,
     });
 }
 
@@ -180,6 +185,19 @@ fn echo_frames_do_not_allocate_when_the_agent_sends_in_bursts() {
         caller_rate: SampleRate::Hz16000,
         agent_rate: SampleRate::Hz16000,
         batch: 5,
+        connect: false,
+    });
+}
+
+/// The agent connects a destination that talks too: the mixing path of the call actor, and
+/// a registered phone's connection.
+#[test]
+fn echo_frames_do_not_allocate_on_a_connected_call() {
+    run(Scenario {
+        caller_rate: SampleRate::Hz16000,
+        agent_rate: SampleRate::Hz24000,
+        batch: 1,
+        connect: true,
     });
 }
 
@@ -210,12 +228,13 @@ fn run(scenario: Scenario) {
     let (ours_per_frame, read_buffer_per_frame) =
         (ours as f64 / frames, read_buffer as f64 / frames);
     println!(
-        "caller {} Hz, agent {} Hz, agent sends {} frame(s) at a time: {} allocations over {} echoed \
-         frames ({} sent) = {:.3} per frame; ours {ours} ({ours_per_frame:.3} per frame), \
-         tungstenite read buffers {read_buffer} ({read_buffer_per_frame:.3} per frame)",
+        "caller {} Hz, agent {} Hz, agent sends {} frame(s) at a time, connected: {}: {} allocations \
+         over {} echoed frames ({} sent) = {:.3} per frame; ours {ours} ({ours_per_frame:.3} per \
+         frame), tungstenite read buffers {read_buffer} ({read_buffer_per_frame:.3} per frame)",
         scenario.caller_rate.hz(),
         scenario.agent_rate.hz(),
         scenario.batch,
+        scenario.connect,
         m.allocs,
         m.frames,
         m.sent,
@@ -248,6 +267,7 @@ async fn measure(scenario: Scenario) -> Measured {
         caller_rate,
         agent_rate,
         batch,
+        connect,
     } = scenario;
     let mut config = Config::development();
     config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -269,6 +289,12 @@ async fn measure(scenario: Scenario) -> Measured {
                 .serve(move |call| async move {
                     if call.answer().await.and_then(|r| r.into_result()).is_err() {
                         return;
+                    }
+                    if connect {
+                        let connected = call.connect(Duration::from_secs(10)).await;
+                        if !connected.is_ok_and(|r| r.success) {
+                            return;
+                        }
                     }
                     let mut audio = call.audio_stream(0);
                     // Sized once: the chunks are 20 ms at the agent's rate.
@@ -292,30 +318,35 @@ async fn measure(scenario: Scenario) -> Measured {
         })
     };
 
-    let url = format!("{}{SIM_PATH}", server.base_url());
-    let ws_config = WebSocketConfig::default().read_buffer_size(4096);
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true)
-        .await
-        .expect("phone connects");
+    let mut callee = if connect {
+        let mut ws = phone(server.base_url()).await;
+        let register = PhoneFrame::Register {
+            number: DEV_CONNECT_DESTINATION.into(),
+            sample_rate: caller_rate,
+        };
+        ws.send(Message::text(register.encode()))
+            .await
+            .expect("register");
+        wait_for(&mut ws, |f| matches!(f, NetworkFrame::Registered { .. })).await;
+        Some(ws)
+    } else {
+        None
+    };
+    let mut ws = phone(server.base_url()).await;
     let dial = PhoneFrame::Dial {
         from: "+4912345".into(),
         to: "+4900001".into(),
         sample_rate: caller_rate,
     };
     ws.send(Message::text(dial.encode())).await.expect("dial");
-    loop {
-        let msg = tokio::time::timeout(WAIT, ws.next())
+    wait_for(&mut ws, |f| matches!(f, NetworkFrame::Answered { .. })).await;
+    if let Some(callee) = callee.as_mut() {
+        wait_for(callee, |f| matches!(f, NetworkFrame::Incoming { .. })).await;
+        callee
+            .send(Message::text(PhoneFrame::Answer.encode()))
             .await
-            .expect("answered in time")
-            .expect("phone connection open")
-            .expect("phone connection healthy");
-        if let Message::Text(text) = msg {
-            match NetworkFrame::decode(text.as_str()).expect("network frame") {
-                NetworkFrame::Answered { .. } => break,
-                NetworkFrame::Hangup { reason, .. } => panic!("call ended: {reason:?}"),
-                _ => {}
-            }
-        }
+            .expect("answer");
+        wait_for(callee, |f| matches!(f, NetworkFrame::Answered { .. })).await;
     }
 
     // One frame of a never-silent tone, built once; every send shares it.
@@ -336,7 +367,24 @@ async fn measure(scenario: Scenario) -> Measured {
         tokio::select! {
             _ = ticker.tick() => {
                 ws.send(Message::Binary(frame.clone())).await.expect("phone sends");
+                if let Some(callee) = callee.as_mut() {
+                    callee.send(Message::Binary(frame.clone())).await.expect("callee sends");
+                }
                 sent += 1;
+            }
+            // What the destination hears is not counted, only read (pending without one).
+            msg = async {
+                match callee.as_mut() {
+                    Some(callee) => callee.next().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let msg = msg.expect("callee connection open").expect("callee connection healthy");
+                if let Message::Text(text) = msg {
+                    if let Ok(NetworkFrame::Hangup { reason, .. }) = NetworkFrame::decode(text.as_str()) {
+                        panic!("destination hung up while measuring: {reason:?}");
+                    }
+                }
             }
             msg = ws.next() => {
                 let msg = msg.expect("phone connection open").expect("phone connection healthy");
@@ -372,6 +420,7 @@ async fn measure(scenario: Scenario) -> Measured {
         .await
         .expect("hang up");
     drop(ws);
+    drop(callee);
     client.shutdown().await;
     serving
         .await
@@ -379,6 +428,40 @@ async fn measure(scenario: Scenario) -> Measured {
         .expect("serve ends cleanly");
     server.shutdown().await;
     measured
+}
+
+type Phone =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A connection to the simulated phone network, with the small read buffer every
+/// WebSocket of the project uses.
+async fn phone(base_url: &str) -> Phone {
+    let url = format!("{base_url}{SIM_PATH}");
+    let ws_config = WebSocketConfig::default().read_buffer_size(4096);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true)
+        .await
+        .expect("phone connects");
+    ws
+}
+
+/// Reads until a network event matching `pred` (audio before it is skipped).
+async fn wait_for(ws: &mut Phone, pred: impl Fn(&NetworkFrame) -> bool) {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("network event in time")
+            .expect("phone connection open")
+            .expect("phone connection healthy");
+        if let Message::Text(text) = msg {
+            let frame = NetworkFrame::decode(text.as_str()).expect("network frame");
+            if pred(&frame) {
+                return;
+            }
+            if let NetworkFrame::Hangup { reason, .. } = frame {
+                panic!("call ended: {reason:?}");
+            }
+        }
+    }
 }
 
 /// Whether a received frame carries the tone rather than the silence played while the
