@@ -13,6 +13,7 @@
 //!   and the legs hear each other plus the agent as whisper / barge / spy decide.
 
 mod leg;
+mod phase;
 mod playout;
 
 pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput};
@@ -21,6 +22,7 @@ use crate::audio::Resampler;
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
 use bytes::{BufMut, Bytes, BytesMut};
+use phase::PhaseAligner;
 use playout::Playout;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -395,6 +397,10 @@ struct CallActor {
     media: Option<MediaLink>,
     media_lost_at: Option<Instant>,
     playout: Playout,
+    /// Moves the media clock towards the agent's just-in-time audio.
+    aligner: PhaseAligner,
+    /// How much earlier the next tick should come, decided by the last tick.
+    clock_shift: Option<Duration>,
     ring_deadline: Instant,
     claimed: bool,
     /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
@@ -446,6 +452,8 @@ impl CallActor {
             agent_left: false,
             media: None,
             media_lost_at: None,
+            aligner: PhaseAligner::default(),
+            clock_shift: None,
             ring_deadline,
             claimed: outbound.is_some(),
             outbound: outbound.is_some(),
@@ -473,9 +481,8 @@ impl CallActor {
         mut data: mpsc::Receiver<CallInput>,
     ) {
         info!(from = %self.handle.from, to = %self.handle.to, "call started");
-        let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(
-            telcoflow_proto::audio::FRAME_MS,
-        )));
+        let period = Duration::from_millis(u64::from(telcoflow_proto::audio::FRAME_MS));
+        let mut ticker = tokio::time::interval(period);
         // Catch up after a stall so that the legs keep receiving real-time audio.
         ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let shutdown = self.shared.shutdown.clone();
@@ -505,7 +512,13 @@ impl CallActor {
                 Some(input) = control.recv() => self.on_input(input),
                 Some(input) = data.recv() => self.on_input(input),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
-                _ = ticker.tick(), if ticking => self.on_tick(),
+                at = ticker.tick(), if ticking => {
+                    self.on_tick();
+                    if let Some(shift) = self.clock_shift.take() {
+                        debug!(shift_us = shift.as_micros() as u64, "media clock moved earlier");
+                        ticker.reset_at(at + period - shift);
+                    }
+                }
                 // Cancel-safe: the sleep is pinned outside the loop and only re-armed.
                 () = &mut sleep, if armed.is_some() => {
                     armed = None;
@@ -523,6 +536,7 @@ impl CallActor {
         info!(
             playout_gaps = self.playout.gaps(),
             prebuffer_frames = self.playout.prebuffer_frames(),
+            clock_shifts = self.aligner.shifts(),
             "call ended"
         );
     }
@@ -619,7 +633,11 @@ impl CallActor {
             }
             CallInput::AgentAudio { conn_id, pcm } => {
                 if self.is_current_media(conn_id) && !self.agent_left {
-                    let pushed = self.playout.push(&pcm);
+                    let gaps = self.playout.gaps();
+                    let pushed = self.playout.push(&pcm, Instant::now());
+                    if self.playout.gaps() > gaps && self.aligner.missed() {
+                        self.playout.forgive_gap();
+                    }
                     if pushed.overflow == 0 {
                         self.overflow_reported = false;
                     } else if !self.overflow_reported {
@@ -971,7 +989,22 @@ impl CallActor {
     fn on_tick(&mut self) {
         let n = self.rate().frame_samples();
         self.agent_frame.resize(n, 0);
+        let held = self.playout.buffered();
         let agent_speaks = !self.agent_left && self.playout.pop_frame(&mut self.agent_frame);
+        // The agent paces this audio when it still owes some: it sends frames as it makes
+        // them, so time they spend here is delay this buffer adds (see `phase`). A full frame
+        // and no pre-buffer held on purpose.
+        let paced_by_agent = agent_speaks
+            && held >= n * 2
+            && self.playout.outstanding() > 0
+            && self.playout.prebuffer_frames() == 1;
+        let now = Instant::now();
+        let waited = self
+            .playout
+            .played_arrival()
+            .filter(|_| paced_by_agent)
+            .map(|at| now.saturating_duration_since(at));
+        self.clock_shift = self.aligner.on_tick(waited);
         let callee_up = self.callee.as_ref().is_some_and(|c| c.up);
         if !callee_up {
             // Caller alone with the agent.
