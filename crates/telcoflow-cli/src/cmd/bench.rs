@@ -199,14 +199,7 @@ pub(crate) struct RunResult {
 
 /// Runs the bench.
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let hz = match (args.sip, args.sample_rate) {
-        (true, Some(hz)) if hz != 8000 => bail!(
-            "--sip runs callers and agents at 8000 Hz (G.711's rate, so the server does not \
-             resample and the frame markers come back exact): leave out --sample-rate or pass 8000"
-        ),
-        (true, _) => 8000,
-        (false, hz) => hz.unwrap_or(DEFAULT_RATE),
-    };
+    let hz = rate_for(args.sip, args.sample_rate)?;
     if args.sip && args.server.is_some() && args.sip_addr.is_none() {
         bail!("--sip with --server needs --sip-addr, the server's SIP address");
     }
@@ -534,6 +527,18 @@ async fn run_once(
     ))
 }
 
+/// The sample rate of a run: `--sip` takes 8000 Hz only.
+fn rate_for(sip: bool, sample_rate: Option<u32>) -> anyhow::Result<u32> {
+    Ok(match (sip, sample_rate) {
+        (true, Some(hz)) if hz != 8000 => bail!(
+            "--sip runs callers and agents at 8000 Hz (G.711's rate, so the server does not \
+             resample and the frame markers come back exact): leave out --sample-rate or pass 8000"
+        ),
+        (true, _) => 8000,
+        (false, hz) => hz.unwrap_or(DEFAULT_RATE),
+    })
+}
+
 fn caller_kind(args: &Args) -> CallerKind {
     if args.sip {
         CallerKind::Sip
@@ -704,5 +709,29 @@ fn print_sweep(runs: &[RunResult]) {
             c(&r.agent, |c| c.cpu_cores),
             c(&r.agent, |c| c.rss_mib_loaded),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sip_runs_at_8000_hz_only() {
+        assert_eq!(rate_for(false, None).unwrap(), 24_000);
+        assert_eq!(rate_for(false, Some(16_000)).unwrap(), 16_000);
+        assert_eq!(rate_for(true, None).unwrap(), 8000);
+        assert_eq!(rate_for(true, Some(8000)).unwrap(), 8000);
+        assert!(rate_for(true, Some(24_000)).is_err());
+    }
+
+    #[test]
+    fn rtp_range_holds_a_pair_per_call_and_spare() {
+        assert_eq!(rtp_range(3).unwrap(), "30000-30037");
+        let r = rtp_range(500).unwrap();
+        let (low, high) = r.split_once('-').unwrap();
+        let ports = high.parse::<usize>().unwrap() - low.parse::<usize>().unwrap() + 1;
+        assert!(ports >= 2 * 500 + 100, "{r}");
+        assert!(rtp_range(20_000).is_err());
     }
 }

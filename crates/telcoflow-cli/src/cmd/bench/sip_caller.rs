@@ -351,3 +351,47 @@ fn rand_u32(index: usize) -> u32 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     (x ^ (x >> 31)) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::caller::{self, speech_for};
+    use super::*;
+    use std::sync::Arc;
+    use telcoflow_proto::SampleRate;
+    use telcoflow_server::config::SipConfig;
+    use telcoflow_server::{Config, Server};
+
+    #[tokio::test]
+    async fn a_refused_invite_is_a_failed_call() {
+        let mut config = Config::development();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        // No connector takes the number the callers dial: the server answers 404.
+        config.connectors[0].numbers = vec!["+15550000001".into()];
+        config.sip = Some(SipConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            rtp_ports: "30900-30999".into(),
+            ..SipConfig::default()
+        });
+        let server = Server::start(config).await.expect("server starts");
+        let now = Instant::now();
+        let plan = CallPlan {
+            base_url: server.base_url().to_owned(),
+            index: 7,
+            rate: SampleRate::Hz8000,
+            epoch: now,
+            dial_at: now,
+            end_at: now + Duration::from_secs(2),
+            speech: speech_for(SampleRate::Hz8000),
+            sip: server.sip_addr(),
+        };
+        let progress = Arc::new(Progress::default());
+        let report = caller::run(plan, progress.clone()).await;
+        assert!(!report.answered);
+        let failure = report.failure.expect("a failure");
+        assert!(failure.starts_with("refused: 404"), "{failure}");
+        assert_eq!(report.setup_us, None);
+        assert_eq!(progress.failed.load(Ordering::Relaxed), 1);
+        assert_eq!(progress.answered.load(Ordering::Relaxed), 0);
+        server.shutdown().await;
+    }
+}
