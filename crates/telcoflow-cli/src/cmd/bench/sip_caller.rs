@@ -70,6 +70,7 @@ pub(super) async fn drive(
                 phone.input(n);
                 phone.next_event()
             }
+            // Cancel-safe: sleeps; the UAC\'s next timer is read afresh each turn.
             () = sleep_until_opt(phone.uac.poll_timeout()) => {
                 phone.uac.handle_timeout(std_now());
                 phone.next_event()
@@ -262,6 +263,7 @@ impl Phone {
                         _ => {}
                     }
                 }
+                // Cancel-safe: sleeps; the UAC\'s next timer is read afresh each turn.
                 () = sleep_until_opt(self.uac.poll_timeout()) => {
                     self.uac.handle_timeout(std_now());
                     self.flush().await?;
@@ -311,6 +313,7 @@ impl Phone {
                     self.input(n);
                     self.next_event()
                 }
+                // Cancel-safe: sleeps; the UAC\'s next timer is read afresh each turn.
                 () = sleep_until_opt(self.uac.poll_timeout()) => {
                     self.uac.handle_timeout(std_now());
                     self.next_event()
