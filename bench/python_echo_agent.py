@@ -21,10 +21,14 @@ import time
 
 from telcoflow import CallAudioConfig, SessionManager, SessionManagerConfig
 
-MAGIC = struct.pack("<hh", 0x7E57, -0x4B1D)
-KIND_SPEAK = 3
-KIND_STOP = 4
-TONE_AMP = 20000
+# A marked frame starts with this sample pair, then the kind as a 4-bit digit sample: digit d
+# is 7932 - 256 * d. All are mu-law table values, so they pass G.711 (SIP callers) exactly.
+MAGIC = struct.pack("<hh", 32124, -31100)
+DIGIT_BASE = 7932
+DIGIT_STEP = 256
+KIND_SPEAK = struct.pack("<h", DIGIT_BASE - 3 * DIGIT_STEP)
+KIND_STOP = struct.pack("<h", DIGIT_BASE - 4 * DIGIT_STEP)
+TONE_AMP = 20860
 TONE_HALF_PERIOD = 10
 # Handling-time histogram: 10 us buckets up to 20 ms, fixed size so memory does not grow with
 # the number of frames.
@@ -82,7 +86,7 @@ async def main() -> int:
         await call.answer()
         async for chunk in call.audio_stream():
             start = time.perf_counter()
-            kind = chunk[4] if len(chunk) >= 16 and chunk[:4] == MAGIC else 0
+            kind = chunk[4:6] if len(chunk) >= 6 and chunk[:4] == MAGIC else b""
             if kind == KIND_SPEAK:
                 await call.send_audio(tone)
             elif kind == KIND_STOP:

@@ -1,6 +1,6 @@
 //! `telcoflow bench` end to end: a 5-call, 3-second run with Rust SDK agents (server and agent
-//! as child processes) writes well-formed, plausible figures. No timing thresholds beyond
-//! plausibility: the machine may be loaded.
+//! as child processes) writes well-formed, plausible figures, over the simulated network and
+//! over SIP/RTP. No timing thresholds beyond plausibility: the machine may be loaded.
 
 use serde_json::Value;
 use std::process::Command;
@@ -79,6 +79,90 @@ fn five_calls_three_seconds_rust_agent() {
         assert!((0.0..60.0).contains(&cpu), "{who} cpu {cpu}");
         assert!((0.0..100.0).contains(&rss), "{who} rss {rss}");
         assert!(num(&v, &[who, "rss_mib_loaded"]) > 0.0);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn three_sip_calls_three_seconds_rust_agent() {
+    let dir = std::env::temp_dir().join(format!("telcoflow-bench-sip-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+        .args([
+            "bench",
+            "--sip",
+            "--calls",
+            "3",
+            "--duration",
+            "3",
+            "--ramp",
+            "0.5",
+        ])
+        .args(["--agent", "rust"])
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run telcoflow bench --sip");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench --sip failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("callers: sip"),
+        "no transport in the table:\n{stdout}"
+    );
+    assert!(stdout.contains("setup (INVITE->200)"), "{stdout}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+
+    assert_eq!(v["callers"], "sip", "{v:#}");
+    // --sip implies 8000 Hz: G.711 without resampling.
+    assert_eq!(num(&v, &["sample_rate"]), 8000.0);
+    assert_eq!(num(&v, &["calls"]), 3.0);
+    assert_eq!(num(&v, &["calls_answered"]), 3.0, "{v:#}");
+    assert_eq!(num(&v, &["calls_failed"]), 0.0);
+    assert_eq!(
+        num(&v, &["hangups_failed"]),
+        0.0,
+        "every BYE got its 200: {v:#}"
+    );
+    let sent = num(&v, &["frames_sent"]);
+    assert!(
+        (3.0 * 50.0..=3.0 * 250.0).contains(&sent),
+        "frames_sent {sent}"
+    );
+    // Loopback UDP does not drop, but the server's jitter buffer discards frames on purpose
+    // to cut its delay after a stall, which a busy machine can cause: so not exactly zero.
+    // A marker that G.711 mangled would make nearly every frame lost.
+    let lost = num(&v, &["frames_lost"]);
+    assert!(lost * 20.0 <= sent, "frames_lost {lost} of {sent}: {v:#}");
+    assert_eq!(num(&v, &["frames_crossed"]), 0.0);
+    let late = num(&v, &["frames_late"]);
+    assert!((0.0..=sent).contains(&late));
+    // One round trip per counted frame heard back.
+    assert_eq!(num(&v, &["round_trip_ms", "n"]), sent - lost);
+    for key in ["setup_ms", "round_trip_ms", "interrupt_ms"] {
+        let (p50, p95, p99, max) = (
+            num(&v, &[key, "p50"]),
+            num(&v, &[key, "p95"]),
+            num(&v, &[key, "p99"]),
+            num(&v, &[key, "max"]),
+        );
+        assert!(
+            0.0 < p50 && p50 <= p95 && p95 <= p99 && p99 <= max && max < 1000.0,
+            "{key}: {p50} {p95} {p99} {max}"
+        );
+    }
+    // The tone and the STOP marker crossed G.711 both ways: each call ran its probe.
+    assert!(num(&v, &["interrupt_ms", "n"]) >= 1.0, "{v:#}");
+    for who in ["server", "agent"] {
+        let cpu = num(&v, &[who, "cpu_s_per_call_min"]);
+        let rss = num(&v, &[who, "rss_mib_per_call"]);
+        assert!((0.0..60.0).contains(&cpu), "{who} cpu {cpu}");
+        assert!((0.0..100.0).contains(&rss), "{who} rss {rss}");
     }
     std::fs::remove_dir_all(&dir).ok();
 }

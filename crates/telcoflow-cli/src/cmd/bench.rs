@@ -1,11 +1,14 @@
-//! `telcoflow bench`: N simulated callers against echo agents, measured end to end.
+//! `telcoflow bench`: N callers against echo agents, measured end to end.
 //!
 //! The server runs as a child process (`telcoflow serve` on a free port) unless `--server` is
 //! given, and the agents as another (`telcoflow bench-agent` on the Rust SDK, or
 //! `bench/python_echo_agent.py` on the official Python SDK), so that each one's CPU and memory
 //! can be read from `/proc/<pid>` on its own. The callers run in this process: each streams
 //! marked speech in real time (see [`marker`]) and measures every frame's round trip, losses
-//! and lateness, and barge-in latency with interrupt probes (see [`caller`]).
+//! and lateness, and barge-in latency with interrupt probes (see [`caller`]). They dial over
+//! the simulated phone network, or with `--sip` over SIP/RTP (see [`sip_caller`]): then the
+//! server child also takes SIP on a free UDP port of 127.0.0.1, and everything runs at
+//! 8000 Hz, G.711's rate, so that the server only mu-law codes the audio.
 //!
 //! CPU is measured over a steady window (all calls up: after the ramp plus one second, until
 //! the callers stop sending); memory per call is RSS at the end of the window minus RSS before
@@ -14,6 +17,7 @@
 pub(crate) mod caller;
 pub(crate) mod marker;
 mod plot;
+mod sip_caller;
 pub(crate) mod stats;
 
 use anyhow::{Context, bail};
@@ -21,6 +25,7 @@ use caller::{CallPlan, CallReport, Progress};
 use serde::Serialize;
 use stats::{Percentiles, ProcCost, ProcSample, round3};
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
@@ -37,6 +42,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Settling time between the last call set up and the start of the CPU window.
 const SETTLE: Duration = Duration::from_secs(1);
+/// Sample rate without `--sample-rate`, for simulated callers.
+const DEFAULT_RATE: u32 = 24_000;
+/// First port of the RTP range the server child gets with `--sip`: below Linux's ephemeral
+/// range (32768 up), where the callers' own sockets land, for up to about 1,300 calls.
+const RTP_LOW: u16 = 30_000;
 
 /// Which agents answer the calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -48,6 +58,25 @@ pub(crate) enum AgentKind {
     Python,
     /// Agents already connected to the server.
     External,
+}
+
+/// How the callers reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CallerKind {
+    /// The simulated phone network (`/v1/sim/phone` WebSockets).
+    Sim,
+    /// SIP over UDP and RTP (PCMU, 20 ms).
+    Sip,
+}
+
+impl CallerKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Sim => "sim",
+            Self::Sip => "sip",
+        }
+    }
 }
 
 /// Arguments of `telcoflow bench`.
@@ -65,9 +94,10 @@ pub(crate) struct Args {
     /// Seconds over which the calls are dialled, evenly spread.
     #[arg(long, default_value_t = 2.0)]
     ramp: f64,
-    /// Sample rate of callers and agents: 8000, 16000 or 24000.
-    #[arg(long, default_value_t = 24000)]
-    sample_rate: u32,
+    /// Sample rate of callers and agents: 8000, 16000 or 24000 [default: 24000; with --sip
+    /// 8000, the only rate it takes].
+    #[arg(long)]
+    sample_rate: Option<u32>,
     /// Which agents answer.
     #[arg(long, value_enum, default_value_t = AgentKind::Rust)]
     agent: AgentKind,
@@ -86,9 +116,16 @@ pub(crate) struct Args {
     /// The Python echo agent script.
     #[arg(long, default_value = "bench/python_echo_agent.py")]
     python_agent: PathBuf,
-    /// Callers over SIP/RTP instead of the simulated network.
+    /// Callers over SIP/RTP instead of the simulated network (implies 8000 Hz).
     #[arg(long)]
     sip: bool,
+    /// SIP address (UDP) of the --server, for --sip.
+    #[arg(long, requires_all = ["sip", "server"])]
+    sip_addr: Option<SocketAddr>,
+    /// RTP port range of the server child with --sip, LOW-HIGH [default: from 30000, two
+    /// ports per call plus a quarter and some to spare].
+    #[arg(long, value_name = "LOW-HIGH", requires = "sip", conflicts_with = "server")]
+    rtp_ports: Option<String>,
     /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -127,8 +164,12 @@ pub(crate) struct RunResult {
     duration_s: f64,
     ramp_s: f64,
     agent_kind: AgentKind,
+    /// How the callers came in: `sim` or `sip`.
+    callers: CallerKind,
     calls_answered: usize,
     calls_failed: usize,
+    /// Answered calls whose hang-up failed (over SIP: the BYE got no 200).
+    hangups_failed: usize,
     frames_sent: u64,
     frames_lost: u64,
     frames_duplicated: u64,
@@ -158,10 +199,11 @@ pub(crate) struct RunResult {
 
 /// Runs the bench.
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
-    if args.sip {
-        bail!("--sip is not available yet: the SIP edge does not exist; use the simulated network");
+    let hz = rate_for(args.sip, args.sample_rate)?;
+    if args.sip && args.server.is_some() && args.sip_addr.is_none() {
+        bail!("--sip with --server needs --sip-addr, the server's SIP address");
     }
-    let rate = SampleRate::from_hz(args.sample_rate)?;
+    let rate = SampleRate::from_hz(hz)?;
     let duration = super::call::secs_arg("duration", args.duration)?;
     let ramp = super::call::secs_arg("ramp", args.ramp)?;
     let sizes = if args.sweep.is_empty() {
@@ -198,7 +240,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.plot {
         plot::draw(path, &runs)?;
     }
-    let all_answered = runs.iter().all(|r| r.calls_failed == 0);
+    let all_answered = runs
+        .iter()
+        .all(|r| r.calls_failed == 0 && r.hangups_failed == 0);
     Ok(if all_answered {
         ExitCode::SUCCESS
     } else {
@@ -288,16 +332,33 @@ async fn run_once(
 ) -> anyhow::Result<RunResult> {
     let exe = std::env::current_exe().context("cannot find the telcoflow binary")?;
     let mut server_child = None;
-    let (base_url, server_pid) = match &args.server {
-        Some(url) => (url.clone(), args.server_pid),
+    let (base_url, server_pid, sip_addr) = match &args.server {
+        Some(url) => (url.clone(), args.server_pid, args.sip_addr),
         None => {
             let mut cmd = Command::new(&exe);
             cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+            if args.sip {
+                let range = match &args.rtp_ports {
+                    Some(r) => r.clone(),
+                    None => rtp_range(n)?,
+                };
+                cmd.args(["--sip", "127.0.0.1:0", "--rtp-ports", &range]);
+            }
             let mut child = ChildProc::spawn("server", cmd)?;
             let url = child.wait_line(super::serve::READY_PREFIX).await?;
+            // The SIP line follows the listening line.
+            let sip_addr = if args.sip {
+                let line = child.wait_line(super::serve::SIP_READY_PREFIX).await?;
+                Some(
+                    line.parse::<SocketAddr>()
+                        .with_context(|| format!("bad SIP address from the server: {line}"))?,
+                )
+            } else {
+                None
+            };
             let pid = child.pid;
             server_child = Some(child);
-            (url, Some(pid))
+            (url, Some(pid), sip_addr)
         }
     };
     let mut agent_child = match args.agent {
@@ -352,6 +413,7 @@ async fn run_once(
             dial_at: first_dial + offset,
             end_at,
             speech: speech.clone(),
+            sip: sip_addr,
         };
         calls.spawn(caller::run(plan, progress.clone()));
     }
@@ -387,7 +449,8 @@ async fn run_once(
             _ = tick.tick() => {
                 let p = &progress;
                 let line = format!(
-                    "bench: N={n} t={:>4.1}s dialled {} answered {} failed {} ended {} | frames sent {} heard {}",
+                    "bench: N={n} {} t={:>4.1}s dialled {} answered {} failed {} ended {} | frames sent {} heard {}",
+                    caller_kind(args).as_str(),
                     epoch.elapsed().as_secs_f64(),
                     p.dialled.load(Ordering::Relaxed),
                     p.answered.load(Ordering::Relaxed),
@@ -464,6 +527,38 @@ async fn run_once(
     ))
 }
 
+/// The sample rate of a run: `--sip` takes 8000 Hz only.
+fn rate_for(sip: bool, sample_rate: Option<u32>) -> anyhow::Result<u32> {
+    Ok(match (sip, sample_rate) {
+        (true, Some(hz)) if hz != 8000 => bail!(
+            "--sip runs callers and agents at 8000 Hz (G.711's rate, so the server does not \
+             resample and the frame markers come back exact): leave out --sample-rate or pass 8000"
+        ),
+        (true, _) => 8000,
+        (false, hz) => hz.unwrap_or(DEFAULT_RATE),
+    })
+}
+
+fn caller_kind(args: &Args) -> CallerKind {
+    if args.sip {
+        CallerKind::Sip
+    } else {
+        CallerKind::Sim
+    }
+}
+
+/// The server child's RTP range for `n` SIP calls: an even/odd pair per call, with room for
+/// pairs still held by calls that just ended and for ports other processes hold (the server
+/// skips those).
+fn rtp_range(n: usize) -> anyhow::Result<String> {
+    let pairs = n + n / 4 + 16;
+    let high = usize::from(RTP_LOW) + 2 * pairs - 1;
+    if high > usize::from(u16::MAX) {
+        bail!("{n} SIP calls need more RTP ports than there are above {RTP_LOW}; pass --rtp-ports");
+    }
+    Ok(format!("{RTP_LOW}-{high}"))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn summarise(
     args: &Args,
@@ -492,8 +587,10 @@ fn summarise(
         duration_s: duration.as_secs_f64(),
         ramp_s: ramp.as_secs_f64(),
         agent_kind: args.agent,
+        callers: caller_kind(args),
         calls_answered: answered,
         calls_failed: n - answered,
+        hangups_failed: reports.iter().filter(|r| r.hangup_failed).count(),
         frames_sent: sum(|r| r.frames_sent),
         frames_lost: sum(|r| r.frames_lost),
         frames_duplicated: sum(|r| r.frames_duplicated),
@@ -536,16 +633,28 @@ fn cost(c: &Option<ProcCost>) -> String {
 fn print_table(r: &RunResult) {
     println!();
     println!(
-        "telcoflow bench: {} calls, {} Hz, {:?} agent, {} s + {} s ramp",
-        r.calls, r.sample_rate, r.agent_kind, r.duration_s, r.ramp_s
+        "telcoflow bench: {} calls, {} Hz, {:?} agent, callers: {}, {} s + {} s ramp",
+        r.calls,
+        r.sample_rate,
+        r.agent_kind,
+        r.callers.as_str(),
+        r.duration_s,
+        r.ramp_s
     );
     println!("  calls answered / failed   {:>8} / {}", r.calls_answered, r.calls_failed);
+    if r.callers == CallerKind::Sip {
+        println!("  hang-ups (BYE) failed     {:>8}", r.hangups_failed);
+    }
     println!(
         "  frames sent {}  lost {}  duplicated {}  reordered {}  late(>40ms) {}  crossed {}",
         r.frames_sent, r.frames_lost, r.frames_duplicated, r.frames_reordered, r.frames_late, r.frames_crossed
     );
     println!("  {:<24}{:>8} {:>8} {:>8} {:>8}", "ms", "p50", "p95", "p99", "max");
-    println!("  {:<24}{}", "setup (dial->answer)", pct(&r.setup_ms));
+    let setup = match r.callers {
+        CallerKind::Sim => "setup (dial->answer)",
+        CallerKind::Sip => "setup (INVITE->200)",
+    };
+    println!("  {:<24}{}", setup, pct(&r.setup_ms));
     println!("  {:<24}{}", "round trip", pct(&r.round_trip_ms));
     println!("  {:<24}{}", "  server-added (est.)", pct(&r.server_added_ms));
     println!(
@@ -600,5 +709,29 @@ fn print_sweep(runs: &[RunResult]) {
             c(&r.agent, |c| c.cpu_cores),
             c(&r.agent, |c| c.rss_mib_loaded),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sip_runs_at_8000_hz_only() {
+        assert_eq!(rate_for(false, None).unwrap(), 24_000);
+        assert_eq!(rate_for(false, Some(16_000)).unwrap(), 16_000);
+        assert_eq!(rate_for(true, None).unwrap(), 8000);
+        assert_eq!(rate_for(true, Some(8000)).unwrap(), 8000);
+        assert!(rate_for(true, Some(24_000)).is_err());
+    }
+
+    #[test]
+    fn rtp_range_holds_a_pair_per_call_and_spare() {
+        assert_eq!(rtp_range(3).unwrap(), "30000-30037");
+        let r = rtp_range(500).unwrap();
+        let (low, high) = r.split_once('-').unwrap();
+        let ports = high.parse::<usize>().unwrap() - low.parse::<usize>().unwrap() + 1;
+        assert!(ports >= 2 * 500 + 100, "{r}");
+        assert!(rtp_range(20_000).is_err());
     }
 }

@@ -13,6 +13,7 @@
 //!   and the legs hear each other plus the agent as whisper / barge / spy decide.
 
 mod leg;
+mod phase;
 mod playout;
 
 pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput};
@@ -21,6 +22,7 @@ use crate::audio::Resampler;
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
 use bytes::{BufMut, Bytes, BytesMut};
+use phase::PhaseAligner;
 use playout::Playout;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -398,6 +400,12 @@ struct CallActor {
     media: Option<MediaLink>,
     media_lost_at: Option<Instant>,
     playout: Playout,
+    /// Moves the media clock towards the agent's just-in-time audio.
+    aligner: PhaseAligner,
+    /// How much earlier the next tick should come, decided by the last tick.
+    clock_shift: Option<Duration>,
+    /// A buffer request waits for the next caller frame to the agent (see `on_tick`).
+    request_deferred: bool,
     ring_deadline: Instant,
     claimed: bool,
     /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
@@ -451,6 +459,9 @@ impl CallActor {
             agent_left: false,
             media: None,
             media_lost_at: None,
+            aligner: PhaseAligner::default(),
+            clock_shift: None,
+            request_deferred: false,
             ring_deadline,
             claimed: outbound.is_some(),
             outbound: outbound.is_some(),
@@ -479,9 +490,8 @@ impl CallActor {
         mut data: mpsc::Receiver<CallInput>,
     ) {
         info!(from = %self.handle.from, to = %self.handle.to, "call started");
-        let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(
-            telcoflow_proto::audio::FRAME_MS,
-        )));
+        let period = Duration::from_millis(u64::from(telcoflow_proto::audio::FRAME_MS));
+        let mut ticker = tokio::time::interval(period);
         // Catch up after a stall so that the legs keep receiving real-time audio.
         ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let shutdown = self.shared.shutdown.clone();
@@ -511,7 +521,13 @@ impl CallActor {
                 Some(input) = control.recv() => self.on_input(input),
                 Some(input) = data.recv() => self.on_input(input),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
-                _ = ticker.tick(), if ticking => self.on_tick(),
+                at = ticker.tick(), if ticking => {
+                    self.on_tick();
+                    if let Some(shift) = self.clock_shift.take() {
+                        debug!(shift_us = shift.as_micros() as u64, "media clock moved earlier");
+                        ticker.reset_at(at + period - shift);
+                    }
+                }
                 // Cancel-safe: the sleep is pinned outside the loop and only re-armed.
                 () = &mut sleep, if armed.is_some() => {
                     armed = None;
@@ -529,6 +545,7 @@ impl CallActor {
         info!(
             playout_gaps = self.playout.gaps(),
             prebuffer_frames = self.playout.prebuffer_frames(),
+            clock_shifts = self.aligner.shifts(),
             "call ended"
         );
     }
@@ -625,7 +642,11 @@ impl CallActor {
             }
             CallInput::AgentAudio { conn_id, pcm } => {
                 if self.is_current_media(conn_id) && !self.agent_left {
-                    let pushed = self.playout.push(&pcm);
+                    let gaps = self.playout.gaps();
+                    let pushed = self.playout.push(&pcm, Instant::now());
+                    if self.playout.gaps() > gaps && self.aligner.missed() {
+                        self.playout.forgive_gap();
+                    }
                     if pushed.overflow == 0 {
                         self.overflow_reported = false;
                     } else if !self.overflow_reported {
@@ -952,6 +973,9 @@ impl CallActor {
                             frame_bytes(&mut self.media_pool, Some(CHANNEL_CALLER), &self.scratch);
                         self.send_media(MediaOut::Audio(caller));
                     }
+                    if std::mem::take(&mut self.request_deferred) {
+                        self.request_audio();
+                    }
                 }
             }
             LegEvent::Dtmf { digit, duration_ms } => {
@@ -977,7 +1001,22 @@ impl CallActor {
     fn on_tick(&mut self) {
         let n = self.rate().frame_samples();
         self.agent_frame.resize(n, 0);
+        let held = self.playout.buffered();
         let agent_speaks = !self.agent_left && self.playout.pop_frame(&mut self.agent_frame);
+        // The agent paces this audio when it still owes some: it sends frames as it makes
+        // them, so time they spend here is delay this buffer adds (see `phase`). A full frame
+        // and no pre-buffer held on purpose.
+        let paced_by_agent = agent_speaks
+            && held >= n * 2
+            && self.playout.outstanding() > 0
+            && self.playout.prebuffer_frames() == 1;
+        let now = Instant::now();
+        let waited = self
+            .playout
+            .played_arrival()
+            .filter(|_| paced_by_agent)
+            .map(|at| now.saturating_duration_since(at));
+        self.clock_shift = self.aligner.on_tick(waited);
         let callee_up = self.callee.as_ref().is_some_and(|c| c.up);
         if !callee_up {
             // Caller alone with the agent.
@@ -1038,6 +1077,13 @@ impl CallActor {
                     self.send_media(MediaOut::Audio(callee));
                 }
             }
+        }
+        if !callee_up && !std::mem::take(&mut self.request_deferred) {
+            // Caller audio goes to the agent as it arrives, between ticks: ask with the next
+            // caller frame, so that both leave in one write (one wake-up for the agent), or
+            // at the next tick at the latest.
+            self.request_deferred = self.playout.want().is_some();
+            return;
         }
         self.request_audio();
     }
@@ -1206,9 +1252,11 @@ fn frame_bytes(pool: &mut FramePool, channel: Option<u8>, samples: &[i16]) -> By
     if let Some(channel) = channel {
         block.put_u8(channel);
     }
-    for s in samples {
-        block.put_i16_le(*s);
-    }
+    // Sized once and filled in one vectorised pass; `put_i16_le` per sample re-checked the
+    // length for each one and was the server's costliest function of its own.
+    let start = block.len();
+    block.resize(start + samples.len() * 2, 0);
+    telcoflow_proto::audio::write_pcm(samples, &mut block[start..]);
     block.split().freeze()
 }
 

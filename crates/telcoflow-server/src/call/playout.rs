@@ -14,6 +14,7 @@
 //! just enough to stop the stutter.
 
 use std::collections::VecDeque;
+use tokio::time::Instant;
 
 /// Starting target of buffered plus requested audio, in frames (80 ms).
 const TARGET_FRAMES: usize = 4;
@@ -28,6 +29,8 @@ pub(crate) const MAX_PREBUFFER_FRAMES: usize = 3;
 const GAP_TICKS: u64 = 10;
 /// Ticks of smooth playout (5 s) after which the pre-buffer shrinks by a frame.
 const SMOOTH_TICKS: u32 = 250;
+/// Arrival stamps kept; beyond this, later audio shares the newest stamp.
+const MAX_ARRIVALS: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct Playout {
@@ -51,6 +54,14 @@ pub(crate) struct Playout {
     dry_at: Option<u64>,
     smooth_ticks: u32,
     gaps: u64,
+    /// When each stretch of buffered audio arrived: (stream offset just past its last byte,
+    /// arrival), oldest first. Tells how long played audio waited.
+    arrivals: VecDeque<(u64, Instant)>,
+    /// Bytes ever buffered and ever played or cleared: offsets into the agent's stream.
+    pushed_total: u64,
+    consumed_total: u64,
+    /// When the last byte of the latest frame played had arrived.
+    played_arrival: Option<Instant>,
 }
 
 /// What [`Playout::push`] did with the audio.
@@ -75,12 +86,17 @@ impl Playout {
             dry_at: None,
             smooth_ticks: 0,
             gaps: 0,
+            arrivals: VecDeque::with_capacity(MAX_ARRIVALS),
+            pushed_total: 0,
+            consumed_total: 0,
+            played_arrival: None,
         }
     }
 
     /// Changes the frame size (the agent's rate changed) and forgets everything held.
     pub(crate) fn reset(&mut self, frame_bytes: usize) {
         self.buf.clear();
+        self.forget_arrivals();
         self.outstanding = 0;
         self.primed = false;
         self.dry_at = None;
@@ -97,13 +113,13 @@ impl Playout {
         self.frame_bytes
     }
 
-    #[cfg(test)]
+    /// Bytes held, not yet played.
     pub(crate) fn buffered(&self) -> usize {
         self.buf.len()
     }
 
-    /// Agent audio arrived.
-    pub(crate) fn push(&mut self, pcm: &[u8]) -> Pushed {
+    /// Agent audio arrived at `now`.
+    pub(crate) fn push(&mut self, pcm: &[u8], now: Instant) -> Pushed {
         if let Some(dry_at) = self.dry_at.take() {
             if self.tick - dry_at <= GAP_TICKS {
                 self.gaps += 1;
@@ -117,6 +133,15 @@ impl Playout {
         let room = self.max_bytes.saturating_sub(self.buf.len());
         let take = pcm.len().min(room);
         self.buf.extend(&pcm[..take]);
+        if take > 0 {
+            self.pushed_total += take as u64;
+            if self.arrivals.len() == MAX_ARRIVALS {
+                // Later audio joins the newest stretch, stamped now: its wait can only be
+                // under-, never over-estimated.
+                self.arrivals.pop_back();
+            }
+            self.arrivals.push_back((self.pushed_total, now));
+        }
         Pushed {
             overflow: pcm.len() - take,
         }
@@ -134,10 +159,44 @@ impl Playout {
         self.outstanding += bytes;
     }
 
+    /// Bytes asked for and not yet received: the agent owes audio.
+    pub(crate) fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// When the last byte of the latest frame played had arrived (`None` if that tick played
+    /// no agent audio).
+    pub(crate) fn played_arrival(&self) -> Option<Instant> {
+        self.played_arrival
+    }
+
+    /// Marks `bytes` more of the stream as gone (played or cleared); returns when the last of
+    /// them had arrived.
+    fn consume(&mut self, bytes: usize) -> Option<Instant> {
+        self.consumed_total += bytes as u64;
+        let mut arrival = None;
+        while let Some(&(end, at)) = self.arrivals.front() {
+            if end > self.consumed_total {
+                // This stretch holds the last byte consumed, and more.
+                return Some(at);
+            }
+            arrival = Some(at);
+            self.arrivals.pop_front();
+        }
+        arrival
+    }
+
+    fn forget_arrivals(&mut self) {
+        self.arrivals.clear();
+        self.consumed_total = self.pushed_total;
+        self.played_arrival = None;
+    }
+
     /// Takes the next frame into `out` as samples, padding with silence. Returns whether any
     /// agent audio was in it.
     pub(crate) fn pop_frame(&mut self, out: &mut [i16]) -> bool {
         self.tick += 1;
+        self.played_arrival = None;
         if self.buf.len() < 2 {
             if self.primed {
                 // The clock wanted a frame and none was there: an underrun. Whether it was a
@@ -164,15 +223,16 @@ impl Playout {
             }
         }
         let bytes = (out.len() * 2).min(self.buf.len() & !1);
-        let mut filled = 0;
-        {
-            let mut drain = self.buf.drain(..bytes);
-            while let (Some(lo), Some(hi)) = (drain.next(), drain.next()) {
-                out[filled] = i16::from_le_bytes([lo, hi]);
-                filled += 1;
-            }
+        let filled = bytes / 2;
+        // Converted in one pass over contiguous bytes (a sample may straddle the ring's wrap
+        // point otherwise); byte-by-byte draining cost more than the rest of the tick.
+        let held = self.buf.make_contiguous();
+        for (s, b) in out.iter_mut().zip(held[..bytes].chunks_exact(2)) {
+            *s = i16::from_le_bytes([b[0], b[1]]);
         }
+        self.buf.drain(..bytes);
         out[filled..].fill(0);
+        self.played_arrival = self.consume(bytes);
         self.smooth_ticks += 1;
         if self.smooth_ticks >= SMOOTH_TICKS {
             self.prebuffer_frames = (self.prebuffer_frames - 1).max(1);
@@ -180,6 +240,12 @@ impl Playout {
             self.smooth_ticks = 0;
         }
         true
+    }
+
+    /// Undoes what the latest gap did to the pre-buffer: the caller fixes its cause another
+    /// way (the media clock moves, see `phase`).
+    pub(crate) fn forgive_gap(&mut self) {
+        self.prebuffer_frames = (self.prebuffer_frames - 1).max(1);
     }
 
     /// Frames currently held before playout (re)starts.
@@ -196,6 +262,7 @@ impl Playout {
     pub(crate) fn clear(&mut self) -> usize {
         let n = self.buf.len();
         self.buf.clear();
+        self.forget_arrivals();
         // Silence after an interrupt is wanted, not a gap to adapt to.
         self.primed = false;
         self.dry_at = None;
@@ -214,7 +281,7 @@ mod tests {
         assert_eq!(p.want(), Some(4 * 640));
         p.requested(4 * 640);
         assert_eq!(p.want(), None);
-        p.push(&[0; 2 * 640]);
+        p.push(&[0; 2 * 640], Instant::now());
         assert_eq!(p.want(), None, "received audio is buffered, not missing");
         let mut frame = [0i16; 320];
         assert!(p.pop_frame(&mut frame));
@@ -228,9 +295,34 @@ mod tests {
     }
 
     #[test]
+    fn tells_when_played_audio_arrived() {
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_millis(20);
+        let mut p = Playout::new(4, 1000);
+        let mut frame = [0i16; 2];
+        p.push(&[1, 0, 2, 0, 3, 0], t0);
+        p.push(&[4, 0, 5, 0], t1);
+        assert!(p.pop_frame(&mut frame));
+        assert_eq!(p.played_arrival(), Some(t0));
+        assert!(p.pop_frame(&mut frame));
+        assert_eq!(frame, [3, 4]);
+        assert_eq!(
+            p.played_arrival(),
+            Some(t1),
+            "the frame's last byte came later"
+        );
+        p.clear();
+        p.push(&[6, 0, 7, 0], t1);
+        assert!(p.pop_frame(&mut frame));
+        assert_eq!(p.played_arrival(), Some(t1), "cleared audio is forgotten");
+        assert!(!p.pop_frame(&mut frame));
+        assert_eq!(p.played_arrival(), None);
+    }
+
+    #[test]
     fn pops_in_order_and_pads_with_silence() {
         let mut p = Playout::new(4, 1000);
-        p.push(&[1, 0, 2, 0, 3, 0]);
+        p.push(&[1, 0, 2, 0, 3, 0], Instant::now());
         let mut frame = [9i16; 2];
         assert!(p.pop_frame(&mut frame));
         assert_eq!(frame, [1, 2]);
@@ -244,7 +336,7 @@ mod tests {
     #[test]
     fn partial_frame_waits_a_tick_then_plays() {
         let mut p = Playout::new(4, 1000);
-        p.push(&[1, 0, 2]);
+        p.push(&[1, 0, 2], Instant::now());
         let mut frame = [9i16; 2];
         assert!(
             !p.pop_frame(&mut frame),
@@ -253,7 +345,7 @@ mod tests {
         assert_eq!(frame, [0, 0]);
         assert!(p.pop_frame(&mut frame));
         assert_eq!(frame, [1, 0]);
-        p.push(&[0]);
+        p.push(&[0], Instant::now());
         let played = (0..3).any(|_| p.pop_frame(&mut frame));
         assert!(played);
         assert_eq!(frame, [2, 0], "the odd byte waited for its partner");
@@ -265,25 +357,25 @@ mod tests {
         let mut out = [0i16; 2];
         let mut p = Playout::new(4, 10_000);
         // A frame, a dry tick, then audio again at once: a gap.
-        p.push(&frame);
+        p.push(&frame, Instant::now());
         assert!(p.pop_frame(&mut out));
         assert!(!p.pop_frame(&mut out));
-        p.push(&frame);
+        p.push(&frame, Instant::now());
         assert_eq!((p.gaps(), p.prebuffer_frames()), (1, 2));
         // Now playout waits for two frames (or two ticks) before starting again.
         assert!(!p.pop_frame(&mut out));
-        p.push(&frame);
+        p.push(&frame, Instant::now());
         assert!(p.pop_frame(&mut out));
         assert!(p.pop_frame(&mut out));
         // Audio that comes back long after running dry is a new utterance, not a gap.
         for _ in 0..(GAP_TICKS + 5) {
             p.pop_frame(&mut out);
         }
-        p.push(&frame);
+        p.push(&frame, Instant::now());
         assert_eq!(p.gaps(), 1);
         // Five seconds of smooth playout shrink the pre-buffer again.
         for _ in 0..(SMOOTH_TICKS + 5) {
-            p.push(&frame);
+            p.push(&frame, Instant::now());
             p.pop_frame(&mut out);
         }
         assert_eq!(p.prebuffer_frames(), 1);
@@ -297,7 +389,7 @@ mod tests {
         let mut out = [0i16; 2];
         let mut p = Playout::new(4, 10_000);
         for _ in 0..100 {
-            p.push(&frame);
+            p.push(&frame, Instant::now());
             assert!(p.pop_frame(&mut out));
         }
         assert_eq!((p.gaps(), p.prebuffer_frames()), (0, 1));
@@ -315,7 +407,7 @@ mod tests {
         for tick in 0..400u64 {
             while in_flight.front().is_some_and(|(due, _)| *due <= tick) {
                 let (_, bytes) = in_flight.pop_front().unwrap();
-                p.push(&vec![1u8; bytes]);
+                p.push(&vec![1u8; bytes], Instant::now());
             }
             if let Some(bytes) = p.want() {
                 p.requested(bytes);
@@ -341,19 +433,19 @@ mod tests {
         let frame = [7u8, 0, 7, 0];
         let mut out = [0i16; 2];
         let mut p = Playout::new(4, 10_000);
-        p.push(&frame);
-        p.push(&frame);
+        p.push(&frame, Instant::now());
+        p.push(&frame, Instant::now());
         p.pop_frame(&mut out);
         assert_eq!(p.clear(), 4);
         p.pop_frame(&mut out);
-        p.push(&frame);
+        p.push(&frame, Instant::now());
         assert_eq!((p.gaps(), p.prebuffer_frames()), (0, 1));
     }
 
     #[test]
     fn clear_drops_everything_and_overflow_is_reported() {
         let mut p = Playout::new(4, 16);
-        assert_eq!(p.push(&[1; 20]).overflow, 4);
+        assert_eq!(p.push(&[1; 20], Instant::now()).overflow, 4);
         assert_eq!(p.clear(), 16);
         assert_eq!(p.buffered(), 0);
         let mut frame = [5i16; 2];

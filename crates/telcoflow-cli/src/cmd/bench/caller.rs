@@ -1,5 +1,6 @@
-//! One bench caller: dials over the simulated phone network, streams marked speech in real
-//! time, reads the echo and runs interrupt probes.
+//! One bench caller: dials over the simulated phone network (or over SIP/RTP, see
+//! [`super::sip_caller`]), streams marked speech in real time, reads the echo and runs
+//! interrupt probes. [`Stream`] is the transport-free part both kinds of caller share.
 //!
 //! The caller speaks the simulated network protocol ([`telcoflow_proto::sim`]) directly rather
 //! than through `telcoflow_server::sim::client`, because the measurement needs to stamp each
@@ -17,6 +18,7 @@
 use super::marker::{Kind, Marker, Scanner, is_tone, speech};
 use super::stats::us;
 use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,9 +29,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
 /// How long a call may take to be answered.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the caller keeps listening after its last frame, so echoes in flight arrive.
-const DRAIN: Duration = Duration::from_millis(600);
+pub(super) const DRAIN: Duration = Duration::from_millis(600);
+/// The number every caller dials (the development connector takes every number).
+pub(super) const CALLED: &str = "+15550009999";
 /// First probe this long after answer, then every [`PROBE_EVERY`].
 const FIRST_PROBE: Duration = Duration::from_secs(1);
 /// Time between probe starts.
@@ -61,6 +65,8 @@ pub(crate) struct CallPlan {
     pub(crate) end_at: Instant,
     /// Pre-made speech, looped.
     pub(crate) speech: Arc<Vec<i16>>,
+    /// Dial over SIP/RTP to this SIP address instead of the simulated network.
+    pub(crate) sip: Option<SocketAddr>,
 }
 
 /// Live counters shared by every caller, for the progress line.
@@ -78,6 +84,8 @@ pub(crate) struct Progress {
 #[derive(Debug, Default)]
 pub(crate) struct CallReport {
     pub(crate) answered: bool,
+    /// Answered, but the hang-up failed (over SIP: the BYE got no 200).
+    pub(crate) hangup_failed: bool,
     pub(crate) failure: Option<String>,
     pub(crate) setup_us: Option<u32>,
     /// Counted (data) frames sent.
@@ -115,7 +123,11 @@ pub(crate) async fn run(plan: CallPlan, progress: Arc<Progress>) -> CallReport {
     let mut report = CallReport::default();
     tokio::time::sleep_until(plan.dial_at).await;
     progress.dialled.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = drive(&plan, &progress, &mut report).await {
+    let result = match plan.sip {
+        Some(addr) => super::sip_caller::drive(&plan, addr, &progress, &mut report).await,
+        None => drive(&plan, &progress, &mut report).await,
+    };
+    if let Err(e) = result {
         report.failure = Some(e);
     }
     if report.answered {
@@ -138,7 +150,7 @@ async fn drive(plan: &CallPlan, progress: &Progress, report: &mut CallReport) ->
         .map_err(|e| format!("connect: {e}"))?;
     let dial = PhoneFrame::Dial {
         from: format!("+1555{:07}", plan.index),
-        to: "+15550009999".into(),
+        to: CALLED.into(),
         sample_rate: plan.rate,
     };
     send_text(&mut ws, dial.encode()).await?;
@@ -175,7 +187,7 @@ async fn drive(plan: &CallPlan, progress: &Progress, report: &mut CallReport) ->
     progress.answered.fetch_add(1, Ordering::Relaxed);
 
     let mut stream = Stream::new(plan, answered_at);
-    let result = stream.run(&mut ws, progress).await;
+    let result = run_ws(&mut stream, &mut ws, progress).await;
     stream.finish(report);
     let _ = ws.send(Message::text(PhoneFrame::Hangup.encode())).await;
     let _ = ws.close(None).await;
@@ -193,15 +205,65 @@ async fn send_text(ws: &mut Ws, text: String) -> Result<(), String> {
         .map_err(|e| format!("send failed: {e}"))
 }
 
-/// The streaming phase of a call.
-struct Stream<'a> {
-    plan: &'a CallPlan,
+/// The streaming phase over the simulated network.
+async fn run_ws(stream: &mut Stream<'_>, ws: &mut Ws, progress: &Progress) -> Result<(), String> {
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    // Like a microphone that fell behind: send late rather than in a burst.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let end_at = stream.plan.end_at;
+    let mut sending = true;
+    let mut drain_until = end_at + DRAIN;
+    let mut pcm = Vec::with_capacity(stream.frame.len() * 2);
+    let mut rx = Vec::with_capacity(stream.frame.len());
+    loop {
+        tokio::select! {
+            // Cancel-safe: WebSocketStream::next keeps partial frames inside the stream.
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Binary(b))) => {
+                    progress.frames_heard.fetch_add(1, Ordering::Relaxed);
+                    rx.clear();
+                    pcm_to_samples(&b, &mut rx);
+                    stream.on_samples(&rx, Instant::now());
+                }
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(NetworkFrame::Hangup { reason, .. }) = NetworkFrame::decode(t.as_str()) {
+                        return Err(format!("hung up by the network: {}", reason.as_str()));
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => return Err("network closed the call".into()),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(format!("connection failed: {e}")),
+            },
+            // Cancel-safe: Interval::tick. Guard: only while sending.
+            _ = ticker.tick(), if sending => {
+                let now = Instant::now();
+                if now >= end_at {
+                    sending = false;
+                    drain_until = now + DRAIN;
+                    continue;
+                }
+                pcm.clear();
+                samples_to_pcm(stream.next_frame(now), &mut pcm);
+                ws.send(Message::binary(pcm.clone()))
+                    .await
+                    .map_err(|e| format!("send failed: {e}"))?;
+                progress.frames_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            () = tokio::time::sleep_until(drain_until), if !sending => return Ok(()),
+        }
+    }
+}
+
+/// The streaming phase of a call, whatever carries it: builds each marked frame, and reads
+/// what comes back for round trips, losses and the interrupt probes.
+pub(super) struct Stream<'a> {
+    pub(super) plan: &'a CallPlan,
     seq: u32,
     speech_pos: usize,
     frame: Vec<i16>,
-    pcm: Vec<u8>,
-    rx: Vec<i16>,
     scanner: Scanner,
+    /// Markers found in the latest audio (kept to reuse its storage).
+    found: Vec<Marker>,
     probe: ProbeState,
     /// Per data sequence number: times heard.
     heard: Vec<u8>,
@@ -218,7 +280,7 @@ struct Stream<'a> {
 }
 
 impl<'a> Stream<'a> {
-    fn new(plan: &'a CallPlan, answered_at: Instant) -> Self {
+    pub(super) fn new(plan: &'a CallPlan, answered_at: Instant) -> Self {
         let n = plan.rate.frame_samples();
         let frames = (plan.end_at.saturating_duration_since(answered_at).as_millis() / 20) as usize + 8;
         Self {
@@ -226,9 +288,8 @@ impl<'a> Stream<'a> {
             seq: 0,
             speech_pos: (plan.index * 997) % plan.speech.len().max(1),
             frame: vec![0; n],
-            pcm: Vec::with_capacity(n * 2),
-            rx: Vec::with_capacity(n),
             scanner: Scanner::default(),
+            found: Vec::with_capacity(4),
             probe: ProbeState::Idle {
                 next: answered_at + FIRST_PROBE,
             },
@@ -242,46 +303,6 @@ impl<'a> Stream<'a> {
             duplicated: 0,
             reordered: 0,
             sent_all: 0,
-        }
-    }
-
-    async fn run(&mut self, ws: &mut Ws, progress: &Progress) -> Result<(), String> {
-        let mut ticker = tokio::time::interval(Duration::from_millis(20));
-        // Like a microphone that fell behind: send late rather than in a burst.
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let end_at = self.plan.end_at;
-        let mut sending = true;
-        let mut drain_until = end_at + DRAIN;
-        loop {
-            tokio::select! {
-                // Cancel-safe: WebSocketStream::next keeps partial frames inside the stream.
-                msg = ws.next() => match msg {
-                    Some(Ok(Message::Binary(b))) => {
-                        progress.frames_heard.fetch_add(1, Ordering::Relaxed);
-                        self.on_audio(&b);
-                    }
-                    Some(Ok(Message::Text(t))) => {
-                        if let Ok(NetworkFrame::Hangup { reason, .. }) = NetworkFrame::decode(t.as_str()) {
-                            return Err(format!("hung up by the network: {}", reason.as_str()));
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None => return Err("network closed the call".into()),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(format!("connection failed: {e}")),
-                },
-                // Cancel-safe: Interval::tick. Guard: only while sending.
-                _ = ticker.tick(), if sending => {
-                    let now = Instant::now();
-                    if now >= end_at {
-                        sending = false;
-                        drain_until = now + DRAIN;
-                        continue;
-                    }
-                    self.send_frame(ws, now).await?;
-                    progress.frames_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                () = tokio::time::sleep_until(drain_until), if !sending => return Ok(()),
-            }
         }
     }
 
@@ -316,7 +337,8 @@ impl<'a> Stream<'a> {
         Kind::Probe
     }
 
-    async fn send_frame(&mut self, ws: &mut Ws, now: Instant) -> Result<(), String> {
+    /// The next frame to send at `now`: speech with its marker. Counts it as sent.
+    pub(super) fn next_frame(&mut self, now: Instant) -> &[i16] {
         let kind = self.kind_now(now);
         let speech = &self.plan.speech;
         for s in self.frame.iter_mut() {
@@ -334,19 +356,13 @@ impl<'a> Stream<'a> {
         .write(&mut self.frame);
         self.heard.push(0);
         self.is_data.push(kind == Kind::Data);
-        self.pcm.clear();
-        samples_to_pcm(&self.frame, &mut self.pcm);
         self.sent_all += 1;
-        ws.send(Message::binary(self.pcm.clone()))
-            .await
-            .map_err(|e| format!("send failed: {e}"))
+        &self.frame
     }
 
-    fn on_audio(&mut self, bytes: &[u8]) {
-        let now = Instant::now();
-        self.rx.clear();
-        pcm_to_samples(bytes, &mut self.rx);
-        let tone = is_tone(&self.rx);
+    /// Audio heard from the agent at `now`, as samples (any chunking).
+    pub(super) fn on_samples(&mut self, rx: &[i16], now: Instant) {
+        let tone = is_tone(rx);
         match self.probe {
             ProbeState::WaitTone { .. } if tone => self.probe = ProbeState::Hearing { heard: now },
             ProbeState::Stopped { at } if !tone => {
@@ -359,15 +375,15 @@ impl<'a> Stream<'a> {
         }
         let now_us = us(now - self.plan.epoch);
         let me = self.plan.index as u16;
-        let rx = std::mem::take(&mut self.rx);
-        let mut found = Vec::new();
-        self.scanner.scan(&rx, |m| found.push(m));
-        self.rx = rx;
-        for m in found {
+        let mut found = std::mem::take(&mut self.found);
+        found.clear();
+        self.scanner.scan(rx, |m| found.push(m));
+        for &m in &found {
             if m.caller != me {
                 self.crossed += 1;
                 continue;
             }
+            // The marker's own sequence number, not the transport's (RTP renumbers).
             let i = m.seq as usize;
             if m.kind != Kind::Data || self.is_data.get(i) != Some(&true) {
                 continue;
@@ -383,9 +399,10 @@ impl<'a> Stream<'a> {
             }
             self.rtt_us.push(now_us.wrapping_sub(m.sent_us));
         }
+        self.found = found;
     }
 
-    fn finish(&self, report: &mut CallReport) {
+    pub(super)     fn finish(&self, report: &mut CallReport) {
         let data = self.is_data.iter().filter(|&&d| d).count() as u64;
         let heard = self
             .is_data

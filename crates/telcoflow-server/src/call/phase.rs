@@ -1,0 +1,233 @@
+//! Moves a call's media clock so that audio an agent produces in real time is played soon
+//! after it lands, not up to a frame (or more) later.
+//!
+//! Each call's 20 ms clock starts at the answer, at an arbitrary phase relative to the agent's
+//! own audio. An agent that produces audio in real time (an echo, a streaming voice pipeline
+//! paced by the caller's speech) delivers each frame at a steady offset from the tick that
+//! plays it; when the frame lands just after a tick it waits almost a whole frame in the
+//! playout buffer, and a frame that once missed its tick leaves a standing queue behind it.
+//! Either wait is pure added latency, on top of every other hop.
+//!
+//! The aligner watches how long each frame of such audio waited. After a window of steady
+//! playout it moves the clock earlier, leaving a safety margin sized from the jitter it saw,
+//! so that the next frames still arrive before their tick. It only ever moves the clock
+//! earlier; a frame that misses its tick anyway is handled by the playout pre-buffer and
+//! widens the margin for next time. Audio the agent sends ahead of time (a text-to-speech
+//! agent answering requests from a full buffer) is not paced by the agent, and its clock stays
+//! put. The far end sees one short frame interval, which its jitter buffer absorbs like any
+//! early packet.
+
+use std::time::Duration;
+
+/// Consecutive just-in-time ticks (0.5 s) before the clock may move.
+const WINDOW_TICKS: usize = 25;
+/// Longest waits of a window left out of its jitter: a frame that queued behind a late tick
+/// or a burst waited long, but says nothing about how late the next frame may land.
+const LONG_WAITS_IGNORED: usize = WINDOW_TICKS / 5;
+/// Least margin kept between the latest expected arrival and the tick. Covers the timer's
+/// 1 ms granularity and scheduling noise.
+const MIN_MARGIN: Duration = Duration::from_millis(3);
+/// Most margin, and most jitter the aligner works with: beyond it the pre-buffer is the
+/// better tool.
+const MAX_MARGIN: Duration = Duration::from_millis(10);
+/// Margin added each time audio misses its tick.
+const MISS_MARGIN: Duration = Duration::from_millis(2);
+/// Moves smaller than this are not worth a short frame interval.
+const MIN_SHIFT: Duration = Duration::from_millis(2);
+
+/// Learns the wait of just-in-time audio and says when to move the clock.
+#[derive(Debug, Default)]
+pub(crate) struct PhaseAligner {
+    /// Waits seen in this window (the first `ticks` of them).
+    waits: [Duration; WINDOW_TICKS],
+    ticks: usize,
+    /// Margin added after frames missed their tick.
+    extra_margin: Duration,
+    shifts: u64,
+}
+
+impl PhaseAligner {
+    /// One tick of the clock. `waited` is how long the frame just played had waited in the
+    /// buffer, when the agent paces the audio; `None` for any other tick (silence, audio sent
+    /// ahead, an underrun), which starts a new window.
+    ///
+    /// Returns how much earlier the next tick should come, if the clock should move.
+    pub(crate) fn on_tick(&mut self, waited: Option<Duration>) -> Option<Duration> {
+        let Some(waited) = waited else {
+            self.restart();
+            return None;
+        };
+        self.waits[self.ticks] = waited;
+        self.ticks += 1;
+        if self.ticks < WINDOW_TICKS {
+            return None;
+        }
+        self.waits.sort_unstable();
+        let least = self.waits[0];
+        let jitter = self.waits[WINDOW_TICKS - 1 - LONG_WAITS_IGNORED] - least;
+        // The least wait is already the latest arrival seen; half the jitter again covers
+        // arrivals a little later than any in the window.
+        let margin = (MIN_MARGIN + jitter / 2 + self.extra_margin).min(MAX_MARGIN);
+        self.restart();
+        if jitter >= MAX_MARGIN {
+            tracing::trace!(
+                jitter_us = jitter.as_micros() as u64,
+                "too much jitter to align"
+            );
+            return None;
+        }
+        let shift = least.saturating_sub(margin);
+        if shift < MIN_SHIFT {
+            return None;
+        }
+        self.shifts += 1;
+        Some(shift)
+    }
+
+    /// Audio missed its tick (playout ran dry and the audio came right after): keep more
+    /// margin from now on. Returns whether the aligner answers for the miss: it moved this
+    /// clock and can still widen its margin, so the frame queued behind the miss is played
+    /// out by its next move rather than by a deeper pre-buffer.
+    pub(crate) fn missed(&mut self) -> bool {
+        let room = MAX_MARGIN - MIN_MARGIN;
+        let owned = self.shifts > 0 && self.extra_margin < room;
+        self.extra_margin = (self.extra_margin + MISS_MARGIN).min(room);
+        self.restart();
+        owned
+    }
+
+    /// Times the clock was moved.
+    pub(crate) fn shifts(&self) -> u64 {
+        self.shifts
+    }
+
+    fn restart(&mut self) {
+        self.ticks = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: f64) -> Duration {
+        Duration::from_secs_f64(v / 1000.0)
+    }
+
+    /// Runs the aligner against an agent whose frames land at `arrival` (ms after a tick of
+    /// the original clock, plus `jitter(i)`) and returns the final wait of each frame.
+    fn simulate(arrival: f64, jitter: impl Fn(u32) -> f64, ticks: u32) -> (Vec<f64>, u64) {
+        let mut a = PhaseAligner::default();
+        // The clock's phase: ticks at `phase + 20 k` ms.
+        let mut phase = 20.0;
+        let mut waits = Vec::new();
+        for i in 0..ticks {
+            let landed = arrival + jitter(i);
+            // The tick that plays this frame is the first one at or after it lands.
+            let mut wait = (phase - landed).rem_euclid(20.0);
+            if wait == 0.0 {
+                wait = 20.0;
+            }
+            waits.push(wait);
+            if let Some(shift) = a.on_tick(Some(ms(wait))) {
+                phase -= shift.as_secs_f64() * 1000.0;
+            }
+        }
+        (waits, a.shifts())
+    }
+
+    #[test]
+    fn a_steady_agent_gets_its_wait_cut_to_the_margin() {
+        // Frames land 1 ms after each tick: each waits 19 ms for the next one.
+        let (waits, shifts) = simulate(1.0, |_| 0.0, 200);
+        assert_eq!(waits[0], 19.0);
+        assert_eq!(shifts, 1, "one move, then the clock stays");
+        let last = *waits.last().unwrap();
+        assert!(
+            (last - 3.0).abs() < 1e-6,
+            "waits the minimum margin: {last}"
+        );
+    }
+
+    #[test]
+    fn jitter_widens_the_margin_and_no_frame_misses_its_tick() {
+        // Up to 4 ms of arrival jitter, in a repeating pattern.
+        let (waits, shifts) = simulate(1.0, |i| f64::from(i % 5), 300);
+        assert!(shifts >= 1);
+        let tail = &waits[100..];
+        let least = tail.iter().cloned().fold(f64::MAX, f64::min);
+        assert!(
+            least >= 2.9,
+            "frames keep at least the base margin before their tick: {least}"
+        );
+        let most = tail.iter().cloned().fold(0.0, f64::max);
+        assert!(most <= 10.0, "and wait less than half a frame: {most}");
+    }
+
+    #[test]
+    fn silence_or_buffered_audio_never_moves_the_clock() {
+        let mut a = PhaseAligner::default();
+        for i in 0..1000 {
+            // Every tenth tick is not just in time: no window ever completes.
+            let waited = (i % 10 != 0).then(|| ms(15.0));
+            assert_eq!(a.on_tick(waited), None);
+        }
+        assert_eq!(a.shifts(), 0);
+    }
+
+    #[test]
+    fn a_standing_queue_is_played_out() {
+        // Frames wait 23 ms: one frame queued behind the one playing, 3 ms of phase.
+        let mut a = PhaseAligner::default();
+        let shifts: Vec<_> = (0..WINDOW_TICKS)
+            .filter_map(|_| a.on_tick(Some(ms(23.0))))
+            .collect();
+        assert_eq!(
+            shifts,
+            vec![ms(20.0)],
+            "one early tick plays the queued frame"
+        );
+    }
+
+    #[test]
+    fn a_few_long_waits_do_not_count_as_jitter() {
+        // Two frames in the window queued behind a late tick.
+        let mut a = PhaseAligner::default();
+        let shift = (0..WINDOW_TICKS)
+            .filter_map(|i| a.on_tick(Some(ms(if i % 12 == 5 { 31.0 } else { 11.0 }))))
+            .next();
+        assert_eq!(shift, Some(ms(8.0)));
+    }
+
+    #[test]
+    fn a_miss_widens_the_margin() {
+        let run = |a: &mut PhaseAligner| {
+            (0..WINDOW_TICKS)
+                .filter_map(|_| a.on_tick(Some(ms(19.0))))
+                .next()
+        };
+        let mut a = PhaseAligner::default();
+        assert!(
+            !a.missed(),
+            "a clock never moved leaves misses to the pre-buffer"
+        );
+        assert_eq!(run(&mut a), Some(ms(14.0)));
+        assert!(a.missed());
+        assert_eq!(run(&mut a), Some(ms(12.0)));
+        assert!(a.missed());
+        assert!(a.missed());
+        assert!(
+            !a.missed(),
+            "past the widest margin, misses go back to the pre-buffer"
+        );
+    }
+
+    #[test]
+    fn heavy_jitter_leaves_the_clock_alone() {
+        let mut a = PhaseAligner::default();
+        for i in 0..100u32 {
+            let waited = ms(if i % 3 == 0 { 19.0 } else { 5.0 });
+            assert_eq!(a.on_tick(Some(waited)), None);
+        }
+    }
+}
