@@ -19,8 +19,8 @@
 //!
 //! - Buffer pools (the SDK's and the server's outgoing frames and texts) take a new block
 //!   when frames of the block they would reuse are still queued, that is when a peer is far
-//!   behind: at most two allocations per block of 17-32 frames. These count as ours: fewer
-//!   than one allocation in twenty frames in all ([`MAX_OURS_PER_FRAME`]).
+//!   behind: at most two allocations per block (17 frames or more). These count as ours:
+//!   fewer than one allocation in twenty frames in all ([`MAX_OURS_PER_FRAME`]).
 //! - tungstenite's read buffer (a dependency): each WebSocket reads into a 4 KiB `BytesMut`
 //!   and hands out every message as a `Bytes` split off it, which is free. When a message's
 //!   header arrives and the block has no room left, tungstenite reserves the whole payload;
