@@ -5,7 +5,8 @@
 //!
 //! - each call's media clock (`call`), against audio an agent produces in real time;
 //! - each SIP leg's playout tick (`rtp::leg`), against RTP packets from the phone, which land
-//!   every 20 ms at a phase of their own (see [`crate::rtp::session::RtpSession::take_clock_shift`]).
+//!   every 20 ms at a phase of their own (see
+//!   [`RtpSession::take_clock_shift`](crate::rtp::session::RtpSession::take_clock_shift)).
 //!
 //! Such a clock starts at an arbitrary phase relative to the audio it plays. Audio that comes
 //! in real time (an echo, a streaming voice pipeline paced by the caller's speech, a phone's

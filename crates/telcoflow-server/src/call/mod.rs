@@ -991,8 +991,8 @@ impl CallActor {
         let held = self.playout.buffered();
         let agent_speaks = !self.agent_left && self.playout.pop_frame(&mut self.agent_frame);
         // The agent paces this audio when it still owes some: it sends frames as it makes
-        // them, so time they spend here is delay this buffer adds (see `crate::phase`). A full frame
-        // and no pre-buffer held on purpose.
+        // them, so time they spend here is delay this buffer adds (see `crate::phase`). A full
+        // frame and no pre-buffer held on purpose.
         let paced_by_agent = agent_speaks
             && held >= n * 2
             && self.playout.outstanding() > 0

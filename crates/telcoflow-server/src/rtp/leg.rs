@@ -208,8 +208,10 @@ impl RtpLeg {
                 // Cancel-safe: a missed tick is replayed later by the interval.
                 at = ticker.tick(), if self.session.is_some() => {
                     let flow = self.on_tick().await;
-                    if let Some(shift) = self.session.as_mut().and_then(|s| s.take_clock_shift()) {
-                        debug!(shift_us = shift.as_micros() as u64, "RTP playout tick moved earlier");
+                    let shift = self.session.as_mut().and_then(|s| s.take_clock_shift());
+                    if let Some(shift) = shift {
+                        let shift_us = shift.as_micros() as u64;
+                        debug!(shift_us, "RTP playout tick moved earlier");
                         ticker.reset_at(at + super::jitter::FRAME_DURATION - shift);
                     }
                     flow
