@@ -28,8 +28,9 @@
 //!   scheduling noise at one frame instead of rounding 20.3 ms up to two: the owner's playout
 //!   tick keeps a margin of a few ms after packets typically land (see
 //!   [`Frame::slack`] and `crate::phase`), which absorbs that much.
-//!   When the depth exceeds the target by more than two frames, one frame per tick is dropped
-//!   (oldest first) to bring latency back down; these count as discarded.
+//!   When the depth exceeds the target by more than two frames (and 80 ms), one frame per tick
+//!   is dropped (oldest first) to bring latency back down; these count as discarded. Below
+//!   that, a standing frame is played out by the owner's tick moving earlier (no loss).
 //! - Each played frame reports its [`Frame::slack`]: how long it waited beyond what the
 //!   target asks for. A playout tick that comes right after packets land keeps it small; the
 //!   owner moves its tick by it. A packet that lands after its tick while playout is held for
@@ -52,6 +53,8 @@ pub const FADE_FRAMES: u32 = 3;
 /// units (5 ms), compared with `3 J`. Sub-ms noise from schedulers and timers is absorbed by
 /// the playout tick's margin instead of costing a whole 20 ms frame.
 const JITTER_TOLERANCE: u64 = 40;
+/// Least depth [`JitterBuffer::pop`] drops frames above (80 ms).
+const DISCARD_FLOOR_FRAMES: u32 = 4;
 /// A sequence jump this large (either direction) is treated as a new stream (RFC 3550 A.1
 /// uses the same dropout bound).
 const MAX_DROPOUT: i32 = 3000;
@@ -269,6 +272,13 @@ impl JitterBuffer {
         d.max(0) as u32
     }
 
+    /// Depth above which frames are dropped to bring latency down: two frames over the
+    /// target, and never below what a two-frame target allowed, so that a short stall (a
+    /// burst of packets after it) is played out by the owner's tick moving rather than lost.
+    fn discard_above(&self) -> u32 {
+        (self.target_frames + 2).max(DISCARD_FLOOR_FRAMES)
+    }
+
     fn restart(&mut self) {
         for slot in self.slots.iter_mut() {
             slot.filled = false;
@@ -404,7 +414,7 @@ impl JitterBuffer {
             }
         }
         // Latency above target: drop one frame per tick, oldest first.
-        if self.depth() > self.target_frames + 2 {
+        if self.depth() > self.discard_above() {
             if self.clear_slot(self.next) {
                 self.stats.discarded += 1;
             }
@@ -674,7 +684,28 @@ mod tests {
         }
         assert!(h.jb.stats().discarded > 0);
         assert_eq!(played.last(), Some(&level(40)));
-        assert!(h.jb.depth() <= h.jb.target_frames + 2);
+        assert!(h.jb.depth() <= h.jb.discard_above());
+    }
+
+    #[test]
+    fn a_short_stall_is_played_out_not_discarded() {
+        let t = Instant::now();
+        let mut src = Src::new();
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(&src.packet(1), t);
+        assert_eq!(jb.pop(t).kind, FrameKind::Audio);
+        // Packets land on time (no jitter: one-frame target) while ticks stall for 60 ms.
+        for seq in 2..=5u16 {
+            jb.push(&src.packet(seq), t + FRAME_DURATION * u32::from(seq - 1));
+        }
+        assert_eq!(jb.target_delay(), FRAME_DURATION);
+        assert_eq!(jb.depth(), 4);
+        let now = t + FRAME_DURATION * 4;
+        for seq in 2..=5 {
+            let f = jb.pop(now);
+            assert_eq!((f.kind, f.samples[0]), (FrameKind::Audio, level(seq)));
+        }
+        assert_eq!(jb.stats().discarded, 0);
     }
 
     #[test]
@@ -741,6 +772,8 @@ mod tests {
             // J = 2.4 or 8 units: `1 + 3 J` rounded up would be two frames.
             assert!(jb.jitter() > 0, "{noise_us} us");
             assert_eq!(jb.target_delay(), FRAME_DURATION, "{noise_us} us");
+            // Latency is cut back only above 80 ms, as with the former two-frame minimum.
+            assert_eq!(jb.discard_above(), 4);
         }
         // Past the tolerance (3 J > 5 ms) the target grows again: 2 ms of noise gives J = 16.
         let mut jb = JitterBuffer::new(JitterConfig::default());

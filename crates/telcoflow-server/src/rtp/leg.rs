@@ -229,6 +229,8 @@ impl RtpLeg {
                 received = stats.packets_received,
                 concealed = jitter.concealed,
                 late = jitter.late,
+                discarded = jitter.discarded,
+                overflow = jitter.overflow,
                 resumed_late = jitter.resumed_late,
                 jitter_us = u64::from(s.jitter_buffer().jitter()) * 125,
                 target_ms = s.jitter_buffer().target_delay().as_millis() as u64,
