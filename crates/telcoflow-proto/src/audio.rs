@@ -129,7 +129,13 @@ pub fn samples_to_pcm(samples: &[i16], out: &mut Vec<u8>) {
     // per-sample `extend_from_slice` checked capacity for every sample (28x slower).
     let start = out.len();
     out.resize(start + samples.len() * BYTES_PER_SAMPLE, 0);
-    for (b, s) in out[start..].chunks_exact_mut(BYTES_PER_SAMPLE).zip(samples) {
+    write_pcm(samples, &mut out[start..]);
+}
+
+/// Writes `samples` as little-endian PCM over the start of `out`, which holds at least two
+/// bytes per sample; extra samples (or bytes) are left alone.
+pub fn write_pcm(samples: &[i16], out: &mut [u8]) {
+    for (b, s) in out.chunks_exact_mut(BYTES_PER_SAMPLE).zip(samples) {
         b.copy_from_slice(&s.to_le_bytes());
     }
 }

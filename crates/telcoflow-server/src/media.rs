@@ -13,6 +13,7 @@ use axum::extract::ws::{
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -90,6 +91,9 @@ pub(crate) async fn media_ws(
         })
 }
 
+/// Most frames written to the socket before it is flushed.
+const MAX_BATCH: usize = 16;
+
 async fn run(
     shared: Arc<Shared>,
     call: crate::call::CallHandle,
@@ -107,19 +111,42 @@ async fn run(
             biased;
             // Cancel-safe: mpsc recv. Outgoing first so responses are not held behind audio input.
             out = rx.recv() => {
-                let msg = match out {
-                    Some(MediaOut::Text(text)) => Message::Text(text.into()),
-                    Some(MediaOut::Response(text)) => {
-                        in_flight = in_flight.saturating_sub(1);
-                        Message::Text(text.into())
+                // Everything already queued leaves in one write: a caller frame and the buffer
+                // request behind it wake the agent once, and cost one system call here.
+                let mut next = out;
+                let mut written = 0;
+                let closing = loop {
+                    let msg = match next {
+                        Some(MediaOut::Text(text)) => Message::Text(text.into()),
+                        Some(MediaOut::Response(text)) => {
+                            in_flight = in_flight.saturating_sub(1);
+                            Message::Text(text.into())
+                        }
+                        Some(MediaOut::Audio(frame)) => Message::Binary(frame),
+                        Some(MediaOut::Close) | None => break true,
+                    };
+                    if socket.feed(msg).await.is_err() {
+                        break true;
                     }
-                    Some(MediaOut::Audio(frame)) => Message::Binary(frame),
-                    Some(MediaOut::Close) | None => {
-                        let _ = socket.send(Message::Close(None)).await;
-                        break;
+                    written += 1;
+                    match rx.try_recv() {
+                        Ok(out) if written < MAX_BATCH => next = Some(out),
+                        Ok(out) => {
+                            // Flush what is batched; the rest starts the next batch.
+                            if socket.flush().await.is_err() {
+                                break true;
+                            }
+                            written = 0;
+                            next = Some(out);
+                        }
+                        Err(_) => break false,
                     }
                 };
-                if socket.send(msg).await.is_err() {
+                if closing {
+                    let _ = socket.send(Message::Close(None)).await;
+                    break;
+                }
+                if socket.flush().await.is_err() {
                     break;
                 }
             }

@@ -400,6 +400,8 @@ struct CallActor {
     aligner: PhaseAligner,
     /// How much earlier the next tick should come, decided by the last tick.
     clock_shift: Option<Duration>,
+    /// A buffer request waits for the next caller frame to the agent (see `on_tick`).
+    request_deferred: bool,
     ring_deadline: Instant,
     claimed: bool,
     /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
@@ -453,6 +455,7 @@ impl CallActor {
             media_lost_at: None,
             aligner: PhaseAligner::default(),
             clock_shift: None,
+            request_deferred: false,
             ring_deadline,
             claimed: outbound.is_some(),
             outbound: outbound.is_some(),
@@ -963,6 +966,9 @@ impl CallActor {
                             frame_bytes(&mut self.media_pool, Some(CHANNEL_CALLER), &self.scratch);
                         self.send_media(MediaOut::Audio(caller));
                     }
+                    if std::mem::take(&mut self.request_deferred) {
+                        self.request_audio();
+                    }
                 }
             }
             LegEvent::Dtmf { digit, duration_ms } => {
@@ -1064,6 +1070,13 @@ impl CallActor {
                     self.send_media(MediaOut::Audio(callee));
                 }
             }
+        }
+        if !callee_up && !std::mem::take(&mut self.request_deferred) {
+            // Caller audio goes to the agent as it arrives, between ticks: ask with the next
+            // caller frame, so that both leave in one write (one wake-up for the agent), or
+            // at the next tick at the latest.
+            self.request_deferred = self.playout.want().is_some();
+            return;
         }
         self.request_audio();
     }
@@ -1210,9 +1223,11 @@ fn frame_bytes(pool: &mut BytesMut, channel: Option<u8>, samples: &[i16]) -> Byt
     if let Some(channel) = channel {
         pool.put_u8(channel);
     }
-    for s in samples {
-        pool.put_i16_le(*s);
-    }
+    // Sized once and filled in one vectorised pass; `put_i16_le` per sample re-checked the
+    // length for each one and was the server's costliest function of its own.
+    let start = pool.len();
+    pool.resize(start + samples.len() * 2, 0);
+    telcoflow_proto::audio::write_pcm(samples, &mut pool[start..]);
     pool.split().freeze()
 }
 
