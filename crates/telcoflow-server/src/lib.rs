@@ -22,6 +22,7 @@ pub mod config;
 mod control;
 mod http;
 mod media;
+mod phase;
 mod registry;
 pub mod rtp;
 pub mod sim;

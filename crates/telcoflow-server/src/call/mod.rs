@@ -13,16 +13,15 @@
 //!   and the legs hear each other plus the agent as whisper / barge / spy decide.
 
 mod leg;
-mod phase;
 mod playout;
 
 pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput};
 
 use crate::audio::Resampler;
 use crate::config::ConnectorConfig;
+use crate::phase::PhaseAligner;
 use crate::state::Shared;
 use bytes::{BufMut, Bytes, BytesMut};
-use phase::PhaseAligner;
 use playout::Playout;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -1004,8 +1003,8 @@ impl CallActor {
         let held = self.playout.buffered();
         let agent_speaks = !self.agent_left && self.playout.pop_frame(&mut self.agent_frame);
         // The agent paces this audio when it still owes some: it sends frames as it makes
-        // them, so time they spend here is delay this buffer adds (see `phase`). A full frame
-        // and no pre-buffer held on purpose.
+        // them, so time they spend here is delay this buffer adds (see `crate::phase`). A full
+        // frame and no pre-buffer held on purpose.
         let paced_by_agent = agent_speaks
             && held >= n * 2
             && self.playout.outstanding() > 0

@@ -243,7 +243,7 @@ impl Playout {
     }
 
     /// Undoes what the latest gap did to the pre-buffer: the caller fixes its cause another
-    /// way (the media clock moves, see `phase`).
+    /// way (the media clock moves, see `crate::phase`).
     pub(crate) fn forgive_gap(&mut self) {
         self.prebuffer_frames = (self.prebuffer_frames - 1).max(1);
     }

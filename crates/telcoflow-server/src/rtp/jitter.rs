@@ -23,9 +23,18 @@
 //!   concealed twice. After [`JitterConfig::max_delay`] of underrun the
 //!   buffer starts over (a new talk spurt, or the peer stopped sending, e.g. on hold).
 //! - The target depth follows the RFC 3550 interarrival jitter estimate `J`:
-//!   `1 frame + 3 J`, rounded up to whole frames and clamped to `[min_delay, max_delay]`.
-//!   When the depth exceeds the target by more than two frames, one frame per tick is dropped
-//!   (oldest first) to bring latency back down; these count as discarded.
+//!   `1 frame + 3 J - JITTER_TOLERANCE`, rounded up to whole frames and clamped to
+//!   `[min_delay, max_delay]`. The tolerance (5 ms) keeps a steady stream with a little
+//!   scheduling noise at one frame instead of rounding 20.3 ms up to two: the owner's playout
+//!   tick keeps a margin of a few ms after packets typically land (see
+//!   [`Frame::slack`] and `crate::phase`), which absorbs that much.
+//!   When the depth exceeds the target by more than two frames (and 80 ms), one frame per tick
+//!   is dropped (oldest first) to bring latency back down; these count as discarded. Below
+//!   that, a standing frame is played out by the owner's tick moving earlier (no loss).
+//! - Each played frame reports its [`Frame::slack`]: how long it waited beyond what the
+//!   target asks for. A playout tick that comes right after packets land keeps it small; the
+//!   owner moves its tick by it. A packet that lands after its tick while playout is held for
+//!   it counts as [`JitterStats::resumed_late`]: the tick should come later.
 //! - A packet too far ahead for the ring (a burst after a stall) makes room by dropping the
 //!   oldest frames, counted as overflow. A large sequence jump or an SSRC change restarts.
 
@@ -40,6 +49,12 @@ pub const FRAME_SAMPLES: usize = 160;
 pub const FRAME_DURATION: Duration = Duration::from_millis(20);
 /// Concealed ticks that repeat the last frame (with decreasing gain) before silence.
 pub const FADE_FRAMES: u32 = 3;
+/// Jitter the target depth tolerates before it grows past one frame, in 8 kHz timestamp
+/// units (5 ms), compared with `3 J`. Sub-ms noise from schedulers and timers is absorbed by
+/// the playout tick's margin instead of costing a whole 20 ms frame.
+const JITTER_TOLERANCE: u64 = 40;
+/// Least depth [`JitterBuffer::pop`] drops frames above (80 ms).
+const DISCARD_FLOOR_FRAMES: u32 = 4;
 /// A sequence jump this large (either direction) is treated as a new stream (RFC 3550 A.1
 /// uses the same dropout bound).
 const MAX_DROPOUT: i32 = 3000;
@@ -47,7 +62,8 @@ const MAX_DROPOUT: i32 = 3000;
 /// Jitter buffer settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JitterConfig {
-    /// Lowest target delay. Default 40 ms. Rounded up to whole frames, at least one.
+    /// Lowest target delay. Default 20 ms (one frame: play each frame as soon as it is
+    /// due, growing only from measured jitter). Rounded up to whole frames, at least one.
     pub min_delay: Duration,
     /// Highest target delay, and how long an underrun lasts before the buffer restarts.
     /// Default 200 ms. Raised to `min_delay` if lower.
@@ -60,7 +76,7 @@ pub struct JitterConfig {
 impl Default for JitterConfig {
     fn default() -> Self {
         Self {
-            min_delay: Duration::from_millis(40),
+            min_delay: Duration::from_millis(20),
             max_delay: Duration::from_millis(200),
             capacity: 64,
         }
@@ -98,6 +114,10 @@ pub struct Frame<'a> {
     pub kind: FrameKind,
     /// [`FRAME_SAMPLES`] samples at 8 kHz.
     pub samples: &'a [i16],
+    /// For received audio: how long its packet waited for this tick beyond the target
+    /// depth's extra frames (`target - 1 frame`), i.e. how much earlier this tick could have
+    /// come. `None` for concealment and silence.
+    pub slack: Option<Duration>,
 }
 
 /// Counters since creation.
@@ -107,6 +127,9 @@ pub struct JitterStats {
     pub received: u64,
     /// Frames played from received audio.
     pub played: u64,
+    /// Packets that landed after their tick while playout was held for them (played a tick
+    /// late, with the delay one frame longer).
+    pub resumed_late: u64,
     /// Ticks concealed (loss or lateness while playing).
     pub concealed: u64,
     /// Packets dropped because their tick had passed.
@@ -126,6 +149,8 @@ pub struct JitterStats {
 struct Slot {
     filled: bool,
     seq: u16,
+    /// When the packet arrived (set with `filled`).
+    arrived: Option<Instant>,
     samples: [i16; FRAME_SAMPLES],
 }
 
@@ -197,6 +222,7 @@ impl JitterBuffer {
             .map(|_| Slot {
                 filled: false,
                 seq: 0,
+                arrived: None,
                 samples: [0; FRAME_SAMPLES],
             })
             .collect();
@@ -246,6 +272,13 @@ impl JitterBuffer {
         d.max(0) as u32
     }
 
+    /// Depth above which frames are dropped to bring latency down: two frames over the
+    /// target, and never below what a two-frame target allowed, so that a short stall (a
+    /// burst of packets after it) is played out by the owner's tick moving rather than lost.
+    fn discard_above(&self) -> u32 {
+        (self.target_frames + 2).max(DISCARD_FLOOR_FRAMES)
+    }
+
     fn restart(&mut self) {
         for slot in self.slots.iter_mut() {
             slot.filled = false;
@@ -282,6 +315,12 @@ impl JitterBuffer {
         let seq = h.sequence;
         if self.any {
             let mut from_next = seq_diff(seq, self.next);
+            if from_next == 0 && self.underrun_ticks > 0 {
+                // The frame playout has been holding for: it missed its tick. The hold is
+                // over; a packet right behind it must not count the held ticks again.
+                self.stats.resumed_late += 1;
+                self.underrun_ticks = 0;
+            }
             if from_next > 0 && self.underrun_ticks > 0 {
                 // Playout was held for `underrun_ticks` concealed ticks waiting for `next`.
                 // Those ticks already covered that many missing frames: skip them rather
@@ -326,6 +365,7 @@ impl JitterBuffer {
         }
         slot.filled = true;
         slot.seq = seq;
+        slot.arrived = Some(now);
         if !self.any {
             self.any = true;
             self.next = seq;
@@ -352,13 +392,14 @@ impl JitterBuffer {
         }
         self.last_transit = Some(transit);
         let jitter = self.jitter_q4 >> 4;
-        let wanted = 1 + (3 * jitter).div_ceil(FRAME_SAMPLES as u64);
+        let beyond = (3 * jitter).saturating_sub(JITTER_TOLERANCE);
+        let wanted = 1 + beyond.div_ceil(FRAME_SAMPLES as u64);
         self.target_frames =
             (wanted.min(u64::from(u32::MAX)) as u32).clamp(self.min_frames, self.max_frames);
     }
 
     /// Produces the frame for this 20 ms tick.
-    pub fn pop(&mut self, _now: Instant) -> Frame<'_> {
+    pub fn pop(&mut self, now: Instant) -> Frame<'_> {
         if self.state == State::Buffering {
             if self.any && self.depth() >= self.target_frames {
                 self.state = State::Playing;
@@ -368,11 +409,12 @@ impl JitterBuffer {
                 return Frame {
                     kind: FrameKind::Silence,
                     samples: &self.out,
+                    slack: None,
                 };
             }
         }
         // Latency above target: drop one frame per tick, oldest first.
-        if self.depth() > self.target_frames + 2 {
+        if self.depth() > self.discard_above() {
             if self.clear_slot(self.next) {
                 self.stats.discarded += 1;
             }
@@ -388,9 +430,15 @@ impl JitterBuffer {
             self.concealed_run = 0;
             self.underrun_ticks = 0;
             self.stats.played += 1;
+            // Frames the target keeps on purpose are not slack.
+            let held = FRAME_DURATION * (self.target_frames - 1);
+            let slack = slot
+                .arrived
+                .map(|at| now.saturating_duration_since(at).saturating_sub(held));
             return Frame {
                 kind: FrameKind::Audio,
                 samples: &self.out,
+                slack,
             };
         }
         if self.depth() > 1 {
@@ -417,6 +465,7 @@ impl JitterBuffer {
         Frame {
             kind: FrameKind::Concealed,
             samples: &self.out,
+            slack: None,
         }
     }
 }
@@ -635,7 +684,28 @@ mod tests {
         }
         assert!(h.jb.stats().discarded > 0);
         assert_eq!(played.last(), Some(&level(40)));
-        assert!(h.jb.depth() <= h.jb.target_frames + 2);
+        assert!(h.jb.depth() <= h.jb.discard_above());
+    }
+
+    #[test]
+    fn a_short_stall_is_played_out_not_discarded() {
+        let t = Instant::now();
+        let mut src = Src::new();
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(&src.packet(1), t);
+        assert_eq!(jb.pop(t).kind, FrameKind::Audio);
+        // Packets land on time (no jitter: one-frame target) while ticks stall for 60 ms.
+        for seq in 2..=5u16 {
+            jb.push(&src.packet(seq), t + FRAME_DURATION * u32::from(seq - 1));
+        }
+        assert_eq!(jb.target_delay(), FRAME_DURATION);
+        assert_eq!(jb.depth(), 4);
+        let now = t + FRAME_DURATION * 4;
+        for seq in 2..=5 {
+            let f = jb.pop(now);
+            assert_eq!((f.kind, f.samples[0]), (FrameKind::Audio, level(seq)));
+        }
+        assert_eq!(jb.stats().discarded, 0);
     }
 
     #[test]
@@ -662,7 +732,8 @@ mod tests {
     #[test]
     fn jitter_raises_target_delay_within_bounds() {
         let mut h = Harness::new(JitterConfig::default());
-        assert_eq!(h.jb.target_delay(), Duration::from_millis(40));
+        // One frame by default (was two before the tolerance for scheduling noise).
+        assert_eq!(h.jb.target_delay(), Duration::from_millis(20));
         // Packets every 20 ms of media time, arriving alternately 0 and 60 ms late.
         let base = h.now;
         for seq in 0..200u16 {
@@ -685,6 +756,81 @@ mod tests {
         }
         // J ~ 80: 1 + ceil(240 / 160) = 3 frames.
         assert_eq!(small.jb.target_delay(), Duration::from_millis(60));
+    }
+
+    #[test]
+    fn scheduling_noise_keeps_one_frame() {
+        let base = Instant::now();
+        for noise_us in [300u64, 1000] {
+            let mut jb = JitterBuffer::new(JitterConfig::default());
+            let mut src = Src::new();
+            for seq in 0..200u16 {
+                let delay = if seq % 2 == 0 { 0 } else { noise_us };
+                let at = base + FRAME_DURATION * u32::from(seq) + Duration::from_micros(delay);
+                jb.push(&src.packet(seq), at);
+            }
+            // J = 2.4 or 8 units: `1 + 3 J` rounded up would be two frames.
+            assert!(jb.jitter() > 0, "{noise_us} us");
+            assert_eq!(jb.target_delay(), FRAME_DURATION, "{noise_us} us");
+            // Latency is cut back only above 80 ms, as with the former two-frame minimum.
+            assert_eq!(jb.discard_above(), 4);
+        }
+        // Past the tolerance (3 J > 5 ms) the target grows again: 2 ms of noise gives J = 16.
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        let mut src = Src::new();
+        for seq in 0..200u16 {
+            let delay = if seq % 2 == 0 { 0 } else { 2 };
+            let at = base + FRAME_DURATION * u32::from(seq) + Duration::from_millis(delay);
+            jb.push(&src.packet(seq), at);
+        }
+        assert_eq!(jb.target_delay(), FRAME_DURATION * 2);
+    }
+
+    #[test]
+    fn slack_is_the_wait_beyond_the_target() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut src = Src::new();
+        // One frame: the wait itself.
+        let mut jb = JitterBuffer::new(fixed(1));
+        assert_eq!(jb.pop(t).slack, None, "silence while buffering");
+        jb.push(&src.packet(1), t);
+        let f = jb.pop(t + ms(7));
+        assert_eq!((f.kind, f.slack), (FrameKind::Audio, Some(ms(7))));
+        let f = jb.pop(t + ms(27));
+        assert_eq!((f.kind, f.slack), (FrameKind::Concealed, None));
+        // Two frames: the first 20 ms of each wait are the target's, not slack.
+        let mut jb = JitterBuffer::new(fixed(2));
+        jb.push(&src.packet(1), t);
+        jb.push(&src.packet(2), t + ms(20));
+        assert_eq!(jb.pop(t + ms(27)).slack, Some(ms(7)));
+        jb.push(&src.packet(3), t + ms(40));
+        assert_eq!(jb.pop(t + ms(47)).slack, Some(ms(7)));
+        // A frame that waited less than the target has no slack.
+        jb.push(&src.packet(4), t + ms(60));
+        jb.push(&src.packet(5), t + ms(66));
+        assert_eq!(jb.pop(t + ms(67)).slack, Some(ms(7)));
+        assert_eq!(jb.pop(t + ms(68)).slack, Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_packet_after_its_held_tick_is_resumed_late() {
+        let mut h = Harness::new(fixed(1));
+        h.push(1);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(1)));
+        assert_eq!(h.pop().0, FrameKind::Concealed); // held for 2
+        assert_eq!(h.push(2), Push::Buffered);
+        assert_eq!(h.jb.stats().resumed_late, 1);
+        // The next packet lands before the tick: both play, in order, nothing skipped.
+        assert_eq!(h.push(3), Push::Buffered);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(2)));
+        assert_eq!(h.pop(), (FrameKind::Audio, level(3)));
+        // 4 lost: the hold ends with 5, on time for its own tick. Not a late packet.
+        assert_eq!(h.pop().0, FrameKind::Concealed);
+        assert_eq!(h.push(5), Push::Buffered);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(5)));
+        let s = h.jb.stats();
+        assert_eq!((s.resumed_late, s.late, s.concealed), (1, 0, 2));
     }
 
     #[test]

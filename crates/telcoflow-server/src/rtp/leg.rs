@@ -6,7 +6,8 @@
 //!
 //! - Every 20 ms it pops a frame from the jitter buffer and hands it to the call as
 //!   `LegEvent::Audio`; RTCP reports go out when due; no packet for the RTP timeout ends the
-//!   call.
+//!   call. The tick moves earlier when the session says so, to pop frames shortly after the
+//!   phone's packets land rather than up to a frame later.
 //! - Each `LegOutput::Audio` frame from the call (paced by the call's own 20 ms clock) becomes
 //!   one RTP packet.
 //! - RFC 4733 events and SIP INFO digits become `LegEvent::Dtmf`.
@@ -205,7 +206,16 @@ impl RtpLeg {
                     Flow::Continue
                 }
                 // Cancel-safe: a missed tick is replayed later by the interval.
-                _ = ticker.tick(), if self.session.is_some() => self.on_tick().await,
+                at = ticker.tick(), if self.session.is_some() => {
+                    let flow = self.on_tick().await;
+                    let shift = self.session.as_mut().and_then(|s| s.take_clock_shift());
+                    if let Some(shift) = shift {
+                        let shift_us = shift.as_micros() as u64;
+                        debug!(shift_us, "RTP playout tick moved earlier");
+                        ticker.reset_at(at + super::jitter::FRAME_DURATION - shift);
+                    }
+                    flow
+                }
             };
             if matches!(flow, Flow::Stop) {
                 break;
@@ -218,6 +228,13 @@ impl RtpLeg {
                 sent = stats.packets_sent,
                 received = stats.packets_received,
                 concealed = jitter.concealed,
+                late = jitter.late,
+                discarded = jitter.discarded,
+                overflow = jitter.overflow,
+                resumed_late = jitter.resumed_late,
+                jitter_us = u64::from(s.jitter_buffer().jitter()) * 125,
+                target_ms = s.jitter_buffer().target_delay().as_millis() as u64,
+                tick_shifts = s.clock_shifts(),
                 "RTP leg ended"
             );
         }

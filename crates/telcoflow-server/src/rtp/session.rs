@@ -8,8 +8,11 @@
 //!   source and arrival time. Audio goes into the jitter buffer; the return value tells the
 //!   owner about DTMF digits and RTCP.
 //! - Every 20 ms tick: [`RtpSession::pop_frame`] for the 160 samples to play towards the
-//!   agent, and [`RtpSession::write_audio`] to packetise 160 samples from the agent into a
-//!   buffer the owner sends to [`RtpSession::remote`].
+//!   agent, then [`RtpSession::take_clock_shift`]: when it says so, the owner's next tick comes
+//!   that much earlier, so that frames are popped soon after their packets land (the phone's
+//!   packets arrive at a phase unrelated to the tick; see `crate::phase`).
+//! - [`RtpSession::write_audio`] packetises 160 samples from the agent into a buffer the
+//!   owner sends to [`RtpSession::remote`] (paced by the call's clock, not the tick above).
 //! - [`RtpSession::poll_rtcp`] writes a compound SR/RR + SDES packet when one is due (every
 //!   [`SessionConfig::rtcp_interval`]); it takes the wall clock as an argument for the NTP
 //!   timestamp. Send it from the RTCP port (ours + 1) to [`RtpSession::rtcp_remote`], and
@@ -29,6 +32,8 @@ use std::time::{Duration, Instant};
 
 use super::g711::G711;
 use super::jitter::{FRAME_SAMPLES, Frame, JitterBuffer, JitterConfig};
+use crate::phase::PhaseAligner;
+
 use super::packet::{
     Dtmf, DtmfReceiver, PacketError, ReceiverReport, ReportBlock, RtcpPacket, RtpHeader, RtpPacket,
     SenderReport, TelephoneEvent, is_rtcp, ntp_timestamp, write_sdes_cname,
@@ -205,6 +210,12 @@ pub struct RtpSession {
     /// The peer sent RTCP on its RTP port: send ours there too.
     rtcp_mux: bool,
     jitter: JitterBuffer,
+    /// Moves the playout tick to just after packets land.
+    aligner: PhaseAligner,
+    /// A move the owner has not applied yet.
+    clock_shift: Option<Duration>,
+    /// `resumed_late` of the jitter buffer already reported to the aligner.
+    misses_seen: u64,
     dtmf: DtmfReceiver,
     reception: Reception,
     sequence: u16,
@@ -235,6 +246,9 @@ impl RtpSession {
             rtcp_latched: false,
             rtcp_mux: false,
             jitter,
+            aligner: PhaseAligner::default(),
+            clock_shift: None,
+            misses_seen: 0,
             dtmf: DtmfReceiver::default(),
             reception: Reception::default(),
             sequence: config.initial_sequence,
@@ -355,6 +369,12 @@ impl RtpSession {
             };
         }
         self.jitter.push(&packet, now);
+        let misses = self.jitter.stats().resumed_late;
+        if misses != self.misses_seen {
+            // The packet landed after its tick: keep more margin before the tick.
+            self.misses_seen = misses;
+            self.aligner.missed();
+        }
         Received::Audio
     }
 
@@ -409,7 +429,23 @@ impl RtpSession {
 
     /// The frame to play this tick.
     pub fn pop_frame(&mut self, now: Instant) -> Frame<'_> {
-        self.jitter.pop(now)
+        let frame = self.jitter.pop(now);
+        if let Some(shift) = self.aligner.on_tick(frame.slack) {
+            self.clock_shift = Some(shift);
+        }
+        frame
+    }
+
+    /// How much earlier than one frame after the last tick the next tick should come, once
+    /// per move (`None` when the tick stays put). Packets then land shortly before the tick
+    /// that plays them, with a margin from the jitter observed.
+    pub fn take_clock_shift(&mut self) -> Option<Duration> {
+        self.clock_shift.take()
+    }
+
+    /// Times the playout tick was moved earlier.
+    pub fn clock_shifts(&self) -> u64 {
+        self.aligner.shifts()
     }
 
     /// Packetises one 20 ms frame (`FRAME_SAMPLES` samples; shorter input is padded with
@@ -552,6 +588,82 @@ mod tests {
         // Short input is padded with silence.
         assert_eq!(p.payload[159], 0xFF);
         assert_eq!(s.stats().packets_sent, 4);
+    }
+
+    /// Packets land every 20 ms at `1 ms + jitter(i)` after a tick of the leg's original
+    /// clock; the tick runs as the leg runs it (moved by `take_clock_shift`). Returns the
+    /// slack of each frame played and the session.
+    fn run_ticks(jitter: impl Fn(u16) -> Duration, ticks: u16) -> (Vec<Duration>, RtpSession) {
+        let t0 = Instant::now();
+        let mut s = session(t0);
+        s.config.jitter = JitterConfig::default();
+        s.jitter = JitterBuffer::new(JitterConfig::default());
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        let arrival = |seq: u16| {
+            t0 + FRAME_DURATION * u32::from(seq) + Duration::from_millis(1) + jitter(seq)
+        };
+        let mut tick = t0 + FRAME_DURATION;
+        let mut seq = 0u16;
+        let mut slacks = Vec::new();
+        for _ in 0..ticks {
+            while arrival(seq) <= tick {
+                let p = rtp(0, seq, u32::from(seq) * 160, &[0xFF; 160]);
+                assert_eq!(s.handle_datagram(src, &p, arrival(seq)), Received::Audio);
+                seq += 1;
+            }
+            let f = s.pop_frame(tick);
+            if f.kind == FrameKind::Audio {
+                slacks.push(f.slack.unwrap());
+            }
+            tick += FRAME_DURATION;
+            if let Some(shift) = s.take_clock_shift() {
+                tick -= shift;
+            }
+        }
+        (slacks, s)
+    }
+
+    #[test]
+    fn the_playout_tick_moves_to_just_after_packets_land() {
+        // Packets land 1 ms after each tick: at first each waits 19 ms for the next one.
+        let (slacks, s) = run_ticks(|_| Duration::ZERO, 200);
+        assert_eq!(slacks[0], Duration::from_millis(19));
+        assert_eq!(s.clock_shifts(), 1, "one move, then the tick stays");
+        assert_eq!(*slacks.last().unwrap(), Duration::from_millis(3));
+        let stats = s.jitter_buffer().stats();
+        assert_eq!((stats.concealed, stats.late, stats.discarded), (0, 0, 0));
+        assert_eq!(s.jitter_buffer().target_delay(), FRAME_DURATION);
+    }
+
+    #[test]
+    fn a_jittery_stream_keeps_a_margin_and_misses_nothing() {
+        // 0-4 ms of arrival jitter in a repeating pattern.
+        let (slacks, s) = run_ticks(|i| Duration::from_millis(u64::from(i % 5)), 300);
+        assert!(s.clock_shifts() >= 1);
+        let tail = &slacks[100..];
+        let least = tail.iter().min().unwrap();
+        let most = tail.iter().max().unwrap();
+        assert!(*least >= Duration::from_millis(3), "{least:?}");
+        assert!(*most <= Duration::from_millis(10), "{most:?}");
+        let stats = s.jitter_buffer().stats();
+        assert_eq!((stats.concealed, stats.resumed_late), (0, 0));
+    }
+
+    #[test]
+    fn a_late_packet_widens_the_margin() {
+        // Once aligned (3 ms margin), packet 60 lands 5 ms late: it misses its tick, plays a
+        // tick later, and the frames after it queue one deep until the tick moves again.
+        let late = |i: u16| Duration::from_millis(if i == 60 { 5 } else { 0 });
+        let (slacks, s) = run_ticks(late, 200);
+        let stats = s.jitter_buffer().stats();
+        assert_eq!((stats.resumed_late, stats.concealed), (1, 1));
+        assert_eq!(stats.discarded, 0);
+        // The standing frame is played out by the next moves (the window that saw the late
+        // frame itself counts 5 ms of jitter, so the first move keeps a wider margin), and
+        // the tick settles with 2 ms more margin than before.
+        assert_eq!(s.clock_shifts(), 3);
+        assert!(slacks[60..].iter().all(|w| *w <= Duration::from_millis(23)));
+        assert_eq!(*slacks.last().unwrap(), Duration::from_millis(5));
     }
 
     #[test]

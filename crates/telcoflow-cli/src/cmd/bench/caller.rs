@@ -340,10 +340,17 @@ impl<'a> Stream<'a> {
     /// The next frame to send at `now`: speech with its marker. Counts it as sent.
     pub(super) fn next_frame(&mut self, now: Instant) -> &[i16] {
         let kind = self.kind_now(now);
+        // Copied in at most two runs (the clip wraps): a modulo per sample made this the
+        // bench process's costliest function, which at hundreds of calls eats into the cores
+        // the server and agents are measured on.
         let speech = &self.plan.speech;
-        for s in self.frame.iter_mut() {
-            *s = speech[self.speech_pos];
-            self.speech_pos = (self.speech_pos + 1) % speech.len();
+        let mut filled = 0;
+        while filled < self.frame.len() && !speech.is_empty() {
+            let take = (self.frame.len() - filled).min(speech.len() - self.speech_pos);
+            self.frame[filled..filled + take]
+                .copy_from_slice(&speech[self.speech_pos..self.speech_pos + take]);
+            filled += take;
+            self.speech_pos = (self.speech_pos + take) % speech.len();
         }
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);

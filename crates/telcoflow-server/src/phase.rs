@@ -1,19 +1,26 @@
-//! Moves a call's media clock so that audio an agent produces in real time is played soon
-//! after it lands, not up to a frame (or more) later.
+//! Moves a 20 ms clock so that audio that lands in real time is played soon after it lands,
+//! not up to a frame (or more) later.
 //!
-//! Each call's 20 ms clock starts at the answer, at an arbitrary phase relative to the agent's
-//! own audio. An agent that produces audio in real time (an echo, a streaming voice pipeline
-//! paced by the caller's speech) delivers each frame at a steady offset from the tick that
-//! plays it; when the frame lands just after a tick it waits almost a whole frame in the
-//! playout buffer, and a frame that once missed its tick leaves a standing queue behind it.
-//! Either wait is pure added latency, on top of every other hop.
+//! Two clocks use it, with the same rules:
+//!
+//! - each call's media clock (`call`), against audio an agent produces in real time;
+//! - each SIP leg's playout tick (`rtp::leg`), against RTP packets from the phone, which land
+//!   every 20 ms at a phase of their own (see
+//!   [`RtpSession::take_clock_shift`](crate::rtp::session::RtpSession::take_clock_shift)).
+//!
+//! Such a clock starts at an arbitrary phase relative to the audio it plays. Audio that comes
+//! in real time (an echo, a streaming voice pipeline paced by the caller's speech, a phone's
+//! RTP stream) lands at a steady offset from the tick that plays it; when a frame lands just
+//! after a tick it waits almost a whole frame in the buffer, and a frame that once missed its
+//! tick leaves a standing queue behind it. Either wait is pure added latency, on top of every
+//! other hop.
 //!
 //! The aligner watches how long each frame of such audio waited. After a window of steady
 //! playout it moves the clock earlier, leaving a safety margin sized from the jitter it saw,
 //! so that the next frames still arrive before their tick. It only ever moves the clock
-//! earlier; a frame that misses its tick anyway is handled by the playout pre-buffer and
-//! widens the margin for next time. Audio the agent sends ahead of time (a text-to-speech
-//! agent answering requests from a full buffer) is not paced by the agent, and its clock stays
+//! earlier; a frame that misses its tick anyway is handled by the buffer's own pre-buffer
+//! and widens the margin for next time. Audio sent ahead of time (a text-to-speech agent
+//! answering requests from a full buffer) is not paced by its source, and its clock stays
 //! put. The far end sees one short frame interval, which its jitter buffer absorbs like any
 //! early packet.
 
