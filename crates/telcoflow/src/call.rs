@@ -1029,8 +1029,10 @@ fn on_audio(core: &CallCore, data: Bytes) {
     }
 }
 
-/// Bytes of one block of a [`FramePool`]: 17 frames of 20 ms at 24 kHz.
-const FRAME_POOL_BYTES: usize = 16 * 1024;
+/// Bytes of one block of a [`FramePool`]: two frames of 20 ms at 24 kHz, six at 8 kHz. Small,
+/// because both blocks of every call stay resident: larger blocks cost agent memory per call
+/// and save nothing once the two blocks take turns.
+const FRAME_POOL_BYTES: usize = 2 * 1024;
 
 /// Storage the outgoing audio frames of a call are split from, so that a steady stream costs
 /// no allocation per frame. Frames are written into the current block and split off as shared
