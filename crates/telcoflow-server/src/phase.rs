@@ -26,11 +26,15 @@
 
 use std::time::Duration;
 
-/// Consecutive just-in-time ticks (0.5 s) before the clock may move.
+/// Consecutive ticks of agent-paced audio (0.5 s) before the clock may move again.
 const WINDOW_TICKS: usize = 25;
-/// Longest waits of a window left out of its jitter: a frame that queued behind a late tick
-/// or a burst waited long, but says nothing about how late the next frame may land.
-const LONG_WAITS_IGNORED: usize = WINDOW_TICKS / 5;
+/// The first window is shorter (0.2 s): until then every frame of the call waits up to a
+/// whole frame, and a first move with a little less evidence is corrected by the later ones.
+const FIRST_WINDOW_TICKS: usize = 10;
+/// Share of a window's longest waits left out of its jitter (one in five): a frame that
+/// queued behind a late tick or a burst waited long, but says nothing about how late the next
+/// frame may land.
+const LONG_WAITS_IGNORED_PER: usize = 5;
 /// Least margin kept between the latest expected arrival and the tick. Covers the timer's
 /// 1 ms granularity and scheduling noise.
 const MIN_MARGIN: Duration = Duration::from_millis(3);
@@ -64,14 +68,20 @@ impl PhaseAligner {
             self.restart();
             return None;
         };
+        let window = if self.shifts == 0 {
+            FIRST_WINDOW_TICKS
+        } else {
+            WINDOW_TICKS
+        };
         self.waits[self.ticks] = waited;
         self.ticks += 1;
-        if self.ticks < WINDOW_TICKS {
+        if self.ticks < window {
             return None;
         }
-        self.waits.sort_unstable();
-        let least = self.waits[0];
-        let jitter = self.waits[WINDOW_TICKS - 1 - LONG_WAITS_IGNORED] - least;
+        let waits = &mut self.waits[..window];
+        waits.sort_unstable();
+        let least = waits[0];
+        let jitter = waits[window - 1 - window / LONG_WAITS_IGNORED_PER] - least;
         // The least wait is already the latest arrival seen; half the jitter again covers
         // arrivals a little later than any in the window.
         let margin = (MIN_MARGIN + jitter / 2 + self.extra_margin).min(MAX_MARGIN);
