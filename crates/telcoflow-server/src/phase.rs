@@ -31,10 +31,6 @@ const WINDOW_TICKS: usize = 25;
 /// The first window is shorter (0.2 s): until then every frame of the call waits up to a
 /// whole frame, and a first move with a little less evidence is corrected by the later ones.
 const FIRST_WINDOW_TICKS: usize = 10;
-/// Share of a window's longest waits left out of its jitter (one in five): a frame that
-/// queued behind a late tick or a burst waited long, but says nothing about how late the next
-/// frame may land.
-const LONG_WAITS_IGNORED_PER: usize = 5;
 /// Least margin kept between the latest expected arrival and the tick. Covers the timer's
 /// 1 ms granularity and scheduling noise.
 const MIN_MARGIN: Duration = Duration::from_millis(3);
@@ -81,7 +77,10 @@ impl PhaseAligner {
         let waits = &mut self.waits[..window];
         waits.sort_unstable();
         let least = waits[0];
-        let jitter = waits[window - 1 - window / LONG_WAITS_IGNORED_PER] - least;
+        // Jitter is read from the shorter half of the waits: a frame that queued behind a
+        // burst or a late tick waited long, but says nothing about how late the next frame
+        // may land; late frames show up as short waits, and the least wait is the latest.
+        let jitter = waits[window / 2] - least;
         // The least wait is already the latest arrival seen; half the jitter again covers
         // arrivals a little later than any in the window.
         let margin = (MIN_MARGIN + jitter / 2 + self.extra_margin).min(MAX_MARGIN);
@@ -241,9 +240,10 @@ mod tests {
 
     #[test]
     fn heavy_jitter_leaves_the_clock_alone() {
+        // Arrivals spread evenly over most of a frame.
         let mut a = PhaseAligner::default();
         for i in 0..100u32 {
-            let waited = ms(if i % 3 == 0 { 19.0 } else { 5.0 });
+            let waited = ms(f64::from(1 + (i * 7) % 19));
             assert_eq!(a.on_tick(Some(waited)), None);
         }
     }
