@@ -28,9 +28,9 @@ use std::time::Duration;
 
 /// Consecutive ticks of agent-paced audio (0.5 s) before the clock may move again.
 const WINDOW_TICKS: usize = 25;
-/// The first window is shorter (0.2 s): until then every frame of the call waits up to a
+/// The first window is shorter (0.1 s): until then every frame of the call waits up to a
 /// whole frame, and a first move with a little less evidence is corrected by the later ones.
-const FIRST_WINDOW_TICKS: usize = 10;
+const FIRST_WINDOW_TICKS: usize = 5;
 /// Least margin kept between the latest expected arrival and the tick. Covers the timer's
 /// 1 ms granularity and scheduling noise.
 const MIN_MARGIN: Duration = Duration::from_millis(3);
@@ -184,8 +184,9 @@ mod tests {
     fn silence_or_buffered_audio_never_moves_the_clock() {
         let mut a = PhaseAligner::default();
         for i in 0..1000 {
-            // Every tenth tick is not just in time: no window ever completes.
-            let waited = (i % 10 != 0).then(|| ms(15.0));
+            // Every fourth tick is not agent-paced (silence, audio sent ahead): no window
+            // ever completes.
+            let waited = (i % 4 != 0).then(|| ms(15.0));
             assert_eq!(a.on_tick(waited), None);
         }
         assert_eq!(a.shifts(), 0);

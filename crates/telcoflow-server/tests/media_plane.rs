@@ -321,3 +321,57 @@ async fn connect_then_barge_whisper_spy_mix_as_specified() {
     }
     server.shutdown().await;
 }
+
+/// An agent that echoes in real time has its audio played a few ms after it lands: the call's
+/// media clock moves to just after the agent's frames instead of keeping the phase it started
+/// with at the answer. A frame that then misses its tick is played as it lands, and the frames
+/// after it do not queue a frame late behind it. Virtual time: every instant below is exact.
+#[tokio::test(start_paused = true)]
+async fn the_media_clock_moves_to_just_after_an_echo_agents_audio() {
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    let (server, _control, mut phone, mut media) = answered_call(dev_config(), RATE).await;
+    // The caller talks on its own 20 ms clock, 7 ms after the server's ticks: each echoed
+    // frame lands 7 ms after a tick and, at the clock's first phase, waits 13 ms for the next.
+    tokio::time::sleep(Duration::from_millis(7)).await;
+    let mut delays = Vec::new();
+    for n in 1..=50i16 {
+        let sent = Instant::now();
+        phone.send_level(n, FRAME).await;
+        let heard = media.audio(0).await;
+        assert_eq!(heard[0], n, "caller audio reaches the agent in order");
+        if n == 35 {
+            // Once, the agent is 6 ms slow: more than the clock's margin.
+            tokio::time::sleep(Duration::from_millis(6)).await;
+        }
+        media.send_audio(&pcm_level(n, FRAME)).await;
+        loop {
+            let frame = samples(&phone.ws.binary().await);
+            if frame[0] == n {
+                break;
+            }
+            assert_eq!(frame[0], 0, "frame {n}: only silence before the echo");
+        }
+        delays.push(sent.elapsed());
+        tokio::time::sleep_until(sent + Duration::from_millis(20)).await;
+    }
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    assert!(
+        delays[..3].iter().all(|d| ms(d) >= 10.0),
+        "first frames wait for the clock's first phase: {delays:?}"
+    );
+    assert!(
+        delays[20..34].iter().all(|d| ms(d) <= 5.0),
+        "later frames are played within the margin: {delays:?}"
+    );
+    assert!(
+        ms(&delays[34]) <= 7.0,
+        "the slow frame plays as it lands: {delays:?}"
+    );
+    assert!(
+        delays[35..].iter().all(|d| ms(d) <= 10.0),
+        "and the frames after it are not a frame late: {delays:?}"
+    );
+    server.shutdown().await;
+}

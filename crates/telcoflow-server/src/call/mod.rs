@@ -405,6 +405,8 @@ struct CallActor {
     clock_shift: Option<Duration>,
     /// A buffer request waits for the next caller frame to the agent (see `on_tick`).
     request_deferred: bool,
+    /// Agent audio missed its tick: tick at once instead of at the next period.
+    tick_now: bool,
     ring_deadline: Instant,
     claimed: bool,
     /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
@@ -461,6 +463,7 @@ impl CallActor {
             aligner: PhaseAligner::default(),
             clock_shift: None,
             request_deferred: false,
+            tick_now: false,
             ring_deadline,
             claimed: outbound.is_some(),
             outbound: outbound.is_some(),
@@ -504,6 +507,9 @@ impl CallActor {
                 // The clock starts at the answer; ticks "missed" while ringing must not burst.
                 ticker.reset();
                 ticking = true;
+            }
+            if std::mem::take(&mut self.tick_now) && ticking {
+                ticker.reset_immediately();
             }
             let deadline = self.next_deadline();
             if deadline != armed {
@@ -645,6 +651,10 @@ impl CallActor {
                     let pushed = self.playout.push(&pcm, Instant::now());
                     if self.playout.gaps() > gaps && self.aligner.missed() {
                         self.playout.forgive_gap();
+                        // The frame missed its tick by a few ms: play it now rather than a
+                        // whole frame later behind the next one. The clock restarts from here
+                        // (later by the miss), which the aligner tightens again.
+                        self.tick_now = true;
                     }
                     if pushed.overflow == 0 {
                         self.overflow_reported = false;
