@@ -101,15 +101,16 @@ impl PhaseAligner {
     }
 
     /// Audio missed its tick (playout ran dry and the audio came right after): keep more
-    /// margin from now on. Returns whether the aligner answers for the miss: it moved this
-    /// clock and can still widen its margin, so the frame queued behind the miss is played
-    /// out by its next move rather than by a deeper pre-buffer.
-    pub(crate) fn missed(&mut self) -> bool {
+    /// margin from now on. While the margin can still widen, returns it: the caller restarts
+    /// its clock that long after the late audio landed, so that the late frame plays then
+    /// instead of a frame later and the frames behind it keep the margin. `None` once the
+    /// margin is at its widest: misses are then the playout pre-buffer's to absorb.
+    pub(crate) fn missed(&mut self) -> Option<Duration> {
         let room = MAX_MARGIN - MIN_MARGIN;
-        let owned = self.shifts > 0 && self.extra_margin < room;
+        let owned = self.extra_margin < room;
         self.extra_margin = (self.extra_margin + MISS_MARGIN).min(room);
         self.restart();
-        owned
+        owned.then_some(MIN_MARGIN + self.extra_margin)
     }
 
     /// Times the clock was moved.
@@ -224,17 +225,19 @@ mod tests {
                 .next()
         };
         let mut a = PhaseAligner::default();
-        assert!(
-            !a.missed(),
-            "a clock never moved leaves misses to the pre-buffer"
+        assert_eq!(
+            a.missed(),
+            Some(ms(5.0)),
+            "restart 5 ms after the late frame"
         );
         assert_eq!(run(&mut a), Some(ms(14.0)));
-        assert!(a.missed());
+        assert_eq!(a.missed(), Some(ms(7.0)));
         assert_eq!(run(&mut a), Some(ms(12.0)));
-        assert!(a.missed());
-        assert!(a.missed());
-        assert!(
-            !a.missed(),
+        assert_eq!(a.missed(), Some(ms(9.0)));
+        assert_eq!(a.missed(), Some(ms(10.0)));
+        assert_eq!(
+            a.missed(),
+            None,
             "past the widest margin, misses go back to the pre-buffer"
         );
     }

@@ -324,8 +324,8 @@ async fn connect_then_barge_whisper_spy_mix_as_specified() {
 
 /// An agent that echoes in real time has its audio played a few ms after it lands: the call's
 /// media clock moves to just after the agent's frames instead of keeping the phase it started
-/// with at the answer. A frame that then misses its tick is played as it lands, and the frames
-/// after it do not queue a frame late behind it. Virtual time: every instant below is exact.
+/// with at the answer. A frame that then misses its tick is played a few ms after it lands, and
+/// the frames after it do not queue a frame late behind it. Virtual time: every instant below is exact.
 #[tokio::test(start_paused = true)]
 async fn the_media_clock_moves_to_just_after_an_echo_agents_audio() {
     use std::time::Duration;
@@ -365,12 +365,13 @@ async fn the_media_clock_moves_to_just_after_an_echo_agents_audio() {
         delays[20..34].iter().all(|d| ms(d) <= 5.0),
         "later frames are played within the margin: {delays:?}"
     );
+    // It missed its tick by 3 ms; it plays a (widened, 5 ms) margin after it lands: 11 ms.
     assert!(
-        ms(&delays[34]) <= 7.0,
-        "the slow frame plays as it lands: {delays:?}"
+        ms(&delays[34]) <= 12.0,
+        "the slow frame plays soon after it lands: {delays:?}"
     );
     assert!(
-        delays[35..].iter().all(|d| ms(d) <= 10.0),
+        delays[35..].iter().all(|d| ms(d) <= 12.0),
         "and the frames after it are not a frame late: {delays:?}"
     );
     server.shutdown().await;

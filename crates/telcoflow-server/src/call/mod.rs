@@ -405,8 +405,8 @@ struct CallActor {
     clock_shift: Option<Duration>,
     /// A buffer request waits for the next caller frame to the agent (see `on_tick`).
     request_deferred: bool,
-    /// Agent audio missed its tick: tick at once instead of at the next period.
-    tick_now: bool,
+    /// Agent audio missed its tick: when to tick instead of at the next period.
+    tick_at: Option<Instant>,
     ring_deadline: Instant,
     claimed: bool,
     /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
@@ -463,7 +463,7 @@ impl CallActor {
             aligner: PhaseAligner::default(),
             clock_shift: None,
             request_deferred: false,
-            tick_now: false,
+            tick_at: None,
             ring_deadline,
             claimed: outbound.is_some(),
             outbound: outbound.is_some(),
@@ -508,8 +508,8 @@ impl CallActor {
                 ticker.reset();
                 ticking = true;
             }
-            if std::mem::take(&mut self.tick_now) && ticking {
-                ticker.reset_immediately();
+            if let Some(at) = self.tick_at.take().filter(|_| ticking) {
+                ticker.reset_at(at);
             }
             let deadline = self.next_deadline();
             if deadline != armed {
@@ -649,12 +649,14 @@ impl CallActor {
                 if self.is_current_media(conn_id) && !self.agent_left {
                     let gaps = self.playout.gaps();
                     let pushed = self.playout.push(&pcm, Instant::now());
-                    if self.playout.gaps() > gaps && self.aligner.missed() {
-                        self.playout.forgive_gap();
-                        // The frame missed its tick by a few ms: play it now rather than a
-                        // whole frame later behind the next one. The clock restarts from here
-                        // (later by the miss), which the aligner tightens again.
-                        self.tick_now = true;
+                    if self.playout.gaps() > gaps {
+                        if let Some(margin) = self.aligner.missed() {
+                            self.playout.forgive_gap();
+                            // The frame missed its tick by a few ms: play it a margin after
+                            // it landed rather than a whole frame later behind the next one.
+                            // The clock restarts from there; the aligner tightens it again.
+                            self.tick_at = Some(Instant::now() + margin);
+                        }
                     }
                     if pushed.overflow == 0 {
                         self.overflow_reported = false;
