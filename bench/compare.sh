@@ -7,6 +7,7 @@
 #
 #   bench/compare.sh                  # 50 calls, 15 s, 24 kHz
 #   CALLS=100 DURATION=20 bench/compare.sh
+#   SIP=1 bench/compare.sh            # callers over SIP/RTP (8 kHz, G.711)
 #
 # Needs: a release build (built here if missing) and the venv with the Python SDK:
 #   python3 -m venv .venv && .venv/bin/pip install telcoflow==1.0.0
@@ -16,7 +17,12 @@ cd "$(dirname "$0")/.."
 CALLS=${CALLS:-50}
 DURATION=${DURATION:-15}
 RAMP=${RAMP:-2}
-RATE=${RATE:-24000}
+SIP=${SIP:-0}
+if [ "$SIP" = 1 ]; then
+    RATE=8000 # G.711's rate: the only one `bench --sip` takes
+else
+    RATE=${RATE:-24000}
+fi
 BIN=${TELCOFLOW_BIN:-target/release/telcoflow}
 PY=${TELCOFLOW_PYTHON:-.venv/bin/python}
 OUT=${OUT:-$(mktemp -d)}
@@ -30,6 +36,9 @@ if [ ! -x "$PY" ]; then
 fi
 
 common=(bench --calls "$CALLS" --duration "$DURATION" --ramp "$RAMP" --sample-rate "$RATE")
+if [ "$SIP" = 1 ]; then
+    common+=(--sip)
+fi
 "$BIN" "${common[@]}" --agent python --python "$PY" --json "$OUT/python.json"
 "$BIN" "${common[@]}" --agent rust --json "$OUT/rust.json"
 
@@ -65,7 +74,7 @@ rows = [
     ("server RSS MiB/call", "server.rss_mib_per_call"),
 ]
 print()
-print(f"side by side: {py['calls']} calls, {py['sample_rate']} Hz, {py['duration_s']:g} s")
+print(f"side by side: {py['calls']} calls, {py['sample_rate']} Hz, {py['duration_s']:g} s, callers: {py.get('callers', 'sim')}")
 print(f"{'figure':<24}{'python':>12}{'rust':>12}{'python/rust':>13}")
 for name, path in rows:
     a, b = get(py, path), get(rs, path)
