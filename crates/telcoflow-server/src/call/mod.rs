@@ -648,8 +648,11 @@ impl CallActor {
             CallInput::AgentAudio { conn_id, pcm } => {
                 if self.is_current_media(conn_id) && !self.agent_left {
                     let gaps = self.playout.gaps();
+                    // Audio that missed the latest tick by less than a frame is the media
+                    // clock's to answer for; a longer gap (a pause) is the pre-buffer's.
+                    let missed_tick = self.playout.ran_dry_at_last_tick();
                     let pushed = self.playout.push(&pcm, Instant::now());
-                    if self.playout.gaps() > gaps {
+                    if self.playout.gaps() > gaps && missed_tick {
                         if let Some(margin) = self.aligner.missed() {
                             self.playout.forgive_gap();
                             // The frame missed its tick by a few ms: play it a margin after

@@ -242,6 +242,12 @@ impl Playout {
         true
     }
 
+    /// Whether the latest tick found no audio while playing: audio arriving now missed that
+    /// tick by less than a frame, rather than ending a pause.
+    pub(crate) fn ran_dry_at_last_tick(&self) -> bool {
+        self.dry_at == Some(self.tick)
+    }
+
     /// Undoes what the latest gap did to the pre-buffer: the caller fixes its cause another
     /// way (the media clock moves, see `crate::phase`).
     pub(crate) fn forgive_gap(&mut self) {
@@ -359,7 +365,12 @@ mod tests {
         // A frame, a dry tick, then audio again at once: a gap.
         p.push(&frame, Instant::now());
         assert!(p.pop_frame(&mut out));
+        assert!(!p.ran_dry_at_last_tick());
         assert!(!p.pop_frame(&mut out));
+        assert!(
+            p.ran_dry_at_last_tick(),
+            "audio now would have missed that tick"
+        );
         p.push(&frame, Instant::now());
         assert_eq!((p.gaps(), p.prebuffer_frames()), (1, 2));
         // Now playout waits for two frames (or two ticks) before starting again.
