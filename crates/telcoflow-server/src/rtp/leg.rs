@@ -413,9 +413,9 @@ impl RtpLeg {
         let frame = session.pop_frame(now);
         // Reuses the pool's storage once the call has dropped earlier frames.
         self.frames.reserve(frame.samples.len() * 2);
-        for s in frame.samples {
-            self.frames.extend_from_slice(&s.to_le_bytes());
-        }
+        // Sized once and filled in one vectorised pass rather than sample by sample.
+        self.frames.resize(frame.samples.len() * 2, 0);
+        telcoflow_proto::audio::write_pcm(frame.samples, &mut self.frames);
         let pcm = self.frames.split().freeze();
         self.to_call(LegEvent::Audio(pcm)).await;
         Flow::Continue
