@@ -10,6 +10,7 @@
 //! - [`sim`]: the simulated phone network used for development and tests.
 //! - [`audio`]: sample rates, audio modes, frame sizes and PCM helpers.
 //! - [`code`]: the error codes both sides use.
+//! - [`pool`]: storage outgoing frames are split from without an allocation per frame.
 //!
 //! The crate neither opens sockets nor reads clocks: the server and the SDK own the I/O and call
 //! into it to encode and decode frames. Decoding never panics on hostile input; every failure is
@@ -20,6 +21,7 @@ pub mod audio;
 pub mod code;
 pub mod control;
 pub mod media;
+pub mod pool;
 pub mod sim;
 
 pub use audio::{AudioMode, SampleRate};

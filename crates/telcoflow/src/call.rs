@@ -10,7 +10,7 @@ use crate::config::TelcoflowClientConfig;
 use crate::event::ClientEvent;
 use crate::ring::RingBuffer;
 use crate::transport::{self, Tls, Ws};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use futures_util::{SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,7 @@ use telcoflow_proto::media::{
     self, AudioFrame, BufferRequest, Command, CommandName, CommandResponse, ConnectData,
     MediaClientFrame, MediaServerFrame,
 };
+use telcoflow_proto::pool::FramePool;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -1029,34 +1030,10 @@ fn on_audio(core: &CallCore, data: Bytes) {
     }
 }
 
-/// Bytes of one block of a [`FramePool`]: two frames of 20 ms at 24 kHz, six at 8 kHz. Small,
+/// Bytes of one block of the outgoing frames' [`FramePool`]: two frames of 20 ms at 24 kHz, six at 8 kHz. Small,
 /// because both blocks of every call stay resident: larger blocks cost agent memory per call
 /// and save nothing once the two blocks take turns.
 const FRAME_POOL_BYTES: usize = 2 * 1024;
-
-/// Storage the outgoing audio frames of a call are split from, so that a steady stream costs
-/// no allocation per frame. Frames are written into the current block and split off as shared
-/// `Bytes`. When it is used up the two blocks swap: the other block's frames went out long ago
-/// and were dropped, so `reserve` takes it back in place. (Reclaiming the block just used up
-/// would fail: its last frame is usually still queued for the socket.) A new block is
-/// allocated only if frames of the old one are still alive, that is when the socket is far
-/// behind.
-#[derive(Default)]
-struct FramePool {
-    current: BytesMut,
-    spare: BytesMut,
-}
-
-impl FramePool {
-    /// The block to write the next frame into, with room for `len` bytes.
-    fn with_room(&mut self, len: usize) -> &mut BytesMut {
-        if self.current.capacity() < len {
-            std::mem::swap(&mut self.current, &mut self.spare);
-            self.current.reserve(len.max(FRAME_POOL_BYTES));
-        }
-        &mut self.current
-    }
-}
 
 /// Answers buffer requests in order with frames of the preferred size, waiting for the
 /// application's audio for each frame. Ends when the ring buffer closes.
@@ -1082,7 +1059,7 @@ async fn flow_control(media: &Media) {
         let mut remaining = req.requested_bytes as usize;
         while remaining > 0 {
             let want = frame_bytes.min(remaining).min(max_frame);
-            let block = pool.with_room(1 + want);
+            let block = pool.with_room(1 + want, FRAME_POOL_BYTES);
             block.put_u8(media::CHANNEL_MIXED);
             let n = media.ring.read(want, want, block).await;
             if n == 0 {
@@ -1204,45 +1181,6 @@ mod tests {
             ));
         }
         assert_eq!(call.state(), CallState::New);
-    }
-
-    #[test]
-    fn frame_pool_reuses_its_blocks() {
-        const FRAME: usize = 961;
-        let per_block = FRAME_POOL_BYTES / FRAME;
-        let mut pool = FramePool::default();
-        let mut take = || {
-            let block = pool.with_room(FRAME);
-            block.put_bytes(7, FRAME);
-            block.split().freeze()
-        };
-        // Fills block A, then block B; the frames are dropped as they would be once sent.
-        let a = take().as_ptr();
-        for _ in 1..per_block {
-            take();
-        }
-        let b = take().as_ptr();
-        for _ in 1..per_block {
-            take();
-        }
-        // A's frames are all gone: A is used again from its start, then B.
-        assert_eq!(take().as_ptr(), a);
-        for _ in 1..per_block {
-            take();
-        }
-        let held = take();
-        assert_eq!(held.as_ptr(), b);
-        for _ in 1..per_block {
-            take();
-        }
-        assert_eq!(take().as_ptr(), a);
-        for _ in 1..per_block {
-            take();
-        }
-        // A frame of B is still alive (a socket far behind): B is left alone, a new block
-        // takes its place.
-        assert_ne!(take().as_ptr(), b);
-        assert_eq!(&held[..], &[7; FRAME][..]);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::audio::Resampler;
 use crate::config::ConnectorConfig;
 use crate::phase::PhaseAligner;
 use crate::state::Shared;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
 use playout::Playout;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
@@ -35,6 +35,7 @@ use telcoflow_proto::media::{
     BufferRequest, CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, Command, CommandName,
     CommandResponse, ConnectData, MediaServerFrame, RING_TIME_RANGE,
 };
+use telcoflow_proto::pool::FramePool;
 use telcoflow_proto::sim::HangupReason;
 use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
 use tokio::sync::{mpsc, oneshot};
@@ -1233,30 +1234,6 @@ impl CallActor {
 /// Frames a pool's block holds. Each pool has two blocks, so frames must be gone within 32
 /// frames (640 ms) of being sent for the blocks to be reused.
 const POOL_FRAMES: usize = 32;
-
-/// Storage outgoing frames are split from, so that a steady stream costs no allocation per
-/// frame: frames are written into the current block and split off as shared `Bytes`. When it
-/// is used up the two blocks swap: the other block's frames went out long ago and were
-/// dropped, so `reserve` takes it back in place. (Reclaiming the block just used up often
-/// fails: its last frame may still be queued for a socket.) A new block is allocated only
-/// while frames of the old one are still alive, that is when a peer is far behind.
-#[derive(Default)]
-struct FramePool {
-    current: BytesMut,
-    spare: BytesMut,
-}
-
-impl FramePool {
-    /// The block to write the next frame into, with room for `len` bytes; a new or reclaimed
-    /// block has room for `block` bytes.
-    fn with_room(&mut self, len: usize, block: usize) -> &mut BytesMut {
-        if self.current.capacity() < len {
-            std::mem::swap(&mut self.current, &mut self.spare);
-            self.current.reserve(block.max(len));
-        }
-        &mut self.current
-    }
-}
 
 /// An s16le frame (with a channel byte first, for the media connection) split off `pool`,
 /// whose blocks hold [`POOL_FRAMES`] frames.
