@@ -400,10 +400,8 @@ struct CallActor {
     media: Option<MediaLink>,
     media_lost_at: Option<Instant>,
     playout: Playout,
-    /// Moves the media clock towards the agent's just-in-time audio.
+    /// Moves the media clock towards agent-paced audio.
     aligner: PhaseAligner,
-    /// How much earlier the next tick should come, decided by the last tick.
-    clock_shift: Option<Duration>,
     /// A buffer request waits for the next caller frame to the agent (see `on_tick`).
     request_deferred: bool,
     /// Agent audio missed its tick: when to tick instead of at the next period.
@@ -462,7 +460,6 @@ impl CallActor {
             media: None,
             media_lost_at: None,
             aligner: PhaseAligner::default(),
-            clock_shift: None,
             request_deferred: false,
             tick_at: None,
             ring_deadline,
@@ -528,8 +525,7 @@ impl CallActor {
                 Some(input) = data.recv() => self.on_input(input),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
                 at = ticker.tick(), if ticking => {
-                    self.on_tick();
-                    if let Some(shift) = self.clock_shift.take() {
+                    if let Some(shift) = self.on_tick() {
                         debug!(shift_us = shift.as_micros() as u64, "media clock moved earlier");
                         ticker.reset_at(at + period - shift);
                     }
@@ -1012,8 +1008,9 @@ impl CallActor {
         }
     }
 
-    /// One 20 ms step of the media clock.
-    fn on_tick(&mut self) {
+    /// One 20 ms step of the media clock. Returns how much earlier the next tick should come,
+    /// if the clock should move.
+    fn on_tick(&mut self) -> Option<Duration> {
         let n = self.rate().frame_samples();
         self.agent_frame.resize(n, 0);
         let held = self.playout.buffered();
@@ -1031,7 +1028,7 @@ impl CallActor {
             .played_arrival()
             .filter(|_| paced_by_agent)
             .map(|at| now.saturating_duration_since(at));
-        self.clock_shift = self.aligner.on_tick(waited);
+        let shift = self.aligner.on_tick(waited);
         let callee_up = self.callee.as_ref().is_some_and(|c| c.up);
         if !callee_up {
             // Caller alone with the agent.
@@ -1098,9 +1095,10 @@ impl CallActor {
             // caller frame, so that both leave in one write (one wake-up for the agent), or
             // at the next tick at the latest.
             self.request_deferred = self.playout.want().is_some();
-            return;
+            return shift;
         }
         self.request_audio();
+        shift
     }
 
     fn request_audio(&mut self) {
