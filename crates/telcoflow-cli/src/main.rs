@@ -57,13 +57,52 @@ commands! {
 #[derive(Debug, Parser)]
 #[command(name = "telcoflow", version, about)]
 struct Cli {
+    /// Runtime worker threads: 1 runs everything on the main thread, 0 one per core
+    /// [default: 1 for bench-agent, else 0].
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+impl Cli {
+    /// Worker threads of the runtime: the echo agent the bench runs is single-threaded like the
+    /// Python SDK's asyncio loop it is compared with (and one thread spares it the cross-thread
+    /// wake-ups that cost more than its frames); everything else uses every core.
+    fn threads(&self) -> usize {
+        let default = match self.command {
+            Command::BenchAgent(_) => 1,
+            _ => 0,
+        };
+        self.threads.unwrap_or(default)
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match cli.threads() {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if n > 1 {
+                b.worker_threads(n);
+            }
+            b.enable_all().build()
+        }
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("telcoflow: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
     // Logs go to stderr so stdout stays machine-readable (ready lines, JSON summaries).
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -79,5 +118,29 @@ async fn main() -> ExitCode {
             eprintln!("telcoflow: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn threads(args: &[&str]) -> usize {
+        Cli::try_parse_from(args)
+            .expect("arguments parse")
+            .threads()
+    }
+
+    #[test]
+    fn the_bench_agent_runs_on_one_thread_unless_told() {
+        assert_eq!(threads(&["telcoflow", "bench-agent"]), 1);
+        assert_eq!(threads(&["telcoflow", "bench-agent", "--threads", "0"]), 0);
+        assert_eq!(threads(&["telcoflow", "--threads", "3", "bench-agent"]), 3);
+    }
+
+    #[test]
+    fn other_commands_use_every_core_unless_told() {
+        assert_eq!(threads(&["telcoflow", "serve"]), 0);
+        assert_eq!(threads(&["telcoflow", "serve", "--threads", "1"]), 1);
     }
 }

@@ -852,11 +852,14 @@ async fn drive_media(
     // that the sink can be closed afterwards.
     let reason = {
         let reader = async {
+            // One waiter for the whole connection: making one per frame costs a lock.
+            let cancelled = core.cancel.cancelled();
+            tokio::pin!(cancelled);
             loop {
                 // Cancel-safe: `next()` on a WebSocket stream loses no frame when dropped.
                 let msg = tokio::select! {
                     m = stream.next() => m,
-                    () = core.cancel.cancelled() => return "shutdown",
+                    () = &mut cancelled => return "shutdown",
                 };
                 match msg {
                     None => return "closed by server",

@@ -110,6 +110,10 @@ pub(crate) struct Args {
     /// Process id of the external agents, to measure their CPU and memory.
     #[arg(long)]
     agent_pid: Option<u32>,
+    /// Runtime threads of the Rust echo agent: 1 is a single-threaded runtime (like the Python
+    /// SDK's asyncio loop), 0 one worker per core.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    agent_threads: usize,
     /// Python interpreter for --agent python (a venv with telcoflow==1.0.0).
     #[arg(long, env = "TELCOFLOW_PYTHON", default_value = ".venv/bin/python")]
     python: PathBuf,
@@ -164,6 +168,10 @@ pub(crate) struct RunResult {
     duration_s: f64,
     ramp_s: f64,
     agent_kind: AgentKind,
+    /// Runtime threads of the Rust agent (1: single-threaded; 0: one per core); absent for
+    /// other agents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_threads: Option<usize>,
     /// How the callers came in: `sim` or `sip`.
     callers: CallerKind,
     calls_answered: usize,
@@ -366,6 +374,7 @@ async fn run_once(
         AgentKind::Rust => {
             let mut cmd = Command::new(&exe);
             cmd.arg("bench-agent")
+                .args(["--threads", &args.agent_threads.to_string()])
                 .args(["--server", &base_url])
                 .args(["--sample-rate", &rate.hz().to_string()]);
             Some(ChildProc::spawn("agent", cmd)?)
@@ -587,6 +596,7 @@ fn summarise(
         duration_s: duration.as_secs_f64(),
         ramp_s: ramp.as_secs_f64(),
         agent_kind: args.agent,
+        agent_threads: (args.agent == AgentKind::Rust).then_some(args.agent_threads),
         callers: caller_kind(args),
         calls_answered: answered,
         calls_failed: n - answered,
