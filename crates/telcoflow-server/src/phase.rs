@@ -51,6 +51,8 @@ pub(crate) struct PhaseAligner {
     /// Margin added after frames missed their tick.
     extra_margin: Duration,
     shifts: u64,
+    /// The first audio has landed (and set the clock's phase).
+    started: bool,
 }
 
 impl PhaseAligner {
@@ -98,6 +100,20 @@ impl PhaseAligner {
         }
         self.shifts += 1;
         Some(shift)
+    }
+
+    /// The first audio landed. The clock started at an arbitrary phase (an echo's frames land
+    /// just after its ticks: the caller starts talking when the clock starts), so the caller
+    /// returns the margin after which to restart it: this frame plays then, rather than up to a
+    /// frame later, and the first window checks the phase against the frames that follow.
+    /// `Some` once.
+    pub(crate) fn first_audio(&mut self) -> Option<Duration> {
+        if self.started {
+            return None;
+        }
+        self.started = true;
+        self.restart();
+        Some(MIN_MARGIN + self.extra_margin)
     }
 
     /// Audio missed its tick (playout ran dry and the audio came right after): keep more
@@ -239,6 +255,24 @@ mod tests {
             a.missed(),
             None,
             "past the widest margin, misses go back to the pre-buffer"
+        );
+    }
+
+    #[test]
+    fn the_first_audio_sets_the_phase_once() {
+        let mut a = PhaseAligner::default();
+        assert_eq!(a.first_audio(), Some(MIN_MARGIN));
+        assert_eq!(a.first_audio(), None);
+        // The frames after it wait the margin: the clock stays, and the next window is still
+        // the short first one.
+        let moves = (0..FIRST_WINDOW_TICKS).filter_map(|_| a.on_tick(Some(ms(3.0))));
+        assert_eq!(moves.count(), 0);
+        assert_eq!(a.shifts(), 0);
+        let moved = (0..FIRST_WINDOW_TICKS).filter_map(|_| a.on_tick(Some(ms(12.0))));
+        assert_eq!(
+            moved.collect::<Vec<_>>(),
+            vec![ms(9.0)],
+            "the first window corrects a first frame that came late"
         );
     }
 

@@ -649,7 +649,16 @@ impl CallActor {
                     // clock's to answer for; a longer gap (a pause) is the pre-buffer's.
                     let missed_tick = self.playout.ran_dry_at_last_tick();
                     let pushed = self.playout.push(&pcm, Instant::now());
-                    if self.playout.gaps() > gaps && missed_tick {
+                    let first = if self.phase == Phase::Answered {
+                        self.aligner.first_audio()
+                    } else {
+                        None
+                    };
+                    if let Some(margin) = first {
+                        // The clock started with the call, at a phase of its own: play the
+                        // first audio a margin after it lands and keep time from there.
+                        self.tick_at = Some(Instant::now() + margin);
+                    } else if self.playout.gaps() > gaps && missed_tick {
                         if let Some(margin) = self.aligner.missed() {
                             self.playout.forgive_gap();
                             // The frame missed its tick by a few ms: play it a margin after

@@ -186,7 +186,14 @@ impl RtpLeg {
                 },
                 // Cancel-safe: a datagram is returned whole or left in the socket.
                 r = self.socket.recv_from(&mut datagram) => match r {
-                    Ok((n, source)) => self.on_datagram(source, &datagram[..n]).await,
+                    Ok((n, source)) => {
+                        let flow = self.on_datagram(source, &datagram[..n]).await;
+                        let restart = self.session.as_mut().and_then(|s| s.take_clock_restart());
+                        if let Some(margin) = restart {
+                            ticker.reset_at(Instant::now() + margin);
+                        }
+                        flow
+                    }
                     Err(e) => {
                         // ICMP errors from a peer that went away surface here; not fatal.
                         debug!(error = %e, "RTP receive failed");
@@ -410,6 +417,9 @@ impl RtpLeg {
         let Some(session) = &mut self.session else {
             return Flow::Continue;
         };
+        if !session.plays_this_tick() {
+            return Flow::Continue;
+        }
         let frame = session.pop_frame(now);
         // Reuses the pool's storage once the call has dropped earlier frames.
         self.frames.reserve(frame.samples.len() * 2);

@@ -39,6 +39,11 @@ use super::packet::{
     SenderReport, TelephoneEvent, is_rtcp, ntp_timestamp, write_sdes_cname,
 };
 
+/// Playout ticks (60 ms) that wait for the phone's first audio packet before the call gets
+/// silence instead: phones start sending at once, and an agent still hears a stream soon
+/// from one that does not.
+pub const FIRST_PACKET_GRACE: u32 = 3;
+
 /// Session parameters, from the SDP negotiation and the server config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -214,6 +219,10 @@ pub struct RtpSession {
     aligner: PhaseAligner,
     /// A move the owner has not applied yet.
     clock_shift: Option<Duration>,
+    /// A restart (this long after now) the owner has not applied yet.
+    clock_restart: Option<Duration>,
+    /// Ticks that waited for the phone's first audio packet.
+    silent_ticks: u32,
     /// `resumed_late` of the jitter buffer already reported to the aligner.
     misses_seen: u64,
     dtmf: DtmfReceiver,
@@ -248,6 +257,8 @@ impl RtpSession {
             jitter,
             aligner: PhaseAligner::default(),
             clock_shift: None,
+            clock_restart: None,
+            silent_ticks: 0,
             misses_seen: 0,
             dtmf: DtmfReceiver::default(),
             reception: Reception::default(),
@@ -370,7 +381,11 @@ impl RtpSession {
         }
         self.jitter.push(&packet, now);
         let misses = self.jitter.stats().resumed_late;
-        if misses != self.misses_seen {
+        if let Some(margin) = self.aligner.first_audio() {
+            // The tick started at a phase of its own: play the first packet a margin after
+            // it lands and keep time from there.
+            self.clock_restart = Some(margin);
+        } else if misses != self.misses_seen {
             // The packet landed after its tick: keep more margin before the tick.
             self.misses_seen = misses;
             self.aligner.missed();
@@ -441,6 +456,26 @@ impl RtpSession {
     /// that plays them, with a margin from the jitter observed.
     pub fn take_clock_shift(&mut self) -> Option<Duration> {
         self.clock_shift.take()
+    }
+
+    /// Whether this tick plays to the call. Not before the phone's first audio packet, for up
+    /// to [`FIRST_PACKET_GRACE`] ticks: silence sent to the call before it would reach the
+    /// agent at a phase the first packet then changes (see
+    /// [`RtpSession::take_clock_restart`]), and an echo of that silence would set the call's
+    /// media clock to the stale phase. After the grace a phone that sends nothing still gives
+    /// the call a continuous stream (of silence).
+    pub fn plays_this_tick(&mut self) -> bool {
+        if self.silent_ticks >= FIRST_PACKET_GRACE || self.jitter.stats().received > 0 {
+            return true;
+        }
+        self.silent_ticks += 1;
+        false
+    }
+
+    /// How long after now the owner's next tick should come, once, when the first audio
+    /// landed (`None` otherwise); the ticks after it keep that phase.
+    pub fn take_clock_restart(&mut self) -> Option<Duration> {
+        self.clock_restart.take()
     }
 
     /// Times the playout tick was moved earlier.
@@ -591,13 +626,26 @@ mod tests {
     }
 
     /// Packets land every 20 ms at `1 ms + jitter(i)` after a tick of the leg's original
-    /// clock; the tick runs as the leg runs it (moved by `take_clock_shift`). Returns the
-    /// slack of each frame played and the session.
+    /// clock; the tick runs as the leg runs it (moved by `take_clock_shift`). The first
+    /// packet's restart is left out, as if it had been used already: the clock starts at the
+    /// original phase. Returns the slack of each frame played and the session.
     fn run_ticks(jitter: impl Fn(u16) -> Duration, ticks: u16) -> (Vec<Duration>, RtpSession) {
+        run_ticks_from(jitter, ticks, false)
+    }
+
+    /// [`run_ticks`], with the first packet's restart applied when `restart`.
+    fn run_ticks_from(
+        jitter: impl Fn(u16) -> Duration,
+        ticks: u16,
+        restart: bool,
+    ) -> (Vec<Duration>, RtpSession) {
         let t0 = Instant::now();
         let mut s = session(t0);
         s.config.jitter = JitterConfig::default();
         s.jitter = JitterBuffer::new(JitterConfig::default());
+        if !restart {
+            s.aligner.first_audio();
+        }
         let src: SocketAddr = PEER_SDP.parse().unwrap();
         let arrival = |seq: u16| {
             t0 + FRAME_DURATION * u32::from(seq) + Duration::from_millis(1) + jitter(seq)
@@ -609,6 +657,9 @@ mod tests {
             while arrival(seq) <= tick {
                 let p = rtp(0, seq, u32::from(seq) * 160, &[0xFF; 160]);
                 assert_eq!(s.handle_datagram(src, &p, arrival(seq)), Received::Audio);
+                if let Some(margin) = s.take_clock_restart() {
+                    tick = arrival(seq) + margin;
+                }
                 seq += 1;
             }
             let f = s.pop_frame(tick);
@@ -633,6 +684,42 @@ mod tests {
         let stats = s.jitter_buffer().stats();
         assert_eq!((stats.concealed, stats.late, stats.discarded), (0, 0, 0));
         assert_eq!(s.jitter_buffer().target_delay(), FRAME_DURATION);
+    }
+
+    #[test]
+    fn the_first_packet_sets_the_playout_phase() {
+        // As above, but the tick restarts a margin after the first packet lands.
+        let (slacks, s) = run_ticks_from(|_| Duration::ZERO, 200, true);
+        assert!(
+            slacks.iter().all(|w| *w == Duration::from_millis(3)),
+            "every frame, the first too, waits the margin: {slacks:?}"
+        );
+        assert_eq!(s.clock_shifts(), 0);
+        let stats = s.jitter_buffer().stats();
+        assert_eq!((stats.concealed, stats.late, stats.discarded), (0, 0, 0));
+    }
+
+    #[test]
+    fn ticks_wait_a_little_for_the_first_packet_then_play_silence() {
+        let now = Instant::now();
+        let mut s = session(now);
+        for _ in 0..FIRST_PACKET_GRACE {
+            assert!(
+                !s.plays_this_tick(),
+                "nothing to play before the first packet"
+            );
+        }
+        assert!(s.plays_this_tick(), "then silence: the stream never stalls");
+        let mut s = session(now);
+        assert!(!s.plays_this_tick());
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        s.handle_datagram(src, &rtp(0, 1, 0, &[0xFF; 160]), now);
+        assert!(
+            s.plays_this_tick(),
+            "the first packet starts playout at once"
+        );
+        assert!(s.take_clock_restart().is_some());
+        assert_eq!(s.take_clock_restart(), None, "once");
     }
 
     #[test]
