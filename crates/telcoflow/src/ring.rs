@@ -1,15 +1,27 @@
-//! The outgoing audio ring buffer of a call.
+//! The outgoing audio buffer of a call.
 //!
 //! The application writes PCM with [`RingBuffer::write_all`] (never blocks, all or nothing) and
 //! the flow-control sender takes it out with [`RingBuffer::read`] when the server asks for
-//! audio. Storage is one preallocated power-of-two block; a short mutex guards the indices and
-//! each byte is copied once in (from the caller's slice) and once out (into the frame that goes
-//! on the wire).
+//! audio. A short mutex guards the state; each byte is copied once in (from the caller's slice)
+//! and once out (into the frame that goes on the wire).
+//!
+//! Storage is a queue of fixed-size segments, taken as audio is queued and given back as it
+//! is sent, so that a call's memory follows what it has queued, not the most it ever queued:
+//! a long synthesised answer queued at once (10 s at 24 kHz is 480 KB) is released once it
+//! has played instead of staying resident for the rest of the call. A steady stream stays in
+//! the first segment or two and a spare, so it allocates nothing.
 
 use crate::Error;
 use bytes::BufMut;
 use parking_lot::Mutex;
+use std::collections::VecDeque;
 use tokio::sync::Notify;
+
+/// Bytes per segment: 170 ms of 24 kHz audio, eight 20 ms frames.
+const SEGMENT: usize = 8 * 1024;
+/// Emptied segments kept for reuse, so that a queue hovering around a segment boundary does
+/// not allocate and free one per frame.
+const SPARES: usize = 2;
 
 /// A bounded single-consumer byte queue for outgoing audio.
 #[derive(Debug)]
@@ -22,8 +34,13 @@ pub struct RingBuffer {
 
 #[derive(Debug)]
 struct State {
-    buf: Box<[u8]>,
-    /// Index of the oldest byte.
+    /// The queued bytes start at `head` in the first segment and run on through the next.
+    segments: VecDeque<Box<[u8]>>,
+    spares: Vec<Box<[u8]>>,
+    /// Size of every segment: [`SEGMENT`], or the capacity when that is smaller.
+    segment: usize,
+    capacity: usize,
+    /// Offset of the oldest byte in the first segment.
     head: usize,
     /// Bytes stored.
     len: usize,
@@ -31,18 +48,56 @@ struct State {
 }
 
 impl State {
-    fn mask(&self) -> usize {
-        self.buf.len() - 1
+    /// Makes room for `n` more bytes after the queued ones.
+    fn reserve(&mut self, n: usize) {
+        let needed = (self.head + self.len + n).div_ceil(self.segment);
+        while self.segments.len() < needed {
+            let seg = self
+                .spares
+                .pop()
+                .unwrap_or_else(|| vec![0; self.segment].into_boxed_slice());
+            self.segments.push_back(seg);
+        }
+    }
+
+    /// Gives back the first segment once everything in it was read.
+    fn release_front(&mut self) {
+        if let Some(seg) = self.segments.pop_front() {
+            if self.spares.len() < SPARES {
+                self.spares.push(seg);
+            }
+        }
+        self.head = 0;
+    }
+
+    /// Once empty: back to the start of one segment, the others given back.
+    fn reset(&mut self) {
+        self.head = 0;
+        while self.segments.len() > 1 {
+            self.release_back();
+        }
+    }
+
+    fn release_back(&mut self) {
+        if let Some(seg) = self.segments.pop_back() {
+            if self.spares.len() < SPARES {
+                self.spares.push(seg);
+            }
+        }
     }
 }
 
 impl RingBuffer {
-    /// A buffer of `capacity` bytes, rounded up to a power of two (at least 2).
+    /// A buffer of `capacity` bytes, rounded up to a power of two (at least 2). Memory is
+    /// taken as audio is queued, not up front.
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(2).next_power_of_two();
         Self {
             state: Mutex::new(State {
-                buf: vec![0; capacity].into_boxed_slice(),
+                segments: VecDeque::new(),
+                spares: Vec::new(),
+                segment: SEGMENT.min(capacity),
+                capacity,
                 head: 0,
                 len: 0,
                 closed: false,
@@ -53,7 +108,7 @@ impl RingBuffer {
 
     /// Total capacity in bytes.
     pub fn capacity(&self) -> usize {
-        self.state.lock().buf.len()
+        self.state.lock().capacity
     }
 
     /// Bytes waiting to be sent.
@@ -71,6 +126,12 @@ impl RingBuffer {
         self.state.lock().closed
     }
 
+    /// Bytes of storage held now (queued audio, rounded up to segments, and spares).
+    pub fn resident(&self) -> usize {
+        let s = self.state.lock();
+        (s.segments.len() + s.spares.len()) * s.segment
+    }
+
     /// Appends all of `data`, or nothing: [`Error::BufferFull`] when it does not fit,
     /// [`Error::BufferClosed`] after close.
     pub fn write_all(&self, data: &[u8]) -> Result<(), Error> {
@@ -86,18 +147,24 @@ impl RingBuffer {
             if s.closed {
                 return Err(Error::BufferClosed);
             }
-            let cap = s.buf.len();
-            let free = cap - s.len;
+            let free = s.capacity - s.len;
             if data.len() > free {
                 return Err(Error::BufferFull {
                     requested: data.len(),
                     free,
                 });
             }
-            let tail = (s.head + s.len) & s.mask();
-            let first = data.len().min(cap - tail);
-            s.buf[tail..tail + first].copy_from_slice(&data[..first]);
-            s.buf[..data.len() - first].copy_from_slice(&data[first..]);
+            s.reserve(data.len());
+            let seg_size = s.segment;
+            let mut at = s.head + s.len;
+            let mut rest = data;
+            while !rest.is_empty() {
+                let (i, off) = (at / seg_size, at % seg_size);
+                let n = rest.len().min(seg_size - off);
+                s.segments[i][off..off + n].copy_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                at += n;
+            }
             s.len += data.len();
         }
         self.readable.notify_one();
@@ -109,7 +176,7 @@ impl RingBuffer {
         let mut s = self.state.lock();
         let dropped = s.len;
         s.len = 0;
-        s.head = 0;
+        s.reset();
         dropped
     }
 
@@ -132,20 +199,25 @@ impl RingBuffer {
         loop {
             {
                 let mut s = self.state.lock();
-                let min = min.clamp(1, s.buf.len()).min(max);
+                let min = min.clamp(1, s.capacity).min(max);
                 if s.len >= min || s.closed {
                     let n = s.len.min(max);
-                    let cap = s.buf.len();
-                    let first = n.min(cap - s.head);
-                    out.put_slice(&s.buf[s.head..s.head + first]);
-                    out.put_slice(&s.buf[..n - first]);
-                    s.head = (s.head + n) & s.mask();
-                    s.len -= n;
+                    let mut left = n;
+                    while left > 0 {
+                        let head = s.head;
+                        let k = left.min(s.segment - head);
+                        out.put_slice(&s.segments[0][head..head + k]);
+                        s.head += k;
+                        s.len -= k;
+                        left -= k;
+                        if s.head == s.segment {
+                            s.release_front();
+                        }
+                    }
                     if s.len == 0 {
-                        // Start again at the front: a steady stream then reuses the same few
-                        // pages instead of walking through (and making resident) all of the
-                        // buffer, which is 1 MiB per call by default.
-                        s.head = 0;
+                        // Start again at the front: a steady stream then reuses the same
+                        // segment (and the same few pages).
+                        s.reset();
                     }
                     return n;
                 }
@@ -188,6 +260,53 @@ mod tests {
         assert_eq!(ring.read(1, 100, &mut out).await, 8);
         assert_eq!(out, [5, 6, 7, 8, 9, 10, 11, 12]);
         assert!(ring.is_empty());
+    }
+
+    #[tokio::test]
+    async fn memory_follows_what_is_queued() {
+        let ring = RingBuffer::new(1 << 20);
+        assert_eq!(ring.resident(), 0, "nothing taken up front");
+        // A 10 s answer at 24 kHz, queued at once.
+        let answer: Vec<u8> = (0..480_000u32).map(|i| (i % 251) as u8).collect();
+        ring.write_all(&answer).unwrap();
+        assert!(ring.resident() >= answer.len());
+        let mut out = Vec::new();
+        while out.len() < answer.len() {
+            ring.read(960, 960, &mut out).await;
+        }
+        assert_eq!(out, answer, "in order across segments");
+        assert!(
+            ring.resident() <= (1 + SPARES) * SEGMENT,
+            "given back once played: {}",
+            ring.resident()
+        );
+        // The same once cleared instead of played.
+        ring.write_all(&answer).unwrap();
+        assert_eq!(ring.clear(), answer.len());
+        assert!(ring.resident() <= (1 + SPARES) * SEGMENT);
+    }
+
+    #[tokio::test]
+    async fn a_queue_across_segment_boundaries_keeps_its_order() {
+        let ring = RingBuffer::new(1 << 16);
+        let mut next = 0u8;
+        let mut expect = 0u8;
+        // About 1.5 segments queued at any time, read in frames: the head crosses a segment
+        // boundary every few reads.
+        for _ in 0..200 {
+            while ring.len() < SEGMENT * 3 / 2 {
+                let chunk: Vec<u8> = (0..1000).map(|i| next.wrapping_add(i as u8)).collect();
+                next = next.wrapping_add(1000u32 as u8);
+                ring.write_all(&chunk).unwrap();
+            }
+            let mut out = Vec::new();
+            ring.read(960, 960, &mut out).await;
+            for b in out {
+                assert_eq!(b, expect);
+                expect = expect.wrapping_add(1);
+            }
+        }
+        assert!(ring.resident() <= (3 + SPARES) * SEGMENT);
     }
 
     #[tokio::test]
