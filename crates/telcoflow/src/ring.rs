@@ -19,9 +19,9 @@ use tokio::sync::Notify;
 
 /// Bytes per segment: 170 ms of 24 kHz audio, eight 20 ms frames.
 const SEGMENT: usize = 8 * 1024;
-/// Emptied segments kept for reuse, so that a queue hovering around a segment boundary does
-/// not allocate and free one per frame.
-const SPARES: usize = 2;
+/// Emptied segments kept for reuse: one is enough for a queue crossing segment boundaries (the
+/// front one is given back as the tail needs a new one) not to allocate per frame.
+const SPARES: usize = 1;
 
 /// A bounded single-consumer byte queue for outgoing audio.
 #[derive(Debug)]
