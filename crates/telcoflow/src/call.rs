@@ -757,7 +757,13 @@ impl ActiveCall {
         }
         self.core.state.send_replace(CallState::Opening);
         let span = debug_span!("call", call_id = %self.core.id);
-        match open_media(&self.core).instrument(span.clone()).await {
+        // Boxed: the WebSocket handshake's future is about 11 KB, and inline it would size
+        // every future that may open the connection (`send_audio`, `answer`, ...) and so
+        // every call's task, for a step taken once per call.
+        match Box::pin(open_media(&self.core))
+            .instrument(span.clone())
+            .await
+        {
             Ok(ws) => {
                 let (out, out_rx) = mpsc::channel(OUT_QUEUE);
                 let media = Arc::new(Media {
