@@ -2,23 +2,19 @@
 //! agents on the Telcoflow SDK and try the whole path end to end.
 //!
 //! Each subcommand lives in `src/cmd/<name>.rs` and exposes `Args` (a `clap::Args`) and
-//! `async fn run(Args) -> anyhow::Result<ExitCode>`. Adding one is one line in [`commands!`]
-//! below.
+//! `async fn run(Args) -> anyhow::Result<ExitCode>`. Adding one is its `mod` line in
+//! `src/cmd.rs` and one line in [`commands!`] below.
 
+mod cmd;
 mod wav;
 
 use clap::Parser;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-/// Declares the subcommands: the `cmd` module tree, the clap enum and the dispatch.
+/// Declares the subcommands: the clap enum and the dispatch.
 macro_rules! commands {
     ($( $(#[$doc:meta])* $variant:ident => $module:ident, )*) => {
-        /// One module per subcommand.
-        mod cmd {
-            $( pub(crate) mod $module; )*
-        }
-
         /// The subcommands.
         #[derive(Debug, clap::Subcommand)]
         enum Command {

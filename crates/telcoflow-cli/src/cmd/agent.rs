@@ -48,7 +48,11 @@ enum Mode {
 #[derive(Debug, clap::Args)]
 struct Connection {
     /// Server WebSocket base URL.
-    #[arg(long, env = "TELCOFLOW_BASE_URL", default_value = "ws://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "TELCOFLOW_BASE_URL",
+        default_value = "ws://127.0.0.1:8080"
+    )]
     server: String,
     /// API key of the connector (with --connector-uuid).
     #[arg(
@@ -88,10 +92,17 @@ impl Connection {
         let mut builder = TelcoflowClientConfig::builder()
             .base_url(&self.server)
             .sample_rate(rate);
-        builder = match (&self.client_cert, &self.client_key, &self.api_key, &self.connector_uuid) {
+        builder = match (
+            &self.client_cert,
+            &self.client_key,
+            &self.api_key,
+            &self.connector_uuid,
+        ) {
             (Some(cert), Some(key), _, _) => builder.mtls(cert, key),
             (_, _, Some(api_key), Some(uuid)) => builder.api_key(api_key, uuid),
-            _ => anyhow::bail!("give --api-key and --connector-uuid, or --client-cert and --client-key"),
+            _ => anyhow::bail!(
+                "give --api-key and --connector-uuid, or --client-cert and --client-key"
+            ),
         };
         if let Some(ca) = &self.ca_cert {
             builder = builder.ca_cert(ca);
@@ -407,7 +418,10 @@ mod tests {
             .unwrap();
         // The agent is speaking.
         loop {
-            let frame = tokio::time::timeout(WAIT, phone.audio().recv()).await.unwrap().unwrap();
+            let frame = tokio::time::timeout(WAIT, phone.audio().recv())
+                .await
+                .unwrap()
+                .unwrap();
             if mean_level(&frame) > 1000 {
                 break;
             }
@@ -420,13 +434,23 @@ mod tests {
         let mut silent = 0;
         let mut frames = 0;
         while silent < 25 {
-            let frame = tokio::time::timeout(WAIT, phone.audio().recv()).await.unwrap().unwrap();
-            silent = if mean_level(&frame) == 0 { silent + 1 } else { 0 };
+            let frame = tokio::time::timeout(WAIT, phone.audio().recv())
+                .await
+                .unwrap()
+                .unwrap();
+            silent = if mean_level(&frame) == 0 {
+                silent + 1
+            } else {
+                0
+            };
             frames += 1;
             assert!(frames < 100, "the agent kept speaking");
         }
         phone.control().hangup().unwrap();
-        let outcome = tokio::time::timeout(WAIT, outcome_rx.recv()).await.unwrap().unwrap();
+        let outcome = tokio::time::timeout(WAIT, outcome_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         match outcome {
             Ok(SpeakOutcome::Interrupted { dropped }) => assert!(dropped > 100_000, "{dropped}"),
             other => panic!("{other:?}"),
@@ -445,16 +469,39 @@ mod tests {
     #[test]
     fn flags_parse_and_credentials_are_required() {
         let args = parse(&[
-            "agent", "echo", "--server", "ws://10.0.0.1:9", "--api-key", "k",
-            "--connector-uuid", "u", "--sample-rate", "24000", "--max-calls", "3",
+            "agent",
+            "echo",
+            "--server",
+            "ws://10.0.0.1:9",
+            "--api-key",
+            "k",
+            "--connector-uuid",
+            "u",
+            "--sample-rate",
+            "24000",
+            "--max-calls",
+            "3",
         ])
         .unwrap();
-        let Mode::Echo { conn } = args.mode else { panic!("echo") };
+        let Mode::Echo { conn } = args.mode else {
+            panic!("echo")
+        };
         assert_eq!(conn.server, "ws://10.0.0.1:9");
         assert_eq!(conn.max_calls, Some(3));
         assert_eq!(conn.config().unwrap().sample_rate(), SampleRate::Hz24000);
-        let args = parse(&["agent", "speak", "x.wav", "--api-key", "k", "--connector-uuid", "u"]).unwrap();
-        let Mode::Speak { file, conn, .. } = args.mode else { panic!("speak") };
+        let args = parse(&[
+            "agent",
+            "speak",
+            "x.wav",
+            "--api-key",
+            "k",
+            "--connector-uuid",
+            "u",
+        ])
+        .unwrap();
+        let Mode::Speak { file, conn, .. } = args.mode else {
+            panic!("speak")
+        };
         assert_eq!(file, PathBuf::from("x.wav"));
         if std::env::var_os("TELCOFLOW_BASE_URL").is_none() {
             assert_eq!(conn.server, "ws://127.0.0.1:8080");
@@ -469,15 +516,33 @@ mod tests {
         assert!(bad.config().is_err());
         // mTLS instead of an API key: the files are read when the config is built.
         let args = parse(&[
-            "agent", "echo", "--server", "wss://h", "--client-cert", "/nonexistent/c.pem",
-            "--client-key", "/nonexistent/c.key",
+            "agent",
+            "echo",
+            "--server",
+            "wss://h",
+            "--client-cert",
+            "/nonexistent/c.pem",
+            "--client-key",
+            "/nonexistent/c.key",
         ]);
         if std::env::var_os("TELCOFLOW_API_KEY").is_none() {
-            let Mode::Echo { conn } = args.unwrap().mode else { panic!("echo") };
+            let Mode::Echo { conn } = args.unwrap().mode else {
+                panic!("echo")
+            };
             let e = conn.config().unwrap_err().to_string();
             assert!(e.contains("cert_path"), "{e}");
         }
-        assert!(parse(&["agent", "echo", "--client-cert", "c.pem", "--connector-uuid", "u"]).is_err());
+        assert!(
+            parse(&[
+                "agent",
+                "echo",
+                "--client-cert",
+                "c.pem",
+                "--connector-uuid",
+                "u"
+            ])
+            .is_err()
+        );
     }
 
     #[tokio::test]
@@ -506,7 +571,9 @@ mod tests {
             .unwrap();
         phone
             .events()
-            .wait_for(Duration::from_secs(20), |f| matches!(f, NetworkFrame::Answered { .. }))
+            .wait_for(Duration::from_secs(20), |f| {
+                matches!(f, NetworkFrame::Answered { .. })
+            })
             .await
             .unwrap();
         phone.control().hangup().unwrap();

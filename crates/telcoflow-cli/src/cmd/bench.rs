@@ -128,7 +128,12 @@ pub(crate) struct Args {
     sip_addr: Option<SocketAddr>,
     /// RTP port range of the server child with --sip, LOW-HIGH [default: from 30000, two
     /// ports per call plus a quarter and some to spare].
-    #[arg(long, value_name = "LOW-HIGH", requires = "sip", conflicts_with = "server")]
+    #[arg(
+        long,
+        value_name = "LOW-HIGH",
+        requires = "sip",
+        conflicts_with = "server"
+    )]
     rtp_ports: Option<String>,
     /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep).
     #[arg(long)]
@@ -243,7 +248,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?
         };
-        std::fs::write(path, json + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
         plot::draw(path, &runs)?;
@@ -276,7 +282,9 @@ impl ChildProc {
             // Per-call info logs from hundreds of calls would drown the progress line.
             cmd.env("RUST_LOG", "warn");
         }
-        let mut child = cmd.spawn().with_context(|| format!("cannot start the {name}"))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start the {name}"))?;
         let pid = child.id().context("child exited at once")?;
         let stdout = child.stdout.take().context("child stdout not piped")?;
         Ok(Self {
@@ -323,7 +331,10 @@ impl ChildProc {
         })
         .await;
         if read.is_err() {
-            tracing::warn!(process = self.name, "did not exit after SIGTERM; killing it");
+            tracing::warn!(
+                process = self.name,
+                "did not exit after SIGTERM; killing it"
+            );
             let _ = self.child.kill().await;
         }
         let _ = self.child.wait().await;
@@ -497,7 +508,8 @@ async fn run_once(
     }
 
     let answered = reports.iter().filter(|r| r.answered).count();
-    let (server_cost, agent_cost, callers_cpu, machine, window) = match (start_reading, end_reading) {
+    let (server_cost, agent_cost, callers_cpu, machine, window) = match (start_reading, end_reading)
+    {
         (Some((t0, s0, a0, m0, b0)), Some((t1, s1, a1, m1, b1))) => {
             let window = t1 - t0;
             let cost = |idle: Option<ProcSample>, a: Option<ProcSample>, b: Option<ProcSample>| {
@@ -511,7 +523,13 @@ async fn run_once(
                 (Some(a), Some(b)) => round3((b - a) / window.as_secs_f64()),
                 _ => 0.0,
             };
-            (cost(idle.0, s0, s1), cost(idle.1, a0, a1), callers, machine, window)
+            (
+                cost(idle.0, s0, s1),
+                cost(idle.1, a0, a1),
+                callers,
+                machine,
+                window,
+            )
         }
         _ => (None, None, 0.0, 0.0, Duration::ZERO),
     };
@@ -584,8 +602,14 @@ fn summarise(
     window: Duration,
 ) -> RunResult {
     let mut setup: Vec<u32> = reports.iter().filter_map(|r| r.setup_us).collect();
-    let mut rtt: Vec<u32> = reports.iter().flat_map(|r| r.rtt_us.iter().copied()).collect();
-    let mut interrupt: Vec<u32> = reports.iter().flat_map(|r| r.interrupt_us.iter().copied()).collect();
+    let mut rtt: Vec<u32> = reports
+        .iter()
+        .flat_map(|r| r.rtt_us.iter().copied())
+        .collect();
+    let mut interrupt: Vec<u32> = reports
+        .iter()
+        .flat_map(|r| r.interrupt_us.iter().copied())
+        .collect();
     let sum = |f: fn(&CallReport) -> u64| reports.iter().map(f).sum::<u64>();
     let round_trip = Percentiles::from_us(&mut rtt);
     let agent_ms = handling.map_or(0.0, |h| h.handle_us_p50 / 1000.0);
@@ -627,7 +651,10 @@ fn summarise(
 }
 
 fn pct(p: &Percentiles) -> String {
-    format!("{:>8.2} {:>8.2} {:>8.2} {:>8.2}", p.p50, p.p95, p.p99, p.max)
+    format!(
+        "{:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+        p.p50, p.p95, p.p99, p.max
+    )
 }
 
 fn cost(c: &Option<ProcCost>) -> String {
@@ -651,22 +678,37 @@ fn print_table(r: &RunResult) {
         r.duration_s,
         r.ramp_s
     );
-    println!("  calls answered / failed   {:>8} / {}", r.calls_answered, r.calls_failed);
+    println!(
+        "  calls answered / failed   {:>8} / {}",
+        r.calls_answered, r.calls_failed
+    );
     if r.callers == CallerKind::Sip {
         println!("  hang-ups (BYE) failed     {:>8}", r.hangups_failed);
     }
     println!(
         "  frames sent {}  lost {}  duplicated {}  reordered {}  late(>40ms) {}  crossed {}",
-        r.frames_sent, r.frames_lost, r.frames_duplicated, r.frames_reordered, r.frames_late, r.frames_crossed
+        r.frames_sent,
+        r.frames_lost,
+        r.frames_duplicated,
+        r.frames_reordered,
+        r.frames_late,
+        r.frames_crossed
     );
-    println!("  {:<24}{:>8} {:>8} {:>8} {:>8}", "ms", "p50", "p95", "p99", "max");
+    println!(
+        "  {:<24}{:>8} {:>8} {:>8} {:>8}",
+        "ms", "p50", "p95", "p99", "max"
+    );
     let setup = match r.callers {
         CallerKind::Sim => "setup (dial->answer)",
         CallerKind::Sip => "setup (INVITE->200)",
     };
     println!("  {:<24}{}", setup, pct(&r.setup_ms));
     println!("  {:<24}{}", "round trip", pct(&r.round_trip_ms));
-    println!("  {:<24}{}", "  server-added (est.)", pct(&r.server_added_ms));
+    println!(
+        "  {:<24}{}",
+        "  server-added (est.)",
+        pct(&r.server_added_ms)
+    );
     println!(
         "  {:<24}{}   ({} probes, {} failed)",
         "interrupt -> silence",
@@ -702,7 +744,16 @@ fn print_sweep(runs: &[RunResult]) {
     println!();
     println!(
         "{:>6} {:>8} {:>6} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
-        "calls", "answered", "lost", "late", "rtt p50", "rtt p99", "srv cores", "srv MiB", "agt cores", "agt MiB"
+        "calls",
+        "answered",
+        "lost",
+        "late",
+        "rtt p50",
+        "rtt p99",
+        "srv cores",
+        "srv MiB",
+        "agt cores",
+        "agt MiB"
     );
     for r in runs {
         let c = |c: &Option<ProcCost>, f: fn(&ProcCost) -> f64| c.as_ref().map_or(f64::NAN, f);

@@ -94,7 +94,8 @@ pub(crate) fn seconds(samples: u64, rate: SampleRate) -> f64 {
 
 /// A seconds flag as a duration.
 pub(crate) fn secs_arg(name: &str, value: f64) -> anyhow::Result<Duration> {
-    Duration::try_from_secs_f64(value).with_context(|| format!("--{name} must be a non-negative number of seconds"))
+    Duration::try_from_secs_f64(value)
+        .with_context(|| format!("--{name} must be a non-negative number of seconds"))
 }
 
 /// Places the call and prints the summary.
@@ -139,11 +140,22 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 call_id = Some(id);
                 break started.elapsed();
             }
-            Some(NetworkFrame::Hangup { call_id: id, reason }) => {
-                let s = summary(false, id.or(call_id), None, "remote", reason.as_str().into());
+            Some(NetworkFrame::Hangup {
+                call_id: id,
+                reason,
+            }) => {
+                let s = summary(
+                    false,
+                    id.or(call_id),
+                    None,
+                    "remote",
+                    reason.as_str().into(),
+                );
                 return finish(s, &args, rate, &[]);
             }
-            Some(NetworkFrame::Error { message }) => anyhow::bail!("the network refused the call: {message}"),
+            Some(NetworkFrame::Error { message }) => {
+                anyhow::bail!("the network refused the call: {message}")
+            }
             Some(_) => {}
             None => {
                 let s = summary(false, call_id, None, "network", "closed".into());
@@ -151,7 +163,11 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     };
-    info!(call_id = call_id.as_deref().unwrap_or(""), ms = answered_after.as_millis() as u64, "answered");
+    info!(
+        call_id = call_id.as_deref().unwrap_or(""),
+        ms = answered_after.as_millis() as u64,
+        "answered"
+    );
     let sent_before = control.stats().samples_sent;
     audio.drain();
 
@@ -229,7 +245,12 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     finish(s, &args, rate, &recording)
 }
 
-fn finish(summary: Summary, args: &Args, rate: SampleRate, recording: &[i16]) -> anyhow::Result<ExitCode> {
+fn finish(
+    summary: Summary,
+    args: &Args,
+    rate: SampleRate,
+    recording: &[i16],
+) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.record {
         wav::write_mono(path, rate.hz(), recording)?;
     }

@@ -133,7 +133,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         println!("Telcoflow demo: one call, end to end, in this process");
         println!("  server         {base_url} (development connector)");
-        println!("  agent          echo agent on the Rust SDK, control connection {agent_connection}");
+        println!(
+            "  agent          echo agent on the Rust SDK, control connection {agent_connection}"
+        );
         println!(
             "  call           {from} -> {to}, call id {}",
             report.call_id.as_deref().unwrap_or("?")
@@ -143,7 +145,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             None => println!("  answered       no"),
         }
         match report.round_trip {
-            Some(d) => println!("  round trip     {} ms from first word said to first word heard back", d.as_millis()),
+            Some(d) => println!(
+                "  round trip     {} ms from first word said to first word heard back",
+                d.as_millis()
+            ),
             None => println!("  round trip     the caller never heard their voice back"),
         }
         println!(
@@ -157,7 +162,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             report.heard.len(),
             secs(report.heard.len())
         );
-        println!("  recording      {} (what the caller heard)", record.display());
+        println!(
+            "  recording      {} (what the caller heard)",
+            record.display()
+        );
     }
     if report.answered_after.is_none() || report.round_trip.is_none() {
         return Ok(ExitCode::FAILURE);
@@ -247,7 +255,8 @@ mod tests {
 
     #[tokio::test]
     async fn demo_call_is_answered_and_echoed() {
-        let record = std::env::temp_dir().join(format!("telcoflow-demo-test-{}.wav", std::process::id()));
+        let record =
+            std::env::temp_dir().join(format!("telcoflow-demo-test-{}.wav", std::process::id()));
         let code = run(Args {
             record: Some(record.clone()),
             play: None,
@@ -260,7 +269,11 @@ mod tests {
         assert_eq!(heard.spec().sample_rate, 16000);
         // The caller heard at least as long as they spoke (the echo plus silence).
         let spoken = decode_wav_bytes(HELLO_WAV, RATE.hz()).unwrap().len() as u32;
-        assert!(heard.duration() >= spoken, "{} < {spoken}", heard.duration());
+        assert!(
+            heard.duration() >= spoken,
+            "{} < {spoken}",
+            heard.duration()
+        );
         let _ = std::fs::remove_file(record);
     }
 }

@@ -122,7 +122,15 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
             rate,
         };
         let line = call
-            .handle(&args, call_id, from, to, answer_after, hangup_after, clip.clone())
+            .handle(
+                &args,
+                call_id,
+                from,
+                to,
+                answer_after,
+                hangup_after,
+                clip.clone(),
+            )
             .await?;
         print(&line)?;
         if args.once {

@@ -100,7 +100,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .map(|c| (c.uuid.clone(), c.api_key.clone()))
         .collect();
 
-    let mut server = Server::start(config).await.context("cannot start the server")?;
+    let mut server = Server::start(config)
+        .await
+        .context("cannot start the server")?;
     for (uuid, api_key) in &connectors {
         if dev {
             println!("connector uuid={uuid} api_key={api_key}");
@@ -125,7 +127,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     if by_signal {
         info!("shutting down");
-        if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
+            .await
+            .is_err()
+        {
             warn!("connections did not close within {SHUTDOWN_GRACE:?}; exiting anyway");
         }
         Ok(ExitCode::SUCCESS)

@@ -107,15 +107,25 @@ pub(crate) struct CallReport {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum ProbeState {
-    Idle { next: Instant },
+    Idle {
+        next: Instant,
+    },
     /// Speak sent; waiting for the tone.
-    WaitTone { since: Instant },
+    WaitTone {
+        since: Instant,
+    },
     /// Tone heard at `heard`; stop goes out at `heard + TONE_HEARD`.
-    Hearing { heard: Instant },
+    Hearing {
+        heard: Instant,
+    },
     /// Stop sent at `at`; waiting for a frame that is not tone.
-    Stopped { at: Instant },
+    Stopped {
+        at: Instant,
+    },
     /// Tone gone; counted frames resume at `until`.
-    Settle { until: Instant },
+    Settle {
+        until: Instant,
+    },
 }
 
 /// Runs one call to its end. Never fails: problems are recorded in the report.
@@ -141,13 +151,18 @@ pub(crate) async fn run(plan: CallPlan, progress: Arc<Progress>) -> CallReport {
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn drive(plan: &CallPlan, progress: &Progress, report: &mut CallReport) -> Result<(), String> {
+async fn drive(
+    plan: &CallPlan,
+    progress: &Progress,
+    report: &mut CallReport,
+) -> Result<(), String> {
     let url = telcoflow_server::sim::client::sim_url(&plan.base_url).map_err(|e| e.to_string())?;
     let started = Instant::now();
     // TCP_NODELAY, like a real media client: frames must not wait behind Nagle's algorithm.
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
     let dial = PhoneFrame::Dial {
         from: format!("+1555{:07}", plan.index),
         to: CALLED.into(),
@@ -282,7 +297,12 @@ pub(super) struct Stream<'a> {
 impl<'a> Stream<'a> {
     pub(super) fn new(plan: &'a CallPlan, answered_at: Instant) -> Self {
         let n = plan.rate.frame_samples();
-        let frames = (plan.end_at.saturating_duration_since(answered_at).as_millis() / 20) as usize + 8;
+        let frames = (plan
+            .end_at
+            .saturating_duration_since(answered_at)
+            .as_millis()
+            / 20) as usize
+            + 8;
         Self {
             plan,
             seq: 0,
@@ -409,7 +429,7 @@ impl<'a> Stream<'a> {
         self.found = found;
     }
 
-    pub(super)     fn finish(&self, report: &mut CallReport) {
+    pub(super) fn finish(&self, report: &mut CallReport) {
         let data = self.is_data.iter().filter(|&&d| d).count() as u64;
         let heard = self
             .is_data

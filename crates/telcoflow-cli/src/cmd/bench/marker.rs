@@ -271,8 +271,17 @@ mod tests {
         assert_eq!(sample_digit(DIGIT_BASE + 1), None);
         assert_eq!(sample_digit(DIGIT_BASE - 16 * DIGIT_STEP), None);
         for kind in [Kind::Data, Kind::Probe, Kind::Speak, Kind::Stop] {
-            for (caller, seq, sent_us) in [(0, 0, 0), (65_535, u32::MAX, u32::MAX), (1234, 0x0F0F_A5A5, 987_654_321)] {
-                let m = Marker { kind, caller, seq, sent_us };
+            for (caller, seq, sent_us) in [
+                (0, 0, 0),
+                (65_535, u32::MAX, u32::MAX),
+                (1234, 0x0F0F_A5A5, 987_654_321),
+            ] {
+                let m = Marker {
+                    kind,
+                    caller,
+                    seq,
+                    sent_us,
+                };
                 let mut frame = speech(8000, 160);
                 m.write(&mut frame);
                 let coded = through_pcmu(&frame);
@@ -318,6 +327,10 @@ mod tests {
         assert!(is_tone(&tone(480)));
         assert!(!is_tone(&speech(24_000, 480)));
         assert!(!is_tone(&[0; 480]));
-        assert!(speech(24_000, 24_000).iter().all(|s| s.unsigned_abs() <= 12_000));
+        assert!(
+            speech(24_000, 24_000)
+                .iter()
+                .all(|s| s.unsigned_abs() <= 12_000)
+        );
     }
 }

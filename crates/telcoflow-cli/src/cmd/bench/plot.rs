@@ -24,7 +24,10 @@ const FONT_CANDIDATES: &[&str] = &[
 /// Registers a font for plotters' `sans-serif`; false when none could be loaded.
 fn load_font() -> bool {
     let env = std::env::var("TELCOFLOW_PLOT_FONT").ok();
-    let paths = env.iter().map(String::as_str).chain(FONT_CANDIDATES.iter().copied());
+    let paths = env
+        .iter()
+        .map(String::as_str)
+        .chain(FONT_CANDIDATES.iter().copied());
     for path in paths {
         if let Ok(bytes) = std::fs::read(path) {
             // plotters keeps registered fonts for the life of the process.
@@ -101,7 +104,8 @@ pub(crate) fn draw(path: &Path, runs: &[RunResult]) -> anyhow::Result<()> {
         }
         mesh.draw()?;
         for (name, colour, points) in series {
-            let line = chart.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?;
+            let line =
+                chart.draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))?;
             if text {
                 line.label(name).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2))

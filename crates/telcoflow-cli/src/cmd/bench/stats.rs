@@ -177,7 +177,10 @@ mod tests {
     fn percentiles_nearest_rank() {
         let mut v: Vec<u32> = (1..=100).map(|i| i * 1000).collect();
         let p = Percentiles::from_us(&mut v);
-        assert_eq!((p.p50, p.p95, p.p99, p.max, p.n), (50.0, 95.0, 99.0, 100.0, 100));
+        assert_eq!(
+            (p.p50, p.p95, p.p99, p.max, p.n),
+            (50.0, 95.0, 99.0, 100.0, 100)
+        );
         assert_eq!(Percentiles::from_us(&mut []), Percentiles::default());
         assert_eq!(p.minus(60.0).p50, 0.0);
         assert_eq!(p.minus(1.0).p99, 98.0);
@@ -187,8 +190,14 @@ mod tests {
     fn proc_files_parse() {
         let stat = "1234 (tel coflow) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 8 0 100 0 0";
         assert_eq!(parse_stat_cpu(stat), Some(3.0));
-        assert_eq!(parse_status_rss_kib("Name:\tx\nVmRSS:\t   2048 kB\n"), Some(2048.0));
-        assert_eq!(parse_machine_busy("cpu  100 0 50 1000 30 0 0 0 0 0"), Some(1.5));
+        assert_eq!(
+            parse_status_rss_kib("Name:\tx\nVmRSS:\t   2048 kB\n"),
+            Some(2048.0)
+        );
+        assert_eq!(
+            parse_machine_busy("cpu  100 0 50 1000 30 0 0 0 0 0"),
+            Some(1.5)
+        );
         assert_eq!(parse_machine_busy("cpu0 1 2 3"), None);
         assert!(machine_busy_s().is_some() && loadavg().is_some());
         let me = ProcSample::read(std::process::id()).expect("own /proc entry");
@@ -198,7 +207,13 @@ mod tests {
     #[test]
     fn cost_per_call_minute() {
         let s = |cpu_s, rss_mib| ProcSample { cpu_s, rss_mib };
-        let c = ProcCost::new(s(0.0, 10.0), s(1.0, 20.0), s(4.0, 30.0), Duration::from_secs(30), 10);
+        let c = ProcCost::new(
+            s(0.0, 10.0),
+            s(1.0, 20.0),
+            s(4.0, 30.0),
+            Duration::from_secs(30),
+            10,
+        );
         // 3 CPU seconds over 10 calls x 0.5 min.
         assert_eq!(c.cpu_s_per_call_min, 0.6);
         assert_eq!(c.rss_mib_per_call, 2.0);
