@@ -236,6 +236,9 @@ pub struct RtpSession {
     last_sr: Option<(u32, Instant)>,
     stats: SessionStats,
     encode_buf: [u8; FRAME_SAMPLES],
+    /// The report blocks of our RTCP reports (at most one: we hear one source), kept from
+    /// one report to the next so that sending a report costs no allocation.
+    report_blocks: Vec<ReportBlock>,
 }
 
 impl RtpSession {
@@ -271,6 +274,7 @@ impl RtpSession {
             last_sr: None,
             stats: SessionStats::default(),
             encode_buf: [0; FRAME_SAMPLES],
+            report_blocks: Vec::with_capacity(1),
             config,
         }
     }
@@ -535,24 +539,28 @@ impl RtpSession {
             self.reception
                 .block(self.jitter.jitter(), self.last_sr, now)
         });
-        let reports: Vec<ReportBlock> = block.into_iter().collect();
-        let mut len = if self.stats.packets_sent > 0 {
-            SenderReport {
+        let mut reports = std::mem::take(&mut self.report_blocks);
+        reports.clear();
+        reports.extend(block);
+        let (written, reports) = if self.stats.packets_sent > 0 {
+            let sr = SenderReport {
                 ssrc: self.config.ssrc,
                 ntp_timestamp: ntp_timestamp(unix_time),
                 rtp_timestamp: self.timestamp,
                 packet_count: self.stats.packets_sent,
                 octet_count: self.stats.octets_sent,
                 reports,
-            }
-            .write(out)?
+            };
+            (sr.write(out), sr.reports)
         } else {
-            ReceiverReport {
+            let rr = ReceiverReport {
                 ssrc: self.config.ssrc,
                 reports,
-            }
-            .write(out)?
+            };
+            (rr.write(out), rr.reports)
         };
+        self.report_blocks = reports;
+        let mut len = written?;
         len += write_sdes_cname(self.config.ssrc, &self.config.cname, &mut out[len..])?;
         Ok(Some(len))
     }
