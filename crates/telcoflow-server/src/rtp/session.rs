@@ -35,8 +35,8 @@ use super::jitter::{FRAME_SAMPLES, Frame, JitterBuffer, JitterConfig};
 use crate::phase::PhaseAligner;
 
 use super::packet::{
-    Dtmf, DtmfReceiver, PacketError, ReceiverReport, ReportBlock, RtcpPacket, RtpHeader, RtpPacket,
-    SenderReport, TelephoneEvent, is_rtcp, ntp_timestamp, write_sdes_cname,
+    Dtmf, DtmfReceiver, PacketError, ReceiverReport, ReportBlock, RtcpPackets, RtpHeader,
+    RtpPacket, SenderReport, TelephoneEvent, is_rtcp, ntp_timestamp, write_sdes_cname,
 };
 
 /// Playout ticks (60 ms) that wait for the phone's first audio packet before the call gets
@@ -345,17 +345,14 @@ impl RtpSession {
             return Received::WrongSource;
         }
         if is_rtcp(data) {
-            return match RtcpPacket::parse_compound(data) {
-                Ok(packets) => {
-                    self.latch(source);
-                    self.rtcp_mux = true;
-                    for p in packets {
-                        self.handle_rtcp(p, now);
-                    }
-                    Received::Rtcp
-                }
-                Err(e) => Received::Malformed(e),
-            };
+            // Checked whole first: a malformed datagram changes nothing.
+            if let Err(e) = RtcpPackets::validate(data) {
+                return Received::Malformed(e);
+            }
+            self.latch(source);
+            self.rtcp_mux = true;
+            self.handle_rtcp(data, now);
+            return Received::Rtcp;
         }
         let packet = match RtpPacket::parse(data) {
             Ok(p) => p,
@@ -415,34 +412,29 @@ impl RtpSession {
         if self.rtcp_latched && source != self.rtcp_remote {
             return Received::WrongSource;
         }
-        match RtcpPacket::parse_compound(data) {
-            Ok(packets) => {
-                if !self.rtcp_latched {
-                    self.rtcp_remote = source;
-                    self.rtcp_latched = true;
-                }
-                for p in packets {
-                    self.handle_rtcp(p, now);
-                }
-                Received::Rtcp
-            }
-            Err(e) => Received::Malformed(e),
+        // Checked whole first: a malformed datagram changes nothing.
+        if let Err(e) = RtcpPackets::validate(data) {
+            return Received::Malformed(e);
         }
+        if !self.rtcp_latched {
+            self.rtcp_remote = source;
+            self.rtcp_latched = true;
+        }
+        self.handle_rtcp(data, now);
+        Received::Rtcp
     }
 
-    fn handle_rtcp(&mut self, packet: RtcpPacket, now: Instant) {
-        let reports = match packet {
-            RtcpPacket::SenderReport(sr) => {
+    /// Takes what the peer's reports say, read in place (a valid compound datagram).
+    fn handle_rtcp(&mut self, data: &[u8], now: Instant) {
+        for packet in RtcpPackets::new(data).flatten() {
+            if let Some(ntp) = packet.ntp_timestamp() {
                 // Middle 32 bits of the NTP timestamp, for LSR (RFC 3550 6.4.1).
-                self.last_sr = Some(((sr.ntp_timestamp >> 16) as u32, now));
-                sr.reports
+                self.last_sr = Some(((ntp >> 16) as u32, now));
             }
-            RtcpPacket::ReceiverReport(rr) => rr.reports,
-            _ => return,
-        };
-        if let Some(block) = reports.iter().find(|b| b.ssrc == self.config.ssrc) {
-            self.stats.remote_lost = block.cumulative_lost;
-            self.stats.remote_jitter = block.jitter;
+            if let Some(block) = packet.report_blocks().find(|b| b.ssrc == self.config.ssrc) {
+                self.stats.remote_lost = block.cumulative_lost;
+                self.stats.remote_jitter = block.jitter;
+            }
         }
     }
 
@@ -570,6 +562,7 @@ impl RtpSession {
 mod tests {
     use super::*;
     use crate::rtp::jitter::{FRAME_DURATION, FrameKind};
+    use crate::rtp::packet::RtcpPacket;
 
     const PEER_SDP: &str = "192.0.2.50:40000";
     const PEER_SDP_RTCP: &str = "192.0.2.50:40001";
