@@ -16,9 +16,10 @@
 //! allocation-free itself (one prebuilt frame, sent as a shared `Bytes`; received frames are
 //! inspected in place), so nothing is excluded from the count. Over SIP the caller's two
 //! WebSocket messages are one RTP packet each way instead (the SIP leg's jitter buffer, G.711
-//! and the playout tick on the server's side); the SIP phone's own media work is
-//! allocation-free too (one packet buffer and one receive buffer, both built before the
-//! window).
+//! and the playout tick on the server's side), and RTCP runs both ways (the phone's receiver
+//! report every second, the server's sender report every 5 s). The SIP phone's own media work
+//! is allocation-free too (its packet, its RTCP report and its receive buffer are built before
+//! the window).
 //!
 //! On a machine that keeps up the window sees no allocation at all. Two kinds can still
 //! happen now and then, never per frame, and the bounds leave room for them:
@@ -61,7 +62,9 @@ use telcoflow_server::config::{
 };
 use telcoflow_server::rtp::g711::G711;
 use telcoflow_server::rtp::jitter::FRAME_SAMPLES;
-use telcoflow_server::rtp::packet::{RTP_HEADER_LEN, RtpHeader, RtpPacket, is_rtcp};
+use telcoflow_server::rtp::packet::{
+    RTP_HEADER_LEN, ReceiverReport, ReportBlock, RtpHeader, RtpPacket, is_rtcp, write_sdes_cname,
+};
 use telcoflow_server::sip::sdp::LocalMedia;
 use telcoflow_server::sip::transaction::Timers;
 use telcoflow_server::sip::uac::{OutgoingCall, UacConfig, UacEvent};
@@ -645,6 +648,8 @@ fn print_sites(traces: &[String]) {
 const SIP_RTP_PORTS: &str = "31000-31099";
 /// The number the SIP phone dials (the development connector takes every number).
 const SIP_CALLED: &str = "+15550009999";
+/// The SIP phone sends an RTCP receiver report every this many RTP packets (1 s).
+const RTCP_EVERY: u64 = 50;
 /// Largest SIP datagram read: responses with SDP are well under this.
 const SIP_DATAGRAM: usize = 8192;
 
@@ -716,8 +721,8 @@ async fn sip_phone(server: SocketAddr) -> Measured {
     let sip = UdpSocket::bind("127.0.0.1:0").await.expect("SIP socket");
     sip.connect(server).await.expect("SIP socket connects");
     let local = sip.local_addr().expect("SIP address");
-    // The RTCP socket is held so that the server's reports reach a port of this call.
-    let (rtp, _rtcp) = rtp_pair().await;
+    // The server's RTCP reports reach the RTCP socket (never read); ours leave from it.
+    let (rtp, rtcp) = rtp_pair().await;
     let rtp_port = rtp.local_addr().expect("RTP address").port();
     let config = UacConfig {
         target: format!("sip:{SIP_CALLED}@{server}"),
@@ -760,6 +765,22 @@ async fn sip_phone(server: SocketAddr) -> Measured {
     codec.encode(&samples, &mut packet[RTP_HEADER_LEN..]);
     let mut received = [0u8; 2048];
     let (ssrc, mut sequence, mut timestamp) = (0x5eed_0001_u32, 1000u16, 160_000u32);
+    // A phone's RTCP, built once: a receiver report about the server's stream and the CNAME.
+    // Sent every second rather than every 5 s (RFC 3550), so that the window sees several.
+    let mut report = [0u8; 128];
+    let report_len = {
+        let rr = ReceiverReport {
+            ssrc,
+            reports: vec![ReportBlock {
+                ssrc: 0x5eed_0002,
+                highest_sequence: 1,
+                ..ReportBlock::default()
+            }],
+        };
+        let n = rr.write(&mut report).expect("room for the report");
+        n + write_sdes_cname(ssrc, "phone@127.0.0.1", &mut report[n..]).expect("room for SDES")
+    };
+    let report = &report[..report_len];
 
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
     let mut window = Window::default();
@@ -773,6 +794,9 @@ async fn sip_phone(server: SocketAddr) -> Measured {
                 timestamp = timestamp.wrapping_add(FRAME_SAMPLES as u32);
                 rtp.send_to(&packet, negotiated.remote).await.expect("RTP send");
                 window.sent();
+                if window.sent % RTCP_EVERY == 0 {
+                    rtcp.send_to(report, negotiated.remote_rtcp).await.expect("RTCP send");
+                }
             }
             // Cancel-safe: a UDP recv loses nothing when not polled to completion.
             r = rtp.recv_from(&mut received) => {
