@@ -1,10 +1,12 @@
 //! Proof that an audio frame costs no heap allocation, anywhere in the echo path.
 //!
 //! One process holds all of it: the real server (started in-process), a real Rust SDK echo
-//! agent (`serve`, `audio_stream` -> `send_audio`) and a simulated caller that speaks the
-//! simulated network's protocol over a real WebSocket, all over loopback. A counting global
-//! allocator (private to this test binary, which holds nothing else) counts every `alloc`,
-//! `alloc_zeroed` and `realloc` in the process: server, SDK and caller together.
+//! agent (`serve`, `audio_stream` -> `send_audio`) and a caller, all over loopback. The caller
+//! is either a simulated phone that speaks the simulated network's protocol over a real
+//! WebSocket, or a SIP phone that calls the server's SIP user agent over UDP and streams
+//! PCMU over RTP (see [`sip_phone`]). A counting global allocator (private to this test
+//! binary, which holds nothing else) counts every `alloc`, `alloc_zeroed` and `realloc` in
+//! the process: server, SDK and caller together.
 //!
 //! After a warm-up (call answered, 100 frames echoed) the count is taken, 200 more
 //! 20 ms frames make the round trip caller -> server -> agent -> server -> caller, and the
@@ -12,7 +14,12 @@
 //! server to agent, agent to server, server to caller) plus half a `buffer_request` (one
 //! every 40 ms), a call-actor hop each way and the SDK's ring buffer. The caller side is
 //! allocation-free itself (one prebuilt frame, sent as a shared `Bytes`; received frames are
-//! inspected in place), so nothing is excluded from the count.
+//! inspected in place), so nothing is excluded from the count. Over SIP the caller's two
+//! WebSocket messages are one RTP packet each way instead (the SIP leg's jitter buffer, G.711
+//! and the playout tick on the server's side), and RTCP runs both ways (the phone's receiver
+//! report every second, the server's sender report every 5 s). The SIP phone's own media work
+//! is allocation-free too (its packet, its RTCP report and its receive buffer are built before
+//! the window).
 //!
 //! On a machine that keeps up the window sees no allocation at all. Two kinds can still
 //! happen now and then, never per frame, and the bounds leave room for them:
@@ -50,8 +57,21 @@ use std::time::Duration;
 use telcoflow::{Error, TelcoflowClient, TelcoflowClientConfig};
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::{NetworkFrame, PhoneFrame, SIM_PATH};
-use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECT_DESTINATION, DEV_CONNECTOR_UUID};
-use telcoflow_server::{Config, Server};
+use telcoflow_server::config::{
+    DEV_API_KEY, DEV_CONNECT_DESTINATION, DEV_CONNECTOR_UUID, SipConfig,
+};
+use telcoflow_server::rtp::g711::G711;
+use telcoflow_server::rtp::jitter::FRAME_SAMPLES;
+use telcoflow_server::rtp::packet::{
+    RTP_HEADER_LEN, ReceiverReport, ReportBlock, RtpHeader, RtpPacket, is_rtcp, write_sdes_cname,
+};
+use telcoflow_server::sip::sdp::LocalMedia;
+use telcoflow_server::sip::transaction::Timers;
+use telcoflow_server::sip::uac::{OutgoingCall, UacConfig, UacEvent};
+use telcoflow_server::sip::{Transmit, Transport};
+use telcoflow_server::{Config, RunningServer, Server};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
@@ -145,21 +165,33 @@ static GLOBAL: Counting = Counting;
 /// The scenarios share the process-wide counter, so they run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-/// One call's set-up: the caller's and the agent's rates, and how many received chunks the
-/// echo agent gathers before it sends them back in one `send_audio`.
+/// One call's set-up: who calls, the caller's and the agent's rates, and how many received
+/// chunks the echo agent gathers before it sends them back in one `send_audio`.
 #[derive(Clone, Copy)]
 struct Scenario {
+    caller: Caller,
+    /// The caller's rate; a SIP phone is always 8000 Hz (G.711).
     caller_rate: SampleRate,
     agent_rate: SampleRate,
     batch: usize,
     /// The agent connects a destination phone (`call.connect`), which talks too: every tick
-    /// then mixes caller, destination and agent.
+    /// then mixes caller, destination and agent. Simulated callers only.
     connect: bool,
+}
+
+/// How the caller reaches the server.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// A phone of the simulated network, over the server's WebSocket.
+    Sim,
+    /// A SIP phone: INVITE over UDP, PCMU over RTP.
+    Sip,
 }
 
 #[test]
 fn echo_frames_do_not_allocate_at_the_agent_rate() {
     run(Scenario {
+        caller: Caller::Sim,
         caller_rate: SampleRate::Hz24000,
         agent_rate: SampleRate::Hz24000,
         batch: 1,
@@ -170,6 +202,7 @@ fn echo_frames_do_not_allocate_at_the_agent_rate() {
 #[test]
 fn echo_frames_do_not_allocate_when_resampled() {
     run(Scenario {
+        caller: Caller::Sim,
         caller_rate: SampleRate::Hz8000,
         agent_rate: SampleRate::Hz24000,
         batch: 1,
@@ -182,6 +215,7 @@ fn echo_frames_do_not_allocate_when_resampled() {
 #[test]
 fn echo_frames_do_not_allocate_when_the_agent_sends_in_bursts() {
     run(Scenario {
+        caller: Caller::Sim,
         caller_rate: SampleRate::Hz16000,
         agent_rate: SampleRate::Hz16000,
         batch: 5,
@@ -194,10 +228,36 @@ fn echo_frames_do_not_allocate_when_the_agent_sends_in_bursts() {
 #[test]
 fn echo_frames_do_not_allocate_on_a_connected_call() {
     run(Scenario {
+        caller: Caller::Sim,
         caller_rate: SampleRate::Hz16000,
         agent_rate: SampleRate::Hz24000,
         batch: 1,
         connect: true,
+    });
+}
+
+/// The caller is a SIP phone: the server's SIP leg (RTP in, jitter buffer, G.711, playout
+/// tick, RTP out) at the agent's own rate.
+#[test]
+fn echo_frames_do_not_allocate_over_sip() {
+    run(Scenario {
+        caller: Caller::Sip,
+        caller_rate: SampleRate::Hz8000,
+        agent_rate: SampleRate::Hz8000,
+        batch: 1,
+        connect: false,
+    });
+}
+
+/// A SIP phone and an agent at 24 kHz: the SIP leg's audio is resampled both ways.
+#[test]
+fn echo_frames_do_not_allocate_over_sip_when_resampled() {
+    run(Scenario {
+        caller: Caller::Sip,
+        caller_rate: SampleRate::Hz8000,
+        agent_rate: SampleRate::Hz24000,
+        batch: 1,
+        connect: false,
     });
 }
 
@@ -227,10 +287,15 @@ fn run(scenario: Scenario) {
     let frames = m.frames as f64;
     let (ours_per_frame, read_buffer_per_frame) =
         (ours as f64 / frames, read_buffer as f64 / frames);
+    let caller = match scenario.caller {
+        Caller::Sim => "caller",
+        Caller::Sip => "SIP caller (PCMU)",
+    };
     println!(
-        "caller {} Hz, agent {} Hz, agent sends {} frame(s) at a time, connected: {}: {} allocations \
-         over {} echoed frames ({} sent) = {:.3} per frame; ours {ours} ({ours_per_frame:.3} per \
-         frame), tungstenite read buffers {read_buffer} ({read_buffer_per_frame:.3} per frame)",
+        "{caller} {} Hz, agent {} Hz, agent sends {} frame(s) at a time, connected: {}: {} \
+         allocations over {} echoed frames ({} sent) = {:.3} per frame; ours {ours} \
+         ({ours_per_frame:.3} per frame), tungstenite read buffers {read_buffer} \
+         ({read_buffer_per_frame:.3} per frame)",
         scenario.caller_rate.hz(),
         scenario.agent_rate.hz(),
         scenario.batch,
@@ -262,17 +327,78 @@ struct Measured {
     sent: u64,
 }
 
+/// The measuring window: counts frames sent and echoed, takes the count when the warm-up is
+/// over and again when the window is. Allocation-free.
+#[derive(Default)]
+struct Window {
+    echoed: u64,
+    sent: u64,
+    /// Allocation count and frames sent when the window opened.
+    start: Option<(u64, u64)>,
+}
+
+impl Window {
+    fn sent(&mut self) {
+        self.sent += 1;
+    }
+
+    /// Notes one echoed frame; the figures once the window is over.
+    fn echoed(&mut self) -> Option<Measured> {
+        self.echoed += 1;
+        if self.echoed == WARMUP_FRAMES {
+            self.start = Some((ALLOCS.load(Ordering::SeqCst), self.sent));
+            TRACE_LEFT.store(MAX_RECORDED, Ordering::SeqCst);
+        } else if self.echoed == WARMUP_FRAMES + MEASURED_FRAMES {
+            let allocs = ALLOCS.load(Ordering::SeqCst);
+            TRACE_LEFT.store(0, Ordering::SeqCst);
+            let (before, sent_before) = self.start.expect("window started");
+            return Some(Measured {
+                allocs: allocs - before,
+                frames: MEASURED_FRAMES,
+                sent: self.sent - sent_before,
+            });
+        }
+        None
+    }
+}
+
 async fn measure(scenario: Scenario) -> Measured {
+    let mut config = Config::development();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    if scenario.caller == Caller::Sip {
+        config.sip = Some(SipConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            rtp_ports: SIP_RTP_PORTS.into(),
+            ..SipConfig::default()
+        });
+    }
+    let server = Server::start(config).await.expect("server starts");
+    let (client, serving) = echo_agent(&server, scenario).await;
+    let measured = match scenario.caller {
+        Caller::Sim => sim_phone(&server, scenario).await,
+        Caller::Sip => sip_phone(server.sip_addr().expect("SIP is listening")).await,
+    };
+    client.shutdown().await;
+    serving
+        .await
+        .expect("serve task")
+        .expect("serve ends cleanly");
+    server.shutdown().await;
+    measured
+}
+
+/// Connects the Rust SDK echo agent: it answers every call (and connects the destination
+/// when the scenario says so) and sends back what it hears.
+async fn echo_agent(
+    server: &RunningServer,
+    scenario: Scenario,
+) -> (TelcoflowClient, JoinHandle<Result<(), Error>>) {
     let Scenario {
-        caller_rate,
         agent_rate,
         batch,
         connect,
+        ..
     } = scenario;
-    let mut config = Config::development();
-    config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-    let server = Server::start(config).await.expect("server starts");
-
     let client_config = TelcoflowClientConfig::builder()
         .api_key(DEV_API_KEY, DEV_CONNECTOR_UUID)
         .base_url(server.base_url())
@@ -317,7 +443,17 @@ async fn measure(scenario: Scenario) -> Measured {
                 .await
         })
     };
+    (client, serving)
+}
 
+/// Dials over the simulated network (and registers the destination when the agent connects
+/// one), streams a tone until the window is over and hangs up.
+async fn sim_phone(server: &RunningServer, scenario: Scenario) -> Measured {
+    let Scenario {
+        caller_rate,
+        connect,
+        ..
+    } = scenario;
     let mut callee = if connect {
         let mut ws = phone(server.base_url()).await;
         let register = PhoneFrame::Register {
@@ -350,9 +486,8 @@ async fn measure(scenario: Scenario) -> Measured {
     }
 
     // One frame of a never-silent tone, built once; every send shares it.
-    let samples = caller_rate.frame_samples();
-    let frame: Bytes = (0..samples)
-        .flat_map(|i| (2000 + (i as i16 % 50) * 100).to_le_bytes())
+    let frame: Bytes = tone(caller_rate.frame_samples())
+        .flat_map(i16::to_le_bytes)
         .collect::<Vec<u8>>()
         .into();
     // The first clone of a `Bytes` made from a `Vec` sets up its sharing (one allocation);
@@ -360,9 +495,7 @@ async fn measure(scenario: Scenario) -> Measured {
     drop(frame.clone());
 
     let mut ticker = tokio::time::interval(Duration::from_millis(20));
-    let mut echoed = 0u64;
-    let mut sent = 0u64;
-    let mut start: Option<(u64, u64)> = None;
+    let mut window = Window::default();
     let measured = loop {
         tokio::select! {
             _ = ticker.tick() => {
@@ -370,7 +503,7 @@ async fn measure(scenario: Scenario) -> Measured {
                 if let Some(callee) = callee.as_mut() {
                     callee.send(Message::Binary(frame.clone())).await.expect("callee sends");
                 }
-                sent += 1;
+                window.sent();
             }
             // What the destination hears is not counted, only read (pending without one).
             msg = async {
@@ -390,19 +523,8 @@ async fn measure(scenario: Scenario) -> Measured {
                 let msg = msg.expect("phone connection open").expect("phone connection healthy");
                 match msg {
                     Message::Binary(pcm) if voiced(&pcm) => {
-                        echoed += 1;
-                        if echoed == WARMUP_FRAMES {
-                            start = Some((ALLOCS.load(Ordering::SeqCst), sent));
-                            TRACE_LEFT.store(MAX_RECORDED, Ordering::SeqCst);
-                        } else if echoed == WARMUP_FRAMES + MEASURED_FRAMES {
-                            let allocs = ALLOCS.load(Ordering::SeqCst);
-                            TRACE_LEFT.store(0, Ordering::SeqCst);
-                            let (before, sent_before) = start.expect("window started");
-                            break Measured {
-                                allocs: allocs - before,
-                                frames: MEASURED_FRAMES,
-                                sent: sent - sent_before,
-                            };
+                        if let Some(measured) = window.echoed() {
+                            break measured;
                         }
                     }
                     Message::Text(text) => {
@@ -421,13 +543,12 @@ async fn measure(scenario: Scenario) -> Measured {
         .expect("hang up");
     drop(ws);
     drop(callee);
-    client.shutdown().await;
-    serving
-        .await
-        .expect("serve task")
-        .expect("serve ends cleanly");
-    server.shutdown().await;
     measured
+}
+
+/// The samples of a never-silent tone, one frame of `n`.
+fn tone(n: usize) -> impl Iterator<Item = i16> {
+    (0..n).map(|i| 2000 + (i as i16 % 50) * 100)
 }
 
 type Phone =
@@ -520,4 +641,204 @@ fn print_sites(traces: &[String]) {
             println!("--- allocation {i} ---\n{t}");
         }
     }
+}
+
+/// The server's RTP ports for the SIP scenarios (one call at a time; a port another process
+/// holds is skipped by the server).
+const SIP_RTP_PORTS: &str = "31000-31099";
+/// The number the SIP phone dials (the development connector takes every number).
+const SIP_CALLED: &str = "+15550009999";
+/// The SIP phone sends an RTCP receiver report every this many RTP packets (1 s).
+const RTCP_EVERY: u64 = 50;
+/// Largest SIP datagram read: responses with SDP are well under this.
+const SIP_DATAGRAM: usize = 8192;
+
+/// A SIP phone made of the server's own sans-IO parts: [`OutgoingCall`] for INVITE, ACK and
+/// BYE, [`RtpHeader`] / [`RtpPacket`] and [`G711`] for media, on UDP sockets of its own.
+struct SipPhone {
+    sip: UdpSocket,
+    uac: OutgoingCall,
+    buf: Vec<u8>,
+}
+
+impl SipPhone {
+    /// Sends what the UAC has queued.
+    async fn flush(&mut self) {
+        while let Some(Transmit { payload, .. }) = self.uac.poll_transmit() {
+            // The socket is connected to the server, the one destination the UAC uses.
+            self.sip.send(&payload).await.expect("SIP send");
+        }
+    }
+
+    /// The UAC's next event: reads SIP and runs its timers until there is one.
+    async fn next_event(&mut self) -> UacEvent {
+        loop {
+            if let Some(event) = self.uac.poll_event() {
+                return event;
+            }
+            tokio::select! {
+                // Cancel-safe: a UDP recv loses nothing when not polled to completion.
+                r = self.sip.recv(&mut self.buf) => {
+                    let n = r.expect("SIP socket");
+                    self.uac.handle_input(&self.buf[..n], std::time::Instant::now());
+                }
+                () = sleep_until_opt(self.uac.poll_timeout()) => {
+                    self.uac.handle_timeout(std::time::Instant::now());
+                }
+            }
+            self.flush().await;
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until_opt(at: Option<std::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Binds an RTP socket on 127.0.0.1 and its RTCP socket on the next port.
+async fn rtp_pair() -> (UdpSocket, UdpSocket) {
+    for _ in 0..16 {
+        let rtp = UdpSocket::bind("127.0.0.1:0").await.expect("RTP socket");
+        let port = rtp.local_addr().expect("RTP address").port();
+        let Some(next) = port.checked_add(1) else {
+            continue;
+        };
+        if let Ok(rtcp) = UdpSocket::bind(("127.0.0.1", next)).await {
+            return (rtp, rtcp);
+        }
+    }
+    panic!("no free RTP/RTCP port pair");
+}
+
+/// Calls `server` over SIP offering PCMU at 20 ms, takes the answer (the UAC ACKs it), then
+/// sends one 160-sample packet of a never-silent tone every 20 ms and reads the server's RTP
+/// until the window is over; hangs up with BYE.
+async fn sip_phone(server: SocketAddr) -> Measured {
+    let sip = UdpSocket::bind("127.0.0.1:0").await.expect("SIP socket");
+    sip.connect(server).await.expect("SIP socket connects");
+    let local = sip.local_addr().expect("SIP address");
+    // The server's RTCP reports reach the RTCP socket (never read); ours leave from it.
+    let (rtp, rtcp) = rtp_pair().await;
+    let rtp_port = rtp.local_addr().expect("RTP address").port();
+    let config = UacConfig {
+        target: format!("sip:{SIP_CALLED}@{server}"),
+        destination: server,
+        transport: Transport::Udp,
+        from: format!("sip:+15551230001@{}", local.ip()),
+        contact: format!("sip:phone@{local}"),
+        sent_by: local.to_string(),
+        credentials: None,
+        timers: Timers::default(),
+        user_agent: "telcoflow-allocations".into(),
+    };
+    let media = LocalMedia {
+        codecs: vec![G711::Pcmu],
+        ..LocalMedia::new(local.ip(), rtp_port, 1)
+    };
+    let mut phone = SipPhone {
+        sip,
+        uac: OutgoingCall::new(config, media, 1, std::time::Instant::now()),
+        buf: vec![0; SIP_DATAGRAM],
+    };
+    phone.flush().await;
+    let negotiated = tokio::time::timeout(WAIT, async {
+        loop {
+            match phone.next_event().await {
+                UacEvent::Answered { negotiated } => break negotiated,
+                UacEvent::Progress { .. } => {}
+                other => panic!("call not answered: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("answered in time");
+    let (codec, pt) = (negotiated.codec, negotiated.payload_type);
+    assert_eq!(codec, G711::Pcmu, "the offered codec");
+
+    // The packet and the receive buffer, built once: each tick rewrites the header in place.
+    let mut packet = [0u8; RTP_HEADER_LEN + FRAME_SAMPLES];
+    let samples: Vec<i16> = tone(FRAME_SAMPLES).collect();
+    codec.encode(&samples, &mut packet[RTP_HEADER_LEN..]);
+    let mut received = [0u8; 2048];
+    let (ssrc, mut sequence, mut timestamp) = (0x5eed_0001_u32, 1000u16, 160_000u32);
+    // A phone's RTCP, built once: a receiver report about the server's stream and the CNAME.
+    // Sent every second rather than every 5 s (RFC 3550), so that the window sees several.
+    let mut report = [0u8; 128];
+    let report_len = {
+        let rr = ReceiverReport {
+            ssrc,
+            reports: vec![ReportBlock {
+                ssrc: 0x5eed_0002,
+                highest_sequence: 1,
+                ..ReportBlock::default()
+            }],
+        };
+        let n = rr.write(&mut report).expect("room for the report");
+        n + write_sdes_cname(ssrc, "phone@127.0.0.1", &mut report[n..]).expect("room for SDES")
+    };
+    let report = &report[..report_len];
+
+    let mut ticker = tokio::time::interval(Duration::from_millis(20));
+    let mut window = Window::default();
+    let measured = loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                RtpHeader::new(pt, sequence, timestamp, ssrc)
+                    .write(&mut packet)
+                    .expect("the packet holds a header");
+                sequence = sequence.wrapping_add(1);
+                timestamp = timestamp.wrapping_add(FRAME_SAMPLES as u32);
+                rtp.send_to(&packet, negotiated.remote).await.expect("RTP send");
+                window.sent();
+                if window.sent % RTCP_EVERY == 0 {
+                    rtcp.send_to(report, negotiated.remote_rtcp).await.expect("RTCP send");
+                }
+            }
+            // Cancel-safe: a UDP recv loses nothing when not polled to completion.
+            r = rtp.recv_from(&mut received) => {
+                let (n, _) = r.expect("RTP socket");
+                let data = &received[..n];
+                if is_rtcp(data) {
+                    continue;
+                }
+                let Ok(p) = RtpPacket::parse(data) else { continue };
+                let voiced = p.payload.iter().any(|&b| codec.decode_sample(b).unsigned_abs() > 500);
+                if p.header.payload_type == pt && voiced {
+                    if let Some(measured) = window.echoed() {
+                        break measured;
+                    }
+                }
+            }
+            // SIP while streaming: nothing is expected; a hang-up by the server fails the test.
+            r = phone.sip.recv(&mut phone.buf) => {
+                let n = r.expect("SIP socket");
+                phone.uac.handle_input(&phone.buf[..n], std::time::Instant::now());
+                phone.flush().await;
+                while let Some(event) = phone.uac.poll_event() {
+                    assert!(
+                        !matches!(event, UacEvent::RemoteHangup),
+                        "the server hung up while measuring"
+                    );
+                }
+            }
+        }
+    };
+
+    phone.uac.hangup(std::time::Instant::now());
+    phone.flush().await;
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match phone.next_event().await {
+                UacEvent::HungUp | UacEvent::RemoteHangup => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    ended.expect("BYE answered in time");
+    measured
 }

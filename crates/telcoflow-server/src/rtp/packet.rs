@@ -3,8 +3,9 @@
 //! Contract: parsing borrows from the datagram and never allocates for RTP (a call's hot path
 //! parses 50 packets a second); every length is checked before it is read, so any byte string
 //! yields either a packet or a typed [`PacketError`], never a panic. Writers fill a buffer the
-//! caller owns and return the number of bytes written. RTCP (a few packets every few seconds)
-//! uses small `Vec`s for its report blocks.
+//! caller owns and return the number of bytes written. RTCP is read in place too
+//! ([`RtcpPackets`], [`RtcpView`]); the owned [`RtcpPacket`]s, with small `Vec`s for their report
+//! blocks, are for callers that keep what they parsed.
 
 /// RTP version this module speaks (RFC 3550).
 pub const RTP_VERSION: u8 = 2;
@@ -447,60 +448,142 @@ pub enum RtcpPacket {
 impl RtcpPacket {
     /// Parses every packet of a compound RTCP datagram.
     pub fn parse_compound(buf: &[u8]) -> Result<Vec<Self>, PacketError> {
-        let mut out = Vec::with_capacity(2);
-        let mut rest = buf;
-        while !rest.is_empty() {
-            need(rest, 4)?;
-            let version = rest[0] >> 6;
-            if version != RTP_VERSION {
-                return Err(PacketError::BadVersion(version));
-            }
-            let count = usize::from(rest[0] & 0x1F);
-            let packet_type = rest[1];
-            if !(192..=223).contains(&packet_type) {
-                return Err(PacketError::NotRtcp(packet_type));
-            }
-            let words = be16(rest, 2);
-            let len = (usize::from(words) + 1) * 4;
-            if len > rest.len() {
-                return Err(PacketError::BadRtcpLength {
-                    words,
-                    have: rest.len(),
-                });
-            }
-            let body = &rest[4..len];
-            out.push(match packet_type {
-                RTCP_SR => {
-                    need(body, 24 + count * ReportBlock::LEN)?;
-                    Self::SenderReport(SenderReport {
-                        ssrc: be32(body, 0),
-                        ntp_timestamp: (u64::from(be32(body, 4)) << 32) | u64::from(be32(body, 8)),
-                        rtp_timestamp: be32(body, 12),
-                        packet_count: be32(body, 16),
-                        octet_count: be32(body, 20),
-                        reports: parse_blocks(&body[24..], count),
-                    })
-                }
-                RTCP_RR => {
-                    need(body, 4 + count * ReportBlock::LEN)?;
-                    Self::ReceiverReport(ReceiverReport {
-                        ssrc: be32(body, 0),
-                        reports: parse_blocks(&body[4..], count),
-                    })
-                }
-                other => Self::Other { packet_type: other },
-            });
-            rest = &rest[len..];
-        }
-        Ok(out)
+        RtcpPackets::new(buf)
+            .map(|view| view.map(|v| v.to_packet()))
+            .collect()
     }
 }
 
-fn parse_blocks(b: &[u8], count: usize) -> Vec<ReportBlock> {
-    b.chunks_exact(ReportBlock::LEN)
-        .take(count)
-        .map(ReportBlock::parse)
-        .collect()
+/// The packets of a compound RTCP datagram, read in place: no allocation, so that a call's
+/// receiving side costs none. Yields each packet, or the error that ends the datagram (after
+/// which it yields nothing).
+#[derive(Debug, Clone)]
+pub struct RtcpPackets<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> RtcpPackets<'a> {
+    /// The packets of `buf`.
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { rest: buf }
+    }
+
+    /// Checks every packet of `buf` without keeping any: `Ok` when
+    /// [`RtcpPacket::parse_compound`] would succeed.
+    pub fn validate(buf: &'a [u8]) -> Result<(), PacketError> {
+        Self::new(buf).try_for_each(|p| p.map(drop))
+    }
+}
+
+impl<'a> Iterator for RtcpPackets<'a> {
+    type Item = Result<RtcpView<'a>, PacketError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        match RtcpView::split(self.rest) {
+            Ok((view, rest)) => {
+                self.rest = rest;
+                Some(Ok(view))
+            }
+            Err(e) => {
+                self.rest = &[];
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// One packet of a compound RTCP datagram, borrowed from it. Sender and receiver reports are
+/// long enough for the report blocks their header counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RtcpView<'a> {
+    packet_type: u8,
+    /// The header's count field (report blocks of an SR or RR).
+    count: usize,
+    /// What follows the 4-byte header, up to the packet's length.
+    body: &'a [u8],
+}
+
+impl<'a> RtcpView<'a> {
+    /// The first packet of `buf` and the bytes after it.
+    fn split(buf: &'a [u8]) -> Result<(Self, &'a [u8]), PacketError> {
+        need(buf, 4)?;
+        let version = buf[0] >> 6;
+        if version != RTP_VERSION {
+            return Err(PacketError::BadVersion(version));
+        }
+        let count = usize::from(buf[0] & 0x1F);
+        let packet_type = buf[1];
+        if !(192..=223).contains(&packet_type) {
+            return Err(PacketError::NotRtcp(packet_type));
+        }
+        let words = be16(buf, 2);
+        let len = (usize::from(words) + 1) * 4;
+        if len > buf.len() {
+            return Err(PacketError::BadRtcpLength {
+                words,
+                have: buf.len(),
+            });
+        }
+        let body = &buf[4..len];
+        match packet_type {
+            RTCP_SR => need(body, 24 + count * ReportBlock::LEN)?,
+            RTCP_RR => need(body, 4 + count * ReportBlock::LEN)?,
+            _ => {}
+        }
+        let view = Self {
+            packet_type,
+            count,
+            body,
+        };
+        Ok((view, &buf[len..]))
+    }
+
+    /// The packet type ([`RTCP_SR`], [`RTCP_RR`], ...).
+    pub fn packet_type(&self) -> u8 {
+        self.packet_type
+    }
+
+    /// The NTP timestamp of a sender report; `None` for other packets.
+    pub fn ntp_timestamp(&self) -> Option<u64> {
+        (self.packet_type == RTCP_SR)
+            .then(|| (u64::from(be32(self.body, 4)) << 32) | u64::from(be32(self.body, 8)))
+    }
+
+    /// The report blocks of a sender or receiver report (none for other packets).
+    pub fn report_blocks(&self) -> impl Iterator<Item = ReportBlock> + 'a {
+        let blocks: &'a [u8] = match self.packet_type {
+            RTCP_SR => &self.body[24..],
+            RTCP_RR => &self.body[4..],
+            _ => &[],
+        };
+        blocks
+            .chunks_exact(ReportBlock::LEN)
+            .take(self.count)
+            .map(ReportBlock::parse)
+    }
+
+    /// The packet as an owned [`RtcpPacket`].
+    pub fn to_packet(&self) -> RtcpPacket {
+        let b = self.body;
+        match self.packet_type {
+            RTCP_SR => RtcpPacket::SenderReport(SenderReport {
+                ssrc: be32(b, 0),
+                ntp_timestamp: (u64::from(be32(b, 4)) << 32) | u64::from(be32(b, 8)),
+                rtp_timestamp: be32(b, 12),
+                packet_count: be32(b, 16),
+                octet_count: be32(b, 20),
+                reports: self.report_blocks().collect(),
+            }),
+            RTCP_RR => RtcpPacket::ReceiverReport(ReceiverReport {
+                ssrc: be32(b, 0),
+                reports: self.report_blocks().collect(),
+            }),
+            other => RtcpPacket::Other { packet_type: other },
+        }
+    }
 }
 
 fn write_rtcp_header(out: &mut [u8], count: usize, packet_type: u8, len: usize) {
@@ -814,6 +897,66 @@ mod tests {
             Err(PacketError::NotRtcp(0))
         );
         assert!(!is_rtcp(&[0x80, 0x00, 0, 0]));
+    }
+
+    #[test]
+    fn rtcp_views_read_reports_in_place() {
+        let block = ReportBlock {
+            ssrc: 42,
+            cumulative_lost: -3,
+            jitter: 77,
+            ..ReportBlock::default()
+        };
+        let sr = SenderReport {
+            ssrc: 1,
+            ntp_timestamp: 0x0102_0304_0506_0708,
+            reports: vec![block],
+            ..SenderReport::default()
+        };
+        let rr = ReceiverReport {
+            ssrc: 2,
+            reports: vec![ReportBlock { ssrc: 43, ..block }, block],
+        };
+        let mut buf = [0u8; 512];
+        let mut n = sr.write(&mut buf).unwrap();
+        n += write_sdes_cname(1, "telcoflow@host", &mut buf[n..]).unwrap();
+        n += rr.write(&mut buf[n..]).unwrap();
+        assert_eq!(RtcpPackets::validate(&buf[..n]), Ok(()));
+        let views: Vec<RtcpView<'_>> = RtcpPackets::new(&buf[..n])
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let types: Vec<u8> = views.iter().map(RtcpView::packet_type).collect();
+        assert_eq!(types, [RTCP_SR, RTCP_SDES, RTCP_RR]);
+        assert_eq!(views[0].ntp_timestamp(), Some(sr.ntp_timestamp));
+        assert_eq!(views[2].ntp_timestamp(), None);
+        assert_eq!(views[0].report_blocks().collect::<Vec<_>>(), sr.reports);
+        assert_eq!(views[1].report_blocks().count(), 0);
+        assert_eq!(views[2].report_blocks().collect::<Vec<_>>(), rr.reports);
+        assert_eq!(views[2].to_packet(), RtcpPacket::ReceiverReport(rr));
+    }
+
+    #[test]
+    fn rtcp_views_end_at_the_first_malformed_packet() {
+        let rr = ReceiverReport {
+            ssrc: 2,
+            reports: vec![ReportBlock::default()],
+        };
+        let mut buf = [0u8; 128];
+        let n = rr.write(&mut buf).unwrap();
+        // A second packet whose count says 2 blocks but whose length holds one.
+        buf.copy_within(..n, n);
+        buf[n] = 0x82;
+        let mut packets = RtcpPackets::new(&buf[..2 * n]);
+        assert!(matches!(packets.next(), Some(Ok(v)) if v.packet_type() == RTCP_RR));
+        assert!(matches!(
+            packets.next(),
+            Some(Err(PacketError::TooShort { .. }))
+        ));
+        assert!(packets.next().is_none());
+        assert!(matches!(
+            RtcpPackets::validate(&buf[..2 * n]),
+            Err(PacketError::TooShort { .. })
+        ));
     }
 
     #[test]

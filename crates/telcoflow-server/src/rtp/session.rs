@@ -35,8 +35,8 @@ use super::jitter::{FRAME_SAMPLES, Frame, JitterBuffer, JitterConfig};
 use crate::phase::PhaseAligner;
 
 use super::packet::{
-    Dtmf, DtmfReceiver, PacketError, ReceiverReport, ReportBlock, RtcpPacket, RtpHeader, RtpPacket,
-    SenderReport, TelephoneEvent, is_rtcp, ntp_timestamp, write_sdes_cname,
+    Dtmf, DtmfReceiver, PacketError, ReceiverReport, ReportBlock, RtcpPackets, RtpHeader,
+    RtpPacket, SenderReport, TelephoneEvent, is_rtcp, ntp_timestamp, write_sdes_cname,
 };
 
 /// Playout ticks (60 ms) that wait for the phone's first audio packet before the call gets
@@ -236,6 +236,9 @@ pub struct RtpSession {
     last_sr: Option<(u32, Instant)>,
     stats: SessionStats,
     encode_buf: [u8; FRAME_SAMPLES],
+    /// The report blocks of our RTCP reports (at most one: we hear one source), kept from
+    /// one report to the next so that sending a report costs no allocation.
+    report_blocks: Vec<ReportBlock>,
 }
 
 impl RtpSession {
@@ -271,6 +274,7 @@ impl RtpSession {
             last_sr: None,
             stats: SessionStats::default(),
             encode_buf: [0; FRAME_SAMPLES],
+            report_blocks: Vec::with_capacity(1),
             config,
         }
     }
@@ -341,17 +345,14 @@ impl RtpSession {
             return Received::WrongSource;
         }
         if is_rtcp(data) {
-            return match RtcpPacket::parse_compound(data) {
-                Ok(packets) => {
-                    self.latch(source);
-                    self.rtcp_mux = true;
-                    for p in packets {
-                        self.handle_rtcp(p, now);
-                    }
-                    Received::Rtcp
-                }
-                Err(e) => Received::Malformed(e),
-            };
+            // Checked whole first: a malformed datagram changes nothing.
+            if let Err(e) = RtcpPackets::validate(data) {
+                return Received::Malformed(e);
+            }
+            self.latch(source);
+            self.rtcp_mux = true;
+            self.handle_rtcp(data, now);
+            return Received::Rtcp;
         }
         let packet = match RtpPacket::parse(data) {
             Ok(p) => p,
@@ -411,34 +412,29 @@ impl RtpSession {
         if self.rtcp_latched && source != self.rtcp_remote {
             return Received::WrongSource;
         }
-        match RtcpPacket::parse_compound(data) {
-            Ok(packets) => {
-                if !self.rtcp_latched {
-                    self.rtcp_remote = source;
-                    self.rtcp_latched = true;
-                }
-                for p in packets {
-                    self.handle_rtcp(p, now);
-                }
-                Received::Rtcp
-            }
-            Err(e) => Received::Malformed(e),
+        // Checked whole first: a malformed datagram changes nothing.
+        if let Err(e) = RtcpPackets::validate(data) {
+            return Received::Malformed(e);
         }
+        if !self.rtcp_latched {
+            self.rtcp_remote = source;
+            self.rtcp_latched = true;
+        }
+        self.handle_rtcp(data, now);
+        Received::Rtcp
     }
 
-    fn handle_rtcp(&mut self, packet: RtcpPacket, now: Instant) {
-        let reports = match packet {
-            RtcpPacket::SenderReport(sr) => {
+    /// Takes what the peer's reports say, read in place (a valid compound datagram).
+    fn handle_rtcp(&mut self, data: &[u8], now: Instant) {
+        for packet in RtcpPackets::new(data).flatten() {
+            if let Some(ntp) = packet.ntp_timestamp() {
                 // Middle 32 bits of the NTP timestamp, for LSR (RFC 3550 6.4.1).
-                self.last_sr = Some(((sr.ntp_timestamp >> 16) as u32, now));
-                sr.reports
+                self.last_sr = Some(((ntp >> 16) as u32, now));
             }
-            RtcpPacket::ReceiverReport(rr) => rr.reports,
-            _ => return,
-        };
-        if let Some(block) = reports.iter().find(|b| b.ssrc == self.config.ssrc) {
-            self.stats.remote_lost = block.cumulative_lost;
-            self.stats.remote_jitter = block.jitter;
+            if let Some(block) = packet.report_blocks().find(|b| b.ssrc == self.config.ssrc) {
+                self.stats.remote_lost = block.cumulative_lost;
+                self.stats.remote_jitter = block.jitter;
+            }
         }
     }
 
@@ -535,24 +531,28 @@ impl RtpSession {
             self.reception
                 .block(self.jitter.jitter(), self.last_sr, now)
         });
-        let reports: Vec<ReportBlock> = block.into_iter().collect();
-        let mut len = if self.stats.packets_sent > 0 {
-            SenderReport {
+        let mut reports = std::mem::take(&mut self.report_blocks);
+        reports.clear();
+        reports.extend(block);
+        let (written, reports) = if self.stats.packets_sent > 0 {
+            let sr = SenderReport {
                 ssrc: self.config.ssrc,
                 ntp_timestamp: ntp_timestamp(unix_time),
                 rtp_timestamp: self.timestamp,
                 packet_count: self.stats.packets_sent,
                 octet_count: self.stats.octets_sent,
                 reports,
-            }
-            .write(out)?
+            };
+            (sr.write(out), sr.reports)
         } else {
-            ReceiverReport {
+            let rr = ReceiverReport {
                 ssrc: self.config.ssrc,
                 reports,
-            }
-            .write(out)?
+            };
+            (rr.write(out), rr.reports)
         };
+        self.report_blocks = reports;
+        let mut len = written?;
         len += write_sdes_cname(self.config.ssrc, &self.config.cname, &mut out[len..])?;
         Ok(Some(len))
     }
@@ -562,6 +562,7 @@ impl RtpSession {
 mod tests {
     use super::*;
     use crate::rtp::jitter::{FRAME_DURATION, FrameKind};
+    use crate::rtp::packet::RtcpPacket;
 
     const PEER_SDP: &str = "192.0.2.50:40000";
     const PEER_SDP_RTCP: &str = "192.0.2.50:40001";
