@@ -41,6 +41,12 @@ const MAX_MARGIN: Duration = Duration::from_millis(10);
 const MISS_MARGIN: Duration = Duration::from_millis(2);
 /// Moves smaller than this are not worth a short frame interval.
 const MIN_SHIFT: Duration = Duration::from_millis(2);
+/// Consecutive ticks that all waited at least [`STANDING_WAIT`] move the clock at once, without
+/// waiting for the window to fill: a standing queue left by a miss upstream (another clock
+/// that restarted, a packet that came late), not jitter.
+const STANDING_TICKS: usize = 5;
+/// A wait no margin asks for: beyond the widest margin by more than a move's worth.
+const STANDING_WAIT: Duration = Duration::from_millis(12);
 
 /// Learns the wait of just-in-time audio and says when to move the clock.
 #[derive(Debug, Default)]
@@ -48,6 +54,8 @@ pub(crate) struct PhaseAligner {
     /// Waits seen in this window (the first `ticks` of them).
     waits: [Duration; WINDOW_TICKS],
     ticks: usize,
+    /// Consecutive ticks, up to now, that waited at least [`STANDING_WAIT`].
+    standing: usize,
     /// Margin added after frames missed their tick.
     extra_margin: Duration,
     shifts: u64,
@@ -66,6 +74,11 @@ impl PhaseAligner {
             self.restart();
             return None;
         };
+        self.standing = if waited >= STANDING_WAIT {
+            self.standing + 1
+        } else {
+            0
+        };
         let window = if self.shifts == 0 {
             FIRST_WINDOW_TICKS
         } else {
@@ -73,9 +86,16 @@ impl PhaseAligner {
         };
         self.waits[self.ticks] = waited;
         self.ticks += 1;
-        if self.ticks < window {
+        let window = if self.standing >= STANDING_TICKS {
+            // Judge the standing ticks alone: the earlier ones of the window may predate
+            // whatever left the queue.
+            self.waits.copy_within(self.ticks - STANDING_TICKS..self.ticks, 0);
+            STANDING_TICKS
+        } else if self.ticks < window {
             return None;
-        }
+        } else {
+            window
+        };
         let waits = &mut self.waits[..window];
         waits.sort_unstable();
         let least = waits[0];
@@ -136,6 +156,7 @@ impl PhaseAligner {
 
     fn restart(&mut self) {
         self.ticks = 0;
+        self.standing = 0;
     }
 }
 
@@ -210,16 +231,32 @@ mod tests {
     }
 
     #[test]
-    fn a_standing_queue_is_played_out() {
-        // Frames wait 23 ms: one frame queued behind the one playing, 3 ms of phase.
+    fn a_standing_queue_is_played_out_at_once() {
+        // Frames wait 23 ms: one frame queued behind the one playing, 3 ms of phase. Five
+        // such ticks are enough; the window need not fill.
         let mut a = PhaseAligner::default();
-        let shifts: Vec<_> = (0..WINDOW_TICKS)
-            .filter_map(|_| a.on_tick(Some(ms(23.0))))
+        let moves: Vec<_> = (0..STANDING_TICKS)
+            .map(|_| a.on_tick(Some(ms(23.0))))
             .collect();
+        assert!(moves[..STANDING_TICKS - 1].iter().all(Option::is_none));
         assert_eq!(
-            shifts,
-            vec![ms(20.0)],
+            moves[STANDING_TICKS - 1],
+            Some(ms(20.0)),
             "one early tick plays the queued frame"
+        );
+    }
+
+    #[test]
+    fn audio_that_comes_earlier_all_at_once_is_followed_within_a_few_ticks() {
+        // Settled at the margin, then from frame 100 on the frames land 15 ms earlier (a clock
+        // upstream moved): each would wait 18 ms.
+        let (waits, _) = simulate(1.0, |i| if i >= 100 { -15.0 } else { 0.0 }, 200);
+        assert!((waits[99] - 3.0).abs() < 1e-6, "{:?}", &waits[90..100]);
+        assert!(waits[100] > 17.0);
+        assert!(
+            waits[100 + STANDING_TICKS..].iter().all(|w| *w <= 5.0),
+            "back at the margin after {STANDING_TICKS} ticks, not a window: {:?}",
+            &waits[100..130]
         );
     }
 
