@@ -89,7 +89,8 @@ impl PhaseAligner {
         let window = if self.standing >= STANDING_TICKS {
             // Judge the standing ticks alone: the earlier ones of the window may predate
             // whatever left the queue.
-            self.waits.copy_within(self.ticks - STANDING_TICKS..self.ticks, 0);
+            self.waits
+                .copy_within(self.ticks - STANDING_TICKS..self.ticks, 0);
             STANDING_TICKS
         } else if self.ticks < window {
             return None;
