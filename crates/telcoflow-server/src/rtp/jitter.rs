@@ -7,6 +7,10 @@
 //!   noise) are refused with [`Push::Unsupported`]; route them elsewhere first.
 //! - Call [`JitterBuffer::pop`] once per 20 ms playout tick. It always yields exactly one
 //!   frame of [`FRAME_SAMPLES`] 8 kHz samples, borrowed from the buffer until the next call.
+//! - Optionally call [`JitterBuffer::pop_ahead`] after each push: while the target is one
+//!   frame, the next frame in sequence is played as soon as it is here rather than at its
+//!   tick, and that tick then yields [`FrameKind::Ahead`] (nothing to play) instead. The tick
+//!   remains the deadline: a frame not here by then is concealed as usual.
 //!
 //! Behaviour:
 //!
@@ -105,6 +109,9 @@ pub enum FrameKind {
     Concealed,
     /// Silence while buffering before playout starts (nothing was lost).
     Silence,
+    /// Nothing: this tick's frame already left when it landed
+    /// ([`JitterBuffer::pop_ahead`]).
+    Ahead,
 }
 
 /// One 20 ms frame of playout.
@@ -116,7 +123,8 @@ pub struct Frame<'a> {
     pub samples: &'a [i16],
     /// For received audio: how long its packet waited for this tick beyond the target
     /// depth's extra frames (`target - 1 frame`), i.e. how much earlier this tick could have
-    /// come. `None` for concealment and silence.
+    /// come. `None` for concealment and silence. For [`FrameKind::Ahead`], the wait the
+    /// frame would have had.
     pub slack: Option<Duration>,
 }
 
@@ -177,6 +185,8 @@ pub struct JitterBuffer {
     max_frames: u32,
     target_frames: u32,
     underrun_ticks: u32,
+    /// A frame was played ahead of its tick and that tick has not come yet; with its arrival.
+    ahead: Option<Option<Instant>>,
     concealed_run: u32,
     last_good: [i16; FRAME_SAMPLES],
     out: [i16; FRAME_SAMPLES],
@@ -238,6 +248,7 @@ impl JitterBuffer {
             max_frames,
             target_frames: min_frames,
             underrun_ticks: 0,
+            ahead: None,
             concealed_run: 0,
             last_good: [0; FRAME_SAMPLES],
             out: [0; FRAME_SAMPLES],
@@ -398,8 +409,58 @@ impl JitterBuffer {
             (wanted.min(u64::from(u32::MAX)) as u32).clamp(self.min_frames, self.max_frames);
     }
 
+    /// Plays the next frame now, ahead of its tick, when it is here and the target is one
+    /// frame (the buffer holds nothing on purpose): in-order audio then leaves as it lands, a
+    /// few ms before the tick that would have played it, and the tick (see
+    /// [`JitterBuffer::pop`]) stays as the deadline after which a missing frame is concealed.
+    /// At most one frame is ahead at a time. Call it after each [`JitterBuffer::push`].
+    pub fn pop_ahead(&mut self) -> Option<Frame<'_>> {
+        if self.ahead.is_some() || self.target_frames != 1 {
+            return None;
+        }
+        if self.state == State::Buffering {
+            if !(self.any && self.depth() >= self.target_frames) {
+                return None;
+            }
+            self.state = State::Playing;
+            self.underrun_ticks = 0;
+        }
+        let arrived = self.play_next()?;
+        self.ahead = Some(arrived);
+        Some(Frame {
+            kind: FrameKind::Audio,
+            samples: &self.out,
+            slack: None,
+        })
+    }
+
+    /// Plays the frame `next` if it is here; returns when it arrived (always known for a
+    /// stored packet).
+    fn play_next(&mut self) -> Option<Option<Instant>> {
+        let slot = &mut self.slots[usize::from(self.next) & self.mask];
+        if !(slot.filled && slot.seq == self.next) {
+            return None;
+        }
+        slot.filled = false;
+        self.out.copy_from_slice(&slot.samples);
+        self.last_good.copy_from_slice(&slot.samples);
+        let arrived = slot.arrived;
+        self.next = self.next.wrapping_add(1);
+        self.concealed_run = 0;
+        self.underrun_ticks = 0;
+        self.stats.played += 1;
+        Some(arrived)
+    }
+
     /// Produces the frame for this 20 ms tick.
     pub fn pop(&mut self, now: Instant) -> Frame<'_> {
+        if let Some(arrived) = self.ahead.take() {
+            return Frame {
+                kind: FrameKind::Ahead,
+                samples: &self.out,
+                slack: arrived.map(|at| now.saturating_duration_since(at)),
+            };
+        }
         if self.state == State::Buffering {
             if self.any && self.depth() >= self.target_frames {
                 self.state = State::Playing;
@@ -420,21 +481,10 @@ impl JitterBuffer {
             }
             self.next = self.next.wrapping_add(1);
         }
-        let idx = usize::from(self.next) & self.mask;
-        let slot = &mut self.slots[idx];
-        if slot.filled && slot.seq == self.next {
-            slot.filled = false;
-            self.out.copy_from_slice(&slot.samples);
-            self.last_good.copy_from_slice(&slot.samples);
-            self.next = self.next.wrapping_add(1);
-            self.concealed_run = 0;
-            self.underrun_ticks = 0;
-            self.stats.played += 1;
+        if let Some(arrived) = self.play_next() {
             // Frames the target keeps on purpose are not slack.
             let held = FRAME_DURATION * (self.target_frames - 1);
-            let slack = slot
-                .arrived
-                .map(|at| now.saturating_duration_since(at).saturating_sub(held));
+            let slack = arrived.map(|at| now.saturating_duration_since(at).saturating_sub(held));
             return Frame {
                 kind: FrameKind::Audio,
                 samples: &self.out,
@@ -522,6 +572,13 @@ mod tests {
         fn push(&mut self, seq: u16) -> Push {
             let p = self.src.packet(seq);
             self.jb.push(&p, self.now)
+        }
+        /// Plays the next frame ahead of its tick, if it may: its first sample.
+        fn pop_ahead(&mut self) -> Option<i16> {
+            self.jb.pop_ahead().map(|f| {
+                assert_eq!(f.kind, FrameKind::Audio);
+                f.samples[0]
+            })
         }
         /// Advances one tick and pops: (kind, first sample).
         fn pop(&mut self) -> (FrameKind, i16) {
@@ -890,10 +947,47 @@ mod tests {
         assert_eq!(jb.stats().size_mismatch, 1);
     }
 
+    #[test]
+    fn in_order_frames_leave_as_they_land_and_the_tick_is_the_deadline() {
+        let mut h = Harness::new(JitterConfig::default());
+        // Each frame lands before its tick and leaves at once.
+        for seq in 0..3u16 {
+            h.push(seq);
+            assert_eq!(h.pop_ahead(), Some(level(seq)));
+            assert_eq!(h.pop_ahead(), None, "one frame ahead at most");
+            assert_eq!(h.pop().0, FrameKind::Ahead);
+        }
+        // Frame 3 misses its tick: concealed, then played as it lands, not a tick later.
+        assert_eq!(h.pop().0, FrameKind::Concealed);
+        h.push(3);
+        assert_eq!(h.pop_ahead(), Some(level(3)));
+        assert_eq!(h.pop().0, FrameKind::Ahead);
+        // Frame 4 is lost: frame 5 cannot go ahead of it; the tick gives 4 up.
+        h.push(5);
+        assert_eq!(h.pop_ahead(), None);
+        assert_eq!(h.pop().0, FrameKind::Concealed);
+        assert_eq!(h.pop(), (FrameKind::Audio, level(5)));
+        let s = h.jb.stats();
+        assert_eq!((s.played, s.concealed, s.resumed_late), (5, 2, 1));
+    }
+
     /// Random reorder, duplication and loss within the buffer's reach: every frame that is
     /// played is played once, in sequence order, and every tick yields one frame.
     #[test]
     fn randomised_network_keeps_order_and_accounting() {
+        randomised_network(false, 4);
+    }
+
+    /// The same with frames played ahead of their tick as they land: same guarantees, and
+    /// each tick whose frame left ahead says so instead of yielding another. A network with
+    /// little jitter keeps the target at one frame, where frames may go ahead.
+    #[test]
+    fn randomised_network_keeps_order_and_accounting_with_frames_ahead() {
+        randomised_network(true, 4);
+        randomised_network(true, 1);
+    }
+
+    fn randomised_network(ahead: bool, max_delay_ticks: u32) {
         let mut seed = 0x00C0_FFEEu32;
         let mut rand = move |n: u32| {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -909,7 +1003,7 @@ mod tests {
             if rand(100) < 3 {
                 continue; // lost
             }
-            let delay = rand(4); // 0..=60 ms of jitter
+            let delay = rand(max_delay_ticks); // up to 60 ms of jitter
             arrivals.push((u32::from(i) + delay, seq));
             if rand(100) < 2 {
                 arrivals.push((u32::from(i) + delay + rand(3), seq)); // duplicate
@@ -920,10 +1014,15 @@ mod tests {
         let mut played: Vec<i16> = Vec::new();
         let mut ticks = 0u64;
         let mut silent = 0u64;
+        let (mut went_ahead, mut ahead_ticks) = (0u64, 0u64);
         for tick in 0..u32::from(total) + 20 {
             while next < arrivals.len() && arrivals[next].0 <= tick {
                 h.push(arrivals[next].1);
                 next += 1;
+                if ahead && let Some(v) = h.pop_ahead() {
+                    played.push(v);
+                    went_ahead += 1;
+                }
             }
             let (kind, v) = h.pop();
             ticks += 1;
@@ -931,11 +1030,20 @@ mod tests {
                 FrameKind::Audio => played.push(v),
                 FrameKind::Silence => silent += 1,
                 FrameKind::Concealed => {}
+                FrameKind::Ahead => ahead_ticks += 1,
             }
         }
         let s = h.jb.stats();
         assert_eq!(s.played as usize, played.len());
-        assert_eq!(s.played + s.concealed + silent, ticks);
+        let pending = went_ahead - ahead_ticks;
+        assert!(pending <= 1, "one frame ahead at most");
+        assert_eq!(s.played + s.concealed + silent, ticks + pending);
+        if ahead && max_delay_ticks == 1 {
+            assert!(
+                went_ahead > u64::from(total) / 2,
+                "{went_ahead} of {total} went ahead"
+            );
+        }
         // Frames come out in sequence order: the level pattern repeats every 127 sequence
         // numbers, so consecutive played frames step forward by 1..=126 positions.
         let pos = |v: i16| (0..127u16).find(|k| level(*k) == v).unwrap();

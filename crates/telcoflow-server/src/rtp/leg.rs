@@ -16,7 +16,7 @@
 //! once per leg; frames to the call are split off one `BytesMut` whose storage is reused once
 //! the call has consumed earlier frames.
 
-use super::jitter::FRAME_SAMPLES;
+use super::jitter::{FRAME_SAMPLES, FrameKind};
 use super::session::{Received, RtpSession, SessionConfig};
 use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
 use crate::sip::endpoint::{Command, LegKey, OutgoingDial, PortGuard, RtpSockets, SipEvent};
@@ -385,6 +385,14 @@ impl RtpLeg {
                 .await;
             }
             Received::Malformed(e) => debug!(error = %e, %source, "malformed RTP"),
+            Received::Audio => {
+                // In-order audio goes to the call as it lands; the tick only covers for
+                // frames that do not come in time.
+                if let Some(frame) = session.pop_ahead() {
+                    let pcm = pooled_pcm(&mut self.frames, frame.samples);
+                    self.to_call(LegEvent::Audio(pcm)).await;
+                }
+            }
             _ => {}
         }
         Flow::Continue
@@ -421,15 +429,24 @@ impl RtpLeg {
             return Flow::Continue;
         }
         let frame = session.pop_frame(now);
-        // Reuses the pool's storage once the call has dropped earlier frames.
-        self.frames.reserve(frame.samples.len() * 2);
-        // Sized once and filled in one vectorised pass rather than sample by sample.
-        self.frames.resize(frame.samples.len() * 2, 0);
-        telcoflow_proto::audio::write_pcm(frame.samples, &mut self.frames);
-        let pcm = self.frames.split().freeze();
+        if frame.kind == FrameKind::Ahead {
+            // This tick's frame went to the call when it landed.
+            return Flow::Continue;
+        }
+        let pcm = pooled_pcm(&mut self.frames, frame.samples);
         self.to_call(LegEvent::Audio(pcm)).await;
         Flow::Continue
     }
+}
+
+/// One frame as little-endian PCM, cut from the leg's pool.
+fn pooled_pcm(pool: &mut BytesMut, samples: &[i16]) -> bytes::Bytes {
+    // Reuses the pool's storage once the call has dropped earlier frames.
+    pool.reserve(samples.len() * 2);
+    // Sized once and filled in one vectorised pass rather than sample by sample.
+    pool.resize(samples.len() * 2, 0);
+    telcoflow_proto::audio::write_pcm(samples, pool);
+    pool.split().freeze()
 }
 
 /// The final response for an unanswered incoming call the server gives up on.

@@ -438,6 +438,13 @@ impl RtpSession {
         }
     }
 
+    /// The next frame, now, ahead of its tick, when it has landed in order and the jitter
+    /// buffer holds nothing on purpose (see [`JitterBuffer::pop_ahead`]). Call after each
+    /// datagram; the tick then returns [`FrameKind::Ahead`](super::jitter::FrameKind::Ahead).
+    pub fn pop_ahead(&mut self) -> Option<Frame<'_>> {
+        self.jitter.pop_ahead()
+    }
+
     /// The frame to play this tick.
     pub fn pop_frame(&mut self, now: Instant) -> Frame<'_> {
         let frame = self.jitter.pop(now);
