@@ -59,6 +59,10 @@ pub const FADE_FRAMES: u32 = 3;
 const JITTER_TOLERANCE: u64 = 40;
 /// Least depth [`JitterBuffer::pop`] drops frames above (80 ms).
 const DISCARD_FLOOR_FRAMES: u32 = 4;
+/// Frames that may be played ahead of their ticks at once: two, so that a pair of packets
+/// landing together (the phone caught up after a stall of its own) both leave as they land,
+/// instead of the second waiting for the next packet.
+const MAX_AHEAD: usize = 2;
 /// A sequence jump this large (either direction) is treated as a new stream (RFC 3550 A.1
 /// uses the same dropout bound).
 const MAX_DROPOUT: i32 = 3000;
@@ -185,8 +189,10 @@ pub struct JitterBuffer {
     max_frames: u32,
     target_frames: u32,
     underrun_ticks: u32,
-    /// A frame was played ahead of its tick and that tick has not come yet; with its arrival.
-    ahead: Option<Option<Instant>>,
+    /// Frames played ahead of their ticks whose ticks have not come yet, oldest first: when
+    /// each arrived (`ahead_len` of them).
+    ahead: [Option<Instant>; MAX_AHEAD],
+    ahead_len: usize,
     concealed_run: u32,
     last_good: [i16; FRAME_SAMPLES],
     out: [i16; FRAME_SAMPLES],
@@ -248,7 +254,8 @@ impl JitterBuffer {
             max_frames,
             target_frames: min_frames,
             underrun_ticks: 0,
-            ahead: None,
+            ahead: [None; MAX_AHEAD],
+            ahead_len: 0,
             concealed_run: 0,
             last_good: [0; FRAME_SAMPLES],
             out: [0; FRAME_SAMPLES],
@@ -413,9 +420,10 @@ impl JitterBuffer {
     /// frame (the buffer holds nothing on purpose): in-order audio then leaves as it lands, a
     /// few ms before the tick that would have played it, and the tick (see
     /// [`JitterBuffer::pop`]) stays as the deadline after which a missing frame is concealed.
-    /// At most one frame is ahead at a time. Call it after each [`JitterBuffer::push`].
+    /// At most [`MAX_AHEAD`] frames are ahead at a time. Call it after each
+    /// [`JitterBuffer::push`] and after each tick (a frame held back by that limit may go then).
     pub fn pop_ahead(&mut self) -> Option<Frame<'_>> {
-        if self.ahead.is_some() || self.target_frames != 1 {
+        if self.ahead_len == MAX_AHEAD || self.target_frames != 1 {
             return None;
         }
         if self.state == State::Buffering {
@@ -426,7 +434,8 @@ impl JitterBuffer {
             self.underrun_ticks = 0;
         }
         let arrived = self.play_next()?;
-        self.ahead = Some(arrived);
+        self.ahead[self.ahead_len] = arrived;
+        self.ahead_len += 1;
         Some(Frame {
             kind: FrameKind::Audio,
             samples: &self.out,
@@ -454,7 +463,10 @@ impl JitterBuffer {
 
     /// Produces the frame for this 20 ms tick.
     pub fn pop(&mut self, now: Instant) -> Frame<'_> {
-        if let Some(arrived) = self.ahead.take() {
+        if self.ahead_len > 0 {
+            let arrived = self.ahead[0];
+            self.ahead.copy_within(1.., 0);
+            self.ahead_len -= 1;
             return Frame {
                 kind: FrameKind::Ahead,
                 samples: &self.out,
@@ -954,7 +966,7 @@ mod tests {
         for seq in 0..3u16 {
             h.push(seq);
             assert_eq!(h.pop_ahead(), Some(level(seq)));
-            assert_eq!(h.pop_ahead(), None, "one frame ahead at most");
+            assert_eq!(h.pop_ahead(), None, "only what is here");
             assert_eq!(h.pop().0, FrameKind::Ahead);
         }
         // Frame 3 misses its tick: concealed, then played as it lands, not a tick later.
@@ -969,6 +981,34 @@ mod tests {
         assert_eq!(h.pop(), (FrameKind::Audio, level(5)));
         let s = h.jb.stats();
         assert_eq!((s.played, s.concealed, s.resumed_late), (5, 2, 1));
+    }
+
+    #[test]
+    fn a_pair_landing_together_leaves_together_and_the_stream_stays_ahead() {
+        let mut h = Harness::new(JitterConfig::default());
+        h.push(0);
+        assert_eq!(h.pop_ahead(), Some(level(0)));
+        assert_eq!(h.pop().0, FrameKind::Ahead);
+        // 1 and 2 land together (1 late, 2 early): both leave at once.
+        h.push(1);
+        h.push(2);
+        assert_eq!(h.pop_ahead(), Some(level(1)));
+        assert_eq!(h.pop_ahead(), Some(level(2)));
+        // 3 lands one frame later, before the tick of 1 came: two are ahead, it waits.
+        h.now += FRAME_DURATION;
+        h.push(3);
+        assert_eq!(h.jb.target_delay(), FRAME_DURATION);
+        assert_eq!(h.pop_ahead(), None, "{MAX_AHEAD} ahead at most");
+        assert_eq!(h.pop().0, FrameKind::Ahead);
+        // After the tick there is room again: 3 leaves then, not when 4 lands.
+        assert_eq!(h.pop_ahead(), Some(level(3)));
+        assert_eq!(h.pop().0, FrameKind::Ahead);
+        assert_eq!(
+            h.pop().0,
+            FrameKind::Ahead,
+            "the ticks of 2 and 3 come in turn"
+        );
+        assert_eq!(h.jb.stats().concealed, 0);
     }
 
     /// Random reorder, duplication and loss within the buffer's reach: every frame that is
@@ -1036,7 +1076,10 @@ mod tests {
         let s = h.jb.stats();
         assert_eq!(s.played as usize, played.len());
         let pending = went_ahead - ahead_ticks;
-        assert!(pending <= 1, "one frame ahead at most");
+        assert!(
+            pending <= MAX_AHEAD as u64,
+            "{MAX_AHEAD} frames ahead at most"
+        );
         assert_eq!(s.played + s.concealed + silent, ticks + pending);
         if ahead && max_delay_ticks == 1 {
             assert!(

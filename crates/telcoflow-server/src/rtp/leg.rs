@@ -430,7 +430,12 @@ impl RtpLeg {
         }
         let frame = session.pop_frame(now);
         if frame.kind == FrameKind::Ahead {
-            // This tick's frame went to the call when it landed.
+            // This tick's frame went to the call when it landed; one held back by the limit
+            // on frames ahead may go now.
+            if let Some(frame) = session.pop_ahead() {
+                let pcm = pooled_pcm(&mut self.frames, frame.samples);
+                self.to_call(LegEvent::Audio(pcm)).await;
+            }
             return Flow::Continue;
         }
         let pcm = pooled_pcm(&mut self.frames, frame.samples);
