@@ -420,7 +420,7 @@ impl JitterBuffer {
     /// frame (the buffer holds nothing on purpose): in-order audio then leaves as it lands, a
     /// few ms before the tick that would have played it, and the tick (see
     /// [`JitterBuffer::pop`]) stays as the deadline after which a missing frame is concealed.
-    /// At most [`MAX_AHEAD`] frames are ahead at a time. Call it after each
+    /// At most two frames are ahead at a time. Call it after each
     /// [`JitterBuffer::push`] and after each tick (a frame held back by that limit may go then).
     pub fn pop_ahead(&mut self) -> Option<Frame<'_>> {
         if self.ahead_len == MAX_AHEAD || self.target_frames != 1 {
