@@ -63,9 +63,7 @@ impl State {
     /// Gives back the first segment once everything in it was read.
     fn release_front(&mut self) {
         if let Some(seg) = self.segments.pop_front() {
-            if self.spares.len() < SPARES {
-                self.spares.push(seg);
-            }
+            self.give_back(seg);
         }
         self.head = 0;
     }
@@ -74,15 +72,16 @@ impl State {
     fn reset(&mut self) {
         self.head = 0;
         while self.segments.len() > 1 {
-            self.release_back();
+            if let Some(seg) = self.segments.pop_back() {
+                self.give_back(seg);
+            }
         }
     }
 
-    fn release_back(&mut self) {
-        if let Some(seg) = self.segments.pop_back() {
-            if self.spares.len() < SPARES {
-                self.spares.push(seg);
-            }
+    /// Keeps an emptied segment as a spare, or frees it.
+    fn give_back(&mut self, seg: Box<[u8]>) {
+        if self.spares.len() < SPARES {
+            self.spares.push(seg);
         }
     }
 }

@@ -429,15 +429,16 @@ impl RtpLeg {
             return Flow::Continue;
         }
         let frame = session.pop_frame(now);
-        if frame.kind == FrameKind::Ahead {
+        let frame = if frame.kind == FrameKind::Ahead {
             // This tick's frame went to the call when it landed; one held back by the limit
             // on frames ahead may go now.
-            if let Some(frame) = session.pop_ahead() {
-                let pcm = pooled_pcm(&mut self.frames, frame.samples);
-                self.to_call(LegEvent::Audio(pcm)).await;
+            match session.pop_ahead() {
+                Some(frame) => frame,
+                None => return Flow::Continue,
             }
-            return Flow::Continue;
-        }
+        } else {
+            frame
+        };
         let pcm = pooled_pcm(&mut self.frames, frame.samples);
         self.to_call(LegEvent::Audio(pcm)).await;
         Flow::Continue
