@@ -174,16 +174,20 @@ impl Playout {
     /// them had arrived.
     fn consume(&mut self, bytes: usize) -> Option<Instant> {
         self.consumed_total += bytes as u64;
-        let mut arrival = None;
         while let Some(&(end, at)) = self.arrivals.front() {
             if end > self.consumed_total {
                 // This stretch holds the last byte consumed, and more.
                 return Some(at);
             }
-            arrival = Some(at);
             self.arrivals.pop_front();
+            if end == self.consumed_total {
+                // It ends with the last byte consumed: the next stretch, if any, came later
+                // and is still queued. Going on to it would take a standing queue for a
+                // short wait.
+                return Some(at);
+            }
         }
-        arrival
+        None
     }
 
     fn forget_arrivals(&mut self) {
@@ -259,6 +263,7 @@ impl Playout {
         self.prebuffer_frames
     }
 
+
     /// Gaps seen: playout ran dry and audio came back within a few ticks.
     pub(crate) fn gaps(&self) -> u64 {
         self.gaps
@@ -323,6 +328,26 @@ mod tests {
         assert_eq!(p.played_arrival(), Some(t1), "cleared audio is forgotten");
         assert!(!p.pop_frame(&mut frame));
         assert_eq!(p.played_arrival(), None);
+    }
+
+    #[test]
+    fn each_whole_frame_played_tells_its_own_arrival() {
+        // Agents send whole frames: a queue of two must read as the older frame's wait.
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_millis(20);
+        let t2 = t0 + std::time::Duration::from_millis(40);
+        let mut p = Playout::new(4, 1000);
+        let mut frame = [0i16; 2];
+        p.push(&[1, 0, 2, 0], t0);
+        p.push(&[3, 0, 4, 0], t1);
+        assert!(p.pop_frame(&mut frame));
+        assert_eq!(p.played_arrival(), Some(t0), "the queued frame is not the one played");
+        p.push(&[5, 0, 6, 0], t2);
+        assert!(p.pop_frame(&mut frame));
+        assert_eq!(frame, [3, 4]);
+        assert_eq!(p.played_arrival(), Some(t1));
+        assert!(p.pop_frame(&mut frame));
+        assert_eq!(p.played_arrival(), Some(t2));
     }
 
     #[test]
