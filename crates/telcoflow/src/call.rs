@@ -854,7 +854,7 @@ async fn drive_media(
 ) {
     debug!("media connection open");
     let (mut sink, mut stream) = ws.split();
-    // The three loops borrow the socket halves; they are dropped at the end of this block so
+    // The reader and the writer borrow the socket halves; they are dropped at the end of this block so
     // that the sink can be closed afterwards.
     let reason = {
         let reader = async {
@@ -882,31 +882,56 @@ async fn drive_media(
                 }
             }
         };
+        // One writer for commands and audio, commands first: audio frames go straight from the
+        // ring buffer to the socket, with no queue and no wake-up in between.
         let writer = async {
-            // `recv` is cancel-safe; the queue only closes when every sender is gone.
-            while let Some(m) = out_rx.recv().await {
-                if let Err(e) = sink.send(m).await {
+            let mut flow = FlowControl::new(&media);
+            loop {
+                let msg = tokio::select! {
+                    biased;
+                    // Both cancel-safe: `recv` loses nothing, and `next_frame` keeps its
+                    // place in the request it is answering.
+                    m = out_rx.recv() => match m {
+                        Some(m) => m,
+                        None => return "send failed",
+                    },
+                    frame = flow.next_frame() => match frame {
+                        Some(frame) => Message::Binary(frame),
+                        None => break,
+                    },
+                };
+                if let Err(e) = sink.send(msg).await {
                     debug!(error = %e, "media send failed");
-                    break;
+                    return "send failed";
+                }
+            }
+            // The ring buffer closed: the call has ended. Commands still go out (a `close`
+            // sent last); the reader goes on until the server closes the connection, for at
+            // most the grace period.
+            debug!("call ended; waiting for the server to close the media connection");
+            let grace = tokio::time::sleep(CLOSE_GRACE);
+            tokio::pin!(grace);
+            loop {
+                let msg = tokio::select! {
+                    m = out_rx.recv() => match m {
+                        Some(m) => m,
+                        None => return "send failed",
+                    },
+                    () = &mut grace => return "server did not close after the call ended",
+                };
+                if let Err(e) = sink.send(msg).await {
+                    debug!(error = %e, "media send failed");
+                    return "send failed";
                 }
             }
         };
-        // Flow control returns once the ring buffer closes, that is once the call has ended;
-        // the reader and writer go on until the server closes the connection, for at most
-        // the grace period.
-        let ending = async {
-            flow_control(&media).await;
-            debug!("call ended; waiting for the server to close the media connection");
-            tokio::time::sleep(CLOSE_GRACE).await;
-        };
-        tokio::pin!(reader, writer, ending);
+        tokio::pin!(reader, writer);
         // Reader first: frames that have arrived are taken before the grace period can end
         // the connection.
         tokio::select! {
             biased;
             r = &mut reader => r,
-            () = &mut writer => "send failed",
-            () = &mut ending => "server did not close after the call ended",
+            r = &mut writer => r,
         }
     };
     debug!(reason, "media connection closing");
@@ -1044,43 +1069,63 @@ fn on_audio(core: &CallCore, data: Bytes) {
 /// and save nothing once the two blocks take turns.
 const FRAME_POOL_BYTES: usize = 2 * 1024;
 
-/// Answers buffer requests in order with frames of the preferred size, waiting for the
-/// application's audio for each frame. Ends when the ring buffer closes.
-async fn flow_control(media: &Media) {
-    // A frame never exceeds the ring buffer, whatever the server asks for: the buffer could
-    // never fill it, and a hostile size must not drive the allocation below.
-    let max_frame = media.ring.capacity();
-    let mut pool = FramePool::default();
-    loop {
-        let req = loop {
-            if let Some(r) = media.requests.lock().pop_front() {
-                break r;
-            }
-            if media.ring.is_closed() {
-                return;
-            }
-            media.requests_changed.notified().await;
-        };
-        let frame_bytes = match req.prefer_audio_frame_bytes as usize {
-            0 => media::DEFAULT_PREFER_FRAME_BYTES,
-            n => n,
-        };
-        let mut remaining = req.requested_bytes as usize;
-        while remaining > 0 {
-            let want = frame_bytes.min(remaining).min(max_frame);
-            let block = pool.with_room(1 + want, FRAME_POOL_BYTES);
-            block.put_u8(media::CHANNEL_MIXED);
-            let n = media.ring.read(want, want, block).await;
-            if n == 0 {
-                return;
-            }
-            trace!(bytes = n, "audio frame");
-            let frame = block.split().freeze();
-            if media.out.send(Message::Binary(frame)).await.is_err() {
-                return;
-            }
-            remaining -= n;
+/// Answers buffer requests in order with frames of the preferred size, each frame waiting for
+/// the application's audio.
+struct FlowControl<'a> {
+    media: &'a Media,
+    pool: FramePool,
+    /// A frame never exceeds the ring buffer, whatever the server asks for: the buffer could
+    /// never fill it, and a hostile size must not drive the allocation below.
+    max_frame: usize,
+    /// Bytes still owed on the request being answered.
+    owed: usize,
+    /// Its preferred frame size.
+    frame_bytes: usize,
+}
+
+impl<'a> FlowControl<'a> {
+    fn new(media: &'a Media) -> Self {
+        Self {
+            media,
+            pool: FramePool::default(),
+            max_frame: media.ring.capacity(),
+            owed: 0,
+            frame_bytes: media::DEFAULT_PREFER_FRAME_BYTES,
         }
+    }
+
+    /// The next frame to send, once the server has asked for it and the application has
+    /// queued it; `None` once the ring buffer is closed (the call ended).
+    ///
+    /// Cancel-safe: a request is taken from the queue and audio from the ring buffer only in
+    /// the poll that uses them, and the request being answered is kept here.
+    async fn next_frame(&mut self) -> Option<Bytes> {
+        while self.owed == 0 {
+            let req = self.media.requests.lock().pop_front();
+            match req {
+                Some(req) => {
+                    self.owed = req.requested_bytes as usize;
+                    self.frame_bytes = match req.prefer_audio_frame_bytes as usize {
+                        0 => media::DEFAULT_PREFER_FRAME_BYTES,
+                        n => n,
+                    };
+                }
+                None if self.media.ring.is_closed() => return None,
+                None => self.media.requests_changed.notified().await,
+            }
+        }
+        let want = self.frame_bytes.min(self.owed).min(self.max_frame);
+        let block = self.pool.with_room(1 + want, FRAME_POOL_BYTES);
+        // A read cancelled while it waited left its channel byte behind.
+        block.clear();
+        block.put_u8(media::CHANNEL_MIXED);
+        let n = self.media.ring.read(want, want, block).await;
+        if n == 0 {
+            return None;
+        }
+        trace!(bytes = n, "audio frame");
+        self.owed -= n;
+        Some(block.split().freeze())
     }
 }
 
