@@ -18,9 +18,8 @@
 //! The aligner watches how long each frame of such audio waited. After a window of steady
 //! playout it moves the clock earlier, leaving a safety margin sized from the jitter it saw,
 //! so that the next frames still arrive before their tick. It only ever moves the clock
-//! earlier. The call's clock also waits up to 10 ms at a tick for an agent frame that is due
-//! (`call::TICK_HOLD`), so a frame a little late plays as it lands; one later still is
-//! handled by the buffer's own pre-buffer and widens the margin for next time. Audio sent ahead of time (a text-to-speech agent
+//! earlier; a frame that misses its tick anyway is handled by the buffer's own pre-buffer
+//! and widens the margin for next time. Audio sent ahead of time (a text-to-speech agent
 //! answering requests from a full buffer) is not paced by its source, and its clock stays
 //! put. The far end sees one short frame interval, which its jitter buffer absorbs like any
 //! early packet.
@@ -60,8 +59,6 @@ pub(crate) struct PhaseAligner {
     /// Margin added after frames missed their tick.
     extra_margin: Duration,
     shifts: u64,
-    /// Times audio missed its tick.
-    misses: u64,
     /// The first audio has landed (and set the clock's phase).
     started: bool,
 }
@@ -148,7 +145,6 @@ impl PhaseAligner {
     pub(crate) fn missed(&mut self) -> Option<Duration> {
         let room = MAX_MARGIN - MIN_MARGIN;
         let owned = self.extra_margin < room;
-        self.misses += 1;
         self.extra_margin = (self.extra_margin + MISS_MARGIN).min(room);
         self.restart();
         owned.then_some(MIN_MARGIN + self.extra_margin)
@@ -157,16 +153,6 @@ impl PhaseAligner {
     /// Times the clock was moved.
     pub(crate) fn shifts(&self) -> u64 {
         self.shifts
-    }
-
-    /// Times audio missed its tick.
-    pub(crate) fn misses(&self) -> u64 {
-        self.misses
-    }
-
-    /// The margin kept now between the latest expected arrival and the tick.
-    pub(crate) fn margin(&self) -> Duration {
-        (MIN_MARGIN + self.extra_margin).min(MAX_MARGIN)
     }
 
     fn restart(&mut self) {

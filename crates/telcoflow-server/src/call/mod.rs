@@ -50,14 +50,6 @@ const DATA_QUEUE: usize = 64;
 const LEG_QUEUE_FRAMES: usize = 10;
 /// How long a call waits for its agent to reconnect after the media connection drops.
 const MEDIA_GRACE: Duration = Duration::from_secs(10);
-/// Longest a tick waits for agent audio that is due (the agent paces its audio and played
-/// in time at the tick before) but has not landed. Audio that lands within it plays at once,
-/// a few ms late, instead of the tick playing a frame of silence and the audio a frame later:
-/// a stall of a few ms (a busy host, a garbage-collecting agent) then costs the caller those
-/// few ms once, not an inserted frame of silence and a wider margin for the rest of the call.
-/// Under a frame, so that a held tick never meets the next one.
-const TICK_HOLD: Duration = Duration::from_millis(10);
-
 /// Slots of a media connection's queue kept free of audio, so that responses and events
 /// always fit even when the agent reads audio too slowly.
 const MEDIA_TEXT_RESERVE: usize = 16;
@@ -392,15 +384,6 @@ struct PendingConnect {
     reply_deadline: Option<Instant>,
 }
 
-/// A tick of the media clock held back by [`TICK_HOLD`].
-#[derive(Debug, Clone, Copy)]
-struct HeldTick {
-    /// When the clock ticked.
-    at: Instant,
-    /// When it plays whatever there is.
-    until: Instant,
-}
-
 struct CallActor {
     shared: Arc<Shared>,
     connector: Arc<ConnectorConfig>,
@@ -423,10 +406,6 @@ struct CallActor {
     request_deferred: bool,
     /// Agent audio missed its tick: when to tick instead of at the next period.
     tick_at: Option<Instant>,
-    /// A tick held back for agent audio that is due but has not landed (see [`TICK_HOLD`]).
-    held_tick: Option<HeldTick>,
-    /// The latest tick played a frame the agent paced: the next one is due by the next tick.
-    agent_paced: bool,
     ring_deadline: Instant,
     claimed: bool,
     /// An app-initiated call: the caller leg is the far party we rang, and `call.answer`
@@ -483,8 +462,6 @@ impl CallActor {
             aligner: PhaseAligner::default(),
             request_deferred: false,
             tick_at: None,
-            held_tick: None,
-            agent_paced: false,
             ring_deadline,
             claimed: outbound.is_some(),
             outbound: outbound.is_some(),
@@ -547,11 +524,10 @@ impl CallActor {
                 Some(input) = control.recv() => self.on_input(input),
                 Some(input) = data.recv() => self.on_input(input),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
-                at = ticker.tick(), if ticking && self.held_tick.is_none() => {
-                    if self.agent_audio_due() {
-                        self.held_tick = Some(HeldTick { at, until: Instant::now() + TICK_HOLD });
-                    } else {
-                        self.tick(at);
+                at = ticker.tick(), if ticking => {
+                    if let Some(shift) = self.on_tick() {
+                        debug!(shift_us = shift.as_micros() as u64, "media clock moved earlier");
+                        ticker.reset_at(at + period - shift);
                     }
                 }
                 // Cancel-safe: the sleep is pinned outside the loop and only re-armed.
@@ -572,8 +548,6 @@ impl CallActor {
             playout_gaps = self.playout.gaps(),
             prebuffer_frames = self.playout.prebuffer_frames(),
             clock_shifts = self.aligner.shifts(),
-            clock_misses = self.aligner.misses(),
-            clock_margin_ms = self.aligner.margin().as_secs_f64() * 1e3,
             "call ended"
         );
     }
@@ -587,8 +561,7 @@ impl CallActor {
             .flat_map(|c| [Some(c.ring_deadline), c.reply_deadline]);
         let answer = self.pending_answer.as_ref().and_then(|(_, d)| *d);
         let media = self.media_lost_at.map(|lost| lost + MEDIA_GRACE);
-        let held = self.held_tick.map(|h| h.until);
-        [ringing, answer, media, held]
+        [ringing, answer, media]
             .into_iter()
             .chain(connect)
             .flatten()
@@ -596,12 +569,6 @@ impl CallActor {
     }
 
     fn on_deadline(&mut self, now: Instant) {
-        if let Some(held) = self.held_tick.filter(|h| now >= h.until) {
-            // The audio did not come in time: the tick plays what there is (silence), and
-            // audio landing later is a miss for the aligner.
-            self.held_tick = None;
-            self.tick(held.at);
-        }
         if self.phase == Phase::Ringing && now >= self.ring_deadline {
             info!("nobody answered in time");
             if let Some((id, _)) = self.pending_answer.take() {
@@ -698,12 +665,6 @@ impl CallActor {
                             // it landed rather than a whole frame later behind the next one.
                             // The clock restarts from there; the aligner tightens it again.
                             self.tick_at = Some(Instant::now() + margin);
-                        }
-                    }
-                    if self.playout.buffered() >= self.playout.frame_bytes() {
-                        if let Some(held) = self.held_tick.take() {
-                            // The frame the held tick waited for: it plays now.
-                            self.tick(held.at);
                         }
                     }
                     if pushed.overflow == 0 {
@@ -837,11 +798,6 @@ impl CallActor {
             CommandName::Interrupt => {
                 let dropped = self.playout.clear();
                 debug!(dropped, "interrupt");
-                // Nothing is due any more: silence must not wait for audio.
-                self.agent_paced = false;
-                if let Some(held) = self.held_tick.take() {
-                    self.tick(held.at);
-                }
                 self.respond(CommandResponse::ok(
                     id,
                     Some(json!({ "droppedBytes": dropped })),
@@ -1061,29 +1017,6 @@ impl CallActor {
         }
     }
 
-    /// Whether the clock should wait a little for the agent's next frame before ticking: the
-    /// agent paced the frame played at the latest tick, still owes audio, and no frame is
-    /// here yet.
-    fn agent_audio_due(&self) -> bool {
-        self.agent_paced
-            && !self.agent_left
-            && self.media.is_some()
-            && self.playout.outstanding() > 0
-            && self.playout.buffered() < self.playout.frame_bytes()
-    }
-
-    /// Plays the tick the clock gave at `at` and has it move, if the aligner says so.
-    fn tick(&mut self, at: Instant) {
-        if let Some(shift) = self.on_tick() {
-            debug!(
-                shift_us = shift.as_micros() as u64,
-                "media clock moved earlier"
-            );
-            let period = Duration::from_millis(u64::from(telcoflow_proto::audio::FRAME_MS));
-            self.tick_at = Some(at + period - shift);
-        }
-    }
-
     /// One 20 ms step of the media clock. Returns how much earlier the next tick should come,
     /// if the clock should move.
     fn on_tick(&mut self) -> Option<Duration> {
@@ -1099,7 +1032,6 @@ impl CallActor {
             && self.playout.outstanding() > 0
             && self.playout.prebuffer_frames() == 1;
         let now = Instant::now();
-        self.agent_paced = paced_by_agent;
         let waited = self
             .playout
             .played_arrival()
