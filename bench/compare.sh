@@ -26,6 +26,7 @@ fi
 BIN=${TELCOFLOW_BIN:-target/release/telcoflow}
 PY=${TELCOFLOW_PYTHON:-.venv/bin/python}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 
 if [ ! -x "$BIN" ]; then
     cargo build --release -p telcoflow-cli

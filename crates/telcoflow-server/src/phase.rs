@@ -59,6 +59,8 @@ pub(crate) struct PhaseAligner {
     /// Margin added after frames missed their tick.
     extra_margin: Duration,
     shifts: u64,
+    /// Times audio missed its tick.
+    misses: u64,
     /// The first audio has landed (and set the clock's phase).
     started: bool,
 }
@@ -145,6 +147,7 @@ impl PhaseAligner {
     pub(crate) fn missed(&mut self) -> Option<Duration> {
         let room = MAX_MARGIN - MIN_MARGIN;
         let owned = self.extra_margin < room;
+        self.misses += 1;
         self.extra_margin = (self.extra_margin + MISS_MARGIN).min(room);
         self.restart();
         owned.then_some(MIN_MARGIN + self.extra_margin)
@@ -153,6 +156,16 @@ impl PhaseAligner {
     /// Times the clock was moved.
     pub(crate) fn shifts(&self) -> u64 {
         self.shifts
+    }
+
+    /// Times audio missed its tick.
+    pub(crate) fn misses(&self) -> u64 {
+        self.misses
+    }
+
+    /// The margin kept now between the latest expected arrival and the tick.
+    pub(crate) fn margin(&self) -> Duration {
+        (MIN_MARGIN + self.extra_margin).min(MAX_MARGIN)
     }
 
     fn restart(&mut self) {

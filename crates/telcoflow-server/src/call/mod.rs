@@ -548,6 +548,8 @@ impl CallActor {
             playout_gaps = self.playout.gaps(),
             prebuffer_frames = self.playout.prebuffer_frames(),
             clock_shifts = self.aligner.shifts(),
+            clock_misses = self.aligner.misses(),
+            clock_margin_ms = self.aligner.margin().as_secs_f64() * 1e3,
             "call ended"
         );
     }

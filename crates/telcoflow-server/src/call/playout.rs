@@ -263,7 +263,6 @@ impl Playout {
         self.prebuffer_frames
     }
 
-
     /// Gaps seen: playout ran dry and audio came back within a few ticks.
     pub(crate) fn gaps(&self) -> u64 {
         self.gaps
@@ -341,7 +340,11 @@ mod tests {
         p.push(&[1, 0, 2, 0], t0);
         p.push(&[3, 0, 4, 0], t1);
         assert!(p.pop_frame(&mut frame));
-        assert_eq!(p.played_arrival(), Some(t0), "the queued frame is not the one played");
+        assert_eq!(
+            p.played_arrival(),
+            Some(t0),
+            "the queued frame is not the one played"
+        );
         p.push(&[5, 0, 6, 0], t2);
         assert!(p.pop_frame(&mut frame));
         assert_eq!(frame, [3, 4]);
