@@ -854,7 +854,7 @@ async fn drive_media(
 ) {
     debug!("media connection open");
     let (mut sink, mut stream) = ws.split();
-    // The reader and the writer borrow the socket halves; they are dropped at the end of this block so
+    // Reader and writer borrow the socket halves; they are dropped at the end of this block so
     // that the sink can be closed afterwards.
     let reason = {
         let reader = async {
