@@ -106,6 +106,10 @@ async fn run(
     // work faster than the call answers it.
     let max_in_flight = shared.config.limits.max_pending_commands_per_call;
     let mut in_flight = 0usize;
+    // One waiter for the connection's life: a new one per frame would lock the server-wide
+    // token's waiter list twice, a list every call's tasks share.
+    let shutdown = shared.shutdown.clone().cancelled_owned();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             biased;
@@ -197,7 +201,7 @@ async fn run(
                 None => break,
             },
             // Cancel-safe: only observes the token.
-            () = shared.shutdown.cancelled() => {
+            () = &mut shutdown => {
                 // The call actor ends the call and sends its last frames; drain them briefly.
                 while let Ok(Some(out)) = tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await {
                     match out {

@@ -494,7 +494,10 @@ impl CallActor {
         let mut ticker = tokio::time::interval(period);
         // Catch up after a stall so that the legs keep receiving real-time audio.
         ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
-        let shutdown = self.shared.shutdown.clone();
+        // One waiter for the call's life: a new one per input or tick would lock the
+        // server-wide token's waiter list twice, a list every call's tasks share.
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         // One timer for every deadline, moved only when the earliest deadline changes.
         let mut armed = self.next_deadline();
         let sleep = tokio::time::sleep_until(armed.unwrap_or_else(Instant::now));
@@ -519,7 +522,7 @@ impl CallActor {
             tokio::select! {
                 biased;
                 // Cancel-safe: `cancelled` only observes the token.
-                () = shutdown.cancelled() => self.finish(CloseReason::ForceClose, HangupReason::Error),
+                () = &mut shutdown => self.finish(CloseReason::ForceClose, HangupReason::Error),
                 // Cancel-safe: `recv` loses nothing when another branch wins.
                 Some(input) = control.recv() => self.on_input(input),
                 Some(input) = data.recv() => self.on_input(input),

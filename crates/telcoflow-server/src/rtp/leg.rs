@@ -160,11 +160,14 @@ impl RtpLeg {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut datagram = vec![0u8; DATAGRAM];
         let mut rtcp_datagram = vec![0u8; DATAGRAM];
-        let shutdown = self.shared.shutdown.clone();
+        // One waiter for the task's life: a new one per packet would lock the server-wide
+        // token's waiter list twice, a list every call's tasks share.
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        tokio::pin!(shutdown);
         loop {
             let flow = tokio::select! {
                 // Cancel-safe: only observes the token.
-                () = shutdown.cancelled() => {
+                () = &mut shutdown => {
                     self.command(Command::Hangup(self.key)).await;
                     Flow::Stop
                 }
