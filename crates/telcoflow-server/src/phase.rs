@@ -136,7 +136,7 @@ impl PhaseAligner {
         }
         self.started = true;
         self.restart();
-        Some(MIN_MARGIN + self.extra_margin)
+        Some(self.margin())
     }
 
     /// Audio missed its tick (playout ran dry and the audio came right after): keep more
@@ -150,7 +150,7 @@ impl PhaseAligner {
         self.misses += 1;
         self.extra_margin = (self.extra_margin + MISS_MARGIN).min(room);
         self.restart();
-        owned.then_some(MIN_MARGIN + self.extra_margin)
+        owned.then_some(self.margin())
     }
 
     /// Times the clock was moved.
@@ -165,7 +165,7 @@ impl PhaseAligner {
 
     /// The margin kept now between the latest expected arrival and the tick.
     pub(crate) fn margin(&self) -> Duration {
-        (MIN_MARGIN + self.extra_margin).min(MAX_MARGIN)
+        MIN_MARGIN + self.extra_margin
     }
 
     fn restart(&mut self) {
