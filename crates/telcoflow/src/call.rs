@@ -886,6 +886,12 @@ async fn drive_media(
         // ring buffer to the socket, with no queue and no wake-up in between.
         let writer = async {
             let mut flow = FlowControl::new(&media);
+            // Armed once the call has ended (the ring buffer closed): commands still go out (a
+            // `close` sent last), and the reader goes on until the server closes the
+            // connection, for at most this long.
+            let grace = tokio::time::sleep(CLOSE_GRACE);
+            tokio::pin!(grace);
+            let mut call_live = true;
             loop {
                 let msg = tokio::select! {
                     biased;
@@ -895,29 +901,18 @@ async fn drive_media(
                         Some(m) => m,
                         None => return "send failed",
                     },
-                    frame = flow.next_frame() => match frame {
+                    frame = flow.next_frame(), if call_live => match frame {
                         Some(frame) => Message::Binary(frame),
-                        None => break,
+                        None => {
+                            debug!("call ended; waiting for the server to close the media connection");
+                            call_live = false;
+                            grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+                            continue;
+                        }
                     },
-                };
-                if let Err(e) = sink.send(msg).await {
-                    debug!(error = %e, "media send failed");
-                    return "send failed";
-                }
-            }
-            // The ring buffer closed: the call has ended. Commands still go out (a `close`
-            // sent last); the reader goes on until the server closes the connection, for at
-            // most the grace period.
-            debug!("call ended; waiting for the server to close the media connection");
-            let grace = tokio::time::sleep(CLOSE_GRACE);
-            tokio::pin!(grace);
-            loop {
-                let msg = tokio::select! {
-                    m = out_rx.recv() => match m {
-                        Some(m) => m,
-                        None => return "send failed",
-                    },
-                    () = &mut grace => return "server did not close after the call ended",
+                    () = &mut grace, if !call_live => {
+                        return "server did not close after the call ended";
+                    }
                 };
                 if let Err(e) = sink.send(msg).await {
                     debug!(error = %e, "media send failed");
