@@ -11,6 +11,7 @@ use crate::event::ClientEvent;
 use crate::ring::RingBuffer;
 use crate::transport::{self, Tls, Ws};
 use bytes::{BufMut, Bytes};
+use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -27,11 +28,11 @@ use telcoflow_proto::media::{
     MediaClientFrame, MediaServerFrame,
 };
 use telcoflow_proto::pool::FramePool;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{Instrument, debug, debug_span, trace, warn};
 
 /// Client-side deadline of every command but `call.connect`.
@@ -341,8 +342,10 @@ struct Media {
     ring: RingBuffer,
     out: mpsc::Sender<Message>,
     pending: Mutex<Pending>,
-    requests: Mutex<VecDeque<BufferRequest>>,
-    requests_changed: Notify,
+    /// Set when the client shuts down; the driver learns it through `driver`.
+    shutdown: AtomicBool,
+    /// The media driver's task, registered on each of its polls.
+    driver: AtomicWaker,
     /// The server's `call.terminated` has been delivered to the call's events.
     terminated_seen: AtomicBool,
 }
@@ -733,7 +736,6 @@ impl ActiveCall {
         match media {
             Some(m) => {
                 m.ring.close();
-                m.requests_changed.notify_one();
             }
             None => {
                 // No media driver will run to end the streams: end them here.
@@ -770,8 +772,8 @@ impl ActiveCall {
                     ring: RingBuffer::new(self.core.settings.buffer_size),
                     out,
                     pending: Mutex::new(Pending::default()),
-                    requests: Mutex::new(VecDeque::new()),
-                    requests_changed: Notify::new(),
+                    shutdown: AtomicBool::new(false),
+                    driver: AtomicWaker::new(),
                     terminated_seen: AtomicBool::new(false),
                 });
                 *self.core.media.lock() = Some(media.clone());
@@ -849,90 +851,40 @@ fn emit_client(core: &CallCore, ev: ClientEvent) {
 async fn drive_media(
     core: Arc<CallCore>,
     media: Arc<Media>,
-    ws: Ws,
+    mut ws: Ws,
     mut out_rx: mpsc::Receiver<Message>,
 ) {
     debug!("media connection open");
-    let (mut sink, mut stream) = ws.split();
-    // Reader and writer borrow the socket halves; they are dropped at the end of this block so
-    // that the sink can be closed afterwards.
-    let reason = {
-        let reader = async {
-            // One waiter for the whole connection: making one per frame costs a lock.
-            let cancelled = core.cancel.cancelled();
-            tokio::pin!(cancelled);
-            loop {
-                // Cancel-safe: `next()` on a WebSocket stream loses no frame when dropped.
-                let msg = tokio::select! {
-                    m = stream.next() => m,
-                    () = &mut cancelled => return "shutdown",
-                };
-                match msg {
-                    None => return "closed by server",
-                    Some(Err(e)) => {
-                        debug!(error = %e, "media connection failed");
-                        return "connection error";
-                    }
-                    Some(Ok(Message::Binary(data))) => on_audio(&core, data),
-                    // After `call.terminated` keep reading until the server closes, so that
-                    // frames already sent still land.
-                    Some(Ok(Message::Text(text))) => on_text(&core, &media, text.as_str()),
-                    Some(Ok(Message::Close(_))) => return "closed by server",
-                    Some(Ok(_)) => {}
-                }
-            }
-        };
-        // One writer for commands and audio, commands first: audio frames go straight from the
-        // ring buffer to the socket, with no queue and no wake-up in between.
-        let writer = async {
-            let mut flow = FlowControl::new(&media);
-            // Armed once the call has ended (the ring buffer closed): commands still go out (a
-            // `close` sent last), and the reader goes on until the server closes the
-            // connection, for at most this long.
-            let grace = tokio::time::sleep(CLOSE_GRACE);
-            tokio::pin!(grace);
-            let mut call_live = true;
-            loop {
-                let msg = tokio::select! {
-                    biased;
-                    // Both cancel-safe: `recv` loses nothing, and `next_frame` keeps its
-                    // place in the request it is answering.
-                    m = out_rx.recv() => match m {
-                        Some(m) => m,
-                        None => return "send failed",
-                    },
-                    frame = flow.next_frame(), if call_live => match frame {
-                        Some(frame) => Message::Binary(frame),
-                        None => {
-                            debug!("call ended; waiting for the server to close the media connection");
-                            call_live = false;
-                            grace.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
-                            continue;
-                        }
-                    },
-                    () = &mut grace, if !call_live => {
-                        return "server did not close after the call ended";
-                    }
-                };
-                if let Err(e) = sink.send(msg).await {
-                    debug!(error = %e, "media send failed");
-                    return "send failed";
-                }
-            }
-        };
-        tokio::pin!(reader, writer);
-        // Reader first: frames that have arrived are taken before the grace period can end
-        // the connection.
-        tokio::select! {
-            biased;
-            r = &mut reader => r,
-            r = &mut writer => r,
+    // Shutdown reaches the driver as a flag and a wake-up: polling the token's waiter on each
+    // of the driver's polls would take two locks per frame.
+    let _watcher = AbortOnDropHandle::new(tokio::spawn({
+        let cancel = core.cancel.clone();
+        let media = media.clone();
+        async move {
+            cancel.cancelled().await;
+            media.shutdown.store(true, Ordering::Release);
+            media.driver.wake();
         }
+    }));
+    let reason = {
+        let grace = std::pin::pin!(tokio::time::sleep(CLOSE_GRACE));
+        let mut driver = MediaDriver {
+            core: &core,
+            media: &media,
+            ws: &mut ws,
+            out_rx: &mut out_rx,
+            flow: FlowControl::new(media.ring.capacity()),
+            grace,
+            call_live: true,
+            flushing: false,
+        };
+        std::future::poll_fn(|cx| driver.poll(cx)).await
     };
     debug!(reason, "media connection closing");
+    // Commands sent from now on fail at once.
+    drop(out_rx);
     set_terminated(&core);
     media.ring.close();
-    media.requests_changed.notify_one();
     {
         let mut p = media.pending.lock();
         p.closed = true;
@@ -941,7 +893,7 @@ async fn drive_media(
         }
     }
     core.channels.lock().finish();
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
     // The server's own `call.terminated` (with its reason) was already delivered if it came;
     // otherwise the stream still ends with one.
     if !media.terminated_seen.load(Ordering::Acquire) {
@@ -950,8 +902,114 @@ async fn drive_media(
     core.events_tx.lock().take();
 }
 
+/// The media connection's reader and writer, polled as one future by one task: the socket
+/// is not split (no lock between the halves), and the writer needs no wake-up for the
+/// server's buffer requests, because they come in through the reader, which runs first in
+/// every poll.
+struct MediaDriver<'a> {
+    core: &'a CallCore,
+    media: &'a Media,
+    ws: &'a mut Ws,
+    out_rx: &'a mut mpsc::Receiver<Message>,
+    flow: FlowControl,
+    /// Armed once the call has ended (the ring buffer closed): commands still go out (a
+    /// `close` sent last), and the reader goes on until the server closes the connection, for
+    /// at most this long.
+    grace: Pin<&'a mut tokio::time::Sleep>,
+    call_live: bool,
+    /// A frame was handed to the socket and is not flushed yet.
+    flushing: bool,
+}
+
+impl MediaDriver<'_> {
+    /// Ready with the reason the connection ends.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        self.media.driver.register(cx.waker());
+        if self.media.shutdown.load(Ordering::Acquire) {
+            return Poll::Ready("shutdown");
+        }
+        // Reader first: frames that have arrived are handled, and their buffer requests
+        // queued, before the writer looks and before the grace period can end the connection.
+        loop {
+            let msg = match self.ws.poll_next_unpin(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => return Poll::Ready("closed by server"),
+                Poll::Ready(Some(Err(e))) => {
+                    debug!(error = %e, "media connection failed");
+                    return Poll::Ready("connection error");
+                }
+                Poll::Ready(Some(Ok(msg))) => msg,
+            };
+            match msg {
+                Message::Binary(data) => on_audio(self.core, data),
+                // After `call.terminated` keep reading until the server closes, so that
+                // frames already sent still land.
+                Message::Text(text) => on_text(self.core, self.media, &mut self.flow, &text),
+                Message::Close(_) => return Poll::Ready("closed by server"),
+                _ => {}
+            }
+        }
+        self.poll_write(cx)
+    }
+
+    /// Sends what is due, commands first, until nothing is or the socket is full. Audio
+    /// frames go straight from the ring buffer to the socket.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
+        loop {
+            if self.flushing {
+                match self.ws.poll_flush_unpin(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => {
+                        debug!(error = %e, "media send failed");
+                        return Poll::Ready("send failed");
+                    }
+                    Poll::Ready(Ok(())) => self.flushing = false,
+                }
+            }
+            match self.ws.poll_ready_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    debug!(error = %e, "media send failed");
+                    return Poll::Ready("send failed");
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let msg = match self.out_rx.poll_recv(cx) {
+                Poll::Ready(Some(m)) => m,
+                Poll::Ready(None) => return Poll::Ready("send failed"),
+                Poll::Pending if self.call_live => {
+                    match self.flow.poll_next_frame(cx, &self.media.ring) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(frame)) => Message::Binary(frame),
+                        Poll::Ready(None) => {
+                            debug!(
+                                "call ended; waiting for the server to close the media connection"
+                            );
+                            self.call_live = false;
+                            let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+                            self.grace.as_mut().reset(deadline);
+                            continue;
+                        }
+                    }
+                }
+                Poll::Pending => {
+                    return match self.grace.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready("server did not close after the call ended"),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            };
+            if let Err(e) = self.ws.start_send_unpin(msg) {
+                debug!(error = %e, "media send failed");
+                return Poll::Ready("send failed");
+            }
+            self.flushing = true;
+        }
+    }
+}
+
 /// Handles one text frame.
-fn on_text(core: &CallCore, media: &Media, text: &str) {
+fn on_text(core: &CallCore, media: &Media, flow: &mut FlowControl, text: &str) {
     let frame = match MediaServerFrame::decode(text) {
         Ok(f) => f,
         Err(e) => {
@@ -977,18 +1035,7 @@ fn on_text(core: &CallCore, media: &Media, text: &str) {
                 // Only channel 0 carries agent audio.
                 return;
             }
-            let mut q = media.requests.lock();
-            let full = q.len() >= MAX_QUEUED_REQUESTS;
-            match q.back_mut() {
-                // Past the cap, merge into the last request so the queue stays bounded; the
-                // bytes owed are the same, only frame boundaries may differ.
-                Some(last) if full => {
-                    last.requested_bytes = last.requested_bytes.saturating_add(req.requested_bytes);
-                }
-                _ => q.push_back(req),
-            }
-            drop(q);
-            media.requests_changed.notify_one();
+            flow.request(req);
         }
         MediaServerFrame::CallEvent(ev) => {
             let ev = CallEvent::from_wire(ev);
@@ -1008,7 +1055,6 @@ fn on_text(core: &CallCore, media: &Media, text: &str) {
                 media.terminated_seen.store(true, Ordering::Release);
                 set_terminated(core);
                 media.ring.close();
-                media.requests_changed.notify_one();
             }
             emit(core, ev);
         }
@@ -1066,8 +1112,9 @@ const FRAME_POOL_BYTES: usize = 2 * 1024;
 
 /// Answers buffer requests in order with frames of the preferred size, each frame waiting for
 /// the application's audio.
-struct FlowControl<'a> {
-    media: &'a Media,
+struct FlowControl {
+    /// The server's requests not begun yet, oldest first.
+    requests: VecDeque<BufferRequest>,
     pool: FramePool,
     /// A frame never exceeds the ring buffer, whatever the server asks for: the buffer could
     /// never fill it, and a hostile size must not drive the allocation below.
@@ -1078,26 +1125,39 @@ struct FlowControl<'a> {
     frame_bytes: usize,
 }
 
-impl<'a> FlowControl<'a> {
-    fn new(media: &'a Media) -> Self {
+impl FlowControl {
+    fn new(ring_capacity: usize) -> Self {
         Self {
-            media,
+            requests: VecDeque::new(),
             pool: FramePool::default(),
-            max_frame: media.ring.capacity(),
+            max_frame: ring_capacity,
             owed: 0,
             frame_bytes: media::DEFAULT_PREFER_FRAME_BYTES,
+        }
+    }
+
+    /// Queues one of the server's requests.
+    fn request(&mut self, req: BufferRequest) {
+        let full = self.requests.len() >= MAX_QUEUED_REQUESTS;
+        match self.requests.back_mut() {
+            // Past the cap, merge into the last request so the queue stays bounded; the
+            // bytes owed are the same, only frame boundaries may differ.
+            Some(last) if full => {
+                last.requested_bytes = last.requested_bytes.saturating_add(req.requested_bytes);
+            }
+            _ => self.requests.push_back(req),
         }
     }
 
     /// The next frame to send, once the server has asked for it and the application has
     /// queued it; `None` once the ring buffer is closed (the call ended).
     ///
-    /// Cancel-safe: a request is taken from the queue and audio from the ring buffer only in
-    /// the poll that uses them, and the request being answered is kept here.
-    async fn next_frame(&mut self) -> Option<Bytes> {
+    /// Waiting for a request registers no wake-up of its own: requests come in through the
+    /// driver's reader, which runs before this in every poll. Audio is taken from the ring
+    /// buffer only in the poll that returns it.
+    fn poll_next_frame(&mut self, cx: &mut Context<'_>, ring: &RingBuffer) -> Poll<Option<Bytes>> {
         while self.owed == 0 {
-            let req = self.media.requests.lock().pop_front();
-            match req {
+            match self.requests.pop_front() {
                 Some(req) => {
                     self.owed = req.requested_bytes as usize;
                     self.frame_bytes = match req.prefer_audio_frame_bytes as usize {
@@ -1105,22 +1165,21 @@ impl<'a> FlowControl<'a> {
                         n => n,
                     };
                 }
-                None if self.media.ring.is_closed() => return None,
-                None => self.media.requests_changed.notified().await,
+                None => return ring.poll_closed(cx).map(|()| None),
             }
         }
         let want = self.frame_bytes.min(self.owed).min(self.max_frame);
         let block = self.pool.with_room(1 + want, FRAME_POOL_BYTES);
-        // A read cancelled while it waited left its channel byte behind.
+        // A poll that found too little audio left its channel byte behind.
         block.clear();
         block.put_u8(media::CHANNEL_MIXED);
-        let n = self.media.ring.read(want, want, block).await;
+        let n = std::task::ready!(ring.poll_read(cx, want, want, block));
         if n == 0 {
-            return None;
+            return Poll::Ready(None);
         }
         trace!(bytes = n, "audio frame");
         self.owed -= n;
-        Some(block.split().freeze())
+        Poll::Ready(Some(block.split().freeze()))
     }
 }
 

@@ -13,9 +13,11 @@
 
 use crate::Error;
 use bytes::BufMut;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use tokio::sync::Notify;
+use std::future::poll_fn;
+use std::task::{Context, Poll};
 
 /// Bytes per segment: 170 ms of 24 kHz audio, eight 20 ms frames.
 const SEGMENT: usize = 8 * 1024;
@@ -27,9 +29,9 @@ const SPARES: usize = 1;
 #[derive(Debug)]
 pub struct RingBuffer {
     state: Mutex<State>,
-    /// Wakes the one reader on write and on close. `notify_one` keeps a permit when the reader
-    /// is not waiting yet, so a write between its check and its wait is not lost.
-    readable: Notify,
+    /// The one reader, woken on write and on close. It registers before it looks at the
+    /// state, so a write between its look and its wait still wakes it.
+    reader: AtomicWaker,
 }
 
 #[derive(Debug)]
@@ -101,7 +103,7 @@ impl RingBuffer {
                 len: 0,
                 closed: false,
             }),
-            readable: Notify::new(),
+            reader: AtomicWaker::new(),
         }
     }
 
@@ -166,7 +168,7 @@ impl RingBuffer {
             }
             s.len += data.len();
         }
-        self.readable.notify_one();
+        self.reader.wake();
         Ok(())
     }
 
@@ -183,7 +185,18 @@ impl RingBuffer {
     /// what is left.
     pub fn close(&self) {
         self.state.lock().closed = true;
-        self.readable.notify_one();
+        self.reader.wake();
+    }
+
+    /// Ready once the buffer is closed; until then the task is woken on every write and on
+    /// close.
+    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.reader.register(cx.waker());
+        if self.is_closed() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Waits until at least `min` bytes are queued (or the buffer is closed), then appends up to
@@ -192,37 +205,55 @@ impl RingBuffer {
     ///
     /// Cancel-safe: bytes are only taken in the same poll that returns them.
     pub async fn read(&self, min: usize, max: usize, out: &mut impl BufMut) -> usize {
+        poll_fn(|cx| self.poll_read(cx, min, max, out)).await
+    }
+
+    /// [`RingBuffer::read`] as a poll: takes the bytes when `min` are there, else registers
+    /// the task to be woken by the next write or by close.
+    pub fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        min: usize,
+        max: usize,
+        out: &mut impl BufMut,
+    ) -> Poll<usize> {
         if max == 0 {
-            return 0;
+            return Poll::Ready(0);
         }
-        loop {
-            {
-                let mut s = self.state.lock();
-                let min = min.clamp(1, s.capacity).min(max);
-                if s.len >= min || s.closed {
-                    let n = s.len.min(max);
-                    let mut left = n;
-                    while left > 0 {
-                        let head = s.head;
-                        let k = left.min(s.segment - head);
-                        out.put_slice(&s.segments[0][head..head + k]);
-                        s.head += k;
-                        s.len -= k;
-                        left -= k;
-                        if s.head == s.segment {
-                            s.release_front();
-                        }
-                    }
-                    if s.len == 0 {
-                        // Start again at the front: a steady stream then reuses the same
-                        // segment (and the same few pages).
-                        s.reset();
-                    }
-                    return n;
-                }
+        // Registered before the look, so that a write right after it wakes the task.
+        self.reader.register(cx.waker());
+        match self.try_read(min, max, out) {
+            Some(n) => Poll::Ready(n),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Takes up to `max` bytes if at least `min` are queued or the buffer is closed.
+    fn try_read(&self, min: usize, max: usize, out: &mut impl BufMut) -> Option<usize> {
+        let mut s = self.state.lock();
+        let min = min.clamp(1, s.capacity).min(max);
+        if s.len < min && !s.closed {
+            return None;
+        }
+        let n = s.len.min(max);
+        let mut left = n;
+        while left > 0 {
+            let head = s.head;
+            let k = left.min(s.segment - head);
+            out.put_slice(&s.segments[0][head..head + k]);
+            s.head += k;
+            s.len -= k;
+            left -= k;
+            if s.head == s.segment {
+                s.release_front();
             }
-            self.readable.notified().await;
         }
+        if s.len == 0 {
+            // Start again at the front: a steady stream then reuses the same segment (and
+            // the same few pages).
+            s.reset();
+        }
+        Some(n)
     }
 }
 
