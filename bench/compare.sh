@@ -53,6 +53,13 @@ def get(d, path):
         d = d.get(k) if isinstance(d, dict) else None
     return d
 
+# The user-space part: the kernel's part is the same system calls for both SDKs (one read and
+# one write per frame), so the SDKs' own code differs only in this one.
+for d in (py, rs):
+    a = d.get("agent") or {}
+    if isinstance(a.get("cpu_s_per_call_min"), (int, float)) and isinstance(a.get("kernel_cpu_s_per_call_min"), (int, float)):
+        a["user_cpu_s_per_call_min"] = round(a["cpu_s_per_call_min"] - a["kernel_cpu_s_per_call_min"], 3)
+
 rows = [
     ("calls answered", "calls_answered"),
     ("calls failed", "calls_failed"),
@@ -68,6 +75,8 @@ rows = [
     ("interrupt p99 ms", "interrupt_ms.p99"),
     ("agent handling p50 us", "agent_handling.handle_us_p50"),
     ("agent CPU s/call-min", "agent.cpu_s_per_call_min"),
+    ("  of it kernel", "agent.kernel_cpu_s_per_call_min"),
+    ("  of it user space", "agent.user_cpu_s_per_call_min"),
     ("agent RSS MiB/call", "agent.rss_mib_per_call"),
     ("agent CPU cores", "agent.cpu_cores"),
     ("agent RSS MiB (loaded)", "agent.rss_mib_loaded"),

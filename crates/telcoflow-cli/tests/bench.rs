@@ -150,6 +150,11 @@ fn assert_timings_and_costs_plausible(v: &Value) {
         let cpu = num(v, &[who, "cpu_s_per_call_min"]);
         let rss = num(v, &[who, "rss_mib_per_call"]);
         assert!((0.0..60.0).contains(&cpu), "{who} cpu {cpu}");
+        let kernel = num(v, &[who, "kernel_cpu_s_per_call_min"]);
+        assert!(
+            (0.0..=cpu).contains(&kernel),
+            "{who} kernel {kernel} of {cpu}"
+        );
         assert!((0.0..100.0).contains(&rss), "{who} rss {rss}");
         assert!(num(v, &[who, "rss_mib_loaded"]) > 0.0);
     }

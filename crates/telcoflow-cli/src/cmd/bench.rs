@@ -660,8 +660,13 @@ fn pct(p: &Percentiles) -> String {
 fn cost(c: &Option<ProcCost>) -> String {
     match c {
         Some(c) => format!(
-            "{:>8.3} CPU s/call-min {:>8.3} MiB/call  ({:.2} cores, RSS {:.1} -> {:.1} MiB)",
-            c.cpu_s_per_call_min, c.rss_mib_per_call, c.cpu_cores, c.rss_mib_idle, c.rss_mib_loaded
+            "{:>8.3} CPU s/call-min (kernel {:.3}) {:>8.3} MiB/call  ({:.2} cores, RSS {:.1} -> {:.1} MiB)",
+            c.cpu_s_per_call_min,
+            c.kernel_cpu_s_per_call_min,
+            c.rss_mib_per_call,
+            c.cpu_cores,
+            c.rss_mib_idle,
+            c.rss_mib_loaded
         ),
         None => "not measured".into(),
     }

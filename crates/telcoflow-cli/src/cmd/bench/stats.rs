@@ -65,7 +65,11 @@ pub(crate) fn us(d: Duration) -> u32 {
 /// One reading of a process: CPU time used so far and resident memory.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct ProcSample {
+    /// User and kernel CPU seconds.
     pub(crate) cpu_s: f64,
+    /// The kernel's part of them: system calls, and on loopback also the peer's receive path,
+    /// which the sender's system call runs.
+    pub(crate) kernel_s: f64,
     pub(crate) rss_mib: f64,
 }
 
@@ -78,8 +82,10 @@ impl ProcSample {
     pub(crate) fn read(pid: u32) -> Option<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let (user_s, kernel_s) = parse_stat_cpu(&stat)?;
         Some(Self {
-            cpu_s: parse_stat_cpu(&stat)?,
+            cpu_s: user_s + kernel_s,
+            kernel_s,
             rss_mib: parse_status_rss_kib(&status)? / 1024.0,
         })
     }
@@ -115,15 +121,15 @@ pub(crate) fn loadavg() -> Option<f64> {
         .ok()
 }
 
-/// utime + stime in seconds. The command name (field 2) may hold spaces and parentheses, so
+/// (utime, stime) in seconds. The command name (field 2) may hold spaces and parentheses, so
 /// fields are counted after its closing parenthesis.
-fn parse_stat_cpu(stat: &str) -> Option<f64> {
+fn parse_stat_cpu(stat: &str) -> Option<(f64, f64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // After the name: state is field 3, utime 14, stime 15 (1-based over the whole line).
     let utime: f64 = fields.get(14 - 3)?.parse().ok()?;
     let stime: f64 = fields.get(15 - 3)?.parse().ok()?;
-    Some((utime + stime) / USER_HZ)
+    Some((utime / USER_HZ, stime / USER_HZ))
 }
 
 fn parse_status_rss_kib(status: &str) -> Option<f64> {
@@ -136,6 +142,8 @@ fn parse_status_rss_kib(status: &str) -> Option<f64> {
 pub(crate) struct ProcCost {
     /// CPU seconds used per minute of one call.
     pub(crate) cpu_s_per_call_min: f64,
+    /// The kernel's part of `cpu_s_per_call_min`.
+    pub(crate) kernel_cpu_s_per_call_min: f64,
     /// Resident memory added per call (RSS under load minus RSS before the first call).
     pub(crate) rss_mib_per_call: f64,
     /// CPU use over the window in cores (1.0 = one core busy).
@@ -157,10 +165,13 @@ impl ProcCost {
         calls: usize,
     ) -> Self {
         let cpu = (end.cpu_s - start.cpu_s).max(0.0);
+        let kernel = (end.kernel_s - start.kernel_s).max(0.0);
         let call_min = calls as f64 * window.as_secs_f64() / 60.0;
+        let per_call_min = |v: f64| if call_min > 0.0 { v / call_min } else { 0.0 };
         let per_call = |v: f64| if calls == 0 { 0.0 } else { v / calls as f64 };
         Self {
-            cpu_s_per_call_min: round3(if call_min > 0.0 { cpu / call_min } else { 0.0 }),
+            cpu_s_per_call_min: round3(per_call_min(cpu)),
+            kernel_cpu_s_per_call_min: round3(per_call_min(kernel)),
             rss_mib_per_call: round3(per_call((end.rss_mib - idle.rss_mib).max(0.0))),
             cpu_cores: round3(cpu / window.as_secs_f64().max(1e-9)),
             rss_mib_idle: round3(idle.rss_mib),
@@ -189,7 +200,7 @@ mod tests {
     #[test]
     fn proc_files_parse() {
         let stat = "1234 (tel coflow) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 8 0 100 0 0";
-        assert_eq!(parse_stat_cpu(stat), Some(3.0));
+        assert_eq!(parse_stat_cpu(stat), Some((2.5, 0.5)));
         assert_eq!(
             parse_status_rss_kib("Name:\tx\nVmRSS:\t   2048 kB\n"),
             Some(2048.0)
@@ -206,16 +217,21 @@ mod tests {
 
     #[test]
     fn cost_per_call_minute() {
-        let s = |cpu_s, rss_mib| ProcSample { cpu_s, rss_mib };
+        let s = |cpu_s, kernel_s, rss_mib| ProcSample {
+            cpu_s,
+            kernel_s,
+            rss_mib,
+        };
         let c = ProcCost::new(
-            s(0.0, 10.0),
-            s(1.0, 20.0),
-            s(4.0, 30.0),
+            s(0.0, 0.0, 10.0),
+            s(1.0, 0.5, 20.0),
+            s(4.0, 2.0, 30.0),
             Duration::from_secs(30),
             10,
         );
-        // 3 CPU seconds over 10 calls x 0.5 min.
+        // 3 CPU seconds, 1.5 of them in the kernel, over 10 calls x 0.5 min.
         assert_eq!(c.cpu_s_per_call_min, 0.6);
+        assert_eq!(c.kernel_cpu_s_per_call_min, 0.3);
         assert_eq!(c.rss_mib_per_call, 2.0);
         assert_eq!(c.cpu_cores, 0.1);
     }
