@@ -1152,9 +1152,10 @@ impl FlowControl {
     /// The next frame to send, once the server has asked for it and the application has
     /// queued it; `None` once the ring buffer is closed (the call ended).
     ///
-    /// Waiting for a request registers no wake-up of its own: requests come in through the
-    /// driver's reader, which runs before this in every poll. Audio is taken from the ring
-    /// buffer only in the poll that returns it.
+    /// Waiting for a request needs no wake-up for the request itself: requests come in through
+    /// the driver's reader, which runs before this in every poll. It waits on the ring buffer
+    /// only to learn that it closed. Audio is taken from the ring buffer only in the poll that
+    /// returns it.
     fn poll_next_frame(&mut self, cx: &mut Context<'_>, ring: &RingBuffer) -> Poll<Option<Bytes>> {
         while self.owed == 0 {
             match self.requests.pop_front() {
