@@ -39,6 +39,12 @@
 //!   up to one in four frames ([`MAX_READ_BUFFER_PER_FRAME`]); a message kept alive for
 //!   long by our code would show up here at about one in two frames per socket.
 //!
+//! Over TLS (`wss://`, both the agent's and the phone's connections) our code still makes
+//! none, but rustls (a dependency) takes a new buffer for every record it encrypts and every
+//! record it decrypts: eight per echoed frame across the four connections, told apart by
+//! their backtrace and bounded by [`MAX_TLS_PER_FRAME`]. Avoiding them would take rustls's
+//! unbuffered API, which tokio-rustls does not use.
+//!
 //! Run it with the figures shown: `cargo test -p telcoflow --test allocations -- --nocapture`.
 //! With `ALLOC_TRACE=1` in the environment the allocations of the window are listed by
 //! where they happened (also printed when a bound is exceeded); `ALLOC_TRACE_FULL=1` adds
@@ -46,11 +52,16 @@
 // A global allocator is an `unsafe` trait; this file's allocator only forwards to `System`.
 #![allow(unsafe_code)]
 
+mod common;
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::SocketAddr;
+use std::path::Path;
+#[cfg(not(feature = "tls"))]
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -89,9 +100,16 @@ const MAX_OURS_PER_FRAME: f64 = 0.05;
 const MAX_READ_BUFFER_PER_FRAME: f64 = 0.25;
 /// Allocations of the window whose backtrace is recorded (so that they can be told apart);
 /// beyond these, allocations count as ours.
-const MAX_RECORDED: usize = 256;
+const MAX_RECORDED: usize = 4096;
 /// The frame every allocation of tungstenite's read buffer comes through.
 const READ_BUFFER_FRAME: &str = "tungstenite::protocol::frame::FrameCodec::read_frame";
+/// Any frame of rustls (or of tokio-rustls, its tokio adapter): over TLS, its record buffers.
+const TLS_FRAME: &str = "rustls::";
+/// rustls's allocations per echoed frame over TLS: one buffer per record it encrypts and one
+/// per record it decrypts, on each of the four connections an echoed frame crosses (a
+/// `buffer_request` rides in the record of the audio it follows), and room for half a
+/// `buffer_request` per frame in records of its own.
+const MAX_TLS_PER_FRAME: f64 = 9.0;
 /// Upper bound for any single wait; reaching it is a failure, not a pace.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -177,6 +195,9 @@ struct Scenario {
     /// The agent connects a destination phone (`call.connect`), which talks too: every tick
     /// then mixes caller, destination and agent. Simulated callers only.
     connect: bool,
+    /// The server listens with TLS (`wss://`): the agent's and the simulated phone's
+    /// connections are encrypted. Simulated callers only.
+    tls: bool,
 }
 
 /// How the caller reaches the server.
@@ -196,6 +217,7 @@ fn echo_frames_do_not_allocate_at_the_agent_rate() {
         agent_rate: SampleRate::Hz24000,
         batch: 1,
         connect: false,
+        tls: false,
     });
 }
 
@@ -207,6 +229,7 @@ fn echo_frames_do_not_allocate_when_resampled() {
         agent_rate: SampleRate::Hz24000,
         batch: 1,
         connect: false,
+        tls: false,
     });
 }
 
@@ -220,6 +243,7 @@ fn echo_frames_do_not_allocate_when_the_agent_sends_in_bursts() {
         agent_rate: SampleRate::Hz16000,
         batch: 5,
         connect: false,
+        tls: false,
     });
 }
 
@@ -233,6 +257,7 @@ fn echo_frames_do_not_allocate_on_a_connected_call() {
         agent_rate: SampleRate::Hz24000,
         batch: 1,
         connect: true,
+        tls: false,
     });
 }
 
@@ -246,6 +271,7 @@ fn echo_frames_do_not_allocate_over_sip() {
         agent_rate: SampleRate::Hz8000,
         batch: 1,
         connect: false,
+        tls: false,
     });
 }
 
@@ -258,6 +284,22 @@ fn echo_frames_do_not_allocate_over_sip_when_resampled() {
         agent_rate: SampleRate::Hz24000,
         batch: 1,
         connect: false,
+        tls: false,
+    });
+}
+
+/// The agent's and the phone's connections over TLS (`wss://`): the records rustls encrypts
+/// and decrypts on both ends, server and SDK.
+#[cfg(feature = "tls")]
+#[test]
+fn echo_frames_over_tls() {
+    run(Scenario {
+        caller: Caller::Sim,
+        caller_rate: SampleRate::Hz24000,
+        agent_rate: SampleRate::Hz24000,
+        batch: 1,
+        connect: false,
+        tls: true,
     });
 }
 
@@ -279,34 +321,41 @@ fn run(scenario: Scenario) {
         .expect("the scenario finishes in time");
     let traces = std::mem::take(&mut *TRACES.lock().unwrap_or_else(|p| p.into_inner()));
     let texts: Vec<String> = traces.iter().map(ToString::to_string).collect();
+    // rustls first: over TLS tungstenite's reads go through it.
+    let tls = texts.iter().filter(|t| t.contains(TLS_FRAME)).count() as u64;
     let read_buffer = texts
         .iter()
-        .filter(|t| t.contains(READ_BUFFER_FRAME))
+        .filter(|t| !t.contains(TLS_FRAME) && t.contains(READ_BUFFER_FRAME))
         .count() as u64;
-    let ours = m.allocs - read_buffer;
+    let ours = m.allocs - read_buffer - tls;
     let frames = m.frames as f64;
-    let (ours_per_frame, read_buffer_per_frame) =
-        (ours as f64 / frames, read_buffer as f64 / frames);
+    let (ours_per_frame, read_buffer_per_frame, tls_per_frame) = (
+        ours as f64 / frames,
+        read_buffer as f64 / frames,
+        tls as f64 / frames,
+    );
     let caller = match scenario.caller {
         Caller::Sim => "caller",
         Caller::Sip => "SIP caller (PCMU)",
     };
     println!(
-        "{caller} {} Hz, agent {} Hz, agent sends {} frame(s) at a time, connected: {}: {} \
+        "{caller} {} Hz, agent {} Hz, agent sends {} frame(s) at a time, connected: {}, TLS: {}: {} \
          allocations over {} echoed frames ({} sent) = {:.3} per frame; ours {ours} \
          ({ours_per_frame:.3} per frame), tungstenite read buffers {read_buffer} \
-         ({read_buffer_per_frame:.3} per frame)",
+         ({read_buffer_per_frame:.3} per frame), rustls {tls} ({tls_per_frame:.3} per frame)",
         scenario.caller_rate.hz(),
         scenario.agent_rate.hz(),
         scenario.batch,
         scenario.connect,
+        scenario.tls,
         m.allocs,
         m.frames,
         m.sent,
         m.allocs as f64 / frames,
     );
-    let within =
-        ours_per_frame < MAX_OURS_PER_FRAME && read_buffer_per_frame < MAX_READ_BUFFER_PER_FRAME;
+    let within = ours_per_frame < MAX_OURS_PER_FRAME
+        && read_buffer_per_frame < MAX_READ_BUFFER_PER_FRAME
+        && tls_per_frame <= MAX_TLS_PER_FRAME;
     if !within || std::env::var_os("ALLOC_TRACE").is_some() {
         print_sites(&texts);
     }
@@ -318,6 +367,10 @@ fn run(scenario: Scenario) {
         read_buffer_per_frame < MAX_READ_BUFFER_PER_FRAME,
         "{read_buffer_per_frame:.3} read-buffer allocations per echoed frame \
          (limit {MAX_READ_BUFFER_PER_FRAME})"
+    );
+    assert!(
+        tls_per_frame <= MAX_TLS_PER_FRAME,
+        "{tls_per_frame:.3} rustls allocations per echoed frame (limit {MAX_TLS_PER_FRAME})"
     );
 }
 
@@ -372,10 +425,16 @@ async fn measure(scenario: Scenario) -> Measured {
             ..SipConfig::default()
         });
     }
+    #[cfg(feature = "tls")]
+    let pki = scenario.tls.then(|| serve_tls(&mut config));
+    #[cfg(feature = "tls")]
+    let ca = pki.as_ref().map(common::pki::Pki::ca);
+    #[cfg(not(feature = "tls"))]
+    let ca: Option<PathBuf> = None;
     let server = Server::start(config).await.expect("server starts");
-    let (client, serving) = echo_agent(&server, scenario).await;
+    let (client, serving) = echo_agent(&server, scenario, ca.as_deref()).await;
     let measured = match scenario.caller {
-        Caller::Sim => sim_phone(&server, scenario).await,
+        Caller::Sim => sim_phone(&server, scenario, ca.as_deref()).await,
         Caller::Sip => sip_phone(server.sip_addr().expect("SIP is listening")).await,
     };
     client.shutdown().await;
@@ -387,11 +446,26 @@ async fn measure(scenario: Scenario) -> Measured {
     measured
 }
 
-/// Connects the Rust SDK echo agent: it answers every call (and connects the destination
-/// when the scenario says so) and sends back what it hears.
+/// The server's certificate for a TLS scenario, from a private CA that lives as long as the
+/// returned value.
+#[cfg(feature = "tls")]
+fn serve_tls(config: &mut Config) -> common::pki::Pki {
+    let pki = common::pki::Pki::new();
+    let (cert, key, _) = pki.issue("server", &["127.0.0.1", "localhost"]);
+    config.tls = Some(telcoflow_server::config::TlsConfig {
+        cert,
+        key,
+        client_ca: None,
+    });
+    pki
+}
+
+/// Connects the Rust SDK echo agent (trusting `ca` over TLS): it answers every call (and
+/// connects the destination when the scenario says so) and sends back what it hears.
 async fn echo_agent(
     server: &RunningServer,
     scenario: Scenario,
+    ca: Option<&Path>,
 ) -> (TelcoflowClient, JoinHandle<Result<(), Error>>) {
     let Scenario {
         agent_rate,
@@ -399,12 +473,14 @@ async fn echo_agent(
         connect,
         ..
     } = scenario;
-    let client_config = TelcoflowClientConfig::builder()
+    let mut builder = TelcoflowClientConfig::builder()
         .api_key(DEV_API_KEY, DEV_CONNECTOR_UUID)
         .base_url(server.base_url())
-        .sample_rate(agent_rate)
-        .build()
-        .expect("valid config");
+        .sample_rate(agent_rate);
+    if let Some(ca) = ca {
+        builder = builder.ca_cert(ca);
+    }
+    let client_config = builder.build().expect("valid config");
     let client = TelcoflowClient::connect(client_config)
         .await
         .expect("client connects");
@@ -448,14 +524,14 @@ async fn echo_agent(
 
 /// Dials over the simulated network (and registers the destination when the agent connects
 /// one), streams a tone until the window is over and hangs up.
-async fn sim_phone(server: &RunningServer, scenario: Scenario) -> Measured {
+async fn sim_phone(server: &RunningServer, scenario: Scenario, ca: Option<&Path>) -> Measured {
     let Scenario {
         caller_rate,
         connect,
         ..
     } = scenario;
     let mut callee = if connect {
-        let mut ws = phone(server.base_url()).await;
+        let mut ws = phone(server.base_url(), ca).await;
         let register = PhoneFrame::Register {
             number: DEV_CONNECT_DESTINATION.into(),
             sample_rate: caller_rate,
@@ -468,7 +544,7 @@ async fn sim_phone(server: &RunningServer, scenario: Scenario) -> Measured {
     } else {
         None
     };
-    let mut ws = phone(server.base_url()).await;
+    let mut ws = phone(server.base_url(), ca).await;
     let dial = PhoneFrame::Dial {
         from: "+4912345".into(),
         to: "+4900001".into(),
@@ -554,15 +630,46 @@ fn tone(n: usize) -> impl Iterator<Item = i16> {
 type Phone =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A connection to the simulated phone network, with the small read buffer every
-/// WebSocket of the project uses.
-async fn phone(base_url: &str) -> Phone {
+/// A connection to the simulated phone network (trusting `ca` over TLS), with the small read
+/// buffer every WebSocket of the project uses.
+async fn phone(base_url: &str, ca: Option<&Path>) -> Phone {
     let url = format!("{base_url}{SIM_PATH}");
     let ws_config = WebSocketConfig::default().read_buffer_size(4096);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true)
-        .await
-        .expect("phone connects");
-    ws
+    let connected = match ca {
+        #[cfg(feature = "tls")]
+        Some(ca) => {
+            tokio_tungstenite::connect_async_tls_with_config(
+                url,
+                Some(ws_config),
+                true,
+                Some(phone_tls(ca)),
+            )
+            .await
+        }
+        _ => tokio_tungstenite::connect_async_with_config(url, Some(ws_config), true).await,
+    };
+    connected.expect("phone connects").0
+}
+
+/// A rustls connector that trusts `ca` alone.
+#[cfg(feature = "tls")]
+fn phone_tls(ca: &Path) -> tokio_tungstenite::Connector {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots
+            .add(cert.expect("CA certificate"))
+            .expect("CA trusted");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(config))
 }
 
 /// Reads until a network event matching `pred` (audio before it is skipped).

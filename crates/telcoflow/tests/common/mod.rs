@@ -1,6 +1,9 @@
 //! Test helpers: an in-process server, client configs and a simulated phone.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "tls")]
+pub mod pki;
+
 use futures_util::StreamExt;
 use std::net::SocketAddr;
 use std::time::Duration;
