@@ -79,7 +79,10 @@ pub(crate) async fn media_ws(
         .on_failed_upgrade({
             let call = call.clone();
             move |_| {
-                call.send(CallInput::MediaDetach { conn_id });
+                call.send(CallInput::MediaDetach {
+                    conn_id,
+                    agent_closed: false,
+                });
             }
         })
         .on_upgrade(move |socket| async move {
@@ -110,6 +113,8 @@ async fn run(
     // token's waiter list twice, a list every call's tasks share.
     let shutdown = shared.shutdown.clone().cancelled_owned();
     tokio::pin!(shutdown);
+    // The agent sent a close frame: it is leaving, not losing the connection.
+    let mut agent_closed = false;
     loop {
         tokio::select! {
             biased;
@@ -193,6 +198,10 @@ async fn run(
                     Ok(audio) => debug!(channel = audio.channel, "agent audio for a channel other than 0 ignored"),
                     Err(e) => debug!(error = %e, "binary frame ignored"),
                 },
+                Some(Ok(Message::Close(_))) => {
+                    agent_closed = true;
+                    break;
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "media connection failed");
@@ -222,8 +231,11 @@ async fn run(
             }
         }
     }
-    call.send(CallInput::MediaDetach { conn_id });
-    debug!("media connection closed");
+    call.send(CallInput::MediaDetach {
+        conn_id,
+        agent_closed,
+    });
+    debug!(agent_closed, "media connection closed");
 }
 
 /// Decodes a text frame into a command. A frame that is not a command but names a

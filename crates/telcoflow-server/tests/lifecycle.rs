@@ -59,6 +59,91 @@ async fn disconnect_ends_the_call_for_everyone() {
     server.shutdown().await;
 }
 
+/// An agent that closes its media connection itself (a close frame: an SDK whose application
+/// shuts down) has left, as with `call.close`: the caller is hung up at once instead of
+/// waiting in silence for an agent that will not come back.
+#[tokio::test]
+async fn an_agent_that_closes_its_media_connection_leaves_the_call() {
+    let (server, mut control, mut phone, mut media) = answered_call(dev_config(), RATE).await;
+    media.ws.close().await;
+    assert_eq!(phone.event("hangup").await["reason"], "remote");
+    // The agent's own leaving, not the end of the wait for it (`CALL_TERMINATED`).
+    assert_eq!(
+        control.ws.expect_type("session.closed").await["reason"],
+        "SDK_REQUEST"
+    );
+    server.shutdown().await;
+}
+
+/// A bridged call survives its agent closing the media connection: caller and destination
+/// stay connected, as after `call.close`.
+#[tokio::test]
+async fn an_agent_that_closes_its_media_after_connect_leaves_the_parties_talking() {
+    let (server, mut control, mut phone, mut media) = answered_call(dev_config(), RATE).await;
+    let mut callee = connect_callee(&server, &mut media).await;
+    media.ws.close().await;
+    assert_eq!(
+        control.ws.expect_type("session.closed").await["reason"],
+        "SDK_REQUEST"
+    );
+    talk_until(
+        &mut phone,
+        &mut callee,
+        None,
+        (111, 222, 0),
+        (222, 111, None),
+        FRAME,
+    )
+    .await
+    .expect("caller and destination hear each other");
+    server.shutdown().await;
+}
+
+/// A media connection lost without a close frame (a network blip) leaves the call waiting
+/// for the agent, which comes back on the same URL and token and goes on talking.
+#[tokio::test]
+async fn a_lost_media_connection_can_come_back() {
+    let server = start(dev_config()).await;
+    let mut control = control(&server, RATE, "mixed").await;
+    let mut phone = dial(&server, "+15551230001", "+15559990001", RATE).await;
+    let call_in = control.take_call().await;
+    let mut first = media(&call_in).await;
+    assert_eq!(first.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    // Dropped: the TCP connection ends with no WebSocket close frame.
+    drop(first);
+    // Until the server has seen the loss, the call refuses a second connection.
+    let url = call_in["url"].as_str().unwrap();
+    let token = format!("Bearer {}", call_in["token"].as_str().unwrap());
+    let reconnect = async {
+        loop {
+            match Ws::connect(url, &[("authorization", &token)]).await {
+                Ok(ws) => break Media { ws },
+                Err(refused) => {
+                    assert_eq!(refused.status, 409, "{}", refused.body);
+                    assert!(
+                        refused.body.contains("already open"),
+                        "refused for another reason: {}",
+                        refused.body
+                    );
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    };
+    let mut again = tokio::time::timeout(WAIT, reconnect)
+        .await
+        .expect("the agent comes back in time");
+    phone.send_level(1234, FRAME).await;
+    assert_eq!(again.audio(0).await, vec![1234; FRAME]);
+    assert_eq!(
+        again.command("call.disconnect", None).await["success"],
+        true
+    );
+    assert_eq!(phone.event("hangup").await["reason"], "remote");
+    server.shutdown().await;
+}
+
 async fn connect_callee(server: &telcoflow_server::RunningServer, media: &mut Media) -> Phone {
     let mut callee = register(server, DEV_CONNECT_DESTINATION, RATE).await;
     let connect = media.command("call.connect", Some(json!({"ringTimeSeconds": 10})));

@@ -543,3 +543,42 @@ async fn a_command_pending_during_close_gets_the_servers_answer() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+/// Client shutdown ends a call whose media connection is live, with the caller still on the
+/// line: the media connection closes from the client's side, the call ends for the
+/// application and the caller is hung up.
+#[tokio::test]
+async fn shutdown_ends_a_live_call_and_its_media_connection() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    let mut call_events = call.events();
+    tokio::time::timeout(WAIT, client.shutdown())
+        .await
+        .expect("shutdown waits for the media connection, which ends");
+    assert_eq!(call.state(), CallState::Terminated);
+    assert!(matches!(
+        call.send_audio(&[0; 64]).await,
+        Err(Error::BufferClosed)
+    ));
+    let mut ended = false;
+    while let Some(ev) = tokio::time::timeout(WAIT, call_events.next())
+        .await
+        .unwrap()
+    {
+        ended |= matches!(ev, telcoflow::CallEvent::Terminated { .. });
+    }
+    assert!(ended, "the call's events end with its termination");
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+        .await;
+    server.shutdown().await;
+}

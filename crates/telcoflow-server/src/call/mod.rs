@@ -137,8 +137,9 @@ pub(crate) enum CallInput {
         link: MediaLink,
         reply: oneshot::Sender<Result<(), AttachError>>,
     },
-    /// A media connection went away.
-    MediaDetach { conn_id: u64 },
+    /// A media connection went away. `agent_closed`: the agent closed it itself, with a
+    /// WebSocket close frame (an SDK whose application shuts down), rather than losing it.
+    MediaDetach { conn_id: u64, agent_closed: bool },
     /// A command from the media connection.
     Command { conn_id: u64, command: Command },
     /// Agent audio (channel 0) from the media connection.
@@ -636,12 +637,22 @@ impl CallActor {
                 let result = self.attach(link);
                 let _ = reply.send(result);
             }
-            CallInput::MediaDetach { conn_id } => {
-                if self.is_current_media(conn_id) {
+            CallInput::MediaDetach {
+                conn_id,
+                agent_closed,
+            } if self.is_current_media(conn_id) => {
+                if agent_closed {
+                    // Nobody will come back on that URL and token: the agent has left, and
+                    // the caller must not wait in silence for it.
+                    info!("the agent closed its media connection");
+                    self.agent_leaves();
+                } else {
                     info!("media connection lost; waiting for the agent to reconnect");
                     self.detach_media();
                 }
             }
+            // An earlier connection of the call, already replaced or closed.
+            CallInput::MediaDetach { .. } => {}
             CallInput::Command { conn_id, command } => {
                 if self.is_current_media(conn_id) {
                     self.on_command(command);
@@ -814,19 +825,25 @@ impl CallActor {
             }
             CommandName::Close => {
                 self.respond(CommandResponse::ok(id, None));
-                if self.callee.as_ref().is_some_and(|c| c.up) {
-                    info!("agent left; caller and destination stay connected");
-                    self.agent_left = true;
-                    self.playout.clear();
-                    self.send_event(CallEvent::terminated("agent_left"));
-                    self.close_media();
-                    self.shared
-                        .registry
-                        .close(&self.handle.session_id, CloseReason::SdkRequest);
-                } else {
-                    self.finish(CloseReason::SdkRequest, HangupReason::Remote);
-                }
+                self.agent_leaves();
             }
+        }
+    }
+
+    /// The agent leaves the call (`call.close`, or its media connection closed by itself): a
+    /// connected caller and destination stay connected, any other call ends.
+    fn agent_leaves(&mut self) {
+        if self.callee.as_ref().is_some_and(|c| c.up) {
+            info!("agent left; caller and destination stay connected");
+            self.agent_left = true;
+            self.playout.clear();
+            self.send_event(CallEvent::terminated("agent_left"));
+            self.close_media();
+            self.shared
+                .registry
+                .close(&self.handle.session_id, CloseReason::SdkRequest);
+        } else {
+            self.finish(CloseReason::SdkRequest, HangupReason::Remote);
         }
     }
 

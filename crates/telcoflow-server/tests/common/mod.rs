@@ -111,6 +111,12 @@ impl Ws {
         }
     }
 
+    /// Closes the connection from this side with a close frame, as an SDK does when its
+    /// application shuts down.
+    pub async fn close(&mut self) {
+        self.inner.close(None).await.unwrap();
+    }
+
     /// Waits until the server closes the connection, skipping whatever comes first.
     pub async fn closed(&mut self) {
         while self.next().await.is_some() {}
