@@ -5,8 +5,9 @@
 //! actor, which answers each with a `command_response`) and binary frames carry the agent's
 //! audio on channel 0. Malformed frames are logged and ignored; the connection stays up.
 
-use crate::call::{CallInput, MediaLink, MediaOut};
+use crate::call::{AttachError, CallInput, MediaLink, MediaOut};
 use crate::state::Shared;
+use crate::token::TokenError;
 use axum::extract::ws::{
     Message, Utf8Bytes, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection,
 };
@@ -42,9 +43,13 @@ pub(crate) async fn media_ws(
         )
             .into_response();
     };
-    if let Err(e) = shared.signer.verify(token, &call_id, SystemTime::now()) {
-        return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
-    }
+    // An expired token still brings back an agent that lost its connection while the call
+    // waits for it (the call decides): the signature proves it is the same agent.
+    let token_expired = match shared.signer.verify(token, &call_id, SystemTime::now()) {
+        Ok(()) => false,
+        Err(TokenError::Expired) => true,
+        Err(e) => return (StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
+    };
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
@@ -61,6 +66,7 @@ pub(crate) async fn media_ws(
     let (reply_tx, reply_rx) = oneshot::channel();
     let attach = CallInput::MediaAttach {
         link: MediaLink { conn_id, tx },
+        token_expired,
         reply: reply_tx,
     };
     if !call.send_wait(attach).await {
@@ -68,6 +74,9 @@ pub(crate) async fn media_ws(
     }
     match reply_rx.await {
         Ok(Ok(())) => {}
+        Ok(Err(e @ AttachError::TokenExpired)) => {
+            return (StatusCode::UNAUTHORIZED, e.to_string()).into_response();
+        }
         Ok(Err(e)) => return (StatusCode::CONFLICT, e.to_string()).into_response(),
         Err(_) => return (StatusCode::NOT_FOUND, "the call has ended").into_response(),
     }

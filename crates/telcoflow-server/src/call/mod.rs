@@ -125,6 +125,9 @@ pub(crate) enum AttachError {
     AlreadyAttached,
     #[error("the agent has left this call")]
     AgentLeft,
+    /// Only an agent coming back after a lost connection may use an expired token.
+    #[error("media token has expired")]
+    TokenExpired,
 }
 
 /// Everything a call reacts to.
@@ -135,6 +138,8 @@ pub(crate) enum CallInput {
     /// A media connection wants to attach.
     MediaAttach {
         link: MediaLink,
+        /// Its token is genuine but past its lifetime.
+        token_expired: bool,
         reply: oneshot::Sender<Result<(), AttachError>>,
     },
     /// A media connection went away. `agent_closed`: the agent closed it itself, with a
@@ -633,8 +638,12 @@ impl CallActor {
     fn on_input(&mut self, input: CallInput) {
         match input {
             CallInput::Claimed { setup } => self.on_claimed(setup),
-            CallInput::MediaAttach { link, reply } => {
-                let result = self.attach(link);
+            CallInput::MediaAttach {
+                link,
+                token_expired,
+                reply,
+            } => {
+                let result = self.attach(link, token_expired);
                 let _ = reply.send(result);
             }
             CallInput::MediaDetach {
@@ -732,12 +741,17 @@ impl CallActor {
         self.claimed = true;
     }
 
-    fn attach(&mut self, link: MediaLink) -> Result<(), AttachError> {
+    fn attach(&mut self, link: MediaLink, token_expired: bool) -> Result<(), AttachError> {
         if self.agent_left {
             return Err(AttachError::AgentLeft);
         }
         if self.media.is_some() {
             return Err(AttachError::AlreadyAttached);
+        }
+        // A token outlives its lifetime only to bring back a lost connection: a call longer
+        // than the lifetime must survive a network blip too.
+        if token_expired && self.media_lost_at.is_none() {
+            return Err(AttachError::TokenExpired);
         }
         debug!(conn_id = link.conn_id, "media connection attached");
         self.media = Some(link);
