@@ -9,7 +9,7 @@ use crate::Error;
 use crate::config::TelcoflowClientConfig;
 use crate::event::ClientEvent;
 use crate::ring::RingBuffer;
-use crate::transport::{self, Tls, Ws};
+use crate::transport::{self, OpenError, Tls, Ws};
 use bytes::{BufMut, Bytes};
 use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, Stream, StreamExt};
@@ -31,6 +31,7 @@ use telcoflow_proto::pool::FramePool;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{Instrument, debug, debug_span, trace, warn};
@@ -50,6 +51,13 @@ const CALL_EVENT_CAPACITY: usize = 64;
 /// such as the server's `call.terminated` or answers to concurrent commands, still land, and
 /// a server that never closes cannot hold the connection open.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// How long a media connection that was lost (not closed) is tried again: the server keeps a
+/// call waiting for its agent for 10 s.
+const MEDIA_RECONNECT_WINDOW: Duration = Duration::from_secs(9);
+/// First pause between two attempts to bring a lost media connection back; it doubles up to
+/// [`MEDIA_RECONNECT_MAX_DELAY`].
+const MEDIA_RECONNECT_DELAY: Duration = Duration::from_millis(50);
+const MEDIA_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// Where a call is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -137,6 +145,11 @@ pub enum CallEvent {
         /// How long it was held.
         duration_ms: u32,
     },
+    /// The media connection was lost and has been opened again: audio and commands go on.
+    /// Commands that were waiting for an answer when it was lost failed with
+    /// [`Error::Connection`] (their outcome is unknown). A connection that cannot be brought
+    /// back within about 9 s ends the call.
+    MediaReconnected,
     /// Received audio was dropped because the application did not read a channel fast enough.
     AudioOverflow {
         /// The channel.
@@ -765,6 +778,7 @@ impl ActiveCall {
         match Box::pin(open_media(&self.core))
             .instrument(span.clone())
             .await
+            .map_err(Error::from)
         {
             Ok(ws) => {
                 let (out, out_rx) = mpsc::channel(OUT_QUEUE);
@@ -809,16 +823,53 @@ impl ActiveCall {
     }
 }
 
-async fn open_media(core: &CallCore) -> Result<Ws, Error> {
+async fn open_media(core: &CallCore) -> Result<Ws, OpenError> {
     if core.cancel.is_cancelled() {
-        return Err(Error::Shutdown);
+        return Err(OpenError::Failed(Error::Shutdown));
     }
-    let mut req = transport::request(&core.url)?;
-    transport::add_secret(&mut req, "authorization", &format!("Bearer {}", core.token))?;
+    let mut req = transport::request(&core.url).map_err(OpenError::Failed)?;
+    transport::add_secret(&mut req, "authorization", &format!("Bearer {}", core.token))
+        .map_err(OpenError::Failed)?;
     debug!("opening media connection");
     tokio::select! {
-        r = transport::connect(req, &core.settings.tls, core.settings.connect_timeout) => r,
-        () = core.cancel.cancelled() => Err(Error::Shutdown),
+        r = transport::try_connect(req, &core.settings.tls, core.settings.connect_timeout) => r,
+        () = core.cancel.cancelled() => Err(OpenError::Failed(Error::Shutdown)),
+    }
+}
+
+/// Opens the media connection again after it was lost, while the server keeps the call
+/// waiting for its agent: same URL and token, attempts spaced out from
+/// [`MEDIA_RECONNECT_DELAY`] to [`MEDIA_RECONNECT_MAX_DELAY`]. `None` once the call has ended,
+/// the client shuts down, the server refuses for any other reason than the old connection
+/// still being attached (409), or [`MEDIA_RECONNECT_WINDOW`] has passed.
+async fn reopen_media(core: &CallCore, media: &Media) -> Option<Ws> {
+    let deadline = tokio::time::Instant::now() + MEDIA_RECONNECT_WINDOW;
+    let mut delay = MEDIA_RECONNECT_DELAY;
+    loop {
+        if media.ring.is_closed() || media.shutdown.load(Ordering::Acquire) {
+            return None;
+        }
+        match tokio::time::timeout_at(deadline, open_media(core)).await {
+            Err(_) => return None,
+            Ok(Ok(ws)) => return Some(ws),
+            // The server has not seen the loss yet.
+            Ok(Err(OpenError::Refused(StatusCode::CONFLICT, _))) => {}
+            Ok(Err(OpenError::Refused(status, body))) => {
+                debug!(%status, body, "media connection refused; the call cannot come back");
+                return None;
+            }
+            Ok(Err(OpenError::Failed(Error::Shutdown))) => return None,
+            Ok(Err(OpenError::Failed(e))) => debug!(error = %e, "media connection not back yet"),
+        }
+        let next = tokio::time::Instant::now() + delay;
+        if next >= deadline {
+            return None;
+        }
+        tokio::select! {
+            () = tokio::time::sleep_until(next) => {}
+            () = core.cancel.cancelled() => return None,
+        }
+        delay = (delay * 2).min(MEDIA_RECONNECT_MAX_DELAY);
     }
 }
 
@@ -866,19 +917,41 @@ async fn drive_media(
             media.driver.wake();
         }
     }));
-    let reason = {
-        let grace = std::pin::pin!(tokio::time::sleep(CLOSE_GRACE));
-        let mut driver = MediaDriver {
-            core: &core,
-            media: &media,
-            ws: &mut ws,
-            out_rx: &mut out_rx,
-            flow: FlowControl::new(media.ring.capacity()),
-            grace,
-            call_live: true,
-            flushing: false,
+    let mut flow = FlowControl::new(media.ring.capacity());
+    let reason = loop {
+        let ended = {
+            let grace = std::pin::pin!(tokio::time::sleep(CLOSE_GRACE));
+            let mut driver = MediaDriver {
+                core: &core,
+                media: &media,
+                ws: &mut ws,
+                out_rx: &mut out_rx,
+                flow: &mut flow,
+                grace,
+                call_live: true,
+                flushing: false,
+            };
+            std::future::poll_fn(|cx| driver.poll(cx)).await
         };
-        std::future::poll_fn(|cx| driver.poll(cx)).await
+        let reason = match ended {
+            Ended::Done(reason) => break reason,
+            Ended::Lost(reason) => reason,
+        };
+        debug!(reason, "media connection lost; bringing it back");
+        // What was on its way over the lost connection has an unknown outcome.
+        fail_commands(&media, &mut out_rx, || {
+            Error::connection("the media connection was lost before the command was answered")
+        });
+        match reopen_media(&core, &media).await {
+            Some(reopened) => {
+                debug!("media connection back");
+                ws = reopened;
+                // The server asks for audio again on the new connection.
+                flow.forget_requests();
+                emit(&core, CallEvent::MediaReconnected);
+            }
+            None => break reason,
+        }
     };
     debug!(reason, "media connection closing");
     // Commands sent from now on fail at once.
@@ -902,6 +975,15 @@ async fn drive_media(
     core.events_tx.lock().take();
 }
 
+/// How a media connection ended, with the reason for the log.
+enum Ended {
+    /// For good: closed by either side, the call over, or the client shutting down.
+    Done(&'static str),
+    /// Lost: a transport error, or the connection ended without a close frame. The server
+    /// keeps the call waiting for its agent for a while.
+    Lost(&'static str),
+}
+
 /// The media connection's reader and writer, polled as one future by one task: the socket
 /// is not split (no lock between the halves), and the writer needs no wake-up for the
 /// server's buffer requests, because they come in through the reader, which runs first in
@@ -911,7 +993,7 @@ struct MediaDriver<'a> {
     media: &'a Media,
     ws: &'a mut Ws,
     out_rx: &'a mut mpsc::Receiver<Message>,
-    flow: FlowControl,
+    flow: &'a mut FlowControl,
     /// Armed once the call has ended (the ring buffer closed): commands still go out (a
     /// `close` sent last), and the reader goes on until the server closes the connection, for
     /// at most this long.
@@ -922,21 +1004,21 @@ struct MediaDriver<'a> {
 }
 
 impl MediaDriver<'_> {
-    /// Ready with the reason the connection ends.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
+    /// Ready once the connection ends, with how.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
         self.media.driver.register(cx.waker());
         if self.media.shutdown.load(Ordering::Acquire) {
-            return Poll::Ready("shutdown");
+            return Poll::Ready(Ended::Done("shutdown"));
         }
         // Reader first: frames that have arrived are handled, and their buffer requests
         // queued, before the writer looks and before the grace period can end the connection.
         loop {
             let msg = match self.ws.poll_next_unpin(cx) {
                 Poll::Pending => break,
-                Poll::Ready(None) => return Poll::Ready("closed by server"),
+                Poll::Ready(None) => return Poll::Ready(Ended::Done("closed by server")),
                 Poll::Ready(Some(Err(e))) => {
                     debug!(error = %e, "media connection failed");
-                    return Poll::Ready("connection error");
+                    return Poll::Ready(Ended::Lost("connection error"));
                 }
                 Poll::Ready(Some(Ok(msg))) => msg,
             };
@@ -944,8 +1026,8 @@ impl MediaDriver<'_> {
                 Message::Binary(data) => on_audio(self.core, data),
                 // After `call.terminated` keep reading until the server closes, so that
                 // frames already sent still land.
-                Message::Text(text) => on_text(self.core, self.media, &mut self.flow, &text),
-                Message::Close(_) => return Poll::Ready("closed by server"),
+                Message::Text(text) => on_text(self.core, self.media, self.flow, &text),
+                Message::Close(_) => return Poll::Ready(Ended::Done("closed by server")),
                 _ => {}
             }
         }
@@ -954,14 +1036,14 @@ impl MediaDriver<'_> {
 
     /// Sends what is due, commands first, until nothing is or the socket is full. Audio
     /// frames go straight from the ring buffer to the socket.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<&'static str> {
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Ended> {
         loop {
             if self.flushing {
                 match self.ws.poll_flush_unpin(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Err(e)) => {
                         debug!(error = %e, "media send failed");
-                        return Poll::Ready("send failed");
+                        return Poll::Ready(Ended::Lost("send failed"));
                     }
                     Poll::Ready(Ok(())) => self.flushing = false,
                 }
@@ -970,13 +1052,14 @@ impl MediaDriver<'_> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => {
                     debug!(error = %e, "media send failed");
-                    return Poll::Ready("send failed");
+                    return Poll::Ready(Ended::Lost("send failed"));
                 }
                 Poll::Ready(Ok(())) => {}
             }
             let msg = match self.out_rx.poll_recv(cx) {
                 Poll::Ready(Some(m)) => m,
-                Poll::Ready(None) => return Poll::Ready("send failed"),
+                // Every sender is gone: nothing can be sent any more.
+                Poll::Ready(None) => return Poll::Ready(Ended::Done("command queue closed")),
                 Poll::Pending if self.call_live => {
                     match self.flow.poll_next_frame(cx, &self.media.ring) {
                         Poll::Pending => return Poll::Pending,
@@ -994,17 +1077,27 @@ impl MediaDriver<'_> {
                 }
                 Poll::Pending => {
                     return match self.grace.as_mut().poll(cx) {
-                        Poll::Ready(()) => Poll::Ready("server did not close after the call ended"),
+                        Poll::Ready(()) => {
+                            Poll::Ready(Ended::Done("server did not close after the call ended"))
+                        }
                         Poll::Pending => Poll::Pending,
                     };
                 }
             };
             if let Err(e) = self.ws.start_send_unpin(msg) {
                 debug!(error = %e, "media send failed");
-                return Poll::Ready("send failed");
+                return Poll::Ready(Ended::Lost("send failed"));
             }
             self.flushing = true;
         }
+    }
+}
+
+/// Fails every command waiting for an answer, and drops those not sent yet, with `error`.
+fn fail_commands(media: &Media, out_rx: &mut mpsc::Receiver<Message>, error: impl Fn() -> Error) {
+    while out_rx.try_recv().is_ok() {}
+    for (_, tx) in media.pending.lock().map.drain() {
+        let _ = tx.send(Err(error()));
     }
 }
 
@@ -1134,6 +1227,12 @@ impl FlowControl {
             owed: 0,
             frame_bytes: media::DEFAULT_PREFER_FRAME_BYTES,
         }
+    }
+
+    /// Drops the requests of a connection that is gone, and what was owed on them.
+    fn forget_requests(&mut self) {
+        self.requests.clear();
+        self.owed = 0;
     }
 
     /// Queues one of the server's requests.

@@ -93,15 +93,55 @@ fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
 /// Opens the WebSocket, giving up after `timeout`: a peer that accepts the TCP connection but
 /// stalls the TLS handshake or the HTTP upgrade must not hold the caller forever.
 pub(crate) async fn connect(req: Request, tls: &Tls, timeout: Duration) -> Result<Ws, Error> {
-    match tokio::time::timeout(timeout, open(req, tls)).await {
-        Ok(r) => r,
-        Err(_) => Err(Error::connection(format!(
-            "timed out opening WebSocket after {timeout:?}"
-        ))),
+    try_connect(req, tls, timeout).await.map_err(Error::from)
+}
+
+/// Why a WebSocket did not open.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    /// The server answered the upgrade with this status and body.
+    Refused(StatusCode, String),
+    /// Anything else: the connection, TLS, the deadline, the handshake.
+    Failed(Error),
+}
+
+impl From<OpenError> for Error {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Refused(status, body)
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
+            {
+                Self::Authentication {
+                    message: if body.is_empty() {
+                        status.to_string()
+                    } else {
+                        body
+                    },
+                }
+            }
+            OpenError::Refused(status, body) => {
+                Self::connection(format!("server answered {status}: {body}"))
+            }
+            OpenError::Failed(e) => e,
+        }
     }
 }
 
-async fn open(req: Request, tls: &Tls) -> Result<Ws, Error> {
+/// [`connect`], telling a refusal (and its status) from other failures.
+pub(crate) async fn try_connect(
+    req: Request,
+    tls: &Tls,
+    timeout: Duration,
+) -> Result<Ws, OpenError> {
+    match tokio::time::timeout(timeout, open(req, tls)).await {
+        Ok(r) => r,
+        Err(_) => Err(OpenError::Failed(Error::connection(format!(
+            "timed out opening WebSocket after {timeout:?}"
+        )))),
+    }
+}
+
+async fn open(req: Request, tls: &Tls) -> Result<Ws, OpenError> {
     #[cfg(feature = "tls")]
     let result = match &tls.connector {
         Some(c) => {
@@ -123,27 +163,17 @@ async fn open(req: Request, tls: &Tls) -> Result<Ws, Error> {
     match result {
         Ok((ws, _response)) => Ok(ws),
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let status = resp.status();
             let body = resp
                 .body()
                 .as_ref()
                 .map(|b| String::from_utf8_lossy(b).trim().to_owned())
                 .unwrap_or_default();
-            if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                Err(Error::Authentication {
-                    message: if body.is_empty() {
-                        status.to_string()
-                    } else {
-                        body
-                    },
-                })
-            } else {
-                Err(Error::connection(format!(
-                    "server answered {status}: {body}"
-                )))
-            }
+            Err(OpenError::Refused(resp.status(), body))
         }
-        Err(e) => Err(Error::connection_with("cannot open WebSocket", e)),
+        Err(e) => Err(OpenError::Failed(Error::connection_with(
+            "cannot open WebSocket",
+            e,
+        ))),
     }
 }
 

@@ -126,6 +126,9 @@ async fn buffer_requests_are_answered_in_order_with_preferred_frames() {
     ));
 }
 
+/// A command waiting for its answer when the media connection is lost fails with a connection
+/// error: whether the server acted on it is unknown. The SDK then tries to bring the
+/// connection back; when the server refuses (the call has ended meanwhile), the call ends.
 #[tokio::test]
 async fn a_lost_media_connection_fails_the_waiting_command() {
     init_tracing();
@@ -137,11 +140,30 @@ async fn a_lost_media_connection_fails_the_waiting_command() {
     let peer = tokio::spawn(async move {
         let (tcp, _) = listener.accept().await.unwrap();
         let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-        // Read the command, then drop the connection without answering.
+        // Read the command, then drop the connection without answering or a close frame.
         let _ = ws.next().await;
+        drop(ws);
+        let (tcp, _) = listener.accept().await.unwrap();
+        let r = tokio_tungstenite::accept_hdr_async(tcp, |_: &Request, _: Response| {
+            let mut resp = tokio_tungstenite::tungstenite::http::Response::new(Some(
+                "the call has ended".to_owned(),
+            ));
+            *resp.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
+            Err(resp)
+        })
+        .await;
+        assert!(r.is_err());
     });
     let call = ActiveCall::from_json(&call_json(&url), &config("ws://127.0.0.1:1")).unwrap();
-    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
+    match call.answer().await {
+        Err(Error::Connection { message, .. }) => {
+            assert!(message.contains("lost"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    tokio::time::timeout(WAIT, call.terminated())
+        .await
+        .expect("the call ends once the connection cannot come back");
     assert_eq!(call.state(), CallState::Terminated);
     peer.await.unwrap();
 }

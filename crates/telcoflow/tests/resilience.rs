@@ -6,7 +6,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::time::Duration;
-use telcoflow::{CallState, ClientEvent, Error, SessionMode, TelcoflowClient};
+use telcoflow::{CallEvent, CallState, ClientEvent, Error, SessionMode, TelcoflowClient};
 use telcoflow_proto::control::{ClientFrame, ServerFrame};
 use telcoflow_proto::sim::NetworkFrame;
 use tokio::net::TcpListener;
@@ -289,7 +289,7 @@ async fn manual_mode_claims_and_session_busy_is_an_outcome() {
     server.shutdown().await;
 }
 
-/// A TCP proxy in front of the server's control endpoint whose connections can be cut.
+/// A TCP proxy in front of the server whose connections can be cut.
 struct Proxy {
     url: String,
     cut: tokio::sync::watch::Sender<u32>,
@@ -298,7 +298,11 @@ struct Proxy {
 
 impl Proxy {
     async fn start(target: std::net::SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), target)
+    }
+
+    /// Proxies connections accepted on `listener` to `target`.
+    fn serve(listener: TcpListener, target: std::net::SocketAddr) -> Self {
         let url = format!("ws://{}", listener.local_addr().unwrap());
         let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
         let task = tokio::spawn(async move {
@@ -323,6 +327,70 @@ impl Proxy {
     fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
     }
+}
+
+/// A media connection that drops (a network blip: no close frame) comes back on its own. The
+/// call stays live, the application hears `MediaReconnected`, and audio goes both ways again.
+#[tokio::test]
+async fn a_lost_media_connection_comes_back_and_the_call_goes_on() {
+    init_tracing();
+    // Media connections go through the proxy (it is the server's public URL); the control
+    // connection and the phone go straight to the server.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut server_config = telcoflow_server::Config::development();
+    server_config.listen = "127.0.0.1:0".parse().unwrap();
+    server_config.public_url = Some(format!("ws://{}", listener.local_addr().unwrap()));
+    let server = telcoflow_server::Server::start(server_config)
+        .await
+        .unwrap();
+    let proxy = Proxy::serve(listener, server.local_addr());
+    // The server's own address, not its public URL (which is the proxy's).
+    let direct = format!("ws://{}", server.local_addr());
+    let client = TelcoflowClient::connect(config(&direct)).await.unwrap();
+    let mut events = client.events();
+    let mut phone = Phone::dial(&direct, "+4912345", "+4900001").await;
+    let call = next_call(&mut events).await;
+    let mut call_events = call.events();
+    let mut audio = call.audio_stream(0);
+    assert!(call.answer().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+
+    proxy.cut();
+    loop {
+        match tokio::time::timeout(WAIT, call_events.next())
+            .await
+            .unwrap()
+        {
+            Some(CallEvent::MediaReconnected) => break,
+            Some(CallEvent::Terminated { reason }) => panic!("the call ended: {reason:?}"),
+            Some(_) => {}
+            None => panic!("the call's events ended"),
+        }
+    }
+    assert_eq!(call.state(), CallState::Live);
+    // The caller's speech reaches the agent...
+    let spoken = pattern(640, 11);
+    phone.speak(&spoken).await;
+    let chunk = first_voiced(&mut audio).await;
+    assert_eq!(&chunk[..], &spoken[..chunk.len()]);
+    // ...and the agent's reaches the caller.
+    let said = pattern(3200, 5);
+    call.send_audio(&said).await.unwrap();
+    loop {
+        phone.hear(phone.heard.len() + 640).await;
+        if contains(&phone.heard, &said[said.len() - 640..]) {
+            break;
+        }
+    }
+    assert!(call.disconnect().await.unwrap().success);
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
+        .await;
+    client.shutdown().await;
+    proxy.task.abort();
+    server.shutdown().await;
 }
 
 #[tokio::test]
