@@ -4,7 +4,9 @@
 //! events, heartbeat, reconnection). For every incoming call it creates an [`ActiveCall`],
 //! opens the call's own media connection and hands it to the application already connected.
 //! Each call runs in its own task; audio goes out through a per-call ring buffer that the
-//! server drains at its playout pace (pull-based flow control).
+//! server drains at its playout pace (pull-based flow control). A media connection that breaks
+//! is opened again while the server holds the call for its agent
+//! ([`CallEvent::MediaReconnected`](call::CallEvent::MediaReconnected)).
 //!
 //! - [`config`]: [`TelcoflowClientConfig`] and its builder.
 //! - [`client`]: [`TelcoflowClient`], the control connection.
@@ -20,7 +22,8 @@
 //!
 //! # Tasks
 //!
-//! The client runs one task for the control connection and one per open media connection;
+//! The client runs one task for the control connection and one per open media connection (with
+//! a small one beside it that relays shutdown);
 //! [`TelcoflowClient::serve`] adds one per call handler. All of them belong to the client and
 //! [`TelcoflowClient::shutdown`] waits for them. Read [`TelcoflowClient::events`] (or use
 //! `serve`) promptly: when the event buffer is full the control connection waits.
