@@ -6,7 +6,7 @@
 //! Each call runs in its own task; audio goes out through a per-call ring buffer that the
 //! server drains at its playout pace (pull-based flow control). A media connection that breaks
 //! is opened again while the server holds the call for its agent
-//! ([`CallEvent::MediaReconnected`](call::CallEvent::MediaReconnected)).
+//! ([`CallEvent::MediaReconnected`]).
 //!
 //! - [`config`]: [`TelcoflowClientConfig`] and its builder.
 //! - [`client`]: [`TelcoflowClient`], the control connection.
