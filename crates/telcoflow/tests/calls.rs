@@ -209,12 +209,7 @@ async fn interrupt_drops_queued_audio_and_the_caller_hears_it_stop() {
         .await
         .unwrap();
     let mut events = client.events();
-    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
-    let call = next_call(&mut events).await;
-    assert!(call.answer().await.unwrap().success);
-    phone
-        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
-        .await;
+    let (mut phone, call) = dial_and_answer(server.base_url(), &mut events).await;
     // Ten seconds of speech queued at once.
     let speech = pattern(160_000, 1);
     call.send_audio(&speech).await.unwrap();
@@ -308,13 +303,8 @@ async fn dtmf_arrives_as_a_call_event() {
         .await
         .unwrap();
     let mut events = client.events();
-    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
-    let call = next_call(&mut events).await;
+    let (phone, call) = dial_and_answer(server.base_url(), &mut events).await;
     let mut call_events = call.events();
-    assert!(call.answer().await.unwrap().success);
-    phone
-        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
-        .await;
     phone
         .control()
         .dtmf('7', Duration::from_millis(100))
@@ -407,13 +397,8 @@ async fn unread_audio_overflow_is_counted_and_reported() {
     .await
     .unwrap();
     let mut events = client.events();
-    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
-    let call = next_call(&mut events).await;
+    let (mut phone, call) = dial_and_answer(server.base_url(), &mut events).await;
     let mut call_events = call.events();
-    assert!(call.answer().await.unwrap().success);
-    phone
-        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
-        .await;
     // Ten frames and more (the phone sends silence while quiet) to a channel nobody reads
     // that holds four.
     phone.speak(&pattern(3200, 2)).await;
@@ -554,12 +539,7 @@ async fn shutdown_ends_a_live_call_and_its_media_connection() {
         .await
         .unwrap();
     let mut events = client.events();
-    let mut phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
-    let call = next_call(&mut events).await;
-    assert!(call.answer().await.unwrap().success);
-    phone
-        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
-        .await;
+    let (mut phone, call) = dial_and_answer(server.base_url(), &mut events).await;
     let mut call_events = call.events();
     tokio::time::timeout(WAIT, client.shutdown())
         .await

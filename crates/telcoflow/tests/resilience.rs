@@ -348,14 +348,9 @@ async fn a_lost_media_connection_comes_back_and_the_call_goes_on() {
     let direct = format!("ws://{}", server.local_addr());
     let client = TelcoflowClient::connect(config(&direct)).await.unwrap();
     let mut events = client.events();
-    let mut phone = Phone::dial(&direct, "+4912345", "+4900001").await;
-    let call = next_call(&mut events).await;
+    let (mut phone, call) = dial_and_answer(&direct, &mut events).await;
     let mut call_events = call.events();
     let mut audio = call.audio_stream(0);
-    assert!(call.answer().await.unwrap().success);
-    phone
-        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
-        .await;
 
     proxy.cut();
     loop {

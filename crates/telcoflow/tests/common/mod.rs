@@ -73,6 +73,22 @@ pub async fn next_call(events: &mut ClientEvents) -> telcoflow::ActiveCall {
     .await
 }
 
+/// Dials the server at `server_url` from a simulated phone, answers the call that `events`
+/// delivers and waits until the phone hears it answered.
+pub async fn dial_and_answer(
+    server_url: &str,
+    events: &mut ClientEvents,
+) -> (Phone, telcoflow::ActiveCall) {
+    let mut phone = Phone::dial(server_url, "+4912345", "+4900001").await;
+    let call = next_call(events).await;
+    let answered = call.answer().await.expect("answer sent");
+    assert!(answered.success, "{answered:?}");
+    phone
+        .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
+        .await;
+    (phone, call)
+}
+
 /// A simulated phone (the server crate's `SimPhone`) with what it heard kept as bytes.
 pub struct Phone {
     phone: SimPhone,
