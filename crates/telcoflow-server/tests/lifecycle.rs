@@ -59,7 +59,7 @@ async fn disconnect_ends_the_call_for_everyone() {
     server.shutdown().await;
 }
 
-/// An agent that closes its media connection itself (a close frame: an SDK whose application
+/// An agent that closes its media connection itself (a close frame: the Rust SDK whose client
 /// shuts down) has left, as with `call.close`: the caller is hung up at once instead of
 /// waiting in silence for an agent that will not come back.
 #[tokio::test]

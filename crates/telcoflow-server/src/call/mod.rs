@@ -143,7 +143,7 @@ pub(crate) enum CallInput {
         reply: oneshot::Sender<Result<(), AttachError>>,
     },
     /// A media connection went away. `agent_closed`: the agent closed it itself, with a
-    /// WebSocket close frame (an SDK whose application shuts down), rather than losing it.
+    /// WebSocket close frame (the Rust SDK when its client shuts down), rather than losing it.
     MediaDetach { conn_id: u64, agent_closed: bool },
     /// A command from the media connection.
     Command { conn_id: u64, command: Command },

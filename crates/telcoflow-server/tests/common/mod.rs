@@ -111,8 +111,8 @@ impl Ws {
         }
     }
 
-    /// Closes the connection from this side with a close frame, as an SDK does when its
-    /// application shuts down.
+    /// Closes the connection from this side with a close frame, as the Rust SDK does when its
+    /// client shuts down.
     pub async fn close(&mut self) {
         self.inner.close(None).await.unwrap();
     }
