@@ -6,7 +6,7 @@
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use telcoflow_server::audio::Resampler;
-use telcoflow_server::rtp::g711::G711;
+use telcoflow_sip::rtp::g711::G711;
 
 fn tone(rate: u32, samples: usize) -> Vec<i16> {
     (0..samples)

@@ -1,19 +1,23 @@
 //! The Telcoflow server.
 //!
-//! - [`config`]: TOML configuration and the embedded development defaults.
-//! - [`audio`]: sample-rate conversion.
-//! - [`sim`]: the simulated phone network (server endpoint and client phone).
-//! - [`sip`]: sans-IO SIP building blocks: messages, SDP offer/answer, transactions, digest
-//!   auth, the user agent server (incoming calls) and client (outgoing calls).
-//! - [`rtp`]: sans-IO RTP building blocks: G.711, RTP/RTCP/RFC 4733 packets, jitter buffer,
-//!   per-leg RTP session.
-//!
-//! With `[sip]` configured, a SIP user agent (UDP and TCP on one port) takes calls from phones
-//! and trunks and dials `sip:` destinations for `call.connect`; each call's audio runs over RTP.
-//!
 //! Start one with [`Server::start`]; it serves the control plane
 //! (`/v1/agent/session-manager`), the media plane (`/v1/agent/media/{call_id}`), the HTTP API
-//! (`/public/v1/...`) and the simulated phone network (`/v1/sim/phone`) on one listener.
+//! (`/public/v1/...`) and the simulated phone network (`/v1/sim/phone`) on one listener. With
+//! `[sip]` configured, a SIP user agent (UDP and TCP on one port) takes calls from phones and
+//! trunks and dials `sip:` destinations for `call.connect`; each call's audio runs over RTP.
+//!
+//! Public: [`config`] (TOML configuration and the embedded development defaults) and
+//! [`audio`] (sample-rate conversion). Inside, in layers from the ground up; a file imports
+//! only from layers below its own:
+//!
+//! 1. `config`, `token`, `tls`, `audio`: settings, media tokens, TLS, resampling.
+//! 2. The call as others see it: its handle, inputs and legs (`call::leg`).
+//! 3. `registry` (sessions and calls by id, claims, limits) and `net` (the `Network`
+//!    interface a call rings destinations through).
+//! 4. `state`: `Shared`, what every task shares (config, connectors, registry, networks).
+//! 5. The call actor (`call`), and the networks that bring calls in: the simulated phones
+//!    (`net::sim`) and SIP with its RTP legs (`net::sip`, on the sans-IO `telcoflow-sip`).
+//! 6. `auth`, `control`, `media`, `http`: the planes that agents and HTTP clients reach.
 
 pub mod audio;
 mod auth;
@@ -22,11 +26,8 @@ pub mod config;
 mod control;
 mod http;
 mod media;
-mod phase;
+mod net;
 mod registry;
-pub mod rtp;
-pub mod sim;
-pub mod sip;
 mod state;
 mod tls;
 mod token;
@@ -40,6 +41,7 @@ use axum::routing::{get, post};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Read buffer of every WebSocket the server accepts. tungstenite zero-fills the free part of
 /// its read buffer before each socket read, so the default (128 KiB) cost a 128 KiB memset per
@@ -97,23 +99,32 @@ impl Server {
             .public_url
             .clone()
             .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
-        let sip_config = config.sip.clone();
-        let shared = Arc::new(state::Shared::new(config, base_url.clone()));
-        let sip_addr = match sip_config {
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let phones = Arc::new(net::sim::Directory::default());
+        let mut networks = net::Networks::default().with(phones.clone());
+        let sip = match config.sip.clone() {
             Some(sip) => {
                 let addr = sip.listen;
-                match sip::endpoint::start(&shared, sip).await {
-                    Ok(bound) => Some(bound),
-                    Err(source) => {
-                        shared.shutdown.cancel();
-                        return Err(StartError::SipBind { addr, source });
-                    }
-                }
+                let bound = net::sip::bind(sip, &tasks, &shutdown)
+                    .await
+                    .map_err(|source| StartError::SipBind { addr, source })?;
+                networks = networks.with(bound.network());
+                Some(bound)
             }
             None => None,
         };
+        let shared = Arc::new(state::Shared::new(
+            config,
+            base_url.clone(),
+            networks,
+            tasks,
+            shutdown,
+        ));
+        let sip_addr = sip.map(|bound| bound.start(&shared));
         let shutdown = shared.shutdown.clone();
-        let app = router(shared.clone()).into_make_service_with_connect_info::<tls::PeerInfo>();
+        let app =
+            router(shared.clone(), phones).into_make_service_with_connect_info::<tls::PeerInfo>();
         let task = tokio::spawn(async move {
             let token = shared.shutdown.clone();
             let stop = async move { token.cancelled().await };
@@ -202,7 +213,7 @@ impl RunningServer {
     }
 }
 
-fn router(shared: Arc<state::Shared>) -> Router {
+fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Router {
     use telcoflow_proto::{control::CONTROL_PATH, media::MEDIA_PATH, sim::SIM_PATH};
     let prune = shared.clone();
     // Closed sessions stay listed for an hour, then are forgotten.
@@ -218,9 +229,13 @@ fn router(shared: Arc<state::Shared>) -> Router {
     Router::new()
         .route(CONTROL_PATH, get(control::control_ws))
         .route(&format!("{MEDIA_PATH}/{{call_id}}"), get(media::media_ws))
-        .route(SIM_PATH, get(sim::network::phone_ws))
         .route("/public/v1/sessions", get(http::list_sessions))
         .route("/public/v1/sessions/{id}/close", post(http::close_session))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(shared)
+        .with_state(shared.clone())
+        .merge(
+            Router::new()
+                .route(SIM_PATH, get(net::sim::phone_ws))
+                .with_state(net::sim::SimState { shared, phones }),
+        )
 }

@@ -1,15 +1,13 @@
 //! What every task of the server shares: configuration, connectors, the registry, the phone
-//! networks, the token signer and the shutdown signal.
+//! networks (behind their interface), the token signer and the shutdown signal.
 
-use crate::call::{CallHandle, LegId, LegLink};
 use crate::config::{Config, ConnectorConfig};
+use crate::net::Networks;
 use crate::registry::Registry;
-use crate::sim::network::{Directory, RingError};
-use crate::sip::endpoint::SipHandle;
 use crate::token::TokenSigner;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -20,9 +18,8 @@ pub(crate) struct Shared {
     /// Connectors by the normalised fingerprint of their pinned client certificate.
     cert_pins: HashMap<String, Arc<ConnectorConfig>>,
     pub(crate) registry: Registry,
-    pub(crate) phones: Directory,
-    /// The SIP edge, when `[sip]` is configured.
-    pub(crate) sip: OnceLock<SipHandle>,
+    /// The phone networks calls ring destinations on.
+    pub(crate) networks: Networks,
     pub(crate) signer: TokenSigner,
     /// Base URL (`ws://host:port`) used in the media URLs of `call.in`.
     pub(crate) public_url: String,
@@ -32,7 +29,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, public_url: String) -> Self {
+    /// `tasks` and `shutdown` are the ones the networks were given.
+    pub(crate) fn new(
+        config: Config,
+        public_url: String,
+        networks: Networks,
+        tasks: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
         let signer = match &config.token_secret {
             Some(secret) => TokenSigner::new(secret.as_bytes(), config.media_token_ttl()),
             None => TokenSigner::random(config.media_token_ttl()),
@@ -54,12 +58,11 @@ impl Shared {
             connectors,
             cert_pins,
             registry: Registry::default(),
-            phones: Directory::default(),
-            sip: OnceLock::new(),
+            networks,
             signer,
             public_url,
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown,
+            tasks,
             next_conn: AtomicU64::new(1),
         }
     }
@@ -85,33 +88,10 @@ impl Shared {
         by(&|n| n == called).or_else(|| by(&|n| n == "*"))
     }
 
-    /// Rings a destination for `call` as leg `leg`, whichever network it is on: a `sip:` URI is
-    /// dialled by the SIP user agent, anything else is a simulated phone's number.
-    pub(crate) fn ring(
-        self: &Arc<Self>,
-        destination: &str,
-        call: &CallHandle,
-        leg: LegId,
-    ) -> Result<LegLink, RingError> {
-        if is_sip_uri(destination) {
-            let sip = self.sip.get().ok_or(RingError::NoSip)?;
-            return sip
-                .dial(self, destination, call, leg)
-                .map_err(|e| RingError::Sip(e.to_string()));
-        }
-        self.phones.ring(destination, call, leg)
-    }
-
     /// A process-unique id for a connection.
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
-}
-
-/// Whether a destination is a SIP URI rather than a simulated phone's number.
-fn is_sip_uri(destination: &str) -> bool {
-    let d = destination.trim_start();
-    d.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("sip:"))
 }
 
 /// Fingerprints compare without case and without `:` separators (`AB:CD:..` as tools print
@@ -121,15 +101,4 @@ fn normalize_fingerprint(fp: &str) -> String {
         .filter(|c| *c != ':')
         .map(|c| c.to_ascii_lowercase())
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn sip_uris_are_told_from_numbers() {
-        assert!(super::is_sip_uri("sip:+200@127.0.0.1:5070"));
-        assert!(super::is_sip_uri("SIP:alice@pbx.example"));
-        assert!(!super::is_sip_uri("+15550100"));
-        assert!(!super::is_sip_uri("sips"));
-    }
 }

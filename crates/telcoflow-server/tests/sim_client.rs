@@ -1,4 +1,4 @@
-//! The simulated phone client (`telcoflow_server::sim::client`) against a real server: calls
+//! The simulated phone client (`telcoflow_sim`) against a real server: calls
 //! answered by a raw-WebSocket application, audio both ways, hangups, routing failures and
 //! registered phones as `call.connect` destinations.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::{HangupReason, NetworkFrame};
 use telcoflow_server::config::DEV_CONNECT_DESTINATION;
-use telcoflow_server::sim::client::{PhoneAudio, SimError, SimPhone};
+use telcoflow_sim::{PhoneAudio, SimError, SimPhone};
 
 /// Reads received frames until one is entirely `level`; fails after `WAIT`.
 async fn hear_level(audio: &mut PhoneAudio, level: i16) {

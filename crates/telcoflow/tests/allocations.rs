@@ -71,16 +71,16 @@ use telcoflow_proto::sim::{NetworkFrame, PhoneFrame, SIM_PATH};
 use telcoflow_server::config::{
     DEV_API_KEY, DEV_CONNECT_DESTINATION, DEV_CONNECTOR_UUID, SipConfig,
 };
-use telcoflow_server::rtp::g711::G711;
-use telcoflow_server::rtp::jitter::FRAME_SAMPLES;
-use telcoflow_server::rtp::packet::{
+use telcoflow_server::{Config, RunningServer, Server};
+use telcoflow_sip::rtp::g711::G711;
+use telcoflow_sip::rtp::jitter::FRAME_SAMPLES;
+use telcoflow_sip::rtp::packet::{
     RTP_HEADER_LEN, ReceiverReport, ReportBlock, RtpHeader, RtpPacket, is_rtcp, write_sdes_cname,
 };
-use telcoflow_server::sip::sdp::LocalMedia;
-use telcoflow_server::sip::transaction::Timers;
-use telcoflow_server::sip::uac::{OutgoingCall, UacConfig, UacEvent};
-use telcoflow_server::sip::{Transmit, Transport};
-use telcoflow_server::{Config, RunningServer, Server};
+use telcoflow_sip::sip::sdp::LocalMedia;
+use telcoflow_sip::sip::transaction::Timers;
+use telcoflow_sip::sip::uac::{OutgoingCall, UacConfig, UacEvent};
+use telcoflow_sip::sip::{Transmit, Transport};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;

@@ -367,7 +367,7 @@ mod tests {
     #[tokio::test]
     async fn speak_stops_the_moment_the_caller_speaks() {
         use telcoflow_proto::sim::NetworkFrame;
-        use telcoflow_server::sim::client::SimPhone;
+        use telcoflow_sim::SimPhone;
         const WAIT: Duration = Duration::from_secs(20);
 
         let mut config = telcoflow_server::Config::development();
@@ -548,7 +548,7 @@ mod tests {
     #[tokio::test]
     async fn echo_agent_stops_after_max_calls() {
         use telcoflow_proto::sim::NetworkFrame;
-        use telcoflow_server::sim::client::SimPhone;
+        use telcoflow_sim::SimPhone;
         let mut config = telcoflow_server::Config::development();
         config.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let server = telcoflow_server::Server::start(config).await.unwrap();

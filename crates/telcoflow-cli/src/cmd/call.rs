@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::NetworkFrame;
-use telcoflow_server::sim::client::{SimPhone, ws_base_url};
+use telcoflow_sim::{SimPhone, ws_base_url};
 use tokio::time::Instant;
 use tracing::info;
 

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::NetworkFrame;
-use telcoflow_server::sim::client::{PhoneAudio, PhoneControl, PhoneEvents, SimPhone, ws_base_url};
+use telcoflow_sim::{PhoneAudio, PhoneControl, PhoneEvents, SimPhone, ws_base_url};
 use tokio::time::Instant;
 use tracing::{info, warn};
 

@@ -19,7 +19,6 @@ pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput};
 
 use crate::audio::Resampler;
 use crate::config::ConnectorConfig;
-use crate::phase::PhaseAligner;
 use crate::state::Shared;
 use bytes::{BufMut, Bytes};
 use playout::Playout;
@@ -38,6 +37,7 @@ use telcoflow_proto::media::{
 use telcoflow_proto::pool::FramePool;
 use telcoflow_proto::sim::HangupReason;
 use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
+use telcoflow_sip::phase::PhaseAligner;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{Instrument, debug, info, info_span, trace, warn};
@@ -195,12 +195,15 @@ pub(crate) fn spawn_outbound(
 ) -> Result<CallHandle, (ErrorCode, String)> {
     let caller_id = connector.outbound_caller_id.clone().unwrap_or_default();
     let (handle, queues) = new_handle(&caller_id, remote);
-    let link = shared.ring(remote, &handle, LegId::CALLER).map_err(|e| {
-        (
-            ErrorCode::NoRoute,
-            format!("{remote} cannot be reached: {e}"),
-        )
-    })?;
+    let link = shared
+        .networks
+        .ring(remote, &handle, LegId::CALLER)
+        .map_err(|e| {
+            (
+                ErrorCode::NoRoute,
+                format!("{remote} cannot be reached: {e}"),
+            )
+        })?;
     let info = session_info(&handle, Initiator::Sdk, remote, &caller_id);
     let connector_id: Arc<str> = connector.uuid.as_str().into();
     let actor = CallActor::new(
@@ -912,8 +915,8 @@ impl CallActor {
         };
         let leg = LegId(self.next_leg);
         self.next_leg += 1;
-        // `Shared::ring` picks the network: SIP for `sip:` URIs, else the simulated phones.
-        let link = match self.shared.ring(&destination, &self.handle, leg) {
+        // The networks pick by address: SIP for `sip:` URIs, else the simulated phones.
+        let link = match self.shared.networks.ring(&destination, &self.handle, leg) {
             Ok(link) => link,
             Err(e) => {
                 return self.respond(CommandResponse::error(

@@ -12,8 +12,8 @@ use telcoflow_proto::SampleRate;
 use telcoflow_proto::audio::{pcm_to_samples, samples_to_pcm};
 use telcoflow_proto::sim::NetworkFrame;
 use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
-use telcoflow_server::sim::client::{PhoneControl, SimPhone};
 use telcoflow_server::{Config, RunningServer, Server};
+use telcoflow_sim::{PhoneControl, SimPhone};
 
 /// Upper bound for any single wait in these tests; reaching it is a failure, not a pace.
 pub const WAIT: Duration = Duration::from_secs(20);

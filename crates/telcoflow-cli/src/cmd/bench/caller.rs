@@ -3,7 +3,7 @@
 //! interrupt probes. [`Stream`] is the transport-free part both kinds of caller share.
 //!
 //! The caller speaks the simulated network protocol ([`telcoflow_proto::sim`]) directly rather
-//! than through `telcoflow_server::sim::client`, because the measurement needs to stamp each
+//! than through `telcoflow_sim`, because the measurement needs to stamp each
 //! frame with the instant it is actually written to the socket and to choose each frame's
 //! kind at that instant; the reusable phone paces queued clips on its own clock.
 //!
@@ -156,7 +156,7 @@ async fn drive(
     progress: &Progress,
     report: &mut CallReport,
 ) -> Result<(), String> {
-    let url = telcoflow_server::sim::client::sim_url(&plan.base_url).map_err(|e| e.to_string())?;
+    let url = telcoflow_sim::sim_url(&plan.base_url).map_err(|e| e.to_string())?;
     let started = Instant::now();
     // TCP_NODELAY, like a real media client: frames must not wait behind Nagle's algorithm.
     let (mut ws, _) =

@@ -249,7 +249,7 @@ mod tests {
 
     /// Through the server's real G.711 coder: PCM -> mu-law -> PCM, as over SIP/RTP.
     fn through_pcmu(frame: &[i16]) -> Vec<i16> {
-        use telcoflow_server::rtp::g711::G711;
+        use telcoflow_sip::rtp::g711::G711;
         let mut bytes = vec![0u8; frame.len()];
         G711::Pcmu.encode(frame, &mut bytes);
         let mut back = vec![0i16; frame.len()];
@@ -259,7 +259,7 @@ mod tests {
 
     #[test]
     fn marker_and_tone_survive_mu_law() {
-        use telcoflow_server::rtp::g711::G711;
+        use telcoflow_sip::rtp::g711::G711;
         // The constants are the decode-table values the docs name.
         assert_eq!(G711::Pcmu.decode_sample(0x80), MAGIC_A);
         assert_eq!(G711::Pcmu.decode_sample(0x01), MAGIC_B);

@@ -5,13 +5,11 @@
 //! - [`jitter`]: adaptive jitter buffer for 20 ms G.711 frames.
 //! - [`ports`]: even RTP ports of the configured range, handed out round-robin.
 //! - [`session`]: one call leg's RTP session: symmetric RTP, send/receive, DTMF, RTCP, timeout.
-//! - `leg` (crate-internal, does I/O): the task per SIP call that owns its RTP socket.
 //!
-//! A media task owns a socket and feeds datagrams and the current time into these types.
+//! A media task (in the Telcoflow server: one RTP leg per SIP call) owns a socket and feeds datagrams and the current time into these types.
 
 pub mod g711;
 pub mod jitter;
-pub(crate) mod leg;
 pub mod packet;
 pub mod ports;
 pub mod session;

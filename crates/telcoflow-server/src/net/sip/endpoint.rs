@@ -1,414 +1,75 @@
-//! The SIP endpoint task: the I/O half of the SIP edge.
-//!
-//! It owns the UDP socket and the TCP listener (same port), the sans-IO [`Uas`] for incoming
-//! calls and one [`OutgoingCall`] per call dialled by `call.connect`. It feeds them what the
-//! network sends, sends what they ask, runs their timers, and talks to each call's RTP leg
-//! task ([`crate::rtp::leg`]) over small bounded channels: legs send [`Command`]s, the endpoint
-//! answers with [`SipEvent`]s.
+//! The SIP endpoint task: it owns the UDP socket and the TCP listener (same port), the sans-IO
+//! [`Uas`] for incoming calls and one [`OutgoingCall`] per call dialled out. It feeds them what
+//! the network sends, sends what they ask, runs their timers, and talks to each call's RTP leg
+//! task over small bounded channels ([`super::link`]).
 //!
 //! Incoming calls: `IncomingCall` -> route the number (404 when no connector takes it) -> bind
 //! an RTP port -> `call::spawn_incoming` with an 8 kHz leg. Messages whose Call-ID belongs to an
 //! outgoing call go to that call; everything else goes to the UAS.
 
-use super::digest::Credentials;
-use super::message::{Message, SipHeaders as _, SipUri};
-use super::sdp::{LocalMedia, Negotiated};
-use super::stream::{StreamDecoder, StreamItem};
-use super::transaction::Timers;
-use super::uac::{OutgoingCall, UacConfig, UacEvent};
-use super::uas::{self, IncomingCall, Uas, UasAction, UasConfig, UasEvent};
-use super::{Transmit, Transport};
-use crate::call::{self, CallHandle, LegId, LegLink};
-use crate::config::SipConfig;
-use crate::rtp::leg::{self, Direction, LegParams};
-use crate::rtp::ports::PortPool;
+use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
+use super::ports::MediaEnv;
+use super::rtp_leg::{self, Direction, LegParams};
+use crate::call::{self, LegId};
 use crate::state::Shared;
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
+use telcoflow_sip::sip::message::{Message, SipHeaders as _};
+use telcoflow_sip::sip::sdp::LocalMedia;
+use telcoflow_sip::sip::stream::{StreamDecoder, StreamItem};
+use telcoflow_sip::sip::uac::{OutgoingCall, UacEvent};
+use telcoflow_sip::sip::uas::{self, IncomingCall, Uas, UasAction, UasEvent};
+use telcoflow_sip::sip::{Transmit, Transport};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
-/// Commands queued from legs and the ring dispatcher to the endpoint.
-const COMMAND_QUEUE: usize = 256;
-/// SIP events queued towards one leg (a handful per call).
-pub(crate) const LEG_EVENT_QUEUE: usize = 16;
 /// Messages queued from all TCP readers to the endpoint.
 const TCP_INBOX: usize = 256;
 /// Messages queued towards one TCP connection.
 const TCP_OUTBOX: usize = 64;
 /// How long opening a TCP connection for an outgoing call may take.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Attempts to find a free RTP port before giving up on a call.
-const BIND_ATTEMPTS: usize = 8;
-/// `User-Agent` / `Server` header value.
-const USER_AGENT: &str = concat!("telcoflow/", env!("CARGO_PKG_VERSION"));
 
-/// Identifies a leg to the endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum LegKey {
-    /// An incoming call of the UAS.
-    In(uas::CallHandle),
-    /// An outgoing call, by the endpoint-wide number it was given.
-    Out(u64),
+/// What the endpoint task runs on, bound before the server's shared state exists.
+pub(super) struct Bound {
+    pub(super) udp: UdpSocket,
+    pub(super) tcp: TcpListener,
+    pub(super) local: SocketAddr,
+    pub(super) uas: Uas,
+    pub(super) media: Arc<MediaEnv>,
+    /// A sender of the endpoint's own command queue, for the legs it starts.
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) command_rx: mpsc::Receiver<Command>,
 }
 
-/// From a leg (or the ring dispatcher) to the endpoint.
-#[derive(Debug)]
-pub(crate) enum Command {
-    /// 180 Ringing for an incoming call.
-    Ringing(uas::CallHandle),
-    /// 200 OK with SDP for an incoming call.
-    Answer {
-        call: uas::CallHandle,
-        media: LocalMedia,
-    },
-    /// A final error response for an unanswered incoming call.
-    Reject { call: uas::CallHandle, status: u16 },
-    /// BYE (or CANCEL for an unanswered outgoing call).
-    Hangup(LegKey),
-    /// Dial out.
-    Dial {
-        key: u64,
-        config: Box<UacConfig>,
-        media: LocalMedia,
-        events: mpsc::Sender<SipEvent>,
-    },
-    /// The leg has ended; forget it.
-    Gone(LegKey),
-}
-
-/// From the endpoint to a leg.
-#[derive(Debug, Clone)]
-pub(crate) enum SipEvent {
-    /// The call is answered (our 200 was sent, or the callee's 200 arrived) with these media.
-    Answered(Negotiated),
-    /// An outgoing call failed before the answer with this status.
-    Failed(u16),
-    /// The call ended on the SIP side (BYE, CANCEL, lost ACK, our BYE completed).
-    Ended,
-    /// New media parameters (re-INVITE, hold).
-    MediaUpdated(Negotiated),
-    /// A key press sent as SIP INFO.
-    Dtmf { digit: char, duration_ms: u32 },
-}
-
-/// Why a SIP destination cannot be dialled.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum DialError {
-    #[error("not a valid SIP URI: {0}")]
-    BadUri(String),
-    #[error("cannot resolve {0}")]
-    Resolve(String),
-    #[error("no RTP port is free")]
-    NoPort,
-}
-
-/// RTP resources shared by the endpoint and the ring dispatcher.
-#[derive(Debug)]
-pub(crate) struct MediaEnv {
-    pool: Mutex<PortPool>,
-    /// Address RTP sockets bind to.
-    bind_ip: IpAddr,
-    /// Address announced in SDP.
-    pub(crate) advertised: IpAddr,
-    pub(crate) rtp_timeout: Duration,
-}
-
-impl MediaEnv {
-    /// Binds an RTP socket on a free even port of the range and its RTCP socket on the next
-    /// port. The ports return to the pool when the guard drops.
-    pub(crate) fn bind(self: &Arc<Self>) -> Option<RtpSockets> {
-        for _ in 0..BIND_ATTEMPTS {
-            let port = self.lock().allocate()?;
-            let bind = |p: u16| {
-                let sock = std::net::UdpSocket::bind((self.bind_ip, p)).ok()?;
-                sock.set_nonblocking(true).ok()?;
-                Some(sock)
-            };
-            // The pool only hands out even ports whose odd neighbour is in the range.
-            match (bind(port), port.checked_add(1).and_then(bind)) {
-                (Some(rtp), Some(rtcp)) => {
-                    let guard = PortGuard {
-                        env: self.clone(),
-                        port,
-                    };
-                    return Some(RtpSockets { rtp, rtcp, guard });
-                }
-                _ => {
-                    debug!(port, "RTP port pair busy; trying another");
-                    self.lock().release(port);
-                }
-            }
-        }
-        None
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, PortPool> {
-        // Only plain bookkeeping happens under the lock; a poisoned pool is still consistent.
-        self.pool.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// A call's bound RTP and RTCP sockets.
-#[derive(Debug)]
-pub(crate) struct RtpSockets {
-    pub(crate) rtp: std::net::UdpSocket,
-    pub(crate) rtcp: std::net::UdpSocket,
-    pub(crate) guard: PortGuard,
-}
-
-/// An allocated RTP port pair, released on drop.
-#[derive(Debug)]
-pub(crate) struct PortGuard {
-    env: Arc<MediaEnv>,
-    pub(crate) port: u16,
-}
-
-impl Drop for PortGuard {
-    fn drop(&mut self) {
-        self.env.lock().release(self.port);
-    }
-}
-
-/// How the rest of the server reaches the SIP endpoint.
-#[derive(Debug)]
-pub(crate) struct SipHandle {
-    commands: mpsc::Sender<Command>,
-    pub(crate) media: Arc<MediaEnv>,
-    config: SipConfig,
-    /// `sip:telcoflow@host:port` of this endpoint.
-    contact: String,
-    sent_by: String,
-    next_key: AtomicU64,
-}
-
-impl SipHandle {
-    /// Dials `uri` for `call` as leg `leg`: binds an RTP port, starts the leg task and asks the
-    /// endpoint to send the INVITE. The callee's answer arrives as a leg event.
-    pub(crate) fn dial(
-        &self,
-        shared: &Arc<Shared>,
-        uri: &str,
-        call: &CallHandle,
-        leg: LegId,
-    ) -> Result<LegLink, DialError> {
-        let parsed = SipUri::parse(uri).map_err(|_| DialError::BadUri(uri.to_owned()))?;
-        let port = parsed.port.unwrap_or(5060);
-        // A literal address is used as is; a name is resolved by the leg task, so that the
-        // call actor calling this never waits on DNS.
-        let (destination, resolve) = match parsed.host.trim_matches(['[', ']']).parse::<IpAddr>() {
-            Ok(ip) => (SocketAddr::new(ip, port), None),
-            Err(_) => (
-                SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
-                Some((parsed.host.clone(), port)),
-            ),
-        };
-        let host_port = match parsed.port {
-            Some(p) => format!("{}:{p}", parsed.host),
-            None => parsed.host.clone(),
-        };
-        let credentials = self.config.trunk_for(&host_port).map(|t| Credentials {
-            username: t.username.clone(),
-            password: t.password.clone(),
-        });
-        let transport = if parsed
-            .params
-            .get("transport")
-            .is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
-        {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        };
-        let from_user = sip_user(&call.from);
-        let sockets = self.media.bind().ok_or(DialError::NoPort)?;
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let media = LocalMedia::new(
-            self.media.advertised,
-            sockets.guard.port,
-            rand::random::<u32>().into(),
-        );
-        let config = UacConfig {
-            target: uri.to_owned(),
-            destination,
-            transport,
-            from: format!("sip:{from_user}@{}", self.sent_by),
-            contact: self.contact.clone(),
-            sent_by: self.sent_by.clone(),
-            credentials,
-            timers: Timers::default(),
-            user_agent: USER_AGENT.into(),
-        };
-        let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
-        let (link, pending) = leg::link();
-        let task = pending
-            .start(LegParams {
-                shared: shared.clone(),
-                call: call.clone(),
-                leg,
-                key: LegKey::Out(key),
-                direction: Direction::Outgoing,
-                sockets,
-                media: media.clone(),
-                rtp_timeout: self.media.rtp_timeout,
-                commands: self.commands.clone(),
-                events: events_rx,
-                dial: Some(OutgoingDial {
-                    key,
-                    config: Box::new(config),
-                    media,
-                    events: events_tx,
-                    resolve,
-                }),
-            })
-            .map_err(|_| DialError::NoPort)?;
-        shared
-            .tasks
-            .spawn(task.instrument(info_span!("sip_out", call_id = %call.call_id, %uri)));
-        Ok(link)
-    }
-}
-
-/// What an outgoing leg's task asks the endpoint to dial once it runs.
-#[derive(Debug)]
-pub(crate) struct OutgoingDial {
-    pub(crate) key: u64,
-    pub(crate) config: Box<UacConfig>,
-    pub(crate) media: LocalMedia,
-    pub(crate) events: mpsc::Sender<SipEvent>,
-    /// A host name to resolve into `config.destination` first, with its port.
-    pub(crate) resolve: Option<(String, u16)>,
-}
-
-impl OutgoingDial {
-    /// Resolves the destination if needed and gives the command for the endpoint.
-    pub(crate) async fn into_command(mut self) -> Result<Command, DialError> {
-        if let Some((host, port)) = self.resolve.take() {
-            let addr = tokio::net::lookup_host((host.as_str(), port))
-                .await
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or(DialError::Resolve(host))?;
-            self.config.destination = addr;
-        }
-        Ok(Command::Dial {
-            key: self.key,
-            config: self.config,
-            media: self.media,
-            events: self.events,
-        })
-    }
-}
-
-/// A caller id made safe for the user part of a SIP URI (digits, letters, `+-_.`).
-fn sip_user(from: &str) -> String {
-    let user: String = from
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '_' | '.'))
-        .collect();
-    if user.is_empty() {
-        "telcoflow".into()
-    } else {
-        user
-    }
-}
-
-/// Binds the SIP sockets and starts the endpoint task. Returns the bound address.
-pub(crate) async fn start(shared: &Arc<Shared>, config: SipConfig) -> std::io::Result<SocketAddr> {
-    let (udp, tcp, local) = bind_udp_tcp(config.listen).await?;
-    let (low, high) = config
-        .rtp_port_range()
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let pool = PortPool::new(low, high)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let advertised = config.advertised_ip();
-    if config.listen.ip().is_unspecified() && config.public_ip.is_none() {
-        warn!(
-            %advertised,
-            "SIP listens on all interfaces without public_ip: SDP and Contact announce {advertised}; set public_ip (--public-ip) for peers on other machines"
-        );
-    }
-    let sent_by = format!("{}:{}", host_literal(advertised), local.port());
-    let contact = format!("sip:telcoflow@{sent_by}");
-    let media = Arc::new(MediaEnv {
-        pool: Mutex::new(pool),
-        bind_ip: local.ip(),
-        advertised,
-        rtp_timeout: config.rtp_timeout(),
-    });
-    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let handle = SipHandle {
-        commands: cmd_tx.clone(),
-        media: media.clone(),
-        config,
-        contact: contact.clone(),
-        sent_by: sent_by.clone(),
-        next_key: AtomicU64::new(1),
-    };
-    if shared.sip.set(handle).is_err() {
-        return Err(std::io::Error::other("SIP endpoint already started"));
-    }
-    let uas = Uas::new(
-        UasConfig {
-            contact,
-            sent_by,
-            timers: Timers::default(),
-            user_agent: USER_AGENT.into(),
-        },
-        rand::random(),
-    );
+/// Starts the endpoint task.
+pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
     let (tcp_tx, tcp_rx) = mpsc::channel(TCP_INBOX);
+    let local = bound.local;
     let endpoint = Endpoint {
         shared: shared.clone(),
-        media,
-        uas,
-        udp,
+        media: bound.media,
+        uas: bound.uas,
+        udp: bound.udp,
         legs: HashMap::new(),
         outgoing: HashMap::new(),
         by_call_id: HashMap::new(),
         tcp_conns: HashMap::new(),
         next_conn: 0,
         tcp_tx,
-        commands: cmd_tx,
+        commands: bound.commands,
     };
     shared.tasks.spawn(
         endpoint
-            .run(tcp, tcp_rx, cmd_rx)
+            .run(bound.tcp, tcp_rx, bound.command_rx)
             .instrument(info_span!("sip", %local)),
     );
-    info!(%local, "SIP listening on udp+tcp");
-    Ok(local)
-}
-
-/// Binds UDP and TCP on one port. With port 0 the UDP socket picks it, and if that number is
-/// taken for TCP (an outgoing connection's ephemeral port, say), another is tried.
-async fn bind_udp_tcp(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener, SocketAddr)> {
-    const ATTEMPTS: usize = 16;
-    let mut last = None;
-    for _ in 0..ATTEMPTS {
-        let udp = UdpSocket::bind(listen).await?;
-        let local = udp.local_addr()?;
-        match TcpListener::bind(local).await {
-            Ok(tcp) => return Ok((udp, tcp, local)),
-            Err(e) if listen.port() == 0 => last = Some(e),
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
-}
-
-fn host_literal(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("[{v6}]"),
-    }
 }
 
 /// Something a TCP reader task passes to the endpoint.
@@ -448,7 +109,7 @@ impl Endpoint {
         mut cmd_rx: mpsc::Receiver<Command>,
     ) {
         // One datagram: SIP over UDP stays well under 64 KiB.
-        let mut buf = vec![0u8; super::message::MAX_MESSAGE_LEN];
+        let mut buf = vec![0u8; telcoflow_sip::sip::message::MAX_MESSAGE_LEN];
         let shutdown = self.shared.shutdown.clone();
         loop {
             let deadline = self.next_timeout();
@@ -748,7 +409,7 @@ impl Endpoint {
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
         // The leg needs the call handle and the call needs the leg's link: the leg task starts
         // once the call exists, reading a link made here.
-        let (link, pending) = leg::link();
+        let (link, pending) = rtp_leg::link();
         let handle = match call::spawn_incoming(&self.shared, connector, &from, &number, link) {
             Ok(h) => h,
             Err(code) => {
@@ -762,7 +423,7 @@ impl Endpoint {
         };
         info!(%number, %from, call_id = %handle.call_id, sip_call_id = %incoming.call_id, "incoming SIP call");
         let task = pending.start(LegParams {
-            shared: self.shared.clone(),
+            shutdown: self.shared.shutdown.clone(),
             call: handle.clone(),
             leg: LegId::CALLER,
             key: LegKey::In(call),
@@ -882,93 +543,4 @@ enum TcpOrigin {
     Accepted(TcpStream),
     /// We connect, to send an outgoing call's requests.
     Connect,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(low: u16, high: u16) -> Arc<MediaEnv> {
-        Arc::new(MediaEnv {
-            pool: Mutex::new(PortPool::new(low, high).unwrap()),
-            bind_ip: IpAddr::from([127, 0, 0, 1]),
-            advertised: IpAddr::from([127, 0, 0, 1]),
-            rtp_timeout: Duration::from_secs(30),
-        })
-    }
-
-    #[test]
-    fn rtp_ports_come_from_the_range_and_go_back_on_drop() {
-        let env = env(41000, 41003); // two even ports: 41000, 41002
-        let a = env.bind().expect("first pair");
-        let b = env.bind().expect("second pair");
-        assert_ne!(a.guard.port, b.guard.port);
-        for s in [&a, &b] {
-            assert_eq!(s.rtp.local_addr().unwrap().port(), s.guard.port);
-            assert_eq!(s.rtcp.local_addr().unwrap().port(), s.guard.port + 1);
-            assert!((41000..=41003).contains(&s.guard.port) && s.guard.port % 2 == 0);
-        }
-        assert!(env.bind().is_none(), "the range is used up");
-        drop(a);
-        let c = env.bind().expect("a released pair is reused");
-        assert_eq!(env.lock().in_use(), 2);
-        drop(c);
-        drop(b);
-        assert_eq!(env.lock().in_use(), 0);
-    }
-
-    #[test]
-    fn a_port_taken_by_another_process_is_skipped() {
-        let env = env(41010, 41013);
-        // Another process holds the RTCP port of the first pair.
-        let squatter = std::net::UdpSocket::bind(("127.0.0.1", 41011)).unwrap();
-        let sockets = env.bind().expect("the other pair");
-        assert_eq!(sockets.guard.port, 41012);
-        assert_eq!(
-            env.lock().in_use(),
-            1,
-            "the busy port went back to the pool"
-        );
-        drop(squatter);
-    }
-
-    #[test]
-    fn caller_ids_become_safe_sip_users() {
-        assert_eq!(sip_user("+15551230001"), "+15551230001");
-        assert_eq!(sip_user("Alice <a@b>"), "Aliceab");
-        assert_eq!(sip_user(""), "telcoflow");
-        assert_eq!(sip_user(" ;"), "telcoflow");
-        assert_eq!(host_literal("::1".parse().unwrap()), "[::1]");
-        assert_eq!(host_literal("10.0.0.1".parse().unwrap()), "10.0.0.1");
-    }
-
-    #[tokio::test]
-    async fn dial_names_resolve_in_the_leg() {
-        // Only `localhost` (from the hosts file): tests send nothing beyond this machine.
-        let (events, _rx) = mpsc::channel(1);
-        let dial = |resolve| OutgoingDial {
-            key: 1,
-            config: Box::new(UacConfig {
-                target: "sip:x@localhost:5070".into(),
-                destination: "0.0.0.0:5070".parse().unwrap(),
-                transport: Transport::Udp,
-                from: "sip:a@127.0.0.1".into(),
-                contact: "sip:a@127.0.0.1".into(),
-                sent_by: "127.0.0.1:5060".into(),
-                credentials: None,
-                timers: Timers::default(),
-                user_agent: USER_AGENT.into(),
-            }),
-            media: LocalMedia::new(IpAddr::from([127, 0, 0, 1]), 20000, 1),
-            events: events.clone(),
-            resolve,
-        };
-        match dial(Some(("localhost".into(), 5070))).into_command().await {
-            Ok(Command::Dial { config, .. }) => {
-                assert!(config.destination.ip().is_loopback());
-                assert_eq!(config.destination.port(), 5070);
-            }
-            other => panic!("{other:?}"),
-        }
-    }
 }

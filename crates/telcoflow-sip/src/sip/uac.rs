@@ -56,9 +56,9 @@ pub struct UacConfig {
     pub user_agent: String,
 }
 
-/// What the owner must act on.
+/// What the owner must act on. Exhaustive on purpose: an owner that ignored a new kind of
+/// event would lose a call, so adding one is a breaking change its owners must handle.
 #[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
 pub enum UacEvent {
     /// A provisional response (180 Ringing, 183 Session Progress).
     Progress {

@@ -3,8 +3,9 @@
 //!
 //! Two clocks use it, with the same rules:
 //!
-//! - each call's media clock (`call`), against audio an agent produces in real time;
-//! - each SIP leg's playout tick (`rtp::leg`), against RTP packets from the phone, which land
+//! - each call's media clock (in the Telcoflow server), against audio an agent produces in
+//!   real time;
+//! - each SIP leg's playout tick (the server's RTP leg), against RTP packets from the phone, which land
 //!   every 20 ms at a phase of their own (see
 //!   [`RtpSession::take_clock_shift`](crate::rtp::session::RtpSession::take_clock_shift)).
 //!
@@ -50,7 +51,7 @@ const STANDING_WAIT: Duration = Duration::from_millis(12);
 
 /// Learns the wait of just-in-time audio and says when to move the clock.
 #[derive(Debug, Default)]
-pub(crate) struct PhaseAligner {
+pub struct PhaseAligner {
     /// Waits seen in this window (the first `ticks` of them).
     waits: [Duration; WINDOW_TICKS],
     ticks: usize,
@@ -71,7 +72,7 @@ impl PhaseAligner {
     /// ahead, an underrun), which starts a new window.
     ///
     /// Returns how much earlier the next tick should come, if the clock should move.
-    pub(crate) fn on_tick(&mut self, waited: Option<Duration>) -> Option<Duration> {
+    pub fn on_tick(&mut self, waited: Option<Duration>) -> Option<Duration> {
         let Some(waited) = waited else {
             self.restart();
             return None;
@@ -130,7 +131,7 @@ impl PhaseAligner {
     /// returns the margin after which to restart it: this frame plays then, rather than up to a
     /// frame later, and the first window checks the phase against the frames that follow.
     /// `Some` once.
-    pub(crate) fn first_audio(&mut self) -> Option<Duration> {
+    pub fn first_audio(&mut self) -> Option<Duration> {
         if self.started {
             return None;
         }
@@ -144,7 +145,7 @@ impl PhaseAligner {
     /// its clock that long after the late audio landed, so that the late frame plays then
     /// instead of a frame later and the frames behind it keep the margin. `None` once the
     /// margin is at its widest: misses are then the playout pre-buffer's to absorb.
-    pub(crate) fn missed(&mut self) -> Option<Duration> {
+    pub fn missed(&mut self) -> Option<Duration> {
         let room = MAX_MARGIN - MIN_MARGIN;
         let owned = self.extra_margin < room;
         self.misses += 1;
@@ -154,17 +155,17 @@ impl PhaseAligner {
     }
 
     /// Times the clock was moved.
-    pub(crate) fn shifts(&self) -> u64 {
+    pub fn shifts(&self) -> u64 {
         self.shifts
     }
 
     /// Times audio missed its tick.
-    pub(crate) fn misses(&self) -> u64 {
+    pub fn misses(&self) -> u64 {
         self.misses
     }
 
     /// The margin kept now between the latest expected arrival and the tick.
-    pub(crate) fn margin(&self) -> Duration {
+    pub fn margin(&self) -> Duration {
         MIN_MARGIN + self.extra_margin
     }
 

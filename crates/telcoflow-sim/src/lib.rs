@@ -26,10 +26,10 @@
 //!
 //! ```no_run
 //! use telcoflow_proto::{SampleRate, sim::NetworkFrame};
-//! use telcoflow_server::sim::client::SimPhone;
+//! use telcoflow_sim::SimPhone;
 //! use std::time::Duration;
 //!
-//! # async fn run() -> Result<(), telcoflow_server::sim::client::SimError> {
+//! # async fn run() -> Result<(), telcoflow_sim::SimError> {
 //! let mut phone = SimPhone::dial("ws://127.0.0.1:8080", "+15551234", "+15550001", SampleRate::Hz16000).await?;
 //! phone
 //!     .events()
@@ -197,11 +197,14 @@ pub fn ws_base_url(base_url: &str) -> Result<String, SimError> {
     Ok(format!("{scheme}://{rest}"))
 }
 
-/// WebSocket settings of a phone: a small read buffer, because tungstenite zero-fills the
-/// free part of it before every socket read (the 128 KiB default cost a 128 KiB memset per
-/// 20 ms frame).
+/// Read buffer of a phone's WebSocket: small, because tungstenite zero-fills the free part of
+/// it before every socket read (the 128 KiB default cost a 128 KiB memset per 20 ms frame);
+/// 4 KiB holds a few frames at 24 kHz, and larger messages still grow it.
+const WS_READ_BUFFER: usize = 4096;
+
+/// WebSocket settings of a phone.
 fn ws_config() -> tungstenite::protocol::WebSocketConfig {
-    tungstenite::protocol::WebSocketConfig::default().read_buffer_size(crate::WS_READ_BUFFER)
+    tungstenite::protocol::WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER)
 }
 
 /// A connected simulated phone: a dialled call or a phone registered at a number.

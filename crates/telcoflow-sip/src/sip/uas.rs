@@ -49,9 +49,9 @@ const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CallHandle(pub u64);
 
-/// What the owner must act on.
+/// What the owner must act on. Exhaustive on purpose: an owner that ignored a new kind of
+/// event would lose a call, so adding one is a breaking change its owners must handle.
 #[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
 pub enum UasEvent {
     /// A new call. Answer with [`UasAction`]s: Reject(404) for an unknown number, Ringing,
     /// then Answer or Reject.

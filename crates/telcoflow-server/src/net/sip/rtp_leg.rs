@@ -1,4 +1,4 @@
-//! The RTP leg task: one per SIP call, the I/O half of [`super::session::RtpSession`].
+//! The RTP leg task: one per SIP call, the I/O half of [`RtpSession`].
 //!
 //! It owns the call's RTP port (one UDP socket, RTCP multiplexed on it), and joins three
 //! parties: the call actor (as a [`LegLink`] at 8 kHz, the call resamples to the agent's rate),
@@ -16,16 +16,17 @@
 //! once per leg; frames to the call are split off one `BytesMut` whose storage is reused once
 //! the call has consumed earlier frames.
 
-use super::jitter::{FRAME_SAMPLES, FrameKind};
-use super::session::{Received, RtpSession, SessionConfig};
+use super::link::{Command, LegKey, OutgoingDial, SipEvent};
+use super::ports::{PortGuard, RtpSockets};
 use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
-use crate::sip::endpoint::{Command, LegKey, OutgoingDial, PortGuard, RtpSockets, SipEvent};
-use crate::sip::sdp::{LocalMedia, Negotiated};
-use crate::state::Shared;
 use bytes::BytesMut;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use telcoflow_sip::rtp::jitter::{FRAME_SAMPLES, FrameKind};
+use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
+use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
+use tokio_util::sync::CancellationToken;
+
 use std::time::Duration;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::HangupReason;
@@ -43,7 +44,7 @@ const FRAME_POOL: usize = 32;
 
 /// Which side placed the SIP call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
+pub(super) enum Direction {
     /// A phone called us (UAS): we answer when the agent does.
     Incoming,
     /// We dialled (UAC) for `call.connect`: the callee answers.
@@ -51,28 +52,28 @@ pub(crate) enum Direction {
 }
 
 /// Everything a leg task needs.
-pub(crate) struct LegParams {
-    pub(crate) shared: Arc<Shared>,
-    pub(crate) call: CallHandle,
-    pub(crate) leg: LegId,
-    pub(crate) key: LegKey,
-    pub(crate) direction: Direction,
-    pub(crate) sockets: RtpSockets,
-    pub(crate) media: LocalMedia,
-    pub(crate) rtp_timeout: Duration,
-    pub(crate) commands: mpsc::Sender<Command>,
-    pub(crate) events: mpsc::Receiver<SipEvent>,
+pub(super) struct LegParams {
+    pub(super) shutdown: CancellationToken,
+    pub(super) call: CallHandle,
+    pub(super) leg: LegId,
+    pub(super) key: LegKey,
+    pub(super) direction: Direction,
+    pub(super) sockets: RtpSockets,
+    pub(super) media: LocalMedia,
+    pub(super) rtp_timeout: Duration,
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) events: mpsc::Receiver<SipEvent>,
     /// For an outgoing leg: what to dial once the task runs.
-    pub(crate) dial: Option<OutgoingDial>,
+    pub(super) dial: Option<OutgoingDial>,
 }
 
 /// The receiving end of a [`LegLink`], waiting for its task.
-pub(crate) struct PendingLeg {
+pub(super) struct PendingLeg {
     rx: mpsc::Receiver<LegOutput>,
 }
 
 /// A link for the call (8 kHz) and the receiver the leg task will read.
-pub(crate) fn link() -> (LegLink, PendingLeg) {
+pub(super) fn link() -> (LegLink, PendingLeg) {
     let (tx, rx) = mpsc::channel(LEG_QUEUE);
     let link = LegLink {
         rate: SampleRate::Hz8000,
@@ -83,14 +84,14 @@ pub(crate) fn link() -> (LegLink, PendingLeg) {
 
 impl PendingLeg {
     /// The leg task's future (spawn it). Fails if the socket cannot join the runtime.
-    pub(crate) fn start(
+    pub(super) fn start(
         self,
         params: LegParams,
     ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
         let socket = UdpSocket::from_std(params.sockets.rtp)?;
         let rtcp = UdpSocket::from_std(params.sockets.rtcp)?;
         let leg = RtpLeg {
-            shared: params.shared,
+            shutdown: params.shutdown,
             call: params.call,
             leg: params.leg,
             key: params.key,
@@ -112,7 +113,7 @@ impl PendingLeg {
 }
 
 struct RtpLeg {
-    shared: Arc<Shared>,
+    shutdown: CancellationToken,
     call: CallHandle,
     leg: LegId,
     key: LegKey,
@@ -156,13 +157,13 @@ impl RtpLeg {
                 }
             }
         }
-        let mut ticker = tokio::time::interval(super::jitter::FRAME_DURATION);
+        let mut ticker = tokio::time::interval(telcoflow_sip::rtp::jitter::FRAME_DURATION);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut datagram = vec![0u8; DATAGRAM];
         let mut rtcp_datagram = vec![0u8; DATAGRAM];
         // One waiter for the task's life: a new one per packet would lock the server-wide
         // token's waiter list twice, a list every call's tasks share.
-        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        let shutdown = self.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
         loop {
             let flow = tokio::select! {
@@ -222,7 +223,7 @@ impl RtpLeg {
                     if let Some(shift) = shift {
                         let shift_us = shift.as_micros() as u64;
                         debug!(shift_us, "RTP playout tick moved earlier");
-                        ticker.reset_at(at + super::jitter::FRAME_DURATION - shift);
+                        ticker.reset_at(at + telcoflow_sip::rtp::jitter::FRAME_DURATION - shift);
                     }
                     flow
                 }

@@ -4,6 +4,7 @@
 //! incoming call. A registered phone sits in the [`Directory`] and becomes the destination leg
 //! when `call.connect` rings its number.
 
+use super::{AddressKind, Network, RingError};
 use crate::call::{self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
 use crate::state::Shared;
 use axum::extract::State;
@@ -42,19 +43,6 @@ struct RegisteredPhone {
     rings: mpsc::Sender<RingRequest>,
 }
 
-/// Why a number could not be rung.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum RingError {
-    #[error("no phone is registered at that number")]
-    NotRegistered,
-    #[error("the phone is busy")]
-    Busy,
-    #[error("SIP destinations need the [sip] section (or --sip)")]
-    NoSip,
-    #[error("{0}")]
-    Sip(String),
-}
-
 /// Registered simulated phones by number.
 #[derive(Debug, Default)]
 pub(crate) struct Directory {
@@ -66,14 +54,15 @@ impl Directory {
         // Only plain map operations happen under this lock; a poisoned map is still consistent.
         self.phones.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+impl Network for Directory {
+    fn serves(&self) -> AddressKind {
+        AddressKind::Number
+    }
 
     /// Rings the phone at `number` for `call`; the phone's answer arrives as a leg event.
-    pub(crate) fn ring(
-        &self,
-        number: &str,
-        call: &CallHandle,
-        leg: LegId,
-    ) -> Result<LegLink, RingError> {
+    fn ring(&self, number: &str, call: &CallHandle, leg: LegId) -> Result<LegLink, RingError> {
         let phones = self.lock();
         let phone = phones.get(number).ok_or(RingError::NotRegistered)?;
         let (tx, outputs) = mpsc::channel(PHONE_QUEUE);
@@ -92,14 +81,24 @@ impl Directory {
     }
 }
 
+/// What the `/v1/sim/phone` endpoint works with: the server, and the phones registered.
+#[derive(Debug, Clone)]
+pub(crate) struct SimState {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) phones: Arc<Directory>,
+}
+
 /// `GET /v1/sim/phone`: upgrade to a simulated phone.
-pub(crate) async fn phone_ws(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
+pub(crate) async fn phone_ws(
+    State(SimState { shared, phones }): State<SimState>,
+    ws: WebSocketUpgrade,
+) -> Response {
     let token = shared.tasks.token();
     ws.max_message_size(MAX_PHONE_FRAME)
         .read_buffer_size(crate::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let conn_id = shared.next_conn_id();
-            run_phone(shared, socket, conn_id)
+            run_phone(shared, phones, socket, conn_id)
                 .instrument(info_span!("phone", conn_id))
                 .await;
             drop(token);
@@ -113,7 +112,12 @@ async fn send(socket: &mut WebSocket, frame: NetworkFrame) -> bool {
         .is_ok()
 }
 
-async fn run_phone(shared: Arc<Shared>, mut socket: WebSocket, conn_id: u64) {
+async fn run_phone(
+    shared: Arc<Shared>,
+    phones: Arc<Directory>,
+    mut socket: WebSocket,
+    conn_id: u64,
+) {
     let hello = tokio::select! {
         r = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()) => r,
         () = shared.shutdown.cancelled() => return,
@@ -137,7 +141,7 @@ async fn run_phone(shared: Arc<Shared>, mut socket: WebSocket, conn_id: u64) {
             number,
             sample_rate,
         }) => {
-            register(shared, socket, conn_id, number, sample_rate).await;
+            register(shared, &phones, socket, conn_id, number, sample_rate).await;
         }
         Ok(other) => {
             let message = format!("expected dial or register first, got {other:?}");
@@ -244,6 +248,7 @@ async fn dial(
 
 async fn register(
     shared: Arc<Shared>,
+    directory: &Directory,
     mut socket: WebSocket,
     conn_id: u64,
     number: String,
@@ -252,7 +257,7 @@ async fn register(
     // One pending ring at a time: a second call while one rings finds the phone busy.
     let (ring_tx, mut ring_rx) = mpsc::channel(1);
     let taken = {
-        let mut phones = shared.phones.lock();
+        let mut phones = directory.lock();
         let taken = phones.contains_key(&number);
         if !taken {
             let phone = RegisteredPhone {
@@ -359,7 +364,7 @@ async fn register(
     if let Some((call, leg, _)) = current {
         call.send_data(leg_input(leg, LegEvent::Hangup)).await;
     }
-    let mut phones = shared.phones.lock();
+    let mut phones = directory.lock();
     if phones.get(&number).is_some_and(|p| p.conn_id == conn_id) {
         phones.remove(&number);
     }

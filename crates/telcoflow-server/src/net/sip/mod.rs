@@ -1,0 +1,289 @@
+//! The SIP edge: a SIP user agent (UDP and TCP on one port) that takes calls from phones and
+//! trunks, dials `sip:` destinations, and carries each call's audio over RTP.
+//!
+//! - [`SipNetwork`]: the [`Network`] that rings `sip:` destinations.
+//! - `endpoint`: the task that owns the SIP sockets and drives the sans-IO user agents of
+//!   `telcoflow_sip`.
+//! - `rtp_leg`: one task per SIP call that owns its RTP socket and plays the call's leg.
+//! - `link`: what the endpoint and the legs say to each other; `ports`: the RTP port range.
+//!
+//! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
+//!
+//! | call side | incoming call ([`uas::Uas`]) | outgoing call ([`uac::OutgoingCall`]) |
+//! |---|---|---|
+//! | new call | `UasEvent::IncomingCall` (Reject 404 if the number has no route) | `OutgoingCall::new` |
+//! | ringing | `LegOutput::Ringing` -> `UasAction::Ringing` | `UacEvent::Progress` |
+//! | answered | `LegOutput::Answered` -> `UasAction::Answer` | `UacEvent::Answered` -> `LegEvent::Answered` |
+//! | refused | ring timeout -> `UasAction::Reject { status: 480 }` | `UacEvent::Failed` -> `LegEvent::Rejected` |
+//! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` -> `LegEvent::Hangup` |
+//! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
+//! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `write_audio` (8 kHz) | same |
+//! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
+//! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
+//! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
+
+mod endpoint;
+mod link;
+mod ports;
+mod rtp_leg;
+
+use super::{AddressKind, Network, RingError};
+use crate::call::{CallHandle, LegId, LegLink};
+use crate::config::SipConfig;
+use crate::state::Shared;
+use link::{COMMAND_QUEUE, Command, LEG_EVENT_QUEUE, LegKey, OutgoingDial, USER_AGENT};
+use ports::MediaEnv;
+use rtp_leg::{Direction, LegParams};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use telcoflow_sip::rtp::ports::PortPool;
+use telcoflow_sip::sip::Transport;
+use telcoflow_sip::sip::digest::Credentials;
+use telcoflow_sip::sip::message::SipUri;
+use telcoflow_sip::sip::sdp::LocalMedia;
+use telcoflow_sip::sip::transaction::Timers;
+use telcoflow_sip::sip::uac::UacConfig;
+use telcoflow_sip::sip::uas::{Uas, UasConfig};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument as _, info, info_span, warn};
+
+/// Dials `sip:` destinations for the calls: the SIP edge's [`Network`].
+#[derive(Debug)]
+pub(crate) struct SipNetwork {
+    commands: mpsc::Sender<Command>,
+    media: Arc<MediaEnv>,
+    config: SipConfig,
+    /// `sip:telcoflow@host:port` of this endpoint.
+    contact: String,
+    sent_by: String,
+    next_key: AtomicU64,
+    /// Where leg tasks are spawned, and what stops them.
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Network for SipNetwork {
+    fn serves(&self) -> AddressKind {
+        AddressKind::Sip
+    }
+
+    /// Dials `uri` for `call` as leg `leg`: binds an RTP port, starts the leg task and asks the
+    /// endpoint to send the INVITE. The callee's answer arrives as a leg event.
+    fn ring(&self, uri: &str, call: &CallHandle, leg: LegId) -> Result<LegLink, RingError> {
+        let parsed = SipUri::parse(uri).map_err(|_| RingError::InvalidAddress {
+            kind: AddressKind::Sip,
+            address: uri.to_owned(),
+        })?;
+        let port = parsed.port.unwrap_or(5060);
+        // A literal address is used as is; a name is resolved by the leg task, so that the
+        // call actor calling this never waits on DNS.
+        let (destination, resolve) = match parsed.host.trim_matches(['[', ']']).parse::<IpAddr>() {
+            Ok(ip) => (SocketAddr::new(ip, port), None),
+            Err(_) => (
+                SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port),
+                Some((parsed.host.clone(), port)),
+            ),
+        };
+        let host_port = match parsed.port {
+            Some(p) => format!("{}:{p}", parsed.host),
+            None => parsed.host.clone(),
+        };
+        let credentials = self.config.trunk_for(&host_port).map(|t| Credentials {
+            username: t.username.clone(),
+            password: t.password.clone(),
+        });
+        let transport = if parsed
+            .params
+            .get("transport")
+            .is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
+        {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
+        let from_user = sip_user(&call.from);
+        let sockets = self.media.bind().ok_or(RingError::NoMediaPort)?;
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let media = LocalMedia::new(
+            self.media.advertised,
+            sockets.guard.port,
+            rand::random::<u32>().into(),
+        );
+        let config = UacConfig {
+            target: uri.to_owned(),
+            destination,
+            transport,
+            from: format!("sip:{from_user}@{}", self.sent_by),
+            contact: self.contact.clone(),
+            sent_by: self.sent_by.clone(),
+            credentials,
+            timers: Timers::default(),
+            user_agent: USER_AGENT.into(),
+        };
+        let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
+        let (link, pending) = rtp_leg::link();
+        let task = pending
+            .start(LegParams {
+                shutdown: self.shutdown.clone(),
+                call: call.clone(),
+                leg,
+                key: LegKey::Out(key),
+                direction: Direction::Outgoing,
+                sockets,
+                media: media.clone(),
+                rtp_timeout: self.media.rtp_timeout,
+                commands: self.commands.clone(),
+                events: events_rx,
+                dial: Some(OutgoingDial {
+                    key,
+                    config: Box::new(config),
+                    media,
+                    events: events_tx,
+                    resolve,
+                }),
+            })
+            .map_err(|_| RingError::NoMediaPort)?;
+        self.tasks
+            .spawn(task.instrument(info_span!("sip_out", call_id = %call.call_id, %uri)));
+        Ok(link)
+    }
+}
+
+/// A caller id made safe for the user part of a SIP URI (digits, letters, `+-_.`).
+fn sip_user(from: &str) -> String {
+    let user: String = from
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '_' | '.'))
+        .collect();
+    if user.is_empty() {
+        "telcoflow".into()
+    } else {
+        user
+    }
+}
+
+/// The SIP edge with its sockets bound, before the server's shared state exists: its
+/// [`SipNetwork`] goes into that state, then [`BoundSip::start`] starts the endpoint task.
+pub(crate) struct BoundSip {
+    network: Arc<SipNetwork>,
+    endpoint: endpoint::Bound,
+}
+
+/// Binds the SIP sockets (UDP and TCP on one port) and prepares the endpoint. Leg tasks are
+/// spawned on `tasks` and stop with `shutdown`.
+pub(crate) async fn bind(
+    config: SipConfig,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> std::io::Result<BoundSip> {
+    let (udp, tcp, local) = bind_udp_tcp(config.listen).await?;
+    let (low, high) = config
+        .rtp_port_range()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let pool = PortPool::new(low, high)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let advertised = config.advertised_ip();
+    if config.listen.ip().is_unspecified() && config.public_ip.is_none() {
+        warn!(
+            %advertised,
+            "SIP listens on all interfaces without public_ip: SDP and Contact announce {advertised}; set public_ip (--public-ip) for peers on other machines"
+        );
+    }
+    let sent_by = format!("{}:{}", host_literal(advertised), local.port());
+    let contact = format!("sip:telcoflow@{sent_by}");
+    let media = Arc::new(MediaEnv::new(
+        pool,
+        local.ip(),
+        advertised,
+        config.rtp_timeout(),
+    ));
+    let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let network = Arc::new(SipNetwork {
+        commands: commands.clone(),
+        media: media.clone(),
+        config,
+        contact: contact.clone(),
+        sent_by: sent_by.clone(),
+        next_key: AtomicU64::new(1),
+        tasks: tasks.clone(),
+        shutdown: shutdown.clone(),
+    });
+    let uas = Uas::new(
+        UasConfig {
+            contact,
+            sent_by,
+            timers: Timers::default(),
+            user_agent: USER_AGENT.into(),
+        },
+        rand::random(),
+    );
+    let endpoint = endpoint::Bound {
+        udp,
+        tcp,
+        local,
+        uas,
+        media,
+        commands,
+        command_rx,
+    };
+    Ok(BoundSip { network, endpoint })
+}
+
+impl BoundSip {
+    /// The network that dials out through this edge.
+    pub(crate) fn network(&self) -> Arc<SipNetwork> {
+        self.network.clone()
+    }
+
+    /// Starts the endpoint task, which takes incoming calls into `shared`. Returns the bound
+    /// address.
+    pub(crate) fn start(self, shared: &Arc<Shared>) -> SocketAddr {
+        let local = self.endpoint.local;
+        endpoint::spawn(shared, self.endpoint);
+        info!(%local, "SIP listening on udp+tcp");
+        local
+    }
+}
+
+/// Binds UDP and TCP on one port. With port 0 the UDP socket picks it, and if that number is
+/// taken for TCP (an outgoing connection's ephemeral port, say), another is tried.
+async fn bind_udp_tcp(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener, SocketAddr)> {
+    const ATTEMPTS: usize = 16;
+    let mut last = None;
+    for _ in 0..ATTEMPTS {
+        let udp = UdpSocket::bind(listen).await?;
+        let local = udp.local_addr()?;
+        match TcpListener::bind(local).await {
+            Ok(tcp) => return Ok((udp, tcp, local)),
+            Err(e) if listen.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
+}
+
+fn host_literal(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_ids_become_safe_sip_users() {
+        assert_eq!(sip_user("+15551230001"), "+15551230001");
+        assert_eq!(sip_user("Alice <a@b>"), "Aliceab");
+        assert_eq!(sip_user(""), "telcoflow");
+        assert_eq!(sip_user(" ;"), "telcoflow");
+        assert_eq!(host_literal("::1".parse().unwrap()), "[::1]");
+        assert_eq!(host_literal("10.0.0.1".parse().unwrap()), "10.0.0.1");
+    }
+}

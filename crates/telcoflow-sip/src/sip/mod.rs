@@ -1,0 +1,59 @@
+//! SIP signalling building blocks, all sans-IO (no sockets, no clock reads, no spawning).
+//!
+//! A transport task (in the Telcoflow server: its SIP endpoint) owns the UDP/TCP sockets,
+//! feeds datagrams or stream bytes and the current time into these types, and sends what they
+//! ask it to send.
+//!
+//! - [`message`]: SIP requests and responses: parse, stream framing, build, serialise.
+//! - [`stream`]: cutting a TCP byte stream into messages and keep-alives.
+//! - [`sdp`]: SDP parse/generate and audio offer/answer (PCMU, PCMA, telephone-event).
+//! - [`digest`]: digest authentication answers to 401/407 challenges (dialling out).
+//! - [`transaction`]: RFC 3261 client and server transactions with their timers.
+//! - [`uas`]: the user agent server for incoming calls: call-level events and actions.
+//! - [`uac`]: one outgoing call (dialling out): INVITE, auth retry, CANCEL, BYE.
+
+pub mod digest;
+pub mod message;
+pub mod sdp;
+pub mod stream;
+pub mod transaction;
+pub mod uac;
+pub mod uas;
+
+#[cfg(test)]
+mod pair_tests;
+
+use std::net::SocketAddr;
+
+/// The transport a message came over or must leave by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP (unreliable: the transactions retransmit).
+    Udp,
+    /// TCP (reliable). Send on the connection from `destination`.
+    Tcp,
+}
+
+impl Transport {
+    pub(crate) fn reliable(self) -> bool {
+        self == Self::Tcp
+    }
+
+    pub(crate) fn via_name(self) -> &'static str {
+        match self {
+            Self::Udp => "UDP",
+            Self::Tcp => "TCP",
+        }
+    }
+}
+
+/// Bytes to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Transport to use.
+    pub transport: Transport,
+    /// Peer address (for TCP: the connection to that peer).
+    pub destination: SocketAddr,
+    /// A serialised SIP message.
+    pub payload: Vec<u8>,
+}
