@@ -3,7 +3,8 @@
 //!
 //! Each subcommand lives in `src/cmd/<name>.rs` and exposes `Args` (a `clap::Args`) and
 //! `async fn run(Args) -> anyhow::Result<ExitCode>`. Adding one is its `mod` line in
-//! `src/cmd.rs` and one line in [`commands!`] below.
+//! `src/cmd.rs` and one line in the `commands!` invocation below, which declares [`Command`]
+//! and its dispatch.
 
 mod cmd;
 mod wav;

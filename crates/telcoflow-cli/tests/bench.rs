@@ -22,15 +22,17 @@ fn five_calls_three_seconds_rust_agent() {
     std::fs::create_dir_all(&dir).unwrap();
     let json_path = dir.join("bench.json");
     let plot_path = dir.join("bench.png");
-    let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_telcoflow"));
+    bench
         .args(["bench", "--calls", "5", "--duration", "3", "--ramp", "0.5"])
         .args(["--agent", "rust", "--sample-rate", "16000"])
         .arg("--json")
-        .arg(&json_path)
-        .arg("--plot")
-        .arg(&plot_path)
-        .output()
-        .expect("run telcoflow bench");
+        .arg(&json_path);
+    // The plot is drawn only by a build with the plot feature (see `--plot` being refused below).
+    if cfg!(feature = "plot") {
+        bench.arg("--plot").arg(&plot_path);
+    }
+    let out = bench.output().expect("run telcoflow bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -42,8 +44,10 @@ fn five_calls_three_seconds_rust_agent() {
         stdout.contains("round trip"),
         "no table on stdout:\n{stdout}"
     );
-    let png = std::fs::read(&plot_path).unwrap();
-    assert!(png.starts_with(b"\x89PNG"), "the plot is not a PNG");
+    if cfg!(feature = "plot") {
+        let png = std::fs::read(&plot_path).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "the plot is not a PNG");
+    }
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
 
     assert_eq!(num(&v, &["calls"]), 5.0);
@@ -62,6 +66,25 @@ fn five_calls_three_seconds_rust_agent() {
     // Each call runs one interrupt probe in 3 s.
     assert_timings_and_costs_plausible(&v);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Without the plot feature `--plot` stops the bench before it starts anything, saying how to
+/// build one that plots.
+#[cfg(not(feature = "plot"))]
+#[test]
+fn plot_without_the_plot_feature_is_refused_before_the_run() {
+    let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+        .args(["bench", "--calls", "1", "--plot", "never-written.png"])
+        .output()
+        .expect("run telcoflow bench --plot");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("--features plot"), "stderr:\n{stderr}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("round trip"),
+        "a run was made"
+    );
+    assert!(!std::path::Path::new("never-written.png").exists());
 }
 
 #[test]

@@ -16,6 +16,7 @@
 
 pub(crate) mod caller;
 pub(crate) mod marker;
+#[cfg(feature = "plot")]
 mod plot;
 mod sip_caller;
 pub(crate) mod stats;
@@ -138,7 +139,8 @@ pub(crate) struct Args {
     /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep).
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Draw CPU, RSS and p99 round trip against the number of calls into this PNG.
+    /// Draw CPU, RSS and p99 round trip against the number of calls into this PNG (needs a
+    /// build with the `plot` feature).
     #[arg(long)]
     plot: Option<PathBuf>,
 }
@@ -233,6 +235,13 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if duration < Duration::from_secs(1) {
         bail!("--duration must be at least 1 second");
     }
+    if args.plot.is_some() && !cfg!(feature = "plot") {
+        // Said before the run rather than after minutes of calls.
+        bail!(
+            "--plot needs a telcoflow built with the plot feature: \
+             cargo build --release -p telcoflow-cli --features plot"
+        );
+    }
     let mut runs = Vec::new();
     for &n in &sizes {
         let r = run_once(&args, n, rate, duration, ramp).await?;
@@ -251,6 +260,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         std::fs::write(path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
+    #[cfg(feature = "plot")]
     if let Some(path) = &args.plot {
         plot::draw(path, &runs)?;
     }

@@ -1,4 +1,5 @@
 //! `--plot`: a PNG of how cost and latency grow with the number of calls.
+//! Built only with the `plot` feature, which brings in plotters.
 //!
 //! Three panels over N (concurrent calls): CPU in cores, resident memory in MiB (server and
 //! agent process each), and the p99 round trip. Drawn with plotters' bitmap backend. Text needs
