@@ -6,6 +6,7 @@
 //! open do not depend on the control connection and go on while it reconnects.
 
 use crate::Error;
+use crate::error::ServerCode;
 use crate::call::{ActiveCall, CallLinks, CallParams, CallState};
 use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
 use crate::event::{ClientEvent, ClientEvents, SessionNotification};
@@ -238,7 +239,7 @@ impl TelcoflowClient {
             .await
             .map_err(|_| Error::Shutdown)?;
         match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
-            Err(_) => Err(Error::CommandTimeout),
+            Err(_) => Err(Error::RequestTimeout),
             Ok(Err(_)) => Err(Error::Shutdown),
             Ok(Ok(r)) => r,
         }
@@ -254,8 +255,8 @@ impl TelcoflowClient {
 }
 
 fn response_error(r: Response) -> Error {
-    let code = r.error_code.unwrap_or_default();
-    if code == ErrorCode::SessionBusy.as_str() {
+    let code = ServerCode::new(r.error_code.as_deref().unwrap_or_default());
+    if code == ErrorCode::SessionBusy {
         let bound = r
             .error_content
             .as_ref()
