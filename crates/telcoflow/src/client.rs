@@ -6,9 +6,9 @@
 //! open do not depend on the control connection and go on while it reconnects.
 
 use crate::Error;
-use crate::error::ServerCode;
 use crate::call::{ActiveCall, CallLinks, CallParams, CallState};
 use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
+use crate::error::ServerCode;
 use crate::event::{ClientEvent, ClientEvents, SessionNotification};
 use crate::transport::{self, Ws};
 use futures_util::{SinkExt, StreamExt};

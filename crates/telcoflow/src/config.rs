@@ -413,10 +413,19 @@ impl TelcoflowClientConfigBuilder {
         }
         builder = match (get(ENV_CLIENT_CERT)?, get(ENV_CLIENT_KEY)?) {
             (Some(cert), Some(key)) => builder.mtls(cert, key),
-            (Some(_), None) => return Err(ConfigError::MissingEnv { name: ENV_CLIENT_KEY }),
-            (None, Some(_)) => return Err(ConfigError::MissingEnv { name: ENV_CLIENT_CERT }),
+            (Some(_), None) => {
+                return Err(ConfigError::MissingEnv {
+                    name: ENV_CLIENT_KEY,
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::MissingEnv {
+                    name: ENV_CLIENT_CERT,
+                });
+            }
             (None, None) => {
-                let api_key = get(ENV_API_KEY)?.ok_or(ConfigError::MissingEnv { name: ENV_API_KEY })?;
+                let api_key =
+                    get(ENV_API_KEY)?.ok_or(ConfigError::MissingEnv { name: ENV_API_KEY })?;
                 let connector = get(ENV_CONNECTOR_UUID)?.ok_or(ConfigError::MissingEnv {
                     name: ENV_CONNECTOR_UUID,
                 })?;
@@ -628,13 +637,19 @@ impl TelcoflowClientConfigBuilder {
             .strip_prefix("ws://")
             .or_else(|| base_url.strip_prefix("wss://"))
         else {
-            return Err(ConfigError::invalid("base_url", "must start with ws:// or wss://"));
+            return Err(ConfigError::invalid(
+                "base_url",
+                "must start with ws:// or wss://",
+            ));
         };
         if host.is_empty() {
             return Err(ConfigError::invalid("base_url", "has no host"));
         }
         if base_url.starts_with("wss://") && !cfg!(feature = "tls") {
-            return Err(ConfigError::invalid("base_url", "wss:// needs the `tls` feature"));
+            return Err(ConfigError::invalid(
+                "base_url",
+                "wss:// needs the `tls` feature",
+            ));
         }
         if !self.buffer_size.is_power_of_two() || self.buffer_size < 1024 {
             return Err(ConfigError::invalid(
@@ -670,10 +685,16 @@ impl TelcoflowClientConfigBuilder {
             return Err(ConfigError::invalid("backoff", "needs 0 < min <= max"));
         }
         if !(b.factor.is_finite() && b.factor >= 1.0) {
-            return Err(ConfigError::invalid("backoff", "factor must be at least 1.0"));
+            return Err(ConfigError::invalid(
+                "backoff",
+                "factor must be at least 1.0",
+            ));
         }
         if !(b.jitter.is_finite() && (0.0..=1.0).contains(&b.jitter)) {
-            return Err(ConfigError::invalid("backoff", "jitter must be within 0.0..=1.0"));
+            return Err(ConfigError::invalid(
+                "backoff",
+                "jitter must be within 0.0..=1.0",
+            ));
         }
         if let Some(ca) = &self.ca_cert {
             if ca.as_os_str().is_empty() {
@@ -865,8 +886,7 @@ mod tests {
 
     #[test]
     fn from_env_names_missing_and_bad_variables() {
-        let missing = |vars: &[(&str, &str)]| match TelcoflowClientConfig::from_lookup(env(vars))
-        {
+        let missing = |vars: &[(&str, &str)]| match TelcoflowClientConfig::from_lookup(env(vars)) {
             Err(ConfigError::MissingEnv { name }) => name,
             other => panic!("unexpected {other:?}"),
         };
@@ -879,12 +899,14 @@ mod tests {
             missing(&[("TELCOFLOW_CLIENT_CERT", "c.pem")]),
             "TELCOFLOW_CLIENT_KEY"
         );
-        let invalid = |vars: &[(&str, &str)]| match TelcoflowClientConfig::from_lookup(env(vars))
-        {
+        let invalid = |vars: &[(&str, &str)]| match TelcoflowClientConfig::from_lookup(env(vars)) {
             Err(e @ ConfigError::InvalidEnv { .. }) => e,
             other => panic!("unexpected {other:?}"),
         };
-        let creds = [("TELCOFLOW_API_KEY", "k"), ("TELCOFLOW_CONNECTOR_UUID", "u")];
+        let creds = [
+            ("TELCOFLOW_API_KEY", "k"),
+            ("TELCOFLOW_CONNECTOR_UUID", "u"),
+        ];
         let e = invalid(&[creds[0], creds[1], ("TELCOFLOW_SAMPLE_RATE", "44100")]);
         assert!(e.to_string().contains("TELCOFLOW_SAMPLE_RATE"), "{e}");
         let e = invalid(&[creds[0], creds[1], ("TELCOFLOW_BASE_URL", "http://h")]);
@@ -892,7 +914,13 @@ mod tests {
         // A refused secret is named, never shown.
         let e = invalid(&[("TELCOFLOW_API_KEY", "top\nsecret"), creds[1]]);
         assert!(
-            matches!(e, ConfigError::InvalidEnv { name: "TELCOFLOW_API_KEY", .. }),
+            matches!(
+                e,
+                ConfigError::InvalidEnv {
+                    name: "TELCOFLOW_API_KEY",
+                    ..
+                }
+            ),
             "{e:?}"
         );
         assert!(!format!("{e} {e:?}").contains("secret"), "{e}");

@@ -173,7 +173,10 @@ pub struct CallError {
 enum Detail {
     None,
     /// A write that did not fit the outgoing buffer.
-    Sizes { requested: usize, free: usize },
+    Sizes {
+        requested: usize,
+        free: usize,
+    },
     Full(Box<Full>),
 }
 
@@ -539,11 +542,8 @@ mod tests {
 
     #[test]
     fn responses_map_to_kinds() {
-        let e = CallError::from_response(CommandResponse::error(
-            "c",
-            ErrorCode::Timeout,
-            "deadline",
-        ));
+        let e =
+            CallError::from_response(CommandResponse::error("c", ErrorCode::Timeout, "deadline"));
         assert!(e.is_timeout() && !e.is_rejected());
         assert_eq!(e.code(), Some(ErrorCode::Timeout));
         let e = CallError::from_response(CommandResponse {
@@ -555,7 +555,10 @@ mod tests {
         });
         assert!(e.is_rejected());
         assert_eq!(e.code(), None);
-        assert_eq!(e.server_code().map(ServerCode::as_str), Some("SOMETHING_NEW"));
+        assert_eq!(
+            e.server_code().map(ServerCode::as_str),
+            Some("SOMETHING_NEW")
+        );
         assert_eq!(e.to_string(), "command refused: SOMETHING_NEW: why");
         let e: Error = e.into();
         assert!(!e.is_timeout());

@@ -197,9 +197,9 @@ mod tls {
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(ca) = ca_cert {
             for cert in read_certs(ca, "ca_cert")? {
-                roots
-                    .add(cert)
-                    .map_err(|e| ConfigError::invalid("ca_cert", format!("{}: {e}", ca.display())))?;
+                roots.add(cert).map_err(|e| {
+                    ConfigError::invalid("ca_cert", format!("{}: {e}", ca.display()))
+                })?;
             }
         }
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(

@@ -70,7 +70,11 @@ impl FlowControl {
     /// the driver's reader, which runs before this in every poll. It waits on the ring buffer
     /// only to learn that it closed. Audio is taken from the ring buffer only in the poll that
     /// returns it.
-    pub(super) fn poll_next_frame(&mut self, cx: &mut Context<'_>, ring: &RingBuffer) -> Poll<Option<Bytes>> {
+    pub(super) fn poll_next_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        ring: &RingBuffer,
+    ) -> Poll<Option<Bytes>> {
         while self.owed == 0 {
             match self.requests.pop_front() {
                 Some(req) => {

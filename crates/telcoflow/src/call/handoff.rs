@@ -28,9 +28,8 @@ impl ActiveCall {
     ///
     /// Fails with [`CallErrorKind::InvalidHandOff`] when the JSON does not describe a call.
     pub fn from_json(json: &str, config: &TelcoflowClientConfig) -> Result<Self, CallError> {
-        let h: HandOff = serde_json::from_str(json).map_err(|e| {
-            CallError::with_message(CallErrorKind::InvalidHandOff, e.to_string())
-        })?;
+        let h: HandOff = serde_json::from_str(json)
+            .map_err(|e| CallError::with_message(CallErrorKind::InvalidHandOff, e.to_string()))?;
         if h.channel != "TELCO" {
             return Err(CallError::with_message(
                 CallErrorKind::InvalidHandOff,

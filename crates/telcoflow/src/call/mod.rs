@@ -628,7 +628,10 @@ mod tests {
         assert_eq!(call.state(), CallState::Terminated);
         assert_eq!(states.changed().await, Some(CallState::Terminated));
         assert_eq!(states.changed().await, None, "nothing follows TERMINATED");
-        assert_eq!(call.to_json().unwrap_err().kind(), CallErrorKind::InvalidState);
+        assert_eq!(
+            call.to_json().unwrap_err().kind(),
+            CallErrorKind::InvalidState
+        );
         assert!(call.answer().await.unwrap_err().is_closed());
         assert!(call.send_audio(&[0, 0]).await.unwrap_err().is_closed());
         assert!(audio.next().await.is_none());
