@@ -8,8 +8,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::FutureExt;
 use std::hint::black_box;
 
-// Only part of the buffer's interface is measured here.
-#[allow(dead_code)]
+// Only part of the buffer's interface is measured here, and the module's unit tests are
+// not built into a benchmark (their imports go unused).
+#[allow(dead_code, unused_imports)]
 #[path = "../src/ring.rs"]
 mod ring;
 

@@ -252,7 +252,7 @@ impl TelcoflowClientConfig {
     /// # Ok(()) }
     /// ```
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name))
+        Self::from_lookup(std::env::var)
     }
 
     /// [`TelcoflowClientConfig::from_env`] with `var` in place of the process environment.
@@ -392,7 +392,7 @@ impl TelcoflowClientConfigBuilder {
     /// [`TelcoflowClientConfig::from_env`]); values are checked by [`Self::build`], except
     /// that missing credentials and an unreadable variable fail here.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|name| std::env::var(name))
+        Self::from_lookup(std::env::var)
     }
 
     fn from_lookup(

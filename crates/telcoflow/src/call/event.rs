@@ -11,7 +11,7 @@ use telcoflow_proto::media;
 use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Something that happened on a call, from [`ActiveCall::events`].
+/// Something that happened on a call, from [`ActiveCall::events`](super::ActiveCall::events).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum CallEvent {
