@@ -73,3 +73,8 @@ pub use event::{ClientEvent, ClientEvents, SessionNotification};
 pub use telcoflow_proto::control::Channel;
 pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo};
 pub use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
+
+// The README's example is compiled with the doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+struct ReadmeDoctests;
