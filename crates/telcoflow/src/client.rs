@@ -635,7 +635,13 @@ impl Driver {
                         let ev = ClientEvent::CallError {
                             call_id: call.id().to_owned(),
                             code: None,
-                            message: Some(format!("media connection failed: {e}")),
+                            // A connection error says so itself; others (a refused token)
+                            // get the context.
+                            message: Some(if e.is_connection() {
+                                e.to_string()
+                            } else {
+                                format!("media connection failed: {e}")
+                            }),
                         };
                         tokio::select! {
                             _ = events.send(ev) => {}
