@@ -32,8 +32,12 @@ async fn incoming_call_is_delivered_already_connected() {
     assert!(matches!(answered, NetworkFrame::Answered { call_id } if call_id == call.id()));
     // The caller hangs up: the call ends and its audio stream ends.
     let mut audio = call.audio_stream(AudioChannel::Mixed);
+    let mut states = call.watch_state();
+    assert_eq!(states.current(), CallState::Live);
     phone.hangup();
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    assert_eq!(states.changed().await, Some(CallState::Terminated));
+    assert_eq!(states.changed().await, None);
     tokio::time::timeout(WAIT, async { while audio.next().await.is_some() {} })
         .await
         .unwrap();

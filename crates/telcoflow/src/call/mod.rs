@@ -628,6 +628,16 @@ mod tests {
         assert_eq!(call.state(), CallState::Terminated);
         assert_eq!(states.changed().await, Some(CallState::Terminated));
         assert_eq!(states.changed().await, None, "nothing follows TERMINATED");
+        let mut fresh = call.watch_state();
+        assert_eq!(
+            fresh.wait_for(|s| s == CallState::Terminated).await,
+            Some(CallState::Terminated)
+        );
+        assert_eq!(
+            fresh.wait_for(|s| s == CallState::Live).await,
+            None,
+            "a terminated call never goes live"
+        );
         assert_eq!(
             call.to_json().unwrap_err().kind(),
             CallErrorKind::InvalidState
