@@ -142,16 +142,16 @@ async fn baresip_hears_its_tone_back_through_an_echo_agent() {
                 .serve(move |call: telcoflow::ActiveCall| {
                     let echoed = echoed.clone();
                     async move {
-                        if call.answer().await.and_then(|r| r.into_result()).is_err() {
+                        if call.answer().await.is_err() {
                             return;
                         }
-                        let mut audio = call.audio_stream(0);
+                        let mut audio = call.audio_stream(telcoflow::AudioChannel::Mixed);
                         while let Some(chunk) = audio.next().await {
                             match call.send_audio(&chunk).await {
                                 Ok(()) => {
                                     echoed.fetch_add(1, Ordering::Relaxed);
                                 }
-                                Err(telcoflow::Error::BufferFull { .. }) => {}
+                                Err(e) if e.is_buffer_full() => {}
                                 Err(_) => break,
                             }
                         }

@@ -11,7 +11,7 @@
 //! development connector on `ws://127.0.0.1:8080`).
 
 use futures_util::StreamExt;
-use telcoflow::{ActiveCall, Error, TelcoflowClient, TelcoflowClientConfig};
+use telcoflow::{ActiveCall, AudioChannel, TelcoflowClient, TelcoflowClientConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -46,15 +46,16 @@ async fn main() -> anyhow::Result<()> {
 /// One call: answer, then send every chunk heard straight back.
 async fn echo(call: ActiveCall) {
     println!("call {} from {}", call.id(), call.caller());
-    if let Err(e) = call.answer().await.and_then(|r| r.into_result()) {
+    if let Err(e) = call.answer().await {
         eprintln!("cannot answer: {e}");
         return;
     }
-    let mut audio = call.audio_stream(0);
+    let mut audio = call.audio_stream(AudioChannel::Mixed);
     while let Some(chunk) = audio.next().await {
         match call.send_audio(&chunk).await {
-            Ok(()) | Err(Error::BufferFull { .. }) => {}
-            Err(_) => break,
+            // A full buffer drops this chunk; anything else ends the call.
+            Err(e) if !e.is_buffer_full() => break,
+            _ => {}
         }
     }
     println!("call {} ended", call.id());

@@ -11,7 +11,7 @@
 
 use futures_util::StreamExt;
 use std::sync::Arc;
-use telcoflow::{ActiveCall, SampleRate, TelcoflowClient, TelcoflowClientConfig};
+use telcoflow::{ActiveCall, AudioChannel, SampleRate, TelcoflowClient, TelcoflowClientConfig};
 
 const RATE: SampleRate = SampleRate::Hz16000;
 const BARGE_IN_LEVEL: u64 = 600;
@@ -63,8 +63,8 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn speak(call: &ActiveCall, pcm: &[u8]) -> Result<(), telcoflow::Error> {
-    call.answer().await?.into_result()?;
-    let mut audio = call.audio_stream(0);
+    call.answer().await?;
+    let mut audio = call.audio_stream(AudioChannel::Mixed);
     // The default 1 MiB buffer holds 32 s at 16 kHz; longer files are cut there.
     let queued = &pcm[..pcm.len().min(1 << 20) & !1];
     call.send_audio(queued).await?;

@@ -57,8 +57,10 @@ async fn main() -> anyhow::Result<()> {
 async fn handle(worker: u32, call: ActiveCall) {
     println!("worker {worker}: call {} from {}", call.id(), call.caller());
     match call.answer().await {
-        Ok(r) if r.success => call.terminated().await,
-        Ok(r) => eprintln!("worker {worker}: answer refused: {:?}", r.error_code),
+        Ok(_) => call.terminated().await,
+        Err(e) if e.is_rejected() => {
+            eprintln!("worker {worker}: answer refused: {:?}", e.code());
+        }
         Err(e) => eprintln!("worker {worker}: {e}"),
     }
     println!("worker {worker}: call {} ended", call.id());

@@ -8,6 +8,7 @@
 use crate::Error;
 use crate::call::{ActiveCall, CallLinks, CallParams, CallState};
 use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
+use crate::error::ServerCode;
 use crate::event::{ClientEvent, ClientEvents, SessionNotification};
 use crate::transport::{self, Ws};
 use futures_util::{SinkExt, StreamExt};
@@ -238,7 +239,7 @@ impl TelcoflowClient {
             .await
             .map_err(|_| Error::Shutdown)?;
         match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
-            Err(_) => Err(Error::CommandTimeout),
+            Err(_) => Err(Error::RequestTimeout),
             Ok(Err(_)) => Err(Error::Shutdown),
             Ok(Ok(r)) => r,
         }
@@ -254,8 +255,8 @@ impl TelcoflowClient {
 }
 
 fn response_error(r: Response) -> Error {
-    let code = r.error_code.unwrap_or_default();
-    if code == ErrorCode::SessionBusy.as_str() {
+    let code = ServerCode::new(r.error_code.as_deref().unwrap_or_default());
+    if code == ErrorCode::SessionBusy {
         let bound = r
             .error_content
             .as_ref()
@@ -634,7 +635,13 @@ impl Driver {
                         let ev = ClientEvent::CallError {
                             call_id: call.id().to_owned(),
                             code: None,
-                            message: Some(format!("media connection failed: {e}")),
+                            // A connection error says so itself; others (a refused token)
+                            // get the context.
+                            message: Some(if e.is_connection() {
+                                e.to_string()
+                            } else {
+                                format!("media connection failed: {e}")
+                            }),
                         };
                         tokio::select! {
                             _ = events.send(ev) => {}

@@ -1,6 +1,6 @@
 //! Client configuration: credentials, server URL, audio settings, timers and reconnection.
 
-use crate::Error;
+use crate::ConfigError;
 use crate::transport::Tls;
 use std::fmt;
 use std::path::PathBuf;
@@ -12,6 +12,32 @@ use telcoflow_proto::{AudioMode, SampleRate};
 pub const LOCAL_BASE_URL: &str = "ws://127.0.0.1:8080";
 /// Base URL of the hosted Telcoflow service.
 pub const PRODUCTION_BASE_URL: &str = "wss://wss-prod.agentao.com";
+
+/// Environment variable of the API key, read by [`TelcoflowClientConfig::from_env`] (and the
+/// `telcoflow` command line).
+pub const ENV_API_KEY: &str = "TELCOFLOW_API_KEY";
+/// Environment variable of the connector UUID.
+pub const ENV_CONNECTOR_UUID: &str = "TELCOFLOW_CONNECTOR_UUID";
+/// Environment variable of the WebSocket base URL.
+pub const ENV_BASE_URL: &str = "TELCOFLOW_BASE_URL";
+/// Environment variable of a PEM file of extra root certificates.
+pub const ENV_CA_CERT: &str = "TELCOFLOW_CA_CERT";
+/// Environment variable of the PEM client certificate (mTLS instead of an API key).
+pub const ENV_CLIENT_CERT: &str = "TELCOFLOW_CLIENT_CERT";
+/// Environment variable of the PEM private key of the client certificate.
+pub const ENV_CLIENT_KEY: &str = "TELCOFLOW_CLIENT_KEY";
+/// Environment variable of the sample rate in Hz.
+pub const ENV_SAMPLE_RATE: &str = "TELCOFLOW_SAMPLE_RATE";
+
+/// The builder field each variable sets, to name the variable when its value is refused.
+const ENV_FIELDS: [(&str, &str); 6] = [
+    ("api_key", ENV_API_KEY),
+    ("connector_uuid", ENV_CONNECTOR_UUID),
+    ("base_url", ENV_BASE_URL),
+    ("ca_cert", ENV_CA_CERT),
+    ("cert_path", ENV_CLIENT_CERT),
+    ("key_path", ENV_CLIENT_KEY),
+];
 
 /// How the client proves who it is.
 #[derive(Clone, PartialEq, Eq)]
@@ -128,7 +154,7 @@ impl Backoff {
 ///     .heartbeat_interval(Duration::from_secs(15))
 ///     .build()?;
 /// assert_eq!(config.sample_rate(), SampleRate::Hz24000);
-/// # Ok::<(), telcoflow::Error>(())
+/// # Ok::<(), telcoflow::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct TelcoflowClientConfig {
@@ -185,7 +211,7 @@ impl TelcoflowClientConfig {
     pub fn local(
         api_key: impl Into<String>,
         connector_uuid: impl Into<String>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, ConfigError> {
         Self::builder()
             .api_key(api_key, connector_uuid)
             .base_url(LOCAL_BASE_URL)
@@ -196,11 +222,54 @@ impl TelcoflowClientConfig {
     pub fn production(
         api_key: impl Into<String>,
         connector_uuid: impl Into<String>,
-    ) -> Result<Self, Error> {
+    ) -> Result<Self, ConfigError> {
         Self::builder()
             .api_key(api_key, connector_uuid)
             .base_url(PRODUCTION_BASE_URL)
             .build()
+    }
+
+    /// A configuration from the environment; every other setting keeps its default.
+    ///
+    /// | Variable | Meaning | Default |
+    /// |---|---|---|
+    /// | `TELCOFLOW_API_KEY` | API key | required, unless mTLS |
+    /// | `TELCOFLOW_CONNECTOR_UUID` | connector UUID | required with the API key |
+    /// | `TELCOFLOW_BASE_URL` | `ws://` or `wss://` base URL | [`PRODUCTION_BASE_URL`] |
+    /// | `TELCOFLOW_CA_CERT` | PEM roots to trust besides the public ones | none |
+    /// | `TELCOFLOW_CLIENT_CERT`, `TELCOFLOW_CLIENT_KEY` | PEM certificate and key: mTLS instead of an API key | none |
+    /// | `TELCOFLOW_SAMPLE_RATE` | 8000, 16000 or 24000 | 16000 |
+    ///
+    /// The first four are the names the `telcoflow` command line reads. An empty variable
+    /// counts as unset. Errors name the variable ([`ConfigError::MissingEnv`],
+    /// [`ConfigError::InvalidEnv`]), never a secret's value. To change further settings,
+    /// start from [`TelcoflowClientConfigBuilder::from_env`].
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), telcoflow::Error> {
+    /// let config = telcoflow::TelcoflowClientConfig::from_env()?;
+    /// let client = telcoflow::TelcoflowClient::connect(config).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(std::env::var)
+    }
+
+    /// [`TelcoflowClientConfig::from_env`] with `var` in place of the process environment.
+    fn from_lookup(
+        var: impl Fn(&'static str) -> Result<String, std::env::VarError>,
+    ) -> Result<Self, ConfigError> {
+        TelcoflowClientConfigBuilder::from_lookup(var)?
+            .build()
+            .map_err(|e| match e {
+                ConfigError::Invalid { field, reason } => {
+                    match ENV_FIELDS.iter().find(|(f, _)| *f == field) {
+                        Some((_, name)) => ConfigError::InvalidEnv { name, reason },
+                        None => ConfigError::Invalid { field, reason },
+                    }
+                }
+                other => other,
+            })
     }
 
     /// The credentials.
@@ -319,6 +388,67 @@ impl Default for TelcoflowClientConfigBuilder {
 }
 
 impl TelcoflowClientConfigBuilder {
+    /// A builder set from the environment (the variables of
+    /// [`TelcoflowClientConfig::from_env`]); values are checked by [`Self::build`], except
+    /// that missing credentials and an unreadable variable fail here.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(std::env::var)
+    }
+
+    fn from_lookup(
+        var: impl Fn(&'static str) -> Result<String, std::env::VarError>,
+    ) -> Result<Self, ConfigError> {
+        let get = |name: &'static str| match var(name) {
+            Ok(v) if v.is_empty() => Ok(None),
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::InvalidEnv {
+                name,
+                reason: "is not valid Unicode".into(),
+            }),
+        };
+        let mut builder = Self::default();
+        if let Some(url) = get(ENV_BASE_URL)? {
+            builder = builder.base_url(url);
+        }
+        builder = match (get(ENV_CLIENT_CERT)?, get(ENV_CLIENT_KEY)?) {
+            (Some(cert), Some(key)) => builder.mtls(cert, key),
+            (Some(_), None) => {
+                return Err(ConfigError::MissingEnv {
+                    name: ENV_CLIENT_KEY,
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::MissingEnv {
+                    name: ENV_CLIENT_CERT,
+                });
+            }
+            (None, None) => {
+                let api_key =
+                    get(ENV_API_KEY)?.ok_or(ConfigError::MissingEnv { name: ENV_API_KEY })?;
+                let connector = get(ENV_CONNECTOR_UUID)?.ok_or(ConfigError::MissingEnv {
+                    name: ENV_CONNECTOR_UUID,
+                })?;
+                builder.api_key(api_key, connector)
+            }
+        };
+        if let Some(ca) = get(ENV_CA_CERT)? {
+            builder = builder.ca_cert(ca);
+        }
+        if let Some(rate) = get(ENV_SAMPLE_RATE)? {
+            let rate = rate
+                .parse::<u32>()
+                .ok()
+                .and_then(|hz| SampleRate::from_hz(hz).ok())
+                .ok_or_else(|| ConfigError::InvalidEnv {
+                    name: ENV_SAMPLE_RATE,
+                    reason: format!("{rate} is not 8000, 16000 or 24000"),
+                })?;
+            builder = builder.sample_rate(rate);
+        }
+        Ok(builder)
+    }
+
     /// Authenticate with an API key and connector UUID (headers `x-api-key`,
     /// `x-connector-uuid`).
     pub fn api_key(
@@ -389,7 +519,7 @@ impl TelcoflowClientConfigBuilder {
     /// How long opening a WebSocket (TCP connect, TLS handshake and HTTP upgrade) may take,
     /// for the control connection and for every media connection. Default 10 s. A peer that
     /// accepts the TCP connection but never completes the upgrade then fails the attempt with
-    /// [`Error::Connection`] instead of holding it forever.
+    /// [`Error::Connection`](crate::Error::Connection) instead of holding it forever.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
@@ -456,29 +586,29 @@ impl TelcoflowClientConfigBuilder {
     }
 
     /// Checks every value and builds the configuration.
-    pub fn build(self) -> Result<TelcoflowClientConfig, Error> {
+    pub fn build(self) -> Result<TelcoflowClientConfig, ConfigError> {
         let auth = self
             .auth
-            .ok_or_else(|| Error::config("auth", "set api_key(..) or mtls(..)"))?;
+            .ok_or_else(|| ConfigError::invalid("auth", "set api_key(..) or mtls(..)"))?;
         match &auth {
             Auth::ApiKey {
                 api_key,
                 connector_uuid,
             } => {
                 if api_key.is_empty() {
-                    return Err(Error::config("api_key", "must not be empty"));
+                    return Err(ConfigError::invalid("api_key", "must not be empty"));
                 }
                 if connector_uuid.is_empty() {
-                    return Err(Error::config("connector_uuid", "must not be empty"));
+                    return Err(ConfigError::invalid("connector_uuid", "must not be empty"));
                 }
                 if !header_safe(api_key) {
-                    return Err(Error::config(
+                    return Err(ConfigError::invalid(
                         "api_key",
                         "contains characters not allowed in a header",
                     ));
                 }
                 if !header_safe(connector_uuid) {
-                    return Err(Error::config(
+                    return Err(ConfigError::invalid(
                         "connector_uuid",
                         "contains characters not allowed in a header",
                     ));
@@ -489,16 +619,16 @@ impl TelcoflowClientConfigBuilder {
                 key_path,
             } => {
                 if cert_path.as_os_str().is_empty() {
-                    return Err(Error::config("cert_path", "must not be empty"));
+                    return Err(ConfigError::invalid("cert_path", "must not be empty"));
                 }
                 if key_path.as_os_str().is_empty() {
-                    return Err(Error::config("key_path", "must not be empty"));
+                    return Err(ConfigError::invalid("key_path", "must not be empty"));
                 }
                 if !cfg!(feature = "tls") {
-                    return Err(Error::config("auth", "mTLS needs the `tls` feature"));
+                    return Err(ConfigError::invalid("auth", "mTLS needs the `tls` feature"));
                 }
                 if !self.base_url.starts_with("wss://") {
-                    return Err(Error::config("base_url", "mTLS needs a wss:// URL"));
+                    return Err(ConfigError::invalid("base_url", "mTLS needs a wss:// URL"));
                 }
             }
         }
@@ -507,16 +637,22 @@ impl TelcoflowClientConfigBuilder {
             .strip_prefix("ws://")
             .or_else(|| base_url.strip_prefix("wss://"))
         else {
-            return Err(Error::config("base_url", "must start with ws:// or wss://"));
+            return Err(ConfigError::invalid(
+                "base_url",
+                "must start with ws:// or wss://",
+            ));
         };
         if host.is_empty() {
-            return Err(Error::config("base_url", "has no host"));
+            return Err(ConfigError::invalid("base_url", "has no host"));
         }
         if base_url.starts_with("wss://") && !cfg!(feature = "tls") {
-            return Err(Error::config("base_url", "wss:// needs the `tls` feature"));
+            return Err(ConfigError::invalid(
+                "base_url",
+                "wss:// needs the `tls` feature",
+            ));
         }
         if !self.buffer_size.is_power_of_two() || self.buffer_size < 1024 {
-            return Err(Error::config(
+            return Err(ConfigError::invalid(
                 "buffer_size",
                 format!(
                     "{} is not a power of two of at least 1024",
@@ -532,7 +668,7 @@ impl TelcoflowClientConfigBuilder {
             ("request_timeout", self.request_timeout),
         ] {
             if d.is_zero() {
-                return Err(Error::config(field, "must be greater than zero"));
+                return Err(ConfigError::invalid(field, "must be greater than zero"));
             }
         }
         for (field, n) in [
@@ -541,25 +677,31 @@ impl TelcoflowClientConfigBuilder {
             ("audio_channel_capacity", self.audio_channel_capacity),
         ] {
             if n == 0 {
-                return Err(Error::config(field, "must be at least 1"));
+                return Err(ConfigError::invalid(field, "must be at least 1"));
             }
         }
         let b = self.backoff;
         if b.min.is_zero() || b.max < b.min {
-            return Err(Error::config("backoff", "needs 0 < min <= max"));
+            return Err(ConfigError::invalid("backoff", "needs 0 < min <= max"));
         }
         if !(b.factor.is_finite() && b.factor >= 1.0) {
-            return Err(Error::config("backoff", "factor must be at least 1.0"));
+            return Err(ConfigError::invalid(
+                "backoff",
+                "factor must be at least 1.0",
+            ));
         }
         if !(b.jitter.is_finite() && (0.0..=1.0).contains(&b.jitter)) {
-            return Err(Error::config("backoff", "jitter must be within 0.0..=1.0"));
+            return Err(ConfigError::invalid(
+                "backoff",
+                "jitter must be within 0.0..=1.0",
+            ));
         }
         if let Some(ca) = &self.ca_cert {
             if ca.as_os_str().is_empty() {
-                return Err(Error::config("ca_cert", "must not be empty"));
+                return Err(ConfigError::invalid("ca_cert", "must not be empty"));
             }
             if !cfg!(feature = "tls") {
-                return Err(Error::config("ca_cert", "needs the `tls` feature"));
+                return Err(ConfigError::invalid("ca_cert", "needs the `tls` feature"));
             }
         }
         #[cfg(feature = "tls")]
@@ -599,9 +741,9 @@ fn header_safe(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn field_of(e: Error) -> &'static str {
+    fn field_of(e: ConfigError) -> &'static str {
         match e {
-            Error::InvalidConfig { field, .. } => field,
+            ConfigError::Invalid { field, .. } => field,
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -700,6 +842,102 @@ mod tests {
         );
         assert!(!text.contains("super-secret-key"), "{text}");
         assert!(text.contains("conn"));
+    }
+
+    fn env<'a>(
+        vars: &'a [(&str, &str)],
+    ) -> impl Fn(&'static str) -> Result<String, std::env::VarError> + 'a {
+        |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+                .ok_or(std::env::VarError::NotPresent)
+        }
+    }
+
+    #[test]
+    fn from_env_reads_the_cli_variables() {
+        let c = TelcoflowClientConfig::from_lookup(env(&[
+            ("TELCOFLOW_API_KEY", "secret-key"),
+            ("TELCOFLOW_CONNECTOR_UUID", "conn"),
+            ("TELCOFLOW_BASE_URL", "ws://127.0.0.1:9/"),
+            ("TELCOFLOW_SAMPLE_RATE", "24000"),
+        ]))
+        .unwrap();
+        assert_eq!(c.base_url(), "ws://127.0.0.1:9");
+        assert_eq!(c.sample_rate(), SampleRate::Hz24000);
+        assert_eq!(
+            c.auth(),
+            &Auth::ApiKey {
+                api_key: "secret-key".into(),
+                connector_uuid: "conn".into()
+            }
+        );
+        // Defaults where unset (an empty value is unset).
+        let c = TelcoflowClientConfig::from_lookup(env(&[
+            ("TELCOFLOW_API_KEY", "k"),
+            ("TELCOFLOW_CONNECTOR_UUID", "u"),
+            ("TELCOFLOW_BASE_URL", ""),
+        ]))
+        .unwrap();
+        assert_eq!(c.base_url(), PRODUCTION_BASE_URL);
+        assert_eq!(c.sample_rate(), SampleRate::Hz16000);
+    }
+
+    #[test]
+    fn from_env_names_missing_and_bad_variables() {
+        let missing = |vars: &[(&str, &str)]| match TelcoflowClientConfig::from_lookup(env(vars)) {
+            Err(ConfigError::MissingEnv { name }) => name,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(missing(&[]), "TELCOFLOW_API_KEY");
+        assert_eq!(
+            missing(&[("TELCOFLOW_API_KEY", "k")]),
+            "TELCOFLOW_CONNECTOR_UUID"
+        );
+        assert_eq!(
+            missing(&[("TELCOFLOW_CLIENT_CERT", "c.pem")]),
+            "TELCOFLOW_CLIENT_KEY"
+        );
+        let invalid = |vars: &[(&str, &str)]| match TelcoflowClientConfig::from_lookup(env(vars)) {
+            Err(e @ ConfigError::InvalidEnv { .. }) => e,
+            other => panic!("unexpected {other:?}"),
+        };
+        let creds = [
+            ("TELCOFLOW_API_KEY", "k"),
+            ("TELCOFLOW_CONNECTOR_UUID", "u"),
+        ];
+        let e = invalid(&[creds[0], creds[1], ("TELCOFLOW_SAMPLE_RATE", "44100")]);
+        assert!(e.to_string().contains("TELCOFLOW_SAMPLE_RATE"), "{e}");
+        let e = invalid(&[creds[0], creds[1], ("TELCOFLOW_BASE_URL", "http://h")]);
+        assert!(e.to_string().contains("TELCOFLOW_BASE_URL"), "{e}");
+        // A refused secret is named, never shown.
+        let e = invalid(&[("TELCOFLOW_API_KEY", "top\nsecret"), creds[1]]);
+        assert!(
+            matches!(
+                e,
+                ConfigError::InvalidEnv {
+                    name: "TELCOFLOW_API_KEY",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!format!("{e} {e:?}").contains("secret"), "{e}");
+        let not_unicode = |name: &'static str| {
+            if name == "TELCOFLOW_BASE_URL" {
+                Err(std::env::VarError::NotUnicode("\u{fffd}".into()))
+            } else {
+                Ok("x".to_owned())
+            }
+        };
+        assert!(matches!(
+            TelcoflowClientConfig::from_lookup(not_unicode),
+            Err(ConfigError::InvalidEnv {
+                name: "TELCOFLOW_BASE_URL",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What a [`TelcoflowClient`](crate::TelcoflowClient) reports to the application.
 
-use crate::call::ActiveCall;
+use crate::call::{ActiveCall, AudioChannel};
+use crate::error::ServerCode;
 use futures_util::Stream;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -68,7 +69,7 @@ pub enum ClientEvent {
         /// The call.
         call_id: String,
         /// The server's code, e.g. `TTS_SESSION_ERROR`.
-        code: Option<String>,
+        code: Option<ServerCode>,
         /// The server's message.
         message: Option<String>,
     },
@@ -77,7 +78,7 @@ pub enum ClientEvent {
         /// The call.
         call_id: String,
         /// The channel.
-        channel: u8,
+        channel: AudioChannel,
         /// Chunks dropped on that call so far.
         dropped: u64,
     },

@@ -12,8 +12,9 @@
 //! - [`client`]: [`TelcoflowClient`], the control connection.
 //! - [`call`]: [`ActiveCall`], its commands, audio and media connection.
 //! - [`event`]: [`ClientEvent`] and the event stream.
-//! - [`ring`]: the outgoing audio [`RingBuffer`](ring::RingBuffer).
-//! - [`error`]: the one [`Error`] type.
+//! - [`error`]: [`Error`] for the client, [`CallError`] for calls, [`ConfigError`] for
+//!   configuration.
+//! - `ring` (private): the outgoing audio buffer of a call.
 //!
 //! # Features
 //!
@@ -30,15 +31,18 @@
 //!
 //! ```no_run
 //! use futures_util::StreamExt;
-//! use telcoflow::{ActiveCall, TelcoflowClient, TelcoflowClientConfig};
+//! use telcoflow::{ActiveCall, AudioChannel, TelcoflowClient, TelcoflowClientConfig};
 //!
 //! # async fn run() -> Result<(), telcoflow::Error> {
-//! let config = TelcoflowClientConfig::local("dev-api-key", "my-connector-uuid")?;
+//! // TELCOFLOW_API_KEY, TELCOFLOW_CONNECTOR_UUID and TELCOFLOW_BASE_URL.
+//! let config = TelcoflowClientConfig::from_env()?;
 //! let client = TelcoflowClient::connect(config).await?;
 //! client
 //!     .serve(|call: ActiveCall| async move {
-//!         let _ = call.answer().await;
-//!         let mut audio = call.audio_stream(0);
+//!         if call.answer().await.is_err() {
+//!             return;
+//!         }
+//!         let mut audio = call.audio_stream(AudioChannel::Mixed);
 //!         while let Some(chunk) = audio.next().await {
 //!             let _ = call.send_audio(&chunk).await; // echo
 //!         }
@@ -54,13 +58,23 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
-pub mod ring;
+mod ring;
 mod transport;
 
-pub use call::{ActiveCall, AudioStream, CallEvent, CallEvents, CallState, CommandResult};
+pub use call::{
+    ActiveCall, AudioChannel, AudioStream, CallEvent, CallEvents, CallState, CallStateWatch,
+};
 pub use client::TelcoflowClient;
 pub use config::{Auth, Backoff, SessionMode, TelcoflowClientConfig, TelcoflowClientConfigBuilder};
-pub use error::Error;
+pub use error::{CallError, CallErrorKind, ConfigError, Error, ServerCode};
 pub use event::{ClientEvent, ClientEvents, SessionNotification};
-pub use telcoflow_proto::control::{Activity, Channel, CloseReason, SessionInfo};
-pub use telcoflow_proto::{AudioMode, SampleRate};
+/// The kind of conversation a session carries (a call or messaging); not to be confused with
+/// an [`AudioChannel`] of a call.
+pub use telcoflow_proto::control::Channel;
+pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo};
+pub use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
+
+// The README's example is compiled with the doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+struct ReadmeDoctests;

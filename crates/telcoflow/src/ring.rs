@@ -10,8 +10,10 @@
 //! a long synthesised answer queued at once (10 s at 24 kHz is 480 KB) is released once it
 //! has played instead of staying resident for the rest of the call. A steady stream stays in
 //! the first segment or two and a spare, so it allocates nothing.
+//!
+//! Private to the crate. `benches/ring.rs` compiles this same file into the benchmark, so it
+//! uses nothing else of the crate.
 
-use crate::Error;
 use bytes::BufMut;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
@@ -25,9 +27,23 @@ const SEGMENT: usize = 8 * 1024;
 /// front one is given back as the tail needs a new one) not to allocate per frame.
 const SPARES: usize = 1;
 
+/// Why a write to the [`RingBuffer`] was refused; nothing was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteError {
+    /// The whole write does not fit.
+    Full {
+        /// Bytes the write needed.
+        requested: usize,
+        /// Bytes that were free.
+        free: usize,
+    },
+    /// The buffer is closed: the call has ended.
+    Closed,
+}
+
 /// A bounded single-consumer byte queue for outgoing audio.
 #[derive(Debug)]
-pub struct RingBuffer {
+pub(crate) struct RingBuffer {
     state: Mutex<State>,
     /// The one reader, woken on write and on close. It registers before it looks at the
     /// state, so a write between its look and its wait still wakes it.
@@ -91,7 +107,7 @@ impl State {
 impl RingBuffer {
     /// A buffer of `capacity` bytes, rounded up to a power of two (at least 2). Memory is
     /// taken as audio is queued, not up front.
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.max(2).next_power_of_two();
         Self {
             state: Mutex::new(State {
@@ -108,37 +124,39 @@ impl RingBuffer {
     }
 
     /// Total capacity in bytes.
-    pub fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.state.lock().capacity
     }
 
     /// Bytes waiting to be sent.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.state.lock().len
     }
 
     /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// True once [`RingBuffer::close`] was called.
-    pub fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.state.lock().closed
     }
 
     /// Bytes of storage held now (queued audio, rounded up to segments, and spares).
-    pub fn resident(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn resident(&self) -> usize {
         let s = self.state.lock();
         (s.segments.len() + s.spares.len()) * s.segment
     }
 
-    /// Appends all of `data`, or nothing: [`Error::BufferFull`] when it does not fit,
-    /// [`Error::BufferClosed`] after close.
-    pub fn write_all(&self, data: &[u8]) -> Result<(), Error> {
+    /// Appends all of `data`, or nothing: [`WriteError::Full`] when it does not fit,
+    /// [`WriteError::Closed`] after close.
+    pub(crate) fn write_all(&self, data: &[u8]) -> Result<(), WriteError> {
         if data.is_empty() {
             return if self.is_closed() {
-                Err(Error::BufferClosed)
+                Err(WriteError::Closed)
             } else {
                 Ok(())
             };
@@ -146,11 +164,11 @@ impl RingBuffer {
         {
             let mut s = self.state.lock();
             if s.closed {
-                return Err(Error::BufferClosed);
+                return Err(WriteError::Closed);
             }
             let free = s.capacity - s.len;
             if data.len() > free {
-                return Err(Error::BufferFull {
+                return Err(WriteError::Full {
                     requested: data.len(),
                     free,
                 });
@@ -173,7 +191,7 @@ impl RingBuffer {
     }
 
     /// Drops everything queued and returns how many bytes that was.
-    pub fn clear(&self) -> usize {
+    pub(crate) fn clear(&self) -> usize {
         let mut s = self.state.lock();
         let dropped = s.len;
         s.len = 0;
@@ -181,16 +199,16 @@ impl RingBuffer {
         dropped
     }
 
-    /// Closes the buffer: later writes fail with [`Error::BufferClosed`]; a waiting reader gets
+    /// Closes the buffer: later writes fail with [`WriteError::Closed`]; a waiting reader gets
     /// what is left.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.state.lock().closed = true;
         self.reader.wake();
     }
 
     /// Ready once the buffer is closed; until then the task is woken on every write and on
     /// close.
-    pub fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+    pub(crate) fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.reader.register(cx.waker());
         if self.is_closed() {
             Poll::Ready(())
@@ -204,13 +222,15 @@ impl RingBuffer {
     /// only once closed and empty. `min` is clamped to `1..=capacity` and to `max`.
     ///
     /// Cancel-safe: bytes are only taken in the same poll that returns them.
-    pub async fn read(&self, min: usize, max: usize, out: &mut impl BufMut) -> usize {
+    // The media driver polls instead; the tests and the ring benchmark read with this.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) async fn read(&self, min: usize, max: usize, out: &mut impl BufMut) -> usize {
         poll_fn(|cx| self.poll_read(cx, min, max, out)).await
     }
 
     /// [`RingBuffer::read`] as a poll: takes the bytes when `min` are there, else registers
     /// the task to be woken by the next write or by close.
-    pub fn poll_read(
+    pub(crate) fn poll_read(
         &self,
         cx: &mut Context<'_>,
         min: usize,
@@ -273,7 +293,7 @@ mod tests {
         let ring = RingBuffer::new(8);
         ring.write_all(&[1, 2, 3, 4, 5, 6]).unwrap();
         match ring.write_all(&[7, 8, 9]) {
-            Err(Error::BufferFull {
+            Err(WriteError::Full {
                 requested: 3,
                 free: 2,
             }) => {}
@@ -367,7 +387,7 @@ mod tests {
         let (n, m, out) = reader.await.unwrap();
         assert_eq!((n, m), (2, 0));
         assert_eq!(out, [1, 2]);
-        assert!(matches!(ring.write_all(&[1]), Err(Error::BufferClosed)));
+        assert!(matches!(ring.write_all(&[1]), Err(WriteError::Closed)));
     }
 
     #[tokio::test]
@@ -404,8 +424,8 @@ mod tests {
                             next = next.wrapping_add(7);
                             written += 7;
                         }
-                        Err(Error::BufferFull { .. }) => tokio::task::yield_now().await,
-                        Err(e) => panic!("{e}"),
+                        Err(WriteError::Full { .. }) => tokio::task::yield_now().await,
+                        Err(e) => panic!("{e:?}"),
                     }
                 }
                 ring.close();

@@ -55,7 +55,7 @@ impl Tls {
     pub(crate) fn build(
         auth: &Auth,
         ca_cert: Option<&std::path::Path>,
-    ) -> Result<(Self, Self), Error> {
+    ) -> Result<(Self, Self), crate::ConfigError> {
         let client = match auth {
             Auth::Mtls {
                 cert_path,
@@ -180,7 +180,7 @@ async fn open(req: Request, tls: &Tls) -> Result<Ws, OpenError> {
 #[cfg(feature = "tls")]
 mod tls {
     //! The rustls client configuration for mTLS.
-    use crate::Error;
+    use crate::ConfigError;
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use std::path::Path;
@@ -192,51 +192,54 @@ mod tls {
     pub(super) fn connector(
         ca_cert: Option<&Path>,
         client: Option<(&Path, &Path)>,
-    ) -> Result<Connector, Error> {
+    ) -> Result<Connector, ConfigError> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(ca) = ca_cert {
             for cert in read_certs(ca, "ca_cert")? {
-                roots
-                    .add(cert)
-                    .map_err(|e| Error::config("ca_cert", format!("{}: {e}", ca.display())))?;
+                roots.add(cert).map_err(|e| {
+                    ConfigError::invalid("ca_cert", format!("{}: {e}", ca.display()))
+                })?;
             }
         }
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::connection_with("TLS setup failed", e))?
+        .map_err(|e| ConfigError::invalid("tls", e))?
         .with_root_certificates(roots);
         let config = match client {
             None => builder.with_no_client_auth(),
             Some((cert_path, key_path)) => {
                 let certs = read_certs(cert_path, "cert_path")?;
                 let key = PrivateKeyDer::from_pem_file(key_path).map_err(|_| {
-                    Error::config(
+                    ConfigError::invalid(
                         "key_path",
                         format!("cannot read a private key from {}", key_path.display()),
                     )
                 })?;
                 builder.with_client_auth_cert(certs, key).map_err(|_| {
-                    Error::config("key_path", "the key does not match the certificate")
+                    ConfigError::invalid("key_path", "the key does not match the certificate")
                 })?
             }
         };
         Ok(Connector::Rustls(Arc::new(config)))
     }
 
-    fn read_certs(path: &Path, field: &'static str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    fn read_certs(
+        path: &Path,
+        field: &'static str,
+    ) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<_, _>>())
             .map_err(|_| {
-                Error::config(
+                ConfigError::invalid(
                     field,
                     format!("cannot read certificates from {}", path.display()),
                 )
             })?;
         if certs.is_empty() {
-            return Err(Error::config(
+            return Err(ConfigError::invalid(
                 field,
                 format!("no certificate in {}", path.display()),
             ));

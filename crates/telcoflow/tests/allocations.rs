@@ -65,7 +65,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
-use telcoflow::{Error, TelcoflowClient, TelcoflowClientConfig};
+use telcoflow::{AudioChannel, Error, TelcoflowClient, TelcoflowClientConfig};
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::{NetworkFrame, PhoneFrame, SIM_PATH};
 use telcoflow_server::config::{
@@ -489,16 +489,16 @@ async fn echo_agent(
         tokio::spawn(async move {
             client
                 .serve(move |call| async move {
-                    if call.answer().await.and_then(|r| r.into_result()).is_err() {
+                    if call.answer().await.is_err() {
                         return;
                     }
                     if connect {
                         let connected = call.connect(Duration::from_secs(10)).await;
-                        if !connected.is_ok_and(|r| r.success) {
+                        if connected.is_err() {
                             return;
                         }
                     }
-                    let mut audio = call.audio_stream(0);
+                    let mut audio = call.audio_stream(AudioChannel::Mixed);
                     // Sized once: the chunks are 20 ms at the agent's rate.
                     let mut gathered = Vec::with_capacity(batch * agent_rate.frame_bytes());
                     let mut chunks = 0;
@@ -510,8 +510,8 @@ async fn echo_agent(
                         }
                         chunks = 0;
                         match call.send_audio(&gathered).await {
-                            Ok(()) | Err(Error::BufferFull { .. }) => {}
-                            Err(_) => break,
+                            Err(e) if !e.is_buffer_full() => break,
+                            _ => {}
                         }
                         gathered.clear();
                     }

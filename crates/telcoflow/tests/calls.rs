@@ -5,7 +5,9 @@ mod common;
 use common::*;
 use futures_util::StreamExt;
 use std::time::Duration;
-use telcoflow::{CallState, ClientEvent, Error, TelcoflowClient};
+use telcoflow::{
+    AudioChannel, CallErrorKind, CallState, ClientEvent, Error, ErrorCode, TelcoflowClient,
+};
 use telcoflow_proto::sim::NetworkFrame;
 use telcoflow_server::config::DEV_CONNECT_DESTINATION;
 
@@ -23,24 +25,24 @@ async fn incoming_call_is_delivered_already_connected() {
     assert_eq!(call.callee(), "+4900001");
     assert!(call.session_id().is_some());
     assert!(call.to_json().is_err(), "a live call cannot be handed off");
-    let r = call.answer().await.unwrap();
-    assert!(r.success, "{r:?}");
+    call.answer().await.unwrap();
     let answered = phone
         .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
         .await;
     assert!(matches!(answered, NetworkFrame::Answered { call_id } if call_id == call.id()));
     // The caller hangs up: the call ends and its audio stream ends.
-    let mut audio = call.audio_stream(0);
+    let mut audio = call.audio_stream(AudioChannel::Mixed);
+    let mut states = call.watch_state();
+    assert_eq!(states.current(), CallState::Live);
     phone.hangup();
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
+    assert_eq!(states.changed().await, Some(CallState::Terminated));
+    assert_eq!(states.changed().await, None);
     tokio::time::timeout(WAIT, async { while audio.next().await.is_some() {} })
         .await
         .unwrap();
-    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
-    assert!(matches!(
-        call.send_audio(&[0; 64]).await,
-        Err(Error::BufferClosed)
-    ));
+    assert!(call.answer().await.unwrap_err().is_closed());
+    assert!(call.send_audio(&[0; 64]).await.unwrap_err().is_closed());
     client.shutdown().await;
     server.shutdown().await;
 }
@@ -56,8 +58,8 @@ async fn echo_round_trip_returns_the_same_audio() {
         tokio::spawn(async move {
             client
                 .serve(|call| async move {
-                    call.answer().await.unwrap().into_result().unwrap();
-                    let mut audio = call.audio_stream(0);
+                    call.answer().await.unwrap();
+                    let mut audio = call.audio_stream(AudioChannel::Mixed);
                     while let Some(chunk) = audio.next().await {
                         if call.send_audio(&chunk).await.is_err() {
                             break;
@@ -107,46 +109,47 @@ async fn commands_and_their_error_paths() {
     let mut caller = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
     let call = next_call(&mut events).await;
 
-    // Before answer: connect is refused by the server, as a result, not an error.
-    let r = call.connect(Duration::from_secs(5)).await.unwrap();
-    assert!(!r.success);
-    assert_eq!(r.error_code.as_deref(), Some("INVALID_STATE"));
-    assert!(
-        matches!(r.clone().into_result(), Err(Error::CommandFailed { code, .. }) if code == "INVALID_STATE")
-    );
+    // Before answer: connect is refused by the server.
+    let e = call.connect(Duration::from_secs(5)).await.unwrap_err();
+    assert!(e.is_rejected(), "{e:?}");
+    assert_eq!(e.kind(), CallErrorKind::Rejected);
+    assert_eq!(e.code(), Some(ErrorCode::InvalidState));
+    assert!(e.to_string().contains("INVALID_STATE"), "{e}");
+    // It bubbles up through `?` into the client's error, code and all.
+    let bubbled: Error = e.into();
+    assert_eq!(bubbled.code(), Some(ErrorCode::InvalidState));
     // Ring time is validated before anything is sent.
-    assert!(matches!(
-        call.connect(Duration::from_secs(121)).await,
-        Err(Error::InvalidConfig {
-            field: "ring_time",
-            ..
-        })
-    ));
+    assert_eq!(
+        call.connect(Duration::from_secs(121))
+            .await
+            .unwrap_err()
+            .kind(),
+        CallErrorKind::InvalidArgument
+    );
 
-    assert!(call.answer().await.unwrap().success);
+    call.answer().await.unwrap();
     caller
         .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
         .await;
 
     // whisper / barge / spy need a connected destination.
     for r in [call.whisper().await, call.barge().await, call.spy().await] {
-        let r = r.unwrap();
-        assert_eq!(r.error_code.as_deref(), Some("NOT_CONNECTED"), "{r:?}");
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::NotConnected), "{e:?}");
     }
     // Nobody registered at the destination: rejected.
-    let r = call.connect(Duration::from_secs(2)).await.unwrap();
-    assert_eq!(r.error_code.as_deref(), Some("CALL_REJECTED"), "{r:?}");
+    let e = call.connect(Duration::from_secs(2)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::CallRejected), "{e:?}");
 
     // A registered destination that does not pick up: unanswered after the ring time.
     let mut callee = Phone::register(server.base_url(), DEV_CONNECT_DESTINATION).await;
-    let r = call.connect(Duration::from_secs(1)).await.unwrap();
-    assert!(!r.success);
+    let e = call.connect(Duration::from_secs(1)).await.unwrap_err();
     assert!(
         matches!(
-            r.error_code.as_deref(),
-            Some("CALL_UNANSWERED") | Some("TIMEOUT")
+            e.code(),
+            Some(ErrorCode::CallUnanswered | ErrorCode::Timeout)
         ),
-        "{r:?}"
+        "{e:?}"
     );
     callee
         .wait_for(|f| matches!(f, NetworkFrame::Incoming { .. }))
@@ -165,15 +168,15 @@ async fn commands_and_their_error_paths() {
         .await;
     callee.control().answer().unwrap();
     let r = connecting.await.unwrap().unwrap();
-    assert!(r.success, "{r:?}");
+    assert_eq!(r["destination"], DEV_CONNECT_DESTINATION, "{r:?}");
     for r in [call.whisper().await, call.barge().await, call.spy().await] {
-        assert!(r.unwrap().success);
+        r.unwrap();
     }
     // close after connect: the agent leaves, caller and callee stay connected.
-    assert!(call.close().await.unwrap().success);
+    call.close().await.unwrap();
     assert_eq!(call.state(), CallState::Terminated);
-    assert!(call.close().await.unwrap().success, "close is idempotent");
-    assert!(matches!(call.answer().await, Err(Error::CallClosed)));
+    call.close().await.expect("close is idempotent");
+    assert!(call.answer().await.unwrap_err().is_closed());
     let spoken = pattern(3200, 9);
     caller.speak(&spoken).await;
     loop {
@@ -190,13 +193,13 @@ async fn commands_and_their_error_paths() {
     // disconnect ends the call for everyone.
     let mut caller2 = Phone::dial(server.base_url(), "+4912346", "+4900001").await;
     let call2 = next_call(&mut events).await;
-    assert!(call2.answer().await.unwrap().success);
-    assert!(call2.disconnect().await.unwrap().success);
+    call2.answer().await.unwrap();
+    call2.disconnect().await.unwrap();
     assert_eq!(call2.state(), CallState::Terminated);
     caller2
         .wait_for(|f| matches!(f, NetworkFrame::Hangup { .. }))
         .await;
-    assert!(matches!(call2.whisper().await, Err(Error::CallClosed)));
+    assert!(call2.whisper().await.unwrap_err().is_closed());
 
     client.shutdown().await;
     server.shutdown().await;
@@ -267,31 +270,30 @@ async fn a_write_that_does_not_fit_fails_whole() {
     let phone = Phone::dial(server.base_url(), "+4912345", "+4900001").await;
     let call = next_call(&mut events).await;
     // Not answered: the server asks for no audio yet, so the buffer only fills.
-    match call.send_audio(&[1; 4097]).await {
-        Err(Error::BufferFull {
-            requested: 4097,
-            free: 4096,
-        }) => {}
-        other => panic!("{other:?}"),
-    }
+    let e = call.send_audio(&[1; 4097]).await.unwrap_err();
+    assert!(e.is_buffer_full(), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "outgoing audio buffer full: 4097 bytes do not fit in 4096 free bytes"
+    );
     assert_eq!(
         call.send_audio_buffer_size(),
         0,
         "nothing of a failed write is kept"
     );
     call.send_audio(&[1; 3000]).await.unwrap();
-    assert!(matches!(
-        call.send_audio(&[1; 1097]).await,
-        Err(Error::BufferFull { .. })
-    ));
+    assert_eq!(
+        call.send_audio(&[1; 1097]).await.unwrap_err().kind(),
+        CallErrorKind::BufferFull
+    );
     assert_eq!(call.send_audio_buffer_size(), 3000);
     call.send_audio(&[1; 1096]).await.unwrap();
     phone.hangup();
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
-    assert!(matches!(
-        call.send_audio(&[1; 2]).await,
-        Err(Error::BufferClosed)
-    ));
+    assert_eq!(
+        call.send_audio(&[1; 2]).await.unwrap_err().kind(),
+        CallErrorKind::Closed
+    );
     client.shutdown().await;
     server.shutdown().await;
 }
@@ -413,7 +415,7 @@ async fn unread_audio_overflow_is_counted_and_reported() {
     .await;
     assert_eq!(
         (channel, dropped),
-        (0, 1),
+        (AudioChannel::Mixed, 1),
         "reported once, at the first loss"
     );
     let ev = tokio::time::timeout(WAIT, call_events.next())
@@ -423,7 +425,7 @@ async fn unread_audio_overflow_is_counted_and_reported() {
     assert_eq!(
         ev,
         telcoflow::CallEvent::AudioOverflow {
-            channel: 0,
+            channel: AudioChannel::Mixed,
             dropped: 1
         }
     );
@@ -431,7 +433,7 @@ async fn unread_audio_overflow_is_counted_and_reported() {
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
     assert!(call.audio_dropped() >= 6, "{}", call.audio_dropped());
     // The four oldest chunks are still there, then the stream ends.
-    let mut audio = call.audio_stream(0);
+    let mut audio = call.audio_stream(AudioChannel::Mixed);
     let mut kept = 0;
     while let Some(chunk) = tokio::time::timeout(WAIT, audio.next()).await.unwrap() {
         assert_eq!(chunk.len(), 640);
@@ -466,8 +468,8 @@ async fn disconnect_delivers_the_servers_terminated_with_its_reason() {
         let mut caller = Phone::dial(server.base_url(), &format!("+49123{i}"), "+4900001").await;
         let call = next_call(&mut events).await;
         let call_events = call.events();
-        assert!(call.answer().await.unwrap().success);
-        assert!(call.disconnect().await.unwrap().success);
+        call.answer().await.unwrap();
+        call.disconnect().await.unwrap();
         assert_eq!(call.state(), CallState::Terminated);
         assert_eq!(
             terminations(call_events).await,
@@ -498,7 +500,7 @@ async fn a_command_pending_during_close_gets_the_servers_answer() {
         let _caller = Phone::dial(server.base_url(), &format!("+49123{i}"), "+4900001").await;
         let call = next_call(&mut events).await;
         let call_events = call.events();
-        assert!(call.answer().await.unwrap().success);
+        call.answer().await.unwrap();
         let connecting = {
             let call = call.clone();
             tokio::spawn(async move { call.connect(Duration::from_secs(30)).await })
@@ -507,14 +509,17 @@ async fn a_command_pending_during_close_gets_the_servers_answer() {
         callee
             .wait_for(|f| matches!(f, NetworkFrame::Incoming { .. }))
             .await;
-        assert!(call.close().await.unwrap().success);
-        let r = tokio::time::timeout(WAIT, connecting)
+        call.close().await.unwrap();
+        let e = tokio::time::timeout(WAIT, connecting)
             .await
             .unwrap()
             .unwrap()
-            .expect("the server answered the pending command");
-        assert!(!r.success);
-        assert_eq!(r.error_code.as_deref(), Some("CALL_TERMINATED"), "{r:?}");
+            .expect_err("refused");
+        assert_eq!(
+            e.code(),
+            Some(ErrorCode::CallTerminated),
+            "the server answered the pending command: {e:?}"
+        );
         assert_eq!(
             terminations(call_events).await,
             [telcoflow::CallEvent::Terminated {
@@ -545,10 +550,7 @@ async fn shutdown_ends_a_live_call_and_its_media_connection() {
         .await
         .expect("shutdown waits for the media connection, which ends");
     assert_eq!(call.state(), CallState::Terminated);
-    assert!(matches!(
-        call.send_audio(&[0; 64]).await,
-        Err(Error::BufferClosed)
-    ));
+    assert!(call.send_audio(&[0; 64]).await.unwrap_err().is_closed());
     let mut ended = false;
     while let Some(ev) = tokio::time::timeout(WAIT, call_events.next())
         .await

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-use telcoflow::{ActiveCall, CallState, Error};
+use telcoflow::{ActiveCall, CallErrorKind, CallState, Error, ErrorCode};
 use telcoflow_proto::media::{BufferRequest, CommandResponse, MediaClientFrame, MediaServerFrame};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
@@ -91,7 +91,7 @@ async fn buffer_requests_are_answered_in_order_with_preferred_frames() {
 
     let config = config("ws://127.0.0.1:1");
     let call = ActiveCall::from_json(&call_json(&url), &config).unwrap();
-    assert!(call.answer().await.unwrap().success);
+    call.answer().await.unwrap();
     assert_eq!(
         auth_rx.await.unwrap().as_deref(),
         Some("Bearer media-token-1")
@@ -105,10 +105,10 @@ async fn buffer_requests_are_answered_in_order_with_preferred_frames() {
     while call.send_audio_buffer_size() > 500 {
         tokio::task::yield_now().await;
     }
-    let r = call.disconnect().await.unwrap();
-    assert!(!r.success);
-    assert_eq!(r.error_code.as_deref(), Some("INTERNAL_ERROR"));
-    assert_eq!(r.error_message.as_deref(), Some("refused for the test"));
+    let e = call.disconnect().await.unwrap_err();
+    assert!(e.is_rejected(), "{e:?}");
+    assert_eq!(e.code(), Some(ErrorCode::InternalError));
+    assert_eq!(e.message(), Some("refused for the test"));
     let frames = peer.await.unwrap();
     let sizes: Vec<usize> = frames.iter().map(|f| f.len() - 1).collect();
     assert_eq!(sizes, [960, 960, 80, 100, 100, 100]);
@@ -120,10 +120,7 @@ async fn buffer_requests_are_answered_in_order_with_preferred_frames() {
     assert_eq!(sent, audio[..2300]);
     assert_eq!(call.send_audio_buffer_size(), 500);
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
-    assert!(matches!(
-        call.send_audio(&[0, 0]).await,
-        Err(Error::BufferClosed)
-    ));
+    assert!(call.send_audio(&[0, 0]).await.unwrap_err().is_closed());
 }
 
 /// A command waiting for its answer when the media connection is lost fails with a connection
@@ -155,12 +152,9 @@ async fn a_lost_media_connection_fails_the_waiting_command() {
         assert!(r.is_err());
     });
     let call = ActiveCall::from_json(&call_json(&url), &config("ws://127.0.0.1:1")).unwrap();
-    match call.answer().await {
-        Err(Error::Connection { message, .. }) => {
-            assert!(message.contains("lost"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let e = call.answer().await.unwrap_err();
+    assert!(e.is_connection(), "{e:?}");
+    assert!(e.message().is_some_and(|m| m.contains("lost")), "{e}");
     tokio::time::timeout(WAIT, call.terminated())
         .await
         .expect("the call ends once the connection cannot come back");
@@ -189,10 +183,10 @@ async fn a_refused_media_connection_leaves_the_call_new() {
         assert!(r.is_err());
     });
     let call = ActiveCall::from_json(&call_json(&url), &config("ws://127.0.0.1:1")).unwrap();
-    match call.answer().await {
-        Err(Error::Authentication { message }) => assert_eq!(message, "media token expired"),
-        other => panic!("{other:?}"),
-    }
+    let e = call.answer().await.unwrap_err();
+    assert_eq!(e.kind(), CallErrorKind::Authentication);
+    assert_eq!(e.message(), Some("media token expired"));
+    assert!(Error::from(e).is_authentication());
     assert_eq!(
         call.state(),
         CallState::New,
@@ -224,10 +218,9 @@ async fn a_control_request_without_response_times_out() {
         .build()
         .unwrap();
     let client = telcoflow::TelcoflowClient::connect(config).await.unwrap();
-    assert!(matches!(
-        client.open_session("s1").await,
-        Err(Error::CommandTimeout)
-    ));
+    let e = client.open_session("s1").await.unwrap_err();
+    assert!(matches!(e, Error::RequestTimeout), "{e:?}");
+    assert!(e.is_timeout());
     client.shutdown().await;
     peer.await.unwrap();
 }
@@ -282,7 +275,7 @@ async fn hostile_media_frames_do_not_break_the_call() {
         .unwrap();
     let call = ActiveCall::from_json(&call_json(&url), &config).unwrap();
     let mut events = call.events();
-    assert!(call.answer().await.unwrap().success);
+    call.answer().await.unwrap();
     call.send_audio(&[3; 4096]).await.unwrap();
     assert_eq!(peer.await.unwrap(), 1 + 4096);
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();

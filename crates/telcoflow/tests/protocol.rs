@@ -179,7 +179,10 @@ async fn auto_mode_speaks_the_reference_frames_and_survives_garbage() {
     })
     .await;
     assert_eq!(call_id, "c1");
-    assert_eq!(code.as_deref(), Some("INTERNAL_ERROR"));
+    assert_eq!(
+        code.and_then(|c| c.known()),
+        Some(telcoflow::ErrorCode::InternalError)
+    );
     assert_eq!(message.as_deref(), Some("tts failed"));
     tokio::time::timeout(WAIT, call.terminated()).await.unwrap();
     second_tx.send(()).unwrap();

@@ -12,7 +12,7 @@ use common::*;
 use futures_util::StreamExt;
 use std::io::BufRead;
 use std::process::{Command, Stdio};
-use telcoflow::TelcoflowClient;
+use telcoflow::{AudioChannel, TelcoflowClient};
 use telcoflow_proto::sim::NetworkFrame;
 use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
 
@@ -84,8 +84,8 @@ async fn python_and_rust_echo_agents_give_the_same_audio_back() {
         tokio::spawn(async move {
             client
                 .serve(|call| async move {
-                    call.answer().await.unwrap().into_result().unwrap();
-                    let mut audio = call.audio_stream(0);
+                    call.answer().await.unwrap();
+                    let mut audio = call.audio_stream(AudioChannel::Mixed);
                     while let Some(chunk) = audio.next().await {
                         if call.send_audio(&chunk).await.is_err() {
                             break;

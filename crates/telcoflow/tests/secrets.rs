@@ -53,7 +53,7 @@ async fn secrets_never_reach_the_logs() {
     let call = next_call(&mut events).await;
     let json: serde_json::Value = serde_json::from_str(&call.to_json().unwrap()).unwrap();
     let token = json["session_token"].as_str().unwrap().to_owned();
-    assert!(call.answer().await.unwrap().success);
+    call.answer().await.unwrap();
     phone
         .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
         .await;

@@ -7,7 +7,7 @@ mod common;
 use common::pki::Pki;
 use common::*;
 use std::path::Path;
-use telcoflow::{Error, TelcoflowClient, TelcoflowClientConfig};
+use telcoflow::{ConfigError, Error, TelcoflowClient, TelcoflowClientConfig};
 use telcoflow_server::config::{ConnectorConfig, TlsConfig};
 use telcoflow_server::{Config, Server, certificate_fingerprint};
 
@@ -79,7 +79,7 @@ fn unreadable_files_are_named_at_build() {
     assert!(
         matches!(
             e,
-            Error::InvalidConfig {
+            ConfigError::Invalid {
                 field: "key_path",
                 ..
             }
@@ -95,7 +95,7 @@ fn unreadable_files_are_named_at_build() {
     assert!(
         matches!(
             e,
-            Error::InvalidConfig {
+            ConfigError::Invalid {
                 field: "ca_cert",
                 ..
             }

@@ -14,7 +14,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use telcoflow::{ActiveCall, Error, SampleRate, TelcoflowClient, TelcoflowClientConfig};
+use telcoflow::{
+    ActiveCall, AudioChannel, CallError, SampleRate, TelcoflowClient, TelcoflowClientConfig,
+};
 use telcoflow_proto::audio::{pcm_to_samples, samples_to_pcm};
 use tracing::{info, warn};
 
@@ -220,9 +222,9 @@ pub(crate) struct EchoStats {
 pub(crate) async fn echo(call: ActiveCall) -> EchoStats {
     let mut stats = EchoStats::default();
     match call.answer().await {
-        Ok(r) if r.success => {}
-        Ok(r) => {
-            warn!(code = ?r.error_code, "answer refused");
+        Ok(_) => {}
+        Err(e) if e.is_rejected() => {
+            warn!(code = ?e.server_code(), "answer refused");
             return stats;
         }
         Err(e) => {
@@ -230,14 +232,14 @@ pub(crate) async fn echo(call: ActiveCall) -> EchoStats {
             return stats;
         }
     }
-    let mut audio = call.audio_stream(0);
+    let mut audio = call.audio_stream(AudioChannel::Mixed);
     while let Some(chunk) = audio.next().await {
         stats.bytes_in += chunk.len() as u64;
         match call.send_audio(&chunk).await {
             Ok(()) => stats.bytes_out += chunk.len() as u64,
             // The caller outruns playout only if the server stalls; dropping is the echo's
             // best answer.
-            Err(Error::BufferFull { .. }) => {}
+            Err(e) if e.is_buffer_full() => {}
             Err(_) => break,
         }
     }
@@ -264,9 +266,9 @@ pub(crate) async fn speak(
     call: ActiveCall,
     pcm: &[u8],
     barge_in_level: u32,
-) -> Result<SpeakOutcome, Error> {
-    call.answer().await?.into_result()?;
-    let mut audio = call.audio_stream(0);
+) -> Result<SpeakOutcome, CallError> {
+    call.answer().await?;
+    let mut audio = call.audio_stream(AudioChannel::Mixed);
     let mut rest = pcm;
     let mut samples = Vec::new();
     let mut loud_chunks = 0;

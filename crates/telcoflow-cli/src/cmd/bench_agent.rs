@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use telcoflow::{ActiveCall, TelcoflowClient, TelcoflowClientConfig};
+use telcoflow::{ActiveCall, AudioChannel, CallError, TelcoflowClient, TelcoflowClientConfig};
 use telcoflow_proto::SampleRate;
 use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
 use tokio::time::Instant;
@@ -135,9 +135,9 @@ async fn signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn echo(call: &ActiveCall, hist: &Histogram, tone: &[u8]) -> Result<(), telcoflow::Error> {
-    call.answer().await?.into_result()?;
-    let mut audio = call.audio_stream(0);
+async fn echo(call: &ActiveCall, hist: &Histogram, tone: &[u8]) -> Result<(), CallError> {
+    call.answer().await?;
+    let mut audio = call.audio_stream(AudioChannel::Mixed);
     while let Some(chunk) = audio.next().await {
         let start = Instant::now();
         match Marker::read_pcm(&chunk).map(|m| m.kind) {

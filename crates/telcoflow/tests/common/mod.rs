@@ -81,8 +81,7 @@ pub async fn dial_and_answer(
 ) -> (Phone, telcoflow::ActiveCall) {
     let mut phone = Phone::dial(server_url, "+4912345", "+4900001").await;
     let call = next_call(events).await;
-    let answered = call.answer().await.expect("answer sent");
-    assert!(answered.success, "{answered:?}");
+    call.answer().await.expect("answered");
     phone
         .wait_for(|f| matches!(f, NetworkFrame::Answered { .. }))
         .await;
