@@ -17,7 +17,7 @@ from pathlib import Path
 # Module path prefixes by layer, lowest first; the longest matching prefix decides.
 LAYERS = [
     ["config", "token", "tls", "audio", "lib"],
-    ["call::leg", "call::handle"],
+    ["call::leg", "call::handle", "call::frames"],
     ["registry", "net"],
     ["state"],
     ["call", "net::sim", "net::sip"],
