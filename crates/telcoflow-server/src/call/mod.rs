@@ -147,3 +147,6 @@ fn run_actor(shared: &Arc<Shared>, actor: CallActor, (control, data): Queues) {
         .tasks
         .spawn(actor.run(control, data).instrument(span));
 }
+
+#[cfg(test)]
+mod tests;
