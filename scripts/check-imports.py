@@ -15,7 +15,9 @@ import re
 import sys
 from pathlib import Path
 
-# Module path prefixes by layer, lowest first; the longest matching prefix decides.
+# Module path prefixes by layer, lowest first; the longest matching prefix decides. Layer 2 is
+# what of a call the layers above it hold: the handle (with its inputs), the leg types, and the
+# frames legs carry; the actor (`call`, layer 5) and the networks build on them.
 LAYERS = [
     ["config", "token", "tls", "audio", "lib"],
     ["call::leg", "call::handle", "call::frames"],
