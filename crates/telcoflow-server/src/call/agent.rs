@@ -17,6 +17,8 @@ use tracing::{debug, warn};
 const MEDIA_TEXT_RESERVE: usize = 16;
 
 impl CallActor {
+    /// A media connection wants to attach: refused while another is attached, after the agent
+    /// has left, or with an expired token unless it comes back after a lost connection.
     pub(super) fn attach(
         &mut self,
         link: MediaLink,

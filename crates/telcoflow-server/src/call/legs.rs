@@ -17,17 +17,17 @@ const LEG_CONTROL_RESERVE: usize = 4;
 /// A leg as its call keeps it: its link, resamplers and the audio waiting for the tick.
 pub(super) struct Leg {
     pub(super) id: LegId,
-    pub(super) link: LegLink,
+    link: LegLink,
     pub(super) up: bool,
     /// Leg rate -> agent rate.
     pub(super) from_leg: Resampler,
     /// Agent rate -> leg rate.
-    pub(super) to_leg: Resampler,
+    to_leg: Resampler,
     /// Received audio at the agent rate, waiting for the mixing tick.
-    pub(super) queue: VecDeque<i16>,
+    queue: VecDeque<i16>,
     pub(super) dropped_samples: u64,
     /// Buffers of the frames sent to the leg.
-    pub(super) pool: SamplePool,
+    pool: SamplePool,
 }
 
 impl Leg {

@@ -306,6 +306,37 @@ fn the_first_agent_audio_moves_the_next_tick_to_just_after_it() {
     assert_eq!(call.actor.tick_at, Some(call.at(landed + margin)));
 }
 
+/// Agent audio that lands just after the tick it was due for (playout ran dry there) is
+/// played a margin after it lands, not a whole frame later at the next tick.
+#[test]
+fn a_frame_that_misses_its_tick_plays_soon_after_it_lands() {
+    let mut call = Call::answered(Duration::ZERO);
+    let frame = call.actor.playout.frame_bytes();
+    let audio = || CallInput::AgentAudio {
+        conn_id: CONN,
+        pcm: vec![1u8; frame].into(),
+    };
+    call.input(audio(), 5 * MS);
+    let first_tick = call
+        .actor
+        .tick_at
+        .take()
+        .expect("the first audio moves the clock");
+    assert!(call.actor.on_tick(first_tick).is_none());
+    // The next tick finds nothing: the agent's next frame is late.
+    let next_tick = first_tick + 20 * MS;
+    call.actor.on_tick(next_tick);
+    assert!(call.actor.playout.ran_dry_at_last_tick());
+    let landed = next_tick + 3 * MS - call.t0;
+    call.input(audio(), landed);
+    let at = call.actor.tick_at.expect("the late frame moves the clock");
+    assert!(
+        at > call.at(landed) && at < next_tick + 20 * MS,
+        "plays {:?} after landing",
+        at - call.at(landed)
+    );
+}
+
 /// A stalled call catches up: the ticks it missed come at once, so its legs still get one
 /// frame per 20 ms of the time that passed. Paused time: the stall is a jump of the clock.
 #[tokio::test(start_paused = true)]
