@@ -16,6 +16,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Optional code too: the CLI's `plot` feature (`telcoflow bench --plot`) is off by default.
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 
+step "the server's import graph (no circle, no import up a layer)"
+python3 scripts/check-imports.py
+
 step "cargo doc (warnings are errors: broken links, missing docs)"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --all-features
 # The telcoflow binary's crate has the SDK's name, so `cargo doc` leaves it out (`doc = false`)

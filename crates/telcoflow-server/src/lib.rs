@@ -11,13 +11,17 @@
 //! only from layers below its own:
 //!
 //! 1. `config`, `token`, `tls`, `audio`: settings, media tokens, TLS, resampling.
-//! 2. The call as others see it: its handle, inputs and legs (`call::leg`).
+//! 2. The call as others see it: its handle and inputs (`call::handle`), its legs
+//!    (`call::leg`) and the frames they carry (`call::frames`).
 //! 3. `registry` (sessions and calls by id, claims, limits) and `net` (the `Network`
 //!    interface a call rings destinations through).
 //! 4. `state`: `Shared`, what every task shares (config, connectors, registry, networks).
-//! 5. The call actor (`call`), and the networks that bring calls in: the simulated phones
-//!    (`net::sim`) and SIP with its RTP legs (`net::sip`, on the sans-IO `telcoflow-sip`).
+//! 5. The call actor (`call`: its loop, commands, mixing), and the networks that bring calls
+//!    in: the simulated phones (`net::sim`) and SIP with its RTP legs (`net::sip`, on the
+//!    sans-IO `telcoflow-sip`).
 //! 6. `auth`, `control`, `media`, `http`: the planes that agents and HTTP clients reach.
+//!
+//! `scripts/check-imports.py` checks this (its `LAYERS` list is this map).
 
 pub mod audio;
 mod auth;

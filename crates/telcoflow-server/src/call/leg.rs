@@ -1,8 +1,9 @@
 //! A leg: one phone on a call (the caller, or a destination rung by `call.connect`), whatever
 //! network it is on. The call actor talks to every leg through these types, so the simulated
-//! network and SIP/RTP plug in the same way.
+//! network and SIP/RTP plug in the same way. Audio is samples ([`SampleFrame`]): each network
+//! converts at its own edge (G.711 for RTP, s16le for the simulated phones' WebSocket).
 
-use bytes::Bytes;
+use super::frames::SampleFrame;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::HangupReason;
 use tokio::sync::mpsc;
@@ -25,8 +26,8 @@ pub(crate) enum LegEvent {
     Rejected,
     /// The leg hung up.
     Hangup,
-    /// PCM s16le mono at the leg's rate.
-    Audio(Bytes),
+    /// Samples at the leg's rate.
+    Audio(SampleFrame),
     /// A key press.
     Dtmf { digit: char, duration_ms: u32 },
 }
@@ -38,8 +39,8 @@ pub(crate) enum LegOutput {
     Ringing,
     /// The call is up.
     Answered,
-    /// PCM s16le mono at the leg's rate, one 20 ms frame.
-    Audio(Bytes),
+    /// Samples at the leg's rate, one 20 ms frame.
+    Audio(SampleFrame),
     /// The call ended for this leg.
     Hangup(HangupReason),
 }

@@ -3,9 +3,14 @@
 //! A dialling phone becomes the caller leg of a new call routed to a connector like any
 //! incoming call. A registered phone sits in the [`Directory`] and becomes the destination leg
 //! when `call.connect` rings its number.
+//!
+//! Phones send and receive s16le PCM; legs carry samples, so each phone's task converts at its
+//! WebSocket, with pools that make a frame cost no allocation ([`Pools`]).
 
 use super::{AddressKind, Network, RingError};
-use crate::call::{self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
+use crate::call::{
+    self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, SamplePool, frame_bytes,
+};
 use crate::state::Shared;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -15,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::SampleRate;
+use telcoflow_proto::pool::FramePool;
 use telcoflow_proto::sim::{HangupReason, NetworkFrame, PhoneFrame};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span};
@@ -25,6 +31,15 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const PHONE_QUEUE: usize = 64;
 /// Largest frame a phone may send: a second of 24 kHz PCM.
 const MAX_PHONE_FRAME: usize = 64 * 1024;
+
+/// Frame storage of one phone's task, for converting audio at its WebSocket.
+#[derive(Debug, Default)]
+struct Pools {
+    /// Samples of the phone's PCM, to its call.
+    to_call: SamplePool,
+    /// PCM of its call's samples, to the phone.
+    to_phone: FramePool,
+}
 
 /// A ring for a registered phone.
 #[derive(Debug)]
@@ -193,6 +208,7 @@ async fn dial(
         }
     };
     let call_id = call.call_id.to_string();
+    let mut pools = Pools::default();
     if !send(
         &mut socket,
         NetworkFrame::Trying {
@@ -210,7 +226,8 @@ async fn dial(
             // Cancel-safe: WebSocket::recv is a stream poll.
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(pcm))) => {
-                    call.send_data(leg_input(LegId::CALLER, LegEvent::Audio(pcm))).await;
+                    let samples = pools.to_call.frame_from_pcm(&pcm);
+                    call.send_data(leg_input(LegId::CALLER, LegEvent::Audio(samples))).await;
                 }
                 Some(Ok(Message::Text(text))) => match PhoneFrame::decode(&text) {
                     Ok(PhoneFrame::Hangup) => {
@@ -237,7 +254,7 @@ async fn dial(
             out = leg_rx.recv() => {
                 let Some(out) = out else { return };
                 let done = matches!(out, LegOutput::Hangup(_));
-                if !forward(&mut socket, &call_id, out).await || done {
+                if !forward(&mut socket, &call_id, out, &mut pools.to_phone).await || done {
                     let _ = socket.send(Message::Close(None)).await;
                     return;
                 }
@@ -276,6 +293,7 @@ async fn register(
     }
     // The call this phone is on: its handle, our leg id in it, and what it sends us.
     let mut current: Option<(CallHandle, LegId, mpsc::Receiver<LegOutput>)> = None;
+    let mut pools = Pools::default();
     if send(
         &mut socket,
         NetworkFrame::Registered {
@@ -306,7 +324,8 @@ async fn register(
                 msg = socket.recv() => match msg {
                     Some(Ok(Message::Binary(pcm))) => {
                         if let Some((call, leg, _)) = &current {
-                            call.send_data(leg_input(*leg, LegEvent::Audio(pcm))).await;
+                            let samples = pools.to_call.frame_from_pcm(&pcm);
+                            call.send_data(leg_input(*leg, LegEvent::Audio(samples))).await;
                         }
                     }
                     Some(Ok(Message::Text(text))) => {
@@ -349,7 +368,7 @@ async fn register(
                         continue;
                     };
                     let ends = matches!(out, LegOutput::Hangup(_));
-                    if !forward(&mut socket, &call.call_id, out).await {
+                    if !forward(&mut socket, &call.call_id, out, &mut pools.to_phone).await {
                         break;
                     }
                     if ends {
@@ -371,13 +390,18 @@ async fn register(
     drop(phones);
 }
 
-/// Sends one leg output to the phone. Returns false if the socket is gone.
-async fn forward(socket: &mut WebSocket, call_id: &str, out: LegOutput) -> bool {
-    // The call id is copied only into the rare text frames: audio frames pass through as
-    // they are, with no allocation.
+/// Sends one leg output to the phone, audio as s16le PCM split off `pcm_pool`. Returns false
+/// if the socket is gone.
+async fn forward(
+    socket: &mut WebSocket,
+    call_id: &str,
+    out: LegOutput,
+    pcm_pool: &mut FramePool,
+) -> bool {
+    // The call id is copied only into the rare text frames: audio frames cost no allocation.
     let call_id = || call_id.to_owned();
     let msg = match out {
-        LegOutput::Audio(pcm) => Message::Binary(pcm),
+        LegOutput::Audio(samples) => Message::Binary(frame_bytes(pcm_pool, None, &samples)),
         LegOutput::Ringing => {
             Message::Text(NetworkFrame::Ringing { call_id: call_id() }.encode().into())
         }

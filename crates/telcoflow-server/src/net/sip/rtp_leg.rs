@@ -12,17 +12,16 @@
 //!   one RTP packet.
 //! - RFC 4733 events and SIP INFO digits become `LegEvent::Dtmf`.
 //!
-//! Hot path buffers (datagram, packet, samples, the frames handed to the call) are allocated
-//! once per leg; frames to the call are split off one `BytesMut` whose storage is reused once
-//! the call has consumed earlier frames.
+//! Legs carry samples, so G.711 is the only conversion on either path. Hot path buffers
+//! (datagram, packet, the frames handed to the call) are allocated once per leg; frames to the
+//! call come from a pool whose buffers are reused once the call has consumed them.
 
 use super::link::{Command, LegKey, OutgoingDial, SipEvent};
 use super::ports::{PortGuard, RtpSockets};
-use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
-use bytes::BytesMut;
+use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, SamplePool};
 use std::future::Future;
 use std::net::SocketAddr;
-use telcoflow_sip::rtp::jitter::{FRAME_SAMPLES, FrameKind};
+use telcoflow_sip::rtp::jitter::FrameKind;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
 use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
 use tokio_util::sync::CancellationToken;
@@ -39,8 +38,6 @@ use tracing::{debug, info};
 const LEG_QUEUE: usize = 16;
 /// Largest datagram we read: RTP for G.711 at 20 ms is 172 bytes; leave room for odd peers.
 const DATAGRAM: usize = 2048;
-/// Frames' worth of storage in the buffer that audio for the call is split from.
-const FRAME_POOL: usize = 32;
 
 /// Which side placed the SIP call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,9 +101,8 @@ impl PendingLeg {
             commands: params.commands,
             session: None,
             answered: false,
-            samples: Vec::with_capacity(FRAME_SAMPLES),
             packet: vec![0u8; DATAGRAM],
-            frames: BytesMut::with_capacity(FRAME_POOL * FRAME_SAMPLES * 2),
+            frames: SamplePool::default(),
         };
         Ok(leg.run(self.rx, params.events, params.dial))
     }
@@ -129,9 +125,9 @@ struct RtpLeg {
     session: Option<RtpSession>,
     /// The SIP call is answered.
     answered: bool,
-    samples: Vec<i16>,
     packet: Vec<u8>,
-    frames: BytesMut,
+    /// Buffers of the frames handed to the call.
+    frames: SamplePool,
 }
 
 /// How the leg loop goes on.
@@ -283,7 +279,7 @@ impl RtpLeg {
                     }
                 }
             }
-            LegOutput::Audio(pcm) => self.send_audio(&pcm).await,
+            LegOutput::Audio(samples) => self.send_audio(&samples).await,
             LegOutput::Hangup(reason) => {
                 let cmd = match (self.key, self.answered) {
                     (LegKey::In(call), false) => Command::Reject {
@@ -299,16 +295,11 @@ impl RtpLeg {
         Flow::Continue
     }
 
-    async fn send_audio(&mut self, pcm: &[u8]) {
+    async fn send_audio(&mut self, samples: &[i16]) {
         let Some(session) = &mut self.session else {
             return;
         };
-        self.samples.clear();
-        self.samples.extend(
-            pcm.chunks_exact(2)
-                .map(|b| i16::from_le_bytes([b[0], b[1]])),
-        );
-        match session.write_audio(&self.samples, &mut self.packet) {
+        match session.write_audio(samples, &mut self.packet) {
             Ok(len) => {
                 let to = session.remote();
                 if let Err(e) = self.socket.send_to(&self.packet[..len], to).await {
@@ -393,8 +384,8 @@ impl RtpLeg {
                 // In-order audio goes to the call as it lands; the tick only covers for
                 // frames that do not come in time.
                 if let Some(frame) = session.pop_ahead() {
-                    let pcm = pooled_pcm(&mut self.frames, frame.samples);
-                    self.to_call(LegEvent::Audio(pcm)).await;
+                    let samples = self.frames.frame(frame.samples);
+                    self.to_call(LegEvent::Audio(samples)).await;
                 }
             }
             _ => {}
@@ -443,20 +434,10 @@ impl RtpLeg {
         } else {
             frame
         };
-        let pcm = pooled_pcm(&mut self.frames, frame.samples);
-        self.to_call(LegEvent::Audio(pcm)).await;
+        let samples = self.frames.frame(frame.samples);
+        self.to_call(LegEvent::Audio(samples)).await;
         Flow::Continue
     }
-}
-
-/// One frame as little-endian PCM, cut from the leg's pool.
-fn pooled_pcm(pool: &mut BytesMut, samples: &[i16]) -> bytes::Bytes {
-    // Reuses the pool's storage once the call has dropped earlier frames.
-    pool.reserve(samples.len() * 2);
-    // Sized once and filled in one vectorised pass rather than sample by sample.
-    pool.resize(samples.len() * 2, 0);
-    telcoflow_proto::audio::write_pcm(samples, pool);
-    pool.split().freeze()
 }
 
 /// The final response for an unanswered incoming call the server gives up on.

@@ -1,0 +1,169 @@
+//! The agent's commands: `call.answer`, `call.connect` (ringing a destination through the
+//! networks), whisper / barge / spy, interrupt, disconnect and close.
+
+use super::actor::{AgentMode, CallActor, PendingConnect, Phase};
+use super::leg::{LegId, LegOutput};
+use super::legs::Leg;
+use serde_json::{Value, json};
+use std::time::Duration;
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::control::CloseReason;
+use telcoflow_proto::media::{Command, CommandName, CommandResponse, ConnectData, RING_TIME_RANGE};
+use telcoflow_proto::sim::HangupReason;
+use tracing::{debug, info};
+
+impl CallActor {
+    /// A command from the agent's current media connection.
+    pub(super) fn on_command(&mut self, cmd: Command) {
+        let Some(name) = CommandName::parse(&cmd.command) else {
+            let known: Vec<&str> = CommandName::ALL.iter().map(|c| c.as_str()).collect();
+            self.respond(CommandResponse::error(
+                cmd.command_id,
+                ErrorCode::UnknownCommand,
+                format!(
+                    "unknown command '{}'; known commands: {}",
+                    cmd.command,
+                    known.join(", ")
+                ),
+            ));
+            return;
+        };
+        debug!(command = %name, "command");
+        let id = cmd.command_id;
+        match name {
+            CommandName::Answer if self.outbound && self.phase == Phase::Ringing => {
+                if self.pending_answer.is_some() {
+                    return self.respond(CommandResponse::error(
+                        id,
+                        ErrorCode::InvalidState,
+                        "an answer is already waiting for the far end",
+                    ));
+                }
+                let deadline = cmd
+                    .timeout_ms
+                    .map(|ms| self.now + Duration::from_millis(ms));
+                self.pending_answer = Some((id, deadline));
+            }
+            CommandName::Answer => {
+                let already = self.phase == Phase::Answered;
+                if !already {
+                    self.phase = Phase::Answered;
+                    self.caller.up = true;
+                    self.caller.send(LegOutput::Answered);
+                    info!("answered");
+                }
+                self.respond(CommandResponse::ok(
+                    id,
+                    Some(json!({ "alreadyAnswered": already })),
+                ));
+            }
+            CommandName::Connect => self.on_connect(id, cmd.data, cmd.timeout_ms),
+            CommandName::Whisper | CommandName::Barge | CommandName::Spy => {
+                if !self.callee.as_ref().is_some_and(|c| c.up) {
+                    self.respond(CommandResponse::error(
+                        id,
+                        ErrorCode::NotConnected,
+                        format!("{name} needs a connected destination: call.connect first"),
+                    ));
+                    return;
+                }
+                self.mode = match name {
+                    CommandName::Whisper => AgentMode::Whisper,
+                    CommandName::Spy => AgentMode::Spy,
+                    _ => AgentMode::Barge,
+                };
+                self.respond(CommandResponse::ok(id, None));
+            }
+            CommandName::Interrupt => {
+                let dropped = self.playout.clear();
+                debug!(dropped, "interrupt");
+                self.respond(CommandResponse::ok(
+                    id,
+                    Some(json!({ "droppedBytes": dropped })),
+                ));
+            }
+            CommandName::Disconnect => {
+                self.respond(CommandResponse::ok(id, None));
+                self.finish(CloseReason::SdkRequest, HangupReason::Remote);
+            }
+            CommandName::Close => {
+                self.respond(CommandResponse::ok(id, None));
+                self.agent_leaves();
+            }
+        }
+    }
+
+    fn on_connect(&mut self, id: String, data: Option<Value>, timeout_ms: Option<u64>) {
+        let ring_time = match data.map(serde_json::from_value::<ConnectData>) {
+            Some(Ok(d)) if RING_TIME_RANGE.contains(&d.ring_time_seconds) => d.ring_time_seconds,
+            Some(Ok(d)) => {
+                return self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "ringTimeSeconds must be 1..=120, got {}",
+                        d.ring_time_seconds
+                    ),
+                ));
+            }
+            _ => {
+                return self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    "call.connect needs data {\"ringTimeSeconds\": 1..=120}",
+                ));
+            }
+        };
+        if self.phase != Phase::Answered {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::InvalidState,
+                "answer the call before connecting it",
+            ));
+        }
+        if self.callee.is_some() || self.connect.is_some() {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::InvalidState,
+                "the call is already connected or connecting",
+            ));
+        }
+        let Some(destination) = self
+            .connector
+            .connect_destination(&self.handle.to)
+            .map(str::to_owned)
+        else {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::NoRoute,
+                format!(
+                    "no connect destination is configured for {}",
+                    self.handle.to
+                ),
+            ));
+        };
+        let leg = LegId(self.next_leg);
+        self.next_leg += 1;
+        // The networks pick by address: SIP for `sip:` URIs, else the simulated phones.
+        let link = match self.shared.networks.ring(&destination, &self.handle, leg) {
+            Ok(link) => link,
+            Err(e) => {
+                return self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::CallRejected,
+                    format!("{destination} cannot be reached: {e}"),
+                ));
+            }
+        };
+        info!(%destination, ring_time, "connecting");
+        let now = self.now;
+        self.callee = Some(Leg::new(leg, link, self.rate()));
+        self.connect = Some(PendingConnect {
+            command_id: id,
+            leg,
+            destination,
+            ring_deadline: now + Duration::from_secs(u64::from(ring_time)),
+            reply_deadline: timeout_ms.map(|ms| now + Duration::from_millis(ms)),
+        });
+    }
+}

@@ -1,0 +1,136 @@
+//! The call as the rest of the server sees it: a [`CallHandle`] to reach its actor, the
+//! [`CallInput`]s it takes, and how it talks to its agent's media connection ([`MediaLink`],
+//! [`MediaOut`], [`AttachError`]). Nothing here knows the actor itself, so the registry and the
+//! networks can hold handles without importing the call logic.
+
+use super::leg::{LegEvent, LegId};
+use bytes::Bytes;
+use std::sync::Arc;
+use telcoflow_proto::control::{CloseReason, SetupData};
+use telcoflow_proto::media::Command;
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+
+/// Capacity of a call's lifecycle queue. Lifecycle events are few per call.
+const CONTROL_QUEUE: usize = 64;
+/// Capacity of a call's audio/command queue: a few frames from each party.
+const DATA_QUEUE: usize = 64;
+
+/// The receiving ends of a call's two queues, for its actor: lifecycle, then data.
+pub(super) type Queues = (mpsc::Receiver<CallInput>, mpsc::Receiver<CallInput>);
+/// A way to reach a call's actor. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct CallHandle {
+    pub(crate) call_id: Arc<str>,
+    pub(crate) session_id: Arc<str>,
+    pub(crate) from: Arc<str>,
+    pub(crate) to: Arc<str>,
+    control: mpsc::Sender<CallInput>,
+    data: mpsc::Sender<CallInput>,
+}
+
+impl CallHandle {
+    /// A handle for a new call (fresh call and session ids) and the queues its actor reads.
+    pub(super) fn new(from: &str, to: &str) -> (Self, Queues) {
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
+        let handle = Self {
+            call_id: uuid::Uuid::new_v4().to_string().into(),
+            session_id: uuid::Uuid::new_v4().to_string().into(),
+            from: from.into(),
+            to: to.into(),
+            control: control_tx,
+            data: data_tx,
+        };
+        (handle, (control_rx, data_rx))
+    }
+
+    /// Queues a lifecycle input without waiting. Returns false if the call has ended.
+    pub(crate) fn send(&self, input: CallInput) -> bool {
+        match self.control.try_send(input) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                warn!(call_id = %self.call_id, "call lifecycle queue full");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a lifecycle input, waiting for room: for async callers that must not lose it.
+    /// Returns false if the call has ended.
+    pub(crate) async fn send_wait(&self, input: CallInput) -> bool {
+        self.control.send(input).await.is_ok()
+    }
+
+    /// Queues audio or a command, waiting for room. Returns false if the call has ended.
+    pub(crate) async fn send_data(&self, input: CallInput) -> bool {
+        self.data.send(input).await.is_ok()
+    }
+
+    /// Whether the call's actor has finished.
+    pub(crate) fn is_ended(&self) -> bool {
+        self.control.is_closed()
+    }
+}
+
+/// How a call reaches its agent's media connection.
+#[derive(Debug)]
+pub(crate) struct MediaLink {
+    pub(crate) conn_id: u64,
+    pub(crate) tx: mpsc::Sender<MediaOut>,
+}
+
+/// From a call to its media connection.
+#[derive(Debug)]
+pub(crate) enum MediaOut {
+    Text(String),
+    /// A text frame already encoded as JSON (so valid UTF-8), split from pooled storage: the
+    /// `buffer_request`s, which go out every 40 ms, cost no allocation.
+    Json(Bytes),
+    /// A `command_response`: the media connection counts commands in flight by these.
+    Response(String),
+    Audio(Bytes),
+    /// Close the connection (after sending what is queued).
+    Close,
+}
+
+/// Why a media connection could not attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum AttachError {
+    #[error("a media connection is already open for this call")]
+    AlreadyAttached,
+    #[error("the agent has left this call")]
+    AgentLeft,
+    /// Only an agent coming back after a lost connection may use an expired token.
+    #[error("media token has expired")]
+    TokenExpired,
+}
+
+/// Everything a call reacts to.
+#[derive(Debug)]
+pub(crate) enum CallInput {
+    /// A control connection claimed the session; its setup fixes the agent's audio format.
+    Claimed { setup: SetupData },
+    /// A media connection wants to attach.
+    MediaAttach {
+        link: MediaLink,
+        /// Its token is genuine but past its lifetime.
+        token_expired: bool,
+        reply: oneshot::Sender<Result<(), AttachError>>,
+    },
+    /// A media connection went away. `agent_closed`: the agent closed it itself, with a
+    /// WebSocket close frame (the Rust SDK when its client shuts down), rather than losing it.
+    MediaDetach { conn_id: u64, agent_closed: bool },
+    /// A command from the media connection.
+    Command { conn_id: u64, command: Command },
+    /// Agent audio (channel 0) from the media connection.
+    AgentAudio { conn_id: u64, pcm: Bytes },
+    /// Something from a leg.
+    Leg { leg: LegId, event: LegEvent },
+    /// End the call from outside (HTTP close); `done` hears when it has ended.
+    Close {
+        reason: CloseReason,
+        done: Option<oneshot::Sender<()>>,
+    },
+}

@@ -1,0 +1,114 @@
+//! A leg as its call keeps it: the link to it, resamplers between its rate and the agent's,
+//! the audio waiting for the mixing tick, and the policy for sending to it.
+
+use super::frames::SamplePool;
+use super::leg::{LegId, LegLink, LegOutput};
+use crate::audio::Resampler;
+use std::collections::VecDeque;
+use telcoflow_proto::SampleRate;
+use tokio::sync::mpsc;
+use tracing::{debug, trace, warn};
+
+/// Frames of leg audio held for mixing before the oldest is dropped (and counted).
+const LEG_QUEUE_FRAMES: usize = 10;
+/// Slots of a leg's queue kept free of audio for ringing / answered / hang-up.
+const LEG_CONTROL_RESERVE: usize = 4;
+
+/// A leg as its call keeps it: its link, resamplers and the audio waiting for the tick.
+pub(super) struct Leg {
+    pub(super) id: LegId,
+    link: LegLink,
+    pub(super) up: bool,
+    /// Leg rate -> agent rate.
+    pub(super) from_leg: Resampler,
+    /// Agent rate -> leg rate.
+    to_leg: Resampler,
+    /// Received audio at the agent rate, waiting for the mixing tick.
+    queue: VecDeque<i16>,
+    pub(super) dropped_samples: u64,
+    /// Buffers of the frames sent to the leg.
+    pool: SamplePool,
+}
+
+impl Leg {
+    pub(super) fn new(id: LegId, link: LegLink, agent_rate: SampleRate) -> Self {
+        let (from_leg, to_leg) = resamplers(link.rate, agent_rate);
+        Self {
+            id,
+            link,
+            up: false,
+            from_leg,
+            to_leg,
+            queue: VecDeque::with_capacity(LEG_QUEUE_FRAMES * agent_rate.frame_samples()),
+            dropped_samples: 0,
+            pool: SamplePool::default(),
+        }
+    }
+
+    pub(super) fn set_agent_rate(&mut self, agent_rate: SampleRate) {
+        (self.from_leg, self.to_leg) = resamplers(self.link.rate, agent_rate);
+        self.queue.clear();
+    }
+
+    /// Sends to the leg without waiting. Audio only goes while the queue has room beyond a
+    /// reserve, so that call-state outputs (ringing, answered, hang-up) are never the ones lost.
+    pub(super) fn send(&self, out: LegOutput) {
+        let is_audio = matches!(out, LegOutput::Audio(_));
+        if is_audio && self.link.tx.capacity() <= LEG_CONTROL_RESERVE {
+            trace!(leg = self.id.0, "leg is not reading; audio frame dropped");
+            return;
+        }
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.link.tx.try_send(out) {
+            warn!(
+                leg = self.id.0,
+                "leg is not reading; call-state output dropped"
+            );
+        }
+    }
+
+    /// Converts agent-rate samples to the leg's rate and sends them as one frame.
+    pub(super) fn play(&mut self, samples: &[i16], scratch: &mut Vec<i16>) {
+        scratch.clear();
+        self.to_leg.process(samples, scratch);
+        if scratch.is_empty() {
+            return;
+        }
+        let frame = self.pool.frame(scratch);
+        self.send(LegOutput::Audio(frame));
+    }
+
+    /// Queues agent-rate samples for the next ticks, keeping at most `LEG_QUEUE_FRAMES`.
+    pub(super) fn enqueue(&mut self, samples: &[i16], frame_samples: usize) {
+        self.queue.extend(samples);
+        let cap = LEG_QUEUE_FRAMES * frame_samples;
+        if self.queue.len() > cap {
+            let excess = self.queue.len() - cap;
+            self.queue.drain(..excess);
+            self.dropped_samples += excess as u64;
+            debug!(
+                leg = self.id.0,
+                excess, "leg sent faster than real time; oldest audio dropped"
+            );
+        }
+    }
+
+    pub(super) fn take_frame(&mut self, out: &mut [i16]) {
+        let n = out.len().min(self.queue.len());
+        for (o, s) in out.iter_mut().zip(self.queue.drain(..n)) {
+            *o = s;
+        }
+        out[n..].fill(0);
+    }
+}
+
+fn resamplers(leg: SampleRate, agent: SampleRate) -> (Resampler, Resampler) {
+    // Supported rates are all multiples of 8 kHz, which the FFT resampler handles; a failure
+    // here would be a bug, and pass-through keeps audio flowing rather than killing the call.
+    let make = |from: SampleRate, to: SampleRate| {
+        Resampler::new(from.hz(), to.hz()).unwrap_or_else(|e| {
+            warn!(error = %e, "resampler unavailable; passing audio through");
+            Resampler::passthrough()
+        })
+    };
+    (make(leg, agent), make(agent, leg))
+}

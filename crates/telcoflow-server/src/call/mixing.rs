@@ -1,0 +1,232 @@
+//! Audio between the legs and the agent: what the legs send as it arrives (to the agent at once,
+//! or into the legs' queues), and the 20 ms tick (playout, mixing, whisper / barge / spy).
+
+use super::actor::{AgentMode, CallActor, Phase};
+use super::frames::frame_bytes;
+use super::handle::MediaOut;
+use super::leg::{LegEvent, LegId, LegOutput};
+use serde_json::{Value, json};
+use std::time::Duration;
+use telcoflow_proto::audio::mix_into;
+use telcoflow_proto::control::CloseReason;
+use telcoflow_proto::media::{
+    CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, CommandResponse,
+};
+use telcoflow_proto::sim::HangupReason;
+use telcoflow_proto::{AudioMode, ErrorCode};
+use tokio::time::Instant;
+use tracing::info;
+
+impl CallActor {
+    /// Something from one of the call's legs.
+    pub(super) fn on_leg(&mut self, id: LegId, event: LegEvent) {
+        if id == LegId::CALLER {
+            return self.on_caller(event);
+        }
+        if !self.callee.as_ref().is_some_and(|c| c.id == id) {
+            return; // a leg we already gave up on
+        }
+        match event {
+            LegEvent::Answered => {
+                if let Some(callee) = &mut self.callee {
+                    callee.up = true;
+                    callee.send(LegOutput::Answered);
+                }
+                self.mode = AgentMode::Barge;
+                if let Some(c) = self.connect.take() {
+                    info!(destination = %c.destination, "destination answered");
+                    self.respond(CommandResponse::ok(
+                        c.command_id,
+                        Some(json!({ "destination": c.destination })),
+                    ));
+                }
+            }
+            LegEvent::Rejected | LegEvent::Hangup => {
+                let was_up = self.callee.as_ref().is_some_and(|c| c.up);
+                self.callee = None;
+                if let Some(c) = self.connect.take() {
+                    // Declined is, to the application, one more way of not being answered: apps
+                    // written for the reference SDK test for CALL_UNANSWERED alone.
+                    self.respond(CommandResponse::error(
+                        c.command_id,
+                        ErrorCode::CallUnanswered,
+                        format!("{} declined the call", c.destination),
+                    ));
+                } else if was_up {
+                    info!("destination hung up");
+                    if self.agent_left {
+                        self.finish(CloseReason::CallTerminated, HangupReason::Remote);
+                    } else {
+                        let mut ev = CallEvent {
+                            event: CallEvent::CONNECTED_LEG.into(),
+                            fields: Default::default(),
+                        };
+                        ev.fields.insert("state".into(), Value::from("ended"));
+                        self.send_event(ev);
+                    }
+                }
+            }
+            LegEvent::Audio(samples) => {
+                if self.phase == Phase::Answered {
+                    let frame = self.rate().frame_samples();
+                    if let Some(callee) = &mut self.callee {
+                        if callee.up {
+                            self.scratch.clear();
+                            callee.from_leg.process(&samples, &mut self.scratch);
+                            callee.enqueue(&self.scratch, frame);
+                        }
+                    }
+                }
+            }
+            LegEvent::Dtmf { .. } => {}
+        }
+    }
+
+    fn on_caller(&mut self, event: LegEvent) {
+        match event {
+            LegEvent::Hangup | LegEvent::Rejected => {
+                info!("caller hung up");
+                self.finish(CloseReason::CallTerminated, HangupReason::Local);
+            }
+            LegEvent::Audio(samples) => {
+                if self.phase != Phase::Answered {
+                    return; // nobody listens before the call is answered
+                }
+                self.scratch.clear();
+                self.caller.from_leg.process(&samples, &mut self.scratch);
+                if self.callee.as_ref().is_some_and(|c| c.up) {
+                    let frame = self.rate().frame_samples();
+                    self.caller.enqueue(&self.scratch, frame);
+                } else if !self.scratch.is_empty() {
+                    // Alone with the agent: forward at once, no clock wait.
+                    let frame =
+                        frame_bytes(&mut self.media_pool, Some(CHANNEL_MIXED), &self.scratch);
+                    self.send_media(MediaOut::Audio(frame));
+                    if self.setup.audio_mode == AudioMode::Isolated {
+                        let caller =
+                            frame_bytes(&mut self.media_pool, Some(CHANNEL_CALLER), &self.scratch);
+                        self.send_media(MediaOut::Audio(caller));
+                    }
+                    if std::mem::take(&mut self.request_deferred) {
+                        self.request_audio();
+                    }
+                }
+            }
+            LegEvent::Dtmf { digit, duration_ms } => {
+                self.send_event(CallEvent::dtmf(digit, duration_ms));
+            }
+            LegEvent::Answered if self.outbound && self.phase == Phase::Ringing => {
+                info!("far end answered");
+                self.phase = Phase::Answered;
+                self.caller.up = true;
+                self.caller.send(LegOutput::Answered);
+                if let Some((id, _)) = self.pending_answer.take() {
+                    self.respond(CommandResponse::ok(
+                        id,
+                        Some(json!({ "alreadyAnswered": false })),
+                    ));
+                }
+            }
+            LegEvent::Answered => {}
+        }
+    }
+
+    /// One 20 ms step of the media clock. Returns how much earlier the next tick should come,
+    /// if the clock should move.
+    pub(super) fn on_tick(&mut self, now: Instant) -> Option<Duration> {
+        self.now = now;
+        let n = self.rate().frame_samples();
+        self.agent_frame.resize(n, 0);
+        let held = self.playout.buffered();
+        let agent_speaks = !self.agent_left && self.playout.pop_frame(&mut self.agent_frame);
+        // The agent paces this audio when it still owes some: it sends frames as it makes
+        // them, so time they spend here is delay this buffer adds (see `crate::phase`). A full
+        // frame and no pre-buffer held on purpose.
+        let paced_by_agent = agent_speaks
+            && held >= n * 2
+            && self.playout.outstanding() > 0
+            && self.playout.prebuffer_frames() == 1;
+        let waited = self
+            .playout
+            .played_arrival()
+            .filter(|_| paced_by_agent)
+            .map(|at| now.saturating_duration_since(at));
+        let shift = self.aligner.on_tick(waited);
+        let callee_up = self.callee.as_ref().is_some_and(|c| c.up);
+        if !callee_up {
+            // Caller alone with the agent.
+            let mut frame = std::mem::take(&mut self.agent_frame);
+            self.caller.play(&frame, &mut self.scratch);
+            frame.clear();
+            self.agent_frame = frame;
+        } else {
+            self.caller_frame.resize(n, 0);
+            self.callee_frame.resize(n, 0);
+            self.caller.take_frame(&mut self.caller_frame);
+            if let Some(callee) = &mut self.callee {
+                callee.take_frame(&mut self.callee_frame);
+            }
+            let hears_agent = |mode: AgentMode, is_callee: bool| {
+                agent_speaks
+                    && match mode {
+                        AgentMode::Barge => true,
+                        AgentMode::Whisper => is_callee,
+                        AgentMode::Spy => false,
+                    }
+            };
+            // The caller hears the destination (+ agent).
+            self.mix.clear();
+            self.mix.extend_from_slice(&self.callee_frame);
+            if hears_agent(self.mode, false) {
+                mix_into(&mut self.mix, &self.agent_frame);
+            }
+            self.caller.play(&self.mix, &mut self.scratch);
+            // The destination hears the caller (+ agent).
+            self.mix.clear();
+            self.mix.extend_from_slice(&self.caller_frame);
+            if hears_agent(self.mode, true) {
+                mix_into(&mut self.mix, &self.agent_frame);
+            }
+            if let Some(callee) = &mut self.callee {
+                callee.play(&self.mix, &mut self.scratch);
+            }
+            // The agent hears both.
+            if self.media.is_some() {
+                self.mix.clear();
+                self.mix.extend_from_slice(&self.caller_frame);
+                mix_into(&mut self.mix, &self.callee_frame);
+                let mixed = frame_bytes(&mut self.media_pool, Some(CHANNEL_MIXED), &self.mix);
+                self.send_media(MediaOut::Audio(mixed));
+                if self.setup.audio_mode == AudioMode::Isolated {
+                    let caller = frame_bytes(
+                        &mut self.media_pool,
+                        Some(CHANNEL_CALLER),
+                        &self.caller_frame,
+                    );
+                    let callee = frame_bytes(
+                        &mut self.media_pool,
+                        Some(CHANNEL_CALLEE),
+                        &self.callee_frame,
+                    );
+                    self.send_media(MediaOut::Audio(caller));
+                    self.send_media(MediaOut::Audio(callee));
+                }
+            }
+        }
+        if !callee_up && !std::mem::take(&mut self.request_deferred) {
+            // Caller audio goes to the agent as it arrives, between ticks: ask with the next
+            // caller frame, so that both leave in one write (one wake-up for the agent), or
+            // at the next tick at the latest.
+            self.request_deferred = self.playout.want().is_some();
+            return shift;
+        }
+        self.request_audio();
+        shift
+    }
+
+    pub(super) fn drop_callee(&mut self, leg: LegId, reason: HangupReason) {
+        if let Some(callee) = self.callee.take_if(|c| c.id == leg) {
+            callee.send(LegOutput::Hangup(reason));
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! The call's decisions on time, driven with `now` values built by adding durations (no
+//! clock read, no sockets, no sleeps), and its media clock's catch-up in paused time.
+//!
+//! A call here is a real actor on a real `Shared`; its legs, media connection and the network
+//! it rings are the channels those would read, held by the test.
+
+use super::actor::{CallActor, MEDIA_GRACE};
+use super::handle::{CallHandle, CallInput, MediaLink, MediaOut, Queues};
+use super::leg::{LegEvent, LegId, LegLink, LegOutput};
+use crate::config::{Config, ConnectorConfig};
+use crate::net::{AddressKind, Network, Networks, RingError};
+use crate::state::Shared;
+use serde_json::{Value, json};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use telcoflow_proto::SampleRate;
+use telcoflow_proto::control::CloseReason;
+use telcoflow_proto::media::{Command, CommandResponse, MediaServerFrame};
+use telcoflow_proto::sim::HangupReason;
+use telcoflow_sip::phase::PhaseAligner;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const MS: Duration = Duration::from_millis(1);
+const RING_TIMEOUT: Duration = Duration::from_secs(30);
+const CONN: u64 = 7;
+
+/// The phones `call.connect` rings: each ring's outputs, kept for the test to read.
+#[derive(Debug, Default)]
+struct Phones {
+    rung: Mutex<Vec<(LegId, mpsc::Receiver<LegOutput>)>>,
+}
+
+impl Network for Phones {
+    fn serves(&self) -> AddressKind {
+        AddressKind::Number
+    }
+
+    fn ring(&self, _: &str, _: &CallHandle, leg: LegId) -> Result<LegLink, RingError> {
+        let (tx, rx) = mpsc::channel(64);
+        self.rung.lock().unwrap().push((leg, rx));
+        Ok(LegLink {
+            rate: SampleRate::Hz16000,
+            tx,
+        })
+    }
+}
+
+struct Call {
+    actor: CallActor,
+    handle: CallHandle,
+    queues: Queues,
+    caller: mpsc::Receiver<LegOutput>,
+    media: mpsc::Receiver<MediaOut>,
+    phones: Arc<Phones>,
+    /// When the call started: every instant of a test is this plus a duration.
+    t0: Instant,
+}
+
+impl Call {
+    /// A ringing incoming call at 16 kHz, with no media connection yet.
+    fn incoming() -> Self {
+        let config = Config {
+            ring_timeout_secs: RING_TIMEOUT.as_secs(),
+            ..Config::development()
+        };
+        let phones = Arc::new(Phones::default());
+        let shared = Arc::new(Shared::new(
+            config,
+            "ws://127.0.0.1:0".into(),
+            Networks::default().with(phones.clone()),
+            TaskTracker::new(),
+            CancellationToken::new(),
+        ));
+        let connector = Arc::new(ConnectorConfig::development("key", "connector"));
+        let (handle, queues) = CallHandle::new("+15550100", "+15550200");
+        let (tx, caller) = mpsc::channel(64);
+        let link = LegLink {
+            rate: SampleRate::Hz16000,
+            tx,
+        };
+        let t0 = Instant::now();
+        let actor = CallActor::new(shared, connector, handle.clone(), link, None, t0);
+        let (_, media) = mpsc::channel(1);
+        Self {
+            actor,
+            handle,
+            queues,
+            caller,
+            media,
+            phones,
+            t0,
+        }
+    }
+
+    fn at(&self, after: Duration) -> Instant {
+        self.t0 + after
+    }
+
+    fn input(&mut self, input: CallInput, after: Duration) {
+        let now = self.at(after);
+        self.actor.on_input(input, now);
+    }
+
+    /// Attaches a media connection (id [`CONN`]) at `after`.
+    fn attach(&mut self, after: Duration) {
+        let (tx, media) = mpsc::channel(64);
+        let (reply, mut result) = oneshot::channel();
+        let link = MediaLink { conn_id: CONN, tx };
+        let attach = CallInput::MediaAttach {
+            link,
+            token_expired: false,
+            reply,
+        };
+        self.input(attach, after);
+        assert_eq!(result.try_recv(), Ok(Ok(())));
+        self.media = media;
+    }
+
+    fn command(
+        &mut self,
+        after: Duration,
+        name: &str,
+        data: Option<Value>,
+        timeout_ms: Option<u64>,
+    ) {
+        let command = Command {
+            command_id: name.into(),
+            command: name.into(),
+            timeout_ms,
+            data,
+        };
+        let input = CallInput::Command {
+            conn_id: CONN,
+            command,
+        };
+        self.input(input, after);
+    }
+
+    /// Claimed, media attached and answered at `after`.
+    fn answered(after: Duration) -> Self {
+        let mut call = Self::incoming();
+        let setup = Default::default();
+        call.input(CallInput::Claimed { setup }, after);
+        call.attach(after);
+        call.command(after, "call.answer", None, None);
+        assert!(call.response().success);
+        assert!(matches!(call.caller.try_recv(), Ok(LegOutput::Ringing)));
+        assert!(matches!(call.caller.try_recv(), Ok(LegOutput::Answered)));
+        call
+    }
+
+    /// The next command response the media connection got (skipping other frames).
+    fn response(&mut self) -> CommandResponse {
+        while let Ok(out) = self.media.try_recv() {
+            if let MediaOut::Response(text) = out {
+                match MediaServerFrame::decode(&text) {
+                    Ok(MediaServerFrame::CommandResponse(r)) => return r,
+                    other => panic!("not a command response: {other:?}"),
+                }
+            }
+        }
+        panic!("no command response");
+    }
+
+    fn hangup_of(rx: &mut mpsc::Receiver<LegOutput>) -> Option<HangupReason> {
+        std::iter::from_fn(|| rx.try_recv().ok()).find_map(|out| match out {
+            LegOutput::Hangup(reason) => Some(reason),
+            _ => None,
+        })
+    }
+
+    /// The destination leg `call.connect` rang.
+    fn rung(&self) -> mpsc::Receiver<LegOutput> {
+        let (leg, rx) = self.phones.rung.lock().unwrap().pop().expect("a ring");
+        assert_eq!(leg, LegId(1));
+        rx
+    }
+
+    fn connect(&mut self, after: Duration, ring_secs: u32, timeout_ms: Option<u64>) {
+        let data = json!({ "ringTimeSeconds": ring_secs });
+        self.command(after, "call.connect", Some(data), timeout_ms);
+    }
+}
+
+#[test]
+fn a_call_nobody_answers_ends_at_the_ring_timeout() {
+    let mut call = Call::incoming();
+    assert_eq!(call.actor.next_deadline(), Some(call.at(RING_TIMEOUT)));
+    call.actor.on_deadline(call.at(RING_TIMEOUT - MS));
+    assert!(!call.actor.ended, "a millisecond early");
+    assert!(call.caller.try_recv().is_err());
+    call.actor.on_deadline(call.at(RING_TIMEOUT));
+    assert!(call.actor.ended);
+    assert_eq!(
+        Call::hangup_of(&mut call.caller),
+        Some(HangupReason::NoAnswer)
+    );
+}
+
+#[test]
+fn an_answered_call_has_no_ring_deadline() {
+    let call = Call::answered(Duration::from_secs(3));
+    assert_eq!(call.actor.next_deadline(), None);
+}
+
+#[test]
+fn a_lost_media_connection_ends_the_call_after_the_grace() {
+    let mut call = Call::answered(Duration::ZERO);
+    let lost = Duration::from_secs(5);
+    let detach = CallInput::MediaDetach {
+        conn_id: CONN,
+        agent_closed: false,
+    };
+    call.input(detach, lost);
+    assert_eq!(
+        call.actor.next_deadline(),
+        Some(call.at(lost + MEDIA_GRACE))
+    );
+    call.actor.on_deadline(call.at(lost + MEDIA_GRACE - MS));
+    assert!(!call.actor.ended, "a millisecond early");
+    call.actor.on_deadline(call.at(lost + MEDIA_GRACE));
+    assert!(call.actor.ended);
+    assert_eq!(
+        Call::hangup_of(&mut call.caller),
+        Some(HangupReason::Remote)
+    );
+}
+
+#[test]
+fn an_agent_back_within_the_grace_keeps_the_call() {
+    let mut call = Call::answered(Duration::ZERO);
+    let detach = CallInput::MediaDetach {
+        conn_id: CONN,
+        agent_closed: false,
+    };
+    call.input(detach, Duration::from_secs(1));
+    call.attach(Duration::from_secs(1) + MEDIA_GRACE - MS);
+    assert_eq!(call.actor.next_deadline(), None);
+    call.actor.on_deadline(call.at(Duration::from_secs(60)));
+    assert!(!call.actor.ended);
+}
+
+#[test]
+fn connect_gives_up_at_its_ring_time() {
+    let mut call = Call::answered(Duration::ZERO);
+    let sent = Duration::from_secs(2);
+    call.connect(sent, 5, None);
+    let mut callee = call.rung();
+    let ring_end = sent + Duration::from_secs(5);
+    assert_eq!(call.actor.next_deadline(), Some(call.at(ring_end)));
+    call.actor.on_deadline(call.at(ring_end - MS));
+    assert!(callee.try_recv().is_err(), "a millisecond early");
+    call.actor.on_deadline(call.at(ring_end));
+    let response = call.response();
+    assert!(!response.success);
+    assert_eq!(response.error_code.as_deref(), Some("CALL_UNANSWERED"));
+    assert_eq!(Call::hangup_of(&mut callee), Some(HangupReason::NoAnswer));
+    assert!(!call.actor.ended, "the caller stays with the agent");
+    assert_eq!(call.actor.next_deadline(), None);
+}
+
+#[test]
+fn connect_gives_up_at_the_commands_timeout_before_its_ring_time() {
+    let mut call = Call::answered(Duration::ZERO);
+    let sent = Duration::from_secs(2);
+    call.connect(sent, 5, Some(1500));
+    let mut callee = call.rung();
+    let timeout = sent + 1500 * MS;
+    assert_eq!(call.actor.next_deadline(), Some(call.at(timeout)));
+    call.actor.on_deadline(call.at(timeout));
+    let response = call.response();
+    assert_eq!(response.error_code.as_deref(), Some("TIMEOUT"));
+    assert_eq!(Call::hangup_of(&mut callee), Some(HangupReason::Remote));
+}
+
+#[test]
+fn a_destination_answering_in_time_clears_the_connect_deadlines() {
+    let mut call = Call::answered(Duration::ZERO);
+    call.connect(Duration::from_secs(1), 5, Some(3000));
+    let _callee = call.rung();
+    let answered = CallInput::Leg {
+        leg: LegId(1),
+        event: LegEvent::Answered,
+    };
+    call.input(answered, Duration::from_secs(3));
+    assert!(call.response().success);
+    assert_eq!(call.actor.next_deadline(), None);
+}
+
+/// The media clock starts at the answer, at a phase of its own; the agent's first audio
+/// restarts it a margin after that audio landed.
+#[test]
+fn the_first_agent_audio_moves_the_next_tick_to_just_after_it() {
+    let mut call = Call::answered(Duration::ZERO);
+    let frame = call.actor.playout.frame_bytes();
+    let landed = Duration::from_millis(37);
+    let audio = CallInput::AgentAudio {
+        conn_id: CONN,
+        pcm: vec![0u8; frame].into(),
+    };
+    call.input(audio, landed);
+    let margin = PhaseAligner::default().first_audio().unwrap();
+    assert_eq!(call.actor.tick_at, Some(call.at(landed + margin)));
+}
+
+/// Agent audio that lands just after the tick it was due for (playout ran dry there) is
+/// played a margin after it lands, not a whole frame later at the next tick.
+#[test]
+fn a_frame_that_misses_its_tick_plays_soon_after_it_lands() {
+    let mut call = Call::answered(Duration::ZERO);
+    let frame = call.actor.playout.frame_bytes();
+    let audio = || CallInput::AgentAudio {
+        conn_id: CONN,
+        pcm: vec![1u8; frame].into(),
+    };
+    call.input(audio(), 5 * MS);
+    let first_tick = call
+        .actor
+        .tick_at
+        .take()
+        .expect("the first audio moves the clock");
+    assert!(call.actor.on_tick(first_tick).is_none());
+    // The next tick finds nothing: the agent's next frame is late.
+    let next_tick = first_tick + 20 * MS;
+    call.actor.on_tick(next_tick);
+    assert!(call.actor.playout.ran_dry_at_last_tick());
+    let landed = next_tick + 3 * MS - call.t0;
+    call.input(audio(), landed);
+    let at = call.actor.tick_at.expect("the late frame moves the clock");
+    assert!(
+        at > call.at(landed) && at < next_tick + 20 * MS,
+        "plays {:?} after landing",
+        at - call.at(landed)
+    );
+}
+
+/// A stalled call catches up: the ticks it missed come at once, so its legs still get one
+/// frame per 20 ms of the time that passed. Paused time: the stall is a jump of the clock.
+#[tokio::test(start_paused = true)]
+async fn the_media_clock_catches_up_after_a_stall() {
+    let Call {
+        actor,
+        handle,
+        queues: (control, data),
+        mut caller,
+        ..
+    } = Call::incoming();
+    let task = tokio::spawn(actor.run(control, data));
+    let (tx, mut media) = mpsc::channel(64);
+    let (reply, attached) = oneshot::channel();
+    handle
+        .send_wait(CallInput::Claimed {
+            setup: Default::default(),
+        })
+        .await;
+    let link = MediaLink { conn_id: CONN, tx };
+    let attach = CallInput::MediaAttach {
+        link,
+        token_expired: false,
+        reply,
+    };
+    handle.send_wait(attach).await;
+    assert_eq!(attached.await, Ok(Ok(())));
+    let answer = Command {
+        command_id: "a".into(),
+        command: "call.answer".into(),
+        timeout_ms: None,
+        data: None,
+    };
+    handle
+        .send_data(CallInput::Command {
+            conn_id: CONN,
+            command: answer,
+        })
+        .await;
+    // The answer is handled (and the clock started) before its response arrives.
+    loop {
+        if let Some(MediaOut::Response(_)) = media.recv().await {
+            break;
+        }
+    }
+    let answered_at = Instant::now();
+    assert!(matches!(caller.recv().await, Some(LegOutput::Ringing)));
+    assert!(matches!(caller.recv().await, Some(LegOutput::Answered)));
+
+    tokio::time::advance(100 * MS).await;
+    for tick in 1..=5 {
+        let frame = caller.recv().await;
+        assert!(matches!(frame, Some(LegOutput::Audio(_))), "tick {tick}");
+        assert_eq!(
+            Instant::now(),
+            answered_at + 100 * MS,
+            "tick {tick} of the stall comes at once"
+        );
+    }
+    assert!(matches!(caller.recv().await, Some(LegOutput::Audio(_))));
+    assert_eq!(Instant::now(), answered_at + 120 * MS, "then one per 20 ms");
+    let close = CallInput::Close {
+        reason: CloseReason::ForceClose,
+        done: None,
+    };
+    assert!(handle.send(close));
+    task.await.unwrap();
+}
