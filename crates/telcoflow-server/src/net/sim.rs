@@ -3,18 +3,30 @@
 //! A dialling phone becomes the caller leg of a new call routed to a connector like any
 //! incoming call. A registered phone sits in the [`Directory`] and becomes the destination leg
 //! when `call.connect` rings its number.
+//!
+//! Admission: the endpoint is off unless `[sim] enabled` (the development configuration turns
+//! it on). Only the development configuration on a loopback listener takes phones without
+//! credentials; anywhere else a phone authenticates as a connector, with the control plane's
+//! headers or, for browsers, `?api_key=&connector_uuid=` in the query, and may then dial and
+//! register only that connector's numbers ([`Admission`]).
 
 use super::{AddressKind, Network, RingError};
+use crate::auth::authenticate;
 use crate::call::{self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
+use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
 use crate::state::Shared;
-use axum::extract::State;
+use crate::tls::PeerInfo;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::SampleRate;
+use telcoflow_proto::control::{API_KEY_HEADER, CONNECTOR_HEADER};
 use telcoflow_proto::sim::{HangupReason, NetworkFrame, PhoneFrame};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span};
@@ -88,21 +100,138 @@ pub(crate) struct SimState {
     pub(crate) phones: Arc<Directory>,
 }
 
+/// Credentials in the query string, for browsers, which cannot set headers on a WebSocket.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct SimQuery {
+    api_key: Option<String>,
+    connector_uuid: Option<String>,
+}
+
+/// Who a phone is, and so which numbers it may use.
+#[derive(Debug, Clone)]
+pub(crate) enum Admission {
+    /// Development on loopback without credentials: any number.
+    Open,
+    /// Authenticated as this connector: its numbers only.
+    Connector(Arc<ConnectorConfig>),
+}
+
+impl Admission {
+    /// Whether this phone may dial `to`: it must be routed to its connector.
+    fn may_dial(&self, shared: &Shared, to: &str) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Connector(c) => shared.route(to).is_some_and(|r| r.uuid == c.uuid),
+        }
+    }
+
+    /// Whether this phone may register at `number`: one its connector owns (see [`owns`]).
+    fn may_register(&self, shared: &Shared, number: &str) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Connector(c) => {
+                owns(c, number)
+                    || (c.numbers.iter().any(|n| n == "*")
+                        && !shared
+                            .config
+                            .connectors
+                            .iter()
+                            .any(|other| other.uuid != c.uuid && owns(other, number)))
+            }
+        }
+    }
+}
+
+/// The numbers a connector owns: those routed to it, its `call.connect` destinations and its
+/// outbound caller id. A `"*"` connector also owns every number no other connector lists.
+fn owns(c: &ConnectorConfig, number: &str) -> bool {
+    c.numbers.iter().any(|n| n == number)
+        || c.connect.values().any(|d| d == number)
+        || c.connect_default.as_deref() == Some(number)
+        || c.outbound_caller_id.as_deref() == Some(number)
+}
+
+/// Decides whether a phone may connect at all, before the upgrade.
+fn admit(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query: &SimQuery,
+    peer: &PeerInfo,
+) -> Result<Admission, (StatusCode, String)> {
+    if !shared.config.sim.enabled {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "simulated phones are off on this server ([sim] enabled = true turns them on)".into(),
+        ));
+    }
+    let open = shared.config.sim.development && shared.config.listen.ip().is_loopback();
+    let mut headers = headers.clone();
+    // Query credentials stand in for headers that are absent; headers win when both are there.
+    for (name, value) in [
+        (API_KEY_HEADER, &query.api_key),
+        (CONNECTOR_HEADER, &query.connector_uuid),
+    ] {
+        if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
+            headers.entry(name).or_insert(v);
+        }
+    }
+    let offered = headers.contains_key(API_KEY_HEADER) || peer.cert_sha256.is_some();
+    if open && !offered {
+        return Ok(Admission::Open);
+    }
+    match authenticate(shared, &headers, peer) {
+        Ok(connector) => Ok(Admission::Connector(connector)),
+        // A development server ignores a certificate it does not know rather than refuse.
+        Err(_) if open && !headers.contains_key(API_KEY_HEADER) => Ok(Admission::Open),
+        Err(e) if !offered => Err((
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "{e}: simulated phones on this server authenticate as a connector (x-api-key and x-connector-uuid headers, or ?api_key=&connector_uuid=)"
+            ),
+        )),
+        Err(e) => Err((StatusCode::UNAUTHORIZED, e.to_string())),
+    }
+}
+
 /// `GET /v1/sim/phone`: upgrade to a simulated phone.
 pub(crate) async fn phone_ws(
     State(SimState { shared, phones }): State<SimState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    query: Result<Query<SimQuery>, axum::extract::rejection::QueryRejection>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
+    };
+    let admission = match admit(&shared, &headers, &query, &peer) {
+        Ok(admission) => admission,
+        Err((status, body)) => {
+            debug!(%status, %body, "simulated phone refused");
+            return (status, body).into_response();
+        }
+    };
     let token = shared.tasks.token();
     ws.max_message_size(MAX_PHONE_FRAME)
         .read_buffer_size(crate::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let conn_id = shared.next_conn_id();
-            run_phone(shared, phones, socket, conn_id)
+            run_phone(shared, phones, socket, conn_id, admission)
                 .instrument(info_span!("phone", conn_id))
                 .await;
             drop(token);
         })
+}
+
+/// Why a number given by a phone is refused, if it is.
+fn check_number(field: &str, number: &str) -> Result<(), String> {
+    if number.chars().count() > MAX_ADDRESS_LEN {
+        return Err(format!(
+            "{field} is longer than {MAX_ADDRESS_LEN} characters (the limit for numbers)"
+        ));
+    }
+    Ok(())
 }
 
 async fn send(socket: &mut WebSocket, frame: NetworkFrame) -> bool {
@@ -117,6 +246,7 @@ async fn run_phone(
     phones: Arc<Directory>,
     mut socket: WebSocket,
     conn_id: u64,
+    admission: Admission,
 ) {
     let hello = tokio::select! {
         r = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()) => r,
@@ -136,12 +266,36 @@ async fn run_phone(
             from,
             to,
             sample_rate,
-        }) => dial(shared, socket, from, to, sample_rate).await,
+        }) => {
+            let refused = check_number("from", &from)
+                .and_then(|()| check_number("to", &to))
+                .err()
+                .or_else(|| {
+                    (!admission.may_dial(&shared, &to))
+                        .then(|| format!("{to} is not a number of the connector this phone authenticated as"))
+                });
+            match refused {
+                Some(message) => {
+                    send(&mut socket, NetworkFrame::Error { message }).await;
+                }
+                None => dial(shared, socket, from, to, sample_rate).await,
+            }
+        }
         Ok(PhoneFrame::Register {
             number,
             sample_rate,
         }) => {
-            register(shared, &phones, socket, conn_id, number, sample_rate).await;
+            let refused = check_number("number", &number).err().or_else(|| {
+                (!admission.may_register(&shared, &number)).then(|| {
+                    format!("{number} is not a number of the connector this phone authenticated as")
+                })
+            });
+            match refused {
+                Some(message) => {
+                    send(&mut socket, NetworkFrame::Error { message }).await;
+                }
+                None => register(shared, &phones, socket, conn_id, number, sample_rate).await,
+            }
         }
         Ok(other) => {
             let message = format!("expected dial or register first, got {other:?}");
