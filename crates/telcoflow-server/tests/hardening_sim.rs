@@ -248,10 +248,13 @@ async fn development_on_loopback_takes_phones_without_credentials() {
         .expect("open in development");
     assert_eq!(trying["type"], "trying", "{trying}");
     // Credentials given are still checked.
-    let refused = Ws::connect(&sim_url(&server), &auth_headers("wrong", DEV_CONNECTOR_UUID))
-        .await
-        .err()
-        .unwrap();
+    let refused = Ws::connect(
+        &sim_url(&server),
+        &auth_headers("wrong", DEV_CONNECTOR_UUID),
+    )
+    .await
+    .err()
+    .unwrap();
     assert_eq!(refused.status, 401, "{}", refused.body);
     let (_ws, ok) = phone_with(
         &server,

@@ -254,9 +254,7 @@ fn request(
         .into_client_request()
         .map_err(|_| SimError::InvalidUrl(url.to_owned()))?;
     if let Some(c) = credentials {
-        let value = |v: &str| {
-            HeaderValue::from_str(v).map_err(|_| SimError::InvalidCredentials)
-        };
+        let value = |v: &str| HeaderValue::from_str(v).map_err(|_| SimError::InvalidCredentials);
         let headers = request.headers_mut();
         headers.insert(API_KEY_HEADER, value(&c.api_key)?);
         headers.insert(CONNECTOR_HEADER, value(&c.connector_uuid)?);

@@ -271,8 +271,9 @@ async fn run_phone(
                 .and_then(|()| check_number("to", &to))
                 .err()
                 .or_else(|| {
-                    (!admission.may_dial(&shared, &to))
-                        .then(|| format!("{to} is not a number of the connector this phone authenticated as"))
+                    (!admission.may_dial(&shared, &to)).then(|| {
+                        format!("{to} is not a number of the connector this phone authenticated as")
+                    })
                 });
             match refused {
                 Some(message) => {
