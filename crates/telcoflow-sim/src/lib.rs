@@ -15,6 +15,13 @@
 //!   [`PhoneEvents::wait_for`] to wait deterministically for the one a test needs.
 //! - [`PhoneAudio`]: what the phone hears, one `Vec<i16>` per 20 ms frame.
 //!
+//! # Credentials
+//!
+//! A development server on loopback takes phones as they come. Any other server wants the phone
+//! to authenticate as a connector ([`PhoneOptions::credentials`], sent as the `x-api-key` and
+//! `x-connector-uuid` headers) and then lets it dial and register only that connector's numbers;
+//! a refused upgrade is [`SimError::Refused`] with the server's reason.
+//!
 //! # Audio timing
 //!
 //! While a call is up (from `answered` until `hangup`) the driver sends one 20 ms frame every
