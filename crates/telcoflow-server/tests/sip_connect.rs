@@ -93,8 +93,7 @@ async fn sip_connect_without_sip_configured_is_refused() {
     // Refused when the server starts, naming the field, rather than at call time.
     let err = telcoflow_server::Server::start(config)
         .await
-        .err()
-        .expect("a sip: destination without [sip] is refused");
+        .expect_err("a sip: destination without [sip] is refused");
     let message = err.to_string();
     assert!(message.contains("connectors.connect"), "{message}");
     assert!(message.contains("[sip]"), "{message}");
