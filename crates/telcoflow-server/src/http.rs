@@ -2,7 +2,7 @@
 //! `{code, message}` with the protocol's error codes, mapped to a status in one place
 //! ([`ApiError`]).
 
-use crate::auth::authenticate;
+use crate::auth::{PhoneQuery, admit_phone, authenticate};
 use crate::call::CallInput;
 use crate::state::Shared;
 use crate::tls::PeerInfo;
@@ -182,4 +182,25 @@ pub(crate) async fn close_session(
     Ok(Json(
         json!({ "closedAt": crate::token::unix_now(), "reason": reason }),
     ))
+}
+
+/// `GET /v1/sim/phone`: admits a simulated phone (see `auth::admit_phone`), then upgrades.
+pub(crate) async fn sim_phone(
+    State(sim): State<crate::net::sim::SimState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    query: Result<Query<PhoneQuery>, axum::extract::rejection::QueryRejection>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
+    };
+    match admit_phone(&sim.shared, &headers, &query, &peer) {
+        Ok(admission) => crate::net::sim::upgrade(sim, ws, admission),
+        Err((status, body)) => {
+            tracing::debug!(%status, %body, "simulated phone refused");
+            (status, body).into_response()
+        }
+    }
 }

@@ -8,25 +8,19 @@
 //! it on). Only the development configuration on a loopback listener takes phones without
 //! credentials; anywhere else a phone authenticates as a connector, with the control plane's
 //! headers or, for browsers, `?api_key=&connector_uuid=` in the query, and may then dial and
-//! register only that connector's numbers ([`Admission`]).
+//! register only that connector's numbers ([`Admission`], decided by `auth::admit_phone`).
 
 use super::{AddressKind, Network, RingError};
-use crate::auth::authenticate;
 use crate::call::{self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput};
 use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
 use crate::state::Shared;
-use crate::tls::PeerInfo;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use axum::response::Response;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::SampleRate;
-use telcoflow_proto::control::{API_KEY_HEADER, CONNECTOR_HEADER};
 use telcoflow_proto::sim::{HangupReason, NetworkFrame, PhoneFrame};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span};
@@ -100,13 +94,6 @@ pub(crate) struct SimState {
     pub(crate) phones: Arc<Directory>,
 }
 
-/// Credentials in the query string, for browsers, which cannot set headers on a WebSocket.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct SimQuery {
-    api_key: Option<String>,
-    connector_uuid: Option<String>,
-}
-
 /// Who a phone is, and so which numbers it may use.
 #[derive(Debug, Clone)]
 pub(crate) enum Admission {
@@ -151,67 +138,12 @@ fn owns(c: &ConnectorConfig, number: &str) -> bool {
         || c.outbound_caller_id.as_deref() == Some(number)
 }
 
-/// Decides whether a phone may connect at all, before the upgrade.
-fn admit(
-    shared: &Shared,
-    headers: &HeaderMap,
-    query: &SimQuery,
-    peer: &PeerInfo,
-) -> Result<Admission, (StatusCode, String)> {
-    if !shared.config.sim.enabled {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "simulated phones are off on this server ([sim] enabled = true turns them on)".into(),
-        ));
-    }
-    let open = shared.config.sim.development && shared.config.listen.ip().is_loopback();
-    let mut headers = headers.clone();
-    // Query credentials stand in for headers that are absent; headers win when both are there.
-    for (name, value) in [
-        (API_KEY_HEADER, &query.api_key),
-        (CONNECTOR_HEADER, &query.connector_uuid),
-    ] {
-        if let Some(v) = value.as_deref().and_then(|v| HeaderValue::from_str(v).ok()) {
-            headers.entry(name).or_insert(v);
-        }
-    }
-    let offered = headers.contains_key(API_KEY_HEADER) || peer.cert_sha256.is_some();
-    if open && !offered {
-        return Ok(Admission::Open);
-    }
-    match authenticate(shared, &headers, peer) {
-        Ok(connector) => Ok(Admission::Connector(connector)),
-        // A development server ignores a certificate it does not know rather than refuse.
-        Err(_) if open && !headers.contains_key(API_KEY_HEADER) => Ok(Admission::Open),
-        Err(e) if !offered => Err((
-            StatusCode::UNAUTHORIZED,
-            format!(
-                "{e}: simulated phones on this server authenticate as a connector (x-api-key and x-connector-uuid headers, or ?api_key=&connector_uuid=)"
-            ),
-        )),
-        Err(e) => Err((StatusCode::UNAUTHORIZED, e.to_string())),
-    }
-}
-
-/// `GET /v1/sim/phone`: upgrade to a simulated phone.
-pub(crate) async fn phone_ws(
-    State(SimState { shared, phones }): State<SimState>,
-    ConnectInfo(peer): ConnectInfo<PeerInfo>,
-    headers: HeaderMap,
-    query: Result<Query<SimQuery>, axum::extract::rejection::QueryRejection>,
+/// Upgrades an admitted phone (`GET /v1/sim/phone`; `http::sim_phone` decides the admission).
+pub(crate) fn upgrade(
+    SimState { shared, phones }: SimState,
     ws: WebSocketUpgrade,
+    admission: Admission,
 ) -> Response {
-    let query = match query {
-        Ok(Query(query)) => query,
-        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
-    };
-    let admission = match admit(&shared, &headers, &query, &peer) {
-        Ok(admission) => admission,
-        Err((status, body)) => {
-            debug!(%status, %body, "simulated phone refused");
-            return (status, body).into_response();
-        }
-    };
     let token = shared.tasks.token();
     ws.max_message_size(MAX_PHONE_FRAME)
         .read_buffer_size(crate::WS_READ_BUFFER)
