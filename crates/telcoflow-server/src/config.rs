@@ -15,6 +15,11 @@ pub const DEV_API_KEY: &str = "dev-api-key";
 pub const DEV_CONNECTOR_UUID: &str = "00000000-0000-4000-8000-000000000001";
 /// Where `call.connect` rings by default in development: a simulated phone registered here.
 pub const DEV_CONNECT_DESTINATION: &str = "+15550100";
+/// Longest number or address (caller, callee, registered number, `remoteAddress`) accepted
+/// from a phone or an agent, in characters.
+pub const MAX_ADDRESS_LEN: usize = 64;
+/// Closed sessions kept per connector by default (`limits.max_closed_sessions_per_connector`).
+pub const DEFAULT_MAX_CLOSED_SESSIONS: usize = 1000;
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +50,32 @@ pub struct Config {
     pub connectors: Vec<ConnectorConfig>,
     /// The SIP/RTP edge; without it the server takes calls from simulated phones only.
     pub sip: Option<SipConfig>,
+    /// The simulated phone endpoint (`[sim]`).
+    pub sim: SimConfig,
+}
+
+/// The simulated phone endpoint `/v1/sim/phone` (`[sim]`): a development tool, off in a
+/// configuration file unless enabled.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Accept simulated phones. Default false in a file; [`Config::development`] turns it on.
+    pub enabled: bool,
+    /// Set by [`Config::development`], never read from a file: on a loopback listen address,
+    /// phones may connect without credentials. Anywhere else a phone authenticates as a
+    /// connector and reaches only that connector's numbers.
+    #[serde(skip)]
+    pub development: bool,
+}
+
+impl SimConfig {
+    /// The embedded development setting: enabled, open to unauthenticated phones on loopback.
+    pub fn development() -> Self {
+        Self {
+            enabled: true,
+            development: true,
+        }
+    }
 }
 
 /// The SIP user agent (`[sip]`): where it listens, its RTP ports, and trunks for dialling out.
@@ -205,6 +236,9 @@ pub struct Limits {
     pub media_send_queue: usize,
     /// Agent audio the server holds beyond what it asked for, in milliseconds. Default 1000.
     pub max_playout_ms: u32,
+    /// Closed sessions kept (for `GET /public/v1/sessions`) per connector; beyond it the
+    /// oldest closed one is forgotten first. Default [`DEFAULT_MAX_CLOSED_SESSIONS`].
+    pub max_closed_sessions_per_connector: usize,
 }
 
 impl Default for Limits {
@@ -218,6 +252,7 @@ impl Default for Limits {
             control_send_queue: 1024,
             media_send_queue: 512,
             max_playout_ms: 1000,
+            max_closed_sessions_per_connector: DEFAULT_MAX_CLOSED_SESSIONS,
         }
     }
 }
@@ -236,6 +271,7 @@ impl Default for Config {
             limits: Limits::default(),
             connectors: Vec::new(),
             sip: None,
+            sim: SimConfig::default(),
         }
     }
 }
@@ -271,6 +307,7 @@ impl Config {
                 DEV_API_KEY,
                 DEV_CONNECTOR_UUID,
             )],
+            sim: SimConfig::development(),
             ..Self::default()
         }
     }
@@ -317,6 +354,7 @@ impl Config {
             if !seen.insert(c.uuid.as_str()) {
                 return invalid(format!("connector {} is listed twice", c.uuid));
             }
+            c.validate_addresses(self.sip.is_some())?;
         }
         let l = &self.limits;
         for (name, v) in [
@@ -333,6 +371,10 @@ impl Config {
             ),
             ("control_send_queue", l.control_send_queue),
             ("media_send_queue", l.media_send_queue),
+            (
+                "max_closed_sessions_per_connector",
+                l.max_closed_sessions_per_connector,
+            ),
         ] {
             if v == 0 {
                 return invalid(format!("limits.{name} must be at least 1"));
@@ -391,6 +433,50 @@ impl ConnectorConfig {
         }
     }
 
+    /// Checks the UUID and the addresses `call.connect` would ring: a well-formed UUID, no
+    /// empty `sip:` URI, no `sip:` destination without the `[sip]` section, none too long.
+    fn validate_addresses(&self, sip_on: bool) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if uuid::Uuid::parse_str(&self.uuid).is_err() {
+            return invalid(format!(
+                "connectors.uuid must be a UUID (e.g. 7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01), got {:?}",
+                self.uuid
+            ));
+        }
+        let destinations = self
+            .connect
+            .iter()
+            .map(|(called, d)| (format!("connectors.connect[{called:?}]"), d))
+            .chain(
+                self.connect_default
+                    .iter()
+                    .map(|d| ("connectors.connect_default".to_owned(), d)),
+            );
+        for (field, destination) in destinations {
+            let d = destination.trim();
+            let is_sip = d.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("sip:"));
+            if d.is_empty() || (is_sip && d[4..].trim().is_empty()) {
+                return invalid(format!(
+                    "{field} of connector {} is an empty address ({destination:?})",
+                    self.uuid
+                ));
+            }
+            if is_sip && !sip_on {
+                return invalid(format!(
+                    "{field} of connector {} is the SIP URI {destination:?}, but SIP is off: add a [sip] section (or --sip)",
+                    self.uuid
+                ));
+            }
+            if destination.chars().count() > MAX_ADDRESS_LEN {
+                return invalid(format!(
+                    "{field} of connector {} is longer than {MAX_ADDRESS_LEN} characters",
+                    self.uuid
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Where `call.connect` rings for a call to `called`.
     pub fn connect_destination(&self, called: &str) -> Option<&str> {
         self.connect
@@ -413,7 +499,7 @@ mod tests {
             [limits]
             max_calls_per_connector = 2
             [[connectors]]
-            uuid = "u1"
+            uuid = "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01"
             api_key = "k1"
             numbers = ["+100"]
             connect = { "+100" = "+200" }
@@ -460,7 +546,7 @@ mod tests {
             username = "acme"
             password = "secret"
             [[connectors]]
-            uuid = "u1"
+            uuid = "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01"
             api_key = "k1"
             numbers = ["+100", "+101"]
             connect = { "+100" = "sip:+200@127.0.0.1:5070", "+101" = "+201" }
@@ -509,7 +595,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_sip_values() {
-        let base = "[[connectors]]\nuuid='u'\napi_key='k'\n";
+        let base = "[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'\n";
         for bad in [
             "rtp_ports = '2000'",
             "rtp_ports = '3000-2000'",
@@ -526,11 +612,106 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         assert!(
-            Config::from_toml("ring_timeout_secs = 0\n[[connectors]]\nuuid='u'\napi_key='k'")
+            Config::from_toml("ring_timeout_secs = 0\n[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'")
                 .is_err()
         );
         assert!(Config::from_toml("bogus = 1").is_err());
         assert!(Config::from_toml("").is_err(), "no connectors");
         Config::development().validate().unwrap();
+    }
+
+    const UUID: &str = "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01";
+
+    fn connector_toml(extra: &str) -> String {
+        format!("[[connectors]]\nuuid = '{UUID}'\napi_key = 'k'\n{extra}\n")
+    }
+
+    fn invalid_message(text: &str) -> String {
+        match Config::from_toml(text) {
+            Err(ConfigError::Invalid(m)) => m,
+            other => panic!("expected an invalid configuration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_connector_uuid_must_be_a_uuid() {
+        let m = invalid_message("[[connectors]]\nuuid = 'not-a-uuid'\napi_key = 'k'\n");
+        assert!(m.contains("connectors.uuid"), "{m}");
+        assert!(m.contains("not-a-uuid"), "{m}");
+    }
+
+    #[test]
+    fn an_empty_sip_uri_is_refused_with_its_field() {
+        let sip = "[sip]\nlisten = '127.0.0.1:5070'\n";
+        let m = invalid_message(&format!(
+            "{sip}{}",
+            connector_toml("connect_default = 'sip:'")
+        ));
+        assert!(m.contains("connectors.connect_default"), "{m}");
+        assert!(m.contains("empty"), "{m}");
+        let m = invalid_message(&format!(
+            "{sip}{}",
+            connector_toml("connect = { '+100' = 'SIP:  ' }")
+        ));
+        assert!(m.contains("connectors.connect[\"+100\"]"), "{m}");
+    }
+
+    #[test]
+    fn sip_destinations_need_sip() {
+        let m = invalid_message(&connector_toml("connect_default = 'sip:+200@pbx.example'"));
+        assert!(m.contains("connectors.connect_default"), "{m}");
+        assert!(m.contains("SIP is off"), "{m}");
+        let m = invalid_message(&connector_toml(
+            "connect = { '+100' = 'sip:+200@pbx.example' }",
+        ));
+        assert!(m.contains("connectors.connect[\"+100\"]"), "{m}");
+        // With [sip] the same destinations are fine.
+        Config::from_toml(&format!(
+            "[sip]\n{}",
+            connector_toml("connect_default = 'sip:+200@pbx.example'")
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn over_long_destinations_are_refused() {
+        let long = "9".repeat(MAX_ADDRESS_LEN + 1);
+        let m = invalid_message(&connector_toml(&format!("connect_default = '{long}'")));
+        assert!(m.contains("longer than 64"), "{m}");
+        let ok = "9".repeat(MAX_ADDRESS_LEN);
+        Config::from_toml(&connector_toml(&format!("connect_default = '{ok}'"))).unwrap();
+    }
+
+    #[test]
+    fn sim_is_off_in_a_file_and_on_in_development() {
+        let config = Config::from_toml(&connector_toml("")).unwrap();
+        assert!(!config.sim.enabled);
+        assert_eq!(
+            config.limits.max_closed_sessions_per_connector,
+            DEFAULT_MAX_CLOSED_SESSIONS
+        );
+        let config =
+            Config::from_toml(&format!("[sim]\nenabled = true\n{}", connector_toml(""))).unwrap();
+        assert!(config.sim.enabled);
+        assert!(
+            !config.sim.development,
+            "a file never opens the sim endpoint to anyone"
+        );
+        assert!(
+            Config::from_toml(&format!(
+                "[sim]\ndevelopment = true\n{}",
+                connector_toml("")
+            ))
+            .is_err()
+        );
+        let dev = Config::development();
+        assert!(dev.sim.enabled && dev.sim.development);
+        assert!(
+            Config::from_toml(&format!(
+                "[limits]\nmax_closed_sessions_per_connector = 0\n{}",
+                connector_toml("")
+            ))
+            .is_err()
+        );
     }
 }

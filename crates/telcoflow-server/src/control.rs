@@ -9,7 +9,7 @@
 
 use crate::auth::authenticate;
 use crate::call::CallHandle;
-use crate::config::ConnectorConfig;
+use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
 use crate::registry::{ControlLink, ReadyOutcome};
 use crate::state::Shared;
 use crate::tls::PeerInfo;
@@ -329,6 +329,14 @@ impl Conn {
                 "messaging (WA) is not configured on this server",
             );
         }
+        // Checked before anything stores it: sessions keep their remote address after closing.
+        if remote.chars().count() > MAX_ADDRESS_LEN {
+            return self.reply_err(
+                req_id,
+                ErrorCode::InvalidRequest,
+                format!("remoteAddress is longer than {MAX_ADDRESS_LEN} characters (the limit for numbers and addresses)"),
+            );
+        }
         if let Some(existing) =
             self.shared
                 .registry
@@ -353,6 +361,11 @@ impl Conn {
 
     fn call_in(&self, call: &CallHandle) -> ServerFrame {
         let token = self.shared.signer.issue(&call.call_id, SystemTime::now());
+        // Only this token attaches from now on: one minted for an earlier holder of the
+        // session (before a RESUME) is refused by the media plane.
+        self.shared
+            .registry
+            .set_media_token(&call.session_id, &token);
         ServerFrame::CallIn(CallIn {
             session_id: call.session_id.to_string(),
             call_id: call.call_id.to_string(),

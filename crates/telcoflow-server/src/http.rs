@@ -2,7 +2,7 @@
 //! `{code, message}` with the protocol's error codes, mapped to a status in one place
 //! ([`ApiError`]).
 
-use crate::auth::authenticate;
+use crate::auth::{PhoneQuery, admit_phone, authenticate};
 use crate::call::CallInput;
 use crate::state::Shared;
 use crate::tls::PeerInfo;
@@ -59,6 +59,10 @@ fn auth(
         .map_err(|e| ApiError::new(ErrorCode::Unauthorized, e.to_string()))
 }
 
+/// Sessions per page of `GET /public/v1/sessions` when the query gives no `limit`, and the
+/// most a `limit` may ask for.
+pub(crate) const MAX_SESSIONS_PAGE: usize = 1000;
+
 /// Query of `GET /public/v1/sessions`. Values are strings so that a bad one gets our own
 /// message rather than a generic extractor error.
 #[derive(Debug, Deserialize)]
@@ -67,6 +71,27 @@ pub(crate) struct ListQuery {
     channel: Option<String>,
     remote_address: Option<String>,
     state: Option<String>,
+    limit: Option<String>,
+    offset: Option<String>,
+}
+
+/// A count from the query: `default` when absent, else a whole number in `min..=max`.
+fn parse_count(
+    name: &str,
+    value: Option<&str>,
+    default: usize,
+    (min, max): (usize, usize),
+) -> Result<usize, ApiError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match value.parse::<usize>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("{name} must be a whole number from {min} to {max}, got '{value}'"),
+        )),
+    }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(
@@ -82,7 +107,9 @@ fn parse<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// `GET /public/v1/sessions?channel=&remoteAddress=&state=`.
+/// `GET /public/v1/sessions?channel=&remoteAddress=&state=&limit=&offset=`: `{"items": [..]}`,
+/// oldest first, at most `limit` (default and maximum [`MAX_SESSIONS_PAGE`]) from `offset`
+/// (default 0), with `"nextOffset"` when more sessions follow.
 pub(crate) async fn list_sessions(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
@@ -102,13 +129,26 @@ pub(crate) async fn list_sessions(
         .as_deref()
         .map(|s| parse("state", s, "OPEN, CLOSED"))
         .transpose()?;
-    let items = shared.registry.list(
+    let limit = parse_count(
+        "limit",
+        query.limit.as_deref(),
+        MAX_SESSIONS_PAGE,
+        (1, MAX_SESSIONS_PAGE),
+    )?;
+    let offset = parse_count("offset", query.offset.as_deref(), 0, (0, usize::MAX))?;
+    let page = shared.registry.list(
         &connector.uuid,
         channel,
         query.remote_address.as_deref(),
         state,
+        offset,
+        limit,
     );
-    Ok(Json(json!({ "items": items })))
+    let mut body = json!({ "items": page.items });
+    if let Some(next) = page.next_offset {
+        body["nextOffset"] = json!(next);
+    }
+    Ok(Json(body))
 }
 
 /// `POST /public/v1/sessions/{id}/close`: ends the session's call for everyone.
@@ -142,4 +182,25 @@ pub(crate) async fn close_session(
     Ok(Json(
         json!({ "closedAt": crate::token::unix_now(), "reason": reason }),
     ))
+}
+
+/// `GET /v1/sim/phone`: admits a simulated phone (see `auth::admit_phone`), then upgrades.
+pub(crate) async fn sim_phone(
+    State(sim): State<crate::net::sim::SimState>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    query: Result<Query<PhoneQuery>, axum::extract::rejection::QueryRejection>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Response {
+    let query = match query {
+        Ok(Query(query)) => query,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
+    };
+    match admit_phone(&sim.shared, &headers, &query, &peer) {
+        Ok(admission) => crate::net::sim::upgrade(sim, ws, admission),
+        Err((status, body)) => {
+            tracing::debug!(%status, %body, "simulated phone refused");
+            (status, body).into_response()
+        }
+    }
 }

@@ -239,7 +239,7 @@ fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Route
         .with_state(shared.clone())
         .merge(
             Router::new()
-                .route(SIM_PATH, get(net::sim::phone_ws))
+                .route(SIM_PATH, get(http::sim_phone))
                 .with_state(net::sim::SimState { shared, phones }),
         )
 }

@@ -1,7 +1,9 @@
 //! The media plane: `/v1/agent/media/{call_id}`, one WebSocket per call.
 //!
-//! The bearer token from `call.in` must be valid for this call and unexpired; anything else gets
-//! 401 with a body saying why. Once attached, text frames carry commands (forwarded to the call
+//! The bearer token from `call.in` must be valid for this call and unexpired, and be the one
+//! handed to the session's current holder (a session offered again with `RESUME` and claimed
+//! by another connection no longer takes its first holder's token); anything else gets 401 with
+//! a body saying why. Once attached, text frames carry commands (forwarded to the call
 //! actor, which answers each with a `command_response`) and binary frames carry the agent's
 //! audio on channel 0. Malformed frames are logged and ignored; the connection stays up.
 
@@ -61,6 +63,16 @@ pub(crate) async fn media_ws(
         )
             .into_response();
     };
+    if !shared
+        .registry
+        .is_current_media_token(&call.session_id, token)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "media token was issued to a control connection that no longer holds this session",
+        )
+            .into_response();
+    }
     let conn_id = shared.next_conn_id();
     let (tx, rx) = mpsc::channel(shared.config.limits.media_send_queue);
     let (reply_tx, reply_rx) = oneshot::channel();

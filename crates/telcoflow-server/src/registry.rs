@@ -9,7 +9,7 @@
 
 use crate::call::{CallHandle, CallInput};
 use crate::token::unix_now;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::{
@@ -51,6 +51,9 @@ struct SessionRecord {
     /// Media connected: the session no longer depends on its control connection.
     media_attached: bool,
     call: Option<CallHandle>,
+    /// The media token of the latest `call.in`. A session offered again (`RESUME`) forgets it,
+    /// so that a token minted for the holder that left cannot attach to the call it lost.
+    media_token: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -61,6 +64,8 @@ struct State {
     calls: HashMap<Arc<str>, usize>,
     /// Running calls by call id, for the media plane.
     by_call_id: HashMap<Arc<str>, CallHandle>,
+    /// Closed sessions per connector, oldest first, to forget the oldest beyond the cap.
+    closed: HashMap<Arc<str>, VecDeque<String>>,
 }
 
 /// Why a session could not be claimed.
@@ -92,13 +97,31 @@ pub(crate) enum ReadyOutcome {
     Nothing,
 }
 
+/// A page of `GET /public/v1/sessions`.
+#[derive(Debug)]
+pub(crate) struct SessionPage {
+    pub(crate) items: Vec<SessionInfo>,
+    /// Offset of the next page, when there are more sessions.
+    pub(crate) next_offset: Option<usize>,
+}
+
 /// The registry. Cheap to clone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Registry {
     state: Arc<Mutex<State>>,
+    /// Closed sessions kept per connector (`limits.max_closed_sessions_per_connector`).
+    max_closed: usize,
 }
 
 impl Registry {
+    /// A registry keeping at most `max_closed` closed sessions per connector.
+    pub(crate) fn new(max_closed: usize) -> Self {
+        Self {
+            state: Arc::default(),
+            max_closed,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock would be a bug in the few lines of map code below;
         // the maps stay consistent between statements, so recovering the guard is sound.
@@ -159,6 +182,7 @@ impl Registry {
             {
                 s.bound = None;
                 s.ready = false;
+                s.media_token = None;
                 let inbound = s.info.initiator == Initiator::Connector;
                 resumed.push((notify(&s.info, Activity::Resume, now), inbound));
             }
@@ -199,6 +223,7 @@ impl Registry {
                 ready: false,
                 media_attached: false,
                 call: Some(call),
+                media_token: None,
             },
         );
         Ok(())
@@ -282,6 +307,22 @@ impl Registry {
         }
     }
 
+    /// Records the media token handed to the session's holder in `call.in`.
+    pub(crate) fn set_media_token(&self, session_id: &str, token: &str) {
+        if let Some(s) = self.lock().sessions.get_mut(session_id) {
+            s.media_token = Some(token.to_owned());
+        }
+    }
+
+    /// Whether `token` is the one handed to the session's current holder.
+    pub(crate) fn is_current_media_token(&self, session_id: &str, token: &str) -> bool {
+        self.lock()
+            .sessions
+            .get(session_id)
+            .and_then(|s| s.media_token.as_deref())
+            .is_some_and(|t| t == token)
+    }
+
     /// The media connection of a session's call is up (or down again).
     pub(crate) fn set_media_attached(&self, session_id: &str, attached: bool) {
         if let Some(s) = self.lock().sessions.get_mut(session_id) {
@@ -297,6 +338,7 @@ impl Registry {
             controls,
             sessions,
             calls,
+            closed,
             ..
         } = &mut *state;
         let Some(s) = sessions.get_mut(session_id) else {
@@ -317,40 +359,71 @@ impl Registry {
                 reason,
             });
         }
+        let kept = closed.entry(s.connector.clone()).or_default();
+        kept.push_back(session_id.to_owned());
+        while kept.len() > self.max_closed {
+            if let Some(oldest) = kept.pop_front() {
+                sessions.remove(&oldest);
+            }
+        }
         true
     }
 
     /// Forgets closed sessions older than `keep_secs`, so the registry does not grow forever.
     pub(crate) fn prune_closed(&self, keep_secs: u64) {
         let now = unix_now();
-        self.lock().sessions.retain(|_, s| {
+        let mut state = self.lock();
+        state.sessions.retain(|_, s| {
             s.info.state == SessionState::Open
                 || s.info
                     .closed_at
                     .is_some_and(|t| now.saturating_sub(t) < keep_secs)
         });
+        let State {
+            sessions, closed, ..
+        } = &mut *state;
+        for kept in closed.values_mut() {
+            kept.retain(|id| sessions.contains_key(id));
+        }
+        closed.retain(|_, kept| !kept.is_empty());
     }
 
-    /// Sessions of a connector, for the HTTP API.
+    /// One page of a connector's sessions for the HTTP API, oldest first: `limit` sessions
+    /// from `offset`.
     pub(crate) fn list(
         &self,
         connector: &str,
         channel: Option<Channel>,
         remote_address: Option<&str>,
         state: Option<SessionState>,
-    ) -> Vec<SessionInfo> {
-        let mut items: Vec<SessionInfo> = self
-            .lock()
+        offset: usize,
+        limit: usize,
+    ) -> SessionPage {
+        // Sort references under the lock and clone only the page: the full list is bounded by
+        // the call and closed-session limits, but copying all of it per request is not needed.
+        let guard = self.lock();
+        let mut matching: Vec<&SessionInfo> = guard
             .sessions
             .values()
             .filter(|s| &*s.connector == connector)
             .filter(|s| channel.is_none_or(|c| s.info.channel == c))
             .filter(|s| remote_address.is_none_or(|r| s.info.remote_address == r))
             .filter(|s| state.is_none_or(|st| s.info.state == st))
-            .map(|s| s.info.clone())
+            .map(|s| &s.info)
             .collect();
-        items.sort_by(|a, b| a.opened_at.cmp(&b.opened_at).then_with(|| a.id.cmp(&b.id)));
-        items
+        matching.sort_by(|a, b| a.opened_at.cmp(&b.opened_at).then_with(|| a.id.cmp(&b.id)));
+        let total = matching.len();
+        let items = matching
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .cloned()
+            .collect();
+        let end = offset.saturating_add(limit);
+        SessionPage {
+            items,
+            next_offset: (end < total).then_some(end),
+        }
     }
 
     /// The call of an open session of `connector`, for HTTP close.

@@ -53,11 +53,12 @@ impl Shared {
                 Some((normalize_fingerprint(pin), c.clone()))
             })
             .collect();
+        let registry = Registry::new(config.limits.max_closed_sessions_per_connector);
         Self {
             config,
             connectors,
             cert_pins,
-            registry: Registry::default(),
+            registry,
             networks,
             signer,
             public_url,

@@ -101,12 +101,20 @@ async fn ready_delivers_call_in_with_media_url_and_token() {
 #[tokio::test]
 async fn another_connectors_session_is_not_found() {
     let mut config = dev_config();
-    let mut other = ConnectorConfig::development("other-key", "other-uuid");
+    let mut other =
+        ConnectorConfig::development("other-key", "00000000-0000-4000-8000-0000000000a2");
     other.numbers = vec!["+1999".into()];
     config.connectors.push(other);
     let server = start(config).await;
     let mut dev = control(&server, 16000, "mixed").await;
-    let mut other = control_as(&server, "other-key", "other-uuid", 16000, "mixed").await;
+    let mut other = control_as(
+        &server,
+        "other-key",
+        "00000000-0000-4000-8000-0000000000a2",
+        16000,
+        "mixed",
+    )
+    .await;
     let _phone = dial(&server, "+1000", "+1999", 16000).await;
     // Routed by number to the other connector only.
     let notify = other.ws.expect_type("session.notify").await;

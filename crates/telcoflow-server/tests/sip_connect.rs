@@ -90,17 +90,13 @@ async fn sip_connect_without_sip_configured_is_refused() {
     config.connectors[0]
         .connect
         .insert(CALLED.into(), "sip:+15550200@127.0.0.1:5999".into());
-    let (server, _control, _phone, mut media) = answered_call(config, 8000).await;
-    let resp = media
-        .command("call.connect", Some(json!({"ringTimeSeconds": 1})))
-        .await;
-    assert_eq!(resp["success"], false, "{resp}");
-    assert_eq!(resp["error_code"], "CALL_REJECTED", "{resp}");
-    assert!(
-        resp["error_message"].as_str().unwrap().contains("[sip]"),
-        "{resp}"
-    );
-    server.shutdown().await;
+    // Refused when the server starts, naming the field, rather than at call time.
+    let err = telcoflow_server::Server::start(config)
+        .await
+        .expect_err("a sip: destination without [sip] is refused");
+    let message = err.to_string();
+    assert!(message.contains("connectors.connect"), "{message}");
+    assert!(message.contains("[sip]"), "{message}");
 }
 
 #[tokio::test]

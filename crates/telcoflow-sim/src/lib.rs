@@ -15,6 +15,13 @@
 //!   [`PhoneEvents::wait_for`] to wait deterministically for the one a test needs.
 //! - [`PhoneAudio`]: what the phone hears, one `Vec<i16>` per 20 ms frame.
 //!
+//! # Credentials
+//!
+//! A development server on loopback takes phones as they come. Any other server wants the phone
+//! to authenticate as a connector ([`PhoneOptions::credentials`], sent as the `x-api-key` and
+//! `x-connector-uuid` headers) and then lets it dial and register only that connector's numbers;
+//! a refused upgrade is [`SimError::Refused`] with the server's reason.
+//!
 //! # Audio timing
 //!
 //! While a call is up (from `answered` until `hangup`) the driver sends one 20 ms frame every
@@ -50,6 +57,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::audio::{pcm_to_samples, samples_to_pcm};
+use telcoflow_proto::control::{API_KEY_HEADER, CONNECTOR_HEADER};
 use telcoflow_proto::sim::{HangupReason, NetworkFrame, PhoneFrame, SIM_PATH};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -73,6 +81,9 @@ pub enum SimError {
     /// The base URL is not a `ws://`, `wss://`, `http://` or `https://` URL.
     #[error("invalid server URL {0:?} (expected ws://host:port or http://host:port)")]
     InvalidUrl(String),
+    /// The API key or connector UUID cannot be sent as an HTTP header (a control character).
+    #[error("the API key or connector UUID is not a valid HTTP header value")]
+    InvalidCredentials,
     /// The WebSocket could not be opened.
     #[error("cannot connect to {url}")]
     Connect {
@@ -124,6 +135,28 @@ pub struct PhoneOptions {
     /// How long [`SimPhone::register`] waits for the network to confirm.
     /// Default [`DEFAULT_REGISTER_TIMEOUT`].
     pub register_timeout: Duration,
+    /// The connector this phone authenticates as (sent as the `x-api-key` and
+    /// `x-connector-uuid` headers). A server that is not a development server on loopback
+    /// requires them, and then lets the phone use only that connector's numbers. Default none.
+    pub credentials: Option<Credentials>,
+}
+
+/// A connector's credentials, as the control plane takes them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// API key (`x-api-key`).
+    pub api_key: String,
+    /// Connector UUID (`x-connector-uuid`).
+    pub connector_uuid: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key is a secret: never in logs.
+        f.debug_struct("Credentials")
+            .field("connector_uuid", &self.connector_uuid)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for PhoneOptions {
@@ -132,6 +165,7 @@ impl Default for PhoneOptions {
             audio_capacity: DEFAULT_AUDIO_CAPACITY,
             event_capacity: DEFAULT_EVENT_CAPACITY,
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
+            credentials: None,
         }
     }
 }
@@ -152,6 +186,15 @@ impl PhoneOptions {
     /// Sets [`PhoneOptions::register_timeout`].
     pub fn register_timeout(mut self, timeout: Duration) -> Self {
         self.register_timeout = timeout;
+        self
+    }
+
+    /// Sets [`PhoneOptions::credentials`]: authenticate as this connector.
+    pub fn credentials(mut self, api_key: &str, connector_uuid: &str) -> Self {
+        self.credentials = Some(Credentials {
+            api_key: api_key.to_owned(),
+            connector_uuid: connector_uuid.to_owned(),
+        });
         self
     }
 }
@@ -205,6 +248,25 @@ const WS_READ_BUFFER: usize = 4096;
 /// WebSocket settings of a phone.
 fn ws_config() -> tungstenite::protocol::WebSocketConfig {
     tungstenite::protocol::WebSocketConfig::default().read_buffer_size(WS_READ_BUFFER)
+}
+
+/// The upgrade request, with the credentials as headers when there are any.
+fn request(
+    url: &str,
+    credentials: Option<&Credentials>,
+) -> Result<tungstenite::handshake::client::Request, SimError> {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::http::HeaderValue;
+    let mut request = url
+        .into_client_request()
+        .map_err(|_| SimError::InvalidUrl(url.to_owned()))?;
+    if let Some(c) = credentials {
+        let value = |v: &str| HeaderValue::from_str(v).map_err(|_| SimError::InvalidCredentials);
+        let headers = request.headers_mut();
+        headers.insert(API_KEY_HEADER, value(&c.api_key)?);
+        headers.insert(CONNECTOR_HEADER, value(&c.connector_uuid)?);
+    }
+    Ok(request)
 }
 
 /// A connected simulated phone: a dialled call or a phone registered at a number.
@@ -289,10 +351,10 @@ impl SimPhone {
         options: &PhoneOptions,
     ) -> Result<Self, SimError> {
         let url = sim_url(base_url)?;
+        let request = request(&url, options.credentials.as_ref())?;
         // TCP_NODELAY: 20 ms audio frames must not wait behind Nagle's algorithm.
         let connected =
-            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(ws_config()), true)
-                .await;
+            tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true).await;
         let (mut ws, _response) = match connected {
             Ok(ok) => ok,
             Err(tungstenite::Error::Http(response)) => {

@@ -35,7 +35,8 @@ async fn client_certificate_authenticates_over_wss() {
         key: server_key,
         client_ca: None,
     });
-    let mut pinned = ConnectorConfig::development("unused-key", "mtls-connector");
+    let mut pinned =
+        ConnectorConfig::development("unused-key", "00000000-0000-4000-8000-0000000000b3");
     pinned.client_cert_sha256 = Some(certificate_fingerprint(&client_der));
     config.connectors.push(pinned);
     let server = Server::start(config).await.unwrap();

@@ -12,6 +12,10 @@
 //! `remote` (the network sent `hangup`; `reason` is its reason, e.g. `remote`, `no_answer`,
 //! `not_found`) or `network` (the connection closed without a `hangup`; `reason` `closed`).
 //! Exit status 0 only when the call was answered.
+//!
+//! A server other than the development one on loopback wants the phone to authenticate as a
+//! connector: `--api-key` and `--connector-uuid` (or `TELCOFLOW_API_KEY` and
+//! `TELCOFLOW_CONNECTOR_UUID`, as `serve` reads them); `telcoflow phone` takes the same.
 
 use crate::wav;
 use anyhow::Context;
@@ -21,7 +25,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::NetworkFrame;
-use telcoflow_sim::{SimPhone, ws_base_url};
+use telcoflow_sim::{PhoneOptions, SimPhone, ws_base_url};
 use tokio::time::Instant;
 use tracing::info;
 
@@ -55,6 +59,30 @@ pub(crate) struct Args {
     /// The phone's sample rate: 8000, 16000 or 24000.
     #[arg(long, default_value_t = 16000)]
     sample_rate: u32,
+    #[command(flatten)]
+    credentials: PhoneCredentials,
+}
+
+/// The connector a simulated phone authenticates as (`telcoflow call` and `telcoflow phone`).
+#[derive(Debug, Default, clap::Args)]
+pub(crate) struct PhoneCredentials {
+    /// API key of the connector to authenticate as (with --connector-uuid); needed by servers
+    /// other than the development one on loopback.
+    #[arg(long, env = "TELCOFLOW_API_KEY", requires = "connector_uuid")]
+    api_key: Option<String>,
+    /// UUID of the connector to authenticate as (with --api-key).
+    #[arg(long, env = "TELCOFLOW_CONNECTOR_UUID", requires = "api_key")]
+    connector_uuid: Option<String>,
+}
+
+impl PhoneCredentials {
+    /// Phone options carrying these credentials, if any were given.
+    pub(crate) fn options(&self) -> PhoneOptions {
+        match (&self.api_key, &self.connector_uuid) {
+            (Some(key), Some(uuid)) => PhoneOptions::default().credentials(key, uuid),
+            _ => PhoneOptions::default(),
+        }
+    }
 }
 
 /// The JSON summary line.
@@ -111,7 +139,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let started = Instant::now();
     let deadline = started + timeout;
-    let phone = SimPhone::dial(&base, &args.from, &args.to, rate).await?;
+    let options = args.credentials.options();
+    let phone = SimPhone::dial_with(&base, &args.from, &args.to, rate, options).await?;
     let (control, mut events, mut audio) = phone.into_parts();
     let mut call_id: Option<String> = None;
 

@@ -12,8 +12,12 @@
 //!
 //! With `--once` it exits after the first call. `--record` may contain `{call_id}`, replaced by
 //! the call's id; otherwise each call overwrites the file.
+//!
+//! `--api-key` and `--connector-uuid` (or `TELCOFLOW_API_KEY` and `TELCOFLOW_CONNECTOR_UUID`)
+//! authenticate the phone as a connector, as servers other than the development one on
+//! loopback require; it may then register only that connector's numbers.
 
-use crate::cmd::call::{seconds, secs_arg};
+use crate::cmd::call::{PhoneCredentials, seconds, secs_arg};
 use crate::wav;
 use anyhow::Context;
 use serde::Serialize;
@@ -59,6 +63,8 @@ pub(crate) struct Args {
     /// The phone's sample rate: 8000, 16000 or 24000.
     #[arg(long, default_value_t = 16000)]
     sample_rate: u32,
+    #[command(flatten)]
+    credentials: PhoneCredentials,
 }
 
 /// One JSON line on stdout.
@@ -99,7 +105,8 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(path) => Some(wav::read_mono(path, rate.hz())?),
         None => None,
     };
-    let phone = SimPhone::register(&base, &args.number, rate)
+    let options = args.credentials.options();
+    let phone = SimPhone::register_with(&base, &args.number, rate, options)
         .await
         .with_context(|| format!("cannot register {}", args.number))?;
     print(&Line::Registered {

@@ -6,13 +6,19 @@
 //!
 //! Phones send and receive s16le PCM; legs carry samples, so each phone's task converts at its
 //! WebSocket, with pools that make a frame cost no allocation ([`Pools`]).
+//!
+//! Admission: the endpoint is off unless `[sim] enabled` (the development configuration turns
+//! it on). Only the development configuration on a loopback listener takes phones without
+//! credentials; anywhere else a phone authenticates as a connector, with the control plane's
+//! headers or, for browsers, `?api_key=&connector_uuid=` in the query, and may then dial and
+//! register only that connector's numbers ([`Admission`], decided by `auth::admit_phone`).
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{
     self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, SamplePool, frame_bytes,
 };
+use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
 use crate::state::Shared;
-use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use std::collections::HashMap;
@@ -103,21 +109,76 @@ pub(crate) struct SimState {
     pub(crate) phones: Arc<Directory>,
 }
 
-/// `GET /v1/sim/phone`: upgrade to a simulated phone.
-pub(crate) async fn phone_ws(
-    State(SimState { shared, phones }): State<SimState>,
+/// Who a phone is, and so which numbers it may use.
+#[derive(Debug, Clone)]
+pub(crate) enum Admission {
+    /// Development on loopback without credentials: any number.
+    Open,
+    /// Authenticated as this connector: its numbers only.
+    Connector(Arc<ConnectorConfig>),
+}
+
+impl Admission {
+    /// Whether this phone may dial `to`: it must be routed to its connector.
+    fn may_dial(&self, shared: &Shared, to: &str) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Connector(c) => shared.route(to).is_some_and(|r| r.uuid == c.uuid),
+        }
+    }
+
+    /// Whether this phone may register at `number`: one its connector owns (see [`owns`]).
+    fn may_register(&self, shared: &Shared, number: &str) -> bool {
+        match self {
+            Self::Open => true,
+            Self::Connector(c) => {
+                owns(c, number)
+                    || (c.numbers.iter().any(|n| n == "*")
+                        && !shared
+                            .config
+                            .connectors
+                            .iter()
+                            .any(|other| other.uuid != c.uuid && owns(other, number)))
+            }
+        }
+    }
+}
+
+/// The numbers a connector owns: those routed to it, its `call.connect` destinations and its
+/// outbound caller id. A `"*"` connector also owns every number no other connector lists.
+fn owns(c: &ConnectorConfig, number: &str) -> bool {
+    c.numbers.iter().any(|n| n == number)
+        || c.connect.values().any(|d| d == number)
+        || c.connect_default.as_deref() == Some(number)
+        || c.outbound_caller_id.as_deref() == Some(number)
+}
+
+/// Upgrades an admitted phone (`GET /v1/sim/phone`; `http::sim_phone` decides the admission).
+pub(crate) fn upgrade(
+    SimState { shared, phones }: SimState,
     ws: WebSocketUpgrade,
+    admission: Admission,
 ) -> Response {
     let token = shared.tasks.token();
     ws.max_message_size(MAX_PHONE_FRAME)
         .read_buffer_size(crate::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let conn_id = shared.next_conn_id();
-            run_phone(shared, phones, socket, conn_id)
+            run_phone(shared, phones, socket, conn_id, admission)
                 .instrument(info_span!("phone", conn_id))
                 .await;
             drop(token);
         })
+}
+
+/// Why a number given by a phone is refused, if it is.
+fn check_number(field: &str, number: &str) -> Result<(), String> {
+    if number.chars().count() > MAX_ADDRESS_LEN {
+        return Err(format!(
+            "{field} is longer than {MAX_ADDRESS_LEN} characters (the limit for numbers)"
+        ));
+    }
+    Ok(())
 }
 
 async fn send(socket: &mut WebSocket, frame: NetworkFrame) -> bool {
@@ -132,6 +193,7 @@ async fn run_phone(
     phones: Arc<Directory>,
     mut socket: WebSocket,
     conn_id: u64,
+    admission: Admission,
 ) {
     let hello = tokio::select! {
         r = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()) => r,
@@ -151,12 +213,37 @@ async fn run_phone(
             from,
             to,
             sample_rate,
-        }) => dial(shared, socket, from, to, sample_rate).await,
+        }) => {
+            let refused = check_number("from", &from)
+                .and_then(|()| check_number("to", &to))
+                .err()
+                .or_else(|| {
+                    (!admission.may_dial(&shared, &to)).then(|| {
+                        format!("{to} is not a number of the connector this phone authenticated as")
+                    })
+                });
+            match refused {
+                Some(message) => {
+                    send(&mut socket, NetworkFrame::Error { message }).await;
+                }
+                None => dial(shared, socket, from, to, sample_rate).await,
+            }
+        }
         Ok(PhoneFrame::Register {
             number,
             sample_rate,
         }) => {
-            register(shared, &phones, socket, conn_id, number, sample_rate).await;
+            let refused = check_number("number", &number).err().or_else(|| {
+                (!admission.may_register(&shared, &number)).then(|| {
+                    format!("{number} is not a number of the connector this phone authenticated as")
+                })
+            });
+            match refused {
+                Some(message) => {
+                    send(&mut socket, NetworkFrame::Error { message }).await;
+                }
+                None => register(shared, &phones, socket, conn_id, number, sample_rate).await,
+            }
         }
         Ok(other) => {
             let message = format!("expected dial or register first, got {other:?}");
