@@ -16,7 +16,7 @@ from pathlib import Path
 
 # Module path prefixes by layer, lowest first; the longest matching prefix decides.
 LAYERS = [
-    ["config", "token", "tls", "audio", "lib"],
+    ["config", "token", "tls", "audio", "listener", "lib"],
     ["call::leg", "call::handle"],
     ["registry", "net"],
     ["state"],

@@ -18,6 +18,9 @@
 //! 5. The call actor (`call`), and the networks that bring calls in: the simulated phones
 //!    (`net::sim`) and SIP with its RTP legs (`net::sip`, on the sans-IO `telcoflow-sip`).
 //! 6. `auth`, `control`, `media`, `http`: the planes that agents and HTTP clients reach.
+//!
+//! `listener` (layer 1) accepts connections for the router, with the connection caps and
+//! deadlines of `[limits]`.
 
 pub mod audio;
 mod auth;
@@ -25,6 +28,7 @@ mod call;
 pub mod config;
 mod control;
 mod http;
+mod listener;
 mod media;
 mod net;
 mod registry;
@@ -123,32 +127,18 @@ impl Server {
         ));
         let sip_addr = sip.map(|bound| bound.start(&shared));
         let shutdown = shared.shutdown.clone();
-        let app =
-            router(shared.clone(), phones).into_make_service_with_connect_info::<tls::PeerInfo>();
+        let app = router(shared.clone(), phones);
         let task = tokio::spawn(async move {
-            let token = shared.shutdown.clone();
-            let stop = async move { token.cancelled().await };
-            let served = match tls {
-                Some(tls) => match tls::TlsListener::new(listener, tls, shared.shutdown.clone()) {
-                    Ok(listener) => {
-                        axum::serve(listener, app)
-                            .with_graceful_shutdown(stop)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                },
-                None => {
-                    // TCP_NODELAY on every accepted socket (the TLS listener sets it too).
-                    let listener = tls::NoDelayListener(listener);
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                }
-            };
-            if let Err(e) = served {
-                tracing::error!(error = %e, "server failed");
-            }
-            // Upgraded connections and calls are not tracked by axum; wait for them too.
+            listener::serve(
+                listener,
+                tls,
+                app,
+                &shared.config.limits,
+                shared.tasks.clone(),
+                shared.shutdown.clone(),
+            )
+            .await;
+            // Connections (upgraded or not) and calls: wait for them all.
             shared.tasks.close();
             shared.tasks.wait().await;
         });
