@@ -52,6 +52,32 @@ use tokio_util::task::TaskTracker;
 /// 20 ms audio frame; 4 KiB holds a few frames at 24 kHz and larger messages still grow it.
 pub(crate) const WS_READ_BUFFER: usize = 4096;
 
+/// The close frame owed to a WebSocket peer after a receive error: 1009 (Message Too Big) with
+/// the limit when its frame was over the size limit (named by `limit`, e.g. the config key);
+/// `None` for any other error, after which there is nothing to say.
+pub(crate) fn close_for_receive_error(
+    error: &axum::Error,
+    limit: &str,
+) -> Option<axum::extract::ws::CloseFrame> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+    let source = std::error::Error::source(error)?;
+    match source.downcast_ref::<WsError>()? {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            let mut reason =
+                format!("frame of {size} bytes is over the {max_size}-byte limit ({limit})");
+            // A close frame's reason holds at most 123 bytes.
+            while reason.len() > 123 {
+                reason.pop();
+            }
+            Some(axum::extract::ws::CloseFrame {
+                code: axum::extract::ws::close_code::SIZE,
+                reason: reason.into(),
+            })
+        }
+        _ => None,
+    }
+}
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

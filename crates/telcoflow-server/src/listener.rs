@@ -300,8 +300,8 @@ impl Refusals {
 ///
 /// A write (or flush) that the socket does not take starts a clock; any write that makes
 /// progress stops it. When it runs out, the write fails with `TimedOut`, and so does every
-/// later one: the peer has not read for the whole deadline, and the connection is closed by
-/// whatever runs on it when its write fails.
+/// later read and write: the peer has not read for the whole deadline, and whatever runs on
+/// the connection ends it when its socket fails.
 #[derive(Debug)]
 pub(crate) struct Guarded {
     stream: TcpStream,
@@ -373,6 +373,11 @@ impl AsyncRead for Guarded {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Once the write deadline has passed the connection is over for readers too, also
+        // for code that ignored the failed write.
+        if self.timed_out {
+            return Poll::Ready(Err(self.timeout_error()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
