@@ -11,6 +11,7 @@ use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
 use telcoflow_server::{Config, RunningServer};
@@ -548,4 +549,59 @@ async fn an_oversized_phone_frame_is_closed_with_1009() {
     assert!(reason.contains("simulated phone"), "{reason}");
     ordinary_call_works(&server).await;
     server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_must_finish_within_the_header_deadline() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("telcoflow-deadlines-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let mut config = short_deadlines();
+    config.tls = Some(telcoflow_server::config::TlsConfig {
+        cert,
+        key,
+        client_ca: None,
+    });
+    let server = start(config).await;
+    let addr = server.local_addr();
+    // Silent, and a handshake that stops after a few bytes of its ClientHello.
+    let silent = held_until_closed(addr, false);
+    let stalled = async {
+        let opened = Instant::now();
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+        read_until_closed(&mut stream).await;
+        opened.elapsed()
+    };
+    let (silent, stalled) = tokio::time::timeout(BOUND, async { tokio::join!(silent, stalled) })
+        .await
+        .expect("unfinished handshakes are closed by the deadline");
+    assert!(silent >= Duration::from_millis(900), "{silent:?}");
+    assert!(stalled >= Duration::from_millis(900), "{stalled:?}");
+    // A real handshake and request are served.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = tls.read_to_end(&mut response).await;
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
 }
