@@ -43,7 +43,7 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 const BUSY_RESPONSE: &str = concat!(
     "HTTP/1.1 503 Service Unavailable\r\n",
     "content-type: text/plain; charset=utf-8\r\n",
-    "content-length: 81\r\n",
+    "content-length: 80\r\n",
     "connection: close\r\n",
     "\r\n",
     "too many connections (limits.max_connections or limits.max_connections_per_ip)\r\n",
