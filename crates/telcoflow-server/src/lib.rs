@@ -113,12 +113,10 @@ impl Server {
     /// Binds the listener and starts serving in the background.
     pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         config.validate()?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener = listener::bind(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,

@@ -23,13 +23,13 @@ use rustls::ServerConfig;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +48,23 @@ const BUSY_RESPONSE: &str = concat!(
     "\r\n",
     "too many connections (limits.max_connections or limits.max_connections_per_ip)\r\n",
 );
+
+/// Connections the kernel completes for us before we accept them. The default (128) drops the
+/// SYNs of a burst of clients that arrives faster than one accept loop turn; the clients then
+/// wait a second or more for their retransmission.
+const ACCEPT_BACKLOG: u32 = 1024;
+
+/// Binds the listener socket.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    // As the standard library does: a restarted server can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
 
 /// Serves `app` on `tcp` until `shutdown`; connection tasks are tracked by `tasks`.
 pub(crate) async fn serve(

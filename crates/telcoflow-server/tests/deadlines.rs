@@ -62,12 +62,10 @@ async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
     }
 }
 
-/// Opens a connection and waits for the server to close it; with `trickle`, it first sends a
-/// request line and then one header line every 300 ms, never ending the headers. Returns how
-/// long the connection lived.
-async fn held_until_closed(addr: SocketAddr, trickle: bool) -> Duration {
-    let opened = Instant::now();
-    let mut stream = TcpStream::connect(addr).await.unwrap();
+/// Waits for the server to close a connection opened at `opened`; with `trickle`, it first
+/// sends a request line and then one header line every 300 ms, never ending the headers.
+/// Returns how long the connection lived.
+async fn held_until_closed(mut stream: TcpStream, opened: Instant, trickle: bool) -> Duration {
     if !trickle {
         assert!(read_until_closed(&mut stream).await.is_empty());
         return opened.elapsed();
@@ -97,19 +95,25 @@ async fn held_until_closed(addr: SocketAddr, trickle: bool) -> Duration {
     opened.elapsed()
 }
 
-// Several threads, so that the listener accepts while hundreds of clients connect: a burst
-// the accept queue cannot take costs the clients a SYN retransmission, not the test its point.
+/// Opens a connection, as one of many, and holds it until the server closes it.
+async fn open_and_hold(
+    clients: &mut tokio::task::JoinSet<Duration>,
+    addr: SocketAddr,
+    trickle: bool,
+) {
+    let opened = Instant::now();
+    let stream = TcpStream::connect(addr).await.unwrap();
+    clients.spawn(held_until_closed(stream, opened, trickle));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_silent_connections_are_closed_by_the_header_deadline() {
     let server = start(short_deadlines()).await;
     let addr = server.local_addr();
     let mut clients = tokio::task::JoinSet::new();
-    // 300 slowloris connections and 200 silent ones, opened a few at a time.
+    // 300 slowloris connections and 200 silent ones, all held at once.
     for i in 0..500 {
-        clients.spawn(held_until_closed(addr, i < 300));
-        if i % 20 == 19 {
-            tokio::task::yield_now().await;
-        }
+        open_and_hold(&mut clients, addr, i < 300).await;
     }
     let lifetimes = tokio::time::timeout(BOUND, clients.join_all())
         .await
@@ -571,7 +575,8 @@ async fn a_tls_handshake_must_finish_within_the_header_deadline() {
     let server = start(config).await;
     let addr = server.local_addr();
     // Silent, and a handshake that stops after a few bytes of its ClientHello.
-    let silent = held_until_closed(addr, false);
+    let opened = Instant::now();
+    let silent = held_until_closed(TcpStream::connect(addr).await.unwrap(), opened, false);
     let stalled = async {
         let opened = Instant::now();
         let mut stream = TcpStream::connect(addr).await.unwrap();
