@@ -36,6 +36,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+/// How long a request in flight at shutdown has to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// How often refused connections are summed up in the log, at most.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -162,7 +165,8 @@ struct Deadlines {
     write: Duration,
 }
 
-/// Serves HTTP/1.1 on one connection; on shutdown, finishes the request in flight and closes.
+/// Serves HTTP/1.1 on one connection; on shutdown, finishes the request in flight (within
+/// [`SHUTDOWN_GRACE`]) and closes.
 async fn serve_http<I>(
     io: I,
     peer: PeerInfo,
@@ -189,7 +193,12 @@ async fn serve_http<I>(
         // Cancel-safe: only observes the token.
         () = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            // A connection still waiting for request headers is not idle to hyper and would
+            // hold shutdown up to the header deadline.
+            match tokio::time::timeout(SHUTDOWN_GRACE, conn).await {
+                Ok(r) => r,
+                Err(_) => return debug!("HTTP connection dropped at shutdown"),
+            }
         }
     };
     if let Err(e) = result {

@@ -613,3 +613,24 @@ async fn a_tls_handshake_must_finish_within_the_header_deadline() {
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn shutdown_is_not_held_up_by_a_connection_still_sending_headers() {
+    let mut config = dev_config();
+    config.limits.header_read_timeout_secs = 60;
+    let server = start(config).await;
+    let mut silent = TcpStream::connect(server.local_addr()).await.unwrap();
+    let mut partial = TcpStream::connect(server.local_addr()).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    // Both are in the server's hands before it is told to stop.
+    let mut probe = TcpStream::connect(server.local_addr()).await.unwrap();
+    assert!(served(&mut probe).await);
+    tokio::time::timeout(BOUND, server.shutdown())
+        .await
+        .expect("shutdown ends within its grace, long before the header deadline");
+    assert!(read_until_closed(&mut silent).await.is_empty());
+    assert!(read_until_closed(&mut partial).await.is_empty());
+}
