@@ -239,6 +239,34 @@ pub struct Limits {
     /// Closed sessions kept (for `GET /public/v1/sessions`) per connector; beyond it the
     /// oldest closed one is forgotten first. Default [`DEFAULT_MAX_CLOSED_SESSIONS`].
     pub max_closed_sessions_per_connector: usize,
+
+    // Connections and deadlines of the HTTP/WebSocket listener.
+    /// Connections the listener holds at once (HTTP, control, media and simulated phones
+    /// together); beyond it new connections are refused at once. Default 10000.
+    pub max_connections: usize,
+    /// Connections one source address holds at once (IPv6: one /64 prefix). Default 2000:
+    /// above `max_calls_per_connector`, so an agent host behind one address can hold a media
+    /// connection for each of its calls besides its control connections.
+    pub max_connections_per_ip: usize,
+    /// A new connection must finish its TLS handshake, and every HTTP request must bring its
+    /// headers, within this many seconds; a silent connection is closed by the same deadline.
+    /// Default 10.
+    pub header_read_timeout_secs: u64,
+    /// A socket write that makes no progress for this many seconds closes the connection (a
+    /// client that stopped reading). Default 10.
+    pub write_timeout_secs: u64,
+}
+
+impl Limits {
+    /// The header (and TLS handshake) deadline as a duration.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs)
+    }
+
+    /// The socket write deadline as a duration.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_secs)
+    }
 }
 
 impl Default for Limits {
@@ -253,6 +281,11 @@ impl Default for Limits {
             media_send_queue: 512,
             max_playout_ms: 1000,
             max_closed_sessions_per_connector: DEFAULT_MAX_CLOSED_SESSIONS,
+
+            max_connections: 10_000,
+            max_connections_per_ip: 2000,
+            header_read_timeout_secs: 10,
+            write_timeout_secs: 10,
         }
     }
 }
@@ -375,10 +408,19 @@ impl Config {
                 "max_closed_sessions_per_connector",
                 l.max_closed_sessions_per_connector,
             ),
+
+            ("max_connections", l.max_connections),
+            ("max_connections_per_ip", l.max_connections_per_ip),
         ] {
             if v == 0 {
                 return invalid(format!("limits.{name} must be at least 1"));
             }
+        }
+        if l.header_read_timeout_secs == 0 || l.write_timeout_secs == 0 {
+            return invalid(
+                "limits.header_read_timeout_secs and limits.write_timeout_secs must be at least 1"
+                    .into(),
+            );
         }
         if l.max_playout_ms < 100 {
             return invalid("limits.max_playout_ms must be at least 100".into());

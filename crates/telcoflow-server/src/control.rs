@@ -51,12 +51,14 @@ pub(crate) async fn control_ws(
         Err(rejection) => return rejection.into_response(),
     };
     let limit = shared.config.limits.max_control_connections_per_connector;
-    if shared.registry.control_count(&connector.uuid) >= limit {
+    // The place is held from here until the connection ends (dropped with the upgrade task, or
+    // with the handler if the upgrade never happens).
+    let Some(slot) = shared.registry.reserve_control(&connector.uuid, limit) else {
         let body = format!(
             "connector already has {limit} control connections (limits.max_control_connections_per_connector)"
         );
         return (StatusCode::TOO_MANY_REQUESTS, body).into_response();
-    }
+    };
     let token = shared.tasks.token();
     ws.max_message_size(shared.config.limits.max_control_frame_bytes)
         .read_buffer_size(crate::WS_READ_BUFFER)
@@ -67,6 +69,7 @@ pub(crate) async fn control_ws(
             run(shared, connector, socket, sm_ws_id)
                 .instrument(span)
                 .await;
+            drop(slot);
             drop(token);
         })
 }
@@ -130,6 +133,7 @@ async fn run(
                 Some(Ok(_)) => {} // ping/pong are answered by the WebSocket layer
                 Some(Err(e)) => {
                     debug!(error = %e, "control connection failed");
+                    close_if_too_big(&mut socket, &e).await;
                     break;
                 }
                 None => break,
@@ -153,7 +157,9 @@ async fn run(
             }
             // Cancel-safe: mpsc recv. `None` cannot happen while `conn.tx` lives.
             Some(frame) = rx.recv() => {
-                if socket.send(Message::Text(frame.encode().into())).await.is_err() {
+                if let Err(e) = socket.send(Message::Text(frame.encode().into())).await {
+                    // A client that stopped reading ends here after limits.write_timeout_secs.
+                    info!(error = %e, "cannot write to the control connection; closing");
                     break;
                 }
             }
@@ -202,13 +208,24 @@ async fn wait_for_setup(shared: &Shared, socket: &mut WebSocket) -> Option<Setup
                 Err(e) => debug!(error = %e, "undecodable frame before setup"),
             },
             Ok(Some(Ok(_))) => {}
-            Ok(Some(Err(_)) | None) => return None,
+            Ok(Some(Err(e))) => {
+                close_if_too_big(socket, &e).await;
+                return None;
+            }
+            Ok(None) => return None,
             Err(_) => {
                 warn!("no setup within {SETUP_TIMEOUT:?}; closing");
                 let _ = socket.send(Message::Close(None)).await;
                 return None;
             }
         }
+    }
+}
+
+/// Tells a client whose frame was over `max_control_frame_bytes` why it is being closed.
+async fn close_if_too_big(socket: &mut WebSocket, error: &axum::Error) {
+    if let Some(close) = crate::close_for_receive_error(error, "limits.max_control_frame_bytes") {
+        let _ = socket.send(Message::Close(Some(close))).await;
     }
 }
 

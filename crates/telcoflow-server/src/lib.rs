@@ -23,12 +23,16 @@
 //!
 //! `scripts/check-imports.py` checks this (its `LAYERS` list is this map).
 
+//! `listener` (layer 1) accepts connections for the router, with the connection caps and
+//! deadlines of `[limits]`.
+
 pub mod audio;
 mod auth;
 mod call;
 pub mod config;
 mod control;
 mod http;
+mod listener;
 mod media;
 mod net;
 mod registry;
@@ -51,6 +55,32 @@ use tokio_util::task::TaskTracker;
 /// its read buffer before each socket read, so the default (128 KiB) cost a 128 KiB memset per
 /// 20 ms audio frame; 4 KiB holds a few frames at 24 kHz and larger messages still grow it.
 pub(crate) const WS_READ_BUFFER: usize = 4096;
+
+/// The close frame owed to a WebSocket peer after a receive error: 1009 (Message Too Big) with
+/// the limit when its frame was over the size limit (named by `limit`, e.g. the config key);
+/// `None` for any other error, after which there is nothing to say.
+pub(crate) fn close_for_receive_error(
+    error: &axum::Error,
+    limit: &str,
+) -> Option<axum::extract::ws::CloseFrame> {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+    let source = std::error::Error::source(error)?;
+    match source.downcast_ref::<WsError>()? {
+        WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
+            let mut reason =
+                format!("frame of {size} bytes is over the {max_size}-byte limit ({limit})");
+            // A close frame's reason holds at most 123 bytes.
+            while reason.len() > 123 {
+                reason.pop();
+            }
+            Some(axum::extract::ws::CloseFrame {
+                code: axum::extract::ws::close_code::SIZE,
+                reason: reason.into(),
+            })
+        }
+        _ => None,
+    }
+}
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,12 +117,10 @@ impl Server {
     /// Binds the listener and starts serving in the background.
     pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         config.validate()?;
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener = listener::bind(config.listen).map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
         let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -127,32 +155,18 @@ impl Server {
         ));
         let sip_addr = sip.map(|bound| bound.start(&shared));
         let shutdown = shared.shutdown.clone();
-        let app =
-            router(shared.clone(), phones).into_make_service_with_connect_info::<tls::PeerInfo>();
+        let app = router(shared.clone(), phones);
         let task = tokio::spawn(async move {
-            let token = shared.shutdown.clone();
-            let stop = async move { token.cancelled().await };
-            let served = match tls {
-                Some(tls) => match tls::TlsListener::new(listener, tls, shared.shutdown.clone()) {
-                    Ok(listener) => {
-                        axum::serve(listener, app)
-                            .with_graceful_shutdown(stop)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                },
-                None => {
-                    // TCP_NODELAY on every accepted socket (the TLS listener sets it too).
-                    let listener = tls::NoDelayListener(listener);
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stop)
-                        .await
-                }
-            };
-            if let Err(e) = served {
-                tracing::error!(error = %e, "server failed");
-            }
-            // Upgraded connections and calls are not tracked by axum; wait for them too.
+            listener::serve(
+                listener,
+                tls,
+                app,
+                &shared.config.limits,
+                shared.tasks.clone(),
+                shared.shutdown.clone(),
+            )
+            .await;
+            // Connections (upgraded or not) and calls: wait for them all.
             shared.tasks.close();
             shared.tasks.wait().await;
         });

@@ -226,6 +226,9 @@ async fn run(
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "media connection failed");
+                    if let Some(close) = crate::close_for_receive_error(&e, "limits.max_media_frame_bytes") {
+                        let _ = socket.send(Message::Close(Some(close))).await;
+                    }
                     break;
                 }
                 None => break,

@@ -66,6 +66,29 @@ struct State {
     by_call_id: HashMap<Arc<str>, CallHandle>,
     /// Closed sessions per connector, oldest first, to forget the oldest beyond the cap.
     closed: HashMap<Arc<str>, VecDeque<String>>,
+
+    /// Control connections per connector, counted from their upgrade (see [`ControlSlot`]).
+    control_slots: HashMap<Arc<str>, usize>,
+}
+
+/// A control connection's place under `max_control_connections_per_connector`, given back
+/// when dropped.
+#[derive(Debug)]
+pub(crate) struct ControlSlot {
+    registry: Registry,
+    connector: Arc<str>,
+}
+
+impl Drop for ControlSlot {
+    fn drop(&mut self) {
+        let mut state = self.registry.lock();
+        if let Some(held) = state.control_slots.get_mut(&self.connector) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                state.control_slots.remove(&self.connector);
+            }
+        }
+    }
 }
 
 /// Why a session could not be claimed.
@@ -130,12 +153,21 @@ impl Registry {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn control_count(&self, connector: &str) -> usize {
-        self.lock()
-            .controls
-            .values()
-            .filter(|c| &*c.connector == connector)
-            .count()
+    /// A place for one more control connection of `connector`, if it holds fewer than
+    /// `limit`. Taken before the upgrade is answered, so that connections still in their
+    /// handshake or before `setup` count too.
+    pub(crate) fn reserve_control(&self, connector: &str, limit: usize) -> Option<ControlSlot> {
+        let mut state = self.lock();
+        let connector: Arc<str> = connector.into();
+        let held = state.control_slots.entry(connector.clone()).or_default();
+        if *held >= limit {
+            return None;
+        }
+        *held += 1;
+        Some(ControlSlot {
+            registry: self.clone(),
+            connector,
+        })
     }
 
     /// Adds a control connection after `setup` and offers it every session of its connector that

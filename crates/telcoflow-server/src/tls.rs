@@ -5,10 +5,10 @@
 //! `client_cert_sha256` accepts the client certificate with that SHA-256 fingerprint in place of
 //! an API key. With `client_ca` set, certificates must also chain to that CA; without it, the
 //! fingerprint pin alone decides (the TLS handshake still proves the client holds the key).
+//!
+//! The handshake itself runs in `listener`, under the same deadline as request headers.
 
 use crate::config::{ConfigError, TlsConfig};
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use rustls::DigitallySignedStruct;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
@@ -17,54 +17,13 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls::{DistinguishedName, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
-
-/// A handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at once.
-const MAX_HANDSHAKES: usize = 256;
-/// Completed handshakes waiting for the HTTP server to take them.
-const ACCEPT_QUEUE: usize = 128;
 
 /// Who is on the other end of a connection, as the handlers see it.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerInfo {
     /// Lower-case hex SHA-256 of the client certificate, if one was presented.
     pub(crate) cert_sha256: Option<String>,
-}
-
-impl Connected<IncomingStream<'_, TcpListener>> for PeerInfo {
-    fn connect_info(_: IncomingStream<'_, TcpListener>) -> Self {
-        Self { cert_sha256: None }
-    }
-}
-
-impl Connected<IncomingStream<'_, NoDelayListener>> for PeerInfo {
-    fn connect_info(_: IncomingStream<'_, NoDelayListener>) -> Self {
-        Self { cert_sha256: None }
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        let cert = stream
-            .io()
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first());
-        Self {
-            cert_sha256: cert.map(|c| fingerprint(c)),
-        }
-    }
 }
 
 /// Lower-case hex SHA-256 of a DER certificate: the form `client_cert_sha256` takes.
@@ -174,108 +133,5 @@ impl ClientCertVerifier for PinnedClientCerts {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
-    }
-}
-
-/// A listener that hands axum finished TLS streams. Handshakes run in their own tasks so that
-/// one slow client cannot hold up the others.
-pub(crate) struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local_addr: SocketAddr,
-}
-
-impl TlsListener {
-    pub(crate) fn new(
-        tcp: TcpListener,
-        config: Arc<ServerConfig>,
-        shutdown: CancellationToken,
-    ) -> std::io::Result<Self> {
-        let local_addr = tcp.local_addr()?;
-        let (tx, ready) = mpsc::channel(ACCEPT_QUEUE);
-        let acceptor = TlsAcceptor::from(config);
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                // At most MAX_HANDSHAKES at once: beyond, connections wait in the kernel's
-                // backlog instead of each holding a task and TLS state.
-                let permit = tokio::select! {
-                    permit = handshakes.clone().acquire_owned() => match permit {
-                        Ok(p) => p,
-                        Err(_) => break, // never closed
-                    },
-                    () = shutdown.cancelled() => break,
-                };
-                let (stream, addr) = tokio::select! {
-                    accepted = tcp.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            debug!(error = %e, "accept failed");
-                            // Typically out of file descriptors: back off instead of spinning.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                    () = shutdown.cancelled() => break,
-                };
-                // Audio frames must not wait behind Nagle's algorithm.
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(error = %e, "cannot set TCP_NODELAY");
-                }
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, addr)).await;
-                        }
-                        Ok(Err(e)) => debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => debug!(%addr, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self { ready, local_addr })
-    }
-}
-
-/// Plain TCP with TCP_NODELAY on every accepted socket: audio frames are small writes that
-/// must leave at once, and Nagle's algorithm would hold one behind an unacknowledged one (up to
-/// the peer's delayed-ACK timeout, ~40 ms).
-#[derive(Debug)]
-pub(crate) struct NoDelayListener(pub(crate) TcpListener);
-
-impl Listener for NoDelayListener {
-    type Io = TcpStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (io, addr) = Listener::accept(&mut self.0).await;
-        if let Err(e) = io.set_nodelay(true) {
-            debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-        (io, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Listener::local_addr(&self.0)
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(next) => next,
-            // The accept task ended with shutdown; axum stops calling us once graceful
-            // shutdown begins, so waiting forever here is the quiet way out.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local_addr)
     }
 }

@@ -161,6 +161,7 @@ pub(crate) fn upgrade(
 ) -> Response {
     let token = shared.tasks.token();
     ws.max_message_size(MAX_PHONE_FRAME)
+        .max_frame_size(MAX_PHONE_FRAME)
         .read_buffer_size(crate::WS_READ_BUFFER)
         .on_upgrade(move |socket| async move {
             let conn_id = shared.next_conn_id();
@@ -188,6 +189,13 @@ async fn send(socket: &mut WebSocket, frame: NetworkFrame) -> bool {
         .is_ok()
 }
 
+/// Tells a phone whose frame was over the size limit why it is being closed (1009).
+async fn close_if_too_big(socket: &mut WebSocket, error: &axum::Error) {
+    if let Some(close) = crate::close_for_receive_error(error, "the simulated phone's limit") {
+        let _ = socket.send(Message::Close(Some(close))).await;
+    }
+}
+
 async fn run_phone(
     shared: Arc<Shared>,
     phones: Arc<Directory>,
@@ -206,6 +214,7 @@ async fn run_phone(
             send(&mut socket, NetworkFrame::Error { message }).await;
             return;
         }
+        Ok(Some(Err(e))) => return close_if_too_big(&mut socket, &e).await,
         _ => return,
     };
     match hello {
@@ -332,7 +341,12 @@ async fn dial(
                     }
                 },
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
+                Some(Err(e)) => {
+                    close_if_too_big(&mut socket, &e).await;
+                    call.send_data(leg_input(LegId::CALLER, LegEvent::Hangup)).await;
+                    return;
+                }
+                None => {
                     call.send_data(leg_input(LegId::CALLER, LegEvent::Hangup)).await;
                     return;
                 }
@@ -440,7 +454,11 @@ async fn register(
                         }
                     }
                     Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break,
+                    Some(Err(e)) => {
+                        close_if_too_big(&mut socket, &e).await;
+                        break;
+                    }
+                    None => break,
                 },
                 // Cancel-safe: mpsc recv; pending while the phone is on no call.
                 out = async {
