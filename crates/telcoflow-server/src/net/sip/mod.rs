@@ -184,7 +184,7 @@ pub(crate) async fn bind(
     let (low, high) = config
         .rtp_port_range()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let pool = PortPool::new(low, high)
+    let pool = PortPool::new(low, high, rand::random())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let advertised = config.advertised_ip();
     if config.listen.ip().is_unspecified() && config.public_ip.is_none() {

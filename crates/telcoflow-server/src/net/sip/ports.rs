@@ -97,7 +97,7 @@ mod tests {
 
     fn env(low: u16, high: u16) -> Arc<MediaEnv> {
         Arc::new(MediaEnv {
-            pool: Mutex::new(PortPool::new(low, high).unwrap()),
+            pool: Mutex::new(PortPool::new(low, high, 7).unwrap()),
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             advertised: IpAddr::from([127, 0, 0, 1]),
             rtp_timeout: Duration::from_secs(30),
