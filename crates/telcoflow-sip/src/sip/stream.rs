@@ -51,6 +51,12 @@ impl StreamDecoder {
         self.buf.len()
     }
 
+    /// Whether part of a message (not just keep-alive CRLFs) is buffered, waiting for the
+    /// rest: what a deadline for slow senders should watch.
+    pub fn has_partial_message(&self) -> bool {
+        self.buf.iter().any(|&b| b != b'\r' && b != b'\n')
+    }
+
     /// The next whole item, `Ok(None)` if more bytes are needed.
     pub fn next_item(&mut self) -> Result<Option<StreamItem>, ParseError> {
         match frame(&self.buf)? {
@@ -109,6 +115,9 @@ Content-Length: 5\r\n\r\nhello";
             assert!(matches!(Message::parse(m).unwrap(), Message::Request(_)));
         }
         assert_eq!(d.buffered(), 2);
+        assert!(!d.has_partial_message(), "a CRLF is no message");
+        d.extend(&OPTIONS[..10]);
+        assert!(d.has_partial_message());
     }
 
     #[test]
