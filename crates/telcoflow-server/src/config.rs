@@ -82,7 +82,8 @@ pub struct SipConfig {
     /// long is closed, in seconds. Default 10.
     pub tcp_message_timeout_secs: u64,
     /// A SIP/TCP connection with nothing read or written for this long is closed, in
-    /// seconds; CRLF keep-alives (RFC 5626) count as activity. Default 300.
+    /// seconds, unless an incoming call signalled over it is still up; CRLF keep-alives
+    /// (RFC 5626) count as activity. Default 300.
     pub tcp_idle_timeout_secs: u64,
     /// SIP/TCP connections open at once, accepted and dialled together; further
     /// connections are closed as soon as they are accepted. Default 256.

@@ -501,3 +501,37 @@ async fn sip_on_a_public_address_without_allow_or_accounts_does_not_start() {
         .expect("starts with an allow list");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn sip_tcp_connection_of_a_live_call_outlasts_the_idle_timeout() {
+    if !sipp::available() {
+        return;
+    }
+    let index = 23;
+    // SIPp connects up to a second before its INVITE: 2 s leaves it room.
+    let server = start(sip_config(index, |sip| sip.tcp_idle_timeout_secs = 2)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("hardening-23");
+    // SIPp over TCP sends nothing after its ACK and waits for our BYE on that connection.
+    let mut args = sipp::uac_args(
+        &server,
+        sipp::ports(index),
+        "uac_rtp_silent.xml",
+        ORDINARY,
+        1,
+    );
+    args.extend(["-t".into(), "t1".into()]);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+    let call_in = take_call_to(&mut control, ORDINARY).await;
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    // 4 s of the call's clock: well past the idle timeout with no SIP traffic.
+    for _ in 0..200 {
+        media.audio(0).await;
+    }
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}

@@ -11,7 +11,8 @@
 //!
 //! SIP/TCP connections are bounded: at most `tcp_max_connections` at once, a partial message
 //! must complete within `tcp_message_timeout_secs`, and a connection with no traffic for
-//! `tcp_idle_timeout_secs` is closed. Accept errors (no file descriptors left) pause
+//! `tcp_idle_timeout_secs` is closed unless an incoming call signalled over it is still up
+//! (our BYE must be able to reach the phone). Accept errors (no file descriptors left) pause
 //! accepting with a growing delay and are logged at most once per [`ACCEPT_LOG_INTERVAL`].
 
 use super::admission::Admission;
@@ -23,6 +24,7 @@ use crate::state::Shared;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_sip::sip::message::{Message, SipHeaders as _};
@@ -92,6 +94,7 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         outgoing: HashMap::new(),
         by_call_id: HashMap::new(),
         tcp_conns: HashMap::new(),
+        tcp_calls: HashMap::new(),
         next_conn: 0,
         tcp_tx,
         commands: bound.commands,
@@ -129,8 +132,11 @@ struct Endpoint {
     outgoing: HashMap<u64, Outgoing>,
     /// SIP Call-ID -> outgoing key.
     by_call_id: HashMap<String, u64>,
-    /// Open TCP connections by peer: (connection number, write queue).
-    tcp_conns: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>,
+    /// Open TCP connections by peer.
+    tcp_conns: HashMap<SocketAddr, TcpConn>,
+    /// Incoming calls signalled over a TCP connection: its count of live calls, which keeps
+    /// it from being closed as idle while a call may still need it (our BYE goes there).
+    tcp_calls: HashMap<uas::CallHandle, Arc<AtomicUsize>>,
     next_conn: u64,
     tcp_tx: mpsc::Sender<TcpInput>,
     commands: mpsc::Sender<Command>,
@@ -199,7 +205,7 @@ impl Endpoint {
             TcpInput::Message(peer, bytes) => self.on_message(Transport::Tcp, peer, &bytes),
             TcpInput::Closed(peer, id) => {
                 // A newer connection to the same peer may have replaced this one.
-                if self.tcp_conns.get(&peer).is_some_and(|(c, _)| *c == id) {
+                if self.tcp_conns.get(&peer).is_some_and(|c| c.id == id) {
                     self.tcp_conns.remove(&peer);
                 }
             }
@@ -347,9 +353,7 @@ impl Endpoint {
                 self.by_call_id.insert(call.call_id().to_owned(), key);
                 self.outgoing.insert(key, Outgoing { call, events });
             }
-            Command::Gone(LegKey::In(call)) => {
-                self.legs.remove(&call);
-            }
+            Command::Gone(LegKey::In(call)) => self.forget_leg(call),
             Command::Gone(LegKey::Out(_)) => {
                 // The UAC finishes its BYE/CANCEL on its own and is dropped when finished.
             }
@@ -364,7 +368,14 @@ impl Endpoint {
             }
         }
         if ends {
-            self.legs.remove(&call);
+            self.forget_leg(call);
+        }
+    }
+
+    fn forget_leg(&mut self, call: uas::CallHandle) {
+        self.legs.remove(&call);
+        if let Some(calls) = self.tcp_calls.remove(&call) {
+            calls.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -424,7 +435,7 @@ impl Endpoint {
             }
             Transport::Tcp => {
                 let tx = match self.tcp_conns.get(&t.destination) {
-                    Some((_, tx)) => tx.clone(),
+                    Some(conn) => conn.tx.clone(),
                     // Only an outgoing call sends first over TCP: open the connection. (A
                     // response whose connection is gone is lost either way.)
                     None => self.spawn_tcp(t.destination, TcpOrigin::Connect),
@@ -527,6 +538,10 @@ impl Endpoint {
         match task {
             Ok(task) => {
                 self.legs.insert(call, events_tx);
+                if let Some(conn) = self.tcp_conns.get(&incoming.source) {
+                    conn.calls.fetch_add(1, Ordering::Relaxed);
+                    self.tcp_calls.insert(call, conn.calls.clone());
+                }
                 self.shared
                     .tasks
                     .spawn(task.instrument(info_span!("sip_in", call_id = %handle.call_id)));
@@ -553,7 +568,15 @@ impl Endpoint {
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(TCP_OUTBOX);
         self.next_conn += 1;
         let id = self.next_conn;
-        self.tcp_conns.insert(peer, (id, out_tx.clone()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        self.tcp_conns.insert(
+            peer,
+            TcpConn {
+                id,
+                tx: out_tx.clone(),
+                calls: calls.clone(),
+            },
+        );
         let inbox = self.tcp_tx.clone();
         let stop = self.tcp_stop.clone();
         let limits = self.tcp_limits;
@@ -636,9 +659,14 @@ impl Endpoint {
                     () = tokio::time::sleep_until(deadline) => {
                         if partial_since.is_some_and(|since| since + limits.message_timeout <= Instant::now()) {
                             debug!(%peer, "SIP TCP message incomplete past its deadline; closing");
-                        } else {
-                            debug!(%peer, "SIP TCP connection idle; closing");
+                            break;
                         }
+                        if calls.load(Ordering::Relaxed) > 0 {
+                            // Quiet, but a call signalled here is still up: keep it.
+                            last_activity = Instant::now();
+                            continue;
+                        }
+                        debug!(%peer, "SIP TCP connection idle; closing");
                         break;
                     }
                 }
@@ -690,6 +718,16 @@ impl AcceptBackoff {
     pub(super) fn on_success(&mut self) {
         self.pause = None;
     }
+}
+
+/// An open TCP connection, as the endpoint sees it.
+struct TcpConn {
+    /// Tells this connection from a later one with the same peer.
+    id: u64,
+    /// What to write on it.
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Live incoming calls signalled over it.
+    calls: Arc<AtomicUsize>,
 }
 
 /// Where a TCP connection comes from.
