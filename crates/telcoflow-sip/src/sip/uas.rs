@@ -11,7 +11,9 @@
 //! 3. Sleep until [`Uas::poll_timeout`], call [`Uas::handle_timeout`], drain again.
 //!
 //! What it does on its own: `100 Trying` for every INVITE; `488` when an offer has no codec we
-//! support (no event then); `400` with the parse error as reason for malformed requests;
+//! support (no event then); `400` with the parse error as reason for malformed requests
+//! (sent once, statelessly, for requests that cannot be parsed at all but have a Via); `400`
+//! for numbers over [`MAX_NUMBER_LEN`] characters;
 //! `200` to OPTIONS; `420` when a required extension is asked; `481` for requests in
 //! unknown dialogs; `200` + `487` for CANCEL before
 //! the answer; `200` to BYE; re-INVITE answered from the call's [`LocalMedia`] (hold and
@@ -229,16 +231,29 @@ pub struct Refusal {
     pub reason: Option<String>,
     /// Headers to add, e.g. `WWW-Authenticate` or `Retry-After`.
     pub headers: Vec<(String, String)>,
+    /// Send the response once, with no transaction: nothing is kept, and over UDP it is not
+    /// retransmitted until an ACK comes (RFC 3261 17.2.1 would resend an INVITE's final
+    /// response about ten times in 32 s). For refusals of sources that may be spoofed (an
+    /// allow list, a rate limit), so that the server does not multiply a forger's traffic
+    /// towards the address it forged. A retransmitted request is decided on again.
+    pub stateless: bool,
 }
 
 impl Refusal {
-    /// A refusal with this status and no extra header.
+    /// A refusal with this status and no extra header, sent in a transaction.
     pub fn new(status: u16) -> Self {
         Self {
             status,
             reason: None,
             headers: Vec::new(),
+            stateless: false,
         }
+    }
+
+    /// The same refusal, sent once without a transaction (see [`Refusal::stateless`]).
+    pub fn stateless(mut self) -> Self {
+        self.stateless = true;
+        self
     }
 
     /// Adds a header to the response.
@@ -421,7 +436,14 @@ impl Uas {
                     Some(mut request) if request.method != Method::Ack => {
                         tracing::debug!(%source, cause = %err, "unparseable SIP request: 400");
                         request.stamp_source(source);
-                        self.reply(transport, source, request, 400, Some(err.reason()), now);
+                        // Once, statelessly: nothing is kept for input we cannot read.
+                        let refusal = Refusal {
+                            status: 400,
+                            reason: Some(err.reason()),
+                            headers: Vec::new(),
+                            stateless: true,
+                        };
+                        self.reply_with(transport, source, request, refusal, now);
                     }
                     _ => tracing::debug!(%source, cause = %err, "dropping unparseable SIP message"),
                 }
@@ -457,6 +479,7 @@ impl Uas {
             status,
             reason,
             headers: Vec::new(),
+            stateless: false,
         };
         self.reply_with(transport, source, request, refusal, now);
     }
@@ -473,6 +496,7 @@ impl Uas {
             status,
             reason,
             headers,
+            stateless,
         } = refusal;
         // A stateless-looking answer still goes through a transaction so retransmitted
         // requests get the same response.
@@ -493,6 +517,14 @@ impl Uas {
         response
             .headers
             .push("Server", self.config.user_agent.clone());
+        if stateless {
+            self.transmits.push_back(Transmit {
+                transport,
+                destination: source,
+                payload: response.to_bytes(),
+            });
+            return;
+        }
         if request.method == Method::Invite {
             let tx = InviteServerTransaction::with_final_response(
                 request,
@@ -1819,6 +1851,27 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         assert_eq!(asked, 1);
         assert!(h.events().is_empty());
         assert_eq!(h.uas.call_count(), 0);
+        // A stateless refusal is sent once and leaves nothing behind, not even timers.
+        let mut h = Harness::new();
+        let other = Req::new("INVITE", "adm3", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text();
+        for _ in 0..2 {
+            h.uas.handle_input_with(
+                Transport::Udp,
+                PHONE.parse().unwrap(),
+                other.as_bytes(),
+                h.now,
+                |_| Admission::Refuse(Refusal::new(403).stateless()),
+            );
+            assert_eq!(h.statuses(), vec![403], "each copy answered once");
+        }
+        assert_eq!(
+            h.uas.poll_timeout(),
+            None,
+            "no transaction, no retransmission"
+        );
+        assert_eq!(h.run_until(40_000).len(), 0);
         // OPTIONS and in-dialog requests are not admission's business.
         h.uas.handle_input_with(
             Transport::Udp,

@@ -7,6 +7,9 @@
 //! logged once per source per interval); with `[[sip.accounts]]`, the INVITE must carry a
 //! digest answer to a fresh nonce of ours with an account's password (else `401` with a
 //! challenge). Re-INVITEs, BYEs and the like belong to calls already admitted.
+//!
+//! The `403` and `503` go out once, without a transaction: their source may be forged, and
+//! an INVITE transaction would resend the response about ten times to the forged address.
 
 use crate::config::SipConfig;
 use hmac::{Hmac, Mac as _};
@@ -70,13 +73,15 @@ impl Admission {
         if let Some(allow) = &self.allow {
             if !allow.iter().any(|net| net.contains(&ip)) {
                 debug!(%source, "INVITE from a source outside sip.allow: 403");
-                return uas::Admission::Refuse(Refusal::new(403));
+                return uas::Admission::Refuse(Refusal::new(403).stateless());
             }
         }
         if let Err(retry_after) = self.rate.check(ip, now) {
             let secs = retry_after.as_secs_f64().ceil().max(1.0);
             return uas::Admission::Refuse(
-                Refusal::new(503).with_header("Retry-After", format!("{secs:.0}")),
+                Refusal::new(503)
+                    .with_header("Retry-After", format!("{secs:.0}"))
+                    .stateless(),
             );
         }
         if self.accounts.is_empty() {
