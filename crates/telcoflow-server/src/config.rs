@@ -94,6 +94,50 @@ pub struct SipConfig {
     pub rtp_timeout_secs: u64,
     /// Trunks `call.connect` may dial through, with their digest credentials.
     pub trunks: Vec<SipTrunk>,
+    /// Source networks (CIDR, or single addresses) whose INVITEs are taken; INVITEs from
+    /// anywhere else get `403 Forbidden`. `["0.0.0.0/0", "::/0"]` takes every source. Default:
+    /// not set, which takes every source but is refused on a non-loopback `listen` without
+    /// `accounts` (see [`SipConfig::check_exposure`]).
+    pub allow: Option<Vec<String>>,
+    /// Callers that must authenticate: with any account set, every INVITE must answer a
+    /// digest challenge (`401`) with one of these user names and passwords.
+    pub accounts: Vec<SipAccount>,
+    /// Realm named in digest challenges. Default `telcoflow`.
+    pub realm: String,
+    /// INVITEs (new calls) taken from one source address per `invite_rate_interval_secs`;
+    /// the excess gets `503` with `Retry-After`. 0 turns the limit off. Default 20.
+    pub invite_rate_limit: u32,
+    /// The interval of `invite_rate_limit`, in seconds. Default 1.
+    pub invite_rate_interval_secs: u64,
+    /// A SIP/TCP connection whose partly received message does not complete within this
+    /// long is closed, in seconds. Default 10.
+    pub tcp_message_timeout_secs: u64,
+    /// A SIP/TCP connection with nothing read or written for this long is closed, in
+    /// seconds, unless an incoming call signalled over it is still up; CRLF keep-alives
+    /// (RFC 5626) count as activity. Default 300.
+    pub tcp_idle_timeout_secs: u64,
+    /// SIP/TCP connections open at once, accepted and dialled together; further
+    /// connections are closed as soon as they are accepted. Default 256.
+    pub tcp_max_connections: usize,
+}
+
+/// A caller's credentials (`[[sip.accounts]]`), checked by digest authentication.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipAccount {
+    /// Digest user name.
+    pub username: String,
+    /// Digest password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for SipAccount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("SipAccount")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A SIP trunk: `sip:` connect destinations whose host is `host` authenticate with these
@@ -117,6 +161,14 @@ impl Default for SipConfig {
             public_ip: None,
             rtp_timeout_secs: 30,
             trunks: Vec::new(),
+            allow: None,
+            accounts: Vec::new(),
+            realm: "telcoflow".into(),
+            invite_rate_limit: 20,
+            invite_rate_interval_secs: 1,
+            tcp_message_timeout_secs: 10,
+            tcp_idle_timeout_secs: 300,
+            tcp_max_connections: 256,
         }
     }
 }
@@ -137,6 +189,59 @@ impl SipConfig {
             return Err(bad());
         }
         Ok((low, high))
+    }
+
+    /// The `allow` list parsed: `None` when not set.
+    pub fn allow_networks(&self) -> Result<Option<Vec<ipnet::IpNet>>, ConfigError> {
+        let Some(allow) = &self.allow else {
+            return Ok(None);
+        };
+        allow
+            .iter()
+            .map(|entry| {
+                let entry = entry.trim();
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        ConfigError::Invalid(format!(
+                            "sip.allow entries must be CIDR networks or addresses (\"192.0.2.0/24\", \"198.51.100.7\"), got {entry:?}"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    /// Refuses a SIP listener that anyone on a network could call unchecked: a `listen`
+    /// address that is not loopback with neither an `allow` list nor `accounts`.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if self.listen.ip().is_loopback() || self.allow.is_some() || !self.accounts.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid(format!(
+            "SIP listens on {} with no [sip] allow list and no [[sip.accounts]]: anyone who can \
+             reach it could place calls to your connectors. Set `allow = [\"203.0.113.0/24\"]` \
+             under [sip] to the networks of your trunks and PBXs, add [[sip.accounts]] with a \
+             username and password that callers must authenticate with, or set \
+             `allow = [\"0.0.0.0/0\", \"::/0\"]` to take calls from anywhere",
+            self.listen
+        )))
+    }
+
+    /// The `invite_rate_interval_secs` as a duration.
+    pub fn invite_rate_interval(&self) -> Duration {
+        Duration::from_secs(self.invite_rate_interval_secs)
+    }
+
+    /// The `tcp_message_timeout_secs` as a duration.
+    pub fn tcp_message_timeout(&self) -> Duration {
+        Duration::from_secs(self.tcp_message_timeout_secs)
+    }
+
+    /// The `tcp_idle_timeout_secs` as a duration.
+    pub fn tcp_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.tcp_idle_timeout_secs)
     }
 
     /// RTP inactivity timeout as a duration.
@@ -435,6 +540,30 @@ impl Config {
                     return invalid("every [[sip.trunks]] needs a host and a username".into());
                 }
             }
+            for a in &sip.accounts {
+                if a.username.is_empty() || a.password.is_empty() {
+                    return invalid(
+                        "every [[sip.accounts]] needs a username and a password".into(),
+                    );
+                }
+            }
+            sip.allow_networks()?;
+            for (name, v) in [
+                ("invite_rate_interval_secs", sip.invite_rate_interval_secs),
+                ("tcp_message_timeout_secs", sip.tcp_message_timeout_secs),
+                ("tcp_idle_timeout_secs", sip.tcp_idle_timeout_secs),
+                ("tcp_max_connections", sip.tcp_max_connections as u64),
+            ] {
+                if v == 0 {
+                    return invalid(format!("sip.{name} must be at least 1"));
+                }
+            }
+            if sip.realm.is_empty() || sip.realm.contains(['"', '\\']) {
+                return invalid(
+                    "sip.realm must be non-empty, without quotes or backslashes".into(),
+                );
+            }
+            sip.check_exposure()?;
         }
         Ok(())
     }
@@ -649,6 +778,46 @@ mod tests {
         }
         let ok = format!("[sip]\nrtp_ports = '20000-20010'\n{base}");
         Config::from_toml(&ok).unwrap();
+        for bad in [
+            "allow = ['10.0.0.0/33']",
+            "allow = ['pbx.example']",
+            "invite_rate_interval_secs = 0",
+            "tcp_message_timeout_secs = 0",
+            "tcp_idle_timeout_secs = 0",
+            "tcp_max_connections = 0",
+            "realm = ''",
+            "[[sip.accounts]]\nusername = 'a'\npassword = ''",
+        ] {
+            let text = format!("[sip]\n{bad}\n{base}");
+            assert!(Config::from_toml(&text).is_err(), "{bad}");
+        }
+        let sip = SipConfig {
+            allow: Some(vec!["192.0.2.0/24".into(), " 2001:db8::1 ".into()]),
+            ..SipConfig::default()
+        };
+        let nets = sip.allow_networks().unwrap().unwrap();
+        assert!(nets[0].contains(&"192.0.2.200".parse::<IpAddr>().unwrap()));
+        assert!(!nets[0].contains(&"192.0.3.1".parse::<IpAddr>().unwrap()));
+        assert!(nets[1].contains(&"2001:db8::1".parse::<IpAddr>().unwrap()));
+        assert_eq!(SipConfig::default().allow_networks().unwrap(), None);
+    }
+
+    #[test]
+    fn sip_on_a_public_address_needs_an_allow_list_or_accounts() {
+        let base = "[[connectors]]\nuuid='u'\napi_key='k'\n";
+        let open = format!("[sip]\nlisten = '0.0.0.0:5060'\n{base}");
+        let err = Config::from_toml(&open).unwrap_err().to_string();
+        assert!(err.contains("allow = [\"0.0.0.0/0\""), "{err}");
+        assert!(err.contains("[[sip.accounts]]"), "{err}");
+        for ok in [
+            "[sip]\nlisten = '0.0.0.0:5060'\nallow = ['0.0.0.0/0']",
+            "[sip]\nlisten = '192.0.2.1:5060'\nallow = ['198.51.100.0/24']",
+            "[sip]\nlisten = '0.0.0.0:5060'\n[[sip.accounts]]\nusername = 'a'\npassword = 'p'",
+            "[sip]\nlisten = '127.0.0.1:5060'",
+            "[sip]\nlisten = '[::1]:5060'",
+        ] {
+            Config::from_toml(&format!("{ok}\n{base}")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
     }
 
     #[test]

@@ -371,7 +371,9 @@ async fn run_once(
                     Some(r) => r.clone(),
                     None => rtp_range(n)?,
                 };
+                // All callers come from 127.0.0.1: no per-source INVITE limit.
                 cmd.args(["--sip", "127.0.0.1:0", "--rtp-ports", &range]);
+                cmd.args(["--invite-rate-limit", "0"]);
             }
             let mut child = ChildProc::spawn("server", cmd)?;
             let url = child.wait_line(super::serve::READY_PREFIX).await?;

@@ -56,11 +56,19 @@ pub(crate) struct Args {
     /// Address announced to SIP peers in SDP and Contact (a NAT's public address).
     #[arg(long)]
     public_ip: Option<IpAddr>,
+    /// New SIP calls (INVITEs) taken per source address per second; 0 for no limit
+    /// [default: the config file's `[sip] invite_rate_limit`, else 20].
+    #[arg(long, value_name = "N")]
+    invite_rate_limit: Option<u32>,
 }
 
 /// Applies the SIP flags: any of them turns SIP on (with defaults for the rest).
 fn apply_sip_flags(config: &mut Config, args: &Args) {
-    if args.sip.is_none() && args.rtp_ports.is_none() && args.public_ip.is_none() {
+    if args.sip.is_none()
+        && args.rtp_ports.is_none()
+        && args.public_ip.is_none()
+        && args.invite_rate_limit.is_none()
+    {
         return;
     }
     let sip = config.sip.get_or_insert_with(SipConfig::default);
@@ -72,6 +80,11 @@ fn apply_sip_flags(config: &mut Config, args: &Args) {
     }
     if let Some(ip) = args.public_ip {
         sip.public_ip = Some(ip);
+    }
+    if let Some(limit) = args.invite_rate_limit {
+        sip.invite_rate_limit = limit;
+        // The flag says "per second", whatever interval a config file set.
+        sip.invite_rate_interval_secs = 1;
     }
 }
 
@@ -194,6 +207,9 @@ mod tests {
         assert_eq!(sip.advertised_ip().to_string(), "203.0.113.9");
         let only_addr = config_for(&["--sip", "127.0.0.1:0"]).sip.unwrap();
         assert_eq!(only_addr.rtp_ports, "20000-20999");
+        assert_eq!(only_addr.invite_rate_limit, 20);
+        let unlimited = config_for(&["--sip", "127.0.0.1:0", "--invite-rate-limit", "0"]);
+        assert_eq!(unlimited.sip.unwrap().invite_rate_limit, 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! HTTP digest authentication for SIP (RFC 3261 22.4, RFC 2617, RFC 7616): answering a
-//! trunk's `401` / `407` challenge when we dial out.
+//! trunk's `401` / `407` challenge when we dial out, and checking the answers of peers that
+//! call us ([`Challenge::to_header_value`], [`Authorization::parse`], [`verify`]).
 //!
 //! Contract: pure functions, no clock or randomness inside. The caller passes the client
 //! nonce (`cnonce`, random per challenge) and the nonce count, so results are reproducible.
@@ -188,6 +189,155 @@ impl Challenge {
     }
 }
 
+impl Challenge {
+    /// A challenge to send in a `WWW-Authenticate` / `Proxy-Authenticate` header.
+    pub fn new(realm: &str, nonce: &str, algorithm: Algorithm) -> Self {
+        Self {
+            realm: realm.to_owned(),
+            nonce: nonce.to_owned(),
+            opaque: None,
+            algorithm,
+            qop_auth: true,
+            stale: false,
+        }
+    }
+
+    /// The header value, e.g. `Digest realm="x", nonce="n", algorithm=MD5, qop="auth"`.
+    pub fn to_header_value(&self) -> String {
+        let mut out = format!(
+            "Digest realm={}, nonce={}, algorithm={}",
+            quote(&self.realm),
+            quote(&self.nonce),
+            self.algorithm.as_str()
+        );
+        if self.qop_auth {
+            out.push_str(", qop=\"auth\"");
+        }
+        if let Some(o) = &self.opaque {
+            out.push_str(&format!(", opaque={}", quote(o)));
+        }
+        if self.stale {
+            out.push_str(", stale=true");
+        }
+        out
+    }
+}
+
+/// An `Authorization` / `Proxy-Authorization` Digest header sent to us by a caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authorization {
+    /// User name.
+    pub username: String,
+    /// Protection space the caller answered.
+    pub realm: String,
+    /// The nonce we sent.
+    pub nonce: String,
+    /// The Request-URI the caller hashed.
+    pub uri: String,
+    /// The hash to check.
+    pub response: String,
+    /// Hash algorithm.
+    pub algorithm: Algorithm,
+    /// Client nonce (with qop or a -sess algorithm).
+    pub cnonce: Option<String>,
+    /// Nonce count as sent (8 hex digits), with qop.
+    pub nc: Option<String>,
+    /// Whether the caller used qop=auth (else the RFC 2069 form).
+    pub qop_auth: bool,
+}
+
+impl Authorization {
+    /// Parses a header value.
+    pub fn parse(value: &str) -> Result<Self, DigestError> {
+        let value = value.trim();
+        let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+        if !scheme.eq_ignore_ascii_case("Digest") {
+            return Err(DigestError::NotDigest);
+        }
+        let params = auth_params(rest);
+        let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        let need = |n: &'static str| get(n).ok_or(DigestError::Missing(n));
+        let algorithm = match get("algorithm") {
+            Some(a) => Algorithm::parse(&a)?,
+            None => Algorithm::Md5,
+        };
+        let qop_auth = match get("qop") {
+            None => false,
+            Some(q) if q.eq_ignore_ascii_case("auth") => true,
+            Some(q) => return Err(DigestError::UnsupportedQop(q)),
+        };
+        Ok(Self {
+            username: need("username")?,
+            realm: need("realm")?,
+            nonce: need("nonce")?,
+            uri: need("uri")?,
+            response: need("response")?,
+            algorithm,
+            cnonce: get("cnonce"),
+            nc: get("nc"),
+            qop_auth,
+        })
+    }
+}
+
+/// Whether `auth` answers a challenge for `method` with the right password. The caller
+/// checks separately that the nonce is one it issued and still fresh, and that the realm
+/// and user name are the ones it expects.
+pub fn verify(auth: &Authorization, password: &str, method: &Method) -> bool {
+    let needs_cnonce = auth.qop_auth || auth.algorithm.is_sess();
+    let (cnonce, nc) = match (&auth.cnonce, &auth.nc) {
+        (Some(c), Some(n)) if auth.qop_auth => (c.as_str(), n.as_str()),
+        (Some(c), _) if !auth.qop_auth => (c.as_str(), ""),
+        (None, _) if !needs_cnonce => ("", ""),
+        _ => return false,
+    };
+    let expected = digest_response(
+        auth.algorithm,
+        &auth.username,
+        &auth.realm,
+        password,
+        &auth.nonce,
+        method,
+        &auth.uri,
+        cnonce,
+        nc,
+        auth.qop_auth,
+    );
+    // Compared in time independent of where they differ.
+    expected.len() == auth.response.len()
+        && expected
+            .bytes()
+            .zip(auth.response.to_ascii_lowercase().bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// The `response` value of RFC 7616 3.4.1 (RFC 2069 form without qop).
+#[allow(clippy::too_many_arguments)]
+fn digest_response(
+    alg: Algorithm,
+    username: &str,
+    realm: &str,
+    password: &str,
+    nonce: &str,
+    method: &Method,
+    uri: &str,
+    cnonce: &str,
+    nc: &str,
+    qop_auth: bool,
+) -> String {
+    let mut ha1 = alg.hash(&format!("{username}:{realm}:{password}"));
+    if alg.is_sess() {
+        ha1 = alg.hash(&format!("{ha1}:{nonce}:{cnonce}"));
+    }
+    let ha2 = alg.hash(&format!("{}:{uri}", method.as_str()));
+    if qop_auth {
+        alg.hash(&format!("{ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}"))
+    } else {
+        alg.hash(&format!("{ha1}:{nonce}:{ha2}"))
+    }
+}
+
 /// The header carrying a challenge in `response`, and the header that must answer it:
 /// `WWW-Authenticate` -> `Authorization` for 401, `Proxy-Authenticate` ->
 /// `Proxy-Authorization` for 407. The first Digest challenge we can answer wins.
@@ -238,23 +388,19 @@ pub fn authorize(
     nc: u32,
 ) -> String {
     let alg = challenge.algorithm;
-    let mut ha1 = alg.hash(&format!(
-        "{}:{}:{}",
-        credentials.username, challenge.realm, credentials.password
-    ));
-    if alg.is_sess() {
-        ha1 = alg.hash(&format!("{ha1}:{}:{cnonce}", challenge.nonce));
-    }
-    let ha2 = alg.hash(&format!("{}:{uri}", method.as_str()));
     let nc = format!("{nc:08x}");
-    let response = if challenge.qop_auth {
-        alg.hash(&format!(
-            "{ha1}:{}:{nc}:{cnonce}:auth:{ha2}",
-            challenge.nonce
-        ))
-    } else {
-        alg.hash(&format!("{ha1}:{}:{ha2}", challenge.nonce))
-    };
+    let response = digest_response(
+        alg,
+        &credentials.username,
+        &challenge.realm,
+        &credentials.password,
+        &challenge.nonce,
+        method,
+        uri,
+        cnonce,
+        &nc,
+        challenge.qop_auth,
+    );
     let mut out = format!(
         "Digest username={}, realm={}, nonce={}, uri={}, response={}, algorithm={}",
         quote(&credentials.username),
@@ -405,6 +551,40 @@ mod tests {
         assert_eq!(
             response_param(&a),
             Algorithm::Md5.hash(&format!("{ha1}:n:00000001:c1:auth:{ha2}"))
+        );
+    }
+
+    #[test]
+    fn our_challenges_are_answered_and_verified() {
+        for alg in [Algorithm::Md5, Algorithm::Sha256, Algorithm::Md5Sess] {
+            for qop in [true, false] {
+                let mut ours = Challenge::new("telcoflow", "n0nce", alg);
+                ours.qop_auth = qop;
+                // What a phone reads from our header, and answers.
+                let theirs = Challenge::parse(&ours.to_header_value()).unwrap();
+                assert_eq!(theirs, ours);
+                let uri = "sip:+15550100@203.0.113.1";
+                let header = authorize(&theirs, &mufasa("pw"), &Method::Invite, uri, "cn", 1);
+                let auth = Authorization::parse(&header).unwrap();
+                assert_eq!((auth.username.as_str(), auth.uri.as_str()), ("Mufasa", uri));
+                assert!(verify(&auth, "pw", &Method::Invite), "{alg:?} qop={qop}");
+                assert!(!verify(&auth, "pW", &Method::Invite));
+                assert!(!verify(&auth, "pw", &Method::Bye), "bound to the method");
+                let mut other_nonce = auth.clone();
+                other_nonce.nonce = "n1".into();
+                assert!(!verify(&other_nonce, "pw", &Method::Invite));
+                let mut short = auth.clone();
+                short.response.pop();
+                assert!(!verify(&short, "pw", &Method::Invite));
+            }
+        }
+        assert_eq!(
+            Authorization::parse("Digest username=\"a\", realm=\"r\", nonce=\"n\", uri=\"u\""),
+            Err(DigestError::Missing("response"))
+        );
+        assert_eq!(
+            Authorization::parse("Basic YTpi"),
+            Err(DigestError::NotDigest)
         );
     }
 

@@ -25,6 +25,15 @@ use std::net::SocketAddr;
 
 /// Largest message accepted, in bytes: bounds what a peer can make us buffer on a stream.
 pub const MAX_MESSAGE_LEN: usize = 64 * 1024;
+/// Most header lines a message may have (after unfolding): bounds the work a peer can cause
+/// per message. Real INVITEs through a few proxies carry 15-40.
+pub const MAX_HEADER_COUNT: usize = 128;
+/// Longest header line, in bytes (a folded header counts its continuation lines too).
+pub const MAX_HEADER_LINE_LEN: usize = 8 * 1024;
+/// Longest number (user part of a Request-URI, From or To) accepted in a call, in
+/// characters. Telephone numbers are at most 15 digits (E.164); 64 leaves room for SIP user
+/// names and prefixes.
+pub const MAX_NUMBER_LEN: usize = 64;
 /// Prefix of RFC 3261 branch parameters (section 8.1.1.7).
 pub const BRANCH_MAGIC: &str = "z9hG4bK";
 
@@ -62,6 +71,12 @@ pub enum ParseError {
     /// The header section never ends (no empty line).
     #[error("No end of headers")]
     NoHeaderEnd,
+    /// More header lines than [`MAX_HEADER_COUNT`].
+    #[error("More than {MAX_HEADER_COUNT} headers")]
+    TooManyHeaders,
+    /// A header line longer than [`MAX_HEADER_LINE_LEN`].
+    #[error("Header line longer than {MAX_HEADER_LINE_LEN} bytes")]
+    HeaderLineTooLong,
 }
 
 impl ParseError {
@@ -992,8 +1007,16 @@ impl Message {
         let buf = &buf[start..];
         let (head_len, body_start) = find_header_end(buf).ok_or(ParseError::NoHeaderEnd)?;
         let head = std::str::from_utf8(&buf[..head_len]).map_err(|_| ParseError::NotUtf8)?;
-        let mut lines = unfold(head).into_iter();
+        check_head_limits(head.as_bytes())?;
+        let lines = unfold(head);
+        if lines.len() > MAX_HEADER_COUNT + 1 {
+            return Err(ParseError::TooManyHeaders);
+        }
+        let mut lines = lines.into_iter();
         let start_line = lines.next().ok_or(ParseError::BadStartLine)?;
+        if start_line.len() > MAX_HEADER_LINE_LEN {
+            return Err(ParseError::HeaderLineTooLong);
+        }
         let mut headers = Headers::new();
         for (i, line) in lines.enumerate() {
             let (name, value) = line
@@ -1002,6 +1025,9 @@ impl Message {
             let name = name.trim();
             if name.is_empty() || name.contains(char::is_whitespace) {
                 return Err(ParseError::BadHeaderLine(i + 2));
+            }
+            if line.len() > MAX_HEADER_LINE_LEN {
+                return Err(ParseError::HeaderLineTooLong);
             }
             headers.push(name, value.trim());
         }
@@ -1064,6 +1090,43 @@ impl Message {
     }
 }
 
+/// What can be read of a request that [`Message::parse`] refused (bad Content-Length, bad
+/// UTF-8, another SIP version), to answer it with a `400`: its method and Request-URI and
+/// the headers a response copies (RFC 3261 8.2.6: Via, From, To, Call-ID, CSeq), with any
+/// invalid UTF-8 replaced. `None` when it is a response, or has no request line or no Via
+/// (nobody to answer then).
+pub fn salvage_request(buf: &[u8]) -> Option<Request> {
+    const COPIED: [&str; 5] = ["Via", "From", "To", "Call-ID", "CSeq"];
+    let buf = &buf[..buf.len().min(MAX_MESSAGE_LEN)];
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let buf = &buf[start..];
+    let head_len = find_header_end(buf).map_or(buf.len(), |(h, _)| h);
+    let head = String::from_utf8_lossy(&buf[..head_len]);
+    let mut lines = head.split('\n').map(|l| l.trim_end_matches('\r'));
+    let mut start_line = lines.next()?.split(' ');
+    let (method, uri) = (start_line.next()?, start_line.next()?);
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) || uri.is_empty() {
+        return None;
+    }
+    let mut headers = Headers::new();
+    for line in lines.take(MAX_HEADER_COUNT) {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let name = canonical_name(name.trim());
+        if COPIED.contains(&name.as_str()) && line.len() <= MAX_HEADER_LINE_LEN {
+            headers.push(&name, value.trim());
+        }
+    }
+    headers.get("Via")?;
+    Some(Request {
+        method: Method::parse(method),
+        uri: uri.to_string(),
+        headers,
+        body: Vec::new(),
+    })
+}
+
 /// Returns (end of header text, start of body).
 fn find_header_end(buf: &[u8]) -> Option<(usize, usize)> {
     let crlf = buf
@@ -1078,6 +1141,27 @@ fn find_header_end(buf: &[u8]) -> Option<(usize, usize)> {
         (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
         (a, b) => a.or(b),
     }
+}
+
+/// Checks raw header bytes (possibly an unfinished header section) against
+/// [`MAX_HEADER_COUNT`] and [`MAX_HEADER_LINE_LEN`], counting physical lines: a folded line
+/// is checked again, whole, after unfolding.
+fn check_head_limits(head: &[u8]) -> Result<(), ParseError> {
+    let mut lines = 0usize;
+    for line in head.split(|&b| b == b'\n') {
+        if line.len() > MAX_HEADER_LINE_LEN + 1 {
+            return Err(ParseError::HeaderLineTooLong);
+        }
+        // Continuation lines (folding) belong to the line before.
+        if !line.starts_with(b" ") && !line.starts_with(b"\t") {
+            lines += 1;
+        }
+    }
+    // The start line plus the headers.
+    if lines > MAX_HEADER_COUNT + 1 {
+        return Err(ParseError::TooManyHeaders);
+    }
+    Ok(())
 }
 
 /// Splits header text into lines, joining folded continuation lines (RFC 3261 7.3.1).
@@ -1118,12 +1202,16 @@ pub fn frame(buf: &[u8]) -> Result<Framing, ParseError> {
         return Ok(Framing::KeepAlive(crlfs));
     }
     let Some((head_len, body_start)) = find_header_end(buf) else {
+        // A header section still arriving is held to the same limits as a whole one, so a
+        // peer cannot make us buffer 64 KiB of one endless line or thousands of tiny ones.
+        check_head_limits(buf)?;
         return if buf.len() > MAX_MESSAGE_LEN {
             Err(ParseError::TooLarge)
         } else {
             Ok(Framing::Incomplete)
         };
     };
+    check_head_limits(&buf[..head_len])?;
     let head = std::str::from_utf8(&buf[..head_len]).map_err(|_| ParseError::NotUtf8)?;
     let mut length = None;
     for line in head.split('\n').skip(1) {
@@ -1417,10 +1505,88 @@ l: 0\r\n\r\n";
             frame(b"OPTIONS sip:x SIP/2.0\r\nl: 99999999\r\n\r\n").unwrap_err(),
             ParseError::TooLarge
         );
+        // One endless line is refused as soon as it passes the line limit.
         assert_eq!(
             frame(&vec![b'a'; MAX_MESSAGE_LEN + 1]).unwrap_err(),
-            ParseError::TooLarge
+            ParseError::HeaderLineTooLong
         );
+        // Lines within the limits that add up past the message limit.
+        let mut big = b"OPTIONS sip:x SIP/2.0\r\n".to_vec();
+        while big.len() <= MAX_MESSAGE_LEN {
+            big.extend_from_slice(&[b'x'; 1000]);
+            big.extend_from_slice(b": y\r\n");
+        }
+        assert_eq!(frame(&big).unwrap_err(), ParseError::TooLarge);
+    }
+
+    #[test]
+    fn header_limits_are_typed_errors_on_datagrams_and_streams() {
+        let with_headers = |n: usize, line: usize| {
+            let mut m =
+                String::from("OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\n");
+            for i in 0..n {
+                let _ = write!(m, "X-{i}: {}\r\n", "v".repeat(line));
+            }
+            m.push_str("Content-Length: 0\r\n\r\n");
+            m.into_bytes()
+        };
+        // At the limits: fine.
+        let ok = with_headers(MAX_HEADER_COUNT - 2, 10);
+        assert!(Message::parse(&ok).is_ok());
+        assert!(matches!(frame(&ok), Ok(Framing::Message(_))));
+        let long_ok = with_headers(1, MAX_HEADER_LINE_LEN - 10);
+        assert!(Message::parse(&long_ok).is_ok());
+        // One more header, or a longer line: refused, whole or still arriving.
+        let many = with_headers(MAX_HEADER_COUNT, 10);
+        assert_eq!(Message::parse(&many), Err(ParseError::TooManyHeaders));
+        assert_eq!(frame(&many), Err(ParseError::TooManyHeaders));
+        assert_eq!(
+            frame(&many[..many.len() - 30]),
+            Err(ParseError::TooManyHeaders)
+        );
+        let long = with_headers(1, MAX_HEADER_LINE_LEN + 1);
+        assert_eq!(Message::parse(&long), Err(ParseError::HeaderLineTooLong));
+        assert_eq!(
+            frame(&long[..long.len() - 25]),
+            Err(ParseError::HeaderLineTooLong)
+        );
+        assert_eq!(
+            ParseError::TooManyHeaders.reason(),
+            format!("More than {MAX_HEADER_COUNT} headers")
+        );
+    }
+
+    #[test]
+    fn unparseable_requests_are_salvaged_for_a_400() {
+        let bad_length = INVITE.replace("Content-Length: 4", "Content-Length: four");
+        let bad_utf8 = {
+            let mut b = INVITE.replace("Alice", "Al\u{1}ce").into_bytes();
+            let i = b.iter().position(|&c| c == 1).unwrap();
+            b[i] = 0xff;
+            b
+        };
+        let sip3 = INVITE.replace("SIP/2.0\r\nVia", "SIP/3.0\r\nVia");
+        for (bytes, error) in [
+            (
+                bad_length.into_bytes(),
+                ParseError::BadHeader("Content-Length"),
+            ),
+            (bad_utf8, ParseError::NotUtf8),
+            (sip3.into_bytes(), ParseError::BadVersion),
+        ] {
+            assert_eq!(Message::parse(&bytes), Err(error));
+            let r = salvage_request(&bytes).expect("salvaged");
+            assert_eq!(r.method, Method::Invite);
+            assert_eq!(r.call_id().unwrap(), "a84b4c76e66710@pc33.atlanta.example");
+            assert_eq!(r.cseq().unwrap().seq, 314_159);
+            assert!(r.top_via().unwrap().branch().is_some());
+            assert!(r.header_from().is_ok() && r.header_to().is_ok());
+        }
+        // Nobody to answer: responses, no request line, no Via.
+        assert!(salvage_request(b"SIP/3.0 200 OK\r\nVia: x\r\n\r\n").is_none());
+        assert!(salvage_request(b"\xff\xfe\r\nVia: x\r\n\r\n").is_none());
+        assert!(salvage_request(b"INVITE sip:x SIP/3.0\r\nTo: <sip:x>\r\n\r\n").is_none());
+        assert!(salvage_request(b"").is_none());
     }
 
     #[test]

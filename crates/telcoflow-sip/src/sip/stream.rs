@@ -6,7 +6,10 @@
 //! to [`Uas::handle_input`](super::uas::Uas::handle_input)) or a keep-alive to answer. An
 //! error means the stream cannot be resynchronised (no Content-Length, oversized message):
 //! close the connection. The buffer never holds more than
-//! [`MAX_MESSAGE_LEN`](super::message::MAX_MESSAGE_LEN) plus one read.
+//! [`MAX_MESSAGE_LEN`](super::message::MAX_MESSAGE_LEN) plus one read, and an unfinished
+//! header section is held to the header limits
+//! ([`MAX_HEADER_COUNT`](super::message::MAX_HEADER_COUNT),
+//! [`MAX_HEADER_LINE_LEN`](super::message::MAX_HEADER_LINE_LEN)) while it arrives.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
@@ -46,6 +49,12 @@ impl StreamDecoder {
     /// Bytes buffered and not yet returned.
     pub fn buffered(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Whether part of a message (not just keep-alive CRLFs) is buffered, waiting for the
+    /// rest: what a deadline for slow senders should watch.
+    pub fn has_partial_message(&self) -> bool {
+        self.buf.iter().any(|&b| b != b'\r' && b != b'\n')
     }
 
     /// The next whole item, `Ok(None)` if more bytes are needed.
@@ -106,6 +115,9 @@ Content-Length: 5\r\n\r\nhello";
             assert!(matches!(Message::parse(m).unwrap(), Message::Request(_)));
         }
         assert_eq!(d.buffered(), 2);
+        assert!(!d.has_partial_message(), "a CRLF is no message");
+        d.extend(&OPTIONS[..10]);
+        assert!(d.has_partial_message());
     }
 
     #[test]
@@ -115,7 +127,7 @@ Content-Length: 5\r\n\r\nhello";
         assert_eq!(d.next_item(), Err(ParseError::MissingContentLength));
         let mut d = StreamDecoder::new();
         d.extend(&vec![b'A'; MAX_MESSAGE_LEN + 1]);
-        assert_eq!(d.next_item(), Err(ParseError::TooLarge));
+        assert_eq!(d.next_item(), Err(ParseError::HeaderLineTooLong));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! 3. Sleep until [`Uas::poll_timeout`], call [`Uas::handle_timeout`], drain again.
 //!
 //! What it does on its own: `100 Trying` for every INVITE; `488` when an offer has no codec we
-//! support (no event then); `400` with the parse error as reason for malformed requests;
+//! support (no event then); `400` with the parse error as reason for malformed requests
+//! (sent once, statelessly, for requests that cannot be parsed at all but have a Via); `400`
+//! for numbers over [`MAX_NUMBER_LEN`] characters;
 //! `200` to OPTIONS; `420` when a required extension is asked; `481` for requests in
 //! unknown dialogs; `200` + `487` for CANCEL before
 //! the answer; `200` to BYE; re-INVITE answered from the call's [`LocalMedia`] (hold and
@@ -33,7 +35,8 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
 use super::message::{
-    BRANCH_MAGIC, CSeq, Message, Method, NameAddr, Request, Response, SipHeaders,
+    BRANCH_MAGIC, CSeq, MAX_NUMBER_LEN, Message, Method, NameAddr, Request, Response, SipHeaders,
+    SipUri, salvage_request,
 };
 use super::sdp::{self, LocalMedia, Negotiated, NegotiationError, SessionDescription};
 use super::transaction::{
@@ -129,6 +132,30 @@ fn info_dtmf(request: &Request) -> Option<(char, u32)> {
     None
 }
 
+/// Why an INVITE's numbers are refused, as a 400 reason: a user part of the Request-URI, To
+/// or From longer than [`MAX_NUMBER_LEN`] characters.
+fn overlong_number(request: &Request) -> Option<String> {
+    let user_len = |uri: Option<SipUri>| {
+        uri.and_then(|u| u.user)
+            .map_or(0, |user| user.chars().count())
+    };
+    let checks = [
+        ("Called number", user_len(SipUri::parse(&request.uri).ok())),
+        (
+            "Called number",
+            user_len(request.header_to().ok().and_then(|t| t.sip_uri().ok())),
+        ),
+        (
+            "Caller number",
+            user_len(request.header_from().ok().and_then(|f| f.sip_uri().ok())),
+        ),
+    ];
+    checks
+        .into_iter()
+        .find(|(_, len)| *len > MAX_NUMBER_LEN)
+        .map(|(which, _)| format!("{which} longer than {MAX_NUMBER_LEN} characters"))
+}
+
 /// A new call, as reported by [`UasEvent::IncomingCall`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct IncomingCall {
@@ -183,6 +210,57 @@ pub enum ActionError {
     /// The answer could not be negotiated; the call was rejected with the error's status.
     #[error(transparent)]
     Negotiation(#[from] NegotiationError),
+}
+
+/// The owner's decision on a new call's INVITE, taken before the UAS creates any call state
+/// for it (see [`Uas::handle_input_with`]): source allow-lists, rate limits, authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Take the call: it goes on to [`UasEvent::IncomingCall`].
+    Accept,
+    /// Answer with this final response; no call is created and no event is reported.
+    Refuse(Refusal),
+}
+
+/// A final response refusing an INVITE at admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Status code (4xx-6xx), e.g. 401, 403, 503.
+    pub status: u16,
+    /// Reason phrase; the status's usual one when `None`.
+    pub reason: Option<String>,
+    /// Headers to add, e.g. `WWW-Authenticate` or `Retry-After`.
+    pub headers: Vec<(String, String)>,
+    /// Send the response once, with no transaction: nothing is kept, and over UDP it is not
+    /// retransmitted until an ACK comes (RFC 3261 17.2.1 would resend an INVITE's final
+    /// response about ten times in 32 s). For refusals of sources that may be spoofed (an
+    /// allow list, a rate limit), so that the server does not multiply a forger's traffic
+    /// towards the address it forged. A retransmitted request is decided on again.
+    pub stateless: bool,
+}
+
+impl Refusal {
+    /// A refusal with this status and no extra header, sent in a transaction.
+    pub fn new(status: u16) -> Self {
+        Self {
+            status,
+            reason: None,
+            headers: Vec::new(),
+            stateless: false,
+        }
+    }
+
+    /// The same refusal, sent once without a transaction (see [`Refusal::stateless`]).
+    pub fn stateless(mut self) -> Self {
+        self.stateless = true;
+        self
+    }
+
+    /// Adds a header to the response.
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.to_owned(), value.into()));
+        self
+    }
 }
 
 /// Endpoint settings.
@@ -327,7 +405,7 @@ impl Uas {
         format!("{:016x}", self.rng.random::<u64>())
     }
 
-    /// Handles one received message.
+    /// Handles one received message, taking every new call.
     pub fn handle_input(
         &mut self,
         transport: Transport,
@@ -335,17 +413,46 @@ impl Uas {
         bytes: &[u8],
         now: Instant,
     ) {
+        self.handle_input_with(transport, source, bytes, now, |_| Admission::Accept);
+    }
+
+    /// Handles one received message; `admit` decides on each INVITE that would start a new
+    /// call (not on retransmissions, re-INVITEs or malformed requests, which never get that
+    /// far) before any call state exists for it.
+    pub fn handle_input_with(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        bytes: &[u8],
+        now: Instant,
+        admit: impl FnOnce(&Request) -> Admission,
+    ) {
         let message = match Message::parse(bytes) {
             Ok(m) => m,
             Err(err) => {
-                // Without headers there is nobody to answer.
-                tracing::debug!(%source, cause = %err, "dropping unparseable SIP message");
+                // A request whose Via and dialog headers can still be read gets a 400 saying
+                // what was wrong; without them there is nobody to answer.
+                match salvage_request(bytes) {
+                    Some(mut request) if request.method != Method::Ack => {
+                        tracing::debug!(%source, cause = %err, "unparseable SIP request: 400");
+                        request.stamp_source(source);
+                        // Once, statelessly: nothing is kept for input we cannot read.
+                        let refusal = Refusal {
+                            status: 400,
+                            reason: Some(err.reason()),
+                            headers: Vec::new(),
+                            stateless: true,
+                        };
+                        self.reply_with(transport, source, request, refusal, now);
+                    }
+                    _ => tracing::debug!(%source, cause = %err, "dropping unparseable SIP message"),
+                }
                 return;
             }
         };
         match message {
             Message::Response(r) => self.handle_response(r, now),
-            Message::Request(r) => self.handle_request(transport, source, r, now),
+            Message::Request(r) => self.handle_request(transport, source, r, now, admit),
         }
     }
 
@@ -368,6 +475,29 @@ impl Uas {
         reason: Option<String>,
         now: Instant,
     ) {
+        let refusal = Refusal {
+            status,
+            reason,
+            headers: Vec::new(),
+            stateless: false,
+        };
+        self.reply_with(transport, source, request, refusal, now);
+    }
+
+    fn reply_with(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        refusal: Refusal,
+        now: Instant,
+    ) {
+        let Refusal {
+            status,
+            reason,
+            headers,
+            stateless,
+        } = refusal;
         // A stateless-looking answer still goes through a transaction so retransmitted
         // requests get the same response.
         let Ok(key) = TransactionKey::for_request(&request) else {
@@ -378,12 +508,23 @@ impl Uas {
         if let Some(reason) = reason {
             response = response.with_reason(reason);
         }
+        for (name, value) in headers {
+            response.headers.push(&name, value);
+        }
         if status == 405 || request.method == Method::Options {
             response.headers.push("Allow", ALLOW);
         }
         response
             .headers
             .push("Server", self.config.user_agent.clone());
+        if stateless {
+            self.transmits.push_back(Transmit {
+                transport,
+                destination: source,
+                payload: response.to_bytes(),
+            });
+            return;
+        }
         if request.method == Method::Invite {
             let tx = InviteServerTransaction::with_final_response(
                 request,
@@ -469,6 +610,7 @@ impl Uas {
         source: SocketAddr,
         mut request: Request,
         now: Instant,
+        admit: impl FnOnce(&Request) -> Admission,
     ) {
         request.stamp_source(source);
         if request.top_via().is_err() {
@@ -529,7 +671,12 @@ impl Uas {
         match (&request.method, in_dialog) {
             (Method::Ack, Some(tag)) => self.handle_ack(request, &tag, now),
             (Method::Ack, None) => {}
-            (Method::Invite, None) => self.handle_invite(transport, source, key, request, now),
+            (Method::Invite, None) => match admit(&request) {
+                Admission::Accept => self.handle_invite(transport, source, key, request, now),
+                Admission::Refuse(refusal) => {
+                    self.reply_with(transport, source, request, refusal, now);
+                }
+            },
             (Method::Invite, Some(tag)) => {
                 self.handle_reinvite(transport, source, key, request, &tag, now)
             }
@@ -588,6 +735,10 @@ impl Uas {
         request: Request,
         now: Instant,
     ) {
+        if let Some(reason) = overlong_number(&request) {
+            self.reply(transport, source, request, 400, Some(reason), now);
+            return;
+        }
         let offer = if request.body.is_empty() {
             None
         } else {
@@ -630,7 +781,7 @@ impl Uas {
         ) else {
             return; // validate() checked these
         };
-        let number = super::message::SipUri::parse(&request.uri)
+        let number = SipUri::parse(&request.uri)
             .ok()
             .and_then(|u| u.user)
             .or_else(|| to.sip_uri().ok().and_then(|u| u.user))
@@ -1576,6 +1727,160 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         h.feed_raw("hello");
         assert!(h.sent().is_empty());
         assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn unparseable_requests_with_a_via_get_400_saying_why() {
+        let mut h = Harness::new();
+        let invite = Req::new("INVITE", "bad1", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text();
+        let bad_length = invite.replacen("Content-Length: ", "Content-Length: x", 1);
+        let sip3 = invite.replacen("SIP/2.0\r\nVia", "SIP/3.0\r\nVia", 1);
+        for (text, reason) in [
+            (bad_length.as_str(), "Malformed Content-Length header"),
+            (sip3.as_str(), "Unsupported SIP version"),
+        ] {
+            h.feed_raw(text);
+            let sent = h.sent();
+            let [Message::Response(r)] = sent.as_slice() else {
+                panic!("{sent:?}");
+            };
+            assert_eq!((r.status, r.reason.as_str()), (400, reason));
+            assert_eq!(r.call_id().unwrap(), "call-abc@192.0.2.50");
+        }
+        let mut bad_utf8 = Req::new("OPTIONS", "bad2", 2).text().into_bytes();
+        bad_utf8[70] = 0xff;
+        h.uas
+            .handle_input(Transport::Udp, PHONE.parse().unwrap(), &bad_utf8, h.now);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (400, "Invalid UTF-8 in headers")
+        );
+        assert!(h.events().is_empty(), "no call from unparseable input");
+        // An unparseable ACK is never answered.
+        h.feed_raw(
+            &Req::new("ACK", "bad3", 1)
+                .text()
+                .replace("SIP/2.0\r\nVia", "SIP/3.0\r\nVia"),
+        );
+        assert!(h.sent().is_empty());
+    }
+
+    #[test]
+    fn numbers_longer_than_64_characters_are_refused() {
+        let long = "1".repeat(MAX_NUMBER_LEN + 1);
+        let invite = Req::new("INVITE", "long", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text();
+        let mut h = Harness::new();
+        for (i, (text, reason)) in [
+            (
+                invite.replacen(
+                    "sip:+15550100@203.0.113.1 SIP",
+                    &format!("sip:{long}@203.0.113.1 SIP"),
+                    1,
+                ),
+                "Called number longer than 64 characters",
+            ),
+            (
+                invite.replacen("<sip:+15550100@", &format!("<sip:{long}@"), 1),
+                "Called number longer than 64 characters",
+            ),
+            (
+                invite.replacen(
+                    "sip:alice@192.0.2.50>",
+                    &format!("sip:{long}@192.0.2.50>"),
+                    1,
+                ),
+                "Caller number longer than 64 characters",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // A branch of its own each, else it is a retransmission of the first.
+            h.feed_raw(&text.replace("z9hG4bKlong", &format!("z9hG4bKlong{i}")));
+            let sent = h.sent();
+            let [Message::Response(r)] = sent.as_slice() else {
+                panic!("{sent:?}");
+            };
+            assert_eq!((r.status, r.reason.as_str()), (400, reason));
+        }
+        assert!(h.events().is_empty());
+        // 64 is fine.
+        let ok = "2".repeat(MAX_NUMBER_LEN);
+        h.feed_raw(&invite.replacen("sip:alice@192.0.2.50>", &format!("sip:{ok}@192.0.2.50>"), 1));
+        assert!(matches!(h.events().as_slice(), [UasEvent::IncomingCall(_)]));
+    }
+
+    #[test]
+    fn admission_refuses_new_calls_before_any_state() {
+        let mut h = Harness::new();
+        let invite = Req::new("INVITE", "adm1", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text();
+        let mut asked = 0;
+        let refuse = |r: &Request| {
+            assert_eq!(r.method, Method::Invite);
+            Admission::Refuse(Refusal::new(503).with_header("Retry-After", "3"))
+        };
+        for _ in 0..2 {
+            // The retransmission is answered by the transaction, without asking again.
+            h.uas.handle_input_with(
+                Transport::Udp,
+                PHONE.parse().unwrap(),
+                invite.as_bytes(),
+                h.now,
+                |r| {
+                    asked += 1;
+                    refuse(r)
+                },
+            );
+            let sent = h.sent();
+            let [Message::Response(r)] = sent.as_slice() else {
+                panic!("{sent:?}");
+            };
+            assert_eq!(r.status, 503);
+            assert_eq!(r.headers.get("Retry-After"), Some("3"));
+        }
+        assert_eq!(asked, 1);
+        assert!(h.events().is_empty());
+        assert_eq!(h.uas.call_count(), 0);
+        // A stateless refusal is sent once and leaves nothing behind, not even timers.
+        let mut h = Harness::new();
+        let other = Req::new("INVITE", "adm3", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text();
+        for _ in 0..2 {
+            h.uas.handle_input_with(
+                Transport::Udp,
+                PHONE.parse().unwrap(),
+                other.as_bytes(),
+                h.now,
+                |_| Admission::Refuse(Refusal::new(403).stateless()),
+            );
+            assert_eq!(h.statuses(), vec![403], "each copy answered once");
+        }
+        assert_eq!(
+            h.uas.poll_timeout(),
+            None,
+            "no transaction, no retransmission"
+        );
+        assert_eq!(h.run_until(40_000).len(), 0);
+        // OPTIONS and in-dialog requests are not admission's business.
+        h.uas.handle_input_with(
+            Transport::Udp,
+            PHONE.parse().unwrap(),
+            Req::new("OPTIONS", "adm2", 2).text().as_bytes(),
+            h.now,
+            |_| panic!("asked about OPTIONS"),
+        );
+        assert_eq!(h.statuses(), vec![200]);
     }
 
     #[test]

@@ -3,10 +3,19 @@
 //! the network sends, sends what they ask, runs their timers, and talks to each call's RTP leg
 //! task over small bounded channels ([`super::link`]).
 //!
-//! Incoming calls: `IncomingCall` -> route the number (404 when no connector takes it) -> bind
-//! an RTP port -> `call::spawn_incoming` with an 8 kHz leg. Messages whose Call-ID belongs to an
-//! outgoing call go to that call; everything else goes to the UAS.
+//! Incoming calls: admission ([`super::admission`]: allow list, rate limit, digest) before
+//! the UAS keeps anything -> `IncomingCall` -> route the number (404 when no connector takes
+//! it) -> `call::spawn_incoming` with an 8 kHz leg -> bind an RTP port, so that only calls
+//! offered to an app hold one. Messages whose Call-ID belongs to an outgoing call go to that
+//! call; everything else goes to the UAS.
+//!
+//! SIP/TCP connections are bounded: at most `tcp_max_connections` at once, a partial message
+//! must complete within `tcp_message_timeout_secs`, and a connection with no traffic for
+//! `tcp_idle_timeout_secs` is closed unless an incoming call signalled over it is still up
+//! (our BYE must be able to reach the phone). Accept errors (no file descriptors left) pause
+//! accepting with a growing delay and are logged at most once per [`ACCEPT_LOG_INTERVAL`].
 
+use super::admission::Admission;
 use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
 use super::ports::MediaEnv;
 use super::rtp_leg::{self, Direction, LegParams};
@@ -15,6 +24,7 @@ use crate::state::Shared;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_sip::sip::message::{Message, SipHeaders as _};
@@ -27,6 +37,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 
 /// Messages queued from all TCP readers to the endpoint.
@@ -35,6 +46,23 @@ const TCP_INBOX: usize = 256;
 const TCP_OUTBOX: usize = 64;
 /// How long opening a TCP connection for an outgoing call may take.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// On shutdown, how long BYEs (and CANCELs) are retransmitted while their answers are
+/// awaited: well within the 10 s `telcoflow serve` gives a shutdown.
+pub(super) const SHUTDOWN_HANGUP_GRACE: Duration = Duration::from_secs(4);
+/// First pause of accepting after an accept error; it doubles up to [`ACCEPT_MAX_PAUSE`].
+const ACCEPT_FIRST_PAUSE: Duration = Duration::from_millis(10);
+/// Longest pause of accepting after repeated accept errors.
+const ACCEPT_MAX_PAUSE: Duration = Duration::from_secs(1);
+/// Accept errors are logged at most once per this interval, with how many were not.
+pub(super) const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Limits of SIP/TCP connections (`[sip] tcp_*`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TcpLimits {
+    pub(super) max_connections: usize,
+    pub(super) message_timeout: Duration,
+    pub(super) idle_timeout: Duration,
+}
 
 /// What the endpoint task runs on, bound before the server's shared state exists.
 pub(super) struct Bound {
@@ -42,6 +70,8 @@ pub(super) struct Bound {
     pub(super) tcp: TcpListener,
     pub(super) local: SocketAddr,
     pub(super) uas: Uas,
+    pub(super) admission: Admission,
+    pub(super) tcp_limits: TcpLimits,
     pub(super) media: Arc<MediaEnv>,
     /// A sender of the endpoint's own command queue, for the legs it starts.
     pub(super) commands: mpsc::Sender<Command>,
@@ -56,11 +86,15 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         shared: shared.clone(),
         media: bound.media,
         uas: bound.uas,
+        admission: bound.admission,
+        tcp_limits: bound.tcp_limits,
+        tcp_stop: CancellationToken::new(),
         udp: bound.udp,
         legs: HashMap::new(),
         outgoing: HashMap::new(),
         by_call_id: HashMap::new(),
         tcp_conns: HashMap::new(),
+        tcp_calls: HashMap::new(),
         next_conn: 0,
         tcp_tx,
         commands: bound.commands,
@@ -87,6 +121,10 @@ struct Endpoint {
     shared: Arc<Shared>,
     media: Arc<MediaEnv>,
     uas: Uas,
+    admission: Admission,
+    tcp_limits: TcpLimits,
+    /// Stops the TCP connection tasks: after the shutdown's BYEs, which may need them.
+    tcp_stop: CancellationToken,
     udp: UdpSocket,
     /// Incoming calls' legs.
     legs: HashMap<uas::CallHandle, mpsc::Sender<SipEvent>>,
@@ -94,8 +132,11 @@ struct Endpoint {
     outgoing: HashMap<u64, Outgoing>,
     /// SIP Call-ID -> outgoing key.
     by_call_id: HashMap<String, u64>,
-    /// Open TCP connections by peer: (connection number, write queue).
-    tcp_conns: HashMap<SocketAddr, (u64, mpsc::Sender<Vec<u8>>)>,
+    /// Open TCP connections by peer.
+    tcp_conns: HashMap<SocketAddr, TcpConn>,
+    /// Incoming calls signalled over a TCP connection: its count of live calls, which keeps
+    /// it from being closed as idle while a call may still need it (our BYE goes there).
+    tcp_calls: HashMap<uas::CallHandle, Arc<AtomicUsize>>,
     next_conn: u64,
     tcp_tx: mpsc::Sender<TcpInput>,
     commands: mpsc::Sender<Command>,
@@ -111,8 +152,12 @@ impl Endpoint {
         // One datagram: SIP over UDP stays well under 64 KiB.
         let mut buf = vec![0u8; telcoflow_sip::sip::message::MAX_MESSAGE_LEN];
         let shutdown = self.shared.shutdown.clone();
+        let mut accept_backoff = AcceptBackoff::default();
+        // Set while accepting is paused after an error.
+        let mut accept_resume: Option<Instant> = None;
         loop {
             let deadline = self.next_timeout();
+            let resume = accept_resume.unwrap_or(deadline);
             tokio::select! {
                 // Cancel-safe: only observes the token.
                 () = shutdown.cancelled() => break,
@@ -122,21 +167,26 @@ impl Endpoint {
                     // ICMP port unreachable and the like surface here on some systems.
                     Err(e) => debug!(error = %e, "SIP UDP receive failed"),
                 },
-                // Cancel-safe: accept loses nothing.
-                r = tcp.accept() => match r {
-                    Ok((stream, peer)) => self.add_tcp(stream, peer),
-                    Err(e) => warn!(error = %e, "SIP TCP accept failed"),
-                },
-                // Cancel-safe: mpsc recv.
-                Some(input) = tcp_rx.recv() => match input {
-                    TcpInput::Message(peer, bytes) => self.on_message(Transport::Tcp, peer, &bytes),
-                    TcpInput::Closed(peer, id) => {
-                        // A newer connection to the same peer may have replaced this one.
-                        if self.tcp_conns.get(&peer).is_some_and(|(c, _)| *c == id) {
-                            self.tcp_conns.remove(&peer);
+                // Cancel-safe: accept loses nothing. Off while paused after an error.
+                r = tcp.accept(), if accept_resume.is_none() => match r {
+                    Ok((stream, peer)) => {
+                        accept_backoff.on_success();
+                        self.add_tcp(stream, peer);
+                    }
+                    Err(e) => {
+                        let (pause, log) = accept_backoff.on_error(Instant::now());
+                        if let Some(suppressed) = log {
+                            warn!(error = %e, pause_ms = pause.as_millis() as u64, suppressed, "SIP TCP accept failed; pausing accepts");
                         }
+                        accept_resume = Some(Instant::now() + pause);
                     }
                 },
+                // Cancel-safe: a sleep; accepting resumes when it ends.
+                () = tokio::time::sleep_until(resume), if accept_resume.is_some() => {
+                    accept_resume = None;
+                }
+                // Cancel-safe: mpsc recv.
+                Some(input) = tcp_rx.recv() => self.on_tcp_input(input),
                 // Cancel-safe: mpsc recv.
                 Some(cmd) = cmd_rx.recv() => self.on_command(cmd),
                 // Cancel-safe: recomputed every loop.
@@ -144,14 +194,28 @@ impl Endpoint {
             }
             self.drain().await;
         }
-        self.hang_up_all().await;
+        drop(tcp);
+        self.hang_up_all(&mut buf, &mut tcp_rx).await;
+        self.tcp_stop.cancel();
         debug!("SIP endpoint stopped");
     }
 
-    /// On shutdown: BYE (or a final response, or CANCEL) for every call, sent once. The
-    /// endpoint stops right after, so there are no retransmissions; peers that miss it end
-    /// the call by their RTP timeout.
-    async fn hang_up_all(&mut self) {
+    fn on_tcp_input(&mut self, input: TcpInput) {
+        match input {
+            TcpInput::Message(peer, bytes) => self.on_message(Transport::Tcp, peer, &bytes),
+            TcpInput::Closed(peer, id) => {
+                // A newer connection to the same peer may have replaced this one.
+                if self.tcp_conns.get(&peer).is_some_and(|c| c.id == id) {
+                    self.tcp_conns.remove(&peer);
+                }
+            }
+        }
+    }
+
+    /// On shutdown: BYE (or a final response, or CANCEL) for every call, retransmitted by
+    /// the transactions' timers (RFC 3261 17.1.2) until answered or for
+    /// [`SHUTDOWN_HANGUP_GRACE`]; peers that miss them all end the call by their RTP timeout.
+    async fn hang_up_all(&mut self, buf: &mut [u8], tcp_rx: &mut mpsc::Receiver<TcpInput>) {
         let now = Self::now();
         let calls: Vec<uas::CallHandle> = self.legs.keys().copied().collect();
         for call in calls {
@@ -160,17 +224,31 @@ impl Endpoint {
         for o in self.outgoing.values_mut() {
             o.call.hangup(now);
         }
-        while let Some(t) = self.uas.poll_transmit() {
-            self.transmit(t).await;
-        }
-        let mut transmits = Vec::new();
-        for o in self.outgoing.values_mut() {
-            while let Some(t) = o.call.poll_transmit() {
-                transmits.push(t);
+        let give_up = Instant::now() + SHUTDOWN_HANGUP_GRACE;
+        loop {
+            self.drain().await;
+            if self.uas.call_count() == 0 && self.outgoing.is_empty() {
+                break;
             }
-        }
-        for t in transmits {
-            self.transmit(t).await;
+            let deadline = self.next_timeout().min(give_up);
+            tokio::select! {
+                // Cancel-safe: a datagram is either returned whole or left in the socket.
+                r = self.udp.recv_from(buf) => {
+                    if let Ok((n, source)) = r {
+                        self.on_message(Transport::Udp, source, &buf[..n]);
+                    }
+                }
+                // Cancel-safe: mpsc recv.
+                Some(input) = tcp_rx.recv() => self.on_tcp_input(input),
+                // Cancel-safe: recomputed every loop.
+                () = tokio::time::sleep_until(deadline) => {
+                    if Instant::now() >= give_up {
+                        debug!(calls = self.uas.call_count(), "shutdown: hang-ups not all answered");
+                        break;
+                    }
+                    self.on_timeout();
+                }
+            }
         }
     }
 
@@ -218,7 +296,11 @@ impl Endpoint {
                 }
             }
         }
-        self.uas.handle_input(transport, source, bytes, now);
+        let admission = &mut self.admission;
+        self.uas
+            .handle_input_with(transport, source, bytes, now, |request| {
+                admission.decide(request, source, now)
+            });
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -271,9 +353,7 @@ impl Endpoint {
                 self.by_call_id.insert(call.call_id().to_owned(), key);
                 self.outgoing.insert(key, Outgoing { call, events });
             }
-            Command::Gone(LegKey::In(call)) => {
-                self.legs.remove(&call);
-            }
+            Command::Gone(LegKey::In(call)) => self.forget_leg(call),
             Command::Gone(LegKey::Out(_)) => {
                 // The UAC finishes its BYE/CANCEL on its own and is dropped when finished.
             }
@@ -288,7 +368,14 @@ impl Endpoint {
             }
         }
         if ends {
-            self.legs.remove(&call);
+            self.forget_leg(call);
+        }
+    }
+
+    fn forget_leg(&mut self, call: uas::CallHandle) {
+        self.legs.remove(&call);
+        if let Some(calls) = self.tcp_calls.remove(&call) {
+            calls.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -348,7 +435,7 @@ impl Endpoint {
             }
             Transport::Tcp => {
                 let tx = match self.tcp_conns.get(&t.destination) {
-                    Some((_, tx)) => tx.clone(),
+                    Some(conn) => conn.tx.clone(),
                     // Only an outgoing call sends first over TCP: open the connection. (A
                     // response whose connection is gone is lost either way.)
                     None => self.spawn_tcp(t.destination, TcpOrigin::Connect),
@@ -391,21 +478,18 @@ impl Endpoint {
             info!(%number, sip_call_id = %incoming.call_id, "no connector for the number: 404");
             return reject(&mut self.uas, 404);
         };
-        let Some(sockets) = self.media.bind() else {
+        // Checked before the app hears of the call; the port itself is taken once the call
+        // exists, so calls refused for any other reason never hold one.
+        if !self.media.has_free_port() {
             warn!("no free RTP port: 503");
             return reject(&mut self.uas, 503);
-        };
+        }
         let from = incoming
             .from
             .sip_uri()
             .ok()
             .and_then(|u| u.user)
             .unwrap_or_default();
-        let media = LocalMedia::new(
-            self.media.advertised,
-            sockets.guard.port,
-            rand::random::<u32>().into(),
-        );
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
         // The leg needs the call handle and the call needs the leg's link: the leg task starts
         // once the call exists, reading a link made here.
@@ -422,6 +506,22 @@ impl Endpoint {
             }
         };
         info!(%number, %from, call_id = %handle.call_id, sip_call_id = %incoming.call_id, "incoming SIP call");
+        let hang_up_call = |uas: &mut Uas| {
+            reject(uas, 503);
+            handle.send(call::CallInput::Leg {
+                leg: LegId::CALLER,
+                event: call::LegEvent::Hangup,
+            });
+        };
+        let Some(sockets) = self.media.bind() else {
+            warn!("no free RTP port: 503");
+            return hang_up_call(&mut self.uas);
+        };
+        let media = LocalMedia::new(
+            self.media.advertised,
+            sockets.guard.port,
+            rand::random::<u32>().into(),
+        );
         let task = pending.start(LegParams {
             shutdown: self.shared.shutdown.clone(),
             call: handle.clone(),
@@ -438,23 +538,27 @@ impl Endpoint {
         match task {
             Ok(task) => {
                 self.legs.insert(call, events_tx);
+                if let Some(conn) = self.tcp_conns.get(&incoming.source) {
+                    conn.calls.fetch_add(1, Ordering::Relaxed);
+                    self.tcp_calls.insert(call, conn.calls.clone());
+                }
                 self.shared
                     .tasks
                     .spawn(task.instrument(info_span!("sip_in", call_id = %handle.call_id)));
             }
             Err(e) => {
                 warn!(error = %e, "RTP socket unusable");
-                reject(&mut self.uas, 503);
-                let input = call::CallInput::Leg {
-                    leg: LegId::CALLER,
-                    event: call::LegEvent::Hangup,
-                };
-                handle.send(input);
+                hang_up_call(&mut self.uas);
             }
         }
     }
 
     fn add_tcp(&mut self, stream: TcpStream, peer: SocketAddr) {
+        if self.tcp_conns.len() >= self.tcp_limits.max_connections {
+            // Dropping the stream closes it at once.
+            debug!(%peer, max = self.tcp_limits.max_connections, "SIP TCP connection refused: at the connection limit");
+            return;
+        }
         self.spawn_tcp(peer, TcpOrigin::Accepted(stream));
     }
 
@@ -464,9 +568,18 @@ impl Endpoint {
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(TCP_OUTBOX);
         self.next_conn += 1;
         let id = self.next_conn;
-        self.tcp_conns.insert(peer, (id, out_tx.clone()));
+        let calls = Arc::new(AtomicUsize::new(0));
+        self.tcp_conns.insert(
+            peer,
+            TcpConn {
+                id,
+                tx: out_tx.clone(),
+                calls: calls.clone(),
+            },
+        );
         let inbox = self.tcp_tx.clone();
-        let shutdown = self.shared.shutdown.clone();
+        let stop = self.tcp_stop.clone();
+        let limits = self.tcp_limits;
         let pings = out_tx.clone();
         let task = async move {
             let stream = match origin {
@@ -492,17 +605,25 @@ impl Endpoint {
             let (mut rd, mut wr) = stream.into_split();
             let mut decoder = StreamDecoder::new();
             let mut buf = vec![0u8; 8192];
+            let mut last_activity = Instant::now();
+            // When the message now buffered began arriving.
+            let mut partial_since: Option<Instant> = None;
             loop {
+                let idle_at = last_activity + limits.idle_timeout;
+                let deadline = partial_since
+                    .map_or(idle_at, |since| idle_at.min(since + limits.message_timeout));
                 tokio::select! {
                     // Cancel-safe: only observes the token.
-                    () = shutdown.cancelled() => break,
+                    () = stop.cancelled() => break,
                     // Cancel-safe: a read either returns bytes or none were taken.
                     r = rd.read(&mut buf) => {
                         let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
+                        last_activity = Instant::now();
                         decoder.extend(&buf[..n]);
                         loop {
                             match decoder.next_item() {
                                 Ok(Some(StreamItem::Message(m))) => {
+                                    partial_since = None;
                                     if inbox.send(TcpInput::Message(peer, m)).await.is_err() {
                                         return;
                                     }
@@ -519,12 +640,34 @@ impl Endpoint {
                                 }
                             }
                         }
+                        if decoder.has_partial_message() {
+                            partial_since.get_or_insert(last_activity);
+                        } else {
+                            partial_since = None;
+                        }
                     }
                     // Cancel-safe: mpsc recv.
                     Some(bytes) = out_rx.recv() => {
-                        if wr.write_all(&bytes).await.is_err() {
+                        let write = tokio::time::timeout(limits.message_timeout, wr.write_all(&bytes));
+                        if !matches!(write.await, Ok(Ok(()))) {
+                            debug!(%peer, "SIP TCP write failed or stalled; closing");
                             break;
                         }
+                        last_activity = Instant::now();
+                    }
+                    // Cancel-safe: recomputed every loop.
+                    () = tokio::time::sleep_until(deadline) => {
+                        if partial_since.is_some_and(|since| since + limits.message_timeout <= Instant::now()) {
+                            debug!(%peer, "SIP TCP message incomplete past its deadline; closing");
+                            break;
+                        }
+                        if calls.load(Ordering::Relaxed) > 0 {
+                            // Quiet, but a call signalled here is still up: keep it.
+                            last_activity = Instant::now();
+                            continue;
+                        }
+                        debug!(%peer, "SIP TCP connection idle; closing");
+                        break;
                     }
                 }
             }
@@ -537,10 +680,98 @@ impl Endpoint {
     }
 }
 
+/// How accepting reacts to errors (typically `EMFILE`: no file descriptors left, with the
+/// pending connection still queued, so an immediate retry fails again): pause with a delay
+/// that doubles up to [`ACCEPT_MAX_PAUSE`], and log at most once per
+/// [`ACCEPT_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+pub(super) struct AcceptBackoff {
+    pause: Option<Duration>,
+    last_log: Option<Instant>,
+    /// Errors since the last log line.
+    unlogged: u64,
+}
+
+impl AcceptBackoff {
+    /// An accept failed at `now`: how long to pause, and `Some(errors not logged since the
+    /// last line)` when this one is to be logged.
+    pub(super) fn on_error(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let pause = self
+            .pause
+            .map_or(ACCEPT_FIRST_PAUSE, |p| (p * 2).min(ACCEPT_MAX_PAUSE));
+        self.pause = Some(pause);
+        let log = self
+            .last_log
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_INTERVAL);
+        if log {
+            self.last_log = Some(now);
+            let suppressed = self.unlogged;
+            self.unlogged = 0;
+            (pause, Some(suppressed))
+        } else {
+            self.unlogged += 1;
+            (pause, None)
+        }
+    }
+
+    /// An accept succeeded: the next error starts from the first pause again.
+    pub(super) fn on_success(&mut self) {
+        self.pause = None;
+    }
+}
+
+/// An open TCP connection, as the endpoint sees it.
+struct TcpConn {
+    /// Tells this connection from a later one with the same peer.
+    id: u64,
+    /// What to write on it.
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Live incoming calls signalled over it.
+    calls: Arc<AtomicUsize>,
+}
+
 /// Where a TCP connection comes from.
 enum TcpOrigin {
     /// A peer connected to our listener.
     Accepted(TcpStream),
     /// We connect, to send an outgoing call's requests.
     Connect,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_pause_longer_and_log_rarely() {
+        let mut backoff = AcceptBackoff::default();
+        let start = Instant::now();
+        let mut now = start;
+        let mut logged = Vec::new();
+        let mut pauses = Vec::new();
+        // An accept loop fed nothing but errors for 60 s, retrying after each pause.
+        while now < start + Duration::from_secs(60) {
+            let (pause, log) = backoff.on_error(now);
+            if let Some(suppressed) = log {
+                logged.push((now - start, suppressed));
+            }
+            pauses.push(pause);
+            now += pause;
+        }
+        assert_eq!(pauses[0], ACCEPT_FIRST_PAUSE);
+        assert_eq!(pauses[1], ACCEPT_FIRST_PAUSE * 2);
+        assert_eq!(*pauses.last().unwrap(), ACCEPT_MAX_PAUSE);
+        // About one try a second once the pause is at its longest, not a busy loop.
+        assert!(pauses.len() < 70, "{} accepts in 60 s", pauses.len());
+        // One line per interval, each counting the errors it did not log.
+        assert_eq!(logged.len(), 6, "{logged:?}");
+        assert_eq!(logged[0], (Duration::ZERO, 0));
+        assert!(logged[1].1 > 0);
+        for pair in logged.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= ACCEPT_LOG_INTERVAL);
+        }
+        // A success resets the pause.
+        backoff.on_success();
+        assert_eq!(backoff.on_error(now).0, ACCEPT_FIRST_PAUSE);
+    }
 }

@@ -5,6 +5,7 @@
 //! - `endpoint`: the task that owns the SIP sockets and drives the sans-IO user agents of
 //!   `telcoflow_sip`.
 //! - `rtp_leg`: one task per SIP call that owns its RTP socket and plays the call's leg.
+//! - `admission`: who may start a call (allow list, INVITE rate per source, digest).
 //! - `link`: what the endpoint and the legs say to each other; `ports`: the RTP port range.
 //!
 //! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
@@ -22,6 +23,7 @@
 //! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
 
+mod admission;
 mod endpoint;
 mod link;
 mod ports;
@@ -180,11 +182,14 @@ pub(crate) async fn bind(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> std::io::Result<BoundSip> {
+    config
+        .check_exposure()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let (udp, tcp, local) = bind_udp_tcp(config.listen).await?;
     let (low, high) = config
         .rtp_port_range()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
-    let pool = PortPool::new(low, high)
+    let pool = PortPool::new(low, high, rand::random())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let advertised = config.advertised_ip();
     if config.listen.ip().is_unspecified() && config.public_ip.is_none() {
@@ -202,6 +207,12 @@ pub(crate) async fn bind(
         config.rtp_timeout(),
     ));
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let admission = admission::Admission::new(&config, std::time::Instant::now());
+    let tcp_limits = endpoint::TcpLimits {
+        max_connections: config.tcp_max_connections,
+        message_timeout: config.tcp_message_timeout(),
+        idle_timeout: config.tcp_idle_timeout(),
+    };
     let network = Arc::new(SipNetwork {
         commands: commands.clone(),
         media: media.clone(),
@@ -226,6 +237,8 @@ pub(crate) async fn bind(
         tcp,
         local,
         uas,
+        admission,
+        tcp_limits,
         media,
         commands,
         command_rx,

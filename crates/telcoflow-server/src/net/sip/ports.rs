@@ -64,6 +64,13 @@ impl MediaEnv {
         None
     }
 
+    /// Whether a port pair is free in the range (binding may still find it taken by another
+    /// process).
+    pub(super) fn has_free_port(&self) -> bool {
+        let pool = self.lock();
+        pool.in_use() < pool.capacity()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, PortPool> {
         // Only plain bookkeeping happens under the lock; a poisoned pool is still consistent.
         self.pool.lock().unwrap_or_else(|p| p.into_inner())
@@ -97,7 +104,7 @@ mod tests {
 
     fn env(low: u16, high: u16) -> Arc<MediaEnv> {
         Arc::new(MediaEnv {
-            pool: Mutex::new(PortPool::new(low, high).unwrap()),
+            pool: Mutex::new(PortPool::new(low, high, 7).unwrap()),
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             advertised: IpAddr::from([127, 0, 0, 1]),
             rtp_timeout: Duration::from_secs(30),
@@ -116,6 +123,7 @@ mod tests {
             assert!((41000..=41003).contains(&s.guard.port) && s.guard.port % 2 == 0);
         }
         assert!(env.bind().is_none(), "the range is used up");
+        assert!(!env.has_free_port());
         drop(a);
         let c = env.bind().expect("a released pair is reused");
         assert_eq!(env.lock().in_use(), 2);
