@@ -513,7 +513,6 @@ impl Config {
                 "max_closed_sessions_per_connector",
                 l.max_closed_sessions_per_connector,
             ),
-
             ("max_connections", l.max_connections),
             ("max_connections_per_ip", l.max_connections_per_ip),
         ] {
@@ -804,7 +803,7 @@ mod tests {
 
     #[test]
     fn sip_on_a_public_address_needs_an_allow_list_or_accounts() {
-        let base = "[[connectors]]\nuuid='u'\napi_key='k'\n";
+        let base = "[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'\n";
         let open = format!("[sip]\nlisten = '0.0.0.0:5060'\n{base}");
         let err = Config::from_toml(&open).unwrap_err().to_string();
         assert!(err.contains("allow = [\"0.0.0.0/0\""), "{err}");

@@ -85,6 +85,28 @@ async fn sip_connect_to_a_phone_that_never_answers_is_call_unanswered() {
 }
 
 #[tokio::test]
+async fn a_busy_sip_phone_is_call_unanswered_saying_busy() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(28);
+    let dir = sipp::work_dir("busy");
+    let args = sipp::uas_args(ports, "uas_busy.xml");
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let (server, _control, _phone, mut media) = answered_call(connect_config(ports), 8000).await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 5})))
+        .await;
+    assert_eq!(resp["success"], false, "{resp}");
+    assert_eq!(resp["error_code"], "CALL_UNANSWERED", "{resp}");
+    let message = resp["error_message"].as_str().unwrap();
+    assert!(message.contains("is busy"), "{message}");
+    sip_phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn sip_connect_without_sip_configured_is_refused() {
     let mut config = dev_config();
     config.connectors[0]

@@ -4,8 +4,9 @@
 //! converts at its own edge (G.711 for RTP, s16le for the simulated phones' WebSocket).
 
 use super::frames::SampleFrame;
-use telcoflow_proto::SampleRate;
+use std::fmt;
 use telcoflow_proto::sim::HangupReason;
+use telcoflow_proto::{ErrorCode, SampleRate};
 use tokio::sync::mpsc;
 
 /// Identifies a leg within its call. The caller is always [`LegId::CALLER`]; each
@@ -23,13 +24,63 @@ pub(crate) enum LegEvent {
     /// A rung destination picked up.
     Answered,
     /// A rung destination refused or could not be reached.
-    Rejected,
+    Rejected(Refusal),
     /// The leg hung up.
     Hangup,
     /// Samples at the leg's rate.
     Audio(SampleFrame),
     /// A key press.
     Dtmf { digit: char, duration_ms: u32 },
+}
+
+/// Why a rung destination did not take the call. Every network says it the same way, so that
+/// `call.connect` and an outbound call's `answer` report it with the same code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The destination is on another call (SIP 486, 600).
+    Busy,
+    /// The destination turned the call down (SIP 603, a simulated phone's `reject`).
+    Declined,
+    /// It rang and nobody answered (SIP 408, 480, 487).
+    NoAnswer,
+    /// The destination could not be reached at all: the host does not resolve, the transport
+    /// failed, or the far end answered with another final status.
+    Unreachable(String),
+}
+
+impl Refusal {
+    /// The refusal a SIP final status stands for.
+    pub(crate) fn from_sip_status(status: u16) -> Self {
+        match status {
+            486 | 600 => Self::Busy,
+            603 | 607 => Self::Declined,
+            408 | 480 | 487 => Self::NoAnswer,
+            _ => Self::Unreachable(format!("SIP {status}")),
+        }
+    }
+
+    /// The code an application sees. A destination that rang but did not take the call is
+    /// unanswered, whichever way it said so: the reference SDK documents `CALL_UNANSWERED` as the
+    /// outcome of a connect that is not picked up, and apps test for it alone. A destination
+    /// that never rang is rejected.
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Self::Busy | Self::Declined | Self::NoAnswer => ErrorCode::CallUnanswered,
+            Self::Unreachable(_) => ErrorCode::CallRejected,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    /// Completes "DESTINATION ...".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Busy => f.write_str("is busy"),
+            Self::Declined => f.write_str("declined the call"),
+            Self::NoAnswer => f.write_str("did not answer"),
+            Self::Unreachable(why) => write!(f, "cannot be reached: {why}"),
+        }
+    }
 }
 
 /// From a call to its leg.
@@ -50,4 +101,26 @@ pub(crate) enum LegOutput {
 pub(crate) struct LegLink {
     pub(crate) rate: SampleRate,
     pub(crate) tx: mpsc::Sender<LegOutput>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sip_statuses_map_to_refusals_and_codes() {
+        assert_eq!(Refusal::from_sip_status(486), Refusal::Busy);
+        assert_eq!(Refusal::from_sip_status(603), Refusal::Declined);
+        assert_eq!(Refusal::from_sip_status(480), Refusal::NoAnswer);
+        assert_eq!(
+            Refusal::from_sip_status(404),
+            Refusal::Unreachable("SIP 404".into())
+        );
+        assert_eq!(Refusal::Busy.code(), ErrorCode::CallUnanswered);
+        assert_eq!(
+            Refusal::Unreachable("x".into()).code(),
+            ErrorCode::CallRejected
+        );
+        assert_eq!(Refusal::Busy.to_string(), "is busy");
+    }
 }

@@ -4,16 +4,16 @@
 use super::actor::{AgentMode, CallActor, Phase};
 use super::frames::frame_bytes;
 use super::handle::MediaOut;
-use super::leg::{LegEvent, LegId, LegOutput};
+use super::leg::{LegEvent, LegId, LegOutput, Refusal};
 use serde_json::{Value, json};
 use std::time::Duration;
+use telcoflow_proto::AudioMode;
 use telcoflow_proto::audio::mix_into;
 use telcoflow_proto::control::CloseReason;
 use telcoflow_proto::media::{
     CHANNEL_CALLEE, CHANNEL_CALLER, CHANNEL_MIXED, CallEvent, CommandResponse,
 };
 use telcoflow_proto::sim::HangupReason;
-use telcoflow_proto::{AudioMode, ErrorCode};
 use tokio::time::Instant;
 use tracing::info;
 
@@ -41,16 +41,20 @@ impl CallActor {
                     ));
                 }
             }
-            LegEvent::Rejected | LegEvent::Hangup => {
+            event @ (LegEvent::Rejected(_) | LegEvent::Hangup) => {
                 let was_up = self.callee.as_ref().is_some_and(|c| c.up);
                 self.callee = None;
                 if let Some(c) = self.connect.take() {
-                    // Declined is, to the application, one more way of not being answered: apps
-                    // written for the reference SDK test for CALL_UNANSWERED alone.
+                    // Hanging up while ringing is declining.
+                    let refusal = match event {
+                        LegEvent::Rejected(refusal) => refusal,
+                        _ => Refusal::Declined,
+                    };
+                    info!(destination = %c.destination, %refusal, "destination did not take the call");
                     self.respond(CommandResponse::error(
                         c.command_id,
-                        ErrorCode::CallUnanswered,
-                        format!("{} declined the call", c.destination),
+                        refusal.code(),
+                        format!("{} {refusal}", c.destination),
                     ));
                 } else if was_up {
                     info!("destination hung up");
@@ -84,7 +88,17 @@ impl CallActor {
 
     fn on_caller(&mut self, event: LegEvent) {
         match event {
-            LegEvent::Hangup | LegEvent::Rejected => {
+            LegEvent::Rejected(refusal) => {
+                // Only an outbound call's far end can refuse: its `answer` learns why, with
+                // the code `call.connect` would give.
+                info!(%refusal, "far end did not take the call");
+                if let Some((id, _)) = self.pending_answer.take() {
+                    let message = format!("{} {refusal}", self.handle.to);
+                    self.respond(CommandResponse::error(id, refusal.code(), message));
+                }
+                self.finish(CloseReason::CallTerminated, HangupReason::Local);
+            }
+            LegEvent::Hangup => {
                 info!("caller hung up");
                 self.finish(CloseReason::CallTerminated, HangupReason::Local);
             }

@@ -31,7 +31,7 @@ mod playout;
 
 pub(crate) use frames::{SamplePool, frame_bytes};
 pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut};
-pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput};
+pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput, Refusal};
 
 use crate::config::ConnectorConfig;
 use crate::state::Shared;

@@ -6,7 +6,7 @@
 
 use super::actor::{CallActor, MEDIA_GRACE};
 use super::handle::{CallHandle, CallInput, MediaLink, MediaOut, Queues};
-use super::leg::{LegEvent, LegId, LegLink, LegOutput};
+use super::leg::{LegEvent, LegId, LegLink, LegOutput, Refusal};
 use crate::config::{Config, ConnectorConfig};
 use crate::net::{AddressKind, Network, Networks, RingError};
 use crate::state::Shared;
@@ -62,6 +62,15 @@ struct Call {
 impl Call {
     /// A ringing incoming call at 16 kHz, with no media connection yet.
     fn incoming() -> Self {
+        Self::new(None)
+    }
+
+    /// An outbound call (`session.create`) ringing its far end, the caller leg.
+    fn outbound() -> Self {
+        Self::new(Some(Default::default()))
+    }
+
+    fn new(outbound: Option<telcoflow_proto::control::SetupData>) -> Self {
         let config = Config {
             ring_timeout_secs: RING_TIMEOUT.as_secs(),
             ..Config::development()
@@ -82,7 +91,7 @@ impl Call {
             tx,
         };
         let t0 = Instant::now();
-        let actor = CallActor::new(shared, connector, handle.clone(), link, None, t0);
+        let actor = CallActor::new(shared, connector, handle.clone(), link, outbound, t0);
         let (_, media) = mpsc::channel(1);
         Self {
             actor,
@@ -404,4 +413,55 @@ async fn the_media_clock_catches_up_after_a_stall() {
     };
     assert!(handle.send(close));
     task.await.unwrap();
+}
+
+#[test]
+fn a_busy_destination_is_unanswered_on_connect() {
+    let mut call = Call::answered(Duration::ZERO);
+    call.connect(MS, 5, None);
+    let _callee = call.rung();
+    let busy = CallInput::Leg {
+        leg: LegId(1),
+        event: LegEvent::Rejected(Refusal::Busy),
+    };
+    call.input(busy, 2 * MS);
+    let response = call.response();
+    assert_eq!(response.error_code.as_deref(), Some("CALL_UNANSWERED"));
+    let message = response.error_message.unwrap_or_default();
+    assert!(message.contains("is busy"), "{message}");
+    assert!(!call.actor.ended, "the caller stays with the agent");
+}
+
+#[test]
+fn a_busy_far_end_answers_an_outbound_answer_as_connect_would() {
+    let mut call = Call::outbound();
+    call.attach(MS);
+    call.command(MS, "call.answer", None, None);
+    let busy = CallInput::Leg {
+        leg: LegId::CALLER,
+        event: LegEvent::Rejected(Refusal::Busy),
+    };
+    call.input(busy, 2 * MS);
+    let response = call.response();
+    assert!(!response.success);
+    assert_eq!(response.error_code.as_deref(), Some("CALL_UNANSWERED"));
+    let message = response.error_message.unwrap_or_default();
+    assert!(message.contains("is busy"), "{message}");
+    assert!(call.actor.ended);
+}
+
+#[test]
+fn an_unreachable_far_end_says_why() {
+    let mut call = Call::outbound();
+    call.attach(MS);
+    call.command(MS, "call.answer", None, None);
+    let unreachable = CallInput::Leg {
+        leg: LegId::CALLER,
+        event: LegEvent::Rejected(Refusal::Unreachable("cannot resolve pbx.invalid".into())),
+    };
+    call.input(unreachable, 2 * MS);
+    let response = call.response();
+    assert_eq!(response.error_code.as_deref(), Some("CALL_REJECTED"));
+    let message = response.error_message.unwrap_or_default();
+    assert!(message.contains("cannot resolve pbx.invalid"), "{message}");
 }

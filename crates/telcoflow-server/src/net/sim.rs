@@ -15,7 +15,8 @@
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{
-    self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, SamplePool, frame_bytes,
+    self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, Refusal, SamplePool,
+    frame_bytes,
 };
 use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
 use crate::state::Shared;
@@ -408,7 +409,7 @@ async fn register(
                 // Cancel-safe: mpsc recv.
                 Some(ring) = ring_rx.recv() => {
                     if current.as_ref().is_some_and(|(c, _, _)| !c.is_ended()) {
-                        ring.call.send_data(leg_input(ring.leg, LegEvent::Rejected)).await;
+                        ring.call.send_data(leg_input(ring.leg, LegEvent::Rejected(Refusal::Busy))).await;
                         continue;
                     }
                     let frame = NetworkFrame::Incoming {
@@ -432,7 +433,7 @@ async fn register(
                     Some(Ok(Message::Text(text))) => {
                         let event = match PhoneFrame::decode(&text) {
                             Ok(PhoneFrame::Answer) => Some(LegEvent::Answered),
-                            Ok(PhoneFrame::Reject) => Some(LegEvent::Rejected),
+                            Ok(PhoneFrame::Reject) => Some(LegEvent::Rejected(Refusal::Declined)),
                             Ok(PhoneFrame::Hangup) => Some(LegEvent::Hangup),
                             Ok(PhoneFrame::Dtmf { digit, duration_ms }) => Some(LegEvent::Dtmf { digit, duration_ms }),
                             Ok(other) => {
@@ -446,7 +447,7 @@ async fn register(
                             }
                         };
                         if let (Some(event), Some((call, leg, _))) = (event, &current) {
-                            let ends = matches!(event, LegEvent::Rejected | LegEvent::Hangup);
+                            let ends = matches!(event, LegEvent::Rejected(_) | LegEvent::Hangup);
                             call.send_data(leg_input(*leg, event)).await;
                             if ends {
                                 current = None;

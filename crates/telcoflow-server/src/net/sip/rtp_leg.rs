@@ -18,7 +18,9 @@
 
 use super::link::{Command, LegKey, OutgoingDial, SipEvent};
 use super::ports::{PortGuard, RtpSockets};
-use crate::call::{CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, SamplePool};
+use crate::call::{
+    CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, Refusal, SamplePool,
+};
 use std::future::Future;
 use std::net::SocketAddr;
 use telcoflow_sip::rtp::jitter::FrameKind;
@@ -148,7 +150,8 @@ impl RtpLeg {
                 Ok(cmd) => self.command(cmd).await,
                 Err(e) => {
                     info!(error = %e, "cannot dial");
-                    self.to_call(LegEvent::Rejected).await;
+                    self.to_call(LegEvent::Rejected(Refusal::Unreachable(e.to_string())))
+                        .await;
                     return;
                 }
             }
@@ -336,7 +339,8 @@ impl RtpLeg {
             },
             SipEvent::Failed(status) => {
                 info!(status, "SIP call failed");
-                self.to_call(LegEvent::Rejected).await;
+                self.to_call(LegEvent::Rejected(Refusal::from_sip_status(status)))
+                    .await;
                 return Flow::Stop;
             }
             SipEvent::Ended => {
