@@ -57,7 +57,13 @@ impl StreamDecoder {
                 // CRLFs at the end of the buffer may be a ping still arriving: wait until more
                 // bytes show how the run ends (a pong needs no answer, so waiting costs nothing).
                 if !ping && self.buf.len() == n {
-                    return Ok(None);
+                    // Only the last three bytes can still grow into a ping; keeping more would
+                    // let a peer that streams CRs or LFs grow the buffer without bound.
+                    if n <= 3 {
+                        return Ok(None);
+                    }
+                    self.buf.advance(n - 3);
+                    return Ok(Some(StreamItem::Pong));
                 }
                 self.buf.advance(n);
                 Ok(Some(if ping {
@@ -134,5 +140,21 @@ Content-Length: 5\r\n\r\nhello";
         d.extend(OPTIONS);
         assert_eq!(d.next_item(), Ok(Some(StreamItem::Pong)));
         assert!(matches!(d.next_item(), Ok(Some(StreamItem::Message(_)))));
+    }
+
+    #[test]
+    fn a_run_of_line_ends_keeps_only_what_can_still_become_a_ping() {
+        let mut d = StreamDecoder::new();
+        d.extend(&[b'\n'; 10_000]);
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Pong)));
+        assert_eq!(d.next_item(), Ok(None));
+        assert_eq!(d.buffered(), 3);
+        // The kept tail still completes a ping split across reads.
+        let mut d = StreamDecoder::new();
+        d.extend(b"\r\r\r\n\r");
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Pong)));
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(b"\nX");
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Ping)));
     }
 }
