@@ -3,6 +3,9 @@
 //! `cargo test`) and the cargo-fuzz targets under `fuzz/` (coverage-guided), so both check
 //! exactly the same things.
 
+// `pub` for the fuzz crate, which includes this file as a public module.
+#![allow(unreachable_pub)]
+
 use telcoflow_proto::audio::{pcm_to_samples, samples_to_pcm};
 use telcoflow_proto::control::{ClientFrame, FrameHeader, ServerFrame};
 use telcoflow_proto::media::{AudioFrame, MediaClientFrame, MediaServerFrame};
@@ -16,7 +19,12 @@ macro_rules! round_trip {
             let again = <$ty>::decode(&encoded).unwrap_or_else(|e| {
                 panic!("{} re-encoded as {encoded} fails: {e}", stringify!($ty))
             });
-            assert_eq!(again, frame, "{} changed by encode then decode", stringify!($ty));
+            assert_eq!(
+                again,
+                frame,
+                "{} changed by encode then decode",
+                stringify!($ty)
+            );
         }
     };
 }
@@ -55,7 +63,11 @@ pub fn sim(data: &[u8]) {
 pub fn audio(data: &[u8]) {
     match AudioFrame::decode(data) {
         Ok(frame) => {
-            assert_eq!(frame.to_vec(), data, "AudioFrame changed by decode then encode");
+            assert_eq!(
+                frame.to_vec(),
+                data,
+                "AudioFrame changed by decode then encode"
+            );
             let mut samples = Vec::new();
             pcm_to_samples(frame.pcm, &mut samples);
             assert_eq!(samples.len(), frame.pcm.len() / 2);
@@ -63,7 +75,11 @@ pub fn audio(data: &[u8]) {
             samples_to_pcm(&samples, &mut pcm);
             assert_eq!(pcm, frame.pcm[..frame.pcm.len() & !1]);
         }
-        Err(_) => assert!(data.len() < 2, "a frame of {} bytes was refused", data.len()),
+        Err(_) => assert!(
+            data.len() < 2,
+            "a frame of {} bytes was refused",
+            data.len()
+        ),
     }
 }
 

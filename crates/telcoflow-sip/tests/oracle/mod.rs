@@ -3,6 +3,9 @@
 //! bounded, in `cargo test`) and the cargo-fuzz targets under `fuzz/` (coverage-guided), so
 //! both check exactly the same things.
 
+// `pub` for the fuzz crate, which includes this file as a public module.
+#![allow(unreachable_pub)]
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -96,7 +99,10 @@ pub fn sip_stream(data: &[u8]) {
     let (whole, whole_err) = drain_stream(stream, stream.len().max(1));
     let (chunked, chunked_err) = drain_stream(stream, read_size);
     assert_eq!(whole, chunked, "messages depend on how the stream was read");
-    assert_eq!(whole_err, chunked_err, "errors depend on how the stream was read");
+    assert_eq!(
+        whole_err, chunked_err,
+        "errors depend on how the stream was read"
+    );
     for m in &whole {
         assert_eq!(frame(m), Ok(Framing::Message(m.len())));
         sip_message(m);
@@ -108,11 +114,16 @@ pub fn sip_stream(data: &[u8]) {
 fn drain_stream(
     stream: &[u8],
     read_size: usize,
-) -> (Vec<Vec<u8>>, Option<telcoflow_sip::sip::message::ParseError>) {
+) -> (
+    Vec<Vec<u8>>,
+    Option<telcoflow_sip::sip::message::ParseError>,
+) {
     let mut decoder = StreamDecoder::new();
     let mut messages = Vec::new();
+    let mut fed = 0;
     for read in stream.chunks(read_size) {
         decoder.extend(read);
+        fed += read.len();
         loop {
             match decoder.next_item() {
                 Ok(Some(StreamItem::Message(m))) => messages.push(m.to_vec()),
@@ -121,11 +132,16 @@ fn drain_stream(
                 Err(e) => return (messages, Some(e)),
             }
         }
+        let held = &stream[fed - decoder.buffered()..fed];
         assert!(
-            decoder.buffered() <= MAX_MESSAGE_LEN,
+            held.len() <= MAX_MESSAGE_LEN,
             "{} bytes buffered",
-            decoder.buffered()
+            held.len()
         );
+        // Line ends wait only while they could still become a CRLFCRLF keep-alive.
+        if held.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            assert!(held.len() <= 3, "{} line-end bytes buffered", held.len());
+        }
     }
     (messages, None)
 }
@@ -157,7 +173,11 @@ pub fn sdp(data: &[u8]) {
         let ours = SessionDescription::parse(&ours.to_string()).expect("our answer parses");
         let accepted = accept_answer(&local, &ours).expect("our own answer is acceptable");
         assert_eq!(
-            (accepted.codec, accepted.payload_type, accepted.telephone_event),
+            (
+                accepted.codec,
+                accepted.payload_type,
+                accepted.telephone_event
+            ),
             (
                 negotiated.codec,
                 negotiated.payload_type,
