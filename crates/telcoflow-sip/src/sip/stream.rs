@@ -10,7 +10,7 @@
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
-use super::message::{Framing, ParseError, frame};
+use super::message::{Framing, MAX_MESSAGE_LEN, ParseError, frame};
 
 /// One unit taken off a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +27,15 @@ pub enum StreamItem {
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     buf: BytesMut,
+    /// Length of the start of `buf` known to hold no end of headers. [`frame`] scans from the
+    /// start, so without this a peer sending a long header a byte per read would make every
+    /// read rescan all the bytes before it (quadratic time).
+    searched: usize,
+}
+
+/// Whether `buf` holds an end of headers (a blank line, CRLF or bare LF, as [`frame`] reads it).
+fn has_header_end(buf: &[u8]) -> bool {
+    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
 impl StreamDecoder {
@@ -35,6 +44,7 @@ impl StreamDecoder {
         Self {
             // One typical INVITE with SDP fits without growing.
             buf: BytesMut::with_capacity(4096),
+            searched: 0,
         }
     }
 
@@ -50,8 +60,22 @@ impl StreamDecoder {
 
     /// The next whole item, `Ok(None)` if more bytes are needed.
     pub fn next_item(&mut self) -> Result<Option<StreamItem>, ParseError> {
+        if self.searched > 0 && self.buf.len() <= MAX_MESSAGE_LEN {
+            // An end of headers among the new bytes starts at most 3 bytes before them.
+            if !has_header_end(&self.buf[self.searched.saturating_sub(3)..]) {
+                self.searched = self.buf.len();
+                return Ok(None);
+            }
+        }
         match frame(&self.buf)? {
-            Framing::Incomplete => Ok(None),
+            Framing::Incomplete => {
+                self.searched = if has_header_end(&self.buf) {
+                    0
+                } else {
+                    self.buf.len()
+                };
+                Ok(None)
+            }
             Framing::KeepAlive(n) => {
                 let ping = self.buf[..n].windows(4).any(|w| w == b"\r\n\r\n");
                 // CRLFs at the end of the buffer may be a ping still arriving: wait until more
@@ -66,13 +90,17 @@ impl StreamDecoder {
                     return Ok(Some(StreamItem::Pong));
                 }
                 self.buf.advance(n);
+                self.searched = 0;
                 Ok(Some(if ping {
                     StreamItem::Ping
                 } else {
                     StreamItem::Pong
                 }))
             }
-            Framing::Message(n) => Ok(Some(StreamItem::Message(self.buf.split_to(n).freeze()))),
+            Framing::Message(n) => {
+                self.searched = 0;
+                Ok(Some(StreamItem::Message(self.buf.split_to(n).freeze())))
+            }
         }
     }
 }
@@ -80,7 +108,7 @@ impl StreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::message::{MAX_MESSAGE_LEN, Message};
+    use crate::sip::message::Message;
 
     const OPTIONS: &[u8] = b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\n\
 Content-Length: 5\r\n\r\nhello";
@@ -156,5 +184,28 @@ Content-Length: 5\r\n\r\nhello";
         assert_eq!(d.next_item(), Ok(None));
         d.extend(b"\nX");
         assert_eq!(d.next_item(), Ok(Some(StreamItem::Ping)));
+    }
+
+    #[test]
+    fn a_header_trickled_a_byte_per_read_is_scanned_once() {
+        // Every read used to rescan the whole buffer: 64 KiB a byte at a time took minutes.
+        let mut d = StreamDecoder::new();
+        let mut head = b"OPTIONS sip:x SIP/2.0\r\nX: ".to_vec();
+        head.resize(MAX_MESSAGE_LEN, b'a');
+        for byte in &head {
+            d.extend(&[*byte]);
+            assert_eq!(d.next_item(), Ok(None));
+        }
+        d.extend(b"a");
+        assert_eq!(d.next_item(), Err(ParseError::TooLarge));
+        // The end of headers (bytes 76..80) is still found when it straddles two reads.
+        let mut d = StreamDecoder::new();
+        d.extend(&OPTIONS[..78]);
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(&OPTIONS[78..]);
+        assert_eq!(
+            d.next_item(),
+            Ok(Some(StreamItem::Message(Bytes::from_static(OPTIONS))))
+        );
     }
 }
