@@ -184,6 +184,13 @@ fn rtp_sessions() {
 }
 
 #[test]
+fn sip_endpoints() {
+    run("sip_uas", 600, 0x5EED_0007, |data| {
+        oracle::sip_uas(&data[..data.len().min(8192)]);
+    });
+}
+
+#[test]
 fn seeds_are_real_messages() {
     // A seed the parser refuses would only ever test the error path.
     for seed in seeds("sip") {

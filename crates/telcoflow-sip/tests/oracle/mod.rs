@@ -15,11 +15,14 @@ use telcoflow_sip::rtp::packet::{
     DtmfReceiver, RtcpPacket, RtcpPackets, RtpPacket, TelephoneEvent, is_rtcp,
 };
 use telcoflow_sip::rtp::session::{RtpSession, SessionConfig};
+use telcoflow_sip::sip::Transport;
 use telcoflow_sip::sip::message::{
     Framing, MAX_MESSAGE_LEN, Message, Request, Response, SipHeaders, frame,
 };
 use telcoflow_sip::sip::sdp::{LocalMedia, SessionDescription, accept_answer, answer};
 use telcoflow_sip::sip::stream::{StreamDecoder, StreamItem};
+use telcoflow_sip::sip::transaction::Timers;
+use telcoflow_sip::sip::uas::{Uas, UasAction, UasConfig, UasEvent};
 
 const PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), 40000);
 
@@ -291,4 +294,78 @@ pub fn rtp_session(data: &[u8]) {
         }
     }
     let _ = session.stats();
+}
+
+/// The endpoint that answers calls, fed a script: SIP messages from a peer over UDP or TCP
+/// (each a length byte pair then the bytes), the owner's decisions on the latest call
+/// (ringing, answer, reject, hang up) and the clock moving on. Nothing panics, and everything
+/// the endpoint sends parses, with a request's mandatory headers in place.
+pub fn sip_uas(data: &[u8]) {
+    let mut now = Instant::now();
+    let config = UasConfig {
+        contact: "sip:telcoflow@198.51.100.1:5060".into(),
+        sent_by: "198.51.100.1:5060".into(),
+        timers: Timers::default(),
+        user_agent: "telcoflow".into(),
+    };
+    let mut uas = Uas::new(config, 7);
+    let mut latest = None;
+    let mut rest = data;
+    while let Some((&op, tail)) = rest.split_first() {
+        rest = tail;
+        match op % 4 {
+            0 | 1 => {
+                let Some((len, tail)) = rest.split_first_chunk::<2>() else {
+                    break;
+                };
+                let take = usize::from(u16::from_be_bytes(*len)).min(tail.len());
+                let (message, tail) = tail.split_at(take);
+                rest = tail;
+                let transport = if op % 4 == 0 {
+                    Transport::Udp
+                } else {
+                    Transport::Tcp
+                };
+                uas.handle_input(transport, PEER, message, now);
+            }
+            2 => {
+                let Some(call) = latest else { continue };
+                let action = match (op >> 2) % 4 {
+                    0 => UasAction::Ringing,
+                    1 => UasAction::Answer {
+                        media: LocalMedia::new(
+                            IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
+                            20000,
+                            42,
+                        ),
+                    },
+                    2 => UasAction::Reject {
+                        status: u16::from(op) * 3,
+                    },
+                    _ => UasAction::Hangup,
+                };
+                let _ = uas.handle_action(call, action, now);
+            }
+            _ => {
+                now += Duration::from_millis(50 * u64::from(op >> 2));
+                if uas.poll_timeout().is_some_and(|t| t <= now) {
+                    uas.handle_timeout(now);
+                }
+            }
+        }
+        while let Some(event) = uas.poll_event() {
+            if let UasEvent::IncomingCall(call) = event {
+                latest = Some(call.call);
+            }
+        }
+        while let Some(transmit) = uas.poll_transmit() {
+            let sent = Message::parse(&transmit.payload)
+                .unwrap_or_else(|e| panic!("we sent what we cannot parse ({e})"));
+            if let Message::Request(request) = sent {
+                request
+                    .validate()
+                    .unwrap_or_else(|e| panic!("we sent an invalid {} ({e})", request.method));
+            }
+        }
+    }
 }
