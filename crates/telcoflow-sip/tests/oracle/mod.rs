@@ -359,8 +359,10 @@ pub fn sip_uas(data: &[u8]) {
             }
         }
         while let Some(transmit) = uas.poll_transmit() {
-            let sent = Message::parse(&transmit.payload)
-                .unwrap_or_else(|e| panic!("we sent what we cannot parse ({e})"));
+            let sent = Message::parse(&transmit.payload).unwrap_or_else(|e| {
+                let text = String::from_utf8_lossy(&transmit.payload);
+                panic!("we sent what we cannot parse ({e}): {text:?}")
+            });
             if let Message::Request(request) = sent {
                 request
                     .validate()
