@@ -6,7 +6,7 @@
 //! to [`Uas::handle_input`](super::uas::Uas::handle_input)) or a keep-alive to answer. An
 //! error means the stream cannot be resynchronised (no Content-Length, oversized message):
 //! close the connection. The buffer never holds more than
-//! [`MAX_MESSAGE_LEN`](super::message::MAX_MESSAGE_LEN) plus one read.
+//! [`MAX_MESSAGE_LEN`] plus one read.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
