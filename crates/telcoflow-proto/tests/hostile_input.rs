@@ -1,5 +1,12 @@
 //! Decoders meet hostile input: random bytes, truncated frames and mutated valid frames must
-//! give errors, never panics. A small deterministic generator keeps the run reproducible.
+//! give errors or frames that survive their own encoding, never panics. A small deterministic
+//! generator keeps the run reproducible. The checks of the seeded runs are `tests/oracle`, the
+//! same ones the fuzz targets under `fuzz/` run; seeds are `tests/data`, real frames of each
+//! connection.
+
+mod oracle;
+
+use std::path::PathBuf;
 
 use telcoflow_proto::control::{ClientFrame, FrameHeader, ServerFrame};
 use telcoflow_proto::media::{AudioFrame, MediaClientFrame, MediaServerFrame};
@@ -14,6 +21,10 @@ impl Rng {
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
     }
 }
 
@@ -78,4 +89,166 @@ fn deeply_nested_json_is_refused_not_overflowed() {
     decode_all(&deep);
     let deep_obj = format!("{{\"type\":\"setup\",\"data\":{}}}", "[".repeat(50_000));
     assert!(ClientFrame::decode(&deep_obj).is_err());
+}
+
+/// Fragments that steer a mutation towards JSON's edges and the frames' fields.
+const TOKENS: &[&[u8]] = &[
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b"\"",
+    b",",
+    b":",
+    b"\\",
+    b"\\u0000",
+    b"\\ud800",
+    b"null",
+    b"true",
+    b"-0",
+    b"1e999",
+    b"-1",
+    b"18446744073709551616",
+    b"4294967296",
+    b"256",
+    b"1.5",
+    b"\"type\":",
+    b"\"data\":{}",
+    b"\"sampleRate\":",
+    b"\"reqId\":",
+    b"\"digit\":\"",
+    b"\xff",
+    b"\xf0\x9f\x98\x80",
+    b"\0",
+];
+
+/// One mutation of `seed`, sometimes spliced with `other`.
+fn mutate(rng: &mut Rng, seed: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut bytes = seed.to_vec();
+    for _ in 0..=rng.below(4) {
+        let at = rng.below(bytes.len() + 1);
+        match rng.below(7) {
+            0 if at < bytes.len() => bytes[at] ^= 1 << rng.below(8),
+            1 if at < bytes.len() => bytes[at] = rng.next() as u8,
+            2 => bytes.truncate(at),
+            3 => {
+                let token = TOKENS[rng.below(TOKENS.len())];
+                bytes.splice(at..at, token.iter().copied());
+            }
+            4 => {
+                let from = rng.below(other.len() + 1);
+                bytes.truncate(at);
+                bytes.extend_from_slice(&other[from..]);
+            }
+            5 if at < bytes.len() => {
+                // A run repeated: long strings, deep nesting, huge numbers.
+                let end = (at + 1 + rng.below(8)).min(bytes.len());
+                let run = bytes[at..end].to_vec();
+                let most = if rng.below(8) == 0 { 2000 } else { 20 };
+                let times = 1 + rng.below(most);
+                let repeated: Vec<u8> = run
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(run.len() * times)
+                    .collect();
+                bytes.splice(at..at, repeated);
+            }
+            _ if at < bytes.len() => {
+                bytes.remove(at);
+            }
+            _ => bytes.push(rng.next() as u8),
+        }
+    }
+    bytes
+}
+
+/// The seed files of `tests/data/<dir>`, in name order.
+fn seeds(dir: &str) -> Vec<Vec<u8>> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .map(|entry| entry.expect("readable entry").path())
+        .collect();
+    files.sort();
+    let seeds: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(f).expect("readable seed"))
+        .collect();
+    assert!(!seeds.is_empty(), "no seeds in {}", path.display());
+    seeds
+}
+
+/// Runs `check` on every seed as it is, then on `rounds` mutations of them.
+fn run(dir: &str, rounds: usize, seed: u64, check: fn(&[u8])) {
+    let seeds = seeds(dir);
+    for s in &seeds {
+        check(s);
+    }
+    let mut rng = Rng(seed);
+    for round in 0..rounds {
+        let a = &seeds[round % seeds.len()];
+        let b = &seeds[rng.below(seeds.len())];
+        check(&mutate(&mut rng, a, b));
+    }
+}
+
+#[test]
+fn control_frames_survive_mutation() {
+    run("control", 6_000, 0x5EED_0101, oracle::control);
+}
+
+#[test]
+fn media_frames_survive_mutation() {
+    run("media", 6_000, 0x5EED_0102, oracle::media);
+}
+
+#[test]
+fn sim_frames_survive_mutation() {
+    run("sim", 6_000, 0x5EED_0103, oracle::sim);
+}
+
+#[test]
+fn audio_frames_survive_mutation() {
+    run("audio", 6_000, 0x5EED_0104, oracle::audio);
+}
+
+#[test]
+fn any_frame_on_any_connection() {
+    // A frame meant for one connection arriving on another is refused just as cleanly.
+    let all: Vec<Vec<u8>> = ["control", "media", "sim", "audio"]
+        .into_iter()
+        .flat_map(seeds)
+        .collect();
+    for frame in &all {
+        oracle::any_frame(frame);
+    }
+}
+
+#[test]
+fn seeds_are_real_frames() {
+    // A seed no decoder accepts would only ever test the error path.
+    use telcoflow_proto::control::{ClientFrame, ServerFrame};
+    use telcoflow_proto::media::{MediaClientFrame, MediaServerFrame};
+    use telcoflow_proto::sim::{NetworkFrame, PhoneFrame};
+    for (dir, decodes) in [
+        (
+            "control",
+            (|t| ClientFrame::decode(t).is_ok() || ServerFrame::decode(t).is_ok())
+                as fn(&str) -> bool,
+        ),
+        ("media", |t| {
+            MediaClientFrame::decode(t).is_ok() || MediaServerFrame::decode(t).is_ok()
+        }),
+        ("sim", |t| {
+            PhoneFrame::decode(t).is_ok() || NetworkFrame::decode(t).is_ok()
+        }),
+    ] {
+        for seed in seeds(dir) {
+            let text = String::from_utf8(seed).expect("UTF-8 seed");
+            assert!(decodes(&text), "{dir} seed does not decode: {text}");
+        }
+    }
 }

@@ -13,7 +13,9 @@
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
-use super::message::{Framing, ParseError, frame};
+use super::message::{
+    Framing, MAX_HEADER_COUNT, MAX_HEADER_LINE_LEN, MAX_MESSAGE_LEN, ParseError, frame,
+};
 
 /// One unit taken off a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +32,49 @@ pub enum StreamItem {
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     buf: BytesMut,
+    /// Length of the start of `buf` known to hold no end of headers. [`frame`] scans from the
+    /// start, so without this a peer sending a long header a byte per read would make every
+    /// read rescan all the bytes before it (quadratic time).
+    searched: usize,
+    /// The header limits of the unfinished header section in `buf[..searched]`, kept so that
+    /// the shortcut past [`frame`] still enforces them on each new byte.
+    head: HeadLimits,
+}
+
+/// Running header-limit check over a header section as it arrives: the same limits
+/// [`frame`] enforces on a whole buffer, one byte at a time.
+#[derive(Debug, Default)]
+struct HeadLimits {
+    lines: usize,
+    line_len: usize,
+}
+
+impl HeadLimits {
+    fn scan(&mut self, bytes: &[u8]) -> Result<(), ParseError> {
+        for &b in bytes {
+            if b == b'\n' {
+                self.line_len = 0;
+                continue;
+            }
+            // Continuation lines (folding) belong to the line before.
+            if self.line_len == 0 && b != b' ' && b != b'\t' {
+                self.lines += 1;
+                if self.lines > MAX_HEADER_COUNT + 1 {
+                    return Err(ParseError::TooManyHeaders);
+                }
+            }
+            self.line_len += 1;
+            if self.line_len > MAX_HEADER_LINE_LEN + 1 {
+                return Err(ParseError::HeaderLineTooLong);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `buf` holds an end of headers (a blank line, CRLF or bare LF, as [`frame`] reads it).
+fn has_header_end(buf: &[u8]) -> bool {
+    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(4).any(|w| w == b"\r\n\r\n")
 }
 
 impl StreamDecoder {
@@ -38,6 +83,8 @@ impl StreamDecoder {
         Self {
             // One typical INVITE with SDP fits without growing.
             buf: BytesMut::with_capacity(4096),
+            searched: 0,
+            head: HeadLimits::default(),
         }
     }
 
@@ -59,23 +106,51 @@ impl StreamDecoder {
 
     /// The next whole item, `Ok(None)` if more bytes are needed.
     pub fn next_item(&mut self) -> Result<Option<StreamItem>, ParseError> {
+        if self.searched > 0 && self.buf.len() <= MAX_MESSAGE_LEN {
+            // An end of headers among the new bytes starts at most 3 bytes before them.
+            if !has_header_end(&self.buf[self.searched.saturating_sub(3)..]) {
+                self.head.scan(&self.buf[self.searched..])?;
+                self.searched = self.buf.len();
+                return Ok(None);
+            }
+        }
         match frame(&self.buf)? {
-            Framing::Incomplete => Ok(None),
+            Framing::Incomplete => {
+                if has_header_end(&self.buf) {
+                    self.searched = 0;
+                } else {
+                    // `frame` checked the whole buffer; from here on only new bytes are.
+                    self.head = HeadLimits::default();
+                    self.head.scan(&self.buf)?;
+                    self.searched = self.buf.len();
+                }
+                Ok(None)
+            }
             Framing::KeepAlive(n) => {
                 let ping = self.buf[..n].windows(4).any(|w| w == b"\r\n\r\n");
                 // CRLFs at the end of the buffer may be a ping still arriving: wait until more
                 // bytes show how the run ends (a pong needs no answer, so waiting costs nothing).
                 if !ping && self.buf.len() == n {
-                    return Ok(None);
+                    // Only the last three bytes can still grow into a ping; keeping more would
+                    // let a peer that streams CRs or LFs grow the buffer without bound.
+                    if n <= 3 {
+                        return Ok(None);
+                    }
+                    self.buf.advance(n - 3);
+                    return Ok(Some(StreamItem::Pong));
                 }
                 self.buf.advance(n);
+                self.searched = 0;
                 Ok(Some(if ping {
                     StreamItem::Ping
                 } else {
                     StreamItem::Pong
                 }))
             }
-            Framing::Message(n) => Ok(Some(StreamItem::Message(self.buf.split_to(n).freeze()))),
+            Framing::Message(n) => {
+                self.searched = 0;
+                Ok(Some(StreamItem::Message(self.buf.split_to(n).freeze())))
+            }
         }
     }
 }
@@ -83,7 +158,7 @@ impl StreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::message::{MAX_MESSAGE_LEN, Message};
+    use crate::sip::message::Message;
 
     const OPTIONS: &[u8] = b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\n\
 Content-Length: 5\r\n\r\nhello";
@@ -146,5 +221,75 @@ Content-Length: 5\r\n\r\nhello";
         d.extend(OPTIONS);
         assert_eq!(d.next_item(), Ok(Some(StreamItem::Pong)));
         assert!(matches!(d.next_item(), Ok(Some(StreamItem::Message(_)))));
+    }
+
+    #[test]
+    fn a_run_of_line_ends_keeps_only_what_can_still_become_a_ping() {
+        let mut d = StreamDecoder::new();
+        d.extend(&[b'\n'; 10_000]);
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Pong)));
+        assert_eq!(d.next_item(), Ok(None));
+        assert_eq!(d.buffered(), 3);
+        // The kept tail still completes a ping split across reads.
+        let mut d = StreamDecoder::new();
+        d.extend(b"\r\r\r\n\r");
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Pong)));
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(b"\nX");
+        assert_eq!(d.next_item(), Ok(Some(StreamItem::Ping)));
+    }
+
+    #[test]
+    fn a_header_trickled_a_byte_per_read_is_scanned_once() {
+        // Every read used to rescan the whole buffer: 64 KiB a byte at a time took minutes.
+        let mut d = StreamDecoder::new();
+        let mut head = b"OPTIONS sip:x SIP/2.0\r\n".to_vec();
+        while head.len() < MAX_MESSAGE_LEN {
+            // Lines within the header limits, so that only the size limit applies.
+            head.extend_from_slice(b"X: ");
+            head.extend_from_slice(&[b'a'; 1000]);
+            head.extend_from_slice(b"\r\n");
+        }
+        head.truncate(MAX_MESSAGE_LEN);
+        for byte in &head {
+            d.extend(&[*byte]);
+            assert_eq!(d.next_item(), Ok(None));
+        }
+        d.extend(b"a");
+        assert_eq!(d.next_item(), Err(ParseError::TooLarge));
+        // The header limits still hold for bytes that skip the full scan.
+        let mut d = StreamDecoder::new();
+        d.extend(b"OPTIONS sip:x SIP/2.0\r\nX: ");
+        assert_eq!(d.next_item(), Ok(None));
+        let mut result = Ok(None);
+        for _ in 0..=MAX_HEADER_LINE_LEN {
+            d.extend(b"a");
+            result = d.next_item();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(ParseError::HeaderLineTooLong));
+        let mut d = StreamDecoder::new();
+        d.extend(b"OPTIONS sip:x SIP/2.0\r\n");
+        assert_eq!(d.next_item(), Ok(None));
+        let mut result = Ok(None);
+        for _ in 0..=MAX_HEADER_COUNT {
+            d.extend(b"X: y\r\n");
+            result = d.next_item();
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(ParseError::TooManyHeaders));
+        // The end of headers (bytes 76..80) is still found when it straddles two reads.
+        let mut d = StreamDecoder::new();
+        d.extend(&OPTIONS[..78]);
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(&OPTIONS[78..]);
+        assert_eq!(
+            d.next_item(),
+            Ok(Some(StreamItem::Message(Bytes::from_static(OPTIONS))))
+        );
     }
 }

@@ -409,7 +409,14 @@ impl OutgoingCall {
         if first {
             // The first 2xx establishes the dialog.
             self.remote_tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
-            self.remote_target = r.contact().ok().flatten().map(|c| c.uri);
+            // The target becomes the Request-URI of our ACK and BYE: one with a blank would
+            // make them unparseable, so the callee's Contact is then ignored.
+            self.remote_target = r
+                .contact()
+                .ok()
+                .flatten()
+                .map(|c| c.uri)
+                .filter(|uri| !uri.contains(char::is_whitespace));
             // A UAC takes the Record-Route set in reverse (RFC 3261 12.1.2).
             let mut routes: Vec<String> = r
                 .headers
@@ -866,6 +873,22 @@ Content-Length: {}\r\n\r\n{body}",
         assert!(!h.call.is_finished());
         h.run_until(10_000);
         assert!(h.call.is_finished());
+    }
+
+    #[test]
+    fn a_contact_with_blanks_is_not_used_as_the_target() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        let mut ok = Response::to_request(&invite, 200, Some("callee9"))
+            .with_body("application/sdp", callee_sdp("sendrecv"));
+        ok.headers.push("Contact", "<sip:callee @192.0.2.90:5070>");
+        h.call.handle_input(&ok.to_bytes(), h.now);
+        let sent = h.sent();
+        let [ack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(ack.uri, "sip:+15550100@trunk.example");
     }
 
     #[test]

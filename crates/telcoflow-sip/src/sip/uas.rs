@@ -35,8 +35,8 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
 use super::message::{
-    BRANCH_MAGIC, CSeq, MAX_NUMBER_LEN, Message, Method, NameAddr, Request, Response, SipHeaders,
-    SipUri, salvage_request,
+    BRANCH_MAGIC, CSeq, MAX_NUMBER_LEN, Message, Method, NameAddr, ParseError, Request, Response,
+    SipHeaders, SipUri, salvage_request,
 };
 use super::sdp::{self, LocalMedia, Negotiated, NegotiationError, SessionDescription};
 use super::transaction::{
@@ -786,10 +786,17 @@ impl Uas {
             .and_then(|u| u.user)
             .or_else(|| to.sip_uri().ok().and_then(|u| u.user))
             .unwrap_or_default();
-        let remote_target = match request.contact() {
-            Ok(Some(c)) => c.uri,
-            _ => from.uri.clone(),
+        let (remote_target, target_header) = match request.contact() {
+            Ok(Some(c)) => (c.uri, "Contact"),
+            _ => (from.uri.clone(), "From"),
         };
+        if remote_target.contains(char::is_whitespace) {
+            // It becomes the Request-URI of our BYE, which a blank would make unparseable:
+            // the call could then never be ended from our side.
+            let reason = ParseError::BadHeader(target_header).reason();
+            self.reply(transport, source, request, 400, Some(reason), now);
+            return;
+        }
         let route_set = request
             .headers
             .values("Record-Route")
@@ -1557,6 +1564,31 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             assert_eq!(ok.status, 200);
             ok.header_to().unwrap().tag().unwrap().to_string()
         }
+    }
+
+    #[test]
+    fn a_contact_with_blanks_is_refused_before_the_call_starts() {
+        // Found by fuzzing: the Contact URI became our BYE's Request-URI, and a blank in it
+        // made a BYE nobody can parse.
+        let mut h = Harness::new();
+        let invite = Req::new("INVITE", "inv1", 1)
+            .body(offer_sdp("0 101", "sendrecv"))
+            .text()
+            .replace(
+                "<sip:alice@192.0.2.50:5062>",
+                "<sip:alice @192.0.2.50:5062>",
+            );
+        h.feed_raw(&invite);
+        let sent = h.sent();
+        let [Message::Response(refusal)] = &sent[..] else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(
+            (refusal.status, refusal.reason.as_str()),
+            (400, "Malformed Contact header")
+        );
+        assert!(h.events().is_empty());
+        assert_eq!(h.uas.call_count(), 0);
     }
 
     #[test]
