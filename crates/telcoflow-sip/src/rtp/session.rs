@@ -274,6 +274,9 @@ pub struct RtpSession {
     sending: bool,
     /// Audio packets sent while not latched.
     unverified_sent: u32,
+    /// The SDP's RTP and RTCP addresses (before latching moved them).
+    sdp_remote: SocketAddr,
+    sdp_rtcp_remote: SocketAddr,
     /// IP of the SDP address: a source that may latch.
     sdp_ip: IpAddr,
     /// IP the signalling came from: a source that may latch (a phone behind NAT).
@@ -322,6 +325,8 @@ impl RtpSession {
             send_buf: Vec::with_capacity(MAX_PACKET_SAMPLES + FRAME_SAMPLES),
             sending: true,
             unverified_sent: 0,
+            sdp_remote: remote,
+            sdp_rtcp_remote: remote_rtcp,
             sdp_ip: remote.ip().to_canonical(),
             signalling_ip: None,
             reframer: None,
@@ -354,7 +359,9 @@ impl RtpSession {
         }
     }
 
-    /// A new SDP changed the peer's addresses or codec: send there and latch afresh.
+    /// A new SDP (re-INVITE): the codec may change; new addresses are sent to and latched
+    /// afresh, with a new allowance of [`UNVERIFIED_SEND_LIMIT`] packets. The same addresses
+    /// (a hold or resume) keep what was latched.
     pub fn set_remote(
         &mut self,
         remote: SocketAddr,
@@ -362,12 +369,19 @@ impl RtpSession {
         codec: G711,
         payload_type: u8,
     ) {
-        self.remote = remote;
-        self.sdp_ip = remote.ip().to_canonical();
-        self.latched = false;
-        self.rtcp_remote = remote_rtcp;
-        self.rtcp_latched = false;
-        self.rtcp_mux = false;
+        if remote != self.sdp_remote {
+            self.sdp_remote = remote;
+            self.remote = remote;
+            self.sdp_ip = remote.ip().to_canonical();
+            self.latched = false;
+            self.rtcp_mux = false;
+            self.unverified_sent = 0;
+        }
+        if remote_rtcp != self.sdp_rtcp_remote {
+            self.sdp_rtcp_remote = remote_rtcp;
+            self.rtcp_remote = remote_rtcp;
+            self.rtcp_latched = false;
+        }
         self.config.codec = codec;
         self.config.payload_type = payload_type;
     }
@@ -812,6 +826,20 @@ mod tests {
         s.set_sending(true);
         s.queue_audio(&[1000; 160]);
         assert!(s.poll_audio(&mut out).unwrap().is_some(), "resumed");
+        // A hold and resume by re-INVITE names the same address: the latch stays, and audio
+        // flows on resume however long the phone was silent.
+        let sdp_rtcp: SocketAddr = PEER_SDP_RTCP.parse().unwrap();
+        s.set_remote(src, sdp_rtcp, G711::Pcmu, 0);
+        let other: SocketAddr = "192.0.2.50:41000".parse().unwrap();
+        assert_eq!(
+            s.handle_datagram(other, &rtp(0, 2, 160, &[0xFF; 160]), now),
+            Received::WrongSource,
+            "still latched"
+        );
+        for _ in 0..100 {
+            s.queue_audio(&[1000; 160]);
+            assert!(s.poll_audio(&mut out).unwrap().is_some());
+        }
     }
 
     #[test]
