@@ -106,6 +106,13 @@ async fn sip_rtp_packets_have_steady_sequence_timestamp_and_ssrc_and_rtcp_report
         common_headers("ACK", 1, "ack1", &tag)
     );
     phone.send_to(ack.as_bytes(), sip).await.unwrap();
+    // The phone speaks first, as phones do: the server sends no more than a few packets to
+    // an address that has not sent it RTP.
+    let mut hello = vec![0x80, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0x12, 0x34];
+    hello.extend_from_slice(&[0xFF; 160]);
+    rtp.send_to(&hello, ("127.0.0.1", server_rtp))
+        .await
+        .unwrap();
 
     // The agent speaks; the server packetises it every 20 ms.
     for _ in 0..20 {

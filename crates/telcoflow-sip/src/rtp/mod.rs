@@ -3,6 +3,7 @@
 //! - [`g711`]: PCMU / PCMA encode and decode.
 //! - [`packet`]: RTP header, RFC 4733 telephone events, RTCP sender/receiver reports.
 //! - [`jitter`]: adaptive jitter buffer for 20 ms G.711 frames.
+//! - [`reframe`]: packets of any `ptime` split and joined into 20 ms frames by timestamp.
 //! - [`ports`]: even RTP ports of the configured range, handed out round-robin.
 //! - [`session`]: one call leg's RTP session: symmetric RTP, send/receive, DTMF, RTCP, timeout.
 //!
@@ -12,4 +13,5 @@ pub mod g711;
 pub mod jitter;
 pub mod packet;
 pub mod ports;
+pub mod reframe;
 pub mod session;

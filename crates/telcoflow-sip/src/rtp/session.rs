@@ -11,8 +11,9 @@
 //!   agent, then [`RtpSession::take_clock_shift`]: when it says so, the owner's next tick comes
 //!   that much earlier, so that frames are popped soon after their packets land (the phone's
 //!   packets arrive at a phase unrelated to the tick; see `crate::phase`).
-//! - [`RtpSession::write_audio`] packetises 160 samples from the agent into a buffer the
-//!   owner sends to [`RtpSession::remote`] (paced by the call's clock, not the tick above).
+//! - [`RtpSession::queue_audio`] takes the agent's samples (paced by the call's clock, not
+//!   the tick above); then [`RtpSession::poll_audio`] until `None` writes the packets (of
+//!   [`SessionConfig::ptime_ms`] each) the owner sends to [`RtpSession::remote`].
 //! - [`RtpSession::poll_rtcp`] writes a compound SR/RR + SDES packet when one is due (every
 //!   [`SessionConfig::rtcp_interval`]); it takes the wall clock as an argument for the NTP
 //!   timestamp. Send it from the RTCP port (ours + 1) to [`RtpSession::rtcp_remote`], and
@@ -22,16 +23,29 @@
 //!   [`SessionConfig::rtp_timeout`]; [`RtpSession::set_receiving`] pauses that check while the
 //!   peer holds the call.
 //!
-//! Symmetric RTP (RFC 4961): packets go to the SDP address until the first valid RTP packet
-//! arrives, then to that packet's source, which NAT'd phones need. Once latched, packets
-//! from other sources are ignored until [`RtpSession::set_remote`] (a new SDP) unlatches.
-//! RTCP latches the same way, separately.
+//! Symmetric RTP (RFC 4961) with strict latching: packets go to the SDP address until the
+//! first valid RTP packet arrives, then to that packet's source, which NAT'd phones need. Only
+//! a source whose IP is the SDP address's or the signalling source's
+//! ([`RtpSession::set_signalling_source`]) can latch: anyone else spraying RTP at our port is
+//! ignored, so a caller's audio cannot be taken over. Once latched, packets from other
+//! sources are ignored until [`RtpSession::set_remote`] (a new SDP) unlatches. RTCP latches
+//! the same way, separately.
+//!
+//! No amplification: until the peer has sent us valid RTP or RTCP from an allowed source, at
+//! most [`UNVERIFIED_SEND_LIMIT`] audio packets go to the SDP address (which anyone can set to
+//! a third party's); audio after that is dropped until the peer speaks. Nothing is sent
+//! while [`RtpSession::set_sending`] is off (the peer holds the call: `sendonly`/`inactive`).
+//!
+//! Any packetisation: received audio packets of other than 20 ms are split and joined into
+//! 20 ms frames by timestamp ([`super::reframe`]); sent packets carry
+//! [`SessionConfig::ptime_ms`] of audio each.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::g711::G711;
 use super::jitter::{FRAME_SAMPLES, Frame, JitterBuffer, JitterConfig};
+use super::reframe::Reframer;
 use crate::phase::PhaseAligner;
 
 use super::packet::{
@@ -43,6 +57,14 @@ use super::packet::{
 /// silence instead: phones start sending at once, and an agent still hears a stream soon
 /// from one that does not.
 pub const FIRST_PACKET_GRACE: u32 = 3;
+
+/// Audio packets sent to an address that has not sent us RTP yet (200 ms at 20 ms): enough
+/// for a phone to start hearing before its first packet arrives, too few to make the server
+/// an amplifier towards whatever address an SDP names.
+pub const UNVERIFIED_SEND_LIMIT: u32 = 10;
+
+/// Longest packetisation time we send, in samples (60 ms).
+const MAX_PACKET_SAMPLES: usize = 480;
 
 /// Session parameters, from the SDP negotiation and the server config.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +89,8 @@ pub struct SessionConfig {
     pub rtcp_interval: Duration,
     /// Jitter buffer settings.
     pub jitter: JitterConfig,
+    /// Audio per sent packet, in ms (the negotiated `ptime`). Default 20; clamped to 10-60.
+    pub ptime_ms: u32,
 }
 
 impl SessionConfig {
@@ -83,6 +107,7 @@ impl SessionConfig {
             rtp_timeout: Duration::from_secs(30),
             rtcp_interval: Duration::from_secs(5),
             jitter: JitterConfig::default(),
+            ptime_ms: 20,
         }
     }
 }
@@ -98,7 +123,8 @@ pub enum Received {
     DtmfProgress,
     /// An RTCP packet (statistics updated).
     Rtcp,
-    /// From a source other than the latched one; ignored.
+    /// From a source other than the latched one, or (before latching) from an address that
+    /// is neither the SDP's nor the signalling source's; ignored.
     WrongSource,
     /// A payload type we did not negotiate (e.g. comfort noise); ignored.
     UnknownPayload(u8),
@@ -119,6 +145,10 @@ pub struct SessionStats {
     pub remote_lost: i32,
     /// Interarrival jitter the peer reports, in timestamp units.
     pub remote_jitter: u32,
+    /// Datagrams ignored for coming from a source that may not send us media.
+    pub wrong_source: u64,
+    /// Samples of audio not sent: the peer holds the call, or has not sent us RTP yet.
+    pub samples_withheld: u64,
 }
 
 /// RFC 3550 appendix A.1/A.3 reception statistics for one source.
@@ -235,7 +265,24 @@ pub struct RtpSession {
     next_rtcp: Instant,
     last_sr: Option<(u32, Instant)>,
     stats: SessionStats,
-    encode_buf: [u8; FRAME_SAMPLES],
+    encode_buf: [u8; MAX_PACKET_SAMPLES],
+    /// Samples per sent packet.
+    packet_samples: usize,
+    /// Audio queued for sending, less than a packet's worth between polls.
+    send_buf: Vec<i16>,
+    /// The peer receives audio (not on hold).
+    sending: bool,
+    /// Audio packets sent while not latched.
+    unverified_sent: u32,
+    /// The SDP's RTP and RTCP addresses (before latching moved them).
+    sdp_remote: SocketAddr,
+    sdp_rtcp_remote: SocketAddr,
+    /// IP of the SDP address: a source that may latch.
+    sdp_ip: IpAddr,
+    /// IP the signalling came from: a source that may latch (a phone behind NAT).
+    signalling_ip: Option<IpAddr>,
+    /// Splits and joins packets other than 20 ms, once the peer sends one.
+    reframer: Option<Box<Reframer>>,
     /// The report blocks of our RTCP reports (at most one: we hear one source), kept from
     /// one report to the next so that sending a report costs no allocation.
     report_blocks: Vec<ReportBlock>,
@@ -273,7 +320,16 @@ impl RtpSession {
             next_rtcp: now + config.rtcp_interval,
             last_sr: None,
             stats: SessionStats::default(),
-            encode_buf: [0; FRAME_SAMPLES],
+            encode_buf: [0; MAX_PACKET_SAMPLES],
+            packet_samples: (config.ptime_ms.clamp(10, 60) * 8) as usize,
+            send_buf: Vec::with_capacity(MAX_PACKET_SAMPLES + FRAME_SAMPLES),
+            sending: true,
+            unverified_sent: 0,
+            sdp_remote: remote,
+            sdp_rtcp_remote: remote_rtcp,
+            sdp_ip: remote.ip().to_canonical(),
+            signalling_ip: None,
+            reframer: None,
             report_blocks: Vec::with_capacity(1),
             config,
         }
@@ -303,7 +359,9 @@ impl RtpSession {
         }
     }
 
-    /// A new SDP changed the peer's addresses or codec: send there and latch afresh.
+    /// A new SDP (re-INVITE): the codec may change; new addresses are sent to and latched
+    /// afresh, with a new allowance of [`UNVERIFIED_SEND_LIMIT`] packets. The same addresses
+    /// (a hold or resume) keep what was latched.
     pub fn set_remote(
         &mut self,
         remote: SocketAddr,
@@ -311,13 +369,44 @@ impl RtpSession {
         codec: G711,
         payload_type: u8,
     ) {
-        self.remote = remote;
-        self.latched = false;
-        self.rtcp_remote = remote_rtcp;
-        self.rtcp_latched = false;
-        self.rtcp_mux = false;
+        if remote != self.sdp_remote {
+            self.sdp_remote = remote;
+            self.remote = remote;
+            self.sdp_ip = remote.ip().to_canonical();
+            self.latched = false;
+            self.rtcp_mux = false;
+            self.unverified_sent = 0;
+        }
+        if remote_rtcp != self.sdp_rtcp_remote {
+            self.sdp_rtcp_remote = remote_rtcp;
+            self.rtcp_remote = remote_rtcp;
+            self.rtcp_latched = false;
+        }
         self.config.codec = codec;
         self.config.payload_type = payload_type;
+    }
+
+    /// The address the call's signalling came from: RTP from its IP may latch too (a phone
+    /// behind NAT announces a private address in its SDP).
+    pub fn set_signalling_source(&mut self, source: IpAddr) {
+        self.signalling_ip = Some(source.to_canonical());
+    }
+
+    /// Whether the peer wants our audio (false while it holds the call with `sendonly` or
+    /// `inactive`: RFC 3264 8.4 says we must not send then).
+    pub fn set_sending(&mut self, sending: bool) {
+        self.sending = sending;
+    }
+
+    /// Whether audio goes out now: the peer receives, and it has proved its address by
+    /// sending to us, or only a few packets have gone there so far.
+    pub fn may_send(&self) -> bool {
+        self.sending && (self.latched || self.unverified_sent < UNVERIFIED_SEND_LIMIT)
+    }
+
+    fn may_latch(&self, source: SocketAddr) -> bool {
+        let ip = source.ip().to_canonical();
+        ip == self.sdp_ip || Some(ip) == self.signalling_ip
     }
 
     /// Whether the peer is expected to send (false while it holds the call); the timeout
@@ -341,7 +430,8 @@ impl RtpSession {
 
     /// Handles one datagram from the RTP port (RTCP may share it, RFC 5761).
     pub fn handle_datagram(&mut self, source: SocketAddr, data: &[u8], now: Instant) -> Received {
-        if self.latched && source != self.remote {
+        if (self.latched && source != self.remote) || (!self.latched && !self.may_latch(source)) {
+            self.stats.wrong_source += 1;
             return Received::WrongSource;
         }
         if is_rtcp(data) {
@@ -380,7 +470,20 @@ impl RtpSession {
                 Err(e) => Received::Malformed(e),
             };
         }
-        self.jitter.push(&packet, now);
+        if packet.payload.len() != FRAME_SAMPLES && self.reframer.is_none() {
+            self.reframer = Some(Box::default());
+        }
+        match &mut self.reframer {
+            Some(reframer) => {
+                let jitter = &mut self.jitter;
+                reframer.push(&packet, |frame| {
+                    jitter.push(frame, now);
+                });
+            }
+            None => {
+                self.jitter.push(&packet, now);
+            }
+        }
         let misses = self.jitter.stats().resumed_late;
         if let Some(margin) = self.aligner.first_audio() {
             // The tick started at a phase of its own: play the first packet a margin after
@@ -409,7 +512,10 @@ impl RtpSession {
         data: &[u8],
         now: Instant,
     ) -> Received {
-        if self.rtcp_latched && source != self.rtcp_remote {
+        if (self.rtcp_latched && source != self.rtcp_remote)
+            || (!self.rtcp_latched && !self.may_latch(source))
+        {
+            self.stats.wrong_source += 1;
             return Received::WrongSource;
         }
         // Checked whole first: a malformed datagram changes nothing.
@@ -486,11 +592,58 @@ impl RtpSession {
         self.aligner.shifts()
     }
 
-    /// Packetises one 20 ms frame (`FRAME_SAMPLES` samples; shorter input is padded with
-    /// silence) into `out` and returns the packet length. Send it to [`RtpSession::remote`].
+    /// Queues the agent's audio for sending; [`RtpSession::poll_audio`] then packetises it.
+    /// While [`RtpSession::may_send`] is false the audio is dropped (counted in
+    /// [`SessionStats::samples_withheld`]) and the send clock moves on.
+    pub fn queue_audio(&mut self, pcm: &[i16]) {
+        if !self.may_send() {
+            let dropped = self.send_buf.len() + pcm.len();
+            self.send_buf.clear();
+            self.stats.samples_withheld += dropped as u64;
+            self.timestamp = self.timestamp.wrapping_add(dropped as u32);
+            self.sent_first = false;
+            return;
+        }
+        let room = self.send_buf.capacity() - self.send_buf.len();
+        if pcm.len() > room {
+            // The owner polls after every queue, so this holds less than a packet; a caller
+            // that does not poll loses the oldest audio rather than growing the buffer.
+            let excess = (pcm.len() - room).min(self.send_buf.len());
+            self.send_buf.drain(..excess);
+        }
+        let take = pcm
+            .len()
+            .min(self.send_buf.capacity() - self.send_buf.len());
+        self.send_buf.extend_from_slice(&pcm[pcm.len() - take..]);
+    }
+
+    /// The next packet of queued audio, written into `out` (its length returned), once a
+    /// whole packet's worth is queued. Send it to [`RtpSession::remote`]; call until `None`.
+    pub fn poll_audio(&mut self, out: &mut [u8]) -> Result<Option<usize>, PacketError> {
+        if self.send_buf.len() < self.packet_samples || !self.may_send() {
+            return Ok(None);
+        }
+        let mut pcm = std::mem::take(&mut self.send_buf);
+        let written = self.write_audio(&pcm[..self.packet_samples], out);
+        pcm.drain(..self.packet_samples);
+        self.send_buf = pcm;
+        if !self.latched {
+            self.unverified_sent += 1;
+        }
+        written.map(Some)
+    }
+
+    /// Packetises one packet's worth of samples ([`SessionConfig::ptime_ms`]; shorter input is
+    /// padded with silence) into `out` and returns the packet length, whether or not
+    /// [`RtpSession::may_send`]. Send it to [`RtpSession::remote`].
     pub fn write_audio(&mut self, pcm: &[i16], out: &mut [u8]) -> Result<usize, PacketError> {
-        let n = self.config.codec.encode(pcm, &mut self.encode_buf);
-        self.encode_buf[n..].fill(self.config.codec.silence_byte());
+        let samples = self.packet_samples;
+        let pcm = &pcm[..pcm.len().min(samples)];
+        let n = self
+            .config
+            .codec
+            .encode(pcm, &mut self.encode_buf[..samples]);
+        self.encode_buf[n..samples].fill(self.config.codec.silence_byte());
         let mut header = RtpHeader::new(
             self.config.payload_type,
             self.sequence,
@@ -499,12 +652,12 @@ impl RtpSession {
         );
         // The first packet starts a talk spurt (RFC 3551 4.1).
         header.marker = !self.sent_first;
-        let len = header.write_packet(&self.encode_buf, out)?;
+        let len = header.write_packet(&self.encode_buf[..samples], out)?;
         self.sent_first = true;
         self.sequence = self.sequence.wrapping_add(1);
-        self.timestamp = self.timestamp.wrapping_add(FRAME_SAMPLES as u32);
+        self.timestamp = self.timestamp.wrapping_add(samples as u32);
         self.stats.packets_sent = self.stats.packets_sent.wrapping_add(1);
-        self.stats.octets_sent = self.stats.octets_sent.wrapping_add(FRAME_SAMPLES as u32);
+        self.stats.octets_sent = self.stats.octets_sent.wrapping_add(samples as u32);
         Ok(len)
     }
 
@@ -579,12 +732,201 @@ mod tests {
         let mut config = SessionConfig::new(G711::Pcmu, 0x1111, 100, 5000);
         config.telephone_event = Some(101);
         config.jitter.min_delay = Duration::from_millis(20);
-        RtpSession::new(
+        let mut s = RtpSession::new(
             config,
             PEER_SDP.parse().unwrap(),
             PEER_SDP_RTCP.parse().unwrap(),
             now,
-        )
+        );
+        // The INVITE came from the phone's public (NAT) address.
+        s.set_signalling_source(PEER_NAT.parse::<SocketAddr>().unwrap().ip());
+        s
+    }
+
+    #[test]
+    fn strict_latching_ignores_sources_outside_the_sdp_and_signalling() {
+        let now = Instant::now();
+        let mut s = session(now);
+        let attacker: SocketAddr = "203.0.113.66:4000".parse().unwrap();
+        for seq in 0..50 {
+            assert_eq!(
+                s.handle_datagram(
+                    attacker,
+                    &rtp(0, seq, u32::from(seq) * 160, &[0x11; 160]),
+                    now
+                ),
+                Received::WrongSource
+            );
+        }
+        let rr = ReceiverReport {
+            ssrc: 0x6666,
+            reports: vec![],
+        };
+        let mut buf = [0u8; 64];
+        let n = rr.write(&mut buf).unwrap();
+        assert_eq!(
+            s.handle_rtcp_datagram(attacker, &buf[..n], now),
+            Received::WrongSource
+        );
+        assert_eq!(s.remote(), PEER_SDP.parse().unwrap(), "not latched");
+        assert_eq!(s.rtcp_remote(), PEER_SDP_RTCP.parse().unwrap());
+        assert_eq!(s.stats().wrong_source, 51);
+        assert_eq!(s.jitter_buffer().stats().received, 0);
+        // The phone, from another port of its SDP address, latches.
+        let phone: SocketAddr = "192.0.2.50:41000".parse().unwrap();
+        assert_eq!(
+            s.handle_datagram(phone, &rtp(0, 1, 0, &[0xFF; 160]), now),
+            Received::Audio
+        );
+        assert_eq!(s.remote(), phone);
+    }
+
+    #[test]
+    fn at_most_a_few_packets_go_to_an_address_that_never_sent_rtp() {
+        let now = Instant::now();
+        let mut s = session(now);
+        let mut out = [0u8; 600];
+        let mut sent = 0;
+        for _ in 0..1500 {
+            s.queue_audio(&[1000; 160]);
+            while s.poll_audio(&mut out).unwrap().is_some() {
+                sent += 1;
+            }
+        }
+        assert_eq!(sent, UNVERIFIED_SEND_LIMIT);
+        assert!(!s.may_send());
+        assert_eq!(
+            s.stats().samples_withheld,
+            (1500 - u64::from(UNVERIFIED_SEND_LIMIT)) * 160
+        );
+        // Once the phone sends, audio flows again, marked as a new talk spurt with the
+        // timestamp showing the gap.
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        s.handle_datagram(src, &rtp(0, 1, 0, &[0xFF; 160]), now);
+        assert!(s.may_send());
+        s.queue_audio(&[1000; 160]);
+        let n = s.poll_audio(&mut out).unwrap().unwrap();
+        let p = RtpPacket::parse(&out[..n]).unwrap();
+        assert!(p.header.marker);
+        assert_eq!(p.header.timestamp, 5000 + 1500 * 160);
+    }
+
+    #[test]
+    fn nothing_is_sent_while_the_peer_holds() {
+        let now = Instant::now();
+        let mut s = session(now);
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        s.handle_datagram(src, &rtp(0, 1, 0, &[0xFF; 160]), now);
+        let mut out = [0u8; 600];
+        s.set_sending(false);
+        for _ in 0..100 {
+            s.queue_audio(&[1000; 160]);
+            assert_eq!(s.poll_audio(&mut out).unwrap(), None);
+        }
+        s.set_sending(true);
+        s.queue_audio(&[1000; 160]);
+        assert!(s.poll_audio(&mut out).unwrap().is_some(), "resumed");
+        // A hold and resume by re-INVITE names the same address: the latch stays, and audio
+        // flows on resume however long the phone was silent.
+        let sdp_rtcp: SocketAddr = PEER_SDP_RTCP.parse().unwrap();
+        s.set_remote(src, sdp_rtcp, G711::Pcmu, 0);
+        let other: SocketAddr = "192.0.2.50:41000".parse().unwrap();
+        assert_eq!(
+            s.handle_datagram(other, &rtp(0, 2, 160, &[0xFF; 160]), now),
+            Received::WrongSource,
+            "still latched"
+        );
+        for _ in 0..100 {
+            s.queue_audio(&[1000; 160]);
+            assert!(s.poll_audio(&mut out).unwrap().is_some());
+        }
+    }
+
+    #[test]
+    fn sends_packets_of_the_negotiated_ptime_without_losing_samples() {
+        for ptime in [10u32, 20, 30, 40, 60] {
+            let now = Instant::now();
+            let mut config = SessionConfig::new(G711::Pcmu, 1, 0, 0);
+            config.ptime_ms = ptime;
+            let peer: SocketAddr = PEER_SDP.parse().unwrap();
+            let mut s = RtpSession::new(config, peer, peer, now);
+            s.handle_datagram(peer, &rtp(0, 1, 0, &[0xFF; 160]), now);
+            let mut out = [0u8; 600];
+            let mut sent: Vec<u8> = Vec::new();
+            let mut timestamps = Vec::new();
+            // 1.2 s of a ramp, in the call's 20 ms frames.
+            let ramp: Vec<i16> = (0..9600).map(|i| (i % 4000) as i16 * 8).collect();
+            for frame in ramp.chunks(160) {
+                s.queue_audio(frame);
+                while let Some(n) = s.poll_audio(&mut out).unwrap() {
+                    let p = RtpPacket::parse(&out[..n]).unwrap();
+                    assert_eq!(p.payload.len(), ptime as usize * 8);
+                    timestamps.push(p.header.timestamp);
+                    sent.extend_from_slice(p.payload);
+                }
+            }
+            let expected: Vec<u8> = ramp.iter().map(|&x| G711::Pcmu.encode_sample(x)).collect();
+            assert_eq!(sent, expected, "ptime {ptime}");
+            assert!(
+                timestamps
+                    .windows(2)
+                    .all(|w| w[1].wrapping_sub(w[0]) == ptime * 8)
+            );
+        }
+    }
+
+    #[test]
+    fn receives_30_ms_packets_as_whole_20_ms_frames() {
+        let now = Instant::now();
+        let mut s = session(now);
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        // 3 s of a ramp in 240-sample (30 ms) packets, arriving on time.
+        let ramp: Vec<u8> = (0..24000u32).map(|i| (i % 250) as u8).collect();
+        let mut heard: Vec<u8> = Vec::new();
+        let mut tick = now;
+        let mut next_packet = 0usize;
+        for t in 0..160u32 {
+            let at = now + Duration::from_millis(u64::from(t) * 20);
+            while next_packet * 240 < ramp.len() && next_packet as u32 * 30 <= t * 20 {
+                let start = next_packet * 240;
+                let p = rtp(
+                    0,
+                    next_packet as u16,
+                    start as u32,
+                    &ramp[start..start + 240],
+                );
+                assert_eq!(s.handle_datagram(src, &p, at), Received::Audio);
+                while let Some(f) = s.pop_ahead() {
+                    heard.extend(f.samples.iter().map(|&x| G711::Pcmu.encode_sample(x)));
+                }
+                next_packet += 1;
+            }
+            tick = tick.max(at);
+            let f = s.pop_frame(tick);
+            if f.kind == FrameKind::Audio {
+                heard.extend(f.samples.iter().map(|&x| G711::Pcmu.encode_sample(x)));
+            }
+        }
+        // 30 ms packets land in pairs of frames: the buffer waits (concealing while its
+        // target grows) but drops nothing.
+        let stats = s.jitter_buffer().stats();
+        assert_eq!(
+            (
+                stats.late,
+                stats.discarded,
+                stats.overflow,
+                stats.size_mismatch
+            ),
+            (0, 0, 0, 0),
+            "{stats:?}"
+        );
+        // Every sample, in order (mu-law codes round-trip exactly, bar 0x7F/0xFF's zero).
+        let expected: Vec<u8> = ramp[..heard.len()]
+            .iter()
+            .map(|&c| G711::Pcmu.encode_sample(G711::Pcmu.decode_sample(c)))
+            .collect();
+        assert!(heard.len() >= 150 * 160, "{}", heard.len());
+        assert_eq!(heard, expected);
     }
 
     fn rtp(pt: u8, seq: u16, ts: u32, payload: &[u8]) -> Vec<u8> {

@@ -4,8 +4,8 @@
 //! [`SdpError`] for malformed input (never panics); unknown lines and attributes are kept or
 //! skipped, as RFC 4566 asks. [`answer`] negotiates an incoming offer (an INVITE or
 //! re-INVITE body): it picks the offerer's first codec we support among PCMU (0) and PCMA (8),
-//! accepts RFC 4733 `telephone-event` with the offerer's payload type, answers `ptime:20`, and
-//! reports hold (`a=sendonly`, `a=inactive`, or the older `c=0.0.0.0`). No common codec gives
+//! accepts RFC 4733 `telephone-event` with the offerer's payload type, answers with the
+//! offerer's `ptime` when it is within [`PTIME_RANGE_MS`] (else `ptime:20`), and reports hold (`a=sendonly`, `a=inactive`, or the older `c=0.0.0.0`). No common codec gives
 //! [`NegotiationError::NoCommonCodec`], whose [`NegotiationError::status_code`] is 488.
 //! [`offer`] and [`accept_answer`] are the same rules for calls we place.
 
@@ -16,6 +16,15 @@ use crate::rtp::g711::G711;
 
 /// Packetisation time we send and ask for, in milliseconds.
 pub const PTIME_MS: u32 = 20;
+/// Packetisation times (ms) we follow when the peer asks for one; others get [`PTIME_MS`].
+pub const PTIME_RANGE_MS: std::ops::RangeInclusive<u32> = 10..=60;
+
+/// The packetisation time to use with a peer that asked for `asked` (ms).
+fn ptime_for(asked: Option<u32>) -> u32 {
+    asked
+        .filter(|p| PTIME_RANGE_MS.contains(p))
+        .unwrap_or(PTIME_MS)
+}
 /// Payload type we offer for telephone-event when we make the offer.
 pub const DEFAULT_TELEPHONE_EVENT_PT: u8 = 101;
 
@@ -530,6 +539,8 @@ pub struct Negotiated {
     pub remote_hold: bool,
     /// Index of the audio section in the SDP.
     pub media_index: usize,
+    /// Packetisation time to send with, in milliseconds (within [`PTIME_RANGE_MS`]).
+    pub ptime: u32,
 }
 
 fn rtcp_addr(addr: IpAddr, m: &MediaDescription) -> SocketAddr {
@@ -547,6 +558,7 @@ fn audio_media(
     codec: G711,
     te: Option<u8>,
     direction: Direction,
+    ptime: u32,
 ) -> MediaDescription {
     let mut formats = vec![pt.to_string()];
     let mut rtpmaps = vec![RtpMap {
@@ -574,7 +586,7 @@ fn audio_media(
         connection: None,
         rtpmaps,
         fmtps,
-        ptime: Some(PTIME_MS),
+        ptime: Some(ptime),
         rtcp_port: None,
         direction: Some(direction),
         other: Vec::new(),
@@ -639,7 +651,10 @@ pub fn answer(
         let te = m
             .telephone_event()
             .filter(|te| m.payload_types().any(|p| p == *te));
-        media.push(audio_media(local, pt, codec, te, direction));
+        // The offerer's ptime is what it wants to receive; we answer with it (so it hears
+        // what it asked for) and send with it.
+        let ptime = ptime_for(m.ptime);
+        media.push(audio_media(local, pt, codec, te, direction, ptime));
         chosen = Some(Negotiated {
             codec,
             payload_type: pt,
@@ -649,6 +664,7 @@ pub fn answer(
             direction,
             remote_hold,
             media_index: index,
+            ptime,
         });
     }
     match chosen {
@@ -672,6 +688,7 @@ pub fn offer(local: &LocalMedia) -> SessionDescription {
         G711::Pcmu,
         Some(DEFAULT_TELEPHONE_EVENT_PT),
         direction,
+        PTIME_MS,
     );
     m.formats.clear();
     m.rtpmaps
@@ -727,6 +744,7 @@ pub fn accept_answer(
         direction: answered.reversed(),
         remote_hold: is_unspecified(addr) || !answered.receives(),
         media_index: index,
+        ptime: ptime_for(m.ptime),
     })
 }
 
@@ -770,6 +788,30 @@ a=rtpmap:96 H264/90000\r\n";
         assert_eq!(a.fmtps, vec![(101, "0-16".to_string())]);
         assert_eq!(a.ptime, Some(20));
         assert_eq!(sd.direction_for(a), Direction::SendRecv);
+    }
+
+    #[test]
+    fn answer_follows_the_offered_ptime_within_range() {
+        for (asked, answered) in [
+            (Some("30"), 30),
+            (Some("10"), 10),
+            (Some("60"), 60),
+            (Some("5"), 20),
+            (Some("120"), 20),
+            (None, 20),
+        ] {
+            let text = match asked {
+                Some(p) => LINPHONE_OFFER.replace("a=ptime:20", &format!("a=ptime:{p}")),
+                None => LINPHONE_OFFER.replace("a=ptime:20\r\n", ""),
+            };
+            let offer = SessionDescription::parse(&text).unwrap();
+            let (sd, n) = answer(&offer, &local()).unwrap();
+            assert_eq!(n.ptime, answered, "{asked:?}");
+            assert!(
+                sd.to_string().contains(&format!("a=ptime:{answered}\r\n")),
+                "{asked:?}"
+            );
+        }
     }
 
     #[test]

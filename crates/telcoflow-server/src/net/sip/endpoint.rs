@@ -533,6 +533,7 @@ impl Endpoint {
             rtp_timeout: self.media.rtp_timeout,
             commands: self.commands.clone(),
             events: events_rx,
+            signalling: Some(incoming.source.ip()),
             dial: None,
         });
         match task {

@@ -18,7 +18,7 @@
 //! | refused | ring timeout -> `UasAction::Reject { status: 480 }` | `UacEvent::Failed` -> `LegEvent::Rejected` |
 //! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` -> `LegEvent::Hangup` |
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
-//! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `write_audio` (8 kHz) | same |
+//! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `queue_audio`/`poll_audio` (8 kHz) | same |
 //! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
 //! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
@@ -140,6 +140,8 @@ impl Network for SipNetwork {
                 rtp_timeout: self.media.rtp_timeout,
                 commands: self.commands.clone(),
                 events: events_rx,
+                // Learnt from the dial's destination once it is resolved.
+                signalling: None,
                 dial: Some(OutgoingDial {
                     key,
                     config: Box::new(config),

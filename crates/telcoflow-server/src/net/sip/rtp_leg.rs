@@ -8,8 +8,11 @@
 //!   `LegEvent::Audio`; RTCP reports go out when due; no packet for the RTP timeout ends the
 //!   call. The tick moves earlier when the session says so, to pop frames shortly after the
 //!   phone's packets land rather than up to a frame later.
-//! - Each `LegOutput::Audio` frame from the call (paced by the call's own 20 ms clock) becomes
-//!   one RTP packet.
+//! - Each `LegOutput::Audio` frame from the call (paced by the call's own 20 ms clock) is
+//!   queued in the session, which packetises it at the negotiated `ptime`. Nothing goes out
+//!   while the phone holds the call, and no more than a few packets before the phone has sent
+//!   us RTP (see [`RtpSession`]): the SDP address alone proves nothing.
+//! - RTP is accepted only from the SDP address or the signalling source (strict latching).
 //! - RFC 4733 events and SIP INFO digits become `LegEvent::Dtmf`.
 //!
 //! Legs carry samples, so G.711 is the only conversion on either path. Hot path buffers
@@ -62,6 +65,9 @@ pub(super) struct LegParams {
     pub(super) rtp_timeout: Duration,
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) events: mpsc::Receiver<SipEvent>,
+    /// The IP the call's signalling came from (incoming legs): RTP from it may latch, for
+    /// phones behind NAT whose SDP names a private address.
+    pub(super) signalling: Option<std::net::IpAddr>,
     /// For an outgoing leg: what to dial once the task runs.
     pub(super) dial: Option<OutgoingDial>,
 }
@@ -101,6 +107,7 @@ impl PendingLeg {
             media: params.media,
             rtp_timeout: params.rtp_timeout,
             commands: params.commands,
+            signalling: params.signalling,
             session: None,
             answered: false,
             packet: vec![0u8; DATAGRAM],
@@ -124,6 +131,8 @@ struct RtpLeg {
     media: LocalMedia,
     rtp_timeout: Duration,
     commands: mpsc::Sender<Command>,
+    /// See [`LegParams::signalling`].
+    signalling: Option<std::net::IpAddr>,
     session: Option<RtpSession>,
     /// The SIP call is answered.
     answered: bool,
@@ -147,7 +156,12 @@ impl RtpLeg {
     ) {
         if let Some(dial) = dial {
             match dial.into_command().await {
-                Ok(cmd) => self.command(cmd).await,
+                Ok(cmd) => {
+                    if let Command::Dial { config, .. } = &cmd {
+                        self.signalling = Some(config.destination.ip());
+                    }
+                    self.command(cmd).await
+                }
                 Err(e) => {
                     info!(error = %e, "cannot dial");
                     self.to_call(LegEvent::Rejected(Refusal::Unreachable(e.to_string())))
@@ -245,6 +259,8 @@ impl RtpLeg {
                 jitter_us = u64::from(s.jitter_buffer().jitter()) * 125,
                 target_ms = s.jitter_buffer().target_delay().as_millis() as u64,
                 tick_shifts = s.clock_shifts(),
+                wrong_source = stats.wrong_source,
+                samples_withheld = stats.samples_withheld,
                 "RTP leg ended"
             );
         }
@@ -302,14 +318,21 @@ impl RtpLeg {
         let Some(session) = &mut self.session else {
             return;
         };
-        match session.write_audio(samples, &mut self.packet) {
-            Ok(len) => {
-                let to = session.remote();
-                if let Err(e) = self.socket.send_to(&self.packet[..len], to).await {
-                    debug!(error = %e, %to, "RTP send failed");
+        session.queue_audio(samples);
+        loop {
+            match session.poll_audio(&mut self.packet) {
+                Ok(Some(len)) => {
+                    let to = session.remote();
+                    if let Err(e) = self.socket.send_to(&self.packet[..len], to).await {
+                        debug!(error = %e, %to, "RTP send failed");
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(error = %e, "RTP packet not written");
+                    break;
                 }
             }
-            Err(e) => debug!(error = %e, "RTP packet not written"),
         }
     }
 
@@ -332,6 +355,8 @@ impl RtpLeg {
                         negotiated.payload_type,
                     );
                     s.set_receiving(!negotiated.remote_hold, now);
+                    // RFC 3264 8.4: nothing to a phone that holds with sendonly/inactive.
+                    s.set_sending(negotiated.direction.sends());
                     debug!(remote = %negotiated.remote, hold = negotiated.remote_hold, "media updated");
                 }
                 // An offerless INVITE: the ACK carried the answer.
@@ -361,11 +386,16 @@ impl RtpLeg {
         config.telephone_event = n.telephone_event;
         config.rtp_timeout = self.rtp_timeout;
         config.cname = format!("telcoflow-{}", self.call.call_id);
+        config.ptime_ms = n.ptime;
         let mut session = RtpSession::new(config, n.remote, n.remote_rtcp, now);
         if n.remote_hold {
             session.set_receiving(false, now);
         }
-        debug!(remote = %n.remote, codec = ?n.codec, "RTP session open");
+        session.set_sending(n.direction.sends());
+        if let Some(ip) = self.signalling {
+            session.set_signalling_source(ip);
+        }
+        debug!(remote = %n.remote, codec = ?n.codec, ptime = n.ptime, "RTP session open");
         self.session = Some(session);
     }
 
