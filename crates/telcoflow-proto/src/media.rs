@@ -238,6 +238,8 @@ impl CallEvent {
     pub const DTMF: &'static str = "call.dtmf";
     /// The connected destination answered or hung up (`state`: `answered` / `ended`).
     pub const CONNECTED_LEG: &'static str = "call.connected_leg";
+    /// Audio was dropped to win back delay after a stall (`dropped_ms`, `reason`).
+    pub const AUDIO_SKIPPED: &'static str = "call.audio_skipped";
 
     /// `call.terminated` with the party that ended the call.
     pub fn terminated(reason: &str) -> Self {
@@ -267,6 +269,17 @@ impl CallEvent {
         fields.insert("duration_ms".into(), Value::from(duration_ms));
         Self {
             event: Self::DTMF.into(),
+            fields,
+        }
+    }
+
+    /// `call.audio_skipped`: `dropped_ms` of audio dropped, and why (e.g. `agent_stall`).
+    pub fn audio_skipped(dropped_ms: u64, reason: &str) -> Self {
+        let mut fields = Map::new();
+        fields.insert("dropped_ms".into(), Value::from(dropped_ms));
+        fields.insert("reason".into(), Value::from(reason));
+        Self {
+            event: Self::AUDIO_SKIPPED.into(),
             fields,
         }
     }
