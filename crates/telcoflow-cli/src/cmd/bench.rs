@@ -139,8 +139,11 @@ pub(crate) struct Args {
     /// Stall the agent process (SIGSTOP, then SIGCONT) for this many milliseconds halfway
     /// through the run, and report the round trip's p50 per second around the stall. Needs an
     /// agent child (--agent rust or python); interrupt probes are off in such a run.
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", conflicts_with = "stall_server_ms")]
     stall_agent_ms: Option<u64>,
+    /// As --stall-agent-ms, but stall the server child (not with --server).
+    #[arg(long, value_name = "MS", conflicts_with = "server")]
+    stall_server_ms: Option<u64>,
     /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -223,7 +226,9 @@ pub(crate) struct RunResult {
 /// Round trip p50 per second around an agent stall.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct StallFigures {
-    /// How long the agent was stopped.
+    /// Which process was stopped: `agent` or `server`.
+    process: &'static str,
+    /// How long it was stopped.
     stall_ms: u64,
     /// Per second relative to the stall's start (second 0 holds the stall): the p50 round
     /// trip of the frames heard in it, ms.
@@ -455,14 +460,13 @@ async fn run_once(
     let speech = caller::speech_for(rate);
     // Halfway through the time every call is up.
     let stall_at = first_dial + ramp + duration / 2;
-    let stall = match (args.stall_agent_ms, agent_child.as_ref()) {
-        (Some(ms), Some(agent)) => Some(tokio::spawn(stall_process(
-            agent.pid,
-            stall_at,
-            Duration::from_millis(ms),
-        ))),
-        _ => None,
+    let stalled = match (args.stall_agent_ms, args.stall_server_ms) {
+        (Some(ms), _) => agent_child.as_ref().map(|a| ("agent", a.pid, ms)),
+        (None, Some(ms)) => server_pid.map(|pid| ("server", pid, ms)),
+        (None, None) => None,
     };
+    let stall = stalled
+        .map(|(_, pid, ms)| tokio::spawn(stall_process(pid, stall_at, Duration::from_millis(ms))));
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..n {
         let offset = ramp.mul_f64(i as f64 / n as f64);
@@ -475,7 +479,7 @@ async fn run_once(
             end_at,
             speech: speech.clone(),
             sip: sip_addr,
-            probes: args.stall_agent_ms.is_none(),
+            probes: args.stall_agent_ms.or(args.stall_server_ms).is_none(),
         };
         calls.spawn(caller::run(plan, progress.clone()));
     }
@@ -583,7 +587,8 @@ async fn run_once(
         busy_cores: machine,
         loadavg_1m: load.unwrap_or(0.0),
     };
-    let stall = args.stall_agent_ms.map(|ms| StallFigures {
+    let stall = stalled.map(|(process, _, ms)| StallFigures {
+        process,
         stall_ms: ms,
         p50_ms_by_second: p50_by_second(&reports, us_since(epoch, stall_at)),
     });
@@ -833,8 +838,8 @@ fn print_table(r: &RunResult) {
     );
     if let Some(s) = &r.stall {
         println!(
-            "  agent stalled {} ms at second 0; round trip p50 per second:",
-            s.stall_ms
+            "  {} stalled {} ms at second 0; round trip p50 per second:",
+            s.process, s.stall_ms
         );
         for (second, p50) in &s.p50_ms_by_second {
             println!("    {second:>+3} s  {p50:>8.2} ms");

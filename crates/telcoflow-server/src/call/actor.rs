@@ -202,7 +202,12 @@ impl CallActor {
                 Some(input) = data.recv() => self.on_input(input, Instant::now()),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
                 at = ticker.tick(), if ticking => {
-                    if let Some(shift) = self.on_tick(Instant::now()) {
+                    let now = Instant::now();
+                    if now.saturating_duration_since(at) >= period {
+                        // This process stalled: the ticks it missed come now, at once.
+                        self.playout.late_tick();
+                    }
+                    if let Some(shift) = self.on_tick(now) {
                         debug!(shift_us = shift.as_micros() as u64, "media clock moved earlier");
                         ticker.reset_at(at + period - shift);
                     }

@@ -68,6 +68,8 @@ struct SuspectedStall {
     dry_tick: u64,
     /// When the ping for it went out, once it has.
     ping_at: Option<Instant>,
+    /// The server itself stalled (its tick came late): the agent's pong says nothing.
+    server: bool,
 }
 
 /// Audio dropped by one catch-up after a stall, from [`Playout::take_skipped`].
@@ -125,6 +127,8 @@ pub(crate) struct Playout {
     skipped_report: Option<Skipped>,
     /// Bytes ever dropped by catch-ups.
     skipped_total: u64,
+    /// The tick being played came late (see [`Playout::late_tick`]).
+    late_tick: bool,
 }
 
 /// What [`Playout::push`] did with the audio.
@@ -161,6 +165,7 @@ impl Playout {
             skipped: 0,
             skipped_report: None,
             skipped_total: 0,
+            late_tick: false,
         }
     }
 
@@ -297,6 +302,12 @@ impl Playout {
     pub(crate) fn pop_frame(&mut self, out: &mut [i16]) -> bool {
         self.tick += 1;
         self.played_arrival = None;
+        let late_tick = std::mem::take(&mut self.late_tick);
+        if late_tick {
+            if let Some(stall) = &mut self.stall {
+                stall.server = true;
+            }
+        }
         self.catch_up();
         if self
             .stall
@@ -317,6 +328,7 @@ impl Playout {
                     self.stall = Some(SuspectedStall {
                         dry_tick: self.tick,
                         ping_at: None,
+                        server: late_tick,
                     });
                 }
                 self.live_ticks = 0;
@@ -415,7 +427,7 @@ impl Playout {
     /// ping's time.
     pub(crate) fn ping_due(&mut self, now: Instant) -> bool {
         match &mut self.stall {
-            Some(stall) if stall.ping_at.is_none() => {
+            Some(stall) if stall.ping_at.is_none() && !stall.server => {
                 stall.ping_at = Some(now);
                 true
             }
@@ -426,11 +438,19 @@ impl Playout {
     /// The agent answered a ping at `now`. A prompt answer while dry shows it alive: the dry
     /// spell is a pause in its audio, and nothing is owed for it.
     pub(crate) fn pong(&mut self, now: Instant) {
-        if let Some(ping_at) = self.stall.and_then(|s| s.ping_at) {
+        if let Some(ping_at) = self.stall.filter(|s| !s.server).and_then(|s| s.ping_at) {
             if now.saturating_duration_since(ping_at) <= PROMPT_PONG {
                 self.stall = None;
             }
         }
+    }
+
+    /// The coming tick is a frame or more late: the server itself stalled, and the ticks it
+    /// missed are about to be replayed at once. Caller audio reached the agent late by as
+    /// much, so the agent's answers will stand that much behind: a live stream that runs dry in
+    /// this burst owes the silence, whatever the agent's pong says.
+    pub(crate) fn late_tick(&mut self) {
+        self.late_tick = true;
     }
 
     /// A catch-up that dropped audio and has finished, once.
@@ -919,5 +939,59 @@ mod tests {
         let delays = run(&mut p, &mut agent, 0..300, stalls, makes);
         assert_eq!(p.skipped_total(), 0);
         assert_plays_all_made(&delays, 100..300, makes);
+    }
+
+    #[test]
+    fn a_stall_of_the_server_itself_is_won_back_though_the_agent_answers_pings() {
+        // The server stops for 300 ms: the caller's audio of that time reaches the agent late
+        // and all at once, and the missed ticks are replayed in a burst before the agent's
+        // answers come back. The agent was alive all along (it answers a ping at once), yet its
+        // echo now stands 300 ms behind.
+        let mut p = Playout::new(FRAME, 10_000);
+        let mut agent = Agent::new();
+        let t0 = Instant::now();
+        let mut out = [0i16; FRAME / 2];
+        let mut delays = Vec::new();
+        let mut pushed = 0;
+        for tick in 0..400u64 {
+            let now = t0 + TICK * tick as u32;
+            agent.inbox.push_back(tick as i16);
+            if (200..215).contains(&tick) {
+                continue;
+            }
+            // Back from the stall, the missed ticks come at once, late.
+            let burst = if tick == 215 { 16 } else { 1 };
+            for i in 0..burst {
+                if i + 1 < burst {
+                    p.late_tick();
+                }
+                if p.pop_frame(&mut out) {
+                    delays.push((tick, tick as i64 - i64::from(out[0])));
+                }
+                if p.ping_due(now) {
+                    p.pong(now + std::time::Duration::from_millis(1));
+                }
+            }
+            if let Some(bytes) = p.want() {
+                p.requested(bytes);
+                agent.owed += bytes;
+            }
+            // The caller's audio reaches the agent, which echoes it as the server asks.
+            agent.ring.extend(agent.inbox.drain(..));
+            while agent.owed >= FRAME {
+                let Some(stamp) = agent.ring.pop_front() else {
+                    break;
+                };
+                agent.owed -= FRAME;
+                let b = stamp.to_le_bytes();
+                p.push(&[b[0], b[1], b[0], b[1]], now);
+                pushed += 1;
+            }
+        }
+        assert!(pushed > 0);
+        let before = median(&delays, 100, 200);
+        let after = median(&delays, 215 + 100, 400);
+        assert_eq!(after, before, "back within 2 s of the server's stall");
+        assert!(p.skipped_total() > 0);
     }
 }
