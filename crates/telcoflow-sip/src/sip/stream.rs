@@ -6,10 +6,10 @@
 //! to [`Uas::handle_input`](super::uas::Uas::handle_input)) or a keep-alive to answer. An
 //! error means the stream cannot be resynchronised (no Content-Length, oversized message):
 //! close the connection. The buffer never holds more than
-//! [`MAX_MESSAGE_LEN`](super::message::MAX_MESSAGE_LEN) plus one read, and an unfinished
+//! [`MAX_MESSAGE_LEN`] plus one read, and an unfinished
 //! header section is held to the header limits
-//! ([`MAX_HEADER_COUNT`](super::message::MAX_HEADER_COUNT),
-//! [`MAX_HEADER_LINE_LEN`](super::message::MAX_HEADER_LINE_LEN)) while it arrives.
+//! ([`MAX_HEADER_COUNT`],
+//! [`MAX_HEADER_LINE_LEN`]) while it arrives.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
