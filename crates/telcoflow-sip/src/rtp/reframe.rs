@@ -4,8 +4,10 @@
 //! that packetises at another `ptime` (10, 30, 40 ms...) sends payloads of other lengths: each
 //! is cut at the 20 ms boundaries of the stream's timestamp grid (frame `i` holds the samples
 //! from `base + 160 i`), and a frame is handed on once every one of its samples has arrived,
-//! as a packet whose sequence number is `i` (mod 2^16) and whose timestamp is the frame's
-//! first sample. Arrival order does not matter within [`SLOTS`] frames; a frame that never
+//! as a packet whose sequence number is `s + i` (mod 2^16), `s` being the sequence number of
+//! the packet the grid started from, and whose timestamp is the frame's first sample. A
+//! phone that sent 20 ms packets (played as they are) and switches to another `ptime` thus
+//! continues its own sequence numbers: the jitter buffer sees one stream. Arrival order does not matter within [`SLOTS`] frames; a frame that never
 //! completes (a piece was lost) is dropped when its slot is needed, and the jitter buffer
 //! conceals it. No sample is lost or cut.
 //!
@@ -44,8 +46,8 @@ impl Default for Partial {
 /// Re-frames one received stream into 20 ms frames. See the module docs.
 #[derive(Debug, Clone, Default)]
 pub struct Reframer {
-    /// The stream's SSRC and the timestamp of its frame 0.
-    grid: Option<(u32, u32)>,
+    /// The stream's SSRC, the timestamp of its frame 0 and the sequence number given to it.
+    grid: Option<(u32, u32, u16)>,
     slots: [Partial; SLOTS],
 }
 
@@ -57,19 +59,21 @@ impl Reframer {
         let payload = packet.payload;
         let frame = FRAME_SAMPLES as i64;
         let mut rel = match self.grid {
-            Some((ssrc, base)) if ssrc == h.ssrc => {
+            Some((ssrc, base, _)) if ssrc == h.ssrc => {
                 i64::from(h.timestamp.wrapping_sub(base) as i32)
             }
             _ => {
-                self.restart(h.ssrc, h.timestamp);
+                self.restart(h);
                 0
             }
         };
         if rel < -(SLOTS as i64) * frame || rel > MAX_JUMP_FRAMES * frame {
-            self.restart(h.ssrc, h.timestamp);
+            self.restart(h);
             rel = 0;
         }
-        let base = self.grid.map_or(h.timestamp, |(_, b)| b);
+        let (base, first_seq) = self
+            .grid
+            .map_or((h.timestamp, h.sequence), |(_, b, s)| (b, s));
         let mut k = 0usize;
         while k < payload.len() {
             let pos = rel + k as i64;
@@ -103,7 +107,7 @@ impl Reframer {
                 slot.live = false;
                 let mut header = RtpHeader::new(
                     h.payload_type,
-                    index as u16,
+                    first_seq.wrapping_add(index as u16),
                     base.wrapping_add(index.wrapping_mul(FRAME_SAMPLES as u32)),
                     h.ssrc,
                 );
@@ -119,8 +123,8 @@ impl Reframer {
         }
     }
 
-    fn restart(&mut self, ssrc: u32, base: u32) {
-        self.grid = Some((ssrc, base));
+    fn restart(&mut self, h: &RtpHeader) {
+        self.grid = Some((h.ssrc, h.timestamp, h.sequence));
         for slot in &mut self.slots {
             slot.live = false;
         }

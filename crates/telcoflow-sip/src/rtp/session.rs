@@ -37,8 +37,10 @@
 //! while [`RtpSession::set_sending`] is off (the peer holds the call: `sendonly`/`inactive`).
 //!
 //! Any packetisation: received audio packets of other than 20 ms are split and joined into
-//! 20 ms frames by timestamp ([`super::reframe`]); sent packets carry
-//! [`SessionConfig::ptime_ms`] of audio each.
+//! 20 ms frames by timestamp ([`super::reframe`]), from the first such packet on (a phone may
+//! change its `ptime` mid-call: the frames continue the stream's sequence numbers); sent
+//! packets carry [`SessionConfig::ptime_ms`] of audio each, changed by
+//! [`RtpSession::set_ptime`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -384,6 +386,15 @@ impl RtpSession {
         }
         self.config.codec = codec;
         self.config.payload_type = payload_type;
+    }
+
+    /// A new packetisation time (a re-INVITE's `ptime`), in ms, clamped to 10-60: packets
+    /// sent from now on carry that much audio each; audio already queued goes into them, so
+    /// no sample is lost and the timestamps run on. Received packets of any length are taken
+    /// whatever was negotiated (see [`super::reframe`]).
+    pub fn set_ptime(&mut self, ptime_ms: u32) {
+        self.config.ptime_ms = ptime_ms.clamp(10, 60);
+        self.packet_samples = (self.config.ptime_ms * 8) as usize;
     }
 
     /// The address the call's signalling came from: RTP from its IP may latch too (a phone
@@ -927,6 +938,119 @@ mod tests {
             .collect();
         assert!(heard.len() >= 150 * 160, "{}", heard.len());
         assert_eq!(heard, expected);
+    }
+
+    /// Feeds the phone's packets `(sequence, first sample, samples)` of `ramp`, each landing
+    /// when its last sample is due (timestamp 0 at `now`), and plays a tick every 20 ms;
+    /// returns what was played, as mu-law codes.
+    fn play(
+        s: &mut RtpSession,
+        now: Instant,
+        ramp: &[u8],
+        packets: &[(u16, usize, usize)],
+    ) -> Vec<u8> {
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        let mut heard: Vec<u8> = Vec::new();
+        let mut next = 0usize;
+        let ticks = packets
+            .last()
+            .map_or(0, |&(_, at, len)| (at + len) / 160 + 10);
+        for t in 0..ticks {
+            let at = now + Duration::from_millis(t as u64 * 20);
+            while let Some(&(seq, start, len)) = packets.get(next) {
+                if start + len > (t + 1) * 160 {
+                    break;
+                }
+                let p = rtp(0, seq, start as u32, &ramp[start..start + len]);
+                assert_eq!(s.handle_datagram(src, &p, at), Received::Audio);
+                while let Some(f) = s.pop_ahead() {
+                    heard.extend(f.samples.iter().map(|&x| G711::Pcmu.encode_sample(x)));
+                }
+                next += 1;
+            }
+            let f = s.pop_frame(at);
+            if f.kind == FrameKind::Audio {
+                heard.extend(f.samples.iter().map(|&x| G711::Pcmu.encode_sample(x)));
+            }
+        }
+        heard
+    }
+
+    #[test]
+    fn a_ptime_change_mid_call_is_received_and_sent_without_a_sample_lost() {
+        // The phone sends 1 s at 20 ms, 1.2 s at 30 ms (its re-INVITE said ptime:30), then 1 s
+        // at 20 ms again; its sequence numbers and timestamps run on, from wherever it began.
+        let ramp: Vec<u8> = (0..30_000u32).map(|i| (i % 250) as u8).collect();
+        for first_seq in [1000u16, 40_000, 65_500] {
+            let now = Instant::now();
+            let mut s = session(now);
+            let mut packets = Vec::new();
+            let mut seq = first_seq;
+            let mut at = 0usize;
+            for (len, count) in [(160, 50), (240, 40), (160, 50)] {
+                for _ in 0..count {
+                    packets.push((seq, at, len));
+                    seq = seq.wrapping_add(1);
+                    at += len;
+                }
+            }
+            let heard = play(&mut s, now, &ramp, &packets);
+            let stats = s.jitter_buffer().stats();
+            assert_eq!(
+                (
+                    stats.late,
+                    stats.discarded,
+                    stats.overflow,
+                    stats.size_mismatch
+                ),
+                (0, 0, 0, 0),
+                "from {first_seq}: {stats:?}"
+            );
+            let expected: Vec<u8> = ramp[..at]
+                .iter()
+                .map(|&c| G711::Pcmu.encode_sample(G711::Pcmu.decode_sample(c)))
+                .collect();
+            assert_eq!(heard.len(), at, "from {first_seq}: every sample played");
+            assert!(heard == expected, "from {first_seq}: the stream breaks");
+        }
+        let now = Instant::now();
+        let mut s = session(now);
+        let src: SocketAddr = PEER_SDP.parse().unwrap();
+        s.handle_datagram(src, &rtp(0, 1, 0, &[0xFF; 160]), now);
+
+        // Sending follows the new ptime from the next packet: 20 ms, then 30, then 20.
+        let mut out = [0u8; 600];
+        let mut sent: Vec<u8> = Vec::new();
+        let mut sizes = Vec::new();
+        let mut timestamps = Vec::new();
+        let pcm: Vec<i16> = (0..14_400).map(|i| (i % 4000) as i16 * 8).collect();
+        for (i, frame) in pcm.chunks(160).enumerate() {
+            match i {
+                30 => s.set_ptime(30),
+                // 31 frames at 30 ms leave 160 samples queued: they go in the next 20 ms packet.
+                61 => s.set_ptime(20),
+                _ => {}
+            }
+            s.queue_audio(frame);
+            while let Some(n) = s.poll_audio(&mut out).unwrap() {
+                let p = RtpPacket::parse(&out[..n]).unwrap();
+                sizes.push(p.payload.len());
+                timestamps.push(p.header.timestamp);
+                sent.extend_from_slice(p.payload);
+            }
+        }
+        let expected: Vec<u8> = pcm.iter().map(|&x| G711::Pcmu.encode_sample(x)).collect();
+        assert_eq!(sent, expected, "every sample sent, in order");
+        assert_eq!(&sizes[..30], &[160; 30]);
+        assert!(sizes[30..50].iter().all(|&n| n == 240), "{sizes:?}");
+        assert_eq!(sizes.last(), Some(&160));
+        assert!(
+            timestamps
+                .windows(2)
+                .zip(&sizes)
+                .all(|(w, &n)| w[1].wrapping_sub(w[0]) == n as u32),
+            "timestamps run on"
+        );
     }
 
     fn rtp(pt: u8, seq: u16, ts: u32, payload: &[u8]) -> Vec<u8> {

@@ -354,10 +354,18 @@ impl RtpLeg {
                         negotiated.codec,
                         negotiated.payload_type,
                     );
+                    // The re-offer's ptime (20 ms when it names none): sent packets follow
+                    // it; received ones of any length are reframed already.
+                    s.set_ptime(negotiated.ptime);
                     s.set_receiving(!negotiated.remote_hold, now);
                     // RFC 3264 8.4: nothing to a phone that holds with sendonly/inactive.
                     s.set_sending(negotiated.direction.sends());
-                    debug!(remote = %negotiated.remote, hold = negotiated.remote_hold, "media updated");
+                    debug!(
+                        remote = %negotiated.remote,
+                        hold = negotiated.remote_hold,
+                        ptime = negotiated.ptime,
+                        "media updated"
+                    );
                 }
                 // An offerless INVITE: the ACK carried the answer.
                 None => self.open_session(&negotiated, now),
