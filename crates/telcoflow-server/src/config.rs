@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
+use telcoflow_sip::sip::transaction::Timers;
 
 /// API key of the development connector.
 pub const DEV_API_KEY: &str = "dev-api-key";
@@ -119,6 +120,10 @@ pub struct SipConfig {
     /// SIP/TCP connections open at once, accepted and dialled together; further
     /// connections are closed as soon as they are accepted. Default 256.
     pub tcp_max_connections: usize,
+    /// RFC 3261's T1 (round-trip estimate), in milliseconds: the first retransmission
+    /// interval, and 64·T1 bounds a transaction (an unanswered request, a 200 never ACKed).
+    /// 10 to 4000 (T2). Default 500.
+    pub timer_t1_ms: u64,
 }
 
 /// A caller's credentials (`[[sip.accounts]]`), checked by digest authentication.
@@ -169,6 +174,7 @@ impl Default for SipConfig {
             tcp_message_timeout_secs: 10,
             tcp_idle_timeout_secs: 300,
             tcp_max_connections: 256,
+            timer_t1_ms: 500,
         }
     }
 }
@@ -242,6 +248,14 @@ impl SipConfig {
     /// The `tcp_idle_timeout_secs` as a duration.
     pub fn tcp_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.tcp_idle_timeout_secs)
+    }
+
+    /// The SIP transaction timers: `timer_t1_ms`, and RFC 3261's defaults for T2 and T4.
+    pub fn timers(&self) -> Timers {
+        Timers {
+            t1: Duration::from_millis(self.timer_t1_ms),
+            ..Default::default()
+        }
     }
 
     /// RTP inactivity timeout as a duration.
@@ -556,6 +570,9 @@ impl Config {
                 if v == 0 {
                     return invalid(format!("sip.{name} must be at least 1"));
                 }
+            }
+            if !(10..=4000).contains(&sip.timer_t1_ms) {
+                return invalid("sip.timer_t1_ms must be 10 to 4000".into());
             }
             if sip.realm.is_empty() || sip.realm.contains(['"', '\\']) {
                 return invalid(

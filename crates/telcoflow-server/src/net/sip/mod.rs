@@ -44,7 +44,6 @@ use telcoflow_sip::sip::Transport;
 use telcoflow_sip::sip::digest::Credentials;
 use telcoflow_sip::sip::message::SipUri;
 use telcoflow_sip::sip::sdp::LocalMedia;
-use telcoflow_sip::sip::transaction::Timers;
 use telcoflow_sip::sip::uac::UacConfig;
 use telcoflow_sip::sip::uas::{Uas, UasConfig};
 use tokio::net::{TcpListener, UdpSocket};
@@ -123,7 +122,7 @@ impl Network for SipNetwork {
             contact: self.contact.clone(),
             sent_by: self.sent_by.clone(),
             credentials,
-            timers: Timers::default(),
+            timers: self.config.timers(),
             user_agent: USER_AGENT.into(),
         };
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
@@ -229,7 +228,7 @@ pub(crate) async fn bind(
         UasConfig {
             contact,
             sent_by,
-            timers: Timers::default(),
+            timers: network.config.timers(),
             user_agent: USER_AGENT.into(),
         },
         rand::random(),
