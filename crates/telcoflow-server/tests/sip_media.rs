@@ -32,6 +32,18 @@ fn server_config(rtp_ports: &str, rtp_timeout_secs: u64) -> telcoflow_server::Co
     config
 }
 
+/// As [`server_config`], with RFC 3261's T1 at 50 ms: 64·T1, the wait for an ACK, is 3.2 s.
+fn fast_timers(rtp_ports: &str, rtp_timeout_secs: u64) -> telcoflow_server::Config {
+    let mut config = server_config(rtp_ports, rtp_timeout_secs);
+    if let Some(sip) = &mut config.sip {
+        sip.timer_t1_ms = T1_MS;
+    }
+    config
+}
+
+/// T1 of [`fast_timers`], in ms.
+const T1_MS: u64 = 50;
+
 /// An SDP offer of PCMU from `ip:port`, with extra attribute lines.
 fn offer(ip: &str, port: u16, extra: &str) -> String {
     format!(
@@ -164,10 +176,12 @@ fn answered_port(msg: &str) -> u16 {
         .expect("m=audio port in the answer")
 }
 
-/// The agent's media connection, and the audio it owes the server (asked for and not sent).
+/// The agent's media connection, the audio it owes the server (asked for and not sent), and
+/// whether it heard the call end.
 struct Agent {
     media: Media,
     owed: usize,
+    ended: bool,
 }
 
 /// A phone calls in with `sdp`; the agent takes and answers the call. Returns the agent,
@@ -188,7 +202,15 @@ async fn call_in(
     let ok = phone.final_response().await;
     assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
     let server_rtp = SocketAddr::from(([127, 0, 0, 1], answered_port(&ok)));
-    (Agent { media, owed }, ok, server_rtp)
+    (
+        Agent {
+            media,
+            owed,
+            ended: false,
+        },
+        ok,
+        server_rtp,
+    )
 }
 
 /// Receives RTP on `sock` until `until`; returns the payloads.
@@ -228,6 +250,8 @@ async fn agent_talks(
                     for frame in source(bytes) {
                         media.send_audio(&frame).await;
                     }
+                } else if v["type"] == "call_event" && v["data"]["event"] == "call.terminated" {
+                    agent.ended = true;
                 }
             }
             Some(tokio_tungstenite::tungstenite::Message::Binary(b)) if b[0] == 0 => {
@@ -238,6 +262,26 @@ async fn agent_talks(
         }
     }
     heard
+}
+
+/// Waits for the agent to hear the call end.
+async fn call_terminated(agent: &mut Agent) {
+    while !agent.ended {
+        let v = agent.media.ws.expect_type("call_event").await;
+        agent.ended = v["data"]["event"] == "call.terminated";
+    }
+}
+
+/// The RTP payloads already waiting in `sock`.
+fn drain_rtp(sock: &UdpSocket) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok((n, _)) = sock.try_recv_from(&mut buf) {
+        if n >= 12 && !(200..=204).contains(&buf[1]) {
+            got.push(buf[12..n].to_vec());
+        }
+    }
+    got
 }
 
 /// A constant level, as many bytes as asked for, in one frame.
@@ -349,9 +393,8 @@ async fn a_port_sprayer_cannot_take_a_callers_audio() {
 
 #[tokio::test]
 async fn an_sdp_naming_a_third_address_gets_only_a_few_packets_and_the_call_ends() {
-    // A short RTP timeout: the never-ACKed call that sends no RTP ends in 2 s, before the
-    // ACK timer (64 T1 = 32 s) would end it.
-    let server = start(server_config("16300-16399", 2)).await;
+    // The RTP timeout is long: the never-ACKed call ends by the ACK timer (64·T1, 3.2 s here).
+    let server = start(fast_timers("16300-16399", 30)).await;
     let mut control = control(&server, 8000, "mixed").await;
     let mut phone = SipPhone::new(&server, "amp-1").await;
     // The victim: an address that never asked for anything.
@@ -363,18 +406,13 @@ async fn an_sdp_naming_a_third_address_gets_only_a_few_packets_and_the_call_ends
         &offer("127.0.0.3", victim_port, ""),
     )
     .await;
-    // Never ACKed; the agent talks for 1.5 s.
-    let until = Instant::now() + Duration::from_millis(1500);
-    let (_, got) = tokio::join!(
+    // Never ACKed; the agent talks for 2 s.
+    let until = Instant::now() + Duration::from_millis(2000);
+    let (_, mut got) = tokio::join!(
         agent_talks(&mut agent, until, level_source(3000)),
         rtp_until(&victim, until)
     );
-    assert!(
-        !got.is_empty() && got.len() <= UNVERIFIED_SEND_LIMIT as usize,
-        "{} packets went to the third address (75 frames were spoken)",
-        got.len()
-    );
-    // The call ends: the server sends BYE and the agent hears it end.
+    // The call ends by the ACK timer: the server sends BYE and the agent hears it end.
     let bye = loop {
         let msg = phone.recv().await;
         if msg.starts_with("BYE ") {
@@ -382,13 +420,176 @@ async fn an_sdp_naming_a_third_address_gets_only_a_few_packets_and_the_call_ends
         }
     };
     assert!(bye.contains("Call-ID: amp-1"), "{bye}");
-    loop {
-        let v = agent.media.ws.expect_type("call_event").await;
-        if v["data"]["event"] == "call.terminated" {
+    call_terminated(&mut agent).await;
+    // The leg has stopped: whatever it sent is in the victim's socket now.
+    got.extend(drain_rtp(&victim));
+    assert!(
+        !got.is_empty() && got.len() <= UNVERIFIED_SEND_LIMIT as usize,
+        "{} packets went to the third address (100 frames were spoken)",
+        got.len()
+    );
+    ordinary_call_works(&server, &mut control, "amp-2").await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_200_never_acked_stops_media_and_ends_with_bye_after_64_t1() {
+    let server = start(fast_timers("16700-16799", 30)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let mut phone = SipPhone::new(&server, "noack-1").await;
+    let phone_rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = phone_rtp.local_addr().unwrap().port();
+    let (mut agent, _, server_rtp) =
+        call_in(&mut control, &mut phone, &offer("127.0.0.1", port, "")).await;
+    let first_ok = Instant::now();
+    // The phone sends RTP (its address proven, media flows both ways) but never ACKs.
+    let voice = G711::Pcmu.encode_sample(2000);
+    let mut to_phone = 0usize;
+    let mut resent_oks = 0usize;
+    let mut bye = None;
+    let mut buf = vec![0u8; 65536];
+    for round in 0u32.. {
+        let p = rtp(round as u16, round * 160, 0x5555, &[voice; 160]);
+        phone_rtp.send_to(&p, server_rtp).await.unwrap();
+        let until = Instant::now() + Duration::from_millis(20);
+        let (_, got) = tokio::join!(
+            agent_talks(&mut agent, until, level_source(3000)),
+            rtp_until(&phone_rtp, until)
+        );
+        to_phone += got.len();
+        while let Ok((n, _)) = phone.sock.try_recv_from(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if msg.starts_with("SIP/2.0 200") && msg.contains("CSeq: 1 INVITE") {
+                resent_oks += 1;
+            } else if msg.starts_with("BYE ") {
+                bye = Some(msg);
+            }
+        }
+        if bye.is_some() {
             break;
         }
+        assert!(first_ok.elapsed() < WAIT, "no BYE within {WAIT:?}");
     }
-    ordinary_call_works(&server, &mut control, "amp-2").await;
+    let waited = first_ok.elapsed();
+    let bye = bye.unwrap();
+    assert!(bye.contains("Call-ID: noack-1"), "{bye}");
+    // 64·T1 from the 200 (which left the server before it reached us).
+    let timer = Duration::from_millis(64 * T1_MS);
+    assert!(
+        waited + Duration::from_millis(50) >= timer,
+        "BYE after {waited:?}"
+    );
+    assert!(resent_oks >= 5, "the 200 was resent {resent_oks} times");
+    assert!(
+        to_phone > UNVERIFIED_SEND_LIMIT as usize,
+        "media flowed until the timer: {to_phone} packets"
+    );
+    // The agent hears the call end, once the leg stopped: nothing reaches the phone after.
+    call_terminated(&mut agent).await;
+    drain_rtp(&phone_rtp);
+    for round in 0..20u16 {
+        let p = rtp(round, u32::from(round) * 160, 0x5555, &[voice; 160]);
+        phone_rtp.send_to(&p, server_rtp).await.unwrap();
+        let until = Instant::now() + Duration::from_millis(20);
+        assert!(
+            rtp_until(&phone_rtp, until).await.is_empty(),
+            "media after the BYE"
+        );
+    }
+    ordinary_call_works(&server, &mut control, "noack-2").await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_ptime_changed_by_re_invite_is_carried_sample_for_sample() {
+    let server = start(server_config("16800-16899", 30)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let mut phone = SipPhone::new(&server, "reptime-1").await;
+    let phone_rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = phone_rtp.local_addr().unwrap().port();
+    let sdp = offer("127.0.0.1", port, "a=ptime:20\r\n");
+    let (mut agent, ok, server_rtp) = call_in(&mut control, &mut phone, &sdp).await;
+    assert!(body(&ok).contains("a=ptime:20\r\n"), "{ok}");
+    phone.ack().await;
+    let mut agent_pos = 0usize;
+    let mut agent_ramp = move |bytes: usize| {
+        let frame: Vec<u8> = (0..bytes / 2)
+            .flat_map(|i| {
+                G711::Pcmu
+                    .decode_sample(ramp_code(agent_pos + i))
+                    .to_le_bytes()
+            })
+            .collect();
+        agent_pos += bytes / 2;
+        vec![frame]
+    };
+    let mut heard: Vec<Vec<i16>> = Vec::new();
+    let mut to_phone: Vec<Vec<u8>> = Vec::new();
+    // The phone's ramp: 1 s at 20 ms, then (after its re-INVITE) 1.5 s at 30 ms, in real
+    // time; its sequence numbers and timestamps run on across the change.
+    let mut phone_pos = 0usize;
+    let mut seq = 30_000u16;
+    let mut clock = Instant::now();
+    for (ptime, millis) in [(20usize, 1000usize), (30, 1500)] {
+        if ptime != 20 {
+            let sdp = offer("127.0.0.1", port, &format!("a=ptime:{ptime}\r\n"));
+            phone.invite(&sdp).await;
+            let ok = phone.final_response().await;
+            assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+            assert!(body(&ok).contains(&format!("a=ptime:{ptime}\r\n")), "{ok}");
+            phone.ack().await;
+            clock = clock.max(Instant::now());
+        }
+        let samples = ptime * 8;
+        for _ in 0..millis / ptime {
+            let payload: Vec<u8> = (0..samples).map(|i| ramp_code(phone_pos + i)).collect();
+            let p = rtp(seq, phone_pos as u32, 0x6666, &payload);
+            phone_rtp.send_to(&p, server_rtp).await.unwrap();
+            seq = seq.wrapping_add(1);
+            phone_pos += samples;
+            clock += Duration::from_millis(ptime as u64);
+            let (h, got) = tokio::join!(
+                agent_talks(&mut agent, clock, &mut agent_ramp),
+                rtp_until(&phone_rtp, clock)
+            );
+            heard.extend(h);
+            to_phone.extend(got);
+        }
+    }
+    // The agent heard the phone's ramp whole across the change.
+    let ramp_values: Vec<i16> = (0..127)
+        .map(|k| G711::Pcmu.decode_sample(ramp_code(k)))
+        .collect();
+    let caller: Vec<i16> = heard
+        .iter()
+        .filter(|f| f.iter().all(|s| ramp_values.contains(s)))
+        .flatten()
+        .copied()
+        .collect();
+    assert!(
+        !caller.is_empty(),
+        "heard {:?}",
+        &heard[..heard.len().min(12)]
+    );
+    let checked = assert_ramp(&caller, "the agent hears the phone across the ptime change");
+    assert!(checked >= 16_000, "the agent heard {checked} samples");
+    // The phone got 20 ms packets, then 30 ms ones, the agent's ramp unbroken across them.
+    let sizes: Vec<usize> = to_phone.iter().map(Vec::len).collect();
+    let switch = sizes.iter().position(|&n| n != 160).unwrap_or(sizes.len());
+    assert!(
+        switch >= 20 && sizes[switch..].len() >= 20 && sizes[switch..].iter().all(|&n| n == 240),
+        "packet sizes {sizes:?}"
+    );
+    let sent: Vec<i16> = to_phone
+        .iter()
+        .flatten()
+        .map(|&c| G711::Pcmu.decode_sample(c))
+        .skip_while(|s| !ramp_values.contains(s) || *s == G711::Pcmu.decode_sample(0xFF))
+        .collect();
+    let checked = assert_ramp(&sent, "the phone hears the agent across the ptime change");
+    assert!(checked >= 16_000, "the phone heard {checked} samples");
+    phone.bye().await;
+    ordinary_call_works(&server, &mut control, "reptime-2").await;
     server.shutdown().await;
 }
 
