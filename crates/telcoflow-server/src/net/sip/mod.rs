@@ -10,7 +10,7 @@
 //!
 //! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
 //!
-//! | call side | incoming call ([`uas::Uas`]) | outgoing call ([`uac::OutgoingCall`]) |
+//! | call side | incoming call ([`Uas`]) | outgoing call ([`OutgoingCall`]) |
 //! |---|---|---|
 //! | new call | `UasEvent::IncomingCall` (Reject 404 if the number has no route) | `OutgoingCall::new` |
 //! | ringing | `LegOutput::Ringing` -> `UasAction::Ringing` | `UacEvent::Progress` |
@@ -20,8 +20,10 @@
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
 //! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `queue_audio`/`poll_audio` (8 kHz) | same |
 //! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
-//! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_receiving(!remote_hold)` | `UacEvent::MediaUpdated` likewise |
+//! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_ptime(ptime)`, `set_receiving(!remote_hold)`, `set_sending(direction.sends())` | `UacEvent::MediaUpdated` likewise |
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
+//!
+//! [`OutgoingCall`]: telcoflow_sip::sip::uac::OutgoingCall
 
 mod admission;
 mod endpoint;
