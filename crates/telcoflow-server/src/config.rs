@@ -794,6 +794,9 @@ mod tests {
         }
         let ok = format!("[sip]\nrtp_ports = '20000-20010'\n{base}");
         Config::from_toml(&ok).unwrap();
+        let ok = format!("[sip]\ntimer_t1_ms = 50\n{base}");
+        let t1 = Config::from_toml(&ok).unwrap().sip.unwrap().timers().t1;
+        assert_eq!(t1, Duration::from_millis(50));
         for bad in [
             "allow = ['10.0.0.0/33']",
             "allow = ['pbx.example']",
@@ -801,6 +804,8 @@ mod tests {
             "tcp_message_timeout_secs = 0",
             "tcp_idle_timeout_secs = 0",
             "tcp_max_connections = 0",
+            "timer_t1_ms = 0",
+            "timer_t1_ms = 5000",
             "realm = ''",
             "[[sip.accounts]]\nusername = 'a'\npassword = ''",
         ] {
