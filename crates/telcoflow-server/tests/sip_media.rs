@@ -838,14 +838,27 @@ fn pcap_speech() -> Vec<i16> {
 // leg's task, whose stalls make the jitter buffer drop frames to bound the latency.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sipp_stock_30_ms_speech_reaches_the_agent_in_order_without_a_cut() {
+    sipp_speech_reaches_the_agent(27, "ptime30", "uac_ptime30.xml").await;
+}
+
+/// SIPp offers 20 ms, then switches to 30 ms by re-INVITE (its check: the answer says
+/// `a=ptime:30`) and plays its recording.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_switching_to_30_ms_by_re_invite_is_heard_in_order_without_a_cut() {
+    sipp_speech_reaches_the_agent(29, "reinvite-ptime30", "uac_reinvite_ptime30.xml").await;
+}
+
+/// Runs a SIPp scenario that plays `g711a.pcap` to an agent who answers and listens, and
+/// checks what the agent heard; then an ordinary call.
+async fn sipp_speech_reaches_the_agent(index: u16, name: &str, scenario: &str) {
     if !sipp::available() {
         return;
     }
-    let ports = sipp::ports(27);
+    let ports = sipp::ports(index);
     let server = start(sipp::sip_config(ports)).await;
     let mut control = control(&server, 8000, "mixed").await;
-    let dir = sipp::work_dir("ptime30");
-    let args = sipp::uac_args(&server, ports, "uac_ptime30.xml", "+15559990001", 1);
+    let dir = sipp::work_dir(name);
+    let args = sipp::uac_args(&server, ports, scenario, "+15559990001", 1);
     let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
 
     let call = control.take_call().await;
@@ -869,7 +882,13 @@ async fn sipp_stock_30_ms_speech_reaches_the_agent_in_order_without_a_cut() {
         }
     }
     phone.await.unwrap().assert_passed();
+    assert_heard_the_recording(&heard);
+    ordinary_call_works(&server, &mut control, &format!("{name}-after")).await;
+    server.shutdown().await;
+}
 
+/// Checks the frames an agent heard of SIPp's recording.
+fn assert_heard_the_recording(heard: &[Vec<i16>]) {
     // What the agent heard is the recording from its first frame on, in order, in whole
     // 20 ms frames: nothing cut from the 30 ms packets (a cut, or a lost 30 ms packet, takes
     // two frames or shifts every frame after it), nothing repeated or reordered. Frames that
@@ -913,6 +932,4 @@ async fn sipp_stock_30_ms_speech_reaches_the_agent_in_order_without_a_cut() {
         skipped * 10 <= reached,
         "{skipped} of {reached} frames dropped by the jitter buffer"
     );
-    ordinary_call_works(&server, &mut control, "sipp-after").await;
-    server.shutdown().await;
 }
