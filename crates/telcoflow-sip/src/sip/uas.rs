@@ -2090,6 +2090,38 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
     }
 
     #[test]
+    fn reinvite_changing_ptime_is_answered_and_reported() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        // Each is answered with the offered ptime within 10-60 ms, else 20; and reported.
+        let changes = [("30", 30), ("10", 10), ("60", 60), ("90", 20), ("20", 20)];
+        for (cseq, (ptime, answered)) in (2..).zip(changes) {
+            let sdp =
+                offer_sdp("0 101", "sendrecv").replace("a=ptime:20", &format!("a=ptime:{ptime}"));
+            let branch = format!("re{ptime}");
+            h.feed(&Req::new("INVITE", &branch, cseq).tag(&tag).body(sdp));
+            let sent = h.sent();
+            let Some(Message::Response(ok)) = sent.last() else {
+                panic!("{sent:?}");
+            };
+            assert_eq!(ok.status, 200);
+            let body = String::from_utf8(ok.body.clone()).unwrap();
+            assert!(body.contains(&format!("a=ptime:{answered}\r\n")), "{body}");
+            let events = h.events();
+            let [UasEvent::MediaUpdated { negotiated, .. }] = events.as_slice() else {
+                panic!("{events:?}");
+            };
+            assert_eq!(negotiated.ptime, answered, "offered {ptime}");
+            h.feed(&Req::new("ACK", &format!("ack{ptime}"), cseq).tag(&tag));
+            assert!(h.sent().is_empty());
+            h.events();
+        }
+    }
+
+    #[test]
     fn reinvite_hold_and_resume() {
         let mut h = Harness::new();
         let call = h.incoming();
