@@ -75,13 +75,17 @@ async fn echo_round_trip_returns_the_same_audio() {
         .await;
     let spoken = pattern(16_000, 3); // one second at 16 kHz
     phone.speak(&spoken).await;
-    // Wait until the whole second has come back (silence before it is fine).
-    loop {
+    // Wait until the whole second has come back (silence before it is fine), for at most
+    // five seconds of audio.
+    let mut back = false;
+    for _ in 0..250 {
         phone.hear(phone.heard.len() + 640).await;
         if contains(&phone.heard, &spoken[spoken.len() - 640..]) {
+            back = true;
             break;
         }
     }
+    assert!(back, "the end of the spoken second came back");
     // Playout may insert silence where the echo was late (jitter), but every 20 ms frame
     // comes back intact and in order.
     let voiced: Vec<u8> = phone
