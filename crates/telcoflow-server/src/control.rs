@@ -10,7 +10,7 @@
 use crate::auth::authenticate;
 use crate::call::CallHandle;
 use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
-use crate::registry::{ControlLink, ReadyOutcome};
+use crate::registry::{ClaimError, ControlLink, ReadyOutcome};
 use crate::state::Shared;
 use crate::tls::PeerInfo;
 use axum::extract::ws::{
@@ -102,7 +102,10 @@ async fn run(
         kill: kill.clone(),
         inbound_calls: true,
     };
-    shared.registry.add_control(&sm_ws_id, link.clone());
+    if let Err(e) = shared.registry.add_control(&sm_ws_id, link.clone()).await {
+        // The connection still hears of new sessions; those already waiting are not offered.
+        warn!(error = %e, "cannot offer the connector's waiting sessions");
+    }
     info!(
         sample_rate = setup.sample_rate.hz(),
         audio_mode = setup.audio_mode.as_str(),
@@ -128,7 +131,7 @@ async fn run(
             msg = socket.recv() => {
                 idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 match msg {
-                Some(Ok(Message::Text(text))) => conn.on_text(&text),
+                Some(Ok(Message::Text(text))) => conn.on_text(&text).await,
                 Some(Ok(Message::Binary(_))) => debug!("binary frame on the control connection ignored"),
                 Some(Ok(_)) => {} // ping/pong are answered by the WebSocket layer
                 Some(Err(e)) => {
@@ -179,7 +182,9 @@ async fn run(
             }
         }
     }
-    shared.registry.remove_control(&sm_ws_id);
+    if let Err(e) = shared.registry.remove_control(&sm_ws_id).await {
+        warn!(error = %e, "cannot offer the sessions this connection held to the others");
+    }
     info!("control connection closed");
 }
 
@@ -250,7 +255,9 @@ impl Conn {
         self.send(ServerFrame::Response(Reply::error(req_id, code, content)));
     }
 
-    fn on_text(&mut self, text: &str) {
+    /// Handles one frame. Directory requests are awaited here, so the connection's frames
+    /// are answered in order.
+    async fn on_text(&mut self, text: &str) {
         let frame = match ClientFrame::decode(text) {
             Ok(frame) => frame,
             Err(e) => {
@@ -271,13 +278,19 @@ impl Conn {
         match frame {
             ClientFrame::Setup { .. } => debug!("repeated setup ignored"),
             ClientFrame::SessionOpen { session_id, req_id } => {
-                match self.shared.registry.claim(&self.sm_ws_id, &session_id) {
+                match self
+                    .shared
+                    .registry
+                    .claim(&self.sm_ws_id, &session_id)
+                    .await
+                {
                     Ok(info) => self.reply_ok(req_id, json!({ "session": info })),
                     Err(e) => {
                         let content = match &e {
-                            crate::registry::ClaimError::Busy { bound_sm_ws_id } => {
+                            ClaimError::Busy { bound_sm_ws_id } => {
                                 json!({ "boundSmWsId": bound_sm_ws_id })
                             }
+                            ClaimError::Registry(e) => json!({ "message": e.to_string() }),
                             _ => {
                                 json!({ "message": format!("session {session_id} cannot be opened") })
                             }
@@ -291,12 +304,20 @@ impl Conn {
                 }
             }
             ClientFrame::SessionReady { session_id } => {
-                match self.shared.registry.ready(&self.sm_ws_id, &session_id) {
-                    ReadyOutcome::Call(call) => self.send(self.call_in(&call)),
-                    ReadyOutcome::NotOpen => {
+                match self
+                    .shared
+                    .registry
+                    .ready(&self.sm_ws_id, &session_id)
+                    .await
+                {
+                    Ok(ReadyOutcome::Call(call)) => self.send(self.call_in(&call)),
+                    Ok(ReadyOutcome::NotOpen) => {
                         debug!(%session_id, "session.ready for a session this connection does not hold")
                     }
-                    ReadyOutcome::Nothing => {}
+                    Ok(ReadyOutcome::Nothing) => {}
+                    // `session.ready` has no reply to carry an error: the app waits for a
+                    // `call.in` that does not come, as for any call it did not get.
+                    Err(e) => warn!(%session_id, error = %e, "session.ready not delivered"),
                 }
             }
             ClientFrame::SessionCreate {
@@ -304,7 +325,7 @@ impl Conn {
                 remote_address,
                 req_id,
             } => {
-                self.on_create(channel, &remote_address, req_id);
+                self.on_create(channel, &remote_address, req_id).await;
             }
             ClientFrame::CallFlowSetup { data, req_id } => self.on_call_flow(&data, req_id),
             ClientFrame::WaMsgOut { req_id, .. } => {
@@ -338,7 +359,7 @@ impl Conn {
         self.reply_ok(req_id, json!({}));
     }
 
-    fn on_create(&self, channel: Channel, remote: &str, req_id: Option<String>) {
+    async fn on_create(&self, channel: Channel, remote: &str, req_id: Option<String>) {
         if channel != Channel::Telco {
             return self.reply_err(
                 req_id,
@@ -354,12 +375,17 @@ impl Conn {
                 format!("remoteAddress is longer than {MAX_ADDRESS_LEN} characters (the limit for numbers and addresses)"),
             );
         }
-        if let Some(existing) =
-            self.shared
-                .registry
-                .open_session_for(&self.connector.uuid, channel, remote)
+        match self
+            .shared
+            .registry
+            .open_session_for(&self.connector.uuid, channel, remote)
+            .await
         {
-            return self.reply_ok(req_id, json!({ "sessionId": existing, "created": false }));
+            Ok(Some(existing)) => {
+                return self.reply_ok(req_id, json!({ "sessionId": existing, "created": false }));
+            }
+            Ok(None) => {}
+            Err(e) => return self.reply_err(req_id, e.code(), e.to_string()),
         }
         match crate::call::spawn_outbound(
             &self.shared,

@@ -3,7 +3,7 @@
 //! ([`ApiError`]).
 
 use crate::auth::{PhoneQuery, admit_phone, authenticate};
-use crate::call::CallInput;
+use crate::registry::{CloseError, RegistryError, SessionQuery};
 use crate::state::Shared;
 use crate::tls::PeerInfo;
 use axum::Json;
@@ -21,6 +21,8 @@ use telcoflow_proto::control::{Channel, CloseReason, SessionState};
 pub(crate) struct ApiError {
     code: ErrorCode,
     message: String,
+    /// The registry's store cannot be reached: 503, whatever the code.
+    unavailable: bool,
 }
 
 impl ApiError {
@@ -28,10 +30,14 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            unavailable: false,
         }
     }
 
     fn status(&self) -> StatusCode {
+        if self.unavailable {
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
         match self.code {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
@@ -39,6 +45,16 @@ impl ApiError {
             ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        Self {
+            code: e.code(),
+            message: e.to_string(),
+            unavailable: true,
         }
     }
 }
@@ -136,14 +152,18 @@ pub(crate) async fn list_sessions(
         (1, MAX_SESSIONS_PAGE),
     )?;
     let offset = parse_count("offset", query.offset.as_deref(), 0, (0, usize::MAX))?;
-    let page = shared.registry.list(
-        &connector.uuid,
-        channel,
-        query.remote_address.as_deref(),
-        state,
-        offset,
-        limit,
-    );
+    let page = shared
+        .registry
+        .list(&SessionQuery {
+            connector: &connector.uuid,
+            channel,
+            remote_address: query.remote_address.as_deref(),
+            state,
+            offset,
+            limit,
+        })
+        .await
+        .map_err(ApiError::from)?;
     let mut body = json!({ "items": page.items });
     if let Some(next) = page.next_offset {
         body["nextOffset"] = json!(next);
@@ -159,26 +179,27 @@ pub(crate) async fn close_session(
     Path(session_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let connector = auth(&shared, &headers, &peer)?;
-    let Some(call) = shared.registry.call_of(&connector.uuid, &session_id) else {
-        return Err(ApiError::new(
-            ErrorCode::SessionNotFound,
-            format!("no open session {session_id}"),
-        ));
-    };
     let reason = CloseReason::SdkRequest;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let close = CallInput::Close {
-        reason,
-        done: Some(done_tx),
-    };
-    if !call.send_wait(close).await {
-        return Err(ApiError::new(
-            ErrorCode::SessionNotFound,
-            format!("session {session_id} has just ended"),
-        ));
+    match shared
+        .registry
+        .close_session(&connector.uuid, &session_id, reason)
+        .await
+    {
+        Ok(()) => {}
+        Err(CloseError::NotFound) => {
+            return Err(ApiError::new(
+                ErrorCode::SessionNotFound,
+                format!("no open session {session_id}"),
+            ));
+        }
+        Err(CloseError::JustEnded) => {
+            return Err(ApiError::new(
+                ErrorCode::SessionNotFound,
+                format!("session {session_id} has just ended"),
+            ));
+        }
+        Err(CloseError::Registry(e)) => return Err(e.into()),
     }
-    // The sender drops without a value if the call ended on its own meanwhile: closed either way.
-    let _ = done_rx.await;
     Ok(Json(
         json!({ "closedAt": crate::token::unix_now(), "reason": reason }),
     ))

@@ -53,7 +53,7 @@ impl Shared {
                 Some((normalize_fingerprint(pin), c.clone()))
             })
             .collect();
-        let registry = Registry::new(config.limits.max_closed_sessions_per_connector);
+        let registry = Registry::in_memory(config.limits.max_closed_sessions_per_connector);
         Self {
             config,
             connectors,

@@ -399,7 +399,7 @@ impl CallActor {
             self.close_media();
             self.shared
                 .registry
-                .close(&self.handle.session_id, CloseReason::SdkRequest);
+                .session_ended(&self.handle.session_id, CloseReason::SdkRequest);
         } else {
             self.finish(CloseReason::SdkRequest, HangupReason::Remote);
         }
@@ -438,6 +438,8 @@ impl CallActor {
         };
         self.send_event(CallEvent::terminated(who));
         self.close_media();
-        self.shared.registry.close(&self.handle.session_id, reason);
+        self.shared
+            .registry
+            .session_ended(&self.handle.session_id, reason);
     }
 }

@@ -34,6 +34,7 @@ pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut}
 pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput, Refusal};
 
 use crate::config::ConnectorConfig;
+use crate::registry::OpenError;
 use crate::state::Shared;
 use actor::CallActor;
 use handle::Queues;
@@ -65,13 +66,16 @@ pub(crate) fn spawn_incoming(
         None,
         Instant::now(),
     );
-    shared.registry.open_call_session(
-        &connector_id,
-        shared.config.limits.max_calls_per_connector,
-        info,
-        handle.clone(),
-        None,
-    )?;
+    shared
+        .registry
+        .open_call_session(
+            &connector_id,
+            shared.config.limits.max_calls_per_connector,
+            info,
+            handle.clone(),
+            None,
+        )
+        .map_err(|e| e.code())?;
     run_actor(shared, actor, queues);
     Ok(handle)
 }
@@ -107,15 +111,22 @@ pub(crate) fn spawn_outbound(
         Some(setup),
         Instant::now(),
     );
-    if let Err(code) = shared.registry.open_call_session(
+    if let Err(e) = shared.registry.open_call_session(
         &connector_id,
         shared.config.limits.max_calls_per_connector,
         info,
         handle.clone(),
         Some(sm_ws_id.to_owned()),
     ) {
-        let _ = link.tx.try_send(LegOutput::Hangup(HangupReason::Busy));
-        return Err((code, "the connector's call limit is reached".into()));
+        let (reason, message) = match &e {
+            OpenError::QuotaExceeded => (
+                HangupReason::Busy,
+                "the connector's call limit is reached".to_owned(),
+            ),
+            OpenError::Registry(e) => (HangupReason::Error, e.to_string()),
+        };
+        let _ = link.tx.try_send(LegOutput::Hangup(reason));
+        return Err((e.code(), message));
     }
     run_actor(shared, actor, queues);
     Ok(handle)

@@ -1,46 +1,21 @@
-//! The call/session registry: which sessions exist, which control connection holds each, and
-//! which control connections each connector has.
+//! The in-memory registry: sessions, claims, control connections and call counts of a server
+//! that is its own cluster, in one process.
 //!
-//! This is the one piece of shared state of the server, kept behind a narrow interface so that it
-//! can later live in a distributed store (NATS JetStream KV for records, subjects for the
-//! notifications) without touching the planes around it. Every method is synchronous and holds
-//! the lock only for map updates; frames to control connections are queued with `try_send` on
-//! bounded queues, never awaited under the lock.
+//! Every method is synchronous and holds the lock only for map updates; frames to control
+//! connections are queued with `try_send` on bounded queues, never awaited under the lock.
+//! Node-local state and the directory share the one lock, so that a control connection that
+//! joins sees each session exactly once: in the sessions offered to it, or in a notification.
 
+use super::link::ControlLink;
+use super::outcome::{ClaimError, OpenError, ReadyOutcome, SessionPage, SessionQuery};
 use crate::call::{CallHandle, CallInput};
 use crate::token::unix_now;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::{
-    Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState, SetupData,
+    Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState,
 };
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
-
-/// How a control connection is reached.
-#[derive(Debug, Clone)]
-pub(crate) struct ControlLink {
-    pub(crate) connector: Arc<str>,
-    pub(crate) setup: SetupData,
-    pub(crate) tx: mpsc::Sender<ServerFrame>,
-    /// Cancelled when the connection cannot take a frame: it is not reading and gets closed.
-    pub(crate) kill: CancellationToken,
-    /// Whether incoming calls are offered to it (`call_flow.setup` `inboundCall: "NO"` turns
-    /// this off).
-    pub(crate) inbound_calls: bool,
-}
-
-impl ControlLink {
-    /// Queues a frame; a full queue closes the connection rather than lose frames silently.
-    pub(crate) fn send(&self, frame: ServerFrame) {
-        if let Err(e) = self.tx.try_send(frame) {
-            warn!(error = %e, "control connection is not reading; closing it");
-            self.kill.cancel();
-        }
-    }
-}
+use tracing::debug;
 
 #[derive(Debug)]
 struct SessionRecord {
@@ -71,72 +46,16 @@ struct State {
     control_slots: HashMap<Arc<str>, usize>,
 }
 
-/// A control connection's place under `max_control_connections_per_connector`, given back
-/// when dropped.
-#[derive(Debug)]
-pub(crate) struct ControlSlot {
-    registry: Registry,
-    connector: Arc<str>,
-}
-
-impl Drop for ControlSlot {
-    fn drop(&mut self) {
-        let mut state = self.registry.lock();
-        if let Some(held) = state.control_slots.get_mut(&self.connector) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                state.control_slots.remove(&self.connector);
-            }
-        }
-    }
-}
-
-/// Why a session could not be claimed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum ClaimError {
-    Busy { bound_sm_ws_id: String },
-    NotFound,
-    Closed,
-}
-
-impl ClaimError {
-    pub(crate) fn code(&self) -> ErrorCode {
-        match self {
-            Self::Busy { .. } => ErrorCode::SessionBusy,
-            Self::NotFound => ErrorCode::SessionNotFound,
-            Self::Closed => ErrorCode::SessionClosed,
-        }
-    }
-}
-
-/// What to do after a session was marked ready.
-#[derive(Debug)]
-pub(crate) enum ReadyOutcome {
-    /// Send `call.in` for this call (the registry does not build media URLs).
-    Call(CallHandle),
-    /// The session was not claimed by this connection.
-    NotOpen,
-    /// Nothing to deliver (already ready, or no call).
-    Nothing,
-}
-
-/// A page of `GET /public/v1/sessions`.
-#[derive(Debug)]
-pub(crate) struct SessionPage {
-    pub(crate) items: Vec<SessionInfo>,
-    /// Offset of the next page, when there are more sessions.
-    pub(crate) next_offset: Option<usize>,
-}
-
-/// The registry. Cheap to clone.
+/// The registry of a server that is its own cluster: every record in this process, under
+/// one lock. Cheap to clone.
 #[derive(Debug, Clone)]
-pub(crate) struct Registry {
+pub(crate) struct MemoryRegistry {
     state: Arc<Mutex<State>>,
     /// Closed sessions kept per connector (`limits.max_closed_sessions_per_connector`).
     max_closed: usize,
 }
 
-impl Registry {
+impl MemoryRegistry {
     /// A registry keeping at most `max_closed` closed sessions per connector.
     pub(crate) fn new(max_closed: usize) -> Self {
         Self {
@@ -156,18 +75,25 @@ impl Registry {
     /// A place for one more control connection of `connector`, if it holds fewer than
     /// `limit`. Taken before the upgrade is answered, so that connections still in their
     /// handshake or before `setup` count too.
-    pub(crate) fn reserve_control(&self, connector: &str, limit: usize) -> Option<ControlSlot> {
+    pub(crate) fn reserve_control(&self, connector: &str, limit: usize) -> bool {
         let mut state = self.lock();
-        let connector: Arc<str> = connector.into();
-        let held = state.control_slots.entry(connector.clone()).or_default();
+        let held = state.control_slots.entry(connector.into()).or_default();
         if *held >= limit {
-            return None;
+            return false;
         }
         *held += 1;
-        Some(ControlSlot {
-            registry: self.clone(),
-            connector,
-        })
+        true
+    }
+
+    /// Gives back a place taken by [`Self::reserve_control`].
+    pub(crate) fn release_control(&self, connector: &str) {
+        let mut state = self.lock();
+        if let Some(held) = state.control_slots.get_mut(connector) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                state.control_slots.remove(connector);
+            }
+        }
     }
 
     /// Adds a control connection after `setup` and offers it every session of its connector that
@@ -234,11 +160,11 @@ impl Registry {
         info: SessionInfo,
         call: CallHandle,
         bound: Option<String>,
-    ) -> Result<(), ErrorCode> {
+    ) -> Result<(), OpenError> {
         let mut state = self.lock();
         let count = state.calls.entry(connector.clone()).or_default();
         if *count >= max_calls {
-            return Err(ErrorCode::QuotaExceeded);
+            return Err(OpenError::QuotaExceeded);
         }
         *count += 1;
         if bound.is_none() {
@@ -364,7 +290,7 @@ impl Registry {
 
     /// Closes a session: tells its holder with `session.closed` and frees the call slot.
     /// Returns false if it was already closed.
-    pub(crate) fn close(&self, session_id: &str, reason: CloseReason) -> bool {
+    pub(crate) fn session_ended(&self, session_id: &str, reason: CloseReason) -> bool {
         let mut state = self.lock();
         let State {
             controls,
@@ -422,15 +348,15 @@ impl Registry {
 
     /// One page of a connector's sessions for the HTTP API, oldest first: `limit` sessions
     /// from `offset`.
-    pub(crate) fn list(
-        &self,
-        connector: &str,
-        channel: Option<Channel>,
-        remote_address: Option<&str>,
-        state: Option<SessionState>,
-        offset: usize,
-        limit: usize,
-    ) -> SessionPage {
+    pub(crate) fn list(&self, query: &SessionQuery<'_>) -> SessionPage {
+        let SessionQuery {
+            connector,
+            channel,
+            remote_address,
+            state,
+            offset,
+            limit,
+        } = *query;
         // Sort references under the lock and clone only the page: the full list is bounded by
         // the call and closed-session limits, but copying all of it per request is not needed.
         let guard = self.lock();

@@ -1,0 +1,112 @@
+//! What the registry answers: its errors, the outcome of `session.ready`, and pages of the
+//! session listing.
+
+use crate::call::CallHandle;
+use telcoflow_proto::ErrorCode;
+use telcoflow_proto::control::{Channel, SessionInfo, SessionState};
+
+/// The registry's store cannot be reached (a cluster whose NATS is down): the request is
+/// refused now rather than left waiting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum RegistryError {
+    #[expect(dead_code, reason = "only a cluster registry can be unavailable")]
+    #[error("the cluster is unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl RegistryError {
+    /// The code for an error frame (the wire has no code of its own for it).
+    pub(crate) fn code(&self) -> ErrorCode {
+        ErrorCode::InternalError
+    }
+}
+
+/// Why a session could not be claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ClaimError {
+    Busy { bound_sm_ws_id: String },
+    NotFound,
+    Closed,
+    Registry(RegistryError),
+}
+
+impl ClaimError {
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Self::Busy { .. } => ErrorCode::SessionBusy,
+            Self::NotFound => ErrorCode::SessionNotFound,
+            Self::Closed => ErrorCode::SessionClosed,
+            Self::Registry(e) => e.code(),
+        }
+    }
+}
+
+impl From<RegistryError> for ClaimError {
+    fn from(e: RegistryError) -> Self {
+        Self::Registry(e)
+    }
+}
+
+/// Why a new call's session was not registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OpenError {
+    /// The connector is at `limits.max_calls_per_connector`.
+    QuotaExceeded,
+    #[expect(dead_code, reason = "only a cluster registry can be unavailable")]
+    Registry(RegistryError),
+}
+
+impl OpenError {
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Self::QuotaExceeded => ErrorCode::QuotaExceeded,
+            Self::Registry(e) => e.code(),
+        }
+    }
+}
+
+/// Why `POST /public/v1/sessions/{id}/close` did not close a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CloseError {
+    /// No open session of the connector with that id.
+    NotFound,
+    /// The call ended on its own while the close was on its way.
+    JustEnded,
+    Registry(RegistryError),
+}
+
+impl From<RegistryError> for CloseError {
+    fn from(e: RegistryError) -> Self {
+        Self::Registry(e)
+    }
+}
+
+/// What to do after a session was marked ready.
+#[derive(Debug)]
+pub(crate) enum ReadyOutcome {
+    /// Send `call.in` for this call (the registry does not build media URLs).
+    Call(CallHandle),
+    /// The session was not claimed by this connection.
+    NotOpen,
+    /// Nothing to deliver (already ready, or no call).
+    Nothing,
+}
+
+/// Which sessions `GET /public/v1/sessions` asks for.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionQuery<'a> {
+    pub(crate) connector: &'a str,
+    pub(crate) channel: Option<Channel>,
+    pub(crate) remote_address: Option<&'a str>,
+    pub(crate) state: Option<SessionState>,
+    pub(crate) offset: usize,
+    pub(crate) limit: usize,
+}
+
+/// A page of `GET /public/v1/sessions`.
+#[derive(Debug)]
+pub(crate) struct SessionPage {
+    pub(crate) items: Vec<SessionInfo>,
+    /// Offset of the next page, when there are more sessions.
+    pub(crate) next_offset: Option<usize>,
+}
