@@ -553,33 +553,15 @@ impl Driver {
                 created_at,
             } => {
                 debug!(%session_id, ?activity, "session.notify");
-                match self.config.session_mode {
-                    // Calls only: a messaging session claimed here would be lost to the
-                    // connector's other clients, since this SDK does not handle messages.
-                    SessionMode::Auto if channel == Channel::Telco => {
-                        let Ok(id) = self.register(pending, Pending::AutoClaim(session_id.clone()))
-                        else {
-                            warn!(%session_id, "too many requests in flight; session not claimed");
-                            return Ok(());
-                        };
-                        let frame = ClientFrame::SessionOpen {
-                            session_id,
-                            req_id: Some(id),
-                        };
-                        Self::send_frame(ws, &frame).await?;
-                    }
-                    SessionMode::Auto | SessionMode::Manual => {
-                        self.emit(ClientEvent::SessionNotification(SessionNotification {
-                            session_id,
-                            channel,
-                            remote_address,
-                            local_address,
-                            activity,
-                            created_at,
-                        }))
-                        .await;
-                    }
-                }
+                let notification = SessionNotification {
+                    session_id,
+                    channel,
+                    remote_address,
+                    local_address,
+                    activity,
+                    created_at,
+                };
+                self.on_session_notify(ws, pending, notification).await?;
             }
             ServerFrame::CallIn(call_in) => self.on_call_in(call_in).await,
             ServerFrame::SessionClosed { session_id, reason } => {
@@ -589,6 +571,37 @@ impl Driver {
             }
             ServerFrame::WaMsgIn { session_id, .. } => {
                 debug!(%session_id, "message ignored: messaging is not supported by this SDK");
+            }
+        }
+        Ok(())
+    }
+
+    /// A session offered to the connector: claimed at once (calls, in
+    /// [`SessionMode::Auto`]) or handed to the application.
+    async fn on_session_notify(
+        &self,
+        ws: &mut Ws,
+        pending: &mut HashMap<String, Pending>,
+        notification: SessionNotification,
+    ) -> Result<(), String> {
+        match self.config.session_mode {
+            // Calls only: a messaging session claimed here would be lost to the
+            // connector's other clients, since this SDK does not handle messages.
+            SessionMode::Auto if notification.channel == Channel::Telco => {
+                let session_id = notification.session_id;
+                let Ok(id) = self.register(pending, Pending::AutoClaim(session_id.clone())) else {
+                    warn!(%session_id, "too many requests in flight; session not claimed");
+                    return Ok(());
+                };
+                let frame = ClientFrame::SessionOpen {
+                    session_id,
+                    req_id: Some(id),
+                };
+                Self::send_frame(ws, &frame).await?;
+            }
+            SessionMode::Auto | SessionMode::Manual => {
+                self.emit(ClientEvent::SessionNotification(notification))
+                    .await;
             }
         }
         Ok(())

@@ -5,7 +5,10 @@
 //!   call's rate); the moment the caller speaks, by the energy of their audio, it stops.
 //!
 //! Credentials and URL come from flags or `TELCOFLOW_API_KEY`, `TELCOFLOW_CONNECTOR_UUID`,
-//! `TELCOFLOW_BASE_URL`; flags win.
+//! `TELCOFLOW_BASE_URL`, `TELCOFLOW_CA_CERT`; flags win. The names are the SDK's
+//! (`telcoflow::config::ENV_*`, which `TelcoflowClientConfig::from_env` reads too); clap reads
+//! the variables, not `from_env`, so that each flag overrides its variable and the default URL
+//! is a local server's rather than production's.
 
 use anyhow::Context as _;
 use futures_util::StreamExt;
@@ -14,6 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use telcoflow::config::{ENV_API_KEY, ENV_BASE_URL, ENV_CA_CERT, ENV_CONNECTOR_UUID};
 use telcoflow::{
     ActiveCall, AudioChannel, CallError, SampleRate, TelcoflowClient, TelcoflowClientConfig,
 };
@@ -52,14 +56,14 @@ struct Connection {
     /// Server WebSocket base URL.
     #[arg(
         long,
-        env = "TELCOFLOW_BASE_URL",
+        env = ENV_BASE_URL,
         default_value = "ws://127.0.0.1:8080"
     )]
     server: String,
     /// API key of the connector (with --connector-uuid).
     #[arg(
         long,
-        env = "TELCOFLOW_API_KEY",
+        env = ENV_API_KEY,
         hide_env_values = true,
         required_unless_present = "client_cert"
     )]
@@ -67,7 +71,7 @@ struct Connection {
     /// Connector UUID (with --api-key).
     #[arg(
         long,
-        env = "TELCOFLOW_CONNECTOR_UUID",
+        env = ENV_CONNECTOR_UUID,
         required_unless_present = "client_cert"
     )]
     connector_uuid: Option<String>,
@@ -78,7 +82,7 @@ struct Connection {
     #[arg(long, requires = "client_cert")]
     client_key: Option<PathBuf>,
     /// PEM root certificates to trust besides the public ones (a private server's CA).
-    #[arg(long, env = "TELCOFLOW_CA_CERT")]
+    #[arg(long, env = ENV_CA_CERT)]
     ca_cert: Option<PathBuf>,
     /// PCM sample rate of the calls: 8000, 16000 or 24000.
     #[arg(long, default_value_t = 16000)]

@@ -149,20 +149,27 @@ fn auth_params(s: &str) -> Vec<(String, String)> {
     }
 }
 
+/// The parameters of a `Digest ...` header value (a challenge or an answer to one).
+fn digest_params(value: &str) -> Result<Vec<(String, String)>, DigestError> {
+    let value = value.trim();
+    let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+    if !scheme.eq_ignore_ascii_case("Digest") {
+        return Err(DigestError::NotDigest);
+    }
+    Ok(auth_params(rest))
+}
+
+/// The `algorithm` parameter's value; MD5 when it is absent.
+fn algorithm_param(value: Option<&str>) -> Result<Algorithm, DigestError> {
+    value.map_or(Ok(Algorithm::Md5), Algorithm::parse)
+}
+
 impl Challenge {
     /// Parses a challenge header value.
     pub fn parse(value: &str) -> Result<Self, DigestError> {
-        let value = value.trim();
-        let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-        if !scheme.eq_ignore_ascii_case("Digest") {
-            return Err(DigestError::NotDigest);
-        }
-        let params = auth_params(rest);
+        let params = digest_params(value)?;
         let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
-        let algorithm = match get("algorithm") {
-            Some(a) => Algorithm::parse(a)?,
-            None => Algorithm::Md5,
-        };
+        let algorithm = algorithm_param(get("algorithm"))?;
         let qop_auth = match get("qop") {
             None => false,
             Some(q) => {
@@ -249,18 +256,10 @@ pub struct Authorization {
 impl Authorization {
     /// Parses a header value.
     pub fn parse(value: &str) -> Result<Self, DigestError> {
-        let value = value.trim();
-        let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
-        if !scheme.eq_ignore_ascii_case("Digest") {
-            return Err(DigestError::NotDigest);
-        }
-        let params = auth_params(rest);
+        let params = digest_params(value)?;
         let get = |n: &str| params.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
         let need = |n: &'static str| get(n).ok_or(DigestError::Missing(n));
-        let algorithm = match get("algorithm") {
-            Some(a) => Algorithm::parse(&a)?,
-            None => Algorithm::Md5,
-        };
+        let algorithm = algorithm_param(get("algorithm").as_deref())?;
         let qop_auth = match get("qop") {
             None => false,
             Some(q) if q.eq_ignore_ascii_case("auth") => true,

@@ -192,6 +192,23 @@ pub struct MediaDescription {
 }
 
 impl MediaDescription {
+    /// An `m=` line with no attributes and no media-level `c=`.
+    fn bare(media: String, port: u16, protocol: String, formats: Vec<String>) -> Self {
+        Self {
+            media,
+            port,
+            protocol,
+            formats,
+            connection: None,
+            rtpmaps: Vec::new(),
+            fmtps: Vec::new(),
+            ptime: None,
+            rtcp_port: None,
+            direction: None,
+            other: Vec::new(),
+        }
+    }
+
     /// Payload types in the format list that parse as numbers, in order.
     pub fn payload_types(&self) -> impl Iterator<Item = u8> + '_ {
         self.formats.iter().filter_map(|f| f.parse().ok())
@@ -321,19 +338,12 @@ impl SessionDescription {
                     };
                     // "port/count" is allowed; we use the first port.
                     let port = port.split('/').next().unwrap_or(port);
-                    sd.media.push(MediaDescription {
-                        media: media.to_string(),
-                        port: port.parse().map_err(|_| bad)?,
-                        protocol: protocol.to_string(),
-                        formats: f.map(str::to_string).collect(),
-                        connection: None,
-                        rtpmaps: Vec::new(),
-                        fmtps: Vec::new(),
-                        ptime: None,
-                        rtcp_port: None,
-                        direction: None,
-                        other: Vec::new(),
-                    });
+                    sd.media.push(MediaDescription::bare(
+                        media.to_string(),
+                        port.parse().map_err(|_| bad)?,
+                        protocol.to_string(),
+                        f.map(str::to_string).collect(),
+                    ));
                 }
                 ("a", m) => {
                     let (name, arg) = match value.split_once(':') {
@@ -603,19 +613,12 @@ pub fn answer(
     let mut saw_audio = false;
     let mut media = Vec::with_capacity(offer.media.len());
     for (index, m) in offer.media.iter().enumerate() {
-        let rejected = MediaDescription {
-            media: m.media.clone(),
-            port: 0,
-            protocol: m.protocol.clone(),
-            formats: m.formats.iter().take(1).cloned().collect(),
-            connection: None,
-            rtpmaps: Vec::new(),
-            fmtps: Vec::new(),
-            ptime: None,
-            rtcp_port: None,
-            direction: None,
-            other: Vec::new(),
-        };
+        let rejected = MediaDescription::bare(
+            m.media.clone(),
+            0,
+            m.protocol.clone(),
+            m.formats.iter().take(1).cloned().collect(),
+        );
         let usable_audio = m.media == "audio" && m.port != 0 && m.protocol == "RTP/AVP";
         if chosen.is_some() || !usable_audio {
             media.push(rejected);

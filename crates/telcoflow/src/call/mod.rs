@@ -352,11 +352,7 @@ impl ActiveCall {
         if self.state() == CallState::Terminated {
             return Ok(Value::Null);
         }
-        let r = self
-            .command(CommandName::Disconnect, None, COMMAND_TIMEOUT)
-            .await?;
-        self.finish_locally();
-        Ok(r)
+        self.ending_command(CommandName::Disconnect).await
     }
 
     /// The agent leaves (`call.close`): after `connect` the two parties stay connected,
@@ -371,11 +367,7 @@ impl ActiveCall {
             self.finish_locally();
             return Ok(Value::Null);
         }
-        let r = self
-            .command(CommandName::Close, None, COMMAND_TIMEOUT)
-            .await?;
-        self.finish_locally();
-        Ok(r)
+        self.ending_command(CommandName::Close).await
     }
 
     /// Queues PCM (s16le mono at the configured rate) for the caller. All or nothing:
@@ -499,6 +491,14 @@ impl ActiveCall {
 
     /// Marks the call terminated after a successful `close`/`disconnect`; the server closes
     /// the media connection next.
+    /// Sends a command that ends the call for this agent (`call.disconnect`, `call.close`)
+    /// and, once the server accepted it, marks the call terminated here.
+    async fn ending_command(&self, name: CommandName) -> Result<Value, CallError> {
+        let r = self.command(name, None, COMMAND_TIMEOUT).await?;
+        self.finish_locally();
+        Ok(r)
+    }
+
     fn finish_locally(&self) {
         let changed = set_terminated(&self.core);
         let media = self.core.media.lock().clone();

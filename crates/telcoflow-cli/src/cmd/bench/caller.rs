@@ -25,7 +25,7 @@ use std::time::Duration;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::audio::{pcm_to_samples, samples_to_pcm};
 use telcoflow_proto::sim::{NetworkFrame, PhoneFrame};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 
 /// How long a call may take to be answered.
@@ -227,12 +227,7 @@ async fn send_text(ws: &mut Ws, text: String) -> Result<(), String> {
 
 /// The streaming phase over the simulated network.
 async fn run_ws(stream: &mut Stream<'_>, ws: &mut Ws, progress: &Progress) -> Result<(), String> {
-    let mut ticker = tokio::time::interval(Duration::from_millis(20));
-    // Like a microphone that fell behind: send late rather than in a burst.
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let end_at = stream.plan.end_at;
-    let mut sending = true;
-    let mut drain_until = end_at + DRAIN;
+    let mut pacer = Pacer::new(stream.plan.end_at);
     let mut pcm = Vec::with_capacity(stream.frame.len() * 2);
     let mut rx = Vec::with_capacity(stream.frame.len());
     loop {
@@ -254,14 +249,9 @@ async fn run_ws(stream: &mut Stream<'_>, ws: &mut Ws, progress: &Progress) -> Re
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(format!("connection failed: {e}")),
             },
-            // Cancel-safe: Interval::tick. Guard: only while sending.
-            _ = ticker.tick(), if sending => {
-                let now = Instant::now();
-                if now >= end_at {
-                    sending = false;
-                    drain_until = now + DRAIN;
-                    continue;
-                }
+            // Cancel-safe: see Pacer::next_frame_at.
+            at = pacer.next_frame_at() => {
+                let Some(now) = at else { return Ok(()) };
                 pcm.clear();
                 samples_to_pcm(stream.next_frame(now), &mut pcm);
                 ws.send(Message::binary(pcm.clone()))
@@ -269,8 +259,49 @@ async fn run_ws(stream: &mut Stream<'_>, ws: &mut Ws, progress: &Progress) -> Re
                     .map_err(|e| format!("send failed: {e}"))?;
                 progress.frames_sent.fetch_add(1, Ordering::Relaxed);
             }
-            () = tokio::time::sleep_until(drain_until), if !sending => return Ok(()),
         }
+    }
+}
+
+/// The sending clock of the streaming phase, whatever carries it: a frame every 20 ms until
+/// the plan's end, then a drain of [`DRAIN`] for the audio still on its way back.
+pub(super) struct Pacer {
+    ticker: Interval,
+    end_at: Instant,
+    sending: bool,
+    drain_until: Instant,
+}
+
+impl Pacer {
+    pub(super) fn new(end_at: Instant) -> Self {
+        let mut ticker = tokio::time::interval(Duration::from_millis(20));
+        // Like a microphone that fell behind: send late rather than in a burst.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            ticker,
+            end_at,
+            sending: true,
+            drain_until: end_at + DRAIN,
+        }
+    }
+
+    /// Waits until the next frame is due and returns the time to stamp it with; `None` once
+    /// the drain after the last frame is over.
+    ///
+    /// Cancel-safe: `Interval::tick` is, and the switch to draining is stored before the
+    /// drain's sleep, which a later call starts again with the same deadline.
+    pub(super) async fn next_frame_at(&mut self) -> Option<Instant> {
+        if self.sending {
+            self.ticker.tick().await;
+            let now = Instant::now();
+            if now < self.end_at {
+                return Some(now);
+            }
+            self.sending = false;
+            self.drain_until = now + DRAIN;
+        }
+        tokio::time::sleep_until(self.drain_until).await;
+        None
     }
 }
 

@@ -13,7 +13,7 @@
 //! number, not the RTP one, which the server renumbers. Received packets are read as they
 //! arrive, without a jitter buffer, so lateness is seen as it happens.
 
-use super::caller::{ANSWER_TIMEOUT, CALLED, CallPlan, CallReport, DRAIN, Progress, Stream};
+use super::caller::{ANSWER_TIMEOUT, CALLED, CallPlan, CallReport, Pacer, Progress, Stream};
 use super::stats::us;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -27,7 +27,7 @@ use telcoflow_sip::sip::transaction::Timers;
 use telcoflow_sip::sip::uac::{OutgoingCall, UacConfig, UacEvent};
 use telcoflow_sip::sip::{Transmit, Transport};
 use tokio::net::UdpSocket;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
 /// How long the BYE may take to be answered.
 const BYE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -221,12 +221,7 @@ impl Phone {
         let mut remote = negotiated.remote;
         let pt = negotiated.payload_type;
         let codec = negotiated.codec;
-        let mut ticker = tokio::time::interval(Duration::from_millis(20));
-        // Like a microphone that fell behind: send late rather than in a burst.
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let end_at = stream.plan.end_at;
-        let mut sending = true;
-        let mut drain_until = end_at + DRAIN;
+        let mut pacer = Pacer::new(stream.plan.end_at);
         let ssrc = rand_u32(stream.plan.index);
         let mut sequence = ssrc as u16;
         let mut timestamp = ssrc.rotate_left(16);
@@ -271,14 +266,9 @@ impl Phone {
                         return Err("hung up by the server".into());
                     }
                 }
-                // Cancel-safe: Interval::tick. Guard: only while sending.
-                _ = ticker.tick(), if sending => {
-                    let now = Instant::now();
-                    if now >= end_at {
-                        sending = false;
-                        drain_until = now + DRAIN;
-                        continue;
-                    }
+                // Cancel-safe: see Pacer::next_frame_at.
+                at = pacer.next_frame_at() => {
+                    let Some(now) = at else { return Ok(()) };
                     let n = codec.encode(stream.next_frame(now), &mut payload);
                     let header = RtpHeader::new(pt, sequence, timestamp, ssrc);
                     let len = header
@@ -292,7 +282,6 @@ impl Phone {
                         .map_err(|e| format!("RTP send failed: {e}"))?;
                     progress.frames_sent.fetch_add(1, Ordering::Relaxed);
                 }
-                () = tokio::time::sleep_until(drain_until), if !sending => return Ok(()),
             }
         }
     }
