@@ -381,6 +381,7 @@ impl Playout {
                 stall.server = true;
             }
         }
+        if std::env::var("PDBG").is_ok() && (self.tick % 10 == 0 || self.stall.is_some() || self.catch_up_until.is_some() || self.pause.is_some()) { eprintln!("t{} held{} out{} live{} pre{} tgt{} stall{:?} pause{:?} owed{} cu{:?} rtts{:?}", self.tick, self.buf.len(), self.outstanding, self.live_ticks, self.prebuffer_frames, self.target_frames, self.stall.map(|s| (s.dry_tick, s.silent_from, s.server)), self.pause.map(|p| (p.dry_tick, p.back_tick)), self.owed, self.catch_up_until, self.rtts); }
         self.watch_pause();
         self.catch_up();
         if self
@@ -427,9 +428,15 @@ impl Playout {
             }
         }
         if self.catch_up_until.is_none() {
-            if held <= LIVE_HELD_FRAMES * self.frame_bytes && self.outstanding > 0 {
+            // A pre-buffer grown for jitter (a loaded machine) holds live audio longer; a
+            // stream answered from a queue ahead still holds nearly its whole target.
+            let live_held = LIVE_HELD_FRAMES
+                .max(self.prebuffer_frames + 1)
+                .min(self.target_frames.saturating_sub(REQUEST_FRAMES).max(LIVE_HELD_FRAMES))
+                * self.frame_bytes;
+            if held <= live_held && self.outstanding > 0 {
                 self.live_ticks = self.live_ticks.saturating_add(1);
-            } else if held > LIVE_HELD_FRAMES * self.frame_bytes {
+            } else if held > live_held {
                 self.live_ticks = 0;
             }
         }
