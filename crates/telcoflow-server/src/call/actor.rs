@@ -348,9 +348,9 @@ impl CallActor {
                     self.on_agent_audio(&pcm);
                 }
             }
-            CallInput::MediaPong { conn_id, seq } => {
+            CallInput::MediaPong { conn_id } => {
                 if self.is_current_media(conn_id) {
-                    self.playout.pong(seq, now);
+                    self.playout.pong(now);
                 }
             }
             CallInput::Leg { leg, event } => self.on_leg(leg, event),
