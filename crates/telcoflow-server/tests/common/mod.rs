@@ -73,7 +73,12 @@ impl Ws {
                 .await
                 .expect("message in time")
             {
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                // The pong is queued by the socket and goes out on a flush: send it at once,
+                // as browsers and the SDKs do, so the server sees a live peer.
+                Some(Ok(Message::Ping(_))) => {
+                    let _ = self.inner.flush().await;
+                }
+                Some(Ok(Message::Pong(_) | Message::Frame(_))) => continue,
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
                 Some(Ok(m)) => return Some(m),
             }

@@ -219,6 +219,10 @@ impl MediaDriver<'_> {
                 // frames already sent still land.
                 Message::Text(text) => on_text(self.core, self.media, self.flow, &text),
                 Message::Close(_) => return Poll::Ready(Ended::Done("closed by server")),
+                // The socket queues the pong and sends it only on a flush: flush now, so the
+                // server, which pings when our audio runs dry, does not take a silent agent
+                // for a stalled one.
+                Message::Ping(_) => self.flushing = true,
                 _ => {}
             }
         }
