@@ -1147,21 +1147,39 @@ fn find_header_end(buf: &[u8]) -> Option<(usize, usize)> {
 /// [`MAX_HEADER_COUNT`] and [`MAX_HEADER_LINE_LEN`], counting physical lines: a folded line
 /// is checked again, whole, after unfolding.
 fn check_head_limits(head: &[u8]) -> Result<(), ParseError> {
-    let mut lines = 0usize;
-    for line in head.split(|&b| b == b'\n') {
-        if line.len() > MAX_HEADER_LINE_LEN + 1 {
-            return Err(ParseError::HeaderLineTooLong);
+    HeadLimits::default().scan(head)
+}
+
+/// The header limits of [`check_head_limits`], kept across the pieces of a header section
+/// that arrives over a stream, so that each byte is checked once.
+#[derive(Debug, Default)]
+pub(crate) struct HeadLimits {
+    lines: usize,
+    line_len: usize,
+}
+
+impl HeadLimits {
+    /// Checks the next bytes of the header section.
+    pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<(), ParseError> {
+        for &b in bytes {
+            if b == b'\n' {
+                self.line_len = 0;
+                continue;
+            }
+            // Continuation lines (folding) belong to the line before; the start line counts.
+            if self.line_len == 0 && b != b' ' && b != b'\t' {
+                self.lines += 1;
+                if self.lines > MAX_HEADER_COUNT + 1 {
+                    return Err(ParseError::TooManyHeaders);
+                }
+            }
+            self.line_len += 1;
+            if self.line_len > MAX_HEADER_LINE_LEN + 1 {
+                return Err(ParseError::HeaderLineTooLong);
+            }
         }
-        // Continuation lines (folding) belong to the line before.
-        if !line.starts_with(b" ") && !line.starts_with(b"\t") {
-            lines += 1;
-        }
+        Ok(())
     }
-    // The start line plus the headers.
-    if lines > MAX_HEADER_COUNT + 1 {
-        return Err(ParseError::TooManyHeaders);
-    }
-    Ok(())
 }
 
 /// Splits header text into lines, joining folded continuation lines (RFC 3261 7.3.1).

@@ -8,14 +8,12 @@
 //! close the connection. The buffer never holds more than
 //! [`MAX_MESSAGE_LEN`] plus one read, and an unfinished
 //! header section is held to the header limits
-//! ([`MAX_HEADER_COUNT`],
-//! [`MAX_HEADER_LINE_LEN`]) while it arrives.
+//! ([`MAX_HEADER_COUNT`](super::message::MAX_HEADER_COUNT),
+//! [`MAX_HEADER_LINE_LEN`](super::message::MAX_HEADER_LINE_LEN)) while it arrives.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
-use super::message::{
-    Framing, MAX_HEADER_COUNT, MAX_HEADER_LINE_LEN, MAX_MESSAGE_LEN, ParseError, frame,
-};
+use super::message::{Framing, HeadLimits, MAX_MESSAGE_LEN, ParseError, frame};
 
 /// One unit taken off a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,37 +37,6 @@ pub struct StreamDecoder {
     /// The header limits of the unfinished header section in `buf[..searched]`, kept so that
     /// the shortcut past [`frame`] still enforces them on each new byte.
     head: HeadLimits,
-}
-
-/// Running header-limit check over a header section as it arrives: the same limits
-/// [`frame`] enforces on a whole buffer, one byte at a time.
-#[derive(Debug, Default)]
-struct HeadLimits {
-    lines: usize,
-    line_len: usize,
-}
-
-impl HeadLimits {
-    fn scan(&mut self, bytes: &[u8]) -> Result<(), ParseError> {
-        for &b in bytes {
-            if b == b'\n' {
-                self.line_len = 0;
-                continue;
-            }
-            // Continuation lines (folding) belong to the line before.
-            if self.line_len == 0 && b != b' ' && b != b'\t' {
-                self.lines += 1;
-                if self.lines > MAX_HEADER_COUNT + 1 {
-                    return Err(ParseError::TooManyHeaders);
-                }
-            }
-            self.line_len += 1;
-            if self.line_len > MAX_HEADER_LINE_LEN + 1 {
-                return Err(ParseError::HeaderLineTooLong);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Whether `buf` holds an end of headers (a blank line, CRLF or bare LF, as [`frame`] reads it).
@@ -158,7 +125,7 @@ impl StreamDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sip::message::Message;
+    use crate::sip::message::{MAX_HEADER_COUNT, MAX_HEADER_LINE_LEN, Message};
 
     const OPTIONS: &[u8] = b"OPTIONS sip:x SIP/2.0\r\nVia: SIP/2.0/TCP h;branch=z9hG4bK1\r\n\
 Content-Length: 5\r\n\r\nhello";
