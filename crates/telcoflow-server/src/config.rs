@@ -19,6 +19,17 @@ pub const DEV_CONNECT_DESTINATION: &str = "+15550100";
 /// Longest number or address (caller, callee, registered number, `remoteAddress`) accepted
 /// from a phone or an agent, in characters.
 pub const MAX_ADDRESS_LEN: usize = 64;
+
+/// Why a number or address given at the edge is refused, if it is: longer than
+/// [`MAX_ADDRESS_LEN`] characters. `field` names it in the message.
+pub(crate) fn check_address(field: &str, value: &str) -> Result<(), String> {
+    if value.chars().count() > MAX_ADDRESS_LEN {
+        return Err(format!(
+            "{field} is longer than {MAX_ADDRESS_LEN} characters (the limit for numbers and addresses)"
+        ));
+    }
+    Ok(())
+}
 /// Closed sessions kept per connector by default (`limits.max_closed_sessions_per_connector`).
 pub const DEFAULT_MAX_CLOSED_SESSIONS: usize = 1000;
 
@@ -654,11 +665,8 @@ impl ConnectorConfig {
                     self.uuid
                 ));
             }
-            if destination.chars().count() > MAX_ADDRESS_LEN {
-                return invalid(format!(
-                    "{field} of connector {} is longer than {MAX_ADDRESS_LEN} characters",
-                    self.uuid
-                ));
+            if let Err(why) = check_address(&field, destination) {
+                return invalid(format!("connector {}: {why}", self.uuid));
             }
         }
         Ok(())

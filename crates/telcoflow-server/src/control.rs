@@ -9,7 +9,7 @@
 
 use crate::auth::authenticate;
 use crate::call::CallHandle;
-use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
+use crate::config::{ConnectorConfig, check_address};
 use crate::registry::{ClaimError, ControlLink, ReadyOutcome};
 use crate::state::Shared;
 use crate::tls::PeerInfo;
@@ -368,12 +368,8 @@ impl Conn {
             );
         }
         // Checked before anything stores it: sessions keep their remote address after closing.
-        if remote.chars().count() > MAX_ADDRESS_LEN {
-            return self.reply_err(
-                req_id,
-                ErrorCode::InvalidRequest,
-                format!("remoteAddress is longer than {MAX_ADDRESS_LEN} characters (the limit for numbers and addresses)"),
-            );
+        if let Err(why) = check_address("remoteAddress", remote) {
+            return self.reply_err(req_id, ErrorCode::InvalidRequest, why);
         }
         match self
             .shared

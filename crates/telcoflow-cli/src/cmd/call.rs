@@ -23,6 +23,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use telcoflow::config::{ENV_API_KEY, ENV_CONNECTOR_UUID};
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::sim::NetworkFrame;
 use telcoflow_sim::{PhoneOptions, SimPhone, ws_base_url};
@@ -68,10 +69,10 @@ pub(crate) struct Args {
 pub(crate) struct PhoneCredentials {
     /// API key of the connector to authenticate as (with --connector-uuid); needed by servers
     /// other than the development one on loopback.
-    #[arg(long, env = "TELCOFLOW_API_KEY", requires = "connector_uuid")]
+    #[arg(long, env = ENV_API_KEY, requires = "connector_uuid")]
     api_key: Option<String>,
     /// UUID of the connector to authenticate as (with --api-key).
-    #[arg(long, env = "TELCOFLOW_CONNECTOR_UUID", requires = "api_key")]
+    #[arg(long, env = ENV_CONNECTOR_UUID, requires = "api_key")]
     connector_uuid: Option<String>,
 }
 

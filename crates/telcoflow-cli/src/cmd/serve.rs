@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use telcoflow::config::{ENV_API_KEY, ENV_CONNECTOR_UUID};
 use telcoflow_server::config::{ConnectorConfig, DEV_API_KEY, DEV_CONNECTOR_UUID, SipConfig};
 use telcoflow_server::{Config, Server};
 use tracing::{info, warn};
@@ -38,10 +39,10 @@ pub(crate) struct Args {
     #[arg(long)]
     listen: Option<SocketAddr>,
     /// API key of the development connector.
-    #[arg(long, env = "TELCOFLOW_API_KEY", conflicts_with = "config")]
+    #[arg(long, env = ENV_API_KEY, conflicts_with = "config")]
     api_key: Option<String>,
     /// UUID of the development connector.
-    #[arg(long, env = "TELCOFLOW_CONNECTOR_UUID", conflicts_with = "config")]
+    #[arg(long, env = ENV_CONNECTOR_UUID, conflicts_with = "config")]
     connector_uuid: Option<String>,
     /// TOML configuration file (connectors, numbers, limits).
     #[arg(long)]

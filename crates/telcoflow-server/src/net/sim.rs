@@ -18,7 +18,7 @@ use crate::call::{
     self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, Refusal, SamplePool,
     frame_bytes,
 };
-use crate::config::{ConnectorConfig, MAX_ADDRESS_LEN};
+use crate::config::{ConnectorConfig, check_address};
 use crate::state::Shared;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -173,16 +173,6 @@ pub(crate) fn upgrade(
         })
 }
 
-/// Why a number given by a phone is refused, if it is.
-fn check_number(field: &str, number: &str) -> Result<(), String> {
-    if number.chars().count() > MAX_ADDRESS_LEN {
-        return Err(format!(
-            "{field} is longer than {MAX_ADDRESS_LEN} characters (the limit for numbers)"
-        ));
-    }
-    Ok(())
-}
-
 async fn send(socket: &mut WebSocket, frame: NetworkFrame) -> bool {
     socket
         .send(Message::Text(frame.encode().into()))
@@ -224,8 +214,8 @@ async fn run_phone(
             to,
             sample_rate,
         }) => {
-            let refused = check_number("from", &from)
-                .and_then(|()| check_number("to", &to))
+            let refused = check_address("from", &from)
+                .and_then(|()| check_address("to", &to))
                 .err()
                 .or_else(|| {
                     (!admission.may_dial(&shared, &to)).then(|| {
@@ -243,7 +233,7 @@ async fn run_phone(
             number,
             sample_rate,
         }) => {
-            let refused = check_number("number", &number).err().or_else(|| {
+            let refused = check_address("number", &number).err().or_else(|| {
                 (!admission.may_register(&shared, &number)).then(|| {
                     format!("{number} is not a number of the connector this phone authenticated as")
                 })

@@ -489,8 +489,6 @@ impl ActiveCall {
         }
     }
 
-    /// Marks the call terminated after a successful `close`/`disconnect`; the server closes
-    /// the media connection next.
     /// Sends a command that ends the call for this agent (`call.disconnect`, `call.close`)
     /// and, once the server accepted it, marks the call terminated here.
     async fn ending_command(&self, name: CommandName) -> Result<Value, CallError> {
@@ -499,6 +497,8 @@ impl ActiveCall {
         Ok(r)
     }
 
+    /// Marks the call terminated after a successful `close`/`disconnect`; the server closes
+    /// the media connection next.
     fn finish_locally(&self) {
         let changed = set_terminated(&self.core);
         let media = self.core.media.lock().clone();
