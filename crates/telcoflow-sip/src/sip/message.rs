@@ -1212,12 +1212,33 @@ pub enum Framing {
 
 /// Finds the length of the first message in a stream buffer, without decoding it.
 pub fn frame(buf: &[u8]) -> Result<Framing, ParseError> {
+    Ok(match measure(buf)? {
+        Measure::KeepAlive(n) => Framing::KeepAlive(n),
+        Measure::Total(total) if buf.len() >= total => Framing::Message(total),
+        Measure::Total(_) | Measure::NoHeaderEnd => Framing::Incomplete,
+    })
+}
+
+/// What [`measure`] knows of the first message in a stream buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Measure {
+    /// This many bytes of CRLF keep-alive.
+    KeepAlive(usize),
+    /// The header section has not ended yet.
+    NoHeaderEnd,
+    /// The header section is whole and the message is this many bytes long (the buffer may
+    /// hold fewer while the body arrives).
+    Total(usize),
+}
+
+/// [`frame`], also telling the length of a message whose body is still arriving.
+pub(crate) fn measure(buf: &[u8]) -> Result<Measure, ParseError> {
     let crlfs = buf
         .iter()
         .take_while(|&&b| b == b'\r' || b == b'\n')
         .count();
     if crlfs > 0 {
-        return Ok(Framing::KeepAlive(crlfs));
+        return Ok(Measure::KeepAlive(crlfs));
     }
     let Some((head_len, body_start)) = find_header_end(buf) else {
         // A header section still arriving is held to the same limits as a whole one, so a
@@ -1226,7 +1247,7 @@ pub fn frame(buf: &[u8]) -> Result<Framing, ParseError> {
         return if buf.len() > MAX_MESSAGE_LEN {
             Err(ParseError::TooLarge)
         } else {
-            Ok(Framing::Incomplete)
+            Ok(Measure::NoHeaderEnd)
         };
     };
     check_head_limits(&buf[..head_len])?;
@@ -1251,11 +1272,7 @@ pub fn frame(buf: &[u8]) -> Result<Framing, ParseError> {
     if total > MAX_MESSAGE_LEN {
         return Err(ParseError::TooLarge);
     }
-    Ok(if buf.len() >= total {
-        Framing::Message(total)
-    } else {
-        Framing::Incomplete
-    })
+    Ok(Measure::Total(total))
 }
 
 #[cfg(test)]

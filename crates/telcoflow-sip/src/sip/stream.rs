@@ -13,7 +13,7 @@
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
-use super::message::{Framing, HeadLimits, MAX_MESSAGE_LEN, ParseError, frame};
+use super::message::{HeadLimits, MAX_MESSAGE_LEN, Measure, ParseError, measure};
 
 /// One unit taken off a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,16 +30,20 @@ pub enum StreamItem {
 #[derive(Debug, Default)]
 pub struct StreamDecoder {
     buf: BytesMut,
-    /// Length of the start of `buf` known to hold no end of headers. [`frame`] scans from the
-    /// start, so without this a peer sending a long header a byte per read would make every
-    /// read rescan all the bytes before it (quadratic time).
+    /// Length of the start of `buf` known to hold no end of headers. [`measure`] scans from
+    /// the start, so without this a peer sending a long header a byte per read would make
+    /// every read rescan all the bytes before it (quadratic time).
     searched: usize,
     /// The header limits of the unfinished header section in `buf[..searched]`, kept so that
-    /// the shortcut past [`frame`] still enforces them on each new byte.
+    /// the shortcut past [`measure`] still enforces them on each new byte.
     head: HeadLimits,
+    /// The length of the message at the start of `buf` once its header section is whole:
+    /// while its body arrives, reads only compare lengths instead of measuring it again.
+    need: Option<usize>,
 }
 
-/// Whether `buf` holds an end of headers (a blank line, CRLF or bare LF, as [`frame`] reads it).
+/// Whether `buf` holds an end of headers (a blank line, CRLF or bare LF, as [`measure`]
+/// reads it).
 fn has_header_end(buf: &[u8]) -> bool {
     buf.windows(2).any(|w| w == b"\n\n") || buf.windows(4).any(|w| w == b"\r\n\r\n")
 }
@@ -52,6 +56,7 @@ impl StreamDecoder {
             buf: BytesMut::with_capacity(4096),
             searched: 0,
             head: HeadLimits::default(),
+            need: None,
         }
     }
 
@@ -73,6 +78,13 @@ impl StreamDecoder {
 
     /// The next whole item, `Ok(None)` if more bytes are needed.
     pub fn next_item(&mut self) -> Result<Option<StreamItem>, ParseError> {
+        if let Some(need) = self.need {
+            if self.buf.len() < need {
+                return Ok(None);
+            }
+            self.need = None;
+            return Ok(Some(StreamItem::Message(self.buf.split_to(need).freeze())));
+        }
         if self.searched > 0 && self.buf.len() <= MAX_MESSAGE_LEN {
             // An end of headers among the new bytes starts at most 3 bytes before them.
             if !has_header_end(&self.buf[self.searched.saturating_sub(3)..]) {
@@ -81,19 +93,24 @@ impl StreamDecoder {
                 return Ok(None);
             }
         }
-        match frame(&self.buf)? {
-            Framing::Incomplete => {
-                if has_header_end(&self.buf) {
-                    self.searched = 0;
-                } else {
-                    // `frame` checked the whole buffer; from here on only new bytes are.
-                    self.head = HeadLimits::default();
-                    self.head.scan(&self.buf)?;
-                    self.searched = self.buf.len();
-                }
+        match measure(&self.buf)? {
+            Measure::NoHeaderEnd => {
+                // `measure` checked the whole buffer; from here on only new bytes are.
+                self.head = HeadLimits::default();
+                self.head.scan(&self.buf)?;
+                self.searched = self.buf.len();
                 Ok(None)
             }
-            Framing::KeepAlive(n) => {
+            Measure::Total(total) if self.buf.len() < total => {
+                self.searched = 0;
+                self.need = Some(total);
+                Ok(None)
+            }
+            Measure::Total(total) => {
+                self.searched = 0;
+                Ok(Some(StreamItem::Message(self.buf.split_to(total).freeze())))
+            }
+            Measure::KeepAlive(n) => {
                 let ping = self.buf[..n].windows(4).any(|w| w == b"\r\n\r\n");
                 // CRLFs at the end of the buffer may be a ping still arriving: wait until more
                 // bytes show how the run ends (a pong needs no answer, so waiting costs nothing).
@@ -113,10 +130,6 @@ impl StreamDecoder {
                 } else {
                     StreamItem::Pong
                 }))
-            }
-            Framing::Message(n) => {
-                self.searched = 0;
-                Ok(Some(StreamItem::Message(self.buf.split_to(n).freeze())))
             }
         }
     }
@@ -258,5 +271,33 @@ Content-Length: 5\r\n\r\nhello";
             d.next_item(),
             Ok(Some(StreamItem::Message(Bytes::from_static(OPTIONS))))
         );
+    }
+
+    #[test]
+    fn a_body_trickled_a_byte_per_read_frames_once_whole() {
+        let (head, body) = OPTIONS.split_at(OPTIONS.len() - 5);
+        let mut d = StreamDecoder::new();
+        d.extend(head);
+        assert_eq!(d.next_item(), Ok(None));
+        assert_eq!(d.need, Some(OPTIONS.len()), "the length is known once");
+        for byte in &body[..body.len() - 1] {
+            d.extend(&[*byte]);
+            assert_eq!(d.next_item(), Ok(None));
+        }
+        // The last body byte and the start of the next message arrive together.
+        d.extend(&body[body.len() - 1..]);
+        d.extend(&OPTIONS[..30]);
+        assert_eq!(
+            d.next_item(),
+            Ok(Some(StreamItem::Message(Bytes::from_static(OPTIONS))))
+        );
+        assert_eq!(d.need, None);
+        assert_eq!(d.next_item(), Ok(None));
+        d.extend(&OPTIONS[30..]);
+        assert_eq!(
+            d.next_item(),
+            Ok(Some(StreamItem::Message(Bytes::from_static(OPTIONS))))
+        );
+        assert_eq!(d.buffered(), 0);
     }
 }
