@@ -8,8 +8,10 @@
 //! digest answer to a fresh nonce of ours with an account's password (else `401` with a
 //! challenge). Re-INVITEs, BYEs and the like belong to calls already admitted.
 //!
-//! The `403` and `503` go out once, without a transaction: their source may be forged, and
-//! an INVITE transaction would resend the response about ten times to the forged address.
+//! The `403`, `503` and `401` go out once, without a transaction: their source may be
+//! forged, and an INVITE transaction would resend the response about ten times to the forged
+//! address. A challenge keeps no state either (its nonce is checked by its HMAC): a caller
+//! whose `401` is lost resends its INVITE and is challenged again.
 
 use crate::config::SipConfig;
 use hmac::{Hmac, Mac as _};
@@ -97,7 +99,9 @@ impl Admission {
                     Challenge::new(&self.realm, &self.nonces.issue(now), Algorithm::Md5);
                 challenge.stale = stale;
                 uas::Admission::Refuse(
-                    Refusal::new(401).with_header("WWW-Authenticate", challenge.to_header_value()),
+                    Refusal::new(401)
+                        .with_header("WWW-Authenticate", challenge.to_header_value())
+                        .stateless(),
                 )
             }
         }
@@ -342,6 +346,7 @@ mod tests {
             panic!("no credentials yet");
         };
         assert_eq!(first.status, 401);
+        assert!(first.stateless, "a challenge keeps no transaction");
         let (name, value) = &first.headers[0];
         assert_eq!(name, "WWW-Authenticate");
         let challenge = Challenge::parse(value).unwrap();
