@@ -264,7 +264,7 @@ impl Caps {
 
 /// The address a connection counts against: IPv4 as is (also when mapped into IPv6), IPv6 by
 /// its /64 prefix, since one host is usually given a whole /64.
-fn source_address(ip: IpAddr) -> IpAddr {
+pub(crate) fn source_address(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);

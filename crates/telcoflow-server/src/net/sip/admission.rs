@@ -3,8 +3,8 @@
 //! is routed to a connector.
 //!
 //! In order: the source must be in `[sip] allow` (else `403`); it must be under its INVITE
-//! rate (`invite_rate_limit` per `invite_rate_interval_secs`, else `503` with `Retry-After`,
-//! logged once per source per interval); with `[[sip.accounts]]`, the INVITE must carry a
+//! rate (`invite_rate_limit` per `invite_rate_interval_secs`, counted per source address and
+//! per /64 for IPv6, else `503` with `Retry-After`, logged once per source per interval); with `[[sip.accounts]]`, the INVITE must carry a
 //! digest answer to a fresh nonce of ours with an account's password (else `401` with a
 //! challenge). Re-INVITEs, BYEs and the like belong to calls already admitted.
 //!
@@ -13,7 +13,8 @@
 //! address. A challenge keeps no state either (its nonce is checked by its HMAC): a caller
 //! whose `401` is lost resends its INVITE and is challenged again.
 
-use crate::config::SipConfig;
+use crate::config::{ConfigError, SipConfig};
+use crate::listener::source_address;
 use hmac::{Hmac, Mac as _};
 use ipnet::IpNet;
 use sha2::Sha256;
@@ -48,10 +49,10 @@ pub(super) struct Admission {
 }
 
 impl Admission {
-    /// The policy of `config`, validated before (an unparseable `allow` entry is skipped).
-    pub(super) fn new(config: &SipConfig, now: Instant) -> Self {
-        Self {
-            allow: config.allow_networks().ok().flatten(),
+    /// The policy of `config`; an `allow` entry that is not a network or address is an error.
+    pub(super) fn new(config: &SipConfig, now: Instant) -> Result<Self, ConfigError> {
+        Ok(Self {
+            allow: config.allow_networks()?,
             accounts: config
                 .accounts
                 .iter()
@@ -61,7 +62,16 @@ impl Admission {
             rate: RateLimit::new(config.invite_rate_limit, config.invite_rate_interval()),
             nonces: Nonces::new(rand::random(), now),
             used_answers: HashMap::new(),
-        }
+        })
+    }
+
+    /// Whether `ip` is in `[sip] allow` (every source is when the list is not set).
+    /// IPv4-mapped IPv6 sources (a dual-stack socket) count as the IPv4 address they are.
+    pub(super) fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allow
+            .as_ref()
+            .is_none_or(|allow| allow.iter().any(|net| net.contains(&ip)))
     }
 
     /// Whether the INVITE `request` from `source` may start a call.
@@ -71,14 +81,11 @@ impl Admission {
         source: SocketAddr,
         now: Instant,
     ) -> uas::Admission {
-        let ip = canonical(source.ip());
-        if let Some(allow) = &self.allow {
-            if !allow.iter().any(|net| net.contains(&ip)) {
-                debug!(%source, "INVITE from a source outside sip.allow: 403");
-                return uas::Admission::Refuse(Refusal::new(403).stateless());
-            }
+        if !self.allows(source.ip()) {
+            debug!(%source, "INVITE from a source outside sip.allow: 403");
+            return uas::Admission::Refuse(Refusal::new(403).stateless());
         }
-        if let Err(retry_after) = self.rate.check(ip, now) {
+        if let Err(retry_after) = self.rate.check(source_address(source.ip()), now) {
             let secs = retry_after.as_secs_f64().ceil().max(1.0);
             return uas::Admission::Refuse(
                 Refusal::new(503)
@@ -146,14 +153,6 @@ impl Admission {
     }
 }
 
-/// IPv4-mapped IPv6 sources (a dual-stack socket) compare as the IPv4 address they are.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// Nonces that need no table: the issue time and an HMAC of it under a per-process key.
 struct Nonces {
     key: [u8; 32],
@@ -199,7 +198,8 @@ impl Nonces {
     }
 }
 
-/// A fixed-window count of INVITEs per source address.
+/// A fixed-window count of INVITEs per source address (IPv6 by its /64, as the connection
+/// caps count it: one host usually has a whole /64).
 struct RateLimit {
     /// INVITEs per window; 0 means no limit.
     limit: u32,
@@ -223,7 +223,8 @@ impl RateLimit {
         }
     }
 
-    /// `Ok` when `ip` may send one more INVITE now, else how long until it may.
+    /// `Ok` when `ip` (a [`source_address`]) may send one more INVITE now, else how long
+    /// until it may.
     fn check(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         if self.limit == 0 {
             return Ok(());
@@ -301,7 +302,7 @@ mod tests {
             invite_rate_limit: 3,
             ..SipConfig::default()
         };
-        let mut a = Admission::new(&config, now);
+        let mut a = Admission::new(&config, now).unwrap();
         let r = invite("");
         let outside: SocketAddr = "192.0.2.99:5060".parse().unwrap();
         assert_eq!(status(&a.decide(&r, outside, now)), 403);
@@ -330,6 +331,37 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_sources_are_rate_limited_by_their_64() {
+        let now = Instant::now();
+        let config = SipConfig {
+            invite_rate_limit: 2,
+            ..SipConfig::default()
+        };
+        let mut a = Admission::new(&config, now).unwrap();
+        let r = invite("");
+        let one: SocketAddr = "[2001:db8:1:2::1]:5060".parse().unwrap();
+        let same_64: SocketAddr = "[2001:db8:1:2:ffff::9]:5060".parse().unwrap();
+        let other_64: SocketAddr = "[2001:db8:1:3::1]:5060".parse().unwrap();
+        assert_eq!(status(&a.decide(&r, one, now)), 200);
+        assert_eq!(status(&a.decide(&r, same_64, now)), 200);
+        assert_eq!(status(&a.decide(&r, same_64, now)), 503);
+        assert_eq!(status(&a.decide(&r, one, now)), 503);
+        assert_eq!(status(&a.decide(&r, other_64, now)), 200);
+    }
+
+    #[test]
+    fn a_bad_allow_entry_is_an_error_naming_it() {
+        let config = SipConfig {
+            allow: Some(vec!["192.0.2.0/24".into(), "pbx.example".into()]),
+            ..SipConfig::default()
+        };
+        let Err(err) = Admission::new(&config, Instant::now()) else {
+            panic!("a bad entry must not allow every source");
+        };
+        assert!(err.to_string().contains("\"pbx.example\""), "{err}");
+    }
+
+    #[test]
     fn accounts_are_challenged_and_checked() {
         let now = Instant::now();
         let config = SipConfig {
@@ -340,7 +372,7 @@ mod tests {
             invite_rate_limit: 0,
             ..SipConfig::default()
         };
-        let mut a = Admission::new(&config, now);
+        let mut a = Admission::new(&config, now).unwrap();
         let source = SOURCE.parse().unwrap();
         let uas::Admission::Refuse(first) = a.decide(&invite(""), source, now) else {
             panic!("no credentials yet");

@@ -185,8 +185,8 @@ pub(crate) async fn bind(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> std::io::Result<BoundSip> {
-    config
-        .check_exposure()
+    // `Config::validate` has refused an exposed listener (`SipConfig::check_exposure`).
+    let admission = admission::Admission::new(&config, std::time::Instant::now())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let (udp, tcp, local) = bind_udp_tcp(config.listen).await?;
     let (low, high) = config
@@ -210,7 +210,6 @@ pub(crate) async fn bind(
         config.rtp_timeout(),
     ));
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
-    let admission = admission::Admission::new(&config, std::time::Instant::now());
     let tcp_limits = endpoint::TcpLimits {
         max_connections: config.tcp_max_connections,
         message_timeout: config.tcp_message_timeout(),
