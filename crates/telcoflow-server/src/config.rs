@@ -131,6 +131,9 @@ pub struct SipConfig {
     /// SIP/TCP connections open at once, accepted and dialled together; further
     /// connections are closed as soon as they are accepted. Default 256.
     pub tcp_max_connections: usize,
+    /// SIP/TCP connections accepted from one source address (IPv6: one /64) at once;
+    /// further connections from it are closed as soon as they are accepted. Default 32.
+    pub tcp_max_connections_per_ip: usize,
     /// RFC 3261's T1 (round-trip estimate), in milliseconds: the first retransmission
     /// interval, and 64·T1 bounds a transaction (an unanswered request, a 200 never ACKed).
     /// 10 to 4000 (T2). Default 500.
@@ -185,6 +188,7 @@ impl Default for SipConfig {
             tcp_message_timeout_secs: 10,
             tcp_idle_timeout_secs: 300,
             tcp_max_connections: 256,
+            tcp_max_connections_per_ip: 32,
             timer_t1_ms: 500,
         }
     }
@@ -577,6 +581,10 @@ impl Config {
                 ("tcp_message_timeout_secs", sip.tcp_message_timeout_secs),
                 ("tcp_idle_timeout_secs", sip.tcp_idle_timeout_secs),
                 ("tcp_max_connections", sip.tcp_max_connections as u64),
+                (
+                    "tcp_max_connections_per_ip",
+                    sip.tcp_max_connections_per_ip as u64,
+                ),
             ] {
                 if v == 0 {
                     return invalid(format!("sip.{name} must be at least 1"));
@@ -812,6 +820,7 @@ mod tests {
             "tcp_message_timeout_secs = 0",
             "tcp_idle_timeout_secs = 0",
             "tcp_max_connections = 0",
+            "tcp_max_connections_per_ip = 0",
             "timer_t1_ms = 0",
             "timer_t1_ms = 5000",
             "realm = ''",

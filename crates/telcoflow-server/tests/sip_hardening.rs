@@ -535,3 +535,61 @@ async fn sip_tcp_connection_of_a_live_call_outlasts_the_idle_timeout() {
     phone.await.unwrap().assert_passed();
     server.shutdown().await;
 }
+
+/// Whether the server answers a CRLF keep-alive on `tcp`: a connection it took.
+async fn answers_ping(tcp: &mut TcpStream) -> bool {
+    if tcp.write_all(b"\r\n\r\n").await.is_err() {
+        return false;
+    }
+    let mut pong = [0u8; 8];
+    matches!(
+        tokio::time::timeout(WAIT, tcp.read(&mut pong)).await,
+        Ok(Ok(n)) if &pong[..n] == b"\r\n"
+    )
+}
+
+/// A TCP connection to `server` from the loopback address `ip`.
+async fn connect_from(ip: &str, server: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(ip.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(server).await.unwrap()
+}
+
+#[tokio::test]
+async fn sip_tcp_from_outside_allow_or_over_the_per_source_cap_is_closed_at_accept() {
+    let server = start(sip_config(22, |sip| {
+        sip.allow = Some(vec!["127.0.0.1/32".into()]);
+        sip.tcp_max_connections_per_ip = 2;
+    }))
+    .await;
+    let sip = server.sip_addr().unwrap();
+
+    // 127.0.0.2 is loopback too, but not in the list: closed without an answer.
+    let mut outsider = connect_from("127.0.0.2", sip).await;
+    assert_closed(&mut outsider).await;
+
+    // Two connections from 127.0.0.1 are taken; a third from it is closed.
+    let mut first = connect_from("127.0.0.1", sip).await;
+    let mut second = connect_from("127.0.0.1", sip).await;
+    assert!(answers_ping(&mut first).await, "first connection taken");
+    assert!(answers_ping(&mut second).await, "second connection taken");
+    let mut third = connect_from("127.0.0.1", sip).await;
+    assert_closed(&mut third).await;
+
+    // Closing one gives its place back: a new connection is taken once the server has seen
+    // the close (bounded retries, each one refused or taken).
+    drop(first);
+    let mut taken = false;
+    for _ in 0..50 {
+        let mut again = connect_from("127.0.0.1", sip).await;
+        if answers_ping(&mut again).await {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "a place freed by a closed connection is taken again");
+    assert!(answers_ping(&mut second).await, "the others stay open");
+    server.shutdown().await;
+}

@@ -9,7 +9,9 @@
 //! offered to an app hold one. Messages whose Call-ID belongs to an outgoing call go to that
 //! call; everything else goes to the UAS.
 //!
-//! SIP/TCP connections are bounded: at most `tcp_max_connections` at once, a partial message
+//! SIP/TCP connections are bounded: a connection from a source outside `[sip] allow` is
+//! closed as soon as it is accepted, as is one over `tcp_max_connections` at once or over
+//! `tcp_max_connections_per_ip` accepted from one source address (IPv6: one /64); a partial message
 //! must complete within `tcp_message_timeout_secs`, and a connection with no traffic for
 //! `tcp_idle_timeout_secs` is closed unless an incoming call signalled over it is still up
 //! (our BYE must be able to reach the phone). Accept errors (no file descriptors left) pause
@@ -20,9 +22,10 @@ use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
 use super::ports::MediaEnv;
 use super::rtp_leg::{self, Direction, LegParams};
 use crate::call::{self, LegId};
+use crate::listener::source_address;
 use crate::state::Shared;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -60,6 +63,8 @@ pub(super) const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TcpLimits {
     pub(super) max_connections: usize,
+    /// Accepted connections from one source address (IPv6: one /64) at once.
+    pub(super) max_connections_per_ip: usize,
     pub(super) message_timeout: Duration,
     pub(super) idle_timeout: Duration,
 }
@@ -94,6 +99,7 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         outgoing: HashMap::new(),
         by_call_id: HashMap::new(),
         tcp_conns: HashMap::new(),
+        tcp_per_source: HashMap::new(),
         tcp_calls: HashMap::new(),
         next_conn: 0,
         tcp_tx,
@@ -134,6 +140,8 @@ struct Endpoint {
     by_call_id: HashMap<String, u64>,
     /// Open TCP connections by peer.
     tcp_conns: HashMap<SocketAddr, TcpConn>,
+    /// Accepted TCP connections in `tcp_conns` per [`source_address`].
+    tcp_per_source: HashMap<IpAddr, usize>,
     /// Incoming calls signalled over a TCP connection: its count of live calls, which keeps
     /// it from being closed as idle while a call may still need it (our BYE goes there).
     tcp_calls: HashMap<uas::CallHandle, Arc<AtomicUsize>>,
@@ -206,7 +214,8 @@ impl Endpoint {
             TcpInput::Closed(peer, id) => {
                 // A newer connection to the same peer may have replaced this one.
                 if self.tcp_conns.get(&peer).is_some_and(|c| c.id == id) {
-                    self.tcp_conns.remove(&peer);
+                    let conn = self.tcp_conns.remove(&peer);
+                    self.forget_tcp(conn);
                 }
             }
         }
@@ -554,13 +563,37 @@ impl Endpoint {
         }
     }
 
+    /// Takes an accepted connection, or closes it at once (by dropping `stream`) when its
+    /// source is outside `[sip] allow` or a connection cap is reached.
     fn add_tcp(&mut self, stream: TcpStream, peer: SocketAddr) {
+        if !self.admission.allows(peer.ip()) {
+            debug!(%peer, "SIP TCP connection refused: source outside sip.allow");
+            return;
+        }
         if self.tcp_conns.len() >= self.tcp_limits.max_connections {
-            // Dropping the stream closes it at once.
             debug!(%peer, max = self.tcp_limits.max_connections, "SIP TCP connection refused: at the connection limit");
             return;
         }
+        let source = source_address(peer.ip());
+        let max_per_source = self.tcp_limits.max_connections_per_ip;
+        if self.tcp_per_source.get(&source).copied().unwrap_or(0) >= max_per_source {
+            debug!(%peer, max = max_per_source, "SIP TCP connection refused: at the limit for its source address");
+            return;
+        }
         self.spawn_tcp(peer, TcpOrigin::Accepted(stream));
+    }
+
+    /// Gives back the place of a connection no longer in `tcp_conns` under the per-source cap.
+    fn forget_tcp(&mut self, conn: Option<TcpConn>) {
+        let Some(source) = conn.and_then(|c| c.source) else {
+            return;
+        };
+        if let Some(open) = self.tcp_per_source.get_mut(&source) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                self.tcp_per_source.remove(&source);
+            }
+        }
     }
 
     /// Starts the task of one TCP connection (accepted, or to be opened to `peer` for an
@@ -570,14 +603,21 @@ impl Endpoint {
         self.next_conn += 1;
         let id = self.next_conn;
         let calls = Arc::new(AtomicUsize::new(0));
-        self.tcp_conns.insert(
+        let source = matches!(origin, TcpOrigin::Accepted(_)).then(|| source_address(peer.ip()));
+        if let Some(source) = source {
+            *self.tcp_per_source.entry(source).or_default() += 1;
+        }
+        let replaced = self.tcp_conns.insert(
             peer,
             TcpConn {
                 id,
                 tx: out_tx.clone(),
                 calls: calls.clone(),
+                source,
             },
         );
+        // The replaced connection's own `Closed` will not match: it leaves the count now.
+        self.forget_tcp(replaced);
         let inbox = self.tcp_tx.clone();
         let stop = self.tcp_stop.clone();
         let limits = self.tcp_limits;
@@ -729,6 +769,8 @@ struct TcpConn {
     tx: mpsc::Sender<Vec<u8>>,
     /// Live incoming calls signalled over it.
     calls: Arc<AtomicUsize>,
+    /// The [`source_address`] of an accepted connection; `None` for one we opened.
+    source: Option<IpAddr>,
 }
 
 /// Where a TCP connection comes from.

@@ -212,6 +212,7 @@ pub(crate) async fn bind(
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let tcp_limits = endpoint::TcpLimits {
         max_connections: config.tcp_max_connections,
+        max_connections_per_ip: config.tcp_max_connections_per_ip,
         message_timeout: config.tcp_message_timeout(),
         idle_timeout: config.tcp_idle_timeout(),
     };
