@@ -529,7 +529,9 @@ pub struct NameAddr {
 }
 
 impl NameAddr {
-    /// Parses a name-addr or addr-spec.
+    /// Parses a name-addr or addr-spec. A URI with whitespace inside is an error: such a
+    /// URI, used as a Request-URI later (a dialog's remote target), would make a request
+    /// that nobody can parse.
     pub fn parse(s: &str, header: &'static str) -> Result<Self, ParseError> {
         let bad = ParseError::BadHeader(header);
         let s = s.trim();
@@ -553,7 +555,7 @@ impl NameAddr {
             let (uri, params) = s.split_once(';').unwrap_or((s, ""));
             (None, uri.trim().to_string(), params)
         };
-        if uri.is_empty() || !uri.contains(':') {
+        if uri.is_empty() || !uri.contains(':') || uri.contains(char::is_whitespace) {
             return Err(bad);
         }
         Ok(Self {
@@ -1696,6 +1698,21 @@ l: 0\r\n\r\n";
                 .as_deref(),
             Some("Doe, J")
         );
+        // Blanks around the brackets and in the display name are fine; inside a URI they
+        // are not.
+        let n = NameAddr::parse("  \"Bob B\"  < sip:bob@b.example >;tag=1 ", "To").unwrap();
+        assert_eq!(n.uri, "sip:bob@b.example");
+        for bad in [
+            "<sip:bob @b.example>",
+            "\"Bob\" <sip:bob@b.example\t;transport=tcp>",
+            "sip:bob @b.example;tag=1",
+        ] {
+            assert_eq!(
+                NameAddr::parse(bad, "Contact"),
+                Err(ParseError::BadHeader("Contact")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

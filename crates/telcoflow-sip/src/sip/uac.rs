@@ -409,14 +409,9 @@ impl OutgoingCall {
         if first {
             // The first 2xx establishes the dialog.
             self.remote_tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
-            // The target becomes the Request-URI of our ACK and BYE: one with a blank would
-            // make them unparseable, so the callee's Contact is then ignored.
-            self.remote_target = r
-                .contact()
-                .ok()
-                .flatten()
-                .map(|c| c.uri)
-                .filter(|uri| !uri.contains(char::is_whitespace));
+            // The target becomes the Request-URI of our ACK and BYE: a Contact that does not
+            // parse (a blank in its URI, say) is ignored.
+            self.remote_target = r.contact().ok().flatten().map(|c| c.uri);
             // A UAC takes the Record-Route set in reverse (RFC 3261 12.1.2).
             let mut routes: Vec<String> = r
                 .headers

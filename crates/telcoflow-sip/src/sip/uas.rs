@@ -35,8 +35,8 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
 use super::message::{
-    BRANCH_MAGIC, CSeq, MAX_NUMBER_LEN, Message, Method, NameAddr, ParseError, Request, Response,
-    SipHeaders, SipUri, salvage_request,
+    BRANCH_MAGIC, CSeq, MAX_NUMBER_LEN, Message, Method, NameAddr, Request, Response, SipHeaders,
+    SipUri, salvage_request,
 };
 use super::sdp::{self, LocalMedia, Negotiated, NegotiationError, SessionDescription};
 use super::transaction::{
@@ -786,17 +786,16 @@ impl Uas {
             .and_then(|u| u.user)
             .or_else(|| to.sip_uri().ok().and_then(|u| u.user))
             .unwrap_or_default();
-        let (remote_target, target_header) = match request.contact() {
-            Ok(Some(c)) => (c.uri, "Contact"),
-            _ => (from.uri.clone(), "From"),
+        let remote_target = match request.contact() {
+            Ok(Some(c)) => c.uri,
+            Ok(None) => from.uri.clone(),
+            Err(e) => {
+                // It would become the Request-URI of our BYE: the call could then never be
+                // ended from our side.
+                self.reply(transport, source, request, 400, Some(e.reason()), now);
+                return;
+            }
         };
-        if remote_target.contains(char::is_whitespace) {
-            // It becomes the Request-URI of our BYE, which a blank would make unparseable:
-            // the call could then never be ended from our side.
-            let reason = ParseError::BadHeader(target_header).reason();
-            self.reply(transport, source, request, 400, Some(reason), now);
-            return;
-        }
         let route_set = request
             .headers
             .values("Record-Route")
