@@ -7,6 +7,7 @@ use crate::state::Shared;
 use crate::tls::PeerInfo;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use std::sync::Arc;
+use subtle::ConstantTimeEq as _;
 use telcoflow_proto::control::{API_KEY_HEADER, CONNECTOR_HEADER};
 
 /// Why credentials were refused; the text is what the client is shown.
@@ -46,7 +47,7 @@ pub(crate) fn authenticate(
     // One message for both an unknown connector and a wrong key, so that a caller cannot probe
     // which connector ids exist; the key comparison takes the same time wherever it differs.
     let connector = shared.connector(uuid).ok_or(AuthError::Rejected)?;
-    if constant_time_eq(connector.api_key.as_bytes(), key.as_bytes()) {
+    if bool::from(connector.api_key.as_bytes().ct_eq(key.as_bytes())) {
         Ok(connector.clone())
     } else {
         Err(AuthError::Rejected)
@@ -101,8 +102,4 @@ pub(crate) fn admit_phone(
         )),
         Err(e) => Err((StatusCode::UNAUTHORIZED, e.to_string())),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -11,6 +11,7 @@
 
 use md5::{Digest as _, Md5};
 use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
 
 use super::message::{Method, Response, SipHeaders};
 
@@ -303,12 +304,11 @@ pub fn verify(auth: &Authorization, password: &str, method: &Method) -> bool {
         auth.qop_auth,
     );
     // Compared in time independent of where they differ.
-    expected.len() == auth.response.len()
-        && expected
-            .bytes()
-            .zip(auth.response.to_ascii_lowercase().bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    bool::from(
+        expected
+            .as_bytes()
+            .ct_eq(auth.response.to_ascii_lowercase().as_bytes()),
+    )
 }
 
 /// The `response` value of RFC 7616 3.4.1 (RFC 2069 form without qop).

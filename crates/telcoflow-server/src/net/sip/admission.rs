@@ -21,6 +21,7 @@ use sha2::Sha256;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq as _;
 use telcoflow_sip::sip::digest::{self, Algorithm, Authorization, Challenge};
 use telcoflow_sip::sip::message::{Request, SipHeaders as _};
 use telcoflow_sip::sip::uas::{self, Refusal};
@@ -181,13 +182,8 @@ impl Nonces {
     fn check(&self, nonce: &str, now: Instant) -> Option<bool> {
         let (issued, tag) = nonce.split_once('.')?;
         let expected = self.mac(issued);
-        let same = expected.len() == tag.len()
-            && expected
-                .bytes()
-                .zip(tag.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        // Compared in time independent of where they differ.
+        if !bool::from(expected.as_bytes().ct_eq(tag.as_bytes())) {
             return None;
         }
         let issued = u64::from_str_radix(issued, 16).ok()?;
