@@ -17,8 +17,9 @@ pub const DEV_CONNECTOR_UUID: &str = "00000000-0000-4000-8000-000000000001";
 /// Where `call.connect` rings by default in development: a simulated phone registered here.
 pub const DEV_CONNECT_DESTINATION: &str = "+15550100";
 /// Longest number or address (caller, callee, registered number, `remoteAddress`) accepted
-/// from a phone or an agent, in characters.
-pub const MAX_ADDRESS_LEN: usize = 64;
+/// from a phone or an agent, in characters: the SIP edge's limit on numbers, so that a number
+/// taken over SIP is never refused elsewhere.
+pub const MAX_ADDRESS_LEN: usize = telcoflow_sip::sip::message::MAX_NUMBER_LEN;
 
 /// Why a number or address given at the edge is refused, if it is: longer than
 /// [`MAX_ADDRESS_LEN`] characters. `field` names it in the message.

@@ -10,6 +10,10 @@
 //!   is silent); a write that makes no progress for `write_timeout_secs` fails, which closes the
 //!   connection whatever runs on it (HTTP, or the WebSocket it was upgraded to).
 //!
+//! - Accept errors (no file descriptors left) pause accepting with a growing delay, logged at
+//!   most once per [`ACCEPT_LOG_INTERVAL`] ([`AcceptBackoff`], which the SIP/TCP listener uses
+//!   too).
+//!
 //! A connection holds its place under the caps until its socket is dropped, upgraded or not: the
 //! place travels with the socket ([`Guarded`]).
 
@@ -30,7 +34,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -56,6 +60,13 @@ const BUSY_RESPONSE: &str = concat!(
 /// SYNs of a burst of clients that arrives faster than one accept loop turn; the clients then
 /// wait a second or more for their retransmission.
 const ACCEPT_BACKLOG: u32 = 1024;
+
+/// First pause of accepting after an accept error; it doubles up to [`ACCEPT_MAX_PAUSE`].
+const ACCEPT_FIRST_PAUSE: Duration = Duration::from_millis(10);
+/// Longest pause of accepting after repeated accept errors.
+const ACCEPT_MAX_PAUSE: Duration = Duration::from_secs(1);
+/// Accept errors are logged at most once per this interval, with how many were not.
+const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Binds the listener socket.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -88,6 +99,7 @@ pub(crate) async fn serve(
     };
     let acceptor = tls.map(TlsAcceptor::from);
     let mut refusals = Refusals::default();
+    let mut accept_backoff = AcceptBackoff::default();
     let mut log_refusals = tokio::time::interval(REFUSAL_LOG_INTERVAL);
     loop {
         let (stream, addr) = tokio::select! {
@@ -95,10 +107,12 @@ pub(crate) async fn serve(
             accepted = tcp.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    // Typically out of file descriptors: back off instead of spinning.
+                    let (pause, log) = accept_backoff.on_error(Instant::now());
+                    if let Some(suppressed) = log {
+                        warn!(error = %e, pause_ms = pause.as_millis() as u64, suppressed, "accept failed; pausing accepts");
+                    }
                     tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        () = tokio::time::sleep(pause) => continue,
                         () = shutdown.cancelled() => break,
                     }
                 }
@@ -111,6 +125,7 @@ pub(crate) async fn serve(
             // Cancel-safe: only observes the token.
             () = shutdown.cancelled() => break,
         };
+        accept_backoff.on_success();
         let place = match Caps::admit(&caps, addr.ip()) {
             Ok(place) => place,
             Err(cap) => {
@@ -291,6 +306,46 @@ impl Drop for Place {
                 open.by_address.remove(&self.address);
             }
         }
+    }
+}
+
+/// How accepting reacts to errors (typically `EMFILE`: no file descriptors left, with the
+/// pending connection still queued, so an immediate retry fails again): pause with a delay
+/// that doubles up to [`ACCEPT_MAX_PAUSE`], and log at most once per
+/// [`ACCEPT_LOG_INTERVAL`].
+#[derive(Debug, Default)]
+pub(crate) struct AcceptBackoff {
+    pause: Option<Duration>,
+    last_log: Option<Instant>,
+    /// Errors since the last log line.
+    unlogged: u64,
+}
+
+impl AcceptBackoff {
+    /// An accept failed at `now`: how long to pause, and `Some(errors not logged since the
+    /// last line)` when this one is to be logged.
+    pub(crate) fn on_error(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let pause = self
+            .pause
+            .map_or(ACCEPT_FIRST_PAUSE, |p| (p * 2).min(ACCEPT_MAX_PAUSE));
+        self.pause = Some(pause);
+        let log = self
+            .last_log
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_INTERVAL);
+        if log {
+            self.last_log = Some(now);
+            let suppressed = self.unlogged;
+            self.unlogged = 0;
+            (pause, Some(suppressed))
+        } else {
+            self.unlogged += 1;
+            (pause, None)
+        }
+    }
+
+    /// An accept succeeded: the next error starts from the first pause again.
+    pub(crate) fn on_success(&mut self) {
+        self.pause = None;
     }
 }
 
@@ -477,5 +532,38 @@ mod tests {
             source_address(mapped),
             "192.0.2.1".parse::<IpAddr>().unwrap()
         );
+    }
+
+    #[test]
+    fn accept_errors_pause_longer_and_log_rarely() {
+        let mut backoff = AcceptBackoff::default();
+        let start = Instant::now();
+        let mut now = start;
+        let mut logged = Vec::new();
+        let mut pauses = Vec::new();
+        // An accept loop fed nothing but errors for 60 s, retrying after each pause.
+        while now < start + Duration::from_secs(60) {
+            let (pause, log) = backoff.on_error(now);
+            if let Some(suppressed) = log {
+                logged.push((now - start, suppressed));
+            }
+            pauses.push(pause);
+            now += pause;
+        }
+        assert_eq!(pauses[0], ACCEPT_FIRST_PAUSE);
+        assert_eq!(pauses[1], ACCEPT_FIRST_PAUSE * 2);
+        assert_eq!(*pauses.last().unwrap(), ACCEPT_MAX_PAUSE);
+        // About one try a second once the pause is at its longest, not a busy loop.
+        assert!(pauses.len() < 70, "{} accepts in 60 s", pauses.len());
+        // One line per interval, each counting the errors it did not log.
+        assert_eq!(logged.len(), 6, "{logged:?}");
+        assert_eq!(logged[0], (Duration::ZERO, 0));
+        assert!(logged[1].1 > 0);
+        for pair in logged.windows(2) {
+            assert!(pair[1].0 - pair[0].0 >= ACCEPT_LOG_INTERVAL);
+        }
+        // A success resets the pause.
+        backoff.on_success();
+        assert_eq!(backoff.on_error(now).0, ACCEPT_FIRST_PAUSE);
     }
 }

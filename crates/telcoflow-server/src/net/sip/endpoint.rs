@@ -15,14 +15,14 @@
 //! must complete within `tcp_message_timeout_secs`, and a connection with no traffic for
 //! `tcp_idle_timeout_secs` is closed unless an incoming call signalled over it is still up
 //! (our BYE must be able to reach the phone). Accept errors (no file descriptors left) pause
-//! accepting with a growing delay and are logged at most once per [`ACCEPT_LOG_INTERVAL`].
+//! accepting with a growing delay and are logged at most once per 10 s ([`AcceptBackoff`], as the HTTP listener does).
 
 use super::admission::Admission;
 use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
 use super::ports::MediaEnv;
 use super::rtp_leg::{self, Direction, LegParams};
 use crate::call::{self, LegId};
-use crate::listener::source_address;
+use crate::listener::{AcceptBackoff, source_address};
 use crate::state::Shared;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -52,13 +52,6 @@ const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// On shutdown, how long BYEs (and CANCELs) are retransmitted while their answers are
 /// awaited: well within the 10 s `telcoflow serve` gives a shutdown.
 pub(super) const SHUTDOWN_HANGUP_GRACE: Duration = Duration::from_secs(4);
-/// First pause of accepting after an accept error; it doubles up to [`ACCEPT_MAX_PAUSE`].
-const ACCEPT_FIRST_PAUSE: Duration = Duration::from_millis(10);
-/// Longest pause of accepting after repeated accept errors.
-const ACCEPT_MAX_PAUSE: Duration = Duration::from_secs(1);
-/// Accept errors are logged at most once per this interval, with how many were not.
-pub(super) const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Limits of SIP/TCP connections (`[sip] tcp_*`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TcpLimits {
@@ -721,46 +714,6 @@ impl Endpoint {
     }
 }
 
-/// How accepting reacts to errors (typically `EMFILE`: no file descriptors left, with the
-/// pending connection still queued, so an immediate retry fails again): pause with a delay
-/// that doubles up to [`ACCEPT_MAX_PAUSE`], and log at most once per
-/// [`ACCEPT_LOG_INTERVAL`].
-#[derive(Debug, Default)]
-pub(super) struct AcceptBackoff {
-    pause: Option<Duration>,
-    last_log: Option<Instant>,
-    /// Errors since the last log line.
-    unlogged: u64,
-}
-
-impl AcceptBackoff {
-    /// An accept failed at `now`: how long to pause, and `Some(errors not logged since the
-    /// last line)` when this one is to be logged.
-    pub(super) fn on_error(&mut self, now: Instant) -> (Duration, Option<u64>) {
-        let pause = self
-            .pause
-            .map_or(ACCEPT_FIRST_PAUSE, |p| (p * 2).min(ACCEPT_MAX_PAUSE));
-        self.pause = Some(pause);
-        let log = self
-            .last_log
-            .is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_INTERVAL);
-        if log {
-            self.last_log = Some(now);
-            let suppressed = self.unlogged;
-            self.unlogged = 0;
-            (pause, Some(suppressed))
-        } else {
-            self.unlogged += 1;
-            (pause, None)
-        }
-    }
-
-    /// An accept succeeded: the next error starts from the first pause again.
-    pub(super) fn on_success(&mut self) {
-        self.pause = None;
-    }
-}
-
 /// An open TCP connection, as the endpoint sees it.
 struct TcpConn {
     /// Tells this connection from a later one with the same peer.
@@ -779,42 +732,4 @@ enum TcpOrigin {
     Accepted(TcpStream),
     /// We connect, to send an outgoing call's requests.
     Connect,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn accept_errors_pause_longer_and_log_rarely() {
-        let mut backoff = AcceptBackoff::default();
-        let start = Instant::now();
-        let mut now = start;
-        let mut logged = Vec::new();
-        let mut pauses = Vec::new();
-        // An accept loop fed nothing but errors for 60 s, retrying after each pause.
-        while now < start + Duration::from_secs(60) {
-            let (pause, log) = backoff.on_error(now);
-            if let Some(suppressed) = log {
-                logged.push((now - start, suppressed));
-            }
-            pauses.push(pause);
-            now += pause;
-        }
-        assert_eq!(pauses[0], ACCEPT_FIRST_PAUSE);
-        assert_eq!(pauses[1], ACCEPT_FIRST_PAUSE * 2);
-        assert_eq!(*pauses.last().unwrap(), ACCEPT_MAX_PAUSE);
-        // About one try a second once the pause is at its longest, not a busy loop.
-        assert!(pauses.len() < 70, "{} accepts in 60 s", pauses.len());
-        // One line per interval, each counting the errors it did not log.
-        assert_eq!(logged.len(), 6, "{logged:?}");
-        assert_eq!(logged[0], (Duration::ZERO, 0));
-        assert!(logged[1].1 > 0);
-        for pair in logged.windows(2) {
-            assert!(pair[1].0 - pair[0].0 >= ACCEPT_LOG_INTERVAL);
-        }
-        // A success resets the pause.
-        backoff.on_success();
-        assert_eq!(backoff.on_error(now).0, ACCEPT_FIRST_PAUSE);
-    }
 }
