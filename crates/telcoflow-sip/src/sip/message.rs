@@ -1010,11 +1010,8 @@ impl Message {
         let (head_len, body_start) = find_header_end(buf).ok_or(ParseError::NoHeaderEnd)?;
         let head = std::str::from_utf8(&buf[..head_len]).map_err(|_| ParseError::NotUtf8)?;
         check_head_limits(head.as_bytes())?;
-        let lines = unfold(head);
-        if lines.len() > MAX_HEADER_COUNT + 1 {
-            return Err(ParseError::TooManyHeaders);
-        }
-        let mut lines = lines.into_iter();
+        // `check_head_limits` counted the lines; unfolding only joins them.
+        let mut lines = unfold(head).into_iter();
         let start_line = lines.next().ok_or(ParseError::BadStartLine)?;
         if start_line.len() > MAX_HEADER_LINE_LEN {
             return Err(ParseError::HeaderLineTooLong);
