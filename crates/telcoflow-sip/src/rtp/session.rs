@@ -268,8 +268,6 @@ pub struct RtpSession {
     last_sr: Option<(u32, Instant)>,
     stats: SessionStats,
     encode_buf: [u8; MAX_PACKET_SAMPLES],
-    /// Samples per sent packet.
-    packet_samples: usize,
     /// Audio queued for sending, less than a packet's worth between polls.
     send_buf: Vec<i16>,
     /// The peer receives audio (not on hold).
@@ -294,12 +292,13 @@ impl RtpSession {
     /// Starts a session towards the SDP addresses for RTP and RTCP (see
     /// [`Negotiated`](crate::sip::sdp::Negotiated)).
     pub fn new(
-        config: SessionConfig,
+        mut config: SessionConfig,
         remote: SocketAddr,
         remote_rtcp: SocketAddr,
         now: Instant,
     ) -> Self {
         let jitter = JitterBuffer::new(config.jitter);
+        config.ptime_ms = config.ptime_ms.clamp(10, 60);
         Self {
             remote,
             latched: false,
@@ -323,7 +322,6 @@ impl RtpSession {
             last_sr: None,
             stats: SessionStats::default(),
             encode_buf: [0; MAX_PACKET_SAMPLES],
-            packet_samples: (config.ptime_ms.clamp(10, 60) * 8) as usize,
             send_buf: Vec::with_capacity(MAX_PACKET_SAMPLES + FRAME_SAMPLES),
             sending: true,
             unverified_sent: 0,
@@ -394,7 +392,11 @@ impl RtpSession {
     /// whatever was negotiated (see [`super::reframe`]).
     pub fn set_ptime(&mut self, ptime_ms: u32) {
         self.config.ptime_ms = ptime_ms.clamp(10, 60);
-        self.packet_samples = (self.config.ptime_ms * 8) as usize;
+    }
+
+    /// Samples per sent packet: `ptime` at 8 kHz.
+    fn packet_samples(&self) -> usize {
+        self.config.ptime_ms as usize * 8
     }
 
     /// The address the call's signalling came from: RTP from its IP may latch too (a phone
@@ -631,12 +633,13 @@ impl RtpSession {
     /// The next packet of queued audio, written into `out` (its length returned), once a
     /// whole packet's worth is queued. Send it to [`RtpSession::remote`]; call until `None`.
     pub fn poll_audio(&mut self, out: &mut [u8]) -> Result<Option<usize>, PacketError> {
-        if self.send_buf.len() < self.packet_samples || !self.may_send() {
+        let samples = self.packet_samples();
+        if self.send_buf.len() < samples || !self.may_send() {
             return Ok(None);
         }
         let mut pcm = std::mem::take(&mut self.send_buf);
-        let written = self.write_audio(&pcm[..self.packet_samples], out);
-        pcm.drain(..self.packet_samples);
+        let written = self.write_audio(&pcm[..samples], out);
+        pcm.drain(..samples);
         self.send_buf = pcm;
         if !self.latched {
             self.unverified_sent += 1;
@@ -648,7 +651,7 @@ impl RtpSession {
     /// padded with silence) into `out` and returns the packet length, whether or not
     /// [`RtpSession::may_send`]. Send it to [`RtpSession::remote`].
     pub fn write_audio(&mut self, pcm: &[i16], out: &mut [u8]) -> Result<usize, PacketError> {
-        let samples = self.packet_samples;
+        let samples = self.packet_samples();
         let pcm = &pcm[..pcm.len().min(samples)];
         let n = self
             .config
