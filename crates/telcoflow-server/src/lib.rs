@@ -98,6 +98,14 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The cluster (`[cluster]`, NATS) could not be joined.
+    #[error("cannot join the cluster through {nats_url}: {message}")]
+    Cluster {
+        /// The NATS server.
+        nats_url: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -117,6 +125,12 @@ impl Server {
     /// Binds the listener and starts serving in the background.
     pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         config.validate()?;
+        if let Some(cluster) = &config.cluster {
+            return Err(StartError::Cluster {
+                nats_url: cluster.nats_url.clone(),
+                message: "this build has no cluster registry yet".into(),
+            });
+        }
         let listener = listener::bind(config.listen).map_err(|source| StartError::Bind {
             addr: config.listen,
             source,

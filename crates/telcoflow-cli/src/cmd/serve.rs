@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use telcoflow::config::{ENV_API_KEY, ENV_CONNECTOR_UUID};
-use telcoflow_server::config::{ConnectorConfig, DEV_API_KEY, DEV_CONNECTOR_UUID, SipConfig};
+use telcoflow_server::config::{
+    ClusterConfig, ConnectorConfig, DEV_API_KEY, DEV_CONNECTOR_UUID, SipConfig,
+};
 use telcoflow_server::{Config, Server};
 use tracing::{info, warn};
 
@@ -61,6 +63,35 @@ pub(crate) struct Args {
     /// [default: the config file's `[sip] invite_rate_limit`, else 20].
     #[arg(long, value_name = "N")]
     invite_rate_limit: Option<u32>,
+    /// Join a cluster of nodes sharing one registry through this NATS server with JetStream
+    /// (nats://HOST:PORT) [default: the config file's `[cluster] nats_url`, else no cluster].
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's name in the cluster, unique, of letters, digits, '_' and '-' [default: the
+    /// config file's `[cluster] node_id`].
+    #[arg(long, value_name = "NAME")]
+    node_id: Option<String>,
+}
+
+/// Applies `--cluster` and `--node-id` over the config file's `[cluster]`.
+fn apply_cluster_flags(config: &mut Config, args: &Args) -> anyhow::Result<()> {
+    match (&args.cluster, &mut config.cluster) {
+        (Some(url), Some(cluster)) => cluster.nats_url = url.clone(),
+        (Some(url), None) => {
+            config.cluster = Some(ClusterConfig {
+                nats_url: url.clone(),
+                node_id: String::new(),
+            });
+        }
+        (None, None) if args.node_id.is_some() => {
+            anyhow::bail!("--node-id needs --cluster (or a [cluster] section in the config file)")
+        }
+        (None, _) => {}
+    }
+    if let (Some(id), Some(cluster)) = (&args.node_id, &mut config.cluster) {
+        cluster.node_id = id.clone();
+    }
+    Ok(())
 }
 
 /// Applies the SIP flags: any of them turns SIP on (with defaults for the rest).
@@ -107,6 +138,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.listen = listen;
     }
     apply_sip_flags(&mut config, &args);
+    apply_cluster_flags(&mut config, &args)?;
     config.validate()?;
     let connectors: Vec<(String, String)> = config
         .connectors
