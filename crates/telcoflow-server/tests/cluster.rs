@@ -1,0 +1,246 @@
+//! Several server nodes in one process sharing one registry through a real nats-server
+//! (started by each test on a free port): offers, claims, listings, HTTP close and the call
+//! limit span the nodes.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::time::Duration;
+use telcoflow_server::RunningServer;
+
+const RATE: u32 = 16000;
+/// Samples of one 20 ms frame at [`RATE`].
+const FRAME: usize = 320;
+
+/// The listing on `server` once `done` holds for it (polled; fails after [`WAIT`]).
+async fn listing_until(server: &RunningServer, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = http(server, "GET", "/public/v1/sessions").await;
+        assert_eq!(status, 200, "{body}");
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        if done(&items) {
+            return items;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listing on {} never got there: {body}",
+            server.base_url()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn session_of<'a>(items: &'a [Value], remote: &str) -> Option<&'a Value> {
+    items.iter().find(|s| s["remoteAddress"] == remote)
+}
+
+fn open_with(items: &[Value], remote: &str) -> bool {
+    session_of(items, remote).is_some_and(|s| s["state"] == "OPEN")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_one_node_takes_and_echoes_a_call_that_arrived_on_another() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15551230001", "+15559990001", RATE).await;
+    assert!(phone.call_id.is_some(), "{:?}", phone.call_id);
+
+    let call_in = agent.take_call().await;
+    let url = call_in["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{}/", b.base_url())),
+        "media URL {url} is not on node B ({})",
+        b.base_url()
+    );
+    assert_eq!(call_in["callId"].as_str(), phone.call_id.as_deref());
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+
+    // The caller's audio reaches the agent, which sends each frame back; the caller hears
+    // its own level.
+    let mut agent_heard = false;
+    let mut caller_heard = false;
+    for _ in 0..150 {
+        phone.send_level(1234, FRAME).await;
+        let heard = media.audio(0).await;
+        agent_heard |= heard[FRAME / 2] == 1234;
+        media.send_audio(&pcm_level(heard[FRAME / 2], FRAME)).await;
+        let back = samples(&phone.ws.binary().await);
+        if back[FRAME / 2] == 1234 {
+            caller_heard = true;
+            break;
+        }
+    }
+    assert!(
+        agent_heard,
+        "the agent on node A never heard the caller on node B"
+    );
+    assert!(caller_heard, "the caller never heard the echo");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_of_two_agents_on_two_nodes_wins_a_session() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut on_a = control(&a, RATE, "mixed").await;
+    let mut on_b = control(&b, RATE, "mixed").await;
+    // Calls arriving on either node, each raced for by both agents at once.
+    for round in 0..6 {
+        let edge = if round % 2 == 0 { &a } else { &b };
+        let mut phone = dial(edge, &format!("+1555000{round}"), "+15559990001", RATE).await;
+        let seen_a = on_a.ws.expect_type("session.notify").await;
+        let seen_b = on_b.ws.expect_type("session.notify").await;
+        assert_eq!(seen_a["sessionId"], seen_b["sessionId"]);
+        let id = seen_a["sessionId"].as_str().unwrap().to_owned();
+        let (ra, rb) = tokio::join!(on_a.open(&id), on_b.open(&id));
+        let (winner, loser, winner_id) = match (ra["ok"] == true, rb["ok"] == true) {
+            (true, false) => (ra, rb, on_a.id.clone()),
+            (false, true) => (rb, ra, on_b.id.clone()),
+            _ => panic!("round {round}: not exactly one winner: {ra} / {rb}"),
+        };
+        assert_eq!(winner["content"]["session"]["id"], id.as_str(), "{winner}");
+        assert_eq!(loser["errorCode"], "SESSION_BUSY", "{loser}");
+        assert_eq!(
+            loser["errorContent"]["boundSmWsId"],
+            winner_id.as_str(),
+            "{loser}"
+        );
+        // Claiming rings the caller, on its own node.
+        phone.event("ringing").await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_and_close_on_either_node_span_the_cluster() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let _on_a = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    let mut on_b = dial(&b, "+15550000002", "+15559990001", RATE).await;
+    let both =
+        |items: &[Value]| open_with(items, "+15550000001") && open_with(items, "+15550000002");
+    listing_until(&a, both).await;
+    let items = listing_until(&b, both).await;
+    let b_session = session_of(&items, "+15550000002").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Node A closes the call that node B runs.
+    let (status, body) = http(
+        &a,
+        "POST",
+        &format!("/public/v1/sessions/{b_session}/close"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    on_b.event("hangup").await;
+    let closed = |items: &[Value]| {
+        session_of(items, "+15550000002").is_some_and(|s| s["state"] == "CLOSED")
+            && open_with(items, "+15550000001")
+    };
+    listing_until(&a, closed).await;
+    listing_until(&b, closed).await;
+
+    // Closing it again, or a session nobody has, is a 404 on either node.
+    let (status, _) = http(
+        &b,
+        "POST",
+        &format!("/public/v1/sessions/{b_session}/close"),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = http(
+        &a,
+        "POST",
+        "/public/v1/sessions/00000000-0000-4000-8000-00000000dead/close",
+    )
+    .await;
+    assert_eq!(status, 404);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Whether a call just dialled was taken (it shows in `lister`'s listing) or refused (the
+/// phone is hung up).
+async fn admitted(lister: &RunningServer, phone: &mut Phone, remote: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let (_, body) = http(lister, "GET", "/public/v1/sessions?state=OPEN").await;
+        if session_of(body["items"].as_array().unwrap(), remote).is_some() {
+            return true;
+        }
+        tokio::select! {
+            frame = phone.ws.text() => {
+                if frame["type"] == "hangup" {
+                    return false;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    panic!("call from {remote} neither taken nor refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_limit_holds_across_nodes() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let node = |id: &str| {
+        let mut config = node_config(&nats, id);
+        config.limits.max_calls_per_connector = 2;
+        config
+    };
+    let a = start(node("node-a")).await;
+    let b = start(node("node-b")).await;
+    let mut first = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    assert!(admitted(&b, &mut first, "+15550000001").await);
+    let mut second = dial(&b, "+15550000002", "+15559990001", RATE).await;
+    assert!(admitted(&a, &mut second, "+15550000002").await);
+    // Two calls run in the cluster, one per node: a third is refused on either node.
+    let mut third = dial(&a, "+15550000003", "+15559990001", RATE).await;
+    assert!(!admitted(&b, &mut third, "+15550000003").await);
+    let mut fourth = dial(&b, "+15550000004", "+15559990001", RATE).await;
+    assert!(!admitted(&a, &mut fourth, "+15550000004").await);
+    let (_, body) = http(&a, "GET", "/public/v1/sessions").await;
+    let items = body["items"].as_array().unwrap();
+    assert!(session_of(items, "+15550000003").is_none(), "{body}");
+    assert!(session_of(items, "+15550000004").is_none(), "{body}");
+
+    // Once a call ends, its place is free again, on the other node too.
+    drop(first);
+    listing_until(&b, |items| {
+        session_of(items, "+15550000001").is_some_and(|s| s["state"] == "CLOSED")
+    })
+    .await;
+    let mut taken = false;
+    for attempt in 0..20 {
+        let remote = format!("+155500001{attempt:02}");
+        let mut next = dial(&b, &remote, "+15559990001", RATE).await;
+        if admitted(&a, &mut next, &remote).await {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "the freed place was never given to a new call");
+    a.shutdown().await;
+    b.shutdown().await;
+}
