@@ -244,3 +244,53 @@ async fn the_call_limit_holds_across_nodes() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_control_connection_hands_its_session_to_another_node() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut leaving = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15550000001", "+15559990001", RATE).await;
+    let notify = leaving.ws.expect_type("session.notify").await;
+    let id = notify["sessionId"].as_str().unwrap().to_owned();
+    assert_eq!(leaving.open(&id).await["ok"], true);
+    leaving.ready(&id).await;
+    let stale = leaving.ws.expect_type("call.in").await;
+
+    // Another agent, on the call's own node, joins after the claim: nothing to offer it.
+    let mut staying = control(&b, RATE, "mixed").await;
+    let busy = staying.open(&id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+    assert_eq!(busy["errorContent"]["boundSmWsId"], leaving.id.as_str());
+
+    // The holder on node A drops before its media came up: the session is offered again.
+    leaving.ws.close().await;
+    drop(leaving);
+    let resume = staying.ws.expect_type("session.notify").await;
+    assert_eq!(resume["sessionId"], id.as_str(), "{resume}");
+    assert_eq!(resume["activity"], "RESUME", "{resume}");
+    assert_eq!(staying.open(&id).await["ok"], true);
+    staying.ready(&id).await;
+    let call_in = staying.ws.expect_type("call.in").await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(b.base_url()));
+    assert_ne!(call_in["token"], stale["token"]);
+
+    // The token minted for the agent that left no longer attaches; the new one does.
+    let url = stale["url"].as_str().unwrap();
+    let bearer = format!("Bearer {}", stale["token"].as_str().unwrap());
+    assert!(
+        common::Ws::connect(url, &[("authorization", &bearer)])
+            .await
+            .is_err(),
+        "the departed agent's token still attaches"
+    );
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
