@@ -294,3 +294,137 @@ async fn a_dropped_control_connection_hands_its_session_to_another_node() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Environment of a node run in a process of its own by [`node_process`].
+const NODE_NATS: &str = "TELCOFLOW_TEST_NODE_NATS";
+const NODE_ID: &str = "TELCOFLOW_TEST_NODE_ID";
+const NODE_MAX_CALLS: &str = "TELCOFLOW_TEST_NODE_MAX_CALLS";
+/// What that process prints before its base URL once it listens.
+const NODE_READY: &str = "telcoflow test node listening on ";
+
+/// Not a test: a node in a process of its own, for [`spawn_node`] (this test binary runs
+/// itself with this one test and the node's environment), so that a test can `kill -9` it.
+#[tokio::test]
+#[ignore = "run by spawn_node, as a node in a process of its own"]
+async fn node_process() {
+    let (Ok(nats), Ok(id)) = (std::env::var(NODE_NATS), std::env::var(NODE_ID)) else {
+        return;
+    };
+    let mut config = node_config_at(&nats, &id);
+    if let Ok(max) = std::env::var(NODE_MAX_CALLS) {
+        config.limits.max_calls_per_connector = max.parse().unwrap();
+    }
+    let mut server = start(config).await;
+    println!("{NODE_READY}{}", server.base_url());
+    server.wait().await;
+}
+
+/// A node process (see [`node_process`]), killed when dropped.
+struct NodeProcess {
+    child: std::process::Child,
+    base_url: String,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "node_process", "--nocapture"])
+        .env(NODE_NATS, &nats.url)
+        .env(NODE_ID, id)
+        .env(NODE_MAX_CALLS, max_calls.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the node process starts");
+    let stdout = child.stdout.take().unwrap();
+    // The ready line comes within moments; a process that dies ends the lines.
+    let line = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with(NODE_READY))
+        .expect("the node's ready line");
+    NodeProcess {
+        child,
+        base_url: line[NODE_READY.len()..].to_owned(),
+    }
+}
+
+/// The listing on `server` once `done` holds for it, polled for at most `bound`.
+async fn listing_within(
+    server: &RunningServer,
+    bound: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> std::time::Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        let (_, body) = http(server, "GET", "/public/v1/sessions").await;
+        if done(body["items"].as_array().unwrap()) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < bound,
+            "listing never got there in {bound:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_ends_only_its_calls_and_a_restarted_one_rejoins() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    config.limits.max_calls_per_connector = 2;
+    let a = start(config).await;
+    let b = spawn_node(&nats, "node-b", 2);
+
+    // A call on node A, taken and answered by an agent on node A.
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone_a = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    let call_in = agent.take_call().await;
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone_a.event("answered").await;
+    // A call on node B, offered to the agent on node A.
+    let mut phone_b = dial_url(&b.base_url, "+15550000002", "+15559990001", RATE).await;
+    assert!(phone_b.call_id.is_some());
+    agent.ws.expect_type("session.notify").await;
+    listing_within(&a, WAIT, |items| open_with(items, "+15550000002")).await;
+
+    // kill -9: node B's session leaves the listing within 15 s; its caller is cut off.
+    drop(b);
+    phone_b.ws.closed().await;
+    let took = listing_within(&a, Duration::from_secs(15), |items| {
+        session_of(items, "+15550000002").is_none() && open_with(items, "+15550000001")
+    })
+    .await;
+    eprintln!("node B's session left the listing {took:?} after the kill");
+
+    // The call on node A went on untouched.
+    let mut heard = false;
+    for _ in 0..50 {
+        phone_a.send_level(777, FRAME).await;
+        if media.audio(0).await[FRAME / 2] == 777 {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "the call on node A stopped carrying audio");
+
+    // Node B restarted with its id takes calls again, counted afresh: with node A's call,
+    // the two places of the limit are one each.
+    let b = spawn_node(&nats, "node-b", 2);
+    let mut again = dial_url(&b.base_url, "+15550000003", "+15559990001", RATE).await;
+    assert!(admitted(&a, &mut again, "+15550000003").await);
+    let mut over = dial(&a, "+15550000004", "+15559990001", RATE).await;
+    assert!(!admitted(&a, &mut over, "+15550000004").await);
+    a.shutdown().await;
+}

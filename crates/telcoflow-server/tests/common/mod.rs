@@ -220,7 +220,12 @@ pub struct Phone {
 }
 
 pub async fn dial(server: &RunningServer, from: &str, to: &str, rate: u32) -> Phone {
-    let url = format!("{}/v1/sim/phone", server.base_url());
+    dial_url(server.base_url(), from, to, rate).await
+}
+
+/// [`dial`] on the server at `base_url` (one in another process).
+pub async fn dial_url(base_url: &str, from: &str, to: &str, rate: u32) -> Phone {
+    let url = format!("{base_url}/v1/sim/phone");
     let mut ws = Ws::connect(&url, &[]).await.expect("phone connects");
     ws.send_json(json!({"type": "dial", "from": from, "to": to, "sampleRate": rate}))
         .await;
@@ -471,10 +476,15 @@ pub async fn nats_server() -> Option<NatsServer> {
 /// A node of a cluster on `nats`: the development config, on a free port, with a token
 /// secret shared by every node.
 pub fn node_config(nats: &NatsServer, node_id: &str) -> Config {
+    node_config_at(&nats.url, node_id)
+}
+
+/// [`node_config`] for the NATS server at `nats_url`.
+pub fn node_config_at(nats_url: &str, node_id: &str) -> Config {
     let mut config = dev_config();
     config.token_secret = Some("cluster-test-secret".into());
     config.cluster = Some(telcoflow_server::config::ClusterConfig {
-        nats_url: nats.url.clone(),
+        nats_url: nats_url.to_owned(),
         node_id: node_id.into(),
     });
     config

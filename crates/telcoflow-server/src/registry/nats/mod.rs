@@ -353,34 +353,45 @@ impl NatsRegistry {
         );
         let mut result = Ok(());
         for (session_id, owner) in held {
-            let key = session_key(&link.connector, &session_id);
-            match self.unbind_record(&key, &me).await {
-                Ok(Some(record)) => {
-                    let released = if owner == self.me() {
-                        self.local().unbind(&session_id, sm_ws_id)
-                    } else {
-                        let request = NodeRequest::Unbind {
-                            session_id: session_id.clone(),
-                            sm_ws_id: sm_ws_id.to_owned(),
-                        };
-                        self.request::<bool>(&owner, &request)
-                            .await
-                            .unwrap_or(false)
-                    };
-                    debug!(%session_id, released, "offering session again");
-                    let offer = Offer {
-                        frame: notify(&record.info, Activity::Resume, unix_now()),
-                        inbound: record.info.initiator == Initiator::Connector,
-                    };
-                    if let Err(e) = self.publish(&notify_subject(&link.connector), &offer).await {
-                        result = Err(e);
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => result = Err(e),
+            if let Err(e) = self
+                .release(&link.connector, &session_id, &me, &owner)
+                .await
+            {
+                result = Err(e);
             }
         }
         result
+    }
+
+    /// Offers again (`RESUME`, to every node) a session that `holder` left before its media
+    /// came up, and has its owner forget the holder and its token.
+    async fn release(
+        &self,
+        connector: &str,
+        session_id: &str,
+        holder: &Holder,
+        owner: &str,
+    ) -> Result<(), RegistryError> {
+        let key = session_key(connector, session_id);
+        let Some(record) = self.unbind_record(&key, holder).await? else {
+            return Ok(());
+        };
+        let released = if owner == self.me() {
+            lock(&self.inner.remote_holders).remove(session_id);
+            self.local().unbind(session_id, &holder.sm_ws_id)
+        } else {
+            let request = NodeRequest::Unbind {
+                session_id: session_id.to_owned(),
+                sm_ws_id: holder.sm_ws_id.clone(),
+            };
+            self.request::<bool>(owner, &request).await.unwrap_or(false)
+        };
+        debug!(%session_id, released, "offering session again");
+        let offer = Offer {
+            frame: notify(&record.info, Activity::Resume, unix_now()),
+            inbound: record.info.initiator == Initiator::Connector,
+        };
+        self.publish(&notify_subject(connector), &offer).await
     }
 
     /// Unbinds a record from `holder` if it still holds it and its media is not up; the

@@ -2,15 +2,19 @@
 //! other nodes to its control connections, requests from other nodes about its calls, and
 //! its heartbeat.
 
-use super::record::{CloseReply, NodeBeat, NodeRequest, Offer, SessionRecord};
+use super::record::{
+    CallCounts, CloseReply, NodeBeat, NodeRequest, Offer, SessionRecord, Write, session_key,
+};
 use super::{NatsRegistry, lock, writer};
 use crate::registry::{CloseError, NodeContext, call_in};
 use crate::token::unix_now;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::control::ServerFrame;
+use telcoflow_proto::control::SessionState;
 use tracing::{debug, warn};
 
 /// How often a node renews its heartbeat.
@@ -54,14 +58,130 @@ impl NatsRegistry {
         context
             .tasks
             .spawn(self.clone().mirror(watch, shutdown.clone()));
-        context.tasks.spawn(self.clone().heartbeat(
-            NodeBeat {
-                public_url: context.public_url.clone(),
-                draining: false,
-                at: 0,
-            },
-            shutdown,
-        ));
+        let beat = NodeBeat {
+            public_url: context.public_url.clone(),
+            draining: false,
+            at: unix_now(),
+        };
+        // Alive before any record of this node exists, so that no other node takes them for
+        // those of a lost node.
+        let value = serde_json::to_vec(&beat).map_err(|e| e.to_string())?;
+        inner
+            .nodes
+            .put(&inner.node_id, value.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        // A node restarted with its old id starts with no calls: what it counted before is gone.
+        self.drop_counts_of(&inner.node_id)
+            .await
+            .map_err(|e| format!("resetting this node's call counts: {e}"))?;
+        context
+            .tasks
+            .spawn(self.clone().heartbeat(beat, shutdown.clone()));
+        context.tasks.spawn(self.clone().reaper(shutdown));
+        Ok(())
+    }
+
+    /// Every heartbeat period, forgets what nodes whose heartbeat expired left in the
+    /// cluster.
+    async fn reaper(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.reap().await {
+                debug!(error = %e, "lost nodes not reaped this time");
+            }
+        }
+    }
+
+    /// The nodes whose heartbeat has not expired.
+    async fn alive_nodes(&self) -> Result<HashSet<String>, String> {
+        let mut keys = self.inner.nodes.keys().await.map_err(|e| e.to_string())?;
+        let mut alive = HashSet::new();
+        while let Some(key) = keys.next().await {
+            alive.insert(key.map_err(|e| e.to_string())?);
+        }
+        Ok(alive)
+    }
+
+    /// Deletes the records of lost nodes (their calls ended with them), offers again the
+    /// sessions of this node that agents on lost nodes held, and drops lost nodes' call
+    /// counts. Every live node does it; each step is harmless when done twice.
+    async fn reap(&self) -> Result<(), String> {
+        let alive = self.alive_nodes().await?;
+        let me = self.me().to_owned();
+        let is_lost = |node: &str| node != me && !alive.contains(node);
+        let mut lost_nodes = HashSet::new();
+        let mut lost_records = Vec::new();
+        let mut orphaned = Vec::new();
+        for (key, record) in lock(&self.inner.mirror).iter() {
+            if is_lost(&record.owner) {
+                lost_nodes.insert(record.owner.clone());
+                lost_records.push(key.clone());
+            } else if record.owner == me
+                && record.info.state == SessionState::Open
+                && let Some(holder) = record.bound.as_ref().filter(|h| is_lost(&h.node))
+            {
+                lost_nodes.insert(holder.node.clone());
+                orphaned.push((
+                    record.connector.clone(),
+                    record.info.id.clone(),
+                    holder.clone(),
+                ));
+            }
+        }
+        for key in lost_records {
+            debug!(%key, "forgetting a session of a lost node");
+            self.inner
+                .sessions
+                .delete(&key)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for (connector, session_id, holder) in orphaned {
+            self.release(&connector, &session_id, &holder, &me)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for node in &lost_nodes {
+            warn!(%node, "node lost: its sessions are forgotten");
+            self.drop_counts_of(node).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a node's entry from every connector's call count.
+    async fn drop_counts_of(&self, node: &str) -> Result<(), String> {
+        let calls = &self.inner.calls;
+        let mut keys = match calls.keys().await {
+            Ok(keys) => keys,
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut connectors = Vec::new();
+        while let Some(key) = keys.next().await {
+            connectors.push(key.map_err(|e| e.to_string())?);
+        }
+        for connector in connectors {
+            loop {
+                let Some(entry) = calls.entry(&connector).await.map_err(|e| e.to_string())? else {
+                    break;
+                };
+                let mut counts: CallCounts =
+                    serde_json::from_slice(&entry.value).unwrap_or_default();
+                if entry.operation != kv::Operation::Put || counts.remove(node).is_none() {
+                    break;
+                }
+                let value = serde_json::to_vec(&counts).map_err(|e| e.to_string())?;
+                match calls.update(&connector, value.into(), entry.revision).await {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
         Ok(())
     }
 
@@ -215,6 +335,14 @@ impl NatsRegistry {
         match entry.operation {
             kv::Operation::Put => match serde_json::from_slice::<SessionRecord>(&entry.value) {
                 Ok(record) => {
+                    // A record of this node that its registry does not know is left from
+                    // before a restart with the same id: that call is gone.
+                    if record.owner == self.inner.node_id
+                        && self.local().connector_of(&record.info.id).is_none()
+                    {
+                        let key = session_key(&record.connector, &record.info.id);
+                        let _ = self.inner.writes.send(Write::Forget { key });
+                    }
                     mirror.insert(entry.key, record);
                 }
                 Err(e) => warn!(key = %entry.key, error = %e, "unreadable session record"),
