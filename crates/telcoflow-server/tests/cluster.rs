@@ -143,6 +143,17 @@ async fn listing_and_close_on_either_node_span_the_cluster() {
         .unwrap()
         .to_owned();
 
+    // An agent that connects now, to either node, is offered both unheld sessions.
+    for node in [&a, &b] {
+        let mut late = control(node, RATE, "mixed").await;
+        let mut offered = vec![
+            late.ws.expect_type("session.notify").await["remoteAddress"].clone(),
+            late.ws.expect_type("session.notify").await["remoteAddress"].clone(),
+        ];
+        offered.sort_by_key(|v| v.to_string());
+        assert_eq!(offered, ["+15550000001", "+15550000002"]);
+    }
+
     // Node A closes the call that node B runs.
     let (status, body) = http(
         &a,

@@ -198,6 +198,12 @@ impl MemoryRegistry {
         self.lock().controls.get(sm_ws_id).cloned()
     }
 
+    /// Adds a control connection without offering it anything (the cluster offers from its
+    /// records, which hold only sessions it admitted).
+    pub(crate) fn insert_link(&self, sm_ws_id: &str, link: ControlLink) {
+        self.lock().controls.insert(sm_ws_id.to_owned(), link);
+    }
+
     /// Removes a control connection without offering its sessions again (the cluster does).
     pub(crate) fn remove_link(&self, sm_ws_id: &str) {
         self.lock().controls.remove(sm_ws_id);

@@ -295,14 +295,13 @@ impl NatsRegistry {
         sm_ws_id: &str,
         link: ControlLink,
     ) -> Result<(), RegistryError> {
-        // This node's own sessions are offered by the local registry; the others from the
-        // mirror.
+        // Offered from the records, this node's too: a call not admitted yet (or refused)
+        // has none, and is offered by its notification once admitted.
         let now = unix_now();
         let offers: Vec<ServerFrame> = lock(&self.inner.mirror)
             .values()
             .filter(|r| {
-                r.owner != self.me()
-                    && *r.connector == *link.connector
+                *r.connector == *link.connector
                     && r.info.state == SessionState::Open
                     && r.bound.is_none()
                     && !r.media_attached
@@ -320,7 +319,7 @@ impl NatsRegistry {
         for frame in offers {
             link.send(frame);
         }
-        self.local().add_control(sm_ws_id, link);
+        self.local().insert_link(sm_ws_id, link);
         Ok(())
     }
 
