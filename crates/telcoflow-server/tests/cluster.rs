@@ -439,3 +439,80 @@ async fn a_killed_node_ends_only_its_calls_and_a_restarted_one_rejoins() {
     assert!(!admitted(&a, &mut over, "+15550000004").await);
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_down_calls_go_on_and_new_ones_fail_fast_until_it_is_back() {
+    let Some(mut nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    // A call on node B, held by an agent on node A, with its media on node B.
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15550000001", "+15559990001", RATE).await;
+    let call_in = agent.take_call().await;
+    let session_id = call_in["sessionId"].as_str().unwrap().to_owned();
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    listing_until(&a, |items| open_with(items, "+15550000001")).await;
+
+    nats.stop().await;
+    // New calls are refused at once, once the node has seen NATS go.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let refused = dial(&b, "+15550000002", "+15559990001", RATE).await;
+        if refused.call_id.as_deref() == Some("refused:error") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B still takes calls with NATS down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Closing a call on another node needs NATS: 503, saying so.
+    let (status, body) = http(
+        &a,
+        "POST",
+        &format!("/public/v1/sessions/{session_id}/close"),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.to_string().contains("cluster is unavailable"),
+        "{body}"
+    );
+    // The call in progress goes on: the caller still reaches the agent.
+    let mut heard = false;
+    for _ in 0..50 {
+        phone.send_level(555, FRAME).await;
+        if media.audio(0).await[FRAME / 2] == 555 {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "the call stopped carrying audio with NATS down");
+
+    // NATS is back: the nodes reconnect by themselves and take calls across nodes again.
+    nats.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let remote = format!("+155500002{attempt:02}");
+        let mut next = dial(&b, &remote, "+15559990001", RATE).await;
+        if next.call_id.as_deref() != Some("refused:error")
+            && admitted(&a, &mut next, &remote).await
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cluster did not come back after NATS did"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -395,6 +395,8 @@ pub async fn talk_until(
 /// killed (and the directory removed) on drop.
 pub struct NatsServer {
     child: tokio::process::Child,
+    bin: std::path::PathBuf,
+    port: u16,
     store: std::path::PathBuf,
     pub url: String,
 }
@@ -429,7 +431,6 @@ pub fn nats_server_bin() -> Option<std::path::PathBuf> {
 /// Starts a nats-server, or returns None when there is none to start (outside CI: the test
 /// is skipped; under CI a missing nats-server fails it).
 pub async fn nats_server() -> Option<NatsServer> {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let Some(bin) = nats_server_bin() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -444,9 +445,38 @@ pub async fn nats_server() -> Option<NatsServer> {
     };
     let store = std::env::temp_dir().join(format!("telcoflow-nats-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&store).unwrap();
-    let mut child = tokio::process::Command::new(&bin)
+    let child = launch_nats(&bin, port, &store).await;
+    Some(NatsServer {
+        child,
+        bin,
+        port,
+        store,
+        url: format!("nats://127.0.0.1:{port}"),
+    })
+}
+
+impl NatsServer {
+    /// Stops it (SIGKILL), as if NATS went down.
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Starts it again on the same port and store (the buckets are kept).
+    pub async fn restart(&mut self) {
+        self.child = launch_nats(&self.bin, self.port, &self.store).await;
+    }
+}
+
+/// Runs nats-server with JetStream and waits until it says it is ready.
+async fn launch_nats(
+    bin: &std::path::Path,
+    port: u16,
+    store: &std::path::Path,
+) -> tokio::process::Child {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(bin)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&store)
+        .arg(store)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -466,11 +496,7 @@ pub async fn nats_server() -> Option<NatsServer> {
     assert_eq!(ready, Ok(true), "nats-server did not start on port {port}");
     // Keep reading its log so that it never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Some(NatsServer {
-        child,
-        store,
-        url: format!("nats://127.0.0.1:{port}"),
-    })
+    child
 }
 
 /// A node of a cluster on `nats`: the development config, on a free port, with a token

@@ -122,6 +122,10 @@ impl NatsRegistry {
             .name(format!("telcoflow-{}", cluster.node_id))
             .request_timeout(Some(REQUEST_TIMEOUT))
             .connection_timeout(NATS_TIMEOUT)
+            // Back within a second of NATS coming back, however long it was away.
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis(100 * attempts.min(10) as u64)
+            })
             .connect(cluster.nats_url.as_str())
             .await
             .map_err(|e| e.to_string())?;
@@ -186,6 +190,15 @@ impl NatsRegistry {
 
     fn connected(&self) -> bool {
         self.inner.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Directory calls fail at once while NATS is away, rather than wait for their timeout.
+    fn check_connected(&self) -> Result<(), RegistryError> {
+        if self.connected() {
+            Ok(())
+        } else {
+            Err(unavailable("not connected to NATS"))
+        }
     }
 
     // ---- Node-local ----
@@ -608,6 +621,7 @@ impl NatsRegistry {
 
     /// A record and its revision; `None` when absent or deleted.
     async fn read(&self, key: &str) -> Result<Option<(SessionRecord, u64)>, RegistryError> {
+        self.check_connected()?;
         let entry = bounded("reading a session", self.inner.sessions.entry(key)).await?;
         Ok(entry
             .filter(|e| e.operation == kv::Operation::Put)
@@ -626,6 +640,7 @@ impl NatsRegistry {
         record: &SessionRecord,
         revision: u64,
     ) -> Result<bool, RegistryError> {
+        self.check_connected()?;
         let value = serde_json::to_vec(record).map_err(unavailable)?;
         let update = self.inner.sessions.update(key, value.into(), revision);
         match tokio::time::timeout(NATS_TIMEOUT, update).await {
@@ -643,6 +658,7 @@ impl NatsRegistry {
         subject: &str,
         body: &impl serde::Serialize,
     ) -> Result<(), RegistryError> {
+        self.check_connected()?;
         let payload = serde_json::to_vec(body).map_err(unavailable)?;
         bounded(
             "publishing",
@@ -659,6 +675,7 @@ impl NatsRegistry {
         node: &str,
         request: &NodeRequest,
     ) -> Result<T, RegistryError> {
+        self.check_connected()?;
         let payload = serde_json::to_vec(request).map_err(unavailable)?;
         let subject = node_subject(node, request.op());
         let reply = self
