@@ -516,3 +516,50 @@ async fn while_nats_is_down_calls_go_on_and_new_ones_fail_fast_until_it_is_back(
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_count_left_wrong_is_healed_by_its_node() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let node = |id: &str| {
+        let mut config = node_config(&nats, id);
+        config.limits.max_calls_per_connector = 1;
+        config
+    };
+    let a = start(node("node-a")).await;
+    let b = start(node("node-b")).await;
+    // Node B's count says it runs calls it does not (a decrement lost while NATS was away).
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let calls = async_nats::jetstream::new(client)
+        .get_key_value("telcoflow_calls")
+        .await
+        .unwrap();
+    calls
+        .put(
+            telcoflow_server::config::DEV_CONNECTOR_UUID,
+            r#"{"node-b":3}"#.into(),
+        )
+        .await
+        .unwrap();
+    let mut refused = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    assert!(!admitted(&a, &mut refused, "+15550000001").await);
+    // Within a heartbeat or two node B sets its entry back to what it runs: nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let remote = format!("+155500003{attempt:02}");
+        let mut next = dial(&a, &remote, "+15559990001", RATE).await;
+        if admitted(&a, &mut next, &remote).await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B's count was never healed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -361,6 +361,7 @@ impl NatsRegistry {
                 () = shutdown.cancelled() => break,
             }
             beat.at = unix_now();
+            let _ = self.inner.writes.send(Write::HealCounts);
             let Ok(value) = serde_json::to_vec(&beat) else {
                 continue;
             };

@@ -152,6 +152,8 @@ pub(super) enum Write {
         key: Option<String>,
         closed_at: u64,
     },
+    /// This node's entries in the call counts are set to what it runs.
+    HealCounts,
     /// A closed record is forgotten.
     Forget {
         key: String,

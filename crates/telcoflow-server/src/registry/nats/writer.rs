@@ -6,6 +6,7 @@ use super::NatsRegistry;
 use super::record::{CallCounts, Offer, SessionRecord, Write, notify_subject};
 use crate::call::CallInput;
 use async_nats::jetstream::kv;
+use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::time::Duration;
 use telcoflow_proto::control::{Activity, CloseReason, Initiator, SessionState};
@@ -39,6 +40,7 @@ pub(super) async fn run(
     let mut writer = Writer {
         registry,
         admitted: HashMap::new(),
+        shutdown: shutdown.clone(),
     };
     loop {
         let write = tokio::select! {
@@ -57,24 +59,43 @@ struct Writer {
     registry: NatsRegistry,
     /// Sessions of this node counted in the calls bucket, with their connector.
     admitted: HashMap<String, String>,
+    shutdown: CancellationToken,
 }
 
 impl Writer {
+    /// Applies a write, waiting while NATS is away (the writes queue behind it, in order);
+    /// gives up after [`ATTEMPTS`] failures while connected, or at once once the server
+    /// is shutting down without NATS.
     async fn apply(&mut self, write: Write) {
-        for attempt in 1..=ATTEMPTS {
+        let mut attempts = 0;
+        let refused = loop {
+            if !self.registry.connected() {
+                if self.shutdown.is_cancelled() {
+                    warn!("cluster write dropped: shutting down without NATS");
+                    break true;
+                }
+                tokio::time::sleep(RETRY_PAUSE).await;
+                continue;
+            }
+            attempts += 1;
             match self.try_apply(&write).await {
                 Ok(()) => return,
-                Err(Failed::Refused) => break,
-                Err(Failed::Nats(e)) if attempt < ATTEMPTS => {
-                    debug!(error = %e, attempt, "cluster write failed; retrying");
+                Err(Failed::Refused) => {
+                    info!("call refused: the connector's call limit is reached in the cluster");
+                    break true;
+                }
+                Err(Failed::Nats(e)) if attempts < ATTEMPTS => {
+                    debug!(error = %e, attempts, "cluster write failed; retrying");
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Err(Failed::Nats(e)) => warn!(error = %e, "cluster write given up"),
+                Err(Failed::Nats(e)) => {
+                    warn!(error = %e, "cluster write given up");
+                    break true;
+                }
             }
-        }
-        // A call that could not be admitted (over the limit, or NATS away for good) ends.
-        if let Write::Admit { record, call, .. } = write {
-            info!(session_id = %record.info.id, "call refused: the connector's call limit is reached in the cluster");
+        };
+        // A call that could not be admitted ends, never offered.
+        if let (true, Write::Admit { call, .. }) = (refused, write) {
             call.send(CallInput::Close {
                 reason: CloseReason::ForceClose,
                 done: None,
@@ -134,12 +155,13 @@ impl Writer {
                     })
                     .await?;
                 }
-                if let Some(connector) = self.admitted.get(session_id).cloned() {
+                // Forgotten first: should the decrement be lost, the next heal counts right.
+                if let Some(connector) = self.admitted.remove(session_id) {
                     self.count(&connector, -1, None).await?;
-                    self.admitted.remove(session_id);
                 }
                 Ok(())
             }
+            Write::HealCounts => self.heal_counts().await,
             Write::Forget { key } => inner.sessions.delete(key).await.map_err(nats),
             Write::Publish { subject, request } => {
                 let payload = serde_json::to_vec(request).map_err(nats)?;
@@ -172,6 +194,47 @@ impl Writer {
                 Err(e) => return Err(nats(e)),
             }
         }
+    }
+
+    /// Sets this node's entry in every connector's count to the calls it has admitted and
+    /// not yet seen end, so that a write lost while NATS was away does not keep a place taken.
+    async fn heal_counts(&self) -> Result<(), Failed> {
+        let store = &self.registry.inner.calls;
+        let me = self.registry.me();
+        let mut mine: HashMap<&str, usize> = HashMap::new();
+        for connector in self.admitted.values() {
+            *mine.entry(connector).or_default() += 1;
+        }
+        let mut keys = store.keys().await.map_err(nats)?;
+        let mut connectors = Vec::new();
+        while let Some(key) = keys.next().await {
+            connectors.push(key.map_err(nats)?);
+        }
+        for connector in connectors {
+            let want = mine.get(connector.as_str()).copied().unwrap_or(0);
+            loop {
+                let Some(entry) = store.entry(&connector).await.map_err(nats)? else {
+                    break;
+                };
+                let mut counts: CallCounts = if entry.operation == kv::Operation::Put {
+                    serde_json::from_slice(&entry.value).unwrap_or_default()
+                } else {
+                    CallCounts::new()
+                };
+                if counts.get(me).copied().unwrap_or(0) == want {
+                    break;
+                }
+                debug!(%connector, want, "healing this node's call count");
+                counts.insert(me.to_owned(), want);
+                let value = serde_json::to_vec(&counts).map_err(nats)?;
+                match store.update(&connector, value.into(), entry.revision).await {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(nats(e)),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Adds `delta` to this node's count of a connector's calls, by compare-and-set; with a
