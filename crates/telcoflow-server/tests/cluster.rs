@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::time::Duration;
 use telcoflow_server::RunningServer;
 
@@ -84,6 +84,15 @@ async fn an_agent_on_one_node_takes_and_echoes_a_call_that_arrived_on_another() 
         "the agent on node A never heard the caller on node B"
     );
     assert!(caller_heard, "the caller never heard the echo");
+
+    // The caller hangs up on node B: the agent's control connection on node A is told.
+    phone.send_json(json!({"type": "hangup"})).await;
+    let closed = agent.ws.expect_type("session.closed").await;
+    assert_eq!(closed["sessionId"], call_in["sessionId"], "{closed}");
+    listing_until(&a, |items| {
+        session_of(items, "+15551230001").is_some_and(|s| s["state"] == "CLOSED")
+    })
+    .await;
     a.shutdown().await;
     b.shutdown().await;
 }
