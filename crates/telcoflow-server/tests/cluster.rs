@@ -572,3 +572,47 @@ async fn a_call_count_left_wrong_is_healed_by_its_node() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_create_is_idempotent_across_nodes() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut far = register(&a, "+1777", RATE).await;
+    let mut on_a = control(&a, RATE, "mixed").await;
+    let mut on_b = control(&b, RATE, "mixed").await;
+    let create = json!({"type": "session.create", "channel": "TELCO", "remoteAddress": "+1777"});
+    let created = on_a.request(create.clone()).await;
+    assert_eq!(created["content"]["created"], true, "{created}");
+    let session_id = created["content"]["sessionId"].as_str().unwrap().to_owned();
+    // Once node B knows of it, creating it from node B returns node A's open session.
+    listing_until(&b, |items| open_with(items, "+1777")).await;
+    let again = on_b.request(create).await;
+    assert_eq!(
+        again["content"],
+        json!({"sessionId": session_id, "created": false}),
+        "{again}"
+    );
+    // Held by its creator: the agent on node B cannot take it.
+    let busy = on_b.open(&session_id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+    assert_eq!(busy["errorContent"]["boundSmWsId"], on_a.id.as_str());
+    // Its creator connects it, on node A.
+    assert_eq!(on_a.open(&session_id).await["ok"], true);
+    on_a.ready(&session_id).await;
+    let call_in = on_a.ws.expect_type("call.in").await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(a.base_url()));
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None);
+    let pick_up = async {
+        far.event("incoming").await;
+        far.send_json(json!({"type": "answer"})).await;
+        far.event("answered").await;
+    };
+    let (answer, ()) = tokio::join!(answer, pick_up);
+    assert_eq!(answer["success"], true, "{answer}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
