@@ -223,6 +223,47 @@ mod tests {
         config
     }
 
+    fn cluster_for(argv: &[&str], file: Option<ClusterConfig>) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .expect("flags parse");
+        let mut config = Config::development();
+        config.cluster = file;
+        apply_cluster_flags(&mut config, &cli.args)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn cluster_flags_set_the_cluster_over_the_file() {
+        assert!(cluster_for(&[], None).unwrap().cluster.is_none());
+        let both = ["--cluster", "nats://127.0.0.1:4222", "--node-id", "node-a"];
+        let cluster = cluster_for(&both, None).unwrap().cluster.unwrap();
+        assert_eq!(cluster.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(cluster.node_id, "node-a");
+        let file = ClusterConfig {
+            nats_url: "nats://10.0.0.1:4222".into(),
+            node_id: "from-file".into(),
+        };
+        let renamed = cluster_for(&["--node-id", "node-b"], Some(file.clone()))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(renamed.nats_url, "nats://10.0.0.1:4222");
+        assert_eq!(renamed.node_id, "node-b");
+        assert_eq!(
+            cluster_for(&[], Some(file.clone())).unwrap().cluster,
+            Some(file)
+        );
+        let err = cluster_for(&["--node-id", "x"], None).unwrap_err();
+        assert!(
+            err.to_string().contains("--node-id needs --cluster"),
+            "{err}"
+        );
+        // --cluster alone leaves the node id empty, which validation refuses by name.
+        let alone = cluster_for(&["--cluster", "nats://127.0.0.1:4222"], None).unwrap();
+        let err = alone.validate().unwrap_err();
+        assert!(err.to_string().contains("cluster.node_id"), "{err}");
+    }
+
     #[test]
     fn sip_flags_turn_sip_on() {
         assert!(config_for(&[]).sip.is_none(), "SIP stays off without flags");
