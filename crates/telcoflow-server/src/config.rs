@@ -65,6 +65,44 @@ pub struct Config {
     pub sip: Option<SipConfig>,
     /// The simulated phone endpoint (`[sim]`).
     pub sim: SimConfig,
+    /// Several nodes sharing one registry through NATS (`[cluster]`); without it the server
+    /// keeps its registry in memory, alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Membership of a cluster of nodes that serve as one (`[cluster]`, or `telcoflow serve
+/// --cluster URL --node-id NAME`); see docs/cluster.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The NATS server with JetStream (`nats://host:port`).
+    pub nats_url: String,
+    /// This node's name, unique in the cluster: `[A-Za-z0-9_-]+`, since it appears in NATS
+    /// subjects and keys.
+    pub node_id: String,
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let valid_id = !self.node_id.is_empty()
+            && self
+                .node_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_id {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.node_id must be letters, digits, '_' and '-' (it names NATS subjects and keys), got {:?}",
+                self.node_id
+            )));
+        }
+        if !self.nats_url.starts_with("nats://") && !self.nats_url.starts_with("tls://") {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.nats_url must be nats://HOST:PORT (or tls://HOST:PORT), got {:?}",
+                self.nats_url
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The simulated phone endpoint `/v1/sim/phone` (`[sim]`): a development tool, off in a
@@ -440,6 +478,7 @@ impl Default for Config {
             connectors: Vec::new(),
             sip: None,
             sim: SimConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -513,6 +552,9 @@ impl Config {
         }
         if self.connectors.is_empty() {
             return invalid("at least one [[connectors]] entry is required".into());
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         let mut seen = std::collections::HashSet::new();
         for c in &self.connectors {
@@ -734,6 +776,38 @@ mod tests {
             Some("+4420700000098")
         );
         assert_eq!(config.limits.max_media_frame_bytes, 262_144);
+    }
+
+    #[test]
+    fn parses_cluster_section_and_checks_node_id() {
+        let connector = r#"
+            [[connectors]]
+            uuid = "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01"
+            api_key = "k1"
+            "#;
+        let config = Config::from_toml(&format!(
+            "[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\nnode_id = \"node-a_1\"\n{connector}"
+        ))
+        .unwrap();
+        let cluster = config.cluster.expect("cluster section");
+        assert_eq!(cluster.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(cluster.node_id, "node-a_1");
+        assert!(Config::from_toml(connector).unwrap().cluster.is_none());
+        for bad in ["", "a.b", "a b", "n*", "n>"] {
+            let err = Config::from_toml(&format!(
+                "[cluster]\nnats_url = \"nats://127.0.0.1:4222\"\nnode_id = {bad:?}\n{connector}"
+            ))
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("cluster.node_id"),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = Config::from_toml(&format!(
+            "[cluster]\nnats_url = \"http://x\"\nnode_id = \"a\"\n{connector}"
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("cluster.nats_url"), "{err}");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 use crate::auth::authenticate;
 use crate::call::CallHandle;
 use crate::config::{ConnectorConfig, check_address};
-use crate::registry::{ClaimError, ControlLink, ReadyOutcome};
+use crate::registry::{self, ClaimError, ControlLink, ReadyOutcome};
 use crate::state::Shared;
 use crate::tls::PeerInfo;
 use axum::extract::ws::{
@@ -22,12 +22,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::{
-    CallIn, Channel, ClientFrame, FrameHeader, Response as Reply, ServerFrame, SetupData,
+    Channel, ClientFrame, FrameHeader, Response as Reply, ServerFrame, SetupData,
 };
-use telcoflow_proto::media::MEDIA_PATH;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -311,6 +310,7 @@ impl Conn {
                     .await
                 {
                     Ok(ReadyOutcome::Call(call)) => self.send(self.call_in(&call)),
+                    Ok(ReadyOutcome::CallIn(frame)) => self.send(frame),
                     Ok(ReadyOutcome::NotOpen) => {
                         debug!(%session_id, "session.ready for a session this connection does not hold")
                     }
@@ -399,20 +399,15 @@ impl Conn {
     }
 
     fn call_in(&self, call: &CallHandle) -> ServerFrame {
-        let token = self.shared.signer.issue(&call.call_id, SystemTime::now());
-        // Only this token attaches from now on: one minted for an earlier holder of the
-        // session (before a RESUME) is refused by the media plane.
+        let call_in = registry::call_in(
+            &self.shared.signer,
+            &self.shared.public_url,
+            &self.connector.uuid,
+            call,
+        );
         self.shared
             .registry
-            .set_media_token(&call.session_id, &token);
-        ServerFrame::CallIn(CallIn {
-            session_id: call.session_id.to_string(),
-            call_id: call.call_id.to_string(),
-            org_uuid: self.connector.uuid.clone(),
-            from: call.from.to_string(),
-            to: call.to.to_string(),
-            url: format!("{}{}/{}", self.shared.public_url, MEDIA_PATH, call.call_id),
-            token,
-        })
+            .set_media_token(&call.session_id, &call_in.token);
+        ServerFrame::CallIn(call_in)
     }
 }

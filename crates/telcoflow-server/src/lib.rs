@@ -98,6 +98,14 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The cluster (`[cluster]`, NATS) could not be joined.
+    #[error("cannot join the cluster through {nats_url}: {message}")]
+    Cluster {
+        /// The NATS server.
+        nats_url: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -117,6 +125,20 @@ impl Server {
     /// Binds the listener and starts serving in the background.
     pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         config.validate()?;
+        let cluster_registry = match &config.cluster {
+            Some(cluster) => Some(
+                registry::Registry::cluster(
+                    cluster,
+                    config.limits.max_closed_sessions_per_connector,
+                )
+                .await
+                .map_err(|message| StartError::Cluster {
+                    nats_url: cluster.nats_url.clone(),
+                    message,
+                })?,
+            ),
+            None => None,
+        };
         let listener = listener::bind(config.listen).map_err(|source| StartError::Bind {
             addr: config.listen,
             source,
@@ -146,13 +168,25 @@ impl Server {
             }
             None => None,
         };
-        let shared = Arc::new(state::Shared::new(
-            config,
-            base_url.clone(),
-            networks,
-            tasks,
-            shutdown,
-        ));
+        let nats_url = config.cluster.as_ref().map(|c| c.nats_url.clone());
+        let mut shared = state::Shared::new(config, base_url.clone(), networks, tasks, shutdown);
+        if let Some(registry) = cluster_registry {
+            shared.registry = registry;
+        }
+        let shared = Arc::new(shared);
+        let context = registry::NodeContext {
+            tasks: shared.tasks.clone(),
+            shutdown: shared.shutdown.clone(),
+            signer: shared.signer.clone(),
+            public_url: shared.public_url.clone(),
+        };
+        if let Err(message) = shared.registry.start(context).await {
+            shared.shutdown.cancel();
+            return Err(StartError::Cluster {
+                nats_url: nats_url.unwrap_or_default(),
+                message,
+            });
+        }
         let sip_addr = sip.map(|bound| bound.start(&shared));
         let shutdown = shared.shutdown.clone();
         let app = router(shared.clone(), phones);

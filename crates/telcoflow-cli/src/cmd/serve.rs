@@ -19,7 +19,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use telcoflow::config::{ENV_API_KEY, ENV_CONNECTOR_UUID};
-use telcoflow_server::config::{ConnectorConfig, DEV_API_KEY, DEV_CONNECTOR_UUID, SipConfig};
+use telcoflow_server::config::{
+    ClusterConfig, ConnectorConfig, DEV_API_KEY, DEV_CONNECTOR_UUID, SipConfig,
+};
 use telcoflow_server::{Config, Server};
 use tracing::{info, warn};
 
@@ -61,6 +63,35 @@ pub(crate) struct Args {
     /// [default: the config file's `[sip] invite_rate_limit`, else 20].
     #[arg(long, value_name = "N")]
     invite_rate_limit: Option<u32>,
+    /// Join a cluster of nodes sharing one registry through this NATS server with JetStream
+    /// (nats://HOST:PORT) [default: the config file's `[cluster] nats_url`, else no cluster].
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// This node's name in the cluster, unique, of letters, digits, '_' and '-' [default: the
+    /// config file's `[cluster] node_id`].
+    #[arg(long, value_name = "NAME")]
+    node_id: Option<String>,
+}
+
+/// Applies `--cluster` and `--node-id` over the config file's `[cluster]`.
+fn apply_cluster_flags(config: &mut Config, args: &Args) -> anyhow::Result<()> {
+    match (&args.cluster, &mut config.cluster) {
+        (Some(url), Some(cluster)) => cluster.nats_url = url.clone(),
+        (Some(url), None) => {
+            config.cluster = Some(ClusterConfig {
+                nats_url: url.clone(),
+                node_id: String::new(),
+            });
+        }
+        (None, None) if args.node_id.is_some() => {
+            anyhow::bail!("--node-id needs --cluster (or a [cluster] section in the config file)")
+        }
+        (None, _) => {}
+    }
+    if let (Some(id), Some(cluster)) = (&args.node_id, &mut config.cluster) {
+        cluster.node_id = id.clone();
+    }
+    Ok(())
 }
 
 /// Applies the SIP flags: any of them turns SIP on (with defaults for the rest).
@@ -107,6 +138,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         config.listen = listen;
     }
     apply_sip_flags(&mut config, &args);
+    apply_cluster_flags(&mut config, &args)?;
     config.validate()?;
     let connectors: Vec<(String, String)> = config
         .connectors
@@ -189,6 +221,47 @@ mod tests {
         let mut config = Config::development();
         apply_sip_flags(&mut config, &cli.args);
         config
+    }
+
+    fn cluster_for(argv: &[&str], file: Option<ClusterConfig>) -> anyhow::Result<Config> {
+        let cli = Cli::try_parse_from(std::iter::once("serve").chain(argv.iter().copied()))
+            .expect("flags parse");
+        let mut config = Config::development();
+        config.cluster = file;
+        apply_cluster_flags(&mut config, &cli.args)?;
+        Ok(config)
+    }
+
+    #[test]
+    fn cluster_flags_set_the_cluster_over_the_file() {
+        assert!(cluster_for(&[], None).unwrap().cluster.is_none());
+        let both = ["--cluster", "nats://127.0.0.1:4222", "--node-id", "node-a"];
+        let cluster = cluster_for(&both, None).unwrap().cluster.unwrap();
+        assert_eq!(cluster.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(cluster.node_id, "node-a");
+        let file = ClusterConfig {
+            nats_url: "nats://10.0.0.1:4222".into(),
+            node_id: "from-file".into(),
+        };
+        let renamed = cluster_for(&["--node-id", "node-b"], Some(file.clone()))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(renamed.nats_url, "nats://10.0.0.1:4222");
+        assert_eq!(renamed.node_id, "node-b");
+        assert_eq!(
+            cluster_for(&[], Some(file.clone())).unwrap().cluster,
+            Some(file)
+        );
+        let err = cluster_for(&["--node-id", "x"], None).unwrap_err();
+        assert!(
+            err.to_string().contains("--node-id needs --cluster"),
+            "{err}"
+        );
+        // --cluster alone leaves the node id empty, which validation refuses by name.
+        let alone = cluster_for(&["--cluster", "nats://127.0.0.1:4222"], None).unwrap();
+        let err = alone.validate().unwrap_err();
+        assert!(err.to_string().contains("cluster.node_id"), "{err}");
     }
 
     #[test]

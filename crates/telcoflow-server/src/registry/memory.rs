@@ -13,7 +13,7 @@ use crate::token::unix_now;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use telcoflow_proto::control::{
-    Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState,
+    Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState, SetupData,
 };
 use tracing::debug;
 
@@ -172,19 +172,118 @@ impl MemoryRegistry {
             let inbound = info.initiator == Initiator::Connector;
             broadcast(&state.controls, connector, &frame, inbound);
         }
-        state.sessions.insert(
-            info.id.clone(),
-            SessionRecord {
-                info,
-                connector: connector.clone(),
-                bound,
-                ready: false,
-                media_attached: false,
-                call: Some(call),
-                media_token: None,
-            },
-        );
+        insert_session(&mut state, connector, info, call, bound);
         Ok(())
+    }
+
+    /// Registers a call session of this node without counting or offering it: the cluster
+    /// counts calls and offers sessions itself.
+    pub(crate) fn insert_call_session(
+        &self,
+        connector: &Arc<str>,
+        info: SessionInfo,
+        call: CallHandle,
+        bound: Option<String>,
+    ) {
+        insert_session(&mut self.lock(), connector, info, call, bound);
+    }
+
+    /// Offers a session to every connection of `connector` on this node that takes it.
+    pub(crate) fn offer(&self, connector: &str, frame: &ServerFrame, inbound: bool) {
+        broadcast(&self.lock().controls, connector, frame, inbound);
+    }
+
+    /// A control connection of this node.
+    pub(crate) fn link(&self, sm_ws_id: &str) -> Option<ControlLink> {
+        self.lock().controls.get(sm_ws_id).cloned()
+    }
+
+    /// Adds a control connection without offering it anything (the cluster offers from its
+    /// records, which hold only sessions it admitted).
+    pub(crate) fn insert_link(&self, sm_ws_id: &str, link: ControlLink) {
+        self.lock().controls.insert(sm_ws_id.to_owned(), link);
+    }
+
+    /// Removes a control connection without offering its sessions again (the cluster does).
+    pub(crate) fn remove_link(&self, sm_ws_id: &str) {
+        self.lock().controls.remove(sm_ws_id);
+    }
+
+    /// Binds an open session of this node to a holder, which may be on another node, and
+    /// tells its call the holder's audio format. False if it is closed or held by another.
+    pub(crate) fn bind(&self, session_id: &str, holder: &str, setup: SetupData) -> bool {
+        let mut state = self.lock();
+        let Some(s) = state.sessions.get_mut(session_id) else {
+            return false;
+        };
+        if s.info.state == SessionState::Closed {
+            return false;
+        }
+        match &s.bound {
+            Some(h) => h == holder,
+            None => {
+                s.bound = Some(holder.to_owned());
+                if let Some(call) = &s.call {
+                    call.send(CallInput::Claimed { setup });
+                }
+                true
+            }
+        }
+    }
+
+    /// Unbinds a session of this node that its holder left (`RESUME` elsewhere), forgetting
+    /// the media token minted for that holder. Sessions whose media is up stay held.
+    pub(crate) fn unbind(&self, session_id: &str, holder: &str) -> bool {
+        let mut state = self.lock();
+        match state.sessions.get_mut(session_id) {
+            Some(s) if s.bound.as_deref() == Some(holder) && !s.media_attached => {
+                s.bound = None;
+                s.ready = false;
+                s.media_token = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Open sessions of this node held by `holder` whose media is not up.
+    pub(crate) fn unattached_of(&self, holder: &str) -> Vec<String> {
+        self.lock()
+            .sessions
+            .values()
+            .filter(|s| {
+                s.bound.as_deref() == Some(holder)
+                    && s.info.state == SessionState::Open
+                    && !s.media_attached
+            })
+            .map(|s| s.info.id.clone())
+            .collect()
+    }
+
+    /// `session.ready` from a holder, which may be on another node: the call and its
+    /// connector, when the session is held by `holder` and was not ready yet.
+    pub(crate) fn ready_for(
+        &self,
+        session_id: &str,
+        holder: &str,
+    ) -> Option<(CallHandle, Arc<str>)> {
+        let mut state = self.lock();
+        let s = state.sessions.get_mut(session_id)?;
+        if s.bound.as_deref() != Some(holder) || s.info.state != SessionState::Open || s.ready {
+            return None;
+        }
+        s.ready = true;
+        Some((s.call.clone()?, s.connector.clone()))
+    }
+
+    /// The connector of a session of this node.
+    pub(crate) fn connector_of(&self, session_id: &str) -> Option<Arc<str>> {
+        Some(self.lock().sessions.get(session_id)?.connector.clone())
+    }
+
+    /// The holder of a session of this node.
+    pub(crate) fn holder_of(&self, session_id: &str) -> Option<String> {
+        self.lock().sessions.get(session_id)?.bound.clone()
     }
 
     /// Makes a running call reachable by its id.
@@ -441,4 +540,26 @@ fn broadcast(
     {
         link.send(frame.clone());
     }
+}
+
+/// Adds a call session's record.
+fn insert_session(
+    state: &mut State,
+    connector: &Arc<str>,
+    info: SessionInfo,
+    call: CallHandle,
+    bound: Option<String>,
+) {
+    state.sessions.insert(
+        info.id.clone(),
+        SessionRecord {
+            info,
+            connector: connector.clone(),
+            bound,
+            ready: false,
+            media_attached: false,
+            call: Some(call),
+            media_token: None,
+        },
+    );
 }

@@ -17,22 +17,30 @@
 //!   [`RegistryError::Unavailable`] when the store cannot be reached, which the planes turn
 //!   into an error frame or an HTTP 503.
 //!
-//! Today one implementation stands behind it, [`MemoryRegistry`]: everything in one process,
-//! under one lock, every directory call answered without waiting.
+//! Two implementations stand behind it: [`MemoryRegistry`], everything in one process under
+//! one lock, every directory call answered without waiting (the default); and
+//! [`NatsRegistry`], nodes of a cluster sharing the directory through NATS (`[cluster]`).
 
 mod link;
 mod memory;
+mod nats;
 mod outcome;
 
 pub(crate) use link::ControlLink;
 pub(crate) use memory::MemoryRegistry;
+pub(crate) use nats::NatsRegistry;
 pub(crate) use outcome::{
     ClaimError, CloseError, OpenError, ReadyOutcome, RegistryError, SessionPage, SessionQuery,
 };
 
 use crate::call::{CallHandle, CallInput};
+use crate::token::TokenSigner;
 use std::sync::Arc;
-use telcoflow_proto::control::{Channel, CloseReason, SessionInfo};
+use std::time::SystemTime;
+use telcoflow_proto::control::{CallIn, Channel, CloseReason, SessionInfo};
+use telcoflow_proto::media::MEDIA_PATH;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// A control connection's place under `max_control_connections_per_connector`, given back
 /// when dropped.
@@ -54,12 +62,32 @@ impl Drop for ControlSlot {
 pub(crate) enum Registry {
     /// Everything in this process (the default, and the only one without `--cluster`).
     Memory(MemoryRegistry),
+    /// A node of a cluster (`--cluster`).
+    Nats(NatsRegistry),
 }
 
 impl Registry {
     /// The in-memory registry, keeping at most `max_closed` closed sessions per connector.
     pub(crate) fn in_memory(max_closed: usize) -> Self {
         Self::Memory(MemoryRegistry::new(max_closed))
+    }
+
+    /// A node of the cluster `cluster`, connected to its NATS; it takes part once started.
+    pub(crate) async fn cluster(
+        cluster: &crate::config::ClusterConfig,
+        max_closed: usize,
+    ) -> Result<Self, String> {
+        Ok(Self::Nats(
+            NatsRegistry::connect(cluster, max_closed).await?,
+        ))
+    }
+
+    /// Starts what the registry runs in the background (nothing in memory).
+    pub(crate) async fn start(&self, context: NodeContext) -> Result<(), String> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Nats(n) => n.start(context).await,
+        }
     }
 
     // ---- Node-local, synchronous: never waits on anything but a short map update. ----
@@ -70,6 +98,7 @@ impl Registry {
     pub(crate) fn reserve_control(&self, connector: &str, limit: usize) -> Option<ControlSlot> {
         let reserved = match self {
             Self::Memory(m) => m.reserve_control(connector, limit),
+            Self::Nats(n) => n.local_registry().reserve_control(connector, limit),
         };
         reserved.then(|| ControlSlot {
             registry: self.clone(),
@@ -80,6 +109,7 @@ impl Registry {
     fn release_control(&self, connector: &str) {
         match self {
             Self::Memory(m) => m.release_control(connector),
+            Self::Nats(n) => n.local_registry().release_control(connector),
         }
     }
 
@@ -87,6 +117,9 @@ impl Registry {
     pub(crate) fn set_inbound_calls(&self, sm_ws_id: &str, inbound_calls: bool) {
         match self {
             Self::Memory(m) => m.set_inbound_calls(sm_ws_id, inbound_calls),
+            Self::Nats(n) => n
+                .local_registry()
+                .set_inbound_calls(sm_ws_id, inbound_calls),
         }
     }
 
@@ -107,6 +140,7 @@ impl Registry {
     ) -> Result<(), OpenError> {
         match self {
             Self::Memory(m) => m.open_call_session(connector, max_calls, info, call, bound),
+            Self::Nats(n) => n.open_call_session(connector, max_calls, info, call, bound),
         }
     }
 
@@ -114,6 +148,7 @@ impl Registry {
     pub(crate) fn index_call(&self, call: &CallHandle) {
         match self {
             Self::Memory(m) => m.index_call(call),
+            Self::Nats(n) => n.local_registry().index_call(call),
         }
     }
 
@@ -121,6 +156,7 @@ impl Registry {
     pub(crate) fn unindex_call(&self, call_id: &str) {
         match self {
             Self::Memory(m) => m.unindex_call(call_id),
+            Self::Nats(n) => n.local_registry().unindex_call(call_id),
         }
     }
 
@@ -128,6 +164,7 @@ impl Registry {
     pub(crate) fn call_by_id(&self, call_id: &str) -> Option<CallHandle> {
         match self {
             Self::Memory(m) => m.call_by_id(call_id),
+            Self::Nats(n) => n.local_registry().call_by_id(call_id),
         }
     }
 
@@ -135,6 +172,7 @@ impl Registry {
     pub(crate) fn set_media_token(&self, session_id: &str, token: &str) {
         match self {
             Self::Memory(m) => m.set_media_token(session_id, token),
+            Self::Nats(n) => n.local_registry().set_media_token(session_id, token),
         }
     }
 
@@ -142,6 +180,7 @@ impl Registry {
     pub(crate) fn is_current_media_token(&self, session_id: &str, token: &str) -> bool {
         match self {
             Self::Memory(m) => m.is_current_media_token(session_id, token),
+            Self::Nats(n) => n.local_registry().is_current_media_token(session_id, token),
         }
     }
 
@@ -149,6 +188,7 @@ impl Registry {
     pub(crate) fn set_media_attached(&self, session_id: &str, attached: bool) {
         match self {
             Self::Memory(m) => m.set_media_attached(session_id, attached),
+            Self::Nats(n) => n.set_media_attached(session_id, attached),
         }
     }
 
@@ -157,6 +197,7 @@ impl Registry {
     pub(crate) fn session_ended(&self, session_id: &str, reason: CloseReason) -> bool {
         match self {
             Self::Memory(m) => m.session_ended(session_id, reason),
+            Self::Nats(n) => n.session_ended(session_id, reason),
         }
     }
 
@@ -164,6 +205,7 @@ impl Registry {
     pub(crate) fn prune_closed(&self, keep_secs: u64) {
         match self {
             Self::Memory(m) => m.prune_closed(keep_secs),
+            Self::Nats(n) => n.prune_closed(keep_secs),
         }
     }
 
@@ -181,6 +223,7 @@ impl Registry {
                 m.add_control(sm_ws_id, link);
                 Ok(())
             }
+            Self::Nats(n) => n.add_control(sm_ws_id, link).await,
         }
     }
 
@@ -193,6 +236,7 @@ impl Registry {
                 m.remove_control(sm_ws_id);
                 Ok(())
             }
+            Self::Nats(n) => n.remove_control(sm_ws_id).await,
         }
     }
 
@@ -204,6 +248,7 @@ impl Registry {
     ) -> Result<SessionInfo, ClaimError> {
         match self {
             Self::Memory(m) => m.claim(sm_ws_id, session_id),
+            Self::Nats(n) => n.claim(sm_ws_id, session_id).await,
         }
     }
 
@@ -215,6 +260,7 @@ impl Registry {
     ) -> Result<ReadyOutcome, RegistryError> {
         match self {
             Self::Memory(m) => Ok(m.ready(sm_ws_id, session_id)),
+            Self::Nats(n) => n.ready(sm_ws_id, session_id).await,
         }
     }
 
@@ -225,6 +271,7 @@ impl Registry {
     ) -> Result<SessionPage, RegistryError> {
         match self {
             Self::Memory(m) => Ok(m.list(query)),
+            Self::Nats(n) => n.list(query).await,
         }
     }
 
@@ -237,6 +284,7 @@ impl Registry {
     ) -> Result<(), CloseError> {
         let call = match self {
             Self::Memory(m) => m.call_of(connector, session_id),
+            Self::Nats(n) => return n.close_session(connector, session_id, reason).await,
         };
         let Some(call) = call else {
             return Err(CloseError::NotFound);
@@ -253,8 +301,39 @@ impl Registry {
     ) -> Result<Option<String>, RegistryError> {
         match self {
             Self::Memory(m) => Ok(m.open_session_for(connector, channel, remote)),
+            Self::Nats(n) => n.open_session_for(connector, channel, remote).await,
         }
     }
+}
+
+/// The `call.in` of a call of this node: its media URL here and a fresh token. The caller
+/// records the token ([`Registry::set_media_token`]): from then on it is the only one that
+/// attaches (one minted for an earlier holder of the session, before a RESUME, is refused).
+pub(crate) fn call_in(
+    signer: &TokenSigner,
+    public_url: &str,
+    org_uuid: &str,
+    call: &CallHandle,
+) -> CallIn {
+    CallIn {
+        session_id: call.session_id.to_string(),
+        call_id: call.call_id.to_string(),
+        org_uuid: org_uuid.to_owned(),
+        from: call.from.to_string(),
+        to: call.to.to_string(),
+        url: format!("{public_url}{MEDIA_PATH}/{}", call.call_id),
+        token: signer.issue(&call.call_id, SystemTime::now()),
+    }
+}
+
+/// What a cluster node runs in the background needs of the server.
+pub(crate) struct NodeContext {
+    pub(crate) tasks: TaskTracker,
+    pub(crate) shutdown: CancellationToken,
+    /// Mints the media tokens of this node's `call.in`s asked for by other nodes.
+    pub(crate) signer: TokenSigner,
+    /// This node's base URL, in those `call.in`s.
+    pub(crate) public_url: String,
 }
 
 /// Closes a call this node runs and waits for it to end.

