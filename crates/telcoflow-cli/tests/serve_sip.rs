@@ -113,12 +113,27 @@ fn sip_tcp_accept_backs_off_when_file_descriptors_run_out() {
         eprintln!("NOTICE: no /proc or prlimit; skipping");
         return;
     }
+    // All connections come from 127.0.0.1: lift the per-source cap above their number, so
+    // that it is the descriptors that run out, not the cap that closes them.
+    let config = std::env::temp_dir().join(format!(
+        "telcoflow-cli-accept-backoff-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\n[sip]\ntcp_max_connections_per_ip = 200\n[[connectors]]\n\
+         uuid = \"7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01\"\napi_key = \"accept-backoff\"\n\
+         numbers = [\"+4420700000001\"]\n",
+    )
+    .unwrap();
     // Few file descriptors: a few dozen SIP/TCP connections use them all up.
     let mut child = Child(
         Command::new("prlimit")
             .args(["--nofile=48:48", env!("CARGO_BIN_EXE_telcoflow")])
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
             .args([
-                "serve",
                 "--listen",
                 "127.0.0.1:0",
                 "--sip",
@@ -212,4 +227,5 @@ fn sip_tcp_accept_backs_off_when_file_descriptors_run_out() {
             "SIP over TCP never recovered"
         );
     }
+    let _ = std::fs::remove_file(&config);
 }
