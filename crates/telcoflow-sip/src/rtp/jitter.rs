@@ -33,7 +33,9 @@
 //!   tick keeps a margin of a few ms after packets typically land (see
 //!   [`Frame::slack`] and `crate::phase`), which absorbs that much.
 //!   When the depth exceeds the target by more than two frames (and 80 ms), one frame per tick
-//!   is dropped (oldest first) to bring latency back down; these count as discarded. Below
+//!   is dropped (oldest first) to bring latency back down; these count as discarded. A phone
+//!   sending packets longer than a frame lands that many frames at once: the bound grows by
+//!   them, and jitter is measured per packet ([`JitterBuffer::packet_arrived`]). Below
 //!   that, a standing frame is played out by the owner's tick moving earlier (no loss).
 //! - Each played frame reports its [`Frame::slack`]: how long it waited beyond what the
 //!   target asks for. A playout tick that comes right after packets land keeps it small; the
@@ -194,6 +196,9 @@ pub struct JitterBuffer {
     ahead: [Option<Instant>; MAX_AHEAD],
     ahead_len: usize,
     concealed_run: u32,
+    /// Frames each received packet carries (a phone's `ptime` over 20 ms, see
+    /// [`JitterBuffer::packet_arrived`]): that many land at once by design.
+    packet_frames: u32,
     last_good: [i16; FRAME_SAMPLES],
     out: [i16; FRAME_SAMPLES],
     // RFC 3550 A.8 interarrival jitter, in timestamp units scaled by 16.
@@ -257,6 +262,7 @@ impl JitterBuffer {
             ahead: [None; MAX_AHEAD],
             ahead_len: 0,
             concealed_run: 0,
+            packet_frames: 1,
             last_good: [0; FRAME_SAMPLES],
             out: [0; FRAME_SAMPLES],
             epoch: None,
@@ -293,8 +299,11 @@ impl JitterBuffer {
     /// Depth above which frames are dropped to bring latency down: two frames over the
     /// target, and never below what a two-frame target allowed, so that a short stall (a
     /// burst of packets after it) is played out by the owner's tick moving rather than lost.
+    ///
+    /// Packets longer than a frame land several frames at once, which is no latency of
+    /// their own: a 60 ms packet arriving while one frame waits makes four.
     fn discard_above(&self) -> u32 {
-        (self.target_frames + 2).max(DISCARD_FLOOR_FRAMES)
+        (self.target_frames + 2).max(DISCARD_FLOOR_FRAMES) + self.packet_frames - 1
     }
 
     fn restart(&mut self) {
@@ -320,6 +329,30 @@ impl JitterBuffer {
 
     /// Stores one packet that arrived at `now`.
     pub fn push(&mut self, packet: &RtpPacket<'_>, now: Instant) -> Push {
+        self.packet_frames = 1;
+        let pushed = self.store(packet, now);
+        if pushed == Push::Buffered {
+            self.update_jitter(packet.header.timestamp, now);
+        }
+        pushed
+    }
+
+    /// Stores one frame cut from a longer or shorter packet; the packet itself is then
+    /// announced by [`JitterBuffer::packet_arrived`].
+    pub fn push_frame(&mut self, frame: &RtpPacket<'_>, now: Instant) -> Push {
+        self.store(frame, now)
+    }
+
+    /// A packet that is not one frame long arrived at `now`, carrying `samples` samples from
+    /// `timestamp` on; its frames went in through [`JitterBuffer::push_frame`]. Jitter is
+    /// measured per packet, as RFC 3550 defines it: frames cut from one packet land together
+    /// by design, and measured one by one they would look like jitter of a frame or more.
+    pub fn packet_arrived(&mut self, timestamp: u32, samples: usize, now: Instant) {
+        self.packet_frames = samples.div_ceil(FRAME_SAMPLES).clamp(1, 8) as u32;
+        self.update_jitter(timestamp, now);
+    }
+
+    fn store(&mut self, packet: &RtpPacket<'_>, now: Instant) -> Push {
         let h = &packet.header;
         let Some(law) = G711::from_payload_type(h.payload_type) else {
             return Push::Unsupported(h.payload_type);
@@ -392,7 +425,6 @@ impl JitterBuffer {
             self.highest = seq;
         }
         self.stats.received += 1;
-        self.update_jitter(h.timestamp, now);
         Push::Buffered
     }
 
@@ -1097,5 +1129,57 @@ mod tests {
         // Most of what arrived was played; losses were concealed, not skipped silently.
         assert!(played.len() > usize::from(total) * 9 / 10, "{s:?}");
         assert!(s.duplicates > 0 && s.concealed > 0, "{s:?}");
+    }
+
+    /// Frames cut from 60 ms packets (three land at once) are no jitter: the target stays
+    /// one frame, and a packet that comes a whole packet late (six frames then land at once)
+    /// costs nothing but the ticks concealed while waiting for it. Measured frame by frame, the same stream grows the target.
+    #[test]
+    fn frames_of_long_packets_land_together_without_counting_as_jitter_or_latency() {
+        let mut h = Harness::new(JitterConfig::default());
+        let mut played = Vec::new();
+        let mut seq = 0u16;
+        for packet in 0..40u32 {
+            // Packet 20 is one tick late, and lands with packet 21.
+            if packet != 20 {
+                let late = if packet == 21 { 2 } else { 1 };
+                for _ in 0..late {
+                    let first = seq;
+                    for _ in 0..3 {
+                        let p = h.src.packet(seq);
+                        assert_eq!(h.jb.push_frame(&p, h.now), Push::Buffered);
+                        seq += 1;
+                    }
+                    h.jb.packet_arrived(u32::from(first) * 160, 480, h.now);
+                }
+            }
+            for _ in 0..3 {
+                let (kind, first) = h.pop();
+                if kind == FrameKind::Audio {
+                    played.push(first);
+                }
+            }
+            if packet < 20 {
+                assert_eq!(h.jb.target_frames, 1, "packet {packet}");
+            }
+        }
+        let s = h.jb.stats();
+        assert_eq!((s.discarded, s.late, s.overflow), (0, 0, 0), "{s:?}");
+        // Every frame played once, in order (the late packet's after one concealed tick).
+        let expected: Vec<i16> = (0..played.len() as u16).map(level).collect();
+        assert_eq!(played, expected);
+
+        // The same frames each measured as a packet of their own look like jitter.
+        let mut per_frame = Harness::new(JitterConfig::default());
+        for packet in 0..40u16 {
+            for k in 0..3 {
+                let p = per_frame.src.packet(packet * 3 + k);
+                per_frame.jb.push(&p, per_frame.now);
+            }
+            for _ in 0..3 {
+                per_frame.pop();
+            }
+        }
+        assert!(per_frame.jb.target_frames > 1);
     }
 }

@@ -490,8 +490,11 @@ impl RtpSession {
             Some(reframer) => {
                 let jitter = &mut self.jitter;
                 reframer.push(&packet, |frame| {
-                    jitter.push(frame, now);
+                    jitter.push_frame(frame, now);
                 });
+                // After the frames: a new stream (SSRC) has restarted the buffer by now, so
+                // that its first packet is not measured against the old stream's.
+                jitter.packet_arrived(packet.header.timestamp, packet.payload.len(), now);
             }
             None => {
                 self.jitter.push(&packet, now);

@@ -43,6 +43,10 @@ use tracing::{debug, info};
 const LEG_QUEUE: usize = 16;
 /// Largest datagram we read: RTP for G.711 at 20 ms is 172 bytes; leave room for odd peers.
 const DATAGRAM: usize = 2048;
+/// How far behind the playout tick may fall and still replay the ticks it missed at once
+/// (five frames): beyond that, the frames it would play at once are the latency the jitter
+/// buffer's bound is for.
+const MAX_TICK_REPLAY: Duration = Duration::from_millis(100);
 
 /// Which side placed the SIP call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +175,10 @@ impl RtpLeg {
             }
         }
         let mut ticker = tokio::time::interval(telcoflow_sip::rtp::jitter::FRAME_DURATION);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Ticks this task was too busy to take (a loaded machine) are taken at once when it
+        // runs again, so that the frames that landed meanwhile play out instead of standing
+        // as delay; after a longer stall the clock starts afresh (see `MAX_TICK_REPLAY`).
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let mut datagram = vec![0u8; DATAGRAM];
         let mut rtcp_datagram = vec![0u8; DATAGRAM];
         // One waiter for the task's life: a new one per packet would lock the server-wide
@@ -231,6 +238,11 @@ impl RtpLeg {
                 }
                 // Cancel-safe: a missed tick is replayed later by the interval.
                 at = ticker.tick(), if self.session.is_some() => {
+                    if Instant::now().saturating_duration_since(at) > MAX_TICK_REPLAY {
+                        // Too far behind to replay: what stands is the jitter buffer's to
+                        // bring down, within its latency bound.
+                        ticker.reset();
+                    }
                     let flow = self.on_tick().await;
                     let shift = self.session.as_mut().and_then(|s| s.take_clock_shift());
                     if let Some(shift) = shift {
