@@ -376,6 +376,122 @@ fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
     }
 }
 
+/// Sends a signal to a node process: `STOP` stands for a node that stops answering (as in a
+/// long pause), `CONT` lets it go on.
+fn signal(node: &NodeProcess, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(node.child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// A bucket of the cluster, to read (or write) directly.
+async fn bucket(nats: &NatsServer, name: &str) -> async_nats::jetstream::kv::Store {
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .get_key_value(name)
+        .await
+        .unwrap()
+}
+
+/// The key of a session record of the development connector.
+fn record_key(session_id: &str) -> String {
+    format!(
+        "{}.{session_id}",
+        telcoflow_server::config::DEV_CONNECTOR_UUID
+    )
+}
+
+/// A session's record as NATS holds it.
+async fn record(sessions: &async_nats::jetstream::kv::Store, session_id: &str) -> Value {
+    let value = sessions
+        .get(record_key(session_id))
+        .await
+        .unwrap()
+        .expect("the record exists");
+    serde_json::from_slice(&value).unwrap()
+}
+
+/// The next value written under a watched key, within `bound`.
+async fn next_put(watch: &mut async_nats::jetstream::kv::Watch, bound: Duration) -> Value {
+    use futures_util::StreamExt as _;
+    let entry = tokio::time::timeout(bound, watch.next())
+        .await
+        .expect("a write in time")
+        .expect("the watch goes on")
+        .unwrap();
+    serde_json::from_slice(&entry.value).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_or_ready_that_the_owner_never_answered_is_given_back() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    // Pings keep the agents' connections busy while a request to node B waits out its
+    // timeout, longer than the test client waits for one frame.
+    config.control_ping_interval_secs = 1;
+    let a = start(config).await;
+    let b = spawn_node(&nats, "node-b", 10);
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let nodes = bucket(&nats, "telcoflow_nodes").await;
+    let mut first = control(&a, RATE, "mixed").await;
+    let mut second = control(&a, RATE, "mixed").await;
+    let mut phone = dial_url(&b.base_url, "+15550000001", "+15559990001", RATE).await;
+    let id = first.ws.expect_type("session.notify").await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    second.ws.expect_type("session.notify").await;
+
+    // Node B, which runs the call, stops answering: the claim's request to it times out.
+    signal(&b, "STOP");
+    let failed = first.open(&id).await;
+    signal(&b, "CONT");
+    assert_eq!(failed["errorCode"], "INTERNAL_ERROR", "{failed}");
+    // The claim was given back before the answer: nobody holds the record, and the session
+    // is offered again.
+    let held = record(&sessions, &id).await;
+    assert_eq!(held["bound"], Value::Null, "{held}");
+    let resume = tokio::time::timeout(WAIT, second.ws.expect_type("session.notify"))
+        .await
+        .expect("the session is offered again");
+    assert_eq!(resume["sessionId"], id.as_str(), "{resume}");
+    assert_eq!(resume["activity"], "RESUME", "{resume}");
+    // Node B may have taken the first claim late; the record decides who holds it.
+    let won = second.open(&id).await;
+    assert_eq!(won["ok"], true, "{won}");
+    let busy = first.open(&id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+
+    // Once node B's heartbeat is renewed (so that it is not taken for lost), it stops
+    // answering again: the `session.ready` gets no `call.in`, and the record is made not
+    // ready again.
+    let mut beats = nodes.watch("node-b").await.unwrap();
+    next_put(&mut beats, WAIT).await;
+    let mut writes = sessions.watch(record_key(&id)).await.unwrap();
+    signal(&b, "STOP");
+    second.ready(&id).await;
+    assert_eq!(next_put(&mut writes, WAIT).await["ready"], true);
+    let undone = next_put(&mut writes, Duration::from_secs(10)).await;
+    signal(&b, "CONT");
+    assert_eq!(undone["ready"], false, "{undone}");
+    assert_eq!(undone["bound"]["sm_ws_id"], second.id.as_str(), "{undone}");
+
+    // Asked again, node B answers (again): the agent gets its `call.in` and the call goes on.
+    second.ready(&id).await;
+    let call_in = second.ws.expect_type("call.in").await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(&b.base_url));
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+    a.shutdown().await;
+}
+
 /// The listing on `server` once `done` holds for it, polled for at most `bound`.
 async fn listing_within(
     server: &RunningServer,

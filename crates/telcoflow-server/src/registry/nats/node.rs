@@ -242,13 +242,7 @@ impl NatsRegistry {
                 session_id,
                 holder,
                 setup,
-            } => {
-                let bound = local.bind(&session_id, &holder.sm_ws_id, setup);
-                if bound {
-                    lock(&self.inner.remote_holders).insert(session_id, holder);
-                }
-                serde_json::to_vec(&bound)
-            }
+            } => serde_json::to_vec(&self.claimed_here(&session_id, &holder, setup).await),
             NodeRequest::CallIn {
                 session_id,
                 sm_ws_id,
@@ -281,13 +275,7 @@ impl NatsRegistry {
             NodeRequest::Unbind {
                 session_id,
                 sm_ws_id,
-            } => {
-                let released = local.unbind(&session_id, &sm_ws_id);
-                if released {
-                    lock(&self.inner.remote_holders).remove(&session_id);
-                }
-                serde_json::to_vec(&released)
-            }
+            } => serde_json::to_vec(&local.unbind(&session_id, &sm_ws_id)),
             NodeRequest::Control { sm_ws_id, frame } => {
                 if let Some(link) = local.link(&sm_ws_id) {
                     link.send(frame);

@@ -154,6 +154,13 @@ pub(super) enum Write {
     },
     /// This node's entries in the call counts are set to what it runs.
     HealCounts,
+    /// A claim whose owner was not told is given back (see `NatsRegistry::unclaim`).
+    Unclaim {
+        connector: String,
+        session_id: String,
+        holder: Holder,
+        owner: String,
+    },
     /// A closed record is forgotten.
     Forget {
         key: String,

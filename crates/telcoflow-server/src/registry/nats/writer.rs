@@ -162,6 +162,16 @@ impl Writer {
                 Ok(())
             }
             Write::HealCounts => self.heal_counts().await,
+            Write::Unclaim {
+                connector,
+                session_id,
+                holder,
+                owner,
+            } => self
+                .registry
+                .unclaim_now(connector, session_id, holder, owner)
+                .await
+                .map_err(nats),
             Write::Forget { key } => inner.sessions.delete(key).await.map_err(nats),
             Write::Publish { subject, request } => {
                 let payload = serde_json::to_vec(request).map_err(nats)?;
