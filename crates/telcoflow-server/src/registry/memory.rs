@@ -333,6 +333,11 @@ impl MemoryRegistry {
         Some(self.lock().sessions.get(session_id)?.info.state == SessionState::Closed)
     }
 
+    /// A session of this node as it stands.
+    pub(crate) fn info_of(&self, session_id: &str) -> Option<SessionInfo> {
+        Some(self.lock().sessions.get(session_id)?.info.clone())
+    }
+
     /// Makes a running call reachable by its id.
     pub(crate) fn index_call(&self, call: &CallHandle) {
         self.lock()

@@ -13,6 +13,8 @@
 
 mod node;
 mod record;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use super::link::ControlLink;

@@ -110,19 +110,31 @@ impl Writer {
                 record, max_calls, ..
             } => {
                 let id = &record.info.id;
-                if !self.admitted.contains_key(id) {
+                let local = self.registry.local();
+                // A call that ended while this waited in the queue is neither counted nor
+                // offered: its record is written closed, for the listings.
+                let ended = match local.info_of(id) {
+                    Some(info) if info.state == SessionState::Closed => Some(info),
+                    Some(_) => None,
+                    None => return Ok(()),
+                };
+                let mut record = record.clone();
+                if let Some(info) = ended {
+                    record.info = info;
+                } else if !self.admitted.contains_key(id) {
                     self.count(&record.connector, 1, Some(*max_calls)).await?;
                     self.admitted.insert(id.clone(), record.connector.clone());
                 }
                 let key = super::session_key(&record.connector, id);
-                let value = serde_json::to_vec(record).map_err(nats)?;
+                let value = serde_json::to_vec(&record).map_err(nats)?;
                 match inner.sessions.create(&key, value.into()).await {
                     Ok(_) => {}
                     // Written by an earlier attempt whose answer was lost.
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                     Err(e) => return Err(nats(e)),
                 }
-                if record.bound.is_none() {
+                // Checked again: the call may have ended while its record was written.
+                if record.bound.is_none() && local.is_closed(id) == Some(false) {
                     let offer = Offer {
                         frame: super::notify(
                             &record.info,
