@@ -201,7 +201,17 @@ async fn listing_and_close_on_either_node_span_the_cluster() {
 /// Whether a call just dialled was taken (it shows in `lister`'s listing) or refused (the
 /// phone is hung up).
 async fn admitted(lister: &RunningServer, phone: &mut Phone, remote: &str) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    admitted_within(lister, phone, remote, WAIT).await
+}
+
+/// [`admitted`], waiting at most `bound` for either.
+async fn admitted_within(
+    lister: &RunningServer,
+    phone: &mut Phone,
+    remote: &str,
+    bound: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
     while tokio::time::Instant::now() < deadline {
         let (_, body) = http(lister, "GET", "/public/v1/sessions?state=OPEN").await;
         if session_of(body["items"].as_array().unwrap(), remote).is_some() {
@@ -731,4 +741,68 @@ async fn session_create_is_idempotent_across_nodes() {
     assert_eq!(answer["success"], true, "{answer}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_record_cannot_be_closed_still_gives_its_place_back() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    config.limits.max_calls_per_connector = 1;
+    let a = start(config).await;
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let mut first = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    let items = listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    let id = session_of(&items, "+15550000001").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Its record can no longer be read, so that closing it fails every time (it stands for a
+    // write that never gets through); then the call ends.
+    sessions
+        .put(record_key(&id), "not a record".into())
+        .await
+        .unwrap();
+    first.send_json(json!({"type": "hangup"})).await;
+    // The writer gives up on the record (retrying for some 5 s, the writes after it
+    // waiting), not on the place: the next call is taken.
+    let mut next = dial(&a, "+15550000002", "+15559990001", RATE).await;
+    assert!(
+        admitted_within(&a, &mut next, "+15550000002", Duration::from_secs(15)).await,
+        "the ended call's place was never given back"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_count_of_a_node_gone_without_records_is_dropped() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    config.limits.max_calls_per_connector = 1;
+    let a = start(config).await;
+    // A node with no heartbeat and no session records is still counted (its records were
+    // reaped, or never written, before its count was).
+    let calls = bucket(&nats, "telcoflow_calls").await;
+    let connector = telcoflow_server::config::DEV_CONNECTOR_UUID;
+    let mut writes = calls.watch(connector).await.unwrap();
+    calls
+        .put(connector, r#"{"node-gone":1}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(next_put(&mut writes, WAIT).await, json!({"node-gone": 1}));
+    // Node A drops it within a reaper's round or two.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let counts = next_put(&mut writes, left).await;
+        if counts.get("node-gone").is_none() {
+            break;
+        }
+    }
+    let mut next = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    assert!(admitted(&a, &mut next, "+15550000001").await);
+    a.shutdown().await;
 }

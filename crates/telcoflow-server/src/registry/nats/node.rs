@@ -3,7 +3,7 @@
 //! its heartbeat.
 
 use super::record::{
-    CallCounts, CloseReply, NodeBeat, NodeRequest, Offer, SessionRecord, Write, session_key,
+    CallCounts, CloseReply, Holder, NodeBeat, NodeRequest, Offer, SessionRecord, Write, session_key,
 };
 use super::{NatsRegistry, lock, writer};
 use crate::registry::{CloseError, NodeContext, call_in};
@@ -16,6 +16,9 @@ use std::time::Duration;
 use telcoflow_proto::control::ServerFrame;
 use telcoflow_proto::control::SessionState;
 use tracing::{debug, warn};
+
+/// An open session of this node held by a control connection: its connector, id, holder.
+type Held = (String, String, Holder);
 
 /// How often a node renews its heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -111,26 +114,38 @@ impl NatsRegistry {
     /// sessions of this node that agents on lost nodes held, and drops lost nodes' call
     /// counts. Every live node does it; each step is harmless when done twice.
     async fn reap(&self) -> Result<(), String> {
-        let alive = self.alive_nodes().await?;
+        // What nodes left is read before which nodes are alive: a node's heartbeat is written
+        // before its first record or count, so that one starting meanwhile is not taken for
+        // lost.
+        let counted = self.counted_nodes().await?;
         let me = self.me().to_owned();
+        // Each record's owner, and for this node's open records, their holder.
+        let records: Vec<(String, String, Option<Held>)> = lock(&self.inner.mirror)
+            .iter()
+            .map(|(key, r)| {
+                let held = (r.owner == me && r.info.state == SessionState::Open)
+                    .then(|| r.bound.clone())
+                    .flatten()
+                    .map(|h| (r.connector.clone(), r.info.id.clone(), h));
+                (key.clone(), r.owner.clone(), held)
+            })
+            .collect();
+        let alive = self.alive_nodes().await?;
         let is_lost = |node: &str| node != me && !alive.contains(node);
-        let mut lost_nodes = HashSet::new();
+        // Nodes counted in the call counts, whether or not this node saw their records.
+        let mut lost_nodes: HashSet<String> =
+            counted.into_iter().filter(|node| is_lost(node)).collect();
         let mut lost_records = Vec::new();
         let mut orphaned = Vec::new();
-        for (key, record) in lock(&self.inner.mirror).iter() {
-            if is_lost(&record.owner) {
-                lost_nodes.insert(record.owner.clone());
-                lost_records.push(key.clone());
-            } else if record.owner == me
-                && record.info.state == SessionState::Open
-                && let Some(holder) = record.bound.as_ref().filter(|h| is_lost(&h.node))
+        for (key, owner, held) in records {
+            if is_lost(&owner) {
+                lost_records.push(key);
+                lost_nodes.insert(owner);
+            } else if let Some((connector, session_id, holder)) = held
+                && is_lost(&holder.node)
             {
                 lost_nodes.insert(holder.node.clone());
-                orphaned.push((
-                    record.connector.clone(),
-                    record.info.id.clone(),
-                    holder.clone(),
-                ));
+                orphaned.push((connector, session_id, holder));
             }
         }
         for key in lost_records {
@@ -151,6 +166,24 @@ impl NatsRegistry {
             self.drop_counts_of(node).await?;
         }
         Ok(())
+    }
+
+    /// The nodes with an entry in some connector's call count.
+    async fn counted_nodes(&self) -> Result<HashSet<String>, String> {
+        let calls = &self.inner.calls;
+        let mut keys = calls.keys().await.map_err(|e| e.to_string())?;
+        let mut connectors = Vec::new();
+        while let Some(key) = keys.next().await {
+            connectors.push(key.map_err(|e| e.to_string())?);
+        }
+        let mut nodes = HashSet::new();
+        for connector in connectors {
+            if let Some(value) = calls.get(&connector).await.map_err(|e| e.to_string())? {
+                let counts: CallCounts = serde_json::from_slice(&value).unwrap_or_default();
+                nodes.extend(counts.into_keys());
+            }
+        }
+        Ok(nodes)
     }
 
     /// Removes a node's entry from every connector's call count.

@@ -160,18 +160,22 @@ impl Writer {
                 key,
                 closed_at,
             } => {
-                if let Some(key) = key {
-                    self.update(key, |r| {
-                        r.info.state = SessionState::Closed;
-                        r.info.closed_at = Some(*closed_at);
-                    })
-                    .await?;
-                }
-                // Forgotten first: should the decrement be lost, the next heal counts right.
+                let closed = match key {
+                    Some(key) => {
+                        self.update(key, |r| {
+                            r.info.state = SessionState::Closed;
+                            r.info.closed_at = Some(*closed_at);
+                        })
+                        .await
+                    }
+                    None => Ok(()),
+                };
+                // The place is given back whatever became of the record. Forgotten first:
+                // should the decrement be lost, the next heal counts right.
                 if let Some(connector) = self.admitted.remove(session_id) {
                     self.count(&connector, -1, None).await?;
                 }
-                Ok(())
+                closed
             }
             Write::HealCounts => self.heal_counts().await,
             Write::Unclaim {
