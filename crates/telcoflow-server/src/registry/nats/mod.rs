@@ -232,6 +232,7 @@ impl NatsRegistry {
             }),
             ready: false,
             media_attached: false,
+            revision: 0,
         };
         self.local()
             .insert_call_session(connector, info, call.clone(), bound);
@@ -282,7 +283,7 @@ impl NatsRegistry {
     pub(crate) fn prune_closed(&self, keep_secs: u64) {
         self.local().prune_closed(keep_secs);
         let now = unix_now();
-        let stale: Vec<String> = lock(&self.inner.mirror)
+        let stale: Vec<(String, u64)> = lock(&self.inner.mirror)
             .iter()
             .filter(|(_, r)| {
                 r.owner == self.me()
@@ -290,10 +291,10 @@ impl NatsRegistry {
                         .closed_at
                         .is_some_and(|t| now.saturating_sub(t) >= keep_secs)
             })
-            .map(|(k, _)| k.clone())
+            .map(|(k, r)| (k.clone(), r.revision))
             .collect();
-        for key in stale {
-            self.write(Write::Forget { key });
+        for (key, revision) in stale {
+            self.write(Write::Forget { key, revision });
         }
     }
 
@@ -760,6 +761,24 @@ impl NatsRegistry {
                     .ok()?;
                 Some((record, e.revision))
             }))
+    }
+
+    /// Deletes a record if its revision is still `revision`; false if it was rewritten (or
+    /// deleted) since.
+    async fn delete_at(store: &kv::Store, key: &str, revision: u64) -> Result<bool, String> {
+        let Err(e) = store.delete_expect_revision(key, Some(revision)).await else {
+            return Ok(true);
+        };
+        // The error does not say whether the revision was wrong: the record says.
+        match store.entry(key).await {
+            Ok(Some(entry))
+                if entry.operation == kv::Operation::Put && entry.revision == revision =>
+            {
+                Err(e.to_string())
+            }
+            Ok(_) => Ok(false),
+            Err(read) => Err(format!("{e}; {read}")),
+        }
     }
 
     /// Writes a record if its revision is still `revision`; false if someone wrote first.

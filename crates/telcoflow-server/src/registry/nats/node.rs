@@ -120,14 +120,14 @@ impl NatsRegistry {
         let counted = self.counted_nodes().await?;
         let me = self.me().to_owned();
         // Each record's owner, and for this node's open records, their holder.
-        let records: Vec<(String, String, Option<Held>)> = lock(&self.inner.mirror)
+        let records: Vec<(String, u64, String, Option<Held>)> = lock(&self.inner.mirror)
             .iter()
             .map(|(key, r)| {
                 let held = (r.owner == me && r.info.state == SessionState::Open)
                     .then(|| r.bound.clone())
                     .flatten()
                     .map(|h| (r.connector.clone(), r.info.id.clone(), h));
-                (key.clone(), r.owner.clone(), held)
+                (key.clone(), r.revision, r.owner.clone(), held)
             })
             .collect();
         let alive = self.alive_nodes().await?;
@@ -137,9 +137,9 @@ impl NatsRegistry {
             counted.into_iter().filter(|node| is_lost(node)).collect();
         let mut lost_records = Vec::new();
         let mut orphaned = Vec::new();
-        for (key, owner, held) in records {
+        for (key, revision, owner, held) in records {
             if is_lost(&owner) {
-                lost_records.push(key);
+                lost_records.push((key, revision));
                 lost_nodes.insert(owner);
             } else if let Some((connector, session_id, holder)) = held
                 && is_lost(&holder.node)
@@ -148,13 +148,10 @@ impl NatsRegistry {
                 orphaned.push((connector, session_id, holder));
             }
         }
-        for key in lost_records {
+        for (key, revision) in lost_records {
             debug!(%key, "forgetting a session of a lost node");
-            self.inner
-                .sessions
-                .delete(&key)
-                .await
-                .map_err(|e| e.to_string())?;
+            // At the revision seen: a record rewritten since (its node is back) stays.
+            Self::delete_at(&self.inner.sessions, &key, revision).await?;
         }
         for (connector, session_id, holder) in orphaned {
             self.release(&connector, &session_id, &holder, &me)
@@ -355,14 +352,18 @@ impl NatsRegistry {
         let mut mirror = lock(&self.inner.mirror);
         match entry.operation {
             kv::Operation::Put => match serde_json::from_slice::<SessionRecord>(&entry.value) {
-                Ok(record) => {
+                Ok(mut record) => {
+                    record.revision = entry.revision;
                     // A record of this node that its registry does not know is left from
                     // before a restart with the same id: that call is gone.
                     if record.owner == self.inner.node_id
                         && self.local().connector_of(&record.info.id).is_none()
                     {
                         let key = session_key(&record.connector, &record.info.id);
-                        let _ = self.inner.writes.send(Write::Forget { key });
+                        let _ = self.inner.writes.send(Write::Forget {
+                            key,
+                            revision: entry.revision,
+                        });
                     }
                     mirror.insert(entry.key, record);
                 }

@@ -30,6 +30,10 @@ pub(super) struct SessionRecord {
     pub(super) bound: Option<Holder>,
     pub(super) ready: bool,
     pub(super) media_attached: bool,
+    /// The revision the record was read at (in the mirror), never written: deletes are
+    /// made at it, so that one never removes a record rewritten since.
+    #[serde(skip)]
+    pub(super) revision: u64,
 }
 
 /// Open calls of one connector, per node.
@@ -161,9 +165,10 @@ pub(super) enum Write {
         holder: Holder,
         owner: String,
     },
-    /// A closed record is forgotten.
+    /// A closed record is forgotten, unless it was rewritten since `revision`.
     Forget {
         key: String,
+        revision: u64,
     },
     Publish {
         subject: String,

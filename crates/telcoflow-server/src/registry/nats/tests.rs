@@ -216,3 +216,42 @@ async fn the_holder_on_another_node_is_told_when_the_call_ends() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_record_rewritten_since_it_was_seen_is_not_deleted() {
+    let Some(nats) = nats().await else {
+        return;
+    };
+    let registry = node(&nats, "node-a").await;
+    let sessions = &registry.inner.sessions;
+    let shutdown = CancellationToken::new();
+    run_writer(&registry, &shutdown);
+    // Seen at one revision, rewritten since (by its node, come back): it stays.
+    let kept = record::session_key(CONNECTOR, "rewritten");
+    let seen = sessions.put(&kept, "seen".into()).await.unwrap();
+    sessions.put(&kept, "rewritten".into()).await.unwrap();
+    registry.write(record::Write::Forget {
+        key: kept.clone(),
+        revision: seen,
+    });
+    // One seen at its current revision goes; the writer goes in order.
+    let gone = record::session_key(CONNECTOR, "unchanged");
+    let current = sessions.put(&gone, "unchanged".into()).await.unwrap();
+    let mut watch = sessions.watch(&gone).await.unwrap();
+    registry.write(record::Write::Forget {
+        key: gone.clone(),
+        revision: current,
+    });
+    let deleted = tokio::time::timeout(WAIT, watch.next())
+        .await
+        .expect("deleted in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        deleted.operation,
+        async_nats::jetstream::kv::Operation::Delete
+    );
+    let left = sessions.get(&kept).await.unwrap();
+    assert_eq!(left.as_deref(), Some(&b"rewritten"[..]));
+    shutdown.cancel();
+}

@@ -188,7 +188,12 @@ impl Writer {
                 .unclaim_now(connector, session_id, holder, owner)
                 .await
                 .map_err(nats),
-            Write::Forget { key } => inner.sessions.delete(key).await.map_err(nats),
+            Write::Forget { key, revision } => {
+                NatsRegistry::delete_at(&inner.sessions, key, *revision)
+                    .await
+                    .map(drop)
+                    .map_err(nats)
+            }
             Write::Publish { subject, request } => {
                 let payload = serde_json::to_vec(request).map_err(nats)?;
                 inner
