@@ -793,8 +793,9 @@ async fn the_count_of_a_node_gone_without_records_is_dropped() {
         .await
         .unwrap();
     assert_eq!(next_put(&mut writes, WAIT).await, json!({"node-gone": 1}));
-    // Node A drops it within a reaper's round or two.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Node A drops it within a reaper's round or two, once its own heartbeat has lived for
+    // a heartbeat's lifetime (10 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let counts = next_put(&mut writes, left).await;
@@ -804,5 +805,52 @@ async fn the_count_of_a_node_gone_without_records_is_dropped() {
     }
     let mut next = dial(&a, "+15550000001", "+15559990001", RATE).await;
     assert!(admitted(&a, &mut next, "+15550000001").await);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_long_nats_outage_no_node_reaps_another_that_is_slow_to_come_back() {
+    let Some(mut nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = spawn_node(&nats, "node-b", 10);
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let _phone = dial_url(&b.base_url, "+15550000001", "+15559990001", RATE).await;
+    let items = listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    let id = session_of(&items, "+15550000001").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // NATS goes away for longer than a heartbeat lives, and node B is slow to come back
+    // after it (paused here): when NATS is back, node B's heartbeat has expired.
+    signal(&b, "STOP");
+    nats.stop().await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    nats.restart().await;
+    let sessions_back = bucket(&nats, "telcoflow_sessions").await;
+    drop(sessions);
+    let mut writes = sessions_back.watch(record_key(&id)).await.unwrap();
+    let back = tokio::time::Instant::now();
+    let nodes = bucket(&nats, "telcoflow_nodes").await;
+    let mut beats = nodes.watch("node-b").await.unwrap();
+    // Node A is back at once; node B some seconds later.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    signal(&b, "CONT");
+    next_put(&mut beats, Duration::from_secs(10)).await;
+    // Node A gives node B a heartbeat's lifetime after its own return before it takes it
+    // for lost: node B's session is never deleted.
+    let watched_until = back + Duration::from_secs(14);
+    use futures_util::StreamExt as _;
+    while let Ok(entry) = tokio::time::timeout_at(watched_until, writes.next()).await {
+        let entry = entry.expect("the watch goes on").unwrap();
+        assert_eq!(
+            entry.operation,
+            async_nats::jetstream::kv::Operation::Put,
+            "node B's session was reaped after the outage"
+        );
+    }
+    listing_until(&a, |items| open_with(items, "+15550000001")).await;
     a.shutdown().await;
 }

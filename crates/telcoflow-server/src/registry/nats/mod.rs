@@ -77,6 +77,8 @@ struct Inner {
     writes: mpsc::UnboundedSender<Write>,
     /// The writer's end, taken when the node starts.
     pending_writes: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+    /// Since when this node's heartbeat has been renewed without a gap.
+    beating: Mutex<node::Beating>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -171,6 +173,7 @@ impl NatsRegistry {
                 mirror: Mutex::default(),
                 writes,
                 pending_writes: Mutex::new(Some(pending)),
+                beating: Mutex::default(),
             }),
         })
     }

@@ -5,7 +5,7 @@
 use super::record::{
     CallCounts, CloseReply, Holder, NodeBeat, NodeRequest, Offer, SessionRecord, Write, session_key,
 };
-use super::{NatsRegistry, lock, writer};
+use super::{NODE_TTL, NatsRegistry, lock, writer};
 use crate::registry::{CloseError, NodeContext, call_in};
 use crate::token::unix_now;
 use async_nats::jetstream::kv;
@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::control::ServerFrame;
 use telcoflow_proto::control::SessionState;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// An open session of this node held by a control connection: its connector, id, holder.
@@ -22,6 +23,38 @@ type Held = (String, String, Holder);
 
 /// How often a node renews its heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Since when a node's heartbeat has been renewed without a gap, as the node saw its writes.
+#[derive(Debug, Default)]
+pub(super) struct Beating {
+    /// The last heartbeat written.
+    last: Option<Instant>,
+    /// The first of the heartbeats written since the last gap.
+    since: Option<Instant>,
+}
+
+impl Beating {
+    pub(super) fn renewed(&mut self, now: Instant) {
+        // A beat missed (this node paused, or its writes slow) counts as a gap too.
+        if self.since.is_none() || self.last.is_none_or(|last| now - last > 2 * HEARTBEAT) {
+            self.since = Some(now);
+        }
+        self.last = Some(now);
+    }
+
+    pub(super) fn failed(&mut self) {
+        self.since = None;
+    }
+
+    /// Whether this node may take others for lost: its own heartbeat is current, and has
+    /// been for a heartbeat's lifetime. After an outage of its own (of NATS, or of its link to
+    /// NATS) the other nodes' heartbeats may have expired meanwhile; they get that long to
+    /// renew them before their records are reaped.
+    pub(super) fn may_reap(&self, now: Instant) -> bool {
+        self.last.is_some_and(|last| now - last <= 2 * HEARTBEAT)
+            && self.since.is_some_and(|since| now - since >= NODE_TTL)
+    }
+}
+
 /// Pause before watching or subscribing again after NATS ended a watch.
 const REWATCH_PAUSE: Duration = Duration::from_millis(500);
 
@@ -74,6 +107,7 @@ impl NatsRegistry {
             .put(&inner.node_id, value.into())
             .await
             .map_err(|e| e.to_string())?;
+        lock(&inner.beating).renewed(Instant::now());
         // A node restarted with its old id starts with no calls: what it counted before is gone.
         self.drop_counts_of(&inner.node_id)
             .await
@@ -93,6 +127,9 @@ impl NatsRegistry {
             tokio::select! {
                 _ = every.tick() => {}
                 () = shutdown.cancelled() => return,
+            }
+            if !lock(&self.inner.beating).may_reap(Instant::now()) {
+                continue;
             }
             if let Err(e) = self.reap().await {
                 debug!(error = %e, "lost nodes not reaped this time");
@@ -387,13 +424,17 @@ impl NatsRegistry {
             let Ok(value) = serde_json::to_vec(&beat) else {
                 continue;
             };
-            if let Err(e) = self
+            match self
                 .inner
                 .nodes
                 .put(&self.inner.node_id, value.into())
                 .await
             {
-                debug!(error = %e, "heartbeat not written");
+                Ok(_) => lock(&self.inner.beating).renewed(Instant::now()),
+                Err(e) => {
+                    lock(&self.inner.beating).failed();
+                    debug!(error = %e, "heartbeat not written");
+                }
             }
         }
         // A clean exit: the node is gone at once rather than when its heartbeat expires.

@@ -255,3 +255,35 @@ async fn a_record_rewritten_since_it_was_seen_is_not_deleted() {
     assert_eq!(left.as_deref(), Some(&b"rewritten"[..]));
     shutdown.cancel();
 }
+
+#[test]
+fn a_node_reaps_only_once_its_own_heartbeat_has_lived_a_lifetime() {
+    use super::NODE_TTL;
+    use super::node::Beating;
+    use tokio::time::Instant;
+    let start = Instant::now();
+    let at = |secs: u64| start + Duration::from_secs(secs);
+    let mut beating = Beating::default();
+    assert!(!beating.may_reap(start));
+    // Renewed every 2 s from the start: not before a lifetime has passed.
+    for t in (0..=12).step_by(2) {
+        beating.renewed(at(t));
+    }
+    assert!(!beating.may_reap(at(9)));
+    assert!(beating.may_reap(at(12)));
+    // Its own write fails (NATS away): no reaping, and not again until a lifetime after it
+    // is renewed again.
+    beating.failed();
+    assert!(!beating.may_reap(at(13)));
+    beating.renewed(at(14));
+    assert!(!beating.may_reap(at(14) + NODE_TTL - Duration::from_secs(1)));
+    for t in (16..=24).step_by(2) {
+        beating.renewed(at(t));
+    }
+    assert!(beating.may_reap(at(24)));
+    // A gap in its heartbeats (the node paused) counts as an outage too.
+    beating.renewed(at(40));
+    assert!(!beating.may_reap(at(40)));
+    // Its heartbeat not renewed lately: no reaping.
+    assert!(!beating.may_reap(at(60)));
+}
