@@ -854,3 +854,48 @@ async fn after_a_long_nats_outage_no_node_reaps_another_that_is_slow_to_come_bac
     listing_until(&a, |items| open_with(items, "+15550000001")).await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_one_node_id_do_not_reap_each_others_records() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let first = spawn_node(&nats, "node-b", 10);
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let _phone = dial_url(&first.base_url, "+15550000001", "+15559990001", RATE).await;
+    let items = listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    let id = session_of(&items, "+15550000001").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut writes = sessions.watch(record_key(&id)).await.unwrap();
+
+    // A second process started by mistake with the same node id: neither it (which sees a
+    // record of its node id that it does not run) nor node A (which sees two processes
+    // renew one heartbeat) takes the first process's call for gone, for longer than a
+    // heartbeat's lifetime past the second one's own wait before reaping.
+    let second = spawn_node(&nats, "node-b", 10);
+    let watched_until = tokio::time::Instant::now() + Duration::from_secs(14);
+    use futures_util::StreamExt as _;
+    while let Ok(entry) = tokio::time::timeout_at(watched_until, writes.next()).await {
+        let entry = entry.expect("the watch goes on").unwrap();
+        assert_eq!(
+            entry.operation,
+            async_nats::jetstream::kv::Operation::Put,
+            "the first process's session was deleted"
+        );
+    }
+    listing_until(&a, |items| open_with(items, "+15550000001")).await;
+
+    // The first process is killed: its record goes once its heartbeat is no longer seen,
+    // though the node id lives on in the second.
+    drop(first);
+    let took = listing_within(&a, Duration::from_secs(20), |items| {
+        session_of(items, "+15550000001").is_none()
+    })
+    .await;
+    eprintln!("the killed process's session left the listing {took:?} after the kill");
+    drop(second);
+    a.shutdown().await;
+}

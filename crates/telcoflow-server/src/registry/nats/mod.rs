@@ -64,6 +64,8 @@ impl fmt::Debug for NatsRegistry {
 
 struct Inner {
     node_id: String,
+    /// This process of the node: a fresh id each start.
+    incarnation: String,
     /// This node's links, calls and tokens.
     local: MemoryRegistry,
     client: async_nats::Client,
@@ -79,6 +81,8 @@ struct Inner {
     pending_writes: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
     /// Since when this node's heartbeat has been renewed without a gap.
     beating: Mutex<node::Beating>,
+    /// When each node's process was last seen renewing its heartbeat, by (node, incarnation).
+    seen: Mutex<HashMap<(String, String), tokio::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -165,6 +169,7 @@ impl NatsRegistry {
         Ok(Self {
             inner: Arc::new(Inner {
                 node_id: cluster.node_id.clone(),
+                incarnation: uuid::Uuid::new_v4().to_string(),
                 local: MemoryRegistry::new(max_closed),
                 client,
                 sessions,
@@ -174,6 +179,7 @@ impl NatsRegistry {
                 writes,
                 pending_writes: Mutex::new(Some(pending)),
                 beating: Mutex::default(),
+                seen: Mutex::default(),
             }),
         })
     }
@@ -229,6 +235,7 @@ impl NatsRegistry {
             info: info.clone(),
             connector: connector.to_string(),
             owner: self.me().to_owned(),
+            incarnation: self.inner.incarnation.clone(),
             bound: bound.as_ref().map(|sm_ws_id| Holder {
                 sm_ws_id: sm_ws_id.clone(),
                 node: self.me().to_owned(),

@@ -3,7 +3,7 @@
 //! its heartbeat.
 
 use super::record::{
-    CallCounts, CloseReply, Holder, NodeBeat, NodeRequest, Offer, SessionRecord, Write, session_key,
+    CallCounts, CloseReply, Holder, NodeBeat, NodeRequest, Offer, SessionRecord, Write,
 };
 use super::{NODE_TTL, NatsRegistry, lock, writer};
 use crate::registry::{CloseError, NodeContext, call_in};
@@ -98,6 +98,7 @@ impl NatsRegistry {
             public_url: context.public_url.clone(),
             draining: false,
             at: unix_now(),
+            incarnation: inner.incarnation.clone(),
         };
         // Alive before any record of this node exists, so that no other node takes them for
         // those of a lost node.
@@ -115,8 +116,41 @@ impl NatsRegistry {
         context
             .tasks
             .spawn(self.clone().heartbeat(beat, shutdown.clone()));
+        context
+            .tasks
+            .spawn(self.clone().watch_nodes(shutdown.clone()));
         context.tasks.spawn(self.clone().reaper(shutdown));
         Ok(())
+    }
+
+    /// Notes which node processes renew their heartbeats, watching every heartbeat written
+    /// (two processes with the same node id write the same key in turn).
+    async fn watch_nodes(self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            if let Ok(mut watch) = self.inner.nodes.watch_all().await {
+                loop {
+                    let entry = tokio::select! {
+                        e = watch.next() => e,
+                        () = shutdown.cancelled() => return,
+                    };
+                    let Some(Ok(entry)) = entry else { break };
+                    if entry.operation != kv::Operation::Put {
+                        continue;
+                    }
+                    if let Ok(beat) = serde_json::from_slice::<NodeBeat>(&entry.value) {
+                        lock(&self.inner.seen)
+                            .insert((entry.key, beat.incarnation), Instant::now());
+                    }
+                }
+            }
+            // Heartbeats missed meanwhile are not known: no reaping until a heartbeat's
+            // lifetime has been watched again.
+            lock(&self.inner.beating).failed();
+            tokio::select! {
+                () = tokio::time::sleep(REWATCH_PAUSE) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// Every heartbeat period, forgets what nodes whose heartbeat expired left in the
@@ -156,28 +190,62 @@ impl NatsRegistry {
         // lost.
         let counted = self.counted_nodes().await?;
         let me = self.me().to_owned();
-        // Each record's owner, and for this node's open records, their holder.
-        let records: Vec<(String, u64, String, Option<Held>)> = lock(&self.inner.mirror)
+        let mine = self.inner.incarnation.clone();
+        // Each record's owner and its process, and for this process's open records, their
+        // holder.
+        let records: Vec<(String, u64, String, String, Option<Held>)> = lock(&self.inner.mirror)
             .iter()
             .map(|(key, r)| {
-                let held = (r.owner == me && r.info.state == SessionState::Open)
-                    .then(|| r.bound.clone())
-                    .flatten()
-                    .map(|h| (r.connector.clone(), r.info.id.clone(), h));
-                (key.clone(), r.revision, r.owner.clone(), held)
+                let held =
+                    (r.owner == me && r.incarnation == mine && r.info.state == SessionState::Open)
+                        .then(|| r.bound.clone())
+                        .flatten()
+                        .map(|h| (r.connector.clone(), r.info.id.clone(), h));
+                (
+                    key.clone(),
+                    r.revision,
+                    r.owner.clone(),
+                    r.incarnation.clone(),
+                    held,
+                )
             })
             .collect();
         let alive = self.alive_nodes().await?;
         let is_lost = |node: &str| node != me && !alive.contains(node);
+        let now = Instant::now();
+        let seen = {
+            let mut seen = lock(&self.inner.seen);
+            seen.retain(|_, at| now - *at <= 2 * NODE_TTL);
+            seen.clone()
+        };
+        // A record is lost with its node, or with its process: one whose heartbeat this node
+        // has not seen for a heartbeat's lifetime (it watched that long: see `may_reap`).
+        let record_lost = |owner: &str, incarnation: &str| {
+            if incarnation == mine {
+                false
+            } else if incarnation.is_empty() {
+                // Written by a build without processes: not this process's.
+                owner == me || is_lost(owner)
+            } else {
+                is_lost(owner)
+                    || seen
+                        .get(&(owner.to_owned(), incarnation.to_owned()))
+                        .is_none_or(|at| now - *at > NODE_TTL)
+            }
+        };
         // Nodes counted in the call counts, whether or not this node saw their records.
         let mut lost_nodes: HashSet<String> =
             counted.into_iter().filter(|node| is_lost(node)).collect();
         let mut lost_records = Vec::new();
         let mut orphaned = Vec::new();
-        for (key, revision, owner, held) in records {
-            if is_lost(&owner) {
+        for (key, revision, owner, incarnation, held) in records {
+            if record_lost(&owner, &incarnation) {
                 lost_records.push((key, revision));
-                lost_nodes.insert(owner);
+                // The counts are per node: those of a node whose process changed are the
+                // new process's.
+                if is_lost(&owner) {
+                    lost_nodes.insert(owner);
+                }
             } else if let Some((connector, session_id, holder)) = held
                 && is_lost(&holder.node)
             {
@@ -389,19 +457,11 @@ impl NatsRegistry {
         let mut mirror = lock(&self.inner.mirror);
         match entry.operation {
             kv::Operation::Put => match serde_json::from_slice::<SessionRecord>(&entry.value) {
+                // A record of this node's id left from a previous life is reaped once that
+                // life's heartbeat is not seen any more, not here: another process with the
+                // same id may be running it.
                 Ok(mut record) => {
                     record.revision = entry.revision;
-                    // A record of this node that its registry does not know is left from
-                    // before a restart with the same id: that call is gone.
-                    if record.owner == self.inner.node_id
-                        && self.local().connector_of(&record.info.id).is_none()
-                    {
-                        let key = session_key(&record.connector, &record.info.id);
-                        let _ = self.inner.writes.send(Write::Forget {
-                            key,
-                            revision: entry.revision,
-                        });
-                    }
                     mirror.insert(entry.key, record);
                 }
                 Err(e) => warn!(key = %entry.key, error = %e, "unreadable session record"),

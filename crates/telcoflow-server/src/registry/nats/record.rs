@@ -27,6 +27,11 @@ pub(super) struct SessionRecord {
     pub(super) connector: String,
     /// The node that runs the call.
     pub(super) owner: String,
+    /// The owner's process (a fresh id each time a node starts), so that a record is
+    /// neither kept after its process is gone nor taken for one of a previous life by
+    /// another process with the same node id. Empty in records of builds without it.
+    #[serde(default)]
+    pub(super) incarnation: String,
     pub(super) bound: Option<Holder>,
     pub(super) ready: bool,
     pub(super) media_attached: bool,
@@ -45,6 +50,9 @@ pub(super) struct NodeBeat {
     pub(super) public_url: String,
     pub(super) draining: bool,
     pub(super) at: u64,
+    /// The node's process ([`SessionRecord::incarnation`]).
+    #[serde(default)]
+    pub(super) incarnation: String,
 }
 
 /// A `session.notify` for every node's control connections of a connector.
