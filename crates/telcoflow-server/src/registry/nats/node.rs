@@ -218,6 +218,10 @@ impl NatsRegistry {
             seen.retain(|_, at| now - *at <= 2 * NODE_TTL);
             seen.clone()
         };
+        // The watch of heartbeats is trusted only while it shows this process's own.
+        let watching = seen
+            .get(&(me.clone(), mine.clone()))
+            .is_some_and(|at| now - *at <= 2 * HEARTBEAT);
         // A record is lost with its node, or with its process: one whose heartbeat this node
         // has not seen for a heartbeat's lifetime (it watched that long: see `may_reap`).
         let record_lost = |owner: &str, incarnation: &str| {
@@ -228,9 +232,10 @@ impl NatsRegistry {
                 owner == me || is_lost(owner)
             } else {
                 is_lost(owner)
-                    || seen
-                        .get(&(owner.to_owned(), incarnation.to_owned()))
-                        .is_none_or(|at| now - *at > NODE_TTL)
+                    || (watching
+                        && seen
+                            .get(&(owner.to_owned(), incarnation.to_owned()))
+                            .is_none_or(|at| now - *at > NODE_TTL))
             }
         };
         // Nodes counted in the call counts, whether or not this node saw their records.
