@@ -287,3 +287,54 @@ fn a_node_reaps_only_once_its_own_heartbeat_has_lived_a_lifetime() {
     // Its heartbeat not renewed lately: no reaping.
     assert!(!beating.may_reap(at(60)));
 }
+
+#[tokio::test]
+async fn a_claim_of_a_call_that_has_ended_closes_its_record() {
+    let Some(nats) = nats().await else {
+        return;
+    };
+    let registry = node(&nats, "node-a").await;
+    let (tx, _rx) = tokio::sync::mpsc::channel(16);
+    let link = crate::registry::ControlLink {
+        connector: CONNECTOR.into(),
+        setup: Default::default(),
+        tx,
+        kill: CancellationToken::new(),
+        inbound_calls: true,
+    };
+    registry.local().insert_link("sm-1", link);
+    // The call has ended here, but its record still says open (the writer has not got to
+    // it): the claim wins the record, and the owner (this node) has no call to bind.
+    let id = open_call(&registry, "+15550000001");
+    assert!(registry.session_ended(&id, CloseReason::CallTerminated));
+    let key = record::session_key(CONNECTOR, &id);
+    let open = record::SessionRecord {
+        info: SessionInfo {
+            state: SessionState::Open,
+            closed_at: None,
+            ..registry.local().info_of(&id).unwrap()
+        },
+        connector: CONNECTOR.into(),
+        owner: "node-a".into(),
+        incarnation: registry.inner.incarnation.clone(),
+        bound: None,
+        ready: false,
+        media_attached: false,
+        revision: 0,
+    };
+    registry
+        .inner
+        .sessions
+        .create(&key, serde_json::to_vec(&open).unwrap().into())
+        .await
+        .unwrap();
+    let claimed = registry.claim("sm-1", &id).await;
+    assert!(
+        matches!(claimed, Err(super::ClaimError::Closed)),
+        "{claimed:?}"
+    );
+    let stored = registry.inner.sessions.get(&key).await.unwrap().unwrap();
+    let stored: record::SessionRecord = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(stored.info.state, SessionState::Closed);
+    assert!(stored.info.closed_at.is_some());
+}
