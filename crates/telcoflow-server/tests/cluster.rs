@@ -201,7 +201,17 @@ async fn listing_and_close_on_either_node_span_the_cluster() {
 /// Whether a call just dialled was taken (it shows in `lister`'s listing) or refused (the
 /// phone is hung up).
 async fn admitted(lister: &RunningServer, phone: &mut Phone, remote: &str) -> bool {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    admitted_within(lister, phone, remote, WAIT).await
+}
+
+/// [`admitted`], waiting at most `bound` for either.
+async fn admitted_within(
+    lister: &RunningServer,
+    phone: &mut Phone,
+    remote: &str,
+    bound: Duration,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + bound;
     while tokio::time::Instant::now() < deadline {
         let (_, body) = http(lister, "GET", "/public/v1/sessions?state=OPEN").await;
         if session_of(body["items"].as_array().unwrap(), remote).is_some() {
@@ -374,6 +384,122 @@ fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
         child,
         base_url: line[NODE_READY.len()..].to_owned(),
     }
+}
+
+/// Sends a signal to a node process: `STOP` stands for a node that stops answering (as in a
+/// long pause), `CONT` lets it go on.
+fn signal(node: &NodeProcess, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(node.child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// A bucket of the cluster, to read (or write) directly.
+async fn bucket(nats: &NatsServer, name: &str) -> async_nats::jetstream::kv::Store {
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .get_key_value(name)
+        .await
+        .unwrap()
+}
+
+/// The key of a session record of the development connector.
+fn record_key(session_id: &str) -> String {
+    format!(
+        "{}.{session_id}",
+        telcoflow_server::config::DEV_CONNECTOR_UUID
+    )
+}
+
+/// A session's record as NATS holds it.
+async fn record(sessions: &async_nats::jetstream::kv::Store, session_id: &str) -> Value {
+    let value = sessions
+        .get(record_key(session_id))
+        .await
+        .unwrap()
+        .expect("the record exists");
+    serde_json::from_slice(&value).unwrap()
+}
+
+/// The next value written under a watched key, within `bound`.
+async fn next_put(watch: &mut async_nats::jetstream::kv::Watch, bound: Duration) -> Value {
+    use futures_util::StreamExt as _;
+    let entry = tokio::time::timeout(bound, watch.next())
+        .await
+        .expect("a write in time")
+        .expect("the watch goes on")
+        .unwrap();
+    serde_json::from_slice(&entry.value).unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_or_ready_that_the_owner_never_answered_is_given_back() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    // Pings keep the agents' connections busy while a request to node B waits out its
+    // timeout, longer than the test client waits for one frame.
+    config.control_ping_interval_secs = 1;
+    let a = start(config).await;
+    let b = spawn_node(&nats, "node-b", 10);
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let nodes = bucket(&nats, "telcoflow_nodes").await;
+    let mut first = control(&a, RATE, "mixed").await;
+    let mut second = control(&a, RATE, "mixed").await;
+    let mut phone = dial_url(&b.base_url, "+15550000001", "+15559990001", RATE).await;
+    let id = first.ws.expect_type("session.notify").await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    second.ws.expect_type("session.notify").await;
+
+    // Node B, which runs the call, stops answering: the claim's request to it times out.
+    signal(&b, "STOP");
+    let failed = first.open(&id).await;
+    signal(&b, "CONT");
+    assert_eq!(failed["errorCode"], "INTERNAL_ERROR", "{failed}");
+    // The claim was given back before the answer: nobody holds the record, and the session
+    // is offered again.
+    let held = record(&sessions, &id).await;
+    assert_eq!(held["bound"], Value::Null, "{held}");
+    let resume = tokio::time::timeout(WAIT, second.ws.expect_type("session.notify"))
+        .await
+        .expect("the session is offered again");
+    assert_eq!(resume["sessionId"], id.as_str(), "{resume}");
+    assert_eq!(resume["activity"], "RESUME", "{resume}");
+    // Node B may have taken the first claim late; the record decides who holds it.
+    let won = second.open(&id).await;
+    assert_eq!(won["ok"], true, "{won}");
+    let busy = first.open(&id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+
+    // Once node B's heartbeat is renewed (so that it is not taken for lost), it stops
+    // answering again: the `session.ready` gets no `call.in`, and the record is made not
+    // ready again.
+    let mut beats = nodes.watch("node-b").await.unwrap();
+    next_put(&mut beats, WAIT).await;
+    let mut writes = sessions.watch(record_key(&id)).await.unwrap();
+    signal(&b, "STOP");
+    second.ready(&id).await;
+    assert_eq!(next_put(&mut writes, WAIT).await["ready"], true);
+    let undone = next_put(&mut writes, Duration::from_secs(10)).await;
+    signal(&b, "CONT");
+    assert_eq!(undone["ready"], false, "{undone}");
+    assert_eq!(undone["bound"]["sm_ws_id"], second.id.as_str(), "{undone}");
+
+    // Asked again, node B answers (again): the agent gets its `call.in` and the call goes on.
+    second.ready(&id).await;
+    let call_in = second.ws.expect_type("call.in").await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(&b.base_url));
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+    a.shutdown().await;
 }
 
 /// The listing on `server` once `done` holds for it, polled for at most `bound`.
@@ -615,4 +741,161 @@ async fn session_create_is_idempotent_across_nodes() {
     assert_eq!(answer["success"], true, "{answer}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_record_cannot_be_closed_still_gives_its_place_back() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    config.limits.max_calls_per_connector = 1;
+    let a = start(config).await;
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let mut first = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    let items = listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    let id = session_of(&items, "+15550000001").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Its record can no longer be read, so that closing it fails every time (it stands for a
+    // write that never gets through); then the call ends.
+    sessions
+        .put(record_key(&id), "not a record".into())
+        .await
+        .unwrap();
+    first.send_json(json!({"type": "hangup"})).await;
+    // The writer gives up on the record (retrying for some 5 s, the writes after it
+    // waiting), not on the place: the next call is taken.
+    let mut next = dial(&a, "+15550000002", "+15559990001", RATE).await;
+    assert!(
+        admitted_within(&a, &mut next, "+15550000002", Duration::from_secs(15)).await,
+        "the ended call's place was never given back"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_count_of_a_node_gone_without_records_is_dropped() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let mut config = node_config(&nats, "node-a");
+    config.limits.max_calls_per_connector = 1;
+    let a = start(config).await;
+    // A node with no heartbeat and no session records is still counted (its records were
+    // reaped, or never written, before its count was).
+    let calls = bucket(&nats, "telcoflow_calls").await;
+    let connector = telcoflow_server::config::DEV_CONNECTOR_UUID;
+    let mut writes = calls.watch(connector).await.unwrap();
+    calls
+        .put(connector, r#"{"node-gone":1}"#.into())
+        .await
+        .unwrap();
+    assert_eq!(next_put(&mut writes, WAIT).await, json!({"node-gone": 1}));
+    // Node A drops it within a reaper's round or two, once its own heartbeat has lived for
+    // a heartbeat's lifetime (10 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let counts = next_put(&mut writes, left).await;
+        if counts.get("node-gone").is_none() {
+            break;
+        }
+    }
+    let mut next = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    assert!(admitted(&a, &mut next, "+15550000001").await);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_long_nats_outage_no_node_reaps_another_that_is_slow_to_come_back() {
+    let Some(mut nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = spawn_node(&nats, "node-b", 10);
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let _phone = dial_url(&b.base_url, "+15550000001", "+15559990001", RATE).await;
+    let items = listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    let id = session_of(&items, "+15550000001").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // NATS goes away for longer than a heartbeat lives, and node B is slow to come back
+    // after it (paused here): when NATS is back, node B's heartbeat has expired.
+    signal(&b, "STOP");
+    nats.stop().await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    nats.restart().await;
+    let sessions_back = bucket(&nats, "telcoflow_sessions").await;
+    drop(sessions);
+    let mut writes = sessions_back.watch(record_key(&id)).await.unwrap();
+    let back = tokio::time::Instant::now();
+    let nodes = bucket(&nats, "telcoflow_nodes").await;
+    let mut beats = nodes.watch("node-b").await.unwrap();
+    // Node A is back at once; node B some seconds later.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    signal(&b, "CONT");
+    next_put(&mut beats, Duration::from_secs(10)).await;
+    // Node A gives node B a heartbeat's lifetime after its own return before it takes it
+    // for lost: node B's session is never deleted.
+    let watched_until = back + Duration::from_secs(14);
+    use futures_util::StreamExt as _;
+    while let Ok(entry) = tokio::time::timeout_at(watched_until, writes.next()).await {
+        let entry = entry.expect("the watch goes on").unwrap();
+        assert_eq!(
+            entry.operation,
+            async_nats::jetstream::kv::Operation::Put,
+            "node B's session was reaped after the outage"
+        );
+    }
+    listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_with_one_node_id_do_not_reap_each_others_records() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let first = spawn_node(&nats, "node-b", 10);
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let _phone = dial_url(&first.base_url, "+15550000001", "+15559990001", RATE).await;
+    let items = listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    let id = session_of(&items, "+15550000001").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut writes = sessions.watch(record_key(&id)).await.unwrap();
+
+    // A second process started by mistake with the same node id: neither it (which sees a
+    // record of its node id that it does not run) nor node A (which sees two processes
+    // renew one heartbeat) takes the first process's call for gone, for longer than a
+    // heartbeat's lifetime past the second one's own wait before reaping.
+    let second = spawn_node(&nats, "node-b", 10);
+    let watched_until = tokio::time::Instant::now() + Duration::from_secs(14);
+    use futures_util::StreamExt as _;
+    while let Ok(entry) = tokio::time::timeout_at(watched_until, writes.next()).await {
+        let entry = entry.expect("the watch goes on").unwrap();
+        assert_eq!(
+            entry.operation,
+            async_nats::jetstream::kv::Operation::Put,
+            "the first process's session was deleted"
+        );
+    }
+    listing_until(&a, |items| open_with(items, "+15550000001")).await;
+
+    // The first process is killed: its record goes once its heartbeat is no longer seen,
+    // though the node id lives on in the second.
+    drop(first);
+    let took = listing_within(&a, Duration::from_secs(20), |items| {
+        session_of(items, "+15550000001").is_none()
+    })
+    .await;
+    eprintln!("the killed process's session left the listing {took:?} after the kill");
+    drop(second);
+    a.shutdown().await;
 }

@@ -45,6 +45,12 @@ impl CallHandle {
         (handle, (control_rx, data_rx))
     }
 
+    /// A handle whose actor is gone, for tests of what only keeps or passes handles.
+    #[cfg(test)]
+    pub(crate) fn detached(from: &str, to: &str) -> Self {
+        Self::new(from, to).0
+    }
+
     /// Queues a lifecycle input without waiting. Returns false if the call has ended.
     pub(crate) fn send(&self, input: CallInput) -> bool {
         match self.control.try_send(input) {

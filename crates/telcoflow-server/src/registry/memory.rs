@@ -22,6 +22,9 @@ struct SessionRecord {
     info: SessionInfo,
     connector: Arc<str>,
     bound: Option<String>,
+    /// The node of a holder on another node of a cluster, kept with the holder so that the
+    /// end of the session always finds whom to tell.
+    bound_node: Option<String>,
     ready: bool,
     /// Media connected: the session no longer depends on its control connection.
     media_attached: bool,
@@ -139,6 +142,7 @@ impl MemoryRegistry {
                 && !s.media_attached
             {
                 s.bound = None;
+                s.bound_node = None;
                 s.ready = false;
                 s.media_token = None;
                 let inbound = s.info.initiator == Initiator::Connector;
@@ -209,9 +213,16 @@ impl MemoryRegistry {
         self.lock().controls.remove(sm_ws_id);
     }
 
-    /// Binds an open session of this node to a holder, which may be on another node, and
-    /// tells its call the holder's audio format. False if it is closed or held by another.
-    pub(crate) fn bind(&self, session_id: &str, holder: &str, setup: SetupData) -> bool {
+    /// Binds an open session of this node to a holder, on `node` when that is another node of
+    /// a cluster, and tells its call the holder's audio format. True as well when that holder
+    /// holds it already (a claim told twice); false if it is closed or held by another.
+    pub(crate) fn bind(
+        &self,
+        session_id: &str,
+        holder: &str,
+        node: Option<&str>,
+        setup: SetupData,
+    ) -> bool {
         let mut state = self.lock();
         let Some(s) = state.sessions.get_mut(session_id) else {
             return false;
@@ -223,12 +234,42 @@ impl MemoryRegistry {
             Some(h) => h == holder,
             None => {
                 s.bound = Some(holder.to_owned());
+                s.bound_node = node.map(str::to_owned);
                 if let Some(call) = &s.call {
                     call.send(CallInput::Claimed { setup });
                 }
                 true
             }
         }
+    }
+
+    /// Binds an open session of this node to `holder` in place of another holder whose media
+    /// is not up (one the cluster's record no longer names), forgetting that one's token.
+    /// False if it is closed, or if the media of its holder is up.
+    pub(crate) fn take_over(
+        &self,
+        session_id: &str,
+        holder: &str,
+        node: Option<&str>,
+        setup: SetupData,
+    ) -> bool {
+        let mut state = self.lock();
+        let Some(s) = state.sessions.get_mut(session_id) else {
+            return false;
+        };
+        if s.info.state == SessionState::Closed || s.media_attached {
+            return false;
+        }
+        if s.bound.as_deref() != Some(holder) {
+            s.bound = Some(holder.to_owned());
+            s.bound_node = node.map(str::to_owned);
+            s.ready = false;
+            s.media_token = None;
+            if let Some(call) = &s.call {
+                call.send(CallInput::Claimed { setup });
+            }
+        }
+        true
     }
 
     /// Unbinds a session of this node that its holder left (`RESUME` elsewhere), forgetting
@@ -238,6 +279,7 @@ impl MemoryRegistry {
         match state.sessions.get_mut(session_id) {
             Some(s) if s.bound.as_deref() == Some(holder) && !s.media_attached => {
                 s.bound = None;
+                s.bound_node = None;
                 s.ready = false;
                 s.media_token = None;
                 true
@@ -260,8 +302,10 @@ impl MemoryRegistry {
             .collect()
     }
 
-    /// `session.ready` from a holder, which may be on another node: the call and its
-    /// connector, when the session is held by `holder` and was not ready yet.
+    /// `session.ready` from a holder on another node: the call and its connector, when the
+    /// session is held by `holder` and its media is not up. Asked again (the answer to the
+    /// first was lost, and the cluster's record made ready again), it answers again, for a
+    /// fresh `call.in` whose token replaces the first.
     pub(crate) fn ready_for(
         &self,
         session_id: &str,
@@ -269,7 +313,10 @@ impl MemoryRegistry {
     ) -> Option<(CallHandle, Arc<str>)> {
         let mut state = self.lock();
         let s = state.sessions.get_mut(session_id)?;
-        if s.bound.as_deref() != Some(holder) || s.info.state != SessionState::Open || s.ready {
+        if s.bound.as_deref() != Some(holder)
+            || s.info.state != SessionState::Open
+            || s.media_attached
+        {
             return None;
         }
         s.ready = true;
@@ -281,9 +328,14 @@ impl MemoryRegistry {
         Some(self.lock().sessions.get(session_id)?.connector.clone())
     }
 
-    /// The holder of a session of this node.
-    pub(crate) fn holder_of(&self, session_id: &str) -> Option<String> {
-        self.lock().sessions.get(session_id)?.bound.clone()
+    /// Whether a session of this node has ended; `None` if this node does not know it.
+    pub(crate) fn is_closed(&self, session_id: &str) -> Option<bool> {
+        Some(self.lock().sessions.get(session_id)?.info.state == SessionState::Closed)
+    }
+
+    /// A session of this node as it stands.
+    pub(crate) fn info_of(&self, session_id: &str) -> Option<SessionInfo> {
+        Some(self.lock().sessions.get(session_id)?.info.clone())
     }
 
     /// Makes a running call reachable by its id.
@@ -390,6 +442,18 @@ impl MemoryRegistry {
     /// Closes a session: tells its holder with `session.closed` and frees the call slot.
     /// Returns false if it was already closed.
     pub(crate) fn session_ended(&self, session_id: &str, reason: CloseReason) -> bool {
+        self.end_session(session_id, reason).is_some()
+    }
+
+    /// [`Self::session_ended`], for a node of a cluster: `None` if it was already closed, else
+    /// its holder on another node (`sm_ws_id`, node) if it had one, for that node to tell it.
+    /// Read under the same lock as the close, so that a holder bound at the same moment is
+    /// either refused or found here.
+    pub(crate) fn end_session(
+        &self,
+        session_id: &str,
+        reason: CloseReason,
+    ) -> Option<Option<(String, String)>> {
         let mut state = self.lock();
         let State {
             controls,
@@ -398,11 +462,9 @@ impl MemoryRegistry {
             closed,
             ..
         } = &mut *state;
-        let Some(s) = sessions.get_mut(session_id) else {
-            return false;
-        };
+        let s = sessions.get_mut(session_id)?;
         if s.info.state == SessionState::Closed {
-            return false;
+            return None;
         }
         s.info.state = SessionState::Closed;
         s.info.closed_at = Some(unix_now());
@@ -416,6 +478,7 @@ impl MemoryRegistry {
                 reason,
             });
         }
+        let remote = s.bound.clone().zip(s.bound_node.clone());
         let kept = closed.entry(s.connector.clone()).or_default();
         kept.push_back(session_id.to_owned());
         while kept.len() > self.max_closed {
@@ -423,7 +486,7 @@ impl MemoryRegistry {
                 sessions.remove(&oldest);
             }
         }
-        true
+        Some(remote)
     }
 
     /// Forgets closed sessions older than `keep_secs`, so the registry does not grow forever.
@@ -556,6 +619,7 @@ fn insert_session(
             info,
             connector: connector.clone(),
             bound,
+            bound_node: None,
             ready: false,
             media_attached: false,
             call: Some(call),

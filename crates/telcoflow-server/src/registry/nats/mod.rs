@@ -13,6 +13,8 @@
 
 mod node;
 mod record;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use super::link::ControlLink;
@@ -33,14 +35,15 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use telcoflow_proto::control::{
-    Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState,
+    Activity, Channel, CloseReason, Initiator, ServerFrame, SessionInfo, SessionState, SetupData,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 /// How long a directory call waits on NATS before the cluster counts as unavailable.
 const NATS_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a request to another node may take (a close waits for the call to end).
+/// How long a close asked of another node may take (it waits for the call to end); other
+/// requests to a node are answered at once, and wait [`NATS_TIMEOUT`] at most.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a node's heartbeat lives in the nodes bucket without being renewed.
 const NODE_TTL: Duration = Duration::from_secs(10);
@@ -61,6 +64,8 @@ impl fmt::Debug for NatsRegistry {
 
 struct Inner {
     node_id: String,
+    /// This process of the node: a fresh id each start.
+    incarnation: String,
     /// This node's links, calls and tokens.
     local: MemoryRegistry,
     client: async_nats::Client,
@@ -69,13 +74,15 @@ struct Inner {
     nodes: kv::Store,
     /// Every session record of the cluster, by key, kept by a watch of the sessions bucket.
     mirror: Mutex<HashMap<String, SessionRecord>>,
-    /// Holders on other nodes of this node's sessions, by session id.
-    remote_holders: Mutex<HashMap<String, Holder>>,
     /// Writes for the writer task; unbounded since the call actor must never wait on it (its
     /// length is bounded by the calls' updates).
     writes: mpsc::UnboundedSender<Write>,
     /// The writer's end, taken when the node starts.
     pending_writes: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+    /// Since when this node's heartbeat has been renewed without a gap.
+    beating: Mutex<node::Beating>,
+    /// When each node's process was last seen renewing its heartbeat, by (node, incarnation).
+    seen: Mutex<HashMap<(String, String), tokio::time::Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -162,15 +169,17 @@ impl NatsRegistry {
         Ok(Self {
             inner: Arc::new(Inner {
                 node_id: cluster.node_id.clone(),
+                incarnation: uuid::Uuid::new_v4().to_string(),
                 local: MemoryRegistry::new(max_closed),
                 client,
                 sessions,
                 calls,
                 nodes,
                 mirror: Mutex::default(),
-                remote_holders: Mutex::default(),
                 writes,
                 pending_writes: Mutex::new(Some(pending)),
+                beating: Mutex::default(),
+                seen: Mutex::default(),
             }),
         })
     }
@@ -226,12 +235,14 @@ impl NatsRegistry {
             info: info.clone(),
             connector: connector.to_string(),
             owner: self.me().to_owned(),
+            incarnation: self.inner.incarnation.clone(),
             bound: bound.as_ref().map(|sm_ws_id| Holder {
                 sm_ws_id: sm_ws_id.clone(),
                 node: self.me().to_owned(),
             }),
             ready: false,
             media_attached: false,
+            revision: 0,
         };
         self.local()
             .insert_call_session(connector, info, call.clone(), bound);
@@ -251,21 +262,17 @@ impl NatsRegistry {
     }
 
     pub(crate) fn session_ended(&self, session_id: &str, reason: CloseReason) -> bool {
-        let holder = self.local().holder_of(session_id);
-        let remote = lock(&self.inner.remote_holders).remove(session_id);
         let key = self.own_key(session_id);
-        if !self.local().session_ended(session_id, reason) {
+        let Some(remote) = self.local().end_session(session_id, reason) else {
             return false;
-        }
-        if let (Some(h), Some(sm_ws_id)) = (remote, holder)
-            && h.sm_ws_id == sm_ws_id
-        {
+        };
+        if let Some((sm_ws_id, node)) = remote {
             let frame = ServerFrame::SessionClosed {
                 session_id: session_id.to_owned(),
                 reason,
             };
             self.write(Write::Publish {
-                subject: node_subject(&h.node, "control"),
+                subject: node_subject(&node, "control"),
                 request: NodeRequest::Control { sm_ws_id, frame },
             });
         }
@@ -286,7 +293,7 @@ impl NatsRegistry {
     pub(crate) fn prune_closed(&self, keep_secs: u64) {
         self.local().prune_closed(keep_secs);
         let now = unix_now();
-        let stale: Vec<String> = lock(&self.inner.mirror)
+        let stale: Vec<(String, u64)> = lock(&self.inner.mirror)
             .iter()
             .filter(|(_, r)| {
                 r.owner == self.me()
@@ -294,10 +301,10 @@ impl NatsRegistry {
                         .closed_at
                         .is_some_and(|t| now.saturating_sub(t) >= keep_secs)
             })
-            .map(|(k, _)| k.clone())
+            .map(|(k, r)| (k.clone(), r.revision))
             .collect();
-        for key in stale {
-            self.write(Write::Forget { key });
+        for (key, revision) in stale {
+            self.write(Write::Forget { key, revision });
         }
     }
 
@@ -389,7 +396,6 @@ impl NatsRegistry {
             return Ok(());
         };
         let released = if owner == self.me() {
-            lock(&self.inner.remote_holders).remove(session_id);
             self.local().unbind(session_id, &holder.sm_ws_id)
         } else {
             let request = NodeRequest::Unbind {
@@ -447,7 +453,7 @@ impl NatsRegistry {
             sm_ws_id: sm_ws_id.to_owned(),
             node: self.me().to_owned(),
         };
-        let (record, won) = loop {
+        let record = loop {
             let Some((mut record, revision)) = self.read(&key).await? else {
                 return Err(ClaimError::NotFound);
             };
@@ -460,32 +466,143 @@ impl NatsRegistry {
                         bound_sm_ws_id: h.sm_ws_id.clone(),
                     });
                 }
-                Some(_) => break (record, false),
+                // Ours already (a claim asked again): the owner is told again, which it takes
+                // as often as it comes.
+                Some(_) => break record,
                 None => {}
             }
             record.bound = Some(holder.clone());
             // A wrong revision: someone wrote first; read again, to answer busy if it was a
             // claim.
             if self.cas(&key, &record, revision).await? {
-                break (record, true);
+                break record;
             }
         };
-        if won {
-            let told = if record.owner == self.me() {
-                self.local().bind(session_id, sm_ws_id, link.setup)
-            } else {
-                let request = NodeRequest::Claimed {
-                    session_id: session_id.to_owned(),
-                    holder,
-                    setup: link.setup,
-                };
-                self.request::<bool>(&record.owner, &request).await?
+        let told = if record.owner == self.me() {
+            Ok(self.claimed_here(session_id, &holder, link.setup).await)
+        } else {
+            let request = NodeRequest::Claimed {
+                session_id: session_id.to_owned(),
+                holder: holder.clone(),
+                setup: link.setup,
             };
-            if !told {
-                debug!(%session_id, "claimed a session whose call has just ended");
+            self.request::<bool>(&record.owner, &request).await
+        };
+        match told {
+            Ok(true) => Ok(record.info),
+            // The owner has no open call for it (it ended meanwhile, or the record outlived
+            // its node's restart): closed, rather than held with nobody serving it.
+            Ok(false) => {
+                debug!(%session_id, "claimed a session whose call has ended");
+                if let Err(e) = self.close_record(&key, &holder).await {
+                    debug!(%session_id, error = %e, "claimed record of an ended call left to its owner");
+                }
+                Err(ClaimError::Closed)
+            }
+            // The owner may never have heard of the claim: the record is given back and the
+            // session offered again, so that it does not stay held with nobody serving it.
+            Err(e) => {
+                self.unclaim(&link.connector, session_id, &holder, &record.owner)
+                    .await;
+                Err(e.into())
             }
         }
-        Ok(record.info)
+    }
+
+    /// The owner's side of a claim (this node runs the call): binds the session to `holder`.
+    /// Held here already by a holder whose claim was given back (its owner's answer came too
+    /// late), it goes to the one the record names. False if this node has no open call for
+    /// it.
+    async fn claimed_here(&self, session_id: &str, holder: &Holder, setup: SetupData) -> bool {
+        let local = self.local();
+        let node = (holder.node != self.me()).then_some(holder.node.as_str());
+        if local.bind(session_id, &holder.sm_ws_id, node, setup) {
+            return true;
+        }
+        if local.is_closed(session_id) != Some(false) {
+            return false;
+        }
+        let Some(key) = self.own_key(session_id) else {
+            return false;
+        };
+        match self.read(&key).await {
+            Ok(Some((record, _))) if record.bound.as_ref() == Some(holder) => {
+                local.take_over(session_id, &holder.sm_ws_id, node, setup)
+            }
+            Ok(_) => false,
+            Err(e) => {
+                debug!(%session_id, error = %e, "claim of a session held here not checked");
+                false
+            }
+        }
+    }
+
+    /// Marks closed a record that `holder` claimed of a call that has ended.
+    async fn close_record(&self, key: &str, holder: &Holder) -> Result<(), RegistryError> {
+        loop {
+            let Some((mut record, revision)) = self.read(key).await? else {
+                return Ok(());
+            };
+            if record.bound.as_ref() != Some(holder)
+                || record.media_attached
+                || record.info.state == SessionState::Closed
+            {
+                return Ok(());
+            }
+            record.info.state = SessionState::Closed;
+            record.info.closed_at = Some(unix_now());
+            if self.cas(key, &record, revision).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Gives back a claim whose owner was not told: the record is unbound again (by
+    /// compare-and-set, only while it still names `holder`), the owner asked to forget the
+    /// holder should the claim reach it late, and the session offered again. Left to the
+    /// writer, which waits for NATS, if NATS fails here too.
+    async fn unclaim(&self, connector: &str, session_id: &str, holder: &Holder, owner: &str) {
+        if let Err(e) = self.unclaim_now(connector, session_id, holder, owner).await {
+            debug!(%session_id, error = %e, "claim given back later");
+            self.write(Write::Unclaim {
+                connector: connector.to_owned(),
+                session_id: session_id.to_owned(),
+                holder: holder.clone(),
+                owner: owner.to_owned(),
+            });
+        }
+    }
+
+    /// [`Self::unclaim`], once.
+    async fn unclaim_now(
+        &self,
+        connector: &str,
+        session_id: &str,
+        holder: &Holder,
+        owner: &str,
+    ) -> Result<(), RegistryError> {
+        let key = session_key(connector, session_id);
+        let Some(record) = self.unbind_record(&key, holder).await? else {
+            return Ok(());
+        };
+        if owner == self.me() {
+            self.local().unbind(session_id, &holder.sm_ws_id);
+        } else {
+            // Not awaited: the owner did not answer just now. Should it bind the holder
+            // later anyway, the next claim takes the session over (the record decides).
+            let request = NodeRequest::Unbind {
+                session_id: session_id.to_owned(),
+                sm_ws_id: holder.sm_ws_id.clone(),
+            };
+            self.publish(&node_subject(owner, request.op()), &request)
+                .await?;
+        }
+        debug!(%session_id, "claim given back; offering session again");
+        let offer = Offer {
+            frame: notify(&record.info, Activity::Resume, unix_now()),
+            inbound: record.info.initiator == Initiator::Connector,
+        };
+        self.publish(&notify_subject(connector), &offer).await
     }
 
     pub(crate) async fn ready(
@@ -526,15 +643,38 @@ impl NatsRegistry {
             session_id: session_id.to_owned(),
             sm_ws_id: sm_ws_id.to_owned(),
         };
-        Ok(
-            match self
-                .request::<Option<ServerFrame>>(&owner, &request)
-                .await?
+        match self.request::<Option<ServerFrame>>(&owner, &request).await {
+            Ok(Some(frame)) => Ok(ReadyOutcome::CallIn(frame)),
+            Ok(None) => Ok(ReadyOutcome::Nothing),
+            // No `call.in` reached the holder: the record is made not ready again, so that a
+            // `session.ready` sent again asks the owner again (which answers again).
+            Err(e) => {
+                if let Err(undo) = self.unready_record(&key, &holder).await {
+                    debug!(%session_id, error = %undo, "ready record left ready");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a record held by `holder` not ready again, while its media is not up.
+    async fn unready_record(&self, key: &str, holder: &Holder) -> Result<(), RegistryError> {
+        loop {
+            let Some((mut record, revision)) = self.read(key).await? else {
+                return Ok(());
+            };
+            if record.bound.as_ref() != Some(holder)
+                || !record.ready
+                || record.media_attached
+                || record.info.state == SessionState::Closed
             {
-                Some(frame) => ReadyOutcome::CallIn(frame),
-                None => ReadyOutcome::Nothing,
-            },
-        )
+                return Ok(());
+            }
+            record.ready = false;
+            if self.cas(key, &record, revision).await? {
+                return Ok(());
+            }
+        }
     }
 
     pub(crate) async fn list(
@@ -633,6 +773,24 @@ impl NatsRegistry {
             }))
     }
 
+    /// Deletes a record if its revision is still `revision`; false if it was rewritten (or
+    /// deleted) since.
+    async fn delete_at(store: &kv::Store, key: &str, revision: u64) -> Result<bool, String> {
+        let Err(e) = store.delete_expect_revision(key, Some(revision)).await else {
+            return Ok(true);
+        };
+        // The error does not say whether the revision was wrong: the record says.
+        match store.entry(key).await {
+            Ok(Some(entry))
+                if entry.operation == kv::Operation::Put && entry.revision == revision =>
+            {
+                Err(e.to_string())
+            }
+            Ok(_) => Ok(false),
+            Err(read) => Err(format!("{e}; {read}")),
+        }
+    }
+
     /// Writes a record if its revision is still `revision`; false if someone wrote first.
     async fn cas(
         &self,
@@ -678,12 +836,15 @@ impl NatsRegistry {
         self.check_connected()?;
         let payload = serde_json::to_vec(request).map_err(unavailable)?;
         let subject = node_subject(node, request.op());
-        let reply = self
-            .inner
-            .client
-            .request(subject, payload.into())
-            .await
-            .map_err(|e| unavailable(format!("node {node} did not answer: {e}")))?;
+        let timeout = match request {
+            NodeRequest::Close { .. } => REQUEST_TIMEOUT,
+            _ => NATS_TIMEOUT,
+        };
+        let reply =
+            tokio::time::timeout(timeout, self.inner.client.request(subject, payload.into()))
+                .await
+                .map_err(|_| unavailable(format!("node {node} did not answer in time")))?
+                .map_err(|e| unavailable(format!("node {node} did not answer: {e}")))?;
         serde_json::from_slice(&reply.payload)
             .map_err(|e| unavailable(format!("node {node} answered badly: {e}")))
     }

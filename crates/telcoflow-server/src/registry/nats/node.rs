@@ -3,9 +3,9 @@
 //! its heartbeat.
 
 use super::record::{
-    CallCounts, CloseReply, NodeBeat, NodeRequest, Offer, SessionRecord, Write, session_key,
+    CallCounts, CloseReply, Holder, NodeBeat, NodeRequest, Offer, SessionRecord, Write,
 };
-use super::{NatsRegistry, lock, writer};
+use super::{NODE_TTL, NatsRegistry, lock, writer};
 use crate::registry::{CloseError, NodeContext, call_in};
 use crate::token::unix_now;
 use async_nats::jetstream::kv;
@@ -15,10 +15,46 @@ use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::control::ServerFrame;
 use telcoflow_proto::control::SessionState;
+use tokio::time::Instant;
 use tracing::{debug, warn};
+
+/// An open session of this node held by a control connection: its connector, id, holder.
+type Held = (String, String, Holder);
 
 /// How often a node renews its heartbeat.
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// Since when a node's heartbeat has been renewed without a gap, as the node saw its writes.
+#[derive(Debug, Default)]
+pub(super) struct Beating {
+    /// The last heartbeat written.
+    last: Option<Instant>,
+    /// The first of the heartbeats written since the last gap.
+    since: Option<Instant>,
+}
+
+impl Beating {
+    pub(super) fn renewed(&mut self, now: Instant) {
+        // A beat missed (this node paused, or its writes slow) counts as a gap too.
+        if self.since.is_none() || self.last.is_none_or(|last| now - last > 2 * HEARTBEAT) {
+            self.since = Some(now);
+        }
+        self.last = Some(now);
+    }
+
+    pub(super) fn failed(&mut self) {
+        self.since = None;
+    }
+
+    /// Whether this node may take others for lost: its own heartbeat is current, and has
+    /// been for a heartbeat's lifetime. After an outage of its own (of NATS, or of its link to
+    /// NATS) the other nodes' heartbeats may have expired meanwhile; they get that long to
+    /// renew them before their records are reaped.
+    pub(super) fn may_reap(&self, now: Instant) -> bool {
+        self.last.is_some_and(|last| now - last <= 2 * HEARTBEAT)
+            && self.since.is_some_and(|since| now - since >= NODE_TTL)
+    }
+}
+
 /// Pause before watching or subscribing again after NATS ended a watch.
 const REWATCH_PAUSE: Duration = Duration::from_millis(500);
 
@@ -62,6 +98,7 @@ impl NatsRegistry {
             public_url: context.public_url.clone(),
             draining: false,
             at: unix_now(),
+            incarnation: inner.incarnation.clone(),
         };
         // Alive before any record of this node exists, so that no other node takes them for
         // those of a lost node.
@@ -71,6 +108,7 @@ impl NatsRegistry {
             .put(&inner.node_id, value.into())
             .await
             .map_err(|e| e.to_string())?;
+        lock(&inner.beating).renewed(Instant::now());
         // A node restarted with its old id starts with no calls: what it counted before is gone.
         self.drop_counts_of(&inner.node_id)
             .await
@@ -78,8 +116,41 @@ impl NatsRegistry {
         context
             .tasks
             .spawn(self.clone().heartbeat(beat, shutdown.clone()));
+        context
+            .tasks
+            .spawn(self.clone().watch_nodes(shutdown.clone()));
         context.tasks.spawn(self.clone().reaper(shutdown));
         Ok(())
+    }
+
+    /// Notes which node processes renew their heartbeats, watching every heartbeat written
+    /// (two processes with the same node id write the same key in turn).
+    async fn watch_nodes(self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            if let Ok(mut watch) = self.inner.nodes.watch_all().await {
+                loop {
+                    let entry = tokio::select! {
+                        e = watch.next() => e,
+                        () = shutdown.cancelled() => return,
+                    };
+                    let Some(Ok(entry)) = entry else { break };
+                    if entry.operation != kv::Operation::Put {
+                        continue;
+                    }
+                    if let Ok(beat) = serde_json::from_slice::<NodeBeat>(&entry.value) {
+                        lock(&self.inner.seen)
+                            .insert((entry.key, beat.incarnation), Instant::now());
+                    }
+                }
+            }
+            // Heartbeats missed meanwhile are not known: no reaping until a heartbeat's
+            // lifetime has been watched again.
+            lock(&self.inner.beating).failed();
+            tokio::select! {
+                () = tokio::time::sleep(REWATCH_PAUSE) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
     }
 
     /// Every heartbeat period, forgets what nodes whose heartbeat expired left in the
@@ -90,6 +161,9 @@ impl NatsRegistry {
             tokio::select! {
                 _ = every.tick() => {}
                 () = shutdown.cancelled() => return,
+            }
+            if !lock(&self.inner.beating).may_reap(Instant::now()) {
+                continue;
             }
             if let Err(e) = self.reap().await {
                 debug!(error = %e, "lost nodes not reaped this time");
@@ -111,35 +185,83 @@ impl NatsRegistry {
     /// sessions of this node that agents on lost nodes held, and drops lost nodes' call
     /// counts. Every live node does it; each step is harmless when done twice.
     async fn reap(&self) -> Result<(), String> {
-        let alive = self.alive_nodes().await?;
+        // What nodes left is read before which nodes are alive: a node's heartbeat is written
+        // before its first record or count, so that one starting meanwhile is not taken for
+        // lost.
+        let counted = self.counted_nodes().await?;
         let me = self.me().to_owned();
+        let mine = self.inner.incarnation.clone();
+        // Each record's owner and its process, and for this process's open records, their
+        // holder.
+        let records: Vec<(String, u64, String, String, Option<Held>)> = lock(&self.inner.mirror)
+            .iter()
+            .map(|(key, r)| {
+                let held =
+                    (r.owner == me && r.incarnation == mine && r.info.state == SessionState::Open)
+                        .then(|| r.bound.clone())
+                        .flatten()
+                        .map(|h| (r.connector.clone(), r.info.id.clone(), h));
+                (
+                    key.clone(),
+                    r.revision,
+                    r.owner.clone(),
+                    r.incarnation.clone(),
+                    held,
+                )
+            })
+            .collect();
+        let alive = self.alive_nodes().await?;
         let is_lost = |node: &str| node != me && !alive.contains(node);
-        let mut lost_nodes = HashSet::new();
+        let now = Instant::now();
+        let seen = {
+            let mut seen = lock(&self.inner.seen);
+            seen.retain(|_, at| now - *at <= 2 * NODE_TTL);
+            seen.clone()
+        };
+        // The watch of heartbeats is trusted only while it shows this process's own.
+        let watching = seen
+            .get(&(me.clone(), mine.clone()))
+            .is_some_and(|at| now - *at <= 2 * HEARTBEAT);
+        // A record is lost with its node, or with its process: one whose heartbeat this node
+        // has not seen for a heartbeat's lifetime (it watched that long: see `may_reap`).
+        let record_lost = |owner: &str, incarnation: &str| {
+            if incarnation == mine {
+                false
+            } else if incarnation.is_empty() {
+                // Written by a build without processes: not this process's.
+                owner == me || is_lost(owner)
+            } else {
+                is_lost(owner)
+                    || (watching
+                        && seen
+                            .get(&(owner.to_owned(), incarnation.to_owned()))
+                            .is_none_or(|at| now - *at > NODE_TTL))
+            }
+        };
+        // Nodes counted in the call counts, whether or not this node saw their records.
+        let mut lost_nodes: HashSet<String> =
+            counted.into_iter().filter(|node| is_lost(node)).collect();
         let mut lost_records = Vec::new();
         let mut orphaned = Vec::new();
-        for (key, record) in lock(&self.inner.mirror).iter() {
-            if is_lost(&record.owner) {
-                lost_nodes.insert(record.owner.clone());
-                lost_records.push(key.clone());
-            } else if record.owner == me
-                && record.info.state == SessionState::Open
-                && let Some(holder) = record.bound.as_ref().filter(|h| is_lost(&h.node))
+        for (key, revision, owner, incarnation, held) in records {
+            if record_lost(&owner, &incarnation) {
+                lost_records.push((key, revision));
+                // The counts are per node: those of a node whose process changed are the
+                // new process's.
+                if is_lost(&owner) {
+                    lost_nodes.insert(owner);
+                }
+            } else if let Some((connector, session_id, holder)) = held
+                && is_lost(&holder.node)
             {
                 lost_nodes.insert(holder.node.clone());
-                orphaned.push((
-                    record.connector.clone(),
-                    record.info.id.clone(),
-                    holder.clone(),
-                ));
+                orphaned.push((connector, session_id, holder));
             }
         }
-        for key in lost_records {
+        for (key, revision) in lost_records {
             debug!(%key, "forgetting a session of a lost node");
-            self.inner
-                .sessions
-                .delete(&key)
-                .await
-                .map_err(|e| e.to_string())?;
+            // At the revision seen: a record rewritten since (its node is back) stays.
+            Self::delete_at(&self.inner.sessions, &key, revision).await?;
         }
         for (connector, session_id, holder) in orphaned {
             self.release(&connector, &session_id, &holder, &me)
@@ -151,6 +273,24 @@ impl NatsRegistry {
             self.drop_counts_of(node).await?;
         }
         Ok(())
+    }
+
+    /// The nodes with an entry in some connector's call count.
+    async fn counted_nodes(&self) -> Result<HashSet<String>, String> {
+        let calls = &self.inner.calls;
+        let mut keys = calls.keys().await.map_err(|e| e.to_string())?;
+        let mut connectors = Vec::new();
+        while let Some(key) = keys.next().await {
+            connectors.push(key.map_err(|e| e.to_string())?);
+        }
+        let mut nodes = HashSet::new();
+        for connector in connectors {
+            if let Some(value) = calls.get(&connector).await.map_err(|e| e.to_string())? {
+                let counts: CallCounts = serde_json::from_slice(&value).unwrap_or_default();
+                nodes.extend(counts.into_keys());
+            }
+        }
+        Ok(nodes)
     }
 
     /// Removes a node's entry from every connector's call count.
@@ -242,13 +382,7 @@ impl NatsRegistry {
                 session_id,
                 holder,
                 setup,
-            } => {
-                let bound = local.bind(&session_id, &holder.sm_ws_id, setup);
-                if bound {
-                    lock(&self.inner.remote_holders).insert(session_id, holder);
-                }
-                serde_json::to_vec(&bound)
-            }
+            } => serde_json::to_vec(&self.claimed_here(&session_id, &holder, setup).await),
             NodeRequest::CallIn {
                 session_id,
                 sm_ws_id,
@@ -281,13 +415,7 @@ impl NatsRegistry {
             NodeRequest::Unbind {
                 session_id,
                 sm_ws_id,
-            } => {
-                let released = local.unbind(&session_id, &sm_ws_id);
-                if released {
-                    lock(&self.inner.remote_holders).remove(&session_id);
-                }
-                serde_json::to_vec(&released)
-            }
+            } => serde_json::to_vec(&local.unbind(&session_id, &sm_ws_id)),
             NodeRequest::Control { sm_ws_id, frame } => {
                 if let Some(link) = local.link(&sm_ws_id) {
                     link.send(frame);
@@ -334,15 +462,11 @@ impl NatsRegistry {
         let mut mirror = lock(&self.inner.mirror);
         match entry.operation {
             kv::Operation::Put => match serde_json::from_slice::<SessionRecord>(&entry.value) {
-                Ok(record) => {
-                    // A record of this node that its registry does not know is left from
-                    // before a restart with the same id: that call is gone.
-                    if record.owner == self.inner.node_id
-                        && self.local().connector_of(&record.info.id).is_none()
-                    {
-                        let key = session_key(&record.connector, &record.info.id);
-                        let _ = self.inner.writes.send(Write::Forget { key });
-                    }
+                // A record of this node's id left from a previous life is reaped once that
+                // life's heartbeat is not seen any more, not here: another process with the
+                // same id may be running it.
+                Ok(mut record) => {
+                    record.revision = entry.revision;
                     mirror.insert(entry.key, record);
                 }
                 Err(e) => warn!(key = %entry.key, error = %e, "unreadable session record"),
@@ -365,13 +489,17 @@ impl NatsRegistry {
             let Ok(value) = serde_json::to_vec(&beat) else {
                 continue;
             };
-            if let Err(e) = self
+            match self
                 .inner
                 .nodes
                 .put(&self.inner.node_id, value.into())
                 .await
             {
-                debug!(error = %e, "heartbeat not written");
+                Ok(_) => lock(&self.inner.beating).renewed(Instant::now()),
+                Err(e) => {
+                    lock(&self.inner.beating).failed();
+                    debug!(error = %e, "heartbeat not written");
+                }
             }
         }
         // A clean exit: the node is gone at once rather than when its heartbeat expires.

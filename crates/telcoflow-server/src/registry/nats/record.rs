@@ -27,9 +27,18 @@ pub(super) struct SessionRecord {
     pub(super) connector: String,
     /// The node that runs the call.
     pub(super) owner: String,
+    /// The owner's process (a fresh id each time a node starts), so that a record is
+    /// neither kept after its process is gone nor taken for one of a previous life by
+    /// another process with the same node id. Empty in records of builds without it.
+    #[serde(default)]
+    pub(super) incarnation: String,
     pub(super) bound: Option<Holder>,
     pub(super) ready: bool,
     pub(super) media_attached: bool,
+    /// The revision the record was read at (in the mirror), never written: deletes are
+    /// made at it, so that one never removes a record rewritten since.
+    #[serde(skip)]
+    pub(super) revision: u64,
 }
 
 /// Open calls of one connector, per node.
@@ -41,6 +50,9 @@ pub(super) struct NodeBeat {
     pub(super) public_url: String,
     pub(super) draining: bool,
     pub(super) at: u64,
+    /// The node's process ([`SessionRecord::incarnation`]).
+    #[serde(default)]
+    pub(super) incarnation: String,
 }
 
 /// A `session.notify` for every node's control connections of a connector.
@@ -154,9 +166,17 @@ pub(super) enum Write {
     },
     /// This node's entries in the call counts are set to what it runs.
     HealCounts,
-    /// A closed record is forgotten.
+    /// A claim whose owner was not told is given back (see `NatsRegistry::unclaim`).
+    Unclaim {
+        connector: String,
+        session_id: String,
+        holder: Holder,
+        owner: String,
+    },
+    /// A closed record is forgotten, unless it was rewritten since `revision`.
     Forget {
         key: String,
+        revision: u64,
     },
     Publish {
         subject: String,

@@ -110,19 +110,31 @@ impl Writer {
                 record, max_calls, ..
             } => {
                 let id = &record.info.id;
-                if !self.admitted.contains_key(id) {
+                let local = self.registry.local();
+                // A call that ended while this waited in the queue is neither counted nor
+                // offered: its record is written closed, for the listings.
+                let ended = match local.info_of(id) {
+                    Some(info) if info.state == SessionState::Closed => Some(info),
+                    Some(_) => None,
+                    None => return Ok(()),
+                };
+                let mut record = record.clone();
+                if let Some(info) = ended {
+                    record.info = info;
+                } else if !self.admitted.contains_key(id) {
                     self.count(&record.connector, 1, Some(*max_calls)).await?;
                     self.admitted.insert(id.clone(), record.connector.clone());
                 }
                 let key = super::session_key(&record.connector, id);
-                let value = serde_json::to_vec(record).map_err(nats)?;
+                let value = serde_json::to_vec(&record).map_err(nats)?;
                 match inner.sessions.create(&key, value.into()).await {
                     Ok(_) => {}
                     // Written by an earlier attempt whose answer was lost.
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                     Err(e) => return Err(nats(e)),
                 }
-                if record.bound.is_none() {
+                // Checked again: the call may have ended while its record was written.
+                if record.bound.is_none() && local.is_closed(id) == Some(false) {
                     let offer = Offer {
                         frame: super::notify(
                             &record.info,
@@ -148,21 +160,40 @@ impl Writer {
                 key,
                 closed_at,
             } => {
-                if let Some(key) = key {
-                    self.update(key, |r| {
-                        r.info.state = SessionState::Closed;
-                        r.info.closed_at = Some(*closed_at);
-                    })
-                    .await?;
-                }
-                // Forgotten first: should the decrement be lost, the next heal counts right.
+                let closed = match key {
+                    Some(key) => {
+                        self.update(key, |r| {
+                            r.info.state = SessionState::Closed;
+                            r.info.closed_at = Some(*closed_at);
+                        })
+                        .await
+                    }
+                    None => Ok(()),
+                };
+                // The place is given back whatever became of the record. Forgotten first:
+                // should the decrement be lost, the next heal counts right.
                 if let Some(connector) = self.admitted.remove(session_id) {
                     self.count(&connector, -1, None).await?;
                 }
-                Ok(())
+                closed
             }
             Write::HealCounts => self.heal_counts().await,
-            Write::Forget { key } => inner.sessions.delete(key).await.map_err(nats),
+            Write::Unclaim {
+                connector,
+                session_id,
+                holder,
+                owner,
+            } => self
+                .registry
+                .unclaim_now(connector, session_id, holder, owner)
+                .await
+                .map_err(nats),
+            Write::Forget { key, revision } => {
+                NatsRegistry::delete_at(&inner.sessions, key, *revision)
+                    .await
+                    .map(drop)
+                    .map_err(nats)
+            }
             Write::Publish { subject, request } => {
                 let payload = serde_json::to_vec(request).map_err(nats)?;
                 inner
