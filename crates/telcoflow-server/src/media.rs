@@ -158,6 +158,7 @@ async fn run(
                             Message::Text(text.into())
                         }
                         Some(MediaOut::Audio(frame)) => Message::Binary(frame),
+                        Some(MediaOut::Ping) => Message::Ping(Default::default()),
                         Some(MediaOut::Close) | None => break true,
                     };
                     if socket.feed(msg).await.is_err() {
@@ -223,6 +224,11 @@ async fn run(
                     agent_closed = true;
                     break;
                 }
+                Some(Ok(Message::Pong(_))) => {
+                    if !call.send_data(CallInput::MediaPong { conn_id }).await {
+                        break;
+                    }
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "media connection failed");
@@ -246,7 +252,7 @@ async fn run(
                                 let _ = socket.send(Message::Text(text)).await;
                             }
                         }
-                        MediaOut::Audio(_) => {}
+                        MediaOut::Audio(_) | MediaOut::Ping => {}
                         MediaOut::Close => break,
                     }
                 }

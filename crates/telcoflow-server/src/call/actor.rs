@@ -153,6 +153,11 @@ impl CallActor {
         self.setup.sample_rate
     }
 
+    /// Milliseconds of agent audio in `bytes`.
+    pub(super) fn bytes_to_ms(&self, bytes: u64) -> u64 {
+        bytes * 1000 / self.rate().bytes_per_second() as u64
+    }
+
     pub(super) async fn run(
         mut self,
         mut control: mpsc::Receiver<CallInput>,
@@ -197,7 +202,12 @@ impl CallActor {
                 Some(input) = data.recv() => self.on_input(input, Instant::now()),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
                 at = ticker.tick(), if ticking => {
-                    if let Some(shift) = self.on_tick(Instant::now()) {
+                    let now = Instant::now();
+                    if now.saturating_duration_since(at) >= period {
+                        // This process stalled: the ticks it missed come now, at once.
+                        self.playout.late_tick();
+                    }
+                    if let Some(shift) = self.on_tick(now) {
                         debug!(shift_us = shift.as_micros() as u64, "media clock moved earlier");
                         ticker.reset_at(at + period - shift);
                     }
@@ -218,6 +228,7 @@ impl CallActor {
         }
         info!(
             playout_gaps = self.playout.gaps(),
+            stall_skipped_ms = self.bytes_to_ms(self.playout.skipped_total()),
             prebuffer_frames = self.playout.prebuffer_frames(),
             clock_shifts = self.aligner.shifts(),
             clock_misses = self.aligner.misses(),
@@ -335,6 +346,11 @@ impl CallActor {
             CallInput::AgentAudio { conn_id, pcm } => {
                 if self.is_current_media(conn_id) && !self.agent_left {
                     self.on_agent_audio(&pcm);
+                }
+            }
+            CallInput::MediaPong { conn_id } => {
+                if self.is_current_media(conn_id) {
+                    self.playout.pong(now);
                 }
             }
             CallInput::Leg { leg, event } => self.on_leg(leg, event),

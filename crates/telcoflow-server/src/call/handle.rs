@@ -91,6 +91,9 @@ pub(crate) enum MediaOut {
     /// A `command_response`: the media connection counts commands in flight by these.
     Response(String),
     Audio(Bytes),
+    /// A WebSocket ping: the call asks whether the agent is alive (its pong comes back as
+    /// [`CallInput::MediaPong`]).
+    Ping,
     /// Close the connection (after sending what is queued).
     Close,
 }
@@ -126,6 +129,8 @@ pub(crate) enum CallInput {
     Command { conn_id: u64, command: Command },
     /// Agent audio (channel 0) from the media connection.
     AgentAudio { conn_id: u64, pcm: Bytes },
+    /// The media connection got a pong: the agent's side is alive.
+    MediaPong { conn_id: u64 },
     /// Something from a leg.
     Leg { leg: LegId, event: LegEvent },
     /// End the call from outside (HTTP close); `done` hears when it has ended.

@@ -465,3 +465,87 @@ fn an_unreachable_far_end_says_why() {
     let message = response.error_message.unwrap_or_default();
     assert!(message.contains("cannot resolve pbx.invalid"), "{message}");
 }
+
+/// What an echo agent's media connection saw over some ticks.
+#[derive(Debug, Default)]
+struct AgentSaw {
+    pings: usize,
+    /// `dropped_ms` of every `call.audio_skipped` event.
+    skipped_ms: Vec<u64>,
+}
+
+/// An echo agent stalls for 300 ms: the call pings it when its live audio runs dry, gets no
+/// pong until the stall ends, drops the backlog the stall left and reports it once.
+#[test]
+fn a_stalled_live_agent_is_pinged_and_its_backlog_dropped_and_reported() {
+    let mut call = Call::answered(Duration::ZERO);
+    let frame = call.actor.playout.frame_bytes();
+    // The request sent at attach was read with the answer's response.
+    let mut owed = call.actor.playout.outstanding();
+    let mut backlog = 0usize;
+    let mut saw = AgentSaw::default();
+    let mut pong_due = false;
+    let stalled = 100..115u64;
+    for tick in 1..300u64 {
+        let now = 20 * MS * tick as u32;
+        // The agent makes a frame per tick (the caller's audio, echoed), kept in its ring
+        // and sent as the server asks; stalled, it reads and sends nothing.
+        backlog += frame;
+        if !stalled.contains(&tick) {
+            if std::mem::take(&mut pong_due) {
+                call.input(CallInput::MediaPong { conn_id: CONN }, now);
+            }
+            while owed >= frame && backlog >= frame {
+                owed -= frame;
+                backlog -= frame;
+                let audio = CallInput::AgentAudio {
+                    conn_id: CONN,
+                    pcm: vec![1u8; frame].into(),
+                };
+                call.input(audio, now);
+            }
+        }
+        call.actor.on_tick(call.at(now + 10 * MS));
+        while let Ok(out) = call.media.try_recv() {
+            match out {
+                MediaOut::Ping => {
+                    saw.pings += 1;
+                    if stalled.contains(&tick) {
+                        pong_due = true;
+                    } else {
+                        call.input(CallInput::MediaPong { conn_id: CONN }, now + 11 * MS);
+                    }
+                }
+                MediaOut::Json(json) => {
+                    let text = std::str::from_utf8(&json).unwrap();
+                    if let Ok(MediaServerFrame::BufferRequest(req)) = MediaServerFrame::decode(text)
+                    {
+                        owed += req.requested_bytes as usize;
+                    }
+                }
+                MediaOut::Text(text) => {
+                    if let Ok(MediaServerFrame::CallEvent(ev)) = MediaServerFrame::decode(&text) {
+                        if ev.event == "call.audio_skipped" {
+                            assert_eq!(ev.str_field("reason"), Some("agent_stall"));
+                            saw.skipped_ms
+                                .push(ev.fields["dropped_ms"].as_u64().unwrap());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(saw.pings, 1, "one ping, when the live audio ran dry");
+    assert_eq!(saw.skipped_ms.len(), 1, "one report: {:?}", saw.skipped_ms);
+    assert!(
+        (260..=320).contains(&saw.skipped_ms[0]),
+        "about the stall's length dropped: {:?}",
+        saw.skipped_ms
+    );
+    assert!(
+        backlog <= 2 * frame,
+        "the agent's backlog drained: {} frames",
+        backlog / frame
+    );
+}
