@@ -348,9 +348,9 @@ impl CallActor {
                     self.on_agent_audio(&pcm);
                 }
             }
-            CallInput::MediaPong { conn_id } => {
+            CallInput::MediaPong { conn_id, seq } => {
                 if self.is_current_media(conn_id) {
-                    self.playout.pong(now);
+                    self.playout.pong(seq, now);
                 }
             }
             CallInput::Leg { leg, event } => self.on_leg(leg, event),

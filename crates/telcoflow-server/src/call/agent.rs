@@ -93,8 +93,10 @@ impl CallActor {
     /// What playout asks of the call after a tick: a ping when a live stream ran dry (to tell
     /// a stalled agent from a paused one), and the report of a finished catch-up.
     pub(super) fn after_pop(&mut self, now: Instant) {
-        if self.media.is_some() && self.playout.ping_due(now) {
-            self.send_media(MediaOut::Ping);
+        if self.media.is_some() {
+            if let Some(seq) = self.playout.ping_due(now) {
+                self.send_media(MediaOut::Ping(seq));
+            }
         }
         if let Some(skipped) = self.playout.take_skipped() {
             let dropped_ms = self.bytes_to_ms(skipped.bytes as u64);
