@@ -39,6 +39,11 @@ async fn relay(target: Arc<OnceLock<SocketAddr>>, held: watch::Receiver<bool>) -
             let Ok(server) = TcpStream::connect(target).await else {
                 continue;
             };
+            // Without Nagle on either side, as the endpoints themselves run: a 20 ms frame
+            // must not wait for the ack of the one before it.
+            if client.set_nodelay(true).is_err() || server.set_nodelay(true).is_err() {
+                continue;
+            }
             // Only the agent's media connections stall; its control connection and the
             // phone go through as well (the server's public URL is the relay's).
             let mut first = [0u8; 256];
@@ -120,7 +125,9 @@ async fn a_stalled_agent_connection_leaves_no_delay_and_the_agent_is_told() {
                         tokio::spawn(async move {
                             while let Some(event) = events.next().await {
                                 if let telcoflow::CallEvent::AudioSkipped {
-                                    dropped_ms, reason, ..
+                                    dropped_ms,
+                                    reason,
+                                    ..
                                 } = event
                                 {
                                     let _ = skipped_tx.send((dropped_ms, reason)).await;

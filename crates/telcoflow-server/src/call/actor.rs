@@ -19,6 +19,9 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info};
 
+/// Periods late a media tick must come for the server to count itself stalled (60 ms).
+const SERVER_STALL_TICKS: u32 = 3;
+
 /// How long a call waits for its agent to reconnect after the media connection drops.
 pub(super) const MEDIA_GRACE: Duration = Duration::from_secs(10);
 
@@ -203,8 +206,10 @@ impl CallActor {
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
                 at = ticker.tick(), if ticking => {
                     let now = Instant::now();
-                    if now.saturating_duration_since(at) >= period {
-                        // This process stalled: the ticks it missed come now, at once.
+                    if now.saturating_duration_since(at) >= period * SERVER_STALL_TICKS {
+                        // This process stalled: the ticks it missed come now, at once. A tick
+                        // a frame or two late is scheduling noise on a busy machine, and is
+                        // judged like any other dry spell of the agent's.
                         self.playout.late_tick();
                     }
                     if let Some(shift) = self.on_tick(now) {
