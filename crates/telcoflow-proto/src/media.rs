@@ -6,6 +6,18 @@
 //! Flow control is pull-based: the server asks for agent audio with
 //! [`MediaServerFrame::BufferRequest`], and the client answers each request, in order, with binary
 //! frames of `prefer_audio_frame_bytes` until `requested_bytes` have been sent.
+//!
+//! Call events beyond the reference SDK's `call.terminated` and `call.error` (clients ignore
+//! names they do not know, as the official Python SDK does):
+//!
+//! | `event` | fields | when |
+//! |---|---|---|
+//! | `call.dtmf` | `digit`, `duration_ms` | the caller pressed a key |
+//! | `call.connected_leg` | `state` (`answered` / `ended`) | the destination of `call.connect` answered or hung up |
+//! | `call.audio_skipped` | `dropped_ms`, `reason` (`agent_stall`) | the server dropped live agent audio to win back the delay a stall of the agent left (one event per catch-up) |
+//!
+//! The server may also send WebSocket pings on the media connection (when live agent audio runs
+//! dry, to tell a stalled agent from a paused one); WebSocket libraries answer them by themselves.
 
 use crate::{DecodeError, ErrorCode};
 use serde::{Deserialize, Serialize};
@@ -238,6 +250,8 @@ impl CallEvent {
     pub const DTMF: &'static str = "call.dtmf";
     /// The connected destination answered or hung up (`state`: `answered` / `ended`).
     pub const CONNECTED_LEG: &'static str = "call.connected_leg";
+    /// Audio was dropped to win back delay after a stall (`dropped_ms`, `reason`).
+    pub const AUDIO_SKIPPED: &'static str = "call.audio_skipped";
 
     /// `call.terminated` with the party that ended the call.
     pub fn terminated(reason: &str) -> Self {
@@ -267,6 +281,17 @@ impl CallEvent {
         fields.insert("duration_ms".into(), Value::from(duration_ms));
         Self {
             event: Self::DTMF.into(),
+            fields,
+        }
+    }
+
+    /// `call.audio_skipped`: `dropped_ms` of audio dropped, and why (e.g. `agent_stall`).
+    pub fn audio_skipped(dropped_ms: u64, reason: &str) -> Self {
+        let mut fields = Map::new();
+        fields.insert("dropped_ms".into(), Value::from(dropped_ms));
+        fields.insert("reason".into(), Value::from(reason));
+        Self {
+            event: Self::AUDIO_SKIPPED.into(),
             fields,
         }
     }

@@ -158,6 +158,7 @@ async fn run(
                             Message::Text(text.into())
                         }
                         Some(MediaOut::Audio(frame)) => Message::Binary(frame),
+                        Some(MediaOut::Ping(seq)) => Message::Ping(seq.to_be_bytes().to_vec().into()),
                         Some(MediaOut::Close) | None => break true,
                     };
                     if socket.feed(msg).await.is_err() {
@@ -223,6 +224,12 @@ async fn run(
                     agent_closed = true;
                     break;
                 }
+                Some(Ok(Message::Pong(payload))) => {
+                    let seq = <[u8; 4]>::try_from(&payload[..]).ok().map(u32::from_be_bytes);
+                    if !call.send_data(CallInput::MediaPong { conn_id, seq }).await {
+                        break;
+                    }
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     debug!(error = %e, "media connection failed");
@@ -246,7 +253,7 @@ async fn run(
                                 let _ = socket.send(Message::Text(text)).await;
                             }
                         }
-                        MediaOut::Audio(_) => {}
+                        MediaOut::Audio(_) | MediaOut::Ping(_) => {}
                         MediaOut::Close => break,
                     }
                 }

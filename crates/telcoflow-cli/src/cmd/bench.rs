@@ -136,6 +136,14 @@ pub(crate) struct Args {
         conflicts_with = "server"
     )]
     rtp_ports: Option<String>,
+    /// Stall the agent process (SIGSTOP, then SIGCONT) for this many milliseconds halfway
+    /// through the run, and report the round trip's p50 per second around the stall. Needs an
+    /// agent child (--agent rust or python); interrupt probes are off in such a run.
+    #[arg(long, value_name = "MS", conflicts_with = "stall_server_ms")]
+    stall_agent_ms: Option<u64>,
+    /// As --stall-agent-ms, but stall the server child (not with --server).
+    #[arg(long, value_name = "MS", conflicts_with = "server")]
+    stall_server_ms: Option<u64>,
     /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -210,6 +218,21 @@ pub(crate) struct RunResult {
     window_s: f64,
     /// The first few call failures.
     failures: Vec<String>,
+    /// Round trips around an agent stall (--stall-agent-ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall: Option<StallFigures>,
+}
+
+/// Round trip p50 per second around an agent stall.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct StallFigures {
+    /// Which process was stopped: `agent` or `server`.
+    process: &'static str,
+    /// How long it was stopped.
+    stall_ms: u64,
+    /// Per second relative to the stall's start (second 0 holds the stall): the p50 round
+    /// trip of the frames heard in it, ms.
+    p50_ms_by_second: Vec<(i64, f64)>,
 }
 
 /// Runs the bench.
@@ -419,6 +442,9 @@ async fn run_once(
     if let Some(agent) = &mut agent_child {
         agent.wait_line("ready").await?;
     }
+    if args.stall_agent_ms.is_some() && agent_child.is_none() {
+        bail!("--stall-agent-ms stalls the agent child: use --agent rust or --agent python");
+    }
     let agent_pid = agent_child.as_ref().map(|a| a.pid).or(args.agent_pid);
 
     let sample = |pid: Option<u32>| pid.and_then(ProcSample::read);
@@ -434,6 +460,15 @@ async fn run_once(
     let window_end = end_at - Duration::from_millis(100);
     let progress = Arc::new(Progress::default());
     let speech = caller::speech_for(rate);
+    // Halfway through the time every call is up.
+    let stall_at = first_dial + ramp + duration / 2;
+    let stalled = match (args.stall_agent_ms, args.stall_server_ms) {
+        (Some(ms), _) => agent_child.as_ref().map(|a| ("agent", a.pid, ms)),
+        (None, Some(ms)) => server_pid.map(|pid| ("server", pid, ms)),
+        (None, None) => None,
+    };
+    let stall = stalled
+        .map(|(_, pid, ms)| tokio::spawn(stall_process(pid, stall_at, Duration::from_millis(ms))));
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..n {
         let offset = ramp.mul_f64(i as f64 / n as f64);
@@ -446,6 +481,7 @@ async fn run_once(
             end_at,
             speech: speech.clone(),
             sip: sip_addr,
+            probes: args.stall_agent_ms.or(args.stall_server_ms).is_none(),
         };
         calls.spawn(caller::run(plan, progress.clone()));
     }
@@ -503,6 +539,9 @@ async fn run_once(
         eprintln!();
     }
 
+    if let Some(stall) = stall {
+        stall.await.context("the stall task failed")??;
+    }
     let handling = match agent_child {
         Some(agent) => agent.stop().await.and_then(|v| {
             let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
@@ -550,7 +589,12 @@ async fn run_once(
         busy_cores: machine,
         loadavg_1m: load.unwrap_or(0.0),
     };
-    Ok(summarise(
+    let stall = stalled.map(|(process, _, ms)| StallFigures {
+        process,
+        stall_ms: ms,
+        p50_ms_by_second: p50_by_second(&reports, us_since(epoch, stall_at)),
+    });
+    let mut result = summarise(
         args,
         n,
         rate,
@@ -563,7 +607,48 @@ async fn run_once(
         callers_cpu,
         machine,
         window,
-    ))
+    );
+    result.stall = stall;
+    Ok(result)
+}
+
+/// Stops process `pid` at `at` for `len` (SIGSTOP, then SIGCONT, through kill(1): the
+/// workspace forbids unsafe code, so no libc::kill).
+async fn stall_process(pid: u32, at: Instant, len: Duration) -> anyhow::Result<()> {
+    tokio::time::sleep_until(at).await;
+    let signal = |sig: &'static str| {
+        let pid = pid.to_string();
+        async move {
+            let status = Command::new("kill").args([sig, &pid]).status().await?;
+            anyhow::ensure!(status.success(), "kill {sig} {pid} failed");
+            anyhow::Ok(())
+        }
+    };
+    signal("-STOP").await?;
+    tokio::time::sleep(len).await;
+    signal("-CONT").await
+}
+
+fn us_since(epoch: Instant, at: Instant) -> u64 {
+    at.saturating_duration_since(epoch).as_micros() as u64
+}
+
+/// The p50 round trip of the frames heard in each whole second from 3 s before `stall_us` to
+/// the end, by second relative to it.
+fn p50_by_second(reports: &[CallReport], stall_us: u64) -> Vec<(i64, f64)> {
+    let mut by_second: std::collections::BTreeMap<i64, Vec<u32>> = Default::default();
+    for r in reports {
+        for (&heard, &rtt) in r.heard_us.iter().zip(&r.rtt_us) {
+            let second = (i64::from(heard) - stall_us as i64).div_euclid(1_000_000);
+            if second >= -3 {
+                by_second.entry(second).or_default().push(rtt);
+            }
+        }
+    }
+    by_second
+        .into_iter()
+        .map(|(s, mut rtts)| (s, Percentiles::from_us(&mut rtts).p50))
+        .collect()
 }
 
 /// The sample rate of a run: `--sip` takes 8000 Hz only.
@@ -659,6 +744,7 @@ fn summarise(
             .filter_map(|r| r.failure.clone())
             .take(5)
             .collect(),
+        stall: None,
     }
 }
 
@@ -752,6 +838,15 @@ fn print_table(r: &RunResult) {
         (r.machine.busy_cores - ours).max(0.0),
         r.machine.loadavg_1m
     );
+    if let Some(s) = &r.stall {
+        println!(
+            "  {} stalled {} ms at second 0; round trip p50 per second:",
+            s.process, s.stall_ms
+        );
+        for (second, p50) in &s.p50_ms_by_second {
+            println!("    {second:>+3} s  {p50:>8.2} ms");
+        }
+    }
     for f in &r.failures {
         println!("  failure: {f}");
     }

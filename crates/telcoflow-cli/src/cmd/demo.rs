@@ -176,7 +176,9 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
 /// The simulated caller: dials, says `pcm` in real time once answered, listens to the end,
 /// hangs up.
 async fn caller(base_url: &str, from: &str, to: &str, pcm: &[u8]) -> anyhow::Result<CallerReport> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{base_url}{SIM_PATH}"))
+    let url = format!("{base_url}{SIM_PATH}");
+    // Without Nagle: a 20 ms frame must not wait for the ack of the one before it.
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(url, None, true)
         .await
         .context("the simulated caller cannot reach the server")?;
     let dial = PhoneFrame::Dial {

@@ -19,6 +19,9 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info};
 
+/// Periods late a media tick must come for the server to count itself stalled (60 ms).
+const SERVER_STALL_TICKS: u32 = 3;
+
 /// How long a call waits for its agent to reconnect after the media connection drops.
 pub(super) const MEDIA_GRACE: Duration = Duration::from_secs(10);
 
@@ -153,6 +156,11 @@ impl CallActor {
         self.setup.sample_rate
     }
 
+    /// Milliseconds of agent audio in `bytes`.
+    pub(super) fn bytes_to_ms(&self, bytes: u64) -> u64 {
+        bytes * 1000 / self.rate().bytes_per_second() as u64
+    }
+
     pub(super) async fn run(
         mut self,
         mut control: mpsc::Receiver<CallInput>,
@@ -197,7 +205,14 @@ impl CallActor {
                 Some(input) = data.recv() => self.on_input(input, Instant::now()),
                 // Cancel-safe: a missed tick is replayed by the interval (Burst).
                 at = ticker.tick(), if ticking => {
-                    if let Some(shift) = self.on_tick(Instant::now()) {
+                    let now = Instant::now();
+                    if now.saturating_duration_since(at) >= period * SERVER_STALL_TICKS {
+                        // This process stalled: the ticks it missed come now, at once. A tick
+                        // a frame or two late is scheduling noise on a busy machine, and is
+                        // judged like any other dry spell of the agent's.
+                        self.playout.late_tick();
+                    }
+                    if let Some(shift) = self.on_tick(now) {
                         debug!(shift_us = shift.as_micros() as u64, "media clock moved earlier");
                         ticker.reset_at(at + period - shift);
                     }
@@ -218,6 +233,7 @@ impl CallActor {
         }
         info!(
             playout_gaps = self.playout.gaps(),
+            stall_skipped_ms = self.bytes_to_ms(self.playout.skipped_total()),
             prebuffer_frames = self.playout.prebuffer_frames(),
             clock_shifts = self.aligner.shifts(),
             clock_misses = self.aligner.misses(),
@@ -335,6 +351,11 @@ impl CallActor {
             CallInput::AgentAudio { conn_id, pcm } => {
                 if self.is_current_media(conn_id) && !self.agent_left {
                     self.on_agent_audio(&pcm);
+                }
+            }
+            CallInput::MediaPong { conn_id, seq } => {
+                if self.is_current_media(conn_id) {
+                    self.playout.pong(seq, now);
                 }
             }
             CallInput::Leg { leg, event } => self.on_leg(leg, event),

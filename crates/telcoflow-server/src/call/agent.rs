@@ -10,7 +10,11 @@ use telcoflow_proto::media::{
     BufferRequest, CHANNEL_MIXED, CallEvent, CommandResponse, MediaServerFrame,
 };
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// `reason` of a `call.audio_skipped` event after the agent stalled.
+const AUDIO_SKIPPED_STALL: &str = "agent_stall";
 
 /// Slots of a media connection's queue kept free of audio, so that responses and events
 /// always fit even when the agent reads audio too slowly.
@@ -83,6 +87,25 @@ impl CallActor {
                 pushed.overflow
             );
             self.send_event(CallEvent::error(ErrorCode::BufferOverflow, message));
+        }
+    }
+
+    /// What playout asks of the call after a tick: a ping when a live stream ran dry (to tell
+    /// a stalled agent from a paused one), and the report of a finished catch-up.
+    pub(super) fn after_pop(&mut self, now: Instant) {
+        if self.media.is_some() {
+            if let Some(seq) = self.playout.ping_due(now) {
+                self.send_media(MediaOut::Ping(seq));
+            }
+        }
+        if let Some(skipped) = self.playout.take_skipped() {
+            let dropped_ms = self.bytes_to_ms(skipped.bytes as u64);
+            let owed_ms = self.bytes_to_ms(skipped.owed as u64);
+            info!(
+                dropped_ms,
+                owed_ms, "agent audio dropped to win back the delay a stall left"
+            );
+            self.send_event(CallEvent::audio_skipped(dropped_ms, AUDIO_SKIPPED_STALL));
         }
     }
 

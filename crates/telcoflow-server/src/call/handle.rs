@@ -97,6 +97,9 @@ pub(crate) enum MediaOut {
     /// A `command_response`: the media connection counts commands in flight by these.
     Response(String),
     Audio(Bytes),
+    /// A WebSocket ping carrying its number: the call asks whether the agent is alive, or
+    /// measures its round trip (the pong comes back as [`CallInput::MediaPong`]).
+    Ping(u32),
     /// Close the connection (after sending what is queued).
     Close,
 }
@@ -132,6 +135,9 @@ pub(crate) enum CallInput {
     Command { conn_id: u64, command: Command },
     /// Agent audio (channel 0) from the media connection.
     AgentAudio { conn_id: u64, pcm: Bytes },
+    /// The media connection got a pong: the agent's side is alive.
+    /// `seq`: the number the ping carried, if the pong echoed one.
+    MediaPong { conn_id: u64, seq: Option<u32> },
     /// Something from a leg.
     Leg { leg: LegId, event: LegEvent },
     /// End the call from outside (HTTP close); `done` hears when it has ended.

@@ -153,6 +153,7 @@ impl CallActor {
         self.agent_frame.resize(n, 0);
         let held = self.playout.buffered();
         let agent_speaks = !self.agent_left && self.playout.pop_frame(&mut self.agent_frame);
+        self.after_pop(now);
         // The agent paces this audio when it still owes some: it sends frames as it makes
         // them, so time they spend here is delay this buffer adds (see `crate::phase`). A full
         // frame and no pre-buffer held on purpose.

@@ -465,3 +465,184 @@ fn an_unreachable_far_end_says_why() {
     let message = response.error_message.unwrap_or_default();
     assert!(message.contains("cannot resolve pbx.invalid"), "{message}");
 }
+
+/// What an agent's media connection saw over some ticks.
+#[derive(Debug, Default)]
+struct AgentSaw {
+    /// Pings that came while the agent was stalled.
+    stalled_pings: usize,
+    /// `dropped_ms` of every `call.audio_skipped` event.
+    skipped_ms: Vec<u64>,
+    /// Frames of the agent's audio waiting, in its ring or the server's buffer, at each tick:
+    /// the delay the caller hears beyond the network's, in frames.
+    waiting: Vec<usize>,
+    /// Frames the agent sent.
+    sent: usize,
+    /// Frames left in the agent's ring at the end.
+    backlog: usize,
+}
+
+impl AgentSaw {
+    /// The most frames waiting at any tick in `ticks` (ticks count from 1).
+    fn worst(&self, ticks: std::ops::Range<u64>) -> usize {
+        let waiting = &self.waiting[(ticks.start - 1) as usize..(ticks.end - 1) as usize];
+        waiting.iter().copied().max().unwrap()
+    }
+}
+
+/// Runs ticks `1..ticks` of an answered call with an agent that keeps a ring of frames and
+/// sends them as the server asks, like the SDKs: `ahead` frames queued at the start, then
+/// `makes(tick)` more each tick (an echo makes one). While `stalled(tick)` it reads and sends
+/// nothing and answers no ping; otherwise it answers pings at once.
+fn run_agent(
+    ticks: u64,
+    ahead: usize,
+    makes: impl Fn(u64) -> usize,
+    stalled: impl Fn(u64) -> bool,
+) -> AgentSaw {
+    let mut call = Call::answered(Duration::ZERO);
+    let frame = call.actor.playout.frame_bytes();
+    // The request sent at attach was read with the answer's response.
+    let mut owed = call.actor.playout.outstanding();
+    let mut ring = ahead;
+    let mut saw = AgentSaw::default();
+    let mut pongs: Vec<u32> = Vec::new();
+    for tick in 1..ticks {
+        let now = 20 * MS * tick as u32;
+        ring += makes(tick);
+        if !stalled(tick) {
+            for seq in pongs.drain(..) {
+                call.input(
+                    CallInput::MediaPong {
+                        conn_id: CONN,
+                        seq: Some(seq),
+                    },
+                    now,
+                );
+            }
+            while owed >= frame && ring > 0 {
+                owed -= frame;
+                ring -= 1;
+                saw.sent += 1;
+                let audio = CallInput::AgentAudio {
+                    conn_id: CONN,
+                    pcm: vec![1u8; frame].into(),
+                };
+                call.input(audio, now);
+            }
+        }
+        call.actor.on_tick(call.at(now + 10 * MS));
+        saw.waiting
+            .push(ring + call.actor.playout.buffered() / frame);
+        while let Ok(out) = call.media.try_recv() {
+            match out {
+                MediaOut::Ping(seq) => {
+                    if stalled(tick) {
+                        saw.stalled_pings += 1;
+                        pongs.push(seq);
+                    } else {
+                        let pong = CallInput::MediaPong {
+                            conn_id: CONN,
+                            seq: Some(seq),
+                        };
+                        call.input(pong, now + 11 * MS);
+                    }
+                }
+                MediaOut::Json(json) => {
+                    let text = std::str::from_utf8(&json).unwrap();
+                    if let Ok(MediaServerFrame::BufferRequest(req)) = MediaServerFrame::decode(text)
+                    {
+                        owed += req.requested_bytes as usize;
+                    }
+                }
+                MediaOut::Text(text) => {
+                    if let Ok(MediaServerFrame::CallEvent(ev)) = MediaServerFrame::decode(&text) {
+                        if ev.event == "call.audio_skipped" {
+                            assert_eq!(ev.str_field("reason"), Some("agent_stall"));
+                            saw.skipped_ms
+                                .push(ev.fields["dropped_ms"].as_u64().unwrap());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        while call.caller.try_recv().is_ok() {}
+    }
+    saw.backlog = ring;
+    saw
+}
+
+/// An echo agent stalls for 300 ms: the call pings it when its live audio runs dry, gets no
+/// pong until the stall ends, drops the backlog the stall left and reports it once.
+#[test]
+fn a_stalled_live_agent_is_pinged_and_its_backlog_dropped_and_reported() {
+    let stalled = |t| (100..115).contains(&t);
+    let saw = run_agent(300, 0, |_| 1, stalled);
+    assert!(saw.stalled_pings >= 1, "pinged when the live audio ran dry");
+    assert_eq!(saw.skipped_ms.len(), 1, "one report: {:?}", saw.skipped_ms);
+    assert!(
+        (280..=380).contains(&saw.skipped_ms[0]),
+        "about the stall's length dropped: {:?}",
+        saw.skipped_ms
+    );
+    assert!(
+        saw.backlog <= 2,
+        "the agent's backlog drained: {}",
+        saw.backlog
+    );
+    assert!(saw.worst(215 + 50..299) <= saw.worst(50..100));
+}
+
+/// A short stall (40 ms, under the old fixed prompt-pong bound) and then a long one: each
+/// leaves no standing delay, and the first does not make the stream look queued ahead, so the
+/// second is caught too.
+#[test]
+fn a_short_stall_then_a_long_one_both_leave_no_delay() {
+    let stalled = |t| (100..102).contains(&t) || (200..215).contains(&t);
+    let saw = run_agent(400, 0, |_| 1, stalled);
+    let before = saw.worst(50..100);
+    assert!(before <= 2, "just in time before: {before} frames");
+    assert_eq!(saw.worst(160..200), before, "back after the short stall");
+    assert_eq!(saw.worst(315..400), before, "back after the long stall");
+    let dropped: u64 = saw.skipped_ms.iter().sum();
+    assert!(
+        (320..=460).contains(&dropped),
+        "about both stalls dropped: {:?}",
+        saw.skipped_ms
+    );
+}
+
+/// Several short stalls in a row never add up to a standing delay.
+#[test]
+fn short_stalls_do_not_add_up() {
+    let stalled = |t: u64| t >= 100 && t % 60 < 2;
+    let saw = run_agent(500, 0, |_| 1, stalled);
+    let before = saw.worst(50..100);
+    assert!(saw.worst(450..480) <= before, "no standing delay");
+    assert!(!saw.skipped_ms.is_empty());
+}
+
+/// A 10 s answer synthesised and queued at once plays in full through a long and a short
+/// stall of the agent: it owes nothing, so nothing is dropped or reported.
+#[test]
+fn a_queued_ahead_answer_plays_in_full_across_stalls() {
+    let stalled = |t| (100..115).contains(&t) || (200..202).contains(&t);
+    let saw = run_agent(600, 500, |_| 0, stalled);
+    assert_eq!(saw.sent, 500, "every frame sent");
+    assert_eq!(saw.skipped_ms, Vec::<u64>::new());
+    assert_eq!(saw.waiting.last(), Some(&0), "and played");
+}
+
+/// A live agent that pauses (it answers the ping at once) and then sends its next answer
+/// faster than real time loses nothing.
+#[test]
+fn a_pause_then_an_answer_sent_at_once_loses_nothing() {
+    let makes = |t: u64| match t {
+        100..115 => 0,
+        115 => 20,
+        _ => 1,
+    };
+    let saw = run_agent(300, 0, makes, |_| false);
+    assert_eq!(saw.skipped_ms, Vec::<u64>::new());
+}

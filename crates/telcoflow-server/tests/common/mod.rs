@@ -43,7 +43,9 @@ impl Ws {
             let name: tokio_tungstenite::tungstenite::http::HeaderName = name.parse().unwrap();
             request.headers_mut().insert(name, value.parse().unwrap());
         }
-        match tokio_tungstenite::connect_async(request).await {
+        // Without Nagle, as real media clients run: a small frame must not wait for the ack
+        // of the one before it.
+        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
             Ok((inner, _)) => Ok(Self { inner }),
             Err(WsError::Http(resp)) => Err(Refused {
                 status: resp.status().as_u16(),

@@ -48,6 +48,16 @@ pub enum CallEvent {
         /// Chunks dropped on this call so far.
         dropped: u64,
     },
+    /// The server dropped some of the application's audio to win back delay: after the
+    /// application (or its network) stalled, live audio it produced meanwhile would otherwise
+    /// reach the caller late for the rest of the call. Audio queued ahead of time (speech
+    /// synthesis) is never dropped.
+    AudioSkipped {
+        /// How much audio was dropped.
+        dropped_ms: u64,
+        /// Why, as the server gave it (e.g. `agent_stall`).
+        reason: Option<String>,
+    },
     /// An event this SDK has no variant for.
     Other {
         /// The event name.
@@ -86,11 +96,43 @@ impl CallEvent {
                     },
                 }
             }
+            media::CallEvent::AUDIO_SKIPPED => {
+                match ev.fields.get("dropped_ms").and_then(Value::as_u64) {
+                    Some(dropped_ms) => Self::AudioSkipped {
+                        dropped_ms,
+                        reason: str_field("reason"),
+                    },
+                    None => Self::Other {
+                        name: ev.event,
+                        fields: ev.fields,
+                    },
+                }
+            }
             _ => Self::Other {
                 name: ev.event,
                 fields: ev.fields,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audio_skipped_is_a_variant_and_a_malformed_one_is_kept_as_sent() {
+        let wire = media::CallEvent::audio_skipped(280, "agent_stall");
+        assert_eq!(
+            CallEvent::from_wire(wire),
+            CallEvent::AudioSkipped {
+                dropped_ms: 280,
+                reason: Some("agent_stall".into())
+            }
+        );
+        let mut odd = media::CallEvent::audio_skipped(0, "agent_stall");
+        odd.fields.insert("dropped_ms".into(), Value::from("a lot"));
+        assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
     }
 }
 

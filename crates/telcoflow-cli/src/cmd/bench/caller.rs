@@ -67,6 +67,9 @@ pub(crate) struct CallPlan {
     pub(crate) speech: Arc<Vec<i16>>,
     /// Dial over SIP/RTP to this SIP address instead of the simulated network.
     pub(crate) sip: Option<SocketAddr>,
+    /// Run interrupt probes (off when measuring a stall: an interrupt clears the backlog a
+    /// stall leaves, which would hide it).
+    pub(crate) probes: bool,
 }
 
 /// Live counters shared by every caller, for the progress line.
@@ -98,6 +101,8 @@ pub(crate) struct CallReport {
     pub(crate) frames_late: u64,
     /// Round trip of every counted frame heard back.
     pub(crate) rtt_us: Vec<u32>,
+    /// When each of them was heard, microseconds since the run's epoch.
+    pub(crate) heard_us: Vec<u32>,
     /// Stop sent -> first non-tone frame, per completed probe.
     pub(crate) interrupt_us: Vec<u32>,
     pub(crate) probes_failed: u64,
@@ -317,6 +322,8 @@ pub(super) struct Stream<'a> {
     highest: Option<u32>,
     /// Round trip of each counted frame heard, microseconds.
     rtt_us: Vec<u32>,
+    /// When each was heard, microseconds since the epoch.
+    heard_us: Vec<u32>,
     interrupt_us: Vec<u32>,
     probes_failed: u64,
     crossed: u64,
@@ -342,12 +349,18 @@ impl<'a> Stream<'a> {
             scanner: Scanner::default(),
             found: Vec::with_capacity(4),
             probe: ProbeState::Idle {
-                next: answered_at + FIRST_PROBE,
+                // Never, without probes: no probe starts at or after `end_at`.
+                next: if plan.probes {
+                    answered_at + FIRST_PROBE
+                } else {
+                    plan.end_at
+                },
             },
             heard: Vec::with_capacity(frames),
             is_data: Vec::with_capacity(frames),
             highest: None,
             rtt_us: Vec::with_capacity(frames),
+            heard_us: Vec::with_capacity(frames),
             interrupt_us: Vec::new(),
             probes_failed: 0,
             crossed: 0,
@@ -456,6 +469,7 @@ impl<'a> Stream<'a> {
                 _ => self.highest = Some(m.seq),
             }
             self.rtt_us.push(now_us.wrapping_sub(m.sent_us));
+            self.heard_us.push(now_us);
         }
         self.found = found;
     }
@@ -474,6 +488,7 @@ impl<'a> Stream<'a> {
         report.frames_duplicated = self.duplicated;
         report.frames_reordered = self.reordered;
         report.rtt_us = self.rtt_us.clone();
+        report.heard_us = self.heard_us.clone();
         let mut sorted = report.rtt_us.clone();
         sorted.sort_unstable();
         let typical = sorted.get(sorted.len() / 2).copied().unwrap_or(0);

@@ -375,6 +375,7 @@ mod tests {
             end_at: now + Duration::from_secs(2),
             speech: speech_for(SampleRate::Hz8000),
             sip: server.sip_addr(),
+            probes: true,
         };
         let progress = Arc::new(Progress::default());
         let report = caller::run(plan, progress.clone()).await;
