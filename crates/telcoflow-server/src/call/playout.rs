@@ -64,10 +64,8 @@ const CATCH_UP_KEEP_FRAMES: usize = 1;
 /// (a request can wait for the next caller frame). Only audio held beyond a frame is dropped,
 /// and the catch-up ends once the backlog is drained, so owing a little more costs nothing.
 const OWED_MARGIN_TICKS: u64 = 2;
-/// Ticks in a row with the backlog drained that end a catch-up (half a second): the backlog
-/// can come back in pieces, e.g. when the caller's audio that the agent answers was itself
-/// held up on the way (a stalled server releases it over a few ticks).
-const DRAINED_TICKS: u32 = 25;
+/// Ticks in a row with the backlog drained that end a catch-up.
+const DRAINED_TICKS: u32 = 3;
 /// Frames requested beyond the target while catching up, to drain the agent's backlog.
 const CATCH_UP_EXTRA_FRAMES: usize = 4;
 /// A pong within this long of its ping shows the agent alive: the dry spell is a pause. The
@@ -385,11 +383,6 @@ impl Playout {
         if late_tick {
             if let Some(stall) = &mut self.stall {
                 stall.server = true;
-                // The ticks missed are replayed now, at once: the agent has had no time to
-                // answer in them. How long the dry spell may last before it counts as the end
-                // of an utterance runs from the server's return; what is owed still runs from
-                // the agent's last audio.
-                stall.dry_tick = self.tick;
             }
         }
         self.watch_pause();

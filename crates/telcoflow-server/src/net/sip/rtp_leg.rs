@@ -43,13 +43,10 @@ use tracing::{debug, info};
 const LEG_QUEUE: usize = 16;
 /// Largest datagram we read: RTP for G.711 at 20 ms is 172 bytes; leave room for odd peers.
 const DATAGRAM: usize = 2048;
-/// How far behind the playout tick may fall and still replay the ticks it missed at once (a
-/// second, beyond the stalls of up to 500 ms whose delay must not stay): further behind, the
-/// clock starts afresh and what stands is the jitter buffer's latency bound to bring down.
-const MAX_TICK_REPLAY: Duration = Duration::from_millis(1000);
-/// Datagrams taken at once when a late tick finds the socket holding some (a second of 20 ms
-/// packets and a little more): the rest wait for the next turn of the loop.
-const MAX_DRAINED_DATAGRAMS: usize = 64;
+/// How far behind the playout tick may fall and still replay the ticks it missed at once
+/// (five frames): beyond that, the frames it would play at once are the latency the jitter
+/// buffer's bound is for.
+const MAX_TICK_REPLAY: Duration = Duration::from_millis(100);
 
 /// Which side placed the SIP call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,30 +238,12 @@ impl RtpLeg {
                 }
                 // Cancel-safe: a missed tick is replayed later by the interval.
                 at = ticker.tick(), if self.session.is_some() => {
-                    let behind = Instant::now().saturating_duration_since(at);
-                    if behind > MAX_TICK_REPLAY {
+                    if Instant::now().saturating_duration_since(at) > MAX_TICK_REPLAY {
                         // Too far behind to replay: what stands is the jitter buffer's to
                         // bring down, within its latency bound.
                         ticker.reset();
                     }
-                    let mut flow = Flow::Continue;
-                    if behind >= telcoflow_sip::rtp::jitter::FRAME_DURATION {
-                        // This task could not run for a while: the packets that landed
-                        // meanwhile go in first, so that the ticks replayed now play them
-                        // rather than conceal them and leave them standing.
-                        for _ in 0..MAX_DRAINED_DATAGRAMS {
-                            let Ok((n, source)) = self.socket.try_recv_from(&mut datagram) else {
-                                break;
-                            };
-                            flow = self.on_datagram(source, &datagram[..n]).await;
-                            if matches!(flow, Flow::Stop) {
-                                break;
-                            }
-                        }
-                    }
-                    if matches!(flow, Flow::Continue) {
-                        flow = self.on_tick().await;
-                    }
+                    let flow = self.on_tick().await;
                     let shift = self.session.as_mut().and_then(|s| s.take_clock_shift());
                     if let Some(shift) = shift {
                         let shift_us = shift.as_micros() as u64;
