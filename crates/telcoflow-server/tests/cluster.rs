@@ -529,6 +529,9 @@ async fn a_killed_node_ends_only_its_calls_and_a_restarted_one_rejoins() {
     };
     let mut config = node_config(&nats, "node-a");
     config.limits.max_calls_per_connector = 2;
+    // Pings keep the agent's control connection busy while it waits for node B's loss to be
+    // noticed, longer than the test client waits for one frame.
+    config.control_ping_interval_secs = 1;
     let a = start(config).await;
     let b = spawn_node(&nats, "node-b", 2);
 
@@ -539,20 +542,43 @@ async fn a_killed_node_ends_only_its_calls_and_a_restarted_one_rejoins() {
     let mut media = media(&call_in).await;
     assert_eq!(media.command("call.answer", None).await["success"], true);
     phone_a.event("answered").await;
-    // A call on node B, offered to the agent on node A.
+    // A call on node B, taken and answered by the same agent on node A: its media goes to
+    // node B.
     let mut phone_b = dial_url(&b.base_url, "+15550000002", "+15559990001", RATE).await;
     assert!(phone_b.call_id.is_some());
-    agent.ws.expect_type("session.notify").await;
+    let call_in_b = agent.take_call().await;
+    let lost_id = call_in_b["sessionId"].as_str().unwrap().to_owned();
+    assert!(call_in_b["url"].as_str().unwrap().starts_with(&b.base_url));
+    let mut media_b = common::media(&call_in_b).await;
+    assert_eq!(media_b.command("call.answer", None).await["success"], true);
+    phone_b.event("answered").await;
     listing_within(&a, WAIT, |items| open_with(items, "+15550000002")).await;
 
-    // kill -9: node B's session leaves the listing within 15 s; its caller is cut off.
+    // kill -9: node B's session leaves the listing within 15 s; its caller and the agent's
+    // media connection to it are cut off.
+    let killed = tokio::time::Instant::now();
     drop(b);
     phone_b.ws.closed().await;
+    media_b.ws.closed().await;
     let took = listing_within(&a, Duration::from_secs(15), |items| {
         session_of(items, "+15550000002").is_none() && open_with(items, "+15550000001")
     })
     .await;
     eprintln!("node B's session left the listing {took:?} after the kill");
+    // The agent, on node A, is told on its control connection that the call on node B ended,
+    // as it would be of any call that ends; and of that call only.
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        agent.ws.expect_type("session.closed"),
+    )
+    .await
+    .expect("session.closed for the lost node's call within 15 s of the kill");
+    assert_eq!(closed["sessionId"], lost_id.as_str(), "{closed}");
+    assert_eq!(closed["reason"], "CALL_TERMINATED", "{closed}");
+    eprintln!(
+        "the agent got session.closed {:?} after the kill",
+        killed.elapsed()
+    );
 
     // The call on node A went on untouched.
     let mut heard = false;
