@@ -925,3 +925,120 @@ async fn two_processes_with_one_node_id_do_not_reap_each_others_records() {
     drop(second);
     a.shutdown().await;
 }
+
+/// A call placed on `node` (a base URL) from `from`: once the echo agent says it answered it,
+/// the caller hears its own level back. The agent's event for it.
+async fn echoed_call(
+    agent: &mut PyAgent,
+    node: &str,
+    from: &str,
+    bound: Duration,
+) -> (Phone, Value) {
+    let mut phone = dial_url(node, from, "+15559990001", RATE).await;
+    assert!(phone.call_id.is_some(), "{:?}", phone.call_id);
+    let answered = agent
+        .event(bound, |e| e["event"] == "answered" && e["from"] == from)
+        .await;
+    phone.event("answered").await;
+    assert!(
+        hears_echo(&mut phone, 1111, FRAME, 250).await,
+        "the call from {from} on {node} does not echo"
+    );
+    (phone, answered)
+}
+
+/// The official Python SDK, given one base URL (HAProxy with the shipped
+/// `deploy/haproxy.cfg` in front of three nodes), keeps serving calls while the nodes behind
+/// the balancer are killed: the node its control connection goes through, then the node of
+/// a call it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_the_python_sdk_keeps_serving_while_nodes_are_killed() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let ids = ["node-a", "node-b", "node-c"];
+    let mut nodes: std::collections::HashMap<&str, NodeProcess> = ids
+        .iter()
+        .map(|id| (*id, spawn_node(&nats, id, 10)))
+        .collect();
+    let backends: Vec<(&str, &str)> = nodes
+        .iter()
+        .map(|(id, node)| (*id, node.base_url.as_str()))
+        .collect();
+    let Some(proxy) = haproxy(&backends).await else {
+        return;
+    };
+    let Some(mut agent) = PyAgent::start(&proxy.base_url).await else {
+        return;
+    };
+    let first = proxy.server_of_the_connection(&ids, WAIT).await;
+    let others: Vec<&str> = ids.iter().copied().filter(|id| *id != first).collect();
+    eprintln!("the agent's control connection goes through {first}");
+
+    // Before: a call on another node is answered and echoes.
+    let (mut before, _) =
+        echoed_call(&mut agent, &nodes[others[0]].base_url, "+15550000101", WAIT).await;
+
+    // kill -9 of the node the control connection goes through: the agent reconnects through
+    // the balancer to a surviving node. The call in progress goes on (its media is on its own
+    // node, not behind the balancer).
+    let killed = tokio::time::Instant::now();
+    drop(nodes.remove(first.as_str()));
+    let second = proxy
+        .server_of_the_connection(&others, Duration::from_secs(15))
+        .await;
+    eprintln!(
+        "the agent reconnected through {second} {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(
+        hears_echo(&mut before, 2222, FRAME, 250).await,
+        "the call in progress stopped echoing"
+    );
+
+    // After: a call on each surviving node is answered and echoes.
+    for (i, id) in others.iter().enumerate() {
+        let from = format!("+1555000020{i}");
+        echoed_call(
+            &mut agent,
+            &nodes[id].base_url,
+            &from,
+            Duration::from_secs(15),
+        )
+        .await;
+    }
+
+    // The node of a call the agent holds (not the node of its control connection) is killed:
+    // the official SDK closes that session with CALL_TERMINATED.
+    let third = *others.iter().find(|id| **id != second).unwrap();
+    let (mut lost, answered) = echoed_call(
+        &mut agent,
+        &nodes[third].base_url,
+        "+15550000301",
+        Duration::from_secs(15),
+    )
+    .await;
+    let lost_id = answered["sessionId"].clone();
+    let killed = tokio::time::Instant::now();
+    drop(nodes.remove(third));
+    lost.ws.closed().await;
+    let closed = agent
+        .event(Duration::from_secs(20), |e| {
+            e["event"] == "closed" && e["sessionId"] == lost_id
+        })
+        .await;
+    assert_eq!(closed["reason"], "CALL_TERMINATED", "{closed}");
+    eprintln!(
+        "the Python SDK closed the lost call's session {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // The last node still serves.
+    echoed_call(
+        &mut agent,
+        &nodes[second.as_str()].base_url,
+        "+15550000401",
+        Duration::from_secs(15),
+    )
+    .await;
+}
