@@ -148,9 +148,10 @@ pub(crate) struct Args {
     /// As --stall-agent-ms, but stall the server child (not with --server).
     #[arg(long, value_name = "MS", conflicts_with = "server")]
     stall_server_ms: Option<u64>,
-    /// Also run the same calls on a cluster of N server children on one nats-server (started
-    /// with JetStream), calls spread over the nodes in turn and the agents on the first: the
-    /// single-node run comes first, then the cluster's, and the two are compared.
+    /// Also run a cluster of N server children on one nats-server (started with JetStream),
+    /// with --calls calls on each node: N x --calls calls dialled over the nodes in turn, the
+    /// agents on the first. The single-node run (--calls calls) comes first, then the
+    /// cluster's, and the two are compared.
     #[arg(
         long,
         value_name = "N",
@@ -307,7 +308,14 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
         let r = run_once(&args, n, rate, duration, ramp, None).await?;
         print_table(&r);
         if let Some((nodes, bin)) = &topology {
-            let c = run_once(&args, n, rate, duration, ramp, Some((*nodes, bin))).await?;
+            // As many calls on each node as on the single one: a process's CPU per call falls
+            // with the calls it carries (its 20 ms ticks serve more of them per wake-up), so
+            // only equal loads per process show what the cluster itself costs.
+            let total = n
+                .checked_mul(*nodes)
+                .filter(|&t| t <= usize::from(u16::MAX));
+            let total = total.context("too many calls over the nodes")?;
+            let c = run_once(&args, total, rate, duration, ramp, Some((*nodes, bin))).await?;
             print_table(&c);
             let figures = c
                 .cluster
