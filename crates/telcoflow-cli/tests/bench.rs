@@ -277,9 +277,15 @@ fn two_calls_on_one_node_then_on_each_of_two() {
         num(cmp, &["setup_p99_ms_cross_node"]),
         num(c, &["setup_cross_node_ms", "p99"])
     );
-    let ratio = num(cmp, &["server_cpu_ratio"]);
-    let expect = servers / num(&v["single_node"], &["server", "cpu_s_per_call_min"]);
-    assert!((ratio - expect).abs() < 0.01, "{ratio} vs {expect}");
-    assert!(num(cmp, &["server_and_nats_cpu_ratio"]) >= ratio);
+    let single = num(&v["single_node"], &["server", "cpu_s_per_call_min"]);
+    if single > 0.0 {
+        let ratio = num(cmp, &["server_cpu_ratio"]);
+        let expect = servers / single;
+        assert!((ratio - expect).abs() < 0.01, "{ratio} vs {expect}");
+        assert!(num(cmp, &["server_and_nats_cpu_ratio"]) >= ratio);
+    } else {
+        // Too little CPU in so short a run to count a tick: no ratio rather than a wrong one.
+        assert!(cmp["server_cpu_ratio"].is_null(), "{cmp:#}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

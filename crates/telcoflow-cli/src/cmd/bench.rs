@@ -1074,12 +1074,13 @@ fn print_comparison(c: &cluster::Comparison) {
         c.setup_p99_ms_cross_node,
         c.setup_p99_ms_single
     );
+    let ratio = |r: Option<f64>| r.map_or("not measured".to_owned(), |r| format!("{r:.3}"));
     println!(
-        "  server CPU {:.3} s/call-min on the nodes, {:.3} on one node: ratio {:.3} ({:.3} with nats-server)",
+        "  server CPU {:.3} s/call-min on the nodes, {:.3} on one node: ratio {} ({} with nats-server)",
         c.server_cpu_s_per_call_min_cluster,
         c.server_cpu_s_per_call_min_single,
-        c.server_cpu_ratio,
-        c.server_and_nats_cpu_ratio
+        ratio(c.server_cpu_ratio),
+        ratio(c.server_and_nats_cpu_ratio)
     );
 }
 

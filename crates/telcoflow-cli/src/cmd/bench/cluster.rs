@@ -258,10 +258,11 @@ pub(crate) struct Comparison {
     /// Server CPU seconds per call-minute, single node and the nodes' sum.
     pub(crate) server_cpu_s_per_call_min_single: f64,
     pub(crate) server_cpu_s_per_call_min_cluster: f64,
-    /// Cluster over single node: 1.10 is 10 % more.
-    pub(crate) server_cpu_ratio: f64,
+    /// Cluster over single node: 1.10 is 10 % more (null when the single node's CPU was too
+    /// small to measure).
+    pub(crate) server_cpu_ratio: Option<f64>,
     /// As `server_cpu_ratio`, with nats-server's CPU added to the nodes'.
-    pub(crate) server_and_nats_cpu_ratio: f64,
+    pub(crate) server_and_nats_cpu_ratio: Option<f64>,
 }
 
 impl Comparison {
@@ -278,13 +279,7 @@ impl Comparison {
             .nats_server
             .as_ref()
             .map_or(0.0, |c| c.cpu_s_per_call_min);
-        let ratio = |a: f64| {
-            if single > 0.0 {
-                round3(a / single)
-            } else {
-                0.0
-            }
-        };
+        let ratio = |a: f64| (single > 0.0 && a.is_finite()).then(|| round3(a / single));
         Self {
             setup_p50_ms_single: single_setup.p50,
             setup_p50_ms_cross_node: cluster.setup_cross_node_ms.p50,
