@@ -1,8 +1,9 @@
 //! Several server nodes in one process sharing one registry through a real nats-server
 //! (started by each test on a free port): offers, claims, listings, HTTP close and the call
-//! limit span the nodes.
+//! limit span the nodes; `call.connect` and the hand-off of a call work across them.
 
 mod common;
+mod sipp;
 
 use common::*;
 use serde_json::{Value, json};
@@ -1041,4 +1042,231 @@ async fn behind_haproxy_the_python_sdk_keeps_serving_while_nodes_are_killed() {
         Duration::from_secs(15),
     )
     .await;
+}
+
+/// The call's node, told by an agent on another node to `call.connect`, rings the destination
+/// itself: a simulated phone registered on that node, or (below) a `sip:` URI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_connect_from_an_agent_on_another_node_rings_the_destination_from_the_calls_node() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut callee = register(&b, telcoflow_server::config::DEV_CONNECT_DESTINATION, RATE).await;
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15551230001", "+15559990001", RATE).await;
+    let call_in = agent.take_call().await;
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+
+    let connect = media.command("call.connect", Some(json!({"ringTimeSeconds": 10})));
+    let answer = async {
+        let incoming = callee.event("incoming").await;
+        assert_eq!(incoming["from"], "+15551230001", "{incoming}");
+        callee.send_json(json!({"type": "answer"})).await;
+        callee.event("answered").await;
+    };
+    let (resp, ()) = tokio::join!(connect, answer);
+    assert_eq!(resp["success"], true, "{resp}");
+    assert_eq!(
+        resp["result"]["destination"],
+        telcoflow_server::config::DEV_CONNECT_DESTINATION
+    );
+
+    // Barge, the default: the destination hears the caller (the agent is silent) and the
+    // caller hears the destination, all on node B.
+    let (mut callee_heard, mut caller_heard) = (false, false);
+    for _ in 0..150 {
+        phone.send_level(1000, FRAME).await;
+        callee.send_level(2000, FRAME).await;
+        callee_heard |= samples(&callee.ws.binary().await)[FRAME / 2] == 1000;
+        caller_heard |= samples(&phone.ws.binary().await)[FRAME / 2] == 2000;
+        if callee_heard && caller_heard {
+            break;
+        }
+    }
+    assert!(callee_heard, "the destination never heard the caller");
+    assert!(caller_heard, "the caller never heard the destination");
+    // The agent on node A hears both parties through its media connection to node B.
+    let mut agent_heard = false;
+    for _ in 0..150 {
+        phone.send_level(1000, FRAME).await;
+        callee.send_level(2000, FRAME).await;
+        if media.audio(0).await[FRAME / 2] == 3000 {
+            agent_heard = true;
+            break;
+        }
+    }
+    assert!(agent_heard, "the agent never heard both parties");
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    callee.event("hangup").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_connect_from_an_agent_on_another_node_dials_a_sip_uri_from_the_calls_node() {
+    if !sipp::available() {
+        return;
+    }
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let ports = sipp::ports(33);
+    let dir = sipp::work_dir("cluster-connect");
+    let mut args = sipp::uas_args(ports, "uas_answer.xml");
+    // The SIP phone sends back whatever it hears, so the caller hears itself through it.
+    args.push("-rtp_echo".into());
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let a = start(node_config(&nats, "node-a")).await;
+    // Only node B, the call's node, has SIP: it alone dials out.
+    let mut config_b = sipp::sip_config(ports);
+    config_b.cluster = node_config(&nats, "node-b").cluster;
+    config_b.connectors[0].connect.insert(
+        "+15559990001".into(),
+        format!("sip:+15550200@127.0.0.1:{}", ports.sipp_sip),
+    );
+    let b = start(config_b).await;
+    let mut agent = control(&a, 8000, "mixed").await;
+    let mut phone = dial(&b, "+15551230001", "+15559990001", 8000).await;
+    let call_in = agent.take_call().await;
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+
+    let frame = 160;
+    let level: i16 = 5000;
+    let mut heard = 0;
+    for round in 0..150 {
+        let n = if round == 0 { 3 } else { 1 };
+        for _ in 0..n {
+            phone.send_level(level, frame).await;
+        }
+        heard = i32::from(samples(&phone.ws.binary().await)[frame / 2]);
+        if (heard - i32::from(level)).abs() < 500 {
+            break;
+        }
+    }
+    assert!(
+        (heard - i32::from(level)).abs() < 500,
+        "the caller heard {heard} through the SIP phone, expected about {level}"
+    );
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    sip_phone.await.unwrap().assert_passed();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The Rust SDK's hand-off across nodes: an agent on node A is offered a call that arrived on
+/// node C, serialises it with `to_json` and leaves; an agent of another process, configured for
+/// node B, rebuilds it with `from_json`, answers and echoes. The media goes to node C all along,
+/// and node A's agent leaving does not hand the session to anyone else: its media is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_held_on_one_node_is_handed_off_to_an_agent_on_another() {
+    use futures_util::StreamExt as _;
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let c = start(node_config(&nats, "node-c")).await;
+    let sdk_config = |server: &RunningServer, auto_connect_media: bool| {
+        telcoflow::TelcoflowClientConfig::builder()
+            .api_key(
+                telcoflow_server::config::DEV_API_KEY,
+                telcoflow_server::config::DEV_CONNECTOR_UUID,
+            )
+            .base_url(server.base_url())
+            .sample_rate(telcoflow::SampleRate::Hz16000)
+            .auto_connect_media(auto_connect_media)
+            .build()
+            .expect("SDK config")
+    };
+    // The first agent only forwards calls: it leaves their media connection unopened, so
+    // that they can be serialised.
+    let first = telcoflow::TelcoflowClient::connect(sdk_config(&a, false))
+        .await
+        .expect("the first agent connects");
+    // A raw control connection on node B stands for the other agents of the connector: it
+    // must not be offered the session again once the hand-off has taken it.
+    let mut other = control(&b, RATE, "mixed").await;
+    let mut events = first.events();
+    let mut phone = dial(&c, "+15551230001", "+15559990001", RATE).await;
+    let json = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if let telcoflow::ClientEvent::IncomingCall(call) = ev {
+                return call.to_json().expect("a NEW call serialises");
+            }
+        }
+        panic!("the first agent's events ended");
+    })
+    .await
+    .expect("the first agent is offered the call");
+    let handed: Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        handed["session_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/", c.base_url())),
+        "{handed}"
+    );
+    // The notify that reached node B's connection too, before node A's agent claimed it.
+    let notify = other.ws.expect_type("session.notify").await;
+    let session_id = notify["sessionId"].as_str().unwrap().to_owned();
+    let first_id = first.sm_ws_id().expect("the first agent's connection id");
+
+    let call = telcoflow::ActiveCall::from_json(&json, &sdk_config(&b, true)).expect("from_json");
+    call.answer().await.expect("answer after the hand-off");
+    phone.event("answered").await;
+    // Node A's agent leaves once the call is taken over.
+    first.shutdown().await;
+    let echo = tokio::spawn({
+        let call = call.clone();
+        async move {
+            let mut audio = call.audio_stream(telcoflow::AudioChannel::Mixed);
+            while let Some(chunk) = audio.next().await {
+                if call.send_audio(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut caller_heard = false;
+    for _ in 0..150 {
+        phone.send_level(1234, FRAME).await;
+        if samples(&phone.ws.binary().await)[FRAME / 2] == 1234 {
+            caller_heard = true;
+            break;
+        }
+    }
+    assert!(
+        caller_heard,
+        "the caller never heard the echo after the hand-off"
+    );
+    // The session went to nobody else when node A's agent left (its media is up): another
+    // claimant is told it is busy, held still by the agent that left, and was offered nothing.
+    let busy = other.open(&session_id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+    assert_eq!(
+        busy["errorContent"]["boundSmWsId"],
+        first_id.as_str(),
+        "{busy}"
+    );
+    phone.send_json(json!({"type": "hangup"})).await;
+    tokio::time::timeout(WAIT, echo)
+        .await
+        .expect("the echo ends with the call")
+        .unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
 }
