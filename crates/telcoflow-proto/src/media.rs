@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | `call.dtmf` | `digit`, `duration_ms` | the caller pressed a key |
 //! | `call.connected_leg` | `state` (`answered` / `ended`) | the destination of `call.connect` answered or hung up |
-//! | `call.audio_skipped` | `dropped_ms`, `reason` (`agent_stall`) | the server dropped live agent audio to win back the delay a stall of the agent left (one event per catch-up) |
+//! | `call.audio_skipped` | `dropped_ms`, `reason` (`agent_stall`, `server_stall`) | `agent_stall`: the server dropped live agent audio to win back the delay a stall of the agent left (one event per catch-up); `server_stall`: the server itself stalled and dropped a phone's audio of that time, stale by then |
 //!
 //! The server may also send WebSocket pings on the media connection (when live agent audio runs
 //! dry, to tell a stalled agent from a paused one); WebSocket libraries answer them by themselves.

@@ -409,6 +409,11 @@ pub struct Limits {
     pub media_send_queue: usize,
     /// Agent audio the server holds beyond what it asked for, in milliseconds. Default 1000.
     pub max_playout_ms: u32,
+    /// After a stall (the agent's or the server's), drop the agent's live audio that the stall
+    /// left standing, up to the silence it caused, so that the delay does not stay for the
+    /// rest of the call; every drop is logged and reported as `call.audio_skipped`. Default
+    /// true; false keeps every frame and lets the delay stand.
+    pub catch_up_after_stall: bool,
     /// Closed sessions kept (for `GET /public/v1/sessions`) per connector; beyond it the
     /// oldest closed one is forgotten first. Default [`DEFAULT_MAX_CLOSED_SESSIONS`].
     pub max_closed_sessions_per_connector: usize,
@@ -453,6 +458,7 @@ impl Default for Limits {
             control_send_queue: 1024,
             media_send_queue: 512,
             max_playout_ms: 1000,
+            catch_up_after_stall: true,
             max_closed_sessions_per_connector: DEFAULT_MAX_CLOSED_SESSIONS,
 
             max_connections: 10_000,

@@ -116,8 +116,10 @@ impl CallActor {
         let max_playout =
             rate.bytes_per_second() * shared.config.limits.max_playout_ms as usize / 1000;
         let ring_deadline = now + shared.config.ring_timeout();
+        let mut playout = Playout::new(rate.frame_bytes(), max_playout);
+        playout.set_catch_up(shared.config.limits.catch_up_after_stall);
         Self {
-            playout: Playout::new(rate.frame_bytes(), max_playout),
+            playout,
             caller: Leg::new(LegId::CALLER, caller, rate),
             shared,
             connector,

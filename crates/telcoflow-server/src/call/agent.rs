@@ -15,6 +15,9 @@ use tracing::{debug, info, warn};
 
 /// `reason` of a `call.audio_skipped` event after the agent stalled.
 const AUDIO_SKIPPED_STALL: &str = "agent_stall";
+/// `reason` of a `call.audio_skipped` event for a party's audio that a stall of the server
+/// itself left stale.
+pub(super) const AUDIO_SKIPPED_SERVER_STALL: &str = "server_stall";
 
 /// Slots of a media connection's queue kept free of audio, so that responses and events
 /// always fit even when the agent reads audio too slowly.

@@ -31,6 +31,8 @@ pub(crate) enum LegEvent {
     Audio(SampleFrame),
     /// A key press.
     Dtmf { digit: char, duration_ms: u32 },
+    /// The leg dropped audio it had received: stale after the server itself stalled.
+    AudioSkipped { dropped_ms: u64 },
 }
 
 /// Why a rung destination did not take the call. Every network says it the same way, so that

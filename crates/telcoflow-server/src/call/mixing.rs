@@ -2,6 +2,7 @@
 //! or into the legs' queues), and the 20 ms tick (playout, mixing, whisper / barge / spy).
 
 use super::actor::{AgentMode, CallActor, Phase};
+use super::agent::AUDIO_SKIPPED_SERVER_STALL;
 use super::frames::frame_bytes;
 use super::handle::MediaOut;
 use super::leg::{LegEvent, LegId, LegOutput, Refusal};
@@ -83,6 +84,12 @@ impl CallActor {
                 }
             }
             LegEvent::Dtmf { .. } => {}
+            LegEvent::AudioSkipped { dropped_ms } => {
+                self.send_event(CallEvent::audio_skipped(
+                    dropped_ms,
+                    AUDIO_SKIPPED_SERVER_STALL,
+                ));
+            }
         }
     }
 
@@ -128,6 +135,12 @@ impl CallActor {
             }
             LegEvent::Dtmf { digit, duration_ms } => {
                 self.send_event(CallEvent::dtmf(digit, duration_ms));
+            }
+            LegEvent::AudioSkipped { dropped_ms } => {
+                self.send_event(CallEvent::audio_skipped(
+                    dropped_ms,
+                    AUDIO_SKIPPED_SERVER_STALL,
+                ));
             }
             LegEvent::Answered if self.outbound && self.phase == Phase::Ringing => {
                 info!("far end answered");

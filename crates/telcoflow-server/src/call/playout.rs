@@ -161,6 +161,8 @@ pub(crate) struct Playout {
     skipped: usize,
     /// Ticks in a row the current catch-up found the agent's backlog drained.
     drained_ticks: u32,
+    /// Whether a stall's backlog is dropped at all (`limits.catch_up_after_stall`).
+    catch_up_enabled: bool,
     /// A finished catch-up waiting to be reported.
     skipped_report: Option<Skipped>,
     /// Bytes ever dropped by catch-ups.
@@ -213,6 +215,7 @@ impl Playout {
             catch_up_until: None,
             skipped: 0,
             drained_ticks: 0,
+            catch_up_enabled: true,
             skipped_report: None,
             skipped_total: 0,
             late_tick: false,
@@ -223,6 +226,11 @@ impl Playout {
             probe_tick: 1,
             rtts: VecDeque::with_capacity(RTT_SAMPLES),
         }
+    }
+
+    /// Whether the backlog a stall leaves standing is dropped (the default) or kept.
+    pub(crate) fn set_catch_up(&mut self, enabled: bool) {
+        self.catch_up_enabled = enabled;
     }
 
     /// Changes the frame size (the agent's rate changed) and forgets everything held.
@@ -476,6 +484,11 @@ impl Playout {
         let Some(until) = self.catch_up_until else {
             return;
         };
+        if !self.catch_up_enabled {
+            // The stall is still told apart (and a live stream's next one caught), but what
+            // it left standing is kept.
+            self.owed = 0;
+        }
         let keep = CATCH_UP_KEEP_FRAMES * self.frame_bytes;
         let excess = self.buf.len().saturating_sub(keep);
         let drop = excess.min(self.owed);
@@ -1024,6 +1037,29 @@ mod tests {
         let dropped = p.skipped_total() as usize / FRAME;
         assert!((38..=41).contains(&dropped), "dropped {dropped} frames");
         assert_eq!(agent.ring.len(), 0, "the agent's backlog drained");
+    }
+
+    #[test]
+    fn without_catch_up_a_stall_keeps_every_frame_and_its_delay() {
+        let mut p = Playout::new(FRAME, 10_000);
+        p.set_catch_up(false);
+        let mut agent = Agent::new();
+        let stalls = |t| (t == 200).then_some(15);
+        let delays = run(&mut p, &mut agent, 0..500, stalls, |_| 1);
+        let before = median(&delays, 100, 200);
+        let after = median(&delays, 315, 500);
+        assert!(
+            after >= before + 14,
+            "the stall's delay stands: {before} -> {after}"
+        );
+        assert_eq!(p.skipped_total(), 0);
+        assert_eq!(p.take_skipped(), None);
+        // Every frame the agent made was played, in order.
+        let played: Vec<u64> = delays.iter().map(|(t, d)| (*t as i64 - d) as u64).collect();
+        assert!(
+            played.windows(2).all(|w| w[1] == w[0] + 1),
+            "no frame dropped"
+        );
     }
 
     #[test]

@@ -205,6 +205,8 @@ pub struct JitterBuffer {
     epoch: Option<Instant>,
     last_transit: Option<i64>,
     jitter_q4: u64,
+    /// `jitter_q4` as the latest tick found it (see [`JitterBuffer::drop_backlog`]).
+    jitter_q4_at_tick: u64,
     stats: JitterStats,
 }
 
@@ -268,6 +270,7 @@ impl JitterBuffer {
             epoch: None,
             last_transit: None,
             jitter_q4: 0,
+            jitter_q4_at_tick: 0,
             stats: JitterStats::default(),
         }
     }
@@ -294,6 +297,34 @@ impl JitterBuffer {
         }
         let d = seq_diff(self.highest, self.next) + 1;
         d.max(0) as u32
+    }
+
+    /// Drops what is buffered beyond the target depth (and the frames a packet carries),
+    /// oldest first, counted as discarded; returns how many frames it dropped. For the owner
+    /// whose ticks stopped for a while (its process stalled): the packets that landed
+    /// meanwhile are stale, and playing them out would leave the call that much behind.
+    ///
+    /// The packets that landed since the latest tick were read late, all at once: their
+    /// arrival times tell of the stall, not of the network, so the jitter estimate goes back
+    /// to what that tick found.
+    pub fn drop_backlog(&mut self) -> u32 {
+        self.jitter_q4 = self.jitter_q4_at_tick;
+        self.last_transit = None;
+        self.retarget();
+        if self.state != State::Playing {
+            return 0;
+        }
+        let keep = self.target_frames + self.packet_frames - 1;
+        let mut dropped = 0;
+        // Bounded: each turn moves `next` one closer to `highest`.
+        while self.depth() > keep {
+            if self.clear_slot(self.next) {
+                self.stats.discarded += 1;
+                dropped += 1;
+            }
+            self.next = self.next.wrapping_add(1);
+        }
+        dropped
     }
 
     /// Depth above which frames are dropped to bring latency down: two frames over the
@@ -441,6 +472,11 @@ impl JitterBuffer {
             self.jitter_q4 = self.jitter_q4 + d - ((self.jitter_q4 + 8) >> 4);
         }
         self.last_transit = Some(transit);
+        self.retarget();
+    }
+
+    /// Sets the target depth from the jitter estimate.
+    fn retarget(&mut self) {
         let jitter = self.jitter_q4 >> 4;
         let beyond = (3 * jitter).saturating_sub(JITTER_TOLERANCE);
         let wanted = 1 + beyond.div_ceil(FRAME_SAMPLES as u64);
@@ -495,6 +531,7 @@ impl JitterBuffer {
 
     /// Produces the frame for this 20 ms tick.
     pub fn pop(&mut self, now: Instant) -> Frame<'_> {
+        self.jitter_q4_at_tick = self.jitter_q4;
         if self.ahead_len > 0 {
             let arrived = self.ahead[0];
             self.ahead.copy_within(1.., 0);
@@ -786,6 +823,31 @@ mod tests {
         assert!(h.jb.stats().discarded > 0);
         assert_eq!(played.last(), Some(&level(40)));
         assert!(h.jb.depth() <= h.jb.discard_above());
+    }
+
+    #[test]
+    fn a_stale_backlog_is_dropped_down_to_the_target_on_request() {
+        let t = Instant::now();
+        let mut src = Src::new();
+        let mut jb = JitterBuffer::new(JitterConfig::default());
+        jb.push(&src.packet(1), t);
+        assert_eq!(jb.pop(t).kind, FrameKind::Audio);
+        // The owner stopped for 500 ms while the packets kept landing; it reads them late,
+        // all at once, which looks like jitter it must not adapt to.
+        let back = t + FRAME_DURATION * 25;
+        for seq in 2..=26u16 {
+            jb.push(&src.packet(seq), back);
+        }
+        assert_eq!(jb.depth(), 25);
+        assert!(jb.target_delay() > FRAME_DURATION);
+        assert_eq!(jb.drop_backlog(), 24);
+        assert_eq!(jb.target_delay(), FRAME_DURATION);
+        assert_eq!(jb.stats().discarded, 24);
+        assert_eq!(jb.depth(), 1);
+        let f = jb.pop(t + FRAME_DURATION * 26);
+        assert_eq!((f.kind, f.samples[0]), (FrameKind::Audio, level(26)));
+        // Nothing beyond the target: nothing to drop.
+        assert_eq!(jb.drop_backlog(), 0);
     }
 
     #[test]

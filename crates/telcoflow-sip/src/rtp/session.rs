@@ -345,6 +345,12 @@ impl RtpSession {
         self.stats
     }
 
+    /// Drops the received audio buffered beyond the jitter buffer's target (see
+    /// [`JitterBuffer::drop_backlog`]); returns how many frames it dropped.
+    pub fn drop_jitter_backlog(&mut self) -> u32 {
+        self.jitter.drop_backlog()
+    }
+
     /// The jitter buffer (for its statistics).
     pub fn jitter_buffer(&self) -> &JitterBuffer {
         &self.jitter

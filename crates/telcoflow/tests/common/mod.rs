@@ -32,9 +32,13 @@ pub async fn start_server() -> RunningServer {
 }
 
 pub async fn start_server_on(addr: SocketAddr) -> RunningServer {
-    init_tracing();
     let mut config = Config::development();
     config.listen = addr;
+    start_server_with(config).await
+}
+
+pub async fn start_server_with(config: Config) -> RunningServer {
+    init_tracing();
     Server::start(config).await.expect("server starts")
 }
 

@@ -47,6 +47,9 @@ const DATAGRAM: usize = 2048;
 /// (five frames): beyond that, the frames it would play at once are the latency the jitter
 /// buffer's bound is for.
 const MAX_TICK_REPLAY: Duration = Duration::from_millis(100);
+/// Datagrams taken at once when the tick finds this task stalled (a second of 20 ms packets
+/// and a little more): the rest wait for the next turn of the loop.
+const MAX_DRAINED_DATAGRAMS: usize = 64;
 
 /// Which side placed the SIP call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +100,10 @@ impl PendingLeg {
         self,
         params: LegParams,
     ) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+        // A second handle on the same socket reads past the runtime's readiness: after a
+        // stall the runtime has not polled for readiness yet, and the handle it owns would
+        // find nothing to read (see `drop_stale_audio`).
+        let stale_reader = params.sockets.rtp.try_clone()?;
         let socket = UdpSocket::from_std(params.sockets.rtp)?;
         let rtcp = UdpSocket::from_std(params.sockets.rtcp)?;
         let leg = RtpLeg {
@@ -106,6 +113,7 @@ impl PendingLeg {
             key: params.key,
             direction: params.direction,
             socket,
+            stale_reader,
             rtcp,
             _port: params.sockets.guard,
             media: params.media,
@@ -128,6 +136,8 @@ struct RtpLeg {
     key: LegKey,
     direction: Direction,
     socket: UdpSocket,
+    /// The same socket (non-blocking) for [`RtpLeg::drop_stale_audio`].
+    stale_reader: std::net::UdpSocket,
     /// RTCP on the RTP port + 1 (RFC 3550 11).
     rtcp: UdpSocket,
     /// Held for the task's lifetime: the port returns to the pool when the task ends.
@@ -211,7 +221,7 @@ impl RtpLeg {
                 // Cancel-safe: a datagram is returned whole or left in the socket.
                 r = self.socket.recv_from(&mut datagram) => match r {
                     Ok((n, source)) => {
-                        let flow = self.on_datagram(source, &datagram[..n]).await;
+                        let flow = self.on_datagram(source, &datagram[..n], true).await;
                         let restart = self.session.as_mut().and_then(|s| s.take_clock_restart());
                         if let Some(margin) = restart {
                             ticker.reset_at(Instant::now() + margin);
@@ -238,12 +248,20 @@ impl RtpLeg {
                 }
                 // Cancel-safe: a missed tick is replayed later by the interval.
                 at = ticker.tick(), if self.session.is_some() => {
-                    if Instant::now().saturating_duration_since(at) > MAX_TICK_REPLAY {
-                        // Too far behind to replay: what stands is the jitter buffer's to
-                        // bring down, within its latency bound.
+                    let behind = Instant::now().saturating_duration_since(at);
+                    let mut flow = Flow::Continue;
+                    if behind > MAX_TICK_REPLAY {
+                        // This task (the server) could not run for a while. The caller's
+                        // audio of that time is stale: played out, by the tick moving
+                        // earlier, it would keep the call behind for as long (the agent
+                        // answers late audio late). It is dropped, counted and logged, and
+                        // the clock starts afresh.
+                        flow = self.drop_stale_audio(&mut datagram, behind).await;
                         ticker.reset();
                     }
-                    let flow = self.on_tick().await;
+                    if matches!(flow, Flow::Continue) {
+                        flow = self.on_tick().await;
+                    }
                     let shift = self.session.as_mut().and_then(|s| s.take_clock_shift());
                     if let Some(shift) = shift {
                         let shift_us = shift.as_micros() as u64;
@@ -419,7 +437,9 @@ impl RtpLeg {
         self.session = Some(session);
     }
 
-    async fn on_datagram(&mut self, source: SocketAddr, data: &[u8]) -> Flow {
+    /// A datagram from the phone. `play_ahead`: in-order audio goes to the call as it lands
+    /// (false for stale audio, which waits to be dropped).
+    async fn on_datagram(&mut self, source: SocketAddr, data: &[u8], play_ahead: bool) -> Flow {
         let Some(session) = &mut self.session else {
             return Flow::Continue; // early media before our answer: nothing listens yet
         };
@@ -434,7 +454,7 @@ impl RtpLeg {
                 .await;
             }
             Received::Malformed(e) => debug!(error = %e, %source, "malformed RTP"),
-            Received::Audio => {
+            Received::Audio if play_ahead => {
                 // In-order audio goes to the call as it lands; the tick only covers for
                 // frames that do not come in time.
                 if let Some(frame) = session.pop_ahead() {
@@ -443,6 +463,36 @@ impl RtpLeg {
                 }
             }
             _ => {}
+        }
+        Flow::Continue
+    }
+
+    /// After a stall of this task: takes the packets that landed meanwhile, then drops what
+    /// they left in the jitter buffer beyond its target.
+    async fn drop_stale_audio(&mut self, datagram: &mut [u8], behind: Duration) -> Flow {
+        for _ in 0..MAX_DRAINED_DATAGRAMS {
+            // Non-blocking: fails at once when nothing is left to read.
+            let Ok((n, source)) = self.stale_reader.recv_from(datagram) else {
+                break;
+            };
+            if matches!(
+                self.on_datagram(source, &datagram[..n], false).await,
+                Flow::Stop
+            ) {
+                return Flow::Stop;
+            }
+        }
+        let dropped = self
+            .session
+            .as_mut()
+            .map_or(0, |session| session.drop_jitter_backlog());
+        if dropped > 0 {
+            let dropped_ms = u64::from(dropped) * 20;
+            info!(
+                behind_ms = behind.as_millis() as u64,
+                dropped_ms, "the server stalled: the phone's audio of that time dropped"
+            );
+            self.to_call(LegEvent::AudioSkipped { dropped_ms }).await;
         }
         Flow::Continue
     }
