@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use telcoflow_sip::sip::transaction::Timers;
 
@@ -80,10 +80,64 @@ pub struct ClusterConfig {
     /// This node's name, unique in the cluster: `[A-Za-z0-9_-]+`, since it appears in NATS
     /// subjects and keys.
     pub node_id: String,
+    /// NATS authentication by token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// NATS authentication by user and password (both or neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// NATS authentication by a credentials file (JWT and NKey seed, `.creds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
+    /// PEM file of the CAs that sign the NATS server's certificate; TLS is then required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's client certificate and key (PEM), for a NATS server that verifies clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ClusterConfig {
+    /// Membership through the NATS server at `nats_url`, without authentication or TLS.
+    pub fn new(nats_url: impl Into<String>, node_id: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            node_id: node_id.into(),
+            token: None,
+            user: None,
+            password: None,
+            credentials_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
+        let ways = [
+            self.token.is_some(),
+            self.user.is_some() || self.password.is_some(),
+            self.credentials_file.is_some(),
+        ];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return Err(ConfigError::Invalid(
+                "cluster: give one of token, user and password, or credentials_file".into(),
+            ));
+        }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(ConfigError::Invalid(
+                "cluster.user and cluster.password go together".into(),
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "cluster.tls_cert and cluster.tls_key go together".into(),
+            ));
+        }
         let valid_id = !self.node_id.is_empty()
             && self
                 .node_id
@@ -814,6 +868,25 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("cluster.nats_url"), "{err}");
+        let with = |extra: &str| {
+            Config::from_toml(&format!(
+                "[cluster]\nnats_url = \"tls://n:4222\"\nnode_id = \"a\"\n{extra}\n{connector}"
+            ))
+        };
+        let cluster = with("user = \"u\"\npassword = \"p\"\ntls_ca = \"/etc/ca.pem\"")
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(cluster.user.as_deref(), Some("u"));
+        assert_eq!(cluster.tls_ca, Some(PathBuf::from("/etc/ca.pem")));
+        for (bad, says) in [
+            ("user = \"u\"", "go together"),
+            ("tls_cert = \"c.pem\"", "go together"),
+            ("token = \"t\"\ncredentials_file = \"x.creds\"", "one of"),
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

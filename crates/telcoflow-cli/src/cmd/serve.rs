@@ -78,10 +78,7 @@ fn apply_cluster_flags(config: &mut Config, args: &Args) -> anyhow::Result<()> {
     match (&args.cluster, &mut config.cluster) {
         (Some(url), Some(cluster)) => cluster.nats_url = url.clone(),
         (Some(url), None) => {
-            config.cluster = Some(ClusterConfig {
-                nats_url: url.clone(),
-                node_id: String::new(),
-            });
+            config.cluster = Some(ClusterConfig::new(url.clone(), String::new()));
         }
         (None, None) if args.node_id.is_some() => {
             anyhow::bail!("--node-id needs --cluster (or a [cluster] section in the config file)")
@@ -239,10 +236,7 @@ mod tests {
         let cluster = cluster_for(&both, None).unwrap().cluster.unwrap();
         assert_eq!(cluster.nats_url, "nats://127.0.0.1:4222");
         assert_eq!(cluster.node_id, "node-a");
-        let file = ClusterConfig {
-            nats_url: "nats://10.0.0.1:4222".into(),
-            node_id: "from-file".into(),
-        };
+        let file = ClusterConfig::new("nats://10.0.0.1:4222", "from-file");
         let renamed = cluster_for(&["--node-id", "node-b"], Some(file.clone()))
             .unwrap()
             .cluster

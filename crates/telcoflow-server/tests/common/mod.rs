@@ -511,10 +511,9 @@ pub fn node_config(nats: &NatsServer, node_id: &str) -> Config {
 pub fn node_config_at(nats_url: &str, node_id: &str) -> Config {
     let mut config = dev_config();
     config.token_secret = Some("cluster-test-secret".into());
-    config.cluster = Some(telcoflow_server::config::ClusterConfig {
-        nats_url: nats_url.to_owned(),
-        node_id: node_id.into(),
-    });
+    config.cluster = Some(telcoflow_server::config::ClusterConfig::new(
+        nats_url, node_id,
+    ));
     config
 }
 

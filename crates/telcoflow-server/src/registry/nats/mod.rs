@@ -106,6 +106,32 @@ async fn bounded<T, E: fmt::Display>(
     }
 }
 
+/// How often the NATS client pings the server.
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Authentication and TLS of the connection to NATS, as `[cluster]` gives them.
+async fn connect_options(cluster: &ClusterConfig) -> Result<async_nats::ConnectOptions, String> {
+    let mut options = match &cluster.credentials_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| format!("cluster.credentials_file {}: {e}", path.display()))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some(token) = &cluster.token {
+        options = options.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&cluster.user, &cluster.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(ca) = &cluster.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cluster.tls_cert, &cluster.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
+}
+
 /// A bucket, created if it does not exist yet (every node may be the first).
 async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
     let name = config.bucket.clone();
@@ -125,8 +151,13 @@ impl NatsRegistry {
         cluster: &ClusterConfig,
         max_closed: usize,
     ) -> Result<Self, String> {
-        let client = async_nats::ConnectOptions::new()
+        let client = connect_options(cluster)
+            .await?
             .name(format!("telcoflow-{}", cluster.node_id))
+            // A connection that died silently is noticed within seconds (two pings
+            // unanswered), not the client's default two minutes: until then the node would
+            // take calls it cannot share.
+            .ping_interval(PING_INTERVAL)
             .request_timeout(Some(REQUEST_TIMEOUT))
             .connection_timeout(NATS_TIMEOUT)
             // Back within a second of NATS coming back, however long it was away.

@@ -34,6 +34,11 @@ impl Drop for Nats {
 /// Starts a nats-server (`NATS_SERVER`, else the workspace's `.venv`); None when there is
 /// none, outside CI.
 async fn nats() -> Option<Nats> {
+    nats_with(&[]).await
+}
+
+/// [`nats`] with more arguments for nats-server.
+async fn nats_with(extra: &[&str]) -> Option<Nats> {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let bin = std::env::var_os("NATS_SERVER")
         .map(std::path::PathBuf::from)
@@ -59,6 +64,7 @@ async fn nats() -> Option<Nats> {
     let mut child = tokio::process::Command::new(bin)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(&store)
+        .args(extra)
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -84,10 +90,7 @@ async fn nats() -> Option<Nats> {
 }
 
 async fn node(nats: &Nats, id: &str) -> NatsRegistry {
-    let cluster = ClusterConfig {
-        nats_url: nats.url.clone(),
-        node_id: id.into(),
-    };
+    let cluster = ClusterConfig::new(nats.url.clone(), id);
     NatsRegistry::connect(&cluster, 100).await.unwrap()
 }
 
@@ -337,4 +340,30 @@ async fn a_claim_of_a_call_that_has_ended_closes_its_record() {
     let stored: record::SessionRecord = serde_json::from_slice(&stored).unwrap();
     assert_eq!(stored.info.state, SessionState::Closed);
     assert!(stored.info.closed_at.is_some());
+}
+
+#[tokio::test]
+async fn a_node_authenticates_to_nats_as_configured_and_says_why_it_cannot() {
+    let Some(nats) = nats_with(&["--auth", "s3cret-token"]).await else {
+        return;
+    };
+    let Err(refused) =
+        NatsRegistry::connect(&ClusterConfig::new(nats.url.clone(), "node-a"), 100).await
+    else {
+        panic!("no token, no entry");
+    };
+    assert!(
+        refused.to_lowercase().contains("authorization"),
+        "says why: {refused}"
+    );
+    let mut wrong = ClusterConfig::new(nats.url.clone(), "node-a");
+    wrong.token = Some("guess".into());
+    assert!(NatsRegistry::connect(&wrong, 100).await.is_err());
+    let mut cluster = ClusterConfig::new(nats.url.clone(), "node-a");
+    cluster.token = Some("s3cret-token".into());
+    let node = NatsRegistry::connect(&cluster, 100)
+        .await
+        .expect("the token lets it in");
+    // It reaches JetStream: the buckets exist.
+    assert!(node.inner.sessions.status().await.is_ok());
 }
