@@ -339,7 +339,16 @@ impl NatsRegistry {
                 continue;
             };
             match serde_json::from_slice::<Offer>(&message.payload) {
-                Ok(offer) => self.local().offer(connector, &offer.frame, offer.inbound),
+                // Only offers reach agents this way; anything else on the subject is no
+                // node's doing.
+                Ok(Offer {
+                    frame: frame @ ServerFrame::SessionNotify { .. },
+                    inbound,
+                }) => self.local().offer(connector, &frame, inbound),
+                Ok(_) => warn!(
+                    connector,
+                    "an offer from the cluster that is not session.notify; dropped"
+                ),
                 Err(e) => warn!(error = %e, "unreadable offer from the cluster"),
             }
         }
@@ -416,7 +425,13 @@ impl NatsRegistry {
                 sm_ws_id,
             } => serde_json::to_vec(&local.unbind(&session_id, &sm_ws_id)),
             NodeRequest::Control { sm_ws_id, frame } => {
-                if let Some(link) = local.link(&sm_ws_id) {
+                // Other nodes tell a holder here only that its session closed.
+                if !matches!(frame, ServerFrame::SessionClosed { .. }) {
+                    warn!(
+                        sm_ws_id,
+                        "a frame from the cluster that is not session.closed; dropped"
+                    );
+                } else if let Some(link) = local.link(&sm_ws_id) {
                     link.send(frame);
                 }
                 return None;
