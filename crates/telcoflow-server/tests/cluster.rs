@@ -329,6 +329,7 @@ async fn a_dropped_control_connection_hands_its_session_to_another_node() {
 const NODE_NATS: &str = "TELCOFLOW_TEST_NODE_NATS";
 const NODE_ID: &str = "TELCOFLOW_TEST_NODE_ID";
 const NODE_MAX_CALLS: &str = "TELCOFLOW_TEST_NODE_MAX_CALLS";
+const NODE_DRAIN_GRACE: &str = "TELCOFLOW_TEST_NODE_DRAIN_GRACE";
 /// What that process prints before its base URL once it listens.
 const NODE_READY: &str = "telcoflow test node listening on ";
 
@@ -344,9 +345,26 @@ async fn node_process() {
     if let Ok(max) = std::env::var(NODE_MAX_CALLS) {
         config.limits.max_calls_per_connector = max.parse().unwrap();
     }
+    if let Ok(grace) = std::env::var(NODE_DRAIN_GRACE) {
+        config.drain_grace_secs = grace.parse().unwrap();
+    }
     let mut server = start(config).await;
     println!("{NODE_READY}{}", server.base_url());
-    server.wait().await;
+    // SIGTERM drains the node, as it does `telcoflow serve`; the process ends once the
+    // drain has stopped the server, with status 0 only if it did drain.
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    let stopped = tokio::select! {
+        _ = term.recv() => {
+            server.drain();
+            false
+        }
+        () = server.wait() => true,
+    };
+    if !stopped {
+        server.wait().await;
+    }
+    assert!(server.is_draining(), "the node stopped without a drain");
 }
 
 /// A node process (see [`node_process`]), killed when dropped.
@@ -363,26 +381,65 @@ impl Drop for NodeProcess {
 }
 
 fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
+    spawn_node_with(nats, id, max_calls, 30)
+}
+
+/// [`spawn_node`] with a drain grace of `drain_grace` seconds.
+fn spawn_node_with(
+    nats: &NatsServer,
+    id: &str,
+    max_calls: usize,
+    drain_grace: u64,
+) -> NodeProcess {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "node_process", "--nocapture"])
         .env(NODE_NATS, &nats.url)
         .env(NODE_ID, id)
         .env(NODE_MAX_CALLS, max_calls.to_string())
+        .env(NODE_DRAIN_GRACE, drain_grace.to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("the node process starts");
     let stdout = child.stdout.take().unwrap();
     // The ready line comes within moments; a process that dies ends the lines.
-    let line = std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
+    let mut lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
+    let line = lines
         .find(|l| l.starts_with(NODE_READY))
         .expect("the node's ready line");
+    // Its later output is read too: a write to a closed pipe would fail the process.
+    std::thread::spawn(move || lines.for_each(drop));
     NodeProcess {
         child,
         base_url: line[NODE_READY.len()..].to_owned(),
+    }
+}
+
+impl NodeProcess {
+    /// `host:port` of its listener.
+    fn addr(&self) -> &str {
+        self.base_url.trim_start_matches("ws://")
+    }
+
+    /// Its exit status, once it exits within `bound`.
+    async fn exited_within(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node did not exit within {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether it is still running.
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 }
 
@@ -897,5 +954,118 @@ async fn two_processes_with_one_node_id_do_not_reap_each_others_records() {
     .await;
     eprintln!("the killed process's session left the listing {took:?} after the kill");
     drop(second);
+    a.shutdown().await;
+}
+
+/// Whether the caller hears its own `level` back through an agent that echoes every frame
+/// it hears (within a few hundred frames).
+async fn echoes(phone: &mut Phone, media: &mut Media, level: i16) -> bool {
+    for _ in 0..150 {
+        phone.send_level(level, FRAME).await;
+        let heard = media.audio(0).await;
+        media.send_audio(&pcm_level(heard[FRAME / 2], FRAME)).await;
+        if samples(&phone.ws.binary().await)[FRAME / 2] == level {
+            return true;
+        }
+    }
+    false
+}
+
+/// Node `id`'s heartbeat once `done` holds for it (polled; fails after [`WAIT`]).
+async fn heartbeat_until(
+    nodes: &async_nats::jetstream::kv::Store,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let beat = match nodes.get(id).await.unwrap() {
+            Some(value) => serde_json::from_slice(&value).unwrap(),
+            None => Value::Null,
+        };
+        if done(&beat) {
+            return beat;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heartbeat of {id} never got there: {beat}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_its_call_ends() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let mut b = spawn_node(&nats, "node-b", 10);
+    let nodes = bucket(&nats, "telcoflow_nodes").await;
+    let mut on_a = control(&a, RATE, "mixed").await;
+    let mut on_b = control_url(&b.base_url, RATE, "mixed").await;
+
+    // A call on node B, answered by the agent on node A: its media runs on node B.
+    let mut phone = dial_url(&b.base_url, "+15550000001", "+15559990001", RATE).await;
+    on_b.ws.expect_type("session.notify").await;
+    let call_in = on_a.take_call().await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(&b.base_url));
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    assert!(echoes(&mut phone, &mut media, 1234).await);
+    // A call on node A, claimed by the agent on node B, whose media is not up yet.
+    let _waiting = dial(&a, "+15550000002", "+15559990001", RATE).await;
+    let waiting_id = on_b.ws.expect_type("session.notify").await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    on_a.ws.expect_type("session.notify").await;
+    assert_eq!(on_b.open(&waiting_id).await["ok"], true);
+
+    signal(&b, "TERM");
+    // Node B closes its agent's control connection, to be opened again elsewhere...
+    let (code, reason) = on_b.ws.close_frame().await.expect("a close frame");
+    assert_eq!(code, 1012, "{reason}");
+    // ... and the session it held, not yet connected, is offered again on node A.
+    let resume = on_a.ws.expect_type("session.notify").await;
+    assert_eq!(resume["sessionId"], waiting_id.as_str(), "{resume}");
+    assert_eq!(resume["activity"], "RESUME", "{resume}");
+    assert_eq!(on_a.open(&waiting_id).await["ok"], true);
+    on_a.ready(&waiting_id).await;
+    let moved = on_a.ws.expect_type("call.in").await;
+    assert!(moved["url"].as_str().unwrap().starts_with(a.base_url()));
+
+    // Node B takes no new call nor control connection, and says so.
+    let refused = dial_url(&b.base_url, "+15550000003", "+15559990001", RATE).await;
+    assert_eq!(refused.call_id.as_deref(), Some("refused:unavailable"));
+    let (status, body) = http_at(b.addr(), "GET", "/readyz").await;
+    assert_eq!((status, &body["status"]), (503, &json!("draining")), "{body}");
+    let (status, body) = http(&a, "GET", "/readyz").await;
+    assert_eq!((status, &body["status"]), (200, &json!("ready")), "{body}");
+    let url = format!("{}/v1/agent/session-manager", b.base_url);
+    let headers = auth_headers(
+        telcoflow_server::config::DEV_API_KEY,
+        telcoflow_server::config::DEV_CONNECTOR_UUID,
+    );
+    let err = Ws::connect(&url, &headers).await.err().expect("refused");
+    assert_eq!(err.status, 503, "{}", err.body);
+    heartbeat_until(&nodes, "node-b", |beat| beat["draining"] == true).await;
+
+    // Its call in progress goes on untouched, and the node with it.
+    assert!(echoes(&mut phone, &mut media, 4321).await);
+    assert!(b.running());
+    // The caller hangs up: the call ends as any call does, and node B exits 0.
+    phone.send_json(json!({"type": "hangup"})).await;
+    let ended = media.ws.expect_type("call_event").await;
+    assert_eq!(ended["data"]["event"], "call.terminated", "{ended}");
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    let status = b.exited_within(WAIT).await;
+    assert!(status.success(), "node B exited with {status}");
+    heartbeat_until(&nodes, "node-b", Value::is_null).await;
+    listing_until(&a, |items| {
+        session_of(items, "+15550000001").is_some_and(|s| s["state"] == "CLOSED")
+    })
+    .await;
     a.shutdown().await;
 }
