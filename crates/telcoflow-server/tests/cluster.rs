@@ -1069,3 +1069,85 @@ async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_i
     .await;
     a.shutdown().await;
 }
+
+/// A call dialled on the node at `base_url`, taken by `agent` and answered; its caller hears
+/// the agent's echo.
+async fn answered_on(base_url: &str, agent: &mut Control, from: &str) -> (Phone, Media) {
+    let mut phone = dial_url(base_url, from, "+15559990001", RATE).await;
+    assert!(phone.call_id.is_some(), "{:?}", phone.call_id);
+    let call_in = agent.take_call().await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(base_url));
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    assert!(echoes(&mut phone, &mut media, 1000).await);
+    (phone, media)
+}
+
+/// The caller hangs up: its agent is told the caller ended the call.
+async fn hang_up(phone: &mut Phone, media: &mut Media) {
+    phone.send_json(json!({"type": "hangup"})).await;
+    let ended = media.ws.expect_type("call_event").await;
+    assert_eq!(ended["data"]["event"], "call.terminated", "{ended}");
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_drops_no_call() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let ids = ["node-a", "node-b"];
+    let mut nodes = [spawn_node(&nats, ids[0], 10), spawn_node(&nats, ids[1], 10)];
+    let mut agent = control_url(&nodes[0].base_url, RATE, "mixed").await;
+    let mut agent_on = 0;
+    // Calls by the node that runs them, each echoed by the agent.
+    let mut calls = Vec::new();
+    let mut callers = (1..).map(|n| format!("+155500001{n:02}"));
+    for (i, node) in nodes.iter().enumerate() {
+        let from = callers.next().unwrap();
+        calls.push((i, answered_on(&node.base_url, &mut agent, &from).await));
+    }
+    for restart in 0..nodes.len() {
+        let other = 1 - restart;
+        signal(&nodes[restart], "TERM");
+        if agent_on == restart {
+            // The agent is moved off, and reconnects (as through a load balancer that asks
+            // `/readyz`) to the node that stays.
+            let (code, reason) = agent.ws.close_frame().await.expect("a close frame");
+            assert_eq!(code, 1012, "{reason}");
+            let (status, _) = http_at(nodes[other].addr(), "GET", "/readyz").await;
+            assert_eq!(status, 200);
+            agent = control_url(&nodes[other].base_url, RATE, "mixed").await;
+            agent_on = other;
+        }
+        // New calls go to the node that stays; the draining node refuses them.
+        let from = callers.next().unwrap();
+        let refused = dial_url(&nodes[restart].base_url, &from, "+15559990001", RATE).await;
+        assert_eq!(refused.call_id.as_deref(), Some("refused:unavailable"));
+        let from = callers.next().unwrap();
+        calls.push((other, answered_on(&nodes[other].base_url, &mut agent, &from).await));
+        // Every call goes on, on either node.
+        for (_, (phone, media)) in &mut calls {
+            assert!(echoes(phone, media, 2000 + restart as i16).await);
+        }
+        // The calls of the draining node end when their callers hang up; it then exits 0,
+        // and starts again with its id.
+        let (mut ending, staying): (Vec<_>, Vec<_>) =
+            calls.into_iter().partition(|(node, _)| *node == restart);
+        for (_, (phone, media)) in &mut ending {
+            hang_up(phone, media).await;
+        }
+        let status = nodes[restart].exited_within(WAIT).await;
+        assert!(status.success(), "{} exited with {status}", ids[restart]);
+        nodes[restart] = spawn_node(&nats, ids[restart], 10);
+        calls = staying;
+        let from = callers.next().unwrap();
+        calls.push((restart, answered_on(&nodes[restart].base_url, &mut agent, &from).await));
+    }
+    // After the restart of every node, the calls still up end as usual.
+    for (_, (phone, media)) in &mut calls {
+        assert!(echoes(phone, media, 3000).await);
+        hang_up(phone, media).await;
+    }
+}
