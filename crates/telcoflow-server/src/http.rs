@@ -271,7 +271,12 @@ pub(crate) async fn drain(
 /// Whether the request carries the configured admin token (compared in constant time).
 fn admin_token_matches(shared: &Shared, headers: &HeaderMap) -> bool {
     use subtle::ConstantTimeEq as _;
-    let Some(token) = shared.config.admin_token.as_deref().filter(|t| !t.is_empty()) else {
+    let Some(token) = shared
+        .config
+        .admin_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    else {
         return false;
     };
     headers

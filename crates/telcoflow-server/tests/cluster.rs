@@ -385,12 +385,7 @@ fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
 }
 
 /// [`spawn_node`] with a drain grace of `drain_grace` seconds.
-fn spawn_node_with(
-    nats: &NatsServer,
-    id: &str,
-    max_calls: usize,
-    drain_grace: u64,
-) -> NodeProcess {
+fn spawn_node_with(nats: &NatsServer, id: &str, max_calls: usize, drain_grace: u64) -> NodeProcess {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "node_process", "--nocapture"])
@@ -404,7 +399,9 @@ fn spawn_node_with(
         .expect("the node process starts");
     let stdout = child.stdout.take().unwrap();
     // The ready line comes within moments; a process that dies ends the lines.
-    let mut lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
+    let mut lines = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok);
     let line = lines
         .find(|l| l.starts_with(NODE_READY))
         .expect("the node's ready line");
@@ -1040,7 +1037,11 @@ async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_i
     let refused = dial_url(&b.base_url, "+15550000003", "+15559990001", RATE).await;
     assert_eq!(refused.call_id.as_deref(), Some("refused:unavailable"));
     let (status, body) = http_at(b.addr(), "GET", "/readyz").await;
-    assert_eq!((status, &body["status"]), (503, &json!("draining")), "{body}");
+    assert_eq!(
+        (status, &body["status"]),
+        (503, &json!("draining")),
+        "{body}"
+    );
     let (status, body) = http(&a, "GET", "/readyz").await;
     assert_eq!((status, &body["status"]), (200, &json!("ready")), "{body}");
     let url = format!("{}/v1/agent/session-manager", b.base_url);
@@ -1126,7 +1127,10 @@ async fn a_rolling_restart_of_every_node_drops_no_call() {
         let refused = dial_url(&nodes[restart].base_url, &from, "+15559990001", RATE).await;
         assert_eq!(refused.call_id.as_deref(), Some("refused:unavailable"));
         let from = callers.next().unwrap();
-        calls.push((other, answered_on(&nodes[other].base_url, &mut agent, &from).await));
+        calls.push((
+            other,
+            answered_on(&nodes[other].base_url, &mut agent, &from).await,
+        ));
         // Every call goes on, on either node.
         for (_, (phone, media)) in &mut calls {
             assert!(echoes(phone, media, 2000 + restart as i16).await);
@@ -1143,7 +1147,10 @@ async fn a_rolling_restart_of_every_node_drops_no_call() {
         nodes[restart] = spawn_node(&nats, ids[restart], 10);
         calls = staying;
         let from = callers.next().unwrap();
-        calls.push((restart, answered_on(&nodes[restart].base_url, &mut agent, &from).await));
+        calls.push((
+            restart,
+            answered_on(&nodes[restart].base_url, &mut agent, &from).await,
+        ));
     }
     // After the restart of every node, the calls still up end as usual.
     for (_, (phone, media)) in &mut calls {

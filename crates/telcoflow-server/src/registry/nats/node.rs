@@ -486,7 +486,10 @@ impl NatsRegistry {
                 () = self.inner.beat_now.notified() => {}
                 () = shutdown.cancelled() => break,
             }
-            beat.draining = self.inner.draining.load(std::sync::atomic::Ordering::Relaxed);
+            beat.draining = self
+                .inner
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed);
             beat.at = unix_now();
             let _ = self.inner.writes.send(Write::HealCounts);
             let Ok(value) = serde_json::to_vec(&beat) else {
