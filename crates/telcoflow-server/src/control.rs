@@ -181,13 +181,14 @@ async fn run(
             }
             // Cancel-safe: only observes the token.
             () = shared.draining.cancelled() => {
-                // 1012 (Service Restart): the client reconnects, through its load balancer,
-                // to another node; the sessions it held whose media is not up are offered
+                // 1001 (Going Away): the client reconnects, through its load balancer, to
+                // another node (the SDKs take 1001 as a normal close, where 1012 would be
+                // logged as an error); the sessions it held whose media is not up are offered
                 // again there (RESUME) below. Calls whose media is up go on over their media
                 // connections.
                 let close = CloseFrame {
-                    code: 1012,
-                    reason: "service restart: this node is draining".into(),
+                    code: close_code::AWAY,
+                    reason: "this node is draining: reconnect to another node".into(),
                 };
                 let _ = socket.send(Message::Close(Some(close))).await;
                 break;

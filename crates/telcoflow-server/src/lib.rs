@@ -265,7 +265,7 @@ impl RunningServer {
     }
 
     /// Starts draining (as `POST /admin/v1/drain` does): no new calls or control
-    /// connections, the control connections closed (1012) so that their clients reconnect to
+    /// connections, the control connections closed (1001) so that their clients reconnect to
     /// another node, the calls left to end for up to `drain_grace_secs` (then closed); the
     /// server then stops by itself ([`RunningServer::wait`] returns). Returns the calls still
     /// running; asking again only reports.

@@ -1023,7 +1023,7 @@ async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_i
     signal(&b, "TERM");
     // Node B closes its agent's control connection, to be opened again elsewhere...
     let (code, reason) = on_b.ws.close_frame().await.expect("a close frame");
-    assert_eq!(code, 1012, "{reason}");
+    assert_eq!(code, 1001, "{reason}");
     // ... and the session it held, not yet connected, is offered again on node A.
     let resume = on_a.ws.expect_type("session.notify").await;
     assert_eq!(resume["sessionId"], waiting_id.as_str(), "{resume}");
@@ -1116,7 +1116,7 @@ async fn a_rolling_restart_of_every_node_drops_no_call() {
             // The agent is moved off, and reconnects (as through a load balancer that asks
             // `/readyz`) to the node that stays.
             let (code, reason) = agent.ws.close_frame().await.expect("a close frame");
-            assert_eq!(code, 1012, "{reason}");
+            assert_eq!(code, 1001, "{reason}");
             let (status, _) = http_at(nodes[other].addr(), "GET", "/readyz").await;
             assert_eq!(status, 200);
             agent = control_url(&nodes[other].base_url, RATE, "mixed").await;

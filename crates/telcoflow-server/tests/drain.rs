@@ -57,7 +57,7 @@ async fn a_drained_server_lets_its_call_run_for_the_grace_then_ends_it() {
     let started = tokio::time::Instant::now();
     assert_eq!(server.drain(), 1);
     let (code, reason) = control.ws.close_frame().await.expect("a close frame");
-    assert_eq!(code, 1012, "{reason}");
+    assert_eq!(code, 1001, "{reason}");
     let (status, body) = http(&server, "GET", "/readyz").await;
     assert_eq!((status, body), (503, json!({"status": "draining"})));
     let refused = dial(&server, "+15550000002", "+15559990001", RATE).await;
