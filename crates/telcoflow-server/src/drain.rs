@@ -13,6 +13,7 @@
 use crate::registry::Registry;
 use crate::state::Shared;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use telcoflow_proto::control::CloseReason;
 use tracing::{info, warn};
@@ -25,19 +26,11 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Starts draining, once; later calls only report. Returns the number of calls running.
 pub(crate) fn start(shared: &Arc<Shared>) -> usize {
     let calls = shared.registry.running_calls().len();
-    if shared.is_draining() {
-        return calls;
-    }
-    // The token is the flag: cancelling it twice is harmless, and the task below is started
-    // by whoever cancels it first (`cancel` is not atomic with `is_cancelled`, so a lock
-    // decides).
-    static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let guard = STARTING.lock().unwrap_or_else(|p| p.into_inner());
-    if shared.is_draining() {
+    // Whoever sets the flag first starts the drain; the token then tells everyone else.
+    if shared.drain_started.swap(true, Ordering::SeqCst) {
         return calls;
     }
     shared.draining.cancel();
-    drop(guard);
     info!(
         calls,
         grace_secs = shared.config.drain_grace_secs,

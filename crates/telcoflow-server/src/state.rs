@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     /// Cancelled when the server starts draining: from then on it takes no new calls or
     /// control connections, and closes those it has (see `drain`).
     pub(crate) draining: CancellationToken,
+    /// Set by the first request to drain, which alone starts it.
+    pub(crate) drain_started: std::sync::atomic::AtomicBool,
     pub(crate) tasks: TaskTracker,
     next_conn: AtomicU64,
 }
@@ -67,6 +69,7 @@ impl Shared {
             public_url,
             shutdown,
             draining: CancellationToken::new(),
+            drain_started: std::sync::atomic::AtomicBool::new(false),
             tasks,
             next_conn: AtomicU64::new(1),
         }
