@@ -662,7 +662,11 @@ async fn while_nats_is_down_calls_go_on_and_new_ones_fail_fast_until_it_is_back(
     }
     // Load balancers are told not to send it anything new.
     let (status, body) = http(&b, "GET", "/readyz").await;
-    assert_eq!((status, &body["status"]), (503, &json!("unavailable")), "{body}");
+    assert_eq!(
+        (status, &body["status"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
     // Closing a call on another node needs NATS: 503, saying so.
     let (status, body) = http(
         &a,
