@@ -129,3 +129,36 @@ fn sigterm_drains_the_server_then_it_exits_0() {
     assert!(exited.unwrap().success(), "{exited:?}");
     assert!(drained.elapsed() >= Duration::from_secs(1), "{drained:?}");
 }
+
+#[test]
+fn a_drain_asked_over_http_ends_the_process_with_0() {
+    let mut server = Child(
+        Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_remove("TELCOFLOW_API_KEY")
+            .env_remove("TELCOFLOW_CONNECTOR_UUID")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("telcoflow starts"),
+    );
+    let prefix = "telcoflow server listening on ";
+    let mut lines = BufReader::new(server.0.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    let url = lines
+        .find(|l| l.starts_with(prefix))
+        .expect("the ready line")[prefix.len()..]
+        .to_owned();
+    std::thread::spawn(move || lines.for_each(drop));
+    let (status, body) = http(url.trim_start_matches("ws://"), "POST", "/admin/v1/drain");
+    assert_eq!(status, 202, "{body}");
+    // No call to wait for: it stops at once.
+    let mut exited = None;
+    until(Duration::from_secs(10), "the server exits", || {
+        exited = server.0.try_wait().unwrap();
+        exited.is_some()
+    });
+    assert!(exited.unwrap().success(), "{exited:?}");
+}

@@ -215,6 +215,7 @@ impl Server {
             shutdown,
             shared: running,
             task,
+            stopped: false,
         })
     }
 }
@@ -229,6 +230,8 @@ pub struct RunningServer {
     shutdown: CancellationToken,
     shared: Arc<state::Shared>,
     task: tokio::task::JoinHandle<()>,
+    /// The task has been awaited to its end.
+    stopped: bool,
 }
 
 impl RunningServer {
@@ -255,13 +258,19 @@ impl RunningServer {
     /// Stops accepting, closes every connection and waits for the server task to end.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        if !self.stopped {
+            let _ = self.task.await;
+        }
     }
 
     /// Waits until the server stops (after [`RunningServer::shutdown`] from a clone of the
-    /// token, or a fatal error).
+    /// token, at the end of a drain, or after a fatal error). Waiting again returns at once.
     pub async fn wait(&mut self) {
-        let _ = (&mut self.task).await;
+        // A finished task must not be awaited again (it would panic): once is remembered.
+        if !self.stopped {
+            let _ = (&mut self.task).await;
+            self.stopped = true;
+        }
     }
 
     /// Starts draining (as `POST /admin/v1/drain` does): no new calls or control
