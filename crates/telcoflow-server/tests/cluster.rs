@@ -1029,12 +1029,18 @@ async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_i
     on_a.ws.expect_type("session.notify").await;
     assert_eq!(on_b.open(&waiting_id).await["ok"], true);
 
+    let term = tokio::time::Instant::now();
     signal(&b, "TERM");
     // Node B closes its agent's control connection, to be opened again elsewhere...
     let (code, reason) = on_b.ws.close_frame().await.expect("a close frame");
     assert_eq!(code, 1001, "{reason}");
+    let closed_after = term.elapsed();
     // ... and the session it held, not yet connected, is offered again on node A.
     let resume = on_a.ws.expect_type("session.notify").await;
+    eprintln!(
+        "after SIGTERM: control connection closed in {closed_after:?}, session offered again in {:?}",
+        term.elapsed()
+    );
     assert_eq!(resume["sessionId"], waiting_id.as_str(), "{resume}");
     assert_eq!(resume["activity"], "RESUME", "{resume}");
     assert_eq!(on_a.open(&waiting_id).await["ok"], true);
@@ -1067,7 +1073,12 @@ async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_i
     assert!(b.running());
     // The caller hangs up: the call ends as any call does, and node B exits 0.
     hang_up(&mut phone, &mut media).await;
+    let hung_up = tokio::time::Instant::now();
     let status = b.exited_within(WAIT).await;
+    eprintln!(
+        "node B exited {:?} after its last call ended",
+        hung_up.elapsed()
+    );
     assert!(status.success(), "node B exited with {status}");
     heartbeat_until(&nodes, "node-b", Value::is_null).await;
     listing_until(&a, |items| {
