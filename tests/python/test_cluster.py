@@ -1,13 +1,15 @@
-"""Two nodes on one nats-server, with an echo agent on the official SDK:
+"""Nodes on one nats-server, with echo agents on the official SDK:
 
-- connected to node A, it answers a `telcoflow call` that arrived on node B; the caller hears its
-  tone back (media goes to node B);
-- connected through HAProxy (which asks each node's `/readyz`), it keeps its call on node A when
-  node A is drained with SIGTERM, is moved off to node B, and answers the next call there; node A
-  refuses new calls meanwhile and exits 0 once its call is done.
+- connected to node A, an agent answers a `telcoflow call` that arrived on node B; the caller hears
+  its tone back (media goes to node B);
+- a call held on one node is handed off (`to_json` / `Call.from_json`) to an agent for another;
+- connected through HAProxy (which asks each node's `/readyz`), an agent keeps its call on node A
+  when node A is drained with SIGTERM, is moved off to node B, and answers the next call there;
+  node A refuses new calls meanwhile and exits 0 once its call is done.
 """
 
 import asyncio
+import json
 import os
 import pathlib
 import shutil
@@ -17,6 +19,7 @@ import sys
 import time
 
 import pytest
+from telcoflow import Call, CallState
 
 import audio_util
 from conftest import READY_PREFIX, START_TIMEOUT, Agent, Process, TelcoflowServer, log
@@ -237,3 +240,51 @@ async def test_a_drained_node_keeps_its_call_and_moves_the_agent_to_another_node
         await haproxy.wait()
         await a.proc.stop()
         await b.proc.stop()
+
+
+async def test_a_call_held_on_node_a_is_handed_off_to_an_agent_for_node_b(nats_url, tone_wav, tmp_path):
+    """The agent on node A is offered a call that arrived on node C and serialises it with
+    `to_json()`; an application configured for node B rebuilds it with `Call.from_json()`,
+    answers and echoes, its media on node C; node A's agent leaves once it has."""
+    a = await start_node(nats_url, "node-a")
+    b = await start_node(nats_url, "node-b")
+    c = await start_node(nats_url, "node-c")
+    handoff: asyncio.Queue[str] = asyncio.Queue()
+
+    async def forward(call):
+        assert call.state == CallState.NEW
+        await handoff.put(call.to_json())
+
+    try:
+        out = tmp_path / "heard.wav"
+        async with Agent(a, forward, name="a") as forwarder:
+            caller = await c.call(
+                "--from", "+15551110002", "--to", "+15552220002",
+                "--play", str(tone_wav), "--record", str(out),
+                "--tail", "1.5", "--timeout", "30",
+            )
+            data = await asyncio.wait_for(handoff.get(), 20)
+            forwarder.check()
+            assert json.loads(data)["session_url"].startswith(c.base_url + "/"), data
+            call = Call.from_json(data, audio_config=b.sm_config().call_audio)
+            assert call.state == CallState.NEW
+            # Node A's agent stays until the call is taken over: a holder that leaves before
+            # the media is up hands the session back to the connector (RESUME), and its token
+            # with it.
+            result = await call.answer()
+            assert result, f"answer after hand-off failed: {result.error_code} {result.error_message}"
+
+        async def echo():
+            async for chunk in call.audio_stream():
+                await call.send_audio(chunk)
+
+        echo_task = asyncio.create_task(echo())
+        summary = await caller.json_line(45)
+        assert await caller.wait(10) == 0, summary
+        await asyncio.wait_for(echo_task, 10)
+        assert summary["answered"] is True and summary["reason"] == "end_of_audio", summary
+        rate, heard = audio_util.read_wav(out)
+        audio_util.assert_tone(rate, heard, 440.0, min_seconds=1.5)
+    finally:
+        for node in (a, b, c):
+            await node.proc.stop()

@@ -182,3 +182,110 @@ fn assert_timings_and_costs_plausible(v: &Value) {
         assert!(num(v, &[who, "rss_mib_loaded"]) > 0.0);
     }
 }
+
+/// The nats-server binary, found as the server's cluster tests find it: `NATS_SERVER`, else the
+/// workspace's `.venv` (what `.ci/run` installs), else the `bin` beside `PYTHON`, else `PATH`.
+fn nats_server_bin() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        return Some(path.into());
+    }
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut candidates = vec![workspace.join(".venv/bin/nats-server")];
+    if let Some(python) = std::env::var_os("PYTHON") {
+        if let Some(bin) = std::path::Path::new(&python).parent() {
+            candidates.push(bin.join("nats-server"));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|dir| dir.join("nats-server")));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// `--nodes 2`: two calls on one node, then two on each of two nodes with one nats-server,
+/// compared.
+#[test]
+fn two_calls_on_one_node_then_on_each_of_two() {
+    let Some(nats) = nats_server_bin() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "nats-server is not installed (set NATS_SERVER or run .ci/run)"
+        );
+        eprintln!("skipped: no nats-server (set NATS_SERVER or run .ci/run)");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("telcoflow-bench-nodes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json_path = dir.join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+        .args(["bench", "--nodes", "2", "--calls", "2", "--duration", "3"])
+        .args(["--ramp", "0.5", "--agent", "rust", "--sample-rate", "16000"])
+        .arg("--nats-server")
+        .arg(&nats)
+        .arg("--json")
+        .arg(&json_path)
+        .output()
+        .expect("run telcoflow bench --nodes");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench --nodes failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in ["on another node", "node 1", "NATS per call", "ratio"] {
+        assert!(stdout.contains(row), "no {row:?} row:\n{stdout}");
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    for (run, calls) in [("single_node", 2.0), ("cluster", 4.0)] {
+        let r = &v[run];
+        assert_eq!(num(r, &["calls"]), calls, "{run}: {v:#}");
+        assert_eq!(num(r, &["calls_answered"]), calls, "{run}: {v:#}");
+        assert_eq!(num(r, &["frames_crossed"]), 0.0, "{run}");
+        assert_timings_and_costs_plausible(r);
+    }
+    assert!(v["single_node"].get("cluster").is_none(), "{v:#}");
+    let c = &v["cluster"]["cluster"];
+    assert_eq!(num(c, &["nodes"]), 2.0);
+    // In turn over two nodes: calls 1 and 3 on the other node than the agents'.
+    assert_eq!(num(c, &["setup_cross_node_ms", "n"]), 2.0, "{c:#}");
+    assert_eq!(num(c, &["setup_same_node_ms", "n"]), 2.0, "{c:#}");
+    let nodes = c["server_per_node"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    let node_sum: f64 = nodes.iter().map(|n| num(n, &["cpu_s_per_call_min"])).sum();
+    let servers = num(&v["cluster"], &["server", "cpu_s_per_call_min"]);
+    // The nodes' figures are each rounded to 1 ms of CPU per call-minute.
+    assert!((node_sum - servers).abs() < 0.01, "{node_sum} vs {servers}");
+    assert!(num(c, &["nats_server", "rss_mib_loaded"]) > 0.0);
+    // Every call is offered, claimed and closed through NATS: some messages each, and no
+    // audio (a 3 s call at 16 kHz is ~100 KB each way).
+    for key in ["in_msgs", "out_msgs", "in_bytes", "out_bytes"] {
+        let per_call = num(c, &["nats", "per_call", key]);
+        assert!(per_call > 0.0, "{key} {per_call}: {c:#}");
+        assert!(num(c, &["nats", "total", key]) >= per_call);
+    }
+    assert!(
+        num(c, &["nats", "per_call", "out_bytes"]) < 50_000.0,
+        "{c:#}"
+    );
+    let cmp = &v["cluster_vs_single"];
+    assert_eq!(
+        num(cmp, &["setup_p50_ms_single"]),
+        num(&v["single_node"], &["setup_ms", "p50"])
+    );
+    assert_eq!(
+        num(cmp, &["setup_p99_ms_cross_node"]),
+        num(c, &["setup_cross_node_ms", "p99"])
+    );
+    let single = num(&v["single_node"], &["server", "cpu_s_per_call_min"]);
+    if single > 0.0 {
+        let ratio = num(cmp, &["server_cpu_ratio"]);
+        let expect = servers / single;
+        assert!((ratio - expect).abs() < 0.01, "{ratio} vs {expect}");
+        assert!(num(cmp, &["server_and_nats_cpu_ratio"]) >= ratio);
+    } else {
+        // Too little CPU in so short a run to count a tick: no ratio rather than a wrong one.
+        assert!(cmp["server_cpu_ratio"].is_null(), "{cmp:#}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

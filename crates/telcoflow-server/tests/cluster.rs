@@ -1,8 +1,9 @@
 //! Several server nodes in one process sharing one registry through a real nats-server
 //! (started by each test on a free port): offers, claims, listings, HTTP close and the call
-//! limit span the nodes.
+//! limit span the nodes; `call.connect` and the hand-off of a call work across them.
 
 mod common;
+mod sipp;
 
 use common::*;
 use serde_json::{Value, json};
@@ -583,6 +584,9 @@ async fn a_killed_node_ends_only_its_calls_and_a_restarted_one_rejoins() {
     };
     let mut config = node_config(&nats, "node-a");
     config.limits.max_calls_per_connector = 2;
+    // Pings keep the agent's control connection busy while it waits for node B's loss to be
+    // noticed, longer than the test client waits for one frame.
+    config.control_ping_interval_secs = 1;
     let a = start(config).await;
     let b = spawn_node(&nats, "node-b", 2);
 
@@ -593,20 +597,43 @@ async fn a_killed_node_ends_only_its_calls_and_a_restarted_one_rejoins() {
     let mut media = media(&call_in).await;
     assert_eq!(media.command("call.answer", None).await["success"], true);
     phone_a.event("answered").await;
-    // A call on node B, offered to the agent on node A.
+    // A call on node B, taken and answered by the same agent on node A: its media goes to
+    // node B.
     let mut phone_b = dial_url(&b.base_url, "+15550000002", "+15559990001", RATE).await;
     assert!(phone_b.call_id.is_some());
-    agent.ws.expect_type("session.notify").await;
+    let call_in_b = agent.take_call().await;
+    let lost_id = call_in_b["sessionId"].as_str().unwrap().to_owned();
+    assert!(call_in_b["url"].as_str().unwrap().starts_with(&b.base_url));
+    let mut media_b = common::media(&call_in_b).await;
+    assert_eq!(media_b.command("call.answer", None).await["success"], true);
+    phone_b.event("answered").await;
     listing_within(&a, WAIT, |items| open_with(items, "+15550000002")).await;
 
-    // kill -9: node B's session leaves the listing within 15 s; its caller is cut off.
+    // kill -9: node B's session leaves the listing within 15 s; its caller and the agent's
+    // media connection to it are cut off.
+    let killed = tokio::time::Instant::now();
     drop(b);
     phone_b.ws.closed().await;
+    media_b.ws.closed().await;
     let took = listing_within(&a, Duration::from_secs(15), |items| {
         session_of(items, "+15550000002").is_none() && open_with(items, "+15550000001")
     })
     .await;
     eprintln!("node B's session left the listing {took:?} after the kill");
+    // The agent, on node A, is told on its control connection that the call on node B ended,
+    // as it would be of any call that ends; and of that call only.
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        agent.ws.expect_type("session.closed"),
+    )
+    .await
+    .expect("session.closed for the lost node's call within 15 s of the kill");
+    assert_eq!(closed["sessionId"], lost_id.as_str(), "{closed}");
+    assert_eq!(closed["reason"], "CALL_TERMINATED", "{closed}");
+    eprintln!(
+        "the agent got session.closed {:?} after the kill",
+        killed.elapsed()
+    );
 
     // The call on node A went on untouched.
     let mut heard = false;
@@ -961,6 +988,350 @@ async fn two_processes_with_one_node_id_do_not_reap_each_others_records() {
     eprintln!("the killed process's session left the listing {took:?} after the kill");
     drop(second);
     a.shutdown().await;
+}
+
+/// A call placed on `node` (a base URL) from `from`: once the echo agent says it answered it,
+/// the caller hears its own level back. The agent's event for it.
+async fn echoed_call(
+    agent: &mut PyAgent,
+    node: &str,
+    from: &str,
+    bound: Duration,
+) -> (Phone, Value) {
+    let mut phone = dial_url(node, from, "+15559990001", RATE).await;
+    assert!(phone.call_id.is_some(), "{:?}", phone.call_id);
+    let answered = agent
+        .event(bound, |e| e["event"] == "answered" && e["from"] == from)
+        .await;
+    phone.event("answered").await;
+    assert!(
+        hears_echo(&mut phone, 1111, FRAME, 250).await,
+        "the call from {from} on {node} does not echo"
+    );
+    (phone, answered)
+}
+
+/// The official Python SDK, given one base URL (HAProxy with the shipped
+/// `deploy/haproxy.cfg` in front of three nodes), keeps serving calls while the nodes behind
+/// the balancer are killed: the node its control connection goes through, then the node of
+/// a call it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_the_python_sdk_keeps_serving_while_nodes_are_killed() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let ids = ["node-a", "node-b", "node-c"];
+    let mut nodes: std::collections::HashMap<&str, NodeProcess> = ids
+        .iter()
+        .map(|id| (*id, spawn_node(&nats, id, 10)))
+        .collect();
+    let backends: Vec<(&str, &str)> = nodes
+        .iter()
+        .map(|(id, node)| (*id, node.base_url.as_str()))
+        .collect();
+    let Some(proxy) = haproxy(&backends).await else {
+        return;
+    };
+    let Some(mut agent) = PyAgent::start(&proxy.base_url).await else {
+        return;
+    };
+    let first = proxy.server_of_the_connection(&ids, WAIT).await;
+    let others: Vec<&str> = ids.iter().copied().filter(|id| *id != first).collect();
+    eprintln!("the agent's control connection goes through {first}");
+
+    // Before: a call on another node is answered and echoes.
+    let (mut before, _) =
+        echoed_call(&mut agent, &nodes[others[0]].base_url, "+15550000101", WAIT).await;
+
+    // kill -9 of the node the control connection goes through: the agent reconnects through
+    // the balancer to a surviving node. The call in progress goes on (its media is on its own
+    // node, not behind the balancer).
+    let killed = tokio::time::Instant::now();
+    drop(nodes.remove(first.as_str()));
+    let second = proxy
+        .server_of_the_connection(&others, Duration::from_secs(15))
+        .await;
+    eprintln!(
+        "the agent reconnected through {second} {:?} after the kill",
+        killed.elapsed()
+    );
+    assert!(
+        hears_echo(&mut before, 2222, FRAME, 250).await,
+        "the call in progress stopped echoing"
+    );
+
+    // After: a call on each surviving node is answered and echoes.
+    for (i, id) in others.iter().enumerate() {
+        let from = format!("+1555000020{i}");
+        echoed_call(
+            &mut agent,
+            &nodes[id].base_url,
+            &from,
+            Duration::from_secs(15),
+        )
+        .await;
+    }
+
+    // The node of a call the agent holds (not the node of its control connection) is killed:
+    // the official SDK closes that session with CALL_TERMINATED.
+    let third = *others.iter().find(|id| **id != second).unwrap();
+    let (mut lost, answered) = echoed_call(
+        &mut agent,
+        &nodes[third].base_url,
+        "+15550000301",
+        Duration::from_secs(15),
+    )
+    .await;
+    let lost_id = answered["sessionId"].clone();
+    let killed = tokio::time::Instant::now();
+    drop(nodes.remove(third));
+    lost.ws.closed().await;
+    let closed = agent
+        .event(Duration::from_secs(20), |e| {
+            e["event"] == "closed" && e["sessionId"] == lost_id
+        })
+        .await;
+    assert_eq!(closed["reason"], "CALL_TERMINATED", "{closed}");
+    eprintln!(
+        "the Python SDK closed the lost call's session {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // The last node still serves.
+    echoed_call(
+        &mut agent,
+        &nodes[second.as_str()].base_url,
+        "+15550000401",
+        Duration::from_secs(15),
+    )
+    .await;
+}
+
+/// The call's node, told by an agent on another node to `call.connect`, rings the destination
+/// itself: a simulated phone registered on that node, or (below) a `sip:` URI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_connect_from_an_agent_on_another_node_rings_the_destination_from_the_calls_node() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut callee = register(&b, telcoflow_server::config::DEV_CONNECT_DESTINATION, RATE).await;
+    let mut agent = control(&a, RATE, "mixed").await;
+    let mut phone = dial(&b, "+15551230001", "+15559990001", RATE).await;
+    let call_in = agent.take_call().await;
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+
+    let connect = media.command("call.connect", Some(json!({"ringTimeSeconds": 10})));
+    let answer = async {
+        let incoming = callee.event("incoming").await;
+        assert_eq!(incoming["from"], "+15551230001", "{incoming}");
+        callee.send_json(json!({"type": "answer"})).await;
+        callee.event("answered").await;
+    };
+    let (resp, ()) = tokio::join!(connect, answer);
+    assert_eq!(resp["success"], true, "{resp}");
+    assert_eq!(
+        resp["result"]["destination"],
+        telcoflow_server::config::DEV_CONNECT_DESTINATION
+    );
+
+    // Barge, the default: the destination hears the caller (the agent is silent) and the
+    // caller hears the destination, all on node B.
+    let (mut callee_heard, mut caller_heard) = (false, false);
+    for _ in 0..150 {
+        phone.send_level(1000, FRAME).await;
+        callee.send_level(2000, FRAME).await;
+        callee_heard |= samples(&callee.ws.binary().await)[FRAME / 2] == 1000;
+        caller_heard |= samples(&phone.ws.binary().await)[FRAME / 2] == 2000;
+        if callee_heard && caller_heard {
+            break;
+        }
+    }
+    assert!(callee_heard, "the destination never heard the caller");
+    assert!(caller_heard, "the caller never heard the destination");
+    // The agent on node A hears both parties through its media connection to node B.
+    let mut agent_heard = false;
+    for _ in 0..150 {
+        phone.send_level(1000, FRAME).await;
+        callee.send_level(2000, FRAME).await;
+        if media.audio(0).await[FRAME / 2] == 3000 {
+            agent_heard = true;
+            break;
+        }
+    }
+    assert!(agent_heard, "the agent never heard both parties");
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    callee.event("hangup").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_connect_from_an_agent_on_another_node_dials_a_sip_uri_from_the_calls_node() {
+    if !sipp::available() {
+        return;
+    }
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let ports = sipp::ports(33);
+    let dir = sipp::work_dir("cluster-connect");
+    let mut args = sipp::uas_args(ports, "uas_answer.xml");
+    // The SIP phone sends back whatever it hears, so the caller hears itself through it.
+    args.push("-rtp_echo".into());
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let a = start(node_config(&nats, "node-a")).await;
+    // Only node B, the call's node, has SIP: it alone dials out.
+    let mut config_b = sipp::sip_config(ports);
+    config_b.cluster = node_config(&nats, "node-b").cluster;
+    config_b.connectors[0].connect.insert(
+        "+15559990001".into(),
+        format!("sip:+15550200@127.0.0.1:{}", ports.sipp_sip),
+    );
+    let b = start(config_b).await;
+    let mut agent = control(&a, 8000, "mixed").await;
+    let mut phone = dial(&b, "+15551230001", "+15559990001", 8000).await;
+    let call_in = agent.take_call().await;
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+
+    let frame = 160;
+    let level: i16 = 5000;
+    let mut heard = 0;
+    for round in 0..150 {
+        let n = if round == 0 { 3 } else { 1 };
+        for _ in 0..n {
+            phone.send_level(level, frame).await;
+        }
+        heard = i32::from(samples(&phone.ws.binary().await)[frame / 2]);
+        if (heard - i32::from(level)).abs() < 500 {
+            break;
+        }
+    }
+    assert!(
+        (heard - i32::from(level)).abs() < 500,
+        "the caller heard {heard} through the SIP phone, expected about {level}"
+    );
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    sip_phone.await.unwrap().assert_passed();
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The Rust SDK's hand-off across nodes: an agent on node A is offered a call that arrived on
+/// node C, serialises it with `to_json` and leaves; an agent of another process, configured for
+/// node B, rebuilds it with `from_json`, answers and echoes. The media goes to node C all along,
+/// and node A's agent leaving does not hand the session to anyone else: its media is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_held_on_one_node_is_handed_off_to_an_agent_on_another() {
+    use futures_util::StreamExt as _;
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let c = start(node_config(&nats, "node-c")).await;
+    let sdk_config = |server: &RunningServer, auto_connect_media: bool| {
+        telcoflow::TelcoflowClientConfig::builder()
+            .api_key(
+                telcoflow_server::config::DEV_API_KEY,
+                telcoflow_server::config::DEV_CONNECTOR_UUID,
+            )
+            .base_url(server.base_url())
+            .sample_rate(telcoflow::SampleRate::Hz16000)
+            .auto_connect_media(auto_connect_media)
+            .build()
+            .expect("SDK config")
+    };
+    // The first agent only forwards calls: it leaves their media connection unopened, so
+    // that they can be serialised.
+    let first = telcoflow::TelcoflowClient::connect(sdk_config(&a, false))
+        .await
+        .expect("the first agent connects");
+    // A raw control connection on node B stands for the other agents of the connector: it
+    // must not be offered the session again once the hand-off has taken it.
+    let mut other = control(&b, RATE, "mixed").await;
+    let mut events = first.events();
+    let mut phone = dial(&c, "+15551230001", "+15559990001", RATE).await;
+    let json = tokio::time::timeout(WAIT, async {
+        while let Some(ev) = events.next().await {
+            if let telcoflow::ClientEvent::IncomingCall(call) = ev {
+                return call.to_json().expect("a NEW call serialises");
+            }
+        }
+        panic!("the first agent's events ended");
+    })
+    .await
+    .expect("the first agent is offered the call");
+    let handed: Value = serde_json::from_str(&json).unwrap();
+    assert!(
+        handed["session_url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/", c.base_url())),
+        "{handed}"
+    );
+    // The notify that reached node B's connection too, before node A's agent claimed it.
+    let notify = other.ws.expect_type("session.notify").await;
+    let session_id = notify["sessionId"].as_str().unwrap().to_owned();
+    let first_id = first.sm_ws_id().expect("the first agent's connection id");
+
+    let call = telcoflow::ActiveCall::from_json(&json, &sdk_config(&b, true)).expect("from_json");
+    call.answer().await.expect("answer after the hand-off");
+    phone.event("answered").await;
+    // Node A's agent leaves once the call is taken over.
+    first.shutdown().await;
+    let echo = tokio::spawn({
+        let call = call.clone();
+        async move {
+            let mut audio = call.audio_stream(telcoflow::AudioChannel::Mixed);
+            while let Some(chunk) = audio.next().await {
+                if call.send_audio(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let mut caller_heard = false;
+    for _ in 0..150 {
+        phone.send_level(1234, FRAME).await;
+        if samples(&phone.ws.binary().await)[FRAME / 2] == 1234 {
+            caller_heard = true;
+            break;
+        }
+    }
+    assert!(
+        caller_heard,
+        "the caller never heard the echo after the hand-off"
+    );
+    // The session went to nobody else when node A's agent left (its media is up): another
+    // claimant is told it is busy, held still by the agent that left, and was offered nothing.
+    let busy = other.open(&session_id).await;
+    assert_eq!(busy["errorCode"], "SESSION_BUSY", "{busy}");
+    assert_eq!(
+        busy["errorContent"]["boundSmWsId"],
+        first_id.as_str(),
+        "{busy}"
+    );
+    phone.send_json(json!({"type": "hangup"})).await;
+    tokio::time::timeout(WAIT, echo)
+        .await
+        .expect("the echo ends with the call")
+        .unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+    c.shutdown().await;
 }
 
 /// Whether the caller hears its own `level` back through an agent that echoes every frame

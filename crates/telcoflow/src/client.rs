@@ -65,7 +65,7 @@ impl std::fmt::Debug for TelcoflowClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TelcoflowClient")
             .field("config", &self.inner.config)
-            .field("sm_ws_id", &*self.inner.sm_ws_id.borrow())
+            .field("connection", &*self.inner.connection.borrow())
             .finish_non_exhaustive()
     }
 }
@@ -76,9 +76,18 @@ struct ClientInner {
     events: Mutex<Option<mpsc::Receiver<ClientEvent>>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    sm_ws_id: watch::Receiver<Option<String>>,
+    connection: watch::Receiver<Option<Connection>>,
     /// Stops everything when the last handle is dropped without `shutdown`.
     _guard: DropGuard,
+}
+
+/// The control connection that is up.
+#[derive(Debug, Clone)]
+struct Connection {
+    /// The server's id of it.
+    sm_ws_id: String,
+    /// The base URL it went to.
+    base_url: String,
 }
 
 enum DriverCommand {
@@ -97,16 +106,18 @@ enum Pending {
 }
 
 impl TelcoflowClient {
-    /// Connects, sends `setup` and waits for `setup.done`. Fails if this first attempt fails
-    /// ([`Error::Authentication`] with the server's message on refused credentials); after
-    /// that the client reconnects by itself, forever, until [`TelcoflowClient::shutdown`].
+    /// Connects, sends `setup` and waits for `setup.done`, trying each of the configured
+    /// base URLs in turn ([`TelcoflowClientConfigBuilder::base_urls`](crate::TelcoflowClientConfigBuilder::base_urls)).
+    /// Fails if none of them completes this first attempt ([`Error::Authentication`] with
+    /// the server's message on refused credentials); after that the client reconnects by
+    /// itself, forever, until [`TelcoflowClient::shutdown`].
     pub async fn connect(config: TelcoflowClientConfig) -> Result<Self, Error> {
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity);
-        let (id_tx, id_rx) = watch::channel(None);
+        let (connection_tx, connection_rx) = watch::channel(None);
         let (first_tx, first_rx) = oneshot::channel();
         let driver = Driver {
             config: config.clone(),
@@ -114,7 +125,7 @@ impl TelcoflowClient {
             events: ev_tx,
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
-            sm_ws_id: id_tx,
+            connection: connection_tx,
         };
         tracker.spawn(driver.run(first_tx).instrument(debug_span!("control")));
         let client = Self {
@@ -124,7 +135,7 @@ impl TelcoflowClient {
                 events: Mutex::new(Some(ev_rx)),
                 shutdown: shutdown.clone(),
                 tracker,
-                sm_ws_id: id_rx,
+                connection: connection_rx,
                 _guard: shutdown.drop_guard(),
             }),
         };
@@ -148,7 +159,21 @@ impl TelcoflowClient {
 
     /// The server's id of the current control connection, if connected.
     pub fn sm_ws_id(&self) -> Option<String> {
-        self.inner.sm_ws_id.borrow().clone()
+        self.inner
+            .connection
+            .borrow()
+            .as_ref()
+            .map(|c| c.sm_ws_id.clone())
+    }
+
+    /// The base URL of the current control connection, if connected: one of
+    /// [`TelcoflowClientConfig::base_urls`].
+    pub fn connected_base_url(&self) -> Option<String> {
+        self.inner
+            .connection
+            .borrow()
+            .as_ref()
+            .map(|c| c.base_url.clone())
     }
 
     /// The event stream. The first call takes it; later calls get a stream that ends at once.
@@ -293,7 +318,7 @@ struct Driver {
     events: mpsc::Sender<ClientEvent>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    sm_ws_id: watch::Sender<Option<String>>,
+    connection: watch::Sender<Option<Connection>>,
 }
 
 impl Driver {
@@ -301,6 +326,8 @@ impl Driver {
         let mut first = Some(first);
         let mut attempt: u32 = 0;
         let mut connected_before = false;
+        // The base URL each round of attempts starts with.
+        let mut first_url = 0;
         loop {
             if attempt > 0 {
                 let delay = self.config.reconnect_delay(attempt);
@@ -314,10 +341,10 @@ impl Driver {
                 }
             }
             let connected = tokio::select! {
-                r = connect_and_setup(&self.config) => r,
+                r = connect_to_any(&self.config, first_url) => r,
                 () = self.shutdown.cancelled() => break,
             };
-            let (ws, sm_ws_id) = match connected {
+            let (ws, sm_ws_id, url) = match connected {
                 Ok(c) => c,
                 Err(e) => {
                     if let Some(f) = first.take() {
@@ -329,9 +356,13 @@ impl Driver {
                     continue;
                 }
             };
-            info!(%sm_ws_id, "control connection up");
+            let base_url = self.config.base_urls[url].clone();
+            info!(%sm_ws_id, %base_url, "control connection up");
             // Set before `connect` returns, so that `sm_ws_id()` is known at once.
-            self.sm_ws_id.send_replace(Some(sm_ws_id.clone()));
+            self.connection.send_replace(Some(Connection {
+                sm_ws_id: sm_ws_id.clone(),
+                base_url,
+            }));
             if let Some(f) = first.take() {
                 let _ = f.send(Ok(()));
             }
@@ -349,7 +380,7 @@ impl Driver {
             connected_before = true;
             let span = debug_span!("connection", %sm_ws_id);
             let exit = self.run_connection(ws).instrument(span).await;
-            self.sm_ws_id.send_replace(None);
+            self.connection.send_replace(None);
             match exit {
                 Exit::Shutdown => break,
                 Exit::Lost(reason) => {
@@ -358,6 +389,8 @@ impl Driver {
                         break;
                     }
                     attempt = 1;
+                    // The node may have gone away: the others first, it last.
+                    first_url = (url + 1) % self.config.base_urls.len();
                 }
             }
         }
@@ -678,9 +711,38 @@ fn set_req_id(frame: &mut ClientFrame, id: String) {
     }
 }
 
-/// Opens the control WebSocket and completes `setup`.
-async fn connect_and_setup(config: &TelcoflowClientConfig) -> Result<(Ws, String), Error> {
-    let mut req = transport::request(&config.control_url())?;
+/// Tries each base URL once, from `first` on and wrapping around, until one completes
+/// `setup`; the connection, its id and the index of its URL. When none does, the error of a
+/// refused authentication if there was one (it says more than a refused connection), else
+/// the last.
+async fn connect_to_any(
+    config: &TelcoflowClientConfig,
+    first: usize,
+) -> Result<(Ws, String, usize), Error> {
+    let count = config.base_urls.len();
+    let mut failed: Option<Error> = None;
+    for index in (first..first + count).map(|i| i % count) {
+        match connect_and_setup(config, index).await {
+            Ok((ws, sm_ws_id)) => return Ok((ws, sm_ws_id, index)),
+            Err(e) => {
+                if count > 1 {
+                    debug!(base_url = %config.base_urls[index], error = %e, "base URL not reached");
+                }
+                if !failed.as_ref().is_some_and(Error::is_authentication) {
+                    failed = Some(e);
+                }
+            }
+        }
+    }
+    Err(failed.unwrap_or_else(|| Error::connection("no base URL")))
+}
+
+/// Opens the control WebSocket on base URL `index` and completes `setup`.
+async fn connect_and_setup(
+    config: &TelcoflowClientConfig,
+    index: usize,
+) -> Result<(Ws, String), Error> {
+    let mut req = transport::request(&config.control_url(index))?;
     if let Auth::ApiKey {
         api_key,
         connector_uuid,

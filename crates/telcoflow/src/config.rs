@@ -30,10 +30,11 @@ pub const ENV_CLIENT_KEY: &str = "TELCOFLOW_CLIENT_KEY";
 pub const ENV_SAMPLE_RATE: &str = "TELCOFLOW_SAMPLE_RATE";
 
 /// The builder field each variable sets, to name the variable when its value is refused.
-const ENV_FIELDS: [(&str, &str); 6] = [
+const ENV_FIELDS: [(&str, &str); 7] = [
     ("api_key", ENV_API_KEY),
     ("connector_uuid", ENV_CONNECTOR_UUID),
     ("base_url", ENV_BASE_URL),
+    ("base_urls", ENV_BASE_URL),
     ("ca_cert", ENV_CA_CERT),
     ("cert_path", ENV_CLIENT_CERT),
     ("key_path", ENV_CLIENT_KEY),
@@ -159,7 +160,8 @@ impl Backoff {
 #[derive(Clone)]
 pub struct TelcoflowClientConfig {
     pub(crate) auth: Auth,
-    pub(crate) base_url: String,
+    /// At least one, each without a trailing slash.
+    pub(crate) base_urls: Vec<String>,
     pub(crate) sample_rate: SampleRate,
     pub(crate) audio_mode: AudioMode,
     pub(crate) buffer_size: usize,
@@ -186,7 +188,7 @@ impl fmt::Debug for TelcoflowClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TelcoflowClientConfig")
             .field("auth", &self.auth)
-            .field("base_url", &self.base_url)
+            .field("base_urls", &self.base_urls)
             .field("sample_rate", &self.sample_rate)
             .field("audio_mode", &self.audio_mode)
             .field("buffer_size", &self.buffer_size)
@@ -235,7 +237,7 @@ impl TelcoflowClientConfig {
     /// |---|---|---|
     /// | `TELCOFLOW_API_KEY` | API key | required, unless mTLS |
     /// | `TELCOFLOW_CONNECTOR_UUID` | connector UUID | required with the API key |
-    /// | `TELCOFLOW_BASE_URL` | `ws://` or `wss://` base URL | [`PRODUCTION_BASE_URL`] |
+    /// | `TELCOFLOW_BASE_URL` | `ws://` or `wss://` base URL; several separated by commas (see [`TelcoflowClientConfigBuilder::base_urls`]) | [`PRODUCTION_BASE_URL`] |
     /// | `TELCOFLOW_CA_CERT` | PEM roots to trust besides the public ones | none |
     /// | `TELCOFLOW_CLIENT_CERT`, `TELCOFLOW_CLIENT_KEY` | PEM certificate and key: mTLS instead of an API key | none |
     /// | `TELCOFLOW_SAMPLE_RATE` | 8000, 16000 or 24000 | 16000 |
@@ -276,9 +278,13 @@ impl TelcoflowClientConfig {
     pub fn auth(&self) -> &Auth {
         &self.auth
     }
-    /// WebSocket base URL, without a trailing slash.
+    /// WebSocket base URL, without a trailing slash: the first of [`Self::base_urls`].
     pub fn base_url(&self) -> &str {
-        &self.base_url
+        &self.base_urls[0]
+    }
+    /// Every base URL, in the order the client tries them (at least one).
+    pub fn base_urls(&self) -> &[String] {
+        &self.base_urls
     }
     /// PCM sample rate of every call.
     pub fn sample_rate(&self) -> SampleRate {
@@ -321,10 +327,11 @@ impl TelcoflowClientConfig {
         }
     }
 
-    pub(crate) fn control_url(&self) -> String {
+    /// The control connection's URL on base URL `index` (wrapping around the list).
+    pub(crate) fn control_url(&self, index: usize) -> String {
         format!(
             "{}{}",
-            self.base_url,
+            self.base_urls[index % self.base_urls.len()],
             telcoflow_proto::control::CONTROL_PATH
         )
     }
@@ -334,7 +341,7 @@ impl TelcoflowClientConfig {
 #[derive(Clone)]
 pub struct TelcoflowClientConfigBuilder {
     auth: Option<Auth>,
-    base_url: String,
+    base_urls: Vec<String>,
     sample_rate: SampleRate,
     audio_mode: AudioMode,
     buffer_size: usize,
@@ -357,7 +364,7 @@ impl fmt::Debug for TelcoflowClientConfigBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TelcoflowClientConfigBuilder")
             .field("auth", &self.auth)
-            .field("base_url", &self.base_url)
+            .field("base_urls", &self.base_urls)
             .finish_non_exhaustive()
     }
 }
@@ -366,7 +373,7 @@ impl Default for TelcoflowClientConfigBuilder {
     fn default() -> Self {
         Self {
             auth: None,
-            base_url: PRODUCTION_BASE_URL.to_owned(),
+            base_urls: vec![PRODUCTION_BASE_URL.to_owned()],
             sample_rate: SampleRate::default(),
             audio_mode: AudioMode::default(),
             buffer_size: 1 << 20,
@@ -408,8 +415,8 @@ impl TelcoflowClientConfigBuilder {
             }),
         };
         let mut builder = Self::default();
-        if let Some(url) = get(ENV_BASE_URL)? {
-            builder = builder.base_url(url);
+        if let Some(urls) = get(ENV_BASE_URL)? {
+            builder = builder.base_urls(urls.split(',').map(str::trim));
         }
         builder = match (get(ENV_CLIENT_CERT)?, get(ENV_CLIENT_KEY)?) {
             (Some(cert), Some(key)) => builder.mtls(cert, key),
@@ -479,9 +486,35 @@ impl TelcoflowClientConfigBuilder {
         self
     }
 
-    /// WebSocket base URL (`ws://` or `wss://`). Default [`PRODUCTION_BASE_URL`].
+    /// WebSocket base URL (`ws://` or `wss://`). Default [`PRODUCTION_BASE_URL`]. Replaces
+    /// any URLs set before; for several, see [`Self::base_urls`].
     pub fn base_url(mut self, base_url: impl Into<String>) -> Self {
-        self.base_url = base_url.into();
+        self.base_urls = vec![base_url.into()];
+        self
+    }
+
+    /// Several base URLs of one service (the nodes of a cluster), tried in turn. Replaces any
+    /// set before.
+    ///
+    /// On [`TelcoflowClient::connect`](crate::TelcoflowClient::connect) the client tries them
+    /// in order until one completes `setup`. When the control connection is lost, each
+    /// reconnection attempt (after the backoff delay) tries them all once, starting with the
+    /// URL after the one that was lost, so that a node that went away is tried last.
+    ///
+    /// ```
+    /// let config = telcoflow::TelcoflowClientConfig::builder()
+    ///     .api_key("my-key", "my-connector-uuid")
+    ///     .base_urls(["ws://10.0.0.1:8080", "ws://10.0.0.2:8080"])
+    ///     .build()?;
+    /// assert_eq!(config.base_urls().len(), 2);
+    /// # Ok::<(), telcoflow::ConfigError>(())
+    /// ```
+    pub fn base_urls<I>(mut self, base_urls: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.base_urls = base_urls.into_iter().map(Into::into).collect();
         self
     }
 
@@ -627,29 +660,42 @@ impl TelcoflowClientConfigBuilder {
                 if !cfg!(feature = "tls") {
                     return Err(ConfigError::invalid("auth", "mTLS needs the `tls` feature"));
                 }
-                if !self.base_url.starts_with("wss://") {
-                    return Err(ConfigError::invalid("base_url", "mTLS needs a wss:// URL"));
+                if !self.base_urls.iter().all(|u| u.starts_with("wss://")) {
+                    return Err(ConfigError::invalid(
+                        url_field(&self.base_urls),
+                        "mTLS needs a wss:// URL",
+                    ));
                 }
             }
         }
-        let base_url = self.base_url.trim_end_matches('/').to_owned();
-        let Some(host) = base_url
-            .strip_prefix("ws://")
-            .or_else(|| base_url.strip_prefix("wss://"))
-        else {
-            return Err(ConfigError::invalid(
-                "base_url",
-                "must start with ws:// or wss://",
-            ));
-        };
-        if host.is_empty() {
-            return Err(ConfigError::invalid("base_url", "has no host"));
+        let field = url_field(&self.base_urls);
+        if self.base_urls.is_empty() {
+            return Err(ConfigError::invalid(field, "needs at least one URL"));
         }
-        if base_url.starts_with("wss://") && !cfg!(feature = "tls") {
-            return Err(ConfigError::invalid(
-                "base_url",
-                "wss:// needs the `tls` feature",
-            ));
+        let base_urls: Vec<String> = self
+            .base_urls
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .collect();
+        for base_url in &base_urls {
+            let Some(host) = base_url
+                .strip_prefix("ws://")
+                .or_else(|| base_url.strip_prefix("wss://"))
+            else {
+                return Err(ConfigError::invalid(
+                    field,
+                    "must start with ws:// or wss://",
+                ));
+            };
+            if host.is_empty() {
+                return Err(ConfigError::invalid(field, "has no host"));
+            }
+            if base_url.starts_with("wss://") && !cfg!(feature = "tls") {
+                return Err(ConfigError::invalid(
+                    field,
+                    "wss:// needs the `tls` feature",
+                ));
+            }
         }
         if !self.buffer_size.is_power_of_two() || self.buffer_size < 1024 {
             return Err(ConfigError::invalid(
@@ -710,7 +756,7 @@ impl TelcoflowClientConfigBuilder {
         let (control_tls, media_tls) = (Tls::default(), Tls::default());
         Ok(TelcoflowClientConfig {
             auth,
-            base_url,
+            base_urls,
             sample_rate: self.sample_rate,
             audio_mode: self.audio_mode,
             buffer_size: self.buffer_size,
@@ -730,6 +776,15 @@ impl TelcoflowClientConfigBuilder {
             control_tls,
             media_tls,
         })
+    }
+}
+
+/// The field named in errors about the base URLs: as the application set them.
+fn url_field(base_urls: &[String]) -> &'static str {
+    if base_urls.len() == 1 {
+        "base_url"
+    } else {
+        "base_urls"
     }
 }
 
@@ -753,9 +808,10 @@ mod tests {
         let c = TelcoflowClientConfig::local("k", "u").unwrap();
         assert_eq!(c.base_url(), "ws://127.0.0.1:8080");
         assert_eq!(
-            c.control_url(),
+            c.control_url(0),
             "ws://127.0.0.1:8080/v1/agent/session-manager"
         );
+        assert_eq!(c.base_urls(), ["ws://127.0.0.1:8080"]);
         assert_eq!(c.buffer_size(), 1 << 20);
         assert_eq!(c.sample_rate(), SampleRate::Hz16000);
         assert_eq!(c.heartbeat_interval(), Duration::from_secs(30));
@@ -806,6 +862,47 @@ mod tests {
         let e = b().buffer_size(3).build().unwrap_err();
         assert!(e.to_string().contains("buffer_size"), "{e}");
         assert!(b().buffer_size(4096).build().is_ok());
+    }
+
+    #[test]
+    fn several_base_urls_are_checked_and_kept_in_order() {
+        let b = || TelcoflowClientConfig::builder().api_key("k", "u");
+        let c = b().base_urls(["ws://a:1/", "ws://b:2"]).build().unwrap();
+        assert_eq!(c.base_urls(), ["ws://a:1", "ws://b:2"]);
+        assert_eq!(c.base_url(), "ws://a:1");
+        assert_eq!(c.control_url(1), "ws://b:2/v1/agent/session-manager");
+        assert_eq!(c.control_url(2), "ws://a:1/v1/agent/session-manager");
+        let none: [&str; 0] = [];
+        assert_eq!(
+            field_of(b().base_urls(none).build().unwrap_err()),
+            "base_urls"
+        );
+        assert_eq!(
+            field_of(b().base_urls(["ws://a", "http://b"]).build().unwrap_err()),
+            "base_urls"
+        );
+        // The last setter wins.
+        let c = b()
+            .base_urls(["ws://a", "ws://b"])
+            .base_url("ws://c")
+            .build()
+            .unwrap();
+        assert_eq!(c.base_urls(), ["ws://c"]);
+        // From the environment, separated by commas.
+        let c = TelcoflowClientConfig::from_lookup(env(&[
+            ("TELCOFLOW_API_KEY", "k"),
+            ("TELCOFLOW_CONNECTOR_UUID", "u"),
+            ("TELCOFLOW_BASE_URL", "ws://a:1, ws://b:2"),
+        ]))
+        .unwrap();
+        assert_eq!(c.base_urls(), ["ws://a:1", "ws://b:2"]);
+        let e = TelcoflowClientConfig::from_lookup(env(&[
+            ("TELCOFLOW_API_KEY", "k"),
+            ("TELCOFLOW_CONNECTOR_UUID", "u"),
+            ("TELCOFLOW_BASE_URL", "ws://a:1,"),
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("TELCOFLOW_BASE_URL"), "{e}");
     }
 
     #[test]

@@ -590,3 +590,101 @@ async fn media_open_times_out_and_the_call_returns_to_new() {
         .expect("the peer accepted the TCP connection");
     peer.abort();
 }
+
+/// A loopback address on which nothing listens: connections to it are refused.
+fn dead_url() -> String {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("ws://{}", probe.local_addr().unwrap())
+}
+
+#[tokio::test]
+async fn connect_tries_the_base_urls_in_turn() {
+    let server = start_server().await;
+    let live = server.base_url().to_owned();
+    let config = builder(&live)
+        .base_urls([dead_url(), live.clone()])
+        .build()
+        .unwrap();
+    let client = TelcoflowClient::connect(config).await.unwrap();
+    assert_eq!(client.connected_base_url().as_deref(), Some(live.as_str()));
+    let mut events = client.events();
+    dial_and_answer(&live, &mut events).await;
+    client.shutdown().await;
+
+    // None answers: the first connection fails, as with one URL.
+    let config = builder(&live)
+        .base_urls([dead_url(), dead_url()])
+        .build()
+        .unwrap();
+    let e = TelcoflowClient::connect(config).await.unwrap_err();
+    assert!(!e.is_authentication(), "{e}");
+    server.shutdown().await;
+}
+
+/// The control connection's events until it is up again after a loss: the base URL it went
+/// to, and the largest reconnection attempt number seen before.
+async fn reconnected(
+    client: &TelcoflowClient,
+    events: &mut telcoflow::ClientEvents,
+) -> (String, u32) {
+    next_event(events, |ev| {
+        matches!(ev, ClientEvent::Disconnected { .. }).then_some(())
+    })
+    .await;
+    let mut attempts = 0;
+    next_event(events, |ev| match ev {
+        ClientEvent::Reconnecting { attempt, .. } => {
+            attempts = attempts.max(attempt);
+            None
+        }
+        ClientEvent::Connected { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    (client.connected_base_url().unwrap(), attempts)
+}
+
+#[tokio::test]
+async fn reconnection_moves_to_the_next_base_url_when_its_node_goes_away() {
+    let a = start_server().await;
+    let b = start_server().await;
+    let c = start_server().await;
+    let urls = [a.base_url(), b.base_url(), c.base_url()].map(str::to_owned);
+    let addr_a = a.local_addr();
+    let config = builder(&urls[0])
+        .base_urls(urls.clone())
+        .reconnect_delay_fn(|_| Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let client = TelcoflowClient::connect(config).await.unwrap();
+    let mut events = client.events();
+    assert_eq!(client.connected_base_url().as_ref(), Some(&urls[0]));
+
+    // Node A goes away: the first reconnection attempt reaches node B, which takes calls.
+    a.shutdown().await;
+    assert_eq!(
+        reconnected(&client, &mut events).await,
+        (urls[1].clone(), 1)
+    );
+    dial_and_answer(&urls[1], &mut events).await;
+
+    // Node A is back; node B goes away: the client goes on to node C, the one after B,
+    // rather than back to the start of the list.
+    let a = start_server_on(addr_a).await;
+    b.shutdown().await;
+    assert_eq!(
+        reconnected(&client, &mut events).await,
+        (urls[2].clone(), 1)
+    );
+    dial_and_answer(&urls[2], &mut events).await;
+
+    // Node C goes away: the client wraps around to node A.
+    c.shutdown().await;
+    assert_eq!(
+        reconnected(&client, &mut events).await,
+        (urls[0].clone(), 1)
+    );
+    dial_and_answer(&urls[0], &mut events).await;
+    client.shutdown().await;
+    a.shutdown().await;
+}

@@ -53,7 +53,8 @@ enum Mode {
 /// How to reach the server.
 #[derive(Debug, clap::Args)]
 struct Connection {
-    /// Server WebSocket base URL.
+    /// Server WebSocket base URL; several (the nodes of a cluster), separated by commas,
+    /// are tried in turn.
     #[arg(
         long,
         env = ENV_BASE_URL,
@@ -96,7 +97,7 @@ impl Connection {
     fn config(&self) -> anyhow::Result<TelcoflowClientConfig> {
         let rate = SampleRate::from_hz(self.sample_rate)?;
         let mut builder = TelcoflowClientConfig::builder()
-            .base_url(&self.server)
+            .base_urls(self.server.split(',').map(str::trim))
             .sample_rate(rate);
         builder = match (
             &self.client_cert,
@@ -494,6 +495,15 @@ mod tests {
         };
         assert_eq!(conn.server, "ws://10.0.0.1:9");
         assert_eq!(conn.max_calls, Some(3));
+        let several = Connection {
+            server: "ws://10.0.0.1:9, ws://10.0.0.2:9".into(),
+            ..conn
+        };
+        assert_eq!(
+            several.config().unwrap().base_urls(),
+            ["ws://10.0.0.1:9", "ws://10.0.0.2:9"]
+        );
+        let conn = several;
         assert_eq!(conn.config().unwrap().sample_rate(), SampleRate::Hz24000);
         let args = parse(&[
             "agent",

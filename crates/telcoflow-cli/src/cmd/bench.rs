@@ -15,6 +15,7 @@
 //! the first call, divided by the calls answered.
 
 pub(crate) mod caller;
+mod cluster;
 pub(crate) mod marker;
 #[cfg(feature = "plot")]
 mod plot;
@@ -41,6 +42,9 @@ use tokio::time::Instant;
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a child may take to exit after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time for the records of the calls just ended to pass through NATS before the last reading
+/// of its counters.
+const NATS_SETTLE: Duration = Duration::from_secs(1);
 /// Settling time between the last call set up and the start of the CPU window.
 const SETTLE: Duration = Duration::from_secs(1);
 /// Sample rate without `--sample-rate`, for simulated callers.
@@ -144,7 +148,21 @@ pub(crate) struct Args {
     /// As --stall-agent-ms, but stall the server child (not with --server).
     #[arg(long, value_name = "MS", conflicts_with = "server")]
     stall_server_ms: Option<u64>,
-    /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep).
+    /// Also run a cluster of N server children on one nats-server (started with JetStream),
+    /// with --calls calls on each node: N x --calls calls dialled over the nodes in turn, the
+    /// agents on the first. The single-node run (--calls calls) comes first, then the
+    /// cluster's, and the two are compared.
+    #[arg(
+        long,
+        value_name = "N",
+        conflicts_with_all = ["server", "sip", "stall_agent_ms", "stall_server_ms"]
+    )]
+    nodes: Option<usize>,
+    /// The nats-server binary for --nodes [default: nats-server on PATH].
+    #[arg(long, env = "NATS_SERVER", value_name = "PATH")]
+    nats_server: Option<PathBuf>,
+    /// Write the figures as JSON here (an object, or {"runs": [...]} for a sweep; with --nodes
+    /// {"single_node": ..., "cluster": ..., "cluster_vs_single": ...}).
     #[arg(long)]
     json: Option<PathBuf>,
     /// Draw CPU, RSS and p99 round trip against the number of calls into this PNG (needs a
@@ -221,6 +239,17 @@ pub(crate) struct RunResult {
     /// Round trips around an agent stall (--stall-agent-ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     stall: Option<StallFigures>,
+    /// The cluster's own figures, in a --nodes run on the cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<cluster::ClusterFigures>,
+}
+
+/// A --nodes run: the same calls on one node, then on the cluster.
+#[derive(Debug, Clone, Serialize)]
+struct ClusterRun {
+    single_node: RunResult,
+    cluster: RunResult,
+    cluster_vs_single: cluster::Comparison,
 }
 
 /// Round trip p50 per second around an agent stall.
@@ -265,20 +294,57 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
              cargo build --release -p telcoflow-cli --features plot"
         );
     }
+    let topology = match args.nodes {
+        Some(0) => bail!("--nodes must be at least 1"),
+        Some(nodes) => Some((
+            nodes,
+            cluster::nats_server_bin(args.nats_server.as_deref())?,
+        )),
+        None => None,
+    };
     let mut runs = Vec::new();
+    let mut pairs = Vec::new();
     for &n in &sizes {
-        let r = run_once(&args, n, rate, duration, ramp).await?;
+        let r = run_once(&args, n, rate, duration, ramp, None).await?;
         print_table(&r);
+        if let Some((nodes, bin)) = &topology {
+            // As many calls on each node as on the single one: a process's CPU per call falls
+            // with the calls it carries (its 20 ms ticks serve more of them per wake-up), so
+            // only equal loads per process show what the cluster itself costs.
+            let total = n
+                .checked_mul(*nodes)
+                .filter(|&t| t <= usize::from(u16::MAX));
+            let total = total.context("too many calls over the nodes")?;
+            let c = run_once(&args, total, rate, duration, ramp, Some((*nodes, bin))).await?;
+            print_table(&c);
+            let figures = c
+                .cluster
+                .as_ref()
+                .context("a cluster run without figures")?;
+            let comparison = cluster::Comparison::new(
+                &r.setup_ms,
+                r.server.as_ref(),
+                figures,
+                c.server.as_ref(),
+            );
+            print_comparison(&comparison);
+            pairs.push(ClusterRun {
+                single_node: r.clone(),
+                cluster: c.clone(),
+                cluster_vs_single: comparison,
+            });
+        }
         runs.push(r);
     }
     if runs.len() > 1 {
         print_sweep(&runs);
     }
     if let Some(path) = &args.json {
-        let json = if args.sweep.is_empty() {
-            serde_json::to_string_pretty(&runs[0])?
-        } else {
-            serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?
+        let json = match (args.sweep.is_empty(), topology.is_some()) {
+            (true, false) => serde_json::to_string_pretty(&runs[0])?,
+            (false, false) => serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?,
+            (true, true) => serde_json::to_string_pretty(&pairs[0])?,
+            (false, true) => serde_json::to_string_pretty(&serde_json::json!({ "runs": pairs }))?,
         };
         std::fs::write(path, json + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -289,6 +355,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let all_answered = runs
         .iter()
+        .chain(pairs.iter().map(|p| &p.cluster))
         .all(|r| r.calls_failed == 0 && r.hangups_failed == 0);
     Ok(if all_answered {
         ExitCode::SUCCESS
@@ -381,12 +448,36 @@ async fn run_once(
     rate: SampleRate,
     duration: Duration,
     ramp: Duration,
+    topology: Option<(usize, &std::path::Path)>,
 ) -> anyhow::Result<RunResult> {
     let exe = std::env::current_exe().context("cannot find the telcoflow binary")?;
-    let mut server_child = None;
-    let (base_url, server_pid, sip_addr) = match &args.server {
-        Some(url) => (url.clone(), args.server_pid, args.sip_addr),
-        None => {
+    let mut server_children = Vec::new();
+    let mut nats = None;
+    // One base URL per node (the agents are on the first), the nodes' process ids.
+    let (base_urls, server_pids, sip_addr) = match (&args.server, topology) {
+        (Some(url), _) => (
+            vec![url.clone()],
+            args.server_pid.into_iter().collect::<Vec<_>>(),
+            args.sip_addr,
+        ),
+        (None, Some((nodes, bin))) => {
+            let server = cluster::Nats::start(bin).await?;
+            let mut urls = Vec::new();
+            let mut pids = Vec::new();
+            for k in 0..nodes {
+                let mut cmd = Command::new(&exe);
+                cmd.args(["serve", "--listen", "127.0.0.1:0"])
+                    .args(["--cluster", &server.url])
+                    .args(["--node-id", &format!("bench-node-{k}")]);
+                let mut child = ChildProc::spawn("server", cmd)?;
+                urls.push(child.wait_line(super::serve::READY_PREFIX).await?);
+                pids.push(child.pid);
+                server_children.push(child);
+            }
+            nats = Some(server);
+            (urls, pids, None)
+        }
+        (None, None) => {
             let mut cmd = Command::new(&exe);
             // Its calls are over when it is stopped: no drain to wait for.
             cmd.args(["serve", "--listen", "127.0.0.1:0", "--drain-grace", "0"]);
@@ -412,10 +503,11 @@ async fn run_once(
                 None
             };
             let pid = child.pid;
-            server_child = Some(child);
-            (url, Some(pid), sip_addr)
+            server_children.push(child);
+            (vec![url], vec![pid], sip_addr)
         }
     };
+    let base_url = base_urls[0].clone();
     let mut agent_child = match args.agent {
         AgentKind::External => None,
         AgentKind::Rust => {
@@ -449,9 +541,23 @@ async fn run_once(
     let agent_pid = agent_child.as_ref().map(|a| a.pid).or(args.agent_pid);
 
     let sample = |pid: Option<u32>| pid.and_then(ProcSample::read);
+    let nats_pid = nats.as_ref().map(|n| n.pid);
+    // Every node's reading, or none if one is missing.
+    let sample_nodes = |pids: &[u32]| -> Option<Vec<ProcSample>> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().map(|&p| ProcSample::read(p)).collect()
+    };
     // Let the children finish starting up before the idle reading.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle = (sample(server_pid), sample(agent_pid));
+    let idle = (sample_nodes(&server_pids), sample(agent_pid));
+    let nats_idle = sample(nats_pid);
+    let varz = async |at: Instant| match &nats {
+        Some(n) => n.varz().await.map(|v| Some((at, v))),
+        None => Ok(None),
+    };
+    let varz_idle = varz(Instant::now()).await?;
     let me = std::process::id();
 
     let epoch = Instant::now();
@@ -465,7 +571,7 @@ async fn run_once(
     let stall_at = first_dial + ramp + duration / 2;
     let stalled = match (args.stall_agent_ms, args.stall_server_ms) {
         (Some(ms), _) => agent_child.as_ref().map(|a| ("agent", a.pid, ms)),
-        (None, Some(ms)) => server_pid.map(|pid| ("server", pid, ms)),
+        (None, Some(ms)) => server_pids.first().map(|&pid| ("server", pid, ms)),
         (None, None) => None,
     };
     let stall = stalled
@@ -474,7 +580,8 @@ async fn run_once(
     for i in 0..n {
         let offset = ramp.mul_f64(i as f64 / n as f64);
         let plan = CallPlan {
-            base_url: base_url.clone(),
+            // In turn over the nodes: with N nodes, one call in N lands on the agents' node.
+            base_url: base_urls[i % base_urls.len()].clone(),
             index: i,
             rate,
             epoch,
@@ -484,7 +591,8 @@ async fn run_once(
             sip: sip_addr,
             probes: args.stall_agent_ms.or(args.stall_server_ms).is_none(),
         };
-        calls.spawn(caller::run(plan, progress.clone()));
+        let progress = progress.clone();
+        calls.spawn(async move { (i, caller::run(plan, progress).await) });
     }
 
     // Progress line and the CPU window readings.
@@ -493,26 +601,36 @@ async fn run_once(
     let mut start_reading = None;
     let mut end_reading = None;
     let mut reports: Vec<CallReport> = Vec::with_capacity(n);
+    // Which node each report's call was dialled on.
+    let mut report_nodes: Vec<usize> = Vec::with_capacity(n);
     let window_start_sleep = tokio::time::sleep_until(window_start);
     let window_end_sleep = tokio::time::sleep_until(window_end);
     tokio::pin!(window_start_sleep, window_end_sleep);
     let mut start_done = false;
+    let (mut varz_start, mut varz_end) = (None, None);
     let mut load = None;
     let mut end_done = false;
     while reports.len() < n {
         tokio::select! {
             r = calls.join_next() => match r {
-                Some(Ok(report)) => reports.push(report),
+                Some(Ok((i, report))) => {
+                    reports.push(report);
+                    report_nodes.push(i % base_urls.len());
+                }
                 Some(Err(e)) => bail!("a caller task failed: {e}"),
                 None => break,
             },
             () = &mut window_start_sleep, if !start_done => {
                 start_done = true;
-                start_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s()));
+                let now = Instant::now();
+                start_reading = Some((now, sample_nodes(&server_pids), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s(), sample(nats_pid)));
+                varz_start = varz(now).await?;
             }
             () = &mut window_end_sleep, if !end_done => {
                 end_done = true;
-                end_reading = Some((Instant::now(), sample(server_pid), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s()));
+                let now = Instant::now();
+                end_reading = Some((now, sample_nodes(&server_pids), sample(agent_pid), ProcSample::read(me), stats::machine_busy_s(), sample(nats_pid)));
+                varz_end = varz(now).await?;
                 load = stats::loadavg();
             }
             _ = tick.tick() => {
@@ -543,6 +661,15 @@ async fn run_once(
     if let Some(stall) = stall {
         stall.await.context("the stall task failed")??;
     }
+    // The nodes write each ended call's record and count right after its hang-up: a moment
+    // for those to pass through NATS before the last reading.
+    let varz_done = match &nats {
+        Some(_) => {
+            tokio::time::sleep(NATS_SETTLE).await;
+            varz(Instant::now()).await?
+        }
+        None => None,
+    };
     let handling = match agent_child {
         Some(agent) => agent.stop().await.and_then(|v| {
             let f = |k: &str| v.get(k).and_then(serde_json::Value::as_f64);
@@ -555,18 +682,29 @@ async fn run_once(
         }),
         None => None,
     };
-    if let Some(server) = server_child {
-        server.stop().await;
+    futures_util::future::join_all(server_children.into_iter().map(ChildProc::stop)).await;
+    if let Some(n) = nats {
+        n.stop().await;
     }
 
     let answered = reports.iter().filter(|r| r.answered).count();
+    let mut node_costs = Vec::new();
+    let mut nats_cost = None;
     let (server_cost, agent_cost, callers_cpu, machine, window) = match (start_reading, end_reading)
     {
-        (Some((t0, s0, a0, m0, b0)), Some((t1, s1, a1, m1, b1))) => {
+        (Some((t0, s0, a0, m0, b0, n0)), Some((t1, s1, a1, m1, b1, n1))) => {
             let window = t1 - t0;
             let cost = |idle: Option<ProcSample>, a: Option<ProcSample>, b: Option<ProcSample>| {
                 Some(ProcCost::new(idle?, a?, b?, window, answered))
             };
+            if let (Some(i), Some(a), Some(b)) = (&idle.0, &s0, &s1) {
+                node_costs = (0..i.len())
+                    .map(|k| cost(i.get(k).copied(), a.get(k).copied(), b.get(k).copied()))
+                    .collect();
+            }
+            nats_cost = cost(nats_idle, n0, n1);
+            let sum = |v: Option<Vec<ProcSample>>| v.as_deref().map(ProcSample::sum);
+            let (idle_sum, s0, s1) = (sum(idle.0.clone()), sum(s0), sum(s1));
             let callers = match (m0, m1) {
                 (Some(a), Some(b)) => round3((b.cpu_s - a.cpu_s) / window.as_secs_f64()),
                 _ => 0.0,
@@ -576,7 +714,7 @@ async fn run_once(
                 _ => 0.0,
             };
             (
-                cost(idle.0, s0, s1),
+                cost(idle_sum, s0, s1),
                 cost(idle.1, a0, a1),
                 callers,
                 machine,
@@ -595,6 +733,7 @@ async fn run_once(
         stall_ms: ms,
         p50_ms_by_second: p50_by_second(&reports, us_since(epoch, stall_at)),
     });
+    let result_setups: Vec<Option<u32>> = reports.iter().map(|r| r.setup_us).collect();
     let mut result = summarise(
         args,
         n,
@@ -610,6 +749,41 @@ async fn run_once(
         window,
     );
     result.stall = stall;
+    if let Some((nodes, _)) = topology {
+        let mut cross = Vec::new();
+        let mut same = Vec::new();
+        for (r, &node) in result_setups.iter().zip(&report_nodes) {
+            if let Some(us) = *r {
+                if node == 0 {
+                    same.push(us)
+                } else {
+                    cross.push(us)
+                }
+            }
+        }
+        let nats = match (varz_idle, varz_start, varz_end, varz_done) {
+            (Some(idle), Some(window_start), Some(window_end), Some(end)) => {
+                Some(cluster::NatsFigures::new(
+                    &cluster::NatsReadings {
+                        idle,
+                        window_start,
+                        window_end,
+                        end,
+                    },
+                    answered,
+                ))
+            }
+            _ => None,
+        };
+        result.cluster = Some(cluster::ClusterFigures {
+            nodes,
+            setup_cross_node_ms: Percentiles::from_us(&mut cross),
+            setup_same_node_ms: Percentiles::from_us(&mut same),
+            server_per_node: node_costs,
+            nats_server: nats_cost,
+            nats,
+        });
+    }
     Ok(result)
 }
 
@@ -746,6 +920,7 @@ fn summarise(
             .take(5)
             .collect(),
         stall: None,
+        cluster: None,
     }
 }
 
@@ -807,6 +982,18 @@ fn print_table(r: &RunResult) {
         CallerKind::Sip => "setup (INVITE->200)",
     };
     println!("  {:<24}{}", setup, pct(&r.setup_ms));
+    if let Some(c) = &r.cluster {
+        println!(
+            "  {:<24}{}",
+            "  on another node",
+            pct(&c.setup_cross_node_ms)
+        );
+        println!(
+            "  {:<24}{}",
+            "  on the agents' node",
+            pct(&c.setup_same_node_ms)
+        );
+    }
     println!("  {:<24}{}", "round trip", pct(&r.round_trip_ms));
     println!(
         "  {:<24}{}",
@@ -826,7 +1013,32 @@ fn print_table(r: &RunResult) {
             h.handle_us_p50, h.handle_us_p99, h.handle_us_max
         );
     }
-    println!("  server  {}", cost(&r.server));
+    match &r.cluster {
+        Some(c) => {
+            println!("  servers {} (the {} nodes)", cost(&r.server), c.nodes);
+            for (k, node) in c.server_per_node.iter().enumerate() {
+                println!("   node {k} {}", cost(node));
+            }
+            println!("  nats    {}", cost(&c.nats_server));
+            if let Some(n) = &c.nats {
+                println!(
+                    "  NATS per call            {:.1} msgs in, {:.1} out; {:.0} bytes in, {:.0} out",
+                    n.per_call.in_msgs,
+                    n.per_call.out_msgs,
+                    n.per_call.in_bytes,
+                    n.per_call.out_bytes
+                );
+                println!(
+                    "  NATS per s, calls up     {:.1} msgs in, {:.1} out; {:.0} bytes in, {:.0} out",
+                    n.steady_per_s.in_msgs,
+                    n.steady_per_s.out_msgs,
+                    n.steady_per_s.in_bytes,
+                    n.steady_per_s.out_bytes
+                );
+            }
+        }
+        None => println!("  server  {}", cost(&r.server)),
+    }
     println!("  agent   {}", cost(&r.agent));
     println!("  callers {:.2} cores (this process)", r.callers_cpu_cores);
     let ours = r.callers_cpu_cores
@@ -851,6 +1063,26 @@ fn print_table(r: &RunResult) {
     for f in &r.failures {
         println!("  failure: {f}");
     }
+}
+
+fn print_comparison(c: &cluster::Comparison) {
+    println!();
+    println!("cluster against single node:");
+    println!(
+        "  setup p50 {:.2} ms on another node, {:.2} ms on one node; p99 {:.2} ms, {:.2} ms",
+        c.setup_p50_ms_cross_node,
+        c.setup_p50_ms_single,
+        c.setup_p99_ms_cross_node,
+        c.setup_p99_ms_single
+    );
+    let ratio = |r: Option<f64>| r.map_or("not measured".to_owned(), |r| format!("{r:.3}"));
+    println!(
+        "  server CPU {:.3} s/call-min on the nodes, {:.3} on one node: ratio {} ({} with nats-server)",
+        c.server_cpu_s_per_call_min_cluster,
+        c.server_cpu_s_per_call_min_single,
+        ratio(c.server_cpu_ratio),
+        ratio(c.server_and_nats_cpu_ratio)
+    );
 }
 
 fn print_sweep(runs: &[RunResult]) {

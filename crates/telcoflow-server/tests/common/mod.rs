@@ -574,3 +574,336 @@ pub async fn http_at(addr: &str, method: &str, path: &str) -> (u16, Value) {
         .unwrap_or(Value::Null);
     (status, json)
 }
+
+/// The workspace's root.
+pub fn workspace_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// An interpreter with the official Python SDK (`telcoflow==1.0.0`): `PYTHON`, the
+/// workspace's `.venv/bin/python` or `python3`, whichever imports it first. None outside CI
+/// when there is none (the test is skipped); under CI that fails the test.
+pub fn python_with_sdk() -> Option<String> {
+    let venv = workspace_dir().join(".venv/bin/python");
+    let found = std::env::var("PYTHON")
+        .ok()
+        .into_iter()
+        .chain([venv.display().to_string(), "python3".to_owned()])
+        .find(|python| {
+            std::process::Command::new(python)
+                .args(["-c", "import telcoflow"])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the Python SDK is not installed (pip install telcoflow==1.0.0; run .ci/run)"
+        );
+        eprintln!("skipped: the Python SDK is not installed (pip install telcoflow==1.0.0)");
+    }
+    found
+}
+
+/// The haproxy binary: `HAPROXY`, else `haproxy` on `PATH` or in the sbin directories,
+/// where the Debian package puts it.
+pub fn haproxy_bin() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("HAPROXY") {
+        return Some(path.into());
+    }
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/sbin", "/usr/local/sbin"].map(Into::into));
+    dirs.into_iter()
+        .map(|dir| dir.join("haproxy"))
+        .find(|p| p.is_file())
+}
+
+/// One server of the balancer as its statistics show it.
+#[derive(Debug, Clone)]
+pub struct BalancedServer {
+    pub name: String,
+    /// `UP`, `DOWN`, or a transition such as `UP 1/2`.
+    pub status: String,
+    /// Connections passing through to it now.
+    pub current: u64,
+}
+
+/// HAProxy in front of cluster nodes, run with the shipped `deploy/haproxy.cfg` on a free
+/// loopback port; killed (and its directory removed) on drop.
+pub struct Haproxy {
+    child: tokio::process::Child,
+    dir: std::path::PathBuf,
+    /// `ws://127.0.0.1:<port>`: the one base URL of the service.
+    pub base_url: String,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `deploy/haproxy.cfg` for a test: its frontend bound to `port`, its servers replaced by
+/// `servers` (name and `host:port`), and an admin socket at `socket` for the statistics.
+pub fn haproxy_config(
+    shipped: &str,
+    port: u16,
+    servers: &[(&str, &str)],
+    socket: &std::path::Path,
+) -> String {
+    let mut out = String::new();
+    let mut servers_written = false;
+    for line in shipped.lines() {
+        let word = line.split_whitespace().next().unwrap_or_default();
+        match word {
+            "global" => {
+                out.push_str(line);
+                out.push('\n');
+                out.push_str(&format!(
+                    "    stats socket {} level admin\n",
+                    socket.display()
+                ));
+            }
+            "bind" => out.push_str(&format!("    bind 127.0.0.1:{port}\n")),
+            "server" => {
+                if !servers_written {
+                    for (name, addr) in servers {
+                        out.push_str(&format!("    server {name} {addr}\n"));
+                    }
+                    servers_written = true;
+                }
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    assert!(servers_written, "the shipped config has no server line");
+    out
+}
+
+/// Starts HAProxy in front of `servers` (name and `host:port`, or a `ws://host:port` base
+/// URL), or returns None when it is not installed (outside CI: the test is skipped; under
+/// CI that fails it). Returns once it accepts connections and sees every server up.
+pub async fn haproxy(servers: &[(&str, &str)]) -> Option<Haproxy> {
+    let Some(bin) = haproxy_bin() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "haproxy is not installed (apt-get install haproxy, or run .ci/run)"
+        );
+        eprintln!("skipped: no haproxy (apt-get install haproxy, or set HAPROXY)");
+        return None;
+    };
+    let servers: Vec<(&str, &str)> = servers
+        .iter()
+        .map(|(name, addr)| {
+            let addr = addr.strip_prefix("ws://").unwrap_or(addr);
+            (*name, addr.trim_end_matches('/'))
+        })
+        .collect();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("telcoflow-haproxy-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let shipped = std::fs::read_to_string(workspace_dir().join("deploy/haproxy.cfg"))
+        .expect("deploy/haproxy.cfg");
+    let config = dir.join("haproxy.cfg");
+    let socket = dir.join("admin.sock");
+    std::fs::write(&config, haproxy_config(&shipped, port, &servers, &socket)).unwrap();
+    let child = tokio::process::Command::new(&bin)
+        // -db: in the foreground, so that the test holds the process.
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    let proxy = Haproxy {
+        child,
+        dir,
+        base_url: format!("ws://127.0.0.1:{port}"),
+    };
+    let names: Vec<String> = servers.iter().map(|(n, _)| (*n).to_owned()).collect();
+    proxy
+        .wait_for(Duration::from_secs(10), |stats| {
+            names
+                .iter()
+                .all(|n| stats.iter().any(|s| &s.name == n && s.status == "UP"))
+        })
+        .await;
+    Some(proxy)
+}
+
+impl Haproxy {
+    /// The servers of the backend as HAProxy sees them now; empty while it is not up yet.
+    pub async fn servers(&self) -> Vec<BalancedServer> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Ok(mut socket) = tokio::net::UnixStream::connect(self.dir.join("admin.sock")).await
+        else {
+            return Vec::new();
+        };
+        let mut csv = String::new();
+        let asked = async {
+            socket.write_all(b"show stat\n").await?;
+            socket.read_to_string(&mut csv).await
+        };
+        if tokio::time::timeout(WAIT, asked).await.is_err() {
+            return Vec::new();
+        }
+        // A CSV whose header line starts with "# ": pxname, svname, ..., scur, ..., status.
+        let mut lines = csv.lines();
+        let Some(header) = lines.next().and_then(|h| h.strip_prefix("# ")) else {
+            return Vec::new();
+        };
+        let column = |name: &str| header.split(',').position(|c| c == name);
+        let (Some(sv), Some(cur), Some(status)) =
+            (column("svname"), column("scur"), column("status"))
+        else {
+            return Vec::new();
+        };
+        lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.len() > status && f[sv] != "FRONTEND" && f[sv] != "BACKEND")
+            .map(|f| BalancedServer {
+                name: f[sv].to_owned(),
+                status: f[status].to_owned(),
+                current: f[cur].parse().unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// The servers once `done` holds for them, polled for at most `bound`.
+    pub async fn wait_for(
+        &self,
+        bound: Duration,
+        done: impl Fn(&[BalancedServer]) -> bool,
+    ) -> Vec<BalancedServer> {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let servers = self.servers().await;
+            if !servers.is_empty() && done(&servers) {
+                return servers;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "haproxy never got there in {bound:?}: {servers:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The one server that a single client connection (an agent's control connection) goes
+    /// through, once there is one, among `among`.
+    pub async fn server_of_the_connection(&self, among: &[&str], bound: Duration) -> String {
+        let servers = self
+            .wait_for(bound, |servers| {
+                servers
+                    .iter()
+                    .filter(|s| among.contains(&s.name.as_str()) && s.current > 0)
+                    .count()
+                    == 1
+            })
+            .await;
+        servers
+            .into_iter()
+            .find(|s| among.contains(&s.name.as_str()) && s.current > 0)
+            .unwrap()
+            .name
+    }
+}
+
+/// An echo agent on the official Python SDK (`tests/data/py_cluster_agent.py`), given one
+/// base URL; its events (JSON lines) are read as they come. Killed on drop.
+pub struct PyAgent {
+    child: std::process::Child,
+    events: tokio::sync::mpsc::UnboundedReceiver<Value>,
+}
+
+impl Drop for PyAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl PyAgent {
+    /// Starts the agent on the development connector and waits until its SessionManager is
+    /// up; None when the Python SDK is not installed (see [`python_with_sdk`]).
+    pub async fn start(base_url: &str) -> Option<Self> {
+        use std::io::BufRead as _;
+        use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECTOR_UUID};
+        let python = python_with_sdk()?;
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/py_cluster_agent.py"
+        );
+        let mut child = std::process::Command::new(python)
+            .args([script, base_url, DEV_API_KEY, DEV_CONNECTOR_UUID])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        // A thread of its own: the lines end when the process does.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => eprintln!("python agent: {line}"),
+                }
+            }
+        });
+        let mut agent = Self { child, events };
+        let ready = agent
+            .event(Duration::from_secs(20), |e| e["event"] == "ready")
+            .await;
+        assert_eq!(ready["event"], "ready");
+        Some(agent)
+    }
+
+    /// The next event for which `wanted` holds (others are skipped), within `bound`.
+    pub async fn event(&mut self, bound: Duration, wanted: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no such event from the Python agent in {bound:?}"))
+                .expect("the Python agent exited");
+            eprintln!("python agent: {event}");
+            if wanted(&event) {
+                return event;
+            }
+        }
+    }
+}
+
+/// Whether the caller hears its own level back from an echoing agent: it sends a few
+/// frames ahead, then one per frame it hears, for at most `rounds` frames.
+pub async fn hears_echo(phone: &mut Phone, level: i16, frame: usize, rounds: usize) -> bool {
+    for _ in 0..3 {
+        phone.send_level(level, frame).await;
+    }
+    for _ in 0..rounds {
+        if samples(&phone.ws.binary().await)[frame / 2] == level {
+            return true;
+        }
+        phone.send_level(level, frame).await;
+    }
+    false
+}

@@ -73,6 +73,24 @@ pub(crate) struct ProcSample {
     pub(crate) rss_mib: f64,
 }
 
+impl ProcSample {
+    /// The readings of several processes taken together (the nodes of a cluster).
+    pub(crate) fn sum(samples: &[Self]) -> Self {
+        samples.iter().fold(
+            Self {
+                cpu_s: 0.0,
+                kernel_s: 0.0,
+                rss_mib: 0.0,
+            },
+            |a, b| Self {
+                cpu_s: a.cpu_s + b.cpu_s,
+                kernel_s: a.kernel_s + b.kernel_s,
+                rss_mib: a.rss_mib + b.rss_mib,
+            },
+        )
+    }
+}
+
 /// `USER_HZ`: the unit of `utime`/`stime` in `/proc/<pid>/stat`. The kernel reports these in
 /// USER_HZ, which is 100 on every Linux architecture we run on.
 const USER_HZ: f64 = 100.0;

@@ -10,11 +10,10 @@ use crate::registry::{CloseError, NodeContext, call_in};
 use crate::token::unix_now;
 use async_nats::jetstream::kv;
 use futures_util::StreamExt;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use telcoflow_proto::control::ServerFrame;
-use telcoflow_proto::control::SessionState;
+use telcoflow_proto::control::{CloseReason, ServerFrame, SessionState};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -459,22 +458,37 @@ impl NatsRegistry {
     }
 
     fn mirrored(&self, entry: kv::Entry) {
-        let mut mirror = lock(&self.inner.mirror);
-        match entry.operation {
-            kv::Operation::Put => match serde_json::from_slice::<SessionRecord>(&entry.value) {
-                // A record of this node's id left from a previous life is reaped once that
-                // life's heartbeat is not seen any more, not here: another process with the
-                // same id may be running it.
-                Ok(mut record) => {
-                    record.revision = entry.revision;
-                    mirror.insert(entry.key, record);
-                }
-                Err(e) => warn!(key = %entry.key, error = %e, "unreadable session record"),
-            },
-            kv::Operation::Delete | kv::Operation::Purge => {
-                mirror.remove(&entry.key);
-            }
+        let gone = {
+            let mut mirror = lock(&self.inner.mirror);
+            mirror_entry(&mut mirror, entry)
+        };
+        if let Some(record) = gone {
+            self.lost_with_its_node(&record);
         }
+    }
+
+    /// An open record deleted: its node (or its process) was lost, since records of calls
+    /// that end are closed, not deleted, until they are forgotten. Its call ended with that
+    /// node, whose `session.closed` never came: the control connection of this node that
+    /// held the session gets it now. Whichever node reaped the record, every node sees the
+    /// delete, and only the holder's node has the connection.
+    fn lost_with_its_node(&self, record: &SessionRecord) {
+        let this_process =
+            record.owner == self.me() && record.incarnation == self.inner.incarnation;
+        if record.info.state != SessionState::Open || this_process {
+            return;
+        }
+        let Some(holder) = record.bound.as_ref().filter(|h| h.node == self.me()) else {
+            return;
+        };
+        let Some(link) = self.local().link(&holder.sm_ws_id) else {
+            return;
+        };
+        debug!(session_id = %record.info.id, owner = %record.owner, "call lost with its node");
+        link.send(ServerFrame::SessionClosed {
+            session_id: record.info.id.clone(),
+            reason: CloseReason::CallTerminated,
+        });
     }
 
     async fn heartbeat(self, mut beat: NodeBeat, shutdown: tokio_util::sync::CancellationToken) {
@@ -511,4 +525,25 @@ impl NatsRegistry {
         // A clean exit: the node is gone at once rather than when its heartbeat expires.
         let _ = self.inner.nodes.delete(&self.inner.node_id).await;
     }
+}
+
+/// Applies a watched entry to the mirror; the record a delete removed.
+fn mirror_entry(
+    mirror: &mut HashMap<String, SessionRecord>,
+    entry: kv::Entry,
+) -> Option<SessionRecord> {
+    match entry.operation {
+        kv::Operation::Put => match serde_json::from_slice::<SessionRecord>(&entry.value) {
+            // A record of this node's id left from a previous life is reaped once that
+            // life's heartbeat is not seen any more, not here: another process with the
+            // same id may be running it.
+            Ok(mut record) => {
+                record.revision = entry.revision;
+                mirror.insert(entry.key, record);
+            }
+            Err(e) => warn!(key = %entry.key, error = %e, "unreadable session record"),
+        },
+        kv::Operation::Delete | kv::Operation::Purge => return mirror.remove(&entry.key),
+    }
+    None
 }
