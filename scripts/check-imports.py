@@ -24,7 +24,7 @@ LAYERS = [
     ["registry", "net"],
     ["state"],
     ["call", "net::sim", "net::sip"],
-    ["auth", "control", "media", "http"],
+    ["auth", "control", "media", "http", "drain"],
 ]
 # The crate root wires everything together and may import from any layer.
 ROOT = "lib"

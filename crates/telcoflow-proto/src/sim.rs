@@ -71,6 +71,9 @@ pub enum HangupReason {
     Rejected,
     /// The server failed.
     Error,
+    /// The server takes no new calls now (it is draining before it stops): call another
+    /// node of the service.
+    Unavailable,
 }
 
 impl HangupReason {
@@ -84,6 +87,7 @@ impl HangupReason {
             Self::Busy => "busy",
             Self::Rejected => "rejected",
             Self::Error => "error",
+            Self::Unavailable => "unavailable",
         }
     }
 }

@@ -55,6 +55,12 @@ pub struct Config {
     /// A control connection with no frame and no pong for this long is closed as dead, in
     /// seconds. Default 75.
     pub control_idle_timeout_secs: u64,
+    /// How long a draining server (SIGTERM, or `POST /admin/v1/drain`) lets its calls run
+    /// before it ends those still going, in seconds. Default 30; 0 ends them at once.
+    pub drain_grace_secs: u64,
+    /// A token that also authorizes the admin routes (`Authorization: Bearer <token>`),
+    /// besides any connector's API key. Default: none (connector keys only).
+    pub admin_token: Option<String>,
     /// TLS for the listener; with it the server serves `wss://` and `https://` only.
     pub tls: Option<TlsConfig>,
     /// Resource limits.
@@ -533,6 +539,8 @@ impl Default for Config {
             token_secret: None,
             control_ping_interval_secs: 30,
             control_idle_timeout_secs: 75,
+            drain_grace_secs: 30,
+            admin_token: None,
             tls: None,
             limits: Limits::default(),
             connectors: Vec::new(),
@@ -714,6 +722,11 @@ impl Config {
     /// Control ping interval as a duration.
     pub fn control_ping_interval(&self) -> Duration {
         Duration::from_secs(self.control_ping_interval_secs)
+    }
+
+    /// Drain grace as a duration.
+    pub fn drain_grace(&self) -> Duration {
+        Duration::from_secs(self.drain_grace_secs)
     }
 
     /// Control idle timeout as a duration.

@@ -49,6 +49,11 @@ pub(crate) async fn control_ws(
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
     };
+    if shared.is_draining() {
+        // Its clients reconnect (through a load balancer) to a node that stays.
+        let body = "this node is draining: connect to another node of the service";
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+    }
     let limit = shared.config.limits.max_control_connections_per_connector;
     // The place is held from here until the connection ends (dropped with the upgrade task, or
     // with the handler if the upgrade never happens).
@@ -170,6 +175,20 @@ async fn run(
                 let close = CloseFrame {
                     code: close_code::POLICY,
                     reason: "send queue full: the client is not reading its frames".into(),
+                };
+                let _ = socket.send(Message::Close(Some(close))).await;
+                break;
+            }
+            // Cancel-safe: only observes the token.
+            () = shared.draining.cancelled() => {
+                // 1001 (Going Away): the client reconnects, through its load balancer, to
+                // another node (the SDKs take 1001 as a normal close, where 1012 would be
+                // logged as an error); the sessions it held whose media is not up are offered
+                // again there (RESUME) below. Calls whose media is up go on over their media
+                // connections.
+                let close = CloseFrame {
+                    code: close_code::AWAY,
+                    reason: "this node is draining: reconnect to another node".into(),
                 };
                 let _ = socket.send(Message::Close(Some(close))).await;
                 break;

@@ -225,3 +225,63 @@ pub(crate) async fn sim_phone(
         }
     }
 }
+
+/// `GET /readyz`: whether this node takes new calls, for load balancers. 200
+/// `{"status": "ready"}`; 503 `{"status": "draining"}` once it drains, or `{"status":
+/// "unavailable", "reason": ..}` while its cluster's NATS is out of reach. Unauthenticated,
+/// like `/healthz` (which only says the process is alive).
+pub(crate) async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let (status, body) = if shared.is_draining() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "draining" }),
+        )
+    } else if let Some(reason) = shared.registry.unavailable() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({ "status": "unavailable", "reason": reason }),
+        )
+    } else {
+        (StatusCode::OK, json!({ "status": "ready" }))
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `POST /admin/v1/drain`: starts draining this node (see `drain`); answers at once, 202
+/// `{"draining": true, "calls": N, "graceSecs": G}` with the calls still running. Authorized
+/// by any connector's credentials (as `/public/v1`) or by `Authorization: Bearer
+/// <admin_token>` when the config sets one. Asking again only reports.
+pub(crate) async fn drain(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !admin_token_matches(&shared, &headers) {
+        auth(&shared, &headers, &peer)?;
+    }
+    let calls = crate::drain::start(&shared);
+    let body = json!({
+        "draining": true,
+        "calls": calls,
+        "graceSecs": shared.config.drain_grace_secs,
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Whether the request carries the configured admin token (compared in constant time).
+fn admin_token_matches(shared: &Shared, headers: &HeaderMap) -> bool {
+    use subtle::ConstantTimeEq as _;
+    let Some(token) = shared
+        .config
+        .admin_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+    else {
+        return false;
+    };
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
+}

@@ -19,7 +19,8 @@
 //! 5. The call actor (`call`: its loop, commands, mixing), and the networks that bring calls
 //!    in: the simulated phones (`net::sim`) and SIP with its RTP legs (`net::sip`, on the
 //!    sans-IO `telcoflow-sip`).
-//! 6. `auth`, `control`, `media`, `http`: the planes that agents and HTTP clients reach.
+//! 6. `auth`, `control`, `media`, `http`: the planes that agents and HTTP clients reach; `drain`,
+//!    how the server stops without dropping calls.
 //!
 //! `scripts/check-imports.py` checks this (its `LAYERS` list is this map).
 
@@ -31,6 +32,7 @@ mod auth;
 mod call;
 pub mod config;
 mod control;
+mod drain;
 mod http;
 mod listener;
 mod media;
@@ -190,6 +192,7 @@ impl Server {
         let sip_addr = sip.map(|bound| bound.start(&shared));
         let shutdown = shared.shutdown.clone();
         let app = router(shared.clone(), phones);
+        let running = shared.clone();
         let task = tokio::spawn(async move {
             listener::serve(
                 listener,
@@ -210,7 +213,9 @@ impl Server {
             sip_addr,
             base_url,
             shutdown,
+            shared: running,
             task,
+            stopped: false,
         })
     }
 }
@@ -223,7 +228,10 @@ pub struct RunningServer {
     sip_addr: Option<SocketAddr>,
     base_url: String,
     shutdown: CancellationToken,
+    shared: Arc<state::Shared>,
     task: tokio::task::JoinHandle<()>,
+    /// The task has been awaited to its end.
+    stopped: bool,
 }
 
 impl RunningServer {
@@ -250,13 +258,34 @@ impl RunningServer {
     /// Stops accepting, closes every connection and waits for the server task to end.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        if !self.stopped {
+            let _ = self.task.await;
+        }
     }
 
     /// Waits until the server stops (after [`RunningServer::shutdown`] from a clone of the
-    /// token, or a fatal error).
+    /// token, at the end of a drain, or after a fatal error). Waiting again returns at once.
     pub async fn wait(&mut self) {
-        let _ = (&mut self.task).await;
+        // A finished task must not be awaited again (it would panic): once is remembered.
+        if !self.stopped {
+            let _ = (&mut self.task).await;
+            self.stopped = true;
+        }
+    }
+
+    /// Starts draining (as `POST /admin/v1/drain` does): no new calls or control
+    /// connections, the control connections closed (1001) so that their clients reconnect to
+    /// another node, the calls left to end for up to `drain_grace_secs` (then closed); the
+    /// server then stops by itself ([`RunningServer::wait`] returns). Returns the calls still
+    /// running; asking again only reports.
+    pub fn drain(&self) -> usize {
+        drain::start(&self.shared)
+    }
+
+    /// Whether the server is draining (or has drained): a stop after a drain is the
+    /// expected end, not a failure.
+    pub fn is_draining(&self) -> bool {
+        self.shared.is_draining()
     }
 
     /// A token that stops the server when cancelled.
@@ -284,6 +313,8 @@ fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Route
         .route("/public/v1/sessions", get(http::list_sessions))
         .route("/public/v1/sessions/{id}/close", post(http::close_session))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(http::readyz))
+        .route("/admin/v1/drain", post(http::drain))
         .with_state(shared.clone())
         .merge(
             Router::new()

@@ -24,6 +24,11 @@ pub(crate) struct Shared {
     /// Base URL (`ws://host:port`) used in the media URLs of `call.in`.
     pub(crate) public_url: String,
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled when the server starts draining: from then on it takes no new calls or
+    /// control connections, and closes those it has (see `drain`).
+    pub(crate) draining: CancellationToken,
+    /// Set by the first request to drain, which alone starts it.
+    pub(crate) drain_started: std::sync::atomic::AtomicBool,
     pub(crate) tasks: TaskTracker,
     next_conn: AtomicU64,
 }
@@ -63,6 +68,8 @@ impl Shared {
             signer,
             public_url,
             shutdown,
+            draining: CancellationToken::new(),
+            drain_started: std::sync::atomic::AtomicBool::new(false),
             tasks,
             next_conn: AtomicU64::new(1),
         }
@@ -87,6 +94,11 @@ impl Shared {
                 .and_then(|c| self.connectors.get(&c.uuid).cloned())
         };
         by(&|n| n == called).or_else(|| by(&|n| n == "*"))
+    }
+
+    /// Whether the server is draining (takes no new calls).
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
     }
 
     /// A process-unique id for a connection.

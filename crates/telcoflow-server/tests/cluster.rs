@@ -330,6 +330,7 @@ async fn a_dropped_control_connection_hands_its_session_to_another_node() {
 const NODE_NATS: &str = "TELCOFLOW_TEST_NODE_NATS";
 const NODE_ID: &str = "TELCOFLOW_TEST_NODE_ID";
 const NODE_MAX_CALLS: &str = "TELCOFLOW_TEST_NODE_MAX_CALLS";
+const NODE_DRAIN_GRACE: &str = "TELCOFLOW_TEST_NODE_DRAIN_GRACE";
 /// What that process prints before its base URL once it listens.
 const NODE_READY: &str = "telcoflow test node listening on ";
 
@@ -345,9 +346,26 @@ async fn node_process() {
     if let Ok(max) = std::env::var(NODE_MAX_CALLS) {
         config.limits.max_calls_per_connector = max.parse().unwrap();
     }
+    if let Ok(grace) = std::env::var(NODE_DRAIN_GRACE) {
+        config.drain_grace_secs = grace.parse().unwrap();
+    }
     let mut server = start(config).await;
     println!("{NODE_READY}{}", server.base_url());
-    server.wait().await;
+    // SIGTERM drains the node, as it does `telcoflow serve`; the process ends once the
+    // drain has stopped the server, with status 0 only if it did drain.
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+    let stopped = tokio::select! {
+        _ = term.recv() => {
+            server.drain();
+            false
+        }
+        () = server.wait() => true,
+    };
+    if !stopped {
+        server.wait().await;
+    }
+    assert!(server.is_draining(), "the node stopped without a drain");
 }
 
 /// A node process (see [`node_process`]), killed when dropped.
@@ -364,26 +382,62 @@ impl Drop for NodeProcess {
 }
 
 fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
+    spawn_node_with(nats, id, max_calls, 30)
+}
+
+/// [`spawn_node`] with a drain grace of `drain_grace` seconds.
+fn spawn_node_with(nats: &NatsServer, id: &str, max_calls: usize, drain_grace: u64) -> NodeProcess {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "node_process", "--nocapture"])
         .env(NODE_NATS, &nats.url)
         .env(NODE_ID, id)
         .env(NODE_MAX_CALLS, max_calls.to_string())
+        .env(NODE_DRAIN_GRACE, drain_grace.to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("the node process starts");
     let stdout = child.stdout.take().unwrap();
     // The ready line comes within moments; a process that dies ends the lines.
-    let line = std::io::BufReader::new(stdout)
+    let mut lines = std::io::BufReader::new(stdout)
         .lines()
-        .map_while(Result::ok)
+        .map_while(Result::ok);
+    let line = lines
         .find(|l| l.starts_with(NODE_READY))
         .expect("the node's ready line");
+    // Its later output is read too: a write to a closed pipe would fail the process.
+    std::thread::spawn(move || lines.for_each(drop));
     NodeProcess {
         child,
         base_url: line[NODE_READY.len()..].to_owned(),
+    }
+}
+
+impl NodeProcess {
+    /// `host:port` of its listener.
+    fn addr(&self) -> &str {
+        self.base_url.trim_start_matches("ws://")
+    }
+
+    /// Its exit status, once it exits within `bound`.
+    async fn exited_within(&mut self, bound: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the node did not exit within {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether it is still running.
+    fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 }
 
@@ -633,6 +687,13 @@ async fn while_nats_is_down_calls_go_on_and_new_ones_fail_fast_until_it_is_back(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Load balancers are told not to send it anything new.
+    let (status, body) = http(&b, "GET", "/readyz").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (503, &json!("unavailable")),
+        "{body}"
+    );
     // Closing a call on another node needs NATS: 503, saying so.
     let (status, body) = http(
         &a,
@@ -675,6 +736,8 @@ async fn while_nats_is_down_calls_go_on_and_new_ones_fail_fast_until_it_is_back(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let (status, body) = http(&b, "GET", "/readyz").await;
+    assert_eq!((status, &body["status"]), (200, &json!("ready")), "{body}");
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -1269,4 +1332,227 @@ async fn a_call_held_on_one_node_is_handed_off_to_an_agent_on_another() {
     a.shutdown().await;
     b.shutdown().await;
     c.shutdown().await;
+}
+
+/// Whether the caller hears its own `level` back through an agent that echoes every frame
+/// it hears (within a few hundred frames).
+async fn echoes(phone: &mut Phone, media: &mut Media, level: i16) -> bool {
+    for _ in 0..150 {
+        phone.send_level(level, FRAME).await;
+        let heard = media.audio(0).await;
+        media.send_audio(&pcm_level(heard[FRAME / 2], FRAME)).await;
+        if samples(&phone.ws.binary().await)[FRAME / 2] == level {
+            return true;
+        }
+    }
+    false
+}
+
+/// Node `id`'s heartbeat once `done` holds for it (polled; fails after [`WAIT`]).
+async fn heartbeat_until(
+    nodes: &async_nats::jetstream::kv::Store,
+    id: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let beat = match nodes.get(id).await.unwrap() {
+            Some(value) => serde_json::from_slice(&value).unwrap(),
+            None => Value::Null,
+        };
+        if done(&beat) {
+            return beat;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "heartbeat of {id} never got there: {beat}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_its_call_ends() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let mut b = spawn_node(&nats, "node-b", 10);
+    let nodes = bucket(&nats, "telcoflow_nodes").await;
+    let mut on_a = control(&a, RATE, "mixed").await;
+    let mut on_b = control_url(&b.base_url, RATE, "mixed").await;
+
+    // A call on node B, answered by the agent on node A: its media runs on node B.
+    let mut phone = dial_url(&b.base_url, "+15550000001", "+15559990001", RATE).await;
+    on_b.ws.expect_type("session.notify").await;
+    let call_in = on_a.take_call().await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(&b.base_url));
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    assert!(echoes(&mut phone, &mut media, 1234).await);
+    // A call on node A, claimed by the agent on node B, whose media is not up yet.
+    let _waiting = dial(&a, "+15550000002", "+15559990001", RATE).await;
+    let waiting_id = on_b.ws.expect_type("session.notify").await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    on_a.ws.expect_type("session.notify").await;
+    assert_eq!(on_b.open(&waiting_id).await["ok"], true);
+
+    let term = tokio::time::Instant::now();
+    signal(&b, "TERM");
+    // Node B closes its agent's control connection, to be opened again elsewhere...
+    let (code, reason) = on_b.ws.close_frame().await.expect("a close frame");
+    assert_eq!(code, 1001, "{reason}");
+    let closed_after = term.elapsed();
+    // ... and the session it held, not yet connected, is offered again on node A.
+    let resume = on_a.ws.expect_type("session.notify").await;
+    eprintln!(
+        "after SIGTERM: control connection closed in {closed_after:?}, session offered again in {:?}",
+        term.elapsed()
+    );
+    assert_eq!(resume["sessionId"], waiting_id.as_str(), "{resume}");
+    assert_eq!(resume["activity"], "RESUME", "{resume}");
+    assert_eq!(on_a.open(&waiting_id).await["ok"], true);
+    on_a.ready(&waiting_id).await;
+    let moved = on_a.ws.expect_type("call.in").await;
+    assert!(moved["url"].as_str().unwrap().starts_with(a.base_url()));
+
+    // Node B takes no new call nor control connection, and says so.
+    let refused = dial_url(&b.base_url, "+15550000003", "+15559990001", RATE).await;
+    assert_eq!(refused.call_id.as_deref(), Some("refused:unavailable"));
+    let (status, body) = http_at(b.addr(), "GET", "/readyz").await;
+    assert_eq!(
+        (status, &body["status"]),
+        (503, &json!("draining")),
+        "{body}"
+    );
+    let (status, body) = http(&a, "GET", "/readyz").await;
+    assert_eq!((status, &body["status"]), (200, &json!("ready")), "{body}");
+    let url = format!("{}/v1/agent/session-manager", b.base_url);
+    let headers = auth_headers(
+        telcoflow_server::config::DEV_API_KEY,
+        telcoflow_server::config::DEV_CONNECTOR_UUID,
+    );
+    let err = Ws::connect(&url, &headers).await.err().expect("refused");
+    assert_eq!(err.status, 503, "{}", err.body);
+    heartbeat_until(&nodes, "node-b", |beat| beat["draining"] == true).await;
+
+    // Its call in progress goes on untouched, and the node with it.
+    assert!(echoes(&mut phone, &mut media, 4321).await);
+    assert!(b.running());
+    // The caller hangs up: the call ends as any call does, and node B exits 0.
+    hang_up(&mut phone, &mut media).await;
+    let hung_up = tokio::time::Instant::now();
+    let status = b.exited_within(WAIT).await;
+    eprintln!(
+        "node B exited {:?} after its last call ended",
+        hung_up.elapsed()
+    );
+    assert!(status.success(), "node B exited with {status}");
+    heartbeat_until(&nodes, "node-b", Value::is_null).await;
+    listing_until(&a, |items| {
+        session_of(items, "+15550000001").is_some_and(|s| s["state"] == "CLOSED")
+    })
+    .await;
+    a.shutdown().await;
+}
+
+/// A call dialled on the node at `base_url`, taken by `agent` and answered; its caller hears
+/// the agent's echo.
+async fn answered_on(base_url: &str, agent: &mut Control, from: &str) -> (Phone, Media) {
+    let mut phone = dial_url(base_url, from, "+15559990001", RATE).await;
+    assert!(phone.call_id.is_some(), "{:?}", phone.call_id);
+    let call_in = agent.take_call().await;
+    assert!(call_in["url"].as_str().unwrap().starts_with(base_url));
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    assert!(echoes(&mut phone, &mut media, 1000).await);
+    (phone, media)
+}
+
+/// The caller hangs up: its agent is told the caller ended the call.
+async fn hang_up(phone: &mut Phone, media: &mut Media) {
+    phone.send_json(json!({"type": "hangup"})).await;
+    let ended = terminated(media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+}
+
+/// The call's `call.terminated`. Other events may come first: the echo above sends faster
+/// than real time, so the call may report agent audio beyond its playout limit.
+async fn terminated(media: &mut Media) -> Value {
+    loop {
+        let event = media.ws.expect_type("call_event").await;
+        if event["data"]["event"] == "call.terminated" {
+            return event;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_drops_no_call() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let ids = ["node-a", "node-b"];
+    let mut nodes = [spawn_node(&nats, ids[0], 10), spawn_node(&nats, ids[1], 10)];
+    let mut agent = control_url(&nodes[0].base_url, RATE, "mixed").await;
+    let mut agent_on = 0;
+    // Calls by the node that runs them, each echoed by the agent.
+    let mut calls = Vec::new();
+    let mut callers = (1..).map(|n| format!("+155500001{n:02}"));
+    for (i, node) in nodes.iter().enumerate() {
+        let from = callers.next().unwrap();
+        calls.push((i, answered_on(&node.base_url, &mut agent, &from).await));
+    }
+    for restart in 0..nodes.len() {
+        let other = 1 - restart;
+        signal(&nodes[restart], "TERM");
+        if agent_on == restart {
+            // The agent is moved off, and reconnects (as through a load balancer that asks
+            // `/readyz`) to the node that stays.
+            let (code, reason) = agent.ws.close_frame().await.expect("a close frame");
+            assert_eq!(code, 1001, "{reason}");
+            let (status, _) = http_at(nodes[other].addr(), "GET", "/readyz").await;
+            assert_eq!(status, 200);
+            agent = control_url(&nodes[other].base_url, RATE, "mixed").await;
+            agent_on = other;
+        }
+        // New calls go to the node that stays; the draining node refuses them.
+        let from = callers.next().unwrap();
+        let refused = dial_url(&nodes[restart].base_url, &from, "+15559990001", RATE).await;
+        assert_eq!(refused.call_id.as_deref(), Some("refused:unavailable"));
+        let from = callers.next().unwrap();
+        calls.push((
+            other,
+            answered_on(&nodes[other].base_url, &mut agent, &from).await,
+        ));
+        // Every call goes on, on either node.
+        for (_, (phone, media)) in &mut calls {
+            assert!(echoes(phone, media, 2000 + restart as i16).await);
+        }
+        // The calls of the draining node end when their callers hang up; it then exits 0,
+        // and starts again with its id.
+        let (mut ending, staying): (Vec<_>, Vec<_>) =
+            calls.into_iter().partition(|(node, _)| *node == restart);
+        for (_, (phone, media)) in &mut ending {
+            hang_up(phone, media).await;
+        }
+        let status = nodes[restart].exited_within(WAIT).await;
+        assert!(status.success(), "{} exited with {status}", ids[restart]);
+        nodes[restart] = spawn_node(&nats, ids[restart], 10);
+        calls = staying;
+        let from = callers.next().unwrap();
+        calls.push((
+            restart,
+            answered_on(&nodes[restart].base_url, &mut agent, &from).await,
+        ));
+    }
+    // After the restart of every node, the calls still up end as usual.
+    for (_, (phone, media)) in &mut calls {
+        assert!(echoes(phone, media, 3000).await);
+        hang_up(phone, media).await;
+    }
 }

@@ -593,3 +593,21 @@ async fn sip_tcp_from_outside_allow_or_over_the_per_source_cap_is_closed_at_acce
     assert!(answers_ping(&mut second).await, "the others stay open");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_draining_server_answers_an_invite_503_with_retry_after() {
+    let index = 30;
+    let mut config = sip_config(index, |_| {});
+    config.drain_grace_secs = 7;
+    let server = start(config).await;
+    // A call in progress keeps the draining server up.
+    let _ringing = dial(&server, "+15550000001", "+15559990001", 8000).await;
+    assert_eq!(server.drain(), 1);
+    let phone = RawPhone::bind("127.0.0.1", &server).await;
+    let invite = phone.invite("drained1", 1, "+15550100", "+15550001", "");
+    phone.send(invite.as_bytes()).await;
+    let r = phone.final_response("drained1").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.headers.get("Retry-After"), Some("7"));
+    server.shutdown().await;
+}

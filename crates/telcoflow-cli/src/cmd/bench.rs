@@ -479,7 +479,8 @@ async fn run_once(
         }
         (None, None) => {
             let mut cmd = Command::new(&exe);
-            cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+            // Its calls are over when it is stopped: no drain to wait for.
+            cmd.args(["serve", "--listen", "127.0.0.1:0", "--drain-grace", "0"]);
             if args.sip {
                 let range = match &args.rtp_ports {
                     Some(r) => r.clone(),

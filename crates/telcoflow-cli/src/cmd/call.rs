@@ -10,7 +10,7 @@
 //!
 //! `hangup_by` is `caller` (this command hung up; `reason` is `end_of_audio` or `timeout`),
 //! `remote` (the network sent `hangup`; `reason` is its reason, e.g. `remote`, `no_answer`,
-//! `not_found`) or `network` (the connection closed without a `hangup`; `reason` `closed`).
+//! `not_found`, `unavailable` from a draining server) or `network` (the connection closed without a `hangup`; `reason` `closed`).
 //! Exit status 0 only when the call was answered.
 //!
 //! A server other than the development one on loopback wants the phone to authenticate as a

@@ -1,5 +1,9 @@
 //! `telcoflow serve`: run a Telcoflow server until Ctrl-C or SIGTERM.
 //!
+//! A signal (or `POST /admin/v1/drain`) drains the server: it takes no new calls, moves its
+//! agents' control connections off, lets its calls end (for up to `--drain-grace` seconds)
+//! and exits 0. A second signal stops it at once.
+//!
 //! Stdout carries two kinds of stable lines for scripts:
 //!
 //! ```text
@@ -30,7 +34,8 @@ pub(crate) const READY_PREFIX: &str = "telcoflow server listening on ";
 /// Prefix of the SIP ready line; the address follows it.
 pub(crate) const SIP_READY_PREFIX: &str = "telcoflow sip listening on udp+tcp ";
 
-/// How long a graceful shutdown may take before the process exits anyway.
+/// How long closing the connections may take, after the drain, before the process exits
+/// anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Arguments of `telcoflow serve`.
@@ -71,6 +76,11 @@ pub(crate) struct Args {
     /// config file's `[cluster] node_id`].
     #[arg(long, value_name = "NAME")]
     node_id: Option<String>,
+    /// On SIGTERM, Ctrl-C or `POST /admin/v1/drain`, how long calls in progress may go on
+    /// before they are ended and the server exits [default: the config file's
+    /// `drain_grace_secs`, else 30].
+    #[arg(long, value_name = "SECS")]
+    drain_grace: Option<u64>,
 }
 
 /// Applies `--cluster` and `--node-id` over the config file's `[cluster]`.
@@ -136,6 +146,10 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     apply_sip_flags(&mut config, &args);
     apply_cluster_flags(&mut config, &args)?;
+    if let Some(secs) = args.drain_grace {
+        config.drain_grace_secs = secs;
+    }
+    let grace = config.drain_grace();
     config.validate()?;
     let connectors: Vec<(String, String)> = config
         .connectors
@@ -159,23 +173,38 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     info!(base_url = server.base_url(), http = %server.http_url(), "serving");
 
-    let by_signal = tokio::select! {
-        // Cancel-safe: signal futures hold no state worth keeping.
-        r = shutdown_signal() => {
+    let mut signals = Signals::new()?;
+    tokio::select! {
+        // Cancel-safe: signal streams keep what arrives until read.
+        r = signals.next() => {
             r?;
-            true
+            let calls = server.drain();
+            info!(calls, "signal: draining");
         }
-        // Cancel-safe: awaiting a JoinHandle by reference.
-        () = server.wait() => false,
-    };
-    if by_signal {
-        info!("shutting down");
-        if tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
-            .await
-            .is_err()
+        // Cancel-safe: awaiting a JoinHandle by reference. Ends by itself after a drain
+        // asked over HTTP.
+        () = server.wait() => {}
+    }
+    if server.is_draining() {
+        // The drain ends the server by itself once its calls are done (or the grace is
+        // over); a second signal stops it at once.
+        let stopped = tokio::select! {
+            () = server.wait() => true,
+            r = signals.next() => {
+                r?;
+                warn!("second signal: stopping now");
+                false
+            }
+            () = tokio::time::sleep(grace + SHUTDOWN_GRACE) => false,
+        };
+        if !stopped
+            && tokio::time::timeout(SHUTDOWN_GRACE, server.shutdown())
+                .await
+                .is_err()
         {
             warn!("connections did not close within {SHUTDOWN_GRACE:?}; exiting anyway");
         }
+        info!("drained; exiting");
         Ok(ExitCode::SUCCESS)
     } else {
         warn!("the server stopped by itself");
@@ -183,22 +212,34 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Resolves on Ctrl-C or (on Unix) SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
+/// Ctrl-C and (on Unix) SIGTERM, as they come.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot listen for SIGTERM")?;
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot listen for SIGTERM")?,
+        })
+    }
+
+    /// The next Ctrl-C or SIGTERM.
+    async fn next(&mut self) -> anyhow::Result<()> {
+        #[cfg(unix)]
         tokio::select! {
             r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C")?,
-            _ = term.recv() => {}
+            _ = self.term.recv() => {}
         }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c()
+            .await
+            .context("cannot listen for Ctrl-C")?;
+        Ok(())
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for Ctrl-C")?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -90,6 +90,13 @@ pub(crate) fn spawn_outbound(
     setup: SetupData,
     remote: &str,
 ) -> Result<CallHandle, (ErrorCode, String)> {
+    if shared.is_draining() {
+        return Err((
+            ErrorCode::InternalError,
+            "this node is draining and starts no new calls: create the session on another node"
+                .to_owned(),
+        ));
+    }
     let caller_id = connector.outbound_caller_id.clone().unwrap_or_default();
     let (handle, queues) = CallHandle::new(&caller_id, remote);
     let link = shared

@@ -270,6 +270,8 @@ async fn dial(
 ) {
     let (leg_tx, mut leg_rx) = mpsc::channel(PHONE_QUEUE);
     let started = match shared.route(&to) {
+        // Checked before the route, so that the phone learns why whatever it dialled.
+        _ if shared.is_draining() => Err(HangupReason::Unavailable),
         None => Err(HangupReason::NotFound),
         Some(connector) => {
             let caller = LegLink { rate, tx: leg_tx };

@@ -350,6 +350,11 @@ impl MemoryRegistry {
         self.lock().by_call_id.remove(call_id);
     }
 
+    /// Every running call.
+    pub(crate) fn running_calls(&self) -> Vec<CallHandle> {
+        self.lock().by_call_id.values().cloned().collect()
+    }
+
     /// A running call by id.
     pub(crate) fn call_by_id(&self, call_id: &str) -> Option<CallHandle> {
         self.lock().by_call_id.get(call_id).cloned()

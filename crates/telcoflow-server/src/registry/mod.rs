@@ -168,6 +168,32 @@ impl Registry {
         }
     }
 
+    /// Every call this node runs.
+    pub(crate) fn running_calls(&self) -> Vec<CallHandle> {
+        match self {
+            Self::Memory(m) => m.running_calls(),
+            Self::Nats(n) => n.local_registry().running_calls(),
+        }
+    }
+
+    /// This node is draining: it says so in its heartbeat at once, so that the cluster sees
+    /// it (nothing to say without a cluster).
+    pub(crate) fn set_draining(&self) {
+        match self {
+            Self::Memory(_) => {}
+            Self::Nats(n) => n.set_draining(),
+        }
+    }
+
+    /// Why this node cannot take new calls now, if its store is out of reach (a cluster
+    /// whose NATS is away); `None` when it can.
+    pub(crate) fn unavailable(&self) -> Option<&'static str> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Nats(n) => n.unavailable(),
+        }
+    }
+
     /// Records the media token handed to the session's holder in `call.in`.
     pub(crate) fn set_media_token(&self, session_id: &str, token: &str) {
         match self {

@@ -124,6 +124,26 @@ impl Ws {
         self.inner.close(None).await.unwrap();
     }
 
+    /// Waits until the server closes the connection, skipping whatever comes first; the
+    /// close frame's code and reason (`None` for a connection dropped without one).
+    pub async fn close_frame(&mut self) -> Option<(u16, String)> {
+        loop {
+            match tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Close(frame))) => {
+                    return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                }
+                Some(Ok(Message::Ping(_))) => {
+                    let _ = self.inner.flush().await;
+                }
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return None,
+            }
+        }
+    }
+
     /// Waits until the server closes the connection, skipping whatever comes first.
     pub async fn closed(&mut self) {
         while self.next().await.is_some() {}
@@ -168,7 +188,16 @@ pub async fn control_as(
     rate: u32,
     mode: &str,
 ) -> Control {
-    let url = format!("{}/v1/agent/session-manager", server.base_url());
+    control_at(server.base_url(), key, uuid, rate, mode).await
+}
+
+/// A control connection of the development connector to the server at `base_url`.
+pub async fn control_url(base_url: &str, rate: u32, mode: &str) -> Control {
+    control_at(base_url, DEV_API_KEY, DEV_CONNECTOR_UUID, rate, mode).await
+}
+
+async fn control_at(base_url: &str, key: &str, uuid: &str, rate: u32, mode: &str) -> Control {
+    let url = format!("{base_url}/v1/agent/session-manager");
     let mut ws = Ws::connect(&url, &auth_headers(key, uuid))
         .await
         .expect("control upgrade");
@@ -519,8 +548,13 @@ pub fn node_config_at(nats_url: &str, node_id: &str) -> Config {
 
 /// A plain HTTP request with the development connector's credentials: status and JSON body.
 pub async fn http(server: &RunningServer, method: &str, path: &str) -> (u16, Value) {
+    http_at(&server.local_addr().to_string(), method, path).await
+}
+
+/// [`http`] to the server listening at `addr` (`host:port`, one in another process).
+pub async fn http_at(addr: &str, method: &str, path: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nhost: test\r\nx-api-key: {DEV_API_KEY}\r\nx-connector-uuid: {DEV_CONNECTOR_UUID}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
     );

@@ -34,7 +34,7 @@ use telcoflow_sip::sip::message::{Message, SipHeaders as _};
 use telcoflow_sip::sip::sdp::LocalMedia;
 use telcoflow_sip::sip::stream::{StreamDecoder, StreamItem};
 use telcoflow_sip::sip::uac::{OutgoingCall, UacEvent};
-use telcoflow_sip::sip::uas::{self, IncomingCall, Uas, UasAction, UasEvent};
+use telcoflow_sip::sip::uas::{self, IncomingCall, Refusal, Uas, UasAction, UasEvent};
 use telcoflow_sip::sip::{Transmit, Transport};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -299,8 +299,20 @@ impl Endpoint {
             }
         }
         let admission = &mut self.admission;
+        let shared = &self.shared;
         self.uas
             .handle_input_with(transport, source, bytes, now, |request| {
+                if shared.is_draining() {
+                    // A draining node takes no new call: 503 sends the caller (or the SIP
+                    // load balancer in front) to another node, and keeps it away for about
+                    // as long as this node may take to stop.
+                    let secs = shared.config.drain_grace_secs.max(1);
+                    return uas::Admission::Refuse(
+                        Refusal::new(503)
+                            .with_header("Retry-After", secs.to_string())
+                            .stateless(),
+                    );
+                }
                 admission.decide(request, source, now)
             });
     }

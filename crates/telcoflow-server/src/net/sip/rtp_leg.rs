@@ -552,6 +552,7 @@ fn reject_status(reason: HangupReason) -> u16 {
         HangupReason::NotFound => 404,
         HangupReason::Rejected => 603,
         HangupReason::Error => 500,
+        HangupReason::Unavailable => 503,
     }
 }
 

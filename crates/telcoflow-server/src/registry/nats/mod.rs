@@ -79,6 +79,10 @@ struct Inner {
     writes: mpsc::UnboundedSender<Write>,
     /// The writer's end, taken when the node starts.
     pending_writes: Mutex<Option<mpsc::UnboundedReceiver<Write>>>,
+    /// This node is draining: its heartbeat says so.
+    draining: std::sync::atomic::AtomicBool,
+    /// Wakes the heartbeat to write at once (when draining starts).
+    beat_now: tokio::sync::Notify,
     /// Since when this node's heartbeat has been renewed without a gap.
     beating: Mutex<node::Beating>,
     /// When each node's process was last seen renewing its heartbeat, by (node, incarnation).
@@ -209,6 +213,8 @@ impl NatsRegistry {
                 mirror: Mutex::default(),
                 writes,
                 pending_writes: Mutex::new(Some(pending)),
+                draining: std::sync::atomic::AtomicBool::new(false),
+                beat_now: tokio::sync::Notify::new(),
                 beating: Mutex::default(),
                 seen: Mutex::default(),
             }),
@@ -226,6 +232,19 @@ impl NatsRegistry {
     fn write(&self, write: Write) {
         // Fails only once the writer has stopped, at shutdown: nothing is left to tell.
         let _ = self.inner.writes.send(write);
+    }
+
+    /// Marks this node draining; its heartbeat is written again at once.
+    pub(crate) fn set_draining(&self) {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.inner.beat_now.notify_one();
+    }
+
+    /// Why this node cannot take new calls now: `None` while connected to NATS.
+    pub(crate) fn unavailable(&self) -> Option<&'static str> {
+        (!self.connected()).then_some("not connected to NATS")
     }
 
     fn connected(&self) -> bool {

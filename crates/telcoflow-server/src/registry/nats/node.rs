@@ -511,8 +511,14 @@ impl NatsRegistry {
         loop {
             tokio::select! {
                 _ = every.tick() => {}
+                // Cancel-safe: `notify_one` keeps its permit until a waiter takes it.
+                () = self.inner.beat_now.notified() => {}
                 () = shutdown.cancelled() => break,
             }
+            beat.draining = self
+                .inner
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed);
             beat.at = unix_now();
             let _ = self.inner.writes.send(Write::HealCounts);
             let Ok(value) = serde_json::to_vec(&beat) else {
