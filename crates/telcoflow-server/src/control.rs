@@ -14,7 +14,7 @@ use crate::registry::{self, ClaimError, ControlLink, ReadyOutcome};
 use crate::state::Shared;
 use crate::tls::PeerInfo;
 use axum::extract::ws::{
-    CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code,
+    CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code,
     rejection::WebSocketUpgradeRejection,
 };
 use axum::extract::{ConnectInfo, State};
@@ -33,6 +33,9 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 /// How long a new connection has to send `setup`.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Client frames read ahead of the one being handled; beyond it the connection is not read
+/// until one is done (a client that floods requests waits for its answers).
+const FRAMES_AHEAD: usize = 32;
 
 /// `GET /v1/agent/session-manager`.
 pub(crate) async fn control_ws(
@@ -121,6 +124,18 @@ async fn run(
         sm_ws_id: sm_ws_id.clone(),
         link,
     };
+    // Frames are handled in order by a task of their own: a request that waits on the
+    // cluster (a claim whose owner node is slow, up to its request timeout) must not hold up
+    // the frames going out to the client, its pings or the close of the connection.
+    let (frames, mut incoming) = mpsc::channel::<Utf8Bytes>(FRAMES_AHEAD);
+    let handler = tokio::spawn(
+        async move {
+            while let Some(text) = incoming.recv().await {
+                conn.on_text(&text).await;
+            }
+        }
+        .in_current_span(),
+    );
     // The server pings too, so that a client that never sends anything still proves it is
     // alive with pongs; a connection silent past the idle timeout is dead (no FIN arrived)
     // and is dropped, which offers its waiting sessions to the others.
@@ -135,7 +150,11 @@ async fn run(
             msg = socket.recv() => {
                 idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
                 match msg {
-                Some(Ok(Message::Text(text))) => conn.on_text(&text).await,
+                Some(Ok(Message::Text(text))) => {
+                    if frames.send(text).await.is_err() {
+                        break;
+                    }
+                }
                 Some(Ok(Message::Binary(_))) => debug!("binary frame on the control connection ignored"),
                 Some(Ok(_)) => {} // ping/pong are answered by the WebSocket layer
                 Some(Err(e)) => {
@@ -200,6 +219,11 @@ async fn run(
             }
         }
     }
+    // The frames read so far are handled before the connection leaves the registry, so that
+    // a claim it made is released with it rather than left bound. Each is bounded by the
+    // registry's own deadlines.
+    drop(frames);
+    let _ = handler.await;
     if let Err(e) = shared.registry.remove_control(&sm_ws_id).await {
         warn!(error = %e, "cannot offer the sessions this connection held to the others");
     }

@@ -514,17 +514,38 @@ async fn a_claim_or_ready_that_the_owner_never_answered_is_given_back() {
 
     // Node B, which runs the call, stops answering: the claim's request to it times out.
     signal(&b, "STOP");
-    let failed = first.open(&id).await;
+    first
+        .ws
+        .send_json(json!({"type": "session.open", "sessionId": id, "reqId": "stuck"}))
+        .await;
+    // Meanwhile the connection is not held up: a call that arrives on node A is offered to
+    // it while the claim waits out its request to node B (a connection held up by the claim
+    // would send the offer only with the claim's answer, seconds after it was made).
+    let mut other = dial(&a, "+15550000002", "+15559990001", RATE).await;
+    let offered = tokio::time::timeout(Duration::from_secs(1), first.ws.text())
+        .await
+        .expect("offered while the claim waits");
+    assert_eq!(offered["type"], "session.notify", "{offered}");
+    assert_ne!(offered["sessionId"], id.as_str(), "{offered}");
+    let failed = first.ws.expect_type("response").await;
     signal(&b, "CONT");
+    assert_eq!(failed["reqId"], "stuck", "{failed}");
     assert_eq!(failed["errorCode"], "INTERNAL_ERROR", "{failed}");
+    other.send_json(json!({"type": "hangup"})).await;
     // The claim was given back before the answer: nobody holds the record, and the session
     // is offered again.
     let held = record(&sessions, &id).await;
     assert_eq!(held["bound"], Value::Null, "{held}");
-    let resume = tokio::time::timeout(WAIT, second.ws.expect_type("session.notify"))
-        .await
-        .expect("the session is offered again");
-    assert_eq!(resume["sessionId"], id.as_str(), "{resume}");
+    let resume = tokio::time::timeout(WAIT, async {
+        loop {
+            let notify = second.ws.expect_type("session.notify").await;
+            if notify["sessionId"] == id.as_str() {
+                return notify;
+            }
+        }
+    })
+    .await
+    .expect("the session is offered again");
     assert_eq!(resume["activity"], "RESUME", "{resume}");
     // Node B may have taken the first claim late; the record decides who holds it.
     let won = second.open(&id).await;
