@@ -417,7 +417,7 @@ impl SipPhone {
                     let mut packet = vec![0x80, 0];
                     packet.extend_from_slice(&(sent as u16).to_be_bytes());
                     packet.extend_from_slice(&(sent * FRAME_8K as u32).to_be_bytes());
-                    packet.extend_from_slice(&0x57a1_1u32.to_be_bytes());
+                    packet.extend_from_slice(&0x5747_a11e_u32.to_be_bytes());
                     packet.extend_from_slice(&[mark_code(sent); FRAME_8K]);
                     self.rtp.send_to(&packet, self.server_rtp).await.unwrap();
                 }
