@@ -1577,3 +1577,56 @@ async fn a_rolling_restart_of_every_node_drops_no_call() {
         hang_up(phone, media).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_nats_lost_its_store_the_nodes_make_their_buckets_again() {
+    let Some(mut nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    let b = start(node_config(&nats, "node-b")).await;
+    let mut agent = control(&a, RATE, "mixed").await;
+    nats.stop().await;
+    nats.restart_empty().await;
+    // Once the nodes are back on NATS and have made the buckets again, a call that arrives
+    // on node B is offered to the agent on node A and taken, as before (a failed heartbeat,
+    // every 2 s, makes them).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut tries = 0u32;
+    let call_in = loop {
+        tries += 1;
+        let mut phone = dial(&b, "+15550000001", "+15559990001", RATE).await;
+        if phone
+            .call_id
+            .as_deref()
+            .is_some_and(|id| !id.starts_with("refused:"))
+        {
+            let notified = tokio::time::timeout(
+                Duration::from_secs(3),
+                agent.ws.expect_type("session.notify"),
+            )
+            .await;
+            if let Ok(notify) = notified {
+                let id = notify["sessionId"].as_str().unwrap().to_owned();
+                let opened = agent.open(&id).await;
+                if opened["ok"] == true {
+                    agent.ready(&id).await;
+                    break (agent.ws.expect_type("call.in").await, phone);
+                }
+            }
+        }
+        phone.send_json(json!({"type": "hangup"})).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no call offered across nodes after NATS came back empty ({tries} tries)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (call_in, mut phone) = call_in;
+    assert!(call_in["url"].as_str().unwrap().starts_with(b.base_url()));
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    phone.event("answered").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

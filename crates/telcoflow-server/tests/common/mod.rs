@@ -496,6 +496,14 @@ impl NatsServer {
     pub async fn restart(&mut self) {
         self.child = launch_nats(&self.bin, self.port, &self.store).await;
     }
+
+    /// Starts it again on the same port with its store emptied, as a NATS without
+    /// persistent storage comes back: the buckets are gone.
+    pub async fn restart_empty(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.store);
+        std::fs::create_dir_all(&self.store).unwrap();
+        self.child = launch_nats(&self.bin, self.port, &self.store).await;
+    }
 }
 
 /// Runs nats-server with JetStream and waits until it says it is ready.

@@ -136,6 +136,41 @@ async fn connect_options(cluster: &ClusterConfig) -> Result<async_nats::ConnectO
     Ok(options)
 }
 
+/// The cluster's buckets (sessions, calls, nodes), each created if it does not exist yet.
+pub(super) async fn open_buckets(
+    js: &jetstream::Context,
+) -> Result<(kv::Store, kv::Store, kv::Store), String> {
+    let sessions = bucket(
+        js,
+        kv::Config {
+            bucket: record::SESSIONS_BUCKET.into(),
+            history: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let calls = bucket(
+        js,
+        kv::Config {
+            bucket: record::CALLS_BUCKET.into(),
+            history: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let nodes = bucket(
+        js,
+        kv::Config {
+            bucket: record::NODES_BUCKET.into(),
+            history: 1,
+            max_age: NODE_TTL,
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((sessions, calls, nodes))
+}
+
 /// A bucket, created if it does not exist yet (every node may be the first).
 async fn bucket(js: &jetstream::Context, config: kv::Config) -> Result<kv::Store, String> {
     let name = config.bucket.clone();
@@ -171,35 +206,7 @@ impl NatsRegistry {
             .connect(cluster.nats_url.as_str())
             .await
             .map_err(|e| e.to_string())?;
-        let js = jetstream::new(client.clone());
-        let sessions = bucket(
-            &js,
-            kv::Config {
-                bucket: record::SESSIONS_BUCKET.into(),
-                history: 1,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let calls = bucket(
-            &js,
-            kv::Config {
-                bucket: record::CALLS_BUCKET.into(),
-                history: 1,
-                ..Default::default()
-            },
-        )
-        .await?;
-        let nodes = bucket(
-            &js,
-            kv::Config {
-                bucket: record::NODES_BUCKET.into(),
-                history: 1,
-                max_age: NODE_TTL,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let (sessions, calls, nodes) = open_buckets(&jetstream::new(client.clone())).await?;
         let (writes, pending) = mpsc::unbounded_channel();
         Ok(Self {
             inner: Arc::new(Inner {

@@ -506,6 +506,22 @@ impl NatsRegistry {
         });
     }
 
+    /// After a heartbeat could not be written while NATS is connected: NATS may have lost
+    /// its store (one without persistent storage restarted), and with it the buckets. They
+    /// are made again (a no-op for buckets that exist), so that the cluster takes calls
+    /// again; what the lost buckets held is gone (see docs/cluster.md).
+    async fn recreate_buckets(&self) {
+        if self.inner.client.connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        let js = async_nats::jetstream::new(self.inner.client.clone());
+        match tokio::time::timeout(super::NATS_TIMEOUT, super::open_buckets(&js)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "cannot make the cluster's buckets again"),
+            Err(_) => warn!("cannot make the cluster's buckets again: no answer from NATS in time"),
+        }
+    }
+
     async fn heartbeat(self, mut beat: NodeBeat, shutdown: tokio_util::sync::CancellationToken) {
         let mut every = tokio::time::interval(HEARTBEAT);
         loop {
@@ -534,6 +550,7 @@ impl NatsRegistry {
                 Err(e) => {
                     lock(&self.inner.beating).failed();
                     debug!(error = %e, "heartbeat not written");
+                    self.recreate_buckets().await;
                 }
             }
         }
