@@ -30,7 +30,7 @@ use record::{
     CloseReply, Holder, NodeRequest, Offer, SessionRecord, Write, is_token, node_subject,
     notify_subject, session_key,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -74,6 +74,8 @@ struct Inner {
     nodes: kv::Store,
     /// Every session record of the cluster, by key, kept by a watch of the sessions bucket.
     mirror: Mutex<HashMap<String, SessionRecord>>,
+    /// Closed sessions listed per connector (`limits.max_closed_sessions_per_connector`).
+    max_closed: usize,
     /// Writes for the writer task; unbounded since the call actor must never wait on it (its
     /// length is bounded by the calls' updates).
     writes: mpsc::UnboundedSender<Write>,
@@ -213,6 +215,7 @@ impl NatsRegistry {
                 node_id: cluster.node_id.clone(),
                 incarnation: uuid::Uuid::new_v4().to_string(),
                 local: MemoryRegistry::new(max_closed),
+                max_closed,
                 client,
                 sessions,
                 calls,
@@ -746,9 +749,24 @@ impl NatsRegistry {
             offset,
             limit,
         } = *query;
-        let mut matching: Vec<SessionInfo> = lock(&self.inner.mirror)
+        let mirror = lock(&self.inner.mirror);
+        // The cluster lists as many closed sessions as one node keeps, the latest closed:
+        // the records of older ones stay in NATS until they are forgotten (an hour).
+        let mut closed: Vec<(Option<u64>, u64, &str)> = mirror
+            .values()
+            .filter(|r| r.connector == connector && r.info.state == SessionState::Closed)
+            .map(|r| (r.info.closed_at, r.info.opened_at, r.info.id.as_str()))
+            .collect();
+        closed.sort_unstable_by(|a, b| b.cmp(a));
+        let forgotten: HashSet<&str> = closed
+            .iter()
+            .skip(self.inner.max_closed)
+            .map(|(_, _, id)| *id)
+            .collect();
+        let mut matching: Vec<SessionInfo> = mirror
             .values()
             .filter(|r| r.connector == connector)
+            .filter(|r| !forgotten.contains(r.info.id.as_str()))
             .filter(|r| channel.is_none_or(|c| r.info.channel == c))
             .filter(|r| remote_address.is_none_or(|a| r.info.remote_address == a))
             .filter(|r| state.is_none_or(|s| r.info.state == s))

@@ -367,3 +367,63 @@ async fn a_node_authenticates_to_nats_as_configured_and_says_why_it_cannot() {
     // It reaches JetStream: the buckets exist.
     assert!(node.inner.sessions.status().await.is_ok());
 }
+
+#[tokio::test]
+async fn the_cluster_lists_as_many_closed_sessions_as_one_node_keeps() {
+    let Some(nats) = nats().await else {
+        return;
+    };
+    let registry = NatsRegistry::connect(&ClusterConfig::new(nats.url.clone(), "node-a"), 2)
+        .await
+        .unwrap();
+    let record = |id: &str, closed_at: Option<u64>| record::SessionRecord {
+        info: SessionInfo {
+            id: id.into(),
+            channel: Channel::Telco,
+            initiator: Initiator::Connector,
+            state: if closed_at.is_some() {
+                SessionState::Closed
+            } else {
+                SessionState::Open
+            },
+            remote_address: "+15550000001".into(),
+            local_address: "+15559990001".into(),
+            opened_at: 100,
+            closed_at,
+        },
+        connector: CONNECTOR.into(),
+        owner: "node-b".into(),
+        incarnation: String::new(),
+        bound: None,
+        ready: false,
+        media_attached: false,
+        revision: 0,
+    };
+    {
+        let mut mirror = lock(&registry.inner.mirror);
+        for (id, closed_at) in [
+            ("c1", Some(200)),
+            ("c2", Some(400)),
+            ("c3", Some(300)),
+            ("c4", Some(100)),
+            ("o1", None),
+        ] {
+            mirror.insert(record::session_key(CONNECTOR, id), record(id, closed_at));
+        }
+    }
+    let page = registry
+        .list(&crate::registry::SessionQuery {
+            connector: CONNECTOR,
+            channel: None,
+            remote_address: None,
+            state: None,
+            offset: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap();
+    let mut ids: Vec<&str> = page.items.iter().map(|s| s.id.as_str()).collect();
+    ids.sort_unstable();
+    // The open one, and the two closed last; the older closed ones are not listed.
+    assert_eq!(ids, ["c2", "c3", "o1"]);
+}
