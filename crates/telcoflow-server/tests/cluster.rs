@@ -1630,3 +1630,59 @@ async fn after_nats_lost_its_store_the_nodes_make_their_buckets_again() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A SIP call that arrives on node B is offered to an agent on node A, whose `call.in` sends
+/// its media straight to node B; the agent hears its own audio back through the phone (SIPp
+/// echoes RTP), and the phone's BYE ends the call for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sip_call_on_one_node_is_taken_and_echoed_by_an_agent_on_another() {
+    if !sipp::available() {
+        return;
+    }
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let ports = sipp::ports(34);
+    let a = start(node_config(&nats, "node-a")).await;
+    let mut config_b = sipp::sip_config(ports);
+    config_b.cluster = node_config(&nats, "node-b").cluster;
+    let b = start(config_b).await;
+    let mut agent = control(&a, 16000, "mixed").await;
+    let dir = sipp::work_dir("cluster-sip-in");
+    let mut args = sipp::uac_args(&b, ports, "uac_short.xml", "+15559990001", 1);
+    args.push("-rtp_echo".into());
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let call_in = agent.take_call().await;
+    assert!(
+        call_in["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/", b.base_url())),
+        "media goes to the call's node: {call_in}"
+    );
+    let mut media = media(&call_in).await;
+    assert_eq!(media.command("call.answer", None).await["success"], true);
+    let frame = 320; // 20 ms at 16 kHz
+    let level: i16 = 6000;
+    let mut heard = 0;
+    for round in 0..100 {
+        let n = if round == 0 { 5 } else { 1 };
+        for _ in 0..n {
+            media.send_audio(&pcm_level(level, frame)).await;
+        }
+        let samples = media.audio(0).await;
+        heard = i32::from(samples[samples.len() / 2]);
+        if (heard - i32::from(level)).abs() < 600 {
+            break;
+        }
+    }
+    assert!(
+        (heard - i32::from(level)).abs() < 600,
+        "the echo through the phone came back as {heard}, expected about {level}"
+    );
+    terminated(&mut media).await;
+    phone.await.unwrap().assert_passed();
+    a.shutdown().await;
+    b.shutdown().await;
+}
