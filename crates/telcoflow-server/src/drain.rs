@@ -25,7 +25,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts draining, once; later calls only report. Returns the number of calls running.
 pub(crate) fn start(shared: &Arc<Shared>) -> usize {
-    let calls = shared.registry.running_calls().len();
+    let calls = shared.registry.running_call_count();
     // Whoever sets the flag first starts the drain; the token then tells everyone else.
     if shared.drain_started.swap(true, Ordering::SeqCst) {
         return calls;
@@ -73,7 +73,7 @@ async fn run(shared: &Shared) {
 async fn wait_for_calls(registry: &Registry, bound: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + bound;
     loop {
-        if registry.running_calls().is_empty() {
+        if registry.running_call_count() == 0 {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {

@@ -355,6 +355,11 @@ impl MemoryRegistry {
         self.lock().by_call_id.values().cloned().collect()
     }
 
+    /// How many calls are running.
+    pub(crate) fn running_call_count(&self) -> usize {
+        self.lock().by_call_id.len()
+    }
+
     /// A running call by id.
     pub(crate) fn call_by_id(&self, call_id: &str) -> Option<CallHandle> {
         self.lock().by_call_id.get(call_id).cloned()

@@ -176,6 +176,14 @@ impl Registry {
         }
     }
 
+    /// How many calls this node runs.
+    pub(crate) fn running_call_count(&self) -> usize {
+        match self {
+            Self::Memory(m) => m.running_call_count(),
+            Self::Nats(n) => n.local_registry().running_call_count(),
+        }
+    }
+
     /// This node is draining: it says so in its heartbeat at once, so that the cluster sees
     /// it (nothing to say without a cluster).
     pub(crate) fn set_draining(&self) {
