@@ -58,8 +58,12 @@ pub struct Config {
     /// How long a draining server (SIGTERM, or `POST /admin/v1/drain`) lets its calls run
     /// before it ends those still going, in seconds. Default 30; 0 ends them at once.
     pub drain_grace_secs: u64,
-    /// A token that also authorizes the admin routes (`Authorization: Bearer <token>`),
-    /// besides any connector's API key. Default: none (connector keys only).
+    /// How long a draining server keeps a control connection whose agent has claimed a
+    /// session and not opened its media yet, so that an answer under way is not lost, in
+    /// seconds (never past the grace). Default 5.
+    pub drain_handover_secs: u64,
+    /// A token that authorizes the admin routes (`Authorization: Bearer <token>`); once set,
+    /// connectors' API keys no longer do. Default: none (any connector's key).
     pub admin_token: Option<String>,
     /// TLS for the listener; with it the server serves `wss://` and `https://` only.
     pub tls: Option<TlsConfig>,
@@ -540,6 +544,7 @@ impl Default for Config {
             control_ping_interval_secs: 30,
             control_idle_timeout_secs: 75,
             drain_grace_secs: 30,
+            drain_handover_secs: 5,
             admin_token: None,
             tls: None,
             limits: Limits::default(),
@@ -727,6 +732,12 @@ impl Config {
     /// Drain grace as a duration.
     pub fn drain_grace(&self) -> Duration {
         Duration::from_secs(self.drain_grace_secs)
+    }
+
+    /// How long a draining node's control connection waits for its agent to open the media
+    /// of sessions it claimed before it is closed: never past the drain grace.
+    pub fn drain_handover(&self) -> Duration {
+        Duration::from_secs(self.drain_handover_secs.min(self.drain_grace_secs))
     }
 
     /// Control idle timeout as a duration.

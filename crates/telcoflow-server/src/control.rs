@@ -36,6 +36,8 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Client frames read ahead of the one being handled; beyond it the connection is not read
 /// until one is done (a client that floods requests waits for its answers).
 const FRAMES_AHEAD: usize = 32;
+/// How often a draining node's connection looks whether its agent's media is up.
+const HANDOVER_POLL: Duration = Duration::from_millis(50);
 
 /// `GET /v1/agent/session-manager`.
 pub(crate) async fn control_ws(
@@ -144,6 +146,11 @@ async fn run(
     let idle_timeout = shared.config.control_idle_timeout();
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    // Set when the node starts draining: the connection leaves once its agent has opened the
+    // media of the sessions it claimed, or at this instant.
+    let mut leave_by: Option<tokio::time::Instant> = None;
+    let handover = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(handover);
     loop {
         tokio::select! {
             // Cancel-safe: WebSocket::recv is a stream poll.
@@ -199,12 +206,27 @@ async fn run(
                 break;
             }
             // Cancel-safe: only observes the token.
-            () = shared.draining.cancelled() => {
+            () = shared.draining.cancelled(), if leave_by.is_none() => {
+                leave_by = Some(tokio::time::Instant::now() + shared.config.drain_handover());
+                handover.as_mut().reset(tokio::time::Instant::now());
+            }
+            // Cancel-safe: the sleep is pinned and only reset.
+            () = &mut handover, if leave_by.is_some() => {
+                // An agent that claimed a session and is opening its media (the official SDK
+                // opens it at `answer()`) keeps this connection until the media is up: closed
+                // now, its claim would be offered again and its media token refused.
+                let now = tokio::time::Instant::now();
+                if shared.registry.holds_unattached(&sm_ws_id)
+                    && leave_by.is_some_and(|by| now < by)
+                {
+                    handover.as_mut().reset(now + HANDOVER_POLL);
+                    continue;
+                }
                 // 1001 (Going Away): the client reconnects, through its load balancer, to
                 // another node (the SDKs take 1001 as a normal close, where 1012 would be
-                // logged as an error); the sessions it held whose media is not up are offered
-                // again there (RESUME) below. Calls whose media is up go on over their media
-                // connections.
+                // logged as an error); the sessions it still held whose media is not up are
+                // offered again there (RESUME) below. Calls whose media is up go on over their
+                // media connections.
                 let close = CloseFrame {
                     code: close_code::AWAY,
                     reason: "this node is draining: reconnect to another node".into(),

@@ -4,9 +4,10 @@
 //! In order: the server stops taking new calls and control connections (`Shared::draining`:
 //! simulated phones are hung up with `unavailable`, SIP INVITEs get `503` with
 //! `Retry-After`, `/readyz` answers 503) and, in a cluster, says so in its heartbeat; its
-//! control connections are closed with 1001 (Going Away), which offers the sessions they
-//! held whose media is not up to the connector's other connections (`RESUME`), on other
-//! nodes; the calls it runs go on to their end for up to `drain_grace_secs`, after which
+//! control connections are closed with 1001 (Going Away), once their agents have opened the
+//! media of the sessions they claimed (or after `Config::drain_handover`), which offers the
+//! sessions they still held whose media is not up to the connector's other connections
+//! (`RESUME`), on other nodes, and no offer reaches them meanwhile; the calls it runs go on to their end for up to `drain_grace_secs`, after which
 //! those left are closed (their agents get `call.terminated`, their callers a hang-up or a
 //! BYE); then the server stops.
 

@@ -249,14 +249,31 @@ pub(crate) async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `POST /admin/v1/drain`: starts draining this node (see `drain`); answers at once, 202
 /// `{"draining": true, "calls": N, "graceSecs": G}` with the calls still running. Authorized
-/// by any connector's credentials (as `/public/v1`) or by `Authorization: Bearer
-/// <admin_token>` when the config sets one. Asking again only reports.
+/// by `Authorization: Bearer <admin_token>` when the config sets one, and then by nothing
+/// else: draining stops the node for every connector, so on a server shared by tenants no
+/// tenant's key may do it. Without `admin_token`, any connector's credentials (as
+/// `/public/v1`). Asking again only reports.
 pub(crate) async fn drain(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if !admin_token_matches(&shared, &headers) {
+    if has_admin_token(&shared) {
+        if !admin_token_matches(&shared, &headers) {
+            return Err(if authenticate(&shared, &headers, &peer).is_ok() {
+                ApiError::new(
+                    ErrorCode::Forbidden,
+                    "this server has an admin_token: draining takes it \
+                     (Authorization: Bearer <admin_token>), not a connector's key",
+                )
+            } else {
+                ApiError::new(
+                    ErrorCode::Unauthorized,
+                    "draining takes the admin token: Authorization: Bearer <admin_token>",
+                )
+            });
+        }
+    } else {
         auth(&shared, &headers, &peer)?;
     }
     let calls = crate::drain::start(&shared);
@@ -266,6 +283,14 @@ pub(crate) async fn drain(
         "graceSecs": shared.config.drain_grace_secs,
     });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+fn has_admin_token(shared: &Shared) -> bool {
+    shared
+        .config
+        .admin_token
+        .as_deref()
+        .is_some_and(|t| !t.is_empty())
 }
 
 /// Whether the request carries the configured admin token (compared in constant time).

@@ -331,6 +331,7 @@ const NODE_NATS: &str = "TELCOFLOW_TEST_NODE_NATS";
 const NODE_ID: &str = "TELCOFLOW_TEST_NODE_ID";
 const NODE_MAX_CALLS: &str = "TELCOFLOW_TEST_NODE_MAX_CALLS";
 const NODE_DRAIN_GRACE: &str = "TELCOFLOW_TEST_NODE_DRAIN_GRACE";
+const NODE_DRAIN_HANDOVER: &str = "TELCOFLOW_TEST_NODE_DRAIN_HANDOVER";
 /// What that process prints before its base URL once it listens.
 const NODE_READY: &str = "telcoflow test node listening on ";
 
@@ -348,6 +349,9 @@ async fn node_process() {
     }
     if let Ok(grace) = std::env::var(NODE_DRAIN_GRACE) {
         config.drain_grace_secs = grace.parse().unwrap();
+    }
+    if let Ok(handover) = std::env::var(NODE_DRAIN_HANDOVER) {
+        config.drain_handover_secs = handover.parse().unwrap();
     }
     let mut server = start(config).await;
     println!("{NODE_READY}{}", server.base_url());
@@ -382,11 +386,17 @@ impl Drop for NodeProcess {
 }
 
 fn spawn_node(nats: &NatsServer, id: &str, max_calls: usize) -> NodeProcess {
-    spawn_node_with(nats, id, max_calls, 30)
+    spawn_node_with(nats, id, max_calls, 30, 5)
 }
 
-/// [`spawn_node`] with a drain grace of `drain_grace` seconds.
-fn spawn_node_with(nats: &NatsServer, id: &str, max_calls: usize, drain_grace: u64) -> NodeProcess {
+/// [`spawn_node`] with a drain grace and a drain handover of so many seconds.
+fn spawn_node_with(
+    nats: &NatsServer,
+    id: &str,
+    max_calls: usize,
+    drain_grace: u64,
+    drain_handover: u64,
+) -> NodeProcess {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "node_process", "--nocapture"])
@@ -394,6 +404,7 @@ fn spawn_node_with(nats: &NatsServer, id: &str, max_calls: usize, drain_grace: u
         .env(NODE_ID, id)
         .env(NODE_MAX_CALLS, max_calls.to_string())
         .env(NODE_DRAIN_GRACE, drain_grace.to_string())
+        .env(NODE_DRAIN_HANDOVER, drain_handover.to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1398,7 +1409,9 @@ async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_i
         return;
     };
     let a = start(node_config(&nats, "node-a")).await;
-    let mut b = spawn_node(&nats, "node-b", 10);
+    // Its agent's claim below is never followed by media: node B keeps the connection for one
+    // second of handover, then hands the session over.
+    let mut b = spawn_node_with(&nats, "node-b", 10, 30, 1);
     let nodes = bucket(&nats, "telcoflow_nodes").await;
     let mut on_a = control(&a, RATE, "mixed").await;
     let mut on_b = control_url(&b.base_url, RATE, "mixed").await;
@@ -1423,17 +1436,39 @@ async fn a_drained_node_takes_no_new_call_hands_its_agents_over_and_exits_when_i
 
     let term = tokio::time::Instant::now();
     signal(&b, "TERM");
-    // Node B closes its agent's control connection, to be opened again elsewhere...
-    let (code, reason) = on_b.ws.close_frame().await.expect("a close frame");
+    heartbeat_until(&nodes, "node-b", |beat| beat["draining"] == true).await;
+    // A call that arrives while node B drains is offered on node A only: node B's agent is
+    // on its way out.
+    let _arriving = dial(&a, "+15550000004", "+15559990001", RATE).await;
+    // Node B closes its agent's control connection, to be opened again elsewhere, once its
+    // handover is over...
+    let (frames, closed) = on_b.ws.texts_until_close().await;
+    let (code, reason) = closed.expect("a close frame");
     assert_eq!(code, 1001, "{reason}");
+    let offered_on_b: Vec<_> = frames
+        .iter()
+        .filter(|f| f["type"] == "session.notify")
+        .collect();
     let closed_after = term.elapsed();
-    // ... and the session it held, not yet connected, is offered again on node A.
-    let resume = on_a.ws.expect_type("session.notify").await;
+    assert!(closed_after >= Duration::from_secs(1), "{closed_after:?}");
+    assert!(offered_on_b.is_empty(), "{offered_on_b:?}");
+    // ... and the session it held, not yet connected, is offered again on node A, as is the
+    // new call.
+    let mut resume = Value::Null;
+    let mut arrived = false;
+    while resume.is_null() || !arrived {
+        let notify = on_a.ws.expect_type("session.notify").await;
+        if notify["sessionId"] == waiting_id.as_str() {
+            resume = notify;
+        } else {
+            assert_eq!(notify["remoteAddress"], "+15550000004", "{notify}");
+            arrived = true;
+        }
+    }
     eprintln!(
         "after SIGTERM: control connection closed in {closed_after:?}, session offered again in {:?}",
         term.elapsed()
     );
-    assert_eq!(resume["sessionId"], waiting_id.as_str(), "{resume}");
     assert_eq!(resume["activity"], "RESUME", "{resume}");
     assert_eq!(on_a.open(&waiting_id).await["ok"], true);
     on_a.ready(&waiting_id).await;

@@ -105,19 +105,30 @@ async fn a_server_without_calls_stops_at_once_when_drained_over_http() {
 }
 
 #[tokio::test]
-async fn the_drain_route_takes_a_connector_key_or_the_admin_token() {
+async fn the_drain_route_takes_only_the_admin_token_when_one_is_set() {
     let mut config = dev_config();
     config.admin_token = Some("op-token".into());
     let server = start(config).await;
     let refusals = [
-        "",
-        "authorization: Bearer not-the-token\r\n",
-        "x-api-key: wrong\r\nx-connector-uuid: 00000000-0000-4000-8000-000000000001\r\n",
+        ("", 401),
+        ("authorization: Bearer not-the-token\r\n", 401),
+        (
+            "x-api-key: wrong\r\nx-connector-uuid: 00000000-0000-4000-8000-000000000001\r\n",
+            401,
+        ),
     ];
-    for headers in refusals {
+    for (headers, expected) in refusals {
         let (status, body) = request(&server, "POST", "/admin/v1/drain", headers).await;
-        assert_eq!(status, 401, "{headers:?}: {body}");
+        assert_eq!(status, expected, "{headers:?}: {body}");
     }
+    // A tenant's own key does not drain a node every tenant shares.
+    let tenant = format!("x-api-key: {DEV_API_KEY}\r\nx-connector-uuid: {DEV_CONNECTOR_UUID}\r\n");
+    let (status, body) = request(&server, "POST", "/admin/v1/drain", &tenant).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("admin_token"),
+        "{body}"
+    );
     assert!(!server.is_draining());
     // Readiness needs no credentials.
     let (status, _) = request(&server, "GET", "/readyz", "").await;
@@ -131,4 +142,83 @@ async fn the_drain_route_takes_a_connector_key_or_the_admin_token() {
     .await;
     assert_eq!(status, 202, "{body}");
     stops(server).await;
+}
+
+#[tokio::test]
+async fn without_an_admin_token_the_drain_route_takes_a_connector_key_only() {
+    let server = start(dev_config()).await;
+    let (status, body) = request(&server, "POST", "/admin/v1/drain", "").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = request(
+        &server,
+        "POST",
+        "/admin/v1/drain",
+        "authorization: Bearer anything\r\n",
+    )
+    .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(!server.is_draining());
+    let tenant = format!("x-api-key: {DEV_API_KEY}\r\nx-connector-uuid: {DEV_CONNECTOR_UUID}\r\n");
+    let (status, body) = request(&server, "POST", "/admin/v1/drain", &tenant).await;
+    assert_eq!(status, 202, "{body}");
+    stops(server).await;
+}
+
+#[tokio::test]
+async fn a_draining_server_keeps_a_control_connection_until_its_agent_opened_the_media_it_claimed()
+{
+    let server = start(dev_config()).await;
+    let mut control = control(&server, RATE, "mixed").await;
+    let mut phone = dial(&server, "+15551230001", "+15559990001", RATE).await;
+    // Claimed and readied, its media not opened yet (the official SDK opens it at `answer()`).
+    let call_in = control.take_call().await;
+    assert_eq!(server.drain(), 1);
+
+    // The connection stays while its agent has media to open: it still answers.
+    let reply = control
+        .request(json!({"type": "call_flow.setup", "data": {"inboundCall": "ALL"}}))
+        .await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    // The media token it was given still opens the call's media.
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    phone.event("answered").await;
+    // Then the connection is moved off the node.
+    let (code, reason) = control.ws.close_frame().await.expect("a close frame");
+    assert_eq!(code, 1001, "{reason}");
+    assert!(
+        hears_echo_through(&mut phone, &mut media).await,
+        "the call stopped carrying audio"
+    );
+}
+
+#[tokio::test]
+async fn a_draining_server_closes_a_control_connection_whose_agent_never_opens_its_media() {
+    let mut config = dev_config();
+    config.drain_grace_secs = 1;
+    let server = start(config).await;
+    let mut control = control(&server, RATE, "mixed").await;
+    let _phone = dial(&server, "+15551230001", "+15559990001", RATE).await;
+    let _call_in = control.take_call().await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(server.drain(), 1);
+    // It waits no longer than the handover bound (here the one-second grace).
+    let (code, reason) = control.ws.close_frame().await.expect("a close frame");
+    assert_eq!(code, 1001, "{reason}");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    stops(server).await;
+}
+
+/// The phone hears a level the agent echoes back.
+async fn hears_echo_through(phone: &mut Phone, media: &mut Media) -> bool {
+    for _ in 0..50 {
+        phone.send_level(777, FRAME).await;
+        let got = media.audio(0).await[FRAME / 2];
+        media.send_audio(&pcm_level(got, FRAME)).await;
+        if samples(&phone.ws.binary().await)[FRAME / 2] == 777 {
+            return true;
+        }
+    }
+    false
 }

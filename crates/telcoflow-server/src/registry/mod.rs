@@ -193,6 +193,15 @@ impl Registry {
         }
     }
 
+    /// Whether the control connection `sm_ws_id` of this node holds a session whose media is
+    /// not up yet: its agent is still to open it, through this connection's claim.
+    pub(crate) fn holds_unattached(&self, sm_ws_id: &str) -> bool {
+        match self {
+            Self::Memory(m) => !m.unattached_of(sm_ws_id).is_empty(),
+            Self::Nats(n) => n.holds_unattached(sm_ws_id),
+        }
+    }
+
     /// Why this node cannot take new calls now, if its store is out of reach (a cluster
     /// whose NATS is away); `None` when it can.
     pub(crate) fn unavailable(&self) -> Option<&'static str> {

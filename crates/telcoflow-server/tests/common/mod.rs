@@ -144,6 +144,29 @@ impl Ws {
         }
     }
 
+    /// Waits until the server closes the connection: the text frames that came first, and
+    /// the close frame's code and reason (`None` for a connection dropped without one).
+    pub async fn texts_until_close(&mut self) -> (Vec<Value>, Option<(u16, String)>) {
+        let mut texts = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.inner.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Close(frame))) => {
+                    let close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                    return (texts, close);
+                }
+                Some(Ok(Message::Text(text))) => texts.push(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Ping(_))) => {
+                    let _ = self.inner.flush().await;
+                }
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return (texts, None),
+            }
+        }
+    }
+
     /// Waits until the server closes the connection, skipping whatever comes first.
     pub async fn closed(&mut self) {
         while self.next().await.is_some() {}

@@ -252,6 +252,28 @@ impl NatsRegistry {
         self.inner.beat_now.notify_one();
     }
 
+    fn is_draining(&self) -> bool {
+        self.inner
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `sm_ws_id`, a control connection of this node, holds a session whose media is
+    /// not up yet, wherever its call runs.
+    pub(crate) fn holds_unattached(&self, sm_ws_id: &str) -> bool {
+        let me = Holder {
+            sm_ws_id: sm_ws_id.to_owned(),
+            node: self.me().to_owned(),
+        };
+        !self.local().unattached_of(sm_ws_id).is_empty()
+            || lock(&self.inner.mirror).values().any(|r| {
+                r.owner != self.me()
+                    && r.bound.as_ref() == Some(&me)
+                    && r.info.state == SessionState::Open
+                    && !r.media_attached
+            })
+    }
+
     /// Why this node cannot take new calls now: `None` while connected to NATS.
     pub(crate) fn unavailable(&self) -> Option<&'static str> {
         (!self.connected()).then_some("not connected to NATS")

@@ -338,6 +338,11 @@ impl NatsRegistry {
             let Some(connector) = message.subject.strip_prefix("telcoflow.notify.") else {
                 continue;
             };
+            // A draining node's connections are on their way out: the sessions go to the
+            // connector's connections on other nodes, which hear the same offer.
+            if self.is_draining() {
+                continue;
+            }
             match serde_json::from_slice::<Offer>(&message.payload) {
                 // Only offers reach agents this way; anything else on the subject is no
                 // node's doing.
