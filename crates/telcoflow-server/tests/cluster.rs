@@ -1721,3 +1721,41 @@ async fn a_sip_call_on_one_node_is_taken_and_echoed_by_an_agent_on_another() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_connection_that_joins_is_offered_a_waiting_session_once() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let a = start(node_config(&nats, "node-a")).await;
+    // A call waits, offered to nobody yet; node A's records show it.
+    let _phone = dial(&a, "+15550000001", "+15559990001", RATE).await;
+    listing_until(&a, |items| open_with(items, "+15550000001")).await;
+    let mut agent = control(&a, RATE, "mixed").await;
+    let offer = agent.ws.expect_type("session.notify").await;
+    assert_eq!(offer["activity"], "NEW_INCOMING_CALL", "{offer}");
+
+    // The notification of the same offer, published before the agent joined, reaches the
+    // node only now; then one for another session, after it on the same subject.
+    let client = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let subject = format!(
+        "telcoflow.notify.{}",
+        telcoflow_server::config::DEV_CONNECTOR_UUID
+    );
+    let mut later = offer.clone();
+    later["sessionId"] = json!("a-later-session");
+    for frame in [&offer, &later] {
+        let payload = serde_json::to_vec(&json!({"frame": frame, "inbound": true})).unwrap();
+        client
+            .publish(subject.clone(), payload.into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+    let next = agent.ws.expect_type("session.notify").await;
+    assert_eq!(
+        next["sessionId"], "a-later-session",
+        "offered twice: {next}"
+    );
+    a.shutdown().await;
+}

@@ -192,9 +192,20 @@ impl MemoryRegistry {
         insert_session(&mut self.lock(), connector, info, call, bound);
     }
 
-    /// Offers a session to every connection of `connector` on this node that takes it.
-    pub(crate) fn offer(&self, connector: &str, frame: &ServerFrame, inbound: bool) {
-        broadcast(&self.lock().controls, connector, frame, inbound);
+    /// Offers a session to every connection of `connector` on this node that takes it and
+    /// for whose id `send` says yes.
+    pub(crate) fn offer_where(
+        &self,
+        connector: &str,
+        frame: &ServerFrame,
+        inbound: bool,
+        mut send: impl FnMut(&str) -> bool,
+    ) {
+        for (sm_ws_id, link) in &self.lock().controls {
+            if &*link.connector == connector && (link.inbound_calls || !inbound) && send(sm_ws_id) {
+                link.send(frame.clone());
+            }
+        }
     }
 
     /// A control connection of this node.

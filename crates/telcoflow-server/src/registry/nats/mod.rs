@@ -47,6 +47,9 @@ const NATS_TIMEOUT: Duration = Duration::from_secs(2);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a node's heartbeat lives in the nodes bucket without being renewed.
 const NODE_TTL: Duration = Duration::from_secs(10);
+/// How long a connection that joined remembers what it was offered from the records: the
+/// notification of the same offer, published before it joined, may still be on its way.
+const JOIN_OFFERS_KEPT: Duration = Duration::from_secs(5);
 
 /// The registry of one node of a cluster. Cheap to clone.
 #[derive(Clone)]
@@ -89,6 +92,15 @@ struct Inner {
     beating: Mutex<node::Beating>,
     /// When each node's process was last seen renewing its heartbeat, by (node, incarnation).
     seen: Mutex<HashMap<(String, String), tokio::time::Instant>>,
+    /// The offers each control connection that joined lately was sent, by its id.
+    joined: Mutex<HashMap<String, JoinOffers>>,
+}
+
+/// The offers sent to a connection since it joined, so that none reaches it twice: one from
+/// the records as it joins and the notification of the same offer.
+struct JoinOffers {
+    at: tokio::time::Instant,
+    sent: HashSet<(String, Activity)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -227,6 +239,7 @@ impl NatsRegistry {
                 beat_now: tokio::sync::Notify::new(),
                 beating: Mutex::default(),
                 seen: Mutex::default(),
+                joined: Mutex::default(),
             }),
         })
     }
@@ -398,7 +411,17 @@ impl NatsRegistry {
         link: ControlLink,
     ) -> Result<(), RegistryError> {
         // Offered from the records, this node's too: a call not admitted yet (or refused)
-        // has none, and is offered by its notification once admitted.
+        // has none, and is offered by its notification once admitted. The connection takes
+        // notifications from before the records are read, so that none falls between; what
+        // both offer reaches it once (`JoinOffers`).
+        lock(&self.inner.joined).insert(
+            sm_ws_id.to_owned(),
+            JoinOffers {
+                at: tokio::time::Instant::now(),
+                sent: HashSet::new(),
+            },
+        );
+        self.local().insert_link(sm_ws_id, link.clone());
         let now = unix_now();
         let offers: Vec<ServerFrame> = lock(&self.inner.mirror)
             .values()
@@ -419,10 +442,44 @@ impl NatsRegistry {
             })
             .collect();
         for frame in offers {
-            link.send(frame);
+            if self.first_offer(sm_ws_id, &frame) {
+                link.send(frame);
+            }
         }
-        self.local().insert_link(sm_ws_id, link);
         Ok(())
+    }
+
+    /// Whether `frame`, an offer, has not reached the connection `sm_ws_id` since it joined
+    /// (and marks it sent). Connections that joined more than [`JOIN_OFFERS_KEPT`] ago get
+    /// every offer.
+    fn first_offer(&self, sm_ws_id: &str, frame: &ServerFrame) -> bool {
+        let ServerFrame::SessionNotify {
+            session_id,
+            activity,
+            ..
+        } = frame
+        else {
+            return true;
+        };
+        let mut joined = lock(&self.inner.joined);
+        let Some(offers) = joined.get_mut(sm_ws_id) else {
+            return true;
+        };
+        if offers.at.elapsed() > JOIN_OFFERS_KEPT {
+            joined.remove(sm_ws_id);
+            return true;
+        }
+        offers.sent.insert((session_id.clone(), *activity))
+    }
+
+    /// Offers a session from the cluster to this node's connections of `connector`.
+    fn offer_here(&self, connector: &str, frame: &ServerFrame, inbound: bool) {
+        self.local()
+            .offer_where(connector, frame, inbound, |sm_ws_id| {
+                self.first_offer(sm_ws_id, frame)
+            });
+        // Forget the connections that joined long ago, those gone too.
+        lock(&self.inner.joined).retain(|_, o| o.at.elapsed() <= JOIN_OFFERS_KEPT);
     }
 
     pub(crate) async fn remove_control(&self, sm_ws_id: &str) -> Result<(), RegistryError> {
@@ -430,6 +487,7 @@ impl NatsRegistry {
             return Ok(());
         };
         self.local().remove_link(sm_ws_id);
+        lock(&self.inner.joined).remove(sm_ws_id);
         let me = Holder {
             sm_ws_id: sm_ws_id.to_owned(),
             node: self.me().to_owned(),

@@ -349,7 +349,7 @@ impl NatsRegistry {
                 Ok(Offer {
                     frame: frame @ ServerFrame::SessionNotify { .. },
                     inbound,
-                }) => self.local().offer(connector, &frame, inbound),
+                }) => self.offer_here(connector, &frame, inbound),
                 Ok(_) => warn!(
                     connector,
                     "an offer from the cluster that is not session.notify; dropped"
