@@ -1759,3 +1759,100 @@ async fn a_connection_that_joins_is_offered_a_waiting_session_once() {
     );
     a.shutdown().await;
 }
+
+/// A TCP relay to NATS for one node, which the test can cut (every connection dropped, new
+/// ones refused) and restore: that node alone loses NATS.
+struct NatsRelay {
+    url: String,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl NatsRelay {
+    async fn start(nats: &NatsServer) -> Self {
+        let upstream = nats.url.trim_start_matches("nats://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("nats://{}", listener.local_addr().unwrap());
+        let (up, _) = tokio::sync::watch::channel(true);
+        let watch = up.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue;
+                }
+                let mut cut = watch.subscribe();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { url, up }
+    }
+
+    fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_nats_while_another_was_lost_tells_its_agents_once_back() {
+    let Some(nats) = nats_server().await else {
+        return;
+    };
+    let relay = NatsRelay::start(&nats).await;
+    let mut config = node_config_at(&relay.url, "node-a");
+    // Pings keep the agent's control connection busy while the test waits.
+    config.control_ping_interval_secs = 1;
+    let a = start(config).await;
+    let b = spawn_node(&nats, "node-b", 10);
+    let c = start(node_config(&nats, "node-c")).await;
+
+    // A call on node B, claimed by an agent on node A, whose media is not up yet.
+    let mut agent = control(&a, RATE, "mixed").await;
+    let _phone = dial_url(&b.base_url, "+15550000001", "+15559990001", RATE).await;
+    let call_in = agent.take_call().await;
+    let lost_id = call_in["sessionId"].as_str().unwrap().to_owned();
+    let sessions = bucket(&nats, "telcoflow_sessions").await;
+    let key = record_key(&lost_id);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sessions
+        .get(&key)
+        .await
+        .unwrap()
+        .is_none_or(|v| serde_json::from_slice::<Value>(&v).unwrap()["bound"].is_null())
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never bound");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    listing_within(&a, WAIT, |items| open_with(items, "+15550000001")).await;
+
+    // Node A loses NATS; meanwhile node B is killed and node C reaps its session.
+    relay.cut();
+    drop(b);
+    listing_within(&c, Duration::from_secs(20), |items| {
+        session_of(items, "+15550000001").is_none()
+    })
+    .await;
+    // Node A comes back: its agent learns that the call it held was lost.
+    relay.restore();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(15),
+        agent.ws.expect_type("session.closed"),
+    )
+    .await
+    .expect("session.closed for the lost call once node A is back");
+    assert_eq!(closed["sessionId"], lost_id.as_str(), "{closed}");
+    assert_eq!(closed["reason"], "CALL_TERMINATED", "{closed}");
+    a.shutdown().await;
+    c.shutdown().await;
+}

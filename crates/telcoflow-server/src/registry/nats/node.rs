@@ -469,8 +469,18 @@ impl NatsRegistry {
                 }
                 if let Ok(w) = self.inner.sessions.watch_with_history(">").await {
                     // The history comes again: records deleted meanwhile must not linger.
-                    lock(&self.inner.mirror).clear();
+                    let held_here = {
+                        let mut mirror = lock(&self.inner.mirror);
+                        let held = self.held_here_of_other_processes(&mirror);
+                        mirror.clear();
+                        held
+                    };
                     watch = w;
+                    // A record deleted while the watch was down left no trace the new watch
+                    // shows: those this node's agents held are looked up once more.
+                    if !held_here.is_empty() {
+                        tokio::spawn(self.clone().look_up_held(held_here));
+                    }
                     break;
                 }
             }
@@ -484,6 +494,41 @@ impl NatsRegistry {
         };
         if let Some(record) = gone {
             self.lost_with_its_node(&record);
+        }
+    }
+
+    /// Open records of other processes held by a control connection of this node.
+    fn held_here_of_other_processes(
+        &self,
+        mirror: &HashMap<String, SessionRecord>,
+    ) -> Vec<(String, SessionRecord)> {
+        mirror
+            .iter()
+            .filter(|(_, r)| {
+                r.info.state == SessionState::Open
+                    && !(r.owner == self.me() && r.incarnation == self.inner.incarnation)
+                    && r.bound.as_ref().is_some_and(|h| h.node == self.me())
+            })
+            .map(|(key, r)| (key.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Tells the holders of the records among `held` that are gone from the bucket that
+    /// their calls were lost ([`Self::lost_with_its_node`]).
+    async fn look_up_held(self, held: Vec<(String, SessionRecord)>) {
+        for (key, record) in held {
+            match tokio::time::timeout(super::NATS_TIMEOUT, self.inner.sessions.entry(&key)).await {
+                // Deleted (a delete leaves a marker entry until the key is purged).
+                Ok(Ok(None)) => self.lost_with_its_node(&record),
+                Ok(Ok(Some(entry))) if entry.operation != kv::Operation::Put => {
+                    self.lost_with_its_node(&record);
+                }
+                Ok(Ok(Some(_))) => {}
+                Ok(Err(e)) => warn!(%key, error = %e, "cannot look up a session record"),
+                Err(_) => {
+                    warn!(%key, "cannot look up a session record: no answer from NATS in time")
+                }
+            }
         }
     }
 
