@@ -20,11 +20,11 @@ from pathlib import Path
 # frames legs carry; the actor (`call`, layer 5) and the networks build on them.
 LAYERS = [
     ["config", "token", "tls", "audio", "listener", "lib"],
-    ["call::leg", "call::handle", "call::frames"],
+    ["call::leg", "call::handle", "call::frames", "call::live"],
     ["registry", "net"],
     ["state"],
     ["call", "net::sim", "net::sip"],
-    ["auth", "control", "media", "http", "drain"],
+    ["auth", "control", "media", "http", "drain", "console"],
 ]
 # The crate root wires everything together and may import from any layer.
 ROOT = "lib"

@@ -13,6 +13,44 @@ use serde::{Deserialize, Serialize};
 /// Path of the simulated phone endpoint.
 pub const SIM_PATH: &str = "/v1/sim/phone";
 
+/// Query string with which a phone asks to authenticate in its first frame
+/// (`/v1/sim/phone?auth=frame`): browsers cannot set headers on a WebSocket, and credentials
+/// in a URL end up in logs and browser history.
+pub const AUTH_IN_FRAME_QUERY: &str = "auth=frame";
+
+/// Connector credentials sent as the first text frame of a WebSocket, by a phone that
+/// connected with [`AUTH_IN_FRAME_QUERY`] (and by the console's live view):
+/// `{"type": "auth", "connectorUuid": "...", "apiKey": "..."}`. Its `Debug` hides the key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "auth", rename_all = "camelCase")]
+pub struct AuthFrame {
+    /// The connector's UUID.
+    pub connector_uuid: String,
+    /// The connector's API key.
+    pub api_key: String,
+}
+
+impl AuthFrame {
+    /// Decodes a text frame.
+    pub fn decode(text: &str) -> Result<Self, DecodeError> {
+        Ok(serde_json::from_str(text)?)
+    }
+
+    /// Encodes the frame as JSON text.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+impl std::fmt::Debug for AuthFrame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthFrame")
+            .field("connector_uuid", &self.connector_uuid)
+            .field("api_key", &"<hidden>")
+            .finish()
+    }
+}
+
 /// Frames a simulated phone sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -192,5 +230,18 @@ mod tests {
         };
         assert_eq!(NetworkFrame::decode(&hangup.encode()).unwrap(), hangup);
         assert!(PhoneFrame::decode(r#"{"type":"fly"}"#).is_err());
+    }
+
+    #[test]
+    fn auth_frame_is_tagged_and_hides_its_key() {
+        let auth = AuthFrame {
+            connector_uuid: "u".into(),
+            api_key: "secret".into(),
+        };
+        let text = auth.encode();
+        assert_eq!(text, r#"{"type":"auth","connectorUuid":"u","apiKey":"secret"}"#);
+        assert_eq!(AuthFrame::decode(&text).unwrap(), auth);
+        assert!(AuthFrame::decode(r#"{"type":"dial","connectorUuid":"u","apiKey":"k"}"#).is_err());
+        assert!(!format!("{auth:?}").contains("secret"));
     }
 }

@@ -7,7 +7,6 @@ use crate::state::Shared;
 use crate::tls::PeerInfo;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use std::sync::Arc;
-use subtle::ConstantTimeEq as _;
 use telcoflow_proto::control::{API_KEY_HEADER, CONNECTOR_HEADER};
 
 /// Why credentials were refused; the text is what the client is shown.
@@ -44,14 +43,7 @@ pub(crate) fn authenticate(
         };
     };
     let uuid = header(CONNECTOR_HEADER).ok_or(AuthError::MissingConnector)?;
-    // One message for both an unknown connector and a wrong key, so that a caller cannot probe
-    // which connector ids exist; the key comparison takes the same time wherever it differs.
-    let connector = shared.connector(uuid).ok_or(AuthError::Rejected)?;
-    if bool::from(connector.api_key.as_bytes().ct_eq(key.as_bytes())) {
-        Ok(connector.clone())
-    } else {
-        Err(AuthError::Rejected)
-    }
+    shared.check_key(uuid, key).ok_or(AuthError::Rejected)
 }
 
 /// Credentials in the query string, for browsers, which cannot set headers on a WebSocket.
@@ -59,6 +51,8 @@ pub(crate) fn authenticate(
 pub(crate) struct PhoneQuery {
     api_key: Option<String>,
     connector_uuid: Option<String>,
+    /// `frame`: the phone authenticates in its first frame (`AuthFrame`), after the upgrade.
+    auth: Option<String>,
 }
 
 /// Decides whether a simulated phone may connect at all, before the upgrade: the endpoint must
@@ -74,6 +68,18 @@ pub(crate) fn admit_phone(
             StatusCode::FORBIDDEN,
             "simulated phones are off on this server ([sim] enabled = true turns them on)".into(),
         ));
+    }
+    match query.auth.as_deref() {
+        None => {}
+        // Checked after the upgrade, where a refusal can say why in a close frame a browser
+        // can read (it sees nothing of a refused upgrade).
+        Some("frame") => return Ok(Admission::InFrame),
+        Some(other) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("auth={other} is not an option: auth=frame authenticates in the first frame"),
+            ));
+        }
     }
     let open = shared.config.sim.development && shared.config.listen.ip().is_loopback();
     let mut headers = headers.clone();

@@ -31,6 +31,7 @@ pub mod audio;
 mod auth;
 mod call;
 pub mod config;
+mod console;
 mod control;
 mod drain;
 mod http;
@@ -58,6 +59,15 @@ use tokio_util::task::TaskTracker;
 /// 20 ms audio frame; 4 KiB holds a few frames at 24 kHz and larger messages still grow it.
 pub(crate) const WS_READ_BUFFER: usize = 4096;
 
+/// `reason` cut to what a close frame holds (123 bytes), at a character boundary.
+pub(crate) fn close_reason(reason: &str) -> String {
+    let mut reason = reason.to_owned();
+    while reason.len() > 123 {
+        reason.pop();
+    }
+    reason
+}
+
 /// The close frame owed to a WebSocket peer after a receive error: 1009 (Message Too Big) with
 /// the limit when its frame was over the size limit (named by `limit`, e.g. the config key);
 /// `None` for any other error, after which there is nothing to say.
@@ -69,15 +79,11 @@ pub(crate) fn close_for_receive_error(
     let source = std::error::Error::source(error)?;
     match source.downcast_ref::<WsError>()? {
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => {
-            let mut reason =
+            let reason =
                 format!("frame of {size} bytes is over the {max_size}-byte limit ({limit})");
-            // A close frame's reason holds at most 123 bytes.
-            while reason.len() > 123 {
-                reason.pop();
-            }
             Some(axum::extract::ws::CloseFrame {
                 code: axum::extract::ws::close_code::SIZE,
-                reason: reason.into(),
+                reason: close_reason(&reason).into(),
             })
         }
         _ => None,
@@ -315,6 +321,9 @@ fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Route
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(http::readyz))
         .route("/admin/v1/drain", post(http::drain))
+        .route("/console", get(console::index))
+        .route("/console/{file}", get(console::asset))
+        .route(console::LIVE_PATH, get(console::live))
         .with_state(shared.clone())
         .merge(
             Router::new()

@@ -1,6 +1,7 @@
 //! What every task of the server shares: configuration, connectors, the registry, the phone
 //! networks (behind their interface), the token signer and the shutdown signal.
 
+use crate::call::EndedCalls;
 use crate::config::{Config, ConnectorConfig};
 use crate::net::Networks;
 use crate::registry::Registry;
@@ -30,6 +31,8 @@ pub(crate) struct Shared {
     /// Set by the first request to drain, which alone starts it.
     pub(crate) drain_started: std::sync::atomic::AtomicBool,
     pub(crate) tasks: TaskTracker,
+    /// The latest ended calls of each connector, for the console.
+    pub(crate) ended_calls: EndedCalls,
     next_conn: AtomicU64,
 }
 
@@ -71,12 +74,22 @@ impl Shared {
             draining: CancellationToken::new(),
             drain_started: std::sync::atomic::AtomicBool::new(false),
             tasks,
+            ended_calls: EndedCalls::default(),
             next_conn: AtomicU64::new(1),
         }
     }
 
     pub(crate) fn connector(&self, uuid: &str) -> Option<&Arc<ConnectorConfig>> {
         self.connectors.get(uuid)
+    }
+
+    /// The connector `uuid` if `key` is its API key. One answer for an unknown connector and a
+    /// wrong key, so that a caller cannot probe which connector ids exist; the key comparison
+    /// takes the same time wherever it differs.
+    pub(crate) fn check_key(&self, uuid: &str, key: &str) -> Option<Arc<ConnectorConfig>> {
+        use subtle::ConstantTimeEq as _;
+        let connector = self.connector(uuid)?;
+        bool::from(connector.api_key.as_bytes().ct_eq(key.as_bytes())).then(|| connector.clone())
     }
 
     /// The connector whose pinned client certificate has this fingerprint.

@@ -4,6 +4,7 @@
 use super::handle::{CallHandle, CallInput, MediaLink};
 use super::leg::{LegId, LegLink, LegOutput};
 use super::legs::Leg;
+use super::live::LiveState;
 use super::playout::Playout;
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
@@ -225,6 +226,7 @@ impl CallActor {
                     self.on_deadline(Instant::now());
                 }
             }
+            self.publish_live();
         }
         self.shared.registry.unindex_call(&self.handle.call_id);
         if self.caller.dropped_samples > 0 {
@@ -242,6 +244,28 @@ impl CallActor {
             clock_margin_ms = self.aligner.margin().as_secs_f64() * 1e3,
             "call ended"
         );
+    }
+
+    /// Copies where the call is to its live figures, for the console: after every input,
+    /// tick and deadline (a few relaxed stores).
+    fn publish_live(&self) {
+        let state = if self.ended {
+            LiveState::Ended
+        } else if self.phase == Phase::Answered {
+            if self.callee.as_ref().is_some_and(|c| c.up) {
+                LiveState::Connected
+            } else {
+                LiveState::Answered
+            }
+        } else if self.claimed {
+            LiveState::Ringing
+        } else {
+            LiveState::Offered
+        };
+        let live = &self.handle.live;
+        live.set_state(state, self.now.into_std());
+        live.set_agent_attached(self.media.is_some());
+        live.set_playout_gaps(self.playout.gaps());
     }
 
     /// The earliest time something must happen without any input.
@@ -445,6 +469,8 @@ impl CallActor {
         };
         self.send_event(CallEvent::terminated(who));
         self.close_media();
+        self.publish_live();
+        self.shared.ended_calls.record(&self.handle, who);
         self.shared
             .registry
             .session_ended(&self.handle.session_id, reason);

@@ -56,6 +56,7 @@ impl CallActor {
 
     /// Agent audio (channel 0) from the current media connection, into the playout buffer.
     pub(super) fn on_agent_audio(&mut self, pcm: &[u8]) {
+        self.handle.live.from_agent();
         let gaps = self.playout.gaps();
         // Audio that missed the latest tick by less than a frame is the media
         // clock's to answer for; a longer gap (a pause) is the pre-buffer's.
@@ -147,7 +148,13 @@ impl CallActor {
         let Some(media) = &self.media else {
             return false;
         };
-        if matches!(out, MediaOut::Audio(_)) && media.tx.capacity() <= MEDIA_TEXT_RESERVE {
+        let is_audio = matches!(out, MediaOut::Audio(_));
+        if is_audio {
+            self.handle
+                .live
+                .to_agent(media.tx.capacity() > MEDIA_TEXT_RESERVE);
+        }
+        if is_audio && media.tx.capacity() <= MEDIA_TEXT_RESERVE {
             if !self.slow_media_reported {
                 self.slow_media_reported = true;
                 warn!("agent is not reading its audio; frames are being dropped");

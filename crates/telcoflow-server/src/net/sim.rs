@@ -10,8 +10,10 @@
 //! Admission: the endpoint is off unless `[sim] enabled` (the development configuration turns
 //! it on). Only the development configuration on a loopback listener takes phones without
 //! credentials; anywhere else a phone authenticates as a connector, with the control plane's
-//! headers or, for browsers, `?api_key=&connector_uuid=` in the query, and may then dial and
-//! register only that connector's numbers ([`Admission`], decided by `auth::admit_phone`).
+//! headers, with `?api_key=&connector_uuid=` in the query, or, for browsers, in its first
+//! frame after connecting with `?auth=frame` (an `AuthFrame`, which keeps the key out of
+//! URLs and logs), and may then dial and register only that connector's numbers
+//! ([`Admission`], decided by `auth::admit_phone`).
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{
@@ -28,7 +30,7 @@ use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::SampleRate;
 use telcoflow_proto::pool::FramePool;
-use telcoflow_proto::sim::{HangupReason, NetworkFrame, PhoneFrame};
+use telcoflow_proto::sim::{AuthFrame, HangupReason, NetworkFrame, PhoneFrame};
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info_span};
 
@@ -117,6 +119,8 @@ pub(crate) enum Admission {
     Open,
     /// Authenticated as this connector: its numbers only.
     Connector(Arc<ConnectorConfig>),
+    /// To authenticate in its first frame (`?auth=frame`), then as [`Self::Connector`].
+    InFrame,
 }
 
 impl Admission {
@@ -124,6 +128,7 @@ impl Admission {
     fn may_dial(&self, shared: &Shared, to: &str) -> bool {
         match self {
             Self::Open => true,
+            Self::InFrame => false,
             Self::Connector(c) => shared.route(to).is_some_and(|r| r.uuid == c.uuid),
         }
     }
@@ -132,6 +137,7 @@ impl Admission {
     fn may_register(&self, shared: &Shared, number: &str) -> bool {
         match self {
             Self::Open => true,
+            Self::InFrame => false,
             Self::Connector(c) => {
                 owns(c, number)
                     || (c.numbers.iter().any(|n| n == "*")
@@ -187,27 +193,69 @@ async fn close_if_too_big(socket: &mut WebSocket, error: &axum::Error) {
     }
 }
 
+/// The next text frame, within [`HELLO_TIMEOUT`]; `None` (the phone told why, if it can be
+/// told) when anything else comes.
+async fn first_text(shared: &Shared, socket: &mut WebSocket, what: &str) -> Option<String> {
+    let first = tokio::select! {
+        r = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()) => r,
+        () = shared.shutdown.cancelled() => return None,
+    };
+    match first {
+        Ok(Some(Ok(Message::Text(text)))) => Some(text.as_str().to_owned()),
+        Ok(Some(Ok(_))) => {
+            let message = format!("the first frame must be a text {what} frame");
+            send(socket, NetworkFrame::Error { message }).await;
+            None
+        }
+        Ok(Some(Err(e))) => {
+            close_if_too_big(socket, &e).await;
+            None
+        }
+        _ => None,
+    }
+}
+
+/// Authenticates a phone that connected with `?auth=frame` by its first frame; a refusal is
+/// an error frame and a close with code 1008 and the reason.
+async fn authenticate_in_frame(
+    shared: &Shared,
+    socket: &mut WebSocket,
+) -> Option<Arc<ConnectorConfig>> {
+    let text = first_text(shared, socket, "auth").await?;
+    let refused = match AuthFrame::decode(&text) {
+        Ok(auth) => match shared.check_key(&auth.connector_uuid, &auth.api_key) {
+            Some(connector) => return Some(connector),
+            None => "unknown connector or wrong API key".to_owned(),
+        },
+        Err(e) => format!("the first frame must be {{\"type\":\"auth\",\"connectorUuid\",\"apiKey\"}}: {e}"),
+    };
+    debug!(reason = %refused, "simulated phone refused");
+    send(socket, NetworkFrame::Error { message: refused.clone() }).await;
+    let close = axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::POLICY,
+        reason: crate::close_reason(&refused).into(),
+    };
+    let _ = socket.send(Message::Close(Some(close))).await;
+    None
+}
+
 async fn run_phone(
     shared: Arc<Shared>,
     phones: Arc<Directory>,
     mut socket: WebSocket,
     conn_id: u64,
-    admission: Admission,
+    mut admission: Admission,
 ) {
-    let hello = tokio::select! {
-        r = tokio::time::timeout(HELLO_TIMEOUT, socket.recv()) => r,
-        () = shared.shutdown.cancelled() => return,
-    };
-    let hello = match hello {
-        Ok(Some(Ok(Message::Text(text)))) => PhoneFrame::decode(&text),
-        Ok(Some(Ok(_))) => {
-            let message = "the first frame must be a text dial or register frame".to_owned();
-            send(&mut socket, NetworkFrame::Error { message }).await;
-            return;
+    if matches!(admission, Admission::InFrame) {
+        match authenticate_in_frame(&shared, &mut socket).await {
+            Some(connector) => admission = Admission::Connector(connector),
+            None => return,
         }
-        Ok(Some(Err(e))) => return close_if_too_big(&mut socket, &e).await,
-        _ => return,
+    }
+    let Some(hello) = first_text(&shared, &mut socket, "dial or register").await else {
+        return;
     };
+    let hello = PhoneFrame::decode(&hello);
     match hello {
         Ok(PhoneFrame::Dial {
             from,

@@ -8,6 +8,7 @@
 
 use super::link::ControlLink;
 use super::outcome::{ClaimError, OpenError, ReadyOutcome, SessionPage, SessionQuery};
+use super::{ConsoleView, ControlView};
 use crate::call::{CallHandle, CallInput};
 use crate::token::unix_now;
 use std::collections::{HashMap, VecDeque};
@@ -347,6 +348,30 @@ impl MemoryRegistry {
     /// A session of this node as it stands.
     pub(crate) fn info_of(&self, session_id: &str) -> Option<SessionInfo> {
         Some(self.lock().sessions.get(session_id)?.info.clone())
+    }
+
+    /// What the console shows of `connector` on this node: its control connections (by
+    /// id, sorted) and the holder of each of its open sessions that has one.
+    pub(crate) fn console_view(&self, connector: &str) -> ConsoleView {
+        let state = self.lock();
+        let mut controls: Vec<ControlView> = state
+            .controls
+            .iter()
+            .filter(|(_, link)| &*link.connector == connector)
+            .map(|(id, link)| ControlView {
+                id: id.clone(),
+                setup: link.setup.clone(),
+                inbound_calls: link.inbound_calls,
+            })
+            .collect();
+        controls.sort_by(|a, b| a.id.cmp(&b.id));
+        let holders = state
+            .sessions
+            .values()
+            .filter(|s| &*s.connector == connector && s.info.state == SessionState::Open)
+            .filter_map(|s| Some((s.info.id.clone(), s.bound.clone()?)))
+            .collect();
+        ConsoleView { controls, holders }
     }
 
     /// Makes a running call reachable by its id.

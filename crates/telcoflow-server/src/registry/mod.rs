@@ -42,6 +42,22 @@ use telcoflow_proto::media::MEDIA_PATH;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// What the console shows of a connector on this node (see [`Registry::console_view`]).
+#[derive(Debug, Default)]
+pub(crate) struct ConsoleView {
+    pub(crate) controls: Vec<ControlView>,
+    /// Session id -> the id of the control connection holding it.
+    pub(crate) holders: std::collections::HashMap<String, String>,
+}
+
+/// A control connection, as the console shows it.
+#[derive(Debug)]
+pub(crate) struct ControlView {
+    pub(crate) id: String,
+    pub(crate) setup: telcoflow_proto::control::SetupData,
+    pub(crate) inbound_calls: bool,
+}
+
 /// A control connection's place under `max_control_connections_per_connector`, given back
 /// when dropped.
 #[derive(Debug)]
@@ -173,6 +189,15 @@ impl Registry {
         match self {
             Self::Memory(m) => m.running_calls(),
             Self::Nats(n) => n.local_registry().running_calls(),
+        }
+    }
+
+    /// The control connections of `connector` on this node and who holds its open sessions,
+    /// for the console (read-only).
+    pub(crate) fn console_view(&self, connector: &str) -> ConsoleView {
+        match self {
+            Self::Memory(m) => m.console_view(connector),
+            Self::Nats(n) => n.local_registry().console_view(connector),
         }
     }
 
