@@ -21,7 +21,7 @@ pub const AUTH_IN_FRAME_QUERY: &str = "auth=frame";
 /// Connector credentials sent as the first text frame of a WebSocket, by a phone that
 /// connected with [`AUTH_IN_FRAME_QUERY`] (and by the console's live view):
 /// `{"type": "auth", "connectorUuid": "...", "apiKey": "..."}`. Its `Debug` hides the key.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename = "auth", rename_all = "camelCase")]
 pub struct AuthFrame {
     /// The connector's UUID.
@@ -30,10 +30,28 @@ pub struct AuthFrame {
     pub api_key: String,
 }
 
+/// [`AuthFrame`] as it is read: serde checks the tag of an enum, not of a struct.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum TaggedAuth {
+    #[serde(rename_all = "camelCase")]
+    Auth {
+        connector_uuid: String,
+        api_key: String,
+    },
+}
+
 impl AuthFrame {
-    /// Decodes a text frame.
+    /// Decodes a text frame; its `type` must be `auth`.
     pub fn decode(text: &str) -> Result<Self, DecodeError> {
-        Ok(serde_json::from_str(text)?)
+        let TaggedAuth::Auth {
+            connector_uuid,
+            api_key,
+        } = serde_json::from_str(text)?;
+        Ok(Self {
+            connector_uuid,
+            api_key,
+        })
     }
 
     /// Encodes the frame as JSON text.
