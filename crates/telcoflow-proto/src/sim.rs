@@ -257,7 +257,10 @@ mod tests {
             api_key: "secret".into(),
         };
         let text = auth.encode();
-        assert_eq!(text, r#"{"type":"auth","connectorUuid":"u","apiKey":"secret"}"#);
+        assert_eq!(
+            text,
+            r#"{"type":"auth","connectorUuid":"u","apiKey":"secret"}"#
+        );
         assert_eq!(AuthFrame::decode(&text).unwrap(), auth);
         assert!(AuthFrame::decode(r#"{"type":"dial","connectorUuid":"u","apiKey":"k"}"#).is_err());
         assert!(!format!("{auth:?}").contains("secret"));

@@ -77,7 +77,9 @@ pub(crate) fn admit_phone(
         Some(other) => {
             return Err((
                 StatusCode::BAD_REQUEST,
-                format!("auth={other} is not an option: auth=frame authenticates in the first frame"),
+                format!(
+                    "auth={other} is not an option: auth=frame authenticates in the first frame"
+                ),
             ));
         }
     }

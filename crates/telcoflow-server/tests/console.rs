@@ -62,9 +62,21 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> &'a str {
 async fn console_files_are_served_with_their_content_types() {
     let server = start(dev_config()).await;
     for (path, content_type, needle) in [
-        ("/console", "text/html; charset=utf-8", "<title>telcoflow console</title>"),
-        ("/console/console.js", "text/javascript; charset=utf-8", "/console/v1/live"),
-        ("/console/console.css", "text/css; charset=utf-8", "#phone-status"),
+        (
+            "/console",
+            "text/html; charset=utf-8",
+            "<title>telcoflow console</title>",
+        ),
+        (
+            "/console/console.js",
+            "text/javascript; charset=utf-8",
+            "/console/v1/live",
+        ),
+        (
+            "/console/console.css",
+            "text/css; charset=utf-8",
+            "#phone-status",
+        ),
         (
             "/console/phone-worklet.js",
             "text/javascript; charset=utf-8",
@@ -194,7 +206,10 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
     assert_eq!(call["from"], "+15551110001");
     assert_eq!(call["to"], "+15559990001");
     assert_eq!(call["agent"]["controlId"], control.id.as_str());
-    assert!(call["quality"]["framesFromCaller"].as_u64().unwrap() >= 5, "{call}");
+    assert!(
+        call["quality"]["framesFromCaller"].as_u64().unwrap() >= 5,
+        "{call}"
+    );
     assert_eq!(ids(&v, "agents", "controlId"), [control.id.clone()]);
     assert_eq!(v["agents"][0]["sessionsHeld"], 1);
     assert_eq!(v["sessions"].as_array().unwrap().len(), 1, "{v}");

@@ -470,7 +470,10 @@ impl CallActor {
         self.send_event(CallEvent::terminated(who));
         self.close_media();
         self.publish_live();
-        self.shared.ended_calls.record(&self.handle, who);
+        let h = &self.handle;
+        self.shared
+            .ended_calls
+            .record(&h.call_id, (&h.from, &h.to), &h.live, who);
         self.shared
             .registry
             .session_ended(&self.handle.session_id, reason);

@@ -2,7 +2,6 @@
 //! audio levels both ways and frame counts. The actor writes these with relaxed atomic
 //! stores (a few per frame, never a lock); the console reads them whenever it looks.
 
-use super::handle::CallHandle;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
@@ -127,7 +126,10 @@ impl CallLive {
         if before < LiveState::Answered as u8
             && matches!(state, LiveState::Answered | LiveState::Connected)
         {
-            let after = now.saturating_duration_since(self.started).as_millis().max(1) as u64;
+            let after = now
+                .saturating_duration_since(self.started)
+                .as_millis()
+                .max(1) as u64;
             self.answered_after_ms.store(after, Ordering::Relaxed);
         }
     }
@@ -211,13 +213,19 @@ impl EndedCalls {
         self.by_connector.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the end of `call` (from its actor, once).
-    pub(crate) fn record(&self, call: &CallHandle, outcome: &'static str) {
-        let live = &call.live;
+    /// Records the end of a call from `from` to `to` with these live figures (from its
+    /// actor, once).
+    pub(crate) fn record(
+        &self,
+        call_id: &str,
+        (from, to): (&str, &str),
+        live: &CallLive,
+        outcome: &'static str,
+    ) {
         let ended = EndedCall {
-            call_id: call.call_id.to_string(),
-            from: call.from.to_string(),
-            to: call.to.to_string(),
+            call_id: call_id.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
             outcome,
             started_unix_ms: live.started_unix_ms,
             last: live.snapshot(),
@@ -245,7 +253,10 @@ fn rms(samples: &[i16]) -> u32 {
     if samples.is_empty() {
         return 0;
     }
-    let sum: u64 = samples.iter().map(|&s| (i64::from(s) * i64::from(s)) as u64).sum();
+    let sum: u64 = samples
+        .iter()
+        .map(|&s| (i64::from(s) * i64::from(s)) as u64)
+        .sum();
     ((sum / samples.len() as u64) as f64).sqrt() as u32
 }
 
@@ -286,18 +297,20 @@ mod tests {
         live.to_agent(true);
         live.to_agent(false);
         let s = live.snapshot();
-        assert_eq!((s.frames_from_caller, s.frames_to_agent, s.frames_dropped), (1, 1, 1));
+        assert_eq!(
+            (s.frames_from_caller, s.frames_to_agent, s.frames_dropped),
+            (1, 1, 1)
+        );
     }
 
     #[test]
     fn ended_calls_keep_the_newest_per_connector() {
         let ended = EndedCalls::default();
         for i in 0..ENDED_CALLS_KEPT + 3 {
-            let (call, _queues) = CallHandle::new("a", &format!("+1{i}"), "+2");
-            ended.record(&call, "caller");
+            let from = format!("+1{i}");
+            ended.record("id", (&from, "+2"), &CallLive::new("a"), "caller");
         }
-        let (other, _queues) = CallHandle::new("b", "+3", "+4");
-        ended.record(&other, "agent");
+        ended.record("id", ("+3", "+4"), &CallLive::new("b"), "agent");
         let a = ended.of("a");
         assert_eq!(a.len(), ENDED_CALLS_KEPT);
         assert_eq!(a[0].from, format!("+1{}", ENDED_CALLS_KEPT + 2));

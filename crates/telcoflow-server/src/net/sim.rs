@@ -227,10 +227,18 @@ async fn authenticate_in_frame(
             Some(connector) => return Some(connector),
             None => "unknown connector or wrong API key".to_owned(),
         },
-        Err(e) => format!("the first frame must be {{\"type\":\"auth\",\"connectorUuid\",\"apiKey\"}}: {e}"),
+        Err(e) => format!(
+            "the first frame must be {{\"type\":\"auth\",\"connectorUuid\",\"apiKey\"}}: {e}"
+        ),
     };
     debug!(reason = %refused, "simulated phone refused");
-    send(socket, NetworkFrame::Error { message: refused.clone() }).await;
+    send(
+        socket,
+        NetworkFrame::Error {
+            message: refused.clone(),
+        },
+    )
+    .await;
     let close = axum::extract::ws::CloseFrame {
         code: axum::extract::ws::close_code::POLICY,
         reason: crate::close_reason(&refused).into(),

@@ -7,8 +7,9 @@
 //! joins sees each session exactly once: in the sessions offered to it, or in a notification.
 
 use super::link::ControlLink;
-use super::outcome::{ClaimError, OpenError, ReadyOutcome, SessionPage, SessionQuery};
-use super::{ConsoleView, ControlView};
+use super::outcome::{
+    ClaimError, ConsoleView, ControlView, OpenError, ReadyOutcome, SessionPage, SessionQuery,
+};
 use crate::call::{CallHandle, CallInput};
 use crate::token::unix_now;
 use std::collections::{HashMap, VecDeque};

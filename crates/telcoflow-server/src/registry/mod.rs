@@ -30,7 +30,8 @@ pub(crate) use link::ControlLink;
 pub(crate) use memory::MemoryRegistry;
 pub(crate) use nats::NatsRegistry;
 pub(crate) use outcome::{
-    ClaimError, CloseError, OpenError, ReadyOutcome, RegistryError, SessionPage, SessionQuery,
+    ClaimError, CloseError, ConsoleView, ControlView, OpenError, ReadyOutcome, RegistryError,
+    SessionPage, SessionQuery,
 };
 
 use crate::call::{CallHandle, CallInput};
@@ -41,22 +42,6 @@ use telcoflow_proto::control::{CallIn, Channel, CloseReason, SessionInfo};
 use telcoflow_proto::media::MEDIA_PATH;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// What the console shows of a connector on this node (see [`Registry::console_view`]).
-#[derive(Debug, Default)]
-pub(crate) struct ConsoleView {
-    pub(crate) controls: Vec<ControlView>,
-    /// Session id -> the id of the control connection holding it.
-    pub(crate) holders: std::collections::HashMap<String, String>,
-}
-
-/// A control connection, as the console shows it.
-#[derive(Debug)]
-pub(crate) struct ControlView {
-    pub(crate) id: String,
-    pub(crate) setup: telcoflow_proto::control::SetupData,
-    pub(crate) inbound_calls: bool,
-}
 
 /// A control connection's place under `max_control_connections_per_connector`, given back
 /// when dropped.

@@ -110,3 +110,19 @@ pub(crate) struct SessionPage {
     /// Offset of the next page, when there are more sessions.
     pub(crate) next_offset: Option<usize>,
 }
+
+/// What the console shows of a connector on this node (see `Registry::console_view`).
+#[derive(Debug, Default)]
+pub(crate) struct ConsoleView {
+    pub(crate) controls: Vec<ControlView>,
+    /// Session id -> the id of the control connection holding it.
+    pub(crate) holders: std::collections::HashMap<String, String>,
+}
+
+/// A control connection, as the console shows it.
+#[derive(Debug)]
+pub(crate) struct ControlView {
+    pub(crate) id: String,
+    pub(crate) setup: telcoflow_proto::control::SetupData,
+    pub(crate) inbound_calls: bool,
+}
