@@ -201,7 +201,7 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
         })
     })
     .await;
-    assert_eq!(ids(&v, "calls", "callId"), [my_call.clone()], "{v}");
+    assert_eq!(ids(&v, "calls", "callId"), [my_call.as_str()], "{v}");
     let call = &v["calls"][0];
     assert_eq!(call["from"], "+15551110001");
     assert_eq!(call["to"], "+15559990001");
@@ -210,7 +210,7 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
         call["quality"]["framesFromCaller"].as_u64().unwrap() >= 5,
         "{call}"
     );
-    assert_eq!(ids(&v, "agents", "controlId"), [control.id.clone()]);
+    assert_eq!(ids(&v, "agents", "controlId"), [control.id.as_str()]);
     assert_eq!(v["agents"][0]["sessionsHeld"], 1);
     assert_eq!(v["sessions"].as_array().unwrap().len(), 1, "{v}");
     assert_eq!(v["sessions"][0]["heldBy"], control.id.as_str());
@@ -220,7 +220,7 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
         !v["calls"].as_array().unwrap().is_empty()
     })
     .await;
-    assert_eq!(ids(&v, "calls", "callId"), [their_call.clone()], "{v}");
+    assert_eq!(ids(&v, "calls", "callId"), [their_call.as_str()], "{v}");
     assert_eq!(v["calls"][0]["state"], "offered");
     assert_eq!(v["calls"][0]["agent"]["controlId"], Value::Null);
     assert!(v["agents"].as_array().unwrap().is_empty(), "{v}");
@@ -232,7 +232,7 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
         v["calls"].as_array().unwrap().is_empty()
     })
     .await;
-    assert_eq!(ids(&v, "ended", "callId"), [my_call.clone()]);
+    assert_eq!(ids(&v, "ended", "callId"), [my_call.as_str()]);
     assert_eq!(v["ended"][0]["outcome"], "caller");
     assert!(v["ended"][0]["talkMs"].is_u64(), "{v}");
     let v = theirs.expect_type("snapshot").await;

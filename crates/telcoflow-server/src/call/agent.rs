@@ -56,7 +56,7 @@ impl CallActor {
 
     /// Agent audio (channel 0) from the current media connection, into the playout buffer.
     pub(super) fn on_agent_audio(&mut self, pcm: &[u8]) {
-        self.handle.live.from_agent();
+        self.handle.live.heard_from_agent();
         let gaps = self.playout.gaps();
         // Audio that missed the latest tick by less than a frame is the media
         // clock's to answer for; a longer gap (a pause) is the pre-buffer's.
@@ -152,7 +152,7 @@ impl CallActor {
         if is_audio {
             self.handle
                 .live
-                .to_agent(media.tx.capacity() > MEDIA_TEXT_RESERVE);
+                .sent_to_agent(media.tx.capacity() > MEDIA_TEXT_RESERVE);
         }
         if is_audio && media.tx.capacity() <= MEDIA_TEXT_RESERVE {
             if !self.slow_media_reported {

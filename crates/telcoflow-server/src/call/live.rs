@@ -138,22 +138,26 @@ impl CallLive {
         self.agent_attached.store(attached, Ordering::Relaxed);
     }
 
-    pub(super) fn from_caller(&self, samples: &[i16]) {
+    /// A frame from the caller.
+    pub(super) fn heard_from_caller(&self, samples: &[i16]) {
         self.level_from_caller
             .store(rms(samples), Ordering::Relaxed);
         self.frames_from_caller.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn to_caller(&self, samples: &[i16]) {
+    /// A frame played to the caller.
+    pub(super) fn played_to_caller(&self, samples: &[i16]) {
         self.level_to_caller.store(rms(samples), Ordering::Relaxed);
         self.frames_to_caller.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn from_agent(&self) {
+    /// A frame of agent audio.
+    pub(super) fn heard_from_agent(&self) {
         self.frames_from_agent.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn to_agent(&self, sent: bool) {
+    /// A frame for the agent's media connection: `sent`, or dropped for a slow consumer.
+    pub(super) fn sent_to_agent(&self, sent: bool) {
         let counter = if sent {
             &self.frames_to_agent
         } else {
@@ -293,9 +297,9 @@ mod tests {
         live.set_state(LiveState::Connected, Instant::now());
         assert_eq!(live.answered_after_ms.load(Ordering::Relaxed), first);
         assert_eq!(live.snapshot().state, LiveState::Connected);
-        live.from_caller(&[100; 160]);
-        live.to_agent(true);
-        live.to_agent(false);
+        live.heard_from_caller(&[100; 160]);
+        live.sent_to_agent(true);
+        live.sent_to_agent(false);
         let s = live.snapshot();
         assert_eq!(
             (s.frames_from_caller, s.frames_to_agent, s.frames_dropped),

@@ -110,7 +110,7 @@ impl CallActor {
                 self.finish(CloseReason::CallTerminated, HangupReason::Local);
             }
             LegEvent::Audio(samples) => {
-                self.handle.live.from_caller(&samples);
+                self.handle.live.heard_from_caller(&samples);
                 if self.phase != Phase::Answered {
                     return; // nobody listens before the call is answered
                 }
@@ -185,7 +185,7 @@ impl CallActor {
         if !callee_up {
             // Caller alone with the agent.
             let mut frame = std::mem::take(&mut self.agent_frame);
-            self.handle.live.to_caller(&frame);
+            self.handle.live.played_to_caller(&frame);
             self.caller.play(&frame, &mut self.scratch);
             frame.clear();
             self.agent_frame = frame;
@@ -210,7 +210,7 @@ impl CallActor {
             if hears_agent(self.mode, false) {
                 mix_into(&mut self.mix, &self.agent_frame);
             }
-            self.handle.live.to_caller(&self.mix);
+            self.handle.live.played_to_caller(&self.mix);
             self.caller.play(&self.mix, &mut self.scratch);
             // The destination hears the caller (+ agent).
             self.mix.clear();

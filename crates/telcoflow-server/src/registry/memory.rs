@@ -361,7 +361,7 @@ impl MemoryRegistry {
             .filter(|(_, link)| &*link.connector == connector)
             .map(|(id, link)| ControlView {
                 id: id.clone(),
-                setup: link.setup.clone(),
+                setup: link.setup,
                 inbound_calls: link.inbound_calls,
             })
             .collect();
