@@ -292,6 +292,8 @@ $("phone-hangup").addEventListener("click", () => {
   if (!inCall && phoneMode === "wait") {
     // Not on a call: stop waiting at the number.
     phone.close();
+    setStatus("idle", "stopped waiting");
+    return;
   }
   setStatus("ended", "hung up");
 });
