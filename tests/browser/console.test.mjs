@@ -1,7 +1,10 @@
 // Browser test of the console: Debian's Chromium (headless, a fake microphone playing a
 // 440 Hz tone) logs in to /console, places a call from the browser phone to a Rust echo
 // agent, hears the echo (the page's measured dominant frequency), sees the call in the live
-// view, saves docs/console.png, hangs up and sees the call among the ended ones.
+// view, saves docs/console.png, hangs up and sees the call among the ended ones. Then it
+// waits at a number with the browser phone, where an agent on the Python SDK connects a
+// simulated caller (PYTHON, default .venv/bin/python, with telcoflow installed), answers it
+// and hears the caller.
 //
 // Run: node tests/browser/console.test.mjs (after `npm ci --prefix tests/browser` and
 // `cargo build -p telcoflow-cli`). TELCOFLOW_BIN names the binary (default
@@ -17,13 +20,16 @@ import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "../..");
+const HERE = dirname(fileURLToPath(import.meta.url));
+const ROOT = resolve(HERE, "../..");
+const PYTHON = process.env.PYTHON || join(ROOT, ".venv/bin/python");
 const BIN = process.env.TELCOFLOW_BIN || join(ROOT, "target/debug/telcoflow");
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SCREENSHOT = join(ROOT, "docs/console.png");
 const UUID = "00000000-0000-4000-8000-000000000001";
 const KEY = "dev-api-key";
 const TONE_HZ = 440;
+const CALLER_HZ = 660; // the simulated caller's tone, heard by the browser waiting at a number
 const WAIT = 20_000; // longest any single step may take
 const CI = process.env.CI === "true";
 
@@ -77,6 +83,11 @@ async function main() {
   // 48 kHz mono, as capture devices run; Chromium loops the file.
   const sox = spawnSync("sox", ["-n", "-r", "48000", "-c", "1", "-b", "16", tone, "synth", "10", "sine", String(TONE_HZ), "vol", "0.5"]);
   assert.equal(sox.status, 0, `sox: ${sox.stderr}`);
+  const callerTone = join(dir, "caller.wav");
+  const sox2 = spawnSync("sox", ["-n", "-r", "16000", "-c", "1", "-b", "16", callerTone, "synth", "8", "sine", String(CALLER_HZ), "vol", "0.5"]);
+  assert.equal(sox2.status, 0, `sox: ${sox2.stderr}`);
+  const pythonSdk = spawnSync(PYTHON, ["-c", "import telcoflow"]).status === 0;
+  if (!pythonSdk && CI) throw new Error(`no Python with the telcoflow SDK at ${PYTHON} (required under CI=true)`);
 
   const procs = [];
   let browser = null;
@@ -169,6 +180,46 @@ async function main() {
     const outcome = await page.$eval(`${ended} td:nth-child(3)`, (td) => td.textContent);
     assert.equal(outcome, "caller");
     log("the call is listed as ended by the caller");
+
+    // Wait at a number: an agent on the Python SDK answers a simulated caller and connects it
+    // to the development connector's `call.connect` destination, where the browser waits.
+    if (!pythonSdk) {
+      log("SKIP waiting at a number: no Python with the telcoflow SDK (PYTHON)");
+    } else {
+      agent.child.kill("SIGTERM");
+      await page.waitForSelector("#agents tbody td.empty");
+      const connector = await start(PYTHON, [join(HERE, "connect_agent.py"), wsUrl, KEY, UUID], /^ready$/);
+      procs.push(connector.child);
+      await page.waitForSelector("#agents tbody tr:not(:has(td.empty))");
+      await page.fill("#phone-wait-number", "+15550100");
+      await page.click("#phone-wait");
+      await page.waitForSelector("#phone-status[data-state=waiting]");
+      const caller = await start(BIN, ["call", "--server", wsUrl, "--from", "+15552220002", "--to", "+15550001", "--play", callerTone], null);
+      procs.push(caller.child);
+      await page.waitForSelector("#phone-status[data-state=incoming]");
+      await page.click("#phone-answer");
+      await page.waitForSelector("#phone-status[data-state=answered]");
+      const connected = await page.getAttribute("#phone-status", "data-call-id");
+      // The browser hears the caller's tone through the call.
+      await page.waitForFunction(
+        (hz) => Math.abs(Number(document.querySelector("#heard").dataset.frequency) - hz) / hz <= 0.1,
+        CALLER_HZ,
+        { polling: 100 },
+      );
+      await page.click("#dtmf button:nth-child(5)");
+      await page.waitForFunction((sel) => {
+        const tr = document.querySelector(sel);
+        return tr && tr.cells[2].textContent === "connected" && tr.cells[0].textContent === "+15552220002";
+      }, `#calls tbody tr[data-call-id="${connected}"]`);
+      log(`waited at +15550100, answered call ${connected} and heard the caller`);
+      // The caller hangs up at the end of its tone; the phone waits again until told to stop.
+      await page.waitForSelector("#phone-status[data-state=ended]");
+      await page.waitForSelector("#phone-status[data-state=waiting]");
+      await page.click("#phone-hangup");
+      await page.waitForSelector("#phone-status[data-state=idle]");
+      await page.waitForSelector(`#ended tbody tr[data-call-id="${connected}"]`);
+      log("the connected call ended; the phone stopped waiting");
+    }
     console.log("PASS: console browser test");
   } finally {
     if (browser) await browser.close().catch(() => {});
