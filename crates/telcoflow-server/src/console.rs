@@ -179,7 +179,7 @@ async fn snapshot(shared: &Shared, connector: &str) -> Value {
         .registry
         .running_calls()
         .into_iter()
-        .filter(|c| &*c.live.connector == connector)
+        .filter(|c| &*c.connector == connector)
         .collect();
     calls.sort_by_key(|c| c.live.started_unix_ms);
     let calls: Vec<Value> = calls

@@ -473,7 +473,7 @@ impl CallActor {
         let h = &self.handle;
         self.shared
             .ended_calls
-            .record(&h.call_id, (&h.from, &h.to), &h.live, who);
+            .record(&h.connector, &h.call_id, (&h.from, &h.to), &h.live, who);
         self.shared
             .registry
             .session_ended(&self.handle.session_id, reason);

@@ -26,6 +26,8 @@ pub(crate) struct CallHandle {
     pub(crate) session_id: Arc<str>,
     pub(crate) from: Arc<str>,
     pub(crate) to: Arc<str>,
+    /// The uuid of the connector the call belongs to (empty for a test's detached handle).
+    pub(crate) connector: Arc<str>,
     /// What the console shows of the call while it runs.
     pub(crate) live: Arc<CallLive>,
     control: mpsc::Sender<CallInput>,
@@ -34,7 +36,7 @@ pub(crate) struct CallHandle {
 
 impl CallHandle {
     /// A handle for a new call (fresh call and session ids) and the queues its actor reads.
-    pub(super) fn new(connector: &str, from: &str, to: &str) -> (Self, Queues) {
+    pub(super) fn new(from: &str, to: &str, connector: &str) -> (Self, Queues) {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let handle = Self {
@@ -42,7 +44,8 @@ impl CallHandle {
             session_id: uuid::Uuid::new_v4().to_string().into(),
             from: from.into(),
             to: to.into(),
-            live: Arc::new(CallLive::new(connector)),
+            connector: connector.into(),
+            live: Arc::new(CallLive::new()),
             control: control_tx,
             data: data_tx,
         };
@@ -52,7 +55,7 @@ impl CallHandle {
     /// A handle whose actor is gone, for tests of what only keeps or passes handles.
     #[cfg(test)]
     pub(crate) fn detached(from: &str, to: &str) -> Self {
-        Self::new("", from, to).0
+        Self::new(from, to, "").0
     }
 
     /// Queues a lifecycle input without waiting. Returns false if the call has ended.

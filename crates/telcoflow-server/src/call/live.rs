@@ -51,8 +51,6 @@ impl LiveState {
 /// A call's live figures. One per call, shared by its handle.
 #[derive(Debug)]
 pub(crate) struct CallLive {
-    /// The connector the call belongs to: the console shows a connector its own calls only.
-    pub(crate) connector: Box<str>,
     started: Instant,
     /// Unix milliseconds at the start, for the ended-calls list.
     pub(crate) started_unix_ms: u64,
@@ -94,12 +92,11 @@ pub(crate) struct LiveSnapshot {
 }
 
 impl CallLive {
-    pub(crate) fn new(connector: &str) -> Self {
+    pub(crate) fn new() -> Self {
         let started_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         Self {
-            connector: connector.into(),
             started: Instant::now(),
             started_unix_ms,
             state: AtomicU8::new(LiveState::Offered as u8),
@@ -217,10 +214,11 @@ impl EndedCalls {
         self.by_connector.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the end of a call from `from` to `to` with these live figures (from its
-    /// actor, once).
+    /// Records the end of a call of `connector` from `from` to `to` with these live figures
+    /// (from its actor, once).
     pub(crate) fn record(
         &self,
+        connector: &str,
         call_id: &str,
         (from, to): (&str, &str),
         live: &CallLive,
@@ -236,7 +234,7 @@ impl EndedCalls {
         };
         let mut map = self.lock();
         // Connectors come from the configuration, so the map stays as small as it is.
-        let calls = map.entry(live.connector.clone()).or_default();
+        let calls = map.entry(connector.into()).or_default();
         if calls.len() == ENDED_CALLS_KEPT {
             calls.pop_front();
         }
@@ -288,7 +286,7 @@ mod tests {
 
     #[test]
     fn answer_time_is_kept_from_the_first_answer() {
-        let live = CallLive::new("c");
+        let live = CallLive::new();
         assert_eq!(live.snapshot().talk_ms, None);
         live.set_state(LiveState::Ringing, Instant::now());
         live.set_state(LiveState::Answered, Instant::now());
@@ -312,9 +310,9 @@ mod tests {
         let ended = EndedCalls::default();
         for i in 0..ENDED_CALLS_KEPT + 3 {
             let from = format!("+1{i}");
-            ended.record("id", (&from, "+2"), &CallLive::new("a"), "caller");
+            ended.record("a", "id", (&from, "+2"), &CallLive::new(), "caller");
         }
-        ended.record("id", ("+3", "+4"), &CallLive::new("b"), "agent");
+        ended.record("b", "id", ("+3", "+4"), &CallLive::new(), "agent");
         let a = ended.of("a");
         assert_eq!(a.len(), ENDED_CALLS_KEPT);
         assert_eq!(a[0].from, format!("+1{}", ENDED_CALLS_KEPT + 2));

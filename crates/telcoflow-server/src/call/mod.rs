@@ -55,7 +55,7 @@ pub(crate) fn spawn_incoming(
     to: &str,
     caller: LegLink,
 ) -> Result<CallHandle, ErrorCode> {
-    let (handle, queues) = CallHandle::new(&connector.uuid, from, to);
+    let (handle, queues) = CallHandle::new(from, to, &connector.uuid);
     let info = session_info(&handle, Initiator::Connector, from, to);
     let connector_id: Arc<str> = connector.uuid.as_str().into();
     // The actor must exist before the registry can notify anyone about it: a claim arriving
@@ -100,7 +100,7 @@ pub(crate) fn spawn_outbound(
         ));
     }
     let caller_id = connector.outbound_caller_id.clone().unwrap_or_default();
-    let (handle, queues) = CallHandle::new(&connector.uuid, &caller_id, remote);
+    let (handle, queues) = CallHandle::new(&caller_id, remote, &connector.uuid);
     let link = shared
         .networks
         .ring(remote, &handle, LegId::CALLER)

@@ -84,7 +84,7 @@ impl Call {
             CancellationToken::new(),
         ));
         let connector = Arc::new(ConnectorConfig::development("key", "connector"));
-        let (handle, queues) = CallHandle::new("", "+15550100", "+15550200");
+        let (handle, queues) = CallHandle::new("+15550100", "+15550200", "connector");
         let (tx, caller) = mpsc::channel(64);
         let link = LegLink {
             rate: SampleRate::Hz16000,
