@@ -16,6 +16,7 @@ use axum::extract::ws::{
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
 use futures_util::SinkExt;
 use serde_json::Value;
 use std::sync::Arc;
@@ -118,6 +119,9 @@ pub(crate) async fn media_ws(
 /// Most frames written to the socket before it is flushed.
 const MAX_BATCH: usize = 16;
 
+/// Bytes of ping payloads (4 each) taken from the allocator at once.
+const PING_PAYLOAD_BLOCK: usize = 1024;
+
 async fn run(
     shared: Arc<Shared>,
     call: crate::call::CallHandle,
@@ -136,6 +140,9 @@ async fn run(
     tokio::pin!(shutdown);
     // The agent sent a close frame: it is leaving, not losing the connection.
     let mut agent_closed = false;
+    // Ping payloads are cut from one block, a few hundred pings per allocation: pings come
+    // with every dry spell of the agent's audio, and the media path allocates nothing per frame.
+    let mut ping_payloads = BytesMut::new();
     loop {
         tokio::select! {
             biased;
@@ -158,7 +165,13 @@ async fn run(
                             Message::Text(text.into())
                         }
                         Some(MediaOut::Audio(frame)) => Message::Binary(frame),
-                        Some(MediaOut::Ping(seq)) => Message::Ping(seq.to_be_bytes().to_vec().into()),
+                        Some(MediaOut::Ping(seq)) => {
+                            if ping_payloads.capacity() < 4 {
+                                ping_payloads = BytesMut::with_capacity(PING_PAYLOAD_BLOCK);
+                            }
+                            ping_payloads.put_u32(seq);
+                            Message::Ping(ping_payloads.split().freeze())
+                        }
                         Some(MediaOut::Close) | None => break true,
                     };
                     if socket.feed(msg).await.is_err() {

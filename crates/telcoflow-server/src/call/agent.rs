@@ -137,7 +137,11 @@ impl CallActor {
     }
 
     pub(super) fn send_event(&mut self, event: CallEvent) {
-        self.send_media(MediaOut::Text(MediaServerFrame::CallEvent(event).encode()));
+        let mut text = MediaServerFrame::CallEvent(event).encode();
+        // A string as long as its buffer becomes the socket's `Bytes` with no allocation on
+        // the media task, which allocates nothing per frame; an event is rare, this copy cheap.
+        text.shrink_to_fit();
+        self.send_media(MediaOut::Text(text));
     }
 
     /// Queues a frame for the media connection without waiting. A connection that cannot keep
