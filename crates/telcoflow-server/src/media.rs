@@ -126,6 +126,11 @@ async fn run(
     mut rx: mpsc::Receiver<MediaOut>,
 ) {
     debug!("media connection open");
+    shared.metrics.media_connections_total.inc();
+    let _open = crate::metrics::Held::new(&shared.metrics.media_connections);
+    // Resolved once: one atomic add per frame.
+    let frames_in = shared.metrics.agent_frames_in.clone();
+    let frames_out = shared.metrics.agent_frames_out.clone();
     // Commands sent to the call and not yet answered. Bounded so that a client cannot pile up
     // work faster than the call answers it.
     let max_in_flight = shared.config.limits.max_pending_commands_per_call;
@@ -157,7 +162,10 @@ async fn run(
                             in_flight = in_flight.saturating_sub(1);
                             Message::Text(text.into())
                         }
-                        Some(MediaOut::Audio(frame)) => Message::Binary(frame),
+                        Some(MediaOut::Audio(frame)) => {
+                            frames_out.inc();
+                            Message::Binary(frame)
+                        }
                         Some(MediaOut::Ping(seq)) => Message::Ping(seq.to_be_bytes().to_vec().into()),
                         Some(MediaOut::Close) | None => break true,
                     };
@@ -212,6 +220,7 @@ async fn run(
                 }
                 Some(Ok(Message::Binary(frame))) => match AudioFrame::decode(&frame) {
                     Ok(audio) if audio.channel == CHANNEL_MIXED => {
+                        frames_in.inc();
                         let pcm = frame.slice(1..);
                         if !call.send_data(CallInput::AgentAudio { conn_id, pcm }).await {
                             break;

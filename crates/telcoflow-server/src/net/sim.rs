@@ -97,6 +97,7 @@ impl Network for Directory {
             })
             .map_err(|_| RingError::Busy)?;
         Ok(LegLink {
+            kind: crate::metrics::LegKind::Sim,
             rate: phone.rate,
             tx,
         })
@@ -274,7 +275,11 @@ async fn dial(
         _ if shared.is_draining() => Err(HangupReason::Unavailable),
         None => Err(HangupReason::NotFound),
         Some(connector) => {
-            let caller = LegLink { rate, tx: leg_tx };
+            let caller = LegLink {
+                kind: crate::metrics::LegKind::Sim,
+                rate,
+                tx: leg_tx,
+            };
             call::spawn_incoming(&shared, connector, &from, &to, caller).map_err(|code| {
                 if code == ErrorCode::QuotaExceeded {
                     HangupReason::Busy
