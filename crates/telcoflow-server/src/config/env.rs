@@ -321,3 +321,163 @@ fn name_variables(e: ConfigError, applied: &[(String, &'static EnvSetting)]) -> 
 }
 
 use serde::Deserialize as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "listen = '127.0.0.1:9000'\n\
+        [limits]\nmax_calls_per_connector = 5\n\
+        [[connectors]]\nuuid = '7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key = 'k'\n";
+
+    fn vars(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn with(list: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_toml_with_env(FILE, vars(list))
+    }
+
+    #[test]
+    fn variables_override_the_file() {
+        let plain = with(&[]).unwrap();
+        assert_eq!(plain.listen.port(), 9000);
+        assert!(plain.sip.is_none());
+        let c = with(&[
+            ("TELCOFLOW_SERVER_LISTEN", "0.0.0.0:7000"),
+            ("TELCOFLOW_LIMITS_MAX_CALLS_PER_CONNECTOR", "9"),
+            ("TELCOFLOW_LIMITS_CATCH_UP_AFTER_STALL", "false"),
+            ("TELCOFLOW_METRICS_TOKEN", "m"),
+            ("TELCOFLOW_SIP_LISTEN", "127.0.0.1:5070"),
+            ("TELCOFLOW_SIP_ALLOW", "10.0.0.0/8, 192.0.2.7"),
+            ("TELCOFLOW_SIM_ENABLED", "yes"),
+            // Not settings of the file: left alone.
+            ("TELCOFLOW_API_KEY", "sdk"),
+            ("TELCOFLOW_BASE_URL", "ws://x"),
+            ("PATH", "/bin"),
+        ])
+        .unwrap();
+        assert_eq!(c.listen, "0.0.0.0:7000".parse().unwrap());
+        assert_eq!(c.limits.max_calls_per_connector, 9);
+        assert!(!c.limits.catch_up_after_stall);
+        assert_eq!(c.metrics.token.as_deref(), Some("m"));
+        assert!(c.metrics.enabled);
+        assert!(c.sim.enabled && !c.sim.development);
+        let sip = c.sip.expect("a SIP variable turns SIP on");
+        assert_eq!(sip.listen.port(), 5070);
+        assert_eq!(
+            sip.allow.as_deref(),
+            Some(&["10.0.0.0/8".to_owned(), "192.0.2.7".to_owned()][..])
+        );
+        assert_eq!(sip.rtp_ports, "20000-20999", "the rest keeps its default");
+    }
+
+    #[test]
+    fn sip_enabled_turns_sip_on_and_off() {
+        let on = with(&[("TELCOFLOW_SIP_ENABLED", "true")]).unwrap();
+        assert_eq!(on.sip.unwrap().listen.port(), 5060);
+        let file_with_sip = format!("{FILE}[sip]\nlisten = '127.0.0.1:5080'\n");
+        let off = Config::from_toml_with_env(
+            &file_with_sip,
+            vars(&[
+                ("TELCOFLOW_SIP_ENABLED", "false"),
+                ("TELCOFLOW_SIP_RTP_PORTS", "30000-30010"),
+            ]),
+        )
+        .unwrap();
+        assert!(off.sip.is_none(), "false wins over the file and other SIP variables");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (var, value, says) in [
+            ("TELCOFLOW_SERVER_LISTEN", "nowhere", "IP:PORT"),
+            ("TELCOFLOW_SERVER_RING_TIMEOUT_SECS", "soon", "whole number"),
+            ("TELCOFLOW_LIMITS_MAX_CONNECTIONS", "-1", "whole number"),
+            ("TELCOFLOW_METRICS_ENABLED", "maybe", "true or false"),
+            ("TELCOFLOW_SIP_PUBLIC_IP", "host.example", "IP address"),
+            ("TELCOFLOW_SIP_LISTNE", "127.0.0.1:5060", "names no setting"),
+            ("TELCOFLOW_SERVER_CONNECTORS", "x", "names no setting"),
+        ] {
+            let err = with(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(var) && err.contains(says), "{var}: {err}");
+        }
+        // A value that parses but that validation refuses: named too.
+        let err = with(&[("TELCOFLOW_SIP_RTP_PORTS", "9-8")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sip.rtp_ports") && err.contains("TELCOFLOW_SIP_RTP_PORTS"), "{err}");
+        let err = with(&[("TELCOFLOW_SERVER_RING_TIMEOUT_SECS", "0")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TELCOFLOW_SERVER_RING_TIMEOUT_SECS"), "{err}");
+    }
+
+    #[test]
+    fn the_development_defaults_take_variables_too() {
+        let dev = Config::development()
+            .with_env(vars(&[("TELCOFLOW_SERVER_DRAIN_GRACE_SECS", "3")]))
+            .unwrap();
+        assert_eq!(dev.drain_grace_secs, 3);
+        assert!(dev.sim.development, "kept: never read from the environment");
+        assert_eq!(dev.connectors.len(), 1);
+    }
+
+    /// Every key of the file (but arrays of tables) has its variable, and docs/config.md
+    /// lists each one.
+    #[test]
+    fn every_setting_has_a_documented_variable() {
+        let mut full = Config::from_toml(
+            "public_url = 'ws://x'\ntoken_secret = 's'\nadmin_token = 'a'\n\
+             [tls]\ncert = 'c'\nkey = 'k'\nclient_ca = 'ca'\n\
+             [sip]\npublic_ip = '192.0.2.1'\nallow = ['0.0.0.0/0']\n\
+             [cluster]\nnats_url = 'nats://n:4222'\nnode_id = 'a'\ntoken = 't'\n\
+             [metrics]\ntoken = 'm'\n\
+             [[connectors]]\nuuid = '7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key = 'k'\n",
+        )
+        .unwrap();
+        let cluster = full.cluster.as_mut().unwrap();
+        cluster.user = Some("u".into());
+        cluster.password = Some("p".into());
+        cluster.credentials_file = Some("c".into());
+        cluster.tls_ca = Some("ca".into());
+        cluster.tls_cert = Some("c".into());
+        cluster.tls_key = Some("k".into());
+        let Value::Table(table) = Value::try_from(&full).unwrap() else {
+            panic!("a table")
+        };
+        let known = |section: Option<&str>, key: &str| {
+            ENV_SETTINGS
+                .iter()
+                .any(|s| s.section == section && s.key == key)
+        };
+        let mut keys = 0;
+        for (key, value) in &table {
+            match value {
+                Value::Table(t) => {
+                    for (inner, v) in t {
+                        let tables = matches!(v, Value::Array(a) if a.iter().all(Value::is_table) && !a.is_empty());
+                        let file_only = tables || matches!(inner.as_str(), "trunks" | "accounts");
+                        assert!(
+                            file_only || known(Some(key), inner),
+                            "{key}.{inner} has no variable"
+                        );
+                        keys += 1;
+                    }
+                }
+                Value::Array(_) if key == "connectors" => {}
+                _ => {
+                    assert!(known(None, key), "{key} has no variable");
+                    keys += 1;
+                }
+            }
+        }
+        assert!(keys > 40, "{keys}");
+        let doc = include_str!("../../../../docs/config.md");
+        for s in ENV_SETTINGS {
+            assert!(doc.contains(&s.variable()), "docs/config.md lacks {}", s.variable());
+        }
+    }
+}
