@@ -292,6 +292,11 @@ impl Metrics {
             "Leg audio frames lost (missing or too late to play, and concealed), by leg kind.",
             &["leg_kind"],
         );
+        for kind in [LegKind::Sim, LegKind::Sip] {
+            // Listed from the start, so that rates and ratios exist before the first loss.
+            leg_jitter.with_label_values(&[kind.label()]);
+            leg_lost.with_label_values(&[kind.label()]);
+        }
         let sip_requests = counter_vec(
             "telcoflow_sip_requests_total",
             "SIP requests, by direction (in: received) and method.",
@@ -595,5 +600,44 @@ mod tests {
             text.contains("telcoflow_leg_frames_total{direction=\"in\",leg_kind=\"sip\"} 1"),
             "{text}"
         );
+    }
+
+    /// The dashboard and docs/operations.md name only metrics that exist, and the docs list
+    /// every one.
+    #[test]
+    fn the_dashboard_and_the_docs_match_the_metrics() {
+        let m = Metrics::new();
+        // Families with labels appear once they have a child.
+        m.command("call.answer", None, 0.0);
+        m.sip_message(true, b"OPTIONS sip:a@b SIP/2.0\r\n\r\n");
+        m.sip_message(false, b"SIP/2.0 200 OK\r\nCSeq: 1 OPTIONS\r\n\r\n");
+        let text = m.encode();
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(families.len() > 20, "{families:?}");
+        let names_in = |doc: &str| -> Vec<String> {
+            doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                // Not the crate named in log targets.
+                .filter(|w| w.starts_with("telcoflow_") && *w != "telcoflow_server")
+                .map(str::to_owned)
+                .collect()
+        };
+        let dashboard = include_str!("../../../docs/grafana-dashboard.json");
+        serde_json::from_str::<serde_json::Value>(dashboard).expect("the dashboard is JSON");
+        let docs = include_str!("../../../docs/operations.md");
+        for name in names_in(dashboard).iter().chain(&names_in(docs)) {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|f| families.contains(f))
+                .unwrap_or(name);
+            assert!(families.contains(&family), "{name} is not a metric");
+        }
+        for family in &families {
+            assert!(docs.contains(&format!("`{family}`")), "operations.md lacks {family}");
+        }
     }
 }
