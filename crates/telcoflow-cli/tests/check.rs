@@ -60,7 +60,12 @@ fn a_valid_file_is_described_without_its_secrets() {
     ] {
         assert!(stdout.contains(says), "no {says:?} in:\n{stdout}");
     }
-    for secret in ["admin-secret", "trunk-secret", "metrics-secret", "key-secret"] {
+    for secret in [
+        "admin-secret",
+        "trunk-secret",
+        "metrics-secret",
+        "key-secret",
+    ] {
         assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
         assert!(!stderr.contains(secret), "{secret} logged:\n{stderr}");
     }
@@ -112,7 +117,10 @@ fn an_invalid_file_fails_with_the_error() {
         let (out, stdout, stderr) = check(&path, &[]);
         let _ = std::fs::remove_file(&path);
         assert!(!out.status.success(), "{name}: {stdout}");
-        assert!(stderr.contains("is not valid") && stderr.contains(says), "{name}: {stderr}");
+        assert!(
+            stderr.contains("is not valid") && stderr.contains(says),
+            "{name}: {stderr}"
+        );
         assert!(stdout.is_empty(), "{name}: {stdout}");
     }
 }

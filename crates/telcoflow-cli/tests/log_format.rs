@@ -24,7 +24,10 @@ fn tone_wav(path: &std::path::Path) {
 fn json_logs_are_one_object_per_line_with_the_call_and_session_ids() {
     let dir = std::env::temp_dir();
     let wav = dir.join(format!("telcoflow-log-format-{}.wav", std::process::id()));
-    let heard = dir.join(format!("telcoflow-log-format-{}-heard.wav", std::process::id()));
+    let heard = dir.join(format!(
+        "telcoflow-log-format-{}-heard.wav",
+        std::process::id()
+    ));
     tone_wav(&wav);
     let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
         .args(["--log-format", "json", "demo", "--play"])
@@ -40,9 +43,7 @@ fn json_logs_are_one_object_per_line_with_the_call_and_session_ids() {
     assert!(out.status.success(), "demo failed:\n{stderr}");
     let lines: Vec<serde_json::Value> = stderr
         .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON object ({e}): {l}"))
-        })
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON object ({e}): {l}")))
         .collect();
     assert!(lines.len() > 3, "{stderr}");
     for line in &lines {
@@ -70,7 +71,10 @@ fn a_bad_log_format_is_refused_and_errors_stay_plain_text() {
         .expect("telcoflow runs");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("cannot read /nonexistent/telcoflow.toml"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read /nonexistent/telcoflow.toml"),
+        "{stderr}"
+    );
     let bad = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
         .args(["--log-format", "xml", "check", "--config", "x"])
         .output()

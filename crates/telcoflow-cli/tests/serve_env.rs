@@ -25,12 +25,16 @@ fn get(addr: &str, path: &str) -> (u16, String) {
     let mut response = String::new();
     s.read_to_string(&mut response).unwrap();
     let status = response[9..12].parse().unwrap();
-    (status, response.split_once("\r\n\r\n").unwrap().1.to_owned())
+    (
+        status,
+        response.split_once("\r\n\r\n").unwrap().1.to_owned(),
+    )
 }
 
 #[test]
 fn serve_takes_settings_from_the_environment_over_the_file() {
-    let path = std::env::temp_dir().join(format!("telcoflow-serve-env-{}.toml", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("telcoflow-serve-env-{}.toml", std::process::id()));
     std::fs::write(
         &path,
         "listen = \"127.0.0.1:8080\"\n[[connectors]]\n\

@@ -479,4 +479,3 @@ impl Conn {
         ServerFrame::CallIn(call_in)
     }
 }
-

@@ -331,7 +331,10 @@ pub(crate) async fn metrics(
     m.calls_active
         .set(i64::try_from(shared.registry.running_call_count()).unwrap_or(i64::MAX));
     (
-        [(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
         m.encode(),
     )
         .into_response()
@@ -393,15 +396,25 @@ mod tests {
         let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let lo6: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
         let far: std::net::IpAddr = "192.0.2.7".parse().unwrap();
-        let status = |c: &MetricsConfig, ip, bearer| metrics_access(c, ip, bearer).err().map(|e| e.0);
+        let status =
+            |c: &MetricsConfig, ip, bearer| metrics_access(c, ip, bearer).err().map(|e| e.0);
         assert_eq!(status(&open, lo, None), None);
         assert_eq!(status(&open, lo6, None), None);
         assert_eq!(status(&open, far, None), Some(StatusCode::FORBIDDEN));
         assert_eq!(status(&open, far, Some("x")), Some(StatusCode::FORBIDDEN));
-        assert_eq!(status(&with_token, far, None), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(status(&with_token, far, Some("nope")), Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(
+            status(&with_token, far, None),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            status(&with_token, far, Some("nope")),
+            Some(StatusCode::UNAUTHORIZED)
+        );
         assert_eq!(status(&with_token, far, Some("s3cret")), None);
         assert_eq!(status(&off, lo, None), Some(StatusCode::NOT_FOUND));
-        assert_eq!(status(&off, far, Some("s3cret")), Some(StatusCode::NOT_FOUND));
+        assert_eq!(
+            status(&off, far, Some("s3cret")),
+            Some(StatusCode::NOT_FOUND)
+        );
     }
 }

@@ -91,12 +91,7 @@ pub(crate) enum QueueKind {
 }
 
 impl QueueKind {
-    const ALL: [Self; 4] = [
-        Self::ControlSend,
-        Self::MediaSend,
-        Self::Leg,
-        Self::Sip,
-    ];
+    const ALL: [Self; 4] = [Self::ControlSend, Self::MediaSend, Self::Leg, Self::Sip];
 
     fn label(self) -> &'static str {
         match self {
@@ -197,9 +192,8 @@ fn reg<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m:
 impl Metrics {
     pub(crate) fn new() -> Self {
         let r = Registry::new();
-        let counter = |name: &str, help: &str| {
-            reg(&r, IntCounter::new(name, help).expect("valid metric"))
-        };
+        let counter =
+            |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
         let gauge =
             |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
@@ -586,8 +580,14 @@ mod tests {
         m.sip_message(true, b"BYE sip:a@b SIP/2.0\r\n\r\n");
         m.leg(LegKind::Sip).frames_in.inc();
         let text = m.encode();
-        assert!(text.contains("telcoflow_calls_total{outcome=\"caller\"} 1"), "{text}");
-        assert!(text.contains("telcoflow_calls_total{outcome=\"agent\"} 0"), "{text}");
+        assert!(
+            text.contains("telcoflow_calls_total{outcome=\"caller\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("telcoflow_calls_total{outcome=\"agent\"} 0"),
+            "{text}"
+        );
         assert!(
             text.contains("telcoflow_commands_total{command=\"call.answer\",result=\"ok\"} 1"),
             "{text}"
@@ -637,7 +637,10 @@ mod tests {
             assert!(families.contains(&family), "{name} is not a metric");
         }
         for family in &families {
-            assert!(docs.contains(&format!("`{family}`")), "operations.md lacks {family}");
+            assert!(
+                docs.contains(&format!("`{family}`")),
+                "operations.md lacks {family}"
+            );
         }
     }
 }

@@ -218,7 +218,10 @@ async fn metrics_move_with_a_real_call_and_pass_promtool() {
     }
     // Nothing of SIP moved on a simulated call.
     assert_eq!(
-        value(&s, "telcoflow_leg_frames_total{direction=\"in\",leg_kind=\"sip\"}"),
+        value(
+            &s,
+            "telcoflow_leg_frames_total{direction=\"in\",leg_kind=\"sip\"}"
+        ),
         0.0
     );
     assert_eq!(value(&s, "telcoflow_rtp_ports_in_use"), 0.0);

@@ -38,12 +38,7 @@ pub(super) struct Leg {
 }
 
 impl Leg {
-    pub(super) fn new(
-        id: LegId,
-        link: LegLink,
-        agent_rate: SampleRate,
-        metrics: &Metrics,
-    ) -> Self {
+    pub(super) fn new(id: LegId, link: LegLink, agent_rate: SampleRate, metrics: &Metrics) -> Self {
         let (from_leg, to_leg) = resamplers(link.rate, agent_rate);
         Self {
             counters: metrics.leg(link.kind).clone(),
@@ -112,7 +107,8 @@ impl Leg {
             let excess = self.queue.len() - cap;
             self.queue.drain(..excess);
             self.dropped_samples += excess as u64;
-            self.ahead.inc_by(excess.div_ceil(frame_samples.max(1)) as u64);
+            self.ahead
+                .inc_by(excess.div_ceil(frame_samples.max(1)) as u64);
             debug!(
                 leg = self.id.0,
                 excess, "leg sent faster than real time; oldest audio dropped"

@@ -83,7 +83,11 @@ pub const ENV_SETTINGS: &[EnvSetting] = &[
     s(Some("tls"), "client_ca", Text),
     s(Some("limits"), "max_control_frame_bytes", Number),
     s(Some("limits"), "max_media_frame_bytes", Number),
-    s(Some("limits"), "max_control_connections_per_connector", Number),
+    s(
+        Some("limits"),
+        "max_control_connections_per_connector",
+        Number,
+    ),
     s(Some("limits"), "max_calls_per_connector", Number),
     s(Some("limits"), "max_pending_commands_per_call", Number),
     s(Some("limits"), "control_send_queue", Number),
@@ -126,7 +130,9 @@ pub const ENV_SETTINGS: &[EnvSetting] = &[
 /// The prefixes of the variables this module reads; a variable with one of them that names
 /// no setting is refused (a typo must not go unnoticed). Other `TELCOFLOW_*` variables (the
 /// SDK's, `TELCOFLOW_API_KEY`) are not settings of the file and are left alone.
-const SECTIONS: [&str; 7] = ["SERVER", "TLS", "LIMITS", "SIP", "SIM", "CLUSTER", "METRICS"];
+const SECTIONS: [&str; 7] = [
+    "SERVER", "TLS", "LIMITS", "SIP", "SIM", "CLUSTER", "METRICS",
+];
 
 fn invalid(var: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Env {
@@ -142,7 +148,12 @@ fn parse(setting: &EnvSetting, var: &str, text: &str) -> Result<Value, ConfigErr
         Text => Value::String(text.to_owned()),
         Number => match t.parse::<u64>().ok().and_then(|n| i64::try_from(n).ok()) {
             Some(n) => Value::Integer(n),
-            None => return Err(invalid(var, format!("must be a whole number, got {text:?}"))),
+            None => {
+                return Err(invalid(
+                    var,
+                    format!("must be a whole number, got {text:?}"),
+                ));
+            }
         },
         Bool => match t.to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Value::Boolean(true),
@@ -295,7 +306,10 @@ impl Config {
             if names.is_empty() {
                 ConfigError::Toml(e)
             } else {
-                ConfigError::Invalid(format!("{e} (with {} from the environment)", names.join(", ")))
+                ConfigError::Invalid(format!(
+                    "{e} (with {} from the environment)",
+                    names.join(", ")
+                ))
             }
         })
     }
@@ -387,7 +401,10 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert!(off.sip.is_none(), "false wins over the file and other SIP variables");
+        assert!(
+            off.sip.is_none(),
+            "false wins over the file and other SIP variables"
+        );
     }
 
     #[test]
@@ -408,7 +425,10 @@ mod tests {
         let err = with(&[("TELCOFLOW_SIP_RTP_PORTS", "9-8")])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("sip.rtp_ports") && err.contains("TELCOFLOW_SIP_RTP_PORTS"), "{err}");
+        assert!(
+            err.contains("sip.rtp_ports") && err.contains("TELCOFLOW_SIP_RTP_PORTS"),
+            "{err}"
+        );
         let err = with(&[("TELCOFLOW_SERVER_RING_TIMEOUT_SECS", "0")])
             .unwrap_err()
             .to_string();
@@ -477,7 +497,11 @@ mod tests {
         assert!(keys > 40, "{keys}");
         let doc = include_str!("../../../../docs/config.md");
         for s in ENV_SETTINGS {
-            assert!(doc.contains(&s.variable()), "docs/config.md lacks {}", s.variable());
+            assert!(
+                doc.contains(&s.variable()),
+                "docs/config.md lacks {}",
+                s.variable()
+            );
         }
     }
 }

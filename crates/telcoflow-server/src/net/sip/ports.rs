@@ -1,11 +1,11 @@
 //! RTP ports for SIP calls: binding an even RTP port and its RTCP neighbour from the
 //! configured range, and giving them back when the call ends.
 
+use crate::metrics::Metrics;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use telcoflow_sip::rtp::ports::PortPool;
-use crate::metrics::Metrics;
 use tracing::debug;
 
 /// Attempts to find a free RTP port before giving up on a call.
