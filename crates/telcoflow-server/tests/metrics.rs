@@ -3,6 +3,7 @@
 //! method and status, and who may read it.
 
 mod common;
+mod sipp;
 
 use common::*;
 use futures_util::StreamExt;
@@ -346,4 +347,58 @@ async fn metrics_access_is_open_on_loopback_and_needs_the_token_elsewhere() {
     let (status, body) = get(far, "/metrics", "authorization: Bearer scrape-me\r\n").await;
     assert_eq!(status, 403);
     assert!(body.contains("[metrics] token"), "{body}");
+}
+
+/// A SIP call (SIPp plays recorded speech over RTP, then hangs up): the SIP leg's frames,
+/// its jitter at the end, its RTP port, and the SIP dialogue by method and code.
+#[tokio::test]
+async fn a_sip_call_moves_the_rtp_and_sip_metrics() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(31);
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("metrics");
+    let args = sipp::uac_args(&server, ports, "uac_audio.xml", "+15559990001", 1);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+    let call_in = control.take_call().await;
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    media.audio(0).await;
+    let (_, during) = scrape(&server).await;
+    assert_eq!(value(&during, "telcoflow_rtp_ports_in_use"), 1.0);
+    phone.await.unwrap().assert_passed();
+
+    let (text, s) = scrape_until(&server, "the SIP call's end", |s| {
+        s.get("telcoflow_leg_jitter_seconds_count{leg_kind=\"sip\"}") == Some(&1.0)
+            && s.get("telcoflow_calls_total{outcome=\"caller\"}") == Some(&1.0)
+    })
+    .await;
+    promtool_check(&text);
+    assert_eq!(value(&s, "telcoflow_rtp_ports_in_use"), 0.0);
+    assert!(
+        value(
+            &s,
+            "telcoflow_leg_frames_total{direction=\"in\",leg_kind=\"sip\"}"
+        ) > 10.0
+    );
+    assert!(
+        value(
+            &s,
+            "telcoflow_leg_frames_total{direction=\"out\",leg_kind=\"sip\"}"
+        ) > 0.0
+    );
+    assert!(value(&s, "telcoflow_agent_frames_total{direction=\"out\"}") > 10.0);
+    for key in [
+        "telcoflow_sip_requests_total{direction=\"in\",method=\"INVITE\"}",
+        "telcoflow_sip_requests_total{direction=\"in\",method=\"ACK\"}",
+        "telcoflow_sip_requests_total{direction=\"in\",method=\"BYE\"}",
+        "telcoflow_sip_responses_total{code=\"200\",direction=\"out\",method=\"INVITE\"}",
+        "telcoflow_sip_responses_total{code=\"200\",direction=\"out\",method=\"BYE\"}",
+    ] {
+        assert!(value(&s, key) >= 1.0, "{key}");
+    }
+    server.shutdown().await;
 }
