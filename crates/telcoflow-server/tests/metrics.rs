@@ -186,6 +186,7 @@ async fn metrics_move_with_a_real_call_and_pass_promtool() {
     let (text, s) = scrape_until(&server, "the call's end", |s| {
         s.get("telcoflow_calls_total{outcome=\"caller\"}") == Some(&1.0)
             && s.get("telcoflow_media_connections") == Some(&0.0)
+            && s.get("telcoflow_leg_jitter_seconds_count{leg_kind=\"sim\"}") == Some(&1.0)
     })
     .await;
     promtool_check(&text);
@@ -217,6 +218,11 @@ async fn metrics_move_with_a_real_call_and_pass_promtool() {
     ] {
         assert!(value(&s, key) >= 5.0, "{key}: {}", value(&s, key));
     }
+    // The caller leg's arrival jitter, at its end.
+    assert_eq!(
+        value(&s, "telcoflow_leg_jitter_seconds_count{leg_kind=\"sim\"}"),
+        1.0
+    );
     // Nothing of SIP moved on a simulated call.
     assert_eq!(
         value(
