@@ -130,6 +130,11 @@ async fn run(
     mut rx: mpsc::Receiver<MediaOut>,
 ) {
     debug!("media connection open");
+    shared.metrics.media_connections_total.inc();
+    let _open = crate::metrics::Held::new(&shared.metrics.media_connections);
+    // Resolved once: one atomic add per frame.
+    let frames_in = shared.metrics.agent_frames_in.clone();
+    let frames_out = shared.metrics.agent_frames_out.clone();
     // Commands sent to the call and not yet answered. Bounded so that a client cannot pile up
     // work faster than the call answers it.
     let max_in_flight = shared.config.limits.max_pending_commands_per_call;
@@ -164,7 +169,10 @@ async fn run(
                             in_flight = in_flight.saturating_sub(1);
                             Message::Text(text.into())
                         }
-                        Some(MediaOut::Audio(frame)) => Message::Binary(frame),
+                        Some(MediaOut::Audio(frame)) => {
+                            frames_out.inc();
+                            Message::Binary(frame)
+                        }
                         Some(MediaOut::Ping(seq)) => {
                             if ping_payloads.capacity() < 4 {
                                 ping_payloads = BytesMut::with_capacity(PING_PAYLOAD_BLOCK);
@@ -225,6 +233,7 @@ async fn run(
                 }
                 Some(Ok(Message::Binary(frame))) => match AudioFrame::decode(&frame) {
                     Ok(audio) if audio.channel == CHANNEL_MIXED => {
+                        frames_in.inc();
                         let pcm = frame.slice(1..);
                         if !call.send_data(CallInput::AgentAudio { conn_id, pcm }).await {
                             break;

@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) drain_started: std::sync::atomic::AtomicBool,
     pub(crate) tasks: TaskTracker,
     next_conn: AtomicU64,
+    /// The Prometheus metrics (`GET /metrics`).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ impl Shared {
             drain_started: std::sync::atomic::AtomicBool::new(false),
             tasks,
             next_conn: AtomicU64::new(1),
+            metrics: Arc::default(),
         }
     }
 
