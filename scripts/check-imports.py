@@ -19,7 +19,7 @@ from pathlib import Path
 # what of a call the layers above it hold: the handle (with its inputs), the leg types, and the
 # frames legs carry; the actor (`call`, layer 5) and the networks build on them.
 LAYERS = [
-    ["config", "token", "tls", "audio", "listener", "lib"],
+    ["config", "token", "tls", "audio", "listener", "metrics", "lib"],
     ["call::leg", "call::handle", "call::frames", "call::live"],
     ["registry", "net"],
     ["state"],

@@ -5,6 +5,7 @@ pub(crate) mod agent;
 pub(crate) mod bench;
 pub(crate) mod bench_agent;
 pub(crate) mod call;
+pub(crate) mod check;
 pub(crate) mod demo;
 pub(crate) mod phone;
 pub(crate) mod serve;

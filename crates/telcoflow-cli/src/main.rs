@@ -7,10 +7,10 @@
 //! and its dispatch.
 
 mod cmd;
+mod log;
 mod wav;
 
 use clap::Parser;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 /// Declares the subcommands: the clap enum and the dispatch.
@@ -43,6 +43,8 @@ commands! {
     Agent => agent,
     /// Start a server, an echo agent and a simulated caller in this process; show the call.
     Demo => demo,
+    /// Validate a configuration file and print what the server would do, without starting it.
+    Check => check,
     /// Measure calls end to end: N callers against echo agents; CPU, memory, latency, losses.
     Bench => bench,
     /// The echo agent `telcoflow bench --agent rust` runs (Rust SDK).
@@ -58,6 +60,10 @@ struct Cli {
     /// [default: 1 for bench-agent, else 0].
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// Log format on stderr: text, or json (one JSON object per line, with the call's
+    /// call_id and session_id as fields).
+    #[arg(long, global = true, value_enum, default_value_t = log::LogFormat::Text)]
+    log_format: log::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -101,14 +107,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> ExitCode {
     // Logs go to stderr so stdout stays machine-readable (ready lines, JSON summaries).
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    log::init(cli.log_format);
     match cli.command.run().await {
         Ok(code) => code,
         Err(e) => {

@@ -3,6 +3,9 @@
 //! Read from TOML (see `docs/config.md`), or [`Config::development`] for the embedded defaults:
 //! one development connector with well-known credentials that every number is routed to.
 
+/// Settings from `TELCOFLOW_<SECTION>_<KEY>` environment variables.
+pub mod env;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -78,6 +81,39 @@ pub struct Config {
     /// Several nodes sharing one registry through NATS (`[cluster]`); without it the server
     /// keeps its registry in memory, alone.
     pub cluster: Option<ClusterConfig>,
+    /// The Prometheus endpoint `GET /metrics` (`[metrics]`).
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint `GET /metrics` (`[metrics]`): open to loopback clients, to others
+/// with `Authorization: Bearer <token>` when a token is set.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics`. Default true.
+    pub enabled: bool,
+    /// The bearer token clients other than loopback must present. Default: none (loopback
+    /// only).
+    pub token: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for MetricsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("MetricsConfig")
+            .field("enabled", &self.enabled)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// Membership of a cluster of nodes that serve as one (`[cluster]`, or `telcoflow serve
@@ -552,6 +588,7 @@ impl Default for Config {
             sip: None,
             sim: SimConfig::default(),
             cluster: None,
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -575,6 +612,14 @@ pub enum ConfigError {
     /// A value is out of range or inconsistent.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A `TELCOFLOW_*` environment variable names no setting, or its value is malformed.
+    #[error("invalid environment variable {variable}: {message}")]
+    Env {
+        /// The variable.
+        variable: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 impl Config {

@@ -115,6 +115,8 @@ async fn run(
         // The connection still hears of new sessions; those already waiting are not offered.
         warn!(error = %e, "cannot offer the connector's waiting sessions");
     }
+    shared.metrics.control_connections_total.inc();
+    let _open = crate::metrics::Held::new(&shared.metrics.control_connections);
     info!(
         sample_rate = setup.sample_rate.hz(),
         audio_mode = setup.audio_mode.as_str(),
@@ -198,6 +200,7 @@ async fn run(
             }
             // Cancel-safe: only observes the token.
             () = kill.cancelled() => {
+                shared.metrics.overflow(crate::metrics::QueueKind::ControlSend).inc();
                 let close = CloseFrame {
                     code: close_code::POLICY,
                     reason: "send queue full: the client is not reading its frames".into(),

@@ -310,3 +310,111 @@ fn admin_token_matches(shared: &Shared, headers: &HeaderMap) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
 }
+
+/// `GET /metrics`: the Prometheus text format. Open to loopback clients; others need
+/// `Authorization: Bearer <token>` with `[metrics] token` (see [`metrics_access`]); 404 when
+/// `[metrics] enabled = false`.
+pub(crate) async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+) -> Response {
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Err((status, why)) = metrics_access(&shared.config.metrics, peer.addr.ip(), bearer) {
+        return (status, format!("{why}\n")).into_response();
+    }
+    let m = &shared.metrics;
+    // Read at the scrape rather than kept up at each change.
+    m.calls_active
+        .set(i64::try_from(shared.registry.running_call_count()).unwrap_or(i64::MAX));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        m.encode(),
+    )
+        .into_response()
+}
+
+/// Whether a client at `ip` presenting `bearer` may read `/metrics`: 404 when disabled,
+/// loopback always, others 403 when no token is configured and 401 without the right one.
+fn metrics_access(
+    config: &crate::config::MetricsConfig,
+    ip: std::net::IpAddr,
+    bearer: Option<&str>,
+) -> Result<(), (StatusCode, &'static str)> {
+    use subtle::ConstantTimeEq as _;
+    if !config.enabled {
+        return Err((
+            StatusCode::NOT_FOUND,
+            "metrics are disabled ([metrics] enabled = false)",
+        ));
+    }
+    if ip.to_canonical().is_loopback() {
+        return Ok(());
+    }
+    let Some(token) = config.token.as_deref().filter(|t| !t.is_empty()) else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "metrics are open to loopback clients only: set [metrics] token to let others \
+             in with Authorization: Bearer <token>",
+        ));
+    };
+    match bearer {
+        None => Err((
+            StatusCode::UNAUTHORIZED,
+            "metrics need Authorization: Bearer <token> ([metrics] token)",
+        )),
+        Some(given) if bool::from(given.as_bytes().ct_eq(token.as_bytes())) => Ok(()),
+        Some(_) => Err((
+            StatusCode::UNAUTHORIZED,
+            "wrong metrics token (Authorization: Bearer <token>, [metrics] token)",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MetricsConfig;
+
+    #[test]
+    fn metrics_are_open_on_loopback_and_take_a_token_elsewhere() {
+        let open = MetricsConfig::default();
+        let with_token = MetricsConfig {
+            token: Some("s3cret".into()),
+            ..MetricsConfig::default()
+        };
+        let off = MetricsConfig {
+            enabled: false,
+            ..with_token.clone()
+        };
+        let lo: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let lo6: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let far: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+        let status =
+            |c: &MetricsConfig, ip, bearer| metrics_access(c, ip, bearer).err().map(|e| e.0);
+        assert_eq!(status(&open, lo, None), None);
+        assert_eq!(status(&open, lo6, None), None);
+        assert_eq!(status(&open, far, None), Some(StatusCode::FORBIDDEN));
+        assert_eq!(status(&open, far, Some("x")), Some(StatusCode::FORBIDDEN));
+        assert_eq!(
+            status(&with_token, far, None),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            status(&with_token, far, Some("nope")),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(status(&with_token, far, Some("s3cret")), None);
+        assert_eq!(status(&off, lo, None), Some(StatusCode::NOT_FOUND));
+        assert_eq!(
+            status(&off, far, Some("s3cret")),
+            Some(StatusCode::NOT_FOUND)
+        );
+    }
+}

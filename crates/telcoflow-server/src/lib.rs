@@ -10,7 +10,8 @@
 //! [`audio`] (sample-rate conversion). Inside, in layers from the ground up; a file imports
 //! only from layers below its own:
 //!
-//! 1. `config`, `token`, `tls`, `audio`: settings, media tokens, TLS, resampling.
+//! 1. `config`, `token`, `tls`, `audio`, `metrics`: settings, media tokens, TLS, resampling,
+//!    the Prometheus metrics.
 //! 2. The call as others see it: its handle and inputs (`call::handle`), its legs
 //!    (`call::leg`) and the frames they carry (`call::frames`).
 //! 3. `registry` (sessions and calls by id, claims, limits) and `net` (the `Network`
@@ -37,6 +38,7 @@ mod drain;
 mod http;
 mod listener;
 mod media;
+mod metrics;
 mod net;
 mod registry;
 mod state;
@@ -163,12 +165,13 @@ impl Server {
             .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
         let tasks = TaskTracker::new();
         let shutdown = CancellationToken::new();
+        let metrics = Arc::new(metrics::Metrics::new());
         let phones = Arc::new(net::sim::Directory::default());
         let mut networks = net::Networks::default().with(phones.clone());
         let sip = match config.sip.clone() {
             Some(sip) => {
                 let addr = sip.listen;
-                let bound = net::sip::bind(sip, &tasks, &shutdown)
+                let bound = net::sip::bind(sip, &tasks, &shutdown, &metrics)
                     .await
                     .map_err(|source| StartError::SipBind { addr, source })?;
                 networks = networks.with(bound.network());
@@ -181,6 +184,7 @@ impl Server {
         if let Some(registry) = cluster_registry {
             shared.registry = registry;
         }
+        shared.metrics = metrics;
         let shared = Arc::new(shared);
         let context = registry::NodeContext {
             tasks: shared.tasks.clone(),
@@ -321,6 +325,7 @@ fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Route
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(http::readyz))
         .route("/admin/v1/drain", post(http::drain))
+        .route("/metrics", get(http::metrics))
         .route("/console", get(console::index))
         .route("/console/{file}", get(console::asset))
         .route(console::LIVE_PATH, get(console::live))

@@ -160,12 +160,16 @@ pub(crate) async fn serve(
                     };
                     let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
                     let peer = PeerInfo {
+                        addr,
                         cert_sha256: cert.map(|c| fingerprint(c)),
                     };
                     serve_http(tls, peer, app, deadlines.header, shutdown).await;
                 }
                 None => {
-                    let peer = PeerInfo { cert_sha256: None };
+                    let peer = PeerInfo {
+                        addr,
+                        cert_sha256: None,
+                    };
                     serve_http(io, peer, app, deadlines.header, shutdown).await;
                 }
             }

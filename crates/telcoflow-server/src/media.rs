@@ -16,6 +16,7 @@ use axum::extract::ws::{
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
 use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
 use futures_util::SinkExt;
 use serde_json::Value;
 use std::sync::Arc;
@@ -118,6 +119,9 @@ pub(crate) async fn media_ws(
 /// Most frames written to the socket before it is flushed.
 const MAX_BATCH: usize = 16;
 
+/// Bytes of ping payloads (4 each) taken from the allocator at once.
+const PING_PAYLOAD_BLOCK: usize = 1024;
+
 async fn run(
     shared: Arc<Shared>,
     call: crate::call::CallHandle,
@@ -126,6 +130,11 @@ async fn run(
     mut rx: mpsc::Receiver<MediaOut>,
 ) {
     debug!("media connection open");
+    shared.metrics.media_connections_total.inc();
+    let _open = crate::metrics::Held::new(&shared.metrics.media_connections);
+    // Resolved once: one atomic add per frame.
+    let frames_in = shared.metrics.agent_frames_in.clone();
+    let frames_out = shared.metrics.agent_frames_out.clone();
     // Commands sent to the call and not yet answered. Bounded so that a client cannot pile up
     // work faster than the call answers it.
     let max_in_flight = shared.config.limits.max_pending_commands_per_call;
@@ -136,6 +145,9 @@ async fn run(
     tokio::pin!(shutdown);
     // The agent sent a close frame: it is leaving, not losing the connection.
     let mut agent_closed = false;
+    // Ping payloads are cut from one block, a few hundred pings per allocation: pings come
+    // with every dry spell of the agent's audio, and the media path allocates nothing per frame.
+    let mut ping_payloads = BytesMut::new();
     loop {
         tokio::select! {
             biased;
@@ -157,8 +169,17 @@ async fn run(
                             in_flight = in_flight.saturating_sub(1);
                             Message::Text(text.into())
                         }
-                        Some(MediaOut::Audio(frame)) => Message::Binary(frame),
-                        Some(MediaOut::Ping(seq)) => Message::Ping(seq.to_be_bytes().to_vec().into()),
+                        Some(MediaOut::Audio(frame)) => {
+                            frames_out.inc();
+                            Message::Binary(frame)
+                        }
+                        Some(MediaOut::Ping(seq)) => {
+                            if ping_payloads.capacity() < 4 {
+                                ping_payloads = BytesMut::with_capacity(PING_PAYLOAD_BLOCK);
+                            }
+                            ping_payloads.put_u32(seq);
+                            Message::Ping(ping_payloads.split().freeze())
+                        }
                         Some(MediaOut::Close) | None => break true,
                     };
                     if socket.feed(msg).await.is_err() {
@@ -212,6 +233,7 @@ async fn run(
                 }
                 Some(Ok(Message::Binary(frame))) => match AudioFrame::decode(&frame) {
                     Ok(audio) if audio.channel == CHANNEL_MIXED => {
+                        frames_in.inc();
                         let pcm = frame.slice(1..);
                         if !call.send_data(CallInput::AgentAudio { conn_id, pcm }).await {
                             break;

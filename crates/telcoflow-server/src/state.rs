@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     /// The latest ended calls of each connector, for the console.
     pub(crate) ended_calls: EndedCalls,
     next_conn: AtomicU64,
+    /// The Prometheus metrics (`GET /metrics`).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -76,6 +78,7 @@ impl Shared {
             tasks,
             ended_calls: EndedCalls::default(),
             next_conn: AtomicU64::new(1),
+            metrics: Arc::default(),
         }
     }
 

@@ -22,6 +22,8 @@ use std::sync::Arc;
 /// Who is on the other end of a connection, as the handlers see it.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerInfo {
+    /// The client's address (`/metrics` is open to loopback).
+    pub(crate) addr: std::net::SocketAddr,
     /// Lower-case hex SHA-256 of the client certificate, if one was presented.
     pub(crate) cert_sha256: Option<String>,
 }

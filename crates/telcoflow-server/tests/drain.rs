@@ -60,6 +60,8 @@ async fn a_drained_server_lets_its_call_run_for_the_grace_then_ends_it() {
     assert_eq!(code, 1001, "{reason}");
     let (status, body) = http(&server, "GET", "/readyz").await;
     assert_eq!((status, body), (503, json!({"status": "draining"})));
+    // Liveness is not readiness: the process still runs, and says so.
+    assert_eq!(http(&server, "GET", "/healthz").await.0, 200);
     let refused = dial(&server, "+15550000002", "+15559990001", RATE).await;
     assert_eq!(refused.call_id.as_deref(), Some("refused:unavailable"));
     let url = format!("{}/v1/agent/session-manager", server.base_url());

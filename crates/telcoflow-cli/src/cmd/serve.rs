@@ -131,7 +131,8 @@ fn apply_sip_flags(config: &mut Config, args: &Args) {
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let dev = args.config.is_none();
     let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
+        // The TELCOFLOW_<SECTION>_<KEY> variables over the file, the flags over both.
+        Some(path) => Config::from_file_with_env(path)?,
         None => {
             let api_key = args.api_key.as_deref().unwrap_or(DEV_API_KEY);
             let uuid = args.connector_uuid.as_deref().unwrap_or(DEV_CONNECTOR_UUID);
@@ -139,6 +140,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 connectors: vec![ConnectorConfig::development(api_key, uuid)],
                 ..Config::development()
             }
+            .with_env(std::env::vars())?
         }
     };
     if let Some(listen) = args.listen {

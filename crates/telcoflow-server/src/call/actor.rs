@@ -101,6 +101,10 @@ pub(super) struct CallActor {
     /// When the input being handled arrived (or the tick or deadline fired), as the actor's
     /// loop passed it in: the call logic reads no clock of its own.
     pub(super) now: Instant,
+    /// When the call started: its setup time runs to the answer.
+    pub(super) started_at: Instant,
+    /// Commands waiting for their response: id, name and arrival, for the metrics.
+    pub(super) commands_started: Vec<(String, &'static str, Instant)>,
 }
 
 impl CallActor {
@@ -121,7 +125,7 @@ impl CallActor {
         playout.set_catch_up(shared.config.limits.catch_up_after_stall);
         Self {
             playout,
-            caller: Leg::new(LegId::CALLER, caller, rate),
+            caller: Leg::new(LegId::CALLER, caller, rate, &shared.metrics),
             shared,
             connector,
             handle,
@@ -152,6 +156,8 @@ impl CallActor {
             media_pool: FramePool::default(),
             text_pool: FramePool::default(),
             now,
+            started_at: now,
+            commands_started: Vec::new(),
         }
     }
 
@@ -235,6 +241,9 @@ impl CallActor {
                 "caller audio dropped for running ahead"
             );
         }
+        self.shared
+            .metrics
+            .playout_ended(self.playout.gaps(), self.aligner.misses());
         info!(
             playout_gaps = self.playout.gaps(),
             stall_skipped_ms = self.bytes_to_ms(self.playout.skipped_total()),
@@ -428,11 +437,26 @@ impl CallActor {
             self.playout.clear();
             self.send_event(CallEvent::terminated("agent_left"));
             self.close_media();
-            self.shared
-                .registry
-                .session_ended(&self.handle.session_id, CloseReason::SdkRequest);
+            self.session_ended(CloseReason::SdkRequest);
         } else {
             self.finish(CloseReason::SdkRequest, HangupReason::Remote);
+        }
+    }
+
+    /// The call is answered now: its setup time is known.
+    pub(super) fn count_answer(&self) {
+        let setup = self.now.saturating_duration_since(self.started_at);
+        self.shared.metrics.call_setup.observe(setup.as_secs_f64());
+    }
+
+    /// Tells the registry the session ended, and counts it once.
+    fn session_ended(&self, reason: CloseReason) {
+        if self
+            .shared
+            .registry
+            .session_ended(&self.handle.session_id, reason)
+        {
+            self.shared.metrics.sessions_open.dec();
         }
     }
 
@@ -467,6 +491,7 @@ impl CallActor {
             (CloseReason::ForceClose, _) => "server",
             (CloseReason::CallTerminated, _) => "network",
         };
+        self.shared.metrics.call_ended(who);
         self.send_event(CallEvent::terminated(who));
         self.close_media();
         self.publish_live();
@@ -474,8 +499,6 @@ impl CallActor {
         self.shared
             .ended_calls
             .record(&h.connector, &h.call_id, (&h.from, &h.to), &h.live, who);
-        self.shared
-            .registry
-            .session_ended(&self.handle.session_id, reason);
+        self.session_ended(reason);
     }
 }

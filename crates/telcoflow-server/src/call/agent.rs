@@ -5,6 +5,7 @@
 use super::actor::{CallActor, Phase};
 use super::frames::json_bytes;
 use super::handle::{AttachError, MediaLink, MediaOut};
+use crate::metrics::{DropCause, QueueKind};
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::media::{
     BufferRequest, CHANNEL_MIXED, CallEvent, CommandResponse, MediaServerFrame,
@@ -80,6 +81,13 @@ impl CallActor {
                 self.tick_at = Some(self.now + margin);
             }
         }
+        if pushed.overflow > 0 {
+            let frame = self.playout.frame_bytes().max(1);
+            self.shared
+                .metrics
+                .dropped(DropCause::AgentOverflow)
+                .inc_by(pushed.overflow.div_ceil(frame) as u64);
+        }
         if pushed.overflow == 0 {
             self.overflow_reported = false;
         } else if !self.overflow_reported {
@@ -103,6 +111,11 @@ impl CallActor {
             }
         }
         if let Some(skipped) = self.playout.take_skipped() {
+            let frame = self.playout.frame_bytes().max(1);
+            self.shared
+                .metrics
+                .dropped(DropCause::StallCatchUp)
+                .inc_by(skipped.bytes.div_ceil(frame) as u64);
             let dropped_ms = self.bytes_to_ms(skipped.bytes as u64);
             let owed_ms = self.bytes_to_ms(skipped.owed as u64);
             info!(
@@ -132,13 +145,28 @@ impl CallActor {
     }
 
     pub(super) fn respond(&mut self, response: CommandResponse) {
+        let started = self
+            .commands_started
+            .iter()
+            .position(|(id, _, _)| *id == response.command_id)
+            .map(|i| self.commands_started.swap_remove(i));
+        // An unknown command was never started: counted under one name.
+        let (name, at) = started.map_or(("unknown", None), |(_, name, at)| (name, Some(at)));
+        let seconds = at.map_or(0.0, |at| at.elapsed().as_secs_f64());
+        self.shared
+            .metrics
+            .command(name, response.error_code.as_deref(), seconds);
         self.send_media(MediaOut::Response(
             MediaServerFrame::CommandResponse(response).encode(),
         ));
     }
 
     pub(super) fn send_event(&mut self, event: CallEvent) {
-        self.send_media(MediaOut::Text(MediaServerFrame::CallEvent(event).encode()));
+        let mut text = MediaServerFrame::CallEvent(event).encode();
+        // A string as long as its buffer becomes the socket's `Bytes` with no allocation on
+        // the media task, which allocates nothing per frame; an event is rare, this copy cheap.
+        text.shrink_to_fit();
+        self.send_media(MediaOut::Text(text));
     }
 
     /// Queues a frame for the media connection without waiting. A connection that cannot keep
@@ -155,7 +183,9 @@ impl CallActor {
                 .sent_to_agent(media.tx.capacity() > MEDIA_TEXT_RESERVE);
         }
         if is_audio && media.tx.capacity() <= MEDIA_TEXT_RESERVE {
+            self.shared.metrics.dropped(DropCause::SlowAgent).inc();
             if !self.slow_media_reported {
+                self.shared.metrics.overflow(QueueKind::MediaSend).inc();
                 self.slow_media_reported = true;
                 warn!("agent is not reading its audio; frames are being dropped");
                 let ev = MediaServerFrame::CallEvent(CallEvent::error(
@@ -170,6 +200,7 @@ impl CallActor {
         match media.tx.try_send(out) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
+                self.shared.metrics.overflow(QueueKind::MediaSend).inc();
                 warn!("media connection cannot take even a control frame; closing it");
                 let _ = media.tx.try_send(MediaOut::Close);
                 self.detach_media();

@@ -30,6 +30,10 @@ impl CallActor {
         };
         debug!(command = %name, "command");
         let id = cmd.command_id;
+        // Bounded by `limits.max_pending_commands_per_call` (the media connection holds back
+        // more); a command answered twice or never is forgotten with the call.
+        self.commands_started
+            .push((id.clone(), name.as_str(), tokio::time::Instant::now()));
         match name {
             CommandName::Answer if self.outbound && self.phase == Phase::Ringing => {
                 if self.pending_answer.is_some() {
@@ -50,6 +54,7 @@ impl CallActor {
                     self.phase = Phase::Answered;
                     self.caller.up = true;
                     self.caller.send(LegOutput::Answered);
+                    self.count_answer();
                     info!("answered");
                 }
                 self.respond(CommandResponse::ok(
@@ -76,6 +81,7 @@ impl CallActor {
             }
             CommandName::Interrupt => {
                 let dropped = self.playout.clear();
+                self.shared.metrics.interrupts.inc();
                 debug!(dropped, "interrupt");
                 self.respond(CommandResponse::ok(
                     id,
@@ -157,7 +163,7 @@ impl CallActor {
         };
         info!(%destination, ring_time, "connecting");
         let now = self.now;
-        self.callee = Some(Leg::new(leg, link, self.rate()));
+        self.callee = Some(Leg::new(leg, link, self.rate(), &self.shared.metrics));
         self.connect = Some(PendingConnect {
             command_id: id,
             leg,

@@ -101,6 +101,8 @@ pub(crate) enum LegOutput {
 /// How a call reaches one of its legs.
 #[derive(Debug, Clone)]
 pub(crate) struct LegLink {
+    /// The network the leg is on (for metrics).
+    pub(crate) kind: crate::metrics::LegKind,
     pub(crate) rate: SampleRate,
     pub(crate) tx: mpsc::Sender<LegOutput>,
 }

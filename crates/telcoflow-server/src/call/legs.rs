@@ -4,6 +4,8 @@
 use super::frames::SamplePool;
 use super::leg::{LegId, LegLink, LegOutput};
 use crate::audio::Resampler;
+use crate::metrics::{DropCause, LegCounters, Metrics, QueueKind};
+use prometheus::IntCounter;
 use std::collections::VecDeque;
 use telcoflow_proto::SampleRate;
 use tokio::sync::mpsc;
@@ -28,12 +30,21 @@ pub(super) struct Leg {
     pub(super) dropped_samples: u64,
     /// Buffers of the frames sent to the leg.
     pool: SamplePool,
+    /// Its metrics, resolved once: one atomic add per frame.
+    counters: LegCounters,
+    not_reading: IntCounter,
+    ahead: IntCounter,
+    overflows: IntCounter,
 }
 
 impl Leg {
-    pub(super) fn new(id: LegId, link: LegLink, agent_rate: SampleRate) -> Self {
+    pub(super) fn new(id: LegId, link: LegLink, agent_rate: SampleRate, metrics: &Metrics) -> Self {
         let (from_leg, to_leg) = resamplers(link.rate, agent_rate);
         Self {
+            counters: metrics.leg(link.kind).clone(),
+            not_reading: metrics.dropped(DropCause::LegNotReading).clone(),
+            ahead: metrics.dropped(DropCause::LegAhead).clone(),
+            overflows: metrics.overflow(QueueKind::Leg).clone(),
             id,
             link,
             up: false,
@@ -50,15 +61,26 @@ impl Leg {
         self.queue.clear();
     }
 
+    /// Counts a frame received from the leg.
+    pub(super) fn received(&self) {
+        self.counters.frames_in.inc();
+    }
+
     /// Sends to the leg without waiting. Audio only goes while the queue has room beyond a
     /// reserve, so that call-state outputs (ringing, answered, hang-up) are never the ones lost.
     pub(super) fn send(&self, out: LegOutput) {
         let is_audio = matches!(out, LegOutput::Audio(_));
         if is_audio && self.link.tx.capacity() <= LEG_CONTROL_RESERVE {
             trace!(leg = self.id.0, "leg is not reading; audio frame dropped");
+            self.not_reading.inc();
             return;
         }
-        if let Err(mpsc::error::TrySendError::Full(_)) = self.link.tx.try_send(out) {
+        let sent = self.link.tx.try_send(out);
+        if is_audio && sent.is_ok() {
+            self.counters.frames_out.inc();
+        }
+        if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+            self.overflows.inc();
             warn!(
                 leg = self.id.0,
                 "leg is not reading; call-state output dropped"
@@ -85,6 +107,8 @@ impl Leg {
             let excess = self.queue.len() - cap;
             self.queue.drain(..excess);
             self.dropped_samples += excess as u64;
+            self.ahead
+                .inc_by(excess.div_ceil(frame_samples.max(1)) as u64);
             debug!(
                 leg = self.id.0,
                 excess, "leg sent faster than real time; oldest audio dropped"

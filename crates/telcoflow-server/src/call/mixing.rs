@@ -21,6 +21,13 @@ use tracing::info;
 impl CallActor {
     /// Something from one of the call's legs.
     pub(super) fn on_leg(&mut self, id: LegId, event: LegEvent) {
+        if matches!(event, LegEvent::Audio(_)) {
+            if id == LegId::CALLER {
+                self.caller.received();
+            } else if let Some(callee) = self.callee.as_ref().filter(|c| c.id == id) {
+                callee.received();
+            }
+        }
         if id == LegId::CALLER {
             return self.on_caller(event);
         }
@@ -146,6 +153,7 @@ impl CallActor {
             LegEvent::Answered if self.outbound && self.phase == Phase::Ringing => {
                 info!("far end answered");
                 self.phase = Phase::Answered;
+                self.count_answer();
                 self.caller.up = true;
                 self.caller.send(LegOutput::Answered);
                 if let Some((id, _)) = self.pending_answer.take() {

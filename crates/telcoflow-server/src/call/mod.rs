@@ -162,7 +162,10 @@ fn session_info(
 fn run_actor(shared: &Arc<Shared>, actor: CallActor, (control, data): Queues) {
     let handle = &actor.handle;
     shared.registry.index_call(handle);
-    let span = info_span!("call", call_id = %handle.call_id);
+    shared.metrics.sessions.inc();
+    shared.metrics.sessions_open.inc();
+    // Both ids on the call's span, so that every line logged inside the call carries them.
+    let span = info_span!("call", call_id = %handle.call_id, session_id = %handle.session_id);
     shared
         .tasks
         .spawn(actor.run(control, data).instrument(span));

@@ -42,6 +42,7 @@ impl Network for Phones {
         let (tx, rx) = mpsc::channel(64);
         self.rung.lock().unwrap().push((leg, rx));
         Ok(LegLink {
+            kind: crate::metrics::LegKind::Sim,
             rate: SampleRate::Hz16000,
             tx,
         })
@@ -87,6 +88,7 @@ impl Call {
         let (handle, queues) = CallHandle::new("+15550100", "+15550200", "connector");
         let (tx, caller) = mpsc::channel(64);
         let link = LegLink {
+            kind: crate::metrics::LegKind::Sim,
             rate: SampleRate::Hz16000,
             tx,
         };

@@ -21,6 +21,7 @@ use crate::call::{
     frame_bytes,
 };
 use crate::config::{ConnectorConfig, check_address};
+use crate::metrics::{ArrivalJitter, LegKind};
 use crate::state::Shared;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -99,6 +100,7 @@ impl Network for Directory {
             })
             .map_err(|_| RingError::Busy)?;
         Ok(LegLink {
+            kind: crate::metrics::LegKind::Sim,
             rate: phone.rate,
             tx,
         })
@@ -330,7 +332,11 @@ async fn dial(
         _ if shared.is_draining() => Err(HangupReason::Unavailable),
         None => Err(HangupReason::NotFound),
         Some(connector) => {
-            let caller = LegLink { rate, tx: leg_tx };
+            let caller = LegLink {
+                kind: crate::metrics::LegKind::Sim,
+                rate,
+                tx: leg_tx,
+            };
             call::spawn_incoming(&shared, connector, &from, &to, caller).map_err(|code| {
                 if code == ErrorCode::QuotaExceeded {
                     HangupReason::Busy
@@ -354,6 +360,7 @@ async fn dial(
     };
     let call_id = call.call_id.to_string();
     let mut pools = Pools::default();
+    let mut jitter = ArrivalJitter::new(&shared.metrics, LegKind::Sim, rate.hz());
     if !send(
         &mut socket,
         NetworkFrame::Trying {
@@ -371,6 +378,7 @@ async fn dial(
             // Cancel-safe: WebSocket::recv is a stream poll.
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(pcm))) => {
+                    jitter.frame(std::time::Instant::now(), pcm.len() / 2);
                     let samples = pools.to_call.frame_from_pcm(&pcm);
                     call.send_data(leg_input(LegId::CALLER, LegEvent::Audio(samples))).await;
                 }
@@ -444,6 +452,8 @@ async fn register(
     // The call this phone is on: its handle, our leg id in it, and what it sends us.
     let mut current: Option<(CallHandle, LegId, mpsc::Receiver<LegOutput>)> = None;
     let mut pools = Pools::default();
+    // The arrival jitter of the current call's audio.
+    let mut jitter: Option<ArrivalJitter> = None;
     if send(
         &mut socket,
         NetworkFrame::Registered {
@@ -466,6 +476,8 @@ async fn register(
                         to: number.clone(),
                     };
                     current = Some((ring.call, ring.leg, ring.outputs));
+                    // Replacing the previous call's measure records it.
+                    jitter = Some(ArrivalJitter::new(&shared.metrics, LegKind::Sim, rate.hz()));
                     if !send(&mut socket, frame).await {
                         break;
                     }
@@ -474,6 +486,9 @@ async fn register(
                 msg = socket.recv() => match msg {
                     Some(Ok(Message::Binary(pcm))) => {
                         if let Some((call, leg, _)) = &current {
+                            if let Some(j) = &mut jitter {
+                                j.frame(std::time::Instant::now(), pcm.len() / 2);
+                            }
                             let samples = pools.to_call.frame_from_pcm(&pcm);
                             call.send_data(leg_input(*leg, LegEvent::Audio(samples))).await;
                         }

@@ -23,6 +23,7 @@ use super::ports::MediaEnv;
 use super::rtp_leg::{self, Direction, LegParams};
 use crate::call::{self, LegId};
 use crate::listener::{AcceptBackoff, source_address};
+use crate::metrics::QueueKind;
 use crate::state::Shared;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -283,6 +284,7 @@ impl Endpoint {
 
     fn on_message(&mut self, transport: Transport, source: SocketAddr, bytes: &[u8]) {
         let now = Self::now();
+        self.shared.metrics.sip_message(true, bytes);
         // Route by Call-ID: our outgoing calls' messages go to their UAC.
         if !self.by_call_id.is_empty() {
             if let Ok(msg) = Message::parse(bytes) {
@@ -378,6 +380,7 @@ impl Endpoint {
         let ends = matches!(event, SipEvent::Ended);
         if let Some(tx) = self.legs.get(&call) {
             if tx.try_send(event).is_err() {
+                self.shared.metrics.overflow(QueueKind::Sip).inc();
                 debug!("leg not reading SIP events");
             }
         }
@@ -441,6 +444,7 @@ impl Endpoint {
     }
 
     async fn transmit(&mut self, t: Transmit) {
+        self.shared.metrics.sip_message(false, &t.payload);
         match t.transport {
             Transport::Udp => {
                 if let Err(e) = self.udp.send_to(&t.payload, t.destination).await {
@@ -455,6 +459,7 @@ impl Endpoint {
                     None => self.spawn_tcp(t.destination, TcpOrigin::Connect),
                 };
                 if tx.try_send(t.payload).is_err() {
+                    self.shared.metrics.overflow(QueueKind::Sip).inc();
                     warn!(to = %t.destination, "SIP TCP connection not draining; message dropped");
                 }
             }

@@ -184,6 +184,7 @@ pub(crate) async fn bind(
     config: SipConfig,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
+    metrics: &Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<BoundSip> {
     // `Config::validate` has refused an exposed listener (`SipConfig::check_exposure`).
     let admission = admission::Admission::new(&config, std::time::Instant::now())
@@ -208,6 +209,7 @@ pub(crate) async fn bind(
         local.ip(),
         advertised,
         config.rtp_timeout(),
+        metrics.clone(),
     ));
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let tcp_limits = endpoint::TcpLimits {

@@ -1,6 +1,7 @@
 //! RTP ports for SIP calls: binding an even RTP port and its RTCP neighbour from the
 //! configured range, and giving them back when the call ends.
 
+use crate::metrics::Metrics;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +20,8 @@ pub(super) struct MediaEnv {
     /// Address announced in SDP.
     pub(super) advertised: IpAddr,
     pub(super) rtp_timeout: Duration,
+    /// Counts the ports in use, and what the RTP legs report at their end.
+    pub(super) metrics: Arc<Metrics>,
 }
 
 impl MediaEnv {
@@ -27,8 +30,10 @@ impl MediaEnv {
         bind_ip: IpAddr,
         advertised: IpAddr,
         rtp_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             pool: Mutex::new(pool),
             bind_ip,
             advertised,
@@ -49,6 +54,7 @@ impl MediaEnv {
             // The pool only hands out even ports whose odd neighbour is in the range.
             match (bind(port), port.checked_add(1).and_then(bind)) {
                 (Some(rtp), Some(rtcp)) => {
+                    self.metrics.rtp_ports_in_use.inc();
                     let guard = PortGuard {
                         env: self.clone(),
                         port,
@@ -92,8 +98,16 @@ pub(super) struct PortGuard {
     pub(super) port: u16,
 }
 
+impl PortGuard {
+    /// The server's metrics.
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.env.metrics
+    }
+}
+
 impl Drop for PortGuard {
     fn drop(&mut self) {
+        self.env.metrics.rtp_ports_in_use.dec();
         self.env.lock().release(self.port);
     }
 }
@@ -108,6 +122,7 @@ mod tests {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             advertised: IpAddr::from([127, 0, 0, 1]),
             rtp_timeout: Duration::from_secs(30),
+            metrics: Arc::default(),
         })
     }
 
@@ -127,9 +142,11 @@ mod tests {
         drop(a);
         let c = env.bind().expect("a released pair is reused");
         assert_eq!(env.lock().in_use(), 2);
+        assert_eq!(env.metrics.rtp_ports_in_use.get(), 2);
         drop(c);
         drop(b);
         assert_eq!(env.lock().in_use(), 0);
+        assert_eq!(env.metrics.rtp_ports_in_use.get(), 0);
     }
 
     #[test]

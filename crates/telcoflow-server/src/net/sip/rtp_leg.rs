@@ -88,6 +88,7 @@ pub(super) struct PendingLeg {
 pub(super) fn link() -> (LegLink, PendingLeg) {
     let (tx, rx) = mpsc::channel(LEG_QUEUE);
     let link = LegLink {
+        kind: crate::metrics::LegKind::Sip,
         rate: SampleRate::Hz8000,
         tx,
     };
@@ -292,6 +293,11 @@ impl RtpLeg {
                 wrong_source = stats.wrong_source,
                 samples_withheld = stats.samples_withheld,
                 "RTP leg ended"
+            );
+            self._port.metrics().rtp_leg_ended(
+                f64::from(s.jitter_buffer().jitter()) / 8000.0,
+                jitter.concealed,
+                [jitter.late, jitter.overflow, jitter.discarded],
             );
         }
         let _ = self.commands.send(Command::Gone(self.key)).await;

@@ -1,0 +1,126 @@
+//! `telcoflow check --config FILE`: validates a configuration (with the `TELCOFLOW_*`
+//! variables over it, as `serve` does) and prints what the server would do, never a secret.
+
+use std::process::{Command, Output};
+
+const UUID: &str = "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01";
+
+fn file(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "telcoflow-check-{name}-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn check(path: &std::path::Path, env: &[(&str, &str)]) -> (Output, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_telcoflow"));
+    cmd.args(["check", "--config"]).arg(path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("telcoflow runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, stdout, stderr)
+}
+
+fn valid_file(name: &str) -> std::path::PathBuf {
+    file(
+        name,
+        &format!(
+            "listen = \"127.0.0.1:8090\"\nadmin_token = \"admin-secret\"\n\
+             [sip]\nlisten = \"127.0.0.1:5090\"\nrtp_ports = \"30000-30100\"\n\
+             [[sip.trunks]]\nhost = \"trunk.example\"\nusername = \"acme\"\npassword = \"trunk-secret\"\n\
+             [metrics]\ntoken = \"metrics-secret\"\n\
+             [[connectors]]\nuuid = \"{UUID}\"\napi_key = \"key-secret\"\nname = \"shop\"\n\
+             numbers = [\"+100\"]\nconnect_default = \"+200\"\n"
+        ),
+    )
+}
+
+#[test]
+fn a_valid_file_is_described_without_its_secrets() {
+    let path = valid_file("valid");
+    let (out, stdout, stderr) = check(&path, &[]);
+    let _ = std::fs::remove_file(&path);
+    assert!(out.status.success(), "{stderr}");
+    for says in [
+        "valid",
+        "listen: ws://127.0.0.1:8090",
+        "sip: udp+tcp 127.0.0.1:5090, rtp ports 30000-30100",
+        "1 trunk(s) (trunk.example)",
+        &format!("{UUID} (shop): numbers [+100]"),
+        "connect default +200",
+        "cluster: none",
+        "limits: 1000 calls",
+        "metrics: GET /metrics, open to loopback; others with the token",
+        "admin token: set",
+    ] {
+        assert!(stdout.contains(says), "no {says:?} in:\n{stdout}");
+    }
+    for secret in [
+        "admin-secret",
+        "trunk-secret",
+        "metrics-secret",
+        "key-secret",
+    ] {
+        assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+        assert!(!stderr.contains(secret), "{secret} logged:\n{stderr}");
+    }
+}
+
+#[test]
+fn environment_variables_override_the_file() {
+    let path = valid_file("env");
+    let (out, stdout, stderr) = check(
+        &path,
+        &[
+            ("TELCOFLOW_SERVER_LISTEN", "0.0.0.0:9999"),
+            ("TELCOFLOW_METRICS_ENABLED", "false"),
+            ("TELCOFLOW_SIP_ENABLED", "false"),
+        ],
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("listen: ws://0.0.0.0:9999"), "{stdout}");
+    assert!(stdout.contains("metrics: off"), "{stdout}");
+    assert!(stdout.contains("sip: off"), "{stdout}");
+    assert!(stdout.contains("environment: TELCOFLOW_"), "{stdout}");
+    let (out, _, stderr) = check(&path, &[("TELCOFLOW_LIMITS_MAX_CONNECTIONS", "lots")]);
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("TELCOFLOW_LIMITS_MAX_CONNECTIONS") && stderr.contains("whole number"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_invalid_file_fails_with_the_error() {
+    for (name, text, says) in [
+        ("empty", "", "at least one [[connectors]]"),
+        (
+            "unknown",
+            &format!("bogus = 1\n[[connectors]]\nuuid = \"{UUID}\"\napi_key = \"k\"\n"),
+            "bogus",
+        ),
+        (
+            "range",
+            &format!(
+                "[sip]\nrtp_ports = \"9-8\"\n[[connectors]]\nuuid = \"{UUID}\"\napi_key = \"k\"\n"
+            ),
+            "sip.rtp_ports",
+        ),
+    ] {
+        let path = file(name, text);
+        let (out, stdout, stderr) = check(&path, &[]);
+        let _ = std::fs::remove_file(&path);
+        assert!(!out.status.success(), "{name}: {stdout}");
+        assert!(
+            stderr.contains("is not valid") && stderr.contains(says),
+            "{name}: {stderr}"
+        );
+        assert!(stdout.is_empty(), "{name}: {stdout}");
+    }
+}
