@@ -122,6 +122,14 @@ function quality(q) {
 }
 
 function render(s) {
+  const more = s.callsTotal - s.calls.length;
+  const foot = $("calls").tFoot;
+  foot.replaceChildren();
+  if (more > 0) {
+    const td = cell("and " + more + " more", "empty");
+    td.colSpan = 8;
+    foot.append(row(null, [td]));
+  }
   fillTable("calls", s.calls.map((c) => row(c.callId, [
     c.from, c.to, c.state, duration(c.durationMs),
     c.agent.mediaAttached ? "media up" : (c.agent.controlId ? "claimed" : "none"),

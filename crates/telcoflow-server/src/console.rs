@@ -29,6 +29,8 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_LIVE_FRAME: usize = 4096;
 /// Open sessions listed per snapshot.
 const SESSIONS_LISTED: usize = 100;
+/// Calls in progress listed per snapshot (the oldest first); `callsTotal` counts them all.
+const CALLS_LISTED: usize = 100;
 
 /// The console's files: name, content type, content.
 const FILES: &[(&str, &str, &[u8])] = &[
@@ -182,6 +184,8 @@ async fn snapshot(shared: &Shared, connector: &str) -> Value {
         .filter(|c| &*c.connector == connector)
         .collect();
     calls.sort_by_key(|c| c.live.started_unix_ms);
+    let calls_total = calls.len();
+    calls.truncate(CALLS_LISTED);
     let calls: Vec<Value> = calls
         .iter()
         .map(|c| running_call(c, view.holders.get(&*c.session_id)))
@@ -224,6 +228,7 @@ async fn snapshot(shared: &Shared, connector: &str) -> Value {
         "type": "snapshot",
         "at": crate::token::unix_now(),
         "calls": calls,
+        "callsTotal": calls_total,
         "sessions": sessions,
         "agents": agents,
         "ended": ended,

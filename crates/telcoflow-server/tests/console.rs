@@ -202,6 +202,7 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
     })
     .await;
     assert_eq!(ids(&v, "calls", "callId"), [my_call.as_str()], "{v}");
+    assert_eq!(v["callsTotal"], 1);
     let call = &v["calls"][0];
     assert_eq!(call["from"], "+15551110001");
     assert_eq!(call["to"], "+15559990001");
