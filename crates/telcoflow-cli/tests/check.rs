@@ -55,7 +55,7 @@ fn a_valid_file_is_described_without_its_secrets() {
         "connect default +200",
         "cluster: none",
         "limits: 1000 calls",
-        "metrics: GET /metrics, open to loopback; others with the token",
+        "metrics: GET /metrics, every client (loopback too) with the token",
         "admin token: set",
     ] {
         assert!(stdout.contains(says), "no {says:?} in:\n{stdout}");

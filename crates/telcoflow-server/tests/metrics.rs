@@ -316,17 +316,29 @@ fn outside_address() -> Option<std::net::IpAddr> {
 }
 
 #[tokio::test]
-async fn metrics_access_is_open_on_loopback_and_needs_the_token_elsewhere() {
+async fn metrics_access_needs_the_token_from_everyone_once_it_is_set() {
     let mut config = dev_config();
     config.listen = "0.0.0.0:0".parse().unwrap();
     config.metrics.token = Some("scrape-me".into());
     let with_token = start(config.clone()).await;
     let port = with_token.local_addr().port();
     let lo = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    assert_eq!(get(lo, "/metrics", "").await.0, 200);
+    // A reverse proxy on the same host connects from loopback: with a token, loopback
+    // needs it too.
+    let (status, body) = get(lo, "/metrics", "").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = get(lo, "/metrics", "authorization: Bearer scrape-me\r\n").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("telcoflow_calls_total"), "{body}");
 
     config.metrics.token = None;
     let without_token = start(config.clone()).await;
+    let lo = std::net::SocketAddr::from(([127, 0, 0, 1], without_token.local_addr().port()));
+    assert_eq!(
+        get(lo, "/metrics", "").await.0,
+        200,
+        "no token: loopback is open"
+    );
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.metrics.enabled = false;
     let disabled = start(config).await;

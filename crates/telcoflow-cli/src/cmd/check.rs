@@ -165,14 +165,15 @@ fn describe(path: &std::path::Path, config: &Config, from_env: &[String]) -> Str
     }
     let m = &config.metrics;
     if m.enabled {
-        line(format!(
-            "metrics: GET /metrics, open to loopback; others {}",
+        line(
             if set(&m.token) == "set" {
-                "with the token (Authorization: Bearer)"
+                "metrics: GET /metrics, every client (loopback too) with the token \
+                 (Authorization: Bearer)"
             } else {
-                "refused (no [metrics] token)"
+                "metrics: GET /metrics, open to loopback only (no [metrics] token)"
             }
-        ));
+            .into(),
+        );
     } else {
         line("metrics: off".into());
     }
