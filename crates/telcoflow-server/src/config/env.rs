@@ -141,9 +141,17 @@ fn invalid(var: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The TOML value of `text` for `setting` (read from `var`).
+/// The TOML value of `text` for `setting` (read from `var`). An empty value is refused
+/// rather than taken as unset or as "": `TELCOFLOW_SERVER_ADMIN_TOKEN=` must not quietly
+/// remove the file's token.
 fn parse(setting: &EnvSetting, var: &str, text: &str) -> Result<Value, ConfigError> {
     let t = text.trim();
+    if t.is_empty() {
+        return Err(invalid(
+            var,
+            "is empty (unset it to keep the file's value or the default)",
+        ));
+    }
     Ok(match setting.kind {
         Text => Value::String(text.to_owned()),
         Number => match t.parse::<u64>().ok().and_then(|n| i64::try_from(n).ok()) {
@@ -417,6 +425,10 @@ mod tests {
             ("TELCOFLOW_SIP_PUBLIC_IP", "host.example", "IP address"),
             ("TELCOFLOW_SIP_LISTNE", "127.0.0.1:5060", "names no setting"),
             ("TELCOFLOW_SERVER_CONNECTORS", "x", "names no setting"),
+            ("TELCOFLOW_SERVER_ADMIN_TOKEN", "", "is empty"),
+            ("TELCOFLOW_SERVER_TOKEN_SECRET", " ", "is empty"),
+            ("TELCOFLOW_METRICS_TOKEN", "", "is empty"),
+            ("TELCOFLOW_SIP_ALLOW", "", "is empty"),
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var) && err.contains(says), "{var}: {err}");
