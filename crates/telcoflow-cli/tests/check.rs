@@ -96,6 +96,37 @@ fn environment_variables_override_the_file() {
     );
 }
 
+/// A variable that is not UTF-8 is no reason to fail, unless it is a setting's.
+#[cfg(unix)]
+#[test]
+fn a_variable_that_is_not_utf8_is_skipped_unless_it_is_a_setting() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = valid_file("notutf8");
+    let run = |name: &str| {
+        Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env(name, OsStr::from_bytes(b"\xff"))
+            .output()
+            .expect("telcoflow runs")
+    };
+    let out = run("BAD");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("TELCOFLOW_SERVER_PUBLIC_URL");
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("TELCOFLOW_SERVER_PUBLIC_URL") && stderr.contains("UTF-8"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_invalid_file_fails_with_the_error() {
     for (name, text, says) in [
