@@ -307,7 +307,12 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut table: Table = toml::from_str(text)?;
         let applied = apply(&mut table, vars)?;
-        let config = Self::from_table(table, &applied)?;
+        let config = if applied.is_empty() {
+            // From the text, not the table: its errors say the line and column.
+            toml::from_str::<Self>(text)?
+        } else {
+            Self::from_table(table, &applied)?
+        };
         config.validate().map_err(|e| name_variables(e, &applied))?;
         Ok(config)
     }
@@ -503,6 +508,15 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn without_variables_an_error_in_the_file_names_its_line() {
+        let text = format!("{FILE}bogus = 1\n");
+        let err = Config::from_toml_with_env(&text, vars(&[("PATH", "/bin")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus") && err.contains("line 7"), "{err}");
     }
 
     #[test]
