@@ -96,6 +96,57 @@ fn environment_variables_override_the_file() {
     );
 }
 
+#[test]
+fn a_cluster_url_is_shown_without_its_credentials() {
+    for (name, url, shown, tls) in [
+        (
+            "userinfo",
+            "nats://alice:hunter2@127.0.0.1:4222",
+            "through nats://127.0.0.1:4222 (auth: in the URL, tls: off)",
+            false,
+        ),
+        (
+            "tlsscheme",
+            "tls://alice:hunter2@nats.example:4222",
+            "through tls://nats.example:4222 (auth: in the URL, tls: on)",
+            true,
+        ),
+    ] {
+        let path = file(
+            name,
+            &format!(
+                "[cluster]\nnats_url = \"{url}\"\nnode_id = \"a\"\n\
+                 [[connectors]]\nuuid = \"{UUID}\"\napi_key = \"k\"\n"
+            ),
+        );
+        let (out, stdout, stderr) = check(&path, &[]);
+        let _ = std::fs::remove_file(&path);
+        assert!(out.status.success(), "{name}: {stderr}");
+        assert!(stdout.contains(shown), "{name} (tls {tls}): {stdout}");
+        for secret in ["alice", "hunter2"] {
+            assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+        }
+    }
+}
+
+#[test]
+fn a_tls_file_that_serve_cannot_load_fails_the_check() {
+    let path = file(
+        "tlsfile",
+        &format!(
+            "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n\
+             [[connectors]]\nuuid = \"{UUID}\"\napi_key = \"k\"\n"
+        ),
+    );
+    let (out, stdout, stderr) = check(&path, &[]);
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("tls.cert") && stderr.contains("/nonexistent/cert.pem"),
+        "{stderr}"
+    );
+}
+
 /// A variable that is not UTF-8 is no reason to fail, unless it is a setting's.
 #[cfg(unix)]
 #[test]
