@@ -438,10 +438,11 @@ impl Metrics {
             .unwrap_or_default()]
     }
 
-    /// What a call's playout buffer and media clock counted, at its end.
-    pub(crate) fn playout_ended(&self, gaps: u64, clock_misses: u64) {
+    /// What a call's playout buffer and media clock counted, at its end: gaps, the silent
+    /// frames they played, clock misses.
+    pub(crate) fn playout_ended(&self, gaps: u64, gap_frames: u64, clock_misses: u64) {
         self.playout_gaps.inc_by(gaps);
-        self.concealed_playout.inc_by(gaps);
+        self.concealed_playout.inc_by(gap_frames);
         self.clock_misses.inc_by(clock_misses);
     }
 

@@ -239,9 +239,11 @@ impl CallActor {
                 "caller audio dropped for running ahead"
             );
         }
-        self.shared
-            .metrics
-            .playout_ended(self.playout.gaps(), self.aligner.misses());
+        self.shared.metrics.playout_ended(
+            self.playout.gaps(),
+            self.playout.gap_frames(),
+            self.aligner.misses(),
+        );
         info!(
             playout_gaps = self.playout.gaps(),
             stall_skipped_ms = self.bytes_to_ms(self.playout.skipped_total()),
