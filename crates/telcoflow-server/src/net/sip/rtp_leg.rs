@@ -125,6 +125,8 @@ impl PendingLeg {
             answered: false,
             packet: vec![0u8; DATAGRAM],
             frames: SamplePool::default(),
+            loss_reported: 0,
+            ticks_to_loss_report: LOSS_REPORT_TICKS,
         };
         Ok(leg.run(self.rx, params.events, params.dial))
     }
@@ -154,7 +156,14 @@ struct RtpLeg {
     packet: Vec<u8>,
     /// Buffers of the frames handed to the call.
     frames: SamplePool,
+    /// Frames concealed that the metrics have been told of.
+    loss_reported: u64,
+    /// Ticks until the loss is next added to the metrics.
+    ticks_to_loss_report: u32,
 }
+
+/// How often (in 20 ms ticks: a second) an RTP leg adds its loss to the metrics while it runs.
+const LOSS_REPORT_TICKS: u32 = 50;
 
 /// How the leg loop goes on.
 enum Flow {
@@ -296,7 +305,7 @@ impl RtpLeg {
             );
             self._port.metrics().rtp_leg_ended(
                 f64::from(s.jitter_buffer().jitter()) / 8000.0,
-                jitter.concealed,
+                jitter.concealed.saturating_sub(self.loss_reported),
                 [jitter.late, jitter.overflow, jitter.discarded],
             );
         }
@@ -530,6 +539,15 @@ impl RtpLeg {
         let Some(session) = &mut self.session else {
             return Flow::Continue;
         };
+        self.ticks_to_loss_report -= 1;
+        if self.ticks_to_loss_report == 0 {
+            self.ticks_to_loss_report = LOSS_REPORT_TICKS;
+            let concealed = session.jitter_buffer().stats().concealed;
+            self._port
+                .metrics()
+                .rtp_leg_lost(concealed.saturating_sub(self.loss_reported));
+            self.loss_reported = concealed;
+        }
         if !session.plays_this_tick() {
             return Flow::Continue;
         }
