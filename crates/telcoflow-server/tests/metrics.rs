@@ -306,6 +306,47 @@ async fn sip_requests_and_responses_are_counted_by_method_and_code() {
     server.shutdown().await;
 }
 
+/// A registered phone's arrival jitter is recorded when its call ends, while the phone stays
+/// registered, not when its next call rings.
+#[tokio::test]
+async fn a_registered_phones_jitter_is_recorded_when_its_call_ends() {
+    use serde_json::json;
+    // The caller sends no audio: its leg has no jitter to record.
+    let (server, _control, _phone, mut media) = answered_call(dev_config(), 8000).await;
+    let mut callee = register(
+        &server,
+        telcoflow_server::config::DEV_CONNECT_DESTINATION,
+        8000,
+    )
+    .await;
+    let connect = media.command("call.connect", Some(json!({"ringTimeSeconds": 10})));
+    let answer = async {
+        callee.event("incoming").await;
+        callee.send_json(json!({"type": "answer"})).await;
+        callee.event("answered").await;
+    };
+    let (resp, ()) = tokio::join!(connect, answer);
+    assert_eq!(resp["success"], true, "{resp}");
+    for _ in 0..5 {
+        callee.send_level(500, 160).await;
+    }
+    let (_, during) = scrape(&server).await;
+    assert_eq!(
+        value(
+            &during,
+            "telcoflow_leg_jitter_seconds_count{leg_kind=\"sim\"}"
+        ),
+        0.0
+    );
+    callee.send_json(json!({"type": "hangup"})).await;
+    scrape_until(&server, "the registered phone's jitter", |s| {
+        s.get("telcoflow_leg_jitter_seconds_count{leg_kind=\"sim\"}") == Some(&1.0)
+    })
+    .await;
+    drop(callee);
+    server.shutdown().await;
+}
+
 /// A non-loopback address of this host, if it has one: the source the kernel would use
 /// towards a documentation address (a UDP connect sends nothing).
 fn outside_address() -> Option<std::net::IpAddr> {

@@ -458,6 +458,8 @@ async fn register(
                             call.send_data(leg_input(*leg, event)).await;
                             if ends {
                                 current = None;
+                                // Dropping the measure records it: at the call's end, not at the next ring.
+                                jitter = None;
                             }
                         }
                     }
@@ -478,6 +480,8 @@ async fn register(
                     let (Some(out), Some((call, _, _))) = (out, &current) else {
                         // The call ended without a word to us: the phone is free again.
                         current = None;
+                        // Dropping the measure records it: at the call's end, not at the next ring.
+                        jitter = None;
                         continue;
                     };
                     let ends = matches!(out, LegOutput::Hangup(_));
@@ -486,6 +490,8 @@ async fn register(
                     }
                     if ends {
                         current = None;
+                        // Dropping the measure records it: at the call's end, not at the next ring.
+                        jitter = None;
                     }
                 }
                 // Cancel-safe: only observes the token.
