@@ -1,10 +1,10 @@
 //! `telcoflow check --config FILE`: validates a configuration file as `telcoflow serve
 //! --config` would (with the `TELCOFLOW_*` variables of the environment over it) and prints
-//! what the server would do, without starting it. Secrets (API keys, tokens, passwords) are
-//! never printed, only whether they are set.
+//! what the server would do, without starting it. The description never prints a secret (API
+//! keys, tokens, passwords, a `nats_url`'s user and password), only whether it is set.
 //!
-//! Exit status 0 when the configuration is valid; otherwise the error is printed and the
-//! status is non-zero.
+//! Exit status 0 when the configuration is valid; otherwise the error is printed (as `serve`
+//! would print it: it may quote the part of the file it is about) and the status is non-zero.
 
 use anyhow::Context as _;
 use std::fmt::Write as _;
