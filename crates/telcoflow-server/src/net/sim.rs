@@ -15,7 +15,7 @@
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{
-    self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, Refusal, SamplePool,
+    self, CallHandle, CallInput, LegEvent, LegId, LegKind, LegLink, LegOutput, Refusal, SamplePool,
     frame_bytes,
 };
 use crate::config::{ConnectorConfig, check_address};
@@ -99,6 +99,8 @@ impl Network for Directory {
         Ok(LegLink {
             rate: phone.rate,
             tx,
+            kind: LegKind::Sim,
+            quality: None,
         })
     }
 }
@@ -274,7 +276,12 @@ async fn dial(
         _ if shared.is_draining() => Err(HangupReason::Unavailable),
         None => Err(HangupReason::NotFound),
         Some(connector) => {
-            let caller = LegLink { rate, tx: leg_tx };
+            let caller = LegLink {
+                rate,
+                tx: leg_tx,
+                kind: LegKind::Sim,
+                quality: None,
+            };
             call::spawn_incoming(&shared, connector, &from, &to, caller).map_err(|code| {
                 if code == ErrorCode::QuotaExceeded {
                     HangupReason::Busy
