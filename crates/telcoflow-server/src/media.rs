@@ -16,16 +16,21 @@ use axum::extract::ws::{
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header::AUTHORIZATION};
 use axum::response::{IntoResponse, Response};
+use bytes::BufMut;
 use futures_util::SinkExt;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::SystemTime;
 use telcoflow_proto::ErrorCode;
+use telcoflow_proto::pool::FramePool;
 use telcoflow_proto::media::{
     AudioFrame, CHANNEL_MIXED, CommandResponse, MediaClientFrame, MediaServerFrame,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info_span};
+
+/// Bytes of a ping pool's block: 64 pings of 4 bytes, a minute of them.
+const PING_POOL_BYTES: usize = 256;
 
 /// `GET /v1/agent/media/{call_id}`.
 pub(crate) async fn media_ws(
@@ -130,6 +135,9 @@ async fn run(
     // work faster than the call answers it.
     let max_in_flight = shared.config.limits.max_pending_commands_per_call;
     let mut in_flight = 0usize;
+    // Ping payloads are split off pooled blocks: the call pings its agent every second, and
+    // a vector per ping was the one allocation a call in steady state still made.
+    let mut pings = FramePool::default();
     // One waiter for the connection's life: a new one per frame would lock the server-wide
     // token's waiter list twice, a list every call's tasks share.
     let shutdown = shared.shutdown.clone().cancelled_owned();
@@ -158,7 +166,11 @@ async fn run(
                             Message::Text(text.into())
                         }
                         Some(MediaOut::Audio(frame)) => Message::Binary(frame),
-                        Some(MediaOut::Ping(seq)) => Message::Ping(seq.to_be_bytes().to_vec().into()),
+                        Some(MediaOut::Ping(seq)) => {
+                            let block = pings.with_room(4, PING_POOL_BYTES);
+                            block.put_u32(seq);
+                            Message::Ping(block.split().freeze())
+                        }
                         Some(MediaOut::Close) | None => break true,
                     };
                     if socket.feed(msg).await.is_err() {

@@ -571,9 +571,15 @@ impl Playout {
         if self.rtts.len() < 3 {
             return PROMPT_PONG;
         }
-        let mut rtts: Vec<Duration> = self.rtts.iter().copied().collect();
+        // Sorted on the stack: this runs on the media tick, which allocates nothing.
+        let mut sorted = [Duration::ZERO; RTT_SAMPLES];
+        let n = self.rtts.len().min(RTT_SAMPLES);
+        for (slot, rtt) in sorted.iter_mut().zip(self.rtts.iter()) {
+            *slot = *rtt;
+        }
+        let rtts = &mut sorted[..n];
         rtts.sort_unstable();
-        (rtts[rtts.len() / 2] * 2 + MIN_PROMPT_PONG).clamp(MIN_PROMPT_PONG, PROMPT_PONG)
+        (rtts[n / 2] * 2 + MIN_PROMPT_PONG).clamp(MIN_PROMPT_PONG, PROMPT_PONG)
     }
 
     /// Whether to ping the agent now, and the ping's number: a live stream has just run dry,
