@@ -146,9 +146,17 @@ pub const BPL_G711_PLC: f64 = 25.1;
 ///
 /// Clamped to 0..=100.
 pub fn r_factor(delay_ms: f64, loss_pct: f64) -> f64 {
-    let d = if delay_ms.is_finite() { delay_ms.max(0.0) } else { 0.0 };
+    let d = if delay_ms.is_finite() {
+        delay_ms.max(0.0)
+    } else {
+        0.0
+    };
     let id = 0.024 * d + if d > 177.3 { 0.11 * (d - 177.3) } else { 0.0 };
-    let ppl = if loss_pct.is_finite() { loss_pct.clamp(0.0, 100.0) } else { 0.0 };
+    let ppl = if loss_pct.is_finite() {
+        loss_pct.clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
     let ie_eff = 95.0 * ppl / (ppl + BPL_G711_PLC);
     (R_DEFAULT - id - ie_eff).clamp(0.0, 100.0)
 }
@@ -211,7 +219,10 @@ mod tests {
         assert_eq!(mos_from_r(-5.0), 1.0);
         assert_eq!(mos_from_r(0.0), 1.0);
         assert_eq!(mos_from_r(120.0), 4.5);
-        assert!(close(mos_from_r(50.0), 1.0 + 1.75 + 50.0 * -10.0 * 50.0 * 7e-6));
+        assert!(close(
+            mos_from_r(50.0),
+            1.0 + 1.75 + 50.0 * -10.0 * 50.0 * 7e-6
+        ));
         assert_eq!(r_factor(2000.0, 100.0), 0.0);
         // Nonsense input (a clock gone wrong) rates as no impairment rather than NaN.
         assert!(close(r_factor(f64::NAN, f64::NAN), 93.2));

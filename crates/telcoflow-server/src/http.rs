@@ -182,7 +182,12 @@ pub(crate) async fn call_stats(
     Path(call_id): Path<String>,
 ) -> Result<Json<telcoflow_proto::stats::CallStats>, ApiError> {
     let connector = auth(&shared, &headers, &peer)?;
-    let not_found = || ApiError::new(ErrorCode::CallNotFound, format!("no running call {call_id}"));
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::CallNotFound,
+            format!("no running call {call_id}"),
+        )
+    };
     let call = shared
         .registry
         .call_by_id(&call_id)

@@ -22,10 +22,10 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::SystemTime;
 use telcoflow_proto::ErrorCode;
-use telcoflow_proto::pool::FramePool;
 use telcoflow_proto::media::{
     AudioFrame, CHANNEL_MIXED, CommandResponse, MediaClientFrame, MediaServerFrame,
 };
+use telcoflow_proto::pool::FramePool;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument, debug, info_span};
 

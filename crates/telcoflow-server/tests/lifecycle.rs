@@ -16,7 +16,9 @@ async fn stats_then_terminated(media: &mut Media) -> Value {
     let stats = media.ws.expect_type("call_event").await;
     assert_eq!(stats["data"]["event"], "call.stats", "{stats}");
     assert!(
-        stats["data"]["call_id"].as_str().is_some_and(|id| !id.is_empty()),
+        stats["data"]["call_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
         "{stats}"
     );
     assert_eq!(stats["data"]["legs"][0]["role"], "caller", "{stats}");

@@ -228,8 +228,14 @@ async fn sip_loss_and_round_trip_are_reported_while_the_call_runs_and_at_its_end
     assert!((60.0..66.2).contains(&r), "{stats}");
     let mos = leg["mos"].as_f64().unwrap();
     assert!((3.1..3.45).contains(&mos), "{stats}");
-    assert!(stats["agent"]["frames_to_agent"].as_u64().unwrap() >= 150, "{stats}");
-    assert!(stats["agent"]["frames_from_agent"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        stats["agent"]["frames_to_agent"].as_u64().unwrap() >= 150,
+        "{stats}"
+    );
+    assert!(
+        stats["agent"]["frames_from_agent"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
 
     // The phone hangs up: the agent gets the same figures, then the end.
     phone

@@ -84,16 +84,28 @@ async fn stats_while_the_call_runs_and_at_its_end() {
     assert_eq!(caller["role"], "caller", "{stats}");
     assert_eq!(caller["kind"], "sim", "{stats}");
     // The phone sends a frame every 20 ms from the answer, speaking or not.
-    assert!(caller["packets_received"].as_u64().unwrap() >= 25, "{stats}");
+    assert!(
+        caller["packets_received"].as_u64().unwrap() >= 25,
+        "{stats}"
+    );
     assert_eq!(caller["packets_lost"], 0, "{stats}");
     assert_eq!(caller["loss_pct"], 0.0, "{stats}");
     assert!(caller["jitter_ms"].as_f64().unwrap() >= 0.0, "{stats}");
-    assert!(caller.get("rtt_ms").is_none(), "no RTCP on a simulated leg: {stats}");
+    assert!(
+        caller.get("rtt_ms").is_none(),
+        "no RTCP on a simulated leg: {stats}"
+    );
     let mos = caller["mos"].as_f64().unwrap();
-    assert!((4.0..=4.5).contains(&mos), "a lossless leg rates high: {stats}");
+    assert!(
+        (4.0..=4.5).contains(&mos),
+        "a lossless leg rates high: {stats}"
+    );
     let agent = &stats["agent"];
     assert!(agent["frames_to_agent"].as_u64().unwrap() >= 25, "{stats}");
-    assert!(agent["frames_from_agent"].as_u64().unwrap() >= 10, "{stats}");
+    assert!(
+        agent["frames_from_agent"].as_u64().unwrap() >= 10,
+        "{stats}"
+    );
     let received_then = caller["packets_received"].as_u64().unwrap();
 
     // Another connector's credentials: the call is not found, as an unknown one is.

@@ -4,8 +4,8 @@
 use super::handle::{CallHandle, CallInput, MediaLink};
 use super::leg::{LegId, LegLink, LegOutput};
 use super::legs::Leg;
+use super::meter::AgentCounts;
 use super::playout::Playout;
-use super::quality::AgentCounts;
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
 use std::sync::Arc;

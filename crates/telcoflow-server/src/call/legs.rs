@@ -3,7 +3,7 @@
 
 use super::frames::SamplePool;
 use super::leg::{LegId, LegKind, LegLink, LegOutput, LegQuality};
-use super::quality::ArrivalMeter;
+use super::meter::ArrivalMeter;
 use crate::audio::Resampler;
 use std::collections::VecDeque;
 use telcoflow_proto::SampleRate;

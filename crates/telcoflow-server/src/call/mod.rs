@@ -26,6 +26,7 @@ mod frames;
 mod handle;
 mod leg;
 mod legs;
+mod meter;
 mod mixing;
 mod playout;
 mod quality;

@@ -1551,8 +1551,18 @@ mod tests {
         let one_way = Duration::from_millis(10);
         let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
         let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
-        let mut a = RtpSession::new(SessionConfig::new(G711::Pcmu, 0xA, 1, 1), b_addr, b_addr, t0);
-        let mut b = RtpSession::new(SessionConfig::new(G711::Pcmu, 0xB, 1, 1), a_addr, a_addr, t0);
+        let mut a = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xA, 1, 1),
+            b_addr,
+            b_addr,
+            t0,
+        );
+        let mut b = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xB, 1, 1),
+            a_addr,
+            a_addr,
+            t0,
+        );
         let mut buf = [0u8; 512];
         for i in 0..10u32 {
             let len = a.write_audio(&[0; 160], &mut buf).unwrap();
@@ -1560,7 +1570,13 @@ mod tests {
             let len = b.write_audio(&[0; 160], &mut buf).unwrap();
             a.handle_datagram(b_addr, &buf[..len], t0 + FRAME_DURATION * i + one_way);
         }
-        assert_eq!(b.reception(), ReceptionCounts { expected: 10, received: 10 });
+        assert_eq!(
+            b.reception(),
+            ReceptionCounts {
+                expected: 10,
+                received: 10
+            }
+        );
         // A's SR, wall clock just below a wrap of the middle 32 bits (NTP seconds
         // 2208988800 + 0x817F end in 0xFFFF).
         let wall = Duration::from_secs(0x817F) + Duration::from_millis(999);

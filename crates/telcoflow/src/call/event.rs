@@ -162,7 +162,8 @@ mod tests {
             CallEvent::Stats(Box::new(stats.clone()))
         );
         let mut odd = media::CallEvent::stats(&stats);
-        odd.fields.insert("duration_ms".into(), Value::from("a while"));
+        odd.fields
+            .insert("duration_ms".into(), Value::from("a while"));
         assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
     }
 }

@@ -25,9 +25,9 @@ use crate::call::{
     CallHandle, CallInput, LegEvent, LegId, LegKind, LegLink, LegOutput, LegQuality, NetFigures,
     Refusal, SamplePool,
 };
-use std::sync::Arc;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use telcoflow_sip::rtp::jitter::FrameKind;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
 use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
