@@ -41,7 +41,7 @@ impl ApiError {
         match self.code {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::SessionNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound | ErrorCode::CallNotFound => StatusCode::NOT_FOUND,
             ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
@@ -169,6 +169,31 @@ pub(crate) async fn list_sessions(
         body["nextOffset"] = json!(next);
     }
     Ok(Json(body))
+}
+
+/// `GET /public/v1/calls/{id}/stats`: the quality figures of a call this node runs, so far
+/// ([`CallStats`](telcoflow_proto::stats::CallStats)). A call that is not running here, or is
+/// another connector's, is `404 CALL_NOT_FOUND` alike: a connector learns nothing of calls not
+/// its own.
+pub(crate) async fn call_stats(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    Path(call_id): Path<String>,
+) -> Result<Json<telcoflow_proto::stats::CallStats>, ApiError> {
+    let connector = auth(&shared, &headers, &peer)?;
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::CallNotFound,
+            format!("no running call {call_id}"),
+        )
+    };
+    let call = shared
+        .registry
+        .call_by_id(&call_id)
+        .filter(|c| *c.connector == *connector.uuid)
+        .ok_or_else(not_found)?;
+    call.stats().await.map(Json).ok_or_else(not_found)
 }
 
 /// `POST /public/v1/sessions/{id}/close`: ends the session's call for everyone.

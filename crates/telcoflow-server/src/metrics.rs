@@ -22,7 +22,8 @@ pub(crate) enum LegKind {
 }
 
 impl LegKind {
-    fn label(self) -> &'static str {
+    /// Its label, and the name in [`LegStats::kind`](telcoflow_proto::stats::LegStats::kind).
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Sim => "sim",
             Self::Sip => "sip",
@@ -146,7 +147,7 @@ pub(crate) struct ArrivalJitter {
 impl ArrivalJitter {
     pub(crate) fn new(metrics: &Metrics, kind: LegKind, rate_hz: u32) -> Self {
         Self {
-            histogram: metrics.leg_jitter.with_label_values(&[kind.label()]),
+            histogram: metrics.leg_jitter.with_label_values(&[kind.as_str()]),
             rate: f64::from(rate_hz.max(1)),
             last: None,
             jitter: 0.0,
@@ -293,8 +294,8 @@ impl Metrics {
             &["leg_kind", "direction"],
         );
         let legs = [LegKind::Sim, LegKind::Sip].map(|kind| LegCounters {
-            frames_in: leg_frames.with_label_values(&[kind.label(), "in"]),
-            frames_out: leg_frames.with_label_values(&[kind.label(), "out"]),
+            frames_in: leg_frames.with_label_values(&[kind.as_str(), "in"]),
+            frames_out: leg_frames.with_label_values(&[kind.as_str(), "out"]),
         });
         let agent_frames = counter_vec(
             "telcoflow_agent_frames_total",
@@ -334,8 +335,8 @@ impl Metrics {
         );
         for kind in [LegKind::Sim, LegKind::Sip] {
             // Listed from the start, so that rates and ratios exist before the first loss.
-            leg_jitter.with_label_values(&[kind.label()]);
-            leg_lost.with_label_values(&[kind.label()]);
+            leg_jitter.with_label_values(&[kind.as_str()]);
+            leg_lost.with_label_values(&[kind.as_str()]);
         }
         let sip_requests = counter_vec(
             "telcoflow_sip_requests_total",
@@ -396,7 +397,7 @@ impl Metrics {
                 "Interrupts (agent.interrupt) handled.",
             ),
             leg_jitter,
-            leg_lost_sip: leg_lost.with_label_values(&[LegKind::Sip.label()]),
+            leg_lost_sip: leg_lost.with_label_values(&[LegKind::Sip.as_str()]),
             sip_requests,
             sip_responses,
             rtp_ports_in_use: gauge("telcoflow_rtp_ports_in_use", "RTP port pairs in use."),
@@ -462,7 +463,7 @@ impl Metrics {
     /// discarded).
     pub(crate) fn rtp_leg_ended(&self, jitter_secs: f64, concealed: u64, dropped: [u64; 3]) {
         self.leg_jitter
-            .with_label_values(&[LegKind::Sip.label()])
+            .with_label_values(&[LegKind::Sip.as_str()])
             .observe(jitter_secs);
         self.rtp_leg_lost(concealed);
         let [late, overflow, discarded] = dropped;

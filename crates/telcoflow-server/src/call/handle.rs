@@ -8,6 +8,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 use telcoflow_proto::control::{CloseReason, SetupData};
 use telcoflow_proto::media::Command;
+use telcoflow_proto::stats::CallStats;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
@@ -25,13 +26,15 @@ pub(crate) struct CallHandle {
     pub(crate) session_id: Arc<str>,
     pub(crate) from: Arc<str>,
     pub(crate) to: Arc<str>,
+    /// The uuid of the connector the call belongs to (empty for a test's detached handle).
+    pub(crate) connector: Arc<str>,
     control: mpsc::Sender<CallInput>,
     data: mpsc::Sender<CallInput>,
 }
 
 impl CallHandle {
     /// A handle for a new call (fresh call and session ids) and the queues its actor reads.
-    pub(super) fn new(from: &str, to: &str) -> (Self, Queues) {
+    pub(super) fn new(from: &str, to: &str, connector: &str) -> (Self, Queues) {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE);
         let handle = Self {
@@ -39,6 +42,7 @@ impl CallHandle {
             session_id: uuid::Uuid::new_v4().to_string().into(),
             from: from.into(),
             to: to.into(),
+            connector: connector.into(),
             control: control_tx,
             data: data_tx,
         };
@@ -48,7 +52,7 @@ impl CallHandle {
     /// A handle whose actor is gone, for tests of what only keeps or passes handles.
     #[cfg(test)]
     pub(crate) fn detached(from: &str, to: &str) -> Self {
-        Self::new(from, to).0
+        Self::new(from, to, "").0
     }
 
     /// Queues a lifecycle input without waiting. Returns false if the call has ended.
@@ -72,6 +76,20 @@ impl CallHandle {
     /// Queues audio or a command, waiting for room. Returns false if the call has ended.
     pub(crate) async fn send_data(&self, input: CallInput) -> bool {
         self.data.send(input).await.is_ok()
+    }
+
+    /// The call's quality figures so far (see [`CallStats`]); `None` once the call has ended.
+    ///
+    /// The actor answers between two inputs from a snapshot of its counters and of what its
+    /// legs' tasks published last: nothing waits on the audio path, and the audio path waits
+    /// on nothing here. For the HTTP API and any view of running calls.
+    pub(crate) async fn stats(&self) -> Option<CallStats> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send_wait(CallInput::Stats { reply }).await {
+            return None;
+        }
+        // Dropped unanswered when the call ends meanwhile.
+        answer.await.ok()
     }
 
     /// Whether the call's actor has finished.
@@ -140,6 +158,8 @@ pub(crate) enum CallInput {
     MediaPong { conn_id: u64, seq: Option<u32> },
     /// Something from a leg.
     Leg { leg: LegId, event: LegEvent },
+    /// Report the call's quality figures so far.
+    Stats { reply: oneshot::Sender<CallStats> },
     /// End the call from outside (HTTP close); `done` hears when it has ended.
     Close {
         reason: CloseReason,

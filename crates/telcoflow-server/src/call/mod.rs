@@ -26,12 +26,16 @@ mod frames;
 mod handle;
 mod leg;
 mod legs;
+mod meter;
 mod mixing;
 mod playout;
+mod quality;
 
 pub(crate) use frames::{SamplePool, frame_bytes};
 pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut};
-pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput, Refusal};
+pub(crate) use leg::{
+    LegEvent, LegId, LegKind, LegLink, LegOutput, LegQuality, NetFigures, Refusal,
+};
 
 use crate::config::ConnectorConfig;
 use crate::registry::OpenError;
@@ -53,7 +57,7 @@ pub(crate) fn spawn_incoming(
     to: &str,
     caller: LegLink,
 ) -> Result<CallHandle, ErrorCode> {
-    let (handle, queues) = CallHandle::new(from, to);
+    let (handle, queues) = CallHandle::new(from, to, &connector.uuid);
     let info = session_info(&handle, Initiator::Connector, from, to);
     let connector_id: Arc<str> = connector.uuid.as_str().into();
     // The actor must exist before the registry can notify anyone about it: a claim arriving
@@ -98,7 +102,7 @@ pub(crate) fn spawn_outbound(
         ));
     }
     let caller_id = connector.outbound_caller_id.clone().unwrap_or_default();
-    let (handle, queues) = CallHandle::new(&caller_id, remote);
+    let (handle, queues) = CallHandle::new(&caller_id, remote, &connector.uuid);
     let link = shared
         .networks
         .ring(remote, &handle, LegId::CALLER)

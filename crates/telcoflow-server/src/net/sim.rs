@@ -15,11 +15,11 @@
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{
-    self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, Refusal, SamplePool,
+    self, CallHandle, CallInput, LegEvent, LegId, LegKind, LegLink, LegOutput, Refusal, SamplePool,
     frame_bytes,
 };
 use crate::config::{ConnectorConfig, check_address};
-use crate::metrics::{ArrivalJitter, LegKind};
+use crate::metrics::ArrivalJitter;
 use crate::state::Shared;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -98,9 +98,10 @@ impl Network for Directory {
             })
             .map_err(|_| RingError::Busy)?;
         Ok(LegLink {
-            kind: crate::metrics::LegKind::Sim,
             rate: phone.rate,
             tx,
+            kind: LegKind::Sim,
+            quality: None,
         })
     }
 }
@@ -277,9 +278,10 @@ async fn dial(
         None => Err(HangupReason::NotFound),
         Some(connector) => {
             let caller = LegLink {
-                kind: crate::metrics::LegKind::Sim,
                 rate,
                 tx: leg_tx,
+                kind: LegKind::Sim,
+                quality: None,
             };
             call::spawn_incoming(&shared, connector, &from, &to, caller).map_err(|code| {
                 if code == ErrorCode::QuotaExceeded {
