@@ -111,7 +111,12 @@ async fn run(cli: Cli) -> ExitCode {
     match cli.command.run().await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("telcoflow: {e:#}");
+            if cli.log_format == log::LogFormat::Json {
+                // A log collector reads stderr as JSON lines: the error is one of them.
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("telcoflow: {e:#}");
+            }
             ExitCode::from(2)
         }
     }

@@ -55,7 +55,7 @@ fn a_valid_file_is_described_without_its_secrets() {
         "connect default +200",
         "cluster: none",
         "limits: 1000 calls",
-        "metrics: GET /metrics, open to loopback; others with the token",
+        "metrics: GET /metrics, every client (loopback too) with the token",
         "admin token: set",
     ] {
         assert!(stdout.contains(says), "no {says:?} in:\n{stdout}");
@@ -92,6 +92,88 @@ fn environment_variables_override_the_file() {
     assert!(!out.status.success());
     assert!(
         stderr.contains("TELCOFLOW_LIMITS_MAX_CONNECTIONS") && stderr.contains("whole number"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_cluster_url_is_shown_without_its_credentials() {
+    for (name, url, shown, tls) in [
+        (
+            "userinfo",
+            "nats://alice:hunter2@127.0.0.1:4222",
+            "through nats://127.0.0.1:4222 (auth: in the URL, tls: off)",
+            false,
+        ),
+        (
+            "tlsscheme",
+            "tls://alice:hunter2@nats.example:4222",
+            "through tls://nats.example:4222 (auth: in the URL, tls: on)",
+            true,
+        ),
+    ] {
+        let path = file(
+            name,
+            &format!(
+                "[cluster]\nnats_url = \"{url}\"\nnode_id = \"a\"\n\
+                 [[connectors]]\nuuid = \"{UUID}\"\napi_key = \"k\"\n"
+            ),
+        );
+        let (out, stdout, stderr) = check(&path, &[]);
+        let _ = std::fs::remove_file(&path);
+        assert!(out.status.success(), "{name}: {stderr}");
+        assert!(stdout.contains(shown), "{name} (tls {tls}): {stdout}");
+        for secret in ["alice", "hunter2"] {
+            assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+        }
+    }
+}
+
+#[test]
+fn a_tls_file_that_serve_cannot_load_fails_the_check() {
+    let path = file(
+        "tlsfile",
+        &format!(
+            "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n\
+             [[connectors]]\nuuid = \"{UUID}\"\napi_key = \"k\"\n"
+        ),
+    );
+    let (out, stdout, stderr) = check(&path, &[]);
+    let _ = std::fs::remove_file(&path);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(
+        stderr.contains("tls.cert") && stderr.contains("/nonexistent/cert.pem"),
+        "{stderr}"
+    );
+}
+
+/// A variable that is not UTF-8 is no reason to fail, unless it is a setting's.
+#[cfg(unix)]
+#[test]
+fn a_variable_that_is_not_utf8_is_skipped_unless_it_is_a_setting() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = valid_file("notutf8");
+    let run = |name: &str| {
+        Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .env(name, OsStr::from_bytes(b"\xff"))
+            .output()
+            .expect("telcoflow runs")
+    };
+    let out = run("BAD");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run("TELCOFLOW_SERVER_PUBLIC_URL");
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("TELCOFLOW_SERVER_PUBLIC_URL") && stderr.contains("UTF-8"),
         "{stderr}"
     );
 }

@@ -64,6 +64,36 @@ fn json_logs_are_one_object_per_line_with_the_call_and_session_ids() {
 }
 
 #[test]
+fn with_json_logs_a_fatal_error_is_a_json_line() {
+    let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
+        .args([
+            "--log-format",
+            "json",
+            "check",
+            "--config",
+            "/nonexistent/telcoflow.toml",
+        ])
+        .output()
+        .expect("telcoflow runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON object ({e}): {l}")))
+        .collect();
+    let error = lines
+        .iter()
+        .find(|l| l["level"] == "ERROR")
+        .unwrap_or_else(|| panic!("no error line:\n{stderr}"));
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("cannot read /nonexistent/telcoflow.toml")),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_bad_log_format_is_refused_and_errors_stay_plain_text() {
     let out = Command::new(env!("CARGO_BIN_EXE_telcoflow"))
         .args(["check", "--config", "/nonexistent/telcoflow.toml"])

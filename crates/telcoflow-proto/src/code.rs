@@ -15,6 +15,8 @@ pub enum ErrorCode {
     SessionClosed,
     /// No session with that id exists (for this connector).
     SessionNotFound,
+    /// No running call with that id exists (for this connector).
+    CallNotFound,
     /// The session has not been opened (claimed) by this connection.
     SessionNotOpen,
     /// A configured limit was reached.
@@ -60,6 +62,7 @@ impl ErrorCode {
             Self::SessionBusy => "SESSION_BUSY",
             Self::SessionClosed => "SESSION_CLOSED",
             Self::SessionNotFound => "SESSION_NOT_FOUND",
+            Self::CallNotFound => "CALL_NOT_FOUND",
             Self::SessionNotOpen => "SESSION_NOT_OPEN",
             Self::QuotaExceeded => "QUOTA_EXCEEDED",
             Self::ChannelNotConfigured => "CHANNEL_NOT_CONFIGURED",
@@ -99,6 +102,7 @@ mod tests {
             ErrorCode::CallUnanswered,
             ErrorCode::ChannelNotConfigured,
             ErrorCode::Timeout,
+            ErrorCode::CallNotFound,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

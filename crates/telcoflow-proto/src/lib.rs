@@ -10,6 +10,7 @@
 //! - [`sim`]: the simulated phone network used for development and tests.
 //! - [`audio`]: sample rates, audio modes, frame sizes and PCM helpers.
 //! - [`code`]: the error codes both sides use.
+//! - [`stats`]: per-call quality figures ([`stats::CallStats`]) and the E-model estimate.
 //! - [`pool`]: storage outgoing frames are split from without an allocation per frame.
 //!
 //! The crate neither opens sockets nor reads clocks: the server and the SDK own the I/O and call
@@ -23,6 +24,7 @@ pub mod control;
 pub mod media;
 pub mod pool;
 pub mod sim;
+pub mod stats;
 
 pub use audio::{AudioMode, SampleRate};
 pub use code::ErrorCode;

@@ -14,6 +14,7 @@
 //! |---|---|---|
 //! | `call.dtmf` | `digit`, `duration_ms` | the caller pressed a key |
 //! | `call.connected_leg` | `state` (`answered` / `ended`) | the destination of `call.connect` answered or hung up |
+//! | `call.stats` | the [`CallStats`](crate::stats::CallStats) fields: `call_id`, `session_id`, `duration_ms`, `legs`, `agent` | at the end of the call, just before `call.terminated`: its quality figures |
 //! | `call.audio_skipped` | `dropped_ms`, `reason` (`agent_stall`, `server_stall`) | `agent_stall`: the server dropped live agent audio to win back the delay a stall of the agent left (one event per catch-up); `server_stall`: the server itself stalled and dropped a phone's audio of that time, stale by then |
 //!
 //! The server may also send WebSocket pings on the media connection (when live agent audio runs
@@ -253,6 +254,31 @@ impl CallEvent {
     /// Audio was dropped to win back delay after a stall (`dropped_ms`, `reason`).
     pub const AUDIO_SKIPPED: &'static str = "call.audio_skipped";
 
+    /// The call's quality figures, at its end (the [`CallStats`](crate::stats::CallStats)
+    /// fields).
+    pub const STATS: &'static str = "call.stats";
+
+    /// `call.stats` carrying `stats` as its fields.
+    pub fn stats(stats: &crate::stats::CallStats) -> Self {
+        let fields = match serde_json::to_value(stats) {
+            Ok(Value::Object(fields)) => fields,
+            // Cannot happen: a struct of numbers and strings is an object.
+            _ => Map::new(),
+        };
+        Self {
+            event: Self::STATS.into(),
+            fields,
+        }
+    }
+
+    /// The figures of a `call.stats` event; `None` for another event or a malformed one.
+    pub fn to_stats(&self) -> Option<crate::stats::CallStats> {
+        if self.event != Self::STATS {
+            return None;
+        }
+        serde_json::from_value(Value::Object(self.fields.clone())).ok()
+    }
+
     /// `call.terminated` with the party that ended the call.
     pub fn terminated(reason: &str) -> Self {
         let mut fields = Map::new();
@@ -378,6 +404,25 @@ mod tests {
             "nobody answered",
         ));
         assert_eq!(MediaServerFrame::decode(&resp.encode()).unwrap(), resp);
+    }
+
+    #[test]
+    fn stats_event_carries_the_figures_as_fields() {
+        let stats = crate::stats::CallStats {
+            call_id: "c1".into(),
+            session_id: "s1".into(),
+            duration_ms: 2000,
+            legs: Vec::new(),
+            agent: crate::stats::AgentStats::default(),
+        };
+        let ev = CallEvent::stats(&stats);
+        let v: Value =
+            serde_json::from_str(&MediaServerFrame::CallEvent(ev.clone()).encode()).unwrap();
+        assert_eq!(v["data"]["event"], json!("call.stats"));
+        assert_eq!(v["data"]["call_id"], json!("c1"));
+        assert_eq!(v["data"]["duration_ms"], json!(2000));
+        assert_eq!(ev.to_stats(), Some(stats));
+        assert_eq!(CallEvent::terminated("caller").to_stats(), None);
     }
 
     #[test]

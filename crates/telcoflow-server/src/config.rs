@@ -668,6 +668,12 @@ impl Config {
                     .into(),
             );
         }
+        if self.token_secret.as_deref().is_some_and(str::is_empty) {
+            // An empty key would sign media tokens that anyone can forge.
+            return invalid(
+                "token_secret must not be empty (leave it out for a random one)".into(),
+            );
+        }
         if self.connectors.is_empty() {
             return invalid("at least one [[connectors]] entry is required".into());
         }
@@ -1103,6 +1109,13 @@ mod tests {
             Err(ConfigError::Invalid(m)) => m,
             other => panic!("expected an invalid configuration, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn an_empty_token_secret_is_refused() {
+        let m = invalid_message(&format!("token_secret = ''\n{}", connector_toml("")));
+        assert!(m.contains("token_secret"), "{m}");
+        Config::from_toml(&format!("token_secret = 's'\n{}", connector_toml(""))).unwrap();
     }
 
     #[test]

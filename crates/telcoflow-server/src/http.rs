@@ -41,7 +41,7 @@ impl ApiError {
         match self.code {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::SessionNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound | ErrorCode::CallNotFound => StatusCode::NOT_FOUND,
             ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
@@ -169,6 +169,31 @@ pub(crate) async fn list_sessions(
         body["nextOffset"] = json!(next);
     }
     Ok(Json(body))
+}
+
+/// `GET /public/v1/calls/{id}/stats`: the quality figures of a call this node runs, so far
+/// ([`CallStats`](telcoflow_proto::stats::CallStats)). A call that is not running here, or is
+/// another connector's, is `404 CALL_NOT_FOUND` alike: a connector learns nothing of calls not
+/// its own.
+pub(crate) async fn call_stats(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    Path(call_id): Path<String>,
+) -> Result<Json<telcoflow_proto::stats::CallStats>, ApiError> {
+    let connector = auth(&shared, &headers, &peer)?;
+    let not_found = || {
+        ApiError::new(
+            ErrorCode::CallNotFound,
+            format!("no running call {call_id}"),
+        )
+    };
+    let call = shared
+        .registry
+        .call_by_id(&call_id)
+        .filter(|c| *c.connector == *connector.uuid)
+        .ok_or_else(not_found)?;
+    call.stats().await.map(Json).ok_or_else(not_found)
 }
 
 /// `POST /public/v1/sessions/{id}/close`: ends the session's call for everyone.
@@ -311,9 +336,9 @@ fn admin_token_matches(shared: &Shared, headers: &HeaderMap) -> bool {
         .is_some_and(|given| bool::from(given.as_bytes().ct_eq(token.as_bytes())))
 }
 
-/// `GET /metrics`: the Prometheus text format. Open to loopback clients; others need
-/// `Authorization: Bearer <token>` with `[metrics] token` (see [`metrics_access`]); 404 when
-/// `[metrics] enabled = false`.
+/// `GET /metrics`: the Prometheus text format. With `[metrics] token` set, every client
+/// needs `Authorization: Bearer <token>`; without it, loopback clients only (see
+/// [`metrics_access`]); 404 when `[metrics] enabled = false`.
 pub(crate) async fn metrics(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
@@ -340,8 +365,10 @@ pub(crate) async fn metrics(
         .into_response()
 }
 
-/// Whether a client at `ip` presenting `bearer` may read `/metrics`: 404 when disabled,
-/// loopback always, others 403 when no token is configured and 401 without the right one.
+/// Whether a client at `ip` presenting `bearer` may read `/metrics`: 404 when disabled;
+/// with a token configured, 401 to any client without it, loopback included (a reverse
+/// proxy on the same host makes every client look like loopback); without one, loopback
+/// only, others 403.
 fn metrics_access(
     config: &crate::config::MetricsConfig,
     ip: std::net::IpAddr,
@@ -354,10 +381,10 @@ fn metrics_access(
             "metrics are disabled ([metrics] enabled = false)",
         ));
     }
-    if ip.to_canonical().is_loopback() {
-        return Ok(());
-    }
     let Some(token) = config.token.as_deref().filter(|t| !t.is_empty()) else {
+        if ip.to_canonical().is_loopback() {
+            return Ok(());
+        }
         return Err((
             StatusCode::FORBIDDEN,
             "metrics are open to loopback clients only: set [metrics] token to let others \
@@ -383,7 +410,7 @@ mod tests {
     use crate::config::MetricsConfig;
 
     #[test]
-    fn metrics_are_open_on_loopback_and_take_a_token_elsewhere() {
+    fn metrics_are_open_on_loopback_without_a_token_and_take_it_from_everyone_with_one() {
         let open = MetricsConfig::default();
         let with_token = MetricsConfig {
             token: Some("s3cret".into()),
@@ -411,6 +438,18 @@ mod tests {
             Some(StatusCode::UNAUTHORIZED)
         );
         assert_eq!(status(&with_token, far, Some("s3cret")), None);
+        // A reverse proxy on the same host connects from loopback: the token still counts.
+        for ip in [lo, lo6] {
+            assert_eq!(
+                status(&with_token, ip, None),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(
+                status(&with_token, ip, Some("nope")),
+                Some(StatusCode::UNAUTHORIZED)
+            );
+            assert_eq!(status(&with_token, ip, Some("s3cret")), None);
+        }
         assert_eq!(status(&off, lo, None), Some(StatusCode::NOT_FOUND));
         assert_eq!(
             status(&off, far, Some("s3cret")),

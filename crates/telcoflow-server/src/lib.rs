@@ -322,6 +322,7 @@ fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Route
         .route(&format!("{MEDIA_PATH}/{{call_id}}"), get(media::media_ws))
         .route("/public/v1/sessions", get(http::list_sessions))
         .route("/public/v1/sessions/{id}/close", post(http::close_session))
+        .route("/public/v1/calls/{id}/stats", get(http::call_stats))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(http::readyz))
         .route("/admin/v1/drain", post(http::drain))

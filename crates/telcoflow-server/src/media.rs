@@ -108,7 +108,12 @@ pub(crate) async fn media_ws(
             }
         })
         .on_upgrade(move |socket| async move {
-            let span = info_span!("media", call_id = %call.call_id, conn_id);
+            let span = info_span!(
+                "media",
+                call_id = %call.call_id,
+                session_id = %call.session_id,
+                conn_id
+            );
             run(shared, call, socket, conn_id, rx)
                 .instrument(span)
                 .await;

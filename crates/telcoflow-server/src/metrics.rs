@@ -22,7 +22,8 @@ pub(crate) enum LegKind {
 }
 
 impl LegKind {
-    fn label(self) -> &'static str {
+    /// Its label, and the name in [`LegStats::kind`](telcoflow_proto::stats::LegStats::kind).
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Sim => "sim",
             Self::Sip => "sip",
@@ -146,7 +147,7 @@ pub(crate) struct ArrivalJitter {
 impl ArrivalJitter {
     pub(crate) fn new(metrics: &Metrics, kind: LegKind, rate_hz: u32) -> Self {
         Self {
-            histogram: metrics.leg_jitter.with_label_values(&[kind.label()]),
+            histogram: metrics.leg_jitter.with_label_values(&[kind.as_str()]),
             rate: f64::from(rate_hz.max(1)),
             last: None,
             jitter: 0.0,
@@ -205,7 +206,9 @@ pub(crate) struct Metrics {
     pub(crate) clock_misses: IntCounter,
     pub(crate) interrupts: IntCounter,
     leg_jitter: HistogramVec,
-    leg_lost: IntCounterVec,
+    /// `telcoflow_leg_lost_frames_total` of SIP legs, which RTP legs add to while they run
+    /// (simulated phones lose nothing).
+    leg_lost_sip: IntCounter,
     sip_requests: IntCounterVec,
     sip_responses: IntCounterVec,
     pub(crate) rtp_ports_in_use: IntGauge,
@@ -291,8 +294,8 @@ impl Metrics {
             &["leg_kind", "direction"],
         );
         let legs = [LegKind::Sim, LegKind::Sip].map(|kind| LegCounters {
-            frames_in: leg_frames.with_label_values(&[kind.label(), "in"]),
-            frames_out: leg_frames.with_label_values(&[kind.label(), "out"]),
+            frames_in: leg_frames.with_label_values(&[kind.as_str(), "in"]),
+            frames_out: leg_frames.with_label_values(&[kind.as_str(), "out"]),
         });
         let agent_frames = counter_vec(
             "telcoflow_agent_frames_total",
@@ -332,8 +335,8 @@ impl Metrics {
         );
         for kind in [LegKind::Sim, LegKind::Sip] {
             // Listed from the start, so that rates and ratios exist before the first loss.
-            leg_jitter.with_label_values(&[kind.label()]);
-            leg_lost.with_label_values(&[kind.label()]);
+            leg_jitter.with_label_values(&[kind.as_str()]);
+            leg_lost.with_label_values(&[kind.as_str()]);
         }
         let sip_requests = counter_vec(
             "telcoflow_sip_requests_total",
@@ -394,7 +397,7 @@ impl Metrics {
                 "Interrupts (agent.interrupt) handled.",
             ),
             leg_jitter,
-            leg_lost,
+            leg_lost_sip: leg_lost.with_label_values(&[LegKind::Sip.as_str()]),
             sip_requests,
             sip_responses,
             rtp_ports_in_use: gauge("telcoflow_rtp_ports_in_use", "RTP port pairs in use."),
@@ -438,22 +441,31 @@ impl Metrics {
             .unwrap_or_default()]
     }
 
-    /// What a call's playout buffer and media clock counted, at its end.
-    pub(crate) fn playout_ended(&self, gaps: u64, clock_misses: u64) {
+    /// What a call's playout buffer and media clock counted, at its end: gaps, the silent
+    /// frames they played, clock misses.
+    pub(crate) fn playout_ended(&self, gaps: u64, gap_frames: u64, clock_misses: u64) {
         self.playout_gaps.inc_by(gaps);
-        self.concealed_playout.inc_by(gaps);
+        self.concealed_playout.inc_by(gap_frames);
         self.clock_misses.inc_by(clock_misses);
     }
 
+    /// Frames an RTP leg concealed since it last said. Legs add their loss as they run, so
+    /// that the loss of long calls shows while they last.
+    pub(crate) fn rtp_leg_lost(&self, concealed: u64) {
+        if concealed > 0 {
+            self.leg_lost_sip.inc_by(concealed);
+            self.concealed_rtp.inc_by(concealed);
+        }
+    }
+
     /// What an RTP leg's receive side counted, at its end: interarrival jitter, frames
-    /// concealed, and frames dropped (late, overflow, discarded).
+    /// concealed since its last [`Self::rtp_leg_lost`], and frames dropped (late, overflow,
+    /// discarded).
     pub(crate) fn rtp_leg_ended(&self, jitter_secs: f64, concealed: u64, dropped: [u64; 3]) {
-        let kind = LegKind::Sip.label();
         self.leg_jitter
-            .with_label_values(&[kind])
+            .with_label_values(&[LegKind::Sip.as_str()])
             .observe(jitter_secs);
-        self.leg_lost.with_label_values(&[kind]).inc_by(concealed);
-        self.concealed_rtp.inc_by(concealed);
+        self.rtp_leg_lost(concealed);
         let [late, overflow, discarded] = dropped;
         self.dropped(DropCause::RtpLate).inc_by(late);
         self.dropped(DropCause::RtpOverflow).inc_by(overflow);
@@ -642,6 +654,25 @@ mod tests {
         );
         assert!(
             text.contains("telcoflow_leg_frames_total{direction=\"in\",leg_kind=\"sip\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rtp_loss_moves_while_the_leg_runs_and_the_rest_at_its_end() {
+        let m = Metrics::new();
+        let lost = "telcoflow_leg_lost_frames_total{leg_kind=\"sip\"}";
+        let concealed = "telcoflow_frames_concealed_total{cause=\"rtp_loss\"}";
+        m.rtp_leg_lost(3);
+        let text = m.encode();
+        assert!(text.contains(&format!("{lost} 3")), "{text}");
+        assert!(text.contains(&format!("{concealed} 3")), "{text}");
+        m.rtp_leg_ended(0.002, 2, [0, 0, 0]);
+        let text = m.encode();
+        assert!(text.contains(&format!("{lost} 5")), "{text}");
+        assert!(text.contains(&format!("{concealed} 5")), "{text}");
+        assert!(
+            text.contains("telcoflow_leg_jitter_seconds_count{leg_kind=\"sip\"} 1"),
             "{text}"
         );
     }

@@ -36,6 +36,33 @@ pub fn fingerprint(cert: &[u8]) -> String {
         .collect()
 }
 
+impl crate::config::Config {
+    /// Loads the files the configuration names as the server will: the listener's
+    /// certificate, key and client CAs (as `serve` does at start), and opens the cluster's
+    /// credentials and TLS files. For `telcoflow check`, so that a missing or unusable file
+    /// is found before `serve` starts.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = &self.tls {
+            server_config(tls)?;
+        }
+        if let Some(c) = &self.cluster {
+            for (what, path) in [
+                ("credentials_file", &c.credentials_file),
+                ("tls_ca", &c.tls_ca),
+                ("tls_cert", &c.tls_cert),
+                ("tls_key", &c.tls_key),
+            ] {
+                if let Some(path) = path {
+                    std::fs::File::open(path).map_err(|e| {
+                        ConfigError::Invalid(format!("cluster.{what} {}: {e}", path.display()))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 fn invalid(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid(format!("tls.{what} {}: {e}", path.display()))
 }

@@ -10,12 +10,28 @@ use telcoflow_server::config::{DEV_API_KEY, DEV_CONNECT_DESTINATION, DEV_CONNECT
 const RATE: u32 = 16000;
 const FRAME: usize = 320;
 
+/// The call's end as the agent sees it: `call.stats` with the call's figures, then
+/// `call.terminated` (returned).
+async fn stats_then_terminated(media: &mut Media) -> Value {
+    let stats = media.ws.expect_type("call_event").await;
+    assert_eq!(stats["data"]["event"], "call.stats", "{stats}");
+    assert!(
+        stats["data"]["call_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()),
+        "{stats}"
+    );
+    assert_eq!(stats["data"]["legs"][0]["role"], "caller", "{stats}");
+    let event = media.ws.expect_type("call_event").await;
+    assert_eq!(event["data"]["event"], "call.terminated", "{event}");
+    event
+}
+
 #[tokio::test]
 async fn caller_hangup_terminates_media_then_closes_the_session() {
     let (server, mut control, mut phone, mut media) = answered_call(dev_config(), RATE).await;
     phone.send_json(json!({"type": "hangup"})).await;
-    let event = media.ws.expect_type("call_event").await;
-    assert_eq!(event["data"]["event"], "call.terminated");
+    let event = stats_then_terminated(&mut media).await;
     assert_eq!(event["data"]["reason"], "caller");
     media.ws.closed().await;
     let closed = control.ws.expect_type("session.closed").await;
@@ -27,10 +43,7 @@ async fn caller_hangup_terminates_media_then_closes_the_session() {
 async fn close_without_connect_ends_the_call() {
     let (server, mut control, mut phone, mut media) = answered_call(dev_config(), RATE).await;
     assert_eq!(media.command("call.close", None).await["success"], true);
-    assert_eq!(
-        media.ws.expect_type("call_event").await["data"]["event"],
-        "call.terminated"
-    );
+    stats_then_terminated(&mut media).await;
     media.ws.closed().await;
     assert_eq!(phone.event("hangup").await["reason"], "remote");
     phone.ws.closed().await;
@@ -374,10 +387,7 @@ async fn http_lists_and_closes_sessions() {
     assert_eq!(body["reason"], "SDK_REQUEST");
     assert!(body["closedAt"].as_u64().unwrap() > 1_600_000_000);
     assert_eq!(phone.event("hangup").await["reason"], "remote");
-    assert_eq!(
-        media.ws.expect_type("call_event").await["data"]["event"],
-        "call.terminated"
-    );
+    stats_then_terminated(&mut media).await;
     assert_eq!(
         control.ws.expect_type("session.closed").await["sessionId"],
         session_id.as_str()

@@ -306,6 +306,47 @@ async fn sip_requests_and_responses_are_counted_by_method_and_code() {
     server.shutdown().await;
 }
 
+/// A registered phone's arrival jitter is recorded when its call ends, while the phone stays
+/// registered, not when its next call rings.
+#[tokio::test]
+async fn a_registered_phones_jitter_is_recorded_when_its_call_ends() {
+    use serde_json::json;
+    // The caller sends no audio: its leg has no jitter to record.
+    let (server, _control, _phone, mut media) = answered_call(dev_config(), 8000).await;
+    let mut callee = register(
+        &server,
+        telcoflow_server::config::DEV_CONNECT_DESTINATION,
+        8000,
+    )
+    .await;
+    let connect = media.command("call.connect", Some(json!({"ringTimeSeconds": 10})));
+    let answer = async {
+        callee.event("incoming").await;
+        callee.send_json(json!({"type": "answer"})).await;
+        callee.event("answered").await;
+    };
+    let (resp, ()) = tokio::join!(connect, answer);
+    assert_eq!(resp["success"], true, "{resp}");
+    for _ in 0..5 {
+        callee.send_level(500, 160).await;
+    }
+    let (_, during) = scrape(&server).await;
+    assert_eq!(
+        value(
+            &during,
+            "telcoflow_leg_jitter_seconds_count{leg_kind=\"sim\"}"
+        ),
+        0.0
+    );
+    callee.send_json(json!({"type": "hangup"})).await;
+    scrape_until(&server, "the registered phone's jitter", |s| {
+        s.get("telcoflow_leg_jitter_seconds_count{leg_kind=\"sim\"}") == Some(&1.0)
+    })
+    .await;
+    drop(callee);
+    server.shutdown().await;
+}
+
 /// A non-loopback address of this host, if it has one: the source the kernel would use
 /// towards a documentation address (a UDP connect sends nothing).
 fn outside_address() -> Option<std::net::IpAddr> {
@@ -316,17 +357,29 @@ fn outside_address() -> Option<std::net::IpAddr> {
 }
 
 #[tokio::test]
-async fn metrics_access_is_open_on_loopback_and_needs_the_token_elsewhere() {
+async fn metrics_access_needs_the_token_from_everyone_once_it_is_set() {
     let mut config = dev_config();
     config.listen = "0.0.0.0:0".parse().unwrap();
     config.metrics.token = Some("scrape-me".into());
     let with_token = start(config.clone()).await;
     let port = with_token.local_addr().port();
     let lo = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    assert_eq!(get(lo, "/metrics", "").await.0, 200);
+    // A reverse proxy on the same host connects from loopback: with a token, loopback
+    // needs it too.
+    let (status, body) = get(lo, "/metrics", "").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = get(lo, "/metrics", "authorization: Bearer scrape-me\r\n").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("telcoflow_calls_total"), "{body}");
 
     config.metrics.token = None;
     let without_token = start(config.clone()).await;
+    let lo = std::net::SocketAddr::from(([127, 0, 0, 1], without_token.local_addr().port()));
+    assert_eq!(
+        get(lo, "/metrics", "").await.0,
+        200,
+        "no token: loopback is open"
+    );
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.metrics.enabled = false;
     let disabled = start(config).await;

@@ -72,6 +72,7 @@ pub use event::{ClientEvent, ClientEvents, SessionNotification};
 /// an [`AudioChannel`] of a call.
 pub use telcoflow_proto::control::Channel;
 pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo};
+pub use telcoflow_proto::stats::{AgentStats, CallStats, LegStats};
 pub use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
 
 // The README's example is compiled with the doctests.

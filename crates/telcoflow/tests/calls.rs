@@ -368,6 +368,15 @@ async fn dtmf_arrives_as_a_call_event() {
         }
     );
     phone.hangup();
+    // The call's figures come first, then its end.
+    let ev = tokio::time::timeout(WAIT, call_events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(&ev, telcoflow::CallEvent::Stats(s) if s.call_id == call.id()),
+        "{ev:?}"
+    );
     let ev = tokio::time::timeout(WAIT, call_events.next())
         .await
         .unwrap()

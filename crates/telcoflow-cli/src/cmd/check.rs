@@ -1,10 +1,10 @@
 //! `telcoflow check --config FILE`: validates a configuration file as `telcoflow serve
 //! --config` would (with the `TELCOFLOW_*` variables of the environment over it) and prints
-//! what the server would do, without starting it. Secrets (API keys, tokens, passwords) are
-//! never printed, only whether they are set.
+//! what the server would do, without starting it. The description never prints a secret (API
+//! keys, tokens, passwords, a `nats_url`'s user and password), only whether it is set.
 //!
-//! Exit status 0 when the configuration is valid; otherwise the error is printed and the
-//! status is non-zero.
+//! Exit status 0 when the configuration is valid; otherwise the error is printed (as `serve`
+//! would print it: it may quote the part of the file it is about) and the status is non-zero.
 
 use anyhow::Context as _;
 use std::fmt::Write as _;
@@ -24,6 +24,7 @@ pub(crate) struct Args {
 /// Runs `telcoflow check`.
 pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let config = Config::from_file_with_env(&args.config)
+        .and_then(|c| c.check_files().map(|()| c))
         .with_context(|| format!("{} is not valid", args.config.display()))?;
     let from_env: Vec<String> = ENV_SETTINGS
         .iter()
@@ -38,6 +39,19 @@ fn set(secret: &Option<String>) -> &'static str {
     match secret.as_deref() {
         Some(s) if !s.is_empty() => "set",
         _ => "not set",
+    }
+}
+
+/// `url` without the user and password it may carry (`nats://alice:hunter2@host`), and
+/// whether it carried any.
+fn without_userinfo(url: &str) -> (String, bool) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), false);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => (format!("{scheme}://{}", &rest[at + 1..]), true),
+        None => (url.to_owned(), false),
     }
 }
 
@@ -154,25 +168,33 @@ fn describe(path: &std::path::Path, config: &Config, from_env: &[String]) -> Str
             } else {
                 "none"
             };
+            let (url, userinfo) = without_userinfo(&c.nats_url);
+            let auth = if userinfo && auth == "none" {
+                "in the URL"
+            } else {
+                auth
+            };
+            let tls =
+                c.nats_url.starts_with("tls://") || c.tls_ca.is_some() || c.tls_cert.is_some();
             line(format!(
-                "cluster: node {} through {} (auth: {auth}, tls: {})",
+                "cluster: node {} through {url} (auth: {auth}, tls: {})",
                 c.node_id,
-                c.nats_url,
-                if c.tls_ca.is_some() { "on" } else { "off" }
+                if tls { "on" } else { "off" }
             ));
         }
         None => line("cluster: none (registry in memory)".into()),
     }
     let m = &config.metrics;
     if m.enabled {
-        line(format!(
-            "metrics: GET /metrics, open to loopback; others {}",
+        line(
             if set(&m.token) == "set" {
-                "with the token (Authorization: Bearer)"
+                "metrics: GET /metrics, every client (loopback too) with the token \
+                 (Authorization: Bearer)"
             } else {
-                "refused (no [metrics] token)"
+                "metrics: GET /metrics, open to loopback only (no [metrics] token)"
             }
-        ));
+            .into(),
+        );
     } else {
         line("metrics: off".into());
     }

@@ -140,7 +140,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 connectors: vec![ConnectorConfig::development(api_key, uuid)],
                 ..Config::development()
             }
-            .with_env(std::env::vars())?
+            .with_env(telcoflow_server::config::env::process_vars()?)?
         }
     };
     if let Some(listen) = args.listen {

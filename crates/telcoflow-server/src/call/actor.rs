@@ -5,6 +5,7 @@ use super::handle::{CallHandle, CallInput, MediaLink};
 use super::leg::{LegId, LegLink, LegOutput};
 use super::legs::Leg;
 use super::live::LiveState;
+use super::meter::AgentCounts;
 use super::playout::Playout;
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
@@ -14,6 +15,7 @@ use telcoflow_proto::control::{CloseReason, SetupData};
 use telcoflow_proto::media::{CallEvent, CommandResponse};
 use telcoflow_proto::pool::FramePool;
 use telcoflow_proto::sim::HangupReason;
+use telcoflow_proto::stats::LegStats;
 use telcoflow_proto::{ErrorCode, SampleRate};
 use telcoflow_sip::phase::PhaseAligner;
 use tokio::sync::mpsc;
@@ -101,10 +103,14 @@ pub(super) struct CallActor {
     /// When the input being handled arrived (or the tick or deadline fired), as the actor's
     /// loop passed it in: the call logic reads no clock of its own.
     pub(super) now: Instant,
-    /// When the call started: its setup time runs to the answer.
-    pub(super) started_at: Instant,
+    /// When the call started: its setup time runs to the answer, its duration to its end.
+    pub(super) started: Instant,
     /// Commands waiting for their response: id, name and arrival, for the metrics.
     pub(super) commands_started: Vec<(String, &'static str, Instant)>,
+    /// Figures of destinations that were connected and hung up (the call's stats keep them).
+    pub(super) past_legs: Vec<LegStats>,
+    /// The agent's side of the quality figures.
+    pub(super) agent_counts: AgentCounts,
 }
 
 impl CallActor {
@@ -156,8 +162,10 @@ impl CallActor {
             media_pool: FramePool::default(),
             text_pool: FramePool::default(),
             now,
-            started_at: now,
+            started: now,
             commands_started: Vec::new(),
+            past_legs: Vec::new(),
+            agent_counts: AgentCounts::default(),
         }
     }
 
@@ -241,10 +249,14 @@ impl CallActor {
                 "caller audio dropped for running ahead"
             );
         }
-        self.shared
-            .metrics
-            .playout_ended(self.playout.gaps(), self.aligner.misses());
+        self.shared.metrics.playout_ended(
+            self.playout.gaps(),
+            self.playout.gap_frames(),
+            self.aligner.misses(),
+        );
         info!(
+            frames_to_agent = self.agent_counts.frames_to,
+            frames_from_agent = self.agent_counts.frames_from,
             playout_gaps = self.playout.gaps(),
             stall_skipped_ms = self.bytes_to_ms(self.playout.skipped_total()),
             prebuffer_frames = self.playout.prebuffer_frames(),
@@ -394,6 +406,9 @@ impl CallActor {
                 }
             }
             CallInput::Leg { leg, event } => self.on_leg(leg, event),
+            CallInput::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
             CallInput::Close { reason, done } => {
                 self.finish(reason, HangupReason::Remote);
                 if let Some(done) = done {
@@ -435,6 +450,7 @@ impl CallActor {
             info!("agent left; caller and destination stay connected");
             self.agent_left = true;
             self.playout.clear();
+            self.send_stats();
             self.send_event(CallEvent::terminated("agent_left"));
             self.close_media();
             self.session_ended(CloseReason::SdkRequest);
@@ -445,7 +461,7 @@ impl CallActor {
 
     /// The call is answered now: its setup time is known.
     pub(super) fn count_answer(&self) {
-        let setup = self.now.saturating_duration_since(self.started_at);
+        let setup = self.now.saturating_duration_since(self.started);
         self.shared.metrics.call_setup.observe(setup.as_secs_f64());
     }
 
@@ -460,12 +476,23 @@ impl CallActor {
         }
     }
 
+    /// Sends the agent the call's figures (`call.stats`), which come before its
+    /// `call.terminated`.
+    fn send_stats(&mut self) {
+        if self.media.is_some() {
+            let stats = self.stats();
+            self.send_event(CallEvent::stats(&stats));
+        }
+    }
+
     /// Ends the call for everyone: legs, agent, session.
     pub(super) fn finish(&mut self, reason: CloseReason, caller_reason: HangupReason) {
         if self.ended {
             return;
         }
         self.ended = true;
+        // Before the legs go: the destination's figures are read from it.
+        self.send_stats();
         if let Some(c) = self.connect.take() {
             self.respond(CommandResponse::error(
                 c.command_id,

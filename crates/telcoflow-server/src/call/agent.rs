@@ -63,6 +63,8 @@ impl CallActor {
         // clock's to answer for; a longer gap (a pause) is the pre-buffer's.
         let missed_tick = self.playout.ran_dry_at_last_tick();
         let pushed = self.playout.push(pcm, self.now);
+        self.agent_counts.frames_from += 1;
+        self.agent_counts.overflow_bytes += pushed.overflow as u64;
         let first = if self.phase == Phase::Answered {
             self.aligner.first_audio()
         } else {
@@ -122,6 +124,7 @@ impl CallActor {
                 dropped_ms,
                 owed_ms, "agent audio dropped to win back the delay a stall left"
             );
+            self.agent_counts.stall_ms += dropped_ms;
             self.send_event(CallEvent::audio_skipped(dropped_ms, AUDIO_SKIPPED_STALL));
         }
     }
@@ -184,6 +187,7 @@ impl CallActor {
         }
         if is_audio && media.tx.capacity() <= MEDIA_TEXT_RESERVE {
             self.shared.metrics.dropped(DropCause::SlowAgent).inc();
+            self.agent_counts.slow_consumer += 1;
             if !self.slow_media_reported {
                 self.shared.metrics.overflow(QueueKind::MediaSend).inc();
                 self.slow_media_reported = true;
@@ -198,7 +202,10 @@ impl CallActor {
             return false;
         }
         match media.tx.try_send(out) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.agent_counts.frames_to += u64::from(is_audio);
+                true
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.shared.metrics.overflow(QueueKind::MediaSend).inc();
                 warn!("media connection cannot take even a control frame; closing it");

@@ -16,6 +16,9 @@ use telcoflow_proto::pool::FramePool;
 /// Frames beyond it, while all are out, get a buffer of their own.
 const SAMPLE_POOL_FRAMES: usize = 80;
 
+/// Samples a [`SamplePool`] buffer holds without growing: two 20 ms frames at 24 kHz.
+const SAMPLE_BUFFER_CAPACITY: usize = 2 * 480;
+
 /// Mono samples at the rate of the leg they come from or go to, usually one 20 ms frame.
 /// Cloning shares the samples; the buffer returns to its pool when the last clone is dropped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +66,10 @@ impl SamplePool {
                 return SampleFrame(self.buffers[at].clone());
             }
         }
-        let mut buf = Vec::new();
+        // Room for two frames at the highest rate: a resampler hands out frames of varying
+        // length, and a buffer sized by its first, shorter frame grew when it came back for a
+        // longer one.
+        let mut buf = Vec::with_capacity(SAMPLE_BUFFER_CAPACITY);
         fill(&mut buf);
         let buf = Arc::new(buf);
         if n < SAMPLE_POOL_FRAMES {

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use std::sync::Arc;
 use telcoflow_proto::control::{CloseReason, SetupData};
 use telcoflow_proto::media::Command;
+use telcoflow_proto::stats::CallStats;
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
@@ -81,6 +82,20 @@ impl CallHandle {
         self.data.send(input).await.is_ok()
     }
 
+    /// The call's quality figures so far (see [`CallStats`]); `None` once the call has ended.
+    ///
+    /// The actor answers between two inputs from a snapshot of its counters and of what its
+    /// legs' tasks published last: nothing waits on the audio path, and the audio path waits
+    /// on nothing here. For the HTTP API and any view of running calls.
+    pub(crate) async fn stats(&self) -> Option<CallStats> {
+        let (reply, answer) = oneshot::channel();
+        if !self.send_wait(CallInput::Stats { reply }).await {
+            return None;
+        }
+        // Dropped unanswered when the call ends meanwhile.
+        answer.await.ok()
+    }
+
     /// Whether the call's actor has finished.
     pub(crate) fn is_ended(&self) -> bool {
         self.control.is_closed()
@@ -147,6 +162,8 @@ pub(crate) enum CallInput {
     MediaPong { conn_id: u64, seq: Option<u32> },
     /// Something from a leg.
     Leg { leg: LegId, event: LegEvent },
+    /// Report the call's quality figures so far.
+    Stats { reply: oneshot::Sender<CallStats> },
     /// End the call from outside (HTTP close); `done` hears when it has ended.
     Close {
         reason: CloseReason,

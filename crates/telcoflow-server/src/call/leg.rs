@@ -5,6 +5,8 @@
 
 use super::frames::SampleFrame;
 use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use telcoflow_proto::sim::HangupReason;
 use telcoflow_proto::{ErrorCode, SampleRate};
 use tokio::sync::mpsc;
@@ -101,10 +103,51 @@ pub(crate) enum LegOutput {
 /// How a call reaches one of its legs.
 #[derive(Debug, Clone)]
 pub(crate) struct LegLink {
-    /// The network the leg is on (for metrics).
-    pub(crate) kind: crate::metrics::LegKind,
     pub(crate) rate: SampleRate,
     pub(crate) tx: mpsc::Sender<LegOutput>,
+    /// The network the leg is on (`kind` of its quality figures).
+    pub(crate) kind: LegKind,
+    /// Receive figures the leg's own task measures (RTP: sequence numbers, jitter buffer,
+    /// RTCP), for a network that has them; the call measures the others itself.
+    pub(crate) quality: Option<Arc<LegQuality>>,
+}
+
+/// The network of a leg: its metrics' label and the `kind` of its quality figures.
+pub(crate) use crate::metrics::LegKind;
+
+/// A leg's receive figures as its task measured them last.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct NetFigures {
+    /// RFC 3550 interarrival jitter.
+    pub(crate) jitter: Duration,
+    /// Packets expected (sequence number span) and received.
+    pub(crate) expected: u64,
+    pub(crate) received: u64,
+    /// Frames concealed for loss or lateness, and the runs of them.
+    pub(crate) concealed_frames: u64,
+    pub(crate) gaps: u64,
+    /// Times audio missed its tick and the tick moved.
+    pub(crate) clock_misses: u64,
+    /// Round trip from RTCP, once known.
+    pub(crate) rtt: Option<Duration>,
+    /// Delay the leg's buffering adds (the jitter buffer's target).
+    pub(crate) buffering: Duration,
+}
+
+/// Where a leg's task leaves its [`NetFigures`] for the call to read: written by one task,
+/// read on demand, never held across anything. Plain numbers behind a lock: updating costs no
+/// allocation, so the task may do it every frame.
+#[derive(Debug, Default)]
+pub(crate) struct LegQuality(Mutex<NetFigures>);
+
+impl LegQuality {
+    pub(crate) fn set(&self, figures: NetFigures) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = figures;
+    }
+
+    pub(crate) fn get(&self) -> NetFigures {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! the audio waiting for the mixing tick, and the policy for sending to it.
 
 use super::frames::SamplePool;
-use super::leg::{LegId, LegLink, LegOutput};
+use super::leg::{LegId, LegKind, LegLink, LegOutput, LegQuality};
+use super::meter::ArrivalMeter;
 use crate::audio::Resampler;
 use crate::metrics::{DropCause, LegCounters, Metrics, QueueKind};
 use prometheus::IntCounter;
@@ -35,6 +36,8 @@ pub(super) struct Leg {
     not_reading: IntCounter,
     ahead: IntCounter,
     overflows: IntCounter,
+    /// What the call measures of the leg's audio.
+    pub(super) meter: ArrivalMeter,
 }
 
 impl Leg {
@@ -53,7 +56,22 @@ impl Leg {
             queue: VecDeque::with_capacity(LEG_QUEUE_FRAMES * agent_rate.frame_samples()),
             dropped_samples: 0,
             pool: SamplePool::default(),
+            meter: ArrivalMeter::default(),
         }
+    }
+
+    pub(super) fn kind(&self) -> LegKind {
+        self.link.kind
+    }
+
+    /// The figures the leg's own task publishes, if its network measures any.
+    pub(super) fn quality(&self) -> Option<&LegQuality> {
+        self.link.quality.as_deref()
+    }
+
+    /// A frame of the leg's audio (at its rate) arrived at `now`.
+    pub(super) fn arrived(&mut self, samples: usize, now: tokio::time::Instant) {
+        self.meter.arrived(samples, self.link.rate.hz(), now);
     }
 
     pub(super) fn set_agent_rate(&mut self, agent_rate: SampleRate) {
@@ -117,6 +135,7 @@ impl Leg {
     }
 
     pub(super) fn take_frame(&mut self, out: &mut [i16]) {
+        self.meter.took(self.queue.len() < out.len());
         let n = out.len().min(self.queue.len());
         for (o, s) in out.iter_mut().zip(self.queue.drain(..n)) {
             *o = s;

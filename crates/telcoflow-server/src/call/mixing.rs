@@ -51,7 +51,10 @@ impl CallActor {
             }
             event @ (LegEvent::Rejected(_) | LegEvent::Hangup) => {
                 let was_up = self.callee.as_ref().is_some_and(|c| c.up);
-                self.callee = None;
+                if let Some(callee) = self.callee.take().filter(|c| c.up) {
+                    self.past_legs
+                        .push(super::quality::leg_stats(&callee, "callee"));
+                }
                 if let Some(c) = self.connect.take() {
                     // Hanging up while ringing is declining.
                     let refusal = match event {
@@ -83,6 +86,7 @@ impl CallActor {
                     let frame = self.rate().frame_samples();
                     if let Some(callee) = &mut self.callee {
                         if callee.up {
+                            callee.arrived(samples.len(), self.now);
                             self.scratch.clear();
                             callee.from_leg.process(&samples, &mut self.scratch);
                             callee.enqueue(&self.scratch, frame);
@@ -92,6 +96,7 @@ impl CallActor {
             }
             LegEvent::Dtmf { .. } => {}
             LegEvent::AudioSkipped { dropped_ms } => {
+                self.agent_counts.server_stall_ms += dropped_ms;
                 self.send_event(CallEvent::audio_skipped(
                     dropped_ms,
                     AUDIO_SKIPPED_SERVER_STALL,
@@ -121,6 +126,7 @@ impl CallActor {
                 if self.phase != Phase::Answered {
                     return; // nobody listens before the call is answered
                 }
+                self.caller.arrived(samples.len(), self.now);
                 self.scratch.clear();
                 self.caller.from_leg.process(&samples, &mut self.scratch);
                 if self.callee.as_ref().is_some_and(|c| c.up) {
@@ -145,6 +151,7 @@ impl CallActor {
                 self.send_event(CallEvent::dtmf(digit, duration_ms));
             }
             LegEvent::AudioSkipped { dropped_ms } => {
+                self.agent_counts.server_stall_ms += dropped_ms;
                 self.send_event(CallEvent::audio_skipped(
                     dropped_ms,
                     AUDIO_SKIPPED_SERVER_STALL,

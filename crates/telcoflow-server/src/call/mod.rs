@@ -27,12 +27,16 @@ mod handle;
 mod leg;
 mod legs;
 mod live;
+mod meter;
 mod mixing;
 mod playout;
+mod quality;
 
 pub(crate) use frames::{SamplePool, frame_bytes};
 pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut};
-pub(crate) use leg::{LegEvent, LegId, LegLink, LegOutput, Refusal};
+pub(crate) use leg::{
+    LegEvent, LegId, LegKind, LegLink, LegOutput, LegQuality, NetFigures, Refusal,
+};
 pub(crate) use live::{EndedCall, EndedCalls, LiveSnapshot};
 
 use crate::config::ConnectorConfig;

@@ -139,6 +139,8 @@ pub(crate) struct Playout {
     dry_at: Option<u64>,
     smooth_ticks: u32,
     gaps: u64,
+    /// Silent frames the gaps played: ticks from running dry to the audio's return.
+    gap_frames: u64,
     /// When each stretch of buffered audio arrived: (stream offset just past its last byte,
     /// arrival), oldest first. Tells how long played audio waited.
     arrivals: VecDeque<(u64, Instant)>,
@@ -204,6 +206,7 @@ impl Playout {
             dry_at: None,
             smooth_ticks: 0,
             gaps: 0,
+            gap_frames: 0,
             arrivals: VecDeque::with_capacity(MAX_ARRIVALS),
             pushed_total: 0,
             consumed_total: 0,
@@ -297,6 +300,7 @@ impl Playout {
         if let Some(dry_at) = self.dry_at.take() {
             if self.tick - dry_at <= GAP_TICKS {
                 self.gaps += 1;
+                self.gap_frames += self.tick + 1 - dry_at;
                 self.prebuffer_frames = (self.prebuffer_frames + 1).min(MAX_PREBUFFER_FRAMES);
                 let max_target =
                     (self.max_bytes / self.frame_bytes).clamp(TARGET_FRAMES, MAX_TARGET_FRAMES);
@@ -681,6 +685,11 @@ impl Playout {
         self.gaps
     }
 
+    /// Silent frames played in gaps, from running dry until the audio came back.
+    pub(crate) fn gap_frames(&self) -> u64 {
+        self.gap_frames
+    }
+
     /// Drops every unplayed byte; returns how many.
     pub(crate) fn clear(&mut self) -> usize {
         let n = self.buf.len();
@@ -815,6 +824,7 @@ mod tests {
         );
         p.push(&frame, Instant::now());
         assert_eq!((p.gaps(), p.prebuffer_frames()), (1, 2));
+        assert_eq!(p.gap_frames(), 1, "the one dry tick");
         // Now playout waits for two frames (or two ticks) before starting again.
         assert!(!p.pop_frame(&mut out));
         p.push(&frame, Instant::now());
@@ -825,7 +835,7 @@ mod tests {
             p.pop_frame(&mut out);
         }
         p.push(&frame, Instant::now());
-        assert_eq!(p.gaps(), 1);
+        assert_eq!((p.gaps(), p.gap_frames()), (1, 1));
         // Five seconds of smooth playout shrink the pre-buffer again.
         for _ in 0..(SMOOTH_TICKS + 5) {
             p.push(&frame, Instant::now());

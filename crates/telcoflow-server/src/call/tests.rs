@@ -6,7 +6,7 @@
 
 use super::actor::{CallActor, MEDIA_GRACE};
 use super::handle::{CallHandle, CallInput, MediaLink, MediaOut, Queues};
-use super::leg::{LegEvent, LegId, LegLink, LegOutput, Refusal};
+use super::leg::{LegEvent, LegId, LegKind, LegLink, LegOutput, Refusal};
 use crate::config::{Config, ConnectorConfig};
 use crate::net::{AddressKind, Network, Networks, RingError};
 use crate::state::Shared;
@@ -42,9 +42,10 @@ impl Network for Phones {
         let (tx, rx) = mpsc::channel(64);
         self.rung.lock().unwrap().push((leg, rx));
         Ok(LegLink {
-            kind: crate::metrics::LegKind::Sim,
             rate: SampleRate::Hz16000,
             tx,
+            kind: LegKind::Sim,
+            quality: None,
         })
     }
 }
@@ -88,9 +89,10 @@ impl Call {
         let (handle, queues) = CallHandle::new("+15550100", "+15550200", "connector");
         let (tx, caller) = mpsc::channel(64);
         let link = LegLink {
-            kind: crate::metrics::LegKind::Sim,
             rate: SampleRate::Hz16000,
             tx,
+            kind: LegKind::Sim,
+            quality: None,
         };
         let t0 = Instant::now();
         let actor = CallActor::new(shared, connector, handle.clone(), link, outbound, t0);

@@ -141,9 +141,17 @@ fn invalid(var: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// The TOML value of `text` for `setting` (read from `var`).
+/// The TOML value of `text` for `setting` (read from `var`). An empty value is refused
+/// rather than taken as unset or as "": `TELCOFLOW_SERVER_ADMIN_TOKEN=` must not quietly
+/// remove the file's token.
 fn parse(setting: &EnvSetting, var: &str, text: &str) -> Result<Value, ConfigError> {
     let t = text.trim();
+    if t.is_empty() {
+        return Err(invalid(
+            var,
+            "is empty (unset it to keep the file's value or the default)",
+        ));
+    }
     Ok(match setting.kind {
         Text => Value::String(text.to_owned()),
         Number => match t.parse::<u64>().ok().and_then(|n| i64::try_from(n).ok()) {
@@ -183,6 +191,45 @@ fn parse(setting: &EnvSetting, var: &str, text: &str) -> Result<Value, ConfigErr
     })
 }
 
+/// Whether `name` has the prefix of a setting's variable (`TELCOFLOW_<SECTION>_`).
+fn is_setting_variable(name: &str) -> bool {
+    name.strip_prefix("TELCOFLOW_").is_some_and(|rest| {
+        SECTIONS
+            .iter()
+            .any(|s| rest.strip_prefix(s).is_some_and(|r| r.starts_with('_')))
+    })
+}
+
+/// The `TELCOFLOW_*` variables of `vars` (an environment, as [`std::env::vars_os`] lists
+/// it) as text. Other variables are skipped unread, so that one that is not UTF-8 (which
+/// [`std::env::vars`] would panic on) does not matter; a setting's variable that is not
+/// UTF-8 is an error naming it.
+pub fn telcoflow_vars(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (name, value) in vars {
+        if !name.as_encoded_bytes().starts_with(b"TELCOFLOW_") {
+            continue;
+        }
+        let lossy = name.to_string_lossy();
+        match (name.to_str(), value.into_string()) {
+            (Some(name), Ok(value)) => out.push((name.to_owned(), value)),
+            _ if is_setting_variable(&lossy) => {
+                return Err(invalid(&lossy, "is not valid UTF-8"));
+            }
+            // Another program's (the SDK's) variable: not ours to refuse.
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The `TELCOFLOW_*` variables of this process (see [`telcoflow_vars`]).
+pub fn process_vars() -> Result<Vec<(String, String)>, ConfigError> {
+    telcoflow_vars(std::env::vars_os())
+}
+
 /// Applies the variables of `vars` that name settings to `table` (the file's, parsed).
 /// Returns the variables applied, with the settings they gave.
 pub(super) fn apply(
@@ -191,13 +238,7 @@ pub(super) fn apply(
 ) -> Result<Vec<(String, &'static EnvSetting)>, ConfigError> {
     let mut vars: Vec<(String, String)> = vars
         .into_iter()
-        .filter(|(name, _)| {
-            name.strip_prefix("TELCOFLOW_").is_some_and(|rest| {
-                SECTIONS
-                    .iter()
-                    .any(|s| rest.strip_prefix(s).is_some_and(|r| r.starts_with('_')))
-            })
-        })
+        .filter(|(name, _)| is_setting_variable(name))
         .collect();
     // Applied in a fixed order, whatever order the environment lists them in.
     vars.sort();
@@ -255,7 +296,7 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml_with_env(&text, std::env::vars())
+        Self::from_toml_with_env(&text, process_vars()?)
     }
 
     /// Parses TOML text, applies the settings of `vars` (name, value) over it, and
@@ -266,7 +307,12 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut table: Table = toml::from_str(text)?;
         let applied = apply(&mut table, vars)?;
-        let config = Self::from_table(table, &applied)?;
+        let config = if applied.is_empty() {
+            // From the text, not the table: its errors say the line and column.
+            toml::from_str::<Self>(text)?
+        } else {
+            Self::from_table(table, &applied)?
+        };
         config.validate().map_err(|e| name_variables(e, &applied))?;
         Ok(config)
     }
@@ -417,6 +463,10 @@ mod tests {
             ("TELCOFLOW_SIP_PUBLIC_IP", "host.example", "IP address"),
             ("TELCOFLOW_SIP_LISTNE", "127.0.0.1:5060", "names no setting"),
             ("TELCOFLOW_SERVER_CONNECTORS", "x", "names no setting"),
+            ("TELCOFLOW_SERVER_ADMIN_TOKEN", "", "is empty"),
+            ("TELCOFLOW_SERVER_TOKEN_SECRET", " ", "is empty"),
+            ("TELCOFLOW_METRICS_TOKEN", "", "is empty"),
+            ("TELCOFLOW_SIP_ALLOW", "", "is empty"),
         ] {
             let err = with(&[(var, value)]).unwrap_err().to_string();
             assert!(err.contains(var) && err.contains(says), "{var}: {err}");
@@ -433,6 +483,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("TELCOFLOW_SERVER_RING_TIMEOUT_SECS"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn variables_that_are_not_utf8_are_skipped_or_named() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt as _;
+        let bad = || OsString::from_vec(vec![b'a', 0xff]);
+        let os = |k: &str, v: &str| (OsString::from(k), OsString::from(v));
+        let got = telcoflow_vars([
+            (OsString::from("BAD"), bad()),
+            (OsString::from_vec(b"X\xff".to_vec()), OsString::from("v")),
+            os("PATH", "/bin"),
+            os("TELCOFLOW_SERVER_LISTEN", "0.0.0.0:7000"),
+            // The SDK's: not a setting, skipped even when it is not UTF-8.
+            (OsString::from("TELCOFLOW_API_KEY"), bad()),
+        ])
+        .unwrap();
+        assert_eq!(got, vars(&[("TELCOFLOW_SERVER_LISTEN", "0.0.0.0:7000")]));
+        let err = telcoflow_vars([(OsString::from("TELCOFLOW_METRICS_TOKEN"), bad())]).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Env { variable, .. } if variable == "TELCOFLOW_METRICS_TOKEN"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn without_variables_an_error_in_the_file_names_its_line() {
+        let text = format!("{FILE}bogus = 1\n");
+        let err = Config::from_toml_with_env(&text, vars(&[("PATH", "/bin")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus") && err.contains("line 7"), "{err}");
     }
 
     #[test]

@@ -17,11 +17,11 @@
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{
-    self, CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, Refusal, SamplePool,
+    self, CallHandle, CallInput, LegEvent, LegId, LegKind, LegLink, LegOutput, Refusal, SamplePool,
     frame_bytes,
 };
 use crate::config::{ConnectorConfig, check_address};
-use crate::metrics::{ArrivalJitter, LegKind};
+use crate::metrics::ArrivalJitter;
 use crate::state::Shared;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -100,9 +100,10 @@ impl Network for Directory {
             })
             .map_err(|_| RingError::Busy)?;
         Ok(LegLink {
-            kind: crate::metrics::LegKind::Sim,
             rate: phone.rate,
             tx,
+            kind: LegKind::Sim,
+            quality: None,
         })
     }
 }
@@ -333,9 +334,10 @@ async fn dial(
         None => Err(HangupReason::NotFound),
         Some(connector) => {
             let caller = LegLink {
-                kind: crate::metrics::LegKind::Sim,
                 rate,
                 tx: leg_tx,
+                kind: LegKind::Sim,
+                quality: None,
             };
             call::spawn_incoming(&shared, connector, &from, &to, caller).map_err(|code| {
                 if code == ErrorCode::QuotaExceeded {
@@ -514,6 +516,8 @@ async fn register(
                             call.send_data(leg_input(*leg, event)).await;
                             if ends {
                                 current = None;
+                                // Dropping the measure records it: at the call's end, not at the next ring.
+                                jitter = None;
                             }
                         }
                     }
@@ -534,6 +538,8 @@ async fn register(
                     let (Some(out), Some((call, _, _))) = (out, &current) else {
                         // The call ended without a word to us: the phone is free again.
                         current = None;
+                        // Dropping the measure records it: at the call's end, not at the next ring.
+                        jitter = None;
                         continue;
                     };
                     let ends = matches!(out, LegOutput::Hangup(_));
@@ -542,6 +548,8 @@ async fn register(
                     }
                     if ends {
                         current = None;
+                        // Dropping the measure records it: at the call's end, not at the next ring.
+                        jitter = None;
                     }
                 }
                 // Cancel-safe: only observes the token.

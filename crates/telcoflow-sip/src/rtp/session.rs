@@ -151,6 +151,41 @@ pub struct SessionStats {
     pub wrong_source: u64,
     /// Samples of audio not sent: the peer holds the call, or has not sent us RTP yet.
     pub samples_withheld: u64,
+    /// Round trip to the peer from its latest receiver report on one of our sender reports
+    /// (RFC 3550 6.4.1: arrival - LSR - DLSR); `None` until the peer reports on one.
+    pub rtt: Option<Duration>,
+}
+
+/// What the session received from its peer's current source (RFC 3550 A.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReceptionCounts {
+    /// Packets expected: the span of sequence numbers seen (extended highest - first + 1).
+    pub expected: u64,
+    /// Packets received, duplicates included (so possibly more than `expected`).
+    pub received: u64,
+}
+
+/// A duration in units of 1/65536 s (the middle 32 bits of an NTP timestamp), saturating.
+fn ntp_short(d: Duration) -> u32 {
+    let units = d.as_secs() * 65536 + u64::from(d.subsec_nanos()) * 65536 / 1_000_000_000;
+    units.min(u64::from(u32::MAX)) as u32
+}
+
+/// The round trip a receiver report gives (RFC 3550 6.4.1): `arrival - LSR - DLSR`, all in
+/// units of 1/65536 s, `arrival` the report's arrival on our NTP clock (middle 32 bits). The
+/// arithmetic wraps, as the middle 32 bits of NTP time do every 18 hours. `None` when the
+/// report names no sender report of ours (LSR 0) or when the result is negative (a report
+/// that cannot be from our clock).
+pub fn rtt_from_report(arrival: u32, lsr: u32, dlsr: u32) -> Option<Duration> {
+    if lsr == 0 {
+        return None;
+    }
+    let rtt = arrival.wrapping_sub(lsr).wrapping_sub(dlsr);
+    if rtt >= 1 << 31 {
+        return None;
+    }
+    let nanos = u64::from(rtt & 0xffff) * 1_000_000_000 / 65536;
+    Some(Duration::from_secs(u64::from(rtt >> 16)) + Duration::from_nanos(nanos))
 }
 
 /// RFC 3550 appendix A.1/A.3 reception statistics for one source.
@@ -216,12 +251,7 @@ impl Reception {
             ((lost_interval << 8) / i64::from(expected_interval)).min(255) as u8
         };
         let (lsr, dlsr) = match last_sr {
-            Some((middle, at)) => {
-                let d = now.saturating_duration_since(at);
-                let units =
-                    d.as_secs() * 65536 + u64::from(d.subsec_nanos()) * 65536 / 1_000_000_000;
-                (middle, units.min(u64::from(u32::MAX)) as u32)
-            }
+            Some((middle, at)) => (middle, ntp_short(now.saturating_duration_since(at))),
             None => (0, 0),
         };
         ReportBlock {
@@ -265,7 +295,11 @@ pub struct RtpSession {
     last_received: Instant,
     receiving: bool,
     next_rtcp: Instant,
+    /// The peer's latest sender report: middle 32 bits of its NTP time, when it arrived.
     last_sr: Option<(u32, Instant)>,
+    /// Our latest sender report: middle 32 bits of its NTP time, when it left. It maps our
+    /// clock onto NTP time for the round trip (see [`rtt_from_report`]).
+    sr_sent: Option<(u32, Instant)>,
     stats: SessionStats,
     encode_buf: [u8; MAX_PACKET_SAMPLES],
     /// Audio queued for sending, less than a packet's worth between polls.
@@ -318,8 +352,11 @@ impl RtpSession {
             sent_first: false,
             last_received: now,
             receiving: true,
-            next_rtcp: now + config.rtcp_interval,
+            // RFC 3550 6.2: the first report may go after half the interval, so that the
+            // peer learns of us (and we of the round trip) sooner.
+            next_rtcp: now + config.rtcp_interval / 2,
             last_sr: None,
+            sr_sent: None,
             stats: SessionStats::default(),
             encode_buf: [0; MAX_PACKET_SAMPLES],
             send_buf: Vec::with_capacity(MAX_PACKET_SAMPLES + FRAME_SAMPLES),
@@ -343,6 +380,28 @@ impl RtpSession {
     /// Counters.
     pub fn stats(&self) -> SessionStats {
         self.stats
+    }
+
+    /// What the session received from the peer's current source: packets expected and
+    /// received (RFC 3550 A.3), for loss figures.
+    pub fn reception(&self) -> ReceptionCounts {
+        if !self.reception.started {
+            return ReceptionCounts::default();
+        }
+        let expected = self
+            .reception
+            .extended_max()
+            .wrapping_sub(self.reception.base_seq)
+            .wrapping_add(1);
+        ReceptionCounts {
+            expected: u64::from(expected),
+            received: u64::from(self.reception.received),
+        }
+    }
+
+    /// Times received audio missed the tick that plays it and the tick moved.
+    pub fn clock_misses(&self) -> u64 {
+        self.aligner.misses()
     }
 
     /// Drops the received audio buffered beyond the jitter buffer's target (see
@@ -562,6 +621,16 @@ impl RtpSession {
             if let Some(block) = packet.report_blocks().find(|b| b.ssrc == self.config.ssrc) {
                 self.stats.remote_lost = block.cumulative_lost;
                 self.stats.remote_jitter = block.jitter;
+                if let Some((sent, at)) = self.sr_sent {
+                    // Our NTP time now, from the NTP time of our latest report and the
+                    // monotonic time since: the wall clock may step, this does not.
+                    let arrival = sent.wrapping_add(ntp_short(now.saturating_duration_since(at)));
+                    if let Some(rtt) =
+                        rtt_from_report(arrival, block.last_sr, block.delay_since_last_sr)
+                    {
+                        self.stats.rtt = Some(rtt);
+                    }
+                }
             }
         }
     }
@@ -718,9 +787,11 @@ impl RtpSession {
         reports.clear();
         reports.extend(block);
         let (written, reports) = if self.stats.packets_sent > 0 {
+            let ntp = ntp_timestamp(unix_time);
+            self.sr_sent = Some(((ntp >> 16) as u32, now));
             let sr = SenderReport {
                 ssrc: self.config.ssrc,
-                ntp_timestamp: ntp_timestamp(unix_time),
+                ntp_timestamp: ntp,
                 rtp_timestamp: self.timestamp,
                 packet_count: self.stats.packets_sent,
                 octet_count: self.stats.octets_sent,
@@ -1443,6 +1514,94 @@ mod tests {
         assert_eq!((sr.packet_count, sr.octet_count), (1, 160));
         // No new packets in this interval: nothing lost in it.
         assert_eq!(sr.reports[0].fraction_lost, 0);
+    }
+
+    #[test]
+    fn rtt_arithmetic_wraps_with_the_ntp_middle_bits() {
+        // 1 s 0x8000 units = 1.5 s after LSR, 1 s of it held at the peer: 0.5 s.
+        let lsr = 0x0001_0000;
+        assert_eq!(
+            rtt_from_report(lsr + 0x0001_8000, lsr, 0x0001_0000),
+            Some(Duration::from_millis(500))
+        );
+        // The middle 32 bits wrapped between the SR and the report's arrival.
+        let lsr: u32 = 0xFFFF_F000;
+        let arrival = lsr.wrapping_add(0x0000_2000);
+        assert_eq!(arrival, 0x0000_1000);
+        // 0x2000 units = 125 ms, 0x1000 of them held: 62.5 ms.
+        assert_eq!(
+            rtt_from_report(arrival, lsr, 0x1000),
+            Some(Duration::from_micros(62_500))
+        );
+        // No SR named, or a report from a clock that is not ours (negative).
+        assert_eq!(rtt_from_report(0x1234, 0, 0), None);
+        assert_eq!(rtt_from_report(0x1000, 0x0800, 0x1000), None);
+        assert_eq!(rtt_from_report(5, 5, 0), Some(Duration::ZERO));
+    }
+
+    fn telcoflow_ntp(wall: Duration) -> u64 {
+        crate::rtp::packet::ntp_timestamp(wall)
+    }
+
+    /// Two sessions 10 ms apart each way: A's sender report comes back in B's receiver report
+    /// 200 ms later, and A reads a 20 ms round trip; B, which sent no SR, reads none.
+    #[test]
+    fn round_trip_from_a_receiver_report_on_our_sender_report() {
+        let t0 = Instant::now();
+        let one_way = Duration::from_millis(10);
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let mut a = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xA, 1, 1),
+            b_addr,
+            b_addr,
+            t0,
+        );
+        let mut b = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xB, 1, 1),
+            a_addr,
+            a_addr,
+            t0,
+        );
+        let mut buf = [0u8; 512];
+        for i in 0..10u32 {
+            let len = a.write_audio(&[0; 160], &mut buf).unwrap();
+            b.handle_datagram(a_addr, &buf[..len], t0 + FRAME_DURATION * i + one_way);
+            let len = b.write_audio(&[0; 160], &mut buf).unwrap();
+            a.handle_datagram(b_addr, &buf[..len], t0 + FRAME_DURATION * i + one_way);
+        }
+        assert_eq!(
+            b.reception(),
+            ReceptionCounts {
+                expected: 10,
+                received: 10
+            }
+        );
+        // A's SR, wall clock just below a wrap of the middle 32 bits (NTP seconds
+        // 2208988800 + 0x817F end in 0xFFFF).
+        let wall = Duration::from_secs(0x817F) + Duration::from_millis(999);
+        assert_eq!(
+            (telcoflow_ntp(wall) >> 16) as u32 >> 16,
+            0xFFFF,
+            "the SR is just before the wrap"
+        );
+        let sent = t0 + Duration::from_secs(5);
+        let n = a.poll_rtcp(sent, wall, &mut buf).unwrap().unwrap();
+        b.handle_rtcp_datagram(a_addr, &buf[..n], sent + one_way);
+        // B reports 200 ms after A's SR arrived.
+        let reported = sent + one_way + Duration::from_millis(200);
+        let n = b
+            .poll_rtcp(reported, Duration::from_secs(1), &mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.stats().rtt, None);
+        a.handle_rtcp_datagram(b_addr, &buf[..n], reported + one_way);
+        let rtt = a.stats().rtt.expect("a round trip");
+        let error = rtt.abs_diff(2 * one_way);
+        // Units of 1/65536 s, truncated at each step.
+        assert!(error < Duration::from_micros(100), "{rtt:?}");
+        // B's own SR was never reported on.
+        assert_eq!(b.stats().rtt, None);
     }
 
     /// Two sessions back to back: audio crosses with loss and reordering, and each side's

@@ -58,6 +58,12 @@ pub enum CallEvent {
         /// Why, as the server gave it (e.g. `agent_stall`).
         reason: Option<String>,
     },
+    /// The call's quality figures, sent once at its end just before
+    /// [`CallEvent::Terminated`]: per leg jitter, loss, concealment, round trip and an
+    /// estimated MOS, and the agent's side (see [`CallStats`](crate::CallStats)).
+    /// The same figures are available while the call runs from
+    /// `GET /public/v1/calls/{id}/stats`.
+    Stats(Box<crate::CallStats>),
     /// An event this SDK has no variant for.
     Other {
         /// The event name.
@@ -108,6 +114,13 @@ impl CallEvent {
                     },
                 }
             }
+            media::CallEvent::STATS => match ev.to_stats() {
+                Some(stats) => Self::Stats(Box::new(stats)),
+                None => Self::Other {
+                    name: ev.event,
+                    fields: ev.fields,
+                },
+            },
             _ => Self::Other {
                 name: ev.event,
                 fields: ev.fields,
@@ -132,6 +145,25 @@ mod tests {
         );
         let mut odd = media::CallEvent::audio_skipped(0, "agent_stall");
         odd.fields.insert("dropped_ms".into(), Value::from("a lot"));
+        assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
+    }
+
+    #[test]
+    fn stats_is_a_variant_and_a_malformed_one_is_kept_as_sent() {
+        let stats = telcoflow_proto::stats::CallStats {
+            call_id: "c".into(),
+            session_id: "s".into(),
+            duration_ms: 10,
+            legs: Vec::new(),
+            agent: Default::default(),
+        };
+        assert_eq!(
+            CallEvent::from_wire(media::CallEvent::stats(&stats)),
+            CallEvent::Stats(Box::new(stats.clone()))
+        );
+        let mut odd = media::CallEvent::stats(&stats);
+        odd.fields
+            .insert("duration_ms".into(), Value::from("a while"));
         assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
     }
 }

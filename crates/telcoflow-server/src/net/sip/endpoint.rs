@@ -562,9 +562,11 @@ impl Endpoint {
                     conn.calls.fetch_add(1, Ordering::Relaxed);
                     self.tcp_calls.insert(call, conn.calls.clone());
                 }
-                self.shared
-                    .tasks
-                    .spawn(task.instrument(info_span!("sip_in", call_id = %handle.call_id)));
+                self.shared.tasks.spawn(task.instrument(info_span!(
+                    "sip_in",
+                    call_id = %handle.call_id,
+                    session_id = %handle.session_id
+                )));
             }
             Err(e) => {
                 warn!(error = %e, "RTP socket unusable");

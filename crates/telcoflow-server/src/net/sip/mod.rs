@@ -152,8 +152,12 @@ impl Network for SipNetwork {
                 }),
             })
             .map_err(|_| RingError::NoMediaPort)?;
-        self.tasks
-            .spawn(task.instrument(info_span!("sip_out", call_id = %call.call_id, %uri)));
+        self.tasks.spawn(task.instrument(info_span!(
+            "sip_out",
+            call_id = %call.call_id,
+            session_id = %call.session_id,
+            %uri
+        )));
         Ok(link)
     }
 }

@@ -22,10 +22,12 @@
 use super::link::{Command, LegKey, OutgoingDial, SipEvent};
 use super::ports::{PortGuard, RtpSockets};
 use crate::call::{
-    CallHandle, CallInput, LegEvent, LegId, LegLink, LegOutput, Refusal, SamplePool,
+    CallHandle, CallInput, LegEvent, LegId, LegKind, LegLink, LegOutput, LegQuality, NetFigures,
+    Refusal, SamplePool,
 };
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use telcoflow_sip::rtp::jitter::FrameKind;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
 use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
@@ -82,17 +84,20 @@ pub(super) struct LegParams {
 /// The receiving end of a [`LegLink`], waiting for its task.
 pub(super) struct PendingLeg {
     rx: mpsc::Receiver<LegOutput>,
+    quality: Arc<LegQuality>,
 }
 
 /// A link for the call (8 kHz) and the receiver the leg task will read.
 pub(super) fn link() -> (LegLink, PendingLeg) {
     let (tx, rx) = mpsc::channel(LEG_QUEUE);
+    let quality = Arc::new(LegQuality::default());
     let link = LegLink {
-        kind: crate::metrics::LegKind::Sip,
         rate: SampleRate::Hz8000,
         tx,
+        kind: LegKind::Sip,
+        quality: Some(quality.clone()),
     };
-    (link, PendingLeg { rx })
+    (link, PendingLeg { rx, quality })
 }
 
 impl PendingLeg {
@@ -125,6 +130,11 @@ impl PendingLeg {
             answered: false,
             packet: vec![0u8; DATAGRAM],
             frames: SamplePool::default(),
+            loss_reported: 0,
+            ticks_to_loss_report: LOSS_REPORT_TICKS,
+            quality: self.quality,
+            gaps: 0,
+            concealing: false,
         };
         Ok(leg.run(self.rx, params.events, params.dial))
     }
@@ -154,7 +164,19 @@ struct RtpLeg {
     packet: Vec<u8>,
     /// Buffers of the frames handed to the call.
     frames: SamplePool,
+    /// Frames concealed that the metrics have been told of.
+    loss_reported: u64,
+    /// Ticks until the loss is next added to the metrics.
+    ticks_to_loss_report: u32,
+    /// Where the call reads this leg's receive figures.
+    quality: Arc<LegQuality>,
+    /// Runs of concealed frames so far, and whether the latest tick concealed.
+    gaps: u64,
+    concealing: bool,
 }
+
+/// How often (in 20 ms ticks: a second) an RTP leg adds its loss to the metrics while it runs.
+const LOSS_REPORT_TICKS: u32 = 50;
 
 /// How the leg loop goes on.
 enum Flow {
@@ -263,6 +285,7 @@ impl RtpLeg {
                     if matches!(flow, Flow::Continue) {
                         flow = self.on_tick().await;
                     }
+                    self.publish_quality();
                     let shift = self.session.as_mut().and_then(|s| s.take_clock_shift());
                     if let Some(shift) = shift {
                         let shift_us = shift.as_micros() as u64;
@@ -276,6 +299,7 @@ impl RtpLeg {
                 break;
             }
         }
+        self.publish_quality();
         if let Some(s) = &self.session {
             let stats = s.stats();
             let jitter = s.jitter_buffer().stats();
@@ -290,17 +314,39 @@ impl RtpLeg {
                 jitter_us = u64::from(s.jitter_buffer().jitter()) * 125,
                 target_ms = s.jitter_buffer().target_delay().as_millis() as u64,
                 tick_shifts = s.clock_shifts(),
+                rtt_ms = stats.rtt.map_or(0.0, |d| d.as_secs_f64() * 1e3),
                 wrong_source = stats.wrong_source,
                 samples_withheld = stats.samples_withheld,
                 "RTP leg ended"
             );
             self._port.metrics().rtp_leg_ended(
                 f64::from(s.jitter_buffer().jitter()) / 8000.0,
-                jitter.concealed,
+                jitter.concealed.saturating_sub(self.loss_reported),
                 [jitter.late, jitter.overflow, jitter.discarded],
             );
         }
         let _ = self.commands.send(Command::Gone(self.key)).await;
+    }
+
+    /// Leaves the session's receive figures where the call reads them (every tick: plain
+    /// numbers, no allocation).
+    fn publish_quality(&self) {
+        let Some(s) = &self.session else {
+            return;
+        };
+        let jitter = s.jitter_buffer();
+        let reception = s.reception();
+        self.quality.set(NetFigures {
+            // Timestamp units of 8 kHz: 125 us each.
+            jitter: Duration::from_micros(u64::from(jitter.jitter()) * 125),
+            expected: reception.expected,
+            received: reception.received,
+            concealed_frames: jitter.stats().concealed,
+            gaps: self.gaps,
+            clock_misses: s.clock_misses(),
+            rtt: s.stats().rtt,
+            buffering: jitter.target_delay(),
+        });
     }
 
     async fn command(&self, cmd: Command) {
@@ -530,10 +576,26 @@ impl RtpLeg {
         let Some(session) = &mut self.session else {
             return Flow::Continue;
         };
+        self.ticks_to_loss_report -= 1;
+        if self.ticks_to_loss_report == 0 {
+            self.ticks_to_loss_report = LOSS_REPORT_TICKS;
+            let concealed = session.jitter_buffer().stats().concealed;
+            self._port
+                .metrics()
+                .rtp_leg_lost(concealed.saturating_sub(self.loss_reported));
+            self.loss_reported = concealed;
+        }
         if !session.plays_this_tick() {
             return Flow::Continue;
         }
         let frame = session.pop_frame(now);
+        let concealed = frame.kind == FrameKind::Concealed;
+        if concealed && !self.concealing {
+            self.gaps += 1;
+        }
+        if frame.kind != FrameKind::Ahead {
+            self.concealing = concealed;
+        }
         let frame = if frame.kind == FrameKind::Ahead {
             // This tick's frame went to the call when it landed; one held back by the limit
             // on frames ahead may go now.
