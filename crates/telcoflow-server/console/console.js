@@ -113,7 +113,7 @@ function quality(q) {
   // Receive statistics, when the server reports them.
   if (q.mos != null) parts.push("MOS " + Number(q.mos).toFixed(1));
   if (q.jitterMs != null) parts.push("jitter " + Number(q.jitterMs).toFixed(1) + " ms");
-  if (q.lossPercent != null) parts.push("loss " + Number(q.lossPercent).toFixed(1) + "%");
+  if (q.lossPct != null) parts.push("loss " + Number(q.lossPct).toFixed(1) + "%");
   if (q.rttMs != null) parts.push("RTT " + Number(q.rttMs).toFixed(0) + " ms");
   parts.push("frames in/out " + q.framesFromCaller + "/" + q.framesToCaller);
   parts.push("dropped " + q.framesDropped);
@@ -145,8 +145,7 @@ function render(s) {
   ])), 5, "no open session");
   fillTable("ended", s.ended.map((c) => row(c.callId, [
     c.from, c.to, c.outcome, new Date(c.startedAtMs).toLocaleTimeString(),
-    duration(c.durationMs), duration(c.talkMs),
-    c.quality.framesFromCaller + "/" + c.quality.framesToCaller,
+    duration(c.durationMs), duration(c.talkMs), quality(c.quality),
   ])), 7, "no call has ended yet");
 }
 

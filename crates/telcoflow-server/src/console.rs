@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use telcoflow_proto::control::SessionState;
 use telcoflow_proto::sim::AuthFrame;
+use telcoflow_proto::stats::CallStats;
 use tracing::debug;
 
 /// Path of the live view's WebSocket.
@@ -31,6 +32,9 @@ const MAX_LIVE_FRAME: usize = 4096;
 const SESSIONS_LISTED: usize = 100;
 /// Calls in progress listed per snapshot (the oldest first); `callsTotal` counts them all.
 const CALLS_LISTED: usize = 100;
+/// How long a snapshot waits for a call's quality figures: a call that cannot answer in time
+/// (its queue full) shows its counts alone this time.
+const STATS_WAIT: Duration = Duration::from_millis(200);
 
 /// The console's files: name, content type, content.
 const FILES: &[(&str, &str, &[u8])] = &[
@@ -186,10 +190,13 @@ async fn snapshot(shared: &Shared, connector: &str) -> Value {
     calls.sort_by_key(|c| c.live.started_unix_ms);
     let calls_total = calls.len();
     calls.truncate(CALLS_LISTED);
-    let calls: Vec<Value> = calls
-        .iter()
-        .map(|c| running_call(c, view.holders.get(&*c.session_id)))
-        .collect();
+    // Each call's actor answers for its figures between two inputs; asked all at once.
+    let calls: Vec<Value> = futures_util::future::join_all(
+        calls
+            .iter()
+            .map(|c| running_call(c, view.holders.get(&*c.session_id))),
+    )
+    .await;
     // A store out of reach leaves the list empty; the calls and agents are node-local.
     let sessions = shared
         .registry
@@ -235,8 +242,12 @@ async fn snapshot(shared: &Shared, connector: &str) -> Value {
     })
 }
 
-fn running_call(call: &CallHandle, holder: Option<&String>) -> Value {
+async fn running_call(call: &CallHandle, holder: Option<&String>) -> Value {
     let live = call.live.snapshot();
+    let stats = tokio::time::timeout(STATS_WAIT, call.stats())
+        .await
+        .ok()
+        .flatten();
     json!({
         "callId": &*call.call_id,
         "sessionId": &*call.session_id,
@@ -250,15 +261,28 @@ fn running_call(call: &CallHandle, holder: Option<&String>) -> Value {
             "fromCallerDbfs": live.level_from_caller_dbfs,
             "toCallerDbfs": live.level_to_caller_dbfs,
         },
-        "quality": quality(call, &live),
+        "quality": quality(&live, stats.as_ref()),
     })
 }
 
-/// The quality figures of a running call as the console shows them: what the call counts
-/// itself. The per-call receive statistics (jitter, loss, concealment, MOS, round trip) plug
-/// in here, next to these counts, under the same `quality` object.
-fn quality(_call: &CallHandle, live: &LiveSnapshot) -> Value {
-    counts(live)
+/// The quality figures of a call as the console shows them: its frame counts, and from its
+/// quality figures (`CallStats`, as `GET /public/v1/calls/{id}/stats` gives them) a summary
+/// of the caller's side (jitter, loss, concealment, estimated MOS, round trip) and all of
+/// them under `stats`.
+fn quality(live: &LiveSnapshot, stats: Option<&CallStats>) -> Value {
+    let mut q = counts(live);
+    let Some(stats) = stats else {
+        return q;
+    };
+    if let Some(caller) = stats.legs.first() {
+        q["jitterMs"] = json!(caller.jitter_ms);
+        q["lossPct"] = json!(caller.loss_pct);
+        q["concealedMs"] = json!(caller.concealed_ms);
+        q["mos"] = json!(caller.mos);
+        q["rttMs"] = json!(caller.rtt_ms);
+    }
+    q["stats"] = serde_json::to_value(stats).unwrap_or_default();
+    q
 }
 
 /// The frames a call counted.
@@ -293,6 +317,6 @@ fn ended_call(call: &EndedCall) -> Value {
         "startedAtMs": call.started_unix_ms,
         "durationMs": last.duration_ms,
         "talkMs": last.talk_ms,
-        "quality": counts(last),
+        "quality": quality(last, call.stats.as_ref()),
     })
 }

@@ -211,6 +211,11 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
         call["quality"]["framesFromCaller"].as_u64().unwrap() >= 5,
         "{call}"
     );
+    // The call's quality figures: the caller's summary, and all of them.
+    let mos = call["quality"]["mos"].as_f64().unwrap();
+    assert!((1.0..=4.5).contains(&mos), "{call}");
+    assert_eq!(call["quality"]["stats"]["call_id"], my_call.as_str());
+    assert_eq!(call["quality"]["stats"]["legs"][0]["role"], "caller");
     assert_eq!(ids(&v, "agents", "controlId"), [control.id.as_str()]);
     assert_eq!(v["agents"][0]["sessionsHeld"], 1);
     assert_eq!(v["sessions"].as_array().unwrap().len(), 1, "{v}");
@@ -236,6 +241,11 @@ async fn live_view_shows_a_connector_its_own_calls_agents_and_ended_calls() {
     assert_eq!(ids(&v, "ended", "callId"), [my_call.as_str()]);
     assert_eq!(v["ended"][0]["outcome"], "caller");
     assert!(v["ended"][0]["talkMs"].is_u64(), "{v}");
+    assert_eq!(
+        v["ended"][0]["quality"]["stats"]["call_id"],
+        my_call.as_str()
+    );
+    assert!(v["ended"][0]["quality"]["mos"].is_f64(), "{v}");
     let v = theirs.expect_type("snapshot").await;
     assert!(v["ended"].as_array().unwrap().is_empty(), "{v}");
     assert_eq!(ids(&v, "calls", "callId"), [their_call]);

@@ -493,6 +493,7 @@ impl CallActor {
         self.ended = true;
         // Before the legs go: the destination's figures are read from it.
         self.send_stats();
+        let final_stats = self.stats();
         if let Some(c) = self.connect.take() {
             self.respond(CommandResponse::error(
                 c.command_id,
@@ -523,9 +524,14 @@ impl CallActor {
         self.close_media();
         self.publish_live();
         let h = &self.handle;
-        self.shared
-            .ended_calls
-            .record(&h.connector, &h.call_id, (&h.from, &h.to), &h.live, who);
+        self.shared.ended_calls.record(
+            &h.connector,
+            &h.call_id,
+            (&h.from, &h.to),
+            &h.live,
+            Some(final_stats),
+            who,
+        );
         self.session_ended(reason);
     }
 }

@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use telcoflow_proto::stats::CallStats;
 
 /// Ended calls the console lists per connector, newest kept.
 pub(crate) const ENDED_CALLS_KEPT: usize = 20;
@@ -200,6 +201,8 @@ pub(crate) struct EndedCall {
     pub(crate) started_unix_ms: u64,
     /// Its figures at the end.
     pub(crate) last: LiveSnapshot,
+    /// Its quality figures for its whole life (as in `call.stats`).
+    pub(crate) stats: Option<CallStats>,
 }
 
 /// The latest ended calls of each connector of this node ([`ENDED_CALLS_KEPT`] each).
@@ -222,6 +225,7 @@ impl EndedCalls {
         call_id: &str,
         (from, to): (&str, &str),
         live: &CallLive,
+        stats: Option<CallStats>,
         outcome: &'static str,
     ) {
         let ended = EndedCall {
@@ -231,6 +235,7 @@ impl EndedCalls {
             outcome,
             started_unix_ms: live.started_unix_ms,
             last: live.snapshot(),
+            stats,
         };
         let mut map = self.lock();
         // Connectors come from the configuration, so the map stays as small as it is.
@@ -310,9 +315,9 @@ mod tests {
         let ended = EndedCalls::default();
         for i in 0..ENDED_CALLS_KEPT + 3 {
             let from = format!("+1{i}");
-            ended.record("a", "id", (&from, "+2"), &CallLive::new(), "caller");
+            ended.record("a", "id", (&from, "+2"), &CallLive::new(), None, "caller");
         }
-        ended.record("b", "id", ("+3", "+4"), &CallLive::new(), "agent");
+        ended.record("b", "id", ("+3", "+4"), &CallLive::new(), None, "agent");
         let a = ended.of("a");
         assert_eq!(a.len(), ENDED_CALLS_KEPT);
         assert_eq!(a[0].from, format!("+1{}", ENDED_CALLS_KEPT + 2));
