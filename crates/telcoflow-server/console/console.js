@@ -133,7 +133,7 @@ function render(s) {
   fillTable("calls", s.calls.map((c) => row(c.callId, [
     c.from, c.to, c.state, duration(c.durationMs),
     c.agent.mediaAttached ? "media up" : (c.agent.controlId ? "claimed" : "none"),
-    levelCell(c.levels.fromCallerDbfs), levelCell(c.levels.toCallerDbfs), quality(c.quality),
+    levelCell(c.levels.fromCallerDbfs), levelCell(c.levels.toCallerDbfs), cell(quality(c.quality), "quality"),
   ])), 8, "no call in progress");
   fillTable("agents", s.agents.map((a) => row(null, [
     a.controlId.slice(0, 8), String(a.sampleRate), a.audioMode, a.inboundCalls ? "yes" : "no",
@@ -145,7 +145,7 @@ function render(s) {
   ])), 5, "no open session");
   fillTable("ended", s.ended.map((c) => row(c.callId, [
     c.from, c.to, c.outcome, new Date(c.startedAtMs).toLocaleTimeString(),
-    duration(c.durationMs), duration(c.talkMs), quality(c.quality),
+    duration(c.durationMs), duration(c.talkMs), cell(quality(c.quality), "quality"),
   ])), 7, "no call has ended yet");
 }
 
