@@ -162,14 +162,15 @@ pub fn r_factor(delay_ms: f64, loss_pct: f64) -> f64 {
 }
 
 /// Estimated MOS (conversational quality) of a rating R, per ITU-T G.107 Annex B:
-/// 1 for `R < 0`, 4.5 for `R > 100`, else `1 + 0.035 R + R (R - 60) (100 - R) 7e-6`.
+/// 1 for `R < 0`, 4.5 for `R > 100`, else `1 + 0.035 R + R (R - 60) (100 - R) 7e-6`, kept
+/// within 1 to 4.5 (the polynomial dips just below 1 for R under 6.5).
 pub fn mos_from_r(r: f64) -> f64 {
     if r <= 0.0 {
         1.0
     } else if r >= 100.0 {
         4.5
     } else {
-        1.0 + 0.035 * r + r * (r - 60.0) * (100.0 - r) * 7e-6
+        (1.0 + 0.035 * r + r * (r - 60.0) * (100.0 - r) * 7e-6).clamp(1.0, 4.5)
     }
 }
 
@@ -219,6 +220,12 @@ mod tests {
         assert_eq!(mos_from_r(-5.0), 1.0);
         assert_eq!(mos_from_r(0.0), 1.0);
         assert_eq!(mos_from_r(120.0), 4.5);
+        // The polynomial alone gives 0.989 at R = 3.
+        for tenth in 0..=1000 {
+            let mos = mos_from_r(f64::from(tenth) / 10.0);
+            assert!((1.0..=4.5).contains(&mos), "{tenth}: {mos}");
+        }
+        assert_eq!(mos_from_r(3.0), 1.0);
         assert!(close(
             mos_from_r(50.0),
             1.0 + 1.75 + 50.0 * -10.0 * 50.0 * 7e-6
