@@ -86,7 +86,18 @@ impl LegStats {
         } else {
             packets_lost as f64 * 100.0 / packets_expected as f64
         };
-        let r = r_factor(delay_ms, loss_pct);
+        // Late packets the jitter buffer discarded, and loss a peer's retransmission hid
+        // from the sequence numbers, still left a hole in what was played: rate the larger of
+        // the loss and the share of the played frames that was made up.
+        let played_ms = packets_received
+            .saturating_mul(u64::from(crate::audio::FRAME_MS))
+            .saturating_add(concealed_ms);
+        let concealed_pct = if played_ms == 0 {
+            0.0
+        } else {
+            concealed_ms as f64 * 100.0 / played_ms as f64
+        };
+        let r = r_factor(delay_ms, loss_pct.max(concealed_pct));
         Self {
             role: role.to_owned(),
             kind: kind.to_owned(),
@@ -241,7 +252,14 @@ mod tests {
         assert_eq!(leg.packets_lost, 10);
         assert_eq!(leg.loss_pct, 10.0);
         assert_eq!(leg.jitter_ms, 1.23);
+        // 200 ms concealed of 90 * 20 + 200 = 2000 ms played: 10 %, no more than the loss.
         assert!(close(leg.r_factor, r_factor(60.0, 10.0)));
+        // No packet lost, but a quarter of what was played made up (late discards).
+        let late = LegStats::new("caller", "sip", 0.0, 100, 100, 2000 / 3, 0, 0, None, 20.0);
+        assert_eq!(late.loss_pct, 0.0);
+        let share = 666.0 * 100.0 / (2000.0 + 666.0);
+        assert!(close(late.r_factor, (r_factor(20.0, share) * 100.0).round() / 100.0));
+        assert!(late.mos < LegStats::new("c", "sip", 0.0, 100, 100, 0, 0, 0, None, 20.0).mos);
         // More received than expected (duplicates): no negative loss.
         let dup = LegStats::new("caller", "sim", 0.0, 5, 6, 0, 0, 0, None, 0.0);
         assert_eq!((dup.packets_lost, dup.loss_pct), (0, 0.0));
