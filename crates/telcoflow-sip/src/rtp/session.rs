@@ -171,17 +171,23 @@ fn ntp_short(d: Duration) -> u32 {
     units.min(u64::from(u32::MAX)) as u32
 }
 
+/// The longest round trip a receiver report may give; longer ones are ignored.
+pub const MAX_RTT: Duration = Duration::from_secs(10);
+/// [`MAX_RTT`] in units of 1/65536 s.
+const MAX_RTT_UNITS: u32 = 10 * 65536;
+
 /// The round trip a receiver report gives (RFC 3550 6.4.1): `arrival - LSR - DLSR`, all in
 /// units of 1/65536 s, `arrival` the report's arrival on our NTP clock (middle 32 bits). The
 /// arithmetic wraps, as the middle 32 bits of NTP time do every 18 hours. `None` when the
-/// report names no sender report of ours (LSR 0) or when the result is negative (a report
-/// that cannot be from our clock).
+/// report names no sender report of ours (LSR 0), when the result is negative (a report
+/// that cannot be from our clock), or above [`MAX_RTT`] (a peer's LSR or DLSR is whatever it
+/// says, and a round trip of hours would wreck the call's delay and rating).
 pub fn rtt_from_report(arrival: u32, lsr: u32, dlsr: u32) -> Option<Duration> {
     if lsr == 0 {
         return None;
     }
     let rtt = arrival.wrapping_sub(lsr).wrapping_sub(dlsr);
-    if rtt >= 1 << 31 {
+    if rtt >= 1 << 31 || rtt > MAX_RTT_UNITS {
         return None;
     }
     let nanos = u64::from(rtt & 0xffff) * 1_000_000_000 / 65536;
@@ -1537,6 +1543,13 @@ mod tests {
         assert_eq!(rtt_from_report(0x1234, 0, 0), None);
         assert_eq!(rtt_from_report(0x1000, 0x0800, 0x1000), None);
         assert_eq!(rtt_from_report(5, 5, 0), Some(Duration::ZERO));
+        // A peer's made-up LSR/DLSR: 10 s is the most believed, an hour is ignored.
+        assert_eq!(
+            rtt_from_report(lsr.wrapping_add(10 * 65536), lsr, 0),
+            Some(MAX_RTT)
+        );
+        assert_eq!(rtt_from_report(lsr.wrapping_add(10 * 65536 + 1), lsr, 0), None);
+        assert_eq!(rtt_from_report(lsr.wrapping_add(3600 * 65536), lsr, 0), None);
     }
 
     fn telcoflow_ntp(wall: Duration) -> u64 {
