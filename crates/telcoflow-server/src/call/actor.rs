@@ -55,6 +55,9 @@ pub(super) struct PendingConnect {
     pub(super) reply_deadline: Option<Instant>,
 }
 
+/// Past destinations a call's stats keep, the latest.
+pub(super) const MAX_PAST_LEGS: usize = 16;
+
 /// The call's state, owned by its task.
 pub(super) struct CallActor {
     pub(super) shared: Arc<Shared>,
@@ -107,7 +110,8 @@ pub(super) struct CallActor {
     pub(super) started: Instant,
     /// Commands waiting for their response: id, name and arrival, for the metrics.
     pub(super) commands_started: Vec<(String, &'static str, Instant)>,
-    /// Figures of destinations that were connected and hung up (the call's stats keep them).
+    /// Figures of destinations that were connected and hung up (the call's stats keep the
+    /// last [`MAX_PAST_LEGS`]).
     pub(super) past_legs: Vec<LegStats>,
     /// The agent's side of the quality figures.
     pub(super) agent_counts: AgentCounts,

@@ -52,6 +52,11 @@ impl CallActor {
             event @ (LegEvent::Rejected(_) | LegEvent::Hangup) => {
                 let was_up = self.callee.as_ref().is_some_and(|c| c.up);
                 if let Some(callee) = self.callee.take().filter(|c| c.up) {
+                    // The last few only: an agent may connect and hang up for as long as
+                    // the call lasts.
+                    if self.past_legs.len() >= super::actor::MAX_PAST_LEGS {
+                        self.past_legs.remove(0);
+                    }
                     self.past_legs
                         .push(super::quality::leg_stats(&callee, "callee"));
                 }
