@@ -121,7 +121,29 @@ function quality(q) {
   return parts.join(" · ");
 }
 
+// The latest quality figures of each running call: a call busy answering other stats
+// requests reports none for a moment, and the page keeps showing the last it had.
+let lastStats = new Map();
+
+function withLastStats(calls) {
+  const seen = new Map();
+  for (const c of calls) {
+    const q = c.quality;
+    if (q.stats) {
+      seen.set(c.callId, q);
+    } else if (lastStats.has(c.callId)) {
+      const last = lastStats.get(c.callId);
+      for (const k of ["jitterMs", "lossPct", "concealedMs", "mos", "rttMs", "stats"]) {
+        if (last[k] !== undefined) q[k] = last[k];
+      }
+      seen.set(c.callId, q);
+    }
+  }
+  lastStats = seen;
+}
+
 function render(s) {
+  withLastStats(s.calls);
   const more = s.callsTotal - s.calls.length;
   const foot = $("calls").tFoot;
   foot.replaceChildren();

@@ -247,7 +247,7 @@ async fn running_call(call: &CallHandle, holder: Option<&String>) -> Value {
     let stats = tokio::time::timeout(STATS_WAIT, call.stats())
         .await
         .ok()
-        .flatten();
+        .and_then(Result::ok);
     json!({
         "callId": &*call.call_id,
         "sessionId": &*call.session_id,

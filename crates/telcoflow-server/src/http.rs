@@ -2,6 +2,7 @@
 //! `{code, message}` with the protocol's error codes, mapped to a status in one place
 //! ([`ApiError`]).
 
+use crate::call::StatsError;
 use crate::auth::{PhoneQuery, admit_phone, authenticate};
 use crate::registry::{CloseError, RegistryError, SessionQuery};
 use crate::state::Shared;
@@ -174,7 +175,8 @@ pub(crate) async fn list_sessions(
 /// `GET /public/v1/calls/{id}/stats`: the quality figures of a call this node runs, so far
 /// ([`CallStats`](telcoflow_proto::stats::CallStats)). A call that is not running here, or is
 /// another connector's, is `404 CALL_NOT_FOUND` alike: a connector learns nothing of calls not
-/// its own.
+/// its own. A call already answering as many stats requests as it takes, or not answering
+/// within [`STATS_TIMEOUT`], is `503 TIMEOUT`: ask again.
 pub(crate) async fn call_stats(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
@@ -193,8 +195,26 @@ pub(crate) async fn call_stats(
         .call_by_id(&call_id)
         .filter(|c| *c.connector == *connector.uuid)
         .ok_or_else(not_found)?;
-    call.stats().await.map(Json).ok_or_else(not_found)
+    let busy = |message: String| ApiError {
+        code: ErrorCode::Timeout,
+        message,
+        unavailable: true,
+    };
+    match tokio::time::timeout(STATS_TIMEOUT, call.stats()).await {
+        Ok(Ok(stats)) => Ok(Json(stats)),
+        Ok(Err(StatsError::Ended)) => Err(not_found()),
+        Ok(Err(StatsError::Busy)) => Err(busy(format!(
+            "call {call_id} is busy answering other stats requests; retry shortly"
+        ))),
+        Err(_) => Err(busy(format!(
+            "call {call_id} did not report its stats within {} s; retry shortly",
+            STATS_TIMEOUT.as_secs()
+        ))),
+    }
 }
+
+/// How long `GET /public/v1/calls/{id}/stats` waits for the call's answer.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `POST /public/v1/sessions/{id}/close`: ends the session's call for everyone.
 pub(crate) async fn close_session(

@@ -10,13 +10,18 @@ use std::sync::Arc;
 use telcoflow_proto::control::{CloseReason, SetupData};
 use telcoflow_proto::media::Command;
 use telcoflow_proto::stats::CallStats;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::warn;
 
 /// Capacity of a call's lifecycle queue. Lifecycle events are few per call.
 const CONTROL_QUEUE: usize = 64;
 /// Capacity of a call's audio/command queue: a few frames from each party.
 const DATA_QUEUE: usize = 64;
+/// Stats requests a call answers at once; more fail fast with [`StatsError::Busy`].
+const STATS_IN_FLIGHT: usize = 2;
+/// Lifecycle queue slots a stats request never takes: they stay for the inputs that matter
+/// (claims, detaches, hangups), whose senders drop them when the queue is full.
+const CONTROL_RESERVED: usize = 8;
 
 /// The receiving ends of a call's two queues, for its actor: lifecycle, then data.
 pub(super) type Queues = (mpsc::Receiver<CallInput>, mpsc::Receiver<CallInput>);
@@ -33,6 +38,18 @@ pub(crate) struct CallHandle {
     pub(crate) live: Arc<CallLive>,
     control: mpsc::Sender<CallInput>,
     data: mpsc::Sender<CallInput>,
+    /// Bounds the stats requests in the call's lifecycle queue (see [`Self::stats`]).
+    stats_permits: Arc<Semaphore>,
+}
+
+/// Why a call gave no quality figures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StatsError {
+    /// The call has ended.
+    Ended,
+    /// The call is answering as many stats requests as it takes at once, or its lifecycle
+    /// queue is busy: ask again shortly.
+    Busy,
 }
 
 impl CallHandle {
@@ -49,6 +66,7 @@ impl CallHandle {
             live: Arc::new(CallLive::new()),
             control: control_tx,
             data: data_tx,
+            stats_permits: Arc::new(Semaphore::new(STATS_IN_FLIGHT)),
         };
         (handle, (control_rx, data_rx))
     }
@@ -82,18 +100,33 @@ impl CallHandle {
         self.data.send(input).await.is_ok()
     }
 
-    /// The call's quality figures so far (see [`CallStats`]); `None` once the call has ended.
+    /// The call's quality figures so far (see [`CallStats`]).
     ///
     /// The actor answers between two inputs from a snapshot of its counters and of what its
     /// legs' tasks published last: nothing waits on the audio path, and the audio path waits
     /// on nothing here. For the HTTP API and any view of running calls.
-    pub(crate) async fn stats(&self) -> Option<CallStats> {
+    ///
+    /// The request shares the lifecycle queue with inputs that are dropped when it is full,
+    /// so it never waits for room: at most [`STATS_IN_FLIGHT`] at once per call, and never in
+    /// the queue's last [`CONTROL_RESERVED`] slots; otherwise [`StatsError::Busy`] at once.
+    pub(crate) async fn stats(&self) -> Result<CallStats, StatsError> {
+        if self.is_ended() {
+            return Err(StatsError::Ended);
+        }
+        let Ok(_permit) = self.stats_permits.try_acquire() else {
+            return Err(StatsError::Busy);
+        };
+        if self.control.capacity() <= CONTROL_RESERVED {
+            return Err(StatsError::Busy);
+        }
         let (reply, answer) = oneshot::channel();
-        if !self.send_wait(CallInput::Stats { reply }).await {
-            return None;
+        match self.control.try_send(CallInput::Stats { reply }) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => return Err(StatsError::Busy),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(StatsError::Ended),
         }
         // Dropped unanswered when the call ends meanwhile.
-        answer.await.ok()
+        answer.await.map_err(|_| StatsError::Ended)
     }
 
     /// Whether the call's actor has finished.
@@ -169,4 +202,71 @@ pub(crate) enum CallInput {
         reason: CloseReason,
         done: Option<oneshot::Sender<()>>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::pin;
+    use std::task::Poll;
+
+    /// Polls a future once: whether it finished and how.
+    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        let waker = futures_util::task::noop_waker();
+        f.poll(&mut std::task::Context::from_waker(&waker))
+    }
+
+    #[test]
+    fn stats_requests_are_bounded_and_leave_the_queue_room() {
+        // An actor that does not answer (yet): its queues are alive, nobody reads them.
+        let (call, (mut control, _data)) = CallHandle::new("a", "b", "c");
+        let mut first = pin!(call.stats());
+        let mut second = pin!(call.stats());
+        assert!(poll_once(first.as_mut()).is_pending());
+        assert!(poll_once(second.as_mut()).is_pending());
+        // A third one fails at once, and queues nothing.
+        assert_eq!(
+            poll_once(pin!(call.stats())),
+            Poll::Ready(Err(StatsError::Busy))
+        );
+        assert_eq!(control.len(), 2);
+        // The actor answers one: room for another.
+        let Some(CallInput::Stats { reply }) = control.try_recv().ok() else {
+            panic!("a stats request");
+        };
+        let stats = CallStats {
+            call_id: call.call_id.to_string(),
+            session_id: call.session_id.to_string(),
+            duration_ms: 0,
+            legs: Vec::new(),
+            agent: Default::default(),
+        };
+        reply.send(stats).unwrap();
+        assert!(matches!(poll_once(first.as_mut()), Poll::Ready(Ok(_))));
+        drop(first);
+        let mut third = pin!(call.stats());
+        assert!(poll_once(third.as_mut()).is_pending());
+        drop((second, third));
+        while control.try_recv().is_ok() {}
+
+        // A lifecycle queue with only its reserved slots left takes no stats request.
+        for _ in 0..CONTROL_QUEUE - CONTROL_RESERVED {
+            assert!(call.send(CallInput::MediaDetach {
+                conn_id: 1,
+                agent_closed: false,
+            }));
+        }
+        assert_eq!(
+            poll_once(pin!(call.stats())),
+            Poll::Ready(Err(StatsError::Busy))
+        );
+        assert_eq!(control.len(), CONTROL_QUEUE - CONTROL_RESERVED);
+
+        // An ended call says so.
+        drop(control);
+        assert_eq!(
+            poll_once(pin!(call.stats())),
+            Poll::Ready(Err(StatsError::Ended))
+        );
+    }
 }

@@ -33,7 +33,7 @@ mod playout;
 mod quality;
 
 pub(crate) use frames::{SamplePool, frame_bytes};
-pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut};
+pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut, StatsError};
 pub(crate) use leg::{
     LegEvent, LegId, LegKind, LegLink, LegOutput, LegQuality, NetFigures, Refusal,
 };
