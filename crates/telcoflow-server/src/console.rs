@@ -111,6 +111,13 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
+/// Tells a live view whose frame was over [`MAX_LIVE_FRAME`] why it is being closed (1009).
+async fn close_if_too_big(socket: &mut WebSocket, error: &axum::Error) {
+    if let Some(close) = crate::close_for_receive_error(error, "the console live view's limit") {
+        let _ = socket.send(Message::Close(Some(close))).await;
+    }
+}
+
 /// The connector a live view logs in as, from its first frame; refused with a close frame
 /// (1008 and why) otherwise.
 async fn log_in(shared: &Shared, socket: &mut WebSocket) -> Option<Arc<ConnectorConfig>> {
@@ -129,7 +136,11 @@ async fn log_in(shared: &Shared, socket: &mut WebSocket) -> Option<Arc<Connector
         },
         Ok(Some(Ok(_))) => "the first frame must be a text auth frame".to_owned(),
         Err(_) => "no auth frame in time".to_owned(),
-        Ok(Some(Err(_)) | None) => return None,
+        Ok(Some(Err(e))) => {
+            close_if_too_big(socket, &e).await;
+            return None;
+        }
+        Ok(None) => return None,
     };
     debug!(reason = %refused, "console live view refused");
     close(socket, close_code::POLICY, &refused).await;
@@ -167,7 +178,11 @@ async fn run_live(shared: Arc<Shared>, mut socket: WebSocket) {
             }
             // Cancel-safe: a stream poll. The page sends nothing more; this notices it leave.
             msg = socket.recv() => match msg {
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Err(e)) => {
+                    close_if_too_big(&mut socket, &e).await;
+                    return;
+                }
+                Some(Ok(Message::Close(_))) | None => return,
                 Some(Ok(_)) => {}
             },
             () = shared.shutdown.cancelled() => {

@@ -308,3 +308,23 @@ async fn a_phone_authenticates_in_its_first_frame() {
     assert_eq!(refused.status, 400);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn live_view_closes_an_oversized_frame_with_1009() {
+    let server = start(two_connectors()).await;
+    let url = format!("{}/console/v1/live", server.base_url());
+    let big = "x".repeat(8192);
+    // As its first frame, in place of the credentials.
+    let mut ws = Ws::connect(&url, &[]).await.expect("upgrade");
+    ws.send_text(&big).await;
+    let (_, close) = ws.texts_until_close().await;
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1009, "{reason}");
+    assert!(reason.contains("4096-byte limit"), "{reason}");
+    // Once logged in.
+    let (mut ws, _) = live(&server, DEV_CONNECTOR_UUID, DEV_API_KEY).await;
+    ws.send_text(&big).await;
+    let (_, close) = ws.texts_until_close().await;
+    assert_eq!(close.expect("a close frame").0, 1009);
+    server.shutdown().await;
+}
