@@ -258,7 +258,10 @@ mod tests {
         let late = LegStats::new("caller", "sip", 0.0, 100, 100, 2000 / 3, 0, 0, None, 20.0);
         assert_eq!(late.loss_pct, 0.0);
         let share = 666.0 * 100.0 / (2000.0 + 666.0);
-        assert!(close(late.r_factor, (r_factor(20.0, share) * 100.0).round() / 100.0));
+        assert!(close(
+            late.r_factor,
+            (r_factor(20.0, share) * 100.0).round() / 100.0
+        ));
         assert!(late.mos < LegStats::new("c", "sip", 0.0, 100, 100, 0, 0, 0, None, 20.0).mos);
         // More received than expected (duplicates): no negative loss.
         let dup = LegStats::new("caller", "sim", 0.0, 5, 6, 0, 0, 0, None, 0.0);

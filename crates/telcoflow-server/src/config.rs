@@ -517,6 +517,9 @@ pub struct Limits {
     /// Closed sessions kept (for `GET /public/v1/sessions`) per connector; beyond it the
     /// oldest closed one is forgotten first. Default [`DEFAULT_MAX_CLOSED_SESSIONS`].
     pub max_closed_sessions_per_connector: usize,
+    /// Console live views (`/console/v1/live`) one connector may have open on a node at once;
+    /// beyond it a new one is closed with 1008. Default 8.
+    pub max_console_views_per_connector: usize,
 
     // Connections and deadlines of the HTTP/WebSocket listener.
     /// Connections the listener holds at once (HTTP, control, media and simulated phones
@@ -560,6 +563,7 @@ impl Default for Limits {
             max_playout_ms: 1000,
             catch_up_after_stall: true,
             max_closed_sessions_per_connector: DEFAULT_MAX_CLOSED_SESSIONS,
+            max_console_views_per_connector: 8,
 
             max_connections: 10_000,
             max_connections_per_ip: 2000,
@@ -708,6 +712,10 @@ impl Config {
             (
                 "max_closed_sessions_per_connector",
                 l.max_closed_sessions_per_connector,
+            ),
+            (
+                "max_console_views_per_connector",
+                l.max_console_views_per_connector,
             ),
             ("max_connections", l.max_connections),
             ("max_connections_per_ip", l.max_connections_per_ip),

@@ -151,6 +151,17 @@ async fn run_live(shared: Arc<Shared>, mut socket: WebSocket) {
     let Some(connector) = log_in(&shared, &mut socket).await else {
         return;
     };
+    // Each view costs a snapshot every LIVE_PERIOD: held until the view ends.
+    let Some(_slot) = shared.reserve_console_view(&connector.uuid) else {
+        let limit = shared.config.limits.max_console_views_per_connector;
+        let reason = format!(
+            "connector already has {limit} console live views open \
+             (limits.max_console_views_per_connector)"
+        );
+        debug!(%reason, "console live view refused");
+        close(&mut socket, close_code::POLICY, &reason).await;
+        return;
+    };
     let welcome = json!({
         "type": "welcome",
         "connectorUuid": connector.uuid,

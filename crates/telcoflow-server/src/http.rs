@@ -2,8 +2,8 @@
 //! `{code, message}` with the protocol's error codes, mapped to a status in one place
 //! ([`ApiError`]).
 
-use crate::call::StatsError;
 use crate::auth::{PhoneQuery, admit_phone, authenticate};
+use crate::call::StatsError;
 use crate::registry::{CloseError, RegistryError, SessionQuery};
 use crate::state::Shared;
 use crate::tls::PeerInfo;

@@ -36,6 +36,28 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     /// The Prometheus metrics (`GET /metrics`).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// Console live views open on this node, per connector.
+    console_views: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+}
+
+/// A console live view's place under `limits.max_console_views_per_connector`, given back
+/// when dropped.
+#[derive(Debug)]
+pub(crate) struct ConsoleViewSlot {
+    views: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    connector: String,
+}
+
+impl Drop for ConsoleViewSlot {
+    fn drop(&mut self) {
+        let mut views = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = views.get_mut(&self.connector) {
+            *n -= 1;
+            if *n == 0 {
+                views.remove(&self.connector);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -79,7 +101,24 @@ impl Shared {
             ended_calls: EndedCalls::default(),
             next_conn: AtomicU64::new(1),
             metrics: Arc::default(),
+            console_views: Arc::default(),
         }
+    }
+
+    /// A place for one more console live view of `connector`, if it has fewer than
+    /// `limits.max_console_views_per_connector` open on this node.
+    pub(crate) fn reserve_console_view(&self, connector: &str) -> Option<ConsoleViewSlot> {
+        let limit = self.config.limits.max_console_views_per_connector;
+        let mut views = self.console_views.lock().unwrap_or_else(|e| e.into_inner());
+        let n = views.entry(connector.to_owned()).or_default();
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(ConsoleViewSlot {
+            views: self.console_views.clone(),
+            connector: connector.to_owned(),
+        })
     }
 
     pub(crate) fn connector(&self, uuid: &str) -> Option<&Arc<ConnectorConfig>> {

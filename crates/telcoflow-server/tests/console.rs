@@ -328,3 +328,50 @@ async fn live_view_closes_an_oversized_frame_with_1009() {
     assert_eq!(close.expect("a close frame").0, 1009);
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn live_views_are_capped_per_connector() {
+    let mut config = two_connectors();
+    config.limits.max_console_views_per_connector = 2;
+    let server = start(config).await;
+    let (mut first, _) = live(&server, DEV_CONNECTOR_UUID, DEV_API_KEY).await;
+    let (_second, _) = live(&server, DEV_CONNECTOR_UUID, DEV_API_KEY).await;
+    // A third view of the same connector is refused after its login, saying why.
+    let url = format!("{}/console/v1/live", server.base_url());
+    let mut third = Ws::connect(&url, &[]).await.expect("upgrade");
+    third
+        .send_json(
+            json!({"type": "auth", "connectorUuid": DEV_CONNECTOR_UUID, "apiKey": DEV_API_KEY}),
+        )
+        .await;
+    let (texts, close) = third.texts_until_close().await;
+    assert!(texts.is_empty(), "nothing before the refusal: {texts:?}");
+    let (code, reason) = close.expect("a close frame");
+    assert_eq!(code, 1008);
+    assert!(
+        reason.contains("limits.max_console_views_per_connector"),
+        "{reason}"
+    );
+    // Another connector has places of its own.
+    let (_other, _) = live(&server, OTHER_UUID, OTHER_KEY).await;
+    // A view that ends gives its place back.
+    first.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut ws = Ws::connect(&url, &[]).await.expect("upgrade");
+        ws.send_json(
+            json!({"type": "auth", "connectorUuid": DEV_CONNECTOR_UUID, "apiKey": DEV_API_KEY}),
+        )
+        .await;
+        match ws.next().await {
+            Some(tokio_tungstenite::tungstenite::Message::Text(t)) if t.contains("welcome") => {
+                break;
+            }
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the closed view's place was not given back"
+            ),
+        }
+    }
+    server.shutdown().await;
+}

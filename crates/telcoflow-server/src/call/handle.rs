@@ -10,7 +10,7 @@ use std::sync::Arc;
 use telcoflow_proto::control::{CloseReason, SetupData};
 use telcoflow_proto::media::Command;
 use telcoflow_proto::stats::CallStats;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::warn;
 
 /// Capacity of a call's lifecycle queue. Lifecycle events are few per call.

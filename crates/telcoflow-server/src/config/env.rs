@@ -95,6 +95,7 @@ pub const ENV_SETTINGS: &[EnvSetting] = &[
     s(Some("limits"), "max_playout_ms", Number),
     s(Some("limits"), "catch_up_after_stall", Bool),
     s(Some("limits"), "max_closed_sessions_per_connector", Number),
+    s(Some("limits"), "max_console_views_per_connector", Number),
     s(Some("limits"), "max_connections", Number),
     s(Some("limits"), "max_connections_per_ip", Number),
     s(Some("limits"), "header_read_timeout_secs", Number),

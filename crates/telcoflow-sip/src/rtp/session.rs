@@ -1548,8 +1548,14 @@ mod tests {
             rtt_from_report(lsr.wrapping_add(10 * 65536), lsr, 0),
             Some(MAX_RTT)
         );
-        assert_eq!(rtt_from_report(lsr.wrapping_add(10 * 65536 + 1), lsr, 0), None);
-        assert_eq!(rtt_from_report(lsr.wrapping_add(3600 * 65536), lsr, 0), None);
+        assert_eq!(
+            rtt_from_report(lsr.wrapping_add(10 * 65536 + 1), lsr, 0),
+            None
+        );
+        assert_eq!(
+            rtt_from_report(lsr.wrapping_add(3600 * 65536), lsr, 0),
+            None
+        );
     }
 
     fn telcoflow_ntp(wall: Duration) -> u64 {
