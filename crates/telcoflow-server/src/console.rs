@@ -207,12 +207,7 @@ async fn run_live(shared: Arc<Shared>, mut socket: WebSocket) {
 /// One `snapshot` frame: what `connector` has on this node now.
 async fn snapshot(shared: &Shared, connector: &str) -> Value {
     let view = shared.registry.console_view(connector);
-    let mut calls: Vec<CallHandle> = shared
-        .registry
-        .running_calls()
-        .into_iter()
-        .filter(|c| &*c.connector == connector)
-        .collect();
+    let mut calls: Vec<CallHandle> = shared.registry.running_calls_of(connector);
     calls.sort_by_key(|c| c.live.started_unix_ms);
     let calls_total = calls.len();
     calls.truncate(CALLS_LISTED);

@@ -392,6 +392,16 @@ impl MemoryRegistry {
         self.lock().by_call_id.values().cloned().collect()
     }
 
+    /// The running calls of `connector`.
+    pub(crate) fn running_calls_of(&self, connector: &str) -> Vec<CallHandle> {
+        self.lock()
+            .by_call_id
+            .values()
+            .filter(|c| &*c.connector == connector)
+            .cloned()
+            .collect()
+    }
+
     /// How many calls are running.
     pub(crate) fn running_call_count(&self) -> usize {
         self.lock().by_call_id.len()

@@ -177,6 +177,15 @@ impl Registry {
         }
     }
 
+    /// The calls of `connector` this node runs, picked out under the registry's lock (the
+    /// console asks twice a second per view: it clones no other connector's handles).
+    pub(crate) fn running_calls_of(&self, connector: &str) -> Vec<CallHandle> {
+        match self {
+            Self::Memory(m) => m.running_calls_of(connector),
+            Self::Nats(n) => n.local_registry().running_calls_of(connector),
+        }
+    }
+
     /// The control connections of `connector` on this node and who holds its open sessions,
     /// for the console (read-only).
     pub(crate) fn console_view(&self, connector: &str) -> ConsoleView {
