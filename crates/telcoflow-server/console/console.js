@@ -56,6 +56,14 @@ function onWelcome(msg) {
   if (!$("phone-to").value) {
     $("phone-to").value = msg.numbers.find((n) => n !== "*") || "+15559990001";
   }
+  phoneAvailable = Boolean(msg.simPhones);
+  if (phoneAvailable) {
+    if ($("phone-status").dataset.state === "unavailable") setStatus("idle");
+  } else {
+    // The browser phone is a simulated phone: without them it could only fail.
+    setStatus("unavailable", "unavailable: this server has simulated phones off ([sim] enabled = false)");
+  }
+  setButtons();
 }
 
 $("login-form").addEventListener("submit", (e) => {
@@ -177,6 +185,7 @@ let audio = null; // {ctx, node, stream, source}
 let phone = null; // the phone's WebSocket
 let phoneMode = null; // "dial" | "wait"
 let inCall = false;
+let phoneAvailable = true; // the server takes simulated phones (welcome's simPhones)
 
 function setStatus(state, text) {
   const el = $("phone-status");
@@ -186,10 +195,11 @@ function setStatus(state, text) {
 
 function setButtons() {
   const busy = phone !== null;
-  $("phone-dial").disabled = busy;
-  $("phone-wait").disabled = busy;
+  $("phone-dial").disabled = busy || !phoneAvailable;
+  $("phone-wait").disabled = busy || !phoneAvailable;
   $("phone-hangup").disabled = !busy;
-  $("phone-aec").disabled = busy;
+  $("phone-aec").disabled = busy || !phoneAvailable;
+  for (const b of $("dtmf").querySelectorAll("button")) b.disabled = !phoneAvailable;
 }
 
 async function startAudio() {
