@@ -1,6 +1,7 @@
 """An agent on the official Python SDK that answers every call and connects it to the
 connector's `call.connect` destination: the console's browser test waits there with the
-browser phone. Usage: connect_agent.py WS_BASE_URL API_KEY CONNECTOR_UUID"""
+browser phone. It prints `dtmf DIGIT` for each digit the caller sends.
+Usage: connect_agent.py WS_BASE_URL API_KEY CONNECTOR_UUID"""
 
 import asyncio
 import sys
@@ -25,6 +26,14 @@ async def main() -> None:
             @session.on_incoming_call
             async def on_call(call):
                 await call.answer()
+
+                # The SDK's Call takes handlers for call.terminated and call.error only; every
+                # call event, call.dtmf among them, reaches its voice connection's callbacks.
+                def on_event(event, data):
+                    if event == "call.dtmf":
+                        print(f"dtmf {data.get('digit')}", flush=True)
+
+                call.voice_session.on_event(on_event)
                 result = await call.connect(ring_time_seconds=20)
                 print(f"connect: {result}", flush=True)
 

@@ -56,20 +56,45 @@ function start(cmd, args, pattern, env = {}) {
     if (stderr.length > 200) stderr.shift();
   });
   child.lastLines = () => stderr.slice(-30).join("\n");
+  child.what = `${cmd} ${args[0]}`;
+  // Every stdout line, kept for waitLine.
+  child.stdoutLines = [];
+  child.lineWaiters = [];
+  createInterface({ input: child.stdout }).on("line", (line) => {
+    child.stdoutLines.push(line);
+    for (const w of [...child.lineWaiters]) w(line);
+  });
   if (!pattern) return Promise.resolve({ child, match: null });
+  return waitLine(child, pattern).then((match) => ({ child, match }));
+}
+
+/** The first stdout line of `child` (printed so far or within WAIT) matching `pattern`. */
+function waitLine(child, pattern) {
   return new Promise((ok, fail) => {
-    const timer = setTimeout(() => fail(new Error(`${cmd} ${args[0]}: no "${pattern}" in time\n${child.lastLines()}`)), WAIT);
-    createInterface({ input: child.stdout }).on("line", (line) => {
+    const seen = child.stdoutLines.map((l) => l.match(pattern)).find(Boolean);
+    if (seen) return ok(seen);
+    const done = () => {
+      clearTimeout(timer);
+      child.lineWaiters = child.lineWaiters.filter((w) => w !== waiter);
+      child.off("exit", onExit);
+    };
+    const timer = setTimeout(() => {
+      done();
+      fail(new Error(`${child.what}: no "${pattern}" in time\n${child.lastLines()}`));
+    }, WAIT);
+    const onExit = (code) => {
+      done();
+      fail(new Error(`${child.what} exited (${code})\n${child.lastLines()}`));
+    };
+    const waiter = (line) => {
       const m = line.match(pattern);
       if (m) {
-        clearTimeout(timer);
-        ok({ child, match: m });
+        done();
+        ok(m);
       }
-    });
-    child.on("exit", (code) => {
-      clearTimeout(timer);
-      fail(new Error(`${cmd} ${args[0]} exited (${code})\n${child.lastLines()}`));
-    });
+    };
+    child.lineWaiters.push(waiter);
+    child.on("exit", onExit);
   });
 }
 
@@ -161,8 +186,10 @@ async function main() {
     const row = `#calls tbody tr[data-call-id="${callId}"]`;
     await page.waitForFunction((sel) => {
       const tr = document.querySelector(sel);
+      // The duration reads "m:ss".
+      const [m, s] = tr ? tr.cells[3].textContent.split(":").map(Number) : [NaN, NaN];
       return tr && tr.cells[2].textContent === "answered" && tr.cells[4].textContent === "media up"
-        && Number(tr.cells[5].querySelector("meter").value) > -40 && tr.cells[3].textContent >= "0:02";
+        && Number(tr.cells[5].querySelector("meter").value) > -40 && m * 60 + s >= 2;
     }, row);
     const cells = await page.$$eval(`${row} td`, (tds) => tds.map((td) => td.textContent));
     assert.equal(cells[0], "+15550001");
@@ -206,7 +233,6 @@ async function main() {
         CALLER_HZ,
         { polling: 100 },
       );
-      await page.click("#dtmf button:nth-child(5)");
       await page.waitForFunction((sel) => {
         const tr = document.querySelector(sel);
         return tr && tr.cells[2].textContent === "connected" && tr.cells[0].textContent === "+15552220002";
@@ -219,6 +245,17 @@ async function main() {
       await page.waitForSelector("#phone-status[data-state=idle]");
       await page.waitForSelector(`#ended tbody tr[data-call-id="${connected}"]`);
       log("the connected call ended; the phone stopped waiting");
+
+      // DTMF: the browser dials the Python agent and presses 5; the agent prints the digit.
+      // (The server passes on the caller's digits only, so the browser calls in here.)
+      await page.fill("#phone-to", "+15559990001");
+      await page.click("#phone-dial");
+      await page.waitForSelector("#phone-status[data-state=answered]");
+      await page.click("#dtmf button:nth-child(5)");
+      await waitLine(connector.child, /^dtmf 5$/);
+      log("the agent got the DTMF digit 5");
+      await page.click("#phone-hangup");
+      await page.waitForSelector("#phone-status[data-state=ended]");
     }
     console.log("PASS: console browser test");
   } finally {
