@@ -220,8 +220,9 @@ mod tests {
     fn stats_requests_are_bounded_and_leave_the_queue_room() {
         // An actor that does not answer (yet): its queues are alive, nobody reads them.
         let (call, (mut control, _data)) = CallHandle::new("a", "b", "c");
-        let mut first = pin!(call.stats());
-        let mut second = pin!(call.stats());
+        // Boxed, so that dropping one drops the request (and its permit).
+        let mut first = Box::pin(call.stats());
+        let mut second = Box::pin(call.stats());
         assert!(poll_once(first.as_mut()).is_pending());
         assert!(poll_once(second.as_mut()).is_pending());
         // A third one fails at once, and queues nothing.
@@ -244,9 +245,14 @@ mod tests {
         reply.send(stats).unwrap();
         assert!(matches!(poll_once(first.as_mut()), Poll::Ready(Ok(_))));
         drop(first);
-        let mut third = pin!(call.stats());
+        let mut third = Box::pin(call.stats());
         assert!(poll_once(third.as_mut()).is_pending());
         drop((second, third));
+        while control.try_recv().is_ok() {}
+        // Both permits are back.
+        let mut again = Box::pin(call.stats());
+        assert!(poll_once(again.as_mut()).is_pending());
+        drop(again);
         while control.try_recv().is_ok() {}
 
         // A lifecycle queue with only its reserved slots left takes no stats request.
