@@ -1,5 +1,6 @@
 //! RTP media building blocks for SIP calls, all sans-IO (no sockets, no clock reads):
 //!
+//! - [`dtmf_out`]: DTMF the server sends: RFC 4733 packets and Q.23 dual tones.
 //! - [`g711`]: PCMU / PCMA encode and decode.
 //! - [`packet`]: RTP header, RFC 4733 telephone events, RTCP sender/receiver reports.
 //! - [`jitter`]: adaptive jitter buffer for 20 ms G.711 frames.
@@ -9,6 +10,7 @@
 //!
 //! A media task (in the Telcoflow server: one RTP leg per SIP call) owns a socket and feeds datagrams and the current time into these types.
 
+pub mod dtmf_out;
 pub mod g711;
 pub mod jitter;
 pub mod packet;
