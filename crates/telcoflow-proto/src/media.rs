@@ -17,6 +17,12 @@
 //! | `call.stats` | the [`CallStats`](crate::stats::CallStats) fields: `call_id`, `session_id`, `duration_ms`, `legs`, `agent` | at the end of the call, just before `call.terminated`: its quality figures |
 //! | `call.audio_skipped` | `dropped_ms`, `reason` (`agent_stall`, `server_stall`) | `agent_stall`: the server dropped live agent audio to win back the delay a stall of the agent left (one event per catch-up); `server_stall`: the server itself stalled and dropped a phone's audio of that time, stale by then |
 //!
+//! Commands beyond the reference SDK's (the official Python SDK never sends them):
+//!
+//! | `command` | `data` | result |
+//! |---|---|---|
+//! | `call.send_dtmf` | [`SendDtmfData`]: `digits`, `durationMs` | `{"queuedMs": n}`: sent right away, the digits queued; they reach the caller over the next `n` ms |
+//!
 //! The server may also send WebSocket pings on the media connection (when live agent audio runs
 //! dry, to tell a stalled agent from a paused one); WebSocket libraries answer them by themselves.
 
@@ -60,11 +66,13 @@ pub enum CommandName {
     Close,
     /// `agent.interrupt`: drop every byte of agent audio not yet played.
     Interrupt,
+    /// `call.send_dtmf` (extension): send DTMF digits to the caller ([`SendDtmfData`]).
+    SendDtmf,
 }
 
 impl CommandName {
     /// Every command.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Answer,
         Self::Connect,
         Self::Whisper,
@@ -73,6 +81,7 @@ impl CommandName {
         Self::Disconnect,
         Self::Close,
         Self::Interrupt,
+        Self::SendDtmf,
     ];
 
     /// The name on the wire.
@@ -86,6 +95,7 @@ impl CommandName {
             Self::Disconnect => "call.disconnect",
             Self::Close => "call.close",
             Self::Interrupt => "agent.interrupt",
+            Self::SendDtmf => "call.send_dtmf",
         }
     }
 
@@ -123,6 +133,21 @@ pub struct Command {
 pub struct ConnectData {
     /// How long to ring the destination, 1..=120 seconds.
     pub ring_time_seconds: u32,
+}
+
+/// Arguments of `call.send_dtmf` (extension): `{"digits": "12#", "durationMs": 100}`.
+///
+/// `digits`: 1 to 32 of `0-9 * # A-D`; `durationMs`: tone per digit, 40..=2000 (default 100),
+/// rounded up to whole 20 ms frames; digits are 60 ms apart. The server checks them and
+/// answers `INVALID_REQUEST` saying what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SendDtmfData {
+    /// The digits, in order.
+    pub digits: String,
+    /// Tone per digit, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u32>,
 }
 
 /// Text frames the client sends on a media connection.

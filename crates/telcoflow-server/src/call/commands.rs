@@ -1,5 +1,5 @@
 //! The agent's commands: `call.answer`, `call.connect` (ringing a destination through the
-//! networks), whisper / barge / spy, interrupt, disconnect and close.
+//! networks), whisper / barge / spy, interrupt, DTMF out, disconnect and close.
 
 use super::actor::{AgentMode, CallActor, PendingConnect, Phase};
 use super::leg::{LegId, LegOutput};
@@ -8,7 +8,10 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::CloseReason;
-use telcoflow_proto::media::{Command, CommandName, CommandResponse, ConnectData, RING_TIME_RANGE};
+use telcoflow_proto::media::{
+    Command, CommandName, CommandResponse, ConnectData, RING_TIME_RANGE, SendDtmfData,
+};
+use telcoflow_sip::rtp::dtmf_out::{DEFAULT_DURATION_MS, DtmfPlan};
 use telcoflow_proto::sim::HangupReason;
 use tracing::{debug, info};
 
@@ -88,6 +91,7 @@ impl CallActor {
                     Some(json!({ "droppedBytes": dropped })),
                 ));
             }
+            CommandName::SendDtmf => self.on_send_dtmf(id, cmd.data),
             CommandName::Disconnect => {
                 self.respond(CommandResponse::ok(id, None));
                 self.finish(CloseReason::SdkRequest, HangupReason::Remote);
@@ -97,6 +101,40 @@ impl CallActor {
                 self.agent_leaves();
             }
         }
+    }
+
+    /// `call.send_dtmf`: the digits go to the caller (the party the agent talks to), not to
+    /// a connected destination. Answered at once with the digits queued: `queuedMs` says
+    /// how long they take to play.
+    fn on_send_dtmf(&mut self, id: String, data: Option<Value>) {
+        let data = match data.map(serde_json::from_value::<SendDtmfData>) {
+            Some(Ok(d)) => d,
+            _ => {
+                return self.respond(CommandResponse::error(
+                    id,
+                    ErrorCode::InvalidRequest,
+                    "call.send_dtmf needs data {\"digits\": \"1 to 32 of 0-9 * # A-D\", \"durationMs\": 40..=2000}",
+                ));
+            }
+        };
+        let duration = data.duration_ms.unwrap_or(DEFAULT_DURATION_MS);
+        let plan = match DtmfPlan::new(&data.digits, duration) {
+            Ok(plan) => plan,
+            Err(e) => {
+                return self.respond(CommandResponse::error(id, ErrorCode::InvalidRequest, e));
+            }
+        };
+        if self.phase != Phase::Answered || !self.caller.up {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::InvalidState,
+                "answer the call before sending DTMF",
+            ));
+        }
+        let queued = plan.total_ms();
+        info!(digits = plan.events().len(), duration, "sending DTMF");
+        self.caller.send_dtmf(plan);
+        self.respond(CommandResponse::ok(id, Some(json!({ "queuedMs": queued }))));
     }
 
     fn on_connect(&mut self, id: String, data: Option<Value>, timeout_ms: Option<u64>) {

@@ -98,6 +98,9 @@ pub(crate) enum LegOutput {
     Audio(SampleFrame),
     /// The call ended for this leg.
     Hangup(HangupReason),
+    /// DTMF for the leg to send (`call.send_dtmf`): RFC 4733 events or SIP INFO on a SIP
+    /// leg, tones mixed into the audio on a simulated phone.
+    Dtmf(telcoflow_sip::rtp::dtmf_out::DtmfPlan),
 }
 
 /// How a call reaches one of its legs.

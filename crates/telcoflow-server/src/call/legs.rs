@@ -9,6 +9,7 @@ use crate::metrics::{DropCause, LegCounters, Metrics, QueueKind};
 use prometheus::IntCounter;
 use std::collections::VecDeque;
 use telcoflow_proto::SampleRate;
+use telcoflow_sip::rtp::dtmf_out::{DtmfPlan, ToneGenerator};
 use tokio::sync::mpsc;
 use tracing::{debug, trace, warn};
 
@@ -38,6 +39,8 @@ pub(super) struct Leg {
     overflows: IntCounter,
     /// What the call measures of the leg's audio.
     pub(super) meter: ArrivalMeter,
+    /// DTMF tones being mixed into what a simulated phone hears (`call.send_dtmf`).
+    tones: Option<ToneGenerator>,
 }
 
 impl Leg {
@@ -57,6 +60,17 @@ impl Leg {
             dropped_samples: 0,
             pool: SamplePool::default(),
             meter: ArrivalMeter::default(),
+            tones: None,
+        }
+    }
+
+    /// Sends DTMF to the leg: a simulated phone hears dual tones the call mixes into its
+    /// audio; a SIP leg's own task sends them (RFC 4733 events, or tones in the audio). A
+    /// newer request replaces one still playing.
+    pub(super) fn send_dtmf(&mut self, plan: DtmfPlan) {
+        match self.link.kind {
+            LegKind::Sim => self.tones = Some(ToneGenerator::new(plan, self.link.rate.hz())),
+            LegKind::Sip => self.send(LegOutput::Dtmf(plan)),
         }
     }
 
@@ -112,6 +126,12 @@ impl Leg {
         self.to_leg.process(samples, scratch);
         if scratch.is_empty() {
             return;
+        }
+        if let Some(tones) = &mut self.tones {
+            tones.mix_into(scratch);
+            if tones.done() {
+                self.tones = None;
+            }
         }
         let frame = self.pool.frame(scratch);
         self.send(LegOutput::Audio(frame));

@@ -587,6 +587,8 @@ async fn forward(
                 .encode()
                 .into(),
         ),
+        // The call mixes a simulated phone's DTMF into its audio as tones: nothing to send.
+        LegOutput::Dtmf(_) => return true,
         LegOutput::Hangup(reason) => Message::Text(
             NetworkFrame::Hangup {
                 call_id: Some(call_id()),

@@ -759,6 +759,46 @@ impl RtpSession {
         Ok(len)
     }
 
+    /// Payload type of telephone-event, if the peer negotiated it.
+    pub fn telephone_event(&self) -> Option<u8> {
+        self.config.telephone_event
+    }
+
+    /// The RTP timestamp the next sent frame carries (where a DTMF event starting now begins).
+    pub fn send_timestamp(&self) -> u32 {
+        self.timestamp
+    }
+
+    /// Writes one RFC 4733 packet of an outgoing event (payload type `payload_type`, the
+    /// negotiated telephone-event) into `out` and returns its length. The send clock does not
+    /// move: after the frame's packets, call [`RtpSession::skip_frame`], so that the event
+    /// replaces the frame's audio and the audio after it starts a new talk spurt.
+    pub fn write_event(
+        &mut self,
+        payload_type: u8,
+        packet: &super::dtmf_out::EventPacket,
+        out: &mut [u8],
+    ) -> Result<usize, PacketError> {
+        let mut payload = [0u8; TelephoneEvent::LEN];
+        packet.event.write(&mut payload)?;
+        let mut header =
+            RtpHeader::new(payload_type, self.sequence, packet.timestamp, self.config.ssrc);
+        header.marker = packet.marker;
+        let len = header.write_packet(&payload, out)?;
+        self.sequence = self.sequence.wrapping_add(1);
+        self.stats.packets_sent = self.stats.packets_sent.wrapping_add(1);
+        self.stats.octets_sent = self
+            .stats
+            .octets_sent
+            .wrapping_add(TelephoneEvent::LEN as u32);
+        Ok(len)
+    }
+
+    /// Drops audio queued for a packet not yet complete (a DTMF event takes its place).
+    pub fn drop_queued_audio(&mut self) {
+        self.send_buf.clear();
+    }
+
     /// Advances the send clock by one frame without sending (the agent was silent and we
     /// send nothing): the next packet's timestamp then shows the gap, and it carries the
     /// marker as the start of a new talk spurt.

@@ -28,6 +28,7 @@ use crate::call::{
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use telcoflow_sip::rtp::dtmf_out::{EventSender, ToneGenerator};
 use telcoflow_sip::rtp::jitter::FrameKind;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
 use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
@@ -135,6 +136,8 @@ impl PendingLeg {
             quality: self.quality,
             gaps: 0,
             concealing: false,
+            dtmf: None,
+            tone_frame: Vec::new(),
         };
         Ok(leg.run(self.rx, params.events, params.dial))
     }
@@ -173,6 +176,17 @@ struct RtpLeg {
     /// Runs of concealed frames so far, and whether the latest tick concealed.
     gaps: u64,
     concealing: bool,
+    /// DTMF being sent to the peer, frame by frame in place of or mixed into the audio.
+    dtmf: Option<DtmfOut>,
+    /// Audio of a frame with tones mixed in.
+    tone_frame: Vec<i16>,
+}
+
+/// How DTMF reaches the peer: RFC 4733 events when it negotiated telephone-event (with that
+/// payload type), else dual tones in the audio (G.711 carries them intact).
+enum DtmfOut {
+    Events(EventSender, u8),
+    Tones(ToneGenerator),
 }
 
 /// How often (in 20 ms ticks: a second) an RTP leg adds its loss to the metrics while it runs.
@@ -380,7 +394,16 @@ impl RtpLeg {
                     }
                 }
             }
-            LegOutput::Audio(samples) => self.send_audio(&samples).await,
+            LegOutput::Audio(samples) => self.send_frame(&samples).await,
+            LegOutput::Dtmf(plan) => {
+                let pt = self.session.as_ref().and_then(RtpSession::telephone_event);
+                debug!(digits = plan.events().len(), rfc4733 = pt.is_some(), "sending DTMF");
+                // A newer request replaces one still playing.
+                self.dtmf = Some(match pt {
+                    Some(pt) => DtmfOut::Events(EventSender::new(plan, 8000), pt),
+                    None => DtmfOut::Tones(ToneGenerator::new(plan, 8000)),
+                });
+            }
             LegOutput::Hangup(reason) => {
                 let cmd = match (self.key, self.answered) {
                     (LegKey::In(call), false) => Command::Reject {
@@ -394,6 +417,55 @@ impl RtpLeg {
             }
         }
         Flow::Continue
+    }
+
+    /// One 20 ms frame from the call: audio, or DTMF in its place or mixed in.
+    async fn send_frame(&mut self, samples: &[i16]) {
+        match &mut self.dtmf {
+            None => self.send_audio(samples).await,
+            Some(DtmfOut::Tones(tones)) => {
+                let mut frame = std::mem::take(&mut self.tone_frame);
+                frame.clear();
+                frame.extend_from_slice(samples);
+                tones.mix_into(&mut frame);
+                if tones.done() {
+                    self.dtmf = None;
+                }
+                self.send_audio(&frame).await;
+                self.tone_frame = frame;
+            }
+            Some(DtmfOut::Events(events, pt)) => {
+                let pt = *pt;
+                let Some(session) = &mut self.session else {
+                    return;
+                };
+                let packet = events.next_frame(session.send_timestamp());
+                if events.done() {
+                    self.dtmf = None;
+                }
+                let Some(packet) = packet else {
+                    return self.send_audio(samples).await;
+                };
+                if !session.may_send() {
+                    session.skip_frame();
+                    return;
+                }
+                // RFC 4733 2.5: the event replaces the audio of its time.
+                session.drop_queued_audio();
+                for _ in 0..packet.copies {
+                    match session.write_event(pt, &packet, &mut self.packet) {
+                        Ok(len) => {
+                            let to = session.remote();
+                            if let Err(e) = self.socket.send_to(&self.packet[..len], to).await {
+                                debug!(error = %e, %to, "RTP send failed");
+                            }
+                        }
+                        Err(e) => debug!(error = %e, "RTP event not written"),
+                    }
+                }
+                session.skip_frame();
+            }
+        }
     }
 
     async fn send_audio(&mut self, samples: &[i16]) {
