@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use telcoflow_proto::media::{
-    self, Command, CommandName, CommandResponse, ConnectData, MediaClientFrame,
+    self, Command, CommandName, CommandResponse, ConnectData, MediaClientFrame, SendDtmfData,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -327,6 +327,24 @@ impl ActiveCall {
         })
         .ok();
         self.command(CommandName::Connect, data, ring_time).await
+    }
+
+    /// Sends DTMF `digits` (1 to 32 of `0-9 * # A-D`) to the caller, each tone `duration`
+    /// long (40 ms to 2 s, rounded up to 20 ms; digits 60 ms apart): RFC 4733 events on a SIP
+    /// call whose phone negotiated telephone-event, tones in the audio otherwise
+    /// (`call.send_dtmf`, an extension of this server). Returns once the server has queued
+    /// them, with the time they take to play (`{"queuedMs": n}`). Digits or a duration out of
+    /// range fail with code [`ErrorCode::InvalidRequest`](crate::ErrorCode::InvalidRequest)
+    /// and a message saying what is wrong; an unanswered call with
+    /// [`ErrorCode::InvalidState`](crate::ErrorCode::InvalidState).
+    pub async fn send_dtmf(&self, digits: &str, duration: Duration) -> Result<Value, CallError> {
+        let data = serde_json::to_value(SendDtmfData {
+            digits: digits.to_owned(),
+            duration_ms: Some(u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)),
+        })
+        .ok();
+        self.command(CommandName::SendDtmf, data, COMMAND_TIMEOUT)
+            .await
     }
 
     /// The agent is heard by the connected party only (`agent.whisper`; needs `connect`).
