@@ -187,37 +187,55 @@ async fn sip_phone_with_telephone_event_gets_rfc4733_events() {
 }
 
 #[tokio::test]
-async fn sip_phone_without_telephone_event_hears_tones() {
-    let (server, mut media, _phone, rtp) = answered_call(false, "16300-16399").await;
+async fn sip_phone_without_telephone_event_gets_sip_info() {
+    let (server, mut media, phone, rtp) = answered_call(false, "16300-16399").await;
     let resp = media
         .command("call.send_dtmf", Some(json!({"digits": "9*D"})))
         .await;
     assert_eq!(resp["success"], true, "{resp}");
     // The default 100 ms per digit.
     assert_eq!(resp["result"]["queuedMs"], 420);
-    let mut buf = [0u8; 2048];
-    let mut pcm = [0i16; 160];
-    let mut heard = String::new();
-    let mut last = None;
-    let mut after = 0;
-    for _ in 0..200 {
-        let n = recv_rtp(&rtp, &mut buf).await;
-        let p = RtpPacket::parse(&buf[..n]).unwrap();
-        assert_eq!(p.header.payload_type, 0, "audio only: no events negotiated");
-        let len = G711::Pcmu.decode(p.payload, &mut pcm);
-        let d = detect_digit(&pcm[..len], 8000);
-        if let Some(c) = d.filter(|_| d != last) {
-            heard.push(c);
-        }
-        last = d;
-        if heard.len() == 3 {
-            after += 1;
-            if after == 20 {
-                break;
-            }
+    let mut bodies = Vec::new();
+    let mut cseqs = Vec::new();
+    while bodies.len() < 3 {
+        let msg = recv_sip(&phone).await;
+        assert!(msg.starts_with("INFO "), "{msg}");
+        assert_eq!(header(&msg, "Content-Type"), "application/dtmf-relay");
+        let cseq = header(&msg, "CSeq").to_owned();
+        // Retransmissions repeat a CSeq: answer each, count it once.
+        let ok = format!(
+            "SIP/2.0 200 OK\r\nVia: {}\r\nFrom: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {cseq}\r\nContent-Length: 0\r\n\r\n",
+            header(&msg, "Via"),
+            header(&msg, "From"),
+            header(&msg, "To"),
+            header(&msg, "Call-ID"),
+        );
+        phone
+            .send_to(ok.as_bytes(), server.sip_addr().unwrap())
+            .await
+            .unwrap();
+        if !cseqs.contains(&cseq) {
+            cseqs.push(cseq);
+            bodies.push(msg[msg.find("\r\n\r\n").unwrap() + 4..].to_owned());
         }
     }
-    assert_eq!(heard, "9*D");
+    assert_eq!(
+        bodies,
+        [
+            "Signal=9\r\nDuration=100\r\n",
+            "Signal=*\r\nDuration=100\r\n",
+            "Signal=D\r\nDuration=100\r\n"
+        ]
+    );
+    // The audio carries no tones meanwhile: the INFO is the DTMF.
+    let mut buf = [0u8; 2048];
+    let mut pcm = [0i16; 160];
+    for _ in 0..25 {
+        let n = recv_rtp(&rtp, &mut buf).await;
+        let p = RtpPacket::parse(&buf[..n]).unwrap();
+        let len = G711::Pcmu.decode(p.payload, &mut pcm);
+        assert_eq!(detect_digit(&pcm[..len], 8000), None);
+    }
     drop(media);
     server.shutdown().await;
 }

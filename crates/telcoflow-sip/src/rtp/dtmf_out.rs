@@ -67,6 +67,11 @@ impl DtmfPlan {
         &self.events
     }
 
+    /// Tone per digit, in milliseconds (whole 20 ms frames).
+    pub fn tone_ms(&self) -> u32 {
+        self.tone_frames * FRAME_MS
+    }
+
     /// How long sending all digits takes, gaps included, in milliseconds.
     pub fn total_ms(&self) -> u32 {
         let n = self.events.len() as u32;
@@ -153,6 +158,12 @@ impl EventSender {
             copies: if last { END_REPEATS } else { 1 },
         })
     }
+}
+
+/// The body of a SIP INFO of type `application/dtmf-relay` for one digit (the de facto
+/// format Cisco introduced, which phones and PBXs read): `Signal=5\r\nDuration=100\r\n`.
+pub fn dtmf_relay_body(digit: char, duration_ms: u32) -> String {
+    format!("Signal={digit}\r\nDuration={duration_ms}\r\n")
 }
 
 /// The ITU-T Q.23 frequency pair (low, high) of an event code 0-15.

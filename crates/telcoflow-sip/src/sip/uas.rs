@@ -192,6 +192,15 @@ pub enum UasAction {
     },
     /// End the call: BYE once answered, 480 before.
     Hangup,
+    /// Send an INFO in the confirmed dialog (e.g. `application/dtmf-relay`, see
+    /// [`dtmf_relay_body`](crate::rtp::dtmf_out::dtmf_relay_body)); its answer changes
+    /// nothing of the call.
+    Info {
+        /// Content-Type of the body.
+        content_type: String,
+        /// The body.
+        body: String,
+    },
 }
 
 /// Why an action could not be applied.
@@ -342,6 +351,8 @@ struct ClientEntry {
     call: CallHandle,
     peer: SocketAddr,
     transport: Transport,
+    /// A BYE: its answer (or timeout) ends the call; an INFO's does not.
+    ends_call: bool,
 }
 
 /// The SIP UAS endpoint. See the module docs for the run loop.
@@ -1159,6 +1170,10 @@ impl Uas {
                 Ok(None)
             }
             (UasAction::Hangup, CallState::Terminating) => Ok(None),
+            (UasAction::Info { content_type, body }, CallState::Confirmed) => {
+                self.send_in_dialog(handle, Method::Info, Some((&content_type, body)), now);
+                Ok(None)
+            }
             _ => Err(ActionError::InvalidState),
         }
     }
@@ -1222,14 +1237,28 @@ impl Uas {
     }
 
     fn send_bye(&mut self, handle: CallHandle, now: Instant) {
+        self.send_in_dialog(handle, Method::Bye, None, now);
+    }
+
+    /// Sends a request in the call's dialog: BYE (which ends the call) or INFO.
+    fn send_in_dialog(
+        &mut self,
+        handle: CallHandle,
+        method: Method,
+        body: Option<(&str, String)>,
+        now: Instant,
+    ) {
         let branch = format!("{BRANCH_MAGIC}{}", self.token());
         let Some(call) = self.calls.get_mut(&handle) else {
             return;
         };
-        call.state = CallState::Terminating;
+        let ends_call = method == Method::Bye;
+        if ends_call {
+            call.state = CallState::Terminating;
+        }
         call.local_cseq += 1;
-        let mut bye = Request::new(Method::Bye, call.remote_target.clone());
-        bye.headers.push(
+        let mut req = Request::new(method.clone(), call.remote_target.clone());
+        req.headers.push(
             "Via",
             format!(
                 "SIP/2.0/{} {};branch={branch};rport",
@@ -1237,29 +1266,32 @@ impl Uas {
                 self.config.sent_by
             ),
         );
-        bye.headers.push("Max-Forwards", "70");
-        bye.headers.push("From", call.local.clone());
-        bye.headers.push("To", call.remote.clone());
-        bye.headers.push("Call-ID", call.call_id.clone());
-        bye.headers.push(
+        req.headers.push("Max-Forwards", "70");
+        req.headers.push("From", call.local.clone());
+        req.headers.push("To", call.remote.clone());
+        req.headers.push("Call-ID", call.call_id.clone());
+        req.headers.push(
             "CSeq",
             CSeq {
                 seq: call.local_cseq,
-                method: Method::Bye,
+                method,
             }
             .to_string(),
         );
         for route in &call.route_set {
-            bye.headers.push("Route", route.clone());
+            req.headers.push("Route", route.clone());
         }
-        bye.headers
+        req.headers
             .push("User-Agent", self.config.user_agent.clone());
-        let Ok(key) = TransactionKey::for_sent_request(&bye) else {
+        if let Some((content_type, body)) = body {
+            req = req.with_body(content_type, body);
+        }
+        let Ok(key) = TransactionKey::for_sent_request(&req) else {
             return;
         };
         let (peer, transport) = (call.peer, call.transport);
         let tx =
-            NonInviteClientTransaction::new(bye, transport.reliable(), self.config.timers, now);
+            NonInviteClientTransaction::new(req, transport.reliable(), self.config.timers, now);
         self.client.insert(
             key.clone(),
             ClientEntry {
@@ -1267,6 +1299,7 @@ impl Uas {
                 call: handle,
                 peer,
                 transport,
+                ends_call,
             },
         );
         self.drain_client(&key);
@@ -1358,6 +1391,7 @@ impl Uas {
             return;
         };
         let (peer, transport, handle) = (entry.peer, entry.transport, entry.call);
+        let ends_call = entry.ends_call;
         let mut done = false;
         while let Some(m) = entry.tx.poll_transmit() {
             self.transmits.push_back(Transmit {
@@ -1376,7 +1410,7 @@ impl Uas {
         if entry.tx.is_terminated() {
             self.client.remove(key);
         }
-        if done {
+        if done && ends_call {
             // Our BYE is answered (or gave up): the call is over.
             self.forget(handle);
         }
@@ -2058,6 +2092,46 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         assert_eq!(h.statuses(), vec![180]);
         assert!(h.events().is_empty());
         assert_eq!(h.uas.call_count(), 1);
+    }
+
+    #[test]
+    fn info_in_the_dialog_carries_dtmf_and_its_answer_keeps_the_call() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        let info = UasAction::Info {
+            content_type: "application/dtmf-relay".into(),
+            body: crate::rtp::dtmf_out::dtmf_relay_body('5', 100),
+        };
+        // Not before the dialog is confirmed.
+        assert_eq!(
+            h.uas.handle_action(call, info.clone(), h.now),
+            Err(ActionError::InvalidState)
+        );
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        h.uas.handle_action(call, info, h.now).unwrap();
+        let sent = h.sent();
+        let [Message::Request(req)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(req.method, Method::Info);
+        assert_eq!(req.cseq().unwrap().method, Method::Info);
+        assert_eq!(req.headers.get("Content-Type"), Some("application/dtmf-relay"));
+        assert_eq!(req.body, b"Signal=5\r\nDuration=100\r\n");
+        let ok = Response::to_request(req, 200, None);
+        h.feed_raw(&String::from_utf8(ok.to_bytes()).unwrap());
+        assert_eq!(h.uas.call_count(), 1, "the call goes on");
+        // A later BYE still ends it.
+        h.uas.handle_action(call, UasAction::Hangup, h.now).unwrap();
+        let sent = h.sent();
+        let [Message::Request(bye)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(bye.method, Method::Bye);
+        let ok = Response::to_request(bye, 200, None);
+        h.feed_raw(&String::from_utf8(ok.to_bytes()).unwrap());
+        assert_eq!(h.uas.call_count(), 0);
     }
 
     #[test]

@@ -354,6 +354,15 @@ impl Endpoint {
                     debug!(error = %e, "hangup not sent");
                 }
             }
+            Command::DtmfInfo { call, body } => {
+                let info = UasAction::Info {
+                    content_type: "application/dtmf-relay".into(),
+                    body,
+                };
+                if let Err(e) = self.uas.handle_action(call, info, now) {
+                    debug!(error = %e, "DTMF INFO not sent");
+                }
+            }
             Command::Hangup(LegKey::Out(key)) => {
                 if let Some(o) = self.outgoing.get_mut(&key) {
                     o.call.hangup(now);

@@ -36,6 +36,8 @@ pub(super) enum Command {
     Reject { call: uas::CallHandle, status: u16 },
     /// BYE (or CANCEL for an unanswered outgoing call).
     Hangup(LegKey),
+    /// An INFO with one DTMF digit (`application/dtmf-relay`) in an incoming call's dialog.
+    DtmfInfo { call: uas::CallHandle, body: String },
     /// Dial out.
     Dial {
         key: u64,

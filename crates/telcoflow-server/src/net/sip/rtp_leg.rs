@@ -28,8 +28,9 @@ use crate::call::{
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use telcoflow_sip::rtp::dtmf_out::{EventSender, ToneGenerator};
+use telcoflow_sip::rtp::dtmf_out::{EventSender, ToneGenerator, dtmf_relay_body};
 use telcoflow_sip::rtp::jitter::FrameKind;
+use telcoflow_sip::sip::uas;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
 use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
 use tokio_util::sync::CancellationToken;
@@ -183,9 +184,12 @@ struct RtpLeg {
 }
 
 /// How DTMF reaches the peer: RFC 4733 events when it negotiated telephone-event (with that
-/// payload type), else dual tones in the audio (G.711 carries them intact).
+/// payload type); else SIP INFO (`application/dtmf-relay`, one per digit, paced like the
+/// events) on an incoming call; else (a call we dialled: no INFO from our UAC) dual tones in
+/// the audio, which G.711 carries intact.
 enum DtmfOut {
     Events(EventSender, u8),
+    Info(EventSender, uas::CallHandle, u32),
     Tones(ToneGenerator),
 }
 
@@ -399,9 +403,13 @@ impl RtpLeg {
                 let pt = self.session.as_ref().and_then(RtpSession::telephone_event);
                 debug!(digits = plan.events().len(), rfc4733 = pt.is_some(), "sending DTMF");
                 // A newer request replaces one still playing.
-                self.dtmf = Some(match pt {
-                    Some(pt) => DtmfOut::Events(EventSender::new(plan, 8000), pt),
-                    None => DtmfOut::Tones(ToneGenerator::new(plan, 8000)),
+                self.dtmf = Some(match (pt, self.key) {
+                    (Some(pt), _) => DtmfOut::Events(EventSender::new(plan, 8000), pt),
+                    (None, LegKey::In(call)) => {
+                        let ms = plan.tone_ms();
+                        DtmfOut::Info(EventSender::new(plan, 8000), call, ms)
+                    }
+                    (None, LegKey::Out(_)) => DtmfOut::Tones(ToneGenerator::new(plan, 8000)),
                 });
             }
             LegOutput::Hangup(reason) => {
@@ -433,6 +441,19 @@ impl RtpLeg {
                 }
                 self.send_audio(&frame).await;
                 self.tone_frame = frame;
+            }
+            Some(DtmfOut::Info(events, call, ms)) => {
+                let (call, ms) = (*call, *ms);
+                // The events' schedule, one INFO at the start of each digit; audio goes on.
+                let start = events.next_frame(0).filter(|p| p.marker);
+                if events.done() {
+                    self.dtmf = None;
+                }
+                if let Some(digit) = start.and_then(|p| p.event.digit()) {
+                    let body = dtmf_relay_body(digit, ms);
+                    self.command(Command::DtmfInfo { call, body }).await;
+                }
+                self.send_audio(samples).await;
             }
             Some(DtmfOut::Events(events, pt)) => {
                 let pt = *pt;
