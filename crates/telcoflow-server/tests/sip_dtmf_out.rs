@@ -53,7 +53,10 @@ async fn answered_call(
     let rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let rtp_port = rtp.local_addr().unwrap().port();
     let (formats, te) = if telephone_event {
-        ("0 101", "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n")
+        (
+            "0 101",
+            "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n",
+        )
     } else {
         ("0", "")
     };

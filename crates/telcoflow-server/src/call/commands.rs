@@ -11,8 +11,8 @@ use telcoflow_proto::control::CloseReason;
 use telcoflow_proto::media::{
     Command, CommandName, CommandResponse, ConnectData, RING_TIME_RANGE, SendDtmfData,
 };
-use telcoflow_sip::rtp::dtmf_out::{DEFAULT_DURATION_MS, DtmfPlan};
 use telcoflow_proto::sim::HangupReason;
+use telcoflow_sip::rtp::dtmf_out::{DEFAULT_DURATION_MS, DtmfPlan};
 use tracing::{debug, info};
 
 impl CallActor {

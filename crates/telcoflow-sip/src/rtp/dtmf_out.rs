@@ -44,9 +44,11 @@ impl DtmfPlan {
         let events = digits
             .chars()
             .map(|c| {
-                digit_to_event(c).filter(|_| !c.is_ascii_lowercase()).ok_or_else(|| {
-                    format!("digit {c:?} is not a DTMF digit: allowed are 0-9 * # A-D")
-                })
+                digit_to_event(c)
+                    .filter(|_| !c.is_ascii_lowercase())
+                    .ok_or_else(|| {
+                        format!("digit {c:?} is not a DTMF digit: allowed are 0-9 * # A-D")
+                    })
             })
             .collect::<Result<Vec<u8>, String>>()?;
         if !DURATION_RANGE_MS.contains(&duration_ms) {
@@ -262,10 +264,7 @@ pub fn detect_digit(samples: &[i16], rate: u32) -> Option<char> {
             .iter()
             .map(|&f| goertzel_power(samples, rate, f))
             .collect();
-        let (best, &max) = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))?;
+        let (best, &max) = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
         let clear = p
             .iter()
             .enumerate()
@@ -292,12 +291,19 @@ mod tests {
         assert!(DtmfPlan::new("", 100).unwrap_err().contains("empty"));
         assert!(DtmfPlan::new("12x", 100).unwrap_err().contains("'x'"));
         assert!(DtmfPlan::new("1a", 100).is_err());
-        assert!(DtmfPlan::new(&"1".repeat(33), 100).unwrap_err().contains("33"));
+        assert!(
+            DtmfPlan::new(&"1".repeat(33), 100)
+                .unwrap_err()
+                .contains("33")
+        );
         assert!(DtmfPlan::new("1", 39).unwrap_err().contains("durationMs"));
         assert!(DtmfPlan::new("1", 2001).is_err());
         let p = DtmfPlan::new("0123456789*#ABCD", 40).unwrap();
         assert_eq!(p.events(), (0..16).collect::<Vec<u8>>());
-        assert_eq!(DtmfPlan::new("12#", 100).unwrap().total_ms(), 3 * 100 + 2 * 60);
+        assert_eq!(
+            DtmfPlan::new("12#", 100).unwrap().total_ms(),
+            3 * 100 + 2 * 60
+        );
     }
 
     #[test]
@@ -327,7 +333,11 @@ mod tests {
         assert!(second.marker);
         assert_eq!(second.timestamp, 1000 + 8 * 160);
         assert_eq!(second.event.event, 11);
-        assert!(out[8..].iter().all(|p| p.unwrap().timestamp == 1000 + 8 * 160));
+        assert!(
+            out[8..]
+                .iter()
+                .all(|p| p.unwrap().timestamp == 1000 + 8 * 160)
+        );
         assert!(out[12].unwrap().event.end);
         assert_eq!(s.next_frame(ts), None);
     }
@@ -353,7 +363,9 @@ mod tests {
         // Silence and a single tone are no digit.
         assert_eq!(detect_digit(&[0; 160], 8000), None);
         let one: Vec<i16> = (0..160)
-            .map(|i| (7000.0 * (std::f64::consts::TAU * 697.0 * f64::from(i) / 8000.0).sin()) as i16)
+            .map(|i| {
+                (7000.0 * (std::f64::consts::TAU * 697.0 * f64::from(i) / 8000.0).sin()) as i16
+            })
             .collect();
         assert_eq!(detect_digit(&one, 8000), None);
     }

@@ -781,8 +781,12 @@ impl RtpSession {
     ) -> Result<usize, PacketError> {
         let mut payload = [0u8; TelephoneEvent::LEN];
         packet.event.write(&mut payload)?;
-        let mut header =
-            RtpHeader::new(payload_type, self.sequence, packet.timestamp, self.config.ssrc);
+        let mut header = RtpHeader::new(
+            payload_type,
+            self.sequence,
+            packet.timestamp,
+            self.config.ssrc,
+        );
         header.marker = packet.marker;
         let len = header.write_packet(&payload, out)?;
         self.sequence = self.sequence.wrapping_add(1);

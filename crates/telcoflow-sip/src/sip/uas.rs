@@ -2117,7 +2117,10 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         };
         assert_eq!(req.method, Method::Info);
         assert_eq!(req.cseq().unwrap().method, Method::Info);
-        assert_eq!(req.headers.get("Content-Type"), Some("application/dtmf-relay"));
+        assert_eq!(
+            req.headers.get("Content-Type"),
+            Some("application/dtmf-relay")
+        );
         assert_eq!(req.body, b"Signal=5\r\nDuration=100\r\n");
         let ok = Response::to_request(req, 200, None);
         h.feed_raw(&String::from_utf8(ok.to_bytes()).unwrap());

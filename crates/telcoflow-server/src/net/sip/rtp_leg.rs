@@ -30,9 +30,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use telcoflow_sip::rtp::dtmf_out::{EventSender, ToneGenerator, dtmf_relay_body};
 use telcoflow_sip::rtp::jitter::FrameKind;
-use telcoflow_sip::sip::uas;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
 use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
+use telcoflow_sip::sip::uas;
 use tokio_util::sync::CancellationToken;
 
 use std::time::Duration;
@@ -401,7 +401,11 @@ impl RtpLeg {
             LegOutput::Audio(samples) => self.send_frame(&samples).await,
             LegOutput::Dtmf(plan) => {
                 let pt = self.session.as_ref().and_then(RtpSession::telephone_event);
-                debug!(digits = plan.events().len(), rfc4733 = pt.is_some(), "sending DTMF");
+                debug!(
+                    digits = plan.events().len(),
+                    rfc4733 = pt.is_some(),
+                    "sending DTMF"
+                );
                 // A newer request replaces one still playing.
                 self.dtmf = Some(match (pt, self.key) {
                     (Some(pt), _) => DtmfOut::Events(EventSender::new(plan, 8000), pt),
