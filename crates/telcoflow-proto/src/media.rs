@@ -409,7 +409,10 @@ mod tests {
     fn send_dtmf_command_shape() {
         let text = r#"{"type":"command","data":{"command_id":"c2","command":"call.send_dtmf","data":{"digits":"12#","durationMs":80}}}"#;
         let MediaClientFrame::Command(cmd) = MediaClientFrame::decode(text).unwrap();
-        assert_eq!(CommandName::parse(&cmd.command), Some(CommandName::SendDtmf));
+        assert_eq!(
+            CommandName::parse(&cmd.command),
+            Some(CommandName::SendDtmf)
+        );
         let data: SendDtmfData = serde_json::from_value(cmd.data.unwrap()).unwrap();
         assert_eq!((data.digits.as_str(), data.duration_ms), ("12#", Some(80)));
         let d: SendDtmfData = serde_json::from_value(json!({"digits": "5"})).unwrap();

@@ -2,6 +2,8 @@
 //! written with the Rust SDK (16 kHz) answers and plays back what it hears; baresip's recording
 //! of what it heard must hold the tone.
 //!
+//! A second test: an agent sends DTMF and baresip receives the RFC 4733 events.
+//!
 //! Needs `baresip` and `sox`: the test fails without them when `CI` is set and otherwise skips
 //! with a notice.
 
@@ -200,6 +202,101 @@ async fn baresip_hears_its_tone_back_through_an_echo_agent() {
     );
     let echoed = echoed.load(Ordering::Relaxed);
     assert!(echoed > 50, "the agent echoed only {echoed} chunks");
+    client.shutdown().await;
+    let _ = agent.await;
+    server.shutdown().await;
+}
+
+/// baresip (which offers telephone-event) hears the digits an agent sends as RFC 4733 events:
+/// its log names each DTMF event it receives.
+#[tokio::test]
+async fn baresip_receives_the_digits_an_agent_sends() {
+    if !tools_available() {
+        return;
+    }
+    let ports = sipp::ports(40);
+    let server = start(sipp::sip_config(ports)).await;
+    let sip = server.sip_addr().unwrap();
+    let dir = sipp::work_dir("baresip-dtmf");
+    write_config(&dir, 29200);
+    let config = telcoflow::TelcoflowClientConfig::builder()
+        .api_key(
+            telcoflow_server::config::DEV_API_KEY,
+            telcoflow_server::config::DEV_CONNECTOR_UUID,
+        )
+        .base_url(server.base_url())
+        .build()
+        .expect("SDK config");
+    let client = telcoflow::TelcoflowClient::connect(config)
+        .await
+        .expect("the agent connects");
+    let sent = Arc::new(AtomicUsize::new(0));
+    let agent = {
+        let client = client.clone();
+        let sent = sent.clone();
+        tokio::spawn(async move {
+            client
+                .serve(move |call: telcoflow::ActiveCall| {
+                    let sent = sent.clone();
+                    async move {
+                        if call.answer().await.is_err() {
+                            return;
+                        }
+                        if call
+                            .send_dtmf("12#", Duration::from_millis(100))
+                            .await
+                            .is_ok()
+                        {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        call.terminated().await;
+                    }
+                })
+                .await
+        })
+    };
+    let phone = tokio::process::Command::new("baresip")
+        .arg("-v")
+        .arg("-f")
+        .arg(&dir)
+        .args(["-e", &format!("/dial sip:+15559990001@{sip}"), "-t", "4"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("baresip starts");
+    let out = tokio::time::timeout(Duration::from_secs(20), phone.wait_with_output())
+        .await
+        .expect("baresip exits")
+        .expect("baresip output");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        log.contains("Call established"),
+        "baresip never got through:\n{log}"
+    );
+    assert_eq!(sent.load(Ordering::Relaxed), 1, "send_dtmf answered");
+    // baresip logs each event's start and its end (once, though three end packets came).
+    let events: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("received event: "))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "'1' (end=0)",
+            "'1' (end=1)",
+            "'2' (end=0)",
+            "'2' (end=1)",
+            "'#' (end=0)",
+            "'#' (end=1)"
+        ],
+        "baresip's log:\n{log}"
+    );
     client.shutdown().await;
     let _ = agent.await;
     server.shutdown().await;

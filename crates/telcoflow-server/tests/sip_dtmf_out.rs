@@ -131,7 +131,7 @@ async fn recv_rtp(rtp: &UdpSocket, buf: &mut [u8]) -> usize {
 
 #[tokio::test]
 async fn sip_phone_with_telephone_event_gets_rfc4733_events() {
-    let (server, mut media, _phone, rtp) = answered_call(true, "16200-16299").await;
+    let (server, mut media, _phone, rtp) = answered_call(true, "18400-18499").await;
     let resp = media
         .command(
             "call.send_dtmf",
@@ -191,7 +191,7 @@ async fn sip_phone_with_telephone_event_gets_rfc4733_events() {
 
 #[tokio::test]
 async fn sip_phone_without_telephone_event_gets_sip_info() {
-    let (server, mut media, phone, rtp) = answered_call(false, "16300-16399").await;
+    let (server, mut media, phone, rtp) = answered_call(false, "18500-18599").await;
     let resp = media
         .command("call.send_dtmf", Some(json!({"digits": "9*D"})))
         .await;
