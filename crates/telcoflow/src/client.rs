@@ -10,6 +10,7 @@ use crate::call::{ActiveCall, CallLinks, CallParams, CallState};
 use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
 use crate::error::ServerCode;
 use crate::event::{ClientEvent, ClientEvents, SessionNotification};
+use crate::http::{CloseResult, SessionPage, SessionQuery};
 use crate::transport::{self, Ws};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -309,6 +310,28 @@ impl TelcoflowClient {
             Ok(Err(_)) => Err(Error::Shutdown),
             Ok(Ok(r)) => r,
         }
+    }
+
+    /// Lists the connector's sessions over HTTP (`GET /public/v1/sessions`), one page: pass
+    /// [`SessionPage::next_offset`] as the next query's offset for the rest. Goes to the base
+    /// URL the control connection is on (`ws://` as `http://`, `wss://` as `https://`), with
+    /// the same credentials and TLS settings.
+    pub async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage, Error> {
+        crate::http::list(&self.inner.config, &self.http_base_url(), query).await
+    }
+
+    /// Ends a session's call for everyone over HTTP (`POST /public/v1/sessions/{id}/close`).
+    /// A session that is not open (unknown, another connector's, already ended) is
+    /// [`Error::RequestFailed`] with [`ErrorCode::SessionNotFound`]; the Python SDK returns
+    /// a result with reason `NOT_FOUND` instead.
+    pub async fn close_session(&self, session_id: &str) -> Result<CloseResult, Error> {
+        crate::http::close(&self.inner.config, &self.http_base_url(), session_id).await
+    }
+
+    /// The base URL of the live control connection, else the first configured.
+    fn http_base_url(&self) -> String {
+        self.connected_base_url()
+            .unwrap_or_else(|| self.inner.config.base_url().to_owned())
     }
 
     /// Tells the server this connection is ready for the claimed session's call (manual

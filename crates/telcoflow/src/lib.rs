@@ -58,6 +58,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
+mod http;
 mod ring;
 mod transport;
 
@@ -68,10 +69,11 @@ pub use client::TelcoflowClient;
 pub use config::{Auth, Backoff, SessionMode, TelcoflowClientConfig, TelcoflowClientConfigBuilder};
 pub use error::{CallError, CallErrorKind, ConfigError, Error, ServerCode};
 pub use event::{ClientEvent, ClientEvents, SessionNotification};
+pub use http::{CloseResult, SessionPage, SessionQuery};
 /// The kind of conversation a session carries (a call or messaging); not to be confused with
 /// an [`AudioChannel`] of a call.
 pub use telcoflow_proto::control::Channel;
-pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo};
+pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo, SessionState};
 pub use telcoflow_proto::stats::{AgentStats, CallStats, LegStats};
 pub use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
 

@@ -4,7 +4,10 @@
 mod common;
 
 use common::{Phone, WAIT, config, contains, first_voiced, pattern, start_server};
-use telcoflow::{AudioChannel, CallState, Error, ErrorCode, TelcoflowClient};
+use telcoflow::{
+    AudioChannel, CallState, CloseReason, Error, ErrorCode, SessionQuery, SessionState,
+    TelcoflowClient,
+};
 use telcoflow_proto::sim::NetworkFrame;
 
 #[tokio::test]
@@ -77,6 +80,97 @@ async fn create_session_to_an_unknown_number_is_a_typed_error() {
     match &e {
         Error::RequestFailed { code, .. } => assert_eq!(*code, ErrorCode::NoRoute, "{e}"),
         other => panic!("expected RequestFailed, got {other:?}"),
+    }
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_sessions_pages_through_open_sessions_and_close_session_ends_one() {
+    let server = start_server().await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut phones = Vec::new();
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        let number = format!("+491800{i}");
+        phones.push(Phone::register(server.base_url(), &number).await);
+        calls.push(client.create_session(&number).await.unwrap());
+    }
+    let created: Vec<String> = calls
+        .iter()
+        .map(|c| c.session_id().unwrap().to_owned())
+        .collect();
+
+    // Two pages of two: all three, oldest first, then no next page.
+    let first = client
+        .list_sessions(&SessionQuery::open().limit(2))
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 2);
+    assert_eq!(first.next_offset, Some(2));
+    let second = client
+        .list_sessions(&SessionQuery::open().limit(2).offset(2))
+        .await
+        .unwrap();
+    assert_eq!(second.next_offset, None);
+    // Sessions opened in the same millisecond may come in any order: compared as sets, and
+    // the pages do not overlap.
+    let mut listed: Vec<String> = first
+        .items
+        .iter()
+        .chain(&second.items)
+        .map(|s| s.id.clone())
+        .collect();
+    listed.sort();
+    let mut expected = created.clone();
+    expected.sort();
+    assert_eq!(listed, expected);
+    // Filtered on the far party (a `+` in the query survives).
+    let one = client
+        .list_sessions(&SessionQuery::open().remote_address("+4918001"))
+        .await
+        .unwrap();
+    assert_eq!(one.items.len(), 1);
+    assert_eq!(one.items[0].id, created[1]);
+    // A bad page size is the server's typed error.
+    let e = client
+        .list_sessions(&SessionQuery::default().limit(0))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, Error::RequestFailed { code, .. } if *code == ErrorCode::InvalidRequest),
+        "{e:?}"
+    );
+
+    // Closing our own session ends its call, and it is no longer listed as open.
+    let closed = client.close_session(&created[0]).await.unwrap();
+    assert_eq!(closed.reason, CloseReason::SdkRequest);
+    assert!(closed.closed_at > 0);
+    tokio::time::timeout(WAIT, calls[0].terminated())
+        .await
+        .expect("the closed session's call ends");
+    let open = client.list_sessions(&SessionQuery::open()).await.unwrap();
+    let mut still_open: Vec<String> = open.items.iter().map(|s| s.id.clone()).collect();
+    still_open.sort();
+    let mut expected = created[1..].to_vec();
+    expected.sort();
+    assert_eq!(still_open, expected);
+    let ended = client
+        .list_sessions(&SessionQuery::default().state(SessionState::Closed))
+        .await
+        .unwrap();
+    assert_eq!(ended.items.len(), 1);
+    assert_eq!(ended.items[0].id, created[0]);
+
+    // Unknown (and already closed) sessions: the typed not-found error.
+    for id in ["no-such-session", created[0].as_str()] {
+        let e = client.close_session(id).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::RequestFailed { code, .. } if *code == ErrorCode::SessionNotFound),
+            "{id}: {e:?}"
+        );
     }
     client.shutdown().await;
     server.shutdown().await;
