@@ -7,6 +7,7 @@
 
 use crate::Error;
 use crate::call::{ActiveCall, CallLinks, CallParams, CallState};
+use crate::call_flow::CallFlow;
 use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
 use crate::error::ServerCode;
 use crate::event::{ClientEvent, ClientEvents, SessionNotification};
@@ -78,6 +79,8 @@ struct ClientInner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     connection: watch::Receiver<Option<Connection>>,
+    /// The `data` of the last accepted `call_flow.setup`, sent again after a reconnection.
+    call_flow: Arc<Mutex<Option<Value>>>,
     /// Stops everything when the last handle is dropped without `shutdown`.
     _guard: DropGuard,
 }
@@ -129,6 +132,7 @@ impl TelcoflowClient {
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity);
         let (connection_tx, connection_rx) = watch::channel(None);
         let (first_tx, first_rx) = oneshot::channel();
+        let call_flow = Arc::new(Mutex::new(None));
         let driver = Driver {
             config: config.clone(),
             commands: cmd_rx,
@@ -137,6 +141,7 @@ impl TelcoflowClient {
             tracker: tracker.clone(),
             connection: connection_tx,
             awaited: AwaitedCalls::default(),
+            call_flow: call_flow.clone(),
         };
         tracker.spawn(driver.run(first_tx).instrument(debug_span!("control")));
         let client = Self {
@@ -147,6 +152,7 @@ impl TelcoflowClient {
                 shutdown: shutdown.clone(),
                 tracker,
                 connection: connection_rx,
+                call_flow,
                 _guard: shutdown.drop_guard(),
             }),
         };
@@ -312,6 +318,27 @@ impl TelcoflowClient {
         }
     }
 
+    /// Chooses which calls the server offers to this connection (`call_flow.setup`), e.g.
+    /// none for a dialer that only places calls with [`TelcoflowClient::create_session`].
+    /// Unlike the Python SDK's `setup_call_flow`, which is sent once, the client sends the
+    /// last accepted flow again after every reconnection. Inbound calls delivered in
+    /// [`SessionMode::Auto`] and [`SessionMode::Manual`] alike follow it.
+    pub async fn setup_call_flow(&self, flow: &CallFlow) -> Result<(), Error> {
+        let data =
+            serde_json::to_value(flow).map_err(|e| Error::Protocol(format!("call flow: {e}")))?;
+        let r = self
+            .request(ClientFrame::CallFlowSetup {
+                data: data.clone(),
+                req_id: None,
+            })
+            .await?;
+        if !r.ok {
+            return Err(response_error(r));
+        }
+        *self.inner.call_flow.lock() = Some(data);
+        Ok(())
+    }
+
     /// Lists the connector's sessions over HTTP (`GET /public/v1/sessions`), one page: pass
     /// [`SessionPage::next_offset`] as the next query's offset for the rest. Goes to the base
     /// URL the control connection is on (`ws://` as `http://`, `wss://` as `https://`), with
@@ -411,6 +438,7 @@ struct Driver {
     tracker: TaskTracker,
     connection: watch::Sender<Option<Connection>>,
     awaited: AwaitedCalls,
+    call_flow: Arc<Mutex<Option<Value>>>,
 }
 
 impl Driver {
@@ -542,6 +570,14 @@ impl Driver {
         let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut pong_deadline: Option<Instant> = None;
+        // A new connection starts with the server's default flow: restore the application's.
+        let call_flow = self.call_flow.lock().clone();
+        if let Some(data) = call_flow {
+            let frame = ClientFrame::CallFlowSetup { data, req_id: None };
+            if let Err(e) = Self::send_frame(&mut ws, &frame).await {
+                return Exit::Lost(e);
+            }
+        }
         let exit = loop {
             let deadline = pong_deadline;
             // Every branch is cancel-safe: `recv`, `next`, `tick`, `sleep_until` and

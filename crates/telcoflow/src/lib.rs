@@ -54,6 +54,7 @@
 #![warn(missing_docs)]
 
 pub mod call;
+mod call_flow;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -65,6 +66,7 @@ mod transport;
 pub use call::{
     ActiveCall, AudioChannel, AudioStream, CallEvent, CallEvents, CallState, CallStateWatch,
 };
+pub use call_flow::{CallFlow, InboundCalls};
 pub use client::TelcoflowClient;
 pub use config::{Auth, Backoff, SessionMode, TelcoflowClientConfig, TelcoflowClientConfigBuilder};
 pub use error::{CallError, CallErrorKind, ConfigError, Error, ServerCode};

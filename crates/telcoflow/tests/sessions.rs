@@ -3,10 +3,15 @@
 
 mod common;
 
-use common::{Phone, WAIT, config, contains, first_voiced, pattern, start_server};
+use common::{
+    Phone, WAIT, builder, config, contains, first_voiced, next_call, next_event, pattern,
+    start_server, start_server_on,
+};
+use futures_util::{FutureExt, StreamExt};
+use std::time::Duration;
 use telcoflow::{
-    AudioChannel, CallState, CloseReason, Error, ErrorCode, SessionQuery, SessionState,
-    TelcoflowClient,
+    AudioChannel, CallFlow, CallState, ClientEvent, CloseReason, Error, ErrorCode, InboundCalls,
+    SessionMode, SessionQuery, SessionState, TelcoflowClient,
 };
 use telcoflow_proto::sim::NetworkFrame;
 
@@ -173,5 +178,84 @@ async fn list_sessions_pages_through_open_sessions_and_close_session_ends_one() 
         );
     }
     client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// Fails if an inbound call was offered to `client`. Offers go to every connection at once:
+/// one queued for this connection would arrive before the answer to this later request
+/// (in manual mode, notifications are delivered as they are read).
+async fn assert_no_offer(client: &TelcoflowClient, events: &mut telcoflow::ClientEvents) {
+    let e = client.open_session("no-such-session").await.unwrap_err();
+    assert!(matches!(e, Error::RequestFailed { .. }), "{e:?}");
+    while let Some(Some(ev)) = events.next().now_or_never() {
+        assert!(
+            !matches!(
+                ev,
+                ClientEvent::SessionNotification(_) | ClientEvent::IncomingCall(_)
+            ),
+            "offered although its call flow says no inbound calls: {ev:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn setup_call_flow_stops_inbound_offers_also_after_a_reconnection() {
+    let server = start_server().await;
+    let addr = server.local_addr();
+    let url = server.base_url().to_owned();
+    let fast = |b: telcoflow::TelcoflowClientConfigBuilder| {
+        b.reconnect_delay_fn(|_| Duration::from_millis(50))
+            .build()
+            .unwrap()
+    };
+    let dialer = TelcoflowClient::connect(fast(builder(&url).session_mode(SessionMode::Manual)))
+        .await
+        .unwrap();
+    let mut dialer_events = dialer.events();
+    dialer
+        .setup_call_flow(
+            &CallFlow::new()
+                .inbound_call(InboundCalls::No)
+                .outbound_call(true),
+        )
+        .await
+        .unwrap();
+    let agent = TelcoflowClient::connect(fast(builder(&url))).await.unwrap();
+    let mut agent_events = agent.events();
+
+    let phone = Phone::dial(&url, "+4912345", "+4900001").await;
+    let call = next_call(&mut agent_events).await;
+    assert_no_offer(&dialer, &mut dialer_events).await;
+    drop(call);
+    drop(phone);
+
+    // A new server knows nothing of the flow: the client sends it again.
+    server.shutdown().await;
+    let server = start_server_on(addr).await;
+    for events in [&mut dialer_events, &mut agent_events] {
+        next_event(events, |ev| {
+            matches!(ev, ClientEvent::Reconnected).then_some(())
+        })
+        .await;
+    }
+    let _phone = Phone::dial(&url, "+4912346", "+4900001").await;
+    let call = next_call(&mut agent_events).await;
+    assert_eq!(call.caller(), "+4912346");
+    assert_no_offer(&dialer, &mut dialer_events).await;
+
+    // Inbound calls back on: the dialer is offered calls again.
+    dialer
+        .setup_call_flow(&CallFlow::new().inbound_call(InboundCalls::All))
+        .await
+        .unwrap();
+    let _phone2 = Phone::dial(&url, "+4912347", "+4900001").await;
+    let offered = next_event(&mut dialer_events, |ev| match ev {
+        ClientEvent::SessionNotification(n) => Some(n),
+        _ => None,
+    })
+    .await;
+    assert_eq!(offered.remote_address, "+4912347");
+    dialer.shutdown().await;
+    agent.shutdown().await;
     server.shutdown().await;
 }
