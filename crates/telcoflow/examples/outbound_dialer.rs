@@ -12,9 +12,10 @@
 //! `create_session` returns the call ringing; `answer` waits for the pick-up and says why
 //! when there is none. Server and credentials as in `echo.rs`.
 
+use futures_util::StreamExt;
 use std::time::Duration;
 use telcoflow::{
-    CallFlow, CallState, Error, ErrorCode, InboundCalls, SampleRate, TelcoflowClient,
+    AudioChannel, CallFlow, CallState, Error, ErrorCode, InboundCalls, SampleRate, TelcoflowClient,
     TelcoflowClientConfig,
 };
 
@@ -31,10 +32,15 @@ async fn main() -> anyhow::Result<()> {
     let number = args
         .next()
         .ok_or_else(|| anyhow::anyhow!("usage: outbound_dialer NUMBER [FILE.wav]"))?;
-    let pcm = match args.next() {
+    let mut pcm = match args.next() {
         Some(path) => load(&path)?,
         None => tone(440.0, Duration::from_secs(2)),
     };
+    // The server takes whole 20 ms frames: pad the tail with silence so that it plays too.
+    let frame = RATE.hz() as usize / 50 * 2;
+    pcm.resize(pcm.len().div_ceil(frame) * frame, 0);
+    // The default buffer holds 32 s at 16 kHz; longer audio is cut there.
+    pcm.truncate((1 << 20) / frame * frame);
     let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
     let config = TelcoflowClientConfig::builder()
         .api_key(
@@ -64,7 +70,7 @@ async fn dial(client: &TelcoflowClient, number: &str, pcm: &[u8]) -> anyhow::Res
     let call = match client.create_session(number).await {
         Ok(call) => call,
         Err(Error::RequestFailed { code, message }) if code == ErrorCode::NoRoute => {
-            anyhow::bail!("{number} cannot be reached: {message}")
+            anyhow::bail!("no route: {message}")
         }
         Err(e) => return Err(e.into()),
     };
@@ -73,9 +79,15 @@ async fn dial(client: &TelcoflowClient, number: &str, pcm: &[u8]) -> anyhow::Res
         // Busy, no answer, refused: the server's code says which.
         anyhow::bail!("{number} did not answer: {e}");
     }
-    println!("{number} answered; playing {} ms", pcm.len() * 500 / RATE.hz() as usize);
-    // The default buffer holds 32 s at 16 kHz; longer audio is cut there.
-    call.send_audio(&pcm[..pcm.len().min(1 << 20) & !1]).await?;
+    // Nothing here listens to the far end; reading its audio keeps the SDK from reporting
+    // it dropped.
+    let mut heard = call.audio_stream(AudioChannel::Mixed);
+    tokio::spawn(async move { while heard.next().await.is_some() {} });
+    println!(
+        "{number} answered; playing {} ms",
+        pcm.len() * 500 / RATE.hz() as usize
+    );
+    call.send_audio(pcm).await?;
     // The server pulls the audio at its playout pace: the buffer empties as it is played.
     let playing = async {
         while call.send_audio_buffer_size() > 0 && call.state() != CallState::Terminated {
