@@ -16,6 +16,11 @@
 //!   configuration.
 //! - `ring` (private): the outgoing audio buffer of a call.
 //!
+//! Outbound calls: [`TelcoflowClient::create_session`]; the session API over HTTP:
+//! [`TelcoflowClient::list_sessions`] and [`TelcoflowClient::close_session`]; which calls
+//! a connection is offered: [`TelcoflowClient::setup_call_flow`]. The README maps the
+//! Python SDK's API onto these.
+//!
 //! # Features
 //!
 //! - `tls` (default): `wss://` URLs, a private CA ([`TelcoflowClientConfigBuilder::ca_cert`])
