@@ -7,9 +7,11 @@
 
 use crate::Error;
 use crate::call::{ActiveCall, CallLinks, CallParams, CallState};
+use crate::call_flow::CallFlow;
 use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
 use crate::error::ServerCode;
 use crate::event::{ClientEvent, ClientEvents, SessionNotification};
+use crate::http::{CloseResult, SessionPage, SessionQuery};
 use crate::transport::{self, Ws};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -77,6 +79,8 @@ struct ClientInner {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     connection: watch::Receiver<Option<Connection>>,
+    /// The `data` of the last accepted `call_flow.setup`, sent again after a reconnection.
+    call_flow: Arc<Mutex<Option<Value>>>,
     /// Stops everything when the last handle is dropped without `shutdown`.
     _guard: DropGuard,
 }
@@ -96,7 +100,16 @@ enum DriverCommand {
         reply: oneshot::Sender<Result<Response, Error>>,
     },
     Send(ClientFrame),
+    /// Hands the `call.in` of an outbound session to `reply` instead of the event stream.
+    /// Queued before the session's `session.ready`, so registered before the call can come.
+    AwaitCall {
+        session_id: String,
+        reply: oneshot::Sender<Result<ActiveCall, Error>>,
+    },
 }
+
+/// Outbound sessions whose call a [`TelcoflowClient::create_session`] waits for.
+type AwaitedCalls = Arc<Mutex<HashMap<String, oneshot::Sender<Result<ActiveCall, Error>>>>>;
 
 enum Pending {
     /// An application request waiting for its response.
@@ -119,6 +132,7 @@ impl TelcoflowClient {
         let (ev_tx, ev_rx) = mpsc::channel(config.event_capacity);
         let (connection_tx, connection_rx) = watch::channel(None);
         let (first_tx, first_rx) = oneshot::channel();
+        let call_flow = Arc::new(Mutex::new(None));
         let driver = Driver {
             config: config.clone(),
             commands: cmd_rx,
@@ -126,6 +140,8 @@ impl TelcoflowClient {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
             connection: connection_tx,
+            awaited: AwaitedCalls::default(),
+            call_flow: call_flow.clone(),
         };
         tracker.spawn(driver.run(first_tx).instrument(debug_span!("control")));
         let client = Self {
@@ -136,6 +152,7 @@ impl TelcoflowClient {
                 shutdown: shutdown.clone(),
                 tracker,
                 connection: connection_rx,
+                call_flow,
                 _guard: shutdown.drop_guard(),
             }),
         };
@@ -243,6 +260,107 @@ impl TelcoflowClient {
             .map_err(|e| Error::Protocol(format!("session.open response: {e}")))
     }
 
+    /// Places an outbound call to `remote_address` (`session.create`), claims its session and
+    /// returns the call with its media connection open (unless
+    /// [`auto_connect_media`](crate::TelcoflowClientConfigBuilder::auto_connect_media) is off)
+    /// while the far end rings. [`ActiveCall::answer`] then waits for the pick-up and fails
+    /// with the server's reason (busy, no answer, refused) if there is none.
+    ///
+    /// Errors: [`Error::SessionExists`] when this connector already has an open session with
+    /// that party; [`Error::RequestFailed`] with the server's code, e.g.
+    /// [`ErrorCode::NoRoute`] for a number nobody can reach, [`ErrorCode::QuotaExceeded`] at
+    /// the connector's call limit, [`ErrorCode::InvalidRequest`] for a malformed address.
+    /// The Python SDK's `create_session` does the same in one call followed by
+    /// `session.ready()`.
+    pub async fn create_session(&self, remote_address: &str) -> Result<ActiveCall, Error> {
+        let r = self
+            .request(ClientFrame::SessionCreate {
+                channel: Channel::Telco,
+                remote_address: remote_address.to_owned(),
+                req_id: None,
+            })
+            .await?;
+        if !r.ok {
+            return Err(response_error(r));
+        }
+        let content = r.content.unwrap_or(Value::Null);
+        let session_id = content
+            .get("sessionId")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::Protocol("session.create response without sessionId".into()))?
+            .to_owned();
+        if content.get("created").and_then(Value::as_bool) == Some(false) {
+            return Err(Error::SessionExists { session_id });
+        }
+        self.open_session(&session_id).await?;
+        let (tx, rx) = oneshot::channel();
+        // In this order on one queue: the waiter is in place before the server can answer
+        // `session.ready` with the call.
+        for cmd in [
+            DriverCommand::AwaitCall {
+                session_id: session_id.clone(),
+                reply: tx,
+            },
+            DriverCommand::Send(ClientFrame::SessionReady { session_id }),
+        ] {
+            self.inner
+                .commands
+                .send(cmd)
+                .await
+                .map_err(|_| Error::Shutdown)?;
+        }
+        // The call comes right after `session.ready`; its media connection takes one more
+        // round trip.
+        match tokio::time::timeout(self.inner.config.request_timeout * 2, rx).await {
+            Err(_) => Err(Error::RequestTimeout),
+            Ok(Err(_)) => Err(Error::Shutdown),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    /// Chooses which calls the server offers to this connection (`call_flow.setup`), e.g.
+    /// none for a dialer that only places calls with [`TelcoflowClient::create_session`].
+    /// Unlike the Python SDK's `setup_call_flow`, which is sent once, the client sends the
+    /// last accepted flow again after every reconnection. Inbound calls delivered in
+    /// [`SessionMode::Auto`] and [`SessionMode::Manual`] alike follow it.
+    pub async fn setup_call_flow(&self, flow: &CallFlow) -> Result<(), Error> {
+        let data =
+            serde_json::to_value(flow).map_err(|e| Error::Protocol(format!("call flow: {e}")))?;
+        let r = self
+            .request(ClientFrame::CallFlowSetup {
+                data: data.clone(),
+                req_id: None,
+            })
+            .await?;
+        if !r.ok {
+            return Err(response_error(r));
+        }
+        *self.inner.call_flow.lock() = Some(data);
+        Ok(())
+    }
+
+    /// Lists the connector's sessions over HTTP (`GET /public/v1/sessions`), one page: pass
+    /// [`SessionPage::next_offset`] as the next query's offset for the rest. Goes to the base
+    /// URL the control connection is on (`ws://` as `http://`, `wss://` as `https://`), with
+    /// the same credentials and TLS settings.
+    pub async fn list_sessions(&self, query: &SessionQuery) -> Result<SessionPage, Error> {
+        crate::http::list(&self.inner.config, &self.http_base_url(), query).await
+    }
+
+    /// Ends a session's call for everyone over HTTP (`POST /public/v1/sessions/{id}/close`).
+    /// A session that is not open (unknown, another connector's, already ended) is
+    /// [`Error::RequestFailed`] with [`ErrorCode::SessionNotFound`]; the Python SDK returns
+    /// a result with reason `NOT_FOUND` instead.
+    pub async fn close_session(&self, session_id: &str) -> Result<CloseResult, Error> {
+        crate::http::close(&self.inner.config, &self.http_base_url(), session_id).await
+    }
+
+    /// The base URL of the live control connection, else the first configured.
+    fn http_base_url(&self) -> String {
+        self.connected_base_url()
+            .unwrap_or_else(|| self.inner.config.base_url().to_owned())
+    }
+
     /// Tells the server this connection is ready for the claimed session's call (manual
     /// mode).
     pub async fn ready(&self, session_id: &str) -> Result<(), Error> {
@@ -319,6 +437,8 @@ struct Driver {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     connection: watch::Sender<Option<Connection>>,
+    awaited: AwaitedCalls,
+    call_flow: Arc<Mutex<Option<Value>>>,
 }
 
 impl Driver {
@@ -397,9 +517,18 @@ impl Driver {
         // Requests still queued get an answer instead of waiting for their timeout.
         self.commands.close();
         while let Ok(cmd) = self.commands.try_recv() {
-            if let DriverCommand::Request { reply, .. } = cmd {
-                let _ = reply.send(Err(Error::Shutdown));
+            match cmd {
+                DriverCommand::Request { reply, .. } => {
+                    let _ = reply.send(Err(Error::Shutdown));
+                }
+                DriverCommand::AwaitCall { reply, .. } => {
+                    let _ = reply.send(Err(Error::Shutdown));
+                }
+                DriverCommand::Send(_) => {}
             }
+        }
+        for (_, reply) in self.awaited.lock().drain() {
+            let _ = reply.send(Err(Error::Shutdown));
         }
         debug!("control driver stopped");
     }
@@ -425,6 +554,9 @@ impl Driver {
                     Some(DriverCommand::Request { reply, .. }) => {
                         let _ = reply.send(Err(Error::connection("not connected")));
                     }
+                    Some(DriverCommand::AwaitCall { reply, .. }) => {
+                        let _ = reply.send(Err(Error::connection("not connected")));
+                    }
                     Some(DriverCommand::Send(_)) => {}
                     None => return false,
                 },
@@ -438,6 +570,14 @@ impl Driver {
         let mut ping = tokio::time::interval_at(Instant::now() + hb, hb);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut pong_deadline: Option<Instant> = None;
+        // A new connection starts with the server's default flow: restore the application's.
+        let call_flow = self.call_flow.lock().clone();
+        if let Some(data) = call_flow {
+            let frame = ClientFrame::CallFlowSetup { data, req_id: None };
+            if let Err(e) = Self::send_frame(&mut ws, &frame).await {
+                return Exit::Lost(e);
+            }
+        }
         let exit = loop {
             let deadline = pong_deadline;
             // Every branch is cancel-safe: `recv`, `next`, `tick`, `sleep_until` and
@@ -488,6 +628,10 @@ impl Driver {
                 let _ = tx.send(Err(Error::connection("control connection lost")));
             }
         }
+        // Their `call.in` would come on this connection only.
+        for (_, reply) in self.awaited.lock().drain() {
+            let _ = reply.send(Err(Error::connection("control connection lost")));
+        }
         exit
     }
 
@@ -523,6 +667,13 @@ impl Driver {
     ) -> Result<(), String> {
         match cmd {
             DriverCommand::Send(frame) => Self::send_frame(ws, &frame).await,
+            DriverCommand::AwaitCall { session_id, reply } => {
+                let mut awaited = self.awaited.lock();
+                // Waiters that gave up (timed out, dropped) leave nothing behind.
+                awaited.retain(|_, r| !r.is_closed());
+                awaited.insert(session_id, reply);
+                Ok(())
+            }
             DriverCommand::Request { mut frame, reply } => {
                 let id = match self.register(pending, Pending::Waiter(reply)) {
                     Ok(id) => id,
@@ -643,6 +794,7 @@ impl Driver {
     async fn on_call_in(&self, c: CallIn) {
         let span = debug_span!("call", call_id = %c.call_id);
         span.in_scope(|| debug!(session_id = %c.session_id, "call.in"));
+        let waiter = self.awaited.lock().remove(&c.session_id);
         let call = ActiveCall::new(
             CallParams {
                 id: c.call_id,
@@ -659,6 +811,19 @@ impl Driver {
                 tracker: Some(self.tracker.clone()),
             },
         );
+        let waiter = match waiter {
+            Some(w) if !self.config.auto_connect_media => match w.send(Ok(call)) {
+                Ok(()) => return,
+                // The creator gave up: the application still gets the call.
+                Err(call) => {
+                    if let Ok(call) = call {
+                        self.emit(ClientEvent::IncomingCall(call)).await;
+                    }
+                    return;
+                }
+            },
+            w => w,
+        };
         if !self.config.auto_connect_media {
             self.emit(ClientEvent::IncomingCall(call)).await;
             return;
@@ -669,7 +834,25 @@ impl Driver {
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(
             async move {
-                match call.connect_media().await {
+                let connected = call.connect_media().await;
+                if let Some(waiter) = waiter {
+                    let result = connected.map(|()| call.clone()).map_err(Error::from);
+                    match waiter.send(result) {
+                        Ok(()) => return,
+                        // The creator gave up: deliver it as any other call below.
+                        Err(Ok(_)) => {}
+                        Err(Err(e)) => {
+                            warn!(error = %e, "media connection of an outbound call failed");
+                            return;
+                        }
+                    }
+                    tokio::select! {
+                        _ = events.send(ClientEvent::IncomingCall(call)) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    return;
+                }
+                match connected {
                     Ok(()) => {
                         tokio::select! {
                             _ = events.send(ClientEvent::IncomingCall(call)) => {}

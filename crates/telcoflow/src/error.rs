@@ -433,6 +433,14 @@ pub enum Error {
         /// The server id of the connection that owns the session.
         bound_sm_ws_id: String,
     },
+    /// [`TelcoflowClient::create_session`](crate::TelcoflowClient::create_session): this
+    /// connector already has an open session with that party (the server answered
+    /// `created: false`); claim it with `open_session` if it is yours to take.
+    #[error("an open session with that party already exists: {session_id}")]
+    SessionExists {
+        /// The open session.
+        session_id: String,
+    },
     /// A control request failed with a server error code other than `SESSION_BUSY`.
     #[error("request failed: {code}: {message}")]
     RequestFailed {

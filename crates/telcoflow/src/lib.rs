@@ -16,6 +16,11 @@
 //!   configuration.
 //! - `ring` (private): the outgoing audio buffer of a call.
 //!
+//! Outbound calls: [`TelcoflowClient::create_session`]; the session API over HTTP:
+//! [`TelcoflowClient::list_sessions`] and [`TelcoflowClient::close_session`]; which calls
+//! a connection is offered: [`TelcoflowClient::setup_call_flow`]. The README maps the
+//! Python SDK's API onto these.
+//!
 //! # Features
 //!
 //! - `tls` (default): `wss://` URLs, a private CA ([`TelcoflowClientConfigBuilder::ca_cert`])
@@ -54,24 +59,28 @@
 #![warn(missing_docs)]
 
 pub mod call;
+mod call_flow;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod event;
+mod http;
 mod ring;
 mod transport;
 
 pub use call::{
     ActiveCall, AudioChannel, AudioStream, CallEvent, CallEvents, CallState, CallStateWatch,
 };
+pub use call_flow::{CallFlow, InboundCalls};
 pub use client::TelcoflowClient;
 pub use config::{Auth, Backoff, SessionMode, TelcoflowClientConfig, TelcoflowClientConfigBuilder};
 pub use error::{CallError, CallErrorKind, ConfigError, Error, ServerCode};
 pub use event::{ClientEvent, ClientEvents, SessionNotification};
+pub use http::{CloseResult, SessionPage, SessionQuery};
 /// The kind of conversation a session carries (a call or messaging); not to be confused with
 /// an [`AudioChannel`] of a call.
 pub use telcoflow_proto::control::Channel;
-pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo};
+pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo, SessionState};
 pub use telcoflow_proto::stats::{AgentStats, CallStats, LegStats};
 pub use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
 

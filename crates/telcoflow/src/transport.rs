@@ -83,6 +83,22 @@ impl Tls {
 /// buffer before every socket read, so the 128 KiB default cost a 128 KiB memset per 20 ms
 /// audio frame; larger messages still grow the buffer. Connections also set TCP_NODELAY: 20 ms
 /// audio frames must not wait behind Nagle's algorithm.
+impl Tls {
+    /// The rustls configuration for an `https://` request: the one of these WebSockets
+    /// (private CA, client certificate) when there is one, else the webpki roots.
+    #[cfg(feature = "tls")]
+    pub(crate) fn rustls_config(&self) -> Result<std::sync::Arc<rustls::ClientConfig>, Error> {
+        let connector = match &self.connector {
+            Some(c) => c.clone(),
+            None => tls::connector(None, None).map_err(|e| Error::connection(e.to_string()))?,
+        };
+        match connector {
+            tokio_tungstenite::Connector::Rustls(c) => Ok(c),
+            _ => Err(Error::connection("no rustls configuration")),
+        }
+    }
+}
+
 const WS_READ_BUFFER: usize = 4096;
 
 fn ws_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {

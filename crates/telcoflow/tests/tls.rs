@@ -47,6 +47,12 @@ async fn client_certificate_authenticates_over_wss() {
         .await
         .expect("the pinned certificate authenticates");
     assert!(client.sm_ws_id().is_some());
+    // The HTTP session API goes over https:// with the same certificate.
+    let page = client
+        .list_sessions(&telcoflow::SessionQuery::open())
+        .await
+        .expect("https with the client certificate");
+    assert!(page.items.is_empty());
     client.shutdown().await;
 
     match TelcoflowClient::connect(mtls(&url, &stranger_cert, &stranger_key, &pki.ca())).await {
