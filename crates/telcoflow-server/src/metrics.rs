@@ -9,7 +9,7 @@
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The network a leg is on.
@@ -131,6 +131,15 @@ impl Drop for Held {
     }
 }
 
+/// States of an outbound registration (`telcoflow_sip_registrations{state}`).
+pub(crate) const REGISTRATION_STATES: [&str; 5] = [
+    "registering",
+    "registered",
+    "failed",
+    "unregistering",
+    "unregistered",
+];
+
 /// Outcomes of a call (`telcoflow_calls_total{outcome}`): who ended it.
 pub(crate) const OUTCOMES: [&str; 5] = ["caller", "no_answer", "agent", "server", "network"];
 
@@ -166,6 +175,7 @@ pub(crate) struct Metrics {
     /// (simulated phones lose nothing).
     leg_lost_sip: IntCounter,
     sip_requests: IntCounterVec,
+    sip_registrations: IntGaugeVec,
     sip_responses: IntCounterVec,
     pub(crate) rtp_ports_in_use: IntGauge,
     overflows: Vec<IntCounter>,
@@ -304,6 +314,20 @@ impl Metrics {
             "SIP responses, by direction (in: received), method (of CSeq) and status code.",
             &["direction", "method", "code"],
         );
+        let sip_registrations = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "telcoflow_sip_registrations",
+                    "Outbound SIP registrations ([[sip.registrations]]), by state.",
+                ),
+                &["state"],
+            )
+            .expect("valid metric"),
+        );
+        for state in REGISTRATION_STATES {
+            sip_registrations.with_label_values(&[state]);
+        }
         let overflow_vec = counter_vec(
             "telcoflow_queue_overflows_total",
             "Times a bounded queue was full, by queue.",
@@ -356,10 +380,19 @@ impl Metrics {
             leg_lost_sip: leg_lost.with_label_values(&[LegKind::Sip.as_str()]),
             sip_requests,
             sip_responses,
+            sip_registrations,
             rtp_ports_in_use: gauge("telcoflow_rtp_ports_in_use", "RTP port pairs in use."),
             overflows,
             registry: r,
         }
+    }
+
+    /// An outbound registration moved from state `from` (none: it just started) to `to`.
+    pub(crate) fn sip_registration_moved(&self, from: Option<&str>, to: &str) {
+        if let Some(from) = from {
+            self.sip_registrations.with_label_values(&[from]).dec();
+        }
+        self.sip_registrations.with_label_values(&[to]).inc();
     }
 
     /// A call ended; `outcome` is one of [`OUTCOMES`].
