@@ -6,7 +6,7 @@ mod common;
 mod sipp;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::time::Duration;
 use telcoflow_server::RunningServer;
 use telcoflow_server::config::SipRegistration;
@@ -173,4 +173,42 @@ async fn a_failing_registrar_is_reported_with_its_status_and_retry() {
     );
     registrar.await.unwrap().assert_passed();
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn call_connect_to_the_registrars_host_dials_with_the_registrations_credentials() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(63);
+    let dir = sipp::work_dir("register-trunk");
+    let mut args = sipp::uas_args(ports, "registrar_trunk.xml");
+    // The registration and the call: two SIPp calls.
+    let m = args.iter().position(|a| a == "-m").unwrap();
+    args[m + 1] = "2".into();
+    let trunk = tokio::spawn(async move { sipp::run(&dir, &args).await });
+    let mut config = sipp::sip_config(ports);
+    config.admin_token = Some("admin-secret".into());
+    config.connectors[0].connect.insert(
+        "+15559990001".into(),
+        format!("sip:+15550200@127.0.0.1:{}", ports.sipp_sip),
+    );
+    let sip = config.sip.as_mut().unwrap();
+    sip.timer_t1_ms = 100;
+    // No [[sip.trunks]]: the credentials can only come from the registration.
+    sip.registrations = vec![registration(ports.sipp_sip)];
+    let (server, _control, _phone, mut media) = answered_call(config, 8000).await;
+    registration_until(&server, |r| r["state"] == "registered").await;
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "the trunk refused the call: {resp}");
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    server.shutdown().await;
+    let outcome = tokio::time::timeout(WAIT, trunk)
+        .await
+        .expect("the trunk's scenario ends")
+        .unwrap();
+    outcome.assert_passed();
 }
