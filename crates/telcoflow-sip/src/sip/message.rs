@@ -166,6 +166,7 @@ const COMPACT: &[(&str, &str)] = &[
     ("k", "Supported"),
     ("s", "Subject"),
     ("e", "Content-Encoding"),
+    ("x", "Session-Expires"),
 ];
 
 const CANONICAL: &[&str] = &[
@@ -190,6 +191,8 @@ const CANONICAL: &[&str] = &[
     "Proxy-Authorization",
     "Require",
     "Expires",
+    "Session-Expires",
+    "Min-SE",
 ];
 
 fn canonical_name(name: &str) -> String {

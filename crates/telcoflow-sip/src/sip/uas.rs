@@ -14,11 +14,13 @@
 //! support (no event then); `400` with the parse error as reason for malformed requests
 //! (sent once, statelessly, for requests that cannot be parsed at all but have a Via); `400`
 //! for numbers over [`MAX_NUMBER_LEN`] characters;
-//! `200` to OPTIONS; `420` when a required extension is asked; `481` for requests in
-//! unknown dialogs; `200` + `487` for CANCEL before
-//! the answer; `200` to BYE; re-INVITE answered from the call's [`LocalMedia`] (hold and
-//! resume, `491` while another is pending); 2xx retransmission until ACK, and BYE when the ACK
-//! never comes.
+//! `200` to OPTIONS; `420` when a required extension other than `timer` is asked; `481`
+//! for requests in unknown dialogs; `200` + `487` for CANCEL before
+//! the answer; `200` to BYE; re-INVITE and UPDATE answered from the call's [`LocalMedia`]
+//! (hold and resume, `491` while another is pending); 2xx retransmission until ACK, and BYE
+//! when the ACK never comes; RFC 4028 session timers ([`super::session_timer`]): `422` for
+//! too short an interval, the timer granted in the 2xx, our UPDATE refreshes when we are the
+//! refresher, and BYE ([`UasEvent::SessionExpired`]) when the caller stops refreshing.
 //!
 //! What it leaves to its owner, through [`UasEvent::IncomingCall`]: routing the number (answer
 //! [`UasAction::Reject`] with 404 when unknown), ringing, answering with a local RTP address,
@@ -39,6 +41,7 @@ use super::message::{
     SipUri, salvage_request,
 };
 use super::sdp::{self, LocalMedia, Negotiated, NegotiationError, SessionDescription};
+use super::session_timer::{self, Grant, Granted, Refresher};
 use super::transaction::{
     InviteServerState, InviteServerTransaction, NonInviteClientTransaction,
     NonInviteServerTransaction, Timers, TransactionEvent, TransactionKey,
@@ -46,7 +49,9 @@ use super::transaction::{
 use super::{Transmit, Transport};
 
 /// Methods we answer, for `Allow` headers.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
+/// Extensions we implement, for `Supported` headers and `Require` checks.
+const SUPPORTED: &str = "timer";
 
 /// Identifies a call within one [`Uas`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -84,6 +89,12 @@ pub enum UasEvent {
     },
     /// No ACK came for our 200 within 64·T1; we sent BYE. The call is gone.
     AckTimeout {
+        /// The call.
+        call: CallHandle,
+    },
+    /// The caller, which was to refresh the session (RFC 4028), did not in time: it is
+    /// taken for gone, and we sent BYE. The call is gone.
+    SessionExpired {
         /// The call.
         call: CallHandle,
     },
@@ -321,6 +332,10 @@ struct Call {
     hangup_after_ack: bool,
     /// A re-INVITE answered with 2xx and waiting for its ACK.
     reinvite: Option<PendingReinvite>,
+    /// The INVITE's session timer request (RFC 4028), decided on when we answer.
+    session_asked: Option<session_timer::Asked>,
+    /// The session timer in force, and when we must next act on it: refresh, or end the call.
+    session: Option<(Granted, Instant)>,
 }
 
 #[derive(Debug)]
@@ -404,7 +419,12 @@ impl Uas {
             ServerTx::NonInvite(t) => t.poll_timeout(),
         });
         let client = self.client.values().filter_map(|e| e.tx.poll_timeout());
-        server.chain(client).min()
+        let sessions = self
+            .calls
+            .values()
+            .filter(|c| c.state == CallState::Confirmed)
+            .filter_map(|c| c.session.map(|(_, at)| at));
+        server.chain(client).chain(sessions).min()
     }
 
     /// Number of calls being tracked (for metrics and tests).
@@ -668,6 +688,7 @@ impl Uas {
             let required: Vec<String> = request
                 .headers
                 .values("Require")
+                .filter(|r| !r.trim().eq_ignore_ascii_case(SUPPORTED))
                 .map(str::to_string)
                 .collect();
             if !required.is_empty() {
@@ -708,7 +729,10 @@ impl Uas {
                 let status = if call.is_some() { 200 } else { 481 };
                 self.reply(transport, source, request, status, None, now)
             }
-            (Method::Bye | Method::Info, None) => {
+            (Method::Update, Some(tag)) => {
+                self.handle_update(transport, source, key, request, &tag, now)
+            }
+            (Method::Bye | Method::Info | Method::Update, None) => {
                 self.reply(transport, source, request, 481, None, now)
             }
             _ => self.reply(transport, source, request, 405, None, now),
@@ -784,6 +808,13 @@ impl Uas {
                 }
             }
         };
+        let session_asked = session_timer::asked(&request);
+        if session_asked.is_some_and(|a| session_timer::grant(a) == Grant::TooSmall) {
+            let refusal = Refusal::new(422)
+                .with_header("Min-SE", session_timer::MIN_SE.as_secs().to_string());
+            self.reply_with(transport, source, request, refusal, now);
+            return;
+        }
         let (Ok(from), Ok(to), Ok(call_id), Ok(cseq)) = (
             request.header_from(),
             request.header_to(),
@@ -854,6 +885,8 @@ impl Uas {
                 awaiting_answer_in_ack: false,
                 hangup_after_ack: false,
                 reinvite: None,
+                session_asked,
+                session: None,
             },
         );
         self.events
@@ -999,7 +1032,12 @@ impl Uas {
                     awaiting_answer: negotiated.is_none(),
                 });
                 call.media = Some(media);
-                let response = self.ok_with_sdp(&request, handle, &sd);
+                let mut response = self.ok_with_sdp(&request, handle, &sd);
+                let asked = self.refresh_ask(handle, &request);
+                let session = self.start_session(asked, &mut response, now);
+                if let Some(call) = self.calls.get_mut(&handle) {
+                    call.session = session;
+                }
                 tx.send_response(response, now);
                 if let Some(negotiated) = negotiated {
                     self.events.push_back(UasEvent::MediaUpdated {
@@ -1215,25 +1253,183 @@ impl Uas {
             None => (sdp::offer(&media), None),
         };
         let key = call.invite_key.clone();
+        let asked = call.session_asked;
         let Some(request) = self.server.get(&key).and_then(|e| match &e.tx {
             ServerTx::Invite(t) => Some(t.request().clone()),
             ServerTx::NonInvite(_) => None,
         }) else {
             return Err(ActionError::InvalidState);
         };
-        let response = self.ok_with_sdp(&request, handle, &sd);
+        let mut response = self.ok_with_sdp(&request, handle, &sd);
+        let session = self.start_session(asked, &mut response, now);
         if let Some(entry) = self.server.get_mut(&key) {
             if let ServerTx::Invite(t) = &mut entry.tx {
                 t.send_response(response, now);
             }
         }
         if let Some(call) = self.calls.get_mut(&handle) {
+            call.session = session;
             call.state = CallState::Answered;
             call.awaiting_answer_in_ack = call.offer.is_none();
             call.media = Some(media);
         }
         self.drain_server(&key);
         Ok(negotiated)
+    }
+
+    /// Decides on a session timer ask for a 2xx we send (the INVITE's answer, or a refresh):
+    /// adds its headers to `response`; returns the timer in force and when to act on it. A
+    /// refresh without `Session-Expires` turns the timer off (RFC 4028 9).
+    fn start_session(
+        &self,
+        asked: Option<session_timer::Asked>,
+        response: &mut Response,
+        now: Instant,
+    ) -> Option<(Granted, Instant)> {
+        response.headers.push("Supported", SUPPORTED);
+        match session_timer::grant(asked?) {
+            Grant::Timer(granted) => {
+                for (name, value) in granted.headers() {
+                    response.headers.push(name, value);
+                }
+                Some((granted, granted.deadline(now)))
+            }
+            Grant::None | Grant::TooSmall => None,
+        }
+    }
+
+    /// A refresh's session timer ask: what the caller said of its support for timers and
+    /// UPDATE in the INVITE still holds when a refresh does not repeat it.
+    fn refresh_ask(&self, handle: CallHandle, request: &Request) -> Option<session_timer::Asked> {
+        let mut asked = session_timer::asked(request)?;
+        if let Some(first) = self.calls.get(&handle).and_then(|c| c.session_asked) {
+            asked.caller_supports |= first.caller_supports;
+            asked.caller_allows_update |= first.caller_allows_update;
+        }
+        Some(asked)
+    }
+
+    /// UPDATE in a dialog (RFC 3311): a session refresh (RFC 4028) and, with an SDP offer, a
+    /// media change answered from the call's media as a re-INVITE's would be.
+    fn handle_update(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        key: TransactionKey,
+        request: Request,
+        tag: &str,
+        now: Instant,
+    ) {
+        let Some(handle) = self.find_dialog(&request, tag) else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        let Some(call) = self.calls.get(&handle) else {
+            return;
+        };
+        let confirmed = call.state == CallState::Confirmed && call.reinvite.is_none();
+        let media = call.media.clone();
+        let local_tag = call.local_tag.clone();
+        let mut response = if request.body.is_empty() {
+            Response::to_request(&request, 200, Some(&local_tag))
+        } else {
+            // An offer while another is open is a glare (RFC 3311 5.2).
+            let Some(mut media) = media.filter(|_| confirmed) else {
+                self.reply(transport, source, request, 491, None, now);
+                return;
+            };
+            media.session_version += 1;
+            let answered = SessionDescription::parse_bytes(&request.body)
+                .map_err(NegotiationError::from)
+                .and_then(|offer| sdp::answer(&offer, &media));
+            match answered {
+                Ok((sd, negotiated)) => {
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.media = Some(media);
+                    }
+                    self.events.push_back(UasEvent::MediaUpdated {
+                        call: handle,
+                        negotiated,
+                    });
+                    Response::to_request(&request, 200, Some(&local_tag))
+                        .with_body("application/sdp", sd.to_string())
+                }
+                Err(err) => {
+                    let reason = err.to_string();
+                    self.reply(
+                        transport,
+                        source,
+                        request,
+                        err.status_code(),
+                        Some(reason),
+                        now,
+                    );
+                    return;
+                }
+            }
+        };
+        response
+            .headers
+            .push("Contact", format!("<{}>", self.config.contact));
+        response.headers.push("Allow", ALLOW);
+        response
+            .headers
+            .push("Server", self.config.user_agent.clone());
+        let asked = self.refresh_ask(handle, &request);
+        let session = self.start_session(asked, &mut response, now);
+        if let Some(call) = self.calls.get_mut(&handle) {
+            call.session = session;
+        }
+        let mut tx =
+            NonInviteServerTransaction::new(request, transport.reliable(), self.config.timers, now);
+        tx.send_response(response, now);
+        self.insert_server(
+            key,
+            ServerTx::NonInvite(tx),
+            Some(handle),
+            source,
+            transport,
+        );
+    }
+
+    /// Acts on the session timers due at `now`: our refresh (an UPDATE), or the end of a
+    /// call whose caller did not refresh in time.
+    fn session_timeouts(&mut self, now: Instant) {
+        let mut due: Vec<(CallHandle, Granted)> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.state == CallState::Confirmed)
+            .filter_map(|(h, c)| c.session.filter(|(_, at)| *at <= now).map(|(g, _)| (*h, g)))
+            .collect();
+        due.sort_by_key(|(h, _)| *h);
+        for (handle, granted) in due {
+            match granted.refresher {
+                Refresher::Uas => {
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.session = Some((granted, granted.deadline(now)));
+                    }
+                    let value = granted
+                        .headers()
+                        .into_iter()
+                        .map(|(n, v)| format!("{n}: {v}"))
+                        .collect::<Vec<_>>();
+                    self.send_refresh(handle, &value, now);
+                }
+                Refresher::Uac => {
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.session = None;
+                    }
+                    self.events
+                        .push_back(UasEvent::SessionExpired { call: handle });
+                    self.send_bye(handle, now);
+                }
+            }
+        }
+    }
+
+    /// Our session refresh: an UPDATE without a body, carrying the session timer's headers.
+    fn send_refresh(&mut self, handle: CallHandle, headers: &[String], now: Instant) {
+        self.send_in_dialog_with(handle, Method::Update, None, headers, now);
     }
 
     fn send_bye(&mut self, handle: CallHandle, now: Instant) {
@@ -1246,6 +1442,18 @@ impl Uas {
         handle: CallHandle,
         method: Method,
         body: Option<(&str, String)>,
+        now: Instant,
+    ) {
+        self.send_in_dialog_with(handle, method, body, &[], now);
+    }
+
+    /// [`Uas::send_in_dialog`] with extra header lines (`Name: value`).
+    fn send_in_dialog_with(
+        &mut self,
+        handle: CallHandle,
+        method: Method,
+        body: Option<(&str, String)>,
+        extra: &[String],
         now: Instant,
     ) {
         let branch = format!("{BRANCH_MAGIC}{}", self.token());
@@ -1283,6 +1491,11 @@ impl Uas {
         }
         req.headers
             .push("User-Agent", self.config.user_agent.clone());
+        for line in extra {
+            if let Some((name, value)) = line.split_once(": ") {
+                req.headers.push(name, value);
+            }
+        }
         if let Some((content_type, body)) = body {
             req = req.with_body(content_type, body);
         }
@@ -1346,6 +1559,7 @@ impl Uas {
             }
             self.drain_client(&key);
         }
+        self.session_timeouts(now);
     }
 
     /// Forwards a server transaction's output; returns the call whose 2xx was never ACKed.
@@ -1964,7 +2178,8 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             panic!("{sent:?}");
         };
         assert_eq!(r.status, 420);
-        assert_eq!(r.headers.get("Unsupported"), Some("100rel, timer"));
+        // Session timers (RFC 4028) we implement: only 100rel is unsupported.
+        assert_eq!(r.headers.get("Unsupported"), Some("100rel"));
         assert!(h.events().is_empty());
         // Supported (not required) extensions are fine.
         let text = Req::new("INVITE", "inv2", 1)
@@ -1976,6 +2191,164 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             );
         h.feed_raw(&text);
         assert_eq!(h.statuses(), vec![100]);
+    }
+
+    /// An INVITE with extra header lines (each ending in CRLF), fed raw; returns the call.
+    fn incoming_with(h: &mut Harness, headers: &str) -> CallHandle {
+        let text = Req::new("INVITE", "inv1", 1)
+            .body(offer_sdp("0 8 101", "sendrecv"))
+            .text()
+            .replace(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\n{headers}"),
+            );
+        h.feed_raw(&text);
+        assert_eq!(h.statuses(), vec![100]);
+        match h.events().as_slice() {
+            [UasEvent::IncomingCall(ic)] => ic.call,
+            other => panic!("unexpected events {other:?}"),
+        }
+    }
+
+    /// Answers and ACKs `call`; returns the 200 and our tag.
+    fn answer_and_ack(h: &mut Harness, call: CallHandle) -> (Response, String) {
+        let media = h.media();
+        h.uas
+            .handle_action(call, UasAction::Answer { media }, h.now)
+            .unwrap();
+        let sent = h.sent();
+        let [Message::Response(ok)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        let tag = ok.header_to().unwrap().tag().unwrap().to_string();
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        assert!(h.sent().is_empty());
+        let _ = h.events();
+        (ok.clone(), tag)
+    }
+
+    #[test]
+    fn a_caller_refreshing_keeps_the_call_and_one_that_stops_is_hung_up() {
+        let mut h = Harness::new();
+        let call = incoming_with(
+            &mut h,
+            "Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n",
+        );
+        let (ok, tag) = answer_and_ack(&mut h, call);
+        assert_eq!(ok.headers.get("Session-Expires"), Some("90;refresher=uac"));
+        assert_eq!(ok.headers.get("Require"), Some("timer"));
+        assert!(ok.headers.get("Allow").unwrap().contains("UPDATE"));
+        // An UPDATE refresh at 40 s: answered, and the session runs 90 s from there.
+        assert!(h.run_until(40_000).is_empty());
+        let refresh = Req::new("UPDATE", "up1", 2).tag(&tag).text().replace(
+            "Max-Forwards: 70\r\n",
+            "Max-Forwards: 70\r\nSession-Expires: 90;refresher=uac\r\n",
+        );
+        h.feed_raw(&refresh);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers.get("Session-Expires"), Some("90;refresher=uac"));
+        assert!(h.events().is_empty(), "a refresh changes no media");
+        // No refresh after that: BYE 30 s before the end (a third of 90 s), at 100 s.
+        let sent = h.run_until(99_999);
+        assert!(
+            sent.iter().all(|(_, m)| !matches!(m, Message::Request(_))),
+            "{sent:?}"
+        );
+        let sent = h.run_until(100_000);
+        let Some((at, Message::Request(bye))) = sent.first() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!((*at, &bye.method), (100_000, &Method::Bye));
+        assert_eq!(h.events(), [UasEvent::SessionExpired { call }]);
+    }
+
+    #[test]
+    fn too_short_a_session_interval_is_422_with_min_se() {
+        let mut h = Harness::new();
+        let text = Req::new("INVITE", "inv1", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text()
+            .replace("Max-Forwards: 70\r\n", "Max-Forwards: 70\r\nx: 30\r\n");
+        h.feed_raw(&text);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 422);
+        assert_eq!(r.headers.get("Min-SE"), Some("90"));
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn we_refresh_by_update_when_the_caller_cannot() {
+        let mut h = Harness::new();
+        // A proxy asked for a timer; the caller supports none but allows UPDATE.
+        let call = incoming_with(
+            &mut h,
+            "Session-Expires: 120\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n",
+        );
+        let (ok, _tag) = answer_and_ack(&mut h, call);
+        assert_eq!(ok.headers.get("Session-Expires"), Some("120;refresher=uas"));
+        assert_eq!(ok.headers.get("Require"), None);
+        let sent = h.run_until(120_000);
+        // Each UPDATE's first sending (unanswered here, they are retransmitted too).
+        let mut seen = Vec::new();
+        let updates: Vec<u64> = sent
+            .iter()
+            .filter_map(|(at, m)| match m {
+                Message::Request(r) if r.method == Method::Update => {
+                    assert_eq!(r.headers.get("Session-Expires"), Some("120;refresher=uas"));
+                    assert!(r.body.is_empty());
+                    let cseq = r.cseq().unwrap().seq;
+                    (!seen.contains(&cseq)).then(|| {
+                        seen.push(cseq);
+                        *at
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(updates, [60_000, 120_000], "every half interval");
+        assert!(h.events().is_empty());
+        // Without UPDATE in its Allow, no timer is granted.
+        let mut h = Harness::new();
+        let call = incoming_with(&mut h, "Session-Expires: 120\r\n");
+        let (ok, _) = answer_and_ack(&mut h, call);
+        assert_eq!(ok.headers.get("Session-Expires"), None);
+        assert_eq!(ok.headers.get("Supported"), Some("timer"));
+    }
+
+    #[test]
+    fn an_update_with_an_offer_changes_the_media() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let (_, tag) = answer_and_ack(&mut h, call);
+        h.feed(
+            &Req::new("UPDATE", "up1", 2)
+                .tag(&tag)
+                .body(offer_sdp("0", "sendonly")),
+        );
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 200);
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("a=recvonly"),
+            "{r:?}"
+        );
+        let events = h.events();
+        let [UasEvent::MediaUpdated { negotiated, .. }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert!(negotiated.remote_hold);
+        // An UPDATE outside any dialog is 481.
+        h.feed(&Req::new("UPDATE", "up2", 3).tag("nobody"));
+        assert_eq!(h.statuses(), vec![481]);
     }
 
     #[test]

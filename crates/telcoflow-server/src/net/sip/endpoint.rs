@@ -506,7 +506,8 @@ impl Endpoint {
             UasEvent::IncomingCall(incoming) => self.on_incoming(*incoming, now),
             UasEvent::Cancelled { call }
             | UasEvent::Bye { call }
-            | UasEvent::AckTimeout { call } => {
+            | UasEvent::AckTimeout { call }
+            | UasEvent::SessionExpired { call } => {
                 self.notify_leg(call, SipEvent::Ended);
             }
             UasEvent::MediaUpdated { call, negotiated } => {
