@@ -589,6 +589,8 @@ async fn forward(
         ),
         // The call mixes a simulated phone's DTMF into its audio as tones: nothing to send.
         LegOutput::Dtmf(_) => return true,
+        // Calls transfer simulated phones by dialling the target themselves: never sent.
+        LegOutput::Refer { .. } => return true,
         LegOutput::Hangup(reason) => Message::Text(
             NetworkFrame::Hangup {
                 call_id: Some(call_id()),
