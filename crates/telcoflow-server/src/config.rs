@@ -1088,7 +1088,12 @@ mod tests {
         assert!(!c.may_transfer_to("sip:desk@pbx.example:5070"));
         assert!(!c.may_transfer_to("+1666"));
         assert!(!c.may_transfer_to("+20"));
-        for bad in ["\"\"", "\"+1*5\"", "\"sip:a b\"", &format!("{:?}", "1".repeat(257))] {
+        for bad in [
+            "\"\"",
+            "\"+1*5\"",
+            "\"sip:a b\"",
+            &format!("{:?}", "1".repeat(257)),
+        ] {
             let text = format!(
                 "[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'\ntransfer_targets=[{bad}]\n"
             );

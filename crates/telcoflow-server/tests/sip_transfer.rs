@@ -96,7 +96,10 @@ async fn sip_caller_takes_the_refer_and_the_agent_sees_progress_and_success() {
         .rposition(|v| is_event(v, "call.transfer_progress"))
         .unwrap();
     let terminated = position(&texts, |v| is_event(v, "call.terminated"));
-    assert!(last_progress < response && response < terminated, "{texts:#?}");
+    assert!(
+        last_progress < response && response < terminated,
+        "{texts:#?}"
+    );
     assert_eq!(texts[terminated]["data"]["reason"], "transferred");
     // SIPp's scenario passes only if the server hung up with BYE after the final NOTIFY.
     phone.await.unwrap().assert_passed();
@@ -118,7 +121,13 @@ async fn sip_caller_refusing_refer_is_bridged_to_the_target_by_the_server() {
     let target_args = sipp::uas_args(target_ports, "uas_answer_bye.xml");
     let target_phone = tokio::spawn(async move { sipp::run(&target_dir, &target_args).await });
     let dir = sipp::work_dir("uac_refer_405");
-    let args = sipp::uac_args(&server, caller_ports, "uac_refer_405.xml", "+15559990001", 1);
+    let args = sipp::uac_args(
+        &server,
+        caller_ports,
+        "uac_refer_405.xml",
+        "+15559990001",
+        1,
+    );
     let caller = tokio::spawn(async move { sipp::run(&dir, &args).await });
 
     let mut media = answer_next(&mut control).await;

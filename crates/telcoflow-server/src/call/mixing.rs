@@ -100,7 +100,9 @@ impl CallActor {
                 }
             }
             // Only the caller is referred.
-            LegEvent::Dtmf { .. } | LegEvent::ReferAnswered { .. } | LegEvent::ReferProgress { .. } => {}
+            LegEvent::Dtmf { .. }
+            | LegEvent::ReferAnswered { .. }
+            | LegEvent::ReferProgress { .. } => {}
             LegEvent::AudioSkipped { dropped_ms } => {
                 self.agent_counts.server_stall_ms += dropped_ms;
                 self.send_event(CallEvent::audio_skipped(

@@ -67,7 +67,9 @@ fn target_kind(target: &str) -> Result<Target, String> {
         let unsafe_char = |c: char| c.is_whitespace() || c.is_control() || "<>\"".contains(c);
         let parsed = SipUri::parse(target).ok().filter(|u| !u.host.is_empty());
         if target.chars().any(unsafe_char) || parsed.is_none() {
-            return Err(format!("the target {target:?} is not a valid {scheme}: URI"));
+            return Err(format!(
+                "the target {target:?} is not a valid {scheme}: URI"
+            ));
         }
         return Ok(if scheme == "sip" {
             Target::Sip
@@ -132,7 +134,9 @@ fn refer_result(target: &str, status: u16) -> Value {
 impl CallActor {
     /// `call.transfer {"target": ..., "ringTimeSeconds": ...}`.
     pub(super) fn on_transfer(&mut self, id: String, data: Option<Value>, timeout_ms: Option<u64>) {
-        let invalid = |message: String| CommandResponse::error(id.clone(), ErrorCode::InvalidRequest, message);
+        let invalid = |message: String| {
+            CommandResponse::error(id.clone(), ErrorCode::InvalidRequest, message)
+        };
         let data = match data.map(serde_json::from_value::<TransferData>) {
             Some(Ok(d)) => d,
             _ => {
@@ -159,7 +163,9 @@ impl CallActor {
         } else if self.transfer.is_some() {
             Some("a transfer is already under way")
         } else if self.callee.is_some() || self.connect.is_some() {
-            Some("the call is connected or connecting: transfer it before call.connect (or leave the parties talking with call.close)")
+            Some(
+                "the call is connected or connecting: transfer it before call.connect (or leave the parties talking with call.close)",
+            )
         } else {
             None
         };
@@ -236,7 +242,10 @@ impl CallActor {
     /// The dialled target answered: the transfer is done, the agent leaves the caller and
     /// the target talking.
     pub(super) fn bridge_transfer_answered(&mut self, c: PendingConnect) {
-        let result = bridge_result(&c.destination, c.transfer.unwrap_or(BridgeTransfer { refer_status: None }));
+        let result = bridge_result(
+            &c.destination,
+            c.transfer.unwrap_or(BridgeTransfer { refer_status: None }),
+        );
         info!(target = %c.destination, "transferred: the caller and the target are bridged");
         self.respond(CommandResponse::ok(c.command_id, Some(result)));
         self.leave_connected("transferred");
@@ -259,13 +268,25 @@ impl CallActor {
         };
         if REFER_UNSUPPORTED.contains(&status) {
             info!(status, target = %t.target, "the caller refused REFER; dialling the target");
-            return self.dial_transfer(t.command_id, t.target, t.ring_time, t.reply_deadline, Some(status));
+            return self.dial_transfer(
+                t.command_id,
+                t.target,
+                t.ring_time,
+                t.reply_deadline,
+                Some(status),
+            );
         }
         info!(status, "the caller refused the transfer");
         let (code, message) = if status == 408 {
-            (ErrorCode::Timeout, "the caller did not answer the REFER".to_owned())
+            (
+                ErrorCode::Timeout,
+                "the caller did not answer the REFER".to_owned(),
+            )
         } else {
-            (ErrorCode::CallRejected, format!("the caller refused the transfer: SIP {status}"))
+            (
+                ErrorCode::CallRejected,
+                format!("the caller refused the transfer: SIP {status}"),
+            )
         };
         let mut response = CommandResponse::error(t.command_id, code, message);
         response.result = Some(refer_result(&t.target, status));

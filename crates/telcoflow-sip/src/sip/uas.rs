@@ -770,7 +770,9 @@ impl Uas {
                 let status = if call.is_some() { 200 } else { 481 };
                 self.reply(transport, source, request, status, None, now)
             }
-            (Method::Notify, Some(tag)) => self.handle_notify(transport, source, request, &tag, now),
+            (Method::Notify, Some(tag)) => {
+                self.handle_notify(transport, source, request, &tag, now)
+            }
             (Method::Bye | Method::Info | Method::Notify, None) => {
                 self.reply(transport, source, request, 481, None, now)
             }
@@ -2345,9 +2347,21 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
                     ),
                 )
         };
-        h.feed_raw(&notify("n1", 2, "refer", "active;expires=60", "SIP/2.0 100 Trying\r\n"));
+        h.feed_raw(&notify(
+            "n1",
+            2,
+            "refer",
+            "active;expires=60",
+            "SIP/2.0 100 Trying\r\n",
+        ));
         assert_eq!(h.statuses(), vec![200]);
-        h.feed_raw(&notify("n2", 3, "refer;id=2", "terminated;reason=noresource", "SIP/2.0 200 OK\r\n"));
+        h.feed_raw(&notify(
+            "n2",
+            3,
+            "refer;id=2",
+            "terminated;reason=noresource",
+            "SIP/2.0 200 OK\r\n",
+        ));
         assert_eq!(h.statuses(), vec![200]);
         assert_eq!(
             h.events(),
@@ -2410,13 +2424,19 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
 
     #[test]
     fn sipfrag_status_lines() {
-        assert_eq!(sipfrag_status(b"SIP/2.0 180 Ringing\r\n"), Some((180, "Ringing".into())));
+        assert_eq!(
+            sipfrag_status(b"SIP/2.0 180 Ringing\r\n"),
+            Some((180, "Ringing".into()))
+        );
         assert_eq!(sipfrag_status(b"SIP/2.0 603"), Some((603, String::new())));
         assert_eq!(sipfrag_status(b"SIP/2.0 99 Low"), None);
         assert_eq!(sipfrag_status(b"HTTP/1.1 200 OK"), None);
         assert_eq!(sipfrag_status(&[0xff, 0xfe]), None);
         let long = format!("SIP/2.0 200 {}", "x".repeat(500));
-        assert_eq!(sipfrag_status(long.as_bytes()).unwrap().1.len(), MAX_SIPFRAG_REASON);
+        assert_eq!(
+            sipfrag_status(long.as_bytes()).unwrap().1.len(),
+            MAX_SIPFRAG_REASON
+        );
     }
 
     #[test]

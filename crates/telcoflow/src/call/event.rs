@@ -127,7 +127,10 @@ impl CallEvent {
             }
             media::CallEvent::TRANSFER_PROGRESS => {
                 let status = ev.fields.get("status").and_then(Value::as_u64);
-                match (str_field("method"), status.and_then(|s| u16::try_from(s).ok())) {
+                match (
+                    str_field("method"),
+                    status.and_then(|s| u16::try_from(s).ok()),
+                ) {
                     (Some(method), Some(status)) => Self::TransferProgress {
                         method,
                         status,

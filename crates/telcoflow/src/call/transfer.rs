@@ -135,6 +135,9 @@ mod tests {
         let outcome = TransferOutcome::from_result(&bridge).unwrap();
         assert_eq!(outcome.method, TransferMethod::Bridge);
         assert_eq!(outcome.refer_status, Some(405));
-        assert_eq!(TransferOutcome::from_result(&json!({"method": "fax"})), None);
+        assert_eq!(
+            TransferOutcome::from_result(&json!({"method": "fax"})),
+            None
+        );
     }
 }

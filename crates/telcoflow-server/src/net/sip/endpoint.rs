@@ -366,10 +366,7 @@ impl Endpoint {
                     debug!(error = %e, "DTMF INFO not sent");
                 }
             }
-            Command::Refer {
-                call,
-                refer_to,
-            } => {
+            Command::Refer { call, refer_to } => {
                 // Referred-By names this server (RFC 3892): the transfer is ours.
                 let refer = UasAction::Refer {
                     refer_to,
