@@ -7,7 +7,6 @@ use super::legs::Leg;
 use super::live::LiveState;
 use super::meter::AgentCounts;
 use super::playout::Playout;
-use super::transfer::{BridgeTransfer, PendingTransfer};
 use crate::config::ConnectorConfig;
 use crate::state::Shared;
 use std::sync::Arc;
@@ -56,6 +55,26 @@ pub(super) struct PendingConnect {
     pub(super) reply_deadline: Option<Instant>,
     /// Rung for `call.transfer` rather than `call.connect`: the agent leaves once it answers.
     pub(super) transfer: Option<BridgeTransfer>,
+}
+
+/// A `call.transfer` by REFER, waiting for the caller (see `transfer`).
+pub(super) struct PendingTransfer {
+    pub(super) command_id: String,
+    pub(super) target: String,
+    pub(super) ring_time: u32,
+    /// The REFER was accepted (202): the final NOTIFY is awaited.
+    pub(super) accepted: bool,
+    /// When the caller's answer or final NOTIFY is given up on.
+    pub(super) deadline: Instant,
+    /// The command's own `timeout_ms`.
+    pub(super) reply_deadline: Option<Instant>,
+}
+
+/// A `call.transfer` by dialling the target ([`PendingConnect::transfer`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BridgeTransfer {
+    /// The REFER answer that sent the transfer here, if the caller refused one.
+    pub(super) refer_status: Option<u16>,
 }
 
 /// Past destinations a call's stats keep, the latest.

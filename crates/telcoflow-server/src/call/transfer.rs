@@ -15,7 +15,7 @@
 //! transaction (32 s over UDP), then the final NOTIFY by the ring time plus
 //! [`NOTIFY_MARGIN`]; the dialled target by the ring time; all by the command's `timeout_ms`.
 
-use super::actor::{CallActor, PendingConnect, Phase};
+use super::actor::{BridgeTransfer, CallActor, PendingConnect, PendingTransfer, Phase};
 use super::leg::{LegKind, LegOutput, Refusal};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -85,26 +85,6 @@ fn target_kind(target: &str) -> Result<Target, String> {
     Err(format!(
         "the target must be a sip: or sips: URI or a phone number (an optional + and 1 to {MAX_NUMBER_DIGITS} digits), got {target:?}"
     ))
-}
-
-/// A `call.transfer` by REFER, waiting for the caller.
-pub(super) struct PendingTransfer {
-    command_id: String,
-    target: String,
-    ring_time: u32,
-    /// The REFER was accepted (202): the final NOTIFY is awaited.
-    accepted: bool,
-    /// When the caller's answer or final NOTIFY is given up on.
-    pub(super) deadline: Instant,
-    /// The command's own `timeout_ms`.
-    pub(super) reply_deadline: Option<Instant>,
-}
-
-/// A `call.transfer` by dialling the target ([`PendingConnect::transfer`]).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct BridgeTransfer {
-    /// The REFER answer that sent the transfer here, if the caller refused one.
-    refer_status: Option<u16>,
 }
 
 impl PendingConnect {
