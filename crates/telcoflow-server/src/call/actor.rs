@@ -141,6 +141,8 @@ pub(super) struct CallActor {
     pub(super) transfer: Option<PendingTransfer>,
     /// A REFER was sent to the caller during this call.
     pub(super) referred: bool,
+    /// `call.transfer_progress` events sent (bounded).
+    pub(super) transfer_events: u32,
     /// The caller was handed over to a transfer target: the call ends as `transferred`.
     pub(super) transferred: bool,
 }
@@ -200,6 +202,7 @@ impl CallActor {
             agent_counts: AgentCounts::default(),
             transfer: None,
             referred: false,
+            transfer_events: 0,
             transferred: false,
         }
     }

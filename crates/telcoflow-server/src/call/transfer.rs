@@ -35,6 +35,9 @@ use tracing::{debug, info};
 const REFER_ANSWER_DEADLINE: Duration = Duration::from_secs(40);
 /// Beyond the ring time, how long the final NOTIFY may take after the 202.
 pub(super) const NOTIFY_MARGIN: Duration = Duration::from_secs(10);
+/// `call.transfer_progress` events a call passes on at most: a caller cannot flood the agent
+/// with NOTIFYs.
+const MAX_PROGRESS_EVENTS: u32 = 32;
 /// Longest number a target may be, in digits.
 const MAX_NUMBER_DIGITS: usize = 32;
 /// REFER answers that mean the caller does not do REFER at all (forbidden, not allowed, bad
@@ -279,7 +282,12 @@ impl CallActor {
             debug!(status, "NOTIFY for a REFER this call never sent");
             return;
         }
-        self.send_event(CallEvent::transfer_progress("refer", status, reason));
+        if self.transfer_events < MAX_PROGRESS_EVENTS {
+            self.transfer_events += 1;
+            self.send_event(CallEvent::transfer_progress("refer", status, reason));
+        } else {
+            debug!(status, "transfer progress beyond the bound not passed on");
+        }
         if (200..300).contains(&status) {
             match self.transfer.take() {
                 Some(t) => {

@@ -18,7 +18,9 @@
 //! unknown dialogs; `200` + `487` for CANCEL before
 //! the answer; `200` to BYE; re-INVITE answered from the call's [`LocalMedia`] (hold and
 //! resume, `491` while another is pending); 2xx retransmission until ACK, and BYE when the ACK
-//! never comes.
+//! never comes; for a REFER we sent ([`UasAction::Refer`]), `200` to each NOTIFY of its
+//! subscription (`481` once it has ended or when there is none, `489` for another event
+//! package, `400` for a body that is no sipfrag status line).
 //!
 //! What it leaves to its owner, through [`UasEvent::IncomingCall`]: routing the number (answer
 //! [`UasAction::Reject`] with 404 when unknown), ringing, answering with a local RTP address,
@@ -365,6 +367,9 @@ struct Call {
     /// A REFER asked while waiting for the ACK (`Refer-To`, `Referred-By`): sent once it
     /// comes, since a REFER belongs in a confirmed dialog.
     refer_after_ack: Option<(String, Option<String>)>,
+    /// A REFER of ours whose subscription may still send NOTIFYs: sent and not refused, no
+    /// `Subscription-State: terminated` yet.
+    refer_subscribed: bool,
     /// A re-INVITE answered with 2xx and waiting for its ACK.
     reinvite: Option<PendingReinvite>,
 }
@@ -801,6 +806,12 @@ impl Uas {
             self.reply(transport, source, request, 489, None, now);
             return;
         }
+        let subscribed = self.calls.get(&call).is_some_and(|c| c.refer_subscribed);
+        if !subscribed {
+            let why = Some("Subscription does not exist".to_owned());
+            self.reply(transport, source, request, 481, why, now);
+            return;
+        }
         let Some((status, reason)) = sipfrag_status(&request.body) else {
             let why = Some("Body is not a sipfrag status line".to_owned());
             self.reply(transport, source, request, 400, why, now);
@@ -810,6 +821,11 @@ impl Uas {
             .headers
             .get("Subscription-State")
             .is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+        if terminated {
+            if let Some(c) = self.calls.get_mut(&call) {
+                c.refer_subscribed = false;
+            }
+        }
         self.reply(transport, source, request, 200, None, now);
         self.events.push_back(UasEvent::ReferProgress {
             call,
@@ -958,6 +974,7 @@ impl Uas {
                 awaiting_answer_in_ack: false,
                 hangup_after_ack: false,
                 refer_after_ack: None,
+                refer_subscribed: false,
                 reinvite: None,
             },
         );
@@ -1379,6 +1396,9 @@ impl Uas {
             headers.push(("Referred-By", format!("<{by}>")));
         }
         headers.push(("Contact", format!("<{}>", self.config.contact)));
+        if let Some(call) = self.calls.get_mut(&handle) {
+            call.refer_subscribed = true;
+        }
         self.send_in_dialog(handle, Method::Refer, &headers, None, now);
     }
 
@@ -1569,6 +1589,12 @@ impl Uas {
             // Our BYE is answered (or gave up): the call is over.
             (Some(_), ClientKind::Bye) => self.forget(handle),
             (Some(status), ClientKind::Refer) => {
+                if !(200..300).contains(&status) {
+                    // Refused: no subscription, so no NOTIFY is expected.
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.refer_subscribed = false;
+                    }
+                }
                 self.events.push_back(UasEvent::ReferAnswered {
                     call: handle,
                     status,
@@ -2355,9 +2381,14 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             "SIP/2.0 100 Trying\r\n",
         ));
         assert_eq!(h.statuses(), vec![200]);
+        // A body that is no status line, or another event package, is refused.
+        h.feed_raw(&notify("n3", 3, "refer", "active", "hello"));
+        assert_eq!(h.statuses(), vec![400]);
+        h.feed_raw(&notify("n4", 4, "presence", "active", "SIP/2.0 200 OK\r\n"));
+        assert_eq!(h.statuses(), vec![489]);
         h.feed_raw(&notify(
             "n2",
-            3,
+            5,
             "refer;id=2",
             "terminated;reason=noresource",
             "SIP/2.0 200 OK\r\n",
@@ -2380,11 +2411,15 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
                 },
             ]
         );
-        // Another event package, or a body that is no status line, is refused.
-        h.feed_raw(&notify("n3", 4, "presence", "active", "SIP/2.0 200 OK\r\n"));
-        assert_eq!(h.statuses(), vec![489]);
-        h.feed_raw(&notify("n4", 5, "refer", "active", "hello"));
-        assert_eq!(h.statuses(), vec![400]);
+        // The subscription has ended: a later NOTIFY belongs to none.
+        h.feed_raw(&notify(
+            "n5",
+            6,
+            "refer",
+            "active",
+            "SIP/2.0 180 Ringing\r\n",
+        ));
+        assert_eq!(h.statuses(), vec![481]);
         assert_eq!(h.events(), vec![]);
         assert_eq!(h.uas.call_count(), 1, "the call goes on until the BYE");
     }
