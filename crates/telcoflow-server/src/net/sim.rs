@@ -167,20 +167,6 @@ fn owns(c: &ConnectorConfig, number: &str) -> bool {
         || c.outbound_caller_id.as_deref() == Some(number)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_connector_owns_its_exact_transfer_targets_not_its_patterns() {
-        let mut c = ConnectorConfig::development("k", "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01");
-        c.numbers = vec!["+100".into()];
-        c.transfer_targets = vec!["+300".into(), "+4*".into()];
-        assert!(owns(&c, "+100") && owns(&c, "+300"));
-        assert!(!owns(&c, "+4*") && !owns(&c, "+400"));
-    }
-}
-
 /// Upgrades an admitted phone (`GET /v1/sim/phone`; `http::sim_phone` decides the admission).
 pub(crate) fn upgrade(
     SimState { shared, phones }: SimState,
@@ -629,4 +615,18 @@ async fn forward(
 
 fn leg_input(leg: LegId, event: LegEvent) -> CallInput {
     CallInput::Leg { leg, event }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connector_owns_its_exact_transfer_targets_not_its_patterns() {
+        let mut c = ConnectorConfig::development("k", "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01");
+        c.numbers = vec!["+100".into()];
+        c.transfer_targets = vec!["+300".into(), "+4*".into()];
+        assert!(owns(&c, "+100") && owns(&c, "+300"));
+        assert!(!owns(&c, "+4*") && !owns(&c, "+400"));
+    }
 }
