@@ -20,7 +20,10 @@
 //! (hold and resume, `491` while another is pending); 2xx retransmission until ACK, and BYE
 //! when the ACK never comes; RFC 4028 session timers ([`super::session_timer`]): `422` for
 //! too short an interval, the timer granted in the 2xx, our UPDATE refreshes when we are the
-//! refresher, and BYE ([`UasEvent::SessionExpired`]) when the caller stops refreshing.
+//! refresher, and BYE ([`UasEvent::SessionExpired`]) when the caller stops refreshing; for a
+//! REFER we sent ([`UasAction::Refer`]), `200` to each NOTIFY of its subscription (`481`
+//! once it has ended or when there is none, `489` for another event package, `400` for a
+//! body that is no sipfrag status line).
 //!
 //! What it leaves to its owner, through [`UasEvent::IncomingCall`]: routing the number (answer
 //! [`UasAction::Reject`] with 404 when unknown), ringing, answering with a local RTP address,
@@ -49,9 +52,12 @@ use super::transaction::{
 use super::{Transmit, Transport};
 
 /// Methods we answer, for `Allow` headers.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
 /// Extensions we implement, for `Supported` headers and `Require` checks.
 const SUPPORTED: &str = "timer";
+
+/// Longest reason phrase of a sipfrag status line kept for the owner; the rest is cut.
+const MAX_SIPFRAG_REASON: usize = 128;
 
 /// Identifies a call within one [`Uas`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -108,6 +114,37 @@ pub enum UasEvent {
         /// Key-press length in milliseconds (0 when the phone does not say).
         duration_ms: u32,
     },
+    /// Our REFER ([`UasAction::Refer`]) got its final answer: 202 when the caller accepted
+    /// to call the target, an error status otherwise (408 when no answer came in time).
+    ReferAnswered {
+        /// The call.
+        call: CallHandle,
+        /// The final status.
+        status: u16,
+    },
+    /// A NOTIFY of our REFER's subscription (RFC 3515 2.4.4), answered with 200: the status
+    /// line of its `message/sipfrag` body says how the caller's call to the target goes.
+    ReferProgress {
+        /// The call.
+        call: CallHandle,
+        /// The sipfrag's status, e.g. 100 (trying), 180, 200 (the target answered).
+        status: u16,
+        /// Its reason phrase.
+        reason: String,
+        /// `Subscription-State: terminated`: no more NOTIFYs will come.
+        terminated: bool,
+    },
+}
+
+/// The status line of a `message/sipfrag` body (`SIP/2.0 200 OK`): status and reason.
+fn sipfrag_status(body: &[u8]) -> Option<(u16, String)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let line = text.lines().next()?.trim();
+    let rest = line.strip_prefix("SIP/2.0 ")?;
+    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+    let status: u16 = code.parse().ok().filter(|s| (100..=699).contains(s))?;
+    let reason: String = reason.trim().chars().take(MAX_SIPFRAG_REASON).collect();
+    Some((status, reason))
 }
 
 /// Reads a DTMF digit from an INFO body: `application/dtmf-relay` (`Signal=5` and
@@ -211,6 +248,15 @@ pub enum UasAction {
         content_type: String,
         /// The body.
         body: String,
+    },
+    /// Send a REFER in the dialog (RFC 3515; once the ACK has come, if it has not yet):
+    /// the caller is asked to call `refer_to` (a blind transfer). Its answer comes as [`UasEvent::ReferAnswered`], the
+    /// NOTIFYs that follow as [`UasEvent::ReferProgress`].
+    Refer {
+        /// The target URI (`Refer-To`).
+        refer_to: String,
+        /// Who asks (`Referred-By`, RFC 3892), if anyone is named.
+        referred_by: Option<String>,
     },
 }
 
@@ -330,6 +376,12 @@ struct Call {
     awaiting_answer_in_ack: bool,
     /// Hangup was asked while waiting for ACK; send BYE once it comes (RFC 3261 15).
     hangup_after_ack: bool,
+    /// A REFER asked while waiting for the ACK (`Refer-To`, `Referred-By`): sent once it
+    /// comes, since a REFER belongs in a confirmed dialog.
+    refer_after_ack: Option<(String, Option<String>)>,
+    /// A REFER of ours whose subscription may still send NOTIFYs: sent and not refused, no
+    /// `Subscription-State: terminated` yet.
+    refer_subscribed: bool,
     /// A re-INVITE answered with 2xx and waiting for its ACK.
     reinvite: Option<PendingReinvite>,
     /// The INVITE's session timer request (RFC 4028), decided on when we answer.
@@ -366,8 +418,19 @@ struct ClientEntry {
     call: CallHandle,
     peer: SocketAddr,
     transport: Transport,
-    /// A BYE: its answer (or timeout) ends the call; an INFO's does not.
-    ends_call: bool,
+    /// What the request is for, which says what its answer does.
+    kind: ClientKind,
+}
+
+/// The requests we send in a dialog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    /// Its answer (or timeout) ends the call.
+    Bye,
+    /// Its answer changes nothing.
+    Info,
+    /// Its final answer is reported ([`UasEvent::ReferAnswered`]).
+    Refer,
 }
 
 /// The SIP UAS endpoint. See the module docs for the run loop.
@@ -425,6 +488,11 @@ impl Uas {
             .filter(|c| c.state == CallState::Confirmed)
             .filter_map(|c| c.session.map(|(_, at)| at));
         server.chain(client).chain(sessions).min()
+    }
+
+    /// Our Contact URI, as configured.
+    pub fn contact(&self) -> &str {
+        &self.config.contact
     }
 
     /// Number of calls being tracked (for metrics and tests).
@@ -732,11 +800,64 @@ impl Uas {
             (Method::Update, Some(tag)) => {
                 self.handle_update(transport, source, key, request, &tag, now)
             }
-            (Method::Bye | Method::Info | Method::Update, None) => {
+            (Method::Notify, Some(tag)) => {
+                self.handle_notify(transport, source, request, &tag, now)
+            }
+            (Method::Bye | Method::Info | Method::Update | Method::Notify, None) => {
                 self.reply(transport, source, request, 481, None, now)
             }
             _ => self.reply(transport, source, request, 405, None, now),
         }
+    }
+
+    /// A NOTIFY in a call's dialog: the progress of a REFER we sent (`Event: refer`), its
+    /// `message/sipfrag` body reported as [`UasEvent::ReferProgress`]. Any other event
+    /// package is refused with 489, a body that is no status line with 400.
+    fn handle_notify(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        tag: &str,
+        now: Instant,
+    ) {
+        let Some(call) = self.find_dialog(&request, tag) else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        let event = request.headers.get("Event").unwrap_or("");
+        let package = event.split(';').next().unwrap_or("").trim();
+        if !package.eq_ignore_ascii_case("refer") {
+            self.reply(transport, source, request, 489, None, now);
+            return;
+        }
+        let subscribed = self.calls.get(&call).is_some_and(|c| c.refer_subscribed);
+        if !subscribed {
+            let why = Some("Subscription does not exist".to_owned());
+            self.reply(transport, source, request, 481, why, now);
+            return;
+        }
+        let Some((status, reason)) = sipfrag_status(&request.body) else {
+            let why = Some("Body is not a sipfrag status line".to_owned());
+            self.reply(transport, source, request, 400, why, now);
+            return;
+        };
+        let terminated = request
+            .headers
+            .get("Subscription-State")
+            .is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+        if terminated {
+            if let Some(c) = self.calls.get_mut(&call) {
+                c.refer_subscribed = false;
+            }
+        }
+        self.reply(transport, source, request, 200, None, now);
+        self.events.push_back(UasEvent::ReferProgress {
+            call,
+            status,
+            reason,
+            terminated,
+        });
     }
 
     /// Whether `key` is an INVITE transaction that sent a 2xx (its ACK has another branch
@@ -884,6 +1005,8 @@ impl Uas {
                 media: None,
                 awaiting_answer_in_ack: false,
                 hangup_after_ack: false,
+                refer_after_ack: None,
+                refer_subscribed: false,
                 reinvite: None,
                 session_asked,
                 session: None,
@@ -930,6 +1053,7 @@ impl Uas {
             None
         };
         let hangup = call.hangup_after_ack;
+        let refer = call.refer_after_ack.take();
         let key = call.invite_key.clone();
         if let Some(entry) = self.server.get_mut(&key) {
             if let ServerTx::Invite(t) = &mut entry.tx {
@@ -947,6 +1071,8 @@ impl Uas {
         }
         if hangup {
             self.send_bye(handle, now);
+        } else if let Some((refer_to, referred_by)) = refer {
+            self.send_refer(handle, &refer_to, referred_by.as_deref(), now);
         }
     }
 
@@ -1209,7 +1335,30 @@ impl Uas {
             }
             (UasAction::Hangup, CallState::Terminating) => Ok(None),
             (UasAction::Info { content_type, body }, CallState::Confirmed) => {
-                self.send_in_dialog(handle, Method::Info, Some((&content_type, body)), now);
+                let body = Some((content_type.as_str(), body));
+                self.send_in_dialog(handle, Method::Info, &[], body, now);
+                Ok(None)
+            }
+            (
+                UasAction::Refer {
+                    refer_to,
+                    referred_by,
+                },
+                CallState::Confirmed,
+            ) => {
+                self.send_refer(handle, &refer_to, referred_by.as_deref(), now);
+                Ok(None)
+            }
+            (
+                UasAction::Refer {
+                    refer_to,
+                    referred_by,
+                },
+                CallState::Answered,
+            ) => {
+                if let Some(call) = self.calls.get_mut(&handle) {
+                    call.refer_after_ack = Some((refer_to, referred_by));
+                }
                 Ok(None)
             }
             _ => Err(ActionError::InvalidState),
@@ -1408,12 +1557,7 @@ impl Uas {
                     if let Some(call) = self.calls.get_mut(&handle) {
                         call.session = Some((granted, granted.deadline(now)));
                     }
-                    let value = granted
-                        .headers()
-                        .into_iter()
-                        .map(|(n, v)| format!("{n}: {v}"))
-                        .collect::<Vec<_>>();
-                    self.send_refresh(handle, &value, now);
+                    self.send_refresh(handle, &granted.headers(), now);
                 }
                 Refresher::Uac => {
                     if let Some(call) = self.calls.get_mut(&handle) {
@@ -1428,40 +1572,52 @@ impl Uas {
     }
 
     /// Our session refresh: an UPDATE without a body, carrying the session timer's headers.
-    fn send_refresh(&mut self, handle: CallHandle, headers: &[String], now: Instant) {
-        self.send_in_dialog_with(handle, Method::Update, None, headers, now);
+    fn send_refresh(&mut self, handle: CallHandle, headers: &[(&str, String)], now: Instant) {
+        self.send_in_dialog(handle, Method::Update, headers, None, now);
+    }
+
+    fn send_refer(
+        &mut self,
+        handle: CallHandle,
+        refer_to: &str,
+        referred_by: Option<&str>,
+        now: Instant,
+    ) {
+        let mut headers = vec![("Refer-To", format!("<{refer_to}>"))];
+        if let Some(by) = referred_by {
+            headers.push(("Referred-By", format!("<{by}>")));
+        }
+        headers.push(("Contact", format!("<{}>", self.config.contact)));
+        if let Some(call) = self.calls.get_mut(&handle) {
+            call.refer_subscribed = true;
+        }
+        self.send_in_dialog(handle, Method::Refer, &headers, None, now);
     }
 
     fn send_bye(&mut self, handle: CallHandle, now: Instant) {
-        self.send_in_dialog(handle, Method::Bye, None, now);
+        self.send_in_dialog(handle, Method::Bye, &[], None, now);
     }
 
-    /// Sends a request in the call's dialog: BYE (which ends the call) or INFO.
+    /// Sends a request in the call's dialog: BYE (which ends the call), INFO or REFER, with
+    /// `headers` added.
     fn send_in_dialog(
         &mut self,
         handle: CallHandle,
         method: Method,
+        headers: &[(&str, String)],
         body: Option<(&str, String)>,
-        now: Instant,
-    ) {
-        self.send_in_dialog_with(handle, method, body, &[], now);
-    }
-
-    /// [`Uas::send_in_dialog`] with extra header lines (`Name: value`).
-    fn send_in_dialog_with(
-        &mut self,
-        handle: CallHandle,
-        method: Method,
-        body: Option<(&str, String)>,
-        extra: &[String],
         now: Instant,
     ) {
         let branch = format!("{BRANCH_MAGIC}{}", self.token());
         let Some(call) = self.calls.get_mut(&handle) else {
             return;
         };
-        let ends_call = method == Method::Bye;
-        if ends_call {
+        let kind = match method {
+            Method::Bye => ClientKind::Bye,
+            Method::Refer => ClientKind::Refer,
+            _ => ClientKind::Info,
+        };
+        if kind == ClientKind::Bye {
             call.state = CallState::Terminating;
         }
         call.local_cseq += 1;
@@ -1491,10 +1647,8 @@ impl Uas {
         }
         req.headers
             .push("User-Agent", self.config.user_agent.clone());
-        for line in extra {
-            if let Some((name, value)) = line.split_once(": ") {
-                req.headers.push(name, value);
-            }
+        for (name, value) in headers {
+            req.headers.push(name, value.clone());
         }
         if let Some((content_type, body)) = body {
             req = req.with_body(content_type, body);
@@ -1512,7 +1666,7 @@ impl Uas {
                 call: handle,
                 peer,
                 transport,
-                ends_call,
+                kind,
             },
         );
         self.drain_client(&key);
@@ -1605,8 +1759,8 @@ impl Uas {
             return;
         };
         let (peer, transport, handle) = (entry.peer, entry.transport, entry.call);
-        let ends_call = entry.ends_call;
-        let mut done = false;
+        let kind = entry.kind;
+        let mut done = None;
         while let Some(m) = entry.tx.poll_transmit() {
             self.transmits.push_back(Transmit {
                 transport,
@@ -1616,17 +1770,30 @@ impl Uas {
         }
         while let Some(event) = entry.tx.poll_event() {
             match event {
-                TransactionEvent::Response(r) if r.status >= 200 => done = true,
-                TransactionEvent::Timeout => done = true,
+                TransactionEvent::Response(r) if r.status >= 200 => done = Some(r.status),
+                TransactionEvent::Timeout => done = Some(408),
                 _ => {}
             }
         }
         if entry.tx.is_terminated() {
             self.client.remove(key);
         }
-        if done && ends_call {
+        match (done, kind) {
             // Our BYE is answered (or gave up): the call is over.
-            self.forget(handle);
+            (Some(_), ClientKind::Bye) => self.forget(handle),
+            (Some(status), ClientKind::Refer) => {
+                if !(200..300).contains(&status) {
+                    // Refused: no subscription, so no NOTIFY is expected.
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.refer_subscribed = false;
+                    }
+                }
+                self.events.push_back(UasEvent::ReferAnswered {
+                    call: handle,
+                    status,
+                });
+            }
+            _ => {}
         }
     }
 }
@@ -2508,6 +2675,155 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         let ok = Response::to_request(bye, 200, None);
         h.feed_raw(&String::from_utf8(ok.to_bytes()).unwrap());
         assert_eq!(h.uas.call_count(), 0);
+    }
+
+    #[test]
+    fn refer_is_answered_and_its_notifies_report_progress() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        let refer = UasAction::Refer {
+            refer_to: "sip:+15550199@pbx.example".into(),
+            referred_by: Some("sip:telcoflow@203.0.113.1:5060".into()),
+        };
+        // Asked before the ACK: sent once it comes.
+        h.uas.handle_action(call, refer, h.now).unwrap();
+        assert!(h.sent().is_empty());
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        let sent = h.sent();
+        let [Message::Request(req)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(req.method, Method::Refer);
+        assert_eq!(req.cseq().unwrap().method, Method::Refer);
+        assert_eq!(
+            req.headers.get("Refer-To"),
+            Some("<sip:+15550199@pbx.example>")
+        );
+        assert_eq!(
+            req.headers.get("Referred-By"),
+            Some("<sip:telcoflow@203.0.113.1:5060>")
+        );
+        assert!(req.headers.get("Contact").is_some());
+        let accepted = Response::to_request(req, 202, None);
+        h.feed_raw(&String::from_utf8(accepted.to_bytes()).unwrap());
+        assert_eq!(
+            h.events(),
+            vec![UasEvent::ReferAnswered { call, status: 202 }]
+        );
+        // The NOTIFYs come in the dialog, from the caller.
+        let notify = |branch: &str, cseq: u32, event: &str, state: &str, frag: &str| {
+            Req::new("NOTIFY", branch, cseq)
+                .tag(&tag)
+                .body(frag.into())
+                .text()
+                .replace(
+                    "Content-Type: application/sdp\r\n",
+                    &format!(
+                        "Event: {event}\r\nSubscription-State: {state}\r\nContent-Type: message/sipfrag\r\n"
+                    ),
+                )
+        };
+        h.feed_raw(&notify(
+            "n1",
+            2,
+            "refer",
+            "active;expires=60",
+            "SIP/2.0 100 Trying\r\n",
+        ));
+        assert_eq!(h.statuses(), vec![200]);
+        // A body that is no status line, or another event package, is refused.
+        h.feed_raw(&notify("n3", 3, "refer", "active", "hello"));
+        assert_eq!(h.statuses(), vec![400]);
+        h.feed_raw(&notify("n4", 4, "presence", "active", "SIP/2.0 200 OK\r\n"));
+        assert_eq!(h.statuses(), vec![489]);
+        h.feed_raw(&notify(
+            "n2",
+            5,
+            "refer;id=2",
+            "terminated;reason=noresource",
+            "SIP/2.0 200 OK\r\n",
+        ));
+        assert_eq!(h.statuses(), vec![200]);
+        assert_eq!(
+            h.events(),
+            vec![
+                UasEvent::ReferProgress {
+                    call,
+                    status: 100,
+                    reason: "Trying".into(),
+                    terminated: false,
+                },
+                UasEvent::ReferProgress {
+                    call,
+                    status: 200,
+                    reason: "OK".into(),
+                    terminated: true,
+                },
+            ]
+        );
+        // The subscription has ended: a later NOTIFY belongs to none.
+        h.feed_raw(&notify(
+            "n5",
+            6,
+            "refer",
+            "active",
+            "SIP/2.0 180 Ringing\r\n",
+        ));
+        assert_eq!(h.statuses(), vec![481]);
+        assert_eq!(h.events(), vec![]);
+        assert_eq!(h.uas.call_count(), 1, "the call goes on until the BYE");
+    }
+
+    #[test]
+    fn an_unanswered_or_refused_refer_is_reported() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        let refer = UasAction::Refer {
+            refer_to: "sip:bob@pbx.example".into(),
+            referred_by: None,
+        };
+        h.uas.handle_action(call, refer.clone(), h.now).unwrap();
+        let sent = h.sent();
+        let [Message::Request(req)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(req.headers.get("Referred-By"), None);
+        let refused = Response::to_request(req, 405, None);
+        h.feed_raw(&String::from_utf8(refused.to_bytes()).unwrap());
+        assert_eq!(
+            h.events(),
+            vec![UasEvent::ReferAnswered { call, status: 405 }]
+        );
+        // No answer at all: 408 once the transaction gives up (64 T1).
+        h.uas.handle_action(call, refer, h.now).unwrap();
+        h.run_until(40_000);
+        assert_eq!(
+            h.events(),
+            vec![UasEvent::ReferAnswered { call, status: 408 }]
+        );
+        assert_eq!(h.uas.call_count(), 1);
+    }
+
+    #[test]
+    fn sipfrag_status_lines() {
+        assert_eq!(
+            sipfrag_status(b"SIP/2.0 180 Ringing\r\n"),
+            Some((180, "Ringing".into()))
+        );
+        assert_eq!(sipfrag_status(b"SIP/2.0 603"), Some((603, String::new())));
+        assert_eq!(sipfrag_status(b"SIP/2.0 99 Low"), None);
+        assert_eq!(sipfrag_status(b"HTTP/1.1 200 OK"), None);
+        assert_eq!(sipfrag_status(&[0xff, 0xfe]), None);
+        let long = format!("SIP/2.0 200 {}", "x".repeat(500));
+        assert_eq!(
+            sipfrag_status(long.as_bytes()).unwrap().1.len(),
+            MAX_SIPFRAG_REASON
+        );
     }
 
     #[test]
