@@ -389,6 +389,25 @@ async fn sip_session_timer_is_granted_and_refreshed_by_update() {
 }
 
 #[tokio::test]
+async fn sip_required_100rel_ringing_is_pracked_before_the_answer() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(65);
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("100rel");
+    let args = sipp::uac_args(&server, ports, "uac_100rel.xml", "+15559990001", 1);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut media = answer_next(&mut control).await;
+    let ended = terminated(&mut media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn sip_rtp_timeout_ends_the_call_with_bye() {
     if !sipp::available() {
         return;

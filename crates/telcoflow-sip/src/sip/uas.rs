@@ -20,7 +20,9 @@
 //! (hold and resume, `491` while another is pending); 2xx retransmission until ACK, and BYE
 //! when the ACK never comes; RFC 4028 session timers ([`super::session_timer`]): `422` for
 //! too short an interval, the timer granted in the 2xx, our UPDATE refreshes when we are the
-//! refresher, and BYE ([`UasEvent::SessionExpired`]) when the caller stops refreshing; for a
+//! refresher, and BYE ([`UasEvent::SessionExpired`]) when the caller stops refreshing;
+//! reliable provisional responses (RFC 3262) for a caller that requires them: RSeq, resent
+//! until PRACKed, the 2xx held for the PRACK, `504` ([`UasEvent::PrackTimeout`]) without one; for a
 //! REFER we sent ([`UasAction::Refer`]), `200` to each NOTIFY of its subscription (`481`
 //! once it has ended or when there is none, `489` for another event package, `400` for a
 //! body that is no sipfrag status line).
@@ -52,9 +54,11 @@ use super::transaction::{
 use super::{Transmit, Transport};
 
 /// Methods we answer, for `Allow` headers.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, PRACK";
 /// Extensions we implement, for `Supported` headers and `Require` checks.
-const SUPPORTED: &str = "timer";
+const SUPPORTED: &str = "timer, 100rel";
+/// The same, one by one.
+const EXTENSIONS: [&str; 2] = ["timer", "100rel"];
 
 /// Longest reason phrase of a sipfrag status line kept for the owner; the rest is cut.
 const MAX_SIPFRAG_REASON: usize = 128;
@@ -95,6 +99,12 @@ pub enum UasEvent {
     },
     /// No ACK came for our 200 within 64·T1; we sent BYE. The call is gone.
     AckTimeout {
+        /// The call.
+        call: CallHandle,
+    },
+    /// No PRACK came for our reliable provisional response (RFC 3262) within 64·T1; the
+    /// INVITE was refused with 504. The call is gone.
+    PrackTimeout {
         /// The call.
         call: CallHandle,
     },
@@ -388,6 +398,27 @@ struct Call {
     session_asked: Option<session_timer::Asked>,
     /// The session timer in force, and when we must next act on it: refresh, or end the call.
     session: Option<(Granted, Instant)>,
+    /// The caller requires reliable provisional responses (`Require: 100rel`, RFC 3262).
+    requires_100rel: bool,
+    /// Our reliable provisional response waiting for its PRACK.
+    reliable: Option<Reliable>,
+    /// The RSeq of our next reliable provisional response.
+    next_rseq: u32,
+    /// Our 2xx, held until the PRACK of the reliable provisional response before it (so a
+    /// caller sees them in order).
+    held_answer: Option<Response>,
+}
+
+/// A reliable provisional response (RFC 3262 3), resent until its PRACK comes.
+#[derive(Debug)]
+struct Reliable {
+    response: Response,
+    rseq: u32,
+    /// The next resend, at an interval from T1 doubling each time.
+    next_at: Instant,
+    interval: std::time::Duration,
+    /// 64·T1 after the first sending: the INVITE is refused with 504.
+    give_up_at: Instant,
 }
 
 #[derive(Debug)]
@@ -487,7 +518,11 @@ impl Uas {
             .values()
             .filter(|c| c.state == CallState::Confirmed)
             .filter_map(|c| c.session.map(|(_, at)| at));
-        server.chain(client).chain(sessions).min()
+        let reliable = self
+            .calls
+            .values()
+            .filter_map(|c| c.reliable.as_ref().map(|r| r.next_at));
+        server.chain(client).chain(sessions).chain(reliable).min()
     }
 
     /// Our Contact URI, as configured.
@@ -756,7 +791,7 @@ impl Uas {
             let required: Vec<String> = request
                 .headers
                 .values("Require")
-                .filter(|r| !r.trim().eq_ignore_ascii_case(SUPPORTED))
+                .filter(|r| !EXTENSIONS.iter().any(|e| r.trim().eq_ignore_ascii_case(e)))
                 .map(str::to_string)
                 .collect();
             if !required.is_empty() {
@@ -797,15 +832,17 @@ impl Uas {
                 let status = if call.is_some() { 200 } else { 481 };
                 self.reply(transport, source, request, status, None, now)
             }
+            (Method::Prack, Some(tag)) => self.handle_prack(transport, source, request, &tag, now),
             (Method::Update, Some(tag)) => {
                 self.handle_update(transport, source, key, request, &tag, now)
             }
             (Method::Notify, Some(tag)) => {
                 self.handle_notify(transport, source, request, &tag, now)
             }
-            (Method::Bye | Method::Info | Method::Update | Method::Notify, None) => {
-                self.reply(transport, source, request, 481, None, now)
-            }
+            (
+                Method::Bye | Method::Info | Method::Update | Method::Notify | Method::Prack,
+                None,
+            ) => self.reply(transport, source, request, 481, None, now),
             _ => self.reply(transport, source, request, 405, None, now),
         }
     }
@@ -930,6 +967,10 @@ impl Uas {
             }
         };
         let session_asked = session_timer::asked(&request);
+        let requires_100rel = request
+            .headers
+            .values("Require")
+            .any(|r| r.trim().eq_ignore_ascii_case("100rel"));
         if session_asked.is_some_and(|a| session_timer::grant(a) == Grant::TooSmall) {
             let refusal = Refusal::new(422)
                 .with_header("Min-SE", session_timer::MIN_SE.as_secs().to_string());
@@ -1010,6 +1051,10 @@ impl Uas {
                 reinvite: None,
                 session_asked,
                 session: None,
+                requires_100rel,
+                reliable: None,
+                next_rseq: self.rng.random_range(1..1 << 30),
+                held_answer: None,
             },
         );
         self.events
@@ -1371,15 +1416,125 @@ impl Uas {
         };
         let key = call.invite_key.clone();
         let tag = call.local_tag.clone();
+        // One reliable provisional response at a time (RFC 3262 3): a later one is not sent
+        // while the last waits for its PRACK.
+        let reliable = call.requires_100rel;
+        if reliable && call.reliable.is_some() {
+            return;
+        }
+        let rseq = call.next_rseq;
         let contact = format!("<{}>", self.config.contact);
+        let mut sent = None;
         if let Some(entry) = self.server.get_mut(&key) {
             if let ServerTx::Invite(t) = &mut entry.tx {
                 let mut response = Response::to_request(t.request(), status, Some(&tag));
                 response.headers.push("Contact", contact);
+                if reliable {
+                    response.headers.push("Require", "100rel");
+                    response.headers.push("RSeq", rseq.to_string());
+                    sent = Some(response.clone());
+                }
                 t.send_response(response, now);
             }
         }
+        if let (Some(response), Some(call)) = (sent, self.calls.get_mut(&handle)) {
+            call.next_rseq += 1;
+            let t1 = self.config.timers.t1;
+            call.reliable = Some(Reliable {
+                response,
+                rseq,
+                next_at: now + t1,
+                interval: t1,
+                give_up_at: now + t1 * 64,
+            });
+        }
         self.drain_server(&key);
+    }
+
+    /// PRACK (RFC 3262): acknowledges our reliable provisional response; a 2xx held for it
+    /// goes out now.
+    fn handle_prack(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        tag: &str,
+        now: Instant,
+    ) {
+        let call = self.find_dialog(&request, tag);
+        // RAck: response-num CSeq-num Method.
+        let rack: Option<(u32, u32)> = request.headers.get("RAck").and_then(|v| {
+            let mut parts = v.split_whitespace();
+            let rseq = parts.next()?.parse().ok()?;
+            let cseq = parts.next()?.parse().ok()?;
+            parts
+                .next()
+                .is_some_and(|m| m.eq_ignore_ascii_case("INVITE"))
+                .then_some((rseq, cseq))
+        });
+        let matched = call.filter(|h| {
+            self.calls.get(h).is_some_and(|c| {
+                c.reliable
+                    .as_ref()
+                    .is_some_and(|r| rack == Some((r.rseq, c.invite_cseq)))
+            })
+        });
+        let Some(handle) = matched else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        self.reply(transport, source, request, 200, None, now);
+        let Some(call) = self.calls.get_mut(&handle) else {
+            return;
+        };
+        call.reliable = None;
+        if let Some(answer) = call.held_answer.take() {
+            let key = call.invite_key.clone();
+            if let Some(entry) = self.server.get_mut(&key) {
+                if let ServerTx::Invite(t) = &mut entry.tx {
+                    t.send_response(answer, now);
+                }
+            }
+            self.drain_server(&key);
+        }
+    }
+
+    /// Resends reliable provisional responses that wait for their PRACK; refuses the INVITE
+    /// with 504 when none came in 64·T1 (RFC 3262 3).
+    fn reliable_timeouts(&mut self, now: Instant) {
+        let mut due: Vec<CallHandle> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.reliable.as_ref().is_some_and(|r| r.next_at <= now))
+            .map(|(h, _)| *h)
+            .collect();
+        due.sort();
+        for handle in due {
+            let Some(call) = self.calls.get_mut(&handle) else {
+                continue;
+            };
+            let Some(r) = call.reliable.as_mut() else {
+                continue;
+            };
+            if now >= r.give_up_at {
+                call.reliable = None;
+                call.held_answer = None;
+                self.events
+                    .push_back(UasEvent::PrackTimeout { call: handle });
+                self.final_response(handle, 504, now);
+                continue;
+            }
+            r.interval *= 2;
+            r.next_at = (now + r.interval).min(r.give_up_at);
+            let response = r.response.clone();
+            let key = call.invite_key.clone();
+            if let Some(entry) = self.server.get_mut(&key) {
+                if let ServerTx::Invite(t) = &mut entry.tx {
+                    t.send_response(response, now);
+                }
+            }
+            self.drain_server(&key);
+        }
     }
 
     fn answer(
@@ -1411,7 +1566,15 @@ impl Uas {
         };
         let mut response = self.ok_with_sdp(&request, handle, &sd);
         let session = self.start_session(asked, &mut response, now);
-        if let Some(entry) = self.server.get_mut(&key) {
+        let hold = self
+            .calls
+            .get(&handle)
+            .is_some_and(|c| c.reliable.is_some());
+        if hold {
+            if let Some(call) = self.calls.get_mut(&handle) {
+                call.held_answer = Some(response);
+            }
+        } else if let Some(entry) = self.server.get_mut(&key) {
             if let ServerTx::Invite(t) = &mut entry.tx {
                 t.send_response(response, now);
             }
@@ -1714,6 +1877,7 @@ impl Uas {
             self.drain_client(&key);
         }
         self.session_timeouts(now);
+        self.reliable_timeouts(now);
     }
 
     /// Forwards a server transaction's output; returns the call whose 2xx was never ACKed.
@@ -2337,7 +2501,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             .text()
             .replace(
                 "Max-Forwards: 70\r\n",
-                "Max-Forwards: 70\r\nRequire: 100rel, timer\r\n",
+                "Max-Forwards: 70\r\nRequire: 100rel, precondition, timer\r\n",
             );
         h.feed_raw(&text);
         let sent = h.sent();
@@ -2345,8 +2509,8 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             panic!("{sent:?}");
         };
         assert_eq!(r.status, 420);
-        // Session timers (RFC 4028) we implement: only 100rel is unsupported.
-        assert_eq!(r.headers.get("Unsupported"), Some("100rel"));
+        // Reliable provisional responses and session timers we implement.
+        assert_eq!(r.headers.get("Unsupported"), Some("precondition"));
         assert!(h.events().is_empty());
         // Supported (not required) extensions are fine.
         let text = Req::new("INVITE", "inv2", 1)
@@ -2434,6 +2598,88 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
     }
 
     #[test]
+    fn a_required_100rel_ringing_is_resent_until_prack_and_the_200_waits_for_it() {
+        let mut h = Harness::new();
+        let call = incoming_with(&mut h, "Require: 100rel\r\n");
+        h.uas
+            .handle_action(call, UasAction::Ringing, h.now)
+            .unwrap();
+        let sent = h.sent();
+        let [Message::Response(ringing)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ringing.status, 180);
+        assert_eq!(ringing.headers.get("Require"), Some("100rel"));
+        let rseq: u32 = ringing.headers.get("RSeq").unwrap().parse().unwrap();
+        let tag = ringing.header_to().unwrap().tag().unwrap().to_string();
+        // Resent at T1, then 2·T1 later.
+        let resent: Vec<u64> = h
+            .run_until(1_600)
+            .into_iter()
+            .map(|(at, m)| match m {
+                Message::Response(r) if r.status == 180 => at,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(resent, [500, 1_500]);
+        // The answer is held while the 180 waits for its PRACK.
+        let media = h.media();
+        h.uas
+            .handle_action(call, UasAction::Answer { media }, h.now)
+            .unwrap();
+        assert!(h.sent().is_empty(), "no 200 before the PRACK");
+        // A PRACK for another RSeq is 481; the right one is 200, and the 200 follows.
+        let prack = |rseq: u32, branch: &'static str| {
+            Req::new("PRACK", branch, 2).tag(&tag).text().replace(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\nRAck: {rseq} 1 INVITE\r\n"),
+            )
+        };
+        h.feed_raw(&prack(rseq + 1, "pr1"));
+        assert_eq!(h.statuses(), vec![481]);
+        h.feed_raw(&prack(rseq, "pr2"));
+        let sent = h.sent();
+        let statuses: Vec<(u16, String)> = sent
+            .iter()
+            .map(|m| match m {
+                Message::Response(r) => (r.status, r.cseq().unwrap().method.as_str().to_string()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            [(200, "PRACK".to_string()), (200, "INVITE".to_string())]
+        );
+        // Acknowledged: no more resends of the 180.
+        assert!(
+            h.run_until(5_000)
+                .iter()
+                .all(|(_, m)| !matches!(m, Message::Response(r) if r.status == 180))
+        );
+    }
+
+    #[test]
+    fn no_prack_in_64_t1_refuses_the_invite_with_504() {
+        let mut h = Harness::new();
+        let call = incoming_with(&mut h, "Require: 100rel\r\n");
+        h.uas
+            .handle_action(call, UasAction::Ringing, h.now)
+            .unwrap();
+        let _ = h.sent();
+        let sent = h.run_until(32_000);
+        let finals: Vec<u16> = sent
+            .iter()
+            .filter_map(|(_, m)| match m {
+                Message::Response(r) if r.status >= 200 => Some(r.status),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(finals.first(), Some(&504), "{sent:?}");
+        assert_eq!(h.events(), [UasEvent::PrackTimeout { call }]);
+        assert_eq!(h.uas.call_count(), 0);
+    }
+
+    #[test]
     fn too_short_a_session_interval_is_422_with_min_se() {
         let mut h = Harness::new();
         let text = Req::new("INVITE", "inv1", 1)
@@ -2486,7 +2732,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         let call = incoming_with(&mut h, "Session-Expires: 120\r\n");
         let (ok, _) = answer_and_ack(&mut h, call);
         assert_eq!(ok.headers.get("Session-Expires"), None);
-        assert_eq!(ok.headers.get("Supported"), Some("timer"));
+        assert_eq!(ok.headers.get("Supported"), Some("timer, 100rel"));
     }
 
     #[test]

@@ -522,7 +522,8 @@ impl Endpoint {
             UasEvent::Cancelled { call }
             | UasEvent::Bye { call }
             | UasEvent::AckTimeout { call }
-            | UasEvent::SessionExpired { call } => {
+            | UasEvent::SessionExpired { call }
+            | UasEvent::PrackTimeout { call } => {
                 self.notify_leg(call, SipEvent::Ended);
             }
             UasEvent::MediaUpdated { call, negotiated } => {
