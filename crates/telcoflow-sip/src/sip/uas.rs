@@ -1227,6 +1227,21 @@ impl Uas {
         self.insert_server(key, ServerTx::Invite(tx), None, source, transport);
     }
 
+    /// Our Contact for a call's dialog: over TCP it says so (`;transport=tcp`), so that the
+    /// peer sends its requests in the dialog over TCP too (RFC 3261 19.1.1; a URI without the
+    /// parameter means UDP).
+    fn contact_for(&self, handle: CallHandle) -> String {
+        let tcp = self
+            .calls
+            .get(&handle)
+            .is_some_and(|c| c.transport == Transport::Tcp);
+        if tcp && !self.config.contact.contains(";transport=") {
+            format!("<{};transport=tcp>", self.config.contact)
+        } else {
+            format!("<{}>", self.config.contact)
+        }
+    }
+
     fn ok_with_sdp(
         &self,
         request: &Request,
@@ -1240,9 +1255,7 @@ impl Uas {
             .unwrap_or_default();
         let mut response = Response::to_request(request, 200, Some(&tag))
             .with_body("application/sdp", sd.to_string());
-        response
-            .headers
-            .push("Contact", format!("<{}>", self.config.contact));
+        response.headers.push("Contact", self.contact_for(handle));
         response.headers.push("Allow", ALLOW);
         response
             .headers
@@ -1423,7 +1436,7 @@ impl Uas {
             return;
         }
         let rseq = call.next_rseq;
-        let contact = format!("<{}>", self.config.contact);
+        let contact = self.contact_for(handle);
         let mut sent = None;
         if let Some(entry) = self.server.get_mut(&key) {
             if let ServerTx::Invite(t) = &mut entry.tx {
@@ -1680,9 +1693,7 @@ impl Uas {
                 }
             }
         };
-        response
-            .headers
-            .push("Contact", format!("<{}>", self.config.contact));
+        response.headers.push("Contact", self.contact_for(handle));
         response.headers.push("Allow", ALLOW);
         response
             .headers
@@ -1750,7 +1761,7 @@ impl Uas {
         if let Some(by) = referred_by {
             headers.push(("Referred-By", format!("<{by}>")));
         }
-        headers.push(("Contact", format!("<{}>", self.config.contact)));
+        headers.push(("Contact", self.contact_for(handle)));
         if let Some(call) = self.calls.get_mut(&handle) {
             call.refer_subscribed = true;
         }
@@ -2677,6 +2688,40 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         assert_eq!(finals.first(), Some(&504), "{sent:?}");
         assert_eq!(h.events(), [UasEvent::PrackTimeout { call }]);
         assert_eq!(h.uas.call_count(), 0);
+    }
+
+    #[test]
+    fn a_call_over_tcp_gets_a_contact_saying_tcp() {
+        let mut h = Harness::new();
+        let invite = Req::new("INVITE", "inv1", 1).body(offer_sdp("0", "sendrecv"));
+        h.uas.handle_input(
+            Transport::Tcp,
+            PHONE.parse().unwrap(),
+            invite.text().as_bytes(),
+            h.now,
+        );
+        let call = match h.events().as_slice() {
+            [UasEvent::IncomingCall(ic)] => ic.call,
+            other => panic!("{other:?}"),
+        };
+        let media = h.media();
+        h.uas
+            .handle_action(call, UasAction::Answer { media }, h.now)
+            .unwrap();
+        let ok = std::iter::from_fn(|| h.uas.poll_transmit())
+            .map(|t| {
+                assert_eq!(t.transport, Transport::Tcp);
+                Message::parse(&t.payload).unwrap()
+            })
+            .find_map(|m| match m {
+                Message::Response(r) if r.status == 200 => Some(r),
+                _ => None,
+            })
+            .expect("a 200");
+        assert_eq!(
+            ok.headers.get("Contact"),
+            Some("<sip:telcoflow@203.0.113.1:5060;transport=tcp>")
+        );
     }
 
     #[test]

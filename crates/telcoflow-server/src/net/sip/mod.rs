@@ -141,7 +141,11 @@ impl Network for SipNetwork {
                 Some((_, p)) => p.register.aor.clone(),
                 None => format!("sip:{from_user}@{}", self.sent_by),
             },
-            contact: self.contact.clone(),
+            // Over TCP our Contact says so, for the callee's requests in the dialog.
+            contact: match transport {
+                Transport::Tcp => format!("{};transport=tcp", self.contact),
+                Transport::Udp => self.contact.clone(),
+            },
             sent_by: self.sent_by.clone(),
             credentials,
             timers: self.config.timers(),
