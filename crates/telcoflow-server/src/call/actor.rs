@@ -5,6 +5,7 @@ use super::handle::{CallHandle, CallInput, MediaLink};
 use super::leg::{LegId, LegLink, LegOutput};
 use super::legs::Leg;
 use super::live::LiveState;
+use super::marks::MarkLog;
 use super::meter::AgentCounts;
 use super::playout::Playout;
 use crate::config::ConnectorConfig;
@@ -115,6 +116,8 @@ pub(super) struct CallActor {
     pub(super) past_legs: Vec<LegStats>,
     /// The agent's side of the quality figures.
     pub(super) agent_counts: AgentCounts,
+    /// What the caller heard of the agent, and the marks reached.
+    pub(super) marks: MarkLog,
 }
 
 impl CallActor {
@@ -170,6 +173,7 @@ impl CallActor {
             commands_started: Vec::new(),
             past_legs: Vec::new(),
             agent_counts: AgentCounts::default(),
+            marks: MarkLog::default(),
         }
     }
 
@@ -439,6 +443,8 @@ impl CallActor {
                 callee.set_agent_rate(rate);
             }
             self.playout.reset(rate.frame_bytes());
+            // No agent has placed any yet: the media connection is not open.
+            drop(self.playout.take_cleared_marks());
         }
         self.setup = setup;
         if !self.claimed && self.phase == Phase::Ringing {

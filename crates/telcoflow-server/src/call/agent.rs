@@ -52,6 +52,7 @@ impl CallActor {
             .registry
             .set_media_attached(&self.handle.session_id, true);
         self.request_audio();
+        self.deliver_kept_marks();
         Ok(())
     }
 
