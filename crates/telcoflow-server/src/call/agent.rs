@@ -227,6 +227,7 @@ impl CallActor {
     /// back with the same URL and token, for [`MEDIA_GRACE`](super::actor::MEDIA_GRACE).
     pub(super) fn detach_media(&mut self) {
         self.media = None;
+        self.resend_recent_marks();
         self.shared
             .registry
             .set_media_attached(&self.handle.session_id, false);

@@ -6,17 +6,21 @@
 //! Heard means played to a leg that hears the agent, at the tick that plays it: the caller
 //! alone with the agent or after `agent.barge`, the destination after `agent.whisper`;
 //! nobody after `agent.spy` (marks are still reached there: the audio before them is gone).
-//! Events of marks reached while the media connection is away wait for it to come back.
+//! Events of marks reached while the media connection is away wait for it to come back, and
+//! those sent in the last [`RESEND_WINDOW`] before the server noticed the loss are sent again
+//! then (they may have been lost with it): a client tells a repeat by the mark's `id`.
 
 use super::actor::CallActor;
 use super::playout::Mark;
 use serde_json::{Value, json};
 use std::collections::VecDeque;
+use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::media::{
     CallEvent, CommandResponse, InterruptData, InterruptResult, MAX_MARK_NAME_BYTES, MAX_MARKS,
     MarkData,
 };
+use tokio::time::Instant;
 use tracing::debug;
 
 /// A call's marks beyond what the playout buffer holds: the agent audio heard so far, the
@@ -29,7 +33,13 @@ pub(super) struct MarkLog {
     reached: VecDeque<(Box<str>, u64)>,
     /// `call.mark` events for an agent whose media connection is away.
     undelivered: VecDeque<CallEvent>,
+    /// `call.mark` events sent lately, to send again if the connection turns out lost.
+    recent: VecDeque<(Instant, CallEvent)>,
 }
+
+/// How long before a lost media connection is noticed a `call.mark` sent on it may have been
+/// lost with it: the socket's buffers, and the time to notice.
+const RESEND_WINDOW: Duration = Duration::from_secs(2);
 
 /// Reached marks remembered for `since_mark`.
 const REACHED_KEPT: usize = MAX_MARKS;
@@ -147,6 +157,16 @@ impl CallActor {
     /// Sends a `call.mark`, or keeps it until the media connection is back.
     fn send_mark_event(&mut self, ev: CallEvent) {
         if self.media.is_some() {
+            let now = self.now;
+            let recent = &mut self.marks.recent;
+            while recent
+                .front()
+                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > RESEND_WINDOW)
+                || recent.len() >= UNDELIVERED_KEPT
+            {
+                recent.pop_front();
+            }
+            recent.push_back((now, ev.clone()));
             self.send_event(ev);
             return;
         }
@@ -154,6 +174,23 @@ impl CallActor {
             self.marks.undelivered.pop_front();
         }
         self.marks.undelivered.push_back(ev);
+    }
+
+    /// The media connection was lost: the `call.mark` events sent on it lately go again on
+    /// the next one.
+    pub(super) fn resend_recent_marks(&mut self) {
+        let now = self.now;
+        let recent = std::mem::take(&mut self.marks.recent);
+        for (_, ev) in recent
+            .into_iter()
+            .rev()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= RESEND_WINDOW)
+        {
+            if self.marks.undelivered.len() == UNDELIVERED_KEPT {
+                break;
+            }
+            self.marks.undelivered.push_front(ev);
+        }
     }
 
     /// Delivers the `call.mark` events kept while the media connection was away.
