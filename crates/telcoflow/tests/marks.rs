@@ -249,7 +249,7 @@ async fn marks_outstanding_when_the_call_ends_are_reported_cleared() {
 }
 
 #[tokio::test]
-async fn after_connect_audio_heard_by_nobody_is_not_counted() {
+async fn after_connect_audio_counts_as_heard_when_a_party_hears_the_agent() {
     let server = start_server().await;
     let (client, phone, call) = answered(&server).await;
     let mut events = call.events();
@@ -265,7 +265,7 @@ async fn after_connect_audio_heard_by_nobody_is_not_counted() {
     connecting.await.unwrap().unwrap();
     let phone = listen(phone, 1_500);
     let dest = listen(dest, 1_500);
-    // Heard by both (barge, the default), then by nobody (spy).
+    // Heard by both (barge, the default), by nobody (spy), by the destination (whisper).
     call.send_audio(&speech(300, 4)).await.unwrap();
     call.mark("barged").await.unwrap();
     let (_, _, barged) = next_mark(&mut events).await;
@@ -274,13 +274,23 @@ async fn after_connect_audio_heard_by_nobody_is_not_counted() {
     call.mark("spied").await.unwrap();
     let (name, cleared, spied) = next_mark(&mut events).await;
     assert_eq!((name.as_str(), cleared), ("spied", false));
+    call.whisper().await.unwrap();
+    call.send_audio(&speech(200, 6)).await.unwrap();
+    call.mark("whispered").await.unwrap();
+    let (_, _, whispered) = next_mark(&mut events).await;
     let barged = barged.unwrap();
     assert!((300..=320).contains(&barged), "{barged}");
     assert_eq!(spied, Some(barged), "nobody heard the spy's audio");
+    let whispered = whispered.unwrap();
+    assert!(
+        (barged + 200..=barged + 220).contains(&whispered),
+        "{barged} then {whispered}"
+    );
     let (phone, dest) = (phone.await.unwrap(), dest.await.unwrap());
+    // The caller heard the barge only; the destination the barge and the whisper.
     assert!(heard_ms(&phone.heard).abs_diff(300) <= 20);
+    assert!(heard_ms(&dest.heard).abs_diff(500) <= 20);
     phone.hangup();
-    drop(dest);
     client.shutdown().await;
     server.shutdown().await;
 }
