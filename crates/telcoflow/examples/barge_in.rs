@@ -17,7 +17,8 @@
 //! agent interrupts with `interrupt_since(last mark reached)`: the marks say which sentences
 //! were heard in full, and `played_ms` how much of the next one was, from which the words
 //! heard follow. Those go into the transcript; the rest was never said, as far as the caller
-//! knows. Server and credentials as in `echo.rs` (`TELCOFLOW_BASE_URL`, ...).
+//! knows. The agent prints the transcript and leaves the call (a real one would answer the
+//! caller next). Server and credentials as in `echo.rs` (`TELCOFLOW_BASE_URL`, ...).
 
 use futures_util::StreamExt;
 use telcoflow::{

@@ -2,10 +2,10 @@
 //! time they came at, and the call's lifecycle (claim, the agent leaving, the end).
 
 use super::handle::{CallHandle, CallInput, MediaLink};
+use super::heard::MarkLog;
 use super::leg::{LegId, LegLink, LegOutput};
 use super::legs::Leg;
 use super::live::LiveState;
-use super::marks::MarkLog;
 use super::meter::AgentCounts;
 use super::playout::Playout;
 use crate::config::ConnectorConfig;

@@ -7,45 +7,18 @@
 //! alone with the agent or after `agent.barge`, the destination after `agent.whisper`;
 //! nobody after `agent.spy` (marks are still reached there: the audio before them is gone).
 //! Events of marks reached while the media connection is away wait for it to come back, and
-//! those sent in the last [`RESEND_WINDOW`] before the server noticed the loss are sent again
-//! then (they may have been lost with it): a client tells a repeat by the mark's `id`.
+//! those sent in the last 2 s before the server noticed the loss are sent again then (they
+//! may have been lost with it): a client tells a repeat by the mark's `id`.
 
 use super::actor::CallActor;
 use super::playout::Mark;
 use serde_json::{Value, json};
-use std::collections::VecDeque;
-use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::media::{
     CallEvent, CommandResponse, InterruptData, InterruptResult, MAX_MARK_NAME_BYTES, MAX_MARKS,
     MarkData,
 };
-use tokio::time::Instant;
 use tracing::debug;
-
-/// A call's marks beyond what the playout buffer holds: the agent audio heard so far, the
-/// marks reached lately (for `since_mark`), and events waiting for the media connection.
-#[derive(Debug, Default)]
-pub(super) struct MarkLog {
-    /// Bytes of agent audio played to a leg that hears the agent.
-    pub(super) heard_bytes: u64,
-    /// The latest reached marks, oldest first, with `heard_bytes` when each was reached.
-    reached: VecDeque<(Box<str>, u64)>,
-    /// `call.mark` events for an agent whose media connection is away.
-    undelivered: VecDeque<CallEvent>,
-    /// `call.mark` events sent lately, to send again if the connection turns out lost.
-    recent: VecDeque<(Instant, CallEvent)>,
-}
-
-/// How long before a lost media connection is noticed a `call.mark` sent on it may have been
-/// lost with it: the socket's buffers, and the time to notice.
-const RESEND_WINDOW: Duration = Duration::from_secs(2);
-
-/// Reached marks remembered for `since_mark`.
-const REACHED_KEPT: usize = MAX_MARKS;
-/// Events kept for a media connection that is away: every mark the call can hold, reached
-/// or cleared.
-const UNDELIVERED_KEPT: usize = 2 * MAX_MARKS;
 
 impl CallActor {
     /// `agent.mark`: places the mark after the audio received so far.
@@ -103,11 +76,8 @@ impl CallActor {
         while let Some(mark) = self.playout.pop_reached_mark() {
             let heard = self.marks.heard_bytes;
             debug!(name = %mark.name, "mark reached");
-            if self.marks.reached.len() == REACHED_KEPT {
-                self.marks.reached.pop_front();
-            }
             let ev = CallEvent::mark(&mark.name, mark.id, false, self.bytes_to_ms(heard));
-            self.marks.reached.push_back((mark.name, heard));
+            self.marks.reached(mark.name);
             self.send_mark_event(ev);
         }
     }
@@ -134,12 +104,7 @@ impl CallActor {
                 // Placed after everything heard: nothing of it was heard.
                 Some(heard)
             } else {
-                self.marks
-                    .reached
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| &**n == name)
-                    .map(|(_, at)| *at)
+                self.marks.heard_at(name)
             }
         });
         let result = InterruptResult {
@@ -157,46 +122,23 @@ impl CallActor {
     /// Sends a `call.mark`, or keeps it until the media connection is back.
     fn send_mark_event(&mut self, ev: CallEvent) {
         if self.media.is_some() {
-            let now = self.now;
-            let recent = &mut self.marks.recent;
-            while recent
-                .front()
-                .is_some_and(|(at, _)| now.saturating_duration_since(*at) > RESEND_WINDOW)
-                || recent.len() >= UNDELIVERED_KEPT
-            {
-                recent.pop_front();
-            }
-            recent.push_back((now, ev.clone()));
+            self.marks.sent(ev.clone(), self.now);
             self.send_event(ev);
-            return;
+        } else {
+            self.marks.keep(ev);
         }
-        if self.marks.undelivered.len() == UNDELIVERED_KEPT {
-            self.marks.undelivered.pop_front();
-        }
-        self.marks.undelivered.push_back(ev);
     }
 
     /// The media connection was lost: the `call.mark` events sent on it lately go again on
     /// the next one.
     pub(super) fn resend_recent_marks(&mut self) {
-        let now = self.now;
-        let recent = std::mem::take(&mut self.marks.recent);
-        for (_, ev) in recent
-            .into_iter()
-            .rev()
-            .filter(|(at, _)| now.saturating_duration_since(*at) <= RESEND_WINDOW)
-        {
-            if self.marks.undelivered.len() == UNDELIVERED_KEPT {
-                break;
-            }
-            self.marks.undelivered.push_front(ev);
-        }
+        self.marks.connection_lost(self.now);
     }
 
     /// Delivers the `call.mark` events kept while the media connection was away.
     pub(super) fn deliver_kept_marks(&mut self) {
         while self.media.is_some() {
-            let Some(ev) = self.marks.undelivered.pop_front() else {
+            let Some(ev) = self.marks.next_kept() else {
                 break;
             };
             self.send_event(ev);
