@@ -294,3 +294,94 @@ async fn after_connect_audio_counts_as_heard_when_a_party_hears_the_agent() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+/// A TCP proxy in front of the server whose connections can be cut (a network blip: no
+/// close frame).
+struct Proxy {
+    cut: tokio::sync::watch::Sender<u32>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    fn serve(listener: tokio::net::TcpListener, target: std::net::SocketAddr) -> Self {
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u32);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (mut inbound, _) = listener.accept().await.unwrap();
+                let mut cut_rx = cut_rx.clone();
+                cut_rx.mark_unchanged();
+                conns.spawn(async move {
+                    let mut outbound = tokio::net::TcpStream::connect(target).await.unwrap();
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Self { cut, task }
+    }
+
+    fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+#[tokio::test]
+async fn each_mark_is_reported_once_across_a_lost_media_connection() {
+    // Media goes through the proxy (the server's public URL); control and phone go direct.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut server_config = telcoflow_server::Config::development();
+    server_config.listen = "127.0.0.1:0".parse().unwrap();
+    server_config.public_url = Some(format!("ws://{}", listener.local_addr().unwrap()));
+    let server = start_server_with(server_config).await;
+    let proxy = Proxy::serve(listener, server.local_addr());
+    let direct = format!("ws://{}", server.local_addr());
+    let client = TelcoflowClient::connect(config(&direct)).await.unwrap();
+    let mut client_events = client.events();
+    let (phone, call) = dial_and_answer(&direct, &mut client_events).await;
+    let mut events = call.events();
+    let phone = listen(phone, 2_500);
+    for (name, ms) in [("a", 300), ("b", 600), ("c", 300)] {
+        call.send_audio(&speech(ms, 7)).await.unwrap();
+        call.mark(name).await.unwrap();
+    }
+    assert_eq!(
+        next_mark(&mut events).await,
+        ("a".into(), false, Some(next_ms(300)))
+    );
+    proxy.cut();
+    // Every mark left is reported once, in order, whatever the connection lost; the one
+    // still queued here when it was lost is reached after the reconnection.
+    let mut marks = Vec::new();
+    let mut reconnected = false;
+    let mut ended = false;
+    while !ended {
+        match tokio::time::timeout(WAIT, events.next()).await.unwrap() {
+            Some(CallEvent::MediaReconnected) => reconnected = true,
+            Some(CallEvent::Mark { name, cleared, .. }) => {
+                marks.push((name, cleared));
+                if marks.len() == 2 {
+                    // Nothing more may come: end the call and read to its end.
+                    call.disconnect().await.unwrap();
+                }
+            }
+            Some(CallEvent::Terminated { .. }) | None => ended = true,
+            Some(_) => {}
+        }
+    }
+    assert!(reconnected);
+    let names: Vec<&str> = marks.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["b", "c"], "{marks:?}");
+    assert_eq!(marks[1], ("c".into(), false));
+    drop(phone);
+    client.shutdown().await;
+    proxy.task.abort();
+    server.shutdown().await;
+}
+
+/// `played_ms` at a mark after `ms` of audio: the frame that carried its last byte.
+fn next_ms(ms: u64) -> u64 {
+    ms.div_ceil(20) * 20
+}
