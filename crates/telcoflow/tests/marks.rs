@@ -385,3 +385,40 @@ async fn each_mark_is_reported_once_across_a_lost_media_connection() {
 fn next_ms(ms: u64) -> u64 {
     ms.div_ceil(20) * 20
 }
+
+#[tokio::test]
+async fn played_ms_holds_when_the_agent_speaks_at_another_rate_than_the_phone() {
+    // The agent at 24 kHz, the phone at 16 kHz: the call resamples what the phone hears.
+    let server = start_server().await;
+    let config = builder(server.base_url())
+        .sample_rate(telcoflow::SampleRate::Hz24000)
+        .build()
+        .unwrap();
+    let client = TelcoflowClient::connect(config).await.unwrap();
+    let mut client_events = client.events();
+    let (phone, call) = dial_and_answer(server.base_url(), &mut client_events).await;
+    let mut events = call.events();
+    let phone = listen(phone, 1_500);
+    // 48 bytes per ms at 24 kHz: 300 ms, a mark, then 700 ms more.
+    let at_24k = |ms: usize, seed: i16| pattern(ms * 24, seed);
+    call.send_audio(&at_24k(300, 1)).await.unwrap();
+    call.mark("probe").await.unwrap();
+    call.send_audio(&at_24k(700, 2)).await.unwrap();
+    assert_eq!(next_mark(&mut events).await.0, "probe");
+    let got = call.interrupt().await.unwrap();
+    assert!(
+        got.played_total_ms >= 300 && got.played_total_ms < 1_000,
+        "{got:?}"
+    );
+    let phone = phone.await.unwrap();
+    // The resampler rings a sample or two into the silence around the speech: a few ms.
+    let heard = heard_ms(&phone.heard) as u64;
+    assert!(
+        heard.abs_diff(got.played_total_ms) <= 20,
+        "the phone heard {heard} ms, the interrupt said {} ms",
+        got.played_total_ms
+    );
+    phone.hangup();
+    client.shutdown().await;
+    server.shutdown().await;
+}
