@@ -21,7 +21,6 @@ use crate::call::{
     frame_bytes,
 };
 use crate::config::{ConnectorConfig, check_address};
-use crate::metrics::ArrivalJitter;
 use crate::state::Shared;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -362,7 +361,6 @@ async fn dial(
     };
     let call_id = call.call_id.to_string();
     let mut pools = Pools::default();
-    let mut jitter = ArrivalJitter::new(&shared.metrics, LegKind::Sim, rate.hz());
     if !send(
         &mut socket,
         NetworkFrame::Trying {
@@ -380,7 +378,6 @@ async fn dial(
             // Cancel-safe: WebSocket::recv is a stream poll.
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(pcm))) => {
-                    jitter.frame(std::time::Instant::now(), pcm.len() / 2);
                     let samples = pools.to_call.frame_from_pcm(&pcm);
                     call.send_data(leg_input(LegId::CALLER, LegEvent::Audio(samples))).await;
                 }
@@ -454,8 +451,6 @@ async fn register(
     // The call this phone is on: its handle, our leg id in it, and what it sends us.
     let mut current: Option<(CallHandle, LegId, mpsc::Receiver<LegOutput>)> = None;
     let mut pools = Pools::default();
-    // The arrival jitter of the current call's audio.
-    let mut jitter: Option<ArrivalJitter> = None;
     if send(
         &mut socket,
         NetworkFrame::Registered {
@@ -478,8 +473,6 @@ async fn register(
                         to: number.clone(),
                     };
                     current = Some((ring.call, ring.leg, ring.outputs));
-                    // Replacing the previous call's measure records it.
-                    jitter = Some(ArrivalJitter::new(&shared.metrics, LegKind::Sim, rate.hz()));
                     if !send(&mut socket, frame).await {
                         break;
                     }
@@ -488,9 +481,6 @@ async fn register(
                 msg = socket.recv() => match msg {
                     Some(Ok(Message::Binary(pcm))) => {
                         if let Some((call, leg, _)) = &current {
-                            if let Some(j) = &mut jitter {
-                                j.frame(std::time::Instant::now(), pcm.len() / 2);
-                            }
                             let samples = pools.to_call.frame_from_pcm(&pcm);
                             call.send_data(leg_input(*leg, LegEvent::Audio(samples))).await;
                         }
@@ -516,8 +506,6 @@ async fn register(
                             call.send_data(leg_input(*leg, event)).await;
                             if ends {
                                 current = None;
-                                // Dropping the measure records it: at the call's end, not at the next ring.
-                                jitter = None;
                             }
                         }
                     }
@@ -538,8 +526,6 @@ async fn register(
                     let (Some(out), Some((call, _, _))) = (out, &current) else {
                         // The call ended without a word to us: the phone is free again.
                         current = None;
-                        // Dropping the measure records it: at the call's end, not at the next ring.
-                        jitter = None;
                         continue;
                     };
                     let ends = matches!(out, LegOutput::Hangup(_));
@@ -548,8 +534,6 @@ async fn register(
                     }
                     if ends {
                         current = None;
-                        // Dropping the measure records it: at the call's end, not at the next ring.
-                        jitter = None;
                     }
                 }
                 // Cancel-safe: only observes the token.

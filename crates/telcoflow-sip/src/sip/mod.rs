@@ -11,9 +11,12 @@
 //! - [`transaction`]: RFC 3261 client and server transactions with their timers.
 //! - [`uas`]: the user agent server for incoming calls: call-level events and actions.
 //! - [`uac`]: one outgoing call (dialling out): INVITE, auth retry, CANCEL, BYE.
+//! - [`register`]: outbound registration: REGISTER with digest auth, refresh, back-off,
+//!   removal.
 
 pub mod digest;
 pub mod message;
+pub mod register;
 pub mod sdp;
 pub mod stream;
 pub mod transaction;

@@ -20,6 +20,7 @@
 use super::admission::Admission;
 use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
 use super::ports::MediaEnv;
+use super::registrations::{Prepared, Registrations};
 use super::rtp_leg::{self, Direction, LegParams};
 use crate::call::{self, LegId};
 use crate::listener::{AcceptBackoff, source_address};
@@ -75,6 +76,8 @@ pub(super) struct Bound {
     /// A sender of the endpoint's own command queue, for the legs it starts.
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) command_rx: mpsc::Receiver<Command>,
+    /// Outbound registrations to run.
+    pub(super) registrations: Vec<Prepared>,
 }
 
 /// Starts the endpoint task.
@@ -98,6 +101,12 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         next_conn: 0,
         tcp_tx,
         commands: bound.commands,
+        registrations: Registrations::start(
+            bound.registrations,
+            shared.sip_registrations.clone(),
+            shared.metrics.clone(),
+            Instant::now().into_std(),
+        ),
     };
     shared.tasks.spawn(
         endpoint
@@ -142,6 +151,7 @@ struct Endpoint {
     next_conn: u64,
     tcp_tx: mpsc::Sender<TcpInput>,
     commands: mpsc::Sender<Command>,
+    registrations: Registrations,
 }
 
 impl Endpoint {
@@ -227,10 +237,14 @@ impl Endpoint {
         for o in self.outgoing.values_mut() {
             o.call.hangup(now);
         }
+        self.registrations.unregister_all(now);
         let give_up = Instant::now() + SHUTDOWN_HANGUP_GRACE;
         loop {
             self.drain().await;
-            if self.uas.call_count() == 0 && self.outgoing.is_empty() {
+            if self.uas.call_count() == 0
+                && self.outgoing.is_empty()
+                && self.registrations.all_finished()
+            {
                 break;
             }
             let deadline = self.next_timeout().min(give_up);
@@ -267,6 +281,9 @@ impl Endpoint {
                 t = t.min(d);
             }
         }
+        if let Some(d) = self.registrations.poll_timeout() {
+            t = t.min(d);
+        }
         Instant::from_std(t)
     }
 
@@ -280,13 +297,15 @@ impl Endpoint {
                 o.call.handle_timeout(now);
             }
         }
+        self.registrations.handle_timeout(now);
     }
 
     fn on_message(&mut self, transport: Transport, source: SocketAddr, bytes: &[u8]) {
         let now = Self::now();
         self.shared.metrics.sip_message(true, bytes);
-        // Route by Call-ID: our outgoing calls' messages go to their UAC.
-        if !self.by_call_id.is_empty() {
+        // Route by Call-ID: our outgoing calls' messages go to their UAC, the answers to
+        // our REGISTERs to their registration.
+        if !self.by_call_id.is_empty() || !self.registrations.is_empty() {
             if let Ok(msg) = Message::parse(bytes) {
                 let call_id = match &msg {
                     Message::Request(r) => r.call_id().ok(),
@@ -295,6 +314,11 @@ impl Endpoint {
                 if let Some(key) = call_id.and_then(|c| self.by_call_id.get(c)) {
                     if let Some(o) = self.outgoing.get_mut(key) {
                         o.call.handle_input(bytes, now);
+                        return;
+                    }
+                }
+                if let (Some(call_id), Message::Response(_)) = (call_id, &msg) {
+                    if self.registrations.handle_input(call_id, bytes, now) {
                         return;
                     }
                 }
@@ -447,6 +471,7 @@ impl Endpoint {
                 let _ = o.events.try_send(SipEvent::Ended);
             }
         }
+        self.registrations.drain(&mut transmits);
         for t in transmits {
             self.transmit(t).await;
         }
