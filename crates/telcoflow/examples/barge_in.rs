@@ -19,6 +19,7 @@
 //! heard follow. Those go into the transcript; the rest was never said, as far as the caller
 //! knows. The agent prints the transcript and leaves the call (a real one would answer the
 //! caller next). Server and credentials as in `echo.rs` (`TELCOFLOW_BASE_URL`, ...).
+//! `crates/telcoflow/tests/barge_in_example.rs` runs it against a simulated caller.
 
 use futures_util::StreamExt;
 use telcoflow::{
@@ -28,10 +29,10 @@ use telcoflow::{
 const RATE: SampleRate = SampleRate::Hz16000;
 const BARGE_IN_LEVEL: u64 = 600;
 /// Each word: a tone, then a pause.
-const WORD_MS: u64 = 180;
-const PAUSE_MS: u64 = 60;
+pub const WORD_MS: u64 = 180;
+pub const PAUSE_MS: u64 = 60;
 
-const ANSWER: [&str; 4] = [
+pub const ANSWER: [&str; 4] = [
     "Thanks for calling, your order shipped this morning.",
     "It should arrive on Thursday between nine and noon.",
     "You will get a text message with the tracking link.",
@@ -79,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Speaks [`ANSWER`] and returns what of it the caller heard.
-async fn converse(call: &ActiveCall) -> Result<Vec<String>, telcoflow::Error> {
+pub async fn converse(call: &ActiveCall) -> Result<Vec<String>, telcoflow::Error> {
     call.answer().await?;
     let mut audio = call.audio_stream(AudioChannel::Mixed);
     let mut events = call.events();
