@@ -629,6 +629,12 @@ pub struct ConnectorConfig {
     /// Number used as the caller id of outbound calls (`session.create`).
     #[serde(default)]
     pub outbound_caller_id: Option<String>,
+    /// Targets `call.transfer` may send this connector's calls to, beyond its `connect`
+    /// destinations (which it may always transfer to): each entry an exact address
+    /// (`sip:+15550100@pbx.example`, `+15550100`) or a prefix ending in `*`
+    /// (`sip:*` is any SIP URI, `+1555*`).
+    #[serde(default)]
+    pub transfer_targets: Vec<String>,
 }
 
 /// Resource limits. Each one, when reached, gives a clear error rather than a panic or an
@@ -970,7 +976,22 @@ impl ConnectorConfig {
             connect_default: Some(DEV_CONNECT_DESTINATION.into()),
             client_cert_sha256: None,
             outbound_caller_id: Some("+15550000".into()),
+            transfer_targets: Vec::new(),
         }
+    }
+
+    /// Whether `call.transfer` may send a call of this connector to `target`: one of its
+    /// `connect` destinations, or a match of its `transfer_targets`.
+    pub fn may_transfer_to(&self, target: &str) -> bool {
+        let connect = self.connect.values().chain(&self.connect_default);
+        connect.into_iter().any(|d| d.trim() == target)
+            || self
+                .transfer_targets
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => target.starts_with(prefix),
+                    None => pattern == target,
+                })
     }
 
     /// Checks the UUID and the addresses `call.connect` would ring: a well-formed UUID, no
@@ -1009,6 +1030,21 @@ impl ConnectorConfig {
             }
             if let Err(why) = check_address(&field, destination) {
                 return invalid(format!("connector {}: {why}", self.uuid));
+            }
+        }
+        for pattern in &self.transfer_targets {
+            let len = pattern.chars().count();
+            let star = pattern.find('*');
+            if len == 0
+                || len > telcoflow_proto::media::MAX_TRANSFER_TARGET_LEN
+                || star.is_some_and(|at| at + 1 != pattern.len())
+                || pattern.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return invalid(format!(
+                    "connectors.transfer_targets of connector {} has {pattern:?}: an address of 1 to {} characters without blanks, with `*` only at its end",
+                    self.uuid,
+                    telcoflow_proto::media::MAX_TRANSFER_TARGET_LEN
+                ));
             }
         }
         Ok(())
@@ -1179,6 +1215,39 @@ mod tests {
             config.connectors[0].connect_destination("+4420700000002"),
             Some("+15550100")
         );
+    }
+
+    #[test]
+    fn transfer_targets_are_connect_destinations_and_listed_patterns() {
+        let config = Config::from_toml(
+            r#"
+            [[connectors]]
+            uuid = "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01"
+            api_key = "k1"
+            connect = { "+100" = "+200" }
+            transfer_targets = ["+1555*", "sip:desk@pbx.example"]
+            "#,
+        )
+        .unwrap();
+        let c = &config.connectors[0];
+        assert!(c.may_transfer_to("+200"));
+        assert!(c.may_transfer_to("+15550100"));
+        assert!(c.may_transfer_to("sip:desk@pbx.example"));
+        assert!(!c.may_transfer_to("sip:desk@pbx.example:5070"));
+        assert!(!c.may_transfer_to("+1666"));
+        assert!(!c.may_transfer_to("+20"));
+        for bad in [
+            "\"\"",
+            "\"+1*5\"",
+            "\"sip:a b\"",
+            &format!("{:?}", "1".repeat(257)),
+        ] {
+            let text = format!(
+                "[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'\ntransfer_targets=[{bad}]\n"
+            );
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains("transfer_targets"), "{bad}: {err}");
+        }
     }
 
     #[test]

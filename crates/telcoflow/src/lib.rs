@@ -75,7 +75,7 @@ mod transport;
 
 pub use call::{
     ActiveCall, AudioChannel, AudioStream, CallEvent, CallEvents, CallState, CallStateWatch,
-    Interrupted,
+    Interrupted, TransferMethod, TransferOutcome,
 };
 pub use call_flow::{CallFlow, InboundCalls};
 pub use client::TelcoflowClient;

@@ -153,12 +153,16 @@ impl Admission {
     }
 }
 
-/// The numbers a connector owns: those routed to it, its `call.connect` destinations and its
-/// outbound caller id. A `"*"` connector also owns every number no other connector lists.
+/// The numbers a connector owns: those routed to it, its `call.connect` destinations, the
+/// exact addresses among its `transfer_targets` (a pattern owns nothing) and its outbound
+/// caller id. A `"*"` connector also owns every number no other connector lists.
 fn owns(c: &ConnectorConfig, number: &str) -> bool {
     c.numbers.iter().any(|n| n == number)
         || c.connect.values().any(|d| d == number)
         || c.connect_default.as_deref() == Some(number)
+        || c.transfer_targets
+            .iter()
+            .any(|t| t == number && !t.ends_with('*'))
         || c.outbound_caller_id.as_deref() == Some(number)
 }
 
@@ -573,6 +577,8 @@ async fn forward(
         ),
         // The call mixes a simulated phone's DTMF into its audio as tones: nothing to send.
         LegOutput::Dtmf(_) => return true,
+        // Calls transfer simulated phones by dialling the target themselves: never sent.
+        LegOutput::Refer { .. } => return true,
         LegOutput::Hangup(reason) => Message::Text(
             NetworkFrame::Hangup {
                 call_id: Some(call_id()),
@@ -593,4 +599,18 @@ async fn forward(
 
 fn leg_input(leg: LegId, event: LegEvent) -> CallInput {
     CallInput::Leg { leg, event }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connector_owns_its_exact_transfer_targets_not_its_patterns() {
+        let mut c = ConnectorConfig::development("k", "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01");
+        c.numbers = vec!["+100".into()];
+        c.transfer_targets = vec!["+300".into(), "+4*".into()];
+        assert!(owns(&c, "+100") && owns(&c, "+300"));
+        assert!(!owns(&c, "+4*") && !owns(&c, "+400"));
+    }
 }

@@ -77,6 +77,17 @@ pub enum CallEvent {
         /// mark was reached or cleared (`None` when the server did not say).
         played_ms: Option<u64>,
     },
+    /// How a transfer by REFER goes ([`ActiveCall::transfer`](super::ActiveCall::transfer)):
+    /// the status line the SIP caller reports of its call to the target (100 `Trying`, 180
+    /// `Ringing`, 200 `OK`, or a failure such as 486 `Busy Here`).
+    TransferProgress {
+        /// How the transfer is carried out (`refer`).
+        method: String,
+        /// The SIP status.
+        status: u16,
+        /// Its reason phrase.
+        reason: String,
+    },
     /// An event this SDK has no variant for.
     Other {
         /// The event name.
@@ -138,6 +149,23 @@ impl CallEvent {
                     fields: ev.fields,
                 },
             },
+            media::CallEvent::TRANSFER_PROGRESS => {
+                let status = ev.fields.get("status").and_then(Value::as_u64);
+                match (
+                    str_field("method"),
+                    status.and_then(|s| u16::try_from(s).ok()),
+                ) {
+                    (Some(method), Some(status)) => Self::TransferProgress {
+                        method,
+                        status,
+                        reason: str_field("reason").unwrap_or_default(),
+                    },
+                    _ => Self::Other {
+                        name: ev.event,
+                        fields: ev.fields,
+                    },
+                }
+            }
             media::CallEvent::STATS => match ev.to_stats() {
                 Some(stats) => Self::Stats(Box::new(stats)),
                 None => Self::Other {
@@ -169,6 +197,22 @@ mod tests {
         );
         let mut odd = media::CallEvent::audio_skipped(0, "agent_stall");
         odd.fields.insert("dropped_ms".into(), Value::from("a lot"));
+        assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
+    }
+
+    #[test]
+    fn transfer_progress_is_a_variant_and_a_malformed_one_is_kept_as_sent() {
+        let wire = media::CallEvent::transfer_progress("refer", 180, "Ringing");
+        assert_eq!(
+            CallEvent::from_wire(wire),
+            CallEvent::TransferProgress {
+                method: "refer".into(),
+                status: 180,
+                reason: "Ringing".into()
+            }
+        );
+        let mut odd = media::CallEvent::transfer_progress("refer", 180, "Ringing");
+        odd.fields.insert("status".into(), Value::from(70_000));
         assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
     }
 

@@ -9,6 +9,7 @@
 //! - `audio`: [`AudioChannel`], [`AudioStream`] and the routing of received audio;
 //! - `event`: [`CallEvent`], [`CallEvents`] and [`CallStateWatch`];
 //! - `handoff`: [`ActiveCall::to_json`] and [`ActiveCall::from_json`];
+//! - `transfer`: [`ActiveCall::transfer`] and its [`TransferOutcome`];
 //! - `driver`: the media driver task and reconnection;
 //! - `flow`: answering `buffer_request`s from the ring buffer;
 //! - `marks`: [`ActiveCall::mark`]'s marks on their way, and [`Interrupted`].
@@ -19,10 +20,12 @@ mod event;
 mod flow;
 mod handoff;
 mod marks;
+mod transfer;
 
 pub use audio::{AudioChannel, AudioStream};
 pub use event::{CallEvent, CallEvents, CallStateWatch};
 pub use marks::Interrupted;
+pub use transfer::{TransferMethod, TransferOutcome};
 
 use crate::config::TelcoflowClientConfig;
 use crate::error::{CallError, CallErrorKind};

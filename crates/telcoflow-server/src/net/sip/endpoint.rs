@@ -54,6 +54,9 @@ const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// On shutdown, how long BYEs (and CANCELs) are retransmitted while their answers are
 /// awaited: well within the 10 s `telcoflow serve` gives a shutdown.
 pub(super) const SHUTDOWN_HANGUP_GRACE: Duration = Duration::from_secs(4);
+/// The status a REFER that could not be sent is reported with (491 Request Pending: the
+/// dialog is not confirmed yet).
+const REFER_NOT_SENT: u16 = 491;
 /// Limits of SIP/TCP connections (`[sip] tcp_*`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TcpLimits {
@@ -387,6 +390,18 @@ impl Endpoint {
                     debug!(error = %e, "DTMF INFO not sent");
                 }
             }
+            Command::Refer { call, refer_to } => {
+                // Referred-By names this server (RFC 3892): the transfer is ours.
+                let refer = UasAction::Refer {
+                    refer_to,
+                    referred_by: Some(self.uas.contact().to_owned()),
+                };
+                if let Err(e) = self.uas.handle_action(call, refer, now) {
+                    // Not in a confirmed dialog (the ACK has not come, or the call ended).
+                    debug!(error = %e, "REFER not sent");
+                    self.notify_leg(call, SipEvent::ReferAnswered(REFER_NOT_SENT));
+                }
+            }
             Command::Hangup(LegKey::Out(key)) => {
                 if let Some(o) = self.outgoing.get_mut(&key) {
                     o.call.hangup(now);
@@ -506,7 +521,8 @@ impl Endpoint {
             UasEvent::IncomingCall(incoming) => self.on_incoming(*incoming, now),
             UasEvent::Cancelled { call }
             | UasEvent::Bye { call }
-            | UasEvent::AckTimeout { call } => {
+            | UasEvent::AckTimeout { call }
+            | UasEvent::SessionExpired { call } => {
                 self.notify_leg(call, SipEvent::Ended);
             }
             UasEvent::MediaUpdated { call, negotiated } => {
@@ -517,6 +533,22 @@ impl Endpoint {
                 digit,
                 duration_ms,
             } => self.notify_leg(call, SipEvent::Dtmf { digit, duration_ms }),
+            UasEvent::ReferAnswered { call, status } => {
+                self.notify_leg(call, SipEvent::ReferAnswered(status));
+            }
+            UasEvent::ReferProgress {
+                call,
+                status,
+                reason,
+                terminated,
+            } => self.notify_leg(
+                call,
+                SipEvent::ReferProgress {
+                    status,
+                    reason,
+                    terminated,
+                },
+            ),
             UasEvent::Ack { .. } => {}
         }
     }

@@ -21,6 +21,7 @@
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
 //! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `queue_audio`/`poll_audio` (8 kHz) | same |
 //! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
+//! | transfer (REFER) | `LegOutput::Refer` -> `UasAction::Refer`; `UasEvent::ReferAnswered` / `ReferProgress` (NOTIFY) -> `LegEvent::ReferAnswered` / `ReferProgress` | (no REFER: 501, the call dials the target) |
 //! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_ptime(ptime)`, `set_receiving(!remote_hold)`, `set_sending(direction.sends())` | `UacEvent::MediaUpdated` likewise |
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
 //!
