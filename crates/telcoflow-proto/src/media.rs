@@ -17,13 +17,19 @@
 //! | `call.stats` | the [`CallStats`](crate::stats::CallStats) fields: `call_id`, `session_id`, `duration_ms`, `legs`, `agent` | at the end of the call, just before `call.terminated`: its quality figures |
 //! | `call.transfer_progress` | `method` (`refer`), `status`, `reason` | a SIP caller asked to call a `call.transfer` target (REFER) reports how that call goes: the status line of each NOTIFY's sipfrag (e.g. `100` `Trying`, `180` `Ringing`, `200` `OK`) |
 //! | `call.audio_skipped` | `dropped_ms`, `reason` (`agent_stall`, `server_stall`) | `agent_stall`: the server dropped live agent audio to win back the delay a stall of the agent left (one event per catch-up); `server_stall`: the server itself stalled and dropped a phone's audio of that time, stale by then |
+//! | `call.mark` | `name`, `id` (if the mark had one), `cleared`, `played_ms` | a mark placed with `agent.mark` was reached: the audio before it has been played to the phone (`cleared: false`), or an interrupt dropped it (`cleared: true`); `played_ms`: agent audio heard since the call began, at that point |
 //!
 //! Commands beyond the reference SDK's (the official Python SDK never sends them):
 //!
 //! | `command` | `data` | result |
 //! |---|---|---|
 //! | `call.send_dtmf` | [`SendDtmfData`]: `digits`, `durationMs` | `{"queuedMs": n}`: sent right away, the digits queued; they reach the caller over the next `n` ms |
+//! | `agent.mark` | [`MarkData`]: `name`, `id` | `{"name", "id"}`: the mark is placed after the audio received before it; `call.mark` follows once the caller has heard that audio |
 //! | `call.transfer` | [`TransferData`]: `target`, `ringTimeSeconds` | once the transfer is done: `{"method": "refer" \| "bridge", "target", ...}`; a failure carries the same `result` beside its error code |
+//!
+//! `agent.interrupt` takes an optional [`InterruptData`] (`since_mark`) and answers with an
+//! [`InterruptResult`]: what the caller heard (`played_ms`), what was dropped (`dropped_bytes`)
+//! and the marks it cleared. The official Python SDK sends no data and ignores the result.
 //!
 //! The server may also send WebSocket pings on the media connection (when live agent audio runs
 //! dry, to tell a stalled agent from a paused one); WebSocket libraries answer them by themselves.
@@ -49,6 +55,11 @@ pub const DEFAULT_PREFER_FRAME_BYTES: usize = 960;
 /// Lowest and highest ring time `call.connect` accepts, in seconds.
 pub const RING_TIME_RANGE: std::ops::RangeInclusive<u32> = 1..=120;
 
+/// Most marks (`agent.mark`) a call holds at once, placed and not yet reached or cleared.
+pub const MAX_MARKS: usize = 64;
+/// Longest mark name, in bytes of UTF-8.
+pub const MAX_MARK_NAME_BYTES: usize = 128;
+
 /// A call command name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CommandName {
@@ -70,6 +81,9 @@ pub enum CommandName {
     Interrupt,
     /// `call.send_dtmf` (extension): send DTMF digits to the caller ([`SendDtmfData`]).
     SendDtmf,
+    /// `agent.mark` (extension): a named mark after the agent audio sent so far
+    /// ([`MarkData`]).
+    Mark,
     /// `call.transfer` (extension): hand the caller over to another party and leave
     /// ([`TransferData`]).
     Transfer,
@@ -77,7 +91,7 @@ pub enum CommandName {
 
 impl CommandName {
     /// Every command.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Answer,
         Self::Connect,
         Self::Whisper,
@@ -87,6 +101,7 @@ impl CommandName {
         Self::Close,
         Self::Interrupt,
         Self::SendDtmf,
+        Self::Mark,
         Self::Transfer,
     ];
 
@@ -102,6 +117,7 @@ impl CommandName {
             Self::Close => "call.close",
             Self::Interrupt => "agent.interrupt",
             Self::SendDtmf => "call.send_dtmf",
+            Self::Mark => "agent.mark",
             Self::Transfer => "call.transfer",
         }
     }
@@ -155,6 +171,55 @@ pub struct SendDtmfData {
     /// Tone per digit, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u32>,
+}
+
+/// Arguments of `agent.mark` (extension): `{"name": "sentence-3", "id": 7}`.
+///
+/// The mark goes after every byte of agent audio sent before the command, in the order of the
+/// connection's frames. `name`: 1 to [`MAX_MARK_NAME_BYTES`] bytes; `id`: any number the client
+/// picks, echoed in `call.mark` (the Rust SDK numbers its marks to recognise them). A call holds
+/// at most [`MAX_MARKS`] marks at once; beyond, `QUOTA_EXCEEDED`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarkData {
+    /// The mark's name.
+    pub name: String,
+    /// The client's number for the mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+}
+
+/// Arguments of `agent.interrupt` (all optional; the reference SDK sends none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterruptData {
+    /// Count `played_ms` from this mark (the latest reached with that name) rather than
+    /// from the start of the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_mark: Option<String>,
+}
+
+/// The result of `agent.interrupt`. Clients that know nothing of it (the official Python SDK)
+/// ignore it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterruptResult {
+    /// Bytes of agent audio the server held and dropped.
+    pub dropped_bytes: u64,
+    /// The same, under its earlier name.
+    #[serde(rename = "droppedBytes", default)]
+    pub dropped_bytes_compat: u64,
+    /// Agent audio the caller heard, in ms: since `since_mark` when it is set, else since the
+    /// call began. Counted as it is played to the phone's leg, to one 20 ms frame.
+    pub played_ms: u64,
+    /// Agent audio the caller heard since the call began, in ms.
+    #[serde(default)]
+    pub played_total_ms: u64,
+    /// The mark `played_ms` counts from: the one asked for, when the call knew it (reached,
+    /// or cleared by this interrupt, which makes `played_ms` 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_mark: Option<String>,
+    /// Marks the interrupt cleared, in the order they were placed (each also reported as a
+    /// `call.mark` with `cleared: true`, sent before this response).
+    #[serde(default)]
+    pub cleared_marks: Vec<String>,
 }
 
 /// Longest `call.transfer` target, in characters.
@@ -314,6 +379,24 @@ impl CallEvent {
     /// The call's quality figures, at its end (the [`CallStats`](crate::stats::CallStats)
     /// fields).
     pub const STATS: &'static str = "call.stats";
+    /// A mark was reached or cleared (`name`, `id`, `cleared`, `played_ms`).
+    pub const MARK: &'static str = "call.mark";
+
+    /// `call.mark`: mark `name` (the client's `id`, if it gave one) was reached, or cleared
+    /// by an interrupt; `played_ms` of agent audio had been heard then.
+    pub fn mark(name: &str, id: Option<u64>, cleared: bool, played_ms: u64) -> Self {
+        let mut fields = Map::new();
+        fields.insert("name".into(), Value::from(name));
+        if let Some(id) = id {
+            fields.insert("id".into(), Value::from(id));
+        }
+        fields.insert("cleared".into(), Value::from(cleared));
+        fields.insert("played_ms".into(), Value::from(played_ms));
+        Self {
+            event: Self::MARK.into(),
+            fields,
+        }
+    }
 
     /// `call.stats` carrying `stats` as its fields.
     pub fn stats(stats: &crate::stats::CallStats) -> Self {
@@ -461,6 +544,45 @@ mod tests {
         assert_eq!((data.digits.as_str(), data.duration_ms), ("12#", Some(80)));
         let d: SendDtmfData = serde_json::from_value(json!({"digits": "5"})).unwrap();
         assert_eq!(d.duration_ms, None);
+    }
+
+    #[test]
+    fn mark_and_interrupt_shapes() {
+        let cmd: Command = serde_json::from_value(json!({
+            "command_id": "m1", "command": "agent.mark", "data": {"name": "s1", "id": 3}
+        }))
+        .unwrap();
+        assert_eq!(CommandName::parse(&cmd.command), Some(CommandName::Mark));
+        let data: MarkData = serde_json::from_value(cmd.data.unwrap()).unwrap();
+        assert_eq!((data.name.as_str(), data.id), ("s1", Some(3)));
+        // The reference SDK's interrupt carries no data; ours may name a mark.
+        let d: InterruptData = serde_json::from_value(json!({})).unwrap();
+        assert_eq!(d.since_mark, None);
+        let result = InterruptResult {
+            dropped_bytes: 640,
+            dropped_bytes_compat: 640,
+            played_ms: 1200,
+            played_total_ms: 3000,
+            since_mark: Some("s1".into()),
+            cleared_marks: vec!["s2".into()],
+        };
+        let v = serde_json::to_value(&result).unwrap();
+        assert_eq!(
+            v,
+            json!({"dropped_bytes": 640, "droppedBytes": 640, "played_ms": 1200,
+                   "played_total_ms": 3000, "since_mark": "s1", "cleared_marks": ["s2"]})
+        );
+        assert_eq!(
+            serde_json::from_value::<InterruptResult>(v).unwrap(),
+            result
+        );
+        let ev = CallEvent::mark("s1", Some(3), false, 1200);
+        let text = MediaServerFrame::CallEvent(ev).encode();
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            back["data"],
+            json!({"event": "call.mark", "name": "s1", "id": 3, "cleared": false, "played_ms": 1200})
+        );
     }
 
     #[test]

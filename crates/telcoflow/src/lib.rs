@@ -21,6 +21,11 @@
 //! a connection is offered: [`TelcoflowClient::setup_call_flow`]. The README maps the
 //! Python SDK's API onto these.
 //!
+//! What the caller heard: [`ActiveCall::mark`] places a named mark after the audio queued so
+//! far, reported as [`CallEvent::Mark`] once the caller has heard everything before it;
+//! [`ActiveCall::interrupt`] returns [`Interrupted`], with how much of the agent's audio was
+//! heard (`played_ms`). `examples/barge_in.rs` cuts an agent's transcript with them.
+//!
 //! # Features
 //!
 //! - `tls` (default): `wss://` URLs, a private CA ([`TelcoflowClientConfigBuilder::ca_cert`])
@@ -70,7 +75,7 @@ mod transport;
 
 pub use call::{
     ActiveCall, AudioChannel, AudioStream, CallEvent, CallEvents, CallState, CallStateWatch,
-    TransferMethod, TransferOutcome,
+    Interrupted, TransferMethod, TransferOutcome,
 };
 pub use call_flow::{CallFlow, InboundCalls};
 pub use client::TelcoflowClient;

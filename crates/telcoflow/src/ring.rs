@@ -11,6 +11,10 @@
 //! has played instead of staying resident for the rest of the call. A steady stream stays in
 //! the first segment or two and a spare, so it allocates nothing.
 //!
+//! Marks ([`RingBuffer::mark`]) sit between two bytes of the queue: a read never crosses one,
+//! so the audio before a mark leaves in frames of its own, and the mark is then due
+//! ([`RingBuffer::take_due_mark`]) before any byte after it.
+//!
 //! Private to the crate. `benches/ring.rs` compiles this same file into the benchmark, so it
 //! uses nothing else of the crate.
 
@@ -41,6 +45,22 @@ pub(crate) enum WriteError {
     Closed,
 }
 
+/// A named place in the outgoing audio (`ActiveCall::mark`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RingMark {
+    /// The call's number for the mark.
+    pub(crate) id: u64,
+    pub(crate) name: Box<str>,
+}
+
+/// What [`RingBuffer::clear`] dropped.
+#[derive(Debug, Default)]
+pub(crate) struct Cleared {
+    pub(crate) bytes: usize,
+    /// The marks among them, oldest first.
+    pub(crate) marks: Vec<RingMark>,
+}
+
 /// A bounded single-consumer byte queue for outgoing audio.
 #[derive(Debug)]
 pub(crate) struct RingBuffer {
@@ -63,6 +83,10 @@ struct State {
     /// Bytes stored.
     len: usize,
     closed: bool,
+    /// Bytes ever read: the stream offset of the oldest byte queued.
+    read: u64,
+    /// Marks not yet taken, oldest first, each at the stream offset it goes before.
+    marks: VecDeque<(u64, RingMark)>,
 }
 
 impl State {
@@ -118,6 +142,8 @@ impl RingBuffer {
                 head: 0,
                 len: 0,
                 closed: false,
+                read: 0,
+                marks: VecDeque::new(),
             }),
             reader: AtomicWaker::new(),
         }
@@ -190,13 +216,40 @@ impl RingBuffer {
         Ok(())
     }
 
-    /// Drops everything queued and returns how many bytes that was.
-    pub(crate) fn clear(&self) -> usize {
+    /// Drops everything queued, marks included, and returns what that was.
+    pub(crate) fn clear(&self) -> Cleared {
         let mut s = self.state.lock();
         let dropped = s.len;
+        s.read += dropped as u64;
         s.len = 0;
         s.reset();
-        dropped
+        Cleared {
+            bytes: dropped,
+            marks: s.marks.drain(..).map(|(_, m)| m).collect(),
+        }
+    }
+
+    /// Places `mark` after the bytes queued so far. Fails only once closed.
+    pub(crate) fn mark(&self, mark: RingMark) -> Result<(), WriteError> {
+        {
+            let mut s = self.state.lock();
+            if s.closed {
+                return Err(WriteError::Closed);
+            }
+            let at = s.read + s.len as u64;
+            s.marks.push_back((at, mark));
+        }
+        self.reader.wake();
+        Ok(())
+    }
+
+    /// The oldest mark, once every byte before it has been read.
+    pub(crate) fn take_due_mark(&self) -> Option<RingMark> {
+        let mut s = self.state.lock();
+        if s.marks.front()?.0 > s.read {
+            return None;
+        }
+        s.marks.pop_front().map(|(_, m)| m)
     }
 
     /// Closes the buffer: later writes fail with [`WriteError::Closed`]; a waiting reader gets
@@ -251,11 +304,18 @@ impl RingBuffer {
     /// Takes up to `max` bytes if at least `min` are queued or the buffer is closed.
     fn try_read(&self, min: usize, max: usize, out: &mut impl BufMut) -> Option<usize> {
         let mut s = self.state.lock();
+        // Never across a mark: the bytes before it go alone, then the mark is due.
+        let to_mark = s.marks.front().map(|(at, _)| (at - s.read) as usize);
+        if to_mark == Some(0) {
+            return None;
+        }
+        let max = to_mark.map_or(max, |m| max.min(m));
         let min = min.clamp(1, s.capacity).min(max);
         if s.len < min && !s.closed {
             return None;
         }
         let n = s.len.min(max);
+        s.read += n as u64;
         let mut left = n;
         while left > 0 {
             let head = s.head;
@@ -332,7 +392,7 @@ mod tests {
         );
         // The same once cleared instead of played.
         ring.write_all(&answer).unwrap();
-        assert_eq!(ring.clear(), answer.len());
+        assert_eq!(ring.clear().bytes, answer.len());
         assert!(ring.resident() <= (1 + SPARES) * SEGMENT);
     }
 
@@ -360,11 +420,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reads_stop_at_marks_and_clear_drops_them() {
+        let ring = RingBuffer::new(64);
+        let mark = |id: u64| RingMark {
+            id,
+            name: id.to_string().into(),
+        };
+        // Nothing queued: the mark is due at once.
+        ring.mark(mark(0)).unwrap();
+        assert_eq!(ring.take_due_mark(), Some(mark(0)));
+        ring.write_all(&[1; 6]).unwrap();
+        ring.mark(mark(1)).unwrap();
+        ring.write_all(&[2; 6]).unwrap();
+        assert_eq!(ring.take_due_mark(), None, "its audio is still queued");
+        let mut out = Vec::new();
+        // A frame of 4 bytes, then the 2 before the mark alone, though 4 were asked for.
+        assert_eq!(ring.read(4, 4, &mut out).await, 4);
+        assert_eq!(ring.read(4, 4, &mut out).await, 2);
+        assert_eq!(out, [1; 6]);
+        assert_eq!(ring.take_due_mark(), Some(mark(1)));
+        ring.mark(mark(2)).unwrap();
+        let cleared = ring.clear();
+        assert_eq!(cleared.bytes, 6);
+        assert_eq!(cleared.marks, [mark(2)]);
+        ring.write_all(&[3; 2]).unwrap();
+        ring.mark(mark(3)).unwrap();
+        out.clear();
+        assert_eq!(ring.read(1, 8, &mut out).await, 2);
+        assert_eq!(ring.take_due_mark(), Some(mark(3)));
+    }
+
+    #[tokio::test]
     async fn clear_returns_dropped_bytes() {
         let ring = RingBuffer::new(16);
         ring.write_all(&[0; 10]).unwrap();
-        assert_eq!(ring.clear(), 10);
-        assert_eq!(ring.clear(), 0);
+        assert_eq!(ring.clear().bytes, 10);
+        assert_eq!(ring.clear().bytes, 0);
         ring.write_all(&[1; 16]).unwrap();
         assert_eq!(ring.len(), 16);
     }

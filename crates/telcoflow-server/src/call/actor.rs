@@ -2,6 +2,7 @@
 //! time they came at, and the call's lifecycle (claim, the agent leaving, the end).
 
 use super::handle::{CallHandle, CallInput, MediaLink};
+use super::heard::MarkLog;
 use super::leg::{LegId, LegLink, LegOutput};
 use super::legs::Leg;
 use super::live::LiveState;
@@ -137,6 +138,8 @@ pub(super) struct CallActor {
     pub(super) past_legs: Vec<LegStats>,
     /// The agent's side of the quality figures.
     pub(super) agent_counts: AgentCounts,
+    /// What the caller heard of the agent, and the marks reached.
+    pub(super) marks: MarkLog,
     /// A `call.transfer` waiting for the caller's REFER answer or final NOTIFY.
     pub(super) transfer: Option<PendingTransfer>,
     /// A REFER was sent to the caller during this call.
@@ -200,6 +203,7 @@ impl CallActor {
             commands_started: Vec::new(),
             past_legs: Vec::new(),
             agent_counts: AgentCounts::default(),
+            marks: MarkLog::default(),
             transfer: None,
             referred: false,
             transfer_events: 0,
@@ -473,6 +477,8 @@ impl CallActor {
                 callee.set_agent_rate(rate);
             }
             self.playout.reset(rate.frame_bytes());
+            // No agent has placed any yet: the media connection is not open.
+            drop(self.playout.take_cleared_marks());
         }
         self.setup = setup;
         if !self.claimed && self.phase == Phase::Ringing {

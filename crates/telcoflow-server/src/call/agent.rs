@@ -52,6 +52,7 @@ impl CallActor {
             .registry
             .set_media_attached(&self.handle.session_id, true);
         self.request_audio();
+        self.deliver_kept_marks();
         Ok(())
     }
 
@@ -226,6 +227,7 @@ impl CallActor {
     /// back with the same URL and token, for [`MEDIA_GRACE`](super::actor::MEDIA_GRACE).
     pub(super) fn detach_media(&mut self) {
         self.media = None;
+        self.resend_recent_marks();
         self.shared
             .registry
             .set_media_attached(&self.handle.session_id, false);

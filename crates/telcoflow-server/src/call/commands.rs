@@ -82,16 +82,9 @@ impl CallActor {
                 };
                 self.respond(CommandResponse::ok(id, None));
             }
-            CommandName::Interrupt => {
-                let dropped = self.playout.clear();
-                self.shared.metrics.interrupts.inc();
-                debug!(dropped, "interrupt");
-                self.respond(CommandResponse::ok(
-                    id,
-                    Some(json!({ "droppedBytes": dropped })),
-                ));
-            }
+            CommandName::Interrupt => self.on_interrupt(id, cmd.data),
             CommandName::SendDtmf => self.on_send_dtmf(id, cmd.data),
+            CommandName::Mark => self.on_mark(id, cmd.data),
             CommandName::Transfer => self.on_transfer(id, cmd.data, cmd.timeout_ms),
             CommandName::Disconnect => {
                 self.respond(CommandResponse::ok(id, None));

@@ -78,7 +78,9 @@ impl Leg {
     pub(super) fn send_dtmf(&mut self, plan: DtmfPlan) {
         match self.link.kind {
             LegKind::Sim => self.tones = Some(ToneGenerator::new(plan, self.link.rate.hz())),
-            LegKind::Sip => self.send(LegOutput::Dtmf(plan)),
+            LegKind::Sip => {
+                self.send(LegOutput::Dtmf(plan));
+            }
         }
     }
 
@@ -108,17 +110,19 @@ impl Leg {
 
     /// Sends to the leg without waiting. Audio only goes while the queue has room beyond a
     /// reserve, so that call-state outputs (ringing, answered, hang-up) are never the ones lost.
-    pub(super) fn send(&self, out: LegOutput) {
+    /// Returns whether the leg took it.
+    pub(super) fn send(&self, out: LegOutput) -> bool {
         let is_audio = matches!(out, LegOutput::Audio(_));
         if is_audio && self.link.tx.capacity() <= LEG_CONTROL_RESERVE {
             trace!(leg = self.id.0, "leg is not reading; audio frame dropped");
             self.not_reading.inc();
-            return;
+            return false;
         }
         let sent = self.link.tx.try_send(out);
         if is_audio && sent.is_ok() {
             self.counters.frames_out.inc();
         }
+        let took = sent.is_ok();
         if let Err(mpsc::error::TrySendError::Full(_)) = sent {
             self.overflows.inc();
             warn!(
@@ -126,14 +130,17 @@ impl Leg {
                 "leg is not reading; call-state output dropped"
             );
         }
+        took
     }
 
-    /// Converts agent-rate samples to the leg's rate and sends them as one frame.
-    pub(super) fn play(&mut self, samples: &[i16], scratch: &mut Vec<i16>) {
+    /// Converts agent-rate samples to the leg's rate and sends them as one frame. Returns
+    /// false only when the leg did not take the frame (it is not reading): samples the
+    /// resampler holds back for now come out in the next frame.
+    pub(super) fn play(&mut self, samples: &[i16], scratch: &mut Vec<i16>) -> bool {
         scratch.clear();
         self.to_leg.process(samples, scratch);
         if scratch.is_empty() {
-            return;
+            return true;
         }
         if let Some(tones) = &mut self.tones {
             tones.mix_into(scratch);
@@ -142,7 +149,7 @@ impl Leg {
             }
         }
         let frame = self.pool.frame(scratch);
-        self.send(LegOutput::Audio(frame));
+        self.send(LegOutput::Audio(frame))
     }
 
     /// Queues agent-rate samples for the next ticks, keeping at most `LEG_QUEUE_FRAMES`.

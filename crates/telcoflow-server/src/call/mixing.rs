@@ -215,9 +215,10 @@ impl CallActor {
             // Caller alone with the agent.
             let mut frame = std::mem::take(&mut self.agent_frame);
             self.handle.live.played_to_caller(&frame);
-            self.caller.play(&frame, &mut self.scratch);
+            let heard = self.caller.play(&frame, &mut self.scratch);
             frame.clear();
             self.agent_frame = frame;
+            self.count_heard(agent_speaks && heard);
         } else {
             self.caller_frame.resize(n, 0);
             self.callee_frame.resize(n, 0);
@@ -240,16 +241,21 @@ impl CallActor {
                 mix_into(&mut self.mix, &self.agent_frame);
             }
             self.handle.live.played_to_caller(&self.mix);
-            self.caller.play(&self.mix, &mut self.scratch);
+            let caller_heard =
+                self.caller.play(&self.mix, &mut self.scratch) && hears_agent(self.mode, false);
             // The destination hears the caller (+ agent).
             self.mix.clear();
             self.mix.extend_from_slice(&self.caller_frame);
             if hears_agent(self.mode, true) {
                 mix_into(&mut self.mix, &self.agent_frame);
             }
-            if let Some(callee) = &mut self.callee {
-                callee.play(&self.mix, &mut self.scratch);
-            }
+            let callee_heard = match &mut self.callee {
+                Some(callee) => {
+                    callee.play(&self.mix, &mut self.scratch) && hears_agent(self.mode, true)
+                }
+                None => false,
+            };
+            self.count_heard(caller_heard || callee_heard);
             // The agent hears both.
             if self.media.is_some() {
                 self.mix.clear();
@@ -273,6 +279,7 @@ impl CallActor {
                 }
             }
         }
+        self.report_reached_marks();
         if !callee_up && !std::mem::take(&mut self.request_deferred) {
             // Caller audio goes to the agent as it arrives, between ticks: ask with the next
             // caller frame, so that both leave in one write (one wake-up for the agent), or

@@ -16,18 +16,21 @@
 //! see), `actor` (the task, its lifecycle and deadlines), `agent` (the media connection: attach,
 //! send policy, buffer requests), `commands` (command dispatch and `call.connect`), `legs` (a
 //! leg as the call keeps it: resamplers, its queue, the send policy), `mixing` (audio from the
-//! legs, the 20 ms tick and the mix), `playout` (the agent's playout buffer), `transfer`
-//! (`call.transfer`: REFER to a SIP caller, or dial and bridge) and
-//! [`frames`] (frame storage). The call logic reads no clock: the actor's loop passes `now` in.
+//! legs, the 20 ms tick and the mix), `marks` and `heard` (`agent.mark`, `call.mark` and
+//! what the caller heard), `playout` (the agent's playout buffer), `transfer`
+//! (`call.transfer`: REFER to a SIP caller, or dial and bridge) and [`frames`] (frame
+//! storage). The call logic reads no clock: the actor's loop passes `now` in.
 
 mod actor;
 mod agent;
 mod commands;
 mod frames;
 mod handle;
+mod heard;
 mod leg;
 mod legs;
 mod live;
+mod marks;
 mod meter;
 mod mixing;
 mod playout;

@@ -26,9 +26,15 @@
 //! while a few extra frames are requested to drain the agent's backlog. Audio arriving at
 //! real-time pace never builds up, so it is never dropped; an ahead stream owes nothing. What
 //! was dropped is handed to the call ([`Playout::take_skipped`]) to be logged and reported.
+//!
+//! Marks (`agent.mark`) sit in the stream at the end of the audio received before them. A mark
+//! is reached once every byte before it has left the buffer: played at a tick, or dropped by a
+//! catch-up (whose audio nobody will hear, but the mark must not be lost). An interrupt
+//! ([`Playout::clear`]) clears the marks it drops with the audio ([`Playout::take_cleared_marks`]).
 
 use std::collections::VecDeque;
 use std::time::Duration;
+use telcoflow_proto::media::MAX_MARKS;
 use tokio::time::Instant;
 
 /// Starting target of buffered plus requested audio, in frames (80 ms).
@@ -117,9 +123,28 @@ pub(crate) struct Skipped {
     pub(crate) owed: usize,
 }
 
+/// A mark the agent placed in its audio (`agent.mark`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Mark {
+    pub(crate) name: Box<str>,
+    /// The client's number for it, echoed in its event.
+    pub(crate) id: Option<u64>,
+}
+
+/// The call holds [`MAX_MARKS`] marks already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TooManyMarks;
+
 #[derive(Debug)]
 pub(crate) struct Playout {
     buf: VecDeque<u8>,
+    /// Marks not reached yet, oldest first, each with its place in the agent's stream (the
+    /// `pushed_total` when it came): reached once `consumed_total` gets there.
+    marks: VecDeque<(u64, Mark)>,
+    /// Marks an interrupt or a reset dropped, waiting to be reported.
+    cleared_marks: Vec<Mark>,
+    /// Bytes of agent audio the latest tick played.
+    last_played: usize,
     /// Bytes requested and not yet received.
     outstanding: usize,
     frame_bytes: usize,
@@ -195,6 +220,9 @@ impl Playout {
     pub(crate) fn new(frame_bytes: usize, max_bytes: usize) -> Self {
         Self {
             buf: VecDeque::with_capacity(max_bytes.min(TARGET_FRAMES * 4 * frame_bytes)),
+            marks: VecDeque::new(),
+            cleared_marks: Vec::new(),
+            last_played: 0,
             outstanding: 0,
             frame_bytes,
             max_bytes: max_bytes.max(frame_bytes * TARGET_FRAMES),
@@ -238,6 +266,7 @@ impl Playout {
 
     /// Changes the frame size (the agent's rate changed) and forgets everything held.
     pub(crate) fn reset(&mut self, frame_bytes: usize) {
+        self.clear_marks();
         self.buf.clear();
         self.forget_arrivals();
         self.outstanding = 0;
@@ -390,6 +419,7 @@ impl Playout {
     /// agent audio was in it.
     pub(crate) fn pop_frame(&mut self, out: &mut [i16]) -> bool {
         self.tick += 1;
+        self.last_played = 0;
         self.played_arrival = None;
         let late_tick = std::mem::take(&mut self.late_tick);
         if late_tick {
@@ -466,6 +496,7 @@ impl Playout {
         }
         self.buf.drain(..bytes);
         out[filled..].fill(0);
+        self.last_played = bytes;
         self.played_arrival = self.consume(bytes);
         self.smooth_ticks += 1;
         if self.smooth_ticks >= SMOOTH_TICKS {
@@ -690,8 +721,49 @@ impl Playout {
         self.gap_frames
     }
 
-    /// Drops every unplayed byte; returns how many.
+    /// Places a mark after the audio received so far. With nothing held, it is reached at
+    /// once ([`Playout::pop_reached_mark`]).
+    pub(crate) fn place_mark(&mut self, mark: Mark) -> Result<(), TooManyMarks> {
+        if self.marks.len() >= MAX_MARKS {
+            return Err(TooManyMarks);
+        }
+        self.marks.push_back((self.pushed_total, mark));
+        Ok(())
+    }
+
+    /// The oldest mark whose audio has all left the buffer (played, or dropped by a
+    /// catch-up), if any.
+    pub(crate) fn pop_reached_mark(&mut self) -> Option<Mark> {
+        if self.marks.front()?.0 > self.consumed_total {
+            return None;
+        }
+        self.marks.pop_front().map(|(_, mark)| mark)
+    }
+
+    /// Marks not reached yet.
+    #[cfg(test)]
+    pub(crate) fn marks_held(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// The marks the latest interrupt (or reset) dropped, oldest first.
+    pub(crate) fn take_cleared_marks(&mut self) -> Vec<Mark> {
+        std::mem::take(&mut self.cleared_marks)
+    }
+
+    fn clear_marks(&mut self) {
+        self.cleared_marks
+            .extend(self.marks.drain(..).map(|(_, mark)| mark));
+    }
+
+    /// Bytes of agent audio the latest tick played (0 for silence).
+    pub(crate) fn last_played(&self) -> usize {
+        self.last_played
+    }
+
+    /// Drops every unplayed byte and the marks among them; returns how many bytes.
     pub(crate) fn clear(&mut self) -> usize {
+        self.clear_marks();
         let n = self.buf.len();
         self.buf.clear();
         self.forget_arrivals();
@@ -903,6 +975,143 @@ mod tests {
         p.pop_frame(&mut out);
         p.push(&frame, Instant::now());
         assert_eq!((p.gaps(), p.prebuffer_frames()), (0, 1));
+    }
+
+    fn mark(name: &str) -> Mark {
+        Mark {
+            name: name.into(),
+            id: None,
+        }
+    }
+
+    fn reached(p: &mut Playout) -> Vec<String> {
+        std::iter::from_fn(|| p.pop_reached_mark())
+            .map(|m| m.name.into())
+            .collect()
+    }
+
+    #[test]
+    fn a_mark_is_reached_when_the_audio_before_it_has_played() {
+        let mut p = Playout::new(4, 10_000);
+        let mut out = [0i16; 2];
+        // A frame and a half, the mark, then more audio.
+        p.push(&[1; 6], Instant::now());
+        p.place_mark(mark("a")).unwrap();
+        p.push(&[1; 8], Instant::now());
+        assert_eq!(p.marks_held(), 1);
+        assert!(p.pop_frame(&mut out));
+        assert_eq!(p.last_played(), 4);
+        assert!(reached(&mut p).is_empty(), "half of its audio still held");
+        assert!(p.pop_frame(&mut out));
+        assert_eq!(reached(&mut p), ["a"]);
+        assert_eq!(p.marks_held(), 0);
+    }
+
+    #[test]
+    fn a_mark_with_nothing_held_is_reached_at_once() {
+        let mut p = Playout::new(4, 10_000);
+        p.place_mark(mark("now")).unwrap();
+        assert_eq!(reached(&mut p), ["now"]);
+        // Also after everything held has played.
+        let mut out = [0i16; 2];
+        p.push(&[1; 4], Instant::now());
+        p.pop_frame(&mut out);
+        p.place_mark(mark("again")).unwrap();
+        assert_eq!(reached(&mut p), ["again"]);
+    }
+
+    #[test]
+    fn clear_and_reset_report_the_marks_they_drop() {
+        let mut p = Playout::new(4, 10_000);
+        let mut out = [0i16; 2];
+        p.push(&[1; 4], Instant::now());
+        p.place_mark(mark("played")).unwrap();
+        p.push(&[1; 8], Instant::now());
+        p.place_mark(mark("b")).unwrap();
+        p.place_mark(mark("c")).unwrap();
+        p.pop_frame(&mut out);
+        assert_eq!(reached(&mut p), ["played"]);
+        assert_eq!(p.clear(), 8);
+        let cleared: Vec<_> = p.take_cleared_marks().into_iter().map(|m| m.name).collect();
+        assert_eq!(cleared, ["b".into(), "c".into()] as [Box<str>; 2]);
+        assert!(
+            reached(&mut p).is_empty(),
+            "cleared marks are never reached"
+        );
+        p.push(&[1; 4], Instant::now());
+        p.place_mark(mark("d")).unwrap();
+        p.reset(4);
+        assert_eq!(p.take_cleared_marks().len(), 1);
+        assert!(p.take_cleared_marks().is_empty());
+    }
+
+    #[test]
+    fn marks_are_bounded() {
+        let mut p = Playout::new(4, 10_000);
+        p.push(&[1; 4], Instant::now());
+        for i in 0..MAX_MARKS {
+            p.place_mark(mark(&i.to_string())).unwrap();
+        }
+        assert_eq!(p.place_mark(mark("one too many")), Err(TooManyMarks));
+        let mut out = [0i16; 2];
+        p.pop_frame(&mut out);
+        assert_eq!(reached(&mut p).len(), MAX_MARKS);
+        p.place_mark(mark("room again")).unwrap();
+    }
+
+    #[test]
+    fn marks_in_audio_a_catch_up_drops_are_reached_not_lost() {
+        // A live echo agent stalls; each frame it makes carries a mark. The catch-up drops
+        // part of its backlog, marks included in what it drops: each is still reached, in
+        // order, none left behind.
+        let mut p = Playout::new(FRAME, 10_000);
+        let mut agent = Agent::new();
+        let t0 = Instant::now();
+        let mut out = [0i16; FRAME / 2];
+        let mut placed = 0u32;
+        let mut seen = Vec::new();
+        for tick in 0..400u64 {
+            let now = t0 + TICK * tick as u32;
+            if tick == 200 {
+                agent.stalled_until = 215;
+            }
+            agent.inbox.push_back(tick as i16);
+            if !agent.stalled(tick) {
+                if let Some(seq) = agent.ping_waiting.take() {
+                    p.pong(Some(seq), now);
+                }
+                agent.ring.extend(agent.inbox.drain(..));
+                while agent.owed >= FRAME {
+                    let Some(stamp) = agent.ring.pop_front() else {
+                        break;
+                    };
+                    agent.owed -= FRAME;
+                    let b = stamp.to_le_bytes();
+                    p.push(&[b[0], b[1], b[0], b[1]], now);
+                    p.place_mark(mark(&placed.to_string())).unwrap();
+                    placed += 1;
+                }
+            }
+            p.pop_frame(&mut out);
+            seen.extend(reached(&mut p));
+            if let Some(seq) = p.ping_due(now + TICK / 2) {
+                if agent.stalled(tick) {
+                    agent.ping_waiting = Some(seq);
+                } else {
+                    p.pong(Some(seq), now + TICK / 2 + Duration::from_millis(1));
+                }
+            }
+            if let Some(bytes) = p.want() {
+                p.requested(bytes);
+                agent.owed += bytes;
+            }
+        }
+        assert!(p.skipped_total() > 0, "the stall's backlog was dropped");
+        let expected: Vec<String> = (0..placed - p.marks_held() as u32)
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(seen, expected, "every mark reached, in order");
+        assert!(p.marks_held() <= 2);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use super::audio::on_audio;
 use super::event::CallEvent;
-use super::flow::FlowControl;
+use super::flow::{FlowControl, Outgoing};
+use super::marks::MarkTracker;
 use super::{CallCore, Media, emit, emit_client, set_terminated};
 use crate::Error;
 use crate::error::{CallError, CallErrorKind};
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 /// How long the media connection keeps reading after the call ended (`call.terminated`,
 /// `close`, `disconnect`) while waiting for the server to close it: frames already in flight,
@@ -140,6 +141,8 @@ pub(super) async fn drive_media(
                 // The server asks for audio again on the new connection.
                 flow.forget_requests();
                 emit(&core, CallEvent::MediaReconnected);
+                let lost = media.marks.lock().lost_in_transit();
+                emit_cleared_marks(&core, lost);
             }
             None => break reason,
         }
@@ -158,6 +161,10 @@ pub(super) async fn drive_media(
     }
     core.channels.lock().finish();
     let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+    // Marks still outstanding will never be reached. Reported before the call's end, which
+    // may already be out if the server's came first.
+    let left = media.marks.lock().drain();
+    emit_cleared_marks(&core, left);
     // The server's own `call.terminated` (with its reason) was already delivered if it came;
     // otherwise the stream still ends with one.
     if !media.terminated_seen.load(Ordering::Acquire) {
@@ -258,7 +265,10 @@ impl MediaDriver<'_> {
                 Poll::Pending if self.call_live => {
                     match self.flow.poll_next_frame(cx, &self.media.ring) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(Some(frame)) => Message::Binary(frame),
+                        Poll::Ready(Some(Outgoing::Audio(frame))) => Message::Binary(frame),
+                        Poll::Ready(Some(Outgoing::Mark(mark))) => {
+                            Message::Text(self.media.marks.lock().command(&mark).into())
+                        }
                         Poll::Ready(None) => {
                             debug!(
                                 "call ended; waiting for the server to close the media connection"
@@ -288,6 +298,20 @@ impl MediaDriver<'_> {
     }
 }
 
+/// Reports marks that will never be reached.
+fn emit_cleared_marks(core: &CallCore, names: Vec<Box<str>>) {
+    for name in names {
+        emit(
+            core,
+            CallEvent::Mark {
+                name: name.into(),
+                cleared: true,
+                played_ms: None,
+            },
+        );
+    }
+}
+
 /// Fails every command waiting for an answer, and drops those not sent yet, with `error`.
 fn fail_commands(
     media: &Media,
@@ -314,6 +338,8 @@ fn on_text(core: &CallCore, media: &Media, flow: &mut FlowControl, text: &str) {
             debug!(command_id = %resp.command_id, success = resp.success, code = ?resp.error_code, "command response");
             if let Some(tx) = media.pending.lock().map.remove(&resp.command_id) {
                 let _ = tx.send(Ok(resp));
+            } else if let Some(id) = MarkTracker::response_id(&resp.command_id) {
+                on_mark_response(core, media, id, &resp);
             }
         }
         MediaServerFrame::BufferRequest(req) => {
@@ -330,6 +356,16 @@ fn on_text(core: &CallCore, media: &Media, flow: &mut FlowControl, text: &str) {
             flow.request(req);
         }
         MediaServerFrame::CallEvent(ev) => {
+            if ev.event == media::CallEvent::MARK {
+                // Ours carry the mark's number: one reported already (given up when the
+                // connection was lost) is not reported twice.
+                if let Some(id) = ev.fields.get("id").and_then(serde_json::Value::as_u64) {
+                    if media.marks.lock().finish(id).is_none() {
+                        debug!(id, "mark reported already");
+                        return;
+                    }
+                }
+            }
             let ev = CallEvent::from_wire(ev);
             debug!(event = ?ev, "call event");
             let ended = matches!(ev, CallEvent::Terminated { .. });
@@ -351,4 +387,25 @@ fn on_text(core: &CallCore, media: &Media, flow: &mut FlowControl, text: &str) {
             emit(core, ev);
         }
     }
+}
+
+/// The server's answer to an `agent.mark`: it holds the mark, or refused it (reported as
+/// cleared: it will never be reached).
+fn on_mark_response(core: &CallCore, media: &Media, id: u64, resp: &media::CommandResponse) {
+    let mut marks = media.marks.lock();
+    if resp.success {
+        marks.placed(id);
+        return;
+    }
+    let Some(name) = marks.finish(id) else {
+        return;
+    };
+    drop(marks);
+    warn!(
+        mark = %name,
+        code = ?resp.error_code,
+        message = ?resp.error_message,
+        "the server refused a mark"
+    );
+    emit_cleared_marks(core, vec![name]);
 }

@@ -64,6 +64,19 @@ pub enum CallEvent {
     /// The same figures are available while the call runs from
     /// `GET /public/v1/calls/{id}/stats`.
     Stats(Box<crate::CallStats>),
+    /// A mark placed with [`ActiveCall::mark`](super::ActiveCall::mark) was reached: the
+    /// caller has heard every byte of audio queued before it (`cleared: false`); or it never
+    /// will be: an interrupt dropped that audio, the call ended first, or the media connection
+    /// was lost as the mark went out (`cleared: true`).
+    Mark {
+        /// The name it was placed with.
+        name: String,
+        /// Whether it was cleared rather than reached.
+        cleared: bool,
+        /// How much of the agent's audio the caller had heard since the call began when the
+        /// mark was reached or cleared (`None` when the server did not say).
+        played_ms: Option<u64>,
+    },
     /// How a transfer by REFER goes ([`ActiveCall::transfer`](super::ActiveCall::transfer)):
     /// the status line the SIP caller reports of its call to the target (100 `Trying`, 180
     /// `Ringing`, 200 `OK`, or a failure such as 486 `Busy Here`).
@@ -125,6 +138,17 @@ impl CallEvent {
                     },
                 }
             }
+            media::CallEvent::MARK => match (str_field("name"), ev.fields.get("cleared")) {
+                (Some(name), Some(Value::Bool(cleared))) => Self::Mark {
+                    name,
+                    cleared: *cleared,
+                    played_ms: ev.fields.get("played_ms").and_then(Value::as_u64),
+                },
+                _ => Self::Other {
+                    name: ev.event,
+                    fields: ev.fields,
+                },
+            },
             media::CallEvent::TRANSFER_PROGRESS => {
                 let status = ev.fields.get("status").and_then(Value::as_u64);
                 match (

@@ -1,8 +1,10 @@
 //! Pull-based flow control: the server asks for audio with `buffer_request`s, and the call
 //! answers each in order with frames of the size it prefers, taken from the call's ring buffer
-//! as the application queues audio.
+//! as the application queues audio. A mark the application placed goes out in its place in
+//! the stream: after the frames carrying the audio before it (the last of them cut short at
+//! the mark), before any audio after it, whether or not the server is asking for audio.
 
-use crate::ring::RingBuffer;
+use crate::ring::{RingBuffer, RingMark};
 use bytes::{BufMut, Bytes};
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
@@ -17,6 +19,15 @@ const MAX_QUEUED_REQUESTS: usize = 256;
 /// because both blocks of every call stay resident: larger blocks cost agent memory per call
 /// and save nothing once the two blocks take turns.
 const FRAME_POOL_BYTES: usize = 2 * 1024;
+
+/// What goes out next on the media connection from the ring buffer.
+#[derive(Debug)]
+pub(super) enum Outgoing {
+    /// A binary audio frame, channel byte included.
+    Audio(Bytes),
+    /// A mark whose audio has all been sent: `agent.mark` goes out now.
+    Mark(RingMark),
+}
 
 /// Answers buffer requests in order with frames of the preferred size, each frame waiting for
 /// the application's audio.
@@ -74,7 +85,10 @@ impl FlowControl {
         &mut self,
         cx: &mut Context<'_>,
         ring: &RingBuffer,
-    ) -> Poll<Option<Bytes>> {
+    ) -> Poll<Option<Outgoing>> {
+        if let Some(mark) = ring.take_due_mark() {
+            return Poll::Ready(Some(Outgoing::Mark(mark)));
+        }
         while self.owed == 0 {
             match self.requests.pop_front() {
                 Some(req) => {
@@ -98,6 +112,6 @@ impl FlowControl {
         }
         trace!(bytes = n, "audio frame");
         self.owed -= n;
-        Poll::Ready(Some(block.split().freeze()))
+        Poll::Ready(Some(Outgoing::Audio(block.split().freeze())))
     }
 }

@@ -11,17 +11,20 @@
 //! - `handoff`: [`ActiveCall::to_json`] and [`ActiveCall::from_json`];
 //! - `transfer`: [`ActiveCall::transfer`] and its [`TransferOutcome`];
 //! - `driver`: the media driver task and reconnection;
-//! - `flow`: answering `buffer_request`s from the ring buffer.
+//! - `flow`: answering `buffer_request`s from the ring buffer;
+//! - `marks`: [`ActiveCall::mark`]'s marks on their way, and [`Interrupted`].
 
 mod audio;
 mod driver;
 mod event;
 mod flow;
 mod handoff;
+mod marks;
 mod transfer;
 
 pub use audio::{AudioChannel, AudioStream};
 pub use event::{CallEvent, CallEvents, CallStateWatch};
+pub use marks::Interrupted;
 pub use transfer::{TransferMethod, TransferOutcome};
 
 use crate::config::TelcoflowClientConfig;
@@ -192,6 +195,8 @@ struct Media {
     driver: AtomicWaker,
     /// The server's `call.terminated` has been delivered to the call's events.
     terminated_seen: AtomicBool,
+    /// Marks placed and not yet reported.
+    marks: Mutex<marks::MarkTracker>,
 }
 
 /// Commands waiting for their `command_response`.
@@ -417,24 +422,121 @@ impl ActiveCall {
     /// Drops every queued byte and tells the server to drop what it has not played yet
     /// (`agent.interrupt`). Returns the bytes dropped here. Use it when the caller starts
     /// talking over the agent. A server that refuses the interrupt is only logged: the
-    /// local audio is gone either way.
+    /// local audio is gone either way. [`ActiveCall::interrupt`] does the same and also
+    /// tells what the caller heard.
     pub async fn clear_send_audio_buffer(&self) -> Result<usize, CallError> {
-        if self.state() == CallState::Terminated {
-            return Err(CallError::new(CallErrorKind::Closed));
-        }
-        let media = self.media().await?;
-        let dropped = media.ring.clear();
-        match self
-            .command(CommandName::Interrupt, None, COMMAND_TIMEOUT)
-            .await
-        {
+        let (local, answer) = self.interrupt_with(None).await?;
+        match answer {
             Ok(_) => {}
             Err(e) if e.server_code().is_some() => {
                 debug!(call_id = %self.core.id, code = ?e.server_code(), "agent.interrupt refused");
             }
             Err(e) => return Err(e),
         }
-        Ok(dropped)
+        Ok(local.bytes)
+    }
+
+    /// Places a mark named `name` after the audio queued so far. Once the caller has heard
+    /// all of that audio (played to the phone, not merely received by the server), the call's
+    /// events get [`CallEvent::Mark`] with `cleared: false`; an interrupt that drops the
+    /// audio before it reports it with `cleared: true`. A mark with nothing queued is reached
+    /// at once. Every mark gets exactly one event, in the order they were placed (a mark sent
+    /// just as the media connection is lost, or outstanding when the call ends, is reported
+    /// cleared).
+    ///
+    /// `name`: 1 to 128 bytes ([`CallErrorKind::InvalidArgument`] otherwise). At most 64
+    /// marks are outstanding at once: beyond, [`CallErrorKind::InvalidState`]. Read the call's
+    /// [`events`](Self::events): they are dropped when their queue is full.
+    ///
+    /// ```no_run
+    /// # async fn speak(call: telcoflow::ActiveCall, sentences: Vec<Vec<u8>>) -> Result<(), telcoflow::CallError> {
+    /// for (i, pcm) in sentences.iter().enumerate() {
+    ///     call.send_audio(pcm).await?;
+    ///     call.mark(&format!("sentence-{i}")).await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn mark(&self, name: &str) -> Result<(), CallError> {
+        if self.state() == CallState::Terminated {
+            return Err(CallError::new(CallErrorKind::Closed));
+        }
+        let media = self.media().await?;
+        let mark = media.marks.lock().add(name)?;
+        let id = mark.id;
+        if let Err(e) = media.ring.mark(mark) {
+            media.marks.lock().forget(id);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Interrupts the agent, as [`ActiveCall::clear_send_audio_buffer`] does, and returns
+    /// what the caller heard of its audio since the call began (`played_ms`), what was dropped
+    /// here and by the server, and the marks cleared. A refusal by the server is an error
+    /// (the local audio is gone either way).
+    pub async fn interrupt(&self) -> Result<Interrupted, CallError> {
+        self.interrupt_and_report(None).await
+    }
+
+    /// [`ActiveCall::interrupt`], with `played_ms` counted from the latest mark named `mark`
+    /// the caller reached (0 if this interrupt cleared it): how much of what the agent said
+    /// after it was heard. [`Interrupted::since_mark`] is `None` when the server did not know
+    /// the mark (never placed, or long past), and `played_ms` then counts from the call's
+    /// start.
+    pub async fn interrupt_since(&self, mark: &str) -> Result<Interrupted, CallError> {
+        self.interrupt_and_report(Some(mark)).await
+    }
+
+    async fn interrupt_and_report(&self, since: Option<&str>) -> Result<Interrupted, CallError> {
+        let (local, answer) = self.interrupt_with(since).await?;
+        let result = answer?;
+        Ok(Interrupted::new(result, local))
+    }
+
+    /// Clears the ring buffer and sends `agent.interrupt`; reports the marks cleared here
+    /// once the server's answer (and its own `call.mark` events, sent before it) are in.
+    async fn interrupt_with(
+        &self,
+        since: Option<&str>,
+    ) -> Result<
+        (
+            crate::ring::Cleared,
+            Result<media::InterruptResult, CallError>,
+        ),
+        CallError,
+    > {
+        if self.state() == CallState::Terminated {
+            return Err(CallError::new(CallErrorKind::Closed));
+        }
+        let media = self.media().await?;
+        let local = media.ring.clear();
+        let data = since.and_then(|m| {
+            serde_json::to_value(media::InterruptData {
+                since_mark: Some(m.to_owned()),
+            })
+            .ok()
+        });
+        let answer = self
+            .command(CommandName::Interrupt, data, COMMAND_TIMEOUT)
+            .await
+            .map(|v| serde_json::from_value::<media::InterruptResult>(v).unwrap_or_default());
+        let played_ms = answer.as_ref().ok().map(|r| r.played_total_ms);
+        {
+            let mut marks = media.marks.lock();
+            for mark in &local.marks {
+                if let Some(name) = marks.finish(mark.id) {
+                    emit(
+                        &self.core,
+                        CallEvent::Mark {
+                            name: name.into(),
+                            cleared: true,
+                            played_ms,
+                        },
+                    );
+                }
+            }
+        }
+        Ok((local, answer))
     }
 
     /// PCM received on `channel` ([`AudioChannel::Mixed`] = the call; `Caller` and `Callee`
@@ -565,6 +667,7 @@ impl ActiveCall {
                     shutdown: AtomicBool::new(false),
                     driver: AtomicWaker::new(),
                     terminated_seen: AtomicBool::new(false),
+                    marks: Mutex::new(marks::MarkTracker::default()),
                 });
                 *self.core.media.lock() = Some(media.clone());
                 self.core.state.send_replace(CallState::Live);
