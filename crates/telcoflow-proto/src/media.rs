@@ -22,6 +22,7 @@
 //! | `command` | `data` | result |
 //! |---|---|---|
 //! | `call.send_dtmf` | [`SendDtmfData`]: `digits`, `durationMs` | `{"queuedMs": n}`: sent right away, the digits queued; they reach the caller over the next `n` ms |
+//! | `call.record` | [`RecordData`]: `action` (`start`, `stop`, `pause`, `resume`) | [`RecordResult`]: `recordingId`, `state`, `durationMs` (see [`crate::recording`]) |
 //!
 //! The server may also send WebSocket pings on the media connection (when live agent audio runs
 //! dry, to tell a stalled agent from a paused one); WebSocket libraries answer them by themselves.
@@ -68,11 +69,14 @@ pub enum CommandName {
     Interrupt,
     /// `call.send_dtmf` (extension): send DTMF digits to the caller ([`SendDtmfData`]).
     SendDtmf,
+    /// `call.record` (extension): start, stop, pause or resume the call's recording
+    /// ([`RecordData`]).
+    Record,
 }
 
 impl CommandName {
     /// Every command.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Answer,
         Self::Connect,
         Self::Whisper,
@@ -82,6 +86,7 @@ impl CommandName {
         Self::Close,
         Self::Interrupt,
         Self::SendDtmf,
+        Self::Record,
     ];
 
     /// The name on the wire.
@@ -96,6 +101,7 @@ impl CommandName {
             Self::Close => "call.close",
             Self::Interrupt => "agent.interrupt",
             Self::SendDtmf => "call.send_dtmf",
+            Self::Record => "call.record",
         }
     }
 
@@ -148,6 +154,73 @@ pub struct SendDtmfData {
     /// Tone per digit, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u32>,
+}
+
+/// Arguments of `call.record` (extension): `{"action": "start"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordData {
+    /// What to do with the call's recording.
+    pub action: RecordAction,
+}
+
+/// What `call.record` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordAction {
+    /// Start recording (a recording already running is kept: `alreadyRecording`).
+    Start,
+    /// Stop and finish the recording; a new `start` begins another one.
+    Stop,
+    /// Leave audio out of the recording from now on (card numbers and other secrets).
+    Pause,
+    /// Record again after a pause.
+    Resume,
+}
+
+impl RecordAction {
+    /// The name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+        }
+    }
+}
+
+/// Result of `call.record` (extension).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct RecordResult {
+    /// The recording the action applied to (its id in the HTTP API).
+    pub recording_id: String,
+    /// Where the recording is after the action.
+    pub state: crate::recording::RecordingState,
+    /// Audio in the recording so far (paused time left out), in milliseconds.
+    pub duration_ms: u64,
+    /// `start` found a recording already running (started by the connector's config or an
+    /// earlier `start`) and kept it.
+    #[serde(default)]
+    pub already_recording: bool,
+}
+
+impl RecordResult {
+    /// A result for `recording_id`.
+    pub fn new(
+        recording_id: impl Into<String>,
+        state: crate::recording::RecordingState,
+        duration_ms: u64,
+        already_recording: bool,
+    ) -> Self {
+        Self {
+            recording_id: recording_id.into(),
+            state,
+            duration_ms,
+            already_recording,
+        }
+    }
 }
 
 /// Text frames the client sends on a media connection.
@@ -417,6 +490,21 @@ mod tests {
         assert_eq!((data.digits.as_str(), data.duration_ms), ("12#", Some(80)));
         let d: SendDtmfData = serde_json::from_value(json!({"digits": "5"})).unwrap();
         assert_eq!(d.duration_ms, None);
+    }
+
+    #[test]
+    fn record_command_shape() {
+        let text = r#"{"type":"command","data":{"command_id":"c3","command":"call.record","data":{"action":"pause"}}}"#;
+        let MediaClientFrame::Command(cmd) = MediaClientFrame::decode(text).unwrap();
+        assert_eq!(CommandName::parse(&cmd.command), Some(CommandName::Record));
+        let data: RecordData = serde_json::from_value(cmd.data.unwrap()).unwrap();
+        assert_eq!(data.action, RecordAction::Pause);
+        assert!(serde_json::from_value::<RecordData>(json!({"action": "rewind"})).is_err());
+        let result = RecordResult::new("r1", crate::recording::RecordingState::Paused, 1200, false);
+        assert_eq!(
+            serde_json::to_value(&result).unwrap(),
+            json!({"recordingId": "r1", "state": "paused", "durationMs": 1200, "alreadyRecording": false})
+        );
     }
 
     #[test]

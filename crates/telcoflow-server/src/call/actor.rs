@@ -115,6 +115,8 @@ pub(super) struct CallActor {
     pub(super) past_legs: Vec<LegStats>,
     /// The agent's side of the quality figures.
     pub(super) agent_counts: AgentCounts,
+    /// The call's recording, while one runs.
+    pub(super) recorder: Option<super::recorder::Recorder>,
 }
 
 impl CallActor {
@@ -170,6 +172,7 @@ impl CallActor {
             commands_started: Vec::new(),
             past_legs: Vec::new(),
             agent_counts: AgentCounts::default(),
+            recorder: None,
         }
     }
 
@@ -463,10 +466,12 @@ impl CallActor {
         }
     }
 
-    /// The call is answered now: its setup time is known.
-    pub(super) fn count_answer(&self) {
+    /// The call is answered now: its setup time is known, and a connector that records
+    /// every call starts recording it.
+    pub(super) fn count_answer(&mut self) {
         let setup = self.now.saturating_duration_since(self.started);
         self.shared.metrics.call_setup.observe(setup.as_secs_f64());
+        self.record_by_config();
     }
 
     /// Tells the registry the session ended, and counts it once.
@@ -495,6 +500,7 @@ impl CallActor {
             return;
         }
         self.ended = true;
+        self.stop_recording();
         // Before the legs go: the destination's figures are read from it.
         self.send_stats();
         let final_stats = self.stats();

@@ -1,5 +1,6 @@
 //! The agent's commands: `call.answer`, `call.connect` (ringing a destination through the
-//! networks), whisper / barge / spy, interrupt, DTMF out, disconnect and close.
+//! networks), whisper / barge / spy, interrupt, DTMF out, recording (in `recorder`),
+//! disconnect and close.
 
 use super::actor::{AgentMode, CallActor, PendingConnect, Phase};
 use super::leg::{LegId, LegOutput};
@@ -92,6 +93,7 @@ impl CallActor {
                 ));
             }
             CommandName::SendDtmf => self.on_send_dtmf(id, cmd.data),
+            CommandName::Record => self.on_record(id, cmd.data),
             CommandName::Disconnect => {
                 self.respond(CommandResponse::ok(id, None));
                 self.finish(CloseReason::SdkRequest, HangupReason::Remote);

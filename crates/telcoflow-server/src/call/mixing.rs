@@ -138,6 +138,9 @@ impl CallActor {
                     let frame = self.rate().frame_samples();
                     self.caller.enqueue(&self.scratch, frame);
                 } else if !self.scratch.is_empty() {
+                    if let Some(recorder) = &mut self.recorder {
+                        recorder.caller_audio(&self.scratch);
+                    }
                     // Alone with the agent: forward at once, no clock wait.
                     let frame =
                         frame_bytes(&mut self.media_pool, Some(CHANNEL_MIXED), &self.scratch);
@@ -207,6 +210,7 @@ impl CallActor {
             let mut frame = std::mem::take(&mut self.agent_frame);
             self.handle.live.played_to_caller(&frame);
             self.caller.play(&frame, &mut self.scratch);
+            self.record_tick(None, agent_speaks.then_some(&frame[..]));
             frame.clear();
             self.agent_frame = frame;
         } else {
@@ -240,6 +244,18 @@ impl CallActor {
             }
             if let Some(callee) = &mut self.callee {
                 callee.play(&self.mix, &mut self.scratch);
+            }
+            if self.recorder.is_some() {
+                // Caller and destination left; the agent right, when somebody hears it.
+                self.mix.clear();
+                self.mix.extend_from_slice(&self.caller_frame);
+                mix_into(&mut self.mix, &self.callee_frame);
+                let heard = agent_speaks && self.mode != AgentMode::Spy;
+                let mix = std::mem::take(&mut self.mix);
+                let agent = std::mem::take(&mut self.agent_frame);
+                self.record_tick(Some(&mix), heard.then_some(&agent[..]));
+                self.mix = mix;
+                self.agent_frame = agent;
             }
             // The agent hears both.
             if self.media.is_some() {

@@ -17,7 +17,8 @@
 //! send policy, buffer requests), `commands` (command dispatch and `call.connect`), `legs` (a
 //! leg as the call keeps it: resamplers, its queue, the send policy), `mixing` (audio from the
 //! legs, the 20 ms tick and the mix), `playout` (the agent's playout buffer) and
-//! [`frames`] (frame storage). The call logic reads no clock: the actor's loop passes `now` in.
+//! [`frames`] (frame storage), and `recorder` (the call's recording: a stereo frame per tick
+//! to its writer, and `call.record`). The call logic reads no clock: the actor's loop passes `now` in.
 
 mod actor;
 mod agent;
@@ -31,8 +32,9 @@ mod meter;
 mod mixing;
 mod playout;
 mod quality;
+mod recorder;
 
-pub(crate) use frames::{SamplePool, frame_bytes};
+pub(crate) use frames::{SampleFrame, SamplePool, frame_bytes};
 pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut, StatsError};
 pub(crate) use leg::{
     LegEvent, LegId, LegKind, LegLink, LegOutput, LegQuality, NetFigures, Refusal,
