@@ -77,19 +77,25 @@ fn read_wav(path: &Path) -> (hound::WavSpec, Vec<i16>) {
 async fn frames_are_written_as_stereo_with_lost_frames_as_silence() {
     let dir = TempDir::new();
     let store = store(&dir.0, 30, 4);
-    let frames: Vec<(i16, i16, u32)> = (0..60).map(|i| (i, -i, u32::from(i == 30) * 2)).collect();
+    // Two frames lost before frame 30, and more than a batch's worth before frame 50.
+    let lost = |i: i16| match i {
+        30 => 2,
+        50 => 120,
+        _ => 0,
+    };
+    let frames: Vec<(i16, i16, u32)> = (0..60).map(|i| (i, -i, lost(i))).collect();
     let summary = Summary {
         paused_spans: vec![PausedSpan {
             at_ms: 200,
             paused_ms: 1500,
         }],
-        lost_frames: 2,
+        lost_frames: 122,
     };
     let info = record(&store, "k1", &frames, summary).await;
     assert_eq!(info.state, RecordingState::Complete);
-    // 60 frames and 2 lost, 20 ms each.
-    assert_eq!(info.duration_ms, 62 * 20);
-    assert_eq!(info.lost_frames, 2);
+    // 60 frames and 122 lost, 20 ms each.
+    assert_eq!(info.duration_ms, 182 * 20);
+    assert_eq!(info.lost_frames, 122);
     assert_eq!(info.paused_spans.len(), 1);
     let wav = store.audio_path(&Uuid::parse_str(&info.id).unwrap());
     assert_eq!(info.bytes, std::fs::metadata(&wav).unwrap().len());
@@ -98,7 +104,7 @@ async fn frames_are_written_as_stereo_with_lost_frames_as_silence() {
         (spec.channels, spec.sample_rate, spec.bits_per_sample),
         (2, 8000, 16)
     );
-    assert_eq!(samples.len(), 62 * 160 * 2);
+    assert_eq!(samples.len(), 182 * 160 * 2);
     let frame_of = |n: usize| &samples[n * 320..(n + 1) * 320];
     assert!(frame_of(29).chunks(2).all(|s| s == [29, -29]));
     assert!(
@@ -107,6 +113,10 @@ async fn frames_are_written_as_stereo_with_lost_frames_as_silence() {
     );
     assert!(frame_of(31).iter().all(|s| *s == 0));
     assert!(frame_of(32).chunks(2).all(|s| s == [30, -30]));
+    assert!(frame_of(51).chunks(2).all(|s| s == [49, -49]));
+    assert!((52..172).all(|n| frame_of(n).iter().all(|s| *s == 0)));
+    assert!(frame_of(172).chunks(2).all(|s| s == [50, -50]));
+    assert!(frame_of(181).chunks(2).all(|s| s == [59, -59]));
     // The metadata beside the file says the same, and is found again by a new process.
     let again = self::store(&dir.0, 30, 4);
     let id = Uuid::parse_str(&info.id).unwrap();

@@ -74,16 +74,26 @@ pub(super) async fn run(
             // Taken and dropped, so that the call never waits on a file that cannot be written.
             continue;
         }
-        let silence = chunk.lost_before as usize * frame_samples;
-        batch.resize(batch.len() + silence, 0);
-        batch.extend_from_slice(&chunk.frame);
-        drop(chunk);
-        if batch.len() >= batch_samples {
-            match write(&mut wav, &mut batch).await {
-                Ok(n) => samples_written += n,
-                Err(e) => {
-                    error!(recording = %info.id, error = %e, "cannot write the recording; the rest of the call is not recorded");
-                    failed = true;
+        // Lost frames become silence a batch at a time: a long stall of the disk must not
+        // turn into one huge buffer.
+        let mut silence = chunk.lost_before as usize * frame_samples;
+        let mut frame = Some(chunk.frame);
+        while !failed && (silence > 0 || frame.is_some()) {
+            let n = silence.min(batch_samples.saturating_sub(batch.len()));
+            batch.resize(batch.len() + n, 0);
+            silence -= n;
+            if silence == 0 {
+                if let Some(frame) = frame.take() {
+                    batch.extend_from_slice(&frame);
+                }
+            }
+            if batch.len() >= batch_samples {
+                match write(&mut wav, &mut batch).await {
+                    Ok(n) => samples_written += n,
+                    Err(e) => {
+                        error!(recording = %info.id, error = %e, "cannot write the recording; the rest of the call is not recorded");
+                        failed = true;
+                    }
                 }
             }
         }
