@@ -14,8 +14,11 @@ use telcoflow::{
     ActiveCall, AudioChannel, AudioStream, CallErrorKind, Error, ErrorCode, RecordingQuery,
     RecordingState, RecordingTrigger, TelcoflowClient,
 };
+use telcoflow_proto::sim::NetworkFrame;
 use telcoflow_server::Config;
-use telcoflow_server::config::{ConnectorConfig, DEV_CONNECTOR_UUID, RecordingConfig};
+use telcoflow_server::config::{
+    ConnectorConfig, DEV_CONNECT_DESTINATION, DEV_CONNECTOR_UUID, RecordingConfig,
+};
 
 const RATE: u32 = 16_000;
 /// Samples of one 20 ms frame at [`RATE`].
@@ -75,6 +78,13 @@ fn share(samples: &[i16], hz: f64) -> f64 {
 
 /// Waits until the agent has heard `frames` 20 ms frames of `hz` from the caller.
 async fn hear_tone(audio: &mut AudioStream, hz: f64, frames: usize) {
+    hear_tones(audio, &[hz], frames).await;
+}
+
+/// Waits until the agent has heard `frames` 20 ms frames with each of `tones` (mixed: each
+/// about an equal share).
+async fn hear_tones(audio: &mut AudioStream, tones: &[f64], frames: usize) {
+    let least = 0.6 / tones.len() as f64;
     let mut pending: Vec<i16> = Vec::new();
     let mut found = 0;
     tokio::time::timeout(WAIT, async {
@@ -82,7 +92,7 @@ async fn hear_tone(audio: &mut AudioStream, hz: f64, frames: usize) {
             let chunk = audio.next().await.expect("audio stream open");
             telcoflow_proto::audio::pcm_to_samples(&chunk, &mut pending);
             while pending.len() >= FRAME {
-                if share(&pending[..FRAME], hz) > 0.5 {
+                if tones.iter().all(|hz| share(&pending[..FRAME], *hz) > least) {
                     found += 1;
                 }
                 pending.drain(..FRAME);
@@ -90,7 +100,7 @@ async fn hear_tone(audio: &mut AudioStream, hz: f64, frames: usize) {
         }
     })
     .await
-    .unwrap_or_else(|_| panic!("{frames} frames of {hz} Hz heard in time"));
+    .unwrap_or_else(|_| panic!("{frames} frames of {tones:?} Hz heard in time"));
 }
 
 /// Plays `samples` for the caller without end: a task writing them as the call's buffer takes
@@ -216,6 +226,49 @@ async fn the_caller_is_left_the_agent_right_and_a_pause_leaves_the_caller_out() 
         0,
         "paused audio was recorded"
     );
+    phone.hangup();
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_destination_is_mixed_with_the_caller_on_the_left() {
+    let dir = TempDir::new();
+    let server = start_server_with(recording_config(&dir)).await;
+    let client = TelcoflowClient::connect(config(server.base_url()))
+        .await
+        .unwrap();
+    let mut events = client.events();
+    let mut callee = Phone::register(server.base_url(), DEV_CONNECT_DESTINATION).await;
+    let (phone, call) = dial_and_answer(server.base_url(), &mut events).await;
+    let mut heard = call.audio_stream(AudioChannel::Mixed);
+    let id = call.start_recording().await.unwrap().recording_id;
+    phone_says(&phone, tone(440.0, 60.0));
+    let agent = agent_says(&call, tone(880.0, 1.0));
+    let connecting = {
+        let call = call.clone();
+        tokio::spawn(async move { call.connect(Duration::from_secs(10)).await })
+    };
+    callee
+        .wait_for(|f| matches!(f, NetworkFrame::Incoming { .. }))
+        .await;
+    callee.control().answer().unwrap();
+    connecting.await.unwrap().unwrap();
+    phone_says(&callee, tone(660.0, 60.0));
+    hear_tones(&mut heard, &[440.0, 660.0], 50).await;
+    call.stop_recording().await.unwrap();
+    agent.abort();
+
+    let mut wav = Vec::new();
+    client.download_recording(&id, &mut wav).await.unwrap();
+    let (_, frames) = frames(&wav);
+    let both = count(&frames, |(l, _)| {
+        share(l, 440.0) > 0.3 && share(l, 660.0) > 0.3
+    });
+    assert!(both >= 40, "{both} frames of caller and destination mixed");
+    assert!(count(&frames, |(_, r)| share(r, 880.0) > 0.5) >= 40);
+    assert_eq!(count(&frames, |(l, _)| share(l, 880.0) > 0.2), 0);
+    assert_eq!(count(&frames, |(_, r)| share(r, 660.0) > 0.2), 0);
     phone.hangup();
     client.shutdown().await;
     server.shutdown().await;
