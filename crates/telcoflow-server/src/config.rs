@@ -949,6 +949,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn recording_takes_a_dir_and_a_connector_records_only_with_it() {
+        let base = "[[connectors]]\nuuid = '7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key = 'k'\n";
+        let config =
+            Config::from_toml(&format!("[recording]\ndir = '/r'\n{base}record = true\n")).unwrap();
+        let recording = config.recording.as_ref().unwrap();
+        assert_eq!(recording.retention_days, 30);
+        assert_eq!(recording.max_concurrent, 100);
+        assert_eq!(
+            recording.retention(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert!(config.connectors[0].record);
+        assert!(!Config::from_toml(base).unwrap().connectors[0].record);
+        let e = Config::from_toml(&format!("{base}record = true\n")).unwrap_err();
+        assert!(e.to_string().contains("[recording]"), "{e}");
+        let e = Config::from_toml(&format!("[recording]\ndir = ''\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("recording.dir"), "{e}");
+        let e = Config::from_toml(&format!(
+            "[recording]\ndir = '/r'\nmax_concurrent = 0\n{base}"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("recording.max_concurrent"), "{e}");
+        let keep = Config::from_toml(&format!(
+            "[recording]\ndir = '/r'\nretention_days = 0\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(keep.recording.unwrap().retention(), None);
+    }
+
+    #[test]
     fn parses_toml_with_defaults() {
         let config = Config::from_toml(
             r#"
