@@ -11,7 +11,7 @@ use telcoflow_proto::recording::{PausedSpan, RecordingInfo, RecordingState};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-/// Samples (both channels) written in one blocking write: about a second of audio.
+/// Audio written in one blocking write, in milliseconds.
 const BATCH_MS: usize = 1000;
 
 /// One 20 ms stereo frame (left, right interleaved) from the call, after `lost_before` frames
@@ -63,7 +63,7 @@ pub(super) async fn run(
         }
         None => None,
     };
-    // Frames per channel of one 20 ms frame, for the silence of lost frames.
+    // Samples (both channels) of one 20 ms frame, for the silence of lost frames.
     let frame_samples = info.sample_rate as usize / 50 * 2;
     let batch_samples = info.sample_rate as usize * 2 * BATCH_MS / 1000;
     let mut batch: Vec<i16> = Vec::with_capacity(batch_samples + frame_samples);
