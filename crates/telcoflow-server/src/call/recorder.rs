@@ -178,6 +178,7 @@ impl Recorder {
         let summary = Summary {
             paused_spans: std::mem::take(&mut self.spans),
             lost_frames: self.lost,
+            lost_at_end: self.lost_pending,
         };
         let _ = self.sink.done.send(summary);
         duration

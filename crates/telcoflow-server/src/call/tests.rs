@@ -832,3 +832,56 @@ async fn ticks_record_caller_left_and_agent_right_and_a_pause_leaves_audio_out()
     assert!(right.iter().all(|v| *v <= 0), "{right:?}");
     assert!(right.contains(&-25), "{right:?}");
 }
+
+#[tokio::test]
+async fn a_writer_that_falls_behind_never_stalls_the_call_and_its_losses_are_counted() {
+    let mut r = Recorded::new();
+    r.call.command(MS * 2, "call.answer", None, None);
+    assert!(r.call.response().success);
+    let started = r.record(MS * 3, json!({ "action": "start" }));
+    let id: uuid::Uuid = started.result.unwrap()["recordingId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 60 ticks without yielding to the writer task (this runtime has one thread): its queue
+    // takes 50 frames, the other 10 are lost, and every tick still plays to the caller.
+    let n = SampleRate::Hz16000.frame_samples();
+    let pcm: Vec<u8> = (0..n).flat_map(|_| 7i16.to_le_bytes()).collect();
+    let mut played = 0;
+    for i in 0..60u32 {
+        let t = MS * 10 + MS * 20 * i;
+        let audio = CallInput::AgentAudio {
+            conn_id: CONN,
+            pcm: pcm.clone().into(),
+        };
+        r.call.input(audio, t);
+        let now = r.call.at(t + MS * 5);
+        r.call.actor.on_tick(now);
+        // The caller's leg reads what it is sent.
+        played += std::iter::from_fn(|| r.call.caller.try_recv().ok())
+            .filter(|out| matches!(out, LegOutput::Audio(_)))
+            .count();
+    }
+    assert_eq!(played, 60);
+    let stopped = r.record(MS * 1300, json!({ "action": "stop" }));
+    assert_eq!(stopped.result.unwrap()["durationMs"], 1200);
+    let info = r
+        .store
+        .finished_info("connector", &id, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.lost_frames, 10);
+    // The lost frames are silence at the end: the file keeps the call's timeline.
+    assert_eq!(info.duration_ms, 1200);
+    let mut reader = hound::WavReader::open(r.store.audio_path(&id)).unwrap();
+    let samples: Vec<i16> = reader.samples::<i16>().map(Result::unwrap).collect();
+    let right = |frame: usize| {
+        samples[frame * 2 * n + 1..(frame + 1) * 2 * n]
+            .iter()
+            .step_by(2)
+    };
+    assert!(right(49).all(|s| *s == 7));
+    assert!((50..60).all(|f| right(f).all(|s| *s == 0)));
+}

@@ -89,13 +89,14 @@ async fn frames_are_written_as_stereo_with_lost_frames_as_silence() {
             at_ms: 200,
             paused_ms: 1500,
         }],
-        lost_frames: 122,
+        lost_frames: 125,
+        lost_at_end: 3,
     };
     let info = record(&store, "k1", &frames, summary).await;
     assert_eq!(info.state, RecordingState::Complete);
-    // 60 frames and 122 lost, 20 ms each.
-    assert_eq!(info.duration_ms, 182 * 20);
-    assert_eq!(info.lost_frames, 122);
+    // 60 frames and 125 lost (3 after the last), 20 ms each.
+    assert_eq!(info.duration_ms, 185 * 20);
+    assert_eq!(info.lost_frames, 125);
     assert_eq!(info.paused_spans.len(), 1);
     let wav = store.audio_path(&Uuid::parse_str(&info.id).unwrap());
     assert_eq!(info.bytes, std::fs::metadata(&wav).unwrap().len());
@@ -104,7 +105,7 @@ async fn frames_are_written_as_stereo_with_lost_frames_as_silence() {
         (spec.channels, spec.sample_rate, spec.bits_per_sample),
         (2, 8000, 16)
     );
-    assert_eq!(samples.len(), 182 * 160 * 2);
+    assert_eq!(samples.len(), 185 * 160 * 2);
     let frame_of = |n: usize| &samples[n * 320..(n + 1) * 320];
     assert!(frame_of(29).chunks(2).all(|s| s == [29, -29]));
     assert!(
@@ -117,6 +118,7 @@ async fn frames_are_written_as_stereo_with_lost_frames_as_silence() {
     assert!((52..172).all(|n| frame_of(n).iter().all(|s| *s == 0)));
     assert!(frame_of(172).chunks(2).all(|s| s == [50, -50]));
     assert!(frame_of(181).chunks(2).all(|s| s == [59, -59]));
+    assert!((182..185).all(|n| frame_of(n).iter().all(|s| *s == 0)));
     // The metadata beside the file says the same, and is found again by a new process.
     let again = self::store(&dir.0, 30, 4);
     let id = Uuid::parse_str(&info.id).unwrap();

@@ -27,6 +27,44 @@ pub(crate) struct Chunk {
 pub(crate) struct Summary {
     pub(crate) paused_spans: Vec<PausedSpan>,
     pub(crate) lost_frames: u64,
+    /// Lost frames after the last one sent (written as silence at the end).
+    pub(crate) lost_at_end: u32,
+}
+
+/// The audio waiting for the file, written a batch (about a second) at a time.
+struct Batches<'a> {
+    wav: &'a mut Option<Wav>,
+    batch: &'a mut Vec<i16>,
+    batch_samples: usize,
+    /// Samples (both channels) in the file so far.
+    written: u64,
+}
+
+impl Batches<'_> {
+    /// Appends `silence` samples of silence, then `frame`, writing each batch as it fills:
+    /// a long stall of the disk becomes silence a batch at a time, never one huge buffer.
+    async fn append(&mut self, mut silence: usize, frame: &[i16]) -> Result<(), hound::Error> {
+        loop {
+            let n = silence.min(self.batch_samples.saturating_sub(self.batch.len()));
+            self.batch.resize(self.batch.len() + n, 0);
+            silence -= n;
+            if silence == 0 {
+                self.batch.extend_from_slice(frame);
+            }
+            if self.batch.len() >= self.batch_samples {
+                self.flush().await?;
+            }
+            if silence == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes what is waiting.
+    async fn flush(&mut self) -> Result<(), hound::Error> {
+        self.written += write(self.wav, self.batch).await?;
+        Ok(())
+    }
 }
 
 type Wav = hound::WavWriter<BufWriter<File>>;
@@ -67,47 +105,38 @@ pub(super) async fn run(
     let frame_samples = info.sample_rate as usize / 50 * 2;
     let batch_samples = info.sample_rate as usize * 2 * BATCH_MS / 1000;
     let mut batch: Vec<i16> = Vec::with_capacity(batch_samples + frame_samples);
-    let mut samples_written: u64 = 0;
     let mut failed = wav.is_none();
+    let mut batches = Batches {
+        wav: &mut wav,
+        batch: &mut batch,
+        batch_samples,
+        written: 0,
+    };
     while let Some(chunk) = frames.recv().await {
         if failed {
             // Taken and dropped, so that the call never waits on a file that cannot be written.
             continue;
         }
-        // Lost frames become silence a batch at a time: a long stall of the disk must not
-        // turn into one huge buffer.
-        let mut silence = chunk.lost_before as usize * frame_samples;
-        let mut frame = Some(chunk.frame);
-        while !failed && (silence > 0 || frame.is_some()) {
-            let n = silence.min(batch_samples.saturating_sub(batch.len()));
-            batch.resize(batch.len() + n, 0);
-            silence -= n;
-            if silence == 0 {
-                if let Some(frame) = frame.take() {
-                    batch.extend_from_slice(&frame);
-                }
-            }
-            if batch.len() >= batch_samples {
-                match write(&mut wav, &mut batch).await {
-                    Ok(n) => samples_written += n,
-                    Err(e) => {
-                        error!(recording = %info.id, error = %e, "cannot write the recording; the rest of the call is not recorded");
-                        failed = true;
-                    }
-                }
-            }
+        let silence = chunk.lost_before as usize * frame_samples;
+        if let Err(e) = batches.append(silence, &chunk.frame).await {
+            error!(recording = %info.id, error = %e, "cannot write the recording; the rest of the call is not recorded");
+            failed = true;
         }
     }
     let summary = done.await;
     if !failed {
-        match write(&mut wav, &mut batch).await {
-            Ok(n) => samples_written += n,
-            Err(e) => {
-                error!(recording = %info.id, error = %e, "cannot write the recording");
-                failed = true;
-            }
+        // Frames lost at the very end came after the last one the writer took.
+        let silence = summary.as_ref().map_or(0, |s| s.lost_at_end as usize) * frame_samples;
+        let written = match batches.append(silence, &[]).await {
+            Ok(()) => batches.flush().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = written {
+            error!(recording = %info.id, error = %e, "cannot write the recording");
+            failed = true;
         }
     }
+    let samples_written = batches.written;
     let finalized = match wav.take() {
         Some(wav) => blocking(move || wav.finalize()).await,
         None => None,
