@@ -16,9 +16,10 @@
 //! see), `actor` (the task, its lifecycle and deadlines), `agent` (the media connection: attach,
 //! send policy, buffer requests), `commands` (command dispatch and `call.connect`), `legs` (a
 //! leg as the call keeps it: resamplers, its queue, the send policy), `mixing` (audio from the
-//! legs, the 20 ms tick and the mix), `playout` (the agent's playout buffer) and
-//! [`frames`] (frame storage), and `recorder` (the call's recording: a stereo frame per tick
-//! to its writer, and `call.record`). The call logic reads no clock: the actor's loop passes `now` in.
+//! legs, the 20 ms tick and the mix), `playout` (the agent's playout buffer), `transfer`
+//! (`call.transfer`: REFER to a SIP caller, or dial and bridge), `recorder` (the call's
+//! recording: a stereo frame per tick to its writer, and `call.record`) and
+//! [`frames`] (frame storage). The call logic reads no clock: the actor's loop passes `now` in.
 
 mod actor;
 mod agent;
@@ -33,6 +34,7 @@ mod mixing;
 mod playout;
 mod quality;
 mod recorder;
+mod transfer;
 
 pub(crate) use frames::{SampleFrame, SamplePool, frame_bytes};
 pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut, StatsError};
