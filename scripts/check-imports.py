@@ -20,7 +20,7 @@ from pathlib import Path
 # frames legs carry; the actor (`call`, layer 5) and the networks build on them.
 LAYERS = [
     ["config", "token", "tls", "audio", "listener", "metrics", "lib"],
-    ["call::leg", "call::handle", "call::frames", "call::live"],
+    ["call::leg", "call::handle", "call::frames", "call::live", "recording"],
     ["registry", "net"],
     ["state"],
     ["call", "net::sim", "net::sip"],

@@ -57,6 +57,7 @@ fn a_valid_file_is_described_without_its_secrets() {
         "limits: 1000 calls",
         "metrics: GET /metrics, every client (loopback too) with the token",
         "admin token: set",
+        "recording: off",
     ] {
         assert!(stdout.contains(says), "no {says:?} in:\n{stdout}");
     }
@@ -80,9 +81,15 @@ fn environment_variables_override_the_file() {
             ("TELCOFLOW_SERVER_LISTEN", "0.0.0.0:9999"),
             ("TELCOFLOW_METRICS_ENABLED", "false"),
             ("TELCOFLOW_SIP_ENABLED", "false"),
+            ("TELCOFLOW_RECORDING_DIR", "/var/lib/telcoflow/rec"),
+            ("TELCOFLOW_RECORDING_RETENTION_DAYS", "7"),
         ],
     );
     assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("recording: into /var/lib/telcoflow/rec, kept 7 days, at most 100"),
+        "{stdout}"
+    );
     assert!(stdout.contains("listen: ws://0.0.0.0:9999"), "{stdout}");
     assert!(stdout.contains("metrics: off"), "{stdout}");
     assert!(stdout.contains("sip: off"), "{stdout}");

@@ -53,6 +53,10 @@ pub enum ErrorCode {
     SlowConsumer,
     /// Something went wrong inside the server.
     InternalError,
+    /// Recording is not configured on this server (no `[recording]` section).
+    RecordingNotConfigured,
+    /// No recording with that id exists (for this connector, on this node).
+    RecordingNotFound,
 }
 
 impl ErrorCode {
@@ -81,6 +85,8 @@ impl ErrorCode {
             Self::BufferOverflow => "BUFFER_OVERFLOW",
             Self::SlowConsumer => "SLOW_CONSUMER",
             Self::InternalError => "INTERNAL_ERROR",
+            Self::RecordingNotConfigured => "RECORDING_NOT_CONFIGURED",
+            Self::RecordingNotFound => "RECORDING_NOT_FOUND",
         }
     }
 }
@@ -103,6 +109,8 @@ mod tests {
             ErrorCode::ChannelNotConfigured,
             ErrorCode::Timeout,
             ErrorCode::CallNotFound,
+            ErrorCode::RecordingNotConfigured,
+            ErrorCode::RecordingNotFound,
         ] {
             let json = serde_json::to_string(&code).unwrap();
             assert_eq!(json, format!("\"{}\"", code.as_str()));

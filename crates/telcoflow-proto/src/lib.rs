@@ -11,6 +11,7 @@
 //! - [`audio`]: sample rates, audio modes, frame sizes and PCM helpers.
 //! - [`code`]: the error codes both sides use.
 //! - [`stats`]: per-call quality figures ([`stats::CallStats`]) and the E-model estimate.
+//! - [`recording`]: call recordings as the HTTP API lists them.
 //! - [`pool`]: storage outgoing frames are split from without an allocation per frame.
 //!
 //! The crate neither opens sockets nor reads clocks: the server and the SDK own the I/O and call
@@ -23,6 +24,7 @@ pub mod code;
 pub mod control;
 pub mod media;
 pub mod pool;
+pub mod recording;
 pub mod sim;
 pub mod stats;
 

@@ -25,6 +25,7 @@
 //! |---|---|---|
 //! | `call.send_dtmf` | [`SendDtmfData`]: `digits`, `durationMs` | `{"queuedMs": n}`: sent right away, the digits queued; they reach the caller over the next `n` ms |
 //! | `agent.mark` | [`MarkData`]: `name`, `id` | `{"name", "id"}`: the mark is placed after the audio received before it; `call.mark` follows once the caller has heard that audio |
+//! | `call.record` | [`RecordData`]: `action` (`start`, `stop`, `pause`, `resume`) | [`RecordResult`]: `recordingId`, `state`, `durationMs` (see [`crate::recording`]) |
 //! | `call.transfer` | [`TransferData`]: `target`, `ringTimeSeconds` | once the transfer is done: `{"method": "refer" \| "bridge", "target", ...}`; a failure carries the same `result` beside its error code |
 //!
 //! `agent.interrupt` takes an optional [`InterruptData`] (`since_mark`) and answers with an
@@ -84,6 +85,9 @@ pub enum CommandName {
     /// `agent.mark` (extension): a named mark after the agent audio sent so far
     /// ([`MarkData`]).
     Mark,
+    /// `call.record` (extension): start, stop, pause or resume the call's recording
+    /// ([`RecordData`]).
+    Record,
     /// `call.transfer` (extension): hand the caller over to another party and leave
     /// ([`TransferData`]).
     Transfer,
@@ -91,7 +95,7 @@ pub enum CommandName {
 
 impl CommandName {
     /// Every command.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Answer,
         Self::Connect,
         Self::Whisper,
@@ -102,6 +106,7 @@ impl CommandName {
         Self::Interrupt,
         Self::SendDtmf,
         Self::Mark,
+        Self::Record,
         Self::Transfer,
     ];
 
@@ -118,6 +123,7 @@ impl CommandName {
             Self::Interrupt => "agent.interrupt",
             Self::SendDtmf => "call.send_dtmf",
             Self::Mark => "agent.mark",
+            Self::Record => "call.record",
             Self::Transfer => "call.transfer",
         }
     }
@@ -220,6 +226,73 @@ pub struct InterruptResult {
     /// `call.mark` with `cleared: true`, sent before this response).
     #[serde(default)]
     pub cleared_marks: Vec<String>,
+}
+
+/// Arguments of `call.record` (extension): `{"action": "start"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordData {
+    /// What to do with the call's recording.
+    pub action: RecordAction,
+}
+
+/// What `call.record` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordAction {
+    /// Start recording (a recording already running is kept: `alreadyRecording`).
+    Start,
+    /// Stop and finish the recording; a new `start` begins another one.
+    Stop,
+    /// Leave audio out of the recording from now on (card numbers and other secrets).
+    Pause,
+    /// Record again after a pause.
+    Resume,
+}
+
+impl RecordAction {
+    /// The name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+        }
+    }
+}
+
+/// Result of `call.record` (extension).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct RecordResult {
+    /// The recording the action applied to (its id in the HTTP API).
+    pub recording_id: String,
+    /// Where the recording is after the action.
+    pub state: crate::recording::RecordingState,
+    /// Audio in the recording so far (paused time left out), in milliseconds.
+    pub duration_ms: u64,
+    /// `start` found a recording already running (started by the connector's config or an
+    /// earlier `start`) and kept it.
+    #[serde(default)]
+    pub already_recording: bool,
+}
+
+impl RecordResult {
+    /// A result for `recording_id`.
+    pub fn new(
+        recording_id: impl Into<String>,
+        state: crate::recording::RecordingState,
+        duration_ms: u64,
+        already_recording: bool,
+    ) -> Self {
+        Self {
+            recording_id: recording_id.into(),
+            state,
+            duration_ms,
+            already_recording,
+        }
+    }
 }
 
 /// Longest `call.transfer` target, in characters.
@@ -582,6 +655,21 @@ mod tests {
         assert_eq!(
             back["data"],
             json!({"event": "call.mark", "name": "s1", "id": 3, "cleared": false, "played_ms": 1200})
+        );
+    }
+
+    #[test]
+    fn record_command_shape() {
+        let text = r#"{"type":"command","data":{"command_id":"c3","command":"call.record","data":{"action":"pause"}}}"#;
+        let MediaClientFrame::Command(cmd) = MediaClientFrame::decode(text).unwrap();
+        assert_eq!(CommandName::parse(&cmd.command), Some(CommandName::Record));
+        let data: RecordData = serde_json::from_value(cmd.data.unwrap()).unwrap();
+        assert_eq!(data.action, RecordAction::Pause);
+        assert!(serde_json::from_value::<RecordData>(json!({"action": "rewind"})).is_err());
+        let result = RecordResult::new("r1", crate::recording::RecordingState::Paused, 1200, false);
+        assert_eq!(
+            serde_json::to_value(&result).unwrap(),
+            json!({"recordingId": "r1", "state": "paused", "durationMs": 1200, "alreadyRecording": false})
         );
     }
 

@@ -83,6 +83,51 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// The Prometheus endpoint `GET /metrics` (`[metrics]`).
     pub metrics: MetricsConfig,
+    /// Call recording (`[recording]`); without it nothing is recorded and `call.record` is
+    /// refused.
+    pub recording: Option<RecordingConfig>,
+}
+
+/// Call recording (`[recording]`): where the files go, how long they are kept, how many calls
+/// a node records at once. Connectors with `record = true` record every call; others record
+/// when the agent sends `call.record`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RecordingConfig {
+    /// Directory of the recordings (`<id>.wav` and `<id>.json`), created if missing.
+    pub dir: PathBuf,
+    /// Finished recordings older than this are deleted, in days. Default 30; 0 keeps them
+    /// until deleted over the HTTP API.
+    #[serde(default = "RecordingConfig::default_retention_days")]
+    pub retention_days: u64,
+    /// Recordings running at once on this node; a start beyond it is refused
+    /// (`QUOTA_EXCEEDED`, or a warning for a connector that records by config). Default 100.
+    #[serde(default = "RecordingConfig::default_max_concurrent")]
+    pub max_concurrent: usize,
+}
+
+impl RecordingConfig {
+    /// Recordings in `dir`, with the default retention and concurrency.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            retention_days: Self::default_retention_days(),
+            max_concurrent: Self::default_max_concurrent(),
+        }
+    }
+
+    fn default_retention_days() -> u64 {
+        30
+    }
+
+    fn default_max_concurrent() -> usize {
+        100
+    }
+
+    /// How long finished recordings are kept; `None`: until deleted.
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention_days > 0).then(|| Duration::from_secs(self.retention_days * 86_400))
+    }
 }
 
 /// The Prometheus endpoint `GET /metrics` (`[metrics]`): open to loopback clients, to others
@@ -629,6 +674,11 @@ pub struct ConnectorConfig {
     /// Number used as the caller id of outbound calls (`session.create`).
     #[serde(default)]
     pub outbound_caller_id: Option<String>,
+    /// Record every call of this connector from its answer to its end (needs
+    /// `[recording]`). Default false: calls are recorded when the agent asks
+    /// (`call.record`).
+    #[serde(default)]
+    pub record: bool,
     /// Targets `call.transfer` may send this connector's calls to, beyond its `connect`
     /// destinations (which it may always transfer to): each entry an exact address
     /// (`sip:+15550100@pbx.example`, `+15550100`) or a prefix ending in `*`
@@ -744,6 +794,7 @@ impl Default for Config {
             sim: SimConfig::default(),
             cluster: None,
             metrics: MetricsConfig::default(),
+            recording: None,
         }
     }
 }
@@ -884,6 +935,23 @@ impl Config {
         if l.max_playout_ms < 100 {
             return invalid("limits.max_playout_ms must be at least 100".into());
         }
+        if let Some(recording) = &self.recording {
+            if recording.dir.as_os_str().is_empty() {
+                return invalid("recording.dir must not be empty".into());
+            }
+            if recording.max_concurrent == 0 {
+                return invalid("recording.max_concurrent must be at least 1".into());
+            }
+        }
+        if let Some(c) = self.connectors.iter().find(|c| c.record) {
+            if self.recording.is_none() {
+                return invalid(format!(
+                    "connector {} has record = true, but recording is off: add a [recording] \
+                     section with a dir",
+                    c.uuid
+                ));
+            }
+        }
         if let Some(sip) = &self.sip {
             sip.rtp_port_range()?;
             if sip.rtp_timeout_secs == 0 {
@@ -976,6 +1044,7 @@ impl ConnectorConfig {
             connect_default: Some(DEV_CONNECT_DESTINATION.into()),
             client_cert_sha256: None,
             outbound_caller_id: Some("+15550000".into()),
+            record: false,
             transfer_targets: Vec::new(),
         }
     }
@@ -1062,6 +1131,36 @@ impl ConnectorConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_takes_a_dir_and_a_connector_records_only_with_it() {
+        let base = "[[connectors]]\nuuid = '7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key = 'k'\n";
+        let config =
+            Config::from_toml(&format!("[recording]\ndir = '/r'\n{base}record = true\n")).unwrap();
+        let recording = config.recording.as_ref().unwrap();
+        assert_eq!(recording.retention_days, 30);
+        assert_eq!(recording.max_concurrent, 100);
+        assert_eq!(
+            recording.retention(),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        assert!(config.connectors[0].record);
+        assert!(!Config::from_toml(base).unwrap().connectors[0].record);
+        let e = Config::from_toml(&format!("{base}record = true\n")).unwrap_err();
+        assert!(e.to_string().contains("[recording]"), "{e}");
+        let e = Config::from_toml(&format!("[recording]\ndir = ''\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("recording.dir"), "{e}");
+        let e = Config::from_toml(&format!(
+            "[recording]\ndir = '/r'\nmax_concurrent = 0\n{base}"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("recording.max_concurrent"), "{e}");
+        let keep = Config::from_toml(&format!(
+            "[recording]\ndir = '/r'\nretention_days = 0\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(keep.recording.unwrap().retention(), None);
+    }
 
     #[test]
     fn parses_toml_with_defaults() {

@@ -4,6 +4,7 @@
 
 use crate::auth::{PhoneQuery, admit_phone, authenticate};
 use crate::call::StatsError;
+use crate::recording::{DeleteError, Recordings};
 use crate::registry::{CloseError, RegistryError, SessionQuery};
 use crate::state::Shared;
 use crate::tls::PeerInfo;
@@ -16,6 +17,7 @@ use serde_json::json;
 use std::sync::Arc;
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::{Channel, CloseReason, SessionState};
+use telcoflow_proto::recording::{RecordingInfo, RecordingPage};
 
 /// An API failure.
 #[derive(Debug)]
@@ -42,7 +44,11 @@ impl ApiError {
         match self.code {
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorCode::Forbidden => StatusCode::FORBIDDEN,
-            ErrorCode::SessionNotFound | ErrorCode::CallNotFound => StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound
+            | ErrorCode::CallNotFound
+            | ErrorCode::RecordingNotFound
+            | ErrorCode::RecordingNotConfigured => StatusCode::NOT_FOUND,
+            ErrorCode::InvalidState => StatusCode::CONFLICT,
             ErrorCode::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
@@ -215,6 +221,168 @@ pub(crate) async fn call_stats(
 
 /// How long `GET /public/v1/calls/{id}/stats` waits for the call's answer.
 const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Query of `GET /public/v1/recordings`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RecordingsQuery {
+    call_id: Option<String>,
+    limit: Option<String>,
+    offset: Option<String>,
+}
+
+/// Recordings per page of `GET /public/v1/recordings` when the query gives no `limit`, and
+/// the most a `limit` may ask for.
+pub(crate) const MAX_RECORDINGS_PAGE: usize = 1000;
+
+/// How long a download waits for a stopped recording's file to be finished.
+const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// This node's recordings, or `404 RECORDING_NOT_CONFIGURED`.
+fn recordings(shared: &Shared) -> Result<&Arc<Recordings>, ApiError> {
+    shared.recordings.as_ref().ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::RecordingNotConfigured,
+            "recording is not configured on this server ([recording] dir)",
+        )
+    })
+}
+
+/// The recording id in a path: only a UUID names a recording (and a file); anything else is
+/// not found, like another connector's recording.
+fn recording_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(id).map_err(|_| recording_not_found(id))
+}
+
+fn recording_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::RecordingNotFound,
+        format!("no recording {id} on this node"),
+    )
+}
+
+/// `GET /public/v1/recordings?callId=&limit=&offset=`: `{"items": [..]}`, the connector's
+/// recordings on this node oldest first, at most `limit` (default and maximum
+/// [`MAX_RECORDINGS_PAGE`]) from `offset`, with `"nextOffset"` when more follow.
+pub(crate) async fn list_recordings(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    query: Result<Query<RecordingsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<RecordingPage>, ApiError> {
+    let connector = auth(&shared, &headers, &peer)?;
+    let store = recordings(&shared)?;
+    let Query(query) =
+        query.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let limit = parse_count(
+        "limit",
+        query.limit.as_deref(),
+        MAX_RECORDINGS_PAGE,
+        (1, MAX_RECORDINGS_PAGE),
+    )?;
+    let offset = parse_count("offset", query.offset.as_deref(), 0, (0, usize::MAX))?;
+    Ok(Json(store.list(
+        &connector.uuid,
+        query.call_id.as_deref(),
+        offset,
+        limit,
+    )))
+}
+
+/// `GET /public/v1/recordings/{id}`: the recording's metadata
+/// ([`RecordingInfo`](telcoflow_proto::recording::RecordingInfo)). Another connector's
+/// recording is `404 RECORDING_NOT_FOUND`, like one that does not exist.
+pub(crate) async fn recording(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<RecordingInfo>, ApiError> {
+    let connector = auth(&shared, &headers, &peer)?;
+    let store = recordings(&shared)?;
+    let uuid = recording_id(&id)?;
+    store
+        .get(&connector.uuid, &uuid)
+        .map(Json)
+        .ok_or_else(|| recording_not_found(&id))
+}
+
+/// `GET /public/v1/recordings/{id}/audio`: the WAV file (`audio/wav`), streamed. A recording
+/// being finished is waited for (a few seconds at most); one still running is `409
+/// INVALID_STATE`.
+pub(crate) async fn recording_audio(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let connector = auth(&shared, &headers, &peer)?;
+    let store = recordings(&shared)?;
+    let uuid = recording_id(&id)?;
+    match store
+        .finished_info(&connector.uuid, &uuid, FINISH_WAIT)
+        .await
+    {
+        None => return Err(recording_not_found(&id)),
+        Some(Err(info)) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "recording {id} is {}: stop it (call.record) or end the call first",
+                    serde_json::to_value(info.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        Some(Ok(_)) => {}
+    }
+    let file = tokio::fs::File::open(store.audio_path(&uuid))
+        .await
+        .map_err(|_| recording_not_found(&id))?;
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    let mut response = Response::new(body);
+    let h = response.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("audio/wav"),
+    );
+    if let Some(len) = len {
+        h.insert(axum::http::header::CONTENT_LENGTH, len.into());
+    }
+    // The name is the id the server made (a UUID): nothing a client sent.
+    if let Ok(v) = format!("attachment; filename=\"{uuid}.wav\"").parse() {
+        h.insert(axum::http::header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
+}
+
+/// `DELETE /public/v1/recordings/{id}`: deletes a finished recording (`{"deleted": id}`);
+/// one still running is `409 INVALID_STATE`.
+pub(crate) async fn delete_recording(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let connector = auth(&shared, &headers, &peer)?;
+    let store = recordings(&shared)?.clone();
+    let uuid = recording_id(&id)?;
+    let owner = connector.uuid.clone();
+    let deleted = tokio::task::spawn_blocking(move || store.delete(&owner, &uuid))
+        .await
+        .map_err(|_| ApiError::new(ErrorCode::InternalError, "the deletion failed"))?;
+    match deleted {
+        Ok(()) => Ok(Json(json!({ "deleted": uuid.to_string() }))),
+        Err(DeleteError::NotFound) => Err(recording_not_found(&id)),
+        Err(DeleteError::Running) => Err(ApiError::new(
+            ErrorCode::InvalidState,
+            format!("recording {id} is still running: stop it first"),
+        )),
+    }
+}
 
 /// `POST /public/v1/sessions/{id}/close`: ends the session's call for everyone.
 pub(crate) async fn close_session(

@@ -13,7 +13,8 @@
 //! 1. `config`, `token`, `tls`, `audio`, `metrics`: settings, media tokens, TLS, resampling,
 //!    the Prometheus metrics.
 //! 2. The call as others see it: its handle and inputs (`call::handle`), its legs
-//!    (`call::leg`) and the frames they carry (`call::frames`).
+//!    (`call::leg`) and the frames they carry (`call::frames`); `recording`, the recordings'
+//!    files and writers.
 //! 3. `registry` (sessions and calls by id, claims, limits) and `net` (the `Network`
 //!    interface a call rings destinations through).
 //! 4. `state`: `Shared`, what every task shares (config, connectors, registry, networks).
@@ -40,6 +41,7 @@ mod listener;
 mod media;
 mod metrics;
 mod net;
+mod recording;
 mod registry;
 mod state;
 mod tls;
@@ -116,6 +118,15 @@ pub enum StartError {
         /// What went wrong.
         message: String,
     },
+    /// The recordings' directory (`[recording] dir`) could not be opened.
+    #[error("cannot open the recordings directory {dir}: {source}")]
+    Recording {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -180,11 +191,22 @@ impl Server {
             None => None,
         };
         let nats_url = config.cluster.as_ref().map(|c| c.nats_url.clone());
+        let recordings = match config.recording.clone() {
+            Some(rc) => {
+                let dir = rc.dir.clone();
+                Some(Arc::new(
+                    recording::Recordings::open(rc, tasks.clone())
+                        .map_err(|source| StartError::Recording { dir, source })?,
+                ))
+            }
+            None => None,
+        };
         let mut shared = state::Shared::new(config, base_url.clone(), networks, tasks, shutdown);
         if let Some(registry) = cluster_registry {
             shared.registry = registry;
         }
         shared.metrics = metrics;
+        shared.recordings = recordings;
         let shared = Arc::new(shared);
         let context = registry::NodeContext {
             tasks: shared.tasks.clone(),
@@ -317,12 +339,38 @@ fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Route
             }
         }
     });
+    if let Some(recordings) = shared.recordings.clone() {
+        let shutdown = shared.shutdown.clone();
+        // Finished recordings past `retention_days` are deleted, checked once a minute.
+        shared.tasks.spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {
+                        let recordings = recordings.clone();
+                        let now = std::time::SystemTime::now();
+                        let _ = tokio::task::spawn_blocking(move || recordings.sweep(now)).await;
+                    }
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        });
+    }
     Router::new()
         .route(CONTROL_PATH, get(control::control_ws))
         .route(&format!("{MEDIA_PATH}/{{call_id}}"), get(media::media_ws))
         .route("/public/v1/sessions", get(http::list_sessions))
         .route("/public/v1/sessions/{id}/close", post(http::close_session))
         .route("/public/v1/calls/{id}/stats", get(http::call_stats))
+        .route("/public/v1/recordings", get(http::list_recordings))
+        .route(
+            "/public/v1/recordings/{id}",
+            get(http::recording).delete(http::delete_recording),
+        )
+        .route(
+            "/public/v1/recordings/{id}/audio",
+            get(http::recording_audio),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(http::readyz))
         .route("/admin/v1/drain", post(http::drain))

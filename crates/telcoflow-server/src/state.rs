@@ -1,9 +1,11 @@
 //! What every task of the server shares: configuration, connectors, the registry, the phone
-//! networks (behind their interface), the token signer and the shutdown signal.
+//! networks (behind their interface), the recordings, the token signer and the shutdown
+//! signal.
 
 use crate::call::EndedCalls;
 use crate::config::{Config, ConnectorConfig};
 use crate::net::Networks;
+use crate::recording::Recordings;
 use crate::registry::Registry;
 use crate::token::TokenSigner;
 use std::collections::HashMap;
@@ -40,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) sip_registrations: Arc<crate::net::registration_board::RegistrationBoard>,
     /// Console live views open on this node, per connector.
     console_views: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    /// This node's call recordings, when `[recording]` is configured.
+    pub(crate) recordings: Option<Arc<Recordings>>,
 }
 
 /// A console live view's place under `limits.max_console_views_per_connector`, given back
@@ -105,6 +109,7 @@ impl Shared {
             metrics: Arc::default(),
             sip_registrations: Arc::default(),
             console_views: Arc::default(),
+            recordings: None,
         }
     }
 

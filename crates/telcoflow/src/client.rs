@@ -11,7 +11,7 @@ use crate::call_flow::CallFlow;
 use crate::config::{Auth, SessionMode, TelcoflowClientConfig};
 use crate::error::ServerCode;
 use crate::event::{ClientEvent, ClientEvents, SessionNotification};
-use crate::http::{CloseResult, SessionPage, SessionQuery};
+use crate::http::{CloseResult, RecordingQuery, SessionPage, SessionQuery};
 use crate::transport::{self, Ws};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -24,6 +24,7 @@ use telcoflow_proto::ErrorCode;
 use telcoflow_proto::control::{
     self, CallIn, Channel, ClientFrame, Response, ServerFrame, SessionInfo, SetupData,
 };
+use telcoflow_proto::recording::{RecordingInfo, RecordingPage};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
@@ -353,6 +354,46 @@ impl TelcoflowClient {
     /// a result with reason `NOT_FOUND` instead.
     pub async fn close_session(&self, session_id: &str) -> Result<CloseResult, Error> {
         crate::http::close(&self.inner.config, &self.http_base_url(), session_id).await
+    }
+
+    /// Lists the connector's recordings on the server over HTTP (`GET /public/v1/recordings`,
+    /// an extension of this server), one page, oldest first: pass
+    /// [`RecordingPage::next_offset`] as the next query's offset for the rest. In a cluster,
+    /// each node lists the recordings of the calls it ran. A server without recording fails
+    /// with code [`ErrorCode::RecordingNotConfigured`].
+    pub async fn list_recordings(&self, query: &RecordingQuery) -> Result<RecordingPage, Error> {
+        crate::http::list_recordings(&self.inner.config, &self.http_base_url(), query).await
+    }
+
+    /// One recording's metadata (`GET /public/v1/recordings/{id}`): its call, state, duration,
+    /// paused spans and lost frames. Unknown, or another connector's: code
+    /// [`ErrorCode::RecordingNotFound`].
+    pub async fn recording(&self, id: &str) -> Result<RecordingInfo, Error> {
+        crate::http::recording(&self.inner.config, &self.http_base_url(), id).await
+    }
+
+    /// Downloads a finished recording's WAV file into `out`, streamed
+    /// (`GET /public/v1/recordings/{id}/audio`); returns the bytes written. One still
+    /// recording fails with code [`ErrorCode::InvalidState`] (a stopped one being finished is
+    /// waited for); unknown, or another connector's, with [`ErrorCode::RecordingNotFound`].
+    ///
+    /// ```no_run
+    /// # async fn run(client: telcoflow::TelcoflowClient, id: &str) -> Result<(), telcoflow::Error> {
+    /// let mut wav = Vec::new();
+    /// client.download_recording(id, &mut wav).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn download_recording(
+        &self,
+        id: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, Error> {
+        crate::http::download_recording(&self.inner.config, &self.http_base_url(), id, out).await
+    }
+
+    /// Deletes a finished recording on the server (`DELETE /public/v1/recordings/{id}`).
+    pub async fn delete_recording(&self, id: &str) -> Result<(), Error> {
+        crate::http::delete_recording(&self.inner.config, &self.http_base_url(), id).await
     }
 
     /// The base URL of the live control connection, else the first configured.

@@ -1,6 +1,9 @@
-//! The server's HTTP session API (`/public/v1/sessions`), used by
+//! The server's HTTP API: sessions (`/public/v1/sessions`), used by
 //! [`TelcoflowClient::list_sessions`](crate::TelcoflowClient::list_sessions) and
-//! [`TelcoflowClient::close_session`](crate::TelcoflowClient::close_session).
+//! [`TelcoflowClient::close_session`](crate::TelcoflowClient::close_session), and recordings
+//! (`/public/v1/recordings`, an extension of this server), used by
+//! [`TelcoflowClient::list_recordings`](crate::TelcoflowClient::list_recordings) and the
+//! methods beside it.
 //!
 //! One HTTP/1.1 connection per request (hyper): these are occasional management calls, and a
 //! fresh connection follows the client to whichever base URL it is connected to. Same
@@ -17,6 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::pin::Pin;
 use telcoflow_proto::control::{self, Channel, CloseReason, SessionInfo, SessionState};
+use telcoflow_proto::recording::{RecordingInfo, RecordingPage};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -174,6 +178,102 @@ pub(crate) async fn list(
     serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("session list: {e}")))
 }
 
+/// Filters and page of
+/// [`TelcoflowClient::list_recordings`](crate::TelcoflowClient::list_recordings). The default
+/// lists the connector's recordings on the node, first page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordingQuery {
+    /// Only recordings of this call (`callId=`).
+    pub call_id: Option<String>,
+    /// At most this many (`limit=`, the server's maximum when unset).
+    pub limit: Option<usize>,
+    /// Skip this many (`offset=`): [`RecordingPage::next_offset`] of the previous page.
+    pub offset: Option<usize>,
+}
+
+impl RecordingQuery {
+    /// Filters on the call.
+    pub fn call_id(mut self, call_id: impl Into<String>) -> Self {
+        self.call_id = Some(call_id.into());
+        self
+    }
+
+    /// Page size.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Page start.
+    pub fn offset(mut self, offset: usize) -> Self {
+        self.offset = Some(offset);
+        self
+    }
+
+    fn to_query_string(&self) -> String {
+        let mut pairs: Vec<(&str, String)> = Vec::new();
+        if let Some(c) = &self.call_id {
+            pairs.push(("callId", c.clone()));
+        }
+        if let Some(l) = self.limit {
+            pairs.push(("limit", l.to_string()));
+        }
+        if let Some(o) = self.offset {
+            pairs.push(("offset", o.to_string()));
+        }
+        pairs
+            .iter()
+            .map(|(k, v)| format!("{k}={}", percent_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+}
+
+pub(crate) async fn list_recordings(
+    config: &TelcoflowClientConfig,
+    ws_base: &str,
+    query: &RecordingQuery,
+) -> Result<RecordingPage, Error> {
+    let qs = query.to_query_string();
+    let path = if qs.is_empty() {
+        "/public/v1/recordings".to_owned()
+    } else {
+        format!("/public/v1/recordings?{qs}")
+    };
+    let body = send(config, ws_base, Method::GET, &path).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("recording list: {e}")))
+}
+
+pub(crate) async fn recording(
+    config: &TelcoflowClientConfig,
+    ws_base: &str,
+    id: &str,
+) -> Result<RecordingInfo, Error> {
+    let path = format!("/public/v1/recordings/{}", percent_encode(id));
+    let body = send(config, ws_base, Method::GET, &path).await?;
+    serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("recording: {e}")))
+}
+
+pub(crate) async fn download_recording(
+    config: &TelcoflowClientConfig,
+    ws_base: &str,
+    id: &str,
+    out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+) -> Result<u64, Error> {
+    let path = format!("/public/v1/recordings/{}/audio", percent_encode(id));
+    download(config, ws_base, &path, out).await
+}
+
+pub(crate) async fn delete_recording(
+    config: &TelcoflowClientConfig,
+    ws_base: &str,
+    id: &str,
+) -> Result<(), Error> {
+    let path = format!("/public/v1/recordings/{}", percent_encode(id));
+    send(config, ws_base, Method::DELETE, &path).await.map(drop)
+}
+
 pub(crate) async fn close(
     config: &TelcoflowClientConfig,
     ws_base: &str,
@@ -192,49 +292,9 @@ async fn send(
     method: Method,
     path: &str,
 ) -> Result<Bytes, Error> {
-    let url = format!("{}{path}", http_base(ws_base)?);
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| Error::connection_with(format!("invalid URL {url}"), e))?;
     let exchange = async {
-        let io = open(config, &uri).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| Error::connection_with("HTTP handshake failed", e))?;
-        // The connection's task ends with the exchange: one request per connection.
-        let driver = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "HTTP connection ended");
-            }
-        });
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
-            .header(hyper::header::HOST, host_header(&uri))
-            .header(
-                control::SDK_VERSION_HEADER,
-                telcoflow_proto::PROTOCOL_VERSION,
-            );
-        if let Auth::ApiKey {
-            api_key,
-            connector_uuid,
-        } = &config.auth
-        {
-            req = req
-                .header(control::API_KEY_HEADER, secret(api_key)?)
-                .header(control::CONNECTOR_HEADER, secret(connector_uuid)?);
-        }
-        let req = req
-            .body(String::new())
-            .map_err(|e| Error::connection_with("invalid HTTP request", e))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| Error::connection_with("HTTP request failed", e))?;
-        let status = resp.status();
-        let body = read_body(resp.into_body()).await;
-        driver.abort();
-        Ok::<_, Error>((status, body?))
+        let (status, body, _driver) = start(config, ws_base, method, path).await?;
+        Ok::<_, Error>((status, read_body(body).await?))
     };
     let (status, body) = tokio::time::timeout(config.request_timeout, exchange)
         .await
@@ -242,19 +302,125 @@ async fn send(
     if status.is_success() {
         return Ok(body);
     }
-    let parsed: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let message = parsed.get("message").and_then(Value::as_str).map_or_else(
-        || String::from_utf8_lossy(&body).into_owned(),
-        str::to_owned,
-    );
+    Err(status_error(status, &body))
+}
+
+/// Sends a GET and streams the body of a 2xx answer into `out`; returns the bytes written.
+/// The answer's head must come within the request timeout, and so must each piece of the body
+/// (a large file takes as long as it takes, a stalled one fails).
+async fn download(
+    config: &TelcoflowClientConfig,
+    ws_base: &str,
+    path: &str,
+    out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+) -> Result<u64, Error> {
+    use tokio::io::AsyncWriteExt as _;
+    let timeout = config.request_timeout;
+    let (status, mut body, _driver) =
+        tokio::time::timeout(timeout, start(config, ws_base, Method::GET, path))
+            .await
+            .map_err(|_| Error::RequestTimeout)??;
+    if !status.is_success() {
+        let body = tokio::time::timeout(timeout, read_body(body))
+            .await
+            .map_err(|_| Error::RequestTimeout)??;
+        return Err(status_error(status, &body));
+    }
+    let mut written = 0u64;
+    loop {
+        let frame = tokio::time::timeout(
+            timeout,
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)),
+        )
+        .await
+        .map_err(|_| Error::RequestTimeout)?;
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| Error::connection_with("reading the HTTP body", e))?;
+        if let Ok(data) = frame.into_data() {
+            out.write_all(&data)
+                .await
+                .map_err(|e| Error::connection_with("writing the download", e))?;
+            written += data.len() as u64;
+        }
+    }
+    out.flush()
+        .await
+        .map_err(|e| Error::connection_with("writing the download", e))?;
+    Ok(written)
+}
+
+/// Aborts the HTTP connection's task when the exchange is over (or given up).
+struct ConnectionTask(tokio::task::JoinHandle<()>);
+
+impl Drop for ConnectionTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Opens a connection, sends the request and returns the answer's status and body, with the
+/// connection's task (one request per connection).
+async fn start(
+    config: &TelcoflowClientConfig,
+    ws_base: &str,
+    method: Method,
+    path: &str,
+) -> Result<(StatusCode, hyper::body::Incoming, ConnectionTask), Error> {
+    let url = format!("{}{path}", http_base(ws_base)?);
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| Error::connection_with(format!("invalid URL {url}"), e))?;
+    let io = open(config, &uri).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| Error::connection_with("HTTP handshake failed", e))?;
+    let driver = ConnectionTask(tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            debug!(error = %e, "HTTP connection ended");
+        }
+    }));
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(hyper::header::HOST, host_header(&uri))
+        .header(
+            control::SDK_VERSION_HEADER,
+            telcoflow_proto::PROTOCOL_VERSION,
+        );
+    if let Auth::ApiKey {
+        api_key,
+        connector_uuid,
+    } = &config.auth
+    {
+        req = req
+            .header(control::API_KEY_HEADER, secret(api_key)?)
+            .header(control::CONNECTOR_HEADER, secret(connector_uuid)?);
+    }
+    let req = req
+        .body(String::new())
+        .map_err(|e| Error::connection_with("invalid HTTP request", e))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| Error::connection_with("HTTP request failed", e))?;
+    Ok((resp.status(), resp.into_body(), driver))
+}
+
+/// The error a non-2xx answer stands for: its JSON `{code, message}` when it has one.
+fn status_error(status: StatusCode, body: &[u8]) -> Error {
+    let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let message = parsed
+        .get("message")
+        .and_then(Value::as_str)
+        .map_or_else(|| String::from_utf8_lossy(body).into_owned(), str::to_owned);
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        return Err(Error::Authentication { message });
+        return Error::Authentication { message };
     }
     let code = parsed
         .get("code")
         .and_then(Value::as_str)
         .map_or_else(|| ServerCode::new(status.as_str()), ServerCode::new);
-    Err(Error::RequestFailed { code, message })
+    Error::RequestFailed { code, message }
 }
 
 fn secret(value: &str) -> Result<hyper::header::HeaderValue, Error> {
@@ -351,6 +517,13 @@ mod tests {
             "channel=TELCO&remoteAddress=%2B49%201%262&state=OPEN&limit=2&offset=4"
         );
         assert_eq!(SessionQuery::default().to_query_string(), "");
+    }
+
+    #[test]
+    fn recording_query_string() {
+        let q = RecordingQuery::default().call_id("c 1").limit(5).offset(10);
+        assert_eq!(q.to_query_string(), "callId=c%201&limit=5&offset=10");
+        assert_eq!(RecordingQuery::default().to_query_string(), "");
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //!
 //! Outbound calls: [`TelcoflowClient::create_session`]; the session API over HTTP:
 //! [`TelcoflowClient::list_sessions`] and [`TelcoflowClient::close_session`]; which calls
-//! a connection is offered: [`TelcoflowClient::setup_call_flow`]. The README maps the
+//! a connection is offered: [`TelcoflowClient::setup_call_flow`]. Call recording (an extension
+//! of this server): [`ActiveCall::start_recording`] and [`TelcoflowClient::list_recordings`],
+//! [`TelcoflowClient::download_recording`]. The README maps the
 //! Python SDK's API onto these.
 //!
 //! What the caller heard: [`ActiveCall::mark`] places a named mark after the audio queued so
@@ -82,11 +84,15 @@ pub use client::TelcoflowClient;
 pub use config::{Auth, Backoff, SessionMode, TelcoflowClientConfig, TelcoflowClientConfigBuilder};
 pub use error::{CallError, CallErrorKind, ConfigError, Error, ServerCode};
 pub use event::{ClientEvent, ClientEvents, SessionNotification};
-pub use http::{CloseResult, SessionPage, SessionQuery};
+pub use http::{CloseResult, RecordingQuery, SessionPage, SessionQuery};
 /// The kind of conversation a session carries (a call or messaging); not to be confused with
 /// an [`AudioChannel`] of a call.
 pub use telcoflow_proto::control::Channel;
 pub use telcoflow_proto::control::{Activity, CloseReason, SessionInfo, SessionState};
+pub use telcoflow_proto::media::{RecordAction, RecordResult};
+pub use telcoflow_proto::recording::{
+    PausedSpan, RecordingInfo, RecordingPage, RecordingState, RecordingTrigger,
+};
 pub use telcoflow_proto::stats::{AgentStats, CallStats, LegStats};
 pub use telcoflow_proto::{AudioMode, ErrorCode, SampleRate};
 

@@ -156,6 +156,9 @@ fn describe(path: &std::path::Path, config: &Config, from_env: &[String]) -> Str
         if c.client_cert_sha256.is_some() {
             what.push_str(", client certificate pinned");
         }
+        if c.record {
+            what.push_str(", records every call");
+        }
         line(what);
     }
     let l = &config.limits;
@@ -200,6 +203,19 @@ fn describe(path: &std::path::Path, config: &Config, from_env: &[String]) -> Str
             ));
         }
         None => line("cluster: none (registry in memory)".into()),
+    }
+    match &config.recording {
+        Some(r) => line(format!(
+            "recording: into {}, kept {}, at most {} at once",
+            r.dir.display(),
+            if r.retention_days == 0 {
+                "until deleted".to_owned()
+            } else {
+                format!("{} days", r.retention_days)
+            },
+            r.max_concurrent
+        )),
+        None => line("recording: off".into()),
     }
     let m = &config.metrics;
     if m.enabled {

@@ -140,6 +140,8 @@ pub(super) struct CallActor {
     pub(super) agent_counts: AgentCounts,
     /// What the caller heard of the agent, and the marks reached.
     pub(super) marks: MarkLog,
+    /// The call's recording, while one runs.
+    pub(super) recorder: Option<super::recorder::Recorder>,
     /// A `call.transfer` waiting for the caller's REFER answer or final NOTIFY.
     pub(super) transfer: Option<PendingTransfer>,
     /// A REFER was sent to the caller during this call.
@@ -204,6 +206,7 @@ impl CallActor {
             past_legs: Vec::new(),
             agent_counts: AgentCounts::default(),
             marks: MarkLog::default(),
+            recorder: None,
             transfer: None,
             referred: false,
             transfer_events: 0,
@@ -509,10 +512,12 @@ impl CallActor {
         self.session_ended(CloseReason::SdkRequest);
     }
 
-    /// The call is answered now: its setup time is known.
-    pub(super) fn count_answer(&self) {
+    /// The call is answered now: its setup time is known, and a connector that records
+    /// every call starts recording it.
+    pub(super) fn count_answer(&mut self) {
         let setup = self.now.saturating_duration_since(self.started);
         self.shared.metrics.call_setup.observe(setup.as_secs_f64());
+        self.record_by_config();
     }
 
     /// Tells the registry the session ended, and counts it once.
@@ -541,6 +546,7 @@ impl CallActor {
             return;
         }
         self.ended = true;
+        self.stop_recording();
         // Before the legs go: the destination's figures are read from it.
         self.send_stats();
         let final_stats = self.stats();

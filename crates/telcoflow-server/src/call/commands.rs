@@ -1,5 +1,6 @@
 //! The agent's commands: `call.answer`, `call.connect` (ringing a destination through the
-//! networks), whisper / barge / spy, interrupt, DTMF out, disconnect and close.
+//! networks), whisper / barge / spy, interrupt, DTMF out, recording (in `recorder`),
+//! disconnect and close.
 
 use super::actor::{AgentMode, CallActor, PendingConnect, Phase};
 use super::leg::{LegId, LegOutput};
@@ -85,6 +86,7 @@ impl CallActor {
             CommandName::Interrupt => self.on_interrupt(id, cmd.data),
             CommandName::SendDtmf => self.on_send_dtmf(id, cmd.data),
             CommandName::Mark => self.on_mark(id, cmd.data),
+            CommandName::Record => self.on_record(id, cmd.data),
             CommandName::Transfer => self.on_transfer(id, cmd.data, cmd.timeout_ms),
             CommandName::Disconnect => {
                 self.respond(CommandResponse::ok(id, None));

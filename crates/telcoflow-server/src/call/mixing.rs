@@ -141,6 +141,9 @@ impl CallActor {
                     let frame = self.rate().frame_samples();
                     self.caller.enqueue(&self.scratch, frame);
                 } else if !self.scratch.is_empty() {
+                    if let Some(recorder) = &mut self.recorder {
+                        recorder.caller_audio(&self.scratch);
+                    }
                     // Alone with the agent: forward at once, no clock wait.
                     let frame =
                         frame_bytes(&mut self.media_pool, Some(CHANNEL_MIXED), &self.scratch);
@@ -216,6 +219,7 @@ impl CallActor {
             let mut frame = std::mem::take(&mut self.agent_frame);
             self.handle.live.played_to_caller(&frame);
             let heard = self.caller.play(&frame, &mut self.scratch);
+            self.record_tick(None, agent_speaks.then_some(&frame[..]));
             frame.clear();
             self.agent_frame = frame;
             self.count_heard(agent_speaks && heard);
@@ -256,6 +260,18 @@ impl CallActor {
                 None => false,
             };
             self.count_heard(caller_heard || callee_heard);
+            if self.recorder.is_some() {
+                // Caller and destination left; the agent right, when somebody hears it.
+                self.mix.clear();
+                self.mix.extend_from_slice(&self.caller_frame);
+                mix_into(&mut self.mix, &self.callee_frame);
+                let heard = agent_speaks && self.mode != AgentMode::Spy;
+                let mix = std::mem::take(&mut self.mix);
+                let agent = std::mem::take(&mut self.agent_frame);
+                self.record_tick(Some(&mix), heard.then_some(&agent[..]));
+                self.mix = mix;
+                self.agent_frame = agent;
+            }
             // The agent hears both.
             if self.media.is_some() {
                 self.mix.clear();

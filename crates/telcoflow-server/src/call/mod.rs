@@ -18,8 +18,9 @@
 //! leg as the call keeps it: resamplers, its queue, the send policy), `mixing` (audio from the
 //! legs, the 20 ms tick and the mix), `marks` and `heard` (`agent.mark`, `call.mark` and
 //! what the caller heard), `playout` (the agent's playout buffer), `transfer`
-//! (`call.transfer`: REFER to a SIP caller, or dial and bridge) and [`frames`] (frame
-//! storage). The call logic reads no clock: the actor's loop passes `now` in.
+//! (`call.transfer`: REFER to a SIP caller, or dial and bridge), `recorder` (the call's
+//! recording: a stereo frame per tick to its writer, and `call.record`) and [`frames`]
+//! (frame storage). The call logic reads no clock: the actor's loop passes `now` in.
 
 mod actor;
 mod agent;
@@ -35,9 +36,10 @@ mod meter;
 mod mixing;
 mod playout;
 mod quality;
+mod recorder;
 mod transfer;
 
-pub(crate) use frames::{SamplePool, frame_bytes};
+pub(crate) use frames::{SampleFrame, SamplePool, frame_bytes};
 pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut, StatsError};
 pub(crate) use leg::{
     LegEvent, LegId, LegKind, LegLink, LegOutput, LegQuality, NetFigures, Refusal,

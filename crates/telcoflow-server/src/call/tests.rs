@@ -78,18 +78,36 @@ impl Call {
 
     /// A call whose caller is on the network `kind`.
     fn new_on(outbound: Option<telcoflow_proto::control::SetupData>, kind: LegKind) -> Self {
+        Self::build(outbound, kind, None)
+    }
+
+    /// A call on a server that records into `recordings`.
+    fn with_recordings(
+        outbound: Option<telcoflow_proto::control::SetupData>,
+        recordings: Option<Arc<crate::recording::Recordings>>,
+    ) -> Self {
+        Self::build(outbound, LegKind::Sim, recordings)
+    }
+
+    fn build(
+        outbound: Option<telcoflow_proto::control::SetupData>,
+        kind: LegKind,
+        recordings: Option<Arc<crate::recording::Recordings>>,
+    ) -> Self {
         let config = Config {
             ring_timeout_secs: RING_TIMEOUT.as_secs(),
             ..Config::development()
         };
         let phones = Arc::new(Phones::default());
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             config,
             "ws://127.0.0.1:0".into(),
             Networks::default().with(phones.clone()),
             TaskTracker::new(),
             CancellationToken::new(),
-        ));
+        );
+        shared.recordings = recordings;
+        let shared = Arc::new(shared);
         let mut connector = ConnectorConfig::development("key", "connector");
         connector.transfer_targets = vec!["sip:*".into(), "+1555*".into()];
         let connector = Arc::new(connector);
@@ -661,6 +679,232 @@ fn a_pause_then_an_answer_sent_at_once_loses_nothing() {
     };
     let saw = run_agent(300, 0, makes, |_| false);
     assert_eq!(saw.skipped_ms, Vec::<u64>::new());
+}
+
+/// A call whose server records into a directory of its own (removed when dropped).
+struct Recorded {
+    call: Call,
+    store: Arc<crate::recording::Recordings>,
+    dir: std::path::PathBuf,
+}
+
+impl Recorded {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("telcoflow-call-rec-{}", uuid::Uuid::new_v4()));
+        let config = crate::config::RecordingConfig::new(&dir);
+        let store =
+            Arc::new(crate::recording::Recordings::open(config, TaskTracker::new()).unwrap());
+        let mut call = Call::with_recordings(None, Some(store.clone()));
+        let setup = Default::default();
+        call.input(CallInput::Claimed { setup }, MS);
+        call.attach(MS);
+        Self { call, store, dir }
+    }
+
+    fn record(&mut self, after: Duration, action: Value) -> CommandResponse {
+        self.call.command(after, "call.record", Some(action), None);
+        self.call.response()
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn call_record_checks_its_input_and_the_call_state() {
+    let mut r = Recorded::new();
+    let bad = r.record(MS, json!({ "action": "rewind" }));
+    assert_eq!(bad.error_code.as_deref(), Some("INVALID_REQUEST"));
+    assert!(
+        bad.error_message.as_deref().unwrap().contains("\"start\""),
+        "{bad:?}"
+    );
+    r.call.command(MS, "call.record", None, None);
+    assert_eq!(
+        r.call.response().error_code.as_deref(),
+        Some("INVALID_REQUEST")
+    );
+    let early = r.record(MS, json!({ "action": "start" }));
+    assert_eq!(
+        early.error_code.as_deref(),
+        Some("INVALID_STATE"),
+        "{early:?}"
+    );
+    r.call.command(MS * 2, "call.answer", None, None);
+    assert!(r.call.response().success);
+    let stop = r.record(MS * 3, json!({ "action": "stop" }));
+    assert_eq!(stop.error_code.as_deref(), Some("INVALID_STATE"));
+    assert!(
+        stop.error_message
+            .as_deref()
+            .unwrap()
+            .contains("no recording"),
+        "{stop:?}"
+    );
+    // Without [recording], the command says so.
+    let mut plain = Call::answered(MS);
+    plain.command(
+        MS * 2,
+        "call.record",
+        Some(json!({ "action": "start" })),
+        None,
+    );
+    let off = plain.response();
+    assert_eq!(off.error_code.as_deref(), Some("RECORDING_NOT_CONFIGURED"));
+    assert!(
+        off.error_message
+            .as_deref()
+            .unwrap()
+            .contains("[recording]"),
+        "{off:?}"
+    );
+}
+
+#[tokio::test]
+async fn ticks_record_caller_left_and_agent_right_and_a_pause_leaves_audio_out() {
+    let mut r = Recorded::new();
+    r.call.command(MS * 2, "call.answer", None, None);
+    assert!(r.call.response().success);
+    let started = r.record(MS * 3, json!({ "action": "start" }));
+    assert!(started.success, "{started:?}");
+    let result = started.result.unwrap();
+    assert_eq!(result["state"], "recording");
+    assert_eq!(result["alreadyRecording"], false);
+    let id: uuid::Uuid = result["recordingId"].as_str().unwrap().parse().unwrap();
+    let again = r.record(MS * 3, json!({ "action": "start" }));
+    assert_eq!(again.result.unwrap()["alreadyRecording"], true);
+    // Each 20 ms: a caller frame of value 100 + n lands, then the agent's frame of -n is
+    // played at the tick. Frames 10..20 are paused.
+    let n = SampleRate::Hz16000.frame_samples();
+    let pcm = |v: i16| -> Vec<u8> { (0..n).flat_map(|_| v.to_le_bytes()).collect() };
+    let mut pool = super::frames::SamplePool::default();
+    for i in 0..30u64 {
+        let t = MS * 10 + MS * 20 * i as u32;
+        if i == 10 {
+            assert!(r.record(t, json!({ "action": "pause" })).success);
+        }
+        if i == 20 {
+            let resumed = r.record(t, json!({ "action": "resume" }));
+            assert_eq!(resumed.result.unwrap()["state"], "recording");
+        }
+        let frame = pool.frame(&vec![100 + i as i16; n]);
+        r.call.input(
+            CallInput::Leg {
+                leg: LegId::CALLER,
+                event: LegEvent::Audio(frame),
+            },
+            t,
+        );
+        r.call.input(
+            CallInput::AgentAudio {
+                conn_id: CONN,
+                pcm: pcm(-(i as i16)).into(),
+            },
+            t,
+        );
+        let now = r.call.at(t + MS * 5);
+        r.call.actor.on_tick(now);
+    }
+    let stopped = r.record(MS * 700, json!({ "action": "stop" }));
+    assert_eq!(stopped.result.unwrap()["state"], "stopping");
+    let info = r
+        .store
+        .finished_info("connector", &id, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.paused_spans.len(), 1);
+    assert_eq!(info.paused_spans[0].paused_ms, 200);
+    assert_eq!(info.paused_spans[0].at_ms, 200);
+    assert_eq!(info.duration_ms, 20 * 20);
+    let mut reader = hound::WavReader::open(r.store.audio_path(&id)).unwrap();
+    let samples: Vec<i16> = reader.samples::<i16>().map(Result::unwrap).collect();
+    let frames: Vec<(i16, i16)> = samples
+        .chunks_exact(2 * n)
+        .map(|f| (f[2 * n - 2], f[2 * n - 1]))
+        .collect();
+    assert_eq!(frames.len(), 20);
+    let left: Vec<i16> = frames.iter().map(|f| f.0).collect();
+    let right: Vec<i16> = frames.iter().map(|f| f.1).collect();
+    // Nothing of frames 10..20 on either side: the pause left them out.
+    for v in 110..120 {
+        assert!(
+            !left.contains(&v),
+            "paused caller audio {v} recorded: {left:?}"
+        );
+    }
+    for v in -19..=-10 {
+        assert!(
+            !right.contains(&v),
+            "paused agent audio {v} recorded: {right:?}"
+        );
+    }
+    // The caller's frames in order (two frames behind, the queue's priming), the agent's as
+    // played.
+    let heard_left: Vec<i16> = left.iter().copied().filter(|v| *v != 0).collect();
+    assert!(heard_left.windows(2).all(|w| w[0] < w[1]), "{left:?}");
+    assert!(
+        heard_left.contains(&100) && heard_left.contains(&127),
+        "{left:?}"
+    );
+    assert!(right.iter().all(|v| *v <= 0), "{right:?}");
+    assert!(right.contains(&-25), "{right:?}");
+}
+
+#[tokio::test]
+async fn a_writer_that_falls_behind_never_stalls_the_call_and_its_losses_are_counted() {
+    let mut r = Recorded::new();
+    r.call.command(MS * 2, "call.answer", None, None);
+    assert!(r.call.response().success);
+    let started = r.record(MS * 3, json!({ "action": "start" }));
+    let id: uuid::Uuid = started.result.unwrap()["recordingId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 60 ticks without yielding to the writer task (this runtime has one thread): its queue
+    // takes 50 frames, the other 10 are lost, and every tick still plays to the caller.
+    let n = SampleRate::Hz16000.frame_samples();
+    let pcm: Vec<u8> = (0..n).flat_map(|_| 7i16.to_le_bytes()).collect();
+    let mut played = 0;
+    for i in 0..60u32 {
+        let t = MS * 10 + MS * 20 * i;
+        let audio = CallInput::AgentAudio {
+            conn_id: CONN,
+            pcm: pcm.clone().into(),
+        };
+        r.call.input(audio, t);
+        let now = r.call.at(t + MS * 5);
+        r.call.actor.on_tick(now);
+        // The caller's leg reads what it is sent.
+        played += std::iter::from_fn(|| r.call.caller.try_recv().ok())
+            .filter(|out| matches!(out, LegOutput::Audio(_)))
+            .count();
+    }
+    assert_eq!(played, 60);
+    let stopped = r.record(MS * 1300, json!({ "action": "stop" }));
+    assert_eq!(stopped.result.unwrap()["durationMs"], 1200);
+    let info = r
+        .store
+        .finished_info("connector", &id, Duration::from_secs(10))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.lost_frames, 10);
+    // The lost frames are silence at the end: the file keeps the call's timeline.
+    assert_eq!(info.duration_ms, 1200);
+    let mut reader = hound::WavReader::open(r.store.audio_path(&id)).unwrap();
+    let samples: Vec<i16> = reader.samples::<i16>().map(Result::unwrap).collect();
+    let right = |frame: usize| {
+        samples[frame * 2 * n + 1..(frame + 1) * 2 * n]
+            .iter()
+            .step_by(2)
+    };
+    assert!(right(49).all(|s| *s == 7));
+    assert!((50..60).all(|f| right(f).all(|s| *s == 0)));
 }
 
 impl Call {

@@ -126,13 +126,23 @@ pub const ENV_SETTINGS: &[EnvSetting] = &[
     s(Some("cluster"), "tls_key", Text),
     s(Some("metrics"), "enabled", Bool),
     s(Some("metrics"), "token", Text),
+    s(Some("recording"), "dir", Text),
+    s(Some("recording"), "retention_days", Number),
+    s(Some("recording"), "max_concurrent", Number),
 ];
 
 /// The prefixes of the variables this module reads; a variable with one of them that names
 /// no setting is refused (a typo must not go unnoticed). Other `TELCOFLOW_*` variables (the
 /// SDK's, `TELCOFLOW_API_KEY`) are not settings of the file and are left alone.
-const SECTIONS: [&str; 7] = [
-    "SERVER", "TLS", "LIMITS", "SIP", "SIM", "CLUSTER", "METRICS",
+const SECTIONS: [&str; 8] = [
+    "SERVER",
+    "TLS",
+    "LIMITS",
+    "SIP",
+    "SIM",
+    "CLUSTER",
+    "METRICS",
+    "RECORDING",
 ];
 
 fn invalid(var: &str, message: impl Into<String>) -> ConfigError {
@@ -540,6 +550,7 @@ mod tests {
              [sip]\npublic_ip = '192.0.2.1'\nallow = ['0.0.0.0/0']\n\
              [cluster]\nnats_url = 'nats://n:4222'\nnode_id = 'a'\ntoken = 't'\n\
              [metrics]\ntoken = 'm'\n\
+             [recording]\ndir = 'r'\n\
              [[connectors]]\nuuid = '7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key = 'k'\n",
         )
         .unwrap();

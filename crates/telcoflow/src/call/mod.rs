@@ -42,7 +42,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use telcoflow_proto::media::{
-    self, Command, CommandName, CommandResponse, ConnectData, MediaClientFrame, SendDtmfData,
+    self, Command, CommandName, CommandResponse, ConnectData, MediaClientFrame, RecordAction,
+    RecordData, RecordResult, SendDtmfData,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -353,6 +354,50 @@ impl ActiveCall {
         .ok();
         self.command(CommandName::SendDtmf, data, COMMAND_TIMEOUT)
             .await
+    }
+
+    /// Starts recording the call on the server (`call.record` with `start`, an extension of
+    /// this server): a stereo WAV, the caller (with any connected destination) left, the
+    /// agent right, listed and downloaded with
+    /// [`TelcoflowClient::list_recordings`](crate::TelcoflowClient::list_recordings) and
+    /// [`TelcoflowClient::download_recording`](crate::TelcoflowClient::download_recording).
+    /// A recording already running (the connector records every call, or an earlier start)
+    /// is kept: [`RecordResult::already_recording`]. A server without recording fails with
+    /// code [`ErrorCode::RecordingNotConfigured`](crate::ErrorCode::RecordingNotConfigured);
+    /// an unanswered call with [`ErrorCode::InvalidState`](crate::ErrorCode::InvalidState).
+    pub async fn start_recording(&self) -> Result<RecordResult, CallError> {
+        self.record(RecordAction::Start).await
+    }
+
+    /// Stops the call's recording (`call.record` with `stop`); the server finishes its file.
+    /// Without a recording running: code [`ErrorCode::InvalidState`](crate::ErrorCode::InvalidState).
+    pub async fn stop_recording(&self) -> Result<RecordResult, CallError> {
+        self.record(RecordAction::Stop).await
+    }
+
+    /// Pauses the call's recording (`call.record` with `pause`), e.g. while the caller reads
+    /// out a card number: the audio from now until [`ActiveCall::resume_recording`] is left
+    /// out of the file, and the pause noted in its metadata.
+    pub async fn pause_recording(&self) -> Result<RecordResult, CallError> {
+        self.record(RecordAction::Pause).await
+    }
+
+    /// Records again after [`ActiveCall::pause_recording`] (`call.record` with `resume`).
+    pub async fn resume_recording(&self) -> Result<RecordResult, CallError> {
+        self.record(RecordAction::Resume).await
+    }
+
+    async fn record(&self, action: RecordAction) -> Result<RecordResult, CallError> {
+        let data = serde_json::to_value(RecordData { action }).ok();
+        let result = self
+            .command(CommandName::Record, data, COMMAND_TIMEOUT)
+            .await?;
+        serde_json::from_value(result).map_err(|e| {
+            CallError::with_message(
+                CallErrorKind::Rejected,
+                format!("malformed call.record result: {e}"),
+            )
+        })
     }
 
     /// The agent is heard by the connected party only (`agent.whisper`; needs `connect`).
