@@ -100,6 +100,12 @@ impl CallActor {
                 }
             }
             LegEvent::Dtmf { .. } => {}
+            LegEvent::Rate(rate) => {
+                let agent_rate = self.rate();
+                if let Some(callee) = &mut self.callee {
+                    callee.set_rate(rate, agent_rate);
+                }
+            }
             LegEvent::AudioSkipped { dropped_ms } => {
                 self.agent_counts.server_stall_ms += dropped_ms;
                 self.send_event(CallEvent::audio_skipped(
@@ -154,6 +160,10 @@ impl CallActor {
             }
             LegEvent::Dtmf { digit, duration_ms } => {
                 self.send_event(CallEvent::dtmf(digit, duration_ms));
+            }
+            LegEvent::Rate(rate) => {
+                let agent_rate = self.rate();
+                self.caller.set_rate(rate, agent_rate);
             }
             LegEvent::AudioSkipped { dropped_ms } => {
                 self.agent_counts.server_stall_ms += dropped_ms;
