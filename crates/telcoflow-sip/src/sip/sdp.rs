@@ -616,12 +616,9 @@ fn audio_media(
     }
 }
 
-/// The codec to answer an audio stream with, and its payload type: among the offered codecs
-/// that we accept, the one [`LocalMedia::codecs`] lists first, where codecs of one sample rate
-/// rank together. Our list decides between wideband (G.722) and narrowband (G.711); between
-/// PCMU and PCMA the offerer's order decides, as a trunk's choice of law spares it a
-/// transcoding. With the default list (PCMU, PCMA, G722) G.722 is taken only when the offer has
-/// no G.711; listing G722 first prefers it.
+/// The codec to answer an audio stream with, and its payload type, by the rule [`answer`]
+/// states. Between PCMU and PCMA the offerer's order decides because a trunk's choice of law
+/// spares it a transcoding; the two are equal in quality.
 fn pick_codec(m: &MediaDescription, local: &LocalMedia) -> Option<(u8, Codec)> {
     let rank = |codec: Codec| {
         local
@@ -640,8 +637,13 @@ fn pick_codec(m: &MediaDescription, local: &LocalMedia) -> Option<(u8, Codec)> {
 }
 
 /// Answers an offer (RFC 3264 section 6): the first audio stream with a codec we support is
-/// accepted with the codec [`pick_codec`] chooses (our preference between wideband and
-/// narrowband, the offerer's between PCMU and PCMA); every other stream is rejected (port 0).
+/// accepted; every other stream is rejected (port 0).
+///
+/// The codec: among the offered codecs that we accept, the one [`LocalMedia::codecs`] lists
+/// first, where codecs of one sample rate rank together. Our list decides between wideband
+/// (G.722) and narrowband (G.711); between PCMU and PCMA the offerer's order decides. With the
+/// default list (PCMU, PCMA, G722) G.722 is taken only when the offer has no G.711; listing
+/// G722 first prefers it.
 pub fn answer(
     offer: &SessionDescription,
     local: &LocalMedia,
