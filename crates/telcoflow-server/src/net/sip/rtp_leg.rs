@@ -784,6 +784,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_incoming_call_starts_at_the_rate_of_the_codec_it_will_get() {
+        let offer = |formats: &str| {
+            let text = format!(
+                "v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n\
+                 m=audio 4000 RTP/AVP {formats}\r\n"
+            );
+            SessionDescription::parse(&text).unwrap()
+        };
+        let default = Codec::ALL;
+        let wide_first = [Codec::G722, Codec::Pcmu];
+        for (formats, codecs, rate) in [
+            ("9 0", &default[..], SampleRate::Hz8000),
+            ("9", &default[..], SampleRate::Hz16000),
+            ("0 9", &wide_first[..], SampleRate::Hz16000),
+            ("0 8", &wide_first[..], SampleRate::Hz8000),
+            // Nothing common: 488 follows; the rate does not matter.
+            ("18", &default[..], SampleRate::Hz8000),
+        ] {
+            assert_eq!(
+                answer_rate(Some(&offer(formats)), codecs),
+                rate,
+                "{formats}"
+            );
+        }
+        // An offerless INVITE: 8 kHz until the ACK's answer says otherwise.
+        assert_eq!(answer_rate(None, &default), SampleRate::Hz8000);
+    }
+
+    #[test]
     fn unanswered_calls_map_to_sip_statuses() {
         assert_eq!(reject_status(HangupReason::NoAnswer), 480);
         assert_eq!(reject_status(HangupReason::Remote), 480);
