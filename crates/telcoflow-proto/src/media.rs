@@ -15,6 +15,7 @@
 //! | `call.dtmf` | `digit`, `duration_ms` | the caller pressed a key |
 //! | `call.connected_leg` | `state` (`answered` / `ended`) | the destination of `call.connect` answered or hung up |
 //! | `call.stats` | the [`CallStats`](crate::stats::CallStats) fields: `call_id`, `session_id`, `duration_ms`, `legs`, `agent` | at the end of the call, just before `call.terminated`: its quality figures |
+//! | `call.transfer_progress` | `method` (`refer`), `status`, `reason` | a SIP caller asked to call a `call.transfer` target (REFER) reports how that call goes: the status line of each NOTIFY's sipfrag (e.g. `100` `Trying`, `180` `Ringing`, `200` `OK`) |
 //! | `call.audio_skipped` | `dropped_ms`, `reason` (`agent_stall`, `server_stall`) | `agent_stall`: the server dropped live agent audio to win back the delay a stall of the agent left (one event per catch-up); `server_stall`: the server itself stalled and dropped a phone's audio of that time, stale by then |
 //!
 //! Commands beyond the reference SDK's (the official Python SDK never sends them):
@@ -22,6 +23,7 @@
 //! | `command` | `data` | result |
 //! |---|---|---|
 //! | `call.send_dtmf` | [`SendDtmfData`]: `digits`, `durationMs` | `{"queuedMs": n}`: sent right away, the digits queued; they reach the caller over the next `n` ms |
+//! | `call.transfer` | [`TransferData`]: `target`, `ringTimeSeconds` | once the transfer is done: `{"method": "refer" \| "bridge", "target", ...}`; a failure carries the same `result` beside its error code |
 //!
 //! The server may also send WebSocket pings on the media connection (when live agent audio runs
 //! dry, to tell a stalled agent from a paused one); WebSocket libraries answer them by themselves.
@@ -68,11 +70,14 @@ pub enum CommandName {
     Interrupt,
     /// `call.send_dtmf` (extension): send DTMF digits to the caller ([`SendDtmfData`]).
     SendDtmf,
+    /// `call.transfer` (extension): hand the caller over to another party and leave
+    /// ([`TransferData`]).
+    Transfer,
 }
 
 impl CommandName {
     /// Every command.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::Answer,
         Self::Connect,
         Self::Whisper,
@@ -82,6 +87,7 @@ impl CommandName {
         Self::Close,
         Self::Interrupt,
         Self::SendDtmf,
+        Self::Transfer,
     ];
 
     /// The name on the wire.
@@ -96,6 +102,7 @@ impl CommandName {
             Self::Close => "call.close",
             Self::Interrupt => "agent.interrupt",
             Self::SendDtmf => "call.send_dtmf",
+            Self::Transfer => "call.transfer",
         }
     }
 
@@ -148,6 +155,29 @@ pub struct SendDtmfData {
     /// Tone per digit, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u32>,
+}
+
+/// Longest `call.transfer` target, in characters.
+pub const MAX_TRANSFER_TARGET_LEN: usize = 256;
+
+/// Ring time of a `call.transfer` that names none, in seconds.
+pub const DEFAULT_TRANSFER_RING_SECONDS: u32 = 30;
+
+/// Arguments of `call.transfer` (extension): `{"target": "sip:+15550100@pbx.example"}`.
+///
+/// `target`: a `sip:` or `sips:` URI, or a phone number (an optional `+` and 1 to 32
+/// digits), at most [`MAX_TRANSFER_TARGET_LEN`] characters, and one the connector may
+/// transfer to. `ringTimeSeconds`: how long the target may ring, 1..=120 (default
+/// [`DEFAULT_TRANSFER_RING_SECONDS`]). A SIP caller is sent a REFER for a SIP target;
+/// otherwise the server dials the target, bridges it to the caller and the agent leaves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferData {
+    /// Where the caller goes.
+    pub target: String,
+    /// How long the target may ring, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_time_seconds: Option<u32>,
 }
 
 /// Text frames the client sends on a media connection.
@@ -278,6 +308,8 @@ impl CallEvent {
     pub const CONNECTED_LEG: &'static str = "call.connected_leg";
     /// Audio was dropped to win back delay after a stall (`dropped_ms`, `reason`).
     pub const AUDIO_SKIPPED: &'static str = "call.audio_skipped";
+    /// How a transfer goes (`method`, `status`, `reason`): a NOTIFY from a referred caller.
+    pub const TRANSFER_PROGRESS: &'static str = "call.transfer_progress";
 
     /// The call's quality figures, at its end (the [`CallStats`](crate::stats::CallStats)
     /// fields).
@@ -343,6 +375,18 @@ impl CallEvent {
         fields.insert("reason".into(), Value::from(reason));
         Self {
             event: Self::AUDIO_SKIPPED.into(),
+            fields,
+        }
+    }
+
+    /// `call.transfer_progress`: the transfer by `method` (`refer`) is at SIP `status`.
+    pub fn transfer_progress(method: &str, status: u16, reason: &str) -> Self {
+        let mut fields = Map::new();
+        fields.insert("method".into(), Value::from(method));
+        fields.insert("status".into(), Value::from(status));
+        fields.insert("reason".into(), Value::from(reason));
+        Self {
+            event: Self::TRANSFER_PROGRESS.into(),
             fields,
         }
     }
@@ -417,6 +461,28 @@ mod tests {
         assert_eq!((data.digits.as_str(), data.duration_ms), ("12#", Some(80)));
         let d: SendDtmfData = serde_json::from_value(json!({"digits": "5"})).unwrap();
         assert_eq!(d.duration_ms, None);
+    }
+
+    #[test]
+    fn transfer_command_and_progress_shape() {
+        let text = r#"{"type":"command","data":{"command_id":"c3","command":"call.transfer","data":{"target":"sip:+200@pbx.example","ringTimeSeconds":20}}}"#;
+        let MediaClientFrame::Command(cmd) = MediaClientFrame::decode(text).unwrap();
+        assert_eq!(
+            CommandName::parse(&cmd.command),
+            Some(CommandName::Transfer)
+        );
+        let data: TransferData = serde_json::from_value(cmd.data.unwrap()).unwrap();
+        assert_eq!(data.target, "sip:+200@pbx.example");
+        assert_eq!(data.ring_time_seconds, Some(20));
+        let d: TransferData = serde_json::from_value(json!({"target": "+200"})).unwrap();
+        assert_eq!(d.ring_time_seconds, None);
+        let ev = MediaServerFrame::CallEvent(CallEvent::transfer_progress("refer", 180, "Ringing"));
+        let v: Value = serde_json::from_str(&ev.encode()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "call_event", "data": {"event": "call.transfer_progress",
+                "method": "refer", "status": 180, "reason": "Ringing"}})
+        );
     }
 
     #[test]

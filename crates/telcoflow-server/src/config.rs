@@ -285,6 +285,150 @@ pub struct SipConfig {
     /// after G.711 and taken only from callers that offer no G.711; list `G722` first to
     /// prefer it.
     pub codecs: Vec<String>,
+    /// Registrars this server registers at (`[[sip.registrations]]`), so that a trunk or a
+    /// hosted PBX sends the calls of an address of record here.
+    pub registrations: Vec<SipRegistration>,
+}
+
+/// An outbound registration (`[[sip.registrations]]`): the server binds its contact to `aor`
+/// at `registrar`, refreshes the binding before it expires and removes it on shutdown.
+/// Calls the registrar sends to that contact are routed by the AOR's user part (the number),
+/// like any other; `call.connect` to a `sip:` URI on the registrar's host dials with these
+/// credentials, through `outbound_proxy` when set.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipRegistration {
+    /// The registrar: `sip:host[:port]` or `host[:port]` (port 5060 by default).
+    pub registrar: String,
+    /// The address of record, `sip:user@domain`: its user part is the number calls to it
+    /// arrive for.
+    pub aor: String,
+    /// Digest user name (default: the AOR's user part).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Digest password; without one, a challenge fails the registration.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Lifetime of the binding to ask for, in seconds: 60 to 86400. Default 3600.
+    #[serde(default = "default_registration_expiry")]
+    pub expiry: u64,
+    /// `udp` (default) or `tcp`.
+    #[serde(default = "default_registration_transport")]
+    pub transport: String,
+    /// Where to send instead of the registrar (`sip:host[:port]` or `host[:port]`): the
+    /// REGISTERs, and the INVITEs of `call.connect` through this registration.
+    #[serde(default)]
+    pub outbound_proxy: Option<String>,
+}
+
+fn default_registration_expiry() -> u64 {
+    3600
+}
+
+fn default_registration_transport() -> String {
+    "udp".into()
+}
+
+impl std::fmt::Debug for SipRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("SipRegistration")
+            .field("registrar", &self.registrar)
+            .field("aor", &self.aor)
+            .field("username", &self.username)
+            .field("expiry", &self.expiry)
+            .field("transport", &self.transport)
+            .field("outbound_proxy", &self.outbound_proxy)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A SIP address as a registration names it: `sip:host[:port]` or `host[:port]`.
+fn sip_host_port(value: &str) -> Option<(String, u16)> {
+    let uri = if value.starts_with("sip:") {
+        value.to_owned()
+    } else {
+        format!("sip:{value}")
+    };
+    let parsed = telcoflow_sip::sip::message::SipUri::parse(&uri).ok()?;
+    if parsed.host.is_empty() {
+        return None;
+    }
+    Some((parsed.host, parsed.port.unwrap_or(5060)))
+}
+
+impl SipRegistration {
+    /// The registrar's host and port.
+    pub fn registrar_host_port(&self) -> Option<(String, u16)> {
+        sip_host_port(&self.registrar)
+    }
+
+    /// The outbound proxy's host and port, if one is set.
+    pub fn proxy_host_port(&self) -> Option<(String, u16)> {
+        self.outbound_proxy.as_deref().and_then(sip_host_port)
+    }
+
+    /// The registrar as a Request-URI: `sip:host[:port]`.
+    pub fn registrar_uri(&self) -> String {
+        if self.registrar.starts_with("sip:") {
+            self.registrar.clone()
+        } else {
+            format!("sip:{}", self.registrar)
+        }
+    }
+
+    /// The AOR's user part (the number calls to it arrive for).
+    pub fn aor_user(&self) -> Option<String> {
+        telcoflow_sip::sip::message::SipUri::parse(&self.aor)
+            .ok()?
+            .user
+            .filter(|u| !u.is_empty())
+    }
+
+    /// Whether it uses TCP.
+    pub fn is_tcp(&self) -> bool {
+        self.transport.eq_ignore_ascii_case("tcp")
+    }
+
+    fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        let at = format!("[[sip.registrations]] #{}", index + 1);
+        let invalid = |m: String| Err(ConfigError::Invalid(format!("{at}: {m}")));
+        if self.registrar_host_port().is_none() {
+            return invalid(format!(
+                "registrar must be sip:host[:port] or host[:port], got {:?}",
+                self.registrar
+            ));
+        }
+        if !self.aor.starts_with("sip:") || self.aor_user().is_none() {
+            return invalid(format!(
+                "aor must be a sip: URI with a user part (sip:user@domain), got {:?}",
+                self.aor
+            ));
+        }
+        if !(60..=86_400).contains(&self.expiry) {
+            return invalid(format!(
+                "expiry must be 60 to 86400 seconds, got {}",
+                self.expiry
+            ));
+        }
+        if !(self.transport.eq_ignore_ascii_case("udp") || self.is_tcp()) {
+            return invalid(format!(
+                "transport must be \"udp\" or \"tcp\", got {:?}",
+                self.transport
+            ));
+        }
+        if self.password.is_some() && self.username.as_deref() == Some("") {
+            return invalid("username must not be empty".into());
+        }
+        if let Some(proxy) = &self.outbound_proxy {
+            if sip_host_port(proxy).is_none() {
+                return invalid(format!(
+                    "outbound_proxy must be sip:host[:port] or host[:port], got {proxy:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A caller's credentials (`[[sip.accounts]]`), checked by digest authentication.
@@ -341,6 +485,7 @@ impl Default for SipConfig {
                 .iter()
                 .map(|c| c.encoding_name().to_owned())
                 .collect(),
+            registrations: Vec::new(),
         }
     }
 }
@@ -520,6 +665,12 @@ pub struct ConnectorConfig {
     /// Number used as the caller id of outbound calls (`session.create`).
     #[serde(default)]
     pub outbound_caller_id: Option<String>,
+    /// Targets `call.transfer` may send this connector's calls to, beyond its `connect`
+    /// destinations (which it may always transfer to): each entry an exact address
+    /// (`sip:+15550100@pbx.example`, `+15550100`) or a prefix ending in `*`
+    /// (`sip:*` is any SIP URI, `+1555*`).
+    #[serde(default)]
+    pub transfer_targets: Vec<String>,
 }
 
 /// Resource limits. Each one, when reached, gives a clear error rather than a panic or an
@@ -779,6 +930,9 @@ impl Config {
                     return invalid("every [[sip.trunks]] needs a host and a username".into());
                 }
             }
+            for (i, r) in sip.registrations.iter().enumerate() {
+                r.validate(i)?;
+            }
             for a in &sip.accounts {
                 if a.username.is_empty() || a.password.is_empty() {
                     return invalid(
@@ -859,7 +1013,22 @@ impl ConnectorConfig {
             connect_default: Some(DEV_CONNECT_DESTINATION.into()),
             client_cert_sha256: None,
             outbound_caller_id: Some("+15550000".into()),
+            transfer_targets: Vec::new(),
         }
+    }
+
+    /// Whether `call.transfer` may send a call of this connector to `target`: one of its
+    /// `connect` destinations, or a match of its `transfer_targets`.
+    pub fn may_transfer_to(&self, target: &str) -> bool {
+        let connect = self.connect.values().chain(&self.connect_default);
+        connect.into_iter().any(|d| d.trim() == target)
+            || self
+                .transfer_targets
+                .iter()
+                .any(|pattern| match pattern.strip_suffix('*') {
+                    Some(prefix) => target.starts_with(prefix),
+                    None => pattern == target,
+                })
     }
 
     /// Checks the UUID and the addresses `call.connect` would ring: a well-formed UUID, no
@@ -898,6 +1067,21 @@ impl ConnectorConfig {
             }
             if let Err(why) = check_address(&field, destination) {
                 return invalid(format!("connector {}: {why}", self.uuid));
+            }
+        }
+        for pattern in &self.transfer_targets {
+            let len = pattern.chars().count();
+            let star = pattern.find('*');
+            if len == 0
+                || len > telcoflow_proto::media::MAX_TRANSFER_TARGET_LEN
+                || star.is_some_and(|at| at + 1 != pattern.len())
+                || pattern.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return invalid(format!(
+                    "connectors.transfer_targets of connector {} has {pattern:?}: an address of 1 to {} characters without blanks, with `*` only at its end",
+                    self.uuid,
+                    telcoflow_proto::media::MAX_TRANSFER_TARGET_LEN
+                ));
             }
         }
         Ok(())
@@ -1071,6 +1255,39 @@ mod tests {
     }
 
     #[test]
+    fn transfer_targets_are_connect_destinations_and_listed_patterns() {
+        let config = Config::from_toml(
+            r#"
+            [[connectors]]
+            uuid = "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01"
+            api_key = "k1"
+            connect = { "+100" = "+200" }
+            transfer_targets = ["+1555*", "sip:desk@pbx.example"]
+            "#,
+        )
+        .unwrap();
+        let c = &config.connectors[0];
+        assert!(c.may_transfer_to("+200"));
+        assert!(c.may_transfer_to("+15550100"));
+        assert!(c.may_transfer_to("sip:desk@pbx.example"));
+        assert!(!c.may_transfer_to("sip:desk@pbx.example:5070"));
+        assert!(!c.may_transfer_to("+1666"));
+        assert!(!c.may_transfer_to("+20"));
+        for bad in [
+            "\"\"",
+            "\"+1*5\"",
+            "\"sip:a b\"",
+            &format!("{:?}", "1".repeat(257)),
+        ] {
+            let text = format!(
+                "[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'\ntransfer_targets=[{bad}]\n"
+            );
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains("transfer_targets"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_sip_values() {
         let base = "[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'\n";
         for bad in [
@@ -1185,6 +1402,49 @@ mod tests {
         let m = invalid_message("[[connectors]]\nuuid = 'not-a-uuid'\napi_key = 'k'\n");
         assert!(m.contains("connectors.uuid"), "{m}");
         assert!(m.contains("not-a-uuid"), "{m}");
+    }
+
+    #[test]
+    fn sip_registrations_parse_with_defaults_and_bad_ones_say_what_is_wrong() {
+        let reg = |fields: &str| {
+            format!(
+                "[sip]\nlisten = '127.0.0.1:5070'\n[[sip.registrations]]\n{fields}\n{}",
+                connector_toml("")
+            )
+        };
+        let config = Config::from_toml(&reg(
+            "registrar = 'pbx.example.com:5080'\naor = 'sip:+4420700000001@pbx.example.com'\npassword = 's3cret'",
+        ))
+        .unwrap();
+        let r = &config.sip.as_ref().unwrap().registrations[0];
+        assert_eq!(r.expiry, 3600);
+        assert!(!r.is_tcp());
+        assert_eq!(r.registrar_uri(), "sip:pbx.example.com:5080");
+        assert_eq!(
+            r.registrar_host_port(),
+            Some(("pbx.example.com".into(), 5080))
+        );
+        assert_eq!(r.aor_user().as_deref(), Some("+4420700000001"));
+        assert!(!format!("{r:?}").contains("s3cret"), "{r:?}");
+        for (fields, says) in [
+            ("registrar = 'sip:'\naor = 'sip:a@b'", "registrar"),
+            ("registrar = 'pbx'\naor = 'sip:pbx'", "aor"),
+            ("registrar = 'pbx'\naor = 'sip:a@b'\nexpiry = 59", "expiry"),
+            (
+                "registrar = 'pbx'\naor = 'sip:a@b'\ntransport = 'sctp'",
+                "transport",
+            ),
+            (
+                "registrar = 'pbx'\naor = 'sip:a@b'\noutbound_proxy = 'sip:'",
+                "outbound_proxy",
+            ),
+        ] {
+            let m = invalid_message(&reg(fields));
+            assert!(
+                m.contains("[[sip.registrations]] #1") && m.contains(says),
+                "{m}"
+            );
+        }
     }
 
     #[test]

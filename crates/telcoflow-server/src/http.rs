@@ -303,24 +303,7 @@ pub(crate) async fn drain(
     ConnectInfo(peer): ConnectInfo<PeerInfo>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    if has_admin_token(&shared) {
-        if !admin_token_matches(&shared, &headers) {
-            return Err(if authenticate(&shared, &headers, &peer).is_ok() {
-                ApiError::new(
-                    ErrorCode::Forbidden,
-                    "this server has an admin_token: draining takes it \
-                     (Authorization: Bearer <admin_token>), not a connector's key",
-                )
-            } else {
-                ApiError::new(
-                    ErrorCode::Unauthorized,
-                    "draining takes the admin token: Authorization: Bearer <admin_token>",
-                )
-            });
-        }
-    } else {
-        auth(&shared, &headers, &peer)?;
-    }
+    admin(&shared, &headers, &peer, "draining")?;
     let calls = crate::drain::start(&shared);
     let body = json!({
         "draining": true,
@@ -328,6 +311,51 @@ pub(crate) async fn drain(
         "graceSecs": shared.config.drain_grace_secs,
     });
     Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+/// Lets through an operator's request: with `admin_token` set, only that token (a
+/// connector's key gets 403, anything else 401); without one, any connector's credentials.
+/// `what` names the action in the errors ("draining").
+fn admin(
+    shared: &Shared,
+    headers: &HeaderMap,
+    peer: &PeerInfo,
+    what: &str,
+) -> Result<(), ApiError> {
+    if !has_admin_token(shared) {
+        return auth(shared, headers, peer).map(|_| ());
+    }
+    if admin_token_matches(shared, headers) {
+        return Ok(());
+    }
+    Err(if authenticate(shared, headers, peer).is_ok() {
+        ApiError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "this server has an admin_token: {what} takes it \
+                 (Authorization: Bearer <admin_token>), not a connector's key"
+            ),
+        )
+    } else {
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            format!("{what} takes the admin token: Authorization: Bearer <admin_token>"),
+        )
+    })
+}
+
+/// `GET /admin/v1/sip/registrations`: each outbound SIP registration (`[[sip.registrations]]`)
+/// as it last reported, in config order: `{"registrations": [{"registrar", "aor",
+/// "transport", "state", "expiresSecs", "lastStatus", "reason", "retryInSecs", "since"}]}`
+/// (no credentials). Authorized as `POST /admin/v1/drain`.
+pub(crate) async fn sip_registrations(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<PeerInfo>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin(&shared, &headers, &peer, "reading the SIP registrations")?;
+    let body = json!({ "registrations": shared.sip_registrations.snapshot() });
+    Ok((StatusCode::OK, Json(body)).into_response())
 }
 
 fn has_admin_token(shared: &Shared) -> bool {

@@ -326,6 +326,7 @@ fn router(shared: Arc<state::Shared>, phones: Arc<net::sim::Directory>) -> Route
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(http::readyz))
         .route("/admin/v1/drain", post(http::drain))
+        .route("/admin/v1/sip/registrations", get(http::sip_registrations))
         .route("/metrics", get(http::metrics))
         .route("/console", get(console::index))
         .route("/console/{file}", get(console::asset))

@@ -9,7 +9,7 @@
 
 use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The network a leg is on.
@@ -131,49 +131,14 @@ impl Drop for Held {
     }
 }
 
-/// The interarrival jitter (RFC 3550, 6.4.1) of a leg whose audio comes over a WebSocket:
-/// each frame's arrival against the previous one's, less the previous frame's duration.
-/// Observed into `telcoflow_leg_jitter_seconds` when dropped (the leg's end).
-#[derive(Debug)]
-pub(crate) struct ArrivalJitter {
-    histogram: Histogram,
-    rate: f64,
-    /// The previous frame: its arrival and duration in seconds.
-    last: Option<(std::time::Instant, f64)>,
-    jitter: f64,
-    frames: u64,
-}
-
-impl ArrivalJitter {
-    pub(crate) fn new(metrics: &Metrics, kind: LegKind, rate_hz: u32) -> Self {
-        Self {
-            histogram: metrics.leg_jitter.with_label_values(&[kind.as_str()]),
-            rate: f64::from(rate_hz.max(1)),
-            last: None,
-            jitter: 0.0,
-            frames: 0,
-        }
-    }
-
-    /// A frame of `samples` arrived `now`.
-    pub(crate) fn frame(&mut self, now: std::time::Instant, samples: usize) {
-        if let Some((at, duration)) = self.last {
-            let d = now.saturating_duration_since(at).as_secs_f64() - duration;
-            self.jitter += (d.abs() - self.jitter) / 16.0;
-        }
-        self.last = Some((now, samples as f64 / self.rate));
-        self.frames += 1;
-    }
-}
-
-impl Drop for ArrivalJitter {
-    fn drop(&mut self) {
-        // One frame has no spacing to measure.
-        if self.frames >= 2 {
-            self.histogram.observe(self.jitter);
-        }
-    }
-}
+/// States of an outbound registration (`telcoflow_sip_registrations{state}`).
+pub(crate) const REGISTRATION_STATES: [&str; 5] = [
+    "registering",
+    "registered",
+    "failed",
+    "unregistering",
+    "unregistered",
+];
 
 /// Outcomes of a call (`telcoflow_calls_total{outcome}`): who ended it.
 pub(crate) const OUTCOMES: [&str; 5] = ["caller", "no_answer", "agent", "server", "network"];
@@ -210,6 +175,7 @@ pub(crate) struct Metrics {
     /// (simulated phones lose nothing).
     leg_lost_sip: IntCounter,
     sip_requests: IntCounterVec,
+    sip_registrations: IntGaugeVec,
     sip_responses: IntCounterVec,
     pub(crate) rtp_ports_in_use: IntGauge,
     rtp_sessions: IntCounterVec,
@@ -358,6 +324,20 @@ impl Metrics {
             "SIP responses, by direction (in: received), method (of CSeq) and status code.",
             &["direction", "method", "code"],
         );
+        let sip_registrations = reg(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "telcoflow_sip_registrations",
+                    "Outbound SIP registrations ([[sip.registrations]]), by state.",
+                ),
+                &["state"],
+            )
+            .expect("valid metric"),
+        );
+        for state in REGISTRATION_STATES {
+            sip_registrations.with_label_values(&[state]);
+        }
         let overflow_vec = counter_vec(
             "telcoflow_queue_overflows_total",
             "Times a bounded queue was full, by queue.",
@@ -410,11 +390,20 @@ impl Metrics {
             leg_lost_sip: leg_lost.with_label_values(&[LegKind::Sip.as_str()]),
             sip_requests,
             sip_responses,
+            sip_registrations,
             rtp_ports_in_use: gauge("telcoflow_rtp_ports_in_use", "RTP port pairs in use."),
             rtp_sessions,
             overflows,
             registry: r,
         }
+    }
+
+    /// An outbound registration moved from state `from` (none: it just started) to `to`.
+    pub(crate) fn sip_registration_moved(&self, from: Option<&str>, to: &str) {
+        if let Some(from) = from {
+            self.sip_registrations.with_label_values(&[from]).dec();
+        }
+        self.sip_registrations.with_label_values(&[to]).inc();
     }
 
     /// A call ended; `outcome` is one of [`OUTCOMES`].
@@ -434,6 +423,11 @@ impl Metrics {
     /// The frame counters of a leg kind.
     pub(crate) fn leg(&self, kind: LegKind) -> &LegCounters {
         &self.legs[kind as usize]
+    }
+
+    /// The interarrival jitter histogram of `kind`'s legs, observed once per leg at its end.
+    pub(crate) fn leg_jitter(&self, kind: LegKind) -> Histogram {
+        self.leg_jitter.with_label_values(&[kind.as_str()])
     }
 
     /// The counter of dropped frames for `cause`.
@@ -733,36 +727,5 @@ mod tests {
                 "operations.md lacks {family}"
             );
         }
-    }
-
-    #[test]
-    fn arrival_jitter_follows_rfc_3550() {
-        let m = Metrics::new();
-        let t0 = std::time::Instant::now();
-        let ms = std::time::Duration::from_millis;
-        {
-            // Frames of 20 ms arriving every 20 ms: no jitter.
-            let mut steady = ArrivalJitter::new(&m, LegKind::Sim, 16000);
-            for i in 0..10 {
-                steady.frame(t0 + ms(20 * i), 320);
-            }
-            assert!(steady.jitter.abs() < 1e-9, "{}", steady.jitter);
-        }
-        {
-            // One frame 16 ms late and the next on time: |D| = 16 ms, then 16 ms.
-            let mut late = ArrivalJitter::new(&m, LegKind::Sim, 16000);
-            late.frame(t0, 320);
-            late.frame(t0 + ms(36), 320);
-            late.frame(t0 + ms(40), 320);
-            let expected = 0.016 / 16.0;
-            let expected = expected + (0.016 - expected) / 16.0;
-            assert!((late.jitter - expected).abs() < 1e-9, "{}", late.jitter);
-        }
-        drop(ArrivalJitter::new(&m, LegKind::Sim, 16000));
-        let text = m.encode();
-        assert!(
-            text.contains("telcoflow_leg_jitter_seconds_count{leg_kind=\"sim\"} 2"),
-            "a leg with frames is observed once, one without none:\n{text}"
-        );
     }
 }

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     next_conn: AtomicU64,
     /// The Prometheus metrics (`GET /metrics`).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// What each outbound SIP registration last reported (empty without any).
+    pub(crate) sip_registrations: Arc<crate::net::registration_board::RegistrationBoard>,
     /// Console live views open on this node, per connector.
     console_views: Arc<std::sync::Mutex<HashMap<String, usize>>>,
 }
@@ -101,6 +103,7 @@ impl Shared {
             ended_calls: EndedCalls::default(),
             next_conn: AtomicU64::new(1),
             metrics: Arc::default(),
+            sip_registrations: Arc::default(),
             console_views: Arc::default(),
         }
     }

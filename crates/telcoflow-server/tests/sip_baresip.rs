@@ -4,6 +4,9 @@
 //!
 //! A second test: an agent sends DTMF and baresip receives the RFC 4733 events.
 //!
+//! A third: an agent transfers baresip's call; baresip takes the REFER, calls the target (a
+//! number of this same server, whose call the agent answers) and reports it with NOTIFYs.
+//!
 //! Needs `baresip` and `sox`: the test fails without them when `CI` is set and otherwise skips
 //! with a notice.
 
@@ -300,4 +303,119 @@ async fn baresip_receives_the_digits_an_agent_sends() {
     client.shutdown().await;
     let _ = agent.await;
     server.shutdown().await;
+}
+
+/// The agent transfers baresip's call to another number of this server: baresip takes the
+/// REFER, calls that number itself (the agent answers it), reports the call with NOTIFYs and
+/// gets our BYE. The agent sees the progress and a transfer by REFER that succeeded.
+#[tokio::test]
+async fn baresip_takes_the_refer_and_calls_the_transfer_target() {
+    if !tools_available() {
+        return;
+    }
+    let ports = sipp::ports(58);
+    let mut server_config = sipp::sip_config(ports);
+    server_config.connectors[0].transfer_targets = vec!["sip:+15559990002@*".into()];
+    let server = start(server_config).await;
+    let sip = server.sip_addr().unwrap();
+    let target = format!("sip:+15559990002@{sip}");
+    let dir = sipp::work_dir("baresip-transfer");
+    write_config(&dir, 29400);
+    let config = telcoflow::TelcoflowClientConfig::builder()
+        .api_key(
+            telcoflow_server::config::DEV_API_KEY,
+            telcoflow_server::config::DEV_CONNECTOR_UUID,
+        )
+        .base_url(server.base_url())
+        .build()
+        .expect("SDK config");
+    let client = telcoflow::TelcoflowClient::connect(config)
+        .await
+        .expect("the agent connects");
+    let (results, mut outcomes) = tokio::sync::mpsc::channel(4);
+    let agent = {
+        let client = client.clone();
+        let target = target.clone();
+        tokio::spawn(async move {
+            client
+                .serve(move |call: telcoflow::ActiveCall| {
+                    let (results, target) = (results.clone(), target.clone());
+                    async move {
+                        if call.answer().await.is_err() {
+                            return;
+                        }
+                        if call.callee() == "+15559990002" {
+                            // The transferred caller arrives.
+                            let _ = results.send(Err(call.clone())).await;
+                            call.terminated().await;
+                            return;
+                        }
+                        let mut events = call.events();
+                        let outcome = call.transfer(&target).await;
+                        let mut progress = Vec::new();
+                        while let Some(ev) = events.next().await {
+                            if let telcoflow::CallEvent::TransferProgress { status, .. } = ev {
+                                progress.push(status);
+                            }
+                        }
+                        let _ = results.send(Ok((outcome, progress))).await;
+                    }
+                })
+                .await
+        })
+    };
+    let mut phone = tokio::process::Command::new("baresip")
+        .arg("-v")
+        .arg("-f")
+        .arg(&dir)
+        .args(["-e", &format!("/dial sip:+15559990001@{sip}"), "-t", "15"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("baresip starts");
+    // The transfer's outcome and the target's call, whichever comes first.
+    let received = tokio::time::timeout(Duration::from_secs(15), async {
+        let (mut arrived, mut transfer) = (None, None);
+        while arrived.is_none() || transfer.is_none() {
+            match outcomes.recv().await {
+                Some(Err(call)) => arrived = Some(call),
+                Some(Ok(result)) => transfer = Some(result),
+                None => break,
+            }
+        }
+        (arrived, transfer)
+    })
+    .await;
+    // The agent hangs up the target's call while baresip can still answer the BYE.
+    if let Ok((Some(target_call), _)) = &received {
+        let _ = target_call.disconnect().await;
+    }
+    client.shutdown().await;
+    let _ = agent.await;
+    server.shutdown().await;
+    let _ = phone.start_kill();
+    let out = phone.wait_with_output().await.expect("baresip output");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let Ok((arrived, Some(transfer))) = received else {
+        panic!("no transfer outcome in time; baresip's log:\n{log}");
+    };
+    assert!(
+        log.contains("transferring call") && log.contains("Call established: sip:+15559990002@"),
+        "baresip took the REFER and reached the target:\n{log}"
+    );
+    let arrived = arrived.map(|call| call.caller().to_owned());
+    assert_eq!(arrived.as_deref(), Some("baresip"), "the target's caller");
+    let (outcome, progress) = transfer;
+    let outcome = outcome.unwrap_or_else(|e| panic!("transfer failed: {e}; baresip's log:\n{log}"));
+    assert_eq!(outcome.method, telcoflow::TransferMethod::Refer);
+    assert_eq!(outcome.status, Some(200));
+    assert_eq!(outcome.target, target);
+    assert_eq!(progress.first(), Some(&100), "{progress:?}");
+    assert_eq!(progress.last(), Some(&200), "{progress:?}");
 }

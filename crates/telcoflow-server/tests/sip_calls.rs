@@ -369,6 +369,26 @@ async fn sip_reinvite_hold_is_answered_recvonly_and_the_call_goes_on() {
 }
 
 #[tokio::test]
+async fn sip_session_timer_is_granted_and_refreshed_by_update() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(64);
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 8000, "mixed").await;
+    let dir = sipp::work_dir("session-timer");
+    let args = sipp::uac_args(&server, ports, "uac_session_timer.xml", "+15559990001", 1);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let mut media = answer_next(&mut control).await;
+    // The refresh does not end the call: it ends with SIPp's BYE, after the UPDATE.
+    let ended = terminated(&mut media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn sip_rtp_timeout_ends_the_call_with_bye() {
     if !sipp::available() {
         return;

@@ -12,6 +12,9 @@
 //! `create_session` returns the call ringing; `answer` waits for the pick-up and says why
 //! when there is none. Server and credentials as in `echo.rs`.
 
+#[path = "support/wav.rs"]
+mod wav;
+
 use futures_util::StreamExt;
 use std::time::Duration;
 use telcoflow::{
@@ -33,12 +36,12 @@ async fn main() -> anyhow::Result<()> {
         .next()
         .ok_or_else(|| anyhow::anyhow!("usage: outbound_dialer NUMBER [FILE.wav]"))?;
     let mut pcm = match args.next() {
-        Some(path) => load(&path)?,
-        None => tone(440.0, Duration::from_secs(2)),
+        Some(path) => wav::load(std::path::Path::new(&path), RATE)?,
+        None => wav::tone(440.0, Duration::from_secs(2), RATE),
     };
     // The server takes whole 20 ms frames: pad the tail with silence so that it plays too.
-    let frame = RATE.hz() as usize / 50 * 2;
-    pcm.resize(pcm.len().div_ceil(frame) * frame, 0);
+    wav::pad_to_frames(&mut pcm, RATE);
+    let frame = wav::frame_bytes(RATE);
     // The default buffer holds 32 s at 16 kHz; longer audio is cut there.
     pcm.truncate((1 << 20) / frame * frame);
     let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
@@ -104,45 +107,4 @@ async fn dial(client: &TelcoflowClient, number: &str, pcm: &[u8]) -> anyhow::Res
         () = call.terminated() => println!("{number} hung up first"),
     }
     Ok(())
-}
-
-/// `duration` of a sine at `hz`, s16le mono at `RATE`, at about a quarter of full scale.
-fn tone(hz: f32, duration: Duration) -> Vec<u8> {
-    let rate = RATE.hz() as f32;
-    let samples = (duration.as_secs_f32() * rate) as usize;
-    (0..samples)
-        .flat_map(|i| {
-            let s = (std::f32::consts::TAU * hz * i as f32 / rate).sin() * 8000.0;
-            (s as i16).to_le_bytes()
-        })
-        .collect()
-}
-
-/// Reads a 16-bit WAV as mono s16le PCM at `RATE` (linear resampling).
-fn load(path: &str) -> anyhow::Result<Vec<u8>> {
-    let mut reader = hound::WavReader::open(path)?;
-    let spec = reader.spec();
-    anyhow::ensure!(
-        spec.bits_per_sample == 16 && spec.sample_format == hound::SampleFormat::Int,
-        "{path}: only 16-bit integer WAV files are supported here"
-    );
-    let channels = usize::from(spec.channels.max(1));
-    let samples: Vec<i16> = reader.samples::<i16>().collect::<Result<_, _>>()?;
-    let mono: Vec<f32> = samples
-        .chunks(channels)
-        .map(|f| f.iter().map(|&s| f32::from(s)).sum::<f32>() / f.len() as f32)
-        .collect();
-    let step = f64::from(spec.sample_rate) / f64::from(RATE.hz());
-    let out_len = (mono.len() as f64 / step) as usize;
-    let mut pcm = Vec::with_capacity(out_len * 2);
-    for i in 0..out_len {
-        let pos = i as f64 * step;
-        let j = pos as usize;
-        let frac = (pos - j as f64) as f32;
-        let a = mono[j];
-        let b = *mono.get(j + 1).unwrap_or(&a);
-        let s = (a + (b - a) * frac).clamp(-32768.0, 32767.0) as i16;
-        pcm.extend_from_slice(&s.to_le_bytes());
-    }
-    Ok(pcm)
 }

@@ -9,6 +9,9 @@
 //! level of 600, the agent calls `clear_send_audio_buffer`, which drops what is still queued
 //! here and what the server has not played yet. Server and credentials as in `echo.rs`.
 
+#[path = "support/wav.rs"]
+mod wav;
+
 use futures_util::StreamExt;
 use std::sync::Arc;
 use telcoflow::{ActiveCall, AudioChannel, SampleRate, TelcoflowClient, TelcoflowClientConfig};
@@ -26,7 +29,9 @@ async fn main() -> anyhow::Result<()> {
     let path = std::env::args()
         .nth(1)
         .ok_or_else(|| anyhow::anyhow!("usage: speaker FILE.wav"))?;
-    let pcm: Arc<[u8]> = load(&path)?.into();
+    let mut pcm = wav::load(std::path::Path::new(&path), RATE)?;
+    wav::pad_to_frames(&mut pcm, RATE);
+    let pcm: Arc<[u8]> = pcm.into();
     let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
     let config = TelcoflowClientConfig::builder()
         .api_key(
@@ -92,33 +97,4 @@ fn level(pcm: &[u8]) -> u64 {
         .map(|b| u64::from(i16::from_le_bytes([b[0], b[1]]).unsigned_abs()))
         .sum::<u64>()
         / n
-}
-
-/// Reads a 16-bit WAV as mono s16le PCM at `RATE`.
-fn load(path: &str) -> anyhow::Result<Vec<u8>> {
-    let mut reader = hound::WavReader::open(path)?;
-    let spec = reader.spec();
-    anyhow::ensure!(
-        spec.bits_per_sample == 16 && spec.sample_format == hound::SampleFormat::Int,
-        "{path}: only 16-bit integer WAV files are supported here"
-    );
-    let channels = usize::from(spec.channels.max(1));
-    let samples: Vec<i16> = reader.samples::<i16>().collect::<Result<_, _>>()?;
-    let mono: Vec<f32> = samples
-        .chunks(channels)
-        .map(|f| f.iter().map(|&s| f32::from(s)).sum::<f32>() / f.len() as f32)
-        .collect();
-    let step = spec.sample_rate as f64 / f64::from(RATE.hz());
-    let out_len = (mono.len() as f64 / step) as usize;
-    let mut pcm = Vec::with_capacity(out_len * 2);
-    for i in 0..out_len {
-        let pos = i as f64 * step;
-        let j = pos as usize;
-        let frac = (pos - j as f64) as f32;
-        let a = mono[j];
-        let b = *mono.get(j + 1).unwrap_or(&a);
-        let s = (a + (b - a) * frac).clamp(-32768.0, 32767.0) as i16;
-        pcm.extend_from_slice(&s.to_le_bytes());
-    }
-    Ok(pcm)
 }

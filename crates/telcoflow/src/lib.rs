@@ -70,6 +70,7 @@ mod transport;
 
 pub use call::{
     ActiveCall, AudioChannel, AudioStream, CallEvent, CallEvents, CallState, CallStateWatch,
+    TransferMethod, TransferOutcome,
 };
 pub use call_flow::{CallFlow, InboundCalls};
 pub use client::TelcoflowClient;

@@ -118,6 +118,23 @@ fn describe(path: &std::path::Path, config: &Config, from_env: &[String]) -> Str
                     format!(" ({})", hosts.join(", "))
                 }
             ));
+            for r in &sip.registrations {
+                line(format!(
+                    "  registers {} at {} over {}, asking {} s{}{}",
+                    r.aor,
+                    r.registrar_uri(),
+                    r.transport.to_ascii_lowercase(),
+                    r.expiry,
+                    r.outbound_proxy
+                        .as_deref()
+                        .map_or(String::new(), |p| format!(" through {p}")),
+                    if r.password.is_some() {
+                        " (with a password)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
         }
         None => line("sip: off".into()),
     }

@@ -53,6 +53,28 @@ pub(super) struct PendingConnect {
     pub(super) destination: String,
     pub(super) ring_deadline: Instant,
     pub(super) reply_deadline: Option<Instant>,
+    /// Rung for `call.transfer` rather than `call.connect`: the agent leaves once it answers.
+    pub(super) transfer: Option<BridgeTransfer>,
+}
+
+/// A `call.transfer` by REFER, waiting for the caller (see `transfer`).
+pub(super) struct PendingTransfer {
+    pub(super) command_id: String,
+    pub(super) target: String,
+    pub(super) ring_time: u32,
+    /// The REFER was accepted (202): the final NOTIFY is awaited.
+    pub(super) accepted: bool,
+    /// When the caller's answer or final NOTIFY is given up on.
+    pub(super) deadline: Instant,
+    /// The command's own `timeout_ms`.
+    pub(super) reply_deadline: Option<Instant>,
+}
+
+/// A `call.transfer` by dialling the target ([`PendingConnect::transfer`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct BridgeTransfer {
+    /// The REFER answer that sent the transfer here, if the caller refused one.
+    pub(super) refer_status: Option<u16>,
 }
 
 /// Past destinations a call's stats keep, the latest.
@@ -115,6 +137,14 @@ pub(super) struct CallActor {
     pub(super) past_legs: Vec<LegStats>,
     /// The agent's side of the quality figures.
     pub(super) agent_counts: AgentCounts,
+    /// A `call.transfer` waiting for the caller's REFER answer or final NOTIFY.
+    pub(super) transfer: Option<PendingTransfer>,
+    /// A REFER was sent to the caller during this call.
+    pub(super) referred: bool,
+    /// `call.transfer_progress` events sent (bounded).
+    pub(super) transfer_events: u32,
+    /// The caller was handed over to a transfer target: the call ends as `transferred`.
+    pub(super) transferred: bool,
 }
 
 impl CallActor {
@@ -170,6 +200,10 @@ impl CallActor {
             commands_started: Vec::new(),
             past_legs: Vec::new(),
             agent_counts: AgentCounts::default(),
+            transfer: None,
+            referred: false,
+            transfer_events: 0,
+            transferred: false,
         }
     }
 
@@ -302,9 +336,14 @@ impl CallActor {
             .flat_map(|c| [Some(c.ring_deadline), c.reply_deadline]);
         let answer = self.pending_answer.as_ref().and_then(|(_, d)| *d);
         let media = self.media_lost_at.map(|lost| lost + MEDIA_GRACE);
+        let transfer = self
+            .transfer
+            .iter()
+            .flat_map(|t| [Some(t.deadline), t.reply_deadline]);
         [ringing, answer, media]
             .into_iter()
             .chain(connect)
+            .chain(transfer)
             .flatten()
             .min()
     }
@@ -342,21 +381,16 @@ impl CallActor {
             if now >= c.ring_deadline {
                 let c = self.connect.take().expect("checked above");
                 self.drop_callee(c.leg, HangupReason::NoAnswer);
-                self.respond(CommandResponse::error(
-                    c.command_id,
-                    ErrorCode::CallUnanswered,
-                    format!("{} did not answer", c.destination),
-                ));
+                let message = format!("{} did not answer", c.destination);
+                self.respond(c.failure(ErrorCode::CallUnanswered, message));
             } else if c.reply_deadline.is_some_and(|r| now >= r) {
                 let c = self.connect.take().expect("checked above");
                 self.drop_callee(c.leg, HangupReason::Remote);
-                self.respond(CommandResponse::error(
-                    c.command_id,
-                    ErrorCode::Timeout,
-                    "no answer from the destination before the command's timeout_ms",
-                ));
+                let message = "no answer from the destination before the command's timeout_ms";
+                self.respond(c.failure(ErrorCode::Timeout, message));
             }
         }
+        self.transfer_deadline(now);
         if self
             .media_lost_at
             .is_some_and(|lost| now >= lost + MEDIA_GRACE)
@@ -452,15 +486,21 @@ impl CallActor {
     pub(super) fn agent_leaves(&mut self) {
         if self.callee.as_ref().is_some_and(|c| c.up) {
             info!("agent left; caller and destination stay connected");
-            self.agent_left = true;
-            self.playout.clear();
-            self.send_stats();
-            self.send_event(CallEvent::terminated("agent_left"));
-            self.close_media();
-            self.session_ended(CloseReason::SdkRequest);
+            self.leave_connected("agent_left");
         } else {
             self.finish(CloseReason::SdkRequest, HangupReason::Remote);
         }
+    }
+
+    /// The agent leaves a caller and destination that stay connected; its
+    /// `call.terminated` says why (`agent_left`, `transferred`).
+    pub(super) fn leave_connected(&mut self, reason: &str) {
+        self.agent_left = true;
+        self.playout.clear();
+        self.send_stats();
+        self.send_event(CallEvent::terminated(reason));
+        self.close_media();
+        self.session_ended(CloseReason::SdkRequest);
     }
 
     /// The call is answered now: its setup time is known.
@@ -512,11 +552,13 @@ impl CallActor {
                 "the far end did not take the call",
             ));
         }
+        self.transfer_ended_with_call();
         self.caller.send(LegOutput::Hangup(caller_reason));
         if let Some(callee) = self.callee.take() {
             callee.send(LegOutput::Hangup(HangupReason::Remote));
         }
         let who = match (reason, caller_reason) {
+            _ if self.transferred => "transferred",
             (_, HangupReason::Local) => "caller",
             (_, HangupReason::NoAnswer) => "no_answer",
             (CloseReason::SdkRequest, _) => "agent",

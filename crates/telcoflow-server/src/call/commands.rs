@@ -92,6 +92,7 @@ impl CallActor {
                 ));
             }
             CommandName::SendDtmf => self.on_send_dtmf(id, cmd.data),
+            CommandName::Transfer => self.on_transfer(id, cmd.data, cmd.timeout_ms),
             CommandName::Disconnect => {
                 self.respond(CommandResponse::ok(id, None));
                 self.finish(CloseReason::SdkRequest, HangupReason::Remote);
@@ -172,6 +173,13 @@ impl CallActor {
                 "the call is already connected or connecting",
             ));
         }
+        if self.transfer.is_some() {
+            return self.respond(CommandResponse::error(
+                id,
+                ErrorCode::InvalidState,
+                "a transfer is under way",
+            ));
+        }
         let Some(destination) = self
             .connector
             .connect_destination(&self.handle.to)
@@ -186,28 +194,34 @@ impl CallActor {
                 ),
             ));
         };
-        let leg = LegId(self.next_leg);
-        self.next_leg += 1;
-        // The networks pick by address: SIP for `sip:` URIs, else the simulated phones.
-        let link = match self.shared.networks.ring(&destination, &self.handle, leg) {
-            Ok(link) => link,
-            Err(e) => {
-                return self.respond(CommandResponse::error(
-                    id,
-                    ErrorCode::CallRejected,
-                    format!("{destination} cannot be reached: {e}"),
-                ));
-            }
-        };
-        info!(%destination, ring_time, "connecting");
         let now = self.now;
-        self.callee = Some(Leg::new(leg, link, self.rate(), &self.shared.metrics));
-        self.connect = Some(PendingConnect {
+        self.ring_destination(PendingConnect {
             command_id: id,
-            leg,
+            leg: LegId(0),
             destination,
             ring_deadline: now + Duration::from_secs(u64::from(ring_time)),
             reply_deadline: timeout_ms.map(|ms| now + Duration::from_millis(ms)),
+            transfer: None,
         });
+    }
+
+    /// Rings `pending.destination` as a new leg (`call.connect`, or `call.transfer` by
+    /// dialling), which answers or refuses later as a leg event.
+    pub(super) fn ring_destination(&mut self, mut pending: PendingConnect) {
+        let leg = LegId(self.next_leg);
+        self.next_leg += 1;
+        pending.leg = leg;
+        let destination = &pending.destination;
+        // The networks pick by address: SIP for `sip:` URIs, else the simulated phones.
+        let link = match self.shared.networks.ring(destination, &self.handle, leg) {
+            Ok(link) => link,
+            Err(e) => {
+                let message = format!("{destination} cannot be reached: {e}");
+                return self.respond(pending.failure(ErrorCode::CallRejected, message));
+            }
+        };
+        info!(%destination, transfer = pending.transfer.is_some(), "ringing");
+        self.callee = Some(Leg::new(leg, link, self.rate(), &self.shared.metrics));
+        self.connect = Some(pending);
     }
 }

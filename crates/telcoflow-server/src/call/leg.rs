@@ -35,6 +35,16 @@ pub(crate) enum LegEvent {
     Dtmf { digit: char, duration_ms: u32 },
     /// The leg dropped audio it had received: stale after the server itself stalled.
     AudioSkipped { dropped_ms: u64 },
+    /// The caller answered our REFER ([`LegOutput::Refer`]) with this final SIP status
+    /// (202: it accepted to call the target).
+    ReferAnswered { status: u16 },
+    /// How the caller's call to the REFER's target goes (a NOTIFY's sipfrag status line);
+    /// `terminated`: the last one.
+    ReferProgress {
+        status: u16,
+        reason: String,
+        terminated: bool,
+    },
     /// The leg's audio is at this rate from now on, both ways (a SIP leg that negotiated
     /// G.722: 16 kHz, G.711: 8 kHz).
     Rate(SampleRate),
@@ -104,6 +114,9 @@ pub(crate) enum LegOutput {
     /// DTMF for the leg to send (`call.send_dtmf`): RFC 4733 events or SIP INFO on a SIP
     /// leg, tones mixed into the audio on a simulated phone.
     Dtmf(telcoflow_sip::rtp::dtmf_out::DtmfPlan),
+    /// Ask the caller to call `target` itself (`call.transfer` on an incoming SIP call: a
+    /// REFER). Answered with [`LegEvent::ReferAnswered`]; a leg that cannot refer answers 501.
+    Refer { target: String },
 }
 
 /// How a call reaches one of its legs.

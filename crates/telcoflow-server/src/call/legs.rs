@@ -6,7 +6,7 @@ use super::leg::{LegId, LegKind, LegLink, LegOutput, LegQuality};
 use super::meter::ArrivalMeter;
 use crate::audio::Resampler;
 use crate::metrics::{DropCause, LegCounters, Metrics, QueueKind};
-use prometheus::IntCounter;
+use prometheus::{Histogram, IntCounter};
 use std::collections::VecDeque;
 use telcoflow_proto::SampleRate;
 use telcoflow_sip::rtp::dtmf_out::{DtmfPlan, ToneGenerator};
@@ -39,6 +39,9 @@ pub(super) struct Leg {
     overflows: IntCounter,
     /// What the call measures of the leg's audio.
     pub(super) meter: ArrivalMeter,
+    /// Where the meter's jitter goes when the leg ends, for a network whose own task does
+    /// not measure it (a SIP leg's RTP task observes its RFC 3550 jitter itself).
+    jitter_histogram: Option<Histogram>,
     /// DTMF tones being mixed into what a simulated phone hears (`call.send_dtmf`).
     tones: Option<ToneGenerator>,
 }
@@ -46,6 +49,10 @@ pub(super) struct Leg {
 impl Leg {
     pub(super) fn new(id: LegId, link: LegLink, agent_rate: SampleRate, metrics: &Metrics) -> Self {
         let (from_leg, to_leg) = resamplers(link.rate, agent_rate);
+        let jitter_histogram = link
+            .quality
+            .is_none()
+            .then(|| metrics.leg_jitter(link.kind));
         Self {
             counters: metrics.leg(link.kind).clone(),
             not_reading: metrics.dropped(DropCause::LegNotReading).clone(),
@@ -60,6 +67,7 @@ impl Leg {
             dropped_samples: 0,
             pool: SamplePool::default(),
             meter: ArrivalMeter::default(),
+            jitter_histogram,
             tones: None,
         }
     }
@@ -172,6 +180,17 @@ impl Leg {
     }
 }
 
+impl Drop for Leg {
+    fn drop(&mut self) {
+        // One frame has no spacing to measure.
+        if let Some(histogram) = &self.jitter_histogram {
+            if self.meter.frames >= 2 {
+                histogram.observe(self.meter.jitter);
+            }
+        }
+    }
+}
+
 fn resamplers(leg: SampleRate, agent: SampleRate) -> (Resampler, Resampler) {
     // Supported rates are all multiples of 8 kHz, which the FFT resampler handles; a failure
     // here would be a bug, and pass-through keeps audio flowing rather than killing the call.
@@ -182,4 +201,52 @@ fn resamplers(leg: SampleRate, agent: SampleRate) -> (Resampler, Resampler) {
         })
     };
     (make(leg, agent), make(agent, leg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn leg(metrics: &Metrics, kind: LegKind, quality: Option<std::sync::Arc<LegQuality>>) -> Leg {
+        let (tx, _rx) = mpsc::channel(8);
+        let link = LegLink {
+            rate: SampleRate::Hz16000,
+            tx,
+            kind,
+            quality,
+        };
+        Leg::new(LegId::CALLER, link, SampleRate::Hz16000, metrics)
+    }
+
+    #[test]
+    fn a_simulated_legs_jitter_is_observed_once_at_its_end() {
+        let metrics = Metrics::new();
+        let t0 = tokio::time::Instant::now();
+        let mut with_audio = leg(&metrics, LegKind::Sim, None);
+        for i in 0..10u32 {
+            with_audio.arrived(320, t0 + Duration::from_millis(20) * i);
+        }
+        let mut one_frame = leg(&metrics, LegKind::Sim, None);
+        one_frame.arrived(320, t0);
+        // A leg whose own task measures its network observes the histogram itself.
+        let mut measured = leg(
+            &metrics,
+            LegKind::Sip,
+            Some(std::sync::Arc::new(LegQuality::default())),
+        );
+        measured.arrived(320, t0);
+        measured.arrived(320, t0 + Duration::from_millis(20));
+        let count = |kind: &str| {
+            let text = metrics.encode();
+            let line = format!("telcoflow_leg_jitter_seconds_count{{leg_kind=\"{kind}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| panic!("no {line} in\n{text}"))
+        };
+        assert_eq!(count("sim"), "0", "observed before the leg ended");
+        drop((with_audio, one_frame, measured));
+        assert_eq!(count("sim"), "1", "one leg with spacing to measure");
+        assert_eq!(count("sip"), "0");
+    }
 }

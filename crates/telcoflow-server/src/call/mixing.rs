@@ -43,6 +43,9 @@ impl CallActor {
                 self.mode = AgentMode::Barge;
                 if let Some(c) = self.connect.take() {
                     info!(destination = %c.destination, "destination answered");
+                    if c.transfer.is_some() {
+                        return self.bridge_transfer_answered(c);
+                    }
                     self.respond(CommandResponse::ok(
                         c.command_id,
                         Some(json!({ "destination": c.destination })),
@@ -67,11 +70,8 @@ impl CallActor {
                         _ => Refusal::Declined,
                     };
                     info!(destination = %c.destination, %refusal, "destination did not take the call");
-                    self.respond(CommandResponse::error(
-                        c.command_id,
-                        refusal.code(),
-                        format!("{} {refusal}", c.destination),
-                    ));
+                    let message = format!("{} {refusal}", c.destination);
+                    self.respond(c.failure(refusal.code(), message));
                 } else if was_up {
                     info!("destination hung up");
                     if self.agent_left {
@@ -99,7 +99,10 @@ impl CallActor {
                     }
                 }
             }
-            LegEvent::Dtmf { .. } => {}
+            // Only the caller is referred.
+            LegEvent::Dtmf { .. }
+            | LegEvent::ReferAnswered { .. }
+            | LegEvent::ReferProgress { .. } => {}
             LegEvent::Rate(rate) => {
                 let agent_rate = self.rate();
                 if let Some(callee) = &mut self.callee {
@@ -172,6 +175,12 @@ impl CallActor {
                     AUDIO_SKIPPED_SERVER_STALL,
                 ));
             }
+            LegEvent::ReferAnswered { status } => self.on_refer_answered(status),
+            LegEvent::ReferProgress {
+                status,
+                reason,
+                terminated,
+            } => self.on_refer_progress(status, &reason, terminated),
             LegEvent::Answered if self.outbound && self.phase == Phase::Ringing => {
                 info!("far end answered");
                 self.phase = Phase::Answered;

@@ -16,7 +16,8 @@
 //! see), `actor` (the task, its lifecycle and deadlines), `agent` (the media connection: attach,
 //! send policy, buffer requests), `commands` (command dispatch and `call.connect`), `legs` (a
 //! leg as the call keeps it: resamplers, its queue, the send policy), `mixing` (audio from the
-//! legs, the 20 ms tick and the mix), `playout` (the agent's playout buffer) and
+//! legs, the 20 ms tick and the mix), `playout` (the agent's playout buffer), `transfer`
+//! (`call.transfer`: REFER to a SIP caller, or dial and bridge) and
 //! [`frames`] (frame storage). The call logic reads no clock: the actor's loop passes `now` in.
 
 mod actor;
@@ -31,6 +32,7 @@ mod meter;
 mod mixing;
 mod playout;
 mod quality;
+mod transfer;
 
 pub(crate) use frames::{SamplePool, frame_bytes};
 pub(crate) use handle::{AttachError, CallHandle, CallInput, MediaLink, MediaOut, StatsError};

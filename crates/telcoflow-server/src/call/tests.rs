@@ -73,6 +73,11 @@ impl Call {
     }
 
     fn new(outbound: Option<telcoflow_proto::control::SetupData>) -> Self {
+        Self::new_on(outbound, LegKind::Sim)
+    }
+
+    /// A call whose caller is on the network `kind`.
+    fn new_on(outbound: Option<telcoflow_proto::control::SetupData>, kind: LegKind) -> Self {
         let config = Config {
             ring_timeout_secs: RING_TIMEOUT.as_secs(),
             ..Config::development()
@@ -85,13 +90,15 @@ impl Call {
             TaskTracker::new(),
             CancellationToken::new(),
         ));
-        let connector = Arc::new(ConnectorConfig::development("key", "connector"));
+        let mut connector = ConnectorConfig::development("key", "connector");
+        connector.transfer_targets = vec!["sip:*".into(), "+1555*".into()];
+        let connector = Arc::new(connector);
         let (handle, queues) = CallHandle::new("+15550100", "+15550200", "connector");
         let (tx, caller) = mpsc::channel(64);
         let link = LegLink {
             rate: SampleRate::Hz16000,
             tx,
-            kind: LegKind::Sim,
+            kind,
             quality: None,
         };
         let t0 = Instant::now();
@@ -154,7 +161,12 @@ impl Call {
 
     /// Claimed, media attached and answered at `after`.
     fn answered(after: Duration) -> Self {
-        let mut call = Self::incoming();
+        Self::answered_on(after, LegKind::Sim)
+    }
+
+    /// An incoming call from network `kind`, claimed, media attached and answered at `after`.
+    fn answered_on(after: Duration, kind: LegKind) -> Self {
+        let mut call = Self::new_on(None, kind);
         let setup = Default::default();
         call.input(CallInput::Claimed { setup }, after);
         call.attach(after);
@@ -649,4 +661,253 @@ fn a_pause_then_an_answer_sent_at_once_loses_nothing() {
     };
     let saw = run_agent(300, 0, makes, |_| false);
     assert_eq!(saw.skipped_ms, Vec::<u64>::new());
+}
+
+impl Call {
+    fn transfer(&mut self, after: Duration, target: &str, timeout_ms: Option<u64>) {
+        let data = json!({ "target": target, "ringTimeSeconds": 20 });
+        self.command(after, "call.transfer", Some(data), timeout_ms);
+    }
+
+    fn caller_event(&mut self, event: LegEvent, after: Duration) {
+        let leg = LegId::CALLER;
+        self.input(CallInput::Leg { leg, event }, after);
+    }
+
+    /// Every text frame the media connection got since the last look.
+    fn frames(&mut self) -> Vec<MediaServerFrame> {
+        std::iter::from_fn(|| self.media.try_recv().ok())
+            .filter_map(|out| match out {
+                MediaOut::Text(t) | MediaOut::Response(t) => MediaServerFrame::decode(&t).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A SIP caller answered at 0 s, sent a REFER to `TARGET` at 1 s.
+    fn referred(timeout_ms: Option<u64>) -> Self {
+        let mut call = Self::answered_on(Duration::ZERO, LegKind::Sip);
+        call.transfer(Duration::from_secs(1), TARGET, timeout_ms);
+        match call.caller.try_recv() {
+            Ok(LegOutput::Refer { target }) => assert_eq!(target, TARGET),
+            other => panic!("no REFER: {other:?}"),
+        }
+        call
+    }
+}
+
+const TARGET: &str = "sip:desk@pbx.example";
+
+fn events_of(frames: &[MediaServerFrame]) -> Vec<(String, Value)> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            MediaServerFrame::CallEvent(e) => {
+                Some((e.event.clone(), Value::Object(e.fields.clone())))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn response_of(frames: &[MediaServerFrame]) -> CommandResponse {
+    frames
+        .iter()
+        .find_map(|f| match f {
+            MediaServerFrame::CommandResponse(r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no response in {frames:?}"))
+}
+
+#[test]
+fn a_refer_nobody_answers_fails_at_its_deadline_and_the_call_stays() {
+    let mut call = Call::referred(None);
+    let deadline = Duration::from_secs(41);
+    assert_eq!(call.actor.next_deadline(), Some(call.at(deadline)));
+    call.actor.on_deadline(call.at(deadline - MS));
+    assert!(call.frames().is_empty(), "a millisecond early");
+    call.actor.on_deadline(call.at(deadline));
+    let r = response_of(&call.frames());
+    assert_eq!(r.error_code.as_deref(), Some("TIMEOUT"));
+    assert_eq!(
+        r.result,
+        Some(json!({"method": "refer", "target": TARGET, "status": 408}))
+    );
+    assert!(!call.actor.ended);
+    assert_eq!(call.actor.next_deadline(), None);
+}
+
+#[test]
+fn an_accepted_refer_ends_the_call_as_transferred_at_the_final_notify() {
+    let mut call = Call::referred(None);
+    call.caller_event(
+        LegEvent::ReferAnswered { status: 202 },
+        Duration::from_secs(2),
+    );
+    // The ring time (20 s) and the margin for the final NOTIFY, from the 202.
+    let deadline = Duration::from_secs(2 + 20) + super::transfer::NOTIFY_MARGIN;
+    assert_eq!(call.actor.next_deadline(), Some(call.at(deadline)));
+    let progress = |status, reason: &str, terminated| LegEvent::ReferProgress {
+        status,
+        reason: reason.into(),
+        terminated,
+    };
+    call.caller_event(progress(100, "Trying", false), Duration::from_secs(2));
+    call.caller_event(progress(180, "Ringing", false), Duration::from_secs(3));
+    assert!(!call.actor.ended);
+    call.caller_event(progress(200, "OK", true), Duration::from_secs(5));
+    let frames = call.frames();
+    let r = response_of(&frames);
+    assert!(r.success, "{r:?}");
+    assert_eq!(
+        r.result,
+        Some(json!({"method": "refer", "target": TARGET, "status": 200}))
+    );
+    let events = events_of(&frames);
+    let progress: Vec<&Value> = events
+        .iter()
+        .filter(|(name, _)| name == "call.transfer_progress")
+        .map(|(_, fields)| &fields["status"])
+        .collect();
+    assert_eq!(progress, [&json!(100), &json!(180), &json!(200)]);
+    let (last, fields) = events.last().unwrap();
+    assert_eq!(
+        (last.as_str(), &fields["reason"]),
+        ("call.terminated", &json!("transferred"))
+    );
+    assert!(call.actor.ended);
+    // The server ends its dialog with the caller (BYE).
+    assert_eq!(
+        Call::hangup_of(&mut call.caller),
+        Some(HangupReason::Remote)
+    );
+}
+
+#[test]
+fn an_accepted_refer_with_no_final_notify_fails_in_time() {
+    let mut call = Call::referred(None);
+    call.caller_event(
+        LegEvent::ReferAnswered { status: 202 },
+        Duration::from_secs(2),
+    );
+    let deadline = Duration::from_secs(2 + 20) + super::transfer::NOTIFY_MARGIN;
+    call.actor.on_deadline(call.at(deadline));
+    let r = response_of(&call.frames());
+    assert_eq!(r.error_code.as_deref(), Some("TIMEOUT"));
+    assert_eq!(r.result.unwrap()["status"], 202);
+    assert!(!call.actor.ended);
+    // A final NOTIFY after the command gave up still hands the caller over.
+    let done = LegEvent::ReferProgress {
+        status: 200,
+        reason: "OK".into(),
+        terminated: true,
+    };
+    call.caller_event(done, deadline + MS);
+    assert!(call.actor.ended);
+}
+
+#[test]
+fn a_target_that_does_not_answer_leaves_the_call_with_the_agent() {
+    let mut call = Call::referred(None);
+    call.caller_event(
+        LegEvent::ReferAnswered { status: 202 },
+        Duration::from_secs(2),
+    );
+    let busy = LegEvent::ReferProgress {
+        status: 486,
+        reason: "Busy Here".into(),
+        terminated: true,
+    };
+    call.caller_event(busy, Duration::from_secs(3));
+    let r = response_of(&call.frames());
+    assert_eq!(r.error_code.as_deref(), Some("CALL_UNANSWERED"));
+    assert_eq!(r.result.unwrap()["status"], 486);
+    assert!(!call.actor.ended);
+    assert_eq!(call.actor.next_deadline(), None);
+    // Another transfer may follow.
+    call.transfer(Duration::from_secs(4), TARGET, None);
+    assert!(matches!(
+        call.caller.try_recv(),
+        Ok(LegOutput::Refer { .. })
+    ));
+}
+
+#[test]
+fn a_refused_refer_fails_with_its_status_unless_refer_is_unsupported() {
+    let mut call = Call::referred(None);
+    call.caller_event(
+        LegEvent::ReferAnswered { status: 603 },
+        Duration::from_secs(2),
+    );
+    let r = response_of(&call.frames());
+    assert_eq!(r.error_code.as_deref(), Some("CALL_REJECTED"));
+    assert!(r.error_message.unwrap().contains("SIP 603"));
+    assert!(!call.actor.ended);
+}
+
+#[test]
+fn a_caller_without_refer_is_bridged_to_the_target_the_server_dials() {
+    let mut call = Call::answered_on(Duration::ZERO, LegKind::Sip);
+    // A number is always dialled, even for a SIP caller.
+    call.transfer(Duration::from_secs(1), "+15550300", None);
+    let _callee = call.rung();
+    assert!(call.caller.try_recv().is_err(), "no REFER for a number");
+    let answered = CallInput::Leg {
+        leg: LegId(1),
+        event: LegEvent::Answered,
+    };
+    call.input(answered, Duration::from_secs(2));
+    let frames = call.frames();
+    let r = response_of(&frames);
+    assert_eq!(
+        r.result,
+        Some(json!({"method": "bridge", "target": "+15550300"}))
+    );
+    assert!(call.actor.agent_left && !call.actor.ended);
+    let (last, fields) = events_of(&frames).pop().unwrap();
+    assert_eq!(
+        (last.as_str(), &fields["reason"]),
+        ("call.terminated", &json!("transferred"))
+    );
+}
+
+#[test]
+fn refer_refused_as_unsupported_falls_back_to_dialling() {
+    let mut call = Call::referred(None);
+    call.caller_event(
+        LegEvent::ReferAnswered { status: 405 },
+        Duration::from_secs(2),
+    );
+    // The Phones network serves numbers only: the SIP target cannot be dialled here.
+    let r = response_of(&call.frames());
+    assert_eq!(r.error_code.as_deref(), Some("CALL_REJECTED"));
+    assert_eq!(
+        r.result,
+        Some(json!({"method": "bridge", "target": TARGET, "referStatus": 405}))
+    );
+    assert!(!call.actor.ended);
+}
+
+#[test]
+fn one_transfer_at_a_time_and_no_connect_meanwhile() {
+    let mut call = Call::referred(Some(5000));
+    call.transfer(Duration::from_secs(2), TARGET, None);
+    assert_eq!(call.response().error_code.as_deref(), Some("INVALID_STATE"));
+    call.connect(Duration::from_secs(2), 5, None);
+    assert_eq!(call.response().error_code.as_deref(), Some("INVALID_STATE"));
+    // The command's own timeout comes before the REFER's deadline.
+    assert_eq!(
+        call.actor.next_deadline(),
+        Some(call.at(Duration::from_secs(6)))
+    );
+    call.actor.on_deadline(call.at(Duration::from_secs(6)));
+    assert_eq!(call.response().error_code.as_deref(), Some("TIMEOUT"));
+    // The caller hanging up during a transfer fails it.
+    call.transfer(Duration::from_secs(7), TARGET, None);
+    call.caller_event(LegEvent::Hangup, Duration::from_secs(8));
+    assert_eq!(
+        call.response().error_code.as_deref(),
+        Some("CALL_TERMINATED")
+    );
 }

@@ -1,7 +1,7 @@
 //! Settings from `TELCOFLOW_<SECTION>_<KEY>` environment variables, over the TOML file: the
 //! top-level keys are section `SERVER` (`TELCOFLOW_SERVER_LISTEN`), the others their table
 //! (`TELCOFLOW_SIP_RTP_PORTS`, `TELCOFLOW_METRICS_TOKEN`). Arrays of tables (connectors, SIP
-//! trunks and accounts) stay in the file. Each value is checked as it is read, so that a bad
+//! trunks, accounts and registrations) stay in the file. Each value is checked as it is read, so that a bad
 //! one is named by its variable.
 
 use super::{Config, ConfigError};
@@ -251,7 +251,7 @@ pub(super) fn apply(
             return Err(invalid(
                 &name,
                 "names no setting (docs/config.md lists the TELCOFLOW_* variables; connectors, \
-                 SIP trunks and accounts are set in the file only)",
+                 SIP trunks, accounts and registrations are set in the file only)",
             ));
         };
         let value = parse(setting, &name, &text)?;
@@ -572,7 +572,8 @@ mod tests {
                 Value::Table(t) => {
                     for (inner, v) in t {
                         let tables = matches!(v, Value::Array(a) if a.iter().all(Value::is_table) && !a.is_empty());
-                        let file_only = tables || matches!(inner.as_str(), "trunks" | "accounts");
+                        let file_only = tables
+                            || matches!(inner.as_str(), "trunks" | "accounts" | "registrations");
                         assert!(
                             file_only || known(Some(key), inner),
                             "{key}.{inner} has no variable"

@@ -7,7 +7,9 @@
 //!
 //! - [`sim`]: the simulated phone network (`/v1/sim/phone`), the embedded default.
 //! - [`sip`]: the SIP user agent and its RTP legs (with `[sip]` configured).
+//! - [`registration_board`]: what the SIP user agent's outbound registrations last reported.
 
+pub(crate) mod registration_board;
 pub(crate) mod sim;
 pub(crate) mod sip;
 

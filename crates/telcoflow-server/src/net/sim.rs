@@ -21,7 +21,6 @@ use crate::call::{
     frame_bytes,
 };
 use crate::config::{ConnectorConfig, check_address};
-use crate::metrics::ArrivalJitter;
 use crate::state::Shared;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
@@ -154,12 +153,16 @@ impl Admission {
     }
 }
 
-/// The numbers a connector owns: those routed to it, its `call.connect` destinations and its
-/// outbound caller id. A `"*"` connector also owns every number no other connector lists.
+/// The numbers a connector owns: those routed to it, its `call.connect` destinations, the
+/// exact addresses among its `transfer_targets` (a pattern owns nothing) and its outbound
+/// caller id. A `"*"` connector also owns every number no other connector lists.
 fn owns(c: &ConnectorConfig, number: &str) -> bool {
     c.numbers.iter().any(|n| n == number)
         || c.connect.values().any(|d| d == number)
         || c.connect_default.as_deref() == Some(number)
+        || c.transfer_targets
+            .iter()
+            .any(|t| t == number && !t.ends_with('*'))
         || c.outbound_caller_id.as_deref() == Some(number)
 }
 
@@ -362,7 +365,6 @@ async fn dial(
     };
     let call_id = call.call_id.to_string();
     let mut pools = Pools::default();
-    let mut jitter = ArrivalJitter::new(&shared.metrics, LegKind::Sim, rate.hz());
     if !send(
         &mut socket,
         NetworkFrame::Trying {
@@ -380,7 +382,6 @@ async fn dial(
             // Cancel-safe: WebSocket::recv is a stream poll.
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(pcm))) => {
-                    jitter.frame(std::time::Instant::now(), pcm.len() / 2);
                     let samples = pools.to_call.frame_from_pcm(&pcm);
                     call.send_data(leg_input(LegId::CALLER, LegEvent::Audio(samples))).await;
                 }
@@ -454,8 +455,6 @@ async fn register(
     // The call this phone is on: its handle, our leg id in it, and what it sends us.
     let mut current: Option<(CallHandle, LegId, mpsc::Receiver<LegOutput>)> = None;
     let mut pools = Pools::default();
-    // The arrival jitter of the current call's audio.
-    let mut jitter: Option<ArrivalJitter> = None;
     if send(
         &mut socket,
         NetworkFrame::Registered {
@@ -478,8 +477,6 @@ async fn register(
                         to: number.clone(),
                     };
                     current = Some((ring.call, ring.leg, ring.outputs));
-                    // Replacing the previous call's measure records it.
-                    jitter = Some(ArrivalJitter::new(&shared.metrics, LegKind::Sim, rate.hz()));
                     if !send(&mut socket, frame).await {
                         break;
                     }
@@ -488,9 +485,6 @@ async fn register(
                 msg = socket.recv() => match msg {
                     Some(Ok(Message::Binary(pcm))) => {
                         if let Some((call, leg, _)) = &current {
-                            if let Some(j) = &mut jitter {
-                                j.frame(std::time::Instant::now(), pcm.len() / 2);
-                            }
                             let samples = pools.to_call.frame_from_pcm(&pcm);
                             call.send_data(leg_input(*leg, LegEvent::Audio(samples))).await;
                         }
@@ -516,8 +510,6 @@ async fn register(
                             call.send_data(leg_input(*leg, event)).await;
                             if ends {
                                 current = None;
-                                // Dropping the measure records it: at the call's end, not at the next ring.
-                                jitter = None;
                             }
                         }
                     }
@@ -538,8 +530,6 @@ async fn register(
                     let (Some(out), Some((call, _, _))) = (out, &current) else {
                         // The call ended without a word to us: the phone is free again.
                         current = None;
-                        // Dropping the measure records it: at the call's end, not at the next ring.
-                        jitter = None;
                         continue;
                     };
                     let ends = matches!(out, LegOutput::Hangup(_));
@@ -548,8 +538,6 @@ async fn register(
                     }
                     if ends {
                         current = None;
-                        // Dropping the measure records it: at the call's end, not at the next ring.
-                        jitter = None;
                     }
                 }
                 // Cancel-safe: only observes the token.
@@ -589,6 +577,8 @@ async fn forward(
         ),
         // The call mixes a simulated phone's DTMF into its audio as tones: nothing to send.
         LegOutput::Dtmf(_) => return true,
+        // Calls transfer simulated phones by dialling the target themselves: never sent.
+        LegOutput::Refer { .. } => return true,
         LegOutput::Hangup(reason) => Message::Text(
             NetworkFrame::Hangup {
                 call_id: Some(call_id()),
@@ -609,4 +599,18 @@ async fn forward(
 
 fn leg_input(leg: LegId, event: LegEvent) -> CallInput {
     CallInput::Leg { leg, event }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connector_owns_its_exact_transfer_targets_not_its_patterns() {
+        let mut c = ConnectorConfig::development("k", "7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01");
+        c.numbers = vec!["+100".into()];
+        c.transfer_targets = vec!["+300".into(), "+4*".into()];
+        assert!(owns(&c, "+100") && owns(&c, "+300"));
+        assert!(!owns(&c, "+4*") && !owns(&c, "+400"));
+    }
 }

@@ -107,6 +107,10 @@ pub enum Method {
     Update,
     /// PRACK.
     Prack,
+    /// REFER (RFC 3515): asks the peer to call a third party.
+    Refer,
+    /// NOTIFY (RFC 6665): a subscription's news, e.g. a REFER's progress.
+    Notify,
     /// Any other token.
     Other(String),
 }
@@ -124,6 +128,8 @@ impl Method {
             "INFO" => Self::Info,
             "UPDATE" => Self::Update,
             "PRACK" => Self::Prack,
+            "REFER" => Self::Refer,
+            "NOTIFY" => Self::Notify,
             other => Self::Other(other.to_string()),
         }
     }
@@ -140,6 +146,8 @@ impl Method {
             Self::Info => "INFO",
             Self::Update => "UPDATE",
             Self::Prack => "PRACK",
+            Self::Refer => "REFER",
+            Self::Notify => "NOTIFY",
             Self::Other(s) => s,
         }
     }
@@ -166,6 +174,7 @@ const COMPACT: &[(&str, &str)] = &[
     ("k", "Supported"),
     ("s", "Subject"),
     ("e", "Content-Encoding"),
+    ("x", "Session-Expires"),
 ];
 
 const CANONICAL: &[&str] = &[
@@ -190,6 +199,8 @@ const CANONICAL: &[&str] = &[
     "Proxy-Authorization",
     "Require",
     "Expires",
+    "Session-Expires",
+    "Min-SE",
 ];
 
 fn canonical_name(name: &str) -> String {

@@ -10,11 +10,16 @@
 //! - [`digest`]: digest authentication answers to 401/407 challenges (dialling out).
 //! - [`transaction`]: RFC 3261 client and server transactions with their timers.
 //! - [`uas`]: the user agent server for incoming calls: call-level events and actions.
+//! - [`session_timer`]: RFC 4028 session timers of the calls the UAS answers.
 //! - [`uac`]: one outgoing call (dialling out): INVITE, auth retry, CANCEL, BYE.
+//! - [`register`]: outbound registration: REGISTER with digest auth, refresh, back-off,
+//!   removal.
 
 pub mod digest;
 pub mod message;
+pub mod register;
 pub mod sdp;
+pub mod session_timer;
 pub mod stream;
 pub mod transaction;
 pub mod uac;

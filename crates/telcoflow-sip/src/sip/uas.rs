@@ -14,11 +14,16 @@
 //! support (no event then); `400` with the parse error as reason for malformed requests
 //! (sent once, statelessly, for requests that cannot be parsed at all but have a Via); `400`
 //! for numbers over [`MAX_NUMBER_LEN`] characters;
-//! `200` to OPTIONS; `420` when a required extension is asked; `481` for requests in
-//! unknown dialogs; `200` + `487` for CANCEL before
-//! the answer; `200` to BYE; re-INVITE answered from the call's [`LocalMedia`] (hold and
-//! resume, `491` while another is pending); 2xx retransmission until ACK, and BYE when the ACK
-//! never comes.
+//! `200` to OPTIONS; `420` when a required extension other than `timer` is asked; `481`
+//! for requests in unknown dialogs; `200` + `487` for CANCEL before
+//! the answer; `200` to BYE; re-INVITE and UPDATE answered from the call's [`LocalMedia`]
+//! (hold and resume, `491` while another is pending); 2xx retransmission until ACK, and BYE
+//! when the ACK never comes; RFC 4028 session timers ([`super::session_timer`]): `422` for
+//! too short an interval, the timer granted in the 2xx, our UPDATE refreshes when we are the
+//! refresher, and BYE ([`UasEvent::SessionExpired`]) when the caller stops refreshing; for a
+//! REFER we sent ([`UasAction::Refer`]), `200` to each NOTIFY of its subscription (`481`
+//! once it has ended or when there is none, `489` for another event package, `400` for a
+//! body that is no sipfrag status line).
 //!
 //! What it leaves to its owner, through [`UasEvent::IncomingCall`]: routing the number (answer
 //! [`UasAction::Reject`] with 404 when unknown), ringing, answering with a local RTP address,
@@ -39,6 +44,7 @@ use super::message::{
     SipUri, salvage_request,
 };
 use super::sdp::{self, LocalMedia, Negotiated, NegotiationError, SessionDescription};
+use super::session_timer::{self, Grant, Granted, Refresher};
 use super::transaction::{
     InviteServerState, InviteServerTransaction, NonInviteClientTransaction,
     NonInviteServerTransaction, Timers, TransactionEvent, TransactionKey,
@@ -46,7 +52,12 @@ use super::transaction::{
 use super::{Transmit, Transport};
 
 /// Methods we answer, for `Allow` headers.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY";
+/// Extensions we implement, for `Supported` headers and `Require` checks.
+const SUPPORTED: &str = "timer";
+
+/// Longest reason phrase of a sipfrag status line kept for the owner; the rest is cut.
+const MAX_SIPFRAG_REASON: usize = 128;
 
 /// Identifies a call within one [`Uas`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -87,6 +98,12 @@ pub enum UasEvent {
         /// The call.
         call: CallHandle,
     },
+    /// The caller, which was to refresh the session (RFC 4028), did not in time: it is
+    /// taken for gone, and we sent BYE. The call is gone.
+    SessionExpired {
+        /// The call.
+        call: CallHandle,
+    },
     /// A key press sent as SIP INFO (`application/dtmf-relay` or `application/dtmf`), which
     /// some phones use instead of RFC 4733 packets.
     Dtmf {
@@ -97,6 +114,37 @@ pub enum UasEvent {
         /// Key-press length in milliseconds (0 when the phone does not say).
         duration_ms: u32,
     },
+    /// Our REFER ([`UasAction::Refer`]) got its final answer: 202 when the caller accepted
+    /// to call the target, an error status otherwise (408 when no answer came in time).
+    ReferAnswered {
+        /// The call.
+        call: CallHandle,
+        /// The final status.
+        status: u16,
+    },
+    /// A NOTIFY of our REFER's subscription (RFC 3515 2.4.4), answered with 200: the status
+    /// line of its `message/sipfrag` body says how the caller's call to the target goes.
+    ReferProgress {
+        /// The call.
+        call: CallHandle,
+        /// The sipfrag's status, e.g. 100 (trying), 180, 200 (the target answered).
+        status: u16,
+        /// Its reason phrase.
+        reason: String,
+        /// `Subscription-State: terminated`: no more NOTIFYs will come.
+        terminated: bool,
+    },
+}
+
+/// The status line of a `message/sipfrag` body (`SIP/2.0 200 OK`): status and reason.
+fn sipfrag_status(body: &[u8]) -> Option<(u16, String)> {
+    let text = std::str::from_utf8(body).ok()?;
+    let line = text.lines().next()?.trim();
+    let rest = line.strip_prefix("SIP/2.0 ")?;
+    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+    let status: u16 = code.parse().ok().filter(|s| (100..=699).contains(s))?;
+    let reason: String = reason.trim().chars().take(MAX_SIPFRAG_REASON).collect();
+    Some((status, reason))
 }
 
 /// Reads a DTMF digit from an INFO body: `application/dtmf-relay` (`Signal=5` and
@@ -200,6 +248,15 @@ pub enum UasAction {
         content_type: String,
         /// The body.
         body: String,
+    },
+    /// Send a REFER in the dialog (RFC 3515; once the ACK has come, if it has not yet):
+    /// the caller is asked to call `refer_to` (a blind transfer). Its answer comes as [`UasEvent::ReferAnswered`], the
+    /// NOTIFYs that follow as [`UasEvent::ReferProgress`].
+    Refer {
+        /// The target URI (`Refer-To`).
+        refer_to: String,
+        /// Who asks (`Referred-By`, RFC 3892), if anyone is named.
+        referred_by: Option<String>,
     },
 }
 
@@ -322,8 +379,18 @@ struct Call {
     awaiting_answer_in_ack: bool,
     /// Hangup was asked while waiting for ACK; send BYE once it comes (RFC 3261 15).
     hangup_after_ack: bool,
+    /// A REFER asked while waiting for the ACK (`Refer-To`, `Referred-By`): sent once it
+    /// comes, since a REFER belongs in a confirmed dialog.
+    refer_after_ack: Option<(String, Option<String>)>,
+    /// A REFER of ours whose subscription may still send NOTIFYs: sent and not refused, no
+    /// `Subscription-State: terminated` yet.
+    refer_subscribed: bool,
     /// A re-INVITE answered with 2xx and waiting for its ACK.
     reinvite: Option<PendingReinvite>,
+    /// The INVITE's session timer request (RFC 4028), decided on when we answer.
+    session_asked: Option<session_timer::Asked>,
+    /// The session timer in force, and when we must next act on it: refresh, or end the call.
+    session: Option<(Granted, Instant)>,
 }
 
 #[derive(Debug)]
@@ -354,8 +421,19 @@ struct ClientEntry {
     call: CallHandle,
     peer: SocketAddr,
     transport: Transport,
-    /// A BYE: its answer (or timeout) ends the call; an INFO's does not.
-    ends_call: bool,
+    /// What the request is for, which says what its answer does.
+    kind: ClientKind,
+}
+
+/// The requests we send in a dialog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientKind {
+    /// Its answer (or timeout) ends the call.
+    Bye,
+    /// Its answer changes nothing.
+    Info,
+    /// Its final answer is reported ([`UasEvent::ReferAnswered`]).
+    Refer,
 }
 
 /// The SIP UAS endpoint. See the module docs for the run loop.
@@ -407,7 +485,17 @@ impl Uas {
             ServerTx::NonInvite(t) => t.poll_timeout(),
         });
         let client = self.client.values().filter_map(|e| e.tx.poll_timeout());
-        server.chain(client).min()
+        let sessions = self
+            .calls
+            .values()
+            .filter(|c| c.state == CallState::Confirmed)
+            .filter_map(|c| c.session.map(|(_, at)| at));
+        server.chain(client).chain(sessions).min()
+    }
+
+    /// Our Contact URI, as configured.
+    pub fn contact(&self) -> &str {
+        &self.config.contact
     }
 
     /// Number of calls being tracked (for metrics and tests).
@@ -671,6 +759,7 @@ impl Uas {
             let required: Vec<String> = request
                 .headers
                 .values("Require")
+                .filter(|r| !r.trim().eq_ignore_ascii_case(SUPPORTED))
                 .map(str::to_string)
                 .collect();
             if !required.is_empty() {
@@ -711,11 +800,67 @@ impl Uas {
                 let status = if call.is_some() { 200 } else { 481 };
                 self.reply(transport, source, request, status, None, now)
             }
-            (Method::Bye | Method::Info, None) => {
+            (Method::Update, Some(tag)) => {
+                self.handle_update(transport, source, key, request, &tag, now)
+            }
+            (Method::Notify, Some(tag)) => {
+                self.handle_notify(transport, source, request, &tag, now)
+            }
+            (Method::Bye | Method::Info | Method::Update | Method::Notify, None) => {
                 self.reply(transport, source, request, 481, None, now)
             }
             _ => self.reply(transport, source, request, 405, None, now),
         }
+    }
+
+    /// A NOTIFY in a call's dialog: the progress of a REFER we sent (`Event: refer`), its
+    /// `message/sipfrag` body reported as [`UasEvent::ReferProgress`]. Any other event
+    /// package is refused with 489, a body that is no status line with 400.
+    fn handle_notify(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        request: Request,
+        tag: &str,
+        now: Instant,
+    ) {
+        let Some(call) = self.find_dialog(&request, tag) else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        let event = request.headers.get("Event").unwrap_or("");
+        let package = event.split(';').next().unwrap_or("").trim();
+        if !package.eq_ignore_ascii_case("refer") {
+            self.reply(transport, source, request, 489, None, now);
+            return;
+        }
+        let subscribed = self.calls.get(&call).is_some_and(|c| c.refer_subscribed);
+        if !subscribed {
+            let why = Some("Subscription does not exist".to_owned());
+            self.reply(transport, source, request, 481, why, now);
+            return;
+        }
+        let Some((status, reason)) = sipfrag_status(&request.body) else {
+            let why = Some("Body is not a sipfrag status line".to_owned());
+            self.reply(transport, source, request, 400, why, now);
+            return;
+        };
+        let terminated = request
+            .headers
+            .get("Subscription-State")
+            .is_some_and(|s| s.trim().to_ascii_lowercase().starts_with("terminated"));
+        if terminated {
+            if let Some(c) = self.calls.get_mut(&call) {
+                c.refer_subscribed = false;
+            }
+        }
+        self.reply(transport, source, request, 200, None, now);
+        self.events.push_back(UasEvent::ReferProgress {
+            call,
+            status,
+            reason,
+            terminated,
+        });
     }
 
     /// Whether `key` is an INVITE transaction that sent a 2xx (its ACK has another branch
@@ -788,6 +933,13 @@ impl Uas {
                 }
             }
         };
+        let session_asked = session_timer::asked(&request);
+        if session_asked.is_some_and(|a| session_timer::grant(a) == Grant::TooSmall) {
+            let refusal = Refusal::new(422)
+                .with_header("Min-SE", session_timer::MIN_SE.as_secs().to_string());
+            self.reply_with(transport, source, request, refusal, now);
+            return;
+        }
         let (Ok(from), Ok(to), Ok(call_id), Ok(cseq)) = (
             request.header_from(),
             request.header_to(),
@@ -857,7 +1009,11 @@ impl Uas {
                 media: None,
                 awaiting_answer_in_ack: false,
                 hangup_after_ack: false,
+                refer_after_ack: None,
+                refer_subscribed: false,
                 reinvite: None,
+                session_asked,
+                session: None,
             },
         );
         self.events
@@ -901,6 +1057,7 @@ impl Uas {
             None
         };
         let hangup = call.hangup_after_ack;
+        let refer = call.refer_after_ack.take();
         let key = call.invite_key.clone();
         if let Some(entry) = self.server.get_mut(&key) {
             if let ServerTx::Invite(t) = &mut entry.tx {
@@ -918,6 +1075,8 @@ impl Uas {
         }
         if hangup {
             self.send_bye(handle, now);
+        } else if let Some((refer_to, referred_by)) = refer {
+            self.send_refer(handle, &refer_to, referred_by.as_deref(), now);
         }
     }
 
@@ -1003,7 +1162,12 @@ impl Uas {
                     awaiting_answer: negotiated.is_none(),
                 });
                 call.media = Some(media);
-                let response = self.ok_with_sdp(&request, handle, &sd);
+                let mut response = self.ok_with_sdp(&request, handle, &sd);
+                let asked = self.refresh_ask(handle, &request);
+                let session = self.start_session(asked, &mut response, now);
+                if let Some(call) = self.calls.get_mut(&handle) {
+                    call.session = session;
+                }
                 tx.send_response(response, now);
                 if let Some(negotiated) = negotiated {
                     self.events.push_back(UasEvent::MediaUpdated {
@@ -1175,7 +1339,30 @@ impl Uas {
             }
             (UasAction::Hangup, CallState::Terminating) => Ok(None),
             (UasAction::Info { content_type, body }, CallState::Confirmed) => {
-                self.send_in_dialog(handle, Method::Info, Some((&content_type, body)), now);
+                let body = Some((content_type.as_str(), body));
+                self.send_in_dialog(handle, Method::Info, &[], body, now);
+                Ok(None)
+            }
+            (
+                UasAction::Refer {
+                    refer_to,
+                    referred_by,
+                },
+                CallState::Confirmed,
+            ) => {
+                self.send_refer(handle, &refer_to, referred_by.as_deref(), now);
+                Ok(None)
+            }
+            (
+                UasAction::Refer {
+                    refer_to,
+                    referred_by,
+                },
+                CallState::Answered,
+            ) => {
+                if let Some(call) = self.calls.get_mut(&handle) {
+                    call.refer_after_ack = Some((refer_to, referred_by));
+                }
                 Ok(None)
             }
             _ => Err(ActionError::InvalidState),
@@ -1219,19 +1406,22 @@ impl Uas {
             None => (sdp::offer(&media), None),
         };
         let key = call.invite_key.clone();
+        let asked = call.session_asked;
         let Some(request) = self.server.get(&key).and_then(|e| match &e.tx {
             ServerTx::Invite(t) => Some(t.request().clone()),
             ServerTx::NonInvite(_) => None,
         }) else {
             return Err(ActionError::InvalidState);
         };
-        let response = self.ok_with_sdp(&request, handle, &sd);
+        let mut response = self.ok_with_sdp(&request, handle, &sd);
+        let session = self.start_session(asked, &mut response, now);
         if let Some(entry) = self.server.get_mut(&key) {
             if let ServerTx::Invite(t) = &mut entry.tx {
                 t.send_response(response, now);
             }
         }
         if let Some(call) = self.calls.get_mut(&handle) {
+            call.session = session;
             call.state = CallState::Answered;
             call.awaiting_answer_in_ack = call.offer.is_none();
             call.media = Some(media);
@@ -1240,15 +1430,185 @@ impl Uas {
         Ok(negotiated)
     }
 
-    fn send_bye(&mut self, handle: CallHandle, now: Instant) {
-        self.send_in_dialog(handle, Method::Bye, None, now);
+    /// Decides on a session timer ask for a 2xx we send (the INVITE's answer, or a refresh):
+    /// adds its headers to `response`; returns the timer in force and when to act on it. A
+    /// refresh without `Session-Expires` turns the timer off (RFC 4028 9).
+    fn start_session(
+        &self,
+        asked: Option<session_timer::Asked>,
+        response: &mut Response,
+        now: Instant,
+    ) -> Option<(Granted, Instant)> {
+        response.headers.push("Supported", SUPPORTED);
+        match session_timer::grant(asked?) {
+            Grant::Timer(granted) => {
+                for (name, value) in granted.headers() {
+                    response.headers.push(name, value);
+                }
+                Some((granted, granted.deadline(now)))
+            }
+            Grant::None | Grant::TooSmall => None,
+        }
     }
 
-    /// Sends a request in the call's dialog: BYE (which ends the call) or INFO.
+    /// A refresh's session timer ask: what the caller said of its support for timers and
+    /// UPDATE in the INVITE still holds when a refresh does not repeat it.
+    fn refresh_ask(&self, handle: CallHandle, request: &Request) -> Option<session_timer::Asked> {
+        let mut asked = session_timer::asked(request)?;
+        if let Some(first) = self.calls.get(&handle).and_then(|c| c.session_asked) {
+            asked.caller_supports |= first.caller_supports;
+            asked.caller_allows_update |= first.caller_allows_update;
+        }
+        Some(asked)
+    }
+
+    /// UPDATE in a dialog (RFC 3311): a session refresh (RFC 4028) and, with an SDP offer, a
+    /// media change answered from the call's media as a re-INVITE's would be.
+    fn handle_update(
+        &mut self,
+        transport: Transport,
+        source: SocketAddr,
+        key: TransactionKey,
+        request: Request,
+        tag: &str,
+        now: Instant,
+    ) {
+        let Some(handle) = self.find_dialog(&request, tag) else {
+            self.reply(transport, source, request, 481, None, now);
+            return;
+        };
+        let Some(call) = self.calls.get(&handle) else {
+            return;
+        };
+        let confirmed = call.state == CallState::Confirmed && call.reinvite.is_none();
+        let media = call.media.clone();
+        let local_tag = call.local_tag.clone();
+        let mut response = if request.body.is_empty() {
+            Response::to_request(&request, 200, Some(&local_tag))
+        } else {
+            // An offer while another is open is a glare (RFC 3311 5.2).
+            let Some(mut media) = media.filter(|_| confirmed) else {
+                self.reply(transport, source, request, 491, None, now);
+                return;
+            };
+            media.session_version += 1;
+            let answered = SessionDescription::parse_bytes(&request.body)
+                .map_err(NegotiationError::from)
+                .and_then(|offer| sdp::answer(&offer, &media));
+            match answered {
+                Ok((sd, negotiated)) => {
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.media = Some(media);
+                    }
+                    self.events.push_back(UasEvent::MediaUpdated {
+                        call: handle,
+                        negotiated,
+                    });
+                    Response::to_request(&request, 200, Some(&local_tag))
+                        .with_body("application/sdp", sd.to_string())
+                }
+                Err(err) => {
+                    let reason = err.to_string();
+                    self.reply(
+                        transport,
+                        source,
+                        request,
+                        err.status_code(),
+                        Some(reason),
+                        now,
+                    );
+                    return;
+                }
+            }
+        };
+        response
+            .headers
+            .push("Contact", format!("<{}>", self.config.contact));
+        response.headers.push("Allow", ALLOW);
+        response
+            .headers
+            .push("Server", self.config.user_agent.clone());
+        let asked = self.refresh_ask(handle, &request);
+        let session = self.start_session(asked, &mut response, now);
+        if let Some(call) = self.calls.get_mut(&handle) {
+            call.session = session;
+        }
+        let mut tx =
+            NonInviteServerTransaction::new(request, transport.reliable(), self.config.timers, now);
+        tx.send_response(response, now);
+        self.insert_server(
+            key,
+            ServerTx::NonInvite(tx),
+            Some(handle),
+            source,
+            transport,
+        );
+    }
+
+    /// Acts on the session timers due at `now`: our refresh (an UPDATE), or the end of a
+    /// call whose caller did not refresh in time.
+    fn session_timeouts(&mut self, now: Instant) {
+        let mut due: Vec<(CallHandle, Granted)> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.state == CallState::Confirmed)
+            .filter_map(|(h, c)| c.session.filter(|(_, at)| *at <= now).map(|(g, _)| (*h, g)))
+            .collect();
+        due.sort_by_key(|(h, _)| *h);
+        for (handle, granted) in due {
+            match granted.refresher {
+                Refresher::Uas => {
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.session = Some((granted, granted.deadline(now)));
+                    }
+                    self.send_refresh(handle, &granted.headers(), now);
+                }
+                Refresher::Uac => {
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.session = None;
+                    }
+                    self.events
+                        .push_back(UasEvent::SessionExpired { call: handle });
+                    self.send_bye(handle, now);
+                }
+            }
+        }
+    }
+
+    /// Our session refresh: an UPDATE without a body, carrying the session timer's headers.
+    fn send_refresh(&mut self, handle: CallHandle, headers: &[(&str, String)], now: Instant) {
+        self.send_in_dialog(handle, Method::Update, headers, None, now);
+    }
+
+    fn send_refer(
+        &mut self,
+        handle: CallHandle,
+        refer_to: &str,
+        referred_by: Option<&str>,
+        now: Instant,
+    ) {
+        let mut headers = vec![("Refer-To", format!("<{refer_to}>"))];
+        if let Some(by) = referred_by {
+            headers.push(("Referred-By", format!("<{by}>")));
+        }
+        headers.push(("Contact", format!("<{}>", self.config.contact)));
+        if let Some(call) = self.calls.get_mut(&handle) {
+            call.refer_subscribed = true;
+        }
+        self.send_in_dialog(handle, Method::Refer, &headers, None, now);
+    }
+
+    fn send_bye(&mut self, handle: CallHandle, now: Instant) {
+        self.send_in_dialog(handle, Method::Bye, &[], None, now);
+    }
+
+    /// Sends a request in the call's dialog: BYE (which ends the call), INFO or REFER, with
+    /// `headers` added.
     fn send_in_dialog(
         &mut self,
         handle: CallHandle,
         method: Method,
+        headers: &[(&str, String)],
         body: Option<(&str, String)>,
         now: Instant,
     ) {
@@ -1256,8 +1616,12 @@ impl Uas {
         let Some(call) = self.calls.get_mut(&handle) else {
             return;
         };
-        let ends_call = method == Method::Bye;
-        if ends_call {
+        let kind = match method {
+            Method::Bye => ClientKind::Bye,
+            Method::Refer => ClientKind::Refer,
+            _ => ClientKind::Info,
+        };
+        if kind == ClientKind::Bye {
             call.state = CallState::Terminating;
         }
         call.local_cseq += 1;
@@ -1287,6 +1651,9 @@ impl Uas {
         }
         req.headers
             .push("User-Agent", self.config.user_agent.clone());
+        for (name, value) in headers {
+            req.headers.push(name, value.clone());
+        }
         if let Some((content_type, body)) = body {
             req = req.with_body(content_type, body);
         }
@@ -1303,7 +1670,7 @@ impl Uas {
                 call: handle,
                 peer,
                 transport,
-                ends_call,
+                kind,
             },
         );
         self.drain_client(&key);
@@ -1350,6 +1717,7 @@ impl Uas {
             }
             self.drain_client(&key);
         }
+        self.session_timeouts(now);
     }
 
     /// Forwards a server transaction's output; returns the call whose 2xx was never ACKed.
@@ -1395,8 +1763,8 @@ impl Uas {
             return;
         };
         let (peer, transport, handle) = (entry.peer, entry.transport, entry.call);
-        let ends_call = entry.ends_call;
-        let mut done = false;
+        let kind = entry.kind;
+        let mut done = None;
         while let Some(m) = entry.tx.poll_transmit() {
             self.transmits.push_back(Transmit {
                 transport,
@@ -1406,17 +1774,30 @@ impl Uas {
         }
         while let Some(event) = entry.tx.poll_event() {
             match event {
-                TransactionEvent::Response(r) if r.status >= 200 => done = true,
-                TransactionEvent::Timeout => done = true,
+                TransactionEvent::Response(r) if r.status >= 200 => done = Some(r.status),
+                TransactionEvent::Timeout => done = Some(408),
                 _ => {}
             }
         }
         if entry.tx.is_terminated() {
             self.client.remove(key);
         }
-        if done && ends_call {
+        match (done, kind) {
             // Our BYE is answered (or gave up): the call is over.
-            self.forget(handle);
+            (Some(_), ClientKind::Bye) => self.forget(handle),
+            (Some(status), ClientKind::Refer) => {
+                if !(200..300).contains(&status) {
+                    // Refused: no subscription, so no NOTIFY is expected.
+                    if let Some(call) = self.calls.get_mut(&handle) {
+                        call.refer_subscribed = false;
+                    }
+                }
+                self.events.push_back(UasEvent::ReferAnswered {
+                    call: handle,
+                    status,
+                });
+            }
+            _ => {}
         }
     }
 }
@@ -1969,7 +2350,8 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             panic!("{sent:?}");
         };
         assert_eq!(r.status, 420);
-        assert_eq!(r.headers.get("Unsupported"), Some("100rel, timer"));
+        // Session timers (RFC 4028) we implement: only 100rel is unsupported.
+        assert_eq!(r.headers.get("Unsupported"), Some("100rel"));
         assert!(h.events().is_empty());
         // Supported (not required) extensions are fine.
         let text = Req::new("INVITE", "inv2", 1)
@@ -1981,6 +2363,164 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             );
         h.feed_raw(&text);
         assert_eq!(h.statuses(), vec![100]);
+    }
+
+    /// An INVITE with extra header lines (each ending in CRLF), fed raw; returns the call.
+    fn incoming_with(h: &mut Harness, headers: &str) -> CallHandle {
+        let text = Req::new("INVITE", "inv1", 1)
+            .body(offer_sdp("0 8 101", "sendrecv"))
+            .text()
+            .replace(
+                "Max-Forwards: 70\r\n",
+                &format!("Max-Forwards: 70\r\n{headers}"),
+            );
+        h.feed_raw(&text);
+        assert_eq!(h.statuses(), vec![100]);
+        match h.events().as_slice() {
+            [UasEvent::IncomingCall(ic)] => ic.call,
+            other => panic!("unexpected events {other:?}"),
+        }
+    }
+
+    /// Answers and ACKs `call`; returns the 200 and our tag.
+    fn answer_and_ack(h: &mut Harness, call: CallHandle) -> (Response, String) {
+        let media = h.media();
+        h.uas
+            .handle_action(call, UasAction::Answer { media }, h.now)
+            .unwrap();
+        let sent = h.sent();
+        let [Message::Response(ok)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        let tag = ok.header_to().unwrap().tag().unwrap().to_string();
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        assert!(h.sent().is_empty());
+        let _ = h.events();
+        (ok.clone(), tag)
+    }
+
+    #[test]
+    fn a_caller_refreshing_keeps_the_call_and_one_that_stops_is_hung_up() {
+        let mut h = Harness::new();
+        let call = incoming_with(
+            &mut h,
+            "Session-Expires: 90;refresher=uac\r\nSupported: timer\r\n",
+        );
+        let (ok, tag) = answer_and_ack(&mut h, call);
+        assert_eq!(ok.headers.get("Session-Expires"), Some("90;refresher=uac"));
+        assert_eq!(ok.headers.get("Require"), Some("timer"));
+        assert!(ok.headers.get("Allow").unwrap().contains("UPDATE"));
+        // An UPDATE refresh at 40 s: answered, and the session runs 90 s from there.
+        assert!(h.run_until(40_000).is_empty());
+        let refresh = Req::new("UPDATE", "up1", 2).tag(&tag).text().replace(
+            "Max-Forwards: 70\r\n",
+            "Max-Forwards: 70\r\nSession-Expires: 90;refresher=uac\r\n",
+        );
+        h.feed_raw(&refresh);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers.get("Session-Expires"), Some("90;refresher=uac"));
+        assert!(h.events().is_empty(), "a refresh changes no media");
+        // No refresh after that: BYE 30 s before the end (a third of 90 s), at 100 s.
+        let sent = h.run_until(99_999);
+        assert!(
+            sent.iter().all(|(_, m)| !matches!(m, Message::Request(_))),
+            "{sent:?}"
+        );
+        let sent = h.run_until(100_000);
+        let Some((at, Message::Request(bye))) = sent.first() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!((*at, &bye.method), (100_000, &Method::Bye));
+        assert_eq!(h.events(), [UasEvent::SessionExpired { call }]);
+    }
+
+    #[test]
+    fn too_short_a_session_interval_is_422_with_min_se() {
+        let mut h = Harness::new();
+        let text = Req::new("INVITE", "inv1", 1)
+            .body(offer_sdp("0", "sendrecv"))
+            .text()
+            .replace("Max-Forwards: 70\r\n", "Max-Forwards: 70\r\nx: 30\r\n");
+        h.feed_raw(&text);
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 422);
+        assert_eq!(r.headers.get("Min-SE"), Some("90"));
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn we_refresh_by_update_when_the_caller_cannot() {
+        let mut h = Harness::new();
+        // A proxy asked for a timer; the caller supports none but allows UPDATE.
+        let call = incoming_with(
+            &mut h,
+            "Session-Expires: 120\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n",
+        );
+        let (ok, _tag) = answer_and_ack(&mut h, call);
+        assert_eq!(ok.headers.get("Session-Expires"), Some("120;refresher=uas"));
+        assert_eq!(ok.headers.get("Require"), None);
+        let sent = h.run_until(120_000);
+        // Each UPDATE's first sending (unanswered here, they are retransmitted too).
+        let mut seen = Vec::new();
+        let updates: Vec<u64> = sent
+            .iter()
+            .filter_map(|(at, m)| match m {
+                Message::Request(r) if r.method == Method::Update => {
+                    assert_eq!(r.headers.get("Session-Expires"), Some("120;refresher=uas"));
+                    assert!(r.body.is_empty());
+                    let cseq = r.cseq().unwrap().seq;
+                    (!seen.contains(&cseq)).then(|| {
+                        seen.push(cseq);
+                        *at
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(updates, [60_000, 120_000], "every half interval");
+        assert!(h.events().is_empty());
+        // Without UPDATE in its Allow, no timer is granted.
+        let mut h = Harness::new();
+        let call = incoming_with(&mut h, "Session-Expires: 120\r\n");
+        let (ok, _) = answer_and_ack(&mut h, call);
+        assert_eq!(ok.headers.get("Session-Expires"), None);
+        assert_eq!(ok.headers.get("Supported"), Some("timer"));
+    }
+
+    #[test]
+    fn an_update_with_an_offer_changes_the_media() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let (_, tag) = answer_and_ack(&mut h, call);
+        h.feed(
+            &Req::new("UPDATE", "up1", 2)
+                .tag(&tag)
+                .body(offer_sdp("0", "sendonly")),
+        );
+        let sent = h.sent();
+        let [Message::Response(r)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(r.status, 200);
+        assert!(
+            String::from_utf8_lossy(&r.body).contains("a=recvonly"),
+            "{r:?}"
+        );
+        let events = h.events();
+        let [UasEvent::MediaUpdated { negotiated, .. }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert!(negotiated.remote_hold);
+        // An UPDATE outside any dialog is 481.
+        h.feed(&Req::new("UPDATE", "up2", 3).tag("nobody"));
+        assert_eq!(h.statuses(), vec![481]);
     }
 
     #[test]
@@ -2140,6 +2680,155 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         let ok = Response::to_request(bye, 200, None);
         h.feed_raw(&String::from_utf8(ok.to_bytes()).unwrap());
         assert_eq!(h.uas.call_count(), 0);
+    }
+
+    #[test]
+    fn refer_is_answered_and_its_notifies_report_progress() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        let refer = UasAction::Refer {
+            refer_to: "sip:+15550199@pbx.example".into(),
+            referred_by: Some("sip:telcoflow@203.0.113.1:5060".into()),
+        };
+        // Asked before the ACK: sent once it comes.
+        h.uas.handle_action(call, refer, h.now).unwrap();
+        assert!(h.sent().is_empty());
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        let sent = h.sent();
+        let [Message::Request(req)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(req.method, Method::Refer);
+        assert_eq!(req.cseq().unwrap().method, Method::Refer);
+        assert_eq!(
+            req.headers.get("Refer-To"),
+            Some("<sip:+15550199@pbx.example>")
+        );
+        assert_eq!(
+            req.headers.get("Referred-By"),
+            Some("<sip:telcoflow@203.0.113.1:5060>")
+        );
+        assert!(req.headers.get("Contact").is_some());
+        let accepted = Response::to_request(req, 202, None);
+        h.feed_raw(&String::from_utf8(accepted.to_bytes()).unwrap());
+        assert_eq!(
+            h.events(),
+            vec![UasEvent::ReferAnswered { call, status: 202 }]
+        );
+        // The NOTIFYs come in the dialog, from the caller.
+        let notify = |branch: &str, cseq: u32, event: &str, state: &str, frag: &str| {
+            Req::new("NOTIFY", branch, cseq)
+                .tag(&tag)
+                .body(frag.into())
+                .text()
+                .replace(
+                    "Content-Type: application/sdp\r\n",
+                    &format!(
+                        "Event: {event}\r\nSubscription-State: {state}\r\nContent-Type: message/sipfrag\r\n"
+                    ),
+                )
+        };
+        h.feed_raw(&notify(
+            "n1",
+            2,
+            "refer",
+            "active;expires=60",
+            "SIP/2.0 100 Trying\r\n",
+        ));
+        assert_eq!(h.statuses(), vec![200]);
+        // A body that is no status line, or another event package, is refused.
+        h.feed_raw(&notify("n3", 3, "refer", "active", "hello"));
+        assert_eq!(h.statuses(), vec![400]);
+        h.feed_raw(&notify("n4", 4, "presence", "active", "SIP/2.0 200 OK\r\n"));
+        assert_eq!(h.statuses(), vec![489]);
+        h.feed_raw(&notify(
+            "n2",
+            5,
+            "refer;id=2",
+            "terminated;reason=noresource",
+            "SIP/2.0 200 OK\r\n",
+        ));
+        assert_eq!(h.statuses(), vec![200]);
+        assert_eq!(
+            h.events(),
+            vec![
+                UasEvent::ReferProgress {
+                    call,
+                    status: 100,
+                    reason: "Trying".into(),
+                    terminated: false,
+                },
+                UasEvent::ReferProgress {
+                    call,
+                    status: 200,
+                    reason: "OK".into(),
+                    terminated: true,
+                },
+            ]
+        );
+        // The subscription has ended: a later NOTIFY belongs to none.
+        h.feed_raw(&notify(
+            "n5",
+            6,
+            "refer",
+            "active",
+            "SIP/2.0 180 Ringing\r\n",
+        ));
+        assert_eq!(h.statuses(), vec![481]);
+        assert_eq!(h.events(), vec![]);
+        assert_eq!(h.uas.call_count(), 1, "the call goes on until the BYE");
+    }
+
+    #[test]
+    fn an_unanswered_or_refused_refer_is_reported() {
+        let mut h = Harness::new();
+        let call = h.incoming();
+        let tag = h.answer(call);
+        h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+        h.events();
+        let refer = UasAction::Refer {
+            refer_to: "sip:bob@pbx.example".into(),
+            referred_by: None,
+        };
+        h.uas.handle_action(call, refer.clone(), h.now).unwrap();
+        let sent = h.sent();
+        let [Message::Request(req)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(req.headers.get("Referred-By"), None);
+        let refused = Response::to_request(req, 405, None);
+        h.feed_raw(&String::from_utf8(refused.to_bytes()).unwrap());
+        assert_eq!(
+            h.events(),
+            vec![UasEvent::ReferAnswered { call, status: 405 }]
+        );
+        // No answer at all: 408 once the transaction gives up (64 T1).
+        h.uas.handle_action(call, refer, h.now).unwrap();
+        h.run_until(40_000);
+        assert_eq!(
+            h.events(),
+            vec![UasEvent::ReferAnswered { call, status: 408 }]
+        );
+        assert_eq!(h.uas.call_count(), 1);
+    }
+
+    #[test]
+    fn sipfrag_status_lines() {
+        assert_eq!(
+            sipfrag_status(b"SIP/2.0 180 Ringing\r\n"),
+            Some((180, "Ringing".into()))
+        );
+        assert_eq!(sipfrag_status(b"SIP/2.0 603"), Some((603, String::new())));
+        assert_eq!(sipfrag_status(b"SIP/2.0 99 Low"), None);
+        assert_eq!(sipfrag_status(b"HTTP/1.1 200 OK"), None);
+        assert_eq!(sipfrag_status(&[0xff, 0xfe]), None);
+        let long = format!("SIP/2.0 200 {}", "x".repeat(500));
+        assert_eq!(
+            sipfrag_status(long.as_bytes()).unwrap().1.len(),
+            MAX_SIPFRAG_REASON
+        );
     }
 
     #[test]

@@ -64,6 +64,17 @@ pub enum CallEvent {
     /// The same figures are available while the call runs from
     /// `GET /public/v1/calls/{id}/stats`.
     Stats(Box<crate::CallStats>),
+    /// How a transfer by REFER goes ([`ActiveCall::transfer`](super::ActiveCall::transfer)):
+    /// the status line the SIP caller reports of its call to the target (100 `Trying`, 180
+    /// `Ringing`, 200 `OK`, or a failure such as 486 `Busy Here`).
+    TransferProgress {
+        /// How the transfer is carried out (`refer`).
+        method: String,
+        /// The SIP status.
+        status: u16,
+        /// Its reason phrase.
+        reason: String,
+    },
     /// An event this SDK has no variant for.
     Other {
         /// The event name.
@@ -114,6 +125,23 @@ impl CallEvent {
                     },
                 }
             }
+            media::CallEvent::TRANSFER_PROGRESS => {
+                let status = ev.fields.get("status").and_then(Value::as_u64);
+                match (
+                    str_field("method"),
+                    status.and_then(|s| u16::try_from(s).ok()),
+                ) {
+                    (Some(method), Some(status)) => Self::TransferProgress {
+                        method,
+                        status,
+                        reason: str_field("reason").unwrap_or_default(),
+                    },
+                    _ => Self::Other {
+                        name: ev.event,
+                        fields: ev.fields,
+                    },
+                }
+            }
             media::CallEvent::STATS => match ev.to_stats() {
                 Some(stats) => Self::Stats(Box::new(stats)),
                 None => Self::Other {
@@ -145,6 +173,22 @@ mod tests {
         );
         let mut odd = media::CallEvent::audio_skipped(0, "agent_stall");
         odd.fields.insert("dropped_ms".into(), Value::from("a lot"));
+        assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
+    }
+
+    #[test]
+    fn transfer_progress_is_a_variant_and_a_malformed_one_is_kept_as_sent() {
+        let wire = media::CallEvent::transfer_progress("refer", 180, "Ringing");
+        assert_eq!(
+            CallEvent::from_wire(wire),
+            CallEvent::TransferProgress {
+                method: "refer".into(),
+                status: 180,
+                reason: "Ringing".into()
+            }
+        );
+        let mut odd = media::CallEvent::transfer_progress("refer", 180, "Ringing");
+        odd.fields.insert("status".into(), Value::from(70_000));
         assert!(matches!(CallEvent::from_wire(odd), CallEvent::Other { .. }));
     }
 

@@ -9,6 +9,7 @@
 //! - `audio`: [`AudioChannel`], [`AudioStream`] and the routing of received audio;
 //! - `event`: [`CallEvent`], [`CallEvents`] and [`CallStateWatch`];
 //! - `handoff`: [`ActiveCall::to_json`] and [`ActiveCall::from_json`];
+//! - `transfer`: [`ActiveCall::transfer`] and its [`TransferOutcome`];
 //! - `driver`: the media driver task and reconnection;
 //! - `flow`: answering `buffer_request`s from the ring buffer.
 
@@ -17,9 +18,11 @@ mod driver;
 mod event;
 mod flow;
 mod handoff;
+mod transfer;
 
 pub use audio::{AudioChannel, AudioStream};
 pub use event::{CallEvent, CallEvents, CallStateWatch};
+pub use transfer::{TransferMethod, TransferOutcome};
 
 use crate::config::TelcoflowClientConfig;
 use crate::error::{CallError, CallErrorKind};

@@ -20,6 +20,7 @@
 use super::admission::Admission;
 use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
 use super::ports::MediaEnv;
+use super::registrations::{Prepared, Registrations};
 use super::rtp_leg::{self, Direction, LegParams};
 use crate::call::{self, LegId};
 use crate::listener::{AcceptBackoff, source_address};
@@ -52,6 +53,9 @@ const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// On shutdown, how long BYEs (and CANCELs) are retransmitted while their answers are
 /// awaited: well within the 10 s `telcoflow serve` gives a shutdown.
 pub(super) const SHUTDOWN_HANGUP_GRACE: Duration = Duration::from_secs(4);
+/// The status a REFER that could not be sent is reported with (491 Request Pending: the
+/// dialog is not confirmed yet).
+const REFER_NOT_SENT: u16 = 491;
 /// Limits of SIP/TCP connections (`[sip] tcp_*`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TcpLimits {
@@ -74,6 +78,8 @@ pub(super) struct Bound {
     /// A sender of the endpoint's own command queue, for the legs it starts.
     pub(super) commands: mpsc::Sender<Command>,
     pub(super) command_rx: mpsc::Receiver<Command>,
+    /// Outbound registrations to run.
+    pub(super) registrations: Vec<Prepared>,
 }
 
 /// Starts the endpoint task.
@@ -97,6 +103,12 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         next_conn: 0,
         tcp_tx,
         commands: bound.commands,
+        registrations: Registrations::start(
+            bound.registrations,
+            shared.sip_registrations.clone(),
+            shared.metrics.clone(),
+            Instant::now().into_std(),
+        ),
     };
     shared.tasks.spawn(
         endpoint
@@ -141,6 +153,7 @@ struct Endpoint {
     next_conn: u64,
     tcp_tx: mpsc::Sender<TcpInput>,
     commands: mpsc::Sender<Command>,
+    registrations: Registrations,
 }
 
 impl Endpoint {
@@ -226,10 +239,14 @@ impl Endpoint {
         for o in self.outgoing.values_mut() {
             o.call.hangup(now);
         }
+        self.registrations.unregister_all(now);
         let give_up = Instant::now() + SHUTDOWN_HANGUP_GRACE;
         loop {
             self.drain().await;
-            if self.uas.call_count() == 0 && self.outgoing.is_empty() {
+            if self.uas.call_count() == 0
+                && self.outgoing.is_empty()
+                && self.registrations.all_finished()
+            {
                 break;
             }
             let deadline = self.next_timeout().min(give_up);
@@ -266,6 +283,9 @@ impl Endpoint {
                 t = t.min(d);
             }
         }
+        if let Some(d) = self.registrations.poll_timeout() {
+            t = t.min(d);
+        }
         Instant::from_std(t)
     }
 
@@ -279,13 +299,15 @@ impl Endpoint {
                 o.call.handle_timeout(now);
             }
         }
+        self.registrations.handle_timeout(now);
     }
 
     fn on_message(&mut self, transport: Transport, source: SocketAddr, bytes: &[u8]) {
         let now = Self::now();
         self.shared.metrics.sip_message(true, bytes);
-        // Route by Call-ID: our outgoing calls' messages go to their UAC.
-        if !self.by_call_id.is_empty() {
+        // Route by Call-ID: our outgoing calls' messages go to their UAC, the answers to
+        // our REGISTERs to their registration.
+        if !self.by_call_id.is_empty() || !self.registrations.is_empty() {
             if let Ok(msg) = Message::parse(bytes) {
                 let call_id = match &msg {
                     Message::Request(r) => r.call_id().ok(),
@@ -294,6 +316,11 @@ impl Endpoint {
                 if let Some(key) = call_id.and_then(|c| self.by_call_id.get(c)) {
                     if let Some(o) = self.outgoing.get_mut(key) {
                         o.call.handle_input(bytes, now);
+                        return;
+                    }
+                }
+                if let (Some(call_id), Message::Response(_)) = (call_id, &msg) {
+                    if self.registrations.handle_input(call_id, bytes, now) {
                         return;
                     }
                 }
@@ -360,6 +387,18 @@ impl Endpoint {
                 };
                 if let Err(e) = self.uas.handle_action(call, info, now) {
                     debug!(error = %e, "DTMF INFO not sent");
+                }
+            }
+            Command::Refer { call, refer_to } => {
+                // Referred-By names this server (RFC 3892): the transfer is ours.
+                let refer = UasAction::Refer {
+                    refer_to,
+                    referred_by: Some(self.uas.contact().to_owned()),
+                };
+                if let Err(e) = self.uas.handle_action(call, refer, now) {
+                    // Not in a confirmed dialog (the ACK has not come, or the call ended).
+                    debug!(error = %e, "REFER not sent");
+                    self.notify_leg(call, SipEvent::ReferAnswered(REFER_NOT_SENT));
                 }
             }
             Command::Hangup(LegKey::Out(key)) => {
@@ -446,6 +485,7 @@ impl Endpoint {
                 let _ = o.events.try_send(SipEvent::Ended);
             }
         }
+        self.registrations.drain(&mut transmits);
         for t in transmits {
             self.transmit(t).await;
         }
@@ -480,7 +520,8 @@ impl Endpoint {
             UasEvent::IncomingCall(incoming) => self.on_incoming(*incoming, now),
             UasEvent::Cancelled { call }
             | UasEvent::Bye { call }
-            | UasEvent::AckTimeout { call } => {
+            | UasEvent::AckTimeout { call }
+            | UasEvent::SessionExpired { call } => {
                 self.notify_leg(call, SipEvent::Ended);
             }
             UasEvent::MediaUpdated { call, negotiated } => {
@@ -491,6 +532,22 @@ impl Endpoint {
                 digit,
                 duration_ms,
             } => self.notify_leg(call, SipEvent::Dtmf { digit, duration_ms }),
+            UasEvent::ReferAnswered { call, status } => {
+                self.notify_leg(call, SipEvent::ReferAnswered(status));
+            }
+            UasEvent::ReferProgress {
+                call,
+                status,
+                reason,
+                terminated,
+            } => self.notify_leg(
+                call,
+                SipEvent::ReferProgress {
+                    status,
+                    reason,
+                    terminated,
+                },
+            ),
             UasEvent::Ack { .. } => {}
         }
     }

@@ -38,6 +38,11 @@ pub(super) enum Command {
     Hangup(LegKey),
     /// An INFO with one DTMF digit (`application/dtmf-relay`) in an incoming call's dialog.
     DtmfInfo { call: uas::CallHandle, body: String },
+    /// A REFER in an incoming call's dialog: the caller is asked to call `refer_to`.
+    Refer {
+        call: uas::CallHandle,
+        refer_to: String,
+    },
     /// Dial out.
     Dial {
         key: u64,
@@ -62,6 +67,14 @@ pub(super) enum SipEvent {
     MediaUpdated(Negotiated),
     /// A key press sent as SIP INFO.
     Dtmf { digit: char, duration_ms: u32 },
+    /// Our REFER got its final answer (202: accepted).
+    ReferAnswered(u16),
+    /// A NOTIFY of our REFER: the sipfrag's status and reason, and whether it is the last.
+    ReferProgress {
+        status: u16,
+        reason: String,
+        terminated: bool,
+    },
 }
 
 /// A destination's host name that did not resolve.

@@ -7,6 +7,7 @@
 //! - `rtp_leg`: one task per SIP call that owns its RTP socket and plays the call's leg.
 //! - `admission`: who may start a call (allow list, INVITE rate per source, digest).
 //! - `link`: what the endpoint and the legs say to each other; `ports`: the RTP port range.
+//! - `registrations`: outbound registrations (`[[sip.registrations]]`) the endpoint runs.
 //!
 //! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
 //!
@@ -20,6 +21,7 @@
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
 //! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `queue_audio`/`poll_audio` (8 kHz) | same |
 //! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
+//! | transfer (REFER) | `LegOutput::Refer` -> `UasAction::Refer`; `UasEvent::ReferAnswered` / `ReferProgress` (NOTIFY) -> `LegEvent::ReferAnswered` / `ReferProgress` | (no REFER: 501, the call dials the target) |
 //! | media change | `UasEvent::MediaUpdated` -> `RtpSession::set_remote(remote, remote_rtcp, ..)`, `set_ptime(ptime)`, `set_receiving(!remote_hold)`, `set_sending(direction.sends())` | `UacEvent::MediaUpdated` likewise |
 //! | RTP timeout | `RtpSession::timed_out` -> `UasAction::Hangup` + `LegEvent::Hangup` | `OutgoingCall::hangup` likewise |
 //!
@@ -29,6 +31,7 @@ mod admission;
 mod endpoint;
 mod link;
 mod ports;
+mod registrations;
 mod rtp_leg;
 
 use super::{AddressKind, Network, RingError};
@@ -64,6 +67,8 @@ pub(crate) struct SipNetwork {
     contact: String,
     sent_by: String,
     next_key: AtomicU64,
+    /// Outbound registrations, for dialling through their registrars.
+    registrations: Vec<registrations::Prepared>,
     /// Where leg tasks are spawned, and what stops them.
     tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -95,10 +100,22 @@ impl Network for SipNetwork {
             Some(p) => format!("{}:{p}", parsed.host),
             None => parsed.host.clone(),
         };
-        let credentials = self.config.trunk_for(&host_port).map(|t| Credentials {
+        let trunk = self.config.trunk_for(&host_port).map(|t| Credentials {
             username: t.username.clone(),
             password: t.password.clone(),
         });
+        // A destination on a registrar's host goes through that registration: its
+        // credentials (unless a trunk of the same host has its own), its outbound proxy,
+        // and its address of record as the caller.
+        let registration = self.registration_for(&parsed.host, port);
+        let credentials = trunk.or_else(|| {
+            registration
+                .and_then(|(i, _)| registrations::credentials(&self.config.registrations[i]))
+        });
+        let (destination, resolve) = match registration.and_then(|(_, p)| p.proxy) {
+            Some(proxy) => (proxy, None),
+            None => (destination, resolve),
+        };
         let transport = if parsed
             .params
             .get("transport")
@@ -116,7 +133,10 @@ impl Network for SipNetwork {
             target: uri.to_owned(),
             destination,
             transport,
-            from: format!("sip:{from_user}@{}", self.sent_by),
+            from: match registration {
+                Some((_, p)) => p.register.aor.clone(),
+                None => format!("sip:{from_user}@{}", self.sent_by),
+            },
             contact: self.contact.clone(),
             sent_by: self.sent_by.clone(),
             credentials,
@@ -156,6 +176,22 @@ impl Network for SipNetwork {
             %uri
         )));
         Ok(link)
+    }
+}
+
+impl SipNetwork {
+    /// The registration whose registrar is `host` (and `port`), with its index in the config.
+    fn registration_for(&self, host: &str, port: u16) -> Option<(usize, &registrations::Prepared)> {
+        self.config
+            .registrations
+            .iter()
+            .zip(&self.registrations)
+            .enumerate()
+            .find(|(_, (r, _))| {
+                r.registrar_host_port()
+                    .is_some_and(|(h, p)| h.eq_ignore_ascii_case(host) && p == port)
+            })
+            .map(|(i, (_, p))| (i, p))
     }
 }
 
@@ -208,6 +244,9 @@ pub(crate) async fn bind(
     }
     let sent_by = format!("{}:{}", host_literal(advertised), local.port());
     let contact = format!("sip:telcoflow@{sent_by}");
+    let prepared = registrations::prepare(&config, &sent_by, &sent_by)
+        .await
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let media = Arc::new(MediaEnv::new(
         pool,
         local.ip(),
@@ -229,6 +268,7 @@ pub(crate) async fn bind(
         config,
         contact: contact.clone(),
         sent_by: sent_by.clone(),
+        registrations: prepared.clone(),
         next_key: AtomicU64::new(1),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
@@ -253,6 +293,7 @@ pub(crate) async fn bind(
         media,
         commands,
         command_rx,
+        registrations: prepared,
     };
     Ok(BoundSip { network, endpoint })
 }

@@ -446,6 +446,19 @@ impl RtpLeg {
                     }
                 });
             }
+            LegOutput::Refer { target } => match self.key {
+                LegKey::In(call) => {
+                    let cmd = Command::Refer {
+                        call,
+                        refer_to: target,
+                    };
+                    self.command(cmd).await;
+                }
+                // Our UAC sends no REFER: the call dials the target itself instead.
+                LegKey::Out(_) => {
+                    self.to_call(LegEvent::ReferAnswered { status: 501 }).await;
+                }
+            },
             LegOutput::Hangup(reason) => {
                 let cmd = match (self.key, self.answered) {
                     (LegKey::In(call), false) => Command::Reject {
@@ -598,6 +611,21 @@ impl RtpLeg {
             }
             SipEvent::Dtmf { digit, duration_ms } => {
                 self.to_call(LegEvent::Dtmf { digit, duration_ms }).await;
+            }
+            SipEvent::ReferAnswered(status) => {
+                self.to_call(LegEvent::ReferAnswered { status }).await;
+            }
+            SipEvent::ReferProgress {
+                status,
+                reason,
+                terminated,
+            } => {
+                let event = LegEvent::ReferProgress {
+                    status,
+                    reason,
+                    terminated,
+                };
+                self.to_call(event).await;
             }
         }
         Flow::Continue

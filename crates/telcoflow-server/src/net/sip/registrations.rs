@@ -1,0 +1,247 @@
+//! Outbound registrations (`[[sip.registrations]]`): the endpoint task drives one sans-IO
+//! [`Registration`] per registrar; this module builds them from the config, keeps what each
+//! one last reported on a board (`GET /admin/v1/sip/registrations`, the
+//! `telcoflow_sip_registrations` gauge, the logs), and tells dialling which registration a
+//! `sip:` destination goes through.
+
+use crate::config::{SipConfig, SipRegistration};
+use crate::metrics::Metrics;
+use crate::net::registration_board::{RegistrationBoard, RegistrationStatus, unix_now};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use telcoflow_sip::sip::digest::Credentials;
+use telcoflow_sip::sip::register::{
+    RegisterConfig, RegisterEvent, Registration, RegistrationState,
+};
+use telcoflow_sip::sip::{Transmit, Transport};
+use tracing::{info, warn};
+
+/// How long resolving a registrar's (or proxy's) name may take at startup.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A registration's settings with its addresses resolved, ready to run.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub(crate) register: RegisterConfig,
+    /// Where `call.connect` through this registration sends its INVITEs when an outbound
+    /// proxy is set.
+    pub(crate) proxy: Option<SocketAddr>,
+}
+
+/// Resolves and builds every `[[sip.registrations]]` entry. A name that does not resolve
+/// stops the start with a message naming it: a registration that cannot run is a
+/// configuration error, not something to find out from missing calls.
+pub(crate) async fn prepare(
+    config: &SipConfig,
+    sent_by: &str,
+    advertised: &str,
+) -> Result<Vec<Prepared>, String> {
+    let mut out = Vec::with_capacity(config.registrations.len());
+    for (i, r) in config.registrations.iter().enumerate() {
+        let at = format!("[[sip.registrations]] #{}", i + 1);
+        let (host, port) = r
+            .proxy_host_port()
+            .or_else(|| r.registrar_host_port())
+            .ok_or_else(|| format!("{at}: no registrar"))?;
+        let destination = resolve(&host, port)
+            .await
+            .map_err(|e| format!("{at}: cannot resolve {host}:{port}: {e}"))?;
+        let proxy = r.outbound_proxy.is_some().then_some(destination);
+        let user = r.aor_user().unwrap_or_else(|| "telcoflow".into());
+        let transport = if r.is_tcp() {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
+        let contact = match transport {
+            Transport::Tcp => format!("sip:{user}@{advertised};transport=tcp"),
+            Transport::Udp => format!("sip:{user}@{advertised}"),
+        };
+        let route = match &r.outbound_proxy {
+            Some(p) if p.starts_with("sip:") => vec![format!("<{p};lr>")],
+            Some(p) => vec![format!("<sip:{p};lr>")],
+            None => Vec::new(),
+        };
+        out.push(Prepared {
+            register: RegisterConfig {
+                registrar: r.registrar_uri(),
+                aor: r.aor.clone(),
+                contact,
+                destination,
+                transport,
+                route,
+                sent_by: sent_by.to_owned(),
+                credentials: credentials(r),
+                expires: Duration::from_secs(r.expiry),
+                timers: config.timers(),
+                user_agent: super::link::USER_AGENT.into(),
+            },
+            proxy,
+        });
+    }
+    Ok(out)
+}
+
+/// The digest credentials of a registration, if it has a password.
+pub(crate) fn credentials(r: &SipRegistration) -> Option<Credentials> {
+    let password = r.password.clone()?;
+    let username = r
+        .username
+        .clone()
+        .or_else(|| r.aor_user())
+        .unwrap_or_default();
+    Some(Credentials { username, password })
+}
+
+async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let mut addrs = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host, port)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS timed out"))??;
+    addrs
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))
+}
+
+/// The registrations the endpoint task runs, with their board.
+pub(super) struct Registrations {
+    running: Vec<Registration>,
+    board: Arc<RegistrationBoard>,
+    metrics: Arc<Metrics>,
+}
+
+impl Registrations {
+    /// Starts every registration: their first REGISTERs are queued at once.
+    pub(super) fn start(
+        prepared: Vec<Prepared>,
+        board: Arc<RegistrationBoard>,
+        metrics: Arc<Metrics>,
+        now: std::time::Instant,
+    ) -> Self {
+        let running: Vec<Registration> = prepared
+            .into_iter()
+            .map(|p| Registration::new(p.register, rand::random(), now))
+            .collect();
+        board.reset(
+            running
+                .iter()
+                .map(|r| RegistrationStatus {
+                    registrar: r.config().registrar.clone(),
+                    aor: r.config().aor.clone(),
+                    transport: match r.config().transport {
+                        Transport::Udp => "udp",
+                        Transport::Tcp => "tcp",
+                    },
+                    state: r.state().name(),
+                    expires_secs: None,
+                    last_status: None,
+                    reason: None,
+                    retry_in_secs: None,
+                    since: unix_now(),
+                })
+                .collect(),
+        );
+        for r in &running {
+            metrics.sip_registration_moved(None, r.state().name());
+        }
+        Self {
+            running,
+            board,
+            metrics,
+        }
+    }
+
+    /// Whether there are none.
+    pub(super) fn is_empty(&self) -> bool {
+        self.running.is_empty()
+    }
+
+    /// Passes `bytes` to the registration whose Call-ID it is; false if none.
+    pub(super) fn handle_input(
+        &mut self,
+        call_id: &str,
+        bytes: &[u8],
+        now: std::time::Instant,
+    ) -> bool {
+        match self.running.iter_mut().find(|r| r.call_id() == call_id) {
+            Some(r) => {
+                r.handle_input(bytes, now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(super) fn poll_timeout(&self) -> Option<std::time::Instant> {
+        self.running
+            .iter()
+            .filter_map(Registration::poll_timeout)
+            .min()
+    }
+
+    pub(super) fn handle_timeout(&mut self, now: std::time::Instant) {
+        for r in &mut self.running {
+            if r.poll_timeout().is_some_and(|t| t <= now) {
+                r.handle_timeout(now);
+            }
+        }
+    }
+
+    /// Removes every binding (shutdown).
+    pub(super) fn unregister_all(&mut self, now: std::time::Instant) {
+        for r in &mut self.running {
+            r.unregister(now);
+        }
+    }
+
+    /// Whether every binding is removed and nothing is left to send.
+    pub(super) fn all_finished(&self) -> bool {
+        self.running.iter().all(Registration::is_finished)
+    }
+
+    /// What the registrations want sent; their state changes go to the board, the gauge
+    /// and the log.
+    pub(super) fn drain(&mut self, out: &mut Vec<Transmit>) {
+        for (i, r) in self.running.iter_mut().enumerate() {
+            while let Some(t) = r.poll_transmit() {
+                out.push(t);
+            }
+            let mut before = self.board.state_of(i);
+            while let Some(RegisterEvent::State(state)) = r.poll_event() {
+                let config = r.config();
+                match &state {
+                    RegistrationState::Registered { expires } => info!(
+                        registrar = %config.registrar,
+                        aor = %config.aor,
+                        expires_secs = expires.as_secs(),
+                        "SIP registration in place"
+                    ),
+                    RegistrationState::Failed {
+                        status,
+                        reason,
+                        retry_in,
+                    } => warn!(
+                        registrar = %config.registrar,
+                        aor = %config.aor,
+                        status,
+                        %reason,
+                        retry_in_secs = retry_in.as_secs(),
+                        "SIP registration failed; retrying"
+                    ),
+                    other => info!(
+                        registrar = %config.registrar,
+                        aor = %config.aor,
+                        state = other.name(),
+                        "SIP registration"
+                    ),
+                }
+                self.metrics.sip_registration_moved(before, state.name());
+                before = Some(state.name());
+                self.board.set(i, &state);
+            }
+        }
+    }
+}
