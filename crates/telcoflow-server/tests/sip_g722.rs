@@ -300,7 +300,7 @@ async fn a_g722_caller_gets_g722_at_16_khz() {
     if !tools_available() {
         return;
     }
-    call_in(45, 29400, "G722/16000/1", None).await;
+    call_in(45, 29500, "G722/16000/1", None).await;
 }
 
 #[tokio::test]
