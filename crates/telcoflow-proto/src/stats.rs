@@ -5,7 +5,8 @@
 //! party). Unknown keys are ignored when decoding, so that a newer server may add figures.
 //!
 //! The estimated MOS comes from the ITU-T G.107 E-model, simplified for G.711 (see
-//! [`r_factor`] and [`mos_from_r`]).
+//! [`r_factor`] and [`mos_from_r`]). A leg on G.722 is rated the same way: its R and MOS are
+//! on the narrowband scale, as if it were G.711 (see [`LegStats::codec`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -62,6 +63,13 @@ pub struct LegStats {
     pub r_factor: f64,
     /// Estimated MOS (1 to 4.5), see [`mos_from_r`].
     pub mos: f64,
+    /// The codec of a `sip` leg: `PCMU`, `PCMA` or `G722` (16 kHz wideband); absent for
+    /// `sim` and before a SIP leg has agreed on one. A `G722` leg's `r_factor` and `mos` are
+    /// the narrowband E-model's (G.107 with G.711's `Ie = 0`): they rate its loss and delay on
+    /// the narrowband scale and do not credit the wider band. The wideband E-model (G.107.1)
+    /// rates on another scale (R up to 129), which these figures do not use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<String>,
 }
 
 impl LegStats {
@@ -112,7 +120,14 @@ impl LegStats {
             rtt_ms: rtt_ms.map(round2),
             r_factor: round2(r),
             mos: round2(mos_from_r(r)),
+            codec: None,
         }
+    }
+
+    /// The same figures, naming the leg's codec (see [`LegStats::codec`]).
+    pub fn with_codec(mut self, codec: Option<&str>) -> Self {
+        self.codec = codec.map(str::to_owned);
+        self
     }
 }
 

@@ -118,7 +118,8 @@ function levelCell(dbfs) {
 
 function quality(q) {
   const parts = [];
-  // Receive statistics, when the server reports them.
+  // The caller's codec (SIP), then receive statistics, when the server reports them.
+  if (q.codec != null) parts.push(q.codec === "G722" ? "G722 (HD)" : q.codec);
   if (q.mos != null) parts.push("MOS " + Number(q.mos).toFixed(1));
   if (q.jitterMs != null) parts.push("jitter " + Number(q.jitterMs).toFixed(1) + " ms");
   if (q.lossPct != null) parts.push("loss " + Number(q.lossPct).toFixed(1) + "%");
@@ -141,7 +142,7 @@ function withLastStats(calls) {
       seen.set(c.callId, q);
     } else if (lastStats.has(c.callId)) {
       const last = lastStats.get(c.callId);
-      for (const k of ["jitterMs", "lossPct", "concealedMs", "mos", "rttMs", "stats"]) {
+      for (const k of ["codec", "jitterMs", "lossPct", "concealedMs", "mos", "rttMs", "stats"]) {
         if (last[k] !== undefined) q[k] = last[k];
       }
       seen.set(c.callId, q);

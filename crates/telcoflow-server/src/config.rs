@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use telcoflow_sip::rtp::codec::Codec;
 use telcoflow_sip::sip::transaction::Timers;
 
 /// API key of the development connector.
@@ -322,6 +323,13 @@ pub struct SipConfig {
     /// interval, and 64·T1 bounds a transaction (an unanswered request, a 200 never ACKed).
     /// 10 to 4000 (T2). Default 500.
     pub timer_t1_ms: u64,
+    /// Audio codecs of SIP calls, among `PCMU`, `PCMA` and `G722` (wideband, 16 kHz), in
+    /// order of preference: calls we place offer them in this order, and an incoming offer is
+    /// answered with the first of these it has, where PCMU and PCMA rank together (between
+    /// them, the caller's order holds). Default `["PCMU", "PCMA", "G722"]`: G.722 is offered
+    /// after G.711 and taken only from callers that offer no G.711; list `G722` first to
+    /// prefer it.
+    pub codecs: Vec<String>,
     /// Registrars this server registers at (`[[sip.registrations]]`), so that a trunk or a
     /// hosted PBX sends the calls of an address of record here.
     pub registrations: Vec<SipRegistration>,
@@ -518,6 +526,10 @@ impl Default for SipConfig {
             tcp_max_connections: 256,
             tcp_max_connections_per_ip: 32,
             timer_t1_ms: 500,
+            codecs: Codec::ALL
+                .iter()
+                .map(|c| c.encoding_name().to_owned())
+                .collect(),
             registrations: Vec::new(),
         }
     }
@@ -539,6 +551,30 @@ impl SipConfig {
             return Err(bad());
         }
         Ok((low, high))
+    }
+
+    /// The `codecs` list parsed, in its order.
+    pub fn codec_list(&self) -> Result<Vec<Codec>, ConfigError> {
+        let mut codecs = Vec::with_capacity(self.codecs.len());
+        for name in &self.codecs {
+            let codec = Codec::from_name(name.trim()).ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "sip.codecs entries must be \"PCMU\", \"PCMA\" or \"G722\", got {name:?}"
+                ))
+            })?;
+            if codecs.contains(&codec) {
+                return Err(ConfigError::Invalid(format!(
+                    "sip.codecs lists {codec} twice"
+                )));
+            }
+            codecs.push(codec);
+        }
+        if codecs.is_empty() {
+            return Err(ConfigError::Invalid(
+                "sip.codecs must list at least one codec".into(),
+            ));
+        }
+        Ok(codecs)
     }
 
     /// The `allow` list parsed: `None` when not set.
@@ -973,6 +1009,7 @@ impl Config {
                 }
             }
             sip.allow_networks()?;
+            sip.codec_list()?;
             for (name, v) in [
                 ("invite_rate_interval_secs", sip.invite_rate_interval_secs),
                 ("tcp_message_timeout_secs", sip.tcp_message_timeout_secs),
@@ -1391,6 +1428,23 @@ mod tests {
         assert!(!nets[0].contains(&"192.0.3.1".parse::<IpAddr>().unwrap()));
         assert!(nets[1].contains(&"2001:db8::1".parse::<IpAddr>().unwrap()));
         assert_eq!(SipConfig::default().allow_networks().unwrap(), None);
+    }
+
+    #[test]
+    fn sip_codecs_are_checked_and_keep_their_order() {
+        assert_eq!(
+            SipConfig::default().codec_list().unwrap(),
+            vec![Codec::Pcmu, Codec::Pcma, Codec::G722]
+        );
+        let base = "[[connectors]]\nuuid='7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01'\napi_key='k'\n";
+        let text = format!("[sip]\ncodecs = ['g722', 'PCMA']\n{base}");
+        let sip = Config::from_toml(&text).unwrap().sip.unwrap();
+        assert_eq!(sip.codec_list().unwrap(), vec![Codec::G722, Codec::Pcma]);
+        for bad in ["[]", "['G729']", "['PCMU', 'pcmu']"] {
+            let text = format!("[sip]\ncodecs = {bad}\n{base}");
+            let err = Config::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains("sip.codecs"), "{bad}: {err}");
+        }
     }
 
     #[test]

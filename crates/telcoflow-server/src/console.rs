@@ -301,6 +301,9 @@ fn quality(live: &LiveSnapshot, stats: Option<&CallStats>) -> Value {
         q["concealedMs"] = json!(caller.concealed_ms);
         q["mos"] = json!(caller.mos);
         q["rttMs"] = json!(caller.rtt_ms);
+        if let Some(codec) = &caller.codec {
+            q["codec"] = json!(codec);
+        }
     }
     q["stats"] = serde_json::to_value(stats).unwrap_or_default();
     q

@@ -178,6 +178,7 @@ pub(crate) struct Metrics {
     sip_registrations: IntGaugeVec,
     sip_responses: IntCounterVec,
     pub(crate) rtp_ports_in_use: IntGauge,
+    rtp_sessions: IntCounterVec,
     overflows: Vec<IntCounter>,
 }
 
@@ -304,6 +305,15 @@ impl Metrics {
             leg_jitter.with_label_values(&[kind.as_str()]);
             leg_lost.with_label_values(&[kind.as_str()]);
         }
+        let rtp_sessions = counter_vec(
+            "telcoflow_rtp_sessions_total",
+            "RTP sessions of SIP calls opened, by the codec agreed on (PCMU, PCMA, G722).",
+            &["codec"],
+        );
+        for codec in telcoflow_sip::rtp::codec::Codec::ALL {
+            // Every codec is listed from the start, at 0.
+            rtp_sessions.with_label_values(&[codec.encoding_name()]);
+        }
         let sip_requests = counter_vec(
             "telcoflow_sip_requests_total",
             "SIP requests, by direction (in: received) and method.",
@@ -382,6 +392,7 @@ impl Metrics {
             sip_responses,
             sip_registrations,
             rtp_ports_in_use: gauge("telcoflow_rtp_ports_in_use", "RTP port pairs in use."),
+            rtp_sessions,
             overflows,
             registry: r,
         }
@@ -450,6 +461,11 @@ impl Metrics {
             self.leg_lost_sip.inc_by(concealed);
             self.concealed_rtp.inc_by(concealed);
         }
+    }
+
+    /// An RTP leg opened its session with `codec` (its SDP encoding name).
+    pub(crate) fn rtp_session_opened(&self, codec: &str) {
+        self.rtp_sessions.with_label_values(&[codec]).inc();
     }
 
     /// What an RTP leg's receive side counted, at its end: interarrival jitter, frames

@@ -3,7 +3,7 @@
 //!
 //! - [`sip`]: SIP signalling: messages, stream framing, SDP offer/answer, digest auth,
 //!   RFC 3261 transactions, the user agent server (incoming calls) and client (outgoing calls).
-//! - [`rtp`]: RTP media: G.711, RTP/RTCP/RFC 4733 packets, the jitter buffer, RTP port
+//! - [`rtp`]: RTP media: G.711 and G.722, RTP/RTCP/RFC 4733 packets, the jitter buffer, RTP port
 //!   bookkeeping and one call leg's RTP session.
 //! - [`phase`]: the phase aligner that moves a 20 ms media clock towards the arrival of
 //!   audio produced in real time.

@@ -77,6 +77,7 @@ use telcoflow_server::config::{
     DEV_API_KEY, DEV_CONNECT_DESTINATION, DEV_CONNECTOR_UUID, SipConfig,
 };
 use telcoflow_server::{Config, RunningServer, Server};
+use telcoflow_sip::rtp::codec::Codec;
 use telcoflow_sip::rtp::g711::G711;
 use telcoflow_sip::rtp::jitter::FRAME_SAMPLES;
 use telcoflow_sip::rtp::packet::{
@@ -869,7 +870,7 @@ async fn sip_phone(server: SocketAddr) -> Measured {
         user_agent: "telcoflow-allocations".into(),
     };
     let media = LocalMedia {
-        codecs: vec![G711::Pcmu],
+        codecs: vec![Codec::Pcmu],
         ..LocalMedia::new(local.ip(), rtp_port, 1)
     };
     let mut phone = SipPhone {
@@ -889,8 +890,8 @@ async fn sip_phone(server: SocketAddr) -> Measured {
     })
     .await
     .expect("answered in time");
-    let (codec, pt) = (negotiated.codec, negotiated.payload_type);
-    assert_eq!(codec, G711::Pcmu, "the offered codec");
+    assert_eq!(negotiated.codec, Codec::Pcmu, "the offered codec");
+    let (codec, pt) = (G711::Pcmu, negotiated.payload_type);
 
     // The packet and the receive buffer, built once: each tick rewrites the header in place.
     let mut packet = [0u8; RTP_HEADER_LEN + FRAME_SAMPLES];

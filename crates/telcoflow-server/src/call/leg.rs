@@ -45,6 +45,9 @@ pub(crate) enum LegEvent {
         reason: String,
         terminated: bool,
     },
+    /// The leg's audio is at this rate from now on, both ways (a SIP leg that negotiated
+    /// G.722: 16 kHz, G.711: 8 kHz).
+    Rate(SampleRate),
 }
 
 /// Why a rung destination did not take the call. Every network says it the same way, so that
@@ -148,6 +151,8 @@ pub(crate) struct NetFigures {
     pub(crate) rtt: Option<Duration>,
     /// Delay the leg's buffering adds (the jitter buffer's target).
     pub(crate) buffering: Duration,
+    /// The codec's name (`PCMU`, `PCMA`, `G722`), for a network that has codecs.
+    pub(crate) codec: Option<&'static str>,
 }
 
 /// Where a leg's task leaves its [`NetFigures`] for the call to read: written by one task,

@@ -98,6 +98,14 @@ impl Leg {
         self.meter.arrived(samples, self.link.rate.hz(), now);
     }
 
+    /// The leg's own rate changed (its codec did): audio from now on is at `rate` both ways.
+    pub(super) fn set_rate(&mut self, rate: SampleRate, agent_rate: SampleRate) {
+        if rate != self.link.rate {
+            self.link.rate = rate;
+            (self.from_leg, self.to_leg) = resamplers(rate, agent_rate);
+        }
+    }
+
     pub(super) fn set_agent_rate(&mut self, agent_rate: SampleRate) {
         (self.from_leg, self.to_leg) = resamplers(self.link.rate, agent_rate);
         self.queue.clear();

@@ -103,6 +103,12 @@ impl CallActor {
             LegEvent::Dtmf { .. }
             | LegEvent::ReferAnswered { .. }
             | LegEvent::ReferProgress { .. } => {}
+            LegEvent::Rate(rate) => {
+                let agent_rate = self.rate();
+                if let Some(callee) = &mut self.callee {
+                    callee.set_rate(rate, agent_rate);
+                }
+            }
             LegEvent::AudioSkipped { dropped_ms } => {
                 self.agent_counts.server_stall_ms += dropped_ms;
                 self.send_event(CallEvent::audio_skipped(
@@ -160,6 +166,10 @@ impl CallActor {
             }
             LegEvent::Dtmf { digit, duration_ms } => {
                 self.send_event(CallEvent::dtmf(digit, duration_ms));
+            }
+            LegEvent::Rate(rate) => {
+                let agent_rate = self.rate();
+                self.caller.set_rate(rate, agent_rate);
             }
             LegEvent::AudioSkipped { dropped_ms } => {
                 self.agent_counts.server_stall_ms += dropped_ms;

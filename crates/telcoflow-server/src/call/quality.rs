@@ -31,6 +31,7 @@ pub(super) fn leg_stats(leg: &Leg, role: &str) -> LegStats {
                 rtt_ms,
                 delay_ms,
             )
+            .with_codec(f.codec)
         }
         None => {
             let m = &leg.meter;

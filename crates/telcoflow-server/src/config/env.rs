@@ -114,6 +114,7 @@ pub const ENV_SETTINGS: &[EnvSetting] = &[
     s(Some("sip"), "tcp_max_connections", Number),
     s(Some("sip"), "tcp_max_connections_per_ip", Number),
     s(Some("sip"), "timer_t1_ms", Number),
+    s(Some("sip"), "codecs", List),
     s(Some("sim"), "enabled", Bool),
     s(Some("cluster"), "nats_url", Text),
     s(Some("cluster"), "node_id", Text),
@@ -396,6 +397,7 @@ use serde::Deserialize as _;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telcoflow_sip::rtp::codec::Codec;
 
     const FILE: &str = "listen = '127.0.0.1:9000'\n\
         [limits]\nmax_calls_per_connector = 5\n\
@@ -423,6 +425,7 @@ mod tests {
             ("TELCOFLOW_METRICS_TOKEN", "m"),
             ("TELCOFLOW_SIP_LISTEN", "127.0.0.1:5070"),
             ("TELCOFLOW_SIP_ALLOW", "10.0.0.0/8, 192.0.2.7"),
+            ("TELCOFLOW_SIP_CODECS", "G722,PCMU"),
             ("TELCOFLOW_SIM_ENABLED", "yes"),
             // Not settings of the file: left alone.
             ("TELCOFLOW_API_KEY", "sdk"),
@@ -441,6 +444,11 @@ mod tests {
         assert_eq!(
             sip.allow.as_deref(),
             Some(&["10.0.0.0/8".to_owned(), "192.0.2.7".to_owned()][..])
+        );
+        assert_eq!(
+            sip.codec_list().unwrap(),
+            [Codec::G722, Codec::Pcmu],
+            "in the variable's order"
         );
         assert_eq!(sip.rtp_ports, "20000-20999", "the rest keeps its default");
     }

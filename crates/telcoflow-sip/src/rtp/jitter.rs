@@ -1,4 +1,4 @@
-//! Adaptive jitter buffer for 20 ms G.711 frames.
+//! Adaptive jitter buffer for 20 ms frames of PCMU, PCMA or G.722.
 //!
 //! Contract (sans-IO, no clock reads, no allocation after [`JitterBuffer::new`]):
 //!
@@ -6,7 +6,8 @@
 //!   arrives, and the arrival time. Packets of other payload types (telephone-event, comfort
 //!   noise) are refused with [`Push::Unsupported`]; route them elsewhere first.
 //! - Call [`JitterBuffer::pop`] once per 20 ms playout tick. It always yields exactly one
-//!   frame of [`FRAME_SAMPLES`] 8 kHz samples, borrowed from the buffer until the next call.
+//!   frame of audio at the codec's rate ([`JitterBuffer::set_codec`]: 160 samples at 8 kHz for
+//!   G.711, 320 at 16 kHz for G.722), borrowed from the buffer until the next call.
 //! - Optionally call [`JitterBuffer::pop_ahead`] after each push: while the target is one
 //!   frame, the next frame in sequence is played as soon as it is here rather than at its
 //!   tick, and that tick then yields [`FrameKind::Ahead`] (nothing to play) instead. The tick
@@ -14,6 +15,10 @@
 //!
 //! Behaviour:
 //!
+//! - Payloads are stored as received and decoded when they play, in sequence order: G.722's
+//!   decoder adapts from each code to the next, so it must see them in stream order, and a
+//!   lost frame is concealed without feeding it anything. Packets of a codec at another rate
+//!   than the session's are refused.
 //! - Packets are stored by sequence number in a fixed ring of preallocated slots, so arrival
 //!   order does not matter within the ring's span; 16-bit sequence wrap is handled with
 //!   wrapping arithmetic. Duplicates are dropped and counted.
@@ -46,10 +51,12 @@
 
 use std::time::{Duration, Instant};
 
-use super::g711::G711;
+use super::codec::{Codec, MAX_FRAME_SAMPLES};
+use super::g722::G722Decoder;
 use super::packet::RtpPacket;
 
-/// Samples in one 20 ms frame at 8 kHz.
+/// Samples in one 20 ms frame at 8 kHz; also the RTP timestamp units and payload bytes of a
+/// 20 ms frame of every codec here (G.722 included, see [`super::codec`]).
 pub const FRAME_SAMPLES: usize = 160;
 /// Duration of one frame.
 pub const FRAME_DURATION: Duration = Duration::from_millis(20);
@@ -102,7 +109,7 @@ pub enum Push {
     Duplicate,
     /// Its tick has passed; dropped.
     Late,
-    /// Not PCMU or PCMA; ignored.
+    /// Not a codec at the session's rate (PCMU or PCMA at 8 kHz, G.722 at 16 kHz); ignored.
     Unsupported(u8),
 }
 
@@ -125,7 +132,7 @@ pub enum FrameKind {
 pub struct Frame<'a> {
     /// Where it came from.
     pub kind: FrameKind,
-    /// [`FRAME_SAMPLES`] samples at 8 kHz.
+    /// One frame at the codec's rate: [`Codec::frame_samples`] samples.
     pub samples: &'a [i16],
     /// For received audio: how long its packet waited for this tick beyond the target
     /// depth's extra frames (`target - 1 frame`), i.e. how much earlier this tick could have
@@ -165,7 +172,10 @@ struct Slot {
     seq: u16,
     /// When the packet arrived (set with `filled`).
     arrived: Option<Instant>,
-    samples: [i16; FRAME_SAMPLES],
+    /// The codec of its payload type, and the payload (`len` bytes of it).
+    codec: Codec,
+    len: usize,
+    payload: [u8; FRAME_SAMPLES],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,8 +209,14 @@ pub struct JitterBuffer {
     /// Frames each received packet carries (a phone's `ptime` over 20 ms, see
     /// [`JitterBuffer::packet_arrived`]): that many land at once by design.
     packet_frames: u32,
-    last_good: [i16; FRAME_SAMPLES],
-    out: [i16; FRAME_SAMPLES],
+    /// The session's codec: frames are at its rate.
+    codec: Codec,
+    /// The G.722 stream's decoder state (one stream: reset with the SSRC).
+    g722: Box<G722Decoder>,
+    /// Samples per frame at the codec's rate.
+    out_len: usize,
+    last_good: [i16; MAX_FRAME_SAMPLES],
+    out: [i16; MAX_FRAME_SAMPLES],
     // RFC 3550 A.8 interarrival jitter, in timestamp units scaled by 16.
     epoch: Option<Instant>,
     last_transit: Option<i64>,
@@ -246,7 +262,9 @@ impl JitterBuffer {
                 filled: false,
                 seq: 0,
                 arrived: None,
-                samples: [0; FRAME_SAMPLES],
+                codec: Codec::Pcmu,
+                len: 0,
+                payload: [0; FRAME_SAMPLES],
             })
             .collect();
         Self {
@@ -265,14 +283,35 @@ impl JitterBuffer {
             ahead_len: 0,
             concealed_run: 0,
             packet_frames: 1,
-            last_good: [0; FRAME_SAMPLES],
-            out: [0; FRAME_SAMPLES],
+            codec: Codec::Pcmu,
+            g722: Box::default(),
+            out_len: FRAME_SAMPLES,
+            last_good: [0; MAX_FRAME_SAMPLES],
+            out: [0; MAX_FRAME_SAMPLES],
             epoch: None,
             last_transit: None,
             jitter_q4: 0,
             jitter_q4_at_tick: 0,
             stats: JitterStats::default(),
         }
+    }
+
+    /// The session's codec (default PCMU): frames are at its rate from now on, and packets
+    /// of codecs at another rate are refused. Buffered frames of the former rate are dropped.
+    pub fn set_codec(&mut self, codec: Codec) {
+        if codec.sample_rate() != self.codec.sample_rate() {
+            for slot in self.slots.iter_mut() {
+                slot.filled = false;
+            }
+            self.any = false;
+            self.state = State::Buffering;
+            self.last_good.fill(0);
+        }
+        if codec != self.codec {
+            *self.g722 = G722Decoder::new();
+        }
+        self.codec = codec;
+        self.out_len = codec.frame_samples();
     }
 
     /// Counters since creation.
@@ -385,7 +424,9 @@ impl JitterBuffer {
 
     fn store(&mut self, packet: &RtpPacket<'_>, now: Instant) -> Push {
         let h = &packet.header;
-        let Some(law) = G711::from_payload_type(h.payload_type) else {
+        let Some(codec) = Codec::from_payload_type(h.payload_type)
+            .filter(|c| c.sample_rate() == self.codec.sample_rate())
+        else {
             return Push::Unsupported(h.payload_type);
         };
         if self.ssrc != Some(h.ssrc) {
@@ -393,6 +434,8 @@ impl JitterBuffer {
                 self.restart();
             }
             self.ssrc = Some(h.ssrc);
+            // A new stream: its encoder started afresh.
+            *self.g722 = G722Decoder::new();
         }
         let seq = h.sequence;
         if self.any {
@@ -440,9 +483,11 @@ impl JitterBuffer {
             self.stats.duplicates += 1;
             return Push::Duplicate;
         }
-        let n = law.decode(packet.payload, &mut slot.samples);
-        if n != FRAME_SAMPLES {
-            slot.samples[n..].fill(0);
+        let n = packet.payload.len().min(FRAME_SAMPLES);
+        slot.payload[..n].copy_from_slice(&packet.payload[..n]);
+        slot.len = n;
+        slot.codec = codec;
+        if packet.payload.len() != FRAME_SAMPLES {
             self.stats.size_mismatch += 1;
         }
         slot.filled = true;
@@ -462,7 +507,7 @@ impl JitterBuffer {
     fn update_jitter(&mut self, timestamp: u32, now: Instant) {
         let epoch = *self.epoch.get_or_insert(now);
         let arrival = now.saturating_duration_since(epoch).as_micros() as i64
-            * i64::from(G711::CLOCK_RATE)
+            * i64::from(Codec::CLOCK_RATE)
             / 1_000_000;
         // Transit in timestamp units; only differences matter, so wrap to 32 bits.
         let transit = i64::from((arrival as u32).wrapping_sub(timestamp) as i32);
@@ -506,7 +551,7 @@ impl JitterBuffer {
         self.ahead_len += 1;
         Some(Frame {
             kind: FrameKind::Audio,
-            samples: &self.out,
+            samples: &self.out[..self.out_len],
             slack: None,
         })
     }
@@ -519,8 +564,15 @@ impl JitterBuffer {
             return None;
         }
         slot.filled = false;
-        self.out.copy_from_slice(&slot.samples);
-        self.last_good.copy_from_slice(&slot.samples);
+        let out = &mut self.out[..self.out_len];
+        let payload = &slot.payload[..slot.len];
+        // Decoded now, in sequence order (see the module docs); a short payload ends in silence.
+        let n = match slot.codec.g711() {
+            Some(law) => law.decode(payload, out),
+            None => self.g722.decode(payload, out),
+        };
+        out[n..].fill(0);
+        self.last_good[..self.out_len].copy_from_slice(out);
         let arrived = slot.arrived;
         self.next = self.next.wrapping_add(1);
         self.concealed_run = 0;
@@ -538,7 +590,7 @@ impl JitterBuffer {
             self.ahead_len -= 1;
             return Frame {
                 kind: FrameKind::Ahead,
-                samples: &self.out,
+                samples: &self.out[..self.out_len],
                 slack: arrived.map(|at| now.saturating_duration_since(at)),
             };
         }
@@ -550,7 +602,7 @@ impl JitterBuffer {
                 self.out.fill(0);
                 return Frame {
                     kind: FrameKind::Silence,
-                    samples: &self.out,
+                    samples: &self.out[..self.out_len],
                     slack: None,
                 };
             }
@@ -568,7 +620,7 @@ impl JitterBuffer {
             let slack = arrived.map(|at| now.saturating_duration_since(at).saturating_sub(held));
             return Frame {
                 kind: FrameKind::Audio,
-                samples: &self.out,
+                samples: &self.out[..self.out_len],
                 slack,
             };
         }
@@ -587,7 +639,8 @@ impl JitterBuffer {
         self.concealed_run += 1;
         if self.concealed_run <= FADE_FRAMES {
             let gain = (FADE_FRAMES + 1 - self.concealed_run) as i32;
-            for (o, &s) in self.out.iter_mut().zip(self.last_good.iter()) {
+            let frame = self.out_len;
+            for (o, &s) in self.out[..frame].iter_mut().zip(&self.last_good[..frame]) {
                 *o = (i32::from(s) * gain / (FADE_FRAMES as i32 + 1)) as i16;
             }
         } else {
@@ -595,7 +648,7 @@ impl JitterBuffer {
         }
         Frame {
             kind: FrameKind::Concealed,
-            samples: &self.out,
+            samples: &self.out[..self.out_len],
             slack: None,
         }
     }
@@ -604,6 +657,7 @@ impl JitterBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rtp::g711::G711;
     use crate::rtp::packet::RtpHeader;
 
     /// Builds a PCMU packet whose samples all decode to a value identifying `seq`.

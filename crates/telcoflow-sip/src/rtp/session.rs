@@ -7,8 +7,8 @@
 //! - [`RtpSession::handle_datagram`] with every datagram read from the call's RTP port, its
 //!   source and arrival time. Audio goes into the jitter buffer; the return value tells the
 //!   owner about DTMF digits and RTCP.
-//! - Every 20 ms tick: [`RtpSession::pop_frame`] for the 160 samples to play towards the
-//!   agent, then [`RtpSession::take_clock_shift`]: when it says so, the owner's next tick comes
+//! - Every 20 ms tick: [`RtpSession::pop_frame`] for the frame to play towards the agent
+//!   (160 samples at 8 kHz for G.711, 320 at 16 kHz for G.722: [`Codec::frame_samples`]), then [`RtpSession::take_clock_shift`]: when it says so, the owner's next tick comes
 //!   that much earlier, so that frames are popped soon after their packets land (the phone's
 //!   packets arrive at a phase unrelated to the tick; see `crate::phase`).
 //! - [`RtpSession::queue_audio`] takes the agent's samples (paced by the call's clock, not
@@ -45,7 +45,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::g711::G711;
+use super::codec::{AudioEncoder, Codec, MAX_FRAME_SAMPLES};
 use super::jitter::{FRAME_SAMPLES, Frame, JitterBuffer, JitterConfig};
 use super::reframe::Reframer;
 use crate::phase::PhaseAligner;
@@ -65,14 +65,17 @@ pub const FIRST_PACKET_GRACE: u32 = 3;
 /// an amplifier towards whatever address an SDP names.
 pub const UNVERIFIED_SEND_LIMIT: u32 = 10;
 
-/// Longest packetisation time we send, in samples (60 ms).
-const MAX_PACKET_SAMPLES: usize = 480;
+/// Payload of the longest packetisation time we send (60 ms), in bytes and timestamp units.
+const MAX_PACKET_BYTES: usize = 480;
+/// Samples of the longest packet we send: 60 ms at 16 kHz (G.722).
+const MAX_PACKET_SAMPLES: usize = 960;
 
 /// Session parameters, from the SDP negotiation and the server config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
-    /// Codec to send (received audio is decoded by its own payload type).
-    pub codec: G711,
+    /// Codec to send. Received audio is decoded by its own payload type, among the codecs
+    /// at this one's rate (PCMU and PCMA alike for G.711).
+    pub codec: Codec,
     /// Payload type to send audio with.
     pub payload_type: u8,
     /// Payload type of received telephone-events, if negotiated.
@@ -97,7 +100,13 @@ pub struct SessionConfig {
 
 impl SessionConfig {
     /// Defaults for a codec; pass random `ssrc`, `initial_sequence` and `initial_timestamp`.
-    pub fn new(codec: G711, ssrc: u32, initial_sequence: u16, initial_timestamp: u32) -> Self {
+    pub fn new(
+        codec: impl Into<Codec>,
+        ssrc: u32,
+        initial_sequence: u16,
+        initial_timestamp: u32,
+    ) -> Self {
+        let codec = codec.into();
         Self {
             codec,
             payload_type: codec.payload_type(),
@@ -307,7 +316,9 @@ pub struct RtpSession {
     /// clock onto NTP time for the round trip (see [`rtt_from_report`]).
     sr_sent: Option<(u32, Instant)>,
     stats: SessionStats,
-    encode_buf: [u8; MAX_PACKET_SAMPLES],
+    encode_buf: [u8; MAX_PACKET_BYTES],
+    /// The sent stream's encoder (G.722 keeps state from packet to packet).
+    encoder: AudioEncoder,
     /// Audio queued for sending, less than a packet's worth between polls.
     send_buf: Vec<i16>,
     /// The peer receives audio (not on hold).
@@ -337,7 +348,8 @@ impl RtpSession {
         remote_rtcp: SocketAddr,
         now: Instant,
     ) -> Self {
-        let jitter = JitterBuffer::new(config.jitter);
+        let mut jitter = JitterBuffer::new(config.jitter);
+        jitter.set_codec(config.codec);
         config.ptime_ms = config.ptime_ms.clamp(10, 60);
         Self {
             remote,
@@ -364,8 +376,9 @@ impl RtpSession {
             last_sr: None,
             sr_sent: None,
             stats: SessionStats::default(),
-            encode_buf: [0; MAX_PACKET_SAMPLES],
-            send_buf: Vec::with_capacity(MAX_PACKET_SAMPLES + FRAME_SAMPLES),
+            encode_buf: [0; MAX_PACKET_BYTES],
+            encoder: AudioEncoder::new(config.codec),
+            send_buf: Vec::with_capacity(MAX_PACKET_SAMPLES + MAX_FRAME_SAMPLES),
             sending: true,
             unverified_sent: 0,
             sdp_remote: remote,
@@ -381,6 +394,11 @@ impl RtpSession {
     /// Where to send RTP and RTCP now.
     pub fn remote(&self) -> SocketAddr {
         self.remote
+    }
+
+    /// The codec sent with (and the rate of the frames [`RtpSession::pop_frame`] gives).
+    pub fn codec(&self) -> Codec {
+        self.config.codec
     }
 
     /// Counters.
@@ -432,14 +450,16 @@ impl RtpSession {
 
     /// A new SDP (re-INVITE): the codec may change; new addresses are sent to and latched
     /// afresh, with a new allowance of [`UNVERIFIED_SEND_LIMIT`] packets. The same addresses
-    /// (a hold or resume) keep what was latched.
+    /// (a hold or resume) keep what was latched. A codec at another rate (G.711 and G.722)
+    /// changes the rate of the frames both ways from now on (see [`RtpSession::codec`]).
     pub fn set_remote(
         &mut self,
         remote: SocketAddr,
         remote_rtcp: SocketAddr,
-        codec: G711,
+        codec: impl Into<Codec>,
         payload_type: u8,
     ) {
+        let codec = codec.into();
         if remote != self.sdp_remote {
             self.sdp_remote = remote;
             self.remote = remote;
@@ -453,6 +473,17 @@ impl RtpSession {
             self.rtcp_remote = remote_rtcp;
             self.rtcp_latched = false;
         }
+        if codec != self.config.codec {
+            if codec.sample_rate() != self.config.codec.sample_rate() {
+                // Queued samples are at the old rate: gone, and the send clock moves on.
+                self.timestamp = self
+                    .timestamp
+                    .wrapping_add((self.send_buf.len() / self.samples_per_unit()) as u32);
+                self.send_buf.clear();
+            }
+            self.encoder = AudioEncoder::new(codec);
+            self.jitter.set_codec(codec);
+        }
         self.config.codec = codec;
         self.config.payload_type = payload_type;
     }
@@ -465,9 +496,19 @@ impl RtpSession {
         self.config.ptime_ms = ptime_ms.clamp(10, 60);
     }
 
-    /// Samples per sent packet: `ptime` at 8 kHz.
-    fn packet_samples(&self) -> usize {
+    /// Payload bytes (and timestamp units) per sent packet: `ptime` at the 8 kHz RTP clock.
+    fn packet_bytes(&self) -> usize {
         self.config.ptime_ms as usize * 8
+    }
+
+    /// Samples per sent packet: `ptime` at the codec's rate.
+    fn packet_samples(&self) -> usize {
+        self.packet_bytes() * self.samples_per_unit()
+    }
+
+    /// Audio samples per RTP timestamp unit: 1 for G.711, 2 for G.722.
+    fn samples_per_unit(&self) -> usize {
+        self.config.codec.samples_per_byte()
     }
 
     /// The address the call's signalling came from: RTP from its IP may latch too (a phone
@@ -534,7 +575,7 @@ impl RtpSession {
         };
         let pt = packet.header.payload_type;
         let is_dtmf = self.config.telephone_event == Some(pt);
-        if !is_dtmf && G711::from_payload_type(pt).is_none() {
+        if !is_dtmf && Codec::from_payload_type(pt).is_none() {
             return Received::UnknownPayload(pt);
         }
         self.latch(source);
@@ -546,7 +587,7 @@ impl RtpSession {
             return match TelephoneEvent::parse(packet.payload) {
                 Ok(ev) => match self
                     .dtmf
-                    .handle(packet.header.timestamp, &ev, G711::CLOCK_RATE)
+                    .handle(packet.header.timestamp, &ev, Codec::CLOCK_RATE)
                 {
                     Some(d) => Received::Dtmf(d),
                     None => Received::DtmfProgress,
@@ -697,7 +738,9 @@ impl RtpSession {
             let dropped = self.send_buf.len() + pcm.len();
             self.send_buf.clear();
             self.stats.samples_withheld += dropped as u64;
-            self.timestamp = self.timestamp.wrapping_add(dropped as u32);
+            self.timestamp = self
+                .timestamp
+                .wrapping_add((dropped / self.samples_per_unit()) as u32);
             self.sent_first = false;
             return;
         }
@@ -736,12 +779,18 @@ impl RtpSession {
     /// [`RtpSession::may_send`]. Send it to [`RtpSession::remote`].
     pub fn write_audio(&mut self, pcm: &[i16], out: &mut [u8]) -> Result<usize, PacketError> {
         let samples = self.packet_samples();
+        let bytes = self.packet_bytes();
         let pcm = &pcm[..pcm.len().min(samples)];
-        let n = self
-            .config
-            .codec
-            .encode(pcm, &mut self.encode_buf[..samples]);
-        self.encode_buf[n..samples].fill(self.config.codec.silence_byte());
+        let n = if pcm.len() == samples {
+            self.encoder.encode(pcm, &mut self.encode_buf[..bytes])
+        } else {
+            // Padded with silence, encoded as such (G.722's state runs on through it).
+            let mut padded = [0i16; MAX_PACKET_SAMPLES];
+            padded[..pcm.len()].copy_from_slice(pcm);
+            self.encoder
+                .encode(&padded[..samples], &mut self.encode_buf[..bytes])
+        };
+        debug_assert_eq!(n, bytes);
         let mut header = RtpHeader::new(
             self.config.payload_type,
             self.sequence,
@@ -750,12 +799,12 @@ impl RtpSession {
         );
         // The first packet starts a talk spurt (RFC 3551 4.1).
         header.marker = !self.sent_first;
-        let len = header.write_packet(&self.encode_buf[..samples], out)?;
+        let len = header.write_packet(&self.encode_buf[..bytes], out)?;
         self.sent_first = true;
         self.sequence = self.sequence.wrapping_add(1);
-        self.timestamp = self.timestamp.wrapping_add(samples as u32);
+        self.timestamp = self.timestamp.wrapping_add(bytes as u32);
         self.stats.packets_sent = self.stats.packets_sent.wrapping_add(1);
-        self.stats.octets_sent = self.stats.octets_sent.wrapping_add(samples as u32);
+        self.stats.octets_sent = self.stats.octets_sent.wrapping_add(bytes as u32);
         Ok(len)
     }
 
@@ -865,6 +914,7 @@ impl RtpSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rtp::g711::G711;
     use crate::rtp::jitter::{FRAME_DURATION, FrameKind};
     use crate::rtp::packet::RtcpPacket;
 
@@ -1734,5 +1784,124 @@ mod tests {
         assert_eq!(a.handle_datagram(b_addr, &buf[..n], now), Received::Rtcp);
         assert_eq!(a.stats().remote_lost, 7);
         assert_eq!(a.remote(), b_addr);
+    }
+
+    /// A tone at 16 kHz, `n` samples from sample `from` on.
+    fn tone16k(hz: f64, from: usize, n: usize) -> Vec<i16> {
+        (from..from + n)
+            .map(|i| (8000.0 * (std::f64::consts::TAU * hz * i as f64 / 16000.0).sin()) as i16)
+            .collect()
+    }
+
+    /// Power of `x` at `hz` (Goertzel), relative to its total power.
+    fn share_at(x: &[i16], hz: f64, rate: f64) -> f64 {
+        let w = std::f64::consts::TAU * hz / rate;
+        let (mut s1, mut s2) = (0.0f64, 0.0f64);
+        for &v in x {
+            let s0 = f64::from(v) + 2.0 * w.cos() * s1 - s2;
+            s2 = s1;
+            s1 = s0;
+        }
+        let at = s1 * s1 + s2 * s2 - 2.0 * w.cos() * s1 * s2;
+        let total: f64 = x.iter().map(|&v| f64::from(v).powi(2)).sum();
+        2.0 * at / (x.len() as f64 * total.max(1.0))
+    }
+
+    /// G.722 between two sessions: 320-sample frames in and out, 160-byte packets whose
+    /// timestamps advance 160 per 20 ms (RFC 3551 4.5.2), and a 5 kHz tone (beyond what 8 kHz
+    /// carries) arrives as 5 kHz, even when packets arrive out of order.
+    #[test]
+    fn g722_pair_carries_wideband_audio() {
+        let t0 = Instant::now();
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let mut a_config = SessionConfig::new(Codec::G722, 0xA, 1, 1000);
+        a_config.ptime_ms = 30;
+        assert_eq!(a_config.payload_type, 9);
+        let mut a = RtpSession::new(a_config, b_addr, b_addr, t0);
+        let mut b_config = SessionConfig::new(Codec::G722, 0xB, 1, 1);
+        b_config.jitter.min_delay = Duration::from_millis(60);
+        let mut b = RtpSession::new(b_config, a_addr, a_addr, t0);
+        // B must have heard A for A to send past the unverified limit.
+        a.handle_datagram(b_addr, &rtp(9, 1, 0, &[0x55; 160]), t0);
+        let mut buf = [0u8; 1500];
+        let mut packets = Vec::new();
+        for tick in 0..100usize {
+            a.queue_audio(&tone16k(5000.0, tick * 320, 320));
+            while let Some(len) = a.poll_audio(&mut buf).unwrap() {
+                packets.push(buf[..len].to_vec());
+            }
+        }
+        // 30 ms packets: 240 bytes, timestamps 240 apart.
+        assert_eq!(packets.len(), 66);
+        for (i, p) in packets.iter().enumerate() {
+            let p = RtpPacket::parse(p).unwrap();
+            assert_eq!(p.header.payload_type, 9);
+            assert_eq!(p.payload.len(), 240);
+            assert_eq!(p.header.timestamp, 1000 + 240 * i as u32);
+        }
+        // Neighbours swapped in flight.
+        for pair in packets.chunks_mut(2) {
+            pair.reverse();
+        }
+        let mut heard = Vec::new();
+        for (tick, pair) in packets.chunks(2).enumerate() {
+            // Two 30 ms packets per 60 ms: three ticks.
+            let now = t0 + Duration::from_millis(60) * tick as u32;
+            for p in pair {
+                assert_eq!(b.handle_datagram(a_addr, p, now), Received::Audio);
+            }
+            for k in 0..3u32 {
+                let f = b.pop_frame(now + FRAME_DURATION * k);
+                assert_eq!(f.samples.len(), 320);
+                if f.kind == FrameKind::Audio {
+                    heard.extend_from_slice(f.samples);
+                }
+            }
+        }
+        assert_eq!(b.jitter_buffer().stats().concealed, 0);
+        assert!(heard.len() >= 90 * 320, "{}", heard.len());
+        // Past the codec's start-up, the tone is all there is.
+        let share = share_at(&heard[3200..], 5000.0, 16000.0);
+        assert!(share > 0.95, "{share}");
+    }
+
+    /// A re-INVITE from G.711 to G.722 changes the rate both ways; PCMU is refused once G.722
+    /// is the codec (another rate).
+    #[test]
+    fn switching_to_g722_changes_the_frame_rate() {
+        let t0 = Instant::now();
+        let peer: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let mut s = RtpSession::new(SessionConfig::new(G711::Pcmu, 1, 0, 0), peer, peer, t0);
+        s.handle_datagram(peer, &rtp(0, 1, 0, &[0xFF; 160]), t0);
+        assert_eq!(s.pop_frame(t0).samples.len(), 160);
+        s.set_remote(peer, peer, Codec::G722, 9);
+        assert_eq!(s.codec(), Codec::G722);
+        assert_eq!(
+            s.handle_datagram(peer, &rtp(0, 2, 160, &[0xFF; 160]), t0),
+            Received::Audio
+        );
+        assert_eq!(s.jitter_buffer().stats().received, 1, "PCMU refused now");
+        // G.722 packets play, every frame 320 samples long.
+        let mut played = 0;
+        for k in 0..5u16 {
+            let at = t0 + FRAME_DURATION * (u32::from(k) + 2);
+            let ts = 320 + 160 * u32::from(k);
+            s.handle_datagram(peer, &rtp(9, 3 + k, ts, &[0xFF; 160]), at);
+            let f = s.pop_frame(at);
+            assert_eq!(f.samples.len(), 320);
+            played += usize::from(f.kind == FrameKind::Audio);
+        }
+        assert!(played >= 3, "{played}");
+        let mut buf = [0u8; 512];
+        let len = s.write_audio(&[0; 320], &mut buf).unwrap();
+        let p = RtpPacket::parse(&buf[..len]).unwrap();
+        assert_eq!((p.header.payload_type, p.payload.len()), (9, 160));
+        let first = p.header.timestamp;
+        // A short frame is padded with encoded silence.
+        let len = s.write_audio(&[0; 100], &mut buf).unwrap();
+        let q = RtpPacket::parse(&buf[..len]).unwrap();
+        assert_eq!(q.payload.len(), 160);
+        assert_eq!(q.header.timestamp, first + 160);
     }
 }

@@ -10,7 +10,7 @@ use super::sdp::LocalMedia;
 use super::transaction::Timers;
 use super::uac::{OutgoingCall, UacConfig, UacEvent};
 use super::uas::{CallHandle, Uas, UasAction, UasConfig, UasEvent};
-use crate::rtp::g711::G711;
+use crate::rtp::codec::Codec;
 
 const UAC_ADDR: &str = "192.0.2.10:5060";
 const UAS_ADDR: &str = "192.0.2.20:5060";
@@ -69,6 +69,7 @@ impl Pair {
                 sent_by: UAS_ADDR.into(),
                 timers: Timers::default(),
                 user_agent: "telcoflow".into(),
+                codecs: Codec::ALL.to_vec(),
             },
             12,
         );
@@ -202,7 +203,7 @@ fn call_answer_and_caller_hangs_up() {
     else {
         panic!("{:?}", p.uac_events);
     };
-    assert_eq!(negotiated.codec, G711::Pcmu);
+    assert_eq!(negotiated.codec, Codec::Pcmu);
     assert_eq!(negotiated.remote, "192.0.2.20:30000".parse().unwrap());
     assert!(matches!(p.uas_events.last(), Some(UasEvent::Ack { call: c }) if *c == call));
     p.uac.hangup(p.now);

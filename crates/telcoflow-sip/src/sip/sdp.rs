@@ -3,8 +3,8 @@
 //! Contract: [`SessionDescription::parse`] accepts any text and returns a typed
 //! [`SdpError`] for malformed input (never panics); unknown lines and attributes are kept or
 //! skipped, as RFC 4566 asks. [`answer`] negotiates an incoming offer (an INVITE or
-//! re-INVITE body): it picks the offerer's first codec we support among PCMU (0) and PCMA (8),
-//! accepts RFC 4733 `telephone-event` with the offerer's payload type, answers with the
+//! re-INVITE body): it picks a codec of [`LocalMedia::codecs`] among PCMU (0), PCMA (8) and
+//! G.722 (9) by the rule of [`answer`], accepts RFC 4733 `telephone-event` with the offerer's payload type, answers with the
 //! offerer's `ptime` when it is within [`PTIME_RANGE_MS`] (else `ptime:20`), and reports hold (`a=sendonly`, `a=inactive`, or the older `c=0.0.0.0`). No common codec gives
 //! [`NegotiationError::NoCommonCodec`], whose [`NegotiationError::status_code`] is 488.
 //! [`offer`] and [`accept_answer`] are the same rules for calls we place.
@@ -12,6 +12,7 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+use crate::rtp::codec::Codec;
 use crate::rtp::g711::G711;
 
 /// Packetisation time we send and ask for, in milliseconds.
@@ -64,8 +65,8 @@ pub enum NegotiationError {
     /// No audio stream with a usable port.
     #[error("no audio stream offered")]
     NoAudio,
-    /// Audio is offered, but with none of PCMU and PCMA.
-    #[error("no common codec (we support PCMU and PCMA)")]
+    /// Audio is offered, but with none of the codecs we accept ([`LocalMedia::codecs`]).
+    #[error("no common codec")]
     NoCommonCodec,
     /// The audio stream has no connection address.
     #[error("audio stream has no connection address")]
@@ -228,6 +229,17 @@ impl MediaDescription {
                 .find(|law| map.encoding.eq_ignore_ascii_case(law.encoding_name())),
             Some(_) => None,
             None => G711::from_payload_type(pt),
+        }
+    }
+
+    /// The codec a payload type stands for here: a static type (0, 8, 9) unless remapped, or
+    /// a dynamic type mapped to PCMU, PCMA or G722 at 8000 Hz (G.722's RTP clock, RFC 3551
+    /// 4.5.2).
+    pub fn codec_for(&self, pt: u8) -> Option<Codec> {
+        match self.rtpmap(pt) {
+            Some(map) if map.clock_rate == Codec::CLOCK_RATE => Codec::from_name(&map.encoding),
+            Some(_) => None,
+            None => Codec::from_payload_type(pt),
         }
     }
 
@@ -491,8 +503,9 @@ pub struct LocalMedia {
     pub address: IpAddr,
     /// Our RTP port for this call.
     pub port: u16,
-    /// Codecs we accept, in our order of preference when we offer. Default both.
-    pub codecs: Vec<G711>,
+    /// Codecs we accept, in the order we offer them, which is also our preference when we
+    /// answer (see [`answer`]). Default PCMU, PCMA, G722.
+    pub codecs: Vec<Codec>,
     /// `o=` session id, fixed for the call.
     pub session_id: u64,
     /// `o=` version; increment for every new offer or answer in the same call.
@@ -502,12 +515,12 @@ pub struct LocalMedia {
 }
 
 impl LocalMedia {
-    /// Both codecs, PCMU first, not on hold.
+    /// Every codec ([`Codec::ALL`]: PCMU, PCMA, G722), not on hold.
     pub fn new(address: IpAddr, port: u16, session_id: u64) -> Self {
         Self {
             address,
             port,
-            codecs: vec![G711::Pcmu, G711::Pcma],
+            codecs: Codec::ALL.to_vec(),
             session_id,
             session_version: session_id,
             hold: false,
@@ -534,7 +547,7 @@ impl LocalMedia {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Negotiated {
     /// The codec.
-    pub codec: G711,
+    pub codec: Codec,
     /// Payload type carrying it (the offerer's number).
     pub payload_type: u8,
     /// Payload type of telephone-event, if both sides use it.
@@ -565,7 +578,7 @@ fn is_unspecified(addr: IpAddr) -> bool {
 fn audio_media(
     local: &LocalMedia,
     pt: u8,
-    codec: G711,
+    codec: Codec,
     te: Option<u8>,
     direction: Direction,
     ptime: u32,
@@ -574,7 +587,7 @@ fn audio_media(
     let mut rtpmaps = vec![RtpMap {
         payload_type: pt,
         encoding: codec.encoding_name().into(),
-        clock_rate: G711::CLOCK_RATE,
+        clock_rate: Codec::CLOCK_RATE,
         channels: None,
     }];
     let mut fmtps = Vec::new();
@@ -583,7 +596,7 @@ fn audio_media(
         rtpmaps.push(RtpMap {
             payload_type: te,
             encoding: "telephone-event".into(),
-            clock_rate: G711::CLOCK_RATE,
+            clock_rate: Codec::CLOCK_RATE,
             channels: None,
         });
         fmtps.push((te, "0-15".to_string()));
@@ -603,8 +616,34 @@ fn audio_media(
     }
 }
 
+/// The codec to answer an audio stream with, and its payload type, by the rule [`answer`]
+/// states. Between PCMU and PCMA the offerer's order decides because a trunk's choice of law
+/// spares it a transcoding; the two are equal in quality.
+fn pick_codec(m: &MediaDescription, local: &LocalMedia) -> Option<(u8, Codec)> {
+    let rank = |codec: Codec| {
+        local
+            .codecs
+            .iter()
+            .position(|c| c.sample_rate() == codec.sample_rate())
+    };
+    m.payload_types()
+        .filter_map(|pt| {
+            let codec = m.codec_for(pt).filter(|c| local.codecs.contains(c))?;
+            Some((rank(codec)?, pt, codec))
+        })
+        // The first of the best rank: the offerer's order breaks ties.
+        .min_by_key(|&(rank, _, _)| rank)
+        .map(|(_, pt, codec)| (pt, codec))
+}
+
 /// Answers an offer (RFC 3264 section 6): the first audio stream with a codec we support is
-/// accepted with the offerer's first such codec; every other stream is rejected (port 0).
+/// accepted; every other stream is rejected (port 0).
+///
+/// The codec: among the offered codecs that we accept, the one [`LocalMedia::codecs`] lists
+/// first, where codecs of one sample rate rank together. Our list decides between wideband
+/// (G.722) and narrowband (G.711); between PCMU and PCMA the offerer's order decides. With the
+/// default list (PCMU, PCMA, G722) G.722 is taken only when the offer has no G.711; listing
+/// G722 first prefers it.
 pub fn answer(
     offer: &SessionDescription,
     local: &LocalMedia,
@@ -625,12 +664,7 @@ pub fn answer(
             continue;
         }
         saw_audio = true;
-        let pick = m.payload_types().find_map(|pt| {
-            m.g711_for(pt)
-                .filter(|c| local.codecs.contains(c))
-                .map(|c| (pt, c))
-        });
-        let Some((pt, codec)) = pick else {
+        let Some((pt, codec)) = pick_codec(m, local) else {
             media.push(rejected);
             continue;
         };
@@ -688,7 +722,7 @@ pub fn offer(local: &LocalMedia) -> SessionDescription {
     let mut m = audio_media(
         local,
         0,
-        G711::Pcmu,
+        Codec::Pcmu,
         Some(DEFAULT_TELEPHONE_EVENT_PT),
         direction,
         PTIME_MS,
@@ -703,7 +737,7 @@ pub fn offer(local: &LocalMedia) -> SessionDescription {
             RtpMap {
                 payload_type: codec.payload_type(),
                 encoding: codec.encoding_name().into(),
-                clock_rate: G711::CLOCK_RATE,
+                clock_rate: Codec::CLOCK_RATE,
                 channels: None,
             },
         );
@@ -727,7 +761,7 @@ pub fn accept_answer(
     let (pt, codec) = m
         .payload_types()
         .find_map(|pt| {
-            m.g711_for(pt)
+            m.codec_for(pt)
                 .filter(|c| local.codecs.contains(c))
                 .map(|c| (pt, c))
         })
@@ -821,8 +855,8 @@ a=rtpmap:96 H264/90000\r\n";
     fn answer_picks_offerers_first_supported_codec() {
         let offer = SessionDescription::parse(LINPHONE_OFFER).unwrap();
         let (answer, n) = answer(&offer, &local()).unwrap();
-        // G722 is first but unsupported; PCMA is the offerer's next choice.
-        assert_eq!(n.codec, G711::Pcma);
+        // G722 is first, but our list ranks it after G.711; PCMA is the offerer's first law.
+        assert_eq!(n.codec, Codec::Pcma);
         assert_eq!(n.payload_type, 8);
         assert_eq!(n.telephone_event, Some(101));
         assert_eq!(n.remote, "192.0.2.10:49170".parse().unwrap());
@@ -847,11 +881,11 @@ a=rtpmap:96 H264/90000\r\n";
         let text = LINPHONE_OFFER.replace("RTP/AVP 9 8 0 101", "RTP/AVP 0 8 101");
         let offer = SessionDescription::parse(&text).unwrap();
         let (_, n) = answer(&offer, &local()).unwrap();
-        assert_eq!(n.codec, G711::Pcmu);
+        assert_eq!(n.codec, Codec::Pcmu);
         // Local support limits the choice.
         let mut only_a = local();
-        only_a.codecs = vec![G711::Pcma];
-        assert_eq!(answer(&offer, &only_a).unwrap().1.codec, G711::Pcma);
+        only_a.codecs = vec![Codec::Pcma];
+        assert_eq!(answer(&offer, &only_a).unwrap().1.codec, Codec::Pcma);
     }
 
     #[test]
@@ -860,7 +894,7 @@ a=rtpmap:96 H264/90000\r\n";
             "v=0\no=- 1 1 IN IP4 10.0.0.1\ns=-\nc=IN IP4 10.0.0.1\nt=0 0\nm=audio 4000 RTP/AVP 0\n";
         let offer = SessionDescription::parse(text).unwrap();
         let (sdp, n) = answer(&offer, &local()).unwrap();
-        assert_eq!(n.codec, G711::Pcmu);
+        assert_eq!(n.codec, Codec::Pcmu);
         assert_eq!(n.telephone_event, None);
         assert!(!sdp.to_string().contains("telephone-event"));
     }
@@ -882,7 +916,8 @@ a=rtpmap:96 H264/90000\r\n";
 
     #[test]
     fn no_common_codec_maps_to_488() {
-        let text = LINPHONE_OFFER.replace("RTP/AVP 9 8 0 101", "RTP/AVP 9 101");
+        // G.729 (18) is not ours.
+        let text = LINPHONE_OFFER.replace("RTP/AVP 9 8 0 101", "RTP/AVP 18 101");
         let offer = SessionDescription::parse(&text).unwrap();
         let err = answer(&offer, &local()).unwrap_err();
         assert_eq!(err, NegotiationError::NoCommonCodec);
@@ -937,9 +972,9 @@ a=rtpmap:96 H264/90000\r\n";
     fn our_offer_and_their_answer() {
         let l = local();
         let o = offer(&l).to_string();
-        assert!(o.contains("m=audio 20000 RTP/AVP 0 8 101\r\n"), "{o}");
+        assert!(o.contains("m=audio 20000 RTP/AVP 0 8 9 101\r\n"), "{o}");
         assert!(o.contains(
-            "a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
+            "a=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:9 G722/8000\r\na=rtpmap:101 telephone-event/8000\r\n"
         ));
         assert!(o.contains("a=fmtp:101 0-15\r\n"));
         // The callee answers with what it picked, seen from its side.
@@ -948,7 +983,7 @@ a=rtpmap:96 H264/90000\r\n";
         assert_eq!(theirs.remote, "198.51.100.1:20000".parse().unwrap());
         let ours =
             accept_answer(&l, &SessionDescription::parse(&ans.to_string()).unwrap()).unwrap();
-        assert_eq!(ours.codec, G711::Pcmu);
+        assert_eq!(ours.codec, Codec::Pcmu);
         assert_eq!(ours.telephone_event, Some(101));
         assert_eq!(ours.remote, "192.0.2.20:30000".parse().unwrap());
         assert_eq!(ours.direction, Direction::SendRecv);
@@ -961,6 +996,101 @@ a=rtpmap:96 H264/90000\r\n";
         assert!(offer(&l).to_string().contains("a=sendonly\r\n"));
         let (_, n) = answer(&SessionDescription::parse(LINPHONE_OFFER).unwrap(), &l).unwrap();
         assert_eq!(n.direction, Direction::SendOnly);
+    }
+
+    #[test]
+    fn g722_is_offered_after_g711_by_default_and_in_the_configured_order() {
+        let o = offer(&local()).to_string();
+        assert!(o.contains("m=audio 20000 RTP/AVP 0 8 9 101\r\n"), "{o}");
+        let mut l = local();
+        l.codecs = vec![Codec::G722, Codec::Pcma];
+        let o = offer(&l).to_string();
+        assert!(o.contains("m=audio 20000 RTP/AVP 9 8 101\r\n"), "{o}");
+        assert!(
+            o.contains("a=rtpmap:9 G722/8000\r\na=rtpmap:8 PCMA/8000\r\n"),
+            "{o}"
+        );
+        assert!(!o.contains("PCMU"), "{o}");
+        // The offer parses back to the same codecs.
+        let m = &SessionDescription::parse(&o).unwrap().media[0];
+        assert_eq!(m.codec_for(9), Some(Codec::G722));
+        assert_eq!(m.codec_for(8), Some(Codec::Pcma));
+    }
+
+    #[test]
+    fn answer_takes_g722_when_preferred_or_alone() {
+        // The offer lists G.722 first (LINPHONE_OFFER: 9 8 0).
+        let offer = SessionDescription::parse(LINPHONE_OFFER).unwrap();
+        // Default list: narrowband first, so the offerer's first law.
+        assert_eq!(answer(&offer, &local()).unwrap().1.codec, Codec::Pcma);
+        // G722 listed first: preferred whenever offered, wherever the offer puts it.
+        let mut wide = local();
+        wide.codecs = vec![Codec::G722, Codec::Pcmu, Codec::Pcma];
+        for formats in ["9 8 0 101", "0 8 9 101", "8 9 101"] {
+            let text = LINPHONE_OFFER.replace("9 8 0 101", formats);
+            let offer = SessionDescription::parse(&text).unwrap();
+            let (sdp, n) = answer(&offer, &wide).unwrap();
+            assert_eq!((n.codec, n.payload_type), (Codec::G722, 9), "{formats}");
+            let text = sdp.to_string();
+            assert!(text.contains("m=audio 20000 RTP/AVP 9 101\r\n"), "{text}");
+            assert!(text.contains("a=rtpmap:9 G722/8000\r\n"), "{text}");
+        }
+        // Between the laws the offerer's order holds, whatever our list says.
+        let mut pcma_first = local();
+        pcma_first.codecs = vec![Codec::Pcma, Codec::Pcmu, Codec::G722];
+        let text = LINPHONE_OFFER.replace("9 8 0 101", "0 8 101");
+        let offer = SessionDescription::parse(&text).unwrap();
+        assert_eq!(answer(&offer, &pcma_first).unwrap().1.codec, Codec::Pcmu);
+        // G.722 alone: taken with the default list, refused without it.
+        let text = LINPHONE_OFFER.replace("9 8 0 101", "9 101");
+        let offer = SessionDescription::parse(&text).unwrap();
+        assert_eq!(answer(&offer, &local()).unwrap().1.codec, Codec::G722);
+        let mut narrow = local();
+        narrow.codecs = vec![Codec::Pcmu, Codec::Pcma];
+        assert_eq!(
+            answer(&offer, &narrow).unwrap_err(),
+            NegotiationError::NoCommonCodec
+        );
+        // A dynamic payload type mapped to G722/8000 is G.722 too; G722/16000 is not RTP's
+        // G.722 (RFC 3551 4.5.2).
+        for (map, codec) in [("G722/8000", Some(Codec::G722)), ("G722/16000", None)] {
+            let text = LINPHONE_OFFER
+                .replace("9 8 0 101", "96 101")
+                .replace("a=rtpmap:9 G722/8000", &format!("a=rtpmap:96 {map}"));
+            let offer = SessionDescription::parse(&text).unwrap();
+            assert_eq!(offer.media[0].codec_for(96), codec, "{map}");
+            let picked = answer(&offer, &local())
+                .ok()
+                .map(|(_, n)| (n.codec, n.payload_type));
+            assert_eq!(picked, codec.map(|c| (c, 96)), "{map}");
+        }
+    }
+
+    #[test]
+    fn our_g722_offer_and_the_answer_that_takes_it() {
+        let mut l = local();
+        l.codecs = vec![Codec::G722, Codec::Pcmu];
+        let o = offer(&l).to_string();
+        let callee = LocalMedia::new("192.0.2.20".parse().unwrap(), 30000, 7);
+        // The callee (default list) takes PCMU, the only narrowband codec offered.
+        let (ans, _) = answer(&SessionDescription::parse(&o).unwrap(), &callee).unwrap();
+        let ours = accept_answer(&l, &SessionDescription::parse(&ans.to_string()).unwrap());
+        assert_eq!(ours.unwrap().codec, Codec::Pcmu);
+        // A callee that prefers G.722 answers with it, and so do we.
+        let mut wide = callee.clone();
+        wide.codecs = vec![Codec::G722];
+        let (ans, theirs) = answer(&SessionDescription::parse(&o).unwrap(), &wide).unwrap();
+        assert_eq!(theirs.codec, Codec::G722);
+        let ours = accept_answer(&l, &SessionDescription::parse(&ans.to_string()).unwrap());
+        assert_eq!(ours.unwrap().codec, Codec::G722);
+        // An answer with a codec we did not offer is refused.
+        let mut narrow = local();
+        narrow.codecs = vec![Codec::Pcmu];
+        let ans = SessionDescription::parse(&ans.to_string()).unwrap();
+        assert_eq!(
+            accept_answer(&narrow, &ans).unwrap_err(),
+            NegotiationError::NoCommonCodec
+        );
     }
 
     #[test]

@@ -685,7 +685,7 @@ impl OutgoingCall {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rtp::g711::G711;
+    use crate::rtp::codec::Codec;
     use crate::sip::sdp::Direction;
     use std::time::Duration;
 
@@ -822,7 +822,7 @@ Content-Length: {}\r\n\r\n{body}",
         assert!(invite.header_from().unwrap().tag().is_some());
         assert_eq!(invite.call_id().unwrap(), h.call.call_id());
         let body = String::from_utf8(invite.body.clone()).unwrap();
-        assert!(body.contains("m=audio 30000 RTP/AVP 0 8 101"), "{body}");
+        assert!(body.contains("m=audio 30000 RTP/AVP 0 8 9 101"), "{body}");
 
         h.respond(invite, 100, None);
         h.respond(invite, 180, None);
@@ -832,7 +832,7 @@ Content-Length: {}\r\n\r\n{body}",
         let [UacEvent::Answered { negotiated }] = events.as_slice() else {
             panic!("{events:?}");
         };
-        assert_eq!(negotiated.codec, G711::Pcma);
+        assert_eq!(negotiated.codec, Codec::Pcma);
         assert_eq!(negotiated.remote, "192.0.2.90:50000".parse().unwrap());
         let sent = h.sent();
         let [ack] = sent.as_slice() else {

@@ -350,6 +350,9 @@ pub struct UasConfig {
     pub timers: Timers,
     /// Value of `Server` / `User-Agent` headers.
     pub user_agent: String,
+    /// Codecs the owner answers with ([`LocalMedia::codecs`]): an offer with none of them gets
+    /// `488` as it arrives, before the owner hears of the call.
+    pub codecs: Vec<crate::rtp::codec::Codec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -947,7 +950,8 @@ impl Uas {
                 .and_then(|sd| {
                     // Check now that an answer is possible, so a 488 goes out before
                     // anyone is notified.
-                    let probe = LocalMedia::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9, 0);
+                    let mut probe = LocalMedia::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9, 0);
+                    probe.codecs.clone_from(&self.config.codecs);
                     sdp::answer(&sd, &probe).map(|_| sd)
                 });
             match parsed {
@@ -1976,7 +1980,7 @@ impl Uas {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rtp::g711::G711;
+    use crate::rtp::codec::Codec;
     use crate::sip::sdp::Direction;
     use std::time::Duration;
 
@@ -2063,6 +2067,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
                         sent_by: "203.0.113.1:5060".into(),
                         timers: Timers::default(),
                         user_agent: "telcoflow".into(),
+                        codecs: crate::rtp::codec::Codec::ALL.to_vec(),
                     },
                     7,
                 ),
@@ -2145,7 +2150,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
                 .handle_action(call, UasAction::Answer { media }, self.now)
                 .unwrap()
                 .unwrap();
-            assert_eq!(n.codec, G711::Pcmu);
+            assert_eq!(n.codec, Codec::Pcmu);
             let sent = self.sent();
             let [Message::Response(ok)] = sent.as_slice() else {
                 panic!("expected one response, got {sent:?}");
@@ -2220,7 +2225,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             .handle_action(call, UasAction::Answer { media }, h.now)
             .unwrap()
             .unwrap();
-        assert_eq!(n.codec, G711::Pcmu);
+        assert_eq!(n.codec, Codec::Pcmu);
         assert_eq!(n.telephone_event, Some(101));
         assert_eq!(n.remote, "192.0.2.50:40000".parse().unwrap());
         let sent = h.sent();
@@ -2322,7 +2327,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
     #[test]
     fn no_common_codec_is_488_without_an_event() {
         let mut h = Harness::new();
-        h.feed(&Req::new("INVITE", "inv1", 1).body(offer_sdp("9 101", "sendrecv")));
+        h.feed(&Req::new("INVITE", "inv1", 1).body(offer_sdp("18 101", "sendrecv")));
         assert_eq!(h.statuses(), vec![488]);
         assert!(h.events().is_empty());
         assert_eq!(h.uas.call_count(), 0);
@@ -3242,7 +3247,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         h.feed(
             &Req::new("INVITE", "re4", 5)
                 .tag(&tag)
-                .body(offer_sdp("9", "sendrecv")),
+                .body(offer_sdp("18", "sendrecv")),
         );
         assert_eq!(h.statuses(), vec![100, 488]);
         assert_eq!(h.uas.call_count(), 1);
@@ -3270,7 +3275,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             panic!("{sent:?}");
         };
         let body = String::from_utf8(ok.body.clone()).unwrap();
-        assert!(body.contains("m=audio 30000 RTP/AVP 0 8 101"), "{body}");
+        assert!(body.contains("m=audio 30000 RTP/AVP 0 8 9 101"), "{body}");
         let tag = ok.header_to().unwrap().tag().unwrap().to_string();
         h.feed(
             &Req::new("ACK", "ack1", 1)
@@ -3285,7 +3290,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         else {
             panic!("{events:?}");
         };
-        assert_eq!(negotiated.codec, G711::Pcma);
+        assert_eq!(negotiated.codec, Codec::Pcma);
     }
 
     #[test]

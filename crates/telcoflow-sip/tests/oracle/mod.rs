@@ -307,6 +307,7 @@ pub fn sip_uas(data: &[u8]) {
         sent_by: "198.51.100.1:5060".into(),
         timers: Timers::default(),
         user_agent: "telcoflow".into(),
+        codecs: telcoflow_sip::rtp::codec::Codec::ALL.to_vec(),
     };
     let mut uas = Uas::new(config, 7);
     let mut latest = None;

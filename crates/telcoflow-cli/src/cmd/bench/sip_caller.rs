@@ -18,6 +18,7 @@ use super::stats::us;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use telcoflow_sip::rtp::codec::Codec;
 use telcoflow_sip::rtp::g711::G711;
 use telcoflow_sip::rtp::jitter::FRAME_SAMPLES;
 use telcoflow_sip::rtp::packet::{RtpHeader, RtpPacket, is_rtcp};
@@ -163,7 +164,7 @@ impl Phone {
         };
         let seed = (plan.index as u64) ^ (u64::from(std::process::id()) << 32);
         let media = LocalMedia {
-            codecs: vec![G711::Pcmu],
+            codecs: vec![Codec::Pcmu],
             ..LocalMedia::new(local.ip(), rtp_port, seed)
         };
         Ok(Self {
@@ -220,7 +221,8 @@ impl Phone {
     ) -> Result<(), String> {
         let mut remote = negotiated.remote;
         let pt = negotiated.payload_type;
-        let codec = negotiated.codec;
+        // The answer can only take what was offered: PCMU.
+        let codec = negotiated.codec.g711().unwrap_or(G711::Pcmu);
         let mut pacer = Pacer::new(stream.plan.end_at);
         let ssrc = rand_u32(stream.plan.index);
         let mut sequence = ssrc as u16;

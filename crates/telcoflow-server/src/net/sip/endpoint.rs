@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_sip::sip::message::{Message, SipHeaders as _};
-use telcoflow_sip::sip::sdp::LocalMedia;
 use telcoflow_sip::sip::stream::{StreamDecoder, StreamItem};
 use telcoflow_sip::sip::uac::{OutgoingCall, UacEvent};
 use telcoflow_sip::sip::uas::{self, IncomingCall, Refusal, Uas, UasAction, UasEvent};
@@ -579,7 +578,10 @@ impl Endpoint {
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
         // The leg needs the call handle and the call needs the leg's link: the leg task starts
         // once the call exists, reading a link made here.
-        let (link, pending) = rtp_leg::link();
+        // At the rate of the codec the offer will be answered with (the leg tells the call
+        // if another one is agreed on later).
+        let rate = rtp_leg::answer_rate(incoming.offer.as_ref(), &self.media.codecs);
+        let (link, pending) = rtp_leg::link(rate);
         let handle = match call::spawn_incoming(&self.shared, connector, &from, &number, link) {
             Ok(h) => h,
             Err(code) => {
@@ -603,11 +605,7 @@ impl Endpoint {
             warn!("no free RTP port: 503");
             return hang_up_call(&mut self.uas);
         };
-        let media = LocalMedia::new(
-            self.media.advertised,
-            sockets.guard.port,
-            rand::random::<u32>().into(),
-        );
+        let media = self.media.local_media(sockets.guard.port);
         let task = pending.start(LegParams {
             shutdown: self.shared.shutdown.clone(),
             call: handle.clone(),

@@ -44,11 +44,11 @@ use rtp_leg::{Direction, LegParams};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use telcoflow_proto::SampleRate;
 use telcoflow_sip::rtp::ports::PortPool;
 use telcoflow_sip::sip::Transport;
 use telcoflow_sip::sip::digest::Credentials;
 use telcoflow_sip::sip::message::SipUri;
-use telcoflow_sip::sip::sdp::LocalMedia;
 use telcoflow_sip::sip::uac::UacConfig;
 use telcoflow_sip::sip::uas::{Uas, UasConfig};
 use tokio::net::{TcpListener, UdpSocket};
@@ -128,11 +128,7 @@ impl Network for SipNetwork {
         let from_user = sip_user(&call.from);
         let sockets = self.media.bind().ok_or(RingError::NoMediaPort)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let media = LocalMedia::new(
-            self.media.advertised,
-            sockets.guard.port,
-            rand::random::<u32>().into(),
-        );
+        let media = self.media.local_media(sockets.guard.port);
         let config = UacConfig {
             target: uri.to_owned(),
             destination,
@@ -152,7 +148,8 @@ impl Network for SipNetwork {
             user_agent: USER_AGENT.into(),
         };
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
-        let (link, pending) = rtp_leg::link();
+        // The callee picks the codec: the leg tells the call its rate when it answers.
+        let (link, pending) = rtp_leg::link(SampleRate::Hz8000);
         let task = pending
             .start(LegParams {
                 shutdown: self.shutdown.clone(),
@@ -239,6 +236,9 @@ pub(crate) async fn bind(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let pool = PortPool::new(low, high, rand::random())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let codecs = config
+        .codec_list()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let advertised = config.advertised_ip();
     if config.listen.ip().is_unspecified() && config.public_ip.is_none() {
         warn!(
@@ -257,6 +257,7 @@ pub(crate) async fn bind(
         advertised,
         config.rtp_timeout(),
         metrics.clone(),
+        codecs.clone(),
     ));
     let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
     let tcp_limits = endpoint::TcpLimits {
@@ -282,6 +283,7 @@ pub(crate) async fn bind(
             sent_by,
             timers: network.config.timers(),
             user_agent: USER_AGENT.into(),
+            codecs,
         },
         rand::random(),
     );

@@ -5,7 +5,9 @@ use crate::metrics::Metrics;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use telcoflow_sip::rtp::codec::Codec;
 use telcoflow_sip::rtp::ports::PortPool;
+use telcoflow_sip::sip::sdp::LocalMedia;
 use tracing::debug;
 
 /// Attempts to find a free RTP port before giving up on a call.
@@ -22,6 +24,8 @@ pub(super) struct MediaEnv {
     pub(super) rtp_timeout: Duration,
     /// Counts the ports in use, and what the RTP legs report at their end.
     pub(super) metrics: Arc<Metrics>,
+    /// Codecs of the calls, in order of preference (`sip.codecs`).
+    pub(super) codecs: Vec<Codec>,
 }
 
 impl MediaEnv {
@@ -31,14 +35,24 @@ impl MediaEnv {
         advertised: IpAddr,
         rtp_timeout: Duration,
         metrics: Arc<Metrics>,
+        codecs: Vec<Codec>,
     ) -> Self {
         Self {
             metrics,
+            codecs,
             pool: Mutex::new(pool),
             bind_ip,
             advertised,
             rtp_timeout,
         }
+    }
+
+    /// Our side of a call's SDP on RTP port `port`: the advertised address, the configured
+    /// codecs and a random session id.
+    pub(super) fn local_media(&self, port: u16) -> LocalMedia {
+        let mut media = LocalMedia::new(self.advertised, port, rand::random::<u32>().into());
+        media.codecs.clone_from(&self.codecs);
+        media
     }
 
     /// Binds an RTP socket on a free even port of the range and its RTCP socket on the next
@@ -123,6 +137,7 @@ mod tests {
             advertised: IpAddr::from([127, 0, 0, 1]),
             rtp_timeout: Duration::from_secs(30),
             metrics: Arc::default(),
+            codecs: Codec::ALL.to_vec(),
         })
     }
 

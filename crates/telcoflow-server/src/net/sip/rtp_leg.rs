@@ -1,7 +1,9 @@
 //! The RTP leg task: one per SIP call, the I/O half of [`RtpSession`].
 //!
 //! It owns the call's RTP port (one UDP socket, RTCP multiplexed on it), and joins three
-//! parties: the call actor (as a [`LegLink`] at 8 kHz, the call resamples to the agent's rate),
+//! parties: the call actor (as a [`LegLink`] at the codec's rate: 8 kHz for G.711, 16 kHz for
+//! G.722; the call resamples to the agent's rate, and hears of a change of codec rate as
+//! `LegEvent::Rate`),
 //! the SIP endpoint (signalling, [`Command`] / [`SipEvent`]) and the phone (RTP).
 //!
 //! - Every 20 ms it pops a frame from the jitter buffer and hands it to the call as
@@ -15,7 +17,7 @@
 //! - RTP is accepted only from the SDP address or the signalling source (strict latching).
 //! - RFC 4733 events and SIP INFO digits become `LegEvent::Dtmf`.
 //!
-//! Legs carry samples, so G.711 is the only conversion on either path. Hot path buffers
+//! Legs carry samples, so the codec (G.711 or G.722) is the only conversion on either path. Hot path buffers
 //! (datagram, packet, the frames handed to the call) are allocated once per leg; frames to the
 //! call come from a pool whose buffers are reused once the call has consumed them.
 
@@ -28,10 +30,11 @@ use crate::call::{
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use telcoflow_sip::rtp::codec::Codec;
 use telcoflow_sip::rtp::dtmf_out::{EventSender, ToneGenerator, dtmf_relay_body};
 use telcoflow_sip::rtp::jitter::FrameKind;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
-use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
+use telcoflow_sip::sip::sdp::{self, LocalMedia, Negotiated, SessionDescription};
 use telcoflow_sip::sip::uas;
 use tokio_util::sync::CancellationToken;
 
@@ -87,19 +90,21 @@ pub(super) struct LegParams {
 pub(super) struct PendingLeg {
     rx: mpsc::Receiver<LegOutput>,
     quality: Arc<LegQuality>,
+    rate: SampleRate,
 }
 
-/// A link for the call (8 kHz) and the receiver the leg task will read.
-pub(super) fn link() -> (LegLink, PendingLeg) {
+/// A link for the call (at `rate`, the codec's expected rate) and the receiver the leg task
+/// will read.
+pub(super) fn link(rate: SampleRate) -> (LegLink, PendingLeg) {
     let (tx, rx) = mpsc::channel(LEG_QUEUE);
     let quality = Arc::new(LegQuality::default());
     let link = LegLink {
-        rate: SampleRate::Hz8000,
+        rate,
         tx,
         kind: LegKind::Sip,
         quality: Some(quality.clone()),
     };
-    (link, PendingLeg { rx, quality })
+    (link, PendingLeg { rx, quality, rate })
 }
 
 impl PendingLeg {
@@ -139,9 +144,29 @@ impl PendingLeg {
             concealing: false,
             dtmf: None,
             tone_frame: Vec::new(),
+            rate: self.rate,
         };
         Ok(leg.run(self.rx, params.events, params.dial))
     }
+}
+
+/// The rate of a codec's audio.
+fn codec_rate(codec: Codec) -> SampleRate {
+    if codec.is_wideband() {
+        SampleRate::Hz16000
+    } else {
+        SampleRate::Hz8000
+    }
+}
+
+/// The rate of the codec an incoming call's offer will be answered with (8 kHz for an
+/// offerless INVITE, or an offer we cannot answer: the leg reports the rate it settles on).
+pub(super) fn answer_rate(offer: Option<&SessionDescription>, codecs: &[Codec]) -> SampleRate {
+    let mut probe = LocalMedia::new(std::net::Ipv4Addr::LOCALHOST.into(), 9, 0);
+    probe.codecs = codecs.to_vec();
+    offer
+        .and_then(|offer| sdp::answer(offer, &probe).ok())
+        .map_or(SampleRate::Hz8000, |(_, n)| codec_rate(n.codec))
 }
 
 struct RtpLeg {
@@ -181,6 +206,8 @@ struct RtpLeg {
     dtmf: Option<DtmfOut>,
     /// Audio of a frame with tones mixed in.
     tone_frame: Vec<i16>,
+    /// The rate the call has for this leg's audio (see [`RtpLeg::sync_rate`]).
+    rate: SampleRate,
 }
 
 /// How DTMF reaches the peer: RFC 4733 events when it negotiated telephone-event (with that
@@ -364,6 +391,7 @@ impl RtpLeg {
             clock_misses: s.clock_misses(),
             rtt: s.stats().rtt,
             buffering: jitter.target_delay(),
+            codec: Some(s.codec().encoding_name()),
         });
     }
 
@@ -413,7 +441,9 @@ impl RtpLeg {
                         let ms = plan.tone_ms();
                         DtmfOut::Info(EventSender::new(plan, 8000), call, ms)
                     }
-                    (None, LegKey::Out(_)) => DtmfOut::Tones(ToneGenerator::new(plan, 8000)),
+                    (None, LegKey::Out(_)) => {
+                        DtmfOut::Tones(ToneGenerator::new(plan, self.rate.hz()))
+                    }
                 });
             }
             LegOutput::Refer { target } => match self.key {
@@ -534,6 +564,8 @@ impl RtpLeg {
             SipEvent::Answered(negotiated) => {
                 self.answered = true;
                 self.open_session(&negotiated, now);
+                // Before `Answered`: the call's first frames to the callee are at its rate.
+                self.sync_rate().await;
                 if self.direction == Direction::Outgoing {
                     self.to_call(LegEvent::Answered).await;
                 }
@@ -556,11 +588,16 @@ impl RtpLeg {
                         remote = %negotiated.remote,
                         hold = negotiated.remote_hold,
                         ptime = negotiated.ptime,
+                        codec = %negotiated.codec,
                         "media updated"
                     );
+                    self.sync_rate().await;
                 }
                 // An offerless INVITE: the ACK carried the answer.
-                None => self.open_session(&negotiated, now),
+                None => {
+                    self.open_session(&negotiated, now);
+                    self.sync_rate().await;
+                }
             },
             SipEvent::Failed(status) => {
                 info!(status, "SIP call failed");
@@ -610,8 +647,29 @@ impl RtpLeg {
         if let Some(ip) = self.signalling {
             session.set_signalling_source(ip);
         }
-        debug!(remote = %n.remote, codec = ?n.codec, ptime = n.ptime, "RTP session open");
+        debug!(remote = %n.remote, codec = %n.codec, ptime = n.ptime, "RTP session open");
+        self._port
+            .metrics()
+            .rtp_session_opened(n.codec.encoding_name());
         self.session = Some(session);
+    }
+
+    /// Tells the call the rate of the session's codec when it is not the one the call has
+    /// (G.722 negotiated where G.711 was expected, or a re-INVITE switching between them).
+    async fn sync_rate(&mut self) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        let rate = codec_rate(session.codec());
+        if rate != self.rate {
+            debug!(rate = rate.hz(), codec = %session.codec(), "leg rate changed");
+            self.rate = rate;
+            // Tones being mixed in are at the old rate: they stop.
+            if matches!(self.dtmf, Some(DtmfOut::Tones(_))) {
+                self.dtmf = None;
+            }
+            self.to_call(LegEvent::Rate(rate)).await;
+        }
     }
 
     /// A datagram from the phone. `play_ahead`: in-order audio goes to the call as it lands
@@ -752,6 +810,35 @@ fn reject_status(reason: HangupReason) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_incoming_call_starts_at_the_rate_of_the_codec_it_will_get() {
+        let offer = |formats: &str| {
+            let text = format!(
+                "v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n\
+                 m=audio 4000 RTP/AVP {formats}\r\n"
+            );
+            SessionDescription::parse(&text).unwrap()
+        };
+        let default = Codec::ALL;
+        let wide_first = [Codec::G722, Codec::Pcmu];
+        for (formats, codecs, rate) in [
+            ("9 0", &default[..], SampleRate::Hz8000),
+            ("9", &default[..], SampleRate::Hz16000),
+            ("0 9", &wide_first[..], SampleRate::Hz16000),
+            ("0 8", &wide_first[..], SampleRate::Hz8000),
+            // Nothing common: 488 follows; the rate does not matter.
+            ("18", &default[..], SampleRate::Hz8000),
+        ] {
+            assert_eq!(
+                answer_rate(Some(&offer(formats)), codecs),
+                rate,
+                "{formats}"
+            );
+        }
+        // An offerless INVITE: 8 kHz until the ACK's answer says otherwise.
+        assert_eq!(answer_rate(None, &default), SampleRate::Hz8000);
+    }
 
     #[test]
     fn unanswered_calls_map_to_sip_statuses() {
