@@ -339,3 +339,74 @@ async fn sip_connect_over_tcp_rings_answers_and_hangs_up() {
     sip_phone.await.unwrap().assert_passed();
     server.shutdown().await;
 }
+
+/// A SIP destination the server dialled that negotiated no telephone-event gets the agent's
+/// DTMF as SIP INFO in the call's dialog.
+#[tokio::test]
+async fn dtmf_to_a_dialled_sip_phone_without_telephone_event_goes_as_info() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(66);
+    let dir = sipp::work_dir("dialled-info");
+    let args = sipp::uas_args(ports, "uas_info_dtmf.xml");
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let server = start(sipp::sip_config(ports)).await;
+    let mut control = control(&server, 16000, "mixed").await;
+    let remote = format!("sip:+15550300@127.0.0.1:{}", ports.sipp_sip);
+    let resp = control
+        .request(json!({"type": "session.create", "channel": "TELCO", "remoteAddress": remote}))
+        .await;
+    assert_eq!(resp["ok"], true, "{resp}");
+    let session_id = resp["content"]["sessionId"].as_str().unwrap().to_owned();
+    let opened = control.open(&session_id).await;
+    assert_eq!(opened["ok"], true, "{opened}");
+    control.ready(&session_id).await;
+    let call_in = control.ws.expect_type("call.in").await;
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    let resp = media
+        .command(
+            "call.send_dtmf",
+            Some(json!({"digits": "12", "durationMs": 100})),
+        )
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+    // SIPp answers both INFOs (its scenario fails on a BYE before the second): wait until
+    // the server has counted both answers, then hang up.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let answered = "telcoflow_sip_responses_total{code=\"200\",direction=\"in\",method=\"INFO\"} 2";
+    loop {
+        let metrics = http_get(&server, "/metrics").await;
+        if metrics.contains(answered) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the INFOs were never answered:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let resp = media.command("call.disconnect", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    sip_phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+/// The body of a plain HTTP/1.1 GET to the server.
+async fn http_get(server: &telcoflow_server::RunningServer, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .expect("HTTP answer in time")
+        .unwrap();
+    response.split_once("\r\n\r\n").unwrap().1.to_owned()
+}

@@ -73,7 +73,7 @@ impl Leg {
     }
 
     /// Sends DTMF to the leg: a simulated phone hears dual tones the call mixes into its
-    /// audio; a SIP leg's own task sends them (RFC 4733 events, or tones in the audio). A
+    /// audio; a SIP leg's own task sends them (RFC 4733 events, or SIP INFO). A
     /// newer request replaces one still playing.
     pub(super) fn send_dtmf(&mut self, plan: DtmfPlan) {
         match self.link.kind {

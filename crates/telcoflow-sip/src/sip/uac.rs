@@ -470,6 +470,27 @@ impl OutgoingCall {
         self.drain_clients();
     }
 
+    /// Sends an INFO in the answered call's dialog (`application/dtmf-relay` DTMF, say); its
+    /// answer changes nothing. Ignored before the answer and after the hang-up.
+    pub fn info(&mut self, content_type: &str, body: String, now: Instant) {
+        self.last_now = now;
+        if self.state != State::Answered {
+            return;
+        }
+        self.cseq += 1;
+        let info = self
+            .dialog_request(Method::Info, self.cseq)
+            .with_body(content_type, body);
+        let tx = NonInviteClientTransaction::new(
+            info,
+            self.config.transport.reliable(),
+            self.config.timers,
+            now,
+        );
+        self.clients.push(tx);
+        self.drain_clients();
+    }
+
     fn send_bye(&mut self, silent: bool) {
         self.cseq += 1;
         let bye = self.dialog_request(Method::Bye, self.cseq);

@@ -340,7 +340,8 @@ impl ActiveCall {
 
     /// Sends DTMF `digits` (1 to 32 of `0-9 * # A-D`) to the caller, each tone `duration`
     /// long (40 ms to 2 s, rounded up to 20 ms; digits 60 ms apart): RFC 4733 events on a SIP
-    /// call whose phone negotiated telephone-event, tones in the audio otherwise
+    /// call whose phone negotiated telephone-event, SIP INFO on other SIP calls, tones in the
+    /// audio of a simulated phone
     /// (`call.send_dtmf`, an extension of this server). Returns once the server has queued
     /// them, with the time they take to play (`{"queuedMs": n}`). Digits or a duration out of
     /// range fail with code [`ErrorCode::InvalidRequest`](crate::ErrorCode::InvalidRequest)

@@ -380,13 +380,24 @@ impl Endpoint {
                     debug!(error = %e, "hangup not sent");
                 }
             }
-            Command::DtmfInfo { call, body } => {
+            Command::DtmfInfo {
+                leg: LegKey::In(call),
+                body,
+            } => {
                 let info = UasAction::Info {
                     content_type: "application/dtmf-relay".into(),
                     body,
                 };
                 if let Err(e) = self.uas.handle_action(call, info, now) {
                     debug!(error = %e, "DTMF INFO not sent");
+                }
+            }
+            Command::DtmfInfo {
+                leg: LegKey::Out(key),
+                body,
+            } => {
+                if let Some(o) = self.outgoing.get_mut(&key) {
+                    o.call.info("application/dtmf-relay", body, now);
                 }
             }
             Command::Refer { call, refer_to } => {

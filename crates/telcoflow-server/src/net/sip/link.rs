@@ -36,8 +36,8 @@ pub(super) enum Command {
     Reject { call: uas::CallHandle, status: u16 },
     /// BYE (or CANCEL for an unanswered outgoing call).
     Hangup(LegKey),
-    /// An INFO with one DTMF digit (`application/dtmf-relay`) in an incoming call's dialog.
-    DtmfInfo { call: uas::CallHandle, body: String },
+    /// An INFO with one DTMF digit (`application/dtmf-relay`) in a call's dialog.
+    DtmfInfo { leg: LegKey, body: String },
     /// A REFER in an incoming call's dialog: the caller is asked to call `refer_to`.
     Refer {
         call: uas::CallHandle,

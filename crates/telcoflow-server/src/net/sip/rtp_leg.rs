@@ -31,11 +31,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use telcoflow_sip::rtp::codec::Codec;
-use telcoflow_sip::rtp::dtmf_out::{EventSender, ToneGenerator, dtmf_relay_body};
+use telcoflow_sip::rtp::dtmf_out::{EventSender, dtmf_relay_body};
 use telcoflow_sip::rtp::jitter::FrameKind;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
 use telcoflow_sip::sip::sdp::{self, LocalMedia, Negotiated, SessionDescription};
-use telcoflow_sip::sip::uas;
 use tokio_util::sync::CancellationToken;
 
 use std::time::Duration;
@@ -143,7 +142,6 @@ impl PendingLeg {
             gaps: 0,
             concealing: false,
             dtmf: None,
-            tone_frame: Vec::new(),
             rate: self.rate,
         };
         Ok(leg.run(self.rx, params.events, params.dial))
@@ -204,20 +202,16 @@ struct RtpLeg {
     concealing: bool,
     /// DTMF being sent to the peer, frame by frame in place of or mixed into the audio.
     dtmf: Option<DtmfOut>,
-    /// Audio of a frame with tones mixed in.
-    tone_frame: Vec<i16>,
     /// The rate the call has for this leg's audio (see [`RtpLeg::sync_rate`]).
     rate: SampleRate,
 }
 
 /// How DTMF reaches the peer: RFC 4733 events when it negotiated telephone-event (with that
 /// payload type); else SIP INFO (`application/dtmf-relay`, one per digit, paced like the
-/// events) on an incoming call; else (a call we dialled: no INFO from our UAC) dual tones in
-/// the audio, which G.711 carries intact.
+/// events) in the call's dialog, whichever side began it.
 enum DtmfOut {
     Events(EventSender, u8),
-    Info(EventSender, uas::CallHandle, u32),
-    Tones(ToneGenerator),
+    Info(EventSender, LegKey, u32),
 }
 
 /// How often (in 20 ms ticks: a second) an RTP leg adds its loss to the metrics while it runs.
@@ -437,12 +431,9 @@ impl RtpLeg {
                 // A newer request replaces one still playing.
                 self.dtmf = Some(match (pt, self.key) {
                     (Some(pt), _) => DtmfOut::Events(EventSender::new(plan, 8000), pt),
-                    (None, LegKey::In(call)) => {
+                    (None, leg) => {
                         let ms = plan.tone_ms();
-                        DtmfOut::Info(EventSender::new(plan, 8000), call, ms)
-                    }
-                    (None, LegKey::Out(_)) => {
-                        DtmfOut::Tones(ToneGenerator::new(plan, self.rate.hz()))
+                        DtmfOut::Info(EventSender::new(plan, 8000), leg, ms)
                     }
                 });
             }
@@ -478,19 +469,8 @@ impl RtpLeg {
     async fn send_frame(&mut self, samples: &[i16]) {
         match &mut self.dtmf {
             None => self.send_audio(samples).await,
-            Some(DtmfOut::Tones(tones)) => {
-                let mut frame = std::mem::take(&mut self.tone_frame);
-                frame.clear();
-                frame.extend_from_slice(samples);
-                tones.mix_into(&mut frame);
-                if tones.done() {
-                    self.dtmf = None;
-                }
-                self.send_audio(&frame).await;
-                self.tone_frame = frame;
-            }
-            Some(DtmfOut::Info(events, call, ms)) => {
-                let (call, ms) = (*call, *ms);
+            Some(DtmfOut::Info(events, leg, ms)) => {
+                let (leg, ms) = (*leg, *ms);
                 // The events' schedule, one INFO at the start of each digit; audio goes on.
                 let start = events.next_frame(0).filter(|p| p.marker);
                 if events.done() {
@@ -498,7 +478,7 @@ impl RtpLeg {
                 }
                 if let Some(digit) = start.and_then(|p| p.event.digit()) {
                     let body = dtmf_relay_body(digit, ms);
-                    self.command(Command::DtmfInfo { call, body }).await;
+                    self.command(Command::DtmfInfo { leg, body }).await;
                 }
                 self.send_audio(samples).await;
             }
@@ -664,10 +644,6 @@ impl RtpLeg {
         if rate != self.rate {
             debug!(rate = rate.hz(), codec = %session.codec(), "leg rate changed");
             self.rate = rate;
-            // Tones being mixed in are at the old rate: they stop.
-            if matches!(self.dtmf, Some(DtmfOut::Tones(_))) {
-                self.dtmf = None;
-            }
             self.to_call(LegEvent::Rate(rate)).await;
         }
     }
