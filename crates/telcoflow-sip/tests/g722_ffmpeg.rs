@@ -1,10 +1,11 @@
 //! Our G.722 (`telcoflow_sip::rtp::g722`) against an independent implementation: FFmpeg's `g722` encoder and decoder (libavcodec), bit for bit.
 //!
-//! The ITU-T G.722 test vectors (Appendix II) would be the reference, but they are not
-//! redistributable and not available here; FFmpeg's codec is a separate implementation that
-//! passes them, so agreeing with it bit for bit on a wide range of signals (a sweep across the
-//! whole 50-7000 Hz band, a tone above 4 kHz, speech-like noise, and arbitrary codes on the
-//! decoder side, which reach every quantiser level) is the check we can run.
+//! The ITU-T G.722 test sequences (Appendix II, run by `tests/g722_itu.rs` when they are at
+//! hand) bypass the QMF and are not redistributable. FFmpeg's codec is a separate
+//! implementation that passes them, so agreeing with it bit for bit on a wide range of signals
+//! (a sweep across the whole 50-7000 Hz band, a tone above 4 kHz, speech-like noise, and
+//! arbitrary codes on the decoder side, which reach every quantiser level) checks the whole
+//! codec, QMF included, on every run.
 //!
 //! The signals are made by sox when the test runs; nothing is stored. Needs `sox` and `ffmpeg`
 //! (`apt-get install sox ffmpeg`, as `.ci/run` does): without them the test fails when `CI`

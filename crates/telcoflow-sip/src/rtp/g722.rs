@@ -6,7 +6,8 @@
 //! bits (adapted from its upper 4), the upper with 2, each by a backward-adaptive predictor
 //! (blocks 1-6 of G.722 section 3, named as there). Integer arithmetic throughout, with the
 //! recommendation's saturations, so the output is the reference's bit for bit (tested
-//! against FFmpeg's independent implementation in `tests/g722_ffmpeg.rs`).
+//! against FFmpeg's independent implementation in `tests/g722_ffmpeg.rs`, and against the
+//! G.722 Appendix II digital test sequences in `tests/g722_itu.rs` when they are at hand).
 //!
 //! Written here rather than taken from a crate: `audio-codec` 0.4 starts both bands with scale
 //! factors four times the reference's, so its streams differ from every other
@@ -209,7 +210,14 @@ impl G722Encoder {
         }
         let xlow = (sumeven + sumodd) >> 14;
         let xhigh = (sumeven - sumodd) >> 14;
+        self.encode_bands(xlow, xhigh)
+    }
 
+    /// Codes one lower-band and one upper-band sample (15-bit) with the QMF bypassed, as the
+    /// digital test sequences of G.722 Appendix II drive the coder (`tests/g722_itu.rs`).
+    /// Not for streams: [`encode`](Self::encode) is.
+    #[doc(hidden)]
+    pub fn encode_bands(&mut self, xlow: i32, xhigh: i32) -> u8 {
         // Lower band. SUBTRA, QUANTL.
         let low = &mut self.band[0];
         let el = saturate(xlow - low.s);
@@ -276,6 +284,25 @@ impl G722Decoder {
     }
 
     fn decode_code(&mut self, code: u8) -> (i16, i16) {
+        let (rlow, rhigh) = self.decode_bands(code);
+
+        // Receive QMF: two output samples per pair of band samples.
+        self.x.copy_within(2.., 0);
+        self.x[22] = rlow + rhigh;
+        self.x[23] = rlow - rhigh;
+        let (mut xout1, mut xout2) = (0, 0);
+        for i in 0..12 {
+            xout2 += self.x[2 * i] * QMF[i];
+            xout1 += self.x[2 * i + 1] * QMF[11 - i];
+        }
+        (saturate(xout1 >> 11) as i16, saturate(xout2 >> 11) as i16)
+    }
+
+    /// Decodes one code into its lower-band and upper-band samples (15-bit) with the QMF
+    /// bypassed, as the digital test sequences of G.722 Appendix II check the decoder
+    /// (`tests/g722_itu.rs`). Not for streams: [`decode`](Self::decode) is.
+    #[doc(hidden)]
+    pub fn decode_bands(&mut self, code: u8) -> (i32, i32) {
         let ilow = usize::from(code & 0x3F);
         let ihigh = usize::from(code >> 6);
 
@@ -294,17 +321,7 @@ impl G722Decoder {
         let rhigh = (dhigh + high.s).clamp(-16384, 16383);
         high.adapt_scale(WH[RH2[ihigh] as usize], 22528, 10);
         high.block4(dhigh);
-
-        // Receive QMF: two output samples per pair of band samples.
-        self.x.copy_within(2.., 0);
-        self.x[22] = rlow + rhigh;
-        self.x[23] = rlow - rhigh;
-        let (mut xout1, mut xout2) = (0, 0);
-        for i in 0..12 {
-            xout2 += self.x[2 * i] * QMF[i];
-            xout1 += self.x[2 * i + 1] * QMF[11 - i];
-        }
-        (saturate(xout1 >> 11) as i16, saturate(xout2 >> 11) as i16)
+        (rlow, rhigh)
     }
 }
 
