@@ -178,6 +178,10 @@ pub(crate) struct Metrics {
     sip_registrations: IntGaugeVec,
     sip_responses: IntCounterVec,
     pub(crate) rtp_ports_in_use: IntGauge,
+    /// Recordings running (`call.record`, or a connector's `record = true`).
+    pub(crate) recordings_active: IntGauge,
+    /// Recording frames lost because the writer was behind (written as silence).
+    pub(crate) recording_lost_frames: IntCounter,
     rtp_sessions: IntCounterVec,
     overflows: Vec<IntCounter>,
 }
@@ -392,6 +396,11 @@ impl Metrics {
             sip_responses,
             sip_registrations,
             rtp_ports_in_use: gauge("telcoflow_rtp_ports_in_use", "RTP port pairs in use."),
+            recordings_active: gauge("telcoflow_recordings_active", "Call recordings running."),
+            recording_lost_frames: counter(
+                "telcoflow_recording_lost_frames_total",
+                "Recording frames lost because the writer was behind (written as silence).",
+            ),
             rtp_sessions,
             overflows,
             registry: r,

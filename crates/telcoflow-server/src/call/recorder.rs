@@ -40,10 +40,13 @@ pub(super) struct Recorder {
     caller_primed: bool,
     stereo: Vec<i16>,
     pool: SamplePool,
+    /// Counts this recording in `telcoflow_recordings_active` while it runs.
+    _active: crate::metrics::Held,
+    lost_frames: prometheus::IntCounter,
 }
 
 impl Recorder {
-    fn new(sink: RecordingSink, rate: SampleRate) -> Self {
+    fn new(sink: RecordingSink, rate: SampleRate, metrics: &crate::metrics::Metrics) -> Self {
         let n = rate.frame_samples();
         Self {
             sink,
@@ -57,6 +60,8 @@ impl Recorder {
             caller_primed: false,
             stereo: Vec::with_capacity(2 * n),
             pool: SamplePool::default(),
+            _active: crate::metrics::Held::new(&metrics.recordings_active),
+            lost_frames: metrics.recording_lost_frames.clone(),
         }
     }
 
@@ -148,6 +153,7 @@ impl Recorder {
                 }
                 self.lost += 1;
                 self.lost_pending += 1;
+                self.lost_frames.inc();
             }
             Err(TrySendError::Closed(_)) => return false,
         }
@@ -210,7 +216,7 @@ impl CallActor {
                 StartError::Full(_) => (ErrorCode::QuotaExceeded, e.to_string()),
             })?;
         info!(recording = %sink.id, ?trigger, "recording started");
-        self.recorder = Some(Recorder::new(sink, self.rate()));
+        self.recorder = Some(Recorder::new(sink, self.rate(), &self.shared.metrics));
         Ok(())
     }
 

@@ -885,7 +885,15 @@ async fn a_writer_that_falls_behind_never_stalls_the_call_and_its_losses_are_cou
             .count();
     }
     assert_eq!(played, 60);
+    let metrics = r.call.actor.shared.metrics.clone();
+    assert_eq!(metrics.recordings_active.get(), 1);
+    assert_eq!(metrics.recording_lost_frames.get(), 10);
     let stopped = r.record(MS * 1300, json!({ "action": "stop" }));
+    assert_eq!(
+        metrics.recordings_active.get(),
+        0,
+        "a stopped recording is not active"
+    );
     assert_eq!(stopped.result.unwrap()["durationMs"], 1200);
     let info = r
         .store
