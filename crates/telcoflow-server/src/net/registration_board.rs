@@ -37,15 +37,6 @@ impl RegistrationBoard {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = all;
     }
 
-    /// The state the registration at `index` last reported.
-    pub(crate) fn state_of(&self, index: usize) -> Option<&'static str> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(index)
-            .map(|s| s.state)
-    }
-
     /// A copy of every status, in config order.
     pub(crate) fn snapshot(&self) -> Vec<RegistrationStatus> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()

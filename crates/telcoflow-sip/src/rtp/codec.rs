@@ -5,7 +5,7 @@
 //! differ in the samples that frame holds ([`Codec::frame_samples`]).
 
 use super::g711::G711;
-use super::g722::{self, G722Decoder, G722Encoder};
+use super::g722::{self, G722Encoder};
 
 /// Payload bytes (and RTP timestamp units) in one 20 ms frame, for every codec here.
 pub const FRAME_BYTES: usize = 160;
@@ -141,36 +141,10 @@ impl AudioEncoder {
     }
 }
 
-/// Decoder state of one received stream.
-#[derive(Debug)]
-pub enum AudioDecoder {
-    /// PCMU or PCMA.
-    G711(G711),
-    /// G.722.
-    G722(Box<G722Decoder>),
-}
-
-impl AudioDecoder {
-    /// A fresh decoder for `codec`.
-    pub fn new(codec: Codec) -> Self {
-        match codec.g711() {
-            Some(law) => Self::G711(law),
-            None => Self::G722(Box::default()),
-        }
-    }
-
-    /// Decodes `bytes` into `out` (at the codec's rate); returns the samples written.
-    pub fn decode(&mut self, bytes: &[u8], out: &mut [i16]) -> usize {
-        match self {
-            Self::G711(law) => law.decode(bytes, out),
-            Self::G722(dec) => dec.decode(bytes, out),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rtp::g722::G722Decoder;
 
     #[test]
     fn payload_types_names_and_rates() {
@@ -192,10 +166,12 @@ mod tests {
             let mut bytes = [0u8; FRAME_BYTES];
             assert_eq!(AudioEncoder::new(c).encode(&pcm, &mut bytes), FRAME_BYTES);
             let mut out = [0i16; MAX_FRAME_SAMPLES];
-            assert_eq!(
-                AudioDecoder::new(c).decode(&bytes, &mut out),
-                c.frame_samples()
-            );
+            // The jitter buffer decodes per slot (a slot may be PCMU or PCMA).
+            let decoded = match c.g711() {
+                Some(law) => law.decode(&bytes, &mut out),
+                None => G722Decoder::default().decode(&bytes, &mut out),
+            };
+            assert_eq!(decoded, c.frame_samples());
         }
     }
 }

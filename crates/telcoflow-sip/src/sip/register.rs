@@ -29,6 +29,9 @@ use super::{Transmit, Transport};
 const MAX_AUTH_ATTEMPTS: u32 = 2;
 /// The first retry after a failure; each further failure doubles it up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+/// The shortest refresh interval, whatever lifetime a registrar grants: a registrar granting
+/// a second must not make us send a REGISTER twice a second.
+const MIN_REFRESH: Duration = Duration::from_secs(5);
 /// The longest wait between attempts (and the most a `Retry-After` is followed).
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The longest binding asked for, even when a registrar's `Min-Expires` asks for more.
@@ -380,7 +383,9 @@ impl Registration {
         }
         self.auth_attempts = 0;
         self.backoff = FIRST_BACKOFF;
-        let refresh_in = (granted / 2).max(granted.saturating_sub(REFRESH_MARGIN));
+        let refresh_in = (granted / 2)
+            .max(granted.saturating_sub(REFRESH_MARGIN))
+            .max(MIN_REFRESH);
         self.next_at = Some(now + refresh_in);
         self.set_state(RegistrationState::Registered { expires: granted });
     }
@@ -398,7 +403,8 @@ impl Registration {
         // ±20 % so that many servers restarted together do not retry in step.
         let jitter = self.rng.random_range(0.8..1.2);
         let wait = match retry_after {
-            Some(after) => after.min(MAX_BACKOFF),
+            // `Retry-After: 0` must not make us retry once per round trip.
+            Some(after) => after.clamp(FIRST_BACKOFF, MAX_BACKOFF),
             None => self.backoff.mul_f64(jitter).min(MAX_BACKOFF),
         };
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -453,8 +459,7 @@ impl Registration {
             format!("<{}>;expires={expires}", self.config.contact),
         );
         r.headers.push("Expires", expires.to_string());
-        r.headers
-            .push("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO");
+        r.headers.push("Allow", super::uas::ALLOW);
         r.headers.push("User-Agent", self.config.user_agent.clone());
         if let (Some(creds), Some((header, challenge, nc))) =
             (&self.config.credentials, &mut self.challenge)

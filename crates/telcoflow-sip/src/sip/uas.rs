@@ -54,7 +54,7 @@ use super::transaction::{
 use super::{Transmit, Transport};
 
 /// Methods we answer, for `Allow` headers.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, PRACK";
+pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE, NOTIFY, PRACK";
 /// Extensions we implement, for `Supported` headers and `Require` checks.
 const SUPPORTED: &str = "timer, 100rel";
 /// The same, one by one.

@@ -307,7 +307,9 @@ impl Endpoint {
         self.shared.metrics.sip_message(true, bytes);
         // Route by Call-ID: our outgoing calls' messages go to their UAC, the answers to
         // our REGISTERs to their registration.
-        if !self.by_call_id.is_empty() || !self.registrations.is_empty() {
+        // Only responses can be a registration's: requests are not parsed twice for it.
+        let maybe_registration = !self.registrations.is_empty() && bytes.starts_with(b"SIP/");
+        if !self.by_call_id.is_empty() || maybe_registration {
             if let Ok(msg) = Message::parse(bytes) {
                 let call_id = match &msg {
                     Message::Request(r) => r.call_id().ok(),

@@ -109,6 +109,9 @@ async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
 /// The registrations the endpoint task runs, with their board.
 pub(super) struct Registrations {
     running: Vec<Registration>,
+    /// The state each one last reported (for the gauge's move), kept here rather than read
+    /// back from the board under its lock on every drain.
+    reported: Vec<&'static str>,
     board: Arc<RegistrationBoard>,
     metrics: Arc<Metrics>,
 }
@@ -148,6 +151,7 @@ impl Registrations {
             metrics.sip_registration_moved(None, r.state().name());
         }
         Self {
+            reported: running.iter().map(|r| r.state().name()).collect(),
             running,
             board,
             metrics,
@@ -209,7 +213,6 @@ impl Registrations {
             while let Some(t) = r.poll_transmit() {
                 out.push(t);
             }
-            let mut before = self.board.state_of(i);
             while let Some(RegisterEvent::State(state)) = r.poll_event() {
                 let config = r.config();
                 match &state {
@@ -238,8 +241,9 @@ impl Registrations {
                         "SIP registration"
                     ),
                 }
-                self.metrics.sip_registration_moved(before, state.name());
-                before = Some(state.name());
+                self.metrics
+                    .sip_registration_moved(Some(self.reported[i]), state.name());
+                self.reported[i] = state.name();
                 self.board.set(i, &state);
             }
         }
