@@ -61,6 +61,17 @@ pub const MAX_MARKS: usize = 64;
 /// Longest mark name, in bytes of UTF-8.
 pub const MAX_MARK_NAME_BYTES: usize = 128;
 
+/// Checks a mark name's length (1 to [`MAX_MARK_NAME_BYTES`] bytes); `Err` says what is wrong.
+pub fn check_mark_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_MARK_NAME_BYTES {
+        return Err(format!(
+            "a mark name is 1 to {MAX_MARK_NAME_BYTES} bytes, got {}",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
 /// A call command name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CommandName {

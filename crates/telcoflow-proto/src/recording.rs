@@ -28,6 +28,17 @@ pub enum RecordingState {
 }
 
 impl RecordingState {
+    /// The name on the wire.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Recording => "recording",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::Complete => "complete",
+            Self::Incomplete => "incomplete",
+        }
+    }
+
     /// The file is finished (complete or not) and can be downloaded.
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Complete | Self::Incomplete)

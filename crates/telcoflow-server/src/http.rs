@@ -329,10 +329,7 @@ pub(crate) async fn recording_audio(
                 ErrorCode::InvalidState,
                 format!(
                     "recording {id} is {}: stop it (call.record) or end the call first",
-                    serde_json::to_value(info.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default()
+                    info.state.as_str()
                 ),
             ));
         }

@@ -15,8 +15,8 @@ use super::playout::Mark;
 use serde_json::{Value, json};
 use telcoflow_proto::ErrorCode;
 use telcoflow_proto::media::{
-    CallEvent, CommandResponse, InterruptData, InterruptResult, MAX_MARK_NAME_BYTES, MAX_MARKS,
-    MarkData,
+    CallEvent, CommandResponse, InterruptData, InterruptResult, MAX_MARKS, MarkData,
+    check_mark_name,
 };
 use tracing::debug;
 
@@ -33,15 +33,8 @@ impl CallActor {
                 ));
             }
         };
-        if data.name.is_empty() || data.name.len() > MAX_MARK_NAME_BYTES {
-            return self.respond(CommandResponse::error(
-                id,
-                ErrorCode::InvalidRequest,
-                format!(
-                    "a mark name is 1 to {MAX_MARK_NAME_BYTES} bytes, got {}",
-                    data.name.len()
-                ),
-            ));
+        if let Err(why) = check_mark_name(&data.name) {
+            return self.respond(CommandResponse::error(id, ErrorCode::InvalidRequest, why));
         }
         let mark = Mark {
             name: data.name.as_str().into(),

@@ -19,6 +19,9 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+/// What `call.record` answers on a server without `[recording]`.
+const NOT_CONFIGURED: &str =
+    "recording is not configured on this server: add a [recording] section with a dir";
 /// Caller frames queued before the first is taken (absorbs arrival jitter against the tick).
 const CALLER_PRIME_FRAMES: usize = 2;
 /// Caller frames queued at most; beyond, the oldest are dropped (the phone's clock runs fast).
@@ -195,11 +198,7 @@ impl CallActor {
     /// Starts a recording of the call; `Err` says why not, for the app.
     fn start_recording(&mut self, trigger: RecordingTrigger) -> Result<(), (ErrorCode, String)> {
         let Some(store) = self.shared.recordings.clone() else {
-            return Err((
-                ErrorCode::RecordingNotConfigured,
-                "recording is not configured on this server: add a [recording] section with a dir"
-                    .to_owned(),
-            ));
+            return Err((ErrorCode::RecordingNotConfigured, NOT_CONFIGURED.to_owned()));
         };
         let h = &self.handle;
         let sink = store
@@ -275,7 +274,7 @@ impl CallActor {
             return self.respond(CommandResponse::error(
                 id,
                 ErrorCode::RecordingNotConfigured,
-                "recording is not configured on this server: add a [recording] section with a dir",
+                NOT_CONFIGURED,
             ));
         }
         let now = self.now;

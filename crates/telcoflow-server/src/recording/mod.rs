@@ -196,15 +196,21 @@ impl Recordings {
         offset: usize,
         limit: usize,
     ) -> RecordingPage {
-        let mut items: Vec<RecordingInfo> = self
-            .index()
+        let index = self.index();
+        let mut items: Vec<&RecordingInfo> = index
             .values()
             .filter(|i| i.connector == connector && call_id.is_none_or(|c| i.call_id == c))
-            .cloned()
             .collect();
         items.sort_by(|a, b| (a.started_at_ms, &a.id).cmp(&(b.started_at_ms, &b.id)));
         let total = items.len();
-        let items: Vec<RecordingInfo> = items.into_iter().skip(offset).take(limit).collect();
+        // Only the page is copied out of the index.
+        let items: Vec<RecordingInfo> = items
+            .into_iter()
+            .skip(offset)
+            .take(limit)
+            .cloned()
+            .collect();
+        drop(index);
         let next = offset.saturating_add(items.len());
         RecordingPage::new(items, (next < total).then_some(next))
     }

@@ -7,8 +7,7 @@ use crate::error::{CallError, CallErrorKind};
 use crate::ring::{Cleared, RingMark};
 use std::collections::VecDeque;
 use telcoflow_proto::media::{
-    Command, CommandName, InterruptResult, MAX_MARK_NAME_BYTES, MAX_MARKS, MarkData,
-    MediaClientFrame,
+    Command, CommandName, InterruptResult, MAX_MARKS, MarkData, MediaClientFrame, check_mark_name,
 };
 
 /// What an interrupt ([`ActiveCall::interrupt`](super::ActiveCall::interrupt)) found: how
@@ -78,14 +77,8 @@ impl MarkTracker {
     /// A new mark, numbered; refused when the name is out of bounds or too many are
     /// outstanding.
     pub(super) fn add(&mut self, name: &str) -> Result<RingMark, CallError> {
-        if name.is_empty() || name.len() > MAX_MARK_NAME_BYTES {
-            return Err(CallError::with_message(
-                CallErrorKind::InvalidArgument,
-                format!(
-                    "a mark name is 1 to {MAX_MARK_NAME_BYTES} bytes, got {}",
-                    name.len()
-                ),
-            ));
+        if let Err(why) = check_mark_name(name) {
+            return Err(CallError::with_message(CallErrorKind::InvalidArgument, why));
         }
         if self.marks.len() >= MAX_MARKS {
             return Err(CallError::with_message(
@@ -169,6 +162,7 @@ impl MarkTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telcoflow_proto::media::MAX_MARK_NAME_BYTES;
 
     #[test]
     fn marks_are_bounded_numbered_and_reported_once() {
