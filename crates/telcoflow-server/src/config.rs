@@ -333,6 +333,20 @@ pub struct SipConfig {
     /// Registrars this server registers at (`[[sip.registrations]]`), so that a trunk or a
     /// hosted PBX sends the calls of an address of record here.
     pub registrations: Vec<SipRegistration>,
+    /// Address of the SIP over TLS listener (conventionally port 5061). Default: not set,
+    /// no TLS listener; `sips:` and `;transport=tls` destinations are dialled either way.
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener. Default: `[tls] cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener. Default: `[tls] key`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that the certificates of the peers we dial over TLS must chain
+    /// to. Default: the public web PKI roots (webpki-roots).
+    pub tls_ca: Option<PathBuf>,
+    /// Whether the certificates of the peers we dial over TLS are checked (chain to
+    /// `tls_ca`, name the host dialled, in date). Default true; `false` is for tests and
+    /// peers with self-made certificates only.
+    pub tls_verify: bool,
 }
 
 /// An outbound registration (`[[sip.registrations]]`): the server binds its contact to `aor`
@@ -343,7 +357,8 @@ pub struct SipConfig {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SipRegistration {
-    /// The registrar: `sip:host[:port]` or `host[:port]` (port 5060 by default).
+    /// The registrar: `sip:host[:port]` or `host[:port]` (port 5060 by default, 5061 over
+    /// TLS).
     pub registrar: String,
     /// The address of record, `sip:user@domain`: its user part is the number calls to it
     /// arrive for.
@@ -357,7 +372,7 @@ pub struct SipRegistration {
     /// Lifetime of the binding to ask for, in seconds: 60 to 86400. Default 3600.
     #[serde(default = "default_registration_expiry")]
     pub expiry: u64,
-    /// `udp` (default) or `tcp`.
+    /// `udp` (default), `tcp` or `tls` (port 5061 by default).
     #[serde(default = "default_registration_transport")]
     pub transport: String,
     /// Where to send instead of the registrar (`sip:host[:port]` or `host[:port]`): the
@@ -388,9 +403,10 @@ impl std::fmt::Debug for SipRegistration {
     }
 }
 
-/// A SIP address as a registration names it: `sip:host[:port]` or `host[:port]`.
-fn sip_host_port(value: &str) -> Option<(String, u16)> {
-    let uri = if value.starts_with("sip:") {
+/// A SIP address as a registration names it: `sip:host[:port]` or `host[:port]`, with
+/// `default_port` when it names none.
+fn sip_host_port(value: &str, default_port: u16) -> Option<(String, u16)> {
+    let uri = if value.starts_with("sip:") || value.starts_with("sips:") {
         value.to_owned()
     } else {
         format!("sip:{value}")
@@ -399,23 +415,30 @@ fn sip_host_port(value: &str) -> Option<(String, u16)> {
     if parsed.host.is_empty() {
         return None;
     }
-    Some((parsed.host, parsed.port.unwrap_or(5060)))
+    Some((parsed.host, parsed.port.unwrap_or(default_port)))
 }
 
 impl SipRegistration {
     /// The registrar's host and port.
     pub fn registrar_host_port(&self) -> Option<(String, u16)> {
-        sip_host_port(&self.registrar)
+        sip_host_port(&self.registrar, self.default_port())
+    }
+
+    /// 5061 over TLS, else 5060.
+    fn default_port(&self) -> u16 {
+        if self.is_tls() { 5061 } else { 5060 }
     }
 
     /// The outbound proxy's host and port, if one is set.
     pub fn proxy_host_port(&self) -> Option<(String, u16)> {
-        self.outbound_proxy.as_deref().and_then(sip_host_port)
+        self.outbound_proxy
+            .as_deref()
+            .and_then(|p| sip_host_port(p, self.default_port()))
     }
 
     /// The registrar as a Request-URI: `sip:host[:port]`.
     pub fn registrar_uri(&self) -> String {
-        if self.registrar.starts_with("sip:") {
+        if self.registrar.starts_with("sip:") || self.registrar.starts_with("sips:") {
             self.registrar.clone()
         } else {
             format!("sip:{}", self.registrar)
@@ -433,6 +456,11 @@ impl SipRegistration {
     /// Whether it uses TCP.
     pub fn is_tcp(&self) -> bool {
         self.transport.eq_ignore_ascii_case("tcp")
+    }
+
+    /// Whether it uses TLS.
+    pub fn is_tls(&self) -> bool {
+        self.transport.eq_ignore_ascii_case("tls")
     }
 
     fn validate(&self, index: usize) -> Result<(), ConfigError> {
@@ -456,9 +484,9 @@ impl SipRegistration {
                 self.expiry
             ));
         }
-        if !(self.transport.eq_ignore_ascii_case("udp") || self.is_tcp()) {
+        if !(self.transport.eq_ignore_ascii_case("udp") || self.is_tcp() || self.is_tls()) {
             return invalid(format!(
-                "transport must be \"udp\" or \"tcp\", got {:?}",
+                "transport must be \"udp\", \"tcp\" or \"tls\", got {:?}",
                 self.transport
             ));
         }
@@ -466,7 +494,7 @@ impl SipRegistration {
             return invalid("username must not be empty".into());
         }
         if let Some(proxy) = &self.outbound_proxy {
-            if sip_host_port(proxy).is_none() {
+            if sip_host_port(proxy, 5060).is_none() {
                 return invalid(format!(
                     "outbound_proxy must be sip:host[:port] or host[:port], got {proxy:?}"
                 ));
@@ -531,6 +559,11 @@ impl Default for SipConfig {
                 .map(|c| c.encoding_name().to_owned())
                 .collect(),
             registrations: Vec::new(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_verify: true,
         }
     }
 }
@@ -602,7 +635,9 @@ impl SipConfig {
     /// Refuses a SIP listener that anyone on a network could call unchecked: a `listen`
     /// address that is not loopback with neither an `allow` list nor `accounts`.
     pub fn check_exposure(&self) -> Result<(), ConfigError> {
-        if self.listen.ip().is_loopback() || self.allow.is_some() || !self.accounts.is_empty() {
+        let loopback =
+            self.listen.ip().is_loopback() && self.tls_listen.is_none_or(|a| a.ip().is_loopback());
+        if loopback || self.allow.is_some() || !self.accounts.is_empty() {
             return Ok(());
         }
         Err(ConfigError::Invalid(format!(
@@ -611,7 +646,10 @@ impl SipConfig {
              under [sip] to the networks of your trunks and PBXs, add [[sip.accounts]] with a \
              username and password that callers must authenticate with, or set \
              `allow = [\"0.0.0.0/0\", \"::/0\"]` to take calls from anywhere",
-            self.listen
+            match self.tls_listen {
+                Some(tls) if self.listen.ip().is_loopback() => tls,
+                _ => self.listen,
+            }
         )))
     }
 
@@ -1032,6 +1070,16 @@ impl Config {
                     "sip.realm must be non-empty, without quotes or backslashes".into(),
                 );
             }
+            if sip.tls_listen.is_some()
+                && (sip.tls_cert.is_none() || sip.tls_key.is_none())
+                && self.tls.is_none()
+            {
+                return invalid(
+                    "sip.tls_listen needs a certificate and key: set sip.tls_cert and \
+                     sip.tls_key, or [tls] cert and key"
+                        .into(),
+                );
+            }
             sip.check_exposure()?;
         }
         Ok(())
@@ -1121,8 +1169,9 @@ impl ConnectorConfig {
             );
         for (field, destination) in destinations {
             let d = destination.trim();
-            let is_sip = d.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("sip:"));
-            if d.is_empty() || (is_sip && d[4..].trim().is_empty()) {
+            let scheme = crate::net::sip_scheme_len(d);
+            let is_sip = scheme.is_some();
+            if d.is_empty() || scheme.is_some_and(|n| d[n..].trim().is_empty()) {
                 return invalid(format!(
                     "{field} of connector {} is an empty address ({destination:?})",
                     self.uuid

@@ -182,7 +182,8 @@ impl Server {
         let sip = match config.sip.clone() {
             Some(sip) => {
                 let addr = sip.listen;
-                let bound = net::sip::bind(sip, &tasks, &shutdown, &metrics)
+                let sip_tls = net::sip::tls::load(&sip, config.tls.as_ref())?;
+                let bound = net::sip::bind(sip, sip_tls, &tasks, &shutdown, &metrics)
                     .await
                     .map_err(|source| StartError::SipBind { addr, source })?;
                 networks = networks.with(bound.network());
@@ -221,6 +222,7 @@ impl Server {
                 message,
             });
         }
+        let sip_tls_addr = sip.as_ref().and_then(net::sip::BoundSip::tls_local);
         let sip_addr = sip.map(|bound| bound.start(&shared));
         let shutdown = shared.shutdown.clone();
         let app = router(shared.clone(), phones);
@@ -243,6 +245,7 @@ impl Server {
         Ok(RunningServer {
             local_addr,
             sip_addr,
+            sip_tls_addr,
             base_url,
             shutdown,
             shared: running,
@@ -258,6 +261,7 @@ impl Server {
 pub struct RunningServer {
     local_addr: SocketAddr,
     sip_addr: Option<SocketAddr>,
+    sip_tls_addr: Option<SocketAddr>,
     base_url: String,
     shutdown: CancellationToken,
     shared: Arc<state::Shared>,
@@ -275,6 +279,11 @@ impl RunningServer {
     /// The bound SIP address (UDP and TCP), when `[sip]` is configured.
     pub fn sip_addr(&self) -> Option<SocketAddr> {
         self.sip_addr
+    }
+
+    /// The bound SIP over TLS address, when `[sip] tls_listen` is set.
+    pub fn sip_tls_addr(&self) -> Option<SocketAddr> {
+        self.sip_tls_addr
     }
 
     /// WebSocket base URL, e.g. `ws://127.0.0.1:8080`; SDKs take it as `base_url`.

@@ -38,12 +38,15 @@ pub fn fingerprint(cert: &[u8]) -> String {
 
 impl crate::config::Config {
     /// Loads the files the configuration names as the server will: the listener's
-    /// certificate, key and client CAs (as `serve` does at start), and opens the cluster's
+    /// certificate, key and client CAs (as `serve` does at start), SIP over TLS's, and opens the cluster's
     /// credentials and TLS files. For `telcoflow check`, so that a missing or unusable file
     /// is found before `serve` starts.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         if let Some(tls) = &self.tls {
             server_config(tls)?;
+        }
+        if let Some(sip) = &self.sip {
+            crate::net::sip::tls::load(sip, self.tls.as_ref())?;
         }
         if let Some(c) = &self.cluster {
             for (what, path) in [
@@ -64,33 +67,57 @@ impl crate::config::Config {
 }
 
 fn invalid(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Invalid(format!("tls.{what} {}: {e}", path.display()))
+    ConfigError::Invalid(format!("{what} {}: {e}", path.display()))
+}
+
+/// The certificate chain in the PEM file `path`, the value of config key `what`.
+pub(crate) fn load_certs(
+    what: &str,
+    path: &std::path::Path,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| invalid(what, path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid(what, path, e))?;
+    if certs.is_empty() {
+        return Err(invalid(what, path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+/// The private key in the PEM file `path`, the value of config key `what`.
+pub(crate) fn load_key(
+    what: &str,
+    path: &std::path::Path,
+) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| invalid(what, path, e))
+}
+
+/// The CA certificates in the PEM file `path`, the value of config key `what`.
+pub(crate) fn load_roots(what: &str, path: &std::path::Path) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| invalid(what, path, e))? {
+        let cert = cert.map_err(|e| invalid(what, path, e))?;
+        roots.add(cert).map_err(|e| invalid(what, path, e))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid(what, path, "no certificate in the file"));
+    }
+    Ok(roots)
 }
 
 /// Builds the rustls server configuration from `[tls]`.
 pub(crate) fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
-        .map_err(|e| invalid("cert", &tls.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| invalid("cert", &tls.cert, e))?;
-    if certs.is_empty() {
-        return Err(invalid("cert", &tls.cert, "no certificate in the file"));
-    }
-    let key = PrivateKeyDer::from_pem_file(&tls.key).map_err(|e| invalid("key", &tls.key, e))?;
+    let certs = load_certs("tls.cert", &tls.cert)?;
+    let key = load_key("tls.key", &tls.key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ClientCertVerifier> = match &tls.client_ca {
         Some(path) => {
-            let mut roots = RootCertStore::empty();
-            for cert in
-                CertificateDer::pem_file_iter(path).map_err(|e| invalid("client_ca", path, e))?
-            {
-                let cert = cert.map_err(|e| invalid("client_ca", path, e))?;
-                roots.add(cert).map_err(|e| invalid("client_ca", path, e))?;
-            }
+            let roots = load_roots("tls.client_ca", path)?;
             WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()
                 .build()
-                .map_err(|e| invalid("client_ca", path, e))?
+                .map_err(|e| invalid("tls.client_ca", path, e))?
         }
         None => Arc::new(PinnedClientCerts {
             provider: provider.clone(),

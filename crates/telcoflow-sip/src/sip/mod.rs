@@ -1,6 +1,6 @@
 //! SIP signalling building blocks, all sans-IO (no sockets, no clock reads, no spawning).
 //!
-//! A transport task (in the Telcoflow server: its SIP endpoint) owns the UDP/TCP sockets,
+//! A transport task (in the Telcoflow server: its SIP endpoint) owns the UDP/TCP/TLS sockets,
 //! feeds datagrams or stream bytes and the current time into these types, and sends what they
 //! ask it to send.
 //!
@@ -37,17 +37,21 @@ pub enum Transport {
     Udp,
     /// TCP (reliable). Send on the connection from `destination`.
     Tcp,
+    /// TLS over TCP (reliable, `SIP/2.0/TLS`). Send on the TLS connection from `destination`.
+    Tls,
 }
 
 impl Transport {
     pub(crate) fn reliable(self) -> bool {
-        self == Self::Tcp
+        matches!(self, Self::Tcp | Self::Tls)
     }
 
-    pub(crate) fn via_name(self) -> &'static str {
+    /// Its name in a Via header: `UDP`, `TCP`, `TLS`.
+    pub fn via_name(self) -> &'static str {
         match self {
             Self::Udp => "UDP",
             Self::Tcp => "TCP",
+            Self::Tls => "TLS",
         }
     }
 }

@@ -254,6 +254,21 @@ impl Registration {
         }
     }
 
+    /// The connection to the registrar could not be opened (TCP/TLS: refused, or the TLS
+    /// handshake failed, as when its certificate is not trusted): the REGISTER on its way
+    /// fails at once with 503 (RFC 3261 8.1.3.1) and `reason`, and is retried later like any
+    /// failure; an un-REGISTER ends the registration.
+    pub fn transport_failed(&mut self, reason: &str, now: Instant) {
+        if self.tx.take().is_none() {
+            return;
+        }
+        if self.tx_unregisters {
+            self.set_state(RegistrationState::Unregistered);
+        } else {
+            self.on_failure(503, reason, None, now);
+        }
+    }
+
     /// Handles one received message for this registration (responses to our REGISTERs;
     /// anything else is ignored).
     pub fn handle_input(&mut self, bytes: &[u8], now: Instant) {
@@ -629,6 +644,27 @@ mod tests {
             t0 + Duration::from_secs(240),
         );
         assert_eq!(reg.poll_timeout(), Some(t0 + Duration::from_secs(240 + 15)));
+    }
+
+    #[test]
+    fn a_connection_that_cannot_open_fails_the_attempt_with_its_reason() {
+        let t0 = Instant::now();
+        let mut reg = Registration::new(config(), 1, t0);
+        let _ = sent(&mut reg);
+        let _ = states(&mut reg);
+        reg.transport_failed("TLS: certificate not trusted", t0);
+        match states(&mut reg).as_slice() {
+            [RegistrationState::Failed { status, reason, .. }] => {
+                assert_eq!(*status, 503);
+                assert_eq!(reason, "TLS: certificate not trusted");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing was on its way any more: a second report changes nothing, and the retry
+        // comes later.
+        reg.transport_failed("again", t0);
+        assert!(states(&mut reg).is_empty());
+        assert!(reg.poll_timeout().is_some_and(|t| t > t0));
     }
 
     #[test]

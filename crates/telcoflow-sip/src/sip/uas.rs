@@ -380,6 +380,9 @@ struct Call {
     route_set: Vec<String>,
     peer: SocketAddr,
     transport: Transport,
+    /// The INVITE's Request-URI was `sips:`: our Contact in the dialog is `sips:` too
+    /// (RFC 3261 8.1.1.8).
+    secure: bool,
     local_cseq: u32,
     invite_key: TransactionKey,
     invite_cseq: u32,
@@ -480,6 +483,8 @@ pub struct Uas {
     client: HashMap<TransactionKey, ClientEntry>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<UasEvent>,
+    /// Our Contact URI and Via sent-by on the TLS listener ([`Uas::set_tls`]).
+    tls: Option<(String, String)>,
 }
 
 impl Uas {
@@ -496,7 +501,17 @@ impl Uas {
             client: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            tls: None,
         }
+    }
+
+    /// Takes calls over TLS too: `contact` is our Contact URI on the TLS listener (e.g.
+    /// `sip:telcoflow@203.0.113.1:5061`, no `transport` parameter) and `sent_by` its
+    /// `host:port`. A call that came over TLS gets it with `;transport=tls`, or as a `sips:`
+    /// URI when its INVITE was for a `sips:` URI; our requests in its dialog name `sent_by`
+    /// in their Via.
+    pub fn set_tls(&mut self, contact: String, sent_by: String) {
+        self.tls = Some((contact, sent_by));
     }
 
     /// The next datagram or stream write.
@@ -1043,6 +1058,10 @@ impl Uas {
                 route_set,
                 peer: source,
                 transport,
+                secure: request
+                    .uri
+                    .get(..5)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("sips:")),
                 local_cseq: self.rng.random_range(1..10_000),
                 invite_key: key,
                 invite_cseq: cseq.seq,
@@ -1233,16 +1252,20 @@ impl Uas {
 
     /// Our Contact for a call's dialog: over TCP it says so (`;transport=tcp`), so that the
     /// peer sends its requests in the dialog over TCP too (RFC 3261 19.1.1; a URI without the
-    /// parameter means UDP).
+    /// parameter means UDP); over TLS it is the TLS listener's, with `;transport=tls` or as a
+    /// `sips:` URI (RFC 5630) when the caller called a `sips:` URI.
     fn contact_for(&self, handle: CallHandle) -> String {
-        let tcp = self
-            .calls
-            .get(&handle)
-            .is_some_and(|c| c.transport == Transport::Tcp);
-        if tcp && !self.config.contact.contains(";transport=") {
-            format!("<{};transport=tcp>", self.config.contact)
-        } else {
-            format!("<{}>", self.config.contact)
+        let call = self.calls.get(&handle);
+        match (call.map(|c| (c.transport, c.secure)), &self.tls) {
+            (Some((Transport::Tls, true)), Some((tls, _))) => {
+                let rest = tls.strip_prefix("sip:").unwrap_or(tls);
+                format!("<sips:{rest}>")
+            }
+            (Some((Transport::Tls, false)), Some((tls, _))) => format!("<{tls};transport=tls>"),
+            (Some((Transport::Tcp, _)), _) if !self.config.contact.contains(";transport=") => {
+                format!("<{};transport=tcp>", self.config.contact)
+            }
+            _ => format!("<{}>", self.config.contact),
         }
     }
 
@@ -1805,7 +1828,10 @@ impl Uas {
             format!(
                 "SIP/2.0/{} {};branch={branch};rport",
                 call.transport.via_name(),
-                self.config.sent_by
+                match (&self.tls, call.transport) {
+                    (Some((_, tls_sent_by)), Transport::Tls) => tls_sent_by,
+                    _ => &self.config.sent_by,
+                }
             ),
         );
         req.headers.push("Max-Forwards", "70");
@@ -2727,6 +2753,73 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             ok.headers.get("Contact"),
             Some("<sip:telcoflow@203.0.113.1:5060;transport=tcp>")
         );
+    }
+
+    #[test]
+    fn a_call_over_tls_gets_the_tls_contact_and_our_bye_says_tls() {
+        // (Request-URI, the Contact we answer with.)
+        let cases = [
+            (
+                "sip:+15550100@203.0.113.1",
+                "<sip:telcoflow@203.0.113.1:5061;transport=tls>",
+            ),
+            (
+                "sips:+15550100@203.0.113.1",
+                "<sips:telcoflow@203.0.113.1:5061>",
+            ),
+        ];
+        for (uri, contact) in cases {
+            let mut h = Harness::new();
+            h.uas.set_tls(
+                "sip:telcoflow@203.0.113.1:5061".into(),
+                "203.0.113.1:5061".into(),
+            );
+            let invite = Req::new("INVITE", "inv1", 1)
+                .body(offer_sdp("0", "sendrecv"))
+                .text()
+                .replacen("sip:+15550100@203.0.113.1", uri, 1)
+                .replace("SIP/2.0/UDP", "SIP/2.0/TLS");
+            h.uas.handle_input(
+                Transport::Tls,
+                PHONE.parse().unwrap(),
+                invite.as_bytes(),
+                h.now,
+            );
+            let call = match h.events().as_slice() {
+                [UasEvent::IncomingCall(ic)] => ic.call,
+                other => panic!("{other:?}"),
+            };
+            let media = h.media();
+            h.uas
+                .handle_action(call, UasAction::Answer { media }, h.now)
+                .unwrap();
+            let sent: Vec<Message> = std::iter::from_fn(|| h.uas.poll_transmit())
+                .map(|t| {
+                    assert_eq!(t.transport, Transport::Tls);
+                    Message::parse(&t.payload).unwrap()
+                })
+                .collect();
+            let ok = sent
+                .iter()
+                .find_map(|m| match m {
+                    Message::Response(r) if r.status == 200 => Some(r),
+                    _ => None,
+                })
+                .expect("a 200");
+            assert_eq!(ok.headers.get("Contact"), Some(contact), "{uri}");
+            let tag = ok.header_to().unwrap().tag().unwrap().to_owned();
+            h.feed(&Req::new("ACK", "ack1", 1).tag(&tag));
+            h.uas.handle_action(call, UasAction::Hangup, h.now).unwrap();
+            let bye = std::iter::from_fn(|| h.uas.poll_transmit())
+                .find_map(|t| match Message::parse(&t.payload).unwrap() {
+                    Message::Request(r) if r.method == Method::Bye => Some((t.transport, r)),
+                    _ => None,
+                })
+                .expect("a BYE");
+            assert_eq!(bye.0, Transport::Tls);
+            let via = bye.1.headers.get("Via").unwrap();
+            assert!(via.starts_with("SIP/2.0/TLS 203.0.113.1:5061;"), "{via}");
+        }
     }
 
     #[test]

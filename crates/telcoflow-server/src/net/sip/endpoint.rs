@@ -14,7 +14,12 @@
 //! `tcp_max_connections_per_ip` accepted from one source address (IPv6: one /64); a partial message
 //! must complete within `tcp_message_timeout_secs`, and a connection with no traffic for
 //! `tcp_idle_timeout_secs` is closed unless an incoming call signalled over it is still up
-//! (our BYE must be able to reach the phone). Accept errors (no file descriptors left) pause
+//! (our BYE must be able to reach the phone). SIP over TLS (`[sip] tls_listen`, and the
+//! connections we open for `sips:` / `;transport=tls` destinations) runs the same connection
+//! code over a TLS stream, under the same limits (they count TCP and TLS connections
+//! together); its handshake must complete within `tcp_message_timeout_secs`. A connection we
+//! open that fails (refused, or a certificate not trusted) fails at once the outgoing calls
+//! and registrations waiting on it, with the reason. Accept errors (no file descriptors left) pause
 //! accepting with a growing delay and are logged at most once per 10 s ([`AcceptBackoff`], as the HTTP listener does).
 
 use super::admission::Admission;
@@ -22,6 +27,7 @@ use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
 use super::ports::MediaEnv;
 use super::registrations::{Prepared, Registrations};
 use super::rtp_leg::{self, Direction, LegParams};
+use super::tls::{SipTls, server_name};
 use crate::call::{self, LegId};
 use crate::listener::{AcceptBackoff, source_address};
 use crate::metrics::QueueKind;
@@ -32,12 +38,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
-use telcoflow_sip::sip::message::{Message, SipHeaders as _};
+use telcoflow_sip::sip::message::{Message, SipHeaders as _, SipUri};
 use telcoflow_sip::sip::stream::{StreamDecoder, StreamItem};
 use telcoflow_sip::sip::uac::{OutgoingCall, UacEvent};
 use telcoflow_sip::sip::uas::{self, IncomingCall, Refusal, Uas, UasAction, UasEvent};
 use telcoflow_sip::sip::{Transmit, Transport};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -48,6 +54,8 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 const TCP_INBOX: usize = 256;
 /// Messages queued towards one TCP connection.
 const TCP_OUTBOX: usize = 64;
+/// A stream connection: its transport (TCP or TLS) and its peer.
+type ConnKey = (Transport, SocketAddr);
 /// How long opening a TCP connection for an outgoing call may take.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// On shutdown, how long BYEs (and CANCELs) are retransmitted while their answers are
@@ -70,6 +78,11 @@ pub(super) struct TcpLimits {
 pub(super) struct Bound {
     pub(super) udp: UdpSocket,
     pub(super) tcp: TcpListener,
+    /// The SIP over TLS listener, if `tls_listen` is set.
+    pub(super) tls_listener: Option<TcpListener>,
+    pub(super) tls: SipTls,
+    /// Where the TLS listener is bound.
+    pub(super) tls_local: Option<SocketAddr>,
     pub(super) local: SocketAddr,
     pub(super) uas: Uas,
     pub(super) admission: Admission,
@@ -98,6 +111,8 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         outgoing: HashMap::new(),
         by_call_id: HashMap::new(),
         tcp_conns: HashMap::new(),
+        tls: bound.tls,
+        tls_names: HashMap::new(),
         tcp_per_source: HashMap::new(),
         tcp_calls: HashMap::new(),
         next_conn: 0,
@@ -112,20 +127,24 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
     };
     shared.tasks.spawn(
         endpoint
-            .run(bound.tcp, tcp_rx, bound.command_rx)
+            .run(bound.tcp, bound.tls_listener, tcp_rx, bound.command_rx)
             .instrument(info_span!("sip", %local)),
     );
 }
 
-/// Something a TCP reader task passes to the endpoint.
+/// Something a TCP or TLS connection's task passes to the endpoint.
 enum TcpInput {
-    Message(SocketAddr, bytes::Bytes),
-    Closed(SocketAddr, u64),
+    Message(ConnKey, bytes::Bytes),
+    /// The connection is closed; with a reason when one we opened could not be (connect
+    /// or TLS handshake failed).
+    Closed(ConnKey, u64, Option<String>),
 }
 
 struct Outgoing {
     call: OutgoingCall,
     events: mpsc::Sender<SipEvent>,
+    /// Where its requests go.
+    conn: ConnKey,
 }
 
 struct Endpoint {
@@ -143,8 +162,12 @@ struct Endpoint {
     outgoing: HashMap<u64, Outgoing>,
     /// SIP Call-ID -> outgoing key.
     by_call_id: HashMap<String, u64>,
-    /// Open TCP connections by peer.
-    tcp_conns: HashMap<SocketAddr, TcpConn>,
+    /// Open TCP and TLS connections by transport and peer.
+    tcp_conns: HashMap<ConnKey, TcpConn>,
+    tls: SipTls,
+    /// The host names dialled over TLS by address: the name the peer's certificate must
+    /// carry when a connection to that address is opened.
+    tls_names: HashMap<SocketAddr, String>,
     /// Accepted TCP connections in `tcp_conns` per [`source_address`].
     tcp_per_source: HashMap<IpAddr, usize>,
     /// Incoming calls signalled over a TCP connection: its count of live calls, which keeps
@@ -160,6 +183,7 @@ impl Endpoint {
     async fn run(
         mut self,
         tcp: TcpListener,
+        tls_listener: Option<TcpListener>,
         mut tcp_rx: mpsc::Receiver<TcpInput>,
         mut cmd_rx: mpsc::Receiver<Command>,
     ) {
@@ -185,12 +209,26 @@ impl Endpoint {
                 r = tcp.accept(), if accept_resume.is_none() => match r {
                     Ok((stream, peer)) => {
                         accept_backoff.on_success();
-                        self.add_tcp(stream, peer);
+                        self.add_tcp(stream, (Transport::Tcp, peer));
                     }
                     Err(e) => {
                         let (pause, log) = accept_backoff.on_error(Instant::now());
                         if let Some(suppressed) = log {
                             warn!(error = %e, pause_ms = pause.as_millis() as u64, suppressed, "SIP TCP accept failed; pausing accepts");
+                        }
+                        accept_resume = Some(Instant::now() + pause);
+                    }
+                },
+                // Cancel-safe: accept loses nothing. Off while paused after an error.
+                r = accept_tls(tls_listener.as_ref()), if accept_resume.is_none() => match r {
+                    Ok((stream, peer)) => {
+                        accept_backoff.on_success();
+                        self.add_tcp(stream, (Transport::Tls, peer));
+                    }
+                    Err(e) => {
+                        let (pause, log) = accept_backoff.on_error(Instant::now());
+                        if let Some(suppressed) = log {
+                            warn!(error = %e, pause_ms = pause.as_millis() as u64, suppressed, "SIP TLS accept failed; pausing accepts");
                         }
                         accept_resume = Some(Instant::now() + pause);
                     }
@@ -209,6 +247,7 @@ impl Endpoint {
             self.drain().await;
         }
         drop(tcp);
+        drop(tls_listener);
         self.hang_up_all(&mut buf, &mut tcp_rx).await;
         self.tcp_stop.cancel();
         debug!("SIP endpoint stopped");
@@ -216,15 +255,40 @@ impl Endpoint {
 
     fn on_tcp_input(&mut self, input: TcpInput) {
         match input {
-            TcpInput::Message(peer, bytes) => self.on_message(Transport::Tcp, peer, &bytes),
-            TcpInput::Closed(peer, id) => {
+            TcpInput::Message((transport, peer), bytes) => {
+                self.on_message(transport, peer, &bytes);
+            }
+            TcpInput::Closed(key, id, failure) => {
                 // A newer connection to the same peer may have replaced this one.
-                if self.tcp_conns.get(&peer).is_some_and(|c| c.id == id) {
-                    let conn = self.tcp_conns.remove(&peer);
+                if self.tcp_conns.get(&key).is_some_and(|c| c.id == id) {
+                    let conn = self.tcp_conns.remove(&key);
                     self.forget_tcp(conn);
+                    if let Some(reason) = failure {
+                        self.connection_failed(key, &reason);
+                    }
                 }
             }
         }
+    }
+
+    /// A connection we opened to `key` failed: the outgoing calls that were to use it fail
+    /// with `reason` (rather than after 64·T1 without an answer), as do the REGISTERs on
+    /// their way there.
+    fn connection_failed(&mut self, key: ConnKey, reason: &str) {
+        let failed: Vec<u64> = self
+            .outgoing
+            .iter()
+            .filter(|(_, o)| o.conn == key)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in failed {
+            if let Some(o) = self.outgoing.remove(&k) {
+                self.by_call_id.remove(o.call.call_id());
+                let _ = o.events.try_send(SipEvent::Unreachable(reason.to_owned()));
+            }
+        }
+        self.registrations
+            .transport_failed(key, reason, Self::now());
     }
 
     /// On shutdown: BYE (or a final response, or CANCEL) for every call, retransmitted by
@@ -425,9 +489,16 @@ impl Endpoint {
                 media,
                 events,
             } => {
+                let conn = (config.transport, config.destination);
+                if config.transport == Transport::Tls {
+                    // The certificate must name the host dialled.
+                    if let Ok(uri) = SipUri::parse(&config.target) {
+                        self.tls_names.insert(config.destination, uri.host);
+                    }
+                }
                 let call = OutgoingCall::new(*config, media, rand::random(), now);
                 self.by_call_id.insert(call.call_id().to_owned(), key);
-                self.outgoing.insert(key, Outgoing { call, events });
+                self.outgoing.insert(key, Outgoing { call, events, conn });
             }
             Command::Gone(LegKey::In(call)) => self.forget_leg(call),
             Command::Gone(LegKey::Out(_)) => {
@@ -512,16 +583,18 @@ impl Endpoint {
                     debug!(error = %e, to = %t.destination, "SIP UDP send failed");
                 }
             }
-            Transport::Tcp => {
-                let tx = match self.tcp_conns.get(&t.destination) {
+            Transport::Tcp | Transport::Tls => {
+                let key = (t.transport, t.destination);
+                let tx = match self.tcp_conns.get(&key) {
                     Some(conn) => conn.tx.clone(),
-                    // Only an outgoing call sends first over TCP: open the connection. (A
-                    // response whose connection is gone is lost either way.)
-                    None => self.spawn_tcp(t.destination, TcpOrigin::Connect),
+                    // Only an outgoing call or a registration sends first over TCP or TLS:
+                    // open the connection. (A response whose connection is gone is lost
+                    // either way.)
+                    None => self.spawn_tcp(key, TcpOrigin::Connect),
                 };
                 if tx.try_send(t.payload).is_err() {
                     self.shared.metrics.overflow(QueueKind::Sip).inc();
-                    warn!(to = %t.destination, "SIP TCP connection not draining; message dropped");
+                    warn!(to = %t.destination, transport = t.transport.via_name(), "SIP stream connection not draining; message dropped");
                 }
             }
         }
@@ -636,7 +709,10 @@ impl Endpoint {
         match task {
             Ok(task) => {
                 self.legs.insert(call, events_tx);
-                if let Some(conn) = self.tcp_conns.get(&incoming.source) {
+                let conn = [Transport::Tcp, Transport::Tls]
+                    .into_iter()
+                    .find_map(|t| self.tcp_conns.get(&(t, incoming.source)));
+                if let Some(conn) = conn {
                     conn.calls.fetch_add(1, Ordering::Relaxed);
                     self.tcp_calls.insert(call, conn.calls.clone());
                 }
@@ -655,22 +731,24 @@ impl Endpoint {
 
     /// Takes an accepted connection, or closes it at once (by dropping `stream`) when its
     /// source is outside `[sip] allow` or a connection cap is reached.
-    fn add_tcp(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn add_tcp(&mut self, stream: TcpStream, key: ConnKey) {
+        let (transport, peer) = key;
+        let name = transport.via_name();
         if !self.admission.allows(peer.ip()) {
-            debug!(%peer, "SIP TCP connection refused: source outside sip.allow");
+            debug!(%peer, "SIP {name} connection refused: source outside sip.allow");
             return;
         }
         if self.tcp_conns.len() >= self.tcp_limits.max_connections {
-            debug!(%peer, max = self.tcp_limits.max_connections, "SIP TCP connection refused: at the connection limit");
+            debug!(%peer, max = self.tcp_limits.max_connections, "SIP {name} connection refused: at the connection limit");
             return;
         }
         let source = source_address(peer.ip());
         let max_per_source = self.tcp_limits.max_connections_per_ip;
         if self.tcp_per_source.get(&source).copied().unwrap_or(0) >= max_per_source {
-            debug!(%peer, max = max_per_source, "SIP TCP connection refused: at the limit for its source address");
+            debug!(%peer, max = max_per_source, "SIP {name} connection refused: at the limit for its source address");
             return;
         }
-        self.spawn_tcp(peer, TcpOrigin::Accepted(stream));
+        self.spawn_tcp(key, TcpOrigin::Accepted(stream));
     }
 
     /// Gives back the place of a connection no longer in `tcp_conns` under the per-source cap.
@@ -686,10 +764,11 @@ impl Endpoint {
         }
     }
 
-    /// Starts the task of one TCP connection (accepted, or to be opened to `peer` for an
-    /// outgoing call) and returns the queue of what to write on it.
-    fn spawn_tcp(&mut self, peer: SocketAddr, origin: TcpOrigin) -> mpsc::Sender<Vec<u8>> {
-        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(TCP_OUTBOX);
+    /// Starts the task of one TCP or TLS connection (accepted, or to be opened to the peer
+    /// for an outgoing call or a registration) and returns the queue of what to write on it.
+    fn spawn_tcp(&mut self, key: ConnKey, origin: TcpOrigin) -> mpsc::Sender<Vec<u8>> {
+        let (transport, peer) = key;
+        let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(TCP_OUTBOX);
         self.next_conn += 1;
         let id = self.next_conn;
         let calls = Arc::new(AtomicUsize::new(0));
@@ -698,7 +777,7 @@ impl Endpoint {
             *self.tcp_per_source.entry(source).or_default() += 1;
         }
         let replaced = self.tcp_conns.insert(
-            peer,
+            key,
             TcpConn {
                 id,
                 tx: out_tx.clone(),
@@ -708,10 +787,24 @@ impl Endpoint {
         );
         // The replaced connection's own `Closed` will not match: it leaves the count now.
         self.forget_tcp(replaced);
-        let inbox = self.tcp_tx.clone();
-        let stop = self.tcp_stop.clone();
-        let limits = self.tcp_limits;
-        let pings = out_tx.clone();
+        let conn = Conn {
+            key,
+            id,
+            inbox: self.tcp_tx.clone(),
+            stop: self.tcp_stop.clone(),
+            limits: self.tcp_limits,
+            pings: out_tx.clone(),
+            out_rx,
+            calls,
+        };
+        let tls = self.tls.clone();
+        // The name the peer's certificate must carry: the host dialled, else its address.
+        let tls_name = self
+            .tls_names
+            .get(&peer)
+            .cloned()
+            .unwrap_or_else(|| peer.ip().to_string());
+        let accepted = matches!(origin, TcpOrigin::Accepted(_));
         let task = async move {
             let stream = match origin {
                 TcpOrigin::Accepted(stream) => stream,
@@ -721,97 +814,177 @@ impl Endpoint {
                     match connect.await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
-                            warn!(%peer, error = %e, "SIP TCP connect failed");
-                            let _ = inbox.send(TcpInput::Closed(peer, id)).await;
-                            return;
+                            let reason = format!("connection to {peer} failed: {e}");
+                            warn!(%peer, "SIP {}: {reason}", transport.via_name());
+                            return conn.close(Some(reason)).await;
                         }
                         Err(_) => {
-                            warn!(%peer, "SIP TCP connect timed out");
-                            let _ = inbox.send(TcpInput::Closed(peer, id)).await;
-                            return;
+                            let reason = format!("connection to {peer} timed out");
+                            warn!(%peer, "SIP {}: {reason}", transport.via_name());
+                            return conn.close(Some(reason)).await;
                         }
                     }
                 }
             };
-            let (mut rd, mut wr) = stream.into_split();
-            let mut decoder = StreamDecoder::new();
-            let mut buf = vec![0u8; 8192];
-            let mut last_activity = Instant::now();
-            // When the message now buffered began arriving.
-            let mut partial_since: Option<Instant> = None;
-            loop {
-                let idle_at = last_activity + limits.idle_timeout;
-                let deadline = partial_since
-                    .map_or(idle_at, |since| idle_at.min(since + limits.message_timeout));
-                tokio::select! {
-                    // Cancel-safe: only observes the token.
-                    () = stop.cancelled() => break,
-                    // Cancel-safe: a read either returns bytes or none were taken.
-                    r = rd.read(&mut buf) => {
-                        let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
-                        last_activity = Instant::now();
-                        decoder.extend(&buf[..n]);
-                        loop {
-                            match decoder.next_item() {
-                                Ok(Some(StreamItem::Message(m))) => {
-                                    partial_since = None;
-                                    if inbox.send(TcpInput::Message(peer, m)).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Ok(Some(StreamItem::Ping)) => {
-                                    let _ = pings.try_send(b"\r\n".to_vec());
-                                }
-                                Ok(Some(StreamItem::Pong)) => {}
-                                Ok(None) => break,
-                                Err(e) => {
-                                    debug!(%peer, error = %e, "SIP TCP stream unusable; closing");
-                                    let _ = inbox.send(TcpInput::Closed(peer, id)).await;
-                                    return;
-                                }
-                            }
-                        }
-                        if decoder.has_partial_message() {
-                            partial_since.get_or_insert(last_activity);
-                        } else {
-                            partial_since = None;
-                        }
-                    }
-                    // Cancel-safe: mpsc recv.
-                    Some(bytes) = out_rx.recv() => {
-                        let write = tokio::time::timeout(limits.message_timeout, wr.write_all(&bytes));
-                        if !matches!(write.await, Ok(Ok(()))) {
-                            debug!(%peer, "SIP TCP write failed or stalled; closing");
-                            break;
-                        }
-                        last_activity = Instant::now();
-                    }
-                    // Cancel-safe: recomputed every loop.
-                    () = tokio::time::sleep_until(deadline) => {
-                        if partial_since.is_some_and(|since| since + limits.message_timeout <= Instant::now()) {
-                            debug!(%peer, "SIP TCP message incomplete past its deadline; closing");
-                            break;
-                        }
-                        if calls.load(Ordering::Relaxed) > 0 {
-                            // Quiet, but a call signalled here is still up: keep it.
-                            last_activity = Instant::now();
-                            continue;
-                        }
-                        debug!(%peer, "SIP TCP connection idle; closing");
-                        break;
-                    }
-                }
+            if transport != Transport::Tls {
+                return conn.serve(stream).await;
             }
-            let _ = inbox.send(TcpInput::Closed(peer, id)).await;
+            // The handshake is held to the deadline of a message: a peer that opens a
+            // connection and stalls keeps it no longer than one sending a message slowly.
+            let deadline = conn.limits.message_timeout;
+            let handshake = if accepted {
+                let Some(acceptor) = tls.acceptor else {
+                    return conn.close(None).await;
+                };
+                tokio::time::timeout(deadline, acceptor.accept(stream))
+                    .await
+                    .map(|r| r.map(tokio_rustls::TlsStream::from))
+            } else {
+                let Some(name) = server_name(&tls_name) else {
+                    let reason = format!("{tls_name:?} is not a name a TLS certificate can carry");
+                    warn!(%peer, "SIP TLS: {reason}");
+                    return conn.close(Some(reason)).await;
+                };
+                tokio::time::timeout(deadline, tls.connector.connect(name, stream))
+                    .await
+                    .map(|r| r.map(tokio_rustls::TlsStream::from))
+            };
+            let reason = match handshake {
+                Ok(Ok(stream)) => return conn.serve(stream).await,
+                Ok(Err(e)) => format!("TLS handshake with {peer} ({tls_name}) failed: {e}"),
+                Err(_) => format!("TLS handshake with {peer} ({tls_name}) timed out"),
+            };
+            if accepted {
+                debug!(%peer, "SIP TLS: {reason}");
+                conn.close(None).await;
+            } else {
+                warn!(%peer, "SIP TLS: {reason}");
+                conn.close(Some(reason)).await;
+            }
         };
         self.shared
             .tasks
-            .spawn(task.instrument(info_span!("sip_tcp", %peer)));
+            .spawn(task.instrument(info_span!("sip_tcp", %peer, transport = transport.via_name())));
         out_tx
     }
 }
 
-/// An open TCP connection, as the endpoint sees it.
+/// Accepts on the TLS listener; without one, never returns.
+async fn accept_tls(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One TCP or TLS connection's task: what it reads goes to the endpoint, what the endpoint
+/// queues is written.
+struct Conn {
+    key: ConnKey,
+    id: u64,
+    inbox: mpsc::Sender<TcpInput>,
+    stop: CancellationToken,
+    limits: TcpLimits,
+    /// Our own queue, for answering keep-alive pings.
+    pings: mpsc::Sender<Vec<u8>>,
+    out_rx: mpsc::Receiver<Vec<u8>>,
+    /// Live incoming calls signalled over it.
+    calls: Arc<AtomicUsize>,
+}
+
+impl Conn {
+    /// Tells the endpoint the connection is gone (with why, if it never opened).
+    async fn close(self, failure: Option<String>) {
+        let _ = self
+            .inbox
+            .send(TcpInput::Closed(self.key, self.id, failure))
+            .await;
+    }
+
+    /// Reads messages off `stream` and writes the queued ones until the peer closes, a
+    /// deadline passes or the endpoint stops.
+    async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin>(mut self, stream: S) {
+        let (_, peer) = self.key;
+        let limits = self.limits;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut decoder = StreamDecoder::new();
+        let mut buf = vec![0u8; 8192];
+        let mut last_activity = Instant::now();
+        // When the message now buffered began arriving.
+        let mut partial_since: Option<Instant> = None;
+        loop {
+            let idle_at = last_activity + limits.idle_timeout;
+            let deadline =
+                partial_since.map_or(idle_at, |since| idle_at.min(since + limits.message_timeout));
+            tokio::select! {
+                // Cancel-safe: only observes the token.
+                () = self.stop.cancelled() => break,
+                // Cancel-safe: a read either returns bytes or none were taken (a TLS
+                // stream's read keeps what it decrypted in its buffer).
+                r = rd.read(&mut buf) => {
+                    let n = match r { Ok(0) | Err(_) => break, Ok(n) => n };
+                    last_activity = Instant::now();
+                    decoder.extend(&buf[..n]);
+                    loop {
+                        match decoder.next_item() {
+                            Ok(Some(StreamItem::Message(m))) => {
+                                partial_since = None;
+                                if self.inbox.send(TcpInput::Message(self.key, m)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(Some(StreamItem::Ping)) => {
+                                let _ = self.pings.try_send(b"\r\n".to_vec());
+                            }
+                            Ok(Some(StreamItem::Pong)) => {}
+                            Ok(None) => break,
+                            Err(e) => {
+                                debug!(%peer, error = %e, "SIP stream unusable; closing");
+                                return self.close(None).await;
+                            }
+                        }
+                    }
+                    if decoder.has_partial_message() {
+                        partial_since.get_or_insert(last_activity);
+                    } else {
+                        partial_since = None;
+                    }
+                }
+                // Cancel-safe: mpsc recv.
+                Some(bytes) = self.out_rx.recv() => {
+                    let write = async {
+                        wr.write_all(&bytes).await?;
+                        // TLS holds written records until flushed.
+                        wr.flush().await
+                    };
+                    let write = tokio::time::timeout(limits.message_timeout, write);
+                    if !matches!(write.await, Ok(Ok(()))) {
+                        debug!(%peer, "SIP stream write failed or stalled; closing");
+                        break;
+                    }
+                    last_activity = Instant::now();
+                }
+                // Cancel-safe: recomputed every loop.
+                () = tokio::time::sleep_until(deadline) => {
+                    if partial_since.is_some_and(|since| since + limits.message_timeout <= Instant::now()) {
+                        debug!(%peer, "SIP stream message incomplete past its deadline; closing");
+                        break;
+                    }
+                    if self.calls.load(Ordering::Relaxed) > 0 {
+                        // Quiet, but a call signalled here is still up: keep it.
+                        last_activity = Instant::now();
+                        continue;
+                    }
+                    debug!(%peer, "SIP stream connection idle; closing");
+                    break;
+                }
+            }
+        }
+        self.close(None).await;
+    }
+}
+
+/// An open TCP or TLS connection, as the endpoint sees it.
 struct TcpConn {
     /// Tells this connection from a later one with the same peer.
     id: u64,
@@ -823,10 +996,10 @@ struct TcpConn {
     source: Option<IpAddr>,
 }
 
-/// Where a TCP connection comes from.
+/// Where a TCP or TLS connection comes from.
 enum TcpOrigin {
-    /// A peer connected to our listener.
+    /// A peer connected to one of our listeners.
     Accepted(TcpStream),
-    /// We connect, to send an outgoing call's requests.
+    /// We connect, to send an outgoing call's or a registration's requests.
     Connect,
 }

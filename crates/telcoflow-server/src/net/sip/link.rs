@@ -61,6 +61,9 @@ pub(super) enum SipEvent {
     Answered(Negotiated),
     /// An outgoing call failed before the answer with this status.
     Failed(u16),
+    /// An outgoing call could not reach its destination: the connection (TCP, TLS) to it
+    /// failed, for this reason.
+    Unreachable(String),
     /// The call ended on the SIP side (BYE, CANCEL, lost ACK, our BYE completed).
     Ended,
     /// New media parameters (re-INVITE, hold).

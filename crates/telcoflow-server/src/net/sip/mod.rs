@@ -1,5 +1,6 @@
-//! The SIP edge: a SIP user agent (UDP and TCP on one port) that takes calls from phones and
-//! trunks, dials `sip:` destinations, and carries each call's audio over RTP.
+//! The SIP edge: a SIP user agent (UDP and TCP on one port, TLS on another) that takes calls
+//! from phones and trunks, dials `sip:` and `sips:` destinations, and carries each call's audio
+//! over RTP.
 //!
 //! - [`SipNetwork`]: the [`Network`] that rings `sip:` destinations.
 //! - `endpoint`: the task that owns the SIP sockets and drives the sans-IO user agents of
@@ -8,6 +9,7 @@
 //! - `admission`: who may start a call (allow list, INVITE rate per source, digest).
 //! - `link`: what the endpoint and the legs say to each other; `ports`: the RTP port range.
 //! - `registrations`: outbound registrations (`[[sip.registrations]]`) the endpoint runs.
+//! - `tls`: SIP over TLS: the listener's certificate, and the checks of the peers we dial.
 //!
 //! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
 //!
@@ -33,6 +35,7 @@ mod link;
 mod ports;
 mod registrations;
 mod rtp_leg;
+pub(crate) mod tls;
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{CallHandle, LegId, LegLink};
@@ -66,6 +69,8 @@ pub(crate) struct SipNetwork {
     /// `sip:telcoflow@host:port` of this endpoint.
     contact: String,
     sent_by: String,
+    /// `host:port` of the TLS listener, if there is one.
+    tls_sent_by: Option<String>,
     next_key: AtomicU64,
     /// Outbound registrations, for dialling through their registrars.
     registrations: Vec<registrations::Prepared>,
@@ -86,7 +91,19 @@ impl Network for SipNetwork {
             kind: AddressKind::Sip,
             address: uri.to_owned(),
         })?;
-        let port = parsed.port.unwrap_or(5060);
+        // `sips:` and `;transport=tls` go over TLS (RFC 3261 26.2.2; 5061 by default).
+        let transport = match parsed.params.get("transport") {
+            _ if parsed.scheme.eq_ignore_ascii_case("sips") => Transport::Tls,
+            Some(t) if t.eq_ignore_ascii_case("tls") => Transport::Tls,
+            Some(t) if t.eq_ignore_ascii_case("tcp") => Transport::Tcp,
+            _ => Transport::Udp,
+        };
+        let default_port = if transport == Transport::Tls {
+            5061
+        } else {
+            5060
+        };
+        let port = parsed.port.unwrap_or(default_port);
         // A literal address is used as is; a name is resolved by the leg task, so that the
         // call actor calling this never waits on DNS.
         let (destination, resolve) = match parsed.host.trim_matches(['[', ']']).parse::<IpAddr>() {
@@ -116,15 +133,6 @@ impl Network for SipNetwork {
             Some(proxy) => (proxy, None),
             None => (destination, resolve),
         };
-        let transport = if parsed
-            .params
-            .get("transport")
-            .is_some_and(|t| t.eq_ignore_ascii_case("tcp"))
-        {
-            Transport::Tcp
-        } else {
-            Transport::Udp
-        };
         let from_user = sip_user(&call.from);
         let sockets = self.media.bind().ok_or(RingError::NoMediaPort)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -137,12 +145,22 @@ impl Network for SipNetwork {
                 Some((_, p)) => p.register.aor.clone(),
                 None => format!("sip:{from_user}@{}", self.sent_by),
             },
-            // Over TCP our Contact says so, for the callee's requests in the dialog.
-            contact: match transport {
-                Transport::Tcp => format!("{};transport=tcp", self.contact),
-                Transport::Udp => self.contact.clone(),
+            // Over TCP and TLS our Contact says so, for the callee's requests in the
+            // dialog; over TLS it is our TLS listener when there is one (without one, the
+            // callee's requests come back on the connection we opened).
+            contact: match (transport, &self.tls_sent_by) {
+                (Transport::Tcp, _) => format!("{};transport=tcp", self.contact),
+                (Transport::Tls, Some(tls)) if parsed.scheme.eq_ignore_ascii_case("sips") => {
+                    format!("sips:telcoflow@{tls}")
+                }
+                (Transport::Tls, Some(tls)) => format!("sip:telcoflow@{tls};transport=tls"),
+                (Transport::Tls, None) => format!("{};transport=tls", self.contact),
+                (Transport::Udp, _) => self.contact.clone(),
             },
-            sent_by: self.sent_by.clone(),
+            sent_by: match (transport, &self.tls_sent_by) {
+                (Transport::Tls, Some(tls)) => tls.clone(),
+                _ => self.sent_by.clone(),
+            },
             credentials,
             timers: self.config.timers(),
             user_agent: USER_AGENT.into(),
@@ -219,10 +237,11 @@ pub(crate) struct BoundSip {
     endpoint: endpoint::Bound,
 }
 
-/// Binds the SIP sockets (UDP and TCP on one port) and prepares the endpoint. Leg tasks are
-/// spawned on `tasks` and stop with `shutdown`.
+/// Binds the SIP sockets (UDP and TCP on one port, the TLS listener if `tls_listen` is set)
+/// and prepares the endpoint. Leg tasks are spawned on `tasks` and stop with `shutdown`.
 pub(crate) async fn bind(
     config: SipConfig,
+    tls: tls::SipTls,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     metrics: &Arc<crate::metrics::Metrics>,
@@ -231,6 +250,17 @@ pub(crate) async fn bind(
     let admission = admission::Admission::new(&config, std::time::Instant::now())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let (udp, tcp, local) = bind_udp_tcp(config.listen).await?;
+    let tls_listener =
+        match config.tls_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("sip.tls_listen {addr}: {e}"))
+            })?),
+            None => None,
+        };
+    let tls_local = tls_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
     let (low, high) = config
         .rtp_port_range()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -248,7 +278,8 @@ pub(crate) async fn bind(
     }
     let sent_by = format!("{}:{}", host_literal(advertised), local.port());
     let contact = format!("sip:telcoflow@{sent_by}");
-    let prepared = registrations::prepare(&config, &sent_by, &sent_by)
+    let tls_sent_by = tls_local.map(|l| format!("{}:{}", host_literal(advertised), l.port()));
+    let prepared = registrations::prepare(&config, &sent_by, &sent_by, tls_sent_by.as_deref())
         .await
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let media = Arc::new(MediaEnv::new(
@@ -272,12 +303,13 @@ pub(crate) async fn bind(
         config,
         contact: contact.clone(),
         sent_by: sent_by.clone(),
+        tls_sent_by: tls_sent_by.clone(),
         registrations: prepared.clone(),
         next_key: AtomicU64::new(1),
         tasks: tasks.clone(),
         shutdown: shutdown.clone(),
     });
-    let uas = Uas::new(
+    let mut uas = Uas::new(
         UasConfig {
             contact,
             sent_by,
@@ -287,9 +319,15 @@ pub(crate) async fn bind(
         },
         rand::random(),
     );
+    if let Some(tls) = &tls_sent_by {
+        uas.set_tls(format!("sip:telcoflow@{tls}"), tls.clone());
+    }
     let endpoint = endpoint::Bound {
         udp,
         tcp,
+        tls_listener,
+        tls,
+        tls_local,
         local,
         uas,
         admission,
@@ -308,10 +346,18 @@ impl BoundSip {
         self.network.clone()
     }
 
+    /// Where the SIP over TLS listener is bound, if there is one.
+    pub(crate) fn tls_local(&self) -> Option<SocketAddr> {
+        self.endpoint.tls_local
+    }
+
     /// Starts the endpoint task, which takes incoming calls into `shared`. Returns the bound
     /// address.
     pub(crate) fn start(self, shared: &Arc<Shared>) -> SocketAddr {
         let local = self.endpoint.local;
+        if let Some(tls) = self.endpoint.tls_local {
+            info!(%tls, "SIP listening on tls");
+        }
         endpoint::spawn(shared, self.endpoint);
         info!(%local, "SIP listening on udp+tcp");
         local

@@ -36,6 +36,7 @@ pub(crate) async fn prepare(
     config: &SipConfig,
     sent_by: &str,
     advertised: &str,
+    tls_sent_by: Option<&str>,
 ) -> Result<Vec<Prepared>, String> {
     let mut out = Vec::with_capacity(config.registrations.len());
     for (i, r) in config.registrations.iter().enumerate() {
@@ -49,14 +50,20 @@ pub(crate) async fn prepare(
             .map_err(|e| format!("{at}: cannot resolve {host}:{port}: {e}"))?;
         let proxy = r.outbound_proxy.is_some().then_some(destination);
         let user = r.aor_user().unwrap_or_else(|| "telcoflow".into());
-        let transport = if r.is_tcp() {
+        let transport = if r.is_tls() {
+            Transport::Tls
+        } else if r.is_tcp() {
             Transport::Tcp
         } else {
             Transport::Udp
         };
-        let contact = match transport {
-            Transport::Tcp => format!("sip:{user}@{advertised};transport=tcp"),
-            Transport::Udp => format!("sip:{user}@{advertised}"),
+        let contact = match (transport, tls_sent_by) {
+            (Transport::Tcp, _) => format!("sip:{user}@{advertised};transport=tcp"),
+            // Over TLS our contact is the TLS listener, when there is one; without one,
+            // the registrar reaches us over the connection the REGISTER came on.
+            (Transport::Tls, Some(tls)) => format!("sip:{user}@{tls};transport=tls"),
+            (Transport::Tls, None) => format!("sip:{user}@{advertised};transport=tls"),
+            (Transport::Udp, _) => format!("sip:{user}@{advertised}"),
         };
         let route = match &r.outbound_proxy {
             Some(p) if p.starts_with("sip:") => vec![format!("<{p};lr>")],
@@ -71,7 +78,10 @@ pub(crate) async fn prepare(
                 destination,
                 transport,
                 route,
-                sent_by: sent_by.to_owned(),
+                sent_by: match (transport, tls_sent_by) {
+                    (Transport::Tls, Some(tls)) => tls.to_owned(),
+                    _ => sent_by.to_owned(),
+                },
                 credentials: credentials(r),
                 expires: Duration::from_secs(r.expiry),
                 timers: config.timers(),
@@ -137,6 +147,7 @@ impl Registrations {
                     transport: match r.config().transport {
                         Transport::Udp => "udp",
                         Transport::Tcp => "tcp",
+                        Transport::Tls => "tls",
                     },
                     state: r.state().name(),
                     expires_secs: None,
@@ -190,6 +201,21 @@ impl Registrations {
         for r in &mut self.running {
             if r.poll_timeout().is_some_and(|t| t <= now) {
                 r.handle_timeout(now);
+            }
+        }
+    }
+
+    /// The connection `key` to a registrar failed: the REGISTERs on their way over it fail
+    /// with `reason` (and are retried later).
+    pub(super) fn transport_failed(
+        &mut self,
+        key: (Transport, SocketAddr),
+        reason: &str,
+        now: std::time::Instant,
+    ) {
+        for r in &mut self.running {
+            if (r.config().transport, r.config().destination) == key {
+                r.transport_failed(reason, now);
             }
         }
     }

@@ -585,6 +585,12 @@ impl RtpLeg {
                     .await;
                 return Flow::Stop;
             }
+            SipEvent::Unreachable(reason) => {
+                info!(%reason, "SIP call failed");
+                self.to_call(LegEvent::Rejected(Refusal::Unreachable(reason)))
+                    .await;
+                return Flow::Stop;
+            }
             SipEvent::Ended => {
                 self.to_call(LegEvent::Hangup).await;
                 return Flow::Stop;

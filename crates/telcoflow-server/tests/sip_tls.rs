@@ -1,0 +1,247 @@
+//! SIP over TLS (`[sip] tls_listen`): a raw rustls client on the listener, its handshake
+//! deadline, and SIPp calling in over TLS through HAProxy.
+//!
+//! Debian's SIPp is built without OpenSSL (`-t l1` is refused), so SIPp speaks TCP to HAProxy
+//! in TCP mode, which originates TLS to our listener and checks our certificate against the
+//! test CA: the server sees a real TLS client, SIPp a plain TCP peer.
+//!
+//! The baresip tests over TLS (calling in, and the server dialling a TLS phone) are in
+//! `sip_baresip.rs`.
+
+mod common;
+mod sipp;
+mod tls_pki;
+
+use common::*;
+use rustls::RootCertStore;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject as _};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use telcoflow_server::Config;
+use tls_pki::Pki;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+/// A SIP config (`sipp::sip_config`) with a TLS listener on a free port, its certificate
+/// issued by `pki` for 127.0.0.1 and localhost.
+fn tls_config(ports: sipp::Ports, pki: &Pki, dir: &std::path::Path) -> Config {
+    let mut config = sipp::sip_config(ports);
+    let issued = pki.issue(dir, "server", &["127.0.0.1", "localhost"]);
+    let sip = config.sip.as_mut().unwrap();
+    sip.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    sip.tls_cert = Some(issued.cert);
+    sip.tls_key = Some(issued.key);
+    config
+}
+
+fn client_config(pki: &Pki) -> rustls::ClientConfig {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// Claims the next call, opens its media connection and answers it.
+async fn answer_next(control: &mut Control) -> Media {
+    let call_in = control.take_call().await;
+    let mut media = media(&call_in).await;
+    let answer = media.command("call.answer", None).await;
+    assert_eq!(answer["success"], true, "{answer}");
+    media
+}
+
+/// Waits for the `call.terminated` event, skipping audio and other events.
+async fn terminated(media: &mut Media) -> Value {
+    loop {
+        let v = media.ws.expect_type("call_event").await;
+        if v["data"]["event"] == "call.terminated" {
+            return v;
+        }
+    }
+}
+
+/// A client that checks the server's certificate against the test CA gets an OPTIONS
+/// answered over TLS, with a Via it named TLS.
+#[tokio::test]
+async fn options_over_tls_is_answered_on_the_same_connection() {
+    let pki = Pki::new();
+    let dir = sipp::work_dir("tls-options");
+    let server = start(tls_config(sipp::ports(70), &pki, &dir)).await;
+    let tls_addr = server.sip_tls_addr().expect("a TLS listener");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&pki)));
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    let options = format!(
+        "OPTIONS sip:+15559990001@{tls_addr} SIP/2.0\r\n\
+         Via: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKtls1\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:probe@127.0.0.1>;tag=t1\r\n\
+         To: <sip:+15559990001@{tls_addr}>\r\n\
+         Call-ID: tls-options-1\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    tls.write_all(options.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before answering");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer within 5 s");
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("SIP/2.0 200"), "{text}");
+    assert!(
+        text.contains("Via: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKtls1"),
+        "{text}"
+    );
+    server.shutdown().await;
+}
+
+/// A peer that opens a connection to the TLS listener and never completes the handshake is
+/// closed after `tcp_message_timeout_secs`, as a slow message would be.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_at_the_message_deadline() {
+    let pki = Pki::new();
+    let dir = sipp::work_dir("tls-stall");
+    let mut config = tls_config(sipp::ports(71), &pki, &dir);
+    config.sip.as_mut().unwrap().tcp_message_timeout_secs = 1;
+    let server = start(config).await;
+    let tls_addr = server.sip_tls_addr().unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    // Half a ClientHello's record header, then nothing.
+    tcp.write_all(&[0x16, 0x03]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("closed within 5 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed before the deadline: {waited:?}"
+    );
+    server.shutdown().await;
+}
+
+/// HAProxy in TCP mode: takes plain TCP on a free loopback port and originates TLS to
+/// `backend`, checking its certificate against `ca` (see the module docs for why).
+struct TlsOriginator {
+    child: tokio::process::Child,
+    port: u16,
+}
+
+impl Drop for TlsOriginator {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+async fn tls_originator(
+    dir: &std::path::Path,
+    backend: std::net::SocketAddr,
+    ca: &std::path::Path,
+) -> Option<TlsOriginator> {
+    let Some(bin) = haproxy_bin() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "haproxy is not installed (apt-get install haproxy, or run .ci/run)"
+        );
+        eprintln!("skipped: no haproxy (apt-get install haproxy, or set HAPROXY)");
+        return None;
+    };
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let config = format!(
+        "global\n    maxconn 64\n\
+         defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
+         frontend sip\n    bind 127.0.0.1:{port}\n    default_backend telcoflow_tls\n\
+         backend telcoflow_tls\n    server s {backend} ssl verify required ca-file {ca} verifyhost localhost sni str(localhost)\n",
+        ca = ca.display()
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let child = tokio::process::Command::new(&bin)
+        // -db: in the foreground, so that the test holds the process.
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    // Listening once a connection is taken (bounded); the probe opens no TLS: HAProxy only
+    // dials the backend when the client sends.
+    sipp::wait_tcp(port).await;
+    Some(TlsOriginator { child, port })
+}
+
+/// SIPp calls in over TCP to HAProxy, which carries it over TLS to the server: the call is
+/// answered, and SIPp's BYE (over the same TLS connection) ends it.
+#[tokio::test]
+async fn sipp_calls_in_over_tls_through_haproxy_and_hangs_up() {
+    if !sipp::available() {
+        return;
+    }
+    let pki = Pki::new();
+    let ports = sipp::ports(72);
+    let dir = sipp::work_dir("tls-sipp");
+    let server = start(tls_config(ports, &pki, &dir)).await;
+    let ca = pki.write_ca(&dir, "ca.pem");
+    let Some(proxy) = tls_originator(&dir, server.sip_tls_addr().unwrap(), &ca).await else {
+        return;
+    };
+    let mut control = control(&server, 8000, "mixed").await;
+    let mut args = sipp::uac_args(&server, ports, "uac_short.xml", "+15559990001", 1);
+    args[0] = format!("127.0.0.1:{}", proxy.port);
+    args.extend(["-t".into(), "t1".into()]);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+    let mut media = answer_next(&mut control).await;
+    let ended = terminated(&mut media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+/// The same path with the server hanging up (no RTP from SIPp): our BYE goes back over the
+/// TLS connection the call came in on, through HAProxy, and SIPp answers it.
+#[tokio::test]
+async fn our_bye_reaches_sipp_over_the_tls_connection_it_called_on() {
+    if !sipp::available() {
+        return;
+    }
+    let pki = Pki::new();
+    let ports = sipp::ports(73);
+    let dir = sipp::work_dir("tls-sipp-bye");
+    let mut config = tls_config(ports, &pki, &dir);
+    config.sip.as_mut().unwrap().rtp_timeout_secs = 1;
+    let server = start(config).await;
+    let ca = pki.write_ca(&dir, "ca.pem");
+    let Some(proxy) = tls_originator(&dir, server.sip_tls_addr().unwrap(), &ca).await else {
+        return;
+    };
+    let mut control = control(&server, 8000, "mixed").await;
+    let mut args = sipp::uac_args(&server, ports, "uac_rtp_silent.xml", "+15559990001", 1);
+    args[0] = format!("127.0.0.1:{}", proxy.port);
+    args.extend(["-t".into(), "t1".into()]);
+    let phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+    let mut media = answer_next(&mut control).await;
+    let ended = terminated(&mut media).await;
+    assert_eq!(ended["data"]["reason"], "caller", "{ended}");
+    // SIPp got the server's BYE and answered it.
+    phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
