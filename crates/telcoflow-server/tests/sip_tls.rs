@@ -1,9 +1,11 @@
 //! SIP over TLS (`[sip] tls_listen`): a raw rustls client on the listener, its handshake
-//! deadline, and SIPp calling in over TLS through HAProxy.
+//! deadline, SIPp calling in over TLS through HAProxy, and registering over TLS at SIPp
+//! behind HAProxy (and failing to, with a registrar whose certificate is not trusted).
 //!
 //! Debian's SIPp is built without OpenSSL (`-t l1` is refused), so SIPp speaks TCP to HAProxy
 //! in TCP mode, which originates TLS to our listener and checks our certificate against the
-//! test CA: the server sees a real TLS client, SIPp a plain TCP peer.
+//! test CA (or, for the registrar, terminates the TLS we originate): the server sees a real
+//! TLS peer, SIPp a plain TCP one.
 //!
 //! The baresip tests over TLS (calling in, and the server dialling a TLS phone) are in
 //! `sip_baresip.rs`.
@@ -135,24 +137,46 @@ async fn a_stalled_tls_handshake_is_closed_at_the_message_deadline() {
     server.shutdown().await;
 }
 
-/// HAProxy in TCP mode: takes plain TCP on a free loopback port and originates TLS to
-/// `backend`, checking its certificate against `ca` (see the module docs for why).
-struct TlsOriginator {
+/// HAProxy in TCP mode on a free loopback port (see the module docs for why), killed on
+/// drop.
+struct Proxy {
     child: tokio::process::Child,
     port: u16,
 }
 
-impl Drop for TlsOriginator {
+impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
     }
 }
 
+/// HAProxy taking plain TCP and originating TLS to `backend`, checking its certificate
+/// against `ca` for the name `localhost`.
 async fn tls_originator(
     dir: &std::path::Path,
     backend: std::net::SocketAddr,
     ca: &std::path::Path,
-) -> Option<TlsOriginator> {
+) -> Option<Proxy> {
+    let server = format!(
+        "{backend} ssl verify required ca-file {} verifyhost localhost sni str(localhost)",
+        ca.display()
+    );
+    haproxy_tcp(dir, "", &server).await
+}
+
+/// HAProxy terminating TLS with `cert_and_key` (one PEM file) and passing plain TCP on to
+/// `backend`.
+async fn tls_terminator(
+    dir: &std::path::Path,
+    cert_and_key: &std::path::Path,
+    backend: std::net::SocketAddr,
+) -> Option<Proxy> {
+    let bind = format!(" ssl crt {}", cert_and_key.display());
+    haproxy_tcp(dir, &bind, &backend.to_string()).await
+}
+
+/// HAProxy with one frontend (`bind 127.0.0.1:<port><bind>`) and one server (`server`).
+async fn haproxy_tcp(dir: &std::path::Path, bind: &str, server: &str) -> Option<Proxy> {
     let Some(bin) = haproxy_bin() else {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -168,11 +192,10 @@ async fn tls_originator(
     let config = format!(
         "global\n    maxconn 64\n\
          defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\
-         frontend sip\n    bind 127.0.0.1:{port}\n    default_backend telcoflow_tls\n\
-         backend telcoflow_tls\n    server s {backend} ssl verify required ca-file {ca} verifyhost localhost sni str(localhost)\n",
-        ca = ca.display()
+         frontend sip\n    bind 127.0.0.1:{port}{bind}\n    default_backend peer\n\
+         backend peer\n    server s {server}\n"
     );
-    let path = dir.join("haproxy.cfg");
+    let path = dir.join(format!("haproxy-{port}.cfg"));
     std::fs::write(&path, config).unwrap();
     let child = tokio::process::Command::new(&bin)
         // -db: in the foreground, so that the test holds the process.
@@ -183,10 +206,9 @@ async fn tls_originator(
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-    // Listening once a connection is taken (bounded); the probe opens no TLS: HAProxy only
-    // dials the backend when the client sends.
+    // Listening once a connection is taken (bounded).
     sipp::wait_tcp(port).await;
-    Some(TlsOriginator { child, port })
+    Some(Proxy { child, port })
 }
 
 /// SIPp calls in over TCP to HAProxy, which carries it over TLS to the server: the call is
@@ -243,5 +265,127 @@ async fn our_bye_reaches_sipp_over_the_tls_connection_it_called_on() {
     assert_eq!(ended["data"]["reason"], "caller", "{ended}");
     // SIPp got the server's BYE and answered it.
     phone.await.unwrap().assert_passed();
+    server.shutdown().await;
+}
+
+/// A plain HTTP/1.1 GET of the registrations' status route (no admin token: the development
+/// connector's credentials read it), polled until the first one satisfies `ready`.
+async fn registration_until(
+    server: &telcoflow_server::RunningServer,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut stream = tokio::net::TcpStream::connect(server.local_addr())
+            .await
+            .unwrap();
+        let request = format!(
+            "GET /admin/v1/sip/registrations HTTP/1.1\r\nhost: test\r\nx-api-key: {}\r\n\
+             x-connector-uuid: {}\r\nconnection: close\r\n\r\n",
+            telcoflow_server::config::DEV_API_KEY,
+            telcoflow_server::config::DEV_CONNECTOR_UUID
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+            .await
+            .expect("HTTP answer in time")
+            .unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1;
+        let v: Value = serde_json::from_str(body).unwrap();
+        let first = v["registrations"][0].clone();
+        if ready(&first) {
+            return first;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the registration never got there: {first}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn tls_registration(port: u16) -> telcoflow_server::config::SipRegistration {
+    telcoflow_server::config::SipRegistration {
+        registrar: format!("127.0.0.1:{port}"),
+        aor: "sip:+15550100@127.0.0.1".into(),
+        username: Some("alice".into()),
+        password: Some("s3cret".into()),
+        expiry: 120,
+        transport: "tls".into(),
+        outbound_proxy: None,
+    }
+}
+
+/// `transport = "tls"`: the server registers over TLS (checking the registrar's certificate
+/// against `tls_ca`), with a `;transport=tls` Contact on its TLS listener, answers the
+/// digest challenge, and removes the binding over TLS on shutdown.
+#[tokio::test]
+async fn registers_over_tls_and_removes_the_binding_on_shutdown() {
+    if !sipp::available() {
+        return;
+    }
+    let pki = Pki::new();
+    let ports = sipp::ports(77);
+    let dir = sipp::work_dir("tls-register");
+    let registrar_cert = pki.issue(&dir, "registrar", &["127.0.0.1", "localhost"]);
+    let mut args = sipp::uas_args(ports, "registrar_tls.xml");
+    args.extend(["-t".into(), "t1".into()]);
+    let registrar = tokio::spawn({
+        let dir = dir.clone();
+        async move { sipp::run(&dir, &args).await }
+    });
+    sipp::wait_tcp(ports.sipp_sip).await;
+    let backend = std::net::SocketAddr::from(([127, 0, 0, 1], ports.sipp_sip));
+    let Some(proxy) = tls_terminator(&dir, &registrar_cert.both, backend).await else {
+        return;
+    };
+    let mut config = tls_config(ports, &pki, &dir);
+    let sip = config.sip.as_mut().unwrap();
+    sip.tls_ca = Some(pki.write_ca(&dir, "ca.pem"));
+    sip.registrations = vec![tls_registration(proxy.port)];
+    let server = start(config).await;
+    let status = registration_until(&server, |r| r["state"] == "registered").await;
+    assert_eq!(status["transport"], "tls", "{status}");
+    assert_eq!(status["expiresSecs"], 120, "{status}");
+    // Shutting down removes the binding: SIPp's scenario ends with the un-REGISTER.
+    server.shutdown().await;
+    let outcome = tokio::time::timeout(WAIT, registrar)
+        .await
+        .expect("the registrar's scenario ends")
+        .unwrap();
+    outcome.assert_passed();
+    drop(proxy);
+}
+
+/// A TLS registrar whose certificate does not chain to `tls_ca`: the registration fails at
+/// once with 503 and a reason that names the certificate check, and is retried later.
+#[tokio::test]
+async fn a_tls_registrar_whose_certificate_is_not_trusted_is_reported() {
+    let pki = Pki::new();
+    let ports = sipp::ports(78);
+    let dir = sipp::work_dir("tls-register-untrusted");
+    let registrar_cert = pki.issue(&dir, "registrar", &["127.0.0.1", "localhost"]);
+    // The handshake fails before anything would reach the backend: none listens there.
+    let backend = std::net::SocketAddr::from(([127, 0, 0, 1], ports.sipp_sip));
+    let Some(proxy) = tls_terminator(&dir, &registrar_cert.both, backend).await else {
+        return;
+    };
+    let mut config = sipp::sip_config(ports);
+    let sip = config.sip.as_mut().unwrap();
+    sip.tls_ca = Some(Pki::new().write_ca(&dir, "other-ca.pem"));
+    sip.registrations = vec![tls_registration(proxy.port)];
+    let server = start(config).await;
+    let status = registration_until(&server, |r| r["state"] == "failed").await;
+    assert_eq!(status["lastStatus"], 503, "{status}");
+    let reason = status["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("TLS handshake") && reason.contains("certificate"),
+        "{status}"
+    );
+    assert!(
+        status["retryInSecs"].as_u64().is_some_and(|s| s >= 1),
+        "{status}"
+    );
     server.shutdown().await;
 }

@@ -193,6 +193,9 @@ impl Endpoint {
         let mut accept_backoff = AcceptBackoff::default();
         // Set while accepting is paused after an error.
         let mut accept_resume: Option<Instant> = None;
+        // The registrations' first REGISTERs are queued: send them now, not when something
+        // first wakes the loop (over TCP and TLS no retransmit timer would, for 64·T1).
+        self.drain().await;
         loop {
             let deadline = self.next_timeout();
             let resume = accept_resume.unwrap_or(deadline);
