@@ -1553,6 +1553,47 @@ mod tests {
     }
 
     #[test]
+    fn sip_over_tls_needs_a_certificate_and_counts_as_exposed() {
+        let sip = |fields: &str| format!("[sip]\n{fields}\n{}", connector_toml(""));
+        let config = Config::from_toml(&sip(
+            "tls_listen = '127.0.0.1:5061'\ntls_cert = 'c.pem'\ntls_key = 'k.pem'",
+        ))
+        .unwrap();
+        let s = config.sip.as_ref().unwrap();
+        assert_eq!(s.tls_listen, Some("127.0.0.1:5061".parse().unwrap()));
+        assert!(s.tls_verify, "checked by default");
+        assert!(s.tls_ca.is_none());
+        // [tls]'s certificate and key stand in for tls_cert and tls_key.
+        Config::from_toml(&format!(
+            "[tls]\ncert = 'c'\nkey = 'k'\n{}",
+            sip("tls_listen = '127.0.0.1:5061'")
+        ))
+        .unwrap();
+        let m = invalid_message(&sip("tls_listen = '127.0.0.1:5061'\ntls_cert = 'c.pem'"));
+        assert!(
+            m.contains("sip.tls_listen needs a certificate and key"),
+            "{m}"
+        );
+        // An exposed TLS listener needs allow or accounts, as an exposed listen does.
+        let m = invalid_message(&sip(
+            "tls_listen = '0.0.0.0:5061'\ntls_cert = 'c'\ntls_key = 'k'",
+        ));
+        assert!(m.contains("0.0.0.0:5061"), "{m}");
+        // A TLS registration defaults to port 5061 (and sips: registrars parse).
+        let config = Config::from_toml(&sip(
+            "[[sip.registrations]]\nregistrar = 'sips:pbx.example.com'\naor = 'sip:1@pbx.example.com'\ntransport = 'TLS'",
+        ))
+        .unwrap();
+        let r = &config.sip.as_ref().unwrap().registrations[0];
+        assert!(r.is_tls());
+        assert_eq!(
+            r.registrar_host_port(),
+            Some(("pbx.example.com".into(), 5061))
+        );
+        assert_eq!(r.registrar_uri(), "sips:pbx.example.com");
+    }
+
+    #[test]
     fn sip_registrations_parse_with_defaults_and_bad_ones_say_what_is_wrong() {
         let reg = |fields: &str| {
             format!(

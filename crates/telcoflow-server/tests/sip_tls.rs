@@ -137,6 +137,40 @@ async fn a_stalled_tls_handshake_is_closed_at_the_message_deadline() {
     server.shutdown().await;
 }
 
+/// TLS connections count under the SIP/TCP limits: with one allowed per source address, a
+/// second connection is closed as soon as it is accepted, before any handshake, while the
+/// first stays usable.
+#[tokio::test]
+async fn tls_connections_are_held_to_the_per_source_limit() {
+    let pki = Pki::new();
+    let dir = sipp::work_dir("tls-limit");
+    let mut config = tls_config(sipp::ports(79), &pki, &dir);
+    config.sip.as_mut().unwrap().tcp_max_connections_per_ip = 1;
+    let server = start(config).await;
+    let tls_addr = server.sip_tls_addr().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&pki)));
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut first = connector
+        .connect(name.clone(), tcp)
+        .await
+        .expect("handshake");
+    let second = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let refused = tokio::time::timeout(WAIT, connector.connect(name, second))
+        .await
+        .expect("the second connection is closed, not left waiting");
+    assert!(refused.is_err(), "a second TLS connection from one address");
+    // The first still carries SIP: a CRLF CRLF ping gets its pong.
+    first.write_all(b"\r\n\r\n").await.unwrap();
+    let mut pong = [0u8; 2];
+    tokio::time::timeout(WAIT, first.read_exact(&mut pong))
+        .await
+        .expect("a pong in time")
+        .unwrap();
+    assert_eq!(&pong, b"\r\n");
+    server.shutdown().await;
+}
+
 /// HAProxy in TCP mode on a free loopback port (see the module docs for why), killed on
 /// drop.
 struct Proxy {
