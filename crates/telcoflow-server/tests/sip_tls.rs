@@ -116,7 +116,8 @@ async fn options_over_tls_is_answered_on_the_same_connection() {
 async fn a_stalled_tls_handshake_is_closed_at_the_message_deadline() {
     let pki = Pki::new();
     let dir = sipp::work_dir("tls-stall");
-    let mut config = tls_config(sipp::ports(71), &pki, &dir);
+    // No call: none of the ports of index 70 is bound, so the OPTIONS test shares them.
+    let mut config = tls_config(sipp::ports(70), &pki, &dir);
     config.sip.as_mut().unwrap().tcp_message_timeout_secs = 1;
     let server = start(config).await;
     let tls_addr = server.sip_tls_addr().unwrap();
@@ -420,6 +421,43 @@ async fn a_tls_registrar_whose_certificate_is_not_trusted_is_reported() {
     assert!(
         status["retryInSecs"].as_u64().is_some_and(|s| s >= 1),
         "{status}"
+    );
+    server.shutdown().await;
+}
+
+/// The certificate must name the host dialled: a peer whose certificate (from a trusted CA)
+/// is for another name fails `call.connect` at once, saying so.
+#[tokio::test]
+async fn call_connect_to_a_peer_whose_certificate_names_another_host_fails() {
+    let pki = Pki::new();
+    let ports = sipp::ports(71);
+    let dir = sipp::work_dir("tls-wrong-name");
+    let peer_cert = pki.issue(&dir, "peer", &["pbx.example.com"]);
+    // The handshake fails before anything would reach the backend: none listens there.
+    let backend = std::net::SocketAddr::from(([127, 0, 0, 1], ports.sipp_sip));
+    let Some(proxy) = tls_terminator(&dir, &peer_cert.both, backend).await else {
+        return;
+    };
+    let mut config = sipp::sip_config(ports);
+    config.sip.as_mut().unwrap().tls_ca = Some(pki.write_ca(&dir, "ca.pem"));
+    config.connectors[0].connect.insert(
+        "+15559990001".into(),
+        format!("sips:+15550200@127.0.0.1:{}", proxy.port),
+    );
+    let (server, _control, _caller, mut media) = answered_call(config, 8000).await;
+    let resp = media
+        .command(
+            "call.connect",
+            Some(serde_json::json!({"ringTimeSeconds": 10})),
+        )
+        .await;
+    assert_eq!(resp["success"], false, "{resp}");
+    let text = resp.to_string();
+    assert!(
+        text.contains("TLS handshake")
+            && text.contains("certificate")
+            && text.contains("not valid for name"),
+        "{resp}"
     );
     server.shutdown().await;
 }

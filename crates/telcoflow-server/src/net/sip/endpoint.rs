@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
-use telcoflow_sip::sip::message::{Message, SipHeaders as _, SipUri};
+use telcoflow_sip::sip::message::{Message, SipHeaders as _};
 use telcoflow_sip::sip::stream::{StreamDecoder, StreamItem};
 use telcoflow_sip::sip::uac::{OutgoingCall, UacEvent};
 use telcoflow_sip::sip::uas::{self, IncomingCall, Refusal, Uas, UasAction, UasEvent};
@@ -113,6 +113,11 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         tcp_conns: HashMap::new(),
         tls: bound.tls,
         tls_names: HashMap::new(),
+        registrar_names: bound
+            .registrations
+            .iter()
+            .filter_map(|p| Some((p.register.destination, p.tls_name.clone()?)))
+            .collect(),
         tcp_per_source: HashMap::new(),
         tcp_calls: HashMap::new(),
         next_conn: 0,
@@ -166,8 +171,11 @@ struct Endpoint {
     tcp_conns: HashMap<ConnKey, TcpConn>,
     tls: SipTls,
     /// The host names dialled over TLS by address: the name the peer's certificate must
-    /// carry when a connection to that address is opened.
+    /// carry when a connection to that address is opened. Kept while an outgoing call to
+    /// the address is (its requests may need a new connection).
     tls_names: HashMap<SocketAddr, String>,
+    /// Likewise for the registrars (and their proxies) reached over TLS.
+    registrar_names: HashMap<SocketAddr, String>,
     /// Accepted TCP connections in `tcp_conns` per [`source_address`].
     tcp_per_source: HashMap<IpAddr, usize>,
     /// Incoming calls signalled over a TCP connection: its count of live calls, which keeps
@@ -285,13 +293,23 @@ impl Endpoint {
             .map(|(k, _)| *k)
             .collect();
         for k in failed {
-            if let Some(o) = self.outgoing.remove(&k) {
-                self.by_call_id.remove(o.call.call_id());
+            if let Some(o) = self.remove_outgoing(k) {
                 let _ = o.events.try_send(SipEvent::Unreachable(reason.to_owned()));
             }
         }
         self.registrations
             .transport_failed(key, reason, Self::now());
+    }
+
+    /// Forgets an outgoing call, and the TLS name of its destination once no other call
+    /// goes there.
+    fn remove_outgoing(&mut self, key: u64) -> Option<Outgoing> {
+        let o = self.outgoing.remove(&key)?;
+        self.by_call_id.remove(o.call.call_id());
+        if !self.outgoing.values().any(|other| other.conn == o.conn) {
+            self.tls_names.remove(&o.conn.1);
+        }
+        Some(o)
     }
 
     /// On shutdown: BYE (or a final response, or CANCEL) for every call, retransmitted by
@@ -491,13 +509,11 @@ impl Endpoint {
                 config,
                 media,
                 events,
+                tls_name,
             } => {
                 let conn = (config.transport, config.destination);
-                if config.transport == Transport::Tls {
-                    // The certificate must name the host dialled.
-                    if let Ok(uri) = SipUri::parse(&config.target) {
-                        self.tls_names.insert(config.destination, uri.host);
-                    }
+                if let Some(name) = tls_name {
+                    self.tls_names.insert(config.destination, name);
                 }
                 let call = OutgoingCall::new(*config, media, rand::random(), now);
                 self.by_call_id.insert(call.call_id().to_owned(), key);
@@ -567,8 +583,7 @@ impl Endpoint {
             }
         }
         for key in finished {
-            if let Some(o) = self.outgoing.remove(&key) {
-                self.by_call_id.remove(o.call.call_id());
+            if let Some(o) = self.remove_outgoing(key) {
                 let _ = o.events.try_send(SipEvent::Ended);
             }
         }
@@ -805,6 +820,7 @@ impl Endpoint {
         let tls_name = self
             .tls_names
             .get(&peer)
+            .or_else(|| self.registrar_names.get(&peer))
             .cloned()
             .unwrap_or_else(|| peer.ip().to_string());
         let accepted = matches!(origin, TcpOrigin::Accepted(_));

@@ -49,6 +49,8 @@ pub(super) enum Command {
         config: Box<UacConfig>,
         media: LocalMedia,
         events: mpsc::Sender<SipEvent>,
+        /// Over TLS: the host name the peer's certificate must carry.
+        tls_name: Option<String>,
     },
     /// The leg has ended; forget it.
     Gone(LegKey),
@@ -94,6 +96,8 @@ pub(super) struct OutgoingDial {
     pub(super) events: mpsc::Sender<SipEvent>,
     /// A host name to resolve into `config.destination` first, with its port.
     pub(super) resolve: Option<(String, u16)>,
+    /// Over TLS: the host name the peer's certificate must carry.
+    pub(super) tls_name: Option<String>,
 }
 
 impl OutgoingDial {
@@ -112,6 +116,7 @@ impl OutgoingDial {
             config: self.config,
             media: self.media,
             events: self.events,
+            tls_name: self.tls_name,
         })
     }
 }
@@ -143,6 +148,7 @@ mod tests {
             media: LocalMedia::new(IpAddr::from([127, 0, 0, 1]), 20000, 1),
             events: events.clone(),
             resolve,
+            tls_name: None,
         };
         match dial(Some(("localhost".into(), 5070))).into_command().await {
             Ok(Command::Dial { config, .. }) => {

@@ -133,6 +133,13 @@ impl Network for SipNetwork {
             Some(proxy) => (proxy, None),
             None => (destination, resolve),
         };
+        // Over TLS the certificate must name the host we connect to: the outbound proxy's
+        // when the call goes through one, else the URI's.
+        let tls_name = (transport == Transport::Tls).then(|| {
+            registration
+                .and_then(|(i, _)| self.config.registrations[i].proxy_host_port())
+                .map_or_else(|| parsed.host.clone(), |(host, _)| host)
+        });
         let from_user = sip_user(&call.from);
         let sockets = self.media.bind().ok_or(RingError::NoMediaPort)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
@@ -188,6 +195,7 @@ impl Network for SipNetwork {
                     media,
                     events: events_tx,
                     resolve,
+                    tls_name,
                 }),
             })
             .map_err(|_| RingError::NoMediaPort)?;

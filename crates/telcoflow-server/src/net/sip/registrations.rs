@@ -27,6 +27,8 @@ pub(crate) struct Prepared {
     /// Where `call.connect` through this registration sends its INVITEs when an outbound
     /// proxy is set.
     pub(crate) proxy: Option<SocketAddr>,
+    /// Over TLS: the host name the registrar's (or proxy's) certificate must carry.
+    pub(crate) tls_name: Option<String>,
 }
 
 /// Resolves and builds every `[[sip.registrations]]` entry. A name that does not resolve
@@ -88,6 +90,7 @@ pub(crate) async fn prepare(
                 user_agent: super::link::USER_AGENT.into(),
             },
             proxy,
+            tls_name: (transport == Transport::Tls).then(|| host.clone()),
         });
     }
     Ok(out)
