@@ -35,6 +35,18 @@ pub(crate) fn check_address(field: &str, value: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The length of the scheme of a `sip:` or `sips:` URI (leading spaces included); `None` for
+/// anything else.
+pub(crate) fn sip_scheme_len(destination: &str) -> Option<usize> {
+    let d = destination.trim_start();
+    let skipped = destination.len() - d.len();
+    ["sip:", "sips:"]
+        .into_iter()
+        .find(|s| d.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)))
+        .map(|s| skipped + s.len())
+}
+
 /// Closed sessions kept per connector by default (`limits.max_closed_sessions_per_connector`).
 pub const DEFAULT_MAX_CLOSED_SESSIONS: usize = 1000;
 
@@ -1169,7 +1181,7 @@ impl ConnectorConfig {
             );
         for (field, destination) in destinations {
             let d = destination.trim();
-            let scheme = crate::net::sip_scheme_len(d);
+            let scheme = sip_scheme_len(d);
             let is_sip = scheme.is_some();
             if d.is_empty() || scheme.is_some_and(|n| d[n..].trim().is_empty()) {
                 return invalid(format!(

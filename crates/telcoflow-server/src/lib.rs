@@ -182,7 +182,7 @@ impl Server {
         let sip = match config.sip.clone() {
             Some(sip) => {
                 let addr = sip.listen;
-                let sip_tls = net::sip::tls::load(&sip, config.tls.as_ref())?;
+                let sip_tls = tls::sip::load(&sip, config.tls.as_ref())?;
                 let bound = net::sip::bind(sip, sip_tls, &tasks, &shutdown, &metrics)
                     .await
                     .map_err(|source| StartError::SipBind { addr, source })?;

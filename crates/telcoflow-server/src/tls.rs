@@ -7,15 +7,21 @@
 //! fingerprint pin alone decides (the TLS handshake still proves the client holds the key).
 //!
 //! The handshake itself runs in `listener`, under the same deadline as request headers.
+//!
+//! - `pem`: reading certificates, keys and CAs from PEM files.
+//! - `sip`: SIP over TLS (`[sip] tls_*`).
+
+mod pem;
+pub(crate) mod sip;
 
 use crate::config::{ConfigError, TlsConfig};
+use pem::{invalid, load_certs, load_key, load_roots};
 use rustls::DigitallySignedStruct;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
-use rustls::{DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
@@ -46,7 +52,7 @@ impl crate::config::Config {
             server_config(tls)?;
         }
         if let Some(sip) = &self.sip {
-            crate::net::sip::tls::load(sip, self.tls.as_ref())?;
+            sip::load(sip, self.tls.as_ref())?;
         }
         if let Some(c) = &self.cluster {
             for (what, path) in [
@@ -64,46 +70,6 @@ impl crate::config::Config {
         }
         Ok(())
     }
-}
-
-fn invalid(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> ConfigError {
-    ConfigError::Invalid(format!("{what} {}: {e}", path.display()))
-}
-
-/// The certificate chain in the PEM file `path`, the value of config key `what`.
-pub(crate) fn load_certs(
-    what: &str,
-    path: &std::path::Path,
-) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| invalid(what, path, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| invalid(what, path, e))?;
-    if certs.is_empty() {
-        return Err(invalid(what, path, "no certificate in the file"));
-    }
-    Ok(certs)
-}
-
-/// The private key in the PEM file `path`, the value of config key `what`.
-pub(crate) fn load_key(
-    what: &str,
-    path: &std::path::Path,
-) -> Result<PrivateKeyDer<'static>, ConfigError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| invalid(what, path, e))
-}
-
-/// The CA certificates in the PEM file `path`, the value of config key `what`.
-pub(crate) fn load_roots(what: &str, path: &std::path::Path) -> Result<RootCertStore, ConfigError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(path).map_err(|e| invalid(what, path, e))? {
-        let cert = cert.map_err(|e| invalid(what, path, e))?;
-        roots.add(cert).map_err(|e| invalid(what, path, e))?;
-    }
-    if roots.is_empty() {
-        return Err(invalid(what, path, "no certificate in the file"));
-    }
-    Ok(roots)
 }
 
 /// Builds the rustls server configuration from `[tls]`.

@@ -29,23 +29,12 @@ pub(crate) enum AddressKind {
 impl AddressKind {
     /// The kind of `destination`.
     pub(crate) fn of(destination: &str) -> Self {
-        if sip_scheme_len(destination).is_some() {
+        if crate::config::sip_scheme_len(destination).is_some() {
             Self::Sip
         } else {
             Self::Number
         }
     }
-}
-
-/// The length of the scheme of a `sip:` or `sips:` URI (leading spaces included); `None` for
-/// anything else.
-pub(crate) fn sip_scheme_len(destination: &str) -> Option<usize> {
-    let d = destination.trim_start();
-    let skipped = destination.len() - d.len();
-    ["sip:", "sips:"]
-        .into_iter()
-        .find(|s| d.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)))
-        .map(|s| skipped + s.len())
 }
 
 impl fmt::Display for AddressKind {
@@ -141,9 +130,9 @@ mod tests {
         assert_eq!(AddressKind::of("sips"), AddressKind::Number);
         assert_eq!(AddressKind::of("sips:+200@pbx.example"), AddressKind::Sip);
         assert_eq!(AddressKind::of(" SIPS:alice@pbx.example"), AddressKind::Sip);
-        assert_eq!(sip_scheme_len(" sips:a@b"), Some(6));
-        assert_eq!(sip_scheme_len("sip:a@b"), Some(4));
-        assert_eq!(sip_scheme_len("tel:+1"), None);
+        assert_eq!(crate::config::sip_scheme_len(" sips:a@b"), Some(6));
+        assert_eq!(crate::config::sip_scheme_len("sip:a@b"), Some(4));
+        assert_eq!(crate::config::sip_scheme_len("tel:+1"), None);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! - `admission`: who may start a call (allow list, INVITE rate per source, digest).
 //! - `link`: what the endpoint and the legs say to each other; `ports`: the RTP port range.
 //! - `registrations`: outbound registrations (`[[sip.registrations]]`) the endpoint runs.
-//! - `tls`: SIP over TLS: the listener's certificate, and the checks of the peers we dial.
+//!
+//! SIP over TLS's certificates and checks are set up in `crate::tls::sip`.
 //!
 //! How a SIP leg maps onto a call's leg events and outputs (`call::leg`):
 //!
@@ -35,7 +36,6 @@ mod link;
 mod ports;
 mod registrations;
 mod rtp_leg;
-pub(crate) mod tls;
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{CallHandle, LegId, LegLink};
@@ -249,7 +249,7 @@ pub(crate) struct BoundSip {
 /// and prepares the endpoint. Leg tasks are spawned on `tasks` and stop with `shutdown`.
 pub(crate) async fn bind(
     config: SipConfig,
-    tls: tls::SipTls,
+    tls: crate::tls::sip::SipTls,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     metrics: &Arc<crate::metrics::Metrics>,

@@ -8,8 +8,8 @@
 //! same framing, deadlines and limits; the handshake runs in the connection's task under
 //! `tcp_message_timeout_secs`.
 
+use super::pem::{load_certs, load_key, load_roots};
 use crate::config::{ConfigError, SipConfig, TlsConfig};
-use crate::tls::{load_certs, load_key, load_roots};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
