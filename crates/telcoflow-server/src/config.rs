@@ -496,16 +496,22 @@ impl std::fmt::Debug for SipAccount {
 }
 
 /// A SIP trunk: `sip:` connect destinations whose host is `host` authenticate with these
-/// credentials when challenged.
+/// credentials when challenged, and are dialled the way the trunk asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SipTrunk {
     /// `host` or `host:port`, as written in the destination URIs.
     pub host: String,
-    /// Digest user name.
+    /// Digest user name (empty: calls through the trunk answer no challenge).
+    #[serde(default)]
     pub username: String,
     /// Digest password.
+    #[serde(default)]
     pub password: String,
+    /// Send INVITEs without SDP (delayed offer): the trunk offers in its 200 and the server
+    /// answers in the ACK.
+    #[serde(default)]
+    pub delayed_offer: bool,
 }
 
 impl Default for SipConfig {
@@ -994,8 +1000,11 @@ impl Config {
                 return invalid("sip.rtp_timeout_secs must be at least 1".into());
             }
             for t in &sip.trunks {
-                if t.host.is_empty() || t.username.is_empty() {
-                    return invalid("every [[sip.trunks]] needs a host and a username".into());
+                if t.host.is_empty() {
+                    return invalid("every [[sip.trunks]] needs a host".into());
+                }
+                if t.username.is_empty() && !t.password.is_empty() {
+                    return invalid("a [[sip.trunks]] password needs a username".into());
                 }
             }
             for (i, r) in sip.registrations.iter().enumerate() {

@@ -58,6 +58,8 @@ impl Pair {
                 credentials: None,
                 timers: Timers::default(),
                 user_agent: "caller".into(),
+                delayed_offer: false,
+                session_expires: None,
             },
             LocalMedia::new("192.0.2.10".parse().unwrap(), 20000, 1),
             11,

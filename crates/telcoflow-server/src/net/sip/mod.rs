@@ -49,7 +49,7 @@ use telcoflow_sip::rtp::ports::PortPool;
 use telcoflow_sip::sip::Transport;
 use telcoflow_sip::sip::digest::Credentials;
 use telcoflow_sip::sip::message::SipUri;
-use telcoflow_sip::sip::uac::UacConfig;
+use telcoflow_sip::sip::uac::{DEFAULT_SESSION_EXPIRES, UacConfig};
 use telcoflow_sip::sip::uas::{Uas, UasConfig};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
@@ -100,10 +100,13 @@ impl Network for SipNetwork {
             Some(p) => format!("{}:{p}", parsed.host),
             None => parsed.host.clone(),
         };
-        let trunk = self.config.trunk_for(&host_port).map(|t| Credentials {
-            username: t.username.clone(),
-            password: t.password.clone(),
-        });
+        let trunk_config = self.config.trunk_for(&host_port);
+        let trunk = trunk_config
+            .filter(|t| !t.username.is_empty())
+            .map(|t| Credentials {
+                username: t.username.clone(),
+                password: t.password.clone(),
+            });
         // A destination on a registrar's host goes through that registration: its
         // credentials (unless a trunk of the same host has its own), its outbound proxy,
         // and its address of record as the caller.
@@ -146,6 +149,8 @@ impl Network for SipNetwork {
             credentials,
             timers: self.config.timers(),
             user_agent: USER_AGENT.into(),
+            delayed_offer: trunk_config.is_some_and(|t| t.delayed_offer),
+            session_expires: Some(DEFAULT_SESSION_EXPIRES),
         };
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
         // The callee picks the codec: the leg tells the call its rate when it answers.
