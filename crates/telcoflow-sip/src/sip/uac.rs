@@ -342,7 +342,7 @@ impl OutgoingCall {
         r.headers.push("User-Agent", self.config.user_agent.clone());
         self.authorization = authorization;
         if let Some((name, value)) = &self.authorization {
-            r.headers.push(*name, value.clone());
+            r.headers.push(name, value.clone());
         }
         if self.config.delayed_offer {
             return r;
@@ -1144,7 +1144,7 @@ a={direction}\r\n"
             let mut r = Response::to_request(to, status, Some("callee9"));
             r.headers.push("Contact", "<sip:callee@192.0.2.90:5070>");
             for (name, value) in headers {
-                r.headers.push(*name, *value);
+                r.headers.push(name, *value);
             }
             if let Some(b) = body {
                 r = r.with_body("application/sdp", b);
