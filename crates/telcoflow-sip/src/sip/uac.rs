@@ -15,7 +15,8 @@
 //! ([`UacEvent::EarlyMedia`]); a 200 without SDP after it keeps those media. With
 //! [`UacConfig::session_expires`] the INVITE asks for a session timer (`Min-SE: 90`; a 422
 //! raises it to the callee's `Min-SE` and retries): when the 200 makes us the refresher we send
-//! UPDATE every half interval, else we end the call (BYE, [`UacEvent::SessionExpired`]) when no
+//! UPDATE every half interval (a re-INVITE with our offer to a callee whose `Allow` lacks
+//! UPDATE), else we end the call (BYE, [`UacEvent::SessionExpired`]) when no
 //! refresh came by the interval less min(32 s, a third). With [`UacConfig::delayed_offer`] the
 //! INVITE has no SDP: the callee offers in its 200 and our answer goes in the ACK (SDP in its
 //! provisional responses is not taken as early media then).
@@ -190,6 +191,12 @@ pub struct OutgoingCall {
     authorization: Option<(&'static str, String)>,
     /// The session timer in force once answered.
     session: Option<SessionTimer>,
+    /// The callee takes UPDATE (its 200 lists it in `Allow`, or has no `Allow`): our
+    /// refreshes are UPDATEs, else re-INVITEs.
+    peer_allows_update: bool,
+    /// Our refreshing re-INVITE, and the ACK of its 2xx.
+    refresh_invite: Option<InviteClientTransaction>,
+    refresh_ack: Option<Request>,
 }
 
 impl OutgoingCall {
@@ -231,6 +238,9 @@ impl OutgoingCall {
             session_retries: 0,
             authorization: None,
             session: None,
+            peer_allows_update: true,
+            refresh_invite: None,
+            refresh_ack: None,
         };
         call.session_expires = call.config.session_expires;
         let invite = call.build_invite(None);
@@ -283,6 +293,11 @@ impl OutgoingCall {
                 self.session
                     .and_then(|t| t.due)
                     .filter(|_| self.state == State::Answered),
+            )
+            .chain(
+                self.refresh_invite
+                    .as_ref()
+                    .and_then(InviteClientTransaction::poll_timeout),
             )
             .min()
     }
@@ -407,6 +422,13 @@ impl OutgoingCall {
             if TransactionKey::for_sent_request(invite.request()).ok() == Some(key.clone()) {
                 invite.handle_response(response, now);
                 self.drain_invite();
+                return;
+            }
+        }
+        if let Some(tx) = &mut self.refresh_invite {
+            if TransactionKey::for_sent_request(tx.request()).ok() == Some(key.clone()) {
+                tx.handle_response(response, now);
+                self.drain_refresh_invite();
                 return;
             }
         }
@@ -628,6 +650,8 @@ impl OutgoingCall {
         match (negotiated, self.cancelled) {
             (Ok(negotiated), false) => {
                 self.state = State::Answered;
+                self.peer_allows_update =
+                    r.headers.get("Allow").is_none() || lists(&r.headers, "Allow", "UPDATE");
                 self.arm_session_timer(&r.headers, false);
                 self.events.push_back(UacEvent::Answered { negotiated });
             }
@@ -777,7 +801,8 @@ impl OutgoingCall {
         reply
     }
 
-    /// Refreshes the session with an UPDATE (no SDP: the media stay as they are).
+    /// Refreshes the session with an UPDATE (no SDP: the media stay as they are), or with a
+    /// re-INVITE offering our media again when the callee does not take UPDATE.
     fn send_refresh(&mut self) {
         let Some(timer) = &mut self.session else {
             return;
@@ -785,26 +810,92 @@ impl OutgoingCall {
         timer.due = None;
         let interval = timer.interval;
         self.cseq += 1;
-        let mut update = self.dialog_request(Method::Update, self.cseq);
-        update.headers.push(
+        let method = if self.peer_allows_update {
+            Method::Update
+        } else {
+            Method::Invite
+        };
+        let mut refresh = self.dialog_request(method.clone(), self.cseq);
+        refresh.headers.push(
             "Session-Expires",
             format!("{};refresher=uac", interval.as_secs()),
         );
-        update
+        refresh
             .headers
             .push("Min-SE", self.min_se.as_secs().to_string());
-        update.headers.push("Supported", "timer");
-        update
+        refresh.headers.push("Supported", "timer");
+        refresh
             .headers
             .push("Contact", format!("<{}>", self.config.contact));
+        if method == Method::Invite {
+            refresh.headers.push("Allow", ALLOW);
+            let offer = sdp::offer(&self.media).to_string();
+            let mut tx = InviteClientTransaction::new(
+                refresh.with_body("application/sdp", offer),
+                self.config.transport.reliable(),
+                self.config.timers,
+                self.last_now,
+            );
+            while let Some(m) = tx.poll_transmit() {
+                self.transmits.push_back(m);
+            }
+            self.refresh_invite = Some(tx);
+            self.refresh_ack = None;
+            return;
+        }
         let tx = NonInviteClientTransaction::new(
-            update,
+            refresh,
             self.config.transport.reliable(),
             self.config.timers,
             self.last_now,
         );
         self.clients.push(tx);
         self.drain_clients();
+    }
+
+    /// What our refreshing re-INVITE's transaction sends and hears: every 2xx is ACKed (the
+    /// first one's answer may change the media), the final outcome goes to
+    /// [`OutgoingCall::on_refresh_answered`].
+    fn drain_refresh_invite(&mut self) {
+        let Some(tx) = &mut self.refresh_invite else {
+            return;
+        };
+        while let Some(m) = tx.poll_transmit() {
+            self.transmits.push_back(m);
+        }
+        let events: Vec<TransactionEvent> = std::iter::from_fn(|| tx.poll_event()).collect();
+        if tx.is_terminated() {
+            self.refresh_invite = None;
+        }
+        for event in events {
+            match event {
+                TransactionEvent::Response(r) if (200..300).contains(&r.status) => {
+                    let first = self.refresh_ack.is_none();
+                    if first {
+                        let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
+                        self.refresh_ack = Some(self.dialog_request(Method::Ack, seq));
+                    }
+                    if let Some(ack) = &self.refresh_ack {
+                        self.transmits.push_back(Message::Request(ack.clone()));
+                    }
+                    if !first {
+                        continue;
+                    }
+                    let answer = SessionDescription::parse_bytes(&r.body)
+                        .map_err(sdp::NegotiationError::from)
+                        .and_then(|sd| sdp::accept_answer(&self.media, &sd));
+                    if let Ok(negotiated) = answer {
+                        self.events.push_back(UacEvent::MediaUpdated { negotiated });
+                    }
+                    self.on_refresh_answered(Some(r));
+                }
+                TransactionEvent::Response(r) if r.status >= 300 => {
+                    self.on_refresh_answered(Some(r));
+                }
+                TransactionEvent::Timeout => self.on_refresh_answered(None),
+                _ => {}
+            }
+        }
     }
 
     /// Our refresh's final answer (RFC 4028 10): a 2xx sets the timer anew; a 422 retries
@@ -1049,6 +1140,12 @@ impl OutgoingCall {
             if invite.poll_timeout().is_some_and(|t| t <= now) {
                 invite.handle_timeout(now);
                 self.drain_invite();
+            }
+        }
+        if let Some(tx) = &mut self.refresh_invite {
+            if tx.poll_timeout().is_some_and(|t| t <= now) {
+                tx.handle_timeout(now);
+                self.drain_refresh_invite();
             }
         }
         for tx in &mut self.clients {
@@ -1775,5 +1872,57 @@ Content-Length: {}\r\n\r\n{body}",
         let methods: Vec<Method> = h.sent().into_iter().map(|r| r.method).collect();
         assert_eq!(methods, vec![Method::Ack, Method::Bye]);
         assert!(matches!(h.events().as_slice(), [UacEvent::Failed { .. }]));
+    }
+
+    #[test]
+    fn a_callee_without_update_is_refreshed_by_re_invite() {
+        let mut h = Harness::with(timed(1800));
+        let invite = h.sent().remove(0);
+        h.respond_with(
+            &invite,
+            200,
+            &[
+                ("Session-Expires", "120;refresher=uac"),
+                ("Allow", "INVITE, ACK, CANCEL, BYE"),
+            ],
+            Some(callee_sdp("sendrecv")),
+        );
+        h.sent();
+        h.events();
+        let log = h.run_until(60_000);
+        let [(60_000, reinvite)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(reinvite.method, Method::Invite);
+        reinvite.validate().unwrap();
+        assert_eq!(reinvite.header_to().unwrap().tag(), Some("callee9"));
+        assert_eq!(
+            reinvite.headers.get("Session-Expires"),
+            Some("120;refresher=uac")
+        );
+        let offer = String::from_utf8(reinvite.body.clone()).unwrap();
+        assert!(offer.contains("m=audio 30000"), "{offer}");
+        // Its 200 is ACKed (again when resent), and sets the timer anew.
+        let ok = [("Session-Expires", "120;refresher=uac")];
+        h.respond_with(reinvite, 200, &ok, Some(callee_sdp("sendrecv")));
+        let sent = h.sent();
+        let [ack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(ack.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
+        assert!(matches!(
+            h.events().as_slice(),
+            [UacEvent::MediaUpdated { .. }]
+        ));
+        h.respond_with(reinvite, 200, &ok, Some(callee_sdp("sendrecv")));
+        assert_eq!(h.sent(), vec![ack.clone()]);
+        assert!(h.events().is_empty());
+        let log = h.run_until(120_000);
+        assert!(
+            log.iter()
+                .any(|(t, r)| *t == 120_000 && r.method == Method::Invite),
+            "{log:?}"
+        );
     }
 }
