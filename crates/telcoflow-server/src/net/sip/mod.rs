@@ -15,9 +15,10 @@
 //! |---|---|---|
 //! | new call | `UasEvent::IncomingCall` (Reject 404 if the number has no route) | `OutgoingCall::new` |
 //! | ringing | `LegOutput::Ringing` -> `UasAction::Ringing` | `UacEvent::Progress` |
+//! | early media | (none sent) | `UacEvent::EarlyMedia` -> the RTP session opens on the 183's SDP, `LegEvent::EarlyMedia`, then its audio before the answer |
 //! | answered | `LegOutput::Answered` -> `UasAction::Answer` | `UacEvent::Answered` -> `LegEvent::Answered` |
 //! | refused | ring timeout -> `UasAction::Reject { status: 480 }` | `UacEvent::Failed` -> `LegEvent::Rejected` |
-//! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` -> `LegEvent::Hangup` |
+//! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` / `SessionExpired` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` / `SessionExpired` -> `LegEvent::Hangup` |
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
 //! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `queue_audio`/`poll_audio` (8 kHz) | same |
 //! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
