@@ -1183,7 +1183,7 @@ fn the_caller_hears_a_ringing_destinations_early_media_until_it_refuses() {
     let _callee = call.rung();
     let n = SampleRate::Hz16000.frame_samples();
     let mut pool = super::frames::SamplePool::default();
-    let mut from_callee = |call: &mut Call, event: LegEvent, t: Duration| {
+    let from_callee = |call: &mut Call, event: LegEvent, t: Duration| {
         call.input(
             CallInput::Leg {
                 leg: LegId(1),
