@@ -1344,6 +1344,32 @@ mod tests {
     }
 
     #[test]
+    fn a_trunk_may_ask_for_a_delayed_offer_alone() {
+        let sip = |trunk: &str| {
+            Config::from_toml(&format!(
+                "[sip]\nlisten = \"127.0.0.1:5070\"\n[[sip.trunks]]\n{trunk}\n\
+                 [[connectors]]\nuuid = \"7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01\"\n\
+                 api_key = \"k1\"\nnumbers = [\"+100\"]\n"
+            ))
+        };
+        let config = sip("host = \"cucm.example\"\ndelayed_offer = true").unwrap();
+        let trunk = config
+            .sip
+            .as_ref()
+            .unwrap()
+            .trunk_for("cucm.example")
+            .unwrap();
+        assert!(trunk.delayed_offer);
+        assert!(trunk.username.is_empty());
+        let config = sip("host = \"t.example\"\nusername = \"u\"\npassword = \"p\"").unwrap();
+        assert!(!config.sip.unwrap().trunks[0].delayed_offer);
+        let err = sip("host = \"t.example\"\npassword = \"p\"").unwrap_err();
+        assert!(err.to_string().contains("needs a username"), "{err}");
+        let err = sip("host = \"\"").unwrap_err();
+        assert!(err.to_string().contains("needs a host"), "{err}");
+    }
+
+    #[test]
     fn documented_sip_example_parses() {
         let doc = include_str!("../../../docs/sip.md");
         let start = doc.find("```toml").expect("docs/sip.md has a toml block") + "```toml".len();
