@@ -164,6 +164,37 @@ async fn a_reliable_183_is_pracked_and_the_session_refreshed_by_update() {
 }
 
 #[tokio::test]
+async fn a_422_raises_the_interval_and_a_callee_that_stops_refreshing_is_hung_up_on() {
+    if !sipp::available() {
+        return;
+    }
+    let ports = sipp::ports(95);
+    let dir = sipp::work_dir("422-expiry");
+    let args = sipp::uas_args(ports, "uas_422_expiry.xml");
+    let sip_phone = tokio::spawn(async move { sipp::run(&dir, &args).await });
+
+    let (server, _control, _phone, mut media) = answered_call(connect_config(ports), 8000).await;
+    // SIPp refuses our 1800 s with 422 (Min-SE 3600), checks the retry asks for 3600 s, grants
+    // 4 s with itself refreshing, and never does: our BYE ends the destination's leg.
+    let resp = media
+        .command("call.connect", Some(json!({"ringTimeSeconds": 10})))
+        .await;
+    assert_eq!(resp["success"], true, "{resp}");
+    loop {
+        let v = media.ws.expect_type("call_event").await;
+        assert_ne!(v["data"]["event"], "call.terminated", "{v}");
+        if v["data"]["state"] == "ended" {
+            break;
+        }
+    }
+    sip_phone.await.unwrap().assert_passed();
+    // The caller stays with the agent.
+    let resp = media.command("agent.interrupt", None).await;
+    assert_eq!(resp["success"], true, "{resp}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_delayed_offer_trunk_gets_an_invite_without_sdp_and_our_answer_in_the_ack() {
     if !sipp::available() {
         return;
