@@ -18,8 +18,8 @@
 //! UPDATE every half interval (a re-INVITE with our offer to a callee whose `Allow` lacks
 //! UPDATE), else we end the call (BYE, [`UacEvent::SessionExpired`]) when no
 //! refresh came by the interval less min(32 s, a third). With [`UacConfig::delayed_offer`] the
-//! INVITE has no SDP: the callee offers in its 200 and our answer goes in the ACK (SDP in its
-//! provisional responses is not taken as early media then).
+//! INVITE has no SDP: the callee offers in its 200 and our answer goes in the ACK, or offers
+//! in a reliable provisional response and our answer goes in the PRACK (early media then).
 //!
 //! The ring timeout is the owner's: call [`OutgoingCall::cancel`] when it expires. A CANCEL
 //! asked before any provisional response waits for one (RFC 3261 9.1); if none comes, the
@@ -557,6 +557,24 @@ impl OutgoingCall {
             prack
                 .headers
                 .push("RAck", format!("{rseq} {invite_seq} INVITE"));
+            // A delayed offer's callee may offer in a reliable provisional response: the
+            // answer goes in the PRACK (RFC 3262 5), and its media play early.
+            let offers = self.config.delayed_offer && self.early.is_none() && !r.body.is_empty();
+            if offers && !self.cancelled {
+                let outcome = SessionDescription::parse_bytes(&r.body)
+                    .map_err(sdp::NegotiationError::from)
+                    .and_then(|offer| sdp::answer(&offer, &self.media));
+                match outcome {
+                    Ok((answer, negotiated)) => {
+                        prack = prack.with_body("application/sdp", answer.to_string());
+                        self.early = Some(negotiated);
+                        self.events.push_back(UacEvent::EarlyMedia { negotiated });
+                    }
+                    Err(err) => {
+                        tracing::debug!(cause = %err, "offer in a provisional response not usable")
+                    }
+                }
+            }
             let tx = NonInviteClientTransaction::new(
                 prack,
                 self.config.transport.reliable(),
@@ -566,8 +584,8 @@ impl OutgoingCall {
             self.clients.push(tx);
             self.drain_clients();
         }
-        // An offer in a provisional response (delayed offer) would need its answer in the
-        // PRACK: not done, so no early media then.
+        // With a delayed offer, SDP in an unreliable provisional response is an offer the 200
+        // repeats: no early media then.
         if self.config.delayed_offer || self.cancelled || r.body.is_empty() {
             return;
         }
@@ -613,7 +631,10 @@ impl OutgoingCall {
             self.take_dialog(&r);
             let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
             let mut ack = self.dialog_request(Method::Ack, seq);
-            if self.config.delayed_offer && self.is_ringing() && !self.cancelled {
+            if let (true, Some(early)) = (self.config.delayed_offer, self.early) {
+                // Offer and answer are done (the answer went in a PRACK): the ACK has none.
+                offered = Some(Ok(early));
+            } else if self.config.delayed_offer && self.is_ringing() && !self.cancelled {
                 let outcome = SessionDescription::parse_bytes(&r.body)
                     .map_err(sdp::NegotiationError::from)
                     .and_then(|offer| sdp::answer(&offer, &self.media));
@@ -1923,6 +1944,47 @@ Content-Length: {}\r\n\r\n{body}",
             log.iter()
                 .any(|(t, r)| *t == 120_000 && r.method == Method::Invite),
             "{log:?}"
+        );
+    }
+
+    #[test]
+    fn a_delayed_offer_in_a_reliable_183_is_answered_in_the_prack() {
+        let mut h = Harness::with(UacConfig {
+            delayed_offer: true,
+            ..config(None)
+        });
+        let invite = h.sent().remove(0);
+        let reliable = [("Require", "100rel"), ("RSeq", "1")];
+        h.respond_with(&invite, 183, &reliable, Some(callee_sdp("sendrecv")));
+        let sent = h.sent();
+        let [prack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(prack.method, Method::Prack);
+        let answer = String::from_utf8(prack.body.clone()).unwrap();
+        assert!(answer.contains("m=audio 30000 RTP/AVP 8"), "{answer}");
+        let events = h.events();
+        let [
+            UacEvent::Progress { status: 183 },
+            UacEvent::EarlyMedia { negotiated: early },
+        ] = events.as_slice()
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!(early.remote, "192.0.2.90:50000".parse().unwrap());
+        h.call
+            .handle_input(&Response::to_request(prack, 200, None).to_bytes(), h.now);
+        // The 200 carries no SDP: the media are those agreed; the ACK has no body.
+        h.respond(&invite, 200, None);
+        let events = h.events();
+        assert!(
+            matches!(events.as_slice(), [UacEvent::Answered { negotiated }] if negotiated == early),
+            "{events:?}"
+        );
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [ack] if ack.method == Method::Ack && ack.body.is_empty()),
+            "{sent:?}"
         );
     }
 }
