@@ -59,13 +59,32 @@ fn five_calls_three_seconds_rust_agent() {
         (5.0 * 50.0..=5.0 * 250.0).contains(&sent),
         "frames_sent {sent}"
     );
-    assert_eq!(num(&v, &["frames_lost"]), 0.0, "{v:#}");
+    assert_losses_accounted_for(&v);
     assert_eq!(num(&v, &["frames_crossed"]), 0.0);
     let late = num(&v, &["frames_late"]);
     assert!((0.0..=sent).contains(&late));
     // Each call runs one interrupt probe in 3 s.
     assert_timings_and_costs_plausible(&v);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Every echo the caller missed is one the server reports dropping on purpose: on a loaded
+/// machine a stalled tick makes it drop the backlog the stall left (`stall_catch_up`, a
+/// documented bound), which may cut the marker frames of the stall's length in two; with no
+/// drop reported, nothing may be lost.
+fn assert_losses_accounted_for(v: &Value) {
+    let lost = num(v, &["frames_lost"]);
+    let dropped: f64 = v
+        .get("server_frames_dropped")
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("no server_frames_dropped in {v:#}"))
+        .values()
+        .filter_map(Value::as_f64)
+        .sum();
+    assert!(
+        lost <= 2.0 * dropped,
+        "{lost} frames lost, {dropped} dropped by the server: {v:#}"
+    );
 }
 
 /// Without the plot feature `--plot` stops the bench before it starts anything, saying how to

@@ -459,6 +459,9 @@ impl CallEvent {
     pub const AUDIO_SKIPPED: &'static str = "call.audio_skipped";
     /// How a transfer goes (`method`, `status`, `reason`): a NOTIFY from a referred caller.
     pub const TRANSFER_PROGRESS: &'static str = "call.transfer_progress";
+    /// A dialled destination (`destination`) sends early media before it answers: the
+    /// party that waits for it hears them (extension).
+    pub const EARLY_MEDIA: &'static str = "call.early_media";
 
     /// The call's quality figures, at its end (the [`CallStats`](crate::stats::CallStats)
     /// fields).
@@ -554,6 +557,17 @@ impl CallEvent {
         fields.insert("reason".into(), Value::from(reason));
         Self {
             event: Self::TRANSFER_PROGRESS.into(),
+            fields,
+        }
+    }
+
+    /// `call.early_media`: the dialled `destination` plays early media (ringback,
+    /// announcements) before answering.
+    pub fn early_media(destination: &str) -> Self {
+        let mut fields = Map::new();
+        fields.insert("destination".into(), Value::from(destination));
+        Self {
+            event: Self::EARLY_MEDIA.into(),
             fields,
         }
     }

@@ -536,16 +536,22 @@ impl std::fmt::Debug for SipAccount {
 }
 
 /// A SIP trunk: `sip:` connect destinations whose host is `host` authenticate with these
-/// credentials when challenged.
+/// credentials when challenged, and are dialled the way the trunk asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SipTrunk {
     /// `host` or `host:port`, as written in the destination URIs.
     pub host: String,
-    /// Digest user name.
+    /// Digest user name (empty: calls through the trunk answer no challenge).
+    #[serde(default)]
     pub username: String,
     /// Digest password.
+    #[serde(default)]
     pub password: String,
+    /// Send INVITEs without SDP (delayed offer): the trunk offers in its 200 and the server
+    /// answers in the ACK.
+    #[serde(default)]
+    pub delayed_offer: bool,
 }
 
 impl Default for SipConfig {
@@ -1044,8 +1050,11 @@ impl Config {
                 return invalid("sip.rtp_timeout_secs must be at least 1".into());
             }
             for t in &sip.trunks {
-                if t.host.is_empty() || t.username.is_empty() {
-                    return invalid("every [[sip.trunks]] needs a host and a username".into());
+                if t.host.is_empty() {
+                    return invalid("every [[sip.trunks]] needs a host".into());
+                }
+                if t.username.is_empty() && !t.password.is_empty() {
+                    return invalid("a [[sip.trunks]] password needs a username".into());
                 }
             }
             for (i, r) in sip.registrations.iter().enumerate() {
@@ -1393,6 +1402,32 @@ mod tests {
         let defaults = SipConfig::default();
         assert_eq!(defaults.rtp_port_range().unwrap(), (20000, 20999));
         assert_eq!(defaults.rtp_timeout_secs, 30);
+    }
+
+    #[test]
+    fn a_trunk_may_ask_for_a_delayed_offer_alone() {
+        let sip = |trunk: &str| {
+            Config::from_toml(&format!(
+                "[sip]\nlisten = \"127.0.0.1:5070\"\n[[sip.trunks]]\n{trunk}\n\
+                 [[connectors]]\nuuid = \"7b0e9c2a-1d1e-4a5b-9f55-2f1f3b7a9e01\"\n\
+                 api_key = \"k1\"\nnumbers = [\"+100\"]\n"
+            ))
+        };
+        let config = sip("host = \"cucm.example\"\ndelayed_offer = true").unwrap();
+        let trunk = config
+            .sip
+            .as_ref()
+            .unwrap()
+            .trunk_for("cucm.example")
+            .unwrap();
+        assert!(trunk.delayed_offer);
+        assert!(trunk.username.is_empty());
+        let config = sip("host = \"t.example\"\nusername = \"u\"\npassword = \"p\"").unwrap();
+        assert!(!config.sip.unwrap().trunks[0].delayed_offer);
+        let err = sip("host = \"t.example\"\npassword = \"p\"").unwrap_err();
+        assert!(err.to_string().contains("needs a username"), "{err}");
+        let err = sip("host = \"\"").unwrap_err();
+        assert!(err.to_string().contains("needs a host"), "{err}");
     }
 
     #[test]

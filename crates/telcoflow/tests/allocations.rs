@@ -868,6 +868,8 @@ async fn sip_phone(server: SocketAddr) -> Measured {
         credentials: None,
         timers: Timers::default(),
         user_agent: "telcoflow-allocations".into(),
+        delayed_offer: false,
+        session_expires: None,
     };
     let media = LocalMedia {
         codecs: vec![Codec::Pcmu],

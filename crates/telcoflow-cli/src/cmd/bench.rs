@@ -19,6 +19,7 @@ mod cluster;
 pub(crate) mod marker;
 #[cfg(feature = "plot")]
 mod plot;
+mod scrape;
 mod sip_caller;
 pub(crate) mod stats;
 
@@ -26,6 +27,7 @@ use anyhow::{Context, bail};
 use caller::{CallPlan, CallReport, Progress};
 use serde::Serialize;
 use stats::{Percentiles, ProcCost, ProcSample, round3};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -236,6 +238,11 @@ pub(crate) struct RunResult {
     window_s: f64,
     /// The first few call failures.
     failures: Vec<String>,
+    /// Audio frames the servers dropped on purpose, by cause (their
+    /// `telcoflow_frames_dropped_total`, e.g. `stall_catch_up` after a stall): what accounts
+    /// for `frames_lost`. Absent when a server's `/metrics` could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_frames_dropped: Option<BTreeMap<String, u64>>,
     /// Round trips around an agent stall (--stall-agent-ms).
     #[serde(skip_serializing_if = "Option::is_none")]
     stall: Option<StallFigures>,
@@ -362,6 +369,26 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The frames every server dropped on purpose, summed by cause; `None` (with a warning) when
+/// one cannot be read, e.g. a `--server` whose `/metrics` needs a token.
+async fn frames_dropped(base_urls: &[String]) -> Option<BTreeMap<String, u64>> {
+    let mut total = BTreeMap::new();
+    for url in base_urls {
+        match scrape::frames_dropped(url).await {
+            Ok(by_cause) => {
+                for (cause, n) in by_cause {
+                    *total.entry(cause).or_default() += n;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(server = %url, "cannot read the server's drop counters: {e:#}");
+                return None;
+            }
+        }
+    }
+    Some(total)
 }
 
 /// A child process and its stdout lines.
@@ -661,6 +688,7 @@ async fn run_once(
     if let Some(stall) = stall {
         stall.await.context("the stall task failed")??;
     }
+    let server_dropped = frames_dropped(&base_urls).await;
     // The nodes write each ended call's record and count right after its hang-up: a moment
     // for those to pass through NATS before the last reading.
     let varz_done = match &nats {
@@ -749,6 +777,7 @@ async fn run_once(
         window,
     );
     result.stall = stall;
+    result.server_frames_dropped = server_dropped;
     if let Some((nodes, _)) = topology {
         let mut cross = Vec::new();
         let mut same = Vec::new();
@@ -919,6 +948,7 @@ fn summarise(
             .filter_map(|r| r.failure.clone())
             .take(5)
             .collect(),
+        server_frames_dropped: None,
         stall: None,
         cluster: None,
     }
@@ -973,6 +1003,21 @@ fn print_table(r: &RunResult) {
         r.frames_late,
         r.frames_crossed
     );
+    if let Some(dropped) = r
+        .server_frames_dropped
+        .as_ref()
+        .filter(|d| d.values().any(|&n| n > 0))
+    {
+        let causes: Vec<String> = dropped
+            .iter()
+            .filter(|&(_, &n)| n > 0)
+            .map(|(cause, n)| format!("{cause} {n}"))
+            .collect();
+        println!(
+            "  server dropped on purpose (frames): {}",
+            causes.join(", ")
+        );
+    }
     println!(
         "  {:<24}{:>8} {:>8} {:>8} {:>8}",
         "ms", "p50", "p95", "p99", "max"

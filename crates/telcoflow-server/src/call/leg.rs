@@ -25,6 +25,9 @@ impl LegId {
 pub(crate) enum LegEvent {
     /// A rung destination picked up.
     Answered,
+    /// A rung destination that has not picked up sends early media (a SIP 183 with SDP):
+    /// its audio events before the answer are its ringback or announcements.
+    EarlyMedia,
     /// A rung destination refused or could not be reached.
     Rejected(Refusal),
     /// The leg hung up.

@@ -23,6 +23,8 @@ pub(super) struct Leg {
     pub(super) id: LegId,
     link: LegLink,
     pub(super) up: bool,
+    /// Not up yet, but sending early media: its audio is heard while it rings.
+    pub(super) early: bool,
     /// Leg rate -> agent rate.
     pub(super) from_leg: Resampler,
     /// Agent rate -> leg rate.
@@ -61,6 +63,7 @@ impl Leg {
             id,
             link,
             up: false,
+            early: false,
             from_leg,
             to_leg,
             queue: VecDeque::with_capacity(LEG_QUEUE_FRAMES * agent_rate.frame_samples()),

@@ -86,11 +86,24 @@ impl CallActor {
                     }
                 }
             }
+            LegEvent::EarlyMedia => {
+                let Some(callee) = self.callee.as_mut().filter(|c| !c.up && !c.early) else {
+                    return;
+                };
+                callee.early = true;
+                if let Some(c) = &self.connect {
+                    info!(destination = %c.destination, "destination sends early media");
+                    let event = CallEvent::early_media(&c.destination);
+                    self.send_event(event);
+                }
+            }
             LegEvent::Audio(samples) => {
                 if self.phase == Phase::Answered {
                     let frame = self.rate().frame_samples();
                     if let Some(callee) = &mut self.callee {
-                        if callee.up {
+                        // Early media queue as the answered audio does: the caller hears
+                        // them (see `on_tick`).
+                        if callee.up || callee.early {
                             callee.arrived(samples.len(), self.now);
                             self.scratch.clear();
                             callee.from_leg.process(&samples, &mut self.scratch);
@@ -138,7 +151,10 @@ impl CallActor {
             LegEvent::Audio(samples) => {
                 self.handle.live.heard_from_caller(&samples);
                 if self.phase != Phase::Answered {
-                    return; // nobody listens before the call is answered
+                    if self.caller.early && self.phase == Phase::Ringing {
+                        self.forward_early_media(&samples);
+                    }
+                    return; // nobody else listens before the call is answered
                 }
                 self.caller.arrived(samples.len(), self.now);
                 self.scratch.clear();
@@ -198,6 +214,33 @@ impl CallActor {
                 }
             }
             LegEvent::Answered => {}
+            LegEvent::EarlyMedia if self.outbound && self.phase == Phase::Ringing => {
+                // The far end of `session.create` rings with early media: the agent hears
+                // them, as a caller would.
+                if !self.caller.early {
+                    self.caller.early = true;
+                    info!("far end sends early media");
+                    let event = CallEvent::early_media(&self.handle.to);
+                    self.send_event(event);
+                }
+            }
+            LegEvent::EarlyMedia => {}
+        }
+    }
+
+    /// The early media of an outbound call's far end, to the agent as they arrive (nothing
+    /// is recorded before the answer).
+    fn forward_early_media(&mut self, samples: &[i16]) {
+        self.scratch.clear();
+        self.caller.from_leg.process(samples, &mut self.scratch);
+        if self.scratch.is_empty() {
+            return;
+        }
+        let frame = frame_bytes(&mut self.media_pool, Some(CHANNEL_MIXED), &self.scratch);
+        self.send_media(MediaOut::Audio(frame));
+        if self.setup.audio_mode == AudioMode::Isolated {
+            let caller = frame_bytes(&mut self.media_pool, Some(CHANNEL_CALLER), &self.scratch);
+            self.send_media(MediaOut::Audio(caller));
         }
     }
 
@@ -225,10 +268,27 @@ impl CallActor {
         let shift = self.aligner.on_tick(waited);
         let callee_up = self.callee.as_ref().is_some_and(|c| c.up);
         if !callee_up {
-            // Caller alone with the agent.
+            // Caller alone with the agent, and a ringing destination's early media (its
+            // ringback, announcements) when it sends some.
             let mut frame = std::mem::take(&mut self.agent_frame);
-            self.handle.live.played_to_caller(&frame);
-            let heard = self.caller.play(&frame, &mut self.scratch);
+            let early = match &mut self.callee {
+                Some(callee) if callee.early => {
+                    self.callee_frame.resize(n, 0);
+                    callee.take_frame(&mut self.callee_frame);
+                    true
+                }
+                _ => false,
+            };
+            let heard = if early {
+                self.mix.clear();
+                self.mix.extend_from_slice(&frame);
+                mix_into(&mut self.mix, &self.callee_frame);
+                self.handle.live.played_to_caller(&self.mix);
+                self.caller.play(&self.mix, &mut self.scratch)
+            } else {
+                self.handle.live.played_to_caller(&frame);
+                self.caller.play(&frame, &mut self.scratch)
+            };
             self.record_tick(None, agent_speaks.then_some(&frame[..]));
             frame.clear();
             self.agent_frame = frame;

@@ -1163,3 +1163,69 @@ fn one_transfer_at_a_time_and_no_connect_meanwhile() {
         Some("CALL_TERMINATED")
     );
 }
+
+/// The loudest sample of each audio frame the caller got since the last look.
+fn caller_levels(rx: &mut mpsc::Receiver<LegOutput>) -> Vec<i16> {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .filter_map(|out| match out {
+            LegOutput::Audio(frame) => Some(frame.iter().map(|s| s.saturating_abs()).max()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn the_caller_hears_a_ringing_destinations_early_media_until_it_refuses() {
+    let mut call = Call::answered(Duration::ZERO);
+    call.frames();
+    call.connect(MS, 20, None);
+    let _callee = call.rung();
+    let n = SampleRate::Hz16000.frame_samples();
+    let mut pool = super::frames::SamplePool::default();
+    let from_callee = |call: &mut Call, event: LegEvent, t: Duration| {
+        call.input(
+            CallInput::Leg {
+                leg: LegId(1),
+                event,
+            },
+            t,
+        );
+    };
+    // Audio before any early media is nobody's.
+    from_callee(
+        &mut call,
+        LegEvent::Audio(pool.frame(&vec![3000; n])),
+        MS * 5,
+    );
+    call.actor.on_tick(call.at(MS * 10));
+    assert!(caller_levels(&mut call.caller).iter().all(|l| *l == 0));
+    from_callee(&mut call, LegEvent::EarlyMedia, MS * 20);
+    let events = events_of(&call.frames());
+    assert!(
+        matches!(events.as_slice(), [(name, fields)] if name == "call.early_media" && fields["destination"].is_string()),
+        "{events:?}"
+    );
+    for i in 0..5u32 {
+        let t = MS * 30 + MS * 20 * i;
+        from_callee(&mut call, LegEvent::Audio(pool.frame(&vec![3000; n])), t);
+        call.actor.on_tick(call.at(t + MS * 5));
+    }
+    let heard = caller_levels(&mut call.caller);
+    assert!(
+        heard.iter().filter(|l| **l >= 2900).count() >= 4,
+        "{heard:?}"
+    );
+    // The destination refuses: the connect fails, and the caller hears the silent agent.
+    from_callee(&mut call, LegEvent::Rejected(Refusal::Busy), MS * 200);
+    let response = response_of(&call.frames());
+    assert_eq!(response.error_code.as_deref(), Some("CALL_UNANSWERED"));
+    for i in 0..5u32 {
+        call.actor.on_tick(call.at(MS * 210 + MS * 20 * i));
+    }
+    let heard = caller_levels(&mut call.caller);
+    assert!(
+        !heard.is_empty() && heard.iter().all(|l| *l == 0),
+        "{heard:?}"
+    );
+}

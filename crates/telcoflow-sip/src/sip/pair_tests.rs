@@ -46,6 +46,11 @@ struct Pair {
 
 impl Pair {
     fn new() -> Self {
+        Self::asking_for_a_session(None)
+    }
+
+    /// A pair whose caller asks for a session timer of `session_expires`.
+    fn asking_for_a_session(session_expires: Option<Duration>) -> Self {
         let now = Instant::now();
         let uac = OutgoingCall::new(
             UacConfig {
@@ -58,6 +63,8 @@ impl Pair {
                 credentials: None,
                 timers: Timers::default(),
                 user_agent: "caller".into(),
+                delayed_offer: false,
+                session_expires,
             },
             LocalMedia::new("192.0.2.10".parse().unwrap(), 20000, 1),
             11,
@@ -365,4 +372,35 @@ fn mutated_messages_never_panic() {
         fresh.uac_events.last(),
         Some(UacEvent::Answered { .. })
     ));
+}
+
+#[test]
+fn our_dialler_refreshes_the_session_our_uas_grants() {
+    let mut p = Pair::asking_for_a_session(Some(Duration::from_secs(90)));
+    let call = p.incoming_call();
+    p.answer(call);
+    assert!(matches!(
+        p.uac_events.last(),
+        Some(UacEvent::Answered { .. })
+    ));
+    // The UAS lets the caller, which supports timers, refresh: an UPDATE every 45 s, each
+    // answered, and neither side ends the call (the UAS would at 60 s without one).
+    p.run_until(200_000);
+    assert_eq!(p.wire_of("UPDATE"), vec![45_000, 90_000, 135_000, 180_000]);
+    assert_eq!(p.wire_of("200 UPDATE").len(), 4);
+    assert!(
+        !p.uac_events
+            .iter()
+            .any(|e| matches!(e, UacEvent::SessionExpired | UacEvent::RemoteHangup)),
+        "{:?}",
+        p.uac_events
+    );
+    assert!(
+        !p.uas_events
+            .iter()
+            .any(|e| matches!(e, UasEvent::SessionExpired { .. } | UasEvent::Bye { .. })),
+        "{:?}",
+        p.uas_events
+    );
+    assert_eq!(p.uas.call_count(), 1);
 }

@@ -1,5 +1,6 @@
 //! Session timers (RFC 4028) for calls we answer: what a caller's `Session-Expires` asks,
-//! what our 2xx grants, and when the call must be refreshed or is over.
+//! what our 2xx grants, and when the call must be refreshed or is over. The header parsing
+//! and the expiry rule serve the calls we dial too (`uac`).
 //!
 //! A caller (or a proxy on its path) that wants to learn of a dead call asks for a session
 //! interval; one side then refreshes the session (a re-INVITE or UPDATE) before it expires,
@@ -29,7 +30,8 @@ pub enum Refresher {
 }
 
 impl Refresher {
-    fn as_str(self) -> &'static str {
+    /// The `refresher` parameter's value.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Uac => "uac",
             Self::Uas => "uas",
@@ -53,7 +55,24 @@ pub struct Asked {
 /// A request's `Session-Expires` ask, or `None` without the header (or with a value that
 /// does not parse, which we ignore as if absent).
 pub fn asked(request: &Request) -> Option<Asked> {
-    let value = request.headers.get("Session-Expires")?;
+    let (interval, refresher) = parse_session_expires(request.headers.get("Session-Expires")?)?;
+    let lists = |header: &str, token: &str| {
+        request
+            .headers
+            .values(header)
+            .any(|v| v.trim().eq_ignore_ascii_case(token))
+    };
+    Some(Asked {
+        interval,
+        refresher,
+        caller_supports: lists("Supported", "timer") || lists("Require", "timer"),
+        caller_allows_update: lists("Allow", "UPDATE"),
+    })
+}
+
+/// A `Session-Expires` value: the interval and its `refresher` parameter, if any (`uac` and
+/// `uas` name the roles of the transaction the header is in). `None` when it does not parse.
+pub fn parse_session_expires(value: &str) -> Option<(Duration, Option<Refresher>)> {
     let mut parts = value.split(';');
     let secs: u64 = parts.next()?.trim().parse().ok()?;
     let refresher = parts.find_map(|p| {
@@ -67,18 +86,19 @@ pub fn asked(request: &Request) -> Option<Asked> {
             _ => None,
         }
     });
-    let lists = |header: &str, token: &str| {
-        request
-            .headers
-            .values(header)
-            .any(|v| v.trim().eq_ignore_ascii_case(token))
-    };
-    Some(Asked {
-        interval: Duration::from_secs(secs),
-        refresher,
-        caller_supports: lists("Supported", "timer") || lists("Require", "timer"),
-        caller_allows_update: lists("Allow", "UPDATE"),
-    })
+    Some((Duration::from_secs(secs), refresher))
+}
+
+/// A `Min-SE` value (delta-seconds, parameters ignored); `None` when it does not parse.
+pub fn parse_min_se(value: &str) -> Option<Duration> {
+    let secs: u64 = value.split(';').next()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+/// When the side that does not refresh ends a session refreshed at `now` for want of the next
+/// refresh: the interval less the smaller of 32 s and a third of it (RFC 4028 10).
+pub fn expiry(interval: Duration, now: Instant) -> Instant {
+    now + interval - (interval / 3).min(Duration::from_secs(32))
 }
 
 /// What we grant in our 2xx, or why we refuse.
@@ -128,9 +148,7 @@ impl Granted {
     pub fn deadline(&self, now: Instant) -> Instant {
         match self.refresher {
             Refresher::Uas => now + self.interval / 2,
-            Refresher::Uac => {
-                now + self.interval - (self.interval / 3).min(Duration::from_secs(32))
-            }
+            Refresher::Uac => expiry(self.interval, now),
         }
     }
 }

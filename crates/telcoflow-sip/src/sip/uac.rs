@@ -9,6 +9,18 @@
 //! towards the configured destination over the given transport) and
 //! [`OutgoingCall::poll_event`]. Drop the call once [`OutgoingCall::is_finished`].
 //!
+//! Dialects (RFC 3262, 4028, 3264): the INVITE says `Supported: 100rel, timer`. A reliable
+//! provisional response (`Require: 100rel` with an `RSeq`) is answered with PRACK in its early
+//! dialog. A provisional response with SDP is the callee's early media
+//! ([`UacEvent::EarlyMedia`]); a 200 without SDP after it keeps those media. With
+//! [`UacConfig::session_expires`] the INVITE asks for a session timer (`Min-SE: 90`; a 422
+//! raises it to the callee's `Min-SE` and retries): when the 200 makes us the refresher we send
+//! UPDATE every half interval (a re-INVITE with our offer to a callee whose `Allow` lacks
+//! UPDATE), else we end the call (BYE, [`UacEvent::SessionExpired`]) when no
+//! refresh came by the interval less min(32 s, a third). With [`UacConfig::delayed_offer`] the
+//! INVITE has no SDP: the callee offers in its 200 and our answer goes in the ACK, or offers
+//! in a reliable provisional response and our answer goes in the PRACK (early media then).
+//!
 //! The ring timeout is the owner's: call [`OutgoingCall::cancel`] when it expires. A CANCEL
 //! asked before any provisional response waits for one (RFC 3261 9.1); if none comes, the
 //! INVITE's Timer B ends the call with a 408. If no final response follows a CANCEL within
@@ -16,14 +28,15 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
 use super::digest::{self, Credentials};
-use super::message::{BRANCH_MAGIC, CSeq, Message, Method, Request, Response, SipHeaders};
+use super::message::{BRANCH_MAGIC, CSeq, Headers, Message, Method, Request, Response, SipHeaders};
 use super::sdp::{self, LocalMedia, Negotiated, SessionDescription};
+use super::session_timer::{self, MIN_SE, Refresher};
 use super::transaction::{
     InviteClientTransaction, InviteServerTransaction, NonInviteClientTransaction,
     NonInviteServerTransaction, Timers, TransactionEvent, TransactionKey,
@@ -32,6 +45,16 @@ use super::{Transmit, Transport};
 
 /// How many times one call answers authentication challenges before giving up.
 const MAX_AUTH_ATTEMPTS: u32 = 2;
+/// How many times one call retries after `422 Session Interval Too Small`.
+const MAX_SESSION_RETRIES: u32 = 2;
+/// The session interval our INVITE asks for by default (RFC 4028 suggests 1800 s).
+pub const DEFAULT_SESSION_EXPIRES: Duration = Duration::from_secs(1800);
+/// The largest `Min-SE` a 422 may raise our ask to (a day): a larger one fails the call.
+const MAX_SESSION_EXPIRES: Duration = Duration::from_secs(86_400);
+/// The shortest session interval we act on: a callee that grants less than our `Min-SE`
+/// is followed (refreshing more often is harmless), down to this floor, below which the
+/// refreshes would flood the dialog.
+const MIN_HONOURED_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Settings for an outgoing call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +77,12 @@ pub struct UacConfig {
     pub timers: Timers,
     /// `User-Agent` header value.
     pub user_agent: String,
+    /// Send the INVITE without SDP (delayed offer): the callee offers in its 200 and our
+    /// answer goes in the ACK.
+    pub delayed_offer: bool,
+    /// The session interval the INVITE asks for (`Session-Expires`, RFC 4028, with
+    /// `Min-SE: 90`); `None` asks for no session timer.
+    pub session_expires: Option<Duration>,
 }
 
 /// What the owner must act on. Exhaustive on purpose: an owner that ignored a new kind of
@@ -78,7 +107,16 @@ pub enum UacEvent {
         /// Reason phrase.
         reason: String,
     },
-    /// The callee re-negotiated media (re-INVITE).
+    /// A provisional response (183, 180) carried SDP: the callee's early media, to play
+    /// before the answer. Comes again when a later provisional response changes them.
+    EarlyMedia {
+        /// Media parameters.
+        negotiated: Negotiated,
+    },
+    /// The session timer ran out (RFC 4028): the callee did not refresh in time, or our
+    /// refresh was answered 408/481 or not at all. BYE has been sent; the call is finished.
+    SessionExpired,
+    /// The callee re-negotiated media (re-INVITE or UPDATE).
     MediaUpdated {
         /// New parameters.
         negotiated: Negotiated,
@@ -97,6 +135,20 @@ enum State {
     Terminating,
     Finished,
 }
+
+/// The session timer of an answered call.
+#[derive(Debug, Clone, Copy)]
+struct SessionTimer {
+    interval: Duration,
+    /// We refresh (UPDATE every half interval); else the callee does, and we end the call at
+    /// the expiry.
+    we_refresh: bool,
+    /// When to refresh or end the call; `None` while our refresh awaits its answer.
+    due: Option<Instant>,
+}
+
+/// The methods we take in a dialog, for `Allow`.
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, PRACK, UPDATE";
 
 /// One outgoing call. See the module docs.
 #[derive(Debug)]
@@ -127,6 +179,24 @@ pub struct OutgoingCall {
     reinvites: Vec<(TransactionKey, InviteServerTransaction)>,
     transmits: VecDeque<Message>,
     events: VecDeque<UacEvent>,
+    /// The early media in force (a provisional response's SDP).
+    early: Option<Negotiated>,
+    /// The highest RSeq of the reliable provisional responses we PRACKed.
+    last_rseq: Option<u32>,
+    /// The session interval the INVITE asks for, and its `Min-SE` (both raised by a 422).
+    session_expires: Option<Duration>,
+    min_se: Duration,
+    session_retries: u32,
+    /// The INVITE's credentials header, kept for a retry after 422.
+    authorization: Option<(&'static str, String)>,
+    /// The session timer in force once answered.
+    session: Option<SessionTimer>,
+    /// The callee takes UPDATE (its 200 lists it in `Allow`, or has no `Allow`): our
+    /// refreshes are UPDATEs, else re-INVITEs.
+    peer_allows_update: bool,
+    /// Our refreshing re-INVITE, and the ACK of its 2xx.
+    refresh_invite: Option<InviteClientTransaction>,
+    refresh_ack: Option<Request>,
 }
 
 impl OutgoingCall {
@@ -161,7 +231,18 @@ impl OutgoingCall {
             reinvites: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            early: None,
+            last_rseq: None,
+            session_expires: None,
+            min_se: MIN_SE,
+            session_retries: 0,
+            authorization: None,
+            session: None,
+            peer_allows_update: true,
+            refresh_invite: None,
+            refresh_ack: None,
         };
+        call.session_expires = call.config.session_expires;
         let invite = call.build_invite(None);
         call.invite = Some(InviteClientTransaction::new(
             invite,
@@ -208,6 +289,16 @@ impl OutgoingCall {
             .chain(self.servers.iter().filter_map(|(_, t)| t.poll_timeout()))
             .chain(self.reinvites.iter().filter_map(|(_, t)| t.poll_timeout()))
             .chain(self.give_up_at.filter(|_| self.is_ringing()))
+            .chain(
+                self.session
+                    .and_then(|t| t.due)
+                    .filter(|_| self.state == State::Answered),
+            )
+            .chain(
+                self.refresh_invite
+                    .as_ref()
+                    .and_then(InviteClientTransaction::poll_timeout),
+            )
             .min()
     }
 
@@ -253,13 +344,43 @@ impl OutgoingCall {
         );
         r.headers
             .push("Contact", format!("<{}>", self.config.contact));
-        r.headers
-            .push("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO");
+        r.headers.push("Allow", ALLOW);
+        match self.session_expires {
+            Some(interval) => {
+                r.headers.push("Supported", "100rel, timer");
+                r.headers
+                    .push("Session-Expires", interval.as_secs().to_string());
+                r.headers.push("Min-SE", self.min_se.as_secs().to_string());
+            }
+            None => r.headers.push("Supported", "100rel"),
+        }
         r.headers.push("User-Agent", self.config.user_agent.clone());
-        if let Some((name, value)) = authorization {
-            r.headers.push(name, value);
+        self.authorization = authorization;
+        if let Some((name, value)) = &self.authorization {
+            r.headers.push(name, value.clone());
+        }
+        if self.config.delayed_offer {
+            return r;
         }
         r.with_body("application/sdp", sdp::offer(&self.media).to_string())
+    }
+
+    /// Sends the INVITE again with a new CSeq (after a challenge or a 422). The old
+    /// transaction has ACKed the final response itself; its remaining job (absorbing resent
+    /// responses) is not worth keeping it for.
+    fn retry_invite(&mut self, authorization: Option<(&'static str, String)>) {
+        self.cseq += 1;
+        let invite = self.build_invite(authorization);
+        let mut tx = InviteClientTransaction::new(
+            invite,
+            self.config.transport.reliable(),
+            self.config.timers,
+            self.last_now,
+        );
+        while let Some(m) = tx.poll_transmit() {
+            self.transmits.push_back(m);
+        }
+        self.invite = Some(tx);
     }
 
     /// An in-dialog request (ACK, BYE) per RFC 3261 12.2.1.1.
@@ -301,6 +422,13 @@ impl OutgoingCall {
             if TransactionKey::for_sent_request(invite.request()).ok() == Some(key.clone()) {
                 invite.handle_response(response, now);
                 self.drain_invite();
+                return;
+            }
+        }
+        if let Some(tx) = &mut self.refresh_invite {
+            if TransactionKey::for_sent_request(tx.request()).ok() == Some(key.clone()) {
+                tx.handle_response(response, now);
+                self.drain_refresh_invite();
                 return;
             }
         }
@@ -356,6 +484,7 @@ impl OutgoingCall {
             }
             if status > 100 {
                 self.events.push_back(UacEvent::Progress { status });
+                self.on_provisional(&r);
             }
             return;
         }
@@ -371,7 +500,6 @@ impl OutgoingCall {
                 (self.config.credentials.clone(), digest::challenge_of(&r))
             {
                 self.auth_attempts += 1;
-                self.cseq += 1;
                 let cnonce = format!("{:016x}", self.rng.random::<u64>());
                 let value = digest::authorize(
                     &challenge,
@@ -381,23 +509,113 @@ impl OutgoingCall {
                     &cnonce,
                     1,
                 );
-                let invite = self.build_invite(Some((header, value)));
-                // The old transaction has ACKed the 401/407 itself; its remaining job (absorbing
-                // resent challenges) is not worth keeping it for.
-                let mut tx = InviteClientTransaction::new(
-                    invite,
-                    self.config.transport.reliable(),
-                    self.config.timers,
-                    self.last_now,
-                );
-                while let Some(m) = tx.poll_transmit() {
-                    self.transmits.push_back(m);
-                }
-                self.invite = Some(tx);
+                self.retry_invite(Some((header, value)));
                 return;
             }
         }
+        if status == 422 && !self.cancelled && self.session_retries < MAX_SESSION_RETRIES {
+            // RFC 4028 7.3: ask again with the callee's Min-SE.
+            let min_se = r
+                .headers
+                .get("Min-SE")
+                .and_then(session_timer::parse_min_se);
+            if let (Some(asked), Some(min_se)) = (self.session_expires, min_se) {
+                if min_se > asked && min_se <= MAX_SESSION_EXPIRES {
+                    self.session_retries += 1;
+                    self.session_expires = Some(min_se);
+                    self.min_se = min_se;
+                    let authorization = self.authorization.clone();
+                    self.retry_invite(authorization);
+                    return;
+                }
+            }
+        }
         self.fail(status, &r.reason);
+    }
+
+    /// A provisional response past 100: PRACK when it is reliable, early media when it
+    /// carries SDP.
+    fn on_provisional(&mut self, r: &Response) {
+        let reliable = lists(&r.headers, "Require", "100rel");
+        let rseq = r
+            .headers
+            .get("RSeq")
+            .and_then(|v| v.trim().parse::<u32>().ok());
+        if let (true, Some(rseq)) = (reliable, rseq) {
+            if self.last_rseq.is_some_and(|last| rseq <= last) {
+                // A resend: our PRACK's transaction resends itself.
+                return;
+            }
+            self.last_rseq = Some(rseq);
+            // The early dialog the PRACK is sent in (RFC 3262 4).
+            if self.remote_tag.is_none() {
+                self.take_dialog(r);
+            }
+            let invite_seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
+            self.cseq += 1;
+            let mut prack = self.dialog_request(Method::Prack, self.cseq);
+            prack
+                .headers
+                .push("RAck", format!("{rseq} {invite_seq} INVITE"));
+            // A delayed offer's callee may offer in a reliable provisional response: the
+            // answer goes in the PRACK (RFC 3262 5), and its media play early.
+            let offers = self.config.delayed_offer && self.early.is_none() && !r.body.is_empty();
+            if offers && !self.cancelled {
+                let outcome = SessionDescription::parse_bytes(&r.body)
+                    .map_err(sdp::NegotiationError::from)
+                    .and_then(|offer| sdp::answer(&offer, &self.media));
+                match outcome {
+                    Ok((answer, negotiated)) => {
+                        prack = prack.with_body("application/sdp", answer.to_string());
+                        self.early = Some(negotiated);
+                        self.events.push_back(UacEvent::EarlyMedia { negotiated });
+                    }
+                    Err(err) => {
+                        tracing::debug!(cause = %err, "offer in a provisional response not usable")
+                    }
+                }
+            }
+            let tx = NonInviteClientTransaction::new(
+                prack,
+                self.config.transport.reliable(),
+                self.config.timers,
+                self.last_now,
+            );
+            self.clients.push(tx);
+            self.drain_clients();
+        }
+        // With a delayed offer, SDP in an unreliable provisional response is an offer the 200
+        // repeats: no early media then.
+        if self.config.delayed_offer || self.cancelled || r.body.is_empty() {
+            return;
+        }
+        let negotiated = SessionDescription::parse_bytes(&r.body)
+            .map_err(sdp::NegotiationError::from)
+            .and_then(|sd| sdp::accept_answer(&self.media, &sd));
+        match negotiated {
+            Ok(negotiated) if self.early != Some(negotiated) => {
+                self.early = Some(negotiated);
+                self.events.push_back(UacEvent::EarlyMedia { negotiated });
+            }
+            Ok(_) => {}
+            Err(err) => tracing::debug!(cause = %err, "early media SDP not usable; ignored"),
+        }
+    }
+
+    /// Takes the dialog's remote tag, target and route set from a response that creates it.
+    fn take_dialog(&mut self, r: &Response) {
+        self.remote_tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
+        // The target becomes the Request-URI of our ACK and BYE: a Contact that does not
+        // parse (a blank in its URI, say) is ignored.
+        self.remote_target = r.contact().ok().flatten().map(|c| c.uri);
+        // A UAC takes the Record-Route set in reverse (RFC 3261 12.1.2).
+        let mut routes: Vec<String> = r
+            .headers
+            .values("Record-Route")
+            .map(str::to_string)
+            .collect();
+        routes.reverse();
+        self.route_set = routes;
     }
 
     fn is_ringing(&self) -> bool {
@@ -406,22 +624,29 @@ impl OutgoingCall {
 
     fn on_2xx(&mut self, r: Response) {
         let first = self.ack.is_none();
+        // With a delayed offer, the 200's offer and our answer (which the ACK carries).
+        let mut offered = None;
         if first {
             // The first 2xx establishes the dialog.
-            self.remote_tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
-            // The target becomes the Request-URI of our ACK and BYE: a Contact that does not
-            // parse (a blank in its URI, say) is ignored.
-            self.remote_target = r.contact().ok().flatten().map(|c| c.uri);
-            // A UAC takes the Record-Route set in reverse (RFC 3261 12.1.2).
-            let mut routes: Vec<String> = r
-                .headers
-                .values("Record-Route")
-                .map(str::to_string)
-                .collect();
-            routes.reverse();
-            self.route_set = routes;
+            self.take_dialog(&r);
             let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
-            self.ack = Some(self.dialog_request(Method::Ack, seq));
+            let mut ack = self.dialog_request(Method::Ack, seq);
+            if let (true, Some(early)) = (self.config.delayed_offer, self.early) {
+                // Offer and answer are done (the answer went in a PRACK): the ACK has none.
+                offered = Some(Ok(early));
+            } else if self.config.delayed_offer && self.is_ringing() && !self.cancelled {
+                let outcome = SessionDescription::parse_bytes(&r.body)
+                    .map_err(sdp::NegotiationError::from)
+                    .and_then(|offer| sdp::answer(&offer, &self.media));
+                offered = Some(match outcome {
+                    Ok((answer, negotiated)) => {
+                        ack = ack.with_body("application/sdp", answer.to_string());
+                        Ok(negotiated)
+                    }
+                    Err(err) => Err(err),
+                });
+            }
+            self.ack = Some(ack);
         }
         // Every 2xx, first or resent, gets the ACK (13.2.2.4).
         if let Some(ack) = &self.ack {
@@ -434,12 +659,21 @@ impl OutgoingCall {
             }
             return;
         }
-        let negotiated = SessionDescription::parse_bytes(&r.body)
-            .map_err(sdp::NegotiationError::from)
-            .and_then(|sd| sdp::accept_answer(&self.media, &sd));
+        let negotiated = match (offered, self.early) {
+            (Some(outcome), _) => outcome,
+            // The answer came with the early media already (RFC 3261 13.2.1: the 200 may
+            // repeat it or carry none).
+            (None, Some(early)) if r.body.is_empty() => Ok(early),
+            (None, _) => SessionDescription::parse_bytes(&r.body)
+                .map_err(sdp::NegotiationError::from)
+                .and_then(|sd| sdp::accept_answer(&self.media, &sd)),
+        };
         match (negotiated, self.cancelled) {
             (Ok(negotiated), false) => {
                 self.state = State::Answered;
+                self.peer_allows_update =
+                    r.headers.get("Allow").is_none() || lists(&r.headers, "Allow", "UPDATE");
+                self.arm_session_timer(&r.headers, false);
                 self.events.push_back(UacEvent::Answered { negotiated });
             }
             (Err(err), false) => {
@@ -509,18 +743,25 @@ impl OutgoingCall {
 
     fn drain_clients(&mut self) {
         let mut finished_bye = false;
+        // Final outcomes of our session refreshes (`None`: no answer).
+        let mut refreshes = Vec::new();
         for tx in &mut self.clients {
             while let Some(m) = tx.poll_transmit() {
                 self.transmits.push_back(m);
             }
             while let Some(event) = tx.poll_event() {
-                let done = match event {
-                    TransactionEvent::Response(r) => r.status >= 200,
-                    TransactionEvent::Timeout => true,
-                    _ => false,
+                let outcome = match event {
+                    TransactionEvent::Response(r) if r.status >= 200 => Some(Some(r)),
+                    TransactionEvent::Timeout => Some(None),
+                    _ => None,
                 };
-                if done && tx.request().method == Method::Bye {
-                    finished_bye = true;
+                let Some(outcome) = outcome else {
+                    continue;
+                };
+                match tx.request().method {
+                    Method::Bye => finished_bye = true,
+                    Method::Update => refreshes.push(outcome),
+                    _ => {}
                 }
             }
         }
@@ -529,6 +770,210 @@ impl OutgoingCall {
             self.state = State::Finished;
             self.events.push_back(UacEvent::HungUp);
         }
+        for outcome in refreshes {
+            self.on_refresh_answered(outcome);
+        }
+    }
+
+    /// Sets the session timer from the `Session-Expires` of a 2xx to our request (`uac` is
+    /// us) or of the callee's refresh (`peer_request`: `uac` is the callee; without a
+    /// refresher it goes on refreshing). No `Session-Expires`: no timer. Returns the headers
+    /// for our 2xx to a callee's refresh.
+    fn arm_session_timer(
+        &mut self,
+        headers: &Headers,
+        peer_request: bool,
+    ) -> Vec<(&'static str, String)> {
+        let Some((interval, refresher)) = headers
+            .get("Session-Expires")
+            .and_then(session_timer::parse_session_expires)
+        else {
+            self.session = None;
+            return Vec::new();
+        };
+        let interval = interval.max(MIN_HONOURED_INTERVAL);
+        let we_refresh = if peer_request {
+            refresher == Some(Refresher::Uas)
+        } else {
+            refresher != Some(Refresher::Uas)
+        };
+        let now = self.last_now;
+        let due = if we_refresh {
+            now + interval / 2
+        } else {
+            session_timer::expiry(interval, now)
+        };
+        self.session = Some(SessionTimer {
+            interval,
+            we_refresh,
+            due: Some(due),
+        });
+        let mut reply = vec![(
+            "Session-Expires",
+            format!(
+                "{};refresher={}",
+                interval.as_secs(),
+                if we_refresh { "uas" } else { "uac" }
+            ),
+        )];
+        if lists(headers, "Supported", "timer") || lists(headers, "Require", "timer") {
+            reply.push(("Require", "timer".into()));
+        }
+        reply
+    }
+
+    /// Refreshes the session with an UPDATE (no SDP: the media stay as they are), or with a
+    /// re-INVITE offering our media again when the callee does not take UPDATE.
+    fn send_refresh(&mut self) {
+        let Some(timer) = &mut self.session else {
+            return;
+        };
+        timer.due = None;
+        let interval = timer.interval;
+        self.cseq += 1;
+        let method = if self.peer_allows_update {
+            Method::Update
+        } else {
+            Method::Invite
+        };
+        let mut refresh = self.dialog_request(method.clone(), self.cseq);
+        refresh.headers.push(
+            "Session-Expires",
+            format!("{};refresher=uac", interval.as_secs()),
+        );
+        refresh
+            .headers
+            .push("Min-SE", self.min_se.as_secs().to_string());
+        refresh.headers.push("Supported", "timer");
+        refresh
+            .headers
+            .push("Contact", format!("<{}>", self.config.contact));
+        if method == Method::Invite {
+            refresh.headers.push("Allow", ALLOW);
+            let offer = sdp::offer(&self.media).to_string();
+            let mut tx = InviteClientTransaction::new(
+                refresh.with_body("application/sdp", offer),
+                self.config.transport.reliable(),
+                self.config.timers,
+                self.last_now,
+            );
+            while let Some(m) = tx.poll_transmit() {
+                self.transmits.push_back(m);
+            }
+            self.refresh_invite = Some(tx);
+            self.refresh_ack = None;
+            return;
+        }
+        let tx = NonInviteClientTransaction::new(
+            refresh,
+            self.config.transport.reliable(),
+            self.config.timers,
+            self.last_now,
+        );
+        self.clients.push(tx);
+        self.drain_clients();
+    }
+
+    /// What our refreshing re-INVITE's transaction sends and hears: every 2xx is ACKed (the
+    /// first one's answer may change the media), the final outcome goes to
+    /// [`OutgoingCall::on_refresh_answered`].
+    fn drain_refresh_invite(&mut self) {
+        let Some(tx) = &mut self.refresh_invite else {
+            return;
+        };
+        while let Some(m) = tx.poll_transmit() {
+            self.transmits.push_back(m);
+        }
+        let events: Vec<TransactionEvent> = std::iter::from_fn(|| tx.poll_event()).collect();
+        if tx.is_terminated() {
+            self.refresh_invite = None;
+        }
+        for event in events {
+            match event {
+                TransactionEvent::Response(r) if (200..300).contains(&r.status) => {
+                    let first = self.refresh_ack.is_none();
+                    if first {
+                        let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
+                        self.refresh_ack = Some(self.dialog_request(Method::Ack, seq));
+                    }
+                    if let Some(ack) = &self.refresh_ack {
+                        self.transmits.push_back(Message::Request(ack.clone()));
+                    }
+                    if !first {
+                        continue;
+                    }
+                    let answer = SessionDescription::parse_bytes(&r.body)
+                        .map_err(sdp::NegotiationError::from)
+                        .and_then(|sd| sdp::accept_answer(&self.media, &sd));
+                    if let Ok(negotiated) = answer {
+                        self.events.push_back(UacEvent::MediaUpdated { negotiated });
+                    }
+                    self.on_refresh_answered(Some(r));
+                }
+                TransactionEvent::Response(r) if r.status >= 300 => {
+                    self.on_refresh_answered(Some(r));
+                }
+                TransactionEvent::Timeout => self.on_refresh_answered(None),
+                _ => {}
+            }
+        }
+    }
+
+    /// Our refresh's final answer (RFC 4028 10): a 2xx sets the timer anew; a 422 retries
+    /// with its Min-SE; 408, 481 or none ends the call; another refusal (a callee that does
+    /// not take UPDATE) leaves the session as it was, to try again in half an interval.
+    fn on_refresh_answered(&mut self, outcome: Option<Response>) {
+        if self.state != State::Answered {
+            return;
+        }
+        let Some(r) = outcome else {
+            return self.expire();
+        };
+        match r.status {
+            200..=299 => {
+                self.arm_session_timer(&r.headers, false);
+            }
+            422 => {
+                let min_se = r
+                    .headers
+                    .get("Min-SE")
+                    .and_then(session_timer::parse_min_se);
+                match (self.session, min_se) {
+                    (Some(mut timer), Some(min_se))
+                        if min_se > timer.interval && min_se <= MAX_SESSION_EXPIRES =>
+                    {
+                        self.min_se = min_se;
+                        timer.interval = min_se;
+                        self.session = Some(timer);
+                        self.send_refresh();
+                    }
+                    _ => self.refresh_later(),
+                }
+            }
+            408 | 481 => self.expire(),
+            status => {
+                tracing::debug!(status, "session refresh refused; trying again later");
+                self.refresh_later();
+            }
+        }
+    }
+
+    fn refresh_later(&mut self) {
+        let now = self.last_now;
+        if let Some(timer) = &mut self.session {
+            timer.due = Some(now + timer.interval / 2);
+        }
+    }
+
+    /// Ends the answered call for want of a refresh: BYE and [`UacEvent::SessionExpired`].
+    fn expire(&mut self) {
+        if self.state != State::Answered {
+            return;
+        }
+        self.session = None;
+        self.state = State::Finished;
+        self.events.push_back(UacEvent::SessionExpired);
+        self.send_bye(true);
     }
 
     fn handle_request(&mut self, request: Request, now: Instant) {
@@ -573,8 +1018,8 @@ impl OutgoingCall {
         } else {
             match request.method {
                 Method::Bye => 200,
-                Method::Invite => {
-                    self.handle_reinvite(key, request, now);
+                Method::Invite | Method::Update => {
+                    self.handle_offer(key, request, now);
                     return;
                 }
                 Method::Options | Method::Info => 200,
@@ -598,31 +1043,56 @@ impl OutgoingCall {
         }
     }
 
-    fn handle_reinvite(&mut self, key: TransactionKey, request: Request, now: Instant) {
-        let mut tx = InviteServerTransaction::new(
-            request.clone(),
-            self.config.transport.reliable(),
-            self.config.timers,
-            now,
-        );
-        self.media.session_version += 1;
-        let outcome = SessionDescription::parse_bytes(&request.body)
-            .map_err(sdp::NegotiationError::from)
-            .and_then(|offer| sdp::answer(&offer, &self.media));
+    /// A re-INVITE or UPDATE from the callee: a new offer to answer (an UPDATE may carry
+    /// none), and a session refresh when the call has a timer or the request asks for one.
+    fn handle_offer(&mut self, key: TransactionKey, request: Request, now: Instant) {
+        let outcome = if request.method == Method::Update && request.body.is_empty() {
+            Ok(None)
+        } else {
+            self.media.session_version += 1;
+            SessionDescription::parse_bytes(&request.body)
+                .map_err(sdp::NegotiationError::from)
+                .and_then(|offer| sdp::answer(&offer, &self.media))
+                .map(Some)
+        };
         let response = match outcome {
-            Ok((sd, negotiated)) => {
-                self.events.push_back(UacEvent::MediaUpdated { negotiated });
-                let mut r = Response::to_request(&request, 200, Some(&self.local_tag))
-                    .with_body("application/sdp", sd.to_string());
+            Ok(answer) => {
+                let mut r = Response::to_request(&request, 200, Some(&self.local_tag));
+                if let Some((sd, negotiated)) = answer {
+                    self.events.push_back(UacEvent::MediaUpdated { negotiated });
+                    r = r.with_body("application/sdp", sd.to_string());
+                }
                 r.headers
                     .push("Contact", format!("<{}>", self.config.contact));
+                if self.state == State::Answered {
+                    for (name, value) in self.arm_session_timer(&request.headers, true) {
+                        r.headers.push(name, value);
+                    }
+                }
                 r
             }
             Err(err) => Response::to_request(&request, err.status_code(), Some(&self.local_tag))
                 .with_reason(err.to_string()),
         };
-        tx.send_response(response, now);
-        self.reinvites.push((key, tx));
+        if request.method == Method::Update {
+            let mut tx = NonInviteServerTransaction::new(
+                request,
+                self.config.transport.reliable(),
+                self.config.timers,
+                now,
+            );
+            tx.send_response(response, now);
+            self.servers.push((key, tx));
+        } else {
+            let mut tx = InviteServerTransaction::new(
+                request,
+                self.config.transport.reliable(),
+                self.config.timers,
+                now,
+            );
+            tx.send_response(response, now);
+            self.reinvites.push((key, tx));
+        }
         self.drain_servers();
     }
 
@@ -677,10 +1147,26 @@ impl OutgoingCall {
             // The callee never answered the INVITE after our CANCEL.
             self.fail(487, "Request Terminated");
         }
+        if let Some(timer) = self.session.filter(|_| self.state == State::Answered) {
+            if timer.due.is_some_and(|t| t <= now) {
+                if timer.we_refresh {
+                    self.send_refresh();
+                } else {
+                    tracing::info!("session not refreshed by the callee; ending the call");
+                    self.expire();
+                }
+            }
+        }
         if let Some(invite) = &mut self.invite {
             if invite.poll_timeout().is_some_and(|t| t <= now) {
                 invite.handle_timeout(now);
                 self.drain_invite();
+            }
+        }
+        if let Some(tx) = &mut self.refresh_invite {
+            if tx.poll_timeout().is_some_and(|t| t <= now) {
+                tx.handle_timeout(now);
+                self.drain_refresh_invite();
             }
         }
         for tx in &mut self.clients {
@@ -703,6 +1189,13 @@ impl OutgoingCall {
     }
 }
 
+/// Whether a header lists `token` (case-insensitive) among its comma-separated values.
+fn lists(headers: &Headers, name: &str, token: &str) -> bool {
+    headers
+        .values(name)
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +1216,8 @@ mod tests {
             credentials,
             timers: Timers::default(),
             user_agent: "telcoflow".into(),
+            delayed_offer: false,
+            session_expires: None,
         }
     }
 
@@ -746,12 +1241,33 @@ a={direction}\r\n"
 
     impl Harness {
         fn new(credentials: Option<Credentials>) -> Self {
+            Self::with(config(credentials))
+        }
+        fn with(config: UacConfig) -> Self {
             let now = Instant::now();
             Self {
-                call: OutgoingCall::new(config(credentials), media(), 3, now),
+                call: OutgoingCall::new(config, media(), 3, now),
                 now,
                 start: now,
             }
+        }
+        /// A response with extra headers.
+        fn respond_with(
+            &mut self,
+            to: &Request,
+            status: u16,
+            headers: &[(&str, &str)],
+            body: Option<String>,
+        ) {
+            let mut r = Response::to_request(to, status, Some("callee9"));
+            r.headers.push("Contact", "<sip:callee@192.0.2.90:5070>");
+            for (name, value) in headers {
+                r.headers.push(name, *value);
+            }
+            if let Some(b) = body {
+                r = r.with_body("application/sdp", b);
+            }
+            self.call.handle_input(&r.to_bytes(), self.now);
         }
         fn sent(&mut self) -> Vec<Request> {
             std::iter::from_fn(|| self.call.poll_transmit())
@@ -1104,5 +1620,371 @@ Content-Length: {}\r\n\r\n{body}",
         // Its ACK stops the 200 retransmissions.
         h.request_from_callee("ACK", 51, None);
         assert!(h.run_until(40_000).is_empty());
+    }
+
+    fn timed(session_expires: u64) -> UacConfig {
+        UacConfig {
+            session_expires: Some(Duration::from_secs(session_expires)),
+            ..config(None)
+        }
+    }
+
+    #[test]
+    fn early_media_of_a_183_play_until_a_200_without_sdp() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        assert_eq!(invite.headers.get("Supported"), Some("100rel"));
+        assert!(invite.headers.get("Session-Expires").is_none());
+        h.respond(&invite, 183, Some(callee_sdp("sendrecv")));
+        let events = h.events();
+        let [
+            UacEvent::Progress { status: 183 },
+            UacEvent::EarlyMedia { negotiated: early },
+        ] = events.as_slice()
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!(early.remote, "192.0.2.90:50000".parse().unwrap());
+        assert_eq!(early.codec, Codec::Pcma);
+        // The same SDP again (a 180 repeating it) is no news.
+        h.respond(&invite, 180, Some(callee_sdp("sendrecv")));
+        assert_eq!(h.events(), vec![UacEvent::Progress { status: 180 }]);
+        h.respond(&invite, 200, None);
+        let events = h.events();
+        let [UacEvent::Answered { negotiated }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert_eq!(negotiated, early);
+        assert!(matches!(h.sent().as_slice(), [ack] if ack.method == Method::Ack));
+    }
+
+    #[test]
+    fn early_media_then_a_refusal_fails_the_call() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        h.respond(&invite, 183, Some(callee_sdp("sendrecv")));
+        h.respond(&invite, 486, None);
+        let events = h.events();
+        assert!(
+            matches!(
+                events.as_slice(),
+                [
+                    UacEvent::Progress { .. },
+                    UacEvent::EarlyMedia { .. },
+                    UacEvent::Failed { status: 486, .. }
+                ]
+            ),
+            "{events:?}"
+        );
+        assert!(h.call.is_finished());
+    }
+
+    #[test]
+    fn a_reliable_183_is_pracked_once_in_its_early_dialog() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        let reliable = [("Require", "100rel"), ("RSeq", "7")];
+        h.respond_with(&invite, 183, &reliable, Some(callee_sdp("sendrecv")));
+        let sent = h.sent();
+        let [prack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(prack.method, Method::Prack);
+        prack.validate().unwrap();
+        assert_eq!(prack.uri, "sip:callee@192.0.2.90:5070");
+        assert_eq!(prack.header_to().unwrap().tag(), Some("callee9"));
+        let invite_seq = invite.cseq().unwrap().seq;
+        assert_eq!(
+            prack.headers.get("RAck"),
+            Some(format!("7 {invite_seq} INVITE").as_str())
+        );
+        assert!(prack.cseq().unwrap().seq > invite_seq);
+        // Its resend is not PRACKed again (the PRACK's transaction resends itself).
+        h.respond_with(&invite, 183, &reliable, Some(callee_sdp("sendrecv")));
+        assert!(h.sent().is_empty());
+        // A new reliable response is.
+        h.respond_with(&invite, 180, &[("Require", "100rel"), ("RSeq", "8")], None);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [p] if p.headers.get("RAck") == Some(format!("8 {invite_seq} INVITE").as_str())),
+            "{sent:?}"
+        );
+        let ok = Response::to_request(&sent[0], 200, None);
+        h.call.handle_input(&ok.to_bytes(), h.now);
+        // The 200 to the INVITE still gets the INVITE's ACK.
+        h.respond(&invite, 200, None);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [ack] if ack.method == Method::Ack && ack.cseq().unwrap().seq == invite_seq),
+            "{sent:?}"
+        );
+        assert!(matches!(h.events().last(), Some(UacEvent::Answered { .. })));
+    }
+
+    #[test]
+    fn the_invite_asks_for_a_session_timer_and_we_refresh_by_update() {
+        let mut h = Harness::with(timed(1800));
+        let invite = h.sent().remove(0);
+        assert_eq!(invite.headers.get("Supported"), Some("100rel, timer"));
+        assert_eq!(invite.headers.get("Session-Expires"), Some("1800"));
+        assert_eq!(invite.headers.get("Min-SE"), Some("90"));
+        assert!(
+            invite.headers.values("Allow").any(|m| m == "UPDATE"),
+            "{invite:?}"
+        );
+        h.respond_with(
+            &invite,
+            200,
+            &[
+                ("Session-Expires", "120;refresher=uac"),
+                ("Require", "timer"),
+            ],
+            Some(callee_sdp("sendrecv")),
+        );
+        h.sent();
+        h.events();
+        // Half the interval: 60 s.
+        assert!(h.run_until(59_999).is_empty());
+        let log = h.run_until(60_000);
+        let [(60_000, update)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(update.method, Method::Update);
+        update.validate().unwrap();
+        assert_eq!(
+            update.headers.get("Session-Expires"),
+            Some("120;refresher=uac")
+        );
+        assert!(update.body.is_empty());
+        assert_eq!(update.uri, "sip:callee@192.0.2.90:5070");
+        // Answered, the next refresh is half an interval later.
+        let mut ok = Response::to_request(update, 200, None);
+        ok.headers.push("Session-Expires", "120;refresher=uac");
+        h.call.handle_input(&ok.to_bytes(), h.now);
+        let log = h.run_until(120_000);
+        let [(120_000, again)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(again.method, Method::Update);
+        // No answer at all (Timer F, 64·T1): the call is over.
+        let log = h.run_until(200_000);
+        assert!(log.iter().any(|(_, r)| r.method == Method::Bye), "{log:?}");
+        assert_eq!(h.events(), vec![UacEvent::SessionExpired]);
+    }
+
+    #[test]
+    fn a_silent_refresher_is_hung_up_on_and_a_refresh_keeps_the_call() {
+        let mut h = Harness::with(timed(1800));
+        let invite = h.sent().remove(0);
+        h.respond_with(
+            &invite,
+            200,
+            &[("Session-Expires", "90;refresher=uas")],
+            Some(callee_sdp("sendrecv")),
+        );
+        h.sent();
+        h.events();
+        // The callee refreshes with an UPDATE at 40 s: answered with the timer.
+        h.run_until(40_000);
+        let body = String::new();
+        let update = format!(
+            "UPDATE sip:telcoflow@203.0.113.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 192.0.2.90:5070;branch=z9hG4bKupd1\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15550100@trunk.example>;tag=callee9\r\n\
+To: <sip:+15550199@telcoflow.example>;tag={}\r\n\
+Call-ID: {}\r\n\
+CSeq: 60 UPDATE\r\n\
+Supported: timer\r\n\
+Session-Expires: 90;refresher=uac\r\n\
+Content-Length: {}\r\n\r\n{body}",
+            h.call.local_tag,
+            h.call.call_id,
+            body.len()
+        );
+        h.call.handle_input(update.as_bytes(), h.now);
+        let sent: Vec<Response> = std::iter::from_fn(|| h.call.poll_transmit())
+            .map(|t| match Message::parse(&t.payload).unwrap() {
+                Message::Response(r) => r,
+                Message::Request(r) => panic!("unexpected {}", r.method),
+            })
+            .collect();
+        let [ok] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.headers.get("Session-Expires"), Some("90;refresher=uac"));
+        assert_eq!(ok.headers.get("Require"), Some("timer"));
+        // Not at 60 s (90 - 30) after the answer: 60 s after the refresh, at 100 s.
+        let log = h.run_until(99_999);
+        assert!(log.iter().all(|(_, r)| r.method != Method::Bye), "{log:?}");
+        assert!(h.events().is_empty());
+        let log = h.run_until(100_000);
+        assert!(
+            matches!(log.as_slice(), [(100_000, bye)] if bye.method == Method::Bye),
+            "{log:?}"
+        );
+        assert_eq!(h.events(), vec![UacEvent::SessionExpired]);
+    }
+
+    #[test]
+    fn a_422_raises_the_interval_to_its_min_se() {
+        let mut h = Harness::with(timed(90));
+        let invite = h.sent().remove(0);
+        h.respond_with(&invite, 422, &[("Min-SE", "300")], None);
+        let sent = h.sent();
+        let [ack, retry] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(retry.method, Method::Invite);
+        assert_eq!(retry.cseq().unwrap().seq, invite.cseq().unwrap().seq + 1);
+        assert_eq!(retry.headers.get("Session-Expires"), Some("300"));
+        assert_eq!(retry.headers.get("Min-SE"), Some("300"));
+        assert!(h.events().is_empty());
+        // A 422 that asks for no more than we did fails the call (no loop).
+        h.respond_with(retry, 422, &[("Min-SE", "300")], None);
+        assert!(matches!(
+            h.events().as_slice(),
+            [UacEvent::Failed { status: 422, .. }]
+        ));
+    }
+
+    #[test]
+    fn a_delayed_offer_takes_the_200s_offer_and_answers_in_the_ack() {
+        let mut h = Harness::with(UacConfig {
+            delayed_offer: true,
+            ..config(None)
+        });
+        let invite = h.sent().remove(0);
+        assert!(invite.body.is_empty(), "{invite:?}");
+        assert!(invite.headers.get("Content-Type").is_none());
+        // SDP in a provisional response is no early media here.
+        h.respond(&invite, 183, Some(callee_sdp("sendrecv")));
+        assert_eq!(h.events(), vec![UacEvent::Progress { status: 183 }]);
+        h.respond(&invite, 200, Some(callee_sdp("sendrecv")));
+        let events = h.events();
+        let [UacEvent::Answered { negotiated }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert_eq!(negotiated.codec, Codec::Pcma);
+        assert_eq!(negotiated.remote, "192.0.2.90:50000".parse().unwrap());
+        let sent = h.sent();
+        let [ack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(ack.headers.get("Content-Type"), Some("application/sdp"));
+        let answer = String::from_utf8(ack.body.clone()).unwrap();
+        assert!(answer.contains("m=audio 30000 RTP/AVP 8"), "{answer}");
+        // A resent 200 gets the same ACK.
+        h.respond(&invite, 200, Some(callee_sdp("sendrecv")));
+        assert_eq!(h.sent(), vec![ack.clone()]);
+    }
+
+    #[test]
+    fn a_delayed_offer_answered_without_an_offer_is_ended() {
+        let mut h = Harness::with(UacConfig {
+            delayed_offer: true,
+            ..config(None)
+        });
+        let invite = h.sent().remove(0);
+        h.respond(&invite, 200, None);
+        let methods: Vec<Method> = h.sent().into_iter().map(|r| r.method).collect();
+        assert_eq!(methods, vec![Method::Ack, Method::Bye]);
+        assert!(matches!(h.events().as_slice(), [UacEvent::Failed { .. }]));
+    }
+
+    #[test]
+    fn a_callee_without_update_is_refreshed_by_re_invite() {
+        let mut h = Harness::with(timed(1800));
+        let invite = h.sent().remove(0);
+        h.respond_with(
+            &invite,
+            200,
+            &[
+                ("Session-Expires", "120;refresher=uac"),
+                ("Allow", "INVITE, ACK, CANCEL, BYE"),
+            ],
+            Some(callee_sdp("sendrecv")),
+        );
+        h.sent();
+        h.events();
+        let log = h.run_until(60_000);
+        let [(60_000, reinvite)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(reinvite.method, Method::Invite);
+        reinvite.validate().unwrap();
+        assert_eq!(reinvite.header_to().unwrap().tag(), Some("callee9"));
+        assert_eq!(
+            reinvite.headers.get("Session-Expires"),
+            Some("120;refresher=uac")
+        );
+        let offer = String::from_utf8(reinvite.body.clone()).unwrap();
+        assert!(offer.contains("m=audio 30000"), "{offer}");
+        // Its 200 is ACKed (again when resent), and sets the timer anew.
+        let ok = [("Session-Expires", "120;refresher=uac")];
+        h.respond_with(reinvite, 200, &ok, Some(callee_sdp("sendrecv")));
+        let sent = h.sent();
+        let [ack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(ack.cseq().unwrap().seq, reinvite.cseq().unwrap().seq);
+        assert!(matches!(
+            h.events().as_slice(),
+            [UacEvent::MediaUpdated { .. }]
+        ));
+        h.respond_with(reinvite, 200, &ok, Some(callee_sdp("sendrecv")));
+        assert_eq!(h.sent(), vec![ack.clone()]);
+        assert!(h.events().is_empty());
+        let log = h.run_until(120_000);
+        assert!(
+            log.iter()
+                .any(|(t, r)| *t == 120_000 && r.method == Method::Invite),
+            "{log:?}"
+        );
+    }
+
+    #[test]
+    fn a_delayed_offer_in_a_reliable_183_is_answered_in_the_prack() {
+        let mut h = Harness::with(UacConfig {
+            delayed_offer: true,
+            ..config(None)
+        });
+        let invite = h.sent().remove(0);
+        let reliable = [("Require", "100rel"), ("RSeq", "1")];
+        h.respond_with(&invite, 183, &reliable, Some(callee_sdp("sendrecv")));
+        let sent = h.sent();
+        let [prack] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(prack.method, Method::Prack);
+        let answer = String::from_utf8(prack.body.clone()).unwrap();
+        assert!(answer.contains("m=audio 30000 RTP/AVP 8"), "{answer}");
+        let events = h.events();
+        let [
+            UacEvent::Progress { status: 183 },
+            UacEvent::EarlyMedia { negotiated: early },
+        ] = events.as_slice()
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!(early.remote, "192.0.2.90:50000".parse().unwrap());
+        h.call
+            .handle_input(&Response::to_request(prack, 200, None).to_bytes(), h.now);
+        // The 200 carries no SDP: the media are those agreed; the ACK has no body.
+        h.respond(&invite, 200, None);
+        let events = h.events();
+        assert!(
+            matches!(events.as_slice(), [UacEvent::Answered { negotiated }] if negotiated == early),
+            "{events:?}"
+        );
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [ack] if ack.method == Method::Ack && ack.body.is_empty()),
+            "{sent:?}"
+        );
     }
 }

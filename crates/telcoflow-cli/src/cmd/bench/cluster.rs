@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 /// How long nats-server may take to say it is ready.
@@ -126,22 +126,12 @@ fn after(line: &str, marker: &str) -> Option<String> {
     Some(addr.to_owned())
 }
 
-/// One plain HTTP/1.0 GET: the bench needs no HTTP client for one JSON document.
+/// Message and byte counts from nats-server's `/varz`.
 async fn get_varz(monitor: &str) -> anyhow::Result<Traffic> {
-    let mut stream = tokio::net::TcpStream::connect(monitor)
+    let body = super::scrape::get(monitor, "/varz")
         .await
-        .with_context(|| format!("cannot reach the NATS monitor at {monitor}"))?;
-    stream
-        .write_all(format!("GET /varz HTTP/1.0\r\nHost: {monitor}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .context("no body in the /varz answer")?;
-    let v: serde_json::Value = serde_json::from_str(body).context("/varz is not JSON")?;
+        .with_context(|| format!("cannot read the NATS monitor at {monitor}"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).context("/varz is not JSON")?;
     let f = |k: &str| {
         v.get(k)
             .and_then(serde_json::Value::as_f64)

@@ -161,6 +161,8 @@ impl Phone {
             credentials: None,
             timers: Timers::default(),
             user_agent: "telcoflow-bench".into(),
+            delayed_offer: false,
+            session_expires: None,
         };
         let seed = (plan.index as u64) ^ (u64::from(std::process::id()) << 32);
         let media = LocalMedia {

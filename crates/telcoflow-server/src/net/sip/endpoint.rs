@@ -567,12 +567,15 @@ impl Endpoint {
             while let Some(event) = o.call.poll_event() {
                 let ev = match event {
                     UacEvent::Progress { .. } => None,
+                    UacEvent::EarlyMedia { negotiated } => Some(SipEvent::EarlyMedia(negotiated)),
                     UacEvent::Answered { negotiated } => Some(SipEvent::Answered(negotiated)),
                     UacEvent::Failed { status, .. } => Some(SipEvent::Failed(status)),
                     UacEvent::MediaUpdated { negotiated } => {
                         Some(SipEvent::MediaUpdated(negotiated))
                     }
-                    UacEvent::RemoteHangup | UacEvent::HungUp => Some(SipEvent::Ended),
+                    UacEvent::RemoteHangup | UacEvent::HungUp | UacEvent::SessionExpired => {
+                        Some(SipEvent::Ended)
+                    }
                 };
                 if let Some(ev) = ev {
                     let _ = o.events.try_send(ev);

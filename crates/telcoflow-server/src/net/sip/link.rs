@@ -61,6 +61,9 @@ pub(super) enum Command {
 pub(super) enum SipEvent {
     /// The call is answered (our 200 was sent, or the callee's 200 arrived) with these media.
     Answered(Negotiated),
+    /// An outgoing call's callee sent SDP in a provisional response (183): its early media,
+    /// played before the answer.
+    EarlyMedia(Negotiated),
     /// An outgoing call failed before the answer with this status.
     Failed(u16),
     /// An outgoing call could not reach its destination: the connection (TCP, TLS) to it
@@ -144,6 +147,8 @@ mod tests {
                 credentials: None,
                 timers: Timers::default(),
                 user_agent: USER_AGENT.into(),
+                delayed_offer: false,
+                session_expires: None,
             }),
             media: LocalMedia::new(IpAddr::from([127, 0, 0, 1]), 20000, 1),
             events: events.clone(),

@@ -18,9 +18,10 @@
 //! |---|---|---|
 //! | new call | `UasEvent::IncomingCall` (Reject 404 if the number has no route) | `OutgoingCall::new` |
 //! | ringing | `LegOutput::Ringing` -> `UasAction::Ringing` | `UacEvent::Progress` |
+//! | early media | (none sent) | `UacEvent::EarlyMedia` -> the RTP session opens on the 183's SDP, `LegEvent::EarlyMedia`, then its audio before the answer |
 //! | answered | `LegOutput::Answered` -> `UasAction::Answer` | `UacEvent::Answered` -> `LegEvent::Answered` |
 //! | refused | ring timeout -> `UasAction::Reject { status: 480 }` | `UacEvent::Failed` -> `LegEvent::Rejected` |
-//! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` -> `LegEvent::Hangup` |
+//! | hang-up from the phone | `UasEvent::Cancelled` / `Bye` / `AckTimeout` / `SessionExpired` -> `LegEvent::Hangup` | `UacEvent::RemoteHangup` / `SessionExpired` -> `LegEvent::Hangup` |
 //! | hang-up from the call | `LegOutput::Hangup` -> `UasAction::Hangup` | `OutgoingCall::hangup` |
 //! | audio, DTMF | `rtp::session::RtpSession`: `pop_frame` -> `LegEvent::Audio`, `Received::Dtmf` -> `LegEvent::Dtmf`, `LegOutput::Audio` -> `queue_audio`/`poll_audio` (8 kHz) | same |
 //! | DTMF by SIP INFO | `UasEvent::Dtmf` -> `LegEvent::Dtmf` | (not parsed) |
@@ -52,7 +53,7 @@ use telcoflow_sip::rtp::ports::PortPool;
 use telcoflow_sip::sip::Transport;
 use telcoflow_sip::sip::digest::Credentials;
 use telcoflow_sip::sip::message::SipUri;
-use telcoflow_sip::sip::uac::UacConfig;
+use telcoflow_sip::sip::uac::{DEFAULT_SESSION_EXPIRES, UacConfig};
 use telcoflow_sip::sip::uas::{Uas, UasConfig};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
@@ -117,10 +118,13 @@ impl Network for SipNetwork {
             Some(p) => format!("{}:{p}", parsed.host),
             None => parsed.host.clone(),
         };
-        let trunk = self.config.trunk_for(&host_port).map(|t| Credentials {
-            username: t.username.clone(),
-            password: t.password.clone(),
-        });
+        let trunk_config = self.config.trunk_for(&host_port);
+        let trunk = trunk_config
+            .filter(|t| !t.username.is_empty())
+            .map(|t| Credentials {
+                username: t.username.clone(),
+                password: t.password.clone(),
+            });
         // A destination on a registrar's host goes through that registration: its
         // credentials (unless a trunk of the same host has its own), its outbound proxy,
         // and its address of record as the caller.
@@ -171,6 +175,8 @@ impl Network for SipNetwork {
             credentials,
             timers: self.config.timers(),
             user_agent: USER_AGENT.into(),
+            delayed_offer: trunk_config.is_some_and(|t| t.delayed_offer),
+            session_expires: Some(DEFAULT_SESSION_EXPIRES),
         };
         let (events_tx, events_rx) = mpsc::channel(LEG_EVENT_QUEUE);
         // The callee picks the codec: the leg tells the call its rate when it answers.

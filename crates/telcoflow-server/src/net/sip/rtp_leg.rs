@@ -134,6 +134,7 @@ impl PendingLeg {
             signalling: params.signalling,
             session: None,
             answered: false,
+            early: false,
             packet: vec![0u8; DATAGRAM],
             frames: SamplePool::default(),
             loss_reported: 0,
@@ -188,6 +189,8 @@ struct RtpLeg {
     session: Option<RtpSession>,
     /// The SIP call is answered.
     answered: bool,
+    /// The callee's early media (183 with SDP) play: the call has been told.
+    early: bool,
     packet: Vec<u8>,
     /// Buffers of the frames handed to the call.
     frames: SamplePool,
@@ -541,9 +544,27 @@ impl RtpLeg {
     async fn on_sip(&mut self, event: SipEvent) -> Flow {
         let now = Instant::now().into_std();
         match event {
+            SipEvent::EarlyMedia(negotiated) => {
+                if self.session.is_some() {
+                    self.update_session(&negotiated, now);
+                } else {
+                    self.open_session(&negotiated, now);
+                }
+                self.sync_rate().await;
+                if !self.early {
+                    self.early = true;
+                    self.to_call(LegEvent::EarlyMedia).await;
+                }
+            }
             SipEvent::Answered(negotiated) => {
                 self.answered = true;
-                self.open_session(&negotiated, now);
+                // After early media the session goes on with the answer's parameters (the
+                // same, usually).
+                if self.session.is_some() {
+                    self.update_session(&negotiated, now);
+                } else {
+                    self.open_session(&negotiated, now);
+                }
                 // Before `Answered`: the call's first frames to the callee are at its rate.
                 self.sync_rate().await;
                 if self.direction == Direction::Outgoing {
@@ -551,26 +572,8 @@ impl RtpLeg {
                 }
             }
             SipEvent::MediaUpdated(negotiated) => match &mut self.session {
-                Some(s) => {
-                    s.set_remote(
-                        negotiated.remote,
-                        negotiated.remote_rtcp,
-                        negotiated.codec,
-                        negotiated.payload_type,
-                    );
-                    // The re-offer's ptime (20 ms when it names none): sent packets follow
-                    // it; received ones of any length are reframed already.
-                    s.set_ptime(negotiated.ptime);
-                    s.set_receiving(!negotiated.remote_hold, now);
-                    // RFC 3264 8.4: nothing to a phone that holds with sendonly/inactive.
-                    s.set_sending(negotiated.direction.sends());
-                    debug!(
-                        remote = %negotiated.remote,
-                        hold = negotiated.remote_hold,
-                        ptime = negotiated.ptime,
-                        codec = %negotiated.codec,
-                        "media updated"
-                    );
+                Some(_) => {
+                    self.update_session(&negotiated, now);
                     self.sync_rate().await;
                 }
                 // An offerless INVITE: the ACK carried the answer.
@@ -615,6 +618,32 @@ impl RtpLeg {
             }
         }
         Flow::Continue
+    }
+
+    /// New parameters for the open session (a re-INVITE, or the answer after early media).
+    fn update_session(&mut self, negotiated: &Negotiated, now: std::time::Instant) {
+        let Some(s) = &mut self.session else {
+            return;
+        };
+        s.set_remote(
+            negotiated.remote,
+            negotiated.remote_rtcp,
+            negotiated.codec,
+            negotiated.payload_type,
+        );
+        // The re-offer's ptime (20 ms when it names none): sent packets follow
+        // it; received ones of any length are reframed already.
+        s.set_ptime(negotiated.ptime);
+        s.set_receiving(!negotiated.remote_hold, now);
+        // RFC 3264 8.4: nothing to a phone that holds with sendonly/inactive.
+        s.set_sending(negotiated.direction.sends());
+        debug!(
+            remote = %negotiated.remote,
+            hold = negotiated.remote_hold,
+            ptime = negotiated.ptime,
+            codec = %negotiated.codec,
+            "media updated"
+        );
     }
 
     fn open_session(&mut self, n: &Negotiated, now: std::time::Instant) {
@@ -719,7 +748,8 @@ impl RtpLeg {
         let Some(session) = &mut self.session else {
             return Flow::Continue;
         };
-        if session.timed_out(now) {
+        // Early media may pause or never come: the RTP timeout runs from the answer.
+        if self.answered && session.timed_out(now) {
             info!(timeout = ?self.rtp_timeout, "no RTP from the phone; ending the call");
             self.command(Command::Hangup(self.key)).await;
             self.to_call(LegEvent::Hangup).await;
