@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use telcoflow_sip::rtp::codec::Codec;
+use telcoflow_sip::sip::sdp::SrtpPolicy;
 use telcoflow_sip::sip::transaction::Timers;
 
 /// API key of the development connector.
@@ -333,6 +334,20 @@ pub struct SipConfig {
     /// Registrars this server registers at (`[[sip.registrations]]`), so that a trunk or a
     /// hosted PBX sends the calls of an address of record here.
     pub registrations: Vec<SipRegistration>,
+    /// SRTP with SDES keys (`a=crypto`) for calls of peers without an `srtp` of their own:
+    /// `off` (plain RTP; `RTP/SAVP` offers get `488`), `optional` (SRTP when the caller
+    /// offers it; our offers carry `a=crypto` on `RTP/AVP`) or `required` (plain offers get
+    /// `488`; our offers are `RTP/SAVP`). Default `off`.
+    pub srtp: String,
+}
+
+/// The SRTP policy an `srtp` setting names (`at`: where, for the error).
+fn srtp_policy(value: &str, at: &str) -> Result<SrtpPolicy, ConfigError> {
+    SrtpPolicy::from_name(value.trim()).ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "{at} srtp must be \"off\", \"optional\" or \"required\", got {value:?}"
+        ))
+    })
 }
 
 /// An outbound registration (`[[sip.registrations]]`): the server binds its contact to `aor`
@@ -364,6 +379,10 @@ pub struct SipRegistration {
     /// REGISTERs, and the INVITEs of `call.connect` through this registration.
     #[serde(default)]
     pub outbound_proxy: Option<String>,
+    /// SRTP policy (`off`, `optional`, `required`) for calls to and from this registration
+    /// (its AOR's number); default `[sip] srtp`.
+    #[serde(default)]
+    pub srtp: Option<String>,
 }
 
 fn default_registration_expiry() -> u64 {
@@ -384,6 +403,7 @@ impl std::fmt::Debug for SipRegistration {
             .field("expiry", &self.expiry)
             .field("transport", &self.transport)
             .field("outbound_proxy", &self.outbound_proxy)
+            .field("srtp", &self.srtp)
             .finish_non_exhaustive()
     }
 }
@@ -484,6 +504,10 @@ pub struct SipAccount {
     pub username: String,
     /// Digest password.
     pub password: String,
+    /// SRTP policy (`off`, `optional`, `required`) for calls this account makes; default
+    /// `[sip] srtp`.
+    #[serde(default)]
+    pub srtp: Option<String>,
 }
 
 impl std::fmt::Debug for SipAccount {
@@ -491,6 +515,7 @@ impl std::fmt::Debug for SipAccount {
         // Never print the password.
         f.debug_struct("SipAccount")
             .field("username", &self.username)
+            .field("srtp", &self.srtp)
             .finish_non_exhaustive()
     }
 }
@@ -506,6 +531,10 @@ pub struct SipTrunk {
     pub username: String,
     /// Digest password.
     pub password: String,
+    /// SRTP policy (`off`, `optional`, `required`) for calls dialled through this trunk and
+    /// calls from its host (an INVITE whose source address is `host`); default `[sip] srtp`.
+    #[serde(default)]
+    pub srtp: Option<String>,
 }
 
 impl Default for SipConfig {
@@ -531,6 +560,7 @@ impl Default for SipConfig {
                 .map(|c| c.encoding_name().to_owned())
                 .collect(),
             registrations: Vec::new(),
+            srtp: SrtpPolicy::Off.as_str().into(),
         }
     }
 }
@@ -551,6 +581,18 @@ impl SipConfig {
             return Err(bad());
         }
         Ok((low, high))
+    }
+
+    /// The default SRTP policy (`srtp`).
+    pub fn srtp_policy(&self) -> Result<SrtpPolicy, ConfigError> {
+        srtp_policy(&self.srtp, "sip.srtp:")
+    }
+
+    /// A peer's SRTP policy: its own `srtp` when set, else `[sip] srtp` (`Off` if invalid,
+    /// which validation refuses at start).
+    pub fn peer_srtp_policy(&self, own: Option<&str>) -> SrtpPolicy {
+        own.map_or_else(|| self.srtp_policy(), |v| srtp_policy(v, ""))
+            .unwrap_or_default()
     }
 
     /// The `codecs` list parsed, in its order.
@@ -993,19 +1035,29 @@ impl Config {
             if sip.rtp_timeout_secs == 0 {
                 return invalid("sip.rtp_timeout_secs must be at least 1".into());
             }
+            sip.srtp_policy()?;
             for t in &sip.trunks {
                 if t.host.is_empty() || t.username.is_empty() {
                     return invalid("every [[sip.trunks]] needs a host and a username".into());
                 }
+                if let Some(v) = &t.srtp {
+                    srtp_policy(v, &format!("[[sip.trunks]] {}:", t.host))?;
+                }
             }
             for (i, r) in sip.registrations.iter().enumerate() {
                 r.validate(i)?;
+                if let Some(v) = &r.srtp {
+                    srtp_policy(v, &format!("[[sip.registrations]] #{}:", i + 1))?;
+                }
             }
             for a in &sip.accounts {
                 if a.username.is_empty() || a.password.is_empty() {
                     return invalid(
                         "every [[sip.accounts]] needs a username and a password".into(),
                     );
+                }
+                if let Some(v) = &a.srtp {
+                    srtp_policy(v, &format!("[[sip.accounts]] {}:", a.username))?;
                 }
             }
             sip.allow_networks()?;

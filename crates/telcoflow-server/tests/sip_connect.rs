@@ -244,6 +244,7 @@ async fn sip_connect_through_a_trunk_answers_its_digest_challenge() {
             host: format!("127.0.0.1:{}", ports.sipp_sip),
             username: "acme".into(),
             password: "s3cret".into(),
+            srtp: None,
         });
     let (server, _control, _phone, mut media) = answered_call(config, 8000).await;
     let resp = media

@@ -115,6 +115,7 @@ pub const ENV_SETTINGS: &[EnvSetting] = &[
     s(Some("sip"), "tcp_max_connections_per_ip", Number),
     s(Some("sip"), "timer_t1_ms", Number),
     s(Some("sip"), "codecs", List),
+    s(Some("sip"), "srtp", Text),
     s(Some("sim"), "enabled", Bool),
     s(Some("cluster"), "nats_url", Text),
     s(Some("cluster"), "node_id", Text),
@@ -426,6 +427,7 @@ mod tests {
             ("TELCOFLOW_SIP_LISTEN", "127.0.0.1:5070"),
             ("TELCOFLOW_SIP_ALLOW", "10.0.0.0/8, 192.0.2.7"),
             ("TELCOFLOW_SIP_CODECS", "G722,PCMU"),
+            ("TELCOFLOW_SIP_SRTP", "required"),
             ("TELCOFLOW_SIM_ENABLED", "yes"),
             // Not settings of the file: left alone.
             ("TELCOFLOW_API_KEY", "sdk"),

@@ -33,6 +33,7 @@ mod link;
 mod ports;
 mod registrations;
 mod rtp_leg;
+mod srtp;
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{CallHandle, LegId, LegLink};
@@ -100,6 +101,10 @@ impl Network for SipNetwork {
             Some(p) => format!("{}:{p}", parsed.host),
             None => parsed.host.clone(),
         };
+        let trunk_srtp = self
+            .config
+            .trunk_for(&host_port)
+            .and_then(|t| t.srtp.as_deref());
         let trunk = self.config.trunk_for(&host_port).map(|t| Credentials {
             username: t.username.clone(),
             password: t.password.clone(),
@@ -128,7 +133,11 @@ impl Network for SipNetwork {
         let from_user = sip_user(&call.from);
         let sockets = self.media.bind().ok_or(RingError::NoMediaPort)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let media = self.media.local_media(sockets.guard.port);
+        // The trunk's SRTP policy, else the registration's, else `[sip] srtp`.
+        let srtp = self.config.peer_srtp_policy(trunk_srtp.or_else(|| {
+            registration.and_then(|(i, _)| self.config.registrations[i].srtp.as_deref())
+        }));
+        let media = self.media.local_media(sockets.guard.port, srtp);
         let config = UacConfig {
             target: uri.to_owned(),
             destination,
