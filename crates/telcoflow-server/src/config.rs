@@ -1556,6 +1556,48 @@ mod tests {
     }
 
     #[test]
+    fn srtp_policies_parse_per_peer_and_bad_ones_name_where() {
+        let sip = |extra: &str| {
+            format!(
+                "[sip]\nlisten = '127.0.0.1:5070'\nsrtp = 'optional'\n{extra}\n{}",
+                connector_toml("")
+            )
+        };
+        let config = Config::from_toml(&sip(
+            "[[sip.trunks]]\nhost = 't.example'\nusername = 'u'\npassword = 'p'\nsrtp = 'required'",
+        ))
+        .unwrap();
+        let s = config.sip.as_ref().unwrap();
+        assert_eq!(s.srtp_policy().unwrap(), SrtpPolicy::Optional);
+        assert_eq!(
+            s.peer_srtp_policy(s.trunks[0].srtp.as_deref()),
+            SrtpPolicy::Required
+        );
+        assert_eq!(s.peer_srtp_policy(None), SrtpPolicy::Optional);
+        assert_eq!(SipConfig::default().srtp_policy().unwrap(), SrtpPolicy::Off);
+        for (extra, says) in [
+            (
+                "[[sip.accounts]]\nusername = 'a'\npassword = 'p'\nsrtp = 'yes'",
+                "[[sip.accounts]] a",
+            ),
+            (
+                "[[sip.registrations]]\nregistrar = 'pbx'\naor = 'sip:a@b'\nsrtp = 'sdes'",
+                "[[sip.registrations]] #1",
+            ),
+        ] {
+            let err = Config::from_toml(&sip(extra)).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("srtp"), "{err}");
+        }
+        let err = Config::from_toml(&format!(
+            "[sip]\nlisten = '127.0.0.1:5070'\nsrtp = 'always'\n{}",
+            connector_toml("")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sip.srtp"), "{err}");
+    }
+
+    #[test]
     fn sip_registrations_parse_with_defaults_and_bad_ones_say_what_is_wrong() {
         let reg = |fields: &str| {
             format!(

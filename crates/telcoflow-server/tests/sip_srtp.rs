@@ -264,6 +264,13 @@ fn check_encrypted_audio(
         suite.as_deref().is_some_and(|s| SUITES.contains(&s)),
         "the call's figures name the SRTP suite, got {suite:?}"
     );
+    // Which suite baresip's offer or answer led to, for the record.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SRTP suite: {}",
+        suite.unwrap_or_default()
+    );
 }
 
 /// Serves calls with [`echo`]; returns the agent task.

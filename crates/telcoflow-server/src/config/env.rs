@@ -452,6 +452,7 @@ mod tests {
             [Codec::G722, Codec::Pcmu],
             "in the variable's order"
         );
+        assert_eq!(sip.srtp, "required");
         assert_eq!(sip.rtp_ports, "20000-20999", "the rest keeps its default");
     }
 
