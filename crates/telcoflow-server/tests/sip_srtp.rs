@@ -6,6 +6,8 @@
 //!
 //! - baresip calls in with SRTP mandatory (`mediaenc=srtp-mand`: `RTP/SAVP` and `a=crypto`)
 //!   to a server whose `[sip] srtp` is `required`.
+//! - baresip calls in with best-effort SRTP (`mediaenc=srtp`: `RTP/AVP` and `a=crypto`) to a
+//!   server whose `[sip] srtp` is `optional`.
 //! - The server (SRTP required) dials baresip (`session.create` to a `sip:` URI).
 //! - A plain-RTP caller is refused with `488` by a server that requires SRTP, and the agent
 //!   never hears of the call.
@@ -310,6 +312,29 @@ async fn a_caller_with_mandatory_srtp_is_heard_and_hears_back() {
     let suite = Arc::new(Mutex::new(None));
     let agent = serve_echo(&server, &client, &heard, &suite);
     // baresip hangs up when the 4 s tone ends; -t stops the process soon after.
+    let dial = format!("/dial sip:+15559990001@{sip}");
+    let log = run_baresip(&dir, &["-e", &dial, "-t", "7"]).await;
+    check_encrypted_audio(&dir, &log, &heard, &suite);
+    client.shutdown().await;
+    let _ = agent.await;
+    server.shutdown().await;
+}
+
+/// Best effort: baresip offers `RTP/AVP` with `a=crypto` (`mediaenc=srtp`) to a server whose
+/// policy is `optional`; the call is encrypted all the same.
+#[tokio::test]
+async fn a_best_effort_caller_is_encrypted_when_srtp_is_optional() {
+    if !tools_available() {
+        return;
+    }
+    let server = server_with_srtp(sipp::ports(83), "optional").await;
+    let sip = server.sip_addr().unwrap();
+    let dir = sipp::work_dir("srtp-best-effort");
+    write_config(&dir, 30700, 0, Some("srtp"));
+    let client = agent_client(&server).await;
+    let heard = Arc::new(Mutex::new(Vec::new()));
+    let suite = Arc::new(Mutex::new(None));
+    let agent = serve_echo(&server, &client, &heard, &suite);
     let dial = format!("/dial sip:+15559990001@{sip}");
     let log = run_baresip(&dir, &["-e", &dial, "-t", "7"]).await;
     check_encrypted_audio(&dir, &log, &heard, &suite);
