@@ -1848,6 +1848,66 @@ mod tests {
         }
     }
 
+    /// A re-INVITE's new keys replace the contexts; the same keys again change nothing (the
+    /// replay window survives); `None` turns the session plain.
+    #[test]
+    fn srtp_rekeys_only_on_new_keys() {
+        use crate::rtp::srtp::{MasterKey, SrtpKeys};
+        let t0 = Instant::now();
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let keys = |local, remote| {
+            Some(SrtpKeys {
+                suite: SrtpSuite::AesCm128HmacSha1_32,
+                local,
+                remote,
+            })
+        };
+        let (k1, k2, kb) = (
+            MasterKey::random(),
+            MasterKey::random(),
+            MasterKey::random(),
+        );
+        let mut a = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xA, 1, 1),
+            b_addr,
+            b_addr,
+            t0,
+        );
+        let mut b = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xB, 1, 1),
+            a_addr,
+            a_addr,
+            t0,
+        );
+        a.set_srtp(keys(k1, kb)).unwrap();
+        b.set_srtp(keys(kb, k1)).unwrap();
+        let mut buf = [0u8; 512];
+        let len = a.write_audio(&[0; 160], &mut buf).unwrap();
+        let first = buf[..len].to_vec();
+        assert_eq!(b.handle_datagram(a_addr, &first, t0), Received::Audio);
+        // The same keys: still the same contexts, so the packet is a replay.
+        b.set_srtp(keys(kb, k1)).unwrap();
+        assert_eq!(
+            b.handle_datagram(a_addr, &first, t0),
+            Received::Unauthenticated
+        );
+        // A rekeys; B still has the old key until its own update.
+        a.set_srtp(keys(k2, kb)).unwrap();
+        let len = a.write_audio(&[0; 160], &mut buf).unwrap();
+        assert_eq!(
+            b.handle_datagram(a_addr, &buf[..len], t0),
+            Received::Unauthenticated
+        );
+        b.set_srtp(keys(kb, k2)).unwrap();
+        assert_eq!(b.handle_datagram(a_addr, &buf[..len], t0), Received::Audio);
+        // Plain again.
+        a.set_srtp(None).unwrap();
+        assert_eq!(a.srtp_suite(), None);
+        let len = a.write_audio(&[0; 160], &mut buf).unwrap();
+        assert_eq!(len, 12 + 160);
+    }
+
     fn telcoflow_ntp(wall: Duration) -> u64 {
         crate::rtp::packet::ntp_timestamp(wall)
     }
