@@ -70,6 +70,10 @@ pub struct LegStats {
     /// rates on another scale (R up to 129), which these figures do not use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub codec: Option<String>,
+    /// The SRTP suite of an encrypted `sip` leg (SDES): `AES_CM_128_HMAC_SHA1_80` or
+    /// `AES_CM_128_HMAC_SHA1_32`; absent for plain RTP and for `sim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srtp: Option<String>,
 }
 
 impl LegStats {
@@ -121,12 +125,19 @@ impl LegStats {
             r_factor: round2(r),
             mos: round2(mos_from_r(r)),
             codec: None,
+            srtp: None,
         }
     }
 
     /// The same figures, naming the leg's codec (see [`LegStats::codec`]).
     pub fn with_codec(mut self, codec: Option<&str>) -> Self {
         self.codec = codec.map(str::to_owned);
+        self
+    }
+
+    /// The same figures, naming the leg's SRTP suite (see [`LegStats::srtp`]).
+    pub fn with_srtp(mut self, suite: Option<&str>) -> Self {
+        self.srtp = suite.map(str::to_owned);
         self
     }
 }

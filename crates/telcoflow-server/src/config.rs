@@ -12,6 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use telcoflow_sip::rtp::codec::Codec;
+use telcoflow_sip::sip::sdp::SrtpPolicy;
 use telcoflow_sip::sip::transaction::Timers;
 
 /// API key of the development connector.
@@ -359,6 +360,20 @@ pub struct SipConfig {
     /// `tls_ca`, name the host dialled, in date). Default true; `false` is for tests and
     /// peers with self-made certificates only.
     pub tls_verify: bool,
+    /// SRTP with SDES keys (`a=crypto`) for calls of peers without an `srtp` of their own:
+    /// `off` (plain RTP; `RTP/SAVP` offers get `488`), `optional` (SRTP when the caller
+    /// offers it; our offers carry `a=crypto` on `RTP/AVP`) or `required` (plain offers get
+    /// `488`; our offers are `RTP/SAVP`). Default `off`.
+    pub srtp: String,
+}
+
+/// The SRTP policy an `srtp` setting names (`at`: where, for the error).
+fn srtp_policy(value: &str, at: &str) -> Result<SrtpPolicy, ConfigError> {
+    SrtpPolicy::from_name(value.trim()).ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "{at} srtp must be \"off\", \"optional\" or \"required\", got {value:?}"
+        ))
+    })
 }
 
 /// An outbound registration (`[[sip.registrations]]`): the server binds its contact to `aor`
@@ -391,6 +406,10 @@ pub struct SipRegistration {
     /// REGISTERs, and the INVITEs of `call.connect` through this registration.
     #[serde(default)]
     pub outbound_proxy: Option<String>,
+    /// SRTP policy (`off`, `optional`, `required`) for calls to and from this registration
+    /// (its AOR's number); default `[sip] srtp`.
+    #[serde(default)]
+    pub srtp: Option<String>,
 }
 
 fn default_registration_expiry() -> u64 {
@@ -411,6 +430,7 @@ impl std::fmt::Debug for SipRegistration {
             .field("expiry", &self.expiry)
             .field("transport", &self.transport)
             .field("outbound_proxy", &self.outbound_proxy)
+            .field("srtp", &self.srtp)
             .finish_non_exhaustive()
     }
 }
@@ -524,6 +544,10 @@ pub struct SipAccount {
     pub username: String,
     /// Digest password.
     pub password: String,
+    /// SRTP policy (`off`, `optional`, `required`) for calls this account makes; default
+    /// `[sip] srtp`.
+    #[serde(default)]
+    pub srtp: Option<String>,
 }
 
 impl std::fmt::Debug for SipAccount {
@@ -531,6 +555,7 @@ impl std::fmt::Debug for SipAccount {
         // Never print the password.
         f.debug_struct("SipAccount")
             .field("username", &self.username)
+            .field("srtp", &self.srtp)
             .finish_non_exhaustive()
     }
 }
@@ -552,6 +577,10 @@ pub struct SipTrunk {
     /// answers in the ACK.
     #[serde(default)]
     pub delayed_offer: bool,
+    /// SRTP policy (`off`, `optional`, `required`) for calls dialled through this trunk and
+    /// calls from its host (an INVITE whose source address is `host`); default `[sip] srtp`.
+    #[serde(default)]
+    pub srtp: Option<String>,
 }
 
 impl Default for SipConfig {
@@ -582,6 +611,7 @@ impl Default for SipConfig {
             tls_key: None,
             tls_ca: None,
             tls_verify: true,
+            srtp: SrtpPolicy::Off.as_str().into(),
         }
     }
 }
@@ -602,6 +632,18 @@ impl SipConfig {
             return Err(bad());
         }
         Ok((low, high))
+    }
+
+    /// The default SRTP policy (`srtp`).
+    pub fn srtp_policy(&self) -> Result<SrtpPolicy, ConfigError> {
+        srtp_policy(&self.srtp, "sip.srtp:")
+    }
+
+    /// A peer's SRTP policy: its own `srtp` when set, else `[sip] srtp` (`Off` if invalid,
+    /// which validation refuses at start).
+    pub fn peer_srtp_policy(&self, own: Option<&str>) -> SrtpPolicy {
+        own.map_or_else(|| self.srtp_policy(), |v| srtp_policy(v, ""))
+            .unwrap_or_default()
     }
 
     /// The `codecs` list parsed, in its order.
@@ -1049,6 +1091,7 @@ impl Config {
             if sip.rtp_timeout_secs == 0 {
                 return invalid("sip.rtp_timeout_secs must be at least 1".into());
             }
+            sip.srtp_policy()?;
             for t in &sip.trunks {
                 if t.host.is_empty() {
                     return invalid("every [[sip.trunks]] needs a host".into());
@@ -1056,15 +1099,24 @@ impl Config {
                 if t.username.is_empty() && !t.password.is_empty() {
                     return invalid("a [[sip.trunks]] password needs a username".into());
                 }
+                if let Some(v) = &t.srtp {
+                    srtp_policy(v, &format!("[[sip.trunks]] {}:", t.host))?;
+                }
             }
             for (i, r) in sip.registrations.iter().enumerate() {
                 r.validate(i)?;
+                if let Some(v) = &r.srtp {
+                    srtp_policy(v, &format!("[[sip.registrations]] #{}:", i + 1))?;
+                }
             }
             for a in &sip.accounts {
                 if a.username.is_empty() || a.password.is_empty() {
                     return invalid(
                         "every [[sip.accounts]] needs a username and a password".into(),
                     );
+                }
+                if let Some(v) = &a.srtp {
+                    srtp_policy(v, &format!("[[sip.accounts]] {}:", a.username))?;
                 }
             }
             sip.allow_networks()?;
@@ -1638,6 +1690,48 @@ mod tests {
             Some(("pbx.example.com".into(), 5061))
         );
         assert_eq!(r.registrar_uri(), "sips:pbx.example.com");
+    }
+
+    #[test]
+    fn srtp_policies_parse_per_peer_and_bad_ones_name_where() {
+        let sip = |extra: &str| {
+            format!(
+                "[sip]\nlisten = '127.0.0.1:5070'\nsrtp = 'optional'\n{extra}\n{}",
+                connector_toml("")
+            )
+        };
+        let config = Config::from_toml(&sip(
+            "[[sip.trunks]]\nhost = 't.example'\nusername = 'u'\npassword = 'p'\nsrtp = 'required'",
+        ))
+        .unwrap();
+        let s = config.sip.as_ref().unwrap();
+        assert_eq!(s.srtp_policy().unwrap(), SrtpPolicy::Optional);
+        assert_eq!(
+            s.peer_srtp_policy(s.trunks[0].srtp.as_deref()),
+            SrtpPolicy::Required
+        );
+        assert_eq!(s.peer_srtp_policy(None), SrtpPolicy::Optional);
+        assert_eq!(SipConfig::default().srtp_policy().unwrap(), SrtpPolicy::Off);
+        for (extra, says) in [
+            (
+                "[[sip.accounts]]\nusername = 'a'\npassword = 'p'\nsrtp = 'yes'",
+                "[[sip.accounts]] a",
+            ),
+            (
+                "[[sip.registrations]]\nregistrar = 'pbx'\naor = 'sip:a@b'\nsrtp = 'sdes'",
+                "[[sip.registrations]] #1",
+            ),
+        ] {
+            let err = Config::from_toml(&sip(extra)).unwrap_err().to_string();
+            assert!(err.contains(says) && err.contains("srtp"), "{err}");
+        }
+        let err = Config::from_toml(&format!(
+            "[sip]\nlisten = '127.0.0.1:5070'\nsrtp = 'always'\n{}",
+            connector_toml("")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sip.srtp"), "{err}");
     }
 
     #[test]

@@ -245,6 +245,7 @@ async fn sip_connect_through_a_trunk_answers_its_digest_challenge() {
             username: "acme".into(),
             password: "s3cret".into(),
             delayed_offer: false,
+            srtp: None,
         });
     let (server, _control, _phone, mut media) = answered_call(config, 8000).await;
     let resp = media

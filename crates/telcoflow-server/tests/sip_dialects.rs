@@ -218,6 +218,7 @@ async fn a_delayed_offer_trunk_gets_an_invite_without_sdp_and_our_answer_in_the_
             username: String::new(),
             password: String::new(),
             delayed_offer: true,
+            srtp: None,
         });
     let (server, _control, mut phone, mut media) = answered_call(config, 8000).await;
     let resp = media

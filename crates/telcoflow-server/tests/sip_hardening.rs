@@ -178,6 +178,7 @@ async fn sip_accounts_challenge_with_401_and_sipp_authenticates() {
         sip.accounts = vec![SipAccount {
             username: "pbx".into(),
             password: "s3cret".into(),
+            srtp: None,
         }];
     }))
     .await;

@@ -261,6 +261,7 @@ async fn server_registered_at(kamailio: &Kamailio, ports: sipp::Ports) -> Runnin
         expiry: 300,
         transport: "udp".into(),
         outbound_proxy: None,
+        srtp: None,
     }];
     let server = start(config).await;
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -60,6 +60,7 @@ fn registration(port: u16) -> SipRegistration {
         expiry: 120,
         transport: "udp".into(),
         outbound_proxy: None,
+        srtp: None,
     }
 }
 

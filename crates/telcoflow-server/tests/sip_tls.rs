@@ -349,6 +349,7 @@ fn tls_registration(port: u16) -> telcoflow_server::config::SipRegistration {
         expiry: 120,
         transport: "tls".into(),
         outbound_proxy: None,
+        srtp: None,
     }
 }
 

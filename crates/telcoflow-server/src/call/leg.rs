@@ -156,6 +156,8 @@ pub(crate) struct NetFigures {
     pub(crate) buffering: Duration,
     /// The codec's name (`PCMU`, `PCMA`, `G722`), for a network that has codecs.
     pub(crate) codec: Option<&'static str>,
+    /// The SRTP suite of an encrypted leg.
+    pub(crate) srtp: Option<&'static str>,
 }
 
 /// Where a leg's task leaves its [`NetFigures`] for the call to read: written by one task,

@@ -32,6 +32,7 @@ pub(super) fn leg_stats(leg: &Leg, role: &str) -> LegStats {
                 delay_ms,
             )
             .with_codec(f.codec)
+            .with_srtp(f.srtp)
         }
         None => {
             let m = &leg.meter;

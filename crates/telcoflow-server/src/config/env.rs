@@ -120,6 +120,7 @@ pub const ENV_SETTINGS: &[EnvSetting] = &[
     s(Some("sip"), "tls_key", Text),
     s(Some("sip"), "tls_ca", Text),
     s(Some("sip"), "tls_verify", Bool),
+    s(Some("sip"), "srtp", Text),
     s(Some("sim"), "enabled", Bool),
     s(Some("cluster"), "nats_url", Text),
     s(Some("cluster"), "node_id", Text),
@@ -431,6 +432,7 @@ mod tests {
             ("TELCOFLOW_SIP_LISTEN", "127.0.0.1:5070"),
             ("TELCOFLOW_SIP_ALLOW", "10.0.0.0/8, 192.0.2.7"),
             ("TELCOFLOW_SIP_CODECS", "G722,PCMU"),
+            ("TELCOFLOW_SIP_SRTP", "required"),
             ("TELCOFLOW_SIM_ENABLED", "yes"),
             // Not settings of the file: left alone.
             ("TELCOFLOW_API_KEY", "sdk"),
@@ -455,6 +457,7 @@ mod tests {
             [Codec::G722, Codec::Pcmu],
             "in the variable's order"
         );
+        assert_eq!(sip.srtp, "required");
         assert_eq!(sip.rtp_ports, "20000-20999", "the rest keeps its default");
     }
 

@@ -8,6 +8,7 @@
 //! - [`jitter`]: adaptive jitter buffer for 20 ms frames (decoded in playout order).
 //! - [`reframe`]: packets of any `ptime` split and joined into 20 ms frames by timestamp.
 //! - [`ports`]: even RTP ports of the configured range, handed out round-robin.
+//! - [`srtp`]: SRTP (RFC 3711) keyed by SDES: the two AES-CM suites, master keys, a leg's contexts.
 //! - [`session`]: one call leg's RTP session: symmetric RTP, send/receive, DTMF, RTCP, timeout.
 //!
 //! A media task (in the Telcoflow server: one RTP leg per SIP call) owns a socket and feeds datagrams and the current time into these types.
@@ -21,3 +22,4 @@ pub mod packet;
 pub mod ports;
 pub mod reframe;
 pub mod session;
+pub mod srtp;

@@ -60,6 +60,9 @@ pub enum PacketError {
     /// More than 15 CSRCs or 31 report blocks.
     #[error("too many entries: {0}")]
     TooMany(usize),
+    /// SRTP could not protect a packet to send.
+    #[error("SRTP: {0}")]
+    Srtp(String),
 }
 
 fn need(buf: &[u8], needed: usize) -> Result<(), PacketError> {

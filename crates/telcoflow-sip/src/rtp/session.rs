@@ -36,6 +36,13 @@
 //! a third party's); audio after that is dropped until the peer speaks. Nothing is sent
 //! while [`RtpSession::set_sending`] is off (the peer holds the call: `sendonly`/`inactive`).
 //!
+//! SRTP (SDES): after [`RtpSession::set_srtp`] every packet sent, RTP and RTCP, is
+//! protected, and every packet received must authenticate (and not be a replay) before
+//! anything else reads it; one that does not is dropped and counted
+//! ([`SessionStats::srtp_rejected`], [`Received::Unauthenticated`]). The SRTP crate returns
+//! each packet in a buffer of its own: an encrypted session allocates per packet, a plain one
+//! does not.
+//!
 //! Any packetisation: received audio packets of other than 20 ms are split and joined into
 //! 20 ms frames by timestamp ([`super::reframe`]), from the first such packet on (a phone may
 //! change its `ptime` mid-call: the frames continue the stream's sequence numbers); sent
@@ -48,6 +55,7 @@ use std::time::{Duration, Instant};
 use super::codec::{AudioEncoder, Codec, MAX_FRAME_SAMPLES};
 use super::jitter::{FRAME_SAMPLES, Frame, JitterBuffer, JitterConfig};
 use super::reframe::Reframer;
+use super::srtp::{SrtpError, SrtpKeys, SrtpSession, SrtpSuite};
 use crate::phase::PhaseAligner;
 
 use super::packet::{
@@ -141,6 +149,8 @@ pub enum Received {
     UnknownPayload(u8),
     /// Not a valid packet.
     Malformed(PacketError),
+    /// An SRTP session's packet that failed authentication or was a replay; dropped.
+    Unauthenticated,
 }
 
 /// Counters for logs and metrics.
@@ -163,6 +173,8 @@ pub struct SessionStats {
     /// Round trip to the peer from its latest receiver report on one of our sender reports
     /// (RFC 3550 6.4.1: arrival - LSR - DLSR); `None` until the peer reports on one.
     pub rtt: Option<Duration>,
+    /// SRTP/SRTCP packets dropped: failed authentication, replayed, or too short.
+    pub srtp_rejected: u64,
 }
 
 /// What the session received from its peer's current source (RFC 3550 A.3).
@@ -337,6 +349,8 @@ pub struct RtpSession {
     /// The report blocks of our RTCP reports (at most one: we hear one source), kept from
     /// one report to the next so that sending a report costs no allocation.
     report_blocks: Vec<ReportBlock>,
+    /// SRTP contexts when the stream is encrypted.
+    srtp: Option<Box<SrtpSession>>,
 }
 
 impl RtpSession {
@@ -387,8 +401,45 @@ impl RtpSession {
             signalling_ip: None,
             reframer: None,
             report_blocks: Vec::with_capacity(1),
+            srtp: None,
             config,
         }
+    }
+
+    /// Encrypts the session with these SRTP keys (`None`: plain RTP). Keys equal to the
+    /// current ones change nothing; new ones (a re-INVITE that rekeys) start fresh contexts.
+    pub fn set_srtp(&mut self, keys: Option<SrtpKeys>) -> Result<(), SrtpError> {
+        if self.srtp.as_ref().map(|s| *s.keys()) == keys {
+            return Ok(());
+        }
+        self.srtp = match keys {
+            Some(keys) => Some(Box::new(SrtpSession::new(keys)?)),
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// The SRTP suite in use, `None` for plain RTP.
+    pub fn srtp_suite(&self) -> Option<SrtpSuite> {
+        self.srtp.as_ref().map(|s| s.keys().suite)
+    }
+
+    /// Protects a packet written into `out[..len]` when the session is encrypted.
+    fn protect(&mut self, out: &mut [u8], len: usize, rtcp: bool) -> Result<usize, PacketError> {
+        let Some(srtp) = &mut self.srtp else {
+            return Ok(len);
+        };
+        let protected = if rtcp {
+            srtp.protect_rtcp(out, len)
+        } else {
+            srtp.protect_rtp(out, len)
+        };
+        protected.map_err(|e| match e {
+            SrtpError::BufferTooSmall { needed, have } => {
+                PacketError::BufferTooSmall { needed, have }
+            }
+            e => PacketError::Srtp(e.to_string()),
+        })
     }
 
     /// Where to send RTP and RTCP now.
@@ -559,6 +610,27 @@ impl RtpSession {
             self.stats.wrong_source += 1;
             return Received::WrongSource;
         }
+        let decrypted;
+        let data = match &mut self.srtp {
+            None => data,
+            Some(srtp) => {
+                let plain = if is_rtcp(data) {
+                    srtp.unprotect_rtcp(data)
+                } else {
+                    srtp.unprotect_rtp(data)
+                };
+                match plain {
+                    Ok(plain) => {
+                        decrypted = plain;
+                        &decrypted[..]
+                    }
+                    Err(_) => {
+                        self.stats.srtp_rejected += 1;
+                        return Received::Unauthenticated;
+                    }
+                }
+            }
+        };
         if is_rtcp(data) {
             // Checked whole first: a malformed datagram changes nothing.
             if let Err(e) = RtcpPackets::validate(data) {
@@ -646,6 +718,20 @@ impl RtpSession {
             self.stats.wrong_source += 1;
             return Received::WrongSource;
         }
+        let decrypted;
+        let data = match &mut self.srtp {
+            None => data,
+            Some(srtp) => match srtp.unprotect_rtcp(data) {
+                Ok(plain) => {
+                    decrypted = plain;
+                    &decrypted[..]
+                }
+                Err(_) => {
+                    self.stats.srtp_rejected += 1;
+                    return Received::Unauthenticated;
+                }
+            },
+        };
         // Checked whole first: a malformed datagram changes nothing.
         if let Err(e) = RtcpPackets::validate(data) {
             return Received::Malformed(e);
@@ -800,6 +886,7 @@ impl RtpSession {
         // The first packet starts a talk spurt (RFC 3551 4.1).
         header.marker = !self.sent_first;
         let len = header.write_packet(&self.encode_buf[..bytes], out)?;
+        let len = self.protect(out, len, false)?;
         self.sent_first = true;
         self.sequence = self.sequence.wrapping_add(1);
         self.timestamp = self.timestamp.wrapping_add(bytes as u32);
@@ -838,6 +925,7 @@ impl RtpSession {
         );
         header.marker = packet.marker;
         let len = header.write_packet(&payload, out)?;
+        let len = self.protect(out, len, false)?;
         self.sequence = self.sequence.wrapping_add(1);
         self.stats.packets_sent = self.stats.packets_sent.wrapping_add(1);
         self.stats.octets_sent = self
@@ -907,7 +995,7 @@ impl RtpSession {
         self.report_blocks = reports;
         let mut len = written?;
         len += write_sdes_cname(self.config.ssrc, &self.config.cname, &mut out[len..])?;
-        Ok(Some(len))
+        self.protect(out, len, true).map(Some)
     }
 }
 
@@ -1650,6 +1738,174 @@ mod tests {
             rtt_from_report(lsr.wrapping_add(3600 * 65536), lsr, 0),
             None
         );
+    }
+
+    /// Two sessions keyed crosswise: audio, DTMF and RTCP go through encrypted; a tampered
+    /// packet, a replay and a plain packet are dropped and counted, never played.
+    #[test]
+    fn srtp_pair_exchanges_audio_and_drops_what_fails_authentication() {
+        use crate::rtp::srtp::{MasterKey, SrtpKeys};
+        let t0 = Instant::now();
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let (ka, kb) = (MasterKey::random(), MasterKey::random());
+        for suite in SrtpSuite::ALL {
+            let mut a = RtpSession::new(
+                SessionConfig::new(G711::Pcmu, 0xA, 1, 1),
+                b_addr,
+                b_addr,
+                t0,
+            );
+            let mut b = RtpSession::new(
+                SessionConfig::new(G711::Pcmu, 0xB, 1, 1),
+                a_addr,
+                a_addr,
+                t0,
+            );
+            let keys = |local, remote| {
+                Some(SrtpKeys {
+                    suite,
+                    local,
+                    remote,
+                })
+            };
+            a.set_srtp(keys(ka, kb)).unwrap();
+            b.set_srtp(keys(kb, ka)).unwrap();
+            assert_eq!(a.srtp_suite(), Some(suite));
+            let mut buf = [0u8; 512];
+            let tone: Vec<i16> = (0..160).map(|i| ((i % 16) * 500) as i16).collect();
+            let len = a.write_audio(&tone, &mut buf).unwrap();
+            assert_eq!(len, 12 + 160 + suite.rtp_tag_len());
+            // The payload on the wire is not the plain encoding.
+            let mut plain = [0u8; 160];
+            crate::rtp::g711::G711::Pcmu.encode(&tone, &mut plain);
+            assert_ne!(buf[12..172], plain[..]);
+            let packet = buf[..len].to_vec();
+            let mut tampered = packet.clone();
+            tampered[20] ^= 0x40;
+            assert_eq!(
+                b.handle_datagram(a_addr, &tampered, t0),
+                Received::Unauthenticated
+            );
+            assert_eq!(b.handle_datagram(a_addr, &packet, t0), Received::Audio);
+            assert_eq!(
+                b.handle_datagram(a_addr, &packet, t0),
+                Received::Unauthenticated
+            );
+            // A plain packet from the peer's address is no better than a forged one.
+            let plain_packet = rtp(0, 2, 161, &plain);
+            assert_eq!(
+                b.handle_datagram(a_addr, &plain_packet, t0),
+                Received::Unauthenticated
+            );
+            assert_eq!(b.stats().srtp_rejected, 3);
+            assert_eq!(b.stats().packets_received, 1);
+            let frame = b.pop_ahead().expect("the decrypted frame");
+            let decoded: Vec<i16> = frame.samples.to_vec();
+            let mut expected = [0i16; 160];
+            crate::rtp::g711::G711::Pcmu.decode(&plain, &mut expected);
+            assert_eq!(decoded, expected);
+            // RTCP both ways, on the RTP port (mux) and on the RTCP port.
+            let n = a
+                .poll_rtcp(
+                    t0 + Duration::from_secs(5),
+                    Duration::from_secs(1),
+                    &mut buf,
+                )
+                .unwrap()
+                .unwrap();
+            assert_eq!(b.handle_datagram(a_addr, &buf[..n], t0), Received::Rtcp);
+            let n = b
+                .poll_rtcp(
+                    t0 + Duration::from_secs(5),
+                    Duration::from_secs(1),
+                    &mut buf,
+                )
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                a.handle_rtcp_datagram(b_addr, &buf[..n], t0),
+                Received::Rtcp
+            );
+            assert_eq!(
+                a.handle_rtcp_datagram(b_addr, &buf[..n], t0),
+                Received::Unauthenticated
+            );
+            // DTMF events are protected too.
+            let ev = crate::rtp::dtmf_out::EventPacket {
+                event: TelephoneEvent {
+                    event: 5,
+                    end: true,
+                    volume: 10,
+                    duration: 800,
+                },
+                timestamp: 1000,
+                marker: true,
+                copies: 1,
+            };
+            let n = a.write_event(101, &ev, &mut buf).unwrap();
+            assert_eq!(n, 12 + 4 + suite.rtp_tag_len());
+        }
+    }
+
+    /// A re-INVITE's new keys replace the contexts; the same keys again change nothing (the
+    /// replay window survives); `None` turns the session plain.
+    #[test]
+    fn srtp_rekeys_only_on_new_keys() {
+        use crate::rtp::srtp::{MasterKey, SrtpKeys};
+        let t0 = Instant::now();
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let keys = |local, remote| {
+            Some(SrtpKeys {
+                suite: SrtpSuite::AesCm128HmacSha1_32,
+                local,
+                remote,
+            })
+        };
+        let (k1, k2, kb) = (
+            MasterKey::random(),
+            MasterKey::random(),
+            MasterKey::random(),
+        );
+        let mut a = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xA, 1, 1),
+            b_addr,
+            b_addr,
+            t0,
+        );
+        let mut b = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xB, 1, 1),
+            a_addr,
+            a_addr,
+            t0,
+        );
+        a.set_srtp(keys(k1, kb)).unwrap();
+        b.set_srtp(keys(kb, k1)).unwrap();
+        let mut buf = [0u8; 512];
+        let len = a.write_audio(&[0; 160], &mut buf).unwrap();
+        let first = buf[..len].to_vec();
+        assert_eq!(b.handle_datagram(a_addr, &first, t0), Received::Audio);
+        // The same keys: still the same contexts, so the packet is a replay.
+        b.set_srtp(keys(kb, k1)).unwrap();
+        assert_eq!(
+            b.handle_datagram(a_addr, &first, t0),
+            Received::Unauthenticated
+        );
+        // A rekeys; B still has the old key until its own update.
+        a.set_srtp(keys(k2, kb)).unwrap();
+        let len = a.write_audio(&[0; 160], &mut buf).unwrap();
+        assert_eq!(
+            b.handle_datagram(a_addr, &buf[..len], t0),
+            Received::Unauthenticated
+        );
+        b.set_srtp(keys(kb, k2)).unwrap();
+        assert_eq!(b.handle_datagram(a_addr, &buf[..len], t0), Received::Audio);
+        // Plain again.
+        a.set_srtp(None).unwrap();
+        assert_eq!(a.srtp_suite(), None);
+        let len = a.write_audio(&[0; 160], &mut buf).unwrap();
+        assert_eq!(len, 12 + 160);
     }
 
     fn telcoflow_ntp(wall: Duration) -> u64 {

@@ -8,12 +8,25 @@
 //! offerer's `ptime` when it is within [`PTIME_RANGE_MS`] (else `ptime:20`), and reports hold (`a=sendonly`, `a=inactive`, or the older `c=0.0.0.0`). No common codec gives
 //! [`NegotiationError::NoCommonCodec`], whose [`NegotiationError::status_code`] is 488.
 //! [`offer`] and [`accept_answer`] are the same rules for calls we place.
+//!
+//! SRTP with SDES (RFC 4568): [`LocalMedia::srtp`] sets the policy ([`SrtpPolicy`]) and our
+//! master key. An offer's `a=crypto` lines are read into [`MediaDescription::crypto`]; the
+//! answer takes the first one whose suite we support ([`SrtpSuite`]) with a single
+//! `inline:` key and no MKI or session parameters, and answers it with the same tag and our
+//! key. `RTP/SAVP` without such a line, or SRTP offered while ours is off, or plain RTP while
+//! ours is required, gives a 488 ([`NegotiationError::NoCryptoSuite`],
+//! [`NegotiationError::SrtpRefused`], [`NegotiationError::SrtpRequired`]). An `RTP/AVP`
+//! offer with `a=crypto` (best-effort SRTP, as some phones send it) is encrypted when our
+//! policy allows SRTP. Our offers: `required` sends `RTP/SAVP` with both suites;
+//! `optional` sends `RTP/AVP` with both suites' `a=crypto` (best effort: a peer that does
+//! not know SDES ignores them and the call is plain).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::rtp::codec::Codec;
 use crate::rtp::g711::G711;
+use crate::rtp::srtp::{MasterKey, SrtpKeys, SrtpSuite};
 
 /// Packetisation time we send and ask for, in milliseconds.
 pub const PTIME_MS: u32 = 20;
@@ -71,6 +84,16 @@ pub enum NegotiationError {
     /// The audio stream has no connection address.
     #[error("audio stream has no connection address")]
     NoConnection,
+    /// SRTP is offered (`RTP/SAVP`) with no `a=crypto` we support, or an answer to our
+    /// SRTP offer has none of the crypto lines we offered.
+    #[error("no supported SRTP crypto suite")]
+    NoCryptoSuite,
+    /// SRTP is offered but off for this peer.
+    #[error("SRTP is not enabled for this peer")]
+    SrtpRefused,
+    /// Plain RTP is offered or answered but SRTP is required for this peer.
+    #[error("SRTP is required for this peer")]
+    SrtpRequired,
 }
 
 impl NegotiationError {
@@ -188,8 +211,103 @@ pub struct MediaDescription {
     pub rtcp_port: Option<u16>,
     /// Direction attribute, if present at media level.
     pub direction: Option<Direction>,
+    /// `a=crypto` lines (RFC 4568), in order.
+    pub crypto: Vec<CryptoAttribute>,
     /// Other attributes, verbatim without `a=`.
     pub other: Vec<String>,
+}
+
+/// Whether a peer's calls use SRTP (SDES).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SrtpPolicy {
+    /// Plain RTP only: `RTP/SAVP` offers are refused, `a=crypto` is ignored.
+    #[default]
+    Off,
+    /// SRTP when the peer offers or accepts it, else plain RTP.
+    Optional,
+    /// SRTP only: plain offers are refused and a plain answer fails the call.
+    Required,
+}
+
+impl SrtpPolicy {
+    /// The name in the config: `off`, `optional`, `required`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+
+    /// The policy a config name stands for.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Off, Self::Optional, Self::Required]
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
+/// Our side of SDES: the policy, and our master key for what we send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalSrtp {
+    /// Whether SRTP is off, optional or required.
+    pub policy: SrtpPolicy,
+    /// Our master key and salt, sent in `a=crypto` (fixed for the call).
+    pub key: MasterKey,
+}
+
+/// An `a=crypto` line: `TAG SUITE KEY-PARAMS [SESSION-PARAMS]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CryptoAttribute {
+    /// The tag an answer names the chosen line by.
+    pub tag: u32,
+    /// The suite as written.
+    pub suite: String,
+    /// Key parameters (`inline:KEY||SALT[|LIFETIME][|MKI:LEN]`, `;`-separated).
+    pub key_params: String,
+    /// Session parameters, if any.
+    pub session_params: Vec<String>,
+}
+
+impl CryptoAttribute {
+    fn parse(arg: &str) -> Option<Self> {
+        let mut f = arg.split_ascii_whitespace();
+        let tag = f.next()?.parse().ok()?;
+        let suite = f.next()?.to_string();
+        let key_params = f.next()?.to_string();
+        Some(Self {
+            tag,
+            suite,
+            key_params,
+            session_params: f.map(str::to_string).collect(),
+        })
+    }
+
+    /// The suite and master key, when we can use this line: a suite we support, one
+    /// `inline:` key of the right length, no MKI (we key one stream with one key), no session
+    /// parameters (each changes the transform, RFC 4568 6.3). A lifetime is accepted and not
+    /// enforced: a call never comes near 2^31 packets.
+    pub fn usable(&self) -> Option<(SrtpSuite, MasterKey)> {
+        let suite = SrtpSuite::from_name(&self.suite)?;
+        if !self.session_params.is_empty() || self.key_params.contains(';') {
+            return None;
+        }
+        let inline = self.key_params.strip_prefix("inline:")?;
+        let mut parts = inline.split('|');
+        let key = MasterKey::from_base64(parts.next()?)?;
+        let rest: Vec<&str> = parts.collect();
+        let mki = rest.iter().any(|p| p.contains(':'));
+        (!mki && rest.len() <= 1).then_some((suite, key))
+    }
+
+    fn ours(tag: u32, suite: SrtpSuite, key: &MasterKey) -> Self {
+        Self {
+            tag,
+            suite: suite.name().into(),
+            key_params: format!("inline:{}", key.to_base64()),
+            session_params: Vec::new(),
+        }
+    }
 }
 
 impl MediaDescription {
@@ -206,6 +324,7 @@ impl MediaDescription {
             ptime: None,
             rtcp_port: None,
             direction: None,
+            crypto: Vec::new(),
             other: Vec::new(),
         }
     }
@@ -385,6 +504,11 @@ impl SessionDescription {
                             m.fmtps.push((pt, params.trim().to_string()));
                         }
                         ("ptime", Some(arg)) => m.ptime = arg.parse().ok(),
+                        ("crypto", Some(arg)) => match CryptoAttribute::parse(arg) {
+                            Some(c) => m.crypto.push(c),
+                            // Unreadable: kept as is, and never used to key a stream.
+                            None => m.other.push(value.to_string()),
+                        },
                         ("rtcp", Some(arg)) => {
                             // "port [nettype addrtype address]": the port is what we use.
                             let port = arg.split_ascii_whitespace().next().unwrap_or(arg);
@@ -485,6 +609,13 @@ impl std::fmt::Display for SessionDescription {
             if let Some(p) = m.rtcp_port {
                 let _ = write!(s, "a=rtcp:{p}\r\n");
             }
+            for c in &m.crypto {
+                let _ = write!(s, "a=crypto:{} {} {}", c.tag, c.suite, c.key_params);
+                for p in &c.session_params {
+                    let _ = write!(s, " {p}");
+                }
+                s.push_str("\r\n");
+            }
             for a in &m.other {
                 let _ = write!(s, "a={a}\r\n");
             }
@@ -512,6 +643,8 @@ pub struct LocalMedia {
     pub session_version: u64,
     /// Whether we put the call on hold ourselves (offer/answer `sendonly`).
     pub hold: bool,
+    /// SRTP (SDES) policy and our key; `None` is plain RTP ([`SrtpPolicy::Off`]).
+    pub srtp: Option<LocalSrtp>,
 }
 
 impl LocalMedia {
@@ -524,7 +657,13 @@ impl LocalMedia {
             session_id,
             session_version: session_id,
             hold: false,
+            srtp: None,
         }
+    }
+
+    /// The SRTP policy in force.
+    pub fn srtp_policy(&self) -> SrtpPolicy {
+        self.srtp.map_or(SrtpPolicy::Off, |s| s.policy)
     }
 
     fn session(&self, media: Vec<MediaDescription>) -> SessionDescription {
@@ -564,6 +703,8 @@ pub struct Negotiated {
     pub media_index: usize,
     /// Packetisation time to send with, in milliseconds (within [`PTIME_RANGE_MS`]).
     pub ptime: u32,
+    /// SRTP keys when the stream is encrypted (SDES), `None` for plain RTP.
+    pub srtp: Option<SrtpKeys>,
 }
 
 fn rtcp_addr(addr: IpAddr, m: &MediaDescription) -> SocketAddr {
@@ -612,7 +753,40 @@ fn audio_media(
         ptime: Some(ptime),
         rtcp_port: None,
         direction: Some(direction),
+        crypto: Vec::new(),
         other: Vec::new(),
+    }
+}
+
+/// SRTP for an offered stream under our policy: `Ok(None)` for plain RTP, else the line
+/// we take (its tag) and the keys.
+fn answer_crypto(
+    m: &MediaDescription,
+    local: &LocalMedia,
+) -> Result<Option<(u32, SrtpKeys)>, NegotiationError> {
+    let savp = m.protocol == "RTP/SAVP";
+    let Some(ours) = local.srtp.filter(|s| s.policy != SrtpPolicy::Off) else {
+        return if savp {
+            Err(NegotiationError::SrtpRefused)
+        } else {
+            Ok(None)
+        };
+    };
+    let chosen = m.crypto.iter().find_map(|c| {
+        c.usable().map(|(suite, remote)| {
+            let keys = SrtpKeys {
+                suite,
+                local: ours.key,
+                remote,
+            };
+            (c.tag, keys)
+        })
+    });
+    match chosen {
+        Some(c) => Ok(Some(c)),
+        None if savp => Err(NegotiationError::NoCryptoSuite),
+        None if ours.policy == SrtpPolicy::Required => Err(NegotiationError::SrtpRequired),
+        None => Ok(None),
     }
 }
 
@@ -650,6 +824,8 @@ pub fn answer(
 ) -> Result<(SessionDescription, Negotiated), NegotiationError> {
     let mut chosen: Option<Negotiated> = None;
     let mut saw_audio = false;
+    // Why a stream with a common codec was refused for its SRTP, if one was.
+    let mut srtp_refusal = None;
     let mut media = Vec::with_capacity(offer.media.len());
     for (index, m) in offer.media.iter().enumerate() {
         let rejected = MediaDescription::bare(
@@ -658,7 +834,9 @@ pub fn answer(
             m.protocol.clone(),
             m.formats.iter().take(1).cloned().collect(),
         );
-        let usable_audio = m.media == "audio" && m.port != 0 && m.protocol == "RTP/AVP";
+        let usable_audio = m.media == "audio"
+            && m.port != 0
+            && (m.protocol == "RTP/AVP" || m.protocol == "RTP/SAVP");
         if chosen.is_some() || !usable_audio {
             media.push(rejected);
             continue;
@@ -667,6 +845,14 @@ pub fn answer(
         let Some((pt, codec)) = pick_codec(m, local) else {
             media.push(rejected);
             continue;
+        };
+        let srtp = match answer_crypto(m, local) {
+            Ok(srtp) => srtp,
+            Err(e) => {
+                srtp_refusal.get_or_insert(e);
+                media.push(rejected);
+                continue;
+            }
         };
         let addr = offer
             .connection_for(m)
@@ -691,7 +877,15 @@ pub fn answer(
         // The offerer's ptime is what it wants to receive; we answer with it (so it hears
         // what it asked for) and send with it.
         let ptime = ptime_for(m.ptime);
-        media.push(audio_media(local, pt, codec, te, direction, ptime));
+        let mut answer = audio_media(local, pt, codec, te, direction, ptime);
+        if let Some((tag, keys)) = srtp {
+            // Same profile as offered (RFC 4568 7.1.2), our key under the offer's tag.
+            answer.protocol.clone_from(&m.protocol);
+            answer
+                .crypto
+                .push(CryptoAttribute::ours(tag, keys.suite, &keys.local));
+        }
+        media.push(answer);
         chosen = Some(Negotiated {
             codec,
             payload_type: pt,
@@ -702,12 +896,14 @@ pub fn answer(
             remote_hold,
             media_index: index,
             ptime,
+            srtp: srtp.map(|(_, keys)| keys),
         });
     }
-    match chosen {
-        Some(n) => Ok((local.session(media), n)),
-        None if saw_audio => Err(NegotiationError::NoCommonCodec),
-        None => Err(NegotiationError::NoAudio),
+    match (chosen, srtp_refusal) {
+        (Some(n), _) => Ok((local.session(media), n)),
+        (None, Some(e)) => Err(e),
+        (None, None) if saw_audio => Err(NegotiationError::NoCommonCodec),
+        (None, None) => Err(NegotiationError::NoAudio),
     }
 }
 
@@ -743,7 +939,21 @@ pub fn offer(local: &LocalMedia) -> SessionDescription {
         );
     }
     m.formats.push(DEFAULT_TELEPHONE_EVENT_PT.to_string());
+    if let Some(ours) = local.srtp.filter(|s| s.policy != SrtpPolicy::Off) {
+        if ours.policy == SrtpPolicy::Required {
+            m.protocol = "RTP/SAVP".into();
+        }
+        m.crypto = offered_crypto(&ours.key);
+    }
     local.session(vec![m])
+}
+
+/// The `a=crypto` lines of our offers: tag 1 for the 80-bit suite, tag 2 for the 32-bit.
+fn offered_crypto(key: &MasterKey) -> Vec<CryptoAttribute> {
+    (1..)
+        .zip(SrtpSuite::ALL)
+        .map(|(tag, suite)| CryptoAttribute::ours(tag, suite, key))
+        .collect()
 }
 
 /// Reads the answer to an offer made with [`offer`]: the answerer's first codec that we
@@ -770,6 +980,35 @@ pub fn accept_answer(
         .connection_for(m)
         .ok_or(NegotiationError::NoConnection)?;
     let answered = answer.direction_for(m);
+    let srtp = match local.srtp.filter(|s| s.policy != SrtpPolicy::Off) {
+        None => None,
+        Some(ours) => {
+            let offered = offered_crypto(&ours.key);
+            // The answer names one of our lines by its tag, with the same suite.
+            let chosen = m.crypto.iter().find_map(|c| {
+                offered
+                    .iter()
+                    .any(|o| o.tag == c.tag && o.suite == c.suite)
+                    .then(|| c.usable())
+                    .flatten()
+            });
+            match chosen {
+                Some((suite, remote)) => Some(SrtpKeys {
+                    suite,
+                    local: ours.key,
+                    remote,
+                }),
+                None if ours.policy == SrtpPolicy::Required => {
+                    return Err(if m.crypto.is_empty() {
+                        NegotiationError::SrtpRequired
+                    } else {
+                        NegotiationError::NoCryptoSuite
+                    });
+                }
+                None => None,
+            }
+        }
+    };
     Ok(Negotiated {
         codec,
         payload_type: pt,
@@ -782,6 +1021,7 @@ pub fn accept_answer(
         remote_hold: is_unspecified(addr) || !answered.receives(),
         media_index: index,
         ptime: ptime_for(m.ptime),
+        srtp,
     })
 }
 
@@ -1090,6 +1330,188 @@ a=rtpmap:96 H264/90000\r\n";
         assert_eq!(
             accept_answer(&narrow, &ans).unwrap_err(),
             NegotiationError::NoCommonCodec
+        );
+    }
+
+    const SRTP_KEY_A: &str = "WnD7c1ksDGs+dIefCEo8omPg4uO8DYIinNGL5yxQ";
+    const SRTP_KEY_B: &str = "zfaH8EX3W+FmBkGumjTULRQM8mOcSbbfSJRbuRoB";
+
+    fn srtp_offer(protocol: &str, crypto: &[&str]) -> SessionDescription {
+        let mut text = format!(
+            "v=0\r\no=- 1 1 IN IP4 192.0.2.10\r\ns=-\r\nc=IN IP4 192.0.2.10\r\nt=0 0\r\n\
+             m=audio 49170 {protocol} 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n"
+        );
+        for c in crypto {
+            text.push_str(&format!("a=crypto:{c}\r\n"));
+        }
+        SessionDescription::parse(&text).unwrap()
+    }
+
+    fn local_srtp(policy: SrtpPolicy) -> LocalMedia {
+        LocalMedia {
+            srtp: Some(LocalSrtp {
+                policy,
+                key: MasterKey::from_base64(SRTP_KEY_B).unwrap(),
+            }),
+            ..local()
+        }
+    }
+
+    #[test]
+    fn srtp_answer_takes_the_first_supported_suite_with_its_tag_and_our_key() {
+        let offer = srtp_offer(
+            "RTP/SAVP",
+            &[
+                &format!("1 AEAD_AES_256_GCM inline:{SRTP_KEY_A}"),
+                &format!("2 AES_CM_128_HMAC_SHA1_32 inline:{SRTP_KEY_A}|2^31|1:1"),
+                &format!("3 AES_CM_128_HMAC_SHA1_32 inline:{SRTP_KEY_A}|2^31"),
+                &format!("4 AES_CM_128_HMAC_SHA1_80 inline:{SRTP_KEY_A}"),
+            ],
+        );
+        assert_eq!(offer.media[0].crypto.len(), 4);
+        for policy in [SrtpPolicy::Optional, SrtpPolicy::Required] {
+            let (answer, n) = super::answer(&offer, &local_srtp(policy)).unwrap();
+            // GCM is not ours and tag 2 has an MKI: tag 3 is the first we can use.
+            let keys = n.srtp.unwrap();
+            assert_eq!(keys.suite, SrtpSuite::AesCm128HmacSha1_32);
+            assert_eq!(keys.remote, MasterKey::from_base64(SRTP_KEY_A).unwrap());
+            assert_eq!(keys.local, MasterKey::from_base64(SRTP_KEY_B).unwrap());
+            let text = answer.to_string();
+            assert!(text.contains("m=audio 20000 RTP/SAVP 0 101\r\n"), "{text}");
+            assert!(
+                text.contains(&format!(
+                    "a=crypto:3 AES_CM_128_HMAC_SHA1_32 inline:{SRTP_KEY_B}\r\n"
+                )),
+                "{text}"
+            );
+            assert_eq!(text.matches("a=crypto").count(), 1);
+            // The answer reads back as the offerer would read it.
+            let reread = SessionDescription::parse(&text).unwrap();
+            assert_eq!(reread.media[0].crypto[0].tag, 3);
+        }
+    }
+
+    #[test]
+    fn srtp_refusals_are_488_with_a_reason() {
+        let savp_gcm_only = srtp_offer(
+            "RTP/SAVP",
+            &[&format!("1 AEAD_AES_128_GCM inline:{SRTP_KEY_A}")],
+        );
+        let savp_bad_key = srtp_offer("RTP/SAVP", &["1 AES_CM_128_HMAC_SHA1_80 inline:c2hvcnQ="]);
+        let savp = srtp_offer(
+            "RTP/SAVP",
+            &[&format!("1 AES_CM_128_HMAC_SHA1_80 inline:{SRTP_KEY_A}")],
+        );
+        let plain = srtp_offer("RTP/AVP", &[]);
+        let cases = [
+            (
+                &savp_gcm_only,
+                SrtpPolicy::Required,
+                NegotiationError::NoCryptoSuite,
+            ),
+            (
+                &savp_bad_key,
+                SrtpPolicy::Optional,
+                NegotiationError::NoCryptoSuite,
+            ),
+            (&savp, SrtpPolicy::Off, NegotiationError::SrtpRefused),
+            (&plain, SrtpPolicy::Required, NegotiationError::SrtpRequired),
+        ];
+        for (offer, policy, expected) in cases {
+            let err = super::answer(offer, &local_srtp(policy)).unwrap_err();
+            assert_eq!(err, expected, "{policy:?}");
+            assert_eq!(err.status_code(), 488);
+        }
+        // No SRTP configured at all behaves as off.
+        assert_eq!(
+            super::answer(&savp, &local()).unwrap_err(),
+            NegotiationError::SrtpRefused
+        );
+    }
+
+    #[test]
+    fn plain_and_best_effort_offers_follow_the_policy() {
+        let plain = srtp_offer("RTP/AVP", &[]);
+        let best_effort = srtp_offer(
+            "RTP/AVP",
+            &[&format!("1 AES_CM_128_HMAC_SHA1_80 inline:{SRTP_KEY_A}")],
+        );
+        // Optional: plain stays plain; best effort is encrypted, answered as RTP/AVP.
+        let (a, n) = super::answer(&plain, &local_srtp(SrtpPolicy::Optional)).unwrap();
+        assert_eq!(n.srtp, None);
+        assert!(a.media[0].crypto.is_empty());
+        let (a, n) = super::answer(&best_effort, &local_srtp(SrtpPolicy::Required)).unwrap();
+        assert_eq!(n.srtp.unwrap().suite, SrtpSuite::AesCm128HmacSha1_80);
+        assert_eq!(a.media[0].protocol, "RTP/AVP");
+        assert_eq!(a.media[0].crypto[0].tag, 1);
+        // Off: the crypto line is ignored.
+        let (a, n) = super::answer(&best_effort, &local()).unwrap();
+        assert_eq!(n.srtp, None);
+        assert!(a.media[0].crypto.is_empty());
+    }
+
+    #[test]
+    fn our_srtp_offer_and_the_answers_to_it() {
+        let ours = MasterKey::from_base64(SRTP_KEY_B).unwrap();
+        let required = local_srtp(SrtpPolicy::Required);
+        let text = offer(&required).to_string();
+        assert!(
+            text.contains("m=audio 20000 RTP/SAVP 0 8 9 101\r\n"),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:{SRTP_KEY_B}\r\n"
+        )));
+        assert!(text.contains(&format!(
+            "a=crypto:2 AES_CM_128_HMAC_SHA1_32 inline:{SRTP_KEY_B}\r\n"
+        )));
+        let optional = offer(&local_srtp(SrtpPolicy::Optional)).to_string();
+        assert!(optional.contains("RTP/AVP 0 8 9 101") && optional.contains("a=crypto:2 "));
+        assert!(!offer(&local()).to_string().contains("crypto"));
+
+        let answer = |protocol: &str, crypto: &[&str]| {
+            let mut sd = srtp_offer(protocol, crypto);
+            sd.media[0].port = 40000;
+            sd
+        };
+        // Either suite, named by our tag.
+        for (line, suite) in [
+            (
+                format!("1 AES_CM_128_HMAC_SHA1_80 inline:{SRTP_KEY_A}"),
+                SrtpSuite::AesCm128HmacSha1_80,
+            ),
+            (
+                format!("2 AES_CM_128_HMAC_SHA1_32 inline:{SRTP_KEY_A}"),
+                SrtpSuite::AesCm128HmacSha1_32,
+            ),
+        ] {
+            let n = accept_answer(&required, &answer("RTP/SAVP", &[&line])).unwrap();
+            assert_eq!(
+                n.srtp,
+                Some(SrtpKeys {
+                    suite,
+                    local: ours,
+                    remote: MasterKey::from_base64(SRTP_KEY_A).unwrap()
+                })
+            );
+        }
+        // A tag we did not offer with that suite, or no crypto at all, fails a required call.
+        let wrong_tag = format!("2 AES_CM_128_HMAC_SHA1_80 inline:{SRTP_KEY_A}");
+        assert_eq!(
+            accept_answer(&required, &answer("RTP/SAVP", &[&wrong_tag])).unwrap_err(),
+            NegotiationError::NoCryptoSuite
+        );
+        assert_eq!(
+            accept_answer(&required, &answer("RTP/AVP", &[])).unwrap_err(),
+            NegotiationError::SrtpRequired
+        );
+        // Optional: a plain answer is a plain call.
+        let optional = local_srtp(SrtpPolicy::Optional);
+        assert_eq!(
+            accept_answer(&optional, &answer("RTP/AVP", &[]))
+                .unwrap()
+                .srtp,
+            None
         );
     }
 

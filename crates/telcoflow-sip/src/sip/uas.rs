@@ -967,6 +967,12 @@ impl Uas {
                     // anyone is notified.
                     let mut probe = LocalMedia::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9, 0);
                     probe.codecs.clone_from(&self.config.codecs);
+                    // SRTP is the owner's to decide per peer: here any offer we could
+                    // answer, plain or with a suite we support, passes.
+                    probe.srtp = Some(sdp::LocalSrtp {
+                        policy: sdp::SrtpPolicy::Optional,
+                        key: crate::rtp::srtp::MasterKey::from_bytes([0; 30]),
+                    });
                     sdp::answer(&sd, &probe).map(|_| sd)
                 });
             match parsed {

@@ -13,6 +13,7 @@
 //! address. A challenge keeps no state either (its nonce is checked by its HMAC): a caller
 //! whose `401` is lost resends its INVITE and is challenged again.
 
+use super::srtp::PeerSrtp;
 use crate::config::{ConfigError, SipConfig};
 use crate::listener::source_address;
 use hmac::{Hmac, Mac as _};
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq as _;
 use telcoflow_sip::sip::digest::{self, Algorithm, Authorization, Challenge};
 use telcoflow_sip::sip::message::{Request, SipHeaders as _};
+use telcoflow_sip::sip::sdp::SrtpPolicy;
 use telcoflow_sip::sip::uas::{self, Refusal};
 use tracing::{debug, info, warn};
 
@@ -47,6 +49,11 @@ pub(super) struct Admission {
     nonces: Nonces,
     /// Digest answers already used, with when they were first seen.
     used_answers: HashMap<String, Instant>,
+    /// The SRTP policy of each peer.
+    srtp: PeerSrtp,
+    /// The latest INVITE admitted with an account: its Call-ID and the account, read when
+    /// the call it starts is reported (see [`Admission::srtp_policy`]).
+    authenticated: Option<(String, String)>,
 }
 
 impl Admission {
@@ -63,7 +70,20 @@ impl Admission {
             rate: RateLimit::new(config.invite_rate_limit, config.invite_rate_interval()),
             nonces: Nonces::new(rand::random(), now),
             used_answers: HashMap::new(),
+            srtp: PeerSrtp::new(config),
+            authenticated: None,
         })
+    }
+
+    /// The SRTP policy of an incoming call (SIP Call-ID `call_id`, to `number`, from
+    /// `source`): the account is the one its INVITE was just admitted with.
+    pub(super) fn srtp_policy(&self, call_id: &str, number: &str, source: IpAddr) -> SrtpPolicy {
+        let account = self
+            .authenticated
+            .as_ref()
+            .filter(|(id, _)| id == call_id)
+            .map(|(_, user)| user.as_str());
+        self.srtp.incoming(number, account, source)
     }
 
     /// Whether `ip` is in `[sip] allow` (every source is when the list is not set).
@@ -100,6 +120,9 @@ impl Admission {
         match self.authenticate(request, now) {
             Ok(username) => {
                 debug!(%source, %username, "INVITE authenticated");
+                if let Ok(call_id) = request.call_id() {
+                    self.authenticated = Some((call_id.to_owned(), username));
+                }
                 uas::Admission::Accept
             }
             Err(stale) => {
@@ -364,6 +387,7 @@ mod tests {
             accounts: vec![SipAccount {
                 username: "pbx".into(),
                 password: "s3cret".into(),
+                srtp: None,
             }],
             invite_rate_limit: 0,
             ..SipConfig::default()

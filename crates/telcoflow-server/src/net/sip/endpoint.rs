@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use telcoflow_proto::ErrorCode;
 use telcoflow_sip::sip::message::{Message, SipHeaders as _};
+use telcoflow_sip::sip::sdp;
 use telcoflow_sip::sip::stream::{StreamDecoder, StreamItem};
 use telcoflow_sip::sip::uac::{OutgoingCall, UacEvent};
 use telcoflow_sip::sip::uas::{self, IncomingCall, Refusal, Uas, UasAction, UasEvent};
@@ -670,6 +671,17 @@ impl Endpoint {
             info!(%number, sip_call_id = %incoming.call_id, "no connector for the number: 404");
             return reject(&mut self.uas, 404);
         };
+        // The offer must suit the peer's SRTP policy (the UAS has checked the rest).
+        let srtp = self
+            .admission
+            .srtp_policy(&incoming.call_id, &number, incoming.source.ip());
+        if let Some(offer) = &incoming.offer {
+            let probe = self.media.local_media(9, srtp);
+            if let Err(e) = sdp::answer(offer, &probe) {
+                info!(%number, sip_call_id = %incoming.call_id, srtp = srtp.as_str(), reason = %e, "offer refused");
+                return reject(&mut self.uas, e.status_code());
+            }
+        }
         // Checked before the app hears of the call; the port itself is taken once the call
         // exists, so calls refused for any other reason never hold one.
         if !self.media.has_free_port() {
@@ -712,7 +724,7 @@ impl Endpoint {
             warn!("no free RTP port: 503");
             return hang_up_call(&mut self.uas);
         };
-        let media = self.media.local_media(sockets.guard.port);
+        let media = self.media.local_media(sockets.guard.port, srtp);
         let task = pending.start(LegParams {
             shutdown: self.shared.shutdown.clone(),
             call: handle.clone(),

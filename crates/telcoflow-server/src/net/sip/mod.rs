@@ -37,6 +37,7 @@ mod link;
 mod ports;
 mod registrations;
 mod rtp_leg;
+mod srtp;
 
 use super::{AddressKind, Network, RingError};
 use crate::call::{CallHandle, LegId, LegLink};
@@ -119,6 +120,7 @@ impl Network for SipNetwork {
             None => parsed.host.clone(),
         };
         let trunk_config = self.config.trunk_for(&host_port);
+        let trunk_srtp = trunk_config.and_then(|t| t.srtp.as_deref());
         let trunk = trunk_config
             .filter(|t| !t.username.is_empty())
             .map(|t| Credentials {
@@ -147,7 +149,11 @@ impl Network for SipNetwork {
         let from_user = sip_user(&call.from);
         let sockets = self.media.bind().ok_or(RingError::NoMediaPort)?;
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let media = self.media.local_media(sockets.guard.port);
+        // The trunk's SRTP policy, else the registration's, else `[sip] srtp`.
+        let srtp = self.config.peer_srtp_policy(trunk_srtp.or_else(|| {
+            registration.and_then(|(i, _)| self.config.registrations[i].srtp.as_deref())
+        }));
+        let media = self.media.local_media(sockets.guard.port, srtp);
         let config = UacConfig {
             target: uri.to_owned(),
             destination,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use telcoflow_sip::rtp::codec::Codec;
 use telcoflow_sip::rtp::ports::PortPool;
-use telcoflow_sip::sip::sdp::LocalMedia;
+use telcoflow_sip::sip::sdp::{LocalMedia, SrtpPolicy};
 use tracing::debug;
 
 /// Attempts to find a free RTP port before giving up on a call.
@@ -48,10 +48,11 @@ impl MediaEnv {
     }
 
     /// Our side of a call's SDP on RTP port `port`: the advertised address, the configured
-    /// codecs and a random session id.
-    pub(super) fn local_media(&self, port: u16) -> LocalMedia {
+    /// codecs, a random session id, and SRTP under `srtp` (with a fresh key).
+    pub(super) fn local_media(&self, port: u16, srtp: SrtpPolicy) -> LocalMedia {
         let mut media = LocalMedia::new(self.advertised, port, rand::random::<u32>().into());
         media.codecs.clone_from(&self.codecs);
+        media.srtp = super::srtp::local_srtp(srtp);
         media
     }
 

@@ -34,7 +34,10 @@ use telcoflow_sip::rtp::codec::Codec;
 use telcoflow_sip::rtp::dtmf_out::{EventSender, dtmf_relay_body};
 use telcoflow_sip::rtp::jitter::FrameKind;
 use telcoflow_sip::rtp::session::{Received, RtpSession, SessionConfig};
-use telcoflow_sip::sip::sdp::{self, LocalMedia, Negotiated, SessionDescription};
+use telcoflow_sip::rtp::srtp::{MasterKey, SrtpError};
+use telcoflow_sip::sip::sdp::{
+    self, LocalMedia, LocalSrtp, Negotiated, SessionDescription, SrtpPolicy,
+};
 use tokio_util::sync::CancellationToken;
 
 use std::time::Duration;
@@ -43,7 +46,7 @@ use telcoflow_proto::sim::HangupReason;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 /// Frames queued from the call to the leg (a few hundred ms).
 const LEG_QUEUE: usize = 16;
@@ -163,6 +166,11 @@ fn codec_rate(codec: Codec) -> SampleRate {
 pub(super) fn answer_rate(offer: Option<&SessionDescription>, codecs: &[Codec]) -> SampleRate {
     let mut probe = LocalMedia::new(std::net::Ipv4Addr::LOCALHOST.into(), 9, 0);
     probe.codecs = codecs.to_vec();
+    // The codec alone matters here: SRTP offers are answered with the same one.
+    probe.srtp = Some(LocalSrtp {
+        policy: SrtpPolicy::Optional,
+        key: MasterKey::from_bytes([0; 30]),
+    });
     offer
         .and_then(|offer| sdp::answer(offer, &probe).ok())
         .map_or(SampleRate::Hz8000, |(_, n)| codec_rate(n.codec))
@@ -359,6 +367,8 @@ impl RtpLeg {
                 rtt_ms = stats.rtt.map_or(0.0, |d| d.as_secs_f64() * 1e3),
                 wrong_source = stats.wrong_source,
                 samples_withheld = stats.samples_withheld,
+                srtp = s.srtp_suite().map_or("none", |suite| suite.name()),
+                srtp_rejected = stats.srtp_rejected,
                 "RTP leg ended"
             );
             self._port.metrics().rtp_leg_ended(
@@ -389,6 +399,7 @@ impl RtpLeg {
             rtt: s.stats().rtt,
             buffering: jitter.target_delay(),
             codec: Some(s.codec().encoding_name()),
+            srtp: s.srtp_suite().map(|suite| suite.name()),
         });
     }
 
@@ -545,10 +556,13 @@ impl RtpLeg {
         let now = Instant::now().into_std();
         match event {
             SipEvent::EarlyMedia(negotiated) => {
-                if self.session.is_some() {
-                    self.update_session(&negotiated, now);
+                let opened = if self.session.is_some() {
+                    self.update_session(&negotiated, now)
                 } else {
-                    self.open_session(&negotiated, now);
+                    self.open_session(&negotiated, now)
+                };
+                if let Err(e) = opened {
+                    return self.srtp_failed(e).await;
                 }
                 self.sync_rate().await;
                 if !self.early {
@@ -560,10 +574,13 @@ impl RtpLeg {
                 self.answered = true;
                 // After early media the session goes on with the answer's parameters (the
                 // same, usually).
-                if self.session.is_some() {
-                    self.update_session(&negotiated, now);
+                let opened = if self.session.is_some() {
+                    self.update_session(&negotiated, now)
                 } else {
-                    self.open_session(&negotiated, now);
+                    self.open_session(&negotiated, now)
+                };
+                if let Err(e) = opened {
+                    return self.srtp_failed(e).await;
                 }
                 // Before `Answered`: the call's first frames to the callee are at its rate.
                 self.sync_rate().await;
@@ -573,12 +590,16 @@ impl RtpLeg {
             }
             SipEvent::MediaUpdated(negotiated) => match &mut self.session {
                 Some(_) => {
-                    self.update_session(&negotiated, now);
+                    if let Err(e) = self.update_session(&negotiated, now) {
+                        return self.srtp_failed(e).await;
+                    }
                     self.sync_rate().await;
                 }
                 // An offerless INVITE: the ACK carried the answer.
                 None => {
-                    self.open_session(&negotiated, now);
+                    if let Err(e) = self.open_session(&negotiated, now) {
+                        return self.srtp_failed(e).await;
+                    }
                     self.sync_rate().await;
                 }
             },
@@ -621,9 +642,13 @@ impl RtpLeg {
     }
 
     /// New parameters for the open session (a re-INVITE, or the answer after early media).
-    fn update_session(&mut self, negotiated: &Negotiated, now: std::time::Instant) {
+    fn update_session(
+        &mut self,
+        negotiated: &Negotiated,
+        now: std::time::Instant,
+    ) -> Result<(), SrtpError> {
         let Some(s) = &mut self.session else {
-            return;
+            return Ok(());
         };
         s.set_remote(
             negotiated.remote,
@@ -631,6 +656,8 @@ impl RtpLeg {
             negotiated.codec,
             negotiated.payload_type,
         );
+        // A re-offer may rekey SRTP (or, where the policy allows, drop it).
+        s.set_srtp(negotiated.srtp)?;
         // The re-offer's ptime (20 ms when it names none): sent packets follow
         // it; received ones of any length are reframed already.
         s.set_ptime(negotiated.ptime);
@@ -644,9 +671,18 @@ impl RtpLeg {
             codec = %negotiated.codec,
             "media updated"
         );
+        Ok(())
     }
 
-    fn open_session(&mut self, n: &Negotiated, now: std::time::Instant) {
+    /// Keys the SDP agreed on that SRTP cannot use: the call cannot be carried securely.
+    async fn srtp_failed(&mut self, e: SrtpError) -> Flow {
+        warn!(error = %e, "SRTP keys unusable; ending the call");
+        self.command(Command::Hangup(self.key)).await;
+        self.to_call(LegEvent::Hangup).await;
+        Flow::Stop
+    }
+
+    fn open_session(&mut self, n: &Negotiated, now: std::time::Instant) -> Result<(), SrtpError> {
         let mut config =
             SessionConfig::new(n.codec, rand::random(), rand::random(), rand::random());
         config.payload_type = n.payload_type;
@@ -662,11 +698,14 @@ impl RtpLeg {
         if let Some(ip) = self.signalling {
             session.set_signalling_source(ip);
         }
-        debug!(remote = %n.remote, codec = %n.codec, ptime = n.ptime, "RTP session open");
+        session.set_srtp(n.srtp)?;
+        let srtp = n.srtp.map_or("none", |k| k.suite.name());
+        debug!(remote = %n.remote, codec = %n.codec, ptime = n.ptime, srtp, "RTP session open");
         self._port
             .metrics()
             .rtp_session_opened(n.codec.encoding_name());
         self.session = Some(session);
+        Ok(())
     }
 
     /// Tells the call the rate of the session's codec when it is not the one the call has
@@ -687,7 +726,7 @@ impl RtpLeg {
     /// (false for stale audio, which waits to be dropped).
     async fn on_datagram(&mut self, source: SocketAddr, data: &[u8], play_ahead: bool) -> Flow {
         let Some(session) = &mut self.session else {
-            return Flow::Continue; // early media before our answer: nothing listens yet
+            return Flow::Continue; // no SDP yet: nothing to receive on
         };
         let now = Instant::now().into_std();
         match session.handle_datagram(source, data, now) {
