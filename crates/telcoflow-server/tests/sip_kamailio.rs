@@ -8,18 +8,23 @@
 //! - an agent calls baresip's address of record through the server's registration
 //!   (`session.create` to the registrar's host): Kamailio finds baresip's binding, baresip
 //!   answers, hears the agent, and the agent's hang-up goes out as a BYE through the proxy.
+//! - the first again over SIP over TLS on every hop (the server registering with
+//!   `transport = "tls"`, Kamailio relaying to its TLS listener) and SRTP (SDES) between
+//!   baresip and the server, which the server's registration requires.
 //!
 //! Needs `kamailio`, `baresip` and `sox`: the tests fail without them when `CI` is set and
 //! otherwise skip with a notice.
 
 mod common;
 mod sipp;
+mod tls_pki;
 
 use common::*;
 use futures_util::StreamExt as _;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use telcoflow_server::RunningServer;
 use telcoflow_server::config::SipRegistration;
@@ -94,7 +99,8 @@ struct Kamailio {
 }
 
 impl Kamailio {
-    async fn start(dir: &Path, port: u16) -> Self {
+    /// Kamailio on `port` (UDP and TCP) and, with a certificate, TLS on `port + 1`.
+    async fn start(dir: &Path, port: u16, tls: Option<&tls_pki::Issued>) -> Self {
         let modules = [
             "/usr/lib/x86_64-linux-gnu/kamailio/modules",
             "/usr/lib/kamailio/modules",
@@ -102,6 +108,32 @@ impl Kamailio {
         .into_iter()
         .find(|p| Path::new(p).join("tm.so").exists())
         .expect("Kamailio's modules");
+        let tls_config = match tls {
+            Some(issued) => {
+                let tls_cfg = dir.join("tls.cfg");
+                // Kamailio checks no peer's certificate here: the server's own checks are
+                // what the tests look at.
+                std::fs::write(
+                    &tls_cfg,
+                    format!(
+                        "[server:default]\nmethod = TLSv1.2+\nverify_certificate = no\n\
+                         require_certificate = no\nprivate_key = {}\ncertificate = {}\n\n\
+                         [client:default]\nmethod = TLSv1.2+\nverify_certificate = no\n\
+                         require_certificate = no\n",
+                        issued.key.display(),
+                        issued.cert.display()
+                    ),
+                )
+                .unwrap();
+                format!(
+                    "enable_tls=yes\nlisten=tls:127.0.0.1:{}\nloadmodule \"{modules}/tls.so\"\n\
+                     modparam(\"tls\", \"config\", \"{}\")\n",
+                    port + 1,
+                    tls_cfg.display()
+                )
+            }
+            None => String::new(),
+        };
         let config = format!(
             r#"#!KAMAILIO
 debug=2
@@ -128,9 +160,9 @@ loadmodule "kex.so"
 loadmodule "corex.so"
 modparam("usrloc", "db_mode", 0)
 modparam("rr", "enable_full_lr", 1)
-
+{tls_config}
 request_route {{
-    xlog("L_NOTICE", "TEST REQ $rm $ru FROM $si:$sp\n");
+    xlog("L_NOTICE", "TEST REQ $rm $ru FROM $si:$sp OVER $pr\n");
     if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
     if (has_totag()) {{
         if (loose_route()) {{ t_relay(); exit; }}
@@ -225,13 +257,31 @@ request_route {{
         panic!("no binding for {aor} at Kamailio:\n{}", self.log_text());
     }
 
-    /// The methods of the requests Kamailio got from `from` (`ip:port`), in order.
-    fn requests_from(&self, from: &str) -> Vec<String> {
+    /// The requests Kamailio got, in order: method, source (`ip:port`) and transport
+    /// (`udp`, `tcp`, `tls`).
+    fn requests(&self) -> Vec<(String, String, String)> {
         self.log_text()
             .lines()
             .filter_map(|l| l.split_once("TEST REQ ").map(|(_, rest)| rest))
-            .filter(|rest| rest.ends_with(&format!("FROM {from}")))
-            .filter_map(|rest| rest.split_whitespace().next().map(str::to_owned))
+            .filter_map(|rest| {
+                let (request, source) = rest.split_once(" FROM ")?;
+                let (from, transport) = source.split_once(" OVER ")?;
+                let method = request.split_whitespace().next()?;
+                Some((
+                    method.to_owned(),
+                    from.to_owned(),
+                    transport.trim().to_owned(),
+                ))
+            })
+            .collect()
+    }
+
+    /// The methods of the requests Kamailio got from `from` (`ip:port`), in order.
+    fn requests_from(&self, from: &str) -> Vec<String> {
+        self.requests()
+            .into_iter()
+            .filter(|(_, source, _)| source == from)
+            .map(|(method, _, _)| method)
             .collect()
     }
 }
@@ -248,21 +298,33 @@ impl Drop for Kamailio {
     }
 }
 
-/// A server registered at Kamailio as [`SERVER_NUMBER`] with digest credentials.
+/// A server registered at Kamailio as [`SERVER_NUMBER`] with digest credentials, over UDP.
 async fn server_registered_at(kamailio: &Kamailio, ports: sipp::Ports) -> RunningServer {
     let mut config = sipp::sip_config(ports);
-    config.admin_token = Some("admin-secret".into());
-    let sip = config.sip.as_mut().unwrap();
-    sip.registrations = vec![SipRegistration {
-        registrar: format!("127.0.0.1:{}", kamailio.port),
+    config.sip.as_mut().unwrap().registrations = vec![registration(kamailio.port, "udp")];
+    start_registered(config, kamailio).await
+}
+
+/// The server's registration at Kamailio on `port` over `transport`.
+fn registration(port: u16, transport: &str) -> SipRegistration {
+    SipRegistration {
+        registrar: format!("127.0.0.1:{port}"),
         aor: format!("sip:{SERVER_NUMBER}@127.0.0.1"),
         username: Some("server".into()),
         password: Some(PASSWORD.into()),
         expiry: 300,
-        transport: "udp".into(),
+        transport: transport.into(),
         outbound_proxy: None,
         srtp: None,
-    }];
+    }
+}
+
+/// Starts the server and waits (bounded) until its registration is in place at Kamailio.
+async fn start_registered(
+    mut config: telcoflow_server::Config,
+    kamailio: &Kamailio,
+) -> RunningServer {
+    config.admin_token = Some("admin-secret".into());
     let server = start(config).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -449,7 +511,7 @@ async fn a_phone_registered_at_kamailio_calls_the_servers_number_through_it() {
     }
     let ports = sipp::ports(100);
     let dir = sipp::work_dir("kamailio-in");
-    let kamailio = Kamailio::start(&dir, ports.sipp_sip).await;
+    let kamailio = Kamailio::start(&dir, ports.sipp_sip, None).await;
     let server = server_registered_at(&kamailio, ports).await;
     let server_sip = server.sip_addr().unwrap();
     let client = agent(&server).await;
@@ -527,7 +589,7 @@ async fn the_server_calls_a_phone_registered_at_kamailio_through_its_registratio
     }
     let ports = sipp::ports(101);
     let dir = sipp::work_dir("kamailio-out");
-    let kamailio = Kamailio::start(&dir, ports.sipp_sip).await;
+    let kamailio = Kamailio::start(&dir, ports.sipp_sip, None).await;
     let server = server_registered_at(&kamailio, ports).await;
     let server_sip = server.sip_addr().unwrap();
     let phone_sip = ports.sipp_sip + 2;
@@ -567,5 +629,128 @@ async fn the_server_calls_a_phone_registered_at_kamailio_through_its_registratio
         "baresip saw the call end:\n{log}"
     );
     client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// baresip registers at Kamailio over TLS and calls the server's number with SRTP mandatory;
+/// the server registered over TLS (checking Kamailio's certificate against the test CA) and
+/// requires SRTP for calls to its registration. Every SIP hop is TLS, the media SRTP: the echo
+/// comes back, and the call's figures name the suite.
+#[tokio::test]
+async fn a_phone_calls_the_server_through_kamailio_over_tls_with_srtp() {
+    if !tools_available() {
+        return;
+    }
+    let ports = sipp::ports(102);
+    let dir = sipp::work_dir("kamailio-tls");
+    let pki = tls_pki::Pki::new();
+    let ca = pki.write_ca(&dir, "ca.pem");
+    let proxy_cert = pki.issue(&dir, "kamailio", &["127.0.0.1", "localhost"]);
+    let kamailio = Kamailio::start(&dir, ports.sipp_sip, Some(&proxy_cert)).await;
+    let tls_port = kamailio.port + 1;
+    let server_cert = pki.issue(&dir, "server", &["127.0.0.1", "localhost"]);
+    let mut config = sipp::sip_config(ports);
+    let sip = config.sip.as_mut().unwrap();
+    sip.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    sip.tls_cert = Some(server_cert.cert.clone());
+    sip.tls_key = Some(server_cert.key.clone());
+    sip.tls_ca = Some(ca.clone());
+    sip.registrations = vec![SipRegistration {
+        srtp: Some("required".into()),
+        ..registration(tls_port, "tls")
+    }];
+    let server = start_registered(config, &kamailio).await;
+    let http = server.local_addr().to_string();
+    let client = agent(&server).await;
+    let suite = Arc::new(Mutex::new(None::<String>));
+    let (ended_tx, mut ended) = tokio::sync::mpsc::channel(1);
+    let serving = {
+        let client = client.clone();
+        let suite = suite.clone();
+        tokio::spawn(async move {
+            client
+                .serve(move |call: telcoflow::ActiveCall| {
+                    let (ended_tx, suite, http) = (ended_tx.clone(), suite.clone(), http.clone());
+                    async move {
+                        if call.answer().await.is_err() {
+                            return;
+                        }
+                        let stats = format!("/public/v1/calls/{}/stats", call.id());
+                        let (status, figures) = http_at(&http, "GET", &stats).await;
+                        if status == 200 {
+                            *suite.lock().unwrap() =
+                                figures["legs"][0]["srtp"].as_str().map(str::to_owned);
+                        }
+                        echo(&call).await;
+                        call.terminated().await;
+                        let _ = ended_tx.send(()).await;
+                    }
+                })
+                .await
+        })
+    };
+    let phone_sip = ports.sipp_sip + 2;
+    write_baresip_config(&dir, kamailio.port, phone_sip, 30800, "carol");
+    // Over TLS to Kamailio, trusting the test CA; SRTP mandatory (RTP/SAVP with a=crypto).
+    let mut baresip = std::fs::read_to_string(dir.join("config")).unwrap();
+    baresip.push_str(&format!("sip_cafile {}\nmodule srtp.so\n", ca.display()));
+    std::fs::write(dir.join("config"), baresip).unwrap();
+    std::fs::write(
+        dir.join("accounts"),
+        format!(
+            "<sip:carol@127.0.0.1:{tls_port};transport=tls>;auth_user=carol;auth_pass={PASSWORD};regint=300;answermode=auto;audio_codecs=PCMU;mediaenc=srtp-mand\n"
+        ),
+    )
+    .unwrap();
+    let phone = spawn_baresip(
+        &dir,
+        &[
+            "-e",
+            &format!("/dial sip:{SERVER_NUMBER}@127.0.0.1:{tls_port};transport=tls"),
+            "-t",
+            "7",
+        ],
+    );
+    let log = output_of(phone).await;
+    assert!(
+        log.contains("Call established"),
+        "baresip never got through:\n{log}\n{}",
+        kamailio.log_text()
+    );
+    tokio::time::timeout(WAIT, ended.recv())
+        .await
+        .expect("the call ended at the server after baresip's BYE");
+    assert_holds_the_tone(&heard_by_baresip(&dir, &log), &log);
+    let suite = suite.lock().unwrap().clone();
+    assert!(
+        suite
+            .as_deref()
+            .is_some_and(|s| s.starts_with("AES_CM_128_HMAC_SHA1_")),
+        "the call's figures name no SRTP suite: {suite:?}"
+    );
+    assert!(
+        kamailio
+            .log_text()
+            .contains("TEST SAVED sip:carol@127.0.0.1"),
+        "baresip registered:\n{}",
+        kamailio.log_text()
+    );
+    // Every request of the call and both registrations came over TLS.
+    let requests = kamailio.requests();
+    for method in ["REGISTER", "INVITE", "ACK", "BYE"] {
+        assert!(
+            requests.iter().any(|(m, _, t)| m == method && t == "tls"),
+            "no {method} over TLS at the proxy: {requests:?}"
+        );
+    }
+    assert!(
+        requests
+            .iter()
+            .filter(|(m, _, _)| m != "OPTIONS")
+            .all(|(_, _, t)| t == "tls"),
+        "requests at the proxy not over TLS: {requests:?}"
+    );
+    client.shutdown().await;
+    let _ = serving.await;
     server.shutdown().await;
 }
