@@ -145,6 +145,9 @@ struct SessionTimer {
     we_refresh: bool,
     /// When to refresh or end the call; `None` while our refresh awaits its answer.
     due: Option<Instant>,
+    /// When the session ends without a refresh (RFC 4028 10; for us as the refresher, the
+    /// last refresh plus the interval): retries of a refused refresh stop there.
+    expires_at: Instant,
 }
 
 /// The dialog state a request in it needs: the callee's tag, target and route set.
@@ -229,6 +232,8 @@ pub struct OutgoingCall {
     session_expires: Option<Duration>,
     min_se: Duration,
     session_retries: u32,
+    /// The 422s to our refreshes since the last refresh that went through.
+    refresh_retries: u32,
     /// The latest challenge answered (its header name for the answer) and the nonce count
     /// of its latest use, to answer it anew in a retry after 422.
     challenge: Option<(&'static str, digest::Challenge, u32)>,
@@ -277,6 +282,7 @@ impl OutgoingCall {
             session_expires: None,
             min_se: MIN_SE,
             session_retries: 0,
+            refresh_retries: 0,
             challenge: None,
             session: None,
             peer_allows_update: true,
@@ -908,6 +914,11 @@ impl OutgoingCall {
             interval,
             we_refresh,
             due: Some(due),
+            expires_at: if we_refresh {
+                later(now, interval)
+            } else {
+                due
+            },
         });
         let mut reply = vec![(
             "Session-Expires",
@@ -1023,8 +1034,9 @@ impl OutgoingCall {
     }
 
     /// Our refresh's final answer (RFC 4028 10): a 2xx sets the timer anew; a 422 retries
-    /// with its Min-SE; 408, 481 or none ends the call; another refusal (a callee that does
-    /// not take UPDATE) leaves the session as it was, to try again in half an interval.
+    /// with its Min-SE (a bounded number of times); 408, 481 or none ends the call; 405 or
+    /// 501 to an UPDATE turns to re-INVITE at once; another refusal (491, say) tries again
+    /// in a few seconds, until the session expires.
     fn on_refresh_answered(&mut self, outcome: Option<Response>) {
         if self.state != State::Answered {
             return;
@@ -1034,6 +1046,7 @@ impl OutgoingCall {
         };
         match r.status {
             200..=299 => {
+                self.refresh_retries = 0;
                 self.arm_session_timer(&r.headers, false);
             }
             422 => {
@@ -1043,8 +1056,11 @@ impl OutgoingCall {
                     .and_then(session_timer::parse_min_se);
                 match (self.session, min_se) {
                     (Some(mut timer), Some(min_se))
-                        if min_se > timer.interval && min_se <= MAX_SESSION_EXPIRES =>
+                        if min_se > timer.interval
+                            && min_se <= MAX_SESSION_EXPIRES
+                            && self.refresh_retries < MAX_SESSION_RETRIES =>
                     {
+                        self.refresh_retries += 1;
                         self.min_se = min_se;
                         timer.interval = min_se;
                         self.session = Some(timer);
@@ -1054,6 +1070,14 @@ impl OutgoingCall {
                 }
             }
             408 | 481 => self.expire(),
+            405 | 501
+                if self.peer_allows_update
+                    && r.cseq().is_ok_and(|c| c.method == Method::Update) =>
+            {
+                // The callee does not take UPDATE after all (its 200 had no Allow).
+                self.peer_allows_update = false;
+                self.send_refresh();
+            }
             status => {
                 tracing::debug!(status, "session refresh refused; trying again later");
                 self.refresh_later();
@@ -1061,10 +1085,13 @@ impl OutgoingCall {
         }
     }
 
+    /// Tries the refresh again in 2.1 to 4 s (RFC 3261 14.1's pause after a 491, as good
+    /// after any refusal), or ends the call when the session expires first.
     fn refresh_later(&mut self) {
+        let delay = Duration::from_millis(self.rng.random_range(2100..=4000));
         let now = self.last_now;
         if let Some(timer) = &mut self.session {
-            timer.due = Some(later(now, timer.interval / 2));
+            timer.due = Some(later(now, delay).min(timer.expires_at));
         }
     }
 
@@ -1252,7 +1279,7 @@ impl OutgoingCall {
         }
         if let Some(timer) = self.session.filter(|_| self.state == State::Answered) {
             if timer.due.is_some_and(|t| t <= now) {
-                if timer.we_refresh {
+                if timer.we_refresh && now < timer.expires_at {
                     self.send_refresh();
                 } else {
                     tracing::info!("session not refreshed by the callee; ending the call");
@@ -1439,6 +1466,21 @@ CSeq: {cseq} {method}\r\n",
             }
             text.push_str("Content-Length: 0\r\n\r\n");
             self.call.handle_input(text.as_bytes(), self.now);
+        }
+        /// Runs timers up to `ms` until the call sends a request; the clock stays there.
+        fn next_request(&mut self, ms: u64) -> Option<(u64, Request)> {
+            let until = self.start + Duration::from_millis(ms);
+            while let Some(at) = self.call.poll_timeout() {
+                if at > until {
+                    break;
+                }
+                self.now = at;
+                self.call.handle_timeout(at);
+                if let Some(r) = self.sent().into_iter().next() {
+                    return Some(((at - self.start).as_millis() as u64, r));
+                }
+            }
+            None
         }
         fn run_until(&mut self, ms: u64) -> Vec<(u64, Request)> {
             let until = self.start + Duration::from_millis(ms);
@@ -2365,5 +2407,110 @@ Content-Length: {}\r\n\r\n{body}",
             matches!(events.last(), Some(UacEvent::Failed { .. })),
             "{events:?}"
         );
+    }
+
+    /// Answers the call with a session timer of `interval` s that we refresh, `allow`ing what
+    /// it says (no `Allow` when `None`).
+    fn refreshing(interval: u64, allow: Option<&str>) -> Harness {
+        let mut h = Harness::with(timed(1800));
+        let invite = h.sent().remove(0);
+        let se = format!("{interval};refresher=uac");
+        let mut headers = vec![("Session-Expires", se.as_str())];
+        if let Some(allow) = allow {
+            headers.push(("Allow", allow));
+        }
+        h.respond_with(&invite, 200, &headers, Some(callee_sdp("sendrecv")));
+        h.sent();
+        h.events();
+        h
+    }
+
+    #[test]
+    fn a_refused_refresh_is_retried_within_seconds_until_the_session_expires() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        let [(60_000, update)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        h.respond(update, 491, None);
+        let mut last = 60_000;
+        let mut refusals = 0;
+        loop {
+            let Some((at, r)) = h.next_request(last + 4_000) else {
+                panic!("no retry within 4 s of {last}");
+            };
+            if r.method == Method::Bye {
+                // Not a moment before the session's end.
+                assert_eq!(at, 120_000);
+                break;
+            }
+            assert_eq!(r.method, Method::Update);
+            assert!(at >= last + 2_100, "{at} after {last}");
+            last = at;
+            refusals += 1;
+            assert!(refusals < 30, "bounded by the expiry");
+            h.respond(&r, 500, None);
+        }
+        assert_eq!(h.events(), vec![UacEvent::SessionExpired]);
+    }
+
+    #[test]
+    fn a_refresh_retried_after_a_refusal_keeps_the_call() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        h.respond(&log[0].1, 491, None);
+        let (_, retry) = h.next_request(64_000).unwrap();
+        let retry = &retry;
+        let mut ok = Response::to_request(retry, 200, None);
+        ok.headers.push("Session-Expires", "120;refresher=uac");
+        h.call.handle_input(&ok.to_bytes(), h.now);
+        let log = h.run_until(130_000);
+        assert!(
+            log.iter().all(|(_, r)| r.method == Method::Update),
+            "{log:?}"
+        );
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn a_405_to_our_update_turns_to_re_invite_at_once() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        let [(60_000, update)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(update.method, Method::Update);
+        h.respond(update, 405, None);
+        let sent = h.sent();
+        let [reinvite] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(reinvite.method, Method::Invite);
+        assert_eq!(
+            reinvite.headers.get("Session-Expires"),
+            Some("120;refresher=uac")
+        );
+    }
+
+    #[test]
+    fn session_too_small_answers_to_our_refresh_are_followed_a_bounded_number_of_times() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        let mut refresh = log[0].1.clone();
+        let mut immediate = 0;
+        for min_se in 121..200 {
+            let min_se = min_se.to_string();
+            h.respond_with(&refresh, 422, &[("Min-SE", min_se.as_str())], None);
+            let sent = h.sent();
+            match sent.as_slice() {
+                [again] => {
+                    immediate += 1;
+                    refresh = again.clone();
+                }
+                [] => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(immediate, MAX_SESSION_RETRIES);
     }
 }
