@@ -23,7 +23,7 @@
 //! accepting with a growing delay and are logged at most once per 10 s ([`AcceptBackoff`], as the HTTP listener does).
 
 use super::admission::Admission;
-use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
+use super::link::{Command, LEG_EVENT_QUEUE, LegEvents, LegKey, SipEvent};
 use super::ports::MediaEnv;
 use super::registrations::{Prepared, Registrations};
 use super::rtp_leg::{self, Direction, LegParams};
@@ -65,6 +65,8 @@ pub(super) const SHUTDOWN_HANGUP_GRACE: Duration = Duration::from_secs(4);
 /// The status a REFER that could not be sent is reported with (491 Request Pending: the
 /// dialog is not confirmed yet).
 const REFER_NOT_SENT: u16 = 491;
+/// While an outgoing leg is behind on its SIP events, how often to see whether it has room.
+const LEG_EVENTS_RETRY: Duration = Duration::from_millis(20);
 /// Limits of SIP/TCP connections (`[sip] tcp_*`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TcpLimits {
@@ -148,7 +150,7 @@ enum TcpInput {
 
 struct Outgoing {
     call: OutgoingCall,
-    events: mpsc::Sender<SipEvent>,
+    events: LegEvents,
     /// Where its requests go.
     conn: ConnKey,
 }
@@ -295,7 +297,9 @@ impl Endpoint {
             .collect();
         for k in failed {
             if let Some(o) = self.remove_outgoing(k) {
-                let _ = o.events.try_send(SipEvent::Unreachable(reason.to_owned()));
+                let mut events = o.events;
+                events.send(SipEvent::Unreachable(reason.to_owned()));
+                events.finish();
             }
         }
         self.registrations
@@ -371,6 +375,10 @@ impl Endpoint {
         }
         if let Some(d) = self.registrations.poll_timeout() {
             t = t.min(d);
+        }
+        // A leg behind on its SIP events: look again soon whether it has room.
+        if self.outgoing.values().any(|o| o.events.is_behind()) {
+            t = t.min(Self::now() + LEG_EVENTS_RETRY);
         }
         Instant::from_std(t)
     }
@@ -518,6 +526,7 @@ impl Endpoint {
                 }
                 let call = OutgoingCall::new(*config, media, rand::random(), now);
                 self.by_call_id.insert(call.call_id().to_owned(), key);
+                let events = LegEvents::new(events);
                 self.outgoing.insert(key, Outgoing { call, events, conn });
             }
             Command::Gone(LegKey::In(call)) => self.forget_leg(call),
@@ -562,6 +571,7 @@ impl Endpoint {
         let mut transmits = Vec::new();
         let mut finished = Vec::new();
         for (key, o) in &mut self.outgoing {
+            o.events.flush();
             while let Some(t) = o.call.poll_transmit() {
                 transmits.push(t);
             }
@@ -579,7 +589,7 @@ impl Endpoint {
                     }
                 };
                 if let Some(ev) = ev {
-                    let _ = o.events.try_send(ev);
+                    o.events.send(ev);
                 }
             }
             if o.call.is_finished() {
@@ -588,7 +598,9 @@ impl Endpoint {
         }
         for key in finished {
             if let Some(o) = self.remove_outgoing(key) {
-                let _ = o.events.try_send(SipEvent::Ended);
+                let mut events = o.events;
+                events.send(SipEvent::Ended);
+                events.finish();
             }
         }
         self.registrations.drain(&mut transmits);
