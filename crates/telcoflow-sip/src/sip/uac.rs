@@ -51,10 +51,17 @@ const MAX_SESSION_RETRIES: u32 = 2;
 pub const DEFAULT_SESSION_EXPIRES: Duration = Duration::from_secs(1800);
 /// The largest `Min-SE` a 422 may raise our ask to (a day): a larger one fails the call.
 const MAX_SESSION_EXPIRES: Duration = Duration::from_secs(86_400);
-/// The shortest session interval we act on: a callee that grants less than our `Min-SE`
-/// is followed (refreshing more often is harmless), down to this floor, below which the
-/// refreshes would flood the dialog.
-const MIN_HONOURED_INTERVAL: Duration = Duration::from_secs(2);
+/// Lowers the shortest session interval acted on, our `Min-SE` otherwise, for the whole
+/// process: for tests that cannot wait 45 s for a refresh. Never called by the server.
+#[doc(hidden)]
+pub fn lower_session_floor_for_tests(floor: Duration) {
+    let ms = u64::try_from(floor.as_millis()).unwrap_or(u64::MAX);
+    SESSION_FLOOR_OVERRIDE_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`lower_session_floor_for_tests`]; 0 when not lowered.
+static SESSION_FLOOR_OVERRIDE_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Settings for an outgoing call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -897,7 +904,13 @@ impl OutgoingCall {
                 .unwrap_or(MAX_SESSION_EXPIRES)
                 .min(MAX_SESSION_EXPIRES)
         };
-        let interval = interval.min(ceiling).max(MIN_HONOURED_INTERVAL);
+        // Nor less than our Min-SE (RFC 4028: the peer may not go below it), else a callee
+        // granting 2 s would have a refresh every second.
+        let floor = match SESSION_FLOOR_OVERRIDE_MS.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => self.min_se,
+            ms => self.min_se.min(Duration::from_millis(ms)),
+        };
+        let interval = interval.min(ceiling).max(floor);
         let we_refresh = if peer_request {
             refresher == Some(Refresher::Uas)
         } else {
@@ -2512,5 +2525,45 @@ Content-Length: {}\r\n\r\n{body}",
             }
         }
         assert_eq!(immediate, MAX_SESSION_RETRIES);
+    }
+
+    #[test]
+    fn a_granted_interval_under_our_min_se_is_raised_to_it() {
+        let mut h = refreshing(2, None);
+        // Not every second: half our Min-SE of 90 s.
+        let log = h.run_until(45_000);
+        let [(45_000, update)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(
+            update.headers.get("Session-Expires"),
+            Some("90;refresher=uac")
+        );
+    }
+
+    #[test]
+    fn a_callees_refresh_under_our_min_se_is_held_to_it() {
+        let mut h = Harness::with(timed(1800));
+        h.answered();
+        h.request_from_callee_with(
+            "UPDATE",
+            60,
+            &[
+                ("Supported", "timer"),
+                ("Session-Expires", "1;refresher=uas"),
+            ],
+        );
+        let sent: Vec<Response> = std::iter::from_fn(|| h.call.poll_transmit())
+            .map(|t| match Message::parse(&t.payload).unwrap() {
+                Message::Response(r) => r,
+                Message::Request(r) => panic!("unexpected {}", r.method),
+            })
+            .collect();
+        assert!(
+            matches!(sent.as_slice(), [ok] if ok.headers.get("Session-Expires") == Some("90;refresher=uas")),
+            "{sent:?}"
+        );
+        let log = h.run_until(44_999);
+        assert!(log.is_empty(), "{log:?}");
     }
 }
