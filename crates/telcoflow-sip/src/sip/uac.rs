@@ -11,13 +11,18 @@
 //!
 //! Dialects (RFC 3262, 4028, 3264): the INVITE says `Supported: 100rel, timer`. A reliable
 //! provisional response (`Require: 100rel` with an `RSeq`) is answered with PRACK in its early
-//! dialog. A provisional response with SDP is the callee's early media
+//! dialog, in RSeq order; forked responses (To tags) each have their early dialog, with its own
+//! RSeq, target, route set and early media (at most 8), and the 2xx takes
+//! those of its own. A provisional response with SDP is the callee's early media
 //! ([`UacEvent::EarlyMedia`]); a 200 without SDP after it keeps those media. With
 //! [`UacConfig::session_expires`] the INVITE asks for a session timer (`Min-SE: 90`; a 422
 //! raises it to the callee's `Min-SE` and retries): when the 200 makes us the refresher we send
 //! UPDATE every half interval (a re-INVITE with our offer to a callee whose `Allow` lacks
-//! UPDATE), else we end the call (BYE, [`UacEvent::SessionExpired`]) when no
-//! refresh came by the interval less min(32 s, a third). With [`UacConfig::delayed_offer`] the
+//! UPDATE, or after a 405/501 to one), else we end the call (BYE,
+//! [`UacEvent::SessionExpired`]) when no refresh came by the interval less min(32 s, a third).
+//! The interval granted is held between our `Min-SE` and what we asked (a callee's own
+//! refresh: under a day); a refused refresh is tried again in 2.1-4 s until the session
+//! expires. With [`UacConfig::delayed_offer`] the
 //! INVITE has no SDP: the callee offers in its 200 and our answer goes in the ACK, or offers
 //! in a reliable provisional response and our answer goes in the PRACK (early media then).
 //!
@@ -200,8 +205,9 @@ struct EarlyDialog {
 /// reported as progress.
 const MAX_EARLY_DIALOGS: usize = 8;
 
-/// The methods we take in a dialog, for `Allow`.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, PRACK, UPDATE";
+/// The methods we take in a dialog, for `Allow`. Not PRACK: we send no reliable provisional
+/// response for one to acknowledge, and answer it 405.
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
 
 /// One outgoing call. See the module docs.
 #[derive(Debug)]
@@ -691,7 +697,7 @@ impl OutgoingCall {
     }
 
     /// The index of the early dialog of a provisional response's To tag, created with the
-    /// response's target and route set when new; `None` past [`MAX_EARLY_DIALOGS`].
+    /// response's target and route set when new; `None` past `MAX_EARLY_DIALOGS`.
     fn early_dialog(&mut self, r: &Response) -> Option<usize> {
         let tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
         if let Some(i) = self
@@ -1169,7 +1175,11 @@ impl OutgoingCall {
                 _ => 405,
             }
         };
-        let response = Response::to_request(&request, status, Some(&self.local_tag));
+        let mut response = Response::to_request(&request, status, Some(&self.local_tag));
+        if status == 405 {
+            // RFC 3261 21.4.6: a 405 says what is allowed.
+            response.headers.push("Allow", ALLOW);
+        }
         let is_bye = request.method == Method::Bye;
         let mut tx = NonInviteServerTransaction::new(
             request,
@@ -2565,5 +2575,27 @@ Content-Length: {}\r\n\r\n{body}",
         );
         let log = h.run_until(44_999);
         assert!(log.is_empty(), "{log:?}");
+    }
+
+    #[test]
+    fn prack_is_not_advertised_and_an_incoming_one_is_405_with_allow() {
+        let mut h = Harness::new(None);
+        let invite = h.answered();
+        let allow: Vec<&str> = invite.headers.values("Allow").collect();
+        assert!(!allow.contains(&"PRACK"), "{allow:?}");
+        assert!(allow.contains(&"UPDATE"), "{allow:?}");
+        h.request_from_callee_with("PRACK", 61, &[("RAck", "1 1 INVITE")]);
+        let sent: Vec<Response> = std::iter::from_fn(|| h.call.poll_transmit())
+            .map(|t| match Message::parse(&t.payload).unwrap() {
+                Message::Response(r) => r,
+                Message::Request(r) => panic!("unexpected {}", r.method),
+            })
+            .collect();
+        let [refusal] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(refusal.status, 405);
+        assert!(refusal.headers.values("Allow").all(|m| m != "PRACK"));
+        assert!(refusal.headers.values("Allow").any(|m| m == "BYE"));
     }
 }
