@@ -165,7 +165,7 @@ struct Endpoint {
     tcp_stop: CancellationToken,
     udp: UdpSocket,
     /// Incoming calls' legs.
-    legs: HashMap<uas::CallHandle, mpsc::Sender<SipEvent>>,
+    legs: HashMap<uas::CallHandle, LegEvents>,
     /// Outgoing calls by key.
     outgoing: HashMap<u64, Outgoing>,
     /// SIP Call-ID -> outgoing key.
@@ -377,7 +377,9 @@ impl Endpoint {
             t = t.min(d);
         }
         // A leg behind on its SIP events: look again soon whether it has room.
-        if self.outgoing.values().any(|o| o.events.is_behind()) {
+        if self.outgoing.values().any(|o| o.events.is_behind())
+            || self.legs.values().any(LegEvents::is_behind)
+        {
             t = t.min(Self::now() + LEG_EVENTS_RETRY);
         }
         Instant::from_std(t)
@@ -538,8 +540,8 @@ impl Endpoint {
 
     fn notify_leg(&mut self, call: uas::CallHandle, event: SipEvent) {
         let ends = matches!(event, SipEvent::Ended);
-        if let Some(tx) = self.legs.get(&call) {
-            if tx.try_send(event).is_err() {
+        if let Some(events) = self.legs.get_mut(&call) {
+            if !events.send(event) {
                 self.shared.metrics.overflow(QueueKind::Sip).inc();
                 debug!("leg not reading SIP events");
             }
@@ -550,7 +552,9 @@ impl Endpoint {
     }
 
     fn forget_leg(&mut self, call: uas::CallHandle) {
-        self.legs.remove(&call);
+        if let Some(events) = self.legs.remove(&call) {
+            events.finish();
+        }
         if let Some(calls) = self.tcp_calls.remove(&call) {
             calls.fetch_sub(1, Ordering::Relaxed);
         }
@@ -570,6 +574,9 @@ impl Endpoint {
         }
         let mut transmits = Vec::new();
         let mut finished = Vec::new();
+        for events in self.legs.values_mut() {
+            events.flush();
+        }
         for (key, o) in &mut self.outgoing {
             o.events.flush();
             while let Some(t) = o.call.poll_transmit() {
@@ -589,7 +596,9 @@ impl Endpoint {
                     }
                 };
                 if let Some(ev) = ev {
-                    o.events.send(ev);
+                    if !o.events.send(ev) {
+                        self.shared.metrics.overflow(QueueKind::Sip).inc();
+                    }
                 }
             }
             if o.call.is_finished() {
@@ -753,7 +762,7 @@ impl Endpoint {
         });
         match task {
             Ok(task) => {
-                self.legs.insert(call, events_tx);
+                self.legs.insert(call, LegEvents::new(events_tx));
                 let conn = [Transport::Tcp, Transport::Tls]
                     .into_iter()
                     .find_map(|t| self.tcp_conns.get(&(t, incoming.source)));

@@ -16,8 +16,8 @@ pub(super) const COMMAND_QUEUE: usize = 256;
 pub(super) const LEG_EVENT_QUEUE: usize = 16;
 /// How long a finished outgoing call's last events wait for its leg to read them.
 const LEG_BACKLOG_WAIT: Duration = Duration::from_secs(30);
-/// A bound on an outgoing leg's backlog that coalescing keeps it far under (its final
-/// events come once each).
+/// A bound on a leg's backlog: coalescing keeps an outgoing leg's far under (its final
+/// events come once each); past it, key presses and the like are dropped.
 const LEG_BACKLOG_MAX: usize = 32;
 /// `User-Agent` / `Server` header value.
 pub(super) const USER_AGENT: &str = concat!("telcoflow/", env!("CARGO_PKG_VERSION"));
@@ -94,7 +94,7 @@ pub(super) enum SipEvent {
     },
 }
 
-/// An outgoing leg's SIP events on their way to it. They go at once while the leg's queue
+/// A leg's SIP events on their way to it. They go at once while the leg's queue
 /// has room; past that they wait here in order, where a newer early media or media update
 /// replaces the one waiting before it (only the latest counts), so a burst of provisional
 /// responses cannot crowd out the answer, failure or end that follows.
@@ -112,12 +112,13 @@ impl LegEvents {
         }
     }
 
-    /// Sends `event`, or keeps it for [`LegEvents::flush`] while the leg is behind.
-    pub(super) fn send(&mut self, event: SipEvent) {
+    /// Sends `event`, or keeps it for [`LegEvents::flush`] while the leg is behind (then
+    /// returns false).
+    pub(super) fn send(&mut self, event: SipEvent) -> bool {
         self.flush();
         let event = if self.backlog.is_empty() {
             match self.tx.try_send(event) {
-                Ok(()) | Err(TrySendError::Closed(_)) => return,
+                Ok(()) | Err(TrySendError::Closed(_)) => return true,
                 Err(TrySendError::Full(event)) => event,
             }
         } else {
@@ -131,10 +132,11 @@ impl LegEvents {
         if coalesces {
             self.backlog.pop_back();
         } else if self.backlog.len() >= LEG_BACKLOG_MAX && !is_final(&event) {
-            tracing::debug!("outgoing leg far behind; SIP event dropped");
-            return;
+            tracing::debug!("leg far behind; SIP event dropped");
+            return false;
         }
         self.backlog.push_back(event);
+        false
     }
 
     /// Moves what waits into the leg's queue as far as it has room.
@@ -159,7 +161,7 @@ impl LegEvents {
         !self.backlog.is_empty()
     }
 
-    /// The call is over and forgotten: what still waits goes to a task that sends it as
+    /// The leg is forgotten: what still waits goes to a task that sends it as
     /// the leg reads (for at most [`LEG_BACKLOG_WAIT`]).
     pub(super) fn finish(mut self) {
         self.flush();
