@@ -222,6 +222,8 @@ pub struct OutgoingCall {
     dialog: Dialog,
     /// The early dialogs of the provisional responses so far.
     early_dialogs: Vec<EarlyDialog>,
+    /// Other forks that answered too, by To tag, with the ACK for their 2xx's resends.
+    extra_answers: Vec<(Option<String>, Request)>,
     cseq: u32,
     auth_attempts: u32,
     /// The current INVITE transaction (a new one per authentication retry). Only `None`
@@ -280,6 +282,7 @@ impl OutgoingCall {
             local_tag,
             dialog: Dialog::default(),
             early_dialogs: Vec::new(),
+            extra_answers: Vec::new(),
             cseq,
             auth_attempts: 0,
             ack: None,
@@ -728,6 +731,11 @@ impl OutgoingCall {
         let mut offered = None;
         // The early media of the 2xx's own early dialog, not of another fork's.
         let mut early = None;
+        let tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
+        if !first && tag != self.dialog.remote_tag {
+            self.on_extra_answer(&r, tag);
+            return;
+        }
         if first {
             // The first 2xx establishes the dialog.
             self.dialog = Dialog::of(&r);
@@ -794,6 +802,35 @@ impl OutgoingCall {
                 self.send_bye(true);
             }
         }
+    }
+
+    /// A 2xx from a fork other than the one that answered first (RFC 3261 13.2.2.4): its
+    /// dialog is confirmed with an ACK and ended with a BYE; its resends get the ACK again.
+    /// Past [`MAX_EARLY_DIALOGS`] such forks, a 2xx is ignored (its sender gives up on the
+    /// ACK and ends the call itself).
+    fn on_extra_answer(&mut self, r: &Response, tag: Option<String>) {
+        if let Some((_, ack)) = self.extra_answers.iter().find(|(t, _)| *t == tag) {
+            self.transmits.push_back(Message::Request(ack.clone()));
+            return;
+        }
+        if self.extra_answers.len() >= MAX_EARLY_DIALOGS {
+            return;
+        }
+        let fork = Dialog::of(r);
+        let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
+        let ack = self.request_in(&fork, Method::Ack, seq);
+        self.transmits.push_back(Message::Request(ack.clone()));
+        self.extra_answers.push((tag, ack));
+        self.cseq += 1;
+        let bye = self.request_in(&fork, Method::Bye, self.cseq);
+        let tx = NonInviteClientTransaction::new(
+            bye,
+            self.config.transport.reliable(),
+            self.config.timers,
+            self.last_now,
+        );
+        self.clients.push(tx);
+        self.drain_clients();
     }
 
     fn send_cancel(&mut self) {
@@ -866,7 +903,17 @@ impl OutgoingCall {
                     continue;
                 };
                 match tx.request().method {
-                    Method::Bye => finished_bye = true,
+                    // Ours, not a BYE ending another fork's answer.
+                    Method::Bye
+                        if tx
+                            .request()
+                            .header_to()
+                            .ok()
+                            .and_then(|t| t.tag().map(str::to_string))
+                            == self.dialog.remote_tag =>
+                    {
+                        finished_bye = true
+                    }
                     Method::Update => refreshes.push(outcome),
                     _ => {}
                 }
@@ -2597,5 +2644,42 @@ Content-Length: {}\r\n\r\n{body}",
         assert_eq!(refusal.status, 405);
         assert!(refusal.headers.values("Allow").all(|m| m != "PRACK"));
         assert!(refusal.headers.values("Allow").any(|m| m == "BYE"));
+    }
+
+    #[test]
+    fn a_second_forks_answer_is_acked_and_ended_in_its_own_dialog() {
+        let mut h = Harness::new(None);
+        let invite = h.answered();
+        let other = fork_response(&invite, 200, "forkb", &[], Some(callee_sdp("sendrecv")));
+        h.call.handle_input(&other, h.now);
+        let sent = h.sent();
+        let [ack, bye] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        for r in [ack, bye] {
+            assert_eq!(r.header_to().unwrap().tag(), Some("forkb"));
+            assert_eq!(r.uri, "sip:forkb@192.0.2.90");
+        }
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(bye.method, Method::Bye);
+        assert!(h.events().is_empty(), "the call goes on with the first");
+        // Its resend gets the ACK again, no second BYE.
+        h.call.handle_input(&other, h.now);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [again] if again == ack),
+            "{sent:?}"
+        );
+        // The fork's BYE completing is not our hang-up.
+        h.call
+            .handle_input(&Response::to_request(bye, 200, None).to_bytes(), h.now);
+        assert!(h.events().is_empty());
+        // The first fork's dialog still works.
+        h.call.hangup(h.now);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [b] if b.method == Method::Bye && b.header_to().unwrap().tag() == Some("callee9")),
+            "{sent:?}"
+        );
     }
 }
