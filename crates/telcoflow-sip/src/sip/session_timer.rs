@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::message::Request;
+use super::message::{Headers, Request};
 
 /// The smallest session interval we take (RFC 4028's own minimum, `Min-SE`); a smaller one
 /// is refused with `422 Session Interval Too Small`.
@@ -56,18 +56,20 @@ pub struct Asked {
 /// does not parse, which we ignore as if absent).
 pub fn asked(request: &Request) -> Option<Asked> {
     let (interval, refresher) = parse_session_expires(request.headers.get("Session-Expires")?)?;
-    let lists = |header: &str, token: &str| {
-        request
-            .headers
-            .values(header)
-            .any(|v| v.trim().eq_ignore_ascii_case(token))
-    };
+    let h = &request.headers;
     Some(Asked {
         interval,
         refresher,
-        caller_supports: lists("Supported", "timer") || lists("Require", "timer"),
-        caller_allows_update: lists("Allow", "UPDATE"),
+        caller_supports: lists(h, "Supported", "timer") || lists(h, "Require", "timer"),
+        caller_allows_update: lists(h, "Allow", "UPDATE"),
     })
+}
+
+/// Whether a header lists `token` (case-insensitive) among its comma-separated values.
+pub fn lists(headers: &Headers, name: &str, token: &str) -> bool {
+    headers
+        .values(name)
+        .any(|v| v.trim().eq_ignore_ascii_case(token))
 }
 
 /// A `Session-Expires` value: the interval and its `refresher` parameter, if any (`uac` and

@@ -11,13 +11,18 @@
 //!
 //! Dialects (RFC 3262, 4028, 3264): the INVITE says `Supported: 100rel, timer`. A reliable
 //! provisional response (`Require: 100rel` with an `RSeq`) is answered with PRACK in its early
-//! dialog. A provisional response with SDP is the callee's early media
+//! dialog, in RSeq order; forked responses (To tags) each have their early dialog, with its own
+//! RSeq, target, route set and early media (at most 8), and the 2xx takes
+//! those of its own. A provisional response with SDP is the callee's early media
 //! ([`UacEvent::EarlyMedia`]); a 200 without SDP after it keeps those media. With
 //! [`UacConfig::session_expires`] the INVITE asks for a session timer (`Min-SE: 90`; a 422
 //! raises it to the callee's `Min-SE` and retries): when the 200 makes us the refresher we send
 //! UPDATE every half interval (a re-INVITE with our offer to a callee whose `Allow` lacks
-//! UPDATE), else we end the call (BYE, [`UacEvent::SessionExpired`]) when no
-//! refresh came by the interval less min(32 s, a third). With [`UacConfig::delayed_offer`] the
+//! UPDATE, or after a 405/501 to one), else we end the call (BYE,
+//! [`UacEvent::SessionExpired`]) when no refresh came by the interval less min(32 s, a third).
+//! The interval granted is held between our `Min-SE` and what we asked (a callee's own
+//! refresh: under a day); a refused refresh is tried again in 2.1-4 s until the session
+//! expires. With [`UacConfig::delayed_offer`] the
 //! INVITE has no SDP: the callee offers in its 200 and our answer goes in the ACK, or offers
 //! in a reliable provisional response and our answer goes in the PRACK (early media then).
 //!
@@ -51,10 +56,17 @@ const MAX_SESSION_RETRIES: u32 = 2;
 pub const DEFAULT_SESSION_EXPIRES: Duration = Duration::from_secs(1800);
 /// The largest `Min-SE` a 422 may raise our ask to (a day): a larger one fails the call.
 const MAX_SESSION_EXPIRES: Duration = Duration::from_secs(86_400);
-/// The shortest session interval we act on: a callee that grants less than our `Min-SE`
-/// is followed (refreshing more often is harmless), down to this floor, below which the
-/// refreshes would flood the dialog.
-const MIN_HONOURED_INTERVAL: Duration = Duration::from_secs(2);
+/// Lowers the shortest session interval acted on, our `Min-SE` otherwise, for the whole
+/// process: for tests that cannot wait 45 s for a refresh. Never called by the server.
+#[doc(hidden)]
+pub fn lower_session_floor_for_tests(floor: Duration) {
+    let ms = u64::try_from(floor.as_millis()).unwrap_or(u64::MAX);
+    SESSION_FLOOR_OVERRIDE_MS.store(ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`lower_session_floor_for_tests`]; 0 when not lowered.
+static SESSION_FLOOR_OVERRIDE_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Settings for an outgoing call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,10 +157,57 @@ struct SessionTimer {
     we_refresh: bool,
     /// When to refresh or end the call; `None` while our refresh awaits its answer.
     due: Option<Instant>,
+    /// When the session ends without a refresh (RFC 4028 10; for us as the refresher, the
+    /// last refresh plus the interval): retries of a refused refresh stop there.
+    expires_at: Instant,
 }
 
-/// The methods we take in a dialog, for `Allow`.
-const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, PRACK, UPDATE";
+/// The dialog state a request in it needs: the callee's tag, target and route set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Dialog {
+    remote_tag: Option<String>,
+    remote_target: Option<String>,
+    route_set: Vec<String>,
+}
+
+impl Dialog {
+    /// The dialog a response creates (an early one from a provisional response).
+    fn of(r: &Response) -> Self {
+        // A UAC takes the Record-Route set in reverse (RFC 3261 12.1.2).
+        let mut route_set: Vec<String> = r
+            .headers
+            .values("Record-Route")
+            .map(str::to_string)
+            .collect();
+        route_set.reverse();
+        Self {
+            remote_tag: r.header_to().ok().and_then(|t| t.tag().map(str::to_string)),
+            // The target becomes the Request-URI of our requests in the dialog: a Contact
+            // that does not parse (a blank in its URI, say) is ignored.
+            remote_target: r.contact().ok().flatten().map(|c| c.uri),
+            route_set,
+        }
+    }
+}
+
+/// An early dialog (RFC 3262 4): forked provisional responses with different To tags each
+/// have their own RSeq space, target and early media.
+#[derive(Debug, Clone)]
+struct EarlyDialog {
+    dialog: Dialog,
+    /// The highest RSeq of its reliable provisional responses we PRACKed.
+    last_rseq: Option<u32>,
+    /// Its early media (a provisional response's SDP).
+    media: Option<Negotiated>,
+}
+
+/// How many early dialogs (forks) one call keeps; provisional responses of more are only
+/// reported as progress.
+const MAX_EARLY_DIALOGS: usize = 8;
+
+/// The methods we take in a dialog, for `Allow`. Not PRACK: we send no reliable provisional
+/// response for one to acknowledge, and answer it 405.
+const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE";
 
 /// One outgoing call. See the module docs.
 #[derive(Debug)]
@@ -159,9 +218,12 @@ pub struct OutgoingCall {
     state: State,
     call_id: String,
     local_tag: String,
-    remote_tag: Option<String>,
-    remote_target: Option<String>,
-    route_set: Vec<String>,
+    /// The dialog, once a 2xx has confirmed it.
+    dialog: Dialog,
+    /// The early dialogs of the provisional responses so far.
+    early_dialogs: Vec<EarlyDialog>,
+    /// Other forks that answered too, by To tag, with the ACK for their 2xx's resends.
+    extra_answers: Vec<(Option<String>, Request)>,
     cseq: u32,
     auth_attempts: u32,
     /// The current INVITE transaction (a new one per authentication retry). Only `None`
@@ -179,16 +241,17 @@ pub struct OutgoingCall {
     reinvites: Vec<(TransactionKey, InviteServerTransaction)>,
     transmits: VecDeque<Message>,
     events: VecDeque<UacEvent>,
-    /// The early media in force (a provisional response's SDP).
+    /// The early media last reported (of whichever early dialog sent them).
     early: Option<Negotiated>,
-    /// The highest RSeq of the reliable provisional responses we PRACKed.
-    last_rseq: Option<u32>,
     /// The session interval the INVITE asks for, and its `Min-SE` (both raised by a 422).
     session_expires: Option<Duration>,
     min_se: Duration,
     session_retries: u32,
-    /// The INVITE's credentials header, kept for a retry after 422.
-    authorization: Option<(&'static str, String)>,
+    /// The 422s to our refreshes since the last refresh that went through.
+    refresh_retries: u32,
+    /// The latest challenge answered (its header name for the answer) and the nonce count
+    /// of its latest use, to answer it anew in a retry after 422.
+    challenge: Option<(&'static str, digest::Challenge, u32)>,
     /// The session timer in force once answered.
     session: Option<SessionTimer>,
     /// The callee takes UPDATE (its 200 lists it in `Allow`, or has no `Allow`): our
@@ -217,9 +280,9 @@ impl OutgoingCall {
             state: State::Calling,
             call_id,
             local_tag,
-            remote_tag: None,
-            remote_target: None,
-            route_set: Vec::new(),
+            dialog: Dialog::default(),
+            early_dialogs: Vec::new(),
+            extra_answers: Vec::new(),
             cseq,
             auth_attempts: 0,
             ack: None,
@@ -232,11 +295,11 @@ impl OutgoingCall {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             early: None,
-            last_rseq: None,
             session_expires: None,
             min_se: MIN_SE,
             session_retries: 0,
-            authorization: None,
+            refresh_retries: 0,
+            challenge: None,
             session: None,
             peer_allows_update: true,
             refresh_invite: None,
@@ -319,8 +382,8 @@ impl OutgoingCall {
         format!("<{}>;tag={}", self.config.from, self.local_tag)
     }
 
-    fn remote_party(&self) -> String {
-        match &self.remote_tag {
+    fn remote_party(&self, dialog: &Dialog) -> String {
+        match &dialog.remote_tag {
             Some(tag) => format!("<{}>;tag={tag}", self.config.target),
             None => format!("<{}>", self.config.target),
         }
@@ -332,7 +395,9 @@ impl OutgoingCall {
         r.headers.push("Via", via);
         r.headers.push("Max-Forwards", "70");
         r.headers.push("From", self.local_party());
-        r.headers.push("To", self.remote_party());
+        // No To tag: a retry after 401/407/422 starts afresh, whatever early dialogs its
+        // predecessor had.
+        r.headers.push("To", format!("<{}>", self.config.target));
         r.headers.push("Call-ID", self.call_id.clone());
         r.headers.push(
             "CSeq",
@@ -355,9 +420,8 @@ impl OutgoingCall {
             None => r.headers.push("Supported", "100rel"),
         }
         r.headers.push("User-Agent", self.config.user_agent.clone());
-        self.authorization = authorization;
-        if let Some((name, value)) = &self.authorization {
-            r.headers.push(name, value.clone());
+        if let Some((name, value)) = authorization {
+            r.headers.push(name, value);
         }
         if self.config.delayed_offer {
             return r;
@@ -369,6 +433,11 @@ impl OutgoingCall {
     /// transaction has ACKed the final response itself; its remaining job (absorbing resent
     /// responses) is not worth keeping it for.
     fn retry_invite(&mut self, authorization: Option<(&'static str, String)>) {
+        // The new INVITE's responses start new early dialogs (RFC 3261 8.1.3.5: a new
+        // request outside any dialog).
+        self.dialog = Dialog::default();
+        self.early_dialogs.clear();
+        self.early = None;
         self.cseq += 1;
         let invite = self.build_invite(authorization);
         let mut tx = InviteClientTransaction::new(
@@ -383,10 +452,16 @@ impl OutgoingCall {
         self.invite = Some(tx);
     }
 
-    /// An in-dialog request (ACK, BYE) per RFC 3261 12.2.1.1.
+    /// A request in the confirmed dialog (ACK, BYE, INFO, refreshes) per RFC 3261 12.2.1.1.
     fn dialog_request(&mut self, method: Method, seq: u32) -> Request {
+        let dialog = self.dialog.clone();
+        self.request_in(&dialog, method, seq)
+    }
+
+    /// A request in `dialog`, confirmed or early (PRACK).
+    fn request_in(&mut self, dialog: &Dialog, method: Method, seq: u32) -> Request {
         let via = self.via();
-        let uri = self
+        let uri = dialog
             .remote_target
             .clone()
             .unwrap_or_else(|| self.config.target.clone());
@@ -394,10 +469,10 @@ impl OutgoingCall {
         r.headers.push("Via", via);
         r.headers.push("Max-Forwards", "70");
         r.headers.push("From", self.local_party());
-        r.headers.push("To", self.remote_party());
+        r.headers.push("To", self.remote_party(dialog));
         r.headers.push("Call-ID", self.call_id.clone());
         r.headers.push("CSeq", CSeq { seq, method }.to_string());
-        for route in &self.route_set {
+        for route in &dialog.route_set {
             r.headers.push("Route", route.clone());
         }
         r.headers.push("User-Agent", self.config.user_agent.clone());
@@ -496,20 +571,13 @@ impl OutgoingCall {
             && !self.cancelled
             && self.auth_attempts < MAX_AUTH_ATTEMPTS
         {
-            if let (Some(creds), Some((header, challenge))) =
-                (self.config.credentials.clone(), digest::challenge_of(&r))
+            if let (true, Some((header, challenge))) =
+                (self.config.credentials.is_some(), digest::challenge_of(&r))
             {
                 self.auth_attempts += 1;
-                let cnonce = format!("{:016x}", self.rng.random::<u64>());
-                let value = digest::authorize(
-                    &challenge,
-                    &creds,
-                    &Method::Invite,
-                    &self.config.target,
-                    &cnonce,
-                    1,
-                );
-                self.retry_invite(Some((header, value)));
+                self.challenge = Some((header, challenge, 0));
+                let authorization = self.authorization();
+                self.retry_invite(authorization);
                 return;
             }
         }
@@ -524,7 +592,7 @@ impl OutgoingCall {
                     self.session_retries += 1;
                     self.session_expires = Some(min_se);
                     self.min_se = min_se;
-                    let authorization = self.authorization.clone();
+                    let authorization = self.authorization();
                     self.retry_invite(authorization);
                     return;
                 }
@@ -533,33 +601,59 @@ impl OutgoingCall {
         self.fail(status, &r.reason);
     }
 
+    /// The credentials header answering the latest challenge, with a fresh cnonce and the
+    /// next nonce count (RFC 7616 3.4: each use of a nonce counts up).
+    fn authorization(&mut self) -> Option<(&'static str, String)> {
+        let creds = self.config.credentials.clone()?;
+        let cnonce = format!("{:016x}", self.rng.random::<u64>());
+        let (header, challenge, nc) = self.challenge.as_mut()?;
+        *nc += 1;
+        let value = digest::authorize(
+            challenge,
+            &creds,
+            &Method::Invite,
+            &self.config.target,
+            &cnonce,
+            *nc,
+        );
+        Some((header, value))
+    }
+
     /// A provisional response past 100: PRACK when it is reliable, early media when it
-    /// carries SDP.
+    /// carries SDP, each in the early dialog of its To tag.
     fn on_provisional(&mut self, r: &Response) {
-        let reliable = lists(&r.headers, "Require", "100rel");
+        let Some(i) = self.early_dialog(r) else {
+            tracing::debug!("too many early dialogs; provisional response only reported");
+            return;
+        };
+        let reliable = session_timer::lists(&r.headers, "Require", "100rel");
         let rseq = r
             .headers
             .get("RSeq")
             .and_then(|v| v.trim().parse::<u32>().ok());
         if let (true, Some(rseq)) = (reliable, rseq) {
-            if self.last_rseq.is_some_and(|last| rseq <= last) {
-                // A resend: our PRACK's transaction resends itself.
+            let early = &mut self.early_dialogs[i];
+            // In order only (RFC 3262 4): a resend is PRACKed by our PRACK's own
+            // transaction, and one out of order comes again once its predecessor is in.
+            if early
+                .last_rseq
+                .is_some_and(|last| Some(rseq) != last.checked_add(1))
+            {
                 return;
             }
-            self.last_rseq = Some(rseq);
-            // The early dialog the PRACK is sent in (RFC 3262 4).
-            if self.remote_tag.is_none() {
-                self.take_dialog(r);
-            }
+            early.last_rseq = Some(rseq);
+            let dialog = early.dialog.clone();
             let invite_seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
             self.cseq += 1;
-            let mut prack = self.dialog_request(Method::Prack, self.cseq);
+            let mut prack = self.request_in(&dialog, Method::Prack, self.cseq);
             prack
                 .headers
                 .push("RAck", format!("{rseq} {invite_seq} INVITE"));
             // A delayed offer's callee may offer in a reliable provisional response: the
             // answer goes in the PRACK (RFC 3262 5), and its media play early.
-            let offers = self.config.delayed_offer && self.early.is_none() && !r.body.is_empty();
+            let offers = self.config.delayed_offer
+                && self.early_dialogs[i].media.is_none()
+                && !r.body.is_empty();
             if offers && !self.cancelled {
                 let outcome = SessionDescription::parse_bytes(&r.body)
                     .map_err(sdp::NegotiationError::from)
@@ -567,6 +661,7 @@ impl OutgoingCall {
                 match outcome {
                     Ok((answer, negotiated)) => {
                         prack = prack.with_body("application/sdp", answer.to_string());
+                        self.early_dialogs[i].media = Some(negotiated);
                         self.early = Some(negotiated);
                         self.events.push_back(UacEvent::EarlyMedia { negotiated });
                     }
@@ -593,29 +688,37 @@ impl OutgoingCall {
             .map_err(sdp::NegotiationError::from)
             .and_then(|sd| sdp::accept_answer(&self.media, &sd));
         match negotiated {
-            Ok(negotiated) if self.early != Some(negotiated) => {
-                self.early = Some(negotiated);
-                self.events.push_back(UacEvent::EarlyMedia { negotiated });
+            Ok(negotiated) => {
+                self.early_dialogs[i].media = Some(negotiated);
+                if self.early != Some(negotiated) {
+                    self.early = Some(negotiated);
+                    self.events.push_back(UacEvent::EarlyMedia { negotiated });
+                }
             }
-            Ok(_) => {}
             Err(err) => tracing::debug!(cause = %err, "early media SDP not usable; ignored"),
         }
     }
 
-    /// Takes the dialog's remote tag, target and route set from a response that creates it.
-    fn take_dialog(&mut self, r: &Response) {
-        self.remote_tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
-        // The target becomes the Request-URI of our ACK and BYE: a Contact that does not
-        // parse (a blank in its URI, say) is ignored.
-        self.remote_target = r.contact().ok().flatten().map(|c| c.uri);
-        // A UAC takes the Record-Route set in reverse (RFC 3261 12.1.2).
-        let mut routes: Vec<String> = r
-            .headers
-            .values("Record-Route")
-            .map(str::to_string)
-            .collect();
-        routes.reverse();
-        self.route_set = routes;
+    /// The index of the early dialog of a provisional response's To tag, created with the
+    /// response's target and route set when new; `None` past `MAX_EARLY_DIALOGS`.
+    fn early_dialog(&mut self, r: &Response) -> Option<usize> {
+        let tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
+        if let Some(i) = self
+            .early_dialogs
+            .iter()
+            .position(|d| d.dialog.remote_tag == tag)
+        {
+            return Some(i);
+        }
+        if self.early_dialogs.len() >= MAX_EARLY_DIALOGS {
+            return None;
+        }
+        self.early_dialogs.push(EarlyDialog {
+            dialog: Dialog::of(r),
+            last_rseq: None,
+            media: None,
+        });
+        Some(self.early_dialogs.len() - 1)
     }
 
     fn is_ringing(&self) -> bool {
@@ -626,12 +729,24 @@ impl OutgoingCall {
         let first = self.ack.is_none();
         // With a delayed offer, the 200's offer and our answer (which the ACK carries).
         let mut offered = None;
+        // The early media of the 2xx's own early dialog, not of another fork's.
+        let mut early = None;
+        let tag = r.header_to().ok().and_then(|t| t.tag().map(str::to_string));
+        if !first && tag != self.dialog.remote_tag {
+            self.on_extra_answer(&r, tag);
+            return;
+        }
         if first {
             // The first 2xx establishes the dialog.
-            self.take_dialog(&r);
+            self.dialog = Dialog::of(&r);
+            early = self
+                .early_dialogs
+                .iter()
+                .find(|d| d.dialog.remote_tag == self.dialog.remote_tag)
+                .and_then(|d| d.media);
             let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
             let mut ack = self.dialog_request(Method::Ack, seq);
-            if let (true, Some(early)) = (self.config.delayed_offer, self.early) {
+            if let (true, Some(early)) = (self.config.delayed_offer, early) {
                 // Offer and answer are done (the answer went in a PRACK): the ACK has none.
                 offered = Some(Ok(early));
             } else if self.config.delayed_offer && self.is_ringing() && !self.cancelled {
@@ -659,7 +774,7 @@ impl OutgoingCall {
             }
             return;
         }
-        let negotiated = match (offered, self.early) {
+        let negotiated = match (offered, early) {
             (Some(outcome), _) => outcome,
             // The answer came with the early media already (RFC 3261 13.2.1: the 200 may
             // repeat it or carry none).
@@ -671,8 +786,8 @@ impl OutgoingCall {
         match (negotiated, self.cancelled) {
             (Ok(negotiated), false) => {
                 self.state = State::Answered;
-                self.peer_allows_update =
-                    r.headers.get("Allow").is_none() || lists(&r.headers, "Allow", "UPDATE");
+                self.peer_allows_update = r.headers.get("Allow").is_none()
+                    || session_timer::lists(&r.headers, "Allow", "UPDATE");
                 self.arm_session_timer(&r.headers, false);
                 self.events.push_back(UacEvent::Answered { negotiated });
             }
@@ -687,6 +802,35 @@ impl OutgoingCall {
                 self.send_bye(true);
             }
         }
+    }
+
+    /// A 2xx from a fork other than the one that answered first (RFC 3261 13.2.2.4): its
+    /// dialog is confirmed with an ACK and ended with a BYE; its resends get the ACK again.
+    /// Past [`MAX_EARLY_DIALOGS`] such forks, a 2xx is ignored (its sender gives up on the
+    /// ACK and ends the call itself).
+    fn on_extra_answer(&mut self, r: &Response, tag: Option<String>) {
+        if let Some((_, ack)) = self.extra_answers.iter().find(|(t, _)| *t == tag) {
+            self.transmits.push_back(Message::Request(ack.clone()));
+            return;
+        }
+        if self.extra_answers.len() >= MAX_EARLY_DIALOGS {
+            return;
+        }
+        let fork = Dialog::of(r);
+        let seq = r.cseq().map(|c| c.seq).unwrap_or(self.cseq);
+        let ack = self.request_in(&fork, Method::Ack, seq);
+        self.transmits.push_back(Message::Request(ack.clone()));
+        self.extra_answers.push((tag, ack));
+        self.cseq += 1;
+        let bye = self.request_in(&fork, Method::Bye, self.cseq);
+        let tx = NonInviteClientTransaction::new(
+            bye,
+            self.config.transport.reliable(),
+            self.config.timers,
+            self.last_now,
+        );
+        self.clients.push(tx);
+        self.drain_clients();
     }
 
     fn send_cancel(&mut self) {
@@ -759,7 +903,17 @@ impl OutgoingCall {
                     continue;
                 };
                 match tx.request().method {
-                    Method::Bye => finished_bye = true,
+                    // Ours, not a BYE ending another fork's answer.
+                    Method::Bye
+                        if tx
+                            .request()
+                            .header_to()
+                            .ok()
+                            .and_then(|t| t.tag().map(str::to_string))
+                            == self.dialog.remote_tag =>
+                    {
+                        finished_bye = true
+                    }
                     Method::Update => refreshes.push(outcome),
                     _ => {}
                 }
@@ -791,7 +945,25 @@ impl OutgoingCall {
             self.session = None;
             return Vec::new();
         };
-        let interval = interval.max(MIN_HONOURED_INTERVAL);
+        // The interval is the peer's number: bound it before it meets an Instant. A 2xx to
+        // our request may only lower what we asked (RFC 4028 7.4); the callee's own refresh
+        // is held to our maximum.
+        let ceiling = if peer_request {
+            MAX_SESSION_EXPIRES
+        } else {
+            self.session
+                .map(|t| t.interval)
+                .or(self.session_expires)
+                .unwrap_or(MAX_SESSION_EXPIRES)
+                .min(MAX_SESSION_EXPIRES)
+        };
+        // Nor less than our Min-SE (RFC 4028: the peer may not go below it), else a callee
+        // granting 2 s would have a refresh every second.
+        let floor = match SESSION_FLOOR_OVERRIDE_MS.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => self.min_se,
+            ms => self.min_se.min(Duration::from_millis(ms)),
+        };
+        let interval = interval.min(ceiling).max(floor);
         let we_refresh = if peer_request {
             refresher == Some(Refresher::Uas)
         } else {
@@ -799,14 +971,20 @@ impl OutgoingCall {
         };
         let now = self.last_now;
         let due = if we_refresh {
-            now + interval / 2
+            later(now, interval / 2)
         } else {
+            // Bounded above: no overflow.
             session_timer::expiry(interval, now)
         };
         self.session = Some(SessionTimer {
             interval,
             we_refresh,
             due: Some(due),
+            expires_at: if we_refresh {
+                later(now, interval)
+            } else {
+                due
+            },
         });
         let mut reply = vec![(
             "Session-Expires",
@@ -816,7 +994,9 @@ impl OutgoingCall {
                 if we_refresh { "uas" } else { "uac" }
             ),
         )];
-        if lists(headers, "Supported", "timer") || lists(headers, "Require", "timer") {
+        if session_timer::lists(headers, "Supported", "timer")
+            || session_timer::lists(headers, "Require", "timer")
+        {
             reply.push(("Require", "timer".into()));
         }
         reply
@@ -920,8 +1100,9 @@ impl OutgoingCall {
     }
 
     /// Our refresh's final answer (RFC 4028 10): a 2xx sets the timer anew; a 422 retries
-    /// with its Min-SE; 408, 481 or none ends the call; another refusal (a callee that does
-    /// not take UPDATE) leaves the session as it was, to try again in half an interval.
+    /// with its Min-SE (a bounded number of times); 408, 481 or none ends the call; 405 or
+    /// 501 to an UPDATE turns to re-INVITE at once; another refusal (491, say) tries again
+    /// in a few seconds, until the session expires.
     fn on_refresh_answered(&mut self, outcome: Option<Response>) {
         if self.state != State::Answered {
             return;
@@ -931,6 +1112,7 @@ impl OutgoingCall {
         };
         match r.status {
             200..=299 => {
+                self.refresh_retries = 0;
                 self.arm_session_timer(&r.headers, false);
             }
             422 => {
@@ -940,8 +1122,11 @@ impl OutgoingCall {
                     .and_then(session_timer::parse_min_se);
                 match (self.session, min_se) {
                     (Some(mut timer), Some(min_se))
-                        if min_se > timer.interval && min_se <= MAX_SESSION_EXPIRES =>
+                        if min_se > timer.interval
+                            && min_se <= MAX_SESSION_EXPIRES
+                            && self.refresh_retries < MAX_SESSION_RETRIES =>
                     {
+                        self.refresh_retries += 1;
                         self.min_se = min_se;
                         timer.interval = min_se;
                         self.session = Some(timer);
@@ -951,6 +1136,14 @@ impl OutgoingCall {
                 }
             }
             408 | 481 => self.expire(),
+            405 | 501
+                if self.peer_allows_update
+                    && r.cseq().is_ok_and(|c| c.method == Method::Update) =>
+            {
+                // The callee does not take UPDATE after all (its 200 had no Allow).
+                self.peer_allows_update = false;
+                self.send_refresh();
+            }
             status => {
                 tracing::debug!(status, "session refresh refused; trying again later");
                 self.refresh_later();
@@ -958,10 +1151,13 @@ impl OutgoingCall {
         }
     }
 
+    /// Tries the refresh again in 2.1 to 4 s (RFC 3261 14.1's pause after a 491, as good
+    /// after any refusal), or ends the call when the session expires first.
     fn refresh_later(&mut self) {
+        let delay = Duration::from_millis(self.rng.random_range(2100..=4000));
         let now = self.last_now;
         if let Some(timer) = &mut self.session {
-            timer.due = Some(now + timer.interval / 2);
+            timer.due = Some(later(now, delay).min(timer.expires_at));
         }
     }
 
@@ -1001,7 +1197,7 @@ impl OutgoingCall {
                 .header_from()
                 .ok()
                 .and_then(|f| f.tag().map(str::to_string))
-                == self.remote_tag;
+                == self.dialog.remote_tag;
         if request.method == Method::Ack {
             // ACK for a re-INVITE 2xx we sent: stop its retransmissions.
             let seq = request.cseq().map(|c| c.seq).ok();
@@ -1026,7 +1222,11 @@ impl OutgoingCall {
                 _ => 405,
             }
         };
-        let response = Response::to_request(&request, status, Some(&self.local_tag));
+        let mut response = Response::to_request(&request, status, Some(&self.local_tag));
+        if status == 405 {
+            // RFC 3261 21.4.6: a 405 says what is allowed.
+            response.headers.push("Allow", ALLOW);
+        }
         let is_bye = request.method == Method::Bye;
         let mut tx = NonInviteServerTransaction::new(
             request,
@@ -1149,7 +1349,7 @@ impl OutgoingCall {
         }
         if let Some(timer) = self.session.filter(|_| self.state == State::Answered) {
             if timer.due.is_some_and(|t| t <= now) {
-                if timer.we_refresh {
+                if timer.we_refresh && now < timer.expires_at {
                     self.send_refresh();
                 } else {
                     tracing::info!("session not refreshed by the callee; ending the call");
@@ -1189,11 +1389,11 @@ impl OutgoingCall {
     }
 }
 
-/// Whether a header lists `token` (case-insensitive) among its comma-separated values.
-fn lists(headers: &Headers, name: &str, token: &str) -> bool {
-    headers
-        .values(name)
-        .any(|v| v.trim().eq_ignore_ascii_case(token))
+/// `now` plus `delay`, saturating far in the future instead of overflowing.
+fn later(now: Instant, delay: Duration) -> Instant {
+    now.checked_add(delay)
+        .or_else(|| now.checked_add(MAX_SESSION_EXPIRES))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]
@@ -1318,6 +1518,39 @@ Content-Length: {}\r\n\r\n{body}",
                 body.len()
             );
             self.call.handle_input(text.as_bytes(), self.now);
+        }
+        /// An in-dialog request from the callee with extra headers and no body.
+        fn request_from_callee_with(&mut self, method: &str, cseq: u32, headers: &[(&str, &str)]) {
+            let mut text = format!(
+                "{method} sip:telcoflow@203.0.113.1:5060 SIP/2.0\r\n\
+Via: SIP/2.0/UDP 192.0.2.90:5070;branch=z9hG4bKcallee{cseq}\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:+15550100@trunk.example>;tag=callee9\r\n\
+To: <sip:+15550199@telcoflow.example>;tag={}\r\n\
+Call-ID: {}\r\n\
+CSeq: {cseq} {method}\r\n",
+                self.call.local_tag, self.call.call_id,
+            );
+            for (name, value) in headers {
+                text.push_str(&format!("{name}: {value}\r\n"));
+            }
+            text.push_str("Content-Length: 0\r\n\r\n");
+            self.call.handle_input(text.as_bytes(), self.now);
+        }
+        /// Runs timers up to `ms` until the call sends a request; the clock stays there.
+        fn next_request(&mut self, ms: u64) -> Option<(u64, Request)> {
+            let until = self.start + Duration::from_millis(ms);
+            while let Some(at) = self.call.poll_timeout() {
+                if at > until {
+                    break;
+                }
+                self.now = at;
+                self.call.handle_timeout(at);
+                if let Some(r) = self.sent().into_iter().next() {
+                    return Some(((at - self.start).as_millis() as u64, r));
+                }
+            }
+            None
         }
         fn run_until(&mut self, ms: u64) -> Vec<(u64, Request)> {
             let until = self.start + Duration::from_millis(ms);
@@ -1984,6 +2217,468 @@ Content-Length: {}\r\n\r\n{body}",
         let sent = h.sent();
         assert!(
             matches!(sent.as_slice(), [ack] if ack.method == Method::Ack && ack.body.is_empty()),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn an_unbounded_session_expires_in_the_200_is_held_to_what_we_asked() {
+        let mut h = Harness::with(timed(1800));
+        let invite = h.sent().remove(0);
+        h.respond_with(
+            &invite,
+            200,
+            &[("Session-Expires", "18446744073709551615;refresher=uas")],
+            Some(callee_sdp("sendrecv")),
+        );
+        h.sent();
+        assert!(matches!(h.events().as_slice(), [UacEvent::Answered { .. }]));
+        // The callee refreshes; we end the call at 1800 s less 32 s without one.
+        let log = h.run_until(1_767_999);
+        assert!(log.is_empty(), "{log:?}");
+        let log = h.run_until(1_768_000);
+        assert!(
+            matches!(log.as_slice(), [(1_768_000, bye)] if bye.method == Method::Bye),
+            "{log:?}"
+        );
+    }
+
+    #[test]
+    fn an_unbounded_session_expires_in_the_callees_update_is_held_to_our_maximum() {
+        let mut h = Harness::with(timed(1800));
+        h.answered();
+        h.request_from_callee_with(
+            "UPDATE",
+            60,
+            &[
+                ("Supported", "timer"),
+                ("Session-Expires", "18446744073709551615;refresher=uac"),
+            ],
+        );
+        let sent: Vec<Response> = std::iter::from_fn(|| h.call.poll_transmit())
+            .map(|t| match Message::parse(&t.payload).unwrap() {
+                Message::Response(r) => r,
+                Message::Request(r) => panic!("unexpected {}", r.method),
+            })
+            .collect();
+        let [ok] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(ok.status, 200);
+        assert_eq!(
+            ok.headers.get("Session-Expires"),
+            Some(format!("{};refresher=uac", MAX_SESSION_EXPIRES.as_secs()).as_str())
+        );
+    }
+
+    /// A response from the fork with To tag `tag` and Contact `sip:<tag>@192.0.2.90`.
+    fn fork_response(
+        to: &Request,
+        status: u16,
+        tag: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Vec<u8> {
+        let mut r = Response::to_request(to, status, Some(tag));
+        r.headers.push("Contact", format!("<sip:{tag}@192.0.2.90>"));
+        for (name, value) in headers {
+            r.headers.push(name, *value);
+        }
+        if let Some(b) = body {
+            r = r.with_body("application/sdp", b);
+        }
+        r.to_bytes()
+    }
+
+    #[test]
+    fn forked_reliable_183s_are_pracked_each_in_its_own_early_dialog() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        let invite_seq = invite.cseq().unwrap().seq;
+        let a = fork_response(
+            &invite,
+            183,
+            "forka",
+            &[("Require", "100rel"), ("RSeq", "5")],
+            Some(callee_sdp("sendrecv")),
+        );
+        h.call.handle_input(&a, h.now);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [p] if p.method == Method::Prack),
+            "{sent:?}"
+        );
+        // Fork B numbers its own RSeq from 1: PRACKed in B's dialog, not A's.
+        let other_sdp = callee_sdp("sendrecv").replace("50000", "50002");
+        for rseq in ["1", "2"] {
+            let b = fork_response(
+                &invite,
+                183,
+                "forkb",
+                &[("Require", "100rel"), ("RSeq", rseq)],
+                Some(other_sdp.clone()),
+            );
+            h.call.handle_input(&b, h.now);
+            let sent = h.sent();
+            let [prack] = sent.as_slice() else {
+                panic!("{sent:?}");
+            };
+            assert_eq!(prack.method, Method::Prack);
+            assert_eq!(prack.header_to().unwrap().tag(), Some("forkb"));
+            assert_eq!(prack.uri, "sip:forkb@192.0.2.90");
+            assert_eq!(
+                prack.headers.get("RAck"),
+                Some(format!("{rseq} {invite_seq} INVITE").as_str())
+            );
+        }
+        // A's next reliable response still counts from A's 5.
+        let a = fork_response(
+            &invite,
+            180,
+            "forka",
+            &[("Require", "100rel"), ("RSeq", "6")],
+            None,
+        );
+        h.call.handle_input(&a, h.now);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [p] if p.header_to().unwrap().tag() == Some("forka") && p.uri == "sip:forka@192.0.2.90"),
+            "{sent:?}"
+        );
+        h.events();
+        // B answers without SDP: B's early media, not A's.
+        h.call
+            .handle_input(&fork_response(&invite, 200, "forkb", &[], None), h.now);
+        let events = h.events();
+        let [UacEvent::Answered { negotiated }] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        assert_eq!(negotiated.remote, "192.0.2.90:50002".parse().unwrap());
+    }
+
+    #[test]
+    fn a_200_without_sdp_from_a_fork_without_early_media_is_not_given_anothers() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        h.call.handle_input(
+            &fork_response(&invite, 183, "forka", &[], Some(callee_sdp("sendrecv"))),
+            h.now,
+        );
+        h.events();
+        h.call
+            .handle_input(&fork_response(&invite, 200, "forkb", &[], None), h.now);
+        let events = h.events();
+        assert!(
+            matches!(events.as_slice(), [UacEvent::Failed { .. }]),
+            "{events:?}"
+        );
+    }
+
+    #[test]
+    fn early_dialogs_past_the_bound_are_only_progress() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        for fork in 0..MAX_EARLY_DIALOGS + 2 {
+            let tag = format!("fork{fork}");
+            let r = fork_response(
+                &invite,
+                183,
+                &tag,
+                &[("Require", "100rel"), ("RSeq", "1")],
+                None,
+            );
+            h.call.handle_input(&r, h.now);
+        }
+        let pracks = h
+            .sent()
+            .into_iter()
+            .filter(|r| r.method == Method::Prack)
+            .count();
+        assert_eq!(pracks, MAX_EARLY_DIALOGS);
+        assert_eq!(h.events().len(), MAX_EARLY_DIALOGS + 2);
+    }
+
+    #[test]
+    fn an_out_of_order_rseq_is_not_pracked() {
+        let mut h = Harness::new(None);
+        let invite = h.sent().remove(0);
+        let r = |rseq| {
+            fork_response(
+                &invite,
+                183,
+                "forka",
+                &[("Require", "100rel"), ("RSeq", rseq)],
+                None,
+            )
+        };
+        h.call.handle_input(&r("5"), h.now);
+        assert_eq!(h.sent().len(), 1);
+        h.call.handle_input(&r("7"), h.now);
+        assert!(h.sent().is_empty(), "RSeq 7 before 6");
+        h.call.handle_input(&r("6"), h.now);
+        assert_eq!(h.sent().len(), 1);
+    }
+
+    #[test]
+    fn a_retry_after_a_challenge_leaves_the_early_dialog_behind() {
+        let creds = Credentials {
+            username: "1000".into(),
+            password: "secret".into(),
+        };
+        let mut h = Harness::with(UacConfig {
+            session_expires: Some(Duration::from_secs(90)),
+            ..config(Some(creds))
+        });
+        let invite = h.sent().remove(0);
+        let reliable = [("Require", "100rel"), ("RSeq", "4")];
+        h.call.handle_input(
+            &fork_response(
+                &invite,
+                183,
+                "forka",
+                &reliable,
+                Some(callee_sdp("sendrecv")),
+            ),
+            h.now,
+        );
+        assert_eq!(h.sent().len(), 1);
+        let mut challenge = Response::to_request(&invite, 401, Some("forka"));
+        challenge.headers.push(
+            "WWW-Authenticate",
+            "Digest realm=\"trunk.example\", nonce=\"n1\", qop=\"auth\"",
+        );
+        h.call.handle_input(&challenge.to_bytes(), h.now);
+        let retry = h.sent().pop().unwrap();
+        assert_eq!(retry.method, Method::Invite);
+        assert_eq!(retry.header_to().unwrap().tag(), None);
+        let first_auth = retry.headers.get("Authorization").unwrap().to_string();
+        assert!(first_auth.contains("nc=00000001"), "{first_auth}");
+        // The same callee's first reliable response to the retry is PRACKed again.
+        h.call
+            .handle_input(&fork_response(&retry, 183, "forka", &reliable, None), h.now);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [p] if p.method == Method::Prack),
+            "{sent:?}"
+        );
+        // A 422 retry answers the challenge anew: the next nonce count, a fresh cnonce.
+        h.respond_with(&retry, 422, &[("Min-SE", "300")], None);
+        let again = h.sent().pop().unwrap();
+        assert_eq!(again.method, Method::Invite);
+        assert_eq!(again.header_to().unwrap().tag(), None);
+        let auth = again.headers.get("Authorization").unwrap();
+        assert!(auth.contains("nc=00000002"), "{auth}");
+        assert_ne!(auth, first_auth);
+        // Its 200 without SDP has no early media to fall back on.
+        h.call
+            .handle_input(&fork_response(&again, 200, "forka", &[], None), h.now);
+        let events = h.events();
+        assert!(
+            matches!(events.last(), Some(UacEvent::Failed { .. })),
+            "{events:?}"
+        );
+    }
+
+    /// Answers the call with a session timer of `interval` s that we refresh, `allow`ing what
+    /// it says (no `Allow` when `None`).
+    fn refreshing(interval: u64, allow: Option<&str>) -> Harness {
+        let mut h = Harness::with(timed(1800));
+        let invite = h.sent().remove(0);
+        let se = format!("{interval};refresher=uac");
+        let mut headers = vec![("Session-Expires", se.as_str())];
+        if let Some(allow) = allow {
+            headers.push(("Allow", allow));
+        }
+        h.respond_with(&invite, 200, &headers, Some(callee_sdp("sendrecv")));
+        h.sent();
+        h.events();
+        h
+    }
+
+    #[test]
+    fn a_refused_refresh_is_retried_within_seconds_until_the_session_expires() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        let [(60_000, update)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        h.respond(update, 491, None);
+        let mut last = 60_000;
+        let mut refusals = 0;
+        loop {
+            let Some((at, r)) = h.next_request(last + 4_000) else {
+                panic!("no retry within 4 s of {last}");
+            };
+            if r.method == Method::Bye {
+                // Not a moment before the session's end.
+                assert_eq!(at, 120_000);
+                break;
+            }
+            assert_eq!(r.method, Method::Update);
+            assert!(at >= last + 2_100, "{at} after {last}");
+            last = at;
+            refusals += 1;
+            assert!(refusals < 30, "bounded by the expiry");
+            h.respond(&r, 500, None);
+        }
+        assert_eq!(h.events(), vec![UacEvent::SessionExpired]);
+    }
+
+    #[test]
+    fn a_refresh_retried_after_a_refusal_keeps_the_call() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        h.respond(&log[0].1, 491, None);
+        let (_, retry) = h.next_request(64_000).unwrap();
+        let retry = &retry;
+        let mut ok = Response::to_request(retry, 200, None);
+        ok.headers.push("Session-Expires", "120;refresher=uac");
+        h.call.handle_input(&ok.to_bytes(), h.now);
+        let log = h.run_until(130_000);
+        assert!(
+            log.iter().all(|(_, r)| r.method == Method::Update),
+            "{log:?}"
+        );
+        assert!(h.events().is_empty());
+    }
+
+    #[test]
+    fn a_405_to_our_update_turns_to_re_invite_at_once() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        let [(60_000, update)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(update.method, Method::Update);
+        h.respond(update, 405, None);
+        let sent = h.sent();
+        let [reinvite] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(reinvite.method, Method::Invite);
+        assert_eq!(
+            reinvite.headers.get("Session-Expires"),
+            Some("120;refresher=uac")
+        );
+    }
+
+    #[test]
+    fn session_too_small_answers_to_our_refresh_are_followed_a_bounded_number_of_times() {
+        let mut h = refreshing(120, None);
+        let log = h.run_until(60_000);
+        let mut refresh = log[0].1.clone();
+        let mut immediate = 0;
+        for min_se in 121..200 {
+            let min_se = min_se.to_string();
+            h.respond_with(&refresh, 422, &[("Min-SE", min_se.as_str())], None);
+            let sent = h.sent();
+            match sent.as_slice() {
+                [again] => {
+                    immediate += 1;
+                    refresh = again.clone();
+                }
+                [] => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(immediate, MAX_SESSION_RETRIES);
+    }
+
+    #[test]
+    fn a_granted_interval_under_our_min_se_is_raised_to_it() {
+        let mut h = refreshing(2, None);
+        // Not every second: half our Min-SE of 90 s.
+        let log = h.run_until(45_000);
+        let [(45_000, update)] = log.as_slice() else {
+            panic!("{log:?}");
+        };
+        assert_eq!(
+            update.headers.get("Session-Expires"),
+            Some("90;refresher=uac")
+        );
+    }
+
+    #[test]
+    fn a_callees_refresh_under_our_min_se_is_held_to_it() {
+        let mut h = Harness::with(timed(1800));
+        h.answered();
+        h.request_from_callee_with(
+            "UPDATE",
+            60,
+            &[
+                ("Supported", "timer"),
+                ("Session-Expires", "1;refresher=uas"),
+            ],
+        );
+        let sent: Vec<Response> = std::iter::from_fn(|| h.call.poll_transmit())
+            .map(|t| match Message::parse(&t.payload).unwrap() {
+                Message::Response(r) => r,
+                Message::Request(r) => panic!("unexpected {}", r.method),
+            })
+            .collect();
+        assert!(
+            matches!(sent.as_slice(), [ok] if ok.headers.get("Session-Expires") == Some("90;refresher=uas")),
+            "{sent:?}"
+        );
+        let log = h.run_until(44_999);
+        assert!(log.is_empty(), "{log:?}");
+    }
+
+    #[test]
+    fn prack_is_not_advertised_and_an_incoming_one_is_405_with_allow() {
+        let mut h = Harness::new(None);
+        let invite = h.answered();
+        let allow: Vec<&str> = invite.headers.values("Allow").collect();
+        assert!(!allow.contains(&"PRACK"), "{allow:?}");
+        assert!(allow.contains(&"UPDATE"), "{allow:?}");
+        h.request_from_callee_with("PRACK", 61, &[("RAck", "1 1 INVITE")]);
+        let sent: Vec<Response> = std::iter::from_fn(|| h.call.poll_transmit())
+            .map(|t| match Message::parse(&t.payload).unwrap() {
+                Message::Response(r) => r,
+                Message::Request(r) => panic!("unexpected {}", r.method),
+            })
+            .collect();
+        let [refusal] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(refusal.status, 405);
+        assert!(refusal.headers.values("Allow").all(|m| m != "PRACK"));
+        assert!(refusal.headers.values("Allow").any(|m| m == "BYE"));
+    }
+
+    #[test]
+    fn a_second_forks_answer_is_acked_and_ended_in_its_own_dialog() {
+        let mut h = Harness::new(None);
+        let invite = h.answered();
+        let other = fork_response(&invite, 200, "forkb", &[], Some(callee_sdp("sendrecv")));
+        h.call.handle_input(&other, h.now);
+        let sent = h.sent();
+        let [ack, bye] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        for r in [ack, bye] {
+            assert_eq!(r.header_to().unwrap().tag(), Some("forkb"));
+            assert_eq!(r.uri, "sip:forkb@192.0.2.90");
+        }
+        assert_eq!(ack.method, Method::Ack);
+        assert_eq!(bye.method, Method::Bye);
+        assert!(h.events().is_empty(), "the call goes on with the first");
+        // Its resend gets the ACK again, no second BYE.
+        h.call.handle_input(&other, h.now);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [again] if again == ack),
+            "{sent:?}"
+        );
+        // The fork's BYE completing is not our hang-up.
+        h.call
+            .handle_input(&Response::to_request(bye, 200, None).to_bytes(), h.now);
+        assert!(h.events().is_empty());
+        // The first fork's dialog still works.
+        h.call.hangup(h.now);
+        let sent = h.sent();
+        assert!(
+            matches!(sent.as_slice(), [b] if b.method == Method::Bye && b.header_to().unwrap().tag() == Some("callee9")),
             "{sent:?}"
         );
     }

@@ -23,7 +23,7 @@
 //! accepting with a growing delay and are logged at most once per 10 s ([`AcceptBackoff`], as the HTTP listener does).
 
 use super::admission::Admission;
-use super::link::{Command, LEG_EVENT_QUEUE, LegKey, SipEvent};
+use super::link::{Command, LEG_EVENT_QUEUE, LegEvents, LegKey, SipEvent};
 use super::ports::MediaEnv;
 use super::registrations::{Prepared, Registrations};
 use super::rtp_leg::{self, Direction, LegParams};
@@ -65,6 +65,8 @@ pub(super) const SHUTDOWN_HANGUP_GRACE: Duration = Duration::from_secs(4);
 /// The status a REFER that could not be sent is reported with (491 Request Pending: the
 /// dialog is not confirmed yet).
 const REFER_NOT_SENT: u16 = 491;
+/// While an outgoing leg is behind on its SIP events, how often to see whether it has room.
+const LEG_EVENTS_RETRY: Duration = Duration::from_millis(20);
 /// Limits of SIP/TCP connections (`[sip] tcp_*`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct TcpLimits {
@@ -148,7 +150,7 @@ enum TcpInput {
 
 struct Outgoing {
     call: OutgoingCall,
-    events: mpsc::Sender<SipEvent>,
+    events: LegEvents,
     /// Where its requests go.
     conn: ConnKey,
 }
@@ -163,7 +165,7 @@ struct Endpoint {
     tcp_stop: CancellationToken,
     udp: UdpSocket,
     /// Incoming calls' legs.
-    legs: HashMap<uas::CallHandle, mpsc::Sender<SipEvent>>,
+    legs: HashMap<uas::CallHandle, LegEvents>,
     /// Outgoing calls by key.
     outgoing: HashMap<u64, Outgoing>,
     /// SIP Call-ID -> outgoing key.
@@ -295,7 +297,9 @@ impl Endpoint {
             .collect();
         for k in failed {
             if let Some(o) = self.remove_outgoing(k) {
-                let _ = o.events.try_send(SipEvent::Unreachable(reason.to_owned()));
+                let mut events = o.events;
+                events.send(SipEvent::Unreachable(reason.to_owned()));
+                events.finish();
             }
         }
         self.registrations
@@ -371,6 +375,12 @@ impl Endpoint {
         }
         if let Some(d) = self.registrations.poll_timeout() {
             t = t.min(d);
+        }
+        // A leg behind on its SIP events: look again soon whether it has room.
+        if self.outgoing.values().any(|o| o.events.is_behind())
+            || self.legs.values().any(LegEvents::is_behind)
+        {
+            t = t.min(Self::now() + LEG_EVENTS_RETRY);
         }
         Instant::from_std(t)
     }
@@ -518,6 +528,7 @@ impl Endpoint {
                 }
                 let call = OutgoingCall::new(*config, media, rand::random(), now);
                 self.by_call_id.insert(call.call_id().to_owned(), key);
+                let events = LegEvents::new(events);
                 self.outgoing.insert(key, Outgoing { call, events, conn });
             }
             Command::Gone(LegKey::In(call)) => self.forget_leg(call),
@@ -529,8 +540,8 @@ impl Endpoint {
 
     fn notify_leg(&mut self, call: uas::CallHandle, event: SipEvent) {
         let ends = matches!(event, SipEvent::Ended);
-        if let Some(tx) = self.legs.get(&call) {
-            if tx.try_send(event).is_err() {
+        if let Some(events) = self.legs.get_mut(&call) {
+            if !events.send(event) {
                 self.shared.metrics.overflow(QueueKind::Sip).inc();
                 debug!("leg not reading SIP events");
             }
@@ -541,7 +552,9 @@ impl Endpoint {
     }
 
     fn forget_leg(&mut self, call: uas::CallHandle) {
-        self.legs.remove(&call);
+        if let Some(events) = self.legs.remove(&call) {
+            events.finish();
+        }
         if let Some(calls) = self.tcp_calls.remove(&call) {
             calls.fetch_sub(1, Ordering::Relaxed);
         }
@@ -561,7 +574,11 @@ impl Endpoint {
         }
         let mut transmits = Vec::new();
         let mut finished = Vec::new();
+        for events in self.legs.values_mut() {
+            events.flush();
+        }
         for (key, o) in &mut self.outgoing {
+            o.events.flush();
             while let Some(t) = o.call.poll_transmit() {
                 transmits.push(t);
             }
@@ -579,7 +596,9 @@ impl Endpoint {
                     }
                 };
                 if let Some(ev) = ev {
-                    let _ = o.events.try_send(ev);
+                    if !o.events.send(ev) {
+                        self.shared.metrics.overflow(QueueKind::Sip).inc();
+                    }
                 }
             }
             if o.call.is_finished() {
@@ -588,7 +607,9 @@ impl Endpoint {
         }
         for key in finished {
             if let Some(o) = self.remove_outgoing(key) {
-                let _ = o.events.try_send(SipEvent::Ended);
+                let mut events = o.events;
+                events.send(SipEvent::Ended);
+                events.finish();
             }
         }
         self.registrations.drain(&mut transmits);
@@ -741,7 +762,7 @@ impl Endpoint {
         });
         match task {
             Ok(task) => {
-                self.legs.insert(call, events_tx);
+                self.legs.insert(call, LegEvents::new(events_tx));
                 let conn = [Transport::Tcp, Transport::Tls]
                     .into_iter()
                     .find_map(|t| self.tcp_conns.get(&(t, incoming.source)));

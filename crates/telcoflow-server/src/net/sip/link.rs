@@ -1,15 +1,24 @@
 //! What the SIP endpoint task and the RTP leg tasks say to each other: legs send
 //! [`Command`]s, the endpoint answers with [`SipEvent`]s.
 
+use std::collections::VecDeque;
+use std::time::Duration;
+
 use telcoflow_sip::sip::sdp::{LocalMedia, Negotiated};
 use telcoflow_sip::sip::uac::UacConfig;
 use telcoflow_sip::sip::uas;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 /// Commands queued from legs and the dialler to the endpoint.
 pub(super) const COMMAND_QUEUE: usize = 256;
 /// SIP events queued towards one leg (a handful per call).
 pub(super) const LEG_EVENT_QUEUE: usize = 16;
+/// How long a finished outgoing call's last events wait for its leg to read them.
+const LEG_BACKLOG_WAIT: Duration = Duration::from_secs(30);
+/// A bound on a leg's backlog: coalescing keeps an outgoing leg's far under (its final
+/// events come once each); past it, key presses and the like are dropped.
+const LEG_BACKLOG_MAX: usize = 32;
 /// `User-Agent` / `Server` header value.
 pub(super) const USER_AGENT: &str = concat!("telcoflow/", env!("CARGO_PKG_VERSION"));
 
@@ -85,6 +94,102 @@ pub(super) enum SipEvent {
     },
 }
 
+/// A leg's SIP events on their way to it. They go at once while the leg's queue
+/// has room; past that they wait here in order, where a newer early media or media update
+/// replaces the one waiting before it (only the latest counts), so a burst of provisional
+/// responses cannot crowd out the answer, failure or end that follows.
+#[derive(Debug)]
+pub(super) struct LegEvents {
+    tx: mpsc::Sender<SipEvent>,
+    backlog: VecDeque<SipEvent>,
+}
+
+impl LegEvents {
+    pub(super) fn new(tx: mpsc::Sender<SipEvent>) -> Self {
+        Self {
+            tx,
+            backlog: VecDeque::new(),
+        }
+    }
+
+    /// Sends `event`, or keeps it for [`LegEvents::flush`] while the leg is behind (then
+    /// returns false).
+    pub(super) fn send(&mut self, event: SipEvent) -> bool {
+        self.flush();
+        let event = if self.backlog.is_empty() {
+            match self.tx.try_send(event) {
+                Ok(()) | Err(TrySendError::Closed(_)) => return true,
+                Err(TrySendError::Full(event)) => event,
+            }
+        } else {
+            event
+        };
+        let coalesces = matches!(
+            (self.backlog.back(), &event),
+            (Some(SipEvent::EarlyMedia(_)), SipEvent::EarlyMedia(_))
+                | (Some(SipEvent::MediaUpdated(_)), SipEvent::MediaUpdated(_))
+        );
+        if coalesces {
+            self.backlog.pop_back();
+        } else if self.backlog.len() >= LEG_BACKLOG_MAX && !is_final(&event) {
+            tracing::debug!("leg far behind; SIP event dropped");
+            return false;
+        }
+        self.backlog.push_back(event);
+        false
+    }
+
+    /// Moves what waits into the leg's queue as far as it has room.
+    pub(super) fn flush(&mut self) {
+        while let Some(event) = self.backlog.pop_front() {
+            match self.tx.try_send(event) {
+                Ok(()) => {}
+                Err(TrySendError::Full(event)) => {
+                    self.backlog.push_front(event);
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Whether events wait for room in the leg's queue.
+    pub(super) fn is_behind(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// The leg is forgotten: what still waits goes to a task that sends it as
+    /// the leg reads (for at most [`LEG_BACKLOG_WAIT`]).
+    pub(super) fn finish(mut self) {
+        self.flush();
+        if self.backlog.is_empty() {
+            return;
+        }
+        let Self { tx, backlog } = self;
+        tokio::spawn(async move {
+            let send_all = async {
+                for event in backlog {
+                    if tx.send(event).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(LEG_BACKLOG_WAIT, send_all).await;
+        });
+    }
+}
+
+/// Whether an event ends the pre-answer phase or the call (never dropped).
+fn is_final(event: &SipEvent) -> bool {
+    matches!(
+        event,
+        SipEvent::Answered(_) | SipEvent::Failed(_) | SipEvent::Ended | SipEvent::Unreachable(_)
+    )
+}
+
 /// A destination's host name that did not resolve.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot resolve {0}")]
@@ -130,6 +235,55 @@ mod tests {
     use std::net::IpAddr;
     use telcoflow_sip::sip::Transport;
     use telcoflow_sip::sip::transaction::Timers;
+
+    fn negotiated(port: u16) -> Negotiated {
+        let media = LocalMedia::new(IpAddr::from([127, 0, 0, 1]), 20000, 1);
+        let sdp = format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n"
+        );
+        let sd = telcoflow_sip::sip::sdp::SessionDescription::parse_bytes(sdp.as_bytes()).unwrap();
+        telcoflow_sip::sip::sdp::accept_answer(&media, &sd).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_early_media_does_not_crowd_out_the_answer_or_the_end() {
+        let (tx, mut rx) = mpsc::channel(LEG_EVENT_QUEUE);
+        let mut events = LegEvents::new(tx);
+        // A callee alternating two SDPs in 183s, far more than the queue holds.
+        for i in 0..100 {
+            events.send(SipEvent::EarlyMedia(negotiated(40000 + (i % 2) * 2)));
+        }
+        events.send(SipEvent::Answered(negotiated(40004)));
+        events.send(SipEvent::Ended);
+        assert!(events.is_behind());
+        let mut got = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            got.push(e);
+            events.flush();
+        }
+        assert!(!events.is_behind());
+        let n = got.len();
+        assert_eq!(n, LEG_EVENT_QUEUE + 3, "{got:?}");
+        // The latest early media (the 100th: port 40002) comes before the answer.
+        assert!(matches!(&got[n - 3], SipEvent::EarlyMedia(m) if m.remote.port() == 40002));
+        assert!(matches!(&got[n - 2], SipEvent::Answered(m) if m.remote.port() == 40004));
+        assert!(matches!(&got[n - 1], SipEvent::Ended));
+    }
+
+    #[tokio::test]
+    async fn a_finished_calls_last_events_wait_for_the_leg() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let mut events = LegEvents::new(tx);
+        events.send(SipEvent::EarlyMedia(negotiated(40000)));
+        events.send(SipEvent::Failed(486));
+        events.send(SipEvent::Ended);
+        events.finish();
+        assert!(matches!(rx.recv().await, Some(SipEvent::EarlyMedia(_))));
+        assert!(matches!(rx.recv().await, Some(SipEvent::Failed(486))));
+        assert!(matches!(rx.recv().await, Some(SipEvent::Ended)));
+        assert!(rx.recv().await.is_none());
+    }
 
     #[tokio::test]
     async fn dial_names_resolve_in_the_leg() {
