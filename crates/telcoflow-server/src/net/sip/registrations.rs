@@ -294,3 +294,44 @@ impl Registrations {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tls_registration_has_the_tls_contact_and_a_sips_proxy_route() {
+        let config = SipConfig {
+            registrations: vec![SipRegistration {
+                registrar: "sips:127.0.0.1".into(),
+                aor: "sip:+15550100@127.0.0.1".into(),
+                username: None,
+                password: None,
+                expiry: 120,
+                transport: "tls".into(),
+                outbound_proxy: Some("sips:127.0.0.2:5071".into()),
+                srtp: None,
+            }],
+            ..SipConfig::default()
+        };
+        let prepared = prepare(
+            &config,
+            "192.0.2.1:5060",
+            "192.0.2.1:5060",
+            Some("192.0.2.1:5061"),
+        )
+        .await
+        .unwrap();
+        let p = &prepared[0];
+        assert_eq!(p.register.route, ["<sips:127.0.0.2:5071;lr>"]);
+        assert_eq!(p.register.contact, "sips:+15550100@192.0.2.1:5061");
+        assert_eq!(p.register.sent_by, "192.0.2.1:5061");
+        assert_eq!(p.register.destination, "127.0.0.2:5071".parse().unwrap());
+        assert_eq!(p.tls_name.as_deref(), Some("127.0.0.2"));
+        // Without the TLS listener there is no Contact to give: refused.
+        let e = prepare(&config, "192.0.2.1:5060", "192.0.2.1:5060", None)
+            .await
+            .unwrap_err();
+        assert!(e.contains("needs sip.tls_listen"), "{e}");
+    }
+}
