@@ -288,6 +288,153 @@ async fn our_new_requests_never_go_over_an_accepted_tls_connection() {
     server.shutdown().await;
 }
 
+/// Reads one SIP message's header (up to the blank line) off `stream`, keeping the rest.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    pending: &mut Vec<u8>,
+) -> String {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length:"))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            // Body bytes not read yet are left to the next call's search: none has a blank line.
+            pending.drain(..(end + 4 + length).min(pending.len()));
+            return head;
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed");
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Connections we open are kept per address and checked name: after a `sips:` call to
+/// `localhost` (the name the peer's certificate carries), a call to the same address by
+/// another name (127.0.0.1, which it does not carry) opens its own connection and fails its
+/// check, rather than reusing the first unchecked.
+#[tokio::test]
+async fn a_second_name_at_the_same_address_is_checked_on_its_own_connection() {
+    let localhost: Vec<std::net::SocketAddr> = tokio::net::lookup_host(("localhost", 1))
+        .await
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    if localhost.first().map(std::net::SocketAddr::ip) != Some([127, 0, 0, 1].into()) {
+        eprintln!("skipped: localhost does not resolve to 127.0.0.1 first");
+        return;
+    }
+    let pki = Pki::new();
+    let ports = sipp::ports(74);
+    let dir = sipp::work_dir("tls-second-name");
+    let peer_cert = pki.issue(&dir, "peer", &["localhost"]);
+    let peer_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        CertificateDer::pem_file_iter(&peer_cert.cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect(),
+        rustls::pki_types::PrivateKeyDer::from_pem_file(&peer_cert.key).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(peer_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // The peer: every INVITE on its first connection is answered 486; later connections
+    // only get a handshake.
+    let (invites_tx, mut invites_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let peer = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut pending = Vec::new();
+        let mut invites = 0;
+        loop {
+            let head = tokio::select! {
+                head = read_head(&mut tls, &mut pending) => head,
+                second = listener.accept() => {
+                    // A second connection: the server's check of our certificate fails.
+                    let (tcp, _) = second.unwrap();
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move { acceptor.accept(tcp).await });
+                    continue;
+                }
+            };
+            if !head.starts_with("INVITE ") {
+                continue;
+            }
+            invites += 1;
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let busy = format!(
+                "SIP/2.0 486 Busy Here\r\nVia: {}\r\nFrom: {}\r\nTo: {};tag=peer{invites}\r\n\
+                 Call-ID: {}\r\nCSeq: {}\r\nContent-Length: 0\r\n\r\n",
+                header("Via"),
+                header("From"),
+                header("To"),
+                header("Call-ID"),
+                header("CSeq")
+            );
+            tls.write_all(busy.as_bytes()).await.unwrap();
+            tls.flush().await.unwrap();
+            let _ = invites_tx.send(invites);
+        }
+    });
+    let mut config = tls_config(ports, &pki, &dir);
+    config.sip.as_mut().unwrap().tls_ca = Some(pki.write_ca(&dir, "ca.pem"));
+    config.connectors[0].connect.insert(
+        "+15559990001".into(),
+        format!("sips:+15550200@localhost:{port}"),
+    );
+    config.connectors[0].connect.insert(
+        "+15559990002".into(),
+        format!("sips:+15550200@127.0.0.1:{port}"),
+    );
+    let (server, mut control, _caller, mut media) = answered_call(config, 8000).await;
+    let first = media
+        .command(
+            "call.connect",
+            Some(serde_json::json!({"ringTimeSeconds": 10})),
+        )
+        .await;
+    assert_eq!(first["success"], false, "{first}");
+    assert_eq!(
+        invites_rx.recv().await,
+        Some(1),
+        "the peer got the first INVITE"
+    );
+    // A second call, to the number whose destination names the address.
+    let mut phone = dial(&server, "+15551230002", "+15559990002", 8000).await;
+    let mut media = answer_next(&mut control).await;
+    phone.event("answered").await;
+    let second = media
+        .command(
+            "call.connect",
+            Some(serde_json::json!({"ringTimeSeconds": 10})),
+        )
+        .await;
+    assert_eq!(second["success"], false, "{second}");
+    assert!(
+        second.to_string().contains("not valid for name"),
+        "{second}"
+    );
+    assert!(
+        invites_rx.try_recv().is_err(),
+        "no INVITE over the first connection"
+    );
+    peer.abort();
+    server.shutdown().await;
+}
+
 /// TLS connections count under the SIP/TCP limits: with one allowed per source address, a
 /// second connection is closed as soon as it is accepted, before any handshake, while the
 /// first stays usable.
