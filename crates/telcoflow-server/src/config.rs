@@ -522,6 +522,19 @@ impl SipRegistration {
                 self.transport
             ));
         }
+        // A `sips:` URI asks for TLS all the way (RFC 5630).
+        let sips = |uri: &str| {
+            uri.get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case("sips:"))
+        };
+        if !self.is_tls()
+            && (sips(&self.registrar) || self.outbound_proxy.as_deref().is_some_and(sips))
+        {
+            return invalid(format!(
+                "a sips: registrar or outbound_proxy needs transport = \"tls\", got {:?}",
+                self.transport
+            ));
+        }
         if self.password.is_some() && self.username.as_deref() == Some("") {
             return invalid("username must not be empty".into());
         }
@@ -1105,6 +1118,14 @@ impl Config {
             }
             for (i, r) in sip.registrations.iter().enumerate() {
                 r.validate(i)?;
+                if r.is_tls() && sip.tls_listen.is_none() {
+                    // Our Contact must be a TLS listener: else the registrar's calls and
+                    // requests in their dialogs would come in plain text.
+                    return invalid(format!(
+                        "[[sip.registrations]] #{}: transport = \"tls\" needs sip.tls_listen",
+                        i + 1
+                    ));
+                }
                 if let Some(v) = &r.srtp {
                     srtp_policy(v, &format!("[[sip.registrations]] #{}:", i + 1))?;
                 }
@@ -1143,9 +1164,13 @@ impl Config {
                     "sip.realm must be non-empty, without quotes or backslashes".into(),
                 );
             }
+            // As loading takes them: both `sip.tls_cert` and `sip.tls_key`, or neither and
+            // `[tls]`'s; one without the other is a mistake even when `[tls]` is there.
             if sip.tls_listen.is_some()
-                && (sip.tls_cert.is_none() || sip.tls_key.is_none())
-                && self.tls.is_none()
+                && !matches!(
+                    (&sip.tls_cert, &sip.tls_key, &self.tls),
+                    (Some(_), Some(_), _) | (None, None, Some(_))
+                )
             {
                 return invalid(
                     "sip.tls_listen needs a certificate and key: set sip.tls_cert and \
@@ -1678,10 +1703,34 @@ mod tests {
             "tls_listen = '0.0.0.0:5061'\ntls_cert = 'c'\ntls_key = 'k'",
         ));
         assert!(m.contains("0.0.0.0:5061"), "{m}");
+        // `[tls]` does not make up for a missing half: loading would refuse it too.
+        let m = invalid_message(&format!(
+            "[tls]\ncert = 'c'\nkey = 'k'\n{}",
+            sip("tls_listen = '127.0.0.1:5061'\ntls_cert = 'c.pem'")
+        ));
+        assert!(
+            m.contains("sip.tls_listen needs a certificate and key"),
+            "{m}"
+        );
+        // A TLS registration needs our TLS listener, for the registrar's calls to us.
+        let registration = "[[sip.registrations]]\nregistrar = 'sips:pbx.example.com'\naor = 'sip:1@pbx.example.com'";
+        let m = invalid_message(&sip(&format!("{registration}\ntransport = 'tls'")));
+        assert!(
+            m.contains("#1") && m.contains("transport = \"tls\" needs sip.tls_listen"),
+            "{m}"
+        );
+        // A sips: registrar is refused over UDP or TCP.
+        let listener = "tls_listen = '127.0.0.1:5061'\ntls_cert = 'c'\ntls_key = 'k'";
+        for transport in ["udp", "tcp"] {
+            let m = invalid_message(&sip(&format!(
+                "{listener}\n{registration}\ntransport = '{transport}'"
+            )));
+            assert!(m.contains("sips: registrar"), "{m}");
+        }
         // A TLS registration defaults to port 5061 (and sips: registrars parse).
-        let config = Config::from_toml(&sip(
-            "[[sip.registrations]]\nregistrar = 'sips:pbx.example.com'\naor = 'sip:1@pbx.example.com'\ntransport = 'TLS'",
-        ))
+        let config = Config::from_toml(&sip(&format!(
+            "{listener}\n{registration}\ntransport = 'TLS'"
+        )))
         .unwrap();
         let r = &config.sip.as_ref().unwrap().registrations[0];
         assert!(r.is_tls());

@@ -376,8 +376,39 @@ async fn sip_tcp_slow_partial_idle_and_excess_connections_are_closed() {
     let sip = server.sip_addr().unwrap();
 
     // Three connections fill the limit: one that pings, one sending half an INVITE, one
-    // silent. A fourth is closed as soon as it is accepted.
+    // silent (closed at the message timeout: no first message). A fourth is closed as soon
+    // as it is accepted.
     let mut pinging = TcpStream::connect(sip).await.unwrap();
+    // The pinging connection delivered a first message (else it would be closed at the
+    // message timeout); its keep-alives then hold it past the idle timeout.
+    pinging
+        .write_all(
+            b"OPTIONS sip:+15550100@127.0.0.1 SIP/2.0\r\n\
+              Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bKping\r\n\
+              Max-Forwards: 70\r\n\
+              From: <sip:probe@127.0.0.1>;tag=p1\r\n\
+              To: <sip:+15550100@127.0.0.1>\r\n\
+              Call-ID: tcp-ping-1\r\n\
+              CSeq: 1 OPTIONS\r\n\
+              Content-Length: 0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 2048];
+    while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, pinging.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"SIP/2.0 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
     let mut half = TcpStream::connect(sip).await.unwrap();
     let mut silent = TcpStream::connect(sip).await.unwrap();
     let started = tokio::time::Instant::now();

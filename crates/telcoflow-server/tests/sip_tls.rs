@@ -138,6 +138,303 @@ async fn a_stalled_tls_handshake_is_closed_at_the_message_deadline() {
     server.shutdown().await;
 }
 
+/// Reads from `stream` until it is closed (or fails), at most 5 s; panics if it stays open.
+async fn closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("closed within 5 s");
+    got
+}
+
+/// A peer that completes the handshake but sends only keep-alives (CRLF pings) never
+/// delivers a first message: it is closed at `tcp_message_timeout_secs` after the accept,
+/// not kept for the idle timeout. Over TCP likewise.
+#[tokio::test]
+async fn a_connection_without_a_first_message_is_closed_at_the_message_deadline() {
+    let pki = Pki::new();
+    let dir = sipp::work_dir("tls-no-message");
+    let mut config = tls_config(sipp::ports(70), &pki, &dir);
+    config.sip.as_mut().unwrap().tcp_message_timeout_secs = 1;
+    let server = start(config).await;
+    let tls_addr = server.sip_tls_addr().unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&pki)));
+    let started = std::time::Instant::now();
+    let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    tls.write_all(b"\r\n\r\n").await.unwrap();
+    tls.flush().await.unwrap();
+    let answered = closed(&mut tls).await;
+    // The ping's pong, nothing else.
+    assert!(
+        answered.iter().all(|b| *b == b'\r' || *b == b'\n'),
+        "{answered:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed before the deadline: {waited:?}"
+    );
+    let started = std::time::Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(server.sip_addr().unwrap())
+        .await
+        .unwrap();
+    tcp.write_all(b"\r\n\r\n").await.unwrap();
+    closed(&mut tcp).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "closed before the deadline: {waited:?}"
+    );
+    server.shutdown().await;
+}
+
+/// Without `tls_listen` a `sips:` destination is refused at once, saying why, rather than
+/// dialled with a Contact that would bring the callee's requests back in plain text.
+#[tokio::test]
+async fn call_connect_to_a_sips_destination_needs_the_tls_listener() {
+    let mut config = sipp::sip_config(sipp::ports(72));
+    config.connectors[0].connect.insert(
+        "+15559990001".into(),
+        "sips:+15550200@127.0.0.1:5061".into(),
+    );
+    let (server, _control, _caller, mut media) = answered_call(config, 8000).await;
+    let resp = media
+        .command(
+            "call.connect",
+            Some(serde_json::json!({"ringTimeSeconds": 10})),
+        )
+        .await;
+    assert_eq!(resp["success"], false, "{resp}");
+    assert!(resp.to_string().contains("tls_listen"), "{resp}");
+    server.shutdown().await;
+}
+
+/// A connection a peer opened to our TLS listener is not verified: requests we originate
+/// to that peer's address never go over it. (Here the peer's address is the connection's
+/// own, where nothing listens: the call fails to connect and the peer gets no INVITE.)
+#[tokio::test]
+async fn our_new_requests_never_go_over_an_accepted_tls_connection() {
+    let pki = Pki::new();
+    let ports = sipp::ports(73);
+    let dir = sipp::work_dir("tls-accepted-reuse");
+    let mut config = tls_config(ports, &pki, &dir);
+    config.sip.as_mut().unwrap().tls_ca = Some(pki.write_ca(&dir, "ca.pem"));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A port that was free: the peer's connection comes from it, nothing listens on it.
+    let peer_port = listener.local_addr().unwrap().port();
+    drop(listener);
+    config.connectors[0].connect.insert(
+        "+15559990001".into(),
+        format!("sip:+15550200@127.0.0.1:{peer_port};transport=tls"),
+    );
+    let (server, _control, _caller, mut media) = answered_call(config, 8000).await;
+    let tls_addr = server.sip_tls_addr().unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(([127, 0, 0, 1], peer_port).into()).unwrap();
+    let tcp = socket.connect(tls_addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(&pki)));
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("handshake");
+    let options = format!(
+        "OPTIONS sip:+15559990001@{tls_addr} SIP/2.0\r\n\
+         Via: SIP/2.0/TLS 127.0.0.1:{peer_port};branch=z9hG4bKtls2\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:probe@127.0.0.1>;tag=t1\r\n\
+         To: <sip:+15559990001@{tls_addr}>\r\n\
+         Call-ID: tls-accepted-1\r\n\
+         CSeq: 1 OPTIONS\r\n\
+         Content-Length: 0\r\n\r\n"
+    );
+    tls.write_all(options.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before answering");
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("an answer within 5 s");
+    assert!(got.starts_with(b"SIP/2.0 200"));
+    let resp = media
+        .command(
+            "call.connect",
+            Some(serde_json::json!({"ringTimeSeconds": 10})),
+        )
+        .await;
+    assert_eq!(resp["success"], false, "{resp}");
+    assert!(resp.to_string().contains("connection to"), "{resp}");
+    // Nothing came over the accepted connection.
+    got.clear();
+    let more = tokio::time::timeout(Duration::from_millis(200), tls.read(&mut buf)).await;
+    assert!(
+        !matches!(more, Ok(Ok(n)) if n > 0),
+        "{:?}",
+        more.map(|r| r.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()))
+    );
+    server.shutdown().await;
+}
+
+/// Reads one SIP message's header (up to the blank line) off `stream`, keeping the rest.
+async fn read_head<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    pending: &mut Vec<u8>,
+) -> String {
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).into_owned();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length:"))
+                .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+            // Body bytes not read yet are left to the next call's search: none has a blank line.
+            pending.drain(..(end + 4 + length).min(pending.len()));
+            return head;
+        }
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed");
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Connections we open are kept per address and checked name: after a `sips:` call to
+/// `localhost` (the name the peer's certificate carries), a call to the same address by
+/// another name (127.0.0.1, which it does not carry) opens its own connection and fails its
+/// check, rather than reusing the first unchecked.
+#[tokio::test]
+async fn a_second_name_at_the_same_address_is_checked_on_its_own_connection() {
+    let localhost: Vec<std::net::SocketAddr> = tokio::net::lookup_host(("localhost", 1))
+        .await
+        .map(Iterator::collect)
+        .unwrap_or_default();
+    if localhost.first().map(std::net::SocketAddr::ip) != Some([127, 0, 0, 1].into()) {
+        eprintln!("skipped: localhost does not resolve to 127.0.0.1 first");
+        return;
+    }
+    let pki = Pki::new();
+    let ports = sipp::ports(74);
+    let dir = sipp::work_dir("tls-second-name");
+    let peer_cert = pki.issue(&dir, "peer", &["localhost"]);
+    let peer_config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        CertificateDer::pem_file_iter(&peer_cert.cert)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect(),
+        rustls::pki_types::PrivateKeyDer::from_pem_file(&peer_cert.key).unwrap(),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(peer_config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // The peer: every INVITE on its first connection is answered 486; later connections
+    // only get a handshake.
+    let (invites_tx, mut invites_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let peer = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let mut pending = Vec::new();
+        let mut invites = 0;
+        loop {
+            let head = tokio::select! {
+                head = read_head(&mut tls, &mut pending) => head,
+                second = listener.accept() => {
+                    // A second connection: the server's check of our certificate fails.
+                    let (tcp, _) = second.unwrap();
+                    let acceptor = acceptor.clone();
+                    tokio::spawn(async move { acceptor.accept(tcp).await });
+                    continue;
+                }
+            };
+            if !head.starts_with("INVITE ") {
+                continue;
+            }
+            invites += 1;
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let busy = format!(
+                "SIP/2.0 486 Busy Here\r\nVia: {}\r\nFrom: {}\r\nTo: {};tag=peer{invites}\r\n\
+                 Call-ID: {}\r\nCSeq: {}\r\nContent-Length: 0\r\n\r\n",
+                header("Via"),
+                header("From"),
+                header("To"),
+                header("Call-ID"),
+                header("CSeq")
+            );
+            tls.write_all(busy.as_bytes()).await.unwrap();
+            tls.flush().await.unwrap();
+            let _ = invites_tx.send(invites);
+        }
+    });
+    let mut config = tls_config(ports, &pki, &dir);
+    config.sip.as_mut().unwrap().tls_ca = Some(pki.write_ca(&dir, "ca.pem"));
+    config.connectors[0].connect.insert(
+        "+15559990001".into(),
+        format!("sips:+15550200@localhost:{port}"),
+    );
+    config.connectors[0].connect.insert(
+        "+15559990002".into(),
+        format!("sips:+15550200@127.0.0.1:{port}"),
+    );
+    let (server, mut control, _caller, mut media) = answered_call(config, 8000).await;
+    let first = media
+        .command(
+            "call.connect",
+            Some(serde_json::json!({"ringTimeSeconds": 10})),
+        )
+        .await;
+    assert_eq!(first["success"], false, "{first}");
+    assert_eq!(
+        invites_rx.recv().await,
+        Some(1),
+        "the peer got the first INVITE"
+    );
+    // A second call, to the number whose destination names the address.
+    let mut phone = dial(&server, "+15551230002", "+15559990002", 8000).await;
+    let mut media = answer_next(&mut control).await;
+    phone.event("answered").await;
+    let second = media
+        .command(
+            "call.connect",
+            Some(serde_json::json!({"ringTimeSeconds": 10})),
+        )
+        .await;
+    assert_eq!(second["success"], false, "{second}");
+    assert!(
+        second.to_string().contains("not valid for name"),
+        "{second}"
+    );
+    assert!(
+        invites_rx.try_recv().is_err(),
+        "no INVITE over the first connection"
+    );
+    peer.abort();
+    server.shutdown().await;
+}
+
 /// TLS connections count under the SIP/TCP limits: with one allowed per source address, a
 /// second connection is closed as soon as it is accepted, before any handshake, while the
 /// first stays usable.
@@ -407,7 +704,7 @@ async fn a_tls_registrar_whose_certificate_is_not_trusted_is_reported() {
     let Some(proxy) = tls_terminator(&dir, &registrar_cert.both, backend).await else {
         return;
     };
-    let mut config = sipp::sip_config(ports);
+    let mut config = tls_config(ports, &pki, &dir);
     let sip = config.sip.as_mut().unwrap();
     sip.tls_ca = Some(Pki::new().write_ca(&dir, "other-ca.pem"));
     sip.registrations = vec![tls_registration(proxy.port)];
@@ -439,7 +736,7 @@ async fn call_connect_to_a_peer_whose_certificate_names_another_host_fails() {
     let Some(proxy) = tls_terminator(&dir, &peer_cert.both, backend).await else {
         return;
     };
-    let mut config = sipp::sip_config(ports);
+    let mut config = tls_config(ports, &pki, &dir);
     config.sip.as_mut().unwrap().tls_ca = Some(pki.write_ca(&dir, "ca.pem"));
     config.connectors[0].connect.insert(
         "+15559990001".into(),

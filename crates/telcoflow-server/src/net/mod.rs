@@ -69,6 +69,11 @@ pub(crate) enum RingError {
     /// No port is free to carry the leg's audio.
     #[error("no RTP port is free")]
     NoMediaPort,
+    /// A `sips:` or `;transport=tls` destination without our TLS listener.
+    #[error(
+        "SIP over TLS needs [sip] tls_listen (with tls_cert and tls_key): the callee must reach us over TLS"
+    )]
+    NoTlsListener,
 }
 
 fn no_network(kind: AddressKind) -> &'static str {

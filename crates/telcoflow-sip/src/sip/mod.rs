@@ -56,6 +56,18 @@ impl Transport {
     }
 }
 
+/// Our Contact URI over TLS, the one place it is built: `user` at the TLS listener's
+/// advertised `host:port`, as a `sips:` URI when the peer asked for one (RFC 5630), else
+/// `sip:` with `;transport=tls` (a URI without the parameter means UDP). Its Via sent-by is
+/// that same `host:port`.
+pub fn tls_contact(user: &str, tls_host_port: &str, sips: bool) -> String {
+    if sips {
+        format!("sips:{user}@{tls_host_port}")
+    } else {
+        format!("sip:{user}@{tls_host_port};transport=tls")
+    }
+}
+
 /// Bytes to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {

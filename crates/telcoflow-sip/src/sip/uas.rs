@@ -483,8 +483,8 @@ pub struct Uas {
     client: HashMap<TransactionKey, ClientEntry>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<UasEvent>,
-    /// Our Contact URI and Via sent-by on the TLS listener ([`Uas::set_tls`]).
-    tls: Option<(String, String)>,
+    /// Our Via sent-by on the TLS listener ([`Uas::set_tls`]).
+    tls: Option<String>,
 }
 
 impl Uas {
@@ -505,13 +505,12 @@ impl Uas {
         }
     }
 
-    /// Takes calls over TLS too: `contact` is our Contact URI on the TLS listener (e.g.
-    /// `sip:telcoflow@203.0.113.1:5061`, no `transport` parameter) and `sent_by` its
-    /// `host:port`. A call that came over TLS gets it with `;transport=tls`, or as a `sips:`
-    /// URI when its INVITE was for a `sips:` URI; our requests in its dialog name `sent_by`
-    /// in their Via.
-    pub fn set_tls(&mut self, contact: String, sent_by: String) {
-        self.tls = Some((contact, sent_by));
+    /// Takes calls over TLS too: `sent_by` is the TLS listener's advertised `host:port`
+    /// (e.g. `203.0.113.1:5061`). A call that came over TLS gets our Contact there (see
+    /// [`super::tls_contact`]), with `;transport=tls`, or as a `sips:` URI when its INVITE was
+    /// for a `sips:` URI; our requests in its dialog name `sent_by` in their Via.
+    pub fn set_tls(&mut self, sent_by: String) {
+        self.tls = Some(sent_by);
     }
 
     /// The next datagram or stream write.
@@ -801,6 +800,18 @@ impl Uas {
         }
         if request.max_forwards().ok().flatten() == Some(0) && request.method != Method::Ack {
             self.reply(transport, source, request, 483, None, now);
+            return;
+        }
+        // A `sips:` Request-URI asks for TLS on every hop: over UDP or TCP it is not
+        // honoured (RFC 5630 section 3.1.3).
+        if transport != Transport::Tls
+            && request
+                .uri
+                .get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case("sips:"))
+            && request.method != Method::Ack
+        {
+            self.reply(transport, source, request, 416, None, now);
             return;
         }
         // We implement no extensions: a request that requires one is refused with the list
@@ -1263,11 +1274,9 @@ impl Uas {
     fn contact_for(&self, handle: CallHandle) -> String {
         let call = self.calls.get(&handle);
         match (call.map(|c| (c.transport, c.secure)), &self.tls) {
-            (Some((Transport::Tls, true)), Some((tls, _))) => {
-                let rest = tls.strip_prefix("sip:").unwrap_or(tls);
-                format!("<sips:{rest}>")
+            (Some((Transport::Tls, secure)), Some(tls_sent_by)) => {
+                format!("<{}>", super::tls_contact("telcoflow", tls_sent_by, secure))
             }
-            (Some((Transport::Tls, false)), Some((tls, _))) => format!("<{tls};transport=tls>"),
             (Some((Transport::Tcp, _)), _) if !self.config.contact.contains(";transport=") => {
                 format!("<{};transport=tcp>", self.config.contact)
             }
@@ -1835,7 +1844,7 @@ impl Uas {
                 "SIP/2.0/{} {};branch={branch};rport",
                 call.transport.via_name(),
                 match (&self.tls, call.transport) {
-                    (Some((_, tls_sent_by)), Transport::Tls) => tls_sent_by,
+                    (Some(tls_sent_by), Transport::Tls) => tls_sent_by,
                     _ => &self.config.sent_by,
                 }
             ),
@@ -2776,10 +2785,7 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
         ];
         for (uri, contact) in cases {
             let mut h = Harness::new();
-            h.uas.set_tls(
-                "sip:telcoflow@203.0.113.1:5061".into(),
-                "203.0.113.1:5061".into(),
-            );
+            h.uas.set_tls("203.0.113.1:5061".into());
             let invite = Req::new("INVITE", "inv1", 1)
                 .body(offer_sdp("0", "sendrecv"))
                 .text()
@@ -2825,6 +2831,27 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             assert_eq!(bye.0, Transport::Tls);
             let via = bye.1.headers.get("Via").unwrap();
             assert!(via.starts_with("SIP/2.0/TLS 203.0.113.1:5061;"), "{via}");
+        }
+    }
+
+    #[test]
+    fn a_sips_request_uri_over_udp_or_tcp_is_416() {
+        for transport in [Transport::Udp, Transport::Tcp] {
+            let mut h = Harness::new();
+            let invite = Req::new("INVITE", "inv1", 1)
+                .body(offer_sdp("0", "sendrecv"))
+                .text()
+                .replacen("sip:+15550100@203.0.113.1", "sips:+15550100@203.0.113.1", 1);
+            h.uas
+                .handle_input(transport, PHONE.parse().unwrap(), invite.as_bytes(), h.now);
+            assert!(h.events().is_empty(), "{transport:?}: no call");
+            let statuses: Vec<u16> = std::iter::from_fn(|| h.uas.poll_transmit())
+                .filter_map(|t| match Message::parse(&t.payload).unwrap() {
+                    Message::Response(r) => Some(r.status),
+                    Message::Request(_) => None,
+                })
+                .collect();
+            assert_eq!(statuses, [416], "{transport:?}");
         }
     }
 

@@ -55,8 +55,11 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 const TCP_INBOX: usize = 256;
 /// Messages queued towards one TCP connection.
 const TCP_OUTBOX: usize = 64;
-/// A stream connection: its transport (TCP or TLS) and its peer.
-type ConnKey = (Transport, SocketAddr);
+/// A stream connection: its transport (TCP or TLS), its peer and, for a TLS connection we
+/// opened, the name its certificate was verified against (`None` for an accepted one, whose
+/// peer is not verified: it carries responses and the requests of calls that came in on
+/// it, never requests we originate).
+type ConnKey = (Transport, SocketAddr, Option<Arc<str>>);
 /// How long opening a TCP connection for an outgoing call may take.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// On shutdown, how long BYEs (and CANCELs) are retransmitted while their answers are
@@ -115,12 +118,6 @@ pub(super) fn spawn(shared: &Arc<Shared>, bound: Bound) {
         by_call_id: HashMap::new(),
         tcp_conns: HashMap::new(),
         tls: bound.tls,
-        tls_names: HashMap::new(),
-        registrar_names: bound
-            .registrations
-            .iter()
-            .filter_map(|p| Some((p.register.destination, p.tls_name.clone()?)))
-            .collect(),
         tcp_per_source: HashMap::new(),
         tcp_calls: HashMap::new(),
         next_conn: 0,
@@ -173,12 +170,6 @@ struct Endpoint {
     /// Open TCP and TLS connections by transport and peer.
     tcp_conns: HashMap<ConnKey, TcpConn>,
     tls: SipTls,
-    /// The host names dialled over TLS by address: the name the peer's certificate must
-    /// carry when a connection to that address is opened. Kept while an outgoing call to
-    /// the address is (its requests may need a new connection).
-    tls_names: HashMap<SocketAddr, String>,
-    /// Likewise for the registrars (and their proxies) reached over TLS.
-    registrar_names: HashMap<SocketAddr, String>,
     /// Accepted TCP connections in `tcp_conns` per [`source_address`].
     tcp_per_source: HashMap<IpAddr, usize>,
     /// Incoming calls signalled over a TCP connection: its count of live calls, which keeps
@@ -223,7 +214,7 @@ impl Endpoint {
                 r = tcp.accept(), if accept_resume.is_none() => match r {
                     Ok((stream, peer)) => {
                         accept_backoff.on_success();
-                        self.add_tcp(stream, (Transport::Tcp, peer));
+                        self.add_tcp(stream, (Transport::Tcp, peer, None));
                     }
                     Err(e) => {
                         let (pause, log) = accept_backoff.on_error(Instant::now());
@@ -237,7 +228,7 @@ impl Endpoint {
                 r = accept_tls(tls_listener.as_ref()), if accept_resume.is_none() => match r {
                     Ok((stream, peer)) => {
                         accept_backoff.on_success();
-                        self.add_tcp(stream, (Transport::Tls, peer));
+                        self.add_tcp(stream, (Transport::Tls, peer, None));
                     }
                     Err(e) => {
                         let (pause, log) = accept_backoff.on_error(Instant::now());
@@ -269,7 +260,7 @@ impl Endpoint {
 
     fn on_tcp_input(&mut self, input: TcpInput) {
         match input {
-            TcpInput::Message((transport, peer), bytes) => {
+            TcpInput::Message((transport, peer, _), bytes) => {
                 self.on_message(transport, peer, &bytes);
             }
             TcpInput::Closed(key, id, failure) => {
@@ -278,7 +269,7 @@ impl Endpoint {
                     let conn = self.tcp_conns.remove(&key);
                     self.forget_tcp(conn);
                     if let Some(reason) = failure {
-                        self.connection_failed(key, &reason);
+                        self.connection_failed(&key, &reason);
                     }
                 }
             }
@@ -288,11 +279,11 @@ impl Endpoint {
     /// A connection we opened to `key` failed: the outgoing calls that were to use it fail
     /// with `reason` (rather than after 64·T1 without an answer), as do the REGISTERs on
     /// their way there.
-    fn connection_failed(&mut self, key: ConnKey, reason: &str) {
+    fn connection_failed(&mut self, key: &ConnKey, reason: &str) {
         let failed: Vec<u64> = self
             .outgoing
             .iter()
-            .filter(|(_, o)| o.conn == key)
+            .filter(|(_, o)| o.conn == *key)
             .map(|(k, _)| *k)
             .collect();
         for k in failed {
@@ -306,14 +297,10 @@ impl Endpoint {
             .transport_failed(key, reason, Self::now());
     }
 
-    /// Forgets an outgoing call, and the TLS name of its destination once no other call
-    /// goes there.
+    /// Forgets an outgoing call.
     fn remove_outgoing(&mut self, key: u64) -> Option<Outgoing> {
         let o = self.outgoing.remove(&key)?;
         self.by_call_id.remove(o.call.call_id());
-        if !self.outgoing.values().any(|other| other.conn == o.conn) {
-            self.tls_names.remove(&o.conn.1);
-        }
         Some(o)
     }
 
@@ -522,10 +509,11 @@ impl Endpoint {
                 events,
                 tls_name,
             } => {
-                let conn = (config.transport, config.destination);
-                if let Some(name) = tls_name {
-                    self.tls_names.insert(config.destination, name);
-                }
+                let conn = (
+                    config.transport,
+                    config.destination,
+                    tls_name.map(Arc::from),
+                );
                 let call = OutgoingCall::new(*config, media, rand::random(), now);
                 self.by_call_id.insert(call.call_id().to_owned(), key);
                 let events = LegEvents::new(events);
@@ -580,7 +568,7 @@ impl Endpoint {
         for (key, o) in &mut self.outgoing {
             o.events.flush();
             while let Some(t) = o.call.poll_transmit() {
-                transmits.push(t);
+                transmits.push((t, o.conn.2.clone()));
             }
             while let Some(event) = o.call.poll_event() {
                 let ev = match event {
@@ -613,12 +601,63 @@ impl Endpoint {
             }
         }
         self.registrations.drain(&mut transmits);
-        for t in transmits {
-            self.transmit(t).await;
+        for (t, tls_name) in transmits {
+            self.transmit_ours(t, tls_name).await;
         }
     }
 
+    /// Sends what the UAS queued: responses, and the requests of calls that came in. Over
+    /// TLS they go back on the connection the call came on: the accepted one from the
+    /// peer, else one we opened to it (a registrar sending calls over our registration's).
     async fn transmit(&mut self, t: Transmit) {
+        let key = self
+            .reply_conn(t.transport, t.destination)
+            .unwrap_or_else(|| match t.transport {
+                // Nothing open: a new connection, verified against the address.
+                Transport::Tls => {
+                    let name: Arc<str> = Arc::from(t.destination.ip().to_string());
+                    (Transport::Tls, t.destination, Some(name))
+                }
+                transport => (transport, t.destination, None),
+            });
+        self.send(t, key).await;
+    }
+
+    /// The open connection that messages of a call from `peer` over `transport` came on:
+    /// over TLS the accepted one, else one we opened to that peer.
+    fn reply_conn(&self, transport: Transport, peer: SocketAddr) -> Option<ConnKey> {
+        match transport {
+            Transport::Udp => None,
+            Transport::Tcp => {
+                Some((Transport::Tcp, peer, None)).filter(|k| self.tcp_conns.contains_key(k))
+            }
+            Transport::Tls => {
+                let accepted = (Transport::Tls, peer, None);
+                if self.tcp_conns.contains_key(&accepted) {
+                    return Some(accepted);
+                }
+                self.tcp_conns
+                    .keys()
+                    .find(|(t, p, _)| *t == Transport::Tls && *p == peer)
+                    .cloned()
+            }
+        }
+    }
+
+    /// Sends what an outgoing call or a registration queued. Over TLS it goes on a
+    /// connection we opened and verified against `tls_name`, never on an accepted one.
+    async fn transmit_ours(&mut self, t: Transmit, tls_name: Option<Arc<str>>) {
+        let key = match t.transport {
+            Transport::Tls => {
+                let name = tls_name.unwrap_or_else(|| Arc::from(t.destination.ip().to_string()));
+                (Transport::Tls, t.destination, Some(name))
+            }
+            transport => (transport, t.destination, None),
+        };
+        self.send(t, key).await;
+    }
+
+    async fn send(&mut self, t: Transmit, key: ConnKey) {
         self.shared.metrics.sip_message(false, &t.payload);
         match t.transport {
             Transport::Udp => {
@@ -627,7 +666,6 @@ impl Endpoint {
                 }
             }
             Transport::Tcp | Transport::Tls => {
-                let key = (t.transport, t.destination);
                 let tx = match self.tcp_conns.get(&key) {
                     Some(conn) => conn.tx.clone(),
                     // Only an outgoing call or a registration sends first over TCP or TLS:
@@ -765,7 +803,8 @@ impl Endpoint {
                 self.legs.insert(call, LegEvents::new(events_tx));
                 let conn = [Transport::Tcp, Transport::Tls]
                     .into_iter()
-                    .find_map(|t| self.tcp_conns.get(&(t, incoming.source)));
+                    .find_map(|t| self.reply_conn(t, incoming.source))
+                    .and_then(|key| self.tcp_conns.get(&key));
                 if let Some(conn) = conn {
                     conn.calls.fetch_add(1, Ordering::Relaxed);
                     self.tcp_calls.insert(call, conn.calls.clone());
@@ -786,7 +825,7 @@ impl Endpoint {
     /// Takes an accepted connection, or closes it at once (by dropping `stream`) when its
     /// source is outside `[sip] allow` or a connection cap is reached.
     fn add_tcp(&mut self, stream: TcpStream, key: ConnKey) {
-        let (transport, peer) = key;
+        let (transport, peer, _) = key;
         let name = transport.via_name();
         if !self.admission.allows(peer.ip()) {
             debug!(%peer, "SIP {name} connection refused: source outside sip.allow");
@@ -821,7 +860,11 @@ impl Endpoint {
     /// Starts the task of one TCP or TLS connection (accepted, or to be opened to the peer
     /// for an outgoing call or a registration) and returns the queue of what to write on it.
     fn spawn_tcp(&mut self, key: ConnKey, origin: TcpOrigin) -> mpsc::Sender<Vec<u8>> {
-        let (transport, peer) = key;
+        let (transport, peer, ref verify_as) = key;
+        // The name the peer's certificate must carry: the host dialled, else its address.
+        let tls_name = verify_as
+            .as_deref()
+            .map_or_else(|| peer.ip().to_string(), str::to_owned);
         let (out_tx, out_rx) = mpsc::channel::<Vec<u8>>(TCP_OUTBOX);
         self.next_conn += 1;
         let id = self.next_conn;
@@ -831,7 +874,7 @@ impl Endpoint {
             *self.tcp_per_source.entry(source).or_default() += 1;
         }
         let replaced = self.tcp_conns.insert(
-            key,
+            key.clone(),
             TcpConn {
                 id,
                 tx: out_tx.clone(),
@@ -841,9 +884,14 @@ impl Endpoint {
         );
         // The replaced connection's own `Closed` will not match: it leaves the count now.
         self.forget_tcp(replaced);
+        // An accepted connection must deliver a whole first message within the deadline
+        // of one, counted from the accept (handshake included): a peer that connects and
+        // only sends keep-alives would otherwise hold its place for the idle timeout.
+        let first_message_by = source.map(|_| Instant::now() + self.tcp_limits.message_timeout);
         let conn = Conn {
             key,
             id,
+            first_message_by,
             inbox: self.tcp_tx.clone(),
             stop: self.tcp_stop.clone(),
             limits: self.tcp_limits,
@@ -852,13 +900,6 @@ impl Endpoint {
             calls,
         };
         let tls = self.tls.clone();
-        // The name the peer's certificate must carry: the host dialled, else its address.
-        let tls_name = self
-            .tls_names
-            .get(&peer)
-            .or_else(|| self.registrar_names.get(&peer))
-            .cloned()
-            .unwrap_or_else(|| peer.ip().to_string());
         let accepted = matches!(origin, TcpOrigin::Accepted(_));
         let task = async move {
             let stream = match origin {
@@ -937,6 +978,9 @@ async fn accept_tls(listener: Option<&TcpListener>) -> std::io::Result<(TcpStrea
 struct Conn {
     key: ConnKey,
     id: u64,
+    /// For an accepted connection until its first complete message: when it is closed
+    /// if none has come.
+    first_message_by: Option<Instant>,
     inbox: mpsc::Sender<TcpInput>,
     stop: CancellationToken,
     limits: TcpLimits,
@@ -959,7 +1003,7 @@ impl Conn {
     /// Reads messages off `stream` and writes the queued ones until the peer closes, a
     /// deadline passes or the endpoint stops.
     async fn serve<S: AsyncRead + AsyncWrite + Send + Unpin>(mut self, stream: S) {
-        let (_, peer) = self.key;
+        let peer = self.key.1;
         let limits = self.limits;
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut decoder = StreamDecoder::new();
@@ -971,6 +1015,9 @@ impl Conn {
             let idle_at = last_activity + limits.idle_timeout;
             let deadline =
                 partial_since.map_or(idle_at, |since| idle_at.min(since + limits.message_timeout));
+            let deadline = self
+                .first_message_by
+                .map_or(deadline, |by| deadline.min(by));
             tokio::select! {
                 // Cancel-safe: only observes the token.
                 () = self.stop.cancelled() => break,
@@ -984,7 +1031,8 @@ impl Conn {
                         match decoder.next_item() {
                             Ok(Some(StreamItem::Message(m))) => {
                                 partial_since = None;
-                                if self.inbox.send(TcpInput::Message(self.key, m)).await.is_err() {
+                                self.first_message_by = None;
+                                if self.inbox.send(TcpInput::Message(self.key.clone(), m)).await.is_err() {
                                     return;
                                 }
                             }
@@ -1021,6 +1069,10 @@ impl Conn {
                 }
                 // Cancel-safe: recomputed every loop.
                 () = tokio::time::sleep_until(deadline) => {
+                    if self.first_message_by.is_some_and(|by| by <= Instant::now()) {
+                        debug!(%peer, "SIP stream connection sent no message in time; closing");
+                        break;
+                    }
                     if partial_since.is_some_and(|since| since + limits.message_timeout <= Instant::now()) {
                         debug!(%peer, "SIP stream message incomplete past its deadline; closing");
                         break;

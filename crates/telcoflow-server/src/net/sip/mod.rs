@@ -100,6 +100,11 @@ impl Network for SipNetwork {
             Some(t) if t.eq_ignore_ascii_case("tcp") => Transport::Tcp,
             _ => Transport::Udp,
         };
+        // Without our TLS listener there is nowhere the callee could reach us over TLS in
+        // the dialog: refuse rather than have its BYE and re-INVITE come in plain text.
+        if transport == Transport::Tls && self.tls_sent_by.is_none() {
+            return Err(RingError::NoTlsListener);
+        }
         let default_port = if transport == Transport::Tls {
             5061
         } else {
@@ -163,16 +168,15 @@ impl Network for SipNetwork {
                 None => format!("sip:{from_user}@{}", self.sent_by),
             },
             // Over TCP and TLS our Contact says so, for the callee's requests in the
-            // dialog; over TLS it is our TLS listener when there is one (without one, the
-            // callee's requests come back on the connection we opened).
+            // dialog; over TLS it is our TLS listener (checked above).
             contact: match (transport, &self.tls_sent_by) {
                 (Transport::Tcp, _) => format!("{};transport=tcp", self.contact),
-                (Transport::Tls, Some(tls)) if parsed.scheme.eq_ignore_ascii_case("sips") => {
-                    format!("sips:telcoflow@{tls}")
-                }
-                (Transport::Tls, Some(tls)) => format!("sip:telcoflow@{tls};transport=tls"),
-                (Transport::Tls, None) => format!("{};transport=tls", self.contact),
-                (Transport::Udp, _) => self.contact.clone(),
+                (Transport::Tls, Some(tls)) => telcoflow_sip::sip::tls_contact(
+                    "telcoflow",
+                    tls,
+                    parsed.scheme.eq_ignore_ascii_case("sips"),
+                ),
+                (Transport::Udp | Transport::Tls, _) => self.contact.clone(),
             },
             sent_by: match (transport, &self.tls_sent_by) {
                 (Transport::Tls, Some(tls)) => tls.clone(),
@@ -340,7 +344,7 @@ pub(crate) async fn bind(
         rand::random(),
     );
     if let Some(tls) = &tls_sent_by {
-        uas.set_tls(format!("sip:telcoflow@{tls}"), tls.clone());
+        uas.set_tls(tls.clone());
     }
     let endpoint = endpoint::Bound {
         udp,

@@ -61,14 +61,20 @@ pub(crate) async fn prepare(
         };
         let contact = match (transport, tls_sent_by) {
             (Transport::Tcp, _) => format!("sip:{user}@{advertised};transport=tcp"),
-            // Over TLS our contact is the TLS listener, when there is one; without one,
-            // the registrar reaches us over the connection the REGISTER came on.
-            (Transport::Tls, Some(tls)) => format!("sip:{user}@{tls};transport=tls"),
-            (Transport::Tls, None) => format!("sip:{user}@{advertised};transport=tls"),
+            // Over TLS our contact is the TLS listener (config validation requires one):
+            // the registrar's calls must reach us over TLS, never in plain text.
+            (Transport::Tls, Some(tls)) => {
+                telcoflow_sip::sip::tls_contact(&user, tls, r.registrar_uri().starts_with("sips:"))
+            }
+            (Transport::Tls, None) => {
+                return Err(format!("{at}: transport = \"tls\" needs sip.tls_listen"));
+            }
             (Transport::Udp, _) => format!("sip:{user}@{advertised}"),
         };
         let route = match &r.outbound_proxy {
-            Some(p) if p.starts_with("sip:") => vec![format!("<{p};lr>")],
+            Some(p) if p.starts_with("sip:") || p.starts_with("sips:") => {
+                vec![format!("<{p};lr>")]
+            }
             Some(p) => vec![format!("<sip:{p};lr>")],
             None => Vec::new(),
         };
@@ -122,6 +128,8 @@ async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
 /// The registrations the endpoint task runs, with their board.
 pub(super) struct Registrations {
     running: Vec<Registration>,
+    /// Over TLS, the name each registrar's (or proxy's) certificate must carry.
+    tls_names: Vec<Option<Arc<str>>>,
     /// The state each one last reported (for the gauge's move), kept here rather than read
     /// back from the board under its lock on every drain.
     reported: Vec<&'static str>,
@@ -137,6 +145,10 @@ impl Registrations {
         metrics: Arc<Metrics>,
         now: std::time::Instant,
     ) -> Self {
+        let tls_names = prepared
+            .iter()
+            .map(|p| p.tls_name.as_deref().map(Arc::from))
+            .collect();
         let running: Vec<Registration> = prepared
             .into_iter()
             .map(|p| Registration::new(p.register, rand::random(), now))
@@ -167,6 +179,7 @@ impl Registrations {
         Self {
             reported: running.iter().map(|r| r.state().name()).collect(),
             running,
+            tls_names,
             board,
             metrics,
         }
@@ -212,12 +225,15 @@ impl Registrations {
     /// with `reason` (and are retried later).
     pub(super) fn transport_failed(
         &mut self,
-        key: (Transport, SocketAddr),
+        key: &(Transport, SocketAddr, Option<Arc<str>>),
         reason: &str,
         now: std::time::Instant,
     ) {
-        for r in &mut self.running {
-            if (r.config().transport, r.config().destination) == key {
+        for (r, name) in self.running.iter_mut().zip(&self.tls_names) {
+            let (transport, destination, verified) = key;
+            if (r.config().transport, r.config().destination) == (*transport, *destination)
+                && (*transport != Transport::Tls || verified == name)
+            {
                 r.transport_failed(reason, now);
             }
         }
@@ -235,12 +251,12 @@ impl Registrations {
         self.running.iter().all(Registration::is_finished)
     }
 
-    /// What the registrations want sent; their state changes go to the board, the gauge
-    /// and the log.
-    pub(super) fn drain(&mut self, out: &mut Vec<Transmit>) {
+    /// What the registrations want sent, each with the name the TLS peer must be verified
+    /// as; their state changes go to the board, the gauge and the log.
+    pub(super) fn drain(&mut self, out: &mut Vec<(Transmit, Option<Arc<str>>)>) {
         for (i, r) in self.running.iter_mut().enumerate() {
             while let Some(t) = r.poll_transmit() {
-                out.push(t);
+                out.push((t, self.tls_names[i].clone()));
             }
             while let Some(RegisterEvent::State(state)) = r.poll_event() {
                 let config = r.config();
@@ -276,5 +292,46 @@ impl Registrations {
                 self.board.set(i, &state);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_tls_registration_has_the_tls_contact_and_a_sips_proxy_route() {
+        let config = SipConfig {
+            registrations: vec![SipRegistration {
+                registrar: "sips:127.0.0.1".into(),
+                aor: "sip:+15550100@127.0.0.1".into(),
+                username: None,
+                password: None,
+                expiry: 120,
+                transport: "tls".into(),
+                outbound_proxy: Some("sips:127.0.0.2:5071".into()),
+                srtp: None,
+            }],
+            ..SipConfig::default()
+        };
+        let prepared = prepare(
+            &config,
+            "192.0.2.1:5060",
+            "192.0.2.1:5060",
+            Some("192.0.2.1:5061"),
+        )
+        .await
+        .unwrap();
+        let p = &prepared[0];
+        assert_eq!(p.register.route, ["<sips:127.0.0.2:5071;lr>"]);
+        assert_eq!(p.register.contact, "sips:+15550100@192.0.2.1:5061");
+        assert_eq!(p.register.sent_by, "192.0.2.1:5061");
+        assert_eq!(p.register.destination, "127.0.0.2:5071".parse().unwrap());
+        assert_eq!(p.tls_name.as_deref(), Some("127.0.0.2"));
+        // Without the TLS listener there is no Contact to give: refused.
+        let e = prepare(&config, "192.0.2.1:5060", "192.0.2.1:5060", None)
+            .await
+            .unwrap_err();
+        assert!(e.contains("needs sip.tls_listen"), "{e}");
     }
 }
