@@ -532,12 +532,9 @@ impl SessionDescription {
                             m.fmtps.push((pt, params.trim().to_string()));
                         }
                         ("ptime", Some(arg)) => m.ptime = arg.parse().ok(),
-                        ("crypto", Some(arg)) => match CryptoAttribute::parse(arg) {
-                            Some(c) => m.crypto.push(c),
-                            // Unreadable: dropped (it may hold a key, and `other` is
-                            // shown in logs), never used to key a stream.
-                            None => {}
-                        },
+                        // An unreadable line is dropped (it may hold a key, and `other`
+                        // is shown in logs), never used to key a stream.
+                        ("crypto", Some(arg)) => m.crypto.extend(CryptoAttribute::parse(arg)),
                         ("rtcp", Some(arg)) => {
                             // "port [nettype addrtype address]": the port is what we use.
                             let port = arg.split_ascii_whitespace().next().unwrap_or(arg);
