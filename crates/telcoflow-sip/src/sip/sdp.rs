@@ -688,11 +688,23 @@ impl LocalMedia {
     }
 
     /// Keeps what a negotiation settled on for our side of SRTP: the key we protect with
-    /// (fresh when the suite changed) and its suite, for the next offer or answer.
+    /// (fresh when the suite changed) and its suite, for the next offer or answer. A plain
+    /// outcome after an encrypted one retires our key: SRTP resumed later starts its
+    /// contexts afresh, so it needs a key that has not protected anything.
     pub fn keep_srtp(&mut self, negotiated: Option<SrtpKeys>) {
-        if let (Some(ours), Some(keys)) = (&mut self.srtp, negotiated) {
-            ours.key = keys.local;
-            ours.suite = Some(keys.suite);
+        let Some(ours) = &mut self.srtp else {
+            return;
+        };
+        match negotiated {
+            Some(keys) => {
+                ours.key = keys.local;
+                ours.suite = Some(keys.suite);
+            }
+            None if ours.suite.is_some() => {
+                ours.key = MasterKey::random();
+                ours.suite = None;
+            }
+            None => {}
         }
     }
 
@@ -1606,6 +1618,10 @@ a=rtpmap:96 H264/90000\r\n";
             super::answer(&mirror, &local).unwrap_err(),
             NegotiationError::NoCryptoSuite
         );
+        // A plain outcome retires the key; encrypted again, a fresh one.
+        local.keep_srtp(None);
+        assert_eq!(local.srtp.unwrap().suite, None);
+        assert_ne!(local.srtp.unwrap().key, fresh);
         let debug = format!("{:?}", offer_32.media[0].crypto);
         assert!(!debug.contains(SRTP_KEY_A), "{debug}");
     }

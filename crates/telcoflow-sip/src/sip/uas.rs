@@ -1240,7 +1240,10 @@ impl Uas {
         let cseq = request.cseq().map(|c| c.seq).unwrap_or(0);
         match outcome {
             Ok((sd, negotiated)) => {
-                media.keep_srtp(negotiated.as_ref().and_then(|n| n.srtp));
+                // An offer of ours (offerless re-INVITE) settles nothing until its ACK.
+                if let Some(n) = &negotiated {
+                    media.keep_srtp(n.srtp);
+                }
                 call.reinvite = Some(PendingReinvite {
                     key: key.clone(),
                     cseq,
