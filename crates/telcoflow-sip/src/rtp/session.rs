@@ -407,15 +407,16 @@ impl RtpSession {
     }
 
     /// Encrypts the session with these SRTP keys (`None`: plain RTP). Keys equal to the
-    /// current ones change nothing; new ones (a re-INVITE that rekeys) start fresh contexts.
+    /// current ones change nothing; new ones (a re-INVITE that rekeys) rebuild only the
+    /// direction whose key or suite changed ([`SrtpSession::rekey`]: what we send keeps its
+    /// rollover counter and SRTCP index while our key stays).
     pub fn set_srtp(&mut self, keys: Option<SrtpKeys>) -> Result<(), SrtpError> {
-        if self.srtp.as_ref().map(|s| *s.keys()) == keys {
-            return Ok(());
+        match (&mut self.srtp, keys) {
+            (Some(srtp), Some(keys)) => srtp.rekey(keys)?,
+            (srtp, keys) => {
+                *srtp = keys.map(SrtpSession::new).transpose()?.map(Box::new);
+            }
         }
-        self.srtp = match keys {
-            Some(keys) => Some(Box::new(SrtpSession::new(keys)?)),
-            None => None,
-        };
         Ok(())
     }
 
@@ -1906,6 +1907,69 @@ mod tests {
         assert_eq!(a.srtp_suite(), None);
         let len = a.write_audio(&[0; 160], &mut buf).unwrap();
         assert_eq!(len, 12 + 160);
+    }
+
+    /// Our key stays for the call: new keys from the peer rebuild only what we receive with,
+    /// so what we send goes on with its SRTCP index (a fresh context would restart it at 1
+    /// under the same key: keystream already sent, and a replay to the peer). A suite change
+    /// under our unchanged key is refused.
+    #[test]
+    fn srtp_rekey_of_the_peer_keeps_our_outbound_context() {
+        use crate::rtp::srtp::{MasterKey, SrtpKeys};
+        let t0 = Instant::now();
+        let a_addr: SocketAddr = "10.0.0.1:20000".parse().unwrap();
+        let b_addr: SocketAddr = "10.0.0.2:30000".parse().unwrap();
+        let keys = |suite, local, remote| {
+            Some(SrtpKeys {
+                suite,
+                local,
+                remote,
+            })
+        };
+        let suite = SrtpSuite::AesCm128HmacSha1_80;
+        let (ka, kb1, kb2) = (
+            MasterKey::random(),
+            MasterKey::random(),
+            MasterKey::random(),
+        );
+        let mut a = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xA, 1, 1),
+            b_addr,
+            b_addr,
+            t0,
+        );
+        let mut b = RtpSession::new(
+            SessionConfig::new(G711::Pcmu, 0xB, 1, 1),
+            a_addr,
+            a_addr,
+            t0,
+        );
+        a.set_srtp(keys(suite, ka, kb1)).unwrap();
+        b.set_srtp(keys(suite, kb1, ka)).unwrap();
+        let mut out = [0u8; 512];
+        let wall = Duration::from_secs(1_700_000_000);
+        let at = t0 + Duration::from_secs(10);
+        let len = a.poll_rtcp(at, wall, &mut out).unwrap().unwrap();
+        assert_eq!(
+            b.handle_rtcp_datagram(a_addr, &out[..len], at),
+            Received::Rtcp
+        );
+        // The peer rekeys; our key stays.
+        a.set_srtp(keys(suite, ka, kb2)).unwrap();
+        let at = t0 + Duration::from_secs(30);
+        let len = a.poll_rtcp(at, wall, &mut out).unwrap().unwrap();
+        let index = u32::from_be_bytes(out[len - 14..len - 10].try_into().unwrap());
+        assert_eq!(index, 0x8000_0002, "E flag and the next SRTCP index");
+        assert_eq!(
+            b.handle_rtcp_datagram(a_addr, &out[..len], at),
+            Received::Rtcp
+        );
+        // The suite cannot change under the same key of ours; nothing changes then.
+        assert_eq!(
+            a.set_srtp(keys(SrtpSuite::AesCm128HmacSha1_32, ka, kb2)),
+            Err(SrtpError::SuiteChangeWithSameKey)
+        );
+        assert_eq!(a.srtp_suite(), Some(suite));
     }
 
     fn telcoflow_ntp(wall: Duration) -> u64 {

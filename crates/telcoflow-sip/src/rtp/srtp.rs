@@ -13,6 +13,7 @@
 //! one allocation per packet; this module copies sent packets back into the caller's
 //! buffer so that the caller's send path is unchanged.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
 
@@ -149,9 +150,14 @@ pub enum SrtpError {
     /// The contexts could not be built (the crate refused the key).
     #[error("SRTP context: {0}")]
     Context(String),
-    /// A received packet failed authentication, was a replay, or was too short.
-    #[error("SRTP packet rejected: {0}")]
-    Rejected(String),
+    /// A received packet failed authentication, was a replay, or was too short (no detail:
+    /// forged packets cost no allocation).
+    #[error("SRTP packet rejected")]
+    Rejected,
+    /// New keys would change the suite under our unchanged master key: the fresh context
+    /// would restart the keystream (a two-time pad), so a suite change needs a new key.
+    #[error("SRTP suite change without a new master key")]
+    SuiteChangeWithSameKey,
     /// A packet to send could not be protected.
     #[error("SRTP protect: {0}")]
     Protect(String),
@@ -173,13 +179,101 @@ pub enum SrtpError {
 pub struct SrtpSession {
     keys: SrtpKeys,
     outbound: Mutex<Context>,
-    inbound: Mutex<Context>,
+    inbound: Mutex<Inbound>,
 }
 
-/// The context of a `Mutex` reached through `&mut` (see [`SrtpSession`]): never locked, so
+/// The value of a `Mutex` reached through `&mut` (see [`SrtpSession`]): never locked, so
 /// never poisoned.
-fn context(m: &mut Mutex<Context>) -> &mut Context {
+fn unlocked<T>(m: &mut Mutex<T>) -> &mut T {
     m.get_mut().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A context keyed with `key`, with replay windows when it is for what we receive.
+fn keyed(suite: SrtpSuite, key: &MasterKey, replay: bool) -> Result<Context, SrtpError> {
+    let provider =
+        rtc_srtp::crypto::default_provider().map_err(|e| SrtpError::Context(e.to_string()))?;
+    let (rtp, rtcp) = if replay {
+        (
+            Some(srtp_replay_protection(REPLAY_WINDOW)),
+            Some(srtcp_replay_protection(REPLAY_WINDOW)),
+        )
+    } else {
+        (None, None)
+    };
+    Context::new(
+        key.key(),
+        key.salt(),
+        suite.profile(),
+        rtp,
+        rtcp,
+        provider.crypto(),
+    )
+    .map_err(|e| SrtpError::Context(e.to_string()))
+}
+
+/// Distinct SSRCs (RTP and RTCP counted apart) that may reach the crate before one of
+/// them authenticates.
+const MAX_UNAUTHENTICATED_SSRCS: usize = 8;
+
+/// The receiving context, and which SSRCs it has seen.
+///
+/// The crate makes per-SSRC state (with a replay window) for every packet *before* it checks
+/// the tag, and never drops it: forged packets with random SSRCs would grow it without
+/// bound. So only SSRCs that have authenticated, plus at most
+/// [`MAX_UNAUTHENTICATED_SSRCS`] others, reach it. Once that many others have: while
+/// nothing has authenticated yet the context is rebuilt (it holds only forgeries' state, so
+/// the peer's first packet still gets through a flood); after that, packets of unknown
+/// SSRCs are dropped (rejected) before the crate, since a rebuild would lose the peer's
+/// rollover counter and replay window.
+struct Inbound {
+    context: Context,
+    suite: SrtpSuite,
+    key: MasterKey,
+    /// `(is RTCP, SSRC)` that have authenticated.
+    authenticated: HashSet<(bool, u32)>,
+    /// `(is RTCP, SSRC)` passed to the crate that have not (yet).
+    unauthenticated: HashSet<(bool, u32)>,
+}
+
+impl Inbound {
+    fn new(suite: SrtpSuite, key: MasterKey) -> Result<Self, SrtpError> {
+        Ok(Self {
+            context: keyed(suite, &key, true)?,
+            suite,
+            key,
+            authenticated: HashSet::new(),
+            unauthenticated: HashSet::new(),
+        })
+    }
+
+    /// Passes `data` to `decrypt` if its SSRC may reach the crate, and notes the SSRC.
+    fn decrypt<E>(
+        &mut self,
+        id: (bool, u32),
+        decrypt: impl FnOnce(&mut Context) -> Result<BytesMut, E>,
+    ) -> Result<BytesMut, SrtpError> {
+        if !self.authenticated.contains(&id) && !self.unauthenticated.contains(&id) {
+            if self.unauthenticated.len() >= MAX_UNAUTHENTICATED_SSRCS {
+                if !self.authenticated.is_empty() {
+                    return Err(SrtpError::Rejected);
+                }
+                self.context = keyed(self.suite, &self.key, true)?;
+                self.unauthenticated.clear();
+            }
+            self.unauthenticated.insert(id);
+        }
+        let plain = decrypt(&mut self.context).map_err(|_| SrtpError::Rejected)?;
+        if self.unauthenticated.remove(&id) {
+            self.authenticated.insert(id);
+        }
+        Ok(plain)
+    }
+
+    /// SSRCs the crate holds state for.
+    #[cfg(test)]
+    fn ssrcs(&self) -> usize {
+        self.authenticated.len() + self.unauthenticated.len()
+    }
 }
 
 impl fmt::Debug for SrtpSession {
@@ -193,26 +287,37 @@ impl fmt::Debug for SrtpSession {
 impl SrtpSession {
     /// Contexts for the negotiated keys; received packets get a replay window.
     pub fn new(keys: SrtpKeys) -> Result<Self, SrtpError> {
-        let provider =
-            rtc_srtp::crypto::default_provider().map_err(|e| SrtpError::Context(e.to_string()))?;
-        let profile = keys.suite.profile();
-        let keyed = |key: &MasterKey, replay: bool| {
-            let (rtp, rtcp) = if replay {
-                (
-                    Some(srtp_replay_protection(REPLAY_WINDOW)),
-                    Some(srtcp_replay_protection(REPLAY_WINDOW)),
-                )
-            } else {
-                (None, None)
-            };
-            Context::new(key.key(), key.salt(), profile, rtp, rtcp, provider.crypto())
-                .map_err(|e| SrtpError::Context(e.to_string()))
-        };
         Ok(Self {
-            outbound: Mutex::new(keyed(&keys.local, false)?),
-            inbound: Mutex::new(keyed(&keys.remote, true)?),
+            outbound: Mutex::new(keyed(keys.suite, &keys.local, false)?),
+            inbound: Mutex::new(Inbound::new(keys.suite, keys.remote)?),
             keys,
         })
+    }
+
+    /// Takes new keys, rebuilding only the direction whose key or suite changed: the
+    /// outbound context must go on with its rollover counter and SRTCP index, since a fresh
+    /// one under the same key and SSRC would repeat keystream already sent. For the same
+    /// reason a suite change under our unchanged key is refused
+    /// ([`SrtpError::SuiteChangeWithSameKey`]); the session is then unchanged.
+    pub fn rekey(&mut self, keys: SrtpKeys) -> Result<(), SrtpError> {
+        let suite_changed = keys.suite != self.keys.suite;
+        if suite_changed && keys.local == self.keys.local {
+            return Err(SrtpError::SuiteChangeWithSameKey);
+        }
+        let outbound = (suite_changed || keys.local != self.keys.local)
+            .then(|| keyed(keys.suite, &keys.local, false))
+            .transpose()?;
+        let inbound = (suite_changed || keys.remote != self.keys.remote)
+            .then(|| Inbound::new(keys.suite, keys.remote))
+            .transpose()?;
+        if let Some(c) = outbound {
+            self.outbound = Mutex::new(c);
+        }
+        if let Some(c) = inbound {
+            self.inbound = Mutex::new(c);
+        }
+        self.keys = keys;
+        Ok(())
     }
 
     /// The keys the session was built with.
@@ -222,7 +327,7 @@ impl SrtpSession {
 
     /// Protects the RTP packet in `buf[..len]` in place; returns the protected length.
     pub fn protect_rtp(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SrtpError> {
-        let protected = context(&mut self.outbound)
+        let protected = unlocked(&mut self.outbound)
             .encrypt_rtp(&buf[..len])
             .map_err(|e| SrtpError::Protect(e.to_string()))?;
         copy_back(&protected, buf)
@@ -230,7 +335,7 @@ impl SrtpSession {
 
     /// Protects the RTCP compound packet in `buf[..len]` in place; returns the new length.
     pub fn protect_rtcp(&mut self, buf: &mut [u8], len: usize) -> Result<usize, SrtpError> {
-        let protected = context(&mut self.outbound)
+        let protected = unlocked(&mut self.outbound)
             .encrypt_rtcp(&buf[..len])
             .map_err(|e| SrtpError::Protect(e.to_string()))?;
         copy_back(&protected, buf)
@@ -238,9 +343,8 @@ impl SrtpSession {
 
     /// Authenticates and decrypts a received SRTP packet (replays are rejected).
     pub fn unprotect_rtp(&mut self, data: &[u8]) -> Result<BytesMut, SrtpError> {
-        context(&mut self.inbound)
-            .decrypt_rtp(data)
-            .map_err(|e| SrtpError::Rejected(e.to_string()))
+        let ssrc = ssrc_at(data, 8).ok_or(SrtpError::Rejected)?;
+        unlocked(&mut self.inbound).decrypt((false, ssrc), |c| c.decrypt_rtp(data))
     }
 
     /// Authenticates and decrypts a received SRTCP packet (replays are rejected).
@@ -254,15 +358,18 @@ impl SrtpSession {
             .checked_sub(SRTCP_TAG_LEN + SRTCP_INDEX_LEN)
             .filter(|&at| at >= RTCP_HEADER_LEN)
             .map(|at| data[at] & 0x80 != 0);
+        let ssrc = ssrc_at(data, 4).ok_or(SrtpError::Rejected)?;
         if e_flag != Some(true) {
-            return Err(SrtpError::Rejected(
-                "SRTCP packet too short or not encrypted".into(),
-            ));
+            return Err(SrtpError::Rejected);
         }
-        context(&mut self.inbound)
-            .decrypt_rtcp(data)
-            .map_err(|e| SrtpError::Rejected(e.to_string()))
+        unlocked(&mut self.inbound).decrypt((true, ssrc), |c| c.decrypt_rtcp(data))
     }
+}
+
+/// The SSRC at `at` (RTP: 8, RTCP: 4), if the packet is that long.
+fn ssrc_at(data: &[u8], at: usize) -> Option<u32> {
+    let bytes = data.get(at..at + 4)?;
+    Some(u32::from_be_bytes(bytes.try_into().ok()?))
 }
 
 fn copy_back(protected: &[u8], buf: &mut [u8]) -> Result<usize, SrtpError> {
@@ -339,12 +446,9 @@ mod tests {
         let good = hex(CIPHER_80);
         let mut bad = good.clone();
         bad[14] ^= 1;
-        assert!(matches!(s.unprotect_rtp(&bad), Err(SrtpError::Rejected(_))));
+        assert!(matches!(s.unprotect_rtp(&bad), Err(SrtpError::Rejected)));
         assert!(s.unprotect_rtp(&good).is_ok());
-        assert!(matches!(
-            s.unprotect_rtp(&good),
-            Err(SrtpError::Rejected(_))
-        ));
+        assert!(matches!(s.unprotect_rtp(&good), Err(SrtpError::Rejected)));
         // Garbage of every short length is an error, never a panic.
         for n in 0..good.len() {
             assert!(s.unprotect_rtp(&good[..n]).is_err());
@@ -376,8 +480,45 @@ mod tests {
         let forged = hex("80c90001deadbeef000000010000000000000000000000");
         assert!(matches!(
             s.unprotect_rtcp(&forged),
-            Err(SrtpError::Rejected(_))
+            Err(SrtpError::Rejected)
         ));
+    }
+
+    /// Forged packets with distinct SSRCs make the crate keep state per SSRC before the tag
+    /// check: only a bounded number reach it, and the peer's packets still get through,
+    /// before and after its SSRC has authenticated.
+    #[test]
+    fn a_flood_of_forged_ssrcs_keeps_bounded_state_and_the_peer_gets_through() {
+        let mut sender = session(SrtpSuite::AesCm128HmacSha1_80);
+        let mut receiver = session(SrtpSuite::AesCm128HmacSha1_80);
+        let genuine = |s: &mut SrtpSession, seq: u16| {
+            let mut buf = [0u8; 64];
+            let plain = hex(PLAIN);
+            buf[..plain.len()].copy_from_slice(&plain);
+            buf[2..4].copy_from_slice(&seq.to_be_bytes());
+            let len = s.protect_rtp(&mut buf, plain.len()).unwrap();
+            buf[..len].to_vec()
+        };
+        let flood = |r: &mut SrtpSession, from: u32| {
+            let mut forged = hex(CIPHER_80);
+            for ssrc in from..from + 10_000 {
+                forged[8..12].copy_from_slice(&ssrc.to_be_bytes());
+                assert_eq!(r.unprotect_rtp(&forged), Err(SrtpError::Rejected));
+                forged[1] = 0xc8; // the same as SRTCP
+                forged[4..8].copy_from_slice(&ssrc.to_be_bytes());
+                assert_eq!(r.unprotect_rtcp(&forged), Err(SrtpError::Rejected));
+                forged[1] = 0x0f;
+                let held = unlocked(&mut r.inbound).ssrcs();
+                assert!(held <= MAX_UNAUTHENTICATED_SSRCS + 1, "{held} SSRCs");
+            }
+        };
+        flood(&mut receiver, 1);
+        let first = genuine(&mut sender, 0x1234);
+        assert!(receiver.unprotect_rtp(&first).is_ok());
+        flood(&mut receiver, 100_000);
+        let second = genuine(&mut sender, 0x1235);
+        assert!(receiver.unprotect_rtp(&second).is_ok());
+        assert_eq!(receiver.unprotect_rtp(&second), Err(SrtpError::Rejected));
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //! `optional` sends `RTP/AVP` with both suites' `a=crypto` (best effort: a peer that does
 //! not know SDES ignores them and the call is plain).
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::rtp::codec::Codec;
@@ -252,12 +252,29 @@ impl SrtpPolicy {
 pub struct LocalSrtp {
     /// Whether SRTP is off, optional or required.
     pub policy: SrtpPolicy,
-    /// Our master key and salt, sent in `a=crypto` (fixed for the call).
+    /// Our master key and salt, sent in `a=crypto`: kept for the call while the suite stays.
     pub key: MasterKey,
+    /// The suite our key protects with once negotiated ([`LocalMedia::keep_srtp`]): a
+    /// re-offer offers only it, and an answer that changes it carries a fresh key (a key
+    /// restarted under another suite would repeat keystream already sent).
+    pub suite: Option<SrtpSuite>,
+}
+
+impl LocalSrtp {
+    /// Our side under `policy` with `key`, before any negotiation.
+    pub fn new(policy: SrtpPolicy, key: MasterKey) -> Self {
+        Self {
+            policy,
+            key,
+            suite: None,
+        }
+    }
 }
 
 /// An `a=crypto` line: `TAG SUITE KEY-PARAMS [SESSION-PARAMS]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// `Debug` does not show the key parameters: keys never reach the logs.
+#[derive(Clone, PartialEq, Eq)]
 pub struct CryptoAttribute {
     /// The tag an answer names the chosen line by.
     pub tag: u32,
@@ -267,6 +284,17 @@ pub struct CryptoAttribute {
     pub key_params: String,
     /// Session parameters, if any.
     pub session_params: Vec<String>,
+}
+
+impl fmt::Debug for CryptoAttribute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CryptoAttribute")
+            .field("tag", &self.tag)
+            .field("suite", &self.suite)
+            .field("key_params", &"..")
+            .field("session_params", &self.session_params)
+            .finish()
+    }
 }
 
 impl CryptoAttribute {
@@ -504,11 +532,9 @@ impl SessionDescription {
                             m.fmtps.push((pt, params.trim().to_string()));
                         }
                         ("ptime", Some(arg)) => m.ptime = arg.parse().ok(),
-                        ("crypto", Some(arg)) => match CryptoAttribute::parse(arg) {
-                            Some(c) => m.crypto.push(c),
-                            // Unreadable: kept as is, and never used to key a stream.
-                            None => m.other.push(value.to_string()),
-                        },
+                        // An unreadable line is dropped (it may hold a key, and `other`
+                        // is shown in logs), never used to key a stream.
+                        ("crypto", Some(arg)) => m.crypto.extend(CryptoAttribute::parse(arg)),
                         ("rtcp", Some(arg)) => {
                             // "port [nettype addrtype address]": the port is what we use.
                             let port = arg.split_ascii_whitespace().next().unwrap_or(arg);
@@ -661,6 +687,27 @@ impl LocalMedia {
         }
     }
 
+    /// Keeps what a negotiation settled on for our side of SRTP: the key we protect with
+    /// (fresh when the suite changed) and its suite, for the next offer or answer. A plain
+    /// outcome after an encrypted one retires our key: SRTP resumed later starts its
+    /// contexts afresh, so it needs a key that has not protected anything.
+    pub fn keep_srtp(&mut self, negotiated: Option<SrtpKeys>) {
+        let Some(ours) = &mut self.srtp else {
+            return;
+        };
+        match negotiated {
+            Some(keys) => {
+                ours.key = keys.local;
+                ours.suite = Some(keys.suite);
+            }
+            None if ours.suite.is_some() => {
+                ours.key = MasterKey::random();
+                ours.suite = None;
+            }
+            None => {}
+        }
+    }
+
     /// The SRTP policy in force.
     pub fn srtp_policy(&self) -> SrtpPolicy {
         self.srtp.map_or(SrtpPolicy::Off, |s| s.policy)
@@ -772,15 +819,23 @@ fn answer_crypto(
             Ok(None)
         };
     };
+    // A remote key equal to ours would give both directions one keystream.
     let chosen = m.crypto.iter().find_map(|c| {
-        c.usable().map(|(suite, remote)| {
-            let keys = SrtpKeys {
-                suite,
-                local: ours.key,
-                remote,
-            };
-            (c.tag, keys)
-        })
+        c.usable()
+            .filter(|(_, remote)| *remote != ours.key)
+            .map(|(suite, remote)| {
+                // Our key stays with its suite: another suite gets a fresh key.
+                let local = match ours.suite {
+                    Some(used) if used != suite => MasterKey::random(),
+                    _ => ours.key,
+                };
+                let keys = SrtpKeys {
+                    suite,
+                    local,
+                    remote,
+                };
+                (c.tag, keys)
+            })
     });
     match chosen {
         Some(c) => Ok(Some(c)),
@@ -943,16 +998,18 @@ pub fn offer(local: &LocalMedia) -> SessionDescription {
         if ours.policy == SrtpPolicy::Required {
             m.protocol = "RTP/SAVP".into();
         }
-        m.crypto = offered_crypto(&ours.key);
+        m.crypto = offered_crypto(&ours);
     }
     local.session(vec![m])
 }
 
-/// The `a=crypto` lines of our offers: tag 1 for the 80-bit suite, tag 2 for the 32-bit.
-fn offered_crypto(key: &MasterKey) -> Vec<CryptoAttribute> {
+/// The `a=crypto` lines of our offers: tag 1 for the 80-bit suite, tag 2 for the 32-bit;
+/// once our key protects with a suite, that one alone (our key stays with its suite).
+fn offered_crypto(ours: &LocalSrtp) -> Vec<CryptoAttribute> {
     (1..)
         .zip(SrtpSuite::ALL)
-        .map(|(tag, suite)| CryptoAttribute::ours(tag, suite, key))
+        .filter(|(_, suite)| ours.suite.is_none_or(|used| used == *suite))
+        .map(|(tag, suite)| CryptoAttribute::ours(tag, suite, &ours.key))
         .collect()
 }
 
@@ -983,14 +1040,16 @@ pub fn accept_answer(
     let srtp = match local.srtp.filter(|s| s.policy != SrtpPolicy::Off) {
         None => None,
         Some(ours) => {
-            let offered = offered_crypto(&ours.key);
-            // The answer names one of our lines by its tag, with the same suite.
+            let offered = offered_crypto(&ours);
+            // The answer names one of our lines by its tag, with the same suite, and a key
+            // of its own (ours again would give both directions one keystream).
             let chosen = m.crypto.iter().find_map(|c| {
                 offered
                     .iter()
                     .any(|o| o.tag == c.tag && o.suite == c.suite)
                     .then(|| c.usable())
                     .flatten()
+                    .filter(|(_, remote)| *remote != ours.key)
             });
             match chosen {
                 Some((suite, remote)) => Some(SrtpKeys {
@@ -1349,10 +1408,10 @@ a=rtpmap:96 H264/90000\r\n";
 
     fn local_srtp(policy: SrtpPolicy) -> LocalMedia {
         LocalMedia {
-            srtp: Some(LocalSrtp {
+            srtp: Some(LocalSrtp::new(
                 policy,
-                key: MasterKey::from_base64(SRTP_KEY_B).unwrap(),
-            }),
+                MasterKey::from_base64(SRTP_KEY_B).unwrap(),
+            )),
             ..local()
         }
     }
@@ -1513,6 +1572,58 @@ a=rtpmap:96 H264/90000\r\n";
                 .srtp,
             None
         );
+    }
+
+    /// Our key stays with its suite: once negotiated, a re-offer offers that suite alone and
+    /// an answer taking another suite carries a fresh key. A peer key equal to ours is no key.
+    /// Key parameters stay out of `Debug`.
+    #[test]
+    fn our_key_stays_with_its_suite_and_the_peer_cannot_reuse_it() {
+        let mut local = local_srtp(SrtpPolicy::Required);
+        let ours = local.srtp.unwrap().key;
+        let offer_80 = srtp_offer(
+            "RTP/SAVP",
+            &[&format!("1 AES_CM_128_HMAC_SHA1_80 inline:{SRTP_KEY_A}")],
+        );
+        let (_, n) = super::answer(&offer_80, &local).unwrap();
+        assert_eq!(n.srtp.unwrap().local, ours);
+        local.keep_srtp(n.srtp);
+        // A re-offer of ours: the suite in use only.
+        let reoffer = offer(&local).to_string();
+        assert_eq!(reoffer.matches("a=crypto").count(), 1, "{reoffer}");
+        assert!(reoffer.contains("a=crypto:1 AES_CM_128_HMAC_SHA1_80 "));
+        // The peer re-offers the other suite: our answer carries a new key.
+        let offer_32 = srtp_offer(
+            "RTP/SAVP",
+            &[&format!("1 AES_CM_128_HMAC_SHA1_32 inline:{SRTP_KEY_A}")],
+        );
+        let (sd, n) = super::answer(&offer_32, &local).unwrap();
+        let fresh = n.srtp.unwrap().local;
+        assert_ne!(fresh, ours);
+        assert!(sd.to_string().contains(&fresh.to_base64()));
+        local.keep_srtp(n.srtp);
+        assert_eq!(local.srtp.unwrap().key, fresh);
+        // The same suite again: the key stays.
+        let (_, n) = super::answer(&offer_32, &local).unwrap();
+        assert_eq!(n.srtp.unwrap().local, fresh);
+        // Our own key offered back is refused.
+        let mirror = srtp_offer(
+            "RTP/SAVP",
+            &[&format!(
+                "1 AES_CM_128_HMAC_SHA1_32 inline:{}",
+                fresh.to_base64()
+            )],
+        );
+        assert_eq!(
+            super::answer(&mirror, &local).unwrap_err(),
+            NegotiationError::NoCryptoSuite
+        );
+        // A plain outcome retires the key; encrypted again, a fresh one.
+        local.keep_srtp(None);
+        assert_eq!(local.srtp.unwrap().suite, None);
+        assert_ne!(local.srtp.unwrap().key, fresh);
+        let debug = format!("{:?}", offer_32.media[0].crypto);
+        assert!(!debug.contains(SRTP_KEY_A), "{debug}");
     }
 
     #[test]

@@ -108,6 +108,13 @@ pub enum UasEvent {
         /// The call.
         call: CallHandle,
     },
+    /// The ACK's answer to the offer in our 200 (offerless INVITE) was missing or unusable
+    /// (no common codec, or plain RTP when SRTP is required): the call would have no media,
+    /// so we sent BYE. The call is gone.
+    AnswerUnusable {
+        /// The call.
+        call: CallHandle,
+    },
     /// The caller, which was to refresh the session (RFC 4028), did not in time: it is
     /// taken for gone, and we sent BYE. The call is gone.
     SessionExpired {
@@ -980,10 +987,10 @@ impl Uas {
                     probe.codecs.clone_from(&self.config.codecs);
                     // SRTP is the owner's to decide per peer: here any offer we could
                     // answer, plain or with a suite we support, passes.
-                    probe.srtp = Some(sdp::LocalSrtp {
-                        policy: sdp::SrtpPolicy::Optional,
-                        key: crate::rtp::srtp::MasterKey::from_bytes([0; 30]),
-                    });
+                    probe.srtp = Some(sdp::LocalSrtp::new(
+                        sdp::SrtpPolicy::Optional,
+                        crate::rtp::srtp::MasterKey::from_bytes([0; 30]),
+                    ));
                     sdp::answer(&sd, &probe).map(|_| sd)
                 });
             match parsed {
@@ -1127,17 +1134,18 @@ impl Uas {
             return; // a retransmitted ACK
         }
         call.state = CallState::Confirmed;
+        // The answer to the offer of our 200 (offerless INVITE): one we cannot use leaves the
+        // call without media, and without an RTP timeout to end it, so the call ends (BYE).
+        let mut unusable = false;
         let answer = if call.awaiting_answer_in_ack {
             call.awaiting_answer_in_ack = false;
-            let parsed = SessionDescription::parse_bytes(&request.body).ok();
-            match (parsed, &call.media) {
-                (Some(sd), Some(media)) => sdp::accept_answer(media, &sd).ok(),
-                _ => None,
-            }
+            let answered = accept_answer_in_ack(call.media.as_mut(), &request.body);
+            unusable = answered.is_err();
+            answered.ok()
         } else {
             None
         };
-        let hangup = call.hangup_after_ack;
+        let hangup = call.hangup_after_ack || unusable;
         let refer = call.refer_after_ack.take();
         let key = call.invite_key.clone();
         if let Some(entry) = self.server.get_mut(&key) {
@@ -1153,6 +1161,10 @@ impl Uas {
                 call: handle,
                 negotiated,
             });
+        }
+        if unusable {
+            self.events
+                .push_back(UasEvent::AnswerUnusable { call: handle });
         }
         if hangup {
             self.send_bye(handle, now);
@@ -1170,8 +1182,10 @@ impl Uas {
         };
         let answer = if pending.awaiting_answer {
             let parsed = SessionDescription::parse_bytes(&ack.body).ok();
-            match (parsed, &call.media) {
-                (Some(sd), Some(media)) => sdp::accept_answer(media, &sd).ok(),
+            match (parsed, &mut call.media) {
+                (Some(sd), Some(media)) => sdp::accept_answer(media, &sd).ok().inspect(|n| {
+                    media.keep_srtp(n.srtp);
+                }),
                 _ => None,
             }
         } else {
@@ -1237,6 +1251,10 @@ impl Uas {
         let cseq = request.cseq().map(|c| c.seq).unwrap_or(0);
         match outcome {
             Ok((sd, negotiated)) => {
+                // An offer of ours (offerless re-INVITE) settles nothing until its ACK.
+                if let Some(n) = &negotiated {
+                    media.keep_srtp(n.srtp);
+                }
                 call.reinvite = Some(PendingReinvite {
                     key: key.clone(),
                     cseq,
@@ -1595,7 +1613,7 @@ impl Uas {
     fn answer(
         &mut self,
         handle: CallHandle,
-        media: LocalMedia,
+        mut media: LocalMedia,
         now: Instant,
     ) -> Result<Option<Negotiated>, ActionError> {
         let Some(call) = self.calls.get(&handle) else {
@@ -1603,7 +1621,10 @@ impl Uas {
         };
         let (sd, negotiated) = match &call.offer {
             Some(offer) => match sdp::answer(offer, &media) {
-                Ok((sd, n)) => (sd, Some(n)),
+                Ok((sd, n)) => {
+                    media.keep_srtp(n.srtp);
+                    (sd, Some(n))
+                }
                 Err(err) => {
                     self.final_response(handle, err.status_code(), now);
                     return Err(err.into());
@@ -1711,6 +1732,7 @@ impl Uas {
                 .and_then(|offer| sdp::answer(&offer, &media));
             match answered {
                 Ok((sd, negotiated)) => {
+                    media.keep_srtp(negotiated.srtp);
                     if let Some(call) = self.calls.get_mut(&handle) {
                         call.media = Some(media);
                     }
@@ -2018,6 +2040,20 @@ impl Uas {
     }
 }
 
+/// Reads the answer an ACK carries to the offer in our 200, keeping what it settled on for
+/// our side of SRTP; an error when it is missing, unreadable or unusable.
+fn accept_answer_in_ack(
+    media: Option<&mut LocalMedia>,
+    body: &[u8],
+) -> Result<Negotiated, NegotiationError> {
+    let media = media.ok_or(NegotiationError::NoAudio)?;
+    let answer = SessionDescription::parse_bytes(body)?;
+    let negotiated = sdp::accept_answer(media, &answer)?;
+    media.keep_srtp(negotiated.srtp);
+    Ok(negotiated)
+}
+
+#[cfg(test)]
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -3417,6 +3453,48 @@ Contact: <sip:alice@192.0.2.50:5062>\r\n\
             panic!("{events:?}");
         };
         assert_eq!(negotiated.codec, Codec::Pcma);
+    }
+
+    /// Under `required` we offer RTP/SAVP in the 200; a plain answer in the ACK leaves the
+    /// call without media (and without an RTP timeout): the call ends with a BYE.
+    #[test]
+    fn an_unusable_answer_in_the_ack_ends_the_call() {
+        let mut h = Harness::new();
+        h.feed(&Req::new("INVITE", "inv1", 1));
+        assert_eq!(h.statuses(), vec![100]);
+        let events = h.events();
+        let [UasEvent::IncomingCall(ic)] = events.as_slice() else {
+            panic!("{events:?}");
+        };
+        let call = ic.call;
+        let mut media = h.media();
+        media.srtp = Some(sdp::LocalSrtp::new(
+            sdp::SrtpPolicy::Required,
+            crate::rtp::srtp::MasterKey::random(),
+        ));
+        h.uas
+            .handle_action(call, UasAction::Answer { media }, h.now)
+            .unwrap();
+        let sent = h.sent();
+        let [Message::Response(ok)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert!(String::from_utf8_lossy(&ok.body).contains("RTP/SAVP"));
+        let tag = ok.header_to().unwrap().tag().unwrap().to_string();
+        h.feed(
+            &Req::new("ACK", "ack1", 1)
+                .tag(&tag)
+                .body(offer_sdp("8 101", "sendrecv")),
+        );
+        assert_eq!(
+            h.events(),
+            [UasEvent::Ack { call }, UasEvent::AnswerUnusable { call }]
+        );
+        let sent = h.sent();
+        let [Message::Request(bye)] = sent.as_slice() else {
+            panic!("{sent:?}");
+        };
+        assert_eq!(bye.method, Method::Bye);
     }
 
     #[test]

@@ -75,6 +75,12 @@ impl Admission {
         })
     }
 
+    /// Resolves the trunk host names of the SRTP policies (see
+    /// [`PeerSrtp::resolve_trunk_names`]); once, at start.
+    pub(super) async fn resolve_trunk_names(&mut self) {
+        self.srtp.resolve_trunk_names().await;
+    }
+
     /// The SRTP policy of an incoming call (SIP Call-ID `call_id`, to `number`, from
     /// `source`): the account is the one its INVITE was just admitted with.
     pub(super) fn srtp_policy(&self, call_id: &str, number: &str, source: IpAddr) -> SrtpPolicy {

@@ -689,6 +689,7 @@ impl Endpoint {
             | UasEvent::Bye { call }
             | UasEvent::AckTimeout { call }
             | UasEvent::SessionExpired { call }
+            | UasEvent::AnswerUnusable { call }
             | UasEvent::PrackTimeout { call } => {
                 self.notify_leg(call, SipEvent::Ended);
             }

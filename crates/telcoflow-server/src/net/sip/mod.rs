@@ -271,8 +271,9 @@ pub(crate) async fn bind(
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> std::io::Result<BoundSip> {
     // `Config::validate` has refused an exposed listener (`SipConfig::check_exposure`).
-    let admission = admission::Admission::new(&config, std::time::Instant::now())
+    let mut admission = admission::Admission::new(&config, std::time::Instant::now())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    admission.resolve_trunk_names().await;
     let (udp, tcp, local) = bind_udp_tcp(config.listen).await?;
     let tls_listener =
         match config.tls_listen {

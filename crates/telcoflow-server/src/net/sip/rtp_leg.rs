@@ -167,10 +167,10 @@ pub(super) fn answer_rate(offer: Option<&SessionDescription>, codecs: &[Codec]) 
     let mut probe = LocalMedia::new(std::net::Ipv4Addr::LOCALHOST.into(), 9, 0);
     probe.codecs = codecs.to_vec();
     // The codec alone matters here: SRTP offers are answered with the same one.
-    probe.srtp = Some(LocalSrtp {
-        policy: SrtpPolicy::Optional,
-        key: MasterKey::from_bytes([0; 30]),
-    });
+    probe.srtp = Some(LocalSrtp::new(
+        SrtpPolicy::Optional,
+        MasterKey::from_bytes([0; 30]),
+    ));
     offer
         .and_then(|offer| sdp::answer(offer, &probe).ok())
         .map_or(SampleRate::Hz8000, |(_, n)| codec_rate(n.codec))

@@ -5,13 +5,16 @@
 //! An incoming call's peer is, in this order: the registration whose AOR's number it was
 //! sent to, the account its INVITE authenticated as, the trunk whose host is its source
 //! address; a call we dial goes through the trunk of its destination's host, else the
-//! registration of its registrar's host.
+//! registration of its registrar's host. A trunk host that is a name is resolved once at
+//! start ([`PeerSrtp::resolve_trunk_names`]) for matching incoming calls.
 
 use crate::config::SipConfig;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::time::Duration;
 use telcoflow_sip::rtp::srtp::MasterKey;
 use telcoflow_sip::sip::sdp::{LocalSrtp, SrtpPolicy};
+use tracing::warn;
 
 /// The SRTP policies of the configured peers.
 #[derive(Debug, Default)]
@@ -21,14 +24,25 @@ pub(super) struct PeerSrtp {
     registrations: HashMap<String, SrtpPolicy>,
     /// Account user name -> policy.
     accounts: HashMap<String, SrtpPolicy>,
-    /// Trunk host (without port) -> policy.
-    trunks: Vec<(String, SrtpPolicy)>,
+    /// Trunk address -> policy (literal hosts, and names once resolved).
+    trunks: Vec<(IpAddr, SrtpPolicy)>,
+    /// Trunk hosts that are names, to resolve at start.
+    trunk_names: Vec<(String, SrtpPolicy)>,
 }
+
+/// How long resolving one trunk name at start may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PeerSrtp {
     /// The policies of `config` (validated: an invalid value counts as `off`).
     pub(super) fn new(config: &SipConfig) -> Self {
         let policy = |own: Option<&String>| config.peer_srtp_policy(own.map(String::as_str));
+        let (trunks, trunk_names): (Vec<_>, Vec<_>) = config
+            .trunks
+            .iter()
+            .filter(|t| t.srtp.is_some())
+            .map(|t| (host_of(&t.host).to_owned(), policy(t.srtp.as_ref())))
+            .partition(|(host, _)| host.parse::<IpAddr>().is_ok());
         Self {
             default: config.peer_srtp_policy(None),
             registrations: config
@@ -43,12 +57,33 @@ impl PeerSrtp {
                 .filter(|a| a.srtp.is_some())
                 .map(|a| (a.username.clone(), policy(a.srtp.as_ref())))
                 .collect(),
-            trunks: config
-                .trunks
-                .iter()
-                .filter(|t| t.srtp.is_some())
-                .map(|t| (host_of(&t.host).to_owned(), policy(t.srtp.as_ref())))
+            trunks: trunks
+                .into_iter()
+                .filter_map(|(host, p)| Some((host.parse::<IpAddr>().ok()?.to_canonical(), p)))
                 .collect(),
+            trunk_names,
+        }
+    }
+
+    /// Resolves the trunk hosts that are names, so that calls from their addresses get their
+    /// policy. A name that does not resolve is a warning, not a stop: the trunk still takes
+    /// calls we dial (resolved per call), only its incoming calls get the default policy.
+    pub(super) async fn resolve_trunk_names(&mut self) {
+        for (name, policy) in std::mem::take(&mut self.trunk_names) {
+            let looked_up =
+                tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name.as_str(), 0)))
+                    .await;
+            match looked_up {
+                Ok(Ok(addrs)) => self
+                    .trunks
+                    .extend(addrs.map(|a| (a.ip().to_canonical(), policy))),
+                Ok(Err(e)) => {
+                    warn!(trunk = %name, error = %e, "cannot resolve the trunk host: its srtp does not apply to incoming calls");
+                }
+                Err(_) => {
+                    warn!(trunk = %name, "resolving the trunk host timed out: its srtp does not apply to incoming calls");
+                }
+            }
         }
     }
 
@@ -67,7 +102,7 @@ impl PeerSrtp {
             .or_else(|| {
                 self.trunks
                     .iter()
-                    .find(|(host, _)| host.parse::<IpAddr>().is_ok_and(|ip| ip == source))
+                    .find(|(ip, _)| *ip == source)
                     .map(|(_, p)| p)
             })
             .copied()
@@ -88,16 +123,32 @@ fn host_of(host_port: &str) -> &str {
 
 /// Our side of SDES for a call under `policy`: a fresh master key unless SRTP is off.
 pub(super) fn local_srtp(policy: SrtpPolicy) -> Option<LocalSrtp> {
-    (policy != SrtpPolicy::Off).then(|| LocalSrtp {
-        policy,
-        key: MasterKey::random(),
-    })
+    (policy != SrtpPolicy::Off).then(|| LocalSrtp::new(policy, MasterKey::random()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{SipAccount, SipTrunk};
+
+    #[tokio::test]
+    async fn a_trunk_named_by_host_name_applies_to_its_incoming_calls_once_resolved() {
+        let config = SipConfig {
+            trunks: vec![SipTrunk {
+                host: "localhost:5080".into(),
+                username: "t".into(),
+                password: "p".into(),
+                delayed_offer: false,
+                srtp: Some("required".into()),
+            }],
+            ..SipConfig::default()
+        };
+        let mut peers = PeerSrtp::new(&config);
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(peers.incoming("1", None, loopback), SrtpPolicy::Off);
+        peers.resolve_trunk_names().await;
+        assert_eq!(peers.incoming("1", None, loopback), SrtpPolicy::Required);
+    }
 
     #[test]
     fn a_peer_setting_wins_over_the_default_in_the_documented_order() {
