@@ -446,13 +446,19 @@ fn tone_level(samples: &[i16], freq: f64) -> f64 {
     (a * a + b * b - k * a * b).sqrt() / samples.len() as f64
 }
 
-/// What baresip recorded hearing (its `-dec.wav`), as samples.
+/// What baresip recorded hearing in its first call (its first `-dec.wav`: the names carry
+/// the time), as samples.
 fn heard_by_baresip(dir: &Path, log: &str) -> Vec<i16> {
-    let recording = std::fs::read_dir(dir.join("rec"))
+    let mut recordings: Vec<PathBuf> = std::fs::read_dir(dir.join("rec"))
         .unwrap()
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with("-dec.wav"))
+        .filter(|p| p.to_string_lossy().ends_with("-dec.wav"))
+        .collect();
+    recordings.sort();
+    let recording = recordings
+        .into_iter()
+        .next()
         .unwrap_or_else(|| panic!("baresip recorded what it heard:\n{log}"));
     let bytes = std::fs::read(recording).unwrap();
     let data = bytes
@@ -708,18 +714,34 @@ async fn a_phone_calls_the_server_through_kamailio_over_tls_with_srtp() {
             "-e",
             &format!("/dial sip:{SERVER_NUMBER}@127.0.0.1:{tls_port};transport=tls"),
             "-t",
-            "7",
+            "10",
         ],
     );
+    tokio::time::timeout(CALL_WAIT, ended.recv())
+        .await
+        .expect("the call ended at the server after baresip's BYE");
+    // Then the agent calls baresip back through the registration with a plain `sip:` URI on
+    // the registrar's host: the registration's transport (TLS) carries it, not UDP.
+    let back = client
+        .create_session(&format!("sip:carol@127.0.0.1:{tls_port}"))
+        .await
+        .unwrap_or_else(|e| panic!("the call back failed: {e}\n{}", kamailio.log_text()));
+    back.disconnect().await.expect("the agent hangs up");
     let log = output_of(phone).await;
     assert!(
         log.contains("Call established"),
         "baresip never got through:\n{log}\n{}",
         kamailio.log_text()
     );
-    tokio::time::timeout(WAIT, ended.recv())
-        .await
-        .expect("the call ended at the server after baresip's BYE");
+    assert!(
+        kamailio
+            .requests()
+            .iter()
+            .any(|(m, _, t)| m == "INVITE" && t == "tls")
+            && kamailio.log_text().contains("TEST REQ INVITE sip:carol@"),
+        "the call back did not reach the proxy over TLS:\n{}",
+        kamailio.log_text()
+    );
     assert_holds_the_tone(&heard_by_baresip(&dir, &log), &log);
     let suite = suite.lock().unwrap().clone();
     assert!(

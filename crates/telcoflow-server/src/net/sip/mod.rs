@@ -94,12 +94,40 @@ impl Network for SipNetwork {
             address: uri.to_owned(),
         })?;
         // `sips:` and `;transport=tls` go over TLS (RFC 3261 26.2.2; 5061 by default).
-        let transport = match parsed.params.get("transport") {
-            _ if parsed.scheme.eq_ignore_ascii_case("sips") => Transport::Tls,
-            Some(t) if t.eq_ignore_ascii_case("tls") => Transport::Tls,
-            Some(t) if t.eq_ignore_ascii_case("tcp") => Transport::Tcp,
-            _ => Transport::Udp,
+        let named = match parsed.params.get("transport") {
+            _ if parsed.scheme.eq_ignore_ascii_case("sips") => Some(Transport::Tls),
+            Some(t) if t.eq_ignore_ascii_case("tls") => Some(Transport::Tls),
+            Some(t) if t.eq_ignore_ascii_case("tcp") => Some(Transport::Tcp),
+            Some(t) if t.eq_ignore_ascii_case("udp") => Some(Transport::Udp),
+            _ => None,
         };
+        // A destination on a registrar's host goes through that registration: its
+        // credentials (unless a trunk of the same host has its own), its outbound proxy,
+        // its address of record as the caller, and, unless the URI names one, its transport
+        // (so that a TLS registration's credentials never go out in plain text). Without a
+        // port or transport in the URI, the registrar may be on either default port.
+        let registration = match (parsed.port, named) {
+            (Some(port), _) => self.registration_for(&parsed.host, port),
+            (None, Some(Transport::Tls)) => self.registration_for(&parsed.host, 5061),
+            (None, Some(_)) => self.registration_for(&parsed.host, 5060),
+            (None, None) => self
+                .registration_for(&parsed.host, 5060)
+                .or_else(|| self.registration_for(&parsed.host, 5061)),
+        };
+        let transport = named
+            .or_else(|| {
+                registration.map(|(i, _)| {
+                    let r = &self.config.registrations[i];
+                    if r.is_tls() {
+                        Transport::Tls
+                    } else if r.is_tcp() {
+                        Transport::Tcp
+                    } else {
+                        Transport::Udp
+                    }
+                })
+            })
+            .unwrap_or(Transport::Udp);
         // Without our TLS listener there is nowhere the callee could reach us over TLS in
         // the dialog: refuse rather than have its BYE and re-INVITE come in plain text.
         if transport == Transport::Tls && self.tls_sent_by.is_none() {
@@ -110,7 +138,15 @@ impl Network for SipNetwork {
         } else {
             5060
         };
-        let port = parsed.port.unwrap_or(default_port);
+        // The registrar's own port when the URI names none.
+        let port = parsed
+            .port
+            .or_else(|| {
+                registration
+                    .and_then(|(i, _)| self.config.registrations[i].registrar_host_port())
+                    .map(|(_, p)| p)
+            })
+            .unwrap_or(default_port);
         // A literal address is used as is; a name is resolved by the leg task, so that the
         // call actor calling this never waits on DNS.
         let (destination, resolve) = match parsed.host.trim_matches(['[', ']']).parse::<IpAddr>() {
@@ -132,10 +168,6 @@ impl Network for SipNetwork {
                 username: t.username.clone(),
                 password: t.password.clone(),
             });
-        // A destination on a registrar's host goes through that registration: its
-        // credentials (unless a trunk of the same host has its own), its outbound proxy,
-        // and its address of record as the caller.
-        let registration = self.registration_for(&parsed.host, port);
         let credentials = trunk.or_else(|| {
             registration
                 .and_then(|(i, _)| registrations::credentials(&self.config.registrations[i]))
