@@ -189,7 +189,9 @@ async fn the_caller_is_left_the_agent_right_and_a_pause_leaves_the_caller_out() 
     hear_tone(&mut heard, 440.0, 50).await;
     let stopped = call.stop_recording().await.unwrap();
     assert_eq!(stopped.state, RecordingState::Stopping);
-    assert!(stopped.duration_ms >= 2000, "{stopped:?}");
+    // 100 frames heard while recording; each of the two recorded stretches may begin one
+    // tick after the first frame heard in it (the command lands between ticks).
+    assert!(stopped.duration_ms >= 1960, "{stopped:?}");
     let e = call.stop_recording().await.unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::InvalidState), "{e}");
     agent.abort();
